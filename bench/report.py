@@ -1,0 +1,498 @@
+"""Turn a results JSON into the summary (figures against the targets), a Markdown table and a
+PNG chart of throughput and latency.
+
+    python bench/report.py bench/results/latest.json     # rewrites latest.md and latest.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+Doc = dict[str, Any]
+
+
+def _get(doc: Doc, *path: str | int) -> Any:
+    node: Any = doc
+    for key in path:
+        if isinstance(node, dict) and key in node:
+            node = node[key]
+        else:
+            return None
+    return node
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or not b or (isinstance(b, float) and math.isnan(b)):
+        return None
+    return a / b
+
+
+def _row(
+    figure: str,
+    engine: str,
+    value: float | None,
+    unit: str,
+    *,
+    op: str | None = None,
+    threshold: float | None = None,
+    note: str = "",
+) -> dict[str, Any]:
+    ok: bool | None = None
+    miss = ""
+    if op is not None and threshold is not None and value is not None:
+        if op == ">=":
+            ok = value >= threshold
+            if not ok:
+                miss = (
+                    f"missed by {(1 - value / threshold):.0%}: {value:.2f}{unit} is "
+                    f"{value / threshold:.0%} of the ≥ {threshold:g}{unit} target "
+                    f"({threshold / value:.1f}× short)"
+                    if value
+                    else "missed: nothing measured"
+                )
+        else:
+            ok = value <= threshold
+            if not ok:
+                miss = (
+                    f"missed: {value:.3g}{unit} is {value / threshold:.1f}× the "
+                    f"≤ {threshold:g}{unit} target"
+                )
+    return {
+        "figure": figure,
+        "engine": engine,
+        "value": value,
+        "unit": unit,
+        "target": f"{op} {threshold:g}{unit}" if op and threshold is not None else "",
+        "ok": ok,
+        "miss": miss,
+        "note": note,
+    }
+
+
+def _count(value: int | None) -> str:
+    """A backlog size for a label; '?' when the phase did not run."""
+    return f"{value:,}" if value else "?"
+
+
+def summarize(doc: Doc) -> dict[str, Any]:
+    """Every headline figure, with its target and by how much it is missed."""
+    p = doc.get("phases", {})
+    pg_version = str(_get(doc, "meta", "machine", "postgresql") or "?").split(" (")[0]
+    pg = f"PostgreSQL {pg_version}"
+    lite = f"SQLite {_get(doc, 'meta', 'machine', 'sqlite') or '?'}"
+    ceiling_http = _get(p, "ceiling_http", "rps")
+    ceiling_client = _get(p, "ceiling_client", "rps")
+    ingest_pg = _get(p, "ingest_postgresql", "full", "committed_per_s")
+    ingest_lite = _get(p, "ingest_sqlite", "full", "committed_per_s")
+    ingest_base = _get(p, "ingest_baseline", "full", "committed_per_s")
+    rows = [
+        _row("ceiling: bare HTTP (trivial ASGI app), req/s", "none", ceiling_http, " /s"),
+        _row(
+            "ceiling: delivery client (HttpConnector → sink), req/s", "none", ceiling_client, " /s"
+        ),
+        _row("ingest: accepted events/s (committed rows)", pg, ingest_pg, " /s"),
+        _row(
+            "ingest ÷ bare-HTTP ceiling",
+            pg,
+            _ratio(ingest_pg, ceiling_http),
+            "×",
+            op=">=",
+            threshold=0.5,
+        ),
+        _row(
+            "ingest p99 at 50 % of that rate (open loop)",
+            pg,
+            _get(p, "ingest_postgresql", "half", "latency_ms", "p99"),
+            " ms",
+            op="<=",
+            threshold=20,
+        ),
+        _row("ingest: accepted events/s (committed rows)", lite, ingest_lite, " /s"),
+        _row(
+            "ingest ÷ bare-HTTP ceiling",
+            lite,
+            _ratio(ingest_lite, ceiling_http),
+            "×",
+            op=">=",
+            threshold=0.6,
+        ),
+        _row(
+            "ingest p99 at 50 % of that rate (open loop)",
+            lite,
+            _get(p, "ingest_sqlite", "half", "latency_ms", "p99"),
+            " ms",
+        ),
+        _row("baseline ingest: tasks queued/s (FastAPI + Celery)", "Redis", ingest_base, " /s"),
+        _row(
+            "server CPU per request, bare-HTTP ceiling",
+            "none",
+            _get(p, "ceiling_http", "server_cpu_us_per_request"),
+            " µs",
+        ),
+        _row(
+            "server CPU per accepted event, ingest at full speed",
+            pg,
+            _get(p, "ingest_postgresql", "full", "server_cpu_us_per_event"),
+            " µs",
+        ),
+        _row(
+            "server CPU per accepted event, ingest at 50 %",
+            pg,
+            _get(p, "ingest_postgresql", "half", "server_cpu_us_per_event"),
+            " µs",
+        ),
+        _row(
+            "server CPU per accepted event, ingest at full speed",
+            lite,
+            _get(p, "ingest_sqlite", "full", "server_cpu_us_per_event"),
+            " µs",
+        ),
+        _row(
+            "server CPU per accepted event, ingest at full speed",
+            "Redis (FastAPI + Celery)",
+            _get(p, "ingest_baseline", "full", "server_cpu_us_per_event"),
+            " µs",
+        ),
+        _row(
+            "CPU-normalised ingest ÷ ceiling (ceiling µs/req ÷ ingest µs/event)",
+            pg,
+            _ratio(
+                _get(p, "ceiling_http", "server_cpu_us_per_request"),
+                _get(p, "ingest_postgresql", "full", "server_cpu_us_per_event"),
+            ),
+            "×",
+            note="insensitive to other load on the machine",
+        ),
+        _row("ingest: estafeta ÷ baseline", pg, _ratio(ingest_pg, ingest_base), "×"),
+    ]
+    for fanout in (1, 3):
+        est = _get(p, f"e2e_estafeta_f{fanout}", "full")
+        base = _get(p, f"e2e_baseline_f{fanout}", "full")
+        est_dps = _get(est or {}, "deliveries_per_s")
+        rows += [
+            _row(
+                f"end to end fan-out {fanout}: delivered events/s",
+                pg,
+                _get(est or {}, "events_per_s"),
+                " /s",
+                note=f"{est_dps:.0f} deliveries/s" if est_dps else "",
+            ),
+            _row(
+                f"end to end fan-out {fanout}: deliveries/s ÷ delivery-client ceiling",
+                pg,
+                _ratio(est_dps, ceiling_client),
+                "×",
+                op=">=",
+                threshold=0.5,
+            ),
+            _row(
+                f"end to end fan-out {fanout}: ingest → arrival p50 at 50 % rate",
+                pg,
+                _get(p, f"e2e_estafeta_f{fanout}", "half", "latency_ms", "p50"),
+                " ms",
+            ),
+            _row(
+                f"end to end fan-out {fanout}: ingest → arrival p99 at 50 % rate",
+                pg,
+                _get(p, f"e2e_estafeta_f{fanout}", "half", "latency_ms", "p99"),
+                " ms",
+            ),
+            _row(
+                f"baseline end to end fan-out {fanout}: delivered events/s",
+                "Redis",
+                _get(base or {}, "events_per_s"),
+                " /s",
+            ),
+            _row(
+                f"end to end fan-out {fanout}: estafeta ÷ baseline",
+                pg,
+                _ratio(_get(est or {}, "events_per_s"), _get(base or {}, "events_per_s")),
+                "×",
+                op=">=",
+                threshold=5,
+            ),
+        ]
+    small = _get(p, "backlog", "small")
+    large = _get(p, "backlog", "large")
+    lease_small = _get(p, "backlog", "lease_small", "p50_ms")
+    lease_large = _get(p, "backlog", "lease_large", "p50_ms")
+    drain_small = _get(p, "backlog", "drain_small", "deliveries_per_s")
+    drain_large = _get(p, "backlog", "drain_large", "deliveries_per_s")
+    rows += [
+        _row(f"lease of 100, p50, {_count(small)} pending", pg, lease_small, " ms"),
+        _row(f"lease of 100, p50, {_count(large)} pending", pg, lease_large, " ms"),
+        _row(
+            "lease latency ratio (large ÷ small backlog)",
+            pg,
+            _ratio(lease_large, lease_small),
+            "×",
+            op="<=",
+            threshold=1.5,
+        ),
+        _row(f"worker drain, {_count(small)} pending, deliveries/s", pg, drain_small, " /s"),
+        _row(f"worker drain, {_count(large)} pending, deliveries/s", pg, drain_large, " /s"),
+        _row("drain rate ratio (large ÷ small backlog)", pg, _ratio(drain_large, drain_small), "×"),
+        _row(
+            f"worker peak RSS while draining, {_count(large)} pending",
+            pg,
+            _get(p, "backlog", "drain_large", "peak_rss_mb"),
+            " MB",
+            op="<=",
+            threshold=300,
+        ),
+    ]
+    checked = [r for r in rows if r["ok"] is not None]
+    return {
+        "cores": _get(doc, "meta", "machine", "cpu_count"),
+        "rows": rows,
+        "targets_met": sum(1 for r in checked if r["ok"]),
+        "targets_checked": len(checked),
+        "phases_failed": sorted(doc.get("errors", {})),
+    }
+
+
+def _fmt(value: float | None, unit: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if unit == "×":
+        return f"{value:.2f}×"
+    if unit.strip() == "/s":
+        return f"{value:,.0f}/s"
+    return f"{value:,.1f}{unit}" if value < 100 else f"{value:,.0f}{unit}"
+
+
+def one_line(phase: str, result: Doc) -> str:
+    """A console summary of one phase's result."""
+    if phase.startswith("ceiling"):
+        return f"{result.get('rps', 0):,.0f} req/s, p99 {_get(result, 'latency_ms', 'p99'):.1f} ms"
+    if phase.startswith("ingest"):
+        full, half = result.get("full", {}), result.get("half", {})
+        return (
+            f"{full.get('committed_per_s', 0):,.0f} committed/s (wrk p99 "
+            f"{_get(full, 'latency_ms', 'p99'):.1f} ms); "
+            f"at {_get(half, 'target_rate') or 0:,.0f}/s "
+            f"p99 {_get(half, 'latency_ms', 'p99') or float('nan'):.1f} ms"
+        )
+    if phase.startswith("e2e"):
+        full, half = result.get("full", {}), result.get("half", {})
+        return (
+            f"{full.get('events_per_s', 0):,.0f} events/s ({full.get('deliveries_per_s', 0):,.0f}"
+            f" deliveries/s, drained={full.get('drained')}); at {half.get('rate', 0):,.0f}/s "
+            f"p50 {_get(half, 'latency_ms', 'p50') or float('nan'):.1f} ms, p99 "
+            f"{_get(half, 'latency_ms', 'p99') or float('nan'):.1f} ms"
+        )
+    if phase == "backlog":
+        return (
+            f"lease p50 {_get(result, 'lease_small', 'p50_ms'):.2f} ms → "
+            f"{_get(result, 'lease_large', 'p50_ms'):.2f} ms; drain "
+            f"{_get(result, 'drain_small', 'deliveries_per_s'):,.0f}/s → "
+            f"{_get(result, 'drain_large', 'deliveries_per_s'):,.0f}/s; peak RSS "
+            f"{_get(result, 'drain_large', 'peak_rss_mb'):.0f} MB"
+        )
+    return ""
+
+
+def markdown(doc: Doc) -> str:
+    meta = doc["meta"]
+    m = meta["machine"]
+    s = doc["summary"]
+    settings = meta["settings"]
+    lines = [
+        f"# estafeta benchmark — {meta['started'][:19]}Z{' (quick)' if settings['quick'] else ''}",
+        "",
+        f"**{m['cpu_count']} cores** ({m['cpu_model']}), Python {m['python']}, "
+        f"PostgreSQL {m['postgresql']}, SQLite {m['sqlite']}, Redis {m['redis']}, {m['wrk']}; "
+        f"commit `{m['git_commit'][:12]}`{' + uncommitted changes' if m['git_dirty'] else ''}. "
+        f"Server on core {settings['server_cpu']}, load tool and sink on core "
+        f"{settings['load_cpu']} (taskset); PostgreSQL and Redis unpinned. "
+        f"{settings['load_seconds']:g} s of load per measurement; run took "
+        f"{meta['duration_s']:.0f} s.",
+        "",
+        f"Targets met: **{s['targets_met']} of {s['targets_checked']}**"
+        + (f"; phases failed: {', '.join(s['phases_failed'])}" if s["phases_failed"] else ""),
+        "",
+        "| figure | engine | measured | target | verdict |",
+        "|---|---|---:|---|---|",
+    ]
+    for r in s["rows"]:
+        verdict = "" if r["ok"] is None else ("met" if r["ok"] else f"**{r['miss']}**")
+        value = _fmt(r["value"], r["unit"]) + (f" ({r['note']})" if r["note"] else "")
+        lines.append(f"| {r['figure']} | {r['engine']} | {value} | {r['target']} | {verdict} |")
+    lines += [
+        "",
+        "## Latency (ms)",
+        "",
+        "| run | load | p50 | p99 | p99.9 |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for label, load, lat in _latency_rows(doc):
+        lines.append(
+            f"| {label} | {load} | {_fmt(lat.get('p50'), '')} | {_fmt(lat.get('p99'), '')} | "
+            f"{_fmt(lat.get('p99.9'), '')} |"
+        )
+    lines += [
+        "",
+        "Ingest at full speed: wrk closed loop (latency from request write). At 50 %: "
+        "bench/loadgen.py open loop at a constant rate, latency from when each request was due "
+        "(no coordinated omission). End to end: arrival − sent, computed by the sink from the "
+        "send time stamped in the body. See bench/README.md.",
+    ]
+    lines += [
+        "",
+        "## Conditions per phase",
+        "",
+        "Background = CPU busy on the machine just before the phase, with nothing of the "
+        "benchmark running (other people's work on a shared machine). During = cores used "
+        "during the measured load by the processes named, `other` being everything that is "
+        "neither the benchmark nor PostgreSQL/Redis.",
+        "",
+        "| phase | background before | load tool (cores) | during (cores) |",
+        "|---|---:|---:|---|",
+    ]
+    for phase, result in doc.get("phases", {}).items():
+        bg = result.get("background_before", {})
+        during = (
+            _get(result, "cpu_cores")
+            or _get(result, "full", "cpu_cores")
+            or _get(result, "drain_large", "cpu_cores")
+        )
+        shown = ", ".join(f"{k} {v:.2f}" for k, v in (during or {}).items() if v >= 0.01)
+        tool = (
+            _get(result, "own_cores")
+            or _get(result, "full", "own_cores")
+            or _get(result, "full", "load", "own_cores")
+        )
+        lines.append(
+            f"| {phase} | {bg.get('background_cores', float('nan')):.2f} cores "
+            f"(waited {bg.get('waited_s', 0):.0f} s) | {_fmt(tool, '')}"
+            f"{' (the client measured)' if phase == 'ceiling_client' else ''} | {shown} |"
+        )
+    if doc.get("errors"):
+        lines += ["", "## Failed phases", ""]
+        for phase, error in doc["errors"].items():
+            lines.append(f"* `{phase}`: {error.strip().splitlines()[-1]}")
+    return "\n".join(lines) + "\n"
+
+
+def _latency_rows(doc: Doc) -> list[tuple[str, str, dict[str, Any]]]:
+    p = doc.get("phases", {})
+    out: list[tuple[str, str, dict[str, Any]]] = []
+    if "ceiling_http" in p:
+        out.append(("bare-HTTP ceiling", "wrk full speed", p["ceiling_http"]["latency_ms"]))
+    for key, label in (
+        ("ingest_postgresql", "ingest, PostgreSQL"),
+        ("ingest_sqlite", "ingest, SQLite"),
+        ("ingest_baseline", "ingest, FastAPI + Celery"),
+    ):
+        if key in p:
+            full, half = p[key]["full"], p[key]["half"]
+            out.append((label, f"wrk full speed ({full['rps']:,.0f}/s)", full["latency_ms"]))
+            out.append((label, f"open loop {half['target_rate']:,.0f}/s", half["latency_ms"]))
+    for key, label in (
+        ("e2e_estafeta_f1", "end to end f1, estafeta"),
+        ("e2e_estafeta_f3", "end to end f3, estafeta"),
+        ("e2e_baseline_f1", "end to end f1, FastAPI + Celery"),
+        ("e2e_baseline_f3", "end to end f3, FastAPI + Celery"),
+    ):
+        if key in p:
+            full, half = p[key]["full"], p[key]["half"]
+            out.append((label, "closed loop, arrival − sent", full["latency_ms"]))
+            out.append((label, f"open loop {half['rate']:,.0f}/s", half["latency_ms"]))
+    return out
+
+
+def chart(doc: Doc, path: Path) -> None:
+    """Two panels: throughput (log scale) and latency percentiles (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    p = doc.get("phases", {})
+    m = doc["meta"]["machine"]
+    bars: list[tuple[str, float, str]] = []
+
+    def add(label: str, value: float | None, color: str) -> None:
+        if value is not None:
+            bars.append((label, float(value), color))
+
+    add("ceiling: bare HTTP", _get(p, "ceiling_http", "rps"), "#999999")
+    add("ingest PostgreSQL", _get(p, "ingest_postgresql", "full", "committed_per_s"), "#1f77b4")
+    add("ingest SQLite", _get(p, "ingest_sqlite", "full", "committed_per_s"), "#1f77b4")
+    add("ingest FastAPI+Celery", _get(p, "ingest_baseline", "full", "committed_per_s"), "#d62728")
+    add("ceiling: delivery client", _get(p, "ceiling_client", "rps"), "#999999")
+    for f in (1, 3):
+        add(
+            f"e2e f{f} estafeta (events)",
+            _get(p, f"e2e_estafeta_f{f}", "full", "events_per_s"),
+            "#2ca02c",
+        )
+        add(
+            f"e2e f{f} baseline (events)",
+            _get(p, f"e2e_baseline_f{f}", "full", "events_per_s"),
+            "#d62728",
+        )
+    add("drain, small backlog", _get(p, "backlog", "drain_small", "deliveries_per_s"), "#9467bd")
+    add("drain, large backlog", _get(p, "backlog", "drain_large", "deliveries_per_s"), "#9467bd")
+
+    lat = _latency_rows(doc)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(16, 7.5))
+    labels = [b[0] for b in bars][::-1]
+    values = [b[1] for b in bars][::-1]
+    ax1.barh(labels, values, color=[b[2] for b in bars][::-1])
+    for y, v in enumerate(values):
+        ax1.text(v, y, f" {v:,.0f}", va="center", fontsize=8)
+    ax1.set_xscale("log")
+    ax1.set_xlabel("per second (log scale)")
+    ax1.set_title("Throughput")
+
+    names = [f"{label}\n{load}" for label, load, _ in lat][::-1]
+    ys = range(len(names))
+    height = 0.27
+    for offset, (key, color) in enumerate(
+        (("p50", "#2ca02c"), ("p99", "#ff7f0e"), ("p99.9", "#d62728"))
+    ):
+        vals = [(row[2].get(key) or 0.0) for row in lat][::-1]
+        ax2.barh(
+            [y + (offset - 1) * height for y in ys], vals, height=height, color=color, label=key
+        )
+    ax2.set_yticks(list(ys))
+    ax2.set_yticklabels(names, fontsize=7)
+    ax2.set_xscale("log")
+    ax2.axvline(20, color="black", linestyle=":", linewidth=1)
+    ax2.text(20, len(names) - 0.5, " 20 ms target (ingest p99 at 50 %)", fontsize=7)
+    ax2.set_xlabel("milliseconds (log scale)")
+    ax2.set_title("Latency")
+    ax2.legend(loc="lower right", fontsize=8)
+    fig.suptitle(
+        f"estafeta benchmark — {m['cpu_count']} cores ({m['cpu_model']}), PostgreSQL "
+        f"{m['postgresql']}, SQLite {m['sqlite']}, commit {m['git_commit'][:10]}"
+        + (" (quick)" if doc["meta"]["settings"]["quick"] else ""),
+        fontsize=11,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(doc: Doc, md_path: Path, png_path: Path) -> None:
+    md_path.write_text(markdown(doc))
+    chart(doc, png_path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("results", type=Path)
+    args = parser.parse_args()
+    doc = json.loads(args.results.read_text())
+    doc["summary"] = summarize(doc)
+    args.results.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    write(doc, args.results.with_suffix(".md"), args.results.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""The bare-HTTP ceiling: an ASGI app that reads the body and answers 202 with a small JSON,
+served exactly as estafeta is (uvicorn + httptools + uvloop, one process):
+
+    uvicorn trivial_app:app --app-dir bench --http httptools --loop uvloop
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+Message = MutableMapping[str, Any]
+
+_BODY = b'{"id":"evt_01JD0000000000000000000000","duplicate":false}'
+_HEADERS = [(b"content-type", b"application/json")]
+
+
+async def app(
+    scope: MutableMapping[str, Any],
+    receive: Callable[[], Awaitable[Message]],
+    send: Callable[[Message], Awaitable[None]],
+) -> None:
+    """Read the whole request, answer 202; lifespan events are acknowledged."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    more = True
+    while more:
+        message = await receive()
+        more = bool(message.get("more_body"))
+    await send({"type": "http.response.start", "status": 202, "headers": _HEADERS})
+    await send({"type": "http.response.body", "body": _BODY})

@@ -1,0 +1,128 @@
+"""Conversations: `GET /api/v1/conversations[/{id}]`, escalate to a human, close."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import Request
+from starlette.responses import Response
+
+from estafeta.api.auth import Principal
+from estafeta.api.deps import hub_of, json_body, principal, tenant_principal
+from estafeta.api.responses import json_response
+from estafeta.clock import iso_from_ms
+from estafeta.errors import HttpError
+from estafeta.store.records import ConversationView
+
+router = APIRouter(prefix="/api/v1/conversations", tags=["conversations"])
+
+Status = Literal["open", "escalated", "closed"]
+
+
+def conversation_json(c: ConversationView) -> dict[str, Any]:
+    return {
+        "id": c.id,
+        "tenant": c.tenant_id,
+        "status": c.status,
+        "contact_name": c.contact_name,
+        "first_message_at": iso_from_ms(c.first_message_at),
+        "last_message_at": iso_from_ms(c.last_message_at),
+        "inbound_count": c.inbound_count,
+        "outbound_count": c.outbound_count,
+        "escalation": None
+        if c.escalated_at is None
+        else {
+            "at": iso_from_ms(c.escalated_at),
+            "reason": c.escalation_reason,
+            "priority": c.escalation_priority,
+        },
+    }
+
+
+@router.get("")
+async def list_conversations(
+    request: Request,
+    caller: Annotated[Principal, Depends(principal)],
+    status: Status | None = None,
+    tenant: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> Response:
+    found = await hub_of(request).store.list_conversations(
+        caller.scope(tenant), status=status, limit=limit
+    )
+    return json_response({"conversations": [conversation_json(c) for c in found]})
+
+
+async def _conversation(
+    request: Request, caller: Principal, conversation_id: str, tenant: str | None
+) -> tuple[str, Any]:
+    tenant_id = caller.scope(tenant)
+    if tenant_id is None:
+        raise HttpError(400, "invalid_request", "the admin key must name the tenant (?tenant=)")
+    found = await hub_of(request).store.get_conversation(tenant_id, conversation_id)
+    if found is None:
+        raise HttpError(404, "not_found", f"no conversation {conversation_id!r}")
+    return tenant_id, found
+
+
+@router.get("/{conversation_id}")
+async def get_conversation(
+    request: Request,
+    conversation_id: str,
+    caller: Annotated[Principal, Depends(principal)],
+    tenant: str | None = None,
+) -> Response:
+    _, (conversation, interactions) = await _conversation(request, caller, conversation_id, tenant)
+    return json_response(
+        {
+            **conversation_json(conversation),
+            "messages": [
+                {"at": iso_from_ms(i.at), "direction": i.direction, "id": i.id, **i.content}
+                for i in interactions
+            ],
+        }
+    )
+
+
+class Escalate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(min_length=1, max_length=500)
+    priority: int = Field(default=1, ge=0, le=4)
+
+
+@router.post("/{conversation_id}/escalate", status_code=202, dependencies=[Depends(json_body)])
+async def escalate(
+    request: Request,
+    conversation_id: str,
+    body: Escalate,
+    caller: Annotated[Principal, Depends(tenant_principal)],
+) -> Response:
+    """Hand the conversation to a human: marks it and emits `conversation.escalated`."""
+    tenant_id, (conversation, _) = await _conversation(request, caller, conversation_id, None)
+    result = await hub_of(request).escalate(
+        tenant_id=tenant_id,
+        conversation_id=conversation_id,
+        contact_name=conversation.contact_name,
+        reason=body.reason,
+        priority=body.priority,
+        actor=caller.actor,
+    )
+    return json_response({"event_id": result.event_id, "status": "escalated"}, 202)
+
+
+@router.post("/{conversation_id}/close")
+async def close(
+    request: Request,
+    conversation_id: str,
+    caller: Annotated[Principal, Depends(tenant_principal)],
+) -> Response:
+    hub = hub_of(request)
+    assert caller.tenant_id is not None  # noqa: S101 - tenant_principal guarantees it
+    if not await hub.store.set_conversation_status(
+        caller.tenant_id, conversation_id, "closed", hub.clock.now_ms()
+    ):
+        raise HttpError(404, "not_found", f"no conversation {conversation_id!r}")
+    return json_response({"id": conversation_id, "status": "closed"})

@@ -1,0 +1,44 @@
+"""FastAPI dependencies shared by the API's routers."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from starlette.requests import Request
+
+from estafeta.api.auth import Principal
+from estafeta.errors import HttpError
+from estafeta.ingress.endpoint import media_type, require_json_type
+
+if TYPE_CHECKING:
+    from estafeta.hub import Hub
+
+
+def hub_of(request: Request) -> Hub:
+    hub: Hub = request.app.state.hub
+    return hub
+
+
+async def principal(request: Request) -> Principal:
+    """The authenticated caller (401 otherwise)."""
+    found: Principal = await request.app.state.auth.principal(request)
+    return found
+
+
+async def tenant_principal(request: Request) -> Principal:
+    """A tenant's key (publishing belongs to a tenant, not to the operator)."""
+    found = await principal(request)
+    if found.tenant_id is None:
+        raise HttpError(403, "tenant_key_required", "publish with a tenant's API key")
+    return found
+
+
+async def admin_principal(request: Request) -> Principal:
+    found = await principal(request)
+    if not found.admin:
+        raise HttpError(403, "admin_key_required", "this needs the admin key")
+    return found
+
+
+def json_body(request: Request) -> None:
+    require_json_type(media_type(request.headers))

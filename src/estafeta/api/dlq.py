@@ -1,0 +1,114 @@
+"""The dead-letter queue over HTTP: `GET /api/v1/dlq`, `POST /api/v1/dlq/replay|discard`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import Request
+from starlette.responses import Response
+
+from estafeta.api.auth import Principal
+from estafeta.api.deps import hub_of, json_body, principal
+from estafeta.api.responses import json_response
+from estafeta.api.views import delivery_json
+from estafeta.clock import ms_from_iso
+from estafeta.errors import HttpError
+from estafeta.store.records import DeadLetterFilter
+
+router = APIRouter(prefix="/api/v1/dlq", tags=["dead-letter queue"])
+
+
+def _time(value: str | None, name: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        return ms_from_iso(value)
+    except ValueError:
+        raise HttpError(400, "invalid_request", f"{name}: not an ISO 8601 time") from None
+
+
+class DeadLetterSelection(BaseModel):
+    """Which dead deliveries: by `ids`, or by filter; `all: true` to mean every one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[str] = Field(default_factory=list, max_length=10_000)
+    destination: str | None = None
+    event_type: str | None = None
+    since: str | None = None
+    until: str | None = None
+    tenant: str | None = None
+    all: bool = False
+    limit: int = Field(default=1000, ge=1, le=10_000)
+
+    def to_filter(self, caller: Principal) -> DeadLetterFilter:
+        chosen = self.ids or self.destination or self.event_type or self.since or self.until
+        if not chosen and not self.all:
+            raise HttpError(
+                400,
+                "invalid_request",
+                "name ids, or a destination/event_type/since/until filter, or all: true",
+            )
+        return DeadLetterFilter(
+            tenant_id=caller.scope(self.tenant),
+            delivery_ids=tuple(self.ids),
+            destination_id=self.destination,
+            event_type=self.event_type,
+            since=_time(self.since, "since"),
+            until=_time(self.until, "until"),
+            limit=self.limit,
+        )
+
+
+@router.get("")
+async def list_dead(
+    request: Request,
+    caller: Annotated[Principal, Depends(principal)],
+    destination: str | None = None,
+    event_type: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
+    tenant: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+) -> Response:
+    found = await hub_of(request).store.list_dead(
+        DeadLetterFilter(
+            tenant_id=caller.scope(tenant),
+            destination_id=destination,
+            event_type=event_type,
+            since=_time(since, "since"),
+            until=_time(until, "until"),
+            limit=limit,
+        )
+    )
+    return json_response({"deliveries": [delivery_json(d) for d in found], "count": len(found)})
+
+
+@router.post("/replay", dependencies=[Depends(json_body)])
+async def replay(
+    request: Request,
+    selection: DeadLetterSelection,
+    caller: Annotated[Principal, Depends(principal)],
+) -> Response:
+    hub = hub_of(request)
+    ids = await hub.store.replay(
+        selection.to_filter(caller), actor=caller.actor, now_ms=hub.clock.now_ms()
+    )
+    if ids:
+        hub.deliveries_ready.set()
+    return json_response({"replayed": ids, "count": len(ids)})
+
+
+@router.post("/discard", dependencies=[Depends(json_body)])
+async def discard(
+    request: Request,
+    selection: DeadLetterSelection,
+    caller: Annotated[Principal, Depends(principal)],
+) -> Response:
+    hub = hub_of(request)
+    ids = await hub.store.discard(
+        selection.to_filter(caller), actor=caller.actor, now_ms=hub.clock.now_ms()
+    )
+    return json_response({"discarded": ids, "count": len(ids)})

@@ -1,0 +1,77 @@
+"""`POST /api/v1/events` (publish) and `GET /api/v1/events/{id}` (inspect)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import Request
+from starlette.responses import Response
+
+from estafeta.api.auth import Principal
+from estafeta.api.deps import hub_of, json_body, principal, tenant_principal
+from estafeta.api.responses import json_response
+from estafeta.api.views import event_json
+from estafeta.errors import HttpError
+from estafeta.hub import API_SOURCE
+from estafeta.ingress.endpoint import SPOOLED, rate_limit
+
+router = APIRouter(prefix="/api/v1", tags=["events"])
+
+
+class PublishEvent(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: str = Field(min_length=1, max_length=200, examples=["appointment.booked"])
+    data: dict[str, Any] = Field(default_factory=dict)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
+    priority: int | None = Field(default=None, ge=0, le=4)
+    ordering_key: str | None = Field(default=None, max_length=255)
+
+
+class Published(BaseModel):
+    id: str
+    duplicate: bool
+
+
+@router.post(
+    "/events",
+    status_code=202,
+    response_model=Published,
+    responses={200: {"description": "a duplicate: the original event's id"}},
+    dependencies=[Depends(json_body)],
+)
+async def publish_event(
+    request: Request,
+    body: PublishEvent,
+    caller: Annotated[Principal, Depends(tenant_principal)],
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> Response:
+    hub = hub_of(request)
+    assert caller.tenant_id is not None  # noqa: S101 - tenant_principal guarantees it
+    await rate_limit(hub, caller.tenant_id)
+    result = await hub.accept(
+        tenant_id=caller.tenant_id,
+        source_id=API_SOURCE,
+        event_type=body.type,
+        data=body.data,
+        idempotency_key=body.idempotency_key or idempotency_key,
+        priority=body.priority,
+        ordering_key=body.ordering_key,
+    )
+    return json_response(
+        {"id": result.event_id, "duplicate": result.duplicate},
+        200 if result.duplicate else 202,
+        SPOOLED if result.spooled else None,
+    )
+
+
+@router.get("/events/{event_id}")
+async def get_event(
+    request: Request, event_id: str, caller: Annotated[Principal, Depends(principal)]
+) -> Response:
+    view = await hub_of(request).store.get_event(event_id, caller.scope())
+    if view is None:  # another tenant's event is as absent as a missing one
+        raise HttpError(404, "not_found", f"no event {event_id!r}")
+    return json_response(event_json(view))

@@ -1,0 +1,144 @@
+"""`POST /api/v1/messages` (send through the tenant's provider) and `GET /api/v1/messages/{id}`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Header
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.requests import Request
+from starlette.responses import Response
+
+from estafeta.api.auth import Principal
+from estafeta.api.deps import hub_of, json_body, principal, tenant_principal
+from estafeta.api.responses import json_response
+from estafeta.clock import iso_from_ms
+from estafeta.errors import HttpError
+from estafeta.ingress.endpoint import SPOOLED, rate_limit
+from estafeta.messaging.facts import current_status
+from estafeta.messaging.outbound import missing_outbound_keys
+from estafeta.store.records import MessageView
+
+router = APIRouter(prefix="/api/v1", tags=["messages"])
+
+
+class Template(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=512)
+    language: str = Field(min_length=2, max_length=15, examples=["pt_BR"])
+    components: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class Media(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["image", "audio", "video", "document"]
+    url: str = Field(pattern=r"^https?://", max_length=2048)
+    caption: str | None = Field(default=None, max_length=1024)
+    filename: str | None = Field(default=None, max_length=240)
+
+
+class SendMessage(BaseModel):
+    """One of `text`, `template` or `media`, to one customer, through one provider source."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(min_length=1, max_length=63)
+    to: str = Field(pattern=r"^\+[1-9][0-9]{6,14}$", examples=["+5511987654321"])
+    text: str | None = Field(default=None, min_length=1, max_length=4096)
+    template: Template | None = None
+    media: Media | None = None
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
+    priority: int = Field(default=1, ge=0, le=4)
+
+    @model_validator(mode="after")
+    def _one_content(self) -> SendMessage:
+        given = [k for k in ("text", "template", "media") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of text, template or media")
+        return self
+
+    def content(self) -> dict[str, Any]:
+        if self.text is not None:
+            return {"text": self.text}
+        if self.template is not None:
+            return {"template": self.template.model_dump()}
+        assert self.media is not None  # noqa: S101 - _one_content guarantees it
+        return {"media": self.media.model_dump(exclude_none=True)}
+
+
+@router.post("/messages", status_code=202, dependencies=[Depends(json_body)])
+async def send_message(
+    request: Request,
+    body: SendMessage,
+    caller: Annotated[Principal, Depends(tenant_principal)],
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> Response:
+    hub = hub_of(request)
+    assert caller.tenant_id is not None  # noqa: S101 - tenant_principal guarantees it
+    source = hub.sources.get(body.source)
+    if source is None or source.tenant != caller.tenant_id:
+        raise HttpError(404, "unknown_source", f"no source named {body.source!r}")
+    missing = missing_outbound_keys(source)
+    if missing:
+        raise HttpError(
+            400,
+            "source_cannot_send",
+            f"source {body.source!r} cannot send: it needs {', '.join(missing)}",
+        )
+    await rate_limit(hub, caller.tenant_id)
+    message_id, result = await hub.send_message(
+        tenant_id=caller.tenant_id,
+        source_id=source.id,
+        to=body.to,
+        content=body.content(),
+        idempotency_key=body.idempotency_key or idempotency_key,
+        priority=body.priority,
+    )
+    return json_response(
+        {
+            "id": message_id,
+            "event_id": result.event_id,
+            "state": "queued",
+            "duplicate": result.duplicate,
+        },
+        200 if result.duplicate else 202,
+        SPOOLED if result.spooled else None,
+    )
+
+
+@router.get("/messages/{message_id}")
+async def get_message(
+    request: Request, message_id: str, caller: Annotated[Principal, Depends(principal)]
+) -> Response:
+    view = await hub_of(request).store.get_message(caller.scope(), message_id)
+    if view is None:
+        raise HttpError(404, "not_found", f"no message {message_id!r}")
+    return json_response(message_json(view))
+
+
+def message_json(m: MessageView) -> dict[str, Any]:
+    timeline: list[dict[str, Any]] = [{"state": "queued", "at": iso_from_ms(m.created_at)}]
+    if m.sent_at is not None:
+        timeline.append({"state": "sent", "at": iso_from_ms(m.sent_at)})
+    for change in m.provider_statuses:
+        entry: dict[str, Any] = {"state": change.status, "at": iso_from_ms(change.at)}
+        if change.error:
+            entry["error"] = change.error
+        timeline.append(entry)
+    if m.state == "failed":
+        timeline.append({"state": "failed", "error": m.error})
+    return {
+        "id": m.id,
+        "source": m.source_id,
+        "to": m.recipient,
+        "conversation_id": m.conversation_id,
+        "content": m.content,
+        "state": current_status(m.state, [c.status for c in m.provider_statuses]),
+        "provider_message_id": m.provider_message_id,
+        "error": m.error,
+        "timeline": timeline,
+        "event_id": m.event_id,
+        "delivery_id": m.delivery_id,
+    }

@@ -1,0 +1,73 @@
+"""JSON responses and the error format every client sees: `{"error": …, "detail": …}`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import structlog
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from estafeta.errors import HttpError
+
+log = structlog.get_logger("estafeta.api")
+
+
+def json_response(
+    content: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    return Response(
+        orjson.dumps(content), status_code=status, headers=headers, media_type="application/json"
+    )
+
+
+def error_response(error: HttpError) -> Response:
+    return json_response(
+        {"error": error.error, "detail": error.detail}, error.status, error.headers or None
+    )
+
+
+async def handle_http_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HttpError)  # noqa: S101 - registered for HttpError only
+    return error_response(exc)
+
+
+async def handle_starlette_error(_request: Request, exc: Exception) -> Response:
+    """Routing's own refusals (unknown path, wrong method) in our error format."""
+    assert isinstance(exc, StarletteHTTPException)  # noqa: S101 - registered for it only
+    names = {404: "not_found", 405: "method_not_allowed"}
+    error = names.get(exc.status_code, f"http_{exc.status_code}")
+    detail = {404: "no such path", 405: "this path does not take that method"}.get(
+        exc.status_code, str(exc.detail)
+    )
+    return error_response(HttpError(exc.status_code, error, detail, dict(exc.headers or {})))
+
+
+async def handle_store_unavailable(_request: Request, exc: Exception) -> Response:
+    log.warning("store_unavailable", error=str(exc))
+    return error_response(
+        HttpError(
+            503,
+            "store_unavailable",
+            "the store cannot be reached; retry later",
+            {"Retry-After": "5"},
+        )
+    )
+
+
+async def handle_validation_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)  # noqa: S101 - registered for it only
+    problems = []
+    for err in exc.errors():
+        location = ".".join(str(part) for part in err.get("loc", ()))
+        problems.append(f"{location}: {err.get('msg', 'invalid')}")
+    return error_response(HttpError(400, "invalid_request", "; ".join(problems)))
+
+
+async def handle_unexpected(_request: Request, exc: Exception) -> Response:
+    """Anything that is not an HttpError is a bug: logged in full, answered opaquely."""
+    log.error("unhandled_error", error_class=type(exc).__name__, exc_info=exc)
+    return error_response(HttpError(500, "internal_error", "an internal error occurred"))

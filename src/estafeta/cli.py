@@ -1,0 +1,321 @@
+"""The `estafeta` command (DESIGN.md §3.1)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import tomllib
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import orjson
+
+from estafeta import __version__
+from estafeta.clock import SystemClock, iso_from_ms, ms_from_iso
+from estafeta.config import Config, check_config, load_config, load_config_dict
+from estafeta.errors import ConfigError, EstafetaError, StoreUnavailable
+from estafeta.observability.logging import configure_logging
+from estafeta.store import open_store
+from estafeta.store.records import DeadLetterFilter, DeliveryView
+from estafeta.store.sqlstore import SqlStore
+
+T = TypeVar("T")
+DEFAULT_CONFIG = "estafeta.toml"
+
+config_option = click.option(
+    "--config",
+    "config_path",
+    envvar="ESTAFETA_CONFIG",
+    default=DEFAULT_CONFIG,
+    show_default=True,
+    help="the configuration file (a missing default file means: defaults and env only)",
+)
+
+
+def _load(config_path: str) -> Config:
+    """The configuration, or exit 2 with every problem printed."""
+    try:
+        if config_path == DEFAULT_CONFIG and not Path(config_path).exists():
+            return load_config_dict({})
+        return load_config(config_path)
+    except ConfigError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(2)
+
+
+def _run(make: Callable[[], Awaitable[T]]) -> T:
+    async def main() -> T:
+        return await make()
+
+    try:
+        return asyncio.run(main())
+    except StoreUnavailable as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(3)
+    except EstafetaError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+def _run_service(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run a long-lived service on uvloop; the same exit codes as the other commands."""
+    from estafeta.server import run
+
+    try:
+        run(main)
+    except StoreUnavailable as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(3)
+    except EstafetaError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+async def _with_store(config: Config, action: Callable[[SqlStore], Awaitable[T]]) -> T:
+    store = open_store(config.storage.url)
+    try:
+        return await action(store)
+    finally:
+        await store.close()
+
+
+@click.group()
+@click.version_option(__version__, prog_name="estafeta")
+@click.option("--log-level", default="info", show_default=True, envvar="ESTAFETA_LOG_LEVEL")
+def main(log_level: str) -> None:
+    """estafeta: receive webhooks, route them, deliver them, never lose one."""
+    configure_logging(log_level)
+
+
+@main.command()
+@config_option
+@click.option("--no-workers", is_flag=True, help="HTTP only; run `estafeta worker` elsewhere")
+@click.option("--no-migrate", is_flag=True, help="do not upgrade the schema at start")
+@click.option("--listen", default=None, help="host:port, overriding server.listen")
+def serve(config_path: str, no_workers: bool, no_migrate: bool, listen: str | None) -> None:
+    """The HTTP server: ingress, API, health; with delivery workers unless --no-workers."""
+    from estafeta.server import serve as serve_hub
+
+    config = _load(config_path)
+    if listen:
+        config = config.model_copy(
+            update={"server": config.server.model_copy(update={"listen": listen})}
+        )
+    _run_service(lambda: serve_hub(config, run_workers=not no_workers, migrate=not no_migrate))
+
+
+@main.command()
+@config_option
+def worker(config_path: str) -> None:
+    """Delivery workers only (scale-out: run many against one PostgreSQL)."""
+    from estafeta.server import work
+
+    config = _load(config_path)
+    _run_service(lambda: work(config))
+
+
+@main.command()
+@config_option
+def migrate(config_path: str) -> None:
+    """Create or upgrade the store's schema."""
+    config = _load(config_path)
+
+    async def action(store: SqlStore) -> None:
+        await store.migrate()
+        if config.tenants:
+            await store.sync_config(config, SystemClock().now_ms())
+
+    _run(lambda: _with_store(config, action))
+    engine = "sqlite" if config.storage.url.startswith("sqlite") else "postgresql"
+    click.echo(f"schema is up to date ({engine})")
+
+
+@main.command("check-config")
+@click.argument("file", type=click.Path(dir_okay=False))
+def check_config_command(file: str) -> None:
+    """Validate a configuration file; print every problem with its location."""
+    from estafeta.connectors.registry import unavailable_kinds_of
+
+    issues = check_config(file)
+    reported = {issue.location for issue in issues}
+    issues += [
+        issue
+        for issue in unavailable_kinds_of(_destination_kinds(file))
+        if issue.location not in reported  # an invalid kind is reported as such already
+    ]
+    if issues:
+        for issue in issues:
+            # Syntax errors and a missing file are located in the file itself already.
+            located = str(issue).startswith(file)
+            click.echo(str(issue) if located else f"{file}: {issue}", err=True)
+        click.echo(f"{len(issues)} problem(s) found", err=True)
+        sys.exit(1)
+    click.echo(f"{file}: ok")
+
+
+def _destination_kinds(file: str) -> list[object]:
+    """Each `[[destinations]]` table's `kind` as written ([] when the file does not parse:
+    that is reported already)."""
+    try:
+        with open(file, "rb") as f:
+            data = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError):
+        return []
+    destinations = data.get("destinations")
+    if not isinstance(destinations, list):
+        return []
+    return [d.get("kind") if isinstance(d, dict) else None for d in destinations]
+
+
+@main.group()
+def keys() -> None:
+    """Tenant API keys."""
+
+
+@keys.command("create")
+@config_option
+@click.option("--tenant", required=True, help="the tenant the key belongs to")
+@click.option("--label", default="", help="a note to recognise the key by")
+def keys_create(config_path: str, tenant: str, label: str) -> None:
+    """Create an API key; it is printed once and only its hash is stored."""
+    from estafeta.api.auth import hash_key, new_api_key
+
+    config = _load(config_path)
+    key = new_api_key()
+
+    async def action(store: SqlStore) -> str:
+        if not await store.tenant_exists(tenant):
+            raise EstafetaError(f"no tenant {tenant!r} in the store (run `estafeta migrate`)")
+        return await store.create_api_key(
+            tenant_id=tenant, key_hash=hash_key(key), label=label, now_ms=SystemClock().now_ms()
+        )
+
+    key_id = _run(lambda: _with_store(config, action))
+    click.echo(key)
+    click.echo(f"(key {key_id} for tenant {tenant}; store it now, it is not shown again)", err=True)
+
+
+# -- the dead-letter queue ------------------------------------------------------------------
+
+
+def _dlq_filter(
+    tenant: str | None,
+    destination: str | None,
+    event_type: str | None,
+    since: str | None,
+    until: str | None,
+    ids: tuple[str, ...],
+    limit: int,
+) -> DeadLetterFilter:
+    try:
+        return DeadLetterFilter(
+            tenant_id=tenant,
+            delivery_ids=ids,
+            destination_id=destination,
+            event_type=event_type,
+            since=ms_from_iso(since) if since else None,
+            until=ms_from_iso(until) if until else None,
+            limit=limit,
+        )
+    except ValueError as exc:
+        raise click.BadParameter(f"--since/--until must be ISO 8601 times ({exc})") from None
+
+
+def dlq_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(
+        [
+            config_option,
+            click.option("--tenant", default=None, help="only this tenant's deliveries"),
+            click.option("--destination", default=None, help="only to this destination"),
+            click.option("--event-type", default=None, help="only events of this type"),
+            click.option("--since", default=None, help="dead since (ISO 8601)"),
+            click.option("--until", default=None, help="dead before (ISO 8601)"),
+            click.option("--id", "ids", multiple=True, help="a delivery id (repeatable)"),
+            click.option("--limit", default=1000, show_default=True, type=click.IntRange(1)),
+        ]
+    ):
+        function = option(function)
+    return function
+
+
+@main.group()
+def dlq() -> None:
+    """Operate the dead-letter queue."""
+
+
+@dlq.command("list")
+@dlq_options
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
+def dlq_list(config_path: str, as_json: bool, **selection: Any) -> None:
+    """List dead deliveries."""
+    config = _load(config_path)
+    found: list[DeliveryView] = _run(
+        lambda: _with_store(config, lambda store: store.list_dead(_dlq_filter(**selection)))
+    )
+    for d in found:
+        if as_json:
+            from estafeta.api.views import delivery_json
+
+            click.echo(orjson.dumps(delivery_json(d)).decode())
+        else:
+            click.echo(
+                f"{d.id}  {d.tenant_id}  {d.destination_id}  {d.event_type}  "
+                f"attempts={d.attempts}  dead_at={iso_from_ms(d.updated_at)}  {d.last_error or ''}"
+            )
+    click.echo(f"{len(found)} dead deliveries", err=True)
+
+
+def _move(config_path: str, action_name: str, everything: bool, **selection: Any) -> None:
+    config = _load(config_path)
+    chosen = _dlq_filter(**selection)
+    if not (
+        everything
+        or chosen.delivery_ids
+        or chosen.destination_id
+        or chosen.event_type
+        or chosen.since
+        or chosen.until
+        or chosen.tenant_id
+    ):
+        raise click.UsageError("name --id, a filter, or --all")
+    actor = f"cli:{os.environ.get('USER', 'operator')}"
+
+    async def action(store: SqlStore) -> list[str]:
+        operation = store.replay if action_name == "replay" else store.discard
+        return await operation(chosen, actor=actor, now_ms=SystemClock().now_ms())
+
+    moved = _run(lambda: _with_store(config, action))
+    for delivery_id in moved:
+        click.echo(delivery_id)
+    past = "replayed" if action_name == "replay" else "discarded"
+    click.echo(f"{len(moved)} deliveries {past}", err=True)
+
+
+@dlq.command("replay")
+@dlq_options
+@click.option("--all", "everything", is_flag=True, help="every dead delivery")
+def dlq_replay(config_path: str, everything: bool, **selection: Any) -> None:
+    """Put dead deliveries back to pending with fresh attempts (recorded in the audit log)."""
+    _move(config_path, "replay", everything, **selection)
+
+
+@dlq.command("discard")
+@dlq_options
+@click.option("--all", "everything", is_flag=True, help="every dead delivery")
+def dlq_discard(config_path: str, everything: bool, **selection: Any) -> None:
+    """Give up on dead deliveries for good (recorded in the audit log)."""
+    _move(config_path, "discard", everything, **selection)
+
+
+@main.command()
+@click.option("--dir", "workdir", default=None, help="where the demo keeps its database")
+@click.option("--events", "event_count", default=20, show_default=True, type=click.IntRange(1))
+def demo(workdir: str | None, event_count: int) -> None:
+    """An end-to-end demonstration on SQLite with local sinks."""
+    from estafeta.demo.story import run_demo
+
+    configure_logging("error")
+    sys.exit(run_demo(workdir=workdir, event_count=event_count))

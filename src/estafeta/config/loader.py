@@ -1,0 +1,315 @@
+"""Reading a configuration: TOML → `${ENV}` substitution → env overrides → validation.
+
+Every problem found is collected and raised together as one `ConfigError`, each as a
+`ConfigIssue` whose location points at the key (`routes[2].destinations[0]`), so an operator
+fixes the whole file in one pass instead of one error per restart.
+
+`${NAME}` anywhere in a string value is replaced by the environment variable NAME; `$${`
+writes a literal `${`. Substitution happens before validation, so `concurrency = "${N}"`
+works for numbers too. The `ESTAFETA_*` variables in `ENV_OVERRIDES` then replace their key
+(an empty variable is treated as unset).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
+
+from estafeta.config.models import FIELD_ERROR, Config, default_route_id
+from estafeta.errors import ConfigError, ConfigIssue
+
+__all__ = ["ENV_OVERRIDES", "check_config", "load_config", "load_config_dict"]
+
+#: Environment variable → (table, key) it overrides (DESIGN §3.2).
+ENV_OVERRIDES: dict[str, tuple[str, str]] = {
+    "ESTAFETA_DATABASE_URL": ("storage", "url"),
+    "ESTAFETA_REDIS_URL": ("redis", "url"),
+    "ESTAFETA_LISTEN": ("server", "listen"),
+    "ESTAFETA_ADMIN_KEY": ("security", "admin_key"),
+    "ESTAFETA_MASTER_KEY": ("security", "master_key"),
+}
+
+_REFERENCE = re.compile(r"\$\$\{|\$\{(?P<name>[^}]*)(?P<close>\}?)")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_TOML_POSITION = re.compile(r"\s*\(at (?:line (\d+), column (\d+)|end of document)\)$")
+_SECTIONS = list(Config.model_fields)
+
+Loc = tuple[str | int, ...]
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    """Read and check the TOML file at `path`; raise `ConfigError` listing every problem."""
+    path = Path(path)
+    try:
+        with path.open("rb") as file:
+            data = tomllib.load(file)
+    except FileNotFoundError:
+        raise ConfigError([ConfigIssue(str(path), "file does not exist")]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([_toml_issue(path, exc)]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([ConfigIssue(str(path), "file is not valid UTF-8")]) from None
+    except OSError as exc:
+        raise ConfigError([ConfigIssue(str(path), f"cannot read: {exc.strerror}")]) from None
+    return load_config_dict(data, env)
+
+
+def load_config_dict(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:
+    """Check an already-parsed configuration (e.g. one built in code); `data` is not changed."""
+    env = os.environ if env is None else env
+    env_issues: list[ConfigIssue] = []
+    resolved = _substitute(dict(data), (), env, env_issues)
+    overridden = _apply_overrides(resolved, env)
+    # A `${VAR}` the environment overrides anyway is not worth failing for.
+    env_issues = [issue for issue in env_issues if issue.location not in overridden]
+    issues: list[ConfigIssue] = []
+    config: Config | None = None
+    try:
+        config = Config.model_validate(resolved)
+    except ValidationError as exc:
+        issues.extend(_pydantic_issue(error) for error in exc.errors())
+    issues.extend(_reference_issues(resolved))
+    if env_issues or issues or config is None:
+        raise ConfigError(_tidy(env_issues, issues))
+    return config
+
+
+def check_config(path: str | Path, env: Mapping[str, str] | None = None) -> list[ConfigIssue]:
+    """Every problem in the file at `path`, `[]` when it is valid; never raises for a bad file."""
+    try:
+        load_config(path, env)
+    except ConfigError as exc:
+        return exc.issues
+    return []
+
+
+def _toml_issue(path: Path, exc: tomllib.TOMLDecodeError) -> ConfigIssue:
+    """`Expected '=' ... (at line 3, column 5)` → location `FILE:line 3, column 5`."""
+    message = str(exc)
+    position = _TOML_POSITION.search(message)
+    if position is None:
+        return ConfigIssue(str(path), f"invalid TOML: {message}")
+    line, column = position.groups()
+    where = f"line {line}, column {column}" if line else "end of file"
+    return ConfigIssue(f"{path}:{where}", f"invalid TOML: {message[: position.start()]}")
+
+
+def _location(loc: Loc) -> str:
+    """`("routes", 2, "destinations", 0)` → `routes[2].destinations[0]`."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else part
+    return text
+
+
+def _substitute(value: Any, loc: Loc, env: Mapping[str, str], issues: list[ConfigIssue]) -> Any:
+    """A copy of `value` with `${NAME}` replaced in every string, recording missing names."""
+    if isinstance(value, dict):
+        return {key: _substitute(item, (*loc, key), env, issues) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_substitute(item, (*loc, i), env, issues) for i, item in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0) == "$${":
+            return "${"
+        name = match.group("name")
+        if not match.group("close"):
+            problem = "unterminated '${' (write '$${' for a literal '${')"
+        elif not _ENV_NAME.fullmatch(name):
+            problem = f"invalid environment variable name {name!r} in '${{{name}}}'"
+        elif name in env:
+            return env[name]
+        else:
+            problem = f"environment variable {name} is not set"
+        issues.append(ConfigIssue(_location(loc), problem))
+        return match.group(0)
+
+    return _REFERENCE.sub(replace, value)
+
+
+def _apply_overrides(data: dict[str, Any], env: Mapping[str, str]) -> set[str]:
+    """Apply `ENV_OVERRIDES` in place; return the locations they replaced."""
+    replaced: set[str] = set()
+    for variable, (table, key) in ENV_OVERRIDES.items():
+        value = env.get(variable)
+        if not value:
+            continue
+        section = data.setdefault(table, {})
+        if isinstance(section, dict):  # otherwise validation reports the table's type
+            section[key] = value
+            replaced.add(f"{table}.{key}")
+    return replaced
+
+
+def _pydantic_issue(error: ErrorDetails) -> ConfigIssue:
+    """Translate one pydantic error into the location and words an operator expects."""
+    loc: Loc = tuple(error["loc"])
+    kind = error["type"]
+    ctx = error.get("ctx") or {}
+    message = error["msg"]
+    if kind == FIELD_ERROR:
+        message = str(ctx["message"])
+        loc = (*loc, ctx["field"]) if "field" in ctx else loc
+    elif kind in ("value_error", "assertion_error") and "error" in ctx:
+        message = str(ctx["error"])
+    elif kind == "extra_forbidden":
+        key = str(loc[-1])
+        message = f"unknown key {key!r}" + _did_you_mean(key, _keys_at(loc[:-1]))
+    elif kind == "missing":
+        message = "required key is missing"
+    elif kind == "too_short" and ctx.get("min_length") == 1:
+        message = "must not be empty"
+    elif kind in ("model_type", "model_attributes_type", "dict_type"):
+        message = "must be a table"
+    elif kind == "list_type":
+        message = "must be an array"
+    return ConfigIssue(_location(loc), message)
+
+
+def _keys_at(loc: Loc) -> list[str]:
+    """The keys allowed in the table at `loc`, found by walking the models' annotations."""
+    annotation: Any = Config
+    for part in loc:
+        annotation = _unwrap_optional(annotation)
+        if isinstance(part, int):
+            annotation = next(iter(typing.get_args(annotation)), None)
+        elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            field = next((f for n, f in _fields(annotation) if n == part), None)
+            annotation = field.annotation if field else None
+        else:
+            return []
+    annotation = _unwrap_optional(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [name for name, _ in _fields(annotation)]
+    return []
+
+
+def _fields(model: type[BaseModel]) -> Iterator[tuple[str, Any]]:
+    """(key as written in TOML, field) for each field of `model`."""
+    for name, field in model.model_fields.items():
+        yield field.alias or name, field
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        return args[0] if len(args) == 1 else annotation
+    return annotation
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=3)
+    if not close:
+        return ""
+    return " (did you mean " + " or ".join(repr(c) for c in close) + "?)"
+
+
+def _entries(data: Mapping[str, Any], section: str) -> list[tuple[int, dict[str, Any]]]:
+    """The tables of an array such as `[[sources]]`; malformed ones are reported elsewhere."""
+    items = data.get(section)
+    if not isinstance(items, list):
+        return []
+    return [(i, item) for i, item in enumerate(items) if isinstance(item, dict)]
+
+
+def _text(entry: Mapping[str, Any], key: str) -> str | None:
+    value = entry.get(key)
+    return value if isinstance(value, str) else None
+
+
+def _reference_issues(data: Mapping[str, Any]) -> list[ConfigIssue]:
+    """Checks across entries, done on the raw data so they run even when an entry is invalid."""
+    tenants = [t for _, entry in _entries(data, "tenants") if (t := _text(entry, "id"))]
+    return [
+        *_duplicate_issues(data),
+        *_unknown_tenant_issues(data, tenants),
+        *_route_destination_issues(data, tenants),
+    ]
+
+
+def _duplicate_issues(data: Mapping[str, Any]) -> Iterator[ConfigIssue]:
+    for section in ("tenants", "sources", "destinations", "routes"):
+        first: dict[str, str] = {}
+        for i, entry in _entries(data, section):
+            entry_id = _text(entry, "id")
+            if section == "routes" and entry.get("id") is None:
+                entry_id = default_route_id(i)
+            if entry_id is None:
+                continue
+            here = f"{section}[{i}]"
+            if entry_id in first:
+                where = f"{here}.id" if "id" in entry else here
+                yield ConfigIssue(where, f"duplicate id {entry_id!r} (first at {first[entry_id]})")
+            else:
+                first[entry_id] = here
+
+
+def _unknown_tenant_issues(data: Mapping[str, Any], tenants: list[str]) -> Iterator[ConfigIssue]:
+    hint_none = " (no [[tenants]] are defined)"
+    for section in ("sources", "destinations", "routes"):
+        for i, entry in _entries(data, section):
+            tenant = _text(entry, "tenant")
+            if tenant is not None and tenant not in tenants:
+                hint = _did_you_mean(tenant, tenants) if tenants else hint_none
+                yield ConfigIssue(f"{section}[{i}].tenant", f"unknown tenant {tenant!r}{hint}")
+
+
+def _route_destination_issues(data: Mapping[str, Any], tenants: list[str]) -> Iterator[ConfigIssue]:
+    """Each route destination must exist and belong to the route's own tenant."""
+    owner: dict[str, str | None] = {}
+    for _, entry in _entries(data, "destinations"):
+        if (dest_id := _text(entry, "id")) is not None:
+            owner.setdefault(dest_id, _text(entry, "tenant"))
+    for i, route in _entries(data, "routes"):
+        tenant = _text(route, "tenant")
+        names = route.get("destinations")
+        if not isinstance(names, list):
+            continue
+        known_tenant = tenant in tenants  # an unknown tenant is reported on its own
+        own = [d for d, t in owner.items() if t == tenant] if known_tenant else list(owner)
+        for j, name in enumerate(names):
+            if not isinstance(name, str) or not name.strip():
+                continue  # reported by validation
+            where = f"routes[{i}].destinations[{j}]"
+            if name not in owner:
+                yield ConfigIssue(where, f"unknown destination {name!r}{_did_you_mean(name, own)}")
+            elif known_tenant and owner[name] != tenant:
+                message = f"destination {name!r} belongs to tenant {owner[name]!r}, not {tenant!r}"
+                yield ConfigIssue(where, message)
+
+
+def _tidy(env_issues: list[ConfigIssue], issues: list[ConfigIssue]) -> list[ConfigIssue]:
+    """Drop repeats and the consequences of an unresolved `${VAR}`; order as in the file.
+
+    A key whose `${VAR}` is missing still holds the literal `${VAR}`, which would also fail
+    validation (`not a whsec_ secret`); that second complaint would only mislead.
+    """
+    unresolved = {issue.location for issue in env_issues}
+
+    def shadowed(issue: ConfigIssue) -> bool:
+        return any(
+            issue.location == loc or issue.location.startswith((f"{loc}.", f"{loc}["))
+            for loc in unresolved
+        )
+
+    unique = list(dict.fromkeys([*env_issues, *(i for i in issues if not shadowed(i))]))
+
+    def file_order(issue: ConfigIssue) -> tuple[int, int]:
+        match = re.match(r"([a-z_]+)(?:\[(\d+)\])?", issue.location)
+        if match is None or match.group(1) not in _SECTIONS:
+            return (-1, 0)
+        return (_SECTIONS.index(match.group(1)), int(match.group(2) or 0))
+
+    return sorted(unique, key=file_order)

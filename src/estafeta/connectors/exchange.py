@@ -1,0 +1,111 @@
+"""One HTTP request to a destination, and every way it can fail, as a value.
+
+Shared by the webhook connector (http.py) and the WhatsApp providers' clients: the request is
+made with redirects off and one total timeout, at most `read_limit` bytes of the answer are
+read, and every foreign exception is translated here into an `Outcome` (never raised), so
+each caller only decides what an answer means.
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import aiohttp
+
+from estafeta.delivery.outcome import EXCERPT_LIMIT, Outcome, OutcomeKind
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What the destination answered (any status)."""
+
+    status: int
+    body: bytes  # at most the caller's read_limit bytes
+    retry_after: str | None  # the Retry-After header, as sent
+    duration_ms: float
+
+
+async def exchange(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    *,
+    headers: Mapping[str, str],
+    body: bytes,
+    timeout: aiohttp.ClientTimeout,
+    read_limit: int,
+) -> Answer | Outcome:
+    """The destination's answer, or an `Outcome` when there was none."""
+    started = time.perf_counter()
+    try:
+        async with session.request(
+            method,
+            url,
+            data=body,
+            headers=headers,
+            allow_redirects=False,
+            timeout=timeout,
+        ) as response:
+            status = response.status
+            retry_after = response.headers.get("Retry-After")
+            content = await _read_bounded(response, read_limit)
+    except TimeoutError as exc:  # = asyncio.TimeoutError since 3.11; aiohttp's timeouts too
+        return no_answer(started, "timeout", exc)
+    # Before ClientError, which both are: a URL we cannot send to will never work.
+    except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError) as exc:
+        return no_answer(started, "invalid_destination", exc, OutcomeKind.PERMANENT)
+    except aiohttp.ClientConnectorError as exc:
+        refused = isinstance(exc.os_error, ConnectionRefusedError) or (
+            exc.os_error.errno == errno.ECONNREFUSED
+        )
+        return no_answer(started, "connection_refused" if refused else "connection_error", exc)
+    except (aiohttp.ClientError, OSError) as exc:
+        return no_answer(started, "connection_error", exc)
+    except ValueError as exc:  # yarl/aiohttp on a URL or header they cannot use
+        return no_answer(started, "invalid_destination", exc, OutcomeKind.PERMANENT)
+    return Answer(status, content, retry_after, elapsed_ms(started))
+
+
+async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """At most `limit` bytes of the body, reading no more than needed.
+
+    The status is already known, so a body that breaks off half-way does not change the
+    outcome: what was read is kept (a 200 cut short still means the destination took it). A
+    body left unread makes aiohttp close the connection instead of pooling it, which is right
+    for a response we stopped reading.
+    """
+    chunks: list[bytes] = []
+    remaining = limit
+    try:
+        while remaining > 0:
+            chunk = await response.content.read(remaining)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+    except (aiohttp.ClientError, OSError, TimeoutError):
+        pass
+    return b"".join(chunks)
+
+
+def no_answer(
+    started: float,
+    error_class: str,
+    exc: BaseException,
+    kind: OutcomeKind = OutcomeKind.RETRYABLE,
+) -> Outcome:
+    """An outcome for a failure with no HTTP answer; the exception text is the excerpt."""
+    detail = str(exc) or type(exc).__name__
+    return Outcome(
+        kind=kind,
+        duration_ms=elapsed_ms(started),
+        error_class=error_class,
+        response_excerpt=detail[:EXCERPT_LIMIT],
+    )
+
+
+def elapsed_ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000

@@ -1,0 +1,160 @@
+"""The HTTP destination: POST the canonical event, signed as Standard Webhooks says.
+
+This is the boundary where aiohttp's exceptions stop. Whatever the destination does — answer
+500, hang, refuse the connection, redirect, send a gigabyte of body — `deliver` returns an
+`Outcome`; only a bug in estafeta raises. The rules that turn an answer into a decision
+(`classify_status`, `parse_retry_after`) are pure and live in `delivery.decision`.
+
+All destinations share one pooled `aiohttp.ClientSession` (`new_client_session`), owned by
+the worker: a session per destination would multiply sockets and DNS lookups, and keep-alive
+is what makes thousands of small POSTs per second cheap.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+
+import aiohttp
+from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook
+
+from estafeta import __version__
+from estafeta.connectors.exchange import exchange
+from estafeta.delivery.decision import classify_status, parse_retry_after
+from estafeta.delivery.model import LeasedDelivery
+from estafeta.delivery.outcome import EXCERPT_LIMIT, Outcome, OutcomeKind
+
+# A UTF-8 character takes at most 4 bytes, so this many bytes always hold EXCERPT_LIMIT whole
+# characters when the body is that long; a character cut at the end is dropped by the slice.
+_EXCERPT_BYTES = EXCERPT_LIMIT * 4
+_USER_AGENT = f"estafeta/{__version__}"
+# Headers estafeta owns: configured extra headers cannot replace them, so a destination's
+# config can never break the signature or the idempotency key.
+_OWN_HEADERS = (
+    "content-type",
+    "user-agent",
+    "accept-encoding",
+    "webhook-id",
+    "webhook-timestamp",
+    "webhook-signature",
+)
+
+
+def sign_webhook(secret: str, msg_id: str, timestamp_s: int, body: bytes) -> str:
+    """The `webhook-signature` value (`v1,<base64>`) for one message, by the reference library.
+
+    Using `standardwebhooks` itself rather than our own HMAC means a receiver that verifies
+    with any Standard Webhooks library agrees with us by construction.
+    """
+    return _sign(Webhook(secret), msg_id, timestamp_s, body)
+
+
+def _sign(signer: Webhook, msg_id: str, timestamp_s: int, body: bytes) -> str:
+    # The library formats the datetime back to integer seconds; it must be timezone-aware
+    # UTC, or it would be read as local time.
+    moment = datetime.fromtimestamp(timestamp_s, tz=UTC)
+    return signer.sign(msg_id, moment, body.decode("utf-8"))
+
+
+def new_client_session(*, limit: int = 256, limit_per_host: int = 64) -> aiohttp.ClientSession:
+    """One pooled client session for every HTTP destination; call it inside the running loop.
+
+    `limit_per_host` keeps one slow destination from taking every socket. DNS answers are
+    cached for 5 minutes. Responses are not decompressed (and we ask for `identity`): we
+    only keep a short excerpt of a body, and inflating it is work and a zip-bomb risk.
+    """
+    connector = aiohttp.TCPConnector(
+        limit=limit,
+        limit_per_host=limit_per_host,
+        ttl_dns_cache=300,
+        keepalive_timeout=30,
+    )
+    return aiohttp.ClientSession(connector=connector, auto_decompress=False)
+
+
+class HttpConnector:
+    """Delivers to one HTTP endpoint; implements `connectors.base.Connector`.
+
+    The constructor raises ValueError for a configuration that can never work (a timeout
+    that is not positive, a secret that does not decode); a malformed URL is reported by
+    `deliver` as a permanent `invalid_destination` outcome instead, so that it lands in the
+    dead-letter queue where an operator sees it.
+    """
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        secret: str | None,
+        timeout_s: float,
+        session: aiohttp.ClientSession,
+        headers: Mapping[str, str] | None = None,
+        now_s: Callable[[], float] = time.time,
+    ) -> None:
+        if not timeout_s > 0:  # aiohttp reads 0 as "no timeout": a worker could hang forever
+            raise ValueError(f"timeout_s must be positive, not {timeout_s}")
+        self._url = url
+        # Decoding the secret once here makes a malformed one fail at start-up, not on
+        # every delivery.
+        try:
+            self._signer = Webhook(secret) if secret else None
+        except (ValueError, EmptyWebhookSecretError) as exc:
+            raise ValueError(
+                f"the destination secret is not a whsec_<base64> secret: {exc}"
+            ) from exc
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._session = session
+        self._now_s = now_s
+        extra = {name.lower(): value for name, value in (headers or {}).items()}
+        self._base_headers = {k: v for k, v in extra.items() if k not in _OWN_HEADERS} | {
+            "content-type": "application/json",
+            "user-agent": _USER_AGENT,
+            "accept-encoding": "identity",
+        }
+
+    def _headers_for(self, delivery: LeasedDelivery) -> dict[str, str]:
+        timestamp_s = int(self._now_s())
+        headers = self._base_headers | {
+            "webhook-id": delivery.event_id,
+            "webhook-timestamp": str(timestamp_s),
+        }
+        if self._signer is not None:
+            headers["webhook-signature"] = _sign(
+                self._signer, delivery.event_id, timestamp_s, delivery.payload
+            )
+        return headers
+
+    async def deliver(self, delivery: LeasedDelivery) -> Outcome:
+        """POST the event once and report what came of it; never raises for the destination."""
+        # Signing is outside the try: an error there is ours (a bug), not the destination's.
+        headers = self._headers_for(delivery)
+        answer = await exchange(
+            self._session,
+            "POST",
+            self._url,
+            headers=headers,
+            body=delivery.payload,
+            timeout=self._timeout,
+            read_limit=_EXCERPT_BYTES,
+        )
+        if isinstance(answer, Outcome):
+            return answer
+        kind = classify_status(answer.status)
+        succeeded = kind is OutcomeKind.SUCCESS
+        return Outcome(
+            kind=kind,
+            duration_ms=answer.duration_ms,
+            status_code=answer.status,
+            error_class=None if succeeded else f"http_{answer.status}",
+            retry_after_s=None
+            if succeeded
+            else parse_retry_after(answer.retry_after, int(self._now_s() * 1000)),
+            response_excerpt=answer.body.decode("utf-8", errors="replace")[:EXCERPT_LIMIT],
+        )
+
+    async def close(self) -> None:
+        """Nothing to release: the shared session belongs to whoever created it."""
+
+
+__all__ = ["HttpConnector", "new_client_session", "sign_webhook"]

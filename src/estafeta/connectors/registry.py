@@ -1,0 +1,82 @@
+"""The connector of each destination, built from the configuration.
+
+One pooled aiohttp session serves every HTTP destination (keep-alive per host); it must be
+created inside the running event loop, hence `start()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import aiohttp
+
+from estafeta.config import Config
+from estafeta.config.models import DEFAULT_TIMEOUTS_S
+from estafeta.connectors.base import Connector
+from estafeta.connectors.http import HttpConnector, new_client_session
+from estafeta.connectors.whatsapp.connector import WhatsAppSendConnector, client_for
+from estafeta.errors import ConfigError, ConfigIssue
+from estafeta.messaging.facts import send_destination
+from estafeta.messaging.outbound import can_send
+
+# Destination kinds this version can deliver to; the others arrive with the connectors issue.
+AVAILABLE_KINDS = frozenset({"http"})
+
+
+def unavailable_kinds(config: Config) -> list[ConfigIssue]:
+    """A problem for every destination whose kind this version cannot deliver to."""
+    return unavailable_kinds_of([d.kind for d in config.destinations])
+
+
+def unavailable_kinds_of(kinds: Sequence[object]) -> list[ConfigIssue]:
+    """The same from the destinations' `kind` values alone, in file order: `check-config`
+    reports them beside a file's other problems, before the file is valid."""
+    return [
+        ConfigIssue(
+            f"destinations[{index}].kind",
+            f"destination kind {kind!r} is not available in this version "
+            f"(available: {', '.join(sorted(AVAILABLE_KINDS))})",
+        )
+        for index, kind in enumerate(kinds)
+        if isinstance(kind, str) and kind not in AVAILABLE_KINDS
+    ]
+
+
+class Connectors:
+    def __init__(self, config: Config) -> None:
+        issues = unavailable_kinds(config)
+        if issues:
+            raise ConfigError(issues)
+        self._config = config
+        self._session: aiohttp.ClientSession | None = None
+        self._by_destination: dict[str, Connector] = {}
+
+    async def start(self) -> None:
+        self._session = new_client_session()
+        for d in self._config.destinations:
+            assert d.url is not None  # noqa: S101 - config validation requires it for http
+            self._by_destination[d.id] = HttpConnector(
+                url=d.url,
+                secret=d.secret,
+                timeout_s=d.effective_timeout_s(self._config.worker.max_attempt_s),
+                session=self._session,
+                headers=d.headers,
+            )
+
+        # Sending through a provider source (POST /api/v1/messages): "send:<source id>".
+        send_timeout_s = min(DEFAULT_TIMEOUTS_S["whatsapp_send"], self._config.worker.max_attempt_s)
+        for source in self._config.sources:
+            if can_send(source):
+                client = client_for(source, self._session, timeout_s=send_timeout_s)
+                self._by_destination[send_destination(source.id)] = WhatsAppSendConnector(
+                    client, source_id=source.id
+                )
+
+    def get(self, destination_id: str) -> Connector | None:
+        return self._by_destination.get(destination_id)
+
+    async def close(self) -> None:
+        for connector in self._by_destination.values():
+            await connector.close()
+        if self._session is not None:
+            await self._session.close()

@@ -1,0 +1,166 @@
+"""WhatsApp Business Cloud API (Meta): send one message (contracts §1.6–§1.8).
+
+Request (§1.6): `POST {api_base}/{version}/{phone_number_id}/messages` with
+`Authorization: Bearer {access_token}` and a JSON body `{"messaging_product": "whatsapp",
+"to": "+…", "type": …}`. `api_base` defaults to `https://graph.facebook.com`; a base that
+already ends in a version (`…/v19.0`) is used as it is, else `GRAPH_VERSION` is appended.
+Our message id (`msg_…`) goes out as `biz_opaque_callback_data`, which Meta echoes in the
+status webhooks (§1.5).
+
+Answer: 200 with `messages[0].id`, the WAMID: the outcome's `external_id`, which the status
+webhooks name as `statuses[].id` (ingress `whatsapp_cloud.py` → `data.message_id`).
+
+Errors (§1.7, §1.8, §8 item 1): the Graph error `{"error": {"message": "(#code) title",
+"code", "error_data": {"details"}, …}}` is classified on `error.code` first, as Meta says
+(the HTTP status of the throttling codes is not even settled, §8 item 1):
+
+* 4, 80007, 130429, 131056 (throttling) → RETRYABLE, whatever the status;
+* 131000 (unknown), 131016 (service unavailable), 131057 (maintenance), 131052/131053
+  (media download/upload: "maybe", bounded by max_attempts), and the Graph-wide transient
+  codes 1 and 2 → RETRYABLE;
+* any other code, or none: the HTTP status decides (`classify_status`): HTTP 429 (and
+  408/409/425) and 5xx → RETRYABLE; any other 4xx → PERMANENT (131047 outside the window,
+  131026, 132xxx templates, 100/131008/131009 parameters, 190 token, 10/200 permissions …).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+import orjson
+
+from estafeta.connectors.whatsapp.base import (
+    Reply,
+    exchange,
+    join_url,
+    provider_error,
+    refused,
+    success,
+)
+from estafeta.connectors.whatsapp.message import OutboundMessage
+from estafeta.delivery.decision import classify_status
+from estafeta.delivery.outcome import Outcome, OutcomeKind
+
+PROVIDER = "whatsapp_cloud"
+DEFAULT_API_BASE = "https://graph.facebook.com"
+GRAPH_VERSION = "v25.0"  # contracts §1.6/§8 item 7: the version the docs use at the crawl
+THROTTLING_CODES = frozenset({4, 80007, 130429, 131056})
+TRANSIENT_CODES = frozenset({1, 2, 131000, 131016, 131052, 131053, 131057})
+_VERSIONED = re.compile(r"/v\d+\.\d+/?$")
+_TITLE_PREFIX = re.compile(r"^\(#\d+\)\s*")
+
+
+def messages_url(api_base: str | None, phone_number_id: str) -> str:
+    """The send URL: `{api_base}[/{GRAPH_VERSION}]/{phone_number_id}/messages`."""
+    base = api_base or DEFAULT_API_BASE
+    if not _VERSIONED.search(base):
+        base = join_url(base, GRAPH_VERSION)
+    return join_url(base, f"{phone_number_id}/messages")
+
+
+def build_payload(message: OutboundMessage) -> dict[str, Any] | None:
+    """The §1.6 JSON body for `message`, or None when the Cloud API cannot send it."""
+    payload: dict[str, Any] = {
+        "messaging_product": "whatsapp",
+        "recipient_type": "individual",
+        "to": message.to,
+    }
+    if message.text is not None:
+        payload |= {"type": "text", "text": {"body": message.text}}
+    elif message.template is not None:
+        template = message.template
+        name = template.get("name")
+        if not isinstance(name, str) or not name:
+            return None  # a Twilio-only template (content_sid): nothing Meta knows
+        language = template.get("language")
+        template_body: dict[str, Any] = {
+            "name": name,
+            "language": dict(language) if isinstance(language, Mapping) else {"code": language},
+        }
+        if template.get("components"):
+            template_body["components"] = template["components"]
+        payload |= {"type": "template", "template": template_body}
+    else:
+        assert message.media is not None  # noqa: S101 - one of the three, by construction
+        kind = str(message.media["kind"])
+        media: dict[str, Any] = {"link": message.media["url"]}
+        for key in ("caption", "filename"):
+            if message.media.get(key) is not None:
+                media[key] = message.media[key]
+        payload |= {"type": kind, kind: media}
+    if message.reference is not None:
+        payload["biz_opaque_callback_data"] = message.reference
+    return payload
+
+
+def outcome_of(reply: Reply) -> Outcome:
+    """What a Cloud API answer means (module docstring); pure, for table-driven tests."""
+    document = reply.json()
+    if 200 <= reply.status <= 299:
+        messages = document.get("messages") if isinstance(document, dict) else None
+        first = messages[0] if isinstance(messages, list) and messages else None
+        wamid = first.get("id") if isinstance(first, dict) else None
+        return success(reply, wamid if isinstance(wamid, str) and wamid else None)
+    error = document.get("error") if isinstance(document, dict) else None
+    if not isinstance(error, dict):
+        return provider_error(reply, classify_status(reply.status), PROVIDER, None, None)
+    code = error.get("code")
+    if not isinstance(code, int) or isinstance(code, bool):
+        code = None
+    title = error_title(error)
+    if code in THROTTLING_CODES or code in TRANSIENT_CODES:
+        kind = OutcomeKind.RETRYABLE
+    else:  # any other code: a 4xx is permanent (429 and 408/409/425 excepted), 5xx retried
+        kind = classify_status(reply.status)
+    return provider_error(reply, kind, PROVIDER, code, title)
+
+
+def error_title(error: dict[str, Any]) -> str | None:
+    """`message` without its `(#code) ` prefix; `title` or `error_user_title` otherwise."""
+    for key in ("message", "title", "error_user_title"):
+        value = error.get(key)
+        if isinstance(value, str) and value.strip():
+            return _TITLE_PREFIX.sub("", value.strip())
+    return None
+
+
+class CloudClient:
+    """Sends through one business phone number (`access_token`, `phone_number_id`)."""
+
+    def __init__(
+        self,
+        *,
+        access_token: str,
+        phone_number_id: str,
+        session: aiohttp.ClientSession,
+        timeout_s: float,
+        api_base: str | None = None,
+    ) -> None:
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be positive, not {timeout_s}")
+        self._url = messages_url(api_base, phone_number_id)
+        self._headers = {
+            "authorization": f"Bearer {access_token}",
+            "content-type": "application/json",
+        }
+        self._session = session
+        self._timeout_s = timeout_s
+
+    async def send(self, message: OutboundMessage) -> Outcome:
+        payload = build_payload(message)
+        if payload is None:
+            return refused(
+                "unsupported_message",
+                "a Cloud API template needs a name (content_sid is Twilio's)",
+            )
+        reply = await exchange(
+            self._session,
+            self._url,
+            timeout_s=self._timeout_s,
+            headers=self._headers,
+            body=orjson.dumps(payload),
+        )
+        return reply if isinstance(reply, Outcome) else outcome_of(reply)

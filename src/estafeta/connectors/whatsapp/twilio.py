@@ -1,0 +1,171 @@
+"""Twilio Programmable Messaging, WhatsApp channel: send one message (contracts §2.4).
+
+Request: `POST {api_base}/2010-04-01/Accounts/{account_sid}/Messages.json`, basic auth
+`account_sid:auth_token`, form fields `To=whatsapp:+…`, `From=whatsapp:+…` (the source's
+`from`; the `whatsapp:` prefix is added when missing) and the content:
+
+* text → `Body`;
+* media → `MediaUrl` (+ the caption as `Body`; Twilio has no file name for WhatsApp);
+* template → `ContentSid` (`HX…`, a Content API template: the template's `content_sid`, or
+  its `name` when that is a Content SID) + `ContentVariables`, a JSON object: the
+  template's `variables`, else the text parameters of its `body` components numbered from
+  "1". A Cloud-style template name is not something Twilio can send.
+
+`StatusCallback` is `{public_url}/in/{source}` when the source has a `public_url`, so the
+status callbacks come back to this source's ingress (§2.3).
+
+Answer: 201 with the Message resource; its `sid` (`SM…`) is the outcome's `external_id`, and
+the status callbacks name it `MessageSid` (ingress `twilio.py` → `data.message_id`).
+
+Errors (`{"code", "message", "more_info", "status"}`, §2.4): HTTP 429, or codes 20429,
+63017, 63018 and 63038 (rate and daily limits) → RETRYABLE with Retry-After; 5xx →
+RETRYABLE; any other 4xx (20003 authentication, 21211 invalid `To`, 63016 outside the 24 h
+window, …) → PERMANENT, `twilio_{code}` and `{code} {message}`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlencode
+
+import aiohttp
+import orjson
+
+from estafeta.connectors.whatsapp.base import (
+    Reply,
+    basic_auth,
+    exchange,
+    join_url,
+    provider_error,
+    refused,
+    success,
+)
+from estafeta.connectors.whatsapp.message import OutboundMessage
+from estafeta.delivery.decision import classify_status
+from estafeta.delivery.outcome import Outcome, OutcomeKind
+
+PROVIDER = "twilio"
+DEFAULT_API_BASE = "https://api.twilio.com"
+RATE_CODES = frozenset({20429, 63017, 63018, 63038})
+
+Form = list[tuple[str, str]]
+
+
+def messages_url(api_base: str | None, account_sid: str) -> str:
+    """`{api_base}/2010-04-01/Accounts/{account_sid}/Messages.json` (contracts §2.4)."""
+    path = f"2010-04-01/Accounts/{account_sid}/Messages.json"
+    return join_url(api_base or DEFAULT_API_BASE, path)
+
+
+def whatsapp_address(number: str) -> str:
+    """`whatsapp:+…` (contracts §2.2/§2.4), whether or not `number` has the prefix."""
+    return number if number.startswith("whatsapp:") else f"whatsapp:{number}"
+
+
+def build_form(
+    message: OutboundMessage, sender: str, status_callback: str | None = None
+) -> Form | str:
+    """The form fields for `message`, or the reason Twilio cannot send it."""
+    fields: Form = [("To", whatsapp_address(message.to)), ("From", whatsapp_address(sender))]
+    if message.text is not None:
+        fields.append(("Body", message.text))
+    elif message.media is not None:
+        fields.append(("MediaUrl", str(message.media["url"])))
+        if message.media.get("caption"):
+            fields.append(("Body", str(message.media["caption"])))
+    else:
+        assert message.template is not None  # noqa: S101 - one of the three, by construction
+        content = _content(message.template)
+        if isinstance(content, str):
+            return content
+        fields.extend(content)
+    if status_callback:
+        fields.append(("StatusCallback", status_callback))
+    return fields
+
+
+def _content(template: Mapping[str, Any]) -> Form | str:
+    sid = template.get("content_sid")
+    name = template.get("name")
+    if sid is None and isinstance(name, str) and name.startswith("HX"):
+        sid = name
+    if not isinstance(sid, str) or not sid:
+        return (
+            "Twilio sends WhatsApp templates as Content API templates: give the template's "
+            "content_sid (HX…), not a Cloud API template name"
+        )
+    variables = template.get("variables")
+    if isinstance(variables, Mapping):
+        values = {str(key): str(value) for key, value in variables.items()}
+    else:
+        texts = [
+            str(parameter.get("text"))
+            for component in template.get("components") or []
+            if isinstance(component, Mapping) and component.get("type") == "body"
+            for parameter in component.get("parameters") or []
+            if isinstance(parameter, Mapping) and parameter.get("type") == "text"
+        ]
+        values = {str(index): text for index, text in enumerate(texts, start=1)}
+    fields: Form = [("ContentSid", sid)]
+    if values:
+        fields.append(("ContentVariables", orjson.dumps(values).decode()))
+    return fields
+
+
+def outcome_of(reply: Reply) -> Outcome:
+    """What a Twilio answer means (module docstring); pure, for table-driven tests."""
+    document = reply.json()
+    if 200 <= reply.status <= 299:
+        sid = document.get("sid") if isinstance(document, dict) else None
+        return success(reply, sid if isinstance(sid, str) and sid else None)
+    code = document.get("code") if isinstance(document, dict) else None
+    if not isinstance(code, int) or isinstance(code, bool):
+        code = None
+    message = document.get("message") if isinstance(document, dict) else None
+    title = message if isinstance(message, str) else None
+    if reply.status == 429 or code in RATE_CODES:
+        kind = OutcomeKind.RETRYABLE
+    else:
+        kind = classify_status(reply.status)
+    return provider_error(reply, kind, PROVIDER, code, title)
+
+
+class TwilioClient:
+    """Sends from one WhatsApp sender (`account_sid`, `auth_token`, `from`)."""
+
+    def __init__(
+        self,
+        *,
+        account_sid: str,
+        auth_token: str,
+        sender: str,
+        session: aiohttp.ClientSession,
+        timeout_s: float,
+        api_base: str | None = None,
+        status_callback: str | None = None,
+    ) -> None:
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be positive, not {timeout_s}")
+        self._url = messages_url(api_base, account_sid)
+        self._sender = sender
+        self._status_callback = status_callback
+        self._headers = {
+            "authorization": basic_auth(account_sid, auth_token),
+            "content-type": "application/x-www-form-urlencoded",
+        }
+        self._session = session
+        self._timeout_s = timeout_s
+
+    async def send(self, message: OutboundMessage) -> Outcome:
+        fields = build_form(message, self._sender, self._status_callback)
+        if isinstance(fields, str):
+            return refused("unsupported_message", fields)
+        reply = await exchange(
+            self._session,
+            self._url,
+            timeout_s=self._timeout_s,
+            headers=self._headers,
+            body=urlencode(fields).encode(),
+        )
+        return reply if isinstance(reply, Outcome) else outcome_of(reply)

@@ -1,0 +1,196 @@
+"""The circuit breakers of every destination, as one worker sees and drives them.
+
+The pure breaker is in circuit.py and its shared state behind a `CircuitStateStore`
+(Redis with a local fallback when Redis is configured, else the store's `circuits` table).
+This module decides, for one worker:
+
+* which destinations the lease must skip: every one whose circuit is not closed. An open
+  circuit's deliveries wait in the queue without spending attempts;
+* when to probe: once an open circuit's `reset_s` has passed, exactly one worker wins the
+  probe (an atomic `admit`), leases one delivery of that destination and sends it; its
+  result closes the circuit or opens it again;
+* what a result means: a retryable failure (5xx, timeout, connection error) counts against
+  the destination; a 429 (it asked us to slow down; Retry-After handles that), a permanent
+  4xx (about the payload, not the destination's health) and a lost lease count for nothing.
+
+A healthy destination costs nothing: successes are written only while a circuit has
+failures on record, so the shared state is touched only when something is wrong.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import structlog
+from redis.asyncio import Redis
+
+from estafeta.config import Config
+from estafeta.delivery.circuit import (
+    Admission,
+    Circuit,
+    CircuitPolicy,
+    CircuitState,
+    admit,
+    blocked_until,
+    record,
+)
+from estafeta.delivery.circuit_store import (
+    CircuitStateStore,
+    FallbackCircuitStore,
+    RedisCircuitStore,
+    connect_redis,
+)
+from estafeta.delivery.outcome import Outcome, OutcomeKind
+from estafeta.observability.metrics import CIRCUIT_TRANSITIONS
+from estafeta.store.sqlstore import SqlStore
+
+log = structlog.get_logger("estafeta.circuit")
+
+REFRESH_S = 0.5  # how stale this worker's view of other workers' circuits may get
+PRISTINE = Circuit()
+
+
+class StoreCircuitStore:
+    """`CircuitStateStore` over the store's `circuits` table (no Redis configured)."""
+
+    def __init__(self, store: SqlStore) -> None:
+        self._store = store
+
+    async def get_all(self) -> dict[str, Circuit]:
+        return {
+            d: Circuit.from_dict(data) for d, data in (await self._store.circuit_states()).items()
+        }
+
+    async def update(
+        self, destination_id: str, change: Callable[[Circuit], Circuit]
+    ) -> tuple[Circuit, Circuit]:
+        def apply(data: dict[str, Any] | None) -> dict[str, Any]:
+            before = Circuit.from_dict(data) if data else PRISTINE
+            result: dict[str, Any] = change(before).to_dict()
+            return result
+
+        before, after = await self._store.update_circuit(
+            destination_id, apply, time.time_ns() // 1_000_000
+        )
+        return (Circuit.from_dict(before) if before else PRISTINE), Circuit.from_dict(after)
+
+
+def circuit_state_store(
+    config: Config, store: SqlStore, redis: Redis | None = None
+) -> CircuitStateStore:
+    """Where circuits are shared: Redis (falling back to memory) when configured, else the store.
+    `redis` is a client to use rather than a new one."""
+    if config.redis.url:
+        client = redis if redis is not None else connect_redis(config.redis.url)
+        return FallbackCircuitStore(RedisCircuitStore(client))
+    return StoreCircuitStore(store)
+
+
+def counts_against(outcome: Outcome) -> bool | None:
+    """True: success; False: a failure of the destination; None: says nothing about it."""
+    if outcome.kind is OutcomeKind.SUCCESS:
+        return True
+    if outcome.kind is OutcomeKind.PERMANENT:
+        return None
+    if outcome.status_code == 429 or outcome.error_class == "lease_expired":
+        return None
+    return False
+
+
+class Breakers:
+    def __init__(self, states: CircuitStateStore, config: Config) -> None:
+        self._states = states
+        self._policies = {
+            d.id: CircuitPolicy(
+                failures=d.circuit.failures,
+                reset_s=d.circuit.reset_s,
+                failure_ratio=d.circuit.failure_ratio,
+                window_s=d.circuit.window_s,
+                min_requests=d.circuit.min_requests,
+            )
+            for d in config.destinations
+        }
+        self._known: dict[str, Circuit] = {}
+        self._next_refresh = 0.0
+        self.transitions: Counter[tuple[str, str]] = Counter()  # (destination, new state)
+
+    def _policy(self, destination_id: str) -> CircuitPolicy:
+        return self._policies.get(destination_id) or CircuitPolicy()
+
+    async def refresh(self, *, force: bool = False) -> None:
+        """Take in what other workers did to the circuits (at most every REFRESH_S)."""
+        now = time.monotonic()
+        if force or now >= self._next_refresh:
+            self._next_refresh = now + REFRESH_S
+            self._known = await self._states.get_all()
+
+    def not_closed(self) -> set[str]:
+        """Destinations an ordinary lease must skip: every circuit that is not closed."""
+        return {d for d, c in self._known.items() if c.state is not CircuitState.CLOSED}
+
+    def blocked_until(self, destination_id: str, now_ms: int) -> int | None:
+        circuit = self._known.get(destination_id)
+        if circuit is None:
+            return None
+        return blocked_until(circuit, self._policy(destination_id), now_ms)
+
+    def probe_ready(self, now_ms: int) -> list[str]:
+        """Open circuits whose wait is over: one worker may now send them a probe."""
+        return [
+            d
+            for d, c in self._known.items()
+            if c.state is not CircuitState.CLOSED
+            and blocked_until(c, self._policy(d), now_ms) is None
+        ]
+
+    async def try_probe(self, destination_id: str, now_ms: int) -> bool:
+        """Claim the probe of a circuit; True for exactly one worker."""
+        policy = self._policy(destination_id)
+        before, after = await self._states.update(
+            destination_id, lambda c: admit(c, policy, now_ms)[1]
+        )
+        self._remember(destination_id, before, after)
+        return admit(before, policy, now_ms)[0] is Admission.PROBE
+
+    async def give_back_probe(self, destination_id: str) -> None:
+        """A claimed probe found nothing to send: reopen as it was so another may probe."""
+
+        def reopen(c: Circuit) -> Circuit:
+            if c.state is CircuitState.HALF_OPEN:
+                return replace(c, state=CircuitState.OPEN, probe_started_at=None)
+            return c
+
+        _, after = await self._states.update(destination_id, reopen)
+        self._known[destination_id] = after
+
+    async def record(
+        self, destination_id: str, outcome: Outcome, *, started_at: int, now_ms: int
+    ) -> None:
+        success = counts_against(outcome)
+        if success is None:
+            return
+        policy = self._policy(destination_id)
+        pristine = self._known.get(destination_id, PRISTINE) == PRISTINE
+        if success and pristine and policy.failure_ratio is None:
+            return  # the healthy path writes nothing (a ratio needs every result counted)
+        before, after = await self._states.update(
+            destination_id,
+            lambda c: record(c, policy, success=success, now_ms=now_ms, started_at_ms=started_at),
+        )
+        self._remember(destination_id, before, after)
+
+    def _remember(self, destination_id: str, before: Circuit, after: Circuit) -> None:
+        self._known[destination_id] = after
+        if before.state is not after.state:
+            self.transitions[(destination_id, after.state.value)] += 1
+            CIRCUIT_TRANSITIONS.labels(destination_id, after.state.value).inc()
+            log.warning(
+                f"circuit_{after.state.value}",
+                destination=destination_id,
+                previous=before.state.value,
+                consecutive_failures=after.consecutive_failures,
+            )

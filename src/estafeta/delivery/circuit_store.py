@@ -1,0 +1,268 @@
+"""Where circuits live: one `CircuitStateStore` Protocol, three implementations.
+
+Every worker process must see the same circuit for a destination, or N processes would each
+send their own probe and each count only their own failures. With Redis configured the
+circuits live there (`RedisCircuitStore`); without it, in process memory
+(`MemoryCircuitStore`); the SQL store implements the same Protocol (store/).
+
+`FallbackCircuitStore` wraps Redis with a memory copy, because Redis holds no data that must
+survive (DESIGN.md §1: cache, rate limits, breakers) and its outage must not stop deliveries:
+on a Redis error it carries on from memory — seeded with the last state it read from Redis,
+so an open circuit does not snap shut — and tries Redis again every `retry_s`.
+
+`RedisFailover` (the "log once, retry every few seconds" bookkeeping) and `connect_redis`
+(a client whose calls fail fast) are shared with the outbound throttle (throttle.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+import orjson
+import redis.asyncio
+import structlog
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError, WatchError
+
+from estafeta.delivery.circuit import Circuit
+
+REDIS_ERRORS: tuple[type[Exception], ...] = (RedisError, OSError)  # OSError: TimeoutError too
+_HEALTHY = Circuit()
+
+
+class CircuitStateStore(Protocol):
+    async def get_all(self) -> dict[str, Circuit]:
+        """Every destination's circuit that is not `Circuit()` (absent means healthy)."""
+        ...
+
+    async def update(
+        self, destination_id: str, change: Callable[[Circuit], Circuit]
+    ) -> tuple[Circuit, Circuit]:
+        """Apply `change` atomically across processes; returns (before, after).
+
+        `change` must be pure: an optimistic store may call it more than once.
+        """
+        ...
+
+
+class MemoryCircuitStore:
+    """Circuits of this process only (no Redis configured, or Redis is down)."""
+
+    def __init__(self) -> None:
+        self._circuits: dict[str, Circuit] = {}
+
+    async def get_all(self) -> dict[str, Circuit]:
+        return dict(self._circuits)
+
+    async def update(
+        self, destination_id: str, change: Callable[[Circuit], Circuit]
+    ) -> tuple[Circuit, Circuit]:
+        # No await between the read and the write: atomic within the event loop.
+        before = self._circuits.get(destination_id, _HEALTHY)
+        after = change(before)
+        self.put(destination_id, after)
+        return before, after
+
+    def put(self, destination_id: str, circuit: Circuit) -> None:
+        """Set one circuit (a mirror of what Redis said)."""
+        if circuit == _HEALTHY:
+            self._circuits.pop(destination_id, None)
+        else:
+            self._circuits[destination_id] = circuit
+
+    def replace(self, circuits: Mapping[str, Circuit]) -> None:
+        """Set every circuit at once (a mirror of what Redis said)."""
+        self._circuits = {d: c for d, c in circuits.items() if c != _HEALTHY}
+
+
+class RedisCircuitStore:
+    """All circuits in one hash `{prefix}circuits`, one JSON field per destination.
+
+    Updates are optimistic (WATCH the hash, read, MULTI/EXEC the write, start again on
+    WatchError), so `change` runs in Python and stays the pure policy of circuit.py; every
+    retry means another writer succeeded, so the writers as a whole always progress. A change
+    that changes nothing writes nothing, which keeps the common case (a success on a healthy
+    destination) to one read.
+    """
+
+    def __init__(self, client: redis.asyncio.Redis, prefix: str = "estafeta:") -> None:
+        self._client = client
+        self.key = f"{prefix}circuits"
+
+    async def get_all(self) -> dict[str, Circuit]:
+        raw = await self._client.hgetall(self.key)
+        circuits = {_text(field): _decode(value) for field, value in raw.items()}
+        return {d: c for d, c in circuits.items() if c != _HEALTHY}
+
+    async def update(
+        self, destination_id: str, change: Callable[[Circuit], Circuit]
+    ) -> tuple[Circuit, Circuit]:
+        async with self._client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(self.key)
+                    before = _decode(await pipe.hget(self.key, destination_id))
+                    after = change(before)
+                    if after == before:
+                        return before, after  # leaving the pipeline sends UNWATCH
+                    pipe.multi()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+                    if after == _HEALTHY:
+                        pipe.hdel(self.key, destination_id)
+                    else:
+                        pipe.hset(self.key, destination_id, orjson.dumps(after.to_dict()))
+                    await pipe.execute()
+                    return before, after
+                except WatchError:
+                    continue  # someone else wrote the hash between our read and our write
+
+
+class FallbackCircuitStore:
+    """Redis first; process memory while Redis is unreachable. Never raises a Redis error.
+
+    Every answer from Redis is mirrored into the memory store, so during an outage this
+    process continues from the last shared state it saw. When Redis is back, Redis is the
+    truth again and what was learnt alone in the meantime is dropped: other processes had
+    their own views, and a circuit that should be open re-opens after `failures` more tries.
+    """
+
+    def __init__(
+        self,
+        primary: CircuitStateStore,
+        fallback: MemoryCircuitStore | None = None,
+        *,
+        retry_s: float = 5.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._primary = primary
+        self._fallback = fallback or MemoryCircuitStore()
+        self._failover = RedisFailover("circuit_store", retry_s=retry_s, monotonic=monotonic)
+
+    @property
+    def using_primary(self) -> bool:
+        """False during an outage (for /health and tests)."""
+        return self._failover.available
+
+    async def get_all(self) -> dict[str, Circuit]:
+        token = self._failover.begin()
+        if token is not None:
+            try:
+                circuits = await self._primary.get_all()
+            except REDIS_ERRORS as exc:
+                self._failover.failed(token, exc)
+            else:
+                self._failover.succeeded(token)
+                self._fallback.replace(circuits)
+                return circuits
+        return await self._fallback.get_all()
+
+    async def update(
+        self, destination_id: str, change: Callable[[Circuit], Circuit]
+    ) -> tuple[Circuit, Circuit]:
+        token = self._failover.begin()
+        if token is not None:
+            try:
+                before, after = await self._primary.update(destination_id, change)
+            except REDIS_ERRORS as exc:
+                self._failover.failed(token, exc)
+            else:
+                self._failover.succeeded(token)
+                self._fallback.put(destination_id, after)
+                return before, after
+        return await self._fallback.update(destination_id, change)
+
+
+class RedisFailover:
+    """When to try Redis, and the two log events of an outage, for one component.
+
+    `begin()` before a Redis call returns a token (None: use the fallback now); report the
+    call with `succeeded(token)` or `failed(token, exc)`. The token is the outage generation
+    the call started in, so a slow call that started before an outage cannot end it, and one
+    that fails after recovery cannot start a new one: `redis_unavailable` and
+    `redis_available` are each logged once per outage, however many calls were in flight.
+    While down, one call every `retry_s` (monotonic seconds) tries Redis; the rest don't
+    wait for it.
+    """
+
+    def __init__(
+        self, component: str, *, retry_s: float, monotonic: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.component = component
+        self.retry_s = retry_s
+        self._monotonic = monotonic
+        self.available = True
+        self._generation = 0
+        self._next_try = 0.0
+
+    def begin(self) -> int | None:
+        if self.available:
+            return self._generation
+        now = self._monotonic()
+        if now < self._next_try:
+            return None
+        self._next_try = now + self.retry_s  # this caller probes; concurrent ones do not
+        return self._generation
+
+    def succeeded(self, token: int) -> None:
+        if not self.available and token == self._generation:
+            self.available = True
+            _log().info("redis_available", component=self.component)
+
+    def failed(self, token: int, exc: BaseException) -> None:
+        if token != self._generation:
+            return
+        self._next_try = self._monotonic() + self.retry_s
+        if self.available:
+            self.available = False
+            self._generation += 1
+            _log().warning(
+                "redis_unavailable",
+                component=self.component,
+                error=type(exc).__name__,
+                detail=str(exc)[:200],
+                retry_s=self.retry_s,
+            )
+
+
+def connect_redis(url: str, *, timeout_s: float = 1.0) -> redis.asyncio.Redis:
+    """A client whose calls fail within about `2 * timeout_s` when Redis is gone.
+
+    redis-py's defaults wait forever on a silent network and retry ten times with backoff;
+    for state that has a local fallback, failing fast is worth more. One retry stays, so the
+    first call after a Redis restart replaces its dead pooled connection instead of failing.
+    """
+    return redis.asyncio.Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 1),
+    )
+
+
+def _log() -> structlog.typing.FilteringBoundLogger:
+    # Looked up at each (rare) use rather than once per module: with
+    # cache_logger_on_first_use, a module-level logger would keep the processors of whichever
+    # configuration was current when it first logged.
+    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger("estafeta.redis")
+    return logger
+
+
+def _decode(raw: bytes | str | None) -> Circuit:
+    """A stored circuit; unreadable JSON counts as healthy and is overwritten by the next write.
+
+    Erring towards delivering is safe: if the destination really is down, the breaker opens
+    again after `failures` more failures.
+    """
+    if raw is None:
+        return _HEALTHY
+    try:
+        data = orjson.loads(raw)
+        return Circuit.from_dict(data) if isinstance(data, dict) else _HEALTHY
+    except (ValueError, TypeError):
+        return _HEALTHY
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

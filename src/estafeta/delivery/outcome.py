@@ -1,0 +1,33 @@
+"""What one delivery attempt came to, as a value (never a control-flow exception)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+EXCERPT_LIMIT = 1024  # characters of a response body kept with an attempt
+
+
+class OutcomeKind(StrEnum):
+    SUCCESS = "success"
+    RETRYABLE = "retryable"  # 408/409/425/429, 5xx, 3xx, timeouts, connection errors
+    PERMANENT = "permanent"  # other 4xx, invalid destination: straight to the DLQ
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    kind: OutcomeKind
+    duration_ms: float
+    status_code: int | None = None
+    # A short stable name for the failure: "http_500", "timeout", "connection_error",
+    # "lease_expired", "invalid_destination" ...; None on success.
+    error_class: str | None = None
+    retry_after_s: float | None = None  # from a Retry-After header, when the destination sent one
+    response_excerpt: str = ""  # at most EXCERPT_LIMIT characters
+    # The id the destination gave what we sent, when it gives one (a WhatsApp provider's
+    # message id): later status webhooks name it.
+    external_id: str | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.kind is OutcomeKind.SUCCESS

@@ -1,0 +1,132 @@
+"""Outbound rate limits: at most `rate_limit` sends per destination, across every worker.
+
+A destination that allows "50/second" allows it to estafeta as a whole, not to each worker
+process, so with Redis configured the counters live there and every process draws from one
+budget (limits' Lua scripts make each check-and-count atomic). Without Redis they live in
+process memory.
+
+The strategy is limits' moving window: never more than N sends in any window of the period,
+exactly. (The sliding window counter used for ingress approximates, and let a backlog
+released mid-second through at up to twice the limit within one second: found by
+tests/chaos/test_rate_limit_burst.py.) Its cost grows with the limit, one entry per send in
+the window, which for an outbound limit (tens or hundreds a second) is negligible.
+
+If Redis fails, each process falls back to its own in-memory limiter rather than stopping
+deliveries or ignoring the limit; while it lasts, N worker processes may together send up
+to N times the limit. `redis_unavailable` is logged once and Redis is tried again every
+`retry_s` seconds (see `RedisFailover` in circuit_store.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from limits import RateLimitItem, parse
+from limits.aio.storage import MemoryStorage, RedisStorage
+from limits.aio.strategies import MovingWindowRateLimiter
+from redis.asyncio import ConnectionPool
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from estafeta.delivery.circuit_store import REDIS_ERRORS, RedisFailover
+
+MIN_WAIT_S = 0.01  # the shortest wait answered: a caller told "0.0001 s" would just spin
+
+
+class DestinationThrottle:
+    def __init__(
+        self,
+        limits_by_destination: Mapping[str, str],
+        *,
+        redis_url: str | None = None,
+        key_prefix: str = "estafeta:",
+        retry_s: float = 5.0,
+        timeout_s: float = 1.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`limits_by_destination` maps a destination id to a limit such as "5/second".
+
+        Raises ValueError for a limit `limits.parse` cannot read. No connection is made here.
+        """
+        self._items: dict[str, RateLimitItem] = {
+            destination: parse(limit) for destination, limit in limits_by_destination.items()
+        }
+        self._memory = MovingWindowRateLimiter(MemoryStorage())
+        self._failover = RedisFailover("throttle", retry_s=retry_s, monotonic=monotonic)
+        self._pool: ConnectionPool | None = None
+        self._redis: MovingWindowRateLimiter | None = None
+        if redis_url is not None:
+            # Our own pool, so that calls fail fast (see connect_redis) and `aclose` can
+            # close it: limits' storage has no way to close the client it builds.
+            self._pool = ConnectionPool.from_url(
+                _plain_redis_url(redis_url),
+                socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s,
+                retry=Retry(NoBackoff(), 1),
+            )
+            options: dict[str, Any] = {"connection_pool": self._pool}
+            storage = RedisStorage(
+                _limits_redis_url(redis_url),
+                implementation="redispy",
+                key_prefix=f"{key_prefix}throttle",
+                **options,
+            )
+            self._redis = MovingWindowRateLimiter(storage)
+
+    @property
+    def using_redis(self) -> bool:
+        """True when Redis is configured and was reachable at the last try."""
+        return self._redis is not None and self._failover.available
+
+    async def acquire(self, destination_id: str) -> float | None:
+        """Take one send from the destination's budget.
+
+        None: send now (the send is counted). A number: seconds (> 0) until the budget has
+        room again; nothing was counted, ask again then. Destinations without a limit always
+        get None. Never raises a Redis error.
+        """
+        item = self._items.get(destination_id)
+        if item is None:
+            return None
+        if self._redis is not None:
+            token = self._failover.begin()
+            if token is not None:
+                try:
+                    wait = await _acquire(self._redis, item, destination_id)
+                except REDIS_ERRORS as exc:
+                    self._failover.failed(token, exc)
+                else:
+                    self._failover.succeeded(token)
+                    return wait
+        return await _acquire(self._memory, item, destination_id)
+
+    async def aclose(self) -> None:
+        """Close the Redis connections (a no-op without Redis)."""
+        if self._pool is not None:
+            await self._pool.aclose()
+
+
+async def _acquire(
+    limiter: MovingWindowRateLimiter, item: RateLimitItem, destination_id: str
+) -> float | None:
+    if await limiter.hit(item, destination_id):
+        return None
+    stats = await limiter.get_window_stats(item, destination_id)
+    # limits reports wall-clock time; the wait never exceeds one window, when all is free.
+    return min(float(item.get_expiry()), max(MIN_WAIT_S, stats.reset_time - time.time()))
+
+
+def _plain_redis_url(url: str) -> str:
+    """`redis://…` for redis-py from either form of the URL."""
+    url = url.removeprefix("async+")
+    return "unix" + url.removeprefix("redis+unix") if url.startswith("redis+unix") else url
+
+
+def _limits_redis_url(url: str) -> str:
+    """`async+redis://…` (or `async+rediss`, `async+redis+unix`) for limits' async storage."""
+    plain = _plain_redis_url(url)
+    if plain.startswith("unix:"):
+        return "async+redis+unix" + plain.removeprefix("unix")
+    return f"async+{plain}"

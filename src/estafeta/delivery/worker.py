@@ -1,0 +1,376 @@
+"""The delivery worker: lease due deliveries, send them, record what happened.
+
+One worker runs one loop and at most `worker.concurrency` sends at a time:
+
+    lease a batch ─► one task per delivery: connector.deliver ─► decide ─► complete (batched)
+       ▲                                                                        │
+       └──────────── woken by new deliveries, a freed slot, or the poll timer ◄─┘
+
+Leases carry a deadline longer than any send may take; a worker that dies loses its leases
+and any other worker rescues them once the deadline passes (counted as a failed attempt, so
+a delivery that kills its worker cannot loop forever). On stop, the worker leases nothing
+more, lets in-flight sends finish for `shutdown_grace_s`, and gives the rest back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+import time
+from collections.abc import Callable, Sequence
+
+import structlog
+
+from estafeta.clock import Clock, SystemClock
+from estafeta.config import Config
+from estafeta.config.models import DEFAULT_TIMEOUTS_S
+from estafeta.connectors.registry import Connectors
+from estafeta.delivery.backoff import BackoffPolicy
+from estafeta.delivery.breakers import Breakers, circuit_state_store
+from estafeta.delivery.decision import decide
+from estafeta.delivery.model import LeasedDelivery
+from estafeta.delivery.outcome import Outcome, OutcomeKind
+from estafeta.delivery.state import DeliveryState
+from estafeta.delivery.throttle import DestinationThrottle
+from estafeta.errors import StoreUnavailable
+from estafeta.ids import new_id
+from estafeta.messaging.facts import send_destination
+from estafeta.messaging.outbound import can_send
+from estafeta.observability.metrics import ATTEMPT_SECONDS, ATTEMPTS, DEAD_LETTERED
+from estafeta.store.group_commit import GroupCommitter
+from estafeta.store.records import CompletedAttempt
+from estafeta.store.sqlstore import SqlStore
+
+log = structlog.get_logger("estafeta.worker")
+
+CEILING_MARGIN_S = 1.0  # the per-attempt ceiling over a destination's own timeout
+RETRY_AFTER_FLOOR_S = 1.0  # the least wait after a timeout or a 429
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{random.randrange(16**4):04x}"  # noqa: S311
+
+
+class Worker:
+    def __init__(
+        self,
+        store: SqlStore,
+        config: Config,
+        *,
+        clock: Clock | None = None,
+        worker_id: str | None = None,
+        wake: asyncio.Event | None = None,
+        rand: Callable[[], float] = random.random,
+        breakers: Breakers | None = None,
+        throttle: DestinationThrottle | None = None,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.clock: Clock = clock or SystemClock()
+        self.worker_id = worker_id or default_worker_id()
+        self.settings = config.worker
+        self._wake = wake or asyncio.Event()
+        self._rand = rand
+        self._connectors = Connectors(config)
+        self.breakers = breakers or Breakers(circuit_state_store(config, store), config)
+        senders = [s for s in config.sources if can_send(s)]
+        rate_limits = {d.id: d.rate_limit for d in config.destinations if d.rate_limit}
+        rate_limits.update(
+            {send_destination(s.id): s.send_rate_limit for s in senders if s.send_rate_limit}
+        )
+        self.throttle = throttle or DestinationThrottle(rate_limits, redis_url=config.redis.url)
+        self._throttled_until: dict[str, int] = {}  # destination → Unix ms its budget refills
+        self._store_down = False  # logged once per outage
+        self._policies = {
+            d.id: BackoffPolicy(
+                base_s=d.backoff.base_s,
+                factor=d.backoff.factor,
+                max_s=d.backoff.max_s,
+                jitter=d.backoff.jitter,
+            )
+            for d in config.destinations
+        }
+        ceiling = self.settings.max_attempt_s
+        self._ceilings = {
+            d.id: d.effective_timeout_s(ceiling) + CEILING_MARGIN_S for d in config.destinations
+        }
+        send_timeout_s = min(DEFAULT_TIMEOUTS_S["whatsapp_send"], ceiling)
+        self._ceilings.update(
+            {send_destination(s.id): send_timeout_s + CEILING_MARGIN_S for s in senders}
+        )
+        # The lease must outlive the slowest possible send, or a live send would be rescued.
+        longest = max(self._ceilings.values(), default=0.0)
+        self.lease_ms = int(max(self.settings.lease_s, longest + CEILING_MARGIN_S) * 1000)
+        self._in_flight: dict[asyncio.Task[None], LeasedDelivery] = {}
+        self._slot_freed = asyncio.Event()
+        self._completions: GroupCommitter[CompletedAttempt, int] = GroupCommitter(
+            self._flush_completions,
+            max_batch=500,
+            max_concurrent_flushes=1 if store.dialect == "sqlite" else 2,
+        )
+        # Attempts sent whose record is being committed: they no longer hold a slot.
+        self._recording: set[asyncio.Task[None]] = set()
+        self._next_rescue = 0.0
+        self.sent = 0  # attempts made by this worker, for reports and tests
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Deliver until `stop` is set, then shut down gracefully."""
+        await self._connectors.start()
+        log.info("worker_started", worker=self.worker_id, concurrency=self.settings.concurrency)
+        try:
+            while not stop.is_set():
+                leased = await self._step()
+                if not leased:
+                    await self._idle(stop)
+        finally:
+            await self._shutdown()
+
+    async def _step(self) -> int:
+        """Rescue if due, probe open circuits, then lease as many as there are free slots;
+        returns how many deliveries were taken (sent or snoozed)."""
+        try:
+            await self._rescue_if_due()
+            free = self.settings.concurrency - len(self._in_flight)
+            if free <= 0:
+                return 0
+            self._wake.clear()
+            now = self.clock.now_ms()
+            await self.breakers.refresh()
+            taken = 0
+            throttled = self._throttled(now)
+            for destination_id in self.breakers.probe_ready(now):
+                if destination_id in throttled:
+                    continue  # no budget for the probe now: claiming it would only block
+                if taken < free and await self.breakers.try_probe(destination_id, now):
+                    probe = await self._lease(now, 1, only_destination=destination_id)
+                    if not probe or not await self._start(probe, now):
+                        # Nothing to send, or the rate limit held it back: another worker
+                        # (or this one, later) may probe as soon as it can.
+                        await self.breakers.give_back_probe(destination_id)
+                    taken += len(probe)
+            blocked = self.breakers.not_closed() | self._throttled(now)
+            batch = await self._lease(now, min(self.settings.batch_size, free - taken), blocked)
+            await self._start(batch, now)
+            taken += len(batch)
+        except StoreUnavailable as exc:
+            if not self._store_down:  # once per outage, not once per poll
+                self._store_down = True
+                log.warning("store_unavailable", worker=self.worker_id, error=str(exc))
+            return 0
+        if self._store_down:
+            self._store_down = False
+            log.info("store_available", worker=self.worker_id)
+        return taken
+
+    async def _lease(
+        self,
+        now: int,
+        limit: int,
+        blocked: set[str] | None = None,
+        *,
+        only_destination: str | None = None,
+    ) -> list[LeasedDelivery]:
+        if limit <= 0:
+            return []
+        return await self.store.lease(
+            now_ms=now,
+            limit=limit,
+            lease_ms=self.lease_ms,
+            worker_id=self.worker_id,
+            blocked=sorted(blocked or ()),
+            only_destination=only_destination,
+        )
+
+    def _throttled(self, now: int) -> set[str]:
+        return {d for d, until in self._throttled_until.items() if until > now}
+
+    async def _start(self, batch: list[LeasedDelivery], now: int) -> int:
+        """Send each leased delivery its destination's rate limit allows now; snooze the
+        others until their budget refills (no attempt counted). Returns how many were sent."""
+        snoozed: dict[int, list[LeasedDelivery]] = {}
+        loop = asyncio.get_running_loop()  # once per batch: each lookup is a getpid() call
+        for delivery in batch:
+            wait_s = await self.throttle.acquire(delivery.destination_id)
+            if wait_s is not None:
+                due = now + max(1, round(wait_s * 1000))
+                self._throttled_until[delivery.destination_id] = due
+                snoozed.setdefault(due, []).append(delivery)
+                continue
+            task = loop.create_task(self._attempt(delivery))
+            self._in_flight[task] = delivery
+            task.add_done_callback(self._finished)
+        for due, deliveries in snoozed.items():
+            await self.store.release(deliveries, now, due_at=due)
+        return len(batch) - sum(len(deliveries) for deliveries in snoozed.values())
+
+    def _free_slot(self) -> None:
+        """The send is over: its slot may take new work while its record is committed
+        (the lease token guards the record, so nothing waits on it but bookkeeping)."""
+        task = asyncio.current_task()
+        if task is not None and self._in_flight.pop(task, None) is not None:
+            self._recording.add(task)
+            self._slot_freed.set()
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.pop(task, None)
+        self._recording.discard(task)
+        self._slot_freed.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("attempt_crashed", exc_info=task.exception())
+
+    async def _idle(self, stop: asyncio.Event) -> None:
+        """Wait for new work, a free slot (when full), stop, or the poll interval."""
+        self._slot_freed.clear()
+        waiters = [asyncio.ensure_future(stop.wait())]
+        if len(self._in_flight) >= self.settings.concurrency:
+            waiters.append(asyncio.ensure_future(self._slot_freed.wait()))
+        else:
+            waiters.append(asyncio.ensure_future(self._wake.wait()))
+        try:
+            await asyncio.wait(
+                waiters,
+                timeout=self.settings.poll_interval_s,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+    # -- one attempt ------------------------------------------------------------------------
+
+    async def _attempt(self, delivery: LeasedDelivery) -> None:
+        started_at = self.clock.now_ms()
+        outcome = await self._send(delivery)
+        self.sent += 1
+        await self._record_circuit(delivery.destination_id, outcome, started_at)
+        ATTEMPTS.labels(delivery.destination_id, outcome.kind.value).inc()
+        ATTEMPT_SECONDS.labels(delivery.destination_id).observe(outcome.duration_ms / 1000)
+        transition = decide(
+            attempts_before=delivery.attempts,
+            max_attempts=delivery.max_attempts,
+            outcome=outcome,
+            now_ms=self.clock.now_ms(),
+            policy=self._policies.get(delivery.destination_id, BackoffPolicy()),
+            rand=self._rand(),
+            retry_after_floor_s=RETRY_AFTER_FLOOR_S,
+        )
+        if transition.to_state is DeliveryState.DEAD:
+            DEAD_LETTERED.labels(delivery.destination_id).inc()
+        self._free_slot()
+        try:
+            await self._completions.submit(
+                CompletedAttempt(
+                    delivery=delivery,
+                    outcome=outcome,
+                    transition=transition,
+                    started_at=started_at,
+                    attempt_id=new_id("att", started_at),
+                )
+            )
+        except StoreUnavailable:
+            # The lease expires and the delivery is retried: at-least-once, nothing lost.
+            log.warning("attempt_not_recorded", delivery=delivery.id, worker=self.worker_id)
+
+    async def _record_circuit(self, destination_id: str, outcome: Outcome, started_at: int) -> None:
+        try:
+            await self.breakers.record(
+                destination_id, outcome, started_at=started_at, now_ms=self.clock.now_ms()
+            )
+        except StoreUnavailable:
+            log.warning("circuit_not_recorded", destination=destination_id)
+
+    async def _send(self, delivery: LeasedDelivery) -> Outcome:
+        connector = self._connectors.get(delivery.destination_id)
+        if connector is None:
+            return Outcome(
+                OutcomeKind.PERMANENT,
+                0.0,
+                error_class="unknown_destination",
+                response_excerpt=f"no destination {delivery.destination_id!r} is configured",
+            )
+        ceiling = self._ceilings.get(delivery.destination_id, self.settings.max_attempt_s)
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(ceiling):
+                return await connector.deliver(delivery)
+        except TimeoutError:
+            return Outcome(
+                OutcomeKind.RETRYABLE,
+                (time.perf_counter() - started) * 1000,
+                error_class="timeout",
+            )
+
+    async def _flush_completions(self, batch: Sequence[CompletedAttempt]) -> list[int]:
+        await self.store.complete(batch, self.clock.now_ms())
+        return [1] * len(batch)
+
+    # -- leases of workers that died --------------------------------------------------------
+
+    async def _rescue_if_due(self) -> None:
+        now = time.monotonic()
+        if now < self._next_rescue:
+            return
+        self._next_rescue = now + self.settings.rescue_interval_s
+        await self.rescue_expired()
+
+    async def rescue_expired(self) -> int:
+        """Take over deliveries whose worker died mid-send and schedule their retry."""
+        now_ms = self.clock.now_ms()
+        claimed = await self.store.claim_expired(
+            now_ms=now_ms, lease_ms=self.lease_ms, worker_id=self.worker_id
+        )
+        if not claimed:
+            return 0
+        lost = Outcome(
+            OutcomeKind.RETRYABLE,
+            0.0,
+            error_class="lease_expired",
+            response_excerpt="the worker sending it stopped before recording a result",
+        )
+        batch = [
+            CompletedAttempt(
+                delivery=d,
+                outcome=lost,
+                transition=decide(
+                    attempts_before=d.attempts,
+                    max_attempts=d.max_attempts,
+                    outcome=lost,
+                    now_ms=now_ms,
+                    policy=self._policies.get(d.destination_id, BackoffPolicy()),
+                    rand=self._rand(),
+                ),
+                started_at=now_ms,
+                attempt_id=new_id("att", now_ms),
+            )
+            for d in claimed
+        ]
+        await self.store.complete(batch, now_ms)
+        log.warning("leases_rescued", count=len(batch), worker=self.worker_id)
+        return len(batch)
+
+    # -- stopping ---------------------------------------------------------------------------
+
+    async def _shutdown(self) -> None:
+        if self._in_flight:
+            await asyncio.wait(list(self._in_flight), timeout=self.settings.shutdown_grace_s)
+        unfinished = dict(self._in_flight)
+        for task in unfinished:
+            task.cancel()
+        if unfinished:
+            await asyncio.gather(*unfinished, return_exceptions=True)
+        await self._completions.close()
+        if self._recording:
+            await asyncio.gather(*self._recording, return_exceptions=True)
+        if unfinished:
+            try:
+                released = await self.store.release(unfinished.values(), self.clock.now_ms())
+                log.info("leases_released", count=released, worker=self.worker_id)
+            except StoreUnavailable:
+                log.warning("leases_not_released", count=len(unfinished))
+        await self._connectors.close()
+        await self.throttle.aclose()
+        log.info("worker_stopped", worker=self.worker_id, attempts=self.sent)

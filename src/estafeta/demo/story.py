@@ -1,0 +1,354 @@
+"""`estafeta demo`: the whole pipeline on SQLite, in one process, in about ten seconds.
+
+A clinic's hub receives WhatsApp-shaped webhooks through a signed generic source and
+appointment events from its own systems through the API; it delivers them to a healthy CRM
+sink and to a billing sink that is down at first. Billing deliveries retry, run out of
+attempts and land in the dead-letter queue; billing comes back, the operator replays the
+queue, and everything is delivered. The hub, the sinks and the database are real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from estafeta.api.app import create_app
+from estafeta.api.auth import hash_key, new_api_key
+from estafeta.clock import SystemClock
+from estafeta.config import Config, load_config
+from estafeta.hub import Hub
+from estafeta.server import prepared_store, uvicorn_server
+from estafeta.store.sqlstore import SqlStore
+from estafeta.testing.fakes.meta import FakeMeta
+from estafeta.testing.sink import Sink
+
+
+def _new_secret() -> str:
+    return "whsec_" + base64.b64encode(os.urandom(32)).decode()
+
+
+# Fresh for every run: the demo writes them into its own config file only.
+SOURCE_SECRET = _new_secret()
+APP_SECRET = secrets.token_hex(16)
+VERIFY_TOKEN = "demo-verify-" + secrets.token_hex(4)
+ACCESS_TOKEN = "demo-access-" + secrets.token_hex(8)
+PHONE_NUMBER_ID = "114950281736452"
+BUSINESS_NUMBER = "551140028922"
+SINK_SECRET = _new_secret()
+ADMIN_KEY = "demo-" + secrets.token_urlsafe(12)
+CUSTOMERS = [("5511987654321", "Maria Silva"), ("5511912345678", "João Pereira")]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def demo_config_toml(db: Path, port: int, crm_url: str, billing_url: str, meta_url: str) -> str:
+    return f"""\
+# Written by `estafeta demo`; use it with the commands it prints.
+[server]
+listen = "127.0.0.1:{port}"
+
+[storage]
+url = "sqlite:///{db}"
+
+[security]
+admin_key = "{ADMIN_KEY}"
+
+[worker]
+poll_interval_s = 0.05
+
+[[tenants]]
+id = "clinica-sol"
+name = "Clínica Sol"
+ingress_rate_limit = "10000/minute"
+
+[[sources]]
+id = "wa-sol"                       # the clinic's WhatsApp number: webhooks at /in/wa-sol
+tenant = "clinica-sol"
+kind = "whatsapp_cloud"
+app_secret = "{APP_SECRET}"
+verify_token = "{VERIFY_TOKEN}"
+access_token = "{ACCESS_TOKEN}"
+phone_number_id = "{PHONE_NUMBER_ID}"
+api_base = "{meta_url}"             # a fake WhatsApp Cloud API on this machine
+
+[[sources]]
+id = "crm-events"                   # the clinic's own systems, signed (Standard Webhooks)
+tenant = "clinica-sol"
+kind = "generic"
+secret = "{SOURCE_SECRET}"
+
+[[destinations]]
+id = "crm"
+tenant = "clinica-sol"
+url = "{crm_url}/hooks/crm"
+secret = "{SINK_SECRET}"
+timeout_s = 5
+
+[[destinations]]
+id = "billing"
+tenant = "clinica-sol"
+url = "{billing_url}/hooks/billing"
+secret = "{SINK_SECRET}"
+timeout_s = 5
+max_attempts = 3
+backoff = {{ base_s = 0.2, factor = 2, max_s = 2, jitter = 0.2 }}
+circuit = {{ failures = 50, reset_s = 1 }}   # the demo shows the dead-letter queue, not the breaker
+
+[[routes]]
+id = "messages-to-crm"
+tenant = "clinica-sol"
+events = ["message.*"]
+destinations = ["crm"]
+priority = 1
+
+[[routes]]
+id = "appointments"
+tenant = "clinica-sol"
+events = ["appointment.*"]
+destinations = ["crm", "billing"]
+priority = 2
+"""
+
+
+def cloud_webhook(n: int) -> bytes:
+    """A WhatsApp Cloud API webhook carrying one text message, as Meta sends it (contracts
+    §1.4), with a distinct WAMID."""
+    number, name = CUSTOMERS[n % len(CUSTOMERS)]
+    body = {
+        "object": "whatsapp_business_account",
+        "entry": [
+            {
+                "id": "108372914455201",
+                "changes": [
+                    {
+                        "field": "messages",
+                        "value": {
+                            "messaging_product": "whatsapp",
+                            "metadata": {
+                                "display_phone_number": BUSINESS_NUMBER,
+                                "phone_number_id": PHONE_NUMBER_ID,
+                            },
+                            "contacts": [{"profile": {"name": name}, "wa_id": number}],
+                            "messages": [
+                                {
+                                    "from": number,
+                                    "id": f"wamid.DEMO{n:06d}",
+                                    "timestamp": str(int(time.time())),
+                                    "type": "text",
+                                    "text": {"body": "Olá! Gostaria de agendar uma consulta."},
+                                }
+                            ],
+                        },
+                    }
+                ],
+            }
+        ],
+    }
+    return orjson.dumps(body)
+
+
+def meta_signature(body: bytes) -> str:
+    return "sha256=" + hmac.new(APP_SECRET.encode(), body, hashlib.sha256).hexdigest()
+
+
+async def _settled(store: SqlStore, timeout_s: float) -> dict[str, int]:
+    """Wait until no delivery is pending or in flight (a demo may poll; tests use sinks)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = (await store.queue_stats()).by_state
+        busy = stats.get("pending", 0) + stats.get("in_flight", 0)
+        if busy == 0 or time.monotonic() > deadline:
+            return stats
+        await asyncio.sleep(0.1)
+
+
+async def _wait_state(
+    http: aiohttp.ClientSession, url: str, auth: dict[str, str], state: str
+) -> dict[str, Any]:
+    deadline = time.monotonic() + 15
+    while True:
+        async with http.get(url, headers=auth) as r:
+            view: dict[str, Any] = await r.json()
+        if view.get("state") == state or time.monotonic() > deadline:
+            return view
+        await asyncio.sleep(0.05)
+
+
+async def _story(workdir: Path, event_count: int) -> int:
+    crm, billing = Sink(secret=SINK_SECRET), Sink(secret=SINK_SECRET)
+    meta = FakeMeta(
+        access_token=ACCESS_TOKEN, phone_number_id=PHONE_NUMBER_ID, app_secret=APP_SECRET
+    )
+    for server_ in (crm, billing, meta):
+        await server_.start()
+    billing.respond(503)  # billing is down when the story starts
+    port = free_port()
+    config_file = workdir / "estafeta.toml"
+    config_file.write_text(
+        demo_config_toml(workdir / "estafeta.db", port, crm.url, billing.url, meta.url)
+    )
+    config: Config = load_config(config_file)
+    store = await prepared_store(config)
+    api_key = new_api_key()
+    await store.create_api_key(
+        tenant_id="clinica-sol",
+        key_hash=hash_key(api_key),
+        label="demo",
+        now_ms=SystemClock().now_ms(),
+    )
+    server = uvicorn_server(create_app(Hub(config, store), run_workers=True), config.server.listen)
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.02)
+    base = f"http://127.0.0.1:{port}"
+    webhook = f"{base}/in/wa-sol"
+    say = print
+    say(f"estafeta demo — hub on {base}, SQLite at {workdir / 'estafeta.db'}\n")
+    try:
+        async with aiohttp.ClientSession() as http:
+            auth = {"authorization": f"Bearer {api_key}"}
+            challenge = secrets.token_hex(5)
+            query = f"hub.mode=subscribe&hub.verify_token={VERIFY_TOKEN}&hub.challenge={challenge}"
+            async with http.get(f"{webhook}?{query}") as r:
+                echoed = (await r.text()) == challenge
+            outcome = "echoed" if echoed else "NOT echoed"
+            say(f"whatsapp   Meta's subscription handshake: challenge {outcome}")
+
+            accepted = duplicates = 0
+            for n in range(event_count):
+                body = cloud_webhook(n)
+                headers = {
+                    "content-type": "application/json",
+                    "x-hub-signature-256": meta_signature(body),
+                }
+                for _ in range(2 if n == 0 else 1):  # Meta redelivers the first one
+                    async with http.post(webhook, data=body, headers=headers) as r:
+                        answer = await r.json()
+                        accepted += r.status == 202
+                        duplicates += r.status == 200 and answer.get("duplicate", False)
+            say(
+                f"received   {accepted} WhatsApp messages from {len(CUSTOMERS)} customers "
+                f"(signed by Meta); {duplicates} redelivered webhook answered as a duplicate"
+            )
+
+            reply = {
+                "source": "wa-sol",
+                "to": f"+{CUSTOMERS[0][0]}",
+                "text": "Olá Maria! Temos horário amanhã às 9h.",
+            }
+            async with http.post(f"{base}/api/v1/messages", json=reply, headers=auth) as r:
+                message_id = (await r.json())["id"]
+            message_url = f"{base}/api/v1/messages/{message_id}"
+            sent = await _wait_state(http, message_url, auth, "sent")
+            wamid = sent.get("provider_message_id") or ""
+            await meta.send_status(webhook, wamid, "delivered")
+            await meta.send_status(webhook, wamid, "read")
+            read = await _wait_state(http, message_url, auth, "read")
+            steps = " → ".join(step["state"] for step in read["timeline"])
+            say(f"replied    to Maria through the WhatsApp Cloud API (a local fake): {steps}")
+
+            booked = max(1, event_count // 4)
+            for n in range(booked):
+                event = {
+                    "type": "appointment.booked",
+                    "data": {"appointment_id": f"apt-{n}", "when": "2026-12-01T09:00:00-03:00"},
+                    "idempotency_key": f"apt-{n}",
+                }
+                async with http.post(f"{base}/api/v1/events", json=event, headers=auth) as r:
+                    accepted += r.status == 202
+            say(f"received   {booked} appointments from the clinic's systems through the API")
+
+            stats = await _settled(store, 30)
+            failures = sum(1 for r in billing.received if r.webhook_id not in billing.delivered_ids)
+            say(
+                f"delivered  {len(crm.delivered_ids)} events to crm; billing was down: "
+                f"{failures} attempts failed and were retried with backoff"
+            )
+            say(
+                f"dead       {stats.get('dead', 0)} deliveries to billing ran out of attempts "
+                "and wait in the dead-letter queue"
+            )
+
+            billing.respond(200)  # billing is back
+            admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+            async with http.post(
+                f"{base}/api/v1/dlq/replay", json={"destination": "billing"}, headers=admin
+            ) as r:
+                replayed = (await r.json())["count"]
+            stats = await _settled(store, 30)
+            say(f"replayed   {replayed} from the dead-letter queue once billing was back")
+            async with http.get(f"{base}/api/v1/conversations", headers=auth) as r:
+                conversations = (await r.json())["conversations"]
+            say(
+                "conversations  "
+                + "; ".join(
+                    f"{c['contact_name']}: {c['inbound_count']} in, {c['outbound_count']} out"
+                    for c in conversations
+                )
+            )
+            say(
+                f"all done   {stats.get('succeeded', 0)} deliveries succeeded, "
+                f"{stats.get('dead', 0)} dead, {stats.get('pending', 0)} pending; every "
+                f"delivery signed ({len(crm.bad_signatures) + len(billing.bad_signatures)} "
+                "bad signatures)"
+            )
+            ok = (
+                echoed
+                and duplicates == 1
+                and read.get("state") == "read"
+                and stats.get("dead", 0) == 0
+                and stats.get("pending", 0) == 0
+                and len(billing.delivered_ids) == booked
+            )
+            say("\nLook further (the hub is stopped now; these read the demo's database):")
+            say(f"  estafeta dlq list --config {config_file}")
+            say(
+                f"  estafeta serve --config {config_file}     # then, with the admin key "
+                f"'{ADMIN_KEY}':"
+            )
+            say(f"  curl -H 'authorization: Bearer {ADMIN_KEY}' {base}/api/v1/events/<id>")
+            say(
+                f"  curl -H 'authorization: Bearer {ADMIN_KEY}' "
+                f"'{base}/api/v1/conversations?tenant=clinica-sol'"
+            )
+            say(f"  curl -H 'authorization: Bearer {ADMIN_KEY}' {message_url}")
+            say(f"  curl -H 'authorization: Bearer {ADMIN_KEY}' {base}/health/detailed")
+            return 0 if ok else 1
+    finally:
+        server.should_exit = True
+        await serving
+        await store.close()
+        for server_ in (crm, billing, meta):
+            await server_.stop()
+
+
+def run_demo(*, workdir: str | None = None, event_count: int = 20) -> int:
+    """Run the story; returns the process exit code (0 when everything was delivered)."""
+    from estafeta.server import run
+
+    base = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="estafeta-demo-"))
+    base.mkdir(parents=True, exist_ok=True)
+    result: list[int] = []
+
+    async def main() -> None:
+        result.append(await _story(base.resolve(), event_count))
+
+    run(main)
+    return result[0]

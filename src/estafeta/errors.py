@@ -1,0 +1,82 @@
+"""The exceptions of estafeta, under one root.
+
+    EstafetaError
+    ├── ConfigError            the configuration file is invalid (carries every issue found)
+    ├── StoreError             the store could not do what was asked
+    │   ├── StoreUnavailable   the store cannot be reached (connection refused, timeout)
+    │   └── StoreRejected      the data breaks one of the schema's constraints
+    ├── FilterSyntaxError      a route filter expression does not parse
+    └── HttpError              the only error that reaches an HTTP client: status, error, detail
+
+Foreign exceptions (aiohttp, asyncpg, sqlite3 ...) are translated at the boundary where they
+occur; nothing else leaks to a caller. Each subclass's docstring is its default message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class EstafetaError(Exception):
+    """Something went wrong inside estafeta."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigIssue:
+    """One problem in a configuration: where (`routes[2].destinations[0]`) and why."""
+
+    location: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.location}: {self.message}" if self.location else self.message
+
+
+class ConfigError(EstafetaError):
+    """The configuration is invalid; run `estafeta check-config FILE` to see every problem."""
+
+    def __init__(self, issues: list[ConfigIssue]) -> None:
+        self.issues = issues
+        lines = "\n".join(f"  {issue}" for issue in issues)
+        super().__init__(f"invalid configuration ({len(issues)} problem(s)):\n{lines}")
+
+
+class StoreError(EstafetaError):
+    """The store could not complete the operation."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached; check the database URL and that the server is running."""
+
+
+class StoreRejected(StoreError):
+    """The store refused the data: it breaks one of the schema's constraints."""
+
+
+class FilterSyntaxError(EstafetaError):
+    """The filter expression does not parse."""
+
+    def __init__(self, message: str, position: int) -> None:
+        self.position = position
+        self.reason = message
+        super().__init__(f"{message} (at character {position})")
+
+
+class HttpError(EstafetaError):
+    """An error answered to an HTTP client as `{"error": ..., "detail": ...}`."""
+
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        detail: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.status = status
+        self.error = error
+        self.detail = detail
+        self.headers = headers or {}
+        super().__init__(f"{status} {error}: {detail}")

@@ -1,0 +1,261 @@
+"""The hub: the configuration, the store and the pieces built from them, wired once.
+
+`Hub.accept` is the one way an event enters estafeta, whichever door it came through (a
+provider webhook, a generic source, the events API): it is made canonical, routed, and
+committed together with its deliveries before the caller gets an answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from estafeta.clock import Clock, SystemClock, iso_from_ms
+from estafeta.config import Config
+from estafeta.delivery.breakers import circuit_state_store
+from estafeta.delivery.circuit_store import connect_redis
+from estafeta.errors import StoreUnavailable
+from estafeta.ids import new_id
+from estafeta.ingress.generic import GenericSource
+from estafeta.ingress.providers.base import ProviderSource, source_for
+from estafeta.ingress.ratelimit import TenantRateLimiter
+from estafeta.ingress.spool import Spool
+from estafeta.messaging.facts import (
+    ESCALATED_TYPE,
+    SEND_TYPE,
+    digits,
+    facts_of,
+    send_destination,
+)
+from estafeta.messaging.outbound import SEND_PRIORITY
+from estafeta.observability.metrics import EVENTS_ACCEPTED
+from estafeta.routing.router import Router, Target
+from estafeta.store.group_commit import GroupCommitter
+from estafeta.store.records import (
+    InsertResult,
+    NewDelivery,
+    NewEscalation,
+    NewEvent,
+    NewMessage,
+)
+from estafeta.store.sqlstore import SqlStore
+
+
+def count_accepted(source_id: str, outcome: str) -> None:
+    EVENTS_ACCEPTED.labels(source_id, outcome).inc()
+
+
+API_SOURCE = "api"  # the source id of events that come through the API, not a webhook
+
+# After the store failed, ingress spools straight away for this long before it tries the
+# store again: a request must not wait for a connection timeout while the store is down.
+STORE_RETRY_S = 1.0
+
+
+class Hub:
+    def __init__(
+        self,
+        config: Config,
+        store: SqlStore,
+        clock: Clock | None = None,
+        *,
+        spool: Spool | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.spool = spool
+        self._store_down_until = 0.0
+        self.clock: Clock = clock or SystemClock()
+        self.router = Router(config)
+        self.rate_limiter = TenantRateLimiter(config)
+        # Plain dicts: pydantic's attribute access is measurable on the ingest hot path.
+        self.sources = {s.id: s for s in config.sources}
+        # How each source verifies and parses what it receives, by source id.
+        self.source_handlers: dict[str, ProviderSource] = {
+            s.id: GenericSource(s) if s.kind == "generic" else source_for(s) for s in config.sources
+        }
+        # SQLite has one writer: a second concurrent flush would only wait for the lock.
+        flushes = 1 if store.dialect == "sqlite" else 4
+        self._ingest: GroupCommitter[NewEvent, InsertResult] = GroupCommitter(
+            store.insert_events, max_batch=500, max_concurrent_flushes=flushes
+        )
+        # The shared Redis when configured: circuits live there, /health/detailed pings it.
+        self.redis = connect_redis(config.redis.url) if config.redis.url else None
+        # Where circuits are shared, read by /health/detailed and /metrics.
+        self.circuit_states = circuit_state_store(config, store, self.redis)
+        # Set whenever new deliveries are committed, so in-process workers wake at once.
+        self.deliveries_ready = asyncio.Event()
+
+    async def accept(
+        self,
+        *,
+        tenant_id: str,
+        source_id: str,
+        event_type: str,
+        data: dict[str, Any],
+        idempotency_key: str | None,
+        occurred_at: int | None = None,
+        priority: int | None = None,
+        ordering_key: str | None = None,
+        raw: str | None = None,
+        extra_targets: Sequence[Target] = (),
+        message: NewMessage | None = None,
+        escalation: NewEscalation | None = None,
+        event_id: str | None = None,
+    ) -> InsertResult:
+        """Store one event and its deliveries durably; returns its id (or the original's).
+
+        `extra_targets` are deliveries the event needs whatever the routes say (a message
+        send goes to its provider); `message` and `escalation` are stored with the event.
+        """
+        now = self.clock.now_ms()
+        event_id = event_id or new_id("evt", now)
+        occurred = occurred_at if occurred_at is not None else now
+        canonical = {
+            "id": event_id,
+            "type": event_type,
+            "tenant": tenant_id,
+            "source": source_id,
+            "occurred_at": iso_from_ms(occurred),
+            "received_at": iso_from_ms(now),
+            "data": data,
+        }
+        targets = [
+            *extra_targets,
+            *self.router.targets(
+                tenant_id, canonical, priority=priority, ordering_key=ordering_key
+            ),
+        ]
+        facts = facts_of(event_type, data)
+        event = NewEvent(
+            id=event_id,
+            tenant_id=tenant_id,
+            source_id=source_id,
+            type=event_type,
+            idempotency_key=idempotency_key,
+            occurred_at=occurred,
+            received_at=now,
+            payload=orjson.dumps(canonical).decode(),
+            deliveries=tuple(
+                NewDelivery(
+                    id=new_id("dlv", now),
+                    destination_id=t.destination_id,
+                    priority=t.priority,
+                    max_attempts=t.max_attempts,
+                    ordering_key=t.ordering_key,
+                )
+                for t in targets
+            ),
+            raw=raw,
+            conversation_id=facts.conversation_id,
+            message_ref=facts.message_ref,
+            direction=facts.direction,
+            contact_name=facts.contact_name,
+            message=message,
+            escalation=escalation,
+        )
+        if self.spool is not None and time.monotonic() < self._store_down_until:
+            return await self._spool(event)
+        try:
+            result = await self._ingest.submit(event)
+            count_accepted(source_id, "duplicate" if result.duplicate else "stored")
+        except StoreUnavailable:
+            if self.spool is None:
+                raise
+            self._store_down_until = time.monotonic() + STORE_RETRY_S
+            return await self._spool(event)
+        if event.deliveries and not result.duplicate:
+            self.deliveries_ready.set()
+        return result
+
+    async def send_message(
+        self,
+        *,
+        tenant_id: str,
+        source_id: str,
+        to: str,
+        content: dict[str, Any],
+        idempotency_key: str | None,
+        priority: int = SEND_PRIORITY,
+    ) -> tuple[str, InsertResult]:
+        """Queue a WhatsApp message through a provider source: a `message.send` event whose
+        delivery goes to `send:<source>`, one customer's messages strictly in order.
+        Returns the message id (the original one for a repeated idempotency key)."""
+        now = self.clock.now_ms()
+        message_id = new_id("msg", now)
+        source = self.sources[source_id]
+        result = await self.accept(
+            tenant_id=tenant_id,
+            source_id=API_SOURCE,
+            event_type=SEND_TYPE,
+            data={"message_id": message_id, "source": source_id, "to": to, **content},
+            idempotency_key=idempotency_key,
+            extra_targets=[
+                Target(
+                    destination_id=send_destination(source_id),
+                    priority=priority,
+                    max_attempts=source.send_max_attempts,
+                    ordering_key=digits(to),
+                )
+            ],
+            message=NewMessage(
+                id=message_id,
+                source_id=source_id,
+                recipient=to,
+                content=orjson.dumps(content).decode(),
+            ),
+        )
+        if result.duplicate:
+            original = await self.store.message_id_for_event(result.event_id)
+            message_id = original or message_id
+        return message_id, result
+
+    async def escalate(
+        self,
+        *,
+        tenant_id: str,
+        conversation_id: str,
+        contact_name: str | None,
+        reason: str,
+        priority: int,
+        actor: str,
+    ) -> InsertResult:
+        """Hand a conversation to a human: `conversation.escalated`, routed like any event."""
+        now = self.clock.now_ms()
+        return await self.accept(
+            tenant_id=tenant_id,
+            source_id=API_SOURCE,
+            event_type=ESCALATED_TYPE,
+            data={
+                "conversation_id": conversation_id,
+                "contact_name": contact_name,
+                "reason": reason,
+                "priority": priority,
+                "escalated_by": actor,
+            },
+            idempotency_key=None,
+            escalation=NewEscalation(
+                id=new_id("esc", now), reason=reason, priority=priority, actor=actor
+            ),
+        )
+
+    async def _spool(self, event: NewEvent) -> InsertResult:
+        """Journal the event locally; it reaches the store when the drainer imports it."""
+        assert self.spool is not None  # noqa: S101 - callers check
+        original = self.spool.spooled_id(event.tenant_id, event.source_id, event.idempotency_key)
+        if original is not None:
+            return InsertResult(original, duplicate=True, spooled=True)
+        await self.spool.append(event)
+        count_accepted(event.source_id, "spooled")
+        return InsertResult(event.id, duplicate=False, spooled=True)
+
+    async def close(self) -> None:
+        await self._ingest.close()
+        if self.spool is not None:
+            await self.spool.close()
+        if self.redis is not None:
+            await self.redis.aclose()

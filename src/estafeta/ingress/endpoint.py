@@ -1,0 +1,212 @@
+"""`/in/{source}`: the ingest hot path, as a plain ASGI application.
+
+It sits in front of the API (see `api/app.py`), so a webhook crosses no framework middleware:
+FastAPI's stack and Starlette's Request/Response cost more per request than everything else
+on this path together (measured; see bench/). Order matters: the cheap refusals first
+(unknown source, size, content type), then who is calling, then the tenant's rate limit,
+then parsing; nothing is stored until all passed, and the answer is sent only after commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
+
+import orjson
+import structlog
+
+from estafeta.errors import HttpError, StoreUnavailable
+from estafeta.ingress.providers.base import InboundRequest
+
+if TYPE_CHECKING:
+    from estafeta.hub import Hub
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+log = structlog.get_logger("estafeta.ingress")
+
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+# Marks an answer whose events wait in the local spool because the store is unreachable.
+SPOOLED = {"X-Estafeta-Spooled": "1"}
+
+
+def media_type(headers: Mapping[str, str]) -> str:
+    return headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def require_json_type(content_type: str) -> None:
+    if content_type != "application/json" and not content_type.endswith("+json"):
+        raise HttpError(
+            415,
+            "unsupported_media_type",
+            f"expected Content-Type application/json, got {content_type or 'none'!r}",
+        )
+
+
+def check_declared_length(headers: dict[str, str], limit: int) -> None:
+    declared = headers.get("content-length")
+    if declared is None:
+        return
+    try:
+        size = int(declared)
+    except ValueError:
+        raise HttpError(400, "invalid_request", "Content-Length is not a number") from None
+    if size > limit:
+        raise HttpError(413, "body_too_large", f"the body is over the {limit}-byte limit")
+
+
+async def read_body(receive: Receive, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes."""
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise HttpError(400, "invalid_request", "the client disconnected")
+        chunk: bytes = message.get("body", b"")
+        total += len(chunk)
+        if total > limit:
+            raise HttpError(413, "body_too_large", f"the body is over the {limit}-byte limit")
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def rate_limit(hub: Hub, tenant_id: str) -> None:
+    wait = await hub.rate_limiter.retry_after(tenant_id)
+    if wait is not None:
+        raise HttpError(
+            429,
+            "rate_limited",
+            f"tenant {tenant_id!r} is over its ingress rate limit; retry in {wait:.0f} s",
+            {"Retry-After": f"{wait:.0f}"},
+        )
+
+
+async def respond(
+    send: Send, status: int, content: Any, headers: dict[str, str] | None = None
+) -> None:
+    """Answer with `content` as JSON, or as text when it is a str (the handshake's echo)."""
+    extra = {k.lower(): v for k, v in (headers or {}).items()}
+    if isinstance(content, str):
+        body = content.encode()
+        extra.setdefault("content-type", "text/plain; charset=utf-8")
+    else:
+        body = orjson.dumps(content)
+    raw_headers = [(k.encode(), v.encode()) for k, v in extra.items()]
+    if "content-type" not in extra:
+        raw_headers.extend(_JSON_HEADERS)
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class IngestApp:
+    """The ASGI application behind `/in/{source}`."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.max_body_bytes = hub.config.server.max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            status, content, headers = await self._handle(scope, receive)
+        except HttpError as exc:
+            await respond(send, exc.status, {"error": exc.error, "detail": exc.detail}, exc.headers)
+            return
+        except StoreUnavailable as exc:
+            log.warning("store_unavailable", error=str(exc))
+            await respond(
+                send,
+                503,
+                {
+                    "error": "store_unavailable",
+                    "detail": "the store cannot be reached; retry later",
+                },
+                {"Retry-After": "5"},
+            )
+            return
+        except Exception as exc:  # a bug: logged in full, answered opaquely
+            log.error("unhandled_error", error_class=type(exc).__name__, exc_info=exc)
+            await respond(
+                send, 500, {"error": "internal_error", "detail": "an internal error occurred"}
+            )
+            return
+        await respond(send, status, content, headers)
+
+    async def _handle(
+        self, scope: Scope, receive: Receive
+    ) -> tuple[int, Any, dict[str, str] | None]:
+        hub = self.hub
+        source_id = scope["path"][len("/in/") :]
+        source = hub.sources.get(source_id)
+        handler = hub.source_handlers.get(source_id)
+        if source is None or handler is None:
+            raise HttpError(404, "unknown_source", f"no source named {source_id!r}")
+        method = scope["method"]
+        if method not in ("GET", "POST"):
+            raise HttpError(405, "method_not_allowed", "send webhooks with POST", {"Allow": "POST"})
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        body = b""
+        if method == "POST":
+            limit = self.max_body_bytes
+            check_declared_length(headers, limit)
+            body = await read_body(receive, limit)
+        request = inbound_request(scope, headers, body)
+        if method == "GET":
+            return 200, handler.handshake(request), None
+        handler.verify(request)
+        await rate_limit(hub, source.tenant)
+        accepting = [
+            hub.accept(
+                tenant_id=source.tenant,
+                source_id=source.id,
+                event_type=p.type,
+                data=p.data,
+                idempotency_key=p.idempotency_key,
+                occurred_at=p.occurred_at,
+                raw=p.raw,
+            )
+            for p in handler.parse(request)
+        ]
+        # A webhook's events go to the group committer together, so they share one commit
+        # instead of waiting for one commit each (ids are made in order all the same: each
+        # accept() takes its id before its first await).
+        if len(accepting) == 1:
+            results = [await accepting[0]]
+        else:
+            results = list(await asyncio.gather(*accepting))
+        duplicate = bool(results) and all(r.duplicate for r in results)
+        status = 202 if results and not duplicate else 200
+        marks = SPOOLED if any(r.spooled for r in results) else None
+        if len(results) == 1:
+            return status, {"id": results[0].event_id, "duplicate": duplicate}, marks
+        listed = [{"id": r.event_id, "duplicate": r.duplicate} for r in results]
+        return status, {"events": listed}, marks
+
+
+def inbound_request(scope: Scope, headers: dict[str, str], body: bytes) -> InboundRequest:
+    """The request as sources see it; the URL is rebuilt as the client sent it (Twilio
+    signs the full URL), the query parsed only when there is one."""
+    raw_query = scope.get("query_string", b"").decode("latin-1")
+    path = scope.get("raw_path", scope["path"].encode()).decode("latin-1")
+    path_qs = f"{path}?{raw_query}" if raw_query else path
+    host = headers.get("host", "localhost")
+    query: dict[str, str] = {}
+    if raw_query:
+        for name, value in parse_qsl(raw_query, keep_blank_values=True):
+            query.setdefault(name, value)
+    content_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    return InboundRequest(
+        method=scope["method"],
+        url=f"{scope.get('scheme', 'http')}://{host}{path_qs}",
+        path_qs=path_qs,
+        query=query,
+        headers=headers,
+        body=body,
+        content_type=content_type,
+    )

@@ -1,0 +1,278 @@
+"""What every messaging provider's inbound half shares (DESIGN §3.2, §3.3; contracts §1–§3, §9).
+
+A provider source answers three questions about a request to `/in/{source}`:
+
+* `handshake(request)`: what to answer a GET with (WhatsApp Cloud's subscription check,
+  contracts §1.1); the other providers send none and get 405.
+* `verify(request)`: who is calling; raises `HttpError(401, …)` unless the request carries
+  the provider's signature or the source's token.
+* `parse(request)`: the request's payload as `ParsedEvent`s, normalized to the canonical
+  `data` of DESIGN §3.4; raises only `HttpError` 400 or 415, never anything else, whatever
+  the body holds. A valid webhook that says nothing we use gives `[]`.
+
+The helpers below read untrusted JSON defensively: a value of the wrong type reads as
+absent, so a malformed field never becomes an exception.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import parse_qsl, urlsplit
+
+import orjson
+
+from estafeta.errors import HttpError
+from estafeta.ingress.generic import ParsedEvent
+
+if TYPE_CHECKING:
+    from estafeta.config import SourceConfig
+
+__all__ = [
+    "InboundRequest",
+    "ParsedEvent",
+    "ProviderSource",
+    "source_for",
+]
+
+#: The events' idempotency keys live in a 255-character column (store schema).
+MAX_KEY_LENGTH = 255
+# Unix seconds below this are plausible timestamps (year 5138); anything larger is garbage.
+_MAX_SECONDS = 10**11
+
+
+@dataclass(frozen=True, slots=True)
+class InboundRequest:
+    """One HTTP request to `/in/{source}`, as the provider sources need to see it."""
+
+    method: str  # "GET" | "POST"
+    url: str  # the full URL as received, scheme://host/path?query (Twilio signs it)
+    path_qs: str  # path + "?" + raw query, for rebuilding with `public_url`
+    query: Mapping[str, str]  # first value of each query parameter
+    headers: Mapping[str, str]  # lower-case header names
+    body: bytes
+    content_type: str  # media type only, lower-case ("application/json")
+
+    @classmethod
+    def build(
+        cls,
+        method: str,
+        url: str,
+        headers: Mapping[str, str] | None = None,
+        body: bytes = b"",
+    ) -> InboundRequest:
+        """Derive `path_qs`, `query` and `content_type` from a URL and headers (any case)."""
+        parts = urlsplit(url)
+        path_qs = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        query: dict[str, str] = {}
+        for name, value in parse_qsl(parts.query, keep_blank_values=True):
+            query.setdefault(name, value)
+        lowered = {name.lower(): value for name, value in (headers or {}).items()}
+        content_type = lowered.get("content-type", "").split(";", 1)[0].strip().lower()
+        return cls(method.upper(), url, path_qs, query, lowered, body, content_type)
+
+
+class ProviderSource(Protocol):
+    """The inbound half of one provider kind; one instance per configured source."""
+
+    kind: str
+
+    def handshake(self, request: InboundRequest) -> str:
+        """The text to answer a GET with (200); raises HttpError (403, 405 …) otherwise."""
+        ...
+
+    def verify(self, request: InboundRequest) -> None:
+        """Raise HttpError(401, …) unless the request provably comes from the provider."""
+        ...
+
+    def parse(self, request: InboundRequest) -> list[ParsedEvent]:
+        """The request's events; raises only HttpError 400/415, with a clear detail."""
+        ...
+
+
+def source_for(config: SourceConfig) -> ProviderSource:
+    """The provider source for a `[[sources]]` entry of kind whatsapp_cloud, twilio, zapi or
+    sendpulse. Generic sources have their own class (`estafeta.ingress.generic`)."""
+    # Imported here: the provider modules import this one.
+    from estafeta.ingress.providers.sendpulse import SendPulseSource
+    from estafeta.ingress.providers.twilio import TwilioSource
+    from estafeta.ingress.providers.whatsapp_cloud import WhatsAppCloudSource
+    from estafeta.ingress.providers.zapi import ZApiSource
+
+    kinds: dict[str, type[WhatsAppCloudSource | TwilioSource | ZApiSource | SendPulseSource]]
+    kinds = {
+        "whatsapp_cloud": WhatsAppCloudSource,
+        "twilio": TwilioSource,
+        "zapi": ZApiSource,
+        "sendpulse": SendPulseSource,
+    }
+    factory = kinds.get(config.kind)
+    if factory is None:
+        raise ValueError(f"source {config.id!r} is of kind {config.kind!r}, not a provider kind")
+    return factory(config)
+
+
+def require(value: str | None, kind: str, key: str) -> str:
+    """A key the source cannot work without (the configuration checks it; this is a guard)."""
+    if not value:
+        raise ValueError(f"a {kind} source needs `{key}`")
+    return value
+
+
+def no_handshake(kind: str) -> HttpError:
+    """What providers without a GET handshake answer a GET with."""
+    return HttpError(
+        405, "method_not_allowed", f"a {kind} source accepts POST only", {"Allow": "POST"}
+    )
+
+
+def equal(given: str, expected: str) -> bool:
+    """Constant-time comparison of two strings of any characters."""
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def verify_query_token(request: InboundRequest, token: str) -> None:
+    """The `?token=` of the webhook URL must equal the source's token (DESIGN §3.2: Z-API
+    §3.1 and SendPulse §9.2 document no signature, so the URL carries a secret)."""
+    given = request.query.get("token")
+    if not given:
+        raise HttpError(401, "missing_token", "the webhook URL needs ?token=<the source's token>")
+    if not equal(given, token):
+        raise HttpError(401, "invalid_token", "the token does not match this source")
+
+
+def is_json_type(content_type: str) -> bool:
+    return content_type == "application/json" or content_type.endswith("+json")
+
+
+def load_json(request: InboundRequest, *, check_type: bool = True) -> object:
+    """The body as JSON: 415 when the Content-Type is not JSON, 400 when the body is not."""
+    if check_type and not is_json_type(request.content_type):
+        raise HttpError(
+            415,
+            "unsupported_media_type",
+            f"expected Content-Type application/json, got {request.content_type or 'none'!r}",
+        )
+    try:
+        return orjson.loads(request.body)
+    except orjson.JSONDecodeError as exc:
+        raise HttpError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+
+
+def dumps(value: object) -> str:
+    """The provider's own JSON for one item, kept in `ParsedEvent.raw`."""
+    return orjson.dumps(value).decode()
+
+
+# Reading untrusted JSON: a value of the wrong type reads as absent.
+
+
+def obj(value: object) -> dict[str, Any]:
+    """`value` if it is a JSON object, else an empty one."""
+    return value if isinstance(value, dict) else {}
+
+
+def objects(value: object) -> list[dict[str, Any]]:
+    """The JSON objects of a list; anything else (and a non-list) is skipped."""
+    if not isinstance(value, list):
+        return []
+    return [item for item in value if isinstance(item, dict)]
+
+
+def text(value: object) -> str | None:
+    """A string, or an integer written as one (ids and timestamps come both ways)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def nonempty(value: object) -> str | None:
+    """`text(value)` unless it is empty."""
+    return text(value) or None
+
+
+def number(value: object) -> float | None:
+    """A coordinate: a JSON number or a numeric string."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            parsed = float(value)
+        except ValueError:
+            return None
+        return parsed if parsed == parsed and abs(parsed) != float("inf") else None
+    return None
+
+
+def flag(value: object) -> bool | None:
+    """A boolean, or the strings "true"/"false" (form fields)."""
+    if isinstance(value, bool):
+        return value
+    if value in ("true", "True"):
+        return True
+    if value in ("false", "False"):
+        return False
+    return None
+
+
+def phone_digits(value: object) -> str | None:
+    """The digits of a phone number (`whatsapp:+55 11 98765-4321` → `5511987654321`), or
+    None when it is not one (a group id, a `@lid` identifier, garbage)."""
+    raw = text(value)
+    if raw is None:
+        return None
+    raw = raw.removeprefix("whatsapp:").strip().removeprefix("+")
+    for separator in " -().":
+        raw = raw.replace(separator, "")
+    if not 1 <= len(raw) <= 20 or not raw.isascii() or not raw.isdigit():
+        return None
+    return raw
+
+
+def e164(value: object) -> str | None:
+    """`+<digits>` of a phone number, or None."""
+    digits = phone_digits(value)
+    return None if digits is None else f"+{digits}"
+
+
+def whole(value: object) -> int | None:
+    """A non-negative integer, given as a JSON integer or a string of digits."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, str) and 0 < len(value) <= 20 and value.isascii() and value.isdigit():
+        return int(value)
+    return None
+
+
+def seconds_to_ms(value: object) -> int | None:
+    """Unix seconds (WhatsApp Cloud's `timestamp`, a string) as Unix milliseconds."""
+    seconds = whole(value)
+    return seconds * 1000 if seconds is not None and seconds < _MAX_SECONDS else None
+
+
+def milliseconds(value: object) -> int | None:
+    """Unix milliseconds (Z-API's `momment`, SendPulse's `date`)."""
+    ms = whole(value)
+    return ms if ms is not None and ms < _MAX_SECONDS * 1000 else None
+
+
+def bounded_key(key: str) -> str:
+    """An idempotency key that fits its column: longer keys become their SHA-256."""
+    if len(key) <= MAX_KEY_LENGTH:
+        return key
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def digest_key(*parts: object) -> str:
+    """A stable key from parts when the provider gives no id: the same item retried gives
+    the same key, so dedup still works."""
+    return "sha256:" + hashlib.sha256(orjson.dumps(list(parts))).hexdigest()

@@ -1,0 +1,275 @@
+"""Z-API (z-api.io): token check and normalization.
+
+* DESIGN §3.2, contracts §3.1: Z-API documents no webhook signature, so the webhook URL
+  set in Z-API carries `?token=<the source's token>`, compared in constant time.
+* contracts §3.3: `ReceivedCallback` → `message.received`, keyed by `messageId`, timed by
+  `momment` (ms). One content block per message (text, image, audio …); any other is kept
+  as kind `unsupported`.
+* contracts §3.4: `MessageStatusCallback` → one `message.status` per id of `ids[]`, keyed by
+  `{id}:{status}`; `DeliveryCallback` (Z-API handed the message to WhatsApp) → `sent`, or
+  `failed` when it carries `error`, keyed as a status (`{messageId}:SENT` / `:FAILED`).
+
+Decisions: `fromMe: true` is the business's own message echoed back (contracts §3.3 says to
+filter it, or it loops): no event. Statuses map SENT → sent, RECEIVED → delivered,
+READ and PLAYED → read; PENDING and READ_BY_ME (the business read the customer's
+message) give no event. A DeliveryCallback's key is the one a later `SENT` status of the
+same message has, so the two collapse into one `sent` event. Other callback types
+(connected, disconnected, presence …) give no event. The key is `messageId` alone, not
+`instanceId:messageId` (contracts §3.6 says "possibly"): keys are already scoped per source.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from estafeta.errors import HttpError
+from estafeta.ingress.generic import ParsedEvent
+from estafeta.ingress.providers.base import (
+    InboundRequest,
+    bounded_key,
+    digest_key,
+    dumps,
+    e164,
+    flag,
+    load_json,
+    milliseconds,
+    no_handshake,
+    nonempty,
+    number,
+    obj,
+    phone_digits,
+    require,
+    text,
+    verify_query_token,
+)
+
+if TYPE_CHECKING:
+    from estafeta.config import SourceConfig
+
+PROVIDER = "zapi"
+_STATUSES = {"SENT": "sent", "RECEIVED": "delivered", "READ": "read", "PLAYED": "read"}
+# The media blocks of contracts §3.3 and the key of each one's URL.
+_MEDIA = (
+    ("image", "imageUrl"),
+    ("audio", "audioUrl"),
+    ("video", "videoUrl"),
+    ("document", "documentUrl"),
+    ("sticker", "stickerUrl"),
+)
+# Object-valued keys of a ReceivedCallback that are not its content.
+_ENVELOPE_OBJECTS = frozenset({"externalAdReply"})
+
+
+class ZApiSource:
+    """A `kind = "zapi"` source: `token`, carried in the webhook URL (DESIGN §3.2)."""
+
+    kind: str = PROVIDER
+
+    def __init__(self, config: SourceConfig) -> None:
+        self._token = require(config.token, PROVIDER, "token")
+
+    def handshake(self, request: InboundRequest) -> str:
+        raise no_handshake(PROVIDER)
+
+    def verify(self, request: InboundRequest) -> None:
+        verify_query_token(request, self._token)
+
+    def parse(self, request: InboundRequest) -> list[ParsedEvent]:
+        """contracts §3.3/§3.4: one callback per request, dispatched on its `type`."""
+        document = load_json(request)
+        if not isinstance(document, dict) or not isinstance(document.get("type"), str):
+            raise HttpError(
+                400, "invalid_body", 'expected a Z-API webhook: a JSON object with "type"'
+            )
+        raw = dumps(document)
+        callback = document["type"]
+        if callback == "ReceivedCallback":
+            return _received(document, raw)
+        if callback == "MessageStatusCallback":
+            return _statuses(document, raw)
+        if callback == "DeliveryCallback":
+            return _delivery(document, raw)
+        return []
+
+
+def _received(callback: Mapping[str, Any], raw: str) -> list[ParsedEvent]:
+    if callback.get("fromMe") is True:
+        return []  # the business's own message, echoed: never customer input
+    message_id = nonempty(callback.get("messageId"))
+    chat = callback.get("phone")  # the customer, or the group id (`…-group`) in a group
+    is_group = callback.get("isGroup") is True
+    sender_name = nonempty(callback.get("senderName"))
+    # In a group, chatName is the group's name: only senderName names the customer.
+    contact_name = sender_name if is_group else sender_name or nonempty(callback.get("chatName"))
+    data: dict[str, Any] = {
+        "channel": "whatsapp",
+        "provider": PROVIDER,
+        "message_id": message_id,
+        "conversation_id": phone_digits(chat) or nonempty(chat),
+        "from": e164(callback.get("participantPhone") if is_group else chat),
+        "to": e164(callback.get("connectedPhone")),
+        "instance_id": nonempty(callback.get("instanceId")),
+        "contact_name": contact_name,
+        **_content(callback),
+    }
+    if is_group:
+        data["group"] = {"id": nonempty(chat), "name": nonempty(callback.get("chatName"))}
+    replied_to = nonempty(callback.get("referenceMessageId"))
+    if replied_to is not None:
+        data["context"] = {"message_id": replied_to, "from": None}
+    if flag(callback.get("forwarded")) is True:
+        data["forwarded"] = True
+    if flag(callback.get("isEdit")) is True:
+        data["edited"] = True
+    key = bounded_key(message_id) if message_id else digest_key(PROVIDER, raw)
+    return [
+        ParsedEvent(
+            type="message.received",
+            data=data,
+            idempotency_key=key,
+            occurred_at=milliseconds(callback.get("momment")),
+            raw=raw,
+        )
+    ]
+
+
+def _content(callback: Mapping[str, Any]) -> dict[str, Any]:
+    """`kind`, `text` and the kind's block, shaped as for WhatsApp Cloud (DESIGN §3.4)."""
+    if isinstance(callback.get("text"), dict):
+        return {"kind": "text", "text": text(callback["text"].get("message"))}
+    for kind, url_key in _MEDIA:
+        block = callback.get(kind)
+        if isinstance(block, dict):
+            caption = text(block.get("caption"))
+            media = {
+                "id": None,
+                "mime_type": text(block.get("mimeType")),
+                "sha256": None,
+                "caption": caption,
+                "filename": text(block.get("fileName")) or text(block.get("title")),
+                "url": text(block.get(url_key)),
+                "voice": flag(block.get("ptt")) is True if kind == "audio" else None,
+            }
+            return {"kind": kind, "text": caption, "media": media}
+    if isinstance(callback.get("location"), dict):
+        block = callback["location"]
+        location = {
+            "latitude": number(block.get("latitude")),
+            "longitude": number(block.get("longitude")),
+            "name": text(block.get("name")),
+            "address": text(block.get("address")),
+            "url": text(block.get("url")),
+        }
+        return {"kind": "location", "text": None, "location": location}
+    if isinstance(callback.get("contact"), dict):
+        block = callback["contact"]
+        phones = block.get("phones")
+        card = {
+            "name": {"formatted_name": text(block.get("displayName"))},
+            "phones": [
+                {"phone": phone}
+                for phone in (phones if isinstance(phones, list) else [])
+                if isinstance(phone, str)
+            ],
+            "vcard": text(block.get("vCard")),
+        }
+        return {"kind": "contacts", "text": None, "contacts": [card]}
+    if isinstance(callback.get("reaction"), dict):
+        block = callback["reaction"]
+        reaction = {
+            "message_id": nonempty(obj(block.get("referencedMessage")).get("messageId")),
+            "emoji": nonempty(block.get("value")),
+        }
+        return {"kind": "reaction", "text": None, "reaction": reaction}
+    if isinstance(callback.get("buttonsResponseMessage"), dict):
+        block = callback["buttonsResponseMessage"]
+        interactive = {
+            "type": "button_reply",
+            "id": text(block.get("buttonId")),
+            "title": text(block.get("message")),
+            "description": None,
+        }
+        return {"kind": "interactive", "text": interactive["title"], "interactive": interactive}
+    if isinstance(callback.get("listResponseMessage"), dict):
+        block = callback["listResponseMessage"]
+        interactive = {
+            "type": "list_reply",
+            "id": text(block.get("selectedRowId")),
+            "title": text(block.get("title")),
+            "description": text(block.get("message")),
+        }
+        return {"kind": "interactive", "text": interactive["title"], "interactive": interactive}
+    part_type = next(
+        (
+            name
+            for name, value in callback.items()
+            if isinstance(value, dict) and name not in _ENVELOPE_OBJECTS
+        ),
+        None,
+    )
+    unsupported = {"type": part_type, "part": callback.get(part_type) if part_type else None}
+    return {"kind": "unsupported", "text": None, "unsupported": unsupported}
+
+
+def _status_data(
+    callback: Mapping[str, Any], message_id: str, status: str, provider_status: str
+) -> dict[str, Any]:
+    phone = callback.get("phone")
+    return {
+        "channel": "whatsapp",
+        "provider": PROVIDER,
+        "status": status,
+        "provider_status": provider_status,
+        "message_id": message_id,
+        "recipient": e164(phone),
+        "conversation_id": phone_digits(phone) or nonempty(phone),
+        "instance_id": nonempty(callback.get("instanceId")),
+    }
+
+
+def _statuses(callback: Mapping[str, Any], raw: str) -> list[ParsedEvent]:
+    provider_status = nonempty(callback.get("status"))
+    normalized = _STATUSES.get(provider_status or "")
+    ids = callback.get("ids")
+    if provider_status is None or normalized is None or not isinstance(ids, list):
+        return []
+    occurred_at = milliseconds(callback.get("momment"))
+    events: list[ParsedEvent] = []
+    for message_id in dict.fromkeys(nonempty(item) for item in ids):
+        if message_id is None:
+            continue
+        events.append(
+            ParsedEvent(
+                type="message.status",
+                data=_status_data(callback, message_id, normalized, provider_status),
+                idempotency_key=bounded_key(f"{message_id}:{provider_status}"),
+                occurred_at=occurred_at,
+                raw=raw,
+            )
+        )
+    return events
+
+
+def _delivery(callback: Mapping[str, Any], raw: str) -> list[ParsedEvent]:
+    message_id = nonempty(callback.get("messageId")) or nonempty(callback.get("zaapId"))
+    if message_id is None:
+        return []
+    error = nonempty(callback.get("error"))
+    provider_status = "FAILED" if error else "SENT"
+    data = _status_data(callback, message_id, "failed" if error else "sent", provider_status)
+    data["zaap_id"] = nonempty(callback.get("zaapId"))
+    custom_id = nonempty(callback.get("customId"))
+    if custom_id is not None:
+        data["custom_id"] = custom_id
+    if error:
+        data["error"] = {"code": None, "title": None, "message": error, "details": None}
+    return [
+        ParsedEvent(
+            type="message.status",
+            data=data,
+            idempotency_key=bounded_key(f"{message_id}:{provider_status}"),
+            occurred_at=milliseconds(callback.get("momment")),
+            raw=raw,
+        )
+    ]

@@ -1,0 +1,235 @@
+"""The spool: where accepted events wait, durably, while the store cannot be reached.
+
+Ingress appends each event to a local journal and fsyncs before it answers 2xx; a drainer
+imports the journal into the store once the store is back. No acknowledged event is lost,
+and a crash at any point loses nothing either:
+
+* A journal is a sequence of segments `<writer>-<seq>.journal`; each record is
+  `[length u32][crc32 u32][JSON]`. A torn tail (a crash mid-append) fails its CRC and is
+  ignored: that request was never answered, because the answer waits for the fsync.
+* The writer holds an exclusive `flock` on its open segment; a drainer imports only the
+  segments it can lock, in order, then deletes each. A crash mid-drain leaves the segment
+  to be imported again: the store treats an event id it already has as a duplicate.
+* Concurrent requests share one write and one fsync (group commit), as the store does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import socket
+import struct
+import time
+import zlib
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+import structlog
+
+from estafeta.errors import HttpError, StoreUnavailable
+from estafeta.store.group_commit import GroupCommitter
+from estafeta.store.records import NewDelivery, NewEvent
+from estafeta.store.sqlstore import SqlStore
+
+log = structlog.get_logger("estafeta.spool")
+
+_HEADER = struct.Struct(">II")  # length, crc32
+SEGMENT_BYTES = 16 * 1024 * 1024
+DRAIN_CHUNK = 500
+REMEMBERED_KEYS = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolStats:
+    bytes: int
+    segments: int
+    oldest_at: int | None  # Unix ms of the oldest segment's creation, None when empty
+
+
+def encode(event: NewEvent) -> bytes:
+    payload = orjson.dumps(asdict(event))
+    return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def decode(payload: bytes) -> NewEvent:
+    data: dict[str, Any] = orjson.loads(payload)
+    deliveries = tuple(NewDelivery(**d) for d in data.pop("deliveries"))
+    return NewEvent(**data, deliveries=deliveries)
+
+
+def read_segment(path: Path) -> Iterator[NewEvent]:
+    """The events of a segment, stopping at the first torn or corrupt record."""
+    data = path.read_bytes()
+    offset = 0
+    while offset + _HEADER.size <= len(data):
+        length, crc = _HEADER.unpack_from(data, offset)
+        start = offset + _HEADER.size
+        payload = data[start : start + length]
+        if len(payload) < length or zlib.crc32(payload) != crc:
+            log.warning("spool_torn_record", segment=path.name, offset=offset)
+            return
+        yield decode(payload)
+        offset = start + length
+
+
+class Spool:
+    def __init__(self, directory: str | Path, *, max_bytes: int) -> None:
+        self.directory = Path(directory)
+        self.max_bytes = max_bytes
+        self.directory.mkdir(parents=True, exist_ok=True)
+        # A name no other process shares.
+        self._writer = f"{socket.gethostname()}-{os.getpid()}"
+        self._seq = 0
+        self._file: IO[bytes] | None = None
+        self._lock = asyncio.Lock()  # one writer or rotator at a time in this process
+        self._appends: GroupCommitter[NewEvent, None] = GroupCommitter(
+            self._append_batch, max_batch=1000
+        )
+        # Idempotency keys journaled by this process, so that a provider's redelivery during
+        # the outage gets the original id back instead of a new one that the drain would
+        # drop as a duplicate. Bounded: the oldest are forgotten first.
+        self._keys: OrderedDict[tuple[str, str, str], str] = OrderedDict()
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def spooled_id(self, tenant_id: str, source_id: str, key: str | None) -> str | None:
+        """The id of an event this process spooled with the same idempotency key, if any."""
+        if key is None:
+            return None
+        return self._keys.get((tenant_id, source_id, key))
+
+    async def append(self, event: NewEvent) -> None:
+        """Journal one event durably (fsync'ed) before returning; 503 when the spool is full."""
+        if self.stats().bytes >= self.max_bytes:
+            raise HttpError(
+                503,
+                "spool_full",
+                "the store is unreachable and the local spool is full; retry later",
+                {"Retry-After": "30"},
+            )
+        await self._appends.submit(event)
+        if event.idempotency_key is not None:
+            self._keys[(event.tenant_id, event.source_id, event.idempotency_key)] = event.id
+            if len(self._keys) > REMEMBERED_KEYS:
+                self._keys.popitem(last=False)
+
+    async def _append_batch(self, events: Sequence[NewEvent]) -> list[None]:
+        data = b"".join(encode(e) for e in events)
+        async with self._lock:
+            await asyncio.to_thread(self._write, data)
+        log.warning("events_spooled", count=len(events))
+        return [None] * len(events)
+
+    def _write(self, data: bytes) -> None:
+        if self._file is None or self._file.tell() >= SEGMENT_BYTES:
+            self._close_segment()
+            self._open_segment()
+        assert self._file is not None  # noqa: S101 - just opened
+        self._file.write(data)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def _open_segment(self) -> None:
+        self._seq += 1
+        # Named by creation time first: sorted names are the order to drain in.
+        created = time.time_ns() // 1_000_000
+        path = self.directory / f"{created:013d}-{self._writer}-{self._seq:09d}.journal"
+        handle = open(path, "ab")  # noqa: SIM115 - lives until the segment is rotated
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        self._file = handle
+        _fsync_directory(self.directory)  # the new name itself must survive a crash
+
+    def _close_segment(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def stats(self) -> SpoolStats:
+        sizes: list[tuple[str, int]] = []
+        for path in self.directory.glob("*.journal"):
+            try:
+                sizes.append((path.name, path.stat().st_size))
+            except FileNotFoundError:  # drained meanwhile
+                continue
+        oldest = min((name for name, size in sizes if size), default=None)
+        return SpoolStats(
+            bytes=sum(size for _, size in sizes),
+            segments=sum(1 for _, size in sizes if size),
+            oldest_at=int(oldest[:13]) if oldest else None,
+        )
+
+    async def drain(self, store: SqlStore) -> int:
+        """Import every segment this process can lock into the store, oldest first, and
+        delete each once imported; returns how many events were imported (duplicates of
+        what the store already has included). Stops, keeping the rest, when the store is
+        unreachable."""
+        async with self._lock:
+            await asyncio.to_thread(self._close_segment)  # so that our own open one drains too
+        imported = 0
+        for path in sorted(self.directory.glob("*.journal")):
+            imported += await self._drain_segment(store, path)
+        if imported:
+            log.info("spool_drained", events=imported)
+        return imported
+
+    async def _drain_segment(self, store: SqlStore, path: Path) -> int:
+        try:
+            handle = open(path, "rb")  # noqa: SIM115 - closed in finally
+        except FileNotFoundError:
+            return 0
+        try:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return 0  # another process writes or drains it
+            if not path.exists():
+                return 0  # drained by another process between glob and lock
+            events = list(read_segment(path))
+            for start in range(0, len(events), DRAIN_CHUNK):
+                await store.insert_events(events[start : start + DRAIN_CHUNK], by_id=True)
+            path.unlink()
+            _fsync_directory(self.directory)
+            return len(events)
+        finally:
+            handle.close()
+
+    async def close(self) -> None:
+        await self._appends.close()
+        async with self._lock:
+            self._close_segment()
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SpoolDrainer:
+    """Drains the spool whenever it holds anything and the store answers."""
+
+    def __init__(self, spool: Spool, store: SqlStore, *, interval_s: float = 1.0) -> None:
+        self.spool = spool
+        self.store = store
+        self.interval_s = interval_s
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            if self.spool.stats().segments:
+                with contextlib.suppress(StoreUnavailable):  # still down: next round
+                    await self.spool.drain(self.store)
+            try:
+                await asyncio.wait_for(stop.wait(), self.interval_s)
+            except TimeoutError:
+                continue

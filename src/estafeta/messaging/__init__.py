@@ -1,0 +1,1 @@
+"""WhatsApp conversations and the messages a tenant sends through its provider."""

@@ -1,0 +1,107 @@
+"""Prometheus metrics (`GET /metrics`).
+
+Two kinds, on purpose:
+
+* counters and histograms of what this process did (events accepted, attempts by outcome,
+  circuit transitions), the usual per-process Prometheus model: scrape every process;
+* gauges of shared state (queue depth by state, each circuit's state, the spool), read
+  from the store/Redis when scraped, so any one `serve` process reports the whole hub.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from estafeta.delivery.circuit import CircuitState
+
+if TYPE_CHECKING:
+    from estafeta.delivery.circuit_store import CircuitStateStore
+    from estafeta.ingress.spool import Spool
+    from estafeta.store.sqlstore import SqlStore
+
+REGISTRY = CollectorRegistry()
+
+EVENTS_ACCEPTED = Counter(
+    "estafeta_events_accepted_total",
+    "Events accepted (committed or spooled), by source and outcome.",
+    ["source", "outcome"],  # outcome: stored | duplicate | spooled
+    registry=REGISTRY,
+)
+ATTEMPTS = Counter(
+    "estafeta_delivery_attempts_total",
+    "Delivery attempts, by destination and outcome (success, retryable, permanent).",
+    ["destination", "outcome"],
+    registry=REGISTRY,
+)
+ATTEMPT_SECONDS = Histogram(
+    "estafeta_delivery_attempt_seconds",
+    "How long one delivery attempt took.",
+    ["destination"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
+)
+CIRCUIT_TRANSITIONS = Counter(
+    "estafeta_circuit_transitions_total",
+    "Circuit breaker transitions seen by this process, by destination and new state.",
+    ["destination", "state"],
+    registry=REGISTRY,
+)
+DEAD_LETTERED = Counter(
+    "estafeta_deliveries_dead_lettered_total",
+    "Deliveries moved to the dead-letter queue by this process.",
+    ["destination"],
+    registry=REGISTRY,
+)
+QUEUE_DEPTH = Gauge(
+    "estafeta_deliveries",
+    "Deliveries in the store by state (read from the store when scraped).",
+    ["state"],
+    registry=REGISTRY,
+)
+CIRCUIT_STATE = Gauge(
+    "estafeta_circuit_state",
+    "Each destination's circuit: 0 closed, 1 half-open, 2 open (shared state, when scraped).",
+    ["destination"],
+    registry=REGISTRY,
+)
+SPOOL_BYTES = Gauge(
+    "estafeta_spool_bytes", "Bytes of events waiting in this process's spool.", registry=REGISTRY
+)
+SPOOL_SEGMENTS = Gauge(
+    "estafeta_spool_segments", "Spool segments waiting to be drained.", registry=REGISTRY
+)
+ALERTS = Gauge(
+    "estafeta_alert_firing",
+    "1 while an alert is firing (queue_backlog …), else 0.",
+    ["alert"],
+    registry=REGISTRY,
+)
+
+_CIRCUIT_VALUES = {CircuitState.CLOSED: 0, CircuitState.HALF_OPEN: 1, CircuitState.OPEN: 2}
+
+
+async def render(
+    store: SqlStore, circuits: CircuitStateStore | None, spool: Spool | None
+) -> tuple[bytes, str]:
+    """The exposition text, with the shared-state gauges read now."""
+    stats = await store.queue_stats()
+    for state in ("pending", "in_flight", "succeeded", "dead", "discarded"):
+        QUEUE_DEPTH.labels(state).set(stats.by_state.get(state, 0))
+    if circuits is not None:
+        CIRCUIT_STATE.clear()
+        for destination_id, circuit in (await circuits.get_all()).items():
+            CIRCUIT_STATE.labels(destination_id).set(_CIRCUIT_VALUES[circuit.state])
+    if spool is not None:
+        spooled = spool.stats()
+        SPOOL_BYTES.set(spooled.bytes)
+        SPOOL_SEGMENTS.set(spooled.segments)
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

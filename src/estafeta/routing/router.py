@@ -1,0 +1,99 @@
+"""Routing: one event → the deliveries it needs, decided purely from the configuration.
+
+A route matches an event when the event's type matches one of its globs (`message.*`) and
+its filter, if any, holds. Each destination of each matching route gets one delivery; a
+destination reached by several routes gets one delivery (a receiver should not get the same
+`webhook-id` twice), at the most urgent of their priorities.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from fnmatch import translate
+from typing import Any
+
+from estafeta.config import Config
+from estafeta.routing.filter import Filter, lookup, parse
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One delivery that routing asks for."""
+
+    destination_id: str
+    priority: int
+    max_attempts: int
+    ordering_key: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _CompiledRoute:
+    id: str
+    types: re.Pattern[str]
+    filter: Filter | None
+    destinations: tuple[str, ...]
+    priority: int
+    ordering_key: str | None
+
+
+class Router:
+    """Routes of every tenant, compiled once; `targets` is called on the ingest hot path."""
+
+    def __init__(self, config: Config) -> None:
+        self._routes: dict[str, list[_CompiledRoute]] = {}
+        for route_id, route in zip(config.route_ids(), config.routes, strict=True):
+            pattern = "|".join(f"(?:{translate(glob)})" for glob in route.events)
+            self._routes.setdefault(route.tenant, []).append(
+                _CompiledRoute(
+                    id=route_id,
+                    types=re.compile(pattern),
+                    filter=parse(route.filter) if route.filter else None,
+                    destinations=tuple(route.destinations),
+                    priority=route.priority,
+                    ordering_key=route.ordering_key,
+                )
+            )
+        self._max_attempts = {d.id: d.max_attempts for d in config.destinations}
+        # Which routes a (tenant, type) can match never changes: computed once per pair.
+        self._by_type: dict[tuple[str, str], list[_CompiledRoute]] = {}
+
+    def _candidates(self, tenant_id: str, event_type: str) -> list[_CompiledRoute]:
+        key = (tenant_id, event_type)
+        found = self._by_type.get(key)
+        if found is None:
+            found = [r for r in self._routes.get(tenant_id, ()) if r.types.fullmatch(event_type)]
+            if len(self._by_type) < 10_000:  # bound the cache against type explosions
+                self._by_type[key] = found
+        return found
+
+    def targets(
+        self,
+        tenant_id: str,
+        event: Mapping[str, Any],
+        *,
+        priority: int | None = None,
+        ordering_key: str | None = None,
+    ) -> list[Target]:
+        """The deliveries an event (the canonical dict) needs; `priority`/`ordering_key`
+        given by a publisher override the routes'."""
+        chosen: dict[str, Target] = {}
+        for route in self._candidates(tenant_id, str(event["type"])):
+            if route.filter is not None and not route.filter.matches(event):
+                continue
+            key = ordering_key
+            if key is None and route.ordering_key:
+                value = lookup(event, route.ordering_key)
+                key = None if value is None else str(value)
+            level = route.priority if priority is None else priority
+            for destination_id in route.destinations:
+                previous = chosen.get(destination_id)
+                if previous is None or level < previous.priority:
+                    chosen[destination_id] = Target(
+                        destination_id=destination_id,
+                        priority=level,
+                        max_attempts=self._max_attempts[destination_id],
+                        ordering_key=key,
+                    )
+        return list(chosen.values())

@@ -1,0 +1,135 @@
+"""Running estafeta: `serve` (HTTP + in-process workers) and `worker` (workers alone)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import signal
+import threading
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
+
+import structlog
+import uvicorn
+
+from estafeta.api.app import create_app
+from estafeta.clock import SystemClock
+from estafeta.config import Config
+from estafeta.connectors.registry import unavailable_kinds
+from estafeta.delivery.worker import Worker
+from estafeta.errors import ConfigError
+from estafeta.hub import Hub
+from estafeta.ingress.spool import Spool
+from estafeta.store import open_store
+from estafeta.store.sqlstore import SqlStore
+from estafeta.supervise import supervised
+
+log = structlog.get_logger("estafeta.server")
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def tune_garbage_collector() -> None:
+    """Fewer, shorter collections: the ingest benchmark saw full collections stall the
+    server for up to 78 ms (p99 87 → ~50 ms without them). Objects alive after start-up
+    (modules, configuration, compiled statements) are frozen out of every later scan, and
+    the young generation is collected less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
+def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run a coroutine on uvloop (the fastest asyncio loop available here)."""
+    import uvloop
+
+    tune_garbage_collector()
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+async def prepared_store(config: Config, *, migrate: bool = True) -> SqlStore:
+    """The store, migrated and holding the configuration's tenants, sources and routes."""
+    issues = unavailable_kinds(config)
+    if issues:
+        raise ConfigError(issues)
+    store = open_store(config.storage.url)
+    if migrate:
+        await store.migrate()
+    await store.sync_config(config, SystemClock().now_ms())
+    return store
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn, minus re-raising SIGTERM/SIGINT after its graceful shutdown.
+
+    uvicorn re-raises a captured signal once it has stopped, so that an embedding program
+    dies of it; estafeta owns the process, and a stop that finished cleanly exits 0.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def uvicorn_server(app: Any, listen: str, *, max_concurrent_requests: int = 4096) -> uvicorn.Server:
+    host, port = split_listen(listen)
+    settings = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        http="httptools",
+        loop="none",
+        lifespan="on",
+        access_log=False,
+        log_level="warning",
+        timeout_graceful_shutdown=30,
+        # Bounded memory under any load: past this many requests at once, answer 503.
+        limit_concurrency=max_concurrent_requests,
+    )
+    return GracefulServer(settings)
+
+
+async def serve(config: Config, *, run_workers: bool = True, migrate: bool = True) -> None:
+    store = await prepared_store(config, migrate=migrate)
+    try:
+        spool = Spool(config.storage.spool_dir, max_bytes=config.storage.spool_max_bytes)
+        hub = Hub(config, store, spool=spool)
+        server = uvicorn_server(
+            create_app(hub, run_workers=run_workers),
+            config.server.listen,
+            max_concurrent_requests=config.server.max_concurrent_requests,
+        )
+        gc.collect()
+        gc.freeze()  # the app, the store and the configuration live as long as the process
+        log.info("serving", listen=config.server.listen, workers=run_workers, engine=store.dialect)
+        await server.serve()  # uvicorn turns SIGTERM/SIGINT into a graceful shutdown
+    finally:
+        await store.close()
+
+
+async def work(config: Config) -> None:
+    """Delivery workers alone, for scale-out; SIGTERM/SIGINT stop them gracefully."""
+    store = await prepared_store(config, migrate=False)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await supervised("worker", lambda: Worker(store, config).run(stop), stop)
+    finally:
+        await store.close()

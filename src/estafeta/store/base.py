@@ -1,0 +1,120 @@
+"""What every store shares: two engines, one transaction helper per direction, and the
+translation of "the database cannot be reached" into `StoreUnavailable` at this boundary."""
+
+from __future__ import annotations
+
+import sqlite3
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, ClassVar
+
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from estafeta.errors import StoreError, StoreRejected, StoreUnavailable
+
+# PostgreSQL SQLSTATEs that mean "the server cannot serve us now", not "bad statement":
+# class 08 (connection exception), 57P01-57P03 (shutting down, crash recovery, cannot
+# connect now: starting up or not accepting connections), 53300 (too many connections).
+_UNAVAILABLE_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53300")
+
+
+def unavailable(exc: BaseException) -> bool:
+    """True when an exception means 'the database cannot be reached', not 'bad statement'."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None) or getattr(
+        exc, "sqlstate", None
+    )
+    if isinstance(sqlstate, str) and sqlstate.startswith(_UNAVAILABLE_SQLSTATES):
+        return True
+    if isinstance(exc, InterfaceError | OSError | ConnectionError | TimeoutError):
+        return True
+    if isinstance(exc, OperationalError | sqlite3.OperationalError):
+        message = str(exc.orig if isinstance(exc, OperationalError) else exc).lower()
+        return any(
+            hint in message
+            for hint in (
+                "connect",
+                "database is locked",
+                "readonly",
+                "read-only",
+                "disk i/o",
+                "unable to open",
+                "shutting down",
+                "terminating connection",
+                "not currently accepting connections",
+                "starting up",
+            )
+        )
+    return False
+
+
+def rejected(exc: BaseException) -> bool:
+    """True when an exception is a constraint violation (SQLSTATE class 23), from any driver."""
+    if isinstance(exc, IntegrityError | sqlite3.IntegrityError):
+        return True
+    sqlstate = getattr(exc, "sqlstate", None)
+    return isinstance(sqlstate, str) and sqlstate.startswith("23")
+
+
+def translated(exc: Exception) -> Exception:
+    """The store's own error for a foreign one that it recognises, else `exc` itself.
+
+    A constraint violation keeps only the driver's first line, which names the constraint
+    (never the DETAIL, which may quote the data)."""
+    if unavailable(exc):
+        return StoreUnavailable(f"the store cannot be reached: {type(exc).__name__}")
+    if rejected(exc):
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0][:200]
+        return StoreRejected(f"the store refused the data: {reason}")
+    return exc
+
+
+class StoreBase(ABC):
+    dialect: ClassVar[str]
+
+    def __init__(self, engine: AsyncEngine, read_engine: AsyncEngine | None = None) -> None:
+        self.engine = engine
+        self.read_engine = read_engine or engine
+
+    @abstractmethod
+    def _insert(self, table: Any) -> Any:
+        """INSERT with ON CONFLICT support (`sqlalchemy.dialects.<engine>.insert`)."""
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncConnection]:
+        """One transaction on the writer; foreign errors are translated at this boundary."""
+        try:
+            async with self.engine.begin() as conn:
+                yield conn
+        except StoreError:
+            raise
+        except Exception as exc:
+            store_error = translated(exc)
+            if store_error is exc:
+                raise
+            raise store_error from exc
+
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[AsyncConnection]:
+        try:
+            async with self.read_engine.connect() as conn:
+                yield conn
+        except Exception as exc:
+            store_error = translated(exc)
+            if store_error is exc:
+                raise
+            raise store_error from exc
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+        if self.read_engine is not self.engine:
+            await self.read_engine.dispose()
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless a trivial query succeeds."""
+        async with self._read() as conn:
+            await conn.execute(text("SELECT 1"))

@@ -1,0 +1,309 @@
+"""The store's queries about WhatsApp conversations and the messages tenants send.
+
+Everything here is written in the transaction that stores the events it comes from: an
+inbound message and its conversation counter, a queued message and its send event, an
+escalation and its `conversation.escalated` event are committed together or not at all.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+from sqlalchemy import and_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from estafeta.delivery.state import DeliveryState
+from estafeta.messaging.facts import SEND_DESTINATION_PREFIX, current_status
+from estafeta.store import schema as s
+from estafeta.store.base import StoreBase
+from estafeta.store.records import (
+    CompletedAttempt,
+    ConversationView,
+    Interaction,
+    MessageView,
+    NewEvent,
+    StatusChange,
+)
+
+
+def conversation_counts(events: Sequence[NewEvent]) -> list[tuple[Any, ...]]:
+    """What a batch of stored messages adds to each conversation it touches, once per
+    conversation: (tenant, conversation, contact name, first and last message time, inbound
+    and outbound counts, updated_at). The latest contact name given wins."""
+    rows: dict[tuple[str, str], list[Any]] = {}
+    for e in events:
+        if not (e.conversation_id and e.direction):
+            continue
+        row = rows.setdefault(
+            (e.tenant_id, e.conversation_id),
+            [e.tenant_id, e.conversation_id, None, e.occurred_at, e.occurred_at, 0, 0, 0],
+        )
+        row[2] = e.contact_name or row[2]
+        row[3] = min(row[3], e.occurred_at)
+        row[4] = max(row[4], e.occurred_at)
+        row[5 if e.direction == "inbound" else 6] += 1
+        row[7] = max(row[7], e.received_at)
+    return [tuple(row) for _, row in sorted(rows.items())]  # key order: no deadlocks
+
+
+class MessagingOps(StoreBase):
+    # -- written with the events ------------------------------------------------------------
+
+    async def _record_messaging(self, conn: AsyncConnection, stored: Sequence[NewEvent]) -> None:
+        """Conversation counters, queued messages and escalations of just-stored events."""
+        touched = [e for e in stored if e.conversation_id and e.direction]
+        if touched:
+            await self._count_messages(conn, touched)
+        queued = [e for e in stored if e.message is not None]
+        if queued:
+            await conn.execute(s.messages.insert(), [_message_row(e) for e in queued])
+        for event in stored:
+            if event.escalation is not None:
+                await self._escalate(conn, event)
+
+    @abstractmethod
+    async def _count_messages(self, conn: AsyncConnection, events: Sequence[NewEvent]) -> None:
+        """Add just-stored messages to their conversations' counters (`conversation_counts`)."""
+
+    async def _escalate(self, conn: AsyncConnection, event: NewEvent) -> None:
+        escalation = event.escalation
+        assert escalation is not None and event.conversation_id  # noqa: S101 - caller checks
+        c = s.conversations
+        await conn.execute(
+            update(c)
+            .where(c.c.tenant_id == event.tenant_id, c.c.id == event.conversation_id)
+            .values(
+                status="escalated",
+                escalated_at=event.received_at,
+                escalation_reason=escalation.reason,
+                escalation_priority=escalation.priority,
+                updated_at=event.received_at,
+            )
+        )
+        await conn.execute(
+            s.escalations.insert().values(
+                id=escalation.id,
+                tenant_id=event.tenant_id,
+                conversation_id=event.conversation_id,
+                event_id=event.id,
+                reason=escalation.reason,
+                priority=escalation.priority,
+                actor=escalation.actor,
+                at=event.received_at,
+            )
+        )
+
+    async def _record_sends(
+        self, conn: AsyncConnection, batch: Sequence[CompletedAttempt], now_ms: int
+    ) -> None:
+        """A provider accepted a message (sent, with its id) or sending gave up (failed)."""
+        m = s.messages
+        for item in batch:
+            if not item.delivery.destination_id.startswith(SEND_DESTINATION_PREFIX):
+                continue
+            queued = and_(m.c.delivery_id == item.delivery.id, m.c.state == "queued")
+            if item.outcome.succeeded:
+                await conn.execute(
+                    update(m)
+                    .where(queued)
+                    .values(
+                        state="sent",
+                        provider_message_id=item.outcome.external_id,
+                        sent_at=now_ms,
+                        updated_at=now_ms,
+                    )
+                )
+            elif item.transition.to_state is DeliveryState.DEAD:
+                await conn.execute(
+                    update(m)
+                    .where(queued)
+                    .values(state="failed", error=item.transition.last_error, updated_at=now_ms)
+                )
+
+    # -- reads ------------------------------------------------------------------------------
+
+    async def list_conversations(
+        self, tenant_id: str | None, *, status: str | None = None, limit: int = 100
+    ) -> list[ConversationView]:
+        c = s.conversations
+        query = select(c).order_by(c.c.last_message_at.desc()).limit(limit)
+        if tenant_id is not None:
+            query = query.where(c.c.tenant_id == tenant_id)
+        if status is not None:
+            query = query.where(c.c.status == status)
+        async with self._read() as conn:
+            return [_conversation(r) for r in (await conn.execute(query)).all()]
+
+    async def get_conversation(
+        self, tenant_id: str, conversation_id: str
+    ) -> tuple[ConversationView, list[Interaction]] | None:
+        """A conversation with its messages both ways, oldest first."""
+        c, e, m = s.conversations, s.events, s.messages
+        async with self._read() as conn:
+            row = (
+                await conn.execute(
+                    select(c).where(c.c.tenant_id == tenant_id, c.c.id == conversation_id)
+                )
+            ).first()
+            if row is None:
+                return None
+            inbound = (
+                await conn.execute(
+                    select(e.c.id, e.c.occurred_at, e.c.payload).where(
+                        e.c.tenant_id == tenant_id,
+                        e.c.conversation_id == conversation_id,
+                        e.c.type == "message.received",
+                    )
+                )
+            ).all()
+            outbound = (
+                await conn.execute(
+                    select(
+                        m.c.id,
+                        m.c.created_at,
+                        m.c.content,
+                        m.c.state,
+                        m.c.source_id,
+                        m.c.provider_message_id,
+                    ).where(m.c.tenant_id == tenant_id, m.c.conversation_id == conversation_id)
+                )
+            ).all()
+            # The provider's status webhooks of this conversation, by (source, provider id):
+            # a sent message shows how far it got (delivered, read), as GET /messages/{id}.
+            statuses: dict[tuple[str, str], list[str]] = {}
+            for r in (
+                await conn.execute(
+                    select(e.c.source_id, e.c.message_ref, e.c.payload).where(
+                        e.c.tenant_id == tenant_id,
+                        e.c.conversation_id == conversation_id,
+                        e.c.type == "message.status",
+                    )
+                )
+            ).all():
+                status = orjson.loads(r.payload)["data"].get("status")
+                statuses.setdefault((r.source_id, r.message_ref), []).append(str(status))
+        interactions = [
+            Interaction(r.occurred_at, "inbound", r.id, orjson.loads(r.payload)["data"])
+            for r in inbound
+        ] + [
+            Interaction(
+                r.created_at,
+                "outbound",
+                r.id,
+                {
+                    **orjson.loads(r.content),
+                    "state": current_status(
+                        r.state, statuses.get((r.source_id, r.provider_message_id), [])
+                    ),
+                },
+            )
+            for r in outbound
+        ]
+        interactions.sort(key=lambda i: (i.at, i.id))
+        return _conversation(row), interactions
+
+    async def set_conversation_status(
+        self, tenant_id: str, conversation_id: str, status: str, now_ms: int
+    ) -> bool:
+        c = s.conversations
+        async with self._write() as conn:
+            result = await conn.execute(
+                update(c)
+                .where(c.c.tenant_id == tenant_id, c.c.id == conversation_id)
+                .values(status=status, updated_at=now_ms)
+            )
+        return bool(result.rowcount)
+
+    async def message_id_for_event(self, event_id: str) -> str | None:
+        m = s.messages
+        async with self._read() as conn:
+            found: str | None = (
+                await conn.execute(select(m.c.id).where(m.c.event_id == event_id))
+            ).scalar()
+        return found
+
+    async def get_message(self, tenant_id: str | None, message_id: str) -> MessageView | None:
+        """A sent message with the provider's status webhooks that name it, in order."""
+        m, e = s.messages, s.events
+        query = select(m).where(m.c.id == message_id)
+        if tenant_id is not None:
+            query = query.where(m.c.tenant_id == tenant_id)
+        async with self._read() as conn:
+            row = (await conn.execute(query)).first()
+            if row is None:
+                return None
+            statuses: list[Any] = []
+            if row.provider_message_id:
+                statuses = list(
+                    (
+                        await conn.execute(
+                            select(e.c.occurred_at, e.c.payload)
+                            .where(
+                                e.c.source_id == row.source_id,
+                                e.c.message_ref == row.provider_message_id,
+                                e.c.type == "message.status",
+                            )
+                            .order_by(e.c.occurred_at, e.c.id)
+                        )
+                    ).all()
+                )
+        changes = []
+        for status in statuses:
+            data = orjson.loads(status.payload)["data"]
+            changes.append(
+                StatusChange(str(data.get("status")), status.occurred_at, data.get("error"))
+            )
+        return MessageView(
+            id=row.id,
+            tenant_id=row.tenant_id,
+            source_id=row.source_id,
+            conversation_id=row.conversation_id,
+            recipient=row.recipient,
+            content=orjson.loads(row.content),
+            state=row.state,
+            provider_message_id=row.provider_message_id,
+            error=row.error,
+            event_id=row.event_id,
+            delivery_id=row.delivery_id,
+            created_at=row.created_at,
+            sent_at=row.sent_at,
+            provider_statuses=tuple(changes),
+        )
+
+
+def _message_row(event: NewEvent) -> dict[str, Any]:
+    message = event.message
+    assert message is not None and event.conversation_id  # noqa: S101 - filtered by the caller
+    return {
+        "id": message.id,
+        "tenant_id": event.tenant_id,
+        "source_id": message.source_id,
+        "conversation_id": event.conversation_id,
+        "recipient": message.recipient,
+        "content": message.content,
+        "state": "queued",
+        "event_id": event.id,
+        # Hub.send_message puts the send delivery first, before anything routes add.
+        "delivery_id": event.deliveries[0].id,
+        "created_at": event.received_at,
+        "updated_at": event.received_at,
+    }
+
+
+def _conversation(r: Any) -> ConversationView:
+    return ConversationView(
+        tenant_id=r.tenant_id,
+        id=r.id,
+        status=r.status,
+        contact_name=r.contact_name,
+        first_message_at=r.first_message_at,
+        last_message_at=r.last_message_at,
+        inbound_count=r.inbound_count,
+        outbound_count=r.outbound_count,
+        escalated_at=r.escalated_at,
+        escalation_reason=r.escalation_reason,
+        escalation_priority=r.escalation_priority,
+    )

@@ -1,0 +1,246 @@
+"""The production engine: PostgreSQL via asyncpg.
+
+Many ingress and worker processes on many machines share one database; the lease statement
+(sql/lease_postgresql.sql) uses FOR UPDATE SKIP LOCKED so they never lease the same row.
+
+The hot paths are one statement each and go straight to the pool's asyncpg connection,
+outside an explicit transaction, so that each is one round trip and one commit (a SQLAlchemy
+transaction costs three: BEGIN, the statement, COMMIT):
+
+* ingest stores a batch of webhooks, their deliveries and their conversations' counters
+  (sql/store_batch_postgresql.sql);
+* a worker leases a batch of deliveries (sql/lease_postgresql.sql);
+* a worker records a batch of attempts and applies their transitions
+  (sql/complete_postgresql.sql).
+
+A batch that needs more statements (a queued message or an escalation, a spool import, a
+message send's bookkeeping) runs the same statement inside a SQLAlchemy transaction.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
+
+from estafeta.errors import StoreError, StoreUnavailable
+from estafeta.messaging.facts import SEND_DESTINATION_PREFIX
+from estafeta.store.base import translated, unavailable
+from estafeta.store.records import CompletedAttempt, InsertResult, NewEvent
+from estafeta.store.sqlstore import (
+    SQL_DIR,
+    SqlStore,
+    delivery_rows,
+    event_row,
+    fates,
+    next_attempt,
+)
+
+
+def positional(sql: str) -> tuple[str, tuple[str, ...]]:
+    """A statement with `:name` parameters (as SQLAlchemy's text() takes it) rewritten with
+    asyncpg's `$n`, and the names in `$n` order; a name used twice is one parameter."""
+    names: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in names:
+            names.append(name)
+        return f"${names.index(name) + 1}"
+
+    body = "\n".join(line for line in sql.splitlines() if not line.lstrip().startswith("--"))
+    return re.sub(r"(?<![:\w]):([a-z_][a-z0-9_]*)", number, body), tuple(names)
+
+
+class Statement:
+    """One SQL statement, runnable by SQLAlchemy (`:name`) and by asyncpg (`$n`)."""
+
+    def __init__(self, sql: str) -> None:
+        self.text = text(sql)
+        self.positional, self.names = positional(sql)
+
+    def args(self, params: Mapping[str, Any]) -> list[Any]:
+        return [params[name] for name in self.names]
+
+
+def _statement(name: str) -> Statement:
+    return Statement((SQL_DIR / name).read_text())
+
+
+_STORE_BATCH = _statement("store_batch_postgresql.sql")
+_COMPLETE = _statement("complete_postgresql.sql")
+_EVENT_COLUMNS = (
+    "ids",
+    "tenants",
+    "sources",
+    "types",
+    "keys",
+    "occurred",
+    "received",
+    "payloads",
+    "raws",
+    "conversations",
+    "refs",
+)
+_MESSAGE_COLUMNS = ("directions", "contacts")
+_DELIVERY_COLUMNS = (
+    "d_ids",
+    "d_tenants",
+    "d_events",
+    "d_destinations",
+    "d_priorities",
+    "d_ordering_keys",
+    "d_max_attempts",
+    "d_due",
+)
+
+
+def _columns(names: Sequence[str], rows: Sequence[tuple[Any, ...]]) -> dict[str, list[Any]]:
+    """Rows turned into one list per column, for the unnest() batch statements."""
+    return {name: [row[i] for row in rows] for i, name in enumerate(names)}
+
+
+def _batch_params(events: Sequence[NewEvent]) -> dict[str, list[Any]]:
+    params = _columns(_EVENT_COLUMNS, [event_row(e) for e in events])
+    params.update(_columns(_DELIVERY_COLUMNS, delivery_rows(events)))
+    params.update(_columns(_MESSAGE_COLUMNS, [(e.direction, e.contact_name) for e in events]))
+    return params
+
+
+def _complete_params(batch: Sequence[CompletedAttempt], now_ms: int) -> dict[str, Any]:
+    return {
+        "now": now_ms,
+        "ids": [item.delivery.id for item in batch],
+        "tokens": [item.delivery.lease_token for item in batch],
+        "states": [item.transition.to_state.value for item in batch],
+        "attempts": [item.transition.attempts for item in batch],
+        "next_attempts": [next_attempt(item, now_ms) for item in batch],
+        "errors": [item.transition.last_error for item in batch],
+        "a_ids": [item.attempt_id for item in batch],
+        "a_tenants": [item.delivery.tenant_id for item in batch],
+        "a_numbers": [item.delivery.attempts + 1 for item in batch],
+        "a_started": [item.started_at for item in batch],
+        "a_durations": [item.outcome.duration_ms for item in batch],
+        "a_outcomes": [item.outcome.kind.value for item in batch],
+        "a_status_codes": [item.outcome.status_code for item in batch],
+        "a_error_classes": [item.outcome.error_class for item in batch],
+        "a_excerpts": [item.outcome.response_excerpt for item in batch],
+    }
+
+
+class PostgresStore(SqlStore):
+    dialect = "postgresql"
+    lease_sql_file = "lease_postgresql.sql"
+    # Events, their deliveries and their conversations' counters go in one statement.
+    deliveries_stored_with_events = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._lease_any = Statement(self.lease_sql)
+        self._lease_one_destination = Statement(self.lease_one_sql)
+
+    @classmethod
+    def from_url(cls, url: str, *, pool_size: int = 10) -> PostgresStore:
+        engine = create_async_engine(
+            url,
+            pool_size=pool_size,
+            max_overflow=pool_size,
+            pool_pre_ping=False,
+            connect_args={"timeout": 5, "command_timeout": 30},
+        )
+        return cls(engine)
+
+    def _insert(self, table: Any) -> Any:
+        return pg_insert(table)
+
+    @asynccontextmanager
+    async def _driver(self) -> AsyncIterator[Any]:
+        """The pool's asyncpg connection itself, outside any transaction (each statement
+        commits by itself). SQLAlchemy's own disconnect handling is bypassed here, so this
+        does it: a connection found closed in the pool (the server restarted, the network
+        was cut) is replaced, and one that fails is dropped from the pool."""
+        try:
+            async with self.engine.connect() as conn:
+                driver: Any = (await conn.get_raw_connection()).driver_connection
+                if driver is None or driver.is_closed():
+                    await conn.invalidate()
+                    driver = (await conn.get_raw_connection()).driver_connection
+                try:
+                    yield driver
+                except Exception as exc:
+                    if driver.is_closed() or unavailable(exc):
+                        await conn.invalidate()
+                        raise StoreUnavailable(
+                            f"the store cannot be reached: {type(exc).__name__}"
+                        ) from exc
+                    raise
+        except StoreError:
+            raise
+        except Exception as exc:
+            store_error = translated(exc)
+            if store_error is exc:
+                raise
+            raise store_error from exc
+
+    # -- ingest -----------------------------------------------------------------------------
+
+    async def _store_candidates(
+        self, events: Sequence[NewEvent], *, by_id: bool
+    ) -> list[InsertResult]:
+        """Webhooks (the hot path) in one autocommitted statement; a batch that also holds
+        queued messages or escalations, or a spool import, in the general transaction."""
+        if by_id or any(e.message is not None or e.escalation is not None for e in events):
+            return await super()._store_candidates(events, by_id=by_id)
+        if not events:
+            return []
+        async with self._driver() as driver:
+            rows = await driver.fetch(
+                _STORE_BATCH.positional, *_STORE_BATCH.args(_batch_params(events))
+            )
+        inserted = {row[0] for row in rows}
+        conflicted = [e for e in events if e.id not in inserted]
+        existing: dict[tuple[str, str, str], str] = {}
+        if conflicted:  # duplicates: their originals are committed, read them after
+            async with self._read() as conn:
+                existing = await self._ids_by_key(conn, conflicted)
+        return fates(events, inserted, (), existing)
+
+    async def _insert_new_events(
+        self, conn: AsyncConnection, events: Sequence[NewEvent]
+    ) -> set[str]:
+        if not events:
+            return set()
+        rows = (await conn.execute(_STORE_BATCH.text, _batch_params(events))).all()
+        return {row[0] for row in rows}
+
+    async def _insert_deliveries(self, conn: AsyncConnection, events: Sequence[NewEvent]) -> None:
+        """Nothing left to do: `_insert_new_events` stored them with their events."""
+
+    async def _count_messages(self, conn: AsyncConnection, events: Sequence[NewEvent]) -> None:
+        """Nothing left to do: `_insert_new_events` counted them with their events."""
+
+    # -- the delivery lifecycle -------------------------------------------------------------
+
+    async def _lease_rows(self, params: dict[str, Any]) -> list[Any]:
+        statement = self._lease_one_destination if "only" in params else self._lease_any
+        async with self._driver() as driver:
+            return list(await driver.fetch(statement.positional, *statement.args(params)))
+
+    async def complete(self, batch: Sequence[CompletedAttempt], now_ms: int) -> int:
+        """Attempts and transitions in one statement (sql/complete_postgresql.sql); a batch
+        holding message sends also records what the provider answered, in one transaction."""
+        if not batch:
+            return 0
+        params = _complete_params(batch, now_ms)
+        if not any(i.delivery.destination_id.startswith(SEND_DESTINATION_PREFIX) for i in batch):
+            async with self._driver() as driver:
+                return int(await driver.fetchval(_COMPLETE.positional, *_COMPLETE.args(params)))
+        async with self._write() as conn:
+            applied = int((await conn.execute(_COMPLETE.text, params)).scalar_one())
+            await self._record_sends(conn, batch, now_ms)
+        return applied

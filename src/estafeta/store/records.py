@@ -1,0 +1,192 @@
+"""Values that cross the store's interface (no SQLAlchemy rows leak out of the store)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from estafeta.delivery.decision import Transition
+from estafeta.delivery.model import LeasedDelivery
+from estafeta.delivery.outcome import Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class NewDelivery:
+    id: str
+    destination_id: str
+    priority: int
+    max_attempts: int
+    ordering_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A message queued through POST /api/v1/messages, stored with its send event."""
+
+    id: str  # msg_…
+    source_id: str
+    recipient: str  # E.164
+    content: str  # JSON: {"text": …} | {"template": …} | {"media": …}
+
+
+@dataclass(frozen=True, slots=True)
+class NewEscalation:
+    """A conversation handed to a human, stored with its conversation.escalated event."""
+
+    id: str
+    reason: str
+    priority: int
+    actor: str
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An accepted event and the deliveries routing made of it, committed together."""
+
+    id: str
+    tenant_id: str
+    source_id: str
+    type: str
+    idempotency_key: str | None
+    occurred_at: int
+    received_at: int
+    payload: str  # canonical JSON
+    deliveries: tuple[NewDelivery, ...] = ()
+    raw: str | None = None
+    conversation_id: str | None = None  # see messaging/facts.py
+    message_ref: str | None = None
+    direction: str | None = None  # "inbound" | "outbound": which conversation counter
+    contact_name: str | None = None
+    message: NewMessage | None = None
+    escalation: NewEscalation | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InsertResult:
+    event_id: str  # the stored event's id: the original one when `duplicate`
+    duplicate: bool
+    spooled: bool = False  # journaled locally while the store is unreachable
+
+
+@dataclass(frozen=True, slots=True)
+class CompletedAttempt:
+    """One finished attempt: what happened and the transition `decide` chose for it."""
+
+    delivery: LeasedDelivery
+    outcome: Outcome
+    transition: Transition
+    started_at: int
+    attempt_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptView:
+    id: str
+    number: int
+    started_at: int
+    duration_ms: float
+    outcome: str
+    status_code: int | None
+    error_class: str | None
+    response_excerpt: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryView:
+    id: str
+    tenant_id: str
+    event_id: str
+    event_type: str
+    destination_id: str
+    state: str
+    priority: int
+    attempts: int
+    max_attempts: int
+    next_attempt_at: int
+    last_error: str | None
+    replays: int
+    created_at: int
+    updated_at: int
+    attempt_log: tuple[AttemptView, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class EventView:
+    id: str
+    tenant_id: str
+    source_id: str
+    type: str
+    idempotency_key: str | None
+    occurred_at: int
+    received_at: int
+    payload: dict[str, Any]
+    deliveries: tuple[DeliveryView, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterFilter:
+    """Which dead deliveries an operator means: by ids, or by destination/type/time."""
+
+    tenant_id: str | None = None  # None: every tenant (admin only)
+    delivery_ids: tuple[str, ...] = ()
+    destination_id: str | None = None
+    event_type: str | None = None
+    since: int | None = None  # dead since (updated_at >=), Unix ms
+    until: int | None = None
+    limit: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    by_state: dict[str, int] = field(default_factory=dict)
+    oldest_pending_at: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationView:
+    tenant_id: str
+    id: str
+    status: str
+    contact_name: str | None
+    first_message_at: int
+    last_message_at: int
+    inbound_count: int
+    outbound_count: int
+    escalated_at: int | None
+    escalation_reason: str | None
+    escalation_priority: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Interaction:
+    """One message of a conversation, either way."""
+
+    at: int
+    direction: str  # "inbound" | "outbound"
+    id: str  # the event id (inbound) or the message id (outbound)
+    content: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class StatusChange:
+    status: str
+    at: int
+    error: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MessageView:
+    id: str
+    tenant_id: str
+    source_id: str
+    conversation_id: str
+    recipient: str
+    content: dict[str, Any]
+    state: str  # queued | sent | failed: what sending knows
+    provider_message_id: str | None
+    error: str | None
+    event_id: str
+    delivery_id: str
+    created_at: int
+    sent_at: int | None
+    provider_statuses: tuple[StatusChange, ...] = ()

@@ -1,0 +1,288 @@
+"""The store's tables, defined once with SQLAlchemy Core (both engines use this metadata).
+
+Times are Unix milliseconds in BIGINT columns: one representation on SQLite and PostgreSQL,
+compared as integers in the lease query, and converted to ISO 8601 only at the API edge.
+Every row carries its tenant; every query filters on it.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    text,
+)
+
+from estafeta.delivery.state import DeliveryState
+
+metadata = MetaData()
+
+ID = String(40)  # "evt_" + 26-character ULID, with room to spare
+NAME = String(63)  # tenant/source/destination/route ids from the configuration
+
+_STATES = ", ".join(f"'{state.value}'" for state in DeliveryState)
+
+tenants = Table(
+    "tenants",
+    metadata,
+    Column("id", NAME, primary_key=True),
+    Column("name", Text, nullable=False, server_default=""),
+    Column("ingress_rate_limit", String(40), nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
+sources = Table(
+    "sources",
+    metadata,
+    Column("id", NAME, primary_key=True),
+    Column("tenant_id", NAME, ForeignKey("tenants.id"), nullable=False),
+    Column("kind", String(20), nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
+destinations = Table(
+    "destinations",
+    metadata,
+    Column("id", NAME, primary_key=True),
+    Column("tenant_id", NAME, ForeignKey("tenants.id"), nullable=False),
+    Column("kind", String(20), nullable=False),
+    Column("url", Text, nullable=True),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
+routes = Table(
+    "routes",
+    metadata,
+    Column("id", NAME, primary_key=True),
+    Column("tenant_id", NAME, ForeignKey("tenants.id"), nullable=False),
+    Column("events", Text, nullable=False),  # JSON list of globs
+    Column("filter", Text, nullable=True),
+    Column("destinations", Text, nullable=False),  # JSON list of destination ids
+    Column("priority", SmallInteger, nullable=False),
+    Column("ordering_key", Text, nullable=True),
+    Column("updated_at", BigInteger, nullable=False),
+    CheckConstraint("priority BETWEEN 0 AND 4", name="routes_priority_range"),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("id", ID, primary_key=True),
+    Column("tenant_id", NAME, nullable=False),
+    Column("source_id", NAME, nullable=False),
+    Column("type", String(200), nullable=False),
+    # The sender's idempotency key (webhook-id, Idempotency-Key, a provider's message id).
+    # NULL means "no key": such events are never deduplicated (NULLs are distinct in a
+    # unique index on both engines).
+    Column("idempotency_key", String(255), nullable=True),
+    Column("occurred_at", BigInteger, nullable=False),
+    Column("received_at", BigInteger, nullable=False),
+    Column("payload", Text, nullable=False),  # the canonical event JSON, exactly as delivered
+    Column("raw", Text, nullable=True),  # the provider's original body, for audit/reprocessing
+    # For WhatsApp events: the customer's conversation, and the provider's id of the message
+    # the event is (message.received) or is about (message.status): a sent message's status
+    # timeline is the message.status events that name it.
+    Column("conversation_id", String(64), nullable=True),
+    Column("message_ref", String(255), nullable=True),
+    UniqueConstraint("tenant_id", "source_id", "idempotency_key", name="events_idempotency_key"),
+)
+Index("events_tenant_received", events.c.tenant_id, events.c.received_at)
+Index(
+    "events_conversation",
+    events.c.tenant_id,
+    events.c.conversation_id,
+    events.c.received_at,
+    postgresql_where=text("conversation_id IS NOT NULL"),
+    sqlite_where=text("conversation_id IS NOT NULL"),
+)
+Index(
+    "events_message_ref",
+    events.c.source_id,
+    events.c.message_ref,
+    postgresql_where=text("message_ref IS NOT NULL"),
+    sqlite_where=text("message_ref IS NOT NULL"),
+)
+
+deliveries = Table(
+    "deliveries",
+    metadata,
+    Column("id", ID, primary_key=True),
+    Column("tenant_id", NAME, nullable=False),
+    Column("event_id", ID, ForeignKey("events.id", ondelete="CASCADE"), nullable=False),
+    Column("destination_id", NAME, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("priority", SmallInteger, nullable=False),
+    Column("ordering_key", Text, nullable=True),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("max_attempts", Integer, nullable=False),
+    Column("next_attempt_at", BigInteger, nullable=False),
+    Column("lease_token", String(40), nullable=True),
+    Column("lease_expires_at", BigInteger, nullable=True),
+    Column("leased_by", String(80), nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("replays", Integer, nullable=False, server_default=text("0")),
+    Column("created_at", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+    CheckConstraint(f"state IN ({_STATES})", name="deliveries_state_valid"),
+    CheckConstraint("priority BETWEEN 0 AND 4", name="deliveries_priority_range"),
+    CheckConstraint("attempts >= 0 AND max_attempts >= 1", name="deliveries_attempts_valid"),
+    CheckConstraint(
+        "state <> 'in_flight' OR (lease_token IS NOT NULL AND lease_expires_at IS NOT NULL)",
+        name="deliveries_in_flight_has_lease",
+    ),
+)
+# The lease query reads "pending, due, by priority then due time then id": this partial
+# index holds exactly those rows in exactly that order, so a lease is an index range scan
+# however many succeeded or dead rows the table keeps.
+Index(
+    "deliveries_lease",
+    deliveries.c.priority,
+    deliveries.c.next_attempt_at,
+    deliveries.c.id,
+    postgresql_where=text("state = 'pending'"),
+    sqlite_where=text("state = 'pending'"),
+)
+# Rescue of expired leases scans only in-flight rows by deadline.
+Index(
+    "deliveries_lease_expiry",
+    deliveries.c.lease_expires_at,
+    postgresql_where=text("state = 'in_flight'"),
+    sqlite_where=text("state = 'in_flight'"),
+)
+# Per-key ordering: "is an earlier delivery with this key to this destination still open?"
+Index(
+    "deliveries_ordering",
+    deliveries.c.destination_id,
+    deliveries.c.ordering_key,
+    deliveries.c.id,
+    postgresql_where=text("state IN ('pending', 'in_flight') AND ordering_key IS NOT NULL"),
+    sqlite_where=text("state IN ('pending', 'in_flight') AND ordering_key IS NOT NULL"),
+)
+Index("deliveries_event", deliveries.c.event_id)
+Index(
+    "deliveries_tenant_state", deliveries.c.tenant_id, deliveries.c.state, deliveries.c.updated_at
+)
+
+attempts = Table(
+    "attempts",
+    metadata,
+    Column("id", ID, primary_key=True),
+    Column("tenant_id", NAME, nullable=False),
+    Column("delivery_id", ID, ForeignKey("deliveries.id", ondelete="CASCADE"), nullable=False),
+    Column("number", Integer, nullable=False),
+    Column("started_at", BigInteger, nullable=False),
+    Column("duration_ms", Float, nullable=False),
+    Column("outcome", String(16), nullable=False),
+    Column("status_code", Integer, nullable=True),
+    Column("error_class", String(64), nullable=True),
+    Column("response_excerpt", Text, nullable=False, server_default=""),
+    CheckConstraint("number >= 1", name="attempts_number_positive"),
+)
+Index("attempts_delivery", attempts.c.delivery_id, attempts.c.number)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", ID, primary_key=True),
+    Column("tenant_id", NAME, ForeignKey("tenants.id"), nullable=False),
+    Column("key_hash", String(64), nullable=False, unique=True),  # sha256 hex; never the key
+    Column("label", Text, nullable=False, server_default=""),
+    Column("created_at", BigInteger, nullable=False),
+    Column("revoked_at", BigInteger, nullable=True),
+)
+
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", ID, primary_key=True),
+    Column("tenant_id", NAME, nullable=True),  # NULL: an action of the operator across tenants
+    Column("at", BigInteger, nullable=False),
+    Column("actor", String(80), nullable=False),
+    Column("action", String(40), nullable=False),
+    Column("detail", Text, nullable=False),  # JSON
+)
+Index("audit_log_tenant_at", audit_log.c.tenant_id, audit_log.c.at)
+
+# The circuit breaker's shared state per destination, when no Redis is configured: the
+# breaker's own JSON (delivery/circuit.py), read-modify-written under a row lock.
+circuits = Table(
+    "circuits",
+    metadata,
+    Column("destination_id", NAME, primary_key=True),
+    Column("data", Text, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
+CONVERSATION_STATES = ("open", "escalated", "closed")
+MESSAGE_STATES = ("queued", "sent", "failed")  # what sending knows; the provider says the rest
+
+# One row per tenant and customer: counters kept up to date in the same transaction as the
+# events that touch them (what the seed product backs up to Airtable as "Conversations").
+conversations = Table(
+    "conversations",
+    metadata,
+    Column("tenant_id", NAME, primary_key=True),
+    Column("id", String(64), primary_key=True),  # the customer's number, digits only
+    Column("status", String(16), nullable=False),
+    Column("contact_name", Text, nullable=True),
+    Column("first_message_at", BigInteger, nullable=False),
+    Column("last_message_at", BigInteger, nullable=False),
+    Column("inbound_count", Integer, nullable=False),
+    Column("outbound_count", Integer, nullable=False),
+    Column("escalated_at", BigInteger, nullable=True),
+    Column("escalation_reason", Text, nullable=True),
+    Column("escalation_priority", SmallInteger, nullable=True),
+    Column("updated_at", BigInteger, nullable=False),
+    CheckConstraint("status IN ('open', 'escalated', 'closed')", name="conversations_status_valid"),
+    CheckConstraint("inbound_count >= 0 AND outbound_count >= 0", name="conversations_counts"),
+)
+Index("conversations_tenant_last", conversations.c.tenant_id, conversations.c.last_message_at)
+
+# Messages sent through POST /api/v1/messages: queued until the provider accepts one (sent,
+# with its id) or sending gives up (failed); later states come from status webhooks.
+messages = Table(
+    "messages",
+    metadata,
+    Column("id", ID, primary_key=True),  # msg_…
+    Column("tenant_id", NAME, nullable=False),
+    Column("source_id", NAME, nullable=False),
+    Column("conversation_id", String(64), nullable=False),
+    Column("recipient", String(32), nullable=False),
+    Column("content", Text, nullable=False),  # JSON: text, template or media
+    Column("state", String(16), nullable=False),
+    Column("provider_message_id", String(255), nullable=True),
+    Column("error", Text, nullable=True),
+    Column("event_id", ID, ForeignKey("events.id", ondelete="CASCADE"), nullable=False),
+    Column("delivery_id", ID, nullable=False),
+    Column("sent_at", BigInteger, nullable=True),
+    Column("created_at", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+    CheckConstraint("state IN ('queued', 'sent', 'failed')", name="messages_state_valid"),
+)
+Index("messages_delivery", messages.c.delivery_id)
+Index("messages_conversation", messages.c.tenant_id, messages.c.conversation_id)
+
+escalations = Table(
+    "escalations",
+    metadata,
+    Column("id", ID, primary_key=True),
+    Column("tenant_id", NAME, nullable=False),
+    Column("conversation_id", String(64), nullable=False),
+    Column("event_id", ID, nullable=False),  # the conversation.escalated event
+    Column("reason", Text, nullable=False),
+    Column("priority", SmallInteger, nullable=False),
+    Column("actor", String(80), nullable=False),
+    Column("at", BigInteger, nullable=False),
+)
+Index("escalations_conversation", escalations.c.tenant_id, escalations.c.conversation_id)

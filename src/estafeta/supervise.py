@@ -1,0 +1,44 @@
+"""Background tasks that must not die quietly: the worker loop and the spool drainer.
+
+A task that raises is logged at once with its traceback (`task_crashed`) and started again
+after a pause that doubles up to 30 s, until the process is asked to stop; a loop that dies
+silently would leave a hub that answers 202 and delivers nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+log = structlog.get_logger("estafeta.supervise")
+
+FIRST_PAUSE_S = 1.0
+LONGEST_PAUSE_S = 30.0
+
+
+async def supervised(
+    name: str,
+    start: Callable[[], Awaitable[None]],
+    stop: asyncio.Event,
+    *,
+    first_pause_s: float = FIRST_PAUSE_S,
+) -> None:
+    """Run `start()` until it returns; restart it whenever it raises, until `stop` is set."""
+    pause = first_pause_s
+    while True:
+        try:
+            await start()
+            return
+        except Exception as exc:
+            if stop.is_set():
+                log.error("task_crashed", task=name, restarting=False, exc_info=exc)
+                return
+            log.error("task_crashed", task=name, restart_in_s=pause, exc_info=exc)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), pause)
+        if stop.is_set():
+            return
+        pause = min(pause * 2, LONGEST_PAUSE_S)

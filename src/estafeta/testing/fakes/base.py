@@ -1,0 +1,238 @@
+"""What the fake provider servers share: a real aiohttp server and planned misbehaviour.
+
+Every fake (`meta`, `twilio`, `zapi`, `sendpulse`) listens on 127.0.0.1 (port 0 by default),
+checks credentials and the request as the provider documents, records each send it accepts
+in `sent` with the id it issued, and answers the way a test plans:
+
+    fake.fail_next(2, 503)          # two 503s with the provider's error body, then normal
+    fake.throttle_next(1, retry_after_s=2)
+    fake.reject_next(131047)        # the provider's permanent error with that code
+    fake.slow(5)                    # every answer waits 5 s (slow(0) undoes it)
+
+Planned answers queue up in the order planned and are used by requests that pass the
+credential and validation checks (a bad request is answered as such and uses none). Then
+`await fake.send_status(hub_url, message_id, "delivered", duplicate=True)` posts the
+provider's status webhook for that message to the hub, signed as the provider signs it,
+twice when asked (providers re-deliver); `status_webhook(...)` is the same request as a
+value, for tests that hand it to the ingress parsers directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+
+@dataclass(frozen=True, slots=True)
+class SentMessage:
+    """A send the fake accepted: the id it issued, and the request as parsed."""
+
+    message_id: str
+    path: str
+    # The JSON object, or (Twilio) the form: each name → its value, or list when repeated.
+    request: dict[str, Any]
+    headers: dict[str, str]  # lower-case names
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One HTTP answer of a fake."""
+
+    status: int
+    body: bytes
+    headers: Mapping[str, str] = field(default_factory=dict)
+    content_type: str = "application/json"
+
+    def response(self) -> web.Response:
+        return web.Response(
+            status=self.status,
+            body=self.body,
+            headers=dict(self.headers),
+            content_type=self.content_type,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StatusWebhook:
+    """A status webhook exactly as the provider would POST it."""
+
+    url: str
+    headers: dict[str, str]
+    body: bytes
+
+
+def json_answer(status: int, document: object, headers: Mapping[str, str] | None = None) -> Answer:
+    return Answer(status, orjson.dumps(document), dict(headers or {}))
+
+
+def retry_after(seconds: float | None) -> dict[str, str]:
+    return {} if seconds is None else {"Retry-After": f"{seconds:g}"}
+
+
+def with_token(url: str, token: str | None) -> str:
+    """`url` with `?token=<token>` (DESIGN §3.2: Z-API and SendPulse webhooks carry the
+    source's token in the URL), unless `token` is None or the URL already has one."""
+    query = urlsplit(url).query
+    if token is None or "token" in parse_qs(query):
+        return url
+    return f"{url}{'&' if query else '?'}{urlencode({'token': token})}"
+
+
+def hex_id(length: int, *, upper: bool = True) -> str:
+    """`length` random hex characters."""
+    value = secrets.token_hex((length + 1) // 2)[:length]
+    return value.upper() if upper else value
+
+
+class FakeProvider(ABC):
+    """The shared machinery; a subclass adds its routes and its documented answers."""
+
+    def __init__(self) -> None:
+        self.sent: list[SentMessage] = []
+        self.requests = 0  # requests that reached a send endpoint, whatever the answer
+        self._planned: deque[Answer] = deque()
+        self._delay_s = 0.0
+        self._stopping = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self._url: str | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        """Listen on `host:port`; port 0 picks a free one (read it back from `url`)."""
+        self._stopping.clear()
+        app = web.Application()
+        self.add_routes(app)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        await web.TCPSite(runner, host, port).start()
+        self._runner = runner
+        bound_host, bound_port = runner.addresses[0][:2]
+        self._url = f"http://{bound_host}:{bound_port}"
+
+    @property
+    def url(self) -> str:
+        """`http://127.0.0.1:PORT`: the `api_base` to configure, once started."""
+        if self._url is None:
+            raise RuntimeError("the fake is not started; await fake.start() first")
+        return self._url
+
+    async def stop(self) -> None:
+        """Stop listening; answers still waiting on `slow` are cut short."""
+        self._stopping.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # -- misbehaviour ------------------------------------------------------------------------
+
+    def fail_next(
+        self, n: int = 1, status: int = 500, body: bytes | Mapping[str, Any] | None = None
+    ) -> None:
+        """The next `n` sends get `status`, with `body` or the provider's body for it."""
+        if body is None:
+            answer = self.error_answer(status)
+        else:
+            raw = body if isinstance(body, bytes) else orjson.dumps(body)
+            answer = Answer(status, raw)
+        self._plan(n, answer)
+
+    def throttle_next(self, n: int = 1, *, retry_after_s: float | None = None) -> None:
+        """The next `n` sends get the provider's throttling answer (+ Retry-After if given)."""
+        self._plan(n, self.throttle_answer(retry_after_s))
+
+    def reject_next(self, code: int | str, n: int = 1) -> None:
+        """The next `n` sends get the provider's permanent error `code`."""
+        self._plan(n, self.reject_answer(code))
+
+    def slow(self, seconds: float) -> None:
+        """Every answer from now on waits `seconds` first; `slow(0)` stops it."""
+        self._delay_s = max(0.0, seconds)
+
+    def _plan(self, n: int, answer: Answer) -> None:
+        self._planned.extend(answer for _ in range(n))
+
+    # -- what a subclass provides -------------------------------------------------------------
+
+    @abstractmethod
+    def add_routes(self, app: web.Application) -> None:
+        """Register the provider's documented endpoints."""
+
+    @abstractmethod
+    def error_answer(self, status: int) -> Answer:
+        """The provider's documented error body for an HTTP status."""
+
+    @abstractmethod
+    def throttle_answer(self, retry_after_s: float | None) -> Answer:
+        """The provider's documented throttling answer."""
+
+    @abstractmethod
+    def reject_answer(self, code: int | str) -> Answer:
+        """The provider's answer refusing a send with this error code."""
+
+    @abstractmethod
+    def status_webhook(self, hub_url: str, message_id: str, status: str) -> StatusWebhook:
+        """The status webhook the provider would post to the hub."""
+
+    # -- for the handlers ----------------------------------------------------------------------
+
+    async def arrive(self, *, count: bool = True) -> None:
+        """Count a send request (unless not `count`) and wait as `slow` says (cut short by
+        `stop`)."""
+        if count:
+            self.requests += 1
+        if self._delay_s > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self._delay_s)
+
+    def planned(self) -> Answer | None:
+        """The next planned answer, if any."""
+        return self._planned.popleft() if self._planned else None
+
+    def record(self, message_id: str, request: web.Request, parsed: dict[str, Any]) -> None:
+        headers = {name.lower(): value for name, value in request.headers.items()}
+        self.sent.append(SentMessage(message_id, request.path, parsed, headers))
+
+    def find(self, message_id: str) -> SentMessage | None:
+        """The accepted send that got `message_id`."""
+        return next((sent for sent in self.sent if sent.message_id == message_id), None)
+
+    # -- status webhooks -----------------------------------------------------------------------
+
+    async def send_status(
+        self, hub_url: str, message_id: str, status: str, *, duplicate: bool = False
+    ) -> list[int]:
+        """POST the status webhook to `hub_url` (twice when `duplicate`); the hub's statuses."""
+        hook = self.status_webhook(hub_url, message_id, status)
+        answers: list[int] = []
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            for _ in range(2 if duplicate else 1):
+                async with session.post(hook.url, data=hook.body, headers=hook.headers) as reply:
+                    await reply.read()
+                    answers.append(reply.status)
+        return answers

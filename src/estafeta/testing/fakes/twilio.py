@@ -1,0 +1,209 @@
+"""A fake Twilio Messaging API, WhatsApp channel: the send endpoint and status callbacks.
+
+* contracts §2.4: `POST /2010-04-01/Accounts/{AccountSid}/Messages.json`, basic auth
+  `AccountSid:AuthToken`, form fields `To`/`From` (`whatsapp:+…`), `Body`, `MediaUrl`
+  (repeatable), `ContentSid` + `ContentVariables`, `StatusCallback`; 201 with the Message
+  resource (`sid` `SM…`, `status: queued`, …).
+* Errors are `{"code", "message", "more_info", "status"}`: 20003 for bad credentials (401),
+  20404 for another account's URL, 21604/21603/21602 for a missing To/From/content, 21211
+  for a `To` that is not a number, 63007 for a `From` that is not this sender (400); 20429
+  with HTTP 429 (+ Retry-After when given) for throttling; 63016 (outside the 24 h window)
+  and the other codes of §2.4 on demand.
+* contracts §2.1/§2.3: `send_status` posts the status callback form (`MessageSid`,
+  `MessageStatus`, `AccountSid`, `From`, `To`, `ChannelPrefix=whatsapp`, `ErrorCode` when
+  failed or undelivered) signed with `X-Twilio-Signature` = base64(HMAC-SHA1(auth_token,
+  url + the sorted parameters)).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+from email.utils import formatdate
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+from aiohttp import web
+
+from estafeta.testing.fakes.base import (
+    Answer,
+    FakeProvider,
+    StatusWebhook,
+    hex_id,
+    json_answer,
+    retry_after,
+)
+
+TITLES: dict[int, str] = {
+    20001: "Unknown parameter",
+    20003: "Authenticate",
+    20404: "The requested resource was not found",
+    20429: "Too Many Requests",
+    20500: "Internal Server Error",
+    20503: "Service Unavailable",
+    21211: "The 'To' number is not a valid phone number.",
+    21602: "Message body is required.",
+    21603: "A 'From' phone number is required.",
+    21604: "A 'To' phone number is required.",
+    21610: "Attempt to send to unsubscribed recipient",
+    63007: "Twilio could not find a Channel with the specified From address",
+    63016: "Failed to send freeform message because you are outside the allowed window. "
+    "If you are using WhatsApp, please use a Message Template.",
+    63017: "Rate limit exceeded",
+    63018: "Rate limit exceeded for Channel",
+    63038: "Account exceeded the daily messages limit",
+    63112: "The Meta Business Manager account has been disabled",
+}
+_HTTP_STATUS = {20003: 401, 20404: 404, 20429: 429, 20500: 500, 20503: 503}
+STATUSES = frozenset({"queued", "sending", "sent", "delivered", "undelivered", "failed", "read"})
+_FAILED_CODE = "63016"  # the ErrorCode of a failed/undelivered callback (fixture status_failed)
+
+
+def twilio_error(code: int, message: str | None = None, status: int | None = None) -> Answer:
+    """The §2.4 error answer for `code`."""
+    http_status = status or _HTTP_STATUS.get(code, 400)
+    document = {
+        "code": code,
+        "message": message or TITLES.get(code, "Error"),
+        "more_info": f"https://www.twilio.com/docs/errors/{code}",
+        "status": http_status,
+    }
+    return json_answer(http_status, document)
+
+
+def twilio_signature(auth_token: str, url: str, params: dict[str, list[str]]) -> str:
+    """contracts §2.1: base64(HMAC-SHA1(auth_token, url + sorted name+value pairs))."""
+    signed = url + "".join(
+        name + value for name in sorted(params) for value in sorted(params[name])
+    )
+    digest = hmac.new(auth_token.encode(), signed.encode(), hashlib.sha1).digest()
+    return base64.b64encode(digest).decode()
+
+
+class FakeTwilio(FakeProvider):
+    """One Twilio account with one WhatsApp sender."""
+
+    def __init__(
+        self, *, account_sid: str, auth_token: str, sender: str = "whatsapp:+551140028922"
+    ) -> None:
+        super().__init__()
+        self.account_sid = account_sid
+        self.auth_token = auth_token
+        self.sender = sender
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_post("/2010-04-01/Accounts/{account}/Messages.json", self._messages)
+
+    def error_answer(self, status: int) -> Answer:
+        code = {401: 20003, 404: 20404, 429: 20429, 500: 20500, 503: 20503}.get(status)
+        return twilio_error(code or (20500 if status >= 500 else 20001), None, status)
+
+    def throttle_answer(self, retry_after_s: float | None) -> Answer:
+        answer = twilio_error(20429)
+        return Answer(answer.status, answer.body, retry_after(retry_after_s))
+
+    def reject_answer(self, code: int | str) -> Answer:
+        return twilio_error(int(code))
+
+    async def _messages(self, request: web.Request) -> web.Response:
+        await self.arrive()
+        answer = await self._answer(request)
+        response = answer.response()
+        if answer.status == 401:
+            response.headers["WWW-Authenticate"] = 'Basic realm="Twilio API"'
+        return response
+
+    def _authenticated(self, header: str) -> bool:
+        if not header.startswith("Basic "):
+            return False
+        try:
+            user, _, password = base64.b64decode(header[6:], validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        expected = f"{self.account_sid}:{self.auth_token}".encode()
+        return hmac.compare_digest(f"{user}:{password}".encode(), expected)
+
+    async def _answer(self, request: web.Request) -> Answer:
+        if not self._authenticated(request.headers.get("Authorization", "")):
+            return twilio_error(20003)
+        account = request.match_info["account"]
+        if account != self.account_sid:
+            path = f"/2010-04-01/Accounts/{account}/Messages.json"
+            return twilio_error(20404, f"The requested resource {path} was not found")
+        params: dict[str, list[str]] = {}
+        for name, value in parse_qsl((await request.read()).decode(), keep_blank_values=True):
+            params.setdefault(name, []).append(value)
+        fields = {name: values[0] for name, values in params.items()}
+        to, sender = fields.get("To", ""), fields.get("From", "")
+        if not to:
+            return twilio_error(21604)
+        if not sender and not fields.get("MessagingServiceSid"):
+            return twilio_error(21603)
+        if sender and sender != self.sender:
+            return twilio_error(63007)
+        if not to.startswith("whatsapp:+") or not to[10:].isdigit():
+            return twilio_error(21211, f"The 'To' number {to} is not a valid phone number.")
+        if not (fields.get("Body") or fields.get("MediaUrl") or fields.get("ContentSid")):
+            return twilio_error(21602)
+        planned = self.planned()
+        if planned is not None:
+            return planned
+        sid = "SM" + hex_id(32, upper=False)
+        recorded = {name: v[0] if len(v) == 1 else v for name, v in params.items()}
+        self.record(sid, request, recorded)
+        return json_answer(201, self._resource(sid, fields, len(params.get("MediaUrl", []))))
+
+    def _resource(self, sid: str, fields: dict[str, str], media: int) -> dict[str, Any]:
+        """The Message resource of §2.4 (field list UNCONFIRMED there, §8 item 8)."""
+        now = formatdate(usegmt=True)
+        return {
+            "sid": sid,
+            "account_sid": self.account_sid,
+            "messaging_service_sid": fields.get("MessagingServiceSid"),
+            "to": fields["To"],
+            "from": fields.get("From") or None,
+            "body": fields.get("Body", ""),
+            "status": "queued",
+            "num_media": str(media),
+            "num_segments": "1",
+            "direction": "outbound-api",
+            "api_version": "2010-04-01",
+            "date_created": now,
+            "date_updated": now,
+            "date_sent": None,
+            "error_code": None,
+            "error_message": None,
+            "price": None,
+            "uri": f"/2010-04-01/Accounts/{self.account_sid}/Messages/{sid}.json",
+        }
+
+    def status_webhook(self, hub_url: str, message_id: str, status: str) -> StatusWebhook:
+        """The §2.3 status callback for `message_id`, signed as §2.1 says."""
+        if status not in STATUSES:
+            raise ValueError(f"Twilio statuses are {sorted(STATUSES)}, not {status!r}")
+        sent = self.find(message_id)
+        to = str(sent.request["To"]) if sent else "whatsapp:+5511987654321"
+        pairs = [
+            ("ChannelPrefix", "whatsapp"),
+            ("ApiVersion", "2010-04-01"),
+            ("MessageStatus", status),
+            ("SmsSid", message_id),
+            ("SmsStatus", status),
+            ("ChannelInstallSid", "XE" + hex_id(32, upper=False)),
+            ("To", to),
+            ("From", self.sender),
+            ("MessageSid", message_id),
+            ("StructuredMessage", "false"),
+            ("AccountSid", self.account_sid),
+        ]
+        if status in ("failed", "undelivered"):
+            pairs.append(("ErrorCode", _FAILED_CODE))
+        params = {name: [value] for name, value in pairs}
+        headers = {
+            "Content-Type": "application/x-www-form-urlencoded",
+            "X-Twilio-Signature": twilio_signature(self.auth_token, hub_url, params),
+            "I-Twilio-Idempotency-Token": hex_id(32, upper=False),
+        }
+        return StatusWebhook(hub_url, headers, urlencode(pairs).encode())

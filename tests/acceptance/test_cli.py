@@ -1,0 +1,374 @@
+"""The `estafeta` command as an operator uses it: check-config, migrate, keys, dlq, and a
+graceful stop of `serve` while a send is in flight."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from estafeta.testing.sink import Sink
+from tests.acceptance.conftest import (
+    TENANT,
+    Estafeta,
+    HubClient,
+    client_session,
+    free_port,
+    http_destination,
+    hub_config,
+    leads_to_crm_config,
+    query,
+    run_cli,
+    settled,
+    wait_until,
+    write_config,
+)
+from tests.conftest import SINK_SECRET
+
+# -- check-config -----------------------------------------------------------------------------
+
+BAD_CONFIG = """\
+[storage]
+url = "sqlite:///estafeta.db"
+
+[[tenants]]
+id = "clinica-sol"
+ingress_rate_limit = "lots"
+
+[[destinations]]
+id = "crm"
+tenant = "clinica-sol"
+url = "http://127.0.0.1:9/crm"
+timeout_s = -1
+
+[[routes]]
+tenant = "clinica-sol"
+events = ["lead.*"]
+destinations = ["crmm"]
+"""
+
+
+async def test_check_config_prints_every_problem_with_its_location(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(BAD_CONFIG)
+    result = await run_cli("check-config", str(bad), cwd=tmp_path)
+
+    assert result.returncode == 1, result
+    lines = result.stderr.splitlines()
+    assert (
+        f"{bad}: routes[0].destinations[0]: unknown destination 'crmm' (did you mean 'crm'?)"
+        in lines
+    )
+    assert any(
+        line.startswith(f"{bad}: tenants[0].ingress_rate_limit: invalid rate limit 'lots'")
+        for line in lines
+    )
+    assert any(line.startswith(f"{bad}: destinations[0].timeout_s: ") for line in lines), lines
+    assert lines[-1] == "3 problem(s) found"
+    assert result.stdout == ""
+
+
+async def test_check_config_reports_a_destination_kind_not_available_beside_the_rest(
+    tmp_path: Path,
+) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        BAD_CONFIG
+        + """
+[[destinations]]
+id = "sheet"
+tenant = "clinica-sol"
+kind = "airtable"
+
+[[destinations]]
+id = "typo"
+tenant = "clinica-sol"
+kind = "airtabel"
+"""
+    )
+    result = await run_cli("check-config", str(bad), cwd=tmp_path)
+
+    assert result.returncode == 1, result
+    lines = result.stderr.splitlines()
+    assert (
+        f"{bad}: destinations[1].kind: destination kind 'airtable' is not available in this"
+        " version (available: http)" in lines
+    ), lines
+    # A kind that does not exist at all is reported once, by the configuration's own check.
+    typo = [line for line in lines if "destinations[2].kind" in line]
+    assert len(typo) == 1 and "not available" not in typo[0], lines
+    assert lines[-1] == "5 problem(s) found"
+
+
+async def test_serve_refuses_a_destination_kind_it_cannot_deliver_to(tmp_path: Path) -> None:
+    config = hub_config(
+        f"sqlite:///{tmp_path / 'estafeta.db'}",
+        tmp_path,
+        port=free_port(),
+        destinations=[
+            http_destination("crm", "http://127.0.0.1:9/crm"),
+            {"id": "sheet", "tenant": TENANT, "kind": "airtable"},
+        ],
+        routes=[{"tenant": TENANT, "events": ["lead.*"], "destinations": ["crm", "sheet"]}],
+    )
+    path = write_config(tmp_path / "estafeta.toml", config)
+    result = await run_cli("serve", "--config", str(path), cwd=tmp_path, timeout_s=30)
+
+    # Refused before anything starts, rather than accepting events it could never deliver.
+    assert result.returncode == 2, result
+    assert "destinations[1].kind: destination kind 'airtable' is not available" in result.stderr
+    assert not (tmp_path / "estafeta.db").exists()
+
+
+async def test_check_config_points_at_the_line_of_a_toml_syntax_error(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.toml"
+    broken.write_text('[server]\nlisten = "127.0.0.1:8080"\nport = \n')
+    result = await run_cli("check-config", str(broken), cwd=tmp_path)
+
+    assert result.returncode == 1, result
+    problem, count = result.stderr.splitlines()
+    assert "line 3, column 8" in problem and "invalid TOML" in problem, problem
+    assert count == "1 problem(s) found"
+    # Each problem line names the file once, as for every other kind of problem.
+    assert problem.count(str(broken)) == 1, problem
+
+
+async def test_check_config_accepts_a_good_file(tmp_path: Path) -> None:
+    config = hub_config(
+        f"sqlite:///{tmp_path / 'estafeta.db'}",
+        tmp_path,
+        port=free_port(),
+        destinations=[http_destination("crm", "http://127.0.0.1:9/crm")],
+        routes=[{"tenant": TENANT, "events": ["lead.*"], "destinations": ["crm"]}],
+    )
+    good = write_config(tmp_path / "good.toml", config)
+    result = await run_cli("check-config", str(good), cwd=tmp_path)
+
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"{good}: ok\n", "")
+
+
+# -- migrate and keys -------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+async def test_migrate_then_keys_create_prints_a_key_that_publishes_events(
+    tmp_path: Path, estafeta: Estafeta
+) -> None:
+    database_url = f"sqlite:///{tmp_path / 'estafeta.db'}"
+    port = free_port()
+    config = write_config(
+        tmp_path / "estafeta.toml",
+        hub_config(database_url, tmp_path, port=port, destinations=[], routes=[]),
+    )
+    migrated = await run_cli("migrate", "--config", str(config), cwd=tmp_path)
+    assert migrated.returncode == 0, migrated
+    assert migrated.stdout == "schema is up to date (sqlite)\n"
+
+    created = await run_cli(
+        "keys", "create", "--config", str(config), "--tenant", TENANT, cwd=tmp_path
+    )
+    assert created.returncode == 0, created
+    key = created.stdout.strip()
+    assert created.stdout == f"{key}\n" and key.startswith("est_"), created.stdout
+    assert "not shown again" in created.stderr and key not in created.stderr
+    stored = await query(database_url, "SELECT * FROM api_keys")
+    assert len(stored) == 1 and key not in repr(stored)  # only a hash is kept
+
+    unknown = await run_cli(
+        "keys", "create", "--config", str(config), "--tenant", "nobody", cwd=tmp_path
+    )
+    assert unknown.returncode == 2, unknown
+    assert "no tenant 'nobody'" in unknown.stderr and unknown.stdout == "", unknown
+
+    serve = await estafeta.serve(config, port)
+    assert serve.base_url is not None
+    async with client_session() as http:
+        hub = HubClient(serve.base_url, http)
+        bearer = {"authorization": f"Bearer {key}"}
+        event = {"type": "lead.created", "data": {"name": "Maria"}, "idempotency_key": "lead-1"}
+        status, answer = await hub.post_json("/api/v1/events", event, headers=bearer)
+        assert status == 202, answer
+        assert answer["duplicate"] is False
+        stored_event = await hub.get_json(f"/api/v1/events/{answer['id']}", headers=bearer)
+        assert stored_event["type"] == "lead.created"
+        assert stored_event["tenant"] == TENANT
+
+        status, again = await hub.post_json("/api/v1/events", event, headers=bearer)
+        assert (status, again) == (200, {"id": answer["id"], "duplicate": True})
+        wrong = {"authorization": "Bearer est_not-a-key"}
+        status, refused = await hub.post_json("/api/v1/events", event, headers=wrong)
+        assert status == 401, refused
+
+
+# -- the dead-letter queue --------------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+async def test_dlq_list_replay_and_discard(tmp_path: Path, estafeta: Estafeta) -> None:
+    database_url = f"sqlite:///{tmp_path / 'estafeta.db'}"
+    sink = Sink(secret=SINK_SECRET)
+    await sink.start()
+    sink.respond(500)  # both destinations are down: one attempt each, straight to the DLQ
+    try:
+        port = free_port()
+        config = write_config(
+            tmp_path / "estafeta.toml",
+            hub_config(
+                database_url,
+                tmp_path,
+                port=port,
+                destinations=[
+                    http_destination("crm", f"{sink.url}/hooks/crm", max_attempts=1),
+                    http_destination("billing", f"{sink.url}/hooks/billing", max_attempts=1),
+                ],
+                routes=[
+                    {"tenant": TENANT, "events": ["lead.*"], "destinations": ["crm", "billing"]}
+                ],
+            ),
+        )
+        serve = await estafeta.serve(config, port)
+        assert serve.base_url is not None
+        async with client_session() as http:
+            hub = HubClient(serve.base_url, http)
+            msg_ids = [f"msg_{n}" for n in range(5)]
+            sent = await hub.send_many(
+                [{"type": "lead.created", "data": {"n": n}} for n in range(5)], msg_ids
+            )
+            assert sent.statuses == [202] * 5
+            events = sent.acknowledged
+
+            async def all_dead() -> bool:
+                return (await hub.queue()).get("dead", 0) == 10
+
+            await wait_until(all_dead, timeout_s=30, what="10 dead deliveries")
+        await serve.stop()
+
+        async def dlq(*args: str) -> tuple[int, list[str], str]:
+            result = await run_cli("dlq", *args, "--config", str(config), cwd=tmp_path)
+            return result.returncode, result.stdout.splitlines(), result.stderr
+
+        code, lines, err = await dlq("list")
+        assert code == 0, err
+        assert len(lines) == 10 and err.strip() == "10 dead deliveries", (lines, err)
+        assert all("attempts=1" in line and "http_500" in line for line in lines), lines
+
+        code, lines, err = await dlq("list", "--json")
+        dead: list[dict[str, Any]] = [orjson.loads(line) for line in lines]
+        assert {d["state"] for d in dead} == {"dead"}
+        assert {d["event_id"] for d in dead} == events
+        billing_dead = sorted(d["id"] for d in dead if d["destination"] == "billing")
+        crm_dead = sorted(d["id"] for d in dead if d["destination"] == "crm")
+        assert len(billing_dead) == len(crm_dead) == 5
+
+        code, lines, err = await dlq("replay")  # no selector: refused, nothing moves
+        assert code == 2 and "name --id, a filter, or --all" in err, (code, err)
+        assert len((await dlq("list"))[1]) == 10
+
+        code, lines, err = await dlq("replay", "--destination", "billing")
+        assert code == 0, err
+        assert (lines, err.strip()) == (billing_dead, "5 deliveries replayed")
+        assert (await dlq("list", "--destination", "billing"))[1] == []
+        assert len((await dlq("list"))[1]) == 5
+
+        code, lines, err = await dlq("discard", "--all")
+        assert code == 0, err
+        assert (lines, err.strip()) == (crm_dead, "5 deliveries discarded")
+        code, lines, err = await dlq("list")
+        assert (code, lines, err.strip()) == (0, [], "0 dead deliveries")
+
+        # Billing is back: the replayed deliveries go out, the discarded ones never do.
+        sink.respond(200)
+        serve = await estafeta.serve(config, port, name="serve-again")
+        assert serve.base_url is not None
+
+        def billing_got_all(s: Sink) -> bool:
+            ok = {
+                r.webhook_id for r in s.received if r.status == 200 and r.path == "/hooks/billing"
+            }
+            return events <= ok
+
+        assert await sink.wait_for(billing_got_all, 30), "replayed deliveries not delivered"
+        async with client_session() as http:
+            hub = HubClient(serve.base_url, http)
+            assert await settled(hub, timeout_s=20) == {"succeeded": 5, "discarded": 5}
+        assert not any(r.status == 200 and r.path == "/hooks/crm" for r in sink.received)
+    finally:
+        await sink.stop()
+
+
+# -- graceful shutdown ------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(
+    ("grace_s", "send_s", "expected"),
+    [
+        pytest.param(10.0, 1.0, ("succeeded", 1), id="send-finishes-within-grace"),
+        pytest.param(0.3, 5.0, ("pending", 0), id="send-given-back-after-grace"),
+    ],
+)
+async def test_sigterm_stops_serve_cleanly_with_a_send_in_flight(
+    database_url: str,
+    tmp_path: Path,
+    estafeta: Estafeta,
+    grace_s: float,
+    send_s: float,
+    expected: tuple[str, int],
+) -> None:
+    """SIGTERM → exit 0 within the grace period; the delivery is never left in flight."""
+    sink = Sink(secret=SINK_SECRET)
+    await sink.start()
+    sink.respond(200, delay_s=send_s)
+    try:
+        port = free_port()
+        config = leads_to_crm_config(
+            database_url,
+            tmp_path,
+            sink.url,
+            port=port,
+            timeout_s=10,
+            worker={"shutdown_grace_s": grace_s},
+        )
+        serve = await estafeta.serve(config, port)
+        assert serve.base_url is not None
+        async with client_session() as http:
+            hub = HubClient(serve.base_url, http)
+            status, answer = await hub.post_signed({"type": "lead.created", "data": {}}, "msg_1")
+            assert status == 202, answer
+            event_id = answer["id"]
+        assert await sink.wait_for(lambda s: len(s.received) == 1, 10), "the send never started"
+
+        stopping = time.monotonic()
+        serve.send_signal(signal.SIGTERM)
+        exit_code = await serve.wait_exit(grace_s + 10)
+        took = time.monotonic() - stopping
+
+        rows = await query(
+            database_url, "SELECT state, attempts, lease_token, leased_by FROM deliveries"
+        )
+        assert rows == [(*expected, None, None)], rows
+        assert took < grace_s + 5, f"took {took:.1f} s to stop with a {grace_s} s grace"
+
+        # Restarted, the hub finishes the job: the delivery succeeds, nothing is lost.
+        sink.respond(200)
+        again = await estafeta.serve(config, port, name="serve-again")
+        assert again.base_url is not None
+        async with client_session() as http:
+            hub = HubClient(again.base_url, http)
+            assert await settled(hub, timeout_s=20) == {"succeeded": 1}
+            delivery = await hub.delivery(event_id, "crm")
+            assert [a["status_code"] for a in delivery["attempt_log"]] == [200]
+        assert event_id in sink.delivered_ids
+
+        # Last, so that the state checks above run whatever the exit code: a graceful stop
+        # on SIGTERM is a success for process supervisors (systemd, Kubernetes, Docker).
+        assert exit_code == 0, (
+            f"`estafeta serve` exited {exit_code} after a graceful SIGTERM shutdown "
+            f"(-{signal.SIGTERM.value} = killed by SIGTERM)\n{serve.tail()}"
+        )
+    finally:
+        await sink.stop()

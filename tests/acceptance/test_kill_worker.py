@@ -1,0 +1,110 @@
+"""A worker killed mid-send (SIGKILL, no goodbye) loses nothing: its leases expire and another
+worker delivers them. Duplicates are allowed only for what was in flight at the kill."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from estafeta.testing.sink import Sink
+from tests.acceptance.conftest import (
+    Estafeta,
+    HubClient,
+    client_session,
+    free_port,
+    leads_to_crm_config,
+    query,
+    settled,
+    summary,
+)
+from tests.conftest import SINK_SECRET
+
+EVENTS = 400
+SINK_DELAY_S = 0.4  # slow enough that dozens of sends are in flight at any moment
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_killed_worker_loses_nothing_and_duplicates_only_what_was_in_flight(
+    database_url: str, tmp_path: Path, estafeta: Estafeta
+) -> None:
+    started = time.monotonic()
+    sink = Sink(secret=SINK_SECRET)
+    await sink.start()
+    sink.respond(200, delay_s=SINK_DELAY_S)
+    try:
+        port = free_port()
+        # lease = max(lease_s, timeout_s + 2) = 3 s: a dead worker's sends come back soon
+        config = leads_to_crm_config(
+            database_url,
+            tmp_path,
+            sink.url,
+            port=port,
+            timeout_s=1,
+            worker={"lease_s": 1, "concurrency": 32},
+        )
+        serve = await estafeta.serve(config, port, no_workers=True)
+        assert serve.base_url is not None
+        doomed = estafeta.worker(config, name="worker-1")
+        await doomed.wait_log("worker_started")
+
+        async with client_session() as http:
+            hub = HubClient(serve.base_url, http)
+            msg_ids = [f"msg_{n:05d}" for n in range(EVENTS)]
+            sent = await hub.send_many(
+                [{"type": "lead.created", "data": {"n": n}} for n in range(EVENTS)], msg_ids
+            )
+            assert sent.errors == []
+            assert sent.statuses == [202] * EVENTS
+            acknowledged = sent.acknowledged
+
+            assert await sink.wait_for(lambda s: len(s.received) >= 60, 30), "no sends started"
+            doomed.send_signal(signal.SIGKILL)
+            assert await doomed.wait_exit(10) == -signal.SIGKILL
+            received_at_kill = len(sink.received)
+            rows = await query(
+                database_url, "SELECT event_id FROM deliveries WHERE state = 'in_flight'"
+            )
+            in_flight_at_kill = {event_id for (event_id,) in rows}
+            assert in_flight_at_kill, "nothing was in flight when the worker died"
+
+            rescuer = estafeta.worker(config, name="worker-2")
+            assert await sink.wait_for(lambda s: acknowledged <= s.delivered_ids, 45), (
+                f"{len(acknowledged - sink.delivered_ids)} acknowledged events never delivered"
+            )
+            by_state = await settled(hub, timeout_s=20)
+            assert by_state == {"succeeded": EVENTS}, by_state
+
+            # The attempts log says why a rescued delivery was sent again.
+            for event_id in sorted(in_flight_at_kill)[:10]:
+                delivery = await hub.delivery(event_id, "crm")
+                classes = [a["error_class"] for a in delivery["attempt_log"]]
+                assert delivery["state"] == "succeeded", delivery
+                assert "lease_expired" in classes, delivery
+                assert classes[-1] is None, delivery
+
+        await rescuer.stop()
+        sends = Counter(r.webhook_id or "" for r in sink.received)
+        resent = {event_id for event_id, n in sends.items() if n > 1}
+        assert resent <= in_flight_at_kill, (
+            f"sent twice though not in flight at the kill: {sorted(resent - in_flight_at_kill)}"
+        )
+        summary(
+            "kill_worker[postgresql]",
+            sent=EVENTS,
+            acknowledged=len(acknowledged),
+            delivered=len(sink.delivered_ids),
+            duplicates=sink.duplicates,
+            lost=len(acknowledged - sink.delivered_ids),
+            started=started,
+        )
+        print(
+            f"  in flight at kill={len(in_flight_at_kill)} received before kill={received_at_kill}"
+            f" sent more than once={len(resent)}"
+        )
+    finally:
+        await sink.stop()

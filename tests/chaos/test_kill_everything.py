@@ -1,0 +1,193 @@
+"""Kill everything at random moments: nothing acknowledged is lost, and the only duplicates
+are deliveries that were in flight when their worker died.
+
+5,000 signed webhooks stream into `estafeta serve --no-workers` (50 at a time) while two
+`estafeta worker` processes deliver them to a sink. The ingest server and the workers are
+each SIGKILLed three times, at moments drawn from a seeded `random.Random` (as a fraction of
+the run's progress, so the moments fall inside the run however fast this machine is today),
+and started again. The sender retries a request that failed with a connection error with
+the same `webhook-id`, as a real provider does.
+
+Why a duplicate is legitimate only when both hold:
+
+* its delivery has a `lease_expired` attempt: a worker took it over because the lease's
+  owner never recorded a result. That is the only way a delivery is sent again after a
+  2xx; without a recorded 2xx it could not have been marked succeeded and then re-sent;
+* it was in flight at a kill: it is among the deliveries that were `in_flight` and leased
+  by the killed worker (`leased_by` names the worker's pid) right after the SIGKILL. A
+  worker that dies cannot send anything later, and a lease lasts 4 s here while the
+  snapshot is taken within milliseconds, so the snapshot is complete.
+
+Killing the ingest server must not duplicate anything: a webhook committed but not answered
+is sent again with the same `webhook-id`, which the store deduplicates, so each webhook
+becomes exactly one event (checked by the webhook's number in the delivered payload).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import orjson
+import pytest
+
+from estafeta.testing.sink import Sink
+from tests.acceptance.conftest import (
+    Estafeta,
+    HubClient,
+    Proc,
+    client_session,
+    free_port,
+    leads_to_crm_config,
+    query,
+    summary,
+    wait_until,
+)
+from tests.chaos.conftest import (
+    Load,
+    acknowledged_ids,
+    all_delivered,
+    deliveries_by_state,
+    events_with_attempt,
+    lead,
+)
+from tests.conftest import SINK_SECRET
+
+EVENTS = 5000
+CONCURRENCY = 50
+KILLS = 3  # of the ingest server, and of the workers
+SEED = 20261122
+SINK_DELAY_S = 0.05  # so that dozens of sends are in flight at any moment
+WORKERS = 2
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+@pytest.mark.timeout(150)
+async def test_random_kills_lose_nothing_and_duplicate_only_sends_in_flight(
+    chaos_database: str, tmp_path: Path, estafeta: Estafeta
+) -> None:
+    started = time.monotonic()
+    sink = Sink(secret=SINK_SECRET)
+    await sink.start()
+    sink.respond(200, delay_s=SINK_DELAY_S)
+    try:
+        port = free_port()
+        # lease = max(lease_s, timeout_s + 2) = 4 s: a dead worker's sends come back soon
+        config = leads_to_crm_config(
+            chaos_database,
+            tmp_path,
+            sink.url,
+            port=port,
+            timeout_s=2,
+            max_attempts=20,
+            worker={"lease_s": 1, "concurrency": 32, "batch_size": 32},
+        )
+        serve = await estafeta.serve(config, port, no_workers=True)
+        workers = [estafeta.worker(config, name=f"worker-{i}") for i in range(WORKERS)]
+        for worker in workers:
+            await worker.wait_log("worker_started")
+
+        # Kill moments as progress: acknowledged webhooks (server), delivered events (workers).
+        rng_serve, rng_workers = random.Random(SEED), random.Random(SEED + 1)
+        serve_marks = sorted(rng_serve.sample(range(EVENTS // 10, EVENTS * 9 // 10), KILLS))
+        worker_marks = sorted(rng_workers.sample(range(EVENTS // 10, EVENTS * 9 // 10), KILLS))
+        in_flight_at_kill: set[str] = set()
+        kills: list[str] = []
+
+        async def kill_serve(load: Load) -> None:
+            nonlocal serve
+            for n, mark in enumerate(serve_marks, 1):
+
+                async def reached(mark: int = mark) -> bool:
+                    return load.ok >= mark
+
+                await wait_until(reached, timeout_s=90, what=f"{mark} acknowledged webhooks")
+                await kill(serve)
+                kills.append(f"serve@{load.ok}")
+                await asyncio.sleep(rng_serve.uniform(0, 0.5))
+                serve = await estafeta.serve(config, port, no_workers=True, name=f"serve-{n}")
+
+        async def kill_workers() -> None:
+            for n, mark in enumerate(worker_marks, 1):
+
+                def reached(s: Sink, mark: int = mark) -> bool:
+                    return len(s.delivered_ids) >= mark
+
+                assert await sink.wait_for(reached, 90), f"{mark} deliveries never arrived"
+                victim = rng_workers.randrange(WORKERS)
+                pid = workers[victim].pid
+                await kill(workers[victim])
+                kills.append(f"worker-{victim}@{len(sink.delivered_ids)}")
+                rows = await query(
+                    chaos_database,
+                    "SELECT event_id FROM deliveries WHERE state = 'in_flight'"
+                    " AND leased_by LIKE :pid",
+                    {"pid": f"%:{pid}:%"},
+                )
+                in_flight_at_kill.update(event_id for (event_id,) in rows)
+                await asyncio.sleep(rng_workers.uniform(0, 0.5))
+                workers[victim] = estafeta.worker(config, name=f"worker-{victim}-{n}")
+
+        async with client_session() as http:
+            assert serve.base_url is not None
+            load = Load(HubClient(serve.base_url, http), give_up_after_s=60)
+            messages = [lead(n) for n in range(EVENTS)]
+            chaos = asyncio.gather(kill_serve(load), kill_workers())
+            await load.burst(messages, concurrency=CONCURRENCY)
+            await asyncio.wait_for(chaos, timeout=60)
+            assert len(kills) == 2 * KILLS, kills
+
+            assert load.refused() == {}, list(load.refused().items())[:10]
+            acknowledged = load.acknowledged()
+            assert len(acknowledged) == EVENTS
+            missing = await all_delivered(sink, acknowledged, timeout_s=60)
+            assert not missing, f"{len(missing)} acknowledged webhooks never delivered"
+
+            async def settled() -> bool:
+                by_state = await deliveries_by_state(chaos_database)
+                return by_state.get("pending", 0) + by_state.get("in_flight", 0) == 0
+
+            await wait_until(settled, timeout_s=30, what="no delivery pending or in flight")
+
+        by_state = await deliveries_by_state(chaos_database)
+        stored = await query(chaos_database, "SELECT count(*) FROM events")
+        assert stored == [(EVENTS,)], f"{stored[0][0]} events stored for {EVENTS} webhooks"
+        assert by_state == {"succeeded": EVENTS}, by_state
+
+        # One webhook, one event: no retry after a server kill made a second one.
+        ids_by_webhook: defaultdict[int, set[str]] = defaultdict(set)
+        for r in sink.received:
+            ids_by_webhook[orjson.loads(r.body)["data"]["n"]].add(r.webhook_id or "")
+        assert {n for n, ids in ids_by_webhook.items() if len(ids) > 1} == set()
+        assert acknowledged_ids(acknowledged) == sink.delivered_ids
+
+        # Duplicates: only sends in flight when their worker was killed (module docstring).
+        oks = Counter(r.webhook_id or "" for r in sink.received if 200 <= r.status < 300)
+        duplicated = {event_id for event_id, n in oks.items() if n > 1}
+        rescued = await events_with_attempt(chaos_database, "lease_expired")
+        assert duplicated <= rescued, f"sent again without a rescue: {duplicated - rescued}"
+        assert duplicated <= in_flight_at_kill, (
+            f"sent again though not in flight at a kill: {sorted(duplicated - in_flight_at_kill)}"
+        )
+        assert max(oks.values()) <= 1 + KILLS
+        summary(
+            "chaos kill_everything",
+            sent=load.sent,
+            acknowledged=len(acknowledged),
+            delivered=len(sink.delivered_ids),
+            duplicates=sink.duplicates,
+            lost=len(missing),
+            started=started,
+        )
+    finally:
+        await sink.stop()
+
+
+async def kill(proc: Proc) -> None:
+    proc.send_signal(signal.SIGKILL)
+    assert await proc.wait_exit(10) == -signal.SIGKILL, proc.tail()

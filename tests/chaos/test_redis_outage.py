@@ -1,0 +1,187 @@
+"""Redis stopped mid-run: deliveries go on (rate limit and circuits fall back to process
+memory), `redis_unavailable` is logged once per component that uses Redis, nothing is lost,
+and when Redis is back on the same port `redis_available` is logged and Redis is used again.
+
+The Redis is this test's own `redis-server` (killed with SIGKILL and started again); the
+shared one on 6379 is never touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import redis.asyncio
+
+from estafeta.testing.sink import Sink
+from tests.acceptance.conftest import (
+    TENANT,
+    Estafeta,
+    HubClient,
+    client_session,
+    free_port,
+    http_destination,
+    hub_config,
+    summary,
+    wait_until,
+    write_config,
+)
+from tests.chaos.conftest import (
+    Load,
+    RedisProcess,
+    all_delivered,
+    arrivals,
+    lead,
+    logged,
+    median,
+    per_second,
+    settled_deliveries,
+)
+from tests.conftest import SINK_SECRET
+
+RATE_PER_S = 40
+BEFORE_S = 3.0
+OUTAGE_S = 7.0  # longer than the 5 s between tries: a failed retry must not log again
+COMPONENTS = {"throttle", "circuit_store"}  # what uses Redis in a worker (RedisFailover names)
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+@pytest.mark.timeout(60)
+async def test_deliveries_go_on_while_redis_is_down_and_redis_is_used_again_after(
+    chaos_database: str, own_redis: RedisProcess, tmp_path: Path, estafeta: Estafeta
+) -> None:
+    started = time.monotonic()
+    sink = Sink(secret=SINK_SECRET)
+    await sink.start()
+    try:
+        port = free_port()
+        data = hub_config(
+            chaos_database,
+            tmp_path,
+            port=port,
+            destinations=[
+                http_destination("crm", f"{sink.url}/crm", rate_limit="500/second", max_attempts=10)
+            ],
+            routes=[{"tenant": TENANT, "events": ["lead.*"], "destinations": ["crm"]}],
+        )
+        data["redis"] = {"url": own_redis.url}
+        config = write_config(tmp_path / "estafeta.toml", data)
+        serve = await estafeta.serve(config, port)
+        assert serve.base_url is not None
+
+        async with client_session() as http:
+            load = Load(HubClient(serve.base_url, http), give_up_after_s=30)
+            stop_load = asyncio.Event()
+            sending = asyncio.create_task(load.steady(RATE_PER_S, stop_load, lead))
+            await asyncio.sleep(BEFORE_S)  # the scenario's timeline
+            assert sink.delivered_ids, "nothing delivered before Redis went away"
+            client = redis.asyncio.Redis.from_url(own_redis.url)
+            try:
+                throttle_keys = [k async for k in client.scan_iter(match="estafeta:throttle*")]
+            finally:
+                await client.aclose()
+            assert throttle_keys, "the rate limit does not count in Redis"
+
+            await own_redis.kill()
+            killed_at = time.monotonic()
+            await serve.wait_log("redis_unavailable", timeout_s=10)
+            await asyncio.sleep(max(0.0, killed_at + OUTAGE_S - time.monotonic()))
+            await own_redis.start()
+            restarted_at = time.monotonic()
+
+            async def back() -> bool:
+                available = {e.get("component") for e in logged(serve, "redis_available")}
+                return available >= COMPONENTS
+
+            # Redis is tried again every 5 s (RedisFailover.retry_s) by each component.
+            await wait_until(back, timeout_s=15, what=f"redis_available from {COMPONENTS}")
+            stop_load.set()
+            sent = await asyncio.wait_for(sending, timeout=30)
+
+            assert load.refused() == {}
+            acknowledged = load.acknowledged()
+            assert len(acknowledged) == sent
+            missing = await all_delivered(sink, acknowledged, timeout_s=20)
+            assert not missing, f"{len(missing)} acknowledged events never delivered"
+            assert await settled_deliveries(chaos_database, timeout_s=20) == {"succeeded": sent}
+
+        ok = arrivals(sink, status=200)
+        before = per_second(ok, started + 1, killed_at)
+        during = per_second(ok, killed_at, restarted_at)
+        assert min(during) > 0, f"a second without deliveries while Redis was down: {during}"
+        assert median(during) >= 0.7 * median([n for n in before if n]), (before, during)
+        unavailable = Counter(e.get("component") for e in logged(serve, "redis_unavailable"))
+        assert unavailable == dict.fromkeys(COMPONENTS, 1), unavailable
+        assert logged(serve, "task_crashed") == []
+        assert sink.duplicates == 0
+        summary(
+            "chaos redis_outage",
+            sent=sent,
+            acknowledged=len(acknowledged),
+            delivered=len(sink.delivered_ids),
+            duplicates=sink.duplicates,
+            lost=len(missing),
+            started=started,
+        )
+    finally:
+        await sink.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+@pytest.mark.timeout(60)
+async def test_reading_health_during_a_redis_outage_does_not_log_the_outage_again(
+    chaos_database: str, own_redis: RedisProcess, tmp_path: Path, estafeta: Estafeta
+) -> None:
+    started = time.monotonic()
+    sink = Sink(secret=SINK_SECRET)
+    await sink.start()
+    try:
+        port = free_port()
+        data = hub_config(
+            chaos_database,
+            tmp_path,
+            port=port,
+            destinations=[http_destination("crm", f"{sink.url}/crm", rate_limit="500/second")],
+            routes=[{"tenant": TENANT, "events": ["lead.*"], "destinations": ["crm"]}],
+        )
+        data["redis"] = {"url": own_redis.url}
+        config = write_config(tmp_path / "estafeta.toml", data)
+        serve = await estafeta.serve(config, port)
+        assert serve.base_url is not None
+        async with client_session() as http:
+            hub = HubClient(serve.base_url, http)
+            load = Load(hub)
+            await load.burst([lead(n) for n in range(5)], concurrency=5)
+            await own_redis.kill()
+            await load.burst([lead(n) for n in range(5, 10)], concurrency=5)
+
+            async def both_noticed() -> bool:
+                noticed = {e.get("component") for e in logged(serve, "redis_unavailable")}
+                return noticed >= COMPONENTS
+
+            await wait_until(both_noticed, timeout_s=10, what=f"redis_unavailable: {COMPONENTS}")
+            # What an operator (or a Prometheus scrape of /metrics) does during the outage.
+            detailed = await hub.get_json("/health/detailed")
+            assert detailed["status"] == "degraded", detailed
+            assert detailed["checks"]["redis"]["status"] == "unavailable", detailed
+            acknowledged = load.acknowledged()
+            missing = await all_delivered(sink, acknowledged, timeout_s=10)
+        unavailable = Counter(e.get("component") for e in logged(serve, "redis_unavailable"))
+        summary(
+            "chaos redis_logged_once",
+            sent=load.sent,
+            acknowledged=len(acknowledged),
+            delivered=len(sink.delivered_ids),
+            duplicates=sink.duplicates,
+            lost=len(missing),
+            started=started,
+        )
+        assert not missing
+        assert unavailable == dict.fromkeys(COMPONENTS, 1), unavailable
+    finally:
+        await sink.stop()

@@ -1,0 +1,159 @@
+"""Fixtures shared by every level of tests.
+
+`store` is parametrized over both engines: SQLite in a temporary file and the real
+PostgreSQL server (a database made for this test session, emptied between tests). Without
+a PostgreSQL server the PostgreSQL half is skipped locally, and fails under CI=true.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from estafeta.config import Config, load_config_dict
+from estafeta.store import open_store
+from estafeta.store.schema import metadata
+from estafeta.store.sqlstore import SqlStore
+
+PG_ADMIN_URL = os.environ.get(
+    "ESTAFETA_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def _pg_sync_url(url: str) -> str:
+    return url.replace("postgresql://", "postgresql+psycopg2://", 1)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session, dropped at the end."""
+    name = f"estafeta_test_{os.getpid()}_{secrets.token_hex(3)}"
+    admin = create_engine(_pg_sync_url(PG_ADMIN_URL), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:
+        admin.dispose()
+        if IN_CI:
+            pytest.fail(f"PostgreSQL is required under CI=true and is not reachable: {exc}")
+        pytest.skip(f"PostgreSQL not reachable: {exc}")
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def _truncate_postgres(url: str) -> None:
+    engine = create_engine(_pg_sync_url(url))
+    with engine.begin() as conn:
+        names = ", ".join(t.name for t in reversed(metadata.sorted_tables))
+        exists = conn.execute(text("SELECT to_regclass('public.events')")).scalar()
+        if exists:
+            conn.execute(text(f"TRUNCATE {names} CASCADE"))
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A database URL for each engine, empty at the start of the test."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'estafeta.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    _truncate_postgres(url)
+    return url
+
+
+def base_config(database_url: str, **overrides: Any) -> dict[str, Any]:
+    """A small valid configuration: one tenant, a signed source, two http destinations."""
+    data: dict[str, Any] = {
+        "storage": {"url": database_url},
+        "security": {"admin_key": "test-admin-key"},
+        "worker": {"poll_interval_s": 0.05, "rescue_interval_s": 0.2},
+        "tenants": [
+            {"id": "clinica-sol", "name": "Clínica Sol", "ingress_rate_limit": "100000/minute"},
+            {"id": "outra", "name": "Outra", "ingress_rate_limit": "100000/minute"},
+        ],
+        "sources": [
+            {
+                "id": "crm-events",
+                "tenant": "clinica-sol",
+                "kind": "generic",
+                "secret": SOURCE_SECRET,
+                "event_type": "crm.webhook",
+            },
+            {"id": "keyed", "tenant": "clinica-sol", "kind": "generic", "api_key": "source-key-1"},
+            {"id": "outra-in", "tenant": "outra", "kind": "generic", "api_key": "outra-key-1"},
+        ],
+        "destinations": [
+            {
+                "id": "crm",
+                "tenant": "clinica-sol",
+                "url": "http://127.0.0.1:9/crm",
+                "secret": SINK_SECRET,
+                "timeout_s": 2,
+                "max_attempts": 3,
+                "backoff": {"base_s": 0.05, "factor": 2, "max_s": 0.2, "jitter": 0},
+            },
+            {
+                "id": "billing",
+                "tenant": "clinica-sol",
+                "url": "http://127.0.0.1:9/billing",
+                "secret": SINK_SECRET,
+                "timeout_s": 2,
+                "max_attempts": 3,
+                "backoff": {"base_s": 0.05, "factor": 2, "max_s": 0.2, "jitter": 0},
+            },
+            {"id": "outra-sink", "tenant": "outra", "url": "http://127.0.0.1:9/outra"},
+        ],
+        "routes": [
+            {
+                "id": "messages",
+                "tenant": "clinica-sol",
+                "events": ["message.*"],
+                "destinations": ["crm"],
+                "priority": 1,
+            },
+            {
+                "id": "appointments",
+                "tenant": "clinica-sol",
+                "events": ["appointment.*"],
+                "filter": "data.status != 'draft'",
+                "destinations": ["crm", "billing"],
+                "priority": 2,
+            },
+            {"id": "outra-all", "tenant": "outra", "events": ["*"], "destinations": ["outra-sink"]},
+        ],
+    }
+    data.update(overrides)
+    return data
+
+
+SOURCE_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+SINK_SECRET = "whsec_9sQZGHNKBPLdpN1Cf2pWhMROd+Y32GhePFOfGlgrQy4="
+
+
+@pytest.fixture
+def config(database_url: str) -> Config:
+    return load_config_dict(base_config(database_url))
+
+
+@pytest.fixture
+async def store(config: Config) -> AsyncIterator[SqlStore]:
+    """A migrated store holding the base configuration."""
+    opened = open_store(config.storage.url)
+    await opened.migrate()
+    await opened.sync_config(config, 1_700_000_000_000)
+    try:
+        yield opened
+    finally:
+        await opened.close()

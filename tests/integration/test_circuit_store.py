@@ -1,0 +1,197 @@
+"""Circuit state stores: one behaviour suite for memory and real Redis, then Redis going away.
+
+The shared Redis (127.0.0.1:6379, or ESTAFETA_TEST_REDIS_URL) is used under a unique key
+prefix per test and cleaned up after; it is never flushed. Tests that take Redis away start
+their own `redis-server` on a free port and kill it. Without the shared Redis the tests that
+need it are skipped locally and fail under CI=true.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+import orjson
+import pytest
+from structlog.testing import capture_logs
+
+from estafeta.delivery.circuit import Circuit, CircuitState
+from estafeta.delivery.circuit_store import (
+    CircuitStateStore,
+    FallbackCircuitStore,
+    MemoryCircuitStore,
+    RedisCircuitStore,
+    RedisFailover,
+    connect_redis,
+)
+from tests.integration.redis_support import SHARED_REDIS_URL, RedisServer
+
+pytestmark = pytest.mark.timeout(60)
+
+OPEN = Circuit(CircuitState.OPEN, consecutive_failures=5, opened_at=1_000)
+
+
+def one_more_failure(c: Circuit) -> Circuit:
+    return replace(c, consecutive_failures=c.consecutive_failures + 1)
+
+
+# -- Redis servers ------------------------------------------------------------------------
+
+
+class FakeMonotonic:
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# -- the same behaviour from every store ----------------------------------------------------
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[CircuitStateStore]:
+    if request.param == "memory":
+        yield MemoryCircuitStore()
+        return
+    prefix: str = request.getfixturevalue("shared_prefix")
+    client = connect_redis(SHARED_REDIS_URL)
+    yield RedisCircuitStore(client, prefix)
+    await client.aclose()
+
+
+async def test_update_returns_before_and_after_and_get_all_lists_unhealthy_circuits(
+    store: CircuitStateStore,
+) -> None:
+    assert await store.get_all() == {}
+    assert await store.update("crm", lambda c: OPEN) == (Circuit(), OPEN)
+    assert await store.update("crm", one_more_failure) == (OPEN, one_more_failure(OPEN))
+    await store.update("billing", one_more_failure)
+    assert await store.get_all() == {
+        "crm": one_more_failure(OPEN),
+        "billing": Circuit(consecutive_failures=1),
+    }
+    # Back to healthy means absent.
+    assert await store.update("billing", lambda c: Circuit()) == (
+        Circuit(consecutive_failures=1),
+        Circuit(),
+    )
+    assert set(await store.get_all()) == {"crm"}
+
+
+async def test_concurrent_updates_never_lose_one(store: CircuitStateStore) -> None:
+    async with asyncio.timeout(30):
+        await asyncio.gather(*(store.update("crm", one_more_failure) for _ in range(50)))
+    assert (await store.get_all())["crm"].consecutive_failures == 50
+
+
+# -- Redis specifics ----------------------------------------------------------------------
+
+
+async def test_two_clients_share_one_circuit_without_losing_increments(shared_prefix: str) -> None:
+    """Two clients stand for two worker processes: WATCH/MULTI keeps every increment."""
+    a, b = connect_redis(SHARED_REDIS_URL), connect_redis(SHARED_REDIS_URL)
+    store_a, store_b = RedisCircuitStore(a, shared_prefix), RedisCircuitStore(b, shared_prefix)
+    try:
+        async with asyncio.timeout(30):
+            await asyncio.gather(
+                *(s.update("crm", one_more_failure) for _ in range(25) for s in (store_a, store_b))
+            )
+        assert (await store_b.get_all())["crm"].consecutive_failures == 50
+        raw = await a.hget(f"{shared_prefix}circuits", "crm")
+        assert raw is not None and orjson.loads(raw)["consecutive_failures"] == 50
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+async def test_unreadable_field_counts_as_healthy_and_is_overwritten(shared_prefix: str) -> None:
+    client = connect_redis(SHARED_REDIS_URL)
+    try:
+        await client.hset(f"{shared_prefix}circuits", mapping={"crm": b"{not json", "x": b"[]"})
+        store = RedisCircuitStore(client, shared_prefix)
+        assert await store.get_all() == {}
+        assert await store.update("crm", one_more_failure) == (
+            Circuit(),
+            Circuit(consecutive_failures=1),
+        )
+    finally:
+        await client.aclose()
+
+
+# -- Redis going away -----------------------------------------------------------------------
+
+
+async def test_fallback_carries_on_from_memory_and_returns_to_redis(own_redis: RedisServer) -> None:
+    clock = FakeMonotonic()
+    client = connect_redis(own_redis.url, timeout_s=2.0)
+    key = "estafeta:circuits"
+    fallback = FallbackCircuitStore(RedisCircuitStore(client), retry_s=5.0, monotonic=clock)
+    try:
+        with capture_logs() as logs:
+            await fallback.update("crm", one_more_failure)
+            assert await client.hget(key, "crm") is not None  # written to Redis
+            own_redis.kill()
+
+            # Redis is gone: calls keep working, from the last state seen in Redis.
+            for _ in range(3):
+                await fallback.update("crm", one_more_failure)
+            assert (await fallback.get_all())["crm"].consecutive_failures == 4
+            assert not fallback.using_primary
+            down = [e for e in logs if e["event"] == "redis_unavailable"]
+            assert len(down) == 1 and down[0]["log_level"] == "warning"
+            assert down[0]["component"] == "circuit_store"
+
+            # Back on the same port (empty), but not tried before retry_s has passed.
+            own_redis.start()
+            clock.now += 4.9
+            await fallback.update("crm", one_more_failure)
+            assert await client.hget(key, "crm") is None
+            assert (await fallback.get_all())["crm"].consecutive_failures == 5
+
+            clock.now += 0.2
+            before, after = await fallback.update("billing", one_more_failure)
+            assert (before, after) == (Circuit(), Circuit(consecutive_failures=1))
+            assert await client.hget(key, "billing") is not None  # Redis is the truth again
+            assert fallback.using_primary
+            assert await fallback.get_all() == {"billing": Circuit(consecutive_failures=1)}
+        events = [e["event"] for e in logs if e["event"].startswith("redis_")]
+        assert events == ["redis_unavailable", "redis_available"]
+    finally:
+        await client.aclose()
+
+
+async def test_fallback_never_raises_when_redis_was_never_there(tmp_path: Path) -> None:
+    absent = RedisServer(tmp_path)  # a free port with nothing listening
+    client = connect_redis(absent.url)
+    fallback = FallbackCircuitStore(RedisCircuitStore(client), monotonic=FakeMonotonic())
+    try:
+        with capture_logs() as logs:
+            async with asyncio.timeout(10):
+                await asyncio.gather(*(fallback.update("crm", one_more_failure) for _ in range(20)))
+                assert (await fallback.get_all())["crm"].consecutive_failures == 20
+        assert [e["event"] for e in logs] == ["redis_unavailable"]
+    finally:
+        await client.aclose()
+
+
+def test_failover_ignores_calls_that_straddle_an_outage() -> None:
+    """A call from before an outage cannot end it, nor one from before a recovery restart it."""
+    clock = FakeMonotonic()
+    failover = RedisFailover("test", retry_s=5.0, monotonic=clock)
+    with capture_logs() as logs:
+        slow_ok, failing = failover.begin(), failover.begin()
+        assert slow_ok is not None and failing is not None
+        failover.failed(failing, ConnectionError("refused"))
+        failover.succeeded(slow_ok)  # started before the outage: says nothing about now
+        assert not failover.available and failover.begin() is None
+
+        clock.now += 5
+        probe = failover.begin()
+        assert probe is not None and failover.begin() is None  # one probe per retry_s
+        failover.failed(slow_ok, ConnectionError("late"))  # stale: no new outage
+        failover.succeeded(probe)
+        assert failover.available
+    assert [e["event"] for e in logs] == ["redis_unavailable", "redis_available"]

@@ -1,0 +1,351 @@
+"""The HTTP connector against a real receiver (`estafeta.testing.Sink`) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from estafeta import __version__
+from estafeta.connectors.http import HttpConnector, new_client_session, sign_webhook
+from estafeta.delivery.model import LeasedDelivery
+from estafeta.delivery.outcome import EXCERPT_LIMIT, Outcome, OutcomeKind
+from estafeta.testing.sink import Sink
+
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+VECTOR = json.loads(Path("/work/shared/fixtures/standard_webhooks/vector.json").read_text())
+PAYLOAD = b'{"id":"evt_1","type":"message.received","data":{"text":"Ol\xc3\xa1!"}}'
+
+
+def leased(event_id: str = "evt_1", payload: bytes = PAYLOAD) -> LeasedDelivery:
+    return LeasedDelivery(
+        id="dlv_1",
+        tenant_id="clinica-sol",
+        event_id=event_id,
+        destination_id="crm",
+        attempts=0,
+        max_attempts=8,
+        priority=1,
+        ordering_key=None,
+        lease_token="lease",
+        lease_expires_at=0,
+        payload=payload,
+    )
+
+
+@pytest.fixture
+async def sink() -> AsyncIterator[Sink]:
+    receiver = Sink()
+    await receiver.start()
+    yield receiver
+    await receiver.stop()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    shared = new_client_session()
+    yield shared
+    await shared.close()
+
+
+async def deliver_to(
+    url: str,
+    session: aiohttp.ClientSession,
+    *,
+    secret: str | None = None,
+    timeout_s: float = 5.0,
+    headers: Mapping[str, str] | None = None,
+    delivery: LeasedDelivery | None = None,
+    clock: Callable[[], float] = time.time,
+) -> Outcome:
+    connector = HttpConnector(
+        url=url, secret=secret, timeout_s=timeout_s, session=session, headers=headers, now_s=clock
+    )
+    try:
+        return await connector.deliver(delivery or leased())
+    finally:
+        await connector.close()
+
+
+# -- answers ---------------------------------------------------------------------------------
+
+
+async def test_success(sink: Sink, session: aiohttp.ClientSession) -> None:
+    sink.respond(202, body=b"accepted")
+    outcome = await deliver_to(f"{sink.url}/hooks/crm", session)
+    assert outcome.kind is OutcomeKind.SUCCESS
+    assert outcome.status_code == 202
+    assert outcome.error_class is None
+    assert outcome.retry_after_s is None
+    assert outcome.response_excerpt == "accepted"
+    assert outcome.duration_ms > 0
+    [request] = sink.received
+    assert request.path == "/hooks/crm"
+    assert request.body == PAYLOAD  # the exact bytes, never re-serialised
+    assert sink.delivered_ids == {"evt_1"}
+
+
+async def test_500_is_retryable_with_its_excerpt(
+    sink: Sink, session: aiohttp.ClientSession
+) -> None:
+    sink.respond(500, body=b"boom: database is down")
+    outcome = await deliver_to(sink.url, session)
+    assert outcome.kind is OutcomeKind.RETRYABLE
+    assert (outcome.status_code, outcome.error_class) == (500, "http_500")
+    assert outcome.response_excerpt == "boom: database is down"
+    assert sink.delivered_ids == set()  # a 500 is not a delivery
+
+
+@pytest.mark.parametrize("status", [400, 404, 410, 422])
+async def test_other_4xx_are_permanent(
+    sink: Sink, session: aiohttp.ClientSession, status: int
+) -> None:
+    sink.respond(status)
+    outcome = await deliver_to(sink.url, session)
+    assert outcome.kind is OutcomeKind.PERMANENT
+    assert outcome.error_class == f"http_{status}"
+
+
+async def test_429_honours_retry_after_seconds(sink: Sink, session: aiohttp.ClientSession) -> None:
+    sink.respond(429, headers={"Retry-After": "7"})
+    outcome = await deliver_to(sink.url, session)
+    assert outcome.kind is OutcomeKind.RETRYABLE
+    assert outcome.error_class == "http_429"
+    assert outcome.retry_after_s == 7.0
+
+
+async def test_retry_after_as_an_http_date(sink: Sink, session: aiohttp.ClientSession) -> None:
+    sink.respond(503, headers={"Retry-After": "Tue, 01 Jul 2025 12:02:00 GMT"})
+    outcome = await deliver_to(sink.url, session, clock=lambda: 1_751_371_200.0)  # 12:00:00Z
+    assert outcome.retry_after_s == 120.0
+
+
+async def test_redirect_is_a_retryable_failure_not_followed(
+    sink: Sink, session: aiohttp.ClientSession
+) -> None:
+    sink.respond(301, headers={"Location": f"{sink.url}/elsewhere"})
+    outcome = await deliver_to(f"{sink.url}/hooks", session)
+    assert outcome.kind is OutcomeKind.RETRYABLE
+    assert outcome.error_class == "http_301"
+    assert [r.path for r in sink.received] == ["/hooks"]
+
+
+async def test_large_body_gives_a_bounded_excerpt(
+    sink: Sink, session: aiohttp.ClientSession
+) -> None:
+    sink.respond(500, body=b"x" * 5_000_000)
+    outcome = await deliver_to(sink.url, session)
+    assert outcome.error_class == "http_500"
+    assert outcome.response_excerpt == "x" * EXCERPT_LIMIT
+
+
+async def test_excerpt_does_not_cut_a_multibyte_character(
+    sink: Sink, session: aiohttp.ClientSession
+) -> None:
+    sink.respond(500, body=("é" * 3000).encode())
+    outcome = await deliver_to(sink.url, session)
+    assert outcome.response_excerpt == "é" * EXCERPT_LIMIT
+
+
+async def test_undecodable_body_is_replaced_not_raised(
+    sink: Sink, session: aiohttp.ClientSession
+) -> None:
+    sink.respond(500, body=b"\xff\xfe ok")
+    outcome = await deliver_to(sink.url, session)
+    assert outcome.response_excerpt == "\ufffd\ufffd ok"
+
+
+# -- failures without an answer --------------------------------------------------------------
+
+
+async def test_slow_destination_times_out(sink: Sink, session: aiohttp.ClientSession) -> None:
+    sink.respond(200, delay_s=1.0)
+    outcome = await deliver_to(sink.url, session, timeout_s=0.2)
+    assert outcome.kind is OutcomeKind.RETRYABLE
+    assert outcome.error_class == "timeout"
+    assert outcome.status_code is None
+    assert 150 <= outcome.duration_ms < 900  # bounded by our timeout, not by the sink
+
+
+async def test_connection_refused(session: aiohttp.ClientSession) -> None:
+    with socket.socket() as probe:  # a port that was free a moment ago and now has no listener
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    outcome = await deliver_to(f"http://127.0.0.1:{port}/hooks", session)
+    assert outcome.kind is OutcomeKind.RETRYABLE
+    assert outcome.error_class in {"connection_refused", "connection_error"}
+    assert outcome.status_code is None
+    assert outcome.response_excerpt  # the reason, for the operator
+
+
+@pytest.mark.parametrize("url", ["not a url", "ftp://127.0.0.1/hooks", "http://"])
+async def test_malformed_url_is_permanent(session: aiohttp.ClientSession, url: str) -> None:
+    outcome = await deliver_to(url, session)
+    assert outcome.kind is OutcomeKind.PERMANENT
+    assert outcome.error_class == "invalid_destination"
+
+
+# -- headers and signatures ------------------------------------------------------------------
+
+
+async def test_headers_sent(sink: Sink, session: aiohttp.ClientSession) -> None:
+    before = int(time.time())
+    extra = {"Authorization": "Bearer crm-key", "Webhook-Id": "forged", "X-Tenant": "sol"}
+    await deliver_to(sink.url, session, headers=extra)
+    headers = sink.received[0].headers
+    assert headers["content-type"] == "application/json"
+    assert headers["user-agent"] == f"estafeta/{__version__}"
+    assert headers["webhook-id"] == "evt_1"  # extra headers cannot replace our own
+    assert before <= int(headers["webhook-timestamp"]) <= int(time.time())
+    assert headers["authorization"] == "Bearer crm-key"
+    assert headers["x-tenant"] == "sol"
+    assert "webhook-signature" not in headers  # no secret, no signature
+
+
+async def test_signature_verified_by_the_receiver(session: aiohttp.ClientSession) -> None:
+    sink = Sink(secret=SECRET)
+    await sink.start()
+    try:
+        good = await deliver_to(sink.url, session, secret=SECRET)
+        wrong = await deliver_to(
+            sink.url, session, secret="whsec_" + "A" * 43 + "=", delivery=leased("evt_2")
+        )
+        unsigned = await deliver_to(sink.url, session, delivery=leased("evt_3"))
+    finally:
+        await sink.stop()
+    assert good.kind is OutcomeKind.SUCCESS
+    assert (wrong.error_class, unsigned.error_class) == ("http_401", "http_401")
+    assert wrong.kind is OutcomeKind.PERMANENT
+    assert sink.delivered_ids == {"evt_1"}
+    assert [(b.received.webhook_id, b.reason) for b in sink.bad_signatures] == [
+        ("evt_2", "No matching signature found"),
+        ("evt_3", "Missing required headers"),
+    ]
+
+
+async def test_signature_matches_the_fixture_vector(
+    sink: Sink, session: aiohttp.ClientSession
+) -> None:
+    delivery = leased(VECTOR["msg_id"], VECTOR["body"].encode())
+    await deliver_to(
+        sink.url,
+        session,
+        secret=VECTOR["secret"],
+        delivery=delivery,
+        clock=lambda: VECTOR["timestamp"],
+    )
+    request = sink.received[0]
+    assert {name: request.headers[name] for name in VECTOR["headers"]} == VECTOR["headers"]
+    assert request.body == VECTOR["body"].encode()
+
+
+def test_sign_webhook_matches_both_vectors() -> None:
+    assert (
+        sign_webhook(
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            "msg_p5jXN8AQM9LWM0D4loKWxJek",
+            1614265330,
+            b'{"test": 2432232314}',
+        )
+        == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+    )
+    assert (
+        sign_webhook(
+            VECTOR["secret"], VECTOR["msg_id"], VECTOR["timestamp"], VECTOR["body"].encode()
+        )
+        == VECTOR["expected_signature"]
+    )
+
+
+# -- the sink's own semantics ----------------------------------------------------------------
+
+
+async def test_fail_first_then_default_and_duplicate_counting(
+    sink: Sink, session: aiohttp.ClientSession
+) -> None:
+    sink.fail_first(2, 503, headers={"Retry-After": "1"})
+    outcomes = [await deliver_to(sink.url, session) for _ in range(3)]
+    assert [o.status_code for o in outcomes] == [503, 503, 200]
+    assert outcomes[0].retry_after_s == 1.0
+    assert sink.duplicates == 0  # failed answers are not deliveries
+    await deliver_to(sink.url, session)  # a redelivery of the same event
+    await deliver_to(sink.url, session, delivery=leased("evt_2"))
+    assert [r.status for r in sink.received] == [503, 503, 200, 200, 200]
+    assert sink.duplicates == 1
+    assert sink.unique_ids == sink.delivered_ids == {"evt_1", "evt_2"}
+
+
+async def test_wait_for_wakes_on_a_request(sink: Sink, session: aiohttp.ClientSession) -> None:
+    waiting = asyncio.create_task(sink.wait_for(lambda s: "evt_1" in s.delivered_ids, 30.0))
+    started = time.monotonic()
+    await deliver_to(sink.url, session)
+    assert await waiting
+    assert time.monotonic() - started < 5.0  # woken by the request, not by its timeout
+    assert await sink.wait_for(lambda s: len(s.received) == 1, 0.0)  # already true
+
+
+async def test_wait_for_returns_false_on_timeout(sink: Sink) -> None:
+    started = time.monotonic()
+    assert not await sink.wait_for(lambda s: len(s.received) > 0, 0.1)
+    assert time.monotonic() - started >= 0.1
+
+
+async def test_stop_answers_a_delayed_request_at_once(session: aiohttp.ClientSession) -> None:
+    sink = Sink()
+    await sink.start()
+    sink.respond(200, delay_s=60.0)
+    sending = asyncio.create_task(deliver_to(sink.url, session, timeout_s=30.0))
+    assert await sink.wait_for(lambda s: len(s.received) == 1, 5.0)
+    started = time.monotonic()
+    await sink.stop()
+    outcome = await sending
+    assert time.monotonic() - started < 5.0
+    assert outcome.kind is OutcomeKind.RETRYABLE
+    assert sink.delivered_ids == set()
+
+
+async def test_sink_runs_as_a_process(session: aiohttp.ClientSession) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "estafeta.testing.sink",
+        "--fail-first",
+        "1",
+        "--status",
+        "503",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    try:
+        ready = json.loads(await asyncio.wait_for(process.stdout.readline(), 10.0))
+        first = await deliver_to(ready["url"], session)
+        second = await deliver_to(ready["url"], session)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        remaining, _ = await asyncio.wait_for(process.communicate(), 10.0)
+    assert (first.status_code, second.status_code) == (503, 200)
+    assert process.returncode == 0
+    assert json.loads(remaining) == {
+        "received": 2,
+        "delivered": 1,
+        "duplicates": 0,
+        "bad_signatures": 0,
+    }
+
+
+@pytest.mark.parametrize(
+    ("secret", "timeout_s"), [("whsec_", 5.0), ("whsec_a", 5.0), (SECRET, 0.0)]
+)
+async def test_connector_rejects_a_configuration_that_cannot_work(
+    session: aiohttp.ClientSession, secret: str, timeout_s: float
+) -> None:
+    with pytest.raises(ValueError):
+        HttpConnector(url="http://127.0.0.1/", secret=secret, timeout_s=timeout_s, session=session)

@@ -1,0 +1,319 @@
+"""Ingest and the API over HTTP (ASGI), against both engines: each bad input answers its
+documented status with `{error, detail}` and stores nothing."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+import orjson
+import pytest
+
+from estafeta.api.app import create_app
+from estafeta.api.auth import hash_key
+from estafeta.config import Config, load_config_dict
+from estafeta.connectors.http import sign_webhook
+from estafeta.hub import Hub
+from estafeta.store.sqlstore import SqlStore
+from tests.conftest import SOURCE_SECRET, base_config
+
+ADMIN = {"authorization": "Bearer test-admin-key"}
+SOL_KEY = "est_sol_key_for_tests_0000000000000000000"
+OUTRA_KEY = "est_outra_key_for_tests_00000000000000000"
+
+
+@dataclass
+class Client:
+    http: httpx.AsyncClient
+    store: SqlStore
+
+    async def stored(self) -> int:
+        """How many deliveries exist: every accepted event here makes at least one."""
+        return sum((await self.store.queue_stats()).by_state.values())
+
+
+def signed(body: bytes, msg_id: str = "msg_1", *, ts: int | None = None) -> dict[str, str]:
+    stamp = int(time.time()) if ts is None else ts
+    return {
+        "content-type": "application/json",
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(stamp),
+        "webhook-signature": sign_webhook(SOURCE_SECRET, msg_id, stamp, body),
+    }
+
+
+MESSAGE = orjson.dumps({"type": "message.received", "data": {"kind": "text", "text": "Olá"}})
+
+
+async def make_client(store: SqlStore, config: Config) -> AsyncIterator[Client]:
+    await store.create_api_key(
+        tenant_id="clinica-sol", key_hash=hash_key(SOL_KEY), label="", now_ms=1
+    )
+    await store.create_api_key(tenant_id="outra", key_hash=hash_key(OUTRA_KEY), label="", now_ms=1)
+    hub = Hub(config, store)
+    app = create_app(hub)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://hub") as http:
+        yield Client(http, store)
+    await hub.close()
+
+
+@pytest.fixture
+async def client(store: SqlStore, config: Config) -> AsyncIterator[Client]:
+    async for made in make_client(store, config):
+        yield made
+
+
+async def test_a_signed_webhook_is_accepted_and_its_deliveries_stored(client: Client) -> None:
+    r = await client.http.post("/in/crm-events", content=MESSAGE, headers=signed(MESSAGE))
+    assert r.status_code == 202
+    body = r.json()
+    assert body["id"].startswith("evt_") and body["duplicate"] is False
+    event = (await client.http.get(f"/api/v1/events/{body['id']}", headers=ADMIN)).json()
+    assert event["type"] == "message.received"
+    assert event["event"]["data"] == {"kind": "text", "text": "Olá"}
+    assert event["event"]["tenant"] == "clinica-sol" and event["event"]["source"] == "crm-events"
+    assert [d["destination"] for d in event["deliveries"]] == ["crm"]
+    assert event["deliveries"][0]["state"] == "pending"
+
+
+async def test_a_redelivered_webhook_answers_200_with_the_original_id(client: Client) -> None:
+    first = await client.http.post("/in/crm-events", content=MESSAGE, headers=signed(MESSAGE))
+    again = await client.http.post("/in/crm-events", content=MESSAGE, headers=signed(MESSAGE))
+    assert (again.status_code, again.json()) == (200, {"id": first.json()["id"], "duplicate": True})
+    assert await client.stored() == 1
+
+
+async def test_a_body_without_type_becomes_data_of_the_sources_event_type(client: Client) -> None:
+    body = orjson.dumps({"lead": {"name": "Maria"}})
+    r = await client.http.post("/in/crm-events", content=body, headers=signed(body, "m2"))
+    assert r.status_code == 202
+    event = (await client.http.get(f"/api/v1/events/{r.json()['id']}", headers=ADMIN)).json()
+    assert event["type"] == "crm.webhook" and event["event"]["data"] == {"lead": {"name": "Maria"}}
+
+
+async def test_routing_filter_decides_the_fan_out(client: Client) -> None:
+    for status, expected in (("confirmed", ["billing", "crm"]), ("draft", [])):
+        body = orjson.dumps({"type": "appointment.booked", "data": {"status": status}})
+        r = await client.http.post(
+            "/in/crm-events", content=body, headers=signed(body, f"apt-{status}")
+        )
+        assert r.status_code == 202
+        event = (await client.http.get(f"/api/v1/events/{r.json()['id']}", headers=ADMIN)).json()
+        assert sorted(d["destination"] for d in event["deliveries"]) == expected
+
+
+async def test_an_api_key_source_accepts_its_key_only(client: Client) -> None:
+    good = {"content-type": "application/json", "authorization": "Bearer source-key-1"}
+    assert (await client.http.post("/in/keyed", content=MESSAGE, headers=good)).status_code == 202
+    bad = {**good, "authorization": "Bearer nope"}
+    r = await client.http.post("/in/keyed", content=MESSAGE, headers=bad)
+    assert (r.status_code, r.json()["error"]) == (401, "invalid_api_key")
+    assert await client.stored() == 1
+
+
+def _expired() -> dict[str, str]:
+    return signed(MESSAGE, ts=int(time.time()) - 3600)
+
+
+def _tampered() -> dict[str, str]:
+    return signed(MESSAGE.replace(b"Ol", b"Xx"))
+
+
+def _no_signature() -> dict[str, str]:
+    return {"content-type": "application/json"}
+
+
+def _garbage_signature() -> dict[str, str]:
+    return {**signed(MESSAGE), "webhook-signature": "nonsense"}
+
+
+def _wrong_type() -> dict[str, str]:
+    return {**signed(MESSAGE), "content-type": "text/plain"}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "headers", "status", "error", "detail_part"),
+    [
+        ("/in/nope", MESSAGE, signed(MESSAGE), 404, "unknown_source", "no source named 'nope'"),
+        ("/in/crm-events", MESSAGE, _tampered(), 401, "invalid_signature", "does not match"),
+        ("/in/crm-events", MESSAGE, _expired(), 401, "invalid_signature", "older than"),
+        ("/in/crm-events", MESSAGE, _no_signature(), 401, "missing_signature", "webhook-id"),
+        ("/in/crm-events", MESSAGE, _garbage_signature(), 401, "invalid_signature", "malformed"),
+        ("/in/crm-events", MESSAGE, _wrong_type(), 415, "unsupported_media_type", "text/plain"),
+        ("/in/crm-events", b"{not json", signed(b"{not json"), 400, "invalid_json", "not valid"),
+        ("/in/crm-events", b"[1, 2]", signed(b"[1, 2]"), 400, "invalid_body", "JSON object"),
+        ("/in/crm-events", b"\xff\xfe", signed(b"{}"), 400, "invalid_body", "UTF-8"),
+        ("/in/crm-events", b"x" * 1_048_577, signed(b"{}"), 413, "body_too_large", "limit"),
+    ],
+    ids=[
+        "unknown-source",
+        "tampered",
+        "expired",
+        "unsigned",
+        "garbage-signature",
+        "content-type",
+        "invalid-json",
+        "not-an-object",
+        "not-utf8",
+        "too-large",
+    ],
+)
+async def test_bad_ingest_is_refused_with_a_clear_error_and_stores_nothing(
+    client: Client,
+    path: str,
+    body: bytes,
+    headers: dict[str, str],
+    status: int,
+    error: str,
+    detail_part: str,
+) -> None:
+    r = await client.http.post(path, content=body, headers=headers)
+    assert r.status_code == status, r.text
+    assert r.json()["error"] == error
+    assert detail_part in r.json()["detail"]
+    assert await client.stored() == 0
+
+
+async def test_over_the_tenants_rate_limit_answers_429_with_retry_after(
+    store: SqlStore, database_url: str
+) -> None:
+    data = base_config(database_url)
+    data["tenants"][0]["ingress_rate_limit"] = "2/minute"
+    async for client in make_client(store, load_config_dict(data)):
+        answers = [
+            await client.http.post(
+                "/in/crm-events", content=MESSAGE, headers=signed(MESSAGE, f"m{i}")
+            )
+            for i in range(3)
+        ]
+        assert [a.status_code for a in answers] == [202, 202, 429]
+        assert int(answers[2].headers["retry-after"]) >= 1
+        assert answers[2].json()["error"] == "rate_limited"
+        assert await client.stored() == 2
+
+
+async def test_publishing_with_a_tenant_key_and_idempotency(client: Client) -> None:
+    auth = {"authorization": f"Bearer {SOL_KEY}"}
+    event = {
+        "type": "appointment.booked",
+        "data": {"status": "confirmed"},
+        "idempotency_key": "apt-1",
+        "priority": 0,
+    }
+    first = await client.http.post("/api/v1/events", json=event, headers=auth)
+    assert first.status_code == 202
+    again = await client.http.post("/api/v1/events", json=event, headers=auth)
+    assert (again.status_code, again.json()["id"]) == (200, first.json()["id"])
+    view = (await client.http.get(f"/api/v1/events/{first.json()['id']}", headers=auth)).json()
+    assert {d["priority"] for d in view["deliveries"]} == {0}
+    assert view["source"] == "api"
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "status", "error"),
+    [
+        ({}, {"type": "x"}, 401, "missing_credentials"),
+        ({"authorization": "Bearer wrong"}, {"type": "x"}, 401, "invalid_api_key"),
+        ({"authorization": "Basic abc"}, {"type": "x"}, 401, "invalid_credentials"),
+        (ADMIN, {"type": "x"}, 403, "tenant_key_required"),
+        ({"authorization": f"Bearer {SOL_KEY}"}, {"data": {}}, 400, "invalid_request"),
+        (
+            {"authorization": f"Bearer {SOL_KEY}"},
+            {"type": "x", "priority": 9},
+            400,
+            "invalid_request",
+        ),
+        (
+            {"authorization": f"Bearer {SOL_KEY}"},
+            {"type": "x", "surprise": 1},
+            400,
+            "invalid_request",
+        ),
+    ],
+    ids=[
+        "no-key",
+        "wrong-key",
+        "wrong-scheme",
+        "admin-cannot-publish",
+        "no-type",
+        "bad-priority",
+        "unknown-field",
+    ],
+)
+async def test_bad_publishing_is_refused_and_stores_nothing(
+    client: Client, headers: dict[str, str], body: dict[str, object], status: int, error: str
+) -> None:
+    r = await client.http.post("/api/v1/events", json=body, headers=headers)
+    assert (r.status_code, r.json()["error"]) == (status, error), r.text
+    assert await client.stored() == 0
+
+
+async def test_publishing_needs_json(client: Client) -> None:
+    r = await client.http.post(
+        "/api/v1/events",
+        content=b"type=x",
+        headers={"authorization": f"Bearer {SOL_KEY}", "content-type": "text/plain"},
+    )
+    assert (r.status_code, r.json()["error"]) == (415, "unsupported_media_type")
+
+
+async def test_a_tenant_cannot_see_or_replay_another_tenants_events(client: Client) -> None:
+    mine = await client.http.post(
+        "/api/v1/events",
+        json={"type": "message.received", "data": {}},
+        headers={"authorization": f"Bearer {SOL_KEY}"},
+    )
+    outra = {"authorization": f"Bearer {OUTRA_KEY}"}
+    r = await client.http.get(f"/api/v1/events/{mine.json()['id']}", headers=outra)
+    assert (r.status_code, r.json()["error"]) == (404, "not_found")
+    r = await client.http.get("/api/v1/dlq", params={"tenant": "clinica-sol"}, headers=outra)
+    assert (r.status_code, r.json()["error"]) == (403, "forbidden")
+    r = await client.http.post(
+        "/api/v1/dlq/replay", json={"tenant": "clinica-sol", "all": True}, headers=outra
+    )
+    assert r.status_code == 403
+    ok = await client.http.get(f"/api/v1/events/{mine.json()['id']}", headers=ADMIN)
+    assert ok.status_code == 200
+
+
+async def test_replay_needs_a_selection(client: Client) -> None:
+    r = await client.http.post("/api/v1/dlq/replay", json={}, headers=ADMIN)
+    assert (r.status_code, r.json()["error"]) == (400, "invalid_request")
+    r = await client.http.post("/api/v1/dlq/replay", json={"since": "yesterday"}, headers=ADMIN)
+    assert (r.status_code, r.json()["detail"]) == (400, "since: not an ISO 8601 time")
+
+
+async def test_health_and_detailed_health(client: Client) -> None:
+    assert (await client.http.get("/health")).json()["status"] == "ok"
+    assert (await client.http.get("/health/detailed")).status_code == 401
+    detailed = (await client.http.get("/health/detailed", headers=ADMIN)).json()
+    assert detailed["status"] == "ok" and detailed["checks"]["store"]["status"] == "ok"
+
+
+async def test_openapi_documents_the_api(client: Client) -> None:
+    paths = (await client.http.get("/openapi.json")).json()["paths"]
+    assert {
+        "/api/v1/events",
+        "/api/v1/events/{event_id}",
+        "/api/v1/dlq",
+        "/api/v1/dlq/replay",
+    } <= set(paths)
+
+
+async def test_unknown_paths_and_methods_answer_in_the_error_format(client: Client) -> None:
+    r = await client.http.get("/api/v1/nothing-here", headers=ADMIN)
+    assert (r.status_code, r.json()["error"]) == (404, "not_found")
+    r = await client.http.delete("/api/v1/events", headers=ADMIN)
+    assert (r.status_code, r.json()["error"]) == (405, "method_not_allowed")
+
+
+async def test_the_api_has_the_same_body_limit_as_ingest(client: Client) -> None:
+    big = {"type": "x", "data": {"blob": "x" * 1_100_000}}
+    r = await client.http.post(
+        "/api/v1/events", json=big, headers={"authorization": f"Bearer {SOL_KEY}"}
+    )
+    assert (r.status_code, r.json()["error"]) == (413, "body_too_large")
+    assert await client.stored() == 0

@@ -1,0 +1,302 @@
+"""Conversations and sent messages, kept up to date from the events, on both engines."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+
+from estafeta.api.app import create_app
+from estafeta.api.auth import hash_key
+from estafeta.config import load_config_dict
+from estafeta.delivery.decision import Transition
+from estafeta.delivery.outcome import Outcome, OutcomeKind
+from estafeta.delivery.state import DeliveryState
+from estafeta.hub import Hub
+from estafeta.ids import new_id
+from estafeta.store.records import CompletedAttempt
+from estafeta.store.sqlstore import SqlStore
+from tests.conftest import base_config
+
+SOL = "est_sol_messaging_key_000000000000000000"
+OUTRA = "est_outra_messaging_key_0000000000000000"
+MARIA = "5511987654321"
+
+
+@dataclass
+class Env:
+    http: httpx.AsyncClient
+    hub: Hub
+    store: SqlStore
+
+    def auth(self, key: str = SOL) -> dict[str, str]:
+        return {"authorization": f"Bearer {key}"}
+
+    async def inbound(self, text: str, wamid: str, at: int = 1_751_371_200_000) -> None:
+        await self.hub.accept(
+            tenant_id="clinica-sol",
+            source_id="wa-sol",
+            event_type="message.received",
+            data={
+                "channel": "whatsapp",
+                "provider": "whatsapp_cloud",
+                "message_id": wamid,
+                "conversation_id": MARIA,
+                "from": f"+{MARIA}",
+                "contact_name": "Maria Silva",
+                "kind": "text",
+                "text": text,
+            },
+            idempotency_key=wamid,
+            occurred_at=at,
+        )
+
+    async def status(self, wamid: str, status: str, at: int, **extra: Any) -> None:
+        await self.hub.accept(
+            tenant_id="clinica-sol",
+            source_id="wa-sol",
+            event_type="message.status",
+            data={"message_id": wamid, "status": status, "conversation_id": MARIA, **extra},
+            idempotency_key=f"{wamid}:{status}",
+            occurred_at=at,
+        )
+
+    async def finish_send(self, *, provider_id: str | None, dead: bool = False) -> None:
+        """Play the worker: lease the send delivery and record the provider's answer."""
+        now = self.hub.clock.now_ms()
+        batch = await self.store.lease(now_ms=now, limit=10, lease_ms=30_000, worker_id="w")
+        [leased] = [d for d in batch if d.destination_id == "send:wa-sol"]
+        await self.store.release([d for d in batch if d is not leased], now)
+        kind = OutcomeKind.PERMANENT if dead else OutcomeKind.SUCCESS
+        outcome = Outcome(
+            kind,
+            12.0,
+            status_code=400 if dead else 200,
+            external_id=provider_id,
+            error_class="whatsapp_cloud_131047" if dead else None,
+        )
+        transition = Transition(
+            DeliveryState.DEAD if dead else DeliveryState.SUCCEEDED,
+            1,
+            None,
+            "whatsapp_cloud_131047: Re-engagement message" if dead else None,
+        )
+        await self.store.complete(
+            [CompletedAttempt(leased, outcome, transition, 1, new_id("att"))],
+            self.hub.clock.now_ms(),
+        )
+
+
+@pytest.fixture
+async def env(store: SqlStore, database_url: str) -> AsyncIterator[Env]:
+    data = base_config(database_url)
+    data["sources"] += [
+        {
+            "id": "wa-sol",
+            "tenant": "clinica-sol",
+            "kind": "whatsapp_cloud",
+            "app_secret": "s3cret",
+            "access_token": "token",
+            "phone_number_id": "114950281736452",
+        },
+        {
+            "id": "wa-mute",
+            "tenant": "clinica-sol",
+            "kind": "whatsapp_cloud",
+            "app_secret": "s3cret",
+        },
+    ]
+    data["routes"].append(
+        {
+            "id": "escalations",
+            "tenant": "clinica-sol",
+            "events": ["conversation.*"],
+            "destinations": ["billing"],
+        }
+    )
+    config = load_config_dict(data)
+    await store.sync_config(config, 1)
+    await store.create_api_key(tenant_id="clinica-sol", key_hash=hash_key(SOL), label="", now_ms=1)
+    await store.create_api_key(tenant_id="outra", key_hash=hash_key(OUTRA), label="", now_ms=1)
+    hub = Hub(config, store)
+    transport = httpx.ASGITransport(app=create_app(hub))
+    async with httpx.AsyncClient(transport=transport, base_url="http://hub") as http:
+        yield Env(http, hub, store)
+    await hub.close()
+
+
+async def test_inbound_messages_keep_the_conversation_counters(env: Env) -> None:
+    await env.inbound("Olá", "wamid.1", at=1_751_371_200_000)
+    await env.inbound("Olá de novo", "wamid.2", at=1_751_371_260_000)
+    await env.inbound("Olá", "wamid.1")  # a redelivery counts nothing
+    [c] = (await env.http.get("/api/v1/conversations", headers=env.auth())).json()["conversations"]
+    assert (c["id"], c["status"], c["inbound_count"], c["outbound_count"]) == (MARIA, "open", 2, 0)
+    assert c["contact_name"] == "Maria Silva"
+    assert (c["first_message_at"], c["last_message_at"]) == (
+        "2025-07-01T12:00:00.000Z",
+        "2025-07-01T12:01:00.000Z",
+    )
+    detail = (await env.http.get(f"/api/v1/conversations/{MARIA}", headers=env.auth())).json()
+    assert [m["text"] for m in detail["messages"]] == ["Olá", "Olá de novo"]
+
+
+async def test_a_sent_message_goes_queued_sent_delivered_read(env: Env) -> None:
+    await env.inbound("Quero marcar", "wamid.in")
+    r = await env.http.post(
+        "/api/v1/messages",
+        headers=env.auth(),
+        json={"source": "wa-sol", "to": f"+{MARIA}", "text": "Claro!"},
+    )
+    assert r.status_code == 202, r.text
+    message_id = r.json()["id"]
+    assert message_id.startswith("msg_") and r.json()["state"] == "queued"
+    view = (await env.http.get(f"/api/v1/messages/{message_id}", headers=env.auth())).json()
+    assert view["state"] == "queued" and view["content"] == {"text": "Claro!"}
+
+    await env.finish_send(provider_id="wamid.OUT1")
+    await env.status("wamid.OUT1", "read", at=1_751_371_300_000)  # out of order
+    await env.status("wamid.OUT1", "delivered", at=1_751_371_290_000)
+    view = (await env.http.get(f"/api/v1/messages/{message_id}", headers=env.auth())).json()
+    assert view["state"] == "read" and view["provider_message_id"] == "wamid.OUT1"
+    assert [step["state"] for step in view["timeline"]] == ["queued", "sent", "delivered", "read"]
+
+    detail = (await env.http.get(f"/api/v1/conversations/{MARIA}", headers=env.auth())).json()
+    assert detail["outbound_count"] == 1
+    assert [m["direction"] for m in detail["messages"]] == ["inbound", "outbound"]
+    assert detail["messages"][1]["state"] == "read"  # the same as GET /messages/{id}
+
+
+async def test_a_permanent_provider_error_fails_the_message(env: Env) -> None:
+    r = await env.http.post(
+        "/api/v1/messages",
+        headers=env.auth(),
+        json={"source": "wa-sol", "to": f"+{MARIA}", "text": "Oi"},
+    )
+    await env.finish_send(provider_id=None, dead=True)
+    view = (await env.http.get(f"/api/v1/messages/{r.json()['id']}", headers=env.auth())).json()
+    assert view["state"] == "failed"
+    assert view["error"] == "whatsapp_cloud_131047: Re-engagement message"
+
+
+async def test_sends_to_one_customer_keep_their_order_and_a_repeat_is_one_message(
+    env: Env,
+) -> None:
+    first = await env.http.post(
+        "/api/v1/messages",
+        headers=env.auth(),
+        json={"source": "wa-sol", "to": f"+{MARIA}", "text": "1", "idempotency_key": "k1"},
+    )
+    again = await env.http.post(
+        "/api/v1/messages",
+        headers=env.auth(),
+        json={"source": "wa-sol", "to": f"+{MARIA}", "text": "1", "idempotency_key": "k1"},
+    )
+    assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
+    await env.http.post(
+        "/api/v1/messages",
+        headers=env.auth(),
+        json={"source": "wa-sol", "to": f"+{MARIA}", "text": "2"},
+    )
+    leased = await env.store.lease(
+        now_ms=env.hub.clock.now_ms(), limit=10, lease_ms=1000, worker_id="w"
+    )
+    sends = [d for d in leased if d.destination_id == "send:wa-sol"]
+    assert len(sends) == 1 and sends[0].ordering_key == MARIA  # the second waits its turn
+    # Routes see sends too: "message.*" to crm matches message.send (the CRM logs replies).
+    assert {d.destination_id for d in leased} == {"send:wa-sol", "crm"}
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "error"),
+    [
+        ({"source": "wa-sol", "to": f"+{MARIA}"}, 400, "invalid_request"),
+        (
+            {
+                "source": "wa-sol",
+                "to": f"+{MARIA}",
+                "text": "a",
+                "media": {"kind": "image", "url": "https://x/y.png"},
+            },
+            400,
+            "invalid_request",
+        ),
+        ({"source": "wa-sol", "to": "11 98765-4321", "text": "a"}, 400, "invalid_request"),
+        ({"source": "nope", "to": f"+{MARIA}", "text": "a"}, 404, "unknown_source"),
+        ({"source": "outra-in", "to": f"+{MARIA}", "text": "a"}, 404, "unknown_source"),
+        ({"source": "crm-events", "to": f"+{MARIA}", "text": "a"}, 400, "source_cannot_send"),
+        ({"source": "wa-mute", "to": f"+{MARIA}", "text": "a"}, 400, "source_cannot_send"),
+        (
+            {"source": "wa-sol", "to": f"+{MARIA}", "media": {"kind": "gif", "url": "https://x"}},
+            400,
+            "invalid_request",
+        ),
+    ],
+    ids=[
+        "no-content",
+        "two-contents",
+        "not-e164",
+        "unknown-source",
+        "other-tenants-source",
+        "generic-source",
+        "no-outbound-keys",
+        "bad-media-kind",
+    ],
+)
+async def test_a_bad_send_is_refused_and_queues_nothing(
+    env: Env, body: dict[str, Any], status: int, error: str
+) -> None:
+    r = await env.http.post("/api/v1/messages", headers=env.auth(), json=body)
+    assert (r.status_code, r.json()["error"]) == (status, error), r.text
+    assert (await env.store.queue_stats()).by_state == {}
+
+
+async def test_escalation_marks_the_conversation_and_routes_an_event(env: Env) -> None:
+    await env.inbound("Preciso falar com alguém", "wamid.h")
+    r = await env.http.post(
+        f"/api/v1/conversations/{MARIA}/escalate",
+        headers=env.auth(),
+        json={"reason": "asked for a human", "priority": 0},
+    )
+    assert r.status_code == 202
+    event = (
+        await env.http.get(f"/api/v1/events/{r.json()['event_id']}", headers=env.auth())
+    ).json()
+    assert event["type"] == "conversation.escalated"
+    assert event["event"]["data"]["reason"] == "asked for a human"
+    assert [d["destination"] for d in event["deliveries"]] == ["billing"]
+    c = (await env.http.get(f"/api/v1/conversations/{MARIA}", headers=env.auth())).json()
+    assert c["status"] == "escalated" and c["escalation"]["priority"] == 0
+
+    r = await env.http.post(
+        "/api/v1/conversations/5500000000000/escalate", headers=env.auth(), json={"reason": "x"}
+    )
+    assert (r.status_code, r.json()["error"]) == (404, "not_found")
+
+
+async def test_a_closed_conversation_reopens_when_the_customer_writes(env: Env) -> None:
+    await env.inbound("Obrigada", "wamid.c1")
+    r = await env.http.post(f"/api/v1/conversations/{MARIA}/close", headers=env.auth())
+    assert r.json()["status"] == "closed"
+    await env.inbound("Mais uma coisa", "wamid.c2")
+    c = (await env.http.get(f"/api/v1/conversations/{MARIA}", headers=env.auth())).json()
+    assert c["status"] == "open"
+
+
+async def test_another_tenant_sees_neither_conversations_nor_messages(env: Env) -> None:
+    await env.inbound("Olá", "wamid.t")
+    sent = await env.http.post(
+        "/api/v1/messages",
+        headers=env.auth(),
+        json={"source": "wa-sol", "to": f"+{MARIA}", "text": "Oi"},
+    )
+    outra = env.auth(OUTRA)
+    assert (await env.http.get("/api/v1/conversations", headers=outra)).json() == {
+        "conversations": []
+    }
+    r = await env.http.get(f"/api/v1/conversations/{MARIA}", headers=outra)
+    assert r.status_code == 404
+    r = await env.http.get(f"/api/v1/messages/{sent.json()['id']}", headers=outra)
+    assert r.status_code == 404

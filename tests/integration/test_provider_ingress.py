@@ -1,0 +1,254 @@
+"""WhatsApp providers' webhooks through the real ingest endpoint, with the fixtures' exact
+bytes and the published signature vectors: verified, normalized, deduplicated, stored."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+import httpx
+import orjson
+import pytest
+
+from estafeta.api.app import create_app
+from estafeta.config import load_config_dict
+from estafeta.hub import Hub
+from estafeta.ingress.providers.twilio import signature as twilio_signature
+from estafeta.store.sqlstore import SqlStore
+from tests.conftest import base_config
+
+FIXTURES = Path(__file__).parent.parent / "fixtures"
+ADMIN = {"authorization": "Bearer test-admin-key"}
+WA_VECTOR = orjson.loads((FIXTURES / "whatsapp_cloud/signature_vector.json").read_bytes())
+TWILIO_VECTOR = orjson.loads((FIXTURES / "twilio/signature_vector.json").read_bytes())
+ZAPI_TOKEN = "zapi-webhook-token-1"
+SENDPULSE_TOKEN = "sendpulse-webhook-token-1"
+PUBLIC_URL = "https://hub.example.com.br"
+
+
+def provider_sources() -> list[dict[str, Any]]:
+    return [
+        {
+            "id": "wa-sol",
+            "tenant": "clinica-sol",
+            "kind": "whatsapp_cloud",
+            "app_secret": WA_VECTOR["app_secret"],
+            "verify_token": "estafeta-verify-2f7c1e9a",
+        },
+        {
+            "id": "twilio-sol",
+            "tenant": "clinica-sol",
+            "kind": "twilio",
+            "auth_token": TWILIO_VECTOR["auth_token"],
+        },
+        {
+            "id": "twilio-proxied",
+            "tenant": "clinica-sol",
+            "kind": "twilio",
+            "auth_token": TWILIO_VECTOR["auth_token"],
+            "public_url": PUBLIC_URL,
+        },
+        {"id": "zapi-sol", "tenant": "clinica-sol", "kind": "zapi", "token": ZAPI_TOKEN},
+        {"id": "sp-sol", "tenant": "clinica-sol", "kind": "sendpulse", "token": SENDPULSE_TOKEN},
+    ]
+
+
+@pytest.fixture
+async def http(store: SqlStore, database_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    data = base_config(database_url)
+    data["sources"].extend(provider_sources())
+    hub = Hub(load_config_dict(data), store)
+    transport = httpx.ASGITransport(app=create_app(hub))
+    async with httpx.AsyncClient(transport=transport, base_url="http://hub") as client:
+        yield client
+    await hub.close()
+
+
+def wa_post(name: str, secret: str = WA_VECTOR["app_secret"]) -> tuple[bytes, dict[str, str]]:
+    body = (FIXTURES / "whatsapp_cloud" / name).read_bytes()
+    digest = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    return body, {"content-type": "application/json", "x-hub-signature-256": f"sha256={digest}"}
+
+
+async def event_of(http: httpx.AsyncClient, event_id: str) -> dict[str, Any]:
+    found: dict[str, Any] = (await http.get(f"/api/v1/events/{event_id}", headers=ADMIN)).json()
+    return found
+
+
+async def test_whatsapp_handshake_echoes_the_challenge(http: httpx.AsyncClient) -> None:
+    query = (FIXTURES / "whatsapp_cloud/verify_handshake.txt").read_text()
+    r = await http.get(f"/in/wa-sol?{query}")
+    assert (r.status_code, r.text) == (200, "1158201444")
+    assert r.headers["content-type"].startswith("text/plain")
+    wrong = query.replace("estafeta-verify-2f7c1e9a", "guess")
+    r = await http.get(f"/in/wa-sol?{wrong}")
+    assert (r.status_code, r.json()["error"]) == (403, "invalid_verify_token")
+
+
+async def test_a_signed_whatsapp_message_is_stored_normalized(http: httpx.AsyncClient) -> None:
+    body, headers = wa_post("text.json")
+    assert headers["x-hub-signature-256"] == WA_VECTOR["expected_header"]  # the vector
+    r = await http.post("/in/wa-sol", content=body, headers=headers)
+    assert r.status_code == 202, r.text
+    stored = await event_of(http, r.json()["id"])
+    data = stored["event"]["data"]
+    assert stored["type"] == "message.received"
+    assert (data["channel"], data["provider"], data["kind"]) == (
+        "whatsapp",
+        "whatsapp_cloud",
+        "text",
+    )
+    assert data["from"] == "+5511987654321" and data["message_id"].startswith("wamid.")
+    assert data["contact_name"] == "Maria Silva"
+    assert stored["idempotency_key"] == data["message_id"]
+    assert [d["destination"] for d in stored["deliveries"]] == ["crm"]  # route message.*
+
+    again = await http.post("/in/wa-sol", content=body, headers=headers)  # Meta redelivers
+    assert (again.status_code, again.json()) == (200, {"id": r.json()["id"], "duplicate": True})
+
+
+async def test_one_whatsapp_webhook_with_two_messages_is_two_events(
+    http: httpx.AsyncClient,
+) -> None:
+    body, headers = wa_post("batch_two_messages.json")
+    r = await http.post("/in/wa-sol", content=body, headers=headers)
+    assert r.status_code == 202
+    events = r.json()["events"]
+    assert len(events) == 2
+    names = {(await event_of(http, e["id"]))["event"]["data"]["contact_name"] for e in events}
+    assert names == {"Maria Silva", "João Pereira"}
+
+
+async def test_the_messages_of_one_webhook_are_committed_together(
+    store: SqlStore, database_url: str
+) -> None:
+    data = base_config(database_url)
+    data["sources"].extend(provider_sources())
+    batches: list[list[str]] = []
+    insert_events = store.insert_events
+
+    async def recorded(batch: Any, **options: Any) -> Any:
+        batches.append([e.id for e in batch])
+        return await insert_events(batch, **options)
+
+    store.insert_events = recorded  # type: ignore[method-assign]
+    hub = Hub(load_config_dict(data), store)
+    transport = httpx.ASGITransport(app=create_app(hub))
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://hub") as http:
+            body, headers = wa_post("batch_two_messages.json")
+            r = await http.post("/in/wa-sol", content=body, headers=headers)
+    finally:
+        await hub.close()
+    assert r.status_code == 202
+    ids = [e["id"] for e in r.json()["events"]]
+    assert batches == [ids]  # one commit, the events in the webhook's order
+    assert ids == sorted(ids)
+
+
+async def test_whatsapp_statuses_become_message_status(http: httpx.AsyncClient) -> None:
+    seen = []
+    for name in (
+        "status_sent.json",
+        "status_delivered.json",
+        "status_read.json",
+        "status_failed.json",
+    ):
+        body, headers = wa_post(name)
+        r = await http.post("/in/wa-sol", content=body, headers=headers)
+        assert r.status_code == 202, name
+        data = (await event_of(http, r.json()["id"]))["event"]["data"]
+        seen.append(data["status"])
+        if data["status"] == "failed":
+            assert data["error"]["code"] == 131047
+    assert seen == ["sent", "delivered", "read", "failed"]
+
+
+@pytest.mark.parametrize(
+    ("headers", "error"),
+    [
+        ({"content-type": "application/json"}, "missing_signature"),
+        (
+            {"content-type": "application/json", "x-hub-signature-256": "sha256=00"},
+            "invalid_signature",
+        ),
+    ],
+)
+async def test_a_whatsapp_webhook_without_a_valid_signature_stores_nothing(
+    http: httpx.AsyncClient, store: SqlStore, headers: dict[str, str], error: str
+) -> None:
+    body = (FIXTURES / "whatsapp_cloud/text.json").read_bytes()
+    r = await http.post("/in/wa-sol", content=body, headers=headers)
+    assert (r.status_code, r.json()["error"]) == (401, error)
+    tampered, good = wa_post("text.json")
+    r = await http.post("/in/wa-sol", content=tampered.replace(b"Maria", b"Mario"), headers=good)
+    assert r.status_code == 401
+    assert (await store.queue_stats()).by_state == {}
+
+
+async def test_twilio_signed_over_the_url_as_received_and_behind_a_proxy(
+    http: httpx.AsyncClient,
+) -> None:
+    body = (FIXTURES / "twilio/inbound_text.form").read_bytes()
+    params = dict(parse_qsl(body.decode()))
+    multi = {name: [value] for name, value in params.items()}
+    token = TWILIO_VECTOR["auth_token"].encode()
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    direct = twilio_signature(token, "http://hub/in/twilio-sol", multi)
+    r = await http.post(
+        "/in/twilio-sol", content=body, headers={**form, "x-twilio-signature": direct}
+    )
+    assert r.status_code == 202, r.text
+    data = (await event_of(http, r.json()["id"]))["event"]["data"]
+    assert (data["provider"], data["from"], data["text"]) == (
+        "twilio",
+        "+5511987654321",
+        params["Body"],
+    )
+
+    proxied = twilio_signature(token, f"{PUBLIC_URL}/in/twilio-proxied?x=1", multi)
+    r = await http.post(
+        "/in/twilio-proxied?x=1", content=body, headers={**form, "x-twilio-signature": proxied}
+    )
+    assert r.status_code == 202, r.text
+    r = await http.post(
+        "/in/twilio-proxied?x=1", content=body, headers={**form, "x-twilio-signature": direct}
+    )
+    assert (r.status_code, r.json()["error"]) == (401, "invalid_signature")
+
+
+async def test_zapi_needs_its_token_in_the_url(http: httpx.AsyncClient) -> None:
+    body = (FIXTURES / "zapi/received_text.json").read_bytes()
+    headers = {"content-type": "application/json"}
+    r = await http.post(f"/in/zapi-sol?token={ZAPI_TOKEN}", content=body, headers=headers)
+    assert r.status_code == 202, r.text
+    assert (await event_of(http, r.json()["id"]))["event"]["data"]["provider"] == "zapi"
+    r = await http.post("/in/zapi-sol?token=wrong", content=body, headers=headers)
+    assert (r.status_code, r.json()["error"]) == (401, "invalid_token")
+    r = await http.post("/in/zapi-sol", content=body, headers=headers)
+    assert (r.status_code, r.json()["error"]) == (401, "missing_token")
+
+
+async def test_sendpulse_customer_messages_in_and_echoes_out(http: httpx.AsyncClient) -> None:
+    headers = {"content-type": "application/json"}
+    incoming = (FIXTURES / "sendpulse/incoming_message.json").read_bytes()
+    r = await http.post(f"/in/sp-sol?token={SENDPULSE_TOKEN}", content=incoming, headers=headers)
+    assert r.status_code == 202, r.text
+    outgoing = (FIXTURES / "sendpulse/outgoing_message.json").read_bytes()
+    r = await http.post(f"/in/sp-sol?token={SENDPULSE_TOKEN}", content=outgoing, headers=headers)
+    assert (r.status_code, r.json()) == (200, {"events": []})  # our own message: no event
+
+
+async def test_garbage_to_a_provider_is_a_clear_4xx(http: httpx.AsyncClient) -> None:
+    body = b"\x00\xff not json"
+    digest = hmac.new(WA_VECTOR["app_secret"].encode(), body, hashlib.sha256).hexdigest()
+    r = await http.post(
+        "/in/wa-sol",
+        content=body,
+        headers={"content-type": "application/json", "x-hub-signature-256": f"sha256={digest}"},
+    )
+    assert r.status_code == 400 and r.json()["error"] in ("invalid_json", "invalid_body")

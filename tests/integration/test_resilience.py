@@ -1,0 +1,269 @@
+"""One sick destination never makes the others sick: circuit breakers, rate limits and
+per-key ordering, with a real worker and real sinks on 127.0.0.1, on both engines."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+
+from estafeta.config import load_config_dict
+from estafeta.delivery.circuit import CircuitState
+from estafeta.hub import Hub
+from estafeta.store.records import DeadLetterFilter
+from estafeta.store.sqlstore import SqlStore
+from estafeta.testing.sink import Sink
+from tests.conftest import SINK_SECRET, base_config
+from tests.integration.test_worker import Running, settled
+
+
+@pytest.fixture
+async def sinks() -> AsyncIterator[tuple[Sink, Sink]]:
+    crm, billing = Sink(secret=SINK_SECRET), Sink(secret=SINK_SECRET)
+    await crm.start()
+    await billing.start()
+    yield crm, billing
+    await crm.stop()
+    await billing.stop()
+
+
+def hub_config(
+    database_url: str, crm_sink: Sink, billing_sink: Sink, **overrides: Any
+) -> dict[str, Any]:
+    """The base configuration with crm and billing pointing at the sinks; `overrides` keyed by
+    destination id (or "worker") change those sections."""
+    data = base_config(database_url)
+    data["worker"].update(overrides.pop("worker", {}))
+    for d, sink in zip(data["destinations"][:2], (crm_sink, billing_sink), strict=True):
+        d["url"] = f"{sink.url}/{d['id']}"
+        d["max_attempts"] = 50
+        d.update(overrides.get(d["id"], {}))
+    return data
+
+
+async def circuit_becomes(hub: Running, destination_id: str, state: CircuitState) -> None:
+    """Wait (bounded) until the shared state shows the destination's circuit in `state`."""
+    deadline = time.monotonic() + 10
+    while True:
+        circuit = (await hub.worker.breakers._states.get_all()).get(destination_id)
+        if circuit is not None and circuit.state is state:
+            return
+        assert time.monotonic() < deadline, f"{destination_id} never became {state}"
+        await asyncio.sleep(0.02)
+
+
+async def none_in_flight(store: SqlStore, timeout_s: float = 10) -> dict[str, int]:
+    """Counts by state once no delivery is in flight: a sink has a request as soon as it
+    arrives, its outcome is recorded only after the answer."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        by_state = (await store.queue_stats()).by_state
+        if not by_state.get("in_flight"):
+            return by_state
+        assert time.monotonic() < deadline, by_state
+        await asyncio.sleep(0.02)
+
+
+async def publish(
+    hub: Running, n: int, event_type: str = "appointment.booked", **data: Any
+) -> list[str]:
+    return [await hub.publish(event_type, status="confirmed", n=i, **data) for i in range(n)]
+
+
+async def test_an_open_circuit_stops_sending_without_spending_attempts(
+    store: SqlStore, database_url: str, sinks: tuple[Sink, Sink]
+) -> None:
+    crm, billing = sinks
+    billing.respond(503)
+    data = hub_config(
+        database_url,
+        crm,
+        billing,
+        worker={"concurrency": 1},
+        billing={"circuit": {"failures": 3, "reset_s": 60}},
+    )
+    hub = Running(store, load_config_dict(data))
+    try:
+        ids = await publish(hub, 10)
+        assert await crm.wait_for(lambda s: len(s.delivered_ids) == 10, 15)
+        # billing: three failures opened its circuit; the rest wait, attempts untouched.
+        assert len(billing.received) == 3
+        states = await hub.worker.breakers._states.get_all()
+        assert states["billing"].state is CircuitState.OPEN
+        assert await store.list_dead(DeadLetterFilter()) == []
+        by_state = await none_in_flight(store)
+        assert by_state.get("pending") == 10  # billing's, waiting
+        spent = 0
+        for event_id in ids:
+            view = await store.get_event(event_id, None)
+            assert view is not None
+            spent += sum(d.attempts for d in view.deliveries if d.destination_id == "billing")
+        assert spent == 3  # only the three that opened the circuit were attempts
+    finally:
+        await hub.stop()
+    assert len(billing.received) == 3
+
+
+async def test_the_probe_closes_the_circuit_and_the_backlog_drains(
+    store: SqlStore, database_url: str, sinks: tuple[Sink, Sink]
+) -> None:
+    crm, billing = sinks
+    billing.respond(503)
+    data = hub_config(
+        database_url,
+        crm,
+        billing,
+        worker={"concurrency": 4},
+        billing={
+            "circuit": {"failures": 2, "reset_s": 0.5},
+            "backoff": {"base_s": 0.05, "factor": 1, "max_s": 0.05, "jitter": 0},
+        },
+    )
+    hub = Running(store, load_config_dict(data))
+    try:
+        ids = await publish(hub, 8)
+        await circuit_becomes(hub, "billing", CircuitState.OPEN)
+        billing.respond(200)  # billing recovers
+        assert await billing.wait_for(lambda s: s.delivered_ids == set(ids), 15)
+        states = await hub.worker.breakers._states.get_all()
+        assert states.get("billing") is None or states["billing"].state is CircuitState.CLOSED
+        assert ("billing", "half_open") in hub.worker.breakers.transitions
+        assert ("billing", "closed") in hub.worker.breakers.transitions
+        # No storm: after the circuit opened, exactly one request (the probe) came first.
+        statuses = [r.status for r in billing.received]
+        first_ok = statuses.index(200)
+        assert statuses[first_ok + 1 :].count(503) == 0
+    finally:
+        await hub.stop()
+
+
+async def test_a_rate_limited_destination_is_sent_at_its_pace_without_spending_attempts(
+    store: SqlStore, database_url: str, sinks: tuple[Sink, Sink]
+) -> None:
+    crm, billing = sinks
+    data = hub_config(database_url, crm, billing, billing={"rate_limit": "4/second"})
+    hub = Running(store, load_config_dict(data))
+    try:
+        started = time.monotonic()
+        ids = await publish(hub, 10)
+        assert await billing.wait_for(lambda s: s.delivered_ids == set(ids), 15)
+        took = time.monotonic() - started
+        assert took >= 1.0  # 10 sends at 4/second cannot all happen within one second
+        assert await crm.wait_for(lambda s: len(s.delivered_ids) == 10, 5)
+        for event_id in ids:
+            view = await settled(store, event_id)
+            assert {d.attempts for d in view.deliveries} == {1}  # snoozes are not attempts
+    finally:
+        await hub.stop()
+
+
+async def test_one_key_is_delivered_in_event_order_despite_failures(
+    store: SqlStore, database_url: str, sinks: tuple[Sink, Sink]
+) -> None:
+    crm, billing = sinks
+    data = hub_config(
+        database_url,
+        crm,
+        billing,
+        crm={
+            "backoff": {"base_s": 0.02, "factor": 1, "max_s": 0.02, "jitter": 0},
+            "circuit": {"failures": 100},  # this test is about order, not the breaker
+        },
+    )
+    data["routes"][0]["ordering_key"] = "data.conversation_id"
+    hub = Running(store, load_config_dict(data))
+    # Bursts of failures: heads of keys are retried while their followers wait.
+    answered = 0
+    try:
+        keys = [f"55119{k:04d}" for k in range(12)]
+        sent: dict[str, list[str]] = {k: [] for k in keys}
+        for round_ in range(6):
+            if round_ % 2 == 0:
+                crm.fail_first(5, 500)
+            for key in keys:
+                sent[key].append(
+                    await hub.publish("message.received", conversation_id=key, round=round_)
+                )
+        total = sum(len(v) for v in sent.values())
+        assert await crm.wait_for(lambda s: len(s.delivered_ids) == total, 20)
+        delivered_order: dict[str, list[str]] = {k: [] for k in keys}
+        for request in crm.received:
+            if request.status == 200 and request.webhook_id is not None:
+                body = orjson.loads(request.body)
+                delivered_order[body["data"]["conversation_id"]].append(request.webhook_id)
+        for key in keys:
+            assert delivered_order[key] == sent[key], key
+        answered = total
+    finally:
+        await hub.stop()
+    assert answered == 72
+
+
+async def test_other_destinations_keep_their_pace_while_one_is_down(
+    store: SqlStore, database_url: str, sinks: tuple[Sink, Sink]
+) -> None:
+    crm, billing = sinks
+    billing.respond(503, delay_s=0.2)  # down, and slow about it
+    data = hub_config(
+        database_url,
+        crm,
+        billing,
+        worker={"concurrency": 8},
+        billing={"circuit": {"failures": 3, "reset_s": 30}},
+    )
+    hub = Running(store, load_config_dict(data))
+    try:
+        started = time.monotonic()
+        await publish(hub, 100)
+        assert await crm.wait_for(lambda s: len(s.delivered_ids) == 100, 20)
+        took = time.monotonic() - started
+        # Without a breaker, billing's 200 slow failures would hold the 8 slots ~5 s.
+        assert took < 5, took
+        assert len(billing.received) <= 3 + 8  # the ones in flight when it opened
+    finally:
+        await hub.stop()
+
+
+async def test_hub_and_worker_share_one_event_loop_without_leaks(
+    store: SqlStore, database_url: str, sinks: tuple[Sink, Sink]
+) -> None:
+    crm, billing = sinks
+    hub = Running(store, load_config_dict(hub_config(database_url, crm, billing)))
+    await hub.stop()
+    assert isinstance(hub.hub, Hub)
+    assert not [t for t in asyncio.all_tasks() if t.get_name() == "worker"]
+
+
+async def test_a_configured_failure_ratio_opens_the_circuit(
+    store: SqlStore, database_url: str, sinks: tuple[Sink, Sink]
+) -> None:
+    crm, billing = sinks
+    billing.respond(503)
+    # 1,000 consecutive failures would never come: only the ratio can open this circuit.
+    data = hub_config(
+        database_url,
+        crm,
+        billing,
+        worker={"concurrency": 1},
+        billing={
+            "circuit": {
+                "failures": 1000,
+                "failure_ratio": 0.5,
+                "min_requests": 4,
+                "window_s": 60,
+                "reset_s": 60,
+            }
+        },
+    )
+    hub = Running(store, load_config_dict(data))
+    try:
+        await publish(hub, 10)
+        await circuit_becomes(hub, "billing", CircuitState.OPEN)
+        assert await crm.wait_for(lambda s: len(s.delivered_ids) == 10, 15)
+    finally:
+        await hub.stop()
+    assert len(billing.received) == 4  # min_requests results, all failed: then it opened

@@ -1,0 +1,157 @@
+"""The spool keeps accepting while the store is unreachable and loses nothing."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from estafeta.api.app import create_app
+from estafeta.config import Config
+from estafeta.errors import HttpError
+from estafeta.hub import Hub
+from estafeta.ingress.spool import Spool, encode, read_segment
+from estafeta.store import open_store
+from estafeta.store.records import NewDelivery, NewEvent
+from estafeta.store.sqlstore import SqlStore
+
+UNREACHABLE = "postgresql://postgres@127.0.0.1:1/nowhere"  # nothing listens on port 1
+
+
+def new_event(n: int, key: str | None = None) -> NewEvent:
+    return NewEvent(
+        id=f"evt_{n:026d}",
+        tenant_id="clinica-sol",
+        source_id="crm-events",
+        type="message.received",
+        idempotency_key=key,
+        occurred_at=1,
+        received_at=1,
+        payload=f'{{"n":{n}}}',
+        deliveries=(
+            NewDelivery(id=f"dlv_{n:026d}", destination_id="crm", priority=1, max_attempts=3),
+        ),
+    )
+
+
+@pytest.fixture
+async def down_hub(config: Config, tmp_path: Path) -> AsyncIterator[Hub]:
+    """A hub whose store cannot be reached, spooling into tmp_path/spool."""
+    unreachable = open_store(UNREACHABLE)
+    hub = Hub(config, unreachable, spool=Spool(tmp_path / "spool", max_bytes=10**6))
+    yield hub
+    await hub.close()
+    await unreachable.close()
+
+
+async def accept(hub: Hub, n: int, key: str | None = None) -> str:
+    result = await hub.accept(
+        tenant_id="clinica-sol",
+        source_id="crm-events",
+        event_type="message.received",
+        data={"n": n},
+        idempotency_key=key,
+    )
+    assert result.spooled and not result.duplicate
+    return result.event_id
+
+
+def test_a_journal_reads_back_what_was_written_and_ignores_a_torn_tail(tmp_path: Path) -> None:
+    segment = tmp_path / "0000000000001-x-1-000000001.journal"
+    events = [new_event(n) for n in range(3)]
+    whole = b"".join(encode(e) for e in events)
+    segment.write_bytes(whole + encode(new_event(99))[:-3])  # a crash mid-append
+    assert list(read_segment(segment)) == events
+    segment.write_bytes(whole[:-1] + b"X")  # a corrupt last record fails its CRC
+    assert list(read_segment(segment)) == events[:2]
+
+
+async def test_while_the_store_is_down_events_are_spooled_then_drained(
+    down_hub: Hub, store: SqlStore
+) -> None:
+    ids = [await accept(down_hub, n, key=f"wamid.{n}") for n in range(25)]
+    assert down_hub.spool is not None
+    stats = down_hub.spool.stats()
+    assert stats.segments == 1 and stats.bytes > 0 and stats.oldest_at is not None
+
+    assert await down_hub.spool.drain(store) == 25
+    assert down_hub.spool.stats().segments == 0
+    for event_id in ids:
+        view = await store.get_event(event_id, "clinica-sol")
+        assert view is not None and [d.destination_id for d in view.deliveries] == ["crm"]
+
+
+async def test_a_segment_imported_twice_is_deduplicated_by_event_id(
+    store: SqlStore, tmp_path: Path
+) -> None:
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    segment = spool_dir / "0000000000001-host-1-000000001.journal"
+    segment.write_bytes(b"".join(encode(new_event(n)) for n in range(7)))
+    saved = segment.read_bytes()
+    spool = Spool(spool_dir, max_bytes=10**6)
+    assert await spool.drain(store) == 7
+    segment.write_bytes(saved)  # as if the process died before deleting it
+    assert await spool.drain(store) == 7  # read again, but every event is a duplicate
+    assert (await store.queue_stats()).by_state == {"pending": 7}
+    await spool.close()
+
+
+async def test_a_full_spool_refuses_with_503_rather_than_accept(
+    config: Config, tmp_path: Path
+) -> None:
+    unreachable = open_store(UNREACHABLE)
+    hub = Hub(config, unreachable, spool=Spool(tmp_path / "spool", max_bytes=1))
+    try:
+        await accept(hub, 1)  # the first fits (the spool was empty)
+        with pytest.raises(HttpError) as refused:
+            await accept(hub, 2)
+        assert refused.value.status == 503 and refused.value.headers["Retry-After"]
+    finally:
+        await hub.close()
+        await unreachable.close()
+
+
+async def test_ingest_answers_202_marked_spooled_while_the_store_is_down(down_hub: Hub) -> None:
+    from tests.integration.test_ingress_api import MESSAGE, signed
+
+    transport = httpx.ASGITransport(app=create_app(down_hub))
+    async with httpx.AsyncClient(transport=transport, base_url="http://hub") as http:
+        r = await http.post("/in/crm-events", content=MESSAGE, headers=signed(MESSAGE))
+    assert r.status_code == 202 and r.headers["x-estafeta-spooled"] == "1"
+    assert orjson.loads(r.content)["id"].startswith("evt_")
+
+
+async def test_without_a_spool_an_unreachable_store_answers_503(config: Config) -> None:
+    from tests.integration.test_ingress_api import MESSAGE, signed
+
+    unreachable = open_store(UNREACHABLE)
+    hub = Hub(config, unreachable)
+    transport = httpx.ASGITransport(app=create_app(hub))
+    async with httpx.AsyncClient(transport=transport, base_url="http://hub") as http:
+        r = await http.post("/in/crm-events", content=MESSAGE, headers=signed(MESSAGE))
+    assert (r.status_code, r.json()["error"]) == (503, "store_unavailable")
+    assert r.headers["retry-after"] == "5"
+    await hub.close()
+    await unreachable.close()
+
+
+async def test_a_redelivery_during_the_outage_gets_the_original_id(down_hub: Hub) -> None:
+    first = await down_hub.accept(
+        tenant_id="clinica-sol",
+        source_id="crm-events",
+        event_type="message.received",
+        data={},
+        idempotency_key="w1",
+    )
+    again = await down_hub.accept(
+        tenant_id="clinica-sol",
+        source_id="crm-events",
+        event_type="message.received",
+        data={},
+        idempotency_key="w1",
+    )
+    assert (again.event_id, again.duplicate, again.spooled) == (first.event_id, True, True)

@@ -1,0 +1,432 @@
+"""The store's behaviour, one suite run against SQLite and the real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import TypeVar
+
+import asyncpg
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import Connection, text
+
+from estafeta.delivery.decision import Transition
+from estafeta.delivery.model import LeasedDelivery
+from estafeta.delivery.outcome import Outcome, OutcomeKind
+from estafeta.delivery.state import DeliveryState
+from estafeta.errors import StoreRejected, StoreUnavailable
+from estafeta.ids import new_id
+from estafeta.store.records import CompletedAttempt, DeadLetterFilter, NewDelivery, NewEvent
+from estafeta.store.schema import metadata
+from estafeta.store.sqlstore import SqlStore
+
+NOW = 1_700_000_000_000
+T = TypeVar("T")
+
+
+def event(
+    key: str | None = None,
+    *,
+    tenant: str = "clinica-sol",
+    source: str = "crm-events",
+    destinations: tuple[str, ...] = ("crm",),
+    priority: int = 2,
+    at: int = NOW,
+    event_type: str = "message.received",
+) -> NewEvent:
+    event_id = new_id("evt", at)
+    return NewEvent(
+        id=event_id,
+        tenant_id=tenant,
+        source_id=source,
+        type=event_type,
+        idempotency_key=key,
+        occurred_at=at,
+        received_at=at,
+        payload=f'{{"id":"{event_id}","type":"{event_type}","data":{{}}}}',
+        deliveries=tuple(
+            NewDelivery(id=new_id("dlv", at), destination_id=d, priority=priority, max_attempts=3)
+            for d in destinations
+        ),
+    )
+
+
+def attempt(
+    delivery: LeasedDelivery, to: DeliveryState, *, kind: OutcomeKind = OutcomeKind.SUCCESS
+) -> CompletedAttempt:
+    status = 200 if kind is OutcomeKind.SUCCESS else 500
+    return CompletedAttempt(
+        delivery=delivery,
+        outcome=Outcome(
+            kind, 3.5, status_code=status, error_class=None if status == 200 else "http_500"
+        ),
+        transition=Transition(
+            to_state=to,
+            attempts=delivery.attempts + 1,
+            next_attempt_at=NOW + 1000 if to is DeliveryState.PENDING else None,
+            last_error=None if to is DeliveryState.SUCCEEDED else "http_500: Internal Server Error",
+        ),
+        started_at=NOW,
+        attempt_id=new_id("att", NOW),
+    )
+
+
+async def lease(store: SqlStore, *, now: int = NOW, limit: int = 100) -> list[LeasedDelivery]:
+    return await store.lease(now_ms=now, limit=limit, lease_ms=30_000, worker_id="w1")
+
+
+async def kill_all(store: SqlStore, to: DeliveryState = DeliveryState.DEAD) -> list[str]:
+    leased = await lease(store)
+    await store.complete([attempt(d, to, kind=OutcomeKind.PERMANENT) for d in leased], NOW)
+    return [d.id for d in leased]
+
+
+async def test_an_event_is_stored_with_its_deliveries(store: SqlStore) -> None:
+    e = event("k1", destinations=("crm", "billing"))
+    [result] = await store.insert_events([e])
+    assert result.event_id == e.id and not result.duplicate
+    view = await store.get_event(e.id, "clinica-sol")
+    assert view is not None
+    assert sorted(d.destination_id for d in view.deliveries) == ["billing", "crm"]
+    assert {d.state for d in view.deliveries} == {"pending"}
+
+
+async def test_a_repeated_idempotency_key_answers_the_original_and_stores_nothing(
+    store: SqlStore,
+) -> None:
+    first = event("wamid.1")
+    await store.insert_events([first])
+    again = event("wamid.1")
+    [result] = await store.insert_events([again])
+    assert result.duplicate and result.event_id == first.id
+    assert await store.get_event(again.id, None) is None
+    assert (await store.queue_stats()).by_state == {"pending": 1}
+
+
+async def test_duplicates_inside_one_batch_are_stored_once(store: SqlStore) -> None:
+    a, b, c = event("same"), event("same"), event(None)
+    results = await store.insert_events([a, b, c])
+    assert [r.duplicate for r in results] == [False, True, False]
+    assert results[1].event_id == a.id
+    assert (await store.queue_stats()).by_state == {"pending": 2}
+
+
+async def test_the_same_key_from_another_source_or_tenant_is_a_new_event(store: SqlStore) -> None:
+    results = await store.insert_events(
+        [
+            event("k"),
+            event("k", source="keyed"),
+            event("k", tenant="outra", source="outra-in", destinations=("outra-sink",)),
+        ]
+    )
+    assert [r.duplicate for r in results] == [False, False, False]
+
+
+async def test_concurrent_duplicates_never_both_succeed(store: SqlStore) -> None:
+    results = await asyncio.gather(*(store.insert_events([event("race")]) for _ in range(8)))
+    originals = [r for [r] in results if not r.duplicate]
+    assert len(originals) == 1
+    assert {r.event_id for [r] in results} == {originals[0].event_id}
+
+
+async def test_lease_takes_the_highest_priority_first_then_fifo(store: SqlStore) -> None:
+    low = event(priority=4, at=NOW - 3000)
+    urgent_later = event(priority=0, at=NOW - 1000)
+    urgent_first = event(priority=0, at=NOW - 2000)
+    middle = event(priority=2, at=NOW - 5000)
+    await store.insert_events([low, urgent_later, urgent_first, middle])
+    leased = await lease(store)
+    assert [d.event_id for d in leased] == [urgent_first.id, urgent_later.id, middle.id, low.id]
+    assert leased[0].payload.startswith(b'{"id":"' + urgent_first.id.encode())
+
+
+async def test_lease_respects_limit_and_due_time(store: SqlStore) -> None:
+    await store.insert_events([event(at=NOW - i) for i in range(5)] + [event(at=NOW + 60_000)])
+    assert len(await lease(store, limit=3)) == 3
+    assert len(await lease(store)) == 2  # the future one is not due, the leased are taken
+    assert await lease(store) == []
+
+
+async def test_concurrent_leases_never_share_a_delivery(store: SqlStore) -> None:
+    await store.insert_events([event(at=NOW - i) for i in range(60)])
+    batches = await asyncio.gather(*(lease(store, limit=7) for _ in range(12)))
+    ids = [d.id for batch in batches for d in batch]
+    assert len(ids) == 60 and len(set(ids)) == 60
+
+
+async def test_a_late_result_never_overwrites_a_rescued_delivery(store: SqlStore) -> None:
+    await store.insert_events([event()])
+    [first] = await lease(store)
+    # The worker holding it dies; once the lease passes, another worker claims it.
+    claimed = await store.claim_expired(
+        now_ms=first.lease_expires_at + 1, lease_ms=30_000, worker_id="w2"
+    )
+    assert [d.id for d in claimed] == [first.id]
+    assert claimed[0].lease_token != first.lease_token
+    applied = await store.complete([attempt(first, DeliveryState.SUCCEEDED)], NOW)
+    assert applied == 0
+    view = await store.get_event(first.event_id, None)
+    assert view is not None and view.deliveries[0].state == "in_flight"
+    assert (
+        await store.complete(
+            [attempt(claimed[0], DeliveryState.PENDING, kind=OutcomeKind.RETRYABLE)], NOW
+        )
+        == 1
+    )
+    view = await store.get_event(first.event_id, None)
+    assert view is not None
+    [delivery] = view.deliveries
+    assert delivery.state == "pending" and delivery.attempts == 1
+    # Both attempts happened, so both are in the log.
+    assert len(delivery.attempt_log) == 2
+
+
+async def test_live_leases_are_not_claimed(store: SqlStore) -> None:
+    await store.insert_events([event()])
+    [leased] = await lease(store)
+    assert (
+        await store.claim_expired(now_ms=leased.lease_expires_at - 1, lease_ms=1000, worker_id="w2")
+        == []
+    )
+
+
+async def test_complete_records_the_attempt_and_moves_the_state(store: SqlStore) -> None:
+    await store.insert_events([event()])
+    [leased] = await lease(store)
+    assert await store.complete([attempt(leased, DeliveryState.SUCCEEDED)], NOW) == 1
+    view = await store.get_event(leased.event_id, "clinica-sol")
+    assert view is not None
+    [delivery] = view.deliveries
+    assert delivery.state == "succeeded" and delivery.attempts == 1
+    [logged] = delivery.attempt_log
+    assert logged.status_code == 200 and logged.number == 1 and logged.duration_ms == 3.5
+
+
+async def test_release_gives_leases_back_without_counting_an_attempt(store: SqlStore) -> None:
+    await store.insert_events([event(), event()])
+    leased = await lease(store)
+    assert await store.release(leased, NOW) == 2
+    again = await lease(store)
+    assert {d.id for d in again} == {d.id for d in leased}
+    assert all(d.attempts == 0 for d in again)
+
+
+async def test_dead_letters_are_listed_replayed_and_audited(store: SqlStore) -> None:
+    await store.insert_events(
+        [event(destinations=("crm", "billing")), event(event_type="appointment.booked")]
+    )
+    dead = await kill_all(store)
+    listed = await store.list_dead(DeadLetterFilter(tenant_id="clinica-sol"))
+    assert sorted(d.id for d in listed) == sorted(dead)
+    only_billing = await store.list_dead(DeadLetterFilter(destination_id="billing"))
+    assert [d.destination_id for d in only_billing] == ["billing"]
+    by_type = await store.list_dead(DeadLetterFilter(event_type="appointment.booked"))
+    assert [d.event_type for d in by_type] == ["appointment.booked"]
+
+    replayed = await store.replay(
+        DeadLetterFilter(destination_id="crm"), actor="tester", now_ms=NOW + 5
+    )
+    assert len(replayed) == 2
+    leased = await lease(store, now=NOW + 10)
+    assert sorted(d.id for d in leased) == sorted(replayed)
+    assert all(d.attempts == 0 for d in leased)
+    async with store.engine.connect() as conn:
+        rows = (await conn.execute(text("SELECT actor, action, detail FROM audit_log"))).all()
+    assert [(r.actor, r.action) for r in rows] == [("tester", "dlq.replay")]
+    assert '"count":2' in rows[0].detail
+
+
+async def test_discard_is_final_and_replay_of_nothing_changes_nothing(store: SqlStore) -> None:
+    await store.insert_events([event()])
+    [dead] = await kill_all(store)
+    assert await store.discard(DeadLetterFilter(delivery_ids=(dead,)), actor="t", now_ms=NOW) == [
+        dead
+    ]
+    assert await store.replay(DeadLetterFilter(delivery_ids=(dead,)), actor="t", now_ms=NOW) == []
+    assert (await store.queue_stats()).by_state == {"discarded": 1}
+
+
+async def test_a_tenant_never_sees_or_replays_another_tenants_data(store: SqlStore) -> None:
+    outra = event(tenant="outra", source="outra-in", destinations=("outra-sink",))
+    await store.insert_events([outra])
+    await kill_all(store)
+    assert await store.get_event(outra.id, "clinica-sol") is None
+    assert await store.list_dead(DeadLetterFilter(tenant_id="clinica-sol")) == []
+    assert (
+        await store.replay(DeadLetterFilter(tenant_id="clinica-sol"), actor="t", now_ms=NOW) == []
+    )
+    assert len(await store.list_dead(DeadLetterFilter(tenant_id="outra"))) == 1
+
+
+async def test_the_schema_refuses_an_impossible_priority(store: SqlStore) -> None:
+    with pytest.raises(StoreRejected, match="priority"):
+        await store.insert_events([event(priority=7)])
+    assert (await store.queue_stats()).by_state == {}
+
+
+async def test_a_refused_batch_stores_none_of_its_events(store: SqlStore) -> None:
+    good, bad = event("good"), event("bad", priority=7)
+    with pytest.raises(StoreRejected):
+        await store.insert_events([good, bad])
+    assert await store.get_event(good.id, None) is None
+    assert (await store.insert_events([event("good")]))[0].duplicate is False
+
+
+def message(
+    wamid: str, customer: str, at: int, *, name: str | None, direction: str = "inbound"
+) -> NewEvent:
+    base = event(wamid, at=at)
+    return replace(base, conversation_id=customer, direction=direction, contact_name=name)
+
+
+async def test_one_batch_of_messages_adds_up_in_each_conversation(store: SqlStore) -> None:
+    maria, joao = "5511987654321", "5521912345678"
+    await store.insert_events([message("w0", maria, NOW, name="Maria")])
+    await store.insert_events(
+        [
+            message("w1", maria, NOW + 3_000, name=None),
+            message("w2", joao, NOW + 1_000, name="João"),
+            message("w3", maria, NOW - 5_000, name="Maria Silva"),
+            message("w1", maria, NOW + 9_000, name="repeat"),  # a repeat within the batch
+            message("w0", maria, NOW + 9_000, name="redelivery"),  # stored before
+            message("w4", joao, NOW + 2_000, name=None, direction="outbound"),
+        ]
+    )
+    found = await store.get_conversation("clinica-sol", maria)
+    assert found is not None
+    c = found[0]
+    assert (c.inbound_count, c.outbound_count, c.contact_name) == (3, 0, "Maria Silva")
+    assert (c.first_message_at, c.last_message_at) == (NOW - 5_000, NOW + 3_000)
+    found = await store.get_conversation("clinica-sol", joao)
+    assert found is not None
+    c = found[0]
+    assert (c.inbound_count, c.outbound_count, c.contact_name) == (1, 1, "João")
+    assert (c.first_message_at, c.last_message_at) == (NOW + 1_000, NOW + 2_000)
+
+
+async def test_migrations_build_exactly_the_declared_schema(store: SqlStore) -> None:
+    def differences(connection: Connection) -> list[object]:
+        context = MigrationContext.configure(connection)
+        return list(compare_metadata(context, metadata))
+
+    async with store.engine.connect() as conn:
+        assert await conn.run_sync(differences) == []
+
+
+async def test_migrate_twice_is_harmless(store: SqlStore) -> None:
+    await store.migrate()
+    await store.insert_events([event()])
+    await store.migrate()
+    assert (await store.queue_stats()).by_state == {"pending": 1}
+
+
+async def test_api_keys_resolve_to_their_tenant_only_by_hash(store: SqlStore) -> None:
+    await store.create_api_key(tenant_id="outra", key_hash="a" * 64, label="x", now_ms=NOW)
+    assert await store.tenant_for_key("a" * 64) == "outra"
+    assert await store.tenant_for_key("b" * 64) is None
+
+
+def keyed(key: str, at: int, destination: str = "crm") -> NewEvent:
+    base = event(at=at, destinations=(destination,))
+    only = base.deliveries[0]
+    return NewEvent(
+        id=base.id,
+        tenant_id=base.tenant_id,
+        source_id=base.source_id,
+        type=base.type,
+        idempotency_key=None,
+        occurred_at=at,
+        received_at=at,
+        payload=base.payload,
+        deliveries=(
+            NewDelivery(
+                id=only.id, destination_id=destination, priority=2, max_attempts=3, ordering_key=key
+            ),
+        ),
+    )
+
+
+async def test_blocked_destinations_are_not_leased_and_spend_nothing(store: SqlStore) -> None:
+    await store.insert_events([event(destinations=("crm", "billing"))])
+    leased = await store.lease(now_ms=NOW, limit=10, lease_ms=1000, worker_id="w", blocked=["crm"])
+    assert [d.destination_id for d in leased] == ["billing"]
+    probe = await store.lease(
+        now_ms=NOW, limit=10, lease_ms=1000, worker_id="w", only_destination="crm"
+    )
+    assert [d.destination_id for d in probe] == ["crm"] and probe[0].attempts == 0
+
+
+async def test_one_ordering_key_goes_strictly_one_after_another(store: SqlStore) -> None:
+    await store.insert_events(
+        [keyed("maria", NOW - 30), keyed("maria", NOW - 20), keyed("joao", NOW - 10)]
+    )
+    first = await lease(store)
+    assert [d.ordering_key for d in first] == ["maria", "joao"]  # maria's second waits
+    maria_head = first[0]
+    # The head fails and is retried later: it still blocks its key, and only its key.
+    await store.complete(
+        [attempt(maria_head, DeliveryState.PENDING, kind=OutcomeKind.RETRYABLE)], NOW
+    )
+    assert await lease(store) == []
+    retried = await lease(store, now=NOW + 1000)
+    assert [d.id for d in retried] == [maria_head.id]
+    await store.complete([attempt(retried[0], DeliveryState.SUCCEEDED)], NOW + 1000)
+    [second] = await lease(store, now=NOW + 1000)
+    assert second.ordering_key == "maria" and second.event_id != maria_head.event_id
+
+
+async def test_the_same_key_to_another_destination_is_independent(store: SqlStore) -> None:
+    await store.insert_events([keyed("maria", NOW - 2, "crm"), keyed("maria", NOW - 1, "billing")])
+    assert sorted(d.destination_id for d in await lease(store)) == ["billing", "crm"]
+
+
+async def test_a_snoozed_delivery_is_due_later_without_an_attempt(store: SqlStore) -> None:
+    await store.insert_events([event()])
+    [leased] = await lease(store)
+    assert await store.release([leased], NOW, due_at=NOW + 5000) == 1
+    assert await lease(store, now=NOW + 4999) == []
+    [again] = await lease(store, now=NOW + 5000)
+    assert again.attempts == 0
+
+
+async def test_circuit_state_is_read_modify_written_atomically(store: SqlStore) -> None:
+    def bump(before: dict[str, object] | None) -> dict[str, object]:
+        count = before["failures"] if before else 0
+        assert isinstance(count, int)
+        return {"failures": count + 1}
+
+    await asyncio.gather(*(store.update_circuit("crm", bump, NOW) for _ in range(20)))
+    assert await store.circuit_states() == {"crm": {"failures": 20}}
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_connections_the_server_closed_are_replaced_not_reported_as_bugs(
+    store: SqlStore, database_url: str
+) -> None:
+    """The hot paths bypass SQLAlchemy's disconnect handling (postgres.py): a pooled
+    connection the server terminated must give StoreUnavailable at worst, then be replaced."""
+    await store.insert_events([event("before")])
+    [leased] = await lease(store)
+    admin = await asyncpg.connect(database_url)
+    try:
+        terminated = await admin.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    finally:
+        await admin.close()
+    assert terminated >= 1
+
+    async def twice(operation: Callable[[], Awaitable[T]]) -> T:
+        with contextlib.suppress(StoreUnavailable):
+            return await operation()
+        return await operation()  # the dead connection is gone from the pool by now
+
+    [stored] = await twice(lambda: store.insert_events([event("after")]))
+    assert not stored.duplicate
+    assert await twice(lambda: store.complete([attempt(leased, DeliveryState.SUCCEEDED)], NOW)) == 1
+    assert len(await twice(lambda: lease(store))) == 1  # the event stored after the cut

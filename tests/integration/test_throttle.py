@@ -1,0 +1,154 @@
+"""Outbound rate limits per destination: in memory, shared through real Redis, and Redis lost.
+
+The shared Redis (127.0.0.1:6379, or ESTAFETA_TEST_REDIS_URL) is used under a unique key
+prefix per test and cleaned up after; it is never flushed. The test that takes Redis away
+starts its own `redis-server` on a free port and kills it. Without the shared Redis the tests
+that need it are skipped locally and fail under CI=true.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import redis
+from structlog.testing import capture_logs
+
+from estafeta.delivery.throttle import DestinationThrottle
+from tests.integration.redis_support import SHARED_REDIS_URL, RedisServer
+
+pytestmark = pytest.mark.timeout(60)
+
+LIMITS = {"crm": "5/second", "billing": "2/minute"}
+
+
+def keys_under(url: str, prefix: str) -> list[bytes]:
+    with redis.Redis.from_url(url, socket_timeout=5) as client:
+        return list(client.scan_iter(match=f"{prefix}*"))
+
+
+@pytest.fixture
+async def throttles() -> AsyncIterator[list[DestinationThrottle]]:
+    """Throttles a test makes; all closed at teardown."""
+    made: list[DestinationThrottle] = []
+    yield made
+    for throttle in made:
+        await throttle.aclose()
+
+
+async def admitted_then_wait(throttle: DestinationThrottle, destination: str) -> list[bool]:
+    """Acquire until the first refusal; True per admitted send, and check the wait."""
+    admitted: list[bool] = []
+    for _ in range(20):
+        wait = await throttle.acquire(destination)
+        if wait is not None:
+            assert 0 < wait <= 1.0
+            return admitted
+        admitted.append(True)
+    raise AssertionError("never refused")
+
+
+async def test_memory_admits_the_limit_then_answers_a_short_wait() -> None:
+    throttle = DestinationThrottle(LIMITS)
+    assert len(await admitted_then_wait(throttle, "crm")) == 5
+    assert not throttle.using_redis
+
+
+async def test_destinations_have_their_own_budget_and_unlimited_ones_always_go() -> None:
+    throttle = DestinationThrottle(LIMITS)
+    assert len(await admitted_then_wait(throttle, "crm")) == 5
+    assert [await throttle.acquire("billing") for _ in range(2)] == [None, None]
+    assert 0 < (await throttle.acquire("billing") or 0) <= 60
+    assert [await throttle.acquire("sheets") for _ in range(100)] == [None] * 100
+
+
+async def test_the_wait_answered_is_when_a_send_may_go_again() -> None:
+    throttle = DestinationThrottle({"crm": "5/second"})
+    await admitted_then_wait(throttle, "crm")
+    wait = await throttle.acquire("crm")
+    assert wait is not None
+    await asyncio.sleep(wait)
+    deadline = time.monotonic() + 1.0  # limits counts in whole-ms TTLs: allow rounding
+    while (again := await throttle.acquire("crm")) is not None:
+        assert time.monotonic() < deadline, "the wait answered was too short"
+        await asyncio.sleep(again)
+
+
+def test_an_unreadable_limit_is_refused_at_construction() -> None:
+    with pytest.raises(ValueError):
+        DestinationThrottle({"crm": "five per second"})
+
+
+async def test_redis_admits_the_limit_then_answers_a_short_wait(
+    shared_prefix: str, throttles: list[DestinationThrottle]
+) -> None:
+    throttle = DestinationThrottle(LIMITS, redis_url=SHARED_REDIS_URL, key_prefix=shared_prefix)
+    throttles.append(throttle)
+    assert len(await admitted_then_wait(throttle, "crm")) == 5
+    assert throttle.using_redis
+    assert keys_under(SHARED_REDIS_URL, f"{shared_prefix}throttle:")  # counted in Redis
+
+
+async def test_two_throttles_sharing_redis_share_the_budget(
+    shared_prefix: str, throttles: list[DestinationThrottle]
+) -> None:
+    """Two instances stand for two worker processes: 5/second is for estafeta as a whole."""
+    a, b = (
+        DestinationThrottle(LIMITS, redis_url=SHARED_REDIS_URL, key_prefix=shared_prefix)
+        for _ in range(2)
+    )
+    throttles.extend([a, b])
+    assert [await a.acquire("crm") for _ in range(3)] == [None] * 3
+    assert [await b.acquire("crm") for _ in range(2)] == [None] * 2
+    for throttle in (a, b):
+        wait = await throttle.acquire("crm")
+        assert wait is not None and 0 < wait <= 1.0
+    # A third instance under another prefix is another estafeta: its own budget.
+    other = DestinationThrottle(LIMITS, redis_url=SHARED_REDIS_URL, key_prefix=f"{shared_prefix}x:")
+    throttles.append(other)
+    assert await other.acquire("crm") is None
+
+
+async def test_redis_lost_falls_back_to_memory_and_comes_back(
+    own_redis: RedisServer, throttles: list[DestinationThrottle]
+) -> None:
+    clock = [1_000.0]
+    throttle = DestinationThrottle(
+        {"billing": "3/minute"}, redis_url=own_redis.url, retry_s=5.0, monotonic=lambda: clock[0]
+    )
+    throttles.append(throttle)
+    with capture_logs() as logs:
+        assert await throttle.acquire("billing") is None
+        assert keys_under(own_redis.url, "estafeta:throttle:")
+        own_redis.kill()
+
+        # Redis is gone: the in-memory limiter takes over, with its own full budget.
+        async with asyncio.timeout(10):
+            assert [await throttle.acquire("billing") for _ in range(3)] == [None] * 3
+            assert await throttle.acquire("billing") is not None
+        assert not throttle.using_redis
+        down = [e for e in logs if e["event"] == "redis_unavailable"]
+        assert len(down) == 1 and down[0]["log_level"] == "warning"
+        assert down[0]["component"] == "throttle"
+
+        # Back on the same port (empty); Redis is tried again once retry_s has passed.
+        own_redis.start()
+        assert await throttle.acquire("billing") is not None  # still memory: not yet retried
+        assert not keys_under(own_redis.url, "estafeta:throttle:")
+        clock[0] += 5.0
+        assert await throttle.acquire("billing") is None  # Redis again, with a fresh budget
+        assert throttle.using_redis
+        assert keys_under(own_redis.url, "estafeta:throttle:")
+    events = [e["event"] for e in logs if e["event"].startswith("redis_")]
+    assert events == ["redis_unavailable", "redis_available"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["redis://127.0.0.1:1/0", "async+redis://127.0.0.1:1", "rediss://h:1", "unix:///tmp/r.sock"],
+)
+async def test_redis_url_forms_are_accepted_without_connecting(url: str) -> None:
+    throttle = DestinationThrottle(LIMITS, redis_url=url)
+    await throttle.aclose()

@@ -1,0 +1,234 @@
+"""The delivery worker against real sinks on 127.0.0.1, on both engines."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from estafeta.config import Config, load_config_dict
+from estafeta.delivery.worker import Worker
+from estafeta.hub import Hub
+from estafeta.store.records import DeadLetterFilter, EventView
+from estafeta.store.sqlstore import SqlStore
+from estafeta.testing.sink import Sink
+from tests.conftest import SINK_SECRET, base_config
+
+
+@pytest.fixture
+async def sink() -> AsyncIterator[Sink]:
+    receiver = Sink(secret=SINK_SECRET)
+    await receiver.start()
+    yield receiver
+    await receiver.stop()
+
+
+def config_for(database_url: str, sink: Sink, **destination: Any) -> Config:
+    data = base_config(database_url)
+    for d in data["destinations"]:
+        d["url"] = f"{sink.url}/{d['id']}"
+        d.update(destination)
+    return load_config_dict(data)
+
+
+class Running:
+    """A hub and a worker in this event loop; `stop()` shuts the worker down gracefully."""
+
+    def __init__(self, store: SqlStore, config: Config) -> None:
+        self.hub = Hub(config, store)
+        self.worker = Worker(store, config, wake=self.hub.deliveries_ready)
+        self._stop = asyncio.Event()
+        self._task = asyncio.create_task(self.worker.run(self._stop))
+
+    async def publish(self, event_type: str = "message.received", **data: Any) -> str:
+        result = await self.hub.accept(
+            tenant_id="clinica-sol",
+            source_id="api",
+            event_type=event_type,
+            data=data,
+            idempotency_key=None,
+        )
+        return result.event_id
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await self._task
+        await self.hub.close()
+
+
+@pytest.fixture
+async def running(
+    store: SqlStore, sink: Sink, database_url: str
+) -> AsyncIterator[Callable[..., Running]]:
+    started: list[Running] = []
+
+    def start(**destination: Any) -> Running:
+        hub = Running(store, config_for(database_url, sink, **destination))
+        started.append(hub)
+        return hub
+
+    yield start
+    for hub in started:
+        await hub.stop()
+
+
+async def settled(store: SqlStore, event_id: str, timeout_s: float = 10) -> EventView:
+    """The event once none of its deliveries is pending or in flight."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        view = await store.get_event(event_id, None)
+        assert view is not None
+        if all(d.state not in ("pending", "in_flight") for d in view.deliveries):
+            return view
+        assert asyncio.get_running_loop().time() < deadline, view
+        await asyncio.sleep(0.05)
+
+
+async def test_events_are_delivered_signed_with_the_event_id(
+    running: Callable[..., Running], sink: Sink, store: SqlStore
+) -> None:
+    hub = running()
+    ids = [await hub.publish(n=n) for n in range(20)]
+    assert await sink.wait_for(lambda s: len(s.delivered_ids) == 20, 10)
+    assert sink.delivered_ids == set(ids) and sink.duplicates == 0
+    assert sink.bad_signatures == []
+    view = await settled(store, ids[0])
+    [delivery] = view.deliveries
+    assert delivery.state == "succeeded" and delivery.attempts == 1
+    assert delivery.attempt_log[0].status_code == 200
+
+
+async def test_failures_are_retried_with_backoff_then_delivered(
+    running: Callable[..., Running], sink: Sink, store: SqlStore
+) -> None:
+    sink.fail_first(2, 503)
+    hub = running(max_attempts=5)
+    event_id = await hub.publish()
+    view = await settled(store, event_id)
+    [delivery] = view.deliveries
+    assert delivery.state == "succeeded" and delivery.attempts == 3
+    outcomes = [(a.outcome, a.status_code, a.error_class) for a in delivery.attempt_log]
+    assert outcomes == [
+        ("retryable", 503, "http_503"),
+        ("retryable", 503, "http_503"),
+        ("success", 200, None),
+    ]
+    gaps = [
+        b.started_at - a.started_at
+        for a, b in zip(delivery.attempt_log, delivery.attempt_log[1:], strict=False)
+    ]
+    assert gaps[0] >= 50 and gaps[1] >= 100  # base 0.05 s, factor 2, no jitter
+
+
+async def test_retry_after_is_honoured(
+    running: Callable[..., Running], sink: Sink, store: SqlStore
+) -> None:
+    sink.fail_first(1, 429, headers={"Retry-After": "1"})
+    hub = running(max_attempts=3)
+    event_id = await hub.publish()
+    view = await settled(store, event_id, timeout_s=15)
+    first, second = view.deliveries[0].attempt_log
+    assert first.status_code == 429 and second.status_code == 200
+    assert second.started_at - first.started_at >= 1000
+
+
+async def test_a_permanent_error_goes_to_the_dlq_at_once(
+    running: Callable[..., Running], sink: Sink, store: SqlStore
+) -> None:
+    sink.respond(404)
+    hub = running(max_attempts=5)
+    event_id = await hub.publish()
+    view = await settled(store, event_id)
+    [delivery] = view.deliveries
+    assert (delivery.state, delivery.attempts) == ("dead", 1)
+    assert delivery.last_error == "http_404: Not Found"
+
+
+async def test_out_of_attempts_goes_to_the_dlq_and_replay_delivers(
+    running: Callable[..., Running], sink: Sink, store: SqlStore
+) -> None:
+    sink.respond(500)
+    hub = running(max_attempts=2)
+    event_id = await hub.publish()
+    view = await settled(store, event_id)
+    assert (view.deliveries[0].state, view.deliveries[0].attempts) == ("dead", 2)
+    assert sink.delivered_ids == set()
+
+    sink.respond(200)
+    [dead] = await store.list_dead(DeadLetterFilter())
+    assert await store.replay(
+        DeadLetterFilter(delivery_ids=(dead.id,)), actor="t", now_ms=hub.hub.clock.now_ms()
+    ) == [dead.id]
+    hub.hub.deliveries_ready.set()
+    view = await settled(store, event_id)
+    [delivery] = view.deliveries
+    assert delivery.state == "succeeded" and delivery.replays == 1
+    assert sink.delivered_ids == {event_id}
+    assert [a.status_code for a in delivery.attempt_log] == [500, 500, 200]
+
+
+async def test_an_unreachable_destination_is_retried_as_a_connection_error(
+    store: SqlStore, database_url: str
+) -> None:
+    data = base_config(database_url)  # destinations point at 127.0.0.1:9 (discard): refused
+    data["destinations"][0]["max_attempts"] = 2
+    hub = Running(store, load_config_dict(data))
+    try:
+        event_id = await hub.publish()
+        view = await settled(store, event_id)
+    finally:
+        await hub.stop()
+    [delivery] = view.deliveries
+    assert delivery.state == "dead"
+    assert {a.error_class for a in delivery.attempt_log} <= {
+        "connection_refused",
+        "connection_error",
+    }
+
+
+async def test_stopping_gives_unfinished_sends_back_without_an_attempt(
+    store: SqlStore, sink: Sink, database_url: str
+) -> None:
+    sink.respond(200, delay_s=5)
+    data = base_config(database_url)
+    data["worker"]["shutdown_grace_s"] = 0.1
+    for d in data["destinations"]:
+        d["url"] = f"{sink.url}/{d['id']}"
+        d["timeout_s"] = 10
+    hub = Running(store, load_config_dict(data))
+    event_id = await hub.publish()
+    assert await sink.wait_for(lambda s: len(s.received) == 1, 5)
+    await hub.stop()
+    view = await store.get_event(event_id, None)
+    assert view is not None
+    [delivery] = view.deliveries
+    assert (delivery.state, delivery.attempts) == ("pending", 0)
+
+
+async def test_a_dead_workers_lease_is_rescued_and_counted(
+    store: SqlStore, sink: Sink, database_url: str
+) -> None:
+    config = config_for(database_url, sink)
+    hub = Hub(config, store)
+    event_id = (
+        await hub.accept(
+            tenant_id="clinica-sol",
+            source_id="api",
+            event_type="message.received",
+            data={},
+            idempotency_key=None,
+        )
+    ).event_id
+    # A worker leases it and dies without a word: a lease that has already expired.
+    [lost] = await store.lease(now_ms=hub.clock.now_ms(), limit=10, lease_ms=-1, worker_id="gone")
+    worker = Worker(store, config)
+    assert await worker.rescue_expired() == 1
+    view = await store.get_event(event_id, None)
+    assert view is not None
+    [delivery] = view.deliveries
+    assert (delivery.state, delivery.attempts) == ("pending", 1)
+    assert delivery.attempt_log[0].error_class == "lease_expired"
+    assert lost.id == delivery.id
+    await hub.close()

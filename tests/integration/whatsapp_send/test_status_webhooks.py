@@ -1,0 +1,189 @@
+"""The fakes' status webhooks pass the hub's own inbound verification and parsing.
+
+A message is sent through the fake (so the fake knows its recipient), the fake posts the
+status webhook for the id it issued — twice, as providers re-deliver — to a stand-in for
+the hub, and each request as it arrived is handed to `source_for(config)`: `verify()` must
+accept it and `parse()` must give one `message.status` naming the id the send's outcome
+carried as `external_id`, with the same idempotency key both times.
+"""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+
+from estafeta.config import SourceConfig
+from estafeta.errors import HttpError
+from estafeta.ingress.providers import InboundRequest, ParsedEvent, source_for
+from estafeta.testing.fakes import FakeMeta, FakeSendPulse, FakeTwilio, FakeZApi
+from estafeta.testing.sink import Sink
+from tests.integration.whatsapp_send.support import (
+    WEBHOOK_TOKEN,
+    deliver,
+    sp_source,
+    tw_source,
+    wa_source,
+    za_source,
+)
+
+
+def arrived(hub: Sink) -> list[InboundRequest]:
+    """Every request the hub received, as its ingress endpoint would hand it over."""
+    return [
+        InboundRequest.build("POST", hub.url + received.path, received.headers, received.body)
+        for received in hub.received
+    ]
+
+
+def ingest(config: SourceConfig, hub: Sink) -> list[ParsedEvent]:
+    """verify() then parse() every request, as the ingress does."""
+    provider = source_for(config)
+    events: list[ParsedEvent] = []
+    for request in arrived(hub):
+        provider.verify(request)
+        events.extend(provider.parse(request))
+    return events
+
+
+def check_pair(events: list[ParsedEvent], message_id: str | None, status: str) -> ParsedEvent:
+    """Two identical `message.status` events (a duplicate webhook) for `message_id`."""
+    assert message_id is not None
+    assert [event.type for event in events] == ["message.status"] * 2
+    first, second = events
+    assert first.idempotency_key == second.idempotency_key
+    assert first.data["message_id"] == message_id
+    assert first.data["status"] == status
+    assert first.data["recipient"] == "+5511987654321"
+    return first
+
+
+@pytest.mark.parametrize(
+    ("status", "normalized"),
+    [("sent", "sent"), ("delivered", "delivered"), ("read", "read"), ("failed", "failed")],
+)
+async def test_cloud(
+    meta: FakeMeta,
+    hub: Sink,
+    session: aiohttp.ClientSession,
+    status: str,
+    normalized: str,
+) -> None:
+    config = wa_source(meta.url)
+    outcome = await deliver(config, session, text="Olá Maria!")
+    assert outcome.external_id is not None
+    url = f"{hub.url}/in/wa-sol"
+    assert await meta.send_status(url, outcome.external_id, status, duplicate=True) == [200, 200]
+    event = check_pair(ingest(config, hub), outcome.external_id, normalized)
+    assert event.data["provider"] == "whatsapp_cloud"
+    assert event.data["phone_number_id"] == meta.phone_number_id
+    # Our message id went out as biz_opaque_callback_data and comes back with the status.
+    assert event.data["biz_opaque_callback_data"] == "msg_01J1ZK6Q4M8R2T5W7Y9B3C6D8F"
+    if normalized == "failed":
+        assert event.data["error"]["code"] == 131026
+
+
+async def test_cloud_signature_is_really_checked(meta: FakeMeta, hub: Sink) -> None:
+    await meta.send_status(f"{hub.url}/in/wa-sol", "wamid.X", "read")
+    [request] = arrived(hub)
+    with pytest.raises(HttpError) as caught:
+        source_for(wa_source(meta.url, app_secret="another-app-secret")).verify(request)
+    assert caught.value.status == 401
+
+
+@pytest.mark.parametrize(
+    ("status", "normalized"),
+    [
+        ("sent", "sent"),
+        ("delivered", "delivered"),
+        ("read", "read"),
+        ("failed", "failed"),
+        ("undelivered", "failed"),
+    ],
+)
+async def test_twilio(
+    twilio: FakeTwilio,
+    hub: Sink,
+    session: aiohttp.ClientSession,
+    status: str,
+    normalized: str,
+) -> None:
+    config = tw_source(twilio.url)
+    outcome = await deliver(config, session, text="Olá Maria!")
+    assert outcome.external_id is not None
+    url = f"{hub.url}/in/tw-sol"
+    assert await twilio.send_status(url, outcome.external_id, status, duplicate=True) == [200, 200]
+    event = check_pair(ingest(config, hub), outcome.external_id, normalized)
+    assert (event.data["provider"], event.data["channel"]) == ("twilio", "whatsapp")
+    assert event.data["provider_status"] == status
+    if normalized == "failed":
+        assert event.data["error"]["code"] == 63016
+    # The duplicate is the same delivery retried: Twilio's idempotency token is the same.
+    tokens = {received.headers["i-twilio-idempotency-token"] for received in hub.received}
+    assert len(tokens) == 1
+
+
+async def test_twilio_signature_covers_the_url(twilio: FakeTwilio, hub: Sink) -> None:
+    await twilio.send_status(f"{hub.url}/in/tw-sol", "SM" + "0" * 32, "delivered")
+    [request] = arrived(hub)
+    moved = InboundRequest.build(
+        "POST", request.url.replace("/in/tw-sol", "/in/other"), request.headers, request.body
+    )
+    with pytest.raises(HttpError):
+        source_for(tw_source(twilio.url)).verify(moved)
+
+
+@pytest.mark.parametrize(
+    ("status", "normalized"),
+    [
+        ("sent", "sent"),
+        ("delivered", "delivered"),
+        ("RECEIVED", "delivered"),
+        ("read", "read"),
+        ("played", "read"),
+        ("failed", "failed"),
+    ],
+)
+async def test_zapi(
+    zapi: FakeZApi,
+    hub: Sink,
+    session: aiohttp.ClientSession,
+    status: str,
+    normalized: str,
+) -> None:
+    config = za_source(zapi.url)
+    outcome = await deliver(config, session, text="Olá Maria!")
+    assert outcome.external_id is not None
+    url = f"{hub.url}/in/za-sol"
+    assert await zapi.send_status(url, outcome.external_id, status, duplicate=True) == [200, 200]
+    assert all(r.path == f"/in/za-sol?token={WEBHOOK_TOKEN}" for r in hub.received)
+    event = check_pair(ingest(config, hub), outcome.external_id, normalized)
+    assert event.data["provider"] == "zapi"
+    assert event.data["instance_id"] == zapi.instance_id
+
+
+async def test_zapi_without_the_token_is_refused(zapi: FakeZApi, hub: Sink) -> None:
+    zapi.webhook_token = None
+    await zapi.send_status(f"{hub.url}/in/za-sol", "3EB0F1A9C2D47E8B6A15", "read")
+    [request] = arrived(hub)
+    with pytest.raises(HttpError) as caught:
+        source_for(za_source(zapi.url)).verify(request)
+    assert caught.value.status == 401
+
+
+async def test_sendpulse_has_no_status_webhook(
+    sendpulse: FakeSendPulse, hub: Sink, session: aiohttp.ClientSession
+) -> None:
+    """contracts §9.1/§9.10 item 5: the only event about our message is outgoing_message,
+    which the hub verifies (the URL's token) and, rightly, does not take as a status or as
+    customer input."""
+    config = sp_source(sendpulse.url)
+    outcome = await deliver(config, session, text="Olá Maria!")
+    assert outcome.external_id is not None
+    url = f"{hub.url}/in/sp-sol"
+    assert await sendpulse.send_status(url, outcome.external_id, "sent", duplicate=True) == [
+        200,
+        200,
+    ]
+    assert ingest(config, hub) == []
+    with pytest.raises(ValueError, match="no status webhooks"):
+        sendpulse.status_webhook(url, outcome.external_id, "delivered")

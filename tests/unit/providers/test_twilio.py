@@ -1,0 +1,361 @@
+"""Twilio (contracts §2): X-Twilio-Signature vectors and every fixture's normalization."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+
+from estafeta.errors import HttpError
+from estafeta.ingress.providers import InboundRequest, TwilioSource
+from estafeta.ingress.providers.twilio import form, signature
+from tests.unit.providers.support import (
+    FORM,
+    TWILIO_AUTH_TOKEN,
+    fixture_bytes,
+    fixture_json,
+    post,
+    source,
+    subset,
+)
+
+URL = "https://hub.example.com/in/twilio-sol"
+INBOUND_SID = "SM4c9e1f7a2b8d3e6f0a5c9b1d7e3f2a84"
+MEDIA_SID = "MM7a2e9c4b1f8d6e3a0c5b9d2f7e1a4c63"
+DELIVERED_SID = "SM9d2b7e4f1a6c8e3b0f5d9a2c7e4b1f68"
+FAILED_SID = "SMe1c7a4f9b2d6e8a3c0f7b5d1e9a2c4b6"
+MEDIA_URL = (
+    "https://api.twilio.com/2010-04-01/Accounts/AC8f3e2d1c0b9a87654321fedcba098765/Messages/"
+    f"{MEDIA_SID}/Media/ME2b8f4d1a9c7e3b6f0d5a8c2e9b1f7d40"
+)
+# contracts §2.1: Twilio's published vector.
+PUBLISHED_URL = "https://mycompany.com/myapp.php?foo=1&bar=2"
+PUBLISHED_PARAMS = {
+    "CallSid": "CA1234567890ABCDE",
+    "Caller": "+12349013030",
+    "Digits": "1234",
+    "From": "+12349013030",
+    "To": "+18005551212",
+}
+PUBLISHED_SIGNATURE = "0/KCTR6DLpKmkAf8muzZqo1nDgQ="
+
+
+def twilio(**keys: str) -> TwilioSource:
+    return TwilioSource(source("twilio", auth_token=TWILIO_AUTH_TOKEN, **keys))
+
+
+def parse(body: bytes | dict[str, str]) -> list[Any]:
+    raw = body if isinstance(body, bytes) else urlencode(body).encode()
+    return twilio().parse(post(URL, raw, FORM))
+
+
+CASES: list[tuple[str, list[tuple[str, str, dict[str, Any]]]]] = [
+    (
+        "inbound_text.form",
+        [
+            (
+                "message.received",
+                INBOUND_SID,
+                {
+                    "channel": "whatsapp",
+                    "provider": "twilio",
+                    "message_id": INBOUND_SID,
+                    "conversation_id": "5511987654321",
+                    "from": "+5511987654321",
+                    "to": "+551140028922",
+                    "contact_name": "Maria Silva",
+                    "kind": "text",
+                    "text": "Olá! Gostaria de remarcar minha consulta de quinta-feira.",
+                    "account_sid": "AC8f3e2d1c0b9a87654321fedcba098765",
+                },
+            )
+        ],
+    ),
+    (
+        "inbound_media.form",
+        [
+            (
+                "message.received",
+                MEDIA_SID,
+                {
+                    "message_id": MEDIA_SID,
+                    "from": "+5511987654321",
+                    "contact_name": "Maria Silva",
+                    "kind": "image",
+                    "text": "Foto da receita",
+                    "media": {
+                        "id": "ME2b8f4d1a9c7e3b6f0d5a8c2e9b1f7d40",
+                        "mime_type": "image/jpeg",
+                        "sha256": None,
+                        "caption": "Foto da receita",
+                        "filename": None,
+                        "url": MEDIA_URL,
+                        "voice": None,
+                    },
+                },
+            )
+        ],
+    ),
+    (
+        "status_delivered.form",
+        [
+            (
+                "message.status",
+                f"{DELIVERED_SID}:delivered",
+                {
+                    "channel": "whatsapp",
+                    "provider": "twilio",
+                    "status": "delivered",
+                    "provider_status": "delivered",
+                    "message_id": DELIVERED_SID,
+                    "recipient": "+5511987654321",
+                    "conversation_id": "5511987654321",
+                    "error": "<absent>",
+                },
+            )
+        ],
+    ),
+    (
+        "status_failed.form",
+        [
+            (
+                "message.status",
+                f"{FAILED_SID}:failed",
+                {
+                    "status": "failed",
+                    "message_id": FAILED_SID,
+                    "error": {"code": 63016, "title": None, "message": None, "details": None},
+                },
+            )
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "expected"), CASES, ids=[name for name, _ in CASES])
+def test_fixture_normalizes(name: str, expected: list[tuple[str, str, dict[str, Any]]]) -> None:
+    events = parse(fixture_bytes(f"twilio/{name}"))
+    assert [(e.type, e.idempotency_key, e.occurred_at) for e in events] == [
+        (event_type, key, None) for event_type, key, _ in expected
+    ]
+    for event, (*_, data) in zip(events, expected, strict=True):
+        assert subset(event.data, data) == data
+        assert event.raw is not None
+
+
+STATUS_BASE = {"MessageSid": "SM1", "AccountSid": "AC1", "To": "whatsapp:+5511987654321"}
+
+
+@pytest.mark.parametrize(
+    ("twilio_status", "ours"),
+    [
+        ("sent", "sent"),
+        ("delivered", "delivered"),
+        ("read", "read"),
+        ("failed", "failed"),
+        ("undelivered", "failed"),
+        ("canceled", "failed"),
+        ("queued", None),
+        ("sending", None),
+        ("accepted", None),
+        ("scheduled", None),
+        ("receiving", None),
+        ("received", None),
+        ("partially_delivered", None),
+        ("something_new", None),
+    ],
+)
+def test_status_mapping(twilio_status: str, ours: str | None) -> None:
+    events = parse({**STATUS_BASE, "MessageStatus": twilio_status})
+    assert [e.data["status"] for e in events] == ([] if ours is None else [ours])
+    if ours is not None:
+        assert events[0].idempotency_key == f"SM1:{twilio_status}"
+        assert events[0].data["provider_status"] == twilio_status
+
+
+def test_undelivered_carries_code_and_message() -> None:
+    fields = {**STATUS_BASE, "MessageStatus": "undelivered", "ErrorCode": "30008"}
+    (event,) = parse({**fields, "ErrorMessage": "Unknown error"})
+    assert event.data["error"] == {
+        "code": 30008,
+        "title": None,
+        "message": "Unknown error",
+        "details": None,
+    }
+
+
+def test_an_inbound_message_is_not_taken_for_a_status() -> None:
+    (event,) = parse({"MessageSid": "SM2", "MessageStatus": "received", "Body": "oi"})
+    assert (event.type, event.data["text"]) == ("message.received", "oi")
+
+
+def test_location_button_and_reply_context() -> None:
+    base = {"MessageSid": "SM3", "From": "whatsapp:+5511987654321", "NumMedia": "0", "Body": ""}
+    (location,) = parse(
+        {**base, "Latitude": "-23.56", "Longitude": "-46.65", "Label": "MASP", "Address": "Av."}
+    )
+    assert location.data["kind"] == "location"
+    assert location.data["location"] == {
+        "latitude": -23.56,
+        "longitude": -46.65,
+        "name": "MASP",
+        "address": "Av.",
+        "url": None,
+    }
+    (button,) = parse(
+        {
+            **base,
+            "Body": "Confirmar",
+            "ButtonText": "Confirmar",
+            "ButtonPayload": "confirm-42",
+            "OriginalRepliedMessageSid": "SM0",
+        }
+    )
+    assert button.data["kind"] == "button"
+    assert button.data["button"] == {"text": "Confirmar", "payload": "confirm-42"}
+    assert button.data["context"] == {"message_id": "SM0", "from": None}
+
+
+def test_sms_and_unknown_message_types() -> None:
+    (sms,) = parse({"MessageSid": "SM4", "From": "+14155550100", "Body": "hi", "NumMedia": "0"})
+    assert (sms.data["channel"], sms.data["from"]) == ("sms", "+14155550100")
+    (odd,) = parse({"MessageSid": "SM5", "Body": "", "MessageType": "poll"})
+    assert odd.data["kind"] == "unsupported"
+    assert odd.data["unsupported"] == {"type": "poll", "part": None}
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status"),
+    [
+        (b"MessageSid=SM1", "application/json", 415),
+        (b"MessageSid=SM1", None, 415),
+        (b"Body=hello", FORM, 400),
+        (b"MessageSid=SM1&Body=%ff", FORM, 400),
+        (b"MessageSid=\xff", FORM, 400),
+    ],
+)
+def test_bad_bodies(body: bytes, content_type: str | None, status: int) -> None:
+    with pytest.raises(HttpError) as caught:
+        twilio().parse(post(URL, body, content_type))
+    assert caught.value.status == status
+
+
+# Signature (contracts §2.1).
+
+
+def test_published_vector() -> None:
+    params = {name: [value] for name, value in PUBLISHED_PARAMS.items()}
+    assert signature(b"12345", PUBLISHED_URL, params) == PUBLISHED_SIGNATURE
+
+
+def test_fixture_vector() -> None:
+    vector = fixture_json("twilio/signature_vector.json")
+    body = fixture_bytes(f"twilio/{vector['body_file']}")
+    assert {name: values[0] for name, values in (form(body) or {}).items()} == vector["params"]
+    assert vector["auth_token"] == TWILIO_AUTH_TOKEN
+    request = post(vector["url"], body, FORM, {vector["header_name"]: vector["expected_signature"]})
+    twilio().verify(request)
+
+
+def published_request(
+    url: str, signature_header: str | None = PUBLISHED_SIGNATURE
+) -> InboundRequest:
+    headers = {} if signature_header is None else {"X-Twilio-Signature": signature_header}
+    return post(url, urlencode(PUBLISHED_PARAMS).encode(), FORM, headers)
+
+
+def published_source(**keys: str) -> TwilioSource:
+    return TwilioSource(source("twilio", auth_token="12345", **keys))
+
+
+def test_url_with_a_query_string() -> None:
+    published_source().verify(published_request(PUBLISHED_URL))
+    # The query is signed: reordering or changing it breaks the signature.
+    with pytest.raises(HttpError):
+        published_source().verify(published_request("https://mycompany.com/myapp.php?bar=2&foo=1"))
+
+
+def test_public_url_replaces_the_url_the_hub_sees() -> None:
+    behind_proxy = "http://10.0.0.7:8080/myapp.php?foo=1&bar=2"
+    with pytest.raises(HttpError) as caught:
+        published_source().verify(published_request(behind_proxy))
+    assert caught.value.error == "invalid_signature"
+    published_source(public_url="https://mycompany.com").verify(published_request(behind_proxy))
+    published_source(public_url="https://mycompany.com/").verify(published_request(behind_proxy))
+    vector = fixture_json("twilio/signature_vector.json")
+    request = post(
+        "http://127.0.0.1:8080/webhooks/twilio/whatsapp",
+        fixture_bytes("twilio/inbound_text.form"),
+        FORM,
+        {"X-Twilio-Signature": vector["expected_signature"]},
+    )
+    twilio(public_url="https://hub.example.com.br").verify(request)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://mycompany.com:443/myapp.php?foo=1&bar=2",
+        "https://mycompany.com:8443/myapp.php?foo=1&bar=2",
+    ],
+)
+def test_ports_are_accepted_with_and_without(url: str) -> None:
+    published_source().verify(published_request(url))
+    # …and a signature made over the URL with the port matches the URL without it.
+    with_port = "https://mycompany.com:443/myapp.php?foo=1&bar=2"
+    params = {name: [value] for name, value in PUBLISHED_PARAMS.items()}
+    signed = signature(b"12345", with_port, params)
+    published_source().verify(published_request(PUBLISHED_URL, signed))
+
+
+def rejection(verifier: TwilioSource, request: InboundRequest) -> tuple[int, str]:
+    with pytest.raises(HttpError) as caught:
+        verifier.verify(request)
+    return caught.value.status, caught.value.error
+
+
+def test_wrong_token_tampered_body_and_missing_header() -> None:
+    invalid = (401, "invalid_signature")
+    assert rejection(twilio(), published_request(PUBLISHED_URL)) == invalid
+    tampered = {**PUBLISHED_PARAMS, "Digits": "9999"}
+    request = post(
+        PUBLISHED_URL,
+        urlencode(tampered).encode(),
+        FORM,
+        {"X-Twilio-Signature": PUBLISHED_SIGNATURE},
+    )
+    assert rejection(published_source(), request) == invalid
+    extra = post(
+        PUBLISHED_URL,
+        urlencode({**PUBLISHED_PARAMS, "Extra": "1"}).encode(),
+        FORM,
+        {"X-Twilio-Signature": PUBLISHED_SIGNATURE},
+    )
+    assert rejection(published_source(), extra) == invalid
+    missing = (401, "missing_signature")
+    assert rejection(published_source(), published_request(PUBLISHED_URL, None)) == missing
+    assert rejection(published_source(), published_request(PUBLISHED_URL, "ü")) == invalid
+
+
+def test_json_bodies_are_signed_through_body_sha256() -> None:
+    body = b'{"hello": "world"}'
+    url = f"https://mycompany.com/hook?bodySHA256={hashlib.sha256(body).hexdigest()}"
+    header = {"X-Twilio-Signature": signature(b"12345", url, {})}
+    published_source().verify(post(url, body, "application/json", header))
+    with pytest.raises(HttpError):
+        published_source().verify(post(url, b'{"hello": "moon"}', "application/json", header))
+
+
+def test_multi_valued_parameters_are_signed_in_sorted_order() -> None:
+    body = b"B=2&A=z&A=y"
+    expected = signature(b"12345", PUBLISHED_URL, {"A": ["y", "z"], "B": ["2"]})
+    assert expected == signature(b"12345", PUBLISHED_URL, {"B": ["2"], "A": ["z", "y"]})
+    published_source().verify(post(PUBLISHED_URL, body, FORM, {"X-Twilio-Signature": expected}))
+
+
+def test_twilio_has_no_handshake() -> None:
+    with pytest.raises(HttpError) as caught:
+        twilio().handshake(InboundRequest.build("GET", URL))
+    assert (caught.value.status, caught.value.headers) == (405, {"Allow": "POST"})

@@ -1,0 +1,351 @@
+"""Z-API (contracts §3): the URL token and every fixture's normalization."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from estafeta.errors import HttpError
+from estafeta.ingress.providers import InboundRequest, ZApiSource
+from tests.unit.providers.support import (
+    QUERY_TOKEN,
+    fixture_bytes,
+    fixture_json,
+    post,
+    source,
+    subset,
+)
+
+URL = f"https://hub.example.com/in/zapi-sol?token={QUERY_TOKEN}"
+OUTBOUND_ID = "3EB0F1A9C2D47E8B6A15"
+INSTANCE = "3D9F1A2B4C6E8F0A1B2C3D4E5F6A7B8C"
+MEDIA_BASE = f"https://f004.backblazeb2.com/file/temp-file-download/instances/{INSTANCE}/"
+
+
+def zapi() -> ZApiSource:
+    return ZApiSource(source("zapi", token=QUERY_TOKEN))
+
+
+def parse(document: Any) -> list[Any]:
+    body = document if isinstance(document, bytes) else orjson.dumps(document)
+    return zapi().parse(post(URL, body))
+
+
+CASES: list[tuple[str, list[tuple[str, str, int | None, dict[str, Any]]]]] = [
+    (
+        "received_text.json",
+        [
+            (
+                "message.received",
+                "3EB0A7C19F4D2E8B6C30",
+                1751371200123,
+                {
+                    "channel": "whatsapp",
+                    "provider": "zapi",
+                    "message_id": "3EB0A7C19F4D2E8B6C30",
+                    "conversation_id": "5511987654321",
+                    "from": "+5511987654321",
+                    "to": "+551140028922",
+                    "contact_name": "Maria Silva",
+                    "instance_id": INSTANCE,
+                    "kind": "text",
+                    "text": "Oi, boa tarde! Vocês abrem no sábado?",
+                },
+            )
+        ],
+    ),
+    (
+        "received_image.json",
+        [
+            (
+                "message.received",
+                "3EB05D2F8A1C9E7B4D62",
+                1751371264321,
+                {
+                    "from": "+5511987654321",
+                    "kind": "image",
+                    "text": "Foto da carteirinha do convênio",
+                    "media": {
+                        "id": None,
+                        "mime_type": "image/jpeg",
+                        "sha256": None,
+                        "caption": "Foto da carteirinha do convênio",
+                        "filename": None,
+                        "url": f"{MEDIA_BASE}3EB05D2F8A1C9E7B4D62.jpeg",
+                        "voice": None,
+                    },
+                },
+            )
+        ],
+    ),
+    (
+        "message_status.json",
+        [
+            (
+                "message.status",
+                f"{OUTBOUND_ID}:READ",
+                1751371295000,
+                {
+                    "channel": "whatsapp",
+                    "provider": "zapi",
+                    "status": "read",
+                    "provider_status": "READ",
+                    "message_id": OUTBOUND_ID,
+                    "recipient": "+5511987654321",
+                    "conversation_id": "5511987654321",
+                },
+            )
+        ],
+    ),
+    (
+        "delivery_callback.json",
+        [
+            (
+                "message.status",
+                f"{OUTBOUND_ID}:SENT",
+                None,
+                {
+                    "status": "sent",
+                    "message_id": OUTBOUND_ID,
+                    "zaap_id": "39F2C7A18E4B6D0F2A9C5E1B7D3F8A60",
+                    "recipient": "+5511987654321",
+                    "error": "<absent>",
+                },
+            )
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "expected"), CASES, ids=[name for name, _ in CASES])
+def test_fixture_normalizes(
+    name: str, expected: list[tuple[str, str, int | None, dict[str, Any]]]
+) -> None:
+    events = parse(fixture_bytes(f"zapi/{name}"))
+    assert [(e.type, e.idempotency_key, e.occurred_at) for e in events] == [
+        (event_type, key, occurred_at) for event_type, key, occurred_at, _ in expected
+    ]
+    for event, (*_, data) in zip(events, expected, strict=True):
+        assert subset(event.data, data) == data
+        assert orjson.loads(event.raw or "") == fixture_json(f"zapi/{name}")
+
+
+def test_delivery_and_status_of_one_message_share_the_sent_key() -> None:
+    status = {**fixture_json("zapi/message_status.json"), "status": "SENT"}
+    (delivery,) = parse(fixture_bytes("zapi/delivery_callback.json"))
+    (sent,) = parse(status)
+    assert delivery.idempotency_key == sent.idempotency_key == f"{OUTBOUND_ID}:SENT"
+
+
+def test_from_me_is_an_echo_and_gives_no_event() -> None:
+    assert parse({**fixture_json("zapi/received_text.json"), "fromMe": True}) == []
+
+
+@pytest.mark.parametrize(
+    ("zapi_status", "ours"),
+    [
+        ("SENT", "sent"),
+        ("RECEIVED", "delivered"),
+        ("READ", "read"),
+        ("PLAYED", "read"),
+        ("READ_BY_ME", None),
+        ("PENDING", None),
+        ("NEW", None),
+    ],
+)
+def test_status_mapping_one_event_per_id(zapi_status: str, ours: str | None) -> None:
+    callback = {"type": "MessageStatusCallback", "status": zapi_status, "ids": ["a", "b", "a"]}
+    events = parse(callback)
+    if ours is None:
+        assert events == []
+    else:
+        assert [(e.data["message_id"], e.data["status"]) for e in events] == [
+            ("a", ours),
+            ("b", ours),
+        ]
+        assert [e.idempotency_key for e in events] == [f"a:{zapi_status}", f"b:{zapi_status}"]
+
+
+def test_failed_delivery() -> None:
+    callback = {**fixture_json("zapi/delivery_callback.json"), "error": "number not on WhatsApp"}
+    (event,) = parse(callback)
+    assert (event.data["status"], event.idempotency_key) == ("failed", f"{OUTBOUND_ID}:FAILED")
+    assert event.data["error"]["message"] == "number not on WhatsApp"
+
+
+def received(**content: Any) -> dict[str, Any]:
+    base = fixture_json("zapi/received_text.json")
+    del base["text"]
+    return {**base, **content}
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (
+            {"audio": {"audioUrl": "https://a/1.ogg", "mimeType": "audio/ogg", "ptt": True}},
+            {"kind": "audio", "text": None},
+        ),
+        (
+            {"document": {"documentUrl": "https://a/1.pdf", "fileName": "a.pdf", "title": "A"}},
+            {"kind": "document"},
+        ),
+        (
+            {"location": {"latitude": -23.5, "longitude": -46.6, "address": "Av."}},
+            {
+                "kind": "location",
+                "location": {
+                    "latitude": -23.5,
+                    "longitude": -46.6,
+                    "name": None,
+                    "address": "Av.",
+                    "url": None,
+                },
+            },
+        ),
+        (
+            {"reaction": {"value": "❤️", "referencedMessage": {"messageId": OUTBOUND_ID}}},
+            {"kind": "reaction", "reaction": {"message_id": OUTBOUND_ID, "emoji": "❤️"}},
+        ),
+        (
+            {"buttonsResponseMessage": {"buttonId": "yes", "message": "Sim"}},
+            {
+                "kind": "interactive",
+                "text": "Sim",
+                "interactive": {
+                    "type": "button_reply",
+                    "id": "yes",
+                    "title": "Sim",
+                    "description": None,
+                },
+            },
+        ),
+        (
+            {"listResponseMessage": {"selectedRowId": "r1", "title": "9h", "message": "Agenda"}},
+            {
+                "interactive": {
+                    "type": "list_reply",
+                    "id": "r1",
+                    "title": "9h",
+                    "description": "Agenda",
+                }
+            },
+        ),
+        (
+            {
+                "contact": {
+                    "displayName": "Ana",
+                    "vCard": "BEGIN:VCARD",
+                    "phones": ["5511977771234"],
+                }
+            },
+            {
+                "kind": "contacts",
+                "contacts": [
+                    {
+                        "name": {"formatted_name": "Ana"},
+                        "phones": [{"phone": "5511977771234"}],
+                        "vcard": "BEGIN:VCARD",
+                    }
+                ],
+            },
+        ),
+        (
+            {"poll": {"question": "?"}, "externalAdReply": {"title": "ad"}},
+            {"kind": "unsupported", "unsupported": {"type": "poll", "part": {"question": "?"}}},
+        ),
+        ({}, {"kind": "unsupported", "unsupported": {"type": None, "part": None}}),
+    ],
+)
+def test_content_blocks(content: dict[str, Any], expected: dict[str, Any]) -> None:
+    (event,) = parse(received(**content))
+    assert subset(event.data, expected) == expected
+
+
+def test_audio_voice_and_document_filename() -> None:
+    (audio,) = parse(received(audio={"audioUrl": "https://a/1.ogg", "ptt": True}))
+    assert audio.data["media"]["voice"] is True
+    assert audio.data["media"]["url"] == "https://a/1.ogg"
+    (document,) = parse(received(document={"documentUrl": "https://a/1.pdf", "fileName": "a.pdf"}))
+    assert document.data["media"]["filename"] == "a.pdf"
+
+
+def test_group_message_reply_and_forward() -> None:
+    callback = {
+        **fixture_json("zapi/received_text.json"),
+        "isGroup": True,
+        "phone": "120363019502650977-group",
+        "participantPhone": "5511912345678",
+        "chatName": "Família",
+        "senderName": "João",
+        "referenceMessageId": OUTBOUND_ID,
+        "forwarded": True,
+    }
+    (event,) = parse(callback)
+    expected = {
+        "conversation_id": "120363019502650977-group",
+        "from": "+5511912345678",
+        "contact_name": "João",
+        "group": {"id": "120363019502650977-group", "name": "Família"},
+        "context": {"message_id": OUTBOUND_ID, "from": None},
+        "forwarded": True,
+    }
+    assert subset(event.data, expected) == expected
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        {"type": "DisconnectedCallback", "instanceId": INSTANCE},
+        {"type": "PresenceChatCallback", "status": "AVAILABLE"},
+        {"type": "MessageStatusCallback", "status": "READ"},
+        {"type": "DeliveryCallback", "phone": "5511987654321"},
+    ],
+)
+def test_callbacks_with_nothing_to_report(document: dict[str, Any]) -> None:
+    assert parse(document) == []
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status"),
+    [
+        (b'{"type": "ReceivedCallback"}', "text/plain", 415),
+        (b"{", "application/json", 400),
+        (b'{"phone": "1"}', "application/json", 400),
+        (b'[{"type": "ReceivedCallback"}]', "application/json", 400),
+    ],
+)
+def test_bad_bodies(body: bytes, content_type: str, status: int) -> None:
+    with pytest.raises(HttpError) as caught:
+        zapi().parse(post(URL, body, content_type))
+    assert caught.value.status == status
+
+
+@pytest.mark.parametrize(
+    ("url", "error"),
+    [
+        ("https://hub.example.com/in/zapi-sol", "missing_token"),
+        ("https://hub.example.com/in/zapi-sol?token=", "missing_token"),
+        ("https://hub.example.com/in/zapi-sol?tok=x", "missing_token"),
+        (f"https://hub.example.com/in/zapi-sol?token={QUERY_TOKEN.upper()}", "invalid_token"),
+        (f"https://hub.example.com/in/zapi-sol?token={QUERY_TOKEN}x", "invalid_token"),
+        ("https://hub.example.com/in/zapi-sol?token=%C3%BC", "invalid_token"),
+    ],
+)
+def test_token_refusals(url: str, error: str) -> None:
+    with pytest.raises(HttpError) as caught:
+        zapi().verify(post(url, b"{}"))
+    assert (caught.value.status, caught.value.error) == (401, error)
+
+
+def test_token_accepted() -> None:
+    zapi().verify(post(URL, fixture_bytes("zapi/received_text.json")))
+    zapi().verify(post(f"{URL}&other=1", b"{}"))
+
+
+def test_zapi_has_no_handshake() -> None:
+    with pytest.raises(HttpError) as caught:
+        zapi().handshake(InboundRequest.build("GET", URL))
+    assert caught.value.status == 405

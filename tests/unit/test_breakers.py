@@ -1,0 +1,53 @@
+"""The worker's view of circuits: what counts, and what a ratio sees."""
+
+from __future__ import annotations
+
+from estafeta.config import load_config_dict
+from estafeta.delivery.breakers import Breakers, counts_against
+from estafeta.delivery.circuit import CircuitState
+from estafeta.delivery.circuit_store import MemoryCircuitStore
+from estafeta.delivery.outcome import Outcome, OutcomeKind
+
+OK = Outcome(OutcomeKind.SUCCESS, 1.0, status_code=200)
+DOWN = Outcome(OutcomeKind.RETRYABLE, 1.0, status_code=503, error_class="http_503")
+
+
+def breakers(circuit: dict[str, object]) -> tuple[Breakers, MemoryCircuitStore]:
+    config = load_config_dict(
+        {
+            "tenants": [{"id": "t"}],
+            "destinations": [
+                {"id": "d", "tenant": "t", "url": "http://127.0.0.1:9/", **{"circuit": circuit}}
+            ],
+        }
+    )
+    states = MemoryCircuitStore()
+    return Breakers(states, config), states
+
+
+async def test_a_ratio_counts_the_successes_too() -> None:
+    board, states = breakers({"failures": 1000, "failure_ratio": 0.5, "min_requests": 4})
+    for _ in range(6):
+        await board.record("d", OK, started_at=1, now_ms=2)
+    for _ in range(4):
+        await board.record("d", DOWN, started_at=1, now_ms=3)
+    circuit = (await states.get_all())["d"]
+    assert circuit.state is CircuitState.CLOSED  # 4 of 10 failed: under half
+    for _ in range(3):
+        await board.record("d", DOWN, started_at=1, now_ms=4)
+    assert (await states.get_all())["d"].state is CircuitState.OPEN  # 7 of 13
+
+
+async def test_a_healthy_destination_writes_nothing() -> None:
+    board, states = breakers({"failures": 5})
+    for _ in range(20):
+        await board.record("d", OK, started_at=1, now_ms=2)
+    assert await states.get_all() == {}
+
+
+def test_what_counts_against_a_destination() -> None:
+    assert counts_against(OK) is True
+    assert counts_against(DOWN) is False
+    assert counts_against(Outcome(OutcomeKind.RETRYABLE, 1, status_code=429)) is None
+    assert counts_against(Outcome(OutcomeKind.PERMANENT, 1, status_code=404)) is None
+    assert counts_against(Outcome(OutcomeKind.RETRYABLE, 0, error_class="lease_expired")) is None

@@ -1,0 +1,732 @@
+"""The configuration as an operator meets it: what loads, and the exact error text when not."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from textwrap import dedent
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from estafeta.config import (
+    BackoffConfig,
+    CircuitConfig,
+    Config,
+    DestinationConfig,
+    RouteConfig,
+    SecurityConfig,
+    ServerConfig,
+    SourceConfig,
+    StorageConfig,
+    TenantConfig,
+    WorkerConfig,
+    check_config,
+    load_config,
+    load_config_dict,
+)
+from estafeta.errors import ConfigError, FilterSyntaxError
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "config.example.toml"
+EXAMPLE_ENV = {"WA_APP_SECRET": "wa-app-secret", "WA_VERIFY_TOKEN": "wa-verify"}
+WHSEC = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+TENANT = """
+[[tenants]]
+id = "acme"
+"""
+SOURCE = """
+[[sources]]
+id = "hooks"
+tenant = "acme"
+kind = "generic"
+api_key = "k-123"
+"""
+DESTINATION = """
+[[destinations]]
+id = "crm"
+tenant = "acme"
+url = "https://crm.example/hooks"
+"""
+ROUTE = """
+[[routes]]
+tenant = "acme"
+events = ["lead.*"]
+destinations = ["crm"]
+"""
+MINIMAL = TENANT + SOURCE + DESTINATION + ROUTE
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "estafeta.toml"
+    path.write_text(dedent(text), encoding="utf-8")
+    return path
+
+
+def problems(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> list[str]:
+    """What `estafeta check-config` would print, one line per issue."""
+    return [str(issue) for issue in check_config(write(tmp_path, text), env or {})]
+
+
+def load(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> Config:
+    return load_config(write(tmp_path, text), env or {})
+
+
+# ── valid files ───────────────────────────────────────────────────────────────────────────
+
+
+def test_minimal_file_loads_with_defaults(tmp_path: Path) -> None:
+    config = load(tmp_path, MINIMAL)
+
+    assert config.server == ServerConfig()
+    assert config.server.listen == "127.0.0.1:8080"
+    assert config.storage.url == "sqlite:///./estafeta.db"
+    assert config.redis.url is None
+    assert config.worker.concurrency == 256
+    dest = config.destination("crm")
+    assert dest is not None
+    assert dest.kind == "http"
+    assert (dest.effective_timeout_s(120), dest.max_attempts) == (30, 8)
+    assert dest.backoff == BackoffConfig(base_s=1, factor=2, max_s=3600, jitter=0.2)
+    assert dest.circuit == CircuitConfig(failures=5, reset_s=30)
+    assert config.routes[0].priority == 2
+
+
+def test_empty_file_is_a_valid_config_with_no_tenants(tmp_path: Path) -> None:
+    assert problems(tmp_path, "") == []
+
+
+@pytest.mark.parametrize("limit", ["100/minute", "5/second", "1000/hour", "10/day", "7 per minute"])
+def test_rate_limit_formats_accepted(tmp_path: Path, limit: str) -> None:
+    text = TENANT.replace('"acme"', f'"acme"\ningress_rate_limit = "{limit}"')
+    assert load(tmp_path, text).tenants[0].ingress_rate_limit == limit
+
+
+def test_every_source_kind_with_its_required_key(tmp_path: Path) -> None:
+    text = TENANT + dedent(f"""
+        [[sources]]
+        id = "std"
+        tenant = "acme"
+        kind = "generic"
+        secret = "{WHSEC}"
+        [[sources]]
+        id = "wa"
+        tenant = "acme"
+        kind = "whatsapp_cloud"
+        app_secret = "x"
+        [[sources]]
+        id = "tw"
+        tenant = "acme"
+        kind = "twilio"
+        auth_token = "x"
+        from = "whatsapp:+15550001111"
+        [[sources]]
+        id = "z"
+        tenant = "acme"
+        kind = "zapi"
+        token = "x"
+        [[sources]]
+        id = "sp"
+        tenant = "acme"
+        kind = "sendpulse"
+        token = "x"
+    """)
+    config = load(tmp_path, text)
+
+    assert [s.kind for s in config.sources] == [
+        "generic",
+        "whatsapp_cloud",
+        "twilio",
+        "zapi",
+        "sendpulse",
+    ]
+    twilio = config.source("tw")
+    assert twilio is not None
+    assert twilio.from_ == "whatsapp:+15550001111"
+
+
+def test_lookups_and_route_ids(tmp_path: Path) -> None:
+    text = MINIMAL + dedent("""
+        [[routes]]
+        id = "named"
+        tenant = "acme"
+        events = ["message.*"]
+        destinations = ["crm"]
+        [[tenants]]
+        id = "other"
+    """)
+    config = load(tmp_path, text)
+
+    assert config.tenant("acme") == TenantConfig(id="acme")
+    assert config.tenant("nope") is None
+    assert config.source("hooks") is config.sources[0]
+    assert config.destination("crm") is config.destinations[0]
+    assert config.destination("nope") is None
+    assert config.route_ids() == ["route-0", "named"]
+    assert [r.id for r in config.routes_for("acme")] == ["route-0", "named"]
+    assert config.routes_for("other") == []
+
+
+def test_route_built_in_code_gets_its_default_id() -> None:
+    route = RouteConfig(tenant="acme", events=["*"], destinations=["crm"])
+    assert route.id is None
+
+    config = Config(routes=[route])
+
+    assert config.routes[0].id == "route-0"
+    assert config.route_ids() == ["route-0"]
+
+
+def test_load_config_dict_does_not_change_its_input() -> None:
+    data: dict[str, Any] = {
+        "tenants": [{"id": "acme"}],
+        "destinations": [{"id": "crm", "tenant": "acme", "url": "${CRM_URL}"}],
+        "routes": [{"tenant": "acme", "events": ["*"], "destinations": ["crm"]}],
+    }
+
+    config = load_config_dict(
+        data, {"CRM_URL": "https://crm.example", "ESTAFETA_LISTEN": "0.0.0.0:1"}
+    )
+
+    assert config.destinations[0].url == "https://crm.example"
+    assert data["destinations"][0]["url"] == "${CRM_URL}"
+    assert "id" not in data["routes"][0]
+    assert "server" not in data
+
+
+# ── one problem per case: the exact line an operator reads ────────────────────────────────
+
+INVALID_CASES: list[tuple[str, str, list[str]]] = [
+    (
+        "id not lowercase",
+        '[[tenants]]\nid = "Acme"',
+        [
+            "tenants[0].id: invalid id 'Acme': use 1 to 63 lowercase letters, digits, '-' "
+            "or '_', starting with a letter or digit"
+        ],
+    ),
+    (
+        "id too long",
+        f'[[tenants]]\nid = "{"a" * 64}"',
+        [
+            f"tenants[0].id: invalid id '{'a' * 64}': use 1 to 63 lowercase letters, digits, "
+            "'-' or '_', starting with a letter or digit"
+        ],
+    ),
+    (
+        "bad rate limit",
+        TENANT + 'ingress_rate_limit = "lots"',
+        [
+            "tenants[0].ingress_rate_limit: invalid rate limit 'lots': write 'N/unit' or "
+            "'N per unit' with N >= 1 and unit second, minute, hour or day (e.g. '100/minute')"
+        ],
+    ),
+    (
+        "zero rate limit on a destination",
+        TENANT + DESTINATION + 'rate_limit = "0/second"',
+        [
+            "destinations[0].rate_limit: invalid rate limit '0/second': write 'N/unit' or "
+            "'N per unit' with N >= 1 and unit second, minute, hour or day (e.g. '100/minute')"
+        ],
+    ),
+    (
+        "http destination without url",
+        TENANT + '[[destinations]]\nid = "crm"\ntenant = "acme"',
+        ["destinations[0].url: required for an http destination"],
+    ),
+    (
+        "http destination with another scheme",
+        TENANT + DESTINATION.replace("https://crm.example/hooks", "ftp://crm.example"),
+        [
+            "destinations[0].url: invalid URL 'ftp://crm.example': must start with http:// or https://"
+        ],
+    ),
+    (
+        "destination secret not whsec",
+        TENANT + DESTINATION + 'secret = "hunter2"',
+        ["destinations[0].secret: must be a Standard Webhooks secret: 'whsec_' followed by base64"],
+    ),
+    (
+        "generic source secret not base64",
+        TENANT + SOURCE + 'secret = "whsec_not base64!"',
+        ["sources[0].secret: must be a Standard Webhooks secret: 'whsec_' followed by base64"],
+    ),
+    (
+        "generic source with neither secret nor api_key",
+        TENANT + '[[sources]]\nid = "hooks"\ntenant = "acme"\nkind = "generic"',
+        ["sources[0]: a generic source needs `secret` (Standard Webhooks) or `api_key`"],
+    ),
+    (
+        "whatsapp_cloud without app_secret",
+        TENANT + '[[sources]]\nid = "wa"\ntenant = "acme"\nkind = "whatsapp_cloud"',
+        ["sources[0].app_secret: required for a whatsapp_cloud source"],
+    ),
+    (
+        "twilio without auth_token",
+        TENANT + '[[sources]]\nid = "tw"\ntenant = "acme"\nkind = "twilio"',
+        ["sources[0].auth_token: required for a twilio source"],
+    ),
+    (
+        "zapi without token",
+        TENANT + '[[sources]]\nid = "z"\ntenant = "acme"\nkind = "zapi"',
+        ["sources[0].token: required for a zapi source"],
+    ),
+    (
+        "sendpulse without token",
+        TENANT + '[[sources]]\nid = "sp"\ntenant = "acme"\nkind = "sendpulse"\ntoken = ""',
+        ["sources[0].token: required for a sendpulse source"],
+    ),
+    (
+        "unknown source kind",
+        TENANT + SOURCE.replace('"generic"', '"telegram"'),
+        [
+            "sources[0].kind: Input should be 'generic', 'whatsapp_cloud', 'twilio', 'zapi' "
+            "or 'sendpulse'"
+        ],
+    ),
+    (
+        "empty events and an empty glob",
+        TENANT
+        + DESTINATION
+        + ROUTE.replace('["lead.*"]', "[]")
+        + ROUTE.replace('"lead.*"', '"lead.*", " "'),
+        ["routes[0].events: must not be empty", "routes[1].events[1]: must not be empty"],
+    ),
+    (
+        "route without destinations",
+        TENANT + ROUTE.replace('["crm"]', "[]"),
+        ["routes[0].destinations: must not be empty"],
+    ),
+    (
+        "duplicate ids in every list",
+        TENANT
+        + TENANT
+        + SOURCE
+        + SOURCE
+        + DESTINATION
+        + DESTINATION
+        + ROUTE
+        + ROUTE.replace("[[routes]]", '[[routes]]\nid = "route-0"'),
+        [
+            "tenants[1].id: duplicate id 'acme' (first at tenants[0])",
+            "sources[1].id: duplicate id 'hooks' (first at sources[0])",
+            "destinations[1].id: duplicate id 'crm' (first at destinations[0])",
+            "routes[1].id: duplicate id 'route-0' (first at routes[0])",
+        ],
+    ),
+    (
+        "unknown tenant everywhere",
+        TENANT
+        + SOURCE.replace('tenant = "acme"', 'tenant = "acne"')
+        + DESTINATION.replace('tenant = "acme"', 'tenant = "zzz"')
+        + ROUTE.replace('tenant = "acme"', 'tenant = "ACME"'),
+        [
+            "sources[0].tenant: unknown tenant 'acne' (did you mean 'acme'?)",
+            "destinations[0].tenant: unknown tenant 'zzz'",
+            "routes[0].tenant: unknown tenant 'ACME'",
+        ],
+    ),
+    (
+        "no tenants at all",
+        SOURCE,
+        ["sources[0].tenant: unknown tenant 'acme' (no [[tenants]] are defined)"],
+    ),
+    (
+        "unknown route destination",
+        TENANT + DESTINATION + ROUTE.replace('["crm"]', '["crm", "crmm"]'),
+        ["routes[0].destinations[1]: unknown destination 'crmm' (did you mean 'crm'?)"],
+    ),
+    (
+        "route destination of another tenant",
+        TENANT
+        + '[[tenants]]\nid = "beta"'
+        + DESTINATION.replace('"crm"', '"beta-crm"').replace('tenant = "acme"', 'tenant = "beta"')
+        + ROUTE.replace('["crm"]', '["beta-crm"]'),
+        ["routes[0].destinations[0]: destination 'beta-crm' belongs to tenant 'beta', not 'acme'"],
+    ),
+    (
+        "unknown key with suggestion",
+        TENANT + DESTINATION.replace("url =", "urll ="),
+        ["destinations[0].urll: unknown key 'urll' (did you mean 'url'?)"],
+    ),
+    (
+        "unknown key in a nested table",
+        TENANT + DESTINATION + "backoff = { base_s = 1, jiter = 0.5 }",
+        ["destinations[0].backoff.jiter: unknown key 'jiter' (did you mean 'jitter'?)"],
+    ),
+    (
+        "unknown table",
+        "[[destination]]\nid = 'crm'",
+        ["destination: unknown key 'destination' (did you mean 'destinations'?)"],
+    ),
+    (
+        "unknown key without a close match",
+        "[server]\ncolour = 'blue'",
+        ["server.colour: unknown key 'colour'"],
+    ),
+    (
+        "missing required key",
+        TENANT
+        + ROUTE.replace('tenant = "acme"\n', "").replace('["crm"]', '["x"]')
+        + DESTINATION.replace('"crm"', '"x"'),
+        ["routes[0].tenant: required key is missing"],
+    ),
+    (
+        "numbers out of range",
+        TENANT + DESTINATION + "timeout_s = 301\nmax_attempts = 0\n[worker]\nlease_s = 0",
+        [
+            "worker.lease_s: Input should be greater than 0",
+            "destinations[0].timeout_s: Input should be less than or equal to 300",
+            "destinations[0].max_attempts: Input should be greater than or equal to 1",
+        ],
+    ),
+    (
+        "backoff ceiling below its base",
+        TENANT + DESTINATION + "backoff = { base_s = 10, max_s = 5 }",
+        ["destinations[0].backoff.max_s: must be at least base_s (10)"],
+    ),
+    (
+        "wrong types",
+        'server = "fast"\n[worker]\nconcurrency = "many"',
+        [
+            "server: must be a table",
+            "worker.concurrency: Input should be a valid integer, unable to parse string as an "
+            "integer",
+        ],
+    ),
+    (
+        "listen without a port",
+        '[server]\nlisten = "localhost"',
+        ["server.listen: invalid address 'localhost': write HOST:PORT, e.g. '0.0.0.0:8080'"],
+    ),
+    (
+        "unsupported database",
+        '[storage]\nurl = "mysql://root:pw@db/estafeta"',
+        [
+            "storage.url: unsupported database URL scheme 'mysql': use sqlite:///PATH or "
+            "postgresql://USER@HOST/DB"
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [case[1:] for case in INVALID_CASES],
+    ids=[case[0] for case in INVALID_CASES],
+)
+def test_invalid_file_reports_exactly(tmp_path: Path, text: str, expected: list[str]) -> None:
+    assert problems(tmp_path, text) == expected
+
+
+def test_filter_syntax_error_is_located_at_the_route(tmp_path: Path) -> None:
+    from estafeta.routing.filter import parse
+
+    expression = "data.kind = 'text'"
+    with pytest.raises(FilterSyntaxError) as caught:
+        parse(expression)
+    text = TENANT + DESTINATION + ROUTE + f'filter = "{expression}"'
+
+    assert problems(tmp_path, text) == [
+        f"routes[0].filter: {caught.value.reason} (at character {caught.value.position})"
+    ]
+
+
+def test_valid_filter_is_accepted(tmp_path: Path) -> None:
+    config = load(tmp_path, MINIMAL + "filter = \"data.kind == 'text'\"")
+    assert config.routes[0].filter == "data.kind == 'text'"
+
+
+def test_every_problem_in_one_file_is_reported_in_file_order(tmp_path: Path) -> None:
+    text = dedent("""
+        [server]
+        max_body_bytes = 0
+
+        [[tenants]]
+        id = "acme"
+
+        [[routes]]
+        tenant = "acme"
+        events = ["*"]
+        destinations = ["crmm", "erp"]
+
+        [[sources]]
+        id = "Wa"
+        tenant = "acme"
+        kind = "whatsapp_cloud"
+        app_secret = "${WA_APP_SECRET}"
+
+        [[destinations]]
+        id = "crm"
+        tenant = "acme"
+        url = "https://crm.example"
+        timeout_s = -1
+    """)
+
+    assert problems(tmp_path, text) == [
+        "server.max_body_bytes: Input should be greater than 0",
+        "sources[0].app_secret: environment variable WA_APP_SECRET is not set",
+        "sources[0].id: invalid id 'Wa': use 1 to 63 lowercase letters, digits, '-' or '_', "
+        "starting with a letter or digit",
+        "destinations[0].timeout_s: Input should be greater than 0",
+        "routes[0].destinations[0]: unknown destination 'crmm' (did you mean 'crm'?)",
+        "routes[0].destinations[1]: unknown destination 'erp'",
+    ]
+
+
+def test_config_error_message_lists_every_issue(tmp_path: Path) -> None:
+    path = write(tmp_path, TENANT + ROUTE)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, {})
+
+    assert str(caught.value) == (
+        "invalid configuration (1 problem(s)):\n"
+        "  routes[0].destinations[0]: unknown destination 'crm'"
+    )
+
+
+# ── the file itself ───────────────────────────────────────────────────────────────────────
+
+
+def test_toml_syntax_error_names_line_and_column(tmp_path: Path) -> None:
+    path = write(tmp_path, '[server\nlisten = "x"\n')
+
+    assert [str(i) for i in check_config(path, {})] == [
+        f"{path}:line 1, column 8: invalid TOML: Expected ']' at the end of a table declaration"
+    ]
+
+
+def test_toml_error_at_end_of_file(tmp_path: Path) -> None:
+    path = write(tmp_path, 'name = "unterminated')
+
+    assert [str(i) for i in check_config(path, {})] == [
+        f"{path}:end of file: invalid TOML: Unterminated string"
+    ]
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.toml"
+
+    assert [str(i) for i in check_config(path, {})] == [f"{path}: file does not exist"]
+    with pytest.raises(ConfigError):
+        load_config(path, {})
+
+
+# ── ${ENV} substitution and ESTAFETA_* overrides ──────────────────────────────────────────
+
+
+def test_env_references_are_substituted_whole_and_embedded(tmp_path: Path) -> None:
+    text = MINIMAL + dedent("""
+        [storage]
+        url = "postgresql://${PGUSER}@db.internal/estafeta"
+        [worker]
+        concurrency = "${WORKERS}"
+    """)
+    text = text.replace('api_key = "k-123"', 'api_key = "${HOOKS_KEY}"')
+    env = {"PGUSER": "hub", "WORKERS": "8", "HOOKS_KEY": "k-from-env"}
+
+    config = load(tmp_path, text, env)
+
+    assert config.storage.url == "postgresql://hub@db.internal/estafeta"
+    assert config.worker.concurrency == 8
+    assert config.sources[0].api_key == "k-from-env"
+
+
+def test_double_dollar_escapes_a_literal_reference(tmp_path: Path) -> None:
+    text = MINIMAL.replace('url = "https://crm.example/hooks"', 'url = "https://x/$${NOT_ENV}"')
+    assert load(tmp_path, text).destinations[0].url == "https://x/${NOT_ENV}"
+
+
+def test_missing_env_variables_are_each_reported_at_their_key(tmp_path: Path) -> None:
+    destination = DESTINATION + 'headers = { Authorization = "Bearer ${CRM_TOKEN}" }\n'
+    text = (
+        TENANT
+        + SOURCE
+        + destination
+        + ROUTE
+        + dedent("""
+        [[sources]]
+        id = "wa"
+        tenant = "acme"
+        kind = "whatsapp_cloud"
+        app_secret = "${WA_APP_SECRET}"
+        verify_token = "${WA_VERIFY_TOKEN"
+        api_base = "${1BAD}"
+    """)
+    )
+
+    assert problems(tmp_path, text) == [
+        "sources[1].app_secret: environment variable WA_APP_SECRET is not set",
+        "sources[1].verify_token: unterminated '${' (write '$${' for a literal '${')",
+        "sources[1].api_base: invalid environment variable name '1BAD' in '${1BAD}'",
+        "destinations[0].headers.Authorization: environment variable CRM_TOKEN is not set",
+    ]
+
+
+def test_estafeta_variables_override_the_file(tmp_path: Path) -> None:
+    text = MINIMAL + '[server]\nlisten = "127.0.0.1:1"\n[storage]\nurl = "sqlite:///file.db"'
+    env = {
+        "ESTAFETA_DATABASE_URL": "postgresql://hub@db/estafeta",
+        "ESTAFETA_REDIS_URL": "redis://cache:6379/0",
+        "ESTAFETA_LISTEN": "0.0.0.0:9000",
+        "ESTAFETA_ADMIN_KEY": "admin-from-env",
+        "ESTAFETA_MASTER_KEY": "master-from-env",
+    }
+
+    config = load(tmp_path, text, env)
+
+    assert config.storage.url == "postgresql://hub@db/estafeta"
+    assert config.redis.url == "redis://cache:6379/0"
+    assert config.server.listen == "0.0.0.0:9000"
+    assert config.security == SecurityConfig(
+        admin_key="admin-from-env", master_key="master-from-env"
+    )
+
+
+def test_override_makes_a_missing_variable_in_the_file_harmless(tmp_path: Path) -> None:
+    text = MINIMAL + '[security]\nadmin_key = "${ADMIN}"'
+    config = load(tmp_path, text, {"ESTAFETA_ADMIN_KEY": "from-env"})
+    assert config.security.admin_key == "from-env"
+
+
+def test_empty_override_variable_is_ignored(tmp_path: Path) -> None:
+    config = load(tmp_path, '[server]\nlisten = "127.0.0.1:1"', {"ESTAFETA_LISTEN": ""})
+    assert config.server.listen == "127.0.0.1:1"
+
+
+def test_an_invalid_override_is_reported_at_the_key_it_replaces(tmp_path: Path) -> None:
+    assert problems(tmp_path, MINIMAL, {"ESTAFETA_REDIS_URL": "localhost:6379"}) == [
+        "redis.url: invalid Redis URL: must start with redis://, rediss:// or unix://"
+    ]
+
+
+# ── secrets stay out of logs ──────────────────────────────────────────────────────────────
+
+
+def test_secrets_never_appear_in_repr(tmp_path: Path) -> None:
+    secret_keys = [
+        "secret",
+        "api_key",
+        "app_secret",
+        "verify_token",
+        "auth_token",
+        "token",
+        "access_token",
+        "instance_token",
+        "client_token",
+        "client_secret",
+    ]
+    source = {"id": "s", "tenant": "acme", "kind": "generic"}
+    source |= {key: f"SECRET-{key}" for key in secret_keys}
+    source["secret"] = WHSEC
+    data: dict[str, Any] = {
+        "storage": {"url": "postgresql://hub:DB-PASSWORD@db/estafeta"},
+        "redis": {"url": "redis://:REDIS-PASSWORD@cache:6379/0"},
+        "security": {"admin_key": "ADMIN-KEY", "master_key": "MASTER-KEY"},
+        "tenants": [{"id": "acme"}],
+        "sources": [source],
+        "destinations": [
+            {
+                "id": "d",
+                "tenant": "acme",
+                "url": "https://x",
+                "secret": WHSEC,
+                "headers": {"Authorization": "Bearer HEADER-TOKEN"},
+            }
+        ],
+    }
+
+    config = load_config_dict(data, {})
+    shown = repr(config) + str(config)
+
+    for hidden in ["SECRET-", WHSEC, "DB-PASSWORD", "REDIS-PASSWORD", "ADMIN-KEY", "MASTER-KEY"]:
+        assert hidden not in shown
+    assert "HEADER-TOKEN" not in shown
+    assert "postgresql://hub:***@db/estafeta" in shown
+
+
+def test_an_invalid_secret_is_not_echoed_in_the_error(tmp_path: Path) -> None:
+    text = TENANT + SOURCE + 'secret = "whsec_TOP-SECRET"'
+    assert not any("TOP-SECRET" in line for line in problems(tmp_path, text))
+
+
+# ── config.example.toml ───────────────────────────────────────────────────────────────────
+
+
+def test_example_file_is_valid() -> None:
+    assert check_config(EXAMPLE, EXAMPLE_ENV) == []
+
+    config = load_config(EXAMPLE, EXAMPLE_ENV)
+
+    wa = config.source("wa-sol")
+    assert wa is not None
+    assert (wa.app_secret, wa.verify_token) == ("wa-app-secret", "wa-verify")
+    assert config.route_ids() == ["text-to-crm", "route-1"]
+    assert config.routes[0].filter == "data.kind == 'text'"
+
+
+def test_example_file_states_the_true_defaults() -> None:
+    config = load_config(EXAMPLE, EXAMPLE_ENV)
+    crm = config.destination("crm")
+    assert crm is not None
+
+    assert config.server == ServerConfig()
+    assert config.storage == StorageConfig()
+    assert config.worker == WorkerConfig()
+    assert crm.backoff == BackoffConfig()
+    assert crm.circuit == CircuitConfig()
+    defaults = DestinationConfig(id="x", tenant="x", url="https://x")
+    assert (crm.effective_timeout_s(120), crm.max_attempts) == (
+        defaults.effective_timeout_s(120),
+        defaults.max_attempts,
+    )
+    assert config.tenants[0].ingress_rate_limit == TenantConfig(id="x").ingress_rate_limit
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        ServerConfig,
+        StorageConfig,
+        WorkerConfig,
+        SecurityConfig,
+        TenantConfig,
+        SourceConfig,
+        BackoffConfig,
+        CircuitConfig,
+        DestinationConfig,
+        RouteConfig,
+    ],
+)
+def test_example_file_mentions_every_key(model: type[BaseModel]) -> None:
+    text = EXAMPLE.read_text(encoding="utf-8")
+    keys = [field.alias or name for name, field in model.model_fields.items()]
+    missing = [key for key in keys if not re.search(rf"(?<![\w.]){key}(?!\w)", text)]
+    assert missing == []
+
+
+def test_a_destination_without_timeout_gets_its_kinds_default_under_the_ceiling() -> None:
+    from estafeta.config import DestinationConfig
+
+    http = DestinationConfig(id="a", tenant="t", kind="http", url="http://127.0.0.1/x")
+    assert http.effective_timeout_s(120) == 30
+    assert http.effective_timeout_s(5) == 5  # the workers' ceiling wins
+    sender = DestinationConfig(id="b", tenant="t", kind="whatsapp_send")
+    assert sender.effective_timeout_s(120) == 10
+    calendar = DestinationConfig(id="c", tenant="t", kind="google_calendar")
+    assert calendar.effective_timeout_s(120) == 15
+    explicit = DestinationConfig(id="d", tenant="t", kind="http", url="http://x/", timeout_s=3)
+    assert explicit.effective_timeout_s(120) == 3
+
+
+def test_the_api_source_id_is_reserved() -> None:
+    data = {
+        "tenants": [{"id": "t"}],
+        "sources": [{"id": "api", "tenant": "t", "kind": "generic", "api_key": "k"}],
+    }
+    with pytest.raises(ConfigError) as failed:
+        load_config_dict(data)
+    assert "sources[0].id: 'api' is reserved for events published through the API" in str(
+        failed.value
+    )

@@ -1,0 +1,48 @@
+"""Ids sort by creation time; timestamps render as the canonical event says."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from estafeta.clock import iso_from_ms, ms_from_iso
+from estafeta.ids import new_id, ulid
+
+CROCKFORD = set("0123456789ABCDEFGHJKMNPQRSTVWXYZ")
+
+
+def test_an_id_has_its_prefix_and_26_crockford_characters() -> None:
+    made = new_id("evt", 1_751_371_200_000)
+    assert made.startswith("evt_") and len(made) == 30
+    assert set(made[4:]) <= CROCKFORD
+
+
+def test_the_time_part_is_the_ulid_encoding_of_the_milliseconds() -> None:
+    # 1_469_918_176_385 ms is "01ARYZ6S41" in the ULID specification's example.
+    assert ulid(1_469_918_176_385)[:10] == "01ARYZ6S41"
+
+
+@given(st.integers(0, 2**48 - 2), st.integers(1, 10**6))
+def test_ids_sort_by_creation_time(earlier: int, later_by: int) -> None:
+    later = min(earlier + later_by, 2**48 - 1)
+    assert ulid(earlier) < ulid(later)
+
+
+def test_ids_are_unique() -> None:
+    assert len({new_id("dlv", 5) for _ in range(10_000)}) == 10_000
+
+
+@given(st.integers(0, 253_402_300_799_999))
+def test_iso_round_trips_milliseconds(ms: int) -> None:
+    text = iso_from_ms(ms)
+    assert text.endswith("Z") and len(text) == 24
+    assert ms_from_iso(text) == ms
+
+
+def test_iso_renders_the_canonical_form() -> None:
+    assert iso_from_ms(1_763_730_300_123) == "2025-11-21T13:05:00.123Z"
+
+
+def test_ids_made_in_one_millisecond_keep_their_order() -> None:
+    made = [new_id("evt", 1_751_371_200_000) for _ in range(1000)]
+    assert made == sorted(made) and len(set(made)) == 1000
