@@ -200,7 +200,9 @@ class Worker:
                 self._throttled_until[delivery.destination_id] = due
                 snoozed.setdefault(due, []).append(delivery)
                 continue
-            task = loop.create_task(self._attempt(delivery))
+            # The attempt starts when the limiter admits it: its `started_at` is then the
+            # moment counted in the destination's window, not a later turn of the loop.
+            task = loop.create_task(self._attempt(delivery, self.clock.now_ms()))
             self._in_flight[task] = delivery
             task.add_done_callback(self._finished)
         for due, deliveries in snoozed.items():
@@ -242,8 +244,7 @@ class Worker:
 
     # -- one attempt ------------------------------------------------------------------------
 
-    async def _attempt(self, delivery: LeasedDelivery) -> None:
-        started_at = self.clock.now_ms()
+    async def _attempt(self, delivery: LeasedDelivery, started_at: int) -> None:
         outcome = await self._send(delivery)
         self.sent += 1
         await self._record_circuit(delivery.destination_id, outcome, started_at)
