@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from estafeta.testing.server import LocalServer
+
 
 @dataclass
 class Received:
@@ -62,52 +64,24 @@ class _Behaviour:
     body: bytes = b""
 
 
-class Sink:
+class Sink(LocalServer):
     """An aiohttp server whose answers a test controls; see the module docstring."""
 
     def __init__(self, *, secret: str | None = None) -> None:
+        super().__init__()
         self._verifier = Webhook(secret) if secret else None
         self._default = _Behaviour()
         self._failures: deque[_Behaviour] = deque()
         self._changed = asyncio.Condition()
-        self._stopping = asyncio.Event()
-        self._runner: web.AppRunner | None = None
-        self._url: str | None = None
         self.received: list[Received] = []
         self.unique_ids: set[str] = set()  # every webhook-id seen, whatever the answer
         self.delivered_ids: set[str] = set()  # ids answered 2xx
         self.duplicates = 0  # 2xx answers for an id that already had one
         self.bad_signatures: list[BadSignature] = []
 
-    # -- lifecycle -------------------------------------------------------------------------
-
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        """Listen on `host:port`; port 0 picks a free one (read it back from `url`)."""
-        self._stopping.clear()
-        app = web.Application()
+    def add_routes(self, app: web.Application) -> None:
+        """Every method and path reaches the one handler."""
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        # A short shutdown: requests still waiting on a delay are woken by `stop` anyway.
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        self._runner = runner
-        bound_host, bound_port = runner.addresses[0][:2]
-        self._url = f"http://{bound_host}:{bound_port}"
-
-    @property
-    def url(self) -> str:
-        """`http://127.0.0.1:PORT`, once started."""
-        if self._url is None:
-            raise RuntimeError("the sink is not started; await sink.start() first")
-        return self._url
-
-    async def stop(self) -> None:
-        """Stop listening; requests waiting on a delay are answered 503 and not counted."""
-        self._stopping.set()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
 
     # -- behaviour ---------------------------------------------------------------------------
 

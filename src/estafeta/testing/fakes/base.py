@@ -22,17 +22,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import aiohttp
 import orjson
 from aiohttp import web
+
+from estafeta.testing.server import LocalServer
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,57 +97,15 @@ def hex_id(length: int, *, upper: bool = True) -> str:
     return value.upper() if upper else value
 
 
-class FakeProvider(ABC):
+class FakeProvider(LocalServer):
     """The shared machinery; a subclass adds its routes and its documented answers."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.sent: list[SentMessage] = []
         self.requests = 0  # requests that reached a send endpoint, whatever the answer
         self._planned: deque[Answer] = deque()
         self._delay_s = 0.0
-        self._stopping = asyncio.Event()
-        self._runner: web.AppRunner | None = None
-        self._url: str | None = None
-
-    # -- lifecycle -------------------------------------------------------------------------
-
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        """Listen on `host:port`; port 0 picks a free one (read it back from `url`)."""
-        self._stopping.clear()
-        app = web.Application()
-        self.add_routes(app)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        await web.TCPSite(runner, host, port).start()
-        self._runner = runner
-        bound_host, bound_port = runner.addresses[0][:2]
-        self._url = f"http://{bound_host}:{bound_port}"
-
-    @property
-    def url(self) -> str:
-        """`http://127.0.0.1:PORT`: the `api_base` to configure, once started."""
-        if self._url is None:
-            raise RuntimeError("the fake is not started; await fake.start() first")
-        return self._url
-
-    async def stop(self) -> None:
-        """Stop listening; answers still waiting on `slow` are cut short."""
-        self._stopping.set()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     # -- misbehaviour ------------------------------------------------------------------------
 
@@ -177,10 +136,6 @@ class FakeProvider(ABC):
         self._planned.extend(answer for _ in range(n))
 
     # -- what a subclass provides -------------------------------------------------------------
-
-    @abstractmethod
-    def add_routes(self, app: web.Application) -> None:
-        """Register the provider's documented endpoints."""
 
     @abstractmethod
     def error_answer(self, status: int) -> Answer:

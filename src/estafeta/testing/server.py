@@ -1,0 +1,66 @@
+"""The lifecycle every local test server shares: the sink and the fake providers.
+
+Each listens on 127.0.0.1 (port 0 picks a free one), tells its URL once started, and stops
+waking whatever its handlers are waiting on (`_stopping`), so a slow answer never holds a
+test's teardown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from types import TracebackType
+from typing import Self
+
+from aiohttp import web
+
+
+class LocalServer(ABC):
+    def __init__(self) -> None:
+        self._stopping = asyncio.Event()  # set by `stop`: delayed answers give up at once
+        self._runner: web.AppRunner | None = None
+        self._url: str | None = None
+
+    @abstractmethod
+    def add_routes(self, app: web.Application) -> None:
+        """Register the server's endpoints."""
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        """Listen on `host:port`; port 0 picks a free one (read it back from `url`)."""
+        self._stopping.clear()
+        app = web.Application()
+        self.add_routes(app)
+        # A short shutdown: requests still waiting on a delay are woken by `stop` anyway.
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        await web.TCPSite(runner, host, port).start()
+        self._runner = runner
+        bound_host, bound_port = runner.addresses[0][:2]
+        self._url = f"http://{bound_host}:{bound_port}"
+
+    @property
+    def url(self) -> str:
+        """`http://127.0.0.1:PORT`, once started."""
+        if self._url is None:
+            name = type(self).__name__
+            raise RuntimeError(f"the {name} is not started; await its start() first")
+        return self._url
+
+    async def stop(self) -> None:
+        """Stop listening; answers still waiting on a delay are cut short."""
+        self._stopping.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.stop()
