@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import sqlite3
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, ClassVar
 
 from sqlalchemy import text
@@ -73,6 +73,21 @@ def translated(exc: Exception) -> Exception:
     return exc
 
 
+@contextmanager
+def store_errors() -> Iterator[None]:
+    """Around a store call: a foreign error it recognises leaves as the store's own (see
+    `translated`); the store's own errors and unknown ones pass through unchanged."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except Exception as exc:
+        store_error = translated(exc)
+        if store_error is exc:
+            raise
+        raise store_error from exc
+
+
 class StoreBase(ABC):
     dialect: ClassVar[str]
 
@@ -87,27 +102,15 @@ class StoreBase(ABC):
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:
         """One transaction on the writer; foreign errors are translated at this boundary."""
-        try:
+        with store_errors():
             async with self.engine.begin() as conn:
                 yield conn
-        except StoreError:
-            raise
-        except Exception as exc:
-            store_error = translated(exc)
-            if store_error is exc:
-                raise
-            raise store_error from exc
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[AsyncConnection]:
-        try:
+        with store_errors():
             async with self.read_engine.connect() as conn:
                 yield conn
-        except Exception as exc:
-            store_error = translated(exc)
-            if store_error is exc:
-                raise
-            raise store_error from exc
 
     async def close(self) -> None:
         await self.engine.dispose()

@@ -28,9 +28,9 @@ from sqlalchemy import text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
-from estafeta.errors import StoreError, StoreUnavailable
+from estafeta.errors import StoreUnavailable
 from estafeta.messaging.facts import SEND_DESTINATION_PREFIX
-from estafeta.store.base import translated, unavailable
+from estafeta.store.base import store_errors, unavailable
 from estafeta.store.records import CompletedAttempt, InsertResult, NewEvent
 from estafeta.store.sqlstore import (
     SQL_DIR,
@@ -164,7 +164,7 @@ class PostgresStore(SqlStore):
         commits by itself). SQLAlchemy's own disconnect handling is bypassed here, so this
         does it: a connection found closed in the pool (the server restarted, the network
         was cut) is replaced, and one that fails is dropped from the pool."""
-        try:
+        with store_errors():
             async with self.engine.connect() as conn:
                 driver: Any = (await conn.get_raw_connection()).driver_connection
                 if driver is None or driver.is_closed():
@@ -179,13 +179,6 @@ class PostgresStore(SqlStore):
                             f"the store cannot be reached: {type(exc).__name__}"
                         ) from exc
                     raise
-        except StoreError:
-            raise
-        except Exception as exc:
-            store_error = translated(exc)
-            if store_error is exc:
-                raise
-            raise store_error from exc
 
     # -- ingest -----------------------------------------------------------------------------
 

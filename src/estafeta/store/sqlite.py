@@ -24,8 +24,7 @@ from sqlalchemy import event
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from estafeta.errors import StoreError
-from estafeta.store.base import translated
+from estafeta.store.base import store_errors
 from estafeta.store.messaging import conversation_counts
 from estafeta.store.records import InsertResult, NewEvent
 from estafeta.store.sqlstore import SqlStore, delivery_rows, event_key, event_row, fates
@@ -177,15 +176,8 @@ class SqliteStore(SqlStore):
         plain = not any(e.message is not None or e.escalation is not None for e in events)
         if self._writer is None or by_id or not plain:
             return await super()._store_candidates(events, by_id=by_id)
-        try:
+        with store_errors():
             inserted, existing = await self._writer.store(events)
-        except StoreError:
-            raise
-        except Exception as exc:
-            store_error = translated(exc)
-            if store_error is exc:
-                raise
-            raise store_error from exc
         return fates(events, inserted, (), existing)
 
     async def close(self) -> None:
