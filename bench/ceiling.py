@@ -3,6 +3,8 @@
 * **bare HTTP**: wrk against `trivial_app.py` served exactly as estafeta is (uvicorn +
   httptools + uvloop, one process on the server core), with the same pre-signed 0.7 KB
   WhatsApp bodies; the answer is a small JSON 202 and nothing else happens.
+* **Starlette route**: the same, served by a one-route Starlette app; the issue's reference
+  ceiling, shown beside the raw one for context (the targets are judged on the raw one).
 * **delivery client**: estafeta's own `HttpConnector` (the pooled aiohttp session, Standard
   Webhooks signing, the response excerpt) POSTing canonical events to the sink alone, with
   the worker's default concurrency (64), on the server core; the sink runs on the load core.
@@ -42,15 +44,24 @@ from common import (
 )
 from wrk import wrk
 
+APPS = {
+    "asgi": ("trivial_app:app", "trivial ASGI app"),
+    "starlette": ("trivial_app:starlette_app", "trivial Starlette route"),
+}
 
-def bare_http(requests_file: Path, *, seconds: float, logdir: Path) -> dict[str, Any]:
-    """wrk against the trivial ASGI app: the most any ASGI ingest can do on one core here."""
+
+def bare_http(
+    requests_file: Path, *, seconds: float, logdir: Path, app: str = "asgi"
+) -> dict[str, Any]:
+    """wrk against a trivial app (see trivial_app.py): the raw ASGI one is the most any ASGI
+    ingest can do on one core here; the Starlette one is the issue's reference ceiling."""
+    target, described = APPS[app]
     port = free_port()
     server = start(
-        "trivial-uvicorn",
+        f"trivial-uvicorn-{app}",
         [
             str(BIN / "uvicorn"),
-            "trivial_app:app",
+            target,
             "--app-dir",
             str(BENCH_DIR),
             "--http",
@@ -76,7 +87,7 @@ def bare_http(requests_file: Path, *, seconds: float, logdir: Path) -> dict[str,
         result["server_cpu_us_per_request"] = per_event(
             result["cpu_cores"], "server", result["rps"]
         )
-    result["server"] = "uvicorn + httptools + uvloop, 1 process, trivial ASGI app"
+    result["server"] = f"uvicorn + httptools + uvloop, 1 process, {described}"
     return result
 
 

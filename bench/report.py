@@ -86,11 +86,18 @@ def summarize(doc: Doc) -> dict[str, Any]:
     lite = f"SQLite {_get(doc, 'meta', 'machine', 'sqlite') or '?'}"
     ceiling_http = _get(p, "ceiling_http", "rps")
     ceiling_client = _get(p, "ceiling_client", "rps")
+    ceiling_starlette = _get(p, "ceiling_starlette", "rps")
     ingest_pg = _get(p, "ingest_postgresql", "full", "committed_per_s")
     ingest_lite = _get(p, "ingest_sqlite", "full", "committed_per_s")
     ingest_base = _get(p, "ingest_baseline", "full", "committed_per_s")
     rows = [
         _row("ceiling: bare HTTP (trivial ASGI app), req/s", "none", ceiling_http, " /s"),
+        _row(
+            "ceiling: trivial Starlette route (the issue's reference), req/s",
+            "none",
+            ceiling_starlette,
+            " /s",
+        ),
         _row(
             "ceiling: delivery client (HttpConnector → sink), req/s", "none", ceiling_client, " /s"
         ),
@@ -102,6 +109,12 @@ def summarize(doc: Doc) -> dict[str, Any]:
             "×",
             op=">=",
             threshold=0.5,
+        ),
+        _row(
+            "ingest ÷ trivial-Starlette-route ceiling (context, not the target)",
+            pg,
+            _ratio(ingest_pg, ceiling_starlette),
+            "×",
         ),
         _row(
             "ingest p99 at 50 % of that rate (open loop)",
@@ -119,6 +132,12 @@ def summarize(doc: Doc) -> dict[str, Any]:
             "×",
             op=">=",
             threshold=0.6,
+        ),
+        _row(
+            "ingest ÷ trivial-Starlette-route ceiling (context, not the target)",
+            lite,
+            _ratio(ingest_lite, ceiling_starlette),
+            "×",
         ),
         _row(
             "ingest p99 at 50 % of that rate (open loop)",
@@ -383,6 +402,9 @@ def _latency_rows(doc: Doc) -> list[tuple[str, str, dict[str, Any]]]:
     out: list[tuple[str, str, dict[str, Any]]] = []
     if "ceiling_http" in p:
         out.append(("bare-HTTP ceiling", "wrk full speed", p["ceiling_http"]["latency_ms"]))
+    if "ceiling_starlette" in p:
+        latency = p["ceiling_starlette"]["latency_ms"]
+        out.append(("trivial Starlette route", "wrk full speed", latency))
     for key, label in (
         ("ingest_postgresql", "ingest, PostgreSQL"),
         ("ingest_sqlite", "ingest, SQLite"),

@@ -37,6 +37,7 @@ from common import LOAD_CPU, RESULTS, SERVER_CPU, machine, wait_quiet, write_req
 
 PHASES = (
     "ceiling_http",
+    "ceiling_starlette",
     "ceiling_client",
     "ingest_postgresql",
     "ingest_sqlite",
@@ -101,6 +102,9 @@ def main() -> int:
 
     steps: dict[str, Callable[[], dict[str, Any]]] = {
         "ceiling_http": lambda: ceiling.bare_http(requests(), seconds=seconds, logdir=logdir),
+        "ceiling_starlette": lambda: ceiling.bare_http(
+            requests(), seconds=seconds, logdir=logdir, app="starlette"
+        ),
         "ceiling_client": lambda: ceiling.delivery_client(seconds=seconds, logdir=logdir),
         "ingest_postgresql": lambda: ingest.ingest(
             "postgresql", requests(), seconds=seconds, workdir=workdir, logdir=logdir
