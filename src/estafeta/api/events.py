@@ -50,7 +50,7 @@ async def publish_event(
 ) -> Response:
     hub = hub_of(request)
     assert caller.tenant_id is not None  # noqa: S101 - tenant_principal guarantees it
-    await rate_limit(hub, caller.tenant_id)
+    rate_limit(hub, caller.tenant_id)
     result = await hub.accept(
         tenant_id=caller.tenant_id,
         source_id=API_SOURCE,

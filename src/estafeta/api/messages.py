@@ -87,7 +87,7 @@ async def send_message(
             "source_cannot_send",
             f"source {body.source!r} cannot send: it needs {', '.join(missing)}",
         )
-    await rate_limit(hub, caller.tenant_id)
+    rate_limit(hub, caller.tenant_id)
     message_id, result = await hub.send_message(
         tenant_id=caller.tenant_id,
         source_id=source.id,

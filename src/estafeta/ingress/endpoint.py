@@ -77,14 +77,15 @@ async def read_body(receive: Receive, limit: int) -> bytes:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def rate_limit(hub: Hub, tenant_id: str) -> None:
-    wait = await hub.rate_limiter.retry_after(tenant_id)
-    if wait is not None:
+def rate_limit(hub: Hub, tenant_id: str) -> None:
+    """Count one request for the tenant, or refuse it with 429 and `Retry-After`."""
+    wait_s = hub.rate_limiter.retry_after(tenant_id)
+    if wait_s is not None:
         raise HttpError(
             429,
             "rate_limited",
-            f"tenant {tenant_id!r} is over its ingress rate limit; retry in {wait:.0f} s",
-            {"Retry-After": f"{wait:.0f}"},
+            f"tenant {tenant_id!r} is over its ingress rate limit; retry in {wait_s} s",
+            {"Retry-After": str(wait_s)},
         )
 
 
@@ -160,7 +161,7 @@ class IngestApp:
         if method == "GET":
             return 200, handler.handshake(request), None
         handler.verify(request)
-        await rate_limit(hub, source.tenant)
+        rate_limit(hub, source.tenant)
         accepting = [
             hub.accept(
                 tenant_id=source.tenant,

@@ -1,0 +1,142 @@
+"""The inbound sliding window counter: what a tenant sending bursts would see."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from estafeta.config import load_config_dict
+from estafeta.ingress.ratelimit import SlidingWindowCounter, TenantRateLimiter
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def counter(limit: int, period_s: float, clock: FakeClock) -> SlidingWindowCounter:
+    return SlidingWindowCounter(limit, period_s, monotonic=clock)
+
+
+def test_a_fresh_window_admits_the_limit_then_refuses() -> None:
+    clock = FakeClock(1000.0)
+    limiter = counter(3, 10, clock)
+    assert [limiter.hit("t") for _ in range(3)] == [None, None, None]
+    wait = limiter.hit("t")
+    assert wait is not None and wait > 0
+    assert limiter.hit("other") is None  # keys are counted apart
+
+
+def test_the_previous_window_counts_by_how_much_of_it_is_still_covered() -> None:
+    clock = FakeClock(1005.0)  # half-way through the window [1000, 1010)
+    limiter = counter(10, 10, clock)
+    assert all(limiter.hit("t") is None for _ in range(10))
+    clock.now = 1010.0  # the next window starts: the previous still weighs all 10
+    assert limiter.hit("t") is not None
+    clock.now = 1015.0  # half of it has slid out: room for 5
+    assert [limiter.hit("t") is None for _ in range(6)] == [True] * 5 + [False]
+
+
+def test_the_wait_is_when_the_window_has_room_again() -> None:
+    clock = FakeClock(1000.0)
+    limiter = counter(4, 10, clock)
+    for _ in range(4):
+        limiter.hit("t")
+    wait = limiter.hit("t")
+    assert wait is not None
+    # All four are in the current window: room comes once they weigh 3 or less as the
+    # previous window, a quarter of the way into the next one.
+    assert wait == pytest.approx(10 + 2.5)
+    clock.now += wait - 0.01
+    assert limiter.hit("t") is not None
+    clock.now += 0.02
+    assert limiter.hit("t") is None
+
+
+def test_a_long_silence_forgets_everything() -> None:
+    clock = FakeClock(1000.0)
+    limiter = counter(2, 1, clock)
+    limiter.hit("t")
+    limiter.hit("t")
+    clock.now += 60
+    assert [limiter.hit("t") for _ in range(2)] == [None, None]
+
+
+def test_a_request_costing_more_than_the_limit_never_passes() -> None:
+    limiter = counter(2, 1, FakeClock())
+    assert limiter.hit("t", cost=3) == float("inf")
+
+
+def test_invalid_limits_are_refused() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        SlidingWindowCounter(0, 1)
+    with pytest.raises(ValueError, match="positive"):
+        SlidingWindowCounter(1, 0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    limit=st.integers(1, 20),
+    period_s=st.sampled_from([1.0, 2.0, 10.0, 60.0]),
+    steps=st.lists(
+        st.tuples(st.floats(0, 5, allow_nan=False), st.integers(1, 3)), min_size=1, max_size=60
+    ),
+)
+def test_every_wait_is_exactly_long_enough(
+    limit: int, period_s: float, steps: list[tuple[float, int]]
+) -> None:
+    """Asking again after the wait succeeds; asking a little earlier does not. And no fixed
+    window ever counts more than the limit."""
+    clock = FakeClock(1_000_000.0)
+    limiter = counter(limit, period_s, clock)
+    admitted: list[tuple[float, int]] = []  # the history that shaped the limiter's state
+
+    def asked_again_at(moment: float, cost: int) -> float | None:
+        """What a limiter with the same history answers at `moment`."""
+        replay_clock = FakeClock()
+        replay = counter(limit, period_s, replay_clock)
+        for at, admitted_cost in admitted:
+            replay_clock.now = at
+            assert replay.hit("t", admitted_cost) is None
+        replay_clock.now = moment
+        return replay.hit("t", cost)
+
+    for dt, cost in steps:
+        clock.now += dt
+        if cost > limit:
+            continue
+        wait = limiter.hit("t", cost)
+        if wait is None:
+            admitted.append((clock.now, cost))
+            window = int(clock.now // period_s)
+            in_window = sum(c for at, c in admitted if int(at // period_s) == window)
+            assert in_window <= limit
+            continue
+        assert wait > 0
+        assert asked_again_at(clock.now + wait + 1e-6, cost) is None, f"refused {wait:.6f} s later"
+        if wait > 2e-3:
+            early = asked_again_at(clock.now + wait - 1e-3, cost)
+            assert early is not None, f"admitted before the {wait:.6f} s wait"
+
+
+def test_tenants_get_their_own_limit_and_whole_second_retry_after() -> None:
+    config = load_config_dict(
+        {
+            "tenants": [
+                {"id": "acme", "name": "Acme", "ingress_rate_limit": "2/minute"},
+                {"id": "sol", "name": "Sol"},
+            ]
+        }
+    )
+    clock = FakeClock(1_000_040.0)  # 20 s into a minute (60 × 16,667 = 1,000,020)
+    limiter = TenantRateLimiter(config, monotonic=clock)
+    assert [limiter.retry_after("acme") for _ in range(2)] == [None, None]
+    # Both requests weigh fully until the next minute starts, then 1 of 2 must slide out.
+    assert limiter.retry_after("acme") == 40 + 30
+    assert all(limiter.retry_after("sol") is None for _ in range(100))  # 100/minute default
+    assert limiter.retry_after("sol") is not None
+    assert limiter.retry_after("nobody") is None
