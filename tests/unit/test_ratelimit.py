@@ -25,50 +25,44 @@ def counter(limit: int, period_s: float, clock: FakeClock) -> SlidingWindowCount
 def test_a_fresh_window_admits_the_limit_then_refuses() -> None:
     clock = FakeClock(1000.0)
     limiter = counter(3, 10, clock)
-    assert [limiter.hit("t") for _ in range(3)] == [None, None, None]
-    wait = limiter.hit("t")
+    assert [limiter.hit() for _ in range(3)] == [None, None, None]
+    wait = limiter.hit()
     assert wait is not None and wait > 0
-    assert limiter.hit("other") is None  # keys are counted apart
 
 
 def test_the_previous_window_counts_by_how_much_of_it_is_still_covered() -> None:
     clock = FakeClock(1005.0)  # half-way through the window [1000, 1010)
     limiter = counter(10, 10, clock)
-    assert all(limiter.hit("t") is None for _ in range(10))
+    assert all(limiter.hit() is None for _ in range(10))
     clock.now = 1010.0  # the next window starts: the previous still weighs all 10
-    assert limiter.hit("t") is not None
+    assert limiter.hit() is not None
     clock.now = 1015.0  # half of it has slid out: room for 5
-    assert [limiter.hit("t") is None for _ in range(6)] == [True] * 5 + [False]
+    assert [limiter.hit() is None for _ in range(6)] == [True] * 5 + [False]
 
 
 def test_the_wait_is_when_the_window_has_room_again() -> None:
     clock = FakeClock(1000.0)
     limiter = counter(4, 10, clock)
     for _ in range(4):
-        limiter.hit("t")
-    wait = limiter.hit("t")
+        limiter.hit()
+    wait = limiter.hit()
     assert wait is not None
     # All four are in the current window: room comes once they weigh 3 or less as the
     # previous window, a quarter of the way into the next one.
     assert wait == pytest.approx(10 + 2.5)
     clock.now += wait - 0.01
-    assert limiter.hit("t") is not None
+    assert limiter.hit() is not None
     clock.now += 0.02
-    assert limiter.hit("t") is None
+    assert limiter.hit() is None
 
 
 def test_a_long_silence_forgets_everything() -> None:
     clock = FakeClock(1000.0)
     limiter = counter(2, 1, clock)
-    limiter.hit("t")
-    limiter.hit("t")
+    limiter.hit()
+    limiter.hit()
     clock.now += 60
-    assert [limiter.hit("t") for _ in range(2)] == [None, None]
-
-
-def test_a_request_costing_more_than_the_limit_never_passes() -> None:
-    limiter = counter(2, 1, FakeClock())
-    assert limiter.hit("t", cost=3) == float("inf")
+    assert [limiter.hit() for _ in range(2)] == [None, None]
 
 
 def test_invalid_limits_are_refused() -> None:
@@ -82,44 +76,37 @@ def test_invalid_limits_are_refused() -> None:
 @given(
     limit=st.integers(1, 20),
     period_s=st.sampled_from([1.0, 2.0, 10.0, 60.0]),
-    steps=st.lists(
-        st.tuples(st.floats(0, 5, allow_nan=False), st.integers(1, 3)), min_size=1, max_size=60
-    ),
+    steps=st.lists(st.floats(0, 5, allow_nan=False), min_size=1, max_size=60),
 )
-def test_every_wait_is_exactly_long_enough(
-    limit: int, period_s: float, steps: list[tuple[float, int]]
-) -> None:
+def test_every_wait_is_exactly_long_enough(limit: int, period_s: float, steps: list[float]) -> None:
     """Asking again after the wait succeeds; asking a little earlier does not. And no fixed
     window ever counts more than the limit."""
     clock = FakeClock(1_000_000.0)
     limiter = counter(limit, period_s, clock)
-    admitted: list[tuple[float, int]] = []  # the history that shaped the limiter's state
+    admitted: list[float] = []  # the history that shaped the limiter's state
 
-    def asked_again_at(moment: float, cost: int) -> float | None:
+    def asked_again_at(moment: float) -> float | None:
         """What a limiter with the same history answers at `moment`."""
         replay_clock = FakeClock()
         replay = counter(limit, period_s, replay_clock)
-        for at, admitted_cost in admitted:
+        for at in admitted:
             replay_clock.now = at
-            assert replay.hit("t", admitted_cost) is None
+            assert replay.hit() is None
         replay_clock.now = moment
-        return replay.hit("t", cost)
+        return replay.hit()
 
-    for dt, cost in steps:
+    for dt in steps:
         clock.now += dt
-        if cost > limit:
-            continue
-        wait = limiter.hit("t", cost)
+        wait = limiter.hit()
         if wait is None:
-            admitted.append((clock.now, cost))
+            admitted.append(clock.now)
             window = int(clock.now // period_s)
-            in_window = sum(c for at, c in admitted if int(at // period_s) == window)
-            assert in_window <= limit
+            assert sum(1 for at in admitted if int(at // period_s) == window) <= limit
             continue
         assert wait > 0
-        assert asked_again_at(clock.now + wait + 1e-6, cost) is None, f"refused {wait:.6f} s later"
+        assert asked_again_at(clock.now + wait + 1e-6) is None, f"refused {wait:.6f} s later"
         if wait > 2e-3:
-            early = asked_again_at(clock.now + wait - 1e-3, cost)
+            early = asked_again_at(clock.now + wait - 1e-3)
             assert early is not None, f"admitted before the {wait:.6f} s wait"
 
 

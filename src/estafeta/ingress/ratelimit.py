@@ -17,22 +17,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from limits import parse
 
 from estafeta.config import Config
 
 
-@dataclass(slots=True)
-class _Counts:
-    window: int  # index of the current fixed window: floor(now / period)
-    previous: int  # requests counted in the window before it
-    current: int  # requests counted in it so far
-
-
 class SlidingWindowCounter:
-    """At most about `limit` requests in any `period_s`-second sliding window, per key."""
+    """At most about `limit` requests in any `period_s`-second sliding window."""
 
     def __init__(
         self, limit: int, period_s: float, *, monotonic: Callable[[], float] = time.monotonic
@@ -44,44 +36,35 @@ class SlidingWindowCounter:
         self.limit = limit
         self.period_s = period_s
         self._monotonic = monotonic
-        self._counts: dict[str, _Counts] = {}
+        self._window = 0  # index of the current fixed window: floor(now / period)
+        self._previous = 0  # requests counted in the window before it
+        self._current = 0  # requests counted in it so far
 
-    def hit(self, key: str, cost: int = 1) -> float | None:
-        """Count `cost` requests for `key` and return None if the window has room for them;
-        else count nothing and return the seconds (> 0) until it will have."""
+    def hit(self) -> float | None:
+        """Count one request and return None if the window has room for it; else count
+        nothing and return the seconds (> 0) until it will have."""
         now = self._monotonic()
         window = int(now // self.period_s)
-        counts = self._counts.get(key)
-        if counts is None:
-            counts = self._counts[key] = _Counts(window, 0, 0)
-        elif counts.window != window:
+        if window != self._window:
             # The current window became the previous one, or both are long gone.
-            previous = counts.current if window == counts.window + 1 else 0
-            counts.window, counts.previous, counts.current = window, previous, 0
+            self._previous = self._current if window == self._window + 1 else 0
+            self._window, self._current = window, 0
         left_s = (window + 1) * self.period_s - now  # of the current window, in (0, period]
-        weighted = counts.previous * left_s / self.period_s + counts.current
-        if weighted + cost <= self.limit:
-            counts.current += cost
+        if self._previous * left_s / self.period_s + self._current + 1 <= self.limit:
+            self._current += 1
             return None
-        return self._wait_s(counts, cost, left_s)
-
-    def _wait_s(self, counts: _Counts, cost: int, left_s: float) -> float:
-        """The first moment the weighted count has room for `cost` more requests."""
-        room = self.limit - counts.current - cost
+        room = self.limit - self._current - 1
         if room >= 0:
             # Within this window: the previous window's weight shrinks as it slides out.
             # previous * (left - t) / period <= room  ⇔  t >= left - room * period / previous
-            return max(left_s - room * self.period_s / counts.previous, 1e-3)
-        if cost > self.limit:
-            return math.inf
+            return max(left_s - room * self.period_s / self._previous, 1e-3)
         # Only in the next window, once this one's weight has slid down far enough:
-        # current * (period - s) / period + cost <= limit.
-        slide_s = self.period_s * (1 - (self.limit - cost) / counts.current)
-        return left_s + max(slide_s, 0.0)
+        # current * (period - s) / period + 1 <= limit.
+        return left_s + self.period_s * (1 - (self.limit - 1) / self._current)
 
 
 class TenantRateLimiter:
-    """`ingress_rate_limit` of every tenant; tenants without one are not limited."""
+    """`ingress_rate_limit` of every tenant, each counted on its own."""
 
     def __init__(self, config: Config, *, monotonic: Callable[[], float] = time.monotonic) -> None:
         self._counters: dict[str, SlidingWindowCounter] = {}
@@ -91,13 +74,12 @@ class TenantRateLimiter:
                 item.amount, float(item.get_expiry()), monotonic=monotonic
             )
 
-    def retry_after(self, tenant_id: str, cost: int = 1) -> int | None:
+    def retry_after(self, tenant_id: str) -> int | None:
         """None when the request may pass (and is counted); else whole seconds to wait (≥ 1),
-        as `Retry-After` says them."""
+        as `Retry-After` says them. An unknown tenant is not limited here (its request is
+        refused elsewhere)."""
         counter = self._counters.get(tenant_id)
         if counter is None:
             return None
-        wait_s = counter.hit(tenant_id, cost)
-        if wait_s is None:
-            return None
-        return max(1, math.ceil(wait_s)) if math.isfinite(wait_s) else math.ceil(counter.period_s)
+        wait_s = counter.hit()
+        return None if wait_s is None else max(1, math.ceil(wait_s))
