@@ -151,7 +151,7 @@ class Sink(LocalServer):
         if behaviour.delay_s > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), behaviour.delay_s)
-        if self._stopping.is_set():
+        if self._stopping.is_set():  # stopped while waiting: 503, not counted as delivered
             return web.Response(status=503)
 
         if 200 <= behaviour.status <= 299 and received.webhook_id is not None:
