@@ -111,6 +111,29 @@ async def test_a_signed_whatsapp_message_is_stored_normalized(http: httpx.AsyncC
     assert (again.status_code, again.json()) == (200, {"id": r.json()["id"], "duplicate": True})
 
 
+async def test_oversized_provider_ids_are_stored_not_refused_with_500(
+    http: httpx.AsyncClient,
+) -> None:
+    """A sender id and a message id longer than their columns (64 and 255 characters) are
+    kept whole in the event and keyed by a digest, on both engines, and a redelivery of the
+    same webhook is still recognised."""
+    doc = orjson.loads((FIXTURES / "whatsapp_cloud/text.json").read_bytes())
+    message = doc["entry"][0]["changes"][0]["value"]["messages"][0]
+    message["from"], message["id"] = "group-" + "9" * 100, "wamid." + "A" * 300
+    body = orjson.dumps(doc)
+    digest = hmac.new(WA_VECTOR["app_secret"].encode(), body, hashlib.sha256).hexdigest()
+    headers = {"content-type": "application/json", "x-hub-signature-256": f"sha256={digest}"}
+    r = await http.post("/in/wa-sol", content=body, headers=headers)
+    assert r.status_code == 202, r.text
+    data = (await event_of(http, r.json()["id"]))["event"]["data"]
+    assert data["message_id"] == message["id"]
+    assert data["conversation_id"] == message["from"]
+    listed = (await http.get("/api/v1/conversations", headers=ADMIN)).json()["conversations"]
+    assert [len(c["id"]) for c in listed] == [64]  # the digest, fitted to its column
+    again = await http.post("/in/wa-sol", content=body, headers=headers)
+    assert (again.status_code, again.json()) == (200, {"id": r.json()["id"], "duplicate": True})
+
+
 async def test_one_whatsapp_webhook_with_two_messages_is_two_events(
     http: httpx.AsyncClient,
 ) -> None:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -41,8 +42,28 @@ class Facts:
     contact_name: str | None = None
 
 
-def _text(data: Mapping[str, Any], key: str) -> str | None:
+# The columns these facts are stored in (store/schema.py): events.conversation_id and
+# conversations.id, events.message_ref.
+CONVERSATION_ID_MAX = 64
+MESSAGE_REF_MAX = 255
+
+
+def fitted(value: str, limit: int) -> str:
+    """`value`, or when it is longer than its column, a digest of it that fits: a provider's
+    oversized id still names one conversation or message (the same id, the same digest)
+    instead of failing the webhook's insert."""
+    if len(value) <= limit:
+        return value
+    return ("sha256:" + hashlib.sha256(value.encode()).hexdigest())[:limit]
+
+
+def _text(data: Mapping[str, Any], key: str, limit: int) -> str | None:
     value = data.get(key)
+    return fitted(value, limit) if isinstance(value, str) and value else None
+
+
+def _name(data: Mapping[str, Any]) -> str | None:
+    value = data.get("contact_name")
     return value if isinstance(value, str) and value else None
 
 
@@ -50,20 +71,25 @@ def facts_of(event_type: str, data: Mapping[str, Any]) -> Facts:
     """The conversation and message facts of an event (empty for other event types)."""
     if event_type == "message.received":
         return Facts(
-            conversation_id=_text(data, "conversation_id"),
-            message_ref=_text(data, "message_id"),
+            conversation_id=_text(data, "conversation_id", CONVERSATION_ID_MAX),
+            message_ref=_text(data, "message_id", MESSAGE_REF_MAX),
             direction="inbound",
-            contact_name=_text(data, "contact_name"),
+            contact_name=_name(data),
         )
     if event_type == "message.status":
         return Facts(
-            conversation_id=_text(data, "conversation_id"), message_ref=_text(data, "message_id")
+            conversation_id=_text(data, "conversation_id", CONVERSATION_ID_MAX),
+            message_ref=_text(data, "message_id", MESSAGE_REF_MAX),
         )
     if event_type == ESCALATED_TYPE:
-        return Facts(conversation_id=_text(data, "conversation_id"))
+        return Facts(conversation_id=_text(data, "conversation_id", CONVERSATION_ID_MAX))
     if event_type == SEND_TYPE:
-        to = _text(data, "to")
-        return Facts(conversation_id=digits(to) if to else None, direction="outbound")
+        to = data.get("to")
+        number = digits(to) if isinstance(to, str) else ""
+        return Facts(
+            conversation_id=fitted(number, CONVERSATION_ID_MAX) if number else None,
+            direction="outbound",
+        )
     return Facts()
 
 
