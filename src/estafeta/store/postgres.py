@@ -3,9 +3,9 @@
 Many ingress and worker processes on many machines share one database; the lease statement
 (sql/lease_postgresql.sql) uses FOR UPDATE SKIP LOCKED so they never lease the same row.
 
-The hot paths are one statement each and go straight to the pool's asyncpg connection,
-outside an explicit transaction, so that each is one round trip and one commit (a SQLAlchemy
-transaction costs three: BEGIN, the statement, COMMIT):
+The hot paths are one statement each and go straight to an asyncpg connection kept for them
+(store/held.py), outside an explicit transaction, so that each is one round trip and one
+commit (a SQLAlchemy transaction costs three: BEGIN, the statement, COMMIT):
 
 * ingest stores a batch of webhooks, their deliveries and their conversations' counters
   (sql/store_batch_postgresql.sql);
@@ -20,17 +20,16 @@ message send's bookkeeping) runs the same statement inside a SQLAlchemy transact
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
-from estafeta.errors import StoreUnavailable
 from estafeta.messaging.facts import SEND_DESTINATION_PREFIX
-from estafeta.store.base import store_errors, unavailable
+from estafeta.store.held import HeldConnections
 from estafeta.store.records import CompletedAttempt, InsertResult, NewEvent
 from estafeta.store.sqlstore import (
     SQL_DIR,
@@ -143,6 +142,8 @@ class PostgresStore(SqlStore):
         super().__init__(*args, **kwargs)
         self._lease_any = Statement(self.lease_sql)
         self._lease_one_destination = Statement(self.lease_one_sql)
+        # As many as run at once: ingest's concurrent flushes, a worker's lease and completes.
+        self._held = HeldConnections(self.engine, keep=8)
 
     @classmethod
     def from_url(cls, url: str, *, pool_size: int = 10) -> PostgresStore:
@@ -158,27 +159,13 @@ class PostgresStore(SqlStore):
     def _insert(self, table: Any) -> Any:
         return pg_insert(table)
 
-    @asynccontextmanager
-    async def _driver(self) -> AsyncIterator[Any]:
-        """The pool's asyncpg connection itself, outside any transaction (each statement
-        commits by itself). SQLAlchemy's own disconnect handling is bypassed here, so this
-        does it: a connection found closed in the pool (the server restarted, the network
-        was cut) is replaced, and one that fails is dropped from the pool."""
-        with store_errors():
-            async with self.engine.connect() as conn:
-                driver: Any = (await conn.get_raw_connection()).driver_connection
-                if driver is None or driver.is_closed():
-                    await conn.invalidate()
-                    driver = (await conn.get_raw_connection()).driver_connection
-                try:
-                    yield driver
-                except Exception as exc:
-                    if driver.is_closed() or unavailable(exc):
-                        await conn.invalidate()
-                        raise StoreUnavailable(
-                            f"the store cannot be reached: {type(exc).__name__}"
-                        ) from exc
-                    raise
+    def _driver(self) -> AbstractAsyncContextManager[Any]:
+        """An asyncpg connection kept for the hot statements (see store/held.py)."""
+        return self._held.driver()
+
+    async def close(self) -> None:
+        await self._held.close()
+        await super().close()
 
     # -- ingest -----------------------------------------------------------------------------
 

@@ -1,0 +1,73 @@
+"""Connections kept checked out of the pool for the hot statements.
+
+Checking a connection out of SQLAlchemy's pool and back costs a round trip (the pool resets
+the connection on return) and ~120 µs of CPU: more than the ingest statement itself costs
+the server for a small batch (measured, bench/README.md). The hot statements run alone
+outside any transaction and leave no session state behind, so a connection can go from one
+to the next without a reset: these stay checked out, idle ones on a free list.
+
+A connection found closed (the server restarted, the network was cut) is replaced before
+use; one whose statement failed because the database cannot be reached is invalidated and
+never reused. Either way the caller gets `StoreUnavailable`, as from any other store path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from estafeta.errors import StoreUnavailable
+from estafeta.store.base import store_errors, unavailable
+
+
+class HeldConnections:
+    def __init__(self, engine: AsyncEngine, *, keep: int) -> None:
+        self._engine = engine
+        self._keep = keep  # idle connections kept; more are made when needed, then returned
+        self._idle: list[AsyncConnection] = []
+        self._closed = False
+
+    @asynccontextmanager
+    async def driver(self) -> AsyncIterator[Any]:
+        """An asyncpg connection, outside any transaction: each statement commits alone."""
+        with store_errors():
+            conn = self._idle.pop() if self._idle else await self._engine.connect()
+            reusable = False
+            try:
+                driver: Any = (await conn.get_raw_connection()).driver_connection
+                if driver is None or driver.is_closed():
+                    await conn.invalidate()
+                    driver = (await conn.get_raw_connection()).driver_connection
+                try:
+                    yield driver
+                except Exception as exc:
+                    if driver.is_closed() or unavailable(exc):
+                        await conn.invalidate()
+                        raise StoreUnavailable(
+                            f"the store cannot be reached: {type(exc).__name__}"
+                        ) from exc
+                    reusable = True  # the statement failed for its data; the line is fine
+                    raise
+                reusable = True
+            finally:
+                # Cancelled mid-statement, a connection's state is unknown: it is not reused.
+                await self._release(conn, reusable=reusable)
+
+    async def _release(self, conn: AsyncConnection, *, reusable: bool) -> None:
+        if reusable and not conn.invalidated and not self._closed and len(self._idle) < self._keep:
+            self._idle.append(conn)
+        elif reusable or conn.invalidated:
+            await conn.close()
+        else:
+            await conn.invalidate()
+            await conn.close()
+
+    async def close(self) -> None:
+        """Return every idle connection to the pool; those in use are returned as they end."""
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.close()
