@@ -9,6 +9,7 @@ from dataclasses import replace
 from typing import TypeVar
 
 import asyncpg
+import orjson
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -306,6 +307,41 @@ async def test_one_batch_of_messages_adds_up_in_each_conversation(store: SqlStor
     c = found[0]
     assert (c.inbound_count, c.outbound_count, c.contact_name) == (1, 1, "João")
     assert (c.first_message_at, c.last_message_at) == (NOW + 1_000, NOW + 2_000)
+
+
+# Text that a provider may send and that must come back byte for byte: quotes, backslashes
+# and escapes that look like JSON's own, control characters, other scripts, emoji, SQL.
+AWKWARD_TEXTS = (
+    'say "hi" \\ and \\u0000 and \\n',
+    "tab\tnewline\ncarriage\r bell\x07 escape\x1b",
+    "Conceição — 予約 — مرحبا — 👩🏽‍⚕️📅",
+    "'; DROP TABLE events; --",
+    '{"looks": ["like", "json"]}',
+    "x" * 20_000,
+)
+
+
+@pytest.mark.parametrize("awkward", AWKWARD_TEXTS, ids=range(len(AWKWARD_TEXTS)))
+async def test_awkward_text_is_stored_exactly(store: SqlStore, awkward: str) -> None:
+    base = message("w-awkward", awkward[:64], NOW, name=awkward)
+    payload = orjson.dumps({"id": base.id, "data": {"text": awkward}}).decode()
+    stored = replace(base, payload=payload, raw=awkward, message_ref=awkward[:200])
+    [result] = await store.insert_events([stored])
+    assert not result.duplicate
+    view = await store.get_event(stored.id, None)
+    assert view is not None
+    assert view.payload["data"]["text"] == awkward
+    async with store.engine.connect() as conn:
+        row = (
+            await conn.execute(
+                text("SELECT raw, conversation_id, message_ref FROM events WHERE id = :id"),
+                {"id": stored.id},
+            )
+        ).one()
+    assert tuple(row) == (awkward, awkward[:64], awkward[:200])
+    found = await store.get_conversation("clinica-sol", awkward[:64])
+    assert found is not None
+    assert found[0].contact_name == awkward
 
 
 async def test_migrations_build_exactly_the_declared_schema(store: SqlStore) -> None:

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+import orjson
 from sqlalchemy import text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
@@ -73,42 +74,50 @@ def _statement(name: str) -> Statement:
 
 _STORE_BATCH = _statement("store_batch_postgresql.sql")
 _COMPLETE = _statement("complete_postgresql.sql")
-_EVENT_COLUMNS = (
-    "ids",
-    "tenants",
-    "sources",
-    "types",
-    "keys",
-    "occurred",
-    "received",
-    "payloads",
-    "raws",
-    "conversations",
-    "refs",
+# Field names of the batch statement's JSON rows, in `event_row` and `delivery_rows` order.
+_EVENT_FIELDS = (
+    "id",
+    "tenant_id",
+    "source_id",
+    "type",
+    "idempotency_key",
+    "occurred_at",
+    "received_at",
+    "payload",
+    "raw",
+    "conversation_id",
+    "message_ref",
 )
-_MESSAGE_COLUMNS = ("directions", "contacts")
-_DELIVERY_COLUMNS = (
-    "d_ids",
-    "d_tenants",
-    "d_events",
-    "d_destinations",
-    "d_priorities",
-    "d_ordering_keys",
-    "d_max_attempts",
-    "d_due",
+_DELIVERY_FIELDS = (
+    "id",
+    "tenant_id",
+    "event_id",
+    "destination_id",
+    "priority",
+    "ordering_key",
+    "max_attempts",
+    "due",
 )
 
 
-def _columns(names: Sequence[str], rows: Sequence[tuple[Any, ...]]) -> dict[str, list[Any]]:
-    """Rows turned into one list per column, for the unnest() batch statements."""
-    return {name: [row[i] for row in rows] for i, name in enumerate(names)}
-
-
-def _batch_params(events: Sequence[NewEvent]) -> dict[str, list[Any]]:
-    params = _columns(_EVENT_COLUMNS, [event_row(e) for e in events])
-    params.update(_columns(_DELIVERY_COLUMNS, delivery_rows(events)))
-    params.update(_columns(_MESSAGE_COLUMNS, [(e.direction, e.contact_name) for e in events]))
-    return params
+def _batch_params(events: Sequence[NewEvent]) -> dict[str, str]:
+    """The batch statement's two parameters: events and deliveries as JSON rows."""
+    event_objects = [
+        {
+            **dict(zip(_EVENT_FIELDS, event_row(e), strict=True)),
+            "direction": e.direction,
+            "contact_name": e.contact_name,
+            "n": n,
+        }
+        for n, e in enumerate(events)
+    ]
+    delivery_objects = [
+        dict(zip(_DELIVERY_FIELDS, row, strict=True)) for row in delivery_rows(events)
+    ]
+    return {
+        "events": orjson.dumps(event_objects).decode(),
+        "deliveries": orjson.dumps(delivery_objects).decode(),
+    }
 
 
 def _complete_params(batch: Sequence[CompletedAttempt], now_ms: int) -> dict[str, Any]:
