@@ -30,6 +30,7 @@ from estafeta.messaging.facts import (
     digits,
     facts_of,
     send_destination,
+    storable,
 )
 from estafeta.messaging.outbound import SEND_PRIORITY
 from estafeta.observability.metrics import EVENTS_ACCEPTED
@@ -136,7 +137,7 @@ class Hub:
             tenant_id=tenant_id,
             source_id=source_id,
             type=event_type,
-            idempotency_key=idempotency_key,
+            idempotency_key=None if idempotency_key is None else storable(idempotency_key),
             occurred_at=occurred,
             received_at=now,
             payload=orjson.dumps(canonical).decode(),

@@ -134,6 +134,31 @@ async def test_oversized_provider_ids_are_stored_not_refused_with_500(
     assert (again.status_code, again.json()) == (200, {"id": r.json()["id"], "duplicate": True})
 
 
+async def test_a_nul_in_provider_ids_and_names_is_stored_not_refused_with_500(
+    http: httpx.AsyncClient,
+) -> None:
+    """PostgreSQL text cannot hold U+0000: ids and names carrying one are kept with U+FFFD
+    (on both engines, so a redelivery is still recognised), and the event's data as sent."""
+    doc = orjson.loads((FIXTURES / "whatsapp_cloud/text.json").read_bytes())
+    value = doc["entry"][0]["changes"][0]["value"]
+    value["messages"][0]["id"] = "wamid.nul\x00id"
+    value["contacts"][0]["profile"]["name"] = "Ma\x00ria"
+    body = orjson.dumps(doc)
+    digest = hmac.new(WA_VECTOR["app_secret"].encode(), body, hashlib.sha256).hexdigest()
+    headers = {"content-type": "application/json", "x-hub-signature-256": f"sha256={digest}"}
+    r = await http.post("/in/wa-sol", content=body, headers=headers)
+    assert r.status_code == 202, r.text
+    stored = await event_of(http, r.json()["id"])
+    assert stored["idempotency_key"] == "wamid.nul\ufffdid"
+    assert stored["event"]["data"]["contact_name"] == "Ma\x00ria"
+    [conversation] = (await http.get("/api/v1/conversations", headers=ADMIN)).json()[
+        "conversations"
+    ]
+    assert conversation["contact_name"] == "Ma\ufffdria"
+    again = await http.post("/in/wa-sol", content=body, headers=headers)
+    assert (again.status_code, again.json()) == (200, {"id": r.json()["id"], "duplicate": True})
+
+
 async def test_one_whatsapp_webhook_with_two_messages_is_two_events(
     http: httpx.AsyncClient,
 ) -> None:

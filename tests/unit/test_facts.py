@@ -11,6 +11,7 @@ from estafeta.messaging.facts import (
     SEND_TYPE,
     facts_of,
     fitted,
+    storable,
 )
 
 
@@ -40,3 +41,16 @@ def test_an_inbound_message_with_oversized_ids_has_facts_that_fit() -> None:
 def test_a_send_is_counted_in_the_conversation_of_its_number() -> None:
     assert facts_of(SEND_TYPE, {"to": "+55 11 98765-4321"}).conversation_id == "5511987654321"
     assert facts_of(SEND_TYPE, {"to": "not a number"}).conversation_id is None
+
+
+def test_a_nul_is_stored_as_the_replacement_character_everywhere_it_keys() -> None:
+    facts = facts_of(
+        "message.received",
+        {"conversation_id": "55\x0011", "message_id": "w\x00", "contact_name": "Ma\x00ria"},
+    )
+    assert (facts.conversation_id, facts.message_ref, facts.contact_name) == (
+        "55\ufffd11",
+        "w\ufffd",
+        "Ma\ufffdria",
+    )
+    assert storable("plain") == "plain"

@@ -48,12 +48,18 @@ CONVERSATION_ID_MAX = 64
 MESSAGE_REF_MAX = 255
 
 
+def storable(value: str) -> str:
+    """`value` with U+0000, which PostgreSQL text cannot hold, as U+FFFD: a key keeps one
+    form on both engines, and a stray NUL in a provider's id cannot fail the insert."""
+    return value.replace("\x00", "\ufffd") if "\x00" in value else value
+
+
 def fitted(value: str, limit: int) -> str:
-    """`value`, or when it is longer than its column, a digest of it that fits: a provider's
-    oversized id still names one conversation or message (the same id, the same digest)
-    instead of failing the webhook's insert."""
+    """`value` as it can be stored, or when it is longer than its column, a digest of it that
+    fits: a provider's oversized id still names one conversation or message (the same id, the
+    same digest) instead of failing the webhook's insert."""
     if len(value) <= limit:
-        return value
+        return storable(value)
     return ("sha256:" + hashlib.sha256(value.encode()).hexdigest())[:limit]
 
 
@@ -64,7 +70,7 @@ def _text(data: Mapping[str, Any], key: str, limit: int) -> str | None:
 
 def _name(data: Mapping[str, Any]) -> str | None:
     value = data.get("contact_name")
-    return value if isinstance(value, str) and value else None
+    return storable(value) if isinstance(value, str) and value else None
 
 
 def facts_of(event_type: str, data: Mapping[str, Any]) -> Facts:

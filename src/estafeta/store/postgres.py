@@ -29,7 +29,7 @@ from sqlalchemy import text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
-from estafeta.messaging.facts import SEND_DESTINATION_PREFIX
+from estafeta.messaging.facts import SEND_DESTINATION_PREFIX, storable
 from estafeta.store.held import HeldConnections
 from estafeta.store.records import CompletedAttempt, InsertResult, NewEvent
 from estafeta.store.sqlstore import (
@@ -100,6 +100,19 @@ _DELIVERY_FIELDS = (
 )
 
 
+def pg_json(rows: list[dict[str, Any]]) -> str:
+    """Rows as the JSON text the batch statements read. PostgreSQL text cannot hold U+0000:
+    a stray NUL in what a provider or a destination sent becomes U+FFFD here, instead of
+    failing the statement and with it the webhook (retried by its provider forever) or the
+    attempt's record (sent again after every lease)."""
+    encoded = orjson.dumps(rows).decode()
+    if "\\u0000" not in encoded:  # the common case: one scan in C
+        return encoded
+    return orjson.dumps(
+        [{k: storable(v) if isinstance(v, str) else v for k, v in row.items()} for row in rows]
+    ).decode()
+
+
 def _batch_params(events: Sequence[NewEvent]) -> dict[str, str]:
     """The batch statement's two parameters: events and deliveries as JSON rows."""
     event_objects = [
@@ -115,30 +128,34 @@ def _batch_params(events: Sequence[NewEvent]) -> dict[str, str]:
         dict(zip(_DELIVERY_FIELDS, row, strict=True)) for row in delivery_rows(events)
     ]
     return {
-        "events": orjson.dumps(event_objects).decode(),
-        "deliveries": orjson.dumps(delivery_objects).decode(),
+        "events": pg_json(event_objects),
+        "deliveries": pg_json(delivery_objects),
     }
 
 
 def _complete_params(batch: Sequence[CompletedAttempt], now_ms: int) -> dict[str, Any]:
-    return {
-        "now": now_ms,
-        "ids": [item.delivery.id for item in batch],
-        "tokens": [item.delivery.lease_token for item in batch],
-        "states": [item.transition.to_state.value for item in batch],
-        "attempts": [item.transition.attempts for item in batch],
-        "next_attempts": [next_attempt(item, now_ms) for item in batch],
-        "errors": [item.transition.last_error for item in batch],
-        "a_ids": [item.attempt_id for item in batch],
-        "a_tenants": [item.delivery.tenant_id for item in batch],
-        "a_numbers": [item.delivery.attempts + 1 for item in batch],
-        "a_started": [item.started_at for item in batch],
-        "a_durations": [item.outcome.duration_ms for item in batch],
-        "a_outcomes": [item.outcome.kind.value for item in batch],
-        "a_status_codes": [item.outcome.status_code for item in batch],
-        "a_error_classes": [item.outcome.error_class for item in batch],
-        "a_excerpts": [item.outcome.response_excerpt for item in batch],
-    }
+    """The completion statement's parameters: the time, and the attempts as JSON rows."""
+    attempts = [
+        {
+            "attempt_id": item.attempt_id,
+            "tenant_id": item.delivery.tenant_id,
+            "delivery_id": item.delivery.id,
+            "number": item.delivery.attempts + 1,
+            "started_at": item.started_at,
+            "duration_ms": item.outcome.duration_ms,
+            "outcome": item.outcome.kind.value,
+            "status_code": item.outcome.status_code,
+            "error_class": item.outcome.error_class,
+            "response_excerpt": item.outcome.response_excerpt,
+            "lease_token": item.delivery.lease_token,
+            "state": item.transition.to_state.value,
+            "attempts": item.transition.attempts,
+            "next_attempt_at": next_attempt(item, now_ms),
+            "last_error": item.transition.last_error,
+        }
+        for item in batch
+    ]
+    return {"now": now_ms, "attempts": pg_json(attempts)}
 
 
 class PostgresStore(SqlStore):
