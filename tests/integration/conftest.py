@@ -1,15 +1,22 @@
-"""Fixtures of the integration tests that need Redis (see redis_support.py)."""
+"""Fixtures of the integration tests: Redis (see redis_support.py) and the hub's HTTP app with
+every provider configured (see providers_support.py)."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 
-from tests.conftest import IN_CI
+from estafeta.api.app import create_app
+from estafeta.config import load_config_dict
+from estafeta.hub import Hub
+from estafeta.store.sqlstore import SqlStore
+from tests.conftest import IN_CI, base_config
+from tests.integration.providers_support import provider_sources
 from tests.integration.redis_support import SHARED_REDIS_URL, RedisServer
 
 
@@ -42,3 +49,14 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.kill()
+
+
+@pytest.fixture
+async def http(store: SqlStore, database_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    data = base_config(database_url)
+    data["sources"].extend(provider_sources())
+    hub = Hub(load_config_dict(data), store)
+    transport = httpx.ASGITransport(app=create_app(hub))
+    async with httpx.AsyncClient(transport=transport, base_url="http://hub") as client:
+        yield client
+    await hub.close()

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -20,52 +18,16 @@ from estafeta.hub import Hub
 from estafeta.ingress.providers.twilio import signature as twilio_signature
 from estafeta.store.sqlstore import SqlStore
 from tests.conftest import base_config
-
-FIXTURES = Path(__file__).parent.parent / "fixtures"
-ADMIN = {"authorization": "Bearer test-admin-key"}
-WA_VECTOR = orjson.loads((FIXTURES / "whatsapp_cloud/signature_vector.json").read_bytes())
-TWILIO_VECTOR = orjson.loads((FIXTURES / "twilio/signature_vector.json").read_bytes())
-ZAPI_TOKEN = "zapi-webhook-token-1"
-SENDPULSE_TOKEN = "sendpulse-webhook-token-1"
-PUBLIC_URL = "https://hub.example.com.br"
-
-
-def provider_sources() -> list[dict[str, Any]]:
-    return [
-        {
-            "id": "wa-sol",
-            "tenant": "clinica-sol",
-            "kind": "whatsapp_cloud",
-            "app_secret": WA_VECTOR["app_secret"],
-            "verify_token": "estafeta-verify-2f7c1e9a",
-        },
-        {
-            "id": "twilio-sol",
-            "tenant": "clinica-sol",
-            "kind": "twilio",
-            "auth_token": TWILIO_VECTOR["auth_token"],
-        },
-        {
-            "id": "twilio-proxied",
-            "tenant": "clinica-sol",
-            "kind": "twilio",
-            "auth_token": TWILIO_VECTOR["auth_token"],
-            "public_url": PUBLIC_URL,
-        },
-        {"id": "zapi-sol", "tenant": "clinica-sol", "kind": "zapi", "token": ZAPI_TOKEN},
-        {"id": "sp-sol", "tenant": "clinica-sol", "kind": "sendpulse", "token": SENDPULSE_TOKEN},
-    ]
-
-
-@pytest.fixture
-async def http(store: SqlStore, database_url: str) -> AsyncIterator[httpx.AsyncClient]:
-    data = base_config(database_url)
-    data["sources"].extend(provider_sources())
-    hub = Hub(load_config_dict(data), store)
-    transport = httpx.ASGITransport(app=create_app(hub))
-    async with httpx.AsyncClient(transport=transport, base_url="http://hub") as client:
-        yield client
-    await hub.close()
+from tests.integration.providers_support import (
+    ADMIN,
+    FIXTURES,
+    PUBLIC_URL,
+    SENDPULSE_TOKEN,
+    TWILIO_VECTOR,
+    WA_VECTOR,
+    ZAPI_TOKEN,
+    provider_sources,
+)
 
 
 def wa_post(name: str, secret: str = WA_VECTOR["app_secret"]) -> tuple[bytes, dict[str, str]]:
