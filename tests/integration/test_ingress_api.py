@@ -317,3 +317,33 @@ async def test_the_api_has_the_same_body_limit_as_ingest(client: Client) -> None
     )
     assert (r.status_code, r.json()["error"]) == (413, "body_too_large")
     assert await client.stored() == 0
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "body", "where"),
+    [
+        ("POST", "/api/v1/events", b'{"type": "lead.new\\u0000", "data": {}}', "body"),
+        ("POST", "/api/v1/events", b'{"type": "lead.new", "data": {"n": "\\\\\\u0000"}}', "body"),
+        ("GET", "/api/v1/conversations/5511%00", None, "path"),
+        ("GET", "/api/v1/dlq?event_type=lead%00", None, "query"),
+    ],
+)
+async def test_the_api_refuses_nul_characters_the_same_on_both_engines(
+    client: Client, method: str, url: str, body: bytes | None, where: str
+) -> None:
+    """PostgreSQL cannot store U+0000 and no API field needs it: refused with 400 wherever it
+    is, instead of a 500 on one engine and a stored value on the other."""
+    headers = {"authorization": f"Bearer {SOL_KEY}", "content-type": "application/json"}
+    r = await client.http.request(method, url, content=body, headers=headers)
+    assert (r.status_code, r.json()["error"]) == (400, "invalid_text")
+    assert where in r.json()["detail"]
+    assert await client.stored() == 0
+
+
+async def test_text_that_only_looks_like_a_nul_escape_is_accepted(client: Client) -> None:
+    body = b'{"type": "lead.new", "data": {"note": "type \\\\u0000 to escape"}}'
+    headers = {"authorization": f"Bearer {SOL_KEY}", "content-type": "application/json"}
+    r = await client.http.post("/api/v1/events", content=body, headers=headers)
+    assert r.status_code == 202, r.text
+    event = (await client.http.get(f"/api/v1/events/{r.json()['id']}", headers=ADMIN)).json()
+    assert event["event"]["data"]["note"] == "type \\u0000 to escape"

@@ -7,6 +7,7 @@ one `estafeta serve` is a whole hub on one machine.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 
@@ -28,7 +29,16 @@ from estafeta.delivery.breakers import Breakers
 from estafeta.delivery.worker import Worker
 from estafeta.errors import HttpError, StoreUnavailable
 from estafeta.hub import Hub
-from estafeta.ingress.endpoint import IngestApp, Message, Receive, Scope, Send, respond
+from estafeta.ingress.endpoint import (
+    IngestApp,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    check_declared_length,
+    read_body,
+    respond,
+)
 from estafeta.ingress.spool import SpoolDrainer
 from estafeta.observability.monitor import BacklogMonitor
 from estafeta.supervise import supervised
@@ -112,32 +122,63 @@ class Root:
         elif scope["path"].startswith("/in/"):
             await self.ingest(scope, receive, send)
         else:
-            await self._api_with_body_limit(scope, receive, send)
+            await self._guarded_api(scope, receive, send)
 
-    async def _api_with_body_limit(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The API under the same body limit as ingest: refused before it is read when the
-        length is declared, and as soon as it goes over when it is not."""
+    async def _guarded_api(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The API behind two checks of its own: the body limit ingest has (refused before it
+        is read when the length is declared, as soon as it goes over when it is not), and no
+        NUL characters (see `nul_refusal`)."""
         limit = self.max_body_bytes
-        headers = dict(scope["headers"])
         try:
-            declared = int(headers.get(b"content-length", b"0"))
-        except ValueError:
-            declared = 0
-        if declared > limit:
-            await respond(
-                send,
-                413,
-                {"error": "body_too_large", "detail": f"the body is over the {limit}-byte limit"},
-            )
+            declared = dict(scope["headers"]).get(b"content-length")
+            if declared is not None:
+                check_declared_length({"content-length": declared.decode("latin-1")}, limit)
+            where = nul_in_url(scope)
+            if where is not None:
+                raise nul_refusal(where)
+            # Read whole before the API sees it (bounded by the limit): a refusal raised
+            # while FastAPI reads would reach the client as its own generic 400.
+            body = await read_body(receive, limit)
+            if nul_in_json(body):
+                raise nul_refusal("body")
+        except HttpError as refusal:
+            await respond(send, refusal.status, {"error": refusal.error, "detail": refusal.detail})
             return
-        seen = 0
+        replayed = False
 
-        async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                raise HttpError(413, "body_too_large", f"the body is over the {limit}-byte limit")
-            return message
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: only a disconnect can come
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
 
-        await self.api(scope, limited, send)
+        await self.api(scope, replay, send)
+
+
+# A JSON escape for U+0000 that is not itself escaped text (`\\u0000` is the six characters).
+_JSON_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def nul_in_url(scope: Scope) -> str | None:
+    """The part of the URL ("path" or "query") that holds a NUL, raw or as %00, if any."""
+    path = scope.get("raw_path") or scope["path"].encode()
+    for where, raw in (("path", path), ("query", scope.get("query_string", b""))):
+        if b"\x00" in raw or b"%00" in raw:
+            return where
+    return None
+
+
+def nul_in_json(body: bytes) -> bool:
+    """True when a JSON body holds a NUL character in one of its strings."""
+    return b"\\u0000" in body and _JSON_NUL.search(body) is not None
+
+
+def nul_refusal(where: str) -> HttpError:
+    """The API takes no text with U+0000: PostgreSQL cannot store it, and no field needs it.
+    Refused the same on both engines, before anything is read or stored."""
+    return HttpError(
+        400,
+        "invalid_text",
+        f"the request's {where} holds a NUL character (U+0000), which no field accepts",
+    )

@@ -1,0 +1,129 @@
+"""The HTTP API against its own OpenAPI document, with schemathesis, on PostgreSQL (whose
+column types and text rules are the strict ones): whatever a client sends to any operation,
+valid by the schema or not, the answer is never a server error.
+
+One `estafeta serve` for the module, on a database of its own; every operation gets a
+bounded number of generated requests with the admin key.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from schemathesis.checks import not_a_server_error
+from sqlalchemy import create_engine, text
+
+from estafeta.api.app import create_app
+from estafeta.config import load_config_dict
+from estafeta.hub import Hub
+from estafeta.store import open_store
+from tests.acceptance.conftest import (
+    ADMIN_KEY,
+    child_env,
+    estafeta_command,
+    free_port,
+    write_config,
+)
+from tests.conftest import IN_CI, PG_ADMIN_URL, base_config
+
+EXAMPLES_PER_OPERATION = 100
+
+
+@pytest.fixture(scope="module")
+def hub_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    workdir = tmp_path_factory.mktemp("api-schema")
+    name = f"estafeta_api_schema_{os.getpid()}_{secrets.token_hex(3)}"
+    admin = create_engine(
+        PG_ADMIN_URL.replace("postgresql://", "postgresql+psycopg2://", 1),
+        isolation_level="AUTOCOMMIT",
+    )
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:
+        admin.dispose()
+        if IN_CI:
+            pytest.fail(f"PostgreSQL is required under CI=true and is not reachable: {exc}")
+        pytest.skip(f"PostgreSQL not reachable: {exc}")
+    port = free_port()
+    database_url = f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
+    config = write_config(
+        workdir / "estafeta.toml",
+        base_config(
+            database_url,
+            server={"listen": f"127.0.0.1:{port}"},
+            storage={"url": database_url, "spool_dir": str(workdir / "spool")},
+        ),
+    )
+    with (workdir / "serve.stderr").open("wb") as err:
+        server = subprocess.Popen(
+            [*estafeta_command(), "serve", "--config", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            cwd=workdir,
+            env=child_env(),
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, server, workdir / "serve.stderr")
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def _wait_healthy(url: str, server: subprocess.Popen[bytes], stderr: Path) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"estafeta serve exited with {server.returncode}: {stderr.read_text()}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=1) as response:  # noqa: S310
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    pytest.fail(f"estafeta serve did not answer /health in 30 s: {stderr.read_text()}")
+
+
+def _openapi() -> dict[str, Any]:
+    """The API's OpenAPI document, as `GET /openapi.json` serves it (built without I/O: the
+    store is never opened), so that operations are known when tests are collected."""
+    config = load_config_dict(base_config("sqlite:///never-opened.db"))
+    document: dict[str, Any] = create_app(Hub(config, open_store(config.storage.url))).api.openapi()
+    return document
+
+
+schema = schemathesis.openapi.from_dict(_openapi())
+
+
+@schema.parametrize()
+@settings(
+    max_examples=EXAMPLES_PER_OPERATION,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    derandomize=True,
+)
+def test_no_request_gets_a_server_error(case: schemathesis.Case[Any], hub_url: str) -> None:
+    case.call_and_validate(
+        base_url=hub_url,
+        headers={"authorization": f"Bearer {ADMIN_KEY}"},
+        checks=[not_a_server_error],
+    )
