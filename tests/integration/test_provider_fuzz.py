@@ -1,6 +1,7 @@
-"""Every provider's webhooks, mutated, signed correctly, through the real ingest endpoint on
-both engines: whatever a provider (or someone holding its secret) sends, the answer is a
-stored event or a clear 4xx, never a 500 that the provider would retry forever.
+"""Every provider's webhooks (and the generic source's), mutated, signed correctly, through
+the real ingest endpoint on both engines: whatever a provider (or someone holding its
+secret) sends, the answer is a stored event or a clear 4xx, never a 500 that the provider
+would retry forever.
 
 The mutations are seeded, so a failure names a case that reproduces: each one replaces,
 removes or adds values at random places of a real fixture, with values chosen to break
@@ -13,6 +14,7 @@ import hashlib
 import hmac
 import json
 import random
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,9 @@ from urllib.parse import parse_qsl, urlencode
 import httpx
 import pytest
 
+from estafeta.connectors.http import sign_webhook
 from estafeta.ingress.providers.twilio import signature as twilio_signature
+from tests.conftest import SOURCE_SECRET
 from tests.integration.providers_support import (
     FIXTURES,
     SENDPULSE_TOKEN,
@@ -110,6 +114,28 @@ def mutated(doc: Any, rng: random.Random) -> Any:
     return doc
 
 
+# Where the fixtures keep the ids that key an event: each case makes them its own, so that
+# its mutations reach the store instead of being answered as duplicates of the first case.
+ID_KEYS = {"id", "ids", "messageId", "zaapId", "MessageSid", "SmsSid", "SmsMessageSid"}
+
+
+def with_own_ids(doc: Any, case: str) -> Any:
+    """`doc` with every id under ID_KEYS suffixed with the case's name."""
+    if isinstance(doc, list):
+        return [with_own_ids(item, case) for item in doc]
+    if not isinstance(doc, dict):
+        return doc
+    own: dict[str, Any] = {}
+    for key, value in doc.items():
+        if key in ID_KEYS and isinstance(value, str):
+            own[key] = f"{value}-{case}"
+        elif key in ID_KEYS and isinstance(value, list):
+            own[key] = [f"{v}-{case}" if isinstance(v, str) else v for v in value]
+        else:
+            own[key] = with_own_ids(value, case)
+    return own
+
+
 def _fixtures(folder: str, suffix: str) -> list[Path]:
     return sorted((FIXTURES / folder).glob(f"*{suffix}"))
 
@@ -130,11 +156,12 @@ def _problem(r: httpx.Response, case: str) -> str | None:
     return None
 
 
-async def _fuzz(post: Callable[[random.Random], Awaitable[httpx.Response]], name: str) -> None:
+async def _fuzz(post: Callable[[random.Random, str], Awaitable[httpx.Response]], name: str) -> None:
+    """`post` each case (a random source seeded by the case's name, and the name)."""
     problems = []
     for seed in range(CASES_PER_FIXTURE):
         case = f"{name}#{seed}"
-        problem = _problem(await post(random.Random(case)), case)
+        problem = _problem(await post(random.Random(case), case), case)
         if problem:
             problems.append(problem)
     assert problems == []
@@ -144,8 +171,8 @@ async def _fuzz(post: Callable[[random.Random], Awaitable[httpx.Response]], name
 async def test_whatsapp_cloud(http: httpx.AsyncClient, name: str) -> None:
     original = json.loads((FIXTURES / "whatsapp_cloud" / name).read_bytes())
 
-    async def post(rng: random.Random) -> httpx.Response:
-        body = json.dumps(mutated(original, rng)).encode()
+    async def post(rng: random.Random, case: str) -> httpx.Response:
+        body = json.dumps(mutated(with_own_ids(original, case), rng)).encode()
         digest = hmac.new(WA_VECTOR["app_secret"].encode(), body, hashlib.sha256).hexdigest()
         headers = {"content-type": "application/json", "x-hub-signature-256": f"sha256={digest}"}
         return await http.post("/in/wa-sol", content=body, headers=headers)
@@ -164,8 +191,8 @@ async def test_token_providers(http: httpx.AsyncClient, folder: str, path: str, 
     """Z-API and SendPulse: a token in the URL, JSON bodies."""
     original = json.loads((FIXTURES / folder / name).read_bytes())
 
-    async def post(rng: random.Random) -> httpx.Response:
-        body = json.dumps(mutated(original, rng)).encode()
+    async def post(rng: random.Random, case: str) -> httpx.Response:
+        body = json.dumps(mutated(with_own_ids(original, case), rng)).encode()
         return await http.post(path, content=body, headers={"content-type": "application/json"})
 
     await _fuzz(post, f"{folder}/{name}")
@@ -177,8 +204,9 @@ async def test_twilio(http: httpx.AsyncClient, name: str) -> None:
     drops one, or repeats one."""
     original = parse_qsl((FIXTURES / "twilio" / name).read_text(), keep_blank_values=True)
 
-    async def post(rng: random.Random) -> httpx.Response:
-        return await _post_twilio(http, list(original), rng)
+    async def post(rng: random.Random, case: str) -> httpx.Response:
+        own = [(k, f"{v}-{case}" if k in ID_KEYS else v) for k, v in original]
+        return await _post_twilio(http, own, rng)
 
     await _fuzz(post, name)
 
@@ -206,3 +234,32 @@ async def _post_twilio(
         "x-twilio-signature": twilio_signature(token, "http://hub/in/twilio-sol", multi),
     }
     return await http.post("/in/twilio-sol", content=urlencode(fields).encode(), headers=headers)
+
+
+GENERIC_EVENT = {
+    "type": "appointment.booked",
+    "data": {
+        "patient": {"name": "Maria Silva", "phone": "+5511987654321"},
+        "slot": {"start": "2026-12-02T14:00:00-03:00", "minutes": 30},
+        "status": "confirmed",
+        "tags": ["first-visit"],
+    },
+}
+
+
+async def test_generic_source(http: httpx.AsyncClient) -> None:
+    """A business system's events, signed with Standard Webhooks (the routes' filters read
+    `data.status`, so mutated data also goes through the filter language)."""
+
+    async def post(rng: random.Random, case: str) -> httpx.Response:
+        body = json.dumps(mutated(GENERIC_EVENT, rng)).encode()
+        msg_id, stamp = f"msg_{case}", int(time.time())
+        headers = {
+            "content-type": "application/json",
+            "webhook-id": msg_id,
+            "webhook-timestamp": str(stamp),
+            "webhook-signature": sign_webhook(SOURCE_SECRET, msg_id, stamp, body),
+        }
+        return await http.post("/in/crm-events", content=body, headers=headers)
+
+    await _fuzz(post, "generic")
