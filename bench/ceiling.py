@@ -50,11 +50,24 @@ APPS = {
 }
 
 
+# A ceiling is the most the machine does: each is measured this many times and the best run
+# kept (all runs are recorded). On a shared host one run can lose part of its core to a
+# neighbour; a low ceiling would flatter every ratio divided by it, a high one cannot.
+CEILING_RUNS = 3
+
+
+def best_of(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """The run with the highest `key`, carrying every run's `key` as `runs`."""
+    best = max(runs, key=lambda run: float(run.get(key) or 0.0))
+    return {**best, "runs": [run.get(key) for run in runs]}
+
+
 def bare_http(
     requests_file: Path, *, seconds: float, logdir: Path, app: str = "asgi"
 ) -> dict[str, Any]:
     """wrk against a trivial app (see trivial_app.py): the raw ASGI one is the most any ASGI
-    ingest can do on one core here; the Starlette one is the issue's reference ceiling."""
+    ingest can do on one core here; the Starlette one is the issue's reference ceiling. The
+    best of CEILING_RUNS runs on one server."""
     target, described = APPS[app]
     port = free_port()
     server = start(
@@ -79,39 +92,49 @@ def bare_http(
         cpu=SERVER_CPU,
         logdir=logdir,
     )
+    runs = []
     with running([server]):
         wait_port(port, proc=server.popen)
-        meter = CpuMeter({"server": server.pid})
-        result = wrk(port, "/in/wa", requests_file, seconds=seconds)
-        result["cpu_cores"] = meter.cores()
-        result["server_cpu_us_per_request"] = per_event(
-            result["cpu_cores"], "server", result["rps"]
-        )
+        for _ in range(CEILING_RUNS):
+            meter = CpuMeter({"server": server.pid})
+            run = wrk(port, "/in/wa", requests_file, seconds=seconds)
+            run["cpu_cores"] = meter.cores()
+            run["server_cpu_us_per_request"] = per_event(run["cpu_cores"], "server", run["rps"])
+            runs.append(run)
+    result = best_of(runs, "rps")
     result["server"] = f"uvicorn + httptools + uvloop, 1 process, {described}"
     return result
 
 
 def delivery_client(*, seconds: float, logdir: Path, concurrency: int = 64) -> dict[str, Any]:
-    """estafeta's HTTP connector against the sink alone."""
+    """estafeta's HTTP connector against the sink alone: the best of CEILING_RUNS runs."""
     sink, sink_port, sink_url = start_sink(logdir)
+    runs = []
     with running([sink]):
-        sink_reset(sink_port)
-        result = run_json(
-            [
-                PYTHON,
-                str(BENCH_DIR / "ceiling.py"),
-                "client",
-                "--url",
-                f"{sink_url}/hooks/ceiling",
-                "--seconds",
-                str(seconds),
-                "--concurrency",
-                str(concurrency),
-            ],
-            cpu=SERVER_CPU,
-            timeout_s=seconds + 60,
-        )
-        result["sink_received"] = sink_stats(sink_port)["count"]
+        for _ in range(CEILING_RUNS):
+            runs.append(_client_run(sink_port, sink_url, seconds, concurrency))
+    return best_of(runs, "rps")
+
+
+def _client_run(sink_port: int, sink_url: str, seconds: float, concurrency: int) -> dict[str, Any]:
+    """One run of the client process (pinned to the server core) against the sink."""
+    sink_reset(sink_port)
+    result = run_json(
+        [
+            PYTHON,
+            str(BENCH_DIR / "ceiling.py"),
+            "client",
+            "--url",
+            f"{sink_url}/hooks/ceiling",
+            "--seconds",
+            str(seconds),
+            "--concurrency",
+            str(concurrency),
+        ],
+        cpu=SERVER_CPU,
+        timeout_s=seconds + 60,
+    )
+    result["sink_received"] = sink_stats(sink_port)["count"]
     return result
 
 
