@@ -3,7 +3,8 @@ column types and text rules are the strict ones): whatever a client sends to any
 valid by the schema or not, the answer is never a server error.
 
 One `estafeta serve` for the module, on a database of its own; every operation gets a
-bounded number of generated requests with the admin key.
+bounded number of generated requests, each sent twice: with the admin key (who reads every
+tenant) and with a tenant's key (who alone may publish, send and act on conversations).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from estafeta.hub import Hub
 from estafeta.store import open_store
 from tests.acceptance.conftest import (
     ADMIN_KEY,
+    TENANT,
     child_env,
     estafeta_command,
     free_port,
@@ -39,8 +42,16 @@ from tests.conftest import IN_CI, PG_ADMIN_URL, base_config
 EXAMPLES_PER_OPERATION = 100
 
 
+@dataclass(frozen=True)
+class Served:
+    """The hub under test: where it answers, and a tenant's API key."""
+
+    url: str
+    tenant_key: str
+
+
 @pytest.fixture(scope="module")
-def hub_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     workdir = tmp_path_factory.mktemp("api-schema")
     name = f"estafeta_api_schema_{os.getpid()}_{secrets.token_hex(3)}"
     admin = create_engine(
@@ -76,7 +87,15 @@ def hub_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, server, workdir / "serve.stderr")
-        yield url
+        created = subprocess.run(
+            [*estafeta_command(), "keys", "create", "--config", str(config), "--tenant", TENANT],
+            capture_output=True,
+            check=True,
+            cwd=workdir,
+            env=child_env(),
+            timeout=60,
+        )
+        yield Served(url, created.stdout.decode().strip())
     finally:
         server.terminate()
         try:
@@ -121,9 +140,10 @@ schema = schemathesis.openapi.from_dict(_openapi())
     suppress_health_check=list(HealthCheck),
     derandomize=True,
 )
-def test_no_request_gets_a_server_error(case: schemathesis.Case[Any], hub_url: str) -> None:
-    case.call_and_validate(
-        base_url=hub_url,
-        headers={"authorization": f"Bearer {ADMIN_KEY}"},
-        checks=[not_a_server_error],
-    )
+def test_no_request_gets_a_server_error(case: schemathesis.Case[Any], served: Served) -> None:
+    for key in (ADMIN_KEY, served.tenant_key):
+        case.call_and_validate(
+            base_url=served.url,
+            headers={"authorization": f"Bearer {key}"},
+            checks=[not_a_server_error],
+        )

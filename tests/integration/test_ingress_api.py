@@ -347,3 +347,22 @@ async def test_text_that_only_looks_like_a_nul_escape_is_accepted(client: Client
     assert r.status_code == 202, r.text
     event = (await client.http.get(f"/api/v1/events/{r.json()['id']}", headers=ADMIN)).json()
     assert event["event"]["data"]["note"] == "type \\u0000 to escape"
+
+
+async def test_an_empty_idempotency_key_header_is_refused(client: Client) -> None:
+    headers = {"authorization": f"Bearer {SOL_KEY}", "idempotency-key": ""}
+    r = await client.http.post("/api/v1/events", json={"type": "lead.new"}, headers=headers)
+    assert (r.status_code, r.json()["error"]) == (400, "invalid_request")
+    assert "idempotency-key" in r.json()["detail"]
+    assert await client.stored() == 0
+
+
+async def test_data_that_cannot_be_stored_as_json_is_refused_with_the_reason(
+    client: Client,
+) -> None:
+    body = b'{"type": "lead.new", "data": {"n": 123456789012345678901234567890}}'
+    headers = {"authorization": f"Bearer {SOL_KEY}", "content-type": "application/json"}
+    r = await client.http.post("/api/v1/events", content=body, headers=headers)
+    assert (r.status_code, r.json()["error"]) == (400, "invalid_request")
+    assert "body.data" in r.json()["detail"] and "64-bit" in r.json()["detail"]
+    assert await client.stored() == 0

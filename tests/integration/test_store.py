@@ -269,6 +269,15 @@ async def test_the_schema_refuses_an_impossible_priority(store: SqlStore) -> Non
     assert (await store.queue_stats()).by_state == {}
 
 
+async def test_an_empty_key_is_a_key_like_any_other(store: SqlStore) -> None:
+    """The store keys by exactly what it is given: "" is not "no key" (the edges refuse an
+    empty key or read it as none; the store must still answer a repeat, not fail)."""
+    [first] = await store.insert_events([event("")])
+    [again] = await store.insert_events([event("")])
+    assert not first.duplicate
+    assert (again.event_id, again.duplicate) == (first.event_id, True)
+
+
 async def test_a_refused_batch_stores_none_of_its_events(store: SqlStore) -> None:
     good, bad = event("good"), event("bad", priority=7)
     with pytest.raises(StoreRejected):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header
 from pydantic import BaseModel, ConfigDict, Field
@@ -11,6 +11,7 @@ from starlette.responses import Response
 
 from estafeta.api.auth import Principal
 from estafeta.api.deps import hub_of, json_body, principal, tenant_principal
+from estafeta.api.fields import JsonObject
 from estafeta.api.responses import json_response
 from estafeta.api.views import event_json
 from estafeta.errors import HttpError
@@ -24,7 +25,7 @@ class PublishEvent(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: str = Field(min_length=1, max_length=200, examples=["appointment.booked"])
-    data: dict[str, Any] = Field(default_factory=dict)
+    data: JsonObject = Field(default_factory=dict)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
     priority: int | None = Field(default=None, ge=0, le=4)
     ordering_key: str | None = Field(default=None, max_length=255)
@@ -46,7 +47,7 @@ async def publish_event(
     request: Request,
     body: PublishEvent,
     caller: Annotated[Principal, Depends(tenant_principal)],
-    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
 ) -> Response:
     hub = hub_of(request)
     assert caller.tenant_id is not None  # noqa: S101 - tenant_principal guarantees it

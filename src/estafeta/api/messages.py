@@ -11,6 +11,7 @@ from starlette.responses import Response
 
 from estafeta.api.auth import Principal
 from estafeta.api.deps import hub_of, json_body, principal, tenant_principal
+from estafeta.api.fields import JsonObject
 from estafeta.api.responses import json_response
 from estafeta.clock import iso_from_ms
 from estafeta.errors import HttpError
@@ -27,7 +28,7 @@ class Template(BaseModel):
 
     name: str = Field(min_length=1, max_length=512)
     language: str = Field(min_length=2, max_length=15, examples=["pt_BR"])
-    components: list[dict[str, Any]] = Field(default_factory=list)
+    components: list[JsonObject] = Field(default_factory=list)
 
 
 class Media(BaseModel):
@@ -73,7 +74,7 @@ async def send_message(
     request: Request,
     body: SendMessage,
     caller: Annotated[Principal, Depends(tenant_principal)],
-    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
 ) -> Response:
     hub = hub_of(request)
     assert caller.tenant_id is not None  # noqa: S101 - tenant_principal guarantees it

@@ -187,7 +187,11 @@ class SqlStore(MessagingOps):
         self, conn: AsyncConnection, events: Sequence[NewEvent]
     ) -> dict[tuple[str, str, str], str]:
         """The stored event id for each (tenant, source, key) of these events that exists."""
-        keys = [(e.tenant_id, e.source_id, e.idempotency_key) for e in events if e.idempotency_key]
+        keys = [
+            (e.tenant_id, e.source_id, e.idempotency_key)
+            for e in events
+            if e.idempotency_key is not None
+        ]
         if not keys:
             return {}
         e = s.events
