@@ -35,6 +35,7 @@ from estafeta.store.records import CompletedAttempt, InsertResult, NewEvent
 from estafeta.store.sqlstore import (
     SQL_DIR,
     SqlStore,
+    attempt_row,
     delivery_rows,
     event_row,
     fates,
@@ -134,19 +135,11 @@ def _batch_params(events: Sequence[NewEvent]) -> dict[str, str]:
 
 
 def _complete_params(batch: Sequence[CompletedAttempt], now_ms: int) -> dict[str, Any]:
-    """The completion statement's parameters: the time, and the attempts as JSON rows."""
+    """The completion statement's parameters: the time, and per attempt its `attempts` row
+    with its delivery's lease token and transition, as JSON rows."""
     attempts = [
         {
-            "attempt_id": item.attempt_id,
-            "tenant_id": item.delivery.tenant_id,
-            "delivery_id": item.delivery.id,
-            "number": item.delivery.attempts + 1,
-            "started_at": item.started_at,
-            "duration_ms": item.outcome.duration_ms,
-            "outcome": item.outcome.kind.value,
-            "status_code": item.outcome.status_code,
-            "error_class": item.outcome.error_class,
-            "response_excerpt": item.outcome.response_excerpt,
+            **attempt_row(item),
             "lease_token": item.delivery.lease_token,
             "state": item.transition.to_state.value,
             "attempts": item.transition.attempts,

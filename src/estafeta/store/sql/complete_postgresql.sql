@@ -10,7 +10,7 @@
 WITH done AS MATERIALIZED (
     SELECT *
     FROM json_to_recordset(CAST(CAST(:attempts AS text) AS json)) AS a(
-        attempt_id varchar, tenant_id varchar, delivery_id varchar, number integer,
+        id varchar, tenant_id varchar, delivery_id varchar, number integer,
         started_at bigint, duration_ms double precision, outcome varchar,
         status_code integer, error_class varchar, response_excerpt text,
         lease_token varchar, state varchar, attempts integer, next_attempt_at bigint,
@@ -20,7 +20,7 @@ WITH done AS MATERIALIZED (
     INSERT INTO attempts
         (id, tenant_id, delivery_id, number, started_at, duration_ms, outcome, status_code,
          error_class, response_excerpt)
-    SELECT attempt_id, tenant_id, delivery_id, number, started_at, duration_ms, outcome,
+    SELECT id, tenant_id, delivery_id, number, started_at, duration_ms, outcome,
            status_code, error_class, response_excerpt
     FROM done
     RETURNING 1
