@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +32,11 @@ def _pg_sync_url(url: str) -> str:
     return url.replace("postgresql://", "postgresql+psycopg2://", 1)
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for this test session, dropped at the end."""
-    name = f"estafeta_test_{os.getpid()}_{secrets.token_hex(3)}"
+@contextmanager
+def fresh_database(prefix: str) -> Iterator[str]:
+    """`postgresql://…/<prefix>_<pid>_<random>`: a database made on the real server, dropped
+    (FORCE) afterwards. Without a server the test is skipped, and fails under CI=true."""
+    name = f"{prefix}_{os.getpid()}_{secrets.token_hex(3)}"
     admin = create_engine(_pg_sync_url(PG_ADMIN_URL), isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:
@@ -44,13 +46,19 @@ def postgres_url() -> Iterator[str]:
         if IN_CI:
             pytest.fail(f"PostgreSQL is required under CI=true and is not reachable: {exc}")
         pytest.skip(f"PostgreSQL not reachable: {exc}")
-    base = PG_ADMIN_URL.rsplit("/", 1)[0]
     try:
-        yield f"{base}/{name}"
+        yield f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
     finally:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session, dropped at the end."""
+    with fresh_database("estafeta_test") as url:
+        yield url
 
 
 def _truncate_postgres(url: str) -> None:

@@ -9,8 +9,6 @@ tenant) and with a tenant's key (who alone may publish, send and act on conversa
 
 from __future__ import annotations
 
-import os
-import secrets
 import subprocess
 import time
 import urllib.request
@@ -23,7 +21,6 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
-from sqlalchemy import create_engine, text
 
 from estafeta.api.app import create_app
 from estafeta.config import load_config_dict
@@ -37,7 +34,7 @@ from tests.acceptance.conftest import (
     free_port,
     write_config,
 )
-from tests.conftest import IN_CI, PG_ADMIN_URL, base_config
+from tests.conftest import base_config, fresh_database
 
 EXAMPLES_PER_OPERATION = 100
 
@@ -52,22 +49,13 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    workdir = tmp_path_factory.mktemp("api-schema")
-    name = f"estafeta_api_schema_{os.getpid()}_{secrets.token_hex(3)}"
-    admin = create_engine(
-        PG_ADMIN_URL.replace("postgresql://", "postgresql+psycopg2://", 1),
-        isolation_level="AUTOCOMMIT",
-    )
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:
-        admin.dispose()
-        if IN_CI:
-            pytest.fail(f"PostgreSQL is required under CI=true and is not reachable: {exc}")
-        pytest.skip(f"PostgreSQL not reachable: {exc}")
+    with fresh_database("estafeta_api_schema") as database_url:
+        yield from _serve(tmp_path_factory.mktemp("api-schema"), database_url)
+
+
+def _serve(workdir: Path, database_url: str) -> Iterator[Served]:
+    """`estafeta serve` on `database_url` until the generator is closed, and a tenant key."""
     port = free_port()
-    database_url = f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
     config = write_config(
         workdir / "estafeta.toml",
         base_config(
@@ -102,9 +90,6 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             server.wait(20)
         except subprocess.TimeoutExpired:
             server.kill()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def _wait_healthy(url: str, server: subprocess.Popen[bytes], stderr: Path) -> None:

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import secrets
 import shutil
 import statistics
 import time
@@ -47,37 +45,18 @@ from tests.acceptance.conftest import (  # estafeta and the hook: re-exported fo
     signed_request,
     wait_until,
 )
-from tests.conftest import IN_CI, PG_ADMIN_URL
+from tests.conftest import IN_CI, PG_ADMIN_URL, fresh_database
 
 __all__ = ["estafeta", "pytest_runtest_makereport"]
 
 # -- PostgreSQL -------------------------------------------------------------------------------
 
 
-def _admin_engine() -> Any:
-    url = PG_ADMIN_URL.replace("postgresql://", "postgresql+psycopg2://", 1)
-    return create_engine(url, isolation_level="AUTOCOMMIT")
-
-
 @pytest.fixture
 def chaos_database() -> Iterator[str]:
     """`postgresql://…/<fresh database>` for this test alone, dropped (FORCE) at teardown."""
-    name = f"estafeta_chaos_{os.getpid()}_{secrets.token_hex(4)}"
-    admin = _admin_engine()
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:
-        admin.dispose()
-        if IN_CI:
-            pytest.fail(f"PostgreSQL is required under CI=true and is not reachable: {exc}")
-        pytest.skip(f"PostgreSQL not reachable: {exc}")
-    try:
-        yield f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with fresh_database("estafeta_chaos") as url:
+        yield url
 
 
 def pg_target() -> tuple[str, int]:
