@@ -27,6 +27,7 @@ import orjson
 
 from estafeta.errors import HttpError
 from estafeta.ingress.generic import ParsedEvent
+from estafeta.messaging.facts import fitted
 
 if TYPE_CHECKING:
     from estafeta.config import SourceConfig
@@ -266,10 +267,9 @@ def milliseconds(value: object) -> int | None:
 
 
 def bounded_key(key: str) -> str:
-    """An idempotency key that fits its column: longer keys become their SHA-256."""
-    if len(key) <= MAX_KEY_LENGTH:
-        return key
-    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+    """An idempotency key that fits its column: longer keys become their SHA-256, by the
+    same rule as the conversation and message ids (`messaging.facts.fitted`)."""
+    return fitted(key, MAX_KEY_LENGTH)
 
 
 def digest_key(*parts: object) -> str:
