@@ -54,17 +54,16 @@ class HeldConnections:
                     raise
                 reusable = True
             finally:
-                # Cancelled mid-statement, a connection's state is unknown: it is not reused.
+                # Not reusable when cancelled mid-statement (or failed before the statement).
                 await self._release(conn, reusable=reusable)
 
     async def _release(self, conn: AsyncConnection, *, reusable: bool) -> None:
-        if reusable and not conn.invalidated and not self._closed and len(self._idle) < self._keep:
-            self._idle.append(conn)
-        elif reusable or conn.invalidated:
+        if not reusable and not conn.invalidated:
+            await conn.invalidate()  # its state is unknown: never back into the pool either
+        if conn.invalidated or self._closed or len(self._idle) >= self._keep:
             await conn.close()
         else:
-            await conn.invalidate()
-            await conn.close()
+            self._idle.append(conn)
 
     async def close(self) -> None:
         """Return every idle connection to the pool; those in use are returned as they end."""
