@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import orjson
@@ -117,12 +116,12 @@ def pg_json(rows: list[dict[str, Any]]) -> str:
 def _batch_params(events: Sequence[NewEvent]) -> dict[str, str]:
     """The batch statement's two parameters: events and deliveries as JSON rows."""
     event_objects = [
-        {
-            **dict(zip(_EVENT_FIELDS, event_row(e), strict=True)),
-            "direction": e.direction,
-            "contact_name": e.contact_name,
-            "n": n,
-        }
+        dict(
+            zip(_EVENT_FIELDS, event_row(e), strict=True),
+            direction=e.direction,
+            contact_name=e.contact_name,
+            n=n,
+        )
         for n, e in enumerate(events)
     ]
     delivery_objects = [
@@ -178,10 +177,6 @@ class PostgresStore(SqlStore):
     def _insert(self, table: Any) -> Any:
         return pg_insert(table)
 
-    def _driver(self) -> AbstractAsyncContextManager[Any]:
-        """An asyncpg connection kept for the hot statements (see store/held.py)."""
-        return self._held.driver()
-
     async def close(self) -> None:
         await self._held.close()
         await super().close()
@@ -197,7 +192,7 @@ class PostgresStore(SqlStore):
             return await super()._store_candidates(events, by_id=by_id)
         if not events:
             return []
-        async with self._driver() as driver:
+        async with self._held.driver() as driver:
             rows = await driver.fetch(
                 _STORE_BATCH.positional, *_STORE_BATCH.args(_batch_params(events))
             )
@@ -227,7 +222,7 @@ class PostgresStore(SqlStore):
 
     async def _lease_rows(self, params: dict[str, Any]) -> list[Any]:
         statement = self._lease_one_destination if "only" in params else self._lease_any
-        async with self._driver() as driver:
+        async with self._held.driver() as driver:
             return list(await driver.fetch(statement.positional, *statement.args(params)))
 
     async def complete(self, batch: Sequence[CompletedAttempt], now_ms: int) -> int:
@@ -237,7 +232,7 @@ class PostgresStore(SqlStore):
             return 0
         params = _complete_params(batch, now_ms)
         if not any(i.delivery.destination_id.startswith(SEND_DESTINATION_PREFIX) for i in batch):
-            async with self._driver() as driver:
+            async with self._held.driver() as driver:
                 return int(await driver.fetchval(_COMPLETE.positional, *_COMPLETE.args(params)))
         async with self._write() as conn:
             applied = int((await conn.execute(_COMPLETE.text, params)).scalar_one())
