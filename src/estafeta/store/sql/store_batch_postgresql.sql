@@ -2,7 +2,8 @@
 -- statement: one round trip, and (run outside an explicit transaction) one commit.
 --
 -- The batch comes as two JSON texts, one object per row: the driver sends each as one string,
--- where one array per column cost asyncpg ~10 µs of encoding per event (bench/README.md).
+-- where one array per column cost asyncpg ~10 µs of encoding per event (measured: 121 µs of
+-- client CPU per 8-event call, against 47 µs with the JSON text and 38 µs for SELECT 1).
 -- `incoming` parses the events once (MATERIALIZED: `stored` and `counted` both read it).
 -- `stored`: ON CONFLICT skips an event whose (tenant, source, idempotency key) is already
 -- stored, even when another process stores it at this very moment; RETURNING names the events
