@@ -80,9 +80,13 @@ class Hub:
             s.id: GenericSource(s) if s.kind == "generic" else source_for(s) for s in config.sources
         }
         # SQLite has one writer: a second concurrent flush would only wait for the lock.
+        # PostgreSQL commits up to 4 batches at once, a second only once 16 events wait.
         flushes = 1 if store.dialect == "sqlite" else 4
         self._ingest: GroupCommitter[NewEvent, InsertResult] = GroupCommitter(
-            store.insert_events, max_batch=500, max_concurrent_flushes=flushes
+            store.insert_events,
+            max_batch=500,
+            max_concurrent_flushes=flushes,
+            min_parallel_batch=16,
         )
         # The shared Redis when configured: circuits live there, /health/detailed pings it.
         self.redis = connect_redis(config.redis.url) if config.redis.url else None

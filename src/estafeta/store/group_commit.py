@@ -6,6 +6,12 @@ its result; a flusher takes everything that queued up while the previous flush r
 commits it as one batch. Under light load a batch is one item and adds no delay; under heavy
 load batches grow by themselves, so no timer tuning is needed.
 
+Several flushes may run at once (PostgreSQL commits them in parallel), but a second one
+starts only when `min_parallel_batch` items wait: a flush of one or two events pays a whole
+commit for them and slows the flush already running (measured at half the full ingest rate
+on PostgreSQL: commits 2.6 ms → 1.7 ms, ingest p99 11–16 ms → 7–9 ms), while under full load
+the queue fills and the parallel flushes start.
+
 If a batch fails for a reason other than the store being unreachable, its items are retried
 one by one, so one bad item cannot fail the requests that happened to share its batch.
 """
@@ -29,9 +35,12 @@ class GroupCommitter(Generic[T, R]):
         *,
         max_batch: int = 500,
         max_concurrent_flushes: int = 1,
+        min_parallel_batch: int = 1,
     ) -> None:
         self._flush = flush
         self._max_batch = max_batch
+        self._min_parallel_batch = min_parallel_batch
+        self._in_flight = 0
         self._queue: list[tuple[T, asyncio.Future[R]]] = []
         self._slots = asyncio.Semaphore(max_concurrent_flushes)
         self._wakeup = asyncio.Event()
@@ -58,11 +67,12 @@ class GroupCommitter(Generic[T, R]):
         loop = asyncio.get_running_loop()
         pending: set[asyncio.Task[None]] = set()
         while not (self._closed and not self._queue):
-            if not self._queue:
+            if not self._queue or (self._in_flight and len(self._queue) < self._min_parallel_batch):
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
             await self._slots.acquire()
+            self._in_flight += 1
             batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
             task = loop.create_task(self._commit(batch))
             pending.add(task)
@@ -74,7 +84,9 @@ class GroupCommitter(Generic[T, R]):
         try:
             await self._commit_batch(batch)
         finally:
+            self._in_flight -= 1
             self._slots.release()
+            self._wakeup.set()
 
     async def _commit_batch(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
         try:

@@ -1,0 +1,163 @@
+"""The group committer: concurrent callers share commits, and one bad item fails alone."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from estafeta.errors import StoreUnavailable
+from estafeta.store.group_commit import GroupCommitter
+
+
+class Store:
+    """A flush that records its batches and can be held open, or made to fail."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.running = 0
+        self.most_running = 0
+        self.bad: set[int] = set()
+        self.down = False
+
+    async def flush(self, items: Sequence[int]) -> list[int]:
+        self.batches.append(list(items))
+        self.running += 1
+        self.most_running = max(self.most_running, self.running)
+        try:
+            await self.gate.wait()
+        finally:
+            self.running -= 1
+        if self.down:
+            raise StoreUnavailable("the store is down")
+        if self.bad & set(items):
+            raise ValueError("a bad item")
+        return [item * 10 for item in items]
+
+
+async def until(condition: object, *, turns: int = 100) -> None:
+    """Let the loop run until `condition()` holds (a bounded number of turns, no sleeping)."""
+    for _ in range(turns):
+        if condition():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the condition never held")
+
+
+async def test_concurrent_submits_share_one_flush_and_each_gets_its_result() -> None:
+    store = Store()
+    committer = GroupCommitter(store.flush)
+    results = await asyncio.gather(*(committer.submit(i) for i in range(5)))
+    assert results == [0, 10, 20, 30, 40]
+    assert store.batches == [[0, 1, 2, 3, 4]]
+    await committer.close()
+
+
+async def test_items_queued_during_a_flush_go_together_in_the_next() -> None:
+    store = Store()
+    store.gate.clear()
+    committer = GroupCommitter(store.flush)
+    first = asyncio.ensure_future(committer.submit(1))
+    await until(lambda: store.batches == [[1]])
+    later = [asyncio.ensure_future(committer.submit(i)) for i in (2, 3, 4)]
+    await until(lambda: all(not f.done() for f in later))
+    store.gate.set()
+    assert await first == 10
+    assert [await f for f in later] == [20, 30, 40]
+    assert store.batches == [[1], [2, 3, 4]]
+    await committer.close()
+
+
+async def test_a_parallel_flush_waits_until_enough_items_queue() -> None:
+    store = Store()
+    store.gate.clear()
+    committer = GroupCommitter(store.flush, max_concurrent_flushes=2, min_parallel_batch=3)
+    first = asyncio.ensure_future(committer.submit(0))
+    await until(lambda: store.running == 1)
+    two = [asyncio.ensure_future(committer.submit(i)) for i in (1, 2)]
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert store.batches == [[0]], "two waiting items must not start a second commit"
+    three = asyncio.ensure_future(committer.submit(3))
+    await until(lambda: store.running == 2)
+    assert store.batches == [[0], [1, 2, 3]]
+    store.gate.set()
+    assert [await f for f in (first, *two, three)] == [0, 10, 20, 30]
+    assert store.most_running == 2
+    await committer.close()
+
+
+async def test_items_below_the_parallel_threshold_flush_when_the_running_one_ends() -> None:
+    store = Store()
+    store.gate.clear()
+    committer = GroupCommitter(store.flush, max_concurrent_flushes=4, min_parallel_batch=16)
+    first = asyncio.ensure_future(committer.submit(0))
+    await until(lambda: store.running == 1)
+    second = asyncio.ensure_future(committer.submit(1))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert store.batches == [[0]]
+    store.gate.set()
+    assert (await first, await second) == (0, 10)
+    assert store.batches == [[0], [1]]
+    assert store.most_running == 1
+    await committer.close()
+
+
+async def test_no_more_flushes_run_at_once_than_allowed() -> None:
+    store = Store()
+    store.gate.clear()
+    committer = GroupCommitter(store.flush, max_batch=2, max_concurrent_flushes=2)
+    futures = [asyncio.ensure_future(committer.submit(i)) for i in range(8)]
+    await until(lambda: store.running == 2)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert store.running == 2
+    store.gate.set()
+    assert [await f for f in futures] == [i * 10 for i in range(8)]
+    assert store.most_running == 2
+    assert all(len(batch) <= 2 for batch in store.batches)
+    await committer.close()
+
+
+async def test_one_bad_item_fails_alone_and_its_batch_mates_are_committed() -> None:
+    store = Store()
+    store.bad = {2}
+    committer = GroupCommitter(store.flush)
+    outcomes = await asyncio.gather(
+        *(committer.submit(i) for i in range(4)), return_exceptions=True
+    )
+    assert outcomes[:2] == [0, 10] and outcomes[3] == 30
+    assert isinstance(outcomes[2], ValueError)
+    assert store.batches == [[0, 1, 2, 3], [0], [1], [2], [3]]
+    await committer.close()
+
+
+async def test_an_unreachable_store_fails_the_whole_batch_at_once() -> None:
+    store = Store()
+    store.down = True
+    committer = GroupCommitter(store.flush)
+    outcomes = await asyncio.gather(
+        *(committer.submit(i) for i in range(3)), return_exceptions=True
+    )
+    assert all(isinstance(o, StoreUnavailable) for o in outcomes)
+    assert store.batches == [[0, 1, 2]], "no one-by-one retry against a store that is down"
+    await committer.close()
+
+
+async def test_close_commits_what_is_queued_then_refuses_more() -> None:
+    store = Store()
+    store.gate.clear()
+    committer = GroupCommitter(store.flush, max_concurrent_flushes=2, min_parallel_batch=10)
+    futures = [asyncio.ensure_future(committer.submit(i)) for i in range(3)]
+    await until(lambda: store.running == 1)
+    closing = asyncio.ensure_future(committer.close())
+    await asyncio.sleep(0)
+    store.gate.set()
+    await closing
+    assert [f.result() for f in futures] == [0, 10, 20]
+    with pytest.raises(RuntimeError, match="closed"):
+        await committer.submit(9)
