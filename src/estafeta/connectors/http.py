@@ -57,16 +57,20 @@ def _sign(signer: Webhook, msg_id: str, timestamp_s: int, body: bytes) -> str:
     return signer.sign(msg_id, moment, body.decode("utf-8"))
 
 
-def new_client_session(*, limit: int = 256, limit_per_host: int = 64) -> aiohttp.ClientSession:
+def new_client_session(*, connections: int = 256) -> aiohttp.ClientSession:
     """One pooled client session for every HTTP destination; call it inside the running loop.
 
-    `limit_per_host` keeps one slow destination from taking every socket. DNS answers are
-    cached for 5 minutes. Responses are not decompressed (and we ask for `identity`): we
-    only keep a short excerpt of a body, and inflating it is work and a zip-bomb risk.
+    `connections` must be at least the number of sends that may run at once (the worker's
+    `concurrency`), to any one host as to all: aiohttp counts the wait for a free socket in
+    the request's timeout, so a send queued behind a pool that is too small timed out
+    without ever reaching its destination, and its attempt was spent. How many sends one
+    destination gets at once is the worker's decision, not the pool's. DNS answers are cached
+    for 5 minutes. Responses are not decompressed (and we ask for `identity`): we only keep a
+    short excerpt of a body, and inflating it is work and a zip-bomb risk.
     """
     connector = aiohttp.TCPConnector(
-        limit=limit,
-        limit_per_host=limit_per_host,
+        limit=connections,
+        limit_per_host=connections,
         ttl_dns_cache=300,
         keepalive_timeout=30,
     )

@@ -52,7 +52,7 @@ class Connectors:
         self._by_destination: dict[str, Connector] = {}
 
     async def start(self) -> None:
-        self._session = new_client_session()
+        self._session = new_client_session(connections=self._config.worker.concurrency)
         for d in self._config.destinations:
             assert d.url is not None  # noqa: S101 - config validation requires it for http
             self._by_destination[d.id] = HttpConnector(
