@@ -14,10 +14,11 @@ from estafeta.store.group_commit import GroupCommitter
 class Store:
     """A flush that records its batches and can be held open, or made to fail."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, held: bool = False) -> None:
         self.batches: list[list[int]] = []
-        self.gate = asyncio.Event()
-        self.gate.set()
+        self.gate = asyncio.Event()  # flushes wait here while it is clear
+        if not held:
+            self.gate.set()
         self.running = 0
         self.most_running = 0
         self.bad: set[int] = set()
@@ -47,6 +48,12 @@ async def until(condition: object, *, turns: int = 100) -> None:
     raise AssertionError("the condition never held")
 
 
+async def settle(turns: int = 20) -> None:
+    """Let the loop run a while, for asserting that something did *not* happen."""
+    for _ in range(turns):
+        await asyncio.sleep(0)
+
+
 async def test_concurrent_submits_share_one_flush_and_each_gets_its_result() -> None:
     store = Store()
     committer = GroupCommitter(store.flush)
@@ -57,8 +64,7 @@ async def test_concurrent_submits_share_one_flush_and_each_gets_its_result() -> 
 
 
 async def test_items_queued_during_a_flush_go_together_in_the_next() -> None:
-    store = Store()
-    store.gate.clear()
+    store = Store(held=True)
     committer = GroupCommitter(store.flush)
     first = asyncio.ensure_future(committer.submit(1))
     await until(lambda: store.batches == [[1]])
@@ -72,14 +78,12 @@ async def test_items_queued_during_a_flush_go_together_in_the_next() -> None:
 
 
 async def test_a_parallel_flush_waits_until_enough_items_queue() -> None:
-    store = Store()
-    store.gate.clear()
+    store = Store(held=True)
     committer = GroupCommitter(store.flush, max_concurrent_flushes=2, min_parallel_batch=3)
     first = asyncio.ensure_future(committer.submit(0))
     await until(lambda: store.running == 1)
     two = [asyncio.ensure_future(committer.submit(i)) for i in (1, 2)]
-    for _ in range(20):
-        await asyncio.sleep(0)
+    await settle()
     assert store.batches == [[0]], "two waiting items must not start a second commit"
     three = asyncio.ensure_future(committer.submit(3))
     await until(lambda: store.running == 2)
@@ -91,14 +95,12 @@ async def test_a_parallel_flush_waits_until_enough_items_queue() -> None:
 
 
 async def test_items_below_the_parallel_threshold_flush_when_the_running_one_ends() -> None:
-    store = Store()
-    store.gate.clear()
+    store = Store(held=True)
     committer = GroupCommitter(store.flush, max_concurrent_flushes=4, min_parallel_batch=16)
     first = asyncio.ensure_future(committer.submit(0))
     await until(lambda: store.running == 1)
     second = asyncio.ensure_future(committer.submit(1))
-    for _ in range(20):
-        await asyncio.sleep(0)
+    await settle()
     assert store.batches == [[0]]
     store.gate.set()
     assert (await first, await second) == (0, 10)
@@ -108,13 +110,11 @@ async def test_items_below_the_parallel_threshold_flush_when_the_running_one_end
 
 
 async def test_no_more_flushes_run_at_once_than_allowed() -> None:
-    store = Store()
-    store.gate.clear()
+    store = Store(held=True)
     committer = GroupCommitter(store.flush, max_batch=2, max_concurrent_flushes=2)
     futures = [asyncio.ensure_future(committer.submit(i)) for i in range(8)]
     await until(lambda: store.running == 2)
-    for _ in range(20):
-        await asyncio.sleep(0)
+    await settle()
     assert store.running == 2
     store.gate.set()
     assert [await f for f in futures] == [i * 10 for i in range(8)]
@@ -149,8 +149,7 @@ async def test_an_unreachable_store_fails_the_whole_batch_at_once() -> None:
 
 
 async def test_close_commits_what_is_queued_then_refuses_more() -> None:
-    store = Store()
-    store.gate.clear()
+    store = Store(held=True)
     committer = GroupCommitter(store.flush, max_concurrent_flushes=2, min_parallel_batch=10)
     futures = [asyncio.ensure_future(committer.submit(i)) for i in range(3)]
     await until(lambda: store.running == 1)
