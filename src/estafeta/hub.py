@@ -33,7 +33,7 @@ from estafeta.messaging.facts import (
     storable,
 )
 from estafeta.messaging.outbound import SEND_PRIORITY
-from estafeta.observability.metrics import EVENTS_ACCEPTED
+from estafeta.observability.metrics import EVENTS_ACCEPTED, series
 from estafeta.routing.router import Router, Target
 from estafeta.store.group_commit import GroupCommitter
 from estafeta.store.records import (
@@ -47,7 +47,7 @@ from estafeta.store.sqlstore import SqlStore
 
 
 def count_accepted(source_id: str, outcome: str) -> None:
-    EVENTS_ACCEPTED.labels(source_id, outcome).inc()
+    series(EVENTS_ACCEPTED, source_id, outcome).inc()
 
 
 API_SOURCE = "api"  # the source id of events that come through the API, not a webhook

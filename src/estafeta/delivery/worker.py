@@ -38,7 +38,7 @@ from estafeta.errors import StoreUnavailable
 from estafeta.ids import new_id
 from estafeta.messaging.facts import send_destination
 from estafeta.messaging.outbound import can_send
-from estafeta.observability.metrics import ATTEMPT_SECONDS, ATTEMPTS, DEAD_LETTERED
+from estafeta.observability.metrics import ATTEMPT_SECONDS, ATTEMPTS, DEAD_LETTERED, series
 from estafeta.store.group_commit import GroupCommitter
 from estafeta.store.records import CompletedAttempt
 from estafeta.store.sqlstore import SqlStore
@@ -248,8 +248,8 @@ class Worker:
         outcome = await self._send(delivery)
         self.sent += 1
         await self._record_circuit(delivery.destination_id, outcome, started_at)
-        ATTEMPTS.labels(delivery.destination_id, outcome.kind.value).inc()
-        ATTEMPT_SECONDS.labels(delivery.destination_id).observe(outcome.duration_ms / 1000)
+        series(ATTEMPTS, delivery.destination_id, outcome.kind.value).inc()
+        series(ATTEMPT_SECONDS, delivery.destination_id).observe(outcome.duration_ms / 1000)
         transition = decide(
             attempts_before=delivery.attempts,
             max_attempts=delivery.max_attempts,

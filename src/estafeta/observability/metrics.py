@@ -10,7 +10,7 @@ Two kinds, on purpose:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -85,6 +85,22 @@ ALERTS = Gauge(
     ["alert"],
     registry=REGISTRY,
 )
+
+# The labelled series counted on every event and every attempt, by their label values.
+# prometheus-client validates the values and takes a lock on each `labels()` call (~1.5 µs);
+# the values are configured ids and outcome names, so this stays small. Not for metrics
+# that are ever `clear()`ed: a cleared series would keep counting here, unexported.
+_SERIES: dict[tuple[object, tuple[str, ...]], Any] = {}
+
+
+def series(metric: Counter | Histogram, *values: str) -> Any:
+    """`metric.labels(*values)`, looked up once."""
+    key = (metric, values)
+    found = _SERIES.get(key)
+    if found is None:
+        found = _SERIES[key] = metric.labels(*values)
+    return found
+
 
 _CIRCUIT_VALUES = {CircuitState.CLOSED: 0, CircuitState.HALF_OPEN: 1, CircuitState.OPEN: 2}
 
