@@ -557,7 +557,10 @@ def machine() -> Machine:
         redis=redis_version,
         wrk=wrk_version,
         git_commit=git("rev-parse", "HEAD") or "unknown",
-        git_dirty=bool(git("status", "--porcelain", "--untracked-files=no")),
+        # Results are outputs, not the code measured: a run's own files do not make it dirty.
+        git_dirty=bool(
+            git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results")
+        ),
         os=platform.platform(),
         placement={
             "server": f"core {SERVER_CPU} (taskset)",

@@ -20,10 +20,12 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import re
 import shutil
 import subprocess
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ from common import (
     estafeta_cmd,
     estafeta_config,
     free_port,
+    machine,
     pg_drop,
     pg_fresh,
     pg_scalar,
@@ -58,6 +61,7 @@ def aggregate(raw: Path, top: int = 40) -> dict[str, Any]:
     total = 0
     inclusive: collections.Counter[str] = collections.Counter()
     own: collections.Counter[str] = collections.Counter()
+    functions: collections.Counter[str] = collections.Counter()
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
@@ -67,12 +71,23 @@ def aggregate(raw: Path, top: int = 40) -> dict[str, Any]:
         frames = stack.split(";")
         for frame in set(frames):
             inclusive[frame] += n
+        # The same function at any line: "where the CPU goes" by part, in bench/report.py.
+        for function in {FRAME_LINE.sub(")", frame) for frame in frames}:
+            functions[function] += n
         own[frames[-1]] += n
 
-    def share(counter: collections.Counter[str]) -> list[tuple[float, str]]:
-        return [(round(100 * n / total, 1), f) for f, n in counter.most_common(top)]
+    def share(counter: collections.Counter[str], most: int = top) -> list[tuple[float, str]]:
+        return [(round(100 * n / total, 1), f) for f, n in counter.most_common(most)]
 
-    return {"samples": total, "inclusive": share(inclusive), "self": share(own)}
+    return {
+        "samples": total,
+        "inclusive": share(inclusive),
+        "self": share(own),
+        "functions": share(functions, 150),
+    }
+
+
+FRAME_LINE = re.compile(r":\d+\)$")  # "f (path.py:12)" → "f (path.py)"
 
 
 NATIVE = False  # --native: C frames too (system calls, extension modules), not only Python
@@ -241,6 +256,9 @@ def main() -> None:
     global NATIVE
     NATIVE = args.native
     result = profile_worker(args) if args.worker else profile(args)
+    facts = machine()
+    result["commit"] = facts.git_commit[:12] + (" + uncommitted" if facts.git_dirty else "")
+    result["recorded"] = datetime.now(UTC).isoformat(timespec="seconds")
     out = RESULTS / f"profile-{result['name']}.txt"
     lines = [json.dumps({k: v for k, v in result.items() if k != "profile"}, indent=1)]
     prof = result["profile"]
@@ -248,6 +266,8 @@ def main() -> None:
     lines += [f"{pct:5.1f}%  {frame}" for pct, frame in prof.get("inclusive", [])]
     lines.append("\n-- self % --")
     lines += [f"{pct:5.1f}%  {frame}" for pct, frame in prof.get("self", [])]
+    lines.append("\n-- by function, inclusive % --")
+    lines += [f"{pct:5.1f}%  {frame}" for pct, frame in prof.get("functions", [])]
     out.write_text("\n".join(lines) + "\n")
     print(out.read_text())
 

@@ -334,7 +334,7 @@ def one_line(phase: str, result: Doc) -> str:
     return ""
 
 
-def markdown(doc: Doc) -> str:
+def markdown(doc: Doc, results_dir: Path) -> str:
     meta = doc["meta"]
     m = meta["machine"]
     s = doc["summary"]
@@ -409,11 +409,139 @@ def markdown(doc: Doc) -> str:
             f"(waited {bg.get('waited_s', 0):.0f} s) | {_fmt(tool, '')}"
             f"{' (the client measured)' if phase == 'ceiling_client' else ''} | {shown} |"
         )
+    lines += why_missed(doc, results_dir)
     if doc.get("errors"):
         lines += ["", "## Failed phases", ""]
         for phase, error in doc["errors"].items():
             lines.append(f"* `{phase}`: {error.strip().splitlines()[-1]}")
     return "\n".join(lines) + "\n"
+
+
+def _per_unit(cores: float | None, rate: float | None) -> float | None:
+    """CPU microseconds per event (or delivery) from cores used and events per second."""
+    return cores * 1e6 / rate if cores and rate else None
+
+
+def _missed(summary: Doc, figure: str, engine_prefix: str) -> bool:
+    return any(
+        r["figure"] == figure and r["engine"].startswith(engine_prefix) and r["ok"] is False
+        for r in summary["rows"]
+    )
+
+
+def why_missed(doc: Doc, results_dir: Path) -> list[str]:
+    """Why each missed ratio target is missed, in this run's own CPU figures (steadier than
+    throughput on a shared host), then the top of each committed profile."""
+    p = doc.get("phases", {})
+    s = doc["summary"]
+    lines: list[str] = []
+    per_request = _get(p, "ceiling_http", "server_cpu_us_per_request")
+    for phase, engine, threshold in (
+        ("ingest_postgresql", "PostgreSQL", 0.5),
+        ("ingest_sqlite", "SQLite", 0.6),
+    ):
+        if not per_request or not _missed(s, "ingest ÷ bare-HTTP ceiling", engine):
+            continue
+        full = _get(p, phase, "full") or {}
+        spent = _get(full, "server_cpu_us_per_event")
+        if not spent:
+            continue
+        budget = per_request / threshold
+        line = (
+            f"* **ingest, {engine}**: the server spent {spent:,.0f} µs of CPU per accepted "
+            f"event; at ≥ {threshold}× of the ceiling it may spend {budget:,.0f} µs "
+            f"({per_request:.1f} µs per bare request ÷ {threshold}): {spent / budget:.1f}× over."
+        )
+        database = _per_unit(_get(full, "cpu_cores", "postgresql"), _get(full, "committed_per_s"))
+        if engine == "PostgreSQL" and database:
+            line += f" PostgreSQL spent another {database:,.0f} µs per event on the other core."
+        lines.append(line)
+    client = _get(p, "ceiling_client", "client_cpu_us_per_request")
+    ceiling = _get(p, "ceiling_client", "rps")
+    for fanout in (1, 3):
+        figure = f"end to end fan-out {fanout}: deliveries/s ÷ delivery-client ceiling"
+        full = _get(p, f"e2e_estafeta_f{fanout}", "full") or {}
+        cores = next(
+            (v for k, v in (full.get("cpu_cores") or {}).items() if k.startswith("estafeta")),
+            None,
+        )
+        rate = full.get("deliveries_per_s")
+        spent = _per_unit(cores, rate)
+        if not _missed(s, figure, "PostgreSQL") or not spent or not ceiling or not cores:
+            continue
+        budget = cores * 1e6 / (0.5 * ceiling)
+        line = (
+            f"* **end to end, fan-out {fanout}**: one server process ingests and delivers; it "
+            f"spent {spent:,.0f} µs of CPU per delivery (its share of ingest included) on "
+            f"the {cores:.2f} cores it got; at 0.5× of the {ceiling:,.0f}/s client ceiling that "
+            f"is {budget:,.0f} µs: {spent / budget:.1f}× over."
+        )
+        if client:
+            line += f" The delivery client alone spends {client:,.0f} µs per request."
+        lines.append(line)
+    profiles = sorted(
+        results_dir.glob("profile-*.txt"), key=lambda f: ("-native" not in f.name, f.name)
+    )
+    if not lines and not profiles:
+        return []
+    out = [
+        "",
+        "## Why the missed targets are missed",
+        "",
+        "A ratio target is a CPU budget: the server is one process on one core, so at the "
+        "target each event (or delivery) may cost at most the ceiling's CPU per request ÷ "
+        "the ratio. CPU per event is steadier than throughput on a shared host.",
+        "",
+        *lines,
+    ]
+    if profiles:
+        out += [
+            "",
+            "Where the CPU goes: py-spy profiles made by `bench/profile.py`, each part's "
+            "inclusive share of the samples (the rest is uvicorn, asyncio and the drivers; the "
+            "full lists are in the files). Read the `-native` ones first: py-spy pauses the "
+            "process to take each of their samples, while the others, read without pausing, "
+            "credit much of the time to asyncpg's `Connection._do_execute`; and a coroutine's "
+            "samples count under a part only while that coroutine is running, not while a "
+            "callback works for it.",
+            "",
+        ]
+        for path in profiles:
+            out.append(_profile_line(path))
+    return out
+
+
+# The parts of estafeta a profile is read by: (label, function as py-spy names it).
+_PARTS = (
+    ("HTTP parsing (uvicorn)", "HttpToolsProtocol.data_received"),
+    ("answers (uvicorn)", "RequestResponseCycle.send"),
+    ("ingest handler", "IngestApp._handle"),
+    ("ingest batch write", "SqlStore.insert_events"),
+    ("leases", "SqlStore.lease"),
+    ("attempts", "Worker._attempt"),
+    ("of which the HTTP client", "HttpConnector.deliver"),
+    ("completions", "PostgresStore.complete"),
+)
+
+
+def _profile_line(path: Path) -> str:
+    """`* profile-x.txt (commit, time; N samples): part 12 %, …` from a profile file."""
+    text = path.read_text()
+    header, _, rest = text.partition("\npy-spy samples:")
+    try:
+        facts = json.loads(header)
+    except ValueError:
+        facts = {}
+    functions: dict[str, float] = {}
+    for line in rest.partition("-- by function, inclusive % --")[2].strip().splitlines():
+        pct, _, frame = line.strip().partition("%")
+        functions.setdefault(frame.strip().split(" (")[0], float(pct))
+    parts = [f"{label} {functions[name]:.0f} %" for label, name in _PARTS if name in functions]
+    made = "; ".join(str(facts[k]) for k in ("commit", "recorded") if facts.get(k))
+    samples = rest.split("\n", 1)[0].strip()
+    return f"* `{path.name}` ({made + '; ' if made else ''}{samples} samples): " + (
+        ", ".join(parts) if parts else "no part named"
+    )
 
 
 def _latency_rows(doc: Doc) -> list[tuple[str, str, dict[str, Any]]]:
@@ -521,7 +649,7 @@ def chart(doc: Doc, path: Path) -> None:
 
 
 def write(doc: Doc, md_path: Path, png_path: Path) -> None:
-    md_path.write_text(markdown(doc))
+    md_path.write_text(markdown(doc, md_path.parent))
     chart(doc, png_path)
 
 
