@@ -37,6 +37,9 @@ class BackoffPolicy:
             raise ValueError(f"backoff jitter must be within [0, 1], not {self.jitter}")
 
 
+DEFAULT_BACKOFF = BackoffPolicy()  # for deliveries whose destination names no backoff
+
+
 def backoff_delay_s(policy: BackoffPolicy, attempt: int, rand: float) -> float:
     """The delay in seconds after `attempt` attempts (≥ 1) have been made, within [0, max_s].
 

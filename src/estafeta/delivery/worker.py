@@ -27,7 +27,7 @@ from estafeta.clock import Clock, SystemClock
 from estafeta.config import Config
 from estafeta.config.models import DEFAULT_TIMEOUTS_S
 from estafeta.connectors.registry import Connectors
-from estafeta.delivery.backoff import BackoffPolicy
+from estafeta.delivery.backoff import DEFAULT_BACKOFF, BackoffPolicy
 from estafeta.delivery.breakers import Breakers, circuit_state_store
 from estafeta.delivery.decision import decide
 from estafeta.delivery.model import LeasedDelivery
@@ -255,7 +255,7 @@ class Worker:
             max_attempts=delivery.max_attempts,
             outcome=outcome,
             now_ms=self.clock.now_ms(),
-            policy=self._policies.get(delivery.destination_id, BackoffPolicy()),
+            policy=self._policies.get(delivery.destination_id, DEFAULT_BACKOFF),
             rand=self._rand(),
             retry_after_floor_s=RETRY_AFTER_FLOOR_S,
         )
@@ -341,7 +341,7 @@ class Worker:
                     max_attempts=d.max_attempts,
                     outcome=lost,
                     now_ms=now_ms,
-                    policy=self._policies.get(d.destination_id, BackoffPolicy()),
+                    policy=self._policies.get(d.destination_id, DEFAULT_BACKOFF),
                     rand=self._rand(),
                 ),
                 started_at=now_ms,
