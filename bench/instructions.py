@@ -1,0 +1,276 @@
+"""Instructions per request or per delivery under callgrind: a repeatable measure of CPU work.
+
+Throughput and even CPU time on a shared virtual machine vary by ±30 % within an hour;
+instruction counts do not (±0.5 % between runs of the same code here). Use this to judge a
+change of a few per cent to a hot path before running the whole benchmark:
+
+    python bench/instructions.py handler   # the ingest handler, store stubbed: per request
+    python bench/instructions.py worker    # a Worker draining PostgreSQL to the sink: per delivery
+    python bench/instructions.py client    # the bare delivery client (HttpConnector): per request
+
+Each case runs twice under `valgrind --tool=callgrind` (N and 3N items; `--n` sets N) and
+the difference of the two totals ÷ 2N is printed, so start-up and imports cancel out. Only
+the Python process is counted: not the sink, not PostgreSQL. Under valgrind the process runs
+~50× slower, so the worker's leases and completions come in full batches: the figure is the
+per-delivery work at its best batching, not a latency. Needs valgrind (Debian: `valgrind`).
+A case takes 1–3 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import (
+    OUT_SECRET,
+    PYTHON,
+    canonical_event,
+    database_of,
+    estafeta_config,
+    pg_connect,
+    pg_drop,
+    pg_fresh,
+    running,
+    signature,
+    start_sink,
+    whatsapp_body,
+)
+
+CASES = ("handler", "worker", "client")
+
+
+# -- the cases, each run inside valgrind --------------------------------------------------------
+
+
+async def handler_case(n: int, workdir: Path) -> None:
+    """`n` signed WhatsApp webhooks through the ingest ASGI app; the commit answers at once."""
+    from estafeta.config import load_config
+    from estafeta.hub import Hub
+    from estafeta.ingress.endpoint import IngestApp
+    from estafeta.store import open_store
+    from estafeta.store.records import InsertResult, NewEvent
+
+    config = load_config(
+        estafeta_config(
+            workdir / "handler.toml",
+            port=1,
+            db_url=f"sqlite:///{workdir / 'handler.db'}",
+            sink_url="http://127.0.0.1:9",
+            spool_dir=workdir / "spool",
+        )
+    )
+    hub = Hub(config, open_store(config.storage.url))
+
+    async def committed(event: NewEvent) -> InsertResult:
+        return InsertResult(event.id, duplicate=False)
+
+    hub._ingest.submit = committed  # type: ignore[method-assign,assignment]
+    app = IngestApp(hub)
+    answers: list[int] = []
+
+    async def send(message: dict[str, object]) -> None:
+        if message["type"] == "http.response.start":
+            answers.append(int(str(message["status"])))
+
+    for i in range(n):
+        body = whatsapp_body("instructions", i)
+        headers = [
+            (b"host", b"127.0.0.1:8080"),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-hub-signature-256", signature(body).encode()),
+        ]
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/in/wa",
+            "raw_path": b"/in/wa",
+            "query_string": b"",
+            "headers": headers,
+            "scheme": "http",
+        }
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive(pending: list[dict[str, object]] = messages) -> dict[str, object]:
+            return pending.pop()
+
+        await app(scope, receive, send)  # type: ignore[arg-type]
+    if answers.count(202) != n:
+        raise RuntimeError(f"expected {n} answers 202, got {sorted(set(answers))}")
+
+
+async def worker_case(n: int, workdir: Path) -> None:
+    """A Worker delivering `n` pending deliveries from a fresh PostgreSQL database to the sink."""
+    from estafeta.config import load_config
+    from estafeta.delivery.worker import Worker
+    from estafeta.server import prepared_store
+
+    sink, _port, sink_url = start_sink(workdir, cpu=None)
+    db_url = pg_fresh("instructions")
+    try:
+        with running([sink]):
+            config = load_config(
+                estafeta_config(
+                    workdir / "worker.toml",
+                    port=1,
+                    db_url=db_url,
+                    sink_url=sink_url,
+                    spool_dir=workdir / "spool",
+                )
+            )
+            store = await prepared_store(config)
+            _backlog(db_url, n)
+            worker = Worker(store, config)
+            stop = asyncio.Event()
+            task = asyncio.ensure_future(worker.run(stop))
+            while worker.sent < n:
+                await asyncio.sleep(0.05)
+            stop.set()
+            await task
+            await store.close()
+    finally:
+        pg_drop(db_url)
+
+
+def _backlog(db_url: str, n: int) -> None:
+    """`n` events of the canonical size with one pending delivery each to `sink1`."""
+    conn = pg_connect(database_of(db_url))
+    payload = canonical_event("instructions", 1).decode()
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                """
+                INSERT INTO events (id, tenant_id, source_id, type, idempotency_key,
+                                    occurred_at, received_at, payload)
+                SELECT 'evt_' || lpad(g::text, 26, '0'), 'bench', 'wa', 'message.received',
+                       'wamid.instructions.' || g, 1, 1, %(payload)s
+                FROM generate_series(1, %(n)s) AS g
+                """,
+                {"payload": payload, "n": n},
+            )
+            cur.execute(
+                """
+                INSERT INTO deliveries (id, tenant_id, event_id, destination_id, state,
+                                        priority, attempts, max_attempts, next_attempt_at,
+                                        replays, created_at, updated_at)
+                SELECT 'dlv_' || lpad(g::text, 26, '0'), 'bench',
+                       'evt_' || lpad(g::text, 26, '0'), 'sink1', 'pending', 1, 0, 8, g, 0, 1, 1
+                FROM generate_series(1, %(n)s) AS g
+                """,
+                {"n": n},
+            )
+    finally:
+        conn.close()
+
+
+async def client_case(n: int, workdir: Path) -> None:
+    """`n` signed deliveries by HttpConnector.deliver, 64 at a time, to the sink."""
+    from estafeta.connectors.http import HttpConnector, new_client_session
+    from estafeta.delivery.model import LeasedDelivery
+    from estafeta.delivery.outcome import OutcomeKind
+
+    sink, _port, sink_url = start_sink(workdir, cpu=None)
+    payload = canonical_event("instructions", 1)
+    with running([sink]):
+        session = new_client_session()
+        connector = HttpConnector(
+            url=f"{sink_url}/hooks/client", secret=OUT_SECRET, timeout_s=10, session=session
+        )
+        left = [n]
+
+        async def sender() -> None:
+            while left[0] > 0:
+                left[0] -= 1
+                delivery = LeasedDelivery(
+                    id=f"dlv_{left[0]:026d}",
+                    tenant_id="bench",
+                    event_id=f"evt_{left[0]:026d}",
+                    destination_id="client",
+                    attempts=0,
+                    max_attempts=8,
+                    priority=1,
+                    ordering_key=None,
+                    lease_token="t",  # noqa: S106 - not a secret
+                    lease_expires_at=0,
+                    payload=payload,
+                )
+                outcome = await connector.deliver(delivery)
+                if outcome.kind is not OutcomeKind.SUCCESS:
+                    raise RuntimeError(f"the sink did not take a delivery: {outcome}")
+
+        await asyncio.gather(*(sender() for _ in range(64)))
+        await session.close()
+
+
+# -- the measurement ---------------------------------------------------------------------------
+
+
+def instructions(case: str, n: int, workdir: Path) -> int:
+    """Instructions the Python process ran for the case with `n` items (valgrind's total)."""
+    out = workdir / f"callgrind-{case}-{n}.out"
+    done = subprocess.run(
+        [
+            "valgrind",
+            "--tool=callgrind",
+            f"--callgrind-out-file={out}",
+            PYTHON,
+            __file__,
+            "--run",
+            case,
+            "--n",
+            str(n),
+            "--workdir",
+            str(workdir),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    found = re.search(r"Collected\s*:\s*([\d,]+)", done.stderr)
+    if done.returncode != 0 or found is None:
+        raise RuntimeError(f"{case} under valgrind failed:\n{done.stderr[-3000:]}")
+    return int(found.group(1).replace(",", ""))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("case", nargs="?", choices=CASES)
+    parser.add_argument("--n", type=int, default=1000, help="items in the smaller run")
+    parser.add_argument("--run", choices=CASES, help=argparse.SUPPRESS)  # inside valgrind
+    parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.run:
+        import uvloop
+
+        cases = {"handler": handler_case, "worker": worker_case, "client": client_case}
+        uvloop.run(cases[args.run](args.n, args.workdir))
+        return
+    if args.case is None:
+        parser.error("name a case: " + ", ".join(CASES))
+    if shutil.which("valgrind") is None:
+        sys.exit("valgrind is not installed: apt-get install -y valgrind")
+    workdir = Path(tempfile.mkdtemp(prefix="estafeta-instructions-"))
+    try:
+        began = time.monotonic()
+        small = instructions(args.case, args.n, workdir)
+        large = instructions(args.case, 3 * args.n, workdir)
+        per_item = (large - small) / (2 * args.n)
+        unit = "delivery" if args.case == "worker" else "request"
+        print(
+            f"{args.case}: {per_item:,.0f} instructions per {unit} "
+            f"({small:,} for {args.n}, {large:,} for {3 * args.n}; "
+            f"{time.monotonic() - began:.0f} s)"
+        )
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
