@@ -141,7 +141,11 @@ def _client_run(sink_port: int, sink_url: str, seconds: float, concurrency: int)
 # -- the client process ------------------------------------------------------------------------
 
 
-async def _client(url: str, seconds: float, concurrency: int) -> dict[str, Any]:
+async def client_sends(
+    url: str, concurrency: int, *, seconds: float | None = None, count: int | None = None
+) -> dict[str, Any]:
+    """`concurrency` loops of HttpConnector.deliver to `url`, for `seconds` or until `count`
+    deliveries were sent (bench/instructions.py counts the instructions of a fixed number)."""
     from estafeta.connectors.http import HttpConnector, new_client_session
     from estafeta.delivery.model import LeasedDelivery
 
@@ -151,12 +155,13 @@ async def _client(url: str, seconds: float, concurrency: int) -> dict[str, Any]:
     connector = HttpConnector(url=url, secret=OUT_SECRET, timeout_s=10, session=session)
     latencies: list[float] = []
     outcomes: dict[str, int] = {}
-    stop_at = time.perf_counter() + seconds
+    stop_at = time.perf_counter() + (seconds if seconds is not None else float("inf"))
+    last = count if count is not None else float("inf")
     counter = 0
 
     async def loop() -> None:
         nonlocal counter
-        while time.perf_counter() < stop_at:
+        while counter < last and time.perf_counter() < stop_at:
             counter += 1
             delivery = LeasedDelivery(
                 id=f"dlv_{counter:026d}",
@@ -206,7 +211,7 @@ def main() -> None:
     args = parser.parse_args()
     import uvloop
 
-    emit(uvloop.run(_client(args.url, args.seconds, args.concurrency)))
+    emit(uvloop.run(client_sends(args.url, args.concurrency, seconds=args.seconds)))
 
 
 if __name__ == "__main__":

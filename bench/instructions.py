@@ -28,8 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ceiling import client_sends
 from common import (
-    OUT_SECRET,
     PYTHON,
     canonical_event,
     database_of,
@@ -171,42 +171,13 @@ def _backlog(db_url: str, n: int) -> None:
 
 
 async def client_case(n: int, workdir: Path) -> None:
-    """`n` signed deliveries by HttpConnector.deliver, 64 at a time, to the sink."""
-    from estafeta.connectors.http import HttpConnector, new_client_session
-    from estafeta.delivery.model import LeasedDelivery
-    from estafeta.delivery.outcome import OutcomeKind
-
+    """`n` signed deliveries by HttpConnector.deliver, 64 at a time, to the sink: the
+    delivery-client ceiling's own loop (bench/ceiling.py), stopped by count."""
     sink, _port, sink_url = start_sink(workdir, cpu=None)
-    payload = canonical_event("instructions", 1)
     with running([sink]):
-        session = new_client_session()
-        connector = HttpConnector(
-            url=f"{sink_url}/hooks/client", secret=OUT_SECRET, timeout_s=10, session=session
-        )
-        left = [n]
-
-        async def sender() -> None:
-            while left[0] > 0:
-                left[0] -= 1
-                delivery = LeasedDelivery(
-                    id=f"dlv_{left[0]:026d}",
-                    tenant_id="bench",
-                    event_id=f"evt_{left[0]:026d}",
-                    destination_id="client",
-                    attempts=0,
-                    max_attempts=8,
-                    priority=1,
-                    ordering_key=None,
-                    lease_token="t",  # noqa: S106 - not a secret
-                    lease_expires_at=0,
-                    payload=payload,
-                )
-                outcome = await connector.deliver(delivery)
-                if outcome.kind is not OutcomeKind.SUCCESS:
-                    raise RuntimeError(f"the sink did not take a delivery: {outcome}")
-
-        await asyncio.gather(*(sender() for _ in range(64)))
-        await session.close()
+        result = await client_sends(f"{sink_url}/hooks/client", 64, count=n)
+    if result["ok"] != n:
+        raise RuntimeError(f"the sink did not take every delivery: {result['outcomes']}")
 
 
 # -- the measurement ---------------------------------------------------------------------------
