@@ -48,6 +48,20 @@ async def until(condition: object, *, turns: int = 100) -> None:
     raise AssertionError("the condition never held")
 
 
+def submitted(committer: GroupCommitter[int, int], *items: int) -> list[asyncio.Future[int]]:
+    """Each item submitted in a task of its own, in order."""
+    return [asyncio.ensure_future(committer.submit(item)) for item in items]
+
+
+async def first_flush_held(
+    committer: GroupCommitter[int, int], store: Store, item: int
+) -> asyncio.Future[int]:
+    """Submit `item` and wait until its flush runs, held at the store's gate."""
+    [future] = submitted(committer, item)
+    await until(lambda: store.running == 1)
+    return future
+
+
 async def settle(turns: int = 20) -> None:
     """Let the loop run a while, for asserting that something did *not* happen."""
     for _ in range(turns):
@@ -66,9 +80,9 @@ async def test_concurrent_submits_share_one_flush_and_each_gets_its_result() -> 
 async def test_items_queued_during_a_flush_go_together_in_the_next() -> None:
     store = Store(held=True)
     committer = GroupCommitter(store.flush)
-    first = asyncio.ensure_future(committer.submit(1))
-    await until(lambda: store.batches == [[1]])
-    later = [asyncio.ensure_future(committer.submit(i)) for i in (2, 3, 4)]
+    first = await first_flush_held(committer, store, 1)
+    assert store.batches == [[1]]
+    later = submitted(committer, 2, 3, 4)
     await until(lambda: all(not f.done() for f in later))
     store.gate.set()
     assert await first == 10
@@ -80,12 +94,11 @@ async def test_items_queued_during_a_flush_go_together_in_the_next() -> None:
 async def test_a_parallel_flush_waits_until_enough_items_queue() -> None:
     store = Store(held=True)
     committer = GroupCommitter(store.flush, max_concurrent_flushes=2, min_parallel_batch=3)
-    first = asyncio.ensure_future(committer.submit(0))
-    await until(lambda: store.running == 1)
-    two = [asyncio.ensure_future(committer.submit(i)) for i in (1, 2)]
+    first = await first_flush_held(committer, store, 0)
+    two = submitted(committer, 1, 2)
     await settle()
     assert store.batches == [[0]], "two waiting items must not start a second commit"
-    three = asyncio.ensure_future(committer.submit(3))
+    [three] = submitted(committer, 3)
     await until(lambda: store.running == 2)
     assert store.batches == [[0], [1, 2, 3]]
     store.gate.set()
@@ -97,9 +110,8 @@ async def test_a_parallel_flush_waits_until_enough_items_queue() -> None:
 async def test_items_below_the_parallel_threshold_flush_when_the_running_one_ends() -> None:
     store = Store(held=True)
     committer = GroupCommitter(store.flush, max_concurrent_flushes=4, min_parallel_batch=16)
-    first = asyncio.ensure_future(committer.submit(0))
-    await until(lambda: store.running == 1)
-    second = asyncio.ensure_future(committer.submit(1))
+    first = await first_flush_held(committer, store, 0)
+    [second] = submitted(committer, 1)
     await settle()
     assert store.batches == [[0]]
     store.gate.set()
@@ -112,7 +124,7 @@ async def test_items_below_the_parallel_threshold_flush_when_the_running_one_end
 async def test_no_more_flushes_run_at_once_than_allowed() -> None:
     store = Store(held=True)
     committer = GroupCommitter(store.flush, max_batch=2, max_concurrent_flushes=2)
-    futures = [asyncio.ensure_future(committer.submit(i)) for i in range(8)]
+    futures = submitted(committer, *range(8))
     await until(lambda: store.running == 2)
     await settle()
     assert store.running == 2
@@ -151,7 +163,7 @@ async def test_an_unreachable_store_fails_the_whole_batch_at_once() -> None:
 async def test_close_commits_what_is_queued_then_refuses_more() -> None:
     store = Store(held=True)
     committer = GroupCommitter(store.flush, max_concurrent_flushes=2, min_parallel_batch=10)
-    futures = [asyncio.ensure_future(committer.submit(i)) for i in range(3)]
+    futures = submitted(committer, *range(3))
     await until(lambda: store.running == 1)
     closing = asyncio.ensure_future(committer.close())
     await asyncio.sleep(0)
