@@ -9,6 +9,9 @@ from typing import Any
 import pytest
 
 from estafeta.config import Config, load_config_dict
+from estafeta.connectors.http import HttpConnector
+from estafeta.delivery.model import LeasedDelivery
+from estafeta.delivery.outcome import Outcome
 from estafeta.delivery.worker import Worker
 from estafeta.hub import Hub
 from estafeta.store.records import DeadLetterFilter, EventView
@@ -267,3 +270,26 @@ async def test_a_busy_destination_is_not_failed_for_sends_that_waited_for_a_conn
     assert [a.error_class for a in attempts if a.outcome != "success"] == []
     assert len(attempts) == 200
     assert len(sink.delivered_ids) == 200
+
+
+async def test_a_send_that_outlives_its_timeout_is_ended_by_the_worker_and_retried(
+    running: Callable[..., Running], store: SqlStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connector that never returns (a bug, or a library ignoring its own timeout) must
+    not hold its slot and its lease forever: the worker ends the send at the destination's
+    timeout plus a 1 s margin and records it as a retryable timeout."""
+    never = asyncio.Event()
+
+    async def hang(self: HttpConnector, delivery: LeasedDelivery) -> Outcome:
+        await never.wait()
+        raise AssertionError("the hanging send was never ended")
+
+    monkeypatch.setattr(HttpConnector, "deliver", hang)
+    hub = running(timeout_s=0.2, max_attempts=2)
+    event_id = await hub.publish()
+    view = await settled(store, event_id, timeout_s=15)
+    [delivery] = view.deliveries
+    assert (delivery.state, delivery.attempts) == ("dead", 2)
+    for attempt in delivery.attempt_log:
+        assert (attempt.outcome, attempt.error_class) == ("retryable", "timeout")
+        assert 1_100 <= attempt.duration_ms < 3_000  # 0.2 s + the 1 s margin, not forever
