@@ -30,6 +30,7 @@ from estafeta.connectors.registry import Connectors
 from estafeta.delivery.backoff import DEFAULT_BACKOFF, BackoffPolicy
 from estafeta.delivery.breakers import Breakers, circuit_state_store
 from estafeta.delivery.decision import decide
+from estafeta.delivery.expiry import Expiry
 from estafeta.delivery.model import LeasedDelivery
 from estafeta.delivery.outcome import Outcome, OutcomeKind
 from estafeta.delivery.state import DeliveryState
@@ -295,15 +296,19 @@ class Worker:
             )
         ceiling = self._ceilings.get(delivery.destination_id, self.settings.max_attempt_s)
         started = time.perf_counter()
+        expiry = Expiry(ceiling)
         try:
-            async with asyncio.timeout(ceiling):
-                return await connector.deliver(delivery)
-        except TimeoutError:
+            return await connector.deliver(delivery)
+        except asyncio.CancelledError:
+            if not expiry.ended_it():
+                raise
             return Outcome(
                 OutcomeKind.RETRYABLE,
                 (time.perf_counter() - started) * 1000,
                 error_class="timeout",
             )
+        finally:
+            expiry.disarm()
 
     async def _flush_completions(self, batch: Sequence[CompletedAttempt]) -> list[int]:
         await self.store.complete(batch, self.clock.now_ms())
