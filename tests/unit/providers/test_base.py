@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from estafeta.ingress.providers import (
     InboundRequest,
@@ -83,6 +85,17 @@ def test_source_for_refuses_generic() -> None:
 def test_phone_digits(value: object, digits: str | None) -> None:
     assert phone_digits(value) == digits
     assert e164(value) == (None if digits is None else f"+{digits}")
+
+
+@given(st.text(alphabet="0123456789 +-().whatsapp:\u0661\u00b2x@", max_size=24))
+def test_phone_digits_reads_every_text_by_one_rule(value: str) -> None:
+    """The fast path for plain digits agrees with the rule: drop `whatsapp:`, spaces, one
+    leading `+` and the separators; what is left must be 1–20 ASCII digits."""
+    rest = value.removeprefix("whatsapp:").strip().removeprefix("+")
+    for separator in " -().":
+        rest = rest.replace(separator, "")
+    expected = rest if 1 <= len(rest) <= 20 and rest.isascii() and rest.isdigit() else None
+    assert phone_digits(value) == expected
 
 
 @pytest.mark.parametrize(

@@ -229,6 +229,8 @@ def phone_digits(value: object) -> str | None:
     raw = text(value)
     if raw is None:
         return None
+    if raw.isdigit() and raw.isascii() and len(raw) <= 20:
+        return raw  # how WhatsApp Cloud writes them: a webhook reads up to five per message
     raw = raw.removeprefix("whatsapp:").strip().removeprefix("+")
     for separator in " -().":
         raw = raw.replace(separator, "")
