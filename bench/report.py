@@ -409,12 +409,38 @@ def markdown(doc: Doc, results_dir: Path) -> str:
             f"(waited {bg.get('waited_s', 0):.0f} s) | {_fmt(tool, '')}"
             f"{' (the client measured)' if phase == 'ceiling_client' else ''} | {shown} |"
         )
+    lines += saturated_load_tools(doc)
     lines += why_missed(doc, results_dir)
     if doc.get("errors"):
         lines += ["", "## Failed phases", ""]
         for phase, error in doc["errors"].items():
             lines.append(f"* `{phase}`: {error.strip().splitlines()[-1]}")
     return "\n".join(lines) + "\n"
+
+
+# A load tool using this much of its core may be late to send or to read answers: the
+# latencies it reports then include its own delays (the open-loop generator once spun its
+# core at every rate over 1,000/s and nothing in the report said so).
+SATURATED_TOOL_CORES = 0.9
+
+
+def saturated_load_tools(doc: Doc) -> list[str]:
+    """A warning for each load measurement whose tool used nearly all of its core."""
+    found = []
+    for phase, result in doc.get("phases", {}).items():
+        if phase == "ceiling_client":
+            continue  # there the client is what is measured, and it should be busy
+        for part in ("full", "half"):
+            for path in ((part,), (part, "load")):
+                cores = _get(result, *path, "own_cores")
+                if isinstance(cores, int | float) and cores >= SATURATED_TOOL_CORES:
+                    found.append(
+                        f"* `{phase}` {part}: the load tool used {cores:.2f} of its core; the "
+                        "latencies it reports include its own delays"
+                    )
+    if not found:
+        return []
+    return ["", "**Load tools near saturation**", "", *found]
 
 
 def _per_unit(cores: float | None, rate: float | None) -> float | None:
