@@ -53,6 +53,13 @@ def submitted(committer: GroupCommitter[int, int], *items: int) -> list[asyncio.
     return [asyncio.ensure_future(committer.submit(item)) for item in items]
 
 
+async def outcomes(committer: GroupCommitter[int, int], count: int) -> list[object]:
+    """Items 0..count-1 submitted at once: each one's result, or the exception it raised."""
+    return await asyncio.gather(
+        *(committer.submit(i) for i in range(count)), return_exceptions=True
+    )
+
+
 async def first_flush_held(
     committer: GroupCommitter[int, int], store: Store, item: int
 ) -> asyncio.Future[int]:
@@ -139,11 +146,9 @@ async def test_one_bad_item_fails_alone_and_its_batch_mates_are_committed() -> N
     store = Store()
     store.bad = {2}
     committer = GroupCommitter(store.flush)
-    outcomes = await asyncio.gather(
-        *(committer.submit(i) for i in range(4)), return_exceptions=True
-    )
-    assert outcomes[:2] == [0, 10] and outcomes[3] == 30
-    assert isinstance(outcomes[2], ValueError)
+    results = await outcomes(committer, 4)
+    assert results[:2] == [0, 10] and results[3] == 30
+    assert isinstance(results[2], ValueError)
     assert store.batches == [[0, 1, 2, 3], [0], [1], [2], [3]]
     await committer.close()
 
@@ -152,10 +157,8 @@ async def test_an_unreachable_store_fails_the_whole_batch_at_once() -> None:
     store = Store()
     store.down = True
     committer = GroupCommitter(store.flush)
-    outcomes = await asyncio.gather(
-        *(committer.submit(i) for i in range(3)), return_exceptions=True
-    )
-    assert all(isinstance(o, StoreUnavailable) for o in outcomes)
+    results = await outcomes(committer, 3)
+    assert all(isinstance(o, StoreUnavailable) for o in results)
     assert store.batches == [[0, 1, 2]], "no one-by-one retry against a store that is down"
     await committer.close()
 
