@@ -97,6 +97,10 @@ _DELIVERY_FIELDS = (
     "ordering_key",
     "max_attempts",
     "due",
+    "state",
+    "lease_token",
+    "lease_expires_at",
+    "leased_by",
 )
 
 

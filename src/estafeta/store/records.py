@@ -11,12 +11,23 @@ from estafeta.delivery.outcome import Outcome
 
 
 @dataclass(frozen=True, slots=True)
+class DirectLease:
+    """A lease taken as its deliveries are stored, for the worker in the same process
+    (delivery/handoff.py): they are stored in flight under it, never pending."""
+
+    token: str
+    expires_at: int  # Unix ms
+    worker_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class NewDelivery:
     id: str
     destination_id: str
     priority: int
     max_attempts: int
     ordering_key: str | None = None
+    lease: DirectLease | None = None  # None: stored pending, for any worker to lease
 
 
 @dataclass(frozen=True, slots=True)

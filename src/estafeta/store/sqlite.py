@@ -36,8 +36,9 @@ _INSERT_EVENT = (
 )
 _INSERT_DELIVERY = (
     "INSERT INTO deliveries (id, tenant_id, event_id, destination_id, priority, ordering_key,"
-    " max_attempts, next_attempt_at, created_at, updated_at, state, attempts, replays)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0, 0)"
+    " max_attempts, next_attempt_at, state, lease_token, lease_expires_at, leased_by,"
+    " created_at, updated_at, attempts, replays)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0)"
 )
 
 _FIND_BY_KEY = "SELECT id FROM events WHERE tenant_id = ? AND source_id = ? AND idempotency_key = ?"

@@ -54,6 +54,8 @@ if TYPE_CHECKING:
     from estafeta.config import Config
 
 SQL_DIR = Path(__file__).parent / "sql"
+PENDING = DeliveryState.PENDING.value
+IN_FLIGHT = DeliveryState.IN_FLIGHT.value
 
 
 class SqlStore(MessagingOps):
@@ -709,22 +711,32 @@ def event_row(event: NewEvent) -> tuple[Any, ...]:
 
 
 def delivery_rows(events: Sequence[NewEvent]) -> list[tuple[Any, ...]]:
-    """(id, tenant, event, destination, priority, ordering key, max attempts, due) of each
-    delivery of these events: the column tuple both engines' batch inserts take."""
-    return [
-        (
-            d.id,
-            event.tenant_id,
-            event.id,
-            d.destination_id,
-            d.priority,
-            d.ordering_key,
-            d.max_attempts,
-            event.received_at,
-        )
-        for event in events
-        for d in event.deliveries
-    ]
+    """(id, tenant, event, destination, priority, ordering key, max attempts, due, state,
+    lease token, lease deadline, leased by) of each delivery of these events: the column
+    tuple both engines' batch inserts take. A delivery leased as it is stored (`lease`) goes
+    in flight under that lease; any other is pending."""
+    rows: list[tuple[Any, ...]] = []
+    for event in events:
+        for d in event.deliveries:
+            lease = d.lease
+            rows.append(
+                (
+                    d.id,
+                    event.tenant_id,
+                    event.id,
+                    d.destination_id,
+                    d.priority,
+                    d.ordering_key,
+                    d.max_attempts,
+                    event.received_at,
+                    *(
+                        (PENDING, None, None, None)
+                        if lease is None
+                        else (IN_FLIGHT, lease.token, lease.expires_at, lease.worker_id)
+                    ),
+                )
+            )
+    return rows
 
 
 def _delivery_view_query() -> Select[Any]:

@@ -9,7 +9,8 @@
 -- stored, even when another process stores it at this very moment; RETURNING names the events
 -- that were stored.
 -- `delivered`: the deliveries of every event of the batch, of which only those of events
--- just stored are inserted (a duplicate's deliveries were made with the original).
+-- just stored are inserted (a duplicate's deliveries were made with the original); each is
+-- pending, or in flight under the lease the in-process worker took as it was stored.
 -- `counted`: each conversation touched by a stored message, once, with the batch's counts
 -- added to the stored ones (the latest contact name given wins: `n` is the event's place in
 -- the batch; a customer who writes again reopens a closed conversation). Rows go in key order
@@ -37,12 +38,15 @@ WITH incoming AS MATERIALIZED (
 ), delivered AS (
     INSERT INTO deliveries
         (id, tenant_id, event_id, destination_id, state, priority, ordering_key, attempts,
-         max_attempts, next_attempt_at, replays, created_at, updated_at)
-    SELECT d.id, d.tenant_id, d.event_id, d.destination_id, 'pending', d.priority,
-           d.ordering_key, 0, d.max_attempts, d.due, 0, d.due, d.due
+         max_attempts, next_attempt_at, lease_token, lease_expires_at, leased_by, replays,
+         created_at, updated_at)
+    SELECT d.id, d.tenant_id, d.event_id, d.destination_id, d.state, d.priority,
+           d.ordering_key, 0, d.max_attempts, d.due, d.lease_token, d.lease_expires_at,
+           d.leased_by, 0, d.due, d.due
     FROM json_to_recordset(CAST(CAST(:deliveries AS text) AS json)) AS d(
         id varchar, tenant_id varchar, event_id varchar, destination_id varchar,
-        priority smallint, ordering_key text, max_attempts integer, due bigint
+        priority smallint, ordering_key text, max_attempts integer, due bigint,
+        state varchar, lease_token varchar, lease_expires_at bigint, leased_by varchar
     )
     WHERE d.event_id IN (SELECT id FROM stored)
     RETURNING 1
