@@ -13,11 +13,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
+import structlog
 
 from estafeta.clock import Clock, SystemClock, iso_from_ms
 from estafeta.config import Config
 from estafeta.delivery.breakers import circuit_state_store
 from estafeta.delivery.circuit_store import connect_redis
+from estafeta.delivery.handoff import Handoff
+from estafeta.delivery.model import LeasedDelivery
 from estafeta.errors import StoreUnavailable
 from estafeta.ids import new_id
 from estafeta.ingress.generic import GenericSource
@@ -44,6 +47,8 @@ from estafeta.store.records import (
     NewMessage,
 )
 from estafeta.store.sqlstore import SqlStore
+
+log = structlog.get_logger("estafeta.hub")
 
 
 def count_accepted(source_id: str, outcome: str) -> None:
@@ -83,7 +88,7 @@ class Hub:
         # PostgreSQL commits up to 4 batches at once, a second only once 16 events wait.
         flushes = 1 if store.dialect == "sqlite" else 4
         self._ingest: GroupCommitter[NewEvent, InsertResult] = GroupCommitter(
-            store.insert_events,
+            self._store_batch,
             max_batch=500,
             max_concurrent_flushes=flushes,
             min_parallel_batch=16,
@@ -92,8 +97,10 @@ class Hub:
         self.redis = connect_redis(config.redis.url) if config.redis.url else None
         # Where circuits are shared, read by /health/detailed and /metrics.
         self.circuit_states = circuit_state_store(config, store, self.redis)
-        # Set whenever new deliveries are committed, so in-process workers wake at once.
+        # Set whenever deliveries are committed pending, so in-process workers wake at once.
         self.deliveries_ready = asyncio.Event()
+        # The worker in this process, if one runs, takes fresh deliveries as they are stored.
+        self.handoff = Handoff()
 
     async def accept(
         self,
@@ -173,9 +180,39 @@ class Hub:
                 raise
             self._store_down_until = time.monotonic() + STORE_RETRY_S
             return await self._spool(event)
-        if event.deliveries and not result.duplicate:
-            self.deliveries_ready.set()
         return result
+
+    async def _store_batch(self, events: Sequence[NewEvent]) -> list[InsertResult]:
+        """Commit a batch of accepted events (the group committer's flush). Deliveries the
+        in-process worker may take are stored leased to it and handed over once committed
+        (delivery/handoff.py); the worker is woken for those stored pending."""
+        reservation = self.handoff.reserve(events)
+        if reservation is None:
+            results = await self.store.insert_events(events)
+        else:
+            try:
+                results = await self.store.insert_events(reservation.events)
+            except BaseException:
+                reservation.cancel()
+                raise
+            events = reservation.events
+            leased, taken = reservation.settle(results)
+            if not taken:  # the worker is stopping: any worker may lease them
+                await self._give_back(leased)
+        if any(
+            not result.duplicate and any(d.lease is None for d in event.deliveries)
+            for event, result in zip(events, results, strict=True)
+        ):
+            self.deliveries_ready.set()
+        return results
+
+    async def _give_back(self, leased: list[LeasedDelivery]) -> None:
+        """Leases the worker did not take, made pending again. The batch is committed
+        whatever happens here: if the store is gone, the leases expire and are rescued."""
+        try:
+            await self.store.release(leased, self.clock.now_ms())
+        except StoreUnavailable:
+            log.warning("handed_leases_not_released", count=len(leased))
 
     async def send_message(
         self,

@@ -13,6 +13,7 @@ from estafeta.connectors.http import HttpConnector
 from estafeta.delivery.model import LeasedDelivery
 from estafeta.delivery.outcome import Outcome
 from estafeta.delivery.worker import Worker
+from estafeta.errors import StoreUnavailable
 from estafeta.hub import Hub
 from estafeta.store.records import DeadLetterFilter, EventView
 from estafeta.store.sqlstore import SqlStore
@@ -37,11 +38,18 @@ def config_for(database_url: str, sink: Sink, **destination: Any) -> Config:
 
 
 class Running:
-    """A hub and a worker in this event loop; `stop()` shuts the worker down gracefully."""
+    """A hub and a worker in this event loop, wired as `estafeta serve` wires them (fresh
+    deliveries handed over as they are stored) unless `handoff` is False (as `estafeta
+    worker` runs); `stop()` shuts the worker down gracefully."""
 
-    def __init__(self, store: SqlStore, config: Config) -> None:
+    def __init__(self, store: SqlStore, config: Config, *, handoff: bool = True) -> None:
         self.hub = Hub(config, store)
-        self.worker = Worker(store, config, wake=self.hub.deliveries_ready)
+        self.worker = Worker(
+            store,
+            config,
+            wake=self.hub.deliveries_ready,
+            handoff=self.hub.handoff if handoff else None,
+        )
         self._stop = asyncio.Event()
         self._task = asyncio.create_task(self.worker.run(self._stop))
 
@@ -67,8 +75,8 @@ async def running(
 ) -> AsyncIterator[Callable[..., Running]]:
     started: list[Running] = []
 
-    def start(**destination: Any) -> Running:
-        hub = Running(store, config_for(database_url, sink, **destination))
+    def start(*, handoff: bool = True, **destination: Any) -> Running:
+        hub = Running(store, config_for(database_url, sink, **destination), handoff=handoff)
         started.append(hub)
         return hub
 
@@ -293,3 +301,167 @@ async def test_a_send_that_outlives_its_timeout_is_ended_by_the_worker_and_retri
     for attempt in delivery.attempt_log:
         assert (attempt.outcome, attempt.error_class) == ("retryable", "timeout")
         assert 1_100 <= attempt.duration_ms < 3_000  # 0.2 s + the 1 s margin, not forever
+
+
+def worker_config(database_url: str, sink: Sink, **worker: Any) -> Config:
+    data = base_config(database_url)
+    data["worker"].update(worker)
+    for d in data["destinations"]:
+        d["url"] = f"{sink.url}/{d['id']}"
+    return load_config_dict(data)
+
+
+async def test_fresh_deliveries_go_straight_to_the_worker_in_the_process_unleased(
+    store: SqlStore, sink: Sink, database_url: str
+) -> None:
+    """As `estafeta serve` runs: ingest stores each delivery in flight under its worker's
+    lease and hands it over, so no lease statement is spent on fresh work (the poll lease
+    is 30 s away here), and each is still sent once and recorded."""
+    hub = Running(store, worker_config(database_url, sink, poll_interval_s=30))
+    try:
+        await settled(store, await hub.publish())  # the worker has started and leased
+        leases = hub.worker.leases
+        ids = [await hub.publish(n=n) for n in range(20)]
+        assert await sink.wait_for(lambda s: s.delivered_ids >= set(ids), 10)
+        assert hub.worker.leases == leases
+        views = [await settled(store, event_id) for event_id in ids]
+        assert {(d.state, d.attempts) for v in views for d in v.deliveries} == {("succeeded", 1)}
+        assert sink.duplicates == 0
+    finally:
+        await hub.stop()
+
+
+async def test_without_the_handoff_the_worker_leases_what_ingest_stored(
+    store: SqlStore, sink: Sink, database_url: str
+) -> None:
+    """As `estafeta worker` runs (and the control for the test above): fresh deliveries
+    wait pending and are leased."""
+    hub = Running(store, worker_config(database_url, sink, poll_interval_s=30), handoff=False)
+    try:
+        await settled(store, await hub.publish())
+        leases = hub.worker.leases
+        ids = [await hub.publish(n=n) for n in range(5)]
+        assert await sink.wait_for(lambda s: s.delivered_ids >= set(ids), 10)
+        assert hub.worker.leases > leases
+    finally:
+        await hub.stop()
+
+
+async def test_fresh_deliveries_wait_their_turn_behind_a_backlog(
+    store: SqlStore, sink: Sink, database_url: str
+) -> None:
+    """After a lease that filled its batch, more may be waiting in the store: fresh
+    deliveries are then stored pending like any, not handed over ahead of older ones."""
+    config = worker_config(database_url, sink, batch_size=2, concurrency=10)
+    hub = Hub(config, store)
+    worker = Worker(store, config, handoff=hub.handoff)
+    hub.handoff.attach(worker)  # what `run` does first; its loop is driven by hand here
+    leased: list[str] = []
+    lease = store.lease
+
+    async def recording_lease(**kwargs: Any) -> list[LeasedDelivery]:
+        batch = await lease(**kwargs)
+        leased.extend(d.event_id for d in batch)
+        return batch
+
+    async def publish() -> str:
+        accepted = await hub.accept(
+            tenant_id="clinica-sol",
+            source_id="api",
+            event_type="message.received",
+            data={},
+            idempotency_key=None,
+        )
+        return accepted.event_id
+
+    store.lease = recording_lease  # type: ignore[method-assign]
+    try:
+        backlog = [await publish() for _ in range(5)]
+        assert await worker._step() == 2  # a full batch: the store may hold more
+        fresh = await publish()
+        for _ in range(3):
+            await worker._step()
+        assert leased == [*backlog, fresh]  # the fresh one was leased, after the backlog
+        # The last lease came back short: nothing due is left in the store, so fresh
+        # deliveries are stored in flight for the worker, and not leased.
+        assert await worker._step() == 0
+        handed = await publish()
+        view = await store.get_event(handed, None)
+        assert view is not None and view.deliveries[0].state == "in_flight"
+        assert handed not in leased
+    finally:
+        store.lease = lease  # type: ignore[method-assign]
+        await worker._shutdown()
+        await hub.close()
+
+
+async def test_deliveries_handed_to_a_worker_that_is_stopping_are_given_back_pending(
+    store: SqlStore, sink: Sink, database_url: str
+) -> None:
+    """A batch whose commit ends after the worker began to stop: its deliveries, stored
+    under that worker's lease, are made pending again at once for any worker to lease
+    (not left to expire, which would cost them an attempt)."""
+    config = worker_config(database_url, sink)
+    hub = Hub(config, store)
+    worker = Worker(store, config, handoff=hub.handoff)
+    hub.handoff.attach(worker)
+    assert await worker._step() == 0
+    committing = asyncio.Event()
+    stopped = asyncio.Event()
+    insert_events = store.insert_events
+
+    async def slow_insert(*args: Any, **kwargs: Any) -> Any:
+        committing.set()
+        await stopped.wait()
+        return await insert_events(*args, **kwargs)
+
+    store.insert_events = slow_insert  # type: ignore[method-assign]
+    try:
+        accepting = asyncio.create_task(
+            hub.accept(
+                tenant_id="clinica-sol",
+                source_id="api",
+                event_type="message.received",
+                data={},
+                idempotency_key=None,
+            )
+        )
+        await committing.wait()  # the batch is reserved for the worker and being stored
+        await worker._shutdown()
+        stopped.set()
+        event_id = (await accepting).event_id
+    finally:
+        store.insert_events = insert_events  # type: ignore[method-assign]
+        await hub.close()
+    view = await store.get_event(event_id, None)
+    assert view is not None
+    [delivery] = view.deliveries
+    assert (delivery.state, delivery.attempts) == ("pending", 0)
+    [leased] = await store.lease(
+        now_ms=hub.clock.now_ms(), limit=10, lease_ms=60_000, worker_id="another"
+    )
+    assert leased.id == delivery.id
+
+
+async def test_a_failed_commit_gives_the_reserved_slots_back(
+    store: SqlStore, sink: Sink, database_url: str
+) -> None:
+    """With one slot, a slot kept for a batch that then failed to commit would stall the
+    worker for good; after the failure, fresh events are still handed over and sent."""
+    hub = Running(store, worker_config(database_url, sink, concurrency=1, poll_interval_s=30))
+    insert_events = store.insert_events
+    try:
+        await settled(store, await hub.publish())
+
+        async def unreachable(*args: Any, **kwargs: Any) -> Any:
+            raise StoreUnavailable("the store cannot be reached: test")
+
+        store.insert_events = unreachable  # type: ignore[method-assign]
+        with pytest.raises(StoreUnavailable):
+            await hub.publish()
+        store.insert_events = insert_events  # type: ignore[method-assign]
+        ids = [await hub.publish(n=n) for n in range(3)]
+        assert await sink.wait_for(lambda s: s.delivered_ids >= set(ids), 10)
+    finally:
+        store.insert_events = insert_events  # type: ignore[method-assign]
+        await hub.stop()

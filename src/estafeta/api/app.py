@@ -59,6 +59,7 @@ def create_app(hub: Hub, *, run_workers: bool = False) -> Root:
                     hub.config,
                     clock=hub.clock,
                     wake=hub.deliveries_ready,
+                    handoff=hub.handoff,
                     breakers=Breakers(hub.circuit_states, hub.config),
                 )
                 return worker.run(stop)

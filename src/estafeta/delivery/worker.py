@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import secrets
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +32,7 @@ from estafeta.delivery.backoff import DEFAULT_BACKOFF, BackoffPolicy
 from estafeta.delivery.breakers import Breakers, circuit_state_store
 from estafeta.delivery.decision import decide
 from estafeta.delivery.expiry import Expiry
+from estafeta.delivery.handoff import Handoff, Reservation, reserve
 from estafeta.delivery.model import LeasedDelivery
 from estafeta.delivery.outcome import Outcome, OutcomeKind
 from estafeta.delivery.state import DeliveryState
@@ -41,7 +43,7 @@ from estafeta.messaging.facts import send_destination
 from estafeta.messaging.outbound import can_send
 from estafeta.observability.metrics import ATTEMPT_SECONDS, ATTEMPTS, DEAD_LETTERED, series
 from estafeta.store.group_commit import GroupCommitter
-from estafeta.store.records import CompletedAttempt
+from estafeta.store.records import CompletedAttempt, DirectLease, NewEvent
 from estafeta.store.sqlstore import SqlStore
 
 log = structlog.get_logger("estafeta.worker")
@@ -66,6 +68,7 @@ class Worker:
         rand: Callable[[], float] = random.random,
         breakers: Breakers | None = None,
         throttle: DestinationThrottle | None = None,
+        handoff: Handoff | None = None,
     ) -> None:
         self.store = store
         self.config = config
@@ -115,6 +118,16 @@ class Worker:
         self._recording: set[asyncio.Task[None]] = set()
         self._next_rescue = 0.0
         self.sent = 0  # attempts made by this worker, for reports and tests
+        # Fresh deliveries straight from ingest in this process (delivery/handoff.py).
+        self._handoff = handoff
+        self._handed: list[LeasedDelivery] = []  # committed, handed over, not started yet
+        self._handed_ready = asyncio.Event()
+        self._reserved = 0  # slots kept for deliveries whose commit is under way
+        self._backlogged = True  # the last lease filled its batch: more may be waiting
+        # When to lease (and refresh circuits, and rescue) again even if nothing wakes the
+        # loop but hand-overs: retries come due in the store without anyone saying so.
+        self._next_poll = 0.0
+        self.leases = 0  # lease statements run, for tests
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -122,20 +135,25 @@ class Worker:
         """Deliver until `stop` is set, then shut down gracefully."""
         await self._connectors.start()
         log.info("worker_started", worker=self.worker_id, concurrency=self.settings.concurrency)
+        if self._handoff is not None:
+            self._handoff.attach(self)
         try:
+            lease = True
             while not stop.is_set():
-                leased = await self._step()
+                await self._start_handed()
+                leased = await self._step() if lease else 0
                 if not leased:
-                    await self._idle(stop)
+                    lease = await self._idle(stop)
         finally:
             await self._shutdown()
 
     async def _step(self) -> int:
         """Rescue if due, probe open circuits, then lease as many as there are free slots;
         returns how many deliveries were taken (sent or snoozed)."""
+        self._next_poll = time.monotonic() + self.settings.poll_interval_s
         try:
             await self._rescue_if_due()
-            free = self.settings.concurrency - len(self._in_flight)
+            free = self._free_slots()
             if free <= 0:
                 return 0
             self._wake.clear()
@@ -154,7 +172,9 @@ class Worker:
                         await self.breakers.give_back_probe(destination_id)
                     taken += len(probe)
             blocked = self.breakers.not_closed() | self._throttled(now)
-            batch = await self._lease(now, min(self.settings.batch_size, free - taken), blocked)
+            limit = min(self.settings.batch_size, free - taken)
+            batch = await self._lease(now, limit, blocked)
+            self._backlogged = len(batch) >= limit
             await self._start(batch, now)
             taken += len(batch)
         except StoreUnavailable as exc:
@@ -177,6 +197,7 @@ class Worker:
     ) -> list[LeasedDelivery]:
         if limit <= 0:
             return []
+        self.leases += 1
         return await self.store.lease(
             now_ms=now,
             limit=limit,
@@ -185,6 +206,54 @@ class Worker:
             blocked=sorted(blocked or ()),
             only_destination=only_destination,
         )
+
+    def _free_slots(self) -> int:
+        return self.settings.concurrency - len(self._in_flight) - len(self._handed) - self._reserved
+
+    # -- fresh deliveries from ingest in this process (delivery/handoff.py) ----------------
+
+    def reserve(self, events: Sequence[NewEvent]) -> Reservation | None:
+        """Keep free slots for the batch ingest is about to commit, if nothing older waits."""
+        if self._backlogged or not self._taking():
+            return None
+        free = self._free_slots()
+        if free <= 0:
+            return None
+        now = self.clock.now_ms()
+        reservation = reserve(
+            events,
+            taker=self,
+            free=free,
+            blocked=self.breakers.not_closed() | self._throttled(now),
+            lease=DirectLease(secrets.token_hex(8), now + self.lease_ms, self.worker_id),
+        )
+        if reservation is not None:
+            self._reserved += reservation.count
+        return reservation
+
+    def take(self, reservation: Reservation, deliveries: list[LeasedDelivery]) -> bool:
+        """The batch is committed: send its deliveries (False once stopping: not taken)."""
+        self._reserved -= reservation.count
+        if not self._taking():
+            return False
+        self._handed.extend(deliveries)
+        self._handed_ready.set()
+        return True
+
+    def cancel(self, reservation: Reservation) -> None:
+        self._reserved -= reservation.count
+
+    def _taking(self) -> bool:
+        """Whether ingest may hand deliveries over: from start until shutdown begins."""
+        return self._handoff is not None and self._handoff.attached(self)
+
+    async def _start_handed(self) -> None:
+        if self._handed:
+            handed, self._handed = self._handed, []
+            try:
+                await self._start(handed, self.clock.now_ms())
+            except StoreUnavailable:  # a snooze not recorded: that lease expires and is rescued
+                log.warning("snooze_not_recorded", worker=self.worker_id)
 
     def _throttled(self, now: int) -> set[str]:
         return {d for d, until in self._throttled_until.items() if until > now}
@@ -225,23 +294,34 @@ class Worker:
         if not task.cancelled() and task.exception() is not None:
             log.error("attempt_crashed", exc_info=task.exception())
 
-    async def _idle(self, stop: asyncio.Event) -> None:
-        """Wait for new work, a free slot (when full), stop, or the poll interval."""
+    async def _idle(self, stop: asyncio.Event) -> bool:
+        """Wait for new work, a free slot (when full), stop, or the poll interval; returns
+        whether to lease next (False when only deliveries were handed over before the poll
+        interval was up: nothing new waits in the store for them)."""
         self._slot_freed.clear()
-        waiters = [asyncio.ensure_future(stop.wait())]
-        if len(self._in_flight) >= self.settings.concurrency:
-            waiters.append(asyncio.ensure_future(self._slot_freed.wait()))
+        self._handed_ready.clear()
+        wait_s = self._next_poll - time.monotonic()
+        if wait_s <= 0:
+            return True
+        if self._handed:
+            return False
+        stopped = asyncio.ensure_future(stop.wait())
+        handed = asyncio.ensure_future(self._handed_ready.wait())
+        if self._free_slots() <= 0:
+            other = asyncio.ensure_future(self._slot_freed.wait())
         else:
-            waiters.append(asyncio.ensure_future(self._wake.wait()))
+            other = asyncio.ensure_future(self._wake.wait())
+        waiters = (stopped, handed, other)
         try:
-            await asyncio.wait(
+            done, _ = await asyncio.wait(
                 waiters,
-                timeout=self.settings.poll_interval_s,
+                timeout=wait_s,
                 return_when=asyncio.FIRST_COMPLETED,
             )
         finally:
             for waiter in waiters:
                 waiter.cancel()
+        return other in done or stopped in done or time.monotonic() >= self._next_poll
 
     # -- one attempt ------------------------------------------------------------------------
 
@@ -361,6 +441,8 @@ class Worker:
     # -- stopping ---------------------------------------------------------------------------
 
     async def _shutdown(self) -> None:
+        if self._handoff is not None:
+            self._handoff.detach(self)
         if self._in_flight:
             await asyncio.wait(list(self._in_flight), timeout=self.settings.shutdown_grace_s)
         unfinished = dict(self._in_flight)
@@ -371,12 +453,14 @@ class Worker:
         await self._completions.close()
         if self._recording:
             await asyncio.gather(*self._recording, return_exceptions=True)
-        if unfinished:
+        unsent = [*unfinished.values(), *self._handed]
+        self._handed = []
+        if unsent:
             try:
-                released = await self.store.release(unfinished.values(), self.clock.now_ms())
+                released = await self.store.release(unsent, self.clock.now_ms())
                 log.info("leases_released", count=released, worker=self.worker_id)
             except StoreUnavailable:
-                log.warning("leases_not_released", count=len(unfinished))
+                log.warning("leases_not_released", count=len(unsent))
         await self._connectors.close()
         await self.throttle.aclose()
         log.info("worker_stopped", worker=self.worker_id, attempts=self.sent)
