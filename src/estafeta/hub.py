@@ -189,21 +189,21 @@ class Hub:
         reservation = self.handoff.reserve(events)
         if reservation is None:
             results = await self.store.insert_events(events)
+            some_pending = True
         else:
             try:
                 results = await self.store.insert_events(reservation.events)
             except BaseException:
                 reservation.cancel()
                 raise
-            events = reservation.events
             leased, taken = reservation.settle(results)
             if not taken:  # the worker is stopping: any worker may lease them
                 await self._give_back(leased)
-        if any(
-            not result.duplicate and any(d.lease is None for d in event.deliveries)
-            for event, result in zip(events, results, strict=True)
-        ):
-            self.deliveries_ready.set()
+            some_pending = reservation.leaves_pending or not taken
+        if some_pending:
+            stored = zip(events, results, strict=True)
+            if any(event.deliveries and not result.duplicate for event, result in stored):
+                self.deliveries_ready.set()
         return results
 
     async def _give_back(self, leased: list[LeasedDelivery]) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 from estafeta.delivery.handoff import Handoff, Reservation, reserve
 from estafeta.delivery.model import LeasedDelivery
@@ -69,6 +71,7 @@ def test_deliveries_with_an_ordering_key_or_to_a_blocked_destination_stay_pendin
     taken = reserve(batch, taker=Taker(), free=10, blocked={"billing"}, lease=LEASE)
     assert taken is not None
     assert leased_ids(taken.events) == ["a", "d"] and taken.count == 2
+    assert taken.leaves_pending  # "b" and "c": the worker is woken to lease them
     assert {d.lease for e in taken.events for d in e.deliveries} == {LEASE, None}
     assert leased_ids(batch) == []  # the batch as accepted is left alone (it may be spooled)
 
@@ -82,6 +85,9 @@ def test_with_fewer_free_slots_the_best_priority_goes_first_then_arrival_order()
     taken = reserve(batch, taker=Taker(), free=2, blocked=(), lease=LEASE)
     assert taken is not None
     assert sorted(leased_ids(taken.events)) == ["normal-1", "urgent"]
+    assert taken.leaves_pending
+    everything = reserve(batch, taker=Taker(), free=4, blocked=(), lease=LEASE)
+    assert everything is not None and not everything.leaves_pending
 
 
 def test_nothing_is_reserved_without_a_free_slot_or_an_eligible_delivery() -> None:
@@ -119,3 +125,12 @@ def test_a_stopping_worker_refuses_and_a_failed_commit_gives_the_slots_back() ->
     assert not taken and [d.id for d in leased] == ["a"]  # the caller releases them
     reservation.cancel()
     assert taker.cancelled == 1
+
+
+def test_an_event_with_other_deliveries_keeps_every_other_field() -> None:
+    # Every field a distinct value (types do not matter to the copy), so none can be lost.
+    values: dict[str, Any] = {f.name: f"value-{f.name}" for f in dataclasses.fields(NewEvent)}
+    original = NewEvent(**{**values, "deliveries": (delivery("a"),)})
+    changed = original.with_deliveries((delivery("b"),))
+    assert [d.id for d in changed.deliveries] == ["b"]
+    assert dataclasses.replace(changed, deliveries=original.deliveries) == original

@@ -25,7 +25,7 @@ from collections.abc import Collection, Sequence
 from typing import Protocol
 
 from estafeta.delivery.model import LeasedDelivery
-from estafeta.store.records import DirectLease, InsertResult, NewEvent
+from estafeta.store.records import DirectLease, InsertResult, NewDelivery, NewEvent
 
 
 class Taker(Protocol):
@@ -68,30 +68,35 @@ class Reservation:
     lease: DirectLease
     events: list[NewEvent]  # the batch as it is stored: taken deliveries under `lease`
     count: int  # deliveries taken (those of events found to be duplicates are dropped)
+    leaves_pending: bool  # some deliveries of the batch were not taken: stored pending
 
     def settle(self, results: Sequence[InsertResult]) -> tuple[list[LeasedDelivery], bool]:
         """After the commit: the taken deliveries of the events stored (a duplicate's were
         never inserted), handed to the worker; and whether the worker took them. When it did
         not (it is stopping), they are the caller's to release."""
-        leased = [
-            LeasedDelivery(
-                id=d.id,
-                tenant_id=event.tenant_id,
-                event_id=event.id,
-                destination_id=d.destination_id,
-                attempts=0,
-                max_attempts=d.max_attempts,
-                priority=d.priority,
-                ordering_key=None,
-                lease_token=self.lease.token,
-                lease_expires_at=self.lease.expires_at,
-                payload=event.payload.encode(),
+        leased: list[LeasedDelivery] = []
+        token, expires_at = self.lease.token, self.lease.expires_at
+        for event, result in zip(self.events, results, strict=True):
+            if result.duplicate:
+                continue
+            payload = event.payload.encode()  # once per event, whatever its fan-out
+            leased.extend(
+                LeasedDelivery(
+                    d.id,
+                    event.tenant_id,
+                    event.id,
+                    d.destination_id,
+                    0,  # attempts made before
+                    d.max_attempts,
+                    d.priority,
+                    None,  # ordering key: never handed over with one
+                    token,
+                    expires_at,
+                    payload,
+                )
+                for d in event.deliveries
+                if d.lease is not None
             )
-            for event, result in zip(self.events, results, strict=True)
-            if not result.duplicate
-            for d in event.deliveries
-            if d.lease is not None
-        ]
         return leased, self.taker.take(self, leased)
 
     def cancel(self) -> None:
@@ -117,6 +122,9 @@ def reserve(
     ]
     if not eligible or free <= 0:
         return None
+    leaves_pending = len(eligible) > free or len(eligible) < sum(
+        len(event.deliveries) for event in events
+    )
     if len(eligible) > free:
         eligible = sorted(eligible)[:free]
     taken: dict[int, set[int]] = {}
@@ -125,11 +133,19 @@ def reserve(
     stored = list(events)
     for n, indexes in taken.items():
         event = stored[n]
-        stored[n] = dataclasses.replace(
-            event,
-            deliveries=tuple(
-                dataclasses.replace(d, lease=lease) if i in indexes else d
+        stored[n] = event.with_deliveries(
+            tuple(
+                # Built directly: dataclasses.replace costs ~2 µs per call.
+                NewDelivery(d.id, d.destination_id, d.priority, d.max_attempts, None, lease)
+                if i in indexes
+                else d
                 for i, d in enumerate(event.deliveries)
-            ),
+            )
         )
-    return Reservation(taker=taker, lease=lease, events=stored, count=len(eligible))
+    return Reservation(
+        taker=taker,
+        lease=lease,
+        events=stored,
+        count=len(eligible),
+        leaves_pending=leaves_pending,
+    )

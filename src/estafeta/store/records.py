@@ -71,6 +71,28 @@ class NewEvent:
     message: NewMessage | None = None
     escalation: NewEscalation | None = None
 
+    def with_deliveries(self, deliveries: tuple[NewDelivery, ...]) -> NewEvent:
+        """The same event with other deliveries (~1 µs, where dataclasses.replace takes ~4:
+        ingest calls it per event handed to the worker; a test holds it to every field)."""
+        return NewEvent(
+            self.id,
+            self.tenant_id,
+            self.source_id,
+            self.type,
+            self.idempotency_key,
+            self.occurred_at,
+            self.received_at,
+            self.payload,
+            deliveries,
+            self.raw,
+            self.conversation_id,
+            self.message_ref,
+            self.direction,
+            self.contact_name,
+            self.message,
+            self.escalation,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class InsertResult:
