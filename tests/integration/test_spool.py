@@ -17,23 +17,16 @@ from estafeta.ingress.spool import Spool, encode, read_segment
 from estafeta.store import open_store
 from estafeta.store.records import NewDelivery, NewEvent
 from estafeta.store.sqlstore import SqlStore
+from tests.events import new_event as event_named
 
 UNREACHABLE = "postgresql://postgres@127.0.0.1:1/nowhere"  # nothing listens on port 1
 
 
 def new_event(n: int, key: str | None = None) -> NewEvent:
-    return NewEvent(
-        id=f"evt_{n:026d}",
-        tenant_id="clinica-sol",
-        source_id="crm-events",
-        type="message.received",
-        idempotency_key=key,
-        occurred_at=1,
-        received_at=1,
-        payload=f'{{"n":{n}}}',
-        deliveries=(
-            NewDelivery(id=f"dlv_{n:026d}", destination_id="crm", priority=1, max_attempts=3),
-        ),
+    return event_named(
+        f"evt_{n:026d}",
+        NewDelivery(id=f"dlv_{n:026d}", destination_id="crm", priority=1, max_attempts=3),
+        key=key,
     )
 
 

@@ -9,6 +9,7 @@ from typing import Any
 from estafeta.delivery.handoff import Handoff, Reservation, reserve
 from estafeta.delivery.model import LeasedDelivery
 from estafeta.store.records import DirectLease, InsertResult, NewDelivery, NewEvent
+from tests.events import new_event
 
 LEASE = DirectLease(token="t0k3n", expires_at=61_000, worker_id="w1")
 
@@ -34,17 +35,7 @@ class Taker:
 
 
 def event(n: int, *deliveries: NewDelivery) -> NewEvent:
-    return NewEvent(
-        id=f"evt_{n}",
-        tenant_id="clinica-sol",
-        source_id="api",
-        type="message.received",
-        idempotency_key=None,
-        occurred_at=1_000,
-        received_at=1_000,
-        payload=f'{{"id":"evt_{n}"}}',
-        deliveries=deliveries,
-    )
+    return new_event(f"evt_{n}", *deliveries, at=1_000)
 
 
 def delivery(
