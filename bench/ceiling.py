@@ -78,7 +78,7 @@ def bare_http(
             "--app-dir",
             str(BENCH_DIR),
             "--http",
-            "httptools",
+            "estafeta.http_protocol:OneWriteHttpToolsProtocol",  # as estafeta serves
             "--loop",
             "uvloop",
             "--no-access-log",

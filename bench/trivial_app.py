@@ -1,7 +1,8 @@
 """The bare-HTTP ceilings: an app that reads the body and answers 202 with a small JSON,
 served exactly as estafeta is (uvicorn + httptools + uvloop, one process):
 
-    uvicorn trivial_app:app --app-dir bench --http httptools --loop uvloop
+    uvicorn trivial_app:app --app-dir bench --loop uvloop \
+        --http estafeta.http_protocol:OneWriteHttpToolsProtocol
 
 `app` is a raw ASGI callable, the most any ASGI ingest can do; `starlette_app` is the same
 answer from a Starlette route, the issue's reference ceiling ("a trivial Starlette handler

@@ -19,6 +19,7 @@ from estafeta.config import Config
 from estafeta.connectors.registry import unavailable_kinds
 from estafeta.delivery.worker import Worker
 from estafeta.errors import ConfigError
+from estafeta.http_protocol import OneWriteHttpToolsProtocol
 from estafeta.hub import Hub
 from estafeta.ingress.spool import Spool
 from estafeta.store import open_store
@@ -92,7 +93,7 @@ def uvicorn_server(app: Any, listen: str, *, max_concurrent_requests: int = 4096
         app,
         host=host,
         port=port,
-        http="httptools",
+        http=OneWriteHttpToolsProtocol,  # httptools, one write per response
         loop="none",
         lifespan="on",
         access_log=False,
