@@ -178,9 +178,7 @@ class Worker:
             await self._start(batch, now)
             taken += len(batch)
         except StoreUnavailable as exc:
-            if not self._store_down:  # once per outage, not once per poll
-                self._store_down = True
-                log.warning("store_unavailable", worker=self.worker_id, error=str(exc))
+            self._store_unavailable(exc)
             return 0
         if self._store_down:
             self._store_down = False
@@ -242,6 +240,7 @@ class Worker:
 
     def cancel(self, reservation: Reservation) -> None:
         self._reserved -= reservation.count
+        self._slot_freed.set()  # a loop waiting for a slot may lease again
 
     def _taking(self) -> bool:
         """Whether ingest may hand deliveries over: from start until shutdown begins."""
@@ -252,8 +251,13 @@ class Worker:
             handed, self._handed = self._handed, []
             try:
                 await self._start(handed, self.clock.now_ms())
-            except StoreUnavailable:  # a snooze not recorded: that lease expires and is rescued
-                log.warning("snooze_not_recorded", worker=self.worker_id)
+            except StoreUnavailable as exc:  # a snooze not recorded: that lease expires
+                self._store_unavailable(exc)
+
+    def _store_unavailable(self, exc: StoreUnavailable) -> None:
+        if not self._store_down:  # once per outage, not once per poll
+            self._store_down = True
+            log.warning("store_unavailable", worker=self.worker_id, error=str(exc))
 
     def _throttled(self, now: int) -> set[str]:
         return {d for d, until in self._throttled_until.items() if until > now}

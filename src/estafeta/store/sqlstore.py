@@ -54,7 +54,8 @@ if TYPE_CHECKING:
     from estafeta.config import Config
 
 SQL_DIR = Path(__file__).parent / "sql"
-PENDING = DeliveryState.PENDING.value
+# The state and lease columns of a delivery stored without a lease.
+UNLEASED = (DeliveryState.PENDING.value, None, None, None)
 IN_FLIGHT = DeliveryState.IN_FLIGHT.value
 
 
@@ -730,7 +731,7 @@ def delivery_rows(events: Sequence[NewEvent]) -> list[tuple[Any, ...]]:
                     d.max_attempts,
                     event.received_at,
                     *(
-                        (PENDING, None, None, None)
+                        UNLEASED
                         if lease is None
                         else (IN_FLIGHT, lease.token, lease.expires_at, lease.worker_id)
                     ),
