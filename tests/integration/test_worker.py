@@ -37,6 +37,18 @@ def config_for(database_url: str, sink: Sink, **destination: Any) -> Config:
     return load_config_dict(data)
 
 
+async def publish(hub: Hub, event_type: str = "message.received", **data: Any) -> str:
+    """Accept one event of clinica-sol through the API source; its id."""
+    result = await hub.accept(
+        tenant_id="clinica-sol",
+        source_id="api",
+        event_type=event_type,
+        data=data,
+        idempotency_key=None,
+    )
+    return result.event_id
+
+
 class Running:
     """A hub and a worker in this event loop, wired as `estafeta serve` wires them (fresh
     deliveries handed over as they are stored) unless `handoff` is False (as `estafeta
@@ -54,14 +66,7 @@ class Running:
         self._task = asyncio.create_task(self.worker.run(self._stop))
 
     async def publish(self, event_type: str = "message.received", **data: Any) -> str:
-        result = await self.hub.accept(
-            tenant_id="clinica-sol",
-            source_id="api",
-            event_type=event_type,
-            data=data,
-            idempotency_key=None,
-        )
-        return result.event_id
+        return await publish(self.hub, event_type, **data)
 
     async def stop(self) -> None:
         self._stop.set()
@@ -241,15 +246,7 @@ async def test_a_dead_workers_lease_is_rescued_and_counted(
 ) -> None:
     config = config_for(database_url, sink)
     hub = Hub(config, store)
-    event_id = (
-        await hub.accept(
-            tenant_id="clinica-sol",
-            source_id="api",
-            event_type="message.received",
-            data={},
-            idempotency_key=None,
-        )
-    ).event_id
+    event_id = await publish(hub)
     # A worker leases it and dies without a word: a lease that has already expired.
     [lost] = await store.lease(now_ms=hub.clock.now_ms(), limit=10, lease_ms=-1, worker_id="gone")
     worker = Worker(store, config)
@@ -364,28 +361,18 @@ async def test_fresh_deliveries_wait_their_turn_behind_a_backlog(
         leased.extend(d.event_id for d in batch)
         return batch
 
-    async def publish() -> str:
-        accepted = await hub.accept(
-            tenant_id="clinica-sol",
-            source_id="api",
-            event_type="message.received",
-            data={},
-            idempotency_key=None,
-        )
-        return accepted.event_id
-
     store.lease = recording_lease  # type: ignore[method-assign]
     try:
-        backlog = [await publish() for _ in range(5)]
+        backlog = [await publish(hub) for _ in range(5)]
         assert await worker._step() == 2  # a full batch: the store may hold more
-        fresh = await publish()
+        fresh = await publish(hub)
         for _ in range(3):
             await worker._step()
         assert leased == [*backlog, fresh]  # the fresh one was leased, after the backlog
         # The last lease came back short: nothing due is left in the store, so fresh
         # deliveries are stored in flight for the worker, and not leased.
         assert await worker._step() == 0
-        handed = await publish()
+        handed = await publish(hub)
         view = await store.get_event(handed, None)
         assert view is not None and view.deliveries[0].state == "in_flight"
         assert handed not in leased
@@ -417,19 +404,11 @@ async def test_deliveries_handed_to_a_worker_that_is_stopping_are_given_back_pen
 
     store.insert_events = slow_insert  # type: ignore[method-assign]
     try:
-        accepting = asyncio.create_task(
-            hub.accept(
-                tenant_id="clinica-sol",
-                source_id="api",
-                event_type="message.received",
-                data={},
-                idempotency_key=None,
-            )
-        )
+        accepting = asyncio.create_task(publish(hub))
         await committing.wait()  # the batch is reserved for the worker and being stored
         await worker._shutdown()
         stopped.set()
-        event_id = (await accepting).event_id
+        event_id = await accepting
     finally:
         store.insert_events = insert_events  # type: ignore[method-assign]
         await hub.close()
