@@ -455,6 +455,34 @@ def _missed(summary: Doc, figure: str, engine_prefix: str) -> bool:
     )
 
 
+def _machine_bound(
+    cores: int | None,
+    ceiling: float | None,
+    threshold: float,
+    *,
+    server: float,
+    database: float | None,
+    tool: float | None,
+) -> str:
+    """The fastest this ingest could go if every core of the machine were busy with it all
+    the time: the cores' CPU ÷ what the load tool, the database and the server spend per
+    event. Below the target, the target is out of reach for the design, not for tuning."""
+    if not cores or not ceiling or not tool:
+        return ""
+    parts = [("the load tool", tool), ("PostgreSQL", database), ("the server", server)]
+    spent = [(name, us) for name, us in parts if us]
+    total = sum(us for _, us in spent)
+    bound = cores * 1e6 / total
+    listed = ", ".join(f"{name} {us:,.0f}" for name, us in spent)
+    verdict = "short of the target even then" if bound < threshold * ceiling else "in reach"
+    return (
+        f" Even if the machine's {cores} cores did nothing else and never idled, the "
+        f"{total:,.0f} µs of CPU per event "
+        f"({listed}) allow at most {bound:,.0f}/s, {bound / ceiling:.2f}× of the ceiling: "
+        f"{verdict}."
+    )
+
+
 def why_missed(doc: Doc, results_dir: Path) -> list[str]:
     """Why each missed ratio target is missed, in this run's own CPU figures (steadier than
     throughput on a shared host), then the top of each committed profile."""
@@ -480,7 +508,15 @@ def why_missed(doc: Doc, results_dir: Path) -> list[str]:
         )
         database = _per_unit(_get(full, "cpu_cores", "postgresql"), _get(full, "committed_per_s"))
         if engine == "PostgreSQL" and database:
-            line += f" PostgreSQL spent another {database:,.0f} µs per event on the other core."
+            line += f" PostgreSQL spent another {database:,.0f} µs per event."
+        line += _machine_bound(
+            s.get("cores"),
+            _get(p, "ceiling_http", "rps"),
+            threshold,
+            server=spent,
+            database=database if engine == "PostgreSQL" else None,
+            tool=_per_unit(full.get("own_cores"), full.get("rps")),
+        )
         lines.append(line)
     client = _get(p, "ceiling_client", "client_cpu_us_per_request")
     ceiling = _get(p, "ceiling_client", "rps")
@@ -504,6 +540,11 @@ def why_missed(doc: Doc, results_dir: Path) -> list[str]:
         )
         if client:
             line += f" The delivery client alone spends {client:,.0f} µs per request."
+        bound = 1e6 / spent / ceiling
+        line += (
+            f" With its core to itself and never idle it would reach {bound:.2f}× of the "
+            f"ceiling{'' if bound >= 0.5 else ': short of the target even then'}."
+        )
         lines.append(line)
     profiles = sorted(
         results_dir.glob("profile-*.txt"), key=lambda f: ("-native" not in f.name, f.name)
