@@ -349,6 +349,7 @@ def markdown(doc: Doc, results_dir: Path) -> str:
         f"{settings['load_cpu']} (taskset); PostgreSQL and Redis unpinned. "
         f"{settings['load_seconds']:g} s of load per measurement; run took "
         f"{meta['duration_s']:.0f} s.",
+        *_host_lines(meta.get("host")),
         "",
         f"Targets met: **{s['targets_met']} of {s['targets_checked']}**"
         + (f"; phases failed: {', '.join(s['phases_failed'])}" if s["phases_failed"] else ""),
@@ -441,6 +442,29 @@ def saturated_load_tools(doc: Doc) -> list[str]:
     if not found:
         return []
     return ["", "**Load tools near saturation**", "", *found]
+
+
+def _host_lines(host: Doc | None) -> list[str]:
+    """The host probe (bench/host_probe.py), before and after the phases, in one sentence."""
+    seen = {
+        when: probe
+        for when, probe in (host or {}).items()
+        if isinstance(probe, dict) and "warm_us" in probe
+    }
+    if not seen:
+        return []
+    told = "; ".join(
+        f"{when} the phases {p['warm_us']:g} µs back to back, {p['slowdown_1ms']:g}× as long "
+        f"after 1 ms of idle, {p['slowdown_5ms']:g}× after 5 ms"
+        for when, p in seen.items()
+    )
+    return [
+        "",
+        f"Host: the same piece of Python work (parse, sign, re-encode one webhook body) took "
+        f"{told}. A core that idles comes back cold on this host, so CPU per event at partial "
+        f"load and latency tails depend on the hour as much as on the code "
+        f"(bench/host_probe.py).",
+    ]
 
 
 def _per_unit(cores: float | None, rate: float | None) -> float | None:

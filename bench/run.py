@@ -33,7 +33,17 @@ import e2e
 import ingest
 import report
 from baseline.launch import CELERY_CONCURRENCY, baseline_system
-from common import LOAD_CPU, RESULTS, SERVER_CPU, machine, wait_quiet, write_requests
+from common import (
+    BENCH_DIR,
+    LOAD_CPU,
+    PYTHON,
+    RESULTS,
+    SERVER_CPU,
+    machine,
+    run_json,
+    wait_quiet,
+    write_requests,
+)
 
 PHASES = (
     "ceiling_http",
@@ -93,6 +103,7 @@ def main() -> int:
     )
     results: dict[str, Any] = {}
     errors: dict[str, str] = {}
+    host: dict[str, Any] = {"before": host_probe()}
     requests_file = workdir / "requests.txt"
 
     def requests() -> Path:
@@ -163,6 +174,7 @@ def main() -> int:
                 print(f"    FAILED: {type(exc).__name__}: {exc}", flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    host["after"] = host_probe()
 
     finished = time.time()
     document: dict[str, Any] = {
@@ -170,6 +182,7 @@ def main() -> int:
             "started": datetime.datetime.fromtimestamp(started, datetime.UTC).isoformat(),
             "duration_s": round(finished - started, 1),
             "machine": facts,
+            "host": host,
             "settings": settings,
         },
         "phases": results,
@@ -182,6 +195,14 @@ def main() -> int:
     print((RESULTS / f"{name}.md").read_text())
     print(f"wrote {out_json}, {name}.md, {name}.png in {finished - started:.0f} s", flush=True)
     return 1 if errors else 0
+
+
+def host_probe() -> dict[str, Any]:
+    """bench/host_probe.py on the server core: how cold the host leaves an idle core."""
+    try:
+        return run_json([PYTHON, str(BENCH_DIR / "host_probe.py")], cpu=SERVER_CPU, timeout_s=60)
+    except Exception as exc:  # a fact about the host, not a phase: reported, never fatal
+        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
 
 
 if __name__ == "__main__":
