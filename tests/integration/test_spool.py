@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from estafeta.errors import HttpError
 from estafeta.hub import Hub
 from estafeta.ingress.spool import Spool, encode, read_segment
 from estafeta.store import open_store
-from estafeta.store.records import NewDelivery, NewEvent
+from estafeta.store.records import NewDelivery, NewEvent, NewMessage
 from estafeta.store.sqlstore import SqlStore
 from tests.events import new_event as event_named
 
@@ -60,6 +62,58 @@ def test_a_journal_reads_back_what_was_written_and_ignores_a_torn_tail(tmp_path:
     assert list(read_segment(segment)) == events
     segment.write_bytes(whole[:-1] + b"X")  # a corrupt last record fails its CRC
     assert list(read_segment(segment)) == events[:2]
+
+
+def test_a_journal_written_before_records_were_structs_still_reads(tmp_path: Path) -> None:
+    """A spool left by an older estafeta (records as orjson-dumped dataclass dicts, before
+    `lease` existed) must import after an upgrade: those events were acknowledged."""
+    queued = NewMessage(id="msg_1", source_id="wa", recipient="+5511999990000", content="{}")
+    old = {
+        **{f: getattr(new_event(7), f) for f in ("id", "tenant_id", "source_id", "type")},
+        "idempotency_key": "k7",
+        "occurred_at": 5,
+        "received_at": 6,
+        "payload": '{"id":"evt_7"}',
+        "deliveries": [
+            {
+                "id": "dlv_7",
+                "destination_id": "crm",
+                "priority": 1,
+                "max_attempts": 3,
+                "ordering_key": "+5511999990000",
+            }
+        ],
+        "raw": None,
+        "conversation_id": "5511999990000",
+        "message_ref": None,
+        "direction": "outbound",
+        "contact_name": None,
+        "message": {
+            "id": "msg_1",
+            "source_id": "wa",
+            "recipient": "+5511999990000",
+            "content": "{}",
+        },
+        "escalation": None,
+    }
+    payload = orjson.dumps(old)
+    segment = tmp_path / "0000000000001-x-1-000000001.journal"
+    segment.write_bytes(struct.pack(">II", len(payload), zlib.crc32(payload)) + payload)
+    [read] = read_segment(segment)
+    assert read.deliveries == (
+        NewDelivery(
+            id="dlv_7",
+            destination_id="crm",
+            priority=1,
+            max_attempts=3,
+            ordering_key="+5511999990000",
+        ),
+    )
+    assert read.message == queued and read.direction == "outbound"
+    assert read.idempotency_key == "k7" and read.payload == '{"id":"evt_7"}'
+    assert list(read_segment(segment)) == [read]  # and it round-trips through today's format
+    segment.write_bytes(encode(read))
+    assert list(read_segment(segment)) == [read]
 
 
 async def test_while_the_store_is_down_events_are_spooled_then_drained(

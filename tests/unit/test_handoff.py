@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
+
+import msgspec
 
 from estafeta.delivery.handoff import Handoff, Reservation, reserve
 from estafeta.delivery.model import LeasedDelivery
@@ -120,8 +121,8 @@ def test_a_stopping_worker_refuses_and_a_failed_commit_gives_the_slots_back() ->
 
 def test_an_event_with_other_deliveries_keeps_every_other_field() -> None:
     # Every field a distinct value (types do not matter to the copy), so none can be lost.
-    values: dict[str, Any] = {f.name: f"value-{f.name}" for f in dataclasses.fields(NewEvent)}
+    values: dict[str, Any] = {f.name: f"value-{f.name}" for f in msgspec.structs.fields(NewEvent)}
     original = NewEvent(**{**values, "deliveries": (delivery("a"),)})
     changed = original.with_deliveries((delivery("b"),))
     assert [d.id for d in changed.deliveries] == ["b"]
-    assert dataclasses.replace(changed, deliveries=original.deliveries) == original
+    assert msgspec.structs.replace(changed, deliveries=original.deliveries) == original

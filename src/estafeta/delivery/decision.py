@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from http import HTTPStatus
@@ -22,6 +21,7 @@ from http import HTTPStatus
 from estafeta.delivery.backoff import BackoffPolicy, backoff_delay_s
 from estafeta.delivery.outcome import Outcome, OutcomeKind
 from estafeta.delivery.state import DeliveryState
+from estafeta.record import Record
 
 # Statuses that mean "not now" rather than "never": request timeout, conflict, too early and
 # too many requests. Every other 4xx says the request itself is wrong and retrying it the
@@ -33,8 +33,7 @@ _LAST_ERROR_DETAIL_LIMIT = 200  # characters of detail kept in `last_error`
 _DELTA_SECONDS = re.compile(r"[+-]?\d+(?:\.\d+)?")  # not float(): it takes "nan", "1_0", "1e9"
 
 
-@dataclass(frozen=True, slots=True)
-class Transition:
+class Transition(Record, frozen=True):
     """What the store should write for the delivery once the attempt is recorded."""
 
     to_state: DeliveryState  # SUCCEEDED, PENDING (retry) or DEAD

@@ -24,8 +24,10 @@ import dataclasses
 from collections.abc import Collection, Sequence
 from typing import Protocol
 
+import msgspec
+
 from estafeta.delivery.model import LeasedDelivery
-from estafeta.store.records import DirectLease, InsertResult, NewDelivery, NewEvent
+from estafeta.store.records import DirectLease, InsertResult, NewEvent
 
 
 class Taker(Protocol):
@@ -135,10 +137,7 @@ def reserve(
         event = stored[n]
         stored[n] = event.with_deliveries(
             tuple(
-                # Built directly: dataclasses.replace costs ~2 µs per call.
-                NewDelivery(d.id, d.destination_id, d.priority, d.max_attempts, None, lease)
-                if i in indexes
-                else d
+                msgspec.structs.replace(d, lease=lease) if i in indexes else d
                 for i, d in enumerate(event.deliveries)
             )
         )

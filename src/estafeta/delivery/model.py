@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from estafeta.record import Record
 
 
-@dataclass(frozen=True, slots=True)
-class LeasedDelivery:
+class LeasedDelivery(Record, frozen=True):
     id: str  # dlv_…
     tenant_id: str
     event_id: str  # evt_…: also the outbound `webhook-id`, stable across retries

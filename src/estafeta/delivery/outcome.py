@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import StrEnum
+
+from estafeta.record import Record
 
 EXCERPT_LIMIT = 1024  # characters of a response body kept with an attempt
 
@@ -14,8 +15,7 @@ class OutcomeKind(StrEnum):
     PERMANENT = "permanent"  # other 4xx, invalid destination: straight to the DLQ
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(Record, frozen=True):
     kind: OutcomeKind
     duration_ms: float
     status_code: int | None = None

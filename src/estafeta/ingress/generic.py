@@ -9,7 +9,6 @@ or by an API key (`Authorization: Bearer …`) equal to the source's `api_key`. 
 from __future__ import annotations
 
 import hmac
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -17,6 +16,7 @@ from standardwebhooks.webhooks import Webhook
 
 from estafeta.config import SourceConfig
 from estafeta.errors import HttpError
+from estafeta.record import Record
 
 if TYPE_CHECKING:
     from estafeta.ingress.providers.base import InboundRequest
@@ -31,8 +31,7 @@ _VERIFY_MESSAGES = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class ParsedEvent:
+class ParsedEvent(Record, frozen=True):
     """What a source's payload says, before it becomes a canonical event."""
 
     type: str

@@ -25,16 +25,16 @@ import time
 import zlib
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
-import orjson
+import msgspec
 import structlog
 
 from estafeta.errors import HttpError, StoreUnavailable
 from estafeta.store.group_commit import GroupCommitter
-from estafeta.store.records import NewDelivery, NewEvent
+from estafeta.store.records import NewEvent
 from estafeta.store.sqlstore import SqlStore
 
 log = structlog.get_logger("estafeta.spool")
@@ -53,14 +53,13 @@ class SpoolStats:
 
 
 def encode(event: NewEvent) -> bytes:
-    payload = orjson.dumps(asdict(event))
+    payload = msgspec.json.encode(event)
     return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
 
 
 def decode(payload: bytes) -> NewEvent:
-    data: dict[str, Any] = orjson.loads(payload)
-    deliveries = tuple(NewDelivery(**d) for d in data.pop("deliveries"))
-    return NewEvent(**data, deliveries=deliveries)
+    """An event as `encode` wrote it, its deliveries (and message, escalation) typed too."""
+    return msgspec.json.decode(payload, type=NewEvent)
 
 
 def read_segment(path: Path) -> Iterator[NewEvent]:

@@ -15,11 +15,11 @@ from fnmatch import translate
 from typing import Any
 
 from estafeta.config import Config
+from estafeta.record import Record
 from estafeta.routing.filter import Filter, lookup, parse
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
+class Target(Record, frozen=True):
     """One delivery that routing asks for."""
 
     destination_id: str

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import base64
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Protocol
 
 import aiohttp
+import msgspec
 import orjson
 
 from estafeta import __version__
@@ -91,7 +92,7 @@ async def exchange(
         for secret in secrets:
             if secret:
                 excerpt = excerpt.replace(secret, "***")
-        outcome = replace(outcome, response_excerpt=excerpt)
+        outcome = msgspec.structs.replace(outcome, response_excerpt=excerpt)
     return outcome
 
 

@@ -32,10 +32,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import Any
 
 import aiohttp
+import msgspec
 import orjson
 
 from estafeta.connectors.exchange import elapsed_ms
@@ -180,7 +180,7 @@ class SendPulseClient:
                 error_class="timeout",
                 response_excerpt=f"no answer from SendPulse within {self._timeout_s:g} s",
             )
-        return replace(outcome, duration_ms=elapsed_ms(started))
+        return msgspec.structs.replace(outcome, duration_ms=elapsed_ms(started))
 
     async def _send(self, url: str, body: bytes) -> Outcome:
         for attempt in (1, 2):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qsl, urlsplit
 
@@ -28,6 +27,7 @@ import orjson
 from estafeta.errors import HttpError
 from estafeta.ingress.generic import ParsedEvent
 from estafeta.messaging.facts import fitted
+from estafeta.record import Record
 
 if TYPE_CHECKING:
     from estafeta.config import SourceConfig
@@ -45,8 +45,7 @@ MAX_KEY_LENGTH = 255
 _MAX_SECONDS = 10**11
 
 
-@dataclass(frozen=True, slots=True)
-class InboundRequest:
+class InboundRequest(Record, frozen=True):
     """One HTTP request to `/in/{source}`, as the provider sources need to see it."""
 
     method: str  # "GET" | "POST"
