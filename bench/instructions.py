@@ -7,6 +7,7 @@ change of a few per cent to a hot path before running the whole benchmark:
     python bench/instructions.py handler   # the ingest handler, store stubbed: per request
     python bench/instructions.py worker    # a Worker draining PostgreSQL to the sink: per delivery
     python bench/instructions.py client    # the bare delivery client (HttpConnector): per request
+    python bench/instructions.py e2e       # `serve`'s path: webhook → commit → hand-over → sink
 
 Each case runs twice under `valgrind --tool=callgrind` (N and 3N items; `--n` sets N) and
 the difference of the two totals ÷ 2N is printed, so start-up and imports cancel out. Only
@@ -23,12 +24,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hmac
+import itertools
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from ceiling import client_sends
@@ -47,7 +50,7 @@ from common import (
     whatsapp_body,
 )
 
-CASES = ("handler", "worker", "client")
+CASES = ("handler", "worker", "client", "e2e")
 
 
 # -- the cases, each run inside valgrind --------------------------------------------------------
@@ -83,29 +86,7 @@ async def handler_case(n: int, workdir: Path) -> None:
         if message["type"] == "http.response.start":
             answers.append(int(str(message["status"])))
 
-    # Each request's body is the template with its own message id (the same length), signed
-    # by one C call: making the bodies with json.dumps, as common.whatsapp_body does, cost
-    # ~9 µs per request, a third of what the handler itself does.
-    template = whatsapp_body("instructions", 0)
-    first_id = wamid("instructions", 0).encode()
-    key = APP_SECRET.encode()
-    for i in range(n):
-        body = template.replace(first_id, wamid("instructions", i).encode())
-        headers = [
-            (b"host", b"127.0.0.1:8080"),
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"x-hub-signature-256", b"sha256=" + hmac.digest(key, body, "sha256").hex().encode()),
-        ]
-        scope = {
-            "type": "http",
-            "method": "POST",
-            "path": "/in/wa",
-            "raw_path": b"/in/wa",
-            "query_string": b"",
-            "headers": headers,
-            "scheme": "http",
-        }
+    for scope, body in signed_requests(n):
         messages = [{"type": "http.request", "body": body, "more_body": False}]
 
         async def receive(pending: list[dict[str, object]] = messages) -> dict[str, object]:
@@ -180,6 +161,102 @@ def _backlog(db_url: str, n: int) -> None:
         conn.close()
 
 
+async def e2e_case(n: int, workdir: Path) -> None:
+    """`n` signed webhooks, 32 at a time, through the ingest app to a hub on a fresh
+    PostgreSQL database whose in-process worker (hand-over wired as `serve` wires it) sends
+    each to three sink destinations: per webhook, everything `serve` does for it but HTTP."""
+    from estafeta.config import load_config
+    from estafeta.delivery.breakers import Breakers
+    from estafeta.delivery.worker import Worker
+    from estafeta.hub import Hub
+    from estafeta.ingress.endpoint import IngestApp
+    from estafeta.server import prepared_store
+
+    fanout = 3
+    sink, _port, sink_url = start_sink(workdir, cpu=None)
+    db_url = pg_fresh("instructions")
+    try:
+        with running([sink]):
+            config = load_config(
+                estafeta_config(
+                    workdir / "e2e.toml",
+                    port=1,
+                    db_url=db_url,
+                    sink_url=sink_url,
+                    fanout=fanout,
+                    spool_dir=workdir / "spool",
+                )
+            )
+            store = await prepared_store(config)
+            hub = Hub(config, store)
+            worker = Worker(
+                store,
+                config,
+                clock=hub.clock,
+                wake=hub.deliveries_ready,
+                handoff=hub.handoff,
+                breakers=Breakers(hub.circuit_states, config),
+            )
+            stop = asyncio.Event()
+            running_worker = asyncio.ensure_future(worker.run(stop))
+            app = IngestApp(hub)
+            requests = signed_requests(n)
+            answers: list[int] = []
+
+            async def post(scope: dict[str, object], body: bytes) -> None:
+                messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+                async def receive() -> dict[str, object]:
+                    return messages.pop()
+
+                async def send(message: dict[str, object]) -> None:
+                    if message["type"] == "http.response.start":
+                        answers.append(int(str(message["status"])))
+
+                await app(scope, receive, send)  # type: ignore[arg-type]
+
+            while together := list(itertools.islice(requests, 32)):
+                await asyncio.gather(*(post(scope, body) for scope, body in together))
+            while worker.sent < n * fanout:
+                await asyncio.sleep(0.05)
+            stop.set()
+            await running_worker
+            await hub.close()
+            await store.close()
+        if answers.count(202) != n:
+            raise RuntimeError(f"expected {n} answers 202, got {sorted(set(answers))}")
+    finally:
+        pg_drop(db_url)
+
+
+def signed_requests(n: int) -> Iterator[tuple[dict[str, object], bytes]]:
+    """`n` (ASGI scope, body) pairs: distinct WhatsApp Cloud webhooks, each signed, made as
+    they are taken. Each body is the template with its own message id (the same length),
+    signed by one C call: making the bodies with json.dumps, as common.whatsapp_body does,
+    cost ~9 µs per request, a third of what the handler itself does."""
+    template = whatsapp_body("instructions", 0)
+    first_id = wamid("instructions", 0).encode()
+    key = APP_SECRET.encode()
+    for i in range(n):
+        body = template.replace(first_id, wamid("instructions", i).encode())
+        headers = [
+            (b"host", b"127.0.0.1:8080"),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-hub-signature-256", b"sha256=" + hmac.digest(key, body, "sha256").hex().encode()),
+        ]
+        scope: dict[str, object] = {
+            "type": "http",
+            "method": "POST",
+            "path": "/in/wa",
+            "raw_path": b"/in/wa",
+            "query_string": b"",
+            "headers": headers,
+            "scheme": "http",
+        }
+        yield scope, body
+
+
 async def client_case(n: int, workdir: Path) -> None:
     """`n` signed deliveries by HttpConnector.deliver, 64 at a time, to the sink: the
     delivery-client ceiling's own loop (bench/ceiling.py), stopped by count."""
@@ -235,7 +312,12 @@ def main() -> None:
         # The collector settings of estafeta's own processes (`estafeta serve` and `worker`):
         # with Python's defaults the worker spent ~45 µs more per delivery collecting garbage.
         tune_garbage_collector()
-        cases = {"handler": handler_case, "worker": worker_case, "client": client_case}
+        cases = {
+            "handler": handler_case,
+            "worker": worker_case,
+            "client": client_case,
+            "e2e": e2e_case,
+        }
         uvloop.run(cases[args.run](args.n, args.workdir))
         return
     if args.case is None:
@@ -248,7 +330,7 @@ def main() -> None:
         small = instructions(args.case, args.n, workdir)
         large = instructions(args.case, 3 * args.n, workdir)
         per_item = (large - small) / (2 * args.n)
-        unit = "delivery" if args.case == "worker" else "request"
+        unit = {"worker": "delivery", "e2e": "webhook (three deliveries)"}.get(args.case, "request")
         print(
             f"{args.case}: {per_item:,.0f} instructions per {unit} "
             f"({small:,} for {args.n}, {large:,} for {3 * args.n}; "
