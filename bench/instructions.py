@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hmac
 import itertools
 import re
@@ -31,8 +32,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ceiling import client_sends
 from common import (
@@ -49,6 +51,10 @@ from common import (
     wamid,
     whatsapp_body,
 )
+
+if TYPE_CHECKING:
+    from estafeta.config import Config
+    from estafeta.store.sqlstore import SqlStore
 
 CASES = ("handler", "worker", "client", "e2e")
 
@@ -97,10 +103,13 @@ async def handler_case(n: int, workdir: Path) -> None:
         raise RuntimeError(f"expected {n} answers 202, got {sorted(set(answers))}")
 
 
-async def worker_case(n: int, workdir: Path) -> None:
-    """A Worker delivering `n` pending deliveries from a fresh PostgreSQL database to the sink."""
+@contextlib.asynccontextmanager
+async def sink_and_store(
+    workdir: Path, name: str, *, fanout: int = 1
+) -> AsyncIterator[tuple[Config, SqlStore, str]]:
+    """The sink, a fresh PostgreSQL database and a prepared store on it configured with
+    `fanout` sink destinations: (configuration, store, database URL); all gone after."""
     from estafeta.config import load_config
-    from estafeta.delivery.worker import Worker
     from estafeta.server import prepared_store
 
     sink, _port, sink_url = start_sink(workdir, cpu=None)
@@ -109,25 +118,36 @@ async def worker_case(n: int, workdir: Path) -> None:
         with running([sink]):
             config = load_config(
                 estafeta_config(
-                    workdir / "worker.toml",
+                    workdir / f"{name}.toml",
                     port=1,
                     db_url=db_url,
                     sink_url=sink_url,
+                    fanout=fanout,
                     spool_dir=workdir / "spool",
                 )
             )
             store = await prepared_store(config)
-            _backlog(db_url, n)
-            worker = Worker(store, config)
-            stop = asyncio.Event()
-            task = asyncio.ensure_future(worker.run(stop))
-            while worker.sent < n:
-                await asyncio.sleep(0.05)
-            stop.set()
-            await task
-            await store.close()
+            try:
+                yield config, store, db_url
+            finally:
+                await store.close()
     finally:
         pg_drop(db_url)
+
+
+async def worker_case(n: int, workdir: Path) -> None:
+    """A Worker delivering `n` pending deliveries from a fresh PostgreSQL database to the sink."""
+    from estafeta.delivery.worker import Worker
+
+    async with sink_and_store(workdir, "worker") as (config, store, db_url):
+        _backlog(db_url, n)
+        worker = Worker(store, config)
+        stop = asyncio.Event()
+        task = asyncio.ensure_future(worker.run(stop))
+        while worker.sent < n:
+            await asyncio.sleep(0.05)
+        stop.set()
+        await task
 
 
 def _backlog(db_url: str, n: int) -> None:
@@ -165,68 +185,49 @@ async def e2e_case(n: int, workdir: Path) -> None:
     """`n` signed webhooks, 32 at a time, through the ingest app to a hub on a fresh
     PostgreSQL database whose in-process worker (hand-over wired as `serve` wires it) sends
     each to three sink destinations: per webhook, everything `serve` does for it but HTTP."""
-    from estafeta.config import load_config
     from estafeta.delivery.breakers import Breakers
     from estafeta.delivery.worker import Worker
     from estafeta.hub import Hub
     from estafeta.ingress.endpoint import IngestApp
-    from estafeta.server import prepared_store
 
     fanout = 3
-    sink, _port, sink_url = start_sink(workdir, cpu=None)
-    db_url = pg_fresh("instructions")
-    try:
-        with running([sink]):
-            config = load_config(
-                estafeta_config(
-                    workdir / "e2e.toml",
-                    port=1,
-                    db_url=db_url,
-                    sink_url=sink_url,
-                    fanout=fanout,
-                    spool_dir=workdir / "spool",
-                )
-            )
-            store = await prepared_store(config)
-            hub = Hub(config, store)
-            worker = Worker(
-                store,
-                config,
-                clock=hub.clock,
-                wake=hub.deliveries_ready,
-                handoff=hub.handoff,
-                breakers=Breakers(hub.circuit_states, config),
-            )
-            stop = asyncio.Event()
-            running_worker = asyncio.ensure_future(worker.run(stop))
-            app = IngestApp(hub)
-            requests = signed_requests(n)
-            answers: list[int] = []
+    answers: list[int] = []
+    async with sink_and_store(workdir, "e2e", fanout=fanout) as (config, store, _db_url):
+        hub = Hub(config, store)
+        worker = Worker(
+            store,
+            config,
+            clock=hub.clock,
+            wake=hub.deliveries_ready,
+            handoff=hub.handoff,
+            breakers=Breakers(hub.circuit_states, config),
+        )
+        stop = asyncio.Event()
+        running_worker = asyncio.ensure_future(worker.run(stop))
+        app = IngestApp(hub)
+        requests = signed_requests(n)
 
-            async def post(scope: dict[str, object], body: bytes) -> None:
-                messages = [{"type": "http.request", "body": body, "more_body": False}]
+        async def post(scope: dict[str, object], body: bytes) -> None:
+            messages = [{"type": "http.request", "body": body, "more_body": False}]
 
-                async def receive() -> dict[str, object]:
-                    return messages.pop()
+            async def receive() -> dict[str, object]:
+                return messages.pop()
 
-                async def send(message: dict[str, object]) -> None:
-                    if message["type"] == "http.response.start":
-                        answers.append(int(str(message["status"])))
+            async def send(message: dict[str, object]) -> None:
+                if message["type"] == "http.response.start":
+                    answers.append(int(str(message["status"])))
 
-                await app(scope, receive, send)  # type: ignore[arg-type]
+            await app(scope, receive, send)  # type: ignore[arg-type]
 
-            while together := list(itertools.islice(requests, 32)):
-                await asyncio.gather(*(post(scope, body) for scope, body in together))
-            while worker.sent < n * fanout:
-                await asyncio.sleep(0.05)
-            stop.set()
-            await running_worker
-            await hub.close()
-            await store.close()
-        if answers.count(202) != n:
-            raise RuntimeError(f"expected {n} answers 202, got {sorted(set(answers))}")
-    finally:
-        pg_drop(db_url)
+        while together := list(itertools.islice(requests, 32)):
+            await asyncio.gather(*(post(scope, body) for scope, body in together))
+        while worker.sent < n * fanout:
+            await asyncio.sleep(0.05)
+        stop.set()
+        await running_worker
+        await hub.close()
+    if answers.count(202) != n:
+        raise RuntimeError(f"expected {n} answers 202, got {sorted(set(answers))}")
 
 
 def signed_requests(n: int) -> Iterator[tuple[dict[str, object], bytes]]:
