@@ -12,5 +12,6 @@ class Record(msgspec.Struct, frozen=True):
     slots dataclass, and ~10x cheaper to make: a frozen dataclass's `__init__` sets each
     field through `object.__setattr__` (measured: ~1 µs for 12 fields, ~85 ns as a Struct).
     Ingest makes ~10 such values per webhook: as Structs the handler runs 15 % fewer
-    instructions (callgrind), the worker 5.5 % fewer per delivery. Copies with changes: `msgspec.structs.replace`.
+    instructions (callgrind), the worker 5.5 % fewer per delivery. Copies with changes:
+    `msgspec.structs.replace`.
     """
