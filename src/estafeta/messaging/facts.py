@@ -13,8 +13,9 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
+
+from estafeta.record import Record
 
 SEND_TYPE = "message.send"
 ESCALATED_TYPE = "conversation.escalated"
@@ -34,8 +35,7 @@ def digits(number: str) -> str:
     return re.sub(r"\D", "", number)
 
 
-@dataclass(frozen=True, slots=True)
-class Facts:
+class Facts(Record, frozen=True):
     conversation_id: str | None = None
     message_ref: str | None = None  # the provider's message id the event is or is about
     direction: str | None = None  # "inbound" | "outbound": which counter it adds to
