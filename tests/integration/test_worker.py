@@ -11,7 +11,7 @@ import pytest
 from estafeta.config import Config, load_config_dict
 from estafeta.connectors.http import HttpConnector
 from estafeta.delivery.model import LeasedDelivery
-from estafeta.delivery.outcome import Outcome
+from estafeta.delivery.outcome import Outcome, OutcomeKind
 from estafeta.delivery.worker import Worker
 from estafeta.errors import StoreUnavailable
 from estafeta.hub import Hub
@@ -444,3 +444,62 @@ async def test_a_failed_commit_gives_the_reserved_slots_back(
     finally:
         store.insert_events = insert_events  # type: ignore[method-assign]
         await hub.stop()
+
+
+async def test_a_circuit_that_opens_while_a_batch_commits_holds_its_handed_deliveries_back(
+    store: SqlStore, sink: Sink, database_url: str
+) -> None:
+    """Ingest reserves a batch for the worker while the destination's circuit is closed; it
+    opens (sends to it failed) before the commit ends. The handed-over delivery to it is not
+    sent: it goes back pending, no attempt counted, for the lease to hold back until the
+    circuit lets a probe through. The other destination's is sent."""
+    config = worker_config(database_url, sink)
+    hub = Hub(config, store)
+    worker = Worker(store, config, handoff=hub.handoff)
+    await worker._connectors.start()  # what `run` does first; its loop is driven by hand
+    hub.handoff.attach(worker)
+    assert await worker._step() == 0  # nothing waits: fresh deliveries are handed over
+    committing = asyncio.Event()
+    opened = asyncio.Event()
+    insert_events = store.insert_events
+
+    async def slow_insert(*args: Any, **kwargs: Any) -> Any:
+        committing.set()
+        await opened.wait()
+        return await insert_events(*args, **kwargs)
+
+    store.insert_events = slow_insert  # type: ignore[method-assign]
+    try:
+        accepting = asyncio.create_task(publish(hub, "appointment.booked", status="confirmed"))
+        await committing.wait()  # reserved for the worker, both circuits closed
+        failed = Outcome(OutcomeKind.RETRYABLE, 1.0, status_code=500, error_class="http_500")
+        for _ in range(config.destinations[0].circuit.failures):
+            now = hub.clock.now_ms()
+            await worker.breakers.record("crm", failed, started_at=now, now_ms=now)
+        assert "crm" in worker.breakers.not_closed()
+        opened.set()
+        event_id = await accepting
+        await worker._start_handed()
+        view = await settled_except(store, event_id, "crm")
+        states = {d.destination_id: (d.state, d.attempts) for d in view.deliveries}
+        assert states == {"crm": ("pending", 0), "billing": ("succeeded", 1)}
+        assert [r.path for r in sink.received] == ["/billing"]
+    finally:
+        store.insert_events = insert_events  # type: ignore[method-assign]
+        await worker._shutdown()
+        await hub.close()
+
+
+async def settled_except(
+    store: SqlStore, event_id: str, destination_id: str, timeout_s: float = 10
+) -> EventView:
+    """The event once its deliveries other than to `destination_id` are settled."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        view = await store.get_event(event_id, None)
+        assert view is not None
+        others = [d for d in view.deliveries if d.destination_id != destination_id]
+        if all(d.state not in ("pending", "in_flight") for d in others):
+            return view
+        assert asyncio.get_running_loop().time() < deadline, view
+        await asyncio.sleep(0.05)

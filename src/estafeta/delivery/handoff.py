@@ -14,6 +14,9 @@ What is never handed over, so that leasing's rules still hold:
 * anything while the worker has a backlog (the last lease filled its batch): fresh
   deliveries then wait their turn behind older ones of the same priority.
 
+A circuit that opens while the batch commits is seen when the worker starts the handed-over
+deliveries: those to it go back pending unsent (`Worker._start`), as leased ones do.
+
 A handed-over delivery is an ordinary lease: if the process dies before sending it, the
 lease expires and any worker rescues it, as for a lease taken the usual way.
 """

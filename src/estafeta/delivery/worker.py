@@ -166,7 +166,7 @@ class Worker:
                     continue  # no budget for the probe now: claiming it would only block
                 if taken < free and await self.breakers.try_probe(destination_id, now):
                     probe = await self._lease(now, 1, only_destination=destination_id)
-                    if not probe or not await self._start(probe, now):
+                    if not probe or not await self._start(probe, now, probe=True):
                         # Nothing to send, or the rate limit held it back: another worker
                         # (or this one, later) may probe as soon as it can.
                         await self.breakers.give_back_probe(destination_id)
@@ -262,12 +262,21 @@ class Worker:
     def _throttled(self, now: int) -> set[str]:
         return {d for d, until in self._throttled_until.items() if until > now}
 
-    async def _start(self, batch: list[LeasedDelivery], now: int) -> int:
+    async def _start(self, batch: list[LeasedDelivery], now: int, *, probe: bool = False) -> int:
         """Send each leased delivery its destination's rate limit allows now; snooze the
-        others until their budget refills (no attempt counted). Returns how many were sent."""
+        others until their budget refills (no attempt counted). Returns how many were sent.
+
+        A circuit may have opened since the batch was leased or handed over (the commit or
+        the lease statement takes milliseconds, and failing sends record meanwhile): its
+        deliveries go back pending, due now, and the lease holds them back until the circuit
+        lets a probe through. A `probe` is the one delivery its half-open circuit admitted."""
         snoozed: dict[int, list[LeasedDelivery]] = {}
+        held: set[str] = set() if probe else self.breakers.not_closed()
         loop = asyncio.get_running_loop()  # once per batch: each lookup is a getpid() call
         for delivery in batch:
+            if delivery.destination_id in held:
+                snoozed.setdefault(now, []).append(delivery)
+                continue
             wait_s = await self.throttle.acquire(delivery.destination_id)
             if wait_s is not None:
                 due = now + max(1, round(wait_s * 1000))
