@@ -77,7 +77,10 @@ class Hub:
         self._store_down_until = 0.0
         self.clock: Clock = clock or SystemClock()
         self.router = Router(config)
-        self.rate_limiter = TenantRateLimiter(config)
+        # The shared Redis when configured: circuits and the tenants' inbound rate limits
+        # live there, /health/detailed pings it.
+        self.redis = connect_redis(config.redis.url) if config.redis.url else None
+        self.rate_limiter = TenantRateLimiter(config, redis=self.redis)
         # Plain dicts: pydantic's attribute access is measurable on the ingest hot path.
         self.sources = {s.id: s for s in config.sources}
         # How each source verifies and parses what it receives, by source id.
@@ -93,8 +96,6 @@ class Hub:
             max_concurrent_flushes=flushes,
             min_parallel_batch=16,
         )
-        # The shared Redis when configured: circuits live there, /health/detailed pings it.
-        self.redis = connect_redis(config.redis.url) if config.redis.url else None
         # Where circuits are shared, read by /health/detailed and /metrics.
         self.circuit_states = circuit_state_store(config, store, self.redis)
         # Set whenever deliveries are committed pending, so in-process workers wake at once.
@@ -299,5 +300,6 @@ class Hub:
         await self._ingest.close()
         if self.spool is not None:
             await self.spool.close()
+        await self.rate_limiter.aclose()
         if self.redis is not None:
             await self.redis.aclose()

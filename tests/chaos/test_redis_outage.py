@@ -45,7 +45,8 @@ from tests.conftest import SINK_SECRET
 RATE_PER_S = 40
 BEFORE_S = 3.0
 OUTAGE_S = 7.0  # longer than the 5 s between tries: a failed retry must not log again
-COMPONENTS = {"throttle", "circuit_store"}  # what uses Redis in a worker (RedisFailover names)
+# What uses Redis in `serve` (RedisFailover names): its worker's two, and ingest's.
+COMPONENTS = {"throttle", "circuit_store", "ingress_rate_limit"}
 
 
 @pytest.mark.slow
@@ -82,9 +83,11 @@ async def test_deliveries_go_on_while_redis_is_down_and_redis_is_used_again_afte
             client = redis.asyncio.Redis.from_url(own_redis.url)
             try:
                 throttle_keys = [k async for k in client.scan_iter(match="estafeta:throttle*")]
+                ingress_keys = [k async for k in client.scan_iter(match="estafeta:ingress:*")]
             finally:
                 await client.aclose()
             assert throttle_keys, "the rate limit does not count in Redis"
+            assert ingress_keys, "the tenant's inbound rate limit does not count in Redis"
 
             await own_redis.kill()
             killed_at = time.monotonic()
@@ -160,11 +163,11 @@ async def test_reading_health_during_a_redis_outage_does_not_log_the_outage_agai
             await own_redis.kill()
             await load.burst([lead(n) for n in range(5, 10)], concurrency=5)
 
-            async def both_noticed() -> bool:
+            async def all_noticed() -> bool:
                 noticed = {e.get("component") for e in logged(serve, "redis_unavailable")}
                 return noticed >= COMPONENTS
 
-            await wait_until(both_noticed, timeout_s=10, what=f"redis_unavailable: {COMPONENTS}")
+            await wait_until(all_noticed, timeout_s=10, what=f"redis_unavailable: {COMPONENTS}")
             # What an operator (or a Prometheus scrape of /metrics) does during the outage.
             detailed = await hub.get_json("/health/detailed")
             assert detailed["status"] == "degraded", detailed

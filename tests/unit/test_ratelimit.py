@@ -19,7 +19,7 @@ class FakeClock:
 
 
 def counter(limit: int, period_s: float, clock: FakeClock) -> SlidingWindowCounter:
-    return SlidingWindowCounter(limit, period_s, monotonic=clock)
+    return SlidingWindowCounter(limit, period_s, clock=clock)
 
 
 def test_a_fresh_window_admits_the_limit_then_refuses() -> None:
@@ -120,10 +120,64 @@ def test_tenants_get_their_own_limit_and_whole_second_retry_after() -> None:
         }
     )
     clock = FakeClock(1_000_040.0)  # 20 s into a minute (60 × 16,667 = 1,000,020)
-    limiter = TenantRateLimiter(config, monotonic=clock)
+    limiter = TenantRateLimiter(config, clock=clock)
     assert [limiter.retry_after("acme") for _ in range(2)] == [None, None]
     # Both requests weigh fully until the next minute starts, then 1 of 2 must slide out.
     assert limiter.retry_after("acme") == 40 + 30
     assert all(limiter.retry_after("sol") is None for _ in range(100))  # 100/minute default
     assert limiter.retry_after("sol") is not None
     assert limiter.retry_after("nobody") is None
+
+
+# -- shared between processes (the Redis round trips are in tests/integration) ----------------
+
+
+def test_what_other_processes_counted_takes_room_in_the_window() -> None:
+    clock = FakeClock(1_000_020.0)  # the start of a minute (60 × 16,667)
+    limiter = SlidingWindowCounter(10, 60, clock=clock, shared=True)
+    assert all(limiter.hit() is None for _ in range(3))
+    window = limiter.window()
+    assert limiter.take_unshared() == {window: 3}
+    # Redis holds 9 for the window: this process's 3 and 6 from others.
+    limiter.learn({window: 9, window - 1: 0})
+    assert [limiter.hit() is None for _ in range(2)] == [True, False]
+
+
+def test_counts_this_process_shared_are_not_counted_again_as_others() -> None:
+    clock = FakeClock(1_000_020.0)
+    limiter = SlidingWindowCounter(10, 60, clock=clock, shared=True)
+    for _ in range(5):
+        limiter.hit()
+    shared = limiter.take_unshared()
+    limiter.hit()  # admitted while the share was on its way: not yet in Redis
+    limiter.learn({limiter.window(): sum(shared.values())})
+    assert [limiter.hit() is None for _ in range(5)] == [True] * 4 + [False]
+
+
+def test_the_previous_window_of_other_processes_slides_out_as_ours_does() -> None:
+    clock = FakeClock(1_000_020.0)
+    limiter = SlidingWindowCounter(10, 60, clock=clock, shared=True)
+    window = limiter.window()
+    limiter.learn({window: 10})  # others used the whole window
+    assert limiter.hit() is not None
+    clock.now += 90  # half-way into the next window: the full previous one weighs 5
+    assert [limiter.hit() is None for _ in range(6)] == [True] * 5 + [False]
+
+
+def test_counts_that_did_not_reach_redis_wait_for_the_next_share_while_they_count() -> None:
+    clock = FakeClock(1_000_020.0)
+    limiter = SlidingWindowCounter(10, 60, clock=clock, shared=True)
+    for _ in range(4):
+        limiter.hit()
+    window = limiter.window()
+    limiter.give_back(limiter.take_unshared())  # the share failed
+    assert limiter.take_unshared() == {window: 4}
+    limiter.give_back({window: 4})
+    clock.now += 120  # two windows on: those counts no longer weigh anything
+    assert limiter.take_unshared() == {}
+
+
+def test_an_unshared_counter_keeps_nothing_to_share() -> None:
+    limiter = SlidingWindowCounter(10, 60, clock=FakeClock(1_000_020.0))
+    limiter.hit()
+    assert limiter.take_unshared() == {}

@@ -89,7 +89,7 @@ async def redis_check(client: Redis) -> dict[str, str]:
         return {
             "status": "unavailable",
             "error": type(exc).__name__,
-            "effect": "circuits and outbound rate limits are kept per process until it is back",
+            "effect": "circuits and rate limits are kept per process until it is back",
         }
     return {"status": "ok"}
 
