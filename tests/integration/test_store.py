@@ -13,7 +13,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from msgspec.structs import replace
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, String, bindparam, text
 
 from estafeta.delivery.decision import Transition
 from estafeta.delivery.model import LeasedDelivery
@@ -475,3 +475,26 @@ async def test_connections_the_server_closed_are_replaced_not_reported_as_bugs(
     assert not stored.duplicate
     assert await twice(lambda: store.complete([attempt(leased, DeliveryState.SUCCEEDED)], NOW)) == 1
     assert len(await twice(lambda: lease(store))) == 1  # the event stored after the cut
+
+
+async def test_a_lease_of_one_destination_reads_that_destinations_index(store: SqlStore) -> None:
+    """A probe or a capped destination's lease is a range scan of its own pending
+    deliveries, not a walk past every other destination's backlog."""
+    prefix = "EXPLAIN QUERY PLAN " if store.dialect == "sqlite" else "EXPLAIN "
+    statement = text(prefix + store.lease_one_sql)
+    if store.dialect == "sqlite":
+        statement = statement.bindparams(bindparam("blocked", expanding=True, type_=String()))
+    params = {
+        "now": NOW,
+        "limit": 10,
+        "token": "t",
+        "deadline": NOW + 60_000,
+        "worker": "w",
+        "blocked": [],
+        "only": "crm",
+    }
+    async with store.engine.connect() as conn:
+        if store.dialect == "postgresql":  # a table this small would be read whole
+            await conn.execute(text("SET LOCAL enable_seqscan = off"))
+        plan = "\n".join(str(row[-1]) for row in await conn.execute(statement, params))
+    assert "deliveries_destination_due" in plan, plan

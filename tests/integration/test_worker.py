@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -503,3 +504,68 @@ async def settled_except(
             return view
         assert asyncio.get_running_loop().time() < deadline, view
         await asyncio.sleep(0.05)
+
+
+async def test_a_slow_destination_with_max_in_flight_leaves_the_other_slots_to_the_rest(
+    store: SqlStore, database_url: str
+) -> None:
+    """A backlog for a slow destination (0.2 s per answer) queued ahead of another
+    destination's deliveries: capped at one send at a time, it takes one of the worker's four
+    slots, and the other destination's deliveries go at once instead of waiting behind it."""
+    slow, fast = Sink(secret=SINK_SECRET), Sink(secret=SINK_SECRET)
+    await slow.start()
+    await fast.start()
+    slow.respond(200, delay_s=0.2)
+    data = base_config(database_url)
+    data["worker"].update(concurrency=4, poll_interval_s=30)
+    data["destinations"][0].update(url=f"{slow.url}/crm", max_in_flight=1)
+    data["destinations"][1].update(url=f"{fast.url}/billing")
+    config = load_config_dict(data)
+    hub = Hub(config, store)
+    try:
+        backlog = [await publish(hub, n=n) for n in range(8)]  # message.* → crm only
+        both = [
+            await publish(hub, "appointment.booked", status="confirmed", n=n) for n in range(4)
+        ]  # → crm and billing
+        worker = Worker(store, config, wake=hub.deliveries_ready)
+        stop = asyncio.Event()
+        task = asyncio.create_task(worker.run(stop))
+        try:
+            assert await fast.wait_for(lambda s: s.delivered_ids >= set(both), 10)
+            assert len(slow.received) <= 2  # not the eight queued ahead of them
+            assert await slow.wait_for(lambda s: len(s.delivered_ids) == 12, 20)
+        finally:
+            stop.set()
+            await task
+    finally:
+        await hub.close()
+        await slow.stop()
+        await fast.stop()
+    arrivals = [r.at for r in slow.received]
+    # One at a time: each request came after the previous one's 0.2 s answer.
+    assert all(later - earlier >= 0.19 for earlier, later in itertools.pairwise(arrivals))
+    assert set(backlog) <= slow.delivered_ids
+
+
+async def test_fresh_deliveries_to_a_capped_destination_are_stored_pending_and_leased(
+    store: SqlStore, sink: Sink, database_url: str
+) -> None:
+    """Ingest hands nothing to a destination with `max_in_flight` (its room is the worker's
+    to count): the delivery is stored pending, the commit wakes the worker, and its own
+    lease takes it at once (the poll is 30 s away)."""
+    data = base_config(database_url)
+    data["worker"].update(poll_interval_s=30)
+    for d in data["destinations"]:
+        d["url"] = f"{sink.url}/{d['id']}"
+    data["destinations"][0]["max_in_flight"] = 2
+    hub = Running(store, load_config_dict(data))
+    try:
+        await settled(store, await hub.publish())  # the worker has started and leased
+        leases = hub.worker.leases
+        ids = [await hub.publish(n=n) for n in range(5)]
+        assert await sink.wait_for(lambda s: s.delivered_ids >= set(ids), 10)
+        assert hub.worker.leases > leases
+        views = [await settled(store, event_id) for event_id in ids]
+        assert {(d.state, d.attempts) for v in views for d in v.deliveries} == {("succeeded", 1)}
+    finally:
+        await hub.stop()

@@ -109,6 +109,11 @@ class Worker:
         self.lease_ms = int(max(self.settings.lease_s, longest + CEILING_MARGIN_S) * 1000)
         self._in_flight: dict[asyncio.Task[None], LeasedDelivery] = {}
         self._slot_freed = asyncio.Event()
+        # Destinations with a `max_in_flight`: kept out of the general lease and leased each on
+        # its own for exactly the room it has, so a slow one cannot fill every slot.
+        self._caps = {d.id: d.max_in_flight for d in config.destinations if d.max_in_flight}
+        self._sending: dict[str, int] = {}  # capped destination → its sends in flight
+        self._cap_freed = asyncio.Event()  # a capped destination at its cap freed a slot
         self._completions: GroupCommitter[CompletedAttempt, int] = GroupCommitter(
             self._flush_completions,
             max_batch=500,
@@ -173,10 +178,11 @@ class Worker:
                     taken += len(probe)
             blocked = self.breakers.not_closed() | self._throttled(now)
             limit = min(self.settings.batch_size, free - taken)
-            batch = await self._lease(now, limit, blocked)
+            batch = await self._lease(now, limit, blocked | self._caps.keys())
             self._backlogged = len(batch) >= limit
             await self._start(batch, now)
             taken += len(batch)
+            taken += await self._lease_capped(now, free - taken, blocked)
         except StoreUnavailable as exc:
             self._store_unavailable(exc)
             return 0
@@ -205,6 +211,23 @@ class Worker:
             only_destination=only_destination,
         )
 
+    async def _lease_capped(self, now: int, free: int, blocked: set[str]) -> int:
+        """Lease each destination with a `max_in_flight` on its own, up to the room it has;
+        returns how many deliveries were taken."""
+        taken = 0
+        for destination_id, cap in self._caps.items():
+            room = min(
+                cap - self._sending.get(destination_id, 0),
+                free - taken,
+                self.settings.batch_size,
+            )
+            if room <= 0 or destination_id in blocked:
+                continue
+            batch = await self._lease(now, room, only_destination=destination_id)
+            await self._start(batch, now)
+            taken += len(batch)
+        return taken
+
     def _free_slots(self) -> int:
         return self.settings.concurrency - len(self._in_flight) - len(self._handed) - self._reserved
 
@@ -222,7 +245,7 @@ class Worker:
             events,
             taker=self,
             free=free,
-            blocked=self.breakers.not_closed() | self._throttled(now),
+            blocked=self.breakers.not_closed() | self._throttled(now) | self._caps.keys(),
             lease=DirectLease(secrets.token_hex(8), now + self.lease_ms, self.worker_id),
         )
         if reservation is not None:
@@ -288,6 +311,10 @@ class Worker:
             task = loop.create_task(self._attempt(delivery, self.clock.now_ms()))
             self._in_flight[task] = delivery
             task.add_done_callback(self._finished)
+            if self._caps and delivery.destination_id in self._caps:
+                self._sending[delivery.destination_id] = (
+                    self._sending.get(delivery.destination_id, 0) + 1
+                )
         for due, deliveries in snoozed.items():
             await self.store.release(deliveries, now, due_at=due)
         return len(batch) - sum(len(deliveries) for deliveries in snoozed.values())
@@ -296,16 +323,31 @@ class Worker:
         """The send is over: its slot may take new work while its record is committed
         (the lease token guards the record, so nothing waits on it but bookkeeping)."""
         task = asyncio.current_task()
-        if task is not None and self._in_flight.pop(task, None) is not None:
+        if task is None:
+            return
+        delivery = self._in_flight.pop(task, None)
+        if delivery is not None:
+            self._left_flight(delivery)
             self._recording.add(task)
             self._slot_freed.set()
 
     def _finished(self, task: asyncio.Task[None]) -> None:
-        self._in_flight.pop(task, None)
+        delivery = self._in_flight.pop(task, None)
+        if delivery is not None:
+            self._left_flight(delivery)
         self._recording.discard(task)
         self._slot_freed.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("attempt_crashed", exc_info=task.exception())
+
+    def _left_flight(self, delivery: LeasedDelivery) -> None:
+        """A send left `_in_flight`: a capped destination that was at its cap has room."""
+        cap = self._caps.get(delivery.destination_id)
+        if cap is not None:
+            sending = self._sending[delivery.destination_id]
+            self._sending[delivery.destination_id] = sending - 1
+            if sending >= cap:
+                self._cap_freed.set()
 
     async def _idle(self, stop: asyncio.Event) -> bool:
         """Wait for new work, a free slot (when full), stop, or the poll interval; returns
@@ -313,6 +355,7 @@ class Worker:
         interval was up: nothing new waits in the store for them)."""
         self._slot_freed.clear()
         self._handed_ready.clear()
+        self._cap_freed.clear()
         wait_s = self._next_poll - time.monotonic()
         if wait_s <= 0:
             return True
@@ -324,7 +367,9 @@ class Worker:
             other = asyncio.ensure_future(self._slot_freed.wait())
         else:
             other = asyncio.ensure_future(self._wake.wait())
-        waiters = (stopped, handed, other)
+        waiters = [stopped, handed, other]
+        if self._caps:
+            waiters.append(asyncio.ensure_future(self._cap_freed.wait()))
         try:
             done, _ = await asyncio.wait(
                 waiters,
@@ -334,7 +379,7 @@ class Worker:
         finally:
             for waiter in waiters:
                 waiter.cancel()
-        return other in done or stopped in done or time.monotonic() >= self._next_poll
+        return bool(done - {handed}) or time.monotonic() >= self._next_poll
 
     # -- one attempt ------------------------------------------------------------------------
 

@@ -153,6 +153,17 @@ Index(
     postgresql_where=text("state = 'pending'"),
     sqlite_where=text("state = 'pending'"),
 )
+# The same per destination, for a lease of one destination (a circuit's probe, a destination
+# with `max_in_flight`): without it that lease walks every other destination's backlog.
+Index(
+    "deliveries_destination_due",
+    deliveries.c.destination_id,
+    deliveries.c.priority,
+    deliveries.c.next_attempt_at,
+    deliveries.c.id,
+    postgresql_where=text("state = 'pending'"),
+    sqlite_where=text("state = 'pending'"),
+)
 # Rescue of expired leases scans only in-flight rows by deadline.
 Index(
     "deliveries_lease_expiry",
