@@ -231,6 +231,35 @@ async def test_twilio_signed_over_the_url_as_received_and_behind_a_proxy(
     assert (r.status_code, r.json()["error"]) == (401, "invalid_signature")
 
 
+async def test_twilio_behind_a_proxy_is_verified_against_the_servers_public_url(
+    store: SqlStore, database_url: str
+) -> None:
+    """One `server.public_url` serves every Twilio source that has none of its own."""
+    data = base_config(database_url)
+    data["server"] = {"public_url": PUBLIC_URL}
+    data["sources"].extend(provider_sources())
+    hub = Hub(load_config_dict(data), store)
+    body = (FIXTURES / "twilio/inbound_text.form").read_bytes()
+    multi = {name: [value] for name, value in parse_qsl(body.decode())}
+    token = TWILIO_VECTOR["auth_token"].encode()
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    transport = httpx.ASGITransport(app=create_app(hub))
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://hub") as http:
+            proxied = twilio_signature(token, f"{PUBLIC_URL}/in/twilio-sol", multi)
+            r = await http.post(
+                "/in/twilio-sol", content=body, headers={**form, "x-twilio-signature": proxied}
+            )
+            assert r.status_code == 202, r.text
+            direct = twilio_signature(token, "http://hub/in/twilio-sol", multi)
+            r = await http.post(
+                "/in/twilio-sol", content=body, headers={**form, "x-twilio-signature": direct}
+            )
+            assert (r.status_code, r.json()["error"]) == (401, "invalid_signature")
+    finally:
+        await hub.close()
+
+
 async def test_zapi_needs_its_token_in_the_url(http: httpx.AsyncClient) -> None:
     body = (FIXTURES / "zapi/received_text.json").read_bytes()
     headers = {"content-type": "application/json"}

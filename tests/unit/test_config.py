@@ -730,3 +730,46 @@ def test_the_api_source_id_is_reserved() -> None:
     assert "sources[0].id: 'api' is reserved for events published through the API" in str(
         failed.value
     )
+
+
+TWILIO_SOURCES = """
+[[tenants]]
+id = "acme"
+
+[[sources]]
+id = "tw"
+tenant = "acme"
+kind = "twilio"
+auth_token = "t"
+
+[[sources]]
+id = "tw-own"
+tenant = "acme"
+kind = "twilio"
+auth_token = "t"
+public_url = "https://own.example.com"
+
+[[sources]]
+id = "zapi"
+tenant = "acme"
+kind = "zapi"
+token = "z"
+"""
+
+
+def test_a_twilio_source_without_a_public_url_takes_the_servers(tmp_path: Path) -> None:
+    text = '[server]\npublic_url = "https://hooks.example.com"\n' + TWILIO_SOURCES
+    config = load(tmp_path, text)
+    urls = {s.id: s.public_url for s in config.sources}
+    assert urls == {
+        "tw": "https://hooks.example.com",
+        "tw-own": "https://own.example.com",
+        "zapi": None,
+    }
+    assert load(tmp_path, TWILIO_SOURCES).source("tw").public_url is None  # type: ignore[union-attr]
+
+
+def test_a_bad_server_public_url_is_reported_once_where_it_was_written(tmp_path: Path) -> None:
+    text = '[server]\npublic_url = "hooks.example.com"\n' + TWILIO_SOURCES
+    found = problems(tmp_path, text)
+    assert len(found) == 1 and found[0].startswith("server.public_url: invalid URL"), found

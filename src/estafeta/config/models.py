@@ -219,6 +219,8 @@ _SOURCE_NEEDS: dict[str, str] = {
     "sendpulse": "token",
 }
 
+#: Kinds whose inbound signature covers the URL the provider called (`public_url`).
+PUBLIC_URL_KINDS = frozenset({"twilio"})
 
 # The source id of events published through POST /api/v1/events: a configured source with
 # this id would share their idempotency keys.
@@ -431,6 +433,35 @@ class Config(_Model):
                 route = route.model_copy(update={"id": default_route_id(index)})
             routes.append(route)
         return {**data, "routes": routes}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_public_urls(cls, data: Any) -> Any:
+        """A Twilio source without its own `public_url` takes the server's: the URL Twilio
+        calls (and signs) is where the internet reaches this server."""
+        if not isinstance(data, dict) or not isinstance(data.get("sources"), list):
+            return data
+        server = data.get("server")
+        public_url = (
+            server.get("public_url")
+            if isinstance(server, dict)
+            else getattr(server, "public_url", None)
+        )
+        if not isinstance(public_url, str):
+            return data
+        try:
+            _check_http_url(public_url)
+        except ValueError:
+            return data  # reported where it was written: at server.public_url
+        sources = [
+            {**source, "public_url": public_url}
+            if isinstance(source, dict)
+            and source.get("kind") in PUBLIC_URL_KINDS
+            and source.get("public_url") is None
+            else source
+            for source in data["sources"]
+        ]
+        return {**data, "sources": sources}
 
     def model_post_init(self, context: Any, /) -> None:
         """Index entries by id once; with duplicates (only possible in code) the first wins."""
