@@ -92,6 +92,16 @@ async def test_counts_are_shared_in_the_background_while_requests_come(
         await b.aclose()
 
 
+async def test_closing_shares_what_was_counted_since_the_last_share(
+    client: redis.asyncio.Redis, shared_prefix: str
+) -> None:
+    clock = FakeClock(1_000_020.0)
+    a = TenantRateLimiter(limited("10/minute"), clock=clock, redis=client, key_prefix=shared_prefix)
+    assert admitted(a, 5) == 5
+    await a.aclose()  # before the background share's interval is up
+    assert await client.get(f"{shared_prefix}ingress:acme:60:{1_000_020 // 60}") == b"5"
+
+
 async def test_a_redis_outage_limits_each_process_on_its_own_then_catches_up(
     own_redis: RedisServer,
 ) -> None:

@@ -201,9 +201,11 @@ class TenantRateLimiter:
             replies = await pipe.execute()
         except REDIS_ERRORS as exc:
             self._failover.failed(token, exc)
-            for tenant, counter in self._counters.items():
-                counter.give_back(taken[tenant])
+            self._give_back(taken)
             return
+        except BaseException:  # cancelled (closing): the counts go with the last share
+            self._give_back(taken)
+            raise
         self._failover.succeeded(token)
         totals = (reply for reply in replies if isinstance(reply, list))
         for (tenant, counter), (current, previous) in zip(
@@ -211,6 +213,10 @@ class TenantRateLimiter:
         ):
             now = windows[tenant]
             counter.learn({now: int(current or 0), now - 1: int(previous or 0)})
+
+    def _give_back(self, taken: dict[str, dict[int, int]]) -> None:
+        for tenant, counter in self._counters.items():
+            counter.give_back(taken[tenant])
 
     def _key(self, tenant: str, counter: SlidingWindowCounter, window: int) -> str:
         # The period is part of the key: a limit changed from per minute to per second
