@@ -1,7 +1,7 @@
 """The benchmark, one command: start everything on 127.0.0.1, measure, stop everything, and
 write `bench/results/latest.{json,md,png}`.
 
-    python bench/run.py            # the full run (~10 minutes)
+    python bench/run.py            # the full run (~15 minutes)
     python bench/run.py --quick    # short phases and a 100,000 backlog (~3 minutes), for
                                    # development: writes bench/results/quick.*
 
@@ -58,6 +58,44 @@ PHASES = (
     "e2e_baseline_f3",
     "backlog",
 )
+
+
+# What "best" means for a phase measured several times: the path of its full-speed rate.
+# Ingest and end to end are measured as the ceilings are (ceiling.CEILING_RUNS runs, the
+# best kept, every run recorded), so that each ratio divides like by like: one run against
+# the best of three read this host's ±30 % from run to run as a miss or a margin.
+REPEATED: dict[str, tuple[str, ...]] = {
+    "ingest_postgresql": ("full", "committed_per_s"),
+    "ingest_sqlite": ("full", "committed_per_s"),
+    "ingest_baseline": ("full", "committed_per_s"),
+    "e2e_estafeta_f1": ("full", "deliveries_per_s"),
+    "e2e_estafeta_f3": ("full", "deliveries_per_s"),
+    "e2e_baseline_f1": ("full", "deliveries_per_s"),
+    "e2e_baseline_f3": ("full", "deliveries_per_s"),
+}
+
+
+def best_run(step: Callable[[], dict[str, Any]], key: tuple[str, ...], runs: int) -> dict[str, Any]:
+    """`step` run `runs` times, each from scratch: the run with the highest `key`, with every
+    run's `key` as `runs` (a run that failed counts 0 unless all did)."""
+    results: list[dict[str, Any]] = []
+    failures: list[Exception] = []
+    for _ in range(runs):
+        try:
+            results.append(step())
+        except Exception as exc:
+            failures.append(exc)
+    if not results:
+        raise failures[0]
+
+    def rate(result: dict[str, Any]) -> float:
+        value: Any = result
+        for part in key:
+            value = value.get(part) if isinstance(value, dict) else None
+        return float(value or 0.0)
+
+    best = max(results, key=rate)
+    return {**best, "runs": [rate(r) for r in results] + [0.0] * len(failures)}
 
 
 def main() -> int:
@@ -164,7 +202,11 @@ def main() -> int:
                 flush=True,
             )
             try:
-                results[phase] = steps[phase]()
+                if phase in REPEATED:
+                    runs = 1 if quick else ceiling.CEILING_RUNS
+                    results[phase] = best_run(steps[phase], REPEATED[phase], runs)
+                else:
+                    results[phase] = steps[phase]()
                 results[phase]["background_before"] = quiet
                 results[phase]["phase_wall_s"] = round(time.monotonic() - began, 1)
                 results[phase]["loadavg_after"] = os.getloadavg()
