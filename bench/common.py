@@ -625,17 +625,44 @@ class CpuMeter:
         }
 
 
-def wait_quiet(*, threshold: float = 0.3, max_wait_s: float = 45.0) -> dict[str, float]:
+def wait_quiet(
+    *, threshold: float = 0.3, io_threshold: float = 0.05, max_wait_s: float = 45.0
+) -> dict[str, float]:
     """Before a phase: wait (bounded) until the machine's background load, measured over one
-    second while nothing of ours runs, is under `threshold` cores. Other people's builds and
-    tests on a shared machine would otherwise be measured as estafeta's slowness. Returns
-    what was seen: the background in cores and how long it waited."""
+    second while nothing of ours runs, is under `threshold` cores, and the share of that
+    second in which some task waited for the disk (Linux's I/O pressure) under
+    `io_threshold`. Other people's builds and tests on a shared machine would otherwise be
+    measured as estafeta's slowness, and so would the writeback an earlier phase left (after
+    a heavy phase this disk stayed busy for tens of seconds: Linux's I/O pressure at 38 % of
+    the time, falling to 12 % within 15 s). Returns what was seen: the background in cores,
+    the I/O stall share and how long it waited."""
     import psutil
 
     began = time.monotonic()
     while True:
+        stalled_before = _io_stalled_us()
         busy = psutil.cpu_percent(interval=1.0) / 100 * (os.cpu_count() or 1)
+        stalled_after = _io_stalled_us()
+        io_stalled = (
+            (stalled_after - stalled_before) / 1e6
+            if stalled_before is not None and stalled_after is not None
+            else 0.0
+        )
         waited = time.monotonic() - began
-        if busy < threshold or waited >= max_wait_s:
-            return {"background_cores": round(busy, 2), "waited_s": round(waited, 1)}
+        if (busy < threshold and io_stalled < io_threshold) or waited >= max_wait_s:
+            return {
+                "background_cores": round(busy, 2),
+                "io_stalled": round(io_stalled, 3),
+                "waited_s": round(waited, 1),
+            }
         time.sleep(2.0)
+
+
+def _io_stalled_us() -> int | None:
+    """Microseconds, since boot, in which some task waited for I/O (/proc/pressure/io)."""
+    try:
+        first = Path("/proc/pressure/io").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    total = first.rsplit("total=", 1)[-1]
+    return int(total) if total.isdigit() else None

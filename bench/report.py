@@ -73,6 +73,12 @@ def _row(
     }
 
 
+def _io_note(background: dict[str, Any]) -> str:
+    """ ", disk waits 3 %" from wait_quiet's I/O stall share (absent in older results)."""
+    stalled = background.get("io_stalled")
+    return "" if stalled is None else f", disk waits {float(stalled):.0%}"
+
+
 def _count(value: int | None) -> str:
     """A backlog size for a label; '?' when the phase did not run."""
     return f"{value:,}" if value else "?"
@@ -413,7 +419,9 @@ def markdown(doc: Doc, results_dir: Path) -> str:
         "## Conditions per phase",
         "",
         "Background = CPU busy on the machine just before the phase, with nothing of the "
-        "benchmark running (other people's work on a shared machine). During = cores used "
+        "benchmark running (other people's work on a shared machine), and the share of that "
+        "second in which some task waited for the disk (writeback an earlier phase left; "
+        "each phase waits up to 45 s for both to settle). During = cores used "
         "during the measured load by the processes named, `other` being everything that is "
         "neither the benchmark nor PostgreSQL/Redis.",
         "",
@@ -434,8 +442,8 @@ def markdown(doc: Doc, results_dir: Path) -> str:
             or _get(result, "full", "load", "own_cores")
         )
         lines.append(
-            f"| {phase} | {bg.get('background_cores', float('nan')):.2f} cores "
-            f"(waited {bg.get('waited_s', 0):.0f} s) | {_fmt(tool, '')}"
+            f"| {phase} | {bg.get('background_cores', float('nan')):.2f} cores"
+            f"{_io_note(bg)} (waited {bg.get('waited_s', 0):.0f} s) | {_fmt(tool, '')}"
             f"{' (the client measured)' if phase == 'ceiling_client' else ''} | {shown} |"
         )
     lines += saturated_load_tools(doc)
@@ -486,12 +494,26 @@ def _host_lines(host: Doc | None) -> list[str]:
         f"after 1 ms of idle, {p['slowdown_5ms']:g}× after 5 ms"
         for when, p in seen.items()
     )
+    disk = "; ".join(
+        f"{when} the phases p50 {p['fsync_p50_ms']:g} ms, p99.9 {p['fsync_p999_ms']:g} ms, "
+        f"worst {p['fsync_max_ms']:g} ms ({p['fsync_over_50ms']} of {p['fsync_count']:,} "
+        f"over 50 ms)"
+        for when, p in seen.items()
+        if "fsync_max_ms" in p
+    )
+    disk_sentence = (
+        f" The disk made an 8 KiB write durable (fdatasync, what each commit waits for) in: "
+        f"{disk}. A commit waits for its slowest fsync, and so does every request batched with "
+        f"it: a stall of the disk is a step in the ingest latency tail whatever the code."
+        if disk
+        else ""
+    )
     return [
         "",
         f"Host: the same piece of Python work (parse, sign, re-encode one webhook body) took "
         f"{told}. A core that idles comes back cold on this host, so CPU per event at partial "
         f"load and latency tails depend on the hour as much as on the code "
-        f"(bench/host_probe.py).",
+        f"(bench/host_probe.py).{disk_sentence}",
     ]
 
 

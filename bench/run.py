@@ -80,7 +80,9 @@ def best_run(step: Callable[[], dict[str, Any]], key: tuple[str, ...], runs: int
     run's `key` as `runs` (a run that failed counts 0 unless all did)."""
     results: list[dict[str, Any]] = []
     failures: list[Exception] = []
-    for _ in range(runs):
+    for run in range(runs):
+        if run:  # the same quiet machine for each run (the first waited before the phase)
+            wait_quiet(max_wait_s=45)
         try:
             results.append(step())
         except Exception as exc:
@@ -198,7 +200,8 @@ def main() -> int:
             began = time.monotonic()
             print(
                 f"[{time.strftime('%H:%M:%S')}] {phase} … (background load "
-                f"{quiet['background_cores']:.2f} cores after waiting {quiet['waited_s']:.0f} s)",
+                f"{quiet['background_cores']:.2f} cores, disk waits {quiet['io_stalled']:.0%}, "
+                f"after waiting {quiet['waited_s']:.0f} s)",
                 flush=True,
             )
             try:
