@@ -31,7 +31,7 @@ format: $(STAMP)
 	$(BIN)/ruff format src tests
 	$(BIN)/ruff check --fix src tests
 
-# The benchmark (bench/README.md): about 10 minutes, starts and stops everything itself and
+# The benchmark (bench/README.md): about 15 minutes, starts and stops everything itself and
 # writes bench/results/latest.{json,md,png}. `make bench BENCH_ARGS=--quick` for a short run.
 BENCH_STAMP := $(VENV)/.installed-bench
 
