@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -383,6 +384,25 @@ async def test_fresh_deliveries_wait_their_turn_behind_a_backlog(
         await hub.close()
 
 
+@contextlib.contextmanager
+def commits_held(store: SqlStore) -> Iterator[tuple[asyncio.Event, asyncio.Event]]:
+    """(reached, release): inside, a batch being stored (already reserved for the worker)
+    sets `reached` and waits for `release` before it is written."""
+    reached, release = asyncio.Event(), asyncio.Event()
+    insert_events = store.insert_events
+
+    async def held(*args: Any, **kwargs: Any) -> Any:
+        reached.set()
+        await release.wait()
+        return await insert_events(*args, **kwargs)
+
+    store.insert_events = held  # type: ignore[method-assign]
+    try:
+        yield reached, release
+    finally:
+        store.insert_events = insert_events  # type: ignore[method-assign]
+
+
 async def test_deliveries_handed_to_a_worker_that_is_stopping_are_given_back_pending(
     store: SqlStore, sink: Sink, database_url: str
 ) -> None:
@@ -394,24 +414,14 @@ async def test_deliveries_handed_to_a_worker_that_is_stopping_are_given_back_pen
     worker = Worker(store, config, handoff=hub.handoff)
     hub.handoff.attach(worker)
     assert await worker._step() == 0
-    committing = asyncio.Event()
-    stopped = asyncio.Event()
-    insert_events = store.insert_events
-
-    async def slow_insert(*args: Any, **kwargs: Any) -> Any:
-        committing.set()
-        await stopped.wait()
-        return await insert_events(*args, **kwargs)
-
-    store.insert_events = slow_insert  # type: ignore[method-assign]
     try:
-        accepting = asyncio.create_task(publish(hub))
-        await committing.wait()  # the batch is reserved for the worker and being stored
-        await worker._shutdown()
-        stopped.set()
-        event_id = await accepting
+        with commits_held(store) as (committing, stopped):
+            accepting = asyncio.create_task(publish(hub))
+            await committing.wait()  # the batch is reserved for the worker and being stored
+            await worker._shutdown()
+            stopped.set()
+            event_id = await accepting
     finally:
-        store.insert_events = insert_events  # type: ignore[method-assign]
         await hub.close()
     view = await store.get_event(event_id, None)
     assert view is not None
@@ -460,33 +470,23 @@ async def test_a_circuit_that_opens_while_a_batch_commits_holds_its_handed_deliv
     await worker._connectors.start()  # what `run` does first; its loop is driven by hand
     hub.handoff.attach(worker)
     assert await worker._step() == 0  # nothing waits: fresh deliveries are handed over
-    committing = asyncio.Event()
-    opened = asyncio.Event()
-    insert_events = store.insert_events
-
-    async def slow_insert(*args: Any, **kwargs: Any) -> Any:
-        committing.set()
-        await opened.wait()
-        return await insert_events(*args, **kwargs)
-
-    store.insert_events = slow_insert  # type: ignore[method-assign]
     try:
-        accepting = asyncio.create_task(publish(hub, "appointment.booked", status="confirmed"))
-        await committing.wait()  # reserved for the worker, both circuits closed
-        failed = Outcome(OutcomeKind.RETRYABLE, 1.0, status_code=500, error_class="http_500")
-        for _ in range(config.destinations[0].circuit.failures):
-            now = hub.clock.now_ms()
-            await worker.breakers.record("crm", failed, started_at=now, now_ms=now)
-        assert "crm" in worker.breakers.not_closed()
-        opened.set()
-        event_id = await accepting
+        with commits_held(store) as (committing, opened):
+            accepting = asyncio.create_task(publish(hub, "appointment.booked", status="confirmed"))
+            await committing.wait()  # reserved for the worker, both circuits closed
+            failed = Outcome(OutcomeKind.RETRYABLE, 1.0, status_code=500, error_class="http_500")
+            for _ in range(config.destinations[0].circuit.failures):
+                now = hub.clock.now_ms()
+                await worker.breakers.record("crm", failed, started_at=now, now_ms=now)
+            assert "crm" in worker.breakers.not_closed()
+            opened.set()
+            event_id = await accepting
         await worker._start_handed()
         view = await settled_except(store, event_id, "crm")
         states = {d.destination_id: (d.state, d.attempts) for d in view.deliveries}
         assert states == {"crm": ("pending", 0), "billing": ("succeeded", 1)}
         assert [r.path for r in sink.received] == ["/billing"]
     finally:
-        store.insert_events = insert_events  # type: ignore[method-assign]
         await worker._shutdown()
         await hub.close()
 
