@@ -56,10 +56,17 @@ APPS = {
 CEILING_RUNS = 3
 
 
-def best_of(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
-    """The run with the highest `key`, carrying every run's `key` as `runs`."""
-    best = max(runs, key=lambda run: float(run.get(key) or 0.0))
-    return {**best, "runs": [run.get(key) for run in runs]}
+def best_of(runs: list[dict[str, Any]], *key: str) -> dict[str, Any]:
+    """The run with the highest value at `key` (a path into each run's dict), carrying every
+    run's value as `runs`."""
+
+    def rate(run: dict[str, Any]) -> float:
+        value: Any = run
+        for part in key:
+            value = value.get(part) if isinstance(value, dict) else None
+        return float(value or 0.0)
+
+    return {**max(runs, key=rate), "runs": [rate(run) for run in runs]}
 
 
 def bare_http(

@@ -77,7 +77,7 @@ REPEATED: dict[str, tuple[str, ...]] = {
 
 def best_run(step: Callable[[], dict[str, Any]], key: tuple[str, ...], runs: int) -> dict[str, Any]:
     """`step` run `runs` times, each from scratch: the run with the highest `key`, with every
-    run's `key` as `runs` (a run that failed counts 0 unless all did)."""
+    run's `key` as `runs` (ceiling.best_of; a run that failed counts 0 unless all did)."""
     results: list[dict[str, Any]] = []
     failures: list[Exception] = []
     for run in range(runs):
@@ -89,15 +89,8 @@ def best_run(step: Callable[[], dict[str, Any]], key: tuple[str, ...], runs: int
             failures.append(exc)
     if not results:
         raise failures[0]
-
-    def rate(result: dict[str, Any]) -> float:
-        value: Any = result
-        for part in key:
-            value = value.get(part) if isinstance(value, dict) else None
-        return float(value or 0.0)
-
-    best = max(results, key=rate)
-    return {**best, "runs": [rate(r) for r in results] + [0.0] * len(failures)}
+    best = ceiling.best_of(results, *key)
+    return {**best, "runs": best["runs"] + [0.0] * len(failures)}
 
 
 def main() -> int:
