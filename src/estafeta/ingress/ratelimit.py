@@ -182,19 +182,20 @@ class TenantRateLimiter:
         raises a Redis error (the counts wait for the next share)."""
         if self._redis is None:
             return
-        token = self._failover.begin()
-        if token is None:  # Redis is down and not due for another try: keep what still counts
-            for counter in self._counters.values():
-                counter.give_back(counter.take_unshared())
-            return
+        # Taken even when Redis is not tried: what no longer counts is dropped on the way.
         taken = {tenant: c.take_unshared() for tenant, c in self._counters.items()}
+        token = self._failover.begin()
+        if token is None:  # Redis is down and not due for another try
+            self._give_back(taken)
+            return
         windows = {tenant: c.window() for tenant, c in self._counters.items()}
         pipe = self._redis.pipeline(transaction=False)
         for tenant, counter in self._counters.items():
             ttl_s = math.ceil(3 * counter.period_s)  # the window, the next, and a margin
             for window, count in taken[tenant].items():
-                pipe.incrby(self._key(tenant, counter, window), count)
-                pipe.expire(self._key(tenant, counter, window), ttl_s)
+                key = self._key(tenant, counter, window)
+                pipe.incrby(key, count)
+                pipe.expire(key, ttl_s)
             now = windows[tenant]
             pipe.mget(self._key(tenant, counter, now), self._key(tenant, counter, now - 1))
         try:
