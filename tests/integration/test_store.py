@@ -405,6 +405,44 @@ async def test_blocked_destinations_are_not_leased_and_spend_nothing(store: SqlS
     assert [d.destination_id for d in probe] == ["crm"] and probe[0].attempts == 0
 
 
+async def lease_each(store: SqlStore, now: int = NOW, **rooms: int) -> list[LeasedDelivery]:
+    return await store.lease_each(now_ms=now, rooms=rooms, lease_ms=30_000, worker_id="w1")
+
+
+async def test_lease_each_takes_each_destination_up_to_its_own_room(store: SqlStore) -> None:
+    """The lease of the destinations with a `max_in_flight`: each gets its own room, oldest
+    first, under one lease; a destination not named (or with no room) keeps its deliveries."""
+    await store.insert_events(
+        [event(at=NOW - 30 + n, destinations=("crm", "billing", "erp")) for n in range(3)]
+    )
+    first = await lease_each(store, crm=2, billing=1, erp=0)
+    assert sorted(d.destination_id for d in first) == ["billing", "crm", "crm"]
+    assert len({d.lease_token for d in first}) == 1  # one lease, one statement's worth
+    crm = [d for d in first if d.destination_id == "crm"]
+    assert [d.event_id for d in crm] == sorted(d.event_id for d in crm)  # the oldest two
+    rest = await lease_each(store, crm=5, billing=5)
+    assert sorted(d.destination_id for d in rest) == ["billing", "billing", "crm"]
+    assert {d.id for d in rest}.isdisjoint(d.id for d in first)
+    assert [d.destination_id for d in await lease(store)] == ["erp"] * 3
+    assert await lease_each(store) == []
+
+
+async def test_lease_each_keeps_an_ordering_key_in_order_and_waits_for_what_is_due(
+    store: SqlStore,
+) -> None:
+    await store.insert_events([keyed("maria", NOW - 20), keyed("maria", NOW - 10)])
+    later = event(at=NOW + 5_000, destinations=("crm",))
+    await store.insert_events([later])
+    [head] = await lease_each(store, crm=10)  # maria's second waits for her first
+    assert head.ordering_key == "maria"
+    await store.complete([attempt(head, DeliveryState.SUCCEEDED)], NOW)
+    [second] = await lease_each(store, crm=10)
+    assert second.ordering_key == "maria" and second.event_id != head.event_id
+    assert await lease_each(store, crm=10) == []  # the third is due in 5 s
+    [due] = await lease_each(store, NOW + 5_000, crm=10)
+    assert due.event_id == later.id
+
+
 async def test_one_ordering_key_goes_strictly_one_after_another(store: SqlStore) -> None:
     await store.insert_events(
         [keyed("maria", NOW - 30), keyed("maria", NOW - 20), keyed("joao", NOW - 10)]
@@ -479,7 +517,9 @@ async def test_connections_the_server_closed_are_replaced_not_reported_as_bugs(
 
 async def test_a_lease_of_one_destination_reads_that_destinations_index(store: SqlStore) -> None:
     """A probe or a capped destination's lease is a range scan of its own pending
-    deliveries, not a walk past every other destination's backlog."""
+    deliveries, not a walk past every other destination's backlog. (SQLite leases the
+    capped destinations with this statement once each; PostgreSQL with one statement for
+    all of them, checked too.)"""
     prefix = "EXPLAIN QUERY PLAN " if store.dialect == "sqlite" else "EXPLAIN "
     statement = text(prefix + store.lease_one_sql)
     if store.dialect == "sqlite":
@@ -493,8 +533,15 @@ async def test_a_lease_of_one_destination_reads_that_destinations_index(store: S
         "blocked": [],
         "only": "crm",
     }
+    statements = [(statement, params)]
+    if store.dialect == "postgresql":
+        from estafeta.store.postgres import each_destination
+
+        each = {**params, "destinations": ["crm", "billing"], "rooms": [2, 3]}
+        statements.append((text(prefix + each_destination(store.lease_sql)), each))
     async with store.engine.connect() as conn:
         if store.dialect == "postgresql":  # a table this small would be read whole
             await conn.execute(text("SET LOCAL enable_seqscan = off"))
-        plan = "\n".join(str(row[-1]) for row in await conn.execute(statement, params))
-    assert "deliveries_destination_due" in plan, plan
+        for explained, values in statements:
+            plan = "\n".join(str(row[-1]) for row in await conn.execute(explained, values))
+            assert "deliveries_destination_due" in plan, plan

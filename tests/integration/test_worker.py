@@ -569,3 +569,57 @@ async def test_fresh_deliveries_to_a_capped_destination_are_stored_pending_and_l
         assert {(d.state, d.attempts) for v in views for d in v.deliveries} == {("succeeded", 1)}
     finally:
         await hub.stop()
+
+
+async def test_every_capped_destination_is_leased_in_one_statement_within_its_cap(
+    store: SqlStore, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two destinations with a `max_in_flight` and a backlog each: a step leases both by
+    one statement (not one per capped destination, which grew with their number), each for
+    its own room, and neither ever has more sends in flight than its cap."""
+    sink = Sink(secret=SINK_SECRET)
+    await sink.start()
+    sink.respond(200, delay_s=0.05)
+    data = base_config(database_url)
+    data["worker"].update(concurrency=8, poll_interval_s=30)
+    data["destinations"][0].update(url=f"{sink.url}/crm", max_in_flight=1)
+    data["destinations"][1].update(url=f"{sink.url}/billing", max_in_flight=2)
+    config = load_config_dict(data)
+    hub = Hub(config, store)
+    rooms: list[dict[str, int]] = []
+    one_destination: list[str | None] = []
+    lease_each, lease = store.lease_each, store.lease
+
+    async def counted_lease_each(**kwargs: Any) -> list[LeasedDelivery]:
+        rooms.append(dict(kwargs["rooms"]))
+        return await lease_each(**kwargs)
+
+    async def counted_lease(**kwargs: Any) -> list[LeasedDelivery]:
+        one_destination.append(kwargs.get("only_destination"))
+        return await lease(**kwargs)
+
+    monkeypatch.setattr(store, "lease_each", counted_lease_each)
+    monkeypatch.setattr(store, "lease", counted_lease)
+    try:
+        ids = [
+            await publish(hub, "appointment.booked", status="confirmed", n=n) for n in range(6)
+        ]  # → crm and billing
+        worker = Worker(store, config, wake=hub.deliveries_ready)
+        stop = asyncio.Event()
+        task = asyncio.create_task(worker.run(stop))
+        try:
+            assert await sink.wait_for(lambda s: s.delivered_ids >= set(ids), 10)
+            assert await sink.wait_for(lambda s: len(s.received) == 12, 10)
+        finally:
+            stop.set()
+            await task
+    finally:
+        await hub.close()
+        await sink.stop()
+    assert rooms[0] == {"crm": 1, "billing": 2}
+    assert all(set(r) <= {"crm", "billing"} and len(r) >= 1 for r in rooms)
+    assert set(one_destination) == {None}  # no lease of a single destination
+    for path, cap in (("/crm", 1), ("/billing", 2)):
+        arrivals = sorted(r.at for r in sink.received if r.path == path)
+        # At most `cap` of the 0.05 s answers overlap: request k + cap came after the k-th's.
+        assert all(b - a >= 0.045 for a, b in zip(arrivals, arrivals[cap:], strict=False)), path

@@ -212,21 +212,25 @@ class Worker:
         )
 
     async def _lease_capped(self, now: int, free: int, blocked: set[str]) -> int:
-        """Lease each destination with a `max_in_flight` on its own, up to the room it has;
-        returns how many deliveries were taken."""
-        taken = 0
+        """Lease the destinations with a `max_in_flight`, each up to the room it has, in one
+        statement; returns how many deliveries were taken."""
+        rooms: dict[str, int] = {}
         for destination_id, cap in self._caps.items():
             room = min(
                 cap - self._sending.get(destination_id, 0),
-                free - taken,
+                free - sum(rooms.values()),
                 self.settings.batch_size,
             )
-            if room <= 0 or destination_id in blocked:
-                continue
-            batch = await self._lease(now, room, only_destination=destination_id)
-            await self._start(batch, now)
-            taken += len(batch)
-        return taken
+            if room > 0 and destination_id not in blocked:
+                rooms[destination_id] = room
+        if not rooms:
+            return 0
+        self.leases += 1
+        batch = await self.store.lease_each(
+            now_ms=now, rooms=rooms, lease_ms=self.lease_ms, worker_id=self.worker_id
+        )
+        await self._start(batch, now)
+        return len(batch)
 
     def _free_slots(self) -> int:
         return self.settings.concurrency - len(self._in_flight) - len(self._handed) - self._reserved

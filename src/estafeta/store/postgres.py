@@ -154,6 +154,32 @@ def _complete_params(batch: Sequence[CompletedAttempt], now_ms: int) -> dict[str
     return {"now": now_ms, "attempts": pg_json(attempts)}
 
 
+# The lease's selection of due rows, run once per destination, each up to its room.
+_EACH_DESTINATION = """WITH due AS (
+    SELECT picked.id
+    FROM unnest(CAST(:destinations AS varchar[]), CAST(:rooms AS integer[]))
+         AS cap(destination_id, room)
+    CROSS JOIN LATERAL (
+/* select */
+    ) AS picked
+)
+UPDATE"""
+
+
+def each_destination(lease_sql: str) -> str:
+    """The lease statement turned into one that leases, for each destination in
+    `:destinations`, up to its `:rooms` entry: the same selection of due rows run once per
+    destination (LATERAL, by the index on the destination), one UPDATE for them all."""
+    head, rest = lease_sql.split("WITH due AS (\n", 1)
+    select, tail = rest.split("\n)\nUPDATE", 1)
+    if "/* only */" not in select or "LIMIT :limit" not in select:
+        raise ValueError("the lease statement has no `/* only */` marker or LIMIT")
+    per_destination = select.replace(
+        "/* only */", "AND d.destination_id = cap.destination_id"
+    ).replace("LIMIT :limit", "LIMIT cap.room")
+    return head + _EACH_DESTINATION.replace("/* select */", per_destination) + tail
+
+
 class PostgresStore(SqlStore):
     dialect = "postgresql"
     lease_sql_file = "lease_postgresql.sql"
@@ -164,6 +190,7 @@ class PostgresStore(SqlStore):
         super().__init__(*args, **kwargs)
         self._lease_any = Statement(self.lease_sql)
         self._lease_one_destination = Statement(self.lease_one_sql)
+        self._lease_each_destination = Statement(each_destination(self.lease_sql))
         # As many as run at once: ingest's concurrent flushes, a worker's lease and completes.
         self._held = HeldConnections(self.engine, keep=8)
 
@@ -228,6 +255,12 @@ class PostgresStore(SqlStore):
         statement = self._lease_one_destination if "only" in params else self._lease_any
         async with self._held.driver() as driver:
             return list(await driver.fetch(statement.positional, *statement.args(params)))
+
+    async def _lease_each_rows(self, rooms: Mapping[str, int], params: dict[str, Any]) -> list[Any]:
+        statement = self._lease_each_destination
+        each = {**params, "destinations": list(rooms), "rooms": list(rooms.values())}
+        async with self._held.driver() as driver:
+            return list(await driver.fetch(statement.positional, *statement.args(each)))
 
     async def complete(self, batch: Sequence[CompletedAttempt], now_ms: int) -> int:
         """Attempts and transitions in one statement (sql/complete_postgresql.sql); a batch

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import secrets
 from abc import abstractmethod
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -242,14 +242,46 @@ class SqlStore(MessagingOps):
         }
         if only_destination is not None:
             params["only"] = only_destination
-        rows = await self._lease_rows(params)
-        # (id, tenant, event, destination, attempts, max_attempts, priority, ordering key,
-        # due, payload): SQLite does not order RETURNING, and neither does an UPDATE … FROM.
-        rows.sort(key=lambda r: (r[6], r[8], r[0]))
-        return [_leased(r, token, deadline) for r in rows]
+        return _leased_batch(await self._lease_rows(params), token, deadline)
+
+    async def lease_each(
+        self, *, now_ms: int, rooms: Mapping[str, int], lease_ms: int, worker_id: str
+    ) -> list[LeasedDelivery]:
+        """Lease, under one lease, up to `rooms[d]` due deliveries of each destination `d`
+        (those with a `max_in_flight`, each for the room it has), best first."""
+        rooms = {d: room for d, room in rooms.items() if room > 0}
+        if not rooms:
+            return []
+        token = secrets.token_hex(8)
+        deadline = now_ms + lease_ms
+        params: dict[str, Any] = {
+            "now": now_ms,
+            "token": token,
+            "deadline": deadline,
+            "worker": worker_id,
+            "blocked": [],
+        }
+        return _leased_batch(await self._lease_each_rows(rooms, params), token, deadline)
+
+    async def _lease_each_rows(self, rooms: Mapping[str, int], params: dict[str, Any]) -> list[Any]:
+        """SQLite: the one-destination statement for each, in one transaction (one writer, so
+        one commit instead of one per destination; PostgreSQL does it in one statement)."""
+        statement = self._lease_statement(only=True)
+        rows: list[Any] = []
+        async with self._write() as conn:
+            for destination_id, room in rooms.items():
+                each = {**params, "only": destination_id, "limit": room}
+                rows.extend((await conn.execute(statement, each)).all())
+        return rows
 
     async def _lease_rows(self, params: dict[str, Any]) -> list[Any]:
         """The rows the lease statement returns, in its RETURNING order."""
+        statement = self._lease_statement(only="only" in params)
+        async with self._write() as conn:
+            return list((await conn.execute(statement, params)).all())
+
+    def _lease_statement(self, *, only: bool) -> Any:
+        """The lease statement as SQLAlchemy runs it: of any destination, or only `:only`."""
         if self._lease_statements is None:
             # Typed, so that an empty list renders as an empty set of strings (not integers).
             blocked = bindparam("blocked", expanding=True, type_=String())
@@ -257,9 +289,7 @@ class SqlStore(MessagingOps):
                 text(self.lease_sql).bindparams(blocked),
                 text(self.lease_one_sql).bindparams(blocked),
             )
-        statement = self._lease_statements["only" in params]
-        async with self._write() as conn:
-            return list((await conn.execute(statement, params)).all())
+        return self._lease_statements[only]
 
     async def complete(self, batch: Sequence[CompletedAttempt], now_ms: int) -> int:
         """Record attempts and apply their transitions; returns how many were applied.
@@ -626,6 +656,14 @@ class SqlStore(MessagingOps):
         query = select(s.tenants.c.id).where(s.tenants.c.id == tenant_id)
         async with self._read() as conn:
             return (await conn.execute(query)).first() is not None
+
+
+def _leased_batch(rows: list[Any], token: str, deadline: int) -> list[LeasedDelivery]:
+    """The rows a lease statement returned, best first: (id, tenant, event, destination,
+    attempts, max_attempts, priority, ordering key, due, payload). SQLite does not order
+    RETURNING, and neither does an UPDATE … FROM."""
+    rows.sort(key=lambda r: (r[6], r[8], r[0]))
+    return [_leased(r, token, deadline) for r in rows]
 
 
 def _leased(r: Any, token: str, deadline: int) -> LeasedDelivery:
