@@ -108,6 +108,32 @@ async def test_a_repeated_idempotency_key_answers_the_original_and_stores_nothin
     assert (await store.queue_stats()).by_state == {"pending": 1}
 
 
+async def test_a_batch_of_repeats_and_new_events_is_answered_without_a_second_query(
+    store: SqlStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A provider resending what was answered: each repeat names its original, found by the
+    statement that stores the batch (a read afterwards cost PostgreSQL more than the
+    insert: a query planned anew for each batch size)."""
+    originals = [event(f"wamid.{n}") for n in range(3)]
+    await store.insert_events(originals)
+
+    def no_second_query() -> None:
+        raise AssertionError("the batch's fates took a second query")
+
+    monkeypatch.setattr(store, "_read", no_second_query)
+    repeats = [event(f"wamid.{n}") for n in range(3)]
+    fresh = event("wamid.new")
+    results = await store.insert_events([repeats[0], fresh, repeats[2], repeats[1]])
+    assert [(r.event_id, r.duplicate) for r in results] == [
+        (originals[0].id, True),
+        (fresh.id, False),
+        (originals[2].id, True),
+        (originals[1].id, True),
+    ]
+    monkeypatch.undo()
+    assert (await store.queue_stats()).by_state == {"pending": 4}
+
+
 async def test_duplicates_inside_one_batch_are_stored_once(store: SqlStore) -> None:
     a, b, c = event("same"), event("same"), event(None)
     results = await store.insert_events([a, b, c])

@@ -36,6 +36,7 @@ from estafeta.store.sqlstore import (
     SqlStore,
     attempt_row,
     delivery_rows,
+    event_key,
     event_row,
     fates,
     next_attempt,
@@ -227,12 +228,13 @@ class PostgresStore(SqlStore):
             rows = await driver.fetch(
                 _STORE_BATCH.positional, *_STORE_BATCH.args(_batch_params(events))
             )
-        inserted = {row[0] for row in rows}
-        conflicted = [e for e in events if e.id not in inserted]
-        existing: dict[tuple[str, str, str], str] = {}
-        if conflicted:  # duplicates: their originals are committed, read them after
+        inserted = {event_id for event_id, original in rows if original is None}
+        originals = {event_id: original for event_id, original in rows if original is not None}
+        existing = {event_key(e): originals[e.id] for e in events if e.id in originals}
+        unlisted = [e for e in events if e.id not in inserted and e.id not in originals]
+        if unlisted:  # their originals were committed while the statement ran: read them now
             async with self._read() as conn:
-                existing = await self._ids_by_key(conn, conflicted)
+                existing.update(await self._ids_by_key(conn, unlisted))
         return fates(events, inserted, (), existing)
 
     async def _insert_new_events(
@@ -241,7 +243,7 @@ class PostgresStore(SqlStore):
         if not events:
             return set()
         rows = (await conn.execute(_STORE_BATCH.text, _batch_params(events))).all()
-        return {row[0] for row in rows}
+        return {event_id for event_id, original in rows if original is None}
 
     async def _insert_deliveries(self, conn: AsyncConnection, events: Sequence[NewEvent]) -> None:
         """Nothing left to do: `_insert_new_events` stored them with their events."""

@@ -17,7 +17,13 @@
 -- so that two batches touching the same conversations lock them in the same order and cannot
 -- deadlock.
 -- Every data-modifying CTE runs whatever the outer query reads (PostgreSQL runs each one
--- exactly once); the outer SELECT tells the caller which events were stored.
+-- exactly once). The outer SELECT tells the caller which events were stored (`original` NULL)
+-- and, for each duplicate, the id of the event stored before with its key: the statement's
+-- snapshot predates its own inserts, so `events` shows exactly the earlier ones. A duplicate
+-- whose original was committed by another process during this statement is not listed; the
+-- caller reads it afterwards. Without this a batch of duplicates (a provider resending what
+-- was answered) cost a second query, planned anew for each batch size: ~1 ms of PostgreSQL
+-- time per batch, four times a fresh event's cost.
 WITH incoming AS MATERIALIZED (
     SELECT *
     FROM json_to_recordset(CAST(CAST(:events AS text) AS json)) AS e(
@@ -78,4 +84,18 @@ WITH incoming AS MATERIALIZED (
         updated_at = excluded.updated_at
     RETURNING 1
 )
-SELECT id FROM stored
+SELECT id, CAST(NULL AS varchar) AS original FROM stored
+UNION ALL
+-- LIMIT 1 (the key is unique anyway) keeps this a lookup by the key's index per duplicate,
+-- instead of a join the planner may turn into a hash of the whole table.
+SELECT i.id, e.id
+FROM incoming AS i
+CROSS JOIN LATERAL (
+    SELECT id FROM events
+    WHERE tenant_id = i.tenant_id
+      AND source_id = i.source_id
+      AND idempotency_key = i.idempotency_key
+    LIMIT 1
+) AS e
+WHERE i.idempotency_key IS NOT NULL
+  AND i.id NOT IN (SELECT id FROM stored)
