@@ -18,7 +18,6 @@ import structlog
 from estafeta.clock import Clock, SystemClock, iso_from_ms
 from estafeta.config import Config
 from estafeta.delivery.breakers import circuit_state_store
-from estafeta.delivery.circuit_store import connect_redis
 from estafeta.delivery.handoff import Handoff
 from estafeta.delivery.model import LeasedDelivery
 from estafeta.errors import StoreUnavailable
@@ -37,6 +36,7 @@ from estafeta.messaging.facts import (
 )
 from estafeta.messaging.outbound import SEND_PRIORITY
 from estafeta.observability.metrics import EVENTS_ACCEPTED, series
+from estafeta.redis_client import connect_redis
 from estafeta.routing.router import Router, Target
 from estafeta.store.group_commit import GroupCommitter
 from estafeta.store.records import (

@@ -23,9 +23,8 @@ from estafeta.delivery.circuit_store import (
     FallbackCircuitStore,
     MemoryCircuitStore,
     RedisCircuitStore,
-    RedisFailover,
-    connect_redis,
 )
+from estafeta.redis_client import RedisFailover, connect_redis
 from tests.integration.redis_support import SHARED_REDIS_URL, RedisServer
 
 pytestmark = pytest.mark.timeout(60)

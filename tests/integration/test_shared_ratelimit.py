@@ -13,9 +13,9 @@ from structlog.testing import capture_logs
 
 from estafeta.api.app import create_app
 from estafeta.config import Config, load_config_dict
-from estafeta.delivery.circuit_store import connect_redis
 from estafeta.hub import Hub
 from estafeta.ingress.ratelimit import TenantRateLimiter
+from estafeta.redis_client import connect_redis
 from estafeta.store.sqlstore import SqlStore
 from tests.conftest import base_config
 from tests.integration.redis_support import SHARED_REDIS_URL, RedisServer

@@ -42,10 +42,10 @@ from estafeta.delivery.circuit_store import (
     CircuitStateStore,
     FallbackCircuitStore,
     RedisCircuitStore,
-    connect_redis,
 )
 from estafeta.delivery.outcome import Outcome, OutcomeKind
 from estafeta.observability.metrics import CIRCUIT_TRANSITIONS
+from estafeta.redis_client import connect_redis
 from estafeta.store.sqlstore import SqlStore
 
 log = structlog.get_logger("estafeta.circuit")

@@ -10,8 +10,8 @@ survive (DESIGN.md §1: cache, rate limits, breakers) and its outage must not st
 on a Redis error it carries on from memory — seeded with the last state it read from Redis,
 so an open circuit does not snap shut — and tries Redis again every `retry_s`.
 
-`RedisFailover` (the "log once, retry every few seconds" bookkeeping) and `connect_redis`
-(a client whose calls fail fast) are shared with the outbound throttle (throttle.py).
+The outage bookkeeping (`RedisFailover`) and the fail-fast client are in redis_client.py,
+shared with the outbound throttle and the inbound rate limit.
 """
 
 from __future__ import annotations
@@ -22,14 +22,11 @@ from typing import Protocol
 
 import orjson
 import redis.asyncio
-import structlog
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, WatchError
+from redis.exceptions import WatchError
 
 from estafeta.delivery.circuit import Circuit
+from estafeta.redis_client import REDIS_ERRORS, RedisFailover
 
-REDIS_ERRORS: tuple[type[Exception], ...] = (RedisError, OSError)  # OSError: TimeoutError too
 _HEALTHY = Circuit()
 
 
@@ -172,81 +169,6 @@ class FallbackCircuitStore:
                 self._fallback.put(destination_id, after)
                 return before, after
         return await self._fallback.update(destination_id, change)
-
-
-class RedisFailover:
-    """When to try Redis, and the two log events of an outage, for one component.
-
-    `begin()` before a Redis call returns a token (None: use the fallback now); report the
-    call with `succeeded(token)` or `failed(token, exc)`. The token is the outage generation
-    the call started in, so a slow call that started before an outage cannot end it, and one
-    that fails after recovery cannot start a new one: `redis_unavailable` and
-    `redis_available` are each logged once per outage, however many calls were in flight.
-    While down, one call every `retry_s` (monotonic seconds) tries Redis; the rest don't
-    wait for it.
-    """
-
-    def __init__(
-        self, component: str, *, retry_s: float, monotonic: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.component = component
-        self.retry_s = retry_s
-        self._monotonic = monotonic
-        self.available = True
-        self._generation = 0
-        self._next_try = 0.0
-
-    def begin(self) -> int | None:
-        if self.available:
-            return self._generation
-        now = self._monotonic()
-        if now < self._next_try:
-            return None
-        self._next_try = now + self.retry_s  # this caller probes; concurrent ones do not
-        return self._generation
-
-    def succeeded(self, token: int) -> None:
-        if not self.available and token == self._generation:
-            self.available = True
-            _log().info("redis_available", component=self.component)
-
-    def failed(self, token: int, exc: BaseException) -> None:
-        if token != self._generation:
-            return
-        self._next_try = self._monotonic() + self.retry_s
-        if self.available:
-            self.available = False
-            self._generation += 1
-            _log().warning(
-                "redis_unavailable",
-                component=self.component,
-                error=type(exc).__name__,
-                detail=str(exc)[:200],
-                retry_s=self.retry_s,
-            )
-
-
-def connect_redis(url: str, *, timeout_s: float = 1.0) -> redis.asyncio.Redis:
-    """A client whose calls fail within about `2 * timeout_s` when Redis is gone.
-
-    redis-py's defaults wait forever on a silent network and retry ten times with backoff;
-    for state that has a local fallback, failing fast is worth more. One retry stays, so the
-    first call after a Redis restart replaces its dead pooled connection instead of failing.
-    """
-    return redis.asyncio.Redis.from_url(
-        url,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 1),
-    )
-
-
-def _log() -> structlog.typing.FilteringBoundLogger:
-    # Looked up at each (rare) use rather than once per module: with
-    # cache_logger_on_first_use, a module-level logger would keep the processors of whichever
-    # configuration was current when it first logged.
-    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger("estafeta.redis")
-    return logger
 
 
 def _decode(raw: bytes | str | None) -> Circuit:

@@ -14,7 +14,7 @@ the window, which for an outbound limit (tens or hundreds a second) is negligibl
 If Redis fails, each process falls back to its own in-memory limiter rather than stopping
 deliveries or ignoring the limit; while it lasts, N worker processes may together send up
 to N times the limit. `redis_unavailable` is logged once and Redis is tried again every
-`retry_s` seconds (see `RedisFailover` in circuit_store.py).
+`retry_s` seconds (see `RedisFailover` in redis_client.py).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from redis.asyncio import ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from estafeta.delivery.circuit_store import REDIS_ERRORS, RedisFailover
+from estafeta.redis_client import REDIS_ERRORS, RedisFailover
 
 MIN_WAIT_S = 0.01  # the shortest wait answered: a caller told "0.0001 s" would just spin
 

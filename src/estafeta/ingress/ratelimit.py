@@ -31,7 +31,7 @@ import redis.asyncio
 from limits import parse
 
 from estafeta.config import Config
-from estafeta.delivery.circuit_store import REDIS_ERRORS, RedisFailover
+from estafeta.redis_client import REDIS_ERRORS, RedisFailover
 
 SHARE_INTERVAL_S = 0.1  # how often a process with traffic shares its counts through Redis
 

@@ -1,0 +1,96 @@
+"""Redis for state shared by processes: a client that fails fast, and the bookkeeping of
+its outages.
+
+Redis holds nothing that must survive (DESIGN.md §1: cache, rate limits, breakers), so every
+component that keeps state there — circuits (delivery/circuit_store.py), the outbound throttle
+(delivery/throttle.py), the tenants' inbound limit (ingress/ratelimit.py) — carries on from
+process memory while Redis is unreachable, and each logs the outage once (`RedisFailover`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import redis.asyncio
+import structlog
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+REDIS_ERRORS: tuple[type[Exception], ...] = (RedisError, OSError)  # OSError: TimeoutError too
+
+
+class RedisFailover:
+    """When to try Redis, and the two log events of an outage, for one component.
+
+    `begin()` before a Redis call returns a token (None: use the fallback now); report the
+    call with `succeeded(token)` or `failed(token, exc)`. The token is the outage generation
+    the call started in, so a slow call that started before an outage cannot end it, and one
+    that fails after recovery cannot start a new one: `redis_unavailable` and
+    `redis_available` are each logged once per outage, however many calls were in flight.
+    While down, one call every `retry_s` (monotonic seconds) tries Redis; the rest don't
+    wait for it.
+    """
+
+    def __init__(
+        self, component: str, *, retry_s: float, monotonic: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.component = component
+        self.retry_s = retry_s
+        self._monotonic = monotonic
+        self.available = True
+        self._generation = 0
+        self._next_try = 0.0
+
+    def begin(self) -> int | None:
+        if self.available:
+            return self._generation
+        now = self._monotonic()
+        if now < self._next_try:
+            return None
+        self._next_try = now + self.retry_s  # this caller probes; concurrent ones do not
+        return self._generation
+
+    def succeeded(self, token: int) -> None:
+        if not self.available and token == self._generation:
+            self.available = True
+            _log().info("redis_available", component=self.component)
+
+    def failed(self, token: int, exc: BaseException) -> None:
+        if token != self._generation:
+            return
+        self._next_try = self._monotonic() + self.retry_s
+        if self.available:
+            self.available = False
+            self._generation += 1
+            _log().warning(
+                "redis_unavailable",
+                component=self.component,
+                error=type(exc).__name__,
+                detail=str(exc)[:200],
+                retry_s=self.retry_s,
+            )
+
+
+def connect_redis(url: str, *, timeout_s: float = 1.0) -> redis.asyncio.Redis:
+    """A client whose calls fail within about `2 * timeout_s` when Redis is gone.
+
+    redis-py's defaults wait forever on a silent network and retry ten times with backoff;
+    for state that has a local fallback, failing fast is worth more. One retry stays, so the
+    first call after a Redis restart replaces its dead pooled connection instead of failing.
+    """
+    return redis.asyncio.Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 1),
+    )
+
+
+def _log() -> structlog.typing.FilteringBoundLogger:
+    # Looked up at each (rare) use rather than once per module: with
+    # cache_logger_on_first_use, a module-level logger would keep the processors of whichever
+    # configuration was current when it first logged.
+    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger("estafeta.redis")
+    return logger
