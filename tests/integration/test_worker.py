@@ -54,9 +54,12 @@ async def publish(hub: Hub, event_type: str = "message.received", **data: Any) -
 class Running:
     """A hub and a worker in this event loop, wired as `estafeta serve` wires them (fresh
     deliveries handed over as they are stored) unless `handoff` is False (as `estafeta
-    worker` runs); `stop()` shuts the worker down gracefully."""
+    worker` runs); the worker starts at once, or at `start()` when `started` is False (to
+    publish a backlog first); `stop()` shuts it down gracefully."""
 
-    def __init__(self, store: SqlStore, config: Config, *, handoff: bool = True) -> None:
+    def __init__(
+        self, store: SqlStore, config: Config, *, handoff: bool = True, started: bool = True
+    ) -> None:
         self.hub = Hub(config, store)
         self.worker = Worker(
             store,
@@ -65,6 +68,11 @@ class Running:
             handoff=self.hub.handoff if handoff else None,
         )
         self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        if started:
+            self.start()
+
+    def start(self) -> None:
         self._task = asyncio.create_task(self.worker.run(self._stop))
 
     async def publish(self, event_type: str = "message.received", **data: Any) -> str:
@@ -72,7 +80,8 @@ class Running:
 
     async def stop(self) -> None:
         self._stop.set()
-        await self._task
+        if self._task is not None:
+            await self._task
         await self.hub.close()
 
 
@@ -520,25 +529,18 @@ async def test_a_slow_destination_with_max_in_flight_leaves_the_other_slots_to_t
     data["worker"].update(concurrency=4, poll_interval_s=30)
     data["destinations"][0].update(url=f"{slow.url}/crm", max_in_flight=1)
     data["destinations"][1].update(url=f"{fast.url}/billing")
-    config = load_config_dict(data)
-    hub = Hub(config, store)
+    hub = Running(store, load_config_dict(data), handoff=False, started=False)
     try:
-        backlog = [await publish(hub, n=n) for n in range(8)]  # message.* → crm only
+        backlog = [await hub.publish(n=n) for n in range(8)]  # message.* → crm only
         both = [
-            await publish(hub, "appointment.booked", status="confirmed", n=n) for n in range(4)
+            await hub.publish("appointment.booked", status="confirmed", n=n) for n in range(4)
         ]  # → crm and billing
-        worker = Worker(store, config, wake=hub.deliveries_ready)
-        stop = asyncio.Event()
-        task = asyncio.create_task(worker.run(stop))
-        try:
-            assert await fast.wait_for(lambda s: s.delivered_ids >= set(both), 10)
-            assert len(slow.received) <= 2  # not the eight queued ahead of them
-            assert await slow.wait_for(lambda s: len(s.delivered_ids) == 12, 20)
-        finally:
-            stop.set()
-            await task
+        hub.start()
+        assert await fast.wait_for(lambda s: s.delivered_ids >= set(both), 10)
+        assert len(slow.received) <= 2  # not the eight queued ahead of them
+        assert await slow.wait_for(lambda s: len(s.delivered_ids) == 12, 20)
     finally:
-        await hub.close()
+        await hub.stop()
         await slow.stop()
         await fast.stop()
     arrivals = [r.at for r in slow.received]
@@ -584,8 +586,7 @@ async def test_every_capped_destination_is_leased_in_one_statement_within_its_ca
     data["worker"].update(concurrency=8, poll_interval_s=30)
     data["destinations"][0].update(url=f"{sink.url}/crm", max_in_flight=1)
     data["destinations"][1].update(url=f"{sink.url}/billing", max_in_flight=2)
-    config = load_config_dict(data)
-    hub = Hub(config, store)
+    hub = Running(store, load_config_dict(data), handoff=False, started=False)
     rooms: list[dict[str, int]] = []
     one_destination: list[str | None] = []
     lease_each, lease = store.lease_each, store.lease
@@ -602,19 +603,13 @@ async def test_every_capped_destination_is_leased_in_one_statement_within_its_ca
     monkeypatch.setattr(store, "lease", counted_lease)
     try:
         ids = [
-            await publish(hub, "appointment.booked", status="confirmed", n=n) for n in range(6)
+            await hub.publish("appointment.booked", status="confirmed", n=n) for n in range(6)
         ]  # → crm and billing
-        worker = Worker(store, config, wake=hub.deliveries_ready)
-        stop = asyncio.Event()
-        task = asyncio.create_task(worker.run(stop))
-        try:
-            assert await sink.wait_for(lambda s: s.delivered_ids >= set(ids), 10)
-            assert await sink.wait_for(lambda s: len(s.received) == 12, 10)
-        finally:
-            stop.set()
-            await task
+        hub.start()
+        assert await sink.wait_for(lambda s: s.delivered_ids >= set(ids), 10)
+        assert await sink.wait_for(lambda s: len(s.received) == 12, 10)
     finally:
-        await hub.close()
+        await hub.stop()
         await sink.stop()
     assert rooms[0] == {"crm": 1, "billing": 2}
     assert all(set(r) <= {"crm", "billing"} and len(r) >= 1 for r in rooms)

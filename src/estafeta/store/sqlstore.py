@@ -230,19 +230,10 @@ class SqlStore(MessagingOps):
         Deliveries to `blocked` destinations are left alone; with `only_destination`, only
         that destination's are leased (a circuit breaker's probe).
         """
-        token = secrets.token_hex(8)
-        deadline = now_ms + lease_ms
-        params: dict[str, Any] = {
-            "now": now_ms,
-            "limit": limit,
-            "token": token,
-            "deadline": deadline,
-            "worker": worker_id,
-            "blocked": list(blocked),
-        }
+        params = _lease_params(now_ms, lease_ms, worker_id, blocked=list(blocked), limit=limit)
         if only_destination is not None:
             params["only"] = only_destination
-        return _leased_batch(await self._lease_rows(params), token, deadline)
+        return _leased_batch(await self._lease_rows(params), params)
 
     async def lease_each(
         self, *, now_ms: int, rooms: Mapping[str, int], lease_ms: int, worker_id: str
@@ -252,16 +243,8 @@ class SqlStore(MessagingOps):
         rooms = {d: room for d, room in rooms.items() if room > 0}
         if not rooms:
             return []
-        token = secrets.token_hex(8)
-        deadline = now_ms + lease_ms
-        params: dict[str, Any] = {
-            "now": now_ms,
-            "token": token,
-            "deadline": deadline,
-            "worker": worker_id,
-            "blocked": [],
-        }
-        return _leased_batch(await self._lease_each_rows(rooms, params), token, deadline)
+        params = _lease_params(now_ms, lease_ms, worker_id, blocked=[])
+        return _leased_batch(await self._lease_each_rows(rooms, params), params)
 
     async def _lease_each_rows(self, rooms: Mapping[str, int], params: dict[str, Any]) -> list[Any]:
         """SQLite: the one-destination statement for each, in one transaction (one writer, so
@@ -658,12 +641,23 @@ class SqlStore(MessagingOps):
             return (await conn.execute(query)).first() is not None
 
 
-def _leased_batch(rows: list[Any], token: str, deadline: int) -> list[LeasedDelivery]:
-    """The rows a lease statement returned, best first: (id, tenant, event, destination,
-    attempts, max_attempts, priority, ordering key, due, payload). SQLite does not order
-    RETURNING, and neither does an UPDATE … FROM."""
+def _lease_params(now_ms: int, lease_ms: int, worker_id: str, **more: Any) -> dict[str, Any]:
+    """The parameters every lease statement takes, with a new lease token."""
+    return {
+        "now": now_ms,
+        "token": secrets.token_hex(8),
+        "deadline": now_ms + lease_ms,
+        "worker": worker_id,
+        **more,
+    }
+
+
+def _leased_batch(rows: list[Any], params: Mapping[str, Any]) -> list[LeasedDelivery]:
+    """The rows a lease statement run with `params` returned, best first: (id, tenant,
+    event, destination, attempts, max_attempts, priority, ordering key, due, payload).
+    SQLite does not order RETURNING, and neither does an UPDATE … FROM."""
     rows.sort(key=lambda r: (r[6], r[8], r[0]))
-    return [_leased(r, token, deadline) for r in rows]
+    return [_leased(r, params["token"], params["deadline"]) for r in rows]
 
 
 def _leased(r: Any, token: str, deadline: int) -> LeasedDelivery:
