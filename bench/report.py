@@ -533,25 +533,23 @@ def _machine_bound(
     cores: int | None,
     ceiling: float | None,
     threshold: float,
+    parts: list[tuple[str, float | None]],
     *,
-    server: float,
-    database: float | None,
-    tool: float | None,
+    unit: str = "event",
 ) -> str:
-    """The fastest this ingest could go if every core of the machine were busy with it all
-    the time: the cores' CPU ÷ what the load tool, the database and the server spend per
-    event. Below the target, the target is out of reach for the design, not for tuning."""
-    if not cores or not ceiling or not tool:
-        return ""
-    parts = [("the load tool", tool), ("PostgreSQL", database), ("the server", server)]
+    """The fastest this could go if every core of the machine were busy with it all the
+    time: the cores' CPU ÷ what the parts (the load tool, the database, the server …) spend
+    per `unit`. Below the target, the target is out of reach for the design, not for tuning."""
     spent = [(name, us) for name, us in parts if us]
+    if not cores or not ceiling or len(spent) < len(parts) - 1:  # only the database may lack
+        return ""
     total = sum(us for _, us in spent)
     bound = cores * 1e6 / total
     listed = ", ".join(f"{name} {us:,.0f}" for name, us in spent)
     verdict = "short of the target even then" if bound < threshold * ceiling else "in reach"
     return (
         f" Even if the machine's {cores} cores did nothing else and never idled, the "
-        f"{total:,.0f} µs of CPU per event "
+        f"{total:,.0f} µs of CPU per {unit} "
         f"({listed}) allow at most {bound:,.0f}/s, {bound / ceiling:.2f}× of the ceiling: "
         f"{verdict}."
     )
@@ -587,9 +585,11 @@ def why_missed(doc: Doc, results_dir: Path) -> list[str]:
             s.get("cores"),
             _get(p, "ceiling_http", "rps"),
             threshold,
-            server=spent,
-            database=database if engine == "PostgreSQL" else None,
-            tool=_per_unit(full.get("own_cores"), full.get("rps")),
+            [
+                ("the load tool", _per_unit(full.get("own_cores"), full.get("rps"))),
+                ("PostgreSQL", database if engine == "PostgreSQL" else None),
+                ("the server", spent),
+            ],
         )
         lines.append(line)
     client = _get(p, "ceiling_client", "client_cpu_us_per_request")
@@ -619,6 +619,31 @@ def why_missed(doc: Doc, results_dir: Path) -> list[str]:
             f" With its core to itself and never idle it would reach {bound:.2f}× of the "
             f"ceiling{'' if bound >= 0.5 else ': short of the target even then'}."
         )
+        # The core is not the server's alone: PostgreSQL, the sink and the load tool need
+        # the other one, and when it is full the server waits on its commits and its sends.
+        load = full.get("load") or {}
+        used = full.get("cpu_cores") or {}
+        line += _machine_bound(
+            s.get("cores"),
+            ceiling,
+            0.5,
+            [
+                (
+                    "the load tool",
+                    _per_unit(load.get("own_cores"), (load.get("rps") or 0) * fanout),
+                ),
+                ("PostgreSQL", _per_unit(used.get("postgresql"), rate)),
+                ("the sink", _per_unit(used.get("sink"), rate)),
+                ("the server", spent),
+            ],
+            unit="delivery",
+        )
+        if used.get("machine") and s.get("cores"):
+            line += (
+                f" The machine was {used['machine']:.2f} of its {s.get('cores')} cores busy: "
+                "the server waits on PostgreSQL's commits and the sink's answers, and they "
+                "on the server, so the run stops short of both bounds."
+            )
         lines.append(line)
     profiles = sorted(
         results_dir.glob("profile-*.txt"), key=lambda f: ("-native" not in f.name, f.name)
