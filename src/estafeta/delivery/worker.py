@@ -170,7 +170,7 @@ class Worker:
                 if destination_id in throttled:
                     continue  # no budget for the probe now: claiming it would only block
                 if taken < free and await self.breakers.try_probe(destination_id, now):
-                    probe = await self._lease(now, 1, only_destination=destination_id)
+                    probe = await self._lease_each(now, {destination_id: 1})
                     if not probe or not await self._start(probe, now, probe=True):
                         # Nothing to send, or the rate limit held it back: another worker
                         # (or this one, later) may probe as soon as it can.
@@ -191,14 +191,8 @@ class Worker:
             log.info("store_available", worker=self.worker_id)
         return taken
 
-    async def _lease(
-        self,
-        now: int,
-        limit: int,
-        blocked: set[str] | None = None,
-        *,
-        only_destination: str | None = None,
-    ) -> list[LeasedDelivery]:
+    async def _lease(self, now: int, limit: int, blocked: set[str]) -> list[LeasedDelivery]:
+        """Due deliveries of any destination not `blocked`, up to `limit`."""
         if limit <= 0:
             return []
         self.leases += 1
@@ -207,8 +201,17 @@ class Worker:
             limit=limit,
             lease_ms=self.lease_ms,
             worker_id=self.worker_id,
-            blocked=sorted(blocked or ()),
-            only_destination=only_destination,
+            blocked=sorted(blocked),
+        )
+
+    async def _lease_each(self, now: int, rooms: dict[str, int]) -> list[LeasedDelivery]:
+        """Due deliveries of the destinations named, up to each one's room (a circuit's
+        probe, the destinations with a `max_in_flight`)."""
+        if not rooms:
+            return []
+        self.leases += 1
+        return await self.store.lease_each(
+            now_ms=now, rooms=rooms, lease_ms=self.lease_ms, worker_id=self.worker_id
         )
 
     async def _lease_capped(self, now: int, free: int, blocked: set[str]) -> int:
@@ -223,12 +226,7 @@ class Worker:
             )
             if room > 0 and destination_id not in blocked:
                 rooms[destination_id] = room
-        if not rooms:
-            return 0
-        self.leases += 1
-        batch = await self.store.lease_each(
-            now_ms=now, rooms=rooms, lease_ms=self.lease_ms, worker_id=self.worker_id
-        )
+        batch = await self._lease_each(now, rooms)
         await self._start(batch, now)
         return len(batch)
 

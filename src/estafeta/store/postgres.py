@@ -190,7 +190,6 @@ class PostgresStore(SqlStore):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._lease_any = Statement(self.lease_sql)
-        self._lease_one_destination = Statement(self.lease_one_sql)
         self._lease_each_destination = Statement(each_destination(self.lease_sql))
         # As many as run at once: ingest's concurrent flushes, a worker's lease and completes.
         self._held = HeldConnections(self.engine, keep=8)
@@ -254,7 +253,7 @@ class PostgresStore(SqlStore):
     # -- the delivery lifecycle -------------------------------------------------------------
 
     async def _lease_rows(self, params: dict[str, Any]) -> list[Any]:
-        statement = self._lease_one_destination if "only" in params else self._lease_any
+        statement = self._lease_any
         async with self._held.driver() as driver:
             return list(await driver.fetch(statement.positional, *statement.args(params)))
 

@@ -72,7 +72,8 @@ class SqlStore(MessagingOps):
     def __init__(self, engine: AsyncEngine, read_engine: AsyncEngine | None = None) -> None:
         super().__init__(engine, read_engine)
         self.lease_sql = (SQL_DIR / self.lease_sql_file).read_text()
-        # The half-open probe of a circuit leases one delivery of one destination.
+        # A lease of one named destination: what `lease_each` runs for each destination on
+        # SQLite (PostgreSQL makes one statement for all of them: postgres.each_destination).
         self.lease_one_sql = self.lease_sql.replace("/* only */", "AND d.destination_id = :only")
 
     async def migrate(self) -> None:
@@ -223,23 +224,18 @@ class SqlStore(MessagingOps):
         lease_ms: int,
         worker_id: str,
         blocked: Collection[str] = (),
-        only_destination: str | None = None,
     ) -> list[LeasedDelivery]:
-        """Lease up to `limit` due deliveries (see sql/lease_*.sql), best first.
-
-        Deliveries to `blocked` destinations are left alone; with `only_destination`, only
-        that destination's are leased (a circuit breaker's probe).
-        """
+        """Lease up to `limit` due deliveries (see sql/lease_*.sql), best first; deliveries
+        to `blocked` destinations are left alone."""
         params = _lease_params(now_ms, lease_ms, worker_id, blocked=list(blocked), limit=limit)
-        if only_destination is not None:
-            params["only"] = only_destination
         return _leased_batch(await self._lease_rows(params), params)
 
     async def lease_each(
         self, *, now_ms: int, rooms: Mapping[str, int], lease_ms: int, worker_id: str
     ) -> list[LeasedDelivery]:
-        """Lease, under one lease, up to `rooms[d]` due deliveries of each destination `d`
-        (those with a `max_in_flight`, each for the room it has), best first."""
+        """Lease, under one lease, up to `rooms[d]` due deliveries of each destination `d`,
+        best first: a circuit's probe (one), the destinations with a `max_in_flight` (each
+        for the room it has)."""
         rooms = {d: room for d, room in rooms.items() if room > 0}
         if not rooms:
             return []
@@ -259,7 +255,7 @@ class SqlStore(MessagingOps):
 
     async def _lease_rows(self, params: dict[str, Any]) -> list[Any]:
         """The rows the lease statement returns, in its RETURNING order."""
-        statement = self._lease_statement(only="only" in params)
+        statement = self._lease_statement(only=False)
         async with self._write() as conn:
             return list((await conn.execute(statement, params)).all())
 

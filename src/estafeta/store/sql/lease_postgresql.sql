@@ -11,8 +11,10 @@
 -- now instead of waiting on them, so N workers lease N disjoint batches. The UPDATE marks
 -- them in_flight with a lease token and deadline; RETURNING hands the worker everything it
 -- needs to send, including the event's payload, without a second round trip. The partial
--- index deliveries_lease serves the CTE as an index range scan (deliveries_destination_due
--- when `only` names one destination), deliveries_ordering the NOT EXISTS.
+-- index deliveries_lease serves the CTE as an index range scan, deliveries_ordering the NOT
+-- EXISTS. The `/* only */` marker is where postgres.each_destination adds its destination,
+-- to lease named destinations (a circuit's probe, the capped ones) by
+-- deliveries_destination_due, all in one statement.
 WITH due AS (
     SELECT d.id
     FROM deliveries AS d
