@@ -541,7 +541,8 @@ def _machine_bound(
     time: the cores' CPU ÷ what the parts (the load tool, the database, the server …) spend
     per `unit`. Below the target, the target is out of reach for the design, not for tuning."""
     spent = [(name, us) for name, us in parts if us]
-    if not cores or not ceiling or len(spent) < len(parts) - 1:  # only the database may lack
+    # At most one part unmeasured (ingest on SQLite has no database process).
+    if not cores or not ceiling or len(spent) < len(parts) - 1:
         return ""
     total = sum(us for _, us in spent)
     bound = cores * 1e6 / total
