@@ -274,12 +274,14 @@ async def test_a_dead_workers_lease_is_rescued_and_counted(
 async def test_a_busy_destination_is_not_failed_for_sends_that_waited_for_a_connection(
     running: Callable[..., Running], sink: Sink, store: SqlStore
 ) -> None:
-    """200 deliveries at once to one destination that takes 0.4 s per request with a 1 s
+    """200 deliveries at once to one destination that takes 0.8 s per request with a 2 s
     timeout: each is sent once and succeeds. A send waiting its turn for a connection must
     not spend its timeout while it waits (with a pool smaller than the worker's
-    concurrency, the third wave timed out without ever reaching the destination)."""
-    sink.respond(200, delay_s=0.4)
-    hub = running(timeout_s=1)
+    concurrency, the third wave timed out without ever reaching the destination). The
+    1.2 s between answer and timeout is for a loaded host to open 200 connections in (0.6 s
+    was not always enough)."""
+    sink.respond(200, delay_s=0.8)
+    hub = running(timeout_s=2)
     event_ids = await asyncio.gather(*(hub.publish(n=n) for n in range(200)))
     views = [await settled(store, event_id, timeout_s=30) for event_id in event_ids]
     attempts = [a for view in views for d in view.deliveries for a in d.attempt_log]
