@@ -210,6 +210,21 @@ async def test_headers_sent(sink: Sink, session: aiohttp.ClientSession) -> None:
     assert "webhook-signature" not in headers  # no secret, no signature
 
 
+async def test_a_cookie_one_destination_sets_is_never_sent_on(
+    sink: Sink, session: aiohttp.ClientSession
+) -> None:
+    # One session serves every tenant's destinations: a cookie kept from one answer would go
+    # with the next delivery to that host, whichever tenant it belongs to. By host name, not
+    # IP, as a cookie jar keeps cookies only for names.
+    url = sink.url.replace("127.0.0.1", "localhost")
+    sink.respond(200, headers={"Set-Cookie": "session=tenant-a-secret; Path=/"})
+    assert (await deliver_to(url, session)).kind is OutcomeKind.SUCCESS
+    sink.respond(200)
+    assert (await deliver_to(url, session, delivery=leased("evt_2"))).kind is OutcomeKind.SUCCESS
+    assert [r.webhook_id for r in sink.received] == ["evt_1", "evt_2"]
+    assert "cookie" not in sink.received[1].headers
+
+
 async def test_signature_verified_by_the_receiver(session: aiohttp.ClientSession) -> None:
     sink = Sink(secret=SECRET)
     await sink.start()

@@ -66,7 +66,9 @@ def new_client_session(*, connections: int = 256) -> aiohttp.ClientSession:
     without ever reaching its destination, and its attempt was spent. How many sends one
     destination gets at once is the worker's decision, not the pool's. DNS answers are cached
     for 5 minutes. Responses are not decompressed (and we ask for `identity`): we only keep a
-    short excerpt of a body, and inflating it is work and a zip-bomb risk.
+    short excerpt of a body, and inflating it is work and a zip-bomb risk. Cookies are
+    neither kept nor sent: the session serves every tenant's destinations, and a cookie one
+    answer set would otherwise go with the next delivery to that host, whoever's it is.
     """
     connector = aiohttp.TCPConnector(
         limit=connections,
@@ -74,7 +76,9 @@ def new_client_session(*, connections: int = 256) -> aiohttp.ClientSession:
         ttl_dns_cache=300,
         keepalive_timeout=30,
     )
-    return aiohttp.ClientSession(connector=connector, auto_decompress=False)
+    return aiohttp.ClientSession(
+        connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
+    )
 
 
 class HttpConnector:
