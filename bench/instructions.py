@@ -8,6 +8,7 @@ change of a few per cent to a hot path before running the whole benchmark:
     python bench/instructions.py worker    # a Worker draining PostgreSQL to the sink: per delivery
     python bench/instructions.py client    # the bare delivery client (HttpConnector): per request
     python bench/instructions.py e2e       # `serve`'s path: webhook → commit → hand-over → sink
+                                           #   (`--fanout N` destinations, 3 by default)
 
 Each case runs twice under `valgrind --tool=callgrind` (N and 3N items; `--n` sets N) and
 the difference of the two totals ÷ 2N is printed, so start-up and imports cancel out. Only
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import hmac
 import itertools
 import re
@@ -181,16 +183,16 @@ def _backlog(db_url: str, n: int) -> None:
         conn.close()
 
 
-async def e2e_case(n: int, workdir: Path) -> None:
+async def e2e_case(n: int, workdir: Path, fanout: int = 3) -> None:
     """`n` signed webhooks, 32 at a time, through the ingest app to a hub on a fresh
     PostgreSQL database whose in-process worker (hand-over wired as `serve` wires it) sends
-    each to three sink destinations: per webhook, everything `serve` does for it but HTTP."""
+    each to `fanout` sink destinations: per webhook, everything `serve` does for it but
+    HTTP."""
     from estafeta.delivery.breakers import Breakers
     from estafeta.delivery.worker import Worker
     from estafeta.hub import Hub
     from estafeta.ingress.endpoint import IngestApp
 
-    fanout = 3
     answers: list[int] = []
     async with sink_and_store(workdir, "e2e", fanout=fanout) as (config, store, _db_url):
         hub = Hub(config, store)
@@ -271,7 +273,7 @@ async def client_case(n: int, workdir: Path) -> None:
 # -- the measurement ---------------------------------------------------------------------------
 
 
-def instructions(case: str, n: int, workdir: Path) -> int:
+def instructions(case: str, n: int, workdir: Path, fanout: int) -> int:
     """Instructions the Python process ran for the case with `n` items (valgrind's total)."""
     out = workdir / f"callgrind-{case}-{n}.out"
     done = subprocess.run(
@@ -287,6 +289,8 @@ def instructions(case: str, n: int, workdir: Path) -> int:
             str(n),
             "--workdir",
             str(workdir),
+            "--fanout",
+            str(fanout),
         ],
         capture_output=True,
         text=True,
@@ -304,6 +308,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1000, help="items in the smaller run")
     parser.add_argument("--run", choices=CASES, help=argparse.SUPPRESS)  # inside valgrind
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--fanout", type=int, default=3, help="e2e: destinations per webhook")
     args = parser.parse_args()
     if args.run:
         import uvloop
@@ -317,7 +322,7 @@ def main() -> None:
             "handler": handler_case,
             "worker": worker_case,
             "client": client_case,
-            "e2e": e2e_case,
+            "e2e": functools.partial(e2e_case, fanout=args.fanout),
         }
         uvloop.run(cases[args.run](args.n, args.workdir))
         return
@@ -328,10 +333,11 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="estafeta-instructions-"))
     try:
         began = time.monotonic()
-        small = instructions(args.case, args.n, workdir)
-        large = instructions(args.case, 3 * args.n, workdir)
+        small = instructions(args.case, args.n, workdir, args.fanout)
+        large = instructions(args.case, 3 * args.n, workdir, args.fanout)
         per_item = (large - small) / (2 * args.n)
-        unit = {"worker": "delivery", "e2e": "webhook (three deliveries)"}.get(args.case, "request")
+        per_webhook = f"webhook ({args.fanout} deliver{'y' if args.fanout == 1 else 'ies'})"
+        unit = {"worker": "delivery", "e2e": per_webhook}.get(args.case, "request")
         print(
             f"{args.case}: {per_item:,.0f} instructions per {unit} "
             f"({small:,} for {args.n}, {large:,} for {3 * args.n}; "
