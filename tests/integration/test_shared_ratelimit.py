@@ -73,6 +73,38 @@ async def test_two_processes_draw_from_one_tenant_budget(
         await b.aclose()
 
 
+async def test_each_tenant_learns_its_own_total_from_one_share(
+    client: redis.asyncio.Redis, shared_prefix: str
+) -> None:
+    # One read brings back every tenant's totals: each must land on its own tenant, whatever
+    # the limits' periods and whichever tenants had new counts to add.
+    config = load_config_dict(
+        {
+            "tenants": [
+                {"id": "acme", "name": "Acme", "ingress_rate_limit": "10/minute"},
+                {"id": "idle", "name": "Idle", "ingress_rate_limit": "5/minute"},
+                {"id": "sol", "name": "Sol", "ingress_rate_limit": "4/second"},
+            ]
+        }
+    )
+    clock = FakeClock(1_000_020.0)  # the start of a minute and of a second
+    a, b = (
+        TenantRateLimiter(config, clock=clock, redis=client, key_prefix=shared_prefix)
+        for _ in range(2)
+    )
+    try:
+        assert sum(a.retry_after("acme") is None for _ in range(7)) == 7
+        assert sum(a.retry_after("sol") is None for _ in range(3)) == 3
+        await a.share()
+        await b.share()
+        assert sum(b.retry_after("acme") is None for _ in range(10)) == 3
+        assert sum(b.retry_after("sol") is None for _ in range(10)) == 1
+        assert sum(b.retry_after("idle") is None for _ in range(10)) == 5
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
 async def test_counts_are_shared_in_the_background_while_requests_come(
     client: redis.asyncio.Redis, shared_prefix: str
 ) -> None:

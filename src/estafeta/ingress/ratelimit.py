@@ -12,7 +12,9 @@ through Redis it would add a round trip to every webhook.
 Shared without a round trip per request: each process decides from its own counts plus the
 other processes' counts as it last saw them, and every `SHARE_INTERVAL_S` while requests come
 in it adds what it counted to Redis (one counter per tenant and window) and reads the totals
-back, in one pipelined round trip for all tenants. So a tenant's limit holds across every
+back, in one pipelined round trip for all tenants: an INCRBY per tenant with new counts and
+one MGET for every tenant's totals (an MGET per tenant cost 10 ms of CPU per share at 500
+tenants, a tenth of a core; one for all, ~0.6 ms). So a tenant's limit holds across every
 `serve` process, give or take what the others admitted since they last shared (at most
 `SHARE_INTERVAL_S` of their traffic). Windows are numbered by wall-clock time so that every
 process numbers them alike. If Redis fails, each process goes on with the counts it has,
@@ -149,7 +151,13 @@ class TenantRateLimiter:
                 item.amount, float(item.get_expiry()), clock=clock, shared=redis is not None
             )
         self._redis = redis
-        self._key_prefix = f"{key_prefix}ingress:"
+        # Each tenant's counters are `<prefix>ingress:<tenant>:<period>:<window>`. The period
+        # is part of the key: a limit changed from per minute to per second numbers its
+        # windows differently.
+        self._key_heads = {
+            tenant: f"{key_prefix}ingress:{tenant}:{counter.period_s:g}:"
+            for tenant, counter in self._counters.items()
+        }
         self._failover = RedisFailover("ingress_rate_limit", retry_s=retry_s)
         self._sharing: asyncio.Task[None] | None = None
         self._active = False  # a request was counted since the last share
@@ -190,14 +198,16 @@ class TenantRateLimiter:
             return
         windows = {tenant: c.window() for tenant, c in self._counters.items()}
         pipe = self._redis.pipeline(transaction=False)
+        totals_keys: list[str] = []  # each tenant's current window's key, then its previous's
         for tenant, counter in self._counters.items():
             ttl_s = math.ceil(3 * counter.period_s)  # the window, the next, and a margin
             for window, count in taken[tenant].items():
-                key = self._key(tenant, counter, window)
+                key = self._key(tenant, window)
                 pipe.incrby(key, count)
                 pipe.expire(key, ttl_s)
             now = windows[tenant]
-            pipe.mget(self._key(tenant, counter, now), self._key(tenant, counter, now - 1))
+            totals_keys += (self._key(tenant, now), self._key(tenant, now - 1))
+        pipe.mget(totals_keys)
         try:
             replies = await pipe.execute()
         except REDIS_ERRORS as exc:
@@ -208,21 +218,18 @@ class TenantRateLimiter:
             self._give_back(taken)
             raise
         self._failover.succeeded(token)
-        totals = (reply for reply in replies if isinstance(reply, list))
-        for (tenant, counter), (current, previous) in zip(
-            self._counters.items(), totals, strict=True
-        ):
+        totals = iter(replies[-1])
+        for tenant, counter in self._counters.items():
             now = windows[tenant]
+            current, previous = next(totals), next(totals)
             counter.learn({now: int(current or 0), now - 1: int(previous or 0)})
 
     def _give_back(self, taken: dict[str, dict[int, int]]) -> None:
         for tenant, counter in self._counters.items():
             counter.give_back(taken[tenant])
 
-    def _key(self, tenant: str, counter: SlidingWindowCounter, window: int) -> str:
-        # The period is part of the key: a limit changed from per minute to per second
-        # numbers its windows differently.
-        return f"{self._key_prefix}{tenant}:{counter.period_s:g}:{window}"
+    def _key(self, tenant: str, window: int) -> str:
+        return f"{self._key_heads[tenant]}{window}"
 
     async def aclose(self) -> None:
         """Share what is left (best effort) and stop sharing."""
