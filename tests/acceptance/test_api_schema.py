@@ -56,14 +56,27 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 def _serve(workdir: Path, database_url: str) -> Iterator[Served]:
     """`estafeta serve` on `database_url` until the generator is closed, and a tenant key."""
     port = free_port()
-    config = write_config(
-        workdir / "estafeta.toml",
-        base_config(
-            database_url,
-            server={"listen": f"127.0.0.1:{port}"},
-            storage={"url": database_url, "spool_dir": str(workdir / "spool")},
-        ),
+    settings = base_config(
+        database_url,
+        server={"listen": f"127.0.0.1:{port}"},
+        storage={"url": database_url, "spool_dir": str(workdir / "spool")},
     )
+    # A source that can send, named as the API's example names one, so that generated
+    # messages get past "unknown source" into validation and queueing. Its provider is a
+    # closed port: queued sends fail and are retried, which is the worker's business.
+    settings["sources"].append(
+        {
+            "id": "wa-sol",
+            "tenant": TENANT,
+            "kind": "whatsapp_cloud",
+            "app_secret": "schema-app-secret",
+            "verify_token": "schema-verify-token",
+            "access_token": "schema-access-token",
+            "phone_number_id": "106540352242922",
+            "api_base": "http://127.0.0.1:9",
+        }
+    )
+    config = write_config(workdir / "estafeta.toml", settings)
     with (workdir / "serve.stderr").open("wb") as err:
         server = subprocess.Popen(
             [*estafeta_command(), "serve", "--config", str(config)],

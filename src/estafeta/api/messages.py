@@ -45,7 +45,7 @@ class SendMessage(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    source: str = Field(min_length=1, max_length=63)
+    source: str = Field(min_length=1, max_length=63, examples=["wa-sol"])
     to: str = Field(pattern=r"^\+[1-9][0-9]{6,14}$", examples=["+5511987654321"])
     text: str | None = Field(default=None, min_length=1, max_length=4096)
     template: Template | None = None
