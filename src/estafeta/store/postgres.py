@@ -212,6 +212,12 @@ class PostgresStore(SqlStore):
         await self._held.close()
         await super().close()
 
+    async def _fetch(self, statement: Statement, params: Mapping[str, Any]) -> list[Any]:
+        """A hot statement's rows, run on a kept connection (held.py) outside any
+        transaction: one round trip, and its own commit."""
+        async with self._held.driver() as driver:
+            return list(await driver.fetch(statement.positional, *statement.args(params)))
+
     # -- ingest -----------------------------------------------------------------------------
 
     async def _store_candidates(
@@ -223,10 +229,7 @@ class PostgresStore(SqlStore):
             return await super()._store_candidates(events, by_id=by_id)
         if not events:
             return []
-        async with self._held.driver() as driver:
-            rows = await driver.fetch(
-                _STORE_BATCH.positional, *_STORE_BATCH.args(_batch_params(events))
-            )
+        rows = await self._fetch(_STORE_BATCH, _batch_params(events))
         inserted = {event_id for event_id, original in rows if original is None}
         originals = {event_id: original for event_id, original in rows if original is not None}
         existing = {event_key(e): originals[e.id] for e in events if e.id in originals}
@@ -253,15 +256,11 @@ class PostgresStore(SqlStore):
     # -- the delivery lifecycle -------------------------------------------------------------
 
     async def _lease_rows(self, params: dict[str, Any]) -> list[Any]:
-        statement = self._lease_any
-        async with self._held.driver() as driver:
-            return list(await driver.fetch(statement.positional, *statement.args(params)))
+        return await self._fetch(self._lease_any, params)
 
     async def _lease_each_rows(self, rooms: Mapping[str, int], params: dict[str, Any]) -> list[Any]:
-        statement = self._lease_each_destination
         each = {**params, "destinations": list(rooms), "rooms": list(rooms.values())}
-        async with self._held.driver() as driver:
-            return list(await driver.fetch(statement.positional, *statement.args(each)))
+        return await self._fetch(self._lease_each_destination, each)
 
     async def complete(self, batch: Sequence[CompletedAttempt], now_ms: int) -> int:
         """Attempts and transitions in one statement (sql/complete_postgresql.sql); a batch
@@ -270,8 +269,8 @@ class PostgresStore(SqlStore):
             return 0
         params = _complete_params(batch, now_ms)
         if not any(i.delivery.destination_id.startswith(SEND_DESTINATION_PREFIX) for i in batch):
-            async with self._held.driver() as driver:
-                return int(await driver.fetchval(_COMPLETE.positional, *_COMPLETE.args(params)))
+            [(applied,)] = await self._fetch(_COMPLETE, params)
+            return int(applied)
         async with self._write() as conn:
             applied = int((await conn.execute(_COMPLETE.text, params)).scalar_one())
             await self._record_sends(conn, batch, now_ms)
