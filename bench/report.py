@@ -541,8 +541,7 @@ def _machine_bound(
     time: the cores' CPU ÷ what the parts (the load tool, the database, the server …) spend
     per `unit`. Below the target, the target is out of reach for the design, not for tuning."""
     spent = [(name, us) for name, us in parts if us]
-    # At most one part unmeasured (ingest on SQLite has no database process).
-    if not cores or not ceiling or len(spent) < len(parts) - 1:
+    if not cores or not ceiling or len(spent) < len(parts):  # a part not measured: no bound
         return ""
     total = sum(us for _, us in spent)
     bound = cores * 1e6 / total
@@ -588,7 +587,7 @@ def why_missed(doc: Doc, results_dir: Path) -> list[str]:
             threshold,
             [
                 ("the load tool", _per_unit(full.get("own_cores"), full.get("rps"))),
-                ("PostgreSQL", database if engine == "PostgreSQL" else None),
+                *([("PostgreSQL", database)] if engine == "PostgreSQL" else []),
                 ("the server", spent),
             ],
         )
