@@ -4,7 +4,7 @@ A fresh PostgreSQL database migrated by `estafeta migrate`; pending deliveries (
 event and a 0.7 KB canonical payload) are inserted in bulk with `generate_series`. At each
 size (10,000 first, then grown to 1,000,000):
 
-* **lease latency**: `SqlStore.lease(limit=100)` timed in a process of its own on the server
+* **lease latency**: `SqlStore.lease` of 100 timed in a process of its own on the server
   core (5 warm-up leases, then 40 measured); the leased rows are put back to `pending`;
 * **drain**: `estafeta worker` on the server core delivering to the sink: deliveries/s
   (from the first arrival), and the worker's peak RSS (psutil, sampled every 0.1 s).
@@ -247,7 +247,10 @@ async def _lease(url: str, n: int, warmup: int) -> dict[str, Any]:
         for i in range(warmup + n):
             started = time.perf_counter()
             batch = await store.lease(
-                now_ms=int(time.time() * 1000), limit=100, lease_ms=60_000, worker_id="bench"
+                now_ms=int(time.time() * 1000),
+                rooms={_DESTINATION: 100},
+                lease_ms=60_000,
+                worker_id="bench",
             )
             took = (time.perf_counter() - started) * 1000
             if i >= warmup:

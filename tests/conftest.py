@@ -18,6 +18,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from estafeta.config import Config, load_config_dict
+from estafeta.delivery.model import LeasedDelivery
 from estafeta.store import open_store
 from estafeta.store.schema import metadata
 from estafeta.store.sqlstore import SqlStore
@@ -165,3 +166,19 @@ async def store(config: Config) -> AsyncIterator[SqlStore]:
         yield opened
     finally:
         await opened.close()
+
+
+async def lease_any(
+    store: SqlStore,
+    *,
+    now_ms: int,
+    limit: int = 100,
+    lease_ms: int = 30_000,
+    worker_id: str = "w",
+) -> list[LeasedDelivery]:
+    """Lease as a worker that sends to every destination would: up to `limit` of whatever
+    is due, whichever destination it is for."""
+    rooms = dict.fromkeys(await store.pending_destinations(), limit)
+    return await store.lease(
+        now_ms=now_ms, rooms=rooms, limit=limit, lease_ms=lease_ms, worker_id=worker_id
+    )

@@ -19,7 +19,7 @@ from estafeta.hub import Hub
 from estafeta.ids import new_id
 from estafeta.store.records import CompletedAttempt
 from estafeta.store.sqlstore import SqlStore
-from tests.conftest import base_config
+from tests.conftest import base_config, lease_any
 
 SOL = "est_sol_messaging_key_000000000000000000"
 OUTRA = "est_outra_messaging_key_0000000000000000"
@@ -67,7 +67,7 @@ class Env:
     async def finish_send(self, *, provider_id: str | None, dead: bool = False) -> None:
         """Play the worker: lease the send delivery and record the provider's answer."""
         now = self.hub.clock.now_ms()
-        batch = await self.store.lease(now_ms=now, limit=10, lease_ms=30_000, worker_id="w")
+        batch = await lease_any(self.store, now_ms=now, limit=10)
         [leased] = [d for d in batch if d.destination_id == "send:wa-sol"]
         await self.store.release([d for d in batch if d is not leased], now)
         kind = OutcomeKind.PERMANENT if dead else OutcomeKind.SUCCESS
@@ -200,9 +200,7 @@ async def test_sends_to_one_customer_keep_their_order_and_a_repeat_is_one_messag
         headers=env.auth(),
         json={"source": "wa-sol", "to": f"+{MARIA}", "text": "2"},
     )
-    leased = await env.store.lease(
-        now_ms=env.hub.clock.now_ms(), limit=10, lease_ms=1000, worker_id="w"
-    )
+    leased = await lease_any(env.store, now_ms=env.hub.clock.now_ms(), limit=10)
     sends = [d for d in leased if d.destination_id == "send:wa-sol"]
     assert len(sends) == 1 and sends[0].ordering_key == MARIA  # the second waits its turn
     # Routes see sends too: "message.*" to crm matches message.send (the CRM logs replies).

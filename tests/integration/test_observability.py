@@ -13,7 +13,7 @@ from estafeta.config import Config, load_config_dict
 from estafeta.hub import Hub
 from estafeta.observability.monitor import BacklogMonitor
 from estafeta.store.sqlstore import SqlStore
-from tests.conftest import base_config
+from tests.conftest import base_config, lease_any
 from tests.integration.redis_support import RedisServer
 
 ADMIN = {"authorization": "Bearer test-admin-key"}
@@ -58,9 +58,7 @@ async def test_the_backlog_alert_fires_and_resolves_once(hub: Hub, store: SqlSto
         await monitor.check()
         await monitor.check()  # still over: no second alert
         assert monitor.firing == {"queue_backlog"}
-        leased = await store.lease(
-            now_ms=hub.clock.now_ms(), limit=10, lease_ms=1000, worker_id="w"
-        )
+        leased = await lease_any(store, now_ms=hub.clock.now_ms(), limit=10)
         assert len(leased) == 3
         await monitor.check()  # nothing pending any more
     assert monitor.firing == set()

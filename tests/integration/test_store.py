@@ -13,7 +13,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from msgspec.structs import replace
-from sqlalchemy import Connection, String, bindparam, text
+from sqlalchemy import Connection, text
 
 from estafeta.delivery.decision import Transition
 from estafeta.delivery.model import LeasedDelivery
@@ -24,6 +24,7 @@ from estafeta.ids import new_id
 from estafeta.store.records import CompletedAttempt, DeadLetterFilter, NewDelivery, NewEvent
 from estafeta.store.schema import metadata
 from estafeta.store.sqlstore import SqlStore
+from tests.conftest import lease_any
 
 NOW = 1_700_000_000_000
 T = TypeVar("T")
@@ -77,7 +78,7 @@ def attempt(
 
 
 async def lease(store: SqlStore, *, now: int = NOW, limit: int = 100) -> list[LeasedDelivery]:
-    return await store.lease(now_ms=now, limit=limit, lease_ms=30_000, worker_id="w1")
+    return await lease_any(store, now_ms=now, limit=limit, worker_id="w1")
 
 
 async def kill_all(store: SqlStore, to: DeliveryState = DeliveryState.DEAD) -> list[str]:
@@ -421,49 +422,120 @@ def keyed(key: str, at: int, destination: str = "crm") -> NewEvent:
     )
 
 
-async def test_blocked_destinations_are_not_leased_and_spend_nothing(store: SqlStore) -> None:
+async def test_a_destination_not_named_keeps_its_deliveries_and_spends_nothing(
+    store: SqlStore,
+) -> None:
+    """The worker leaves out a destination whose circuit is open or whose rate limit is
+    spent: its deliveries stay pending, with no attempt counted, until a lease names it."""
     await store.insert_events([event(destinations=("crm", "billing"))])
-    leased = await store.lease(now_ms=NOW, limit=10, lease_ms=1000, worker_id="w", blocked=["crm"])
+    leased = await lease_rooms(store, billing=10)
     assert [d.destination_id for d in leased] == ["billing"]
-    probe = await store.lease_each(now_ms=NOW, rooms={"crm": 1}, lease_ms=1000, worker_id="w")
+    probe = await lease_rooms(store, crm=1)
     assert [d.destination_id for d in probe] == ["crm"] and probe[0].attempts == 0
 
 
-async def lease_each(store: SqlStore, now: int = NOW, **rooms: int) -> list[LeasedDelivery]:
-    return await store.lease_each(now_ms=now, rooms=rooms, lease_ms=30_000, worker_id="w1")
+async def lease_rooms(
+    store: SqlStore,
+    now: int = NOW,
+    *,
+    limit: int | None = None,
+    sending: dict[str, int] | None = None,
+    **rooms: int,
+) -> list[LeasedDelivery]:
+    return await store.lease(
+        now_ms=now,
+        rooms=rooms,
+        limit=limit,
+        sending=sending,
+        lease_ms=30_000,
+        worker_id="w1",
+    )
 
 
-async def test_lease_each_takes_each_destination_up_to_its_own_room(store: SqlStore) -> None:
-    """The lease of the destinations with a `max_in_flight`: each gets its own room, oldest
-    first, under one lease; a destination not named (or with no room) keeps its deliveries."""
+async def test_each_destination_is_leased_up_to_its_own_room(store: SqlStore) -> None:
+    """A destination with a `max_in_flight` gets no more than the room its cap leaves, oldest
+    first, all under one lease; a destination not named (or with no room) keeps its own."""
     await store.insert_events(
         [event(at=NOW - 30 + n, destinations=("crm", "billing", "erp")) for n in range(3)]
     )
-    first = await lease_each(store, crm=2, billing=1, erp=0)
+    first = await lease_rooms(store, crm=2, billing=1, erp=0)
     assert sorted(d.destination_id for d in first) == ["billing", "crm", "crm"]
     assert len({d.lease_token for d in first}) == 1  # one lease, one statement's worth
     crm = [d for d in first if d.destination_id == "crm"]
     assert [d.event_id for d in crm] == sorted(d.event_id for d in crm)  # the oldest two
-    rest = await lease_each(store, crm=5, billing=5)
+    rest = await lease_rooms(store, crm=5, billing=5)
     assert sorted(d.destination_id for d in rest) == ["billing", "billing", "crm"]
     assert {d.id for d in rest}.isdisjoint(d.id for d in first)
     assert [d.destination_id for d in await lease(store)] == ["erp"] * 3
-    assert await lease_each(store) == []
+    assert await lease_rooms(store) == []
 
 
-async def test_lease_each_keeps_an_ordering_key_in_order_and_waits_for_what_is_due(
+async def test_slots_go_first_to_the_destinations_with_the_fewest_in_flight(
+    store: SqlStore,
+) -> None:
+    """Five older deliveries to crm, two newer to billing. With nothing in flight the slots
+    alternate between them, oldest first at each turn; with crm already sending three,
+    billing's go before crm's older ones; a delivery of higher priority goes before either."""
+    crm = [event(at=NOW - 100 + n, destinations=("crm",)) for n in range(5)]
+    billing = [event(at=NOW - 50 + n, destinations=("billing",)) for n in range(2)]
+    await store.insert_events([*crm, *billing])
+
+    idle = await lease_rooms(store, limit=3, crm=4, billing=4)
+    assert sorted(d.event_id for d in idle) == sorted([crm[0].id, billing[0].id, crm[1].id])
+
+    busy = await lease_rooms(store, limit=2, sending={"crm": 3}, crm=4, billing=4)
+    assert sorted(d.event_id for d in busy) == sorted([billing[1].id, crm[2].id])
+
+    urgent = event(at=NOW - 10, destinations=("crm",), priority=0)
+    late = event(at=NOW - 5, destinations=("billing",))
+    await store.insert_events([urgent, late])
+    [first] = await lease_rooms(store, limit=1, sending={"crm": 50}, crm=4, billing=4)
+    assert first.event_id == urgent.id
+
+
+async def test_each_freed_slot_goes_first_to_a_destination_waiting_behind_a_backlog(
+    store: SqlStore,
+) -> None:
+    """Leases taken one after another by a worker whose slot frees one at a time, while a
+    slow destination has a backlog: every other destination's delivery is taken at the next
+    free slot, not after the backlog."""
+    backlog = [event(at=NOW - 1000 + n, destinations=("crm",)) for n in range(50)]
+    fresh = [event(at=NOW - 10 + n, destinations=(d,)) for n, d in enumerate(["billing", "erp"])]
+    await store.insert_events([*backlog, *fresh])
+    sending = {"crm": 8}  # every slot of an eight-slot worker is waiting on crm
+    taken = [
+        (await lease_rooms(store, limit=1, sending=sending, crm=1, billing=1, erp=1))[0]
+        for _ in range(3)
+    ]
+    assert [d.destination_id for d in taken] == ["billing", "erp", "crm"]
+
+
+async def test_pending_destinations_are_those_with_a_delivery_waiting(store: SqlStore) -> None:
+    await store.insert_events(
+        [event(destinations=("crm", "billing")), event(at=NOW + 60_000, destinations=("erp",))]
+    )
+    assert await store.pending_destinations() == {"crm", "billing", "erp"}
+    await store.complete(
+        [attempt(d, DeliveryState.SUCCEEDED) for d in await lease_rooms(store, billing=5)], NOW
+    )
+    assert await store.pending_destinations() == {"crm", "erp"}
+    await lease_rooms(store, crm=5)  # in flight is not pending
+    assert await store.pending_destinations() == {"erp"}
+
+
+async def test_lease_keeps_an_ordering_key_in_order_and_waits_for_what_is_due(
     store: SqlStore,
 ) -> None:
     await store.insert_events([keyed("maria", NOW - 20), keyed("maria", NOW - 10)])
     later = event(at=NOW + 5_000, destinations=("crm",))
     await store.insert_events([later])
-    [head] = await lease_each(store, crm=10)  # maria's second waits for her first
+    [head] = await lease_rooms(store, crm=10)  # maria's second waits for her first
     assert head.ordering_key == "maria"
     await store.complete([attempt(head, DeliveryState.SUCCEEDED)], NOW)
-    [second] = await lease_each(store, crm=10)
+    [second] = await lease_rooms(store, crm=10)
     assert second.ordering_key == "maria" and second.event_id != head.event_id
-    assert await lease_each(store, crm=10) == []  # the third is due in 5 s
-    [due] = await lease_each(store, NOW + 5_000, crm=10)
+    assert await lease_rooms(store, crm=10) == []  # the third is due in 5 s
+    [due] = await lease_rooms(store, NOW + 5_000, crm=10)
     assert due.event_id == later.id
 
 
@@ -539,29 +611,56 @@ async def test_connections_the_server_closed_are_replaced_not_reported_as_bugs(
     assert len(await twice(lambda: lease(store))) == 1  # the event stored after the cut
 
 
-async def test_a_lease_of_named_destinations_reads_their_index(store: SqlStore) -> None:
-    """A probe's or the capped destinations' lease is a range scan of each one's pending
-    deliveries, not a walk past every other destination's backlog: on SQLite the statement
-    it runs per destination, on PostgreSQL the one statement for them all."""
+async def test_a_lease_never_walks_another_destinations_backlog(store: SqlStore) -> None:
+    """crm is down with 20,000 deliveries waiting (its circuit open, so the worker leaves it
+    out): a lease of billing reads billing's rows, not crm's. (Given an index of all pending
+    deliveries by priority, PostgreSQL chose it for such a lease with 200,000 waiting and
+    read them all: migration 0005 dropped it.)"""
+    [stuck] = await store.insert_events([event(destinations=("crm",))])
+    await store.insert_events([event(destinations=("billing",))])
+    async with store.engine.begin() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO deliveries (id, tenant_id, event_id, destination_id, state,"
+                " priority, max_attempts, next_attempt_at, created_at, updated_at)"
+                " WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 20000)"
+                " SELECT 'dlv_backlog_' || i, 'clinica-sol', :event, 'crm', 'pending', 2, 3,"
+                " CAST(:at AS BIGINT) + i, :at, :at FROM n"
+            ),
+            {"event": stuck.event_id, "at": NOW - 50_000},
+        )
+        await conn.execute(
+            text("ANALYZE deliveries" if store.dialect == "postgresql" else "ANALYZE")
+        )
     params = {
         "now": NOW,
         "token": "t",
         "deadline": NOW + 60_000,
         "worker": "w",
-        "blocked": [],
+        "limit": 10,
+        "destinations": ["billing"],
+        "rooms": [10],
+        "sending": [0],
     }
-    if store.dialect == "sqlite":
-        statement = text("EXPLAIN QUERY PLAN " + store.lease_one_sql).bindparams(
-            bindparam("blocked", expanding=True, type_=String())
-        )
-        params |= {"only": "crm", "limit": 10}
-    else:
-        from estafeta.store.postgres import each_destination
-
-        statement = text("EXPLAIN " + each_destination(store.lease_sql))
-        params |= {"destinations": ["crm", "billing"], "rooms": [2, 3]}
     async with store.engine.connect() as conn:
-        if store.dialect == "postgresql":  # a table this small would be read whole
-            await conn.execute(text("SET LOCAL enable_seqscan = off"))
-        plan = "\n".join(str(row[-1]) for row in await conn.execute(statement, params))
-    assert "deliveries_destination_due" in plan, plan
+        if store.dialect == "sqlite":
+            params["rooms"] = '[["billing", 10, 0]]'
+            plan = "\n".join(
+                str(row[-1])
+                for row in await conn.execute(text("EXPLAIN QUERY PLAN " + store.lease_sql), params)
+            )
+            assert "USING INDEX deliveries_destination_due (destination_id=?" in plan, plan
+            assert "SCAN d\n" not in plan + "\n" and "SCAN c\n" not in plan + "\n", plan
+            return
+        explain = text("EXPLAIN (ANALYZE, FORMAT JSON) " + store.lease_sql)
+        [[report]] = (await conn.execute(explain, params)).all()
+        await conn.rollback()
+    plans = [report[0]["Plan"]]
+    read = 0
+    while plans:
+        node = plans.pop()
+        plans.extend(node.get("Plans", []))
+        if node.get("Relation Name") == "deliveries":
+            rows = node["Actual Rows"] + node.get("Rows Removed by Filter", 0)
+            read += rows * node["Actual Loops"]
+    assert 1 <= read <= 10, read

@@ -17,10 +17,12 @@ from estafeta.delivery.outcome import Outcome, OutcomeKind
 from estafeta.delivery.worker import Worker
 from estafeta.errors import StoreUnavailable
 from estafeta.hub import Hub
-from estafeta.store.records import DeadLetterFilter, EventView
+from estafeta.ids import new_id
+from estafeta.store.records import DeadLetterFilter, EventView, NewDelivery
 from estafeta.store.sqlstore import SqlStore
 from estafeta.testing.sink import Sink
-from tests.conftest import SINK_SECRET, base_config
+from tests.conftest import SINK_SECRET, base_config, lease_any
+from tests.events import new_event
 
 
 @pytest.fixture
@@ -259,7 +261,7 @@ async def test_a_dead_workers_lease_is_rescued_and_counted(
     hub = Hub(config, store)
     event_id = await publish(hub)
     # A worker leases it and dies without a word: a lease that has already expired.
-    [lost] = await store.lease(now_ms=hub.clock.now_ms(), limit=10, lease_ms=-1, worker_id="gone")
+    [lost] = await lease_any(store, now_ms=hub.clock.now_ms(), lease_ms=-1, worker_id="gone")
     worker = Worker(store, config)
     assert await worker.rescue_expired() == 1
     view = await store.get_event(event_id, None)
@@ -438,9 +440,7 @@ async def test_deliveries_handed_to_a_worker_that_is_stopping_are_given_back_pen
     assert view is not None
     [delivery] = view.deliveries
     assert (delivery.state, delivery.attempts) == ("pending", 0)
-    [leased] = await store.lease(
-        now_ms=hub.clock.now_ms(), limit=10, lease_ms=60_000, worker_id="another"
-    )
+    [leased] = await lease_any(store, now_ms=hub.clock.now_ms(), worker_id="another")
     assert leased.id == delivery.id
 
 
@@ -551,6 +551,60 @@ async def test_a_slow_destination_with_max_in_flight_leaves_the_other_slots_to_t
     assert set(backlog) <= slow.delivered_ids
 
 
+async def test_a_slow_destinations_backlog_does_not_hold_another_destinations_deliveries(
+    store: SqlStore, database_url: str
+) -> None:
+    """No `max_in_flight` anywhere: crm answers in 0.3 s and has forty deliveries queued,
+    every one of the worker's four slots busy with them, when billing's four arrive. They go
+    at the next slots that free, not after crm's forty (ten rounds of 0.3 s)."""
+    slow, fast = Sink(secret=SINK_SECRET), Sink(secret=SINK_SECRET)
+    await slow.start()
+    await fast.start()
+    slow.respond(200, delay_s=0.3)
+    data = base_config(database_url)
+    data["worker"].update(concurrency=4, poll_interval_s=30)
+    data["destinations"][0].update(url=f"{slow.url}/crm")
+    data["destinations"][1].update(url=f"{fast.url}/billing")
+    data["routes"][1]["priority"] = data["routes"][0]["priority"]  # not a priority's doing
+    hub = Running(store, load_config_dict(data), handoff=False, started=False)
+    try:
+        backlog = [await hub.publish(n=n) for n in range(40)]  # message.* → crm only
+        hub.start()
+        assert await slow.wait_for(lambda s: len(s.received) >= 4, 10)
+        both = [
+            await hub.publish("appointment.booked", status="confirmed", n=n) for n in range(4)
+        ]  # → crm and billing
+        assert await fast.wait_for(lambda s: s.delivered_ids >= set(both), 10)
+        assert len(slow.received) <= 12, len(slow.received)
+        assert not set(backlog) <= slow.delivered_ids
+    finally:
+        await hub.stop()
+        await slow.stop()
+        await fast.stop()
+
+
+async def test_a_delivery_to_a_destination_no_longer_configured_is_dead_lettered(
+    store: SqlStore, sink: Sink, database_url: str
+) -> None:
+    """A destination removed from the configuration while deliveries to it waited: the
+    worker finds them (leases name only configured destinations), and dead-letters each
+    with the reason instead of leaving it pending forever; the others go as usual."""
+    config = config_for(database_url, sink)
+    retired = NewDelivery(id=new_id("dlv", 1), destination_id="old-crm", priority=2, max_attempts=5)
+    kept = NewDelivery(id=new_id("dlv", 2), destination_id="crm", priority=2, max_attempts=5)
+    orphan = new_event(new_id("evt", 1), retired, kept)
+    await store.insert_events([orphan])
+    hub = Running(store, config)
+    try:
+        view = await settled(store, orphan.id)
+    finally:
+        await hub.stop()
+    states = {d.destination_id: (d.state, d.last_error) for d in view.deliveries}
+    assert states["crm"] == ("succeeded", None)
+    state, error = states["old-crm"]
+    assert state == "dead" and "no destination 'old-crm' is configured" in (error or ""), error
+
+
 async def test_fresh_deliveries_to_a_capped_destination_are_stored_pending_and_leased(
     store: SqlStore, sink: Sink, database_url: str
 ) -> None:
@@ -575,12 +629,13 @@ async def test_fresh_deliveries_to_a_capped_destination_are_stored_pending_and_l
         await hub.stop()
 
 
-async def test_every_capped_destination_is_leased_in_one_statement_within_its_cap(
+async def test_every_destination_is_leased_in_one_statement_capped_ones_within_their_cap(
     store: SqlStore, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Two destinations with a `max_in_flight` and a backlog each: a step leases both by
-    one statement (not one per capped destination, which grew with their number), each for
-    its own room, and neither ever has more sends in flight than its cap."""
+    """Two destinations with a `max_in_flight` and a backlog each: a step leases every
+    destination by one statement (not one per destination, which grew with their number),
+    each capped one for its own room, and neither ever has more sends in flight than its
+    cap."""
     sink = Sink(secret=SINK_SECRET)
     await sink.start()
     sink.respond(200, delay_s=0.05)
@@ -590,13 +645,13 @@ async def test_every_capped_destination_is_leased_in_one_statement_within_its_ca
     data["destinations"][1].update(url=f"{sink.url}/billing", max_in_flight=2)
     hub = Running(store, load_config_dict(data), handoff=False, started=False)
     rooms: list[dict[str, int]] = []
-    lease_each = store.lease_each
+    lease = store.lease
 
-    async def counted_lease_each(**kwargs: Any) -> list[LeasedDelivery]:
+    async def counted_lease(**kwargs: Any) -> list[LeasedDelivery]:
         rooms.append(dict(kwargs["rooms"]))
-        return await lease_each(**kwargs)
+        return await lease(**kwargs)
 
-    monkeypatch.setattr(store, "lease_each", counted_lease_each)
+    monkeypatch.setattr(store, "lease", counted_lease)
     try:
         ids = [
             await hub.publish("appointment.booked", status="confirmed", n=n) for n in range(6)
@@ -607,8 +662,10 @@ async def test_every_capped_destination_is_leased_in_one_statement_within_its_ca
     finally:
         await hub.stop()
         await sink.stop()
-    assert rooms[0] == {"crm": 1, "billing": 2}  # both at once, each for its room
-    assert all(set(r) <= {"crm", "billing"} and len(r) >= 1 for r in rooms)
+    everyone = {d["id"] for d in data["destinations"]}
+    assert set(rooms[0]) == everyone  # all at once, the capped ones each for its room
+    assert (rooms[0]["crm"], rooms[0]["billing"]) == (1, 2)
+    assert all(r.get("crm", 0) <= 1 and r.get("billing", 0) <= 2 for r in rooms)
     for path, cap in (("/crm", 1), ("/billing", 2)):
         arrivals = sorted(r.at for r in sink.received if r.path == path)
         # At most `cap` of the 0.05 s answers overlap: request k + cap came after the k-th's.

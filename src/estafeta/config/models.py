@@ -337,8 +337,8 @@ class DestinationConfig(_Model):
     max_attempts: int = Field(default=8, ge=1, le=100)
     backoff: BackoffConfig = BackoffConfig()
     rate_limit: RateLimit | None = None
-    # At most this many sends to it at once per worker process (None: no cap of its own). A
-    # slow destination otherwise holds as many of the worker's slots as its backlog fills.
+    # At most this many sends to it at once per worker process (None: no cap of its own;
+    # the lease still gives free slots first to the destinations with the fewest in flight).
     max_in_flight: int | None = Field(default=None, ge=1, le=10_000)
     circuit: CircuitConfig = CircuitConfig()
     # Hidden from repr: headers often carry credentials (`Authorization = "Bearer ..."`).

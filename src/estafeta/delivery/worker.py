@@ -109,10 +109,17 @@ class Worker:
         self.lease_ms = int(max(self.settings.lease_s, longest + CEILING_MARGIN_S) * 1000)
         self._in_flight: dict[asyncio.Task[None], LeasedDelivery] = {}
         self._slot_freed = asyncio.Event()
-        # Destinations with a `max_in_flight`: kept out of the general lease and leased each on
-        # its own for exactly the room it has, so a slow one cannot fill every slot.
+        # Every destination a lease may name: the configured ones and the providers' sends.
+        self._destinations = [d.id for d in config.destinations]
+        self._destinations += [send_destination(s.id) for s in senders]
+        # Destinations of pending deliveries that the configuration no longer has, found
+        # every rescue interval and leased with the rest, to be dead-lettered with the reason.
+        self._orphans: set[str] = set()
+        # Sends in flight per destination: the lease gives free slots to the destinations
+        # with the fewest first, so a slow destination's backlog cannot take every slot.
+        self._sending: dict[str, int] = {}
+        # A destination with a `max_in_flight` is never given more room than its cap leaves.
         self._caps = {d.id: d.max_in_flight for d in config.destinations if d.max_in_flight}
-        self._sending: dict[str, int] = {}  # capped destination → its sends in flight
         self._cap_freed = asyncio.Event()  # a capped destination at its cap freed a slot
         self._completions: GroupCommitter[CompletedAttempt, int] = GroupCommitter(
             self._flush_completions,
@@ -156,6 +163,10 @@ class Worker:
         """Rescue if due, probe open circuits, then lease as many as there are free slots;
         returns how many deliveries were taken (sent or snoozed)."""
         self._next_poll = time.monotonic() + self.settings.poll_interval_s
+        # Cleared before the rooms are counted, not when idling after the lease: a send that
+        # ends while the lease statement runs then wakes the loop for the room it left.
+        self._slot_freed.clear()
+        self._cap_freed.clear()
         try:
             await self._rescue_if_due()
             free = self._free_slots()
@@ -170,7 +181,7 @@ class Worker:
                 if destination_id in throttled:
                     continue  # no budget for the probe now: claiming it would only block
                 if taken < free and await self.breakers.try_probe(destination_id, now):
-                    probe = await self._lease_each(now, {destination_id: 1})
+                    probe = await self._lease(now, {destination_id: 1})
                     if not probe or not await self._start(probe, now, probe=True):
                         # Nothing to send, or the rate limit held it back: another worker
                         # (or this one, later) may probe as soon as it can.
@@ -178,11 +189,10 @@ class Worker:
                     taken += len(probe)
             blocked = self.breakers.not_closed() | self._throttled(now)
             limit = min(self.settings.batch_size, free - taken)
-            batch = await self._lease(now, limit, blocked | self._caps.keys())
+            batch = await self._lease(now, self._rooms(limit, blocked), limit)
             self._backlogged = len(batch) >= limit
             await self._start(batch, now)
             taken += len(batch)
-            taken += await self._lease_capped(now, free - taken, blocked)
         except StoreUnavailable as exc:
             self._store_unavailable(exc)
             return 0
@@ -191,44 +201,32 @@ class Worker:
             log.info("store_available", worker=self.worker_id)
         return taken
 
-    async def _lease(self, now: int, limit: int, blocked: set[str]) -> list[LeasedDelivery]:
-        """Due deliveries of any destination not `blocked`, up to `limit`."""
-        if limit <= 0:
+    def _rooms(self, limit: int, blocked: set[str]) -> dict[str, int]:
+        """What each destination not `blocked` may take in a lease of `limit`: all of it,
+        or less for one whose `max_in_flight` leaves less room."""
+        rooms = {d: limit for d in self._destinations if d not in blocked}
+        for destination_id, cap in self._caps.items():
+            if destination_id in rooms:
+                rooms[destination_id] = min(limit, cap - self._sending.get(destination_id, 0))
+        rooms.update({d: limit for d in self._orphans})
+        return rooms
+
+    async def _lease(
+        self, now: int, rooms: dict[str, int], limit: int | None = None
+    ) -> list[LeasedDelivery]:
+        """Due deliveries of the destinations named, up to each one's room and `limit` in
+        all, fairly: the destinations with the fewest sends in flight first."""
+        if not any(room > 0 for room in rooms.values()):
             return []
         self.leases += 1
         return await self.store.lease(
             now_ms=now,
+            rooms=rooms,
             limit=limit,
             lease_ms=self.lease_ms,
             worker_id=self.worker_id,
-            blocked=sorted(blocked),
+            sending=self._sending,
         )
-
-    async def _lease_each(self, now: int, rooms: dict[str, int]) -> list[LeasedDelivery]:
-        """Due deliveries of the destinations named, up to each one's room (a circuit's
-        probe, the destinations with a `max_in_flight`)."""
-        if not rooms:
-            return []
-        self.leases += 1
-        return await self.store.lease_each(
-            now_ms=now, rooms=rooms, lease_ms=self.lease_ms, worker_id=self.worker_id
-        )
-
-    async def _lease_capped(self, now: int, free: int, blocked: set[str]) -> int:
-        """Lease the destinations with a `max_in_flight`, each up to the room it has, in one
-        statement; returns how many deliveries were taken."""
-        rooms: dict[str, int] = {}
-        for destination_id, cap in self._caps.items():
-            room = min(
-                cap - self._sending.get(destination_id, 0),
-                free - sum(rooms.values()),
-                self.settings.batch_size,
-            )
-            if room > 0 and destination_id not in blocked:
-                rooms[destination_id] = room
-        batch = await self._lease_each(now, rooms)
-        await self._start(batch, now)
-        return len(batch)
 
     def _free_slots(self) -> int:
         return self.settings.concurrency - len(self._in_flight) - len(self._handed) - self._reserved
@@ -313,10 +311,9 @@ class Worker:
             task = loop.create_task(self._attempt(delivery, self.clock.now_ms()))
             self._in_flight[task] = delivery
             task.add_done_callback(self._finished)
-            if self._caps and delivery.destination_id in self._caps:
-                self._sending[delivery.destination_id] = (
-                    self._sending.get(delivery.destination_id, 0) + 1
-                )
+            self._sending[delivery.destination_id] = (
+                self._sending.get(delivery.destination_id, 0) + 1
+            )
         for due, deliveries in snoozed.items():
             await self.store.release(deliveries, now, due_at=due)
         return len(batch) - sum(len(deliveries) for deliveries in snoozed.values())
@@ -344,20 +341,17 @@ class Worker:
 
     def _left_flight(self, delivery: LeasedDelivery) -> None:
         """A send left `_in_flight`: a capped destination that was at its cap has room."""
+        sending = self._sending[delivery.destination_id]
+        self._sending[delivery.destination_id] = sending - 1
         cap = self._caps.get(delivery.destination_id)
-        if cap is not None:
-            sending = self._sending[delivery.destination_id]
-            self._sending[delivery.destination_id] = sending - 1
-            if sending >= cap:
-                self._cap_freed.set()
+        if cap is not None and sending >= cap:
+            self._cap_freed.set()
 
     async def _idle(self, stop: asyncio.Event) -> bool:
         """Wait for new work, a free slot (when full), stop, or the poll interval; returns
         whether to lease next (False when only deliveries were handed over before the poll
         interval was up: nothing new waits in the store for them)."""
-        self._slot_freed.clear()
         self._handed_ready.clear()
-        self._cap_freed.clear()
         wait_s = self._next_poll - time.monotonic()
         if wait_s <= 0:
             return True
@@ -462,6 +456,10 @@ class Worker:
             return
         self._next_rescue = now + self.settings.rescue_interval_s
         await self.rescue_expired()
+        orphans = await self.store.pending_destinations() - set(self._destinations)
+        if orphans - self._orphans:
+            log.warning("unknown_destinations", destinations=sorted(orphans))
+        self._orphans = orphans
 
     async def rescue_expired(self) -> int:
         """Take over deliveries whose worker died mid-send and schedule their retry."""

@@ -155,32 +155,6 @@ def _complete_params(batch: Sequence[CompletedAttempt], now_ms: int) -> dict[str
     return {"now": now_ms, "attempts": pg_json(attempts)}
 
 
-# The lease's selection of due rows, run once per destination, each up to its room.
-_EACH_DESTINATION = """WITH due AS (
-    SELECT picked.id
-    FROM unnest(CAST(:destinations AS varchar[]), CAST(:rooms AS integer[]))
-         AS cap(destination_id, room)
-    CROSS JOIN LATERAL (
-/* select */
-    ) AS picked
-)
-UPDATE"""
-
-
-def each_destination(lease_sql: str) -> str:
-    """The lease statement turned into one that leases, for each destination in
-    `:destinations`, up to its `:rooms` entry: the same selection of due rows run once per
-    destination (LATERAL, by the index on the destination), one UPDATE for them all."""
-    head, rest = lease_sql.split("WITH due AS (\n", 1)
-    select, tail = rest.split("\n)\nUPDATE", 1)
-    if "/* only */" not in select or "LIMIT :limit" not in select:
-        raise ValueError("the lease statement has no `/* only */` marker or LIMIT")
-    per_destination = select.replace(
-        "/* only */", "AND d.destination_id = cap.destination_id"
-    ).replace("LIMIT :limit", "LIMIT cap.room")
-    return head + _EACH_DESTINATION.replace("/* select */", per_destination) + tail
-
-
 class PostgresStore(SqlStore):
     dialect = "postgresql"
     lease_sql_file = "lease_postgresql.sql"
@@ -189,8 +163,7 @@ class PostgresStore(SqlStore):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._lease_any = Statement(self.lease_sql)
-        self._lease_each_destination = Statement(each_destination(self.lease_sql))
+        self._lease = Statement(self.lease_sql)
         # As many as run at once: ingest's concurrent flushes, a worker's lease and completes.
         self._held = HeldConnections(self.engine, keep=8)
 
@@ -201,7 +174,13 @@ class PostgresStore(SqlStore):
             pool_size=pool_size,
             max_overflow=pool_size,
             pool_pre_ping=False,
-            connect_args={"timeout": 5, "command_timeout": 30},
+            connect_args={
+                "timeout": 5,
+                "command_timeout": 30,
+                # Each statement here takes a millisecond or two; a plan the planner costs
+                # high (a guessed LIMIT) was JIT-compiled on every run, 0.4 s a lease.
+                "server_settings": {"jit": "off"},
+            },
         )
         return cls(engine)
 
@@ -256,11 +235,7 @@ class PostgresStore(SqlStore):
     # -- the delivery lifecycle -------------------------------------------------------------
 
     async def _lease_rows(self, params: dict[str, Any]) -> list[Any]:
-        return await self._fetch(self._lease_any, params)
-
-    async def _lease_each_rows(self, rooms: Mapping[str, int], params: dict[str, Any]) -> list[Any]:
-        each = {**params, "destinations": list(rooms), "rooms": list(rooms.values())}
-        return await self._fetch(self._lease_each_destination, each)
+        return await self._fetch(self._lease, params)
 
     async def complete(self, batch: Sequence[CompletedAttempt], now_ms: int) -> int:
         """Attempts and transitions in one statement (sql/complete_postgresql.sql); a batch

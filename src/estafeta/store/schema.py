@@ -142,19 +142,11 @@ deliveries = Table(
         name="deliveries_in_flight_has_lease",
     ),
 )
-# The lease query reads "pending, due, by priority then due time then id": this partial
-# index holds exactly those rows in exactly that order, so a lease is an index range scan
-# however many succeeded or dead rows the table keeps.
-Index(
-    "deliveries_lease",
-    deliveries.c.priority,
-    deliveries.c.next_attempt_at,
-    deliveries.c.id,
-    postgresql_where=text("state = 'pending'"),
-    sqlite_where=text("state = 'pending'"),
-)
-# The same per destination, for a lease of one destination (a circuit's probe, a destination
-# with `max_in_flight`): without it that lease walks every other destination's backlog.
+# A lease reads "pending, due, by priority then due time then id" of each destination it
+# names (sql/lease_*.sql): this partial index holds exactly those rows in exactly that order,
+# so a lease is a range scan per destination however many succeeded or dead rows the table
+# keeps, and never walks another destination's backlog. (There is deliberately no such
+# index across destinations: PostgreSQL would choose it for a lease of one destination.)
 Index(
     "deliveries_destination_due",
     deliveries.c.destination_id,

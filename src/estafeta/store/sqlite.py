@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from sqlalchemy import event
+import orjson
+from sqlalchemy import event, text
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -161,6 +162,7 @@ class SqliteStore(SqlStore):
         self, engine: AsyncEngine, read_engine: AsyncEngine | None = None, *, path: str | None
     ) -> None:
         super().__init__(engine, read_engine)
+        self._lease = text(self.lease_sql)
         # A database in memory is private to its connection: no second connection for it.
         self._writer = IngestWriter(path) if path and path != ":memory:" else None
 
@@ -206,3 +208,12 @@ class SqliteStore(SqlStore):
 
     async def _count_messages(self, conn: AsyncConnection, events: Sequence[NewEvent]) -> None:
         await conn.exec_driver_sql(_COUNT_MESSAGES, conversation_counts(events))
+
+    async def _lease_rows(self, params: dict[str, Any]) -> list[Any]:
+        """The lease statement takes the destinations, rooms and sends as one JSON list."""
+        rooms = list(zip(params["destinations"], params["rooms"], params["sending"], strict=True))
+        async with self._write() as conn:
+            result = await conn.execute(
+                self._lease, {**params, "rooms": orjson.dumps(rooms).decode()}
+            )
+            return list(result.all())

@@ -21,7 +21,6 @@ import orjson
 from sqlalchemy import (
     ColumnElement,
     Select,
-    String,
     and_,
     bindparam,
     func,
@@ -57,6 +56,20 @@ SQL_DIR = Path(__file__).parent / "sql"
 # The state and lease columns of a delivery stored without a lease.
 UNLEASED = (DeliveryState.PENDING.value, None, None, None)
 IN_FLIGHT = DeliveryState.IN_FLIGHT.value
+# Each destination with a pending delivery: the next one after the last, by the index.
+_PENDING_DESTINATIONS = text(
+    """
+    WITH RECURSIVE pending(destination_id) AS (
+        SELECT min(destination_id) FROM deliveries WHERE state = 'pending'
+        UNION ALL
+        SELECT (SELECT min(d.destination_id) FROM deliveries AS d
+                WHERE d.state = 'pending' AND d.destination_id > pending.destination_id)
+        FROM pending
+        WHERE pending.destination_id IS NOT NULL
+    )
+    SELECT destination_id FROM pending WHERE destination_id IS NOT NULL
+    """
+)
 
 
 class SqlStore(MessagingOps):
@@ -66,15 +79,10 @@ class SqlStore(MessagingOps):
     lease_sql_file: ClassVar[str]
     # True when the engine's `_insert_new_events` stores the events' deliveries too.
     deliveries_stored_with_events: ClassVar[bool] = False
-    # The lease statements as SQLAlchemy runs them, built on first use.
-    _lease_statements: tuple[Any, Any] | None = None
 
     def __init__(self, engine: AsyncEngine, read_engine: AsyncEngine | None = None) -> None:
         super().__init__(engine, read_engine)
         self.lease_sql = (SQL_DIR / self.lease_sql_file).read_text()
-        # A lease of one named destination: what `lease_each` runs for each destination on
-        # SQLite (PostgreSQL makes one statement for all of them: postgres.each_destination).
-        self.lease_one_sql = self.lease_sql.replace("/* only */", "AND d.destination_id = :only")
 
     async def migrate(self) -> None:
         """Create or upgrade the schema to the newest migration."""
@@ -220,55 +228,42 @@ class SqlStore(MessagingOps):
         self,
         *,
         now_ms: int,
-        limit: int,
+        rooms: Mapping[str, int],
         lease_ms: int,
         worker_id: str,
-        blocked: Collection[str] = (),
+        limit: int | None = None,
+        sending: Mapping[str, int] | None = None,
     ) -> list[LeasedDelivery]:
-        """Lease up to `limit` due deliveries (see sql/lease_*.sql), best first; deliveries
-        to `blocked` destinations are left alone."""
-        params = _lease_params(now_ms, lease_ms, worker_id, blocked=list(blocked), limit=limit)
+        """Lease up to `limit` due deliveries (default: as many as the rooms hold), at most
+        `rooms[d]` of each destination `d`; a destination not named keeps its deliveries.
+        Best first (sql/lease_*.sql): highest priority, then the destination with the fewest
+        in flight (`sending[d]`, and those this lease takes), then FIFO."""
+        rooms = {d: room for d, room in rooms.items() if room > 0}
+        total = sum(rooms.values()) if limit is None else min(limit, sum(rooms.values()))
+        if total <= 0:
+            return []
+        sending = sending or {}
+        params = _lease_params(
+            now_ms,
+            lease_ms,
+            worker_id,
+            limit=total,
+            destinations=list(rooms),
+            rooms=list(rooms.values()),
+            sending=[sending.get(d, 0) for d in rooms],
+        )
         return _leased_batch(await self._lease_rows(params), params)
 
-    async def lease_each(
-        self, *, now_ms: int, rooms: Mapping[str, int], lease_ms: int, worker_id: str
-    ) -> list[LeasedDelivery]:
-        """Lease, under one lease, up to `rooms[d]` due deliveries of each destination `d`,
-        best first: a circuit's probe (one), the destinations with a `max_in_flight` (each
-        for the room it has)."""
-        rooms = {d: room for d, room in rooms.items() if room > 0}
-        if not rooms:
-            return []
-        params = _lease_params(now_ms, lease_ms, worker_id, blocked=[])
-        return _leased_batch(await self._lease_each_rows(rooms, params), params)
-
-    async def _lease_each_rows(self, rooms: Mapping[str, int], params: dict[str, Any]) -> list[Any]:
-        """SQLite: the one-destination statement for each, in one transaction (one writer, so
-        one commit instead of one per destination; PostgreSQL does it in one statement)."""
-        statement = self._lease_statement(only=True)
-        rows: list[Any] = []
-        async with self._write() as conn:
-            for destination_id, room in rooms.items():
-                each = {**params, "only": destination_id, "limit": room}
-                rows.extend((await conn.execute(statement, each)).all())
-        return rows
-
+    @abstractmethod
     async def _lease_rows(self, params: dict[str, Any]) -> list[Any]:
-        """The rows the lease statement returns, in its RETURNING order."""
-        statement = self._lease_statement(only=False)
-        async with self._write() as conn:
-            return list((await conn.execute(statement, params)).all())
+        """The rows the engine's lease statement returns for `params`."""
 
-    def _lease_statement(self, *, only: bool) -> Any:
-        """The lease statement as SQLAlchemy runs it: of any destination, or only `:only`."""
-        if self._lease_statements is None:
-            # Typed, so that an empty list renders as an empty set of strings (not integers).
-            blocked = bindparam("blocked", expanding=True, type_=String())
-            self._lease_statements = (
-                text(self.lease_sql).bindparams(blocked),
-                text(self.lease_one_sql).bindparams(blocked),
-            )
-        return self._lease_statements[only]
+    async def pending_destinations(self) -> set[str]:
+        """Every destination with a pending delivery, due or not: one index probe per
+        destination (a loose scan of deliveries_destination_due), however large the
+        backlog."""
+        async with self._read() as conn:
+            return {row[0] for row in await conn.execute(_PENDING_DESTINATIONS)}
 
     async def complete(self, batch: Sequence[CompletedAttempt], now_ms: int) -> int:
         """Record attempts and apply their transitions; returns how many were applied.

@@ -1,13 +1,13 @@
--- Lease up to `limit` due deliveries for one worker, in one statement.
+-- Lease up to `limit` due deliveries for one worker, in one statement, fairly across the
+-- destinations it names (see lease_postgresql.sql for the rules; they are the same).
 --
--- SQLite has one writer at a time (the transaction is BEGIN IMMEDIATE), so the subquery and
--- the UPDATE see the same rows and no other process can lease them in between: that is the
--- single-writer equivalent of FOR UPDATE SKIP LOCKED. Order: highest priority (0) first,
--- then oldest due time, then id (time-sortable, so FIFO within a priority). Skipped, as on
--- PostgreSQL: destinations named in `blocked` (open circuit, spent rate limit), and a
--- delivery with an ordering key while an earlier one with the same key to the same
--- destination is pending or in flight. RETURNING order is not guaranteed in SQLite, so the
--- caller sorts the batch by (priority, next_attempt_at, id).
+-- `rooms` is a JSON list of [destination, room, sending]. SQLite has no LATERAL: each
+-- destination's best due rows are the IN-list of a correlated subquery, read by the partial
+-- index deliveries_destination_due; its LIMIT cannot name the outer row, so it reads up to
+-- `limit` and `rank <= room` trims it. SQLite has one writer at a time (the transaction is
+-- BEGIN IMMEDIATE), so the subquery and the UPDATE see the same rows and no other process
+-- can lease them in between: the single-writer equivalent of FOR UPDATE SKIP LOCKED.
+-- RETURNING order is not guaranteed in SQLite; the caller sorts the batch.
 UPDATE deliveries
 SET state = 'in_flight',
     lease_token = :token,
@@ -15,19 +15,36 @@ SET state = 'in_flight',
     leased_by = :worker,
     updated_at = :now
 WHERE id IN (
-    SELECT d.id
-    FROM deliveries AS d
-    WHERE d.state = 'pending'
-      AND d.next_attempt_at <= :now
-      AND d.destination_id NOT IN :blocked
-      /* only */
-      AND (d.ordering_key IS NULL OR NOT EXISTS (
-            SELECT 1 FROM deliveries AS head
-            WHERE head.destination_id = d.destination_id
-              AND head.ordering_key = d.ordering_key
-              AND head.state IN ('pending', 'in_flight')
-              AND head.id < d.id))
-    ORDER BY d.priority, d.next_attempt_at, d.id
+    SELECT picked.id
+    FROM (
+        SELECT d.id, d.priority, d.next_attempt_at, cap.room,
+               row_number() OVER mine AS rank,
+               cap.sending + row_number() OVER mine AS level
+        FROM (
+            SELECT json_extract(value, '$[0]') AS destination_id,
+                   json_extract(value, '$[1]') AS room,
+                   json_extract(value, '$[2]') AS sending
+            FROM json_each(:rooms)
+        ) AS cap
+        JOIN deliveries AS d ON d.id IN (
+            SELECT c.id
+            FROM deliveries AS c
+            WHERE c.destination_id = cap.destination_id
+              AND c.state = 'pending'
+              AND c.next_attempt_at <= :now
+              AND (c.ordering_key IS NULL OR NOT EXISTS (
+                    SELECT 1 FROM deliveries AS head
+                    WHERE head.destination_id = c.destination_id
+                      AND head.ordering_key = c.ordering_key
+                      AND head.state IN ('pending', 'in_flight')
+                      AND head.id < c.id))
+            ORDER BY c.priority, c.next_attempt_at, c.id
+            LIMIT :limit
+        )
+        WINDOW mine AS (PARTITION BY cap.destination_id ORDER BY d.priority, d.next_attempt_at, d.id)
+    ) AS picked
+    WHERE picked.rank <= picked.room
+    ORDER BY picked.priority, picked.level, picked.next_attempt_at, picked.id
     LIMIT :limit
 )
 RETURNING id, tenant_id, event_id, destination_id, attempts, max_attempts,
