@@ -589,7 +589,7 @@ async def test_connections_the_server_closed_are_replaced_not_reported_as_bugs(
     """The hot paths bypass SQLAlchemy's disconnect handling (postgres.py): a pooled
     connection the server terminated must give StoreUnavailable at worst, then be replaced."""
     await store.insert_events([event("before")])
-    [leased] = await lease(store)
+    [leased] = await lease_rooms(store, crm=10)  # on the kept connection alone
     admin = await asyncpg.connect(database_url)
     try:
         terminated = await admin.fetchval(
@@ -608,7 +608,7 @@ async def test_connections_the_server_closed_are_replaced_not_reported_as_bugs(
     [stored] = await twice(lambda: store.insert_events([event("after")]))
     assert not stored.duplicate
     assert await twice(lambda: store.complete([attempt(leased, DeliveryState.SUCCEEDED)], NOW)) == 1
-    assert len(await twice(lambda: lease(store))) == 1  # the event stored after the cut
+    assert len(await twice(lambda: lease_rooms(store, crm=10))) == 1  # stored after the cut
 
 
 async def test_a_lease_never_walks_another_destinations_backlog(store: SqlStore) -> None:
