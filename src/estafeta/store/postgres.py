@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
@@ -155,6 +155,16 @@ def _complete_params(batch: Sequence[CompletedAttempt], now_ms: int) -> dict[str
     return {"now": now_ms, "attempts": pg_json(attempts)}
 
 
+def _without_jit(dbapi_connection: Any, _record: Any) -> None:
+    """Every statement here takes a millisecond or two, and the lease's per-destination
+    LIMIT is a guess to the planner (a tenth of the backlog): costed that high, it was
+    JIT-compiled on every run, 0.4 s a lease at 1,000,000 waiting. Set on each new session
+    rather than as a startup parameter, which PgBouncer refuses."""
+    # On asyncpg itself: a DB-API cursor would open a transaction the kept connections
+    # (held.py) then ran every statement inside, never committed.
+    dbapi_connection.run_async(lambda driver: driver.execute("SET jit = off"))
+
+
 class PostgresStore(SqlStore):
     dialect = "postgresql"
     lease_sql_file = "lease_postgresql.sql"
@@ -174,14 +184,9 @@ class PostgresStore(SqlStore):
             pool_size=pool_size,
             max_overflow=pool_size,
             pool_pre_ping=False,
-            connect_args={
-                "timeout": 5,
-                "command_timeout": 30,
-                # Each statement here takes a millisecond or two; a plan the planner costs
-                # high (a guessed LIMIT) was JIT-compiled on every run, 0.4 s a lease.
-                "server_settings": {"jit": "off"},
-            },
+            connect_args={"timeout": 5, "command_timeout": 30},
         )
+        event.listen(engine.sync_engine, "connect", _without_jit)
         return cls(engine)
 
     def _insert(self, table: Any) -> Any:
