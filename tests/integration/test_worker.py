@@ -517,20 +517,36 @@ async def settled_except(
         await asyncio.sleep(0.05)
 
 
+@pytest.fixture
+async def slow_and_fast() -> AsyncIterator[tuple[Sink, Sink]]:
+    """crm's sink, answering as the test says, and billing's."""
+    slow, fast = Sink(secret=SINK_SECRET), Sink(secret=SINK_SECRET)
+    await slow.start()
+    await fast.start()
+    yield slow, fast
+    await slow.stop()
+    await fast.stop()
+
+
+def crm_and_billing(database_url: str, slow: Sink, fast: Sink, **crm: Any) -> dict[str, Any]:
+    """Four worker slots and a 30 s poll; crm (with these settings) on `slow`, billing on
+    `fast`."""
+    data = base_config(database_url)
+    data["worker"].update(concurrency=4, poll_interval_s=30)
+    data["destinations"][0].update(url=f"{slow.url}/crm", **crm)
+    data["destinations"][1].update(url=f"{fast.url}/billing")
+    return data
+
+
 async def test_a_slow_destination_with_max_in_flight_leaves_the_other_slots_to_the_rest(
-    store: SqlStore, database_url: str
+    store: SqlStore, database_url: str, slow_and_fast: tuple[Sink, Sink]
 ) -> None:
     """A backlog for a slow destination (0.2 s per answer) queued ahead of another
     destination's deliveries: capped at one send at a time, it takes one of the worker's four
     slots, and the other destination's deliveries go at once instead of waiting behind it."""
-    slow, fast = Sink(secret=SINK_SECRET), Sink(secret=SINK_SECRET)
-    await slow.start()
-    await fast.start()
+    slow, fast = slow_and_fast
     slow.respond(200, delay_s=0.2)
-    data = base_config(database_url)
-    data["worker"].update(concurrency=4, poll_interval_s=30)
-    data["destinations"][0].update(url=f"{slow.url}/crm", max_in_flight=1)
-    data["destinations"][1].update(url=f"{fast.url}/billing")
+    data = crm_and_billing(database_url, slow, fast, max_in_flight=1)
     hub = Running(store, load_config_dict(data), handoff=False, started=False)
     try:
         backlog = [await hub.publish(n=n) for n in range(8)]  # message.* → crm only
@@ -543,8 +559,6 @@ async def test_a_slow_destination_with_max_in_flight_leaves_the_other_slots_to_t
         assert await slow.wait_for(lambda s: len(s.delivered_ids) == 12, 20)
     finally:
         await hub.stop()
-        await slow.stop()
-        await fast.stop()
     arrivals = [r.at for r in slow.received]
     # One at a time: each request came after the previous one's 0.2 s answer.
     assert all(later - earlier >= 0.19 for earlier, later in itertools.pairwise(arrivals))
@@ -552,19 +566,14 @@ async def test_a_slow_destination_with_max_in_flight_leaves_the_other_slots_to_t
 
 
 async def test_a_slow_destinations_backlog_does_not_hold_another_destinations_deliveries(
-    store: SqlStore, database_url: str
+    store: SqlStore, database_url: str, slow_and_fast: tuple[Sink, Sink]
 ) -> None:
     """No `max_in_flight` anywhere: crm answers in 0.3 s and has forty deliveries queued,
     every one of the worker's four slots busy with them, when billing's four arrive. They go
     at the next slots that free, not after crm's forty (ten rounds of 0.3 s)."""
-    slow, fast = Sink(secret=SINK_SECRET), Sink(secret=SINK_SECRET)
-    await slow.start()
-    await fast.start()
+    slow, fast = slow_and_fast
     slow.respond(200, delay_s=0.3)
-    data = base_config(database_url)
-    data["worker"].update(concurrency=4, poll_interval_s=30)
-    data["destinations"][0].update(url=f"{slow.url}/crm")
-    data["destinations"][1].update(url=f"{fast.url}/billing")
+    data = crm_and_billing(database_url, slow, fast)
     data["routes"][1]["priority"] = data["routes"][0]["priority"]  # not a priority's doing
     hub = Running(store, load_config_dict(data), handoff=False, started=False)
     try:
@@ -579,8 +588,6 @@ async def test_a_slow_destinations_backlog_does_not_hold_another_destinations_de
         assert not set(backlog) <= slow.delivered_ids
     finally:
         await hub.stop()
-        await slow.stop()
-        await fast.stop()
 
 
 async def test_a_delivery_to_a_destination_no_longer_configured_is_dead_lettered(
