@@ -11,7 +11,9 @@ never overwrites what happened since.
 
 from __future__ import annotations
 
+import re
 import secrets
+import textwrap
 from abc import abstractmethod
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -53,6 +55,22 @@ if TYPE_CHECKING:
     from estafeta.config import Config
 
 SQL_DIR = Path(__file__).parent / "sql"
+# When a delivery `d` is due for a lease: one definition for both engines' lease statements.
+_DUE = "\n".join(
+    line for line in (SQL_DIR / "due.sql").read_text().splitlines() if not line.startswith("--")
+)
+
+
+def _with_due(sql: str) -> str:
+    """`sql` with due.sql's conditions, indented as its `/* due */` markers are."""
+    return re.sub(
+        r"^( *)/\* due \*/$",
+        lambda marker: textwrap.indent(_DUE, marker.group(1)),
+        sql,
+        flags=re.MULTILINE,
+    )
+
+
 # The state and lease columns of a delivery stored without a lease.
 UNLEASED = (DeliveryState.PENDING.value, None, None, None)
 IN_FLIGHT = DeliveryState.IN_FLIGHT.value
@@ -82,7 +100,7 @@ class SqlStore(MessagingOps):
 
     def __init__(self, engine: AsyncEngine, read_engine: AsyncEngine | None = None) -> None:
         super().__init__(engine, read_engine)
-        self.lease_sql = (SQL_DIR / self.lease_sql_file).read_text()
+        self.lease_sql = _with_due((SQL_DIR / self.lease_sql_file).read_text())
 
     async def migrate(self) -> None:
         """Create or upgrade the schema to the newest migration."""

@@ -6,10 +6,9 @@
 -- is sending there already (`sending`). A destination left out (an open circuit, a spent
 -- rate limit) keeps its deliveries without spending attempts.
 --
--- Due: pending, due by now, and — for a delivery with an ordering key — no earlier delivery
--- with the same key to the same destination still pending or in flight (deliveries_ordering
--- serves the NOT EXISTS): one key goes strictly one after another, and a failing head
--- blocks its own key only. Best first within a destination: highest priority (0), then
+-- `/* due */` is where the store puts the conditions of due.sql (pending, due by now, not
+-- waiting behind an earlier delivery of its ordering key). Best first within a
+-- destination: highest priority (0), then
 -- oldest due time, then id (ids are time-sortable, so FIFO). Each destination's due rows
 -- are read by the partial index deliveries_destination_due as a range scan of that
 -- destination alone, so another destination's backlog, however large, is never walked.
@@ -47,14 +46,7 @@ WITH cap AS (
         SELECT d.id, d.priority, d.next_attempt_at
         FROM deliveries AS d
         WHERE d.destination_id = cap.destination_id
-          AND d.state = 'pending'
-          AND d.next_attempt_at <= :now
-          AND (d.ordering_key IS NULL OR NOT EXISTS (
-                SELECT 1 FROM deliveries AS head
-                WHERE head.destination_id = d.destination_id
-                  AND head.ordering_key = d.ordering_key
-                  AND head.state IN ('pending', 'in_flight')
-                  AND head.id < d.id))
+          /* due */
         ORDER BY d.priority, d.next_attempt_at, d.id
         LIMIT :limit
     ) AS c
@@ -75,14 +67,7 @@ WITH cap AS (
         SELECT d.id
         FROM deliveries AS d
         WHERE d.destination_id = share.destination_id
-          AND d.state = 'pending'  -- as in `candidate`
-          AND d.next_attempt_at <= :now
-          AND (d.ordering_key IS NULL OR NOT EXISTS (
-                SELECT 1 FROM deliveries AS head
-                WHERE head.destination_id = d.destination_id
-                  AND head.ordering_key = d.ordering_key
-                  AND head.state IN ('pending', 'in_flight')
-                  AND head.id < d.id))
+          /* due */
         ORDER BY d.priority, d.next_attempt_at, d.id
         LIMIT share.n
         FOR UPDATE SKIP LOCKED

@@ -1,5 +1,6 @@
 -- Lease up to `limit` due deliveries for one worker, in one statement, fairly across the
--- destinations it names (see lease_postgresql.sql for the rules; they are the same).
+-- destinations it names (see lease_postgresql.sql for the rules, the same here; `/* due */`
+-- is where the store puts due.sql's conditions).
 --
 -- `rooms` is a JSON list of [destination, room, sending]. SQLite has no LATERAL: each
 -- destination's best due rows are the IN-list of a correlated subquery, read by the partial
@@ -17,7 +18,7 @@ SET state = 'in_flight',
 WHERE id IN (
     SELECT picked.id
     FROM (
-        SELECT d.id, d.priority, d.next_attempt_at, cap.room,
+        SELECT best.id, best.priority, best.next_attempt_at, cap.room,
                row_number() OVER mine AS rank,
                cap.sending + row_number() OVER mine AS level
         FROM (
@@ -26,22 +27,18 @@ WHERE id IN (
                    json_extract(value, '$[2]') AS sending
             FROM json_each(:rooms)
         ) AS cap
-        JOIN deliveries AS d ON d.id IN (
-            SELECT c.id
-            FROM deliveries AS c
-            WHERE c.destination_id = cap.destination_id
-              AND c.state = 'pending'
-              AND c.next_attempt_at <= :now
-              AND (c.ordering_key IS NULL OR NOT EXISTS (
-                    SELECT 1 FROM deliveries AS head
-                    WHERE head.destination_id = c.destination_id
-                      AND head.ordering_key = c.ordering_key
-                      AND head.state IN ('pending', 'in_flight')
-                      AND head.id < c.id))
-            ORDER BY c.priority, c.next_attempt_at, c.id
+        JOIN deliveries AS best ON best.id IN (
+            SELECT d.id
+            FROM deliveries AS d
+            WHERE d.destination_id = cap.destination_id
+              /* due */
+            ORDER BY d.priority, d.next_attempt_at, d.id
             LIMIT :limit
         )
-        WINDOW mine AS (PARTITION BY cap.destination_id ORDER BY d.priority, d.next_attempt_at, d.id)
+        WINDOW mine AS (
+            PARTITION BY cap.destination_id
+            ORDER BY best.priority, best.next_attempt_at, best.id
+        )
     ) AS picked
     WHERE picked.rank <= picked.room
     ORDER BY picked.priority, picked.level, picked.next_attempt_at, picked.id
