@@ -662,9 +662,9 @@ def _lease_params(now_ms: int, lease_ms: int, worker_id: str, **more: Any) -> di
 
 
 def _leased_batch(rows: list[Any], params: Mapping[str, Any]) -> list[LeasedDelivery]:
-    """The rows a lease statement run with `params` returned, best first: (id, tenant,
-    event, destination, attempts, max_attempts, priority, ordering key, due, payload).
-    SQLite does not order RETURNING, and neither does an UPDATE … FROM."""
+    """The rows a lease statement run with `params` returned, by priority, due time and id:
+    (id, tenant, event, destination, attempts, max_attempts, priority, ordering key, due,
+    payload). Neither engine orders an UPDATE's RETURNING."""
     rows.sort(key=lambda r: (r[6], r[8], r[0]))
     return [_leased(r, params["token"], params["deadline"]) for r in rows]
 
