@@ -224,10 +224,12 @@ class Hub:
         content: dict[str, Any],
         idempotency_key: str | None,
         priority: int = SEND_PRIORITY,
-    ) -> tuple[str, InsertResult]:
+    ) -> tuple[str | None, InsertResult]:
         """Queue a WhatsApp message through a provider source: a `message.send` event whose
         delivery goes to `send:<source>`, one customer's messages strictly in order.
-        Returns the message id (the original one for a repeated idempotency key)."""
+        Returns the message id: for a repeated idempotency key the original message's, or
+        None when the key was first used by an event that is not a message send (published
+        through `POST /api/v1/events`, which shares the tenant's keys)."""
         now = self.clock.now_ms()
         message_id = new_id("msg", now)
         source = self.sources[source_id]
@@ -253,8 +255,7 @@ class Hub:
             ),
         )
         if result.duplicate:
-            original = await self.store.message_id_for_event(result.event_id)
-            message_id = original or message_id
+            return await self.store.message_id_for_event(result.event_id), result
         return message_id, result
 
     async def escalate(

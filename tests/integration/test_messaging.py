@@ -207,6 +207,67 @@ async def test_sends_to_one_customer_keep_their_order_and_a_repeat_is_one_messag
     assert {d.destination_id for d in leased} == {"send:wa-sol", "crm"}
 
 
+async def test_a_key_names_one_request_across_published_events_and_sends(env: Env) -> None:
+    # Both endpoints store `api` events under the tenant's keys. A send whose key was used
+    # to publish an event was answered "duplicate" with a message id never stored (and the
+    # message never sent); an event whose key was used by a send, as the send's duplicate.
+    appointment = {"type": "appointment.booked", "data": {"status": "confirmed"}}
+    published = await env.http.post(
+        "/api/v1/events", headers=env.auth(), json={**appointment, "idempotency_key": "k1"}
+    )
+    sent = await env.http.post(
+        "/api/v1/messages",
+        headers=env.auth(),
+        json={"source": "wa-sol", "to": f"+{MARIA}", "text": "Oi", "idempotency_key": "k2"},
+    )
+    assert (published.status_code, sent.status_code) == (202, 202)
+    stored = (await env.store.queue_stats()).by_state
+
+    send = await env.http.post(
+        "/api/v1/messages",
+        headers=env.auth(),
+        json={"source": "wa-sol", "to": f"+{MARIA}", "text": "Oi", "idempotency_key": "k1"},
+    )
+    assert (send.status_code, send.json()["error"]) == (409, "idempotency_key_reused")
+    assert published.json()["id"] in send.json()["detail"]
+    event = await env.http.post(
+        "/api/v1/events", headers=env.auth(), json={**appointment, "idempotency_key": "k2"}
+    )
+    assert (event.status_code, event.json()["error"]) == (409, "idempotency_key_reused")
+    assert sent.json()["event_id"] in event.json()["detail"]
+    assert (await env.store.queue_stats()).by_state == stored  # neither refusal stored a thing
+
+    # Each endpoint's own repeat is still a duplicate of its original.
+    again = await env.http.post(
+        "/api/v1/events", headers=env.auth(), json={**appointment, "idempotency_key": "k1"}
+    )
+    assert (again.status_code, again.json()["id"]) == (200, published.json()["id"])
+
+
+async def test_a_replayed_send_that_then_succeeds_is_sent(env: Env) -> None:
+    # The message had failed with its delivery; replayed from the dead-letter queue and then
+    # accepted by the provider, it stayed "failed" without the provider's id, so the
+    # status webhooks that name that id could never reach it.
+    r = await env.http.post(
+        "/api/v1/messages",
+        headers=env.auth(),
+        json={"source": "wa-sol", "to": f"+{MARIA}", "text": "Oi"},
+    )
+    message_url = f"/api/v1/messages/{r.json()['id']}"
+    await env.finish_send(provider_id=None, dead=True)
+    assert (await env.http.get(message_url, headers=env.auth())).json()["state"] == "failed"
+
+    replayed = await env.http.post("/api/v1/dlq/replay", headers=env.auth(), json={"all": True})
+    assert replayed.json()["count"] == 1
+    view = (await env.http.get(message_url, headers=env.auth())).json()
+    assert (view["state"], view["error"]) == ("queued", None)
+
+    await env.finish_send(provider_id="wamid.OUT9")
+    await env.status("wamid.OUT9", "delivered", at=1_751_371_260_000)
+    view = (await env.http.get(message_url, headers=env.auth())).json()
+    assert (view["state"], view["provider_message_id"]) == ("delivered", "wamid.OUT9")
+
+
 @pytest.mark.parametrize(
     ("body", "status", "error"),
     [

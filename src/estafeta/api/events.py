@@ -12,7 +12,7 @@ from starlette.responses import Response
 from estafeta.api.auth import Principal
 from estafeta.api.deps import hub_of, json_body, principal, tenant_principal
 from estafeta.api.fields import JsonObject
-from estafeta.api.responses import json_response
+from estafeta.api.responses import json_response, key_used_elsewhere
 from estafeta.api.views import event_json
 from estafeta.errors import HttpError
 from estafeta.hub import API_SOURCE
@@ -40,7 +40,10 @@ class Published(BaseModel):
     "/events",
     status_code=202,
     response_model=Published,
-    responses={200: {"description": "a duplicate: the original event's id"}},
+    responses={
+        200: {"description": "a duplicate: the original event's id"},
+        409: {"description": "idempotency_key_reused: the key was used by a message send"},
+    },
     dependencies=[Depends(json_body)],
 )
 async def publish_event(
@@ -52,15 +55,24 @@ async def publish_event(
     hub = hub_of(request)
     assert caller.tenant_id is not None  # noqa: S101 - tenant_principal guarantees it
     rate_limit(hub, caller.tenant_id)
+    key = body.idempotency_key or idempotency_key
     result = await hub.accept(
         tenant_id=caller.tenant_id,
         source_id=API_SOURCE,
         event_type=body.type,
         data=body.data,
-        idempotency_key=body.idempotency_key or idempotency_key,
+        idempotency_key=key,
         priority=body.priority,
         ordering_key=body.ordering_key,
     )
+    # A spooled duplicate (the store unreachable) cannot be looked up; it stays a duplicate.
+    if (
+        result.duplicate
+        and not result.spooled
+        and key is not None
+        and await hub.store.message_id_for_event(result.event_id) is not None
+    ):
+        raise key_used_elsewhere(key, result.event_id, "the message send", "publish the event")
     return json_response(
         {"id": result.event_id, "duplicate": result.duplicate},
         200 if result.duplicate else 202,

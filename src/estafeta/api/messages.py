@@ -12,7 +12,7 @@ from starlette.responses import Response
 from estafeta.api.auth import Principal
 from estafeta.api.deps import hub_of, json_body, principal, tenant_principal
 from estafeta.api.fields import JsonObject
-from estafeta.api.responses import json_response
+from estafeta.api.responses import json_response, key_used_elsewhere
 from estafeta.clock import iso_from_ms
 from estafeta.errors import HttpError
 from estafeta.ingress.endpoint import SPOOLED, rate_limit
@@ -69,7 +69,15 @@ class SendMessage(BaseModel):
         return {"media": self.media.model_dump(exclude_none=True)}
 
 
-@router.post("/messages", status_code=202, dependencies=[Depends(json_body)])
+@router.post(
+    "/messages",
+    status_code=202,
+    responses={
+        200: {"description": "a duplicate: the original message"},
+        409: {"description": "idempotency_key_reused: the key was used by a published event"},
+    },
+    dependencies=[Depends(json_body)],
+)
 async def send_message(
     request: Request,
     body: SendMessage,
@@ -89,14 +97,20 @@ async def send_message(
             f"source {body.source!r} cannot send: it needs {', '.join(missing)}",
         )
     rate_limit(hub, caller.tenant_id)
+    key = body.idempotency_key or idempotency_key
     message_id, result = await hub.send_message(
         tenant_id=caller.tenant_id,
         source_id=source.id,
         to=body.to,
         content=body.content(),
-        idempotency_key=body.idempotency_key or idempotency_key,
+        idempotency_key=key,
         priority=body.priority,
     )
+    if message_id is None:
+        assert key is not None  # noqa: S101 - only a keyed event is a duplicate
+        raise key_used_elsewhere(
+            key, result.event_id, "the event", "send the message (POST /api/v1/messages)"
+        )
     return json_response(
         {
             "id": message_id,

@@ -30,6 +30,18 @@ def error_response(error: HttpError) -> Response:
     )
 
 
+def key_used_elsewhere(key: str, event_id: str, first_use: str, retry: str) -> HttpError:
+    """409: a tenant's idempotency keys are shared by `POST /events` and `POST /messages`
+    (both store `api` events), and a key names one request; answering the other request's
+    event as a duplicate would report something that was never stored."""
+    return HttpError(
+        409,
+        "idempotency_key_reused",
+        f"idempotency key {key!r} was already used for {first_use} {event_id}; "
+        f"a key names one request: {retry} with a new key",
+    )
+
+
 async def handle_http_error(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HttpError)  # noqa: S101 - registered for HttpError only
     return error_response(exc)

@@ -123,6 +123,21 @@ class MessagingOps(StoreBase):
                     .values(state="failed", error=item.transition.last_error, updated_at=now_ms)
                 )
 
+    async def _requeue_sends(
+        self, conn: AsyncConnection, delivery_ids: Sequence[str], now_ms: int
+    ) -> None:
+        """Replayed sends' messages are queued again, so that the send's outcome is recorded
+        on them (`_record_sends` moves only queued messages) and the provider's id they get
+        ties later status webhooks to them."""
+        if not delivery_ids:
+            return
+        m = s.messages
+        await conn.execute(
+            update(m)
+            .where(m.c.delivery_id.in_(delivery_ids), m.c.state == "failed")
+            .values(state="queued", error=None, updated_at=now_ms)
+        )
+
     # -- reads ------------------------------------------------------------------------------
 
     async def list_conversations(

@@ -37,6 +37,7 @@ from estafeta.delivery.model import LeasedDelivery
 from estafeta.delivery.state import DeliveryState
 from estafeta.errors import StoreError, StoreUnavailable
 from estafeta.ids import new_id
+from estafeta.messaging.facts import SEND_DESTINATION_PREFIX
 from estafeta.store import schema as s
 from estafeta.store.base import unavailable
 from estafeta.store.messaging import MessagingOps
@@ -470,11 +471,17 @@ class SqlStore(MessagingOps):
                 update(d)
                 .where(d.c.id.in_(ids), d.c.state == DeliveryState.DEAD.value)
                 .values(**values)
-                .returning(d.c.id, d.c.tenant_id)
+                .returning(d.c.id, d.c.tenant_id, d.c.destination_id)
             )
             moved = (await conn.execute(stmt)).all()
+            if action == "replay":
+                await self._requeue_sends(
+                    conn,
+                    [i for i, _, dest in moved if dest.startswith(SEND_DESTINATION_PREFIX)],
+                    now_ms,
+                )
             per_tenant: dict[str, list[str]] = {}
-            for delivery_id, tenant_id in moved:
+            for delivery_id, tenant_id, _ in moved:
                 per_tenant.setdefault(tenant_id, []).append(delivery_id)
             for tenant_id, delivery_ids in per_tenant.items():
                 await conn.execute(
@@ -489,7 +496,7 @@ class SqlStore(MessagingOps):
                         ).decode(),
                     )
                 )
-        return sorted(delivery_id for delivery_id, _ in moved)
+        return sorted(delivery_id for delivery_id, _, _ in moved)
 
     # -- reads for the API, the CLI and health ----------------------------------------------
 
