@@ -74,9 +74,13 @@ def _run_service(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
         sys.exit(2)
 
 
-async def _with_store(config: Config, action: Callable[[SqlStore], Awaitable[T]]) -> T:
+async def _with_store(
+    config: Config, action: Callable[[SqlStore], Awaitable[T]], *, migrating: bool = False
+) -> T:
     store = open_store(config.storage.url)
     try:
+        if not migrating:
+            await store.require_schema()
         return await action(store)
     finally:
         await store.close()
@@ -128,7 +132,7 @@ def migrate(config_path: str) -> None:
         if config.tenants:
             await store.sync_config(config, SystemClock().now_ms())
 
-    _run(lambda: _with_store(config, action))
+    _run(lambda: _with_store(config, action, migrating=True))
     engine = "sqlite" if config.storage.url.startswith("sqlite") else "postgresql"
     click.echo(f"schema is up to date ({engine})")
 
@@ -271,15 +275,9 @@ def dlq_list(config_path: str, as_json: bool, **selection: Any) -> None:
 def _move(config_path: str, action_name: str, everything: bool, **selection: Any) -> None:
     config = _load(config_path)
     chosen = _dlq_filter(**selection)
-    if not (
-        everything
-        or chosen.delivery_ids
-        or chosen.destination_id
-        or chosen.event_type
-        or chosen.since
-        or chosen.until
-        or chosen.tenant_id
-    ):
+    # Judged on the options as given: a filter's parsed value may be falsy (--since the epoch).
+    named = [name for name, value in selection.items() if value and name != "limit"]
+    if not (everything or named):
         raise click.UsageError("name --id, a filter, or --all")
     actor = f"cli:{os.environ.get('USER', 'operator')}"
 

@@ -63,6 +63,8 @@ async def prepared_store(config: Config, *, migrate: bool = True) -> SqlStore:
     store = open_store(config.storage.url)
     if migrate:
         await store.migrate()
+    else:
+        await store.require_schema()
     await store.sync_config(config, SystemClock().now_ms())
     return store
 

@@ -116,6 +116,32 @@ class SqlStore(MessagingOps):
                 ) from exc
             raise
 
+    async def require_schema(self) -> None:
+        """Refuse a database whose schema is not this version's (never migrated, or by an
+        older or newer estafeta): its statements would fail one by one with the driver's
+        own errors, far from the cause."""
+        from estafeta.store.migrate import current_revision, head_revision
+
+        try:
+            current = await current_revision(self.engine)
+        except Exception as exc:
+            if unavailable(exc):
+                raise StoreUnavailable(
+                    f"the store cannot be reached: {type(exc).__name__}"
+                ) from exc
+            raise
+        head = head_revision()
+        if current != head:
+            found = (
+                "has no estafeta schema"
+                if current is None
+                else f"has the schema of migration {current}, not this version's {head}"
+            )
+            raise StoreError(
+                f"the database {found}: run `estafeta migrate` "
+                "(`estafeta serve` also migrates at start, unless --no-migrate)"
+            )
+
     # -- configuration ----------------------------------------------------------------------
 
     async def sync_config(self, config: Config, now_ms: int) -> None:
