@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+import resource
+import signal
 import struct
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import msgspec
 import orjson
 import pytest
 
@@ -201,3 +208,61 @@ async def test_a_redelivery_during_the_outage_gets_the_original_id(down_hub: Hub
         idempotency_key="w1",
     )
     assert (again.event_id, again.duplicate, again.spooled) == (first.event_id, True, True)
+
+
+@contextmanager
+def disk_full_past(limit: int) -> Iterator[None]:
+    """Writes past `limit` bytes of a file fail as on a full disk: part of the bytes are
+    written, then EFBIG (RLIMIT_FSIZE, its signal ignored)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+def failing_once(real: Callable[..., None]) -> Callable[..., None]:
+    """`os.fsync` or `os.ftruncate` whose first call fails as a dying disk does (EIO)."""
+    calls = 0
+
+    def call(*args: int) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise OSError(errno.EIO, "Input/output error")
+        real(*args)
+
+    return call
+
+
+@pytest.mark.parametrize("fault", ["torn write", "torn write, cut fails", "fsync fails"])
+async def test_a_failed_spool_write_loses_nothing_acknowledged_after_it(
+    store: SqlStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
+    """A write that fails part-way (disk full, EIO) or whose fsync fails is answered with an
+    error and cut from its segment: the events acknowledged after it drain too, and the one
+    refused is not imported as if it had been acknowledged."""
+    spool = Spool(tmp_path / "spool", max_bytes=10**9)
+    # Large, so that the logs written meanwhile stay far below the file size limit.
+    await spool.append(msgspec.structs.replace(new_event(1), payload='"' + "x" * 10**5 + '"'))
+    limit = spool.stats().bytes + len(encode(new_event(2))) // 2
+    with monkeypatch.context() as faults, contextlib.ExitStack() as disk:
+        if fault == "fsync fails":
+            faults.setattr(os, "fsync", failing_once(os.fsync))
+        else:
+            disk.enter_context(disk_full_past(limit))
+        if fault == "torn write, cut fails":
+            faults.setattr(os, "ftruncate", failing_once(os.ftruncate))
+        with pytest.raises(HttpError) as refused:
+            await spool.append(new_event(2))
+    assert refused.value.status == 503 and refused.value.headers["Retry-After"]
+    for n in range(3, 8):
+        await spool.append(new_event(n))
+    assert await spool.drain(store) == 6
+    stored = [n for n in range(1, 8) if await store.get_event(f"evt_{n:026d}", None)]
+    assert stored == [1, 3, 4, 5, 6, 7]
+    assert spool.stats().segments == 0
+    await spool.close()

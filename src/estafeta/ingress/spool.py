@@ -7,6 +7,9 @@ and a crash at any point loses nothing either:
 * A journal is a sequence of segments `<writer>-<seq>.journal`; each record is
   `[length u32][crc32 u32][JSON]`. A torn tail (a crash mid-append) fails its CRC and is
   ignored: that request was never answered, because the answer waits for the fsync.
+* A failed write or fsync (disk full, EIO) is cut off the segment before anything else is
+  appended, so nothing acknowledged lands after a torn record and the refused events are not
+  imported; if even the cut fails, the writer leaves that segment for a new one.
 * The writer holds an exclusive `flock` on its open segment; a drainer imports only the
   segments it can lock, in order, then deletes each. A crash mid-drain leaves the segment
   to be imported again: the store treats an event id it already has as a duplicate.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import os
 import socket
@@ -85,7 +89,8 @@ class Spool:
         # A name no other process shares.
         self._writer = f"{socket.gethostname()}-{os.getpid()}"
         self._seq = 0
-        self._file: IO[bytes] | None = None
+        self._file: IO[bytes] | None = None  # unbuffered: no failed write waits in a buffer
+        self._size = 0  # bytes of the open segment written and fsync'ed
         self._lock = asyncio.Lock()  # one writer or rotator at a time in this process
         self._appends: GroupCommitter[NewEvent, None] = GroupCommitter(
             self._append_batch, max_batch=1000
@@ -121,27 +126,61 @@ class Spool:
     async def _append_batch(self, events: Sequence[NewEvent]) -> list[None]:
         data = b"".join(encode(e) for e in events)
         async with self._lock:
-            await asyncio.to_thread(self._write, data)
+            try:
+                await asyncio.to_thread(self._write, data)
+            except OSError as exc:
+                log.error("spool_write_failed", count=len(events), error=_error_name(exc))
+                raise HttpError(
+                    503,
+                    "spool_unavailable",
+                    "the store is unreachable and the local spool cannot be written; retry later",
+                    {"Retry-After": "30"},
+                ) from exc
         log.warning("events_spooled", count=len(events))
         return [None] * len(events)
 
     def _write(self, data: bytes) -> None:
-        if self._file is None or self._file.tell() >= SEGMENT_BYTES:
+        if self._file is None or self._size >= SEGMENT_BYTES:
             self._close_segment()
             self._open_segment()
         assert self._file is not None  # noqa: S101 - just opened
-        self._file.write(data)
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        fd = self._file.fileno()
+        try:
+            written = 0
+            while written < len(data):  # a write may be partial (disk full)
+                written += os.write(fd, data[written:])
+            os.fsync(fd)
+        except OSError:
+            self._cut_back()
+            raise
+        self._size += len(data)
+
+    def _cut_back(self) -> None:
+        """Truncate the open segment to its last acknowledged record: a torn record would
+        hide every later one from the drain, and records whose fsync failed were refused."""
+        assert self._file is not None  # noqa: S101 - only after a write to it
+        try:
+            os.ftruncate(self._file.fileno(), self._size)
+            os.fsync(self._file.fileno())
+        except OSError as exc:
+            # The tail stays; appending after it would hide what follows, so write no more here.
+            log.error(
+                "spool_segment_abandoned",
+                segment=Path(self._file.name).name,
+                error=_error_name(exc),
+            )
+            self._close_segment()
 
     def _open_segment(self) -> None:
         self._seq += 1
         # Named by creation time first: sorted names are the order to drain in.
         created = time.time_ns() // 1_000_000
         path = self.directory / f"{created:013d}-{self._writer}-{self._seq:09d}.journal"
-        handle = open(path, "ab")  # noqa: SIM115 - lives until the segment is rotated
+        # Unbuffered: a write that failed must not be retried from a buffer by a later one.
+        handle = open(path, "ab", buffering=0)  # noqa: SIM115 - lives until rotated
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         self._file = handle
+        self._size = 0
         _fsync_directory(self.directory)  # the new name itself must survive a crash
 
     def _close_segment(self) -> None:
@@ -205,6 +244,11 @@ class Spool:
         await self._appends.close()
         async with self._lock:
             self._close_segment()
+
+
+def _error_name(exc: OSError) -> str:
+    """`ENOSPC`, `EIO` …: what went wrong, without the path."""
+    return errno.errorcode.get(exc.errno or 0, type(exc).__name__)
 
 
 def _fsync_directory(directory: Path) -> None:
