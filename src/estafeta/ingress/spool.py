@@ -10,9 +10,10 @@ and a crash at any point loses nothing either:
 * A failed write or fsync (disk full, EIO) is cut off the segment before anything else is
   appended, so nothing acknowledged lands after a torn record and the refused events are not
   imported; if even the cut fails, the writer leaves that segment for a new one.
-* The writer holds an exclusive `flock` on its open segment; a drainer imports only the
-  segments it can lock, in order, then deletes each. A crash mid-drain leaves the segment
-  to be imported again: the store treats an event id it already has as a duplicate.
+* The writer holds an exclusive `flock` on its open segment, taken before the segment gets
+  its `.journal` name; a drainer imports only the segments it can lock, in order, then
+  deletes each. A crash mid-drain leaves the segment to be imported again: the store treats
+  an event id it already has as a duplicate.
 * Concurrent requests share one write and one fsync (group commit), as the store does.
 """
 
@@ -91,6 +92,7 @@ class Spool:
         self._seq = 0
         self._file: IO[bytes] | None = None  # unbuffered: no failed write waits in a buffer
         self._size = 0  # bytes of the open segment written and fsync'ed
+        self._segment = ""  # the open segment's name
         self._lock = asyncio.Lock()  # one writer or rotator at a time in this process
         self._appends: GroupCommitter[NewEvent, None] = GroupCommitter(
             self._append_batch, max_batch=1000
@@ -166,7 +168,7 @@ class Spool:
             # The tail stays; appending after it would hide what follows, so write no more here.
             log.error(
                 "spool_segment_abandoned",
-                segment=Path(self._file.name).name,
+                segment=self._segment,
                 error=_error_name(exc),
             )
             self._close_segment()
@@ -176,12 +178,21 @@ class Spool:
         # Named by creation time first: sorted names are the order to drain in.
         created = time.time_ns() // 1_000_000
         path = self.directory / f"{created:013d}-{self._writer}-{self._seq:09d}.journal"
+        # Made under a name no drainer globs, and named only once locked: a drainer that
+        # found it unlocked and empty would delete it under the writer.
+        creating = path.with_name(path.name + ".creating")
         # Unbuffered: a write that failed must not be retried from a buffer by a later one.
-        handle = open(path, "ab", buffering=0)  # noqa: SIM115 - lives until rotated
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        handle = open(creating, "ab", buffering=0)  # noqa: SIM115 - lives until rotated
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            creating.rename(path)
+            _fsync_directory(self.directory)  # the new name itself must survive a crash
+        except OSError:
+            handle.close()
+            raise
         self._file = handle
         self._size = 0
-        _fsync_directory(self.directory)  # the new name itself must survive a crash
+        self._segment = path.name
 
     def _close_segment(self) -> None:
         if self._file is not None:
