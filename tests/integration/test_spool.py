@@ -19,12 +19,14 @@ import httpx
 import msgspec
 import orjson
 import pytest
+from structlog.testing import capture_logs
 
 from estafeta.api.app import create_app
 from estafeta.config import Config
 from estafeta.errors import HttpError
 from estafeta.hub import Hub
 from estafeta.ingress.spool import Spool, encode, read_segment
+from estafeta.observability.metrics import REGISTRY
 from estafeta.store import open_store
 from estafeta.store.records import NewDelivery, NewEvent, NewMessage
 from estafeta.store.sqlstore import SqlStore
@@ -291,3 +293,40 @@ async def test_a_drainer_never_sees_a_segment_before_its_writer_holds_it(
     assert await writer.drain(store) == 1
     assert await store.get_event(f"evt_{1:026d}", None) is not None
     await writer.close()
+
+
+async def test_an_event_the_store_refuses_is_quarantined_and_the_rest_drains(
+    store: SqlStore, tmp_path: Path
+) -> None:
+    """One spooled event the store refuses (here a priority outside the schema's range) must
+    not keep every later one in the spool: it goes, as written, to quarantine/, once."""
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    poison = event_named(
+        "evt_" + "9" * 26,
+        NewDelivery(id="dlv_" + "9" * 26, destination_id="crm", priority=9, max_attempts=3),
+    )
+    first = spool_dir / "0000000000001-host-1-000000001.journal"
+    first.write_bytes(encode(new_event(1)) + encode(poison) + encode(new_event(2)))
+    (spool_dir / "0000000000002-host-1-000000002.journal").write_bytes(encode(new_event(3)))
+    spool = Spool(spool_dir, max_bytes=10**6)
+    quarantined = REGISTRY.get_sample_value("estafeta_spool_quarantined_total") or 0
+    with capture_logs() as logs:
+        assert await spool.drain(store) == 3
+        assert await spool.drain(store) == 0  # nothing left to trip over
+    for n in (1, 2, 3):
+        assert await store.get_event(f"evt_{n:026d}", None) is not None
+    assert await store.get_event(poison.id, None) is None
+    assert spool.stats().segments == 0
+    [kept] = (spool_dir / "quarantine").iterdir()
+    assert kept.name == f"{first.stem}-{poison.id}.journal"  # sorts with segments, if moved back
+    assert list(read_segment(kept)) == [poison]
+    [line] = [entry for entry in logs if entry["event"] == "spool_event_quarantined"]
+    assert (line["event_id"], line["tenant_id"], line["source_id"]) == (
+        poison.id,
+        "clinica-sol",
+        "crm-events",
+    )
+    assert line["error"] == "StoreRejected" and poison.payload not in str(line)
+    assert REGISTRY.get_sample_value("estafeta_spool_quarantined_total") == quarantined + 1
+    await spool.close()

@@ -15,6 +15,8 @@ and a crash at any point loses nothing either:
   deletes each. A crash mid-drain leaves the segment to be imported again: the store treats
   an event id it already has as a duplicate.
 * Concurrent requests share one write and one fsync (group commit), as the store does.
+* An event the store refuses (anything but `StoreUnavailable`) is moved, as a one-record
+  journal, to `quarantine/` and logged, so that it does not hold back every later one.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import msgspec
 import structlog
 
 from estafeta.errors import HttpError, StoreUnavailable
+from estafeta.observability.metrics import SPOOL_QUARANTINED
 from estafeta.store.group_commit import GroupCommitter
 from estafeta.store.records import NewEvent
 from estafeta.store.sqlstore import SqlStore
@@ -219,8 +222,8 @@ class Spool:
     async def drain(self, store: SqlStore) -> int:
         """Import every segment this process can lock into the store, oldest first, and
         delete each once imported; returns how many events were imported (duplicates of
-        what the store already has included). Stops, keeping the rest, when the store is
-        unreachable."""
+        what the store already has included, quarantined ones not). Stops, keeping the rest,
+        when the store is unreachable."""
         async with self._lock:
             await asyncio.to_thread(self._close_segment)  # so that our own open one drains too
         imported = 0
@@ -243,13 +246,63 @@ class Spool:
             if not path.exists():
                 return 0  # drained by another process between glob and lock
             events = list(read_segment(path))
+            imported = 0
             for start in range(0, len(events), DRAIN_CHUNK):
-                await store.insert_events(events[start : start + DRAIN_CHUNK], by_id=True)
+                chunk = events[start : start + DRAIN_CHUNK]
+                imported += await self._import(store, chunk, path)
             path.unlink()
             _fsync_directory(self.directory)
-            return len(events)
+            return imported
         finally:
             handle.close()
+
+    async def _import(self, store: SqlStore, events: list[NewEvent], segment: Path) -> int:
+        """Import a chunk; if the store refuses it, import its events one by one and
+        quarantine those it still refuses. Returns how many were imported."""
+        try:
+            await store.insert_events(events, by_id=True)
+        except StoreUnavailable:
+            raise  # keep everything for the next round
+        except Exception:  # refused: find out which events, one at a time
+            return await self._import_each(store, events, segment)
+        return len(events)
+
+    async def _import_each(self, store: SqlStore, events: list[NewEvent], segment: Path) -> int:
+        imported = 0
+        for event in events:
+            try:
+                await store.insert_events([event], by_id=True)
+                imported += 1
+            except StoreUnavailable:
+                raise
+            except Exception as exc:  # refused: it would block the spool on every round
+                self._quarantine(event, segment, exc)
+        return imported
+
+    def _quarantine(self, event: NewEvent, segment: Path, exc: Exception) -> None:
+        """Keep a refused event, durably, where an operator can inspect and re-import it:
+        named after its segment first, it drains again once moved back into the spool."""
+        directory = self.directory / "quarantine"
+        directory.mkdir(exist_ok=True)
+        target = directory / f"{segment.stem}-{event.id}.journal"
+        creating = target.with_name(target.name + ".creating")
+        with open(creating, "wb") as file:
+            file.write(encode(event))
+            file.flush()
+            os.fsync(file.fileno())
+        creating.rename(target)
+        _fsync_directory(directory)
+        _fsync_directory(self.directory)  # quarantine/ itself, when just made
+        # Ids and the error class only: the payload is personal data.
+        log.error(
+            "spool_event_quarantined",
+            event_id=event.id,
+            tenant_id=event.tenant_id,
+            source_id=event.source_id,
+            error=type(exc).__name__,
+            file=f"quarantine/{target.name}",
+        )
+        SPOOL_QUARANTINED.inc()
 
     async def close(self) -> None:
         await self._appends.close()
