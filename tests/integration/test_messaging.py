@@ -24,6 +24,7 @@ from tests.conftest import base_config, lease_any
 SOL = "est_sol_messaging_key_000000000000000000"
 OUTRA = "est_outra_messaging_key_0000000000000000"
 MARIA = "5511987654321"
+LONGEST = "wa-" + "l" * 60  # the longest source id the configuration allows
 
 
 @dataclass
@@ -107,6 +108,14 @@ async def env(store: SqlStore, database_url: str) -> AsyncIterator[Env]:
             "tenant": "clinica-sol",
             "kind": "whatsapp_cloud",
             "app_secret": "s3cret",
+        },
+        {
+            "id": LONGEST,
+            "tenant": "clinica-sol",
+            "kind": "whatsapp_cloud",
+            "app_secret": "s3cret",
+            "access_token": "token",
+            "phone_number_id": "114950281736452",
         },
     ]
     data["routes"].append(
@@ -359,3 +368,19 @@ async def test_another_tenant_sees_neither_conversations_nor_messages(env: Env) 
     assert r.status_code == 404
     r = await env.http.get(f"/api/v1/messages/{sent.json()['id']}", headers=outra)
     assert r.status_code == 404
+
+
+async def test_a_send_through_a_source_with_the_longest_id_is_stored(env: Env) -> None:
+    """Its deliveries go to `send:<source>`, five characters longer than any configured id:
+    the columns that hold destination ids fit it (PostgreSQL enforces their length)."""
+    r = await env.http.post(
+        "/api/v1/messages",
+        headers=env.auth(),
+        json={"source": LONGEST, "to": f"+{MARIA}", "text": "Oi"},
+    )
+    assert r.status_code == 202, r.text
+    now = env.hub.clock.now_ms()
+    batch = await lease_any(env.store, now_ms=now, limit=10)
+    [leased] = [d for d in batch if d.destination_id == f"send:{LONGEST}"]
+    await env.store.update_circuit(leased.destination_id, lambda _: {"state": "closed"}, now)
+    assert f"send:{LONGEST}" in await env.store.circuit_states()

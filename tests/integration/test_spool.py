@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import errno
+import fcntl
+import os
+import resource
+import signal
 import struct
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import msgspec
 import orjson
 import pytest
+from structlog.testing import capture_logs
 
 from estafeta.api.app import create_app
 from estafeta.config import Config
 from estafeta.errors import HttpError
 from estafeta.hub import Hub
 from estafeta.ingress.spool import Spool, encode, read_segment
+from estafeta.observability.metrics import REGISTRY
 from estafeta.store import open_store
 from estafeta.store.records import NewDelivery, NewEvent, NewMessage
 from estafeta.store.sqlstore import SqlStore
@@ -201,3 +212,121 @@ async def test_a_redelivery_during_the_outage_gets_the_original_id(down_hub: Hub
         idempotency_key="w1",
     )
     assert (again.event_id, again.duplicate, again.spooled) == (first.event_id, True, True)
+
+
+@contextmanager
+def disk_full_past(limit: int) -> Iterator[None]:
+    """Writes past `limit` bytes of a file fail as on a full disk: part of the bytes are
+    written, then EFBIG (RLIMIT_FSIZE, its signal ignored)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+def failing_once(real: Callable[..., None]) -> Callable[..., None]:
+    """`os.fsync` or `os.ftruncate` whose first call fails as a dying disk does (EIO)."""
+    calls = 0
+
+    def call(*args: int) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise OSError(errno.EIO, "Input/output error")
+        real(*args)
+
+    return call
+
+
+@pytest.mark.parametrize("fault", ["torn write", "torn write, cut fails", "fsync fails"])
+async def test_a_failed_spool_write_loses_nothing_acknowledged_after_it(
+    store: SqlStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
+    """A write that fails part-way (disk full, EIO) or whose fsync fails is answered with an
+    error and cut from its segment: the events acknowledged after it drain too, and the one
+    refused is not imported as if it had been acknowledged."""
+    spool = Spool(tmp_path / "spool", max_bytes=10**9)
+    # Large, so that the logs written meanwhile stay far below the file size limit.
+    await spool.append(msgspec.structs.replace(new_event(1), payload='"' + "x" * 10**5 + '"'))
+    limit = spool.stats().bytes + len(encode(new_event(2))) // 2
+    with monkeypatch.context() as faults, contextlib.ExitStack() as disk:
+        if fault == "fsync fails":
+            faults.setattr(os, "fsync", failing_once(os.fsync))
+        else:
+            disk.enter_context(disk_full_past(limit))
+        if fault == "torn write, cut fails":
+            faults.setattr(os, "ftruncate", failing_once(os.ftruncate))
+        with pytest.raises(HttpError) as refused:
+            await spool.append(new_event(2))
+    assert refused.value.status == 503 and refused.value.headers["Retry-After"]
+    for n in range(3, 8):
+        await spool.append(new_event(n))
+    assert await spool.drain(store) == 6
+    stored = [n for n in range(1, 8) if await store.get_event(f"evt_{n:026d}", None)]
+    assert stored == [1, 3, 4, 5, 6, 7]
+    assert spool.stats().segments == 0
+    await spool.close()
+
+
+async def test_a_drainer_never_sees_a_segment_before_its_writer_holds_it(
+    store: SqlStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another `serve` process's drainer that runs while this one opens a segment must not
+    find it unlocked (and empty), delete it, and leave the writer appending to a lost file."""
+    spool_dir = tmp_path / "spool"
+    writer = Spool(spool_dir, max_bytes=10**9)
+    other = Spool(spool_dir, max_bytes=10**9)
+    real_flock = fcntl.flock
+
+    def drain_first(fd: int, operation: int) -> None:
+        if operation == fcntl.LOCK_EX:  # the writer's lock on its new segment
+            asyncio.run(other.drain(store))  # from the writer's thread: no event loop here
+        real_flock(fd, operation)
+
+    with monkeypatch.context() as race:
+        race.setattr(fcntl, "flock", drain_first)
+        await writer.append(new_event(1))
+    assert await writer.drain(store) == 1
+    assert await store.get_event(f"evt_{1:026d}", None) is not None
+    await writer.close()
+
+
+async def test_an_event_the_store_refuses_is_quarantined_and_the_rest_drains(
+    store: SqlStore, tmp_path: Path
+) -> None:
+    """One spooled event the store refuses (here a priority outside the schema's range) must
+    not keep every later one in the spool: it goes, as written, to quarantine/, once."""
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    poison = event_named(
+        "evt_" + "9" * 26,
+        NewDelivery(id="dlv_" + "9" * 26, destination_id="crm", priority=9, max_attempts=3),
+    )
+    first = spool_dir / "0000000000001-host-1-000000001.journal"
+    first.write_bytes(encode(new_event(1)) + encode(poison) + encode(new_event(2)))
+    (spool_dir / "0000000000002-host-1-000000002.journal").write_bytes(encode(new_event(3)))
+    spool = Spool(spool_dir, max_bytes=10**6)
+    quarantined = REGISTRY.get_sample_value("estafeta_spool_quarantined_total") or 0
+    with capture_logs() as logs:
+        assert await spool.drain(store) == 3
+        assert await spool.drain(store) == 0  # nothing left to trip over
+    for n in (1, 2, 3):
+        assert await store.get_event(f"evt_{n:026d}", None) is not None
+    assert await store.get_event(poison.id, None) is None
+    assert spool.stats().segments == 0
+    [kept] = (spool_dir / "quarantine").iterdir()
+    assert kept.name == f"{first.stem}-{poison.id}.journal"  # sorts with segments, if moved back
+    assert list(read_segment(kept)) == [poison]
+    [line] = [entry for entry in logs if entry["event"] == "spool_event_quarantined"]
+    assert (line["event_id"], line["tenant_id"], line["source_id"]) == (
+        poison.id,
+        "clinica-sol",
+        "crm-events",
+    )
+    assert line["error"] == "StoreRejected" and poison.payload not in str(line)
+    assert REGISTRY.get_sample_value("estafeta_spool_quarantined_total") == quarantined + 1
+    await spool.close()

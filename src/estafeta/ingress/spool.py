@@ -7,16 +7,23 @@ and a crash at any point loses nothing either:
 * A journal is a sequence of segments `<writer>-<seq>.journal`; each record is
   `[length u32][crc32 u32][JSON]`. A torn tail (a crash mid-append) fails its CRC and is
   ignored: that request was never answered, because the answer waits for the fsync.
-* The writer holds an exclusive `flock` on its open segment; a drainer imports only the
-  segments it can lock, in order, then deletes each. A crash mid-drain leaves the segment
-  to be imported again: the store treats an event id it already has as a duplicate.
+* A failed write or fsync (disk full, EIO) is cut off the segment before anything else is
+  appended, so nothing acknowledged lands after a torn record and the refused events are not
+  imported; if even the cut fails, the writer leaves that segment for a new one.
+* The writer holds an exclusive `flock` on its open segment, taken before the segment gets
+  its `.journal` name; a drainer imports only the segments it can lock, in order, then
+  deletes each. A crash mid-drain leaves the segment to be imported again: the store treats
+  an event id it already has as a duplicate.
 * Concurrent requests share one write and one fsync (group commit), as the store does.
+* An event the store refuses (anything but `StoreUnavailable`) is moved, as a one-record
+  journal, to `quarantine/` and logged, so that it does not hold back every later one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import os
 import socket
@@ -33,6 +40,7 @@ import msgspec
 import structlog
 
 from estafeta.errors import HttpError, StoreUnavailable
+from estafeta.observability.metrics import SPOOL_QUARANTINED
 from estafeta.store.group_commit import GroupCommitter
 from estafeta.store.records import NewEvent
 from estafeta.store.sqlstore import SqlStore
@@ -85,7 +93,9 @@ class Spool:
         # A name no other process shares.
         self._writer = f"{socket.gethostname()}-{os.getpid()}"
         self._seq = 0
-        self._file: IO[bytes] | None = None
+        self._file: IO[bytes] | None = None  # unbuffered: no failed write waits in a buffer
+        self._size = 0  # bytes of the open segment written and fsync'ed
+        self._segment = ""  # the open segment's name
         self._lock = asyncio.Lock()  # one writer or rotator at a time in this process
         self._appends: GroupCommitter[NewEvent, None] = GroupCommitter(
             self._append_batch, max_batch=1000
@@ -121,28 +131,71 @@ class Spool:
     async def _append_batch(self, events: Sequence[NewEvent]) -> list[None]:
         data = b"".join(encode(e) for e in events)
         async with self._lock:
-            await asyncio.to_thread(self._write, data)
+            try:
+                await asyncio.to_thread(self._write, data)
+            except OSError as exc:
+                log.error("spool_write_failed", count=len(events), error=_error_name(exc))
+                raise HttpError(
+                    503,
+                    "spool_unavailable",
+                    "the store is unreachable and the local spool cannot be written; retry later",
+                    {"Retry-After": "30"},
+                ) from exc
         log.warning("events_spooled", count=len(events))
         return [None] * len(events)
 
     def _write(self, data: bytes) -> None:
-        if self._file is None or self._file.tell() >= SEGMENT_BYTES:
+        if self._file is None or self._size >= SEGMENT_BYTES:
             self._close_segment()
             self._open_segment()
         assert self._file is not None  # noqa: S101 - just opened
-        self._file.write(data)
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        fd = self._file.fileno()
+        try:
+            written = 0
+            while written < len(data):  # a write may be partial (disk full)
+                written += os.write(fd, data[written:])
+            os.fsync(fd)
+        except OSError:
+            self._cut_back()
+            raise
+        self._size += len(data)
+
+    def _cut_back(self) -> None:
+        """Truncate the open segment to its last acknowledged record: a torn record would
+        hide every later one from the drain, and records whose fsync failed were refused."""
+        assert self._file is not None  # noqa: S101 - only after a write to it
+        try:
+            os.ftruncate(self._file.fileno(), self._size)
+            os.fsync(self._file.fileno())
+        except OSError as exc:
+            # The tail stays; appending after it would hide what follows, so write no more here.
+            log.error(
+                "spool_segment_abandoned",
+                segment=self._segment,
+                error=_error_name(exc),
+            )
+            self._close_segment()
 
     def _open_segment(self) -> None:
         self._seq += 1
         # Named by creation time first: sorted names are the order to drain in.
         created = time.time_ns() // 1_000_000
         path = self.directory / f"{created:013d}-{self._writer}-{self._seq:09d}.journal"
-        handle = open(path, "ab")  # noqa: SIM115 - lives until the segment is rotated
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        # Made under a name no drainer globs, and named only once locked: a drainer that
+        # found it unlocked and empty would delete it under the writer.
+        creating = path.with_name(path.name + ".creating")
+        # Unbuffered: a write that failed must not be retried from a buffer by a later one.
+        handle = open(creating, "ab", buffering=0)  # noqa: SIM115 - lives until rotated
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            creating.rename(path)
+            _fsync_directory(self.directory)  # the new name itself must survive a crash
+        except OSError:
+            handle.close()
+            raise
         self._file = handle
-        _fsync_directory(self.directory)  # the new name itself must survive a crash
+        self._size = 0
+        self._segment = path.name
 
     def _close_segment(self) -> None:
         if self._file is not None:
@@ -169,8 +222,8 @@ class Spool:
     async def drain(self, store: SqlStore) -> int:
         """Import every segment this process can lock into the store, oldest first, and
         delete each once imported; returns how many events were imported (duplicates of
-        what the store already has included). Stops, keeping the rest, when the store is
-        unreachable."""
+        what the store already has included, quarantined ones not). Stops, keeping the rest,
+        when the store is unreachable."""
         async with self._lock:
             await asyncio.to_thread(self._close_segment)  # so that our own open one drains too
         imported = 0
@@ -193,18 +246,73 @@ class Spool:
             if not path.exists():
                 return 0  # drained by another process between glob and lock
             events = list(read_segment(path))
+            imported = 0
             for start in range(0, len(events), DRAIN_CHUNK):
-                await store.insert_events(events[start : start + DRAIN_CHUNK], by_id=True)
+                chunk = events[start : start + DRAIN_CHUNK]
+                imported += await self._import(store, chunk, path)
             path.unlink()
             _fsync_directory(self.directory)
-            return len(events)
+            return imported
         finally:
             handle.close()
+
+    async def _import(self, store: SqlStore, events: list[NewEvent], segment: Path) -> int:
+        """Import a chunk; if the store refuses it, import its events one by one and
+        quarantine those it still refuses. Returns how many were imported."""
+        try:
+            await store.insert_events(events, by_id=True)
+        except StoreUnavailable:
+            raise  # keep everything for the next round
+        except Exception:  # refused: find out which events, one at a time
+            return await self._import_each(store, events, segment)
+        return len(events)
+
+    async def _import_each(self, store: SqlStore, events: list[NewEvent], segment: Path) -> int:
+        imported = 0
+        for event in events:
+            try:
+                await store.insert_events([event], by_id=True)
+                imported += 1
+            except StoreUnavailable:
+                raise
+            except Exception as exc:  # refused: it would block the spool on every round
+                self._quarantine(event, segment, exc)
+        return imported
+
+    def _quarantine(self, event: NewEvent, segment: Path, exc: Exception) -> None:
+        """Keep a refused event, durably, where an operator can inspect and re-import it:
+        named after its segment first, it drains again once moved back into the spool."""
+        directory = self.directory / "quarantine"
+        directory.mkdir(exist_ok=True)
+        target = directory / f"{segment.stem}-{event.id}.journal"
+        creating = target.with_name(target.name + ".creating")
+        with open(creating, "wb") as file:
+            file.write(encode(event))
+            file.flush()
+            os.fsync(file.fileno())
+        creating.rename(target)
+        _fsync_directory(directory)
+        _fsync_directory(self.directory)  # quarantine/ itself, when just made
+        # Ids and the error class only: the payload is personal data.
+        log.error(
+            "spool_event_quarantined",
+            event_id=event.id,
+            tenant_id=event.tenant_id,
+            source_id=event.source_id,
+            error=type(exc).__name__,
+            file=f"quarantine/{target.name}",
+        )
+        SPOOL_QUARANTINED.inc()
 
     async def close(self) -> None:
         await self._appends.close()
         async with self._lock:
             self._close_segment()
+
+
+def _error_name(exc: OSError) -> str:
+    """`ENOSPC`, `EIO` …: what went wrong, without the path."""
+    return errno.errorcode.get(exc.errno or 0, type(exc).__name__)
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -79,6 +79,11 @@ SPOOL_BYTES = Gauge(
 SPOOL_SEGMENTS = Gauge(
     "estafeta_spool_segments", "Spool segments waiting to be drained.", registry=REGISTRY
 )
+SPOOL_QUARANTINED = Counter(
+    "estafeta_spool_quarantined_total",
+    "Spooled events the store refused, moved to the spool's quarantine/ by this process.",
+    registry=REGISTRY,
+)
 ALERTS = Gauge(
     "estafeta_alert_firing",
     "1 while an alert is firing (queue_backlog …), else 0.",

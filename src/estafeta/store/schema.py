@@ -30,6 +30,11 @@ metadata = MetaData()
 
 ID = String(40)  # "evt_" + 26-character ULID, with room to spare
 NAME = String(63)  # tenant/source/destination/route ids from the configuration
+# Where a delivery goes: a configured destination, or "send:<source id>" for messages sent
+# through a provider source (messaging/facts.py), 5 characters longer than any id. Only on
+# PostgreSQL, which enforces lengths: SQLite does not, and widening it there rebuilds
+# `deliveries`, whose drop would cascade-delete every attempt (foreign keys are on).
+DESTINATION = String(63).with_variant(String(5 + 63), "postgresql")
 
 _STATES = ", ".join(f"'{state.value}'" for state in DeliveryState)
 
@@ -120,7 +125,7 @@ deliveries = Table(
     Column("id", ID, primary_key=True),
     Column("tenant_id", NAME, nullable=False),
     Column("event_id", ID, ForeignKey("events.id", ondelete="CASCADE"), nullable=False),
-    Column("destination_id", NAME, nullable=False),
+    Column("destination_id", DESTINATION, nullable=False),
     Column("state", String(16), nullable=False),
     Column("priority", SmallInteger, nullable=False),
     Column("ordering_key", Text, nullable=True),
@@ -222,7 +227,7 @@ Index("audit_log_tenant_at", audit_log.c.tenant_id, audit_log.c.at)
 circuits = Table(
     "circuits",
     metadata,
-    Column("destination_id", NAME, primary_key=True),
+    Column("destination_id", DESTINATION, primary_key=True),
     Column("data", Text, nullable=False),
     Column("updated_at", BigInteger, nullable=False),
 )
