@@ -185,6 +185,7 @@ class PostgresStore(SqlStore):
             max_overflow=pool_size,
             pool_pre_ping=False,
             connect_args={"timeout": 5, "command_timeout": 30},
+            hide_parameters=True,  # parameters hold phone numbers and message text
         )
         event.listen(engine.sync_engine, "connect", _without_jit)
         return cls(engine)
