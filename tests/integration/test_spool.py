@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import struct
 import zlib
 from collections.abc import AsyncIterator
@@ -10,14 +11,17 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from estafeta.api.app import create_app
 from estafeta.config import Config
-from estafeta.errors import HttpError
+from estafeta.errors import HttpError, StoreUnavailable
 from estafeta.hub import Hub
 from estafeta.ingress.spool import Spool, encode, read_segment
-from estafeta.store import open_store
+from estafeta.store import engine_url, open_store
+from estafeta.store.postgres import PostgresStore
 from estafeta.store.records import NewDelivery, NewEvent, NewMessage
+from estafeta.store.sqlite import SqliteStore
 from estafeta.store.sqlstore import SqlStore
 from tests.events import new_event as event_named
 
@@ -40,6 +44,25 @@ async def down_hub(config: Config, tmp_path: Path) -> AsyncIterator[Hub]:
     yield hub
     await hub.close()
     await unreachable.close()
+
+
+@pytest.fixture
+async def hung_store(database_url: str) -> AsyncIterator[SqlStore]:
+    """A store whose one pooled connection is taken and not given back, as when every
+    connection waits on a hung database: a call waits `pool_timeout` for one, then fails."""
+    engine = create_async_engine(
+        engine_url(database_url), pool_size=1, max_overflow=0, pool_timeout=0.05
+    )
+    # SQLite without a path: webhooks go through the pool too, not the ingest writer.
+    hung = (
+        PostgresStore(engine)
+        if database_url.startswith("postgresql")
+        else SqliteStore(engine, path=None)
+    )
+    taken = await engine.connect()
+    yield hung
+    await taken.close()
+    await hung.close()
 
 
 async def accept(hub: Hub, n: int, key: str | None = None) -> str:
@@ -128,6 +151,21 @@ async def test_while_the_store_is_down_events_are_spooled_then_drained(
     for event_id in ids:
         view = await store.get_event(event_id, "clinica-sol")
         assert view is not None and [d.destination_id for d in view.deliveries] == ["crm"]
+
+
+async def test_a_hung_store_is_unavailable_and_ingest_spools(
+    config: Config, hung_store: SqlStore, tmp_path: Path
+) -> None:
+    """A pool timeout is the store being unreachable: ingest answers from the spool, rather
+    than retrying the batch one event at a time (each waiting for a connection) and
+    failing every request."""
+    hub = Hub(config, hung_store, spool=Spool(tmp_path / "spool", max_bytes=10**6))
+    try:
+        await asyncio.gather(*(accept(hub, n) for n in range(3)))  # one batch: it spools
+    finally:
+        await hub.close()
+    with pytest.raises(StoreUnavailable):
+        await hung_store.pending_count()
 
 
 async def test_a_segment_imported_twice_is_deduplicated_by_event_id(

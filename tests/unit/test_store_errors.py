@@ -7,6 +7,7 @@ import sqlite3
 import asyncpg
 import pytest
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from estafeta.errors import StoreError, StoreRejected, StoreUnavailable
 from estafeta.store.base import translated, unavailable
@@ -28,6 +29,7 @@ class DriverError(Exception):
         (OperationalError("q", {}, DriverError("database is locked")), True),  # SQLite busy
         (OperationalError("q", {}, DriverError("unable to open database file")), True),
         (ConnectionRefusedError(111, "refused"), True),
+        (PoolTimeout("QueuePool limit of size 10 overflow 10 reached"), True),  # a hung store
         (IntegrityError("q", {}, DriverError("duplicate key", "23505")), False),
         (ProgrammingError("q", {}, DriverError("syntax error", "42601")), False),
         (ValueError("a bug"), False),

@@ -23,6 +23,7 @@ from sqlalchemy.exc import (
     OperationalError,
     StatementError,
 )
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from estafeta.errors import StoreError, StoreRejected, StoreUnavailable
@@ -42,7 +43,8 @@ def unavailable(exc: BaseException) -> bool:
     )
     if isinstance(sqlstate, str) and sqlstate.startswith(_UNAVAILABLE_SQLSTATES):
         return True
-    if isinstance(exc, InterfaceError | OSError | ConnectionError | TimeoutError):
+    # PoolTimeout: every connection is taken and none came back in time (a hung database).
+    if isinstance(exc, InterfaceError | OSError | ConnectionError | TimeoutError | PoolTimeout):
         return True
     if isinstance(exc, OperationalError | sqlite3.OperationalError):
         message = str(exc.orig if isinstance(exc, OperationalError) else exc).lower()
