@@ -209,11 +209,15 @@ class Hub:
 
     async def _give_back(self, leased: list[LeasedDelivery]) -> None:
         """Leases the worker did not take, made pending again. The batch is committed
-        whatever happens here: if the store is gone, the leases expire and are rescued."""
+        whatever happens here: if this fails, the leases expire and are rescued."""
         try:
             await self.store.release(leased, self.clock.now_ms())
-        except StoreUnavailable:
-            log.warning("handed_leases_not_released", count=len(leased))
+        except Exception as exc:
+            # Any error, not only an unreachable store: raised from here, it would fail the
+            # requests of a committed batch, which the group committer would store again.
+            log.warning(
+                "handed_leases_not_released", count=len(leased), error_class=type(exc).__name__
+            )
 
     async def send_message(
         self,

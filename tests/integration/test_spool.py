@@ -14,22 +14,26 @@ import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import msgspec
 import orjson
 import pytest
+from sqlalchemy.ext.asyncio import create_async_engine
 from structlog.testing import capture_logs
 
 from estafeta.api.app import create_app
 from estafeta.config import Config
-from estafeta.errors import HttpError
+from estafeta.errors import HttpError, StoreError, StoreUnavailable
 from estafeta.hub import Hub
 from estafeta.ingress.spool import Spool, encode, read_segment
 from estafeta.observability.metrics import REGISTRY
-from estafeta.store import open_store
-from estafeta.store.records import NewDelivery, NewEvent, NewMessage
-from estafeta.store.sqlstore import SqlStore
+from estafeta.store import engine_url, open_store
+from estafeta.store.postgres import PostgresStore
+from estafeta.store.records import InsertResult, NewDelivery, NewEvent, NewMessage
+from estafeta.store.sqlite import SqliteStore
+from estafeta.store.sqlstore import SqlStore, fates
 from tests.events import new_event as event_named
 
 UNREACHABLE = "postgresql://postgres@127.0.0.1:1/nowhere"  # nothing listens on port 1
@@ -51,6 +55,25 @@ async def down_hub(config: Config, tmp_path: Path) -> AsyncIterator[Hub]:
     yield hub
     await hub.close()
     await unreachable.close()
+
+
+@pytest.fixture
+async def hung_store(database_url: str) -> AsyncIterator[SqlStore]:
+    """A store whose one pooled connection is taken and not given back, as when every
+    connection waits on a hung database: a call waits `pool_timeout` for one, then fails."""
+    engine = create_async_engine(
+        engine_url(database_url), pool_size=1, max_overflow=0, pool_timeout=0.05
+    )
+    # SQLite without a path: webhooks go through the pool too, not the ingest writer.
+    hung = (
+        PostgresStore(engine)
+        if database_url.startswith("postgresql")
+        else SqliteStore(engine, path=None)
+    )
+    taken = await engine.connect()
+    yield hung
+    await taken.close()
+    await hung.close()
 
 
 async def accept(hub: Hub, n: int, key: str | None = None) -> str:
@@ -139,6 +162,51 @@ async def test_while_the_store_is_down_events_are_spooled_then_drained(
     for event_id in ids:
         view = await store.get_event(event_id, "clinica-sol")
         assert view is not None and [d.destination_id for d in view.deliveries] == ["crm"]
+
+
+async def test_a_hung_store_is_unavailable_and_ingest_spools(
+    config: Config, hung_store: SqlStore, tmp_path: Path
+) -> None:
+    """A pool timeout is the store being unreachable: ingest answers from the spool, rather
+    than retrying the batch one event at a time (each waiting for a connection) and
+    failing every request."""
+    hub = Hub(config, hung_store, spool=Spool(tmp_path / "spool", max_bytes=10**6))
+    try:
+        await asyncio.gather(*(accept(hub, n) for n in range(3)))  # one batch: it spools
+    finally:
+        await hub.close()
+    with pytest.raises(StoreUnavailable):
+        await hung_store.pending_count()
+
+
+async def test_a_batch_that_fails_after_its_commit_is_spooled_not_stored_twice(
+    config: Config, store: SqlStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL commits a batch of webhooks in its one statement; what follows may still
+    fail (reading a duplicate's original that another process committed meanwhile). Were
+    that taken for a bad batch, each event would be stored again alone, and one without an
+    idempotency key fail on its own id: an error answered for a stored event, which its
+    sender then sends again. Spooled instead, the import finds each event by its id."""
+    if store.dialect != "postgresql":
+        pytest.skip("SQLite commits a batch only once everything about it is known")
+    failures = iter([StoreError("an event conflicted on its key but was not found")])
+
+    def failing_once(*args: Any) -> list[InsertResult]:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return fates(*args)
+
+    monkeypatch.setattr("estafeta.store.postgres.fates", failing_once)
+    hub = Hub(config, store, spool=Spool(tmp_path / "spool", max_bytes=10**6))
+    try:
+        ids = await asyncio.gather(*(accept(hub, n) for n in range(2)))  # one batch, no keys
+        assert hub.spool is not None and await hub.spool.drain(store) == 2
+    finally:
+        await hub.close()
+    assert (await store.queue_stats()).by_state == {"pending": 2}  # each stored once
+    for event_id in ids:
+        assert await store.get_event(event_id, "clinica-sol") is not None
 
 
 async def test_a_segment_imported_twice_is_deduplicated_by_event_id(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 import orjson
@@ -19,9 +19,15 @@ from estafeta.delivery.decision import Transition
 from estafeta.delivery.model import LeasedDelivery
 from estafeta.delivery.outcome import Outcome, OutcomeKind
 from estafeta.delivery.state import DeliveryState
-from estafeta.errors import StoreRejected, StoreUnavailable
+from estafeta.errors import StoreError, StoreRejected, StoreUnavailable
 from estafeta.ids import new_id
-from estafeta.store.records import CompletedAttempt, DeadLetterFilter, NewDelivery, NewEvent
+from estafeta.store.records import (
+    CompletedAttempt,
+    DeadLetterFilter,
+    InsertResult,
+    NewDelivery,
+    NewEvent,
+)
 from estafeta.store.schema import metadata
 from estafeta.store.sqlstore import SqlStore
 from tests.conftest import lease_any
@@ -159,6 +165,23 @@ async def test_concurrent_duplicates_never_both_succeed(store: SqlStore) -> None
     originals = [r for [r] in results if not r.duplicate]
     assert len(originals) == 1
     assert {r.event_id for [r] in results} == {originals[0].event_id}
+
+
+async def test_a_batch_whose_fates_cannot_be_told_commits_nothing(
+    store: SqlStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In the general transaction (here a spool import's) an event's fate is told before the
+    commit: should it be unknown (its key conflicted, its original is gone), nothing is
+    stored, so storing the batch again event by event cannot store one twice."""
+
+    def unknown(*args: Any) -> list[InsertResult]:
+        raise StoreError("an event conflicted on its key but was not found")
+
+    monkeypatch.setattr("estafeta.store.sqlstore.fates", unknown)
+    stored = event()
+    with pytest.raises(StoreError):
+        await store.insert_events([stored], by_id=True)
+    assert await store.get_event(stored.id, None) is None
 
 
 async def test_lease_takes_the_highest_priority_first_then_fifo(store: SqlStore) -> None:

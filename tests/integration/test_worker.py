@@ -15,7 +15,7 @@ from estafeta.connectors.http import HttpConnector
 from estafeta.delivery.model import LeasedDelivery
 from estafeta.delivery.outcome import Outcome, OutcomeKind
 from estafeta.delivery.worker import Worker
-from estafeta.errors import StoreUnavailable
+from estafeta.errors import StoreError, StoreUnavailable
 from estafeta.hub import Hub
 from estafeta.ids import new_id
 from estafeta.store.records import DeadLetterFilter, EventView, NewDelivery
@@ -442,6 +442,39 @@ async def test_deliveries_handed_to_a_worker_that_is_stopping_are_given_back_pen
     assert (delivery.state, delivery.attempts) == ("pending", 0)
     [leased] = await lease_any(store, now_ms=hub.clock.now_ms(), worker_id="another")
     assert leased.id == delivery.id
+
+
+async def test_a_committed_batch_whose_leases_cannot_be_given_back_is_still_accepted(
+    store: SqlStore, sink: Sink, database_url: str
+) -> None:
+    """As above, but giving the leases back fails for a reason other than an unreachable
+    store. The batch is committed: its request is answered with its id, not an error, and
+    the batch is not stored again (a retry would fail on the event's id, or store a sender's
+    retry twice). Its delivery stays leased until the lease expires and it is rescued."""
+    config = worker_config(database_url, sink)
+    hub = Hub(config, store)
+    worker = Worker(store, config, handoff=hub.handoff)
+    hub.handoff.attach(worker)
+    assert await worker._step() == 0
+
+    async def refused(*args: Any, **kwargs: Any) -> Any:
+        raise StoreError("the store failed: test")
+
+    store.release = refused  # type: ignore[method-assign]
+    try:
+        with commits_held(store) as (committing, stopped):
+            accepting = asyncio.create_task(publish(hub))
+            await committing.wait()  # the batch is reserved for the worker and being stored
+            await worker._shutdown()
+            stopped.set()
+            event_id = await accepting
+    finally:
+        del store.release
+        await hub.close()
+    view = await store.get_event(event_id, None)
+    assert view is not None
+    assert [d.state for d in view.deliveries] == ["in_flight"]
+    assert (await store.queue_stats()).by_state == {"in_flight": 1}
 
 
 async def test_a_failed_commit_gives_the_reserved_slots_back(

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import sqlite3
 
+import asyncpg
 import pytest
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from estafeta.errors import StoreRejected, StoreUnavailable
+from estafeta.errors import StoreError, StoreRejected, StoreUnavailable
 from estafeta.store.base import translated, unavailable
 
 
@@ -27,6 +29,7 @@ class DriverError(Exception):
         (OperationalError("q", {}, DriverError("database is locked")), True),  # SQLite busy
         (OperationalError("q", {}, DriverError("unable to open database file")), True),
         (ConnectionRefusedError(111, "refused"), True),
+        (PoolTimeout("QueuePool limit of size 10 overflow 10 reached"), True),  # a hung store
         (IntegrityError("q", {}, DriverError("duplicate key", "23505")), False),
         (ProgrammingError("q", {}, DriverError("syntax error", "42601")), False),
         (ValueError("a bug"), False),
@@ -56,4 +59,31 @@ def test_a_busy_sqlite_file_from_the_raw_driver_is_unavailable() -> None:
     assert unavailable(sqlite3.OperationalError("database is locked"))
     assert isinstance(translated(sqlite3.OperationalError("database is locked")), StoreUnavailable)
     bug = sqlite3.OperationalError("no such column: nope")
+    assert str(translated(bug)) == "the store failed: OperationalError"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        DataError(
+            "INSERT …",
+            ("+5511987654321",),
+            DriverError('invalid input syntax for type json: "+5511987654321"', "22P02"),
+            hide_parameters=False,
+        ),
+        asyncpg.InvalidTextRepresentationError(
+            'invalid input syntax for type json\nDETAIL: Token "+5511987654321" is invalid.'
+        ),
+        sqlite3.DataError("+5511987654321"),
+    ],
+)
+def test_any_other_driver_error_is_named_without_its_text(error: Exception) -> None:
+    """Its first line may quote a value too; the class and SQLSTATE are enough to start from."""
+    store_error = translated(error)
+    assert type(store_error) is StoreError
+    assert type(error).__name__ in str(store_error) and "5511987654321" not in str(store_error)
+
+
+def test_a_foreign_error_not_from_a_driver_passes_through() -> None:
+    bug = ValueError("a bug")
     assert translated(bug) is bug

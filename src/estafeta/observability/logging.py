@@ -7,6 +7,7 @@ the redaction processor is the last line of defence for keys that must never be 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any
@@ -41,6 +42,21 @@ def _redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> Mutabl
     return event
 
 
+# The lines of a driver's error that quote what a statement carried: SQLAlchemy's bound
+# parameters and PostgreSQL's DETAIL (`Key (phone)=(+55...) already exists`). The store never
+# chains driver errors to its own (store/base.py); this catches one that escapes it.
+_DATA_LINES = re.compile(r"^(\[parameters: |DETAIL: ).*$", re.MULTILINE)
+
+
+def _redact_exception(
+    _logger: Any, _name: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    rendered = event.get("exception")  # only log lines with a traceback pay for the scan
+    if rendered is not None:
+        event["exception"] = _DATA_LINES.sub(r"\1[redacted]", rendered)
+    return event
+
+
 def configure_logging(level: str = "info", *, json: bool = True) -> None:
     numeric = logging.getLevelName(level.upper())
     renderer: Any = (
@@ -55,6 +71,7 @@ def configure_logging(level: str = "info", *, json: bool = True) -> None:
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _redact,
             structlog.processors.format_exc_info,
+            _redact_exception,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),

@@ -1,5 +1,10 @@
 """What every store shares: two engines, one transaction helper per direction, and the
-translation of "the database cannot be reached" into `StoreUnavailable` at this boundary."""
+translation of the drivers' errors into the store's own at this boundary.
+
+A driver's error is never chained to the store's own: its text holds what the statement
+carried (SQLAlchemy's `[parameters: ...]`, PostgreSQL's `DETAIL: Key (x)=(...)`), phone
+numbers and message text among it, and a logged traceback prints the whole chain. The
+store's error names the driver's class, SQLSTATE or constraint instead."""
 
 from __future__ import annotations
 
@@ -9,8 +14,16 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, ClassVar
 
+import asyncpg
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import (
+    DBAPIError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    StatementError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from estafeta.errors import StoreError, StoreRejected, StoreUnavailable
@@ -30,7 +43,8 @@ def unavailable(exc: BaseException) -> bool:
     )
     if isinstance(sqlstate, str) and sqlstate.startswith(_UNAVAILABLE_SQLSTATES):
         return True
-    if isinstance(exc, InterfaceError | OSError | ConnectionError | TimeoutError):
+    # PoolTimeout: every connection is taken and none came back in time (a hung database).
+    if isinstance(exc, InterfaceError | OSError | ConnectionError | TimeoutError | PoolTimeout):
         return True
     if isinstance(exc, OperationalError | sqlite3.OperationalError):
         message = str(exc.orig if isinstance(exc, OperationalError) else exc).lower()
@@ -60,23 +74,40 @@ def rejected(exc: BaseException) -> bool:
     return isinstance(sqlstate, str) and sqlstate.startswith("23")
 
 
+# Errors whose text may quote what a statement carried. SQLAlchemy's StatementError also
+# wraps errors raised while binding a parameter, which quote the value.
+_DRIVER_ERRORS = (StatementError, sqlite3.Error, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+def _named(exc: BaseException) -> str:
+    """The error's class and SQLSTATE: enough to diagnose, never data."""
+    sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None) or getattr(
+        exc, "sqlstate", None
+    )
+    return f"{type(exc).__name__} (SQLSTATE {sqlstate})" if sqlstate else type(exc).__name__
+
+
 def translated(exc: Exception) -> Exception:
     """The store's own error for a foreign one that it recognises, else `exc` itself.
 
     A constraint violation keeps only the driver's first line, which names the constraint
-    (never the DETAIL, which may quote the data)."""
+    (never the DETAIL, which may quote the data); any other driver error only its class and
+    SQLSTATE (a first line may quote a value: `invalid input syntax for type json: "..."`)."""
     if unavailable(exc):
-        return StoreUnavailable(f"the store cannot be reached: {type(exc).__name__}")
+        return StoreUnavailable(f"the store cannot be reached: {_named(exc)}")
     if rejected(exc):
         reason = str(getattr(exc, "orig", None) or exc).splitlines()[0][:200]
-        return StoreRejected(f"the store refused the data: {reason}")
+        return StoreRejected(f"the store refused the data: {_named(exc)}: {reason}")
+    if isinstance(exc, _DRIVER_ERRORS):
+        return StoreError(f"the store failed: {_named(exc)}")
     return exc
 
 
 @contextmanager
 def store_errors() -> Iterator[None]:
     """Around a store call: a foreign error it recognises leaves as the store's own (see
-    `translated`); the store's own errors and unknown ones pass through unchanged."""
+    `translated`), not chained to it; the store's own errors and unknown ones pass through
+    unchanged."""
     try:
         yield
     except StoreError:
@@ -85,7 +116,7 @@ def store_errors() -> Iterator[None]:
         store_error = translated(exc)
         if store_error is exc:
             raise
-        raise store_error from exc
+        raise store_error from None  # the driver's text may quote the data: see above
 
 
 class StoreBase(ABC):

@@ -47,9 +47,10 @@ class HeldConnections:
                 except Exception as exc:
                     if driver.is_closed() or unavailable(exc):
                         await conn.invalidate()
+                        # Not chained: the driver's text may quote the data (store/base.py).
                         raise StoreUnavailable(
                             f"the store cannot be reached: {type(exc).__name__}"
-                        ) from exc
+                        ) from None
                     reusable = True  # the statement failed for its data; the line is fine
                     raise
                 reusable = True

@@ -28,6 +28,7 @@ from sqlalchemy import event, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
+from estafeta.errors import StoreUnavailable
 from estafeta.messaging.facts import SEND_DESTINATION_PREFIX, storable
 from estafeta.store.held import HeldConnections
 from estafeta.store.records import CompletedAttempt, InsertResult, NewEvent
@@ -185,6 +186,7 @@ class PostgresStore(SqlStore):
             max_overflow=pool_size,
             pool_pre_ping=False,
             connect_args={"timeout": 5, "command_timeout": 30},
+            hide_parameters=True,  # parameters hold phone numbers and message text
         )
         event.listen(engine.sync_engine, "connect", _without_jit)
         return cls(engine)
@@ -214,6 +216,20 @@ class PostgresStore(SqlStore):
         if not events:
             return []
         rows = await self._fetch(_STORE_BATCH, _batch_params(events))
+        try:
+            return await self._fates_of(events, rows)
+        except StoreUnavailable:
+            raise
+        except Exception as exc:
+            # The batch is committed: as a bad batch it would be stored again event by event
+            # (group_commit.py), one without a key failing on its own id though stored. As
+            # unavailable it goes to the spool, whose import finds each event by its id.
+            raise StoreUnavailable(
+                f"the batch was committed, its fates could not be read: {type(exc).__name__}"
+            ) from exc
+
+    async def _fates_of(self, events: Sequence[NewEvent], rows: list[Any]) -> list[InsertResult]:
+        """Each event's fate from the batch statement's rows."""
         inserted = {event_id for event_id, original in rows if original is None}
         originals = {event_id: original for event_id, original in rows if original is not None}
         existing = {event_key(e): originals[e.id] for e in events if e.id in originals}

@@ -232,7 +232,10 @@ class SqlStore(MessagingOps):
             if not self.deliveries_stored_with_events and any(e.deliveries for e in stored):
                 await self._insert_deliveries(conn, stored)
             await self._record_messaging(conn, stored)
-        return fates(events, inserted, already, existing)
+            # Inside the transaction: should an event's fate be unknown, nothing is committed,
+            # and the group committer may safely store the batch again event by event.
+            results = fates(events, inserted, already, existing)
+        return results
 
     async def _existing_ids(self, conn: AsyncConnection, ids: Sequence[str]) -> set[str]:
         if not ids:
