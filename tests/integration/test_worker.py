@@ -254,6 +254,35 @@ async def test_stopping_gives_unfinished_sends_back_without_an_attempt(
     assert (delivery.state, delivery.attempts) == ("pending", 0)
 
 
+async def test_a_send_answered_when_the_grace_ends_keeps_its_result_and_is_not_sent_again(
+    store: SqlStore, sink: Sink, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The destination answered 200 at once, but recording the result is slow (a contended
+    circuits row, a slow Redis) and outlasts the grace: the send is over, so its result is
+    recorded; given back unsent, the destination would get it twice."""
+    sink.respond(200)
+    data = base_config(database_url)
+    data["worker"]["shutdown_grace_s"] = 0.05
+    for d in data["destinations"]:
+        d["url"] = f"{sink.url}/{d['id']}"
+    hub = Running(store, load_config_dict(data))
+    recording = asyncio.Event()
+
+    async def slow_record(*args: Any, **kwargs: Any) -> None:
+        recording.set()
+        await asyncio.sleep(1)  # far longer than the grace
+
+    monkeypatch.setattr(hub.worker.breakers, "record", slow_record)
+    event_id = await hub.publish()
+    await asyncio.wait_for(recording.wait(), 5)
+    await hub.stop()
+    view = await store.get_event(event_id, None)
+    assert view is not None
+    [delivery] = view.deliveries
+    assert (delivery.state, delivery.attempts) == ("succeeded", 1)
+    assert len(sink.received) == 1
+
+
 async def test_a_dead_workers_lease_is_rescued_and_counted(
     store: SqlStore, sink: Sink, database_url: str
 ) -> None:

@@ -9,7 +9,8 @@ One worker runs one loop and at most `worker.concurrency` sends at a time:
 Leases carry a deadline longer than any send may take; a worker that dies loses its leases
 and any other worker rescues them once the deadline passes (counted as a failed attempt, so
 a delivery that kills its worker cannot loop forever). On stop, the worker leases nothing
-more, lets in-flight sends finish for `shutdown_grace_s`, and gives the rest back.
+more, lets in-flight sends finish for `shutdown_grace_s`, and gives back those still waiting
+for an answer (a send already answered records its result instead).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import random
 import secrets
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import structlog
 
@@ -50,6 +51,9 @@ log = structlog.get_logger("estafeta.worker")
 
 CEILING_MARGIN_S = 1.0  # the per-attempt ceiling over a destination's own timeout
 RETRY_AFTER_FLOOR_S = 1.0  # the least wait after a timeout or a 429
+# On stop, how long a send already answered may take to record its result; past it, its
+# lease expires as if the worker had died (at-least-once), but it is never given back unsent.
+RESULT_GRACE_S = 5.0
 
 
 def default_worker_id() -> str:
@@ -108,6 +112,9 @@ class Worker:
         longest = max(self._ceilings.values(), default=0.0)
         self.lease_ms = int(max(self.settings.lease_s, longest + CEILING_MARGIN_S) * 1000)
         self._in_flight: dict[asyncio.Task[None], LeasedDelivery] = {}
+        # Sends in `_in_flight` whose destination has answered (or timed out): on stop they
+        # record their outcome; only the others may be given back as unsent.
+        self._answered: set[asyncio.Task[None]] = set()
         self._slot_freed = asyncio.Event()
         # Every destination a lease may name: the configured ones and the providers' sends.
         self._destinations = [d.id for d in config.destinations]
@@ -334,6 +341,7 @@ class Worker:
         delivery = self._in_flight.pop(task, None)
         if delivery is not None:
             self._left_flight(delivery)
+        self._answered.discard(task)
         self._recording.discard(task)
         self._slot_freed.set()
         if not task.cancelled() and task.exception() is not None:
@@ -381,6 +389,9 @@ class Worker:
 
     async def _attempt(self, delivery: LeasedDelivery, started_at: int) -> None:
         outcome = await self._send(delivery)
+        task = asyncio.current_task()
+        if task is not None:
+            self._answered.add(task)
         self.sent += 1
         await self._record_circuit(delivery.destination_id, outcome, started_at)
         series(ATTEMPTS, delivery.destination_id, outcome.kind.value).inc()
@@ -503,11 +514,13 @@ class Worker:
             self._handoff.detach(self)
         if self._in_flight:
             await asyncio.wait(list(self._in_flight), timeout=self.settings.shutdown_grace_s)
-        unfinished = dict(self._in_flight)
-        for task in unfinished:
-            task.cancel()
-        if unfinished:
-            await asyncio.gather(*unfinished, return_exceptions=True)
+        # Sends still waiting for an answer are cut short and given back unsent. One already
+        # answered must keep its outcome (given back, it would be sent again): it records it.
+        unfinished = {t: d for t, d in self._in_flight.items() if t not in self._answered}
+        await self._cancel(unfinished)
+        if self._in_flight:
+            await asyncio.wait(list(self._in_flight), timeout=RESULT_GRACE_S)
+            await self._cancel(list(self._in_flight))  # not recorded: their leases expire
         await self._completions.close()
         if self._recording:
             await asyncio.gather(*self._recording, return_exceptions=True)
@@ -522,3 +535,10 @@ class Worker:
         await self._connectors.close()
         await self.throttle.aclose()
         log.info("worker_stopped", worker=self.worker_id, attempts=self.sent)
+
+    @staticmethod
+    async def _cancel(tasks: Collection[asyncio.Task[None]]) -> None:
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
