@@ -497,6 +497,46 @@ async def test_a_failed_commit_gives_the_reserved_slots_back(
         await hub.stop()
 
 
+async def test_a_hand_over_during_a_lease_never_takes_the_slots_the_lease_fills(
+    store: SqlStore, sink: Sink, database_url: str
+) -> None:
+    """Four slots, four deliveries waiting in the store; while the lease statement for them
+    runs, four fresh events arrive. Both counted the same four slots free, and eight sends
+    went out at once; the lease's slots are now taken until its deliveries are in flight."""
+    sink.respond(200, delay_s=30)  # sends stay in flight until the stop cuts them short
+    config = worker_config(
+        database_url, sink, concurrency=4, poll_interval_s=30, shutdown_grace_s=0
+    )
+    hub = Hub(config, store)
+    worker = Worker(store, config, handoff=hub.handoff)
+    await worker._connectors.start()  # what `run` does first; its loop is driven by hand
+    assert await worker._step() == 0  # nothing waits: no backlog, fresh work is handed over
+    for n in range(4):  # stored pending: nothing is attached to take them
+        await publish(hub, n=n)
+    hub.handoff.attach(worker)
+    lease, leasing, proceed = store.lease, asyncio.Event(), asyncio.Event()
+
+    async def held(**kwargs: Any) -> list[LeasedDelivery]:
+        leasing.set()
+        await proceed.wait()
+        return await lease(**kwargs)
+
+    store.lease = held  # type: ignore[method-assign]
+    try:
+        stepping = asyncio.create_task(worker._step())
+        await leasing.wait()
+        for n in range(4):  # fresh events while the lease statement runs
+            await publish(hub, n=10 + n)
+        proceed.set()
+        assert await stepping == 4
+        await worker._start_handed()
+        assert len(worker._in_flight) == 4
+    finally:
+        store.lease = lease  # type: ignore[method-assign]
+        await worker._shutdown()
+        await hub.close()
+
+
 async def test_a_circuit_that_opens_while_a_batch_commits_holds_its_handed_deliveries_back(
     store: SqlStore, sink: Sink, database_url: str
 ) -> None:

@@ -16,12 +16,13 @@ for an answer (a send already answered records its result instead).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import secrets
 import socket
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 
 import structlog
 
@@ -142,6 +143,9 @@ class Worker:
         self._handed: list[LeasedDelivery] = []  # committed, handed over, not started yet
         self._handed_ready = asyncio.Event()
         self._reserved = 0  # slots kept for deliveries whose commit is under way
+        # Slots a lease under way may fill, and those of deliveries being started: ingest
+        # must not reserve them meanwhile (the lease statement and the rate limiter await).
+        self._claimed = 0
         self._backlogged = True  # the last lease filled its batch: more may be waiting
         # When to lease (and refresh circuits, and rescue) again even if nothing wakes the
         # loop but hand-overs: retries come due in the store without anyone saying so.
@@ -176,30 +180,11 @@ class Worker:
         self._cap_freed.clear()
         try:
             await self._rescue_if_due()
-            free = self._free_slots()
-            if free <= 0:
+            room = min(self.settings.batch_size, self._free_slots())
+            if room <= 0:
                 return 0
-            self._wake.clear()
-            now = self.clock.now_ms()
-            await self.breakers.refresh()
-            taken = 0
-            throttled = self._throttled(now)
-            for destination_id in self.breakers.probe_ready(now):
-                if destination_id in throttled:
-                    continue  # no budget for the probe now: claiming it would only block
-                if taken < free and await self.breakers.try_probe(destination_id, now):
-                    probe = await self._lease(now, {destination_id: 1})
-                    if not probe or not await self._start(probe, now, probe=True):
-                        # Nothing to send, or the rate limit held it back: another worker
-                        # (or this one, later) may probe as soon as it can.
-                        await self.breakers.give_back_probe(destination_id)
-                    taken += len(probe)
-            blocked = self.breakers.not_closed() | self._throttled(now)
-            limit = min(self.settings.batch_size, free - taken)
-            batch = await self._lease(now, self._rooms(limit, blocked), limit)
-            self._backlogged = len(batch) >= limit
-            await self._start(batch, now)
-            taken += len(batch)
+            with self._claim(room):  # given back once what was leased is in flight
+                taken = await self._lease_and_start(room)
         except StoreUnavailable as exc:
             self._store_unavailable(exc)
             return 0
@@ -207,6 +192,40 @@ class Worker:
             self._store_down = False
             log.info("store_available", worker=self.worker_id)
         return taken
+
+    async def _lease_and_start(self, room: int) -> int:
+        """Probe the circuits ready for it, then lease up to `room` in all and start what
+        the rate limits allow; returns how many deliveries were taken (sent or snoozed)."""
+        self._wake.clear()
+        now = self.clock.now_ms()
+        await self.breakers.refresh()
+        taken = 0
+        throttled = self._throttled(now)
+        for destination_id in self.breakers.probe_ready(now):
+            if destination_id in throttled:
+                continue  # no budget for the probe now: claiming it would only block
+            if taken < room and await self.breakers.try_probe(destination_id, now):
+                probe = await self._lease(now, {destination_id: 1})
+                if not probe or not await self._start(probe, now, probe=True):
+                    # Nothing to send, or the rate limit held it back: another worker
+                    # (or this one, later) may probe as soon as it can.
+                    await self.breakers.give_back_probe(destination_id)
+                taken += len(probe)
+        blocked = self.breakers.not_closed() | self._throttled(now)
+        limit = room - taken
+        batch = await self._lease(now, self._rooms(limit, blocked), limit)
+        self._backlogged = len(batch) >= limit
+        await self._start(batch, now)
+        taken += len(batch)
+        return taken
+
+    @contextlib.contextmanager
+    def _claim(self, slots: int) -> Iterator[None]:
+        self._claimed += slots
+        try:
+            yield
+        finally:
+            self._claimed -= slots
 
     def _rooms(self, limit: int, blocked: set[str]) -> dict[str, int]:
         """What each destination not `blocked` may take in a lease of `limit`: all of it,
@@ -236,7 +255,8 @@ class Worker:
         )
 
     def _free_slots(self) -> int:
-        return self.settings.concurrency - len(self._in_flight) - len(self._handed) - self._reserved
+        taken = len(self._in_flight) + len(self._handed) + self._reserved + self._claimed
+        return self.settings.concurrency - taken
 
     # -- fresh deliveries from ingest in this process (delivery/handoff.py) ----------------
 
@@ -280,7 +300,8 @@ class Worker:
         if self._handed:
             handed, self._handed = self._handed, []
             try:
-                await self._start(handed, self.clock.now_ms())
+                with self._claim(len(handed)):  # out of `_handed`, not yet in flight
+                    await self._start(handed, self.clock.now_ms())
             except StoreUnavailable as exc:  # a snooze not recorded: that lease expires
                 self._store_unavailable(exc)
 
