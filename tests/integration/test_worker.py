@@ -283,6 +283,34 @@ async def test_a_send_answered_when_the_grace_ends_keeps_its_result_and_is_not_s
     assert len(sink.received) == 1
 
 
+async def test_one_keys_deliveries_follow_each_other_without_waiting_for_the_poll(
+    store: SqlStore, sink: Sink, database_url: str
+) -> None:
+    """Five deliveries of one ordering key (as every WhatsApp send to one recipient is) to a
+    destination that answers at once, with a 30 s poll: each completion that frees the next
+    of its key wakes the lease, so the chain takes far less than one poll, not one each."""
+    hub = Running(store, worker_config(database_url, sink, poll_interval_s=30))
+    try:
+        ids = [
+            (
+                await hub.hub.accept(
+                    tenant_id="clinica-sol",
+                    source_id="api",
+                    event_type="message.received",
+                    data={"n": n},
+                    idempotency_key=None,
+                    ordering_key="5511999990000",
+                )
+            ).event_id
+            for n in range(5)
+        ]
+        views = [await settled(store, event_id, timeout_s=10) for event_id in ids]
+        assert {(d.state, d.attempts) for v in views for d in v.deliveries} == {("succeeded", 1)}
+        assert [r.webhook_id for r in sink.received] == ids  # still one after another
+    finally:
+        await hub.stop()
+
+
 async def test_a_dead_workers_lease_is_rescued_and_counted(
     store: SqlStore, sink: Sink, database_url: str
 ) -> None:

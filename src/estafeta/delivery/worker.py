@@ -4,7 +4,7 @@ One worker runs one loop and at most `worker.concurrency` sends at a time:
 
     lease a batch ─► one task per delivery: connector.deliver ─► decide ─► complete (batched)
        ▲                                                                        │
-       └──────────── woken by new deliveries, a freed slot, or the poll timer ◄─┘
+       └─ woken by new deliveries, a freed slot, a key's next one, or the poll ◄┘
 
 Leases carry a deadline longer than any send may take; a worker that dies loses its leases
 and any other worker rescues them once the deadline passes (counted as a failed attempt, so
@@ -478,6 +478,14 @@ class Worker:
 
     async def _flush_completions(self, batch: Sequence[CompletedAttempt]) -> list[int]:
         await self.store.complete(batch, self.clock.now_ms())
+        # The next delivery of a key may be leased once this one left the queue: lease now,
+        # not at the next poll. (A retry stays pending, and its successors wait for it.)
+        if any(
+            c.delivery.ordering_key is not None
+            and c.transition.to_state is not DeliveryState.PENDING
+            for c in batch
+        ):
+            self._wake.set()
         return [1] * len(batch)
 
     # -- leases of workers that died --------------------------------------------------------
