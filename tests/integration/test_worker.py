@@ -565,6 +565,40 @@ async def test_a_hand_over_during_a_lease_never_takes_the_slots_the_lease_fills(
         await hub.close()
 
 
+async def test_a_snooze_the_store_refused_is_given_back_at_the_next_step_not_left_to_expire(
+    store: SqlStore, sink: Sink, database_url: str
+) -> None:
+    """A delivery over its rate limit is snoozed (its lease given back, no attempt). If the
+    store cannot take that at the moment, the worker tries again at its next step: left in
+    flight, its lease would expire and be rescued as a failed attempt never made."""
+    config = config_for(database_url, sink, rate_limit="1/minute")
+    hub = Hub(config, store)
+    worker = Worker(store, config)
+    await worker._connectors.start()  # what `run` does first; its loop is driven by hand
+    first, second = await publish(hub, n=1), await publish(hub, n=2)
+    release = store.release
+
+    async def unreachable(*args: Any, **kwargs: Any) -> Any:
+        raise StoreUnavailable("the store cannot be reached: test")
+
+    store.release = unreachable  # type: ignore[method-assign]
+    try:
+        assert await worker._step() == 0  # one sent, one snoozed: the snooze failed
+    finally:
+        store.release = release  # type: ignore[method-assign]
+    try:
+        await worker._step()
+        assert await sink.wait_for(lambda s: len(s.delivered_ids) == 1, 5)
+        [snoozed] = {first, second} - sink.delivered_ids
+        view = await store.get_event(snoozed, None)
+        assert view is not None
+        [delivery] = view.deliveries
+        assert (delivery.state, delivery.attempts) == ("pending", 0)  # due at the refill
+    finally:
+        await worker._shutdown()
+        await hub.close()
+
+
 async def test_a_circuit_that_opens_while_a_batch_commits_holds_its_handed_deliveries_back(
     store: SqlStore, sink: Sink, database_url: str
 ) -> None:

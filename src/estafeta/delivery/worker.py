@@ -91,6 +91,9 @@ class Worker:
         )
         self.throttle = throttle or DestinationThrottle(rate_limits, redis_url=config.redis.url)
         self._throttled_until: dict[str, int] = {}  # destination → Unix ms its budget refills
+        # Leases to give back unsent (rate limit spent, circuit not closed), by when each is
+        # due; kept until the store takes them: left to expire, they would cost an attempt.
+        self._snoozed: dict[int, list[LeasedDelivery]] = {}
         self._store_down = False  # logged once per outage
         self._policies = {
             d.id: BackoffPolicy(
@@ -179,6 +182,7 @@ class Worker:
         self._slot_freed.clear()
         self._cap_freed.clear()
         try:
+            await self._release_snoozed()
             await self._rescue_if_due()
             room = min(self.settings.batch_size, self._free_slots())
             if room <= 0:
@@ -302,7 +306,7 @@ class Worker:
             try:
                 with self._claim(len(handed)):  # out of `_handed`, not yet in flight
                     await self._start(handed, self.clock.now_ms())
-            except StoreUnavailable as exc:  # a snooze not recorded: that lease expires
+            except StoreUnavailable as exc:  # a snooze not recorded: tried again next step
                 self._store_unavailable(exc)
 
     def _store_unavailable(self, exc: StoreUnavailable) -> None:
@@ -343,8 +347,17 @@ class Worker:
                 self._sending.get(delivery.destination_id, 0) + 1
             )
         for due, deliveries in snoozed.items():
-            await self.store.release(deliveries, now, due_at=due)
+            self._snoozed.setdefault(due, []).extend(deliveries)
+        await self._release_snoozed()
         return len(batch) - sum(len(deliveries) for deliveries in snoozed.values())
+
+    async def _release_snoozed(self) -> None:
+        """Give the snoozed leases back, pending until they are due; what the store does not
+        take now (StoreUnavailable) is tried again at the next step."""
+        while self._snoozed:
+            due, deliveries = next(iter(self._snoozed.items()))
+            await self.store.release(deliveries, self.clock.now_ms(), due_at=due)
+            del self._snoozed[due]
 
     def _free_slot(self) -> None:
         """The send is over: its slot may take new work while its record is committed
@@ -561,6 +574,10 @@ class Worker:
                 log.info("leases_released", count=released, worker=self.worker_id)
             except StoreUnavailable:
                 log.warning("leases_not_released", count=len(unsent))
+        try:
+            await self._release_snoozed()
+        except StoreUnavailable:
+            log.warning("leases_not_released", count=sum(map(len, self._snoozed.values())))
         await self._connectors.close()
         await self.throttle.aclose()
         log.info("worker_stopped", worker=self.worker_id, attempts=self.sent)
