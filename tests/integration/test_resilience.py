@@ -141,6 +141,37 @@ async def test_the_probe_closes_the_circuit_and_the_backlog_drains(
         await hub.stop()
 
 
+async def test_a_probe_answered_429_is_given_back_and_the_next_probe_closes_the_circuit(
+    store: SqlStore, database_url: str, sinks: tuple[Sink, Sink]
+) -> None:
+    """A 429 says nothing of the destination's health, but it did answer: the next delivery
+    probes at once, rather than every delivery waiting for the 60 s probe timeout."""
+    crm, billing = sinks
+    billing.respond(503)
+    data = hub_config(
+        database_url,
+        crm,
+        billing,
+        billing={
+            "circuit": {"failures": 2, "reset_s": 0.5},
+            "backoff": {"base_s": 0.05, "factor": 1, "max_s": 0.05, "jitter": 0},
+        },
+    )
+    hub = Running(store, load_config_dict(data))
+    try:
+        ids = await publish(hub, 4)
+        await circuit_becomes(hub, "billing", CircuitState.OPEN)
+        await none_in_flight(store)  # billing's next request is a probe
+        billing.respond(200)
+        billing.fail_first(1, 429)
+        assert await billing.wait_for(lambda s: s.delivered_ids == set(ids), 15)
+        statuses = [r.status for r in billing.received]
+        assert statuses.index(429) < statuses.index(200)
+        assert ("billing", "closed") in hub.worker.breakers.transitions
+    finally:
+        await hub.stop()
+
+
 async def test_a_rate_limited_destination_is_sent_at_its_pace_without_spending_attempts(
     store: SqlStore, database_url: str, sinks: tuple[Sink, Sink]
 ) -> None:

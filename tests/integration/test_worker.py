@@ -254,6 +254,63 @@ async def test_stopping_gives_unfinished_sends_back_without_an_attempt(
     assert (delivery.state, delivery.attempts) == ("pending", 0)
 
 
+async def test_a_send_answered_when_the_grace_ends_keeps_its_result_and_is_not_sent_again(
+    store: SqlStore, sink: Sink, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The destination answered 200 at once, but recording the result is slow (a contended
+    circuits row, a slow Redis) and outlasts the grace: the send is over, so its result is
+    recorded; given back unsent, the destination would get it twice."""
+    sink.respond(200)
+    data = base_config(database_url)
+    data["worker"]["shutdown_grace_s"] = 0.05
+    for d in data["destinations"]:
+        d["url"] = f"{sink.url}/{d['id']}"
+    hub = Running(store, load_config_dict(data))
+    recording = asyncio.Event()
+
+    async def slow_record(*args: Any, **kwargs: Any) -> None:
+        recording.set()
+        await asyncio.sleep(1)  # far longer than the grace
+
+    monkeypatch.setattr(hub.worker.breakers, "record", slow_record)
+    event_id = await hub.publish()
+    await asyncio.wait_for(recording.wait(), 5)
+    await hub.stop()
+    view = await store.get_event(event_id, None)
+    assert view is not None
+    [delivery] = view.deliveries
+    assert (delivery.state, delivery.attempts) == ("succeeded", 1)
+    assert len(sink.received) == 1
+
+
+async def test_one_keys_deliveries_follow_each_other_without_waiting_for_the_poll(
+    store: SqlStore, sink: Sink, database_url: str
+) -> None:
+    """Five deliveries of one ordering key (as every WhatsApp send to one recipient is) to a
+    destination that answers at once, with a 30 s poll: each completion that frees the next
+    of its key wakes the lease, so the chain takes far less than one poll, not one each."""
+    hub = Running(store, worker_config(database_url, sink, poll_interval_s=30))
+    try:
+        ids = [
+            (
+                await hub.hub.accept(
+                    tenant_id="clinica-sol",
+                    source_id="api",
+                    event_type="message.received",
+                    data={"n": n},
+                    idempotency_key=None,
+                    ordering_key="5511999990000",
+                )
+            ).event_id
+            for n in range(5)
+        ]
+        views = [await settled(store, event_id, timeout_s=10) for event_id in ids]
+        assert {(d.state, d.attempts) for v in views for d in v.deliveries} == {("succeeded", 1)}
+        assert [r.webhook_id for r in sink.received] == ids  # still one after another
+    finally:
+        await hub.stop()
+
+
 async def test_a_dead_workers_lease_is_rescued_and_counted(
     store: SqlStore, sink: Sink, database_url: str
 ) -> None:
@@ -499,6 +556,80 @@ async def test_a_failed_commit_gives_the_reserved_slots_back(
     finally:
         store.insert_events = insert_events  # type: ignore[method-assign]
         await hub.stop()
+
+
+async def test_a_hand_over_during_a_lease_never_takes_the_slots_the_lease_fills(
+    store: SqlStore, sink: Sink, database_url: str
+) -> None:
+    """Four slots, four deliveries waiting in the store; while the lease statement for them
+    runs, four fresh events arrive. Both counted the same four slots free, and eight sends
+    went out at once; the lease's slots are now taken until its deliveries are in flight."""
+    sink.respond(200, delay_s=30)  # sends stay in flight until the stop cuts them short
+    config = worker_config(
+        database_url, sink, concurrency=4, poll_interval_s=30, shutdown_grace_s=0
+    )
+    hub = Hub(config, store)
+    worker = Worker(store, config, handoff=hub.handoff)
+    await worker._connectors.start()  # what `run` does first; its loop is driven by hand
+    assert await worker._step() == 0  # nothing waits: no backlog, fresh work is handed over
+    for n in range(4):  # stored pending: nothing is attached to take them
+        await publish(hub, n=n)
+    hub.handoff.attach(worker)
+    lease, leasing, proceed = store.lease, asyncio.Event(), asyncio.Event()
+
+    async def held(**kwargs: Any) -> list[LeasedDelivery]:
+        leasing.set()
+        await proceed.wait()
+        return await lease(**kwargs)
+
+    store.lease = held  # type: ignore[method-assign]
+    try:
+        stepping = asyncio.create_task(worker._step())
+        await leasing.wait()
+        for n in range(4):  # fresh events while the lease statement runs
+            await publish(hub, n=10 + n)
+        proceed.set()
+        assert await stepping == 4
+        await worker._start_handed()
+        assert len(worker._in_flight) == 4
+    finally:
+        store.lease = lease  # type: ignore[method-assign]
+        await worker._shutdown()
+        await hub.close()
+
+
+async def test_a_snooze_the_store_refused_is_given_back_at_the_next_step_not_left_to_expire(
+    store: SqlStore, sink: Sink, database_url: str
+) -> None:
+    """A delivery over its rate limit is snoozed (its lease given back, no attempt). If the
+    store cannot take that at the moment, the worker tries again at its next step: left in
+    flight, its lease would expire and be rescued as a failed attempt never made."""
+    config = config_for(database_url, sink, rate_limit="1/minute")
+    hub = Hub(config, store)
+    worker = Worker(store, config)
+    await worker._connectors.start()  # what `run` does first; its loop is driven by hand
+    first, second = await publish(hub, n=1), await publish(hub, n=2)
+    release = store.release
+
+    async def unreachable(*args: Any, **kwargs: Any) -> Any:
+        raise StoreUnavailable("the store cannot be reached: test")
+
+    store.release = unreachable  # type: ignore[method-assign]
+    try:
+        assert await worker._step() == 0  # one sent, one snoozed: the snooze failed
+    finally:
+        store.release = release  # type: ignore[method-assign]
+    try:
+        await worker._step()
+        assert await sink.wait_for(lambda s: len(s.delivered_ids) == 1, 5)
+        [snoozed] = {first, second} - sink.delivered_ids
+        view = await store.get_event(snoozed, None)
+        assert view is not None
+        [delivery] = view.deliveries
+        assert (delivery.state, delivery.attempts) == ("pending", 0)  # due at the refill
+    finally:
+        await worker._shutdown()
+        await hub.close()
 
 
 async def test_a_circuit_that_opens_while_a_batch_commits_holds_its_handed_deliveries_back(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from estafeta.config import load_config_dict
 from estafeta.delivery.breakers import Breakers, counts_against
 from estafeta.delivery.circuit import CircuitState
@@ -51,3 +53,28 @@ def test_what_counts_against_a_destination() -> None:
     assert counts_against(Outcome(OutcomeKind.RETRYABLE, 1, status_code=429)) is None
     assert counts_against(Outcome(OutcomeKind.PERMANENT, 1, status_code=404)) is None
     assert counts_against(Outcome(OutcomeKind.RETRYABLE, 0, error_class="lease_expired")) is None
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        Outcome(OutcomeKind.PERMANENT, 1.0, status_code=400, error_class="http_400"),
+        Outcome(OutcomeKind.RETRYABLE, 1.0, status_code=429, error_class="http_429"),
+    ],
+)
+async def test_a_probe_answered_with_what_counts_for_nothing_is_given_back(
+    answer: Outcome,
+) -> None:
+    """The destination answered the probe, so the next delivery may probe at once rather
+    than wait for the probe to be forgotten (probe_timeout_s, 60 s)."""
+    board, states = breakers({"failures": 1, "reset_s": 1})
+    await board.record("d", DOWN, started_at=1_000, now_ms=1_000)
+    await board.refresh(force=True)
+    assert board.not_closed() == {"d"}
+    assert await board.try_probe("d", 2_000)
+    await board.record("d", answer, started_at=1_500, now_ms=2_010)  # began before: not it
+    assert (await states.get_all())["d"].state is CircuitState.HALF_OPEN
+    await board.record("d", answer, started_at=2_000, now_ms=2_050)
+    assert (await states.get_all())["d"].state is CircuitState.OPEN
+    assert board.probe_ready(2_060) == ["d"]
+    assert await board.try_probe("d", 2_060)

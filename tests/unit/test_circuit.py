@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from estafeta.delivery.circuit import (
     CircuitState,
     admit,
     blocked_until,
+    give_back,
     record,
 )
 
@@ -150,6 +152,31 @@ def test_record_table(
 
 
 @pytest.mark.parametrize(
+    ("circuit", "started", "after"),
+    [
+        # the probe said nothing (a 429, a permanent 4xx, nothing sent): open as before it,
+        # so reset_s has passed and the next admit probes at once
+        (PROBING, None, OPENED),
+        (PROBING, 11_000, OPENED),
+        (PROBING, 12_000, OPENED),
+        (PROBING, 10_999, PROBING),  # began before the probe: not its answer
+        (OPENED, None, OPENED),  # nothing is out
+        (Circuit(consecutive_failures=2), 5_000, Circuit(consecutive_failures=2)),
+    ],
+)
+def test_give_back_table(circuit: Circuit, started: int | None, after: Circuit) -> None:
+    assert give_back(circuit, started_at_ms=started) == after
+
+
+def test_a_probe_given_back_lets_the_next_delivery_probe_at_once() -> None:
+    admission, c = admit(OPENED, P, 11_000)
+    assert admission is Admission.PROBE
+    c = give_back(c, started_at_ms=11_000)  # answered 429 at 11_050
+    assert blocked_until(c, P, 11_060) is None  # not the 20 s probe timeout
+    assert admit(c, P, 11_060) == (Admission.PROBE, replace(PROBING, probe_started_at=11_060))
+
+
+@pytest.mark.parametrize(
     ("circuit", "now", "expected"),
     [
         (Circuit(), 1_000, None),
@@ -214,7 +241,7 @@ def test_a_destination_that_recovers() -> None:
 
 operations = st.lists(
     st.tuples(
-        st.sampled_from(["admit", "record"]),
+        st.sampled_from(["admit", "record", "give_back"]),
         st.integers(min_value=0, max_value=25_000),  # ms since the previous operation
         st.booleans(),  # success, for record
         st.one_of(st.none(), st.integers(min_value=0, max_value=40_000)),  # started this long ago
@@ -260,9 +287,11 @@ def test_random_use_never_makes_an_invalid_state(
             if c.state is OPEN and admission is Admission.REJECT:
                 assert c.opened_at is not None and now < c.opened_at + policy.reset_s * 1000
             c = after
-        else:
+        elif op == "record":
             started = None if ago is None else now - ago
             c = record(c, policy, success=success, now_ms=now, started_at_ms=started)
+        else:
+            c = give_back(c, started_at_ms=None if ago is None else now - ago)
         if c.state is not HALF:
             live_probe = None
         assert_valid(c, policy)

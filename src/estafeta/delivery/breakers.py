@@ -12,6 +12,8 @@ This module decides, for one worker:
 * what a result means: a retryable failure (5xx, timeout, connection error) counts against
   the destination; a 429 (it asked us to slow down; Retry-After handles that), a permanent
   4xx (about the payload, not the destination's health) and a lost lease count for nothing.
+  A probe answered so is given back: the destination answered, so the next delivery probes
+  at once instead of every delivery waiting for the probe timeout.
 
 A healthy destination costs nothing: successes are written only while a circuit has
 failures on record, so the shared state is touched only when something is wrong.
@@ -22,7 +24,6 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 import structlog
@@ -36,6 +37,7 @@ from estafeta.delivery.circuit import (
     CircuitState,
     admit,
     blocked_until,
+    give_back,
     record,
 )
 from estafeta.delivery.circuit_store import (
@@ -157,14 +159,8 @@ class Breakers:
         return admit(before, policy, now_ms)[0] is Admission.PROBE
 
     async def give_back_probe(self, destination_id: str) -> None:
-        """A claimed probe found nothing to send: reopen as it was so another may probe."""
-
-        def reopen(c: Circuit) -> Circuit:
-            if c.state is CircuitState.HALF_OPEN:
-                return replace(c, state=CircuitState.OPEN, probe_started_at=None)
-            return c
-
-        _, after = await self._states.update(destination_id, reopen)
+        """A claimed probe was not sent: reopen as it was so another may probe."""
+        _, after = await self._states.update(destination_id, give_back)
         self._known[destination_id] = after
 
     async def record(
@@ -172,6 +168,12 @@ class Breakers:
     ) -> None:
         success = counts_against(outcome)
         if success is None:
+            # Nothing to count; only a half-open circuit (this worker's probe) has to know.
+            if self._known.get(destination_id, PRISTINE).state is CircuitState.HALF_OPEN:
+                before, after = await self._states.update(
+                    destination_id, lambda c: give_back(c, started_at_ms=started_at)
+                )
+                self._remember(destination_id, before, after)
             return
         policy = self._policy(destination_id)
         pristine = self._known.get(destination_id, PRISTINE) == PRISTINE

@@ -11,7 +11,8 @@ probe through; the probe's result decides whether deliveries flow again.
       │ probe succeeds                     reset_s have passed: │    │ probe fails
       │                                     admit() → PROBE     ▼    │
       └──────────────────────────────────────────────────── half_open
-                  (a probe silent for probe_timeout_s is forgotten; the next admit probes again)
+                  (a probe silent for probe_timeout_s is forgotten; the next admit probes again;
+                   a probe that said nothing — `give_back` — is forgotten at once)
 
 Nothing here does I/O or reads a clock: the state is a frozen `Circuit` value shared between
 processes by a `CircuitStateStore` (circuit_store.py), and every function takes `now_ms`.
@@ -28,7 +29,8 @@ How a worker uses them, per destination:
    so the store's API needs no side channel. REJECT: don't send (another process holds the
    probe, or the circuit just opened). ALLOW or PROBE: send.
 3. Report the result: `await store.update(d, lambda c: record(c, p, success=…, now_ms=end,
-   started_at_ms=start))`.
+   started_at_ms=start))`; or, for a result that says nothing of the destination's health (a
+   429, a permanent 4xx) or a probe not sent after all, `give_back(c, started_at_ms=start)`.
 """
 
 from __future__ import annotations
@@ -169,13 +171,32 @@ def record(
     if circuit.state is CircuitState.OPEN:
         return counted  # nothing was admitted while open: this send began before it opened
     if circuit.state is CircuitState.HALF_OPEN:
-        probe = circuit.probe_started_at
-        if started_at_ms is not None and probe is not None and started_at_ms < probe:
+        if _before_probe(circuit, started_at_ms):
             return counted
         return Circuit() if success else _open(counted, now_ms)
     if not success and _should_open(counted, policy):
         return _open(counted, now_ms)
     return counted
+
+
+def give_back(circuit: Circuit, *, started_at_ms: int | None = None) -> Circuit:
+    """The circuit after its probe told nothing of the destination's health: the destination
+    answered with a 429 or a permanent 4xx (reachable, but neither well nor failing), or the
+    probe was not sent after all (nothing due, the rate limit held it back).
+
+    The probe is forgotten at once, as a silent one is after `probe_timeout_s`: OPEN again
+    with its `opened_at`, so `reset_s` has passed and the next `admit` probes. A send that
+    began before the current probe (`started_at_ms`, as for `record`) is not it: no change.
+    """
+    if circuit.state is not CircuitState.HALF_OPEN or _before_probe(circuit, started_at_ms):
+        return circuit
+    return replace(circuit, state=CircuitState.OPEN, probe_started_at=None)
+
+
+def _before_probe(circuit: Circuit, started_at_ms: int | None) -> bool:
+    """Whether a send admitted at `started_at_ms` began before the current probe."""
+    probe = circuit.probe_started_at
+    return started_at_ms is not None and probe is not None and started_at_ms < probe
 
 
 def blocked_until(circuit: Circuit, policy: CircuitPolicy, now_ms: int) -> int | None:

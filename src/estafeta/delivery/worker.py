@@ -4,23 +4,25 @@ One worker runs one loop and at most `worker.concurrency` sends at a time:
 
     lease a batch ─► one task per delivery: connector.deliver ─► decide ─► complete (batched)
        ▲                                                                        │
-       └──────────── woken by new deliveries, a freed slot, or the poll timer ◄─┘
+       └─ woken by new deliveries, a freed slot, a key's next one, or the poll ◄┘
 
 Leases carry a deadline longer than any send may take; a worker that dies loses its leases
 and any other worker rescues them once the deadline passes (counted as a failed attempt, so
 a delivery that kills its worker cannot loop forever). On stop, the worker leases nothing
-more, lets in-flight sends finish for `shutdown_grace_s`, and gives the rest back.
+more, lets in-flight sends finish for `shutdown_grace_s`, and gives back those still waiting
+for an answer (a send already answered records its result instead).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import secrets
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 
 import structlog
 
@@ -50,6 +52,9 @@ log = structlog.get_logger("estafeta.worker")
 
 CEILING_MARGIN_S = 1.0  # the per-attempt ceiling over a destination's own timeout
 RETRY_AFTER_FLOOR_S = 1.0  # the least wait after a timeout or a 429
+# On stop, how long a send already answered may take to record its result; past it, its
+# lease expires as if the worker had died (at-least-once), but it is never given back unsent.
+RESULT_GRACE_S = 5.0
 
 
 def default_worker_id() -> str:
@@ -86,6 +91,9 @@ class Worker:
         )
         self.throttle = throttle or DestinationThrottle(rate_limits, redis_url=config.redis.url)
         self._throttled_until: dict[str, int] = {}  # destination → Unix ms its budget refills
+        # Leases to give back unsent (rate limit spent, circuit not closed), by when each is
+        # due; kept until the store takes them: left to expire, they would cost an attempt.
+        self._snoozed: dict[int, list[LeasedDelivery]] = {}
         self._store_down = False  # logged once per outage
         self._policies = {
             d.id: BackoffPolicy(
@@ -108,6 +116,9 @@ class Worker:
         longest = max(self._ceilings.values(), default=0.0)
         self.lease_ms = int(max(self.settings.lease_s, longest + CEILING_MARGIN_S) * 1000)
         self._in_flight: dict[asyncio.Task[None], LeasedDelivery] = {}
+        # Sends in `_in_flight` whose destination has answered (or timed out): on stop they
+        # record their outcome; only the others may be given back as unsent.
+        self._answered: set[asyncio.Task[None]] = set()
         self._slot_freed = asyncio.Event()
         # Every destination a lease may name: the configured ones and the providers' sends.
         self._destinations = [d.id for d in config.destinations]
@@ -135,6 +146,9 @@ class Worker:
         self._handed: list[LeasedDelivery] = []  # committed, handed over, not started yet
         self._handed_ready = asyncio.Event()
         self._reserved = 0  # slots kept for deliveries whose commit is under way
+        # Slots a lease under way may fill, and those of deliveries being started: ingest
+        # must not reserve them meanwhile (the lease statement and the rate limiter await).
+        self._claimed = 0
         self._backlogged = True  # the last lease filled its batch: more may be waiting
         # When to lease (and refresh circuits, and rescue) again even if nothing wakes the
         # loop but hand-overs: retries come due in the store without anyone saying so.
@@ -168,31 +182,13 @@ class Worker:
         self._slot_freed.clear()
         self._cap_freed.clear()
         try:
+            await self._release_snoozed()
             await self._rescue_if_due()
-            free = self._free_slots()
-            if free <= 0:
+            room = min(self.settings.batch_size, self._free_slots())
+            if room <= 0:
                 return 0
-            self._wake.clear()
-            now = self.clock.now_ms()
-            await self.breakers.refresh()
-            taken = 0
-            throttled = self._throttled(now)
-            for destination_id in self.breakers.probe_ready(now):
-                if destination_id in throttled:
-                    continue  # no budget for the probe now: claiming it would only block
-                if taken < free and await self.breakers.try_probe(destination_id, now):
-                    probe = await self._lease(now, {destination_id: 1})
-                    if not probe or not await self._start(probe, now, probe=True):
-                        # Nothing to send, or the rate limit held it back: another worker
-                        # (or this one, later) may probe as soon as it can.
-                        await self.breakers.give_back_probe(destination_id)
-                    taken += len(probe)
-            blocked = self.breakers.not_closed() | self._throttled(now)
-            limit = min(self.settings.batch_size, free - taken)
-            batch = await self._lease(now, self._rooms(limit, blocked), limit)
-            self._backlogged = len(batch) >= limit
-            await self._start(batch, now)
-            taken += len(batch)
+            with self._claim(room):  # given back once what was leased is in flight
+                taken = await self._lease_and_start(room)
         except StoreUnavailable as exc:
             self._store_unavailable(exc)
             return 0
@@ -200,6 +196,40 @@ class Worker:
             self._store_down = False
             log.info("store_available", worker=self.worker_id)
         return taken
+
+    async def _lease_and_start(self, room: int) -> int:
+        """Probe the circuits ready for it, then lease up to `room` in all and start what
+        the rate limits allow; returns how many deliveries were taken (sent or snoozed)."""
+        self._wake.clear()
+        now = self.clock.now_ms()
+        await self.breakers.refresh()
+        taken = 0
+        throttled = self._throttled(now)
+        for destination_id in self.breakers.probe_ready(now):
+            if destination_id in throttled:
+                continue  # no budget for the probe now: claiming it would only block
+            if taken < room and await self.breakers.try_probe(destination_id, now):
+                probe = await self._lease(now, {destination_id: 1})
+                if not probe or not await self._start(probe, now, probe=True):
+                    # Nothing to send, or the rate limit held it back: another worker
+                    # (or this one, later) may probe as soon as it can.
+                    await self.breakers.give_back_probe(destination_id)
+                taken += len(probe)
+        blocked = self.breakers.not_closed() | self._throttled(now)
+        limit = room - taken
+        batch = await self._lease(now, self._rooms(limit, blocked), limit)
+        self._backlogged = len(batch) >= limit
+        await self._start(batch, now)
+        taken += len(batch)
+        return taken
+
+    @contextlib.contextmanager
+    def _claim(self, slots: int) -> Iterator[None]:
+        self._claimed += slots
+        try:
+            yield
+        finally:
+            self._claimed -= slots
 
     def _rooms(self, limit: int, blocked: set[str]) -> dict[str, int]:
         """What each destination not `blocked` may take in a lease of `limit`: all of it,
@@ -229,7 +259,8 @@ class Worker:
         )
 
     def _free_slots(self) -> int:
-        return self.settings.concurrency - len(self._in_flight) - len(self._handed) - self._reserved
+        taken = len(self._in_flight) + len(self._handed) + self._reserved + self._claimed
+        return self.settings.concurrency - taken
 
     # -- fresh deliveries from ingest in this process (delivery/handoff.py) ----------------
 
@@ -273,8 +304,9 @@ class Worker:
         if self._handed:
             handed, self._handed = self._handed, []
             try:
-                await self._start(handed, self.clock.now_ms())
-            except StoreUnavailable as exc:  # a snooze not recorded: that lease expires
+                with self._claim(len(handed)):  # out of `_handed`, not yet in flight
+                    await self._start(handed, self.clock.now_ms())
+            except StoreUnavailable as exc:  # a snooze not recorded: tried again next step
                 self._store_unavailable(exc)
 
     def _store_unavailable(self, exc: StoreUnavailable) -> None:
@@ -315,8 +347,17 @@ class Worker:
                 self._sending.get(delivery.destination_id, 0) + 1
             )
         for due, deliveries in snoozed.items():
-            await self.store.release(deliveries, now, due_at=due)
+            self._snoozed.setdefault(due, []).extend(deliveries)
+        await self._release_snoozed()
         return len(batch) - sum(len(deliveries) for deliveries in snoozed.values())
+
+    async def _release_snoozed(self) -> None:
+        """Give the snoozed leases back, pending until they are due; what the store does not
+        take now (StoreUnavailable) is tried again at the next step."""
+        while self._snoozed:
+            due, deliveries = next(iter(self._snoozed.items()))
+            await self.store.release(deliveries, self.clock.now_ms(), due_at=due)
+            del self._snoozed[due]
 
     def _free_slot(self) -> None:
         """The send is over: its slot may take new work while its record is committed
@@ -334,6 +375,7 @@ class Worker:
         delivery = self._in_flight.pop(task, None)
         if delivery is not None:
             self._left_flight(delivery)
+        self._answered.discard(task)
         self._recording.discard(task)
         self._slot_freed.set()
         if not task.cancelled() and task.exception() is not None:
@@ -381,6 +423,9 @@ class Worker:
 
     async def _attempt(self, delivery: LeasedDelivery, started_at: int) -> None:
         outcome = await self._send(delivery)
+        task = asyncio.current_task()
+        if task is not None:
+            self._answered.add(task)
         self.sent += 1
         await self._record_circuit(delivery.destination_id, outcome, started_at)
         series(ATTEMPTS, delivery.destination_id, outcome.kind.value).inc()
@@ -446,6 +491,14 @@ class Worker:
 
     async def _flush_completions(self, batch: Sequence[CompletedAttempt]) -> list[int]:
         await self.store.complete(batch, self.clock.now_ms())
+        # The next delivery of a key may be leased once this one left the queue: lease now,
+        # not at the next poll. (A retry stays pending, and its successors wait for it.)
+        if any(
+            c.delivery.ordering_key is not None
+            and c.transition.to_state is not DeliveryState.PENDING
+            for c in batch
+        ):
+            self._wake.set()
         return [1] * len(batch)
 
     # -- leases of workers that died --------------------------------------------------------
@@ -503,11 +556,13 @@ class Worker:
             self._handoff.detach(self)
         if self._in_flight:
             await asyncio.wait(list(self._in_flight), timeout=self.settings.shutdown_grace_s)
-        unfinished = dict(self._in_flight)
-        for task in unfinished:
-            task.cancel()
-        if unfinished:
-            await asyncio.gather(*unfinished, return_exceptions=True)
+        # Sends still waiting for an answer are cut short and given back unsent. One already
+        # answered must keep its outcome (given back, it would be sent again): it records it.
+        unfinished = {t: d for t, d in self._in_flight.items() if t not in self._answered}
+        await self._cancel(unfinished)
+        if self._in_flight:
+            await asyncio.wait(list(self._in_flight), timeout=RESULT_GRACE_S)
+            await self._cancel(list(self._in_flight))  # not recorded: their leases expire
         await self._completions.close()
         if self._recording:
             await asyncio.gather(*self._recording, return_exceptions=True)
@@ -519,6 +574,17 @@ class Worker:
                 log.info("leases_released", count=released, worker=self.worker_id)
             except StoreUnavailable:
                 log.warning("leases_not_released", count=len(unsent))
+        try:
+            await self._release_snoozed()
+        except StoreUnavailable:
+            log.warning("leases_not_released", count=sum(map(len, self._snoozed.values())))
         await self._connectors.close()
         await self.throttle.aclose()
         log.info("worker_stopped", worker=self.worker_id, attempts=self.sent)
+
+    @staticmethod
+    async def _cancel(tasks: Collection[asyncio.Task[None]]) -> None:
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
