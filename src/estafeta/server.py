@@ -61,11 +61,15 @@ async def prepared_store(config: Config, *, migrate: bool = True) -> SqlStore:
     if issues:
         raise ConfigError(issues)
     store = open_store(config.storage.url)
-    if migrate:
-        await store.migrate()
-    else:
-        await store.require_schema()
-    await store.sync_config(config, SystemClock().now_ms())
+    try:
+        if migrate:
+            await store.migrate()
+        else:
+            await store.require_schema()
+        await store.sync_config(config, SystemClock().now_ms())
+    except BaseException:
+        await store.close()  # its connections, and their threads on SQLite
+        raise
     return store
 
 

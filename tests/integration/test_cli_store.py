@@ -8,6 +8,9 @@ import pytest
 from click.testing import CliRunner, Result
 
 from estafeta.cli import main
+from estafeta.config import load_config
+from estafeta.errors import StoreError
+from estafeta.server import prepared_store
 from tests.conftest import fresh_database
 
 
@@ -45,8 +48,6 @@ def test_a_database_without_the_schema_is_named_not_queried(tmp_path: Path, engi
             ["dlq", "list"],
             ["dlq", "discard", "--all"],
             ["keys", "create", "--tenant", "t"],
-            ["worker"],
-            ["serve", "--no-migrate"],
         )
         for command in commands:
             result = run(config, *command)
@@ -61,3 +62,21 @@ def test_a_database_without_the_schema_is_named_not_queried(tmp_path: Path, engi
     else:
         with fresh_database("estafeta_cli") as url:
             attempts(url)
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+async def test_a_worker_or_serve_without_migrating_names_a_database_without_the_schema(
+    tmp_path: Path, engine: str
+) -> None:
+    # What `estafeta worker` and `serve --no-migrate` start with (run in-process, their
+    # event loop runner would tune this test process's garbage collector).
+    async def attempt(database_url: str) -> None:
+        config = load_config(config_file(tmp_path, database_url))
+        with pytest.raises(StoreError, match="has no estafeta schema: run `estafeta migrate`"):
+            await prepared_store(config, migrate=False)
+
+    if engine == "sqlite":
+        await attempt(f"sqlite:///{tmp_path / 'never-migrated.db'}")
+    else:
+        with fresh_database("estafeta_cli") as url:
+            await attempt(url)

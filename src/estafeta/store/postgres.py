@@ -226,7 +226,7 @@ class PostgresStore(SqlStore):
             # unavailable it goes to the spool, whose import finds each event by its id.
             raise StoreUnavailable(
                 f"the batch was committed, its fates could not be read: {type(exc).__name__}"
-            ) from exc
+            ) from None  # not chained: a driver's text may quote data (store/base.py)
 
     async def _fates_of(self, events: Sequence[NewEvent], rows: list[Any]) -> list[InsertResult]:
         """Each event's fate from the batch statement's rows."""

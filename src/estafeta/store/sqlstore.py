@@ -39,7 +39,7 @@ from estafeta.errors import StoreError, StoreUnavailable
 from estafeta.ids import new_id
 from estafeta.messaging.facts import SEND_DESTINATION_PREFIX
 from estafeta.store import schema as s
-from estafeta.store.base import unavailable
+from estafeta.store.base import store_errors, unavailable
 from estafeta.store.messaging import MessagingOps
 from estafeta.store.records import (
     AttemptView,
@@ -113,7 +113,7 @@ class SqlStore(MessagingOps):
             if unavailable(exc):
                 raise StoreUnavailable(
                     f"the store cannot be reached: {type(exc).__name__}"
-                ) from exc
+                ) from None  # not chained: a driver's text may quote data (store/base.py)
             raise
 
     async def require_schema(self) -> None:
@@ -122,14 +122,8 @@ class SqlStore(MessagingOps):
         own errors, far from the cause."""
         from estafeta.store.migrate import current_revision, head_revision
 
-        try:
+        with store_errors():
             current = await current_revision(self.engine)
-        except Exception as exc:
-            if unavailable(exc):
-                raise StoreUnavailable(
-                    f"the store cannot be reached: {type(exc).__name__}"
-                ) from exc
-            raise
         head = head_revision()
         if current != head:
             found = (
