@@ -3,8 +3,10 @@
 It sits in front of the API (see `api/app.py`), so a webhook crosses no framework middleware:
 FastAPI's stack and Starlette's Request/Response cost more per request than everything else
 on this path together (measured; see bench/). Order matters: the cheap refusals first
-(unknown source, size, content type), then who is calling, then the tenant's rate limit,
-then parsing; nothing is stored until all passed, and the answer is sent only after commit.
+(unknown source, method, size), then who is calling, then the tenant's rate limit, then
+parsing (content type, JSON, the provider's shape); nothing is stored until all passed, and
+the answer is sent only after commit. A verified request counts against the rate limit
+even if its body is then refused: parsing is the work the limit protects.
 """
 
 from __future__ import annotations
