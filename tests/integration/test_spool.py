@@ -179,6 +179,8 @@ async def test_a_hung_store_is_unavailable_and_ingest_spools(
         await hung_store.pending_count()
 
 
+# SQLite commits a batch only once everything about it is known.
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 async def test_a_batch_that_fails_after_its_commit_is_spooled_not_stored_twice(
     config: Config, store: SqlStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -187,8 +189,6 @@ async def test_a_batch_that_fails_after_its_commit_is_spooled_not_stored_twice(
     that taken for a bad batch, each event would be stored again alone, and one without an
     idempotency key fail on its own id: an error answered for a stored event, which its
     sender then sends again. Spooled instead, the import finds each event by its id."""
-    if store.dialect != "postgresql":
-        pytest.skip("SQLite commits a batch only once everything about it is known")
     failures = iter([StoreError("an event conflicted on its key but was not found")])
 
     def failing_once(*args: Any) -> list[InsertResult]:
