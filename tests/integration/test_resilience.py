@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
-from estafeta.config import load_config_dict
+from estafeta.config import Config, load_config_dict
 from estafeta.delivery.circuit import CircuitState
 from estafeta.hub import Hub
 from estafeta.store.records import DeadLetterFilter
@@ -108,22 +108,22 @@ async def test_an_open_circuit_stops_sending_without_spending_attempts(
     assert len(billing.received) == 3
 
 
+def quick_circuit(database_url: str, crm: Sink, billing: Sink, **overrides: Any) -> Config:
+    """Billing's circuit opens after 2 failures and probes 0.5 s later; retries come fast."""
+    billing_settings = {
+        "circuit": {"failures": 2, "reset_s": 0.5},
+        "backoff": {"base_s": 0.05, "factor": 1, "max_s": 0.05, "jitter": 0},
+    }
+    data = hub_config(database_url, crm, billing, billing=billing_settings, **overrides)
+    return load_config_dict(data)
+
+
 async def test_the_probe_closes_the_circuit_and_the_backlog_drains(
     store: SqlStore, database_url: str, sinks: tuple[Sink, Sink]
 ) -> None:
     crm, billing = sinks
     billing.respond(503)
-    data = hub_config(
-        database_url,
-        crm,
-        billing,
-        worker={"concurrency": 4},
-        billing={
-            "circuit": {"failures": 2, "reset_s": 0.5},
-            "backoff": {"base_s": 0.05, "factor": 1, "max_s": 0.05, "jitter": 0},
-        },
-    )
-    hub = Running(store, load_config_dict(data))
+    hub = Running(store, quick_circuit(database_url, crm, billing, worker={"concurrency": 4}))
     try:
         ids = await publish(hub, 8)
         await circuit_becomes(hub, "billing", CircuitState.OPEN)
@@ -148,16 +148,7 @@ async def test_a_probe_answered_429_is_given_back_and_the_next_probe_closes_the_
     probes at once, rather than every delivery waiting for the 60 s probe timeout."""
     crm, billing = sinks
     billing.respond(503)
-    data = hub_config(
-        database_url,
-        crm,
-        billing,
-        billing={
-            "circuit": {"failures": 2, "reset_s": 0.5},
-            "backoff": {"base_s": 0.05, "factor": 1, "max_s": 0.05, "jitter": 0},
-        },
-    )
-    hub = Running(store, load_config_dict(data))
+    hub = Running(store, quick_circuit(database_url, crm, billing))
     try:
         ids = await publish(hub, 4)
         await circuit_becomes(hub, "billing", CircuitState.OPEN)

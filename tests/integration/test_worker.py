@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from estafeta.clock import SystemClock
 from estafeta.config import Config, load_config_dict
 from estafeta.connectors.http import HttpConnector
 from estafeta.delivery.model import LeasedDelivery
@@ -473,13 +474,9 @@ def commits_held(store: SqlStore) -> Iterator[tuple[asyncio.Event, asyncio.Event
         store.insert_events = insert_events  # type: ignore[method-assign]
 
 
-async def test_deliveries_handed_to_a_worker_that_is_stopping_are_given_back_pending(
-    store: SqlStore, sink: Sink, database_url: str
-) -> None:
-    """A batch whose commit ends after the worker began to stop: its deliveries, stored
-    under that worker's lease, are made pending again at once for any worker to lease
-    (not left to expire, which would cost them an attempt)."""
-    config = worker_config(database_url, sink)
+async def stopped_while_committing(store: SqlStore, config: Config) -> str:
+    """Publish one event and stop the hub's worker while the batch that holds it, reserved
+    for that worker, is being committed; returns the event's id once it is answered."""
     hub = Hub(config, store)
     worker = Worker(store, config, handoff=hub.handoff)
     hub.handoff.attach(worker)
@@ -490,14 +487,23 @@ async def test_deliveries_handed_to_a_worker_that_is_stopping_are_given_back_pen
             await committing.wait()  # the batch is reserved for the worker and being stored
             await worker._shutdown()
             stopped.set()
-            event_id = await accepting
+            return await accepting
     finally:
         await hub.close()
+
+
+async def test_deliveries_handed_to_a_worker_that_is_stopping_are_given_back_pending(
+    store: SqlStore, sink: Sink, database_url: str
+) -> None:
+    """A batch whose commit ends after the worker began to stop: its deliveries, stored
+    under that worker's lease, are made pending again at once for any worker to lease
+    (not left to expire, which would cost them an attempt)."""
+    event_id = await stopped_while_committing(store, worker_config(database_url, sink))
     view = await store.get_event(event_id, None)
     assert view is not None
     [delivery] = view.deliveries
     assert (delivery.state, delivery.attempts) == ("pending", 0)
-    [leased] = await lease_any(store, now_ms=hub.clock.now_ms(), worker_id="another")
+    [leased] = await lease_any(store, now_ms=SystemClock().now_ms(), worker_id="another")
     assert leased.id == delivery.id
 
 
@@ -508,26 +514,15 @@ async def test_a_committed_batch_whose_leases_cannot_be_given_back_is_still_acce
     store. The batch is committed: its request is answered with its id, not an error, and
     the batch is not stored again (a retry would fail on the event's id, or store a sender's
     retry twice). Its delivery stays leased until the lease expires and it is rescued."""
-    config = worker_config(database_url, sink)
-    hub = Hub(config, store)
-    worker = Worker(store, config, handoff=hub.handoff)
-    hub.handoff.attach(worker)
-    assert await worker._step() == 0
 
     async def refused(*args: Any, **kwargs: Any) -> Any:
         raise StoreError("the store failed: test")
 
     store.release = refused  # type: ignore[method-assign]
     try:
-        with commits_held(store) as (committing, stopped):
-            accepting = asyncio.create_task(publish(hub))
-            await committing.wait()  # the batch is reserved for the worker and being stored
-            await worker._shutdown()
-            stopped.set()
-            event_id = await accepting
+        event_id = await stopped_while_committing(store, worker_config(database_url, sink))
     finally:
         del store.release
-        await hub.close()
     view = await store.get_event(event_id, None)
     assert view is not None
     assert [d.state for d in view.deliveries] == ["in_flight"]

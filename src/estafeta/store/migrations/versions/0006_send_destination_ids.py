@@ -25,27 +25,21 @@ _COLUMNS = (("deliveries", "destination_id"), ("circuits", "destination_id"))
 
 
 def upgrade() -> None:
-    if op.get_bind().dialect.name != "postgresql":
-        return
-    for table, column in _COLUMNS:
-        op.alter_column(
-            table,
-            column,
-            existing_type=sa.String(length=63),
-            type_=sa.String(length=68),
-            existing_nullable=False,
-        )
+    _resize(63, 68)
 
 
 def downgrade() -> None:
+    _resize(68, 63)  # fails while a longer id is stored: nothing is cut
+
+
+def _resize(before: int, after: int) -> None:
     if op.get_bind().dialect.name != "postgresql":
         return
-    # Fails while a longer id is stored: nothing is cut.
     for table, column in _COLUMNS:
         op.alter_column(
             table,
             column,
-            existing_type=sa.String(length=68),
-            type_=sa.String(length=63),
+            existing_type=sa.String(length=before),
+            type_=sa.String(length=after),
             existing_nullable=False,
         )
