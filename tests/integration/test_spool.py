@@ -398,3 +398,28 @@ async def test_an_event_the_store_refuses_is_quarantined_and_the_rest_drains(
     assert line["error"] == "StoreRejected" and poison.payload not in str(line)
     assert REGISTRY.get_sample_value("estafeta_spool_quarantined_total") == quarantined + 1
     await spool.close()
+
+
+async def test_a_record_that_no_longer_decodes_is_quarantined_as_written(
+    store: SqlStore, tmp_path: Path
+) -> None:
+    """A whole record (its checksum right) that does not decode as an event, as one written
+    by another version might not, stopped the drain on every round, keeping every later
+    event in the spool."""
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    stranger = orjson.dumps({"id": "evt_from_another_version", "tenant": "clinica-sol"})
+    record = struct.pack(">II", len(stranger), zlib.crc32(stranger)) + stranger
+    segment = spool_dir / "0000000000001-host-1-000000001.journal"
+    segment.write_bytes(encode(new_event(1)) + record + encode(new_event(2)))
+    spool = Spool(spool_dir, max_bytes=10**6)
+    with capture_logs() as logs:
+        assert await spool.drain(store) == 2
+    for n in (1, 2):
+        assert await store.get_event(f"evt_{n:026d}", None) is not None
+    assert spool.stats().segments == 0
+    [kept] = (spool_dir / "quarantine").iterdir()
+    assert (kept.name, kept.read_bytes()) == (f"{segment.stem}-record000001.journal", record)
+    [line] = [entry for entry in logs if entry["event"] == "spool_event_quarantined"]
+    assert (line["segment"], line["error"]) == (segment.name, "ValidationError")
+    await spool.close()

@@ -61,7 +61,10 @@ class SpoolStats:
 
 
 def encode(event: NewEvent) -> bytes:
-    payload = msgspec.json.encode(event)
+    return _framed(msgspec.json.encode(event))
+
+
+def _framed(payload: bytes) -> bytes:
     return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
 
 
@@ -72,6 +75,13 @@ def decode(payload: bytes) -> NewEvent:
 
 def read_segment(path: Path) -> Iterator[NewEvent]:
     """The events of a segment, stopping at the first torn or corrupt record."""
+    for payload in read_records(path):
+        yield decode(payload)
+
+
+def read_records(path: Path) -> Iterator[bytes]:
+    """The payload of each whole record of a segment (its checksum right), stopping at the
+    first torn or corrupt one."""
     data = path.read_bytes()
     offset = 0
     while offset + _HEADER.size <= len(data):
@@ -81,7 +91,7 @@ def read_segment(path: Path) -> Iterator[NewEvent]:
         if len(payload) < length or zlib.crc32(payload) != crc:
             log.warning("spool_torn_record", segment=path.name, offset=offset)
             return
-        yield decode(payload)
+        yield payload
         offset = start + length
 
 
@@ -245,7 +255,7 @@ class Spool:
                 return 0  # another process writes or drains it
             if not path.exists():
                 return 0  # drained by another process between glob and lock
-            events = list(read_segment(path))
+            events = await self._decoded(path)
             imported = 0
             for start in range(0, len(events), DRAIN_CHUNK):
                 chunk = events[start : start + DRAIN_CHUNK]
@@ -255,6 +265,18 @@ class Spool:
             return imported
         finally:
             handle.close()
+
+    async def _decoded(self, segment: Path) -> list[NewEvent]:
+        """The segment's events; a whole record that no longer decodes (written by another
+        version) is quarantined as it is, or it would stop the drain on every round."""
+        events: list[NewEvent] = []
+        for index, payload in enumerate(read_records(segment)):
+            try:
+                events.append(decode(payload))
+            except msgspec.MsgspecError as exc:
+                name = f"{segment.stem}-record{index:06d}.journal"
+                await self._quarantine(_framed(payload), name, exc, segment=segment.name)
+        return events
 
     async def _import(self, store: SqlStore, events: list[NewEvent], segment: Path) -> int:
         """Import a chunk; if the store refuses it, import its events one by one and
@@ -276,33 +298,42 @@ class Spool:
             except StoreUnavailable:
                 raise
             except Exception as exc:  # refused: it would block the spool on every round
-                self._quarantine(event, segment, exc)
+                await self._quarantine(
+                    encode(event),
+                    f"{segment.stem}-{event.id}.journal",
+                    exc,
+                    event_id=event.id,
+                    tenant_id=event.tenant_id,
+                    source_id=event.source_id,
+                )
         return imported
 
-    def _quarantine(self, event: NewEvent, segment: Path, exc: Exception) -> None:
-        """Keep a refused event, durably, where an operator can inspect and re-import it:
-        named after its segment first, it drains again once moved back into the spool."""
+    async def _quarantine(self, record: bytes, name: str, exc: Exception, **identity: str) -> None:
+        """Keep a record the drain cannot import, durably, where an operator can inspect and
+        re-import it: named after its segment first, it drains again once moved back into
+        the spool. Logged with ids and the error class only: the payload is personal data."""
+        target = await asyncio.to_thread(self._write_quarantined, record, name)
+        log.error(
+            "spool_event_quarantined",
+            **identity,
+            error=type(exc).__name__,
+            file=f"quarantine/{target.name}",
+        )
+        SPOOL_QUARANTINED.inc()
+
+    def _write_quarantined(self, record: bytes, name: str) -> Path:
         directory = self.directory / "quarantine"
         directory.mkdir(exist_ok=True)
-        target = directory / f"{segment.stem}-{event.id}.journal"
+        target = directory / name
         creating = target.with_name(target.name + ".creating")
         with open(creating, "wb") as file:
-            file.write(encode(event))
+            file.write(record)
             file.flush()
             os.fsync(file.fileno())
         creating.rename(target)
         _fsync_directory(directory)
         _fsync_directory(self.directory)  # quarantine/ itself, when just made
-        # Ids and the error class only: the payload is personal data.
-        log.error(
-            "spool_event_quarantined",
-            event_id=event.id,
-            tenant_id=event.tenant_id,
-            source_id=event.source_id,
-            error=type(exc).__name__,
-            file=f"quarantine/{target.name}",
-        )
-        SPOOL_QUARANTINED.inc()
+        return target
 
     async def close(self) -> None:
         await self._appends.close()
