@@ -253,6 +253,18 @@ async def test_a_key_names_one_request_across_published_events_and_sends(env: En
     assert (again.status_code, again.json()["id"]) == (200, published.json()["id"])
 
 
+async def test_a_repeated_send_answers_the_original_messages_state(env: Env) -> None:
+    # It answered "queued" whatever had happened to the message since.
+    send = {"source": "wa-sol", "to": f"+{MARIA}", "text": "Oi", "idempotency_key": "k1"}
+    first = await env.http.post("/api/v1/messages", headers=env.auth(), json=send)
+    await env.finish_send(provider_id="wamid.OUT1")
+    await env.status("wamid.OUT1", "delivered", at=1_751_371_260_000)
+    again = await env.http.post("/api/v1/messages", headers=env.auth(), json=send)
+    assert (first.json()["state"], first.status_code) == ("queued", 202)
+    assert again.status_code == 200
+    assert again.json() == {**first.json(), "state": "delivered", "duplicate": True}
+
+
 async def test_a_replayed_send_that_then_succeeds_is_sent(env: Env) -> None:
     # The message had failed with its delivery; replayed from the dead-letter queue and then
     # accepted by the provider, it stayed "failed" without the provider's id, so the

@@ -111,11 +111,16 @@ async def send_message(
         raise key_used_elsewhere(
             key, result.event_id, "the event", "send the message (POST /api/v1/messages)"
         )
+    state = "queued"
+    if result.duplicate:  # the original may be well past queued by now
+        original = await hub.store.get_message(caller.tenant_id, message_id)
+        if original is not None:
+            state = current_status(original.state, [c.status for c in original.provider_statuses])
     return json_response(
         {
             "id": message_id,
             "event_id": result.event_id,
-            "state": "queued",
+            "state": state,
             "duplicate": result.duplicate,
         },
         200 if result.duplicate else 202,
