@@ -212,7 +212,7 @@ def _dlq_filter(
     since: str | None,
     until: str | None,
     ids: tuple[str, ...],
-    limit: int,
+    limit: int | None,
 ) -> DeadLetterFilter:
     try:
         return DeadLetterFilter(
@@ -222,7 +222,7 @@ def _dlq_filter(
             event_type=event_type,
             since=ms_from_iso(since) if since else None,
             until=ms_from_iso(until) if until else None,
-            limit=limit,
+            limit=limit or len(ids) or 1000,
         )
     except ValueError as exc:
         raise click.BadParameter(f"--since/--until must be ISO 8601 times ({exc})") from None
@@ -238,7 +238,12 @@ def dlq_options(function: Callable[..., Any]) -> Callable[..., Any]:
             click.option("--since", default=None, help="dead since (ISO 8601)"),
             click.option("--until", default=None, help="dead before (ISO 8601)"),
             click.option("--id", "ids", multiple=True, help="a delivery id (repeatable)"),
-            click.option("--limit", default=1000, show_default=True, type=click.IntRange(1)),
+            click.option(
+                "--limit",
+                default=None,
+                type=click.IntRange(1),
+                help="at most this many  [default: as many as --id names, else 1000]",
+            ),
         ]
     ):
         function = option(function)

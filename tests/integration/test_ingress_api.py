@@ -10,14 +10,17 @@ from dataclasses import dataclass
 import httpx
 import orjson
 import pytest
+from sqlalchemy import text
 
 from estafeta.api.app import create_app
 from estafeta.api.auth import hash_key
 from estafeta.config import Config, load_config_dict
 from estafeta.connectors.http import sign_webhook
 from estafeta.hub import Hub
+from estafeta.store.records import NewDelivery
 from estafeta.store.sqlstore import SqlStore
 from tests.conftest import SOURCE_SECRET, base_config
+from tests.events import new_event
 
 ADMIN = {"authorization": "Bearer test-admin-key"}
 SOL_KEY = "est_sol_key_for_tests_0000000000000000000"
@@ -284,6 +287,23 @@ async def test_replay_needs_a_selection(client: Client) -> None:
     assert (r.status_code, r.json()["error"]) == (400, "invalid_request")
     r = await client.http.post("/api/v1/dlq/replay", json={"since": "yesterday"}, headers=ADMIN)
     assert (r.status_code, r.json()["detail"]) == (400, "since: not an ISO 8601 time")
+
+
+async def test_a_replay_by_ids_takes_every_id_it_names(client: Client) -> None:
+    # `limit`'s default (1000) cut a replay of 1,200 named ids to 1,000 without a word.
+    ids = [f"dlv_{n:026d}" for n in range(1200)]
+    events = [
+        new_event(
+            f"evt_{n:026d}", NewDelivery(id=i, destination_id="crm", priority=1, max_attempts=3)
+        )
+        for n, i in enumerate(ids)
+    ]
+    await client.store.insert_events(events)
+    async with client.store.engine.begin() as conn:
+        await conn.execute(text("UPDATE deliveries SET state = 'dead'"))
+    r = await client.http.post("/api/v1/dlq/replay", json={"ids": ids}, headers=ADMIN)
+    assert (r.status_code, r.json()["count"]) == (200, 1200)
+    assert (await client.store.queue_stats()).by_state == {"pending": 1200}
 
 
 async def test_health_and_detailed_health(client: Client) -> None:

@@ -41,7 +41,8 @@ class DeadLetterSelection(BaseModel):
     until: str | None = None
     tenant: str | None = None
     all: bool = False
-    limit: int = Field(default=1000, ge=1, le=10_000)
+    # By default as many as `ids` names, else 1000: a list of ids is meant whole.
+    limit: int | None = Field(default=None, ge=1, le=10_000)
 
     def to_filter(self, caller: Principal) -> DeadLetterFilter:
         chosen = self.ids or self.destination or self.event_type or self.since or self.until
@@ -58,7 +59,7 @@ class DeadLetterSelection(BaseModel):
             event_type=self.event_type,
             since=_time(self.since, "since"),
             until=_time(self.until, "until"),
-            limit=self.limit,
+            limit=self.limit or len(self.ids) or 1000,
         )
 
 
