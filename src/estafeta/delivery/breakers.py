@@ -10,7 +10,8 @@ This module decides, for one worker:
   probe (an atomic `admit`), leases one delivery of that destination and sends it; its
   result closes the circuit or opens it again;
 * what a result means: a retryable failure (5xx, timeout, connection error) counts against
-  the destination; a 429 (it asked us to slow down; Retry-After handles that), a permanent
+  the destination; a 429 or a provider's rate-limit code (it asked us to slow down;
+  Retry-After and backoff handle that), a permanent
   4xx (about the payload, not the destination's health) and a lost lease count for nothing.
   A probe answered so is given back: the destination answered, so the next delivery probes
   at once instead of every delivery waiting for the probe timeout.
@@ -98,7 +99,7 @@ def counts_against(outcome: Outcome) -> bool | None:
         return True
     if outcome.kind is OutcomeKind.PERMANENT:
         return None
-    if outcome.status_code == 429 or outcome.error_class == "lease_expired":
+    if outcome.slow_down or outcome.error_class == "lease_expired":
         return None
     return False
 

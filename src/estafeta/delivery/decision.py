@@ -60,7 +60,8 @@ def decide(
     * otherwise → PENDING, due after the destination's `Retry-After` when it sent one
       (clamped to [0, max(max_s, RETRY_AFTER_CEILING_S)]: the destination's word beats our
       own backoff cap, but a hostile or broken header cannot park a delivery for a
-      year), else after the backoff delay. After a timeout or a 429 the delay is at least
+      year), else after the backoff delay. After a timeout or a 429 (or a provider's
+      rate-limit code, `Outcome.throttled`) the delay is at least
       `retry_after_floor_s`: a destination that is slow or throttling needs room to recover,
       not a prompt second hit (svix does the same).
     """
@@ -80,7 +81,7 @@ def decide(
         delay_s = outcome.retry_after_s
     else:
         delay_s = backoff_delay_s(policy, attempts, rand)
-    if outcome.error_class == "timeout" or outcome.status_code == 429:
+    if outcome.error_class == "timeout" or outcome.slow_down:
         delay_s = max(delay_s, retry_after_floor_s)
     ceiling = policy.max_s
     if outcome.retry_after_s is not None:

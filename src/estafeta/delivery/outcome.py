@@ -27,6 +27,15 @@ class Outcome(Record, frozen=True):
     # The id the destination gave what we sent, when it gives one (a WhatsApp provider's
     # message id): later status webhooks name it.
     external_id: str | None = None
+    # The destination asked us to slow down with something other than HTTP 429 — a provider's
+    # rate-limit code on a 400 (Meta's 131056, Twilio's 63018 …) — or with a 429. Like a 429,
+    # it is not a failure of the destination (circuits) and waits at least the 429 floor.
+    throttled: bool = False
+
+    @property
+    def slow_down(self) -> bool:
+        """HTTP 429, or a provider's rate-limit answer on any status."""
+        return self.throttled or self.status_code == 429
 
     @property
     def succeeded(self) -> bool:

@@ -16,6 +16,7 @@ import pytest
 from estafeta.connectors.whatsapp import cloud, sendpulse, twilio, zapi
 from estafeta.connectors.whatsapp.base import Reply
 from estafeta.delivery.backoff import BackoffPolicy
+from estafeta.delivery.breakers import counts_against
 from estafeta.delivery.decision import decide, describe_failure
 from estafeta.delivery.outcome import EXCERPT_LIMIT, Outcome, OutcomeKind
 from estafeta.delivery.state import DeliveryState
@@ -362,3 +363,53 @@ def test_a_permanent_provider_error_goes_to_the_dlq_with_its_class() -> None:
     assert transition.last_error == describe_failure(outcome)
     assert transition.last_error is not None
     assert transition.last_error.startswith("whatsapp_cloud_131047")
+
+
+THROTTLED = [
+    ("cloud pair rate limit 131056", cloud.outcome_of, 400, graph(131056, "(#131056) pair")),
+    ("cloud throughput 130429", cloud.outcome_of, 400, graph(130429, "(#130429) Rate limit")),
+    ("cloud app limit 4", cloud.outcome_of, 400, graph(4, "(#4) Application request limit")),
+    ("cloud WABA limit 80007", cloud.outcome_of, 400, graph(80007, "(#80007) Rate limit")),
+    ("twilio channel limit 63018", twilio.outcome_of, 400, {"code": 63018, "message": "Rate"}),
+    (
+        "sendpulse 10 rps",
+        sendpulse.outcome_of,
+        400,
+        {"message": "More than 10 requests per second", "error_code": 2020202020},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("outcome_of", "status", "body"),
+    [case[1:] for case in THROTTLED],
+    ids=[case[0] for case in THROTTLED],
+)
+def test_a_providers_rate_limit_code_is_a_slow_down_not_a_failure_of_the_provider(
+    outcome_of: Callable[[Reply], Outcome], status: int, body: Any
+) -> None:
+    """A throttling code on a non-429 status (Meta answers 400, contracts §1.7) asks us to
+    slow down as a 429 does: it must not count against the circuit (docs/guarantees.md:
+    a failure is a 5xx, 3xx, 408/409/425, timeout or connection error; five 131056 to one
+    busy customer would otherwise stop every send of the number), and gets the 429 floor."""
+    outcome = outcome_of(Reply(status, orjson.dumps(body)))
+    assert outcome.kind is RETRY
+    assert outcome.throttled
+    assert counts_against(outcome) is None
+    transition = decide(
+        attempts_before=0,
+        max_attempts=8,
+        outcome=outcome,
+        now_ms=0,
+        policy=BackoffPolicy(base_s=0.1, factor=2, max_s=60, jitter=0),
+        rand=0.5,
+        retry_after_floor_s=1.0,
+    )
+    assert transition.next_attempt_at == 1_000
+
+
+def test_an_ordinary_provider_failure_is_not_a_slow_down() -> None:
+    outcome = cloud.outcome_of(Reply(503, orjson.dumps(graph(131016, "(#131016) down"))))
+    assert not outcome.throttled
+    assert counts_against(outcome) is False
+    assert cloud.outcome_of(Reply(429, b"")).throttled

@@ -148,11 +148,14 @@ def provider_error(
     provider: str,
     code: int | str | None,
     title: str | None,
+    *,
+    throttled: bool = False,
 ) -> Outcome:
     """A failure the provider answered: `{provider}_{code}` and a `{code} {title}` excerpt.
 
     Without a code, the class is `{provider}_http_{status}` and the first line
     `{status} {title or the status's phrase}`. A retryable failure keeps Retry-After.
+    `throttled`: the provider's code says "slow down" (a rate limit), whatever the status.
     """
     if code is None or code == "":
         error_class = f"{provider}_http_{reply.status}"
@@ -170,6 +173,7 @@ def provider_error(
         error_class=error_class,
         retry_after_s=reply.retry_after_s if kind is OutcomeKind.RETRYABLE else None,
         response_excerpt=excerpt[:EXCERPT_LIMIT],
+        throttled=kind is OutcomeKind.RETRYABLE and (throttled or reply.status == 429),
     )
 
 

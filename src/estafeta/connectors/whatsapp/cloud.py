@@ -115,7 +115,8 @@ def outcome_of(reply: Reply) -> Outcome:
         kind = OutcomeKind.RETRYABLE
     else:  # any other code: a 4xx is permanent (429 and 408/409/425 excepted), 5xx retried
         kind = classify_status(reply.status)
-    return provider_error(reply, kind, PROVIDER, code, title)
+    throttled = code in THROTTLING_CODES
+    return provider_error(reply, kind, PROVIDER, code, title, throttled=throttled)
 
 
 def error_title(error: dict[str, Any]) -> str | None:

@@ -106,7 +106,8 @@ def outcome_of(reply: Reply) -> Outcome:
         kind = OutcomeKind.RETRYABLE
     else:
         kind = classify_status(reply.status)
-    return provider_error(reply, kind, PROVIDER, code, title)
+    throttled = code in RATE_CODES
+    return provider_error(reply, kind, PROVIDER, code, title, throttled=throttled)
 
 
 def token_of(reply: Reply) -> tuple[str, float] | Outcome:
