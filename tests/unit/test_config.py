@@ -505,6 +505,15 @@ def test_toml_error_at_end_of_file(tmp_path: Path) -> None:
     ]
 
 
+def test_absurdly_nested_toml_is_a_located_issue_not_a_crash(tmp_path: Path) -> None:
+    # tomllib parses nested arrays recursively and lets a RecursionError escape.
+    path = write(tmp_path, "a = " + "[" * 5000 + "]" * 5000 + "\n")
+
+    assert [str(i) for i in check_config(path, {})] == [
+        f"{path}: invalid TOML: arrays or tables nested too deeply"
+    ]
+
+
 def test_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "nope.toml"
 
