@@ -505,6 +505,18 @@ def test_toml_error_at_end_of_file(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_toml_inf_and_nan_are_not_numbers_a_setting_accepts(tmp_path: Path, value: str) -> None:
+    # `lease_s = inf` used to load, and the worker then failed on int(inf) at start.
+    text = f"[worker]\nlease_s = {value}\n[[destinations]]\nid = 'd'\ntenant = 'acme'\n"
+    text += f"url = 'http://127.0.0.1/'\nbackoff = {{ max_s = {value} }}\n" + TENANT
+
+    assert problems(tmp_path, text) == [
+        "worker.lease_s: Input should be a finite number",
+        "destinations[0].backoff.max_s: Input should be a finite number",
+    ]
+
+
 def test_absurdly_nested_toml_is_a_located_issue_not_a_crash(tmp_path: Path) -> None:
     # tomllib parses nested arrays recursively and lets a RecursionError escape.
     path = write(tmp_path, "a = " + "[" * 5000 + "]" * 5000 + "\n")

@@ -109,9 +109,12 @@ NonBlank = Annotated[str, AfterValidator(_check_not_blank)]
 
 
 class _Model(BaseModel):
-    """Frozen and strict about keys: a misspelt key is an error, never ignored."""
+    """Frozen and strict about keys: a misspelt key is an error, never ignored. TOML's `inf`
+    and `nan` are refused: no duration, limit or ratio means them, and `int(inf)` fails."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False
+    )
 
 
 class ServerConfig(_Model):
