@@ -433,6 +433,23 @@ def test_filter_syntax_error_is_located_at_the_route(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.parametrize("key", ["", " ", "data.", ".data", "data..conversation_id", "data. x"])
+def test_an_ordering_key_that_can_never_match_is_an_error(tmp_path: Path, key: str) -> None:
+    # These loaded, and every event silently got no key: per-key FIFO was off.
+    text = MINIMAL + f'ordering_key = "{key}"\n'
+
+    assert problems(tmp_path, text) == [
+        f"routes[0].ordering_key: invalid path {key!r}: write keys joined by '.', e.g. "
+        "'data.conversation_id'"
+    ]
+
+
+def test_an_ordering_key_may_name_any_json_key(tmp_path: Path) -> None:
+    text = MINIMAL + 'ordering_key = "data.conversation-id.0"\n'
+
+    assert load(tmp_path, text).routes[0].ordering_key == "data.conversation-id.0"
+
+
 def test_valid_filter_is_accepted(tmp_path: Path) -> None:
     config = load(tmp_path, MINIMAL + "filter = \"data.kind == 'text'\"")
     assert config.routes[0].filter == "data.kind == 'text'"

@@ -401,6 +401,17 @@ class RouteConfig(_Model):
             raise ValueError(f"{exc.reason} (at character {exc.position})") from None
         return value
 
+    @field_validator("ordering_key")
+    @classmethod
+    def _check_ordering_key(cls, value: str | None) -> str | None:
+        # Looked up per event, a path with an empty or spaced part would find nothing and
+        # every event would silently get no key; any other JSON key is allowed.
+        if value is not None and not all(p and not re.search(r"\s", p) for p in value.split(".")):
+            raise ValueError(
+                f"invalid path {value!r}: write keys joined by '.', e.g. 'data.conversation_id'"
+            )
+        return value
+
 
 class Config(_Model):
     """The whole configuration file. Use `load_config` to also check cross references.
