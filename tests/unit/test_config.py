@@ -450,6 +450,17 @@ def test_an_ordering_key_may_name_any_json_key(tmp_path: Path) -> None:
     assert load(tmp_path, text).routes[0].ordering_key == "data.conversation-id.0"
 
 
+def test_true_or_false_is_not_a_number(tmp_path: Path) -> None:
+    # Pydantic's lax mode read `priority = true` as 1 and `lease_s = false` as 0.0.
+    text = MINIMAL + "priority = true\n[worker]\nconcurrency = false\nlease_s = true\n"
+
+    assert problems(tmp_path, text) == [
+        "worker.concurrency: must be a number, not true or false",
+        "worker.lease_s: must be a number, not true or false",
+        "routes[0].priority: must be a number, not true or false",
+    ]
+
+
 def test_valid_filter_is_accepted(tmp_path: Path) -> None:
     config = load(tmp_path, MINIMAL + "filter = \"data.kind == 'text'\"")
     assert config.routes[0].filter == "data.kind == 'text'"

@@ -108,6 +108,9 @@ HttpUrl = Annotated[str, AfterValidator(_check_http_url)]
 NonBlank = Annotated[str, AfterValidator(_check_not_blank)]
 
 
+_NUMBER_TYPES: frozenset[Any] = frozenset({int, float, int | None, float | None})
+
+
 class _Model(BaseModel):
     """Frozen and strict about keys: a misspelt key is an error, never ignored. TOML's `inf`
     and `nan` are refused: no duration, limit or ratio means them, and `int(inf)` fails."""
@@ -115,6 +118,15 @@ class _Model(BaseModel):
     model_config = ConfigDict(
         extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # Lax mode (kept so that "${N}" gives a number) would read `priority = true` as 1.
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and field.annotation in _NUMBER_TYPES:
+            raise ValueError("must be a number, not true or false")
+        return value
 
 
 class ServerConfig(_Model):
