@@ -433,6 +433,34 @@ def test_filter_syntax_error_is_located_at_the_route(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.parametrize("key", ["", " ", "data.", ".data", "data..conversation_id", "data. x"])
+def test_an_ordering_key_that_can_never_match_is_an_error(tmp_path: Path, key: str) -> None:
+    # These loaded, and every event silently got no key: per-key FIFO was off.
+    text = MINIMAL + f'ordering_key = "{key}"\n'
+
+    assert problems(tmp_path, text) == [
+        f"routes[0].ordering_key: invalid path {key!r}: write keys joined by '.', e.g. "
+        "'data.conversation_id'"
+    ]
+
+
+def test_an_ordering_key_may_name_any_json_key(tmp_path: Path) -> None:
+    text = MINIMAL + 'ordering_key = "data.conversation-id.0"\n'
+
+    assert load(tmp_path, text).routes[0].ordering_key == "data.conversation-id.0"
+
+
+def test_true_or_false_is_not_a_number(tmp_path: Path) -> None:
+    # Pydantic's lax mode read `priority = true` as 1 and `lease_s = false` as 0.0.
+    text = MINIMAL + "priority = true\n[worker]\nconcurrency = false\nlease_s = true\n"
+
+    assert problems(tmp_path, text) == [
+        "worker.concurrency: must be a number, not true or false",
+        "worker.lease_s: must be a number, not true or false",
+        "routes[0].priority: must be a number, not true or false",
+    ]
+
+
 def test_valid_filter_is_accepted(tmp_path: Path) -> None:
     config = load(tmp_path, MINIMAL + "filter = \"data.kind == 'text'\"")
     assert config.routes[0].filter == "data.kind == 'text'"
@@ -502,6 +530,27 @@ def test_toml_error_at_end_of_file(tmp_path: Path) -> None:
 
     assert [str(i) for i in check_config(path, {})] == [
         f"{path}:end of file: invalid TOML: Unterminated string"
+    ]
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_toml_inf_and_nan_are_not_numbers_a_setting_accepts(tmp_path: Path, value: str) -> None:
+    # `lease_s = inf` used to load, and the worker then failed on int(inf) at start.
+    text = f"[worker]\nlease_s = {value}\n[[destinations]]\nid = 'd'\ntenant = 'acme'\n"
+    text += f"url = 'http://127.0.0.1/'\nbackoff = {{ max_s = {value} }}\n" + TENANT
+
+    assert problems(tmp_path, text) == [
+        "worker.lease_s: Input should be a finite number",
+        "destinations[0].backoff.max_s: Input should be a finite number",
+    ]
+
+
+def test_absurdly_nested_toml_is_a_located_issue_not_a_crash(tmp_path: Path) -> None:
+    # tomllib parses nested arrays recursively and lets a RecursionError escape.
+    path = write(tmp_path, "a = " + "[" * 5000 + "]" * 5000 + "\n")
+
+    assert [str(i) for i in check_config(path, {})] == [
+        f"{path}: invalid TOML: arrays or tables nested too deeply"
     ]
 
 

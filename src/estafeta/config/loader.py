@@ -59,6 +59,9 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
         raise ConfigError([_toml_issue(path, exc)]) from None
     except UnicodeDecodeError:
         raise ConfigError([ConfigIssue(str(path), "file is not valid UTF-8")]) from None
+    except RecursionError:  # tomllib recurses per `[` / `{` and has no limit of its own
+        issue = ConfigIssue(str(path), "invalid TOML: arrays or tables nested too deeply")
+        raise ConfigError([issue]) from None
     except OSError as exc:
         raise ConfigError([ConfigIssue(str(path), f"cannot read: {exc.strerror}")]) from None
     return load_config_dict(data, env)

@@ -108,10 +108,25 @@ HttpUrl = Annotated[str, AfterValidator(_check_http_url)]
 NonBlank = Annotated[str, AfterValidator(_check_not_blank)]
 
 
-class _Model(BaseModel):
-    """Frozen and strict about keys: a misspelt key is an error, never ignored."""
+_NUMBER_TYPES: frozenset[Any] = frozenset({int, float, int | None, float | None})
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+class _Model(BaseModel):
+    """Frozen and strict about keys: a misspelt key is an error, never ignored. TOML's `inf`
+    and `nan` are refused: no duration, limit or ratio means them, and `int(inf)` fails."""
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False
+    )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # Lax mode (kept so that "${N}" gives a number) would read `priority = true` as 1.
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and field.annotation in _NUMBER_TYPES:
+            raise ValueError("must be a number, not true or false")
+        return value
 
 
 class ServerConfig(_Model):
@@ -396,6 +411,17 @@ class RouteConfig(_Model):
             parse(value)
         except FilterSyntaxError as exc:
             raise ValueError(f"{exc.reason} (at character {exc.position})") from None
+        return value
+
+    @field_validator("ordering_key")
+    @classmethod
+    def _check_ordering_key(cls, value: str | None) -> str | None:
+        # Looked up per event, a path with an empty or spaced part would find nothing and
+        # every event would silently get no key; any other JSON key is allowed.
+        if value is not None and not all(p and not re.search(r"\s", p) for p in value.split(".")):
+            raise ValueError(
+                f"invalid path {value!r}: write keys joined by '.', e.g. 'data.conversation_id'"
+            )
         return value
 
 
