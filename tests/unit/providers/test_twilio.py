@@ -348,6 +348,18 @@ def test_json_bodies_are_signed_through_body_sha256() -> None:
         published_source().verify(post(url, b'{"hello": "moon"}', "application/json", header))
 
 
+@pytest.mark.parametrize("content_type", ["text/plain", FORM, None])
+def test_body_sha256_is_checked_whatever_the_content_type(content_type: str | None) -> None:
+    # A URL signed with `bodySHA256` authenticates only the body with that hash: replayed
+    # with another body under another Content-Type, it must not pass as signed.
+    body = b'{"hello": "world"}'
+    url = f"https://mycompany.com/hook?bodySHA256={hashlib.sha256(body).hexdigest()}"
+    header = {"X-Twilio-Signature": signature(b"12345", url, {})}
+    for forged in (b"&", b"anything else"):
+        request = post(url, forged, content_type, header)
+        assert rejection(published_source(), request) == (401, "invalid_signature")
+
+
 def test_multi_valued_parameters_are_signed_in_sorted_order() -> None:
     body = b"B=2&A=z&A=y"
     expected = signature(b"12345", PUBLISHED_URL, {"A": ["y", "z"], "B": ["2"]})

@@ -345,6 +345,17 @@ def test_token_accepted() -> None:
     zapi().verify(post(f"{URL}&other=1", b"{}"))
 
 
+@pytest.mark.parametrize("written", ["ab+cd/ef==", "ab%2Bcd%2Fef%3D%3D"])
+def test_a_token_with_plus_signs_is_accepted_as_written_in_the_url(written: str) -> None:
+    # A base64 token pasted into the webhook URL as it is: its `+` is the token's, not a
+    # space (only HTML forms encode spaces as `+`).
+    verifier = ZApiSource(source("zapi", token="ab+cd/ef=="))
+    verifier.verify(post(f"https://hub.example.com/in/zapi-sol?token={written}", b"{}"))
+    with pytest.raises(HttpError) as caught:
+        verifier.verify(post("https://hub.example.com/in/zapi-sol?token=ab%20cd/ef==", b"{}"))
+    assert caught.value.error == "invalid_token"
+
+
 def test_zapi_has_no_handshake() -> None:
     with pytest.raises(HttpError) as caught:
         zapi().handshake(InboundRequest.build("GET", URL))

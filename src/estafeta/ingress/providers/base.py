@@ -20,7 +20,7 @@ import hashlib
 import hmac
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import orjson
 
@@ -140,8 +140,19 @@ def verify_query_token(request: InboundRequest, token: str) -> None:
     given = request.query.get("token")
     if not given:
         raise HttpError(401, "missing_token", "the webhook URL needs ?token=<the source's token>")
-    if not equal(given, token):
+    # A token pasted into the URL as it is keeps its `+` (base64 tokens have them), which
+    # form decoding reads as a space; so the value is also read without that rule.
+    if not (equal(given, token) or equal(_raw_query_value(request.path_qs, "token"), token)):
         raise HttpError(401, "invalid_token", "the token does not match this source")
+
+
+def _raw_query_value(path_qs: str, name: str) -> str:
+    """The first `name=` value of the query, percent-decoded but with `+` kept as `+`."""
+    for part in path_qs.partition("?")[2].split("&"):
+        key, _, value = part.partition("=")
+        if unquote(key) == name:
+            return unquote(value)
+    return ""
 
 
 def is_json_type(content_type: str) -> bool:

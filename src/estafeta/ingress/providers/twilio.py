@@ -35,7 +35,6 @@ from estafeta.ingress.providers.base import (
     e164,
     equal,
     flag,
-    is_json_type,
     no_handshake,
     number,
     phone_digits,
@@ -142,12 +141,14 @@ def form(body: bytes) -> Params | None:
 
 def _signed_params(request: InboundRequest) -> Params | None:
     """The parameters the signature covers, or None when the body cannot match any."""
-    if request.content_type == FORM:
-        return form(request.body)
     body_hash = request.query.get("bodySHA256")
-    if body_hash is not None and is_json_type(request.content_type):
+    if body_hash is not None:
+        # The URL is signed alone and the body only through this hash, so the hash is
+        # checked whatever the Content-Type says: a replayed URL must not carry another body.
         actual = hashlib.sha256(request.body).hexdigest()
         return {} if equal(body_hash.lower(), actual) else None
+    if request.content_type == FORM:
+        return form(request.body)
     return {}  # GET, or a POST without form parameters: the URL alone is signed
 
 
