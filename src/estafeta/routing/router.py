@@ -3,7 +3,8 @@
 A route matches an event when the event's type matches one of its globs (`message.*`) and
 its filter, if any, holds. Each destination of each matching route gets one delivery; a
 destination reached by several routes gets one delivery (a receiver should not get the same
-`webhook-id` twice), at the most urgent of their priorities.
+`webhook-id` twice), at the most urgent of their priorities, keyed as the most urgent of
+them that gives an ordering key.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from fnmatch import translate
 from typing import Any
+
+import msgspec
 
 from estafeta.config import Config
 from estafeta.record import Record
@@ -88,12 +91,21 @@ class Router:
                 key = None if value is None else str(value)
             level = route.priority if priority is None else priority
             for destination_id in route.destinations:
+                target = Target(
+                    destination_id=destination_id,
+                    priority=level,
+                    max_attempts=self._max_attempts[destination_id],
+                    ordering_key=key,
+                )
                 previous = chosen.get(destination_id)
-                if previous is None or level < previous.priority:
-                    chosen[destination_id] = Target(
-                        destination_id=destination_id,
-                        priority=level,
-                        max_attempts=self._max_attempts[destination_id],
-                        ordering_key=key,
-                    )
+                chosen[destination_id] = target if previous is None else _merged(previous, target)
         return list(chosen.values())
+
+
+def _merged(earlier: Target, later: Target) -> Target:
+    """One delivery per destination when several routes name it: the most urgent priority,
+    and the most urgent route's ordering key, or the other's when it gives none (a route
+    without a key must not turn another route's ordering off). Ties go to the earlier route."""
+    urgent, other = (later, earlier) if later.priority < earlier.priority else (earlier, later)
+    key = urgent.ordering_key if urgent.ordering_key is not None else other.ordering_key
+    return msgspec.structs.replace(urgent, ordering_key=key)

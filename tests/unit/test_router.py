@@ -1,0 +1,43 @@
+"""Which deliveries an event gets, when several routes name the same destination."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from estafeta.config import load_config_dict
+from estafeta.routing.router import Router
+from tests.conftest import base_config
+
+EVENT = {"type": "message.received", "data": {"conversation_id": "5511987654321", "n": 7}}
+
+
+def targets(*routes: dict[str, Any]) -> dict[str, tuple[int, str | None]]:
+    data = base_config("sqlite:///unused.db")
+    data["routes"] = [
+        {"tenant": "clinica-sol", "events": ["message.*"], "destinations": ["crm"], **r}
+        for r in routes
+    ]
+    found = Router(load_config_dict(data)).targets("clinica-sol", EVENT)
+    return {t.destination_id: (t.priority, t.ordering_key) for t in found}
+
+
+@pytest.mark.parametrize("keyed_first", [True, False])
+def test_a_route_without_a_key_does_not_turn_another_routes_ordering_off(
+    keyed_first: bool,
+) -> None:
+    # The more urgent route named no key, and the delivery lost the other route's: the
+    # customer's messages could reach the CRM out of order.
+    keyed = {"priority": 2, "ordering_key": "data.conversation_id"}
+    urgent = {"priority": 0}
+    routes = (keyed, urgent) if keyed_first else (urgent, keyed)
+    assert targets(*routes) == {"crm": (0, "5511987654321")}
+
+
+def test_the_most_urgent_routes_key_wins_and_each_destination_is_delivered_once() -> None:
+    got = targets(
+        {"priority": 3, "ordering_key": "data.conversation_id"},
+        {"priority": 1, "ordering_key": "data.n", "destinations": ["crm", "billing"]},
+    )
+    assert got == {"crm": (1, "7"), "billing": (1, "7")}
