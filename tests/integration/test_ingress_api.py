@@ -17,6 +17,7 @@ from estafeta.api.auth import hash_key
 from estafeta.config import Config, load_config_dict
 from estafeta.connectors.http import sign_webhook
 from estafeta.hub import Hub
+from estafeta.routing.filter import EVENT_FIELDS
 from estafeta.store.records import NewDelivery
 from estafeta.store.sqlstore import SqlStore
 from tests.conftest import SOURCE_SECRET, base_config
@@ -287,6 +288,13 @@ async def test_replay_needs_a_selection(client: Client) -> None:
     assert (r.status_code, r.json()["error"]) == (400, "invalid_request")
     r = await client.http.post("/api/v1/dlq/replay", json={"since": "yesterday"}, headers=ADMIN)
     assert (r.status_code, r.json()["detail"]) == (400, "since: not an ISO 8601 time")
+
+
+async def test_the_fields_route_paths_may_start_with_are_the_events_own(client: Client) -> None:
+    # The configuration refuses filter and ordering-key paths outside EVENT_FIELDS.
+    r = await client.http.post("/in/crm-events", content=MESSAGE, headers=signed(MESSAGE))
+    event = (await client.http.get(f"/api/v1/events/{r.json()['id']}", headers=ADMIN)).json()
+    assert set(event["event"]) == set(EVENT_FIELDS)
 
 
 async def test_a_replay_by_ids_takes_every_id_it_names(client: Client) -> None:

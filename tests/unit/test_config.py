@@ -450,6 +450,27 @@ def test_an_ordering_key_may_name_any_json_key(tmp_path: Path) -> None:
     assert load(tmp_path, text).routes[0].ordering_key == "data.conversation-id.0"
 
 
+@pytest.mark.parametrize(
+    ("setting", "path"),
+    [
+        ("filter = \"kind == 'text'\"", "kind"),
+        ("filter = \"data.kind == 'text' or not contact.name\"", "contact.name"),
+        ('ordering_key = "conversation_id"', "conversation_id"),
+    ],
+)
+def test_a_path_outside_the_events_fields_is_an_error(
+    tmp_path: Path, setting: str, path: str
+) -> None:
+    # These loaded, and the filter never matched (every route's events silently dropped)
+    # or every event got no ordering key: the event's own fields are under `data.`.
+    key = setting.split(" ", 1)[0]
+    root = path.split(".", 1)[0]
+    assert problems(tmp_path, MINIMAL + setting + "\n") == [
+        f"routes[0].{key}: {root!r} is not a field of an event (a path starts with id, type, "
+        f"tenant, source, occurred_at, received_at, data): did you mean 'data.{path}'?"
+    ]
+
+
 def test_true_or_false_is_not_a_number(tmp_path: Path) -> None:
     # Pydantic's lax mode read `priority = true` as 1 and `lease_s = false` as 0.0.
     text = MINIMAL + "priority = true\n[worker]\nconcurrency = false\nlease_s = true\n"

@@ -405,12 +405,16 @@ class RouteConfig(_Model):
         # Imported here: the filter language is its own module and must not be needed to
         # import the configuration models.
         from estafeta.errors import FilterSyntaxError
-        from estafeta.routing.filter import parse
+        from estafeta.routing.filter import parse, paths, unknown_field
 
         try:
-            parse(value)
+            parsed = parse(value)
         except FilterSyntaxError as exc:
             raise ValueError(f"{exc.reason} (at character {exc.position})") from None
+        for path in paths(parsed.ast):  # else the filter would silently never match
+            problem = unknown_field(path)
+            if problem is not None:
+                raise ValueError(problem)
         return value
 
     @field_validator("ordering_key")
@@ -422,6 +426,11 @@ class RouteConfig(_Model):
             raise ValueError(
                 f"invalid path {value!r}: write keys joined by '.', e.g. 'data.conversation_id'"
             )
+        from estafeta.routing.filter import unknown_field  # see _check_filter
+
+        problem = None if value is None else unknown_field(value)
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
 

@@ -45,7 +45,7 @@ import fnmatch
 import functools
 import operator
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeAlias
 
@@ -473,6 +473,38 @@ def parse(expression: str) -> Filter:
         reason = f"expression is too long ({len(expression)} characters, at most {MAX_LENGTH})"
         raise FilterSyntaxError(reason, MAX_LENGTH)
     return Filter(expression, _Parser(expression).parse())
+
+
+# The canonical event's fields (DESIGN §3.4; hub.py builds it): every path starts with one.
+EVENT_FIELDS = ("id", "type", "tenant", "source", "occurred_at", "received_at", "data")
+
+
+def unknown_field(path: str) -> str | None:
+    """Why `path` can never find a value in an event, or None when it may: its first part
+    is not a field of the canonical event (`kind` where `data.kind` was meant)."""
+    root = path.split(".", 1)[0]
+    if root in EVENT_FIELDS:
+        return None
+    return (
+        f"{root!r} is not a field of an event (a path starts with "
+        f"{', '.join(EVENT_FIELDS)}): did you mean 'data.{path}'?"
+    )
+
+
+def paths(node: Node | Value) -> Iterator[str]:
+    """Every path an expression reads, dotted."""
+    if isinstance(node, Path):
+        yield ".".join(node.parts)
+    elif isinstance(node, Compare):
+        yield from paths(node.left)
+        yield from paths(node.right)
+    elif isinstance(node, Truthy):
+        yield from paths(node.value)
+    elif isinstance(node, Not):
+        yield from paths(node.operand)
+    elif isinstance(node, And | Or):
+        for operand in node.operands:
+            yield from paths(operand)
 
 
 def lookup(context: Mapping[str, Any], path: str) -> Any:
