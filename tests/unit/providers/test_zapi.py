@@ -139,6 +139,20 @@ def test_delivery_and_status_of_one_message_share_the_sent_key() -> None:
     assert delivery.idempotency_key == sent.idempotency_key == f"{OUTBOUND_ID}:SENT"
 
 
+@pytest.mark.parametrize("written", ["ReceivedCallBack", "receivedcallback"])
+def test_a_callback_type_is_read_whatever_its_case(written: str) -> None:
+    # Z-API's field table writes `ReceivedCallBack`; matched exactly, such a webhook was
+    # answered 200 and stored nothing.
+    document = fixture_json("zapi/received_text.json")
+    [read] = parse({**document, "type": written})
+    [expected] = parse(document)
+    assert (read.type, read.idempotency_key, read.data) == (
+        expected.type,
+        expected.idempotency_key,
+        expected.data,
+    )
+
+
 def test_from_me_is_an_echo_and_gives_no_event() -> None:
     assert parse({**fixture_json("zapi/received_text.json"), "fromMe": True}) == []
 

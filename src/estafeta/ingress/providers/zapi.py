@@ -83,12 +83,14 @@ class ZApiSource:
                 400, "invalid_body", 'expected a Z-API webhook: a JSON object with "type"'
             )
         raw = dumps(document)
-        callback = document["type"]
-        if callback == "ReceivedCallback":
+        # Compared without case: Z-API's own field table writes `ReceivedCallBack` where its
+        # examples send `ReceivedCallback`, and a type not matched here stores nothing.
+        callback = document["type"].lower()
+        if callback == "receivedcallback":
             return _received(document, raw)
-        if callback == "MessageStatusCallback":
+        if callback == "messagestatuscallback":
             return _statuses(document, raw)
-        if callback == "DeliveryCallback":
+        if callback == "deliverycallback":
             return _delivery(document, raw)
         return []
 
