@@ -24,6 +24,7 @@ async def test_text_yields_the_message_id(zapi: FakeZApi, session: aiohttp.Clien
     assert sent.path == f"{BASE}/send-text"
     assert sent.headers["client-token"] == ZA["client_token"]
     assert sent.request == {"phone": "5511987654321", "message": "Olá Maria!"}
+    assert sent.message_id in outcome.response_excerpt  # kept, as every attempt's answer is
 
 
 @pytest.mark.parametrize(
@@ -90,6 +91,17 @@ async def test_rejected(zapi: FakeZApi, session: aiohttp.ClientSession) -> None:
     outcome = await deliver(za_source(zapi.url), session, text="oi")
     assert (outcome.kind, outcome.error_class) == (OutcomeKind.PERMANENT, "zapi_http_400")
     assert outcome.response_excerpt.startswith("400 Phone number does not exist on WhatsApp")
+
+
+async def test_an_answer_that_echoes_the_url_never_stores_the_instance_token(
+    zapi: FakeZApi, session: aiohttp.ClientSession
+) -> None:
+    # The instance token is part of the URL; an answer quoting the path was stored whole.
+    zapi.reject_next(f"No route {BASE}/send-text")
+    outcome = await deliver(za_source(zapi.url), session, text="oi")
+    assert outcome.kind is OutcomeKind.PERMANENT
+    assert ZA["instance_token"] not in outcome.response_excerpt
+    assert "/token/***/send-text" in outcome.response_excerpt
 
 
 async def test_wrong_client_token(zapi: FakeZApi, session: aiohttp.ClientSession) -> None:

@@ -17,6 +17,7 @@ module, from its documented error format (contracts §1.7, §2.4, §3.5, §9.7),
 from __future__ import annotations
 
 import base64
+import dataclasses
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -82,17 +83,19 @@ async def exchange(
     """One request; the answer as a `Reply`, or an `Outcome` when there was no answer.
 
     `secrets` are credentials in the URL (Z-API's instance token): aiohttp names the URL in
-    some errors ("Connection timeout to host …"), and an attempt's excerpt is stored and
-    shown, so they are masked there.
+    some errors ("Connection timeout to host …"), a provider may echo the path it was
+    called on, and an attempt's excerpt is stored and shown, so they are masked in both.
     """
     started = time.perf_counter()
     outcome = await _exchange(session, url, timeout_s, headers, body, method, started)
-    if isinstance(outcome, Outcome) and secrets:
-        excerpt = outcome.response_excerpt
-        for secret in secrets:
-            if secret:
-                excerpt = excerpt.replace(secret, "***")
-        outcome = msgspec.structs.replace(outcome, response_excerpt=excerpt)
+    for secret in filter(None, secrets):
+        if isinstance(outcome, Outcome):
+            masked = outcome.response_excerpt.replace(secret, "***")
+            outcome = msgspec.structs.replace(outcome, response_excerpt=masked)
+        else:
+            outcome = dataclasses.replace(
+                outcome, body=outcome.body.replace(secret.encode(), b"***")
+            )
     return outcome
 
 
@@ -133,12 +136,14 @@ async def _exchange(
 
 
 def success(reply: Reply, external_id: str | None) -> Outcome:
-    """The provider accepted the message; `external_id` is its id for it."""
+    """The provider accepted the message; `external_id` is its id for it. The answer's
+    excerpt is kept, as every attempt's is (DESIGN §2)."""
     return Outcome(
         kind=OutcomeKind.SUCCESS,
         duration_ms=reply.duration_ms,
         status_code=reply.status,
         external_id=external_id,
+        response_excerpt=reply.text()[:EXCERPT_LIMIT],
     )
 
 
