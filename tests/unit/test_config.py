@@ -667,7 +667,8 @@ def test_empty_override_variable_is_ignored(tmp_path: Path) -> None:
 
 def test_an_invalid_override_is_reported_at_the_key_it_replaces(tmp_path: Path) -> None:
     assert problems(tmp_path, MINIMAL, {"ESTAFETA_REDIS_URL": "localhost:6379"}) == [
-        "redis.url: invalid Redis URL: must start with redis://, rediss:// or unix://"
+        "redis.url: invalid Redis URL: must start with redis://, rediss:// or unix:// "
+        "(the value of ESTAFETA_REDIS_URL)"
     ]
 
 

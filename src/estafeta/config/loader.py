@@ -82,6 +82,13 @@ def load_config_dict(data: Mapping[str, Any], env: Mapping[str, str] | None = No
     except ValidationError as exc:
         issues.extend(_pydantic_issue(error) for error in exc.errors())
     issues.extend(_reference_issues(resolved))
+    # A bad value that came from the environment: say so, or the file gets searched for it.
+    issues = [
+        ConfigIssue(i.location, f"{i.message} (the value of {overridden[i.location]})")
+        if i.location in overridden
+        else i
+        for i in issues
+    ]
     if env_issues or issues or config is None:
         raise ConfigError(_tidy(env_issues, issues))
     return config
@@ -142,9 +149,10 @@ def _substitute(value: Any, loc: Loc, env: Mapping[str, str], issues: list[Confi
     return _REFERENCE.sub(replace, value)
 
 
-def _apply_overrides(data: dict[str, Any], env: Mapping[str, str]) -> set[str]:
-    """Apply `ENV_OVERRIDES` in place; return the locations they replaced."""
-    replaced: set[str] = set()
+def _apply_overrides(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, str]:
+    """Apply `ENV_OVERRIDES` in place; return the locations they replaced, each with the
+    variable that did."""
+    replaced: dict[str, str] = {}
     for variable, (table, key) in ENV_OVERRIDES.items():
         value = env.get(variable)
         if not value:
@@ -152,7 +160,7 @@ def _apply_overrides(data: dict[str, Any], env: Mapping[str, str]) -> set[str]:
         section = data.setdefault(table, {})
         if isinstance(section, dict):  # otherwise validation reports the table's type
             section[key] = value
-            replaced.add(f"{table}.{key}")
+            replaced[f"{table}.{key}"] = variable
     return replaced
 
 
