@@ -17,7 +17,7 @@ from estafeta.connectors.whatsapp import cloud, sendpulse, twilio, zapi
 from estafeta.connectors.whatsapp.base import Reply
 from estafeta.delivery.backoff import BackoffPolicy
 from estafeta.delivery.breakers import counts_against
-from estafeta.delivery.decision import decide, describe_failure
+from estafeta.delivery.decision import Transition, decide, describe_failure
 from estafeta.delivery.outcome import EXCERPT_LIMIT, Outcome, OutcomeKind
 from estafeta.delivery.state import DeliveryState
 
@@ -348,17 +348,24 @@ def test_the_excerpt_is_bounded_and_one_line_headed() -> None:
     assert outcome.response_excerpt.startswith("131047 Re-engagement message xxx")
 
 
-def test_a_permanent_provider_error_goes_to_the_dlq_with_its_class() -> None:
-    """The worker's decision: straight to DEAD, `last_error` naming the provider's code."""
-    outcome = cloud.outcome_of(Reply(400, orjson.dumps(graph(131047, "(#131047) Re-engagement"))))
-    transition = decide(
+def first_decision(outcome: Outcome, *, base_s: float) -> Transition:
+    """The worker's decision after a first attempt with `outcome` (8 allowed, no jitter,
+    a 1 s floor after a 429 or a slow-down)."""
+    return decide(
         attempts_before=0,
         max_attempts=8,
         outcome=outcome,
         now_ms=0,
-        policy=BackoffPolicy(base_s=1, factor=2, max_s=60, jitter=0),
+        policy=BackoffPolicy(base_s=base_s, factor=2, max_s=60, jitter=0),
         rand=0.5,
+        retry_after_floor_s=1.0,
     )
+
+
+def test_a_permanent_provider_error_goes_to_the_dlq_with_its_class() -> None:
+    """The worker's decision: straight to DEAD, `last_error` naming the provider's code."""
+    outcome = cloud.outcome_of(Reply(400, orjson.dumps(graph(131047, "(#131047) Re-engagement"))))
+    transition = first_decision(outcome, base_s=1)
     assert transition.to_state is DeliveryState.DEAD
     assert transition.last_error == describe_failure(outcome)
     assert transition.last_error is not None
@@ -396,16 +403,7 @@ def test_a_providers_rate_limit_code_is_a_slow_down_not_a_failure_of_the_provide
     assert outcome.kind is RETRY
     assert outcome.throttled
     assert counts_against(outcome) is None
-    transition = decide(
-        attempts_before=0,
-        max_attempts=8,
-        outcome=outcome,
-        now_ms=0,
-        policy=BackoffPolicy(base_s=0.1, factor=2, max_s=60, jitter=0),
-        rand=0.5,
-        retry_after_floor_s=1.0,
-    )
-    assert transition.next_attempt_at == 1_000
+    assert first_decision(outcome, base_s=0.1).next_attempt_at == 1_000  # the floor, 1 s
 
 
 def test_an_ordinary_provider_failure_is_not_a_slow_down() -> None:
