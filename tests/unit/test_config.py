@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import re
+from datetime import UTC, datetime
 from pathlib import Path
 from textwrap import dedent
 from typing import Any
 
 import pytest
 from pydantic import BaseModel
+from standardwebhooks import Webhook
 
 from estafeta.config import (
     BackoffConfig,
@@ -469,6 +472,18 @@ def test_a_path_outside_the_events_fields_is_an_error(
         f"routes[0].{key}: {root!r} is not a field of an event (a path starts with id, type, "
         f"tenant, source, occurred_at, received_at, data): did you mean 'data.{path}'?"
     ]
+
+
+def test_an_unpadded_webhook_secret_is_taken_as_the_signing_library_takes_it(
+    tmp_path: Path,
+) -> None:
+    # Refused at start-up though valid: base64 without its '=' padding, as some tools print it.
+    unpadded = "whsec_" + base64.b64encode(b"0123456789abcdefghij").decode().rstrip("=")
+    config = load(tmp_path, TENANT + SOURCE.replace('api_key = "k-123"', f'secret = "{unpadded}"'))
+    secret = config.sources[0].secret
+    assert secret == unpadded
+    signature = Webhook(secret).sign("msg_1", datetime.fromtimestamp(1, UTC), "{}")
+    assert signature.startswith("v1,")
 
 
 def test_true_or_false_is_not_a_number(tmp_path: Path) -> None:

@@ -86,10 +86,12 @@ def _check_not_blank(value: str) -> str:
 
 
 def _check_whsec(value: str) -> str:
-    """A Standard Webhooks secret; the value itself never goes into the message."""
+    """A Standard Webhooks secret; the value itself never goes into the message. Unpadded
+    base64 is taken, as the `standardwebhooks` library that uses it takes it."""
     encoded = value.removeprefix("whsec_")
+    padded = encoded + "=" * (-len(encoded) % 4)
     try:
-        ok = value.startswith("whsec_") and bool(base64.b64decode(encoded, validate=True))
+        ok = value.startswith("whsec_") and bool(base64.b64decode(padded, validate=True))
     except (binascii.Error, ValueError):
         ok = False
     if not ok:
