@@ -222,7 +222,7 @@ def _dlq_filter(
             event_type=event_type,
             since=ms_from_iso(since) if since else None,
             until=ms_from_iso(until) if until else None,
-            limit=limit or len(ids) or 1000,
+            limit=limit,
         )
     except ValueError as exc:
         raise click.BadParameter(f"--since/--until must be ISO 8601 times ({exc})") from None

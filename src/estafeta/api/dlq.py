@@ -59,7 +59,7 @@ class DeadLetterSelection(BaseModel):
             event_type=self.event_type,
             since=_time(self.since, "since"),
             until=_time(self.until, "until"),
-            limit=self.limit or len(self.ids) or 1000,
+            limit=self.limit,
         )
 
 

@@ -145,10 +145,10 @@ class Worker:
         self._handoff = handoff
         self._handed: list[LeasedDelivery] = []  # committed, handed over, not started yet
         self._handed_ready = asyncio.Event()
-        self._reserved = 0  # slots kept for deliveries whose commit is under way
-        # Slots a lease under way may fill, and those of deliveries being started: ingest
-        # must not reserve them meanwhile (the lease statement and the rate limiter await).
-        self._claimed = 0
+        # Slots held for deliveries not in flight yet: an ingest batch whose commit is under
+        # way, a lease statement under way, handed deliveries being started (the rate
+        # limiter awaits). Nothing else may take them meanwhile.
+        self._held = 0
         self._backlogged = True  # the last lease filled its batch: more may be waiting
         # When to lease (and refresh circuits, and rescue) again even if nothing wakes the
         # loop but hand-overs: retries come due in the store without anyone saying so.
@@ -225,11 +225,11 @@ class Worker:
 
     @contextlib.contextmanager
     def _claim(self, slots: int) -> Iterator[None]:
-        self._claimed += slots
+        self._held += slots
         try:
             yield
         finally:
-            self._claimed -= slots
+            self._held -= slots
 
     def _rooms(self, limit: int, blocked: set[str]) -> dict[str, int]:
         """What each destination not `blocked` may take in a lease of `limit`: all of it,
@@ -259,7 +259,7 @@ class Worker:
         )
 
     def _free_slots(self) -> int:
-        taken = len(self._in_flight) + len(self._handed) + self._reserved + self._claimed
+        taken = len(self._in_flight) + len(self._handed) + self._held
         return self.settings.concurrency - taken
 
     # -- fresh deliveries from ingest in this process (delivery/handoff.py) ----------------
@@ -280,12 +280,12 @@ class Worker:
             lease=DirectLease(secrets.token_hex(8), now + self.lease_ms, self.worker_id),
         )
         if reservation is not None:
-            self._reserved += reservation.count
+            self._held += reservation.count
         return reservation
 
     def take(self, reservation: Reservation, deliveries: list[LeasedDelivery]) -> bool:
         """The batch is committed: send its deliveries (False once stopping: not taken)."""
-        self._reserved -= reservation.count
+        self._held -= reservation.count
         if not self._taking():
             return False
         self._handed.extend(deliveries)
@@ -293,7 +293,7 @@ class Worker:
         return True
 
     def cancel(self, reservation: Reservation) -> None:
-        self._reserved -= reservation.count
+        self._held -= reservation.count
         self._slot_freed.set()  # a loop waiting for a slot may lease again
 
     def _taking(self) -> bool:

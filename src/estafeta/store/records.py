@@ -138,6 +138,9 @@ class EventView:
     deliveries: tuple[DeliveryView, ...] = ()
 
 
+DEAD_LIMIT = 1000  # dead deliveries a selection takes by default
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetterFilter:
     """Which dead deliveries an operator means: by ids, or by destination/type/time."""
@@ -148,7 +151,12 @@ class DeadLetterFilter:
     event_type: str | None = None
     since: int | None = None  # dead since (updated_at >=), Unix ms
     until: int | None = None
-    limit: int = 1000
+    limit: int | None = None  # None: as many as `delivery_ids` names, else DEAD_LIMIT
+
+    @property
+    def batch(self) -> int:
+        """At most how many a statement takes: a list of ids is meant whole."""
+        return self.limit or len(self.delivery_ids) or DEAD_LIMIT
 
 
 @dataclass(frozen=True, slots=True)

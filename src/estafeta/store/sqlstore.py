@@ -458,7 +458,7 @@ class SqlStore(MessagingOps):
             _delivery_view_query()
             .where(*self._dead_conditions(f))
             .order_by(s.deliveries.c.updated_at, s.deliveries.c.id)
-            .limit(f.limit)
+            .limit(f.batch)
         )
         async with self._read() as conn:
             return [_delivery_view(r) for r in (await conn.execute(query)).all()]
@@ -475,7 +475,7 @@ class SqlStore(MessagingOps):
         self, f: DeadLetterFilter, *, actor: str, now_ms: int, action: str
     ) -> list[str]:
         d = s.deliveries
-        chosen = select(d.c.id).where(*self._dead_conditions(f)).limit(f.limit)
+        chosen = select(d.c.id).where(*self._dead_conditions(f)).limit(f.batch)
         if action == "replay":
             values: dict[str, Any] = {
                 "state": DeliveryState.PENDING.value,
