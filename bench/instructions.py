@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -83,8 +83,8 @@ async def handler_case(n: int, workdir: Path) -> None:
     )
     hub = Hub(config, open_store(config.storage.url))
 
-    async def committed(event: NewEvent) -> InsertResult:
-        return InsertResult(event.id, duplicate=False)
+    async def committed(events: Sequence[NewEvent]) -> list[InsertResult]:
+        return [InsertResult(e.id, duplicate=False) for e in events]
 
     hub._ingest.submit = committed  # type: ignore[method-assign,assignment]
     app = IngestApp(hub)

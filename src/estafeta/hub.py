@@ -1,8 +1,9 @@
 """The hub: the configuration, the store and the pieces built from them, wired once.
 
-`Hub.accept` is the one way an event enters estafeta, whichever door it came through (a
-provider webhook, a generic source, the events API): it is made canonical, routed, and
-committed together with its deliveries before the caller gets an answer.
+`Hub.accept` (one event) and `Hub.accept_all` (the events of one webhook) are the one way an
+event enters estafeta, whichever door it came through (a provider webhook, a generic source,
+the events API): it is made canonical and routed (`Hub.new_event`), and committed together
+with its deliveries before the caller gets an answer.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Required, TypedDict, Unpack
 
 import orjson
 import structlog
@@ -62,6 +63,24 @@ API_SOURCE = "api"  # the source id of events that come through the API, not a w
 STORE_RETRY_S = 1.0
 
 
+class EventFields(TypedDict, total=False):
+    """What an event is made of, as the door it came through gives it (`Hub.new_event`)."""
+
+    tenant_id: Required[str]
+    source_id: Required[str]
+    event_type: Required[str]
+    data: Required[dict[str, Any]]
+    idempotency_key: Required[str | None]
+    occurred_at: int | None
+    priority: int | None
+    ordering_key: str | None
+    raw: str | None
+    extra_targets: Sequence[Target]
+    message: NewMessage | None
+    escalation: NewEscalation | None
+    event_id: str | None
+
+
 class Hub:
     def __init__(
         self,
@@ -90,7 +109,9 @@ class Hub:
         # SQLite has one writer: a second concurrent flush would only wait for the lock.
         # PostgreSQL commits up to 4 batches at once, a second only once 16 events wait.
         flushes = 1 if store.dialect == "sqlite" else 4
-        self._ingest: GroupCommitter[NewEvent, InsertResult] = GroupCommitter(
+        # One item per request: a webhook's events share one transaction, whatever else
+        # shares its batch (see accept_all).
+        self._ingest: GroupCommitter[Sequence[NewEvent], list[InsertResult]] = GroupCommitter(
             self._store_batch,
             max_batch=500,
             max_concurrent_flushes=flushes,
@@ -103,7 +124,7 @@ class Hub:
         # The worker in this process, if one runs, takes fresh deliveries as they are stored.
         self.handoff = Handoff()
 
-    async def accept(
+    def new_event(
         self,
         *,
         tenant_id: str,
@@ -119,8 +140,8 @@ class Hub:
         message: NewMessage | None = None,
         escalation: NewEscalation | None = None,
         event_id: str | None = None,
-    ) -> InsertResult:
-        """Store one event and its deliveries durably; returns its id (or the original's).
+    ) -> NewEvent:
+        """The event as it will be stored: made canonical and routed, its deliveries named.
 
         `extra_targets` are deliveries the event needs whatever the routes say (a message
         send goes to its provider); `message` and `escalation` are stored with the event.
@@ -144,7 +165,7 @@ class Hub:
             ),
         ]
         facts = facts_of(event_type, data)
-        event = NewEvent(
+        return NewEvent(
             id=event_id,
             tenant_id=tenant_id,
             source_id=source_id,
@@ -171,22 +192,48 @@ class Hub:
             message=message,
             escalation=escalation,
         )
+
+    async def accept(self, **fields: Unpack[EventFields]) -> InsertResult:
+        """Store one event and its deliveries durably; returns its id (or the original's)."""
+        (result,) = await self.accept_all((self.new_event(**fields),))
+        return result
+
+    async def accept_all(self, events: Sequence[NewEvent]) -> list[InsertResult]:
+        """Store the events of one request durably, all in one transaction or none: a
+        webhook is answered for all its events or refused for all, so the sender's retry
+        stores each exactly once. When the store is unreachable they go to the spool."""
+        if not events:  # a webhook that says nothing we use
+            return []
         if self.spool is not None and time.monotonic() < self._store_down_until:
-            return await self._spool(event)
+            return await self._spool(events)
         try:
-            result = await self._ingest.submit(event)
-            count_accepted(source_id, "duplicate" if result.duplicate else "stored")
+            results = await self._ingest.submit(events)
         except StoreUnavailable:
             if self.spool is None:
                 raise
             self._store_down_until = time.monotonic() + STORE_RETRY_S
-            return await self._spool(event)
-        return result
+            return await self._spool(events)
+        for event, result in zip(events, results, strict=True):
+            count_accepted(event.source_id, "duplicate" if result.duplicate else "stored")
+        return results
 
-    async def _store_batch(self, events: Sequence[NewEvent]) -> list[InsertResult]:
-        """Commit a batch of accepted events (the group committer's flush). Deliveries the
-        in-process worker may take are stored leased to it and handed over once committed
-        (delivery/handoff.py); the worker is woken for those stored pending."""
+    async def _store_batch(
+        self, requests: Sequence[Sequence[NewEvent]]
+    ) -> list[list[InsertResult]]:
+        """Commit the events of a batch of requests (the group committer's flush), answered
+        request by request. Deliveries the in-process worker may take are stored leased to
+        it and handed over once committed (delivery/handoff.py); the worker is woken for
+        those stored pending."""
+        events = requests[0] if len(requests) == 1 else [e for r in requests for e in r]
+        results = await self._store_events(events)
+        answers: list[list[InsertResult]] = []
+        start = 0
+        for request in requests:
+            answers.append(results[start : start + len(request)])
+            start += len(request)
+        return answers
+
+    async def _store_events(self, events: Sequence[NewEvent]) -> list[InsertResult]:
         reservation = self.handoff.reserve(events)
         if reservation is None:
             results = await self.store.insert_events(events)
@@ -291,8 +338,11 @@ class Hub:
             ),
         )
 
-    async def _spool(self, event: NewEvent) -> InsertResult:
-        """Journal the event locally; it reaches the store when the drainer imports it."""
+    async def _spool(self, events: Sequence[NewEvent]) -> list[InsertResult]:
+        """Journal the events locally; they reach the store when the drainer imports them."""
+        return list(await asyncio.gather(*(self._spool_one(e) for e in events)))
+
+    async def _spool_one(self, event: NewEvent) -> InsertResult:
         assert self.spool is not None  # noqa: S101 - callers check
         original = self.spool.spooled_id(event.tenant_id, event.source_id, event.idempotency_key)
         if original is not None:

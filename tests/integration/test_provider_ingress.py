@@ -3,8 +3,10 @@ bytes and the published signature vectors: verified, normalized, deduplicated, s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -16,6 +18,7 @@ from estafeta.api.app import create_app
 from estafeta.config import load_config_dict
 from estafeta.hub import Hub
 from estafeta.ingress.providers.twilio import signature as twilio_signature
+from estafeta.store.records import NewEvent
 from estafeta.store.sqlstore import SqlStore
 from tests.conftest import base_config
 from tests.integration.providers_support import (
@@ -133,31 +136,66 @@ async def test_one_whatsapp_webhook_with_two_messages_is_two_events(
     assert names == {"Maria Silva", "João Pereira"}
 
 
-async def test_the_messages_of_one_webhook_are_committed_together(
-    store: SqlStore, database_url: str
-) -> None:
+@contextlib.asynccontextmanager
+async def watched_http(
+    store: SqlStore, database_url: str, before_insert: Callable[[Sequence[NewEvent]], None]
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The hub's app over `store`, every provider configured, `before_insert` shown each
+    batch of events the store is asked to insert (raising there fails the insert)."""
     data = base_config(database_url)
     data["sources"].extend(provider_sources())
-    batches: list[list[str]] = []
     insert_events = store.insert_events
 
-    async def recorded(batch: Any, **options: Any) -> Any:
-        batches.append([e.id for e in batch])
+    async def watched(batch: Sequence[NewEvent], **options: Any) -> Any:
+        before_insert(batch)
         return await insert_events(batch, **options)
 
-    store.insert_events = recorded  # type: ignore[method-assign]
+    store.insert_events = watched  # type: ignore[method-assign]
     hub = Hub(load_config_dict(data), store)
     transport = httpx.ASGITransport(app=create_app(hub))
     try:
         async with httpx.AsyncClient(transport=transport, base_url="http://hub") as http:
-            body, headers = wa_post("batch_two_messages.json")
-            r = await http.post("/in/wa-sol", content=body, headers=headers)
+            yield http
     finally:
         await hub.close()
+
+
+async def test_the_messages_of_one_webhook_are_committed_together(
+    store: SqlStore, database_url: str
+) -> None:
+    batches: list[list[str]] = []
+    async with watched_http(
+        store, database_url, lambda b: batches.append([e.id for e in b])
+    ) as http:
+        body, headers = wa_post("batch_two_messages.json")
+        r = await http.post("/in/wa-sol", content=body, headers=headers)
     assert r.status_code == 202
     ids = [e["id"] for e in r.json()["events"]]
     assert batches == [ids]  # one commit, the events in the webhook's order
     assert ids == sorted(ids)
+
+
+async def test_a_webhook_whose_events_cannot_all_be_stored_stores_none(
+    store: SqlStore, database_url: str
+) -> None:
+    """A webhook is answered for all its events or for none: if the store refuses one of
+    them, the other is not kept either, so the provider's retry stores each exactly once
+    (a keyless event stored alone would be stored again by the retry)."""
+    refused = "wamid.HBgNNTUxMTk4NzY1NDMyMRUCABIYFDNBM0M4RjZFMUI5RDJBNzA0QzdGAA=="
+    failing = True
+
+    def refuse(batch: Sequence[NewEvent]) -> None:
+        if failing and any(e.idempotency_key == refused for e in batch):
+            raise RuntimeError("the store refused one event")
+
+    async with watched_http(store, database_url, refuse) as http:
+        body, headers = wa_post("batch_two_messages.json")
+        first = await http.post("/in/wa-sol", content=body, headers=headers)
+        failing = False
+        retry = await http.post("/in/wa-sol", content=body, headers=headers)
+    assert first.status_code == 500
+    assert retry.status_code == 202
+    assert [e["duplicate"] for e in retry.json()["events"]] == [False, False]
 
 
 async def test_whatsapp_statuses_become_message_status(http: httpx.AsyncClient) -> None:

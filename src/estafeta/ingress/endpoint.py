@@ -11,7 +11,6 @@ even if its body is then refused: parsing is the work the limit protects.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
@@ -164,25 +163,21 @@ class IngestApp:
             return 200, handler.handshake(request), None
         handler.verify(request)
         rate_limit(hub, source.tenant)
-        accepting = [
-            hub.accept(
-                tenant_id=source.tenant,
-                source_id=source.id,
-                event_type=p.type,
-                data=p.data,
-                idempotency_key=p.idempotency_key,
-                occurred_at=p.occurred_at,
-                raw=p.raw,
-            )
-            for p in handler.parse(request)
-        ]
-        # A webhook's events go to the group committer together, so they share one commit
-        # instead of waiting for one commit each (ids are made in order all the same: each
-        # accept() takes its id before its first await).
-        if len(accepting) == 1:
-            results = [await accepting[0]]
-        else:
-            results = list(await asyncio.gather(*accepting))
+        # A webhook's events are committed together, in one transaction (see accept_all).
+        results = await hub.accept_all(
+            [
+                hub.new_event(
+                    tenant_id=source.tenant,
+                    source_id=source.id,
+                    event_type=p.type,
+                    data=p.data,
+                    idempotency_key=p.idempotency_key,
+                    occurred_at=p.occurred_at,
+                    raw=p.raw,
+                )
+                for p in handler.parse(request)
+            ]
+        )
         duplicate = bool(results) and all(r.duplicate for r in results)
         status = 202 if results and not duplicate else 200
         marks = SPOOLED if any(r.spooled for r in results) else None
