@@ -177,7 +177,7 @@ async def test_a_batch_whose_fates_cannot_be_told_commits_nothing(
     def unknown(*args: Any) -> list[InsertResult]:
         raise StoreError("an event conflicted on its key but was not found")
 
-    monkeypatch.setattr("estafeta.store.sqlstore.fates", unknown)
+    monkeypatch.setattr("estafeta.store.ingest.fates", unknown)
     stored = event()
     with pytest.raises(StoreError):
         await store.insert_events([stored], by_id=True)
