@@ -125,7 +125,8 @@ class LeaseOps(MessagingOps):
     async def _apply_transitions(
         self, conn: AsyncConnection, batch: Sequence[CompletedAttempt], now_ms: int
     ) -> int:
-        """The guarded update of each delivery (one executemany; PostgreSQL overrides it)."""
+        """The guarded update of each delivery, one executemany (PostgreSQL's `complete` does
+        this in its own statement and never comes here)."""
         updates = [
             {
                 "b_id": item.delivery.id,
