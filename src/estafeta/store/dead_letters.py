@@ -21,6 +21,9 @@ from estafeta.store.messaging import MessagingOps
 from estafeta.store.records import DeadLetterFilter, DeliveryView
 from estafeta.store.views import delivery_view, delivery_view_query
 
+# The order of every selection: a limited list shows what a move with its limit would take.
+_OLDEST_DEATH_FIRST = (s.deliveries.c.updated_at, s.deliveries.c.id)
+
 
 class DeadLetterOps(MessagingOps):
     def _dead_conditions(self, f: DeadLetterFilter) -> list[ColumnElement[bool]]:
@@ -46,7 +49,7 @@ class DeadLetterOps(MessagingOps):
         query = (
             delivery_view_query()
             .where(*self._dead_conditions(f))
-            .order_by(s.deliveries.c.updated_at, s.deliveries.c.id)
+            .order_by(*_OLDEST_DEATH_FIRST)
             .limit(f.batch)
         )
         async with self._read() as conn:
@@ -64,7 +67,12 @@ class DeadLetterOps(MessagingOps):
         self, f: DeadLetterFilter, *, actor: str, now_ms: int, action: str
     ) -> list[str]:
         d = s.deliveries
-        chosen = select(d.c.id).where(*self._dead_conditions(f)).limit(f.batch)
+        chosen = (
+            select(d.c.id)
+            .where(*self._dead_conditions(f))
+            .order_by(*_OLDEST_DEATH_FIRST)
+            .limit(f.batch)
+        )
         if action == "replay":
             values: dict[str, Any] = {
                 "state": DeliveryState.PENDING.value,
