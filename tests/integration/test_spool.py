@@ -30,10 +30,11 @@ from estafeta.hub import Hub
 from estafeta.ingress.spool import Spool, encode, read_segment
 from estafeta.observability.metrics import REGISTRY
 from estafeta.store import engine_url, open_store
+from estafeta.store.ingest import fates
 from estafeta.store.postgres import PostgresStore
 from estafeta.store.records import InsertResult, NewDelivery, NewEvent, NewMessage
 from estafeta.store.sqlite import SqliteStore
-from estafeta.store.sqlstore import SqlStore, fates
+from estafeta.store.sqlstore import SqlStore
 from tests.events import new_event as event_named
 
 UNREACHABLE = "postgresql://postgres@127.0.0.1:1/nowhere"  # nothing listens on port 1

@@ -177,7 +177,7 @@ async def test_a_batch_whose_fates_cannot_be_told_commits_nothing(
     def unknown(*args: Any) -> list[InsertResult]:
         raise StoreError("an event conflicted on its key but was not found")
 
-    monkeypatch.setattr("estafeta.store.sqlstore.fates", unknown)
+    monkeypatch.setattr("estafeta.store.ingest.fates", unknown)
     stored = event()
     with pytest.raises(StoreError):
         await store.insert_events([stored], by_id=True)
@@ -294,6 +294,29 @@ async def test_dead_letters_are_listed_replayed_and_audited(store: SqlStore) -> 
         rows = (await conn.execute(text("SELECT actor, action, detail FROM audit_log"))).all()
     assert [(r.actor, r.action) for r in rows] == [("tester", "dlq.replay")]
     assert '"count":2' in rows[0].detail
+
+
+@pytest.mark.parametrize("action", ["replay", "discard"])
+@pytest.mark.parametrize(
+    "selection", [{}, {"destination_id": "crm"}], ids=["everything", "by-destination"]
+)
+async def test_a_limited_move_takes_the_dead_deliveries_the_list_shows(
+    store: SqlStore, action: str, selection: dict[str, Any]
+) -> None:
+    """`dlq list --limit 1` shows the oldest death; `dlq replay --limit 1` (or discard) with
+    the same selection must move that delivery, not another one."""
+    stored_first, stored_second = event(at=NOW - 2), event(at=NOW - 1)
+    await store.insert_events([stored_first, stored_second])
+    leased = {d.event_id: d for d in await lease(store)}
+    # The delivery stored last dies first.
+    for died_at, stored in ((NOW + 1, stored_second), (NOW + 2, stored_first)):
+        dies = attempt(leased[stored.id], DeliveryState.DEAD, kind=OutcomeKind.PERMANENT)
+        await store.complete([dies], died_at)
+    selected = DeadLetterFilter(limit=1, **selection)
+    [oldest] = [d.id for d in await store.list_dead(selected)]
+    assert oldest == leased[stored_second.id].id
+    move = store.replay if action == "replay" else store.discard
+    assert await move(selected, actor="t", now_ms=NOW + 3) == [oldest]
 
 
 async def test_discard_is_final_and_replay_of_nothing_changes_nothing(store: SqlStore) -> None:

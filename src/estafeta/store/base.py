@@ -12,6 +12,7 @@ import sqlite3
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 from typing import Any, ClassVar
 
 import asyncpg
@@ -27,6 +28,10 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from estafeta.errors import StoreError, StoreRejected, StoreUnavailable
+
+# The statements kept as .sql files: the dialect-specific ones, and due.sql that both engines'
+# lease statements share.
+SQL_DIR = Path(__file__).parent / "sql"
 
 # PostgreSQL SQLSTATEs that mean "the server cannot serve us now", not "bad statement":
 # class 08 (connection exception), 57P01-57P03 (shutting down, crash recovery, cannot

@@ -30,18 +30,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from estafeta.errors import StoreUnavailable
 from estafeta.messaging.facts import SEND_DESTINATION_PREFIX, storable
+from estafeta.store.base import SQL_DIR
 from estafeta.store.held import HeldConnections
+from estafeta.store.ingest import delivery_rows, event_key, event_row, fates
+from estafeta.store.leases import attempt_row, next_attempt
 from estafeta.store.records import CompletedAttempt, InsertResult, NewEvent
-from estafeta.store.sqlstore import (
-    SQL_DIR,
-    SqlStore,
-    attempt_row,
-    delivery_rows,
-    event_key,
-    event_row,
-    fates,
-    next_attempt,
-)
+from estafeta.store.sqlstore import SqlStore
 
 
 def positional(sql: str) -> tuple[str, tuple[str, ...]]:

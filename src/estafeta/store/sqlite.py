@@ -26,9 +26,10 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from estafeta.store.base import store_errors
+from estafeta.store.ingest import delivery_rows, event_key, event_row, fates
 from estafeta.store.messaging import conversation_counts
 from estafeta.store.records import InsertResult, NewEvent
-from estafeta.store.sqlstore import SqlStore, delivery_rows, event_key, event_row, fates
+from estafeta.store.sqlstore import SqlStore
 
 _INSERT_EVENT = (
     "INSERT INTO events (id, tenant_id, source_id, type, idempotency_key, occurred_at,"

@@ -1,0 +1,119 @@
+"""The store's dead-letter queue: list the dead deliveries an operator selects, replay them
+(dead → pending) or discard them (dead → discarded).
+
+One selection (`DeadLetterFilter`, by ids or by destination, type and time) serves the three.
+A move is a guarded update (`… WHERE state = 'dead'`), written to the audit log in the same
+transaction, and a replayed message send's message is queued again with it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from sqlalchemy import ColumnElement, select, update
+
+from estafeta.delivery.state import DeliveryState
+from estafeta.ids import new_id
+from estafeta.messaging.facts import SEND_DESTINATION_PREFIX
+from estafeta.store import schema as s
+from estafeta.store.messaging import MessagingOps
+from estafeta.store.records import DeadLetterFilter, DeliveryView
+from estafeta.store.views import delivery_view, delivery_view_query
+
+# The order of every selection: a limited list shows what a move with its limit would take.
+_OLDEST_DEATH_FIRST = (s.deliveries.c.updated_at, s.deliveries.c.id)
+
+
+class DeadLetterOps(MessagingOps):
+    def _dead_conditions(self, f: DeadLetterFilter) -> list[ColumnElement[bool]]:
+        d = s.deliveries
+        conditions: list[ColumnElement[bool]] = [d.c.state == DeliveryState.DEAD.value]
+        if f.tenant_id is not None:
+            conditions.append(d.c.tenant_id == f.tenant_id)
+        if f.delivery_ids:
+            conditions.append(d.c.id.in_(f.delivery_ids))
+        if f.destination_id is not None:
+            conditions.append(d.c.destination_id == f.destination_id)
+        if f.event_type is not None:
+            conditions.append(
+                d.c.event_id.in_(select(s.events.c.id).where(s.events.c.type == f.event_type))
+            )
+        if f.since is not None:
+            conditions.append(d.c.updated_at >= f.since)
+        if f.until is not None:
+            conditions.append(d.c.updated_at < f.until)
+        return conditions
+
+    async def list_dead(self, f: DeadLetterFilter) -> list[DeliveryView]:
+        query = (
+            delivery_view_query()
+            .where(*self._dead_conditions(f))
+            .order_by(*_OLDEST_DEATH_FIRST)
+            .limit(f.batch)
+        )
+        async with self._read() as conn:
+            return [delivery_view(r) for r in (await conn.execute(query)).all()]
+
+    async def replay(self, f: DeadLetterFilter, *, actor: str, now_ms: int) -> list[str]:
+        """Dead → pending with fresh attempts; recorded in the audit log. Returns the ids."""
+        return await self._move_dead(f, actor=actor, now_ms=now_ms, action="replay")
+
+    async def discard(self, f: DeadLetterFilter, *, actor: str, now_ms: int) -> list[str]:
+        """Dead → discarded (final); recorded in the audit log. Returns the ids."""
+        return await self._move_dead(f, actor=actor, now_ms=now_ms, action="discard")
+
+    async def _move_dead(
+        self, f: DeadLetterFilter, *, actor: str, now_ms: int, action: str
+    ) -> list[str]:
+        d = s.deliveries
+        chosen = (
+            select(d.c.id)
+            .where(*self._dead_conditions(f))
+            .order_by(*_OLDEST_DEATH_FIRST)
+            .limit(f.batch)
+        )
+        if action == "replay":
+            values: dict[str, Any] = {
+                "state": DeliveryState.PENDING.value,
+                "attempts": 0,
+                "next_attempt_at": now_ms,
+                "replays": d.c.replays + 1,
+                "updated_at": now_ms,
+            }
+        else:
+            values = {"state": DeliveryState.DISCARDED.value, "updated_at": now_ms}
+        async with self._write() as conn:
+            ids = list((await conn.execute(chosen)).scalars().all())
+            if not ids:
+                return []
+            stmt = (
+                update(d)
+                .where(d.c.id.in_(ids), d.c.state == DeliveryState.DEAD.value)
+                .values(**values)
+                .returning(d.c.id, d.c.tenant_id, d.c.destination_id)
+            )
+            moved = (await conn.execute(stmt)).all()
+            if action == "replay":
+                await self._requeue_sends(
+                    conn,
+                    [i for i, _, dest in moved if dest.startswith(SEND_DESTINATION_PREFIX)],
+                    now_ms,
+                )
+            per_tenant: dict[str, list[str]] = {}
+            for delivery_id, tenant_id, _ in moved:
+                per_tenant.setdefault(tenant_id, []).append(delivery_id)
+            for tenant_id, delivery_ids in per_tenant.items():
+                await conn.execute(
+                    s.audit_log.insert().values(
+                        id=new_id("aud", now_ms),
+                        tenant_id=tenant_id,
+                        at=now_ms,
+                        actor=actor,
+                        action=f"dlq.{action}",
+                        detail=orjson.dumps(
+                            {"deliveries": sorted(delivery_ids), "count": len(delivery_ids)}
+                        ).decode(),
+                    )
+                )
+        return sorted(delivery_id for delivery_id, _, _ in moved)

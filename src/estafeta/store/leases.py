@@ -1,0 +1,293 @@
+"""The store's side of a worker's leases: lease due deliveries, complete them, give them back,
+and take over those whose worker is gone.
+
+A lease is what lets a worker move a delivery on: completing and releasing are guarded updates
+(`… WHERE state = 'in_flight' AND lease_token = :token`), and a claim takes only leases whose
+deadline passed, giving them a new token, so a late result from a worker whose lease expired
+and was rescued never overwrites what happened since. The lease statement is dialect-specific
+(sql/lease_*.sql, sharing due.sql's conditions); each engine runs it in `_lease_rows`, and
+PostgreSQL replaces `complete` with one statement of its own.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import textwrap
+from abc import abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar
+
+from sqlalchemy import bindparam, select, text, tuple_, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from estafeta.delivery.model import LeasedDelivery
+from estafeta.delivery.state import DeliveryState
+from estafeta.store import schema as s
+from estafeta.store.base import SQL_DIR
+from estafeta.store.messaging import MessagingOps
+from estafeta.store.records import CompletedAttempt
+
+# When a delivery `d` is due for a lease: one definition for both engines' lease statements.
+_DUE = "\n".join(
+    line for line in (SQL_DIR / "due.sql").read_text().splitlines() if not line.startswith("--")
+)
+
+
+def _with_due(sql: str) -> str:
+    """`sql` with due.sql's conditions, indented as its `/* due */` markers are."""
+    return re.sub(
+        r"^( *)/\* due \*/$",
+        lambda marker: textwrap.indent(_DUE, marker.group(1)),
+        sql,
+        flags=re.MULTILINE,
+    )
+
+
+# Each destination with a pending delivery: the next one after the last, by the index.
+_PENDING_DESTINATIONS = text(
+    """
+    WITH RECURSIVE pending(destination_id) AS (
+        SELECT min(destination_id) FROM deliveries WHERE state = 'pending'
+        UNION ALL
+        SELECT (SELECT min(d.destination_id) FROM deliveries AS d
+                WHERE d.state = 'pending' AND d.destination_id > pending.destination_id)
+        FROM pending
+        WHERE pending.destination_id IS NOT NULL
+    )
+    SELECT destination_id FROM pending WHERE destination_id IS NOT NULL
+    """
+)
+
+
+class LeaseOps(MessagingOps):
+    lease_sql_file: ClassVar[str]
+
+    def __init__(self, engine: AsyncEngine, read_engine: AsyncEngine | None = None) -> None:
+        super().__init__(engine, read_engine)
+        self.lease_sql = _with_due((SQL_DIR / self.lease_sql_file).read_text())
+
+    async def lease(
+        self,
+        *,
+        now_ms: int,
+        rooms: Mapping[str, int],
+        lease_ms: int,
+        worker_id: str,
+        limit: int | None = None,
+        sending: Mapping[str, int] | None = None,
+    ) -> list[LeasedDelivery]:
+        """Lease up to `limit` due deliveries (default: as many as the rooms hold), at most
+        `rooms[d]` of each destination `d`; a destination not named keeps its deliveries.
+        Best first (sql/lease_*.sql): highest priority, then the destination with the fewest
+        in flight (`sending[d]`, and those this lease takes), then FIFO."""
+        rooms = {d: room for d, room in rooms.items() if room > 0}
+        total = sum(rooms.values()) if limit is None else min(limit, sum(rooms.values()))
+        if total <= 0:
+            return []
+        sending = sending or {}
+        params = _lease_params(
+            now_ms,
+            lease_ms,
+            worker_id,
+            limit=total,
+            destinations=list(rooms),
+            rooms=list(rooms.values()),
+            sending=[sending.get(d, 0) for d in rooms],
+        )
+        return _leased_batch(await self._lease_rows(params), params)
+
+    @abstractmethod
+    async def _lease_rows(self, params: dict[str, Any]) -> list[Any]:
+        """The rows the engine's lease statement returns for `params`."""
+
+    async def pending_destinations(self) -> set[str]:
+        """Every destination with a pending delivery, due or not: one index probe per
+        destination (a loose scan of deliveries_destination_due), however large the
+        backlog."""
+        async with self._read() as conn:
+            return {row[0] for row in await conn.execute(_PENDING_DESTINATIONS)}
+
+    async def complete(self, batch: Sequence[CompletedAttempt], now_ms: int) -> int:
+        """Record attempts and apply their transitions; returns how many were applied.
+
+        A transition whose lease is no longer held (expired and rescued, or released) is not
+        applied; its attempt is still recorded, because it did happen.
+        """
+        if not batch:
+            return 0
+        async with self._write() as conn:
+            await conn.execute(s.attempts.insert(), [attempt_row(item) for item in batch])
+            applied = await self._apply_transitions(conn, batch, now_ms)
+            await self._record_sends(conn, batch, now_ms)
+        return applied
+
+    async def _apply_transitions(
+        self, conn: AsyncConnection, batch: Sequence[CompletedAttempt], now_ms: int
+    ) -> int:
+        """The guarded update of each delivery, one executemany (PostgreSQL's `complete` does
+        this in its own statement and never comes here)."""
+        updates = [
+            {
+                "b_id": item.delivery.id,
+                "b_token": item.delivery.lease_token,
+                "b_state": item.transition.to_state.value,
+                "b_attempts": item.transition.attempts,
+                "b_next": next_attempt(item, now_ms),
+                "b_error": item.transition.last_error,
+                "b_now": now_ms,
+            }
+            for item in batch
+        ]
+        stmt = (
+            update(s.deliveries)
+            .where(
+                s.deliveries.c.id == bindparam("b_id"),
+                s.deliveries.c.state == DeliveryState.IN_FLIGHT.value,
+                s.deliveries.c.lease_token == bindparam("b_token"),
+            )
+            .values(
+                state=bindparam("b_state"),
+                attempts=bindparam("b_attempts"),
+                next_attempt_at=bindparam("b_next"),
+                last_error=bindparam("b_error"),
+                lease_token=None,
+                lease_expires_at=None,
+                leased_by=None,
+                updated_at=bindparam("b_now"),
+            )
+        )
+        result = await conn.execute(stmt, updates)
+        return max(result.rowcount, 0)
+
+    async def release(
+        self, deliveries: Iterable[LeasedDelivery], now_ms: int, *, due_at: int | None = None
+    ) -> int:
+        """Give leases back unused: pending again, due at `due_at` (default now), no attempt
+        counted. Used at graceful shutdown, and to snooze a delivery whose destination is
+        over its rate limit."""
+        held = [(d.id, d.lease_token) for d in deliveries]
+        if not held:
+            return 0
+        d = s.deliveries
+        stmt = (
+            update(d)
+            .where(
+                tuple_(d.c.id, d.c.lease_token).in_(held),
+                d.c.state == DeliveryState.IN_FLIGHT.value,
+            )
+            .values(
+                state=DeliveryState.PENDING.value,
+                next_attempt_at=now_ms if due_at is None else due_at,
+                lease_token=None,
+                lease_expires_at=None,
+                leased_by=None,
+                updated_at=now_ms,
+            )
+        )
+        async with self._write() as conn:
+            result = await conn.execute(stmt)
+        return max(result.rowcount, 0)
+
+    async def claim_expired(
+        self, *, now_ms: int, lease_ms: int, worker_id: str, limit: int = 500
+    ) -> list[LeasedDelivery]:
+        """Take over in-flight deliveries whose lease deadline passed (their worker is gone).
+
+        The claim gives each a new token and deadline in one statement, so of several workers
+        rescuing at once exactly one owns each row; the caller then records the lost attempt
+        and applies its transition with `complete` under the new token. (FOR UPDATE SKIP
+        LOCKED on PostgreSQL; SQLite renders no locking clause and has one writer anyway.)
+        """
+        d = s.deliveries
+        token = secrets.token_hex(8)
+        deadline = now_ms + lease_ms
+        expired = (
+            select(d.c.id)
+            .where(d.c.state == DeliveryState.IN_FLIGHT.value, d.c.lease_expires_at <= now_ms)
+            .order_by(d.c.lease_expires_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        stmt = (
+            update(d)
+            .where(
+                d.c.id.in_(expired),
+                d.c.state == DeliveryState.IN_FLIGHT.value,
+                d.c.lease_expires_at <= now_ms,
+            )
+            .values(lease_token=token, lease_expires_at=deadline, leased_by=worker_id)
+            .returning(
+                d.c.id,
+                d.c.tenant_id,
+                d.c.event_id,
+                d.c.destination_id,
+                d.c.attempts,
+                d.c.max_attempts,
+                d.c.priority,
+                d.c.ordering_key,
+            )
+        )
+        async with self._write() as conn:
+            rows = (await conn.execute(stmt)).all()
+        # Rescued leases are never sent: no due time, no payload.
+        return [_leased((*r, None, ""), token, deadline) for r in rows]
+
+
+def _lease_params(now_ms: int, lease_ms: int, worker_id: str, **more: Any) -> dict[str, Any]:
+    """The parameters every lease statement takes, with a new lease token."""
+    return {
+        "now": now_ms,
+        "token": secrets.token_hex(8),
+        "deadline": now_ms + lease_ms,
+        "worker": worker_id,
+        **more,
+    }
+
+
+def _leased_batch(rows: list[Any], params: Mapping[str, Any]) -> list[LeasedDelivery]:
+    """The rows a lease statement run with `params` returned, by priority, due time and id:
+    (id, tenant, event, destination, attempts, max_attempts, priority, ordering key, due,
+    payload). Neither engine orders an UPDATE's RETURNING."""
+    rows.sort(key=lambda r: (r[6], r[8], r[0]))
+    return [_leased(r, params["token"], params["deadline"]) for r in rows]
+
+
+def _leased(r: Any, token: str, deadline: int) -> LeasedDelivery:
+    """A row of the lease statement (by position) as the worker holds it under this lease."""
+    return LeasedDelivery(
+        id=r[0],
+        tenant_id=r[1],
+        event_id=r[2],
+        destination_id=r[3],
+        attempts=r[4],
+        max_attempts=r[5],
+        priority=r[6],
+        ordering_key=r[7],
+        lease_token=token,
+        lease_expires_at=deadline,
+        payload=r[9].encode(),
+    )
+
+
+def attempt_row(item: CompletedAttempt) -> dict[str, Any]:
+    """The `attempts` row of one completed attempt."""
+    return {
+        "id": item.attempt_id,
+        "tenant_id": item.delivery.tenant_id,
+        "delivery_id": item.delivery.id,
+        "number": item.delivery.attempts + 1,
+        "started_at": item.started_at,
+        "duration_ms": item.outcome.duration_ms,
+        "outcome": item.outcome.kind.value,
+        "status_code": item.outcome.status_code,
+        "error_class": item.outcome.error_class,
+        "response_excerpt": item.outcome.response_excerpt,
+    }
+
+
+def next_attempt(item: CompletedAttempt, now_ms: int) -> int:
+    """When the delivery is due next; final states keep `now` (the column is NOT NULL)."""
+    due = item.transition.next_attempt_at
+    return due if due is not None else now_ms

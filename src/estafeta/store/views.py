@@ -1,0 +1,128 @@
+"""The store's reads for the API, the CLI and health: an event with its deliveries and their
+attempts, and the queue's counts.
+
+Nothing here writes: every read goes to the read engine (on SQLite a second one, so that reads
+never queue behind writes), and answers with the records of records.py. The delivery view
+(`delivery_view_query`, `delivery_view`) is shared with the dead-letter queue's list.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from sqlalchemy import Select, func, select
+
+from estafeta.delivery.state import DeliveryState
+from estafeta.store import schema as s
+from estafeta.store.base import StoreBase
+from estafeta.store.records import AttemptView, DeliveryView, EventView, QueueStats
+
+
+class ViewOps(StoreBase):
+    async def get_event(self, event_id: str, tenant_id: str | None) -> EventView | None:
+        """The event with its deliveries and their attempts; None if absent or not the tenant's."""
+        e = s.events
+        query = select(e).where(e.c.id == event_id)
+        if tenant_id is not None:
+            query = query.where(e.c.tenant_id == tenant_id)
+        async with self._read() as conn:
+            row = (await conn.execute(query)).first()
+            if row is None:
+                return None
+            delivery_rows = (
+                await conn.execute(
+                    delivery_view_query()
+                    .where(s.deliveries.c.event_id == event_id)
+                    .order_by(s.deliveries.c.id)
+                )
+            ).all()
+            ids = [r.id for r in delivery_rows]
+            attempt_rows = (
+                (
+                    await conn.execute(
+                        select(s.attempts)
+                        .where(s.attempts.c.delivery_id.in_(ids))
+                        .order_by(s.attempts.c.delivery_id, s.attempts.c.started_at)
+                    )
+                ).all()
+                if ids
+                else []
+            )
+        by_delivery: dict[str, list[AttemptView]] = {}
+        for a in attempt_rows:
+            by_delivery.setdefault(a.delivery_id, []).append(
+                AttemptView(
+                    id=a.id,
+                    number=a.number,
+                    started_at=a.started_at,
+                    duration_ms=a.duration_ms,
+                    outcome=a.outcome,
+                    status_code=a.status_code,
+                    error_class=a.error_class,
+                    response_excerpt=a.response_excerpt,
+                )
+            )
+        return EventView(
+            id=row.id,
+            tenant_id=row.tenant_id,
+            source_id=row.source_id,
+            type=row.type,
+            idempotency_key=row.idempotency_key,
+            occurred_at=row.occurred_at,
+            received_at=row.received_at,
+            payload=orjson.loads(row.payload),
+            deliveries=tuple(
+                delivery_view(r, tuple(by_delivery.get(r.id, ()))) for r in delivery_rows
+            ),
+        )
+
+    async def pending_count(self) -> int:
+        """Pending deliveries, counted on the partial lease index (the backlog alert's
+        question, asked every few seconds: no scan of the succeeded history)."""
+        d = s.deliveries
+        query = select(func.count()).where(d.c.state == DeliveryState.PENDING.value)
+        async with self._read() as conn:
+            return int((await conn.execute(query)).scalar_one())
+
+    async def queue_stats(self, tenant_id: str | None = None) -> QueueStats:
+        d = s.deliveries
+        counts = select(d.c.state, func.count()).group_by(d.c.state)
+        oldest = select(func.min(d.c.next_attempt_at)).where(
+            d.c.state == DeliveryState.PENDING.value
+        )
+        if tenant_id is not None:
+            counts = counts.where(d.c.tenant_id == tenant_id)
+            oldest = oldest.where(d.c.tenant_id == tenant_id)
+        async with self._read() as conn:
+            by_state = {state: int(n) for state, n in (await conn.execute(counts)).all()}
+            oldest_at = (await conn.execute(oldest)).scalar()
+        return QueueStats(by_state=by_state, oldest_pending_at=oldest_at)
+
+
+def delivery_view_query() -> Select[Any]:
+    """Deliveries with their event's type: the rows `delivery_view` reads."""
+    d = s.deliveries
+    return select(d, s.events.c.type.label("event_type")).join(
+        s.events, s.events.c.id == d.c.event_id
+    )
+
+
+def delivery_view(r: Any, attempt_log: tuple[AttemptView, ...] = ()) -> DeliveryView:
+    return DeliveryView(
+        id=r.id,
+        tenant_id=r.tenant_id,
+        event_id=r.event_id,
+        event_type=r.event_type,
+        destination_id=r.destination_id,
+        state=r.state,
+        priority=r.priority,
+        attempts=r.attempts,
+        max_attempts=r.max_attempts,
+        next_attempt_at=r.next_attempt_at,
+        last_error=r.last_error,
+        replays=r.replays,
+        created_at=r.created_at,
+        updated_at=r.updated_at,
+        attempt_log=attempt_log,
+    )
