@@ -194,6 +194,15 @@ TWILIO = [
     Case(
         "channel rate limit", 400, {"code": 63018, "message": "Rate limit"}, RETRY, "twilio_63018"
     ),
+    Case(
+        "daily limit 63038 (no retry before the window resets)",
+        400,
+        {"code": 63038, "message": "Account exceeded the daily messages limit", "status": 400},
+        PERMANENT,
+        "twilio_63038",
+        "63038 Account exceeded the daily messages limit",
+    ),
+    Case("daily limit 63038 on 429", 429, {"code": 63038, "message": "Daily"}, PERMANENT),
     Case("server error", 500, {"code": 20500, "message": "Internal Server Error"}, RETRY),
     Case("proxy page", 503, b"<html/>", RETRY, "twilio_http_503", "503 Service Unavailable"),
     Case("not found", 404, {"code": 20404, "message": "Not found"}, PERMANENT, "twilio_20404"),
@@ -370,6 +379,20 @@ def test_a_permanent_provider_error_goes_to_the_dlq_with_its_class() -> None:
     assert transition.last_error == describe_failure(outcome)
     assert transition.last_error is not None
     assert transition.last_error.startswith("whatsapp_cloud_131047")
+
+
+def test_a_spent_daily_limit_goes_to_the_dlq_at_once_and_leaves_the_circuit_alone() -> None:
+    """Twilio's 63038: the account's rolling 24 h message limit is spent (Twilio: wait for
+    the next day or ask for a higher limit). The retries, minutes apart, could only repeat
+    it and spend the delivery's attempts; it is dead-lettered at once, to be replayed once
+    the limit allows, and says nothing about the health of the provider."""
+    body = {"code": 63038, "message": "Account exceeded the daily messages limit"}
+    outcome = twilio.outcome_of(Reply(400, orjson.dumps(body)))
+    assert not outcome.throttled
+    assert counts_against(outcome) is None
+    transition = first_decision(outcome, base_s=1)
+    assert (transition.to_state, transition.attempts) == (DeliveryState.DEAD, 1)
+    assert transition.last_error == "twilio_63038: 63038 Account exceeded the daily messages limit"
 
 
 THROTTLED = [
