@@ -284,6 +284,21 @@ SENDPULSE = [
         "sendpulse_2020202020",
         "2020202020 More than 10 requests per second",
     ),
+    Case(
+        "success false with the rate-limit code in a 200",
+        200,
+        {"success": False, "message": "More than 10 requests per second", "error_code": 2020202020},
+        RETRY,
+        "sendpulse_2020202020",
+        "2020202020 More than 10 requests per second",
+    ),
+    Case(
+        "success false on 429",
+        429,
+        {"success": False, "data": {"error": "Too many requests"}},
+        RETRY,
+        "sendpulse_http_429",
+    ),
     Case("server error", 500, b"", RETRY, "sendpulse_http_500"),
     Case("not found", 404, {"message": "Bot not found", "error_code": 404}, PERMANENT),
 ]
@@ -439,6 +454,12 @@ THROTTLED = [
         sendpulse.outcome_of,
         400,
         {"message": "More than 10 requests per second", "error_code": 2020202020},
+    ),
+    (
+        "sendpulse 10 rps in an unsuccessful 200",
+        sendpulse.outcome_of,
+        200,
+        {"success": False, "message": "More than 10 requests per second", "error_code": 2020202020},
     ),
 ]
 
