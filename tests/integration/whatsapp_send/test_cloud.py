@@ -74,7 +74,16 @@ async def test_any_graph_version(meta: FakeMeta, session: aiohttp.ClientSession)
 
 @pytest.mark.parametrize(
     ("code", "http_status", "retry_after"),
-    [(130429, 400, None), (131056, 400, None), (4, 429, 7.0), (80007, 429, None)],
+    [
+        (130429, 400, None),
+        (131056, 400, None),
+        (4, 429, 7.0),
+        (80007, 429, None),
+        # §8 item 1: which status Meta pairs with a throttling code is unsettled.
+        (130429, 429, None),
+        (131056, 429, 2.0),
+        (4, 400, None),
+    ],
 )
 async def test_throttling_is_retryable_whatever_the_status(
     meta: FakeMeta,
@@ -83,9 +92,10 @@ async def test_throttling_is_retryable_whatever_the_status(
     http_status: int,
     retry_after: float | None,
 ) -> None:
-    meta.throttle_next(1, code=code, retry_after_s=retry_after)
+    meta.throttle_next(1, code=code, retry_after_s=retry_after, status=http_status)
     outcome = await deliver(wa_source(meta.url), session, text="oi")
     assert outcome.kind is OutcomeKind.RETRYABLE
+    assert outcome.throttled  # a slow-down: no failure of the number's circuit
     assert outcome.status_code == http_status
     assert outcome.error_class == f"whatsapp_cloud_{code}"
     assert outcome.retry_after_s == retry_after
@@ -129,6 +139,20 @@ async def test_permanent_codes(
     assert outcome.error_class == f"whatsapp_cloud_{code}"
     assert outcome.response_excerpt.splitlines()[0] == head
     assert '"fbtrace_id"' in outcome.response_excerpt  # the provider's body follows
+
+
+@pytest.mark.parametrize("http_status", [400, 429])
+async def test_the_spam_rate_limit_is_permanent_whatever_the_status(
+    meta: FakeMeta, session: aiohttp.ClientSession, http_status: int
+) -> None:
+    """131048 restricts the number for its quality (§1.7: "no, fix quality"): not a
+    slow-down to wait out, even when it comes with a 429 as Meta's throttling errors may."""
+    meta.throttle_next(1, code=131048, retry_after_s=30.0, status=http_status)
+    outcome = await deliver(wa_source(meta.url), session, text="oi")
+    assert (outcome.kind, outcome.status_code) == (OutcomeKind.PERMANENT, http_status)
+    assert (outcome.throttled, outcome.retry_after_s) == (False, None)
+    assert outcome.error_class == "whatsapp_cloud_131048"
+    assert outcome.response_excerpt.startswith("131048 Spam rate limit hit\n")
 
 
 async def test_unknown_template(session: aiohttp.ClientSession) -> None:

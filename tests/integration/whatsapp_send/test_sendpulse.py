@@ -113,6 +113,28 @@ async def test_throttling(sendpulse: FakeSendPulse, session: aiohttp.ClientSessi
     assert outcome.retry_after_s is None  # §9.7: no rate-limit headers
 
 
+@pytest.mark.parametrize("status", [200, 429])
+async def test_the_rate_limit_code_in_an_unsuccessful_answer_is_a_slow_down(
+    sendpulse: FakeSendPulse, session: aiohttp.ClientSession, status: int
+) -> None:
+    """§9.7: SendPulse maps none of its error codes to an HTTP status, and some endpoints
+    answer `{"success": false, …}`. Its rate-limit code there asks to slow down (retried,
+    no failure of the provider), as on a 429; it is not a refusal of the message."""
+    body = {
+        "success": False,
+        "message": "More than 10 requests per second",
+        "error_code": 2020202020,
+    }
+    sendpulse.fail_next(1, status, body=body)
+    outcome = await deliver(sp_source(sendpulse.url), session, text="oi")
+    assert (outcome.kind, outcome.status_code) == (OutcomeKind.RETRYABLE, status)
+    assert outcome.throttled
+    assert outcome.error_class == "sendpulse_2020202020"
+    assert outcome.response_excerpt.startswith("2020202020 More than 10 requests per second")
+    # The next send goes through: only one answer was planned.
+    assert (await deliver(sp_source(sendpulse.url), session, text="oi")).succeeded
+
+
 async def test_server_error(sendpulse: FakeSendPulse, session: aiohttp.ClientSession) -> None:
     sendpulse.fail_next(1, 503)
     outcome = await deliver(sp_source(sendpulse.url), session, text="oi")

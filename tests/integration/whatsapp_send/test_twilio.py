@@ -102,6 +102,9 @@ async def test_server_errors(
         ),
         (21610, "21610 Attempt to send to unsubscribed recipient"),
         (63112, "63112 The Meta Business Manager account has been disabled"),
+        # Not a rate limit: the account's messages of a rolling 24 h window are spent, and
+        # Twilio says to wait for the next day or ask for a higher limit (error 63038).
+        (63038, "63038 Account exceeded the daily messages limit"),
     ],
 )
 async def test_permanent_codes(

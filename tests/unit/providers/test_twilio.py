@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 from typing import Any
 from urllib.parse import urlencode
 
@@ -11,6 +13,7 @@ import pytest
 from estafeta.errors import HttpError
 from estafeta.ingress.providers import InboundRequest, TwilioSource
 from estafeta.ingress.providers.twilio import form, signature
+from estafeta.testing.fakes.twilio import twilio_signature
 from tests.unit.providers.support import (
     FORM,
     TWILIO_AUTH_TOKEN,
@@ -365,6 +368,25 @@ def test_multi_valued_parameters_are_signed_in_sorted_order() -> None:
     expected = signature(b"12345", PUBLISHED_URL, {"A": ["y", "z"], "B": ["2"]})
     assert expected == signature(b"12345", PUBLISHED_URL, {"B": ["2"], "A": ["z", "y"]})
     published_source().verify(post(PUBLISHED_URL, body, FORM, {"X-Twilio-Signature": expected}))
+
+
+def test_a_repeated_value_is_signed_once_per_copy() -> None:
+    """contracts §2.1: a multi-valued name is appended once per value, values sorted (its
+    snippet: `for v in sorted(params.getlist(k))`; twilio-python@dd225d4's validator does
+    `for value in sorted(values)`): two identical copies are both in the signed string. The
+    hub's validator and the fake's signer agree, so a fake-signed request with a repeated
+    `MediaUrl` passes and one signed over a single copy does not."""
+    body = b"MediaUrl=https%3A%2F%2Ff%2Fa&B=2&MediaUrl=https%3A%2F%2Ff%2Fa"
+    signed = PUBLISHED_URL + "B2" + "MediaUrlhttps://f/a" * 2
+    expected = base64.b64encode(hmac.new(b"12345", signed.encode(), hashlib.sha1).digest())
+    params = {"B": ["2"], "MediaUrl": ["https://f/a", "https://f/a"]}
+    assert signature(b"12345", PUBLISHED_URL, params) == expected.decode()
+    assert twilio_signature("12345", PUBLISHED_URL, params) == expected.decode()
+    header = {"X-Twilio-Signature": expected.decode()}
+    published_source().verify(post(PUBLISHED_URL, body, FORM, header))
+    once = signature(b"12345", PUBLISHED_URL, {"B": ["2"], "MediaUrl": ["https://f/a"]})
+    request = post(PUBLISHED_URL, body, FORM, {"X-Twilio-Signature": once})
+    assert rejection(published_source(), request) == (401, "invalid_signature")
 
 
 def test_twilio_has_no_handshake() -> None:

@@ -127,6 +127,23 @@ CLOUD = [
     Case(
         "spam limit 131048 (no retry)", 400, graph(131048, "(#131048) Spam rate limit"), PERMANENT
     ),
+    # §1.7: "no, fix quality", and Meta says to branch on the code, never on the status.
+    Case(
+        "spam limit 131048 on 429 (no retry)",
+        429,
+        graph(131048, "(#131048) Spam rate limit hit"),
+        PERMANENT,
+        "whatsapp_cloud_131048",
+        "131048 Spam rate limit hit",
+        retry_after_s=60.0,  # a permanent failure keeps no Retry-After
+    ),
+    Case(
+        "pair rate limit 131056 on 429",
+        429,
+        graph(131056, "(#131056) (Business Account, Consumer Account) pair rate limit hit"),
+        RETRY,
+        "whatsapp_cloud_131056",
+    ),
     Case("unknown 131000", 500, graph(131000, "(#131000) Something went wrong"), RETRY),
     Case("service unavailable", 503, graph(131016, "(#131016) Service unavailable"), RETRY),
     Case("maintenance on 400", 400, graph(131057, "(#131057) Account in maintenance"), RETRY),
@@ -194,6 +211,15 @@ TWILIO = [
     Case(
         "channel rate limit", 400, {"code": 63018, "message": "Rate limit"}, RETRY, "twilio_63018"
     ),
+    Case(
+        "daily limit 63038 (no retry before the window resets)",
+        400,
+        {"code": 63038, "message": "Account exceeded the daily messages limit", "status": 400},
+        PERMANENT,
+        "twilio_63038",
+        "63038 Account exceeded the daily messages limit",
+    ),
+    Case("daily limit 63038 on 429", 429, {"code": 63038, "message": "Daily"}, PERMANENT),
     Case("server error", 500, {"code": 20500, "message": "Internal Server Error"}, RETRY),
     Case("proxy page", 503, b"<html/>", RETRY, "twilio_http_503", "503 Service Unavailable"),
     Case("not found", 404, {"code": 20404, "message": "Not found"}, PERMANENT, "twilio_20404"),
@@ -257,6 +283,21 @@ SENDPULSE = [
         RETRY,
         "sendpulse_2020202020",
         "2020202020 More than 10 requests per second",
+    ),
+    Case(
+        "success false with the rate-limit code in a 200",
+        200,
+        {"success": False, "message": "More than 10 requests per second", "error_code": 2020202020},
+        RETRY,
+        "sendpulse_2020202020",
+        "2020202020 More than 10 requests per second",
+    ),
+    Case(
+        "success false on 429",
+        429,
+        {"success": False, "data": {"error": "Too many requests"}},
+        RETRY,
+        "sendpulse_http_429",
     ),
     Case("server error", 500, b"", RETRY, "sendpulse_http_500"),
     Case("not found", 404, {"message": "Bot not found", "error_code": 404}, PERMANENT),
@@ -372,9 +413,39 @@ def test_a_permanent_provider_error_goes_to_the_dlq_with_its_class() -> None:
     assert transition.last_error.startswith("whatsapp_cloud_131047")
 
 
+@pytest.mark.parametrize("status", [400, 429])
+def test_the_spam_rate_limit_is_not_retried_whatever_the_status(status: int) -> None:
+    """Meta's 131048 restricts the number for its quality (§1.7: "no, fix quality"); Meta
+    files it with the throttling errors, whose HTTP status is unsettled (§8 item 1). On a
+    429 it was retried as a slow-down: each queued message was sent `max_attempts` times
+    into a restriction that only better quality lifts. Dead-lettered at the first attempt,
+    and no failure of the provider (circuits) either way."""
+    body = orjson.dumps(graph(131048, "(#131048) Spam rate limit hit"))
+    outcome = cloud.outcome_of(Reply(status, body, 30.0))
+    assert (outcome.kind, outcome.throttled, outcome.retry_after_s) == (PERMANENT, False, None)
+    assert counts_against(outcome) is None
+    assert first_decision(outcome, base_s=1).to_state is DeliveryState.DEAD
+
+
+def test_a_spent_daily_limit_goes_to_the_dlq_at_once_and_leaves_the_circuit_alone() -> None:
+    """Twilio's 63038: the account's rolling 24 h message limit is spent (Twilio: wait for
+    the next day or ask for a higher limit). The retries, minutes apart, could only repeat
+    it and spend the delivery's attempts; it is dead-lettered at once, to be replayed once
+    the limit allows, and says nothing about the health of the provider."""
+    body = {"code": 63038, "message": "Account exceeded the daily messages limit"}
+    outcome = twilio.outcome_of(Reply(400, orjson.dumps(body)))
+    assert not outcome.throttled
+    assert counts_against(outcome) is None
+    transition = first_decision(outcome, base_s=1)
+    assert (transition.to_state, transition.attempts) == (DeliveryState.DEAD, 1)
+    assert transition.last_error == "twilio_63038: 63038 Account exceeded the daily messages limit"
+
+
 THROTTLED = [
     ("cloud pair rate limit 131056", cloud.outcome_of, 400, graph(131056, "(#131056) pair")),
     ("cloud throughput 130429", cloud.outcome_of, 400, graph(130429, "(#130429) Rate limit")),
+    ("cloud pair rate limit on 429", cloud.outcome_of, 429, graph(131056, "(#131056) pair")),
+    ("cloud throughput on 429", cloud.outcome_of, 429, graph(130429, "(#130429) Rate limit")),
     ("cloud app limit 4", cloud.outcome_of, 400, graph(4, "(#4) Application request limit")),
     ("cloud WABA limit 80007", cloud.outcome_of, 400, graph(80007, "(#80007) Rate limit")),
     ("twilio channel limit 63018", twilio.outcome_of, 400, {"code": 63018, "message": "Rate"}),
@@ -383,6 +454,12 @@ THROTTLED = [
         sendpulse.outcome_of,
         400,
         {"message": "More than 10 requests per second", "error_code": 2020202020},
+    ),
+    (
+        "sendpulse 10 rps in an unsuccessful 200",
+        sendpulse.outcome_of,
+        200,
+        {"success": False, "message": "More than 10 requests per second", "error_code": 2020202020},
     ),
 ]
 

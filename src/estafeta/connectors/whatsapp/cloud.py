@@ -15,6 +15,9 @@ Errors (§1.7, §1.8, §8 item 1): the Graph error `{"error": {"message": "(#cod
 (the HTTP status of the throttling codes is not even settled, §8 item 1):
 
 * 4, 80007, 130429, 131056 (throttling) → RETRYABLE, whatever the status;
+* 131048 (spam rate limit: the number is restricted for its quality, §1.7 "no, fix
+  quality") → PERMANENT, whatever the status: Meta files it with the throttling errors,
+  so it may come with a 429 like them, but no wait lifts it;
 * 131000 (unknown), 131016 (service unavailable), 131057 (maintenance), 131052/131053
   (media download/upload: "maybe", bounded by max_attempts), and the Graph-wide transient
   codes 1 and 2 → RETRYABLE;
@@ -49,6 +52,8 @@ DEFAULT_API_BASE = "https://graph.facebook.com"
 GRAPH_VERSION = "v25.0"  # contracts §1.6/§8 item 7: the version the docs use at the crawl
 THROTTLING_CODES = frozenset({4, 80007, 130429, 131056})
 TRANSIENT_CODES = frozenset({1, 2, 131000, 131016, 131052, 131053, 131057})
+# Refusals no retry can change, even on a status that would be retried (429, 5xx).
+REFUSAL_CODES = frozenset({131048})
 _VERSIONED = re.compile(r"/v\d+\.\d+/?$")
 _TITLE_PREFIX = re.compile(r"^\(#\d+\)\s*")
 
@@ -111,7 +116,9 @@ def outcome_of(reply: Reply) -> Outcome:
     if not isinstance(code, int) or isinstance(code, bool):
         code = None
     title = error_title(error)
-    if code in THROTTLING_CODES or code in TRANSIENT_CODES:
+    if code in REFUSAL_CODES:
+        kind = OutcomeKind.PERMANENT
+    elif code in THROTTLING_CODES or code in TRANSIENT_CODES:
         kind = OutcomeKind.RETRYABLE
     else:  # any other code: a 4xx is permanent (429 and 408/409/425 excepted), 5xx retried
         kind = classify_status(reply.status)

@@ -21,10 +21,11 @@ Answer: 200 `{"success": true, "data": <Message>}`; `data.id` (SendPulse's messa
 outcome's `external_id`. SendPulse sends no status webhooks (§9.1, §9.10 item 5), so no
 inbound event names it; statuses can only be polled (`GET /whatsapp/chats/messages`).
 
-Errors (§9.7, third-party): `{"message", "error_code"}`. `success: false` in a 200 is a
-PERMANENT failure; 429 or `error_code` 2020202020 ("More than 10 requests per second") and
-5xx are RETRYABLE; other 4xx PERMANENT. The whole attempt, token included, is bounded by
-`timeout_s`.
+Errors (§9.7, third-party): `{"message", "error_code"}`. HTTP 429, or `error_code`
+2020202020 ("More than 10 requests per second") on any status — a `{"success": false}` 200
+included, since SendPulse maps its codes to no status — are RETRYABLE slow-downs; 5xx are
+RETRYABLE; any other `success: false` in a 200 and other 4xx are PERMANENT. The whole
+attempt, token included, is bounded by `timeout_s`.
 """
 
 from __future__ import annotations
@@ -94,19 +95,20 @@ def outcome_of(reply: Reply) -> Outcome:
         code = fields.get("error") if isinstance(fields.get("error"), str) else None
     message = fields.get("message") or fields.get("error_description")
     title = message if isinstance(message, str) else None
+    throttled = code in RATE_CODES
     if 200 <= reply.status <= 299:
         if fields.get("success") is False:
+            kind = OutcomeKind.RETRYABLE if throttled else OutcomeKind.PERMANENT
             return provider_error(
-                reply, OutcomeKind.PERMANENT, PROVIDER, code or "unsuccessful", title
+                reply, kind, PROVIDER, code or "unsuccessful", title, throttled=throttled
             )
         data = fields.get("data")
         message_id = data.get("id") if isinstance(data, dict) else None
         return success(reply, message_id if isinstance(message_id, str) and message_id else None)
-    if reply.status == 429 or code in RATE_CODES:
+    if reply.status == 429 or throttled:
         kind = OutcomeKind.RETRYABLE
     else:
         kind = classify_status(reply.status)
-    throttled = code in RATE_CODES
     return provider_error(reply, kind, PROVIDER, code, title, throttled=throttled)
 
 

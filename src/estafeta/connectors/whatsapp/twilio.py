@@ -18,9 +18,16 @@ Answer: 201 with the Message resource; its `sid` (`SM…`) is the outcome's `ext
 the status callbacks name it `MessageSid` (ingress `twilio.py` → `data.message_id`).
 
 Errors (`{"code", "message", "more_info", "status"}`, §2.4): HTTP 429, or codes 20429,
-63017, 63018 and 63038 (rate and daily limits) → RETRYABLE with Retry-After; 5xx →
-RETRYABLE; any other 4xx (20003 authentication, 21211 invalid `To`, 63016 outside the 24 h
-window, …) → PERMANENT, `twilio_{code}` and `{code} {message}`.
+63017 and 63018 (rate limits) → RETRYABLE with Retry-After, a slow-down; 63038 (the
+account's daily message limit) → PERMANENT whatever the status; 5xx → RETRYABLE; any other
+4xx (20003 authentication, 21211 invalid `To`, 63016 outside the 24 h window, …) →
+PERMANENT, `twilio_{code}` and `{code} {message}`.
+
+63038 is not a rate to slow down to: Twilio's page for it says the account sent more than
+its limit "within a rolling 24 hour window" and to "wait until the next day for the 24 hour
+window to reset, or contact Twilio Support". Retries minutes apart can only repeat it and
+spend the delivery's attempts, so the delivery goes to the dead-letter queue at once, named
+`twilio_63038`, for an operator to replay when the limit allows.
 """
 
 from __future__ import annotations
@@ -47,7 +54,9 @@ from estafeta.delivery.outcome import Outcome, OutcomeKind
 
 PROVIDER = "twilio"
 DEFAULT_API_BASE = "https://api.twilio.com"
-RATE_CODES = frozenset({20429, 63017, 63018, 63038})
+RATE_CODES = frozenset({20429, 63017, 63018})
+# Refusals that no retry within the backoff's minutes can change, whatever the HTTP status.
+LIMIT_CODES = frozenset({63038})
 
 Form = list[tuple[str, str]]
 
@@ -124,7 +133,9 @@ def outcome_of(reply: Reply) -> Outcome:
         code = None
     message = document.get("message") if isinstance(document, dict) else None
     title = message if isinstance(message, str) else None
-    if reply.status == 429 or code in RATE_CODES:
+    if code in LIMIT_CODES:
+        kind = OutcomeKind.PERMANENT
+    elif reply.status == 429 or code in RATE_CODES:
         kind = OutcomeKind.RETRYABLE
     else:
         kind = classify_status(reply.status)

@@ -9,7 +9,8 @@
   token is code 104 and a wrong one 190 (HTTP 401); a missing field 131008, a bad value
   131009, an unknown template 132001 (HTTP 400); another phone number id, Graph's code 100.
 * contracts §1.7/§8 item 1: throttling is code 130429 on HTTP 400 by default (§1.7's
-  recommendation); codes 4 and 80007 come with HTTP 429. Meta documents no Retry-After.
+  recommendation); codes 4 and 80007 come with HTTP 429. The status is unsettled, so a
+  test may ask for either. Meta documents no Retry-After.
 * contracts §1.2/§1.5: `send_status` posts the `statuses[]` envelope, signed with
   `X-Hub-Signature-256: sha256=<hex HMAC-SHA256(app_secret, body)>`, echoing the send's
   `biz_opaque_callback_data`; `failed` carries `errors[]` (131026 unless told otherwise).
@@ -139,15 +140,25 @@ class FakeMeta(FakeProvider):
         usual = {500: 131000, 503: 131016, 429: 4, 401: 190, 403: 10}
         return graph_answer(usual.get(status, 1 if status >= 500 else 100), None, status)
 
-    def throttle_answer(self, retry_after_s: float | None, code: int = 130429) -> Answer:
-        answer = graph_answer(code, "Message failed to send because there were too many messages")
+    def throttle_answer(
+        self, retry_after_s: float | None, code: int = 130429, status: int | None = None
+    ) -> Answer:
+        details = "Message failed to send because there were too many messages"
+        answer = graph_answer(code, details, status)
         return Answer(answer.status, answer.body, retry_after(retry_after_s))
 
     def throttle_next(
-        self, n: int = 1, *, retry_after_s: float | None = None, code: int = 130429
+        self,
+        n: int = 1,
+        *,
+        retry_after_s: float | None = None,
+        code: int = 130429,
+        status: int | None = None,
     ) -> None:
-        """Throttling code 130429 (HTTP 400), or 4/80007 (429), 131056 (400) when given."""
-        self._plan(n, self.throttle_answer(retry_after_s, code))
+        """Throttling code 130429 (HTTP 400), or 4/80007 (429), 131056 (400) when given; or
+        one of Meta's other throttling errors (131048 …). `status` overrides the HTTP status,
+        which §8 item 1 leaves unsettled for these codes."""
+        self._plan(n, self.throttle_answer(retry_after_s, code, status))
 
     def reject_answer(self, code: int | str) -> Answer:
         return graph_answer(int(code), f"Rejected by the fake with code {code}")
