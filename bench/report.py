@@ -689,7 +689,8 @@ _PARTS = (
     ("ingest handler", "IngestApp._handle"),
     ("ingest batch write", "SqlStore.insert_events"),
     ("leases", "SqlStore.lease"),
-    ("attempts", "Worker._attempt"),
+    ("attempts", "Attempts._attempt"),
+    ("attempts", "Worker._attempt"),  # its name in profiles made before delivery/attempts.py
     ("of which the HTTP client", "HttpConnector.deliver"),
     ("completions", "PostgresStore.complete"),
 )

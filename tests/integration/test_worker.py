@@ -586,7 +586,7 @@ async def test_a_hand_over_during_a_lease_never_takes_the_slots_the_lease_fills(
         proceed.set()
         assert await stepping == 4
         await worker._start_handed()
-        assert len(worker._in_flight) == 4
+        assert len(worker._attempts.in_flight) == 4
     finally:
         store.lease = lease  # type: ignore[method-assign]
         await worker._shutdown()

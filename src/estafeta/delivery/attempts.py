@@ -1,0 +1,263 @@
+"""The sends in flight: each delivery the worker starts, from its send to its record.
+
+The worker's loop (worker.py) decides what to lease and what to start; each delivery it
+starts is one task here, which
+
+    connector.deliver (bounded by a ceiling) ─► the circuit ─► decide ─► free the slot
+        ─► submit the completed attempt, recorded with others in one batch (group commit)
+
+The slot accounting those tasks change lives here too, because only they change it: the
+sends in flight (all, and per destination, for fair leases and `max_in_flight` caps), those
+whose destination has answered (on stop they record their outcome; only the others may be
+given back unsent) and those whose record is being committed (they hold no slot).
+
+This is the hot path: every attempt runs `start`, `_attempt` and `_finished`, and reads
+nothing but attributes of this object; keep it so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Collection, Sequence
+
+import structlog
+
+from estafeta.clock import Clock
+from estafeta.config import Config
+from estafeta.config.models import DEFAULT_TIMEOUTS_S, SourceConfig
+from estafeta.connectors.registry import Connectors
+from estafeta.delivery.backoff import DEFAULT_BACKOFF, BackoffPolicy
+from estafeta.delivery.breakers import Breakers
+from estafeta.delivery.decision import decide
+from estafeta.delivery.expiry import Expiry
+from estafeta.delivery.model import LeasedDelivery
+from estafeta.delivery.outcome import Outcome, OutcomeKind
+from estafeta.delivery.state import DeliveryState
+from estafeta.errors import StoreUnavailable
+from estafeta.ids import new_id
+from estafeta.messaging.facts import send_destination
+from estafeta.observability.metrics import ATTEMPT_SECONDS, ATTEMPTS, DEAD_LETTERED, series
+from estafeta.store.group_commit import GroupCommitter
+from estafeta.store.records import CompletedAttempt
+from estafeta.store.sqlstore import SqlStore
+
+log = structlog.get_logger("estafeta.worker")
+
+CEILING_MARGIN_S = 1.0  # the per-attempt ceiling over a destination's own timeout
+RETRY_AFTER_FLOOR_S = 1.0  # the least wait after a timeout or a 429
+# On stop, how long a send already answered may take to record its result; past it, its
+# lease expires as if the worker had died (at-least-once), but it is never given back unsent.
+RESULT_GRACE_S = 5.0
+
+
+def attempt_ceilings(config: Config, senders: Sequence[SourceConfig]) -> dict[str, float]:
+    """How long an attempt to each destination (and each provider source's sends) may take
+    at most: its own timeout and a margin, in case its connector does not bound itself."""
+    ceiling = config.worker.max_attempt_s
+    ceilings = {
+        d.id: d.effective_timeout_s(ceiling) + CEILING_MARGIN_S for d in config.destinations
+    }
+    send_timeout_s = min(DEFAULT_TIMEOUTS_S["whatsapp_send"], ceiling)
+    ceilings.update({send_destination(s.id): send_timeout_s + CEILING_MARGIN_S for s in senders})
+    return ceilings
+
+
+class Attempts:
+    """One worker's sends in flight and the recording of their results."""
+
+    def __init__(
+        self,
+        store: SqlStore,
+        *,
+        connectors: Connectors,
+        breakers: Breakers,
+        clock: Clock,
+        rand: Callable[[], float],
+        policies: dict[str, BackoffPolicy],
+        ceilings: dict[str, float],
+        max_attempt_s: float,
+        caps: dict[str, int],
+        slot_freed: asyncio.Event,
+        cap_freed: asyncio.Event,
+        wake: asyncio.Event,
+        worker_id: str,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.breakers = breakers
+        self.worker_id = worker_id
+        self._connectors = connectors
+        self._rand = rand
+        self._policies = policies
+        self._ceilings = ceilings
+        self._max_attempt_s = max_attempt_s
+        self._caps = caps
+        self._slot_freed = slot_freed  # a send ended (the worker's loop may lease again)
+        self._cap_freed = cap_freed  # a capped destination at its cap freed a slot
+        self._wake = wake  # the loop's: set when a key's next delivery may be leased
+        self.in_flight: dict[asyncio.Task[None], LeasedDelivery] = {}
+        # Sends in `in_flight` whose destination has answered (or timed out): on stop they
+        # record their outcome; only the others may be given back as unsent.
+        self._answered: set[asyncio.Task[None]] = set()
+        # Sends in flight per destination: the lease gives free slots to the destinations
+        # with the fewest first, so a slow destination's backlog cannot take every slot.
+        self.sending: dict[str, int] = {}
+        self._completions: GroupCommitter[CompletedAttempt, int] = GroupCommitter(
+            self._flush_completions,
+            max_batch=500,
+            max_concurrent_flushes=1 if store.dialect == "sqlite" else 2,
+        )
+        # Attempts sent whose record is being committed: they no longer hold a slot.
+        self._recording: set[asyncio.Task[None]] = set()
+        self.sent = 0  # attempts made, for reports and tests
+
+    def start(self, loop: asyncio.AbstractEventLoop, delivery: LeasedDelivery) -> None:
+        """Send `delivery` now, in a task of its own (`loop` is the running one: the caller
+        looks it up once per batch, as each lookup is a getpid() call)."""
+        # The attempt starts when the limiter admits it: its `started_at` is then the
+        # moment counted in the destination's window, not a later turn of the loop.
+        task = loop.create_task(self._attempt(delivery, self.clock.now_ms()))
+        self.in_flight[task] = delivery
+        task.add_done_callback(self._finished)
+        self.sending[delivery.destination_id] = self.sending.get(delivery.destination_id, 0) + 1
+
+    # -- one attempt ------------------------------------------------------------------------
+
+    async def _attempt(self, delivery: LeasedDelivery, started_at: int) -> None:
+        outcome = await self._send(delivery)
+        task = asyncio.current_task()
+        if task is not None:
+            self._answered.add(task)
+        self.sent += 1
+        await self._record_circuit(delivery.destination_id, outcome, started_at)
+        series(ATTEMPTS, delivery.destination_id, outcome.kind.value).inc()
+        series(ATTEMPT_SECONDS, delivery.destination_id).observe(outcome.duration_ms / 1000)
+        transition = decide(
+            attempts_before=delivery.attempts,
+            max_attempts=delivery.max_attempts,
+            outcome=outcome,
+            now_ms=self.clock.now_ms(),
+            policy=self._policies.get(delivery.destination_id, DEFAULT_BACKOFF),
+            rand=self._rand(),
+            retry_after_floor_s=RETRY_AFTER_FLOOR_S,
+        )
+        if transition.to_state is DeliveryState.DEAD:
+            DEAD_LETTERED.labels(delivery.destination_id).inc()
+        self._free_slot()
+        try:
+            await self._completions.submit(
+                CompletedAttempt(
+                    delivery=delivery,
+                    outcome=outcome,
+                    transition=transition,
+                    started_at=started_at,
+                    attempt_id=new_id("att", started_at),
+                )
+            )
+        except StoreUnavailable:
+            # The lease expires and the delivery is retried: at-least-once, nothing lost.
+            log.warning("attempt_not_recorded", delivery=delivery.id, worker=self.worker_id)
+
+    async def _record_circuit(self, destination_id: str, outcome: Outcome, started_at: int) -> None:
+        try:
+            await self.breakers.record(
+                destination_id, outcome, started_at=started_at, now_ms=self.clock.now_ms()
+            )
+        except StoreUnavailable:
+            log.warning("circuit_not_recorded", destination=destination_id)
+
+    async def _send(self, delivery: LeasedDelivery) -> Outcome:
+        connector = self._connectors.get(delivery.destination_id)
+        if connector is None:
+            return Outcome(
+                OutcomeKind.PERMANENT,
+                0.0,
+                error_class="unknown_destination",
+                response_excerpt=f"no destination {delivery.destination_id!r} is configured",
+            )
+        ceiling = self._ceilings.get(delivery.destination_id, self._max_attempt_s)
+        started = time.perf_counter()
+        expiry = Expiry(ceiling)
+        try:
+            return await connector.deliver(delivery)
+        except asyncio.CancelledError:
+            if not expiry.ended_it():
+                raise
+            return Outcome(
+                OutcomeKind.RETRYABLE,
+                (time.perf_counter() - started) * 1000,
+                error_class="timeout",
+            )
+        finally:
+            expiry.disarm()
+
+    async def _flush_completions(self, batch: Sequence[CompletedAttempt]) -> list[int]:
+        await self.store.complete(batch, self.clock.now_ms())
+        # The next delivery of a key may be leased once this one left the queue: lease now,
+        # not at the next poll. (A retry stays pending, and its successors wait for it.)
+        if any(
+            c.delivery.ordering_key is not None
+            and c.transition.to_state is not DeliveryState.PENDING
+            for c in batch
+        ):
+            self._wake.set()
+        return [1] * len(batch)
+
+    # -- slots ------------------------------------------------------------------------------
+
+    def _free_slot(self) -> None:
+        """The send is over: its slot may take new work while its record is committed
+        (the lease token guards the record, so nothing waits on it but bookkeeping)."""
+        task = asyncio.current_task()
+        if task is None:
+            return
+        delivery = self.in_flight.pop(task, None)
+        if delivery is not None:
+            self._left_flight(delivery)
+            self._recording.add(task)
+            self._slot_freed.set()
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        delivery = self.in_flight.pop(task, None)
+        if delivery is not None:
+            self._left_flight(delivery)
+        self._answered.discard(task)
+        self._recording.discard(task)
+        self._slot_freed.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("attempt_crashed", exc_info=task.exception())
+
+    def _left_flight(self, delivery: LeasedDelivery) -> None:
+        """A send left `in_flight`: a capped destination that was at its cap has room."""
+        sending = self.sending[delivery.destination_id]
+        self.sending[delivery.destination_id] = sending - 1
+        cap = self._caps.get(delivery.destination_id)
+        if cap is not None and sending >= cap:
+            self._cap_freed.set()
+
+    # -- stopping ---------------------------------------------------------------------------
+
+    async def stop(self, grace_s: float) -> list[LeasedDelivery]:
+        """Let the sends finish for `grace_s`, record what was answered, and return the
+        deliveries of the sends cut short before an answer: unsent, to be given back."""
+        if self.in_flight:
+            await asyncio.wait(list(self.in_flight), timeout=grace_s)
+        # Sends still waiting for an answer are cut short and given back unsent. One already
+        # answered must keep its outcome (given back, it would be sent again): it records it.
+        unfinished = {t: d for t, d in self.in_flight.items() if t not in self._answered}
+        await _cancel(unfinished)
+        if self.in_flight:
+            await asyncio.wait(list(self.in_flight), timeout=RESULT_GRACE_S)
+            await _cancel(list(self.in_flight))  # not recorded: their leases expire
+        await self._completions.close()
+        if self._recording:
+            await asyncio.gather(*self._recording, return_exceptions=True)
+        return list(unfinished.values())
+
+
+async def _cancel(tasks: Collection[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.gather(*tasks, return_exceptions=True)
