@@ -4,9 +4,9 @@ Ingress appends each event to a local journal and fsyncs before it answers 2xx; 
 imports the journal into the store once the store is back. No acknowledged event is lost,
 and a crash at any point loses nothing either:
 
-* A journal is a sequence of segments `<writer>-<seq>.journal`; each record is
-  `[length u32][crc32 u32][JSON]`. A torn tail (a crash mid-append) fails its CRC and is
-  ignored: that request was never answered, because the answer waits for the fsync.
+* A journal is a sequence of segments `<writer>-<seq>.journal` of records framed as
+  `journal.py` says. A torn tail (a crash mid-append) fails its CRC and is ignored: that
+  request was never answered, because the answer waits for the fsync.
 * A failed write or fsync (disk full, EIO) is cut off the segment before anything else is
   appended, so nothing acknowledged lands after a torn record and the refused events are not
   imported; if even the cut fails, the writer leaves that segment for a new one.
@@ -27,11 +27,9 @@ import errno
 import fcntl
 import os
 import socket
-import struct
 import time
-import zlib
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -40,6 +38,7 @@ import msgspec
 import structlog
 
 from estafeta.errors import HttpError, StoreUnavailable
+from estafeta.ingress.journal import decode, encode, framed, read_records
 from estafeta.observability.metrics import SPOOL_QUARANTINED
 from estafeta.store.group_commit import GroupCommitter
 from estafeta.store.records import NewEvent
@@ -47,7 +46,6 @@ from estafeta.store.sqlstore import SqlStore
 
 log = structlog.get_logger("estafeta.spool")
 
-_HEADER = struct.Struct(">II")  # length, crc32
 SEGMENT_BYTES = 16 * 1024 * 1024
 DRAIN_CHUNK = 500
 REMEMBERED_KEYS = 100_000
@@ -58,41 +56,6 @@ class SpoolStats:
     bytes: int
     segments: int
     oldest_at: int | None  # Unix ms of the oldest segment's creation, None when empty
-
-
-def encode(event: NewEvent) -> bytes:
-    return _framed(msgspec.json.encode(event))
-
-
-def _framed(payload: bytes) -> bytes:
-    return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
-
-
-def decode(payload: bytes) -> NewEvent:
-    """An event as `encode` wrote it, its deliveries (and message, escalation) typed too."""
-    return msgspec.json.decode(payload, type=NewEvent)
-
-
-def read_segment(path: Path) -> Iterator[NewEvent]:
-    """The events of a segment, stopping at the first torn or corrupt record."""
-    for payload in read_records(path):
-        yield decode(payload)
-
-
-def read_records(path: Path) -> Iterator[bytes]:
-    """The payload of each whole record of a segment (its checksum right), stopping at the
-    first torn or corrupt one."""
-    data = path.read_bytes()
-    offset = 0
-    while offset + _HEADER.size <= len(data):
-        length, crc = _HEADER.unpack_from(data, offset)
-        start = offset + _HEADER.size
-        payload = data[start : start + length]
-        if len(payload) < length or zlib.crc32(payload) != crc:
-            log.warning("spool_torn_record", segment=path.name, offset=offset)
-            return
-        yield payload
-        offset = start + length
 
 
 class Spool:
@@ -275,7 +238,7 @@ class Spool:
                 events.append(decode(payload))
             except msgspec.MsgspecError as exc:
                 name = f"{segment.stem}-record{index:06d}.journal"
-                await self._quarantine(_framed(payload), name, exc, segment=segment.name)
+                await self._quarantine(framed(payload), name, exc, segment=segment.name)
         return events
 
     async def _import(self, store: SqlStore, events: list[NewEvent], segment: Path) -> int:
