@@ -5,8 +5,8 @@ imports the journal into the store once the store is back. No acknowledged event
 and a crash at any point loses nothing either:
 
 * A journal is a sequence of segments `<writer>-<seq>.journal` of records framed as
-  `journal.py` says. A torn tail (a crash mid-append) fails its CRC and is ignored: that
-  request was never answered, because the answer waits for the fsync.
+  `journal.py` says. A torn tail (a crash mid-append) fails its CRC: that request was never
+  answered, because the answer waits for the fsync.
 * A failed write or fsync (disk full, EIO) is cut off the segment before anything else is
   appended, so nothing acknowledged lands after a torn record and the refused events are not
   imported; if even the cut fails, the writer leaves that segment for a new one.
@@ -15,8 +15,10 @@ and a crash at any point loses nothing either:
   deletes each. A crash mid-drain leaves the segment to be imported again: the store treats
   an event id it already has as a duplicate.
 * Concurrent requests share one write and one fsync (group commit), as the store does.
-* An event the store refuses (anything but `StoreUnavailable`) is moved, as a one-record
-  journal, to `quarantine/` and logged, so that it does not hold back every later one.
+* A segment is deleted only once every byte of it is in the store or in `quarantine/`: an
+  event the store refuses (anything but `StoreUnavailable`), a record that no longer
+  decodes, and bytes that are no whole record (damaged on disk, or a torn tail: the drain
+  cannot tell which) are moved there and logged, and the records after them drain.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import msgspec
 import structlog
 
 from estafeta.errors import HttpError, StoreUnavailable
-from estafeta.ingress.journal import decode, encode, framed, read_records
+from estafeta.ingress.journal import Unreadable, decode, encode, framed, records
 from estafeta.observability.metrics import SPOOL_QUARANTINED
 from estafeta.store.group_commit import GroupCommitter
 from estafeta.store.records import NewEvent
@@ -230,15 +232,29 @@ class Spool:
             handle.close()
 
     async def _decoded(self, segment: Path) -> list[NewEvent]:
-        """The segment's events; a whole record that no longer decodes (written by another
-        version) is quarantined as it is, or it would stop the drain on every round."""
+        """The segment's events. What is not one is quarantined, or it would stop the drain
+        on every round, or go with the segment: a whole record that no longer decodes
+        (written by another version) as it was written, bytes that are no whole record as
+        they are on disk."""
         events: list[NewEvent] = []
-        for index, payload in enumerate(read_records(segment)):
+        index = 0  # of the whole records
+        for item in records(await asyncio.to_thread(segment.read_bytes)):
+            if isinstance(item, Unreadable):
+                await self._quarantine(
+                    item.data,
+                    f"{segment.stem}-offset{item.offset:010d}.unreadable",
+                    "TornRecord" if item.at_end else "CorruptRecord",
+                    segment=segment.name,
+                    offset=item.offset,
+                    bytes=len(item.data),
+                )
+                continue
             try:
-                events.append(decode(payload))
+                events.append(decode(item))
             except msgspec.MsgspecError as exc:
                 name = f"{segment.stem}-record{index:06d}.journal"
-                await self._quarantine(framed(payload), name, exc, segment=segment.name)
+                await self._quarantine(framed(item), name, type(exc).__name__, segment=segment.name)
+            index += 1
         return events
 
     async def _import(self, store: SqlStore, events: list[NewEvent], segment: Path) -> int:
@@ -264,23 +280,23 @@ class Spool:
                 await self._quarantine(
                     encode(event),
                     f"{segment.stem}-{event.id}.journal",
-                    exc,
+                    type(exc).__name__,
                     event_id=event.id,
                     tenant_id=event.tenant_id,
                     source_id=event.source_id,
                 )
         return imported
 
-    async def _quarantine(self, record: bytes, name: str, exc: Exception, **identity: str) -> None:
-        """Keep a record the drain cannot import, durably, where an operator can inspect and
-        re-import it: named after its segment first, it drains again once moved back into
-        the spool. Logged with ids and the error class only: the payload is personal data."""
+    async def _quarantine(
+        self, record: bytes, name: str, error: str, **identity: str | int
+    ) -> None:
+        """Keep what the drain cannot import, durably, where an operator can inspect and
+        re-import it: named after its segment first, a `.journal` drains again once moved
+        back into the spool. Logged with ids, offsets and the error class only: the payload
+        is personal data."""
         target = await asyncio.to_thread(self._write_quarantined, record, name)
         log.error(
-            "spool_event_quarantined",
-            **identity,
-            error=type(exc).__name__,
-            file=f"quarantine/{target.name}",
+            "spool_event_quarantined", **identity, error=error, file=f"quarantine/{target.name}"
         )
         SPOOL_QUARANTINED.inc()
 
