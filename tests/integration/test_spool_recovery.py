@@ -1,9 +1,14 @@
-"""The spool recovers by itself from what a bad disk leaves in its directory: bytes of a
-segment that no longer read back. Nothing acknowledged is dropped: what cannot be imported
-is kept in quarantine/."""
+"""The spool recovers by itself from what a crash or a bad disk leaves in its directory:
+a segment file a crash left before it was named, and bytes of a segment that no longer read
+back. Nothing acknowledged is dropped: what cannot be imported is kept in quarantine/."""
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -119,3 +124,107 @@ async def test_unreadable_bytes_at_the_end_of_a_segment_are_kept_not_deleted(
     assert PERSONAL not in str(logs)
     assert quarantined_total() == before + 1
     await spool.close()
+
+
+# -- a segment a crash left before it was named ---------------------------------------------
+
+
+def leftover(spool_dir: Path, data: bytes = b"") -> Path:
+    """A `.journal.creating` file as a process that died while creating a segment leaves it."""
+    spool_dir.mkdir(exist_ok=True)
+    path = spool_dir / f"{SEGMENT}.creating"
+    path.write_bytes(data)
+    return path
+
+
+async def test_an_empty_segment_left_by_a_crash_is_removed_at_start_and_at_drain(
+    store: SqlStore, tmp_path: Path
+) -> None:
+    spool_dir = tmp_path / "spool"
+    at_start = leftover(spool_dir)
+    spool = Spool(spool_dir, max_bytes=10**6)
+    assert not at_start.exists()
+    later = leftover(spool_dir)  # e.g. a rename that failed (EIO) while this one runs
+    assert await spool.drain(store) == 0
+    assert not later.exists()
+    assert list(spool_dir.iterdir()) == []
+    await spool.close()
+
+
+async def test_a_left_segment_that_holds_records_is_drained_not_deleted(
+    store: SqlStore, tmp_path: Path
+) -> None:
+    """No estafeta writes into a segment before naming it, but if such a file held records
+    they could be acknowledged events: they are imported like any segment's."""
+    spool_dir = tmp_path / "spool"
+    leftover(spool_dir, encode(new_event(1)) + encode(new_event(2)))
+    spool = Spool(spool_dir, max_bytes=10**6)
+    assert await spool.drain(store) == 2
+    assert await stored(store, 1, 2) == [1, 2]
+    assert list(spool_dir.iterdir()) == []
+    await spool.close()
+
+
+@pytest.fixture
+def held_by_another_process(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[str]]]:
+    """An empty `.journal.creating` file that another live process holds locked, as its
+    creator does; the process lets go when its stdin closes."""
+    path = leftover(tmp_path / "spool")
+    script = (
+        "import fcntl, sys\n"
+        "f = open(sys.argv[1], 'ab')\n"
+        "fcntl.flock(f.fileno(), fcntl.LOCK_EX)\n"
+        "print('locked', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", script, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as holder:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        try:
+            yield path, holder
+        finally:
+            holder.kill()  # if the test did not end it
+
+
+async def test_a_segment_another_live_process_is_creating_is_left_alone(
+    store: SqlStore, held_by_another_process: tuple[Path, subprocess.Popen[str]]
+) -> None:
+    path, holder = held_by_another_process
+    spool = Spool(path.parent, max_bytes=10**6)
+    assert await spool.drain(store) == 0
+    assert path.exists()
+    assert holder.stdin is not None
+    holder.stdin.close()  # the creator dies without naming it
+    assert holder.wait() == 0
+    assert await spool.drain(store) == 0
+    assert not path.exists()
+    await spool.close()
+
+
+async def test_a_segment_being_created_is_not_removed_before_its_writer_locks_it(
+    store: SqlStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another `serve` process's drainer that runs between the writer's creating a segment
+    and locking it finds it unlocked and empty, as a crash would leave it: removed then,
+    the writer's append failed with a 503."""
+    spool_dir = tmp_path / "spool"
+    writer = Spool(spool_dir, max_bytes=10**9)
+    other = Spool(spool_dir, max_bytes=10**9)
+    real_flock = fcntl.flock
+
+    def drain_first(fd: int, operation: int) -> None:
+        if operation == fcntl.LOCK_EX:  # the writer's lock on its new segment
+            assert list(spool_dir.glob("*.journal.creating"))  # it exists, unlocked
+            asyncio.run(other.drain(store))  # from the writer's thread: no event loop here
+        real_flock(fd, operation)
+
+    with monkeypatch.context() as race:
+        race.setattr(fcntl, "flock", drain_first)
+        await writer.append(new_event(1))
+    assert await writer.drain(store) == 1
+    assert await stored(store, 1) == [1]
+    await writer.close()

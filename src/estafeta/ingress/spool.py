@@ -11,14 +11,16 @@ and a crash at any point loses nothing either:
   appended, so nothing acknowledged lands after a torn record and the refused events are not
   imported; if even the cut fails, the writer leaves that segment for a new one.
 * The writer holds an exclusive `flock` on its open segment, taken before the segment gets
-  its `.journal` name; a drainer imports only the segments it can lock, in order, then
-  deletes each. A crash mid-drain leaves the segment to be imported again: the store treats
-  an event id it already has as a duplicate.
+  its `.journal` name (`segments.py`); a drainer imports only the segments it can lock, in
+  order, then deletes each. A crash mid-drain leaves the segment to be imported again: the
+  store treats an event id it already has as a duplicate.
 * Concurrent requests share one write and one fsync (group commit), as the store does.
 * A segment is deleted only once every byte of it is in the store or in `quarantine/`: an
   event the store refuses (anything but `StoreUnavailable`), a record that no longer
   decodes, and bytes that are no whole record (damaged on disk, or a torn tail: the drain
   cannot tell which) are moved there and logged, and the records after them drain.
+* A crash between creating a segment and naming it leaves a `.journal.creating` file;
+  `segments.py` clears it at start and before each drain, once no live process holds it.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import msgspec
 import structlog
 
 from estafeta.errors import HttpError, StoreUnavailable
+from estafeta.ingress import segments
 from estafeta.ingress.journal import Unreadable, decode, encode, framed, records
 from estafeta.observability.metrics import SPOOL_QUARANTINED
 from estafeta.store.group_commit import GroupCommitter
@@ -79,6 +82,7 @@ class Spool:
         # the outage gets the original id back instead of a new one that the drain would
         # drop as a duplicate. Bounded: the oldest are forgotten first.
         self._keys: OrderedDict[tuple[str, str, str], str] = OrderedDict()
+        segments.clear_leftovers(self.directory)
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -155,22 +159,10 @@ class Spool:
         self._seq += 1
         # Named by creation time first: sorted names are the order to drain in.
         created = time.time_ns() // 1_000_000
-        path = self.directory / f"{created:013d}-{self._writer}-{self._seq:09d}.journal"
-        # Made under a name no drainer globs, and named only once locked: a drainer that
-        # found it unlocked and empty would delete it under the writer.
-        creating = path.with_name(path.name + ".creating")
-        # Unbuffered: a write that failed must not be retried from a buffer by a later one.
-        handle = open(creating, "ab", buffering=0)  # noqa: SIM115 - lives until rotated
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-            creating.rename(path)
-            _fsync_directory(self.directory)  # the new name itself must survive a crash
-        except OSError:
-            handle.close()
-            raise
-        self._file = handle
+        name = f"{created:013d}-{self._writer}-{self._seq:09d}.journal"
+        self._file = segments.create(self.directory, name)  # locked, lives until rotated
         self._size = 0
-        self._segment = path.name
+        self._segment = name
 
     def _close_segment(self) -> None:
         if self._file is not None:
@@ -201,6 +193,7 @@ class Spool:
         when the store is unreachable."""
         async with self._lock:
             await asyncio.to_thread(self._close_segment)  # so that our own open one drains too
+        await asyncio.to_thread(segments.clear_leftovers, self.directory)
         imported = 0
         for path in sorted(self.directory.glob("*.journal")):
             imported += await self._drain_segment(store, path)
@@ -226,7 +219,7 @@ class Spool:
                 chunk = events[start : start + DRAIN_CHUNK]
                 imported += await self._import(store, chunk, path)
             path.unlink()
-            _fsync_directory(self.directory)
+            segments.fsync_directory(self.directory)
             return imported
         finally:
             handle.close()
@@ -310,8 +303,8 @@ class Spool:
             file.flush()
             os.fsync(file.fileno())
         creating.rename(target)
-        _fsync_directory(directory)
-        _fsync_directory(self.directory)  # quarantine/ itself, when just made
+        segments.fsync_directory(directory)
+        segments.fsync_directory(self.directory)  # quarantine/ itself, when just made
         return target
 
     async def close(self) -> None:
@@ -323,14 +316,6 @@ class Spool:
 def _error_name(exc: OSError) -> str:
     """`ENOSPC`, `EIO` …: what went wrong, without the path."""
     return errno.errorcode.get(exc.errno or 0, type(exc).__name__)
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class SpoolDrainer:
