@@ -15,12 +15,15 @@ import msgspec
 import pytest
 from structlog.testing import capture_logs
 
+from estafeta.errors import StoreUnavailable
 from estafeta.ingress.journal import encode
 from estafeta.ingress.spool import Spool
 from estafeta.observability.metrics import REGISTRY
+from estafeta.store import open_store
 from estafeta.store.records import NewDelivery, NewEvent
 from estafeta.store.sqlstore import SqlStore
 from tests.events import new_event as event_named
+from tests.integration.test_spool import UNREACHABLE
 
 SEGMENT = "0000000000001-host-1-000000001.journal"
 PERSONAL = "Maria da Silva, +5511999990000"  # must never reach a log line
@@ -228,3 +231,34 @@ async def test_a_segment_being_created_is_not_removed_before_its_writer_locks_it
     assert await writer.drain(store) == 1
     assert await stored(store, 1) == [1]
     await writer.close()
+
+
+async def test_while_the_store_is_down_damaged_bytes_are_quarantined_once_not_every_round(
+    store: SqlStore, tmp_path: Path
+) -> None:
+    """The drainer tries every second during an outage; quarantining before the import
+    logged and counted the same damaged bytes again on every try, firing the alert on
+    `estafeta_spool_quarantined_total` while nothing new had happened."""
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    data, bad = damaged("a bit flipped in a payload", [encode(new_event(n)) for n in (1, 2, 3)])
+    (spool_dir / SEGMENT).write_bytes(data)
+    spool = Spool(spool_dir, max_bytes=10**6)
+    unreachable = open_store(UNREACHABLE)
+    before = quarantined_total()
+    try:
+        with capture_logs() as logs:
+            for _ in range(3):
+                with pytest.raises(StoreUnavailable):
+                    await spool.drain(unreachable)
+        assert [e for e in logs if e["event"] == "spool_event_quarantined"] == []
+        assert quarantined_total() == before
+        assert spool.stats().segments == 1  # kept, whole, for when the store is back
+        assert await spool.drain(store) == 2
+    finally:
+        await unreachable.close()
+    assert await stored(store, 1, 2, 3) == [1, 3]
+    [kept] = (spool_dir / "quarantine").iterdir()
+    assert kept.read_bytes() == bad
+    assert quarantined_total() == before + 1
+    await spool.close()

@@ -33,7 +33,7 @@ import os
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -61,6 +61,16 @@ class SpoolStats:
     bytes: int
     segments: int
     oldest_at: int | None  # Unix ms of the oldest segment's creation, None when empty
+
+
+@dataclass(frozen=True, slots=True)
+class _Kept:
+    """What the drain moves to quarantine/ instead of importing, and how it says so."""
+
+    data: bytes
+    name: str  # its file's
+    error: str  # the error class, or what is wrong with the bytes
+    identity: Mapping[str, str | int]  # the ids or the place, for the log line
 
 
 class Spool:
@@ -213,42 +223,19 @@ class Spool:
                 return 0  # another process writes or drains it
             if not path.exists():
                 return 0  # drained by another process between glob and lock
-            events = await self._decoded(path)
+            events, unimportable = _decoded(path.name, await asyncio.to_thread(path.read_bytes))
             imported = 0
             for start in range(0, len(events), DRAIN_CHUNK):
                 chunk = events[start : start + DRAIN_CHUNK]
                 imported += await self._import(store, chunk, path)
+            # Only now: while the store is down, every round would quarantine them again.
+            for kept in unimportable:
+                await self._quarantine(kept)
             path.unlink()
             segments.fsync_directory(self.directory)
             return imported
         finally:
             handle.close()
-
-    async def _decoded(self, segment: Path) -> list[NewEvent]:
-        """The segment's events. What is not one is quarantined, or it would stop the drain
-        on every round, or go with the segment: a whole record that no longer decodes
-        (written by another version) as it was written, bytes that are no whole record as
-        they are on disk."""
-        events: list[NewEvent] = []
-        index = 0  # of the whole records
-        for item in records(await asyncio.to_thread(segment.read_bytes)):
-            if isinstance(item, Unreadable):
-                await self._quarantine(
-                    item.data,
-                    f"{segment.stem}-offset{item.offset:010d}.unreadable",
-                    "TornRecord" if item.at_end else "CorruptRecord",
-                    segment=segment.name,
-                    offset=item.offset,
-                    bytes=len(item.data),
-                )
-                continue
-            try:
-                events.append(decode(item))
-            except msgspec.MsgspecError as exc:
-                name = f"{segment.stem}-record{index:06d}.journal"
-                await self._quarantine(framed(item), name, type(exc).__name__, segment=segment.name)
-            index += 1
-        return events
 
     async def _import(self, store: SqlStore, events: list[NewEvent], segment: Path) -> int:
         """Import a chunk; if the store refuses it, import its events one by one and
@@ -270,26 +257,26 @@ class Spool:
             except StoreUnavailable:
                 raise
             except Exception as exc:  # refused: it would block the spool on every round
-                await self._quarantine(
-                    encode(event),
-                    f"{segment.stem}-{event.id}.journal",
-                    type(exc).__name__,
-                    event_id=event.id,
-                    tenant_id=event.tenant_id,
-                    source_id=event.source_id,
-                )
+                identity = {
+                    "event_id": event.id,
+                    "tenant_id": event.tenant_id,
+                    "source_id": event.source_id,
+                }
+                name = f"{segment.stem}-{event.id}.journal"
+                await self._quarantine(_Kept(encode(event), name, type(exc).__name__, identity))
         return imported
 
-    async def _quarantine(
-        self, record: bytes, name: str, error: str, **identity: str | int
-    ) -> None:
+    async def _quarantine(self, kept: _Kept) -> None:
         """Keep what the drain cannot import, durably, where an operator can inspect and
         re-import it: named after its segment first, a `.journal` drains again once moved
         back into the spool. Logged with ids, offsets and the error class only: the payload
         is personal data."""
-        target = await asyncio.to_thread(self._write_quarantined, record, name)
+        target = await asyncio.to_thread(self._write_quarantined, kept.data, kept.name)
         log.error(
-            "spool_event_quarantined", **identity, error=error, file=f"quarantine/{target.name}"
+            "spool_event_quarantined",
+            **kept.identity,
+            error=kept.error,
+            file=f"quarantine/{target.name}",
         )
         SPOOL_QUARANTINED.inc()
 
@@ -316,6 +303,35 @@ class Spool:
 def _error_name(exc: OSError) -> str:
     """`ENOSPC`, `EIO` …: what went wrong, without the path."""
     return errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+
+
+def _decoded(segment: str, data: bytes) -> tuple[list[NewEvent], list[_Kept]]:
+    """The segment's events, and what to quarantine of it, or it would stop the drain on
+    every round, or go with the segment: a whole record that no longer decodes (written
+    by another version) as it was written, bytes that are no whole record as they are
+    on disk."""
+    stem = segment.removesuffix(".journal")
+    events: list[NewEvent] = []
+    unimportable: list[_Kept] = []
+    index = 0  # of the whole records
+    for item in records(data):
+        if isinstance(item, Unreadable):
+            unimportable.append(
+                _Kept(
+                    item.data,
+                    f"{stem}-offset{item.offset:010d}.unreadable",
+                    "TornRecord" if item.at_end else "CorruptRecord",
+                    {"segment": segment, "offset": item.offset, "bytes": len(item.data)},
+                )
+            )
+            continue
+        try:
+            events.append(decode(item))
+        except msgspec.MsgspecError as exc:
+            name = f"{stem}-record{index:06d}.journal"
+            unimportable.append(_Kept(framed(item), name, type(exc).__name__, {"segment": segment}))
+        index += 1
+    return events, unimportable
 
 
 class SpoolDrainer:
