@@ -27,7 +27,8 @@ from estafeta.api.app import create_app
 from estafeta.config import Config
 from estafeta.errors import HttpError, StoreError, StoreUnavailable
 from estafeta.hub import Hub
-from estafeta.ingress.spool import Spool, encode, read_segment
+from estafeta.ingress.journal import encode, read_segment
+from estafeta.ingress.spool import Spool
 from estafeta.observability.metrics import REGISTRY
 from estafeta.store import engine_url, open_store
 from estafeta.store.ingest import fates

@@ -4,19 +4,23 @@ Ingress appends each event to a local journal and fsyncs before it answers 2xx; 
 imports the journal into the store once the store is back. No acknowledged event is lost,
 and a crash at any point loses nothing either:
 
-* A journal is a sequence of segments `<writer>-<seq>.journal`; each record is
-  `[length u32][crc32 u32][JSON]`. A torn tail (a crash mid-append) fails its CRC and is
-  ignored: that request was never answered, because the answer waits for the fsync.
+* A journal is a sequence of segments `<writer>-<seq>.journal` of records framed as
+  `journal.py` says. A torn tail (a crash mid-append) fails its CRC: that request was never
+  answered, because the answer waits for the fsync.
 * A failed write or fsync (disk full, EIO) is cut off the segment before anything else is
   appended, so nothing acknowledged lands after a torn record and the refused events are not
   imported; if even the cut fails, the writer leaves that segment for a new one.
 * The writer holds an exclusive `flock` on its open segment, taken before the segment gets
-  its `.journal` name; a drainer imports only the segments it can lock, in order, then
-  deletes each. A crash mid-drain leaves the segment to be imported again: the store treats
-  an event id it already has as a duplicate.
+  its `.journal` name (`segments.py`); a drainer imports only the segments it can lock, in
+  order, then deletes each. A crash mid-drain leaves the segment to be imported again: the
+  store treats an event id it already has as a duplicate.
 * Concurrent requests share one write and one fsync (group commit), as the store does.
-* An event the store refuses (anything but `StoreUnavailable`) is moved, as a one-record
-  journal, to `quarantine/` and logged, so that it does not hold back every later one.
+* A segment is deleted only once every byte of it is in the store or in `quarantine/`: an
+  event the store refuses (anything but `StoreUnavailable`), a record that no longer
+  decodes, and bytes that are no whole record (damaged on disk, or a torn tail: the drain
+  cannot tell which) are moved there and logged, and the records after them drain.
+* A crash between creating a segment and naming it leaves a `.journal.creating` file;
+  `segments.py` clears it at start and before each drain, once no live process holds it.
 """
 
 from __future__ import annotations
@@ -27,11 +31,9 @@ import errno
 import fcntl
 import os
 import socket
-import struct
 import time
-import zlib
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -40,6 +42,8 @@ import msgspec
 import structlog
 
 from estafeta.errors import HttpError, StoreUnavailable
+from estafeta.ingress import segments
+from estafeta.ingress.journal import Unreadable, decode, encode, framed, records
 from estafeta.observability.metrics import SPOOL_QUARANTINED
 from estafeta.store.group_commit import GroupCommitter
 from estafeta.store.records import NewEvent
@@ -47,7 +51,6 @@ from estafeta.store.sqlstore import SqlStore
 
 log = structlog.get_logger("estafeta.spool")
 
-_HEADER = struct.Struct(">II")  # length, crc32
 SEGMENT_BYTES = 16 * 1024 * 1024
 DRAIN_CHUNK = 500
 REMEMBERED_KEYS = 100_000
@@ -60,39 +63,14 @@ class SpoolStats:
     oldest_at: int | None  # Unix ms of the oldest segment's creation, None when empty
 
 
-def encode(event: NewEvent) -> bytes:
-    return _framed(msgspec.json.encode(event))
+@dataclass(frozen=True, slots=True)
+class _Kept:
+    """What the drain moves to quarantine/ instead of importing, and how it says so."""
 
-
-def _framed(payload: bytes) -> bytes:
-    return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
-
-
-def decode(payload: bytes) -> NewEvent:
-    """An event as `encode` wrote it, its deliveries (and message, escalation) typed too."""
-    return msgspec.json.decode(payload, type=NewEvent)
-
-
-def read_segment(path: Path) -> Iterator[NewEvent]:
-    """The events of a segment, stopping at the first torn or corrupt record."""
-    for payload in read_records(path):
-        yield decode(payload)
-
-
-def read_records(path: Path) -> Iterator[bytes]:
-    """The payload of each whole record of a segment (its checksum right), stopping at the
-    first torn or corrupt one."""
-    data = path.read_bytes()
-    offset = 0
-    while offset + _HEADER.size <= len(data):
-        length, crc = _HEADER.unpack_from(data, offset)
-        start = offset + _HEADER.size
-        payload = data[start : start + length]
-        if len(payload) < length or zlib.crc32(payload) != crc:
-            log.warning("spool_torn_record", segment=path.name, offset=offset)
-            return
-        yield payload
-        offset = start + length
+    data: bytes
+    name: str  # its file's
+    error: str  # the error class, or what is wrong with the bytes
+    identity: Mapping[str, str | int]  # the ids or the place, for the log line
 
 
 class Spool:
@@ -114,6 +92,7 @@ class Spool:
         # the outage gets the original id back instead of a new one that the drain would
         # drop as a duplicate. Bounded: the oldest are forgotten first.
         self._keys: OrderedDict[tuple[str, str, str], str] = OrderedDict()
+        segments.clear_leftovers(self.directory)
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -190,22 +169,10 @@ class Spool:
         self._seq += 1
         # Named by creation time first: sorted names are the order to drain in.
         created = time.time_ns() // 1_000_000
-        path = self.directory / f"{created:013d}-{self._writer}-{self._seq:09d}.journal"
-        # Made under a name no drainer globs, and named only once locked: a drainer that
-        # found it unlocked and empty would delete it under the writer.
-        creating = path.with_name(path.name + ".creating")
-        # Unbuffered: a write that failed must not be retried from a buffer by a later one.
-        handle = open(creating, "ab", buffering=0)  # noqa: SIM115 - lives until rotated
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-            creating.rename(path)
-            _fsync_directory(self.directory)  # the new name itself must survive a crash
-        except OSError:
-            handle.close()
-            raise
-        self._file = handle
+        name = f"{created:013d}-{self._writer}-{self._seq:09d}.journal"
+        self._file = segments.create(self.directory, name)  # locked, lives until rotated
         self._size = 0
-        self._segment = path.name
+        self._segment = name
 
     def _close_segment(self) -> None:
         if self._file is not None:
@@ -236,6 +203,7 @@ class Spool:
         when the store is unreachable."""
         async with self._lock:
             await asyncio.to_thread(self._close_segment)  # so that our own open one drains too
+        await asyncio.to_thread(segments.clear_leftovers, self.directory)
         imported = 0
         for path in sorted(self.directory.glob("*.journal")):
             imported += await self._drain_segment(store, path)
@@ -255,28 +223,19 @@ class Spool:
                 return 0  # another process writes or drains it
             if not path.exists():
                 return 0  # drained by another process between glob and lock
-            events = await self._decoded(path)
+            events, unimportable = _decoded(path.name, await asyncio.to_thread(path.read_bytes))
             imported = 0
             for start in range(0, len(events), DRAIN_CHUNK):
                 chunk = events[start : start + DRAIN_CHUNK]
                 imported += await self._import(store, chunk, path)
+            # Only now: while the store is down, every round would quarantine them again.
+            for kept in unimportable:
+                await self._quarantine(kept)
             path.unlink()
-            _fsync_directory(self.directory)
+            segments.fsync_directory(self.directory)
             return imported
         finally:
             handle.close()
-
-    async def _decoded(self, segment: Path) -> list[NewEvent]:
-        """The segment's events; a whole record that no longer decodes (written by another
-        version) is quarantined as it is, or it would stop the drain on every round."""
-        events: list[NewEvent] = []
-        for index, payload in enumerate(read_records(segment)):
-            try:
-                events.append(decode(payload))
-            except msgspec.MsgspecError as exc:
-                name = f"{segment.stem}-record{index:06d}.journal"
-                await self._quarantine(_framed(payload), name, exc, segment=segment.name)
-        return events
 
     async def _import(self, store: SqlStore, events: list[NewEvent], segment: Path) -> int:
         """Import a chunk; if the store refuses it, import its events one by one and
@@ -298,25 +257,25 @@ class Spool:
             except StoreUnavailable:
                 raise
             except Exception as exc:  # refused: it would block the spool on every round
-                await self._quarantine(
-                    encode(event),
-                    f"{segment.stem}-{event.id}.journal",
-                    exc,
-                    event_id=event.id,
-                    tenant_id=event.tenant_id,
-                    source_id=event.source_id,
-                )
+                identity = {
+                    "event_id": event.id,
+                    "tenant_id": event.tenant_id,
+                    "source_id": event.source_id,
+                }
+                name = f"{segment.stem}-{event.id}.journal"
+                await self._quarantine(_Kept(encode(event), name, type(exc).__name__, identity))
         return imported
 
-    async def _quarantine(self, record: bytes, name: str, exc: Exception, **identity: str) -> None:
-        """Keep a record the drain cannot import, durably, where an operator can inspect and
-        re-import it: named after its segment first, it drains again once moved back into
-        the spool. Logged with ids and the error class only: the payload is personal data."""
-        target = await asyncio.to_thread(self._write_quarantined, record, name)
+    async def _quarantine(self, kept: _Kept) -> None:
+        """Keep what the drain cannot import, durably, where an operator can inspect and
+        re-import it: named after its segment first, a `.journal` drains again once moved
+        back into the spool. Logged with ids, offsets and the error class only: the payload
+        is personal data."""
+        target = await asyncio.to_thread(self._write_quarantined, kept.data, kept.name)
         log.error(
             "spool_event_quarantined",
-            **identity,
-            error=type(exc).__name__,
+            **kept.identity,
+            error=kept.error,
             file=f"quarantine/{target.name}",
         )
         SPOOL_QUARANTINED.inc()
@@ -331,8 +290,8 @@ class Spool:
             file.flush()
             os.fsync(file.fileno())
         creating.rename(target)
-        _fsync_directory(directory)
-        _fsync_directory(self.directory)  # quarantine/ itself, when just made
+        segments.fsync_directory(directory)
+        segments.fsync_directory(self.directory)  # quarantine/ itself, when just made
         return target
 
     async def close(self) -> None:
@@ -346,12 +305,33 @@ def _error_name(exc: OSError) -> str:
     return errno.errorcode.get(exc.errno or 0, type(exc).__name__)
 
 
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _decoded(segment: str, data: bytes) -> tuple[list[NewEvent], list[_Kept]]:
+    """The segment's events, and what to quarantine of it, or it would stop the drain on
+    every round, or go with the segment: a whole record that no longer decodes (written
+    by another version) as it was written, bytes that are no whole record as they are
+    on disk."""
+    stem = segment.removesuffix(".journal")
+    events: list[NewEvent] = []
+    unimportable: list[_Kept] = []
+    index = 0  # of the whole records
+    for item in records(data):
+        if isinstance(item, Unreadable):
+            unimportable.append(
+                _Kept(
+                    item.data,
+                    f"{stem}-offset{item.offset:010d}.unreadable",
+                    "TornRecord" if item.at_end else "CorruptRecord",
+                    {"segment": segment, "offset": item.offset, "bytes": len(item.data)},
+                )
+            )
+            continue
+        try:
+            events.append(decode(item))
+        except msgspec.MsgspecError as exc:
+            name = f"{stem}-record{index:06d}.journal"
+            unimportable.append(_Kept(framed(item), name, type(exc).__name__, {"segment": segment}))
+        index += 1
+    return events, unimportable
 
 
 class SpoolDrainer:

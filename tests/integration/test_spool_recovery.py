@@ -1,0 +1,264 @@
+"""The spool recovers by itself from what a crash or a bad disk leaves in its directory:
+a segment file a crash left before it was named, and bytes of a segment that no longer read
+back. Nothing acknowledged is dropped: what cannot be imported is kept in quarantine/."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+from structlog.testing import capture_logs
+
+from estafeta.errors import StoreUnavailable
+from estafeta.ingress.journal import encode
+from estafeta.ingress.spool import Spool
+from estafeta.observability.metrics import REGISTRY
+from estafeta.store import open_store
+from estafeta.store.records import NewDelivery, NewEvent
+from estafeta.store.sqlstore import SqlStore
+from tests.events import new_event as event_named
+from tests.integration.test_spool import UNREACHABLE
+
+SEGMENT = "0000000000001-host-1-000000001.journal"
+PERSONAL = "Maria da Silva, +5511999990000"  # must never reach a log line
+
+
+def new_event(n: int) -> NewEvent:
+    event = event_named(
+        f"evt_{n:026d}",
+        NewDelivery(id=f"dlv_{n:026d}", destination_id="crm", priority=1, max_attempts=3),
+    )
+    return msgspec.structs.replace(event, payload=f'{{"n":{n},"from":"{PERSONAL}"}}')
+
+
+async def stored(store: SqlStore, *numbers: int) -> list[int]:
+    return [n for n in numbers if await store.get_event(f"evt_{n:026d}", None) is not None]
+
+
+def quarantined_total() -> float:
+    return REGISTRY.get_sample_value("estafeta_spool_quarantined_total") or 0
+
+
+def flip_bit(record: bytes, at: int) -> bytes:
+    return record[:at] + bytes([record[at] ^ 0x04]) + record[at + 1 :]
+
+
+# -- a record damaged on disk ---------------------------------------------------------------
+
+
+def damaged(kind: str, records: list[bytes]) -> tuple[bytes, bytes]:
+    """The segment with the records 1..5, damaged as `kind` says, and the bytes that no
+    longer read back (what quarantine/ must then hold, exactly)."""
+    two, three = records[1], records[2]
+    if kind == "a bit flipped in a payload":
+        bad = flip_bit(two, len(two) // 2)
+        return records[0] + bad + b"".join(records[2:]), bad
+    if kind == "a bit flipped in a length":  # it now claims more bytes than the file has
+        bad = flip_bit(two, 0)
+        return records[0] + bad + b"".join(records[2:]), bad
+    # A zeroed run (a bad sector) from inside record 2 to inside record 3.
+    bad = two[:20] + bytes(len(two) - 20 + 30) + three[30:]
+    return records[0] + bad + b"".join(records[3:]), bad
+
+
+@pytest.mark.parametrize(
+    "kind", ["a bit flipped in a payload", "a bit flipped in a length", "a zeroed sector"]
+)
+async def test_a_corrupt_record_is_quarantined_and_every_record_after_it_drains(
+    store: SqlStore, tmp_path: Path, kind: str
+) -> None:
+    """Bit rot in the middle of a segment used to end its read there: the drain imported the
+    records before it and deleted the segment, so the acknowledged events after it were lost
+    with only a `spool_torn_record` warning."""
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    segment = spool_dir / SEGMENT
+    data, bad = damaged(kind, [encode(new_event(n)) for n in range(1, 6)])
+    segment.write_bytes(data)
+    before = quarantined_total()
+    spool = Spool(spool_dir, max_bytes=10**6)
+    with capture_logs() as logs:
+        drained = await spool.drain(store)
+    intact = [1, 3, 4, 5] if kind != "a zeroed sector" else [1, 4, 5]
+    assert drained == len(intact)
+    assert await stored(store, 1, 2, 3, 4, 5) == intact
+    assert spool.stats().segments == 0
+    [kept] = (spool_dir / "quarantine").iterdir()
+    offset = len(encode(new_event(1)))
+    assert (kept.name, kept.read_bytes()) == (f"{segment.stem}-offset{offset:010d}.unreadable", bad)
+    [line] = [entry for entry in logs if entry["event"] == "spool_event_quarantined"]
+    assert (line["segment"], line["offset"], line["bytes"]) == (segment.name, offset, len(bad))
+    assert (line["error"], line["file"]) == ("CorruptRecord", f"quarantine/{kept.name}")
+    assert PERSONAL not in str(logs)
+    assert quarantined_total() == before + 1
+    assert await spool.drain(store) == 0  # and nothing is left to trip over
+    await spool.close()
+
+
+@pytest.mark.parametrize("tail", ["a corrupt last record", "a record cut short"])
+async def test_unreadable_bytes_at_the_end_of_a_segment_are_kept_not_deleted(
+    store: SqlStore, tmp_path: Path, tail: str
+) -> None:
+    """The last record of a segment may be bit rot in an acknowledged event as well as the
+    torn append of a crash, whose request was never answered: the drain cannot tell, so it
+    keeps those bytes in quarantine/ rather than delete them with the segment."""
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    last = encode(new_event(3))
+    bad = flip_bit(last, len(last) - 5) if tail == "a corrupt last record" else last[:-7]
+    whole = encode(new_event(1)) + encode(new_event(2))
+    (spool_dir / SEGMENT).write_bytes(whole + bad)
+    before = quarantined_total()
+    spool = Spool(spool_dir, max_bytes=10**6)
+    with capture_logs() as logs:
+        assert await spool.drain(store) == 2
+    assert await stored(store, 1, 2, 3) == [1, 2]
+    assert spool.stats().segments == 0
+    [kept] = (spool_dir / "quarantine").iterdir()
+    assert kept.read_bytes() == bad
+    [line] = [entry for entry in logs if entry["event"] == "spool_event_quarantined"]
+    assert (line["error"], line["offset"]) == ("TornRecord", len(whole))
+    assert PERSONAL not in str(logs)
+    assert quarantined_total() == before + 1
+    await spool.close()
+
+
+# -- a segment a crash left before it was named ---------------------------------------------
+
+
+def leftover(spool_dir: Path, data: bytes = b"") -> Path:
+    """A `.journal.creating` file as a process that died while creating a segment leaves it."""
+    spool_dir.mkdir(exist_ok=True)
+    path = spool_dir / f"{SEGMENT}.creating"
+    path.write_bytes(data)
+    return path
+
+
+async def test_an_empty_segment_left_by_a_crash_is_removed_at_start_and_at_drain(
+    store: SqlStore, tmp_path: Path
+) -> None:
+    spool_dir = tmp_path / "spool"
+    at_start = leftover(spool_dir)
+    spool = Spool(spool_dir, max_bytes=10**6)
+    assert not at_start.exists()
+    later = leftover(spool_dir)  # e.g. a rename that failed (EIO) while this one runs
+    assert await spool.drain(store) == 0
+    assert not later.exists()
+    assert list(spool_dir.iterdir()) == []
+    await spool.close()
+
+
+async def test_a_left_segment_that_holds_records_is_drained_not_deleted(
+    store: SqlStore, tmp_path: Path
+) -> None:
+    """No estafeta writes into a segment before naming it, but if such a file held records
+    they could be acknowledged events: they are imported like any segment's."""
+    spool_dir = tmp_path / "spool"
+    leftover(spool_dir, encode(new_event(1)) + encode(new_event(2)))
+    spool = Spool(spool_dir, max_bytes=10**6)
+    assert await spool.drain(store) == 2
+    assert await stored(store, 1, 2) == [1, 2]
+    assert list(spool_dir.iterdir()) == []
+    await spool.close()
+
+
+@pytest.fixture
+def held_by_another_process(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[str]]]:
+    """An empty `.journal.creating` file that another live process holds locked, as its
+    creator does; the process lets go when its stdin closes."""
+    path = leftover(tmp_path / "spool")
+    script = (
+        "import fcntl, sys\n"
+        "f = open(sys.argv[1], 'ab')\n"
+        "fcntl.flock(f.fileno(), fcntl.LOCK_EX)\n"
+        "print('locked', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", script, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as holder:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        try:
+            yield path, holder
+        finally:
+            holder.kill()  # if the test did not end it
+
+
+async def test_a_segment_another_live_process_is_creating_is_left_alone(
+    store: SqlStore, held_by_another_process: tuple[Path, subprocess.Popen[str]]
+) -> None:
+    path, holder = held_by_another_process
+    spool = Spool(path.parent, max_bytes=10**6)
+    assert await spool.drain(store) == 0
+    assert path.exists()
+    assert holder.stdin is not None
+    holder.stdin.close()  # the creator dies without naming it
+    assert holder.wait() == 0
+    assert await spool.drain(store) == 0
+    assert not path.exists()
+    await spool.close()
+
+
+async def test_a_segment_being_created_is_not_removed_before_its_writer_locks_it(
+    store: SqlStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another `serve` process's drainer that runs between the writer's creating a segment
+    and locking it finds it unlocked and empty, as a crash would leave it: removed then,
+    the writer's append failed with a 503."""
+    spool_dir = tmp_path / "spool"
+    writer = Spool(spool_dir, max_bytes=10**9)
+    other = Spool(spool_dir, max_bytes=10**9)
+    real_flock = fcntl.flock
+
+    def drain_first(fd: int, operation: int) -> None:
+        if operation == fcntl.LOCK_EX:  # the writer's lock on its new segment
+            assert list(spool_dir.glob("*.journal.creating"))  # it exists, unlocked
+            asyncio.run(other.drain(store))  # from the writer's thread: no event loop here
+        real_flock(fd, operation)
+
+    with monkeypatch.context() as race:
+        race.setattr(fcntl, "flock", drain_first)
+        await writer.append(new_event(1))
+    assert await writer.drain(store) == 1
+    assert await stored(store, 1) == [1]
+    await writer.close()
+
+
+async def test_while_the_store_is_down_damaged_bytes_are_quarantined_once_not_every_round(
+    store: SqlStore, tmp_path: Path
+) -> None:
+    """The drainer tries every second during an outage; quarantining before the import
+    logged and counted the same damaged bytes again on every try, firing the alert on
+    `estafeta_spool_quarantined_total` while nothing new had happened."""
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    data, bad = damaged("a bit flipped in a payload", [encode(new_event(n)) for n in (1, 2, 3)])
+    (spool_dir / SEGMENT).write_bytes(data)
+    spool = Spool(spool_dir, max_bytes=10**6)
+    unreachable = open_store(UNREACHABLE)
+    before = quarantined_total()
+    try:
+        with capture_logs() as logs:
+            for _ in range(3):
+                with pytest.raises(StoreUnavailable):
+                    await spool.drain(unreachable)
+        assert [e for e in logs if e["event"] == "spool_event_quarantined"] == []
+        assert quarantined_total() == before
+        assert spool.stats().segments == 1  # kept, whole, for when the store is back
+        assert await spool.drain(store) == 2
+    finally:
+        await unreachable.close()
+    assert await stored(store, 1, 2, 3) == [1, 3]
+    [kept] = (spool_dir / "quarantine").iterdir()
+    assert kept.read_bytes() == bad
+    assert quarantined_total() == before + 1
+    await spool.close()
