@@ -6,6 +6,7 @@
     │   ├── StoreUnavailable   the store cannot be reached (connection refused, timeout)
     │   └── StoreRejected      the data breaks one of the schema's constraints
     ├── FilterSyntaxError      a route filter expression does not parse
+    ├── ServeError             the HTTP server could not start (its address in use …)
     └── HttpError              the only error that reaches an HTTP client: status, error, detail
 
 Foreign exceptions (aiohttp, asyncpg, sqlite3 ...) are translated at the boundary where they
@@ -63,6 +64,10 @@ class FilterSyntaxError(EstafetaError):
         self.position = position
         self.reason = message
         super().__init__(f"{message} (at character {position})")
+
+
+class ServeError(EstafetaError):
+    """The HTTP server could not start listening."""
 
 
 class HttpError(EstafetaError):

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import signal
+import socket
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
@@ -18,7 +19,7 @@ from estafeta.clock import SystemClock
 from estafeta.config import Config
 from estafeta.connectors.registry import unavailable_kinds
 from estafeta.delivery.worker import Worker
-from estafeta.errors import ConfigError
+from estafeta.errors import ConfigError, ServeError
 from estafeta.http_protocol import OneWriteHttpToolsProtocol
 from estafeta.hub import Hub
 from estafeta.ingress.spool import Spool
@@ -74,11 +75,28 @@ async def prepared_store(config: Config, *, migrate: bool = True) -> SqlStore:
 
 
 class GracefulServer(uvicorn.Server):
-    """uvicorn, minus re-raising SIGTERM/SIGINT after its graceful shutdown.
+    """uvicorn, minus re-raising SIGTERM/SIGINT after its graceful shutdown, and with a
+    start that failed raised as a ServeError.
 
     uvicorn re-raises a captured signal once it has stopped, so that an embedding program
     dies of it; estafeta owns the process, and a stop that finished cleanly exits 0.
+    A start that fails (the address in use or not permitted) makes uvicorn log why and exit
+    with status 3, which is estafeta's status for a store that cannot be reached: it is
+    raised as a ServeError instead (status 2), naming the address.
     """
+
+    def __init__(self, config: uvicorn.Config, *, on_started: Callable[[], None] | None) -> None:
+        super().__init__(config)
+        self._on_started = on_started
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        try:
+            await super().startup(sockets=sockets)
+        except SystemExit:
+            where = f"{self.config.host}:{self.config.port}"
+            raise ServeError(f"cannot serve on {where}: see the error above") from None
+        if self.started and self._on_started is not None:
+            self._on_started()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -93,7 +111,14 @@ class GracefulServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def uvicorn_server(app: Any, listen: str, *, max_concurrent_requests: int = 4096) -> uvicorn.Server:
+def uvicorn_server(
+    app: Any,
+    listen: str,
+    *,
+    max_concurrent_requests: int = 4096,
+    on_started: Callable[[], None] | None = None,
+) -> uvicorn.Server:
+    """The server of `app` on `listen`; `on_started` is called once it listens."""
     host, port = split_listen(listen)
     settings = uvicorn.Config(
         app,
@@ -108,7 +133,7 @@ def uvicorn_server(app: Any, listen: str, *, max_concurrent_requests: int = 4096
         # Bounded memory under any load: past this many requests at once, answer 503.
         limit_concurrency=max_concurrent_requests,
     )
-    return GracefulServer(settings)
+    return GracefulServer(settings, on_started=on_started)
 
 
 async def serve(config: Config, *, run_workers: bool = True, migrate: bool = True) -> None:
@@ -120,10 +145,13 @@ async def serve(config: Config, *, run_workers: bool = True, migrate: bool = Tru
             create_app(hub, run_workers=run_workers),
             config.server.listen,
             max_concurrent_requests=config.server.max_concurrent_requests,
+            # Once it listens: the workers start before, and stop if it cannot.
+            on_started=lambda: log.info(
+                "serving", listen=config.server.listen, workers=run_workers, engine=store.dialect
+            ),
         )
         gc.collect()
         gc.freeze()  # the app, the store and the configuration live as long as the process
-        log.info("serving", listen=config.server.listen, workers=run_workers, engine=store.dialect)
         await server.serve()  # uvicorn turns SIGTERM/SIGINT into a graceful shutdown
     finally:
         await store.close()

@@ -2,13 +2,16 @@
 
 A task that raises is logged at once with its traceback (`task_crashed`) and started again
 after a pause that doubles up to 30 s, until the process is asked to stop; a loop that dies
-silently would leave a hub that answers 202 and delivers nothing.
+silently would leave a hub that answers 202 and delivers nothing. The pause starts again
+from the first after a run of 30 s or more: it is there for a task that keeps dying at once,
+not to hold back one that crashed once after working well for hours.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -25,10 +28,12 @@ async def supervised(
     stop: asyncio.Event,
     *,
     first_pause_s: float = FIRST_PAUSE_S,
+    monotonic: Callable[[], float] = time.monotonic,
 ) -> None:
     """Run `start()` until it returns; restart it whenever it raises, until `stop` is set."""
     pause = first_pause_s
     while True:
+        started = monotonic()
         try:
             await start()
             return
@@ -36,6 +41,8 @@ async def supervised(
             if stop.is_set():
                 log.error("task_crashed", task=name, restarting=False, exc_info=exc)
                 return
+            if monotonic() - started >= LONGEST_PAUSE_S:
+                pause = first_pause_s  # it had been working: not the crash loop pauses are for
             log.error("task_crashed", task=name, restart_in_s=pause, exc_info=exc)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), pause)

@@ -4,6 +4,7 @@ graceful stop of `serve` while a send is in flight."""
 from __future__ import annotations
 
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,29 @@ async def test_serve_refuses_a_destination_kind_it_cannot_deliver_to(tmp_path: P
     assert result.returncode == 2, result
     assert "destinations[1].kind: destination kind 'airtable' is not available" in result.stderr
     assert not (tmp_path / "estafeta.db").exists()
+
+
+async def test_serve_on_an_address_in_use_says_so_and_does_not_claim_to_serve(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    config = hub_config(
+        f"sqlite:///{tmp_path / 'estafeta.db'}",
+        tmp_path,
+        port=port,
+        destinations=[http_destination("crm", "http://127.0.0.1:9/crm")],
+        routes=[{"tenant": TENANT, "events": ["lead.*"], "destinations": ["crm"]}],
+    )
+    path = write_config(tmp_path / "estafeta.toml", config)
+    with socket.create_server(("127.0.0.1", port)):  # another program holds the port
+        result = await run_cli("serve", "--config", str(path), cwd=tmp_path, timeout_s=30)
+
+    # Exit 3 says "the store cannot be reached" (uvicorn's own startup-failure status is 3
+    # too): an operator, or a supervisor acting on the status, would look at the database.
+    assert result.returncode == 2, result
+    assert f"error: cannot serve on 127.0.0.1:{port}" in result.stderr, result.stderr
+    assert "address already in use" in result.stderr, result.stderr
+    assert '"event":"serving"' not in result.stderr, result.stderr
 
 
 async def test_check_config_points_at_the_line_of_a_toml_syntax_error(tmp_path: Path) -> None:

@@ -6,7 +6,8 @@ adds only what a fault needs:
 
 * `chaos_database`: a fresh PostgreSQL database for one test (dropped afterwards);
 * `TcpProxy`: an asyncio TCP proxy on 127.0.0.1 between estafeta and PostgreSQL that a test
-  cuts (listener closed, every proxied connection aborted, new ones refused) and restores;
+  cuts (listener closed, every proxied connection aborted, new ones refused) and restores,
+  or freezes (connections stay open and nothing answers: a hung server) and thaws;
 * `RedisProcess`: a `redis-server` of the test's own, killed and restarted on the same port
   (the shared Redis on 6379 and the shared PostgreSQL are never stopped);
 * `Load`: a sender of signed webhooks that retries a request that failed with a connection
@@ -83,7 +84,9 @@ class TcpProxy:
 
     Cut means what a crashed or partitioned database looks like to a client that is told at
     once: the listener is closed (new connections are refused) and every proxied connection
-    is aborted (RST) on both sides.
+    is aborted (RST) on both sides. Frozen means what a hung one (a stopped process, a
+    network that drops packets) looks like: connections are accepted and kept, and nothing
+    is forwarded either way until `thaw()`.
     """
 
     def __init__(self, target_host: str, target_port: int) -> None:
@@ -94,6 +97,8 @@ class TcpProxy:
         self._links: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self._pipes: set[asyncio.Task[None]] = set()
         self._cut = False
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
@@ -112,6 +117,12 @@ class TcpProxy:
             pipe.cancel()
         await asyncio.gather(*self._pipes, return_exceptions=True)
 
+    def freeze(self) -> None:
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        self._flowing.set()
+
     async def restore(self) -> None:
         """Listen again on the same port (SO_REUSEADDR is asyncio's default on Unix)."""
         self._cut = False
@@ -122,8 +133,10 @@ class TcpProxy:
 
     async def close(self) -> None:
         await self.cut()
+        self.thaw()  # connections waiting to be forwarded see the cut and are aborted
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._flowing.wait()
         if self._cut:
             writer.transport.abort()
             return
@@ -157,10 +170,10 @@ class TcpProxy:
             for w in link:
                 w.transport.abort()
 
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError, ConnectionError):
             while chunk := await reader.read(65536):
+                await self._flowing.wait()
                 writer.write(chunk)
                 await writer.drain()
 

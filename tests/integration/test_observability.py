@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -11,9 +13,13 @@ from structlog.testing import capture_logs
 from estafeta.api.app import create_app
 from estafeta.config import Config, load_config_dict
 from estafeta.hub import Hub
+from estafeta.ingress.spool import Spool
 from estafeta.observability.monitor import BacklogMonitor
+from estafeta.observability.reads import READ_TIMEOUT_S
+from estafeta.store import open_store
 from estafeta.store.sqlstore import SqlStore
-from tests.conftest import base_config, lease_any
+from tests.chaos.conftest import TcpProxy, pg_target, via_proxy
+from tests.conftest import base_config, fresh_database, lease_any
 from tests.integration.redis_support import RedisServer
 
 ADMIN = {"authorization": "Bearer test-admin-key"}
@@ -100,3 +106,72 @@ async def test_detailed_health_reports_redis_and_stays_up_without_it(
     redis_check = r.json()["checks"]["redis"]
     assert redis_check["status"] == "unavailable" and "per process" in redis_check["effect"]
     assert r.json()["checks"]["store"]["status"] == "ok"
+
+
+@pytest.fixture
+async def proxied_hub(tmp_path: Path) -> AsyncIterator[tuple[Hub, TcpProxy]]:
+    """A hub whose PostgreSQL is reached through a proxy the test can cut or freeze, with a
+    spool, as `estafeta serve` has."""
+    proxy = TcpProxy(*pg_target())
+    await proxy.start()
+    with fresh_database("estafeta_observability") as database_url:
+        config = load_config_dict(base_config(via_proxy(database_url, proxy.port)))
+        store = open_store(config.storage.url)
+        await store.migrate()
+        await store.sync_config(config, 1_700_000_000_000)
+        hub = Hub(config, store, spool=Spool(tmp_path / "spool", max_bytes=1 << 20))
+        try:
+            yield hub, proxy
+        finally:
+            proxy.thaw()
+            await hub.close()
+            await store.close()
+            await proxy.close()
+
+
+@pytest.mark.postgres
+async def test_detailed_health_answers_in_bounded_time_when_the_store_hangs(
+    proxied_hub: tuple[Hub, TcpProxy],
+) -> None:
+    hub, proxy = proxied_hub
+    transport = httpx.ASGITransport(app=create_app(hub))
+    async with httpx.AsyncClient(transport=transport, base_url="http://hub", timeout=60) as http:
+        assert (await http.get("/health/detailed", headers=ADMIN)).status_code == 200
+        proxy.freeze()  # the database stops answering; its connections stay open
+        started = time.monotonic()
+        r = await http.get("/health/detailed", headers=ADMIN)
+        elapsed = time.monotonic() - started
+    # A probe gives up after a few seconds: without a bound this took the driver's 30 s
+    # command timeout and more, and the probe learnt nothing.
+    assert elapsed < READ_TIMEOUT_S + 2, elapsed
+    assert (r.status_code, r.json()["status"]) == (503, "degraded")
+    assert r.json()["checks"]["store"]["status"] == "unavailable"
+
+
+@pytest.mark.postgres
+async def test_metrics_are_served_while_the_store_is_unreachable(
+    proxied_hub: tuple[Hub, TcpProxy],
+) -> None:
+    hub, proxy = proxied_hub
+    await accept(hub, 1)
+    transport = httpx.ASGITransport(app=create_app(hub))
+    async with httpx.AsyncClient(transport=transport, base_url="http://hub", timeout=60) as http:
+        await proxy.cut()
+        await accept(hub, 2)  # spooled: the store cannot be reached
+        cut = await http.get("/metrics")
+        await proxy.restore()
+        await http.get("/metrics")  # the store answers again
+        proxy.freeze()
+        started = time.monotonic()
+        frozen = await http.get("/metrics")
+        elapsed = time.monotonic() - started
+    # What the operator alerts on during an outage (the spool filling, events spooled) is in
+    # the scrape; the queue depth, which only the store knows, is left out rather than stale.
+    assert cut.status_code == 200, cut.text
+    assert "estafeta_spool_segments 1.0" in cut.text
+    assert 'estafeta_events_accepted_total{outcome="spooled",source="crm-events"} 2.0' in cut.text
+    assert 'estafeta_events_accepted_total{outcome="stored",source="crm-events"}' in cut.text
+    assert "estafeta_deliveries{" not in cut.text
+    assert elapsed < READ_TIMEOUT_S + 2, elapsed
+    assert frozen.status_code == 200 and "estafeta_spool_segments" in frozen.text
+    assert "estafeta_deliveries{" not in frozen.text

@@ -183,3 +183,42 @@ async def test_two_serve_processes_with_redis_answer_429_past_the_shared_limit(
         for hub in hubs:
             await hub.close()
     assert (first, second) == ([202, 202, 202], [202, 429, 429])
+
+
+async def test_a_process_idle_until_now_does_not_admit_what_another_already_spent(
+    store: SqlStore, database_url: str, own_redis: RedisServer
+) -> None:
+    """A process decides from the other processes' counts as it last read them; one that had
+    no requests for a while (or just started) has read nothing recent and, unless it reads
+    first, admits the tenant's whole budget again: two processes, twice the limit."""
+    data = base_config(database_url)
+    data["tenants"][0]["ingress_rate_limit"] = "4/minute"
+    data["redis"] = {"url": own_redis.url}
+    config = load_config_dict(data)
+    busy, idle = Hub(config, store), Hub(config, store)
+    redis_client = redis.asyncio.Redis.from_url(own_redis.url)
+
+    async def post(hub: Hub, i: int) -> httpx.Response:
+        transport = httpx.ASGITransport(app=create_app(hub))
+        async with httpx.AsyncClient(transport=transport, base_url="http://hub") as http:
+            return await http.post(
+                "/in/crm-events", content=MESSAGE, headers=signed(MESSAGE, f"m{i}")
+            )
+
+    async def shared_count() -> int:
+        keys = [k async for k in redis_client.scan_iter(match="estafeta:ingress:clinica-sol:*")]
+        return sum(int(v or 0) for v in await redis_client.mget(keys)) if keys else 0
+
+    try:
+        assert [(await post(busy, i)).status_code for i in range(4)] == [202] * 4
+        async with asyncio.timeout(5):  # the busy process shares its counts by itself
+            while await shared_count() < 4:
+                await asyncio.sleep(0.02)
+        refused = [await post(idle, i) for i in range(4, 6)]
+    finally:
+        for hub in (busy, idle):
+            await hub.close()
+        await redis_client.aclose()
+    assert [r.status_code for r in refused] == [429, 429]
+    # The budget is spent until enough of this minute's requests slide out of the window.
+    assert all(1 <= int(r.headers["retry-after"]) <= 60 for r in refused)

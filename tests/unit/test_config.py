@@ -737,6 +737,17 @@ def test_an_invalid_secret_is_not_echoed_in_the_error(tmp_path: Path) -> None:
     assert not any("TOP-SECRET" in line for line in problems(tmp_path, text))
 
 
+def test_an_invalid_url_is_echoed_without_its_credentials_or_path(tmp_path: Path) -> None:
+    # `check-config` and every command print this at start-up, to a terminal or a CI log; a
+    # hook URL often carries its credentials (user:password@) or a token in its path.
+    url = "ftp://crm:DEST-PASSWORD@crm.example:2121/hooks/PATH-TOKEN?key=QUERY-TOKEN"
+    text = TENANT + DESTINATION.replace("https://crm.example/hooks", url)
+    assert problems(tmp_path, text) == [
+        "destinations[0].url: invalid URL 'ftp://crm.example:2121/…': "
+        "must start with http:// or https://"
+    ]
+
+
 # ── config.example.toml ───────────────────────────────────────────────────────────────────
 
 

@@ -38,3 +38,26 @@ async def test_a_stopped_supervisor_does_not_restart() -> None:
     with capture_logs():
         await supervised("failing", failing, stop, first_pause_s=0.001)
     assert runs == 1
+
+
+async def test_a_task_that_ran_well_for_a_while_is_restarted_after_the_first_pause() -> None:
+    """The doubling pause is for a task that keeps dying at once; one that crashes after a long
+    healthy run (a rare bug) must not wait the longest pause, with deliveries stopped."""
+    now = [1_000.0]
+    runs = 0
+
+    async def rare_crash() -> None:
+        nonlocal runs
+        runs += 1
+        if runs <= 5:
+            raise RuntimeError("crash loop")  # at once: 1, 2, 4, 8, 16 pauses
+        if runs == 6:
+            now[0] += 3600.0  # an hour of work before the next crash
+            raise RuntimeError("rare bug")
+
+    with capture_logs() as logs:
+        await supervised(
+            "worker", rare_crash, asyncio.Event(), first_pause_s=0.001, monotonic=lambda: now[0]
+        )
+    pauses = [e["restart_in_s"] for e in logs if e["event"] == "task_crashed"]
+    assert pauses == [0.001, 0.002, 0.004, 0.008, 0.016, 0.001]

@@ -54,7 +54,7 @@ async def publish_event(
 ) -> Response:
     hub = hub_of(request)
     assert caller.tenant_id is not None  # noqa: S101 - tenant_principal guarantees it
-    rate_limit(hub, caller.tenant_id)
+    await rate_limit(hub, caller.tenant_id)
     key = body.idempotency_key or idempotency_key
     result = await hub.accept(
         tenant_id=caller.tenant_id,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import asyncio
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter, Depends
 from redis.asyncio import Redis
@@ -17,6 +18,12 @@ from estafeta.api.responses import json_response
 from estafeta.clock import iso_from_ms
 from estafeta.errors import StoreUnavailable
 from estafeta.observability.metrics import render
+from estafeta.observability.reads import within
+
+if TYPE_CHECKING:
+    from estafeta.delivery.circuit_store import CircuitStateStore
+    from estafeta.store.records import QueueStats
+    from estafeta.store.sqlstore import SqlStore
 
 router = APIRouter(tags=["health"])
 
@@ -32,39 +39,18 @@ async def health_detailed(
     request: Request, _caller: Annotated[Principal, Depends(admin_principal)]
 ) -> Response:
     hub = hub_of(request)
-    checks: dict[str, object] = {}
-    healthy = True
-    try:
-        await hub.store.ping()
-        stats = await hub.store.queue_stats()
-        checks["store"] = {"status": "ok", "engine": hub.store.dialect}
-        checks["queue"] = {
-            "by_state": stats.by_state,
-            # the earliest due time among pending deliveries (retries scheduled later included)
-            "next_due_at": iso_from_ms(stats.oldest_pending_at)
-            if stats.oldest_pending_at is not None
-            else None,
-        }
-    except StoreUnavailable as exc:
-        healthy = False
-        checks["store"] = {"status": "unavailable", "error": str(exc)}
-    try:
-        circuits = await hub.circuit_states.get_all()
-        checks["circuits"] = {
-            destination_id: {
-                "state": c.state.value,
-                "consecutive_failures": c.consecutive_failures,
-                "opened_at": iso_from_ms(c.opened_at) if c.opened_at else None,
-            }
-            for destination_id, c in sorted(circuits.items())
-        }
-    except StoreUnavailable:
-        checks["circuits"] = {"status": "unavailable"}
-    healthy_redis = True
-    if hub.redis is not None:
-        redis_state = await redis_check(hub.redis)
+    # At once, each within READ_TIMEOUT_S: a hung store or Redis must not hold the answer.
+    (store, queue), circuits, redis_state = await asyncio.gather(
+        store_check(hub.store),
+        circuits_check(hub.circuit_states),
+        redis_check(hub.redis) if hub.redis is not None else _absent(),
+    )
+    checks: dict[str, object] = {"store": store}
+    if queue is not None:
+        checks["queue"] = queue
+    checks["circuits"] = circuits
+    if redis_state is not None:
         checks["redis"] = redis_state
-        healthy_redis = redis_state["status"] == "ok"
     monitor = getattr(request.app.state, "monitor", None)
     if monitor is not None:
         checks["alerts"] = {"firing": sorted(monitor.firing)}
@@ -77,21 +63,66 @@ async def health_detailed(
             "max_bytes": hub.spool.max_bytes,
         }
     # Only a store that cannot be reached makes this a 503: without Redis the hub carries on.
-    status = "ok" if healthy and healthy_redis else "degraded"
+    healthy = store["status"] == "ok"
+    status = (
+        "ok" if healthy and (redis_state is None or redis_state["status"] == "ok") else "degraded"
+    )
     return json_response({"status": status, "checks": checks}, 200 if healthy else 503)
+
+
+async def store_check(store: SqlStore) -> tuple[dict[str, str], dict[str, object] | None]:
+    """The store's state, and the queue's when the store answers."""
+
+    async def read() -> QueueStats:
+        await store.ping()
+        return await store.queue_stats()
+
+    try:
+        stats = await within(read())
+    except StoreUnavailable as exc:
+        return {"status": "unavailable", "error": str(exc)}, None
+    except TimeoutError as exc:
+        return {"status": "unavailable", "error": f"the store gave {exc}"}, None
+    queue: dict[str, object] = {
+        "by_state": stats.by_state,
+        # the earliest due time among pending deliveries (retries scheduled later included)
+        "next_due_at": iso_from_ms(stats.oldest_pending_at)
+        if stats.oldest_pending_at is not None
+        else None,
+    }
+    return {"status": "ok", "engine": store.dialect}, queue
+
+
+async def circuits_check(circuits: CircuitStateStore) -> dict[str, object]:
+    try:
+        known = await within(circuits.get_all())
+    except (StoreUnavailable, TimeoutError):
+        return {"status": "unavailable"}
+    return {
+        destination_id: {
+            "state": c.state.value,
+            "consecutive_failures": c.consecutive_failures,
+            "opened_at": iso_from_ms(c.opened_at) if c.opened_at else None,
+        }
+        for destination_id, c in sorted(known.items())
+    }
 
 
 async def redis_check(client: Redis) -> dict[str, str]:
     """Whether the shared Redis answers a PING (the client fails within about 2 s)."""
     try:
-        await client.ping()
-    except (RedisError, OSError) as exc:
+        await within(client.ping())
+    except (RedisError, OSError) as exc:  # OSError: TimeoutError too
         return {
             "status": "unavailable",
             "error": type(exc).__name__,
             "effect": "circuits and rate limits are kept per process until it is back",
         }
     return {"status": "ok"}
+
+
+async def _absent() -> None:
+    return None
 
 
 @router.get("/metrics", include_in_schema=False)

@@ -96,7 +96,7 @@ async def send_message(
             "source_cannot_send",
             f"source {body.source!r} cannot send: it needs {', '.join(missing)}",
         )
-    rate_limit(hub, caller.tenant_id)
+    await rate_limit(hub, caller.tenant_id)
     key = body.idempotency_key or idempotency_key
     message_id, result = await hub.send_message(
         tenant_id=caller.tenant_id,

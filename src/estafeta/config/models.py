@@ -15,7 +15,7 @@ import base64
 import binascii
 import re
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import limits
 from pydantic import (
@@ -75,8 +75,19 @@ def _check_rate_limit(value: str) -> str:
 def _check_http_url(value: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"invalid URL {value!r}: must start with http:// or https://")
+        raise ValueError(f"invalid URL{_outline(parts)}: must start with http:// or https://")
     return value
+
+
+def _outline(parts: SplitResult) -> str:
+    """` 'scheme://host:port/…'`, or nothing without a host: enough to find the mistake,
+    without what a hook URL carries for credentials (`user:password@`, a token in its path
+    or query)."""
+    host = parts.netloc.rpartition("@")[2]
+    if not host:
+        return ""
+    rest = "/…" if parts.path.strip("/") or parts.query or parts.fragment else ""
+    return f" '{parts.scheme}://{host}{rest}'"
 
 
 def _check_not_blank(value: str) -> str:

@@ -78,9 +78,9 @@ async def read_body(receive: Receive, limit: int) -> bytes:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def rate_limit(hub: Hub, tenant_id: str) -> None:
+async def rate_limit(hub: Hub, tenant_id: str) -> None:
     """Count one request for the tenant, or refuse it with 429 and `Retry-After`."""
-    wait_s = hub.rate_limiter.retry_after(tenant_id)
+    wait_s = await hub.rate_limiter.admit(tenant_id)
     if wait_s is not None:
         raise HttpError(
             429,
@@ -162,7 +162,7 @@ class IngestApp:
         if method == "GET":
             return 200, handler.handshake(request), None
         handler.verify(request)
-        rate_limit(hub, source.tenant)
+        await rate_limit(hub, source.tenant)
         # A webhook's events are committed together, in one transaction (see accept_all).
         results = await hub.accept_all(
             [

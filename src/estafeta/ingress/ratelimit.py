@@ -15,11 +15,15 @@ in it adds what it counted to Redis (one counter per tenant and window) and read
 back, in one pipelined round trip for all tenants: an INCRBY per tenant with new counts and
 one MGET for every tenant's totals (an MGET per tenant, parsed by redis-py in Python, cost
 10.3 ms of CPU per share at 500 tenants, a tenth of a core; one for all, parsed by hiredis,
-2.1 ms, most of it this module's own work per tenant). So a tenant's limit holds across every
-`serve` process, give or take what the others admitted since they last shared (at most
-`SHARE_INTERVAL_S` of their traffic). Windows are numbered by wall-clock time so that every
-process numbers them alike. If Redis fails, each process goes on with the counts it has,
-its own and the last seen, logs `redis_unavailable` once and tries again every `retry_s`.
+2.1 ms, most of it this module's own work per tenant). A process whose last read is older than
+`FRESH_S` (it had no requests for a while, or just started) reads once before it decides, the
+requests that arrive meanwhile waiting for that one read: deciding from what it saw minutes
+ago, it would admit the tenant's whole budget again, spent elsewhere meanwhile. So a tenant's
+limit holds across every `serve` process, give or take what the others admitted since they
+last shared (at most `SHARE_INTERVAL_S` of their traffic). Windows are numbered by wall-clock
+time so that every process numbers them alike. If Redis fails, each process goes on with the
+counts it has, its own and the last seen, logs `redis_unavailable` once and tries again every
+`retry_s`.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ from estafeta.config import Config
 from estafeta.redis_client import REDIS_ERRORS, RedisFailover
 
 SHARE_INTERVAL_S = 0.1  # how often a process with traffic shares its counts through Redis
+# How old the other processes' counts may be when a request is decided: ten shares' time, so
+# a process with traffic (sharing every SHARE_INTERVAL_S) never waits for Redis.
+FRESH_S = 1.0
 
 
 class SlidingWindowCounter:
@@ -162,6 +169,22 @@ class TenantRateLimiter:
         self._failover = RedisFailover("ingress_rate_limit", retry_s=retry_s)
         self._sharing: asyncio.Task[None] | None = None
         self._active = False  # a request was counted since the last share
+        self._share_lock = asyncio.Lock()  # one share at a time: see `share`
+        self._learned_at = -math.inf  # time.monotonic() of the last share that read totals
+
+    async def admit(self, tenant_id: str) -> int | None:
+        """`retry_after`, decided from the other processes' counts as read at most `FRESH_S`
+        ago: when the last read is older, the totals are read first. Never while Redis is
+        known to be down (the background share tries it again), so no request waits for an
+        outage."""
+        if self._redis is not None and self._stale() and tenant_id in self._counters:
+            async with self._share_lock:
+                if self._stale():  # a share that held the lock may just have read them
+                    await self._share()
+        return self.retry_after(tenant_id)
+
+    def _stale(self) -> bool:
+        return self._failover.available and time.monotonic() - self._learned_at > FRESH_S
 
     def retry_after(self, tenant_id: str) -> int | None:
         """None when the request may pass (and is counted); else whole seconds to wait (≥ 1),
@@ -191,6 +214,13 @@ class TenantRateLimiter:
         raises a Redis error (the counts wait for the next share)."""
         if self._redis is None:
             return
+        # One at a time: a share that took counts and has not yet read the totals would make
+        # another's arithmetic count those counts as this process's own already in Redis.
+        async with self._share_lock:
+            await self._share()
+
+    async def _share(self) -> None:
+        assert self._redis is not None  # noqa: S101 - callers check
         # Taken even when Redis is not tried: what no longer counts is dropped on the way.
         taken = {tenant: c.take_unshared() for tenant, c in self._counters.items()}
         token = self._failover.begin()
@@ -209,6 +239,7 @@ class TenantRateLimiter:
             now = windows[tenant]
             totals_keys += (self._key(tenant, now), self._key(tenant, now - 1))
         pipe.mget(totals_keys)
+        started = time.monotonic()
         try:
             replies = await pipe.execute()
         except REDIS_ERRORS as exc:
@@ -219,6 +250,7 @@ class TenantRateLimiter:
             self._give_back(taken)
             raise
         self._failover.succeeded(token)
+        self._learned_at = started
         totals = iter(replies[-1])
         for tenant, counter in self._counters.items():
             now = windows[tenant]

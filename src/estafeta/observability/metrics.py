@@ -10,7 +10,9 @@ Two kinds, on purpose:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import asyncio
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -21,12 +23,16 @@ from prometheus_client import (
     generate_latest,
 )
 
-from estafeta.delivery.circuit import CircuitState
+from estafeta.delivery.circuit import Circuit, CircuitState
+from estafeta.errors import StoreUnavailable
+from estafeta.observability.reads import within
 
 if TYPE_CHECKING:
     from estafeta.delivery.circuit_store import CircuitStateStore
     from estafeta.ingress.spool import Spool
     from estafeta.store.sqlstore import SqlStore
+
+T = TypeVar("T")
 
 REGISTRY = CollectorRegistry()
 
@@ -113,16 +119,37 @@ _CIRCUIT_VALUES = {CircuitState.CLOSED: 0, CircuitState.HALF_OPEN: 1, CircuitSta
 async def render(
     store: SqlStore, circuits: CircuitStateStore | None, spool: Spool | None
 ) -> tuple[bytes, str]:
-    """The exposition text, with the shared-state gauges read now."""
-    stats = await store.queue_stats()
-    for state in ("pending", "in_flight", "succeeded", "dead", "discarded"):
-        QUEUE_DEPTH.labels(state).set(stats.by_state.get(state, 0))
-    if circuits is not None:
-        CIRCUIT_STATE.clear()
-        for destination_id, circuit in (await circuits.get_all()).items():
-            CIRCUIT_STATE.labels(destination_id).set(_CIRCUIT_VALUES[circuit.state])
+    """The exposition text, with the shared-state gauges read now.
+
+    A gauge the store (or Redis) could not tell within READ_TIMEOUT_S is left out rather than
+    stale or failing the scrape: during a store outage the counters and the spool gauges are
+    what the operator needs to see."""
+    stats, known = await asyncio.gather(
+        _told(store.queue_stats()),
+        _told(circuits.get_all()) if circuits is not None else _told(_nothing()),
+    )
+    # No await from here on: a concurrent scrape cannot see the gauges half set.
+    QUEUE_DEPTH.clear()
+    if stats is not None:
+        for state in ("pending", "in_flight", "succeeded", "dead", "discarded"):
+            QUEUE_DEPTH.labels(state).set(stats.by_state.get(state, 0))
+    CIRCUIT_STATE.clear()
+    for destination_id, circuit in (known or {}).items():
+        CIRCUIT_STATE.labels(destination_id).set(_CIRCUIT_VALUES[circuit.state])
     if spool is not None:
         spooled = spool.stats()
         SPOOL_BYTES.set(spooled.bytes)
         SPOOL_SEGMENTS.set(spooled.segments)
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+async def _told(read: Awaitable[T]) -> T | None:
+    """What a read of shared state said, or None when it could not tell in time."""
+    try:
+        return await within(read)
+    except (StoreUnavailable, TimeoutError):
+        return None
+
+
+async def _nothing() -> dict[str, Circuit]:
+    return {}

@@ -1,0 +1,43 @@
+"""Reads of shared state for an operator's question (`/health/detailed`, `/metrics`), each
+answered within a bound.
+
+A store or Redis that hangs (a stopped server, a network that drops packets) would otherwise
+hold the answer for the driver's own limits: up to PostgreSQL's 30 s command timeout per
+query, 37 s measured for `/health/detailed`. A probe or a scraper gives up long before
+that and learns nothing, not even what this process could still tell.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+READ_TIMEOUT_S = 3.0  # above the Redis client's ~2 s, well under a scraper's usual 10 s
+
+
+async def within(read: Awaitable[T], timeout_s: float = READ_TIMEOUT_S) -> T:
+    """The result of `read`, or TimeoutError once `timeout_s` has passed.
+
+    The read is cancelled but not waited for: cancelling a query on a hung connection waits
+    for the server again (asyncio.wait_for took 3 s to give up on a 1 s bound).
+    """
+    task = asyncio.ensure_future(read)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    except asyncio.CancelledError:  # the caller went away
+        task.cancel()
+        raise
+    if task in done:
+        return task.result()
+    task.cancel()
+    task.add_done_callback(_retrieve)
+    raise TimeoutError(f"no answer within {timeout_s:g} s")
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Take a given-up read's outcome, so asyncio does not log it as never retrieved."""
+    if not task.cancelled():
+        task.exception()
