@@ -614,6 +614,39 @@ async def test_the_same_key_to_another_destination_is_independent(store: SqlStor
     assert sorted(d.destination_id for d in await lease(store)) == ["billing", "crm"]
 
 
+async def test_a_replayed_head_waits_for_the_later_delivery_of_its_key_in_flight(
+    store: SqlStore,
+) -> None:
+    """Maria's first message died, so her second went out; replayed while the second is in
+    flight, the first must not go out beside it (two of one key at once, answered in any
+    order), only once the second is done, and still before her third."""
+    first, second, third = (keyed("maria", NOW - 30 + n) for n in range(3))
+    await store.insert_events([first, second, third])
+    [head] = await lease(store)
+    await store.complete([attempt(head, DeliveryState.DEAD, kind=OutcomeKind.PERMANENT)], NOW)
+    [sending] = await lease(store)
+    assert sending.event_id == second.id
+    replayed = DeadLetterFilter(delivery_ids=(head.id,))
+    assert await store.replay(replayed, actor="t", now_ms=NOW) == [head.id]
+    assert await lease(store) == []
+    await store.complete([attempt(sending, DeliveryState.SUCCEEDED)], NOW)
+    assert [d.event_id for d in await lease(store)] == [first.id]
+
+
+async def test_a_key_stored_out_of_id_order_never_has_two_in_flight(store: SqlStore) -> None:
+    """Two `serve` processes on machines whose clocks differ a little: one stores a
+    delivery of the key with an id earlier than the other's, already in flight. It waits
+    for that one instead of going out beside it."""
+    later = keyed("maria", NOW)
+    await store.insert_events([later])
+    [sending] = await lease(store)
+    earlier = keyed("maria", NOW - 50)  # the other machine's clock is 50 ms behind
+    await store.insert_events([earlier])
+    assert await lease(store) == []
+    await store.complete([attempt(sending, DeliveryState.SUCCEEDED)], NOW)
+    assert [d.event_id for d in await lease(store)] == [earlier.id]
+
+
 async def test_a_snoozed_delivery_is_due_later_without_an_attempt(store: SqlStore) -> None:
     await store.insert_events([event()])
     [leased] = await lease(store)
