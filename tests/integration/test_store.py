@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import asyncpg
@@ -15,12 +15,14 @@ from alembic.migration import MigrationContext
 from msgspec.structs import replace
 from sqlalchemy import Connection, text
 
+from estafeta.config import Config
 from estafeta.delivery.decision import Transition
 from estafeta.delivery.model import LeasedDelivery
 from estafeta.delivery.outcome import Outcome, OutcomeKind
 from estafeta.delivery.state import DeliveryState
 from estafeta.errors import StoreError, StoreRejected, StoreUnavailable
 from estafeta.ids import new_id
+from estafeta.store import open_store
 from estafeta.store.records import (
     CompletedAttempt,
     DeadLetterFilter,
@@ -165,6 +167,32 @@ async def test_concurrent_duplicates_never_both_succeed(store: SqlStore) -> None
     originals = [r for [r] in results if not r.duplicate]
     assert len(originals) == 1
     assert {r.event_id for [r] in results} == {originals[0].event_id}
+
+
+@pytest.fixture
+async def other_store(config: Config) -> AsyncIterator[SqlStore]:
+    """The same database as another process opens it: its own connections (on SQLite, its
+    own connections to the WAL file and its own ingest writer)."""
+    other = open_store(config.storage.url)
+    try:
+        yield other
+    finally:
+        await other.close()
+
+
+async def test_the_same_key_at_two_processes_at_once_is_stored_once(
+    store: SqlStore, other_store: SqlStore
+) -> None:
+    """A provider sends one webhook to two `serve` processes at the same instant: one event
+    is stored, and both are answered with its id."""
+    for n in range(10):
+        results = await asyncio.gather(
+            *(s.insert_events([event(f"twice-{n}")]) for s in (store, other_store, store))
+        )
+        originals = [r for [r] in results if not r.duplicate]
+        assert len(originals) == 1
+        assert {r.event_id for [r] in results} == {originals[0].event_id}
+    assert (await store.queue_stats()).by_state == {"pending": 10}
 
 
 async def test_a_batch_whose_fates_cannot_be_told_commits_nothing(
@@ -317,6 +345,32 @@ async def test_a_limited_move_takes_the_dead_deliveries_the_list_shows(
     assert oldest == leased[stored_second.id].id
     move = store.replay if action == "replay" else store.discard
     assert await move(selected, actor="t", now_ms=NOW + 3) == [oldest]
+
+
+@pytest.mark.parametrize("action", ["replay", "discard"])
+async def test_two_operators_moving_the_same_dead_deliveries_move_each_once(
+    store: SqlStore, other_store: SqlStore, action: str
+) -> None:
+    """Two operators replay everything at once (or one replays while the other discards):
+    each dead delivery is moved by one of them only, and each is told, and audited, the
+    count it moved."""
+    await store.insert_events([event(at=NOW - n) for n in range(40)])
+    dead = set(await kill_all(store))
+    other_move = other_store.replay if action == "replay" else other_store.discard
+    replayed, moved = await asyncio.gather(
+        store.replay(DeadLetterFilter(), actor="first", now_ms=NOW + 1),
+        other_move(DeadLetterFilter(), actor="second", now_ms=NOW + 1),
+    )
+    assert set(replayed).isdisjoint(moved) and set(replayed) | set(moved) == dead
+    expected = {"pending": len(replayed), "discarded": 0}
+    expected["pending" if action == "replay" else "discarded"] += len(moved)
+    assert (await store.queue_stats()).by_state == {k: v for k, v in expected.items() if v}
+    async with store.engine.connect() as conn:
+        rows = (await conn.execute(text("SELECT actor, detail FROM audit_log"))).all()
+    audited = {r.actor: orjson.loads(r.detail)["count"] for r in rows}
+    assert audited == {
+        actor: n for actor, n in (("first", len(replayed)), ("second", len(moved))) if n
+    }
 
 
 async def test_discard_is_final_and_replay_of_nothing_changes_nothing(store: SqlStore) -> None:
