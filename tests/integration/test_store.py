@@ -269,6 +269,29 @@ async def test_a_late_result_never_overwrites_a_rescued_delivery(store: SqlStore
     assert len(delivery.attempt_log) == 2
 
 
+async def test_a_late_release_or_result_never_revives_what_another_worker_finished(
+    store: SqlStore, other_store: SqlStore
+) -> None:
+    """The first worker's lease expired and another process rescued the delivery, sent it
+    and recorded its success. The first worker then stops and gives its lease back, or
+    records its own failure: neither brings the delivery back to pending (to be sent a
+    third time) nor changes what the log says of the success."""
+    await store.insert_events([event()])
+    [late] = await lease(store)
+    [rescued] = await other_store.claim_expired(
+        now_ms=late.lease_expires_at + 1, lease_ms=30_000, worker_id="w2"
+    )
+    assert await other_store.complete([attempt(rescued, DeliveryState.SUCCEEDED)], NOW) == 1
+    assert await store.release([late], NOW) == 0
+    failed = attempt(late, DeliveryState.PENDING, kind=OutcomeKind.RETRYABLE)
+    assert await store.complete([failed], NOW) == 0
+    view = await store.get_event(late.event_id, None)
+    assert view is not None
+    [delivery] = view.deliveries
+    assert (delivery.state, delivery.attempts, delivery.last_error) == ("succeeded", 1, None)
+    assert await lease(store, now=NOW + 60_000) == []
+
+
 async def test_live_leases_are_not_claimed(store: SqlStore) -> None:
     await store.insert_events([event()])
     [leased] = await lease(store)
@@ -661,6 +684,35 @@ async def test_one_ordering_key_goes_strictly_one_after_another(store: SqlStore)
     await store.complete([attempt(retried[0], DeliveryState.SUCCEEDED)], NOW + 1000)
     [second] = await lease(store, now=NOW + 1000)
     assert second.ordering_key == "maria" and second.event_id != maria_head.event_id
+
+
+async def test_a_keys_head_holds_it_through_release_snooze_and_rescue_until_it_dies(
+    store: SqlStore, other_store: SqlStore
+) -> None:
+    """Given back at shutdown, snoozed by the rate limit, or rescued by another process
+    after its worker died, the head still goes before the rest of its key; once it dies,
+    the next one goes."""
+    head_event, next_event = keyed("maria", NOW - 20), keyed("maria", NOW - 10)
+    await store.insert_events([head_event, next_event])
+    [head] = await lease(store)
+    assert await store.release([head], NOW) == 1  # a graceful stop
+    [head] = await lease(other_store)
+    assert await other_store.release([head], NOW, due_at=NOW + 500) == 1  # a snooze
+    assert await lease(store) == []
+    [head] = await lease(store, now=NOW + 500)
+    assert head.event_id == head_event.id
+    # Its worker dies; another process rescues it once the lease has passed.
+    [rescued] = await other_store.claim_expired(
+        now_ms=head.lease_expires_at + 1, lease_ms=30_000, worker_id="w2"
+    )
+    after = head.lease_expires_at + 1
+    assert await lease(store, now=after) == []
+    lost = attempt(rescued, DeliveryState.PENDING, kind=OutcomeKind.RETRYABLE)
+    assert await other_store.complete([lost], after) == 1
+    [head] = await lease(store, now=after)
+    assert head.event_id == head_event.id and head.attempts == 1
+    await store.complete([attempt(head, DeliveryState.DEAD, kind=OutcomeKind.PERMANENT)], NOW)
+    assert [d.event_id for d in await lease(other_store)] == [next_event.id]
 
 
 async def test_the_same_key_to_another_destination_is_independent(store: SqlStore) -> None:
