@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import asyncpg
@@ -15,12 +15,14 @@ from alembic.migration import MigrationContext
 from msgspec.structs import replace
 from sqlalchemy import Connection, text
 
+from estafeta.config import Config
 from estafeta.delivery.decision import Transition
 from estafeta.delivery.model import LeasedDelivery
 from estafeta.delivery.outcome import Outcome, OutcomeKind
 from estafeta.delivery.state import DeliveryState
 from estafeta.errors import StoreError, StoreRejected, StoreUnavailable
 from estafeta.ids import new_id
+from estafeta.store import open_store
 from estafeta.store.records import (
     CompletedAttempt,
     DeadLetterFilter,
@@ -167,6 +169,32 @@ async def test_concurrent_duplicates_never_both_succeed(store: SqlStore) -> None
     assert {r.event_id for [r] in results} == {originals[0].event_id}
 
 
+@pytest.fixture
+async def other_store(config: Config) -> AsyncIterator[SqlStore]:
+    """The same database as another process opens it: its own connections (on SQLite, its
+    own connections to the WAL file and its own ingest writer)."""
+    other = open_store(config.storage.url)
+    try:
+        yield other
+    finally:
+        await other.close()
+
+
+async def test_the_same_key_at_two_processes_at_once_is_stored_once(
+    store: SqlStore, other_store: SqlStore
+) -> None:
+    """A provider sends one webhook to two `serve` processes at the same instant: one event
+    is stored, and both are answered with its id."""
+    for n in range(10):
+        results = await asyncio.gather(
+            *(s.insert_events([event(f"twice-{n}")]) for s in (store, other_store, store))
+        )
+        originals = [r for [r] in results if not r.duplicate]
+        assert len(originals) == 1
+        assert {r.event_id for [r] in results} == {originals[0].event_id}
+    assert (await store.queue_stats()).by_state == {"pending": 10}
+
+
 async def test_a_batch_whose_fates_cannot_be_told_commits_nothing(
     store: SqlStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -239,6 +267,29 @@ async def test_a_late_result_never_overwrites_a_rescued_delivery(store: SqlStore
     assert delivery.state == "pending" and delivery.attempts == 1
     # Both attempts happened, so both are in the log.
     assert len(delivery.attempt_log) == 2
+
+
+async def test_a_late_release_or_result_never_revives_what_another_worker_finished(
+    store: SqlStore, other_store: SqlStore
+) -> None:
+    """The first worker's lease expired and another process rescued the delivery, sent it
+    and recorded its success. The first worker then stops and gives its lease back, or
+    records its own failure: neither brings the delivery back to pending (to be sent a
+    third time) nor changes what the log says of the success."""
+    await store.insert_events([event()])
+    [late] = await lease(store)
+    [rescued] = await other_store.claim_expired(
+        now_ms=late.lease_expires_at + 1, lease_ms=30_000, worker_id="w2"
+    )
+    assert await other_store.complete([attempt(rescued, DeliveryState.SUCCEEDED)], NOW) == 1
+    assert await store.release([late], NOW) == 0
+    failed = attempt(late, DeliveryState.PENDING, kind=OutcomeKind.RETRYABLE)
+    assert await store.complete([failed], NOW) == 0
+    view = await store.get_event(late.event_id, None)
+    assert view is not None
+    [delivery] = view.deliveries
+    assert (delivery.state, delivery.attempts, delivery.last_error) == ("succeeded", 1, None)
+    assert await lease(store, now=NOW + 60_000) == []
 
 
 async def test_live_leases_are_not_claimed(store: SqlStore) -> None:
@@ -317,6 +368,32 @@ async def test_a_limited_move_takes_the_dead_deliveries_the_list_shows(
     assert oldest == leased[stored_second.id].id
     move = store.replay if action == "replay" else store.discard
     assert await move(selected, actor="t", now_ms=NOW + 3) == [oldest]
+
+
+@pytest.mark.parametrize("action", ["replay", "discard"])
+async def test_two_operators_moving_the_same_dead_deliveries_move_each_once(
+    store: SqlStore, other_store: SqlStore, action: str
+) -> None:
+    """Two operators replay everything at once (or one replays while the other discards):
+    each dead delivery is moved by one of them only, and each is told, and audited, the
+    count it moved."""
+    await store.insert_events([event(at=NOW - n) for n in range(40)])
+    dead = set(await kill_all(store))
+    other_move = other_store.replay if action == "replay" else other_store.discard
+    replayed, moved = await asyncio.gather(
+        store.replay(DeadLetterFilter(), actor="first", now_ms=NOW + 1),
+        other_move(DeadLetterFilter(), actor="second", now_ms=NOW + 1),
+    )
+    assert set(replayed).isdisjoint(moved) and set(replayed) | set(moved) == dead
+    expected = {"pending": len(replayed), "discarded": 0}
+    expected["pending" if action == "replay" else "discarded"] += len(moved)
+    assert (await store.queue_stats()).by_state == {k: v for k, v in expected.items() if v}
+    async with store.engine.connect() as conn:
+        rows = (await conn.execute(text("SELECT actor, detail FROM audit_log"))).all()
+    audited = {r.actor: orjson.loads(r.detail)["count"] for r in rows}
+    assert audited == {
+        actor: n for actor, n in (("first", len(replayed)), ("second", len(moved))) if n
+    }
 
 
 async def test_discard_is_final_and_replay_of_nothing_changes_nothing(store: SqlStore) -> None:
@@ -609,9 +686,71 @@ async def test_one_ordering_key_goes_strictly_one_after_another(store: SqlStore)
     assert second.ordering_key == "maria" and second.event_id != maria_head.event_id
 
 
+async def test_a_keys_head_holds_it_through_release_snooze_and_rescue_until_it_dies(
+    store: SqlStore, other_store: SqlStore
+) -> None:
+    """Given back at shutdown, snoozed by the rate limit, or rescued by another process
+    after its worker died, the head still goes before the rest of its key; once it dies,
+    the next one goes."""
+    head_event, next_event = keyed("maria", NOW - 20), keyed("maria", NOW - 10)
+    await store.insert_events([head_event, next_event])
+    [head] = await lease(store)
+    assert await store.release([head], NOW) == 1  # a graceful stop
+    [head] = await lease(other_store)
+    assert await other_store.release([head], NOW, due_at=NOW + 500) == 1  # a snooze
+    assert await lease(store) == []
+    [head] = await lease(store, now=NOW + 500)
+    assert head.event_id == head_event.id
+    # Its worker dies; another process rescues it once the lease has passed.
+    [rescued] = await other_store.claim_expired(
+        now_ms=head.lease_expires_at + 1, lease_ms=30_000, worker_id="w2"
+    )
+    after = head.lease_expires_at + 1
+    assert await lease(store, now=after) == []
+    lost = attempt(rescued, DeliveryState.PENDING, kind=OutcomeKind.RETRYABLE)
+    assert await other_store.complete([lost], after) == 1
+    [head] = await lease(store, now=after)
+    assert head.event_id == head_event.id and head.attempts == 1
+    await store.complete([attempt(head, DeliveryState.DEAD, kind=OutcomeKind.PERMANENT)], NOW)
+    assert [d.event_id for d in await lease(other_store)] == [next_event.id]
+
+
 async def test_the_same_key_to_another_destination_is_independent(store: SqlStore) -> None:
     await store.insert_events([keyed("maria", NOW - 2, "crm"), keyed("maria", NOW - 1, "billing")])
     assert sorted(d.destination_id for d in await lease(store)) == ["billing", "crm"]
+
+
+async def test_a_replayed_head_waits_for_the_later_delivery_of_its_key_in_flight(
+    store: SqlStore,
+) -> None:
+    """Maria's first message died, so her second went out; replayed while the second is in
+    flight, the first must not go out beside it (two of one key at once, answered in any
+    order), only once the second is done, and still before her third."""
+    first, second, third = (keyed("maria", NOW - 30 + n) for n in range(3))
+    await store.insert_events([first, second, third])
+    [head] = await lease(store)
+    await store.complete([attempt(head, DeliveryState.DEAD, kind=OutcomeKind.PERMANENT)], NOW)
+    [sending] = await lease(store)
+    assert sending.event_id == second.id
+    replayed = DeadLetterFilter(delivery_ids=(head.id,))
+    assert await store.replay(replayed, actor="t", now_ms=NOW) == [head.id]
+    assert await lease(store) == []
+    await store.complete([attempt(sending, DeliveryState.SUCCEEDED)], NOW)
+    assert [d.event_id for d in await lease(store)] == [first.id]
+
+
+async def test_a_key_stored_out_of_id_order_never_has_two_in_flight(store: SqlStore) -> None:
+    """Two `serve` processes on machines whose clocks differ a little: one stores a
+    delivery of the key with an id earlier than the other's, already in flight. It waits
+    for that one instead of going out beside it."""
+    later = keyed("maria", NOW)
+    await store.insert_events([later])
+    [sending] = await lease(store)
+    earlier = keyed("maria", NOW - 50)  # the other machine's clock is 50 ms behind
+    await store.insert_events([earlier])
+    assert await lease(store) == []
+    await store.complete([attempt(sending, DeliveryState.SUCCEEDED)], NOW)
+    assert [d.event_id for d in await lease(store)] == [earlier.id]
 
 
 async def test_a_snoozed_delivery_is_due_later_without_an_attempt(store: SqlStore) -> None:

@@ -177,6 +177,16 @@ Index(
     postgresql_where=text("state IN ('pending', 'in_flight') AND ordering_key IS NOT NULL"),
     sqlite_where=text("state IN ('pending', 'in_flight') AND ordering_key IS NOT NULL"),
 )
+# "Is one with this key to this destination in flight?": a later one may be (a replay, a
+# process whose clock is behind); a handful of rows, so the check is one probe, not a walk
+# of the key's pending ones.
+Index(
+    "deliveries_ordering_in_flight",
+    deliveries.c.destination_id,
+    deliveries.c.ordering_key,
+    postgresql_where=text("state = 'in_flight' AND ordering_key IS NOT NULL"),
+    sqlite_where=text("state = 'in_flight' AND ordering_key IS NOT NULL"),
+)
 Index("deliveries_event", deliveries.c.event_id)
 Index(
     "deliveries_tenant_state", deliveries.c.tenant_id, deliveries.c.state, deliveries.c.updated_at
