@@ -3,7 +3,9 @@ graceful stop of `serve` while a send is in flight."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -122,6 +124,24 @@ async def test_serve_refuses_a_destination_kind_it_cannot_deliver_to(tmp_path: P
     assert result.returncode == 2, result
     assert "destinations[1].kind: destination kind 'airtable' is not available" in result.stderr
     assert not (tmp_path / "estafeta.db").exists()
+
+
+async def test_serve_and_worker_refuse_a_database_of_a_newer_version(tmp_path: Path) -> None:
+    database = tmp_path / "estafeta.db"
+    path = write_config(
+        tmp_path / "estafeta.toml",
+        hub_config(f"sqlite:///{database}", tmp_path, port=free_port(), destinations=[], routes=[]),
+    )
+    assert (await run_cli("migrate", "--config", str(path), cwd=tmp_path)).returncode == 0
+    with contextlib.closing(sqlite3.connect(database)) as db, db:
+        db.execute("UPDATE alembic_version SET version_num = '0099'")  # a newer estafeta's
+
+    for command in (["serve"], ["serve", "--no-migrate"], ["worker"]):
+        result = await run_cli(*command, "--config", str(path), cwd=tmp_path, timeout_s=30)
+        # Before: `serve` died of alembic's "Can't locate revision" with a traceback.
+        assert result.returncode == 2, (command, result)
+        assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr, result
+        assert "migration 0099, newer than this version of estafeta" in result.stderr, result
 
 
 async def test_check_config_points_at_the_line_of_a_toml_syntax_error(tmp_path: Path) -> None:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from sqlalchemy import text
 
 from estafeta.cli import main
 from estafeta.config import load_config
 from estafeta.errors import StoreError
 from estafeta.server import prepared_store
+from estafeta.store import open_store
+from estafeta.store.migrate import current_revision, head_revision
 from tests.conftest import fresh_database
 
 
@@ -77,6 +81,76 @@ async def test_a_worker_or_serve_without_migrating_names_a_database_without_the_
 
     if engine == "sqlite":
         await attempt(f"sqlite:///{tmp_path / 'never-migrated.db'}")
+    else:
+        with fresh_database("estafeta_cli") as url:
+            await attempt(url)
+
+
+# -- a database migrated by a newer estafeta ------------------------------------------------------
+
+FUTURE = "0099"  # a migration this version does not ship
+
+
+async def set_revision(database_url: str, revision: str) -> None:
+    store = open_store(database_url)
+    try:
+        async with store.engine.begin() as conn:
+            await conn.execute(text("UPDATE alembic_version SET version_num = :r"), {"r": revision})
+    finally:
+        await store.close()
+
+
+async def revision_of(database_url: str) -> str | None:
+    store = open_store(database_url)
+    try:
+        return await current_revision(store.engine)
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_a_database_of_a_newer_version_is_named_and_left_as_it_is(
+    tmp_path: Path, engine: str
+) -> None:
+    # Before: `migrate` died of alembic's "Can't locate revision" with a traceback, and every
+    # other command told the operator to run `estafeta migrate`: that very traceback.
+    def attempts(database_url: str) -> None:
+        config = config_file(tmp_path, database_url)
+        assert run(config, "migrate").exit_code == 0
+        asyncio.run(set_revision(database_url, FUTURE))
+        for command in (["migrate"], ["dlq", "list"], ["keys", "create", "--tenant", "t"]):
+            result = run(config, *command)
+            assert result.exit_code == 2, (command, result.output, result.exception)
+            assert (
+                f"has the schema of migration {FUTURE}, newer than this version of estafeta "
+                f"knows (its newest is {head_revision()})" in result.output
+            ), result.output
+            assert "run `estafeta migrate`" not in result.output
+        assert asyncio.run(revision_of(database_url)) == FUTURE  # never migrated "down"
+
+    if engine == "sqlite":
+        attempts(f"sqlite:///{tmp_path / 'newer.db'}")
+    else:
+        with fresh_database("estafeta_cli") as url:
+            attempts(url)
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+async def test_serve_and_worker_refuse_a_database_of_a_newer_version(
+    tmp_path: Path, engine: str
+) -> None:
+    async def attempt(database_url: str) -> None:
+        config = load_config(config_file(tmp_path, database_url))
+        store = await prepared_store(config)
+        await store.close()
+        await set_revision(database_url, FUTURE)
+        for migrate in (True, False):  # `serve`, and `worker` or `serve --no-migrate`
+            with pytest.raises(StoreError, match=f"migration {FUTURE}, newer than this version"):
+                await prepared_store(config, migrate=migrate)
+        assert await revision_of(database_url) == FUTURE
+
+    if engine == "sqlite":
+        await attempt(f"sqlite:///{tmp_path / 'newer.db'}")
     else:
         with fresh_database("estafeta_cli") as url:
             await attempt(url)

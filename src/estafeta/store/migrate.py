@@ -1,4 +1,9 @@
-"""Schema migrations with Alembic, driven from code (no alembic.ini to ship or find)."""
+"""Schema migrations with Alembic, driven from code (no alembic.ini to ship or find).
+
+A database only ever moves up: one at a revision this version does not ship was migrated by
+a newer estafeta, and is refused as such (Alembic would fail to locate the revision with a
+traceback, and "run `estafeta migrate`" would send the operator in a circle).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+from estafeta.errors import StoreError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -25,6 +32,9 @@ async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
     """Apply every migration up to `revision` in one transaction."""
 
     def run(connection: Connection) -> None:
+        current = MigrationContext.configure(connection).get_current_revision()
+        if current is not None and current not in known_revisions():
+            raise StoreError(f"the database {schema_problem(current)}")
         command.upgrade(alembic_config(connection), revision)
 
     async with engine.begin() as conn:
@@ -36,6 +46,36 @@ def head_revision() -> str:
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     assert head is not None  # noqa: S101 - the package ships its migrations
     return head
+
+
+def known_revisions() -> set[str]:
+    """Every migration this version ships."""
+    return {
+        script.revision for script in ScriptDirectory.from_config(alembic_config()).walk_revisions()
+    }
+
+
+def schema_problem(current: str | None) -> str | None:
+    """Why this version cannot work with a database at migration `current` (completing
+    "the database …"), or None when it is this version's."""
+    head = head_revision()
+    if current == head:
+        return None
+    if current is not None and current not in known_revisions():
+        return (
+            f"has the schema of migration {current}, newer than this version of estafeta "
+            f"knows (its newest is {head}): run the estafeta that migrated it, or restore a "
+            "backup taken before (estafeta never migrates a schema down)"
+        )
+    found = (
+        "has no estafeta schema"
+        if current is None
+        else (f"has the schema of migration {current}, not this version's {head}")
+    )
+    return (
+        f"{found}: run `estafeta migrate` "
+        "(`estafeta serve` also migrates at start, unless --no-migrate)"
+    )
 
 
 async def current_revision(engine: AsyncEngine) -> str | None:

@@ -60,21 +60,13 @@ class SqlStore(IngestOps, LeaseOps, DeadLetterOps, ViewOps, CircuitOps):
         """Refuse a database whose schema is not this version's (never migrated, or by an
         older or newer estafeta): its statements would fail one by one with the driver's
         own errors, far from the cause."""
-        from estafeta.store.migrate import current_revision, head_revision
+        from estafeta.store.migrate import current_revision, schema_problem
 
         with store_errors():
             current = await current_revision(self.engine)
-        head = head_revision()
-        if current != head:
-            found = (
-                "has no estafeta schema"
-                if current is None
-                else f"has the schema of migration {current}, not this version's {head}"
-            )
-            raise StoreError(
-                f"the database {found}: run `estafeta migrate` "
-                "(`estafeta serve` also migrates at start, unless --no-migrate)"
-            )
+        problem = schema_problem(current)
+        if problem is not None:
+            raise StoreError(f"the database {problem}")
 
     # -- configuration ----------------------------------------------------------------------
 
