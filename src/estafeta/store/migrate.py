@@ -3,6 +3,11 @@
 A database only ever moves up: one at a revision this version does not ship was migrated by
 a newer estafeta, and is refused as such (Alembic would fail to locate the revision with a
 traceback, and "run `estafeta migrate`" would send the operator in a circle).
+
+Migrations on PostgreSQL take a lock of their own first: two `estafeta migrate` or `serve`
+starting at once would otherwise both read the same revision and both apply the next
+migration, one of them failing halfway (a table or index already created or dropped).
+SQLite needs none: the migration's transaction is BEGIN IMMEDIATE, one writer at a time.
 """
 
 from __future__ import annotations
@@ -13,12 +18,14 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection
+from sqlalchemy import Connection, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from estafeta.errors import StoreError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+# pg_advisory_xact_lock's key for "a migration is running": any constant of our own.
+_MIGRATION_LOCK = int.from_bytes(b"estafeta", "big") >> 1
 
 
 def alembic_config(connection: Connection | None = None) -> AlembicConfig:
@@ -32,6 +39,8 @@ async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
     """Apply every migration up to `revision` in one transaction."""
 
     def run(connection: Connection) -> None:
+        if connection.dialect.name == "postgresql":  # held until the transaction ends
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
         current = MigrationContext.configure(connection).get_current_revision()
         if current is not None and current not in known_revisions():
             raise StoreError(f"the database {schema_problem(current)}")
