@@ -15,7 +15,7 @@ from estafeta.errors import StoreError
 from estafeta.server import prepared_store
 from estafeta.store import open_store
 from estafeta.store.migrate import current_revision, head_revision
-from tests.conftest import fresh_database
+from tests.conftest import PG_ADMIN_URL, fresh_database
 
 
 def run(config: Path, *args: str) -> Result:
@@ -154,3 +154,30 @@ async def test_serve_and_worker_refuse_a_database_of_a_newer_version(
     else:
         with fresh_database("estafeta_cli") as url:
             await attempt(url)
+
+
+# -- a database URL that does not lead to a store ---------------------------------------------
+
+PASSWORD = "s3cret-pw"
+
+
+@pytest.mark.parametrize(
+    ("database", "status", "reason"),
+    [
+        ("estafeta_no_such_database", 2, 'database "estafeta_no_such_database" does not exist'),
+        ("postgres?user=estafeta_no_such_role", 2, 'role "estafeta_no_such_role" does not exist'),
+    ],
+)
+def test_a_database_url_that_leads_nowhere_is_one_line_saying_why(
+    tmp_path: Path, database: str, status: int, reason: str
+) -> None:
+    # Before: `migrate` died with the driver's traceback; the others said only
+    # `the store failed: DBAPIError (SQLSTATE 3D000)`.
+    host = PG_ADMIN_URL.rsplit("@", 1)[1].split("/", 1)[0]
+    config = config_file(tmp_path, f"postgresql://postgres:{PASSWORD}@{host}/{database}")
+    for command in (["migrate"], ["dlq", "list"], ["keys", "create", "--tenant", "t"]):
+        result = run(config, *command)
+        assert result.exit_code == status, (command, result.output, result.exception)
+        assert len(result.output.splitlines()) == 1, result.output
+        assert result.output.startswith("error: ") and reason in result.output, result.output
+        assert PASSWORD not in result.output

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import orjson
 from sqlalchemy import and_, select
 
-from estafeta.errors import StoreError, StoreUnavailable
+from estafeta.errors import StoreError
 from estafeta.ids import new_id
 from estafeta.store import schema as s
-from estafeta.store.base import store_errors, unavailable
+from estafeta.store.base import store_errors
 from estafeta.store.circuits import CircuitOps
 from estafeta.store.dead_letters import DeadLetterOps
 from estafeta.store.ingest import IngestOps
@@ -47,14 +47,8 @@ class SqlStore(IngestOps, LeaseOps, DeadLetterOps, ViewOps, CircuitOps):
         """Create or upgrade the schema to the newest migration."""
         from estafeta.store.migrate import upgrade
 
-        try:
+        with store_errors():  # not chained: a driver's text may quote data (store/base.py)
             await upgrade(self.engine)
-        except Exception as exc:
-            if unavailable(exc):
-                raise StoreUnavailable(
-                    f"the store cannot be reached: {type(exc).__name__}"
-                ) from None  # not chained: a driver's text may quote data (store/base.py)
-            raise
 
     async def require_schema(self) -> None:
         """Refuse a database whose schema is not this version's (never migrated, or by an
