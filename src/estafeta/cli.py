@@ -16,7 +16,8 @@ import orjson
 from estafeta import __version__
 from estafeta.clock import SystemClock, iso_from_ms, ms_from_iso
 from estafeta.config import Config, check_config, load_config, load_config_dict
-from estafeta.errors import ConfigError, EstafetaError, StoreUnavailable
+from estafeta.config.models import mask_url
+from estafeta.errors import ConfigError, EstafetaError, StoreError, StoreUnavailable
 from estafeta.observability.logging import configure_logging
 from estafeta.store import open_store
 from estafeta.store.records import DeadLetterFilter, DeliveryView
@@ -46,32 +47,32 @@ def _load(config_path: str) -> Config:
         sys.exit(2)
 
 
-def _run(make: Callable[[], Awaitable[T]]) -> T:
+def _exiting_on_errors(config: Config, command: Callable[[], T]) -> T:
+    """Run a command; an estafeta error ends it with one line on stderr and the status of
+    docs/cli.md: 3 when the store cannot be reached, else 2. A store's error names the
+    database first (password masked, query left out), since the default file or
+    ESTAFETA_DATABASE_URL may not lead where the operator meant."""
+    try:
+        return command()
+    except EstafetaError as exc:
+        store = isinstance(exc, StoreError)
+        where = f"{mask_url(config.storage.url).split('?')[0]}: " if store else ""
+        click.echo(f"error: {where}{exc}", err=True)
+        sys.exit(3 if isinstance(exc, StoreUnavailable) else 2)
+
+
+def _run(config: Config, make: Callable[[], Awaitable[T]]) -> T:
     async def main() -> T:
         return await make()
 
-    try:
-        return asyncio.run(main())
-    except StoreUnavailable as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(3)
-    except EstafetaError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+    return _exiting_on_errors(config, lambda: asyncio.run(main()))
 
 
-def _run_service(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+def _run_service(config: Config, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     """Run a long-lived service on uvloop; the same exit codes as the other commands."""
     from estafeta.server import run
 
-    try:
-        run(main)
-    except StoreUnavailable as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(3)
-    except EstafetaError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+    _exiting_on_errors(config, lambda: run(main))
 
 
 async def _with_store(
@@ -108,7 +109,9 @@ def serve(config_path: str, no_workers: bool, no_migrate: bool, listen: str | No
         config = config.model_copy(
             update={"server": config.server.model_copy(update={"listen": listen})}
         )
-    _run_service(lambda: serve_hub(config, run_workers=not no_workers, migrate=not no_migrate))
+    _run_service(
+        config, lambda: serve_hub(config, run_workers=not no_workers, migrate=not no_migrate)
+    )
 
 
 @main.command()
@@ -118,7 +121,7 @@ def worker(config_path: str) -> None:
     from estafeta.server import work
 
     config = _load(config_path)
-    _run_service(lambda: work(config))
+    _run_service(config, lambda: work(config))
 
 
 @main.command()
@@ -132,7 +135,7 @@ def migrate(config_path: str) -> None:
         if config.tenants:
             await store.sync_config(config, SystemClock().now_ms())
 
-    _run(lambda: _with_store(config, action, migrating=True))
+    _run(config, lambda: _with_store(config, action, migrating=True))
     engine = "sqlite" if config.storage.url.startswith("sqlite") else "postgresql"
     click.echo(f"schema is up to date ({engine})")
 
@@ -197,7 +200,7 @@ def keys_create(config_path: str, tenant: str, label: str) -> None:
             tenant_id=tenant, key_hash=hash_key(key), label=label, now_ms=SystemClock().now_ms()
         )
 
-    key_id = _run(lambda: _with_store(config, action))
+    key_id = _run(config, lambda: _with_store(config, action))
     click.echo(key)
     click.echo(f"(key {key_id} for tenant {tenant}; store it now, it is not shown again)", err=True)
 
@@ -262,7 +265,7 @@ def dlq_list(config_path: str, as_json: bool, **selection: Any) -> None:
     """List dead deliveries."""
     config = _load(config_path)
     found: list[DeliveryView] = _run(
-        lambda: _with_store(config, lambda store: store.list_dead(_dlq_filter(**selection)))
+        config, lambda: _with_store(config, lambda store: store.list_dead(_dlq_filter(**selection)))
     )
     for d in found:
         if as_json:
@@ -290,7 +293,7 @@ def _move(config_path: str, action_name: str, everything: bool, **selection: Any
         operation = store.replay if action_name == "replay" else store.discard
         return await operation(chosen, actor=actor, now_ms=SystemClock().now_ms())
 
-    moved = _run(lambda: _with_store(config, action))
+    moved = _run(config, lambda: _with_store(config, action))
     for delivery_id in moved:
         click.echo(delivery_id)
     past = "replayed" if action_name == "replay" else "discarded"

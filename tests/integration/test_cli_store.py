@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 
 import pytest
@@ -161,23 +162,48 @@ async def test_serve_and_worker_refuse_a_database_of_a_newer_version(
 PASSWORD = "s3cret-pw"
 
 
+def closed_port() -> int:
+    with socket.socket() as probe:  # bound, never listening: nothing answers there after
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 @pytest.mark.parametrize(
-    ("database", "status", "reason"),
+    ("place", "status", "reason"),
     [
-        ("estafeta_no_such_database", 2, 'database "estafeta_no_such_database" does not exist'),
-        ("postgres?user=estafeta_no_such_role", 2, 'role "estafeta_no_such_role" does not exist'),
+        (
+            "{pg}/estafeta_no_such_database",
+            2,
+            'database "estafeta_no_such_database" does not exist',
+        ),
+        (
+            "{pg}/postgres?user=estafeta_no_such_role",
+            2,
+            'role "estafeta_no_such_role" does not exist',
+        ),
+        ("127.0.0.1:{closed}/estafeta", 3, "the store cannot be reached: ConnectionRefusedError"),
     ],
 )
-def test_a_database_url_that_leads_nowhere_is_one_line_saying_why(
-    tmp_path: Path, database: str, status: int, reason: str
+def test_a_database_url_that_leads_nowhere_is_one_line_saying_where_and_why(
+    tmp_path: Path, place: str, status: int, reason: str
 ) -> None:
-    # Before: `migrate` died with the driver's traceback; the others said only
-    # `the store failed: DBAPIError (SQLSTATE 3D000)`.
-    host = PG_ADMIN_URL.rsplit("@", 1)[1].split("/", 1)[0]
-    config = config_file(tmp_path, f"postgresql://postgres:{PASSWORD}@{host}/{database}")
+    # Before: `migrate` died with the driver's traceback on a missing database or role; the
+    # others said only `the store failed: DBAPIError (SQLSTATE 3D000)`; none said which
+    # database it was (the default file, or ESTAFETA_DATABASE_URL, may not be the one meant).
+    pg = PG_ADMIN_URL.rsplit("@", 1)[1].split("/", 1)[0]
+    url = f"postgresql://postgres:{PASSWORD}@" + place.format(pg=pg, closed=closed_port())
+    where = f"error: {url.replace(PASSWORD, '***').split('?')[0]}: "
+    config = config_file(tmp_path, url)
     for command in (["migrate"], ["dlq", "list"], ["keys", "create", "--tenant", "t"]):
         result = run(config, *command)
         assert result.exit_code == status, (command, result.output, result.exception)
         assert len(result.output.splitlines()) == 1, result.output
-        assert result.output.startswith("error: ") and reason in result.output, result.output
+        assert result.output.startswith(where) and reason in result.output, result.output
         assert PASSWORD not in result.output
+
+
+def test_a_sqlite_file_that_cannot_be_opened_is_named(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'no-such-directory' / 'estafeta.db'}"
+    result = run(config_file(tmp_path, url), "migrate")
+    assert result.exit_code == 3, (result.output, result.exception)
+    assert result.output.startswith(f"error: {url}: the store cannot be reached"), result.output
