@@ -25,6 +25,7 @@ from estafeta.store.sqlstore import SqlStore
 
 T = TypeVar("T")
 DEFAULT_CONFIG = "estafeta.toml"
+MAX_LIMIT = 1_000_000  # dead deliveries one `dlq` command takes at most
 
 config_option = click.option(
     "--config",
@@ -169,7 +170,7 @@ def _destination_kinds(file: str) -> list[object]:
     try:
         with open(file, "rb") as f:
             data = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError):
+    except (OSError, ValueError):  # unreadable, not UTF-8, not TOML: reported already
         return []
     destinations = data.get("destinations")
     if not isinstance(destinations, list):
@@ -244,13 +245,25 @@ def dlq_options(function: Callable[..., Any]) -> Callable[..., Any]:
             click.option(
                 "--limit",
                 default=None,
-                type=click.IntRange(1),
+                type=click.IntRange(1, MAX_LIMIT),  # past a bigint, the driver's traceback
                 help="at most this many  [default: as many as --id names, else 1000]",
             ),
         ]
     ):
         function = option(function)
     return function
+
+
+async def _require_known(store: SqlStore, chosen: DeadLetterFilter) -> None:
+    """A tenant or destination the store does not know selects nothing, whatever the DLQ
+    holds: a typo, which "0 dead deliveries" would hide."""
+    named = (
+        ("--tenant", "tenant", chosen.tenant_id, store.tenant_exists),
+        ("--destination", "destination", chosen.destination_id, store.destination_exists),
+    )
+    for option, what, name, exists in named:
+        if name is not None and not await exists(name):
+            raise EstafetaError(f"{option} {name!r}: no such {what} in the store")
 
 
 @main.group()
@@ -264,9 +277,13 @@ def dlq() -> None:
 def dlq_list(config_path: str, as_json: bool, **selection: Any) -> None:
     """List dead deliveries."""
     config = _load(config_path)
-    found: list[DeliveryView] = _run(
-        config, lambda: _with_store(config, lambda store: store.list_dead(_dlq_filter(**selection)))
-    )
+    chosen = _dlq_filter(**selection)
+
+    async def action(store: SqlStore) -> list[DeliveryView]:
+        await _require_known(store, chosen)
+        return await store.list_dead(chosen)
+
+    found = _run(config, lambda: _with_store(config, action))
     for d in found:
         if as_json:
             from estafeta.api.views import delivery_json
@@ -290,6 +307,7 @@ def _move(config_path: str, action_name: str, everything: bool, **selection: Any
     actor = f"cli:{os.environ.get('USER', 'operator')}"
 
     async def action(store: SqlStore) -> list[str]:
+        await _require_known(store, chosen)
         operation = store.replay if action_name == "replay" else store.discard
         return await operation(chosen, actor=actor, now_ms=SystemClock().now_ms())
 

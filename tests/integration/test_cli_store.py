@@ -207,3 +207,47 @@ def test_a_sqlite_file_that_cannot_be_opened_is_named(tmp_path: Path) -> None:
     result = run(config_file(tmp_path, url), "migrate")
     assert result.exit_code == 3, (result.output, result.exception)
     assert result.output.startswith(f"error: {url}: the store cannot be reached"), result.output
+
+
+# -- selections that cannot mean anything -----------------------------------------------------
+
+
+def test_a_dead_letter_selection_naming_what_is_not_in_the_store_is_refused(
+    tmp_path: Path, database_url: str
+) -> None:
+    # Before: `dlq replay --destination bilingg` said "0 deliveries replayed", exit 0, as if
+    # billing had nothing dead.
+    config = config_file(tmp_path, database_url)
+    assert run(config, "migrate").exit_code == 0
+    for command in ("list", "replay", "discard"):
+        for option, name, what in (
+            ("--tenant", "clinica-so1", "tenant"),
+            ("--destination", "bilingg", "destination"),
+            ("--destination", "send:nowhere", "destination"),
+        ):
+            result = run(config, "dlq", command, option, name)
+            assert result.exit_code == 2, (command, option, result.output, result.exception)
+            assert result.output == f"error: {option} {name!r}: no such {what} in the store\n"
+    known = run(config, "dlq", "replay", "--tenant", "clinica-sol")
+    assert (known.exit_code, known.output) == (0, "0 deliveries replayed\n")
+
+
+def test_a_limit_past_what_the_database_can_count_is_refused_as_usage(
+    tmp_path: Path, database_url: str
+) -> None:
+    # Before: an OverflowError traceback from the driver (exit 1).
+    config = config_file(tmp_path, database_url)
+    assert run(config, "migrate").exit_code == 0
+    huge = run(config, "dlq", "list", "--limit", "99999999999999999999")
+    assert huge.exit_code == 2, (huge.output, huge.exception)
+    assert "Invalid value for '--limit'" in huge.output
+    assert run(config, "dlq", "list", "--limit", "1000000").exit_code == 0
+
+
+def test_check_config_reports_a_file_that_is_not_utf8(tmp_path: Path) -> None:
+    # Before: a UnicodeDecodeError traceback, after the problem had been found.
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes('[[tenants]]\nid = "clinica-sol"\nname = "Clínica Sol"\n'.encode("latin-1"))
+    result = CliRunner().invoke(main, ["check-config", str(latin1)])
+    assert result.exit_code == 1, (result.output, result.exception)
+    assert result.output == f"{latin1}: file is not valid UTF-8\n1 problem(s) found\n"

@@ -26,6 +26,7 @@ from sqlalchemy import and_, select
 
 from estafeta.errors import StoreError
 from estafeta.ids import new_id
+from estafeta.messaging.facts import SEND_DESTINATION_PREFIX
 from estafeta.store import schema as s
 from estafeta.store.base import store_errors
 from estafeta.store.circuits import CircuitOps
@@ -134,5 +135,13 @@ class SqlStore(IngestOps, LeaseOps, DeadLetterOps, ViewOps, CircuitOps):
 
     async def tenant_exists(self, tenant_id: str) -> bool:
         query = select(s.tenants.c.id).where(s.tenants.c.id == tenant_id)
+        async with self._read() as conn:
+            return (await conn.execute(query)).first() is not None
+
+    async def destination_exists(self, destination_id: str) -> bool:
+        """A configured destination, or a provider source's sends (`send:<source id>`)."""
+        source_id = destination_id.removeprefix(SEND_DESTINATION_PREFIX)
+        table = s.sources if source_id != destination_id else s.destinations
+        query = select(table.c.id).where(table.c.id == source_id)
         async with self._read() as conn:
             return (await conn.execute(query)).first() is not None
