@@ -335,11 +335,36 @@ def dlq_discard(config_path: str, everything: bool, **selection: Any) -> None:
 
 
 @main.command()
-@click.option("--dir", "workdir", default=None, help="where the demo keeps its database")
+@click.option(
+    "--dir",
+    "workdir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="where the demo keeps its database (a new or empty directory)",
+)
 @click.option("--events", "event_count", default=20, show_default=True, type=click.IntRange(1))
 def demo(workdir: str | None, event_count: int) -> None:
     """An end-to-end demonstration on SQLite with local sinks."""
     from estafeta.demo.story import run_demo
 
+    if workdir is not None:
+        _demo_directory(Path(workdir))
     configure_logging("error")
     sys.exit(run_demo(workdir=workdir, event_count=event_count))
+
+
+def _demo_directory(workdir: Path) -> None:
+    """Make the demo's directory, refusing one that holds an installation: the demo writes
+    its own estafeta.toml and fills estafeta.db, and its story fails on a database where it
+    has run before (every webhook a duplicate)."""
+    taken = [name for name in ("estafeta.toml", "estafeta.db") if (workdir / name).exists()]
+    if taken:
+        raise click.BadParameter(
+            f"{workdir} already holds {' and '.join(taken)} (an earlier demo's, or an "
+            "installation's): name a new or empty directory",
+            param_hint="'--dir'",
+        )
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise click.BadParameter(f"{workdir}: {exc.strerror}", param_hint="'--dir'") from None
