@@ -12,11 +12,12 @@ from typing import Any, TypeVar
 
 import click
 import orjson
+from pydantic import ValidationError
 
 from estafeta import __version__
 from estafeta.clock import SystemClock, iso_from_ms, ms_from_iso
 from estafeta.config import Config, check_config, load_config, load_config_dict
-from estafeta.config.models import mask_url
+from estafeta.config.models import ServerConfig, mask_url
 from estafeta.errors import ConfigError, EstafetaError, StoreError, StoreUnavailable
 from estafeta.observability.logging import configure_logging
 from estafeta.store import open_store
@@ -100,7 +101,12 @@ def main(log_level: str) -> None:
 @config_option
 @click.option("--no-workers", is_flag=True, help="HTTP only; run `estafeta worker` elsewhere")
 @click.option("--no-migrate", is_flag=True, help="do not upgrade the schema at start")
-@click.option("--listen", default=None, help="host:port, overriding server.listen")
+@click.option(
+    "--listen",
+    default=None,
+    callback=lambda _ctx, _param, value: _checked_listen(value),
+    help="host:port, overriding server.listen",
+)
 def serve(config_path: str, no_workers: bool, no_migrate: bool, listen: str | None) -> None:
     """The HTTP server: ingress, API, health; with delivery workers unless --no-workers."""
     from estafeta.server import serve as serve_hub
@@ -113,6 +119,18 @@ def serve(config_path: str, no_workers: bool, no_migrate: bool, listen: str | No
     _run_service(
         config, lambda: serve_hub(config, run_workers=not no_workers, migrate=not no_migrate)
     )
+
+
+def _checked_listen(value: str | None) -> str | None:
+    """--listen, checked as server.listen is in the file (a copy of the configuration with
+    it is not validated again)."""
+    if value is None:
+        return None
+    try:
+        ServerConfig(listen=value)
+    except ValidationError as exc:
+        raise click.BadParameter(str(exc.errors()[0]["ctx"]["error"])) from None
+    return value
 
 
 @main.command()

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import signal
+import socket
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
@@ -18,7 +19,7 @@ from estafeta.clock import SystemClock
 from estafeta.config import Config
 from estafeta.connectors.registry import unavailable_kinds
 from estafeta.delivery.worker import Worker
-from estafeta.errors import ConfigError
+from estafeta.errors import ConfigError, EstafetaError
 from estafeta.http_protocol import OneWriteHttpToolsProtocol
 from estafeta.hub import Hub
 from estafeta.ingress.spool import Spool
@@ -79,6 +80,16 @@ class GracefulServer(uvicorn.Server):
     uvicorn re-raises a captured signal once it has stopped, so that an embedding program
     dies of it; estafeta owns the process, and a stop that finished cleanly exits 0.
     """
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's, minus its exit status 3 when it cannot start, as when its port is
+        taken (estafeta's 3 means "the store cannot be reached"): an estafeta error, exit 2;
+        uvicorn's log line just before says why."""
+        try:
+            await super().startup(sockets=sockets)
+        except SystemExit:
+            where = f"{self.config.host}:{self.config.port}"
+            raise EstafetaError(f"the HTTP server could not start on {where} (see above)") from None
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import re
 import signal
+import socket
 import sqlite3
 import time
 from pathlib import Path
@@ -131,6 +132,44 @@ async def test_serve_refuses_a_destination_kind_it_cannot_deliver_to(tmp_path: P
     assert result.returncode == 2, result
     assert "destinations[1].kind: destination kind 'airtable' is not available" in result.stderr
     assert not (tmp_path / "estafeta.db").exists()
+
+
+@pytest.mark.parametrize("listen", ["abc", "8080", "127.0.0.1:99999"])
+async def test_serve_refuses_a_listen_address_it_would_refuse_in_the_file(
+    tmp_path: Path, listen: str
+) -> None:
+    # Before: `abc` was a ValueError traceback; `8080` and port 99999, refused in
+    # server.listen, were accepted from --listen.
+    config = hub_config(
+        f"sqlite:///{tmp_path / 'estafeta.db'}",
+        tmp_path,
+        port=free_port(),
+        destinations=[],
+        routes=[],
+    )
+    path = write_config(tmp_path / "estafeta.toml", config)
+    result = await run_cli("serve", "--config", str(path), "--listen", listen, cwd=tmp_path)
+    assert result.returncode == 2, result
+    assert f"Invalid value for '--listen': invalid address '{listen}'" in result.stderr, result
+    assert not (tmp_path / "estafeta.db").exists()
+
+
+async def test_serve_on_a_port_in_use_says_so_with_the_status_of_a_start_that_failed(
+    tmp_path: Path,
+) -> None:
+    # Before: uvicorn's exit status 3, which estafeta documents as "the store cannot be reached".
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = hub_config(
+            f"sqlite:///{tmp_path / 'estafeta.db'}", tmp_path, port=port, destinations=[], routes=[]
+        )
+        path = write_config(tmp_path / "estafeta.toml", config)
+        result = await run_cli("serve", "--config", str(path), cwd=tmp_path, timeout_s=30)
+    assert result.returncode == 2, result
+    assert "address already in use" in result.stderr, result
+    assert f"error: the HTTP server could not start on 127.0.0.1:{port}" in result.stderr, result
 
 
 async def test_serve_and_worker_refuse_a_database_of_a_newer_version(tmp_path: Path) -> None:
