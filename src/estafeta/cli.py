@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 import tomllib
@@ -89,9 +90,22 @@ async def _with_store(
         await store.close()
 
 
+def _checked_log_level(value: str) -> str:
+    if not isinstance(logging.getLevelName(value.upper()), int):  # else the level's name
+        raise click.BadParameter(f"{value!r}: use debug, info, warning or error")
+    return value
+
+
 @click.group()
 @click.version_option(__version__, prog_name="estafeta")
-@click.option("--log-level", default="info", show_default=True, envvar="ESTAFETA_LOG_LEVEL")
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    envvar="ESTAFETA_LOG_LEVEL",
+    callback=lambda _ctx, _param, value: _checked_log_level(value),
+    help="debug, info, warning or error",
+)
 def main(log_level: str) -> None:
     """estafeta: receive webhooks, route them, deliver them, never lose one."""
     configure_logging(log_level)

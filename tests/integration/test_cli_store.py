@@ -251,3 +251,18 @@ def test_check_config_reports_a_file_that_is_not_utf8(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["check-config", str(latin1)])
     assert result.exit_code == 1, (result.output, result.exception)
     assert result.output == f"{latin1}: file is not valid UTF-8\n1 problem(s) found\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [(["--log-level", "verbose"], {}), ([], {"ESTAFETA_LOG_LEVEL": "verbose"})],
+)
+def test_an_unknown_log_level_is_a_usage_error(
+    tmp_path: Path, args: list[str], env: dict[str, str]
+) -> None:
+    # Before: structlog's KeyError traceback, whatever the command.
+    config = config_file(tmp_path, f"sqlite:///{tmp_path / 'estafeta.db'}")
+    result = CliRunner().invoke(main, [*args, "migrate", "--config", str(config)], env=env)
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "Invalid value for '--log-level': 'verbose'" in result.output, result.output
+    assert not (tmp_path / "estafeta.db").exists()
