@@ -58,8 +58,8 @@ def _exiting_on_errors(config: Config, command: Callable[[], T]) -> T:
     try:
         return command()
     except EstafetaError as exc:
-        store = isinstance(exc, StoreError)
-        where = f"{mask_url(config.storage.url).split('?')[0]}: " if store else ""
+        of_store = isinstance(exc, StoreError)
+        where = f"{mask_url(config.storage.url).split('?')[0]}: " if of_store else ""
         click.echo(f"error: {where}{exc}", err=True)
         sys.exit(3 if isinstance(exc, StoreUnavailable) else 2)
 
@@ -136,15 +136,11 @@ def serve(config_path: str, no_workers: bool, no_migrate: bool, listen: str | No
 
 
 def _checked_listen(value: str | None) -> str | None:
-    """--listen, checked as server.listen is in the file (a copy of the configuration with
-    it is not validated again)."""
-    if value is None:
-        return None
+    """--listen, checked as server.listen is (the copy of the configuration is not)."""
     try:
-        ServerConfig(listen=value)
+        return value if value is None else ServerConfig(listen=value).listen
     except ValidationError as exc:
         raise click.BadParameter(str(exc.errors()[0]["ctx"]["error"])) from None
-    return value
 
 
 @main.command()
