@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 import tomllib
@@ -12,11 +13,13 @@ from typing import Any, TypeVar
 
 import click
 import orjson
+from pydantic import ValidationError
 
 from estafeta import __version__
 from estafeta.clock import SystemClock, iso_from_ms, ms_from_iso
 from estafeta.config import Config, check_config, load_config, load_config_dict
-from estafeta.errors import ConfigError, EstafetaError, StoreUnavailable
+from estafeta.config.models import ServerConfig, mask_url
+from estafeta.errors import ConfigError, EstafetaError, StoreError, StoreUnavailable
 from estafeta.observability.logging import configure_logging
 from estafeta.store import open_store
 from estafeta.store.records import DeadLetterFilter, DeliveryView
@@ -24,6 +27,7 @@ from estafeta.store.sqlstore import SqlStore
 
 T = TypeVar("T")
 DEFAULT_CONFIG = "estafeta.toml"
+MAX_LIMIT = 1_000_000  # dead deliveries one `dlq` command takes at most
 
 config_option = click.option(
     "--config",
@@ -46,32 +50,32 @@ def _load(config_path: str) -> Config:
         sys.exit(2)
 
 
-def _run(make: Callable[[], Awaitable[T]]) -> T:
+def _exiting_on_errors(config: Config, command: Callable[[], T]) -> T:
+    """Run a command; an estafeta error ends it with one line on stderr and the status of
+    docs/cli.md: 3 when the store cannot be reached, else 2. A store's error names the
+    database first (password masked, query left out), since the default file or
+    ESTAFETA_DATABASE_URL may not lead where the operator meant."""
+    try:
+        return command()
+    except EstafetaError as exc:
+        of_store = isinstance(exc, StoreError)
+        where = f"{mask_url(config.storage.url).split('?')[0]}: " if of_store else ""
+        click.echo(f"error: {where}{exc}", err=True)
+        sys.exit(3 if isinstance(exc, StoreUnavailable) else 2)
+
+
+def _run(config: Config, make: Callable[[], Awaitable[T]]) -> T:
     async def main() -> T:
         return await make()
 
-    try:
-        return asyncio.run(main())
-    except StoreUnavailable as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(3)
-    except EstafetaError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+    return _exiting_on_errors(config, lambda: asyncio.run(main()))
 
 
-def _run_service(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+def _run_service(config: Config, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     """Run a long-lived service on uvloop; the same exit codes as the other commands."""
     from estafeta.server import run
 
-    try:
-        run(main)
-    except StoreUnavailable as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(3)
-    except EstafetaError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+    _exiting_on_errors(config, lambda: run(main))
 
 
 async def _with_store(
@@ -86,9 +90,22 @@ async def _with_store(
         await store.close()
 
 
+def _checked_log_level(value: str) -> str:
+    if not isinstance(logging.getLevelName(value.upper()), int):  # else the level's name
+        raise click.BadParameter(f"{value!r}: use debug, info, warning or error")
+    return value
+
+
 @click.group()
 @click.version_option(__version__, prog_name="estafeta")
-@click.option("--log-level", default="info", show_default=True, envvar="ESTAFETA_LOG_LEVEL")
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    envvar="ESTAFETA_LOG_LEVEL",
+    callback=lambda _ctx, _param, value: _checked_log_level(value),
+    help="debug, info, warning or error",
+)
 def main(log_level: str) -> None:
     """estafeta: receive webhooks, route them, deliver them, never lose one."""
     configure_logging(log_level)
@@ -98,7 +115,12 @@ def main(log_level: str) -> None:
 @config_option
 @click.option("--no-workers", is_flag=True, help="HTTP only; run `estafeta worker` elsewhere")
 @click.option("--no-migrate", is_flag=True, help="do not upgrade the schema at start")
-@click.option("--listen", default=None, help="host:port, overriding server.listen")
+@click.option(
+    "--listen",
+    default=None,
+    callback=lambda _ctx, _param, value: _checked_listen(value),
+    help="host:port, overriding server.listen",
+)
 def serve(config_path: str, no_workers: bool, no_migrate: bool, listen: str | None) -> None:
     """The HTTP server: ingress, API, health; with delivery workers unless --no-workers."""
     from estafeta.server import serve as serve_hub
@@ -108,7 +130,17 @@ def serve(config_path: str, no_workers: bool, no_migrate: bool, listen: str | No
         config = config.model_copy(
             update={"server": config.server.model_copy(update={"listen": listen})}
         )
-    _run_service(lambda: serve_hub(config, run_workers=not no_workers, migrate=not no_migrate))
+    _run_service(
+        config, lambda: serve_hub(config, run_workers=not no_workers, migrate=not no_migrate)
+    )
+
+
+def _checked_listen(value: str | None) -> str | None:
+    """--listen, checked as server.listen is (the copy of the configuration is not)."""
+    try:
+        return value if value is None else ServerConfig(listen=value).listen
+    except ValidationError as exc:
+        raise click.BadParameter(str(exc.errors()[0]["ctx"]["error"])) from None
 
 
 @main.command()
@@ -118,7 +150,7 @@ def worker(config_path: str) -> None:
     from estafeta.server import work
 
     config = _load(config_path)
-    _run_service(lambda: work(config))
+    _run_service(config, lambda: work(config))
 
 
 @main.command()
@@ -132,7 +164,7 @@ def migrate(config_path: str) -> None:
         if config.tenants:
             await store.sync_config(config, SystemClock().now_ms())
 
-    _run(lambda: _with_store(config, action, migrating=True))
+    _run(config, lambda: _with_store(config, action, migrating=True))
     engine = "sqlite" if config.storage.url.startswith("sqlite") else "postgresql"
     click.echo(f"schema is up to date ({engine})")
 
@@ -166,7 +198,7 @@ def _destination_kinds(file: str) -> list[object]:
     try:
         with open(file, "rb") as f:
             data = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError):
+    except (OSError, ValueError):  # unreadable, not UTF-8, not TOML: reported already
         return []
     destinations = data.get("destinations")
     if not isinstance(destinations, list):
@@ -197,7 +229,7 @@ def keys_create(config_path: str, tenant: str, label: str) -> None:
             tenant_id=tenant, key_hash=hash_key(key), label=label, now_ms=SystemClock().now_ms()
         )
 
-    key_id = _run(lambda: _with_store(config, action))
+    key_id = _run(config, lambda: _with_store(config, action))
     click.echo(key)
     click.echo(f"(key {key_id} for tenant {tenant}; store it now, it is not shown again)", err=True)
 
@@ -241,13 +273,25 @@ def dlq_options(function: Callable[..., Any]) -> Callable[..., Any]:
             click.option(
                 "--limit",
                 default=None,
-                type=click.IntRange(1),
+                type=click.IntRange(1, MAX_LIMIT),  # past a bigint, the driver's traceback
                 help="at most this many  [default: as many as --id names, else 1000]",
             ),
         ]
     ):
         function = option(function)
     return function
+
+
+async def _require_known(store: SqlStore, chosen: DeadLetterFilter) -> None:
+    """A tenant or destination the store does not know selects nothing, whatever the DLQ
+    holds: a typo, which "0 dead deliveries" would hide."""
+    named = (
+        ("--tenant", "tenant", chosen.tenant_id, store.tenant_exists),
+        ("--destination", "destination", chosen.destination_id, store.destination_exists),
+    )
+    for option, what, name, exists in named:
+        if name is not None and not await exists(name):
+            raise EstafetaError(f"{option} {name!r}: no such {what} in the store")
 
 
 @main.group()
@@ -261,9 +305,13 @@ def dlq() -> None:
 def dlq_list(config_path: str, as_json: bool, **selection: Any) -> None:
     """List dead deliveries."""
     config = _load(config_path)
-    found: list[DeliveryView] = _run(
-        lambda: _with_store(config, lambda store: store.list_dead(_dlq_filter(**selection)))
-    )
+    chosen = _dlq_filter(**selection)
+
+    async def action(store: SqlStore) -> list[DeliveryView]:
+        await _require_known(store, chosen)
+        return await store.list_dead(chosen)
+
+    found = _run(config, lambda: _with_store(config, action))
     for d in found:
         if as_json:
             from estafeta.api.views import delivery_json
@@ -287,10 +335,11 @@ def _move(config_path: str, action_name: str, everything: bool, **selection: Any
     actor = f"cli:{os.environ.get('USER', 'operator')}"
 
     async def action(store: SqlStore) -> list[str]:
+        await _require_known(store, chosen)
         operation = store.replay if action_name == "replay" else store.discard
         return await operation(chosen, actor=actor, now_ms=SystemClock().now_ms())
 
-    moved = _run(lambda: _with_store(config, action))
+    moved = _run(config, lambda: _with_store(config, action))
     for delivery_id in moved:
         click.echo(delivery_id)
     past = "replayed" if action_name == "replay" else "discarded"
@@ -314,11 +363,36 @@ def dlq_discard(config_path: str, everything: bool, **selection: Any) -> None:
 
 
 @main.command()
-@click.option("--dir", "workdir", default=None, help="where the demo keeps its database")
+@click.option(
+    "--dir",
+    "workdir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="where the demo keeps its database (a new or empty directory)",
+)
 @click.option("--events", "event_count", default=20, show_default=True, type=click.IntRange(1))
 def demo(workdir: str | None, event_count: int) -> None:
     """An end-to-end demonstration on SQLite with local sinks."""
     from estafeta.demo.story import run_demo
 
+    if workdir is not None:
+        _demo_directory(Path(workdir))
     configure_logging("error")
     sys.exit(run_demo(workdir=workdir, event_count=event_count))
+
+
+def _demo_directory(workdir: Path) -> None:
+    """Make the demo's directory, refusing one that holds an installation: the demo writes
+    its own estafeta.toml and fills estafeta.db, and its story fails on a database where it
+    has run before (every webhook a duplicate)."""
+    taken = [name for name in ("estafeta.toml", "estafeta.db") if (workdir / name).exists()]
+    if taken:
+        raise click.BadParameter(
+            f"{workdir} already holds {' and '.join(taken)} (an earlier demo's, or an "
+            "installation's): name a new or empty directory",
+            param_hint="'--dir'",
+        )
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise click.BadParameter(f"{workdir}: {exc.strerror}", param_hint="'--dir'") from None

@@ -3,15 +3,18 @@ graceful stop of `serve` while a send is in flight."""
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import time
 from pathlib import Path
 from typing import Any
 
+import click
 import orjson
 import pytest
 
+from estafeta.cli import main
 from estafeta.testing.sink import Sink
 from tests.acceptance.conftest import (
     TENANT,
@@ -396,3 +399,50 @@ async def test_sigterm_stops_serve_cleanly_with_a_send_in_flight(
         )
     finally:
         await sink.stop()
+
+
+# -- the reference ----------------------------------------------------------------------------
+
+CLI_REFERENCE = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
+
+
+def documented_options() -> dict[str, set[str]]:
+    """Each `## \\`estafeta …\\`` section's title and the --options it names."""
+    sections = re.split(r"^## ", CLI_REFERENCE.read_text(encoding="utf-8"), flags=re.M)[1:]
+    return {
+        section.splitlines()[0]: set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", section))
+        for section in sections
+        if section.startswith("`estafeta ")
+    }
+
+
+def command_options(*path: str) -> set[str]:
+    command: click.Command = main
+    for name in path:
+        assert isinstance(command, click.Group)
+        command = command.commands[name]
+    return {o for p in command.params for o in p.opts if o.startswith("--")}
+
+
+@pytest.mark.parametrize(
+    ("title", "commands"),
+    [
+        ("`estafeta serve`", [("serve",)]),
+        ("`estafeta worker`", [("worker",)]),
+        ("`estafeta migrate`", [("migrate",)]),
+        ("`estafeta check-config`", [("check-config",)]),
+        ("`estafeta keys create`", [("keys", "create")]),
+        (
+            "`estafeta dlq list | replay | discard`",
+            [("dlq", c) for c in ("list", "replay", "discard")],
+        ),
+        ("`estafeta demo`", [("demo",)]),
+    ],
+)
+def test_each_commands_options_are_the_ones_docs_cli_names(
+    title: str, commands: list[tuple[str, ...]]
+) -> None:
+    documented = documented_options()[title]
+    for path in commands:
+        assert command_options(*path) - documented == set(), path  # each option is documented
+    assert documented - set().union(*(command_options(*p) for p in commands)) == set()

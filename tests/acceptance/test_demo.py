@@ -27,3 +27,36 @@ def test_the_demo_runs_the_whole_story(tmp_path: Path) -> None:
     assert "wait in the dead-letter queue" in out
     assert "0 dead, 0 pending" in out
     assert (tmp_path / "estafeta.toml").exists()
+
+
+def demo(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "estafeta", "demo", *args],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+
+
+@pytest.mark.timeout(120)
+def test_the_demo_never_takes_over_a_directory_holding_an_installation(tmp_path: Path) -> None:
+    # Before: it overwrote estafeta.toml and wrote its tenant and events into estafeta.db;
+    # run twice with one --dir, its second story found every webhook a duplicate and failed.
+    config = tmp_path / "estafeta.toml"
+    config.write_text('[storage]\nurl = "sqlite:///./estafeta.db"\n')
+    done = demo("--dir", str(tmp_path), "--events", "4")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"{tmp_path} already holds estafeta.toml" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert config.read_text() == '[storage]\nurl = "sqlite:///./estafeta.db"\n'
+    assert not (tmp_path / "estafeta.db").exists()
+
+
+@pytest.mark.parametrize("where", ["a-file", "a-file/below"])
+def test_a_demo_directory_that_cannot_be_one_is_a_usage_error(tmp_path: Path, where: str) -> None:
+    # Before: FileExistsError / NotADirectoryError tracebacks.
+    (tmp_path / "a-file").write_text("")
+    done = demo("--dir", str(tmp_path / where))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Invalid value for '--dir'" in done.stderr and "Traceback" not in done.stderr

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from sqlalchemy import text
 
 from estafeta.cli import main
 from estafeta.config import load_config
 from estafeta.errors import StoreError
 from estafeta.server import prepared_store
-from tests.conftest import fresh_database
+from estafeta.store import open_store
+from estafeta.store.migrate import current_revision, head_revision
+from tests.conftest import PG_ADMIN_URL, fresh_database
 
 
 def run(config: Path, *args: str) -> Result:
@@ -80,3 +85,184 @@ async def test_a_worker_or_serve_without_migrating_names_a_database_without_the_
     else:
         with fresh_database("estafeta_cli") as url:
             await attempt(url)
+
+
+# -- a database migrated by a newer estafeta ------------------------------------------------------
+
+FUTURE = "0099"  # a migration this version does not ship
+
+
+async def set_revision(database_url: str, revision: str) -> None:
+    store = open_store(database_url)
+    try:
+        async with store.engine.begin() as conn:
+            await conn.execute(text("UPDATE alembic_version SET version_num = :r"), {"r": revision})
+    finally:
+        await store.close()
+
+
+async def revision_of(database_url: str) -> str | None:
+    store = open_store(database_url)
+    try:
+        return await current_revision(store.engine)
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_a_database_of_a_newer_version_is_named_and_left_as_it_is(
+    tmp_path: Path, engine: str
+) -> None:
+    # Before: `migrate` died of alembic's "Can't locate revision" with a traceback, and every
+    # other command told the operator to run `estafeta migrate`: that very traceback.
+    def attempts(database_url: str) -> None:
+        config = config_file(tmp_path, database_url)
+        assert run(config, "migrate").exit_code == 0
+        asyncio.run(set_revision(database_url, FUTURE))
+        for command in (["migrate"], ["dlq", "list"], ["keys", "create", "--tenant", "t"]):
+            result = run(config, *command)
+            assert result.exit_code == 2, (command, result.output, result.exception)
+            assert (
+                f"has the schema of migration {FUTURE}, newer than this version of estafeta "
+                f"knows (its newest is {head_revision()})" in result.output
+            ), result.output
+            assert "run `estafeta migrate`" not in result.output
+        assert asyncio.run(revision_of(database_url)) == FUTURE  # never migrated "down"
+
+    if engine == "sqlite":
+        attempts(f"sqlite:///{tmp_path / 'newer.db'}")
+    else:
+        with fresh_database("estafeta_cli") as url:
+            attempts(url)
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+async def test_serve_and_worker_refuse_a_database_of_a_newer_version(
+    tmp_path: Path, engine: str
+) -> None:
+    async def attempt(database_url: str) -> None:
+        config = load_config(config_file(tmp_path, database_url))
+        store = await prepared_store(config)
+        await store.close()
+        await set_revision(database_url, FUTURE)
+        for migrate in (True, False):  # `serve`, and `worker` or `serve --no-migrate`
+            with pytest.raises(StoreError, match=f"migration {FUTURE}, newer than this version"):
+                await prepared_store(config, migrate=migrate)
+        assert await revision_of(database_url) == FUTURE
+
+    if engine == "sqlite":
+        await attempt(f"sqlite:///{tmp_path / 'newer.db'}")
+    else:
+        with fresh_database("estafeta_cli") as url:
+            await attempt(url)
+
+
+# -- a database URL that does not lead to a store ---------------------------------------------
+
+PASSWORD = "s3cret-pw"
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:  # bound, never listening: nothing answers there after
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    ("place", "status", "reason"),
+    [
+        (
+            "{pg}/estafeta_no_such_database",
+            2,
+            'database "estafeta_no_such_database" does not exist',
+        ),
+        (
+            "{pg}/postgres?user=estafeta_no_such_role",
+            2,
+            'role "estafeta_no_such_role" does not exist',
+        ),
+        ("127.0.0.1:{closed}/estafeta", 3, "the store cannot be reached: ConnectionRefusedError"),
+    ],
+)
+def test_a_database_url_that_leads_nowhere_is_one_line_saying_where_and_why(
+    tmp_path: Path, place: str, status: int, reason: str
+) -> None:
+    # Before: `migrate` died with the driver's traceback on a missing database or role; the
+    # others said only `the store failed: DBAPIError (SQLSTATE 3D000)`; none said which
+    # database it was (the default file, or ESTAFETA_DATABASE_URL, may not be the one meant).
+    pg = PG_ADMIN_URL.rsplit("@", 1)[1].split("/", 1)[0]
+    url = f"postgresql://postgres:{PASSWORD}@" + place.format(pg=pg, closed=closed_port())
+    where = f"error: {url.replace(PASSWORD, '***').split('?')[0]}: "
+    config = config_file(tmp_path, url)
+    for command in (["migrate"], ["dlq", "list"], ["keys", "create", "--tenant", "t"]):
+        result = run(config, *command)
+        assert result.exit_code == status, (command, result.output, result.exception)
+        assert len(result.output.splitlines()) == 1, result.output
+        assert result.output.startswith(where) and reason in result.output, result.output
+        assert PASSWORD not in result.output
+
+
+def test_a_sqlite_file_that_cannot_be_opened_is_named(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'no-such-directory' / 'estafeta.db'}"
+    result = run(config_file(tmp_path, url), "migrate")
+    assert result.exit_code == 3, (result.output, result.exception)
+    assert result.output.startswith(f"error: {url}: the store cannot be reached"), result.output
+
+
+# -- selections that cannot mean anything -----------------------------------------------------
+
+
+def test_a_dead_letter_selection_naming_what_is_not_in_the_store_is_refused(
+    tmp_path: Path, database_url: str
+) -> None:
+    # Before: `dlq replay --destination bilingg` said "0 deliveries replayed", exit 0, as if
+    # billing had nothing dead.
+    config = config_file(tmp_path, database_url)
+    assert run(config, "migrate").exit_code == 0
+    for command in ("list", "replay", "discard"):
+        for option, name, what in (
+            ("--tenant", "clinica-so1", "tenant"),
+            ("--destination", "bilingg", "destination"),
+            ("--destination", "send:nowhere", "destination"),
+        ):
+            result = run(config, "dlq", command, option, name)
+            assert result.exit_code == 2, (command, option, result.output, result.exception)
+            assert result.output == f"error: {option} {name!r}: no such {what} in the store\n"
+    known = run(config, "dlq", "replay", "--tenant", "clinica-sol")
+    assert (known.exit_code, known.output) == (0, "0 deliveries replayed\n")
+
+
+def test_a_limit_past_what_the_database_can_count_is_refused_as_usage(
+    tmp_path: Path, database_url: str
+) -> None:
+    # Before: an OverflowError traceback from the driver (exit 1).
+    config = config_file(tmp_path, database_url)
+    assert run(config, "migrate").exit_code == 0
+    huge = run(config, "dlq", "list", "--limit", "99999999999999999999")
+    assert huge.exit_code == 2, (huge.output, huge.exception)
+    assert "Invalid value for '--limit'" in huge.output
+    assert run(config, "dlq", "list", "--limit", "1000000").exit_code == 0
+
+
+def test_check_config_reports_a_file_that_is_not_utf8(tmp_path: Path) -> None:
+    # Before: a UnicodeDecodeError traceback, after the problem had been found.
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes('[[tenants]]\nid = "clinica-sol"\nname = "Clínica Sol"\n'.encode("latin-1"))
+    result = CliRunner().invoke(main, ["check-config", str(latin1)])
+    assert result.exit_code == 1, (result.output, result.exception)
+    assert result.output == f"{latin1}: file is not valid UTF-8\n1 problem(s) found\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [(["--log-level", "verbose"], {}), ([], {"ESTAFETA_LOG_LEVEL": "verbose"})],
+)
+def test_an_unknown_log_level_is_a_usage_error(
+    tmp_path: Path, args: list[str], env: dict[str, str]
+) -> None:
+    # Before: structlog's KeyError traceback, whatever the command.
+    config = config_file(tmp_path, f"sqlite:///{tmp_path / 'estafeta.db'}")
+    result = CliRunner().invoke(main, [*args, "migrate", "--config", str(config)], env=env)
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "Invalid value for '--log-level': 'verbose'" in result.output, result.output
+    assert not (tmp_path / "estafeta.db").exists()

@@ -6,7 +6,7 @@ import sqlite3
 
 import asyncpg
 import pytest
-from sqlalchemy.exc import DataError, IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from estafeta.errors import StoreError, StoreRejected, StoreUnavailable
@@ -87,3 +87,28 @@ def test_any_other_driver_error_is_named_without_its_text(error: Exception) -> N
 def test_a_foreign_error_not_from_a_driver_passes_through() -> None:
     bug = ValueError("a bug")
     assert translated(bug) is bug
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (
+            DBAPIError("connect", {}, DriverError('database "estafet" does not exist', "3D000")),
+            'database "estafet" does not exist',
+        ),
+        (
+            asyncpg.InvalidPasswordError('password authentication failed for user "bob"'),
+            'password authentication failed for user "bob"',
+        ),
+        (
+            DBAPIError("connect", {}, DriverError('role "bob" does not exist', "28000")),
+            'role "bob" does not exist',
+        ),
+    ],
+)
+def test_a_refused_login_says_why(error: Exception, reason: str) -> None:
+    """The server's own words (they name only the role or the database): an operator with a
+    typo in storage.url was told `DBAPIError (SQLSTATE 3D000)`."""
+    store_error = translated(error)
+    assert type(store_error) is StoreError
+    assert str(store_error).startswith(f"the store refused the connection: {reason}")

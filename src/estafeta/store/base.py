@@ -37,16 +37,30 @@ SQL_DIR = Path(__file__).parent / "sql"
 # class 08 (connection exception), 57P01-57P03 (shutting down, crash recovery, cannot
 # connect now: starting up or not accepting connections), 53300 (too many connections).
 _UNAVAILABLE_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53300")
+# PostgreSQL refusing the login: class 28 (no such role, wrong password), 3D000 (no such
+# database). Its message names only the role or the database, and is the operator's answer.
+_LOGIN_REFUSED_SQLSTATES = ("28", "3D000")
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a driver's error, wrapped by SQLAlchemy or not."""
+    sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None) or getattr(
+        exc, "sqlstate", None
+    )
+    return sqlstate if isinstance(sqlstate, str) else None
+
+
+def _first_line(exc: BaseException) -> str:
+    """The driver's own first line (SQLAlchemy's wrapper adds its class in parentheses)."""
+    return str(getattr(exc, "orig", None) or exc).splitlines()[0][:200]
 
 
 def unavailable(exc: BaseException) -> bool:
     """True when an exception means 'the database cannot be reached', not 'bad statement'."""
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
-    sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None) or getattr(
-        exc, "sqlstate", None
-    )
-    if isinstance(sqlstate, str) and sqlstate.startswith(_UNAVAILABLE_SQLSTATES):
+    sqlstate = _sqlstate(exc)
+    if sqlstate is not None and sqlstate.startswith(_UNAVAILABLE_SQLSTATES):
         return True
     # PoolTimeout: every connection is taken and none came back in time (a hung database).
     if isinstance(exc, InterfaceError | OSError | ConnectionError | TimeoutError | PoolTimeout):
@@ -86,9 +100,7 @@ _DRIVER_ERRORS = (StatementError, sqlite3.Error, asyncpg.PostgresError, asyncpg.
 
 def _named(exc: BaseException) -> str:
     """The error's class and SQLSTATE: enough to diagnose, never data."""
-    sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None) or getattr(
-        exc, "sqlstate", None
-    )
+    sqlstate = _sqlstate(exc)
     return f"{type(exc).__name__} (SQLSTATE {sqlstate})" if sqlstate else type(exc).__name__
 
 
@@ -97,12 +109,16 @@ def translated(exc: Exception) -> Exception:
 
     A constraint violation keeps only the driver's first line, which names the constraint
     (never the DETAIL, which may quote the data); any other driver error only its class and
-    SQLSTATE (a first line may quote a value: `invalid input syntax for type json: "..."`)."""
+    SQLSTATE (a first line may quote a value: `invalid input syntax for type json: "..."`),
+    but a refused login its first line too, which names the role or database and says why."""
     if unavailable(exc):
         return StoreUnavailable(f"the store cannot be reached: {_named(exc)}")
     if rejected(exc):
-        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0][:200]
-        return StoreRejected(f"the store refused the data: {_named(exc)}: {reason}")
+        return StoreRejected(f"the store refused the data: {_named(exc)}: {_first_line(exc)}")
+    sqlstate = _sqlstate(exc)
+    if sqlstate is not None and sqlstate.startswith(_LOGIN_REFUSED_SQLSTATES):
+        reason = _first_line(exc)
+        return StoreError(f"the store refused the connection: {reason} (SQLSTATE {sqlstate})")
     if isinstance(exc, _DRIVER_ERRORS):
         return StoreError(f"the store failed: {_named(exc)}")
     return exc

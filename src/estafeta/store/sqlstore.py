@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import orjson
 from sqlalchemy import and_, select
 
-from estafeta.errors import StoreError, StoreUnavailable
+from estafeta.errors import StoreError
 from estafeta.ids import new_id
+from estafeta.messaging.facts import SEND_DESTINATION_PREFIX
 from estafeta.store import schema as s
-from estafeta.store.base import store_errors, unavailable
+from estafeta.store.base import store_errors
 from estafeta.store.circuits import CircuitOps
 from estafeta.store.dead_letters import DeadLetterOps
 from estafeta.store.ingest import IngestOps
@@ -47,34 +48,20 @@ class SqlStore(IngestOps, LeaseOps, DeadLetterOps, ViewOps, CircuitOps):
         """Create or upgrade the schema to the newest migration."""
         from estafeta.store.migrate import upgrade
 
-        try:
+        with store_errors():  # not chained: a driver's text may quote data (store/base.py)
             await upgrade(self.engine)
-        except Exception as exc:
-            if unavailable(exc):
-                raise StoreUnavailable(
-                    f"the store cannot be reached: {type(exc).__name__}"
-                ) from None  # not chained: a driver's text may quote data (store/base.py)
-            raise
 
     async def require_schema(self) -> None:
         """Refuse a database whose schema is not this version's (never migrated, or by an
         older or newer estafeta): its statements would fail one by one with the driver's
         own errors, far from the cause."""
-        from estafeta.store.migrate import current_revision, head_revision
+        from estafeta.store.migrate import current_revision, schema_problem
 
         with store_errors():
             current = await current_revision(self.engine)
-        head = head_revision()
-        if current != head:
-            found = (
-                "has no estafeta schema"
-                if current is None
-                else f"has the schema of migration {current}, not this version's {head}"
-            )
-            raise StoreError(
-                f"the database {found}: run `estafeta migrate` "
-                "(`estafeta serve` also migrates at start, unless --no-migrate)"
-            )
+        problem = schema_problem(current)
+        if problem is not None:
+            raise StoreError(f"the database {problem}")
 
     # -- configuration ----------------------------------------------------------------------
 
@@ -148,5 +135,13 @@ class SqlStore(IngestOps, LeaseOps, DeadLetterOps, ViewOps, CircuitOps):
 
     async def tenant_exists(self, tenant_id: str) -> bool:
         query = select(s.tenants.c.id).where(s.tenants.c.id == tenant_id)
+        async with self._read() as conn:
+            return (await conn.execute(query)).first() is not None
+
+    async def destination_exists(self, destination_id: str) -> bool:
+        """A configured destination, or a provider source's sends (`send:<source id>`)."""
+        source_id = destination_id.removeprefix(SEND_DESTINATION_PREFIX)
+        table = s.sources if source_id != destination_id else s.destinations
+        query = select(table.c.id).where(table.c.id == source_id)
         async with self._read() as conn:
             return (await conn.execute(query)).first() is not None

@@ -1,0 +1,97 @@
+"""`estafeta serve`, `worker` and `migrate` starting against what they cannot use as it is: a
+listen address or port they cannot have, a database of a newer version, another migration
+running at the same time. Each ends with one clear line and the documented status."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from estafeta.store import open_store
+from estafeta.store.migrate import current_revision, head_revision, upgrade
+from tests.acceptance.conftest import free_port, hub_config, run_cli, wait_until, write_config
+from tests.conftest import base_config, fresh_database
+
+
+@pytest.mark.parametrize("listen", ["abc", "8080", "127.0.0.1:99999"])
+async def test_serve_refuses_a_listen_address_it_would_refuse_in_the_file(
+    tmp_path: Path, listen: str
+) -> None:
+    # Before: `abc` was a ValueError traceback; `8080` and port 99999, refused in
+    # server.listen, were accepted from --listen.
+    config = hub_config(
+        f"sqlite:///{tmp_path / 'estafeta.db'}",
+        tmp_path,
+        port=free_port(),
+        destinations=[],
+        routes=[],
+    )
+    path = write_config(tmp_path / "estafeta.toml", config)
+    result = await run_cli("serve", "--config", str(path), "--listen", listen, cwd=tmp_path)
+    assert result.returncode == 2, result
+    assert f"Invalid value for '--listen': invalid address '{listen}'" in result.stderr, result
+    assert not (tmp_path / "estafeta.db").exists()
+
+
+async def test_serve_and_worker_refuse_a_database_of_a_newer_version(tmp_path: Path) -> None:
+    database = tmp_path / "estafeta.db"
+    path = write_config(
+        tmp_path / "estafeta.toml",
+        hub_config(f"sqlite:///{database}", tmp_path, port=free_port(), destinations=[], routes=[]),
+    )
+    assert (await run_cli("migrate", "--config", str(path), cwd=tmp_path)).returncode == 0
+    with contextlib.closing(sqlite3.connect(database)) as db, db:
+        db.execute("UPDATE alembic_version SET version_num = '0099'")  # a newer estafeta's
+
+    for command in (["serve"], ["serve", "--no-migrate"], ["worker"]):
+        result = await run_cli(*command, "--config", str(path), cwd=tmp_path, timeout_s=30)
+        # Before: `serve` died of alembic's "Can't locate revision" with a traceback.
+        assert result.returncode == 2, (command, result)
+        assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr, result
+        assert "migration 0099, newer than this version of estafeta" in result.stderr, result
+
+
+@pytest.mark.timeout(120)
+async def test_two_migrates_at_once_on_postgresql_both_succeed(tmp_path: Path) -> None:
+    """Two `estafeta migrate` (or two `serve` starting) against one database from 0004: both
+    read the revision while a third holds alembic_version, then both go on."""
+    with fresh_database("estafeta_twice") as url:
+        store = open_store(url)
+        try:
+            await upgrade(store.engine, "0004")
+            async with store.engine.connect() as holder:
+                await holder.execute(text("LOCK TABLE alembic_version IN ACCESS EXCLUSIVE MODE"))
+                path = write_config(tmp_path / "estafeta.toml", base_config(url))
+                both = asyncio.gather(
+                    run_cli("migrate", "--config", str(path), cwd=tmp_path),
+                    run_cli("migrate", "--config", str(path), cwd=tmp_path),
+                )
+
+                async def both_waiting() -> bool:
+                    # On a connection of its own: activity is read once per transaction.
+                    async with store.engine.connect() as conn:
+                        waiting = await conn.execute(
+                            text(
+                                "SELECT count(*) FROM pg_stat_activity"
+                                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                            )
+                        )
+                        return waiting.scalar() == 2
+
+                await wait_until(both_waiting, timeout_s=30, what="both migrates waiting")
+                await holder.rollback()
+            results = await both
+            assert await current_revision(store.engine) == head_revision()
+        finally:
+            await store.close()
+    # Before: one of them died of Alembic's "Online migration expected to match one row when
+    # updating '0004' to '0005'" after dropping an index already dropped, with a traceback.
+    for result in results:
+        assert (result.returncode, result.stdout) == (0, "schema is up to date (postgresql)\n"), (
+            result
+        )
