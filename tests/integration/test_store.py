@@ -870,3 +870,34 @@ async def test_a_lease_never_walks_another_destinations_backlog(store: SqlStore)
             rows = node["Actual Rows"] + node.get("Rows Removed by Filter", 0)
             read += rows * node["Actual Loops"]
     assert 1 <= read <= 10, read
+
+
+async def test_a_migration_may_take_longer_than_any_statement_may(
+    store: SqlStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Statements are cut off after `COMMAND_TIMEOUT_S` (a request must not hang on a stuck
+    database), but a migration may rightly take longer: an index built over millions of
+    deliveries, or a wait for another process's migration. Here a second process holds the
+    migration lock for longer than the (shortened) statement limit."""
+    if store.dialect != "postgresql":
+        pytest.skip("statements are time-limited on PostgreSQL only")
+    from estafeta.store import migrate as migrations
+    from estafeta.store import postgres
+
+    monkeypatch.setattr(postgres, "COMMAND_TIMEOUT_S", 0.5)
+    url = store.engine.url.render_as_string(hide_password=False)
+    slow = open_store(url)
+    other = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        await other.execute("SELECT pg_advisory_lock($1)", migrations._MIGRATION_LOCK)
+
+        async def release_later() -> None:  # three statement limits after the wait began
+            await asyncio.sleep(1.5)
+            await other.execute("SELECT pg_advisory_unlock($1)", migrations._MIGRATION_LOCK)
+
+        releasing = asyncio.create_task(release_later())
+        await slow.migrate()  # waits for the lock, then finds nothing to do
+        await releasing
+    finally:
+        await other.close()
+        await slow.close()

@@ -27,6 +27,7 @@ import orjson
 from sqlalchemy import event, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
+from sqlalchemy.pool import NullPool
 
 from estafeta.errors import StoreUnavailable
 from estafeta.messaging.facts import SEND_DESTINATION_PREFIX, storable
@@ -150,6 +151,10 @@ def _complete_params(batch: Sequence[CompletedAttempt], now_ms: int) -> dict[str
     return {"now": now_ms, "attempts": pg_json(attempts)}
 
 
+CONNECT_TIMEOUT_S = 5  # a new connection, before the store counts as unreachable
+COMMAND_TIMEOUT_S = 30  # any statement: a request must not hang on a stuck database
+
+
 def _without_jit(dbapi_connection: Any, _record: Any) -> None:
     """Every statement here takes a millisecond or two, and the lease's per-destination
     LIMIT is a guess to the planner (a tenth of the backlog): costed that high, it was
@@ -179,11 +184,26 @@ class PostgresStore(SqlStore):
             pool_size=pool_size,
             max_overflow=pool_size,
             pool_pre_ping=False,
-            connect_args={"timeout": 5, "command_timeout": 30},
+            connect_args={"timeout": CONNECT_TIMEOUT_S, "command_timeout": COMMAND_TIMEOUT_S},
             hide_parameters=True,  # parameters hold phone numbers and message text
         )
         event.listen(engine.sync_engine, "connect", _without_jit)
         return cls(engine)
+
+    async def migrate(self) -> None:
+        """As every store does, but on a connection of its own with no time limit on its
+        statements: a migration may rightly take longer than any request (an index built
+        over millions of deliveries, a wait for another process's migration to finish)."""
+        engine = create_async_engine(
+            self.engine.url,
+            poolclass=NullPool,
+            connect_args={"timeout": CONNECT_TIMEOUT_S, "command_timeout": None},
+            hide_parameters=True,
+        )
+        try:
+            await self._migrate_on(engine)
+        finally:
+            await engine.dispose()
 
     def _insert(self, table: Any) -> Any:
         return pg_insert(table)

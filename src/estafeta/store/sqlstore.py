@@ -36,6 +36,8 @@ from estafeta.store.leases import LeaseOps
 from estafeta.store.views import ViewOps
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
     from estafeta.config import Config
 
 
@@ -46,10 +48,13 @@ class SqlStore(IngestOps, LeaseOps, DeadLetterOps, ViewOps, CircuitOps):
 
     async def migrate(self) -> None:
         """Create or upgrade the schema to the newest migration."""
+        await self._migrate_on(self.engine)
+
+    async def _migrate_on(self, engine: AsyncEngine) -> None:
         from estafeta.store.migrate import upgrade
 
         with store_errors():  # not chained: a driver's text may quote data (store/base.py)
-            await upgrade(self.engine)
+            await upgrade(engine)
 
     async def require_schema(self) -> None:
         """Refuse a database whose schema is not this version's (never migrated, or by an
