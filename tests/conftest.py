@@ -55,6 +55,17 @@ def fresh_database(prefix: str) -> Iterator[str]:
         admin.dispose()
 
 
+@contextmanager
+def empty_database(engine: str, tmp_path: Path, name: str) -> Iterator[str]:
+    """The URL of an empty database of `engine` ("sqlite" or "postgresql") named after
+    `name`: a file in `tmp_path`, or a fresh database on the real server."""
+    if engine == "sqlite":
+        yield f"sqlite:///{tmp_path / f'{name}.db'}"
+    else:
+        with fresh_database(f"estafeta_{name}") as url:
+            yield url
+
+
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A fresh PostgreSQL database for this test session, dropped at the end."""

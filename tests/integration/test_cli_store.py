@@ -16,7 +16,7 @@ from estafeta.errors import StoreError
 from estafeta.server import prepared_store
 from estafeta.store import open_store
 from estafeta.store.migrate import current_revision, head_revision
-from tests.conftest import PG_ADMIN_URL, fresh_database
+from tests.conftest import PG_ADMIN_URL, empty_database
 
 
 def run(config: Path, *args: str) -> Result:
@@ -62,11 +62,8 @@ def test_a_database_without_the_schema_is_named_not_queried(tmp_path: Path, engi
         assert run(config, "migrate").exit_code == 0
         assert run(config, "dlq", "list").exit_code == 0
 
-    if engine == "sqlite":
-        attempts(f"sqlite:///{tmp_path / 'never-migrated.db'}")
-    else:
-        with fresh_database("estafeta_cli") as url:
-            attempts(url)
+    with empty_database(engine, tmp_path, "never_migrated") as url:
+        attempts(url)
 
 
 @pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
@@ -80,11 +77,8 @@ async def test_a_worker_or_serve_without_migrating_names_a_database_without_the_
         with pytest.raises(StoreError, match="has no estafeta schema: run `estafeta migrate`"):
             await prepared_store(config, migrate=False)
 
-    if engine == "sqlite":
-        await attempt(f"sqlite:///{tmp_path / 'never-migrated.db'}")
-    else:
-        with fresh_database("estafeta_cli") as url:
-            await attempt(url)
+    with empty_database(engine, tmp_path, "never_migrated") as url:
+        await attempt(url)
 
 
 # -- a database migrated by a newer estafeta ------------------------------------------------------
@@ -129,11 +123,8 @@ def test_a_database_of_a_newer_version_is_named_and_left_as_it_is(
             assert "run `estafeta migrate`" not in result.output
         assert asyncio.run(revision_of(database_url)) == FUTURE  # never migrated "down"
 
-    if engine == "sqlite":
-        attempts(f"sqlite:///{tmp_path / 'newer.db'}")
-    else:
-        with fresh_database("estafeta_cli") as url:
-            attempts(url)
+    with empty_database(engine, tmp_path, "newer") as url:
+        attempts(url)
 
 
 @pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
@@ -150,11 +141,8 @@ async def test_serve_and_worker_refuse_a_database_of_a_newer_version(
                 await prepared_store(config, migrate=migrate)
         assert await revision_of(database_url) == FUTURE
 
-    if engine == "sqlite":
-        await attempt(f"sqlite:///{tmp_path / 'newer.db'}")
-    else:
-        with fresh_database("estafeta_cli") as url:
-            await attempt(url)
+    with empty_database(engine, tmp_path, "newer") as url:
+        await attempt(url)
 
 
 # -- a database URL that does not lead to a store ---------------------------------------------

@@ -9,8 +9,8 @@ version, and work: a lease, a rescue, a DLQ replay, a key check.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from estafeta.store import open_store
 from estafeta.store.migrate import current_revision, head_revision, upgrade
 from estafeta.store.records import DeadLetterFilter
 from estafeta.store.sqlstore import SqlStore
-from tests.conftest import fresh_database, lease_any
+from tests.conftest import empty_database, lease_any
 
 EARLIER = ["0001", "0002", "0003", "0004", "0005"]
 NOW = 1_800_000_000_000
@@ -35,15 +35,6 @@ ACTIVE_KEY, REVOKED_KEY = "est_active-key", "est_revoked-key"
 @pytest.fixture(params=["sqlite", "postgresql"])
 def engine(request: pytest.FixtureRequest) -> str:
     return str(request.param)
-
-
-@contextmanager
-def empty_database(engine: str, tmp_path: Path, name: str) -> Iterator[str]:
-    if engine == "sqlite":
-        yield f"sqlite:///{tmp_path / f'{name}.db'}"
-    else:
-        with fresh_database(f"estafeta_{name}") as url:
-            yield url
 
 
 @asynccontextmanager
