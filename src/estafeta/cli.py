@@ -19,7 +19,13 @@ from estafeta import __version__
 from estafeta.clock import SystemClock, iso_from_ms, ms_from_iso
 from estafeta.config import Config, check_config, load_config, load_config_dict
 from estafeta.config.models import ServerConfig, mask_url
-from estafeta.errors import ConfigError, EstafetaError, StoreError, StoreUnavailable
+from estafeta.errors import (
+    ConfigError,
+    EstafetaError,
+    StoreError,
+    StoreLoginRefused,
+    StoreUnavailable,
+)
 from estafeta.observability.logging import configure_logging
 from estafeta.store import open_store
 from estafeta.store.records import DeadLetterFilter, DeliveryView
@@ -61,7 +67,8 @@ def _exiting_on_errors(config: Config, command: Callable[[], T]) -> T:
         of_store = isinstance(exc, StoreError)
         where = f"{mask_url(config.storage.url).split('?')[0]}: " if of_store else ""
         click.echo(f"error: {where}{exc}", err=True)
-        sys.exit(3 if isinstance(exc, StoreUnavailable) else 2)
+        refused = isinstance(exc, StoreLoginRefused)  # a setting to correct, not an outage
+        sys.exit(3 if isinstance(exc, StoreUnavailable) and not refused else 2)
 
 
 def _run(config: Config, make: Callable[[], Awaitable[T]]) -> T:

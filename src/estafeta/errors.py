@@ -4,6 +4,7 @@
     ├── ConfigError            the configuration file is invalid (carries every issue found)
     ├── StoreError             the store could not do what was asked
     │   ├── StoreUnavailable   the store cannot be reached (connection refused, timeout)
+    │   │   └── StoreLoginRefused  the database refuses estafeta's login (role, password, db)
     │   └── StoreRejected      the data breaks one of the schema's constraints
     ├── FilterSyntaxError      a route filter expression does not parse
     ├── ServeError             the HTTP server could not start (its address in use …)
@@ -51,6 +52,13 @@ class StoreError(EstafetaError):
 
 class StoreUnavailable(StoreError):
     """The store cannot be reached; check the database URL and that the server is running."""
+
+
+class StoreLoginRefused(StoreUnavailable):
+    """The database refuses estafeta's login: no such role or database, a wrong password.
+
+    Unavailable to a running service (ingest spools, a worker waits for it to pass), but at
+    start an operator's setting to correct (exit 2, not 3)."""
 
 
 class StoreRejected(StoreError):

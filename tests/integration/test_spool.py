@@ -20,6 +20,7 @@ import httpx
 import msgspec
 import orjson
 import pytest
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 from structlog.testing import capture_logs
 
@@ -179,6 +180,25 @@ async def test_a_hung_store_is_unavailable_and_ingest_spools(
         await hub.close()
     with pytest.raises(StoreUnavailable):
         await hung_store.pending_count()
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_a_login_the_database_refuses_spools_ingest(
+    config: Config, database_url: str, tmp_path: Path
+) -> None:
+    """A running hub whose login PostgreSQL refuses (a rotated password, a dropped role):
+    the store cannot serve it, so ingest spools as it does for a stopped server, and the
+    error still says why."""
+    role_refused = make_url(database_url).set(username="no_such_role", password=None)
+    refused = open_store(role_refused.render_as_string(hide_password=False))
+    hub = Hub(config, refused, spool=Spool(tmp_path / "spool", max_bytes=10**6))
+    try:
+        await accept(hub, 1)
+    finally:
+        await hub.close()
+    with pytest.raises(StoreUnavailable, match='role "no_such_role" does not exist'):
+        await refused.pending_count()
+    await refused.close()
 
 
 # SQLite commits a batch only once everything about it is known.

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from estafeta.errors import StoreError, StoreRejected, StoreUnavailable
+from estafeta.errors import StoreError, StoreLoginRefused, StoreRejected, StoreUnavailable
 from estafeta.store.base import translated, unavailable
 
 
@@ -110,5 +110,7 @@ def test_a_refused_login_says_why(error: Exception, reason: str) -> None:
     """The server's own words (they name only the role or the database): an operator with a
     typo in storage.url was told `DBAPIError (SQLSTATE 3D000)`."""
     store_error = translated(error)
-    assert type(store_error) is StoreError
+    # Unavailable to a running service (ingest spools), exit 2 at start (cli.py).
+    assert type(store_error) is StoreLoginRefused
+    assert isinstance(store_error, StoreUnavailable)
     assert str(store_error).startswith(f"the store refused the connection: {reason}")

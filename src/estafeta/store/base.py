@@ -27,7 +27,7 @@ from sqlalchemy.exc import (
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from estafeta.errors import StoreError, StoreRejected, StoreUnavailable
+from estafeta.errors import StoreError, StoreLoginRefused, StoreRejected, StoreUnavailable
 
 # The statements kept as .sql files: the dialect-specific ones, and due.sql that both engines'
 # lease statements share.
@@ -111,14 +111,16 @@ def translated(exc: Exception) -> Exception:
     (never the DETAIL, which may quote the data); any other driver error only its class and
     SQLSTATE (a first line may quote a value: `invalid input syntax for type json: "..."`),
     but a refused login its first line too, which names the role or database and says why."""
+    sqlstate = _sqlstate(exc)
+    if sqlstate is not None and sqlstate.startswith(_LOGIN_REFUSED_SQLSTATES):
+        reason = _first_line(exc)
+        return StoreLoginRefused(
+            f"the store refused the connection: {reason} (SQLSTATE {sqlstate})"
+        )
     if unavailable(exc):
         return StoreUnavailable(f"the store cannot be reached: {_named(exc)}")
     if rejected(exc):
         return StoreRejected(f"the store refused the data: {_named(exc)}: {_first_line(exc)}")
-    sqlstate = _sqlstate(exc)
-    if sqlstate is not None and sqlstate.startswith(_LOGIN_REFUSED_SQLSTATES):
-        reason = _first_line(exc)
-        return StoreError(f"the store refused the connection: {reason} (SQLSTATE {sqlstate})")
     if isinstance(exc, _DRIVER_ERRORS):
         return StoreError(f"the store failed: {_named(exc)}")
     return exc
