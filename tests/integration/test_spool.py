@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
 import os
 import resource
 import signal
@@ -360,29 +359,6 @@ async def test_a_failed_spool_write_loses_nothing_acknowledged_after_it(
     assert stored == [1, 3, 4, 5, 6, 7]
     assert spool.stats().segments == 0
     await spool.close()
-
-
-async def test_a_drainer_never_sees_a_segment_before_its_writer_holds_it(
-    store: SqlStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Another `serve` process's drainer that runs while this one opens a segment must not
-    find it unlocked (and empty), delete it, and leave the writer appending to a lost file."""
-    spool_dir = tmp_path / "spool"
-    writer = Spool(spool_dir, max_bytes=10**9)
-    other = Spool(spool_dir, max_bytes=10**9)
-    real_flock = fcntl.flock
-
-    def drain_first(fd: int, operation: int) -> None:
-        if operation == fcntl.LOCK_EX:  # the writer's lock on its new segment
-            asyncio.run(other.drain(store))  # from the writer's thread: no event loop here
-        real_flock(fd, operation)
-
-    with monkeypatch.context() as race:
-        race.setattr(fcntl, "flock", drain_first)
-        await writer.append(new_event(1))
-    assert await writer.drain(store) == 1
-    assert await store.get_event(f"evt_{1:026d}", None) is not None
-    await writer.close()
 
 
 async def test_an_event_the_store_refuses_is_quarantined_and_the_rest_drains(
