@@ -374,3 +374,21 @@ def test_zapi_has_no_handshake() -> None:
     with pytest.raises(HttpError) as caught:
         zapi().handshake(InboundRequest.build("GET", URL))
     assert caught.value.status == 405
+
+
+def test_an_edit_is_never_taken_for_a_repeat_of_the_message_it_edits() -> None:
+    """Z-API does not say whether an edit's callback reuses the edited message's `messageId`
+    (contracts §3.3): if it does, keying it by that id alone would drop the edit as a
+    duplicate. The same edit delivered twice is still one event."""
+    original = received(text={"message": "Chego às 10h"})
+    edit = {**original, "isEdit": True, "text": {"message": "Chego às 11h"}}
+    other_edit = {**edit, "text": {"message": "Chego às 12h"}}
+    (first,) = parse(original)
+    (edited,) = parse(edit)
+    (again,) = parse(edit)
+    (edited_twice,) = parse(other_edit)
+    assert edited.data["edited"] is True
+    assert edited.data["message_id"] == first.data["message_id"]
+    keys = {first.idempotency_key, edited.idempotency_key, edited_twice.idempotency_key}
+    assert len(keys) == 3
+    assert again.idempotency_key == edited.idempotency_key

@@ -122,9 +122,13 @@ def _received(callback: Mapping[str, Any], raw: str) -> list[ParsedEvent]:
         data["context"] = {"message_id": replied_to, "from": None}
     if flag(callback.get("forwarded")) is True:
         data["forwarded"] = True
+    key = bounded_key(message_id) if message_id else digest_key(PROVIDER, raw)
     if flag(callback.get("isEdit")) is True:
         data["edited"] = True
-    key = bounded_key(message_id) if message_id else digest_key(PROVIDER, raw)
+        # Whether an edit reuses the edited message's id is undocumented: keyed by the id and
+        # the new content, an edit is never dropped as a repeat of the original, and the same
+        # edit delivered twice is still one event.
+        key = bounded_key(f"{key}:edit:{digest_key(data.get('kind'), data.get('text'))}")
     return [
         ParsedEvent(
             type="message.received",
