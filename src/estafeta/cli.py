@@ -378,14 +378,25 @@ def dlq_discard(config_path: str, everything: bool, **selection: Any) -> None:
     help="where the demo keeps its database (a new or empty directory)",
 )
 @click.option("--events", "event_count", default=20, show_default=True, type=click.IntRange(1))
-def demo(workdir: str | None, event_count: int) -> None:
+@click.option(
+    "--listen",
+    default=None,
+    callback=lambda _ctx, _param, value: _checked_listen(value),
+    help="host:port for the demo's hub  [default: a free port on 127.0.0.1]",
+)
+def demo(workdir: str | None, event_count: int, listen: str | None) -> None:
     """An end-to-end demonstration on SQLite with local sinks."""
     from estafeta.demo.story import run_demo
 
     if workdir is not None:
         _demo_directory(Path(workdir))
     configure_logging("error")
-    sys.exit(run_demo(workdir=workdir, event_count=event_count))
+    try:
+        code = run_demo(workdir=workdir, event_count=event_count, listen=listen)
+    except EstafetaError as exc:  # e.g. the address in use: one line, as `serve` says it
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    sys.exit(code)
 
 
 def _demo_directory(workdir: Path) -> None:

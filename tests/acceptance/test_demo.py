@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -29,13 +31,16 @@ def test_the_demo_runs_the_whole_story(tmp_path: Path) -> None:
     assert (tmp_path / "estafeta.toml").exists()
 
 
-def demo(*args: str) -> subprocess.CompletedProcess[str]:
+def demo(
+    *args: str, env: dict[str, str] | None = None, timeout_s: float = 110
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "estafeta", "demo", *args],
         capture_output=True,
         text=True,
-        timeout=110,
+        timeout=timeout_s,
         check=False,
+        env=env,
     )
 
 
@@ -60,3 +65,21 @@ def test_a_demo_directory_that_cannot_be_one_is_a_usage_error(tmp_path: Path, wh
     done = demo("--dir", str(tmp_path / where))
     assert done.returncode == 2, done.stdout + done.stderr
     assert "Invalid value for '--dir'" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("chosen_by", ["--listen", "ESTAFETA_LISTEN"])
+def test_the_demo_on_an_address_in_use_says_so_in_one_line(tmp_path: Path, chosen_by: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ESTAFETA_")}
+    with socket.create_server(("127.0.0.1", 0)) as taken:  # another program holds the port
+        where = f"127.0.0.1:{taken.getsockname()[1]}"
+        if chosen_by == "--listen":
+            done = demo("--dir", str(tmp_path), "--listen", where, env=env, timeout_s=50)
+        else:
+            done = demo("--dir", str(tmp_path), env={**env, "ESTAFETA_LISTEN": where}, timeout_s=50)
+    # Before: uvicorn's line, then the demo waited forever for a server that never started.
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"error: cannot serve on {where}" in done.stderr, done.stderr
+    assert "address already in use" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert "estafeta demo — hub on" not in done.stdout  # it never claimed to run

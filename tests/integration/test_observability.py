@@ -12,10 +12,11 @@ from structlog.testing import capture_logs
 
 from estafeta.api.app import create_app
 from estafeta.config import Config, load_config_dict
+from estafeta.errors import HttpError
 from estafeta.hub import Hub
 from estafeta.ingress.spool import Spool
 from estafeta.observability.metrics import REGISTRY
-from estafeta.observability.monitor import BacklogMonitor
+from estafeta.observability.monitor import AlertMonitor
 from estafeta.observability.reads import READ_TIMEOUT_S
 from estafeta.store import open_store
 from estafeta.store.sqlstore import SqlStore
@@ -56,7 +57,7 @@ async def test_metrics_report_accepted_events_and_the_queue(hub: Hub) -> None:
 
 
 async def test_the_backlog_alert_fires_and_resolves_once(hub: Hub, store: SqlStore) -> None:
-    monitor = BacklogMonitor(store, threshold=3)
+    monitor = AlertMonitor(store, threshold=3)
     with capture_logs() as logs:
         await accept(hub, 2)
         await monitor.check()
@@ -181,3 +182,129 @@ async def test_metrics_are_served_while_the_store_is_unreachable(
     assert elapsed < READ_TIMEOUT_S + 2, elapsed
     assert frozen.status_code == 200 and "estafeta_spool_segments" in frozen.text
     assert "estafeta_deliveries{" not in frozen.text
+
+
+class ManualClock:
+    """Wall time the test moves by hand, shared by a hub and its spool."""
+
+    def __init__(self) -> None:
+        self.now = 1_700_000_000_000
+
+    def now_ms(self) -> int:
+        return self.now
+
+
+@pytest.fixture
+async def spooling_hub(
+    config: Config, store: SqlStore, tmp_path: Path
+) -> AsyncIterator[tuple[Hub, ManualClock]]:
+    """A hub with a spool and no drainer running (the ASGI transport starts no lifespan):
+    what an operator has when the drainer is stuck or keeps crashing."""
+    clock = ManualClock()
+    made = Hub(
+        config, store, clock, spool=Spool(tmp_path / "spool", max_bytes=1 << 20, clock=clock)
+    )
+    yield made, clock
+    await made.close()
+
+
+async def spool_one(hub: Hub) -> None:
+    assert hub.spool is not None
+    await hub.spool.append(
+        hub.new_event(
+            tenant_id="clinica-sol",
+            source_id="crm-events",
+            event_type="message.received",
+            data={"i": 0},
+            idempotency_key=None,
+        )
+    )
+
+
+async def test_detailed_health_degrades_when_the_spool_stops_draining(
+    spooling_hub: tuple[Hub, ManualClock], store: SqlStore
+) -> None:
+    hub, clock = spooling_hub
+    transport = httpx.ASGITransport(app=create_app(hub))
+    async with httpx.AsyncClient(transport=transport, base_url="http://hub") as http:
+        empty = (await http.get("/health/detailed", headers=ADMIN)).json()
+        await spool_one(hub)  # an event kept while the store was down, not imported yet
+        fresh = await http.get("/health/detailed", headers=ADMIN)
+        clock.now += 61_000  # the store answers, and the drain gets nowhere for a minute
+        stuck = await http.get("/health/detailed", headers=ADMIN)
+        assert hub.spool is not None
+        assert await hub.spool.drain(store) == 1  # a drainer that works again
+        drained = (await http.get("/health/detailed", headers=ADMIN)).json()
+
+    assert (empty["status"], empty["checks"]["spool"]["status"]) == ("ok", "ok")
+    # Events waiting a moment for the drainer are what a store outage leaves: not a problem.
+    assert fresh.status_code == 200 and fresh.json()["status"] == "ok", fresh.json()
+    assert fresh.json()["checks"]["spool"]["status"] == "draining"
+    assert fresh.json()["checks"]["spool"]["stalled"] is False
+    # Before: "ok", while the spool held events the store could have taken for a minute.
+    assert (stuck.status_code, stuck.json()["status"]) == (200, "degraded"), stuck.json()
+    spool = stuck.json()["checks"]["spool"]
+    assert (spool["status"], spool["stalled"], spool["segments"]) == ("draining", True, 1)
+    assert spool["waiting_s"] >= 60
+    assert (drained["status"], drained["checks"]["spool"]["status"]) == ("ok", "ok")
+
+
+async def test_detailed_health_says_when_the_spool_cannot_be_written(
+    spooling_hub: tuple[Hub, ManualClock], tmp_path: Path
+) -> None:
+    hub, _ = spooling_hub
+    spool_dir = tmp_path / "spool"
+    transport = httpx.ASGITransport(app=create_app(hub))
+    async with httpx.AsyncClient(transport=transport, base_url="http://hub") as http:
+        writable = await http.get("/health/detailed", headers=ADMIN)
+        left = sorted(p.name for p in spool_dir.iterdir())
+        spool_dir.rmdir()  # a clean-up job, or a disk unmounted: nothing to spool into
+        unwritable = await http.get("/health/detailed", headers=ADMIN)
+
+    assert writable.json()["checks"]["spool"]["status"] == "ok"
+    assert left == []  # the check leaves nothing behind
+    # Before: "ok" until the store went down and every webhook got 503 spool_unavailable.
+    # Degraded, not down: the store still takes every event.
+    assert (unwritable.status_code, unwritable.json()["status"]) == (200, "degraded")
+    spool = unwritable.json()["checks"]["spool"]
+    assert (spool["status"], spool["error"]) == ("unwritable", "ENOENT"), spool
+    with pytest.raises(HttpError) as refused:  # what the check warned about
+        await spool_one(hub)
+    assert refused.value.error == "spool_unavailable"
+
+
+async def test_the_spool_alerts_fire_and_resolve_once(
+    spooling_hub: tuple[Hub, ManualClock], store: SqlStore, tmp_path: Path
+) -> None:
+    hub, clock = spooling_hub
+    assert hub.spool is not None
+    monitor = AlertMonitor(store, threshold=1000, spool=hub.spool, clock=clock)
+    spool_dir = tmp_path / "spool"
+    with capture_logs() as logs:
+        await monitor.check()
+        await spool_one(hub)
+        await monitor.check()
+        assert monitor.firing == set()  # waiting a moment for the drainer is normal
+        clock.now += 61_000
+        await monitor.check()
+        await monitor.check()  # still stalled: no second alert
+        assert monitor.firing == {"spool_stalled"}
+        assert REGISTRY.get_sample_value("estafeta_alert_firing", {"alert": "spool_stalled"}) == 1
+        await hub.spool.drain(store)
+        await monitor.check()
+        assert monitor.firing == set()
+        spool_dir.rmdir()
+        await monitor.check()
+        assert monitor.firing == {"spool_unwritable"}
+        spool_dir.mkdir()
+        await monitor.check()
+    assert monitor.firing == set()
+    alerts = [(e["event"], e["alert"]) for e in logs if e["event"].startswith("alert_")]
+    assert alerts == [
+        ("alert_fired", "spool_stalled"),
+        ("alert_resolved", "spool_stalled"),
+        ("alert_fired", "spool_unwritable"),
+        ("alert_resolved", "spool_unwritable"),
+    ]
+    unwritable = next(e for e in logs if e.get("alert") == "spool_unwritable")
+    assert unwritable["error"] == "ENOENT"

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
+import redis
 
 from estafeta.clock import SystemClock
 from estafeta.config import Config, load_config_dict
@@ -21,9 +22,11 @@ from estafeta.hub import Hub
 from estafeta.ids import new_id
 from estafeta.store.records import DeadLetterFilter, EventView, NewDelivery
 from estafeta.store.sqlstore import SqlStore
+from estafeta.supervise import supervised
 from estafeta.testing.sink import Sink
 from tests.conftest import SINK_SECRET, base_config, lease_any
 from tests.events import new_event
+from tests.integration.redis_support import RedisServer
 
 
 @pytest.fixture
@@ -836,3 +839,36 @@ async def test_every_destination_is_leased_in_one_statement_capped_ones_within_t
         arrivals = sorted(r.at for r in sink.received if r.path == path)
         # At most `cap` of the 0.05 s answers overlap: request k + cap came after the k-th's.
         assert all(b - a >= 0.045 for a, b in zip(arrivals, arrivals[cap:], strict=False)), path
+
+
+def redis_clients(url: str) -> int:
+    """Connections to the Redis at `url`, but the one asking."""
+    with redis.Redis.from_url(url, socket_timeout=5) as probe:
+        me = probe.client_id()
+        return sum(1 for c in probe.client_list() if int(c["id"]) != me)
+
+
+async def test_a_stopped_worker_leaves_no_redis_connection_open(
+    store: SqlStore, sink: Sink, database_url: str, own_redis: RedisServer
+) -> None:
+    # As `estafeta worker` runs: a worker alone, its circuits and rate limits in Redis.
+    data = base_config(database_url, redis={"url": own_redis.url})
+    for d in data["destinations"]:
+        d.update(url=f"{sink.url}/{d['id']}", rate_limit="100/second")
+    config = load_config_dict(data)
+    publisher = Hub(config, store)
+    ids = [await publish(publisher, "appointment.booked", n=n) for n in range(3)]
+    await publisher.close()
+    assert redis_clients(own_redis.url) == 0
+    stop = asyncio.Event()
+    running = asyncio.create_task(
+        supervised("worker", lambda: Worker(store, config).run(stop), stop)
+    )
+    try:
+        assert await sink.wait_for(lambda s: s.delivered_ids >= set(ids), 10)
+        assert redis_clients(own_redis.url) > 0  # it did use Redis
+    finally:
+        stop.set()
+        await running
+    # Before: the circuit store's client stayed connected after the worker stopped.
+    assert redis_clients(own_redis.url) == 0

@@ -40,7 +40,7 @@ from estafeta.ingress.endpoint import (
     respond,
 )
 from estafeta.ingress.spool import SpoolDrainer
-from estafeta.observability.monitor import BacklogMonitor
+from estafeta.observability.monitor import AlertMonitor
 from estafeta.supervise import supervised
 
 
@@ -65,7 +65,12 @@ def create_app(hub: Hub, *, run_workers: bool = False) -> Root:
                 return worker.run(stop)
 
             tasks.append(asyncio.create_task(supervised("worker", run_worker, stop), name="worker"))
-        monitor = BacklogMonitor(hub.store, threshold=hub.config.worker.alert_queue_depth)
+        monitor = AlertMonitor(
+            hub.store,
+            threshold=hub.config.worker.alert_queue_depth,
+            spool=hub.spool,
+            clock=hub.clock,
+        )
         app.state.monitor = monitor
         tasks.append(
             asyncio.create_task(

@@ -19,6 +19,7 @@ from estafeta.clock import iso_from_ms
 from estafeta.errors import StoreUnavailable
 from estafeta.observability.metrics import render
 from estafeta.observability.reads import within
+from estafeta.observability.spool_watch import SpoolHealth, judge
 
 if TYPE_CHECKING:
     from estafeta.delivery.circuit_store import CircuitStateStore
@@ -39,11 +40,13 @@ async def health_detailed(
     request: Request, _caller: Annotated[Principal, Depends(admin_principal)]
 ) -> Response:
     hub = hub_of(request)
-    # At once, each within READ_TIMEOUT_S: a hung store or Redis must not hold the answer.
-    (store, queue), circuits, redis_state = await asyncio.gather(
+    spool = hub.spool
+    # At once, each within READ_TIMEOUT_S: a hung store, Redis or disk must not hold the answer.
+    (store, queue), circuits, redis_state, unwritable = await asyncio.gather(
         store_check(hub.store),
         circuits_check(hub.circuit_states),
         redis_check(hub.redis) if hub.redis is not None else _absent(),
+        spool.unwritable() if spool is not None else _absent(),
     )
     checks: dict[str, object] = {"store": store}
     if queue is not None:
@@ -54,20 +57,38 @@ async def health_detailed(
     monitor = getattr(request.app.state, "monitor", None)
     if monitor is not None:
         checks["alerts"] = {"firing": sorted(monitor.firing)}
-    if hub.spool is not None:
-        spooled = hub.spool.stats()
-        checks["spool"] = {
-            "bytes": spooled.bytes,
-            "segments": spooled.segments,
-            "oldest_at": iso_from_ms(spooled.oldest_at) if spooled.oldest_at else None,
-            "max_bytes": hub.spool.max_bytes,
-        }
-    # Only a store that cannot be reached makes this a 503: without Redis the hub carries on.
+    # Only a store that cannot be reached makes this a 503: without Redis the hub carries on,
+    # and a spool that cannot be written or does not drain is for the operator to hear of.
     healthy = store["status"] == "ok"
-    status = (
-        "ok" if healthy and (redis_state is None or redis_state["status"] == "ok") else "degraded"
-    )
+    degraded = not healthy or (redis_state is not None and redis_state["status"] != "ok")
+    if spool is not None:
+        state = judge(
+            spool.stats(),
+            unwritable=unwritable,
+            store_reachable=healthy,
+            progress_at=spool.progress_at,
+            now_ms=hub.clock.now_ms(),
+        )
+        checks["spool"] = spool_json(state, spool.max_bytes)
+        degraded = degraded or state.degraded
+    status = "degraded" if degraded else "ok"
     return json_response({"status": status, "checks": checks}, 200 if healthy else 503)
+
+
+def spool_json(state: SpoolHealth, max_bytes: int) -> dict[str, object]:
+    spooled = state.stats
+    body: dict[str, object] = {
+        "status": state.status.value,
+        "bytes": spooled.bytes,
+        "segments": spooled.segments,
+        "oldest_at": iso_from_ms(spooled.oldest_at) if spooled.oldest_at else None,
+        "waiting_s": None if state.waiting_s is None else round(state.waiting_s, 1),
+        "stalled": state.stalled,
+        "max_bytes": max_bytes,
+    }
+    if state.error is not None:
+        body["error"] = state.error
+    return body
 
 
 async def store_check(store: SqlStore) -> tuple[dict[str, str], dict[str, object] | None]:

@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 
 import structlog
+from redis.asyncio import Redis
 
 from estafeta.clock import Clock, SystemClock
 from estafeta.config import Config
@@ -51,6 +52,7 @@ from estafeta.delivery.throttle import DestinationThrottle
 from estafeta.errors import StoreUnavailable
 from estafeta.messaging.facts import send_destination
 from estafeta.messaging.outbound import can_send
+from estafeta.redis_client import connect_redis
 from estafeta.store.records import DirectLease, NewEvent
 from estafeta.store.sqlstore import SqlStore
 
@@ -82,7 +84,14 @@ class Worker:
         self.settings = config.worker
         self._wake = wake or asyncio.Event()
         self._connectors = Connectors(config)
-        self.breakers = breakers or Breakers(circuit_state_store(config, store), config)
+        # The Redis client of circuits this worker opens itself (`estafeta worker`), closed
+        # at shutdown; given breakers (`serve`: the hub's) are their owner's to close.
+        self._own_redis: Redis | None = None
+        if breakers is None and config.redis.url:
+            self._own_redis = connect_redis(config.redis.url)
+        self.breakers = breakers or Breakers(
+            circuit_state_store(config, store, self._own_redis), config
+        )
         senders = [s for s in config.sources if can_send(s)]
         rate_limits = {d.id: d.rate_limit for d in config.destinations if d.rate_limit}
         rate_limits.update(
@@ -379,6 +388,16 @@ class Worker:
     # -- stopping ---------------------------------------------------------------------------
 
     async def _shutdown(self) -> None:
+        try:
+            await self._give_back_unsent()
+        finally:  # whatever that met, the connections this worker opened are closed
+            await self._connectors.close()
+            await self.throttle.aclose()
+            if self._own_redis is not None:
+                await self._own_redis.aclose()
+        log.info("worker_stopped", worker=self.worker_id, attempts=self.sent)
+
+    async def _give_back_unsent(self) -> None:
         if self._handoff is not None:
             self._handoff.detach(self)
         unfinished = await self._attempts.stop(self.settings.shutdown_grace_s)
@@ -394,6 +413,3 @@ class Worker:
             await self._snoozes.release()
         except StoreUnavailable:
             log.warning("leases_not_released", count=len(self._snoozes))
-        await self._connectors.close()
-        await self.throttle.aclose()
-        log.info("worker_stopped", worker=self.worker_id, attempts=self.sent)

@@ -28,8 +28,9 @@ from estafeta.api.app import create_app
 from estafeta.api.auth import hash_key, new_api_key
 from estafeta.clock import SystemClock
 from estafeta.config import Config, load_config
+from estafeta.errors import ServeError
 from estafeta.hub import Hub
-from estafeta.server import prepared_store, uvicorn_server
+from estafeta.server import prepared_store, split_listen, uvicorn_server
 from estafeta.store.sqlstore import SqlStore
 from estafeta.testing.fakes.meta import FakeMeta
 from estafeta.testing.sink import Sink
@@ -51,18 +52,35 @@ ADMIN_KEY = "demo-" + secrets.token_urlsafe(12)
 CUSTOMERS = [("5511987654321", "Maria Silva"), ("5511912345678", "João Pereira")]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.bind((host, 0))
         port: int = probe.getsockname()[1]
         return port
 
 
-def demo_config_toml(db: Path, port: int, crm_url: str, billing_url: str, meta_url: str) -> str:
+def chosen_listen(listen: str | None) -> str:
+    """Where the demo's hub listens: `listen` (`--listen`), a free port on its host when its
+    port is 0, or a free port on 127.0.0.1."""
+    if listen is None:
+        return f"127.0.0.1:{free_port()}"
+    host, port = split_listen(listen)
+    bracketed = f"[{host}]" if ":" in host else host
+    return f"{bracketed}:{port or free_port(host)}"
+
+
+def base_url(listen: str) -> str:
+    """How the demo reaches its own hub listening on `listen` (any address: loopback)."""
+    host, port = split_listen(listen)
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # noqa: S104 - a client's view
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def demo_config_toml(db: Path, listen: str, crm_url: str, billing_url: str, meta_url: str) -> str:
     return f"""\
 # Written by `estafeta demo`; use it with the commands it prints.
 [server]
-listen = "127.0.0.1:{port}"
+listen = "{listen}"
 
 [storage]
 url = "sqlite:///{db}"
@@ -191,21 +209,48 @@ async def _wait_state(
         await asyncio.sleep(0.05)
 
 
-async def _story(workdir: Path, event_count: int) -> int:
+async def _story(workdir: Path, event_count: int, listen: str | None) -> int:
     crm, billing = Sink(secret=SINK_SECRET), Sink(secret=SINK_SECRET)
     meta = FakeMeta(
         access_token=ACCESS_TOKEN, phone_number_id=PHONE_NUMBER_ID, app_secret=APP_SECRET
     )
-    for server_ in (crm, billing, meta):
-        await server_.start()
-    billing.respond(503)  # billing is down when the story starts
-    port = free_port()
-    config_file = workdir / "estafeta.toml"
-    config_file.write_text(
-        demo_config_toml(workdir / "estafeta.db", port, crm.url, billing.url, meta.url)
-    )
-    config: Config = load_config(config_file)
-    store = await prepared_store(config)
+    started: list[Sink | FakeMeta] = []
+    store: SqlStore | None = None
+    try:
+        for server_ in (crm, billing, meta):
+            await server_.start()
+            started.append(server_)
+        billing.respond(503)  # billing is down when the story starts
+        where = chosen_listen(listen)  # once: port 0 picks a different port each time
+        config_file = workdir / "estafeta.toml"
+        config_file.write_text(
+            demo_config_toml(workdir / "estafeta.db", where, crm.url, billing.url, meta.url)
+        )
+        config: Config = load_config(config_file)  # ESTAFETA_LISTEN applies, as to `serve`
+        if listen is not None:  # and --listen over it, as for `serve`
+            server_settings = config.server.model_copy(update={"listen": where})
+            config = config.model_copy(update={"server": server_settings})
+        store = await prepared_store(config)
+        return await _served_story(
+            workdir, event_count, config, config_file, store, meta, crm, billing
+        )
+    finally:
+        if store is not None:
+            await store.close()
+        for server_ in started:
+            await server_.stop()
+
+
+async def _served_story(
+    workdir: Path,
+    event_count: int,
+    config: Config,
+    config_file: Path,
+    store: SqlStore,
+    meta: FakeMeta,
+    crm: Sink,
+    billing: Sink,
+) -> int:
     api_key = new_api_key()
     await store.create_api_key(
         tenant_id="clinica-sol",
@@ -216,8 +261,11 @@ async def _story(workdir: Path, event_count: int) -> int:
     server = uvicorn_server(create_app(Hub(config, store), run_workers=True), config.server.listen)
     serving = asyncio.create_task(server.serve())
     while not server.started:
+        if serving.done():  # it could not start (the address in use): ServeError, said once
+            await serving
+            raise ServeError(f"cannot serve on {config.server.listen}")
         await asyncio.sleep(0.02)
-    base = f"http://127.0.0.1:{port}"
+    base = base_url(config.server.listen)
     webhook = f"{base}/in/wa-sol"
     say = print
     say(f"estafeta demo — hub on {base}, SQLite at {workdir / 'estafeta.db'}\n")
@@ -334,13 +382,14 @@ async def _story(workdir: Path, event_count: int) -> int:
     finally:
         server.should_exit = True
         await serving
-        await store.close()
-        for server_ in (crm, billing, meta):
-            await server_.stop()
 
 
-def run_demo(*, workdir: str | None = None, event_count: int = 20) -> int:
-    """Run the story; returns the process exit code (0 when everything was delivered)."""
+def run_demo(
+    *, workdir: str | None = None, event_count: int = 20, listen: str | None = None
+) -> int:
+    """Run the story; returns the process exit code (0 when everything was delivered).
+    Raises ServeError when the hub cannot listen on `listen` (HOST:PORT; default a free port
+    on 127.0.0.1)."""
     from estafeta.server import run
 
     base = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="estafeta-demo-"))
@@ -348,7 +397,7 @@ def run_demo(*, workdir: str | None = None, event_count: int = 20) -> int:
     result: list[int] = []
 
     async def main() -> None:
-        result.append(await _story(base.resolve(), event_count))
+        result.append(await _story(base.resolve(), event_count, listen))
 
     run(main)
     return result[0]

@@ -21,6 +21,9 @@ and a crash at any point loses nothing either:
   cannot tell which) are moved there and logged, and the records after them drain.
 * A crash between creating a segment and naming it leaves a `.journal.creating` file;
   `segments.py` clears it at start and before each drain, once no live process holds it.
+* `unwritable()` tells whether a segment could be made now, and `progress_at` when the
+  drain last got through: what `/health/detailed` and the alerts judge the spool by
+  (observability/spool_watch.py).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import errno
 import fcntl
 import os
 import socket
-import time
+import tempfile
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -41,10 +44,12 @@ from typing import IO
 import msgspec
 import structlog
 
+from estafeta.clock import Clock, SystemClock
 from estafeta.errors import HttpError, StoreUnavailable
 from estafeta.ingress import segments
 from estafeta.ingress.journal import Unreadable, decode, encode, framed, records
 from estafeta.observability.metrics import SPOOL_QUARANTINED
+from estafeta.observability.reads import within
 from estafeta.store.group_commit import GroupCommitter
 from estafeta.store.records import NewEvent
 from estafeta.store.sqlstore import SqlStore
@@ -74,9 +79,12 @@ class _Kept:
 
 
 class Spool:
-    def __init__(self, directory: str | Path, *, max_bytes: int) -> None:
+    def __init__(
+        self, directory: str | Path, *, max_bytes: int, clock: Clock | None = None
+    ) -> None:
         self.directory = Path(directory)
         self.max_bytes = max_bytes
+        self.clock: Clock = clock or SystemClock()  # names segments by their creation time
         self.directory.mkdir(parents=True, exist_ok=True)
         # A name no other process shares.
         self._writer = f"{socket.gethostname()}-{os.getpid()}"
@@ -92,6 +100,10 @@ class Spool:
         # the outage gets the original id back instead of a new one that the drain would
         # drop as a duplicate. Bounded: the oldest are forgotten first.
         self._keys: OrderedDict[tuple[str, str, str], str] = OrderedDict()
+        # When the drain last got through: a round that ended, or a segment imported. From
+        # start-up until the first round, events left by an earlier process are not late.
+        self.progress_at = self.clock.now_ms()
+        self._write_check: asyncio.Future[str | None] | None = None
         segments.clear_leftovers(self.directory)
 
     # -- writing ----------------------------------------------------------------------------
@@ -168,7 +180,7 @@ class Spool:
     def _open_segment(self) -> None:
         self._seq += 1
         # Named by creation time first: sorted names are the order to drain in.
-        created = time.time_ns() // 1_000_000
+        created = self.clock.now_ms()
         name = f"{created:013d}-{self._writer}-{self._seq:09d}.journal"
         self._file = segments.create(self.directory, name)  # locked, lives until rotated
         self._size = 0
@@ -179,6 +191,34 @@ class Spool:
             fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
             self._file.close()
             self._file = None
+
+    async def unwritable(self) -> str | None:
+        """Why no segment could be made in the directory now (`ENOENT`, `EACCES`, `ENOSPC`
+        …), or None when one could. Checked in a thread, within the read bound: a hung disk
+        must not hold the event loop or the caller. Concurrent callers share one check, so a
+        hung disk holds one thread, not one per health probe."""
+        if self._write_check is None or self._write_check.done():
+            self._write_check = asyncio.ensure_future(asyncio.to_thread(self._probe_write))
+        try:
+            return await within(asyncio.shield(self._write_check))
+        except TimeoutError as exc:
+            return f"the disk gave {exc}"
+
+    def _probe_write(self) -> str | None:
+        """Make, write one byte to and remove a file no drain globs (`.write-check-*`)."""
+        try:
+            if not os.access(self.directory, os.W_OK | os.X_OK):
+                os.stat(self.directory)  # ENOENT when it is gone
+                return "EACCES" if self.directory.is_dir() else "ENOTDIR"
+            fd, name = tempfile.mkstemp(prefix=".write-check-", dir=self.directory)
+            try:
+                os.write(fd, b"\0")  # a full disk may still make an empty file
+            finally:
+                os.close(fd)
+                os.unlink(name)
+        except OSError as exc:
+            return _error_name(exc)
+        return None
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -207,6 +247,7 @@ class Spool:
         imported = 0
         for path in sorted(self.directory.glob("*.journal")):
             imported += await self._drain_segment(store, path)
+        self.progress_at = self.clock.now_ms()  # got through: StoreUnavailable skips this
         if imported:
             log.info("spool_drained", events=imported)
         return imported
@@ -233,6 +274,7 @@ class Spool:
                 await self._quarantine(kept)
             path.unlink()
             segments.fsync_directory(self.directory)
+            self.progress_at = self.clock.now_ms()  # a long drain is progress, not a stall
             return imported
         finally:
             handle.close()
