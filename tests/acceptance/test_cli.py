@@ -231,6 +231,26 @@ async def test_migrate_then_keys_create_prints_a_key_that_publishes_events(
         assert status == 401, refused
 
 
+@pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
+async def test_a_worker_says_which_engine_it_runs_on(
+    database_url: str, tmp_path: Path, estafeta: Estafeta
+) -> None:
+    # docs/how-to/deploy-postgresql.md has the operator check that every process logs
+    # "engine":"postgresql": `serve` did (`serving`), a separate worker's `worker_started` did
+    # not, so a worker left on the default SQLite file could not be told from the log.
+    config = write_config(
+        tmp_path / "estafeta.toml",
+        hub_config(database_url, tmp_path, port=free_port(), destinations=[], routes=[]),
+    )
+    migrated = await run_cli("migrate", "--config", str(config), cwd=tmp_path)
+    assert migrated.returncode == 0, migrated
+
+    worker = estafeta.worker(config)
+    started = await worker.wait_log("worker_started")
+    assert started["engine"] == ("sqlite" if database_url.startswith("sqlite") else "postgresql")
+    assert await worker.stop() == 0
+
+
 # -- the dead-letter queue --------------------------------------------------------------------
 
 

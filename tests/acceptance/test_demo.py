@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -83,3 +84,36 @@ def test_the_demo_on_an_address_in_use_says_so_in_one_line(tmp_path: Path, chose
     assert "address already in use" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
     assert "estafeta demo — hub on" not in done.stdout  # it never claimed to run
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_the_commands_the_demo_prints_run_as_printed(tmp_path: Path) -> None:
+    # Before: it printed `estafeta dlq list …`, but `make demo` runs .venv/bin/estafeta with
+    # the virtualenv not on PATH, so the first command a new user copied was not found.
+    bin_dir = str(Path(sys.executable).parent)
+    path = os.pathsep.join(
+        d for d in os.environ.get("PATH", "").split(os.pathsep) if d and d != bin_dir
+    )
+    env = {**os.environ, "PATH": path or os.defpath}
+    done = subprocess.run(
+        [sys.executable, "-m", "estafeta", "demo", "--dir", str(tmp_path), "--events", "4"],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+        env=env,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    listed = [line for line in done.stdout.splitlines() if " dlq list --config " in line]
+    assert len(listed) == 1, done.stdout
+    printed = subprocess.run(
+        shlex.split(listed[0]),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,  # from where the demo ran, as its reader would
+    )
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stderr.strip() == "0 dead deliveries", printed.stderr

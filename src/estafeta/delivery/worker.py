@@ -173,7 +173,12 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver until `stop` is set, then shut down gracefully."""
         await self._connectors.start()
-        log.info("worker_started", worker=self.worker_id, concurrency=self.settings.concurrency)
+        log.info(
+            "worker_started",
+            worker=self.worker_id,
+            concurrency=self.settings.concurrency,
+            engine=self.store.dialect,  # so an operator can tell a worker on the wrong store
+        )
         if self._handoff is not None:
             self._handoff.attach(self)
         try:

@@ -15,7 +15,10 @@ import hashlib
 import hmac
 import os
 import secrets
+import shlex
+import shutil
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +37,23 @@ from estafeta.server import prepared_store, split_listen, uvicorn_server
 from estafeta.store.sqlstore import SqlStore
 from estafeta.testing.fakes.meta import FakeMeta
 from estafeta.testing.sink import Sink
+
+
+def _this_command() -> str:
+    """How the reader runs this estafeta, for the commands the demo prints.
+
+    `make demo` runs `.venv/bin/estafeta` without the virtualenv on PATH, where a bare
+    `estafeta` is not found (or is another installation's): name the script itself unless
+    PATH already leads to it.
+    """
+    script = Path(sys.executable).parent / "estafeta"
+    if not script.exists():
+        return f"{shlex.quote(sys.executable)} -m estafeta"
+    on_path = shutil.which("estafeta")
+    if on_path is not None and Path(on_path).resolve() == script.resolve():
+        return "estafeta"
+    inside = os.path.relpath(script, Path.cwd())
+    return shlex.quote(script.as_posix() if inside.startswith("..") else inside)
 
 
 def _new_secret() -> str:
@@ -366,9 +386,10 @@ async def _served_story(
                 and len(billing.delivered_ids) == booked
             )
             say("\nLook further (the hub is stopped now; these read the demo's database):")
-            say(f"  estafeta dlq list --config {config_file}")
+            estafeta = _this_command()
+            say(f"  {estafeta} dlq list --config {config_file}")
             say(
-                f"  estafeta serve --config {config_file}     # then, with the admin key "
+                f"  {estafeta} serve --config {config_file}     # then, with the admin key "
                 f"'{ADMIN_KEY}':"
             )
             say(f"  curl -H 'authorization: Bearer {ADMIN_KEY}' {base}/api/v1/events/<id>")
