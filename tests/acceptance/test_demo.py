@@ -117,3 +117,27 @@ def test_the_commands_the_demo_prints_run_as_printed(tmp_path: Path) -> None:
     )
     assert printed.returncode == 0, printed.stderr
     assert printed.stderr.strip() == "0 dead deliveries", printed.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_the_demo_keeps_to_its_own_database_whatever_the_environment_says(
+    tmp_path: Path,
+) -> None:
+    # Before: the overrides meant for `serve` applied to the demo too, so a shell set up for
+    # production (ESTAFETA_DATABASE_URL …) got the demo's tenant, key and events written
+    # into the production database, and its admin key broke the demo's own replay.
+    production = tmp_path / "production"
+    production.mkdir()
+    env = {
+        **os.environ,
+        "ESTAFETA_DATABASE_URL": f"sqlite:///{production / 'estafeta.db'}",
+        "ESTAFETA_ADMIN_KEY": "the-production-admin-key",
+        "ESTAFETA_REDIS_URL": "redis://127.0.0.1:1/0",  # nothing listens there
+    }
+    done = demo("--dir", str(tmp_path / "demo"), "--events", "4", env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert list(production.iterdir()) == []
+    assert (tmp_path / "demo" / "estafeta.db").exists()
+    ignored = "ESTAFETA_ADMIN_KEY, ESTAFETA_DATABASE_URL, ESTAFETA_REDIS_URL"
+    assert f"ignores {ignored}" in done.stdout, done.stdout

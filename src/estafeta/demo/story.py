@@ -30,7 +30,7 @@ import orjson
 from estafeta.api.app import create_app
 from estafeta.api.auth import hash_key, new_api_key
 from estafeta.clock import SystemClock
-from estafeta.config import Config, load_config
+from estafeta.config import ENV_OVERRIDES, Config, load_config
 from estafeta.errors import ServeError
 from estafeta.hub import Hub
 from estafeta.server import prepared_store, split_listen, uvicorn_server
@@ -54,6 +54,13 @@ def _this_command() -> str:
         return "estafeta"
     inside = os.path.relpath(script, Path.cwd())
     return shlex.quote(script.as_posix() if inside.startswith("..") else inside)
+
+
+def _ignored() -> list[str]:
+    """The `ESTAFETA_*` overrides set in this shell that the demo does not take: a shell set
+    up for production must not get the demo's tenant, key and events written into its
+    database, its Redis or its admin key."""
+    return sorted(v for v in ENV_OVERRIDES if v != "ESTAFETA_LISTEN" and v in os.environ)
 
 
 def _new_secret() -> str:
@@ -246,7 +253,10 @@ async def _story(workdir: Path, event_count: int, listen: str | None) -> int:
         config_file.write_text(
             demo_config_toml(workdir / "estafeta.db", where, crm.url, billing.url, meta.url)
         )
-        config: Config = load_config(config_file)  # ESTAFETA_LISTEN applies, as to `serve`
+        # ESTAFETA_LISTEN applies, as to `serve`; the other overrides do not (_ignored()).
+        ignored = set(_ignored())
+        environment = {k: v for k, v in os.environ.items() if k not in ignored}
+        config: Config = load_config(config_file, environment)
         if listen is not None:  # and --listen over it, as for `serve`
             server_settings = config.server.model_copy(update={"listen": where})
             config = config.model_copy(update={"server": server_settings})
@@ -289,6 +299,11 @@ async def _served_story(
     webhook = f"{base}/in/wa-sol"
     say = print
     say(f"estafeta demo — hub on {base}, SQLite at {workdir / 'estafeta.db'}\n")
+    if ignored := _ignored():
+        say(
+            f"(the demo ignores {', '.join(ignored)}, set in this shell; unset them before "
+            "the commands printed at the end, which would use them)\n"
+        )
     try:
         async with aiohttp.ClientSession() as http:
             auth = {"authorization": f"Bearer {api_key}"}
