@@ -292,3 +292,38 @@ async def test_a_delivery_leased_as_an_orphan_just_before_a_process_naming_it_st
     [delivery] = await settled(store, event.id)
     assert (delivery.state, delivery.attempts) == ("succeeded", 1)
     assert event.id in sink.delivered_ids
+
+
+async def test_a_running_process_keeps_naming_its_destinations_until_it_stops(
+    store: SqlStore, database_url: str, sink: Sink
+) -> None:
+    """Its record is renewed while it runs (a minute later, it still names `agenda`); once it
+    stopped, it names nothing for processes started after, and still for those before."""
+    _, new_config = configs(database_url, sink)
+    clock = ShiftedClock()
+    before = clock.now_ms()
+    presence = Presence(
+        store, new_config, process_id=default_worker_id(), clock=clock, every_s=0.02
+    )
+    await presence.announce()
+    stop = asyncio.Event()
+    running = asyncio.create_task(presence.run(stop))
+
+    async def named(started_ms: int) -> bool:
+        window_ms = int(LIVE_WINDOW_S * 1000)
+        live = await store.live_destinations(
+            seen_since_ms=clock.now_ms() - window_ms, started_ms=started_ms
+        )
+        return NEW in live
+
+    try:
+        clock.offset_ms += int(LIVE_WINDOW_S * 1000) + 1000
+        deadline = asyncio.get_running_loop().time() + 10
+        while not await named(before):
+            assert asyncio.get_running_loop().time() < deadline, "not renewed"
+            await asyncio.sleep(0.02)
+    finally:
+        stop.set()
+        await running
+    assert await named(before)  # started before it stopped: it may be restarting
+    assert not await named(clock.now_ms())  # started after: its file is the newest

@@ -46,10 +46,19 @@ def named_destinations(config: Config) -> list[str]:
 class Presence:
     """One process's row in the store's `processes`, kept up to date while it runs."""
 
-    def __init__(self, store: SqlStore, config: Config, *, process_id: str, clock: Clock) -> None:
+    def __init__(
+        self,
+        store: SqlStore,
+        config: Config,
+        *,
+        process_id: str,
+        clock: Clock,
+        every_s: float = ANNOUNCE_EVERY_S,
+    ) -> None:
         self.store = store
         self.process_id = process_id
         self.clock = clock
+        self.every_s = every_s
         self.destinations = named_destinations(config)
         self.started_ms = clock.now_ms()
 
@@ -65,11 +74,11 @@ class Presence:
         )
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Announce every `ANNOUNCE_EVERY_S` until `stop` is set, then retire."""
+        """Announce every `every_s` until `stop` is set, then retire."""
         try:
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), ANNOUNCE_EVERY_S)
+                    await asyncio.wait_for(stop.wait(), self.every_s)
                 if not stop.is_set():
                     # A store outage is logged by ingest and the workers; the next
                     # announcement comes in ANNOUNCE_EVERY_S, well within the window.
