@@ -8,7 +8,7 @@ import gc
 import signal
 import socket
 import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
 import structlog
@@ -18,7 +18,8 @@ from estafeta.api.app import create_app
 from estafeta.clock import SystemClock
 from estafeta.config import Config
 from estafeta.connectors.registry import unavailable_kinds
-from estafeta.delivery.worker import Worker
+from estafeta.delivery.presence import Presence
+from estafeta.delivery.worker import Worker, default_worker_id
 from estafeta.errors import ConfigError, ServeError
 from estafeta.http_protocol import OneWriteHttpToolsProtocol
 from estafeta.hub import Hub
@@ -72,6 +73,15 @@ async def prepared_store(config: Config, *, migrate: bool = True) -> SqlStore:
         await store.close()  # its connections, and their threads on SQLite
         raise
     return store
+
+
+async def announced(store: SqlStore, config: Config) -> Presence:
+    """This process's presence, recorded before it serves or delivers anything: a delivery
+    it stores for a destination only its configuration has is then never taken by a worker
+    on an older file for one nobody configures (delivery/presence.py)."""
+    presence = Presence(store, config, process_id=default_worker_id(), clock=SystemClock())
+    await presence.announce()
+    return presence
 
 
 class GracefulServer(uvicorn.Server):
@@ -139,10 +149,11 @@ def uvicorn_server(
 async def serve(config: Config, *, run_workers: bool = True, migrate: bool = True) -> None:
     store = await prepared_store(config, migrate=migrate)
     try:
+        presence = await announced(store, config)
         spool = Spool(config.storage.spool_dir, max_bytes=config.storage.spool_max_bytes)
         hub = Hub(config, store, spool=spool)
         server = uvicorn_server(
-            create_app(hub, run_workers=run_workers),
+            create_app(hub, run_workers=run_workers, presence=presence),
             config.server.listen,
             max_concurrent_requests=config.server.max_concurrent_requests,
             # Once it listens: the workers start before, and stop if it cannot.
@@ -165,6 +176,14 @@ async def work(config: Config) -> None:
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
     try:
-        await supervised("worker", lambda: Worker(store, config).run(stop), stop)
+        presence = await announced(store, config)
+
+        def worker() -> Awaitable[None]:
+            return Worker(store, config, started_ms=presence.started_ms).run(stop)
+
+        await asyncio.gather(
+            supervised("worker", worker, stop),
+            supervised("presence", lambda: presence.run(stop), stop),
+        )
     finally:
         await store.close()

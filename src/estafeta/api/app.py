@@ -26,6 +26,7 @@ from estafeta.api.responses import (
     handle_validation_error,
 )
 from estafeta.delivery.breakers import Breakers
+from estafeta.delivery.presence import Presence
 from estafeta.delivery.worker import Worker
 from estafeta.errors import HttpError, StoreUnavailable
 from estafeta.hub import Hub
@@ -44,7 +45,10 @@ from estafeta.observability.monitor import AlertMonitor
 from estafeta.supervise import supervised
 
 
-def create_app(hub: Hub, *, run_workers: bool = False) -> Root:
+def create_app(hub: Hub, *, run_workers: bool = False, presence: Presence | None = None) -> Root:
+    """The application; with `presence`, its lifespan keeps the process's presence recorded
+    (`estafeta serve` announces it once before it listens)."""
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         stop = asyncio.Event()
@@ -61,10 +65,17 @@ def create_app(hub: Hub, *, run_workers: bool = False) -> Root:
                     wake=hub.deliveries_ready,
                     handoff=hub.handoff,
                     breakers=Breakers(hub.circuit_states, hub.config),
+                    started_ms=None if presence is None else presence.started_ms,
                 )
                 return worker.run(stop)
 
             tasks.append(asyncio.create_task(supervised("worker", run_worker, stop), name="worker"))
+        if presence is not None:
+            tasks.append(
+                asyncio.create_task(
+                    supervised("presence", lambda: presence.run(stop), stop), name="presence"
+                )
+            )
         monitor = AlertMonitor(
             hub.store,
             threshold=hub.config.worker.alert_queue_depth,

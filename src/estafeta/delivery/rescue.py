@@ -4,9 +4,15 @@
   takes them over once their deadline passes. Each counts as a failed `lease_expired`
   attempt (decide() then retries it with backoff, or dead-letters it), so a delivery that
   kills its worker every time cannot loop forever.
-* Destinations the configuration no longer has: their pending deliveries would wait for
-  ever, as no lease names them. The worker's loop leases them with the rest, to be
-  dead-lettered with the reason (`unknown_destination`).
+* Destinations the configuration does not have. One that a live process names (presence.py:
+  a rolling change of the configuration is under way, and processes on the newer file send
+  its deliveries) is left to them, and logged once as `destination_configured_elsewhere`.
+  One that no live process names is an orphan: its pending deliveries would wait for ever,
+  as no lease names them. The worker's loop leases them with the rest, to be dead-lettered
+  with the reason (`unknown_destination`).
+
+Both reads run every rescue interval, and the second only while some pending delivery names
+a destination this worker does not know: the lease itself reads nothing more.
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ import structlog
 from estafeta.clock import Clock
 from estafeta.delivery.backoff import DEFAULT_BACKOFF, BackoffPolicy
 from estafeta.delivery.decision import decide
+from estafeta.delivery.model import LeasedDelivery
 from estafeta.delivery.outcome import Outcome, OutcomeKind
+from estafeta.delivery.presence import LIVE_WINDOW_S
 from estafeta.ids import new_id
 from estafeta.store.records import CompletedAttempt
 from estafeta.store.sqlstore import SqlStore
@@ -41,6 +49,7 @@ class Rescue:
         worker_id: str,
         destinations: Collection[str],
         interval_s: float,
+        started_ms: int,
     ) -> None:
         self.store = store
         self.clock = clock
@@ -50,10 +59,14 @@ class Rescue:
         self._policies = policies
         self._destinations = destinations  # every destination a lease may name
         self._interval_s = interval_s
+        self._started_ms = started_ms  # the process's start (store/processes.py says why)
         self._next_rescue = 0.0
-        # Destinations of pending deliveries that the configuration no longer has, found
-        # every rescue interval and leased with the rest, to be dead-lettered with the reason.
+        # Destinations of pending deliveries that the configuration does not have and no
+        # live process names, found every rescue interval and leased with the rest, to be
+        # dead-lettered with the reason.
         self.orphans: set[str] = set()
+        # Those another live process names: left to it (logged when the set grows).
+        self.elsewhere: set[str] = set()
 
     async def if_due(self) -> None:
         now = time.monotonic()
@@ -61,10 +74,43 @@ class Rescue:
             return
         self._next_rescue = now + self._interval_s
         await self.expired()
-        orphans = await self.store.pending_destinations() - set(self._destinations)
+        unknown = await self.store.pending_destinations() - set(self._destinations)
+        elsewhere = unknown & await self._live() if unknown else set()
+        orphans = unknown - elsewhere
         if orphans - self.orphans:
             log.warning("unknown_destinations", destinations=sorted(orphans))
         self.orphans = orphans
+        self._configured_elsewhere(elsewhere)
+
+    async def given_back(self, batch: list[LeasedDelivery]) -> list[LeasedDelivery]:
+        """Of a leased batch, the deliveries to orphans that a live process names now (one
+        that started since the last rescue): not to be dead-lettered, but given back unsent
+        for it to send. Their destinations are orphans no more."""
+        leased = {d.destination_id for d in batch} & self.orphans
+        if not leased:
+            return []
+        named = leased & await self._live()
+        if not named:
+            return []
+        self.orphans -= named
+        self._configured_elsewhere(self.elsewhere | named)
+        return [d for d in batch if d.destination_id in named]
+
+    async def _live(self) -> set[str]:
+        """The destinations that live processes name (presence.py, store/processes.py)."""
+        return await self.store.live_destinations(
+            seen_since_ms=self.clock.now_ms() - int(LIVE_WINDOW_S * 1000),
+            started_ms=self._started_ms,
+        )
+
+    def _configured_elsewhere(self, elsewhere: set[str]) -> None:
+        if elsewhere - self.elsewhere:
+            log.warning(
+                "destination_configured_elsewhere",
+                destinations=sorted(elsewhere),
+                worker=self.worker_id,
+            )
+        self.elsewhere = elsewhere
 
     async def expired(self) -> int:
         """Take over deliveries whose worker died mid-send and schedule their retry."""

@@ -46,6 +46,7 @@ from estafeta.delivery.backoff import BackoffPolicy
 from estafeta.delivery.breakers import Breakers, circuit_state_store
 from estafeta.delivery.handoff import Handoff, Reservation, reserve
 from estafeta.delivery.model import LeasedDelivery
+from estafeta.delivery.presence import named_destinations
 from estafeta.delivery.rescue import Rescue
 from estafeta.delivery.snooze import Snoozes
 from estafeta.delivery.throttle import DestinationThrottle
@@ -76,7 +77,10 @@ class Worker:
         breakers: Breakers | None = None,
         throttle: DestinationThrottle | None = None,
         handoff: Handoff | None = None,
+        started_ms: int | None = None,
     ) -> None:
+        """`started_ms`: when the process started (its presence's start, delivery/presence.py);
+        by default, now."""
         self.store = store
         self.config = config
         self.clock: Clock = clock or SystemClock()
@@ -115,8 +119,7 @@ class Worker:
         self.lease_ms = int(max(self.settings.lease_s, longest + CEILING_MARGIN_S) * 1000)
         self._slot_freed = asyncio.Event()
         # Every destination a lease may name: the configured ones and the providers' sends.
-        self._destinations = [d.id for d in config.destinations]
-        self._destinations += [send_destination(s.id) for s in senders]
+        self._destinations = named_destinations(config)
         # A destination with a `max_in_flight` is never given more room than its cap leaves.
         self._caps = {d.id: d.max_in_flight for d in config.destinations if d.max_in_flight}
         self._cap_freed = asyncio.Event()  # a capped destination at its cap freed a slot
@@ -144,6 +147,7 @@ class Worker:
             worker_id=self.worker_id,
             destinations=self._destinations,
             interval_s=self.settings.rescue_interval_s,
+            started_ms=self.clock.now_ms() if started_ms is None else started_ms,
         )
         # Fresh deliveries straight from ingest in this process (delivery/handoff.py).
         self._handoff = handoff
@@ -237,6 +241,8 @@ class Worker:
         limit = room - taken
         batch = await self._lease(now, self._rooms(limit, blocked), limit)
         self._backlogged = len(batch) >= limit
+        if self._rescue.orphans:  # only then may the batch hold deliveries it cannot send
+            batch = await self._give_back_named(batch, now)
         await self._start(batch, now)
         taken += len(batch)
         return taken
@@ -276,6 +282,17 @@ class Worker:
             worker_id=self.worker_id,
             sending=self._attempts.sending,
         )
+
+    async def _give_back_named(self, batch: list[LeasedDelivery], now: int) -> list[LeasedDelivery]:
+        """`batch` without the deliveries to orphans that a process started since the last
+        rescue names: those go back pending, due now, no attempt counted (snooze.py), for
+        it to send, instead of being dead-lettered as `unknown_destination`."""
+        named = await self._rescue.given_back(batch)
+        if not named:
+            return batch
+        self._snoozes.add({now: named})
+        ids = {d.id for d in named}
+        return [d for d in batch if d.id not in ids]
 
     def _free_slots(self) -> int:
         taken = len(self._attempts.in_flight) + len(self._handed) + self._held

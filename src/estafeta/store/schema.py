@@ -242,6 +242,21 @@ circuits = Table(
     Column("updated_at", BigInteger, nullable=False),
 )
 
+# One row per running process that holds a configuration (`serve`, with or without workers,
+# and `worker`): the destinations its configuration names, recorded at start and every few
+# seconds (delivery/presence.py). A worker dead-letters deliveries to a destination it does
+# not know only when no live process names it either: during a rolling change of the
+# configuration, the processes already on the new file send them (delivery/rescue.py).
+processes = Table(
+    "processes",
+    metadata,
+    Column("id", String(80), primary_key=True),  # host:pid:random, as workers' ids
+    Column("destinations", Text, nullable=False),  # JSON list, "send:<source>" included
+    Column("started_at", BigInteger, nullable=False),
+    Column("seen_at", BigInteger, nullable=False),
+    Column("stopped_at", BigInteger, nullable=True),  # NULL while it runs
+)
+
 CONVERSATION_STATES = ("open", "escalated", "closed")
 MESSAGE_STATES = ("queued", "sent", "failed")  # what sending knows; the provider says the rest
 

@@ -9,7 +9,8 @@ engines (connection set-up, the lease statement, the INSERT … ON CONFLICT cons
 * `dead_letters.py`: list, replay and discard dead deliveries;
 * `views.py`: reads for the API, the CLI and health;
 * `circuits.py`: the circuit breakers' shared state, when no Redis is configured;
-* `messaging.py`: WhatsApp conversations and the messages tenants send.
+* `messaging.py`: WhatsApp conversations and the messages tenants send;
+* `processes.py`: the running processes and the destinations their configurations name.
 
 What belongs to the store as a whole stays here: its schema's version, and what operators
 configure (tenants with their sources, destinations and routes, and the tenants' API keys).
@@ -33,6 +34,7 @@ from estafeta.store.circuits import CircuitOps
 from estafeta.store.dead_letters import DeadLetterOps
 from estafeta.store.ingest import IngestOps
 from estafeta.store.leases import LeaseOps
+from estafeta.store.processes import ProcessOps
 from estafeta.store.views import ViewOps
 
 if TYPE_CHECKING:
@@ -41,7 +43,7 @@ if TYPE_CHECKING:
     from estafeta.config import Config
 
 
-class SqlStore(IngestOps, LeaseOps, DeadLetterOps, ViewOps, CircuitOps):
+class SqlStore(IngestOps, LeaseOps, DeadLetterOps, ViewOps, CircuitOps, ProcessOps):
     """Base class; use `open_store(url)` to get the one for an engine."""
 
     dialect: ClassVar[str]

@@ -1,0 +1,94 @@
+"""A process's presence: the store knows which destinations each running process names.
+
+During a rolling change of the configuration (a destination added, the processes restarted
+one by one), processes on the old file and on the new one share the store. Deliveries to
+the new destination, stored by a process on the new file, must wait for one that can send
+them, not be dead-lettered by a worker still on the old file as `unknown_destination`.
+So every process that holds a configuration (`serve`, with or without workers, and
+`worker`) records the destinations its configuration names at start, before it serves,
+and every `ANNOUNCE_EVERY_S` after; a worker dead-letters deliveries to a destination it
+does not know only when no process seen within `LIVE_WINDOW_S` names it (rescue.py).
+
+`LIVE_WINDOW_S` is six announcements: a process whose announcement is late (the store
+slow or briefly unreachable, the event loop busy, clocks a few seconds apart between
+machines) is not taken for gone, at the cost of dead-lettering a removed destination's
+deliveries up to a minute later when the last process that named it died without stopping.
+A process stopped gracefully stops naming them at once for processes started after it
+(store/processes.py says why not for the others).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from estafeta.clock import Clock
+from estafeta.config import Config
+from estafeta.errors import StoreUnavailable
+from estafeta.messaging.facts import send_destination
+from estafeta.messaging.outbound import can_send
+from estafeta.store.sqlstore import SqlStore
+
+ANNOUNCE_EVERY_S = 10.0
+LIVE_WINDOW_S = 60.0
+# Rows of processes not seen for this long are deleted: a crash loop leaves no pile of them.
+FORGET_AFTER_S = 10 * LIVE_WINDOW_S
+
+
+def named_destinations(config: Config) -> list[str]:
+    """Every destination a delivery stored under `config` may name: the configured ones and
+    the sends through each provider source configured to send."""
+    names = [d.id for d in config.destinations]
+    names += [send_destination(s.id) for s in config.sources if can_send(s)]
+    return names
+
+
+class Presence:
+    """One process's row in the store's `processes`, kept up to date while it runs."""
+
+    def __init__(
+        self,
+        store: SqlStore,
+        config: Config,
+        *,
+        process_id: str,
+        clock: Clock,
+        every_s: float = ANNOUNCE_EVERY_S,
+    ) -> None:
+        self.store = store
+        self.process_id = process_id
+        self.clock = clock
+        self.every_s = every_s
+        self.destinations = named_destinations(config)
+        self.started_ms = clock.now_ms()
+
+    async def announce(self) -> None:
+        """Record that this process runs, naming its destinations (raises StoreUnavailable)."""
+        now = self.clock.now_ms()
+        await self.store.announce_process(
+            self.process_id,
+            self.destinations,
+            started_ms=self.started_ms,
+            now_ms=now,
+            forget_before_ms=now - int(FORGET_AFTER_S * 1000),
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Announce every `every_s` until `stop` is set, then retire."""
+        try:
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.every_s)
+                if not stop.is_set():
+                    # A store outage is logged by ingest and the workers; the next
+                    # announcement comes in ANNOUNCE_EVERY_S, well within the window.
+                    with contextlib.suppress(StoreUnavailable):
+                        await self.announce()
+        finally:
+            await self.retire()
+
+    async def retire(self) -> None:
+        """This process stops: processes started from now on no longer count its
+        destinations (a row the store does not take now ages out of the window)."""
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.retire_process(self.process_id, self.clock.now_ms())

@@ -1,0 +1,76 @@
+"""The store's processes: which running process's configuration names which destinations.
+
+Every process that holds a configuration records here, at start and every few seconds, the
+destinations its configuration names (delivery/presence.py); a worker asks which
+destinations some live process names before it dead-letters deliveries to one it does not
+know itself (delivery/rescue.py). One row per process, a handful of rows in all: rows not
+seen for a long while are forgotten as processes announce themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+import orjson
+from sqlalchemy import delete, or_, select, update
+
+from estafeta.store import schema as s
+from estafeta.store.base import StoreBase
+
+
+class ProcessOps(StoreBase):
+    async def announce_process(
+        self,
+        process_id: str,
+        destinations: Collection[str],
+        *,
+        started_ms: int,
+        now_ms: int,
+        forget_before_ms: int,
+    ) -> None:
+        """Record that the process runs now, its configuration naming `destinations`; forget
+        the rows of processes not seen since `forget_before_ms` (they died long ago)."""
+        p = s.processes
+        row = {
+            "id": process_id,
+            "destinations": orjson.dumps(sorted(destinations)).decode(),
+            "started_at": started_ms,
+            "seen_at": now_ms,
+            "stopped_at": None,
+        }
+        stmt = self._insert(p).values(**row)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["id"],
+            set_={"destinations": stmt.excluded.destinations, "seen_at": stmt.excluded.seen_at},
+        )
+        async with self._write() as conn:
+            await conn.execute(stmt)
+            await conn.execute(delete(p).where(p.c.seen_at < forget_before_ms))
+
+    async def retire_process(self, process_id: str, now_ms: int) -> None:
+        """The process stops: it names its destinations no more (see `live_destinations`)."""
+        p = s.processes
+        async with self._write() as conn:
+            await conn.execute(
+                update(p).where(p.c.id == process_id).values(seen_at=now_ms, stopped_at=now_ms)
+            )
+
+    async def live_destinations(self, *, seen_since_ms: int, started_ms: int) -> set[str]:
+        """Every destination named by a process seen since `seen_since_ms`, unless it has
+        stopped before `started_ms` (the asking process's start).
+
+        A process that stopped gracefully still counts for processes started before it
+        stopped, until it is older than `seen_since_ms`: they cannot tell it from the one
+        process already on a newer file being restarted. A process started after it stopped
+        was started on its successor's file, which is then the newest: a destination that
+        file lacks was removed (a single process restarted without it dead-letters its
+        deliveries at once, as before processes were recorded).
+        """
+        p = s.processes
+        query = select(p.c.destinations).where(
+            p.c.seen_at >= seen_since_ms,
+            or_(p.c.stopped_at.is_(None), p.c.stopped_at > started_ms),
+        )
+        async with self._read() as conn:
+            rows = (await conn.execute(query)).scalars().all()
+        return {destination for names in rows for destination in orjson.loads(names)}
