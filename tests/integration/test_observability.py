@@ -308,3 +308,34 @@ async def test_the_spool_alerts_fire_and_resolve_once(
     ]
     unwritable = next(e for e in logs if e.get("alert") == "spool_unwritable")
     assert unwritable["error"] == "ENOENT"
+
+
+async def test_a_full_spool_degrades_health_and_fires_its_alert_once(
+    config: Config, store: SqlStore, tmp_path: Path
+) -> None:
+    clock = ManualClock()
+    spool = Spool(tmp_path / "spool", max_bytes=64, clock=clock)  # one event fills it
+    hub = Hub(config, store, clock, spool=spool)
+    monitor = AlertMonitor(store, threshold=1000, spool=spool, clock=clock)
+    transport = httpx.ASGITransport(app=create_app(hub))
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://hub") as http:
+            with capture_logs() as logs:
+                await spool_one(hub)  # kept during an outage, up to the bound
+                full = await http.get("/health/detailed", headers=ADMIN)
+                await monitor.check()
+                await monitor.check()
+                with pytest.raises(HttpError) as refused:  # what the status says
+                    await spool_one(hub)
+                assert refused.value.error == "spool_full"
+                assert await spool.drain(store) == 1
+                emptied = await http.get("/health/detailed", headers=ADMIN)
+                await monitor.check()
+    finally:
+        await hub.close()
+    # Before: "draining", and "ok" overall, while every webhook of an outage got 503.
+    assert (full.status_code, full.json()["status"]) == (200, "degraded"), full.json()
+    assert full.json()["checks"]["spool"]["status"] == "full"
+    assert emptied.json()["checks"]["spool"]["status"] == "ok"
+    alerts = [(e["event"], e["alert"]) for e in logs if e["event"].startswith("alert_")]
+    assert alerts == [("alert_fired", "spool_full"), ("alert_resolved", "spool_full")]

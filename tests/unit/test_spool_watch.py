@@ -10,10 +10,15 @@ from estafeta.observability.spool_watch import STALL_S, SpoolStatus, judge
 NOW = 1_700_000_000_000
 MINUTE = 60_000
 EMPTY = SpoolStats(bytes=0, segments=0, oldest_at=None)
+MAX_BYTES = 1 << 20
 
 
 def held(since_ms: int) -> SpoolStats:
     return SpoolStats(bytes=100, segments=1, oldest_at=since_ms)
+
+
+def full(since_ms: int) -> SpoolStats:
+    return SpoolStats(bytes=MAX_BYTES, segments=3, oldest_at=since_ms)
 
 
 @pytest.mark.parametrize(
@@ -31,6 +36,9 @@ def held(since_ms: int) -> SpoolStats:
         (held(NOW - 2 * MINUTE), None, True, NOW - 10 * MINUTE, SpoolStatus.DRAINING, True),
         (EMPTY, "ENOENT", True, NOW, SpoolStatus.UNWRITABLE, False),
         (held(NOW - 2 * MINUTE), "EACCES", True, NOW - 2 * MINUTE, SpoolStatus.UNWRITABLE, True),
+        # At its bound: while the store is down, webhooks are answered 503 spool_full.
+        (full(NOW - MINUTE), None, False, NOW - MINUTE, SpoolStatus.FULL, False),
+        (full(NOW - 5_000), None, True, NOW - 2_000, SpoolStatus.FULL, False),
     ],
 )
 def test_the_spool_state(
@@ -47,13 +55,21 @@ def test_the_spool_state(
         store_reachable=reachable,
         progress_at=progress_at,
         now_ms=NOW,
+        max_bytes=MAX_BYTES,
     )
     assert (state.status, state.stalled) == (status, stalled)
-    assert state.degraded is (stalled or status is SpoolStatus.UNWRITABLE)
+    assert state.degraded is (stalled or status in (SpoolStatus.UNWRITABLE, SpoolStatus.FULL))
     assert state.error == unwritable
 
 
 def test_stalled_exactly_at_the_bound() -> None:
     stats = held(NOW - int(STALL_S * 1000))
-    state = judge(stats, unwritable=None, store_reachable=True, progress_at=0, now_ms=NOW)
+    state = judge(
+        stats,
+        unwritable=None,
+        store_reachable=True,
+        progress_at=0,
+        now_ms=NOW,
+        max_bytes=MAX_BYTES,
+    )
     assert state.stalled and state.waiting_s == STALL_S

@@ -68,6 +68,7 @@ async def health_detailed(
             store_reachable=healthy,
             progress_at=spool.progress_at,
             now_ms=hub.clock.now_ms(),
+            max_bytes=spool.max_bytes,
         )
         checks["spool"] = spool_json(state, spool.max_bytes)
         degraded = degraded or state.degraded

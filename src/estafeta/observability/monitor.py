@@ -8,6 +8,8 @@
   for a minute (`spool_watch.STALL_S`): the drainer is stuck, keeps crashing or does not run.
 * `spool_unwritable`: no segment can be made in the spool's directory: the next store outage
   would be answered `503 spool_unavailable` instead of spooled.
+* `spool_full`: the spool holds `storage.spool_max_bytes`: while the store cannot be reached,
+  webhooks are answered `503 spool_full`, and providers retry them later or give up.
 
 Each fires once and resolves once; both are log events (`alert_fired` / `alert_resolved`),
 the `estafeta_alert_firing` gauge, and a line in /health/detailed. Sending alerts elsewhere
@@ -34,6 +36,8 @@ log = structlog.get_logger("estafeta.alerts")
 BACKLOG = "queue_backlog"
 SPOOL_STALLED = "spool_stalled"
 SPOOL_UNWRITABLE = "spool_unwritable"
+SPOOL_FULL = "spool_full"
+SPOOL_ALERTS = (SPOOL_STALLED, SPOOL_UNWRITABLE, SPOOL_FULL)
 RESOLVE_RATIO = 0.9
 
 
@@ -53,7 +57,7 @@ class AlertMonitor:
         self.clock: Clock = clock or SystemClock()
         self.interval_s = interval_s
         self.firing: set[str] = set()
-        for alert in (BACKLOG, SPOOL_STALLED, SPOOL_UNWRITABLE) if spool else (BACKLOG,):
+        for alert in (BACKLOG, *SPOOL_ALERTS) if spool else (BACKLOG,):
             ALERTS.labels(alert).set(0)
 
     async def check(self) -> None:
@@ -76,6 +80,10 @@ class AlertMonitor:
             self._fire(SPOOL_UNWRITABLE, error=state.error)
         else:
             self._resolve(SPOOL_UNWRITABLE)
+        if state.status is SpoolStatus.FULL:
+            self._fire(SPOOL_FULL, bytes=state.stats.bytes, max_bytes=self.spool.max_bytes)
+        else:
+            self._resolve(SPOOL_FULL, bytes=state.stats.bytes)
         if state.stalled:
             self._fire(
                 SPOOL_STALLED,

@@ -9,9 +9,11 @@
   moment the store is back, and a drainer that is stuck, keeps crashing or does not run is
   found within a minute;
 * `unwritable`: no segment can be made in the directory (gone, not writable, disk full):
-  ingest works while the store does, and would answer `503 spool_unavailable` once it did not.
+  ingest works while the store does, and would answer `503 spool_unavailable` once it did not;
+* `full`: it holds `storage.spool_max_bytes` or more: while the store cannot be reached,
+  ingest answers `503 spool_full` (providers retry later, or give up).
 
-`degraded` (unwritable, or stalled) makes the health answer "degraded", never a 503: only
+`degraded` (unwritable, full, or stalled) makes the health answer "degraded", never a 503: only
 an unreachable store does that.
 """
 
@@ -32,6 +34,7 @@ class SpoolStatus(StrEnum):
     SPOOLING = "spooling"
     DRAINING = "draining"
     UNWRITABLE = "unwritable"
+    FULL = "full"
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +47,7 @@ class SpoolHealth:
 
     @property
     def degraded(self) -> bool:
-        return self.status is SpoolStatus.UNWRITABLE or self.stalled
+        return self.status in (SpoolStatus.UNWRITABLE, SpoolStatus.FULL) or self.stalled
 
 
 def judge(
@@ -54,6 +57,7 @@ def judge(
     store_reachable: bool,
     progress_at: int,
     now_ms: int,
+    max_bytes: int,
     stall_s: float = STALL_S,
 ) -> SpoolHealth:
     """The spool's state from what was observed of it (pure: no I/O, no clock)."""
@@ -63,6 +67,8 @@ def judge(
     stalled = store_reachable and waiting_s is not None and waiting_s >= stall_s
     if unwritable is not None:
         status = SpoolStatus.UNWRITABLE
+    elif stats.bytes >= max_bytes:
+        status = SpoolStatus.FULL
     elif not stats.segments:
         status = SpoolStatus.OK
     else:
@@ -79,4 +85,5 @@ async def observe(spool: Spool, *, store_reachable: bool, now_ms: int) -> SpoolH
         store_reachable=store_reachable,
         progress_at=spool.progress_at,
         now_ms=now_ms,
+        max_bytes=spool.max_bytes,
     )
