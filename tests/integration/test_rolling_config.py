@@ -12,9 +12,11 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
+import httpx
 import pytest
 from structlog.testing import capture_logs
 
+from estafeta.api.app import create_app
 from estafeta.clock import SystemClock
 from estafeta.config import Config, load_config_dict
 from estafeta.delivery.presence import LIVE_WINDOW_S, Presence
@@ -28,6 +30,7 @@ from tests.conftest import SINK_SECRET, base_config
 from tests.events import new_event
 
 NEW = "agenda"  # the destination the rolling change adds
+ADMIN = {"authorization": "Bearer test-admin-key"}
 
 
 class ShiftedClock:
@@ -327,3 +330,32 @@ async def test_a_running_process_keeps_naming_its_destinations_until_it_stops(
         await running
     assert await named(before)  # started before it stopped: it may be restarting
     assert not await named(clock.now_ms())  # started after: its file is the newest
+
+
+async def test_detailed_health_lists_the_running_processes_and_what_each_names(
+    store: SqlStore,
+    database_url: str,
+    sink: Sink,
+    processes: Callable[[SqlStore, Config, ShiftedClock], Process],
+) -> None:
+    """An operator half-way through a rolling change sees which processes still run the old
+    file: the ones whose destinations lack the new one."""
+    old_config, new_config = configs(database_url, sink)
+    clock = ShiftedClock()
+    old = processes(store, old_config, clock)
+    new = processes(store, new_config, clock)
+    await old.start(worker=False)
+    await new.start(worker=False)
+    transport = httpx.ASGITransport(app=create_app(new.hub))
+    async with httpx.AsyncClient(transport=transport, base_url="http://hub") as http:
+        both = (await http.get("/health/detailed", headers=ADMIN)).json()
+        await old.stop()
+        after = (await http.get("/health/detailed", headers=ADMIN)).json()
+    listed = {p["id"]: p["destinations"] for p in both["checks"]["processes"]}
+    assert listed == {
+        old.presence.process_id: sorted(old.presence.destinations),
+        new.presence.process_id: sorted(new.presence.destinations),
+    }
+    assert NEW in listed[new.presence.process_id]
+    assert NEW not in listed[old.presence.process_id]
+    assert [p["id"] for p in after["checks"]["processes"]] == [new.presence.process_id]

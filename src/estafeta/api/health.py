@@ -16,6 +16,7 @@ from estafeta.api.auth import Principal
 from estafeta.api.deps import admin_principal, hub_of
 from estafeta.api.responses import json_response
 from estafeta.clock import iso_from_ms
+from estafeta.delivery.presence import LIVE_WINDOW_S
 from estafeta.errors import StoreUnavailable
 from estafeta.observability.metrics import render
 from estafeta.observability.reads import within
@@ -42,8 +43,9 @@ async def health_detailed(
     hub = hub_of(request)
     spool = hub.spool
     # At once, each within READ_TIMEOUT_S: a hung store, Redis or disk must not hold the answer.
-    (store, queue), circuits, redis_state, unwritable = await asyncio.gather(
+    (store, queue), processes, circuits, redis_state, unwritable = await asyncio.gather(
         store_check(hub.store),
+        processes_check(hub.store, hub.clock.now_ms()),
         circuits_check(hub.circuit_states),
         redis_check(hub.redis) if hub.redis is not None else _absent(),
         spool.unwritable() if spool is not None else _absent(),
@@ -51,6 +53,8 @@ async def health_detailed(
     checks: dict[str, object] = {"store": store}
     if queue is not None:
         checks["queue"] = queue
+    if processes is not None:
+        checks["processes"] = processes
     checks["circuits"] = circuits
     if redis_state is not None:
         checks["redis"] = redis_state
@@ -113,6 +117,24 @@ async def store_check(store: SqlStore) -> tuple[dict[str, str], dict[str, object
         else None,
     }
     return {"status": "ok", "engine": store.dialect}, queue
+
+
+async def processes_check(store: SqlStore, now_ms: int) -> list[dict[str, object]] | None:
+    """The running processes and the destinations each one's configuration names (a rolling
+    change shows as processes that differ); None when the store does not answer."""
+    try:
+        live = await within(store.live_processes(seen_since_ms=now_ms - int(LIVE_WINDOW_S * 1000)))
+    except (StoreUnavailable, TimeoutError):
+        return None
+    return [
+        {
+            "id": p.id,
+            "started_at": iso_from_ms(p.started_at),
+            "seen_at": iso_from_ms(p.seen_at),
+            "destinations": p.destinations,
+        }
+        for p in live
+    ]
 
 
 async def circuits_check(circuits: CircuitStateStore) -> dict[str, object]:

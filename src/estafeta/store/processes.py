@@ -16,6 +16,7 @@ from sqlalchemy import delete, or_, select, update
 
 from estafeta.store import schema as s
 from estafeta.store.base import StoreBase
+from estafeta.store.records import ProcessView
 
 
 class ProcessOps(StoreBase):
@@ -54,6 +55,22 @@ class ProcessOps(StoreBase):
             await conn.execute(
                 update(p).where(p.c.id == process_id).values(seen_at=now_ms, stopped_at=now_ms)
             )
+
+    async def live_processes(self, *, seen_since_ms: int) -> list[ProcessView]:
+        """The processes seen since `seen_since_ms` and not stopped, oldest first: during a
+        rolling change, those whose destinations differ run different files."""
+        p = s.processes
+        query = (
+            select(p.c.id, p.c.started_at, p.c.seen_at, p.c.destinations)
+            .where(p.c.seen_at >= seen_since_ms, p.c.stopped_at.is_(None))
+            .order_by(p.c.started_at, p.c.id)
+        )
+        async with self._read() as conn:
+            rows = (await conn.execute(query)).all()
+        return [
+            ProcessView(id=i, started_at=started, seen_at=seen, destinations=orjson.loads(names))
+            for i, started, seen, names in rows
+        ]
 
     async def live_destinations(self, *, seen_since_ms: int, started_ms: int) -> set[str]:
         """Every destination named by a process seen since `seen_since_ms`, unless it has

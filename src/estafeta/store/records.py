@@ -166,6 +166,16 @@ class QueueStats:
 
 
 @dataclass(frozen=True, slots=True)
+class ProcessView:
+    """A running process as the store knows it (store/processes.py)."""
+
+    id: str
+    started_at: int
+    seen_at: int
+    destinations: list[str]
+
+
+@dataclass(frozen=True, slots=True)
 class ConversationView:
     tenant_id: str
     id: str
