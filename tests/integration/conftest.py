@@ -15,7 +15,8 @@ from estafeta.api.app import create_app
 from estafeta.config import load_config_dict
 from estafeta.hub import Hub
 from estafeta.store.sqlstore import SqlStore
-from tests.conftest import IN_CI, base_config
+from estafeta.testing.sink import Sink
+from tests.conftest import IN_CI, SINK_SECRET, base_config
 from tests.integration.providers_support import provider_sources
 from tests.integration.redis_support import SHARED_REDIS_URL, RedisServer
 
@@ -60,3 +61,12 @@ async def http(store: SqlStore, database_url: str) -> AsyncIterator[httpx.AsyncC
     async with httpx.AsyncClient(transport=transport, base_url="http://hub") as client:
         yield client
     await hub.close()
+
+
+@pytest.fixture
+async def sink() -> AsyncIterator[Sink]:
+    """A real HTTP receiver that verifies the deliveries' signatures with SINK_SECRET."""
+    receiver = Sink(secret=SINK_SECRET)
+    await receiver.start()
+    yield receiver
+    await receiver.stop()

@@ -43,14 +43,6 @@ class ShiftedClock:
         return SystemClock().now_ms() + self.offset_ms
 
 
-@pytest.fixture
-async def sink() -> AsyncIterator[Sink]:
-    receiver = Sink(secret=SINK_SECRET)
-    await receiver.start()
-    yield receiver
-    await receiver.stop()
-
-
 def configs(database_url: str, sink: Sink, **worker: Any) -> tuple[Config, Config]:
     """The old file, and the new one: the same plus the destination `agenda` and a route of
     `lead.*` events to it."""

@@ -29,14 +29,6 @@ from tests.events import new_event
 from tests.integration.redis_support import RedisServer
 
 
-@pytest.fixture
-async def sink() -> AsyncIterator[Sink]:
-    receiver = Sink(secret=SINK_SECRET)
-    await receiver.start()
-    yield receiver
-    await receiver.stop()
-
-
 def config_for(database_url: str, sink: Sink, **destination: Any) -> Config:
     data = base_config(database_url)
     for d in data["destinations"]:
