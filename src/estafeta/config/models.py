@@ -268,8 +268,8 @@ class SourceKeys:
 
 
 #: The one table of which keys each kind of source takes (DESIGN §3.2, "Keys of a source, by
-#: kind"). A new field of `SourceConfig` belongs in it, or in `SOURCE_COMMON_KEYS`: any
-#: other key is refused.
+#: kind"): the checks below and the senders (`OUTBOUND_KEYS`) read it. A new field of
+#: `SourceConfig` belongs in it, or in `SOURCE_COMMON_KEYS`: any other key is refused.
 SOURCE_KEYS: dict[str, SourceKeys] = {
     "generic": SourceKeys(inbound=("secret", "api_key", "event_type")),
     "whatsapp_cloud": SourceKeys(
@@ -370,6 +370,10 @@ class SourceConfig(_Model):
         if needed and not getattr(self, needed):
             raise field_problem(f"required for a {self.kind} source", needed)
         return self
+
+    def value_of(self, key: str) -> Any:
+        """The value of a key by its TOML name (`from` is the attribute `from_`)."""
+        return getattr(self, "from_" if key == "from" else key)
 
 
 class BackoffConfig(_Model):
