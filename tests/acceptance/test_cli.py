@@ -108,6 +108,44 @@ kind = "airtabel"
     assert lines[-1] == "5 problem(s) found"
 
 
+async def test_check_config_names_every_key_of_another_kind_of_source(tmp_path: Path) -> None:
+    # An operator who put `api_key` on a WhatsApp Cloud source believed it protected the
+    # source; it loaded and was ignored.
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        """\
+[[tenants]]
+id = "clinica-sol"
+
+[[sources]]
+id = "wa-sol"
+tenant = "clinica-sol"
+kind = "whatsapp_cloud"
+app_secret = "s"
+api_key = "k"
+
+[[sources]]
+id = "crm-events"
+tenant = "clinica-sol"
+kind = "generic"
+api_key = "k"
+send_max_attempts = 3
+"""
+    )
+    result = await run_cli("check-config", str(bad), cwd=tmp_path)
+
+    assert result.returncode == 1, result
+    assert result.stderr.splitlines() == [
+        f"{bad}: sources[0].api_key: not a key of a whatsapp_cloud source (it takes "
+        "app_secret, verify_token, access_token, phone_number_id, api_base, send_rate_limit, "
+        "send_max_attempts)",
+        f"{bad}: sources[1].send_max_attempts: not a key of a generic source (it takes "
+        "secret, api_key, event_type)",
+        "2 problem(s) found",
+    ]
+    assert result.stdout == ""
+
+
 async def test_serve_refuses_a_destination_kind_it_cannot_deliver_to(tmp_path: Path) -> None:
     config = hub_config(
         f"sqlite:///{tmp_path / 'estafeta.db'}",

@@ -10,7 +10,7 @@ from textwrap import dedent
 from typing import Any
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from standardwebhooks import Webhook
 
 from estafeta.config import (
@@ -550,6 +550,172 @@ def test_config_error_message_lists_every_issue(tmp_path: Path) -> None:
     )
 
 
+# ── a key of another kind of source ───────────────────────────────────────────────────────
+
+# What each kind takes besides id, tenant and kind, as the message states it (DESIGN §3.2).
+KIND_TAKES = {
+    "generic": "secret, api_key, event_type",
+    "whatsapp_cloud": (
+        "app_secret, verify_token, access_token, phone_number_id, api_base, send_rate_limit, "
+        "send_max_attempts"
+    ),
+    "twilio": (
+        "auth_token, public_url, account_sid, from, api_base, send_rate_limit, send_max_attempts"
+    ),
+    "zapi": (
+        "token, instance_id, instance_token, client_token, api_base, send_rate_limit, "
+        "send_max_attempts"
+    ),
+    "sendpulse": (
+        "token, client_id, client_secret, bot_id, api_base, send_rate_limit, send_max_attempts"
+    ),
+}
+# A well-formed value of every source key, so that only the kind can make it wrong.
+KEY_VALUES = {
+    "secret": f'"{WHSEC}"',
+    "api_key": '"k-123"',
+    "event_type": '"crm.webhook"',
+    "app_secret": '"x"',
+    "verify_token": '"x"',
+    "auth_token": '"x"',
+    "public_url": '"https://hooks.example.com"',
+    "token": '"x"',
+    "access_token": '"x"',
+    "phone_number_id": '"1"',
+    "api_base": '"https://api.example.com"',
+    "account_sid": '"AC1"',
+    "from": '"whatsapp:+15550001111"',
+    "instance_id": '"i"',
+    "instance_token": '"x"',
+    "client_token": '"x"',
+    "client_id": '"c"',
+    "client_secret": '"x"',
+    "bot_id": '"b"',
+    "send_rate_limit": '"80/second"',
+    "send_max_attempts": "3",
+}
+# The key each kind cannot do without, so that a source is valid apart from the stray key.
+KIND_NEEDS = {
+    "generic": "api_key",
+    "whatsapp_cloud": "app_secret",
+    "twilio": "auth_token",
+    "zapi": "token",
+    "sendpulse": "token",
+}
+
+
+def a_source(kind: str, *keys: str, source_id: str = "s") -> str:
+    lines = [f'[[sources]]\nid = "{source_id}"\ntenant = "acme"\nkind = "{kind}"']
+    written = dict.fromkeys((KIND_NEEDS[kind], *keys))
+    lines += [f"{key} = {KEY_VALUES[key]}" for key in written]
+    return "\n".join(lines) + "\n"
+
+
+FOREIGN_KEYS = [
+    (kind, key)
+    for kind, takes in KIND_TAKES.items()
+    for key in KEY_VALUES
+    if key not in takes.split(", ")
+]
+
+
+def test_every_key_of_a_source_belongs_to_some_kind() -> None:
+    # A field added to SourceConfig without a place in the kinds' table would be refused on
+    # every source; this says so before an operator does.
+    keys = {field.alias or name for name, field in SourceConfig.model_fields.items()}
+    assert keys - {"id", "tenant", "kind"} == set(KEY_VALUES)
+
+
+def test_each_kind_takes_the_keys_it_lists(tmp_path: Path) -> None:
+    text = TENANT + "".join(
+        a_source(kind, *takes.split(", "), source_id=kind.replace("_", "-"))
+        for kind, takes in KIND_TAKES.items()
+    )
+    assert problems(tmp_path, text) == []
+
+
+@pytest.mark.parametrize(("kind", "key"), FOREIGN_KEYS, ids=[f"{k}-{x}" for k, x in FOREIGN_KEYS])
+def test_a_key_of_another_kind_is_an_error_at_the_key(tmp_path: Path, kind: str, key: str) -> None:
+    # These loaded and were silently ignored: `api_key` on a whatsapp_cloud source protected
+    # nothing, `send_rate_limit` on a generic one limited nothing.
+    assert problems(tmp_path, TENANT + a_source(kind, key)) == [
+        f"sources[0].{key}: not a key of a {kind} source (it takes {KIND_TAKES[kind]})"
+    ]
+
+
+def test_every_key_of_another_kind_in_a_file_is_reported_at_once(tmp_path: Path) -> None:
+    text = TENANT + dedent(f"""
+        [[sources]]
+        id = "wa"
+        tenant = "acme"
+        kind = "whatsapp_cloud"
+        app_secret = "x"
+        api_key = "k"
+        secret = "{WHSEC}"
+
+        [[sources]]
+        id = "hooks"
+        tenant = "acme"
+        kind = "generic"
+        secret = "{WHSEC}"
+        app_secret = "x"
+        send_rate_limit = "10/second"
+        api_base = "ftp://not-even-a-valid-url"
+
+        [[sources]]
+        id = "Tw"
+        tenant = "acme"
+        kind = "twilio"
+        auth_token = "x"
+        token = "x"
+    """)
+
+    # Entries in file order; within one, its keys in the order the model declares them.
+    assert problems(tmp_path, text) == [
+        f"sources[0].secret: not a key of a whatsapp_cloud source "
+        f"(it takes {KIND_TAKES['whatsapp_cloud']})",
+        f"sources[0].api_key: not a key of a whatsapp_cloud source "
+        f"(it takes {KIND_TAKES['whatsapp_cloud']})",
+        f"sources[1].send_rate_limit: not a key of a generic source "
+        f"(it takes {KIND_TAKES['generic']})",
+        f"sources[1].app_secret: not a key of a generic source (it takes {KIND_TAKES['generic']})",
+        f"sources[1].api_base: not a key of a generic source (it takes {KIND_TAKES['generic']})",
+        "sources[2].id: invalid id 'Tw': use 1 to 63 lowercase letters, digits, '-' or '_', "
+        "starting with a letter or digit",
+        f"sources[2].token: not a key of a twilio source (it takes {KIND_TAKES['twilio']})",
+    ]
+
+
+def test_a_source_built_in_code_with_a_key_of_another_kind_is_refused() -> None:
+    with pytest.raises(ValidationError) as refused:
+        SourceConfig(id="wa", tenant="acme", kind="whatsapp_cloud", app_secret="x", api_key="k")
+
+    (error,) = refused.value.errors()
+    assert error["loc"] == ("api_key",)
+    assert error["msg"].endswith(
+        "not a key of a whatsapp_cloud source (it takes app_secret, "
+        "verify_token, access_token, phone_number_id, api_base, send_rate_limit, "
+        "send_max_attempts)"
+    )
+
+
+def test_the_servers_public_url_is_given_to_twilio_sources_only(tmp_path: Path) -> None:
+    # `[server] public_url` is not a key of the other kinds: they must not be refused for it.
+    text = (
+        '[server]\npublic_url = "https://hooks.example.com"\n'
+        + TENANT
+        + "".join(a_source(kind, source_id=kind.replace("_", "-")) for kind in KIND_TAKES)
+    )
+    config = load(tmp_path, text)
+    assert {s.id: s.public_url for s in config.sources} == {
+        "generic": None,
+        "whatsapp-cloud": None,
+        "twilio": "https://hooks.example.com",
+        "zapi": None,
+        "sendpulse": None,
+    }
+
+
 # ── the file itself ───────────────────────────────────────────────────────────────────────
 
 
@@ -691,27 +857,25 @@ def test_an_invalid_override_is_reported_at_the_key_it_replaces(tmp_path: Path) 
 
 
 def test_secrets_never_appear_in_repr(tmp_path: Path) -> None:
-    secret_keys = [
-        "secret",
-        "api_key",
-        "app_secret",
-        "verify_token",
-        "auth_token",
-        "token",
-        "access_token",
-        "instance_token",
-        "client_token",
-        "client_secret",
+    secret_keys = {
+        "generic": ["api_key"],
+        "whatsapp_cloud": ["app_secret", "verify_token", "access_token"],
+        "twilio": ["auth_token"],
+        "zapi": ["token", "instance_token", "client_token"],
+        "sendpulse": ["token", "client_secret"],
+    }
+    sources = [
+        {"id": kind.replace("_", "-"), "tenant": "acme", "kind": kind}
+        | {key: f"SECRET-{key}" for key in keys}
+        for kind, keys in secret_keys.items()
     ]
-    source = {"id": "s", "tenant": "acme", "kind": "generic"}
-    source |= {key: f"SECRET-{key}" for key in secret_keys}
-    source["secret"] = WHSEC
+    sources[0]["secret"] = WHSEC
     data: dict[str, Any] = {
         "storage": {"url": "postgresql://hub:DB-PASSWORD@db/estafeta"},
         "redis": {"url": "redis://:REDIS-PASSWORD@cache:6379/0"},
         "security": {"admin_key": "ADMIN-KEY", "master_key": "MASTER-KEY"},
         "tenants": [{"id": "acme"}],
-        "sources": [source],
+        "sources": sources,
         "destinations": [
             {
                 "id": "d",

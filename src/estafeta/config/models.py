@@ -1,8 +1,9 @@
 """The configuration's shape: one frozen pydantic model per TOML table.
 
 Every model forbids unknown keys, so a typo (`urll = ...`) is an error rather than a silently
-ignored setting. Checks that need one entry only (formats, ranges, the keys a `kind` needs)
-live here, so a `Config` built in code is checked too; checks across entries (duplicate ids,
+ignored setting; so is a key of another kind of source (`api_key` on a whatsapp_cloud one).
+Checks that need one entry only (formats, ranges, the keys a `kind` needs and takes) live
+here, so a `Config` built in code is checked too; checks across entries (duplicate ids,
 unknown tenants and destinations) need the whole file and live in `loader.py`.
 
 Secret-bearing fields are `repr=False` and database/Redis URLs are shown with their password
@@ -14,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 from urllib.parse import SplitResult, urlsplit
 
@@ -239,16 +241,60 @@ class TenantConfig(_Model):
 
 SourceKind = Literal["generic", "whatsapp_cloud", "twilio", "zapi", "sendpulse"]
 
-#: The key each kind of source cannot verify inbound requests without (generic: see below).
-_SOURCE_NEEDS: dict[str, str] = {
-    "whatsapp_cloud": "app_secret",
-    "twilio": "auth_token",
-    "zapi": "token",
-    "sendpulse": "token",
+#: The keys every source has, whatever its kind.
+SOURCE_COMMON_KEYS = ("id", "tenant", "kind")
+#: What every kind that sends also takes: where its provider's API is, and its send policy.
+SEND_SETTINGS = ("api_base", "send_rate_limit", "send_max_attempts")
+
+
+@dataclass(frozen=True)
+class SourceKeys:
+    """The keys of one kind of source besides `SOURCE_COMMON_KEYS`, by their TOML names."""
+
+    #: What verifies the requests the provider sends to `/in/{id}`.
+    inbound: tuple[str, ...]
+    #: The inbound key the kind cannot verify without (a generic source needs `secret` or
+    #: `api_key`, checked on its own).
+    needs: str | None = None
+    #: What a send through the source needs, all of them (`POST /api/v1/messages`).
+    sends_with: tuple[str, ...] = ()
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Every key the kind takes, in the order an operator is told them; any other is an
+        error where it is written, never a setting silently ignored."""
+        sending = (*self.sends_with, *SEND_SETTINGS) if self.sends_with else ()
+        return tuple(dict.fromkeys((*self.inbound, *sending)))
+
+
+#: The one table of which keys each kind of source takes (DESIGN §3.2, "Keys of a source, by
+#: kind"): the checks below and the senders (`OUTBOUND_KEYS`) read it. A new field of
+#: `SourceConfig` belongs in it, or in `SOURCE_COMMON_KEYS`: any other key is refused.
+SOURCE_KEYS: dict[str, SourceKeys] = {
+    "generic": SourceKeys(inbound=("secret", "api_key", "event_type")),
+    "whatsapp_cloud": SourceKeys(
+        inbound=("app_secret", "verify_token"),
+        needs="app_secret",
+        sends_with=("access_token", "phone_number_id"),
+    ),
+    "twilio": SourceKeys(
+        # `public_url`: the URL Twilio calls and signs, and where its status callbacks go.
+        inbound=("auth_token", "public_url"),
+        needs="auth_token",
+        sends_with=("account_sid", "auth_token", "from"),
+    ),
+    "zapi": SourceKeys(
+        inbound=("token",),
+        needs="token",
+        sends_with=("instance_id", "instance_token", "client_token"),
+    ),
+    "sendpulse": SourceKeys(
+        inbound=("token",), needs="token", sends_with=("client_id", "client_secret", "bot_id")
+    ),
 }
 
 #: Kinds whose inbound signature covers the URL the provider called (`public_url`).
-PUBLIC_URL_KINDS = frozenset({"twilio"})
+PUBLIC_URL_KINDS = frozenset(kind for kind, k in SOURCE_KEYS.items() if "public_url" in k.keys)
 
 # The source id of events published through POST /api/v1/events: a configured source with
 # this id would share their idempotency keys.
@@ -294,6 +340,21 @@ class SourceConfig(_Model):
     client_secret: str | None = Field(default=None, repr=False)
     bot_id: str | None = None
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _check_key_of_kind(cls, value: Any, info: ValidationInfo) -> Any:
+        # A key of another kind would be silently ignored: `api_key` on a whatsapp_cloud
+        # source protects nothing. Checked before the key's own checks (its value does not
+        # matter where it does not belong), for the keys written only; `kind` is declared
+        # before them, so it is known here unless it is itself invalid.
+        field = cls.model_fields[info.field_name or ""]
+        key = field.alias or info.field_name or ""
+        kind = info.data.get("kind")
+        takes = SOURCE_KEYS[kind].keys if kind in SOURCE_KEYS else None
+        if value is None or takes is None or key in SOURCE_COMMON_KEYS or key in takes:
+            return value
+        raise ValueError(f"not a key of a {kind} source (it takes {', '.join(takes)})")
+
     @field_validator("secret")
     @classmethod
     def _check_secret(cls, value: str | None, info: ValidationInfo) -> str | None:
@@ -305,10 +366,14 @@ class SourceConfig(_Model):
     def _check_kind_keys(self) -> SourceConfig:
         if self.kind == "generic" and not (self.secret or self.api_key):
             raise field_problem("a generic source needs `secret` (Standard Webhooks) or `api_key`")
-        needed = _SOURCE_NEEDS.get(self.kind)
+        needed = SOURCE_KEYS[self.kind].needs
         if needed and not getattr(self, needed):
             raise field_problem(f"required for a {self.kind} source", needed)
         return self
+
+    def value_of(self, key: str) -> Any:
+        """The value of a key by its TOML name (`from` is the attribute `from_`)."""
+        return getattr(self, "from_" if key == "from" else key)
 
 
 class BackoffConfig(_Model):

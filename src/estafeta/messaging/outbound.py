@@ -13,7 +13,7 @@ def missing_outbound_keys(source: SourceConfig) -> list[str]:
     needed = OUTBOUND_KEYS.get(source.kind)
     if needed is None:
         return ["a provider kind (whatsapp_cloud, twilio, zapi or sendpulse)"]
-    return [key for key in needed if not getattr(source, "from_" if key == "from" else key)]
+    return [key for key in needed if not source.value_of(key)]
 
 
 def can_send(source: SourceConfig) -> bool:

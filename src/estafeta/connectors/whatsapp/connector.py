@@ -15,6 +15,7 @@ import aiohttp
 import orjson
 
 from estafeta.config import SourceConfig
+from estafeta.config.models import SOURCE_KEYS
 from estafeta.connectors.whatsapp.base import ProviderClient
 from estafeta.connectors.whatsapp.cloud import CloudClient
 from estafeta.connectors.whatsapp.message import OutboundMessage
@@ -25,12 +26,9 @@ from estafeta.delivery.model import LeasedDelivery
 from estafeta.delivery.outcome import EXCERPT_LIMIT, Outcome, OutcomeKind
 from estafeta.messaging.facts import SEND_TYPE
 
-#: The outbound keys of each source kind (DESIGN §3.2), by their TOML names.
+#: The outbound keys of each source kind that can send (DESIGN §3.2), by their TOML names.
 OUTBOUND_KEYS: dict[str, tuple[str, ...]] = {
-    "whatsapp_cloud": ("access_token", "phone_number_id"),
-    "twilio": ("account_sid", "auth_token", "from"),
-    "zapi": ("instance_id", "instance_token", "client_token"),
-    "sendpulse": ("client_id", "client_secret", "bot_id"),
+    kind: keys.sends_with for kind, keys in SOURCE_KEYS.items() if keys.sends_with
 }
 
 
@@ -45,7 +43,7 @@ def client_for(
     needed = OUTBOUND_KEYS.get(source.kind)
     if needed is None:
         raise ValueError(f"source {source.id!r} is of kind {source.kind!r}, which cannot send")
-    values = {key: getattr(source, "from_" if key == "from" else key) for key in needed}
+    values = {key: source.value_of(key) for key in needed}
     missing = [key for key, value in values.items() if not value]
     if missing:
         raise ValueError(
