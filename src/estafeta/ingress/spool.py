@@ -21,8 +21,9 @@ and a crash at any point loses nothing either:
   cannot tell which) are moved there and logged, and the records after them drain.
 * A crash between creating a segment and naming it leaves a `.journal.creating` file;
   `segments.py` clears it at start and before each drain, once no live process holds it.
-* `unwritable()` tells whether a segment could be made now, and `progress_at` when the
-  drain last got through: what `/health/detailed` and the alerts judge the spool by
+* `unwritable()` tells whether a segment could be made now, `progress_at` when the drain
+  last got through, and `outage_seen_at` when this process last found the store
+  unreachable: what `/health/detailed` and the alerts judge the spool by
   (observability/spool_watch.py).
 """
 
@@ -103,6 +104,9 @@ class Spool:
         # When the drain last got through: a round that ended, or a segment imported. From
         # start-up until the first round, events left by an earlier process are not late.
         self.progress_at = self.clock.now_ms()
+        # When the health check or the alerts (every 5 s) last found the store unreachable:
+        # until then, events waited for the store, not for the drain.
+        self.outage_seen_at = 0
         self._write_check: asyncio.Future[str | None] | None = None
         segments.clear_leftovers(self.directory)
 
