@@ -395,3 +395,26 @@ async def test_the_events_of_a_long_outage_are_not_stalled_the_moment_the_store_
     assert (back["status"], back["checks"]["spool"]["stalled"]) == ("ok", False), back
     assert back["checks"]["spool"]["waiting_s"] < 60
     assert (stuck["status"], stuck["checks"]["spool"]["stalled"]) == ("degraded", True)
+
+
+async def test_a_full_spool_on_a_full_disk_fires_both_alerts_and_resolves_neither(
+    config: Config, store: SqlStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The spool reached its bound during an outage, and then the disk filled up as well:
+    both are true, and `spool_full` must not read as over while it still holds max_bytes."""
+    clock = ManualClock()
+    spool = Spool(tmp_path / "spool", max_bytes=64, clock=clock)  # one event fills it
+    hub = Hub(config, store, clock, spool=spool)
+    monitor = AlertMonitor(store, threshold=1000, spool=spool, clock=clock)
+    try:
+        with capture_logs() as logs:
+            await spool_one(hub)
+            await monitor.check()
+            monkeypatch.setattr(spool, "_probe_write", lambda: "ENOSPC")  # the disk is full
+            await monitor.check()
+    finally:
+        await hub.close()
+    assert monitor.firing == {"spool_full", "spool_unwritable"}
+    alerts = [(e["event"], e["alert"]) for e in logs if e["event"].startswith("alert_")]
+    # Before: ("alert_resolved", "spool_full") while the spool still held its bound.
+    assert alerts == [("alert_fired", "spool_full"), ("alert_fired", "spool_unwritable")]
