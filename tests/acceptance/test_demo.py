@@ -86,6 +86,19 @@ def test_the_demo_on_an_address_in_use_says_so_in_one_line(tmp_path: Path, chose
     assert "estafeta demo — hub on" not in done.stdout  # it never claimed to run
 
 
+@pytest.mark.timeout(120)
+def test_the_demo_takes_a_port_of_0_from_estafeta_listen_as_from_listen(tmp_path: Path) -> None:
+    # Before: `ESTAFETA_LISTEN=127.0.0.1:0` served on a free port, but the demo talked to
+    # port 0 ("hub on http://127.0.0.1:0") and ended in a ConnectionRefusedError traceback.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ESTAFETA_")}
+    done = demo(
+        "--dir", str(tmp_path), "--events", "2", env={**env, "ESTAFETA_LISTEN": "127.0.0.1:0"}
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "hub on http://127.0.0.1:" in done.stdout
+    assert "hub on http://127.0.0.1:0," not in done.stdout, done.stdout
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_the_commands_the_demo_prints_run_as_printed(tmp_path: Path) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -12,7 +14,7 @@ from structlog.testing import capture_logs
 
 from estafeta.api.app import create_app
 from estafeta.config import Config, load_config_dict
-from estafeta.errors import HttpError
+from estafeta.errors import HttpError, StoreUnavailable
 from estafeta.hub import Hub
 from estafeta.ingress.spool import Spool
 from estafeta.observability.metrics import REGISTRY
@@ -339,3 +341,80 @@ async def test_a_full_spool_degrades_health_and_fires_its_alert_once(
     assert emptied.json()["checks"]["spool"]["status"] == "ok"
     alerts = [(e["event"], e["alert"]) for e in logs if e["event"].startswith("alert_")]
     assert alerts == [("alert_fired", "spool_full"), ("alert_resolved", "spool_full")]
+
+
+class Outage:
+    """The store as a `serve` process sees it, while `down` is true unreachable."""
+
+    def __init__(self, store: SqlStore) -> None:
+        self.store = store
+        self.down = False
+
+    def __getattr__(self, name: str) -> Any:
+        if self.down and name in ("pending_count", "insert_events", "ping"):
+            return self._unreachable
+        return getattr(self.store, name)
+
+    async def _unreachable(self, *_args: Any, **_kwargs: Any) -> Any:
+        raise StoreUnavailable("the store cannot be reached: ConnectionRefusedError")
+
+
+async def test_the_events_of_a_long_outage_are_not_stalled_the_moment_the_store_is_back(
+    spooling_hub: tuple[Hub, ManualClock], store: SqlStore
+) -> None:
+    """Two hours of outage, the drainer trying every round: the store is back, and the drain
+    is under way. Not a stuck drainer: no alert, not degraded; a drain that then gets
+    nowhere for a minute still is one."""
+    hub, clock = spooling_hub
+    spool = hub.spool
+    assert spool is not None
+    outage = Outage(store)
+    monitor = AlertMonitor(cast(SqlStore, outage), threshold=1000, spool=spool, clock=clock)
+    transport = httpx.ASGITransport(app=create_app(hub))
+    async with httpx.AsyncClient(transport=transport, base_url="http://hub") as http:
+        with capture_logs() as logs:
+            outage.down = True
+            await spool_one(hub)
+            for _ in range(2):  # the monitor every 5 s, the drainer every second
+                clock.now += 3600_000
+                await monitor.check()
+                with contextlib.suppress(StoreUnavailable):
+                    await spool.drain(cast(SqlStore, outage))
+            outage.down = False
+            clock.now += 5_000  # back, the first segment being imported
+            await monitor.check()
+            firing_back = set(monitor.firing)
+            back = (await http.get("/health/detailed", headers=ADMIN)).json()
+            clock.now += 61_000  # and then nothing for a minute
+            await monitor.check()
+            stuck = (await http.get("/health/detailed", headers=ADMIN)).json()
+    # Before: `spool_stalled` fired (and health said "degraded", waiting 2 h) at once.
+    assert firing_back == set()
+    alerts = [(e["event"], e["alert"]) for e in logs if e["event"].startswith("alert_")]
+    assert alerts == [("alert_fired", "spool_stalled")]  # once stuck, a minute later
+    assert (back["status"], back["checks"]["spool"]["stalled"]) == ("ok", False), back
+    assert back["checks"]["spool"]["waiting_s"] < 60
+    assert (stuck["status"], stuck["checks"]["spool"]["stalled"]) == ("degraded", True)
+
+
+async def test_a_full_spool_on_a_full_disk_fires_both_alerts_and_resolves_neither(
+    config: Config, store: SqlStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The spool reached its bound during an outage, and then the disk filled up as well:
+    both are true, and `spool_full` must not read as over while it still holds max_bytes."""
+    clock = ManualClock()
+    spool = Spool(tmp_path / "spool", max_bytes=64, clock=clock)  # one event fills it
+    hub = Hub(config, store, clock, spool=spool)
+    monitor = AlertMonitor(store, threshold=1000, spool=spool, clock=clock)
+    try:
+        with capture_logs() as logs:
+            await spool_one(hub)
+            await monitor.check()
+            monkeypatch.setattr(spool, "_probe_write", lambda: "ENOSPC")  # the disk is full
+            await monitor.check()
+    finally:
+        await hub.close()
+    assert monitor.firing == {"spool_full", "spool_unwritable"}
+    alerts = [(e["event"], e["alert"]) for e in logs if e["event"].startswith("alert_")]
+    # Before: ("alert_resolved", "spool_full") while the spool still held its bound.
+    assert alerts == [("alert_fired", "spool_full"), ("alert_fired", "spool_unwritable")]

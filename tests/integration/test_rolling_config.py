@@ -21,10 +21,12 @@ from estafeta.clock import SystemClock
 from estafeta.config import Config, load_config_dict
 from estafeta.delivery.presence import LIVE_WINDOW_S, Presence
 from estafeta.delivery.worker import Worker, default_worker_id
+from estafeta.errors import StoreError
 from estafeta.hub import Hub
 from estafeta.ids import new_id
 from estafeta.store.records import DeliveryView, NewDelivery
 from estafeta.store.sqlstore import SqlStore
+from estafeta.supervise import supervised
 from estafeta.testing.sink import Sink
 from tests.conftest import SINK_SECRET, base_config
 from tests.events import new_event
@@ -351,3 +353,47 @@ async def test_detailed_health_lists_the_running_processes_and_what_each_names(
     assert NEW in listed[new.presence.process_id]
     assert NEW not in listed[old.presence.process_id]
     assert [p["id"] for p in after["checks"]["processes"]] == [new.presence.process_id]
+
+
+async def test_a_process_whose_presence_task_crashed_once_still_names_its_destinations(
+    store: SqlStore, database_url: str, sink: Sink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The presence task crashes (a store error it does not expect) and `supervised` starts it
+    again: the process runs on, so it must not be taken for stopped by processes started
+    after the crash, nor vanish from /health/detailed."""
+    _, new_config = configs(database_url, sink)
+    clock = ShiftedClock()
+    presence = Presence(
+        store, new_config, process_id=default_worker_id(), clock=clock, every_s=0.02
+    )
+    await presence.announce()
+    real = store.announce_process
+    calls = 0
+
+    async def failing_once(*args: Any, **kwargs: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise StoreError("the store failed: QueryCanceledError (SQLSTATE 57014)")
+        await real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "announce_process", failing_once)
+    stop = asyncio.Event()
+    running = asyncio.create_task(
+        supervised("presence", lambda: presence.run(stop), stop, first_pause_s=0.01)
+    )
+    try:
+        await eventually(lambda: calls >= 3)  # crashed, restarted, announced again
+        window_ms = int(LIVE_WINDOW_S * 1000)
+        later = clock.now_ms() + 1
+        clock.offset_ms += 1
+        live = await store.live_destinations(
+            seen_since_ms=clock.now_ms() - window_ms, started_ms=later
+        )
+        listed = await store.live_processes(seen_since_ms=clock.now_ms() - window_ms)
+    finally:
+        stop.set()
+        await running
+    # Before: the crash retired it for good (its later records kept `stopped_at`).
+    assert NEW in live
+    assert [p.id for p in listed] == [presence.process_id]

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -262,3 +264,23 @@ async def test_while_the_store_is_down_damaged_bytes_are_quarantined_once_not_ev
     assert kept.read_bytes() == bad
     assert quarantined_total() == before + 1
     await spool.close()
+
+
+async def test_a_write_check_file_left_by_a_crash_is_removed_at_start(tmp_path: Path) -> None:
+    """The health check makes and removes a `.write-check-*` file; a process killed in
+    between (typically on a hung disk, the case the check is for) leaves it behind. A check
+    that another process sharing the directory may be making now is left alone."""
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    crashed = spool_dir / ".write-check-k2j4h1ab"
+    crashed.write_bytes(b"\0")
+    an_hour_ago = time.time() - 3600
+    os.utime(crashed, (an_hour_ago, an_hour_ago))
+    in_progress = spool_dir / ".write-check-q9x8w7vu"
+    in_progress.write_bytes(b"")
+    spool = Spool(spool_dir, max_bytes=10**6)
+    try:
+        # Before: every crash in a check left one more such file, for ever.
+        assert sorted(p.name for p in spool_dir.iterdir()) == [in_progress.name]
+    finally:
+        await spool.close()

@@ -20,7 +20,7 @@ from estafeta.delivery.presence import LIVE_WINDOW_S
 from estafeta.errors import StoreUnavailable
 from estafeta.observability.metrics import render
 from estafeta.observability.reads import within
-from estafeta.observability.spool_watch import SpoolHealth, judge
+from estafeta.observability.spool_watch import SpoolHealth, judged
 
 if TYPE_CHECKING:
     from estafeta.delivery.circuit_store import CircuitStateStore
@@ -66,13 +66,8 @@ async def health_detailed(
     healthy = store["status"] == "ok"
     degraded = not healthy or (redis_state is not None and redis_state["status"] != "ok")
     if spool is not None:
-        state = judge(
-            spool.stats(),
-            unwritable=unwritable,
-            store_reachable=healthy,
-            progress_at=spool.progress_at,
-            now_ms=hub.clock.now_ms(),
-            max_bytes=spool.max_bytes,
+        state = judged(
+            spool, unwritable=unwritable, store_reachable=healthy, now_ms=hub.clock.now_ms()
         )
         checks["spool"] = spool_json(state, spool.max_bytes)
         degraded = degraded or state.degraded

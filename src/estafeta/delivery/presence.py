@@ -74,7 +74,10 @@ class Presence:
         )
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Announce every `every_s` until `stop` is set, then retire."""
+        """Announce every `every_s` until `stop` is set, then retire. A crash (an error
+        other than an outage) does not retire: the process runs on, and `supervised` starts
+        this again, well within the window."""
+        crashed = False
         try:
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
@@ -84,8 +87,12 @@ class Presence:
                     # announcement comes in ANNOUNCE_EVERY_S, well within the window.
                     with contextlib.suppress(StoreUnavailable):
                         await self.announce()
+        except Exception:
+            crashed = not stop.is_set()
+            raise
         finally:
-            await self.retire()
+            if not crashed:
+                await self.retire()
 
     async def retire(self) -> None:
         """This process stops: processes started from now on no longer count its

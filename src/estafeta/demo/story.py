@@ -257,9 +257,11 @@ async def _story(workdir: Path, event_count: int, listen: str | None) -> int:
         ignored = set(_ignored())
         environment = {k: v for k, v in os.environ.items() if k not in ignored}
         config: Config = load_config(config_file, environment)
-        if listen is not None:  # and --listen over it, as for `serve`
-            server_settings = config.server.model_copy(update={"listen": where})
-            config = config.model_copy(update={"server": server_settings})
+        # --listen over it, as for `serve`; a port of 0 from ESTAFETA_LISTEN picks a free
+        # one too, once, or the demo would talk to port 0 while its hub listens elsewhere.
+        where = where if listen is not None else chosen_listen(config.server.listen)
+        server_settings = config.server.model_copy(update={"listen": where})
+        config = config.model_copy(update={"server": server_settings})
         store = await prepared_store(config)
         return await _served_story(
             workdir, event_count, config, config_file, store, meta, crm, billing

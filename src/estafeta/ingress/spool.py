@@ -21,8 +21,10 @@ and a crash at any point loses nothing either:
   cannot tell which) are moved there and logged, and the records after them drain.
 * A crash between creating a segment and naming it leaves a `.journal.creating` file;
   `segments.py` clears it at start and before each drain, once no live process holds it.
-* `unwritable()` tells whether a segment could be made now, and `progress_at` when the
-  drain last got through: what `/health/detailed` and the alerts judge the spool by
+  A crash during the write check leaves a `.write-check-*` file: cleared at start, once old.
+* `unwritable()` tells whether a segment could be made now, `progress_at` when the drain
+  last got through, and `outage_seen_at` when this process last found the store
+  unreachable: what `/health/detailed` and the alerts judge the spool by
   (observability/spool_watch.py).
 """
 
@@ -35,6 +37,7 @@ import fcntl
 import os
 import socket
 import tempfile
+import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -103,8 +106,12 @@ class Spool:
         # When the drain last got through: a round that ended, or a segment imported. From
         # start-up until the first round, events left by an earlier process are not late.
         self.progress_at = self.clock.now_ms()
+        # When the health check or the alerts (every 5 s) last found the store unreachable:
+        # until then, events waited for the store, not for the drain.
+        self.outage_seen_at = 0
         self._write_check: asyncio.Future[str | None] | None = None
         segments.clear_leftovers(self.directory)
+        _clear_write_checks(self.directory)
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -340,6 +347,21 @@ class Spool:
         await self._appends.close()
         async with self._lock:
             self._close_segment()
+
+
+# A write check takes microseconds, or at most as long as a hung disk holds it: one this old
+# is a dead process's, not one another process sharing the directory is making now.
+WRITE_CHECK_LEFTOVER_S = 600
+
+
+def _clear_write_checks(directory: Path) -> None:
+    """Remove the `.write-check-*` files of processes killed during the check (on a hung
+    disk, the check's own case): nothing else would, one more at every such crash."""
+    old = time.time() - WRITE_CHECK_LEFTOVER_S
+    for path in directory.glob(".write-check-*"):
+        with contextlib.suppress(OSError):  # gone meanwhile, or the disk refuses: next start
+            if path.stat().st_mtime < old:
+                path.unlink()
 
 
 def _error_name(exc: OSError) -> str:

@@ -80,7 +80,8 @@ class AlertMonitor:
             self._fire(SPOOL_UNWRITABLE, error=state.error)
         else:
             self._resolve(SPOOL_UNWRITABLE)
-        if state.status is SpoolStatus.FULL:
+        # By its bytes, not its status: a full spool on a full disk is `unwritable` too.
+        if state.stats.bytes >= self.spool.max_bytes:
             self._fire(SPOOL_FULL, bytes=state.stats.bytes, max_bytes=self.spool.max_bytes)
         else:
             self._resolve(SPOOL_FULL, bytes=state.stats.bytes)

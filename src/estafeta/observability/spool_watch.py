@@ -5,9 +5,10 @@
 * `draining`: it holds events and the store answers: the drainer imports them. `stalled`
   once the drain has got nowhere for `STALL_S`: counted from the latest of the oldest
   waiting event's arrival, the drain's last progress (a round that got through, a segment
-  imported) and the process's start. So the events of a long outage are not "late" the
-  moment the store is back, and a drainer that is stuck, keeps crashing or does not run is
-  found within a minute;
+  imported), the last time this process found the store unreachable (the alerts look every
+  5 s) and the process's start. So the events of a long outage are not "late" the moment
+  the store is back, and a drainer that is stuck, keeps crashing or does not run is found
+  within a minute;
 * `unwritable`: no segment can be made in the directory (gone, not writable, disk full):
   ingest works while the store does, and would answer `503 spool_unavailable` once it did not;
 * `full`: it holds `storage.spool_max_bytes` or more: while the store cannot be reached,
@@ -55,7 +56,7 @@ def judge(
     *,
     unwritable: str | None,
     store_reachable: bool,
-    progress_at: int,
+    progress_at: int,  # the latest of the drain's progress and an outage seen
     now_ms: int,
     max_bytes: int,
     stall_s: float = STALL_S,
@@ -76,14 +77,24 @@ def judge(
     return SpoolHealth(status, stats, waiting_s, stalled, unwritable)
 
 
-async def observe(spool: Spool, *, store_reachable: bool, now_ms: int) -> SpoolHealth:
-    """The spool's state now: its files, and a bounded check that it can be written."""
-    unwritable = await spool.unwritable()
+def judged(
+    spool: Spool, *, unwritable: str | None, store_reachable: bool, now_ms: int
+) -> SpoolHealth:
+    """The spool's state now, given whether it can be written; an unreachable store is
+    remembered, so that the drain's minute starts once the store is back."""
+    if not store_reachable:
+        spool.outage_seen_at = max(spool.outage_seen_at, now_ms)
     return judge(
         spool.stats(),
         unwritable=unwritable,
         store_reachable=store_reachable,
-        progress_at=spool.progress_at,
+        progress_at=max(spool.progress_at, spool.outage_seen_at),
         now_ms=now_ms,
         max_bytes=spool.max_bytes,
     )
+
+
+async def observe(spool: Spool, *, store_reachable: bool, now_ms: int) -> SpoolHealth:
+    """The spool's state now: its files, and a bounded check that it can be written."""
+    unwritable = await spool.unwritable()
+    return judged(spool, unwritable=unwritable, store_reachable=store_reachable, now_ms=now_ms)

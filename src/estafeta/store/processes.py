@@ -42,7 +42,13 @@ class ProcessOps(StoreBase):
         stmt = self._insert(p).values(**row)
         stmt = stmt.on_conflict_do_update(
             index_elements=["id"],
-            set_={"destinations": stmt.excluded.destinations, "seen_at": stmt.excluded.seen_at},
+            # stopped_at too: a process recorded as stopped that announces again runs after
+            # all, and counts as running again.
+            set_={
+                "destinations": stmt.excluded.destinations,
+                "seen_at": stmt.excluded.seen_at,
+                "stopped_at": None,
+            },
         )
         async with self._write() as conn:
             await conn.execute(stmt)
