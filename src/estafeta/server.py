@@ -149,9 +149,15 @@ def uvicorn_server(
 async def serve(config: Config, *, run_workers: bool = True, migrate: bool = True) -> None:
     store = await prepared_store(config, migrate=migrate)
     try:
-        presence = await announced(store, config)
-        spool = Spool(config.storage.spool_dir, max_bytes=config.storage.spool_max_bytes)
+        try:
+            spool = Spool(config.storage.spool_dir, max_bytes=config.storage.spool_max_bytes)
+        except OSError as exc:  # a setting to correct: one line, exit 2
+            where = config.storage.spool_dir
+            raise ServeError(f"cannot use storage.spool_dir {where!r}: {exc.strerror}") from None
         hub = Hub(config, store, spool=spool)
+        # Recorded once nothing is left that could fail before the server's own shutdown,
+        # which retires it (delivery/presence.py).
+        presence = await announced(store, config)
         server = uvicorn_server(
             create_app(hub, run_workers=run_workers, presence=presence),
             config.server.listen,

@@ -95,3 +95,24 @@ async def test_two_migrates_at_once_on_postgresql_both_succeed(tmp_path: Path) -
         assert (result.returncode, result.stdout) == (0, "schema is up to date (postgresql)\n"), (
             result
         )
+
+
+async def test_serve_refuses_a_spool_directory_it_cannot_make_and_leaves_no_running_record(
+    tmp_path: Path,
+) -> None:
+    database = tmp_path / "estafeta.db"
+    (tmp_path / "a-file").write_text("")
+    config = hub_config(
+        f"sqlite:///{database}", tmp_path, port=free_port(), destinations=[], routes=[]
+    )
+    config["storage"]["spool_dir"] = str(tmp_path / "a-file" / "spool")
+    path = write_config(tmp_path / "estafeta.toml", config)
+    result = await run_cli("serve", "--config", str(path), cwd=tmp_path, timeout_s=30)
+    # Before: a NotADirectoryError traceback, after recording the process as running.
+    assert result.returncode == 2, result
+    assert "Traceback" not in result.stderr, result
+    assert result.stderr.startswith("error: cannot use storage.spool_dir "), result
+    assert "Not a directory" in result.stderr, result
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        running = db.execute("SELECT count(*) FROM processes WHERE stopped_at IS NULL")
+        assert running.fetchone() == (0,)
