@@ -396,3 +396,47 @@ async def test_a_send_through_a_source_with_the_longest_id_is_stored(env: Env) -
     [leased] = [d for d in batch if d.destination_id == f"send:{LONGEST}"]
     await env.store.update_circuit(leased.destination_id, lambda _: {"state": "closed"}, now)
     assert f"send:{LONGEST}" in await env.store.circuit_states()
+
+
+async def test_a_conversation_shows_the_status_the_provider_gave_whatever_recipient_it_names(
+    env: Env,
+) -> None:
+    # Meta's status webhook names the customer by their WhatsApp id, which can differ from the
+    # number the message was sent to (a Brazilian mobile registered before the ninth digit:
+    # sent to +55 11 98765-4321, `recipient_id` 551187654321). The conversation looked the
+    # statuses up by that id, so it showed the message `sent` while GET /messages said `read`.
+    r = await env.http.post(
+        "/api/v1/messages",
+        headers=env.auth(),
+        json={"source": "wa-sol", "to": f"+{MARIA}", "text": "Claro!"},
+    )
+    await env.finish_send(provider_id="wamid.OUT7")
+    await env.status("wamid.OUT7", "read", at=1_751_371_300_000, conversation_id="551187654321")
+    view = (await env.http.get(f"/api/v1/messages/{r.json()['id']}", headers=env.auth())).json()
+    assert view["state"] == "read"
+    detail = (await env.http.get(f"/api/v1/conversations/{MARIA}", headers=env.auth())).json()
+    assert [(m["id"], m["state"]) for m in detail["messages"]] == [(r.json()["id"], "read")]
+
+
+async def test_a_status_in_another_tenants_store_never_moves_a_message(env: Env) -> None:
+    # Tenants share nothing: a status event stored under another tenant (a source moved from
+    # one tenant to another in the configuration keeps its id) never reaches this tenant's
+    # message, neither in GET /messages nor in its conversation.
+    r = await env.http.post(
+        "/api/v1/messages",
+        headers=env.auth(),
+        json={"source": "wa-sol", "to": f"+{MARIA}", "text": "Oi"},
+    )
+    await env.finish_send(provider_id="wamid.OUT8")
+    await env.hub.accept(
+        tenant_id="outra",
+        source_id="wa-sol",
+        event_type="message.status",
+        data={"message_id": "wamid.OUT8", "status": "failed", "conversation_id": MARIA},
+        idempotency_key="wamid.OUT8:failed",
+        occurred_at=1_751_371_300_000,
+    )
+    view = (await env.http.get(f"/api/v1/messages/{r.json()['id']}", headers=env.auth())).json()
+    assert (view["state"], [s["state"] for s in view["timeline"]]) == ("sent", ["queued", "sent"])
+    detail = (await env.http.get(f"/api/v1/conversations/{MARIA}", headers=env.auth())).json()
+    assert detail["messages"][0]["state"] == "sent"

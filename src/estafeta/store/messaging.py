@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
-from sqlalchemy import and_, select, update
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from estafeta.delivery.state import DeliveryState
@@ -186,20 +186,33 @@ class MessagingOps(StoreBase):
                     ).where(m.c.tenant_id == tenant_id, m.c.conversation_id == conversation_id)
                 )
             ).all()
-            # The provider's status webhooks of this conversation, by (source, provider id):
+            # The provider's status webhooks of its sent messages, by (source, provider id):
             # a sent message shows how far it got (delivered, read), as GET /messages/{id}.
+            # Found by the provider's id, never by the recipient the webhook names: that is
+            # the customer's WhatsApp id, which can differ from the number sent to (a
+            # Brazilian mobile registered before the ninth digit).
             statuses: dict[tuple[str, str], list[str]] = {}
-            for r in (
-                await conn.execute(
-                    select(e.c.source_id, e.c.message_ref, e.c.payload).where(
-                        e.c.tenant_id == tenant_id,
-                        e.c.conversation_id == conversation_id,
-                        e.c.type == "message.status",
+            by_source: dict[str, list[str]] = {}
+            for r in outbound:
+                if r.provider_message_id:
+                    by_source.setdefault(r.source_id, []).append(r.provider_message_id)
+            if by_source:
+                named = or_(
+                    *(
+                        and_(e.c.source_id == source, e.c.message_ref.in_(refs))
+                        for source, refs in sorted(by_source.items())
                     )
                 )
-            ).all():
-                status = orjson.loads(r.payload)["data"].get("status")
-                statuses.setdefault((r.source_id, r.message_ref), []).append(str(status))
+                for change in (
+                    await conn.execute(
+                        select(e.c.source_id, e.c.message_ref, e.c.payload).where(
+                            named, e.c.tenant_id == tenant_id, e.c.type == "message.status"
+                        )
+                    )
+                ).all():
+                    status = orjson.loads(change.payload)["data"].get("status")
+                    key = (change.source_id, change.message_ref)
+                    statuses.setdefault(key, []).append(str(status))
         interactions = [
             Interaction(r.occurred_at, "inbound", r.id, orjson.loads(r.payload)["data"])
             for r in inbound
@@ -257,6 +270,7 @@ class MessagingOps(StoreBase):
                         await conn.execute(
                             select(e.c.occurred_at, e.c.payload)
                             .where(
+                                e.c.tenant_id == row.tenant_id,  # tenants share nothing
                                 e.c.source_id == row.source_id,
                                 e.c.message_ref == row.provider_message_id,
                                 e.c.type == "message.status",
