@@ -110,6 +110,32 @@ async def env(store: SqlStore, database_url: str) -> AsyncIterator[Env]:
             "app_secret": "s3cret",
         },
         {
+            "id": "tw-sol",
+            "tenant": "clinica-sol",
+            "kind": "twilio",
+            "auth_token": "tw-token",
+            "account_sid": "AC8f3e2d1c0b9a87654321fedcba098765",
+            "from": "whatsapp:+551140028922",
+        },
+        {
+            "id": "zapi-sol",
+            "tenant": "clinica-sol",
+            "kind": "zapi",
+            "token": "zapi-webhook-token",
+            "instance_id": "3D9F1A2B4C6E8F0A1B2C3D4E5F6A7B8C",
+            "instance_token": "A1B2C3D4E5F6A7B8C9D0E1F2",
+            "client_token": "Fa1b2c3d4e5f60718293a4b5c6d7e8f9aS",
+        },
+        {
+            "id": "sp-sol",
+            "tenant": "clinica-sol",
+            "kind": "sendpulse",
+            "token": "sp-webhook-token",
+            "client_id": "sp-client",
+            "client_secret": "sp-secret",
+            "bot_id": "66a1f2c3d4e5f60718293a4b",
+        },
+        {
             "id": LONGEST,
             "tenant": "clinica-sol",
             "kind": "whatsapp_cloud",
@@ -440,3 +466,110 @@ async def test_a_status_in_another_tenants_store_never_moves_a_message(env: Env)
     assert (view["state"], [s["state"] for s in view["timeline"]]) == ("sent", ["queued", "sent"])
     detail = (await env.http.get(f"/api/v1/conversations/{MARIA}", headers=env.auth())).json()
     assert detail["messages"][0]["state"] == "sent"
+
+
+IMAGE = "https://clinica.example/mapa.png"
+
+
+@pytest.mark.parametrize(
+    ("body", "error", "detail"),
+    [
+        ({"source": "wa-sol", "text": "   "}, "invalid_request", "body.text: "),
+        (
+            {"source": "wa-sol", "media": {"kind": "audio", "url": IMAGE, "caption": "Oi"}},
+            "invalid_request",
+            "body.media.caption: an audio message cannot have a caption",
+        ),
+        (
+            {"source": "wa-sol", "media": {"kind": "image", "url": IMAGE, "filename": "a.png"}},
+            "invalid_request",
+            "body.media.filename: only a document has a file name",
+        ),
+        (
+            {"source": "wa-sol", "media": {"kind": "image", "url": "https://"}},
+            "invalid_request",
+            "body.media.url: ",
+        ),
+        (
+            {"source": "wa-sol", "template": {"name": "  ", "language": "pt_BR"}},
+            "invalid_request",
+            "body.template.name: ",
+        ),
+        (
+            {"source": "zapi-sol", "template": {"name": "lembrete", "language": "pt_BR"}},
+            "unsupported_message",
+            "Z-API",
+        ),
+        (
+            {"source": "zapi-sol", "media": {"kind": "document", "url": "https://x.example/l"}},
+            "unsupported_message",
+            "extension",
+        ),
+        (
+            {"source": "sp-sol", "media": {"kind": "video", "url": "https://x.example/v.mp4"}},
+            "unsupported_message",
+            "video",
+        ),
+        ({"source": "sp-sol", "text": "a" * 1025}, "unsupported_message", "1024"),
+        (
+            {"source": "tw-sol", "template": {"name": "lembrete", "language": "pt_BR"}},
+            "unsupported_message",
+            "content_sid",
+        ),
+    ],
+    ids=[
+        "blank-text",
+        "audio-caption",
+        "image-filename",
+        "url-without-host",
+        "blank-template-name",
+        "zapi-template",
+        "zapi-document-without-extension",
+        "sendpulse-video",
+        "sendpulse-text-over-1024",
+        "twilio-cloud-template-name",
+    ],
+)
+async def test_a_message_the_source_can_never_send_is_refused_at_the_door(
+    env: Env, body: dict[str, Any], error: str, detail: str
+) -> None:
+    # They were answered 202 and dead-lettered at the first attempt (`invalid_message` or
+    # `unsupported_message`): the caller learnt of it only by polling the message.
+    r = await env.http.post(
+        "/api/v1/messages", headers=env.auth(), json={"to": f"+{MARIA}", **body}
+    )
+    assert (r.status_code, r.json()["error"]) == (400, error), r.text
+    assert detail in r.json()["detail"]
+    assert (await env.store.queue_stats()).by_state == {}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {
+            "source": "tw-sol",
+            "template": {"name": "HXb5b62575e6e4ff6129ad7c8efe1f983e", "language": "pt_BR"},
+        },
+        {
+            "source": "zapi-sol",
+            "media": {"kind": "document", "url": "https://x.example/l", "filename": "laudo.pdf"},
+        },
+        {"source": "sp-sol", "media": {"kind": "image", "url": IMAGE, "caption": "Mapa"}},
+        {"source": "wa-sol", "media": {"kind": "video", "url": "https://x.example/v.mp4"}},
+        {"source": "sp-sol", "text": "a" * 1024},
+        {"source": "wa-sol", "text": "a" * 4096},
+    ],
+    ids=[
+        "twilio-content-template",
+        "zapi-document",
+        "sendpulse-image",
+        "cloud-video",
+        "sendpulse-1024",
+        "cloud-4096",
+    ],
+)
+async def test_a_message_the_source_can_send_is_queued(env: Env, body: dict[str, Any]) -> None:
+    r = await env.http.post(
+        "/api/v1/messages", headers=env.auth(), json={"to": f"+{MARIA}", **body}
+    )
+    assert r.status_code == 202, r.text

@@ -17,7 +17,7 @@ from estafeta.clock import iso_from_ms
 from estafeta.errors import HttpError
 from estafeta.ingress.endpoint import SPOOLED, rate_limit
 from estafeta.messaging.facts import current_status
-from estafeta.messaging.outbound import missing_outbound_keys
+from estafeta.messaging.outbound import check_sendable, missing_outbound_keys
 from estafeta.store.records import MessageView
 
 router = APIRouter(prefix="/api/v1", tags=["messages"])
@@ -96,6 +96,7 @@ async def send_message(
             "source_cannot_send",
             f"source {body.source!r} cannot send: it needs {', '.join(missing)}",
         )
+    check_sendable(source, {"to": body.to, **body.content()})
     await rate_limit(hub, caller.tenant_id)
     key = body.idempotency_key or idempotency_key
     message_id, result = await hub.send_message(
