@@ -400,7 +400,8 @@ async def test_another_tenant_sees_neither_conversations_nor_messages(env: Env) 
     )
     outra = env.auth(OUTRA)
     assert (await env.http.get("/api/v1/conversations", headers=outra)).json() == {
-        "conversations": []
+        "conversations": [],
+        "next": None,
     }
     r = await env.http.get(f"/api/v1/conversations/{MARIA}", headers=outra)
     assert r.status_code == 404
@@ -573,3 +574,38 @@ async def test_a_message_the_source_can_send_is_queued(env: Env, body: dict[str,
         "/api/v1/messages", headers=env.auth(), json={"to": f"+{MARIA}", **body}
     )
     assert r.status_code == 202, r.text
+
+
+async def test_every_conversation_can_be_listed_page_by_page_most_recent_first(
+    env: Env,
+) -> None:
+    # `?limit=` (at most 1000) was the only control: a tenant with more conversations could
+    # never list the older ones, and conversations whose last messages share a time came in
+    # no defined order.
+    at = 1_751_371_200_000
+    numbers = [f"55119876500{n:02d}" for n in range(7)]
+    for n, number in enumerate(numbers):
+        await env.hub.accept(
+            tenant_id="clinica-sol",
+            source_id="wa-sol",
+            event_type="message.received",
+            data={"message_id": f"wamid.p{n}", "conversation_id": number, "kind": "text"},
+            idempotency_key=f"wamid.p{n}",
+            occurred_at=at + (n // 2) * 1000,  # pairs share their last message's time
+        )
+    seen: list[str] = []
+    url = "/api/v1/conversations?limit=3"
+    for _ in range(5):
+        page = (await env.http.get(url, headers=env.auth())).json()
+        seen += [c["id"] for c in page["conversations"]]
+        if page["next"] is None:
+            break
+        url = f"/api/v1/conversations?limit=3&cursor={page['next']}"
+    expected = sorted(numbers, key=lambda n: (numbers.index(n) // 2, n), reverse=True)
+    assert seen == expected
+    everything = (await env.http.get("/api/v1/conversations", headers=env.auth())).json()
+    assert [c["id"] for c in everything["conversations"]] == expected
+    assert everything["next"] is None
+
+    r = await env.http.get("/api/v1/conversations?cursor=nonsense", headers=env.auth())
+    assert (r.status_code, r.json()["error"]) == (400, "invalid_request")

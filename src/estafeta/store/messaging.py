@@ -141,12 +141,38 @@ class MessagingOps(StoreBase):
     # -- reads ------------------------------------------------------------------------------
 
     async def list_conversations(
-        self, tenant_id: str | None, *, status: str | None = None, limit: int = 100
+        self,
+        tenant_id: str | None,
+        *,
+        status: str | None = None,
+        limit: int = 100,
+        after: tuple[int, str, str] | None = None,
     ) -> list[ConversationView]:
+        """Most recent last message first, ties by tenant and id (both descending), so that
+        the order is total and a page can start `after` the (last_message_at, tenant, id) of
+        the previous page's last conversation."""
         c = s.conversations
-        query = select(c).order_by(c.c.last_message_at.desc()).limit(limit)
+        query = (
+            select(c)
+            .order_by(c.c.last_message_at.desc(), c.c.tenant_id.desc(), c.c.id.desc())
+            .limit(limit)
+        )
         if tenant_id is not None:
             query = query.where(c.c.tenant_id == tenant_id)
+        if after is not None:
+            at, tenant, conversation = after
+            query = query.where(
+                or_(
+                    c.c.last_message_at < at,
+                    and_(
+                        c.c.last_message_at == at,
+                        or_(
+                            c.c.tenant_id < tenant,
+                            and_(c.c.tenant_id == tenant, c.c.id < conversation),
+                        ),
+                    ),
+                )
+            )
         if status is not None:
             query = query.where(c.c.status == status)
         async with self._read() as conn:
