@@ -609,3 +609,25 @@ async def test_every_conversation_can_be_listed_page_by_page_most_recent_first(
 
     r = await env.http.get("/api/v1/conversations?cursor=nonsense", headers=env.auth())
     assert (r.status_code, r.json()["error"]) == (400, "invalid_request")
+
+
+async def test_a_message_the_provider_failed_says_why_in_its_error(env: Env) -> None:
+    # Its state was `failed` and its `error` null: the reason was only inside the timeline.
+    r = await env.http.post(
+        "/api/v1/messages",
+        headers=env.auth(),
+        json={"source": "wa-sol", "to": f"+{MARIA}", "text": "Oi"},
+    )
+    await env.finish_send(provider_id="wamid.OUT5")
+    failure = {"code": 131026, "title": "Message undeliverable", "message": None, "details": None}
+    await env.status(
+        "wamid.OUT5", "failed", at=1_751_371_300_000, provider="whatsapp_cloud", error=failure
+    )
+    view = (await env.http.get(f"/api/v1/messages/{r.json()['id']}", headers=env.auth())).json()
+    assert view["state"] == "failed"
+    assert view["error"] == "whatsapp_cloud_131026: Message undeliverable"
+    assert view["timeline"][-1] == {
+        "state": "failed",
+        "at": "2025-07-01T12:01:40.000Z",
+        "error": failure,
+    }

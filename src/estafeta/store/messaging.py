@@ -308,8 +308,14 @@ class MessagingOps(StoreBase):
         changes = []
         for status in statuses:
             data = orjson.loads(status.payload)["data"]
+            provider = data.get("provider")
             changes.append(
-                StatusChange(str(data.get("status")), status.occurred_at, data.get("error"))
+                StatusChange(
+                    str(data.get("status")),
+                    status.occurred_at,
+                    data.get("error"),
+                    provider if isinstance(provider, str) else None,
+                )
             )
         return MessageView(
             id=row.id,
