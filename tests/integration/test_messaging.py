@@ -513,6 +513,11 @@ IMAGE = "https://clinica.example/mapa.png"
         ),
         ({"source": "sp-sol", "text": "a" * 1025}, "unsupported_message", "1024"),
         (
+            {"source": "sp-sol", "media": {"kind": "image", "url": "http://x.example/a.png"}},
+            "unsupported_message",
+            "HTTPS",
+        ),
+        (
             {"source": "tw-sol", "template": {"name": "lembrete", "language": "pt_BR"}},
             "unsupported_message",
             "content_sid",
@@ -528,6 +533,7 @@ IMAGE = "https://clinica.example/mapa.png"
         "zapi-document-without-extension",
         "sendpulse-video",
         "sendpulse-text-over-1024",
+        "sendpulse-http-media",
         "twilio-cloud-template-name",
     ],
 )

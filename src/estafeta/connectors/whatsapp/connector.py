@@ -107,6 +107,8 @@ def refusal(source: SourceConfig, message: OutboundMessage) -> str | None:
         reason = request if isinstance(request, str) else None
         if message.text is not None and len(message.text) > sendpulse.MAX_TEXT:
             reason = f"a text is at most {sendpulse.MAX_TEXT} characters, not {len(message.text)}"
+        if message.media is not None and not str(message.media["url"]).startswith("https://"):
+            reason = reason or "media links must be HTTPS URLs"
     return reason
 
 
