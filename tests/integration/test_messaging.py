@@ -65,11 +65,13 @@ class Env:
             occurred_at=at,
         )
 
-    async def finish_send(self, *, provider_id: str | None, dead: bool = False) -> None:
+    async def finish_send(
+        self, *, provider_id: str | None, dead: bool = False, source: str = "wa-sol"
+    ) -> None:
         """Play the worker: lease the send delivery and record the provider's answer."""
         now = self.hub.clock.now_ms()
         batch = await lease_any(self.store, now_ms=now, limit=10)
-        [leased] = [d for d in batch if d.destination_id == "send:wa-sol"]
+        [leased] = [d for d in batch if d.destination_id == f"send:{source}"]
         await self.store.release([d for d in batch if d is not leased], now)
         kind = OutcomeKind.PERMANENT if dead else OutcomeKind.SUCCESS
         outcome = Outcome(
@@ -108,6 +110,16 @@ async def env(store: SqlStore, database_url: str) -> AsyncIterator[Env]:
             "tenant": "clinica-sol",
             "kind": "whatsapp_cloud",
             "app_secret": "s3cret",
+        },
+        {
+            # A second number of the same Meta app: Meta posts every number's webhooks to the
+            # app's one callback URL, which is wa-sol's.
+            "id": "wa-lab",
+            "tenant": "clinica-sol",
+            "kind": "whatsapp_cloud",
+            "app_secret": "s3cret",
+            "access_token": "token",
+            "phone_number_id": "114950281736999",
         },
         {
             "id": "tw-sol",
@@ -637,3 +649,24 @@ async def test_a_message_the_provider_failed_says_why_in_its_error(env: Env) -> 
         "at": "2025-07-01T12:01:40.000Z",
         "error": failure,
     }
+
+
+async def test_a_status_posted_to_another_number_of_the_same_app_reaches_the_message(
+    env: Env,
+) -> None:
+    # One Meta app with two numbers has one webhook URL: the statuses of what wa-lab sent
+    # arrive at wa-sol. They were looked up under the sending source only, so the message
+    # stayed `sent` whatever the provider said.
+    r = await env.http.post(
+        "/api/v1/messages",
+        headers=env.auth(),
+        json={"source": "wa-lab", "to": f"+{MARIA}", "text": "Seu exame está pronto."},
+    )
+    await env.finish_send(provider_id="wamid.LAB1", source="wa-lab")
+    await env.status("wamid.LAB1", "delivered", at=1_751_371_290_000)  # at /in/wa-sol
+    await env.status("wamid.LAB1", "read", at=1_751_371_300_000)
+    view = (await env.http.get(f"/api/v1/messages/{r.json()['id']}", headers=env.auth())).json()
+    assert view["state"] == "read"
+    assert [step["state"] for step in view["timeline"]] == ["queued", "sent", "delivered", "read"]
+    detail = (await env.http.get(f"/api/v1/conversations/{MARIA}", headers=env.auth())).json()
+    assert [m["state"] for m in detail["messages"]] == ["read"]

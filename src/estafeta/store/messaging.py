@@ -212,21 +212,26 @@ class MessagingOps(StoreBase):
                     ).where(m.c.tenant_id == tenant_id, m.c.conversation_id == conversation_id)
                 )
             ).all()
-            # The provider's status webhooks of its sent messages, by (source, provider id):
-            # a sent message shows how far it got (delivered, read), as GET /messages/{id}.
-            # Found by the provider's id, never by the recipient the webhook names: that is
-            # the customer's WhatsApp id, which can differ from the number sent to (a
-            # Brazilian mobile registered before the ninth digit).
+            # The provider's status webhooks of its sent messages, by (provider, provider
+            # id): a sent message shows how far it got (delivered, read), as GET
+            # /messages/{id}. Found by the provider's id, never by the recipient the webhook
+            # names: that is the customer's WhatsApp id, which can differ from the number
+            # sent to (a Brazilian mobile registered before the ninth digit).
+            kinds = await _source_kinds(conn, tenant_id)
             statuses: dict[tuple[str, str], list[str]] = {}
-            by_source: dict[str, list[str]] = {}
+            by_group: dict[str, tuple[str, set[str]]] = {}  # group: (a source, its ids)
             for r in outbound:
                 if r.provider_message_id:
-                    by_source.setdefault(r.source_id, []).append(r.provider_message_id)
-            if by_source:
+                    group = by_group.setdefault(_group(kinds, r.source_id), (r.source_id, set()))
+                    group[1].add(r.provider_message_id)
+            if by_group:
                 named = or_(
                     *(
-                        and_(e.c.source_id == source, e.c.message_ref.in_(refs))
-                        for source, refs in sorted(by_source.items())
+                        and_(
+                            e.c.source_id.in_(_kin(kinds, source)),
+                            e.c.message_ref.in_(sorted(refs)),
+                        )
+                        for _, (source, refs) in sorted(by_group.items())
                     )
                 )
                 for change in (
@@ -237,7 +242,7 @@ class MessagingOps(StoreBase):
                     )
                 ).all():
                     status = orjson.loads(change.payload)["data"].get("status")
-                    key = (change.source_id, change.message_ref)
+                    key = (_group(kinds, change.source_id), change.message_ref)
                     statuses.setdefault(key, []).append(str(status))
         interactions = [
             Interaction(r.occurred_at, "inbound", r.id, orjson.loads(r.payload)["data"])
@@ -250,7 +255,8 @@ class MessagingOps(StoreBase):
                 {
                     **orjson.loads(r.content),
                     "state": current_status(
-                        r.state, statuses.get((r.source_id, r.provider_message_id), [])
+                        r.state,
+                        statuses.get((_group(kinds, r.source_id), r.provider_message_id), []),
                     ),
                 },
             )
@@ -291,13 +297,14 @@ class MessagingOps(StoreBase):
                 return None
             statuses: list[Any] = []
             if row.provider_message_id:
+                kinds = await _source_kinds(conn, row.tenant_id)
                 statuses = list(
                     (
                         await conn.execute(
                             select(e.c.occurred_at, e.c.payload)
                             .where(
                                 e.c.tenant_id == row.tenant_id,  # tenants share nothing
-                                e.c.source_id == row.source_id,
+                                e.c.source_id.in_(_kin(kinds, row.source_id)),
                                 e.c.message_ref == row.provider_message_id,
                                 e.c.type == "message.status",
                             )
@@ -333,6 +340,28 @@ class MessagingOps(StoreBase):
             sent_at=row.sent_at,
             provider_statuses=tuple(changes),
         )
+
+
+async def _source_kinds(conn: AsyncConnection, tenant_id: str) -> dict[str, str]:
+    """The kind of each of the tenant's sources (a handful)."""
+    src = s.sources
+    rows = await conn.execute(select(src.c.id, src.c.kind).where(src.c.tenant_id == tenant_id))
+    return {r.id: r.kind for r in rows}
+
+
+def _group(kinds: dict[str, str], source_id: str) -> str:
+    """The sources whose status webhooks may be about one another's messages: those of one
+    kind (the provider's ids are its own, unique across its accounts, and one Meta app posts
+    every number's webhooks to the one URL of one source); a source no longer configured is
+    a group of its own, so its messages still find the statuses it received."""
+    kind = kinds.get(source_id)
+    return f"kind:{kind}" if kind is not None else f"source:{source_id}"
+
+
+def _kin(kinds: dict[str, str], source_id: str) -> list[str]:
+    """The sources of `source_id`'s group (`_group`)."""
+    group = _group(kinds, source_id)
+    return sorted({source_id, *(sid for sid in kinds if _group(kinds, sid) == group)})
 
 
 def _message_row(event: NewEvent) -> dict[str, Any]:
