@@ -665,6 +665,14 @@ async def test_a_status_posted_to_another_number_of_the_same_app_reaches_the_mes
     await env.finish_send(provider_id="wamid.LAB1", source="wa-lab")
     await env.status("wamid.LAB1", "delivered", at=1_751_371_290_000)  # at /in/wa-sol
     await env.status("wamid.LAB1", "read", at=1_751_371_300_000)
+    await env.hub.accept(  # the same webhook, also received by wa-lab: one step
+        tenant_id="clinica-sol",
+        source_id="wa-lab",
+        event_type="message.status",
+        data={"message_id": "wamid.LAB1", "status": "read", "conversation_id": MARIA},
+        idempotency_key="wamid.LAB1:read",
+        occurred_at=1_751_371_300_000,
+    )
     view = (await env.http.get(f"/api/v1/messages/{r.json()['id']}", headers=env.auth())).json()
     assert view["state"] == "read"
     assert [step["state"] for step in view["timeline"]] == ["queued", "sent", "delivered", "read"]

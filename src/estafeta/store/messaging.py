@@ -312,18 +312,20 @@ class MessagingOps(StoreBase):
                         )
                     ).all()
                 )
-        changes = []
+        changes: list[StatusChange] = []
         for status in statuses:
             data = orjson.loads(status.payload)["data"]
             provider = data.get("provider")
-            changes.append(
-                StatusChange(
-                    str(data.get("status")),
-                    status.occurred_at,
-                    data.get("error"),
-                    provider if isinstance(provider, str) else None,
-                )
+            change = StatusChange(
+                str(data.get("status")),
+                status.occurred_at,
+                data.get("error"),
+                provider if isinstance(provider, str) else None,
             )
+            # One webhook received by two of the tenant's sources (Meta retries to every
+            # subscribed app) is one step of the timeline.
+            if change not in changes:
+                changes.append(change)
         return MessageView(
             id=row.id,
             tenant_id=row.tenant_id,
