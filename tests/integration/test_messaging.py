@@ -678,3 +678,28 @@ async def test_a_status_posted_to_another_number_of_the_same_app_reaches_the_mes
     assert [step["state"] for step in view["timeline"]] == ["queued", "sent", "delivered", "read"]
     detail = (await env.http.get(f"/api/v1/conversations/{MARIA}", headers=env.auth())).json()
     assert [m["state"] for m in detail["messages"]] == ["read"]
+
+
+async def test_statuses_of_the_same_second_are_in_the_timeline_in_their_natural_order(
+    env: Env,
+) -> None:
+    # Meta's timestamps are whole seconds: a message read as it arrived has `delivered` and
+    # `read` in the same second, and the webhooks may come in any order. The timeline put
+    # them in arrival order, `read` before `delivered`.
+    r = await env.http.post(
+        "/api/v1/messages",
+        headers=env.auth(),
+        json={"source": "wa-sol", "to": f"+{MARIA}", "text": "Oi"},
+    )
+    await env.finish_send(provider_id="wamid.OUT6")
+    await env.status("wamid.OUT6", "read", at=1_751_371_300_000)
+    await env.status("wamid.OUT6", "delivered", at=1_751_371_300_000)
+    await env.status("wamid.OUT6", "sent", at=1_751_371_300_000)
+    view = (await env.http.get(f"/api/v1/messages/{r.json()['id']}", headers=env.auth())).json()
+    assert [step["state"] for step in view["timeline"]] == [
+        "queued",
+        "sent",
+        "sent",
+        "delivered",
+        "read",
+    ]

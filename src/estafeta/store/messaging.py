@@ -16,7 +16,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from estafeta.delivery.state import DeliveryState
-from estafeta.messaging.facts import SEND_DESTINATION_PREFIX, current_status
+from estafeta.messaging.facts import SEND_DESTINATION_PREFIX, STATUS_RANK, current_status
 from estafeta.store import schema as s
 from estafeta.store.base import StoreBase
 from estafeta.store.records import (
@@ -326,6 +326,9 @@ class MessagingOps(StoreBase):
             # subscribed app) is one step of the timeline.
             if change not in changes:
                 changes.append(change)
+        # Within one instant (Meta's timestamps are whole seconds) a webhook's arrival order
+        # says nothing: the furthest status goes last.
+        changes.sort(key=lambda c: (c.at, STATUS_RANK.get(c.status, -1)))
         return MessageView(
             id=row.id,
             tenant_id=row.tenant_id,
