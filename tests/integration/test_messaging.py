@@ -65,11 +65,13 @@ class Env:
             occurred_at=at,
         )
 
-    async def finish_send(self, *, provider_id: str | None, dead: bool = False) -> None:
+    async def finish_send(
+        self, *, provider_id: str | None, dead: bool = False, source: str = "wa-sol"
+    ) -> None:
         """Play the worker: lease the send delivery and record the provider's answer."""
         now = self.hub.clock.now_ms()
         batch = await lease_any(self.store, now_ms=now, limit=10)
-        [leased] = [d for d in batch if d.destination_id == "send:wa-sol"]
+        [leased] = [d for d in batch if d.destination_id == f"send:{source}"]
         await self.store.release([d for d in batch if d is not leased], now)
         kind = OutcomeKind.PERMANENT if dead else OutcomeKind.SUCCESS
         outcome = Outcome(
@@ -108,6 +110,42 @@ async def env(store: SqlStore, database_url: str) -> AsyncIterator[Env]:
             "tenant": "clinica-sol",
             "kind": "whatsapp_cloud",
             "app_secret": "s3cret",
+        },
+        {
+            # A second number of the same Meta app: Meta posts every number's webhooks to the
+            # app's one callback URL, which is wa-sol's.
+            "id": "wa-lab",
+            "tenant": "clinica-sol",
+            "kind": "whatsapp_cloud",
+            "app_secret": "s3cret",
+            "access_token": "token",
+            "phone_number_id": "114950281736999",
+        },
+        {
+            "id": "tw-sol",
+            "tenant": "clinica-sol",
+            "kind": "twilio",
+            "auth_token": "tw-token",
+            "account_sid": "AC8f3e2d1c0b9a87654321fedcba098765",
+            "from": "whatsapp:+551140028922",
+        },
+        {
+            "id": "zapi-sol",
+            "tenant": "clinica-sol",
+            "kind": "zapi",
+            "token": "zapi-webhook-token",
+            "instance_id": "3D9F1A2B4C6E8F0A1B2C3D4E5F6A7B8C",
+            "instance_token": "A1B2C3D4E5F6A7B8C9D0E1F2",
+            "client_token": "Fa1b2c3d4e5f60718293a4b5c6d7e8f9aS",
+        },
+        {
+            "id": "sp-sol",
+            "tenant": "clinica-sol",
+            "kind": "sendpulse",
+            "token": "sp-webhook-token",
+            "client_id": "sp-client",
+            "client_secret": "sp-secret",
+            "bot_id": "66a1f2c3d4e5f60718293a4b",
         },
         {
             "id": LONGEST,
@@ -374,7 +412,8 @@ async def test_another_tenant_sees_neither_conversations_nor_messages(env: Env) 
     )
     outra = env.auth(OUTRA)
     assert (await env.http.get("/api/v1/conversations", headers=outra)).json() == {
-        "conversations": []
+        "conversations": [],
+        "next": None,
     }
     r = await env.http.get(f"/api/v1/conversations/{MARIA}", headers=outra)
     assert r.status_code == 404
@@ -396,3 +435,271 @@ async def test_a_send_through_a_source_with_the_longest_id_is_stored(env: Env) -
     [leased] = [d for d in batch if d.destination_id == f"send:{LONGEST}"]
     await env.store.update_circuit(leased.destination_id, lambda _: {"state": "closed"}, now)
     assert f"send:{LONGEST}" in await env.store.circuit_states()
+
+
+async def test_a_conversation_shows_the_status_the_provider_gave_whatever_recipient_it_names(
+    env: Env,
+) -> None:
+    # Meta's status webhook names the customer by their WhatsApp id, which can differ from the
+    # number the message was sent to (a Brazilian mobile registered before the ninth digit:
+    # sent to +55 11 98765-4321, `recipient_id` 551187654321). The conversation looked the
+    # statuses up by that id, so it showed the message `sent` while GET /messages said `read`.
+    r = await env.http.post(
+        "/api/v1/messages",
+        headers=env.auth(),
+        json={"source": "wa-sol", "to": f"+{MARIA}", "text": "Claro!"},
+    )
+    await env.finish_send(provider_id="wamid.OUT7")
+    await env.status("wamid.OUT7", "read", at=1_751_371_300_000, conversation_id="551187654321")
+    view = (await env.http.get(f"/api/v1/messages/{r.json()['id']}", headers=env.auth())).json()
+    assert view["state"] == "read"
+    detail = (await env.http.get(f"/api/v1/conversations/{MARIA}", headers=env.auth())).json()
+    assert [(m["id"], m["state"]) for m in detail["messages"]] == [(r.json()["id"], "read")]
+
+
+async def test_a_status_in_another_tenants_store_never_moves_a_message(env: Env) -> None:
+    # Tenants share nothing: a status event stored under another tenant (a source moved from
+    # one tenant to another in the configuration keeps its id) never reaches this tenant's
+    # message, neither in GET /messages nor in its conversation.
+    r = await env.http.post(
+        "/api/v1/messages",
+        headers=env.auth(),
+        json={"source": "wa-sol", "to": f"+{MARIA}", "text": "Oi"},
+    )
+    await env.finish_send(provider_id="wamid.OUT8")
+    await env.hub.accept(
+        tenant_id="outra",
+        source_id="wa-sol",
+        event_type="message.status",
+        data={"message_id": "wamid.OUT8", "status": "failed", "conversation_id": MARIA},
+        idempotency_key="wamid.OUT8:failed",
+        occurred_at=1_751_371_300_000,
+    )
+    view = (await env.http.get(f"/api/v1/messages/{r.json()['id']}", headers=env.auth())).json()
+    assert (view["state"], [s["state"] for s in view["timeline"]]) == ("sent", ["queued", "sent"])
+    detail = (await env.http.get(f"/api/v1/conversations/{MARIA}", headers=env.auth())).json()
+    assert detail["messages"][0]["state"] == "sent"
+
+
+IMAGE = "https://clinica.example/mapa.png"
+
+
+@pytest.mark.parametrize(
+    ("body", "error", "detail"),
+    [
+        ({"source": "wa-sol", "text": "   "}, "invalid_request", "body.text: "),
+        (
+            {"source": "wa-sol", "media": {"kind": "audio", "url": IMAGE, "caption": "Oi"}},
+            "invalid_request",
+            "body.media.caption: an audio message cannot have a caption",
+        ),
+        (
+            {"source": "wa-sol", "media": {"kind": "image", "url": IMAGE, "filename": "a.png"}},
+            "invalid_request",
+            "body.media.filename: only a document has a file name",
+        ),
+        (
+            {"source": "wa-sol", "media": {"kind": "image", "url": "https://"}},
+            "invalid_request",
+            "body.media.url: ",
+        ),
+        (
+            {"source": "wa-sol", "template": {"name": "  ", "language": "pt_BR"}},
+            "invalid_request",
+            "body.template.name: ",
+        ),
+        (
+            {"source": "zapi-sol", "template": {"name": "lembrete", "language": "pt_BR"}},
+            "unsupported_message",
+            "Z-API",
+        ),
+        (
+            {"source": "zapi-sol", "media": {"kind": "document", "url": "https://x.example/l"}},
+            "unsupported_message",
+            "extension",
+        ),
+        (
+            {"source": "sp-sol", "media": {"kind": "video", "url": "https://x.example/v.mp4"}},
+            "unsupported_message",
+            "video",
+        ),
+        ({"source": "sp-sol", "text": "a" * 1025}, "unsupported_message", "1024"),
+        (
+            {"source": "sp-sol", "media": {"kind": "image", "url": "http://x.example/a.png"}},
+            "unsupported_message",
+            "HTTPS",
+        ),
+        (
+            {"source": "tw-sol", "template": {"name": "lembrete", "language": "pt_BR"}},
+            "unsupported_message",
+            "content_sid",
+        ),
+    ],
+    ids=[
+        "blank-text",
+        "audio-caption",
+        "image-filename",
+        "url-without-host",
+        "blank-template-name",
+        "zapi-template",
+        "zapi-document-without-extension",
+        "sendpulse-video",
+        "sendpulse-text-over-1024",
+        "sendpulse-http-media",
+        "twilio-cloud-template-name",
+    ],
+)
+async def test_a_message_the_source_can_never_send_is_refused_at_the_door(
+    env: Env, body: dict[str, Any], error: str, detail: str
+) -> None:
+    # They were answered 202 and dead-lettered at the first attempt (`invalid_message` or
+    # `unsupported_message`): the caller learnt of it only by polling the message.
+    r = await env.http.post(
+        "/api/v1/messages", headers=env.auth(), json={"to": f"+{MARIA}", **body}
+    )
+    assert (r.status_code, r.json()["error"]) == (400, error), r.text
+    assert detail in r.json()["detail"]
+    assert (await env.store.queue_stats()).by_state == {}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {
+            "source": "tw-sol",
+            "template": {"name": "HXb5b62575e6e4ff6129ad7c8efe1f983e", "language": "pt_BR"},
+        },
+        {
+            "source": "zapi-sol",
+            "media": {"kind": "document", "url": "https://x.example/l", "filename": "laudo.pdf"},
+        },
+        {"source": "sp-sol", "media": {"kind": "image", "url": IMAGE, "caption": "Mapa"}},
+        {"source": "wa-sol", "media": {"kind": "video", "url": "https://x.example/v.mp4"}},
+        {"source": "sp-sol", "text": "a" * 1024},
+        {"source": "wa-sol", "text": "a" * 4096},
+    ],
+    ids=[
+        "twilio-content-template",
+        "zapi-document",
+        "sendpulse-image",
+        "cloud-video",
+        "sendpulse-1024",
+        "cloud-4096",
+    ],
+)
+async def test_a_message_the_source_can_send_is_queued(env: Env, body: dict[str, Any]) -> None:
+    r = await env.http.post(
+        "/api/v1/messages", headers=env.auth(), json={"to": f"+{MARIA}", **body}
+    )
+    assert r.status_code == 202, r.text
+
+
+async def test_every_conversation_can_be_listed_page_by_page_most_recent_first(
+    env: Env,
+) -> None:
+    # `?limit=` (at most 1000) was the only control: a tenant with more conversations could
+    # never list the older ones, and conversations whose last messages share a time came in
+    # no defined order.
+    at = 1_751_371_200_000
+    numbers = [f"55119876500{n:02d}" for n in range(7)]
+    for n, number in enumerate(numbers):
+        await env.hub.accept(
+            tenant_id="clinica-sol",
+            source_id="wa-sol",
+            event_type="message.received",
+            data={"message_id": f"wamid.p{n}", "conversation_id": number, "kind": "text"},
+            idempotency_key=f"wamid.p{n}",
+            occurred_at=at + (n // 2) * 1000,  # pairs share their last message's time
+        )
+    seen: list[str] = []
+    url = "/api/v1/conversations?limit=3"
+    for _ in range(5):
+        page = (await env.http.get(url, headers=env.auth())).json()
+        seen += [c["id"] for c in page["conversations"]]
+        if page["next"] is None:
+            break
+        url = f"/api/v1/conversations?limit=3&cursor={page['next']}"
+    expected = sorted(numbers, key=lambda n: (numbers.index(n) // 2, n), reverse=True)
+    assert seen == expected
+    everything = (await env.http.get("/api/v1/conversations", headers=env.auth())).json()
+    assert [c["id"] for c in everything["conversations"]] == expected
+    assert everything["next"] is None
+
+    r = await env.http.get("/api/v1/conversations?cursor=nonsense", headers=env.auth())
+    assert (r.status_code, r.json()["error"]) == (400, "invalid_request")
+
+
+async def test_a_message_the_provider_failed_says_why_in_its_error(env: Env) -> None:
+    # Its state was `failed` and its `error` null: the reason was only inside the timeline.
+    r = await env.http.post(
+        "/api/v1/messages",
+        headers=env.auth(),
+        json={"source": "wa-sol", "to": f"+{MARIA}", "text": "Oi"},
+    )
+    await env.finish_send(provider_id="wamid.OUT5")
+    failure = {"code": 131026, "title": "Message undeliverable", "message": None, "details": None}
+    await env.status(
+        "wamid.OUT5", "failed", at=1_751_371_300_000, provider="whatsapp_cloud", error=failure
+    )
+    view = (await env.http.get(f"/api/v1/messages/{r.json()['id']}", headers=env.auth())).json()
+    assert view["state"] == "failed"
+    assert view["error"] == "whatsapp_cloud_131026: Message undeliverable"
+    assert view["timeline"][-1] == {
+        "state": "failed",
+        "at": "2025-07-01T12:01:40.000Z",
+        "error": failure,
+    }
+
+
+async def test_a_status_posted_to_another_number_of_the_same_app_reaches_the_message(
+    env: Env,
+) -> None:
+    # One Meta app with two numbers has one webhook URL: the statuses of what wa-lab sent
+    # arrive at wa-sol. They were looked up under the sending source only, so the message
+    # stayed `sent` whatever the provider said.
+    r = await env.http.post(
+        "/api/v1/messages",
+        headers=env.auth(),
+        json={"source": "wa-lab", "to": f"+{MARIA}", "text": "Seu exame está pronto."},
+    )
+    await env.finish_send(provider_id="wamid.LAB1", source="wa-lab")
+    await env.status("wamid.LAB1", "delivered", at=1_751_371_290_000)  # at /in/wa-sol
+    await env.status("wamid.LAB1", "read", at=1_751_371_300_000)
+    await env.hub.accept(  # the same webhook, also received by wa-lab: one step
+        tenant_id="clinica-sol",
+        source_id="wa-lab",
+        event_type="message.status",
+        data={"message_id": "wamid.LAB1", "status": "read", "conversation_id": MARIA},
+        idempotency_key="wamid.LAB1:read",
+        occurred_at=1_751_371_300_000,
+    )
+    view = (await env.http.get(f"/api/v1/messages/{r.json()['id']}", headers=env.auth())).json()
+    assert view["state"] == "read"
+    assert [step["state"] for step in view["timeline"]] == ["queued", "sent", "delivered", "read"]
+    detail = (await env.http.get(f"/api/v1/conversations/{MARIA}", headers=env.auth())).json()
+    assert [m["state"] for m in detail["messages"]] == ["read"]
+
+
+async def test_statuses_of_the_same_second_are_in_the_timeline_in_their_natural_order(
+    env: Env,
+) -> None:
+    # Meta's timestamps are whole seconds: a message read as it arrived has `delivered` and
+    # `read` in the same second, and the webhooks may come in any order. The timeline put
+    # them in arrival order, `read` before `delivered`.
+    r = await env.http.post(
+        "/api/v1/messages",
+        headers=env.auth(),
+        json={"source": "wa-sol", "to": f"+{MARIA}", "text": "Oi"},
+    )
+    await env.finish_send(provider_id="wamid.OUT6")
+    await env.status("wamid.OUT6", "read", at=1_751_371_300_000)
+    await env.status("wamid.OUT6", "delivered", at=1_751_371_300_000)
+    await env.status("wamid.OUT6", "sent", at=1_751_371_300_000)
+    view = (await env.http.get(f"/api/v1/messages/{r.json()['id']}", headers=env.auth())).json()
+    assert [step["state"] for step in view["timeline"]] == [
+        "queued",
+        "sent",
+        "sent",
+        "delivered",
+        "read",
+    ]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Annotated, Any, Literal
 
+import orjson
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
@@ -41,6 +43,32 @@ def conversation_json(c: ConversationView) -> dict[str, Any]:
     }
 
 
+def page_cursor(c: ConversationView) -> str:
+    """The opaque `next` of a page that ends with `c`: where the next page starts."""
+    raw = orjson.dumps([c.last_message_at, c.tenant_id, c.id])
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def read_cursor(cursor: str) -> tuple[int, str, str]:
+    """The position a `page_cursor` names; 400 for anything this API did not give."""
+    try:
+        at, tenant, conversation = orjson.loads(
+            base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        )
+    except (ValueError, TypeError, orjson.JSONDecodeError):
+        raise HttpError(
+            400, "invalid_request", "query.cursor: not a `next` this API gave"
+        ) from None
+    if not (
+        isinstance(at, int)
+        and not isinstance(at, bool)
+        and isinstance(tenant, str)
+        and isinstance(conversation, str)
+    ):
+        raise HttpError(400, "invalid_request", "query.cursor: not a `next` this API gave")
+    return at, tenant, conversation
+
+
 @router.get("")
 async def list_conversations(
     request: Request,
@@ -48,11 +76,16 @@ async def list_conversations(
     status: Status | None = None,
     tenant: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Annotated[str | None, Query(max_length=1024)] = None,
 ) -> Response:
+    after = read_cursor(cursor) if cursor is not None else None
+    # One more than asked: whether another page follows, without a count.
     found = await hub_of(request).store.list_conversations(
-        caller.scope(tenant), status=status, limit=limit
+        caller.scope(tenant), status=status, limit=limit + 1, after=after
     )
-    return json_response({"conversations": [conversation_json(c) for c in found]})
+    page = found[:limit]
+    following = page_cursor(page[-1]) if len(found) > limit else None
+    return json_response({"conversations": [conversation_json(c) for c in page], "next": following})
 
 
 async def _conversation(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header
@@ -17,8 +18,8 @@ from estafeta.clock import iso_from_ms
 from estafeta.errors import HttpError
 from estafeta.ingress.endpoint import SPOOLED, rate_limit
 from estafeta.messaging.facts import current_status
-from estafeta.messaging.outbound import missing_outbound_keys
-from estafeta.store.records import MessageView
+from estafeta.messaging.outbound import check_sendable, missing_outbound_keys
+from estafeta.store.records import MessageView, StatusChange
 
 router = APIRouter(prefix="/api/v1", tags=["messages"])
 
@@ -96,6 +97,7 @@ async def send_message(
             "source_cannot_send",
             f"source {body.source!r} cannot send: it needs {', '.join(missing)}",
         )
+    check_sendable(source, {"to": body.to, **body.content()})
     await rate_limit(hub, caller.tenant_id)
     key = body.idempotency_key or idempotency_key
     message_id, result = await hub.send_message(
@@ -149,16 +151,35 @@ def message_json(m: MessageView) -> dict[str, Any]:
         timeline.append(entry)
     if m.state == "failed":
         timeline.append({"state": "failed", "error": m.error})
+    state = current_status(m.state, [c.status for c in m.provider_statuses])
     return {
         "id": m.id,
         "source": m.source_id,
         "to": m.recipient,
         "conversation_id": m.conversation_id,
         "content": m.content,
-        "state": current_status(m.state, [c.status for c in m.provider_statuses]),
+        "state": state,
         "provider_message_id": m.provider_message_id,
-        "error": m.error,
+        "error": m.error or (provider_failure(m.provider_statuses) if state == "failed" else None),
         "timeline": timeline,
         "event_id": m.event_id,
         "delivery_id": m.delivery_id,
     }
+
+
+def provider_failure(changes: Sequence[StatusChange]) -> str | None:
+    """The last `failed` status webhook's error, written as a failed send's is
+    (`{provider}_{code}: {title}`), so `error` says why whichever side failed the message."""
+    failed = [c for c in changes if c.status == "failed"]
+    if not failed:
+        return None
+    change = failed[-1]
+    error = change.error or {}
+    provider = change.provider or "provider"
+    code = error.get("code")
+    head = f"{provider}_{code}" if code is not None else f"{provider}_failed"
+    reason = next(
+        (error[k] for k in ("title", "message", "details") if isinstance(error.get(k), str)),
+        None,
+    )
+    return f"{head}: {reason}" if reason else head

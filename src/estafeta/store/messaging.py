@@ -12,11 +12,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
-from sqlalchemy import and_, select, update
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from estafeta.delivery.state import DeliveryState
-from estafeta.messaging.facts import SEND_DESTINATION_PREFIX, current_status
+from estafeta.messaging.facts import SEND_DESTINATION_PREFIX, STATUS_RANK, current_status
 from estafeta.store import schema as s
 from estafeta.store.base import StoreBase
 from estafeta.store.records import (
@@ -141,12 +141,38 @@ class MessagingOps(StoreBase):
     # -- reads ------------------------------------------------------------------------------
 
     async def list_conversations(
-        self, tenant_id: str | None, *, status: str | None = None, limit: int = 100
+        self,
+        tenant_id: str | None,
+        *,
+        status: str | None = None,
+        limit: int = 100,
+        after: tuple[int, str, str] | None = None,
     ) -> list[ConversationView]:
+        """Most recent last message first, ties by tenant and id (both descending), so that
+        the order is total and a page can start `after` the (last_message_at, tenant, id) of
+        the previous page's last conversation."""
         c = s.conversations
-        query = select(c).order_by(c.c.last_message_at.desc()).limit(limit)
+        query = (
+            select(c)
+            .order_by(c.c.last_message_at.desc(), c.c.tenant_id.desc(), c.c.id.desc())
+            .limit(limit)
+        )
         if tenant_id is not None:
             query = query.where(c.c.tenant_id == tenant_id)
+        if after is not None:
+            at, tenant, conversation = after
+            query = query.where(
+                or_(
+                    c.c.last_message_at < at,
+                    and_(
+                        c.c.last_message_at == at,
+                        or_(
+                            c.c.tenant_id < tenant,
+                            and_(c.c.tenant_id == tenant, c.c.id < conversation),
+                        ),
+                    ),
+                )
+            )
         if status is not None:
             query = query.where(c.c.status == status)
         async with self._read() as conn:
@@ -186,20 +212,38 @@ class MessagingOps(StoreBase):
                     ).where(m.c.tenant_id == tenant_id, m.c.conversation_id == conversation_id)
                 )
             ).all()
-            # The provider's status webhooks of this conversation, by (source, provider id):
-            # a sent message shows how far it got (delivered, read), as GET /messages/{id}.
+            # The provider's status webhooks of its sent messages, by (provider, provider
+            # id): a sent message shows how far it got (delivered, read), as GET
+            # /messages/{id}. Found by the provider's id, never by the recipient the webhook
+            # names: that is the customer's WhatsApp id, which can differ from the number
+            # sent to (a Brazilian mobile registered before the ninth digit).
+            kinds = await _source_kinds(conn, tenant_id)
             statuses: dict[tuple[str, str], list[str]] = {}
-            for r in (
-                await conn.execute(
-                    select(e.c.source_id, e.c.message_ref, e.c.payload).where(
-                        e.c.tenant_id == tenant_id,
-                        e.c.conversation_id == conversation_id,
-                        e.c.type == "message.status",
+            by_group: dict[str, tuple[str, set[str]]] = {}  # group: (a source, its ids)
+            for r in outbound:
+                if r.provider_message_id:
+                    group = by_group.setdefault(_group(kinds, r.source_id), (r.source_id, set()))
+                    group[1].add(r.provider_message_id)
+            if by_group:
+                named = or_(
+                    *(
+                        and_(
+                            e.c.source_id.in_(_kin(kinds, source)),
+                            e.c.message_ref.in_(sorted(refs)),
+                        )
+                        for _, (source, refs) in sorted(by_group.items())
                     )
                 )
-            ).all():
-                status = orjson.loads(r.payload)["data"].get("status")
-                statuses.setdefault((r.source_id, r.message_ref), []).append(str(status))
+                for change in (
+                    await conn.execute(
+                        select(e.c.source_id, e.c.message_ref, e.c.payload).where(
+                            named, e.c.tenant_id == tenant_id, e.c.type == "message.status"
+                        )
+                    )
+                ).all():
+                    status = orjson.loads(change.payload)["data"].get("status")
+                    key = (_group(kinds, change.source_id), change.message_ref)
+                    statuses.setdefault(key, []).append(str(status))
         interactions = [
             Interaction(r.occurred_at, "inbound", r.id, orjson.loads(r.payload)["data"])
             for r in inbound
@@ -211,7 +255,8 @@ class MessagingOps(StoreBase):
                 {
                     **orjson.loads(r.content),
                     "state": current_status(
-                        r.state, statuses.get((r.source_id, r.provider_message_id), [])
+                        r.state,
+                        statuses.get((_group(kinds, r.source_id), r.provider_message_id), []),
                     ),
                 },
             )
@@ -252,12 +297,14 @@ class MessagingOps(StoreBase):
                 return None
             statuses: list[Any] = []
             if row.provider_message_id:
+                kinds = await _source_kinds(conn, row.tenant_id)
                 statuses = list(
                     (
                         await conn.execute(
                             select(e.c.occurred_at, e.c.payload)
                             .where(
-                                e.c.source_id == row.source_id,
+                                e.c.tenant_id == row.tenant_id,  # tenants share nothing
+                                e.c.source_id.in_(_kin(kinds, row.source_id)),
                                 e.c.message_ref == row.provider_message_id,
                                 e.c.type == "message.status",
                             )
@@ -265,12 +312,23 @@ class MessagingOps(StoreBase):
                         )
                     ).all()
                 )
-        changes = []
+        changes: list[StatusChange] = []
         for status in statuses:
             data = orjson.loads(status.payload)["data"]
-            changes.append(
-                StatusChange(str(data.get("status")), status.occurred_at, data.get("error"))
+            provider = data.get("provider")
+            change = StatusChange(
+                str(data.get("status")),
+                status.occurred_at,
+                data.get("error"),
+                provider if isinstance(provider, str) else None,
             )
+            # One webhook received by two of the tenant's sources (Meta retries to every
+            # subscribed app) is one step of the timeline.
+            if change not in changes:
+                changes.append(change)
+        # Within one instant (Meta's timestamps are whole seconds) a webhook's arrival order
+        # says nothing: the furthest status goes last.
+        changes.sort(key=lambda c: (c.at, STATUS_RANK.get(c.status, -1)))
         return MessageView(
             id=row.id,
             tenant_id=row.tenant_id,
@@ -287,6 +345,28 @@ class MessagingOps(StoreBase):
             sent_at=row.sent_at,
             provider_statuses=tuple(changes),
         )
+
+
+async def _source_kinds(conn: AsyncConnection, tenant_id: str) -> dict[str, str]:
+    """The kind of each of the tenant's sources (a handful)."""
+    src = s.sources
+    rows = await conn.execute(select(src.c.id, src.c.kind).where(src.c.tenant_id == tenant_id))
+    return {r.id: r.kind for r in rows}
+
+
+def _group(kinds: dict[str, str], source_id: str) -> str:
+    """The sources whose status webhooks may be about one another's messages: those of one
+    kind (the provider's ids are its own, unique across its accounts, and one Meta app posts
+    every number's webhooks to the one URL of one source); a source no longer configured is
+    a group of its own, so its messages still find the statuses it received."""
+    kind = kinds.get(source_id)
+    return f"kind:{kind}" if kind is not None else f"source:{source_id}"
+
+
+def _kin(kinds: dict[str, str], source_id: str) -> list[str]:
+    """The sources of `source_id`'s group (`_group`)."""
+    group = _group(kinds, source_id)
+    return sorted({source_id, *(sid for sid in kinds if _group(kinds, sid) == group)})
 
 
 def _message_row(event: NewEvent) -> dict[str, Any]:

@@ -205,6 +205,7 @@ class StatusChange:
     status: str
     at: int
     error: dict[str, Any] | None = None
+    provider: str | None = None  # the event's `data.provider` (`whatsapp_cloud`, `twilio` …)
 
 
 @dataclass(frozen=True, slots=True)

@@ -214,3 +214,25 @@ async def test_the_fake_validates_what_a_client_sends(meta: FakeMeta) -> None:
     assert body["error"]["code"] == 131008
     assert body["error"]["error_data"]["details"] == "The parameter to is required."
     assert meta.sent == []
+
+
+async def test_a_send_whose_answer_is_lost_reaches_the_customer_twice(
+    meta: FakeMeta, session: aiohttp.ClientSession
+) -> None:
+    """What docs/guarantees.md says of WhatsApp sends: Meta accepted the message but its
+    answer came after the attempt's timeout, so the retry sends it again. The Cloud API (as
+    Twilio's, Z-API's and SendPulse's send endpoints, contracts §1.6, §2.4, §3.5, §9.5)
+    takes no idempotency key: nothing lets the provider recognise the repeat."""
+    config = wa_source(meta.url)
+    meta.answer_late(5)
+    lost = await deliver(config, session, timeout_s=0.3, text="Sua consulta é amanhã.")
+    assert (lost.kind, lost.error_class) == (OutcomeKind.RETRYABLE, "timeout")
+    assert len(meta.sent) == 1  # Meta took it; its answer never arrived
+    meta.answer_late(0)
+    retried = await deliver(config, session, text="Sua consulta é amanhã.")
+    assert retried.kind is OutcomeKind.SUCCESS
+    assert [sent.request["text"] for sent in meta.sent] == [{"body": "Sua consulta é amanhã."}] * 2
+    # Both copies carry our message id, echoed in their status webhooks (§1.5).
+    assert {sent.request["biz_opaque_callback_data"] for sent in meta.sent} == {
+        "msg_01J1ZK6Q4M8R2T5W7Y9B3C6D8F"
+    }

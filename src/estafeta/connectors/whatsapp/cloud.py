@@ -54,6 +54,7 @@ THROTTLING_CODES = frozenset({4, 80007, 130429, 131056})
 TRANSIENT_CODES = frozenset({1, 2, 131000, 131016, 131052, 131053, 131057})
 # Refusals no retry can change, even on a status that would be retried (429, 5xx).
 REFUSAL_CODES = frozenset({131048})
+TEMPLATE_WITHOUT_NAME = "a Cloud API template needs a name (content_sid is Twilio's)"
 _VERSIONED = re.compile(r"/v\d+\.\d+/?$")
 _TITLE_PREFIX = re.compile(r"^\(#\d+\)\s*")
 
@@ -160,10 +161,7 @@ class CloudClient:
     async def send(self, message: OutboundMessage) -> Outcome:
         payload = build_payload(message)
         if payload is None:
-            return refused(
-                "unsupported_message",
-                "a Cloud API template needs a name (content_sid is Twilio's)",
-            )
+            return refused("unsupported_message", TEMPLATE_WITHOUT_NAME)
         reply = await exchange(
             self._session,
             self._url,

@@ -16,6 +16,7 @@ import orjson
 
 from estafeta.config import SourceConfig
 from estafeta.config.models import SOURCE_KEYS
+from estafeta.connectors.whatsapp import cloud, sendpulse, twilio, zapi
 from estafeta.connectors.whatsapp.base import ProviderClient
 from estafeta.connectors.whatsapp.cloud import CloudClient
 from estafeta.connectors.whatsapp.message import OutboundMessage
@@ -85,6 +86,28 @@ def client_for(
         timeout_s=timeout_s,
         api_base=source.api_base,
     )
+
+
+def refusal(source: SourceConfig, message: OutboundMessage) -> str | None:
+    """Why `source`'s provider can never send `message` (the reason its client would give,
+    without a request), or None when it can. Pure: the API asks it before queueing."""
+    reason: str | None = None
+    if source.kind == "whatsapp_cloud":
+        reason = None if cloud.build_payload(message) is not None else cloud.TEMPLATE_WITHOUT_NAME
+    elif source.kind == "twilio":
+        form = twilio.build_form(message, source.from_ or "")
+        reason = form if isinstance(form, str) else None
+    elif source.kind == "zapi":
+        request = zapi.build_request(message)
+        reason = request if isinstance(request, str) else None
+    elif source.kind == "sendpulse":
+        request = sendpulse.build_request(message, source.bot_id or "")
+        reason = request if isinstance(request, str) else None
+        if message.text is not None and len(message.text) > sendpulse.MAX_TEXT:
+            reason = f"a text is at most {sendpulse.MAX_TEXT} characters, not {len(message.text)}"
+        if message.media is not None and not str(message.media["url"]).startswith("https://"):
+            reason = reason or "media links must be HTTPS URLs"
+    return reason
 
 
 def invalid_message(reason: str) -> Outcome:

@@ -55,6 +55,9 @@ from estafeta.delivery.outcome import Outcome, OutcomeKind
 PROVIDER = "sendpulse"
 DEFAULT_API_BASE = "https://api.sendpulse.com"
 RATE_CODES = frozenset({2020202020})
+# §9.5: "text with emoji of up to 1024 unicode characters" (and media links must be HTTPS).
+# Not checked before a send (SendPulse's own answer says it best); the API refuses at the door.
+MAX_TEXT = 1024
 _JSON = {"content-type": "application/json"}
 
 

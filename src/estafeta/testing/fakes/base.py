@@ -106,6 +106,7 @@ class FakeProvider(LocalServer):
         self.requests = 0  # requests that reached a send endpoint, whatever the answer
         self._planned: deque[Answer] = deque()
         self._delay_s = 0.0
+        self._late_s = 0.0
 
     # -- misbehaviour ------------------------------------------------------------------------
 
@@ -131,6 +132,12 @@ class FakeProvider(LocalServer):
     def slow(self, seconds: float) -> None:
         """Every answer from now on waits `seconds` first; `slow(0)` stops it."""
         self._delay_s = max(0.0, seconds)
+
+    def answer_late(self, seconds: float) -> None:
+        """Every send from now on is handled (an accepted message is in `sent`) and only then
+        answered, `seconds` later: a client that gives up before has lost the answer of a
+        message the provider took. `answer_late(0)` stops it."""
+        self._late_s = max(0.0, seconds)
 
     def _plan(self, n: int, answer: Answer) -> None:
         self._planned.extend(answer for _ in range(n))
@@ -163,6 +170,13 @@ class FakeProvider(LocalServer):
         if self._delay_s > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self._delay_s)
+
+    async def answer(self, answer: Answer) -> web.Response:
+        """`answer` as the response, after the wait `answer_late` asks for."""
+        if self._late_s > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self._late_s)
+        return answer.response()
 
     def planned(self) -> Answer | None:
         """The next planned answer, if any."""

@@ -165,7 +165,7 @@ class FakeMeta(FakeProvider):
 
     async def _messages(self, request: web.Request) -> web.Response:
         await self.arrive()
-        return (await self._answer(request)).response()
+        return await self.answer(await self._answer(request))
 
     async def _answer(self, request: web.Request) -> Answer:
         auth = request.headers.get("Authorization", "")

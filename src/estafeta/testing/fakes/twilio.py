@@ -110,7 +110,7 @@ class FakeTwilio(FakeProvider):
     async def _messages(self, request: web.Request) -> web.Response:
         await self.arrive()
         answer = await self._answer(request)
-        response = answer.response()
+        response = await self.answer(answer)
         if answer.status == 401:
             response.headers["WWW-Authenticate"] = 'Basic realm="Twilio API"'
         return response

@@ -84,7 +84,7 @@ class FakeZApi(FakeProvider):
 
     async def _send(self, request: web.Request) -> web.Response:
         await self.arrive()
-        return (await self._answer(request)).response()
+        return await self.answer(await self._answer(request))
 
     async def _answer(self, request: web.Request) -> Answer:
         given = request.headers.get("Client-Token")
