@@ -292,6 +292,21 @@ async def test_a_late_release_or_result_never_revives_what_another_worker_finish
     assert await lease(store, now=NOW + 60_000) == []
 
 
+async def test_a_rescue_takes_over_no_more_leases_than_its_limit(store: SqlStore) -> None:
+    """A worker rescuing after a crash takes at most `limit` leases a round, so a large
+    rescue is spread over rounds (and workers) instead of one worker holding them all."""
+    await store.insert_events([event(f"k{i}", at=NOW + i) for i in range(300)])
+    leased = await lease(store, now=NOW + 300, limit=300)
+    assert len(leased) == 300
+    after = max(d.lease_expires_at for d in leased) + 1
+    first = await store.claim_expired(now_ms=after, lease_ms=30_000, worker_id="w2", limit=10)
+    assert len(first) == 10
+    # The oldest deadlines go first, and the rest are still there for the next round.
+    rest = await store.claim_expired(now_ms=after, lease_ms=30_000, worker_id="w3", limit=1000)
+    assert len(rest) == 290
+    assert not {d.id for d in first} & {d.id for d in rest}
+
+
 async def test_live_leases_are_not_claimed(store: SqlStore) -> None:
     await store.insert_events([event()])
     [leased] = await lease(store)

@@ -208,12 +208,16 @@ class LeaseOps(MessagingOps):
             .order_by(d.c.lease_expires_at)
             .limit(limit)
             .with_for_update(skip_locked=True)
-            .scalar_subquery()
+            # Materialized: PostgreSQL may otherwise run a LIMIT … SKIP LOCKED subquery once
+            # per row it compares, each run skipping what the last one locked, and so take
+            # every expired lease however small the limit.
+            .cte("expired")
+            .prefix_with("MATERIALIZED")
         )
         stmt = (
             update(d)
             .where(
-                d.c.id.in_(expired),
+                d.c.id.in_(select(expired.c.id)),
                 d.c.state == DeliveryState.IN_FLIGHT.value,
                 d.c.lease_expires_at <= now_ms,
             )
