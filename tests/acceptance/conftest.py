@@ -509,10 +509,11 @@ class HubClient:
         return deliveries
 
     async def queue(self) -> dict[str, int]:
-        """Deliveries by state, from `GET /health/detailed`."""
+        """Deliveries by state, from `GET /health/detailed`: the states some delivery is in
+        (the answer names all five, 0 included)."""
         found = await self.get_json("/health/detailed")
         by_state: dict[str, int] = found["checks"]["queue"]["by_state"]
-        return by_state
+        return {state: count for state, count in by_state.items() if count}
 
 
 async def wait_until(

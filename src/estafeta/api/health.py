@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter, Depends
@@ -16,7 +17,9 @@ from estafeta.api.auth import Principal
 from estafeta.api.deps import admin_principal, hub_of
 from estafeta.api.responses import json_response
 from estafeta.clock import iso_from_ms
-from estafeta.delivery.presence import LIVE_WINDOW_S
+from estafeta.delivery.circuit import Circuit
+from estafeta.delivery.presence import LIVE_WINDOW_S, named_destinations
+from estafeta.delivery.state import DeliveryState
 from estafeta.errors import StoreUnavailable
 from estafeta.observability.metrics import render
 from estafeta.observability.reads import within
@@ -46,7 +49,7 @@ async def health_detailed(
     (store, queue), processes, circuits, redis_state, unwritable = await asyncio.gather(
         store_check(hub.store),
         processes_check(hub.store, hub.clock.now_ms()),
-        circuits_check(hub.circuit_states),
+        circuits_check(hub.circuit_states, named_destinations(hub.config)),
         redis_check(hub.redis) if hub.redis is not None else _absent(),
         spool.unwritable() if spool is not None else _absent(),
     )
@@ -105,7 +108,8 @@ async def store_check(store: SqlStore) -> tuple[dict[str, str], dict[str, object
     except TimeoutError as exc:
         return {"status": "unavailable", "error": f"the store gave {exc}"}, None
     queue: dict[str, object] = {
-        "by_state": stats.by_state,
+        # Every state, 0 included: an empty queue is a depth of 0, not a missing one.
+        "by_state": {s.value: stats.by_state.get(s.value, 0) for s in DeliveryState},
         # the earliest due time among pending deliveries (retries scheduled later included)
         "next_due_at": iso_from_ms(stats.oldest_pending_at)
         if stats.oldest_pending_at is not None
@@ -132,11 +136,17 @@ async def processes_check(store: SqlStore, now_ms: int) -> list[dict[str, object
     ]
 
 
-async def circuits_check(circuits: CircuitStateStore) -> dict[str, object]:
+async def circuits_check(
+    circuits: CircuitStateStore, destinations: Sequence[str]
+) -> dict[str, object]:
+    """Each destination's circuit: those this process's configuration names (closed when
+    none is on record: a store keeps only circuits that are not healthy), and any other on
+    record (a destination named by another process's configuration)."""
     try:
         known = await within(circuits.get_all())
     except (StoreUnavailable, TimeoutError):
         return {"status": "unavailable"}
+    known = {destination_id: Circuit() for destination_id in destinations} | known
     return {
         destination_id: {
             "state": c.state.value,
