@@ -66,7 +66,12 @@ class Env:
         )
 
     async def finish_send(
-        self, *, provider_id: str | None, dead: bool = False, source: str = "wa-sol"
+        self,
+        *,
+        provider_id: str | None,
+        dead: bool = False,
+        source: str = "wa-sol",
+        alt_id: str | None = None,
     ) -> None:
         """Play the worker: lease the send delivery and record the provider's answer."""
         now = self.hub.clock.now_ms()
@@ -79,6 +84,7 @@ class Env:
             12.0,
             status_code=400 if dead else 200,
             external_id=provider_id,
+            external_alt_id=alt_id,
             error_class="whatsapp_cloud_131047" if dead else None,
         )
         transition = Transition(
@@ -703,3 +709,41 @@ async def test_statuses_of_the_same_second_are_in_the_timeline_in_their_natural_
         "delivered",
         "read",
     ]
+
+
+async def test_a_zapi_callback_naming_only_the_zaap_id_reaches_only_its_tenants_message(
+    env: Env,
+) -> None:
+    # Z-API's DeliveryCallback requires only `zaapId`; without `messageId` the status named
+    # an id the message did not have, and a failed send stayed `sent`. The second id matches
+    # only statuses of the tenant's own Z-API sources, as the first one does.
+    r = await env.http.post(
+        "/api/v1/messages",
+        headers=env.auth(),
+        json={"source": "zapi-sol", "to": f"+{MARIA}", "text": "Oi"},
+    )
+    await env.finish_send(provider_id="3EB0AAAA", alt_id="ZAAP9", source="zapi-sol")
+    url = f"/api/v1/messages/{r.json()['id']}"
+    failure = {"code": None, "title": None, "message": "not on WhatsApp", "details": None}
+    for tenant, source in [("outra", "zapi-sol"), ("clinica-sol", "wa-sol")]:
+        await env.hub.accept(
+            tenant_id=tenant,
+            source_id=source,
+            event_type="message.status",
+            data={"message_id": "ZAAP9", "status": "failed", "provider": "zapi", "error": failure},
+            idempotency_key="ZAAP9:FAILED",
+            occurred_at=1_751_371_300_000,
+        )
+        assert (await env.http.get(url, headers=env.auth())).json()["state"] == "sent"
+    await env.hub.accept(
+        tenant_id="clinica-sol",
+        source_id="zapi-sol",
+        event_type="message.status",
+        data={"message_id": "ZAAP9", "status": "failed", "provider": "zapi", "error": failure},
+        idempotency_key="ZAAP9:FAILED",
+        occurred_at=1_751_371_300_000,
+    )
+    view = (await env.http.get(url, headers=env.auth())).json()
+    assert (view["state"], view["error"]) == ("failed", "zapi_failed: not on WhatsApp")
+    detail = (await env.http.get(f"/api/v1/conversations/{MARIA}", headers=env.auth())).json()
+    assert [m["state"] for m in detail["messages"]] == ["failed"]

@@ -16,7 +16,13 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from estafeta.delivery.state import DeliveryState
-from estafeta.messaging.facts import SEND_DESTINATION_PREFIX, STATUS_RANK, current_status
+from estafeta.messaging.facts import (
+    MESSAGE_REF_MAX,
+    SEND_DESTINATION_PREFIX,
+    STATUS_RANK,
+    current_status,
+    fitted,
+)
 from estafeta.store import schema as s
 from estafeta.store.base import StoreBase
 from estafeta.store.records import (
@@ -99,19 +105,23 @@ class MessagingOps(StoreBase):
     async def _record_sends(
         self, conn: AsyncConnection, batch: Sequence[CompletedAttempt], now_ms: int
     ) -> None:
-        """A provider accepted a message (sent, with its id) or sending gave up (failed)."""
+        """A provider accepted a message (sent, with its id or ids) or sending gave up
+        (failed). The second id is stored as the ingress stores a status's `message_ref`
+        (`fitted`), so that a status naming it finds it whatever its length."""
         m = s.messages
         for item in batch:
             if not item.delivery.destination_id.startswith(SEND_DESTINATION_PREFIX):
                 continue
             queued = and_(m.c.delivery_id == item.delivery.id, m.c.state == "queued")
             if item.outcome.succeeded:
+                alt_id = item.outcome.external_alt_id
                 await conn.execute(
                     update(m)
                     .where(queued)
                     .values(
                         state="sent",
                         provider_message_id=item.outcome.external_id,
+                        provider_alt_id=fitted(alt_id, MESSAGE_REF_MAX) if alt_id else None,
                         sent_at=now_ms,
                         updated_at=now_ms,
                     )
@@ -209,6 +219,7 @@ class MessagingOps(StoreBase):
                         m.c.state,
                         m.c.source_id,
                         m.c.provider_message_id,
+                        m.c.provider_alt_id,
                     ).where(m.c.tenant_id == tenant_id, m.c.conversation_id == conversation_id)
                 )
             ).all()
@@ -221,9 +232,9 @@ class MessagingOps(StoreBase):
             statuses: dict[tuple[str, str], list[str]] = {}
             by_group: dict[str, tuple[str, set[str]]] = {}  # group: (a source, its ids)
             for r in outbound:
-                if r.provider_message_id:
+                if r.provider_message_id or r.provider_alt_id:
                     group = by_group.setdefault(_group(kinds, r.source_id), (r.source_id, set()))
-                    group[1].add(r.provider_message_id)
+                    group[1].update(_provider_ids(r))
             if by_group:
                 named = or_(
                     *(
@@ -256,7 +267,11 @@ class MessagingOps(StoreBase):
                     **orjson.loads(r.content),
                     "state": current_status(
                         r.state,
-                        statuses.get((_group(kinds, r.source_id), r.provider_message_id), []),
+                        [
+                            status
+                            for ref in _provider_ids(r)
+                            for status in statuses.get((_group(kinds, r.source_id), ref), [])
+                        ],
                     ),
                 },
             )
@@ -296,7 +311,7 @@ class MessagingOps(StoreBase):
             if row is None:
                 return None
             statuses: list[Any] = []
-            if row.provider_message_id:
+            if row.provider_message_id or row.provider_alt_id:
                 kinds = await _source_kinds(conn, row.tenant_id)
                 statuses = list(
                     (
@@ -305,7 +320,7 @@ class MessagingOps(StoreBase):
                             .where(
                                 e.c.tenant_id == row.tenant_id,  # tenants share nothing
                                 e.c.source_id.in_(_kin(kinds, row.source_id)),
-                                e.c.message_ref == row.provider_message_id,
+                                e.c.message_ref.in_(_provider_ids(row)),
                                 e.c.type == "message.status",
                             )
                             .order_by(e.c.occurred_at, e.c.id)
@@ -367,6 +382,12 @@ def _kin(kinds: dict[str, str], source_id: str) -> list[str]:
     """The sources of `source_id`'s group (`_group`)."""
     group = _group(kinds, source_id)
     return sorted({source_id, *(sid for sid in kinds if _group(kinds, sid) == group)})
+
+
+def _provider_ids(row: Any) -> list[str]:
+    """The ids the provider gave a sent message, that its status webhooks name: its message
+    id and, from Z-API, the zaapId a DeliveryCallback may name it by instead."""
+    return [ref for ref in (row.provider_message_id, row.provider_alt_id) if ref]
 
 
 def _message_row(event: NewEvent) -> dict[str, Any]:
