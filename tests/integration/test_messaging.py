@@ -66,7 +66,12 @@ class Env:
         )
 
     async def finish_send(
-        self, *, provider_id: str | None, dead: bool = False, source: str = "wa-sol"
+        self,
+        *,
+        provider_id: str | None,
+        dead: bool = False,
+        source: str = "wa-sol",
+        alt_id: str | None = None,
     ) -> None:
         """Play the worker: lease the send delivery and record the provider's answer."""
         now = self.hub.clock.now_ms()
@@ -79,6 +84,7 @@ class Env:
             12.0,
             status_code=400 if dead else 200,
             external_id=provider_id,
+            external_alt_id=alt_id,
             error_class="whatsapp_cloud_131047" if dead else None,
         )
         transition = Transition(
@@ -703,3 +709,172 @@ async def test_statuses_of_the_same_second_are_in_the_timeline_in_their_natural_
         "delivered",
         "read",
     ]
+
+
+async def test_a_zapi_callback_naming_only_the_zaap_id_reaches_only_its_tenants_message(
+    env: Env,
+) -> None:
+    # Z-API's DeliveryCallback requires only `zaapId`; without `messageId` the status named
+    # an id the message did not have, and a failed send stayed `sent`. The second id matches
+    # only statuses of the tenant's own Z-API sources, as the first one does.
+    r = await env.http.post(
+        "/api/v1/messages",
+        headers=env.auth(),
+        json={"source": "zapi-sol", "to": f"+{MARIA}", "text": "Oi"},
+    )
+    await env.finish_send(provider_id="3EB0AAAA", alt_id="ZAAP9", source="zapi-sol")
+    url = f"/api/v1/messages/{r.json()['id']}"
+    failure = {"code": None, "title": None, "message": "not on WhatsApp", "details": None}
+    for tenant, source in [("outra", "zapi-sol"), ("clinica-sol", "wa-sol")]:
+        await env.hub.accept(
+            tenant_id=tenant,
+            source_id=source,
+            event_type="message.status",
+            data={"message_id": "ZAAP9", "status": "failed", "provider": "zapi", "error": failure},
+            idempotency_key="ZAAP9:FAILED",
+            occurred_at=1_751_371_300_000,
+        )
+        assert (await env.http.get(url, headers=env.auth())).json()["state"] == "sent"
+    await env.hub.accept(
+        tenant_id="clinica-sol",
+        source_id="zapi-sol",
+        event_type="message.status",
+        data={"message_id": "ZAAP9", "status": "failed", "provider": "zapi", "error": failure},
+        idempotency_key="ZAAP9:FAILED",
+        occurred_at=1_751_371_300_000,
+    )
+    view = (await env.http.get(url, headers=env.auth())).json()
+    assert (view["state"], view["error"]) == ("failed", "zapi_failed: not on WhatsApp")
+    detail = (await env.http.get(f"/api/v1/conversations/{MARIA}", headers=env.auth())).json()
+    assert [m["state"] for m in detail["messages"]] == ["failed"]
+
+
+class FixedClock:
+    """The hub's time, set by the test: sends stored within one millisecond."""
+
+    def __init__(self, now_ms: int) -> None:
+        self.now = now_ms
+
+    def now_ms(self) -> int:
+        return self.now
+
+
+async def test_a_long_conversation_comes_page_by_page_each_message_once_oldest_first(
+    env: Env,
+) -> None:
+    # GET /conversations/{id} answered every message of the conversation at once: thousands
+    # for a long one. Here messages both ways share milliseconds, so that only a total order
+    # (time, direction, id) pages them without skipping or repeating one.
+    at = 1_751_371_200_000
+    clock = FixedClock(at)
+    env.hub.clock = clock
+    for n in range(5):
+        await env.inbound(f"mesma hora {n}", f"wamid.same{n}", at=at)
+    await env.inbound("depois", "wamid.later", at=at + 1)
+    for n in range(4):
+        r = await env.http.post(
+            "/api/v1/messages",
+            headers=env.auth(),
+            json={"source": "wa-sol", "to": f"+{MARIA}", "text": f"resposta {n}"},
+        )
+        assert r.status_code == 202, r.text
+    clock.now = at - 1_000
+    await env.http.post(
+        "/api/v1/messages",
+        headers=env.auth(),
+        json={"source": "wa-sol", "to": f"+{MARIA}", "text": "antes"},
+    )
+    clock.now = at + 1
+    await env.http.post(
+        "/api/v1/messages",
+        headers=env.auth(),
+        json={"source": "wa-sol", "to": f"+{MARIA}", "text": "no fim"},
+    )
+    url = f"/api/v1/conversations/{MARIA}"
+    everything = (await env.http.get(url, headers=env.auth())).json()
+    assert everything["next"] is None
+    messages = everything["messages"]
+    assert len(messages) == 12
+    rank = {"inbound": 0, "outbound": 1}
+    assert messages == sorted(messages, key=lambda m: (m["at"], rank[m["direction"]], m["id"]))
+    assert (messages[0]["text"], messages[-1]["text"]) == ("antes", "no fim")
+
+    for limit in (1, 2, 3, 5):
+        seen: list[dict[str, Any]] = []
+        page_url = f"{url}?limit={limit}"
+        for _ in range(13):
+            page = (await env.http.get(page_url, headers=env.auth())).json()
+            assert len(page["messages"]) <= limit
+            assert page["inbound_count"] == 6  # the conversation's fields on every page
+            seen += page["messages"]
+            if page["next"] is None:
+                break
+            page_url = f"{url}?limit={limit}&cursor={page['next']}"
+        assert seen == messages, limit
+
+
+async def test_a_bad_page_of_a_conversation_is_a_400_naming_the_parameter(env: Env) -> None:
+    await env.inbound("Olá", "wamid.bad1", at=1_751_371_200_000)
+    await env.inbound("Olá 2", "wamid.bad2", at=1_751_371_200_001)
+    await env.hub.accept(  # a second conversation, so that the list has a `next`
+        tenant_id="clinica-sol",
+        source_id="wa-sol",
+        event_type="message.received",
+        data={"message_id": "wamid.joao", "conversation_id": "5521912345678", "kind": "text"},
+        idempotency_key="wamid.joao",
+        occurred_at=1_751_371_100_000,
+    )
+    url = f"/api/v1/conversations/{MARIA}"
+    listed = (await env.http.get("/api/v1/conversations?limit=1", headers=env.auth())).json()
+    assert listed["next"] is not None
+    for query, parameter in [
+        ("cursor=nonsense", "query.cursor"),
+        ("cursor=WzEsMiwzXQ", "query.cursor"),  # [1,2,3]
+        ("cursor=WzkyMjMzNzIwMzY4NTQ3NzU4MDgsImluYm91bmQiLCJ4Il0", "query.cursor"),  # 2**63
+        ("cursor=WzEsImluYm91bmQiLCJcdTAwMDAiXQ", "query.cursor"),  # an id with U+0000
+        (f"cursor={listed['next']}", "query.cursor"),  # a page of the list, not of messages
+        ("limit=0", "query.limit"),
+        ("limit=1001", "query.limit"),
+        ("limit=ten", "query.limit"),
+    ]:
+        r = await env.http.get(f"{url}?{query}", headers=env.auth())
+        assert (r.status_code, r.json()["error"]) == (400, "invalid_request"), query
+        assert parameter in r.json()["detail"], (query, r.json())
+    # The list's cursor is read the same way: a time beyond a 64-bit column is no position.
+    for cursor in (
+        "WzkyMjMzNzIwMzY4NTQ3NzU4MDgsImNsaW5pY2Etc29sIiwieCJd",
+        "WzEsImNsXHUwMDAwIiwieCJd",
+    ):
+        r = await env.http.get(f"/api/v1/conversations?cursor={cursor}", headers=env.auth())
+        assert (r.status_code, r.json()["error"]) == (400, "invalid_request")
+    first = (await env.http.get(f"{url}?limit=1", headers=env.auth())).json()
+    assert [m["text"] for m in first["messages"]] == ["Olá"]
+    rest = await env.http.get(f"{url}?limit=1000&cursor={first['next']}", headers=env.auth())
+    assert ([m["text"] for m in rest.json()["messages"]], rest.json()["next"]) == (["Olá 2"], None)
+
+
+async def test_pages_of_a_conversation_show_only_the_tenants_own_messages(env: Env) -> None:
+    at = 1_751_371_200_000
+    for n in range(3):
+        await env.inbound(f"sol {n}", f"wamid.sol{n}", at=at + n)
+        await env.hub.accept(  # the same customer writing to another tenant's number
+            tenant_id="outra",
+            source_id="outra-in",
+            event_type="message.received",
+            data={"message_id": f"wamid.outra{n}", "conversation_id": MARIA, "text": "outra"},
+            idempotency_key=f"wamid.outra{n}",
+            occurred_at=at + n,
+        )
+    url = f"/api/v1/conversations/{MARIA}"
+    seen: list[str] = []
+    page_url = f"{url}?limit=2"
+    for _ in range(4):
+        page = (await env.http.get(page_url, headers=env.auth())).json()
+        seen += [m["text"] for m in page["messages"]]
+        if page["next"] is None:
+            break
+        # Another tenant's key with this tenant's cursor: its own messages only.
+        outra = await env.http.get(f"{url}?limit=2&cursor={page['next']}", headers=env.auth(OUTRA))
+        assert {m["text"] for m in outra.json()["messages"]} == {"outra"}
+        page_url = f"{url}?limit=2&cursor={page['next']}"
+    assert seen == ["sol 0", "sol 1", "sol 2"]

@@ -1,6 +1,6 @@
 """A message's whole life over real HTTP: queued through the API, sent by the worker to a
-fake WhatsApp Cloud API, its status webhooks posted back (signed, redelivered), on both
-engines."""
+fake WhatsApp Cloud API (or Z-API), its status webhooks posted back (signed, redelivered),
+on both engines."""
 
 from __future__ import annotations
 
@@ -21,17 +21,25 @@ from estafeta.hub import Hub
 from estafeta.server import uvicorn_server
 from estafeta.store.sqlstore import SqlStore
 from estafeta.testing.fakes.meta import FakeMeta
+from estafeta.testing.fakes.zapi import FakeZApi
 from tests.conftest import base_config
 
 KEY = "est_send_loop_key_00000000000000000000000"
 APP_SECRET = "fake-meta-app-secret"
 MARIA = "+5511987654321"
+ZAPI = {
+    "instance_id": "3D9F1A2B4C6E8F0A1B2C3D4E5F6A7B8C",
+    "instance_token": "A1B2C3D4E5F6A7B8C9D0E1F2",
+    "client_token": "Fa1b2c3d4e5f60718293a4b5c6d7e8f9aS",
+}
+ZAPI_WEBHOOK_TOKEN = "zapi-webhook-token"
 
 
 @dataclass
 class Loop:
     base: str
     meta: FakeMeta
+    zapi: FakeZApi
     http: aiohttp.ClientSession
 
     async def send(self, **body: Any) -> dict[str, Any]:
@@ -74,6 +82,8 @@ async def loop_(store: SqlStore, database_url: str) -> AsyncIterator[Loop]:
         access_token="meta-token", phone_number_id="114950281736452", app_secret=APP_SECRET
     )
     await meta.start()
+    zapi = FakeZApi(**ZAPI, webhook_token=ZAPI_WEBHOOK_TOKEN)
+    await zapi.start()
     port = free_port()
     data = base_config(database_url)
     data["server"] = {"listen": f"127.0.0.1:{port}"}
@@ -90,6 +100,16 @@ async def loop_(store: SqlStore, database_url: str) -> AsyncIterator[Loop]:
             "send_max_attempts": 3,
         }
     )
+    data["sources"].append(
+        {
+            "id": "za-sol",
+            "tenant": "clinica-sol",
+            "kind": "zapi",
+            "token": ZAPI_WEBHOOK_TOKEN,
+            **ZAPI,
+            "api_base": zapi.url,
+        }
+    )
     config = load_config_dict(data)
     await store.sync_config(config, 1)
     await store.create_api_key(tenant_id="clinica-sol", key_hash=hash_key(KEY), label="", now_ms=1)
@@ -100,9 +120,10 @@ async def loop_(store: SqlStore, database_url: str) -> AsyncIterator[Loop]:
         assert time.monotonic() < deadline
         await asyncio.sleep(0.02)
     async with aiohttp.ClientSession() as http:
-        yield Loop(f"http://127.0.0.1:{port}", meta, http)
+        yield Loop(f"http://127.0.0.1:{port}", meta, zapi, http)
     server.should_exit = True
     await serving
+    await zapi.stop()
     await meta.stop()
 
 
@@ -138,3 +159,27 @@ async def test_outside_the_24_hour_window_goes_to_the_dlq_with_the_providers_tit
     view = await loop_.until(queued["id"], "failed")
     assert view["error"].startswith("whatsapp_cloud_131047: 131047 ")
     assert "Re-engagement" in view["error"]
+
+
+async def test_a_zapi_message_that_failed_to_send_is_failed_though_the_callback_has_no_message_id(
+    loop_: Loop,
+) -> None:
+    # Z-API's DeliveryCallback requires only `zaapId` (contracts §3.4): one without
+    # `messageId` — as a failed send's may be — was looked up by the `messageId` the send's
+    # answer gave, never found, and the message stayed `sent` for good.
+    loop_.zapi.delivery_callback_message_id = False
+    queued = await loop_.send(source="za-sol", text="Sua consulta está confirmada.")
+    sent = await loop_.until(queued["id"], "sent")
+    [request] = loop_.zapi.sent
+    assert sent["provider_message_id"] == request.message_id
+    webhook = f"{loop_.base}/in/za-sol"
+    assert await loop_.zapi.send_status(webhook, request.message_id, "failed") == [202]
+    view = await loop_.until(queued["id"], "failed")
+    assert view["error"] == "zapi_failed: Message not sent: the number is not on WhatsApp"
+    assert [step["state"] for step in view["timeline"]] == ["queued", "sent", "failed"]
+    async with loop_.http.get(
+        f"{loop_.base}/api/v1/conversations/{MARIA[1:]}",
+        headers={"authorization": f"Bearer {KEY}"},
+    ) as r:
+        [message] = (await r.json())["messages"]
+    assert (message["id"], message["state"]) == (queued["id"], "failed")

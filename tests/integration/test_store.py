@@ -476,14 +476,12 @@ async def test_one_batch_of_messages_adds_up_in_each_conversation(store: SqlStor
             message("w4", joao, NOW + 2_000, name=None, direction="outbound"),
         ]
     )
-    found = await store.get_conversation("clinica-sol", maria)
-    assert found is not None
-    c = found[0]
+    c = await store.get_conversation("clinica-sol", maria)
+    assert c is not None
     assert (c.inbound_count, c.outbound_count, c.contact_name) == (3, 0, "Maria Silva")
     assert (c.first_message_at, c.last_message_at) == (NOW - 5_000, NOW + 3_000)
-    found = await store.get_conversation("clinica-sol", joao)
-    assert found is not None
-    c = found[0]
+    c = await store.get_conversation("clinica-sol", joao)
+    assert c is not None
     assert (c.inbound_count, c.outbound_count, c.contact_name) == (1, 1, "João")
     assert (c.first_message_at, c.last_message_at) == (NOW + 1_000, NOW + 2_000)
 
@@ -520,7 +518,7 @@ async def test_awkward_text_is_stored_exactly(store: SqlStore, awkward: str) -> 
     assert tuple(row) == (awkward, awkward[:64], awkward[:200])
     found = await store.get_conversation("clinica-sol", awkward[:64])
     assert found is not None
-    assert found[0].contact_name == awkward
+    assert found.contact_name == awkward
 
 
 async def test_migrations_build_exactly_the_declared_schema(store: SqlStore) -> None:

@@ -25,7 +25,7 @@ from estafeta.store.records import DeadLetterFilter
 from estafeta.store.sqlstore import SqlStore
 from tests.conftest import empty_database, lease_any
 
-EARLIER = ["0001", "0002", "0003", "0004", "0005"]
+EARLIER = ["0001", "0002", "0003", "0004", "0005", "0008"]
 NOW = 1_800_000_000_000
 T0 = NOW - 3_600_000
 TENANT = "clinica-sol"

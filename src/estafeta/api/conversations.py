@@ -16,7 +16,8 @@ from estafeta.api.deps import hub_of, json_body, principal, tenant_principal
 from estafeta.api.responses import json_response
 from estafeta.clock import iso_from_ms
 from estafeta.errors import HttpError
-from estafeta.store.records import ConversationView
+from estafeta.store.conversations import MessagePosition
+from estafeta.store.records import ConversationView, Interaction
 
 router = APIRouter(prefix="/api/v1/conversations", tags=["conversations"])
 
@@ -43,30 +44,49 @@ def conversation_json(c: ConversationView) -> dict[str, Any]:
     }
 
 
-def page_cursor(c: ConversationView) -> str:
-    """The opaque `next` of a page that ends with `c`: where the next page starts."""
-    raw = orjson.dumps([c.last_message_at, c.tenant_id, c.id])
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+def encode_cursor(position: tuple[int, str, str]) -> str:
+    """The opaque `next` of a page whose last row is at `position`: where the next starts."""
+    return base64.urlsafe_b64encode(orjson.dumps(list(position))).decode().rstrip("=")
 
 
 def read_cursor(cursor: str) -> tuple[int, str, str]:
-    """The position a `page_cursor` names; 400 for anything this API did not give."""
+    """The position an `encode_cursor` names: (a time, two strings); 400 for anything this
+    API did not give."""
+    bad = HttpError(400, "invalid_request", "query.cursor: not a `next` this API gave")
     try:
-        at, tenant, conversation = orjson.loads(
+        at, first, second = orjson.loads(
             base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         )
     except (ValueError, TypeError, orjson.JSONDecodeError):
-        raise HttpError(
-            400, "invalid_request", "query.cursor: not a `next` this API gave"
-        ) from None
+        raise bad from None
     if not (
         isinstance(at, int)
         and not isinstance(at, bool)
-        and isinstance(tenant, str)
-        and isinstance(conversation, str)
+        and -(2**63) <= at < 2**63  # a BIGINT column's range: anything else fails the query
+        and isinstance(first, str)
+        and isinstance(second, str)
+        and "\x00" not in first + second  # never in a stored id; PostgreSQL refuses it
     ):
+        raise bad
+    return at, first, second
+
+
+def page_cursor(c: ConversationView) -> str:
+    """The `next` of a page of conversations that ends with `c`."""
+    return encode_cursor((c.last_message_at, c.tenant_id, c.id))
+
+
+def message_position(cursor: str) -> MessagePosition:
+    """The position a page of a conversation's messages ended at (`message_cursor`)."""
+    at, direction, message_id = read_cursor(cursor)
+    if direction not in ("inbound", "outbound"):
         raise HttpError(400, "invalid_request", "query.cursor: not a `next` this API gave")
-    return at, tenant, conversation
+    return at, direction, message_id
+
+
+def message_cursor(i: Interaction) -> str:
+    """The `next` of a page of a conversation's messages that ends with `i`."""
+    return encode_cursor((i.at, i.direction, i.id))
 
 
 @router.get("")
@@ -90,7 +110,7 @@ async def list_conversations(
 
 async def _conversation(
     request: Request, caller: Principal, conversation_id: str, tenant: str | None
-) -> tuple[str, Any]:
+) -> tuple[str, ConversationView]:
     tenant_id = caller.scope(tenant)
     if tenant_id is None:
         raise HttpError(400, "invalid_request", "the admin key must name the tenant (?tenant=)")
@@ -106,15 +126,25 @@ async def get_conversation(
     conversation_id: str,
     caller: Annotated[Principal, Depends(principal)],
     tenant: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Annotated[str | None, Query(max_length=1024)] = None,
 ) -> Response:
-    _, (conversation, interactions) = await _conversation(request, caller, conversation_id, tenant)
+    """The conversation and a page of its messages, oldest first; `next` continues it."""
+    after = message_position(cursor) if cursor is not None else None
+    tenant_id, conversation = await _conversation(request, caller, conversation_id, tenant)
+    # One more than asked: whether another page follows, without a count.
+    found = await hub_of(request).store.conversation_messages(
+        tenant_id, conversation_id, limit=limit + 1, after=after
+    )
+    page = found[:limit]
     return json_response(
         {
             **conversation_json(conversation),
             "messages": [
                 {"at": iso_from_ms(i.at), "direction": i.direction, "id": i.id, **i.content}
-                for i in interactions
+                for i in page
             ],
+            "next": message_cursor(page[-1]) if len(found) > limit else None,
         }
     )
 
@@ -134,7 +164,7 @@ async def escalate(
     caller: Annotated[Principal, Depends(tenant_principal)],
 ) -> Response:
     """Hand the conversation to a human: marks it and emits `conversation.escalated`."""
-    tenant_id, (conversation, _) = await _conversation(request, caller, conversation_id, None)
+    tenant_id, conversation = await _conversation(request, caller, conversation_id, None)
     result = await hub_of(request).escalate(
         tenant_id=tenant_id,
         conversation_id=conversation_id,

@@ -27,6 +27,9 @@ class Outcome(Record, frozen=True):
     # The id the destination gave what we sent, when it gives one (a WhatsApp provider's
     # message id): later status webhooks name it.
     external_id: str | None = None
+    # A second id the destination gave it, that some of its status webhooks name instead
+    # (Z-API's `zaapId`, next to its `messageId`).
+    external_alt_id: str | None = None
     # The destination asked us to slow down with something other than HTTP 429 — a provider's
     # rate-limit code on a 400 (Meta's 131056, Twilio's 63018 …) — or with a 429. Like a 429,
     # it is not a failure of the destination (circuits) and waits at least the 429 floor.

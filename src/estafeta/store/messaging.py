@@ -16,13 +16,17 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from estafeta.delivery.state import DeliveryState
-from estafeta.messaging.facts import SEND_DESTINATION_PREFIX, STATUS_RANK, current_status
+from estafeta.messaging.facts import (
+    MESSAGE_REF_MAX,
+    SEND_DESTINATION_PREFIX,
+    STATUS_RANK,
+    current_status,
+    fitted,
+)
 from estafeta.store import schema as s
 from estafeta.store.base import StoreBase
 from estafeta.store.records import (
     CompletedAttempt,
-    ConversationView,
-    Interaction,
     MessageView,
     NewEvent,
     StatusChange,
@@ -99,19 +103,23 @@ class MessagingOps(StoreBase):
     async def _record_sends(
         self, conn: AsyncConnection, batch: Sequence[CompletedAttempt], now_ms: int
     ) -> None:
-        """A provider accepted a message (sent, with its id) or sending gave up (failed)."""
+        """A provider accepted a message (sent, with its id or ids) or sending gave up
+        (failed). The second id is stored as the ingress stores a status's `message_ref`
+        (`fitted`), so that a status naming it finds it whatever its length."""
         m = s.messages
         for item in batch:
             if not item.delivery.destination_id.startswith(SEND_DESTINATION_PREFIX):
                 continue
             queued = and_(m.c.delivery_id == item.delivery.id, m.c.state == "queued")
             if item.outcome.succeeded:
+                alt_id = item.outcome.external_alt_id
                 await conn.execute(
                     update(m)
                     .where(queued)
                     .values(
                         state="sent",
                         provider_message_id=item.outcome.external_id,
+                        provider_alt_id=fitted(alt_id, MESSAGE_REF_MAX) if alt_id else None,
                         sent_at=now_ms,
                         updated_at=now_ms,
                     )
@@ -140,143 +148,6 @@ class MessagingOps(StoreBase):
 
     # -- reads ------------------------------------------------------------------------------
 
-    async def list_conversations(
-        self,
-        tenant_id: str | None,
-        *,
-        status: str | None = None,
-        limit: int = 100,
-        after: tuple[int, str, str] | None = None,
-    ) -> list[ConversationView]:
-        """Most recent last message first, ties by tenant and id (both descending), so that
-        the order is total and a page can start `after` the (last_message_at, tenant, id) of
-        the previous page's last conversation."""
-        c = s.conversations
-        query = (
-            select(c)
-            .order_by(c.c.last_message_at.desc(), c.c.tenant_id.desc(), c.c.id.desc())
-            .limit(limit)
-        )
-        if tenant_id is not None:
-            query = query.where(c.c.tenant_id == tenant_id)
-        if after is not None:
-            at, tenant, conversation = after
-            query = query.where(
-                or_(
-                    c.c.last_message_at < at,
-                    and_(
-                        c.c.last_message_at == at,
-                        or_(
-                            c.c.tenant_id < tenant,
-                            and_(c.c.tenant_id == tenant, c.c.id < conversation),
-                        ),
-                    ),
-                )
-            )
-        if status is not None:
-            query = query.where(c.c.status == status)
-        async with self._read() as conn:
-            return [_conversation(r) for r in (await conn.execute(query)).all()]
-
-    async def get_conversation(
-        self, tenant_id: str, conversation_id: str
-    ) -> tuple[ConversationView, list[Interaction]] | None:
-        """A conversation with its messages both ways, oldest first."""
-        c, e, m = s.conversations, s.events, s.messages
-        async with self._read() as conn:
-            row = (
-                await conn.execute(
-                    select(c).where(c.c.tenant_id == tenant_id, c.c.id == conversation_id)
-                )
-            ).first()
-            if row is None:
-                return None
-            inbound = (
-                await conn.execute(
-                    select(e.c.id, e.c.occurred_at, e.c.payload).where(
-                        e.c.tenant_id == tenant_id,
-                        e.c.conversation_id == conversation_id,
-                        e.c.type == "message.received",
-                    )
-                )
-            ).all()
-            outbound = (
-                await conn.execute(
-                    select(
-                        m.c.id,
-                        m.c.created_at,
-                        m.c.content,
-                        m.c.state,
-                        m.c.source_id,
-                        m.c.provider_message_id,
-                    ).where(m.c.tenant_id == tenant_id, m.c.conversation_id == conversation_id)
-                )
-            ).all()
-            # The provider's status webhooks of its sent messages, by (provider, provider
-            # id): a sent message shows how far it got (delivered, read), as GET
-            # /messages/{id}. Found by the provider's id, never by the recipient the webhook
-            # names: that is the customer's WhatsApp id, which can differ from the number
-            # sent to (a Brazilian mobile registered before the ninth digit).
-            kinds = await _source_kinds(conn, tenant_id)
-            statuses: dict[tuple[str, str], list[str]] = {}
-            by_group: dict[str, tuple[str, set[str]]] = {}  # group: (a source, its ids)
-            for r in outbound:
-                if r.provider_message_id:
-                    group = by_group.setdefault(_group(kinds, r.source_id), (r.source_id, set()))
-                    group[1].add(r.provider_message_id)
-            if by_group:
-                named = or_(
-                    *(
-                        and_(
-                            e.c.source_id.in_(_kin(kinds, source)),
-                            e.c.message_ref.in_(sorted(refs)),
-                        )
-                        for _, (source, refs) in sorted(by_group.items())
-                    )
-                )
-                for change in (
-                    await conn.execute(
-                        select(e.c.source_id, e.c.message_ref, e.c.payload).where(
-                            named, e.c.tenant_id == tenant_id, e.c.type == "message.status"
-                        )
-                    )
-                ).all():
-                    status = orjson.loads(change.payload)["data"].get("status")
-                    key = (_group(kinds, change.source_id), change.message_ref)
-                    statuses.setdefault(key, []).append(str(status))
-        interactions = [
-            Interaction(r.occurred_at, "inbound", r.id, orjson.loads(r.payload)["data"])
-            for r in inbound
-        ] + [
-            Interaction(
-                r.created_at,
-                "outbound",
-                r.id,
-                {
-                    **orjson.loads(r.content),
-                    "state": current_status(
-                        r.state,
-                        statuses.get((_group(kinds, r.source_id), r.provider_message_id), []),
-                    ),
-                },
-            )
-            for r in outbound
-        ]
-        interactions.sort(key=lambda i: (i.at, i.id))
-        return _conversation(row), interactions
-
-    async def set_conversation_status(
-        self, tenant_id: str, conversation_id: str, status: str, now_ms: int
-    ) -> bool:
-        c = s.conversations
-        async with self._write() as conn:
-            result = await conn.execute(
-                update(c)
-                .where(c.c.tenant_id == tenant_id, c.c.id == conversation_id)
-                .values(status=status, updated_at=now_ms)
-            )
-        return bool(result.rowcount)
-
     async def message_id_for_event(self, event_id: str) -> str | None:
         m = s.messages
         async with self._read() as conn:
@@ -296,7 +167,7 @@ class MessagingOps(StoreBase):
             if row is None:
                 return None
             statuses: list[Any] = []
-            if row.provider_message_id:
+            if row.provider_message_id or row.provider_alt_id:
                 kinds = await _source_kinds(conn, row.tenant_id)
                 statuses = list(
                     (
@@ -305,7 +176,7 @@ class MessagingOps(StoreBase):
                             .where(
                                 e.c.tenant_id == row.tenant_id,  # tenants share nothing
                                 e.c.source_id.in_(_kin(kinds, row.source_id)),
-                                e.c.message_ref == row.provider_message_id,
+                                e.c.message_ref.in_(_provider_ids(row)),
                                 e.c.type == "message.status",
                             )
                             .order_by(e.c.occurred_at, e.c.id)
@@ -347,6 +218,53 @@ class MessagingOps(StoreBase):
         )
 
 
+async def sent_states(conn: AsyncConnection, tenant_id: str, sent: Sequence[Any]) -> dict[str, str]:
+    """The state now of each of the tenant's sent messages `sent` (rows with `id`, `state`,
+    `source_id`, `provider_message_id`, `provider_alt_id`), by id: the furthest of what
+    sending knows and what the provider's status webhooks said, as GET /messages/{id}.
+
+    The statuses are found by the provider's ids (`_provider_ids`) among the statuses the
+    tenant's sources of the sending source's kind received (`_kin`), never by the recipient
+    a webhook names: that is the customer's WhatsApp id, which can differ from the number
+    sent to (a Brazilian mobile registered before the ninth digit)."""
+    e = s.events
+    kinds = await _source_kinds(conn, tenant_id) if sent else {}
+    statuses: dict[tuple[str, str], list[str]] = {}
+    by_group: dict[str, tuple[str, set[str]]] = {}  # group: (a source, its ids)
+    for r in sent:
+        if r.provider_message_id or r.provider_alt_id:
+            group = by_group.setdefault(_group(kinds, r.source_id), (r.source_id, set()))
+            group[1].update(_provider_ids(r))
+    if by_group:
+        named = or_(
+            *(
+                and_(e.c.source_id.in_(_kin(kinds, source)), e.c.message_ref.in_(sorted(refs)))
+                for _, (source, refs) in sorted(by_group.items())
+            )
+        )
+        for change in (
+            await conn.execute(
+                select(e.c.source_id, e.c.message_ref, e.c.payload).where(
+                    named, e.c.tenant_id == tenant_id, e.c.type == "message.status"
+                )
+            )
+        ).all():
+            status = orjson.loads(change.payload)["data"].get("status")
+            key = (_group(kinds, change.source_id), change.message_ref)
+            statuses.setdefault(key, []).append(str(status))
+    return {
+        r.id: current_status(
+            r.state,
+            [
+                status
+                for ref in _provider_ids(r)
+                for status in statuses.get((_group(kinds, r.source_id), ref), [])
+            ],
+        )
+        for r in sent
+    }
+
+
 async def _source_kinds(conn: AsyncConnection, tenant_id: str) -> dict[str, str]:
     """The kind of each of the tenant's sources (a handful)."""
     src = s.sources
@@ -369,6 +287,12 @@ def _kin(kinds: dict[str, str], source_id: str) -> list[str]:
     return sorted({source_id, *(sid for sid in kinds if _group(kinds, sid) == group)})
 
 
+def _provider_ids(row: Any) -> list[str]:
+    """The ids the provider gave a sent message, that its status webhooks name: its message
+    id and, from Z-API, the zaapId a DeliveryCallback may name it by instead."""
+    return [ref for ref in (row.provider_message_id, row.provider_alt_id) if ref]
+
+
 def _message_row(event: NewEvent) -> dict[str, Any]:
     message = event.message
     assert message is not None and event.conversation_id  # noqa: S101 - filtered by the caller
@@ -386,19 +310,3 @@ def _message_row(event: NewEvent) -> dict[str, Any]:
         "created_at": event.received_at,
         "updated_at": event.received_at,
     }
-
-
-def _conversation(r: Any) -> ConversationView:
-    return ConversationView(
-        tenant_id=r.tenant_id,
-        id=r.id,
-        status=r.status,
-        contact_name=r.contact_name,
-        first_message_at=r.first_message_at,
-        last_message_at=r.last_message_at,
-        inbound_count=r.inbound_count,
-        outbound_count=r.outbound_count,
-        escalated_at=r.escalated_at,
-        escalation_reason=r.escalation_reason,
-        escalation_priority=r.escalation_priority,
-    )

@@ -301,6 +301,9 @@ messages = Table(
     Column("sent_at", BigInteger, nullable=True),
     Column("created_at", BigInteger, nullable=False),
     Column("updated_at", BigInteger, nullable=False),
+    # A second id the provider gave the message, that some of its status webhooks name
+    # instead of provider_message_id (Z-API's zaapId); stored as events.message_ref is.
+    Column("provider_alt_id", String(255), nullable=True),
     CheckConstraint("state IN ('queued', 'sent', 'failed')", name="messages_state_valid"),
 )
 Index("messages_delivery", messages.c.delivery_id)

@@ -10,6 +10,7 @@ engines (connection set-up, the lease statement, the INSERT … ON CONFLICT cons
 * `views.py`: reads for the API, the CLI and health;
 * `circuits.py`: the circuit breakers' shared state, when no Redis is configured;
 * `messaging.py`: WhatsApp conversations and the messages tenants send;
+* `conversations.py`: reads of conversations, and of their messages page by page;
 * `processes.py`: the running processes and the destinations their configurations name.
 
 What belongs to the store as a whole stays here: its schema's version, and what operators
@@ -31,6 +32,7 @@ from estafeta.messaging.facts import SEND_DESTINATION_PREFIX
 from estafeta.store import schema as s
 from estafeta.store.base import store_errors
 from estafeta.store.circuits import CircuitOps
+from estafeta.store.conversations import ConversationOps
 from estafeta.store.dead_letters import DeadLetterOps
 from estafeta.store.ingest import IngestOps
 from estafeta.store.leases import LeaseOps
@@ -43,7 +45,9 @@ if TYPE_CHECKING:
     from estafeta.config import Config
 
 
-class SqlStore(IngestOps, LeaseOps, DeadLetterOps, ViewOps, CircuitOps, ProcessOps):
+class SqlStore(
+    IngestOps, LeaseOps, DeadLetterOps, ViewOps, CircuitOps, ProcessOps, ConversationOps
+):
     """Base class; use `open_store(url)` to get the one for an engine."""
 
     dialect: ClassVar[str]

@@ -34,6 +34,7 @@ class Case:
     error_class: str | None = None
     head: str | None = None  # the excerpt's first line
     external_id: str | None = None
+    external_alt_id: str | None = None  # a second id its status webhooks may name instead
     retry_after_s: float | None = None  # sent as Retry-After
     expect_retry_after: float | None = None
 
@@ -236,6 +237,8 @@ ZAPI = [
         },
         SUCCESS,
         external_id="D241XXXX732339502B68",
+        # A DeliveryCallback may name the message by its zaapId alone (§3.4).
+        external_alt_id="3999984263738042930CD6ECDE9VDWSA",
     ),
     Case("only a zaapId", 200, {"zaapId": "3999"}, SUCCESS, external_id="3999"),
     Case(
@@ -313,6 +316,7 @@ def check(case: Case, outcome_of: Callable[[Reply], Outcome]) -> None:
     assert outcome.retry_after_s == case.expect_retry_after
     if case.kind is SUCCESS:
         assert outcome.external_id == case.external_id
+        assert outcome.external_alt_id == case.external_alt_id
         assert outcome.error_class is None
         return
     assert outcome.external_id is None

@@ -13,7 +13,9 @@ provider's status webhooks will name:
 | zapi | `messageId` (else `id`, `zaapId`) | `ids[]`; DeliveryCallback `messageId` |
 | sendpulse | `data.id` (SendPulse's) | none: no status webhooks (§9.10 item 5) |
 
-In every case the hub's ingress puts that id in the status event's `data.message_id`.
+In every case the hub's ingress puts that id in the status event's `data.message_id`. Z-API
+gives a second id, `zaapId` (the outcome's `external_alt_id`), that a DeliveryCallback
+without `messageId` names instead: the store keeps both and matches a status by either.
 """
 
 from estafeta.connectors.whatsapp.base import ProviderClient

@@ -135,14 +135,16 @@ async def _exchange(
     )
 
 
-def success(reply: Reply, external_id: str | None) -> Outcome:
-    """The provider accepted the message; `external_id` is its id for it. The answer's
-    excerpt is kept, as every attempt's is (DESIGN §2)."""
+def success(reply: Reply, external_id: str | None, alt_id: str | None = None) -> Outcome:
+    """The provider accepted the message; `external_id` is its id for it, `alt_id` a second
+    one some of its status webhooks name instead. The answer's excerpt is kept, as every
+    attempt's is (DESIGN §2)."""
     return Outcome(
         kind=OutcomeKind.SUCCESS,
         duration_ms=reply.duration_ms,
         status_code=reply.status,
         external_id=external_id,
+        external_alt_id=alt_id if alt_id != external_id else None,
         response_excerpt=reply.text()[:EXCERPT_LIMIT],
     )
 

@@ -15,8 +15,10 @@ header `Client-Token: {client_token}` (§3.1) and a JSON body; `api_base` defaul
 
 Answer: 200 `{"zaapId", "messageId", "id"}`. The outcome's `external_id` is `messageId`
 (else `id`, else `zaapId`): §3.6 says `messageId` is what the `MessageStatusCallback`'s
-`ids[]` carry, and the `DeliveryCallback` names it `messageId` too (ingress `zapi.py` reads
-`ids[]`, and `messageId` before `zaapId`, into `data.message_id`).
+`ids[]` carry. Its `external_alt_id` is `zaapId`: a `DeliveryCallback` requires only
+`zaapId` (§3.4; `messageId` is optional), and the ingress (`zapi.py`) reads `messageId`,
+else `zaapId`, into `data.message_id`, so a callback without `messageId` — a failed send's,
+with `error` — names the message by its `zaapId` alone.
 
 Errors: Z-API documents only 405 and 415 for send-text, and `{"error": "null not allowed"}`
 for a missing Client-Token (status not documented). There are no error codes: the HTTP status
@@ -91,10 +93,12 @@ def outcome_of(reply: Reply) -> Outcome:
     error = fields.get("error") or fields.get("message")
     title = error if isinstance(error, str) else None
     if 200 <= reply.status <= 299:
+        zaap_id = fields.get("zaapId")
+        alt_id = zaap_id if isinstance(zaap_id, str) and zaap_id else None
         for key in ("messageId", "id", "zaapId"):
             value = fields.get(key)
             if isinstance(value, str) and value:
-                return success(reply, value)
+                return success(reply, value, alt_id)
         if title is not None:  # a 2xx that only says what went wrong
             return provider_error(reply, OutcomeKind.PERMANENT, PROVIDER, None, title)
         return success(reply, None)

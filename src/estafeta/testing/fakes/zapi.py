@@ -13,7 +13,10 @@
   Requests` for throttling (no Retry-After unless given).
 * contracts §3.4: `send_status` posts a `MessageStatusCallback` (`ids: [messageId]`,
   SENT / RECEIVED / READ / PLAYED; `sent`/`delivered`/`read`/`played` are accepted too),
-  or for `failed` a `DeliveryCallback` with `error`. Z-API signs nothing: the hub's URL
+  or for `failed` a `DeliveryCallback` with `error`. Z-API requires only `phone`, `zaapId`
+  and `type` in a DeliveryCallback: with `delivery_callback_message_id = False` the fake
+  leaves `messageId` out, and the callback names the message by its `zaapId` alone (the
+  send's answer gave both; `zaap_id_of` says which). Z-API signs nothing: the hub's URL
   carries `?token=` (DESIGN §3.2), appended from `webhook_token` when the URL has none.
 """
 
@@ -65,6 +68,8 @@ class FakeZApi(FakeProvider):
         self.client_token = client_token
         self.connected_phone = connected_phone
         self.webhook_token = webhook_token
+        # Whether a DeliveryCallback carries `messageId` too (Z-API may send `zaapId` alone).
+        self.delivery_callback_message_id = True
         self._zaap_ids: dict[str, str] = {}
 
     def add_routes(self, app: web.Application) -> None:
@@ -122,6 +127,10 @@ class FakeZApi(FakeProvider):
         self.record(message_id, request, body)
         return json_answer(200, {"zaapId": zaap_id, "messageId": message_id, "id": message_id})
 
+    def zaap_id_of(self, message_id: str) -> str | None:
+        """The `zaapId` the send that got `message_id` was answered with."""
+        return self._zaap_ids.get(message_id)
+
     def status_webhook(self, hub_url: str, message_id: str, status: str) -> StatusWebhook:
         """The §3.4 callback for `message_id`: a status, or a failed DeliveryCallback."""
         if status not in STATUSES:
@@ -138,6 +147,8 @@ class FakeZApi(FakeProvider):
                 "instanceId": self.instance_id,
                 "error": "Message not sent: the number is not on WhatsApp",
             }
+            if not self.delivery_callback_message_id:
+                del document["messageId"]
         else:
             document = {
                 "instanceId": self.instance_id,

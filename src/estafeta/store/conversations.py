@@ -1,0 +1,179 @@
+"""The store's reads of WhatsApp conversations: the list, one conversation, its messages page
+by page, and closing one.
+
+Pages are keyset pages (no offsets): each starts strictly `after` the position of the last
+row of the previous one, so that rows added meanwhile never shift a page, and a page costs
+the same at the start of a conversation of thousands of messages as at its end.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Any
+
+import orjson
+from sqlalchemy import ColumnElement, and_, or_, select, update
+
+from estafeta.store import schema as s
+from estafeta.store.base import StoreBase
+from estafeta.store.messaging import sent_states
+from estafeta.store.records import ConversationView, Interaction
+
+# The position of one message in a conversation: (time, direction, id). Oldest first; at one
+# instant inbound messages (events) before outbound ones (sent messages), each table's in the
+# order of its ids as its engine orders them. Both the order and the `after` condition are
+# computed by the engine within a table, so that a page never skips or repeats a message
+# whatever the database's collation.
+MessagePosition = tuple[int, str, str]
+_DIRECTIONS = ("inbound", "outbound")
+
+
+def _after(at: Any, id_: Any, direction: str, position: MessagePosition) -> ColumnElement[bool]:
+    """Rows of one direction's table that come after `position` in the order above."""
+    p_at, p_direction, p_id = position
+    if p_direction == direction:
+        return or_(at > p_at, and_(at == p_at, id_ > p_id))
+    if _DIRECTIONS.index(direction) > _DIRECTIONS.index(p_direction):
+        return at >= p_at  # type: ignore[no-any-return]
+    return at > p_at  # type: ignore[no-any-return]
+
+
+class ConversationOps(StoreBase):
+    async def list_conversations(
+        self,
+        tenant_id: str | None,
+        *,
+        status: str | None = None,
+        limit: int = 100,
+        after: tuple[int, str, str] | None = None,
+    ) -> list[ConversationView]:
+        """Most recent last message first, ties by tenant and id (both descending), so that
+        the order is total and a page can start `after` the (last_message_at, tenant, id) of
+        the previous page's last conversation."""
+        c = s.conversations
+        query = (
+            select(c)
+            .order_by(c.c.last_message_at.desc(), c.c.tenant_id.desc(), c.c.id.desc())
+            .limit(limit)
+        )
+        if tenant_id is not None:
+            query = query.where(c.c.tenant_id == tenant_id)
+        if after is not None:
+            at, tenant, conversation = after
+            query = query.where(
+                or_(
+                    c.c.last_message_at < at,
+                    and_(
+                        c.c.last_message_at == at,
+                        or_(
+                            c.c.tenant_id < tenant,
+                            and_(c.c.tenant_id == tenant, c.c.id < conversation),
+                        ),
+                    ),
+                )
+            )
+        if status is not None:
+            query = query.where(c.c.status == status)
+        async with self._read() as conn:
+            return [_conversation(r) for r in (await conn.execute(query)).all()]
+
+    async def get_conversation(
+        self, tenant_id: str, conversation_id: str
+    ) -> ConversationView | None:
+        c = s.conversations
+        async with self._read() as conn:
+            row = (
+                await conn.execute(
+                    select(c).where(c.c.tenant_id == tenant_id, c.c.id == conversation_id)
+                )
+            ).first()
+        return None if row is None else _conversation(row)
+
+    async def conversation_messages(
+        self,
+        tenant_id: str,
+        conversation_id: str,
+        *,
+        limit: int = 100,
+        after: MessagePosition | None = None,
+    ) -> list[Interaction]:
+        """Up to `limit` messages of the conversation, both ways, oldest first (the order of
+        `MessagePosition`), starting after `after`; a sent one with its state now (what
+        sending knows and the provider's status webhooks say, as GET /messages/{id})."""
+        e, m = s.events, s.messages
+        inbound_query = (
+            select(e.c.id, e.c.occurred_at, e.c.payload)
+            .where(
+                e.c.tenant_id == tenant_id,
+                e.c.conversation_id == conversation_id,
+                e.c.type == "message.received",
+            )
+            .order_by(e.c.occurred_at, e.c.id)
+            .limit(limit)
+        )
+        outbound_query = (
+            select(
+                m.c.id,
+                m.c.created_at,
+                m.c.content,
+                m.c.state,
+                m.c.source_id,
+                m.c.provider_message_id,
+                m.c.provider_alt_id,
+            )
+            .where(m.c.tenant_id == tenant_id, m.c.conversation_id == conversation_id)
+            .order_by(m.c.created_at, m.c.id)
+            .limit(limit)
+        )
+        if after is not None:
+            inbound_query = inbound_query.where(_after(e.c.occurred_at, e.c.id, "inbound", after))
+            outbound_query = outbound_query.where(_after(m.c.created_at, m.c.id, "outbound", after))
+        async with self._read() as conn:
+            inbound = (await conn.execute(inbound_query)).all()
+            outbound = (await conn.execute(outbound_query)).all()
+            # Merged by (time, direction); each table's rows keep the engine's order.
+            page = list(
+                heapq.merge(
+                    ((r.occurred_at, 0, r) for r in inbound),
+                    ((r.created_at, 1, r) for r in outbound),
+                    key=lambda item: item[:2],
+                )
+            )[:limit]
+            sent = [r for _, direction, r in page if direction == 1]
+            states = await sent_states(conn, tenant_id, sent)
+        return [
+            Interaction(at, "inbound", r.id, orjson.loads(r.payload)["data"])
+            if direction == 0
+            else Interaction(
+                at, "outbound", r.id, {**orjson.loads(r.content), "state": states[r.id]}
+            )
+            for at, direction, r in page
+        ]
+
+    async def set_conversation_status(
+        self, tenant_id: str, conversation_id: str, status: str, now_ms: int
+    ) -> bool:
+        c = s.conversations
+        async with self._write() as conn:
+            result = await conn.execute(
+                update(c)
+                .where(c.c.tenant_id == tenant_id, c.c.id == conversation_id)
+                .values(status=status, updated_at=now_ms)
+            )
+        return bool(result.rowcount)
+
+
+def _conversation(r: Any) -> ConversationView:
+    return ConversationView(
+        tenant_id=r.tenant_id,
+        id=r.id,
+        status=r.status,
+        contact_name=r.contact_name,
+        first_message_at=r.first_message_at,
+        last_message_at=r.last_message_at,
+        inbound_count=r.inbound_count,
+        outbound_count=r.outbound_count,
+        escalated_at=r.escalated_at,
+        escalation_reason=r.escalation_reason,
+        escalation_priority=r.escalation_priority,
+    )
