@@ -16,73 +16,22 @@ from msgspec.structs import replace
 from sqlalchemy import Connection, text
 
 from estafeta.config import Config
-from estafeta.delivery.decision import Transition
 from estafeta.delivery.model import LeasedDelivery
-from estafeta.delivery.outcome import Outcome, OutcomeKind
+from estafeta.delivery.outcome import OutcomeKind
 from estafeta.delivery.state import DeliveryState
 from estafeta.errors import StoreError, StoreRejected, StoreUnavailable
-from estafeta.ids import new_id
 from estafeta.store import open_store
 from estafeta.store.records import (
-    CompletedAttempt,
     DeadLetterFilter,
     InsertResult,
-    NewDelivery,
     NewEvent,
 )
 from estafeta.store.schema import metadata
 from estafeta.store.sqlstore import SqlStore
 from tests.conftest import lease_any
+from tests.integration.store_support import NOW, attempt, event, keyed
 
-NOW = 1_700_000_000_000
 T = TypeVar("T")
-
-
-def event(
-    key: str | None = None,
-    *,
-    tenant: str = "clinica-sol",
-    source: str = "crm-events",
-    destinations: tuple[str, ...] = ("crm",),
-    priority: int = 2,
-    at: int = NOW,
-    event_type: str = "message.received",
-) -> NewEvent:
-    event_id = new_id("evt", at)
-    return NewEvent(
-        id=event_id,
-        tenant_id=tenant,
-        source_id=source,
-        type=event_type,
-        idempotency_key=key,
-        occurred_at=at,
-        received_at=at,
-        payload=f'{{"id":"{event_id}","type":"{event_type}","data":{{}}}}',
-        deliveries=tuple(
-            NewDelivery(id=new_id("dlv", at), destination_id=d, priority=priority, max_attempts=3)
-            for d in destinations
-        ),
-    )
-
-
-def attempt(
-    delivery: LeasedDelivery, to: DeliveryState, *, kind: OutcomeKind = OutcomeKind.SUCCESS
-) -> CompletedAttempt:
-    status = 200 if kind is OutcomeKind.SUCCESS else 500
-    return CompletedAttempt(
-        delivery=delivery,
-        outcome=Outcome(
-            kind, 3.5, status_code=status, error_class=None if status == 200 else "http_500"
-        ),
-        transition=Transition(
-            to_state=to,
-            attempts=delivery.attempts + 1,
-            next_attempt_at=NOW + 1000 if to is DeliveryState.PENDING else None,
-            last_error=None if to is DeliveryState.SUCCEEDED else "http_500: Internal Server Error",
-        ),
-        started_at=NOW,
-        attempt_id=new_id("att", NOW),
-    )
 
 
 async def lease(store: SqlStore, *, now: int = NOW, limit: int = 100) -> list[LeasedDelivery]:
@@ -541,26 +490,6 @@ async def test_api_keys_resolve_to_their_tenant_only_by_hash(store: SqlStore) ->
     await store.create_api_key(tenant_id="outra", key_hash="a" * 64, label="x", now_ms=NOW)
     assert await store.tenant_for_key("a" * 64) == "outra"
     assert await store.tenant_for_key("b" * 64) is None
-
-
-def keyed(key: str, at: int, destination: str = "crm") -> NewEvent:
-    base = event(at=at, destinations=(destination,))
-    only = base.deliveries[0]
-    return NewEvent(
-        id=base.id,
-        tenant_id=base.tenant_id,
-        source_id=base.source_id,
-        type=base.type,
-        idempotency_key=None,
-        occurred_at=at,
-        received_at=at,
-        payload=base.payload,
-        deliveries=(
-            NewDelivery(
-                id=only.id, destination_id=destination, priority=2, max_attempts=3, ordering_key=key
-            ),
-        ),
-    )
 
 
 async def test_a_destination_not_named_keeps_its_deliveries_and_spends_nothing(

@@ -1,0 +1,88 @@
+"""What the store tests share (test_store.py, test_store_lifecycle_model.py): events with their
+deliveries as ingest stores them, and attempts as a worker completes them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from estafeta.delivery.decision import Transition
+from estafeta.delivery.model import LeasedDelivery
+from estafeta.delivery.outcome import Outcome, OutcomeKind
+from estafeta.delivery.state import DeliveryState
+from estafeta.ids import new_id
+from estafeta.store.records import CompletedAttempt, NewDelivery, NewEvent
+
+NOW = 1_700_000_000_000
+
+
+def event(
+    key: str | None = None,
+    *,
+    tenant: str = "clinica-sol",
+    source: str = "crm-events",
+    destinations: tuple[str, ...] = ("crm",),
+    priority: int = 2,
+    at: int = NOW,
+    event_type: str = "message.received",
+    ordering_key: str | None = None,
+    max_attempts: int = 3,
+    make_id: Callable[[str, int], str] = new_id,
+) -> NewEvent:
+    """An event received at `at` (its deliveries are due then), one delivery to each of
+    `destinations`; `make_id(prefix, at)` names the event and each delivery."""
+    event_id = make_id("evt", at)
+    return NewEvent(
+        id=event_id,
+        tenant_id=tenant,
+        source_id=source,
+        type=event_type,
+        idempotency_key=key,
+        occurred_at=at,
+        received_at=at,
+        payload=f'{{"id":"{event_id}","type":"{event_type}","data":{{}}}}',
+        deliveries=tuple(
+            NewDelivery(
+                id=make_id("dlv", at),
+                destination_id=d,
+                priority=priority,
+                max_attempts=max_attempts,
+                ordering_key=ordering_key,
+            )
+            for d in destinations
+        ),
+    )
+
+
+def keyed(key: str, at: int, destination: str = "crm") -> NewEvent:
+    """An event without an idempotency key whose one delivery has the ordering key `key`."""
+    return event(at=at, destinations=(destination,), ordering_key=key)
+
+
+def attempt(
+    delivery: LeasedDelivery,
+    to: DeliveryState,
+    *,
+    kind: OutcomeKind = OutcomeKind.SUCCESS,
+    at: int = NOW,
+    next_at: int | None = None,
+    attempt_id: str | None = None,
+) -> CompletedAttempt:
+    """An attempt started at `at` under `delivery`'s lease, moving it `to` a state; a retry
+    (`to` pending) is due at `next_at`, by default a second later."""
+    status = 200 if kind is OutcomeKind.SUCCESS else 500
+    return CompletedAttempt(
+        delivery=delivery,
+        outcome=Outcome(
+            kind, 3.5, status_code=status, error_class=None if status == 200 else "http_500"
+        ),
+        transition=Transition(
+            to_state=to,
+            attempts=delivery.attempts + 1,
+            next_attempt_at=(at + 1000 if next_at is None else next_at)
+            if to is DeliveryState.PENDING
+            else None,
+            last_error=None if to is DeliveryState.SUCCEEDED else "http_500: Internal Server Error",
+        ),
+        started_at=at,
+        attempt_id=new_id("att", at) if attempt_id is None else attempt_id,
+    )
