@@ -54,6 +54,18 @@ async def test_whatsapp_handshake_echoes_the_challenge(http: httpx.AsyncClient) 
     assert (r.status_code, r.json()["error"]) == (403, "invalid_verify_token")
 
 
+async def test_a_wrong_method_is_told_the_methods_the_source_answers(
+    http: httpx.AsyncClient,
+) -> None:
+    """RFC 9110 §15.5.6: a 405's `Allow` lists what the resource supports; a Cloud source's
+    URL answers Meta's GET handshake too, a Twilio source's only POST."""
+    r = await http.put("/in/wa-sol", content=b"{}")
+    assert (r.status_code, r.headers["allow"]) == (405, "GET, POST")
+    assert r.json()["error"] == "method_not_allowed"
+    r = await http.delete("/in/twilio-sol")
+    assert (r.status_code, r.headers["allow"]) == (405, "POST")
+
+
 async def test_a_signed_whatsapp_message_is_stored_normalized(http: httpx.AsyncClient) -> None:
     body, headers = wa_post("text.json")
     assert headers["x-hub-signature-256"] == WA_VECTOR["expected_header"]  # the vector

@@ -151,7 +151,10 @@ class IngestApp:
             raise HttpError(404, "unknown_source", f"no source named {source_id!r}")
         method = scope["method"]
         if method not in ("GET", "POST"):
-            raise HttpError(405, "method_not_allowed", "send webhooks with POST", {"Allow": "POST"})
+            allowed = ", ".join(handler.methods)
+            raise HttpError(
+                405, "method_not_allowed", f"this source accepts {allowed}", {"Allow": allowed}
+            )
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         body = b""
         if method == "POST":

@@ -45,6 +45,7 @@ class GenericSource:
     """A `ProviderSource` (providers/base.py) for the business's own systems."""
 
     kind = "generic"
+    methods: tuple[str, ...] = ("POST",)
 
     def __init__(self, source: SourceConfig) -> None:
         self.source = source

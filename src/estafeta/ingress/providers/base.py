@@ -79,6 +79,9 @@ class ProviderSource(Protocol):
     """The inbound half of one provider kind; one instance per configured source."""
 
     kind: str
+    # The methods its URL answers, for a 405's `Allow`: POST, and GET where `handshake` can
+    # answer one.
+    methods: tuple[str, ...]
 
     def handshake(self, request: InboundRequest) -> str:
         """The text to answer a GET with (200); raises HttpError (403, 405 …) otherwise."""

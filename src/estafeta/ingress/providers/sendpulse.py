@@ -54,6 +54,7 @@ class SendPulseSource:
     """A `kind = "sendpulse"` source: `token`, carried in the webhook URL (DESIGN §3.2)."""
 
     kind: str = PROVIDER
+    methods: tuple[str, ...] = ("POST",)
 
     def __init__(self, config: SourceConfig) -> None:
         self._token = require(config.token, PROVIDER, "token")

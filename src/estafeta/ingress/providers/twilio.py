@@ -74,6 +74,7 @@ class TwilioSource:
     """A `kind = "twilio"` source: `auth_token`, and `public_url` behind a proxy."""
 
     kind: str = PROVIDER
+    methods: tuple[str, ...] = ("POST",)
 
     def __init__(self, config: SourceConfig) -> None:
         self._auth_token = require(config.auth_token, PROVIDER, "auth_token").encode()

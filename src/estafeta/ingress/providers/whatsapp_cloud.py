@@ -63,6 +63,7 @@ class WhatsAppCloudSource:
     """A `kind = "whatsapp_cloud"` source: `app_secret` and `verify_token` (DESIGN §3.2)."""
 
     kind: str = PROVIDER
+    methods: tuple[str, ...] = ("GET", "POST")  # GET: Meta's verification handshake
 
     def __init__(self, config: SourceConfig) -> None:
         self._app_secret = require(config.app_secret, PROVIDER, "app_secret").encode()

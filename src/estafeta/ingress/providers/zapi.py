@@ -65,6 +65,7 @@ class ZApiSource:
     """A `kind = "zapi"` source: `token`, carried in the webhook URL (DESIGN §3.2)."""
 
     kind: str = PROVIDER
+    methods: tuple[str, ...] = ("POST",)
 
     def __init__(self, config: SourceConfig) -> None:
         self._token = require(config.token, PROVIDER, "token")
