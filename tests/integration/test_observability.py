@@ -56,6 +56,10 @@ async def test_metrics_report_accepted_events_and_the_queue(hub: Hub) -> None:
     text = r.text
     assert 'estafeta_deliveries{state="pending"} 3.0' in text
     assert 'estafeta_events_accepted_total{outcome="stored",source="crm-events"}' in text
+    # Every configured destination has its circuit's series, closed while it never failed,
+    # as /health/detailed lists it: an alert on the gauge sees the destination from the start.
+    for destination in ("billing", "crm", "outra-sink"):
+        assert f'estafeta_circuit_state{{destination="{destination}"}} 0.0' in text
 
 
 async def test_the_backlog_alert_fires_and_resolves_once(hub: Hub, store: SqlStore) -> None:

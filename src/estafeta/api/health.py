@@ -178,5 +178,7 @@ async def _absent() -> None:
 async def metrics(request: Request) -> Response:
     """Prometheus text format, for the scraper."""
     hub = hub_of(request)
-    body, content_type = await render(hub.store, hub.circuit_states, hub.spool)
+    body, content_type = await render(
+        hub.store, hub.circuit_states, hub.spool, named_destinations(hub.config)
+    )
     return Response(body, media_type=content_type)

@@ -11,7 +11,7 @@ Two kinds, on purpose:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from prometheus_client import (
@@ -117,9 +117,13 @@ _CIRCUIT_VALUES = {CircuitState.CLOSED: 0, CircuitState.HALF_OPEN: 1, CircuitSta
 
 
 async def render(
-    store: SqlStore, circuits: CircuitStateStore | None, spool: Spool | None
+    store: SqlStore,
+    circuits: CircuitStateStore | None,
+    spool: Spool | None,
+    destinations: Sequence[str] = (),
 ) -> tuple[bytes, str]:
-    """The exposition text, with the shared-state gauges read now.
+    """The exposition text, with the shared-state gauges read now; each of `destinations`
+    has a circuit series, closed when none is on record (stores keep only unhealthy ones).
 
     A gauge the store (or Redis) could not tell within READ_TIMEOUT_S is left out rather than
     stale or failing the scrape: during a store outage the counters and the spool gauges are
@@ -134,6 +138,8 @@ async def render(
         for state in ("pending", "in_flight", "succeeded", "dead", "discarded"):
             QUEUE_DEPTH.labels(state).set(stats.by_state.get(state, 0))
     CIRCUIT_STATE.clear()
+    if known is not None:
+        known = {destination_id: Circuit() for destination_id in destinations} | known
     for destination_id, circuit in (known or {}).items():
         CIRCUIT_STATE.labels(destination_id).set(_CIRCUIT_VALUES[circuit.state])
     if spool is not None:
