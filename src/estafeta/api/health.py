@@ -17,7 +17,7 @@ from estafeta.api.auth import Principal
 from estafeta.api.deps import admin_principal, hub_of
 from estafeta.api.responses import json_response
 from estafeta.clock import iso_from_ms
-from estafeta.delivery.circuit import Circuit
+from estafeta.delivery.circuit_store import every_circuit
 from estafeta.delivery.presence import LIVE_WINDOW_S, named_destinations
 from estafeta.delivery.state import DeliveryState
 from estafeta.errors import StoreUnavailable
@@ -146,7 +146,7 @@ async def circuits_check(
         known = await within(circuits.get_all())
     except (StoreUnavailable, TimeoutError):
         return {"status": "unavailable"}
-    known = {destination_id: Circuit() for destination_id in destinations} | known
+    known = every_circuit(known, destinations)
     return {
         destination_id: {
             "state": c.state.value,

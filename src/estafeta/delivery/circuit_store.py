@@ -17,7 +17,7 @@ shared with the outbound throttle and the inbound rate limit.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
 import orjson
@@ -28,6 +28,12 @@ from estafeta.delivery.circuit import Circuit
 from estafeta.redis_client import REDIS_ERRORS, RedisFailover
 
 _HEALTHY = Circuit()
+
+
+def every_circuit(known: Mapping[str, Circuit], destinations: Iterable[str]) -> dict[str, Circuit]:
+    """The circuits a reader shows: each of `destinations`, healthy unless `known` (what a
+    store's `get_all` said) has it otherwise, and every other circuit on record."""
+    return {destination_id: _HEALTHY for destination_id in destinations} | dict(known)
 
 
 class CircuitStateStore(Protocol):

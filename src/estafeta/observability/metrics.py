@@ -24,6 +24,7 @@ from prometheus_client import (
 )
 
 from estafeta.delivery.circuit import Circuit, CircuitState
+from estafeta.delivery.circuit_store import every_circuit
 from estafeta.errors import StoreUnavailable
 from estafeta.observability.reads import within
 
@@ -139,7 +140,7 @@ async def render(
             QUEUE_DEPTH.labels(state).set(stats.by_state.get(state, 0))
     CIRCUIT_STATE.clear()
     if known is not None:
-        known = {destination_id: Circuit() for destination_id in destinations} | known
+        known = every_circuit(known, destinations)
     for destination_id, circuit in (known or {}).items():
         CIRCUIT_STATE.labels(destination_id).set(_CIRCUIT_VALUES[circuit.state])
     if spool is not None:
