@@ -829,9 +829,12 @@ async def test_a_bad_page_of_a_conversation_is_a_400_naming_the_parameter(env: E
     assert listed["next"] is not None
     for query, parameter in [
         ("cursor=nonsense", "query.cursor"),
-        ("cursor=WzEsMiwzXQ", "query.cursor"),  # [1,2,3]
-        ("cursor=WzkyMjMzNzIwMzY4NTQ3NzU4MDgsImluYm91bmQiLCJ4Il0", "query.cursor"),  # 2**63
-        ("cursor=WzEsImluYm91bmQiLCJcdTAwMDAiXQ", "query.cursor"),  # an id with U+0000
+        ("cursor=WyJtIiwxLDIsM10", "query.cursor"),  # ["m",1,2,3]
+        (
+            "cursor=WyJtIiw5MjIzMzcyMDM2ODU0Nzc1ODA4LCJpbmJvdW5kIiwieCJd",
+            "query.cursor",
+        ),  # 2**63
+        ("cursor=WyJtIiwxLCJpbmJvdW5kIiwiXHUwMDAwIl0", "query.cursor"),  # an id with U+0000
         (f"cursor={listed['next']}", "query.cursor"),  # a page of the list, not of messages
         ("limit=0", "query.limit"),
         ("limit=1001", "query.limit"),
@@ -842,12 +845,16 @@ async def test_a_bad_page_of_a_conversation_is_a_400_naming_the_parameter(env: E
         assert parameter in r.json()["detail"], (query, r.json())
     # The list's cursor is read the same way: a time beyond a 64-bit column is no position.
     for cursor in (
-        "WzkyMjMzNzIwMzY4NTQ3NzU4MDgsImNsaW5pY2Etc29sIiwieCJd",
-        "WzEsImNsXHUwMDAwIiwieCJd",
+        "WyJjIiw5MjIzMzcyMDM2ODU0Nzc1ODA4LCJjbGluaWNhLXNvbCIsIngiXQ",
+        "WyJjIiwxLCJjbFx1MDAwMCIsIngiXQ",
     ):
         r = await env.http.get(f"/api/v1/conversations?cursor={cursor}", headers=env.auth())
         assert (r.status_code, r.json()["error"]) == (400, "invalid_request")
     first = (await env.http.get(f"{url}?limit=1", headers=env.auth())).json()
+    # Nor is a page of messages a position in the list (it once answered some page of it).
+    r = await env.http.get(f"/api/v1/conversations?cursor={first['next']}", headers=env.auth())
+    assert (r.status_code, r.json()["error"]) == (400, "invalid_request")
+    assert "query.cursor" in r.json()["detail"]
     assert [m["text"] for m in first["messages"]] == ["Olá"]
     rest = await env.http.get(f"{url}?limit=1000&cursor={first['next']}", headers=env.auth())
     assert ([m["text"] for m in rest.json()["messages"]], rest.json()["next"]) == (["Olá 2"], None)

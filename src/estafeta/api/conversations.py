@@ -44,23 +44,30 @@ def conversation_json(c: ConversationView) -> dict[str, Any]:
     }
 
 
-def encode_cursor(position: tuple[int, str, str]) -> str:
+# Each kind of page marks its cursors, so that one kind's `next` is never read as another's.
+CursorKind = Literal["conversations", "messages"]
+_CURSOR_MARK: dict[CursorKind, str] = {"conversations": "c", "messages": "m"}
+
+
+def encode_cursor(kind: CursorKind, position: tuple[int, str, str]) -> str:
     """The opaque `next` of a page whose last row is at `position`: where the next starts."""
-    return base64.urlsafe_b64encode(orjson.dumps(list(position))).decode().rstrip("=")
+    marked = [_CURSOR_MARK[kind], *position]
+    return base64.urlsafe_b64encode(orjson.dumps(marked)).decode().rstrip("=")
 
 
-def read_cursor(cursor: str) -> tuple[int, str, str]:
-    """The position an `encode_cursor` names: (a time, two strings); 400 for anything this
-    API did not give."""
+def read_cursor(kind: CursorKind, cursor: str) -> tuple[int, str, str]:
+    """The position an `encode_cursor` of this kind names: (a time, two strings); 400 for
+    anything this API did not give for this kind of page."""
     bad = HttpError(400, "invalid_request", "query.cursor: not a `next` this API gave")
     try:
-        at, first, second = orjson.loads(
+        mark, at, first, second = orjson.loads(
             base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         )
     except (ValueError, TypeError, orjson.JSONDecodeError):
         raise bad from None
     if not (
-        isinstance(at, int)
+        mark == _CURSOR_MARK[kind]
+        and isinstance(at, int)
         and not isinstance(at, bool)
         and -(2**63) <= at < 2**63  # a BIGINT column's range: anything else fails the query
         and isinstance(first, str)
@@ -73,12 +80,12 @@ def read_cursor(cursor: str) -> tuple[int, str, str]:
 
 def page_cursor(c: ConversationView) -> str:
     """The `next` of a page of conversations that ends with `c`."""
-    return encode_cursor((c.last_message_at, c.tenant_id, c.id))
+    return encode_cursor("conversations", (c.last_message_at, c.tenant_id, c.id))
 
 
 def message_position(cursor: str) -> MessagePosition:
     """The position a page of a conversation's messages ended at (`message_cursor`)."""
-    at, direction, message_id = read_cursor(cursor)
+    at, direction, message_id = read_cursor("messages", cursor)
     if direction not in ("inbound", "outbound"):
         raise HttpError(400, "invalid_request", "query.cursor: not a `next` this API gave")
     return at, direction, message_id
@@ -86,7 +93,7 @@ def message_position(cursor: str) -> MessagePosition:
 
 def message_cursor(i: Interaction) -> str:
     """The `next` of a page of a conversation's messages that ends with `i`."""
-    return encode_cursor((i.at, i.direction, i.id))
+    return encode_cursor("messages", (i.at, i.direction, i.id))
 
 
 @router.get("")
@@ -98,7 +105,7 @@ async def list_conversations(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: Annotated[str | None, Query(max_length=1024)] = None,
 ) -> Response:
-    after = read_cursor(cursor) if cursor is not None else None
+    after = read_cursor("conversations", cursor) if cursor is not None else None
     # One more than asked: whether another page follows, without a count.
     found = await hub_of(request).store.list_conversations(
         caller.scope(tenant), status=status, limit=limit + 1, after=after
