@@ -149,6 +149,24 @@ def verify_query_token(request: InboundRequest, token: str) -> None:
         raise HttpError(401, "invalid_token", "the token does not match this source")
 
 
+class TokenInUrlSource:
+    """The common half of Z-API and SendPulse sources, whose providers sign nothing: the
+    webhook URL carries the source's `token` (DESIGN §3.2), and there is no GET handshake.
+    A subclass sets `kind` and writes `parse`."""
+
+    kind: str
+    methods: tuple[str, ...] = ("POST",)
+
+    def __init__(self, config: SourceConfig) -> None:
+        self._token = require(config.token, self.kind, "token")
+
+    def handshake(self, request: InboundRequest) -> str:
+        raise no_handshake(self.kind)
+
+    def verify(self, request: InboundRequest) -> None:
+        verify_query_token(request, self._token)
+
+
 def _raw_query_value(path_qs: str, name: str) -> str:
     """The first `name=` value of the query, percent-decoded but with `+` kept as `+`."""
     for part in path_qs.partition("?")[2].split("&"):

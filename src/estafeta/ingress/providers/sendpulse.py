@@ -21,49 +21,34 @@ checked, since SendPulse's is UNCONFIRMED (§9.3): the body has to be JSON, what
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from estafeta.errors import HttpError
 from estafeta.ingress.generic import ParsedEvent
 from estafeta.ingress.providers.base import (
     InboundRequest,
+    TokenInUrlSource,
     bounded_key,
     digest_key,
     dumps,
     e164,
     load_json,
     milliseconds,
-    no_handshake,
     nonempty,
     obj,
     phone_digits,
-    require,
     seconds_to_ms,
-    verify_query_token,
 )
 from estafeta.ingress.providers.whatsapp_cloud import message_content
-
-if TYPE_CHECKING:
-    from estafeta.config import SourceConfig
 
 PROVIDER = "sendpulse"
 _SECONDS_BELOW = 10**11  # as ms, 1973: no SendPulse webhook is that old
 
 
-class SendPulseSource:
+class SendPulseSource(TokenInUrlSource):
     """A `kind = "sendpulse"` source: `token`, carried in the webhook URL (DESIGN §3.2)."""
 
     kind: str = PROVIDER
-    methods: tuple[str, ...] = ("POST",)
-
-    def __init__(self, config: SourceConfig) -> None:
-        self._token = require(config.token, PROVIDER, "token")
-
-    def handshake(self, request: InboundRequest) -> str:
-        raise no_handshake(PROVIDER)
-
-    def verify(self, request: InboundRequest) -> None:
-        verify_query_token(request, self._token)
 
     def parse(self, request: InboundRequest) -> list[ParsedEvent]:
         """contracts §9.3/§9.4: every `incoming_message` of the array."""

@@ -21,12 +21,13 @@ same message has, so the two collapse into one `sent` event. Other callback type
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from estafeta.errors import HttpError
 from estafeta.ingress.generic import ParsedEvent
 from estafeta.ingress.providers.base import (
     InboundRequest,
+    TokenInUrlSource,
     bounded_key,
     digest_key,
     dumps,
@@ -34,18 +35,12 @@ from estafeta.ingress.providers.base import (
     flag,
     load_json,
     milliseconds,
-    no_handshake,
     nonempty,
     number,
     obj,
     phone_digits,
-    require,
     text,
-    verify_query_token,
 )
-
-if TYPE_CHECKING:
-    from estafeta.config import SourceConfig
 
 PROVIDER = "zapi"
 _STATUSES = {"SENT": "sent", "RECEIVED": "delivered", "READ": "read", "PLAYED": "read"}
@@ -61,20 +56,10 @@ _MEDIA = (
 _ENVELOPE_OBJECTS = frozenset({"externalAdReply"})
 
 
-class ZApiSource:
+class ZApiSource(TokenInUrlSource):
     """A `kind = "zapi"` source: `token`, carried in the webhook URL (DESIGN §3.2)."""
 
     kind: str = PROVIDER
-    methods: tuple[str, ...] = ("POST",)
-
-    def __init__(self, config: SourceConfig) -> None:
-        self._token = require(config.token, PROVIDER, "token")
-
-    def handshake(self, request: InboundRequest) -> str:
-        raise no_handshake(PROVIDER)
-
-    def verify(self, request: InboundRequest) -> None:
-        verify_query_token(request, self._token)
 
     def parse(self, request: InboundRequest) -> list[ParsedEvent]:
         """contracts §3.3/§3.4: one callback per request, dispatched on its `type`."""
