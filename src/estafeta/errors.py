@@ -5,7 +5,8 @@
     ├── StoreError             the store could not do what was asked
     │   ├── StoreUnavailable   the store cannot be reached (connection refused, timeout)
     │   │   └── StoreLoginRefused  the database refuses estafeta's login (role, password, db)
-    │   └── StoreRejected      the data breaks one of the schema's constraints
+    │   ├── StoreRejected      the data breaks one of the schema's constraints
+    │   └── LeaseRaced         a concurrent lease put one of the same ordering key in flight
     ├── FilterSyntaxError      a route filter expression does not parse
     ├── ServeError             the HTTP server could not start (its address in use …)
     └── HttpError              the only error that reaches an HTTP client: status, error, detail
@@ -63,6 +64,11 @@ class StoreLoginRefused(StoreUnavailable):
 
 class StoreRejected(StoreError):
     """The store refused the data: it breaks one of the schema's constraints."""
+
+
+class LeaseRaced(StoreError):
+    """Another lease put a delivery of the same ordering key in flight at the same moment;
+    this lease took nothing (the next one goes on)."""
 
 
 class FilterSyntaxError(EstafetaError):

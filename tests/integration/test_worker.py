@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import redis
+from structlog.testing import capture_logs
 
 from estafeta.clock import SystemClock
 from estafeta.config import Config, load_config_dict
@@ -17,7 +18,7 @@ from estafeta.connectors.http import HttpConnector
 from estafeta.delivery.model import LeasedDelivery
 from estafeta.delivery.outcome import Outcome, OutcomeKind
 from estafeta.delivery.worker import Worker
-from estafeta.errors import StoreError, StoreUnavailable
+from estafeta.errors import LeaseRaced, StoreError, StoreUnavailable
 from estafeta.hub import Hub
 from estafeta.ids import new_id
 from estafeta.store.records import DeadLetterFilter, EventView, NewDelivery
@@ -617,6 +618,37 @@ async def test_a_snooze_the_store_refused_is_given_back_at_the_next_step_not_lef
         assert view is not None
         [delivery] = view.deliveries
         assert (delivery.state, delivery.attempts) == ("pending", 0)  # due at the refill
+    finally:
+        await worker._shutdown()
+        await hub.close()
+
+
+async def test_a_lease_that_lost_an_ordering_race_is_logged_and_the_next_one_delivers(
+    store: SqlStore, sink: Sink, database_url: str
+) -> None:
+    """Two leases raced for one ordering key and this worker's lost (the database refused
+    it, test_ordering_races.py): the worker logs it, does not stop, and leases at once."""
+    config = config_for(database_url, sink)
+    hub = Hub(config, store)
+    worker = Worker(store, config)
+    await worker._connectors.start()  # what `run` does first; its loop is driven by hand
+    event_id = await publish(hub)
+    lease = store.lease
+
+    async def raced(*args: Any, **kwargs: Any) -> Any:
+        raise LeaseRaced()
+
+    store.lease = raced  # type: ignore[method-assign]
+    try:
+        with capture_logs() as logs:
+            assert await worker._step() == 0
+        assert [entry["event"] for entry in logs] == ["lease_raced"]
+    finally:
+        store.lease = lease  # type: ignore[method-assign]
+    try:
+        assert worker._wake.is_set()  # the next lease comes without waiting for the poll
+        assert await worker._step() >= 1
+        assert await sink.wait_for(lambda s: event_id in s.delivered_ids, 5)
     finally:
         await worker._shutdown()
         await hub.close()

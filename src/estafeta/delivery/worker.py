@@ -50,7 +50,7 @@ from estafeta.delivery.presence import named_destinations
 from estafeta.delivery.rescue import Rescue
 from estafeta.delivery.snooze import Snoozes
 from estafeta.delivery.throttle import DestinationThrottle
-from estafeta.errors import StoreUnavailable
+from estafeta.errors import LeaseRaced, StoreUnavailable
 from estafeta.messaging.facts import send_destination
 from estafeta.messaging.outbound import can_send
 from estafeta.redis_client import connect_redis
@@ -274,14 +274,22 @@ class Worker:
         if not any(room > 0 for room in rooms.values()):
             return []
         self.leases += 1
-        return await self.store.lease(
-            now_ms=now,
-            rooms=rooms,
-            limit=limit,
-            lease_ms=self.lease_ms,
-            worker_id=self.worker_id,
-            sending=self._attempts.sending,
-        )
+        try:
+            return await self.store.lease(
+                now_ms=now,
+                rooms=rooms,
+                limit=limit,
+                lease_ms=self.lease_ms,
+                worker_id=self.worker_id,
+                sending=self._attempts.sending,
+            )
+        except LeaseRaced:
+            # Another worker's lease took one of an ordering key this one also chose: this
+            # lease took nothing, and the next one (at once: the slots are still free) sees
+            # which of the key is in flight.
+            log.info("lease_raced", worker=self.worker_id)
+            self._wake.set()
+            return []
 
     async def _give_back_named(self, batch: list[LeasedDelivery], now: int) -> list[LeasedDelivery]:
         """`batch` without the deliveries to orphans that a process started since the last

@@ -23,19 +23,21 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import asyncpg
 import orjson
 from sqlalchemy import event, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from estafeta.errors import StoreUnavailable
+from estafeta.errors import LeaseRaced, StoreUnavailable
 from estafeta.messaging.facts import SEND_DESTINATION_PREFIX, storable
 from estafeta.store.base import SQL_DIR
 from estafeta.store.held import HeldConnections
 from estafeta.store.ingest import delivery_rows, event_key, event_row, fates
 from estafeta.store.leases import attempt_row, next_attempt
 from estafeta.store.records import CompletedAttempt, InsertResult, NewEvent
+from estafeta.store.schema import ORDERING_IN_FLIGHT
 from estafeta.store.sqlstore import SqlStore
 
 
@@ -270,7 +272,18 @@ class PostgresStore(SqlStore):
     # -- the delivery lifecycle -------------------------------------------------------------
 
     async def _lease_rows(self, params: dict[str, Any]) -> list[Any]:
-        return await self._fetch(self._lease, params)
+        """The statement reads the store as it was when it began: a delivery of a key stored
+        or replayed since may look like the key's head while another worker's lease, not yet
+        committed, is putting a later one of the key in flight. The unique index on a key's
+        in-flight deliveries makes this lease wait for that one and then fail; nothing of it
+        was applied, and the next lease sees the store as it is."""
+        async with self._held.driver() as driver:
+            try:
+                return list(await driver.fetch(self._lease.positional, *self._lease.args(params)))
+            except asyncpg.UniqueViolationError as exc:
+                if exc.constraint_name != ORDERING_IN_FLIGHT:
+                    raise
+                raise LeaseRaced() from None
 
     async def complete(self, batch: Sequence[CompletedAttempt], now_ms: int) -> int:
         """Attempts and transitions in one statement (sql/complete_postgresql.sql); a batch

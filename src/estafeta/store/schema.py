@@ -178,12 +178,15 @@ Index(
     sqlite_where=text("state IN ('pending', 'in_flight') AND ordering_key IS NOT NULL"),
 )
 # "Is one with this key to this destination in flight?": a later one may be (a replay, a
-# process whose clock is behind); a handful of rows, so the check is one probe, not a walk
-# of the key's pending ones.
+# process whose clock is behind); one row at most, so the check is one probe, not a walk of
+# the key's pending ones. Unique: two leases that race cannot both put one of a key in
+# flight (migration 0010).
+ORDERING_IN_FLIGHT = "deliveries_ordering_in_flight"
 Index(
-    "deliveries_ordering_in_flight",
+    ORDERING_IN_FLIGHT,
     deliveries.c.destination_id,
     deliveries.c.ordering_key,
+    unique=True,
     postgresql_where=text("state = 'in_flight' AND ordering_key IS NOT NULL"),
     sqlite_where=text("state = 'in_flight' AND ordering_key IS NOT NULL"),
 )
