@@ -490,6 +490,8 @@ def command_options(*path: str) -> set[str]:
         ("`estafeta migrate`", [("migrate",)]),
         ("`estafeta check-config`", [("check-config",)]),
         ("`estafeta keys create`", [("keys", "create")]),
+        ("`estafeta keys list`", [("keys", "list")]),
+        ("`estafeta keys revoke`", [("keys", "revoke")]),
         (
             "`estafeta dlq list | replay | discard`",
             [("dlq", c) for c in ("list", "replay", "discard")],

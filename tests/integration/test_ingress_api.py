@@ -53,9 +53,11 @@ MESSAGE = orjson.dumps({"type": "message.received", "data": {"kind": "text", "te
 
 async def make_client(store: SqlStore, config: Config) -> AsyncIterator[Client]:
     await store.create_api_key(
-        tenant_id="clinica-sol", key_hash=hash_key(SOL_KEY), label="", now_ms=1
+        tenant_id="clinica-sol", key_hash=hash_key(SOL_KEY), label="", actor="test", now_ms=1
     )
-    await store.create_api_key(tenant_id="outra", key_hash=hash_key(OUTRA_KEY), label="", now_ms=1)
+    await store.create_api_key(
+        tenant_id="outra", key_hash=hash_key(OUTRA_KEY), label="", actor="test", now_ms=1
+    )
     hub = Hub(config, store)
     app = create_app(hub)
     transport = httpx.ASGITransport(app=app)

@@ -40,7 +40,11 @@ async def test_a_refused_api_key_logs_its_constraint_not_its_label(
 ) -> None:
     with pytest.raises(StoreRejected) as refused:
         await store.create_api_key(
-            tenant_id="no-such-tenant", key_hash="h" * 64, label=f"+{PHONE} {TEXT}", now_ms=1
+            tenant_id="no-such-tenant",
+            key_hash="h" * 64,
+            label=f"+{PHONE} {TEXT}",
+            actor="test",
+            now_ms=1,
         )
     printed = logged(refused.value)
     assert "StoreRejected" in printed and "IntegrityError" in printed

@@ -172,8 +172,12 @@ async def env(store: SqlStore, database_url: str) -> AsyncIterator[Env]:
     )
     config = load_config_dict(data)
     await store.sync_config(config, 1)
-    await store.create_api_key(tenant_id="clinica-sol", key_hash=hash_key(SOL), label="", now_ms=1)
-    await store.create_api_key(tenant_id="outra", key_hash=hash_key(OUTRA), label="", now_ms=1)
+    await store.create_api_key(
+        tenant_id="clinica-sol", key_hash=hash_key(SOL), label="", actor="test", now_ms=1
+    )
+    await store.create_api_key(
+        tenant_id="outra", key_hash=hash_key(OUTRA), label="", actor="test", now_ms=1
+    )
     hub = Hub(config, store)
     transport = httpx.ASGITransport(app=create_app(hub))
     async with httpx.AsyncClient(transport=transport, base_url="http://hub") as http:

@@ -112,7 +112,9 @@ async def loop_(store: SqlStore, database_url: str) -> AsyncIterator[Loop]:
     )
     config = load_config_dict(data)
     await store.sync_config(config, 1)
-    await store.create_api_key(tenant_id="clinica-sol", key_hash=hash_key(KEY), label="", now_ms=1)
+    await store.create_api_key(
+        tenant_id="clinica-sol", key_hash=hash_key(KEY), label="", actor="test", now_ms=1
+    )
     server = uvicorn_server(create_app(Hub(config, store), run_workers=True), f"127.0.0.1:{port}")
     serving = asyncio.create_task(server.serve())
     deadline = time.monotonic() + 10

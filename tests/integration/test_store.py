@@ -487,7 +487,9 @@ async def test_migrate_twice_is_harmless(store: SqlStore) -> None:
 
 
 async def test_api_keys_resolve_to_their_tenant_only_by_hash(store: SqlStore) -> None:
-    await store.create_api_key(tenant_id="outra", key_hash="a" * 64, label="x", now_ms=NOW)
+    await store.create_api_key(
+        tenant_id="outra", key_hash="a" * 64, label="x", actor="test", now_ms=NOW
+    )
     assert await store.tenant_for_key("a" * 64) == "outra"
     assert await store.tenant_for_key("b" * 64) is None
 

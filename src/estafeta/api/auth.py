@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from starlette.requests import Request
@@ -48,10 +49,21 @@ class Principal:
 
 
 class Authenticator:
-    def __init__(self, store: SqlStore, admin_key: str | None) -> None:
+    """Finds the caller of a request by its key; a tenant key's tenant is cached for
+    `_CACHE_TTL_S` (one lookup per key and interval, not per request), so a revoked key is
+    refused at the latest that long after `estafeta keys revoke`."""
+
+    def __init__(
+        self,
+        store: SqlStore,
+        admin_key: str | None,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._store = store
         self._admin_key = admin_key.encode() if admin_key else None
         self._cache: dict[str, tuple[str | None, float]] = {}
+        self._monotonic = monotonic
 
     async def principal(self, request: Request) -> Principal:
         header = request.headers.get("authorization")
@@ -68,7 +80,7 @@ class Authenticator:
         return Principal(tenant_id=tenant_id, admin=False)
 
     async def _tenant_for(self, key_hash: str) -> str | None:
-        now = time.monotonic()
+        now = self._monotonic()
         cached = self._cache.get(key_hash)
         if cached is not None and cached[1] > now:
             return cached[0]

@@ -288,6 +288,7 @@ async def _served_story(
         tenant_id="clinica-sol",
         key_hash=hash_key(api_key),
         label="demo",
+        actor="demo",
         now_ms=SystemClock().now_ms(),
     )
     server = uvicorn_server(create_app(Hub(config, store), run_workers=True), config.server.listen)

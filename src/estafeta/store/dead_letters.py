@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from sqlalchemy import ColumnElement, select, update
 
 from estafeta.delivery.state import DeliveryState
-from estafeta.ids import new_id
 from estafeta.messaging.facts import SEND_DESTINATION_PREFIX
 from estafeta.store import schema as s
+from estafeta.store.audit import audit
 from estafeta.store.messaging import MessagingOps
 from estafeta.store.records import DeadLetterFilter, DeliveryView
 from estafeta.store.views import delivery_view, delivery_view_query
@@ -104,16 +103,12 @@ class DeadLetterOps(MessagingOps):
             for delivery_id, tenant_id, _ in moved:
                 per_tenant.setdefault(tenant_id, []).append(delivery_id)
             for tenant_id, delivery_ids in per_tenant.items():
-                await conn.execute(
-                    s.audit_log.insert().values(
-                        id=new_id("aud", now_ms),
-                        tenant_id=tenant_id,
-                        at=now_ms,
-                        actor=actor,
-                        action=f"dlq.{action}",
-                        detail=orjson.dumps(
-                            {"deliveries": sorted(delivery_ids), "count": len(delivery_ids)}
-                        ).decode(),
-                    )
+                await audit(
+                    conn,
+                    tenant_id=tenant_id,
+                    actor=actor,
+                    action=f"dlq.{action}",
+                    detail={"deliveries": sorted(delivery_ids), "count": len(delivery_ids)},
+                    now_ms=now_ms,
                 )
         return sorted(delivery_id for delivery_id, _, _ in moved)

@@ -11,10 +11,11 @@ engines (connection set-up, the lease statement, the INSERT … ON CONFLICT cons
 * `circuits.py`: the circuit breakers' shared state, when no Redis is configured;
 * `messaging.py`: WhatsApp conversations and the messages tenants send;
 * `conversations.py`: reads of conversations, and of their messages page by page;
-* `processes.py`: the running processes and the destinations their configurations name.
+* `processes.py`: the running processes and the destinations their configurations name;
+* `api_keys.py`: the tenants' API keys (created, listed, revoked; audited in `audit.py`).
 
 What belongs to the store as a whole stays here: its schema's version, and what operators
-configure (tenants with their sources, destinations and routes, and the tenants' API keys).
+configure (tenants with their sources, destinations and routes).
 The engines, the transaction helpers and the translation of drivers' errors are in `base.py`.
 Runtime code outside this package holds no SQL.
 """
@@ -24,12 +25,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
-from sqlalchemy import and_, select
+from sqlalchemy import select
 
 from estafeta.errors import StoreError
-from estafeta.ids import new_id
 from estafeta.messaging.facts import SEND_DESTINATION_PREFIX
 from estafeta.store import schema as s
+from estafeta.store.api_keys import ApiKeyOps
 from estafeta.store.base import store_errors
 from estafeta.store.circuits import CircuitOps
 from estafeta.store.conversations import ConversationOps
@@ -46,7 +47,14 @@ if TYPE_CHECKING:
 
 
 class SqlStore(
-    IngestOps, LeaseOps, DeadLetterOps, ViewOps, CircuitOps, ProcessOps, ConversationOps
+    IngestOps,
+    LeaseOps,
+    DeadLetterOps,
+    ViewOps,
+    CircuitOps,
+    ProcessOps,
+    ConversationOps,
+    ApiKeyOps,
 ):
     """Base class; use `open_store(url)` to get the one for an engine."""
 
@@ -116,33 +124,6 @@ class SqlStore(
                         set_={k: getattr(stmt.excluded, k) for k in row if k != "id"},
                     )
                     await conn.execute(stmt)
-
-    # -- API keys ---------------------------------------------------------------------------
-
-    async def create_api_key(
-        self, *, tenant_id: str, key_hash: str, label: str, now_ms: int
-    ) -> str:
-        key_id = new_id("key", now_ms)
-        async with self._write() as conn:
-            await conn.execute(
-                s.api_keys.insert().values(
-                    id=key_id,
-                    tenant_id=tenant_id,
-                    key_hash=key_hash,
-                    label=label,
-                    created_at=now_ms,
-                )
-            )
-        return key_id
-
-    async def tenant_for_key(self, key_hash: str) -> str | None:
-        """The tenant owning an unrevoked key with this hash, or None."""
-        k = s.api_keys
-        query = select(k.c.tenant_id).where(
-            and_(k.c.key_hash == key_hash, k.c.revoked_at.is_(None))
-        )
-        async with self._read() as conn:
-            return (await conn.execute(query)).scalar()
 
     async def tenant_exists(self, tenant_id: str) -> bool:
         query = select(s.tenants.c.id).where(s.tenants.c.id == tenant_id)

@@ -1,0 +1,109 @@
+"""What every `estafeta` command shares: the --config option, loading the configuration,
+running against the store, and the exit codes of docs/cli.md (2: a setting or input to
+correct, 3: the store cannot be reached)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from pydantic import ValidationError
+
+from estafeta.config import Config, load_config, load_config_dict
+from estafeta.config.models import ServerConfig, mask_url
+from estafeta.errors import (
+    ConfigError,
+    EstafetaError,
+    StoreError,
+    StoreLoginRefused,
+    StoreUnavailable,
+)
+from estafeta.store import open_store
+from estafeta.store.sqlstore import SqlStore
+
+T = TypeVar("T")
+DEFAULT_CONFIG = "estafeta.toml"
+
+config_option = click.option(
+    "--config",
+    "config_path",
+    envvar="ESTAFETA_CONFIG",
+    default=DEFAULT_CONFIG,
+    show_default=True,
+    help="the configuration file (a missing default file means: defaults and env only)",
+)
+
+
+def load(config_path: str) -> Config:
+    """The configuration, or exit 2 with every problem printed."""
+    try:
+        if config_path == DEFAULT_CONFIG and not Path(config_path).exists():
+            return load_config_dict({})
+        return load_config(config_path)
+    except ConfigError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(2)
+
+
+def exiting_on_errors(config: Config, command: Callable[[], T]) -> T:
+    """Run a command; an estafeta error ends it with one line on stderr and the status of
+    docs/cli.md: 3 when the store cannot be reached, else 2. A store's error names the
+    database first (password masked, query left out), since the default file or
+    ESTAFETA_DATABASE_URL may not lead where the operator meant."""
+    try:
+        return command()
+    except EstafetaError as exc:
+        of_store = isinstance(exc, StoreError)
+        where = f"{mask_url(config.storage.url).split('?')[0]}: " if of_store else ""
+        click.echo(f"error: {where}{exc}", err=True)
+        refused = isinstance(exc, StoreLoginRefused)  # a setting to correct, not an outage
+        sys.exit(3 if isinstance(exc, StoreUnavailable) and not refused else 2)
+
+
+def run(config: Config, make: Callable[[], Awaitable[T]]) -> T:
+    async def main() -> T:
+        return await make()
+
+    return exiting_on_errors(config, lambda: asyncio.run(main()))
+
+
+def run_service(config: Config, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run a long-lived service on uvloop; the same exit codes as the other commands."""
+    from estafeta.server import run as run_on_uvloop
+
+    exiting_on_errors(config, lambda: run_on_uvloop(main))
+
+
+async def with_store(
+    config: Config, action: Callable[[SqlStore], Awaitable[T]], *, migrating: bool = False
+) -> T:
+    store = open_store(config.storage.url)
+    try:
+        if not migrating:
+            await store.require_schema()
+        return await action(store)
+    finally:
+        await store.close()
+
+
+def in_store(config: Config, action: Callable[[SqlStore], Awaitable[T]]) -> T:
+    """`action` against the configured store (whose schema must be this version's)."""
+    return run(config, lambda: with_store(config, action))
+
+
+def checked_listen(value: str | None) -> str | None:
+    """--listen, checked as server.listen is (the copy of the configuration is not)."""
+    try:
+        return value if value is None else ServerConfig(listen=value).listen
+    except ValidationError as exc:
+        raise click.BadParameter(str(exc.errors()[0]["ctx"]["error"])) from None
+
+
+def operator() -> str:
+    """Who runs the command, as the audit log names them."""
+    return f"cli:{os.environ.get('USER', 'operator')}"

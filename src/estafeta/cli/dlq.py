@@ -1,0 +1,142 @@
+"""`estafeta dlq list / replay / discard`: the dead-letter queue, from the command line."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+import orjson
+
+from estafeta.cli.common import config_option, in_store, load, operator
+from estafeta.clock import SystemClock, iso_from_ms, ms_from_iso
+from estafeta.errors import EstafetaError
+from estafeta.store.records import DeadLetterFilter, DeliveryView
+from estafeta.store.sqlstore import SqlStore
+
+MAX_LIMIT = 1_000_000  # dead deliveries one `dlq` command takes at most
+
+
+def _dlq_filter(
+    tenant: str | None,
+    destination: str | None,
+    event_type: str | None,
+    since: str | None,
+    until: str | None,
+    ids: tuple[str, ...],
+    limit: int | None,
+) -> DeadLetterFilter:
+    try:
+        return DeadLetterFilter(
+            tenant_id=tenant,
+            delivery_ids=ids,
+            destination_id=destination,
+            event_type=event_type,
+            since=ms_from_iso(since) if since else None,
+            until=ms_from_iso(until) if until else None,
+            limit=limit,
+        )
+    except ValueError as exc:
+        raise click.BadParameter(f"--since/--until must be ISO 8601 times ({exc})") from None
+
+
+def dlq_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(
+        [
+            config_option,
+            click.option("--tenant", default=None, help="only this tenant's deliveries"),
+            click.option("--destination", default=None, help="only to this destination"),
+            click.option("--event-type", default=None, help="only events of this type"),
+            click.option("--since", default=None, help="dead since (ISO 8601)"),
+            click.option("--until", default=None, help="dead before (ISO 8601)"),
+            click.option("--id", "ids", multiple=True, help="a delivery id (repeatable)"),
+            click.option(
+                "--limit",
+                default=None,
+                type=click.IntRange(1, MAX_LIMIT),  # past a bigint, the driver's traceback
+                help="at most this many  [default: as many as --id names, else 1000]",
+            ),
+        ]
+    ):
+        function = option(function)
+    return function
+
+
+async def _require_known(store: SqlStore, chosen: DeadLetterFilter) -> None:
+    """A tenant or destination the store does not know selects nothing, whatever the DLQ
+    holds: a typo, which "0 dead deliveries" would hide."""
+    named = (
+        ("--tenant", "tenant", chosen.tenant_id, store.tenant_exists),
+        ("--destination", "destination", chosen.destination_id, store.destination_exists),
+    )
+    for option, what, name, exists in named:
+        if name is not None and not await exists(name):
+            raise EstafetaError(f"{option} {name!r}: no such {what} in the store")
+
+
+@click.group()
+def dlq() -> None:
+    """Operate the dead-letter queue."""
+
+
+@dlq.command("list")
+@dlq_options
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
+def dlq_list(config_path: str, as_json: bool, **selection: Any) -> None:
+    """List dead deliveries."""
+    config = load(config_path)
+    chosen = _dlq_filter(**selection)
+
+    async def action(store: SqlStore) -> list[DeliveryView]:
+        await _require_known(store, chosen)
+        return await store.list_dead(chosen)
+
+    found = in_store(config, action)
+    for d in found:
+        if as_json:
+            from estafeta.api.views import delivery_json
+
+            click.echo(orjson.dumps(delivery_json(d)).decode())
+        else:
+            click.echo(
+                f"{d.id}  {d.tenant_id}  {d.destination_id}  {d.event_type}  "
+                f"attempts={d.attempts}  dead_at={iso_from_ms(d.updated_at)}  {d.last_error or ''}"
+            )
+    click.echo(f"{len(found)} dead deliveries", err=True)
+
+
+def _move(config_path: str, action_name: str, everything: bool, **selection: Any) -> None:
+    config = load(config_path)
+    chosen = _dlq_filter(**selection)
+    # Judged on the options as given: a filter's parsed value may be falsy (--since the epoch).
+    named = [name for name, value in selection.items() if value and name != "limit"]
+    if not (everything or named):
+        raise click.UsageError("name --id, a filter, or --all")
+    actor = operator()
+
+    async def action(store: SqlStore) -> list[str]:
+        await _require_known(store, chosen)
+        operation = store.replay if action_name == "replay" else store.discard
+        return await operation(chosen, actor=actor, now_ms=SystemClock().now_ms())
+
+    moved = in_store(config, action)
+    for delivery_id in moved:
+        click.echo(delivery_id)
+    past = "replayed" if action_name == "replay" else "discarded"
+    click.echo(f"{len(moved)} deliveries {past}", err=True)
+
+
+@dlq.command("replay")
+@dlq_options
+@click.option("--all", "everything", is_flag=True, help="every dead delivery")
+def dlq_replay(config_path: str, everything: bool, **selection: Any) -> None:
+    """Put dead deliveries back to pending with fresh attempts (recorded in the audit log)."""
+    _move(config_path, "replay", everything, **selection)
+
+
+@dlq.command("discard")
+@dlq_options
+@click.option("--all", "everything", is_flag=True, help="every dead delivery")
+def dlq_discard(config_path: str, everything: bool, **selection: Any) -> None:
+    """Give up on dead deliveries for good (recorded in the audit log)."""
+    _move(config_path, "discard", everything, **selection)

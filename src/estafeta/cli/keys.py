@@ -1,0 +1,126 @@
+"""`estafeta keys create / list / revoke`: tenants' API keys, from the command line.
+
+A key is shown once, when it is created; the store keeps its hash, and neither the key nor
+the hash is ever printed again. Creating and revoking are written to the audit log.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+import click
+import orjson
+
+from estafeta.cli.common import config_option, in_store, load, operator
+from estafeta.clock import SystemClock, iso_from_ms
+from estafeta.errors import EstafetaError
+from estafeta.store.api_keys import ApiKeyView
+from estafeta.store.sqlstore import SqlStore
+
+# Characters a terminal acts on instead of showing: controls (ESC starts a sequence that can
+# rewrite the screen), format characters (a right-to-left override reorders what follows),
+# and line or paragraph separators.
+_UNPRINTABLE = {"Cc", "Cf", "Zl", "Zp"}
+
+
+def printable(text: str) -> str:
+    """`text` with every character a terminal would act on written as its escape (`\\x1b`,
+    `\\u202e`); a label is whatever an operator typed, and is shown on other terminals."""
+    return "".join(
+        ch.encode("unicode_escape").decode() if unicodedata.category(ch) in _UNPRINTABLE else ch
+        for ch in text
+    )
+
+
+def key_json(key: ApiKeyView) -> dict[str, object]:
+    return {
+        "id": key.id,
+        "tenant": key.tenant_id,
+        "label": key.label,
+        "created_at": iso_from_ms(key.created_at),
+        "revoked_at": None if key.revoked_at is None else iso_from_ms(key.revoked_at),
+        "active": key.active,
+    }
+
+
+@click.group()
+def keys() -> None:
+    """Tenant API keys."""
+
+
+@keys.command("create")
+@config_option
+@click.option("--tenant", required=True, help="the tenant the key belongs to")
+@click.option("--label", default="", help="a note to recognise the key by")
+def keys_create(config_path: str, tenant: str, label: str) -> None:
+    """Create an API key; it is printed once and only its hash is stored."""
+    from estafeta.api.auth import hash_key, new_api_key
+
+    config = load(config_path)
+    key = new_api_key()
+
+    async def action(store: SqlStore) -> str:
+        if not await store.tenant_exists(tenant):
+            raise EstafetaError(f"no tenant {tenant!r} in the store (run `estafeta migrate`)")
+        return await store.create_api_key(
+            tenant_id=tenant,
+            key_hash=hash_key(key),
+            label=label,
+            actor=operator(),
+            now_ms=SystemClock().now_ms(),
+        )
+
+    key_id = in_store(config, action)
+    click.echo(key)
+    click.echo(f"(key {key_id} for tenant {tenant}; store it now, it is not shown again)", err=True)
+
+
+@keys.command("list")
+@config_option
+@click.option("--tenant", default=None, help="only this tenant's keys")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
+def keys_list(config_path: str, tenant: str | None, as_json: bool) -> None:
+    """List API keys, revoked ones too (never the keys themselves)."""
+    config = load(config_path)
+
+    async def action(store: SqlStore) -> list[ApiKeyView]:
+        if tenant is not None and not await store.tenant_exists(tenant):
+            raise EstafetaError(f"--tenant {tenant!r}: no such tenant in the store")
+        return await store.list_api_keys(tenant)
+
+    found = in_store(config, action)
+    for key in found:
+        if as_json:
+            click.echo(orjson.dumps(key_json(key)).decode())
+            continue
+        status = "active" if key.revoked_at is None else f"revoked {iso_from_ms(key.revoked_at)}"
+        click.echo(
+            f"{key.id}  {key.tenant_id}  created {iso_from_ms(key.created_at)}  {status}  "
+            f"{printable(key.label)}".rstrip()
+        )
+    active = sum(key.active for key in found)
+    click.echo(f"{len(found)} keys ({active} active)", err=True)
+
+
+@keys.command("revoke")
+@config_option
+@click.argument("key_id")
+def keys_revoke(config_path: str, key_id: str) -> None:
+    """Revoke an API key: refused from then on (within the API's 10 s cache of keys)."""
+    config = load(config_path)
+
+    async def action(store: SqlStore) -> tuple[ApiKeyView, bool]:
+        revoked = await store.revoke_api_key(
+            key_id, actor=operator(), now_ms=SystemClock().now_ms()
+        )
+        if revoked is None:
+            raise EstafetaError(f"no API key '{printable(key_id)}' in the store")
+        return revoked
+
+    key, now = in_store(config, action)
+    assert key.revoked_at is not None  # noqa: S101 - revoke_api_key returns it revoked
+    when = iso_from_ms(key.revoked_at)
+    if now:
+        click.echo(f"key {key.id} of tenant {key.tenant_id} revoked at {when}")
+    else:
+        click.echo(f"key {key.id} of tenant {key.tenant_id} was already revoked at {when}")

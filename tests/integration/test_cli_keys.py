@@ -1,0 +1,181 @@
+"""`estafeta keys create / list / revoke` on both engines, and what a revoked key gets from
+the API: an operator whose key leaked lists the tenant's keys, revokes the one that leaked,
+and the API refuses it from then on (at the latest when the API's key cache expires)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from click.testing import CliRunner, Result
+from sqlalchemy import text
+from starlette.requests import Request
+
+from estafeta.api.auth import _CACHE_TTL_S, Authenticator, hash_key, new_api_key
+from estafeta.cli import main
+from estafeta.errors import HttpError
+from estafeta.store import open_store
+from estafeta.store.sqlstore import SqlStore
+
+TENANT, OTHER = "clinica-sol", "outra"
+
+
+def config_file(tmp_path: Path, database_url: str) -> Path:
+    path = tmp_path / "estafeta.toml"
+    path.write_text(
+        f'[storage]\nurl = "{database_url}"\nspool_dir = "{tmp_path / "spool"}"\n\n'
+        f'[[tenants]]\nid = "{TENANT}"\nname = "Clínica Sol"\n\n'
+        f'[[tenants]]\nid = "{OTHER}"\nname = "Outra"\n'
+    )
+    return path
+
+
+def run(config: Path, *args: str) -> Result:
+    return CliRunner(env={"USER": "ana"}).invoke(main, [*args, "--config", str(config)])
+
+
+def create(config_path: Path, tenant: str, label: str = "") -> tuple[str, str]:
+    """A new key of `tenant`: (its id, the key)."""
+    result = run(config_path, "keys", "create", "--tenant", tenant, "--label", label)
+    assert result.exit_code == 0, result.output
+    key = result.stdout.strip()
+    key_id = result.stderr.split("(key ", 1)[1].split()[0]
+    return key_id, key
+
+
+def rows(database_url: str, sql: str) -> list[tuple[Any, ...]]:
+    async def read() -> list[tuple[Any, ...]]:
+        store = open_store(database_url)
+        try:
+            async with store.engine.connect() as conn:
+                return [tuple(r) for r in await conn.execute(text(sql))]
+        finally:
+            await store.close()
+
+    return asyncio.run(read())
+
+
+@pytest.fixture
+def config_path(tmp_path: Path, database_url: str) -> Path:
+    path = config_file(tmp_path, database_url)
+    assert run(path, "migrate").exit_code == 0
+    return path
+
+
+def test_keys_list_shows_every_key_but_never_the_key_or_its_hash(
+    config_path: Path, database_url: str
+) -> None:
+    sol_id, sol_key = create(config_path, TENANT, "n8n da recepção")
+    other_id, other_key = create(config_path, OTHER)
+
+    listed = run(config_path, "keys", "list")
+    assert listed.exit_code == 0, listed.output
+    lines = listed.stdout.splitlines()
+    assert [line.split()[:2] for line in lines] == [[sol_id, TENANT], [other_id, OTHER]]
+    assert "active" in lines[0] and lines[0].endswith("n8n da recepção")
+    assert listed.stderr == "2 keys (2 active)\n"
+    hashes = {h for (h,) in rows(database_url, "SELECT key_hash FROM api_keys")}
+    for secret in (sol_key, other_key, *hashes):
+        assert secret not in listed.output
+
+    only_sol = run(config_path, "keys", "list", "--tenant", TENANT, "--json")
+    assert only_sol.exit_code == 0, only_sol.output
+    [entry] = [orjson.loads(line) for line in only_sol.stdout.splitlines()]
+    assert entry["id"] == sol_id and entry["tenant"] == TENANT
+    assert (entry["label"], entry["active"], entry["revoked_at"]) == ("n8n da recepção", True, None)
+    assert entry["created_at"].endswith("Z")
+    assert set(entry) == {"id", "tenant", "label", "created_at", "revoked_at", "active"}
+
+    typo = run(config_path, "keys", "list", "--tenant", "clinica-so1")
+    assert (typo.exit_code, typo.stdout) == (2, "")
+    assert typo.stderr == "error: --tenant 'clinica-so1': no such tenant in the store\n"
+
+
+def test_a_label_cannot_drive_the_terminal_of_whoever_lists_the_keys(config_path: Path) -> None:
+    # An operator's label is shown on others' terminals: ESC [2J would clear the screen and
+    # a right-to-left override would reorder the line.
+    create(config_path, TENANT, "recepção\x1b[2J\u202eevil\nsecond line")
+    listed = run(config_path, "keys", "list")
+    assert listed.exit_code == 0, listed.output
+    [line] = listed.stdout.splitlines()
+    assert line.endswith("recepção\\x1b[2J\\u202eevil\\nsecond line")
+    assert "\x1b" not in listed.stdout and "\u202e" not in listed.stdout
+    as_json = run(config_path, "keys", "list", "--json")
+    assert orjson.loads(as_json.stdout)["label"] == "recepção\x1b[2J\u202eevil\nsecond line"
+
+
+def test_revoke_is_recorded_once_and_said_again_unchanged(
+    config_path: Path, database_url: str
+) -> None:
+    key_id, _ = create(config_path, TENANT)
+    kept_id, _ = create(config_path, TENANT)
+
+    first = run(config_path, "keys", "revoke", key_id)
+    assert first.exit_code == 0, first.output
+    assert first.stdout.startswith(f"key {key_id} of tenant {TENANT} revoked at ")
+    revoked_at = first.stdout.rsplit(" ", 1)[1].strip()
+
+    again = run(config_path, "keys", "revoke", key_id)
+    assert again.exit_code == 0, again.output
+    assert again.stdout == f"key {key_id} of tenant {TENANT} was already revoked at {revoked_at}\n"
+
+    listed = [
+        orjson.loads(line) for line in run(config_path, "keys", "list", "--json").stdout.split()
+    ]
+    assert [(k["id"], k["active"], k["revoked_at"]) for k in listed] == [
+        (key_id, False, revoked_at),
+        (kept_id, True, None),
+    ]
+    assert "revoked " + revoked_at in run(config_path, "keys", "list").stdout.splitlines()[0]
+
+    audited = rows(
+        database_url, "SELECT action, actor, tenant_id, detail FROM audit_log ORDER BY id"
+    )
+    assert [(a, actor, t, orjson.loads(str(d))) for a, actor, t, d in audited] == [
+        ("keys.create", "cli:ana", TENANT, {"key": key_id}),
+        ("keys.create", "cli:ana", TENANT, {"key": kept_id}),
+        ("keys.revoke", "cli:ana", TENANT, {"key": key_id}),  # once: the second changed nothing
+    ]
+
+
+def test_revoking_a_key_that_does_not_exist_is_an_error_and_changes_nothing(
+    config_path: Path, database_url: str
+) -> None:
+    key_id, _ = create(config_path, TENANT)
+    unknown = run(config_path, "keys", "revoke", "key_nope\x1b[2J")
+    assert (unknown.exit_code, unknown.stdout) == (2, "")
+    assert unknown.stderr == "error: no API key 'key_nope\\x1b[2J' in the store\n"
+    assert rows(database_url, "SELECT id, revoked_at FROM api_keys") == [(key_id, None)]
+    assert rows(database_url, "SELECT action FROM audit_log") == [("keys.create",)]
+
+
+# -- what the API does with a revoked key -------------------------------------------------------
+
+
+def bearer(key: str) -> Request:
+    return Request({"type": "http", "headers": [(b"authorization", f"Bearer {key}".encode())]})
+
+
+async def test_a_revoked_key_is_refused_once_the_key_cache_expires(store: SqlStore) -> None:
+    key = new_api_key()
+    key_id = await store.create_api_key(
+        tenant_id=TENANT, key_hash=hash_key(key), label="", actor="test", now_ms=1
+    )
+    now = [1000.0]
+    auth = Authenticator(store, admin_key=None, monotonic=lambda: now[0])
+    assert (await auth.principal(bearer(key))).tenant_id == TENANT  # now cached
+
+    assert await store.revoke_api_key(key_id, actor="test", now_ms=2) is not None
+    now[0] += _CACHE_TTL_S - 0.001
+    assert (await auth.principal(bearer(key))).tenant_id == TENANT  # the cache's last moment
+    now[0] += 0.002
+    with pytest.raises(HttpError) as refused:
+        await auth.principal(bearer(key))
+    assert (refused.value.status, refused.value.error) == (401, "invalid_api_key")
+    # A key not cached yet (another API process) is refused at once.
+    with pytest.raises(HttpError) as at_once:
+        await Authenticator(store, admin_key=None).principal(bearer(key))
+    assert at_once.value.error == "invalid_api_key"
