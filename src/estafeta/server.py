@@ -17,6 +17,7 @@ import uvicorn
 from estafeta.api.app import create_app
 from estafeta.clock import SystemClock
 from estafeta.config import Config
+from estafeta.config.models import split_listen
 from estafeta.connectors.registry import unavailable_kinds
 from estafeta.delivery.presence import Presence
 from estafeta.delivery.worker import Worker, default_worker_id
@@ -24,9 +25,10 @@ from estafeta.errors import ConfigError, ServeError
 from estafeta.http_protocol import OneWriteHttpToolsProtocol
 from estafeta.hub import Hub
 from estafeta.ingress.spool import Spool
+from estafeta.observability.worker_endpoint import start_worker_endpoint
 from estafeta.store import open_store
 from estafeta.store.sqlstore import SqlStore
-from estafeta.supervise import supervised
+from estafeta.supervise import Tasks, supervised
 
 log = structlog.get_logger("estafeta.server")
 
@@ -50,11 +52,6 @@ def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     tune_garbage_collector()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(main())
-
-
-def split_listen(listen: str) -> tuple[str, int]:
-    host, _, port = listen.rpartition(":")
-    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 async def prepared_store(config: Config, *, migrate: bool = True) -> SqlStore:
@@ -181,15 +178,21 @@ async def work(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
+    tasks = Tasks()
+    endpoint = None
     try:
+        if config.worker.metrics_listen is not None:
+            endpoint = await start_worker_endpoint(config.worker.metrics_listen, tasks)
         presence = await announced(store, config)
 
         def worker() -> Awaitable[None]:
             return Worker(store, config, started_ms=presence.started_ms).run(stop)
 
         await asyncio.gather(
-            supervised("worker", worker, stop),
-            supervised("presence", lambda: presence.run(stop), stop),
+            supervised("worker", worker, stop, tasks=tasks),
+            supervised("presence", lambda: presence.run(stop), stop, tasks=tasks),
         )
     finally:
+        if endpoint is not None:
+            await endpoint.cleanup()
         await store.close()

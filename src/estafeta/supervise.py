@@ -4,7 +4,9 @@ A task that raises is logged at once with its traceback (`task_crashed`) and sta
 after a pause that doubles up to 30 s, until the process is asked to stop; a loop that dies
 silently would leave a hub that answers 202 and delivers nothing. The pause starts again
 from the first after a run of 30 s or more: it is there for a task that keeps dying at once,
-not to hold back one that crashed once after working well for hours.
+not to hold back one that crashed once after working well for hours. Between a crash and
+its restart the task is down, and says so to whoever watches (`Tasks`, the worker's
+/health).
 """
 
 from __future__ import annotations
@@ -22,6 +24,13 @@ FIRST_PAUSE_S = 1.0
 LONGEST_PAUSE_S = 30.0
 
 
+class Tasks:
+    """The supervised tasks that are down: crashed, and not started again yet."""
+
+    def __init__(self) -> None:
+        self.down: dict[str, str] = {}  # task → the class of the error it crashed with
+
+
 async def supervised(
     name: str,
     start: Callable[[], Awaitable[None]],
@@ -29,15 +38,20 @@ async def supervised(
     *,
     first_pause_s: float = FIRST_PAUSE_S,
     monotonic: Callable[[], float] = time.monotonic,
+    tasks: Tasks | None = None,
 ) -> None:
-    """Run `start()` until it returns; restart it whenever it raises, until `stop` is set."""
+    """Run `start()` until it returns; restart it whenever it raises, until `stop` is set.
+    While it is down, `tasks` (when given) names it."""
     pause = first_pause_s
+    tasks = tasks or Tasks()
     while True:
         started = monotonic()
         try:
+            tasks.down.pop(name, None)
             await start()
             return
         except Exception as exc:
+            tasks.down[name] = type(exc).__name__
             if stop.is_set():
                 log.error("task_crashed", task=name, restarting=False, exc_info=exc)
                 return

@@ -19,8 +19,11 @@ from tests.conftest import base_config, fresh_database
 
 
 @pytest.mark.parametrize("listen", ["abc", "8080", "127.0.0.1:99999"])
-async def test_serve_refuses_a_listen_address_it_would_refuse_in_the_file(
-    tmp_path: Path, listen: str
+@pytest.mark.parametrize(
+    ("command", "option"), [("serve", "--listen"), ("worker", "--metrics-listen")]
+)
+async def test_an_address_option_is_refused_as_the_file_would_refuse_it(
+    tmp_path: Path, listen: str, command: str, option: str
 ) -> None:
     # Before: `abc` was a ValueError traceback; `8080` and port 99999, refused in
     # server.listen, were accepted from --listen.
@@ -32,9 +35,9 @@ async def test_serve_refuses_a_listen_address_it_would_refuse_in_the_file(
         routes=[],
     )
     path = write_config(tmp_path / "estafeta.toml", config)
-    result = await run_cli("serve", "--config", str(path), "--listen", listen, cwd=tmp_path)
+    result = await run_cli(command, "--config", str(path), option, listen, cwd=tmp_path)
     assert result.returncode == 2, result
-    assert f"Invalid value for '--listen': invalid address '{listen}'" in result.stderr, result
+    assert f"Invalid value for '{option}': invalid address '{listen}'" in result.stderr, result
     assert not (tmp_path / "estafeta.db").exists()
 
 

@@ -404,6 +404,14 @@ INVALID_CASES: list[tuple[str, str, list[str]]] = [
         ["server.listen: invalid address 'localhost': write HOST:PORT, e.g. '0.0.0.0:8080'"],
     ),
     (
+        "a worker's metrics address past the last port",
+        '[worker]\nmetrics_listen = "0.0.0.0:65536"',
+        [
+            "worker.metrics_listen: invalid address '0.0.0.0:65536': write HOST:PORT, e.g. "
+            "'0.0.0.0:8080'"
+        ],
+    ),
+    (
         "unsupported database",
         '[storage]\nurl = "mysql://root:pw@db/estafeta"',
         [

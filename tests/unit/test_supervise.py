@@ -6,7 +6,7 @@ import asyncio
 
 from structlog.testing import capture_logs
 
-from estafeta.supervise import supervised
+from estafeta.supervise import Tasks, supervised
 
 
 async def test_a_crashing_task_is_restarted_until_it_finishes() -> None:
@@ -61,3 +61,32 @@ async def test_a_task_that_ran_well_for_a_while_is_restarted_after_the_first_pau
         )
     pauses = [e["restart_in_s"] for e in logs if e["event"] == "task_crashed"]
     assert pauses == [0.001, 0.002, 0.004, 0.008, 0.016, 0.001]
+
+
+async def test_a_crashed_task_is_named_down_until_it_is_started_again() -> None:
+    """What the worker's /health reads: down between the crash and the restart only."""
+    tasks = Tasks()
+    seen: list[dict[str, str]] = []
+    runs = 0
+
+    async def flaky() -> None:
+        nonlocal runs
+        runs += 1
+        seen.append(dict(tasks.down))  # as it (re)starts
+        if runs == 1:
+            raise RuntimeError("boom")
+
+    async def watch() -> None:
+        while runs < 2:
+            if tasks.down:
+                seen.append({"paused": ",".join(f"{k}={v}" for k, v in tasks.down.items())})
+            await asyncio.sleep(0)
+
+    with capture_logs():
+        await asyncio.gather(
+            supervised("worker", flaky, asyncio.Event(), first_pause_s=0.01, tasks=tasks),
+            watch(),
+        )
+    assert seen[0] == {} and seen[-1] == {}  # running, then running again
+    assert {"paused": "worker=RuntimeError"} in seen
+    assert tasks.down == {}

@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-from pydantic import ValidationError
 
 from estafeta.config import Config, load_config, load_config_dict
-from estafeta.config.models import ServerConfig, mask_url
+from estafeta.config.models import check_address, mask_url
 from estafeta.errors import (
     ConfigError,
     EstafetaError,
@@ -96,12 +95,13 @@ def in_store(config: Config, action: Callable[[SqlStore], Awaitable[T]]) -> T:
     return run(config, lambda: with_store(config, action))
 
 
-def checked_listen(value: str | None) -> str | None:
-    """--listen, checked as server.listen is (the copy of the configuration is not)."""
+def checked_address(value: str | None) -> str | None:
+    """--listen or --metrics-listen, checked as the configuration's addresses are (the copy
+    of the configuration an option makes is not)."""
     try:
-        return value if value is None else ServerConfig(listen=value).listen
-    except ValidationError as exc:
-        raise click.BadParameter(str(exc.errors()[0]["ctx"]["error"])) from None
+        return value if value is None else check_address(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def operator() -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from estafeta.cli.common import (
-    checked_listen,
+    checked_address,
     config_option,
     load,
     run,
@@ -30,7 +30,7 @@ from estafeta.store.sqlstore import SqlStore
 @click.option(
     "--listen",
     default=None,
-    callback=lambda _ctx, _param, value: checked_listen(value),
+    callback=lambda _ctx, _param, value: checked_address(value),
     help="host:port, overriding server.listen",
 )
 def serve(config_path: str, no_workers: bool, no_migrate: bool, listen: str | None) -> None:
@@ -49,11 +49,21 @@ def serve(config_path: str, no_workers: bool, no_migrate: bool, listen: str | No
 
 @click.command()
 @config_option
-def worker(config_path: str) -> None:
+@click.option(
+    "--metrics-listen",
+    default=None,
+    callback=lambda _ctx, _param, value: checked_address(value),
+    help="host:port for this worker's /metrics and /health, overriding worker.metrics_listen",
+)
+def worker(config_path: str, metrics_listen: str | None) -> None:
     """Delivery workers only (scale-out: run many against one PostgreSQL)."""
     from estafeta.server import work
 
     config = load(config_path)
+    if metrics_listen:
+        config = config.model_copy(
+            update={"worker": config.worker.model_copy(update={"metrics_listen": metrics_listen})}
+        )
     run_service(config, lambda: work(config))
 
 
@@ -122,7 +132,7 @@ def _destination_kinds(file: str) -> list[object]:
 @click.option(
     "--listen",
     default=None,
-    callback=lambda _ctx, _param, value: checked_listen(value),
+    callback=lambda _ctx, _param, value: checked_address(value),
     help="host:port for the demo's hub  [default: a free port on 127.0.0.1]",
 )
 def demo(workdir: str | None, event_count: int, listen: str | None) -> None:

@@ -144,6 +144,21 @@ class _Model(BaseModel):
         return value
 
 
+def check_address(value: str) -> str:
+    """A HOST:PORT to listen on (`server.listen`, `worker.metrics_listen`, and the commands'
+    options that override them); port 0 means any free port."""
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"invalid address {value!r}: write HOST:PORT, e.g. '0.0.0.0:8080'")
+    return value
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """The host (brackets of an IPv6 address removed) and port of a checked address."""
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
 class ServerConfig(_Model):
     """The HTTP server: where it listens and how much it reads."""
 
@@ -156,10 +171,7 @@ class ServerConfig(_Model):
     @field_validator("listen")
     @classmethod
     def _check_listen(cls, value: str) -> str:
-        host, _, port = value.rpartition(":")
-        if not host or not port.isdigit() or not 0 <= int(port) < 65536:
-            raise ValueError(f"invalid address {value!r}: write HOST:PORT, e.g. '0.0.0.0:8080'")
-        return value
+        return check_address(value)
 
 
 #: What `estafeta.store.engine_url` accepts.
@@ -222,6 +234,14 @@ class WorkerConfig(_Model):
     max_attempt_s: float = Field(default=120, gt=0, le=600)
     # The queue_backlog alert fires when this many deliveries are pending.
     alert_queue_depth: int = Field(default=10_000, ge=1)
+    # Where `estafeta worker` serves its own /metrics and /health (none when unset); `serve`
+    # has them on server.listen.
+    metrics_listen: str | None = None
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _check_metrics_listen(cls, value: str | None) -> str | None:
+        return value if value is None else check_address(value)
 
 
 class SecurityConfig(_Model):

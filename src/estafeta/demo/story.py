@@ -31,9 +31,10 @@ from estafeta.api.app import create_app
 from estafeta.api.auth import hash_key, new_api_key
 from estafeta.clock import SystemClock
 from estafeta.config import ENV_OVERRIDES, Config, load_config
+from estafeta.config.models import split_listen
 from estafeta.errors import ServeError
 from estafeta.hub import Hub
-from estafeta.server import prepared_store, split_listen, uvicorn_server
+from estafeta.server import prepared_store, uvicorn_server
 from estafeta.store.sqlstore import SqlStore
 from estafeta.testing.fakes.meta import FakeMeta
 from estafeta.testing.sink import Sink

@@ -11,7 +11,7 @@ Two kinds, on purpose:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from prometheus_client import (
@@ -20,6 +20,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    Metric,
     generate_latest,
 )
 
@@ -148,6 +149,25 @@ async def render(
         SPOOL_BYTES.set(spooled.bytes)
         SPOOL_SEGMENTS.set(spooled.segments)
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+# What the store or this process's spool tell `serve` when scraped: the same for every
+# process, or meaningless in one without a spool.
+_HUB_WIDE = {
+    metric._name for metric in (QUEUE_DEPTH, CIRCUIT_STATE, SPOOL_BYTES, SPOOL_SEGMENTS, ALERTS)
+}
+
+
+class _ThisProcess:
+    """The registry without the hub-wide gauges: what only this process counted."""
+
+    def collect(self) -> Iterator[Metric]:
+        return (family for family in REGISTRY.collect() if family.name not in _HUB_WIDE)
+
+
+def render_this_process() -> tuple[bytes, str]:
+    """The exposition text of this process's own metrics (a worker's endpoint)."""
+    return generate_latest(_ThisProcess()), CONTENT_TYPE_LATEST
 
 
 async def _told(read: Awaitable[T]) -> T | None:

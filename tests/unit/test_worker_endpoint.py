@@ -1,0 +1,96 @@
+"""The worker's own endpoint (`worker.metrics_listen`): /metrics of this process, /health
+of its supervised tasks, and clear refusals of anything else."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from structlog.testing import capture_logs
+
+from estafeta.errors import ServeError
+from estafeta.observability.metrics import ATTEMPTS, QUEUE_DEPTH, series
+from estafeta.observability.worker_endpoint import start_worker_endpoint
+from estafeta.supervise import Tasks
+
+
+@pytest.fixture
+async def endpoint() -> AsyncIterator[tuple[str, Tasks]]:
+    tasks = Tasks()
+    with capture_logs() as logs:
+        runner = await start_worker_endpoint("127.0.0.1:0", tasks)
+    [listening] = [entry for entry in logs if entry["event"] == "metrics_listening"]
+    port = int(listening["listen"].rsplit(":", 1)[1])
+    assert port == runner.addresses[0][1] and port != 0
+    try:
+        yield f"http://127.0.0.1:{port}", tasks
+    finally:
+        await runner.cleanup()
+
+
+async def test_metrics_are_this_processes_counters_without_the_hub_wide_gauges(
+    endpoint: tuple[str, Tasks],
+) -> None:
+    url, _ = endpoint
+    series(ATTEMPTS, "endpoint-test", "success").inc(3)
+    QUEUE_DEPTH.labels("pending").set(7)  # as a `serve` of this process would have set it
+    try:
+        async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as response:
+            assert response.status == 200
+            assert response.headers["Content-Type"].startswith("text/plain; version=")
+            text = await response.text()
+    finally:
+        QUEUE_DEPTH.clear()
+    assert (
+        'estafeta_delivery_attempts_total{destination="endpoint-test",outcome="success"} 3.0'
+        in text
+    )
+    assert "# TYPE estafeta_deliveries gauge" not in text and "estafeta_deliveries{" not in text
+    assert "estafeta_circuit_state" not in text and "estafeta_spool_bytes" not in text
+
+
+async def test_health_names_a_crashed_task_until_it_runs_again(
+    endpoint: tuple[str, Tasks],
+) -> None:
+    url, tasks = endpoint
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{url}/health") as ok:
+            assert ok.status == 200
+            assert (await ok.json())["status"] == "ok"
+        tasks.down["worker"] = "RuntimeError"
+        async with http.get(f"{url}/health") as down:
+            assert down.status == 503
+            assert await down.json() == {
+                "status": "down",
+                "crashed": [{"task": "worker", "error": "RuntimeError"}],
+            }
+        del tasks.down["worker"]
+        async with http.get(f"{url}/health") as again:
+            assert again.status == 200
+
+
+async def test_other_paths_and_methods_are_refused_as_the_api_refuses_them(
+    endpoint: tuple[str, Tasks],
+) -> None:
+    url, _ = endpoint
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{url}/api/v1/events") as unknown:
+            assert unknown.status == 404
+            assert (await unknown.json())["error"] == "not_found"
+        async with http.post(f"{url}/metrics", data=b"x") as posted:
+            assert posted.status == 405
+            assert posted.headers["Allow"] == "GET"
+            assert (await posted.json())["error"] == "method_not_allowed"
+
+
+async def test_an_address_in_use_is_one_clear_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(
+            ServeError, match=rf"cannot serve worker.metrics_listen '127.0.0.1:{port}'"
+        ):
+            await start_worker_endpoint(f"127.0.0.1:{port}", Tasks())
