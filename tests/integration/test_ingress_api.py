@@ -120,6 +120,31 @@ async def test_an_api_key_source_accepts_its_key_only(client: Client) -> None:
     assert await client.stored() == 1
 
 
+async def test_a_key_of_a_tenant_removed_from_the_configuration_is_refused(
+    store: SqlStore, database_url: str
+) -> None:
+    """A business that left is taken out of the configuration; the store keeps its rows and
+    its keys (nothing is deleted), but its key no longer publishes or reads anything."""
+    data = base_config(database_url)
+    for section in ("sources", "destinations", "routes"):
+        data[section] = [entry for entry in data[section] if entry.get("tenant") != "outra"]
+    data["tenants"] = [t for t in data["tenants"] if t["id"] != "outra"]
+    async for client in make_client(store, load_config_dict(data)):
+        outra = {"authorization": f"Bearer {OUTRA_KEY}"}
+        published = await client.http.post(
+            "/api/v1/events", json={"type": "lead.created", "data": {}}, headers=outra
+        )
+        assert (published.status_code, published.json()["error"]) == (401, "invalid_api_key")
+        read = await client.http.get("/api/v1/conversations", headers=outra)
+        assert (read.status_code, read.json()["error"]) == (401, "invalid_api_key")
+        assert await client.stored() == 0
+        sol = {"authorization": f"Bearer {SOL_KEY}"}
+        kept = await client.http.post(
+            "/api/v1/events", json={"type": "lead.created", "data": {}}, headers=sol
+        )
+        assert kept.status_code == 202
+
+
 def _expired() -> dict[str, str]:
     return signed(MESSAGE, ts=int(time.time()) - 3600)
 

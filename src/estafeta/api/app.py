@@ -111,7 +111,9 @@ def create_app(hub: Hub, *, run_workers: bool = False, presence: Presence | None
         redoc_url=None,
     )
     app.state.hub = hub
-    app.state.auth = Authenticator(hub.store, hub.config.security.admin_key)
+    app.state.auth = Authenticator(
+        hub.store, hub.config.security.admin_key, tenants=[t.id for t in hub.config.tenants]
+    )
     app.add_exception_handler(HttpError, handle_http_error)
     app.add_exception_handler(StoreUnavailable, handle_store_unavailable)
     app.add_exception_handler(RequestValidationError, handle_validation_error)

@@ -10,7 +10,7 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from starlette.requests import Request
@@ -51,17 +51,22 @@ class Principal:
 class Authenticator:
     """Finds the caller of a request by its key; a tenant key's tenant is cached for
     `_CACHE_TTL_S` (one lookup per key and interval, not per request), so a revoked key is
-    refused at the latest that long after `estafeta keys revoke`."""
+    refused at the latest that long after `estafeta keys revoke`.
+
+    A key counts only for a tenant of the running configuration (`tenants`): the store keeps
+    a tenant taken out of the file, with its keys, but that business's key no longer works."""
 
     def __init__(
         self,
         store: SqlStore,
         admin_key: str | None,
         *,
+        tenants: Collection[str] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
         self._admin_key = admin_key.encode() if admin_key else None
+        self._tenants = None if tenants is None else frozenset(tenants)
         self._cache: dict[str, tuple[str | None, float]] = {}
         self._monotonic = monotonic
 
@@ -75,8 +80,12 @@ class Authenticator:
         if self._admin_key is not None and hmac.compare_digest(key.encode(), self._admin_key):
             return Principal(tenant_id=None, admin=True)
         tenant_id = await self._tenant_for(hash_key(key))
-        if tenant_id is None:
-            raise HttpError(401, "invalid_api_key", "the API key is unknown or revoked")
+        if tenant_id is None or (self._tenants is not None and tenant_id not in self._tenants):
+            raise HttpError(
+                401,
+                "invalid_api_key",
+                "the API key is unknown or revoked, or its tenant is no longer configured",
+            )
         return Principal(tenant_id=tenant_id, admin=False)
 
     async def _tenant_for(self, key_hash: str) -> str | None:
