@@ -120,6 +120,24 @@ async def test_an_api_key_source_accepts_its_key_only(client: Client) -> None:
     assert await client.stored() == 1
 
 
+async def test_a_revoked_key_is_answered_exactly_as_an_unknown_key(client: Client) -> None:
+    """`estafeta keys revoke`: the API refuses the key with the body an unknown key gets, so
+    whoever holds it learns nothing about it (a fresh API process has no cached keys)."""
+    [sol] = await client.store.list_api_keys("clinica-sol")
+    assert await client.store.revoke_api_key(sol.id, actor="test", now_ms=2) is not None
+    answers = []
+    for key in (SOL_KEY, "est_never_issued_000000000000000000000000"):
+        r = await client.http.post(
+            "/api/v1/events",
+            json={"type": "lead.created", "data": {}},
+            headers={"authorization": f"Bearer {key}"},
+        )
+        answers.append((r.status_code, r.json()))
+    assert answers[0] == answers[1]
+    assert answers[0][0] == 401 and answers[0][1]["error"] == "invalid_api_key"
+    assert await client.stored() == 0
+
+
 async def test_a_key_of_a_tenant_removed_from_the_configuration_is_refused(
     store: SqlStore, database_url: str
 ) -> None:
