@@ -15,26 +15,33 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import pytest
 from sqlalchemy import column, select, table, text
 from sqlalchemy.exc import IntegrityError
+from structlog.testing import capture_logs
 
 from estafeta.delivery.model import LeasedDelivery
 from estafeta.delivery.state import DeliveryState
+from estafeta.delivery.worker import Worker
 from estafeta.errors import LeaseRaced
 from estafeta.store import open_store
 from estafeta.store.migrate import upgrade
 from estafeta.store.postgres import Statement
 from estafeta.store.records import DeadLetterFilter
 from estafeta.store.sqlstore import SqlStore
+from estafeta.testing.sink import Sink
 from tests.conftest import empty_database
 from tests.integration.store_support import NOW, attempt, keyed
+from tests.integration.test_worker import config_for
 
 ON_POSTGRESQL = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+
+T = TypeVar("T")
 
 
 async def lease(store: SqlStore, worker: str) -> list[LeasedDelivery]:
@@ -53,15 +60,15 @@ class HeldLease:
         self.conn: Any = None
         self.pid = 0
 
-    async def take(self) -> list[str]:
+    async def take(self, now: int = NOW) -> list[str]:
         self.conn = await asyncpg.connect(self.database_url)
         self.pid = await self.conn.fetchval("SELECT pg_backend_pid()")
         await self.conn.execute("BEGIN")
         statement = Statement(self.store.lease_sql)
         params = {
-            "now": NOW,
+            "now": now,
             "token": "held-lease",
-            "deadline": NOW + 30_000,
+            "deadline": now + 30_000,
             "worker": "worker-a",
             "limit": 10,
             "destinations": ["crm"],
@@ -77,9 +84,15 @@ class HeldLease:
 
 
 async def lease_while_held(store: SqlStore, held: HeldLease) -> list[LeasedDelivery]:
-    """Worker B leases while A's lease is open; A commits once B is waiting for it (or B is
-    done: before the index, nothing made B wait). What B's lease returned or raised."""
-    other = asyncio.create_task(lease(store, "worker-b"))
+    """Worker B leases while A's lease is open. What B's lease returned or raised."""
+    return await while_held(held, lease(store, "worker-b"))
+
+
+async def while_held(held: HeldLease, work: Awaitable[T]) -> T:
+    """Runs `work` while A's lease is open; A commits once `work` is waiting for it (or is
+    done: before the index, nothing made a second lease wait). What `work` returned or
+    raised."""
+    other = asyncio.ensure_future(work)
     deadline = time.monotonic() + 10
     while not other.done() and not await waits_for_a_lock(held):
         assert time.monotonic() < deadline, "worker B neither leased nor waited"
@@ -158,6 +171,37 @@ async def test_a_replayed_dead_delivery_is_not_sent_beside_its_successor(
     with pytest.raises(LeaseRaced):
         await lease_while_held(store, held)
     assert await in_flight_by_key(store) == {"maria": [second.deliveries[0].id]}
+
+
+@ON_POSTGRESQL
+async def test_a_worker_whose_lease_lost_the_race_goes_on_and_sends_the_key_in_turn(
+    store: SqlStore, sink: Sink, database_url: str
+) -> None:
+    """The first race with a real worker as B: its step takes nothing and does not raise,
+    it logs `lease_raced`, maria still has one delivery in flight, and once A's delivery is
+    done the worker's next step sends her other one."""
+    now = int(time.time() * 1000)  # the worker leases with the real clock
+    earlier, later = keyed("maria", now - 20), keyed("maria", now - 10)
+    await store.insert_events([later])
+    held = HeldLease(store, database_url)
+    assert await held.take(now) == [later.deliveries[0].id]
+    await store.insert_events([earlier])
+    worker = Worker(store, config_for(database_url, sink))
+    await worker._connectors.start()  # what `run` does first; its loop is driven by hand
+    try:
+        with capture_logs() as logs:
+            assert await while_held(held, worker._step()) == 0
+        assert "lease_raced" in [entry["event"] for entry in logs]
+        assert await in_flight_by_key(store) == {"maria": [later.deliveries[0].id]}
+
+        # A's delivery is done (A died; a rescue records its attempt as a success).
+        [a_lease] = await store.claim_expired(now_ms=now + 60_000, lease_ms=30_000, worker_id="r")
+        await store.complete([attempt(a_lease, DeliveryState.SUCCEEDED)], now)
+        assert await worker._step() == 1
+        assert await sink.wait_for(lambda s: earlier.id in s.delivered_ids, 5)
+        assert sink.delivered_ids == {earlier.id}
+    finally:
+        await worker._shutdown()
 
 
 # -- the migration ------------------------------------------------------------------------------
