@@ -14,7 +14,7 @@ import orjson
 from estafeta.cli.common import config_option, in_store, load, operator
 from estafeta.clock import SystemClock, iso_from_ms
 from estafeta.errors import EstafetaError
-from estafeta.store.api_keys import ApiKeyView
+from estafeta.store.records import ApiKeyView
 from estafeta.store.sqlstore import SqlStore
 
 # Characters a terminal acts on instead of showing: controls (ESC starts a sequence that can

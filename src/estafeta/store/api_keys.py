@@ -7,28 +7,13 @@ in the same transaction. A revoked key stays listed, with when it was revoked.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from sqlalchemy import and_, select, update
 
 from estafeta.ids import new_id
 from estafeta.store import schema as s
 from estafeta.store.audit import audit
 from estafeta.store.base import StoreBase
-
-
-@dataclass(frozen=True, slots=True)
-class ApiKeyView:
-    id: str
-    tenant_id: str
-    label: str
-    created_at: int
-    revoked_at: int | None
-
-    @property
-    def active(self) -> bool:
-        return self.revoked_at is None
-
+from estafeta.store.records import ApiKeyView
 
 _VIEW_COLUMNS = (
     s.api_keys.c.id,

@@ -95,6 +95,21 @@ class CompletedAttempt(Record, frozen=True):
 
 
 @dataclass(frozen=True, slots=True)
+class ApiKeyView:
+    """A tenant's API key as operators see it: never the key, never its hash."""
+
+    id: str
+    tenant_id: str
+    label: str
+    created_at: int
+    revoked_at: int | None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+
+@dataclass(frozen=True, slots=True)
 class AttemptView:
     id: str
     number: int
