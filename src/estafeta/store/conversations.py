@@ -12,7 +12,7 @@ import heapq
 from typing import Any
 
 import orjson
-from sqlalchemy import ColumnElement, and_, or_, select, update
+from sqlalchemy import ColumnElement, Select, and_, or_, select, tuple_, update
 
 from estafeta.store import schema as s
 from estafeta.store.base import StoreBase
@@ -32,10 +32,49 @@ def _after(at: Any, id_: Any, direction: str, position: MessagePosition) -> Colu
     """Rows of one direction's table that come after `position` in the order above."""
     p_at, p_direction, p_id = position
     if p_direction == direction:
-        return or_(at > p_at, and_(at == p_at, id_ > p_id))
+        # A row comparison, so that the index (…, time, id) starts the page at the position
+        # itself rather than at the position's millisecond (or, on PostgreSQL for an OR of
+        # two conditions, at the conversation's first message).
+        return tuple_(at, id_) > tuple_(p_at, p_id)
     if _DIRECTIONS.index(direction) > _DIRECTIONS.index(p_direction):
         return at >= p_at  # type: ignore[no-any-return]
     return at > p_at  # type: ignore[no-any-return]
+
+
+def message_page_queries(
+    tenant_id: str, conversation_id: str, *, limit: int, after: MessagePosition | None
+) -> tuple[Select[Any], Select[Any]]:
+    """A page's reads: up to `limit` inbound messages (events) and up to `limit` outbound ones
+    (sent messages) after `after`, each in its index's order (migration 0011)."""
+    e, m = s.events, s.messages
+    inbound_query = (
+        select(e.c.id, e.c.occurred_at, e.c.payload)
+        .where(
+            e.c.tenant_id == tenant_id,
+            e.c.conversation_id == conversation_id,
+            e.c.type == "message.received",
+        )
+        .order_by(e.c.occurred_at, e.c.id)
+        .limit(limit)
+    )
+    outbound_query = (
+        select(
+            m.c.id,
+            m.c.created_at,
+            m.c.content,
+            m.c.state,
+            m.c.source_id,
+            m.c.provider_message_id,
+            m.c.provider_alt_id,
+        )
+        .where(m.c.tenant_id == tenant_id, m.c.conversation_id == conversation_id)
+        .order_by(m.c.created_at, m.c.id)
+        .limit(limit)
+    )
+    if after is not None:
+        inbound_query = inbound_query.where(_after(e.c.occurred_at, e.c.id, "inbound", after))
+        outbound_query = outbound_query.where(_after(m.c.created_at, m.c.id, "outbound", after))
+    return inbound_query, outbound_query
 
 
 class ConversationOps(StoreBase):
@@ -100,34 +139,9 @@ class ConversationOps(StoreBase):
         """Up to `limit` messages of the conversation, both ways, oldest first (the order of
         `MessagePosition`), starting after `after`; a sent one with its state now (what
         sending knows and the provider's status webhooks say, as GET /messages/{id})."""
-        e, m = s.events, s.messages
-        inbound_query = (
-            select(e.c.id, e.c.occurred_at, e.c.payload)
-            .where(
-                e.c.tenant_id == tenant_id,
-                e.c.conversation_id == conversation_id,
-                e.c.type == "message.received",
-            )
-            .order_by(e.c.occurred_at, e.c.id)
-            .limit(limit)
+        inbound_query, outbound_query = message_page_queries(
+            tenant_id, conversation_id, limit=limit, after=after
         )
-        outbound_query = (
-            select(
-                m.c.id,
-                m.c.created_at,
-                m.c.content,
-                m.c.state,
-                m.c.source_id,
-                m.c.provider_message_id,
-                m.c.provider_alt_id,
-            )
-            .where(m.c.tenant_id == tenant_id, m.c.conversation_id == conversation_id)
-            .order_by(m.c.created_at, m.c.id)
-            .limit(limit)
-        )
-        if after is not None:
-            inbound_query = inbound_query.where(_after(e.c.occurred_at, e.c.id, "inbound", after))
-            outbound_query = outbound_query.where(_after(m.c.created_at, m.c.id, "outbound", after))
         async with self._read() as conn:
             inbound = (await conn.execute(inbound_query)).all()
             outbound = (await conn.execute(outbound_query)).all()

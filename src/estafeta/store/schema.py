@@ -103,11 +103,15 @@ events = Table(
     UniqueConstraint("tenant_id", "source_id", "idempotency_key", name="events_idempotency_key"),
 )
 Index("events_tenant_received", events.c.tenant_id, events.c.received_at)
+# A conversation's messages in the order its pages read them (conversations.py), so that a
+# page reads only its own rows, at the start of a long conversation as at its end.
 Index(
     "events_conversation",
     events.c.tenant_id,
     events.c.conversation_id,
-    events.c.received_at,
+    events.c.type,
+    events.c.occurred_at,
+    events.c.id,
     postgresql_where=text("conversation_id IS NOT NULL"),
     sqlite_where=text("conversation_id IS NOT NULL"),
 )
@@ -310,7 +314,13 @@ messages = Table(
     CheckConstraint("state IN ('queued', 'sent', 'failed')", name="messages_state_valid"),
 )
 Index("messages_delivery", messages.c.delivery_id)
-Index("messages_conversation", messages.c.tenant_id, messages.c.conversation_id)
+Index(  # as events_conversation, for the outbound side of a conversation's pages
+    "messages_conversation",
+    messages.c.tenant_id,
+    messages.c.conversation_id,
+    messages.c.created_at,
+    messages.c.id,
+)
 
 escalations = Table(
     "escalations",

@@ -1,0 +1,146 @@
+"""A page of a long conversation reads its own rows, not the whole conversation, on both
+engines: the queries the store runs, explained by the engine on a conversation of thousands
+of messages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from sqlalchemy import Select, insert, text
+
+from estafeta.store import schema as s
+from estafeta.store.conversations import MessagePosition, message_page_queries
+from estafeta.store.sqlstore import SqlStore
+
+TENANT = "clinica-sol"
+MARIA = "5511987654321"
+INBOUND, STATUSES, OUTBOUND = 3_000, 3_000, 1_000
+LIMIT = 50
+T0 = 1_751_371_200_000
+
+
+async def _a_long_conversation(store: SqlStore) -> None:
+    """Maria's messages both ways, the provider's status events about the sent ones, and
+    another conversation of the same tenant, as ingest and sending store them."""
+    events: list[dict[str, Any]] = []
+    for n in range(INBOUND):
+        for conversation in (MARIA, "5521912345678"):
+            events.append(
+                {
+                    "id": f"evt_{conversation}_{n:05d}",
+                    "tenant_id": TENANT,
+                    "source_id": "wa-sol",
+                    "type": "message.received",
+                    "idempotency_key": f"wamid.{conversation}.{n}",
+                    # Two messages a millisecond: a page boundary falls inside one.
+                    "occurred_at": T0 + n // 2,
+                    "received_at": T0 + n // 2 + 100,
+                    "payload": orjson.dumps({"data": {"text": f"mensagem {n}"}}).decode(),
+                    "raw": None,
+                    "conversation_id": conversation,
+                    "message_ref": f"wamid.{conversation}.{n}",
+                }
+            )
+    for n in range(STATUSES):
+        events.append(
+            {
+                "id": f"evt_status_{n:05d}",
+                "tenant_id": TENANT,
+                "source_id": "wa-sol",
+                "type": "message.status",
+                "idempotency_key": f"wamid.out{n % OUTBOUND}:{n}",
+                "occurred_at": T0 + n,
+                "received_at": T0 + n + 100,
+                "payload": orjson.dumps({"data": {"status": "delivered"}}).decode(),
+                "raw": None,
+                "conversation_id": MARIA,
+                "message_ref": f"wamid.out{n % OUTBOUND}",
+            }
+        )
+    messages = [
+        {
+            "id": f"msg_{n:05d}",
+            "tenant_id": TENANT,
+            "source_id": "wa-sol",
+            "conversation_id": MARIA,
+            "recipient": f"+{MARIA}",
+            "content": orjson.dumps({"text": f"resposta {n}"}).decode(),
+            "state": "sent",
+            "provider_message_id": f"wamid.out{n}",
+            "error": None,
+            "event_id": f"evt_{MARIA}_{n:05d}",
+            "delivery_id": f"dlv_{n:05d}",
+            "sent_at": T0 + 3 * n + 1,
+            "created_at": T0 + 3 * n,
+            "updated_at": T0 + 3 * n + 1,
+            "provider_alt_id": None,
+        }
+        for n in range(OUTBOUND)
+    ]
+    async with store.engine.begin() as conn:
+        await conn.execute(insert(s.events), events)
+        await conn.execute(insert(s.messages), messages)
+        await conn.execute(text("ANALYZE"))
+
+
+async def _plan(store: SqlStore, query: Select[Any]) -> Any:
+    sql = query.compile(dialect=store.engine.dialect, compile_kwargs={"literal_binds": True})
+    async with store.engine.connect() as conn:
+        if store.engine.dialect.name == "postgresql":
+            explained = f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}"
+            return (await conn.execute(text(explained))).scalar_one()[0]["Plan"]
+        return [row.detail for row in await conn.execute(text(f"EXPLAIN QUERY PLAN {sql}"))]
+
+
+def _nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    return [plan, *(node for child in plan.get("Plans", []) for node in _nodes(child))]
+
+
+def _rows_read(plan: dict[str, Any]) -> dict[str, int]:
+    """How many rows of each table the executed plan read, those it kept and those it
+    threw away after reading them."""
+    read: dict[str, int] = {}
+    for node in _nodes(plan):
+        if "Relation Name" in node:
+            rows = node["Actual Rows"] * node["Actual Loops"]
+            rows += node.get("Rows Removed by Filter", 0)
+            rows += node.get("Rows Removed by Index Recheck", 0)
+            read[node["Relation Name"]] = read.get(node["Relation Name"], 0) + rows
+    return read
+
+
+async def test_a_page_of_a_long_conversation_reads_only_its_own_rows(store: SqlStore) -> None:
+    await _a_long_conversation(store)
+    # The whole conversation, page by page, as the API reads it: where the pages start.
+    positions: list[MessagePosition | None] = [None]
+    everything = []
+    while True:
+        page = await store.conversation_messages(TENANT, MARIA, limit=500, after=positions[-1])
+        everything += page
+        if len(page) < 500:
+            break
+        positions.append((page[-1].at, page[-1].direction, page[-1].id))
+    assert len(everything) == INBOUND + OUTBOUND
+    assert len({(i.direction, i.id) for i in everything}) == INBOUND + OUTBOUND
+    starts = [positions[0], positions[1], positions[len(positions) // 2], positions[-1]]
+    # A page after an outbound message, and after an inbound one, both at one millisecond.
+    starts += [(T0 + 900, "outbound", "msg_00300"), (T0 + 900, "inbound", f"evt_{MARIA}_01800")]
+
+    for after in starts:
+        for query, table, index in zip(
+            message_page_queries(TENANT, MARIA, limit=LIMIT, after=after),
+            ("events", "messages"),
+            ("events_conversation", "messages_conversation"),
+            strict=True,
+        ):
+            plan = await _plan(store, query)
+            if store.engine.dialect.name == "postgresql":
+                kinds = {node["Node Type"] for node in _nodes(plan)}
+                assert not kinds & {"Sort", "Incremental Sort", "Seq Scan"}, (after, plan)
+                # At most the page's rows: none read to be sorted or filtered away.
+                assert _rows_read(plan)[table] <= LIMIT, (after, plan)
+                assert any(node.get("Index Name") == index for node in _nodes(plan)), plan
+            else:
+                assert not any("TEMP B-TREE" in step for step in plan), (after, plan)
+                assert any(f"USING INDEX {index} " in step for step in plan), (after, plan)
