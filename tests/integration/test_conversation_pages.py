@@ -1,6 +1,6 @@
-"""A page of a long conversation reads its own rows, not the whole conversation, on both
-engines: the queries the store runs, explained by the engine on a conversation of thousands
-of messages."""
+"""A page reads its own rows, not everything before it, on both engines: a page of a long
+conversation's messages, and a page of a tenant's thousands of conversations. The queries the
+store runs, explained by the engine."""
 
 from __future__ import annotations
 
@@ -10,7 +10,11 @@ import orjson
 from sqlalchemy import Select, insert, text
 
 from estafeta.store import schema as s
-from estafeta.store.conversations import MessagePosition, message_page_queries
+from estafeta.store.conversations import (
+    MessagePosition,
+    conversation_list_query,
+    message_page_queries,
+)
 from estafeta.store.sqlstore import SqlStore
 
 TENANT = "clinica-sol"
@@ -144,3 +148,69 @@ async def test_a_page_of_a_long_conversation_reads_only_its_own_rows(store: SqlS
             else:
                 assert not any("TEMP B-TREE" in step for step in plan), (after, plan)
                 assert any(f"USING INDEX {index} " in step for step in plan), (after, plan)
+
+
+def _read_only_the_page(store: SqlStore, plan: Any, table: str, index: str, most: int) -> None:
+    if store.engine.dialect.name == "postgresql":
+        kinds = {node["Node Type"] for node in _nodes(plan)}
+        assert not kinds & {"Sort", "Incremental Sort", "Seq Scan"}, plan
+        assert _rows_read(plan)[table] <= most, plan
+        assert any(node.get("Index Name") == index for node in _nodes(plan)), plan
+    else:
+        assert not any("TEMP B-TREE" in step for step in plan), plan
+        assert any(f"USING INDEX {index} " in step for step in plan), plan
+
+
+CONVERSATIONS = 3_000
+
+
+async def test_a_page_of_a_tenants_conversations_reads_only_its_own_rows(
+    store: SqlStore,
+) -> None:
+    rows = [
+        {
+            "tenant_id": tenant,
+            "id": f"55119{n:08d}",
+            # One conversation in twenty escalated, a few open, the rest closed.
+            "status": "escalated" if n % 20 == 7 else "open" if n % 10 == 3 else "closed",
+            "contact_name": None,
+            "first_message_at": T0,
+            "last_message_at": T0 + n // 2,  # two a millisecond: ties on every page
+            "inbound_count": 1,
+            "outbound_count": 0,
+            "updated_at": T0 + n // 2,
+        }
+        for tenant in (TENANT, "outra-clinica")
+        for n in range(CONVERSATIONS)
+    ]
+    async with store.engine.begin() as conn:
+        await conn.execute(insert(s.conversations), rows)
+        await conn.execute(text("ANALYZE"))
+
+    for status in (None, "escalated", "open", "closed"):
+        expected = sorted(
+            (r for r in rows if r["tenant_id"] == TENANT and status in (None, r["status"])),
+            key=lambda r: (r["last_message_at"], r["id"]),
+            reverse=True,
+        )
+        # Page by page as the API reads them: every conversation once, most recent first.
+        seen: list[str] = []
+        positions: list[tuple[int, str, str] | None] = [None]
+        while True:
+            page = await store.list_conversations(
+                TENANT, status=status, limit=LIMIT, after=positions[-1]
+            )
+            seen += [c.id for c in page]
+            if len(page) < LIMIT:
+                break
+            positions.append((page[-1].last_message_at, TENANT, page[-1].id))
+        assert seen == [r["id"] for r in expected], status
+        if status in ("open", "closed"):
+            continue  # common: read by the tenant's index, skipping the few of another status
+        index = "conversations_tenant_last" if status is None else "conversations_escalated"
+        for after in (positions[0], positions[-1], positions[len(positions) // 2]):
+            query = conversation_list_query(TENANT, status=status, limit=LIMIT, after=after)
+            # The page, and the conversations of the cursor's millisecond (two here) that
+            # came on the page before: read at the range's start, then passed over.
+            plan = await _plan(store, query)
+            _read_only_the_page(store, plan, "conversations", index, LIMIT + 2)

@@ -12,7 +12,7 @@ import heapq
 from typing import Any
 
 import orjson
-from sqlalchemy import ColumnElement, Select, and_, or_, select, tuple_, update
+from sqlalchemy import ColumnElement, Select, and_, bindparam, or_, select, tuple_, update
 
 from estafeta.store import schema as s
 from estafeta.store.base import StoreBase
@@ -77,6 +77,43 @@ def message_page_queries(
     return inbound_query, outbound_query
 
 
+def conversation_list_query(
+    tenant_id: str | None, *, status: str | None, limit: int, after: tuple[int, str, str] | None
+) -> Select[Any]:
+    """A page of the list (ConversationOps.list_conversations), read by the tenant's index in
+    its order, or by the escalated ones' (migration 0011)."""
+    c = s.conversations
+    query = (
+        select(c)
+        .order_by(c.c.last_message_at.desc(), c.c.tenant_id.desc(), c.c.id.desc())
+        .limit(limit)
+    )
+    if tenant_id is not None:
+        query = query.where(c.c.tenant_id == tenant_id)
+    if after is not None:
+        at, tenant, conversation = after
+        query = query.where(
+            # The bound alone starts the index range at the cursor's millisecond; the rest
+            # is the engine's order of ties within it.
+            c.c.last_message_at <= at,
+            or_(
+                c.c.last_message_at < at,
+                and_(
+                    c.c.last_message_at == at,
+                    or_(
+                        c.c.tenant_id < tenant,
+                        and_(c.c.tenant_id == tenant, c.c.id < conversation),
+                    ),
+                ),
+            ),
+        )
+    if status is not None:
+        # In the statement's text, not a parameter: a plan made for any status could not use
+        # the index of the escalated ones (a partial index).
+        query = query.where(c.c.status == bindparam("status", status, literal_execute=True))
+    return query
+
+
 class ConversationOps(StoreBase):
     async def list_conversations(
         self,
@@ -89,30 +126,7 @@ class ConversationOps(StoreBase):
         """Most recent last message first, ties by tenant and id (both descending), so that
         the order is total and a page can start `after` the (last_message_at, tenant, id) of
         the previous page's last conversation."""
-        c = s.conversations
-        query = (
-            select(c)
-            .order_by(c.c.last_message_at.desc(), c.c.tenant_id.desc(), c.c.id.desc())
-            .limit(limit)
-        )
-        if tenant_id is not None:
-            query = query.where(c.c.tenant_id == tenant_id)
-        if after is not None:
-            at, tenant, conversation = after
-            query = query.where(
-                or_(
-                    c.c.last_message_at < at,
-                    and_(
-                        c.c.last_message_at == at,
-                        or_(
-                            c.c.tenant_id < tenant,
-                            and_(c.c.tenant_id == tenant, c.c.id < conversation),
-                        ),
-                    ),
-                )
-            )
-        if status is not None:
-            query = query.where(c.c.status == status)
+        query = conversation_list_query(tenant_id, status=status, limit=limit, after=after)
         async with self._read() as conn:
             return [_conversation(r) for r in (await conn.execute(query)).all()]
 
