@@ -29,6 +29,7 @@ from estafeta.delivery.model import LeasedDelivery
 from estafeta.delivery.state import DeliveryState
 from estafeta.delivery.worker import Worker
 from estafeta.errors import LeaseRaced
+from estafeta.observability.metrics import REGISTRY, render_this_process
 from estafeta.store import open_store
 from estafeta.store.migrate import upgrade
 from estafeta.store.postgres import Statement
@@ -189,9 +190,13 @@ async def test_a_worker_whose_lease_lost_the_race_goes_on_and_sends_the_key_in_t
     worker = Worker(store, config_for(database_url, sink))
     await worker._connectors.start()  # what `run` does first; its loop is driven by hand
     try:
+        raced = REGISTRY.get_sample_value("estafeta_lease_races_total") or 0
         with capture_logs() as logs:
             assert await while_held(held, worker._step()) == 0
         assert "lease_raced" in [entry["event"] for entry in logs]
+        # Counted, so that an operator sees workers contending for keys (its /metrics).
+        assert REGISTRY.get_sample_value("estafeta_lease_races_total") == raced + 1
+        assert b"estafeta_lease_races_total" in render_this_process()[0]
         assert await in_flight_by_key(store) == {"maria": [later.deliveries[0].id]}
 
         # A's delivery is done (A died; a rescue records its attempt as a success).

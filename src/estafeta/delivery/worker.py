@@ -53,6 +53,7 @@ from estafeta.delivery.throttle import DestinationThrottle
 from estafeta.errors import LeaseRaced, StoreUnavailable
 from estafeta.messaging.facts import send_destination
 from estafeta.messaging.outbound import can_send
+from estafeta.observability.metrics import LEASE_RACES
 from estafeta.redis_client import connect_redis
 from estafeta.store.records import DirectLease, NewEvent
 from estafeta.store.sqlstore import SqlStore
@@ -288,6 +289,7 @@ class Worker:
             # lease took nothing, and the next one (at once: the slots are still free) sees
             # which of the key is in flight.
             log.info("lease_raced", worker=self.worker_id)
+            LEASE_RACES.inc()
             self._wake.set()
             return []
 

@@ -69,6 +69,12 @@ DEAD_LETTERED = Counter(
     ["destination"],
     registry=REGISTRY,
 )
+LEASE_RACES = Counter(
+    "estafeta_lease_races_total",
+    "Leases of this process that took nothing: another worker's lease had taken one of the"
+    " same ordering keys at the same moment (it leases again at once).",
+    registry=REGISTRY,
+)
 QUEUE_DEPTH = Gauge(
     "estafeta_deliveries",
     "Deliveries in the store by state (read from the store when scraped).",
