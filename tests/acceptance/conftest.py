@@ -509,8 +509,9 @@ class HubClient:
         return deliveries
 
     async def queue(self) -> dict[str, int]:
-        """Deliveries by state, from `GET /health/detailed`: the states some delivery is in
-        (the answer names all five, 0 included)."""
+        """The queue's deliveries by state, from `GET /health/detailed`: those of pending,
+        in_flight and dead that some delivery is in (the answer names all three, 0
+        included; the history, succeeded and discarded, is not the queue's)."""
         found = await self.get_json("/health/detailed")
         by_state: dict[str, int] = found["checks"]["queue"]["by_state"]
         return {state: count for state, count in by_state.items() if count}
@@ -527,8 +528,9 @@ async def wait_until(
         await asyncio.sleep(0.1)
 
 
-async def settled(hub: HubClient, *, timeout_s: float) -> dict[str, int]:
-    """Wait until no delivery is pending or in flight; returns the counts by state."""
+async def settled(hub: HubClient, database_url: str, *, timeout_s: float) -> dict[str, int]:
+    """Wait until the hub says no delivery is pending or in flight; returns the store's
+    counts by state, the history's included."""
     last: dict[str, int] = {}
 
     async def idle() -> bool:
@@ -537,7 +539,8 @@ async def settled(hub: HubClient, *, timeout_s: float) -> dict[str, int]:
         return last.get("pending", 0) + last.get("in_flight", 0) == 0
 
     await wait_until(idle, timeout_s=timeout_s, what=f"an idle queue (last seen: {last})")
-    return last
+    counted = await query(database_url, "SELECT state, count(*) FROM deliveries GROUP BY state")
+    return {state: int(n) for state, n in counted}
 
 
 @contextlib.asynccontextmanager

@@ -379,7 +379,10 @@ async def test_dlq_list_replay_and_discard(tmp_path: Path, estafeta: Estafeta) -
         assert await sink.wait_for(billing_got_all, 30), "replayed deliveries not delivered"
         async with client_session() as http:
             hub = HubClient(serve.base_url, http)
-            assert await settled(hub, timeout_s=20) == {"succeeded": 5, "discarded": 5}
+            assert await settled(hub, database_url, timeout_s=20) == {
+                "succeeded": 5,
+                "discarded": 5,
+            }
         assert not any(r.status == 200 and r.path == "/hooks/crm" for r in sink.received)
     finally:
         await sink.stop()
@@ -444,7 +447,7 @@ async def test_sigterm_stops_serve_cleanly_with_a_send_in_flight(
         assert again.base_url is not None
         async with client_session() as http:
             hub = HubClient(again.base_url, http)
-            assert await settled(hub, timeout_s=20) == {"succeeded": 1}
+            assert await settled(hub, database_url, timeout_s=20) == {"succeeded": 1}
             delivery = await hub.delivery(event_id, "crm")
             assert [a["status_code"] for a in delivery["attempt_log"]] == [200]
         assert event_id in sink.delivered_ids

@@ -158,7 +158,7 @@ async def test_thousand_signed_webhooks_are_delivered_once_retried_and_dead_lett
             assert await calendar.wait_for(lambda s: bookings <= s.delivered_ids, 30), (
                 f"calendar got {len(calendar.delivered_ids)} of {len(bookings)} after replay"
             )
-            by_state = await settled(hub, timeout_s=30)
+            by_state = await settled(hub, database_url, timeout_s=30)
             assert by_state == {"succeeded": 2 * EVENTS + len(bookings)}, by_state
             assert await hub.dead("calendar") == []
             after = await hub.delivery(sorted(bookings)[0], "calendar")

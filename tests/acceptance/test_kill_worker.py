@@ -76,7 +76,7 @@ async def test_killed_worker_loses_nothing_and_duplicates_only_what_was_in_fligh
             assert await sink.wait_for(lambda s: acknowledged <= s.delivered_ids, 45), (
                 f"{len(acknowledged - sink.delivered_ids)} acknowledged events never delivered"
             )
-            by_state = await settled(hub, timeout_s=20)
+            by_state = await settled(hub, database_url, timeout_s=20)
             assert by_state == {"succeeded": EVENTS}, by_state
 
             # The attempts log says why a rescued delivery was sent again.

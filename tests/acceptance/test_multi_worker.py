@@ -65,7 +65,7 @@ async def test_four_workers_deliver_each_event_exactly_once(
             assert await sink.wait_for(lambda s: acknowledged <= s.delivered_ids, 60), (
                 f"{len(acknowledged - sink.delivered_ids)} events not delivered"
             )
-            assert await settled(hub, timeout_s=20) == {"succeeded": EVENTS}
+            assert await settled(hub, database_url, timeout_s=20) == {"succeeded": EVENTS}
 
         exits = await asyncio.gather(*(w.stop() for w in workers))
         assert exits == [0] * WORKERS, [w.tail() for w in workers]

@@ -74,7 +74,7 @@ async def test_a_new_destinations_deliveries_wait_for_a_worker_on_the_new_file(
 
             estafeta.worker(new, name="new-worker")
             assert await sink.wait_for(lambda s: sent.acknowledged <= s.delivered_ids, 30)
-            assert await settled(hub, timeout_s=20) == {"succeeded": EVENTS}
+            assert await settled(hub, database_url, timeout_s=20) == {"succeeded": EVENTS}
             assert await hub.dead("agenda") == []
         assert not [e for e in old_worker.log_events() if e.get("event") == "unknown_destinations"]
     finally:

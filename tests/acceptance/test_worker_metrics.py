@@ -57,7 +57,7 @@ async def test_a_lone_workers_own_metrics_count_what_it_delivered(
                 [f"msg_{n}" for n in range(5)],
             )
             assert sent.statuses == [202] * 5
-            assert await settled(hub, timeout_s=20) == {"succeeded": 5}
+            assert await settled(hub, database_url, timeout_s=20) == {"succeeded": 5}
 
             async with http.get(f"{endpoint}/metrics") as scraped:
                 assert scraped.status == 200

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from sqlalchemy import Select, insert, text
+from sqlalchemy import insert, text
 
 from estafeta.store import schema as s
 from estafeta.store.conversations import (
@@ -16,6 +16,7 @@ from estafeta.store.conversations import (
     message_page_queries,
 )
 from estafeta.store.sqlstore import SqlStore
+from tests.integration.plans import assert_walks_only, explain
 
 TENANT = "clinica-sol"
 MARIA = "5511987654321"
@@ -88,32 +89,6 @@ async def _a_long_conversation(store: SqlStore) -> None:
         await conn.execute(text("ANALYZE"))
 
 
-async def _plan(store: SqlStore, query: Select[Any]) -> Any:
-    sql = query.compile(dialect=store.engine.dialect, compile_kwargs={"literal_binds": True})
-    async with store.engine.connect() as conn:
-        if store.engine.dialect.name == "postgresql":
-            explained = f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}"
-            return (await conn.execute(text(explained))).scalar_one()[0]["Plan"]
-        return [row.detail for row in await conn.execute(text(f"EXPLAIN QUERY PLAN {sql}"))]
-
-
-def _nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
-    return [plan, *(node for child in plan.get("Plans", []) for node in _nodes(child))]
-
-
-def _rows_read(plan: dict[str, Any]) -> dict[str, int]:
-    """How many rows of each table the executed plan read, those it kept and those it
-    threw away after reading them."""
-    read: dict[str, int] = {}
-    for node in _nodes(plan):
-        if "Relation Name" in node:
-            rows = node["Actual Rows"] * node["Actual Loops"]
-            rows += node.get("Rows Removed by Filter", 0)
-            rows += node.get("Rows Removed by Index Recheck", 0)
-            read[node["Relation Name"]] = read.get(node["Relation Name"], 0) + rows
-    return read
-
-
 async def test_a_page_of_a_long_conversation_reads_only_its_own_rows(store: SqlStore) -> None:
     await _a_long_conversation(store)
     # The whole conversation, page by page, as the API reads it: where the pages start.
@@ -138,27 +113,8 @@ async def test_a_page_of_a_long_conversation_reads_only_its_own_rows(store: SqlS
             ("events_conversation", "messages_conversation"),
             strict=True,
         ):
-            plan = await _plan(store, query)
-            if store.engine.dialect.name == "postgresql":
-                kinds = {node["Node Type"] for node in _nodes(plan)}
-                assert not kinds & {"Sort", "Incremental Sort", "Seq Scan"}, (after, plan)
-                # At most the page's rows: none read to be sorted or filtered away.
-                assert _rows_read(plan)[table] <= LIMIT, (after, plan)
-                assert any(node.get("Index Name") == index for node in _nodes(plan)), plan
-            else:
-                assert not any("TEMP B-TREE" in step for step in plan), (after, plan)
-                assert any(f"USING INDEX {index} " in step for step in plan), (after, plan)
-
-
-def _read_only_the_page(store: SqlStore, plan: Any, table: str, index: str, most: int) -> None:
-    if store.engine.dialect.name == "postgresql":
-        kinds = {node["Node Type"] for node in _nodes(plan)}
-        assert not kinds & {"Sort", "Incremental Sort", "Seq Scan"}, plan
-        assert _rows_read(plan)[table] <= most, plan
-        assert any(node.get("Index Name") == index for node in _nodes(plan)), plan
-    else:
-        assert not any("TEMP B-TREE" in step for step in plan), plan
-        assert any(f"USING INDEX {index} " in step for step in plan), plan
+            # At most the page's rows: none read to be sorted or filtered away.
+            assert_walks_only(store, await explain(store, query), table, {index}, LIMIT)
 
 
 CONVERSATIONS = 3_000
@@ -212,5 +168,5 @@ async def test_a_page_of_a_tenants_conversations_reads_only_its_own_rows(
             query = conversation_list_query(TENANT, status=status, limit=LIMIT, after=after)
             # The page, and the conversations of the cursor's millisecond (two here) that
             # came on the page before: read at the range's start, then passed over.
-            plan = await _plan(store, query)
-            _read_only_the_page(store, plan, "conversations", index, LIMIT + 2)
+            plan = await explain(store, query)
+            assert_walks_only(store, plan, "conversations", {index}, LIMIT + 2)

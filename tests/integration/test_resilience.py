@@ -61,7 +61,7 @@ async def none_in_flight(store: SqlStore, timeout_s: float = 10) -> dict[str, in
     arrives, its outcome is recorded only after the answer."""
     deadline = time.monotonic() + timeout_s
     while True:
-        by_state = (await store.queue_stats()).by_state
+        by_state = (await store.queue_stats(history=True)).by_state
         if not by_state.get("in_flight"):
             return by_state
         assert time.monotonic() < deadline, by_state

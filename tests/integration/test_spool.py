@@ -225,7 +225,7 @@ async def test_a_batch_that_fails_after_its_commit_is_spooled_not_stored_twice(
         assert hub.spool is not None and await hub.spool.drain(store) == 2
     finally:
         await hub.close()
-    assert (await store.queue_stats()).by_state == {"pending": 2}  # each stored once
+    assert (await store.queue_stats(history=True)).by_state == {"pending": 2}  # each stored once
     for event_id in ids:
         assert await store.get_event(event_id, "clinica-sol") is not None
 
@@ -242,7 +242,7 @@ async def test_a_segment_imported_twice_is_deduplicated_by_event_id(
     assert await spool.drain(store) == 7
     segment.write_bytes(saved)  # as if the process died before deleting it
     assert await spool.drain(store) == 7  # read again, but every event is a duplicate
-    assert (await store.queue_stats()).by_state == {"pending": 7}
+    assert (await store.queue_stats(history=True)).by_state == {"pending": 7}
     await spool.close()
 
 

@@ -63,7 +63,7 @@ async def test_a_repeated_idempotency_key_answers_the_original_and_stores_nothin
     [result] = await store.insert_events([again])
     assert result.duplicate and result.event_id == first.id
     assert await store.get_event(again.id, None) is None
-    assert (await store.queue_stats()).by_state == {"pending": 1}
+    assert (await store.queue_stats(history=True)).by_state == {"pending": 1}
 
 
 async def test_a_batch_of_repeats_and_new_events_is_answered_without_a_second_query(
@@ -89,7 +89,7 @@ async def test_a_batch_of_repeats_and_new_events_is_answered_without_a_second_qu
         (originals[1].id, True),
     ]
     monkeypatch.undo()
-    assert (await store.queue_stats()).by_state == {"pending": 4}
+    assert (await store.queue_stats(history=True)).by_state == {"pending": 4}
 
 
 async def test_duplicates_inside_one_batch_are_stored_once(store: SqlStore) -> None:
@@ -97,7 +97,7 @@ async def test_duplicates_inside_one_batch_are_stored_once(store: SqlStore) -> N
     results = await store.insert_events([a, b, c])
     assert [r.duplicate for r in results] == [False, True, False]
     assert results[1].event_id == a.id
-    assert (await store.queue_stats()).by_state == {"pending": 2}
+    assert (await store.queue_stats(history=True)).by_state == {"pending": 2}
 
 
 async def test_the_same_key_from_another_source_or_tenant_is_a_new_event(store: SqlStore) -> None:
@@ -141,7 +141,7 @@ async def test_the_same_key_at_two_processes_at_once_is_stored_once(
         originals = [r for [r] in results if not r.duplicate]
         assert len(originals) == 1
         assert {r.event_id for [r] in results} == {originals[0].event_id}
-    assert (await store.queue_stats()).by_state == {"pending": 10}
+    assert (await store.queue_stats(history=True)).by_state == {"pending": 10}
 
 
 async def test_a_batch_whose_fates_cannot_be_told_commits_nothing(
@@ -351,7 +351,9 @@ async def test_two_operators_moving_the_same_dead_deliveries_move_each_once(
     assert set(replayed).isdisjoint(moved) and set(replayed) | set(moved) == dead
     expected = {"pending": len(replayed), "discarded": 0}
     expected["pending" if action == "replay" else "discarded"] += len(moved)
-    assert (await store.queue_stats()).by_state == {k: v for k, v in expected.items() if v}
+    assert (await store.queue_stats(history=True)).by_state == {
+        k: v for k, v in expected.items() if v
+    }
     async with store.engine.connect() as conn:
         rows = (await conn.execute(text("SELECT actor, detail FROM audit_log"))).all()
     audited = {r.actor: orjson.loads(r.detail)["count"] for r in rows}
@@ -367,7 +369,7 @@ async def test_discard_is_final_and_replay_of_nothing_changes_nothing(store: Sql
         dead
     ]
     assert await store.replay(DeadLetterFilter(delivery_ids=(dead,)), actor="t", now_ms=NOW) == []
-    assert (await store.queue_stats()).by_state == {"discarded": 1}
+    assert (await store.queue_stats(history=True)).by_state == {"discarded": 1}
 
 
 async def test_a_tenant_never_sees_or_replays_another_tenants_data(store: SqlStore) -> None:
@@ -385,7 +387,7 @@ async def test_a_tenant_never_sees_or_replays_another_tenants_data(store: SqlSto
 async def test_the_schema_refuses_an_impossible_priority(store: SqlStore) -> None:
     with pytest.raises(StoreRejected, match="priority"):
         await store.insert_events([event(priority=7)])
-    assert (await store.queue_stats()).by_state == {}
+    assert (await store.queue_stats(history=True)).by_state == {}
 
 
 async def test_an_empty_key_is_a_key_like_any_other(store: SqlStore) -> None:
@@ -483,7 +485,7 @@ async def test_migrate_twice_is_harmless(store: SqlStore) -> None:
     await store.migrate()
     await store.insert_events([event()])
     await store.migrate()
-    assert (await store.queue_stats()).by_state == {"pending": 1}
+    assert (await store.queue_stats(history=True)).by_state == {"pending": 1}
 
 
 async def test_api_keys_resolve_to_their_tenant_only_by_hash(store: SqlStore) -> None:

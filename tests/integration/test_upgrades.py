@@ -314,7 +314,7 @@ async def test_a_database_of_an_earlier_version_upgrades_with_every_row_and_work
                 DeadLetterFilter(destination_id="billing"), actor="cli:ops", now_ms=NOW
             )
             assert replayed == ["dlv_e1"]
-            stats = await store.queue_stats()
+            stats = await store.queue_stats(history=True)
             assert stats.by_state == {
                 "pending": 3,
                 "in_flight": 2,

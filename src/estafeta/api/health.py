@@ -19,7 +19,7 @@ from estafeta.api.responses import json_response
 from estafeta.clock import iso_from_ms
 from estafeta.delivery.circuit_store import every_circuit
 from estafeta.delivery.presence import LIVE_WINDOW_S, named_destinations
-from estafeta.delivery.state import DeliveryState
+from estafeta.delivery.state import QUEUE_STATES
 from estafeta.errors import StoreUnavailable
 from estafeta.observability.metrics import render
 from estafeta.observability.reads import within
@@ -108,8 +108,9 @@ async def store_check(store: SqlStore) -> tuple[dict[str, str], dict[str, object
     except TimeoutError as exc:
         return {"status": "unavailable", "error": f"the store gave {exc}"}, None
     queue: dict[str, object] = {
-        # Every state, 0 included: an empty queue is a depth of 0, not a missing one.
-        "by_state": {s.value: stats.by_state.get(s.value, 0) for s in DeliveryState},
+        # The queue's states, 0 included: an empty queue is a depth of 0, not a missing one.
+        # Not the history (succeeded, discarded): counting it walks every delivery kept.
+        "by_state": {s.value: stats.by_state.get(s.value, 0) for s in QUEUE_STATES},
         # the earliest due time among pending deliveries (retries scheduled later included)
         "next_due_at": iso_from_ms(stats.oldest_pending_at)
         if stats.oldest_pending_at is not None

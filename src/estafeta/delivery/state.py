@@ -24,6 +24,10 @@ class DeliveryState(StrEnum):
     DISCARDED = "discarded"
 
 
+# The states a delivery waits in, or waits for an operator in: what the queue's depth counts
+# (/metrics, /health/detailed). The others are history, which only grows.
+QUEUE_STATES = (DeliveryState.PENDING, DeliveryState.IN_FLIGHT, DeliveryState.DEAD)
+
 # Every edge of the machine. The store's guarded updates only ever take these (each names
 # the state it leaves in its WHERE clause); tests/unit/test_decision.py checks decide().
 ALLOWED_TRANSITIONS: frozenset[tuple[DeliveryState, DeliveryState]] = frozenset(

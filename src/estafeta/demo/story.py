@@ -218,7 +218,7 @@ async def _settled(store: SqlStore, timeout_s: float) -> dict[str, int]:
     """Wait until no delivery is pending or in flight (a demo may poll; tests use sinks)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        stats = (await store.queue_stats()).by_state
+        stats = (await store.queue_stats(history=True)).by_state
         busy = stats.get("pending", 0) + stats.get("in_flight", 0)
         if busy == 0 or time.monotonic() > deadline:
             return stats

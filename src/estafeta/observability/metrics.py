@@ -26,6 +26,7 @@ from prometheus_client import (
 
 from estafeta.delivery.circuit import Circuit, CircuitState
 from estafeta.delivery.circuit_store import every_circuit
+from estafeta.delivery.state import QUEUE_STATES
 from estafeta.errors import StoreUnavailable
 from estafeta.observability.reads import within
 
@@ -77,7 +78,7 @@ LEASE_RACES = Counter(
 )
 QUEUE_DEPTH = Gauge(
     "estafeta_deliveries",
-    "Deliveries in the store by state (read from the store when scraped).",
+    "Deliveries waiting (pending, in_flight) or dead, by state (read from the store when scraped).",
     ["state"],
     registry=REGISTRY,
 )
@@ -143,8 +144,8 @@ async def render(
     # No await from here on: a concurrent scrape cannot see the gauges half set.
     QUEUE_DEPTH.clear()
     if stats is not None:
-        for state in ("pending", "in_flight", "succeeded", "dead", "discarded"):
-            QUEUE_DEPTH.labels(state).set(stats.by_state.get(state, 0))
+        for state in QUEUE_STATES:
+            QUEUE_DEPTH.labels(state.value).set(stats.by_state.get(state.value, 0))
     CIRCUIT_STATE.clear()
     if known is not None:
         known = every_circuit(known, destinations)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import ColumnElement, select, update
+from sqlalchemy import ColumnElement, Select, select, update
 
 from estafeta.delivery.state import DeliveryState
 from estafeta.messaging.facts import SEND_DESTINATION_PREFIX
@@ -18,39 +18,47 @@ from estafeta.store import schema as s
 from estafeta.store.audit import audit
 from estafeta.store.messaging import MessagingOps
 from estafeta.store.records import DeadLetterFilter, DeliveryView
-from estafeta.store.views import delivery_view, delivery_view_query
+from estafeta.store.views import delivery_view, delivery_view_query, state_is
 
 # The order of every selection: a limited list shows what a move with its limit would take.
 _OLDEST_DEATH_FIRST = (s.deliveries.c.updated_at, s.deliveries.c.id)
 
 
-class DeadLetterOps(MessagingOps):
-    def _dead_conditions(self, f: DeadLetterFilter) -> list[ColumnElement[bool]]:
-        d = s.deliveries
-        conditions: list[ColumnElement[bool]] = [d.c.state == DeliveryState.DEAD.value]
-        if f.tenant_id is not None:
-            conditions.append(d.c.tenant_id == f.tenant_id)
-        if f.delivery_ids:
-            conditions.append(d.c.id.in_(f.delivery_ids))
-        if f.destination_id is not None:
-            conditions.append(d.c.destination_id == f.destination_id)
-        if f.event_type is not None:
-            conditions.append(
-                d.c.event_id.in_(select(s.events.c.id).where(s.events.c.type == f.event_type))
-            )
-        if f.since is not None:
-            conditions.append(d.c.updated_at >= f.since)
-        if f.until is not None:
-            conditions.append(d.c.updated_at < f.until)
-        return conditions
-
-    async def list_dead(self, f: DeadLetterFilter) -> list[DeliveryView]:
-        query = (
-            delivery_view_query()
-            .where(*self._dead_conditions(f))
-            .order_by(*_OLDEST_DEATH_FIRST)
-            .limit(f.batch)
+def dead_conditions(f: DeadLetterFilter) -> list[ColumnElement[bool]]:
+    """The dead deliveries `f` selects: read by an index of dead ones alone (deliveries_dead,
+    or the tenant's by state), never by a walk of the history."""
+    d = s.deliveries
+    conditions: list[ColumnElement[bool]] = [state_is(DeliveryState.DEAD)]
+    if f.tenant_id is not None:
+        conditions.append(d.c.tenant_id == f.tenant_id)
+    if f.delivery_ids:
+        conditions.append(d.c.id.in_(f.delivery_ids))
+    if f.destination_id is not None:
+        conditions.append(d.c.destination_id == f.destination_id)
+    if f.event_type is not None:
+        conditions.append(
+            d.c.event_id.in_(select(s.events.c.id).where(s.events.c.type == f.event_type))
         )
+    if f.since is not None:
+        conditions.append(d.c.updated_at >= f.since)
+    if f.until is not None:
+        conditions.append(d.c.updated_at < f.until)
+    return conditions
+
+
+def dead_list_query(f: DeadLetterFilter) -> Select[Any]:
+    """What `list_dead` reads: the selected dead deliveries, oldest death first."""
+    return (
+        delivery_view_query()
+        .where(*dead_conditions(f))
+        .order_by(*_OLDEST_DEATH_FIRST)
+        .limit(f.batch)
+    )
+
+
+class DeadLetterOps(MessagingOps):
+    async def list_dead(self, f: DeadLetterFilter) -> list[DeliveryView]:
+        query = dead_list_query(f)
         async with self._read() as conn:
             return [delivery_view(r) for r in (await conn.execute(query)).all()]
 
@@ -67,10 +75,7 @@ class DeadLetterOps(MessagingOps):
     ) -> list[str]:
         d = s.deliveries
         chosen = (
-            select(d.c.id)
-            .where(*self._dead_conditions(f))
-            .order_by(*_OLDEST_DEATH_FIRST)
-            .limit(f.batch)
+            select(d.c.id).where(*dead_conditions(f)).order_by(*_OLDEST_DEATH_FIRST).limit(f.batch)
         )
         if action == "replay":
             values: dict[str, Any] = {

@@ -194,6 +194,15 @@ Index(
     postgresql_where=text("state = 'in_flight' AND ordering_key IS NOT NULL"),
     sqlite_where=text("state = 'in_flight' AND ordering_key IS NOT NULL"),
 )
+# The dead-letter queue, oldest death first (dead_letters.py), and its count (views.py): a few
+# rows among the millions that succeeded, read without walking those.
+Index(
+    "deliveries_dead",
+    deliveries.c.updated_at,
+    deliveries.c.id,
+    postgresql_where=text("state = 'dead'"),
+    sqlite_where=text("state = 'dead'"),
+)
 Index("deliveries_event", deliveries.c.event_id)
 Index(
     "deliveries_tenant_state", deliveries.c.tenant_id, deliveries.c.state, deliveries.c.updated_at

@@ -8,12 +8,13 @@ never queue behind writes), and answers with the records of records.py. The deli
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
-from sqlalchemy import Select, func, select
+from sqlalchemy import ColumnElement, Select, func, literal_column, select
 
-from estafeta.delivery.state import DeliveryState
+from estafeta.delivery.state import QUEUE_STATES, DeliveryState
 from estafeta.store import schema as s
 from estafeta.store.base import StoreBase
 from estafeta.store.records import AttemptView, DeliveryView, EventView, QueueStats
@@ -80,24 +81,50 @@ class ViewOps(StoreBase):
     async def pending_count(self) -> int:
         """Pending deliveries, counted on the partial lease index (the backlog alert's
         question, asked every few seconds: no scan of the succeeded history)."""
-        d = s.deliveries
-        query = select(func.count()).where(d.c.state == DeliveryState.PENDING.value)
+        query = select(func.count()).where(state_is(DeliveryState.PENDING))
         async with self._read() as conn:
             return int((await conn.execute(query)).scalar_one())
 
-    async def queue_stats(self, tenant_id: str | None = None) -> QueueStats:
-        d = s.deliveries
-        counts = select(d.c.state, func.count()).group_by(d.c.state)
-        oldest = select(func.min(d.c.next_attempt_at)).where(
-            d.c.state == DeliveryState.PENDING.value
-        )
-        if tenant_id is not None:
-            counts = counts.where(d.c.tenant_id == tenant_id)
-            oldest = oldest.where(d.c.tenant_id == tenant_id)
+    async def queue_stats(
+        self, tenant_id: str | None = None, *, history: bool = False
+    ) -> QueueStats:
+        """How many deliveries are in each state (those with none left out), and the earliest
+        due time among pending ones.
+
+        By default the queue's states only (pending, in flight, dead), each counted on an
+        index that holds that state alone (or the tenant's): what /metrics and
+        /health/detailed ask on every scrape, at the same cost however much history the
+        store keeps (counting every state took 160 ms at 2,000,000 deliveries). `history`
+        adds succeeded and discarded, a walk of every delivery ever made: for the demo, the
+        tests and other small stores."""
+        states = list(DeliveryState) if history else QUEUE_STATES
         async with self._read() as conn:
-            by_state = {state: int(n) for state, n in (await conn.execute(counts)).all()}
-            oldest_at = (await conn.execute(oldest)).scalar()
-        return QueueStats(by_state=by_state, oldest_pending_at=oldest_at)
+            row = (await conn.execute(queue_stats_query(tenant_id, states))).one()
+        by_state = {state.value: int(n) for state, n in zip(states, row[1:], strict=True) if n}
+        return QueueStats(by_state=by_state, oldest_pending_at=row[0])
+
+
+def queue_stats_query(tenant_id: str | None, states: Sequence[DeliveryState]) -> Select[Any]:
+    """One row: the earliest due time among pending deliveries, then the count of each of
+    `states`, each a subquery of its own so that each reads its own index."""
+    d = s.deliveries
+
+    def of_tenant(query: Select[Any]) -> Select[Any]:
+        return query if tenant_id is None else query.where(d.c.tenant_id == tenant_id)
+
+    counts = [
+        of_tenant(select(func.count()).where(state_is(state))).scalar_subquery() for state in states
+    ]
+    oldest = of_tenant(
+        select(func.min(d.c.next_attempt_at)).where(state_is(DeliveryState.PENDING))
+    ).scalar_subquery()
+    return select(oldest, *counts)
+
+
+def state_is(state: DeliveryState) -> ColumnElement[bool]:
+    """`deliveries.state = '<state>'` with the state in the statement's text, not a parameter:
+    the indexes of one state are partial, and a plan made for any state could not use them."""
+    return s.deliveries.c.state == literal_column(f"'{state.value}'")
 
 
 def delivery_view_query() -> Select[Any]:

@@ -1,0 +1,138 @@
+"""What /metrics, /health/detailed and the dead-letter queue read on every scrape or listing
+walks the queue (pending, in flight, dead), never the history the store keeps growing: the
+store's own queries, explained by the engine on a store where nearly every delivery ever
+made has succeeded."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pytest
+from sqlalchemy import insert, text
+
+from estafeta.delivery.state import QUEUE_STATES, DeliveryState
+from estafeta.store import schema as s
+from estafeta.store.dead_letters import dead_list_query
+from estafeta.store.records import DeadLetterFilter
+from estafeta.store.sqlstore import SqlStore
+from estafeta.store.views import queue_stats_query
+from tests.integration.plans import assert_walks_only, explain
+
+DELIVERIES = 6_000
+T0 = 1_751_371_200_000
+# The indexes that hold one state of the queue each (schema.py).
+QUEUE_INDEXES = {"deliveries_destination_due", "deliveries_lease_expiry", "deliveries_dead"}
+
+
+def _state(n: int) -> str:
+    """Nearly all succeeded; a few of each other state, dead among them."""
+    if n % 100 == 1:
+        return "dead"
+    if n % 100 == 2:
+        return "pending"
+    if n % 500 == 3:
+        return "in_flight"
+    if n % 700 == 4:
+        return "discarded"
+    return "succeeded"
+
+
+@pytest.fixture
+async def history(store: SqlStore) -> list[dict[str, Any]]:
+    events = [
+        {
+            "id": f"evt_{n:06d}",
+            "tenant_id": "outra" if n % 4 == 0 else "clinica-sol",
+            "source_id": "crm-events",
+            "type": "appointment.booked" if n % 3 == 0 else "lead.created",
+            "idempotency_key": None,
+            "occurred_at": T0 + n,
+            "received_at": T0 + n,
+            "payload": "{}",
+            "raw": None,
+        }
+        for n in range(DELIVERIES)
+    ]
+    deliveries = [
+        {
+            "id": f"dlv_{n:06d}",
+            "tenant_id": events[n]["tenant_id"],
+            "event_id": events[n]["id"],
+            "destination_id": "crm" if n % 2 else "billing",
+            "state": _state(n),
+            "priority": 2,
+            "attempts": 1,
+            "max_attempts": 5,
+            "next_attempt_at": T0 + n,
+            "lease_token": "tok" if _state(n) == "in_flight" else None,
+            "lease_expires_at": T0 + n + 30_000 if _state(n) == "in_flight" else None,
+            "created_at": T0 + n,
+            "updated_at": T0 + n,
+        }
+        for n in range(DELIVERIES)
+    ]
+    async with store.engine.begin() as conn:
+        await conn.execute(insert(s.events), events)
+        await conn.execute(insert(s.deliveries), deliveries)
+        await conn.execute(text("ANALYZE"))
+    return deliveries
+
+
+async def test_the_queues_counts_read_the_queue_not_the_history(
+    store: SqlStore, history: list[dict[str, Any]]
+) -> None:
+    everything = Counter(d["state"] for d in history)
+    queue = {state.value: everything[state.value] for state in QUEUE_STATES}
+    assert (await store.queue_stats()).by_state == queue
+    assert (await store.queue_stats(history=True)).by_state == dict(everything)
+    sol = Counter(d["state"] for d in history if d["tenant_id"] == "clinica-sol")
+    assert (await store.queue_stats("clinica-sol")).by_state == {
+        state.value: sol[state.value] for state in QUEUE_STATES
+    }
+    assert (await store.queue_stats()).oldest_pending_at == min(
+        d["next_attempt_at"] for d in history if d["state"] == "pending"
+    )
+
+    in_the_queue = sum(queue.values())
+    assert in_the_queue < DELIVERIES // 20  # the history is what there is most of
+    plan = await explain(store, queue_stats_query(None, QUEUE_STATES))
+    # Each pending row twice: counted, and the earliest due time among them.
+    assert_walks_only(store, plan, "deliveries", QUEUE_INDEXES, in_the_queue + queue["pending"])
+    plan = await explain(store, queue_stats_query("clinica-sol", QUEUE_STATES))
+    assert_walks_only(
+        store,
+        plan,
+        "deliveries",
+        QUEUE_INDEXES | {"deliveries_tenant_state"},
+        in_the_queue + queue["pending"],
+    )
+
+
+@pytest.mark.parametrize(
+    "selection",
+    [
+        DeadLetterFilter(limit=1000),
+        DeadLetterFilter(destination_id="crm", limit=1000),
+        DeadLetterFilter(event_type="appointment.booked", limit=1000),
+        DeadLetterFilter(since=T0 + DELIVERIES // 2, limit=1000),
+        DeadLetterFilter(tenant_id="clinica-sol", limit=1000),
+    ],
+    ids=["all", "destination", "type", "since", "tenant"],
+)
+async def test_a_dead_letter_listing_reads_the_dead_ones_only(
+    store: SqlStore, history: list[dict[str, Any]], selection: DeadLetterFilter
+) -> None:
+    dead = [d for d in history if d["state"] == DeliveryState.DEAD.value]
+    listed = await store.list_dead(selection)
+    assert listed and {v.state for v in listed} == {"dead"}
+    assert [v.updated_at for v in listed] == sorted(v.updated_at for v in listed)
+    plan = await explain(store, dead_list_query(selection))
+    assert_walks_only(
+        store,
+        plan,
+        "deliveries",
+        {"deliveries_dead", "deliveries_tenant_state"},
+        len(dead),
+        sorts=True,
+    )
