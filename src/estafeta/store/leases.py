@@ -34,14 +34,26 @@ _DUE = "\n".join(
 )
 
 
-def _with_due(sql: str) -> str:
-    """`sql` with due.sql's conditions, indented as its `/* due */` markers are."""
-    return re.sub(
-        r"^( *)/\* due \*/$",
-        lambda marker: textwrap.indent(_DUE, marker.group(1)),
-        sql,
-        flags=re.MULTILINE,
-    )
+# "No earlier delivery of its key to its destination is pending or in flight", asked of each
+# row the lease reads: a probe of deliveries_ordering for each (SQLite's lease; PostgreSQL's
+# joins each row to its key's first instead, LeaseOps.first_of_key).
+NO_EARLIER_OF_ITS_KEY = """NOT EXISTS (
+  SELECT 1 FROM deliveries AS head
+  WHERE head.destination_id = d.destination_id
+    AND head.ordering_key = d.ordering_key
+    AND head.state IN ('pending', 'in_flight')
+    AND head.id < d.id)"""
+
+
+def _expanded(sql: str, snippets: Mapping[str, str]) -> str:
+    """`sql` with each line that is only a `/* name */` marker replaced by `snippets[name]`,
+    indented as the marker is (expanded again, so that a snippet may hold markers)."""
+
+    def expand(marker: re.Match[str]) -> str:
+        return textwrap.indent(_expanded(snippets[marker[2]], snippets), marker[1])
+
+    pattern = r"^( *)/\* (" + "|".join(map(re.escape, snippets)) + r") \*/$"
+    return re.sub(pattern, expand, sql, flags=re.MULTILINE)
 
 
 # Each destination with a pending delivery: the next one after the last, by the index.
@@ -62,10 +74,17 @@ _PENDING_DESTINATIONS = text(
 
 class LeaseOps(MessagingOps):
     lease_sql_file: ClassVar[str]
+    # due.sql's `/* first of its key */`, as this engine's lease statement words it, and any
+    # other `/* name */` its statement holds.
+    first_of_key: ClassVar[str] = NO_EARLIER_OF_ITS_KEY
+    lease_snippets: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self, engine: AsyncEngine, read_engine: AsyncEngine | None = None) -> None:
         super().__init__(engine, read_engine)
-        self.lease_sql = _with_due((SQL_DIR / self.lease_sql_file).read_text())
+        self.lease_sql = _expanded(
+            (SQL_DIR / self.lease_sql_file).read_text(),
+            {"due": _DUE, "first of its key": self.first_of_key, **self.lease_snippets},
+        )
 
     async def lease(
         self,

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import asyncpg
 import orjson
@@ -167,9 +167,27 @@ def _without_jit(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.run_async(lambda driver: driver.execute("SET jit = off"))
 
 
+# Each row a lease reads, joined to the first pending or in-flight delivery of its key: one
+# probe of deliveries_ordering per key rather than per row, since PostgreSQL memoizes a
+# lateral join by its parameters (the key) where it runs a subquery in WHERE again for every
+# row. A key's backlog behind its head in flight is walked at ~0.5 µs a row instead of ~16
+# (one key of 20,000 waiting: a lease took 700 ms, now ~25).
+_HEAD_OF_ITS_KEY = """LEFT JOIN LATERAL (
+    SELECT k.id
+    FROM deliveries AS k
+    WHERE k.destination_id = d.destination_id
+      AND k.ordering_key = d.ordering_key
+      AND k.state IN ('pending', 'in_flight')
+    ORDER BY k.id
+    LIMIT 1
+) AS head ON d.ordering_key IS NOT NULL"""
+
+
 class PostgresStore(SqlStore):
     dialect = "postgresql"
     lease_sql_file = "lease_postgresql.sql"
+    first_of_key = "d.id = head.id"
+    lease_snippets: ClassVar[Mapping[str, str]] = {"head of its key": _HEAD_OF_ITS_KEY}
     # Events, their deliveries and their conversations' counters go in one statement.
     deliveries_stored_with_events = True
 

@@ -7,7 +7,8 @@
 -- rate limit) keeps its deliveries without spending attempts.
 --
 -- `/* due */` is where the store puts the conditions of due.sql (pending, due by now, not
--- waiting behind an earlier delivery of its ordering key). Best first within a
+-- waiting behind an earlier delivery of its ordering key), `/* head of its key */` the join
+-- to the first pending or in-flight delivery of each row's key they ask about (postgres.py). Best first within a
 -- destination: highest priority (0), then
 -- oldest due time, then id (ids are time-sortable, so FIFO). Each destination's due rows
 -- are read by the partial index deliveries_destination_due as a range scan of that
@@ -50,6 +51,7 @@ WITH cap AS (
     CROSS JOIN LATERAL (
         SELECT d.id, d.priority, d.next_attempt_at
         FROM deliveries AS d
+        /* head of its key */
         WHERE d.destination_id = cap.destination_id
           /* due */
         ORDER BY d.priority, d.next_attempt_at, d.id
@@ -69,11 +71,12 @@ WITH cap AS (
     CROSS JOIN LATERAL (
         SELECT d.id
         FROM deliveries AS d
+        /* head of its key */
         WHERE d.destination_id = share.destination_id
           /* due */
         ORDER BY d.priority, d.next_attempt_at, d.id
         LIMIT share.n
-        FOR UPDATE SKIP LOCKED
+        FOR UPDATE OF d SKIP LOCKED
     ) AS taken
 )
 UPDATE deliveries AS d
