@@ -4,6 +4,7 @@ store runs, explained by the engine."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import orjson
@@ -143,30 +144,34 @@ async def test_a_page_of_a_tenants_conversations_reads_only_its_own_rows(
         await conn.execute(insert(s.conversations), rows)
         await conn.execute(text("ANALYZE"))
 
-    for status in (None, "escalated", "open", "closed"):
+    # A tenant's key sees its own; the admin key, without ?tenant=, every tenant's.
+    for scope, status in itertools.product((TENANT, None), (None, "escalated", "open", "closed")):
         expected = sorted(
-            (r for r in rows if r["tenant_id"] == TENANT and status in (None, r["status"])),
-            key=lambda r: (r["last_message_at"], r["id"]),
+            (r for r in rows if scope in (None, r["tenant_id"]) and status in (None, r["status"])),
+            key=lambda r: (r["last_message_at"], r["tenant_id"], r["id"]),
             reverse=True,
         )
         # Page by page as the API reads them: every conversation once, most recent first.
-        seen: list[str] = []
+        seen: list[tuple[str, str]] = []
         positions: list[tuple[int, str, str] | None] = [None]
         while True:
             page = await store.list_conversations(
-                TENANT, status=status, limit=LIMIT, after=positions[-1]
+                scope, status=status, limit=LIMIT, after=positions[-1]
             )
-            seen += [c.id for c in page]
+            seen += [(c.tenant_id, c.id) for c in page]
             if len(page) < LIMIT:
                 break
-            positions.append((page[-1].last_message_at, TENANT, page[-1].id))
-        assert seen == [r["id"] for r in expected], status
+            positions.append((page[-1].last_message_at, page[-1].tenant_id, page[-1].id))
+        assert seen == [(r["tenant_id"], r["id"]) for r in expected], (scope, status)
         if status in ("open", "closed"):
             continue  # common: read by the tenant's index, skipping the few of another status
         index = "conversations_tenant_last" if status is None else "conversations_escalated"
+        tenants = [TENANT] if scope else [TENANT, "outra-clinica"]
         for after in (positions[0], positions[-1], positions[len(positions) // 2]):
-            query = conversation_list_query(TENANT, status=status, limit=LIMIT, after=after)
-            # The page, and the conversations of the cursor's millisecond (two here) that
-            # came on the page before: read at the range's start, then passed over.
+            query = conversation_list_query(tenants, status=status, limit=LIMIT, after=after)
+            # Each tenant's page, and the conversations of the cursor's millisecond (two
+            # here) that came on the page before: read at the range's start, then passed
+            # over. Several tenants' pages are merged by a sort of those rows alone.
             plan = await explain(store, query)
-            assert_walks_only(store, plan, "conversations", {index}, LIMIT + 2)
+            most = len(tenants) * (LIMIT + 2)
+            assert_walks_only(store, plan, "conversations", {index}, most, sorts=scope is None)

@@ -9,10 +9,22 @@ the same at the start of a conversation of thousands of messages as at its end.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
-from sqlalchemy import ColumnElement, Select, and_, bindparam, or_, select, tuple_, update
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    and_,
+    bindparam,
+    or_,
+    select,
+    text,
+    tuple_,
+    union_all,
+    update,
+)
 
 from estafeta.store import schema as s
 from estafeta.store.base import StoreBase
@@ -77,19 +89,36 @@ def message_page_queries(
     return inbound_query, outbound_query
 
 
+def _most_recent_first(columns: Any) -> tuple[Any, ...]:
+    """The list's order, of the conversations table or of a union of its pages."""
+    return (columns.last_message_at.desc(), columns.tenant_id.desc(), columns.id.desc())
+
+
 def conversation_list_query(
-    tenant_id: str | None, *, status: str | None, limit: int, after: tuple[int, str, str] | None
+    tenant_ids: Sequence[str],
+    *,
+    status: str | None,
+    limit: int,
+    after: tuple[int, str, str] | None,
 ) -> Select[Any]:
-    """A page of the list (ConversationOps.list_conversations), read by the tenant's index in
-    its order, or by the escalated ones' (migration 0011)."""
+    """A page of the list (ConversationOps.list_conversations) of the conversations of
+    `tenant_ids`: each tenant's read by its index in the list's order, or by the escalated
+    ones' (migration 0011), up to `limit`; those of several tenants merged by the engine (a
+    sort of at most `limit` a tenant, not of every conversation of the hub)."""
+    if len(tenant_ids) != 1:
+        each = [
+            select(conversation_list_query([t], status=status, limit=limit, after=after).subquery())
+            for t in tenant_ids
+        ]
+        merged = union_all(*each).subquery()
+        return select(merged).order_by(*_most_recent_first(merged.c)).limit(limit)
     c = s.conversations
     query = (
         select(c)
-        .order_by(c.c.last_message_at.desc(), c.c.tenant_id.desc(), c.c.id.desc())
+        .where(c.c.tenant_id == tenant_ids[0])
+        .order_by(*_most_recent_first(c.c))
         .limit(limit)
     )
-    if tenant_id is not None:
-        query = query.where(c.c.tenant_id == tenant_id)
     if after is not None:
         at, tenant, conversation = after
         query = query.where(
@@ -110,8 +139,26 @@ def conversation_list_query(
     if status is not None:
         # In the statement's text, not a parameter: a plan made for any status could not use
         # the index of the escalated ones (a partial index).
-        query = query.where(c.c.status == bindparam("status", status, literal_execute=True))
+        query = query.where(
+            c.c.status == bindparam("status", status, literal_execute=True, unique=True)
+        )
     return query
+
+
+# Every tenant with a conversation, the next after the last by the index (as
+# leases.py finds the destinations with pending deliveries): one probe per tenant.
+_TENANTS_WITH_CONVERSATIONS = text(
+    """
+    WITH RECURSIVE tenant(id) AS (
+        SELECT min(tenant_id) FROM conversations
+        UNION ALL
+        SELECT (SELECT min(c.tenant_id) FROM conversations AS c WHERE c.tenant_id > tenant.id)
+        FROM tenant
+        WHERE tenant.id IS NOT NULL
+    )
+    SELECT id FROM tenant WHERE id IS NOT NULL
+    """
+)
 
 
 class ConversationOps(StoreBase):
@@ -126,8 +173,14 @@ class ConversationOps(StoreBase):
         """Most recent last message first, ties by tenant and id (both descending), so that
         the order is total and a page can start `after` the (last_message_at, tenant, id) of
         the previous page's last conversation."""
-        query = conversation_list_query(tenant_id, status=status, limit=limit, after=after)
         async with self._read() as conn:
+            if tenant_id is not None:
+                tenants = [tenant_id]
+            else:
+                tenants = [row[0] for row in await conn.execute(_TENANTS_WITH_CONVERSATIONS)]
+                if not tenants:
+                    return []
+            query = conversation_list_query(tenants, status=status, limit=limit, after=after)
             return [_conversation(r) for r in (await conn.execute(query)).all()]
 
     async def get_conversation(
