@@ -8,9 +8,9 @@
 --
 -- `/* due */` is where the store puts the conditions of due.sql (pending, due by now, not
 -- waiting behind an earlier delivery of its ordering key), `/* head of its key */` the join
--- to the first pending or in-flight delivery of each row's key they ask about (postgres.py). Best first within a
--- destination: highest priority (0), then
--- oldest due time, then id (ids are time-sortable, so FIFO). Each destination's due rows
+-- to the first pending or in-flight delivery of each row's key they ask about
+-- (postgres.py). Best first within a destination: highest priority (0), then oldest due
+-- time, then id (ids are time-sortable, so FIFO). Each destination's due rows
 -- are read by the partial index deliveries_destination_due as a range scan of that
 -- destination alone, so another destination's backlog, however large, is never walked.
 --
