@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import asyncpg
-from sqlalchemy import text
+from sqlalchemy import TextClause, text
 from sqlalchemy.exc import (
     DBAPIError,
     IntegrityError,
@@ -32,6 +32,26 @@ from estafeta.errors import StoreError, StoreLoginRefused, StoreRejected, StoreU
 # The statements kept as .sql files: the dialect-specific ones, and due.sql that both engines'
 # lease statements share.
 SQL_DIR = Path(__file__).parent / "sql"
+
+
+def each_value(table: str, column: str, where: str = "TRUE") -> TextClause:
+    """Every distinct value of `table.column` among rows matching `where`, found by the index
+    that leads with the column, the next after the last (a loose index scan): one probe per
+    value, however many rows share it."""
+    return text(
+        f"""
+        WITH RECURSIVE found(value) AS (
+            SELECT min({column}) FROM {table} WHERE {where}
+            UNION ALL
+            SELECT (SELECT min(t.{column}) FROM {table} AS t
+                    WHERE {where} AND t.{column} > found.value)
+            FROM found
+            WHERE found.value IS NOT NULL
+        )
+        SELECT value FROM found WHERE value IS NOT NULL
+        """  # noqa: S608 - the store's own names, never input
+    )
+
 
 # PostgreSQL SQLSTATEs that mean "the server cannot serve us now", not "bad statement":
 # class 08 (connection exception), 57P01-57P03 (shutting down, crash recovery, cannot

@@ -20,14 +20,13 @@ from sqlalchemy import (
     bindparam,
     or_,
     select,
-    text,
     tuple_,
     union_all,
     update,
 )
 
 from estafeta.store import schema as s
-from estafeta.store.base import StoreBase
+from estafeta.store.base import StoreBase, each_value
 from estafeta.store.messaging import sent_states
 from estafeta.store.records import ConversationView, Interaction
 
@@ -145,20 +144,8 @@ def conversation_list_query(
     return query
 
 
-# Every tenant with a conversation, the next after the last by the index (as
-# leases.py finds the destinations with pending deliveries): one probe per tenant.
-_TENANTS_WITH_CONVERSATIONS = text(
-    """
-    WITH RECURSIVE tenant(id) AS (
-        SELECT min(tenant_id) FROM conversations
-        UNION ALL
-        SELECT (SELECT min(c.tenant_id) FROM conversations AS c WHERE c.tenant_id > tenant.id)
-        FROM tenant
-        WHERE tenant.id IS NOT NULL
-    )
-    SELECT id FROM tenant WHERE id IS NOT NULL
-    """
-)
+# Every tenant with a conversation, by the conversations' primary key.
+_TENANTS_WITH_CONVERSATIONS = each_value("conversations", "tenant_id")
 
 
 class ConversationOps(StoreBase):

@@ -18,13 +18,13 @@ from abc import abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
-from sqlalchemy import bindparam, select, text, tuple_, update
+from sqlalchemy import bindparam, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from estafeta.delivery.model import LeasedDelivery
 from estafeta.delivery.state import DeliveryState
 from estafeta.store import schema as s
-from estafeta.store.base import SQL_DIR
+from estafeta.store.base import SQL_DIR, each_value
 from estafeta.store.messaging import MessagingOps
 from estafeta.store.records import CompletedAttempt
 
@@ -56,20 +56,8 @@ def _expanded(sql: str, snippets: Mapping[str, str]) -> str:
     return re.sub(pattern, expand, sql, flags=re.MULTILINE)
 
 
-# Each destination with a pending delivery: the next one after the last, by the index.
-_PENDING_DESTINATIONS = text(
-    """
-    WITH RECURSIVE pending(destination_id) AS (
-        SELECT min(destination_id) FROM deliveries WHERE state = 'pending'
-        UNION ALL
-        SELECT (SELECT min(d.destination_id) FROM deliveries AS d
-                WHERE d.state = 'pending' AND d.destination_id > pending.destination_id)
-        FROM pending
-        WHERE pending.destination_id IS NOT NULL
-    )
-    SELECT destination_id FROM pending WHERE destination_id IS NOT NULL
-    """
-)
+# Each destination with a pending delivery, by deliveries_destination_due.
+_PENDING_DESTINATIONS = each_value("deliveries", "destination_id", "state = 'pending'")
 
 
 class LeaseOps(MessagingOps):
