@@ -5,6 +5,7 @@ read, SQLite's plan steps."""
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import Select, text
@@ -13,29 +14,45 @@ from estafeta.store.sqlstore import SqlStore
 
 
 async def explain(store: SqlStore, query: Select[Any]) -> Any:
+    """The engine's plan of `query`, its parameters written in."""
     sql = query.compile(dialect=store.engine.dialect, compile_kwargs={"literal_binds": True})
+    return await explain_sql(store, str(sql))
+
+
+async def explain_sql(store: SqlStore, sql: str, params: Mapping[str, Any] | None = None) -> Any:
+    """The engine's plan of `sql` run with `params`: on PostgreSQL the executed plan's root
+    node (EXPLAIN ANALYZE runs the statement; whatever it wrote is rolled back), on SQLite
+    the plan's steps."""
     async with store.engine.connect() as conn:
-        if store.engine.dialect.name == "postgresql":
-            explained = f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}"
-            return (await conn.execute(text(explained))).scalar_one()[0]["Plan"]
-        return [row.detail for row in await conn.execute(text(f"EXPLAIN QUERY PLAN {sql}"))]
+        try:
+            if store.engine.dialect.name == "postgresql":
+                explained = text(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}")
+                return (await conn.execute(explained, params or {})).scalar_one()[0]["Plan"]
+            steps = await conn.execute(text(f"EXPLAIN QUERY PLAN {sql}"), params or {})
+            return [row.detail for row in steps]
+        finally:
+            await conn.rollback()
 
 
 def plan_nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
     return [plan, *(node for child in plan.get("Plans", []) for node in plan_nodes(child))]
 
 
+def read(node: dict[str, Any]) -> int:
+    """How many rows a node of an executed plan read: those it kept and those it threw away
+    after reading them, in every loop (EXPLAIN gives both per loop)."""
+    kept = node["Actual Rows"]
+    thrown = node.get("Rows Removed by Filter", 0) + node.get("Rows Removed by Index Recheck", 0)
+    return int((kept + thrown) * node["Actual Loops"])
+
+
 def rows_read(plan: dict[str, Any]) -> dict[str, int]:
-    """How many rows of each table the executed plan read, those it kept and those it
-    threw away after reading them."""
-    read: dict[str, int] = {}
+    """How many rows of each table the executed plan read."""
+    found: dict[str, int] = {}
     for node in plan_nodes(plan):
         if "Relation Name" in node:
-            rows = node["Actual Rows"] * node["Actual Loops"]
-            rows += node.get("Rows Removed by Filter", 0)
-            rows += node.get("Rows Removed by Index Recheck", 0)
-            read[node["Relation Name"]] = read.get(node["Relation Name"], 0) + rows
-    return read
+            found[node["Relation Name"]] = found.get(node["Relation Name"], 0) + read(node)
+    return found
 
 
 def assert_walks_only(

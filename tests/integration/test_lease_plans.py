@@ -5,22 +5,19 @@ only the first of each key. Asked per row, that question cost PostgreSQL a probe
 deliveries_ordering for every waiting delivery it walked past: with one key of 20,000 waiting
 behind a delivery in flight, a lease took 700 ms, for each delivery of the key in turn. The
 lease now joins each row to its key's first, which PostgreSQL memoizes by key. The store's own
-statement, run and explained by PostgreSQL (then rolled back).
+statement, run and explained by PostgreSQL (then rolled back: tests/integration/plans.py).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import asyncpg
-import orjson
 import pytest
+from sqlalchemy import text
 
-from estafeta.store.leases import _lease_params
-from estafeta.store.postgres import PostgresStore
 from estafeta.store.sqlstore import SqlStore
 from tests.conftest import lease_any
-from tests.integration.plans import plan_nodes
+from tests.integration.plans import explain_sql, plan_nodes, read
 from tests.integration.store_support import NOW, event, keyed
 
 WAITING = 3_000
@@ -28,41 +25,27 @@ WAITING = 3_000
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 async def test_a_lease_probes_a_keys_first_once_not_once_per_waiting_delivery(
-    store: SqlStore, database_url: str
+    store: SqlStore,
 ) -> None:
-    assert isinstance(store, PostgresStore)
     await store.insert_events([keyed("maria", NOW + n) for n in range(WAITING)])
     others = [event(at=NOW + WAITING + n) for n in range(5)]  # unkeyed, due after the key's
     await store.insert_events(others)
     [head] = await lease_any(store, now_ms=NOW, limit=1)  # maria's first, now in flight
     assert head.ordering_key == "maria"
 
-    connection = await asyncpg.connect(database_url)
-    try:
-        await connection.execute("ANALYZE deliveries")
-        await connection.execute("SET jit = off")  # as the store's sessions run
-        params = _lease_params(
-            NOW + 10 * WAITING,
-            30_000,
-            "w",
-            limit=100,
-            destinations=["crm"],
-            rooms=[100],
-            sending=[1],
-        )
-        transaction = connection.transaction()
-        await transaction.start()
-        try:
-            plan = orjson.loads(
-                await connection.fetchval(
-                    f"EXPLAIN (ANALYZE, FORMAT JSON) {store._lease.positional}",
-                    *store._lease.args(params),
-                )
-            )[0]["Plan"]
-        finally:
-            await transaction.rollback()  # the explained lease was run: undo it
-    finally:
-        await connection.close()
+    async with store.engine.begin() as conn:
+        await conn.execute(text("ANALYZE deliveries"))
+    params = {
+        "now": NOW + 10 * WAITING,
+        "token": "t",
+        "deadline": NOW + 10 * WAITING + 30_000,
+        "worker": "w",
+        "limit": 100,
+        "destinations": ["crm"],
+        "rooms": [100],
+        "sending": [1],
+    }
+    plan = await explain_sql(store, store.lease_sql, params)
 
     # What it takes: the others, and none of maria's while her first is in flight.
     leased = await store.lease(
@@ -81,11 +64,7 @@ async def test_a_lease_probes_a_keys_first_once_not_once_per_waiting_delivery(
         )
 
     def walked(index: str) -> int:
-        return sum(
-            n["Actual Rows"] * n["Actual Loops"] + n.get("Rows Removed by Filter", 0)
-            for n in nodes
-            if n.get("Index Name") == index
-        )
+        return sum(read(n) for n in nodes if n.get("Index Name") == index)
 
     # Both scans walked maria's waiting deliveries...
     assert walked("deliveries_destination_due") >= 2 * (WAITING - 1), _summary(nodes)

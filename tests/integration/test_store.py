@@ -29,6 +29,7 @@ from estafeta.store.records import (
 from estafeta.store.schema import metadata
 from estafeta.store.sqlstore import SqlStore
 from tests.conftest import lease_any
+from tests.integration.plans import explain_sql, rows_read
 from tests.integration.store_support import NOW, attempt, event, keyed
 
 T = TypeVar("T")
@@ -794,27 +795,13 @@ async def test_a_lease_never_walks_another_destinations_backlog(store: SqlStore)
         "rooms": [10],
         "sending": [0],
     }
-    async with store.engine.connect() as conn:
-        if store.dialect == "sqlite":
-            params["rooms"] = '[["billing", 10, 0]]'
-            plan = "\n".join(
-                str(row[-1])
-                for row in await conn.execute(text("EXPLAIN QUERY PLAN " + store.lease_sql), params)
-            )
-            assert "USING INDEX deliveries_destination_due (destination_id=?" in plan, plan
-            assert "SCAN d\n" not in plan + "\n" and "SCAN c\n" not in plan + "\n", plan
-            return
-        explain = text("EXPLAIN (ANALYZE, FORMAT JSON) " + store.lease_sql)
-        [[report]] = (await conn.execute(explain, params)).all()
-        await conn.rollback()
-    plans = [report[0]["Plan"]]
-    read = 0
-    while plans:
-        node = plans.pop()
-        plans.extend(node.get("Plans", []))
-        if node.get("Relation Name") == "deliveries":
-            rows = node["Actual Rows"] + node.get("Rows Removed by Filter", 0)
-            read += rows * node["Actual Loops"]
+    if store.dialect == "sqlite":
+        params["rooms"] = '[["billing", 10, 0]]'
+        plan = "\n".join(await explain_sql(store, store.lease_sql, params))
+        assert "USING INDEX deliveries_destination_due (destination_id=?" in plan, plan
+        assert "SCAN d\n" not in plan + "\n" and "SCAN c\n" not in plan + "\n", plan
+        return
+    read = rows_read(await explain_sql(store, store.lease_sql, params))["deliveries"]
     assert 1 <= read <= 10, read
 
 
