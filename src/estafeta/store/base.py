@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import asyncpg
-from sqlalchemy import TextClause, text
+from sqlalchemy import BindParameter, TextClause, bindparam, text
 from sqlalchemy.exc import (
     DBAPIError,
     IntegrityError,
@@ -32,6 +32,13 @@ from estafeta.errors import StoreError, StoreLoginRefused, StoreRejected, StoreU
 # The statements kept as .sql files: the dialect-specific ones, and due.sql that both engines'
 # lease statements share.
 SQL_DIR = Path(__file__).parent / "sql"
+
+
+def written_in(value: str) -> BindParameter[str]:
+    """`value` written into the statement's text rather than sent as a parameter: only then
+    can a partial index whose condition names it serve the statement (a plan made for any
+    value, as PostgreSQL keeps for a prepared statement, could not use it)."""
+    return bindparam(None, value, literal_execute=True, unique=True)
 
 
 def each_value(table: str, column: str, where: str = "TRUE") -> TextClause:

@@ -17,7 +17,6 @@ from sqlalchemy import (
     ColumnElement,
     Select,
     and_,
-    bindparam,
     or_,
     select,
     tuple_,
@@ -26,7 +25,7 @@ from sqlalchemy import (
 )
 
 from estafeta.store import schema as s
-from estafeta.store.base import StoreBase, each_value
+from estafeta.store.base import StoreBase, each_value, written_in
 from estafeta.store.messaging import sent_states
 from estafeta.store.records import ConversationView, Interaction
 
@@ -136,11 +135,7 @@ def conversation_list_query(
             ),
         )
     if status is not None:
-        # In the statement's text, not a parameter: a plan made for any status could not use
-        # the index of the escalated ones (a partial index).
-        query = query.where(
-            c.c.status == bindparam("status", status, literal_execute=True, unique=True)
-        )
+        query = query.where(c.c.status == written_in(status))  # conversations_escalated
     return query
 
 

@@ -12,11 +12,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
-from sqlalchemy import ColumnElement, Select, func, literal_column, select
+from sqlalchemy import ColumnElement, Select, func, select
 
 from estafeta.delivery.state import QUEUE_STATES, DeliveryState
 from estafeta.store import schema as s
-from estafeta.store.base import StoreBase
+from estafeta.store.base import StoreBase, written_in
 from estafeta.store.records import AttemptView, DeliveryView, EventView, QueueStats
 
 
@@ -122,9 +122,8 @@ def queue_stats_query(tenant_id: str | None, states: Sequence[DeliveryState]) ->
 
 
 def state_is(state: DeliveryState) -> ColumnElement[bool]:
-    """`deliveries.state = '<state>'` with the state in the statement's text, not a parameter:
-    the indexes of one state are partial, and a plan made for any state could not use them."""
-    return s.deliveries.c.state == literal_column(f"'{state.value}'")
+    """`deliveries.state = '<state>'`, for the partial indexes of one state."""
+    return s.deliveries.c.state == written_in(state.value)
 
 
 def delivery_view_query() -> Select[Any]:
