@@ -5,18 +5,19 @@ from __future__ import annotations
 import asyncio
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
 from sqlalchemy import text
 
 from estafeta.cli import main
-from estafeta.config import load_config
+from estafeta.config import load_config, load_config_dict
 from estafeta.errors import StoreError
 from estafeta.server import prepared_store
 from estafeta.store import open_store
 from estafeta.store.migrate import current_revision, head_revision
-from tests.conftest import PG_ADMIN_URL, empty_database
+from tests.conftest import PG_ADMIN_URL, base_config, empty_database
 
 
 def run(config: Path, *args: str) -> Result:
@@ -218,6 +219,26 @@ def test_a_dead_letter_selection_naming_what_is_not_in_the_store_is_refused(
             assert result.output == f"error: {option} {name!r}: no such {what} in the store\n"
     known = run(config, "dlq", "replay", "--tenant", "clinica-sol")
     assert (known.exit_code, known.output) == (0, "0 deliveries replayed\n")
+    # Another tenant's destination selects nothing of this one: named as such.
+    asyncio.run(sync_config(base_config(database_url)))
+    other = run(config, "dlq", "list", "--tenant", "clinica-sol", "--destination", "outra-sink")
+    assert (other.exit_code, other.output) == (
+        2,
+        "error: --destination 'outra-sink': no such destination of tenant 'clinica-sol' in the"
+        " store\n",
+    )
+    assert (
+        run(config, "dlq", "list", "--tenant", "outra", "--destination", "outra-sink").exit_code
+        == 0
+    )
+
+
+async def sync_config(data: dict[str, Any]) -> None:
+    store = open_store(data["storage"]["url"])
+    try:
+        await store.sync_config(load_config_dict(data), now_ms=1)
+    finally:
+        await store.close()
 
 
 def test_a_limit_past_what_the_database_can_count_is_refused_as_usage(

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import httpx
+import msgspec
 import orjson
 import pytest
 from sqlalchemy import text
@@ -357,6 +358,75 @@ async def test_replay_needs_a_selection(client: Client) -> None:
     assert (r.status_code, r.json()["error"]) == (400, "invalid_request")
     r = await client.http.post("/api/v1/dlq/replay", json={"since": "yesterday"}, headers=ADMIN)
     assert (r.status_code, r.json()["detail"]) == (400, "since: not an ISO 8601 time")
+
+
+async def _dead_of_each_tenant(store: SqlStore) -> None:
+    """One dead delivery for each tenant: clinica-sol's to crm, outra's to outra-sink."""
+    await store.insert_events(
+        [
+            new_event(
+                "evt_sol",
+                NewDelivery(id="dlv_sol", destination_id="crm", priority=1, max_attempts=3),
+            ),
+            msgspec.structs.replace(
+                new_event(
+                    "evt_outra",
+                    NewDelivery(
+                        id="dlv_outra", destination_id="outra-sink", priority=1, max_attempts=3
+                    ),
+                ),
+                tenant_id="outra",
+                source_id="outra-in",
+            ),
+        ]
+    )
+    async with store.engine.begin() as conn:
+        await conn.execute(text("UPDATE deliveries SET state = 'dead'"))
+
+
+async def _states(store: SqlStore) -> dict[str, str]:
+    async with store.engine.connect() as conn:
+        return dict((await conn.execute(text("SELECT id, state FROM deliveries"))).all())
+
+
+async def test_the_admin_replays_one_tenants_dead_by_naming_the_tenant(client: Client) -> None:
+    # As `estafeta dlq replay --tenant` does: naming the tenant is a selection of its own.
+    await _dead_of_each_tenant(client.store)
+    r = await client.http.post("/api/v1/dlq/replay", json={"tenant": "outra"}, headers=ADMIN)
+    assert (r.status_code, r.json()["replayed"]) == (200, ["dlv_outra"])
+    assert await _states(client.store) == {"dlv_sol": "dead", "dlv_outra": "pending"}
+
+
+async def test_a_dlq_selection_naming_an_unknown_tenant_or_destination_is_404(
+    client: Client,
+) -> None:
+    # A typo would otherwise answer "nothing dead" (or replay nothing) without a word.
+    await _dead_of_each_tenant(client.store)
+    sol = {"authorization": f"Bearer {SOL_KEY}"}
+    cases = [
+        (ADMIN, {"tenant": "clinica-soll"}, "no tenant 'clinica-soll'"),
+        (ADMIN, {"destination": "crn"}, "no destination 'crn'"),
+        (
+            ADMIN,
+            {"tenant": "clinica-sol", "destination": "outra-sink"},
+            "no destination 'outra-sink'",
+        ),
+        # A tenant's key knows only its own destinations: another's is unknown to it.
+        (sol, {"destination": "outra-sink"}, "no destination 'outra-sink'"),
+    ]
+    for headers, selection, detail in cases:
+        listed = await client.http.get("/api/v1/dlq", params=selection, headers=headers)
+        assert (listed.status_code, listed.json()) == (
+            404,
+            {"error": "not_found", "detail": detail},
+        )
+        for move in ("replay", "discard"):
+            r = await client.http.post(f"/api/v1/dlq/{move}", json=selection, headers=headers)
+            assert (r.status_code, r.json()["detail"]) == (404, detail)
+    assert await _states(client.store) == {"dlv_sol": "dead", "dlv_outra": "dead"}
+    # A provider source's sends are a destination too (`send:<source>`), and known.
+    r = await client.http.get("/api/v1/dlq", params={"destination": "send:crm-events"}, headers=sol)
+    assert (r.status_code, r.json()["count"]) == (200, 0)
 
 
 async def test_the_fields_route_paths_may_start_with_are_the_events_own(client: Client) -> None:

@@ -16,6 +16,7 @@ from estafeta.api.views import delivery_json
 from estafeta.clock import ms_from_iso
 from estafeta.errors import HttpError
 from estafeta.store.records import DeadLetterFilter
+from estafeta.store.sqlstore import SqlStore
 
 router = APIRouter(prefix="/api/v1/dlq", tags=["dead-letter queue"])
 
@@ -30,7 +31,8 @@ def _time(value: str | None, name: str) -> int | None:
 
 
 class DeadLetterSelection(BaseModel):
-    """Which dead deliveries: by `ids`, or by filter; `all: true` to mean every one."""
+    """Which dead deliveries: by `ids`, or by filter (a tenant counts); `all: true` to mean
+    every one."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -45,12 +47,12 @@ class DeadLetterSelection(BaseModel):
     limit: int | None = Field(default=None, ge=1, le=10_000)
 
     def to_filter(self, caller: Principal) -> DeadLetterFilter:
-        chosen = self.ids or self.destination or self.event_type or self.since or self.until
-        if not chosen and not self.all:
+        named = (self.ids, self.tenant, self.destination, self.event_type, self.since, self.until)
+        if not any(named) and not self.all:
             raise HttpError(
                 400,
                 "invalid_request",
-                "name ids, or a destination/event_type/since/until filter, or all: true",
+                "name ids, or a tenant/destination/event_type/since/until filter, or all: true",
             )
         return DeadLetterFilter(
             tenant_id=caller.scope(self.tenant),
@@ -61,6 +63,16 @@ class DeadLetterSelection(BaseModel):
             until=_time(self.until, "until"),
             limit=self.limit,
         )
+
+
+async def _known(store: SqlStore, chosen: DeadLetterFilter) -> DeadLetterFilter:
+    """`chosen`, unless it names a tenant or destination the store does not know (a typo that
+    an empty answer would hide)."""
+    unknown = await store.unknown_in(chosen)
+    if unknown is not None:
+        what, name = unknown
+        raise HttpError(404, "not_found", f"no {what} {name!r}")
+    return chosen
 
 
 @router.get("")
@@ -74,7 +86,9 @@ async def list_dead(
     tenant: str | None = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
 ) -> Response:
-    found = await hub_of(request).store.list_dead(
+    store = hub_of(request).store
+    chosen = await _known(
+        store,
         DeadLetterFilter(
             tenant_id=caller.scope(tenant),
             destination_id=destination,
@@ -82,8 +96,9 @@ async def list_dead(
             since=_time(since, "since"),
             until=_time(until, "until"),
             limit=limit,
-        )
+        ),
     )
+    found = await store.list_dead(chosen)
     return json_response({"deliveries": [delivery_json(d) for d in found], "count": len(found)})
 
 
@@ -94,9 +109,8 @@ async def replay(
     caller: Annotated[Principal, Depends(principal)],
 ) -> Response:
     hub = hub_of(request)
-    ids = await hub.store.replay(
-        selection.to_filter(caller), actor=caller.actor, now_ms=hub.clock.now_ms()
-    )
+    chosen = await _known(hub.store, selection.to_filter(caller))
+    ids = await hub.store.replay(chosen, actor=caller.actor, now_ms=hub.clock.now_ms())
     if ids:
         hub.deliveries_ready.set()
     return json_response({"replayed": ids, "count": len(ids)})
@@ -109,7 +123,6 @@ async def discard(
     caller: Annotated[Principal, Depends(principal)],
 ) -> Response:
     hub = hub_of(request)
-    ids = await hub.store.discard(
-        selection.to_filter(caller), actor=caller.actor, now_ms=hub.clock.now_ms()
-    )
+    chosen = await _known(hub.store, selection.to_filter(caller))
+    ids = await hub.store.discard(chosen, actor=caller.actor, now_ms=hub.clock.now_ms())
     return json_response({"discarded": ids, "count": len(ids)})

@@ -63,15 +63,13 @@ def dlq_options(function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 async def _require_known(store: SqlStore, chosen: DeadLetterFilter) -> None:
-    """A tenant or destination the store does not know selects nothing, whatever the DLQ
-    holds: a typo, which "0 dead deliveries" would hide."""
-    named = (
-        ("--tenant", "tenant", chosen.tenant_id, store.tenant_exists),
-        ("--destination", "destination", chosen.destination_id, store.destination_exists),
-    )
-    for option, what, name, exists in named:
-        if name is not None and not await exists(name):
-            raise EstafetaError(f"{option} {name!r}: no such {what} in the store")
+    unknown = await store.unknown_in(chosen)
+    if unknown is None:
+        return
+    what, name = unknown
+    owner = chosen.tenant_id if what == "destination" else None
+    of_tenant = f" of tenant {owner!r}" if owner is not None else ""
+    raise EstafetaError(f"--{what} {name!r}: no such {what}{of_tenant} in the store")
 
 
 @click.group()

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
     from estafeta.config import Config
+    from estafeta.store.records import DeadLetterFilter
 
 
 class SqlStore(
@@ -130,10 +131,26 @@ class SqlStore(
         async with self._read() as conn:
             return (await conn.execute(query)).first() is not None
 
-    async def destination_exists(self, destination_id: str) -> bool:
-        """A configured destination, or a provider source's sends (`send:<source id>`)."""
+    async def destination_exists(self, destination_id: str, tenant_id: str | None = None) -> bool:
+        """A configured destination, or a provider source's sends (`send:<source id>`), of
+        `tenant_id` when one is given."""
         source_id = destination_id.removeprefix(SEND_DESTINATION_PREFIX)
         table = s.sources if source_id != destination_id else s.destinations
         query = select(table.c.id).where(table.c.id == source_id)
+        if tenant_id is not None:
+            query = query.where(table.c.tenant_id == tenant_id)
         async with self._read() as conn:
             return (await conn.execute(query)).first() is not None
+
+    async def unknown_in(self, chosen: DeadLetterFilter) -> tuple[str, str] | None:
+        """The tenant or destination a DLQ selection names that the store does not know, as
+        (what, name): such a selection finds nothing, whatever the DLQ holds, and "0 dead
+        deliveries" would hide the typo. A tenant's selection knows only its destinations."""
+        if chosen.tenant_id is not None and not await self.tenant_exists(chosen.tenant_id):
+            return "tenant", chosen.tenant_id
+        destination = chosen.destination_id
+        if destination is not None and not await self.destination_exists(
+            destination, chosen.tenant_id
+        ):
+            return "destination", destination
+        return None
