@@ -389,12 +389,17 @@ async def _states(store: SqlStore) -> dict[str, str]:
         return dict((await conn.execute(text("SELECT id, state FROM deliveries"))).all())
 
 
-async def test_the_admin_replays_one_tenants_dead_by_naming_the_tenant(client: Client) -> None:
+async def test_naming_a_tenant_selects_its_dead_deliveries(client: Client) -> None:
     # As `estafeta dlq replay --tenant` does: naming the tenant is a selection of its own.
     await _dead_of_each_tenant(client.store)
     r = await client.http.post("/api/v1/dlq/replay", json={"tenant": "outra"}, headers=ADMIN)
-    assert (r.status_code, r.json()["replayed"]) == (200, ["dlv_outra"])
+    assert (r.status_code, r.json()) == (200, {"replayed": ["dlv_outra"], "count": 1})
     assert await _states(client.store) == {"dlv_sol": "dead", "dlv_outra": "pending"}
+    # A tenant's key naming its own tenant means all of its own, and no other's.
+    sol = {"authorization": f"Bearer {SOL_KEY}"}
+    r = await client.http.post("/api/v1/dlq/discard", json={"tenant": "clinica-sol"}, headers=sol)
+    assert (r.status_code, r.json()) == (200, {"discarded": ["dlv_sol"], "count": 1})
+    assert await _states(client.store) == {"dlv_sol": "discarded", "dlv_outra": "pending"}
 
 
 async def test_a_dlq_selection_naming_an_unknown_tenant_or_destination_is_404(

@@ -102,18 +102,26 @@ async def list_dead(
     return json_response({"deliveries": [delivery_json(d) for d in found], "count": len(found)})
 
 
+async def _move(
+    request: Request, selection: DeadLetterSelection, caller: Principal, to: str
+) -> Response:
+    """Replay (`to` "replayed") or discard ("discarded") the selected dead deliveries."""
+    hub = hub_of(request)
+    chosen = await _known(hub.store, selection.to_filter(caller))
+    operation = hub.store.replay if to == "replayed" else hub.store.discard
+    ids = await operation(chosen, actor=caller.actor, now_ms=hub.clock.now_ms())
+    if ids and to == "replayed":
+        hub.deliveries_ready.set()
+    return json_response({to: ids, "count": len(ids)})
+
+
 @router.post("/replay", dependencies=[Depends(json_body)])
 async def replay(
     request: Request,
     selection: DeadLetterSelection,
     caller: Annotated[Principal, Depends(principal)],
 ) -> Response:
-    hub = hub_of(request)
-    chosen = await _known(hub.store, selection.to_filter(caller))
-    ids = await hub.store.replay(chosen, actor=caller.actor, now_ms=hub.clock.now_ms())
-    if ids:
-        hub.deliveries_ready.set()
-    return json_response({"replayed": ids, "count": len(ids)})
+    return await _move(request, selection, caller, "replayed")
 
 
 @router.post("/discard", dependencies=[Depends(json_body)])
@@ -122,7 +130,4 @@ async def discard(
     selection: DeadLetterSelection,
     caller: Annotated[Principal, Depends(principal)],
 ) -> Response:
-    hub = hub_of(request)
-    chosen = await _known(hub.store, selection.to_filter(caller))
-    ids = await hub.store.discard(chosen, actor=caller.actor, now_ms=hub.clock.now_ms())
-    return json_response({"discarded": ids, "count": len(ids)})
+    return await _move(request, selection, caller, "discarded")
