@@ -687,7 +687,9 @@ _PARTS = (
     ("HTTP parsing (uvicorn)", "HttpToolsProtocol.data_received"),
     ("answers (uvicorn)", "RequestResponseCycle.send"),
     ("ingest handler", "IngestApp._handle"),
-    ("ingest batch write", "SqlStore.insert_events"),
+    ("ingest batch write", "IngestOps.insert_events"),
+    ("ingest batch write", "SqlStore.insert_events"),  # before the store's parts were mixins
+    ("leases", "LeaseOps.lease"),
     ("leases", "SqlStore.lease"),
     ("attempts", "Attempts._attempt"),
     ("attempts", "Worker._attempt"),  # its name in profiles made before delivery/attempts.py
