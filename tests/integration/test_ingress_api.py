@@ -188,6 +188,10 @@ def _garbage_signature() -> dict[str, str]:
     return {**signed(MESSAGE), "webhook-signature": "nonsense"}
 
 
+def _keyed() -> dict[str, str]:
+    return {"content-type": "application/json", "authorization": "Bearer source-key-1"}
+
+
 def _wrong_type() -> dict[str, str]:
     return {**signed(MESSAGE), "content-type": "text/plain"}
 
@@ -221,6 +225,17 @@ def _wrong_type() -> dict[str, str]:
         ),
         ("/in/crm-events", b"\xff\xfe", _signed_empty, 400, "invalid_body", "UTF-8"),
         ("/in/crm-events", b"x" * 1_048_577, _signed_empty, 413, "body_too_large", "limit"),
+        # `keyed` has no event_type: a body that names no type has nowhere to go.
+        ("/in/keyed", b'{"lead": {}}', _keyed, 400, "invalid_body", '"type" (a string)'),
+        ("/in/keyed", b'{"type": "", "data": {}}', _keyed, 400, "invalid_type", "1 to 200"),
+        (
+            "/in/keyed",
+            orjson.dumps({"type": "x" * 201, "data": {}}),
+            _keyed,
+            400,
+            "invalid_type",
+            "1 to 200",
+        ),
     ],
     ids=[
         "unknown-source",
@@ -233,6 +248,9 @@ def _wrong_type() -> dict[str, str]:
         "not-an-object",
         "not-utf8",
         "too-large",
+        "no-type-nor-event-type",
+        "empty-type",
+        "type-too-long",
     ],
 )
 async def test_bad_ingest_is_refused_with_a_clear_error_and_stores_nothing(
