@@ -399,6 +399,12 @@ INVALID_CASES: list[tuple[str, str, list[str]]] = [
         ],
     ),
     (
+        # TOML's most common slip: one value where the key takes a list of them.
+        "a route's events and destinations written as one string each",
+        TENANT + DESTINATION + ROUTE.replace('["lead.*"]', '"lead.*"').replace('["crm"]', '"crm"'),
+        ["routes[0].events: must be an array", "routes[0].destinations: must be an array"],
+    ),
+    (
         "listen without a port",
         '[server]\nlisten = "localhost"',
         ["server.listen: invalid address 'localhost': write HOST:PORT, e.g. '0.0.0.0:8080'"],
