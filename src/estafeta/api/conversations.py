@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import base64
 from typing import Annotated, Any, Literal
 
-import orjson
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import Response
 
 from estafeta.api.auth import Principal
+from estafeta.api.cursors import encode_cursor, not_given, read_cursor
 from estafeta.api.deps import hub_of, json_body, principal, tenant_principal
 from estafeta.api.responses import json_response
 from estafeta.clock import iso_from_ms
@@ -44,56 +43,27 @@ def conversation_json(c: ConversationView) -> dict[str, Any]:
     }
 
 
-# Each kind of page marks its cursors, so that one kind's `next` is never read as another's.
-CursorKind = Literal["conversations", "messages"]
-_CURSOR_MARK: dict[CursorKind, str] = {"conversations": "c", "messages": "m"}
-
-
-def encode_cursor(kind: CursorKind, position: tuple[int, str, str]) -> str:
-    """The opaque `next` of a page whose last row is at `position`: where the next starts."""
-    marked = [_CURSOR_MARK[kind], *position]
-    return base64.urlsafe_b64encode(orjson.dumps(marked)).decode().rstrip("=")
-
-
-def read_cursor(kind: CursorKind, cursor: str) -> tuple[int, str, str]:
-    """The position an `encode_cursor` of this kind names: (a time, two strings); 400 for
-    anything this API did not give for this kind of page."""
-    bad = HttpError(400, "invalid_request", "query.cursor: not a `next` this API gave")
-    try:
-        mark, at, first, second = orjson.loads(
-            base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        )
-    except (ValueError, TypeError, orjson.JSONDecodeError):
-        raise bad from None
-    if not (
-        mark == _CURSOR_MARK[kind]
-        and isinstance(at, int)
-        and not isinstance(at, bool)
-        and -(2**63) <= at < 2**63  # a BIGINT column's range: anything else fails the query
-        and isinstance(first, str)
-        and isinstance(second, str)
-        and "\x00" not in first + second  # never in a stored id; PostgreSQL refuses it
-    ):
-        raise bad
-    return at, first, second
+def _conversation_position(cursor: str) -> tuple[int, str, str]:
+    at, (tenant_id, conversation_id) = read_cursor("conversations", cursor, ties=2)
+    return at, tenant_id, conversation_id
 
 
 def page_cursor(c: ConversationView) -> str:
     """The `next` of a page of conversations that ends with `c`."""
-    return encode_cursor("conversations", (c.last_message_at, c.tenant_id, c.id))
+    return encode_cursor("conversations", c.last_message_at, c.tenant_id, c.id)
 
 
 def message_position(cursor: str) -> MessagePosition:
     """The position a page of a conversation's messages ended at (`message_cursor`)."""
-    at, direction, message_id = read_cursor("messages", cursor)
+    at, (direction, message_id) = read_cursor("messages", cursor, ties=2)
     if direction not in ("inbound", "outbound"):
-        raise HttpError(400, "invalid_request", "query.cursor: not a `next` this API gave")
+        raise not_given()
     return at, direction, message_id
 
 
 def message_cursor(i: Interaction) -> str:
     """The `next` of a page of a conversation's messages that ends with `i`."""
-    return encode_cursor("messages", (i.at, i.direction, i.id))
+    return encode_cursor("messages", i.at, i.direction, i.id)
 
 
 @router.get("")
@@ -105,7 +75,7 @@ async def list_conversations(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: Annotated[str | None, Query(max_length=1024)] = None,
 ) -> Response:
-    after = read_cursor("conversations", cursor) if cursor is not None else None
+    after = _conversation_position(cursor) if cursor is not None else None
     # One more than asked: whether another page follows, without a count.
     found = await hub_of(request).store.list_conversations(
         caller.scope(tenant), status=status, limit=limit + 1, after=after
