@@ -15,11 +15,12 @@ from sqlalchemy import text
 
 from estafeta.api.app import create_app
 from estafeta.api.auth import hash_key
+from estafeta.api.cursors import encode_cursor
 from estafeta.config import Config, load_config_dict
 from estafeta.connectors.http import sign_webhook
 from estafeta.hub import Hub
 from estafeta.routing.filter import EVENT_FIELDS
-from estafeta.store.records import NewDelivery
+from estafeta.store.records import NewDelivery, NewEvent
 from estafeta.store.sqlstore import SqlStore
 from tests.conftest import SOURCE_SECRET, base_config
 from tests.events import new_event
@@ -450,6 +451,49 @@ async def test_a_dlq_selection_naming_an_unknown_tenant_or_destination_is_404(
     # A provider source's sends are a destination too (`send:<source>`), and known.
     r = await client.http.get("/api/v1/dlq", params={"destination": "send:crm-events"}, headers=sol)
     assert (r.status_code, r.json()["count"]) == (200, 0)
+
+
+async def test_the_dead_letter_queue_is_listed_page_by_page(client: Client) -> None:
+    # Beyond the largest `limit` a DLQ could not be read whole; `next` pages through it in
+    # the order of death, ties included, each dead delivery exactly once.
+    def dead(n: int) -> NewEvent:
+        delivery = NewDelivery(id=f"dlv_{n:026d}", destination_id="crm", priority=1, max_attempts=3)
+        return new_event(f"evt_{n:026d}", delivery)
+
+    await client.store.insert_events([dead(n) for n in range(7)])
+    # Three died in the same millisecond (and two in another): the id breaks the tie.
+    died_at = {0: 1000, 1: 1000, 2: 1000, 3: 1001, 4: 1002, 5: 999, 6: 999}
+    async with client.store.engine.begin() as conn:
+        for n, at in died_at.items():
+            await conn.execute(
+                text("UPDATE deliveries SET state = 'dead', updated_at = :at WHERE id = :id"),
+                {"at": at, "id": f"dlv_{n:026d}"},
+            )
+    expected = [f"dlv_{n:026d}" for n in (5, 6, 0, 1, 2, 3, 4)]
+    sol = {"authorization": f"Bearer {SOL_KEY}"}
+    for headers in (ADMIN, sol):
+        seen: list[str] = []
+        params: dict[str, str | int] = {"limit": 3}
+        while True:
+            r = await client.http.get("/api/v1/dlq", params=params, headers=headers)
+            assert r.status_code == 200, r.text
+            body = r.json()
+            seen += [d["id"] for d in body["deliveries"]]
+            assert body["count"] == len(body["deliveries"]) <= 3
+            if body["next"] is None:
+                break
+            params = {"limit": 3, "cursor": body["next"]}
+        assert seen == expected
+    outra = {"authorization": f"Bearer {OUTRA_KEY}"}
+    r = await client.http.get("/api/v1/dlq", headers=outra)
+    assert r.json() == {"deliveries": [], "count": 0, "next": None}
+    # Another kind of page's `next` is not a position in this one.
+    for cursor in ("nonsense", encode_cursor("conversations", 999, "clinica-sol", "5511")):
+        r = await client.http.get("/api/v1/dlq", params={"cursor": cursor}, headers=ADMIN)
+        assert (r.status_code, r.json()["detail"]) == (
+            400,
+            "query.cursor: not a `next` this API gave",
+        )
 
 
 async def test_the_fields_route_paths_may_start_with_are_the_events_own(client: Client) -> None:

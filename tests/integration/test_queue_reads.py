@@ -136,3 +136,17 @@ async def test_a_dead_letter_listing_reads_the_dead_ones_only(
         len(dead),
         sorts=True,
     )
+
+
+async def test_a_page_of_dead_deliveries_after_a_cursor_reads_only_that_page(
+    store: SqlStore, history: list[dict[str, Any]]
+) -> None:
+    # The HTTP list's `next` names the last row's (updated_at, id); deep in a long DLQ the
+    # next page must start there, not walk every dead delivery before it.
+    dead = sorted((d["updated_at"], d["id"]) for d in history if d["state"] == "dead")
+    middle = dead[len(dead) // 2]
+    page = DeadLetterFilter(limit=5, after=middle)
+    listed = await store.list_dead(page)
+    assert [(v.updated_at, v.id) for v in listed] == dead[len(dead) // 2 + 1 :][:5]
+    plan = await explain(store, dead_list_query(page))
+    assert_walks_only(store, plan, "deliveries", {"deliveries_dead"}, 5)

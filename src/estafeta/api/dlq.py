@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from estafeta.api.auth import Principal
+from estafeta.api.cursors import encode_cursor, read_cursor
 from estafeta.api.deps import hub_of, json_body, principal
 from estafeta.api.responses import json_response
 from estafeta.api.views import delivery_json
@@ -85,6 +86,7 @@ async def list_dead(
     until: str | None = None,
     tenant: str | None = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+    cursor: Annotated[str | None, Query(max_length=1024)] = None,
 ) -> Response:
     store = hub_of(request).store
     chosen = await _known(
@@ -95,11 +97,21 @@ async def list_dead(
             event_type=event_type,
             since=_time(since, "since"),
             until=_time(until, "until"),
-            limit=limit,
+            limit=limit + 1,  # one more than asked: whether another page follows
+            after=_dead_position(cursor) if cursor is not None else None,
         ),
     )
     found = await store.list_dead(chosen)
-    return json_response({"deliveries": [delivery_json(d) for d in found], "count": len(found)})
+    page = found[:limit]
+    following = encode_cursor("dead", page[-1].updated_at, page[-1].id) if found[limit:] else None
+    return json_response(
+        {"deliveries": [delivery_json(d) for d in page], "count": len(page), "next": following}
+    )
+
+
+def _dead_position(cursor: str) -> tuple[int, str]:
+    at, (delivery_id,) = read_cursor("dead", cursor, ties=1)
+    return at, delivery_id
 
 
 async def _move(

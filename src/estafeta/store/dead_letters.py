@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, select, update
+from sqlalchemy import ColumnElement, Select, select, tuple_, update
 
 from estafeta.delivery.state import DeliveryState
 from estafeta.messaging.facts import SEND_DESTINATION_PREFIX
@@ -43,6 +43,9 @@ def dead_conditions(f: DeadLetterFilter) -> list[ColumnElement[bool]]:
         conditions.append(d.c.updated_at >= f.since)
     if f.until is not None:
         conditions.append(d.c.updated_at < f.until)
+    if f.after is not None:
+        # A row comparison: an index range on (updated_at, id), where an OR would be a walk.
+        conditions.append(tuple_(*_OLDEST_DEATH_FIRST) > tuple_(*f.after))
     return conditions
 
 

@@ -167,6 +167,8 @@ class DeadLetterFilter:
     since: int | None = None  # dead since (updated_at >=), Unix ms
     until: int | None = None
     limit: int | None = None  # None: as many as `delivery_ids` names, else DEAD_LIMIT
+    # Only those that died after this (updated_at, id): where the previous page ended.
+    after: tuple[int, str] | None = None
 
     @property
     def batch(self) -> int:

@@ -1,0 +1,48 @@
+"""Opaque page cursors: a page's `next` says where the next page starts.
+
+A position is a time (Unix ms) and the strings that break its ties, in the order the page
+is sorted. Each kind of page marks its cursors, so that one kind's `next` is never read as
+another's, and anything this API did not give is a 400, never a query.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Literal
+
+import orjson
+
+from estafeta.errors import HttpError
+
+CursorKind = Literal["conversations", "messages", "dead"]
+_CURSOR_MARK: dict[CursorKind, str] = {"conversations": "c", "messages": "m", "dead": "d"}
+
+
+def not_given() -> HttpError:
+    return HttpError(400, "invalid_request", "query.cursor: not a `next` this API gave")
+
+
+def encode_cursor(kind: CursorKind, at: int, *ties: str) -> str:
+    """The `next` of a page of `kind` whose last row is at (`at`, *`ties`)."""
+    marked = [_CURSOR_MARK[kind], at, *ties]
+    return base64.urlsafe_b64encode(orjson.dumps(marked)).decode().rstrip("=")
+
+
+def read_cursor(kind: CursorKind, cursor: str, ties: int) -> tuple[int, list[str]]:
+    """The position an `encode_cursor` of this kind names: its time and its `ties` strings."""
+    try:
+        mark, at, *strings = orjson.loads(
+            base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        )
+    except (ValueError, TypeError, orjson.JSONDecodeError):
+        raise not_given() from None
+    if not (
+        mark == _CURSOR_MARK[kind]
+        and isinstance(at, int)
+        and not isinstance(at, bool)
+        and -(2**63) <= at < 2**63  # a BIGINT column's range: anything else fails the query
+        and len(strings) == ties
+        and all(isinstance(s, str) and "\x00" not in s for s in strings)  # PostgreSQL refuses NUL
+    ):
+        raise not_given()
+    return at, strings
