@@ -8,7 +8,7 @@ import itertools
 from typing import Any
 
 import orjson
-from sqlalchemy import insert, text
+from sqlalchemy import Select, event, insert, text
 
 from estafeta.store import schema as s
 from estafeta.store.conversations import (
@@ -175,3 +175,53 @@ async def test_a_page_of_a_tenants_conversations_reads_only_its_own_rows(
             plan = await explain(store, query)
             most = len(tenants) * (LIMIT + 2)
             assert_walks_only(store, plan, "conversations", {index}, most, sorts=scope is None)
+
+
+async def test_the_list_of_every_tenant_keeps_its_statement_from_page_to_page(
+    store: SqlStore,
+) -> None:
+    # The admin's list is a branch per tenant: built anew for each page it cost ~0.25 s of
+    # Python at 300 tenants, on the event loop every request and webhook waits on, and
+    # PostgreSQL planned it anew each time (~110 ms). Kept, a page costs ~4 ms of Python and
+    # PostgreSQL reuses its plan (~10 ms): the same statement runs for every page of a shape.
+    tenants = [f"clinica-{n:03d}" for n in range(40)]
+    rows = [
+        {
+            "tenant_id": tenant,
+            "id": f"55119{n:08d}",
+            "status": "open",
+            "contact_name": None,
+            "first_message_at": T0,
+            "last_message_at": T0 + n * 100 + i,
+            "inbound_count": 1,
+            "outbound_count": 0,
+            "updated_at": T0,
+        }
+        for i, tenant in enumerate(tenants)
+        for n in range(5)
+    ]
+    async with store.engine.begin() as conn:
+        await conn.execute(insert(s.conversations), rows)
+    ran: list[object] = []
+
+    def record(conn: Any, statement: object, *args: Any) -> None:
+        if isinstance(statement, Select):  # the page; the tenants are found by a text query
+            ran.append(statement)
+
+    engine = store.read_engine.sync_engine
+    event.listen(engine, "before_execute", record)
+    try:
+        first = await store.list_conversations(None, limit=7)
+        second = await store.list_conversations(
+            None, limit=7, after=(first[-1].last_message_at, first[-1].tenant_id, first[-1].id)
+        )
+        third = await store.list_conversations(
+            None, limit=7, after=(second[-1].last_message_at, second[-1].tenant_id, second[-1].id)
+        )
+    finally:
+        event.remove(engine, "before_execute", record)
+    expected = sorted(rows, key=lambda r: (r["last_message_at"], r["tenant_id"], r["id"]))[::-1]
+    assert [(c.tenant_id, c.id) for c in first + second + third] == [
+        (r["tenant_id"], r["id"]) for r in expected[:21]
+    ]
+    assert len(ran) == 3 and ran[1] is ran[2]  # the first page's has no `after`
