@@ -137,6 +137,13 @@ async def test_thousand_signed_webhooks_are_delivered_once_retried_and_dead_lett
             refused = sorted({r.webhook_id or "" for r in billing.received if r.status == 500})
             assert refused, "the flaky sink refused nothing: no retry was exercised"
             for event_id in refused[:5]:
+                # The sink has taken it; the hub records the answer a moment later (its
+                # completions are committed in batches), so wait for the record, not the sink.
+                async def recorded(event_id: str = event_id) -> bool:
+                    state = (await hub.delivery(event_id, "billing"))["state"]
+                    return state not in ("pending", "in_flight")
+
+                await wait_until(recorded, timeout_s=10, what=f"billing's answer to {event_id}")
                 check_retried_then_delivered(await hub.delivery(event_id, "billing"))
 
             # The dead-letter queue: every booking, two attempts each, both refused.
