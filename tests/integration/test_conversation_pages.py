@@ -13,7 +13,8 @@ from sqlalchemy import Select, event, insert, text
 from estafeta.store import schema as s
 from estafeta.store.conversations import (
     MessagePosition,
-    conversation_list_query,
+    conversation_list_params,
+    conversation_list_statement,
     message_page_queries,
 )
 from estafeta.store.sqlstore import SqlStore
@@ -168,7 +169,8 @@ async def test_a_page_of_a_tenants_conversations_reads_only_its_own_rows(
         index = "conversations_tenant_last" if status is None else "conversations_escalated"
         tenants = [TENANT] if scope else [TENANT, "outra-clinica"]
         for after in (positions[0], positions[-1], positions[len(positions) // 2]):
-            query = conversation_list_query(tenants, status=status, limit=LIMIT, after=after)
+            statement = conversation_list_statement(len(tenants), status, after is not None)
+            query = statement.params(conversation_list_params(tenants, LIMIT, after))
             # Each tenant's page, and the conversations of the cursor's millisecond (two
             # here) that came on the page before: read at the range's start, then passed
             # over. Several tenants' pages are merged by a sort of those rows alone.

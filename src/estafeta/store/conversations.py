@@ -97,19 +97,6 @@ def _most_recent_first(columns: Any) -> tuple[Any, ...]:
     return (columns.last_message_at.desc(), columns.tenant_id.desc(), columns.id.desc())
 
 
-def conversation_list_query(
-    tenant_ids: Sequence[str],
-    *,
-    status: str | None,
-    limit: int,
-    after: tuple[int, str, str] | None,
-) -> Select[Any]:
-    """The statement `list_conversations` runs for these arguments, its values bound (to
-    see its plan; the store binds them at execution instead, keeping the statement)."""
-    statement = conversation_list_statement(len(tenant_ids), status, after is not None)
-    return statement.params(conversation_list_params(tenant_ids, limit, after))
-
-
 @lru_cache(maxsize=8)  # 8 shapes: the four status filters, first page or not (15 MB at 300)
 def conversation_list_statement(tenants: int, status: str | None, paged: bool) -> Select[Any]:
     """A page of the list (ConversationOps.list_conversations) of the conversations of
