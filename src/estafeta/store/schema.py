@@ -7,6 +7,8 @@ Every row carries its tenant; every query filters on it.
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import (
     BigInteger,
     CheckConstraint,
@@ -27,6 +29,13 @@ from sqlalchemy import (
 from estafeta.delivery.state import DeliveryState
 
 metadata = MetaData()
+
+
+def rows_where(condition: str) -> dict[str, Any]:
+    """A partial index's condition, the same for both engines (one text, so the two cannot
+    drift apart)."""
+    return {"postgresql_where": text(condition), "sqlite_where": text(condition)}
+
 
 ID = String(40)  # "evt_" + 26-character ULID, with room to spare
 NAME = String(63)  # tenant/source/destination/route ids from the configuration
@@ -112,15 +121,13 @@ Index(
     events.c.type,
     events.c.occurred_at,
     events.c.id,
-    postgresql_where=text("conversation_id IS NOT NULL"),
-    sqlite_where=text("conversation_id IS NOT NULL"),
+    **rows_where("conversation_id IS NOT NULL"),
 )
 Index(
     "events_message_ref",
     events.c.source_id,
     events.c.message_ref,
-    postgresql_where=text("message_ref IS NOT NULL"),
-    sqlite_where=text("message_ref IS NOT NULL"),
+    **rows_where("message_ref IS NOT NULL"),
 )
 
 deliveries = Table(
@@ -162,15 +169,13 @@ Index(
     deliveries.c.priority,
     deliveries.c.next_attempt_at,
     deliveries.c.id,
-    postgresql_where=text("state = 'pending'"),
-    sqlite_where=text("state = 'pending'"),
+    **rows_where("state = 'pending'"),
 )
 # Rescue of expired leases scans only in-flight rows by deadline.
 Index(
     "deliveries_lease_expiry",
     deliveries.c.lease_expires_at,
-    postgresql_where=text("state = 'in_flight'"),
-    sqlite_where=text("state = 'in_flight'"),
+    **rows_where("state = 'in_flight'"),
 )
 # Per-key ordering: "is an earlier delivery with this key to this destination still open?"
 Index(
@@ -178,8 +183,7 @@ Index(
     deliveries.c.destination_id,
     deliveries.c.ordering_key,
     deliveries.c.id,
-    postgresql_where=text("state IN ('pending', 'in_flight') AND ordering_key IS NOT NULL"),
-    sqlite_where=text("state IN ('pending', 'in_flight') AND ordering_key IS NOT NULL"),
+    **rows_where("state IN ('pending', 'in_flight') AND ordering_key IS NOT NULL"),
 )
 # "Is one with this key to this destination in flight?": a later one may be (a replay, a
 # process whose clock is behind); one row at most, so the check is one probe, not a walk of
@@ -191,8 +195,7 @@ Index(
     deliveries.c.destination_id,
     deliveries.c.ordering_key,
     unique=True,
-    postgresql_where=text("state = 'in_flight' AND ordering_key IS NOT NULL"),
-    sqlite_where=text("state = 'in_flight' AND ordering_key IS NOT NULL"),
+    **rows_where("state = 'in_flight' AND ordering_key IS NOT NULL"),
 )
 # The dead-letter queue, oldest death first (dead_letters.py), and its count (views.py): a few
 # rows among the millions that succeeded, read without walking those.
@@ -200,8 +203,7 @@ Index(
     "deliveries_dead",
     deliveries.c.updated_at,
     deliveries.c.id,
-    postgresql_where=text("state = 'dead'"),
-    sqlite_where=text("state = 'dead'"),
+    **rows_where("state = 'dead'"),
 )
 Index("deliveries_event", deliveries.c.event_id)
 Index(
@@ -311,8 +313,7 @@ Index(
     conversations.c.tenant_id,
     conversations.c.last_message_at,
     conversations.c.id,
-    postgresql_where=text("status = 'escalated'"),
-    sqlite_where=text("status = 'escalated'"),
+    **rows_where("status = 'escalated'"),
 )
 
 # Messages sent through POST /api/v1/messages: queued until the provider accepts one (sent,
