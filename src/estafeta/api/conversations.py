@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from estafeta.api.auth import Principal
-from estafeta.api.cursors import encode_cursor, not_given, read_cursor
+from estafeta.api.cursors import encode_cursor, not_given, page_of, read_cursor
 from estafeta.api.deps import hub_of, json_body, principal, tenant_principal
 from estafeta.api.responses import json_response
 from estafeta.clock import iso_from_ms
@@ -76,12 +76,13 @@ async def list_conversations(
     cursor: Annotated[str | None, Query(max_length=1024)] = None,
 ) -> Response:
     after = _conversation_position(cursor) if cursor is not None else None
-    # One more than asked: whether another page follows, without a count.
     found = await hub_of(request).store.list_conversations(
-        caller.scope(tenant), status=status, limit=limit + 1, after=after
+        caller.scope(tenant),
+        status=status,
+        limit=limit + 1,
+        after=after,  # page_of
     )
-    page = found[:limit]
-    following = page_cursor(page[-1]) if len(found) > limit else None
+    page, following = page_of(found, limit, page_cursor)
     return json_response({"conversations": [conversation_json(c) for c in page], "next": following})
 
 
@@ -109,11 +110,10 @@ async def get_conversation(
     """The conversation and a page of its messages, oldest first; `next` continues it."""
     after = message_position(cursor) if cursor is not None else None
     tenant_id, conversation = await _conversation(request, caller, conversation_id, tenant)
-    # One more than asked: whether another page follows, without a count.
     found = await hub_of(request).store.conversation_messages(
         tenant_id, conversation_id, limit=limit + 1, after=after
     )
-    page = found[:limit]
+    page, following = page_of(found, limit, message_cursor)
     return json_response(
         {
             **conversation_json(conversation),
@@ -121,7 +121,7 @@ async def get_conversation(
                 {"at": iso_from_ms(i.at), "direction": i.direction, "id": i.id, **i.content}
                 for i in page
             ],
-            "next": message_cursor(page[-1]) if len(found) > limit else None,
+            "next": following,
         }
     )
 

@@ -8,11 +8,14 @@ another's, and anything this API did not give is a 400, never a query.
 from __future__ import annotations
 
 import base64
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Literal, TypeVar
 
 import orjson
 
 from estafeta.errors import HttpError
+
+Row = TypeVar("Row")
 
 CursorKind = Literal["conversations", "messages", "dead"]
 _CURSOR_MARK: dict[CursorKind, str] = {"conversations": "c", "messages": "m", "dead": "d"}
@@ -46,3 +49,12 @@ def read_cursor(kind: CursorKind, cursor: str, ties: int) -> tuple[int, list[str
     ):
         raise not_given()
     return at, strings
+
+
+def page_of(
+    found: Sequence[Row], limit: int, cursor_of: Callable[[Row], str]
+) -> tuple[Sequence[Row], str | None]:
+    """The page and its `next`, from up to `limit + 1` rows read for a page of `limit`: the
+    one more says whether another page follows, without a count."""
+    page = found[:limit]
+    return page, cursor_of(page[-1]) if len(found) > limit else None

@@ -10,13 +10,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from estafeta.api.auth import Principal
-from estafeta.api.cursors import encode_cursor, read_cursor
+from estafeta.api.cursors import encode_cursor, page_of, read_cursor
 from estafeta.api.deps import hub_of, json_body, principal
 from estafeta.api.responses import json_response
 from estafeta.api.views import delivery_json
 from estafeta.clock import ms_from_iso
 from estafeta.errors import HttpError
-from estafeta.store.records import DeadLetterFilter
+from estafeta.store.records import DeadLetterFilter, DeliveryView
 from estafeta.store.sqlstore import SqlStore
 
 router = APIRouter(prefix="/api/v1/dlq", tags=["dead-letter queue"])
@@ -97,16 +97,19 @@ async def list_dead(
             event_type=event_type,
             since=_time(since, "since"),
             until=_time(until, "until"),
-            limit=limit + 1,  # one more than asked: whether another page follows
+            limit=limit + 1,  # page_of: whether another page follows
             after=_dead_position(cursor) if cursor is not None else None,
         ),
     )
     found = await store.list_dead(chosen)
-    page = found[:limit]
-    following = encode_cursor("dead", page[-1].updated_at, page[-1].id) if found[limit:] else None
+    page, following = page_of(found, limit, _dead_cursor)
     return json_response(
         {"deliveries": [delivery_json(d) for d in page], "count": len(page), "next": following}
     )
+
+
+def _dead_cursor(d: DeliveryView) -> str:
+    return encode_cursor("dead", d.updated_at, d.id)
 
 
 def _dead_position(cursor: str) -> tuple[int, str]:
