@@ -102,6 +102,7 @@ def test_a_label_cannot_drive_the_terminal_of_whoever_lists_the_keys(config_path
     assert listed.exit_code == 0, listed.output
     [line] = listed.stdout.splitlines()
     assert line.endswith("recepção\\x1b[2J\\u202eevil\\nsecond line")
+    assert listed.stderr == "1 key (1 active)\n"
     assert "\x1b" not in listed.stdout and "\u202e" not in listed.stdout
     as_json = run(config_path, "keys", "list", "--json")
     assert orjson.loads(as_json.stdout)["label"] == "recepção\x1b[2J\u202eevil\nsecond line"

@@ -13,11 +13,15 @@ from sqlalchemy import text
 
 from estafeta.cli import main
 from estafeta.config import load_config, load_config_dict
+from estafeta.delivery.outcome import OutcomeKind
+from estafeta.delivery.state import DeliveryState
 from estafeta.errors import StoreError
 from estafeta.server import prepared_store
 from estafeta.store import open_store
 from estafeta.store.migrate import current_revision, head_revision
-from tests.conftest import PG_ADMIN_URL, base_config, empty_database
+from estafeta.store.sqlstore import SqlStore
+from tests.conftest import PG_ADMIN_URL, base_config, empty_database, lease_any
+from tests.integration.store_support import NOW, attempt, event
 
 
 def run(config: Path, *args: str) -> Result:
@@ -43,6 +47,20 @@ def test_a_dead_letter_filter_is_a_selection_whatever_its_value(
     assert (since_epoch.exit_code, since_epoch.output) == (0, "0 deliveries replayed\n")
     nothing = run(config, "dlq", "replay")
     assert nothing.exit_code == 2 and "name --id, a filter, or --all" in nothing.output
+
+
+async def test_one_dead_delivery_is_counted_in_the_singular(
+    tmp_path: Path, database_url: str, store: SqlStore
+) -> None:
+    # Before: "1 dead deliveries", "1 deliveries replayed".
+    await store.insert_events([event(destinations=("crm",))])
+    [leased] = await lease_any(store, now_ms=NOW)
+    await store.complete([attempt(leased, DeliveryState.DEAD, kind=OutcomeKind.PERMANENT)], NOW)
+    config = config_file(tmp_path, database_url)
+    listed = await asyncio.to_thread(run, config, "dlq", "list")
+    assert listed.output.splitlines()[-1] == "1 dead delivery", listed.output
+    replayed = await asyncio.to_thread(run, config, "dlq", "replay", "--all")
+    assert replayed.output == f"{leased.id}\n1 delivery replayed\n", replayed.output
 
 
 @pytest.mark.parametrize("engine", ["sqlite", "postgresql"])

@@ -107,3 +107,8 @@ def checked_address(value: str | None) -> str | None:
 def operator() -> str:
     """Who runs the command, as the audit log names them."""
     return f"cli:{os.environ.get('USER', 'operator')}"
+
+
+def counted(count: int, singular: str, plural: str) -> str:
+    """'1 dead delivery', '2 dead deliveries': the totals the commands print."""
+    return f"{count} {singular if count == 1 else plural}"

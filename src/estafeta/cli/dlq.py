@@ -8,7 +8,7 @@ from typing import Any
 import click
 import orjson
 
-from estafeta.cli.common import config_option, in_store, load, operator
+from estafeta.cli.common import config_option, counted, in_store, load, operator
 from estafeta.clock import SystemClock, iso_from_ms, ms_from_iso
 from estafeta.errors import EstafetaError
 from estafeta.store.records import DeadLetterFilter, DeliveryView
@@ -100,7 +100,7 @@ def dlq_list(config_path: str, as_json: bool, **selection: Any) -> None:
                 f"{d.id}  {d.tenant_id}  {d.destination_id}  {d.event_type}  "
                 f"attempts={d.attempts}  dead_at={iso_from_ms(d.updated_at)}  {d.last_error or ''}"
             )
-    click.echo(f"{len(found)} dead deliveries", err=True)
+    click.echo(counted(len(found), "dead delivery", "dead deliveries"), err=True)
 
 
 def _move(config_path: str, action_name: str, everything: bool, **selection: Any) -> None:
@@ -121,7 +121,7 @@ def _move(config_path: str, action_name: str, everything: bool, **selection: Any
     for delivery_id in moved:
         click.echo(delivery_id)
     past = "replayed" if action_name == "replay" else "discarded"
-    click.echo(f"{len(moved)} deliveries {past}", err=True)
+    click.echo(f"{counted(len(moved), 'delivery', 'deliveries')} {past}", err=True)
 
 
 @dlq.command("replay")

@@ -11,7 +11,7 @@ import unicodedata
 import click
 import orjson
 
-from estafeta.cli.common import config_option, in_store, load, operator
+from estafeta.cli.common import config_option, counted, in_store, load, operator
 from estafeta.clock import SystemClock, iso_from_ms
 from estafeta.errors import EstafetaError
 from estafeta.store.records import ApiKeyView
@@ -99,7 +99,7 @@ def keys_list(config_path: str, tenant: str | None, as_json: bool) -> None:
             f"{printable(key.label)}".rstrip()
         )
     active = sum(key.active for key in found)
-    click.echo(f"{len(found)} keys ({active} active)", err=True)
+    click.echo(f"{counted(len(found), 'key', 'keys')} ({active} active)", err=True)
 
 
 @keys.command("revoke")
