@@ -186,7 +186,9 @@ async def work(config: Config) -> None:
         presence = await announced(store, config)
 
         def worker() -> Awaitable[None]:
-            return Worker(store, config, started_ms=presence.started_ms).run(stop)
+            return Worker(
+                store, config, worker_id=presence.process_id, started_ms=presence.started_ms
+            ).run(stop)
 
         await asyncio.gather(
             supervised("worker", worker, stop, tasks=tasks),

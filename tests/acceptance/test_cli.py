@@ -15,6 +15,7 @@ import orjson
 import pytest
 
 from estafeta.cli import main
+from estafeta.store import open_store
 from estafeta.testing.sink import Sink
 from tests.acceptance.conftest import (
     TENANT,
@@ -253,6 +254,10 @@ async def test_migrate_then_keys_create_prints_a_key_that_publishes_events(
     assert serve.base_url is not None
     async with client_session() as http:
         hub = HubClient(serve.base_url, http)
+        # Its in-process worker logs the id /health/detailed lists the process under.
+        started = await serve.wait_log("worker_started")
+        health = await hub.get_json("/health/detailed")
+        assert [p["id"] for p in health["checks"]["processes"]] == [started["worker"]]
         bearer = {"authorization": f"Bearer {key}"}
         event = {"type": "lead.created", "data": {"name": "Maria"}, "idempotency_key": "lead-1"}
         status, answer = await hub.post_json("/api/v1/events", event, headers=bearer)
@@ -286,6 +291,14 @@ async def test_a_worker_says_which_engine_it_runs_on(
     worker = estafeta.worker(config)
     started = await worker.wait_log("worker_started")
     assert started["engine"] == ("sqlite" if database_url.startswith("sqlite") else "postgresql")
+    # The id it logs is the one /health/detailed lists among the processes: an operator
+    # follows one process from the health check to its log lines.
+    store = open_store(database_url)
+    try:
+        listed = await store.live_processes(seen_since_ms=0)
+    finally:
+        await store.close()
+    assert [p.id for p in listed] == [started["worker"]]
     assert await worker.stop() == 0
 
 

@@ -65,6 +65,8 @@ def create_app(hub: Hub, *, run_workers: bool = False, presence: Presence | None
                     wake=hub.deliveries_ready,
                     handoff=hub.handoff,
                     breakers=Breakers(hub.circuit_states, hub.config),
+                    # Logged under the id /health/detailed lists the process by.
+                    worker_id=None if presence is None else presence.process_id,
                     started_ms=None if presence is None else presence.started_ms,
                 )
                 return worker.run(stop)
