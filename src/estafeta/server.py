@@ -167,6 +167,7 @@ async def serve(config: Config, *, run_workers: bool = True, migrate: bool = Tru
         gc.collect()
         gc.freeze()  # the app, the store and the configuration live as long as the process
         await server.serve()  # uvicorn turns SIGTERM/SIGINT into a graceful shutdown
+        log.info("server_stopped", listen=config.server.listen)
     finally:
         await store.close()
 

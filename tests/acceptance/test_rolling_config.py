@@ -77,5 +77,10 @@ async def test_a_new_destinations_deliveries_wait_for_a_worker_on_the_new_file(
             assert await settled(hub, database_url, timeout_s=20) == {"succeeded": EVENTS}
             assert await hub.dead("agenda") == []
         assert not [e for e in old_worker.log_events() if e.get("event") == "unknown_destinations"]
+        # An HTTP-only `serve` says it stopped, as a worker does: a rolling restart's log
+        # shows each process leave.
+        assert await serve.stop() == 0, serve.tail()
+        [stopped] = [e for e in serve.log_events() if e.get("event") == "server_stopped"]
+        assert stopped["listen"] == f"127.0.0.1:{port}"
     finally:
         await sink.stop()
