@@ -24,11 +24,8 @@ SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # the how-to's
 
 
 def documented_receiver() -> str:
-    [code] = [
-        block
-        for block in re.findall(r"```python\n(.*?)```", HOW_TO.read_text(), re.S)
-        if "serve_forever" in block
-    ]
+    blocks: list[str] = re.findall(r"```python\n(.*?)```", HOW_TO.read_text(), re.S)
+    [code] = [block for block in blocks if "serve_forever" in block]
     assert f'SECRET = "{SECRET}"' in code and '("127.0.0.1", 9000)' in code
     return code
 
