@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any
 
 import orjson
@@ -10,12 +11,26 @@ from pydantic import AfterValidator
 
 def _storable_json(value: Any) -> Any:
     """Free-form JSON is stored and delivered as orjson writes it: refused here, with the
-    reason, when it cannot be (an integer beyond 64 bits), not failed later with a 500."""
+    reason, when it cannot be (an integer beyond 64 bits), not failed later with a 500; and
+    a number beyond a double, which the body's parser reads as infinity and orjson would
+    write as `null`, is refused rather than delivered as something the sender did not write."""
     try:
         orjson.dumps(value)
     except orjson.JSONEncodeError as exc:
         raise ValueError(f"cannot be stored as JSON: {exc}") from None
+    if _holds_infinity(value):
+        raise ValueError("cannot be stored as JSON: a number is too large for a double (infinity)")
     return value
+
+
+def _holds_infinity(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_holds_infinity(item) for item in value.values())
+    if isinstance(value, list):
+        return any(_holds_infinity(item) for item in value)
+    return False
 
 
 # A JSON object of any shape, as an event's `data` or a template's component.
