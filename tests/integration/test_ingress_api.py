@@ -216,6 +216,14 @@ def _wrong_type() -> dict[str, str]:
             "invalid_json",
             "not valid",
         ),
+        (  # parsed as infinity, it would reach the destinations as null
+            "/in/crm-events",
+            b'{"type": "lead.new", "data": {"n": 1e400}}',
+            lambda: signed(b'{"type": "lead.new", "data": {"n": 1e400}}'),
+            400,
+            "invalid_json",
+            "not valid",
+        ),
         (
             "/in/crm-events",
             b"[1, 2]",
@@ -246,6 +254,7 @@ def _wrong_type() -> dict[str, str]:
         "garbage-signature",
         "content-type",
         "invalid-json",
+        "number-beyond-a-double",
         "not-an-object",
         "not-utf8",
         "too-large",
