@@ -92,7 +92,7 @@ class GracefulServer(uvicorn.Server):
     raised as a ServeError instead (status 2), naming the address.
     """
 
-    def __init__(self, config: uvicorn.Config, *, on_started: Callable[[], None] | None) -> None:
+    def __init__(self, config: uvicorn.Config, *, on_started: Callable[[str], None] | None) -> None:
         super().__init__(config)
         self._on_started = on_started
 
@@ -103,7 +103,12 @@ class GracefulServer(uvicorn.Server):
             where = f"{self.config.host}:{self.config.port}"
             raise ServeError(f"cannot serve on {where}: see the error above") from None
         if self.started and self._on_started is not None:
-            self._on_started()
+            self._on_started(self.bound_address())
+
+    def bound_address(self) -> str:
+        """HOST:PORT as bound: the port the system chose when 0 was asked."""
+        host, port = self.servers[0].sockets[0].getsockname()[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -123,9 +128,10 @@ def uvicorn_server(
     listen: str,
     *,
     max_concurrent_requests: int = 4096,
-    on_started: Callable[[], None] | None = None,
-) -> uvicorn.Server:
-    """The server of `app` on `listen`; `on_started` is called once it listens."""
+    on_started: Callable[[str], None] | None = None,
+) -> GracefulServer:
+    """The server of `app` on `listen`; `on_started` is called with the address bound once
+    it listens."""
     host, port = split_listen(listen)
     settings = uvicorn.Config(
         app,
@@ -155,19 +161,23 @@ async def serve(config: Config, *, run_workers: bool = True, migrate: bool = Tru
         # Recorded once nothing is left that could fail before the server's own shutdown,
         # which retires it (delivery/presence.py).
         presence = await announced(store, config)
+        bound = [config.server.listen]  # as bound once it listens (port 0: the one chosen)
+
+        def started(address: str) -> None:
+            # Once it listens: the workers start before, and stop if it cannot.
+            bound[0] = address
+            log.info("serving", listen=address, workers=run_workers, engine=store.dialect)
+
         server = uvicorn_server(
             create_app(hub, run_workers=run_workers, presence=presence),
             config.server.listen,
             max_concurrent_requests=config.server.max_concurrent_requests,
-            # Once it listens: the workers start before, and stop if it cannot.
-            on_started=lambda: log.info(
-                "serving", listen=config.server.listen, workers=run_workers, engine=store.dialect
-            ),
+            on_started=started,
         )
         gc.collect()
         gc.freeze()  # the app, the store and the configuration live as long as the process
         await server.serve()  # uvicorn turns SIGTERM/SIGINT into a graceful shutdown
-        log.info("server_stopped", listen=config.server.listen)
+        log.info("server_stopped", listen=bound[0])
     finally:
         await store.close()
 

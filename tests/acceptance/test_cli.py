@@ -274,6 +274,26 @@ async def test_migrate_then_keys_create_prints_a_key_that_publishes_events(
         assert status == 401, refused
 
 
+@pytest.mark.timeout(60)
+async def test_serve_on_port_0_says_which_port_it_bound(tmp_path: Path, estafeta: Estafeta) -> None:
+    # Before: `serving` said "127.0.0.1:0", so whoever started it on any free port (a test
+    # harness, a supervisor) could not tell where it listened.
+    database_url = f"sqlite:///{tmp_path / 'estafeta.db'}"
+    config = write_config(
+        tmp_path / "estafeta.toml",
+        hub_config(database_url, tmp_path, port=0, destinations=[], routes=[]),
+    )
+    serve = estafeta.start("serve", "serve", "--config", str(config))
+    serving = await serve.wait_log("serving")
+    host, _, port = serving["listen"].rpartition(":")
+    assert host == "127.0.0.1" and int(port) > 0, serving
+    async with client_session() as http, http.get(f"http://127.0.0.1:{port}/health") as health:
+        assert health.status == 200
+    assert await serve.stop() == 0, serve.tail()
+    [stopped] = [e for e in serve.log_events() if e.get("event") == "server_stopped"]
+    assert stopped["listen"] == serving["listen"]
+
+
 @pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
 async def test_a_worker_says_which_engine_it_runs_on(
     database_url: str, tmp_path: Path, estafeta: Estafeta
