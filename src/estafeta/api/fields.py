@@ -12,14 +12,18 @@ from pydantic import AfterValidator
 def _storable_json(value: Any) -> Any:
     """Free-form JSON is stored and delivered as orjson writes it: refused here, with the
     reason, when it cannot be (an integer beyond 64 bits), not failed later with a 500; and
-    a number beyond a double, which the body's parser reads as infinity and orjson would
-    write as `null`, is refused rather than delivered as something the sender did not write."""
+    NaN, Infinity and a number beyond a double (the body's parser takes the first two and
+    reads the last as infinity), which orjson would write as `null`, are refused rather than
+    delivered as something the sender did not write."""
     try:
         orjson.dumps(value)
     except orjson.JSONEncodeError as exc:
         raise ValueError(f"cannot be stored as JSON: {exc}") from None
     if _holds_infinity(value):
-        raise ValueError("cannot be stored as JSON: a number is too large for a double (infinity)")
+        raise ValueError(
+            "cannot be stored as JSON: NaN, Infinity or a number beyond a double (read as"
+            " infinity) has no JSON form"
+        )
     return value
 
 
