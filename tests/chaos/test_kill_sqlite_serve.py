@@ -1,0 +1,147 @@
+"""The embedded default, killed: one `estafeta serve` on SQLite (its worker in-process, the
+shape a small clinic runs) is SIGKILLed at random moments while signed webhooks stream in,
+and started again. Nothing it acknowledged is lost, each webhook is one event, and the only
+duplicates are sends that were in flight when it died.
+
+test_kill_everything.py proves the same on PostgreSQL with separate processes; here the
+group commit goes through SQLite's own writer thread and fresh deliveries are handed to the
+in-process worker already leased, both of which a kill cuts short. The sender retries a
+request that failed with a connection error, with the same `webhook-id`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import orjson
+import pytest
+
+from estafeta.testing.sink import Sink
+from tests.acceptance.conftest import (
+    Estafeta,
+    HubClient,
+    client_session,
+    free_port,
+    leads_to_crm_config,
+    query,
+    summary,
+    wait_until,
+)
+from tests.chaos.conftest import (
+    Load,
+    acknowledged_ids,
+    all_delivered,
+    events_with_attempt,
+    lead,
+    settled_deliveries,
+)
+from tests.conftest import SINK_SECRET
+
+EVENTS = 2000
+CONCURRENCY = 50
+KILLS = 3
+SEED = 20261204
+SINK_DELAY_S = 0.05  # so that dozens of sends are in flight at any moment
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+async def test_a_killed_sqlite_serve_loses_nothing_and_duplicates_only_sends_in_flight(
+    tmp_path: Path, estafeta: Estafeta
+) -> None:
+    started = time.monotonic()
+    database_url = f"sqlite:///{tmp_path / 'estafeta.db'}"
+    sink = Sink(secret=SINK_SECRET)
+    await sink.start()
+    sink.respond(200, delay_s=SINK_DELAY_S)
+    try:
+        port = free_port()
+        # lease = max(lease_s, timeout_s + 2) = 4 s: a dead process's sends come back soon
+        config = leads_to_crm_config(
+            database_url,
+            tmp_path,
+            sink.url,
+            port=port,
+            timeout_s=2,
+            max_attempts=20,
+            worker={"lease_s": 1, "concurrency": 32, "batch_size": 32},
+        )
+        serve = await estafeta.serve(config, port)
+        rng = random.Random(SEED)
+        marks = sorted(rng.sample(range(EVENTS // 10, EVENTS * 9 // 10), KILLS))
+        in_flight_at_kill: set[str] = set()
+        kills: list[str] = []
+
+        async def kill_serve(load: Load) -> None:
+            nonlocal serve
+            for n, mark in enumerate(marks, 1):
+
+                async def reached(mark: int = mark) -> bool:
+                    return load.ok >= mark
+
+                await wait_until(reached, timeout_s=90, what=f"{mark} acknowledged webhooks")
+                pid = serve.pid
+                serve.send_signal(signal.SIGKILL)
+                assert await serve.wait_exit(10) == -signal.SIGKILL, serve.tail()
+                kills.append(f"serve@{load.ok}")
+                # Its leases (stored with its pid in the worker id) outlive it: these, and
+                # only these, may be sent again.
+                rows = await query(
+                    database_url,
+                    "SELECT event_id FROM deliveries WHERE state = 'in_flight'"
+                    " AND leased_by LIKE :pid",
+                    {"pid": f"%:{pid}:%"},
+                )
+                in_flight_at_kill.update(event_id for (event_id,) in rows)
+                await asyncio.sleep(rng.uniform(0, 0.5))
+                serve = await estafeta.serve(config, port, name=f"serve-{n}")
+
+        async with client_session() as http:
+            assert serve.base_url is not None
+            load = Load(HubClient(serve.base_url, http), give_up_after_s=60)
+            chaos = asyncio.create_task(kill_serve(load))
+            await load.burst([lead(n) for n in range(EVENTS)], concurrency=CONCURRENCY)
+            await asyncio.wait_for(chaos, timeout=60)
+            assert len(kills) == KILLS, kills
+
+            assert load.refused() == {}, list(load.refused().items())[:10]
+            acknowledged = load.acknowledged()
+            assert len(acknowledged) == EVENTS
+            missing = await all_delivered(sink, acknowledged, timeout_s=60)
+            assert not missing, f"{len(missing)} acknowledged webhooks never delivered"
+            by_state = await settled_deliveries(database_url, timeout_s=30)
+
+        stored = await query(database_url, "SELECT count(*) FROM events")
+        assert stored == [(EVENTS,)], f"{stored[0][0]} events stored for {EVENTS} webhooks"
+        assert by_state == {"succeeded": EVENTS}, by_state
+
+        # One webhook, one event: no retry after a kill made a second one.
+        ids_by_webhook: defaultdict[int, set[str]] = defaultdict(set)
+        for r in sink.received:
+            ids_by_webhook[orjson.loads(r.body)["data"]["n"]].add(r.webhook_id or "")
+        assert {n for n, ids in ids_by_webhook.items() if len(ids) > 1} == set()
+        assert acknowledged_ids(acknowledged) == sink.delivered_ids
+
+        oks = Counter(r.webhook_id or "" for r in sink.received if 200 <= r.status < 300)
+        duplicated = {event_id for event_id, n in oks.items() if n > 1}
+        rescued = await events_with_attempt(database_url, "lease_expired")
+        assert duplicated <= rescued, f"sent again without a rescue: {duplicated - rescued}"
+        assert duplicated <= in_flight_at_kill, (
+            f"sent again though not in flight at a kill: {sorted(duplicated - in_flight_at_kill)}"
+        )
+        summary(
+            "chaos kill_sqlite_serve",
+            sent=load.sent,
+            acknowledged=len(acknowledged),
+            delivered=len(sink.delivered_ids),
+            duplicates=sink.duplicates,
+            lost=len(missing),
+            started=started,
+        )
+    finally:
+        await sink.stop()
