@@ -175,3 +175,26 @@ async def test_close_commits_what_is_queued_then_refuses_more() -> None:
     assert [f.result() for f in futures] == [0, 10, 20]
     with pytest.raises(RuntimeError, match="closed"):
         await committer.submit(9)
+
+
+GIVE_UP_S = 0.05  # the watchdog looks every 5 ms
+
+
+async def test_a_store_that_hangs_fails_its_callers_after_the_bound_flushing_or_queued() -> None:
+    store = Store(held=True)  # a flush that never returns until the gate opens: a hung store
+    committer = GroupCommitter(store.flush, give_up_after_s=GIVE_UP_S)
+    flushing = await first_flush_held(committer, store, 1)
+    [queued] = submitted(committer, 2)  # behind it: one flush at a time
+    started = asyncio.get_running_loop().time()
+    results = await asyncio.wait_for(
+        asyncio.gather(flushing, queued, return_exceptions=True), timeout=5
+    )
+    waited = asyncio.get_running_loop().time() - started
+    assert all(isinstance(r, StoreUnavailable) for r in results), results
+    assert "no answer within 0.05 s" in str(results[0])
+    assert waited < 1, waited  # the bound, not the hung flush, ended the wait
+    # The queued item is dropped (its caller spools it); the hung flush goes on, and its
+    # late result is nobody's to take.
+    store.gate.set()
+    await committer.close()
+    assert store.batches == [[1]]

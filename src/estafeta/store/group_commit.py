@@ -14,11 +14,19 @@ the queue fills and the parallel flushes start.
 
 If a batch fails for a reason other than the store being unreachable, its items are retried
 one by one, so one bad item cannot fail the requests that happened to share its batch.
+
+With `give_up_after_s`, a caller waits no longer than that, queued or flushing: a store that
+hangs (connections open, nothing answered) fails it with `StoreUnavailable` well before the
+driver's own timeout, so ingest spools it and answers while the provider still waits. Its
+item is dropped if still queued; a flush already running goes on, and if it commits after
+all, the spooled copy is a duplicate by event id when the spool drains. One watchdog scans
+the waiting callers a few times per period: no timer per call on the hot path.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -26,6 +34,9 @@ from estafeta.errors import StoreUnavailable
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+# An item, the future its caller awaits, and when it was submitted (the loop's clock).
+Entry = tuple[T, "asyncio.Future[R]", float]
 
 
 class GroupCommitter(Generic[T, R]):
@@ -36,15 +47,19 @@ class GroupCommitter(Generic[T, R]):
         max_batch: int = 500,
         max_concurrent_flushes: int = 1,
         min_parallel_batch: int = 1,
+        give_up_after_s: float | None = None,
     ) -> None:
         self._flush = flush
         self._max_batch = max_batch
         self._min_parallel_batch = min_parallel_batch
+        self._give_up_after_s = give_up_after_s
         self._in_flight = 0
-        self._queue: list[tuple[T, asyncio.Future[R]]] = []
+        self._queue: list[Entry[T, R]] = []
+        self._flushing: dict[int, list[Entry[T, R]]] = {}  # the batches being flushed
         self._slots = asyncio.Semaphore(max_concurrent_flushes)
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the one loop it serves
         self._closed = False
 
@@ -57,11 +72,30 @@ class GroupCommitter(Generic[T, R]):
             # that the ingest profile showed at 3 % of the server's CPU.
             self._loop = asyncio.get_running_loop()
         future: asyncio.Future[R] = self._loop.create_future()
-        self._queue.append((item, future))
+        self._queue.append((item, future, self._loop.time()))
         self._wakeup.set()
         if self._task is None:
             self._task = self._loop.create_task(self._run(), name="group-commit")
+            if self._give_up_after_s is not None:
+                self._watchdog = self._loop.create_task(
+                    self._watch(self._give_up_after_s), name="group-commit-watchdog"
+                )
         return await future
+
+    async def _watch(self, give_up_after_s: float) -> None:
+        """Fail the callers that have waited `give_up_after_s`, checked ten times as often."""
+        loop = asyncio.get_running_loop()
+        failure = StoreUnavailable(f"the store gave no answer within {give_up_after_s:g} s")
+        while not self._closed:
+            await asyncio.sleep(give_up_after_s / 10)
+            due = loop.time() - give_up_after_s
+            waiting = [self._queue, *self._flushing.values()]
+            for entries in waiting:
+                for _, future, submitted_at in entries:
+                    if submitted_at <= due and not future.done():
+                        future.set_exception(failure)
+            # Given up while queued: their callers spool them; not committed here too.
+            self._queue = [entry for entry in self._queue if not entry[1].done()]
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -72,6 +106,9 @@ class GroupCommitter(Generic[T, R]):
                 await self._wakeup.wait()
                 continue
             await self._slots.acquire()
+            if not self._queue:  # given up while this waited for a slot
+                self._slots.release()
+                continue
             self._in_flight += 1
             batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
             task = loop.create_task(self._commit(batch))
@@ -80,19 +117,22 @@ class GroupCommitter(Generic[T, R]):
         if pending:
             await asyncio.gather(*pending)
 
-    async def _commit(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+    async def _commit(self, batch: list[Entry[T, R]]) -> None:
+        self._flushing[id(batch)] = batch
         try:
             await self._commit_batch(batch)
         finally:
+            del self._flushing[id(batch)]
             self._in_flight -= 1
             self._slots.release()
             self._wakeup.set()
 
-    async def _commit_batch(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+    async def _commit_batch(self, batch: list[Entry[T, R]]) -> None:
+        # A caller may be gone (given up, or cancelled): its future is done, left as it is.
         try:
-            results = await self._flush([item for item, _ in batch])
+            results = await self._flush([item for item, _, _ in batch])
         except StoreUnavailable as exc:
-            for _, future in batch:
+            for _, future, _ in batch:
                 if not future.done():
                     future.set_exception(exc)
             return
@@ -104,7 +144,7 @@ class GroupCommitter(Generic[T, R]):
             for single in batch:  # isolate the item that failed the batch
                 await self._commit_batch([single])
             return
-        for (_, future), result in zip(batch, results, strict=True):
+        for (_, future, _), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)
 
@@ -114,3 +154,7 @@ class GroupCommitter(Generic[T, R]):
         self._wakeup.set()
         if self._task is not None:
             await self._task
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog

@@ -1,0 +1,92 @@
+"""A store that hangs (a stopped database, a network that drops packets: connections stay
+open and nothing answers) is, for ingest, a store that cannot be reached: webhooks are
+spooled and answered within a bound that providers wait for, not after the driver's 30 s."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from estafeta.config import load_config_dict
+from estafeta.errors import StoreUnavailable
+from estafeta.hub import INGEST_GIVE_UP_S, Hub
+from estafeta.ingress.spool import Spool
+from estafeta.store import open_store
+from estafeta.store.sqlstore import SqlStore
+from tests.chaos.conftest import TcpProxy, pg_target, via_proxy
+from tests.conftest import base_config, fresh_database
+
+
+@pytest.fixture
+async def proxied_hub(tmp_path: Path) -> AsyncIterator[tuple[Hub, TcpProxy]]:
+    proxy = TcpProxy(*pg_target())
+    await proxy.start()
+    with fresh_database("estafeta_hung") as database_url:
+        config = load_config_dict(base_config(via_proxy(database_url, proxy.port)))
+        store = open_store(config.storage.url)
+        await store.migrate()
+        await store.sync_config(config, 1_700_000_000_000)
+        hub = Hub(config, store, spool=Spool(tmp_path / "spool", max_bytes=1 << 20))
+        try:
+            yield hub, proxy
+        finally:
+            proxy.thaw()
+            await hub.close()
+            await store.close()
+            await proxy.close()
+
+
+@pytest.mark.postgres
+async def test_webhooks_are_spooled_within_a_bound_while_the_store_hangs(
+    proxied_hub: tuple[Hub, TcpProxy],
+) -> None:
+    hub, proxy = proxied_hub
+    assert hub.spool is not None
+    assert await timed_accept(hub, 0) < INGEST_GIVE_UP_S  # stored: the store answers
+    proxy.freeze()  # the database stops answering; its connections stay open
+    # Three waves of concurrent webhooks, the last after the 1 s of spooling straight away
+    # that follows a failure (hub.STORE_RETRY_S), so it tries the hung store again.
+    waits: list[float] = []
+    for wave in range(3):
+        numbers = range(1 + wave * 20, 21 + wave * 20)
+        waits += await asyncio.gather(*(timed_accept(hub, n, spooled=True) for n in numbers))
+        await asyncio.sleep(0.6)
+    # Before: each waited for the driver's 30 s statement timeout (32 s measured), past
+    # the 15 s after which Twilio hangs up.
+    assert max(waits) < INGEST_GIVE_UP_S + 1.5, sorted(waits)[-3:]
+
+    # Back: the statements that hung may commit after all; the spool's copies of those are
+    # duplicates by event id. Each webhook is one event, once.
+    proxy.thaw()
+    deadline = time.monotonic() + 30
+    while hub.spool.stats().segments:
+        assert time.monotonic() < deadline, "the spool never drained"
+        with contextlib.suppress(StoreUnavailable):  # the pool may still hold hung lines
+            await hub.spool.drain(hub.store)
+        await asyncio.sleep(0.1)
+    rows = await query(hub.store, "SELECT idempotency_key FROM events")
+    assert sorted(str(key) for (key,) in rows) == sorted(f"k{n}" for n in range(61))
+
+
+async def timed_accept(hub: Hub, n: int, *, spooled: bool = False) -> float:
+    started = time.monotonic()
+    result = await hub.accept(
+        tenant_id="clinica-sol",
+        source_id="crm-events",
+        event_type="message.received",
+        data={"n": n},
+        idempotency_key=f"k{n}",
+    )
+    assert result.spooled is spooled
+    return time.monotonic() - started
+
+
+async def query(store: SqlStore, sql: str) -> list[tuple[object, ...]]:
+    async with store.engine.connect() as conn:
+        return [tuple(row) for row in (await conn.execute(text(sql))).all()]
