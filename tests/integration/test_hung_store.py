@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -90,3 +91,31 @@ async def timed_accept(hub: Hub, n: int, *, spooled: bool = False) -> float:
 async def query(store: SqlStore, sql: str) -> list[tuple[object, ...]]:
     async with store.engine.connect() as conn:
         return [tuple(row) for row in (await conn.execute(text(sql))).all()]
+
+
+async def test_webhooks_are_spooled_within_a_bound_while_sqlite_is_locked(
+    tmp_path: Path,
+) -> None:
+    # The embedded default's way of hanging: another process holds the write lock (an
+    # operator's `sqlite3` shell left in a transaction), and SQLite waits out its 30 s busy
+    # timeout before it says "database is locked".
+    config = load_config_dict(base_config(f"sqlite:///{tmp_path / 'estafeta.db'}"))
+    store = open_store(config.storage.url)
+    await store.migrate()
+    await store.sync_config(config, 1_700_000_000_000)
+    hub = Hub(config, store, spool=Spool(tmp_path / "spool", max_bytes=1 << 20))
+    holder = sqlite3.connect(tmp_path / "estafeta.db", isolation_level=None)
+    try:
+        assert await timed_accept(hub, 0) < INGEST_GIVE_UP_S
+        holder.execute("BEGIN IMMEDIATE")
+        waits = await asyncio.gather(*(timed_accept(hub, n, spooled=True) for n in range(1, 11)))
+        assert max(waits) < INGEST_GIVE_UP_S + 1.5, sorted(waits)[-3:]
+        holder.execute("ROLLBACK")
+        assert hub.spool is not None
+        await hub.spool.drain(store)  # the writer's late commit and the spool: once each
+        rows = await query(store, "SELECT idempotency_key FROM events")
+        assert sorted(str(key) for (key,) in rows) == sorted(f"k{n}" for n in range(11))
+    finally:
+        holder.close()
+        await hub.close()
+        await store.close()
