@@ -85,7 +85,7 @@ class GroupCommitter(Generic[T, R]):
     async def _watch(self, give_up_after_s: float) -> None:
         """Fail the callers that have waited `give_up_after_s`, checked ten times as often."""
         loop = asyncio.get_running_loop()
-        failure = StoreUnavailable(f"the store gave no answer within {give_up_after_s:g} s")
+        failure = f"the store gave no answer within {give_up_after_s:g} s"
         while not self._closed:
             await asyncio.sleep(give_up_after_s / 10)
             due = loop.time() - give_up_after_s
@@ -93,7 +93,7 @@ class GroupCommitter(Generic[T, R]):
             for entries in waiting:
                 for _, future, submitted_at in entries:
                     if submitted_at <= due and not future.done():
-                        future.set_exception(failure)
+                        future.set_exception(StoreUnavailable(failure))
             # Given up while queued: their callers spool them; not committed here too.
             self._queue = [entry for entry in self._queue if not entry[1].done()]
 
