@@ -24,12 +24,14 @@ import contextlib
 import shutil
 import statistics
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 import redis.asyncio
 from sqlalchemy import create_engine, text
@@ -402,6 +404,35 @@ async def all_delivered(
     """Wait (bounded) until every acknowledged message reached `sink`; returns the lost ones."""
     await sink.wait_for(lambda s: not lost(acknowledged, s.delivered_ids), timeout_s)
     return lost(acknowledged, sink.delivered_ids)
+
+
+async def assert_killed_sends_only_were_duplicated(
+    sink: Sink,
+    acknowledged: Mapping[str, set[str]],
+    database_url: str,
+    in_flight_at_kill: set[str],
+    *,
+    kills: int,
+) -> None:
+    """After processes were SIGKILLed mid-run: each webhook became one event (a retry after a
+    server kill made no second one), everything acknowledged arrived, and every event sent
+    twice was in flight, leased by a process when it was killed, and rescued from that
+    lease (`lease_expired`)."""
+    ids_by_webhook: dict[int, set[str]] = {}
+    for r in sink.received:
+        number = orjson.loads(r.body)["data"]["n"]
+        ids_by_webhook.setdefault(number, set()).add(r.webhook_id or "")
+    assert {n for n, ids in ids_by_webhook.items() if len(ids) > 1} == set()
+    assert acknowledged_ids(acknowledged) == sink.delivered_ids
+
+    oks = Counter(r.webhook_id or "" for r in sink.received if 200 <= r.status < 300)
+    duplicated = {event_id for event_id, n in oks.items() if n > 1}
+    rescued = await events_with_attempt(database_url, "lease_expired")
+    assert duplicated <= rescued, f"sent again without a rescue: {duplicated - rescued}"
+    assert duplicated <= in_flight_at_kill, (
+        f"sent again though not in flight at a kill: {sorted(duplicated - in_flight_at_kill)}"
+    )
+    assert max(oks.values()) <= 1 + kills
 
 
 # -- measuring at the sink --------------------------------------------------------------------

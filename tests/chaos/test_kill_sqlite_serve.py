@@ -15,10 +15,8 @@ import asyncio
 import random
 import signal
 import time
-from collections import Counter, defaultdict
 from pathlib import Path
 
-import orjson
 import pytest
 
 from estafeta.testing.sink import Sink
@@ -34,9 +32,8 @@ from tests.acceptance.conftest import (
 )
 from tests.chaos.conftest import (
     Load,
-    acknowledged_ids,
     all_delivered,
-    events_with_attempt,
+    assert_killed_sends_only_were_duplicated,
     lead,
     settled_deliveries,
 )
@@ -120,19 +117,8 @@ async def test_a_killed_sqlite_serve_loses_nothing_and_duplicates_only_sends_in_
         assert stored == [(EVENTS,)], f"{stored[0][0]} events stored for {EVENTS} webhooks"
         assert by_state == {"succeeded": EVENTS}, by_state
 
-        # One webhook, one event: no retry after a kill made a second one.
-        ids_by_webhook: defaultdict[int, set[str]] = defaultdict(set)
-        for r in sink.received:
-            ids_by_webhook[orjson.loads(r.body)["data"]["n"]].add(r.webhook_id or "")
-        assert {n for n, ids in ids_by_webhook.items() if len(ids) > 1} == set()
-        assert acknowledged_ids(acknowledged) == sink.delivered_ids
-
-        oks = Counter(r.webhook_id or "" for r in sink.received if 200 <= r.status < 300)
-        duplicated = {event_id for event_id, n in oks.items() if n > 1}
-        rescued = await events_with_attempt(database_url, "lease_expired")
-        assert duplicated <= rescued, f"sent again without a rescue: {duplicated - rescued}"
-        assert duplicated <= in_flight_at_kill, (
-            f"sent again though not in flight at a kill: {sorted(duplicated - in_flight_at_kill)}"
+        await assert_killed_sends_only_were_duplicated(
+            sink, acknowledged, database_url, in_flight_at_kill, kills=KILLS
         )
         summary(
             "chaos kill_sqlite_serve",

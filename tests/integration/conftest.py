@@ -14,9 +14,12 @@ import redis
 from estafeta.api.app import create_app
 from estafeta.config import load_config_dict
 from estafeta.hub import Hub
+from estafeta.ingress.spool import Spool
+from estafeta.store import open_store
 from estafeta.store.sqlstore import SqlStore
 from estafeta.testing.sink import Sink
-from tests.conftest import IN_CI, SINK_SECRET, base_config
+from tests.chaos.conftest import TcpProxy, pg_target, via_proxy
+from tests.conftest import IN_CI, SINK_SECRET, base_config, fresh_database
 from tests.integration.providers_support import provider_sources
 from tests.integration.redis_support import SHARED_REDIS_URL, RedisServer
 
@@ -70,3 +73,24 @@ async def sink() -> AsyncIterator[Sink]:
     await receiver.start()
     yield receiver
     await receiver.stop()
+
+
+@pytest.fixture
+async def proxied_hub(tmp_path: Path) -> AsyncIterator[tuple[Hub, TcpProxy]]:
+    """A hub whose PostgreSQL is reached through a proxy the test can cut or freeze, with a
+    spool, as `estafeta serve` has."""
+    proxy = TcpProxy(*pg_target())
+    await proxy.start()
+    with fresh_database("estafeta_proxied") as database_url:
+        config = load_config_dict(base_config(via_proxy(database_url, proxy.port)))
+        store = open_store(config.storage.url)
+        await store.migrate()
+        await store.sync_config(config, 1_700_000_000_000)
+        hub = Hub(config, store, spool=Spool(tmp_path / "spool", max_bytes=1 << 20))
+        try:
+            yield hub, proxy
+        finally:
+            proxy.thaw()
+            await hub.close()
+            await store.close()
+            await proxy.close()

@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -20,27 +19,8 @@ from estafeta.hub import INGEST_GIVE_UP_S, Hub
 from estafeta.ingress.spool import Spool
 from estafeta.store import open_store
 from estafeta.store.sqlstore import SqlStore
-from tests.chaos.conftest import TcpProxy, pg_target, via_proxy
-from tests.conftest import base_config, fresh_database
-
-
-@pytest.fixture
-async def proxied_hub(tmp_path: Path) -> AsyncIterator[tuple[Hub, TcpProxy]]:
-    proxy = TcpProxy(*pg_target())
-    await proxy.start()
-    with fresh_database("estafeta_hung") as database_url:
-        config = load_config_dict(base_config(via_proxy(database_url, proxy.port)))
-        store = open_store(config.storage.url)
-        await store.migrate()
-        await store.sync_config(config, 1_700_000_000_000)
-        hub = Hub(config, store, spool=Spool(tmp_path / "spool", max_bytes=1 << 20))
-        try:
-            yield hub, proxy
-        finally:
-            proxy.thaw()
-            await hub.close()
-            await store.close()
-            await proxy.close()
+from tests.chaos.conftest import TcpProxy
+from tests.conftest import base_config
 
 
 @pytest.mark.postgres

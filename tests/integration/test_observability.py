@@ -20,10 +20,9 @@ from estafeta.ingress.spool import Spool
 from estafeta.observability.metrics import REGISTRY
 from estafeta.observability.monitor import AlertMonitor
 from estafeta.observability.reads import READ_TIMEOUT_S
-from estafeta.store import open_store
 from estafeta.store.sqlstore import SqlStore
-from tests.chaos.conftest import TcpProxy, pg_target, via_proxy
-from tests.conftest import base_config, fresh_database, lease_any
+from tests.chaos.conftest import TcpProxy
+from tests.conftest import base_config, lease_any
 from tests.integration.redis_support import RedisServer
 
 ADMIN = {"authorization": "Bearer test-admin-key"}
@@ -129,27 +128,6 @@ async def test_detailed_health_reports_redis_and_stays_up_without_it(
     redis_check = r.json()["checks"]["redis"]
     assert redis_check["status"] == "unavailable" and "per process" in redis_check["effect"]
     assert r.json()["checks"]["store"]["status"] == "ok"
-
-
-@pytest.fixture
-async def proxied_hub(tmp_path: Path) -> AsyncIterator[tuple[Hub, TcpProxy]]:
-    """A hub whose PostgreSQL is reached through a proxy the test can cut or freeze, with a
-    spool, as `estafeta serve` has."""
-    proxy = TcpProxy(*pg_target())
-    await proxy.start()
-    with fresh_database("estafeta_observability") as database_url:
-        config = load_config_dict(base_config(via_proxy(database_url, proxy.port)))
-        store = open_store(config.storage.url)
-        await store.migrate()
-        await store.sync_config(config, 1_700_000_000_000)
-        hub = Hub(config, store, spool=Spool(tmp_path / "spool", max_bytes=1 << 20))
-        try:
-            yield hub, proxy
-        finally:
-            proxy.thaw()
-            await hub.close()
-            await store.close()
-            await proxy.close()
 
 
 @pytest.mark.postgres
