@@ -95,6 +95,7 @@ class GracefulServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, *, on_started: Callable[[str], None] | None) -> None:
         super().__init__(config)
         self._on_started = on_started
+        self.address = f"{config.host}:{config.port}"  # as bound, once started
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         try:
@@ -102,13 +103,12 @@ class GracefulServer(uvicorn.Server):
         except SystemExit:
             where = f"{self.config.host}:{self.config.port}"
             raise ServeError(f"cannot serve on {where}: see the error above") from None
-        if self.started and self._on_started is not None:
-            self._on_started(self.bound_address())
-
-    def bound_address(self) -> str:
-        """HOST:PORT as bound: the port the system chose when 0 was asked."""
-        host, port = self.servers[0].sockets[0].getsockname()[:2]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if self.started:
+            # As bound: the port the system chose when 0 was asked.
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            if self._on_started is not None:
+                self._on_started(self.address)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -161,23 +161,19 @@ async def serve(config: Config, *, run_workers: bool = True, migrate: bool = Tru
         # Recorded once nothing is left that could fail before the server's own shutdown,
         # which retires it (delivery/presence.py).
         presence = await announced(store, config)
-        bound = [config.server.listen]  # as bound once it listens (port 0: the one chosen)
-
-        def started(address: str) -> None:
-            # Once it listens: the workers start before, and stop if it cannot.
-            bound[0] = address
-            log.info("serving", listen=address, workers=run_workers, engine=store.dialect)
-
         server = uvicorn_server(
             create_app(hub, run_workers=run_workers, presence=presence),
             config.server.listen,
             max_concurrent_requests=config.server.max_concurrent_requests,
-            on_started=started,
+            # Once it listens: the workers start before, and stop if it cannot.
+            on_started=lambda address: log.info(
+                "serving", listen=address, workers=run_workers, engine=store.dialect
+            ),
         )
         gc.collect()
         gc.freeze()  # the app, the store and the configuration live as long as the process
         await server.serve()  # uvicorn turns SIGTERM/SIGINT into a graceful shutdown
-        log.info("server_stopped", listen=bound[0])
+        log.info("server_stopped", listen=server.address)
     finally:
         await store.close()
 

@@ -89,13 +89,14 @@ class GroupCommitter(Generic[T, R]):
         while not self._closed:
             await asyncio.sleep(give_up_after_s / 10)
             due = loop.time() - give_up_after_s
-            waiting = [self._queue, *self._flushing.values()]
-            for entries in waiting:
+            gave_up = False
+            for entries in (self._queue, *self._flushing.values()):
                 for _, future, submitted_at in entries:
                     if submitted_at <= due and not future.done():
                         future.set_exception(StoreUnavailable(failure))
-            # Given up while queued: their callers spool them; not committed here too.
-            self._queue = [entry for entry in self._queue if not entry[1].done()]
+                        gave_up = True
+            if gave_up:  # given up while queued: their callers spool them; not committed too
+                self._queue = [entry for entry in self._queue if not entry[1].done()]
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
