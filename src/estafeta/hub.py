@@ -61,10 +61,6 @@ API_SOURCE = "api"  # the source id of events that come through the API, not a w
 # After the store failed, ingress spools straight away for this long before it tries the
 # store again: a request must not wait for a connection timeout while the store is down.
 STORE_RETRY_S = 1.0
-# A store that has not committed a request's events by then counts as unreachable for it:
-# spooled and answered while the provider still waits (Twilio hangs up at 15 s), not after
-# the driver's 30 s statement timeout when the database hangs (store/group_commit.py).
-INGEST_GIVE_UP_S = 5.0
 
 
 class EventFields(TypedDict, total=False):
@@ -120,7 +116,10 @@ class Hub:
             max_batch=500,
             max_concurrent_flushes=flushes,
             min_parallel_batch=16,
-            give_up_after_s=INGEST_GIVE_UP_S,
+            # A store that has not committed a request's events by then counts as
+            # unreachable for it: spooled and answered while the provider still waits,
+            # not after the driver's 30 s statement timeout (store/group_commit.py).
+            give_up_after_s=config.storage.spool_after_s,
         )
         # Where circuits are shared, read by /health/detailed and /metrics.
         self.circuit_states = circuit_state_store(config, store, self.redis)

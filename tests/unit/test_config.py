@@ -385,6 +385,11 @@ INVALID_CASES: list[tuple[str, str, list[str]]] = [
         ],
     ),
     (
+        "a spool bound past the driver's own timeouts",
+        "[storage]\nspool_after_s = 31",
+        ["storage.spool_after_s: Input should be less than or equal to 30"],
+    ),
+    (
         "backoff ceiling below its base",
         TENANT + DESTINATION + "backoff = { base_s = 10, max_s = 5 }",
         ["destinations[0].backoff.max_s: must be at least base_s (10)"],

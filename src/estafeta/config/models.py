@@ -186,6 +186,10 @@ class StorageConfig(_Model):
     # Past this many bytes of spooled events, ingress answers 503 rather than accept what
     # it could not keep.
     spool_max_bytes: int = Field(default=1024**3, gt=0)
+    # A request whose events the store has not committed after this long is spooled and
+    # answered: a hung database must not hold webhooks past the provider's patience
+    # (Twilio hangs up at 15 s). At most 30 s: the driver's own timeouts answer by then.
+    spool_after_s: float = Field(default=5, gt=0, le=30)
 
     @field_validator("url")
     @classmethod
