@@ -193,6 +193,34 @@ async def test_malformed_url_is_permanent(session: aiohttp.ClientSession, url: s
     assert outcome.error_class == "invalid_destination"
 
 
+async def test_a_failure_naming_the_url_keeps_only_its_origin(
+    session: aiohttp.ClientSession,
+) -> None:
+    # A no-code tool's hook URL is its credential (the path), and URLs carry tokens in their
+    # query and passwords in their authority. aiohttp writes the whole URL into the error of
+    # a destination that answers invalid HTTP; the excerpt is stored and shown.
+    async def invalid_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: many\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(invalid_http, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        url = f"http://hub:pa55word@127.0.0.1:{port}/hooks/catch/9f8e7d?token=t0ken"
+        outcome = await deliver_to(url, session)
+    finally:
+        server.close()
+    assert outcome.error_class == "connection_error"
+    assert f"http://127.0.0.1:{port}/…" in outcome.response_excerpt
+    for secret in ("9f8e7d", "t0ken", "pa55word"):
+        assert secret not in outcome.response_excerpt
+
+    outcome = await deliver_to("ftp://127.0.0.1/drop/9f8e7d", session)
+    assert (outcome.kind, outcome.response_excerpt) == (OutcomeKind.PERMANENT, "ftp://127.0.0.1/…")
+
+
 # -- headers and signatures ------------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import aiohttp
+from yarl import URL
 
 from estafeta.delivery.outcome import EXCERPT_LIMIT, Outcome, OutcomeKind
 
@@ -53,19 +54,19 @@ async def exchange(
             retry_after = response.headers.get("Retry-After")
             content = await _read_bounded(response, read_limit)
     except TimeoutError as exc:  # = asyncio.TimeoutError since 3.11; aiohttp's timeouts too
-        return no_answer(started, "timeout", exc)
+        return no_answer(started, url, "timeout", exc)
     # Before ClientError, which both are: a URL we cannot send to will never work.
     except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError) as exc:
-        return no_answer(started, "invalid_destination", exc, OutcomeKind.PERMANENT)
+        return no_answer(started, url, "invalid_destination", exc, OutcomeKind.PERMANENT)
     except aiohttp.ClientConnectorError as exc:
         refused = isinstance(exc.os_error, ConnectionRefusedError) or (
             exc.os_error.errno == errno.ECONNREFUSED
         )
-        return no_answer(started, "connection_refused" if refused else "connection_error", exc)
+        return no_answer(started, url, "connection_refused" if refused else "connection_error", exc)
     except (aiohttp.ClientError, OSError) as exc:
-        return no_answer(started, "connection_error", exc)
+        return no_answer(started, url, "connection_error", exc)
     except ValueError as exc:  # yarl/aiohttp on a URL or header they cannot use
-        return no_answer(started, "invalid_destination", exc, OutcomeKind.PERMANENT)
+        return no_answer(started, url, "invalid_destination", exc, OutcomeKind.PERMANENT)
     return Answer(status, content, retry_after, elapsed_ms(started))
 
 
@@ -93,18 +94,44 @@ async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
 
 def no_answer(
     started: float,
+    url: str,
     error_class: str,
     exc: BaseException,
     kind: OutcomeKind = OutcomeKind.RETRYABLE,
 ) -> Outcome:
-    """An outcome for a failure with no HTTP answer; the exception text is the excerpt."""
-    detail = str(exc) or type(exc).__name__
+    """An outcome for a failure with no HTTP answer; the exception text is the excerpt,
+    with the URL cut to its origin."""
+    detail = without_credentials(str(exc) or type(exc).__name__, url)
     return Outcome(
         kind=kind,
         duration_ms=elapsed_ms(started),
         error_class=error_class,
         response_excerpt=detail[:EXCERPT_LIMIT],
     )
+
+
+def without_credentials(detail: str, url: str) -> str:
+    """`detail` with `url` written as its origin and `/…`.
+
+    aiohttp names the whole URL in some errors (a destination answering invalid HTTP, a
+    scheme it cannot send to), and the excerpt is stored and shown to every reader of the
+    tenant's deliveries. The path of a no-code tool's hook is its credential
+    (`https://hook.eu1.make.com/<token>`); a query may hold a token and the authority a
+    password. The origin says enough to tell which destination failed.
+    """
+    try:
+        parsed = URL(url)
+        origin = str(parsed.origin()) if parsed.host else None
+    except (ValueError, TypeError):
+        return detail
+    if origin is None:
+        return detail  # no host: not a URL anything could be sent to, nothing to cut
+    # As written, as yarl normalises it, and without its user and password (aiohttp sends
+    # those as an Authorization header and names the URL without them).
+    for written in sorted({url, str(parsed), str(parsed.with_user(None))}, key=len, reverse=True):
+        if written != origin:
+            detail = detail.replace(written, f"{origin}/…")
+    return detail
 
 
 def elapsed_ms(started: float) -> float:
