@@ -17,7 +17,7 @@ import binascii
 import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import urlsplit
 
 import limits
 from pydantic import (
@@ -31,6 +31,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
+
+from estafeta.urls import outline
 
 ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
@@ -77,19 +79,12 @@ def _check_rate_limit(value: str) -> str:
 def _check_http_url(value: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"invalid URL{_outline(parts)}: must start with http:// or https://")
+        # Enough to find the mistake, without what the URL may carry for credentials.
+        shown = outline(value)
+        raise ValueError(
+            f"invalid URL{f' {shown!r}' if shown else ''}: must start with http:// or https://"
+        )
     return value
-
-
-def _outline(parts: SplitResult) -> str:
-    """` 'scheme://host:port/…'`, or nothing without a host: enough to find the mistake,
-    without what a hook URL carries for credentials (`user:password@`, a token in its path
-    or query)."""
-    host = parts.netloc.rpartition("@")[2]
-    if not host:
-        return ""
-    rest = "/…" if parts.path.strip("/") or parts.query or parts.fragment else ""
-    return f" '{parts.scheme}://{host}{rest}'"
 
 
 def _check_not_blank(value: str) -> str:

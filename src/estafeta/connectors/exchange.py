@@ -8,6 +8,7 @@ each caller only decides what an answer means.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import time
 from collections.abc import Mapping
@@ -17,6 +18,7 @@ import aiohttp
 from yarl import URL
 
 from estafeta.delivery.outcome import EXCERPT_LIMIT, Outcome, OutcomeKind
+from estafeta.urls import outline
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +65,10 @@ async def exchange(
             exc.os_error.errno == errno.ECONNREFUSED
         )
         return no_answer(started, url, "connection_refused" if refused else "connection_error", exc)
+    # An answer that is not HTTP (a broken status line or header): aiohttp's text names a
+    # status it made up (400) and the URL; its message alone says what was wrong.
+    except aiohttp.ClientResponseError as exc:
+        return no_answer(started, url, "invalid_response", exc.message or exc)
     except (aiohttp.ClientError, OSError) as exc:
         return no_answer(started, url, "connection_error", exc)
     except ValueError as exc:  # yarl/aiohttp on a URL or header they cannot use
@@ -96,11 +102,11 @@ def no_answer(
     started: float,
     url: str,
     error_class: str,
-    exc: BaseException,
+    exc: BaseException | str,
     kind: OutcomeKind = OutcomeKind.RETRYABLE,
 ) -> Outcome:
-    """An outcome for a failure with no HTTP answer; the exception text is the excerpt,
-    with the URL cut to its origin."""
+    """An outcome for a failure with no usable HTTP answer; the exception's text is the
+    excerpt, with the URL cut to its origin."""
     detail = without_credentials(str(exc) or type(exc).__name__, url)
     return Outcome(
         kind=kind,
@@ -111,26 +117,22 @@ def no_answer(
 
 
 def without_credentials(detail: str, url: str) -> str:
-    """`detail` with `url` written as its origin and `/…`.
+    """`detail` with `url` written as its outline, `scheme://host:port/…` (`estafeta.urls`).
 
-    aiohttp names the whole URL in some errors (a destination answering invalid HTTP, a
-    scheme it cannot send to), and the excerpt is stored and shown to every reader of the
-    tenant's deliveries. The path of a no-code tool's hook is its credential
-    (`https://hook.eu1.make.com/<token>`); a query may hold a token and the authority a
-    password. The origin says enough to tell which destination failed.
+    aiohttp names the whole URL in some errors (a scheme it cannot send to, a URL it cannot
+    parse), and the excerpt is stored and shown to every reader of the tenant's deliveries.
     """
-    try:
-        parsed = URL(url)
-        origin = str(parsed.origin()) if parsed.host else None
-    except (ValueError, TypeError):
-        return detail
-    if origin is None:
+    shown = outline(url)
+    if not shown:
         return detail  # no host: not a URL anything could be sent to, nothing to cut
-    # As written, as yarl normalises it, and without its user and password (aiohttp sends
-    # those as an Authorization header and names the URL without them).
-    for written in sorted({url, str(parsed), str(parsed.with_user(None))}, key=len, reverse=True):
-        if written != origin:
-            detail = detail.replace(written, f"{origin}/…")
+    written = {url}
+    with contextlib.suppress(ValueError, TypeError):
+        # As yarl normalises it, and without user and password (aiohttp sends those as an
+        # Authorization header and names the URL without them).
+        parsed = URL(url)
+        written |= {str(parsed), str(parsed.with_user(None))}
+    for form in sorted(written - {shown}, key=len, reverse=True):
+        detail = detail.replace(form, shown)
     return detail
 
 

@@ -145,5 +145,4 @@ async def test_the_instance_token_never_reaches_an_excerpt(session: aiohttp.Clie
     outcome = await client.send(OutboundMessage(CUSTOMER, text="oi"))
     assert outcome.kind is OutcomeKind.PERMANENT
     assert outcome.error_class == "invalid_destination"
-    assert ZA["instance_token"] not in outcome.response_excerpt
-    assert "/token/***/send-text" in outcome.response_excerpt
+    assert outcome.response_excerpt == "http://127.0.0.1:99999/…"  # where, without the path

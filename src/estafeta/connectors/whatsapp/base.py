@@ -1,11 +1,11 @@
 """What the four provider clients share: the protocol, one HTTP exchange, and outcomes.
 
 This is where aiohttp's exceptions stop for the WhatsApp send path, as in
-`connectors/http.py`: a timeout, a refused connection or a reset becomes a RETRYABLE
-`Outcome` (`timeout`, `connection_refused`, `connection_error`), a URL that cannot work a
-PERMANENT `invalid_destination`. What a provider *answered* is read by each provider's
-module, from its documented error format (contracts §1.7, §2.4, §3.5, §9.7), into
-`provider_error` outcomes:
+`connectors/http.py`: a timeout, a refused connection, a reset or an answer that is not HTTP
+becomes a RETRYABLE `Outcome` (`timeout`, `connection_refused`, `connection_error`,
+`invalid_response`), a URL that cannot work a PERMANENT `invalid_destination`. What a
+provider *answered* is read by each provider's module, from its documented error format
+(contracts §1.7, §2.4, §3.5, §9.7), into `provider_error` outcomes:
 
 * `error_class` is `"{provider}_{code}"` with the provider's own error code
   (`whatsapp_cloud_131047`, `twilio_63016`, `sendpulse_2020202020`), or
