@@ -44,7 +44,8 @@ class ConfigError(EstafetaError):
     def __init__(self, issues: list[ConfigIssue]) -> None:
         self.issues = issues
         lines = "\n".join(f"  {issue}" for issue in issues)
-        super().__init__(f"invalid configuration ({len(issues)} problem(s)):\n{lines}")
+        problems = "1 problem" if len(issues) == 1 else f"{len(issues)} problems"
+        super().__init__(f"invalid configuration ({problems}):\n{lines}")
 
 
 class StoreError(EstafetaError):

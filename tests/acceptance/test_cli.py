@@ -73,7 +73,7 @@ async def test_check_config_prints_every_problem_with_its_location(tmp_path: Pat
         for line in lines
     )
     assert any(line.startswith(f"{bad}: destinations[0].timeout_s: ") for line in lines), lines
-    assert lines[-1] == "3 problem(s) found"
+    assert lines[-1] == "3 problems found"
     assert result.stdout == ""
 
 
@@ -106,7 +106,7 @@ kind = "airtabel"
     # A kind that does not exist at all is reported once, by the configuration's own check.
     typo = [line for line in lines if "destinations[2].kind" in line]
     assert len(typo) == 1 and "not available" not in typo[0], lines
-    assert lines[-1] == "5 problem(s) found"
+    assert lines[-1] == "5 problems found"
 
 
 async def test_check_config_names_every_key_of_another_kind_of_source(tmp_path: Path) -> None:
@@ -142,7 +142,7 @@ send_max_attempts = 3
         "send_max_attempts)",
         f"{bad}: sources[1].send_max_attempts: not a key of a generic source (it takes "
         "secret, api_key, event_type)",
-        "2 problem(s) found",
+        "2 problems found",
     ]
     assert result.stdout == ""
 
@@ -198,7 +198,7 @@ async def test_check_config_points_at_the_line_of_a_toml_syntax_error(tmp_path: 
     assert result.returncode == 1, result
     problem, count = result.stderr.splitlines()
     assert "line 3, column 8" in problem and "invalid TOML" in problem, problem
-    assert count == "1 problem(s) found"
+    assert count == "1 problem found"
     # Each problem line names the file once, as for every other kind of problem.
     assert problem.count(str(broken)) == 1, problem
 

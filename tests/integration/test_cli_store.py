@@ -277,7 +277,7 @@ def test_check_config_reports_a_file_that_is_not_utf8(tmp_path: Path) -> None:
     latin1.write_bytes('[[tenants]]\nid = "clinica-sol"\nname = "Clínica Sol"\n'.encode("latin-1"))
     result = CliRunner().invoke(main, ["check-config", str(latin1)])
     assert result.exit_code == 1, (result.output, result.exception)
-    assert result.output == f"{latin1}: file is not valid UTF-8\n1 problem(s) found\n"
+    assert result.output == f"{latin1}: file is not valid UTF-8\n1 problem found\n"
 
 
 @pytest.mark.parametrize(

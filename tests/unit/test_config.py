@@ -564,8 +564,7 @@ def test_config_error_message_lists_every_issue(tmp_path: Path) -> None:
         load_config(path, {})
 
     assert str(caught.value) == (
-        "invalid configuration (1 problem(s)):\n"
-        "  routes[0].destinations[0]: unknown destination 'crm'"
+        "invalid configuration (1 problem):\n  routes[0].destinations[0]: unknown destination 'crm'"
     )
 
 

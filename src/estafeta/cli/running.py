@@ -11,6 +11,7 @@ import click
 from estafeta.cli.common import (
     checked_address,
     config_option,
+    counted,
     load,
     run,
     run_service,
@@ -101,7 +102,7 @@ def check_config_command(file: str) -> None:
             # Syntax errors and a missing file are located in the file itself already.
             located = str(issue).startswith(file)
             click.echo(str(issue) if located else f"{file}: {issue}", err=True)
-        click.echo(f"{len(issues)} problem(s) found", err=True)
+        click.echo(f"{counted(len(issues), 'problem', 'problems')} found", err=True)
         sys.exit(1)
     click.echo(f"{file}: ok")
 
