@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from estafeta import __version__
@@ -105,12 +106,15 @@ def create_app(hub: Hub, *, run_workers: bool = False, presence: Presence | None
             await asyncio.gather(*tasks)
             await hub.close()
 
-    app = FastAPI(
+    # FastAPI's /docs page loads Swagger UI from a CDN: blank where the operator's browser
+    # cannot reach the internet. FastAPIOffline serves the same files from the package.
+    app = FastAPIOffline(
         title="estafeta",
         version=__version__,
         lifespan=lifespan,
         docs_url="/docs",
         redoc_url=None,
+        static_url="/docs/assets",
     )
     app.state.hub = hub
     app.state.auth = Authenticator(
