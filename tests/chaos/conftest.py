@@ -412,12 +412,18 @@ async def assert_killed_sends_only_were_duplicated(
     database_url: str,
     in_flight_at_kill: set[str],
     *,
+    events: int,
     kills: int,
 ) -> None:
-    """After processes were SIGKILLed mid-run: each webhook became one event (a retry after a
-    server kill made no second one), everything acknowledged arrived, and every event sent
-    twice was in flight, leased by a process when it was killed, and rescued from that
-    lease (`lease_expired`)."""
+    """After processes were SIGKILLed mid-run and the deliveries settled: each of `events`
+    webhooks became one event (a retry after a server kill made no second one) whose
+    delivery succeeded, everything acknowledged arrived, and every event sent twice was in
+    flight, leased by a process when it was killed, and rescued from that lease
+    (`lease_expired`)."""
+    stored = await query(database_url, "SELECT count(*) FROM events")
+    assert stored == [(events,)], f"{stored[0][0]} events stored for {events} webhooks"
+    by_state = await deliveries_by_state(database_url)
+    assert by_state == {"succeeded": events}, by_state
     ids_by_webhook: dict[int, set[str]] = {}
     for r in sink.received:
         number = orjson.loads(r.body)["data"]["n"]

@@ -49,8 +49,8 @@ from tests.chaos.conftest import (
     Load,
     all_delivered,
     assert_killed_sends_only_were_duplicated,
-    deliveries_by_state,
     lead,
+    settled_deliveries,
 )
 from tests.conftest import SINK_SECRET
 
@@ -144,20 +144,10 @@ async def test_random_kills_lose_nothing_and_duplicate_only_sends_in_flight(
             assert len(acknowledged) == EVENTS
             missing = await all_delivered(sink, acknowledged, timeout_s=60)
             assert not missing, f"{len(missing)} acknowledged webhooks never delivered"
-
-            async def settled() -> bool:
-                by_state = await deliveries_by_state(chaos_database)
-                return by_state.get("pending", 0) + by_state.get("in_flight", 0) == 0
-
-            await wait_until(settled, timeout_s=30, what="no delivery pending or in flight")
-
-        by_state = await deliveries_by_state(chaos_database)
-        stored = await query(chaos_database, "SELECT count(*) FROM events")
-        assert stored == [(EVENTS,)], f"{stored[0][0]} events stored for {EVENTS} webhooks"
-        assert by_state == {"succeeded": EVENTS}, by_state
+            await settled_deliveries(chaos_database, timeout_s=30)
 
         await assert_killed_sends_only_were_duplicated(
-            sink, acknowledged, chaos_database, in_flight_at_kill, kills=KILLS
+            sink, acknowledged, chaos_database, in_flight_at_kill, events=EVENTS, kills=KILLS
         )
         summary(
             "chaos kill_everything",
