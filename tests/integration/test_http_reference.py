@@ -50,28 +50,22 @@ async def test_the_reference_lists_exactly_the_routes_served(
 
 
 async def test_the_docs_page_loads_everything_from_the_hub_itself(
-    store: SqlStore, config: Config
+    http: httpx.AsyncClient,
 ) -> None:
     # A clinic's network may keep browsers off the internet: the interactive page must not
     # need a CDN (FastAPI's own page loads Swagger UI from cdn.jsdelivr.net).
-    hub = Hub(config, store)
-    try:
-        transport = httpx.ASGITransport(app=create_app(hub))
-        async with httpx.AsyncClient(transport=transport, base_url="http://hub") as http:
-            page = await http.get("/docs")
-            assert page.status_code == 200
-            linked = re.findall(r"""(?:src=|href=|url: )["']([^"']+)""", page.text)
-            assert set(linked) == {
-                "/docs/assets/swagger-ui.css",
-                "/docs/assets/favicon.png",
-                "/docs/assets/swagger-ui-bundle.js",
-                "/openapi.json",
-            }
-            assert "//" not in page.text.replace("window.location.origin", "")
-            for url in linked:
-                answer = await http.get(url)
-                assert (answer.status_code, bool(answer.content)) == (200, True), url
-            script = await http.get("/docs/assets/swagger-ui-bundle.js")
-            assert "SwaggerUIBundle" in script.text
-    finally:
-        await hub.close()
+    page = await http.get("/docs")
+    assert page.status_code == 200
+    linked = re.findall(r"""(?:src=|href=|url: )["']([^"']+)""", page.text)
+    assert set(linked) == {
+        "/docs/assets/swagger-ui.css",
+        "/docs/assets/favicon.png",
+        "/docs/assets/swagger-ui-bundle.js",
+        "/openapi.json",
+    }
+    assert "//" not in page.text.replace("window.location.origin", "")
+    for url in linked:
+        answer = await http.get(url)
+        assert (answer.status_code, bool(answer.content)) == (200, True), url
+    script = await http.get("/docs/assets/swagger-ui-bundle.js")
+    assert "SwaggerUIBundle" in script.text

@@ -81,9 +81,8 @@ def _check_http_url(value: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.netloc:
         # Enough to find the mistake, without what the URL may carry for credentials.
         shown = outline(value)
-        raise ValueError(
-            f"invalid URL{f' {shown!r}' if shown else ''}: must start with http:// or https://"
-        )
+        where = f" {shown!r}" if shown else ""
+        raise ValueError(f"invalid URL{where}: must start with http:// or https://")
     return value
 
 
