@@ -13,8 +13,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from yarl import URL
 
 from estafeta import __version__
+from estafeta.connectors.exchange import without_credentials
 from estafeta.connectors.http import HttpConnector, new_client_session, sign_webhook
 from estafeta.delivery.model import LeasedDelivery
 from estafeta.delivery.outcome import EXCERPT_LIMIT, Outcome, OutcomeKind
@@ -230,6 +232,18 @@ async def test_an_error_that_names_the_url_shows_only_its_origin(
     outcome = await deliver_to(url, session)
     assert (outcome.kind, outcome.error_class) == (OutcomeKind.PERMANENT, "invalid_destination")
     assert outcome.response_excerpt == shown
+
+
+def test_a_connect_timeout_names_only_the_origin() -> None:
+    # aiohttp's text for a connect timeout (`f"Connection timeout to host {req.url}"`, the
+    # URL as yarl writes it, without user and password), which loopback cannot produce.
+    # A Z-API send URL carries its instance token in the path (contracts §3.1).
+    url = "https://api.z-api.io/instances/3C0FFEE/token/F00DBABE5EC12E7/send-text"
+    detail = without_credentials(f"Connection timeout to host {URL(url)}", url)
+    assert detail == "Connection timeout to host https://api.z-api.io/…"
+    url = "https://hub:pa55word@hook.eu1.make.com/9f8e7d?x=1"
+    detail = without_credentials(f"Connection timeout to host {URL(url).with_user(None)}", url)
+    assert detail == "Connection timeout to host https://hook.eu1.make.com/…"
 
 
 # -- headers and signatures ------------------------------------------------------------------

@@ -24,7 +24,6 @@ from http import HTTPStatus
 from typing import Any, Protocol
 
 import aiohttp
-import msgspec
 import orjson
 
 from estafeta import __version__
@@ -82,20 +81,17 @@ async def exchange(
 ) -> Reply | Outcome:
     """One request; the answer as a `Reply`, or an `Outcome` when there was no answer.
 
-    `secrets` are credentials in the URL (Z-API's instance token): aiohttp names the URL in
-    some errors ("Connection timeout to host …"), a provider may echo the path it was
-    called on, and an attempt's excerpt is stored and shown, so they are masked in both.
+    `secrets` are credentials in the URL (Z-API's instance token): a provider may echo the
+    path it was called on, and what it answered becomes an attempt's stored, shown excerpt,
+    so they are masked in the answer. An error that names the URL shows only its origin
+    already (`connectors/exchange.py`).
     """
     started = time.perf_counter()
     outcome = await _exchange(session, url, timeout_s, headers, body, method, started)
+    if isinstance(outcome, Outcome):
+        return outcome
     for secret in filter(None, secrets):
-        if isinstance(outcome, Outcome):
-            masked = outcome.response_excerpt.replace(secret, "***")
-            outcome = msgspec.structs.replace(outcome, response_excerpt=masked)
-        else:
-            outcome = dataclasses.replace(
-                outcome, body=outcome.body.replace(secret.encode(), b"***")
-            )
+        outcome = dataclasses.replace(outcome, body=outcome.body.replace(secret.encode(), b"***"))
     return outcome
 
 
