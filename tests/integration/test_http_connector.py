@@ -133,11 +133,38 @@ async def test_retry_after_as_an_http_date(sink: Sink, session: aiohttp.ClientSe
 async def test_redirect_is_a_retryable_failure_not_followed(
     sink: Sink, session: aiohttp.ClientSession
 ) -> None:
-    sink.respond(301, headers={"Location": f"{sink.url}/elsewhere"})
+    sink.respond(301, body=b"<html>Moved</html>", headers={"Location": "https://crm.example/in"})
     outcome = await deliver_to(f"{sink.url}/hooks", session)
     assert outcome.kind is OutcomeKind.RETRYABLE
     assert outcome.error_class == "http_301"
     assert [r.path for r in sink.received] == ["/hooks"]
+    # Where it points is what the operator needs to mend the URL; the body says nothing.
+    assert outcome.response_excerpt == "redirect to https://crm.example/…, not followed"
+
+
+@pytest.mark.parametrize(
+    ("location", "excerpt"),
+    [
+        # A relative Location is read against the destination's URL.
+        ("/v2/hooks?token=abc", "redirect to {origin}/…, not followed"),
+        # A hook's path, query and password can be its credential: shown as the outline.
+        (
+            "https://user:pa55@hooks.example:8443/T0K3N?key=s3cret",
+            "redirect to https://hooks.example:8443/…, not followed",
+        ),
+        (None, "redirect without a Location, not followed"),
+        ("http://[::1", "redirect to a Location that is not a URL, not followed"),
+    ],
+)
+async def test_a_redirect_excerpt_says_where_it_points_without_credentials(
+    sink: Sink, session: aiohttp.ClientSession, location: str | None, excerpt: str
+) -> None:
+    sink.respond(308, headers={} if location is None else {"Location": location})
+    outcome = await deliver_to(f"{sink.url}/hooks/T0K3N", session)
+    assert outcome.error_class == "http_308"
+    assert outcome.response_excerpt == excerpt.format(origin=sink.url)
+    for secret in ("T0K3N", "s3cret", "pa55", "abc"):
+        assert secret not in outcome.response_excerpt
 
 
 async def test_large_body_gives_a_bounded_excerpt(

@@ -29,6 +29,7 @@ class Answer:
     body: bytes  # at most the caller's read_limit bytes
     retry_after: str | None  # the Retry-After header, as sent
     duration_ms: float
+    location: str | None = None  # the Location header of a 3xx (redirects are not followed)
 
 
 async def exchange(
@@ -54,6 +55,7 @@ async def exchange(
         ) as response:
             status = response.status
             retry_after = response.headers.get("Retry-After")
+            location = response.headers.get("Location") if 300 <= status < 400 else None
             content = await _read_bounded(response, read_limit)
     except TimeoutError as exc:  # = asyncio.TimeoutError since 3.11; aiohttp's timeouts too
         return no_answer(started, url, "timeout", exc)
@@ -73,7 +75,7 @@ async def exchange(
         return no_answer(started, url, "connection_error", exc)
     except ValueError as exc:  # yarl/aiohttp on a URL or header they cannot use
         return no_answer(started, url, "invalid_destination", exc, OutcomeKind.PERMANENT)
-    return Answer(status, content, retry_after, elapsed_ms(started))
+    return Answer(status, content, retry_after, elapsed_ms(started), location)
 
 
 async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:

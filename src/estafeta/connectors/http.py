@@ -12,18 +12,21 @@ is what makes thousands of small POSTs per second cheap.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from urllib.parse import urljoin
 
 import aiohttp
 from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook
 
 from estafeta import __version__
-from estafeta.connectors.exchange import exchange
+from estafeta.connectors.exchange import Answer, exchange
 from estafeta.delivery.decision import classify_status, parse_retry_after
 from estafeta.delivery.model import LeasedDelivery
 from estafeta.delivery.outcome import EXCERPT_LIMIT, Outcome, OutcomeKind
+from estafeta.urls import outline
 
 # A UTF-8 character takes at most 4 bytes, so this many bytes always hold EXCERPT_LIMIT whole
 # characters when the body is that long; a character cut at the end is dropped by the slice.
@@ -158,8 +161,23 @@ class HttpConnector:
             retry_after_s=None
             if succeeded
             else parse_retry_after(answer.retry_after, int(self._now_s() * 1000)),
-            response_excerpt=answer.body.decode("utf-8", errors="replace")[:EXCERPT_LIMIT],
+            response_excerpt=self._excerpt(answer),
         )
+
+    def _excerpt(self, answer: Answer) -> str:
+        """The answer's body, or for a redirect where it points: a destination that moved
+        (http → https, a new host) answers 301 with no body worth reading, and its Location
+        is what the operator needs to mend the URL. It is shown as its outline, like every
+        URL in an excerpt (a hook's path can be its credential)."""
+        if 300 <= answer.status < 400:
+            where = "without a Location"
+            if answer.location:
+                target = ""
+                with contextlib.suppress(ValueError):  # a Location urljoin cannot read
+                    target = outline(urljoin(self._url, answer.location))
+                where = f"to {target}" if target else "to a Location that is not a URL"
+            return f"redirect {where}, not followed"[:EXCERPT_LIMIT]
+        return answer.body.decode("utf-8", errors="replace")[:EXCERPT_LIMIT]
 
     async def close(self) -> None:
         """Nothing to release: the shared session belongs to whoever created it."""
