@@ -102,6 +102,25 @@ async def test_a_body_without_type_becomes_data_of_the_sources_event_type(client
     assert event["type"] == "crm.webhook" and event["event"]["data"] == {"lead": {"name": "Maria"}}
 
 
+async def test_long_numbers_within_64_bits_and_long_digit_strings_arrive_exactly(
+    client: Client,
+) -> None:
+    # Both edges orjson keeps exact, and a run of digits in a string (which sends the body
+    # through the exact check without refusing it).
+    body = (
+        b'{"type": "order.paid", "data": {"max": 18446744073709551615,'
+        b' "min": -9223372036854775808, "ref": "123456789012345678901234"}}'
+    )
+    r = await client.http.post("/in/crm-events", content=body, headers=signed(body, "m-long"))
+    assert r.status_code == 202, r.text
+    event = (await client.http.get(f"/api/v1/events/{r.json()['id']}", headers=ADMIN)).json()
+    assert event["event"]["data"] == {
+        "max": 2**64 - 1,
+        "min": -(2**63),
+        "ref": "123456789012345678901234",
+    }
+
+
 async def test_routing_filter_decides_the_fan_out(client: Client) -> None:
     for status, expected in (("confirmed", ["billing", "crm"]), ("draft", [])):
         body = orjson.dumps({"type": "appointment.booked", "data": {"status": status}})
@@ -224,6 +243,16 @@ def _wrong_type() -> dict[str, str]:
             "invalid_json",
             "not valid",
         ),
+        (  # read as the nearest double, it would reach the destinations rounded
+            "/in/crm-events",
+            b'{"type": "order.paid", "data": {"lines": [{"id": 123456789012345678901}]}}',
+            lambda: signed(
+                b'{"type": "order.paid", "data": {"lines": [{"id": 123456789012345678901}]}}'
+            ),
+            400,
+            "invalid_body",
+            "body.data.lines.0.id: an integer beyond 64 bits",
+        ),
         (
             "/in/crm-events",
             b"[1, 2]",
@@ -255,6 +284,7 @@ def _wrong_type() -> dict[str, str]:
         "content-type",
         "invalid-json",
         "number-beyond-a-double",
+        "integer-beyond-64-bits",
         "not-an-object",
         "not-utf8",
         "too-large",

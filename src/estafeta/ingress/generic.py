@@ -9,6 +9,8 @@ or by an API key (`Authorization: Bearer …`) equal to the source's `api_key`. 
 from __future__ import annotations
 
 import hmac
+import json
+import re
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -99,6 +101,8 @@ class GenericSource:
             raise HttpError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
         if not isinstance(document, dict):
             raise HttpError(400, "invalid_body", "the body must be a JSON object")
+        if _MAYBE_BEYOND_64_BITS.search(body):
+            _refuse_integers_beyond_64_bits(body)
         key = headers.get("webhook-id") or headers.get("idempotency-key") or None
         if key is not None and len(key) > 255:
             raise HttpError(
@@ -116,6 +120,46 @@ class GenericSource:
             'the body needs "type" (a string) and "data" (an object), '
             "or the source needs an event_type",
         )
+
+
+# orjson reads an integer outside [-2**63, 2**64) as the nearest double, silently: an order
+# number of 20+ digits would reach every destination rounded. Such a literal has 19 digits
+# or more; only a body that has a run of them (in a string too: harmless) is read again.
+_MAYBE_BEYOND_64_BITS = re.compile(rb"[0-9]{19}")
+_INT64_MIN, _UINT64_END = -(2**63), 2**64
+
+
+def _refuse_integers_beyond_64_bits(body: bytes) -> None:
+    """400 naming the first integer no JSON consumer of ours keeps exact, as the API does."""
+    try:
+        exact = json.loads(body)  # Python's own parser keeps every integer exact
+    except ValueError:  # more digits than Python converts (4300): beyond 64 bits too
+        where: str | None = "body"
+    except RecursionError:  # nested deeper than Python parses (orjson takes 1024 levels)
+        return
+    else:
+        where = _first_wide_integer(exact)
+    if where is not None:
+        raise HttpError(
+            400,
+            "invalid_body",
+            f"{where}: an integer beyond 64 bits would reach destinations rounded; "
+            "send it as a string",
+        )
+
+
+def _first_wide_integer(document: object) -> str | None:
+    """Where the first integer outside orjson's range is (`body.data.items.0.id`), if any."""
+    stack: list[tuple[str, object]] = [("body", document)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((f"{where}.{k}", v) for k, v in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend((f"{where}.{i}", v) for i, v in reversed(list(enumerate(value))))
+        elif isinstance(value, int) and not _INT64_MIN <= value < _UINT64_END:
+            return where
+    return None
 
 
 def _checked_type(event_type: str) -> str:
