@@ -60,6 +60,7 @@ RESET_S = 5.0
 LIMIT_PER_S = 50
 SLACK = 5  # sends over the limit tolerated in one second (arrival jitter)
 PROBE_HOLD_S = 0.25  # how long billing takes to answer after recovery
+DOWN_ALERT_S = 10.0  # worker.alert_destination_down_s: well inside the outage
 
 
 @pytest.mark.slow
@@ -93,6 +94,7 @@ async def test_a_sick_destination_opens_its_circuit_and_recovers_without_a_storm
                 routes=[
                     {"tenant": TENANT, "events": ["lead.*"], "destinations": ["crm", "billing"]}
                 ],
+                worker={"alert_destination_down_s": DOWN_ALERT_S},
             ),
         )
         serve = await estafeta.serve(config, port)
@@ -116,6 +118,9 @@ async def test_a_sick_destination_opens_its_circuit_and_recovers_without_a_storm
 
             await wait_until(circuit_open, timeout_s=10, what="billing's circuit open")
             await asyncio.sleep(max(0.0, outage_at + OUTAGE_S - time.monotonic()))
+            # Down for longer than the alert's bound (checked every 5 s): the operator hears.
+            health = await load.hub.get_json("/health/detailed")
+            assert "destination_down" in health["checks"]["alerts"]["firing"], health
             sick.respond(200, delay_s=PROBE_HOLD_S)
             recovered_at = time.monotonic()
             stop_load.set()
@@ -134,6 +139,14 @@ async def test_a_sick_destination_opens_its_circuit_and_recovers_without_a_storm
         before = per_second(ok, load_started + 1, outage_at)
         during = per_second(ok, outage_at + 1, recovered_at)
         assert median(during) >= 0.7 * median(before), (before, during)
+
+        # The alert named billing once, and resolved once billing was back; crm never.
+        alerts = [
+            (e["event"], e["destination"])
+            for e in logged(serve, "alert_fired") + logged(serve, "alert_resolved")
+            if e.get("alert") == "destination_down"
+        ]
+        assert alerts == [("alert_fired", "billing"), ("alert_resolved", "billing")], alerts
 
         # While open, billing sees single probes RESET_S apart, nothing else.
         opened = [e for e in logged(serve, "circuit_open") if e.get("destination") == "billing"]

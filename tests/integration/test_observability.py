@@ -13,7 +13,10 @@ import pytest
 from structlog.testing import capture_logs
 
 from estafeta.api.app import create_app
+from estafeta.clock import iso_from_ms
 from estafeta.config import Config, load_config_dict
+from estafeta.delivery.breakers import Breakers
+from estafeta.delivery.outcome import Outcome, OutcomeKind
 from estafeta.errors import HttpError, StoreUnavailable
 from estafeta.hub import Hub
 from estafeta.ingress.spool import Spool
@@ -270,6 +273,55 @@ async def test_detailed_health_says_when_the_spool_cannot_be_written(
     with pytest.raises(HttpError) as refused:  # what the check warned about
         await spool_one(hub)
     assert refused.value.error == "spool_unavailable"
+
+
+async def test_a_destination_down_is_alerted_once_it_stays_down_and_resolved_when_back(
+    config: Config, store: SqlStore
+) -> None:
+    # Its deliveries wait pending while the circuit is open, spending no attempts: nothing
+    # reaches the DLQ, and a clinic's backlog stays far under queue_backlog's depth.
+    clock = ManualClock()
+    hub = Hub(config, store, clock)
+    breakers = Breakers(hub.circuit_states, config)
+    monitor = AlertMonitor(
+        store, threshold=1000, circuits=hub.circuit_states, down_after_s=300, clock=clock
+    )
+    failed = Outcome(OutcomeKind.RETRYABLE, 1.0, status_code=503, error_class="http_503")
+    succeeded = Outcome(OutcomeKind.SUCCESS, 1.0, status_code=200)
+    outage_began = clock.now
+    try:
+        with capture_logs() as logs:
+            for _ in range(5):  # the default circuit: five failures in a row open it
+                await breakers.record("crm", failed, started_at=clock.now, now_ms=clock.now)
+            await monitor.check()
+            assert monitor.firing == set()
+            # Every reset_s (30 s) a probe fails and reopens it: the outage goes on.
+            for _ in range(10):
+                clock.now += 31_000
+                assert await breakers.try_probe("crm", clock.now)
+                await breakers.record("crm", failed, started_at=clock.now, now_ms=clock.now)
+                await monitor.check()
+            assert monitor.firing == {"destination_down"}
+            assert monitor.down == {"crm"}
+            gauge = {"alert": "destination_down"}
+            assert REGISTRY.get_sample_value("estafeta_alert_firing", gauge) == 1
+            clock.now += 31_000
+            assert await breakers.try_probe("crm", clock.now)
+            await breakers.record("crm", succeeded, started_at=clock.now, now_ms=clock.now)
+            await monitor.check()
+            assert monitor.firing == set()
+            assert REGISTRY.get_sample_value("estafeta_alert_firing", gauge) == 0
+    finally:
+        await hub.close()
+    alerts = [e for e in logs if e["event"].startswith("alert_")]
+    assert [(e["event"], e["alert"], e["destination"]) for e in alerts] == [
+        ("alert_fired", "destination_down", "crm"),
+        ("alert_resolved", "destination_down", "crm"),
+    ]
+    # Since the outage began, not since the last failed probe reopened the circuit.
+    fired = alerts[0]
+    assert fired["since"] == iso_from_ms(outage_began)
+    assert fired["circuit"] == "open" and fired["down_s"] >= 300
 
 
 async def test_the_spool_alerts_fire_and_resolve_once(

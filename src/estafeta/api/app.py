@@ -83,6 +83,8 @@ def create_app(hub: Hub, *, run_workers: bool = False, presence: Presence | None
             hub.store,
             threshold=hub.config.worker.alert_queue_depth,
             spool=hub.spool,
+            circuits=hub.circuit_states,
+            down_after_s=hub.config.worker.alert_destination_down_s,
             clock=hub.clock,
         )
         app.state.monitor = monitor

@@ -10,10 +10,15 @@
   would be answered `503 spool_unavailable` instead of spooled.
 * `spool_full`: the spool holds `storage.spool_max_bytes`: while the store cannot be reached,
   webhooks are answered `503 spool_full`, and providers retry them later or give up.
+* `destination_down`: a destination's circuit has not closed for
+  `worker.alert_destination_down_s`. Its deliveries wait pending without spending attempts
+  (so nothing reaches the DLQ), and a small business's backlog may never reach
+  `queue_backlog`'s depth: without this, a CRM down all day would go unheard.
 
 Each fires once and resolves once; both are log events (`alert_fired` / `alert_resolved`),
-the `estafeta_alert_firing` gauge, and a line in /health/detailed. Sending alerts elsewhere
-is the alerting issue's.
+the `estafeta_alert_firing` gauge, and a line in /health/detailed. `destination_down` does
+so per destination (its log events name it), the gauge and the line while any is down.
+Sending alerts elsewhere is the alerting issue's.
 """
 
 from __future__ import annotations
@@ -24,10 +29,13 @@ from typing import Any
 
 import structlog
 
-from estafeta.clock import Clock, SystemClock
+from estafeta.clock import Clock, SystemClock, iso_from_ms
+from estafeta.delivery.circuit import CircuitState
+from estafeta.delivery.circuit_store import CircuitStateStore
 from estafeta.errors import StoreUnavailable
 from estafeta.ingress.spool import Spool
 from estafeta.observability.metrics import ALERTS
+from estafeta.observability.reads import within
 from estafeta.observability.spool_watch import STALL_S, SpoolStatus, observe
 from estafeta.store.sqlstore import SqlStore
 
@@ -38,6 +46,7 @@ SPOOL_STALLED = "spool_stalled"
 SPOOL_UNWRITABLE = "spool_unwritable"
 SPOOL_FULL = "spool_full"
 SPOOL_ALERTS = (SPOOL_STALLED, SPOOL_UNWRITABLE, SPOOL_FULL)
+DESTINATION_DOWN = "destination_down"
 RESOLVE_RATIO = 0.9
 
 
@@ -48,16 +57,30 @@ class AlertMonitor:
         *,
         threshold: int,
         spool: Spool | None = None,
+        circuits: CircuitStateStore | None = None,
+        down_after_s: float = 300.0,
         clock: Clock | None = None,
         interval_s: float = 5.0,
     ) -> None:
         self.store = store
         self.threshold = threshold
         self.spool = spool
+        self.circuits = circuits
+        self.down_after_ms = round(down_after_s * 1000)
         self.clock: Clock = clock or SystemClock()
         self.interval_s = interval_s
         self.firing: set[str] = set()
-        for alert in (BACKLOG, *SPOOL_ALERTS) if spool else (BACKLOG,):
+        # Destinations whose circuit is not closed, since when (as first seen: its opened_at,
+        # which a failed probe moves on, is kept from the outage's start), and those of them
+        # alerted on.
+        self._down_since: dict[str, int] = {}
+        self.down: set[str] = set()
+        alerts = [BACKLOG]
+        if spool is not None:
+            alerts.extend(SPOOL_ALERTS)
+        if circuits is not None:
+            alerts.append(DESTINATION_DOWN)
+        for alert in alerts:
             ALERTS.labels(alert).set(0)
 
     async def check(self) -> None:
@@ -71,6 +94,8 @@ class AlertMonitor:
                 self._fire(BACKLOG, pending=pending, threshold=self.threshold)
             elif pending < self.threshold * RESOLVE_RATIO:
                 self._resolve(BACKLOG, pending=pending, threshold=self.threshold)
+        if self.circuits is not None:
+            await self._check_destinations(self.circuits)
         if self.spool is None:
             return
         state = await observe(
@@ -94,6 +119,37 @@ class AlertMonitor:
             )
         elif store_reachable or not state.stats.segments:  # an outage says nothing of it
             self._resolve(SPOOL_STALLED, segments=state.stats.segments)
+
+    async def _check_destinations(self, circuits: CircuitStateStore) -> None:
+        try:
+            known = await within(circuits.get_all())
+        except (StoreUnavailable, TimeoutError):  # unknown this round: nothing changes
+            return
+        now = self.clock.now_ms()
+        down = {d: c for d, c in known.items() if c.state is not CircuitState.CLOSED}
+        self._down_since = {
+            d: self._down_since.get(d, min(c.opened_at or now, now)) for d, c in down.items()
+        }
+        for destination in sorted(self.down - down.keys()):
+            self.down.discard(destination)
+            log.info("alert_resolved", alert=DESTINATION_DOWN, destination=destination)
+        for destination, since in sorted(self._down_since.items()):
+            if destination not in self.down and now - since >= self.down_after_ms:
+                self.down.add(destination)
+                log.warning(
+                    "alert_fired",
+                    alert=DESTINATION_DOWN,
+                    destination=destination,
+                    circuit=down[destination].state.value,
+                    since=iso_from_ms(since),
+                    down_s=round((now - since) / 1000),
+                )
+        # The gauge and /health/detailed's line: while any destination is down.
+        if self.down:
+            self.firing.add(DESTINATION_DOWN)
+        else:
+            self.firing.discard(DESTINATION_DOWN)
+        ALERTS.labels(DESTINATION_DOWN).set(1 if self.down else 0)
 
     def _fire(self, alert: str, **fields: Any) -> None:
         if alert not in self.firing:
