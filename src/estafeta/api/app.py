@@ -27,7 +27,7 @@ from estafeta.api.responses import (
     handle_validation_error,
 )
 from estafeta.delivery.breakers import Breakers
-from estafeta.delivery.presence import Presence
+from estafeta.delivery.presence import Presence, named_destinations
 from estafeta.delivery.worker import Worker
 from estafeta.errors import HttpError, StoreUnavailable
 from estafeta.hub import Hub
@@ -84,6 +84,7 @@ def create_app(hub: Hub, *, run_workers: bool = False, presence: Presence | None
             threshold=hub.config.worker.alert_queue_depth,
             spool=hub.spool,
             circuits=hub.circuit_states,
+            destinations=named_destinations(hub.config),
             down_after_s=hub.config.worker.alert_destination_down_s,
             clock=hub.clock,
         )

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Collection
 from typing import Any
 
 import structlog
@@ -58,6 +59,7 @@ class AlertMonitor:
         threshold: int,
         spool: Spool | None = None,
         circuits: CircuitStateStore | None = None,
+        destinations: Collection[str] = (),
         down_after_s: float = 300.0,
         clock: Clock | None = None,
         interval_s: float = 5.0,
@@ -66,6 +68,9 @@ class AlertMonitor:
         self.threshold = threshold
         self.spool = spool
         self.circuits = circuits
+        # Those of this process's configuration: a circuit left open on record by a
+        # destination since removed (no delivery will probe it again) is not an outage.
+        self.destinations = frozenset(destinations)
         self.down_after_ms = round(down_after_s * 1000)
         self.clock: Clock = clock or SystemClock()
         self.interval_s = interval_s
@@ -126,7 +131,11 @@ class AlertMonitor:
         except (StoreUnavailable, TimeoutError):  # unknown this round: nothing changes
             return
         now = self.clock.now_ms()
-        down = {d: c for d, c in known.items() if c.state is not CircuitState.CLOSED}
+        down = {
+            d: c
+            for d, c in known.items()
+            if c.state is not CircuitState.CLOSED and d in self.destinations
+        }
         self._down_since = {
             d: self._down_since.get(d, min(c.opened_at or now, now)) for d, c in down.items()
         }
