@@ -17,16 +17,21 @@ from estafeta.clock import iso_from_ms
 from estafeta.config import Config, load_config_dict
 from estafeta.delivery.breakers import Breakers
 from estafeta.delivery.outcome import Outcome, OutcomeKind
+from estafeta.delivery.state import DeliveryState
 from estafeta.errors import HttpError, StoreUnavailable
 from estafeta.hub import Hub
 from estafeta.ingress.spool import Spool
 from estafeta.observability.metrics import REGISTRY
 from estafeta.observability.monitor import AlertMonitor
 from estafeta.observability.reads import READ_TIMEOUT_S
+from estafeta.store.records import DeadLetterFilter
 from estafeta.store.sqlstore import SqlStore
 from tests.chaos.conftest import TcpProxy
 from tests.conftest import base_config, lease_any
 from tests.integration.redis_support import RedisServer
+from tests.integration.store_support import attempt
+
+PERMANENT = OutcomeKind.PERMANENT
 
 ADMIN = {"authorization": "Bearer test-admin-key"}
 
@@ -81,6 +86,42 @@ async def test_the_backlog_alert_fires_and_resolves_once(hub: Hub, store: SqlSto
     assert [e["event"] for e in logs if e["event"].startswith("alert_")] == [
         "alert_fired",
         "alert_resolved",
+    ]
+
+
+async def test_the_dead_letter_alert_fires_while_deliveries_wait_for_an_operator(
+    hub: Hub, store: SqlStore
+) -> None:
+    # A destination that refuses for good (a CRM's expired token, 401) sends every delivery
+    # to the DLQ at its first attempt and never opens its circuit: before this alert the
+    # operator heard nothing.
+    monitor = AlertMonitor(store, threshold=1000, dead_threshold=2)
+    with capture_logs() as logs:
+        await accept(hub, 3)
+        now = hub.clock.now_ms()
+        leased = await lease_any(store, now_ms=now, limit=10)
+        assert len(leased) == 3
+        await store.complete([attempt(leased[0], DeliveryState.DEAD, kind=PERMANENT, at=now)], now)
+        await monitor.check()
+        assert monitor.firing == set()  # one dead: under this hub's threshold of two
+        await store.complete(
+            [attempt(d, DeliveryState.DEAD, kind=PERMANENT, at=now) for d in leased[1:]], now
+        )
+        await monitor.check()
+        await monitor.check()  # still there: no second alert
+        assert monitor.firing == {"dead_letters"}
+        assert REGISTRY.get_sample_value("estafeta_alert_firing", {"alert": "dead_letters"}) == 1
+        # The operator decides: one replayed, the others discarded (kept, no longer waiting).
+        await store.replay(DeadLetterFilter(delivery_ids=(leased[0].id,)), actor="t", now_ms=now)
+        await monitor.check()
+        assert monitor.firing == {"dead_letters"}  # two still wait
+        await store.discard(DeadLetterFilter(destination_id="crm"), actor="t", now_ms=now)
+        await monitor.check()
+    assert monitor.firing == set()
+    alerts = [e for e in logs if e["event"].startswith("alert_")]
+    assert [(e["event"], e["alert"], e["dead"]) for e in alerts] == [
+        ("alert_fired", "dead_letters", 3),
+        ("alert_resolved", "dead_letters", 0),
     ]
 
 
@@ -408,7 +449,7 @@ class Outage:
         self.down = False
 
     def __getattr__(self, name: str) -> Any:
-        if self.down and name in ("pending_count", "insert_events", "ping"):
+        if self.down and name in ("queue_depths", "insert_events", "ping"):
             return self._unreachable
         return getattr(self.store, name)
 

@@ -178,7 +178,7 @@ async def test_a_hung_store_is_unavailable_and_ingest_spools(
     finally:
         await hub.close()
     with pytest.raises(StoreUnavailable):
-        await hung_store.pending_count()
+        await hung_store.queue_depths()
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
@@ -196,7 +196,7 @@ async def test_a_login_the_database_refuses_spools_ingest(
     finally:
         await hub.close()
     with pytest.raises(StoreUnavailable, match='role "no_such_role" does not exist'):
-        await refused.pending_count()
+        await refused.queue_depths()
     await refused.close()
 
 

@@ -82,6 +82,7 @@ def create_app(hub: Hub, *, run_workers: bool = False, presence: Presence | None
         monitor = AlertMonitor(
             hub.store,
             threshold=hub.config.worker.alert_queue_depth,
+            dead_threshold=hub.config.worker.alert_dead_letters,
             spool=hub.spool,
             circuits=hub.circuit_states,
             destinations=named_destinations(hub.config),

@@ -232,6 +232,8 @@ class WorkerConfig(_Model):
     max_attempt_s: float = Field(default=120, gt=0, le=600)
     # The queue_backlog alert fires when this many deliveries are pending.
     alert_queue_depth: int = Field(default=10_000, ge=1)
+    # The dead_letters alert fires when this many deliveries are dead.
+    alert_dead_letters: int = Field(default=1, ge=1)
     # The destination_down alert fires when a destination's circuit has not closed for this long.
     alert_destination_down_s: float = Field(default=300, gt=0)
     # Where `estafeta worker` serves its own /metrics and /health (none when unset); `serve`

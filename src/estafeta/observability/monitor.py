@@ -4,6 +4,10 @@
   accepting (what it accepts is durable); an operator must hear that delivery falls behind.
   It fires when the depth crosses the threshold and resolves when it is back under 90 % of
   it (hysteresis, so a queue hovering at the line does not flap).
+* `dead_letters`: deliveries wait in the dead-letter queue (`worker.alert_dead_letters`, 1 by
+  default). Nothing retries them on their own, and a permanent refusal (a CRM's expired
+  token answering 401) sends every delivery there at its first attempt without opening the
+  circuit: only this says so. It resolves once they are replayed or discarded.
 * `spool_stalled`: the spool holds events, the store answers, and the drain has got nowhere
   for a minute (`spool_watch.STALL_S`): the drainer is stuck, keeps crashing or does not run.
 * `spool_unwritable`: no segment can be made in the spool's directory: the next store outage
@@ -43,6 +47,7 @@ from estafeta.store.sqlstore import SqlStore
 log = structlog.get_logger("estafeta.alerts")
 
 BACKLOG = "queue_backlog"
+DEAD_LETTERS = "dead_letters"
 SPOOL_STALLED = "spool_stalled"
 SPOOL_UNWRITABLE = "spool_unwritable"
 SPOOL_FULL = "spool_full"
@@ -57,6 +62,7 @@ class AlertMonitor:
         store: SqlStore,
         *,
         threshold: int,
+        dead_threshold: int = 1,
         spool: Spool | None = None,
         circuits: CircuitStateStore | None = None,
         destinations: Collection[str] = (),
@@ -66,6 +72,7 @@ class AlertMonitor:
     ) -> None:
         self.store = store
         self.threshold = threshold
+        self.dead_threshold = dead_threshold
         self.spool = spool
         self.circuits = circuits
         # Those of this process's configuration: a circuit left open on record by a
@@ -80,7 +87,7 @@ class AlertMonitor:
         # alerted on.
         self._down_since: dict[str, int] = {}
         self.down: set[str] = set()
-        alerts = [BACKLOG]
+        alerts = [BACKLOG, DEAD_LETTERS]
         if spool is not None:
             alerts.extend(SPOOL_ALERTS)
         if circuits is not None:
@@ -90,15 +97,20 @@ class AlertMonitor:
 
     async def check(self) -> None:
         try:
-            pending = await self.store.pending_count()
+            depths = await self.store.queue_depths()
         except StoreUnavailable:  # the spool covers that; the backlog waits for next round
             store_reachable = False
         else:
             store_reachable = True
+            pending = depths.pending
             if pending >= self.threshold:
                 self._fire(BACKLOG, pending=pending, threshold=self.threshold)
             elif pending < self.threshold * RESOLVE_RATIO:
                 self._resolve(BACKLOG, pending=pending, threshold=self.threshold)
+            if depths.dead >= self.dead_threshold:
+                self._fire(DEAD_LETTERS, dead=depths.dead, threshold=self.dead_threshold)
+            else:
+                self._resolve(DEAD_LETTERS, dead=depths.dead, threshold=self.dead_threshold)
         if self.circuits is not None:
             await self._check_destinations(self.circuits)
         if self.spool is None:

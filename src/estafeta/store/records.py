@@ -177,6 +177,14 @@ class DeadLetterFilter:
 
 
 @dataclass(frozen=True, slots=True)
+class QueueDepths:
+    """What the alerts watch: deliveries waiting to be sent, and waiting for an operator."""
+
+    pending: int
+    dead: int
+
+
+@dataclass(frozen=True, slots=True)
 class QueueStats:
     by_state: dict[str, int] = field(default_factory=dict)
     oldest_pending_at: int | None = None

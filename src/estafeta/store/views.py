@@ -17,7 +17,7 @@ from sqlalchemy import ColumnElement, Select, func, select
 from estafeta.delivery.state import QUEUE_STATES, DeliveryState
 from estafeta.store import schema as s
 from estafeta.store.base import StoreBase, written_in
-from estafeta.store.records import AttemptView, DeliveryView, EventView, QueueStats
+from estafeta.store.records import AttemptView, DeliveryView, EventView, QueueDepths, QueueStats
 
 
 class ViewOps(StoreBase):
@@ -78,12 +78,18 @@ class ViewOps(StoreBase):
             ),
         )
 
-    async def pending_count(self) -> int:
-        """Pending deliveries, counted on the partial lease index (the backlog alert's
-        question, asked every few seconds: no scan of the succeeded history)."""
-        query = select(func.count()).where(state_is(DeliveryState.PENDING))
+    async def queue_depths(self) -> QueueDepths:
+        """Pending and dead deliveries, each counted on its state's partial index (the
+        alerts' question, asked every few seconds: no scan of the succeeded history)."""
+        query = select(
+            *(
+                select(func.count()).where(state_is(state)).scalar_subquery()
+                for state in (DeliveryState.PENDING, DeliveryState.DEAD)
+            )
+        )
         async with self._read() as conn:
-            return int((await conn.execute(query)).scalar_one())
+            pending, dead = (await conn.execute(query)).one()
+        return QueueDepths(pending=int(pending), dead=int(dead))
 
     async def queue_stats(
         self, tenant_id: str | None = None, *, history: bool = False
