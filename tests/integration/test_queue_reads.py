@@ -16,7 +16,7 @@ from estafeta.store import schema as s
 from estafeta.store.dead_letters import dead_list_query
 from estafeta.store.records import DeadLetterFilter
 from estafeta.store.sqlstore import SqlStore
-from estafeta.store.views import queue_stats_query
+from estafeta.store.views import queue_depths_query, queue_stats_query
 from tests.integration.plans import assert_walks_only, explain
 
 DELIVERIES = 6_000
@@ -106,6 +106,23 @@ async def test_the_queues_counts_read_the_queue_not_the_history(
         "deliveries",
         QUEUE_INDEXES | {"deliveries_tenant_state"},
         in_the_queue + queue["pending"],
+    )
+
+
+async def test_the_alerts_counts_read_the_pending_and_dead_ones_only(
+    store: SqlStore, history: list[dict[str, Any]]
+) -> None:
+    # Asked every 5 s by each serve's alert monitor, however long the history grows.
+    everything = Counter(d["state"] for d in history)
+    depths = await store.queue_depths()
+    assert (depths.pending, depths.dead) == (everything["pending"], everything["dead"])
+    plan = await explain(store, queue_depths_query())
+    assert_walks_only(
+        store,
+        plan,
+        "deliveries",
+        {"deliveries_destination_due", "deliveries_dead"},
+        everything["pending"] + everything["dead"],
     )
 
 

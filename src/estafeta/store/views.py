@@ -81,14 +81,8 @@ class ViewOps(StoreBase):
     async def queue_depths(self) -> QueueDepths:
         """Pending and dead deliveries, each counted on its state's partial index (the
         alerts' question, asked every few seconds: no scan of the succeeded history)."""
-        query = select(
-            *(
-                select(func.count()).where(state_is(state)).scalar_subquery()
-                for state in (DeliveryState.PENDING, DeliveryState.DEAD)
-            )
-        )
         async with self._read() as conn:
-            pending, dead = (await conn.execute(query)).one()
+            pending, dead = (await conn.execute(queue_depths_query())).one()
         return QueueDepths(pending=int(pending), dead=int(dead))
 
     async def queue_stats(
@@ -108,6 +102,16 @@ class ViewOps(StoreBase):
             row = (await conn.execute(queue_stats_query(tenant_id, states))).one()
         by_state = {state.value: int(n) for state, n in zip(states, row[1:], strict=True) if n}
         return QueueStats(by_state=by_state, oldest_pending_at=row[0])
+
+
+def queue_depths_query() -> Select[Any]:
+    """One row: the pending and the dead deliveries, each counted on its own partial index."""
+    return select(
+        *(
+            select(func.count()).where(state_is(state)).scalar_subquery()
+            for state in (DeliveryState.PENDING, DeliveryState.DEAD)
+        )
+    )
 
 
 def queue_stats_query(tenant_id: str | None, states: Sequence[DeliveryState]) -> Select[Any]:
