@@ -37,6 +37,7 @@ from estafeta.messaging.facts import (
 )
 from estafeta.messaging.outbound import SEND_PRIORITY
 from estafeta.observability.metrics import EVENTS_ACCEPTED, series
+from estafeta.observability.refusals import Refusals
 from estafeta.redis_client import connect_redis
 from estafeta.routing.router import Router, Target
 from estafeta.store.group_commit import GroupCommitter
@@ -127,6 +128,8 @@ class Hub:
         self.deliveries_ready = asyncio.Event()
         # The worker in this process, if one runs, takes fresh deliveries as they are stored.
         self.handoff = Handoff()
+        # Webhooks refused at /in/, counted and logged (a provider's rotated secret).
+        self.refusals = Refusals()
 
     def new_event(
         self,

@@ -19,6 +19,7 @@ from estafeta.api.cursors import encode_cursor
 from estafeta.config import Config, load_config_dict
 from estafeta.connectors.http import sign_webhook
 from estafeta.hub import Hub
+from estafeta.observability.metrics import REGISTRY
 from estafeta.routing.filter import EVENT_FIELDS
 from estafeta.store.records import NewDelivery, NewEvent
 from estafeta.store.sqlstore import SqlStore
@@ -302,11 +303,16 @@ async def test_bad_ingest_is_refused_with_a_clear_error_and_stores_nothing(
     error: str,
     detail_part: str,
 ) -> None:
+    source = path.removeprefix("/in/")
+    counted = {"source": "" if source == "nope" else source, "error": error}
+    before = REGISTRY.get_sample_value("estafeta_ingest_refused_total", counted) or 0
     r = await client.http.post(path, content=body, headers=headers())
     assert r.status_code == status, r.text
     assert r.json()["error"] == error
     assert detail_part in r.json()["detail"]
     assert await client.stored() == 0
+    # Counted for the operator: a provider whose every webhook is refused is seen.
+    assert REGISTRY.get_sample_value("estafeta_ingest_refused_total", counted) == before + 1
 
 
 async def test_over_the_tenants_rate_limit_answers_429_with_retry_after(

@@ -118,6 +118,10 @@ class IngestApp:
         try:
             status, content, headers = await self._handle(scope, receive)
         except HttpError as exc:
+            source_id = scope["path"][len("/in/") :]
+            self.hub.refusals.note(
+                source_id, known=source_id in self.hub.sources, status=exc.status, error=exc.error
+            )
             await respond(send, exc.status, {"error": exc.error, "detail": exc.detail}, exc.headers)
             return
         except StoreUnavailable as exc:

@@ -45,6 +45,13 @@ EVENTS_ACCEPTED = Counter(
     ["source", "outcome"],  # outcome: stored | duplicate | spooled
     registry=REGISTRY,
 )
+INGEST_REFUSED = Counter(
+    "estafeta_ingest_refused_total",
+    "Webhooks (POST/GET /in/{source}) refused, by source and error code; an unknown source"
+    ' is counted under source "".',
+    ["source", "error"],
+    registry=REGISTRY,
+)
 ATTEMPTS = Counter(
     "estafeta_delivery_attempts_total",
     "Delivery attempts, by destination and outcome (success, retryable, permanent).",

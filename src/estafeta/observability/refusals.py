@@ -1,0 +1,54 @@
+"""Webhooks refused at `/in/{source}`, made visible.
+
+A provider whose every webhook is refused retries for a while and then drops them: a
+rotated WhatsApp app secret or Twilio auth token, a proxy that changes the URL Twilio
+signed, a typo in the source id of the URL configured at the provider, a rate limit too
+tight for a campaign. Each refusal is counted (`estafeta_ingest_refused_total`, by source
+and error code) and logged as `ingest_refused`, at most once a minute per source and
+error with how many there were since the last line: a flood of bad requests cannot flood
+the log, and a steady failure is still seen every minute it lasts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import structlog
+
+from estafeta.observability.metrics import INGEST_REFUSED, series
+
+log = structlog.get_logger("estafeta.ingress")
+
+LOG_EVERY_S = 60.0
+_ID_LIMIT = 63  # a source id's longest form; what an unknown source's path says is cut to it
+
+
+class Refusals:
+    """Counts and logs this process's refused webhooks (see the module's docstring)."""
+
+    def __init__(self, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._monotonic = monotonic
+        # (source, error) → (when its last line was logged, refusals since then)
+        self._since_logged: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def note(self, source_id: str, *, known: bool, status: int, error: str) -> None:
+        """One refusal of a request to `/in/{source_id}` (`known`: a configured source)."""
+        label = source_id if known else ""
+        series(INGEST_REFUSED, label, error).inc()
+        key = (label, error)
+        now = self._monotonic()
+        logged_at, unlogged = self._since_logged.get(key, (None, 0))
+        unlogged += 1
+        if logged_at is not None and now - logged_at < LOG_EVERY_S:
+            self._since_logged[key] = (logged_at, unlogged)
+            return
+        self._since_logged[key] = (now, 0)
+        log.warning(
+            "ingest_refused",
+            source=source_id[:_ID_LIMIT] if known else None,
+            unknown_source=None if known else source_id[:_ID_LIMIT],
+            status=status,
+            error=error,
+            count=unlogged,
+        )
