@@ -7,12 +7,16 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import msgspec
+import orjson
 import pytest
 from click.testing import CliRunner, Result
 from sqlalchemy import text
 
 from estafeta.cli import main
+from estafeta.clock import iso_from_ms
 from estafeta.config import load_config, load_config_dict
+from estafeta.delivery.decision import Transition
 from estafeta.delivery.outcome import OutcomeKind
 from estafeta.delivery.state import DeliveryState
 from estafeta.errors import StoreError
@@ -61,6 +65,50 @@ async def test_one_dead_delivery_is_counted_in_the_singular(
     assert listed.output.splitlines()[-1] == "1 dead delivery", listed.output
     replayed = await asyncio.to_thread(run, config, "dlq", "replay", "--all")
     assert replayed.output == f"{leased.id}\n1 delivery replayed\n", replayed.output
+
+
+async def test_a_summary_counts_the_dead_by_destination_and_reason(
+    tmp_path: Path, database_url: str, store: SqlStore
+) -> None:
+    # Thousands of lines of `dlq list` say one thing: what died where, and why.
+    deaths = [("crm", "http_401: Unauthorized")] * 3 + [
+        ("billing", "timeout"),
+        ("crm", "http_404: Not Found"),
+    ]
+    for n, (destination, _) in enumerate(deaths):
+        await store.insert_events([event(destinations=(destination,), at=NOW + n)])
+    leased = sorted(await lease_any(store, now_ms=NOW + 10), key=lambda d: d.id)
+    completed = [
+        msgspec.structs.replace(
+            attempt(d, DeliveryState.DEAD, kind=OutcomeKind.PERMANENT, at=NOW + 20),
+            transition=Transition(DeliveryState.DEAD, 1, None, reason),
+        )
+        for d, (_, reason) in zip(leased, deaths, strict=True)
+    ]
+    await store.complete(completed, NOW + 30)
+    config = config_file(tmp_path, database_url)
+    listed = await asyncio.to_thread(run, config, "dlq", "list", "--summary", "--limit", "1")
+    assert listed.exit_code == 0, listed.output
+    died = f"dead {iso_from_ms(NOW + 30)} … {iso_from_ms(NOW + 30)}"
+    assert listed.output.splitlines() == [
+        f"       3  clinica-sol  crm  {died}  http_401: Unauthorized",
+        f"       1  clinica-sol  billing  {died}  timeout",
+        f"       1  clinica-sol  crm  {died}  http_404: Not Found",
+        "5 dead deliveries",  # every one selected: --limit is a page's, not a summary's
+    ]
+    as_json = await asyncio.to_thread(
+        run, config, "dlq", "list", "--summary", "--json", "--destination", "crm"
+    )
+    first = orjson.loads(as_json.output.splitlines()[0])
+    assert first == {
+        "tenant": "clinica-sol",
+        "destination": "crm",
+        "last_error": "http_401: Unauthorized",
+        "count": 3,
+        "first_dead_at": iso_from_ms(NOW + 30),
+        "last_dead_at": iso_from_ms(NOW + 30),
+    }
+    assert as_json.output.splitlines()[-1] == "4 dead deliveries"
 
 
 @pytest.mark.parametrize("engine", ["sqlite", "postgresql"])

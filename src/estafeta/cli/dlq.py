@@ -10,8 +10,9 @@ import orjson
 
 from estafeta.cli.common import config_option, counted, in_store, load, operator
 from estafeta.clock import SystemClock, iso_from_ms, ms_from_iso
+from estafeta.config import Config
 from estafeta.errors import EstafetaError
-from estafeta.store.records import DeadLetterFilter, DeliveryView
+from estafeta.store.records import DeadGroup, DeadLetterFilter, DeliveryView
 from estafeta.store.sqlstore import SqlStore
 
 MAX_LIMIT = 1_000_000  # dead deliveries one `dlq` command takes at most
@@ -80,10 +81,18 @@ def dlq() -> None:
 @dlq.command("list")
 @dlq_options
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
-def dlq_list(config_path: str, as_json: bool, **selection: Any) -> None:
+@click.option(
+    "--summary",
+    is_flag=True,
+    help="one line per tenant, destination and last error, with the count (all selected)",
+)
+def dlq_list(config_path: str, as_json: bool, summary: bool, **selection: Any) -> None:
     """List dead deliveries."""
     config = load(config_path)
     chosen = _dlq_filter(**selection)
+    if summary:
+        _summarize(config, chosen, as_json=as_json)
+        return
 
     async def action(store: SqlStore) -> list[DeliveryView]:
         await _require_known(store, chosen)
@@ -101,6 +110,33 @@ def dlq_list(config_path: str, as_json: bool, **selection: Any) -> None:
                 f"attempts={d.attempts}  dead_at={iso_from_ms(d.updated_at)}  {d.last_error or ''}"
             )
     click.echo(counted(len(found), "dead delivery", "dead deliveries"), err=True)
+
+
+def _summarize(config: Config, chosen: DeadLetterFilter, *, as_json: bool) -> None:
+    async def action(store: SqlStore) -> list[DeadGroup]:
+        await _require_known(store, chosen)
+        return await store.dead_summary(chosen)
+
+    groups = in_store(config, action)
+    for g in groups:
+        if as_json:
+            line = {
+                "tenant": g.tenant_id,
+                "destination": g.destination_id,
+                "last_error": g.last_error,
+                "count": g.count,
+                "first_dead_at": iso_from_ms(g.first_dead_at),
+                "last_dead_at": iso_from_ms(g.last_dead_at),
+            }
+            click.echo(orjson.dumps(line).decode())
+        else:
+            click.echo(
+                f"{g.count:>8}  {g.tenant_id}  {g.destination_id}  "
+                f"dead {iso_from_ms(g.first_dead_at)} … {iso_from_ms(g.last_dead_at)}  "
+                f"{g.last_error or ''}"
+            )
+    total = sum(g.count for g in groups)
+    click.echo(counted(total, "dead delivery", "dead deliveries"), err=True)
 
 
 def _move(config_path: str, action_name: str, everything: bool, **selection: Any) -> None:

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, select, tuple_, update
+from sqlalchemy import ColumnElement, Select, func, select, tuple_, update
 
 from estafeta.delivery.state import DeliveryState
 from estafeta.messaging.facts import SEND_DESTINATION_PREFIX
 from estafeta.store import schema as s
 from estafeta.store.audit import audit
 from estafeta.store.messaging import MessagingOps
-from estafeta.store.records import DeadLetterFilter, DeliveryView
+from estafeta.store.records import DeadGroup, DeadLetterFilter, DeliveryView
 from estafeta.store.views import delivery_view, delivery_view_query, state_is
 
 # The order of every selection: a limited list shows what a move with its limit would take.
@@ -64,6 +64,29 @@ class DeadLetterOps(MessagingOps):
         query = dead_list_query(f)
         async with self._read() as conn:
             return [delivery_view(r) for r in (await conn.execute(query)).all()]
+
+    async def dead_summary(self, f: DeadLetterFilter) -> list[DeadGroup]:
+        """The selected dead deliveries (all of them: `f.limit` is not applied) counted by
+        tenant, destination and last error, the largest groups first: what thousands of
+        lines of `dlq list` would say."""
+        d = s.deliveries
+        count = func.count().label("n")
+        query = (
+            select(
+                d.c.tenant_id,
+                d.c.destination_id,
+                d.c.last_error,
+                count,
+                func.min(d.c.updated_at),
+                func.max(d.c.updated_at),
+            )
+            .where(*dead_conditions(f))
+            .group_by(d.c.tenant_id, d.c.destination_id, d.c.last_error)
+            .order_by(count.desc(), d.c.tenant_id, d.c.destination_id, d.c.last_error)
+        )
+        async with self._read() as conn:
+            rows = (await conn.execute(query)).all()
+        return [DeadGroup(*row) for row in rows]
 
     async def replay(self, f: DeadLetterFilter, *, actor: str, now_ms: int) -> list[str]:
         """Dead → pending with fresh attempts; recorded in the audit log. Returns the ids."""

@@ -177,6 +177,18 @@ class DeadLetterFilter:
 
 
 @dataclass(frozen=True, slots=True)
+class DeadGroup:
+    """Dead deliveries of one tenant's destination that died for one reason."""
+
+    tenant_id: str
+    destination_id: str
+    last_error: str | None
+    count: int
+    first_dead_at: int
+    last_dead_at: int
+
+
+@dataclass(frozen=True, slots=True)
 class QueueDepths:
     """What the alerts watch: deliveries waiting to be sent, and waiting for an operator."""
 
