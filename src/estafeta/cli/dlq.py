@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import click
 import orjson
@@ -12,8 +12,10 @@ from estafeta.cli.common import config_option, counted, in_store, load, operator
 from estafeta.clock import SystemClock, iso_from_ms, ms_from_iso
 from estafeta.config import Config
 from estafeta.errors import EstafetaError
-from estafeta.store.records import DeadGroup, DeadLetterFilter, DeliveryView
+from estafeta.store.records import DeadLetterFilter
 from estafeta.store.sqlstore import SqlStore
+
+T = TypeVar("T")
 
 MAX_LIMIT = 1_000_000  # dead deliveries one `dlq` command takes at most
 
@@ -63,14 +65,22 @@ def dlq_options(function: Callable[..., Any]) -> Callable[..., Any]:
     return function
 
 
-async def _require_known(store: SqlStore, chosen: DeadLetterFilter) -> None:
-    unknown = await store.unknown_in(chosen)
-    if unknown is None:
-        return
-    what, name = unknown
-    owner = chosen.tenant_id if what == "destination" else None
-    of_tenant = f" of tenant {owner!r}" if owner is not None else ""
-    raise EstafetaError(f"--{what} {name!r}: no such {what}{of_tenant} in the store")
+def in_selection(
+    config: Config, chosen: DeadLetterFilter, action: Callable[[SqlStore], Awaitable[T]]
+) -> T:
+    """`action` against the store, once the tenant and destination `chosen` names are known
+    there: a typo selects nothing, and is said so rather than answered with nothing."""
+
+    async def checked(store: SqlStore) -> T:
+        unknown = await store.unknown_in(chosen)
+        if unknown is not None:
+            what, name = unknown
+            owner = chosen.tenant_id if what == "destination" else None
+            of_tenant = f" of tenant {owner!r}" if owner is not None else ""
+            raise EstafetaError(f"--{what} {name!r}: no such {what}{of_tenant} in the store")
+        return await action(store)
+
+    return in_store(config, checked)
 
 
 @click.group()
@@ -94,11 +104,7 @@ def dlq_list(config_path: str, as_json: bool, summary: bool, **selection: Any) -
         _summarize(config, chosen, as_json=as_json)
         return
 
-    async def action(store: SqlStore) -> list[DeliveryView]:
-        await _require_known(store, chosen)
-        return await store.list_dead(chosen)
-
-    found = in_store(config, action)
+    found = in_selection(config, chosen, lambda store: store.list_dead(chosen))
     for d in found:
         if as_json:
             from estafeta.api.views import delivery_json
@@ -113,11 +119,7 @@ def dlq_list(config_path: str, as_json: bool, summary: bool, **selection: Any) -
 
 
 def _summarize(config: Config, chosen: DeadLetterFilter, *, as_json: bool) -> None:
-    async def action(store: SqlStore) -> list[DeadGroup]:
-        await _require_known(store, chosen)
-        return await store.dead_summary(chosen)
-
-    groups = in_store(config, action)
+    groups = in_selection(config, chosen, lambda store: store.dead_summary(chosen))
     for g in groups:
         if as_json:
             line = {
@@ -148,12 +150,11 @@ def _move(config_path: str, action_name: str, everything: bool, **selection: Any
         raise click.UsageError("name --id, a filter, or --all")
     actor = operator()
 
-    async def action(store: SqlStore) -> list[str]:
-        await _require_known(store, chosen)
+    def action(store: SqlStore) -> Awaitable[list[str]]:
         operation = store.replay if action_name == "replay" else store.discard
-        return await operation(chosen, actor=actor, now_ms=SystemClock().now_ms())
+        return operation(chosen, actor=actor, now_ms=SystemClock().now_ms())
 
-    moved = in_store(config, action)
+    moved = in_selection(config, chosen, action)
     for delivery_id in moved:
         click.echo(delivery_id)
     past = "replayed" if action_name == "replay" else "discarded"
