@@ -72,11 +72,13 @@ async def prepared_store(config: Config, *, migrate: bool = True) -> SqlStore:
     return store
 
 
-async def announced(store: SqlStore, config: Config) -> Presence:
+async def announced(store: SqlStore, config: Config, *, delivers: bool) -> Presence:
     """This process's presence, recorded before it serves or delivers anything: a delivery
     it stores for a destination only its configuration has is then never taken by a worker
     on an older file for one nobody configures (delivery/presence.py)."""
-    presence = Presence(store, config, process_id=default_worker_id(), clock=SystemClock())
+    presence = Presence(
+        store, config, process_id=default_worker_id(), clock=SystemClock(), delivers=delivers
+    )
     await presence.announce()
     return presence
 
@@ -160,7 +162,7 @@ async def serve(config: Config, *, run_workers: bool = True, migrate: bool = Tru
         hub = Hub(config, store, spool=spool)
         # Recorded once nothing is left that could fail before the server's own shutdown,
         # which retires it (delivery/presence.py).
-        presence = await announced(store, config)
+        presence = await announced(store, config, delivers=run_workers)
         server = uvicorn_server(
             create_app(hub, run_workers=run_workers, presence=presence),
             config.server.listen,
@@ -190,7 +192,7 @@ async def work(config: Config) -> None:
     try:
         if config.worker.metrics_listen is not None:
             endpoint = await start_worker_endpoint(config.worker.metrics_listen, tasks)
-        presence = await announced(store, config)
+        presence = await announced(store, config, delivers=True)
 
         def worker() -> Awaitable[None]:
             return Worker(

@@ -108,3 +108,57 @@ async def test_killed_worker_loses_nothing_and_duplicates_only_what_was_in_fligh
         )
     finally:
         await sink.stop()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_serve_without_workers_says_when_no_worker_runs(
+    database_url: str, tmp_path: Path, estafeta: Estafeta
+) -> None:
+    # `serve --no-workers` accepts every event whether or not a worker runs: a worker that
+    # died (or was never started) used to go unheard until the backlog reached 10,000.
+    sink = Sink(secret=SINK_SECRET)
+    await sink.start()
+    try:
+        port = free_port()
+        config = leads_to_crm_config(
+            database_url, tmp_path, sink.url, port=port, worker={"alert_no_workers_s": 30}
+        )
+        serve = await estafeta.serve(config, port, no_workers=True)
+        assert serve.base_url is not None
+        worker = estafeta.worker(config, name="worker-1")
+        started = await worker.wait_log("worker_started")
+        async with client_session() as http:
+            hub = HubClient(serve.base_url, http)
+            health = await hub.get_json("/health/detailed")
+            listed = {p["id"]: p["delivers"] for p in health["checks"]["processes"]}
+            assert listed[started["worker"]] is True
+            assert list(listed.values()).count(False) == 1  # serve itself, HTTP only
+
+            worker.send_signal(signal.SIGKILL)
+            assert await worker.wait_exit(10) == -signal.SIGKILL
+            killed_at = time.monotonic()
+            sent = await hub.send_many(
+                [{"type": "lead.created", "data": {"n": n}} for n in range(3)],
+                [f"msg_{n}" for n in range(3)],
+            )
+            assert sent.statuses == [202] * 3  # accepted all the same
+
+            fired = await serve.wait_log("alert_fired", timeout_s=60)
+            # Its last announcement is up to 10 s before the kill; a check every 5 s.
+            assert 15 <= time.monotonic() - killed_at <= 45
+            assert (fired["alert"], fired["pending"]) == ("no_workers", 3)
+            assert fired["last_seen"] is not None
+            health = await hub.get_json("/health/detailed")
+            assert health["checks"]["alerts"]["firing"] == ["no_workers"]
+            assert sink.received == []
+
+            estafeta.worker(config, name="worker-2")
+            resolved = await serve.wait_log("alert_resolved", timeout_s=30)
+            assert resolved["alert"] == "no_workers"
+            assert await sink.wait_for(lambda s: sent.acknowledged <= s.delivered_ids, 30)
+            assert await settled(hub, database_url, timeout_s=20) == {"succeeded": 3}
+            health = await hub.get_json("/health/detailed")
+            assert health["checks"]["alerts"]["firing"] == []
+    finally:
+        await sink.stop()

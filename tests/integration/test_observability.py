@@ -17,6 +17,7 @@ from estafeta.clock import iso_from_ms
 from estafeta.config import Config, load_config_dict
 from estafeta.delivery.breakers import Breakers
 from estafeta.delivery.outcome import Outcome, OutcomeKind
+from estafeta.delivery.presence import Presence
 from estafeta.delivery.state import DeliveryState
 from estafeta.errors import HttpError, StoreUnavailable
 from estafeta.hub import Hub
@@ -371,6 +372,71 @@ async def test_a_destination_down_is_alerted_once_it_stays_down_and_resolved_whe
     fired = alerts[0]
     assert fired["since"] == iso_from_ms(outage_began)
     assert fired["circuit"] == "open" and fired["down_s"] >= 300
+
+
+async def test_no_workers_is_alerted_while_deliveries_wait_and_no_process_delivers(
+    config: Config, store: SqlStore
+) -> None:
+    # `serve --no-workers` accepts every webhook while no `estafeta worker` runs (never
+    # started, or crashing): before this alert nothing said so until queue_backlog's 10,000.
+    clock = ManualClock()
+    hub = Hub(config, store, clock)
+    monitor = AlertMonitor(
+        store, threshold=1000, watch_workers=True, no_workers_after_s=120, clock=clock
+    )
+    http_only = Presence(store, config, process_id="http-1", clock=clock, delivers=False)
+    worker = Presence(store, config, process_id="worker-1", clock=clock)
+    gauge = {"alert": "no_workers"}
+    try:
+        with capture_logs() as logs:
+            await http_only.announce()  # it runs, but delivers nothing
+            await accept(hub, 2)
+            clock.now += 119_000
+            await http_only.announce()
+            await monitor.check()
+            assert monitor.firing == set()  # a worker may be starting beside this process
+            clock.now += 1_000
+            await monitor.check()
+            await monitor.check()  # still none: no second alert
+            assert monitor.firing == {"no_workers"}
+            assert REGISTRY.get_sample_value("estafeta_alert_firing", gauge) == 1
+            await worker.announce()  # a worker starts
+            await monitor.check()
+            assert monitor.firing == set()
+            worker_seen = clock.now
+            clock.now += 119_000  # killed: it announces no more
+            await monitor.check()
+            assert monitor.firing == set()
+            clock.now += 1_000
+            await monitor.check()
+            assert monitor.firing == {"no_workers"}
+            await worker.announce()  # restarted, then stopped for good
+            await monitor.check()
+            clock.now += 10_000
+            await worker.retire()
+            stopped = clock.now
+            clock.now += 119_000
+            await monitor.check()
+            assert monitor.firing == set()  # stopped, but not for long enough yet
+            clock.now += 1_000
+            await monitor.check()
+            assert monitor.firing == {"no_workers"}
+            # Nothing pending (delivered by hand here): nothing waits for a worker.
+            assert len(await lease_any(store, now_ms=clock.now, limit=10)) == 2
+            await monitor.check()
+            assert monitor.firing == set()
+            assert REGISTRY.get_sample_value("estafeta_alert_firing", gauge) == 0
+    finally:
+        await hub.close()
+    alerts = [e for e in logs if e["event"].startswith("alert_")]
+    assert [(e["event"], e["pending"], e.get("last_seen")) for e in alerts] == [
+        ("alert_fired", 2, None),
+        ("alert_resolved", 2, None),
+        ("alert_fired", 2, iso_from_ms(worker_seen)),
+        ("alert_resolved", 2, None),
+        ("alert_fired", 2, iso_from_ms(stopped)),
+        ("alert_resolved", 0, None),
+    ]
 
 
 async def test_the_spool_alerts_fire_and_resolve_once(

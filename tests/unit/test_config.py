@@ -423,6 +423,14 @@ INVALID_CASES: list[tuple[str, str, list[str]]] = [
         ],
     ),
     (
+        "no-workers alert quicker than workers are seen",
+        "[worker]\nalert_no_workers_s = 10",
+        [
+            "worker.alert_no_workers_s: must be at least 30 s: a running worker is seen only"
+            " once every 10 s"
+        ],
+    ),
+    (
         "unsupported database",
         '[storage]\nurl = "mysql://root:pw@db/estafeta"',
         [

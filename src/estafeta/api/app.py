@@ -87,6 +87,8 @@ def create_app(hub: Hub, *, run_workers: bool = False, presence: Presence | None
             circuits=hub.circuit_states,
             destinations=named_destinations(hub.config),
             down_after_s=hub.config.worker.alert_destination_down_s,
+            watch_workers=not run_workers,
+            no_workers_after_s=hub.config.worker.alert_no_workers_s,
             clock=hub.clock,
         )
         app.state.monitor = monitor

@@ -132,6 +132,7 @@ async def processes_check(store: SqlStore, now_ms: int) -> list[dict[str, object
             "started_at": iso_from_ms(p.started_at),
             "seen_at": iso_from_ms(p.seen_at),
             "destinations": p.destinations,
+            "delivers": p.delivers,
         }
         for p in live
     ]

@@ -39,6 +39,8 @@ ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 #: The pydantic error type of a problem raised by a model validator about one of its fields;
 #: the loader appends `ctx["field"]` to the error's location (a model validator cannot).
 FIELD_ERROR = "estafeta_field"
+# worker.alert_no_workers_s's least: three of a running worker's announcements.
+NO_WORKERS_MIN_S = 30.0
 
 
 def field_problem(message: str, field: str | None = None) -> PydanticCustomError:
@@ -236,9 +238,24 @@ class WorkerConfig(_Model):
     alert_dead_letters: int = Field(default=1, ge=1)
     # The destination_down alert fires when a destination's circuit has not closed for this long.
     alert_destination_down_s: float = Field(default=300, gt=0)
+    # The no_workers alert (of `serve --no-workers`) fires when deliveries wait and no process
+    # that delivers has run for this long.
+    alert_no_workers_s: float = Field(default=120)
     # Where `estafeta worker` serves its own /metrics and /health (none when unset); `serve`
     # has them on server.listen.
     metrics_listen: str | None = None
+
+    @field_validator("alert_no_workers_s")
+    @classmethod
+    def _check_alert_no_workers_s(cls, value: float) -> float:
+        # A running worker announces itself every 10 s (delivery/presence.py), and a late
+        # announcement (a slow store) must not read as a worker gone.
+        if not value >= NO_WORKERS_MIN_S:  # NaN too
+            raise ValueError(
+                f"must be at least {NO_WORKERS_MIN_S:g} s: a running worker is seen only once"
+                " every 10 s"
+            )
+        return value
 
     @field_validator("metrics_listen")
     @classmethod

@@ -53,10 +53,12 @@ class Presence:
         *,
         process_id: str,
         clock: Clock,
+        delivers: bool = True,
         every_s: float = ANNOUNCE_EVERY_S,
     ) -> None:
         self.store = store
         self.process_id = process_id
+        self.delivers = delivers  # False for `serve --no-workers`
         self.clock = clock
         self.every_s = every_s
         self.destinations = named_destinations(config)
@@ -68,6 +70,7 @@ class Presence:
         await self.store.announce_process(
             self.process_id,
             self.destinations,
+            delivers=self.delivers,
             started_ms=self.started_ms,
             now_ms=now,
             forget_before_ms=now - int(FORGET_AFTER_S * 1000),

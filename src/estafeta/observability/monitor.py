@@ -18,6 +18,12 @@
   `worker.alert_destination_down_s`. Its deliveries wait pending without spending attempts
   (so nothing reaches the DLQ), and a small business's backlog may never reach
   `queue_backlog`'s depth: without this, a CRM down all day would go unheard.
+* `no_workers` (only where `serve` runs without workers): deliveries wait and no process that
+  delivers (`estafeta worker`, or `serve` with its workers) has run for
+  `worker.alert_no_workers_s`, by the store's record of processes (delivery/presence.py).
+  Ingest goes on accepting, so without this a worker that never started or keeps crashing
+  was heard of only once the backlog reached `queue_backlog`'s depth, days later at a
+  clinic's traffic. It resolves when one runs again or nothing is pending.
 
 Each fires once and resolves once; both are log events (`alert_fired` / `alert_resolved`),
 the `estafeta_alert_firing` gauge, and a line in /health/detailed. `destination_down` does
@@ -53,6 +59,7 @@ SPOOL_UNWRITABLE = "spool_unwritable"
 SPOOL_FULL = "spool_full"
 SPOOL_ALERTS = (SPOOL_STALLED, SPOOL_UNWRITABLE, SPOOL_FULL)
 DESTINATION_DOWN = "destination_down"
+NO_WORKERS = "no_workers"
 RESOLVE_RATIO = 0.9
 
 
@@ -67,6 +74,8 @@ class AlertMonitor:
         circuits: CircuitStateStore | None = None,
         destinations: Collection[str] = (),
         down_after_s: float = 300.0,
+        watch_workers: bool = False,
+        no_workers_after_s: float = 120.0,
         clock: Clock | None = None,
         interval_s: float = 5.0,
     ) -> None:
@@ -81,6 +90,12 @@ class AlertMonitor:
         self.down_after_ms = round(down_after_s * 1000)
         self.clock: Clock = clock or SystemClock()
         self.interval_s = interval_s
+        # Whether to watch for delivering processes: not where this process delivers itself.
+        self.watch_workers = watch_workers
+        self.no_workers_after_ms = round(no_workers_after_s * 1000)
+        # A worker started just after this process is not missing: its absence counts from
+        # here at the earliest.
+        self.started_ms = self.clock.now_ms()
         self.firing: set[str] = set()
         # Destinations whose circuit is not closed, since when (as first seen: its opened_at,
         # which a failed probe moves on, is kept from the outage's start), and those of them
@@ -92,6 +107,8 @@ class AlertMonitor:
             alerts.extend(SPOOL_ALERTS)
         if circuits is not None:
             alerts.append(DESTINATION_DOWN)
+        if watch_workers:
+            alerts.append(NO_WORKERS)
         for alert in alerts:
             ALERTS.labels(alert).set(0)
 
@@ -111,6 +128,8 @@ class AlertMonitor:
                 self._fire(DEAD_LETTERS, dead=depths.dead, threshold=self.dead_threshold)
             else:
                 self._resolve(DEAD_LETTERS, dead=depths.dead, threshold=self.dead_threshold)
+            if self.watch_workers:
+                await self._check_workers(pending)
         if self.circuits is not None:
             await self._check_destinations(self.circuits)
         if self.spool is None:
@@ -171,6 +190,24 @@ class AlertMonitor:
         else:
             self.firing.discard(DESTINATION_DOWN)
         ALERTS.labels(DESTINATION_DOWN).set(1 if self.down else 0)
+
+    async def _check_workers(self, pending: int) -> None:
+        if not pending:
+            self._resolve(NO_WORKERS, pending=0)
+            return
+        try:
+            last = await within(self.store.last_delivering_at())
+        except (StoreUnavailable, TimeoutError):  # unknown this round: nothing changes
+            return
+        now = self.clock.now_ms()
+        if now - max(last or 0, self.started_ms) >= self.no_workers_after_ms:
+            self._fire(
+                NO_WORKERS,
+                pending=pending,
+                last_seen=None if last is None else iso_from_ms(last),
+            )
+        else:
+            self._resolve(NO_WORKERS, pending=pending)
 
     def _fire(self, alert: str, **fields: Any) -> None:
         if alert not in self.firing:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Collection
 
 import orjson
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import delete, func, or_, select, update
 
 from estafeta.store import schema as s
 from estafeta.store.base import StoreBase
@@ -25,16 +25,19 @@ class ProcessOps(StoreBase):
         process_id: str,
         destinations: Collection[str],
         *,
+        delivers: bool,
         started_ms: int,
         now_ms: int,
         forget_before_ms: int,
     ) -> None:
-        """Record that the process runs now, its configuration naming `destinations`; forget
-        the rows of processes not seen since `forget_before_ms` (they died long ago)."""
+        """Record that the process runs now, its configuration naming `destinations`, and
+        whether it `delivers`; forget the rows of processes not seen since `forget_before_ms`
+        (they died long ago)."""
         p = s.processes
         row = {
             "id": process_id,
             "destinations": orjson.dumps(sorted(destinations)).decode(),
+            "delivers": delivers,
             "started_at": started_ms,
             "seen_at": now_ms,
             "stopped_at": None,
@@ -46,6 +49,7 @@ class ProcessOps(StoreBase):
             # all, and counts as running again.
             set_={
                 "destinations": stmt.excluded.destinations,
+                "delivers": stmt.excluded.delivers,
                 "seen_at": stmt.excluded.seen_at,
                 "stopped_at": None,
             },
@@ -67,16 +71,34 @@ class ProcessOps(StoreBase):
         rolling change, those whose destinations differ run different files."""
         p = s.processes
         query = (
-            select(p.c.id, p.c.started_at, p.c.seen_at, p.c.destinations)
+            select(p.c.id, p.c.started_at, p.c.seen_at, p.c.destinations, p.c.delivers)
             .where(p.c.seen_at >= seen_since_ms, p.c.stopped_at.is_(None))
             .order_by(p.c.started_at, p.c.id)
         )
         async with self._read() as conn:
             rows = (await conn.execute(query)).all()
         return [
-            ProcessView(id=i, started_at=started, seen_at=seen, destinations=orjson.loads(names))
-            for i, started, seen, names in rows
+            ProcessView(
+                id=i,
+                started_at=started,
+                seen_at=seen,
+                destinations=orjson.loads(names),
+                delivers=bool(delivers),
+            )
+            for i, started, seen, names, delivers in rows
         ]
+
+    async def last_delivering_at(self) -> int | None:
+        """When a delivering process was last known to run (Unix ms): the newest
+        announcement of one still running, or the stop of one that stopped since; None when
+        the store remembers none (rows are forgotten ten minutes after their last sign)."""
+        p = s.processes
+        query = select(func.max(func.coalesce(p.c.stopped_at, p.c.seen_at))).where(
+            p.c.delivers.is_(True)
+        )
+        async with self._read() as conn:
+            last = (await conn.execute(query)).scalar()
+        return None if last is None else int(last)
 
     async def live_destinations(self, *, seen_since_ms: int, started_ms: int) -> set[str]:
         """Every destination named by a process seen since `seen_since_ms`, unless it has

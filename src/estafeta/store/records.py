@@ -210,6 +210,7 @@ class ProcessView:
     started_at: int
     seen_at: int
     destinations: list[str]
+    delivers: bool  # runs delivery workers (not `serve --no-workers`)
 
 
 @dataclass(frozen=True, slots=True)

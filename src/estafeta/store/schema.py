@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     Float,
@@ -24,6 +25,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     text,
+    true,
 )
 
 from estafeta.delivery.state import DeliveryState
@@ -273,6 +275,8 @@ processes = Table(
     Column("started_at", BigInteger, nullable=False),
     Column("seen_at", BigInteger, nullable=False),
     Column("stopped_at", BigInteger, nullable=True),  # NULL while it runs
+    # False for `serve --no-workers`: the no_workers alert looks for one that delivers (0013).
+    Column("delivers", Boolean, nullable=False, server_default=true()),
 )
 
 CONVERSATION_STATES = ("open", "escalated", "closed")
