@@ -496,6 +496,14 @@ async def test_a_status_in_another_tenants_store_never_moves_a_message(env: Env)
 IMAGE = "https://clinica.example/mapa.png"
 
 
+def nested(depth: int) -> dict[str, Any]:
+    """A JSON object `depth` objects deep."""
+    value: dict[str, Any] = {"a": 1}
+    for _ in range(depth - 1):
+        value = {"a": value}
+    return value
+
+
 @pytest.mark.parametrize(
     ("body", "error", "detail"),
     [
@@ -519,6 +527,15 @@ IMAGE = "https://clinica.example/mapa.png"
             {"source": "wa-sol", "template": {"name": "  ", "language": "pt_BR"}},
             "invalid_request",
             "body.template.name: ",
+        ),
+        (  # its send's event holds it four levels down: it failed with a 500 once queued
+            {
+                "source": "wa-sol",
+                "template": {"name": "x", "language": "pt_BR", "components": [nested(250)]},
+            },
+            "invalid_request",
+            "body.template.components.0: cannot be stored as JSON: arrays and objects nested"
+            " more than 249 deep",
         ),
         (
             {"source": "zapi-sol", "template": {"name": "lembrete", "language": "pt_BR"}},
@@ -553,6 +570,7 @@ IMAGE = "https://clinica.example/mapa.png"
         "image-filename",
         "url-without-host",
         "blank-template-name",
+        "component-nested-too-deep",
         "zapi-template",
         "zapi-document-without-extension",
         "sendpulse-video",
@@ -572,6 +590,24 @@ async def test_a_message_the_source_can_never_send_is_refused_at_the_door(
     assert (r.status_code, r.json()["error"]) == (400, error), r.text
     assert detail in r.json()["detail"]
     assert (await env.store.queue_stats(history=True)).by_state == {}
+
+
+async def test_a_component_nested_as_deep_as_it_can_be_stored_is_sent(env: Env) -> None:
+    template = {"name": "x", "language": "pt_BR", "components": [nested(249)]}
+    r = await env.http.post(
+        "/api/v1/messages",
+        headers=env.auth(),
+        json={"to": f"+{MARIA}", "source": "wa-sol", "template": template},
+    )
+    assert r.status_code == 202, r.text
+    message = (await env.http.get(f"/api/v1/messages/{r.json()['id']}", headers=env.auth())).json()
+    assert message["content"] == {"template": template}
+    # Where it is written deepest: its event's answer, and the conversation's page.
+    event = await env.http.get(f"/api/v1/events/{r.json()['event_id']}", headers=env.auth())
+    assert event.status_code == 200, event.text
+    page = await env.http.get(f"/api/v1/conversations/{MARIA}", headers=env.auth())
+    assert page.status_code == 200, page.text
+    assert page.json()["messages"][-1]["template"] == template
 
 
 @pytest.mark.parametrize(

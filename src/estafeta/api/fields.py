@@ -2,40 +2,37 @@
 
 from __future__ import annotations
 
-import math
+from functools import partial
 from typing import Annotated, Any
 
-import orjson
 from pydantic import AfterValidator
+from pydantic_core import PydanticCustomError
+
+from estafeta.jsonvalues import DATA_LEVELS_ABOVE, unstorable
 
 
-def _storable_json(value: Any) -> Any:
+def _storable_json(value: dict[str, Any], *, levels_above: int) -> dict[str, Any]:
     """Free-form JSON is stored and delivered as orjson writes it: refused here, with the
-    reason, when it cannot be (an integer beyond 64 bits), not failed later with a 500; and
-    NaN, Infinity and a number beyond a double (the body's parser takes the first two and
-    reads the last as infinity), which orjson would write as `null`, are refused rather than
-    delivered as something the sender did not write."""
-    try:
-        orjson.dumps(value)
-    except orjson.JSONEncodeError as exc:
-        raise ValueError(f"cannot be stored as JSON: {exc}") from None
-    if _holds_infinity(value):
-        raise ValueError(
-            "cannot be stored as JSON: NaN, Infinity or a number beyond a double (read as"
-            " infinity) has no JSON form"
+    place and the reason, when it cannot be (jsonvalues.py), not failed later with a 500 or
+    delivered as something the sender did not write (NaN and a number beyond a double, which
+    the body's parser reads as infinity, would be written `null`)."""
+    problem = unstorable(value, levels_above=levels_above)
+    if problem is not None:
+        place = f"at {'.'.join(problem.path)}, " if problem.path else ""
+        # Not a ValueError, which pydantic would show as "Value error, cannot …".
+        raise PydanticCustomError(
+            "unstorable_json",
+            "cannot be stored as JSON: {problem}",
+            {"problem": place + problem.reason},
         )
     return value
 
 
-def _holds_infinity(value: Any) -> bool:
-    if isinstance(value, float):
-        return not math.isfinite(value)
-    if isinstance(value, dict):
-        return any(_holds_infinity(item) for item in value.values())
-    if isinstance(value, list):
-        return any(_holds_infinity(item) for item in value)
-    return False
-
-
-# A JSON object of any shape, as an event's `data` or a template's component.
-JsonObject = Annotated[dict[str, Any], AfterValidator(_storable_json)]
+# A JSON object of any shape as an event's `data`.
+JsonObject = Annotated[
+    dict[str, Any], AfterValidator(partial(_storable_json, levels_above=DATA_LEVELS_ABOVE))
+]
+# A template's component, in its send's event as `data.template.components[i]`.
+TemplateComponent = Annotated[
+    dict[str, Any], AfterValidator(partial(_storable_json, levels_above=DATA_LEVELS_ABOVE + 3))
+]

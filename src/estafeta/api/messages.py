@@ -12,7 +12,7 @@ from starlette.responses import Response
 
 from estafeta.api.auth import Principal
 from estafeta.api.deps import hub_of, json_body, principal, tenant_principal
-from estafeta.api.fields import JsonObject
+from estafeta.api.fields import TemplateComponent
 from estafeta.api.responses import json_response, key_used_elsewhere
 from estafeta.clock import iso_from_ms
 from estafeta.errors import HttpError
@@ -29,7 +29,7 @@ class Template(BaseModel):
 
     name: str = Field(min_length=1, max_length=512)
     language: str = Field(min_length=2, max_length=15, examples=["pt_BR"])
-    components: list[JsonObject] = Field(default_factory=list)
+    components: list[TemplateComponent] = Field(default_factory=list)
 
 
 class Media(BaseModel):

@@ -18,6 +18,7 @@ from standardwebhooks.webhooks import Webhook
 
 from estafeta.config import SourceConfig
 from estafeta.errors import HttpError
+from estafeta.jsonvalues import DATA_LEVELS_ABOVE, ORJSON_MAX_DEPTH, WIDE_INTEGER, unstorable
 from estafeta.record import Record
 
 if TYPE_CHECKING:
@@ -101,8 +102,6 @@ class GenericSource:
             raise HttpError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
         if not isinstance(document, dict):
             raise HttpError(400, "invalid_body", "the body must be a JSON object")
-        if _MAYBE_BEYOND_64_BITS.search(body):
-            _refuse_integers_beyond_64_bits(body)
         key = headers.get("webhook-id") or headers.get("idempotency-key") or None
         if key is not None and len(key) > 255:
             raise HttpError(
@@ -111,8 +110,10 @@ class GenericSource:
         event_type = document.get("type")
         data = document.get("data")
         if isinstance(event_type, str) and isinstance(data, dict):
+            _refuse_unstorable(body, data, "data")
             return [ParsedEvent(type=_checked_type(event_type), data=data, idempotency_key=key)]
         if self.source.event_type:
+            _refuse_unstorable(body, document, None)
             return [ParsedEvent(type=self.source.event_type, data=document, idempotency_key=key)]
         raise HttpError(
             400,
@@ -122,44 +123,34 @@ class GenericSource:
         )
 
 
-# orjson reads an integer outside [-2**63, 2**64) as the nearest double, silently: an order
-# number of 20+ digits would reach every destination rounded. Such a literal has 19 digits
-# or more; only a body that has a run of them (in a string too: harmless) is read again.
+# A body may hold what estafeta cannot store as sent (jsonvalues.py) only if it has a run
+# of 19 digits (an integer beyond 64 bits; in a string too: harmless) or as many brackets
+# as `data` nested one level deeper than the canonical event leaves room for: only such a
+# body is walked, so the common one costs three scans in C.
 _MAYBE_BEYOND_64_BITS = re.compile(rb"[0-9]{19}")
-_INT64_MIN, _UINT64_END = -(2**63), 2**64
+_BRACKETS_NEEDED = ORJSON_MAX_DEPTH - DATA_LEVELS_ABOVE + 1
 
 
-def _refuse_integers_beyond_64_bits(body: bytes) -> None:
-    """400 naming the first integer no JSON consumer of ours keeps exact, as the API does."""
-    try:
-        exact = json.loads(body)  # Python's own parser keeps every integer exact
-    except ValueError:  # more digits than Python converts (4300): beyond 64 bits too
-        where: str | None = "body"
-    except RecursionError:  # nested deeper than Python parses (orjson takes 1024 levels)
+def _refuse_unstorable(body: bytes, data: dict[str, Any], member: str | None) -> None:
+    """400 naming the first part of `data` (the body's `member`, or the whole body) that
+    could not be stored and delivered as sent, as the API refuses it."""
+    wide = _MAYBE_BEYOND_64_BITS.search(body) is not None
+    if not wide and body.count(b"{") + body.count(b"[") < _BRACKETS_NEEDED:
         return
-    else:
-        where = _first_wide_integer(exact)
-    if where is not None:
-        raise HttpError(
-            400,
-            "invalid_body",
-            f"{where}: an integer beyond 64 bits would reach destinations rounded; "
-            "send it as a string",
-        )
-
-
-def _first_wide_integer(document: object) -> str | None:
-    """Where the first integer outside orjson's range is (`body.data.items.0.id`), if any."""
-    stack: list[tuple[str, object]] = [("body", document)]
-    while stack:
-        where, value = stack.pop()
-        if isinstance(value, dict):
-            stack.extend((f"{where}.{k}", v) for k, v in reversed(value.items()))
-        elif isinstance(value, list):
-            stack.extend((f"{where}.{i}", v) for i, v in reversed(list(enumerate(value))))
-        elif isinstance(value, int) and not _INT64_MIN <= value < _UINT64_END:
-            return where
-    return None
+    exact: object = data
+    if wide:  # orjson read any such integer as a double: Python's parser keeps it exact
+        try:
+            document = json.loads(body)
+        except ValueError:  # more digits than Python converts (4300): beyond 64 bits too
+            raise HttpError(400, "invalid_body", f"body: {WIDE_INTEGER}") from None
+        except RecursionError:  # deeper than Python parses, so than orjson writes: walked
+            pass
+        else:
+            exact = document[member] if member is not None else document
+    problem = unstorable(exact, levels_above=DATA_LEVELS_ABOVE)
+    if problem is not None:
+        root = f"body.{member}" if member is not None else "body"
+        raise HttpError(400, "invalid_body", problem.at(root))
 
 
 def _checked_type(event_type: str) -> str:
