@@ -26,6 +26,7 @@ import orjson
 
 from estafeta.errors import HttpError
 from estafeta.ingress.generic import ParsedEvent
+from estafeta.jsonvalues import DATA_LEVELS_ABOVE, ORJSON_MAX_DEPTH, unstorable
 from estafeta.messaging.facts import fitted
 from estafeta.record import Record
 
@@ -180,8 +181,16 @@ def is_json_type(content_type: str) -> bool:
     return content_type == "application/json" or content_type.endswith("+json")
 
 
+# The deepest body whose parts can all be stored wherever a provider's parser copies them
+# (a `referral`, an unsupported message's part: always from deeper in the body than they
+# land in `data`).
+_DEEPEST_BODY = ORJSON_MAX_DEPTH - DATA_LEVELS_ABOVE
+
+
 def load_json(request: InboundRequest, *, check_type: bool = True) -> object:
-    """The body as JSON: 415 when the Content-Type is not JSON, 400 when the body is not."""
+    """The body as JSON: 415 when the Content-Type is not JSON, 400 when the body is not,
+    or nests arrays and objects deeper than estafeta could store the parts it keeps: taken,
+    such a body failed with a 500, which the provider retries for ever (none sends one)."""
     if check_type and not is_json_type(request.content_type):
         raise HttpError(
             415,
@@ -189,9 +198,15 @@ def load_json(request: InboundRequest, *, check_type: bool = True) -> object:
             f"expected Content-Type application/json, got {request.content_type or 'none'!r}",
         )
     try:
-        return orjson.loads(request.body)
+        document = orjson.loads(request.body)
     except orjson.JSONDecodeError as exc:
         raise HttpError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+    body = request.body
+    if body.count(b"{") + body.count(b"[") > _DEEPEST_BODY:  # else too few to nest so deep
+        problem = unstorable(document, levels_above=DATA_LEVELS_ABOVE)
+        if problem is not None:
+            raise HttpError(400, "invalid_body", problem.at("body"))
+    return document
 
 
 def dumps(value: object) -> str:
