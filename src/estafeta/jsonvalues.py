@@ -5,8 +5,8 @@ sender may send: an integer outside [-2**63, 2**64) (which orjson also reads as 
 double, silently), NaN and the infinities (written as `null`), and arrays and objects nested
 more than `ORJSON_MAX_DEPTH` deep (refused: the request failed with a 500 after it was
 parsed, or the answers that hold it did). Such JSON is refused where it enters — a generic
-source's body (ingress/generic.py), the API's free-form fields (api/fields.py) — naming the
-place, with one walk shared by both.
+source's body (ingress/generic.py), a provider's JSON webhook (ingress/providers/base.py),
+the API's free-form fields (api/fields.py) — naming the place, with one walk shared by all.
 """
 
 from __future__ import annotations
@@ -37,6 +37,12 @@ class Unstorable:
     def at(self, root: str) -> str:
         """`root.path.to.it: reason`, as error details name places."""
         return f"{'.'.join((root, *self.path))}: {self.reason}"
+
+
+def may_nest_too_deep(text: bytes) -> bool:
+    """Whether a JSON text has brackets enough to nest an event's `data` past what estafeta
+    writes back: two scans in C, so that only such a text is walked (~0.5 µs at 0.7 KB)."""
+    return text.count(b"{") + text.count(b"[") > ORJSON_MAX_DEPTH - DATA_LEVELS_ABOVE
 
 
 def unstorable(value: object, *, levels_above: int) -> Unstorable | None:

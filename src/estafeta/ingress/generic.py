@@ -18,7 +18,7 @@ from standardwebhooks.webhooks import Webhook
 
 from estafeta.config import SourceConfig
 from estafeta.errors import HttpError
-from estafeta.jsonvalues import DATA_LEVELS_ABOVE, ORJSON_MAX_DEPTH, WIDE_INTEGER, unstorable
+from estafeta.jsonvalues import DATA_LEVELS_ABOVE, WIDE_INTEGER, may_nest_too_deep, unstorable
 from estafeta.record import Record
 
 if TYPE_CHECKING:
@@ -124,18 +124,16 @@ class GenericSource:
 
 
 # A body may hold what estafeta cannot store as sent (jsonvalues.py) only if it has a run
-# of 19 digits (an integer beyond 64 bits; in a string too: harmless) or as many brackets
-# as `data` nested one level deeper than the canonical event leaves room for: only such a
-# body is walked, so the common one costs three scans in C.
+# of 19 digits (an integer beyond 64 bits; in a string too: harmless) or brackets enough to
+# nest too deep: only such a body is walked, so the common one costs three scans in C.
 _MAYBE_BEYOND_64_BITS = re.compile(rb"[0-9]{19}")
-_BRACKETS_NEEDED = ORJSON_MAX_DEPTH - DATA_LEVELS_ABOVE + 1
 
 
 def _refuse_unstorable(body: bytes, data: dict[str, Any], member: str | None) -> None:
     """400 naming the first part of `data` (the body's `member`, or the whole body) that
     could not be stored and delivered as sent, as the API refuses it."""
     wide = _MAYBE_BEYOND_64_BITS.search(body) is not None
-    if not wide and body.count(b"{") + body.count(b"[") < _BRACKETS_NEEDED:
+    if not wide and not may_nest_too_deep(body):
         return
     exact: object = data
     if wide:  # orjson read any such integer as a double: Python's parser keeps it exact

@@ -26,7 +26,7 @@ import orjson
 
 from estafeta.errors import HttpError
 from estafeta.ingress.generic import ParsedEvent
-from estafeta.jsonvalues import DATA_LEVELS_ABOVE, ORJSON_MAX_DEPTH, unstorable
+from estafeta.jsonvalues import DATA_LEVELS_ABOVE, may_nest_too_deep, unstorable
 from estafeta.messaging.facts import fitted
 from estafeta.record import Record
 
@@ -181,12 +181,6 @@ def is_json_type(content_type: str) -> bool:
     return content_type == "application/json" or content_type.endswith("+json")
 
 
-# The deepest body whose parts can all be stored wherever a provider's parser copies them
-# (a `referral`, an unsupported message's part: always from deeper in the body than they
-# land in `data`).
-_DEEPEST_BODY = ORJSON_MAX_DEPTH - DATA_LEVELS_ABOVE
-
-
 def load_json(request: InboundRequest, *, check_type: bool = True) -> object:
     """The body as JSON: 415 when the Content-Type is not JSON, 400 when the body is not,
     or nests arrays and objects deeper than estafeta could store the parts it keeps: taken,
@@ -201,8 +195,9 @@ def load_json(request: InboundRequest, *, check_type: bool = True) -> object:
         document = orjson.loads(request.body)
     except orjson.JSONDecodeError as exc:
         raise HttpError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
-    body = request.body
-    if body.count(b"{") + body.count(b"[") > _DEEPEST_BODY:  # else too few to nest so deep
+    if may_nest_too_deep(request.body):
+        # What a parser keeps (a `referral`, an unsupported message's part) lies deeper in
+        # the body than in `data`: a body within `data`'s bound keeps it within too.
         problem = unstorable(document, levels_above=DATA_LEVELS_ABOVE)
         if problem is not None:
             raise HttpError(400, "invalid_body", problem.at("body"))
