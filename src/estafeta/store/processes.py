@@ -90,12 +90,11 @@ class ProcessOps(StoreBase):
 
     async def last_delivering_at(self) -> int | None:
         """When a delivering process was last known to run (Unix ms): the newest
-        announcement of one still running, or the stop of one that stopped since; None when
-        the store remembers none (rows are forgotten ten minutes after their last sign)."""
+        announcement of one still running, or the stop of one that stopped since (`seen_at`
+        either way: a stop writes it too); None when the store remembers none (rows are
+        forgotten ten minutes after their last sign)."""
         p = s.processes
-        query = select(func.max(func.coalesce(p.c.stopped_at, p.c.seen_at))).where(
-            p.c.delivers.is_(True)
-        )
+        query = select(func.max(p.c.seen_at)).where(p.c.delivers.is_(True))
         async with self._read() as conn:
             last = (await conn.execute(query)).scalar()
         return None if last is None else int(last)
