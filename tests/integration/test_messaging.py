@@ -20,6 +20,7 @@ from estafeta.ids import new_id
 from estafeta.store.records import CompletedAttempt
 from estafeta.store.sqlstore import SqlStore
 from tests.conftest import base_config, lease_any
+from tests.deep_json import nested
 
 SOL = "est_sol_messaging_key_000000000000000000"
 OUTRA = "est_outra_messaging_key_0000000000000000"
@@ -494,14 +495,6 @@ async def test_a_status_in_another_tenants_store_never_moves_a_message(env: Env)
 
 
 IMAGE = "https://clinica.example/mapa.png"
-
-
-def nested(depth: int) -> dict[str, Any]:
-    """A JSON object `depth` objects deep."""
-    value: dict[str, Any] = {"a": 1}
-    for _ in range(depth - 1):
-        value = {"a": value}
-    return value
 
 
 @pytest.mark.parametrize(

@@ -8,14 +8,7 @@ import orjson
 import pytest
 
 from estafeta.jsonvalues import NOT_FINITE, ORJSON_MAX_DEPTH, WIDE_INTEGER, unstorable
-
-
-def nested(depth: int, inner: Any = 1) -> Any:
-    """`depth` containers, objects and arrays in turn, around `inner`."""
-    value = inner
-    for level in range(depth):
-        value = {"a": value} if level % 2 else [value]
-    return value
+from tests.deep_json import nested
 
 
 def wrapped(value: Any, levels: int) -> Any:

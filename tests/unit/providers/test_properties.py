@@ -23,6 +23,7 @@ from estafeta.errors import HttpError
 from estafeta.ingress.generic import ParsedEvent
 from estafeta.ingress.providers import InboundRequest, ProviderSource, source_for
 from estafeta.ingress.providers.base import MAX_KEY_LENGTH
+from tests.deep_json import nested
 from tests.unit.providers.support import (
     FIXTURES,
     FORM,
@@ -175,13 +176,6 @@ def test_parse_arbitrary_json(provider: str, document: Any) -> None:
 def test_parse_mutated_fixtures(provider: str, data: st.DataObject) -> None:
     document = data.draw(mutated(provider))
     check_parse(provider, post(URL, orjson.dumps(document), JSON))
-
-
-def nested(depth: int) -> Any:
-    value: Any = "deep"
-    for level in range(depth):
-        value = [value] if level % 2 else {"a": value}
-    return value
 
 
 @pytest.mark.parametrize("provider", ["whatsapp_cloud", "zapi", "sendpulse"])
