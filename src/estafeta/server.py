@@ -19,7 +19,7 @@ from estafeta.clock import SystemClock
 from estafeta.config import Config
 from estafeta.config.models import split_listen
 from estafeta.connectors.registry import unavailable_kinds
-from estafeta.delivery.presence import Presence
+from estafeta.delivery.presence import DELIVERY_TASK, Presence
 from estafeta.delivery.worker import Worker, default_worker_id
 from estafeta.errors import ConfigError, ServeError
 from estafeta.http_protocol import OneWriteHttpToolsProtocol
@@ -72,12 +72,18 @@ async def prepared_store(config: Config, *, migrate: bool = True) -> SqlStore:
     return store
 
 
-async def announced(store: SqlStore, config: Config, *, delivers: bool) -> Presence:
+async def announced(store: SqlStore, config: Config, *, delivers: bool, tasks: Tasks) -> Presence:
     """This process's presence, recorded before it serves or delivers anything: a delivery
     it stores for a destination only its configuration has is then never taken by a worker
-    on an older file for one nobody configures (delivery/presence.py)."""
+    on an older file for one nobody configures (delivery/presence.py). `tasks` are the
+    process's supervised tasks: whether its delivery task keeps crashing."""
     presence = Presence(
-        store, config, process_id=default_worker_id(), clock=SystemClock(), delivers=delivers
+        store,
+        config,
+        process_id=default_worker_id(),
+        clock=SystemClock(),
+        delivers=delivers,
+        tasks=tasks,
     )
     await presence.announce()
     return presence
@@ -162,9 +168,10 @@ async def serve(config: Config, *, run_workers: bool = True, migrate: bool = Tru
         hub = Hub(config, store, spool=spool)
         # Recorded once nothing is left that could fail before the server's own shutdown,
         # which retires it (delivery/presence.py).
-        presence = await announced(store, config, delivers=run_workers)
+        tasks = Tasks()
+        presence = await announced(store, config, delivers=run_workers, tasks=tasks)
         server = uvicorn_server(
-            create_app(hub, run_workers=run_workers, presence=presence),
+            create_app(hub, run_workers=run_workers, presence=presence, tasks=tasks),
             config.server.listen,
             max_concurrent_requests=config.server.max_concurrent_requests,
             # Once it listens: the workers start before, and stop if it cannot.
@@ -192,7 +199,7 @@ async def work(config: Config) -> None:
     try:
         if config.worker.metrics_listen is not None:
             endpoint = await start_worker_endpoint(config.worker.metrics_listen, tasks)
-        presence = await announced(store, config, delivers=True)
+        presence = await announced(store, config, delivers=True, tasks=tasks)
 
         def worker() -> Awaitable[None]:
             return Worker(
@@ -200,7 +207,7 @@ async def work(config: Config) -> None:
             ).run(stop)
 
         await asyncio.gather(
-            supervised("worker", worker, stop, tasks=tasks),
+            supervised(DELIVERY_TASK, worker, stop, tasks=tasks),
             supervised("presence", lambda: presence.run(stop), stop, tasks=tasks),
         )
     finally:

@@ -577,6 +577,21 @@ async def query(
     return await asyncio.to_thread(_query, database_url, sql, params or {})
 
 
+def _execute(database_url: str, statements: Sequence[str]) -> None:
+    engine = create_engine(_sync_url(database_url), isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            for statement in statements:
+                conn.execute(text(statement))
+    finally:
+        engine.dispose()
+
+
+async def execute(database_url: str, *statements: str) -> None:
+    """Run statements that change the store or the server (roles, grants), each committed."""
+    await asyncio.to_thread(_execute, database_url, statements)
+
+
 def summary(
     name: str,
     *,

@@ -3,18 +3,21 @@ worker delivers them. Duplicates are allowed only for what was in flight at the 
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from sqlalchemy import make_url
 
 from estafeta.testing.sink import Sink
 from tests.acceptance.conftest import (
     Estafeta,
     HubClient,
     client_session,
+    execute,
     free_port,
     leads_to_crm_config,
     query,
@@ -162,3 +165,61 @@ async def test_serve_without_workers_says_when_no_worker_runs(
             assert health["checks"]["alerts"]["firing"] == []
     finally:
         await sink.stop()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_serve_hears_of_a_worker_that_runs_but_keeps_crashing(
+    database_url: str, tmp_path: Path, estafeta: Estafeta
+) -> None:
+    # A worker whose database role may not update the deliveries (a grant missed when the
+    # database was set up): it starts, announces itself every 10 s, and its delivery task
+    # crashes at every lease and is restarted. It used to count as a worker running.
+    sink = Sink(secret=SINK_SECRET)
+    await sink.start()
+    role = f"estafeta_reader_{os.getpid()}"
+    role_made = False
+    try:
+        port = free_port()
+        config = leads_to_crm_config(
+            database_url, tmp_path, sink.url, port=port, worker={"alert_no_workers_s": 30}
+        )
+        serve = await estafeta.serve(config, port, no_workers=True)  # migrated the store
+        assert serve.base_url is not None
+        await execute(database_url, f"CREATE ROLE {role} LOGIN")
+        role_made = True
+        await execute(
+            database_url,
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}",
+            f"REVOKE UPDATE ON deliveries FROM {role}",
+        )
+        reader_url = make_url(database_url).set(username=role).render_as_string(False)
+        worker_dir = tmp_path / "worker"
+        worker_dir.mkdir()
+        worker_config = leads_to_crm_config(
+            reader_url, worker_dir, sink.url, port=port, worker={"alert_no_workers_s": 30}
+        )
+        worker = estafeta.worker(worker_config)
+        started = await worker.wait_log("worker_started")
+        async with client_session() as http:
+            hub = HubClient(serve.base_url, http)
+            sent = await hub.send_many([{"type": "lead.created", "data": {"n": 1}}], ["msg_1"])
+            assert sent.statuses == [202]
+            crashed = await worker.wait_log("task_crashed")
+            assert crashed["task"] == "worker"
+
+            fired = await serve.wait_log("alert_fired", timeout_s=60)
+            assert (fired["alert"], fired["pending"]) == ("no_workers", 1)
+            assert worker.popen.poll() is None  # it runs, announcing itself, all along
+            health = await hub.get_json("/health/detailed")
+            (listed,) = [p for p in health["checks"]["processes"] if p["id"] == started["worker"]]
+            assert listed["delivers"] is True
+            # Only its first announcement, before its delivery task ever ran, counts.
+            assert listed["delivering_at"] == fired["last_seen"]
+            assert listed["seen_at"] > listed["delivering_at"]
+            assert sink.received == []
+    finally:
+        await sink.stop()
+        estafeta.kill_all()  # its connections first: a role is dropped once unused
+        if role_made:
+            await execute(database_url, f"DROP OWNED BY {role}", f"DROP ROLE {role}")

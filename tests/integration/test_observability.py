@@ -27,6 +27,7 @@ from estafeta.observability.monitor import AlertMonitor
 from estafeta.observability.reads import READ_TIMEOUT_S
 from estafeta.store.records import DeadLetterFilter
 from estafeta.store.sqlstore import SqlStore
+from estafeta.supervise import Tasks
 from tests.chaos.conftest import TcpProxy
 from tests.conftest import base_config, lease_any
 from tests.integration.redis_support import RedisServer
@@ -437,6 +438,75 @@ async def test_no_workers_is_alerted_while_deliveries_wait_and_no_process_delive
         ("alert_fired", 2, iso_from_ms(stopped)),
         ("alert_resolved", 0, None),
     ]
+
+
+async def test_no_workers_hears_of_a_worker_whose_delivery_task_keeps_crashing(
+    config: Config, store: SqlStore
+) -> None:
+    # A worker that runs and announces itself, but whose delivery task crashes and is
+    # restarted over and over (a bug, a role that may not update deliveries), delivers
+    # nothing: it must count as no worker, from its last steady announcement on.
+    clock = ManualClock()
+    hub = Hub(config, store, clock)
+    monitor = AlertMonitor(
+        store, threshold=1000, watch_workers=True, no_workers_after_s=120, clock=clock
+    )
+    tasks = Tasks()
+    worker = Presence(store, config, process_id="worker-1", clock=clock, tasks=tasks)
+    try:
+        with capture_logs() as logs:
+            await worker.announce()  # started: its delivery task has not crashed yet
+            steady = clock.now
+            await accept(hub, 1)
+            for _ in range(12):  # two minutes of announcements, a crash between each two
+                tasks.crashed("worker", RuntimeError("boom"))
+                clock.now += 10_000
+                await worker.announce()
+                tasks.down.clear()  # restarted after its pause
+            await monitor.check()
+            assert monitor.firing == {"no_workers"}
+            (listed,) = await store.live_processes(seen_since_ms=clock.now - 60_000)
+            assert (listed.seen_at, listed.delivering_at) == (clock.now, steady)
+
+            clock.now += 10_000
+            await worker.announce()  # ten seconds without a crash: it delivers again
+            await monitor.check()
+            assert monitor.firing == set()
+    finally:
+        await hub.close()
+    alerts = [(e["event"], e.get("last_seen")) for e in logs if e["event"].startswith("alert_")]
+    assert alerts == [("alert_fired", iso_from_ms(steady)), ("alert_resolved", None)]
+
+
+async def test_detailed_health_names_a_crashed_task_and_when_each_process_last_delivered(
+    hub: Hub, store: SqlStore
+) -> None:
+    tasks = Tasks()
+    clock = ManualClock()
+    worker = Presence(store, hub.config, process_id="worker-1", clock=clock, tasks=tasks)
+    http_only = Presence(
+        store, hub.config, process_id="http-1", clock=clock, delivers=False, tasks=Tasks()
+    )
+    clock.now = hub.clock.now_ms()
+    await worker.announce()
+    await http_only.announce()
+    tasks.crashed("spool-drainer", OSError("disk"))
+    transport = httpx.ASGITransport(app=create_app(hub, tasks=tasks))
+    async with httpx.AsyncClient(transport=transport, base_url="http://hub") as http:
+        r = await http.get("/health/detailed", headers=ADMIN)
+        # Still accepting webhooks: degraded, not a 503 that takes it out of the balancer.
+        assert (r.status_code, r.json()["status"]) == (200, "degraded")
+        assert r.json()["checks"]["tasks"] == {
+            "status": "down",
+            "crashed": [{"task": "spool-drainer", "error": "OSError"}],
+        }
+        processes = {p["id"]: p for p in r.json()["checks"]["processes"]}
+        assert processes["worker-1"]["delivering_at"] == iso_from_ms(clock.now)
+        assert processes["http-1"]["delivering_at"] is None
+        tasks.down.clear()  # started again
+        r = await http.get("/health/detailed", headers=ADMIN)
+        assert (r.status_code, r.json()["status"]) == (200, "ok")
+        assert r.json()["checks"]["tasks"] == {"status": "ok"}
 
 
 async def test_the_spool_alerts_fire_and_resolve_once(

@@ -25,7 +25,7 @@ from estafeta.store.records import DeadLetterFilter
 from estafeta.store.sqlstore import SqlStore
 from tests.conftest import empty_database, lease_any
 
-EARLIER = ["0001", "0002", "0003", "0004", "0005", "0008"]
+EARLIER = ["0001", "0002", "0003", "0004", "0005", "0008", "0013"]
 NOW = 1_800_000_000_000
 T0 = NOW - 3_600_000
 TENANT = "clinica-sol"
@@ -194,6 +194,18 @@ def rows_at(revision: str) -> dict[str, list[dict[str, Any]]]:
             | {"error": None, "event_id": "evt_4", "delivery_id": "dlv_d", "sent_at": T0 + 8}
             | {"created_at": T0 + 6, "updated_at": T0 + 8}
         ]
+    if revision >= "0008":
+        # A worker seen 5 s ago; from 0013, a newer `serve --no-workers` beside it.
+        rows["processes"] = [
+            {"id": "host:1:worker", "destinations": '["crm"]', "started_at": T0}
+            | {"seen_at": NOW - 5_000, "stopped_at": None}
+        ]
+        if revision >= "0013":
+            rows["processes"][0]["delivers"] = True
+            rows["processes"].append(
+                {"id": "host:2:http", "destinations": '["crm"]', "started_at": T0}
+                | {"seen_at": NOW - 1_000, "stopped_at": None, "delivers": False}
+            )
     return rows
 
 
@@ -303,6 +315,8 @@ async def test_a_database_of_an_earlier_version_upgrades_with_every_row_and_work
             assert (leased[0].attempts, leased[0].ordering_key) == (1, "k1")
             rescued = await store.claim_expired(now_ms=NOW, lease_ms=30_000, worker_id="w")
             assert [d.id for d in rescued] == ["dlv_c"]
+            if "processes" in rows:  # the worker delivered when it was last seen
+                assert await store.last_delivering_at() == NOW - 5_000
             assert await store.tenant_for_key(hash_key(ACTIVE_KEY)) == TENANT
             assert await store.tenant_for_key(hash_key(REVOKED_KEY)) is None
             dead = await store.list_dead(DeadLetterFilter())

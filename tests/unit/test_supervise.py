@@ -6,6 +6,7 @@ import asyncio
 
 from structlog.testing import capture_logs
 
+from estafeta.observability.metrics import REGISTRY
 from estafeta.supervise import Tasks, supervised
 
 
@@ -90,3 +91,24 @@ async def test_a_crashed_task_is_named_down_until_it_is_started_again() -> None:
     assert seen[0] == {} and seen[-1] == {}  # running, then running again
     assert {"paused": "worker=RuntimeError"} in seen
     assert tasks.down == {}
+
+
+async def test_every_crash_is_counted_by_task() -> None:
+    """What a process's presence reads to tell a delivery task that keeps crashing from one
+    that runs, and what /metrics counts (`estafeta_task_crashes_total`)."""
+    tasks = Tasks()
+    runs = 0
+    before = REGISTRY.get_sample_value("estafeta_task_crashes_total", {"task": "counted"}) or 0
+
+    async def flaky() -> None:
+        nonlocal runs
+        runs += 1
+        if runs <= 3:
+            raise RuntimeError("boom")
+
+    with capture_logs():
+        await supervised("counted", flaky, asyncio.Event(), first_pause_s=0.001, tasks=tasks)
+    assert tasks.crashes == {"counted": 3}
+    assert tasks.down == {}
+    counted = REGISTRY.get_sample_value("estafeta_task_crashes_total", {"task": "counted"})
+    assert counted == before + 3

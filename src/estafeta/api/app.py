@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -27,7 +27,7 @@ from estafeta.api.responses import (
     handle_validation_error,
 )
 from estafeta.delivery.breakers import Breakers
-from estafeta.delivery.presence import Presence, named_destinations
+from estafeta.delivery.presence import DELIVERY_TASK, Presence, named_destinations
 from estafeta.delivery.worker import Worker
 from estafeta.errors import HttpError, StoreUnavailable
 from estafeta.hub import Hub
@@ -43,17 +43,31 @@ from estafeta.ingress.endpoint import (
 )
 from estafeta.ingress.spool import SpoolDrainer
 from estafeta.observability.monitor import AlertMonitor
-from estafeta.supervise import supervised
+from estafeta.supervise import Tasks, supervised
 
 
-def create_app(hub: Hub, *, run_workers: bool = False, presence: Presence | None = None) -> Root:
+def create_app(
+    hub: Hub,
+    *,
+    run_workers: bool = False,
+    presence: Presence | None = None,
+    tasks: Tasks | None = None,
+) -> Root:
     """The application; with `presence`, its lifespan keeps the process's presence recorded
-    (`estafeta serve` announces it once before it listens)."""
+    (`estafeta serve` announces it once before it listens). Its background tasks are
+    supervised under `tasks` (the presence's too), which /health/detailed reports."""
+    supervising = tasks or Tasks()
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         stop = asyncio.Event()
-        tasks: list[asyncio.Task[None]] = []
+        running: list[asyncio.Task[None]] = []
+
+        def start(name: str, run: Callable[[], Awaitable[None]]) -> None:
+            running.append(
+                asyncio.create_task(supervised(name, run, stop, tasks=supervising), name=name)
+            )
+
         if run_workers:
 
             def run_worker() -> Awaitable[None]:
@@ -72,13 +86,9 @@ def create_app(hub: Hub, *, run_workers: bool = False, presence: Presence | None
                 )
                 return worker.run(stop)
 
-            tasks.append(asyncio.create_task(supervised("worker", run_worker, stop), name="worker"))
+            start(DELIVERY_TASK, run_worker)
         if presence is not None:
-            tasks.append(
-                asyncio.create_task(
-                    supervised("presence", lambda: presence.run(stop), stop), name="presence"
-                )
-            )
+            start("presence", lambda: presence.run(stop))
         monitor = AlertMonitor(
             hub.store,
             threshold=hub.config.worker.alert_queue_depth,
@@ -92,24 +102,15 @@ def create_app(hub: Hub, *, run_workers: bool = False, presence: Presence | None
             clock=hub.clock,
         )
         app.state.monitor = monitor
-        tasks.append(
-            asyncio.create_task(
-                supervised("backlog-monitor", lambda: monitor.run(stop), stop), name="monitor"
-            )
-        )
+        start("backlog-monitor", lambda: monitor.run(stop))
         if hub.spool is not None:
             drainer = SpoolDrainer(hub.spool, hub.store)
-            tasks.append(
-                asyncio.create_task(
-                    supervised("spool-drainer", lambda: drainer.run(stop), stop),
-                    name="spool-drainer",
-                )
-            )
+            start("spool-drainer", lambda: drainer.run(stop))
         try:
             yield
         finally:
             stop.set()
-            await asyncio.gather(*tasks)
+            await asyncio.gather(*running)
             await hub.close()
 
     # FastAPI's /docs page loads Swagger UI from a CDN: blank where the operator's browser
@@ -123,6 +124,7 @@ def create_app(hub: Hub, *, run_workers: bool = False, presence: Presence | None
         static_url="/docs/assets",
     )
     app.state.hub = hub
+    app.state.tasks = supervising
     app.state.auth = Authenticator(
         hub.store, hub.config.security.admin_key, tenants=[t.id for t in hub.config.tenants]
     )

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from estafeta.delivery.circuit_store import CircuitStateStore
     from estafeta.store.records import QueueStats
     from estafeta.store.sqlstore import SqlStore
+    from estafeta.supervise import Tasks
 
 router = APIRouter(tags=["health"])
 
@@ -64,10 +65,17 @@ async def health_detailed(
     monitor = getattr(request.app.state, "monitor", None)
     if monitor is not None:
         checks["alerts"] = {"firing": sorted(monitor.firing)}
+    tasks: Tasks | None = getattr(request.app.state, "tasks", None)
+    crashed = tasks.crashed_now() if tasks is not None else []
+    # A crashed background task (its worker, the spool's drainer) is restarted after a pause;
+    # meanwhile the process still accepts webhooks, so it degrades the answer, not a 503.
+    checks["tasks"] = {"status": "down", "crashed": crashed} if crashed else {"status": "ok"}
     # Only a store that cannot be reached makes this a 503: without Redis the hub carries on,
     # and a spool that cannot be written or does not drain is for the operator to hear of.
     healthy = store["status"] == "ok"
-    degraded = not healthy or (redis_state is not None and redis_state["status"] != "ok")
+    degraded = (
+        not healthy or (redis_state is not None and redis_state["status"] != "ok") or bool(crashed)
+    )
     if spool is not None:
         state = judged(
             spool, unwritable=unwritable, store_reachable=healthy, now_ms=hub.clock.now_ms()
@@ -133,6 +141,8 @@ async def processes_check(store: SqlStore, now_ms: int) -> list[dict[str, object
             "seen_at": iso_from_ms(p.seen_at),
             "destinations": p.destinations,
             "delivers": p.delivers,
+            # when its delivery task last ran steadily (null: it never did, or delivers not)
+            "delivering_at": iso_from_ms(p.delivering_at) if p.delivering_at else None,
         }
         for p in live
     ]

@@ -15,6 +15,11 @@ machines) is not taken for gone, at the cost of dead-lettering a removed destina
 deliveries up to a minute later when the last process that named it died without stopping.
 A process stopped gracefully stops naming them at once for processes started after it
 (store/processes.py says why not for the others).
+
+A process that delivers also records, at each announcement, whether its delivery task ran
+the whole time since the one before (`delivering_at`): a worker whose task keeps crashing
+(a bug, a database that rejects every lease) still runs and announces, but delivers
+nothing, and `serve`'s `no_workers` alert must hear of it as of a worker gone.
 """
 
 from __future__ import annotations
@@ -28,11 +33,14 @@ from estafeta.errors import StoreUnavailable
 from estafeta.messaging.facts import send_destination
 from estafeta.messaging.outbound import can_send
 from estafeta.store.sqlstore import SqlStore
+from estafeta.supervise import Tasks
 
 ANNOUNCE_EVERY_S = 10.0
 LIVE_WINDOW_S = 60.0
 # Rows of processes not seen for this long are deleted: a crash loop leaves no pile of them.
 FORGET_AFTER_S = 10 * LIVE_WINDOW_S
+# The supervised task that delivers, in `serve` and in `worker`.
+DELIVERY_TASK = "worker"
 
 
 def named_destinations(config: Config) -> list[str]:
@@ -54,11 +62,15 @@ class Presence:
         process_id: str,
         clock: Clock,
         delivers: bool = True,
+        tasks: Tasks | None = None,
         every_s: float = ANNOUNCE_EVERY_S,
     ) -> None:
         self.store = store
         self.process_id = process_id
         self.delivers = delivers  # False for `serve --no-workers`
+        # The process's supervised tasks, its delivery task among them when it delivers.
+        self.tasks = tasks or Tasks()
+        self._crashes_seen = 0  # the delivery task's crashes at the last announcement
         self.clock = clock
         self.every_s = every_s
         self.destinations = named_destinations(config)
@@ -71,10 +83,21 @@ class Presence:
             self.process_id,
             self.destinations,
             delivers=self.delivers,
+            delivering=self._delivering(),
             started_ms=self.started_ms,
             now_ms=now,
             forget_before_ms=now - int(FORGET_AFTER_S * 1000),
         )
+
+    def _delivering(self) -> bool:
+        """Whether the delivery task has run without a crash since the last time asked: a
+        task that keeps crashing is up between its restarts, and must not count for that."""
+        if not self.delivers:
+            return False
+        crashes = self.tasks.crashes.get(DELIVERY_TASK, 0)
+        steady = crashes == self._crashes_seen and DELIVERY_TASK not in self.tasks.down
+        self._crashes_seen = crashes
+        return steady
 
     async def run(self, stop: asyncio.Event) -> None:
         """Announce every `every_s` until `stop` is set, then retire. A crash (an error
@@ -101,4 +124,6 @@ class Presence:
         """This process stops: processes started from now on no longer count its
         destinations (a row the store does not take now ages out of the window)."""
         with contextlib.suppress(StoreUnavailable):
-            await self.store.retire_process(self.process_id, self.clock.now_ms())
+            await self.store.retire_process(
+                self.process_id, self.clock.now_ms(), delivering=self._delivering()
+            )

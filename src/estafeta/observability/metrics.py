@@ -83,6 +83,13 @@ LEASE_RACES = Counter(
     " same ordering keys at the same moment (it leases again at once).",
     registry=REGISTRY,
 )
+TASK_CRASHES = Counter(
+    "estafeta_task_crashes_total",
+    "Crashes of this process's background tasks (worker, spool-drainer, backlog-monitor,"
+    " presence), each restarted after a pause; `task_crashed` in the log has the traceback.",
+    ["task"],
+    registry=REGISTRY,
+)
 QUEUE_DEPTH = Gauge(
     "estafeta_deliveries",
     "Deliveries waiting (pending, in_flight) or dead, by state (read from the store when scraped).",

@@ -39,8 +39,7 @@ def endpoint_app(tasks: Tasks) -> web.Application:
 
     async def health(_request: web.Request) -> web.Response:
         if tasks.down:
-            down = [{"task": name, "error": error} for name, error in sorted(tasks.down.items())]
-            return web.json_response({"status": "down", "crashed": down}, status=503)
+            return web.json_response({"status": "down", "crashed": tasks.crashed_now()}, status=503)
         return web.json_response({"status": "ok", "version": __version__})
 
     app = web.Application(middlewares=[_errors_as_json])

@@ -26,13 +26,15 @@ class ProcessOps(StoreBase):
         destinations: Collection[str],
         *,
         delivers: bool,
+        delivering: bool,
         started_ms: int,
         now_ms: int,
         forget_before_ms: int,
     ) -> None:
-        """Record that the process runs now, its configuration naming `destinations`, and
-        whether it `delivers`; forget the rows of processes not seen since `forget_before_ms`
-        (they died long ago)."""
+        """Record that the process runs now, its configuration naming `destinations`, whether
+        it `delivers`, and, when it is `delivering` (its delivery task ran steadily since its
+        last announcement), that it delivers now; forget the rows of processes not seen since
+        `forget_before_ms` (they died long ago)."""
         p = s.processes
         row = {
             "id": process_id,
@@ -41,6 +43,7 @@ class ProcessOps(StoreBase):
             "started_at": started_ms,
             "seen_at": now_ms,
             "stopped_at": None,
+            "delivering_at": now_ms if delivering else None,
         }
         stmt = self._insert(p).values(**row)
         stmt = stmt.on_conflict_do_update(
@@ -52,26 +55,37 @@ class ProcessOps(StoreBase):
                 "delivers": stmt.excluded.delivers,
                 "seen_at": stmt.excluded.seen_at,
                 "stopped_at": None,
+                # Kept while its delivery task is down: when it last delivered.
+                "delivering_at": func.coalesce(stmt.excluded.delivering_at, p.c.delivering_at),
             },
         )
         async with self._write() as conn:
             await conn.execute(stmt)
             await conn.execute(delete(p).where(p.c.seen_at < forget_before_ms))
 
-    async def retire_process(self, process_id: str, now_ms: int) -> None:
-        """The process stops: it names its destinations no more (see `live_destinations`)."""
+    async def retire_process(self, process_id: str, now_ms: int, *, delivering: bool) -> None:
+        """The process stops: it names its destinations no more (see `live_destinations`);
+        `delivering` when its delivery task ran steadily until now."""
         p = s.processes
+        values: dict[str, int] = {"seen_at": now_ms, "stopped_at": now_ms}
+        if delivering:
+            values["delivering_at"] = now_ms
         async with self._write() as conn:
-            await conn.execute(
-                update(p).where(p.c.id == process_id).values(seen_at=now_ms, stopped_at=now_ms)
-            )
+            await conn.execute(update(p).where(p.c.id == process_id).values(**values))
 
     async def live_processes(self, *, seen_since_ms: int) -> list[ProcessView]:
         """The processes seen since `seen_since_ms` and not stopped, oldest first: during a
         rolling change, those whose destinations differ run different files."""
         p = s.processes
         query = (
-            select(p.c.id, p.c.started_at, p.c.seen_at, p.c.destinations, p.c.delivers)
+            select(
+                p.c.id,
+                p.c.started_at,
+                p.c.seen_at,
+                p.c.destinations,
+                p.c.delivers,
+                p.c.delivering_at,
+            )
             .where(p.c.seen_at >= seen_since_ms, p.c.stopped_at.is_(None))
             .order_by(p.c.started_at, p.c.id)
         )
@@ -84,17 +98,18 @@ class ProcessOps(StoreBase):
                 seen_at=seen,
                 destinations=orjson.loads(names),
                 delivers=bool(delivers),
+                delivering_at=delivering,
             )
-            for i, started, seen, names, delivers in rows
+            for i, started, seen, names, delivers, delivering in rows
         ]
 
     async def last_delivering_at(self) -> int | None:
-        """When a delivering process was last known to run (Unix ms): the newest
-        announcement of one still running, or the stop of one that stopped since (`seen_at`
-        either way: a stop writes it too); None when the store remembers none (rows are
-        forgotten ten minutes after their last sign)."""
+        """When a process was last known to deliver (Unix ms): the newest announcement, or
+        graceful stop, of one whose delivery task had run steadily since its previous one;
+        None when the store remembers none (rows are forgotten ten minutes after their last
+        sign)."""
         p = s.processes
-        query = select(func.max(p.c.seen_at)).where(p.c.delivers.is_(True))
+        query = select(func.max(p.c.delivering_at))
         async with self._read() as conn:
             last = (await conn.execute(query)).scalar()
         return None if last is None else int(last)

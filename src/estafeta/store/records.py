@@ -211,6 +211,7 @@ class ProcessView:
     seen_at: int
     destinations: list[str]
     delivers: bool  # runs delivery workers (not `serve --no-workers`)
+    delivering_at: int | None  # when it was last known to deliver (store/processes.py)
 
 
 @dataclass(frozen=True, slots=True)

@@ -277,6 +277,9 @@ processes = Table(
     Column("stopped_at", BigInteger, nullable=True),  # NULL while it runs
     # False for `serve --no-workers`: the no_workers alert looks for one that delivers (0013).
     Column("delivers", Boolean, nullable=False, server_default=true()),
+    # Its last announcement (or graceful stop) with its delivery task running steadily since
+    # the one before: a worker crash-looping runs but delivers nothing (0014).
+    Column("delivering_at", BigInteger, nullable=True),
 )
 
 CONVERSATION_STATES = ("open", "escalated", "closed")
