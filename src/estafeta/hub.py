@@ -38,6 +38,7 @@ from estafeta.messaging.facts import (
 from estafeta.messaging.outbound import SEND_PRIORITY
 from estafeta.observability.metrics import EVENTS_ACCEPTED, series
 from estafeta.observability.refusals import Refusals
+from estafeta.observability.unrouted import Unrouted
 from estafeta.redis_client import connect_redis
 from estafeta.routing.router import Router, Target
 from estafeta.store.group_commit import GroupCommitter
@@ -51,10 +52,6 @@ from estafeta.store.records import (
 from estafeta.store.sqlstore import SqlStore
 
 log = structlog.get_logger("estafeta.hub")
-
-
-def count_accepted(source_id: str, outcome: str) -> None:
-    series(EVENTS_ACCEPTED, source_id, outcome).inc()
 
 
 API_SOURCE = "api"  # the source id of events that come through the API, not a webhook
@@ -130,6 +127,7 @@ class Hub:
         self.handoff = Handoff()
         # Webhooks refused at /in/, counted and logged (a provider's rotated secret).
         self.refusals = Refusals()
+        self.unrouted = Unrouted()
 
     def new_event(
         self,
@@ -221,8 +219,14 @@ class Hub:
             self._store_down_until = time.monotonic() + STORE_RETRY_S
             return await self._spool(events)
         for event, result in zip(events, results, strict=True):
-            count_accepted(event.source_id, "duplicate" if result.duplicate else "stored")
+            self._count(event, "duplicate" if result.duplicate else "stored")
         return results
+
+    def _count(self, event: NewEvent, outcome: str) -> None:
+        """One event accepted (`stored`, `spooled`, or a `duplicate` of one already)."""
+        series(EVENTS_ACCEPTED, event.source_id, outcome).inc()
+        if not event.deliveries and outcome != "duplicate":
+            self.unrouted.note(event.tenant_id, event.source_id, event.type)
 
     async def _store_batch(
         self, requests: Sequence[Sequence[NewEvent]]
@@ -355,7 +359,7 @@ class Hub:
         if original is not None:
             return InsertResult(original, duplicate=True, spooled=True)
         await self.spool.append(event)
-        count_accepted(event.source_id, "spooled")
+        self._count(event, "spooled")
         return InsertResult(event.id, duplicate=False, spooled=True)
 
     async def close(self) -> None:

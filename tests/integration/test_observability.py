@@ -25,6 +25,7 @@ from estafeta.ingress.spool import Spool
 from estafeta.observability.metrics import REGISTRY
 from estafeta.observability.monitor import AlertMonitor
 from estafeta.observability.reads import READ_TIMEOUT_S
+from estafeta.observability.unrouted import Unrouted
 from estafeta.store.records import DeadLetterFilter
 from estafeta.store.sqlstore import SqlStore
 from estafeta.supervise import Tasks
@@ -125,6 +126,48 @@ async def test_the_dead_letter_alert_fires_while_deliveries_wait_for_an_operator
         ("alert_fired", "dead_letters", 3),
         ("alert_resolved", "dead_letters", 0),
     ]
+
+
+async def test_events_no_route_sends_anywhere_are_counted_and_each_kind_logged_once(
+    hub: Hub,
+) -> None:
+    # A route's glob or filter that matches nothing (here: no route for `lead.*`, and the
+    # appointments route refusing drafts) leaves events stored and sent nowhere: nothing said so.
+    hub.unrouted = Unrouted(max_named=2)  # two pairs named, then "other"
+
+    def counted(event_type: str) -> float:
+        labels = {"source": "crm-events", "type": event_type}
+        return REGISTRY.get_sample_value("estafeta_events_unrouted_total", labels) or 0.0
+
+    before = {t: counted(t) for t in ("lead.created", "appointment.booked", "other")}
+
+    async def publish(event_type: str, data: dict[str, Any], key: str | None = None) -> None:
+        await hub.accept(
+            tenant_id="clinica-sol",
+            source_id="crm-events",
+            event_type=event_type,
+            data=data,
+            idempotency_key=key,
+        )
+
+    with capture_logs() as logs:
+        await publish("lead.created", {"n": 1}, key="lead-1")
+        await publish("lead.created", {"n": 1}, key="lead-1")  # a duplicate: counted once
+        await publish("lead.created", {"n": 2})
+        await publish("appointment.booked", {"status": "draft"})
+        await publish("appointment.booked", {"status": "confirmed"})  # routed: not counted
+        await publish("message.received", {"text": "hola"})  # routed
+        await publish("invoice.paid", {"n": 3})  # past the named pairs
+    assert {t: counted(t) - before[t] for t in before} == {
+        "lead.created": 2,
+        "appointment.booked": 1,
+        "other": 1,
+    }
+    assert counted("invoice.paid") == 0
+    lines = [(e["source"], e["type"]) for e in logs if e["event"] == "event_unrouted"]
+    assert lines == [("crm-events", "lead.created"), ("crm-events", "appointment.booked")]
+    stored = await hub.store.queue_stats()
+    assert stored.by_state == {"pending": 3}  # 1 confirmed appointment × 2, 1 message
 
 
 async def test_detailed_health_shows_circuits_and_queue(hub: Hub) -> None:

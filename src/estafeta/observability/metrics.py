@@ -45,6 +45,13 @@ EVENTS_ACCEPTED = Counter(
     ["source", "outcome"],  # outcome: stored | duplicate | spooled
     registry=REGISTRY,
 )
+EVENTS_UNROUTED = Counter(
+    "estafeta_events_unrouted_total",
+    "Events accepted that match no route (stored, sent to no destination), by source and"
+    ' type; past 200 source and type pairs, under type "other".',
+    ["source", "type"],
+    registry=REGISTRY,
+)
 INGEST_REFUSED = Counter(
     "estafeta_ingest_refused_total",
     "Webhooks (POST/GET /in/{source}) refused, by source and error code; an unknown source"
