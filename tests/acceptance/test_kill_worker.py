@@ -4,6 +4,7 @@ worker delivers them. Duplicates are allowed only for what was in flight at the 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from collections import Counter
@@ -169,23 +170,24 @@ async def test_serve_without_workers_says_when_no_worker_runs(
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("layout", ["worker", "serve"])
 async def test_serve_hears_of_a_worker_that_runs_but_keeps_crashing(
-    database_url: str, tmp_path: Path, estafeta: Estafeta
+    database_url: str, tmp_path: Path, estafeta: Estafeta, layout: str
 ) -> None:
-    # A worker whose database role may not update the deliveries (a grant missed when the
-    # database was set up): it starts, announces itself every 10 s, and its delivery task
-    # crashes at every lease and is restarted. It used to count as a worker running.
+    # A process whose database role may not update the deliveries (a grant missed when the
+    # database was set up): it starts, records itself every 10 s, and its delivery task
+    # crashes at every step and is restarted. It used to count as a worker running. Either
+    # an `estafeta worker` beside a `serve --no-workers`, or a `serve` with its own worker.
     sink = Sink(secret=SINK_SECRET)
     await sink.start()
     role = f"estafeta_reader_{os.getpid()}"
     role_made = False
     try:
         port = free_port()
-        config = leads_to_crm_config(
-            database_url, tmp_path, sink.url, port=port, worker={"alert_no_workers_s": 30}
-        )
-        serve = await estafeta.serve(config, port, no_workers=True)  # migrated the store
-        assert serve.base_url is not None
+        settings = {"alert_no_workers_s": 30}
+        config = leads_to_crm_config(database_url, tmp_path, sink.url, port=port, worker=settings)
+        migrated = estafeta.start("migrate", "migrate", "--config", str(config))
+        assert await migrated.wait_exit(30) == 0, migrated.tail()
         await execute(database_url, f"CREATE ROLE {role} LOGIN")
         role_made = True
         await execute(
@@ -193,31 +195,51 @@ async def test_serve_hears_of_a_worker_that_runs_but_keeps_crashing(
             f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}",
             f"REVOKE UPDATE ON deliveries FROM {role}",
         )
-        reader_url = make_url(database_url).set(username=role).render_as_string(False)
-        worker_dir = tmp_path / "worker"
-        worker_dir.mkdir()
-        worker_config = leads_to_crm_config(
-            reader_url, worker_dir, sink.url, port=port, worker={"alert_no_workers_s": 30}
+        restricted_dir = tmp_path / "restricted"
+        restricted_dir.mkdir()
+        restricted = leads_to_crm_config(
+            make_url(database_url).set(username=role).render_as_string(False),
+            restricted_dir,
+            sink.url,
+            port=port,
+            worker=settings,
         )
-        worker = estafeta.worker(worker_config)
-        started = await worker.wait_log("worker_started")
+        if layout == "worker":
+            serve = await estafeta.serve(config, port, no_workers=True)
+            crashing = estafeta.worker(restricted)
+        else:
+            serve = crashing = estafeta.start(
+                "serve", "serve", "--config", str(restricted), "--no-migrate", port=port
+            )
+            await serve.wait_healthy()
+        started = await crashing.wait_log("worker_started")
+        assert serve.base_url is not None
         async with client_session() as http:
             hub = HubClient(serve.base_url, http)
             sent = await hub.send_many([{"type": "lead.created", "data": {"n": 1}}], ["msg_1"])
             assert sent.statuses == [202]
-            crashed = await worker.wait_log("task_crashed")
+            crashed = await crashing.wait_log("task_crashed")
             assert crashed["task"] == "worker"
 
             fired = await serve.wait_log("alert_fired", timeout_s=60)
-            assert (fired["alert"], fired["pending"]) == ("no_workers", 1)
-            assert worker.popen.poll() is None  # it runs, announcing itself, all along
+            assert fired["alert"] == "no_workers"
+            # Pending, or in flight: handed to serve's own worker as it was stored.
+            assert fired["pending"] + fired["in_flight"] == 1
+            assert crashing.running()  # it runs, recording itself, all along
             health = await hub.get_json("/health/detailed")
             (listed,) = [p for p in health["checks"]["processes"] if p["id"] == started["worker"]]
             assert listed["delivers"] is True
-            # Only its first announcement, before its delivery task ever ran, counts.
+            # Only its first record, before its delivery task ever ran, counts.
             assert listed["delivering_at"] == fired["last_seen"]
             assert listed["seen_at"] > listed["delivering_at"]
-            assert sink.received == []
+            assert await query(database_url, "SELECT state FROM deliveries") != [("succeeded",)]
+            if layout == "serve":
+                async with http.get(f"{serve.base_url}/metrics") as scraped:
+                    text = await scraped.text()
+                crashes = re.search(
+                    r'^estafeta_task_crashes_total\{task="worker"\} (\S+)$', text, re.M
+                )
+                assert crashes is not None and float(crashes.group(1)) >= 2
     finally:
         await sink.stop()
         estafeta.kill_all()  # its connections first: a role is dropped once unused

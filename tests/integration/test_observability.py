@@ -465,21 +465,28 @@ async def test_no_workers_is_alerted_while_deliveries_wait_and_no_process_delive
             clock.now += 1_000
             await monitor.check()
             assert monitor.firing == {"no_workers"}
-            # Nothing pending (delivered by hand here): nothing waits for a worker.
-            assert len(await lease_any(store, now_ms=clock.now, limit=10)) == 2
+            # Leased (by a worker that then died): in flight, they wait for a live worker.
+            leased = await lease_any(store, now_ms=clock.now, limit=10)
+            assert len(leased) == 2
+            await monitor.check()
+            assert monitor.firing == {"no_workers"}
+            # Delivered (by hand here): nothing waits for a worker.
+            done = [attempt(d, DeliveryState.SUCCEEDED, at=clock.now) for d in leased]
+            await store.complete(done, clock.now)
             await monitor.check()
             assert monitor.firing == set()
             assert REGISTRY.get_sample_value("estafeta_alert_firing", gauge) == 0
     finally:
         await hub.close()
     alerts = [e for e in logs if e["event"].startswith("alert_")]
-    assert [(e["event"], e["pending"], e.get("last_seen")) for e in alerts] == [
-        ("alert_fired", 2, None),
-        ("alert_resolved", 2, None),
-        ("alert_fired", 2, iso_from_ms(worker_seen)),
-        ("alert_resolved", 2, None),
-        ("alert_fired", 2, iso_from_ms(stopped)),
-        ("alert_resolved", 0, None),
+    waiting = [(e["event"], e["pending"], e["in_flight"], e.get("last_seen")) for e in alerts]
+    assert waiting == [
+        ("alert_fired", 2, 0, None),
+        ("alert_resolved", 2, 0, None),
+        ("alert_fired", 2, 0, iso_from_ms(worker_seen)),
+        ("alert_resolved", 2, 0, None),
+        ("alert_fired", 2, 0, iso_from_ms(stopped)),
+        ("alert_resolved", 0, 0, None),
     ]
 
 
@@ -519,6 +526,42 @@ async def test_no_workers_hears_of_a_worker_whose_delivery_task_keeps_crashing(
         await hub.close()
     alerts = [(e["event"], e.get("last_seen")) for e in logs if e["event"].startswith("alert_")]
     assert alerts == [("alert_fired", iso_from_ms(steady)), ("alert_resolved", None)]
+
+
+@pytest.mark.postgres
+async def test_no_workers_does_not_blame_workers_for_a_store_outage(
+    proxied_hub: tuple[Hub, TcpProxy],
+) -> None:
+    # While the store cannot be reached no process can record itself: once it is back, the
+    # workers' last records are as old as the outage, and that is not a worker gone.
+    hub, proxy = proxied_hub
+    clock = ManualClock()
+    monitor = AlertMonitor(
+        hub.store, threshold=1000, watch_workers=True, no_workers_after_s=120, clock=clock
+    )
+    worker = Presence(hub.store, hub.config, process_id="worker-1", clock=clock)
+    with capture_logs() as logs:
+        await worker.announce()
+        await accept(hub, 1)
+        await proxy.cut()
+        clock.now += 10_000
+        await monitor.check()  # the store is unreachable: noted
+        clock.now += 290_000  # a five-minute outage
+        await monitor.check()
+        await proxy.restore()
+        clock.now += 5_000
+        await monitor.check()
+        assert monitor.firing == set()  # the worker records itself within 10 s of this
+        await worker.announce()
+        back = clock.now
+        clock.now += 119_000
+        await monitor.check()
+        assert monitor.firing == set()
+        clock.now += 1_000  # and then it is gone for good
+        await monitor.check()
+        assert monitor.firing == {"no_workers"}
+    fired = [e for e in logs if e["event"] == "alert_fired"]
+    assert [(e["alert"], e["last_seen"]) for e in fired] == [("no_workers", iso_from_ms(back))]
 
 
 async def test_detailed_health_names_a_crashed_task_and_when_each_process_last_delivered(

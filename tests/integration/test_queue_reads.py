@@ -109,20 +109,24 @@ async def test_the_queues_counts_read_the_queue_not_the_history(
     )
 
 
-async def test_the_alerts_counts_read_the_pending_and_dead_ones_only(
+async def test_the_alerts_counts_read_the_queue_only(
     store: SqlStore, history: list[dict[str, Any]]
 ) -> None:
     # Asked every 5 s by each serve's alert monitor, however long the history grows.
     everything = Counter(d["state"] for d in history)
     depths = await store.queue_depths()
-    assert (depths.pending, depths.dead) == (everything["pending"], everything["dead"])
+    assert (depths.pending, depths.in_flight, depths.dead) == (
+        everything["pending"],
+        everything["in_flight"],
+        everything["dead"],
+    )
     plan = await explain(store, queue_depths_query())
     assert_walks_only(
         store,
         plan,
         "deliveries",
-        {"deliveries_destination_due", "deliveries_dead"},
-        everything["pending"] + everything["dead"],
+        QUEUE_INDEXES,
+        everything["pending"] + everything["in_flight"] + everything["dead"],
     )
 
 

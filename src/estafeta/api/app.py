@@ -97,7 +97,7 @@ def create_app(
             circuits=hub.circuit_states,
             destinations=named_destinations(hub.config),
             down_after_s=hub.config.worker.alert_destination_down_s,
-            watch_workers=not run_workers,
+            watch_workers=True,  # its own worker may be the one crashing
             no_workers_after_s=hub.config.worker.alert_no_workers_s,
             clock=hub.clock,
         )

@@ -18,12 +18,14 @@
   `worker.alert_destination_down_s`. Its deliveries wait pending without spending attempts
   (so nothing reaches the DLQ), and a small business's backlog may never reach
   `queue_backlog`'s depth: without this, a CRM down all day would go unheard.
-* `no_workers` (only where `serve` runs without workers): deliveries wait and no process that
-  delivers (`estafeta worker`, or `serve` with its workers) has run for
-  `worker.alert_no_workers_s`, by the store's record of processes (delivery/presence.py).
-  Ingest goes on accepting, so without this a worker that never started or keeps crashing
-  was heard of only once the backlog reached `queue_backlog`'s depth, days later at a
-  clinic's traffic. It resolves when one runs again or nothing is pending.
+* `no_workers`: deliveries wait and no process (`estafeta worker`, or a `serve` with its
+  workers, this one included) has delivered for `worker.alert_no_workers_s`, by the store's
+  record of processes (delivery/presence.py): none runs, or each one's delivery task keeps
+  crashing. Ingest goes on accepting, so without this a worker that never started or keeps
+  crashing was heard of only once the backlog reached `queue_backlog`'s depth, days later
+  at a clinic's traffic. The time counts from this process's start, and from the last
+  time it found the store unreachable (processes cannot record themselves then), at the
+  earliest. It resolves when one delivers again or nothing is pending.
 
 Each fires once and resolves once; both are log events (`alert_fired` / `alert_resolved`),
 the `estafeta_alert_firing` gauge, and a line in /health/detailed. `destination_down` does
@@ -48,6 +50,7 @@ from estafeta.ingress.spool import Spool
 from estafeta.observability.metrics import ALERTS
 from estafeta.observability.reads import within
 from estafeta.observability.spool_watch import STALL_S, SpoolStatus, observe
+from estafeta.store.records import QueueDepths
 from estafeta.store.sqlstore import SqlStore
 
 log = structlog.get_logger("estafeta.alerts")
@@ -90,12 +93,13 @@ class AlertMonitor:
         self.down_after_ms = round(down_after_s * 1000)
         self.clock: Clock = clock or SystemClock()
         self.interval_s = interval_s
-        # Whether to watch for delivering processes: not where this process delivers itself.
         self.watch_workers = watch_workers
         self.no_workers_after_ms = round(no_workers_after_s * 1000)
-        # A worker started just after this process is not missing: its absence counts from
-        # here at the earliest.
+        # A worker started just after this process is not missing, nor one that could not
+        # record itself while the store was unreachable: its absence counts from the later
+        # of the two at the earliest.
         self.started_ms = self.clock.now_ms()
+        self._unreachable_ms = 0
         self.firing: set[str] = set()
         # Destinations whose circuit is not closed, since when (as first seen: its opened_at,
         # which a failed probe moves on, is kept from the outage's start), and those of them
@@ -117,6 +121,7 @@ class AlertMonitor:
             depths = await self.store.queue_depths()
         except StoreUnavailable:  # the spool covers that; the backlog waits for next round
             store_reachable = False
+            self._unreachable_ms = self.clock.now_ms()
         else:
             store_reachable = True
             pending = depths.pending
@@ -129,7 +134,7 @@ class AlertMonitor:
             else:
                 self._resolve(DEAD_LETTERS, dead=depths.dead, threshold=self.dead_threshold)
             if self.watch_workers:
-                await self._check_workers(pending)
+                await self._check_workers(depths)
         if self.circuits is not None:
             await self._check_destinations(self.circuits)
         if self.spool is None:
@@ -191,23 +196,28 @@ class AlertMonitor:
             self.firing.discard(DESTINATION_DOWN)
         ALERTS.labels(DESTINATION_DOWN).set(1 if self.down else 0)
 
-    async def _check_workers(self, pending: int) -> None:
-        if not pending:
-            self._resolve(NO_WORKERS, pending=0)
+    async def _check_workers(self, depths: QueueDepths) -> None:
+        # In flight too: leased to a worker that died, they wait for a live one's rescue.
+        pending, in_flight = depths.pending, depths.in_flight
+        if not pending and not in_flight:
+            self._resolve(NO_WORKERS, pending=0, in_flight=0)
             return
         try:
             last = await within(self.store.last_delivering_at())
         except (StoreUnavailable, TimeoutError):  # unknown this round: nothing changes
+            self._unreachable_ms = self.clock.now_ms()
             return
         now = self.clock.now_ms()
-        if now - max(last or 0, self.started_ms) >= self.no_workers_after_ms:
+        since = max(last or 0, self.started_ms, self._unreachable_ms)
+        if now - since >= self.no_workers_after_ms:
             self._fire(
                 NO_WORKERS,
                 pending=pending,
+                in_flight=in_flight,
                 last_seen=None if last is None else iso_from_ms(last),
             )
         else:
-            self._resolve(NO_WORKERS, pending=pending)
+            self._resolve(NO_WORKERS, pending=pending, in_flight=in_flight)
 
     def _fire(self, alert: str, **fields: Any) -> None:
         if alert not in self.firing:

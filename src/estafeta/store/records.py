@@ -190,9 +190,11 @@ class DeadGroup:
 
 @dataclass(frozen=True, slots=True)
 class QueueDepths:
-    """What the alerts watch: deliveries waiting to be sent, and waiting for an operator."""
+    """What the alerts watch: deliveries waiting to be sent or being sent (leased to a
+    worker, maybe one that died), and waiting for an operator."""
 
     pending: int
+    in_flight: int
     dead: int
 
 

@@ -79,11 +79,11 @@ class ViewOps(StoreBase):
         )
 
     async def queue_depths(self) -> QueueDepths:
-        """Pending and dead deliveries, each counted on its state's partial index (the
-        alerts' question, asked every few seconds: no scan of the succeeded history)."""
+        """Pending, in-flight and dead deliveries, each counted on its state's partial index
+        (the alerts' question, asked every few seconds: no scan of the succeeded history)."""
         async with self._read() as conn:
-            pending, dead = (await conn.execute(queue_depths_query())).one()
-        return QueueDepths(pending=int(pending), dead=int(dead))
+            pending, in_flight, dead = (await conn.execute(queue_depths_query())).one()
+        return QueueDepths(pending=int(pending), in_flight=int(in_flight), dead=int(dead))
 
     async def queue_stats(
         self, tenant_id: str | None = None, *, history: bool = False
@@ -105,11 +105,12 @@ class ViewOps(StoreBase):
 
 
 def queue_depths_query() -> Select[Any]:
-    """One row: the pending and the dead deliveries, each counted on its own partial index."""
+    """One row: the pending, in-flight and dead deliveries, each counted on its own partial
+    index."""
     return select(
         *(
             select(func.count()).where(state_is(state)).scalar_subquery()
-            for state in (DeliveryState.PENDING, DeliveryState.DEAD)
+            for state in (DeliveryState.PENDING, DeliveryState.IN_FLIGHT, DeliveryState.DEAD)
         )
     )
 
