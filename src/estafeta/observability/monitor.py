@@ -25,7 +25,7 @@
   crashing was heard of only once the backlog reached `queue_backlog`'s depth, days later
   at a clinic's traffic. The time counts from this process's start, and from the last
   time it found the store unreachable (processes cannot record themselves then), at the
-  earliest. It resolves when one delivers again or nothing is pending.
+  earliest. It resolves when one delivers again or nothing waits.
 
 Each fires once and resolves once; both are log events (`alert_fired` / `alert_resolved`),
 the `estafeta_alert_firing` gauge, and a line in /health/detailed. `destination_down` does
