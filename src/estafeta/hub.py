@@ -126,7 +126,7 @@ class Hub:
         # The worker in this process, if one runs, takes fresh deliveries as they are stored.
         self.handoff = Handoff()
         # Webhooks refused at /in/, counted and logged (a provider's rotated secret).
-        self.refusals = Refusals()
+        self.refusals = Refusals(clock=self.clock)
         self.unrouted = Unrouted()
 
     def new_event(
@@ -225,6 +225,7 @@ class Hub:
     def _count(self, event: NewEvent, outcome: str) -> None:
         """One event accepted (`stored`, `spooled`, or a `duplicate` of one already)."""
         series(EVENTS_ACCEPTED, event.source_id, outcome).inc()
+        self.refusals.accepted(event.source_id)
         if not event.deliveries and outcome != "duplicate":
             self.unrouted.note(event.tenant_id, event.source_id, event.type)
 

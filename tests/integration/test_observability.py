@@ -15,6 +15,7 @@ from structlog.testing import capture_logs
 from estafeta.api.app import create_app
 from estafeta.clock import iso_from_ms
 from estafeta.config import Config, load_config_dict
+from estafeta.connectors.http import sign_webhook
 from estafeta.delivery.breakers import Breakers
 from estafeta.delivery.outcome import Outcome, OutcomeKind
 from estafeta.delivery.presence import Presence
@@ -30,7 +31,7 @@ from estafeta.store.records import DeadLetterFilter
 from estafeta.store.sqlstore import SqlStore
 from estafeta.supervise import Tasks
 from tests.chaos.conftest import TcpProxy
-from tests.conftest import base_config, lease_any
+from tests.conftest import SOURCE_SECRET, base_config, lease_any
 from tests.integration.redis_support import RedisServer
 from tests.integration.store_support import attempt
 
@@ -593,6 +594,66 @@ async def test_detailed_health_names_a_crashed_task_and_when_each_process_last_d
         r = await http.get("/health/detailed", headers=ADMIN)
         assert (r.status_code, r.json()["status"]) == (200, "ok")
         assert r.json()["checks"]["tasks"] == {"status": "ok"}
+
+
+async def test_a_source_whose_webhooks_keep_being_refused_is_alerted_until_one_is_accepted(
+    config: Config, store: SqlStore
+) -> None:
+    # A rotated app secret or auth token: every webhook of the source is refused, and the
+    # provider gives up after its retries (Twilio does not retry). Only a log line said so.
+    clock = ManualClock()
+    clock.now = int(time.time() * 1000)  # signatures are checked against the real time
+    hub = Hub(config, store, clock)
+    monitor = AlertMonitor(
+        store, threshold=1000, refusals=hub.refusals, refused_after_s=300, clock=clock
+    )
+    body = b'{"type": "message.received", "data": {"text": "hola"}}'
+    gauge = {"alert": "webhooks_refused"}
+
+    async def post(path: str, headers: dict[str, str]) -> int:
+        headers = {"content-type": "application/json", **headers}
+        return (await http.post(path, content=body, headers=headers)).status_code
+
+    forged = {"webhook-id": "msg_1", "webhook-timestamp": str(int(time.time()))}
+    forged["webhook-signature"] = "v1,c2lnbmVkIHdpdGggdGhlIG9sZCBzZWNyZXQ="
+    transport = httpx.ASGITransport(app=create_app(hub))
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://hub") as http:
+            with capture_logs() as logs:
+                first = clock.now
+                assert await post("/in/crm-events", forged) == 401
+                assert await post("/in/crm-events", forged) == 401
+                assert await post("/in/no-such-source", forged) == 404  # not a source of ours
+                clock.now += 400_000
+                await monitor.check()
+                assert monitor.firing == set()  # two stray requests are not an outage
+                assert await post("/in/crm-events", forged) == 401
+                await monitor.check()
+                assert monitor.firing == {"webhooks_refused"}
+                assert REGISTRY.get_sample_value("estafeta_alert_firing", gauge) == 1
+                await monitor.check()  # still: no second line
+
+                stamp = str(int(time.time()))
+                good = {"webhook-id": "msg_2", "webhook-timestamp": stamp}
+                good["webhook-signature"] = sign_webhook(SOURCE_SECRET, "msg_2", int(stamp), body)
+                assert await post("/in/crm-events", good) == 202  # the secret is fixed
+                await monitor.check()
+                assert monitor.firing == set()
+                assert REGISTRY.get_sample_value("estafeta_alert_firing", gauge) == 0
+
+                for _ in range(5):  # refused again, but not for long yet
+                    assert await post("/in/crm-events", forged) == 401
+                clock.now += 299_000
+                await monitor.check()
+                assert monitor.firing == set()
+    finally:
+        await hub.close()
+    alerts = [e for e in logs if e["event"].startswith("alert_")]
+    assert [(e["event"], e["source"], e.get("refused"), e.get("since")) for e in alerts] == [
+        ("alert_fired", "crm-events", 3, iso_from_ms(first)),
+        ("alert_resolved", "crm-events", None, None),
+    ]
+    assert alerts[0]["error"] == "invalid_signature"
 
 
 async def test_the_spool_alerts_fire_and_resolve_once(

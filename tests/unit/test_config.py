@@ -431,6 +431,11 @@ INVALID_CASES: list[tuple[str, str, list[str]]] = [
         ],
     ),
     (
+        "a refused-webhooks alert that would fire at the first refusal",
+        "[worker]\nalert_webhooks_refused_s = 0",
+        ["worker.alert_webhooks_refused_s: Input should be greater than 0"],
+    ),
+    (
         "unsupported database",
         '[storage]\nurl = "mysql://root:pw@db/estafeta"',
         [

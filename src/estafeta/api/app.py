@@ -99,6 +99,8 @@ def create_app(
             down_after_s=hub.config.worker.alert_destination_down_s,
             watch_workers=True,  # its own worker may be the one crashing
             no_workers_after_s=hub.config.worker.alert_no_workers_s,
+            refusals=hub.refusals,
+            refused_after_s=hub.config.worker.alert_webhooks_refused_s,
             clock=hub.clock,
         )
         app.state.monitor = monitor

@@ -238,9 +238,11 @@ class WorkerConfig(_Model):
     alert_dead_letters: int = Field(default=1, ge=1)
     # The destination_down alert fires when a destination's circuit has not closed for this long.
     alert_destination_down_s: float = Field(default=300, gt=0)
-    # The no_workers alert (of `serve --no-workers`) fires when deliveries wait and no process
-    # that delivers has run for this long.
+    # The no_workers alert fires when deliveries wait and no process has delivered for this long.
     alert_no_workers_s: float = Field(default=120)
+    # The webhooks_refused alert fires when a source's webhooks have been refused, none
+    # accepted meanwhile, for this long.
+    alert_webhooks_refused_s: float = Field(default=300, gt=0)
     # Where `estafeta worker` serves its own /metrics and /health (none when unset); `serve`
     # has them on server.listen.
     metrics_listen: str | None = None

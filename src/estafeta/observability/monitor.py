@@ -26,10 +26,18 @@
   at a clinic's traffic. The time counts from this process's start, and from the last
   time it found the store unreachable (processes cannot record themselves then), at the
   earliest. It resolves when one delivers again or nothing waits.
+* `webhooks_refused`: a source's webhooks have been refused (a bad signature, a body it
+  cannot read, the tenant's rate limit …) for `worker.alert_webhooks_refused_s`, at least
+  `MIN_REFUSED` of them and none of its events accepted since the first, by this process's
+  count (observability/refusals.py). A provider whose app secret or auth token was rotated
+  retries for a while, or not at all (Twilio), and then its messages are lost: the log's
+  `ingest_refused` lines said so once a minute, no alert did. A stray bad request or two
+  do not fire it. It resolves when an event of the source is accepted.
 
 Each fires once and resolves once; both are log events (`alert_fired` / `alert_resolved`),
 the `estafeta_alert_firing` gauge, and a line in /health/detailed. `destination_down` does
-so per destination (its log events name it), the gauge and the line while any is down.
+so per destination (its log events name it), the gauge and the line while any is down;
+`webhooks_refused` likewise per source.
 Sending alerts elsewhere is the alerting issue's.
 """
 
@@ -49,6 +57,7 @@ from estafeta.errors import StoreUnavailable
 from estafeta.ingress.spool import Spool
 from estafeta.observability.metrics import ALERTS
 from estafeta.observability.reads import within
+from estafeta.observability.refusals import Refusals
 from estafeta.observability.spool_watch import STALL_S, SpoolStatus, observe
 from estafeta.store.records import QueueDepths
 from estafeta.store.sqlstore import SqlStore
@@ -63,7 +72,37 @@ SPOOL_FULL = "spool_full"
 SPOOL_ALERTS = (SPOOL_STALLED, SPOOL_UNWRITABLE, SPOOL_FULL)
 DESTINATION_DOWN = "destination_down"
 NO_WORKERS = "no_workers"
+WEBHOOKS_REFUSED = "webhooks_refused"
+# Refusals a source's streak needs before it can fire: not one stray request, nor two.
+MIN_REFUSED = 3
 RESOLVE_RATIO = 0.9
+
+
+class KeyedAlert:
+    """An alert raised per destination or per source: fired and resolved for each one, the
+    gauge and /health/detailed's line standing while any one fires."""
+
+    def __init__(self, alert: str, key: str) -> None:
+        self.alert = alert
+        self.key = key  # the name its log events give the destination or source
+        self.keys: set[str] = set()  # those it fires for
+
+    def resolve_all_but(self, present: Collection[str]) -> None:
+        for gone in sorted(self.keys.difference(present)):
+            self.keys.discard(gone)
+            log.info("alert_resolved", alert=self.alert, **{self.key: gone})
+
+    def fire(self, key: str, **fields: Any) -> None:
+        if key not in self.keys:
+            self.keys.add(key)
+            log.warning("alert_fired", alert=self.alert, **{self.key: key}, **fields)
+
+    def publish(self, firing: set[str]) -> None:
+        if self.keys:
+            firing.add(self.alert)
+        else:
+            firing.discard(self.alert)
+        ALERTS.labels(self.alert).set(1 if self.keys else 0)
 
 
 class AlertMonitor:
@@ -79,6 +118,8 @@ class AlertMonitor:
         down_after_s: float = 300.0,
         watch_workers: bool = False,
         no_workers_after_s: float = 120.0,
+        refusals: Refusals | None = None,
+        refused_after_s: float = 300.0,
         clock: Clock | None = None,
         interval_s: float = 5.0,
     ) -> None:
@@ -100,12 +141,15 @@ class AlertMonitor:
         # of the two at the earliest.
         self.started_ms = self.clock.now_ms()
         self._unreachable_ms = 0
+        self.refusals = refusals
+        self.refused_after_ms = round(refused_after_s * 1000)
+        self._refused = KeyedAlert(WEBHOOKS_REFUSED, "source")
         self.firing: set[str] = set()
         # Destinations whose circuit is not closed, since when (as first seen: its opened_at,
         # which a failed probe moves on, is kept from the outage's start), and those of them
         # alerted on.
         self._down_since: dict[str, int] = {}
-        self.down: set[str] = set()
+        self._down = KeyedAlert(DESTINATION_DOWN, "destination")
         alerts = [BACKLOG, DEAD_LETTERS]
         if spool is not None:
             alerts.extend(SPOOL_ALERTS)
@@ -113,8 +157,15 @@ class AlertMonitor:
             alerts.append(DESTINATION_DOWN)
         if watch_workers:
             alerts.append(NO_WORKERS)
+        if refusals is not None:
+            alerts.append(WEBHOOKS_REFUSED)
         for alert in alerts:
             ALERTS.labels(alert).set(0)
+
+    @property
+    def down(self) -> set[str]:
+        """The destinations alerted on as down."""
+        return self._down.keys
 
     async def check(self) -> None:
         try:
@@ -137,6 +188,8 @@ class AlertMonitor:
                 await self._check_workers(depths)
         if self.circuits is not None:
             await self._check_destinations(self.circuits)
+        if self.refusals is not None:
+            self._check_refusals(self.refusals)
         if self.spool is None:
             return
         state = await observe(
@@ -175,26 +228,30 @@ class AlertMonitor:
         self._down_since = {
             d: self._down_since.get(d, min(c.opened_at or now, now)) for d, c in down.items()
         }
-        for destination in sorted(self.down - down.keys()):
-            self.down.discard(destination)
-            log.info("alert_resolved", alert=DESTINATION_DOWN, destination=destination)
+        self._down.resolve_all_but(down)
         for destination, since in sorted(self._down_since.items()):
-            if destination not in self.down and now - since >= self.down_after_ms:
-                self.down.add(destination)
-                log.warning(
-                    "alert_fired",
-                    alert=DESTINATION_DOWN,
-                    destination=destination,
+            if now - since >= self.down_after_ms:
+                self._down.fire(
+                    destination,
                     circuit=down[destination].state.value,
                     since=iso_from_ms(since),
                     down_s=round((now - since) / 1000),
                 )
-        # The gauge and /health/detailed's line: while any destination is down.
-        if self.down:
-            self.firing.add(DESTINATION_DOWN)
-        else:
-            self.firing.discard(DESTINATION_DOWN)
-        ALERTS.labels(DESTINATION_DOWN).set(1 if self.down else 0)
+        self._down.publish(self.firing)
+
+    def _check_refusals(self, refusals: Refusals) -> None:
+        now = self.clock.now_ms()
+        streaks = refusals.streaks
+        self._refused.resolve_all_but(streaks)
+        for source, streak in sorted(streaks.items()):
+            if now - streak.first_at >= self.refused_after_ms and streak.count >= MIN_REFUSED:
+                self._refused.fire(
+                    source,
+                    error=streak.error,
+                    refused=streak.count,
+                    since=iso_from_ms(streak.first_at),
+                )
+        self._refused.publish(self.firing)
 
     async def _check_workers(self, depths: QueueDepths) -> None:
         # In flight too: leased to a worker that died, they wait for a live one's rescue.
