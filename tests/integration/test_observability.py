@@ -31,6 +31,7 @@ from estafeta.store.records import DeadLetterFilter
 from estafeta.store.sqlstore import SqlStore
 from estafeta.supervise import Tasks
 from tests.chaos.conftest import TcpProxy
+from tests.clocks import ManualClock
 from tests.conftest import SOURCE_SECRET, base_config, lease_any
 from tests.integration.redis_support import RedisServer
 from tests.integration.store_support import attempt
@@ -271,16 +272,6 @@ async def test_metrics_are_served_while_the_store_is_unreachable(
     assert elapsed < READ_TIMEOUT_S + 2, elapsed
     assert frozen.status_code == 200 and "estafeta_spool_segments" in frozen.text
     assert "estafeta_deliveries{" not in frozen.text
-
-
-class ManualClock:
-    """Wall time the test moves by hand, shared by a hub and its spool."""
-
-    def __init__(self) -> None:
-        self.now = 1_700_000_000_000
-
-    def now_ms(self) -> int:
-        return self.now
 
 
 @pytest.fixture
@@ -601,8 +592,7 @@ async def test_a_source_whose_webhooks_keep_being_refused_is_alerted_until_one_i
 ) -> None:
     # A rotated app secret or auth token: every webhook of the source is refused, and the
     # provider gives up after its retries (Twilio does not retry). Only a log line said so.
-    clock = ManualClock()
-    clock.now = int(time.time() * 1000)  # signatures are checked against the real time
+    clock = ManualClock(int(time.time() * 1000))  # signatures are checked at the real time
     hub = Hub(config, store, clock)
     monitor = AlertMonitor(
         store, threshold=1000, refusals=hub.refusals, refused_after_s=300, clock=clock

@@ -18,8 +18,10 @@ from estafeta.api.app import create_app
 from estafeta.config import load_config_dict
 from estafeta.hub import Hub
 from estafeta.ingress.providers.twilio import signature as twilio_signature
+from estafeta.observability.monitor import AlertMonitor
 from estafeta.store.records import NewEvent
 from estafeta.store.sqlstore import SqlStore
+from tests.clocks import ManualClock
 from tests.conftest import base_config
 from tests.integration.providers_support import (
     ADMIN,
@@ -52,6 +54,36 @@ async def test_whatsapp_handshake_echoes_the_challenge(http: httpx.AsyncClient) 
     wrong = query.replace("estafeta-verify-2f7c1e9a", "guess")
     r = await http.get(f"/in/wa-sol?{wrong}")
     assert (r.status_code, r.json()["error"]) == (403, "invalid_verify_token")
+
+
+async def test_a_right_handshake_ends_the_alert_on_wrong_ones(
+    store: SqlStore, database_url: str
+) -> None:
+    # Setting up Meta's webhook with a mistyped verify token: refused, again and again, and
+    # webhooks_refused fires. Once the token is right Meta sends events only when there are
+    # some: the handshake itself says the source is reached and answered.
+    data = base_config(database_url)
+    data["sources"].extend(provider_sources())
+    clock = ManualClock()
+    hub = Hub(load_config_dict(data), store, clock)
+    monitor = AlertMonitor(
+        store, threshold=1000, refusals=hub.refusals, refused_after_s=300, clock=clock
+    )
+    query = (FIXTURES / "whatsapp_cloud/verify_handshake.txt").read_text()
+    wrong = query.replace("estafeta-verify-2f7c1e9a", "estafeta-verify-typo")
+    try:
+        transport = httpx.ASGITransport(app=create_app(hub))
+        async with httpx.AsyncClient(transport=transport, base_url="http://hub") as http:
+            for _ in range(3):
+                assert (await http.get(f"/in/wa-sol?{wrong}")).status_code == 403
+            clock.now += 300_000
+            await monitor.check()
+            assert monitor.firing == {"webhooks_refused"}
+            assert (await http.get(f"/in/wa-sol?{query}")).status_code == 200
+            await monitor.check()
+            assert monitor.firing == set()
+    finally:
+        await hub.close()
 
 
 async def test_a_wrong_method_is_told_the_methods_the_source_answers(

@@ -167,7 +167,9 @@ class IngestApp:
             body = await read_body(receive, limit)
         request = inbound_request(scope, headers, body)
         if method == "GET":
-            return 200, handler.handshake(request), None
+            challenge = handler.handshake(request)
+            hub.refusals.accepted(source_id)  # its verify token is right: the refusals end
+            return 200, challenge, None
         handler.verify(request)
         await rate_limit(hub, source.tenant)
         # A webhook's events are committed together, in one transaction (see accept_all).

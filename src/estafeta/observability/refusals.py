@@ -54,7 +54,8 @@ class Refusals:
         self.streaks: dict[str, Streak] = {}
 
     def accepted(self, source_id: str) -> None:
-        """An event of `source_id` was accepted: whatever was refused before, it works now."""
+        """An event of `source_id` was accepted, or its handshake answered: whatever was
+        refused before, it works now."""
         if self.streaks:  # on every event: a dict lookup only while some source is refused
             self.streaks.pop(source_id, None)
 
