@@ -32,7 +32,8 @@
   count (observability/refusals.py). A provider whose app secret or auth token was rotated
   retries for a while, or not at all (Twilio), and then its messages are lost: the log's
   `ingest_refused` lines said so once a minute, no alert did. A stray bad request or two
-  do not fire it. It resolves when an event of the source is accepted.
+  do not fire it. It resolves when an event of the source is accepted (or its handshake
+  answered).
 
 Each fires once and resolves once; both are log events (`alert_fired` / `alert_resolved`),
 the `estafeta_alert_firing` gauge, and a line in /health/detailed. `destination_down` does

@@ -35,7 +35,6 @@ class Streak:
     """A configured source's refusals since it last had an event accepted (Unix ms)."""
 
     first_at: int
-    last_at: int
     count: int
     error: str  # the last one's
 
@@ -64,12 +63,11 @@ class Refusals:
         label = source_id if known else ""
         series(INGEST_REFUSED, label, error).inc()
         if known:
-            now_ms = self._clock.now_ms()
             streak = self.streaks.get(source_id)
             if streak is None:
-                self.streaks[source_id] = Streak(now_ms, now_ms, 1, error)
+                self.streaks[source_id] = Streak(self._clock.now_ms(), 1, error)
             else:
-                streak.last_at, streak.count, streak.error = now_ms, streak.count + 1, error
+                streak.count, streak.error = streak.count + 1, error
         key = (label, error)
         now = self._monotonic()
         logged_at, unlogged = self._since_logged.get(key, (None, 0))
