@@ -22,6 +22,7 @@ from estafeta.delivery.model import LeasedDelivery
 from estafeta.store import open_store
 from estafeta.store.schema import metadata
 from estafeta.store.sqlstore import SqlStore
+from estafeta.testing.sink import Sink
 
 PG_ADMIN_URL = os.environ.get(
     "ESTAFETA_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -160,6 +161,18 @@ def base_config(database_url: str, **overrides: Any) -> dict[str, Any]:
 
 SOURCE_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 SINK_SECRET = "whsec_9sQZGHNKBPLdpN1Cf2pWhMROd+Y32GhePFOfGlgrQy4="
+
+
+@pytest.fixture
+async def sink() -> AsyncIterator[Sink]:
+    """A real HTTP receiver that verifies the deliveries' signatures with SINK_SECRET,
+    stopped after the test whatever happened."""
+    receiver = Sink(secret=SINK_SECRET)
+    await receiver.start()
+    try:
+        yield receiver
+    finally:
+        await receiver.stop()
 
 
 @pytest.fixture

@@ -20,7 +20,6 @@ from tests.acceptance.conftest import (
     settled,
     summary,
 )
-from tests.conftest import SINK_SECRET
 
 EVENTS = 2000
 WORKERS = 4
@@ -29,67 +28,62 @@ WORKERS = 4
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 async def test_four_workers_deliver_each_event_exactly_once(
-    database_url: str, tmp_path: Path, estafeta: Estafeta
+    database_url: str, tmp_path: Path, estafeta: Estafeta, sink: Sink
 ) -> None:
     started = time.monotonic()
-    sink = Sink(secret=SINK_SECRET)
-    await sink.start()
     # A little latency per send, so one worker alone cannot drain the queue before the others
     # have started: 32 sends at a time x 0.1 s is at most ~320 deliveries a second per worker.
     sink.respond(200, delay_s=0.1)
-    try:
-        port = free_port()
-        config = leads_to_crm_config(
-            database_url,
-            tmp_path,
-            sink.url,
-            port=port,
-            timeout_s=5,
-            worker={"concurrency": 32, "batch_size": 32},
+    port = free_port()
+    config = leads_to_crm_config(
+        database_url,
+        tmp_path,
+        sink.url,
+        port=port,
+        timeout_s=5,
+        worker={"concurrency": 32, "batch_size": 32},
+    )
+    serve = await estafeta.serve(config, port, no_workers=True)
+    assert serve.base_url is not None
+    async with client_session() as http:
+        hub = HubClient(serve.base_url, http)
+        msg_ids = [f"msg_{n:05d}" for n in range(EVENTS)]
+        sent = await hub.send_many(
+            [{"type": "lead.created", "data": {"n": n}} for n in range(EVENTS)], msg_ids
         )
-        serve = await estafeta.serve(config, port, no_workers=True)
-        assert serve.base_url is not None
-        async with client_session() as http:
-            hub = HubClient(serve.base_url, http)
-            msg_ids = [f"msg_{n:05d}" for n in range(EVENTS)]
-            sent = await hub.send_many(
-                [{"type": "lead.created", "data": {"n": n}} for n in range(EVENTS)], msg_ids
-            )
-            assert sent.errors == []
-            assert sent.statuses == [202] * EVENTS
-            acknowledged = sent.acknowledged
-            assert await hub.queue() == {"pending": EVENTS}
-            assert sink.received == []  # nothing is sent before the workers start
+        assert sent.errors == []
+        assert sent.statuses == [202] * EVENTS
+        acknowledged = sent.acknowledged
+        assert await hub.queue() == {"pending": EVENTS}
+        assert sink.received == []  # nothing is sent before the workers start
 
-            workers = [estafeta.worker(config, name=f"worker-{n}") for n in range(WORKERS)]
-            assert await sink.wait_for(lambda s: acknowledged <= s.delivered_ids, 60), (
-                f"{len(acknowledged - sink.delivered_ids)} events not delivered"
-            )
-            assert await settled(hub, database_url, timeout_s=20) == {"succeeded": EVENTS}
-
-        exits = await asyncio.gather(*(w.stop() for w in workers))
-        assert exits == [0] * WORKERS, [w.tail() for w in workers]
-        attempts: list[int] = []
-        for w in workers:
-            stopped = [e for e in w.log_events() if e.get("event") == "worker_stopped"]
-            assert len(stopped) == 1, w.tail()
-            attempts.append(stopped[0]["attempts"])
-
-        sends = Counter(r.webhook_id for r in sink.received)
-        assert sink.delivered_ids == acknowledged
-        assert sink.duplicates == 0
-        assert max(sends.values()) == 1, [i for i, n in sends.items() if n > 1][:10]
-        assert sum(attempts) == EVENTS, attempts
-        assert sum(1 for n in attempts if n > 0) >= 2, f"one worker did all the work: {attempts}"
-        summary(
-            "multi_worker[postgresql]",
-            sent=EVENTS,
-            acknowledged=len(acknowledged),
-            delivered=len(sink.delivered_ids),
-            duplicates=sink.duplicates,
-            lost=len(acknowledged - sink.delivered_ids),
-            started=started,
+        workers = [estafeta.worker(config, name=f"worker-{n}") for n in range(WORKERS)]
+        assert await sink.wait_for(lambda s: acknowledged <= s.delivered_ids, 60), (
+            f"{len(acknowledged - sink.delivered_ids)} events not delivered"
         )
-        print(f"  attempts per worker: {attempts}")
-    finally:
-        await sink.stop()
+        assert await settled(hub, database_url, timeout_s=20) == {"succeeded": EVENTS}
+
+    exits = await asyncio.gather(*(w.stop() for w in workers))
+    assert exits == [0] * WORKERS, [w.tail() for w in workers]
+    attempts: list[int] = []
+    for w in workers:
+        stopped = [e for e in w.log_events() if e.get("event") == "worker_stopped"]
+        assert len(stopped) == 1, w.tail()
+        attempts.append(stopped[0]["attempts"])
+
+    sends = Counter(r.webhook_id for r in sink.received)
+    assert sink.delivered_ids == acknowledged
+    assert sink.duplicates == 0
+    assert max(sends.values()) == 1, [i for i, n in sends.items() if n > 1][:10]
+    assert sum(attempts) == EVENTS, attempts
+    assert sum(1 for n in attempts if n > 0) >= 2, f"one worker did all the work: {attempts}"
+    summary(
+        "multi_worker[postgresql]",
+        sent=EVENTS,
+        acknowledged=len(acknowledged),
+        delivered=len(sink.delivered_ids),
+        duplicates=sink.duplicates,
+        lost=len(acknowledged - sink.delivered_ids),
+        started=started,
+    )
+    print(f"  attempts per worker: {attempts}")

@@ -24,43 +24,38 @@ ALERT = '\nestafeta_alert_firing{alert="webhooks_refused"} '
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_a_source_refused_again_and_again_is_alerted_until_it_is_accepted(
-    database_url: str, tmp_path: Path, estafeta: Estafeta
+    database_url: str, tmp_path: Path, estafeta: Estafeta, sink: Sink
 ) -> None:
-    sink = Sink(secret=SINK_SECRET)
-    await sink.start()
-    try:
-        port = free_port()
-        config = leads_to_crm_config(
-            database_url, tmp_path, sink.url, port=port, worker={"alert_webhooks_refused_s": 1}
+    port = free_port()
+    config = leads_to_crm_config(
+        database_url, tmp_path, sink.url, port=port, worker={"alert_webhooks_refused_s": 1}
+    )
+    serve = await estafeta.serve(config, port)
+    assert serve.base_url is not None
+    async with client_session() as http:
+        hub = HubClient(serve.base_url, http)
+        lead = {"type": "lead.created", "data": {"n": 1}}
+        for n in range(3):  # signed with another secret than the source's
+            raw, headers = signed_request(lead, f"msg_{n}", secret=SINK_SECRET)
+            async with http.post(
+                f"{serve.base_url}/in/crm-events", data=raw, headers=headers
+            ) as refused:
+                assert refused.status == 401
+        fired = await serve.wait_log("alert_fired", timeout_s=20)
+        assert (fired["alert"], fired["source"], fired["refused"]) == (
+            "webhooks_refused",
+            "crm-events",
+            3,
         )
-        serve = await estafeta.serve(config, port)
-        assert serve.base_url is not None
-        async with client_session() as http:
-            hub = HubClient(serve.base_url, http)
-            lead = {"type": "lead.created", "data": {"n": 1}}
-            for n in range(3):  # signed with another secret than the source's
-                raw, headers = signed_request(lead, f"msg_{n}", secret=SINK_SECRET)
-                async with http.post(
-                    f"{serve.base_url}/in/crm-events", data=raw, headers=headers
-                ) as refused:
-                    assert refused.status == 401
-            fired = await serve.wait_log("alert_fired", timeout_s=20)
-            assert (fired["alert"], fired["source"], fired["refused"]) == (
-                "webhooks_refused",
-                "crm-events",
-                3,
-            )
-            assert fired["error"] == "invalid_signature"
-            health = await hub.get_json("/health/detailed")
-            assert health["checks"]["alerts"]["firing"] == ["webhooks_refused"]
-            async with http.get(f"{serve.base_url}/metrics") as scraped:
-                assert f"{ALERT}1.0\n" in await scraped.text()
+        assert fired["error"] == "invalid_signature"
+        health = await hub.get_json("/health/detailed")
+        assert health["checks"]["alerts"]["firing"] == ["webhooks_refused"]
+        async with http.get(f"{serve.base_url}/metrics") as scraped:
+            assert f"{ALERT}1.0\n" in await scraped.text()
 
-            status, _ = await hub.post_signed(lead, "msg_fixed")  # the right secret again
-            assert status == 202
-            resolved = await serve.wait_log("alert_resolved", timeout_s=20)
-            assert (resolved["alert"], resolved["source"]) == ("webhooks_refused", "crm-events")
-            health = await hub.get_json("/health/detailed")
-            assert health["checks"]["alerts"]["firing"] == []
-    finally:
-        await sink.stop()
+        status, _ = await hub.post_signed(lead, "msg_fixed")  # the right secret again
+        assert status == 202
+        resolved = await serve.wait_log("alert_resolved", timeout_s=20)
+        assert (resolved["alert"], resolved["source"]) == ("webhooks_refused", "crm-events")
+        health = await hub.get_json("/health/detailed")
+        assert health["checks"]["alerts"]["firing"] == []

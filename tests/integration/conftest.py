@@ -17,9 +17,8 @@ from estafeta.hub import Hub
 from estafeta.ingress.spool import Spool
 from estafeta.store import open_store
 from estafeta.store.sqlstore import SqlStore
-from estafeta.testing.sink import Sink
 from tests.chaos.conftest import TcpProxy, pg_target, via_proxy
-from tests.conftest import IN_CI, SINK_SECRET, base_config, fresh_database
+from tests.conftest import IN_CI, base_config, fresh_database
 from tests.integration.providers_support import provider_sources
 from tests.integration.redis_support import SHARED_REDIS_URL, RedisServer
 
@@ -64,15 +63,6 @@ async def http(store: SqlStore, database_url: str) -> AsyncIterator[httpx.AsyncC
     async with httpx.AsyncClient(transport=transport, base_url="http://hub") as client:
         yield client
     await hub.close()
-
-
-@pytest.fixture
-async def sink() -> AsyncIterator[Sink]:
-    """A real HTTP receiver that verifies the deliveries' signatures with SINK_SECRET."""
-    receiver = Sink(secret=SINK_SECRET)
-    await receiver.start()
-    yield receiver
-    await receiver.stop()
 
 
 @pytest.fixture

@@ -410,6 +410,13 @@ async def test_a_destination_down_is_alerted_once_it_stays_down_and_resolved_whe
     assert fired["circuit"] == "open" and fired["down_s"] >= 300
 
 
+def watching_workers(store: SqlStore, clock: ManualClock) -> AlertMonitor:
+    """A monitor of processes that deliver, on `clock`: `no_workers` after 120 s."""
+    return AlertMonitor(
+        store, threshold=1000, watch_workers=True, no_workers_after_s=120, clock=clock
+    )
+
+
 async def test_no_workers_is_alerted_while_deliveries_wait_and_no_process_delivers(
     config: Config, store: SqlStore
 ) -> None:
@@ -417,9 +424,7 @@ async def test_no_workers_is_alerted_while_deliveries_wait_and_no_process_delive
     # started, or crashing): before this alert nothing said so until queue_backlog's 10,000.
     clock = ManualClock()
     hub = Hub(config, store, clock)
-    monitor = AlertMonitor(
-        store, threshold=1000, watch_workers=True, no_workers_after_s=120, clock=clock
-    )
+    monitor = watching_workers(store, clock)
     http_only = Presence(store, config, process_id="http-1", clock=clock, delivers=False)
     worker = Presence(store, config, process_id="worker-1", clock=clock)
     gauge = {"alert": "no_workers"}
@@ -490,9 +495,7 @@ async def test_no_workers_hears_of_a_worker_whose_delivery_task_keeps_crashing(
     # nothing: it must count as no worker, from its last steady announcement on.
     clock = ManualClock()
     hub = Hub(config, store, clock)
-    monitor = AlertMonitor(
-        store, threshold=1000, watch_workers=True, no_workers_after_s=120, clock=clock
-    )
+    monitor = watching_workers(store, clock)
     tasks = Tasks()
     worker = Presence(store, config, process_id="worker-1", clock=clock, tasks=tasks)
     try:
@@ -528,9 +531,7 @@ async def test_no_workers_does_not_blame_workers_for_a_store_outage(
     # workers' last records are as old as the outage, and that is not a worker gone.
     hub, proxy = proxied_hub
     clock = ManualClock()
-    monitor = AlertMonitor(
-        hub.store, threshold=1000, watch_workers=True, no_workers_after_s=120, clock=clock
-    )
+    monitor = watching_workers(hub.store, clock)
     worker = Presence(hub.store, hub.config, process_id="worker-1", clock=clock)
     with capture_logs() as logs:
         await worker.announce()
