@@ -14,7 +14,12 @@ the window, which for an outbound limit (tens or hundreds a second) is negligibl
 If Redis fails, each process falls back to its own in-memory limiter rather than stopping
 deliveries or ignoring the limit; while it lasts, N worker processes may together send up
 to N times the limit. `redis_unavailable` is logged once and Redis is tried again every
-`retry_s` seconds (see `RedisFailover` in redis_client.py).
+`retry_s` seconds (see `RedisFailover` in redis_client.py). When Redis answers again, the
+sends a process counted in memory within a destination's window are added to Redis before
+that destination's next send, so the window that spans the recovery does not admit a whole
+budget more. limits' storages can only count a send at the time it is counted, so they
+land in Redis as sent at the recovery: the budget they hold back comes free up to one
+period late, never early.
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ class DestinationThrottle:
             destination: parse(limit) for destination, limit in limits_by_destination.items()
         }
         self._memory = MovingWindowRateLimiter(MemoryStorage())
+        # Destinations with sends counted in memory (during a Redis outage) not yet in Redis.
+        self._unshared: set[str] = set()
         self._failover = RedisFailover("throttle", retry_s=retry_s, monotonic=monotonic)
         self._pool: ConnectionPool | None = None
         self._redis: MovingWindowRateLimiter | None = None
@@ -94,13 +101,35 @@ class DestinationThrottle:
             token = self._failover.begin()
             if token is not None:
                 try:
+                    if destination_id in self._unshared:
+                        await self._share_memory_counts(self._redis, item, destination_id)
                     wait = await _acquire(self._redis, item, destination_id)
                 except REDIS_ERRORS as exc:
                     self._failover.failed(token, exc)
                 else:
                     self._failover.succeeded(token)
                     return wait
+            self._unshared.add(destination_id)
         return await _acquire(self._memory, item, destination_id)
+
+    async def _share_memory_counts(
+        self, redis: MovingWindowRateLimiter, item: RateLimitItem, destination_id: str
+    ) -> None:
+        """Add the sends counted in memory within the window to Redis, then forget them
+        there. Raises the Redis error if Redis fails meanwhile (they stay unshared)."""
+        self._unshared.discard(destination_id)  # a concurrent send must not add them twice
+        try:
+            counted = await self._memory.get_window_stats(item, destination_id)
+            in_memory = item.amount - counted.remaining
+            shared = await redis.get_window_stats(item, destination_id)
+            # Never more than the window holds: Redis refuses a cost beyond its room whole.
+            cost = min(in_memory, shared.remaining)
+            if cost > 0:
+                await redis.hit(item, destination_id, cost=cost)
+        except BaseException:
+            self._unshared.add(destination_id)
+            raise
+        await self._memory.clear(item, destination_id)
 
     async def aclose(self) -> None:
         """Close the Redis connections (a no-op without Redis)."""
