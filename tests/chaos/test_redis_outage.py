@@ -1,6 +1,7 @@
 """Redis stopped mid-run: deliveries go on (rate limit and circuits fall back to process
 memory), `redis_unavailable` is logged once per component that uses Redis, nothing is lost,
 and when Redis is back on the same port `redis_available` is logged and Redis is used again.
+An outage longer than `worker.alert_redis_down_s` fires the `redis_down` alert.
 
 The Redis is this test's own `redis-server` (killed with SIGKILL and started again); the
 shared one on 6379 is never touched.
@@ -120,6 +121,8 @@ async def test_deliveries_go_on_while_redis_is_down_and_redis_is_used_again_afte
         unavailable = Counter(e.get("component") for e in logged(serve, "redis_unavailable"))
         assert unavailable == dict.fromkeys(COMPONENTS, 1), unavailable
         assert logged(serve, "task_crashed") == []
+        # 7 s is under worker.alert_redis_down_s (60 by default): a blip pages nobody.
+        assert [e for e in logged(serve, "alert_fired") if e.get("alert") == "redis_down"] == []
         assert sink.duplicates == 0
         summary(
             "chaos redis_outage",
@@ -137,7 +140,7 @@ async def test_deliveries_go_on_while_redis_is_down_and_redis_is_used_again_afte
 @pytest.mark.slow
 @pytest.mark.postgres
 @pytest.mark.timeout(60)
-async def test_reading_health_during_a_redis_outage_does_not_log_the_outage_again(
+async def test_a_redis_outage_is_alerted_and_reading_health_does_not_log_it_again(
     chaos_database: str, own_redis: RedisProcess, tmp_path: Path, estafeta: Estafeta
 ) -> None:
     started = time.monotonic()
@@ -151,6 +154,7 @@ async def test_reading_health_during_a_redis_outage_does_not_log_the_outage_agai
             port=port,
             destinations=[http_destination("crm", f"{sink.url}/crm", rate_limit="500/second")],
             routes=[{"tenant": TENANT, "events": ["lead.*"], "destinations": ["crm"]}],
+            worker={"alert_redis_down_s": 1},
         )
         data["redis"] = {"url": own_redis.url}
         config = write_config(tmp_path / "estafeta.toml", data)
@@ -168,10 +172,17 @@ async def test_reading_health_during_a_redis_outage_does_not_log_the_outage_agai
                 return noticed >= COMPONENTS
 
             await wait_until(all_noticed, timeout_s=10, what=f"redis_unavailable: {COMPONENTS}")
+
+            async def alerted() -> bool:
+                return any(e.get("alert") == "redis_down" for e in logged(serve, "alert_fired"))
+
+            # The monitor pings every 5 s: a failed ping, then one a second or more after it.
+            await wait_until(alerted, timeout_s=15, what="alert_fired redis_down")
             # What an operator (or a Prometheus scrape of /metrics) does during the outage.
             detailed = await hub.get_json("/health/detailed")
             assert detailed["status"] == "degraded", detailed
             assert detailed["checks"]["redis"]["status"] == "unavailable", detailed
+            assert "redis_down" in detailed["checks"]["alerts"]["firing"], detailed
             acknowledged = load.acknowledged()
             missing = await all_delivered(sink, acknowledged, timeout_s=10)
         unavailable = Counter(e.get("component") for e in logged(serve, "redis_unavailable"))

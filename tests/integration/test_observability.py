@@ -17,6 +17,8 @@ from estafeta.clock import iso_from_ms
 from estafeta.config import Config, load_config_dict
 from estafeta.connectors.http import sign_webhook
 from estafeta.delivery.breakers import Breakers
+from estafeta.delivery.circuit import Circuit
+from estafeta.delivery.circuit_store import FallbackCircuitStore, RedisCircuitStore
 from estafeta.delivery.outcome import Outcome, OutcomeKind
 from estafeta.delivery.presence import Presence
 from estafeta.delivery.state import DeliveryState
@@ -408,6 +410,89 @@ async def test_a_destination_down_is_alerted_once_it_stays_down_and_resolved_whe
     fired = alerts[0]
     assert fired["since"] == iso_from_ms(outage_began)
     assert fired["circuit"] == "open" and fired["down_s"] >= 300
+
+
+async def open_circuit(breakers: Breakers, destination: str, now_ms: int) -> None:
+    failed = Outcome(OutcomeKind.RETRYABLE, 1.0, status_code=503, error_class="http_503")
+    for _ in range(5):  # the default circuit: five failures in a row open it
+        await breakers.record(destination, failed, started_at=now_ms, now_ms=now_ms)
+
+
+@pytest.mark.parametrize("delivers", [False, True], ids=["no-workers", "with-workers"])
+async def test_redis_down_is_alerted_and_destination_down_judges_only_a_live_view_meanwhile(
+    database_url: str, store: SqlStore, own_redis: RedisServer, delivers: bool
+) -> None:
+    # During a Redis outage circuits are each process's own. A serve that does not deliver
+    # has only the copy it read before, frozen: a destination it saw open may have been
+    # mended since, so it neither fires nor resolves on it. One that delivers acts on its
+    # copy and judges it. Either way redis_down says the picture is per process.
+    config = load_config_dict({**base_config(database_url), "redis": {"url": own_redis.url}})
+    clock = ManualClock()
+    hub = Hub(config, store, clock)
+    assert hub.redis is not None
+    circuits = FallbackCircuitStore(
+        RedisCircuitStore(hub.redis), monotonic=lambda: clock.now / 1000
+    )
+    breakers = Breakers(circuits, config)
+    monitor = AlertMonitor(
+        store,
+        threshold=1000,
+        circuits=circuits,
+        destinations=["crm", "billing"],
+        down_after_s=300,
+        redis=hub.redis,
+        redis_down_after_s=60,
+        delivers=delivers,
+        clock=clock,
+    )
+    gauge = {"alert": "redis_down"}
+    try:
+        with capture_logs() as logs:
+            await open_circuit(breakers, "crm", clock.now)
+            clock.now += 301_000
+            await open_circuit(breakers, "billing", clock.now)  # just before Redis goes
+            await monitor.check()
+            assert monitor.down == {"crm"}
+            assert REGISTRY.get_sample_value("estafeta_alert_firing", gauge) == 0
+
+            own_redis.kill()
+            outage_began = clock.now
+            await monitor.check()
+            assert monitor.firing == {"destination_down"}  # a blip does not fire redis_down
+            clock.now += 60_000
+            await monitor.check()
+            assert monitor.firing == {"destination_down", "redis_down"}
+            assert REGISTRY.get_sample_value("estafeta_alert_firing", gauge) == 1
+            # billing has been open 360 s by the copy; crm is closed in this process's own
+            # view, as a worker's successful probe leaves it.
+            clock.now += 300_000
+            await circuits.update("crm", lambda _: Circuit())
+            await monitor.check()
+            assert monitor.down == ({"billing"} if delivers else {"crm"})
+
+            own_redis.start()  # empty: every circuit closed, as the workers' probes left them
+            clock.now += 5_000  # the circuit store tries Redis again every 5 s
+            await monitor.check()
+            assert monitor.firing == set()
+            assert REGISTRY.get_sample_value("estafeta_alert_firing", gauge) == 0
+    finally:
+        await hub.close()
+    alerts = [(e["event"], e["alert"], e.get("destination")) for e in logs if "alert" in e]
+    assert alerts == [
+        ("alert_fired", "destination_down", "crm"),
+        ("alert_fired", "redis_down", None),
+        *(
+            [("alert_resolved", "destination_down", "crm"),
+             ("alert_fired", "destination_down", "billing")]
+            if delivers
+            else []
+        ),
+        ("alert_resolved", "redis_down", None),
+        ("alert_resolved", "destination_down", "billing" if delivers else "crm"),
+    ]  # fmt: skip
+    fired = next(e for e in logs if e.get("alert") == "redis_down")
+    assert fired["since"] == iso_from_ms(outage_began) and fired["down_s"] == 60
+    assert fired["error"] == "ConnectionError"
 
 
 def watching_workers(store: SqlStore, clock: ManualClock) -> AlertMonitor:

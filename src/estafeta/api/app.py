@@ -101,6 +101,9 @@ def create_app(
             no_workers_after_s=hub.config.worker.alert_no_workers_s,
             refusals=hub.refusals,
             refused_after_s=hub.config.worker.alert_webhooks_refused_s,
+            redis=hub.redis,
+            redis_down_after_s=hub.config.worker.alert_redis_down_s,
+            delivers=run_workers,
             clock=hub.clock,
         )
         app.state.monitor = monitor

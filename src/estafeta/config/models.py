@@ -243,6 +243,8 @@ class WorkerConfig(_Model):
     # The webhooks_refused alert fires when a source's webhooks have been refused, none
     # accepted meanwhile, for this long.
     alert_webhooks_refused_s: float = Field(default=300, gt=0)
+    # The redis_down alert fires when the configured Redis has not answered for this long.
+    alert_redis_down_s: float = Field(default=60, gt=0)
     # Where `estafeta worker` serves its own /metrics and /health (none when unset); `serve`
     # has them on server.listen.
     metrics_listen: str | None = None

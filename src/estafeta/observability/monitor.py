@@ -17,7 +17,14 @@
 * `destination_down`: a destination's circuit has not closed for
   `worker.alert_destination_down_s`. Its deliveries wait pending without spending attempts
   (so nothing reaches the DLQ), and a small business's backlog may never reach
-  `queue_backlog`'s depth: without this, a CRM down all day would go unheard.
+  `queue_backlog`'s depth: without this, a CRM down all day would go unheard. While Redis
+  is unreachable the circuits are each process's own: a `serve` that delivers judges its
+  own; one that does not (`--no-workers`) has only the copy it read before the outage, and
+  holds the alert as it stood rather than fire or resolve on that.
+* `redis_down`: the configured Redis has not answered a PING for `worker.alert_redis_down_s`.
+  Nothing is lost or stopped, but circuits and rate limits are kept per process meanwhile
+  (N workers may send N times a destination's `rate_limit`): an operator must hear of it
+  even when nothing else goes wrong. It resolves when Redis answers.
 * `no_workers`: deliveries wait and no process (`estafeta worker`, or a `serve` with its
   workers, this one included) has delivered for `worker.alert_no_workers_s`, by the store's
   record of processes (delivery/presence.py): none runs, or each one's delivery task keeps
@@ -50,14 +57,15 @@ from collections.abc import Collection
 from typing import Any
 
 import structlog
+from redis.asyncio import Redis
 
 from estafeta.clock import Clock, SystemClock, iso_from_ms
 from estafeta.delivery.circuit import CircuitState
-from estafeta.delivery.circuit_store import CircuitStateStore
+from estafeta.delivery.circuit_store import CircuitStateStore, FallbackCircuitStore
 from estafeta.errors import StoreUnavailable
 from estafeta.ingress.spool import Spool
 from estafeta.observability.metrics import ALERTS
-from estafeta.observability.reads import within
+from estafeta.observability.reads import redis_unanswered, within
 from estafeta.observability.refusals import Refusals
 from estafeta.observability.spool_watch import STALL_S, SpoolStatus, observe
 from estafeta.store.records import QueueDepths
@@ -74,6 +82,7 @@ SPOOL_ALERTS = (SPOOL_STALLED, SPOOL_UNWRITABLE, SPOOL_FULL)
 DESTINATION_DOWN = "destination_down"
 NO_WORKERS = "no_workers"
 WEBHOOKS_REFUSED = "webhooks_refused"
+REDIS_DOWN = "redis_down"
 # Refusals a source's streak needs before it can fire: not one stray request, nor two.
 MIN_REFUSED = 3
 RESOLVE_RATIO = 0.9
@@ -121,6 +130,9 @@ class AlertMonitor:
         no_workers_after_s: float = 120.0,
         refusals: Refusals | None = None,
         refused_after_s: float = 300.0,
+        redis: Redis | None = None,
+        redis_down_after_s: float = 60.0,
+        delivers: bool = True,
         clock: Clock | None = None,
         interval_s: float = 5.0,
     ) -> None:
@@ -133,6 +145,12 @@ class AlertMonitor:
         # destination since removed (no delivery will probe it again) is not an outage.
         self.destinations = frozenset(destinations)
         self.down_after_ms = round(down_after_s * 1000)
+        # Whether this process's own workers act on the circuits it reads: during a Redis
+        # outage its memory copy is then its live view, else a copy frozen at the outage.
+        self.delivers = delivers
+        self.redis = redis
+        self.redis_down_after_ms = round(redis_down_after_s * 1000)
+        self._redis_down_since: int | None = None  # the first PING of an outage that failed
         self.clock: Clock = clock or SystemClock()
         self.interval_s = interval_s
         self.watch_workers = watch_workers
@@ -160,6 +178,8 @@ class AlertMonitor:
             alerts.append(NO_WORKERS)
         if refusals is not None:
             alerts.append(WEBHOOKS_REFUSED)
+        if redis is not None:
+            alerts.append(REDIS_DOWN)
         for alert in alerts:
             ALERTS.labels(alert).set(0)
 
@@ -187,6 +207,8 @@ class AlertMonitor:
                 self._resolve(DEAD_LETTERS, dead=depths.dead, threshold=self.dead_threshold)
             if self.watch_workers:
                 await self._check_workers(depths)
+        if self.redis is not None:
+            await self._check_redis(self.redis)
         if self.circuits is not None:
             await self._check_destinations(self.circuits)
         if self.refusals is not None:
@@ -220,6 +242,11 @@ class AlertMonitor:
             known = await within(circuits.get_all())
         except (StoreUnavailable, TimeoutError):  # unknown this round: nothing changes
             return
+        # During a Redis outage a process that does not deliver has only the copy it read
+        # before: that says nothing of the circuits now, so nothing changes.
+        from_memory = isinstance(circuits, FallbackCircuitStore) and not circuits.using_primary
+        if from_memory and not self.delivers:
+            return
         now = self.clock.now_ms()
         down = {
             d: c
@@ -239,6 +266,24 @@ class AlertMonitor:
                     down_s=round((now - since) / 1000),
                 )
         self._down.publish(self.firing)
+
+    async def _check_redis(self, client: Redis) -> None:
+        error = await redis_unanswered(client)
+        now = self.clock.now_ms()
+        if error is None:
+            self._redis_down_since = None
+            self._resolve(REDIS_DOWN)
+            return
+        if self._redis_down_since is None:
+            self._redis_down_since = now
+        since = self._redis_down_since
+        if now - since >= self.redis_down_after_ms:
+            self._fire(
+                REDIS_DOWN,
+                error=error,
+                since=iso_from_ms(since),
+                down_s=round((now - since) / 1000),
+            )
 
     def _check_refusals(self, refusals: Refusals) -> None:
         now = self.clock.now_ms()

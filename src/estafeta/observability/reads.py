@@ -13,6 +13,10 @@ import asyncio
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
+from redis.asyncio import Redis
+
+from estafeta.redis_client import REDIS_ERRORS
+
 T = TypeVar("T")
 
 READ_TIMEOUT_S = 3.0  # above the Redis client's ~2 s, well under a scraper's usual 10 s
@@ -41,3 +45,13 @@ def _retrieve(task: asyncio.Task[Any]) -> None:
     """Take a given-up read's outcome, so asyncio does not log it as never retrieved."""
     if not task.cancelled():
         task.exception()
+
+
+async def redis_unanswered(client: Redis) -> str | None:
+    """None when Redis answers a PING within `READ_TIMEOUT_S` (its client fails within about
+    2 s), else the error's class name."""
+    try:
+        await within(client.ping())
+    except REDIS_ERRORS as exc:  # TimeoutError is an OSError
+        return type(exc).__name__
+    return None
