@@ -107,7 +107,7 @@ def create_app(
             clock=hub.clock,
         )
         app.state.monitor = monitor
-        start("backlog-monitor", lambda: monitor.run(stop))
+        start("alert-monitor", lambda: monitor.run(stop))
         if hub.spool is not None:
             drainer = SpoolDrainer(hub.spool, hub.store)
             start("spool-drainer", lambda: drainer.run(stop))

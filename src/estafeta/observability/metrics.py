@@ -92,7 +92,7 @@ LEASE_RACES = Counter(
 )
 TASK_CRASHES = Counter(
     "estafeta_task_crashes_total",
-    "Crashes of this process's background tasks (worker, spool-drainer, backlog-monitor,"
+    "Crashes of this process's background tasks (worker, spool-drainer, alert-monitor,"
     " presence), each restarted after a pause; `task_crashed` in the log has the traceback.",
     ["task"],
     registry=REGISTRY,
