@@ -1,4 +1,5 @@
-"""Conversations and sent messages, kept up to date from the events, on both engines."""
+"""Conversations and sent messages, kept up to date from the events, on both engines; and
+another tenant's key reaching none of them, nor any other tenant data, through the API."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import select
 
 from estafeta.api.app import create_app
 from estafeta.api.auth import hash_key
@@ -17,6 +19,7 @@ from estafeta.delivery.outcome import Outcome, OutcomeKind
 from estafeta.delivery.state import DeliveryState
 from estafeta.hub import Hub
 from estafeta.ids import new_id
+from estafeta.store import schema
 from estafeta.store.records import CompletedAttempt
 from estafeta.store.sqlstore import SqlStore
 from tests.conftest import base_config, lease_any
@@ -416,22 +419,109 @@ async def test_a_closed_conversation_reopens_when_the_customer_writes(env: Env) 
     assert c["status"] == "open"
 
 
-async def test_another_tenant_sees_neither_conversations_nor_messages(env: Env) -> None:
-    await env.inbound("Olá", "wamid.t")
+async def tenant_rows(store: SqlStore, tenant_id: str) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row the store holds for `tenant_id`, table by table."""
+    rows: dict[str, list[tuple[Any, ...]]] = {}
+    async with store.engine.connect() as conn:
+        for table in schema.metadata.sorted_tables:
+            if "tenant_id" in table.c:
+                found = await conn.execute(select(table).where(table.c.tenant_id == tenant_id))
+                rows[table.name] = sorted((tuple(map(repr, r)) for r in found), key=repr)
+    return rows
+
+
+async def test_another_tenants_key_reaches_nothing_of_a_tenant_through_any_api_operation(
+    env: Env,
+) -> None:
+    # Every operation of /api/v1, called with another tenant's key on this tenant's events,
+    # messages, conversation and dead deliveries: each answers as if they did not exist (or
+    # 403 where the other tenant is named), says nothing of them, and changes none of them.
+    await env.inbound("Olá, quero marcar consulta", "wamid.iso")
     sent = await env.http.post(
         "/api/v1/messages",
         headers=env.auth(),
-        json={"source": "wa-sol", "to": f"+{MARIA}", "text": "Oi"},
+        json={"source": "wa-sol", "to": f"+{MARIA}", "text": "Claro, Maria"},
     )
-    outra = env.auth(OUTRA)
-    assert (await env.http.get("/api/v1/conversations", headers=outra)).json() == {
-        "conversations": [],
-        "next": None,
+    await env.finish_send(provider_id=None, dead=True)  # the send dies: a dead delivery
+    published = await env.http.post(
+        "/api/v1/events",
+        headers=env.auth(),
+        json={"type": "appointment.booked", "data": {"patient": "Maria"}, "idempotency_key": "k1"},
+    )
+    dead = (await env.http.get("/api/v1/dlq", headers=env.auth())).json()["deliveries"]
+    [dead_id] = [d["id"] for d in dead]
+    event_id, message_id = published.json()["id"], sent.json()["id"]
+    secrets = [event_id, message_id, dead_id, MARIA, "Maria", sent.json()["event_id"]]
+    before = await tenant_rows(env.store, "clinica-sol")
+
+    conversation = f"/api/v1/conversations/{MARIA}"
+    calls: dict[tuple[str, str], list[tuple[str, dict[str, Any], int]]] = {
+        ("GET", "/api/v1/events/{event_id}"): [(f"/api/v1/events/{event_id}", {}, 404)],
+        ("POST", "/api/v1/events"): [
+            # The same idempotency key is another tenant's own new event, not a duplicate.
+            (
+                "/api/v1/events",
+                {"json": {"type": "appointment.booked", "data": {}, "idempotency_key": "k1"}},
+                202,
+            )
+        ],
+        ("POST", "/api/v1/messages"): [
+            (
+                "/api/v1/messages",
+                {"json": {"source": "wa-sol", "to": f"+{MARIA}", "text": "x"}},
+                404,
+            )
+        ],
+        ("GET", "/api/v1/messages/{message_id}"): [(f"/api/v1/messages/{message_id}", {}, 404)],
+        ("GET", "/api/v1/conversations"): [
+            ("/api/v1/conversations", {}, 200),
+            ("/api/v1/conversations", {"params": {"tenant": "clinica-sol"}}, 403),
+        ],
+        ("GET", "/api/v1/conversations/{conversation_id}"): [
+            (conversation, {}, 404),
+            (conversation, {"params": {"tenant": "clinica-sol"}}, 403),
+        ],
+        ("POST", "/api/v1/conversations/{conversation_id}/escalate"): [
+            (f"{conversation}/escalate", {"json": {"reason": "x"}}, 404)
+        ],
+        ("POST", "/api/v1/conversations/{conversation_id}/close"): [
+            (f"{conversation}/close", {}, 404)
+        ],
+        ("GET", "/api/v1/dlq"): [
+            ("/api/v1/dlq", {}, 200),
+            ("/api/v1/dlq", {"params": {"tenant": "clinica-sol"}}, 403),
+            ("/api/v1/dlq", {"params": {"destination": "send:wa-sol"}}, 404),
+        ],
+        **{
+            ("POST", f"/api/v1/dlq/{move}"): [
+                (f"/api/v1/dlq/{move}", {"json": {"ids": [dead_id]}}, 200),
+                (f"/api/v1/dlq/{move}", {"json": {"all": True}}, 200),
+                (f"/api/v1/dlq/{move}", {"json": {"tenant": "clinica-sol"}}, 403),
+            ]
+            for move in ("replay", "discard")
+        },
     }
-    r = await env.http.get(f"/api/v1/conversations/{MARIA}", headers=outra)
-    assert r.status_code == 404
-    r = await env.http.get(f"/api/v1/messages/{sent.json()['id']}", headers=outra)
-    assert r.status_code == 404
+    # An operation added later must be added here too.
+    paths = (await env.http.get("/openapi.json")).json()["paths"]
+    operations = {
+        (method.upper(), path)
+        for path, by_method in paths.items()
+        if path.startswith("/api/v1/")
+        for method in by_method
+    }
+    assert operations == set(calls)
+
+    for (method, _), requests in sorted(calls.items()):
+        for url, options, status in requests:
+            r = await env.http.request(method, url, headers=env.auth(OUTRA), **options)
+            assert r.status_code == status, (method, url, options, r.text)
+            # What the request named may be echoed ("no conversation '55…'"), nothing else.
+            asked = url + repr(options)
+            leaked = [s for s in secrets if s in r.text and s not in asked]
+            assert not leaked, (method, url, options, r.text)
+            if url.startswith("/api/v1/dlq/") and status == 200:
+                assert r.json()["count"] == 0
+    assert await tenant_rows(env.store, "clinica-sol") == before
 
 
 async def test_a_send_through_a_source_with_the_longest_id_is_stored(env: Env) -> None:
