@@ -83,6 +83,16 @@ DESTINATION_DOWN = "destination_down"
 NO_WORKERS = "no_workers"
 WEBHOOKS_REFUSED = "webhooks_refused"
 REDIS_DOWN = "redis_down"
+# Every alert, in the runbook's order (docs/operations.md has a section for each).
+EVERY_ALERT = (
+    BACKLOG,
+    DEAD_LETTERS,
+    DESTINATION_DOWN,
+    NO_WORKERS,
+    WEBHOOKS_REFUSED,
+    REDIS_DOWN,
+    *SPOOL_ALERTS,
+)
 # Refusals a source's streak needs before it can fire: not one stray request, nor two.
 MIN_REFUSED = 3
 RESOLVE_RATIO = 0.9
