@@ -617,6 +617,49 @@ async def test_unknown_paths_and_methods_answer_in_the_error_format(client: Clie
     assert (r.status_code, r.json()["error"]) == (405, "method_not_allowed")
 
 
+def api_errors() -> dict[tuple[str, str], float]:
+    """`estafeta_api_errors_total` as it stands, by (status, error)."""
+    return {
+        (sample.labels["status"], sample.labels["error"]): sample.value
+        for metric in REGISTRY.collect()
+        if metric.name == "estafeta_api_errors"
+        for sample in metric.samples
+        if sample.name == "estafeta_api_errors_total"
+    }
+
+
+async def test_every_error_the_api_answers_is_counted_by_status_and_code(client: Client) -> None:
+    """An operator sees a revoked key still in use, or a client sending what the API refuses,
+    in `/metrics`: each error answered once, whichever layer refused it, and nothing else."""
+    sol = {"authorization": f"Bearer {SOL_KEY}", "content-type": "application/json"}
+    before = api_errors()
+    requests: list[tuple[str, str, bytes | None, dict[str, str]]] = [
+        ("GET", "/api/v1/events/evt_x", None, {}),  # refused by the key check
+        ("GET", "/api/v1/events/evt_x", None, {"authorization": "Bearer est_revoked"}),
+        ("GET", "/api/v1/events/evt_x", None, {"authorization": "Bearer est_revoked"}),
+        ("POST", "/api/v1/events", b'{"data": {}}', sol),  # by validation
+        ("GET", "/api/v1/nothing-here", None, ADMIN),  # by routing
+        ("DELETE", "/api/v1/events", None, ADMIN),
+        ("POST", "/api/v1/events", b"x" * 1_100_000, sol),  # before the API reads it
+        ("GET", "/api/v1/dlq?event_type=lead%00", None, sol),
+        ("POST", "/api/v1/events", b'{"type": "lead.new"}', sol),  # accepted: not counted
+        ("GET", "/api/v1/dlq", None, sol),
+    ]
+    for method, url, body, headers in requests:
+        await client.http.request(method, url, content=body, headers=headers)
+    after = api_errors()
+    counted = {key: after[key] - before.get(key, 0) for key in after}
+    assert {key: n for key, n in counted.items() if n} == {
+        ("401", "missing_credentials"): 1,
+        ("401", "invalid_api_key"): 2,
+        ("400", "invalid_request"): 1,
+        ("404", "not_found"): 1,
+        ("405", "method_not_allowed"): 1,
+        ("413", "body_too_large"): 1,
+        ("400", "invalid_text"): 1,
+    }
+
+
 async def test_the_api_has_the_same_body_limit_as_ingest(client: Client) -> None:
     big = {"type": "x", "data": {"blob": "x" * 1_100_000}}
     r = await client.http.post(

@@ -20,6 +20,7 @@ from estafeta import __version__
 from estafeta.api import conversations, dlq, events, health, messages
 from estafeta.api.auth import Authenticator
 from estafeta.api.responses import (
+    count_api_error,
     handle_http_error,
     handle_starlette_error,
     handle_store_unavailable,
@@ -180,6 +181,7 @@ class Root:
             if nul_in_json(body):
                 raise nul_refusal("body")
         except HttpError as refusal:
+            count_api_error(refusal)
             await respond(send, refusal.status, {"error": refusal.error, "detail": refusal.detail})
             return
         replayed = False

@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from estafeta.errors import HttpError
+from estafeta.observability.metrics import API_ERRORS, series
 
 log = structlog.get_logger("estafeta.api")
 
@@ -25,9 +26,16 @@ def json_response(
 
 
 def error_response(error: HttpError) -> Response:
+    """Every error the API answers goes through here, and is counted here."""
+    count_api_error(error)
     return json_response(
         {"error": error.error, "detail": error.detail}, error.status, error.headers or None
     )
+
+
+def count_api_error(error: HttpError) -> None:
+    # Codes are the API's own (a fixed set) or `http_<status>`: the series stay few.
+    series(API_ERRORS, str(error.status), error.error).inc()
 
 
 def key_used_elsewhere(key: str, event_id: str, first_use: str, retry: str) -> HttpError:

@@ -59,6 +59,13 @@ INGEST_REFUSED = Counter(
     ["source", "error"],
     registry=REGISTRY,
 )
+API_ERRORS = Counter(
+    "estafeta_api_errors_total",
+    "API requests (every path but /in/{source}) answered with an error, by status and error"
+    " code: a run of invalid_api_key is a revoked or mistyped key still in use.",
+    ["status", "error"],
+    registry=REGISTRY,
+)
 ATTEMPTS = Counter(
     "estafeta_delivery_attempts_total",
     "Delivery attempts, by destination and outcome (success, retryable, permanent).",
