@@ -180,3 +180,32 @@ async def test_a_revoked_key_is_refused_once_the_key_cache_expires(store: SqlSto
     with pytest.raises(HttpError) as at_once:
         await Authenticator(store, admin_key=None).principal(bearer(key))
     assert at_once.value.error == "invalid_api_key"
+
+
+async def test_a_flood_of_made_up_keys_neither_pushes_out_good_keys_nor_asks_twice(
+    store: SqlStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Random keys from a scanner cost one lookup each per cache interval, and every tenant's
+    good key stays answered from memory meanwhile: the cache used to empty itself for them."""
+    key = new_api_key()
+    await store.create_api_key(
+        tenant_id=TENANT, key_hash=hash_key(key), label="", actor="test", now_ms=1
+    )
+    looked_up: list[str] = []
+    lookup = store.tenant_for_key
+
+    async def counted(key_hash: str) -> str | None:
+        looked_up.append(key_hash)
+        return await lookup(key_hash)
+
+    monkeypatch.setattr(store, "tenant_for_key", counted)
+    auth = Authenticator(store, admin_key=None, monotonic=lambda: 1000.0, unknown_limit=50)
+    assert (await auth.principal(bearer(key))).tenant_id == TENANT
+    made_up = [new_api_key() for _ in range(120)]
+    # The last 20 a second time: still remembered (the unknown ones are emptied at 50, 100)
+    for attempt in (*made_up, *made_up[-20:]):
+        with pytest.raises(HttpError) as refused:
+            await auth.principal(bearer(attempt))
+        assert refused.value.error == "invalid_api_key"
+    assert (await auth.principal(bearer(key))).tenant_id == TENANT
+    assert looked_up == [hash_key(k) for k in (key, *made_up)]

@@ -51,7 +51,8 @@ class Principal:
 class Authenticator:
     """Finds the caller of a request by its key; a tenant key's tenant is cached for
     `_CACHE_TTL_S` (one lookup per key and interval, not per request), so a revoked key is
-    refused at the latest that long after `estafeta keys revoke`.
+    refused at the latest that long after `estafeta keys revoke`. An unknown key is
+    remembered as long, apart from the good ones.
 
     A key counts only for a tenant of the running configuration (`tenants`): the store keeps
     a tenant taken out of the file, with its keys, but that business's key no longer works."""
@@ -63,11 +64,16 @@ class Authenticator:
         *,
         tenants: Collection[str] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        unknown_limit: int = 10_000,
     ) -> None:
         self._store = store
         self._admin_key = admin_key.encode() if admin_key else None
         self._tenants = None if tenants is None else frozenset(tenants)
-        self._cache: dict[str, tuple[str | None, float]] = {}
+        # Two caches, so that a flood of made-up keys cannot push out the good ones: known
+        # keys are as few as the keys an admin made; unknown ones are bounded by emptying.
+        self._known: dict[str, tuple[str, float]] = {}  # key hash -> (tenant, good until)
+        self._unknown: dict[str, float] = {}  # key hash -> refused without a lookup until
+        self._unknown_limit = unknown_limit
         self._monotonic = monotonic
 
     async def principal(self, request: Request) -> Principal:
@@ -90,11 +96,18 @@ class Authenticator:
 
     async def _tenant_for(self, key_hash: str) -> str | None:
         now = self._monotonic()
-        cached = self._cache.get(key_hash)
-        if cached is not None and cached[1] > now:
-            return cached[0]
+        known = self._known.get(key_hash)
+        if known is not None and known[1] > now:
+            return known[0]
+        if self._unknown.get(key_hash, 0.0) > now:
+            return None
         tenant_id = await self._store.tenant_for_key(key_hash)
-        if len(self._cache) > 10_000:
-            self._cache.clear()
-        self._cache[key_hash] = (tenant_id, now + _CACHE_TTL_S)
+        good_until = now + _CACHE_TTL_S
+        if tenant_id is None:
+            self._known.pop(key_hash, None)  # revoked: forgotten, so `_known` stays small
+            if len(self._unknown) >= self._unknown_limit:
+                self._unknown.clear()
+            self._unknown[key_hash] = good_until
+        else:
+            self._known[key_hash] = (tenant_id, good_until)
         return tenant_id
