@@ -183,6 +183,8 @@ async def test_a_redis_outage_is_alerted_and_reading_health_does_not_log_it_agai
             assert detailed["status"] == "degraded", detailed
             assert detailed["checks"]["redis"]["status"] == "unavailable", detailed
             assert "redis_down" in detailed["checks"]["alerts"]["firing"], detailed
+            # This serve delivers: its own circuits are its live view, and shown.
+            assert detailed["checks"]["circuits"]["crm"]["state"] == "closed", detailed
             acknowledged = load.acknowledged()
             missing = await all_delivered(sink, acknowledged, timeout_s=10)
         unavailable = Counter(e.get("component") for e in logged(serve, "redis_unavailable"))

@@ -13,6 +13,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from estafeta.api.app import create_app
+from estafeta.api.health import FROZEN_CIRCUITS, circuits_check
 from estafeta.clock import iso_from_ms
 from estafeta.config import Config, load_config_dict
 from estafeta.connectors.http import sign_webhook
@@ -25,7 +26,7 @@ from estafeta.delivery.state import DeliveryState
 from estafeta.errors import HttpError, StoreUnavailable
 from estafeta.hub import Hub
 from estafeta.ingress.spool import Spool
-from estafeta.observability.metrics import REGISTRY
+from estafeta.observability.metrics import REGISTRY, render
 from estafeta.observability.monitor import AlertMonitor
 from estafeta.observability.reads import READ_TIMEOUT_S
 from estafeta.observability.unrouted import Unrouted
@@ -41,6 +42,13 @@ from tests.integration.store_support import attempt
 PERMANENT = OutcomeKind.PERMANENT
 
 ADMIN = {"authorization": "Bearer test-admin-key"}
+
+
+async def metrics(http: httpx.AsyncClient) -> str:
+    """What a Prometheus scrape of `GET /metrics` reads."""
+    r = await http.get("/metrics")
+    assert r.status_code == 200, r.text
+    return r.text
 
 
 @pytest.fixture
@@ -212,8 +220,10 @@ async def test_detailed_health_reports_redis_and_stays_up_without_it(
             r = await http.get("/health/detailed", headers=ADMIN)
             assert (r.status_code, r.json()["status"]) == (200, "ok")
             assert r.json()["checks"]["redis"] == {"status": "ok"}
+            assert 'estafeta_circuit_state{destination="crm"} 0.0' in (await metrics(http))
             own_redis.kill()
             r = await http.get("/health/detailed", headers=ADMIN)
+            scraped = await metrics(http)
     finally:
         await hub.close()
     # Degraded, not down: circuits and rate limits carry on from process memory.
@@ -221,6 +231,11 @@ async def test_detailed_health_reports_redis_and_stays_up_without_it(
     redis_check = r.json()["checks"]["redis"]
     assert redis_check["status"] == "unavailable" and "per process" in redis_check["effect"]
     assert r.json()["checks"]["store"]["status"] == "ok"
+    # This app runs no workers: its copy of the circuits is the one read before the outage,
+    # which nothing updates. Neither health nor metrics passes it off as the circuits now.
+    assert r.json()["checks"]["circuits"] == {"status": "unavailable", "error": FROZEN_CIRCUITS}
+    assert "estafeta_circuit_state{" not in scraped
+    assert 'estafeta_deliveries{state="pending"}' in scraped
 
 
 @pytest.mark.postgres
@@ -469,6 +484,18 @@ async def test_redis_down_is_alerted_and_destination_down_judges_only_a_live_vie
             await circuits.update("crm", lambda _: Circuit())
             await monitor.check()
             assert monitor.down == ({"billing"} if delivers else {"crm"})
+            # /health/detailed and /metrics read the circuits by the same rule.
+            shown = await circuits_check(circuits, ["crm", "billing"], delivers=delivers)
+            scraped = (await render(store, circuits, None, ["crm"], delivers=delivers))[0]
+            if delivers:
+                assert {d: c["state"] for d, c in shown.items()} == {  # type: ignore[index]
+                    "crm": "closed",
+                    "billing": "open",
+                }
+                assert b'estafeta_circuit_state{destination="billing"} 2.0' in scraped
+            else:
+                assert shown == {"status": "unavailable", "error": FROZEN_CIRCUITS}
+                assert b"estafeta_circuit_state{" not in scraped
 
             own_redis.start()  # empty: every circuit closed, as the workers' probes left them
             clock.now += 5_000  # the circuit store tries Redis again every 5 s

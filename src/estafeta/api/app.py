@@ -130,6 +130,7 @@ def create_app(
         static_url="/docs/assets",
     )
     app.state.hub = hub
+    app.state.delivers = run_workers  # what its health and metrics make of a Redis outage
     app.state.tasks = supervising
     app.state.auth = Authenticator(
         hub.store, hub.config.security.admin_key, tenants=[t.id for t in hub.config.tenants]

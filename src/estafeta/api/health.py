@@ -16,7 +16,7 @@ from estafeta.api.auth import Principal
 from estafeta.api.deps import admin_principal, hub_of
 from estafeta.api.responses import json_response
 from estafeta.clock import iso_from_ms
-from estafeta.delivery.circuit_store import every_circuit
+from estafeta.delivery.circuit_store import current_circuits, every_circuit
 from estafeta.delivery.presence import LIVE_WINDOW_S, named_destinations
 from estafeta.delivery.state import QUEUE_STATES
 from estafeta.errors import StoreUnavailable
@@ -49,7 +49,9 @@ async def health_detailed(
     (store, queue), processes, circuits, redis_state, unwritable = await asyncio.gather(
         store_check(hub.store),
         processes_check(hub.store, hub.clock.now_ms()),
-        circuits_check(hub.circuit_states, named_destinations(hub.config)),
+        circuits_check(
+            hub.circuit_states, named_destinations(hub.config), delivers=delivers(request)
+        ),
         redis_check(hub.redis) if hub.redis is not None else _absent(),
         spool.unwritable() if spool is not None else _absent(),
     )
@@ -148,15 +150,17 @@ async def processes_check(store: SqlStore, now_ms: int) -> list[dict[str, object
 
 
 async def circuits_check(
-    circuits: CircuitStateStore, destinations: Sequence[str]
+    circuits: CircuitStateStore, destinations: Sequence[str], *, delivers: bool
 ) -> dict[str, object]:
     """Each destination's circuit: those this process's configuration names (closed when
     none is on record: a store keeps only circuits that are not healthy), and any other on
     record (a destination named by another process's configuration)."""
     try:
-        known = await within(circuits.get_all())
+        known = await within(current_circuits(circuits, delivers=delivers))
     except (StoreUnavailable, TimeoutError):
         return {"status": "unavailable"}
+    if known is None:
+        return {"status": "unavailable", "error": FROZEN_CIRCUITS}
     known = every_circuit(known, destinations)
     return {
         destination_id: {
@@ -180,6 +184,17 @@ async def redis_check(client: Redis) -> dict[str, str]:
     return {"status": "ok"}
 
 
+FROZEN_CIRCUITS = (
+    "Redis is unreachable and this process does not deliver: it has no current view of the"
+    " circuits (a process that delivers has its own)"
+)
+
+
+def delivers(request: Request) -> bool:
+    """Whether this process's own workers deliver (`serve` without `--no-workers`)."""
+    return bool(getattr(request.app.state, "delivers", True))
+
+
 async def _absent() -> None:
     return None
 
@@ -189,6 +204,10 @@ async def metrics(request: Request) -> Response:
     """Prometheus text format, for the scraper."""
     hub = hub_of(request)
     body, content_type = await render(
-        hub.store, hub.circuit_states, hub.spool, named_destinations(hub.config)
+        hub.store,
+        hub.circuit_states,
+        hub.spool,
+        named_destinations(hub.config),
+        delivers=delivers(request),
     )
     return Response(body, media_type=content_type)

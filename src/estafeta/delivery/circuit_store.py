@@ -177,6 +177,18 @@ class FallbackCircuitStore:
         return await self._fallback.update(destination_id, change)
 
 
+async def current_circuits(
+    circuits: CircuitStateStore, *, delivers: bool
+) -> dict[str, Circuit] | None:
+    """What `circuits` holds, or None when that says nothing of now: during a Redis outage a
+    process whose own workers do not act on the circuits (`serve --no-workers`) has only the
+    copy it read before the outage, which nothing updates. A process that delivers acts on
+    its copy: that is its live view. Raises what `get_all` raises."""
+    known = await circuits.get_all()
+    frozen = isinstance(circuits, FallbackCircuitStore) and not circuits.using_primary
+    return None if frozen and not delivers else known
+
+
 def _decode(raw: bytes | str | None) -> Circuit:
     """A stored circuit; unreadable JSON counts as healthy and is overwritten by the next write.
 

@@ -25,7 +25,7 @@ from prometheus_client import (
 )
 
 from estafeta.delivery.circuit import Circuit, CircuitState
-from estafeta.delivery.circuit_store import every_circuit
+from estafeta.delivery.circuit_store import current_circuits, every_circuit
 from estafeta.delivery.state import QUEUE_STATES
 from estafeta.errors import StoreUnavailable
 from estafeta.observability.reads import within
@@ -158,16 +158,21 @@ async def render(
     circuits: CircuitStateStore | None,
     spool: Spool | None,
     destinations: Sequence[str] = (),
+    *,
+    delivers: bool = True,
 ) -> tuple[bytes, str]:
     """The exposition text, with the shared-state gauges read now; each of `destinations`
     has a circuit series, closed when none is on record (stores keep only unhealthy ones).
 
     A gauge the store (or Redis) could not tell within READ_TIMEOUT_S is left out rather than
     stale or failing the scrape: during a store outage the counters and the spool gauges are
-    what the operator needs to see."""
+    what the operator needs to see. So are the circuits of a process that does not deliver
+    during a Redis outage (`current_circuits`): its copy of them is frozen."""
     stats, known = await asyncio.gather(
         _told(store.queue_stats()),
-        _told(circuits.get_all()) if circuits is not None else _told(_nothing()),
+        _told(current_circuits(circuits, delivers=delivers))
+        if circuits is not None
+        else _told(_nothing()),
     )
     # No await from here on: a concurrent scrape cannot see the gauges half set.
     QUEUE_DEPTH.clear()

@@ -61,7 +61,7 @@ from redis.asyncio import Redis
 
 from estafeta.clock import Clock, SystemClock, iso_from_ms
 from estafeta.delivery.circuit import CircuitState
-from estafeta.delivery.circuit_store import CircuitStateStore, FallbackCircuitStore
+from estafeta.delivery.circuit_store import CircuitStateStore, current_circuits
 from estafeta.errors import StoreUnavailable
 from estafeta.ingress.spool import Spool
 from estafeta.observability.metrics import ALERTS
@@ -249,13 +249,10 @@ class AlertMonitor:
 
     async def _check_destinations(self, circuits: CircuitStateStore) -> None:
         try:
-            known = await within(circuits.get_all())
+            known = await within(current_circuits(circuits, delivers=self.delivers))
         except (StoreUnavailable, TimeoutError):  # unknown this round: nothing changes
             return
-        # During a Redis outage a process that does not deliver has only the copy it read
-        # before: that says nothing of the circuits now, so nothing changes.
-        from_memory = isinstance(circuits, FallbackCircuitStore) and not circuits.using_primary
-        if from_memory and not self.delivers:
+        if known is None:  # a copy frozen by a Redis outage says nothing of now
             return
         now = self.clock.now_ms()
         down = {
