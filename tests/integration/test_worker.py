@@ -330,16 +330,16 @@ async def test_a_dead_workers_lease_is_rescued_and_counted(
 async def test_a_busy_destination_is_not_failed_for_sends_that_waited_for_a_connection(
     running: Callable[..., Running], sink: Sink, store: SqlStore
 ) -> None:
-    """200 deliveries at once to one destination that takes 1.2 s per request with a 3 s
+    """200 deliveries at once to one destination that takes 5 s per request with a 9 s
     timeout: each is sent once and succeeds. A send waiting its turn for a connection must
-    not spend its timeout while it waits (with a pool smaller than the worker's
-    concurrency, the third wave timed out without ever reaching the destination; here it
-    would start at 2.4 s and time out at 3). The 1.8 s between answer and timeout is for a
+    not spend its timeout while it waits: with a pool smaller than the worker's concurrency
+    (aiohttp's default of 100, say) the second wave would start at 5 s and time out at 9
+    without ever reaching the destination. The 4 s between answer and timeout is for a
     loaded host to open 200 connections in, the sink answering them on the same loop (0.6 s,
-    then 1.2 s, were not always enough: one send timed out in a full CI run, its circuit
-    opened and the rest waited past the test's bound)."""
-    sink.respond(200, delay_s=1.2)
-    hub = running(timeout_s=3)
+    1.2 s, then 1.8 s were not always enough: one send timed out in a full run on a 2-core
+    host, its circuit opened and the rest waited past the test's bound)."""
+    sink.respond(200, delay_s=5)
+    hub = running(timeout_s=9)
     event_ids = await asyncio.gather(*(hub.publish(n=n) for n in range(200)))
     views = [await settled(store, event_id, timeout_s=30) for event_id in event_ids]
     attempts = [a for view in views for d in view.deliveries for a in d.attempt_log]
