@@ -50,7 +50,9 @@ async def health_detailed(
         store_check(hub.store),
         processes_check(hub.store, hub.clock.now_ms()),
         circuits_check(
-            hub.circuit_states, named_destinations(hub.config), delivers=delivers(request)
+            hub.circuit_states,
+            named_destinations(hub.config),
+            delivers=this_process_delivers(request),
         ),
         redis_check(hub.redis) if hub.redis is not None else _absent(),
         spool.unwritable() if spool is not None else _absent(),
@@ -190,9 +192,9 @@ FROZEN_CIRCUITS = (
 )
 
 
-def delivers(request: Request) -> bool:
+def this_process_delivers(request: Request) -> bool:
     """Whether this process's own workers deliver (`serve` without `--no-workers`)."""
-    return bool(getattr(request.app.state, "delivers", True))
+    return bool(request.app.state.delivers)  # set by create_app
 
 
 async def _absent() -> None:
@@ -208,6 +210,6 @@ async def metrics(request: Request) -> Response:
         hub.circuit_states,
         hub.spool,
         named_destinations(hub.config),
-        delivers=delivers(request),
+        delivers=this_process_delivers(request),
     )
     return Response(body, media_type=content_type)
