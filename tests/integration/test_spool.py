@@ -19,6 +19,7 @@ import httpx
 import msgspec
 import orjson
 import pytest
+from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 from structlog.testing import capture_logs
@@ -198,6 +199,48 @@ async def test_a_login_the_database_refuses_spools_ingest(
     with pytest.raises(StoreUnavailable, match='role "no_such_role" does not exist'):
         await refused.queue_depths()
     await refused.close()
+
+
+@contextmanager
+def read_only(database_url: str) -> Iterator[None]:
+    """The database as a standby after a failover: sessions opened now may read, not write."""
+    name = make_url(database_url).database
+    admin = create_engine(
+        database_url.replace("postgresql://", "postgresql+psycopg2://", 1),
+        isolation_level="AUTOCOMMIT",
+    )
+    with admin.connect() as conn:
+        conn.execute(text(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on'))
+    try:
+        yield
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{name}" RESET default_transaction_read_only'))
+        admin.dispose()
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_a_database_that_cannot_write_spools_ingest_and_drains_once_it_can(
+    config: Config, store: SqlStore, database_url: str, tmp_path: Path
+) -> None:
+    """A PostgreSQL that takes connections but refuses writes (SQLSTATE 25006: a failover
+    left storage.url on a standby) is down for ingest: webhooks are spooled and answered,
+    not failed with a 500 that some providers never send again, and they are imported
+    once the database writes again."""
+    with read_only(database_url):
+        standby = open_store(database_url)
+        hub = Hub(config, standby, spool=Spool(tmp_path / "spool", max_bytes=10**6))
+        try:
+            event_id = await accept(hub, 1, key="wamid.ro")
+            assert hub.spool is not None
+            with pytest.raises(StoreUnavailable):
+                await hub.spool.drain(standby)
+        finally:
+            await hub.close()
+            await standby.close()
+    assert await store.get_event(event_id, "clinica-sol") is None
+    assert await hub.spool.drain(store) == 1
+    assert await store.get_event(event_id, "clinica-sol") is not None
 
 
 # SQLite commits a batch only once everything about it is known.

@@ -26,7 +26,11 @@ class DriverError(Exception):
         (OperationalError("q", {}, DriverError("x", "57P01")), True),  # admin shutdown
         (OperationalError("q", {}, DriverError("x", "08006")), True),  # connection failure
         (OperationalError("q", {}, DriverError("x", "53300")), True),  # too many connections
+        (OperationalError("q", {}, DriverError("x", "25006")), True),  # read-only: a standby
+        (OperationalError("q", {}, DriverError("x", "53100")), True),  # disk full
+        (OperationalError("q", {}, DriverError("x", "58030")), True),  # I/O error
         (OperationalError("q", {}, DriverError("database is locked")), True),  # SQLite busy
+        (sqlite3.OperationalError("database or disk is full"), True),  # SQLITE_FULL
         (OperationalError("q", {}, DriverError("unable to open database file")), True),
         (ConnectionRefusedError(111, "refused"), True),
         (PoolTimeout("QueuePool limit of size 10 overflow 10 reached"), True),  # a hung store

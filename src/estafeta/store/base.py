@@ -62,8 +62,11 @@ def each_value(table: str, column: str, where: str = "TRUE") -> TextClause:
 
 # PostgreSQL SQLSTATEs that mean "the server cannot serve us now", not "bad statement":
 # class 08 (connection exception), 57P01-57P03 (shutting down, crash recovery, cannot
-# connect now: starting up or not accepting connections), 53300 (too many connections).
-_UNAVAILABLE_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53300")
+# connect now: starting up or not accepting connections), 53300 (too many connections);
+# and a server that answers but cannot write, which is down for every writer just the same:
+# 25006 (read-only transaction: a standby a failover left the URL on), 53100 (disk full),
+# 58030 (I/O error).
+_UNAVAILABLE_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53300", "25006", "53100", "58030")
 # PostgreSQL refusing the login: class 28 (no such role, wrong password), 3D000 (no such
 # database). Its message names only the role or the database, and is the operator's answer.
 _LOGIN_REFUSED_SQLSTATES = ("28", "3D000")
@@ -102,6 +105,7 @@ def unavailable(exc: BaseException) -> bool:
                 "readonly",
                 "read-only",
                 "disk i/o",
+                "disk is full",
                 "unable to open",
                 "shutting down",
                 "terminating connection",
