@@ -78,3 +78,37 @@ async def test_a_probe_answered_with_what_counts_for_nothing_is_given_back(
     assert (await states.get_all())["d"].state is CircuitState.OPEN
     assert board.probe_ready(2_060) == ["d"]
     assert await board.try_probe("d", 2_060)
+
+
+async def test_a_destination_slower_than_a_minute_closes_its_circuit_after_one_probe() -> None:
+    """Allowed 90 s an attempt and answering every one in 80 s. A probe was forgotten after a
+    fixed 60 s while still in flight, a second one admitted, and the first one's success
+    ignored as late: each probe was replaced before it could answer, and the destination
+    got one delivery a minute for ever."""
+    config = load_config_dict(
+        {
+            "tenants": [{"id": "t"}],
+            "destinations": [
+                {
+                    "id": "d",
+                    "tenant": "t",
+                    "url": "http://127.0.0.1:9/",
+                    "timeout_s": 90,
+                    "circuit": {"failures": 1, "reset_s": 1},
+                }
+            ],
+        }
+    )
+    states = MemoryCircuitStore()
+    board = Breakers(states, config)
+    await board.record("d", DOWN, started_at=0, now_ms=0)  # the outage: the circuit opens
+    probes: list[int] = []  # when each probe was sent; each is answered 200 80 s later
+    for now in range(1_000, 300_000, 1_000):  # the worker's loop, once a second, 5 minutes
+        await board.refresh(force=True)
+        for started in [p for p in probes if p + 80_000 == now]:
+            await board.record("d", OK, started_at=started, now_ms=now)
+        if "d" in board.probe_ready(now) and await board.try_probe("d", now):
+            probes.append(now)
+    assert len(probes) == 1  # never a second probe while the first was in flight
+    circuit = (await states.get_all()).get("d")
+    assert circuit is None or circuit.state is CircuitState.CLOSED

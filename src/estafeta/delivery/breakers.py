@@ -55,6 +55,8 @@ log = structlog.get_logger("estafeta.circuit")
 
 REFRESH_S = 0.5  # how stale this worker's view of other workers' circuits may get
 PRISTINE = Circuit()
+PROBE_TIMEOUT_S = 60.0  # the least time a probe that never reports back is waited for
+PROBE_MARGIN_S = 5.0  # over the attempt's own timeout: its result's way to the circuit
 
 
 class StoreCircuitStore:
@@ -114,6 +116,13 @@ class Breakers:
                 failure_ratio=d.circuit.failure_ratio,
                 window_s=d.circuit.window_s,
                 min_requests=d.circuit.min_requests,
+                # A probe is live as long as its attempt may take: forgotten sooner, a second
+                # probe was admitted and the first one's success ignored as late, so a
+                # destination slower than 60 s never closed its circuit.
+                probe_timeout_s=max(
+                    PROBE_TIMEOUT_S,
+                    d.effective_timeout_s(config.worker.max_attempt_s) + PROBE_MARGIN_S,
+                ),
             )
             for d in config.destinations
         }
