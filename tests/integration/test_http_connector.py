@@ -167,6 +167,32 @@ async def test_a_redirect_excerpt_says_where_it_points_without_credentials(
         assert secret not in outcome.response_excerpt
 
 
+async def test_a_location_that_is_not_utf8_gives_an_excerpt_a_store_can_write(
+    session: aiohttp.ClientSession,
+) -> None:
+    """A byte that is not UTF-8 in a redirect's Location: aiohttp keeps it as a lone
+    surrogate, which neither engine can store, so the attempt was never recorded and the
+    delivery came back as `lease_expired` until it died. The excerpt is plain UTF-8."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 302 Found\r\nLocation: //h\xc3st.example/x\r\n")
+        writer.write(b"Content-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        outcome = await deliver_to(f"http://127.0.0.1:{port}/hooks", session)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert outcome.error_class == "http_302"
+    assert outcome.response_excerpt == "redirect to http://h\ufffdst.example/…, not followed"
+    outcome.response_excerpt.encode("utf-8")  # what the store does: it must not raise
+
+
 async def test_large_body_gives_a_bounded_excerpt(
     sink: Sink, session: aiohttp.ClientSession
 ) -> None:

@@ -278,6 +278,26 @@ async def test_complete_records_the_attempt_and_moves_the_state(store: SqlStore)
     assert logged.status_code == 200 and logged.number == 1 and logged.duration_ms == 3.5
 
 
+async def test_a_failure_named_by_a_long_provider_code_is_recorded_cut_to_its_column(
+    store: SqlStore,
+) -> None:
+    """A connector names a failure by the provider's own code (SendPulse's `error` is a
+    phrase). Longer than the column, PostgreSQL refused the whole completion: the delivery
+    was sent again until it died as `lease_expired`, its real reason never recorded."""
+    await store.insert_events([event()])
+    [leased] = await lease(store)
+    done = attempt(leased, DeliveryState.DEAD, kind=OutcomeKind.PERMANENT)
+    long_class = "sendpulse_" + "the_phone_number_is_not_registered_on_whatsapp" * 3
+    done = replace(done, outcome=replace(done.outcome, error_class=long_class))
+    assert await store.complete([done], NOW) == 1
+    view = await store.get_event(leased.event_id, "clinica-sol")
+    assert view is not None
+    [delivery] = view.deliveries
+    assert delivery.state == "dead"
+    [logged] = delivery.attempt_log
+    assert logged.error_class == long_class[:64]
+
+
 async def test_release_gives_leases_back_without_counting_an_attempt(store: SqlStore) -> None:
     await store.insert_events([event(), event()])
     leased = await lease(store)

@@ -56,6 +56,10 @@ async def exchange(
             status = response.status
             retry_after = response.headers.get("Retry-After")
             location = response.headers.get("Location") if 300 <= status < 400 else None
+            if location is not None:
+                # aiohttp decodes headers with surrogateescape: a byte that is not UTF-8
+                # would leave a lone surrogate in the excerpt, which no store can write.
+                location = location.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
             content = await _read_bounded(response, read_limit)
     except TimeoutError as exc:  # = asyncio.TimeoutError since 3.11; aiohttp's timeouts too
         return no_answer(started, url, "timeout", exc)

@@ -282,6 +282,11 @@ def _leased(r: Any, token: str, deadline: int) -> LeasedDelivery:
     )
 
 
+# A connector may name a failure by the provider's own code, of any length (SendPulse's
+# `error` is a phrase): the class is cut to its column rather than failing the completion.
+ERROR_CLASS_MAX: int = s.attempts.c.error_class.type.length  # type: ignore[attr-defined]
+
+
 def attempt_row(item: CompletedAttempt) -> dict[str, Any]:
     """The `attempts` row of one completed attempt."""
     return {
@@ -293,7 +298,9 @@ def attempt_row(item: CompletedAttempt) -> dict[str, Any]:
         "duration_ms": item.outcome.duration_ms,
         "outcome": item.outcome.kind.value,
         "status_code": item.outcome.status_code,
-        "error_class": item.outcome.error_class,
+        "error_class": None
+        if item.outcome.error_class is None
+        else item.outcome.error_class[:ERROR_CLASS_MAX],
         "response_excerpt": item.outcome.response_excerpt,
     }
 
