@@ -32,7 +32,7 @@ from tests.acceptance.conftest import (
     wait_until,
     write_config,
 )
-from tests.conftest import SINK_SECRET
+from tests.conftest import SINK_SECRET, fresh_database
 
 # -- check-config -----------------------------------------------------------------------------
 
@@ -272,6 +272,22 @@ async def test_migrate_then_keys_create_prints_a_key_that_publishes_events(
         wrong = {"authorization": "Bearer est_not-a-key"}
         status, refused = await hub.post_json("/api/v1/events", event, headers=wrong)
         assert status == 401, refused
+
+
+async def test_migrate_takes_a_postgresql_url_with_libpqs_sslmode(tmp_path: Path) -> None:
+    """`?sslmode=require` is how hosted PostgreSQL services give their URL. check-config
+    passed it, then `migrate` and `serve` died with a traceback: asyncpg has no `sslmode`
+    (the store passes it on as `ssl`, which takes the same modes)."""
+    with fresh_database("estafeta_sslmode") as url:
+        config = write_config(
+            tmp_path / "estafeta.toml",
+            hub_config(
+                f"{url}?sslmode=disable", tmp_path, port=free_port(), destinations=[], routes=[]
+            ),
+        )
+        migrated = await run_cli("migrate", "--config", str(config), cwd=tmp_path)
+    assert migrated.returncode == 0, migrated
+    assert migrated.stdout == "schema is up to date (postgresql)\n"
 
 
 @pytest.mark.timeout(60)

@@ -100,7 +100,9 @@ def test_empty_file_is_a_valid_config_with_no_tenants(tmp_path: Path) -> None:
     assert problems(tmp_path, "") == []
 
 
-@pytest.mark.parametrize("limit", ["100/minute", "5/second", "1000/hour", "10/day", "7 per minute"])
+@pytest.mark.parametrize(
+    "limit", ["100/minute", "5/second", "1000/hour", "10/day", "7 per minute", "3/Hours"]
+)
 def test_rate_limit_formats_accepted(tmp_path: Path, limit: str) -> None:
     text = TENANT.replace('"acme"', f'"acme"\ningress_rate_limit = "{limit}"')
     assert load(tmp_path, text).tenants[0].ingress_rate_limit == limit
@@ -434,6 +436,74 @@ INVALID_CASES: list[tuple[str, str, list[str]]] = [
         "a refused-webhooks alert that would fire at the first refusal",
         "[worker]\nalert_webhooks_refused_s = 0",
         ["worker.alert_webhooks_refused_s: Input should be greater than 0"],
+    ),
+    (  # each of these passed, then `migrate` and `serve` died with a Python traceback
+        "a database URL whose port is no port",
+        '[storage]\nurl = "postgresql://u@db:99999/estafeta"',
+        ["storage.url: invalid database URL: the port must be a number 0-65535"],
+    ),
+    (
+        "a database URL parameter the driver does not take",
+        '[storage]\nurl = "postgresql://u@db/estafeta?connect_timeout=10"',
+        [
+            "storage.url: unsupported database URL parameter 'connect_timeout' (supported:"
+            " sslmode, ssl)"
+        ],
+    ),
+    (
+        "an sslmode libpq does not have",
+        '[storage]\nurl = "postgresql://u@db/estafeta?sslmode=on"',
+        [
+            "storage.url: invalid sslmode 'on': use disable, allow, prefer, require, verify-ca,"
+            " verify-full"
+        ],
+    ),
+    (
+        "an in-memory SQLite database, which forgets every event at exit",
+        '[storage]\nurl = "sqlite://"',
+        ["storage.url: a SQLite URL needs a file: write sqlite:///PATH"],
+    ),
+    (  # `serve` died at start, or ran with every task that touches Redis crash-looping
+        "a Redis URL whose port is no number",
+        '[redis]\nurl = "redis://cache:abc/0"',
+        ["redis.url: invalid Redis URL: Port could not be cast to integer value as 'abc'"],
+    ),
+    (
+        "a Redis URL parameter the client does not take",
+        '[redis]\nurl = "redis://cache:6379/0?timeout=5"',
+        ["redis.url: invalid Redis URL: unsupported parameter in its query"],
+    ),
+    (  # the store keeps 40 characters: PostgreSQL refused it at `migrate`, naming no key
+        "a rate limit longer than the store keeps",
+        f'[[tenants]]\nid = "t"\ningress_rate_limit = "{"1" * 40}/minute"',
+        [
+            f"tenants[0].ingress_rate_limit: invalid rate limit '{'1' * 40}/minute': write"
+            " 'N/unit' or 'N per unit' with N >= 1 and unit second, minute, hour or day"
+            " (e.g. '100/minute')"
+        ],
+    ),
+    (  # `limits` reads a zero multiple as one: this was 10 a minute
+        "a rate limit over zero minutes",
+        '[[tenants]]\nid = "t"\ningress_rate_limit = "10 per 0 minutes"',
+        [
+            "tenants[0].ingress_rate_limit: invalid rate limit '10 per 0 minutes': write"
+            " 'N/unit' or 'N per unit' with N >= 1 and unit second, minute, hour or day"
+            " (e.g. '100/minute')"
+        ],
+    ),
+    (
+        "a rate limit per month",
+        '[[tenants]]\nid = "t"\ningress_rate_limit = "100/month"',
+        [
+            "tenants[0].ingress_rate_limit: invalid rate limit '100/month': write"
+            " 'N/unit' or 'N per unit' with N >= 1 and unit second, minute, hour or day"
+            " (e.g. '100/minute')"
+        ],
+    ),
+    (  # str.isdigit() is true of '²', which int() refuses: the error was int()'s
+        "a port of superscript digits",
+        '[server]\nlisten = "127.0.0.1:²"',
+        ["server.listen: invalid address '127.0.0.1:²': write HOST:PORT, e.g. '0.0.0.0:8080'"],
     ),
     (
         "unsupported database",
@@ -925,6 +995,22 @@ def test_secrets_never_appear_in_repr(tmp_path: Path) -> None:
         assert hidden not in shown
     assert "HEADER-TOKEN" not in shown
     assert "postgresql://hub:***@db/estafeta" in shown
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:pw@db.example:5432/estafeta?sslmode=require",  # as hosted services give it
+        "postgresql://u@db/estafeta?ssl=verify-full",
+        "redis://cache:6379/0?socket_timeout=5",
+        "rediss://cache:6380/0?ssl_cert_reqs=none",
+    ],
+)
+def test_database_and_redis_urls_with_the_parameters_their_clients_take(
+    tmp_path: Path, url: str
+) -> None:
+    table = "redis" if url.startswith("redis") else "storage"
+    assert problems(tmp_path, f'[{table}]\nurl = "{url}"') == []
 
 
 def test_an_invalid_secret_is_not_echoed_in_the_error(tmp_path: Path) -> None:

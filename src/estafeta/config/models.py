@@ -17,7 +17,7 @@ import binascii
 import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import limits
 from pydantic import (
@@ -31,6 +31,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
+from redis.asyncio import ConnectionPool
 
 from estafeta.urls import outline
 
@@ -65,12 +66,22 @@ def _check_id(value: str) -> str:
     return value
 
 
+# The documented form only: `limits` also reads multiples ("10/5 minutes"; a zero multiple
+# as one: "10 per 0 minutes" is 10/minute), months and years, and any number of digits.
+_RATE_LIMIT = re.compile(
+    r"[0-9]{1,15}\s*(?:/|\s+per\s+)\s*(?:second|minute|hour|day)s?", re.IGNORECASE
+)
+#: The longest rate limit the store keeps (tenants.ingress_rate_limit is String(40)).
+RATE_LIMIT_MAX_LENGTH = 40
+
+
 def _check_rate_limit(value: str) -> str:
     try:
         parsed = limits.parse_many(value)
     except ValueError:
         parsed = []
-    if len(parsed) != 1 or parsed[0].amount < 1:
+    documented = len(value) <= RATE_LIMIT_MAX_LENGTH and _RATE_LIMIT.fullmatch(value.strip())
+    if not documented or len(parsed) != 1 or parsed[0].amount < 1:
         raise ValueError(
             f"invalid rate limit {value!r}: write 'N/unit' or 'N per unit' with N >= 1 and "
             "unit second, minute, hour or day (e.g. '100/minute')"
@@ -144,7 +155,8 @@ def check_address(value: str) -> str:
     """A HOST:PORT to listen on (`server.listen`, `worker.metrics_listen`, and the commands'
     options that override them); port 0 means any free port."""
     host, _, port = value.rpartition(":")
-    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+    # isascii: `isdigit` is also true of '²', which int() refuses.
+    if not host or not (port.isascii() and port.isdigit()) or not 0 <= int(port) < 65536:
         raise ValueError(f"invalid address {value!r}: write HOST:PORT, e.g. '0.0.0.0:8080'")
     return value
 
@@ -190,17 +202,44 @@ class StorageConfig(_Model):
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str) -> str:
-        scheme = urlsplit(value).scheme.lower()
+        parts = urlsplit(value)
+        scheme = parts.scheme.lower()
         if scheme not in _DATABASE_SCHEMES:
             raise ValueError(
                 f"unsupported database URL scheme {scheme!r}: use sqlite:///PATH "
                 "or postgresql://USER@HOST/DB"
             )
+        try:
+            parts.port  # noqa: B018 - raises for a port that is not a number 0-65535
+        except ValueError:
+            raise ValueError("invalid database URL: the port must be a number 0-65535") from None
+        if scheme.startswith("postgres"):
+            _check_postgres_query(parts.query)
+        elif parts.path in ("", "/", "/:memory:"):
+            # An in-memory database forgets every event at exit: never what "durable" means.
+            raise ValueError("a SQLite URL needs a file: write sqlite:///PATH")
         return value
 
     def __repr_args__(self) -> Any:
         yield "url", mask_url(self.url)
         yield "spool_dir", self.spool_dir
+
+
+#: Query parameters of a PostgreSQL URL, as libpq names them (`sslmode`) or asyncpg does
+#: (`ssl`); the store passes them to asyncpg as `ssl` (store/__init__.py `engine_url`).
+POSTGRES_QUERY_KEYS = ("sslmode", "ssl")
+POSTGRES_SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+def _check_postgres_query(query: str) -> None:
+    for key, ssl_mode in parse_qsl(query, keep_blank_values=True):
+        if key not in POSTGRES_QUERY_KEYS:
+            raise ValueError(
+                f"unsupported database URL parameter {key!r} (supported: "
+                f"{', '.join(POSTGRES_QUERY_KEYS)})"
+            )
+        if ssl_mode not in POSTGRES_SSL_MODES:
+            raise ValueError(f"invalid {key} {ssl_mode!r}: use {', '.join(POSTGRES_SSL_MODES)}")
 
 
 class RedisConfig(_Model):
@@ -213,6 +252,16 @@ class RedisConfig(_Model):
     def _check_url(cls, value: str | None) -> str | None:
         if value is not None and urlsplit(value).scheme not in ("redis", "rediss", "unix"):
             raise ValueError("invalid Redis URL: must start with redis://, rediss:// or unix://")
+        if value is not None:
+            # What the clients will build from it, built now (no connection is made): a bad
+            # port or an unknown parameter would otherwise fail only once running, in every
+            # task that touches Redis.
+            try:
+                ConnectionPool.from_url(value).make_connection()  # type: ignore[no-untyped-call]
+            except TypeError:  # an unknown query parameter, passed on as a keyword
+                raise ValueError("invalid Redis URL: unsupported parameter in its query") from None
+            except ValueError as exc:  # a port that is not a number, a bad db or option
+                raise ValueError(f"invalid Redis URL: {exc}") from None
         return value
 
     def __repr_args__(self) -> Any:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import re
+
 from estafeta.errors import ConfigError, ConfigIssue
 from estafeta.store.sqlstore import SqlStore
 
 
 def engine_url(url: str) -> str:
     """The SQLAlchemy async URL for a configured one: `sqlite:///x.db`, `postgresql://…`."""
+    if url.startswith(("postgresql://", "postgres://", "postgresql+asyncpg://")):
+        # libpq's `sslmode` is asyncpg's `ssl` (same values); SQLAlchemy passes the query
+        # to asyncpg.connect() as keywords, which has no `sslmode`.
+        url = re.sub(r"([?&])sslmode=", r"\1ssl=", url)
     if url.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
         return url
     if url.startswith("sqlite://"):
