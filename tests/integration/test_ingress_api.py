@@ -690,6 +690,46 @@ async def test_the_api_refuses_nul_characters_the_same_on_both_engines(
     assert await client.stored() == 0
 
 
+@pytest.mark.parametrize(
+    ("url", "body"),
+    [
+        ("/api/v1/events", b'{"type": "lead.new", "data": {"note": "\\ud800"}}'),
+        ("/api/v1/events", b'{"type": "lead.new", "data": {"\\udc00": 1}}'),
+        ("/api/v1/dlq/replay", b'{"destination": "\\ud800"}'),
+        ("/api/v1/dlq/discard", b'{"ids": ["\\ud800"]}'),
+    ],
+)
+async def test_the_api_refuses_a_lone_surrogate_escape_as_it_refuses_nul(
+    client: Client, url: str, body: bytes
+) -> None:
+    """JSON allows `\\ud800` alone; read into a str that is no UTF-8, neither orjson nor
+    PostgreSQL could write it: a 500 on both engines."""
+    headers = {"authorization": f"Bearer {SOL_KEY}", "content-type": "application/json"}
+    r = await client.http.post(url, content=body, headers=headers)
+    assert (r.status_code, r.json()["error"]) == (400, "invalid_text"), r.text
+    assert "surrogate" in r.json()["detail"]
+    assert await client.stored() == 0
+    pair = b'{"type": "lead.new", "data": {"note": "\\ud83d\\ude00"}}'  # an emoji, escaped
+    r = await client.http.post("/api/v1/events", content=pair, headers=headers)
+    assert r.status_code == 202, r.text
+
+
+async def test_an_event_whose_route_key_is_longer_than_an_index_row_is_accepted(
+    store: SqlStore, database_url: str
+) -> None:
+    """A route's ordering key takes the event's value whole: over ~2.7 KB PostgreSQL's
+    index refused the delivery, and every such event (and each retry) was a 500."""
+    data = base_config(database_url)
+    data["routes"][0]["ordering_key"] = "data.conversation_id"
+    async for client in make_client(store, load_config_dict(data)):
+        value = "".join(f"{n:x}" for n in range(2_000))  # ~6 KB, not compressible to a row
+        body = {"type": "message.received", "data": {"conversation_id": value}}
+        headers = {"authorization": f"Bearer {SOL_KEY}"}
+        r = await client.http.post("/api/v1/events", json=body, headers=headers)
+        assert r.status_code == 202, r.text
+        assert await client.stored() == 1
+
+
 async def test_text_that_only_looks_like_a_nul_escape_is_accepted(client: Client) -> None:
     body = b'{"type": "lead.new", "data": {"note": "type \\\\u0000 to escape"}}'
     headers = {"authorization": f"Bearer {SOL_KEY}", "content-type": "application/json"}

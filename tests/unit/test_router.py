@@ -41,3 +41,28 @@ def test_the_most_urgent_routes_key_wins_and_each_destination_is_delivered_once(
         {"priority": 1, "ordering_key": "data.n", "destinations": ["crm", "billing"]},
     )
     assert got == {"crm": (1, "7"), "billing": (1, "7")}
+
+
+def test_a_key_longer_than_the_apis_is_kept_as_its_digest_so_equal_values_stay_in_order() -> None:
+    """A route's key takes the event's value whole; over ~2.7 KB PostgreSQL's index refused
+    the delivery and every webhook with such a value failed with a 500."""
+
+    def key_of(value: str) -> str | None:
+        data = base_config("sqlite:///unused.db")
+        data["routes"] = [
+            {
+                "tenant": "clinica-sol",
+                "events": ["message.*"],
+                "destinations": ["crm"],
+                "ordering_key": "data.conversation_id",
+            }
+        ]
+        event = {"type": "message.received", "data": {"conversation_id": value}}
+        [target] = Router(load_config_dict(data)).targets("clinica-sol", event)
+        return target.ordering_key
+
+    long_a, long_b = "a" * 10_000, "a" * 9_999 + "b"
+    assert key_of("x" * 255) == "x" * 255  # the API's own limit: kept as it is
+    assert key_of(long_a) == key_of(long_a)
+    assert key_of(long_a) != key_of(long_b)
+    assert all(len(key_of(v) or "") <= 255 for v in (long_a, long_b, "x" * 256))

@@ -11,6 +11,7 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
+import orjson
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi_offline import FastAPIOffline
@@ -181,6 +182,13 @@ class Root:
             body = await read_body(receive, limit)
             if nul_in_json(body):
                 raise nul_refusal("body")
+            if lone_surrogate_in_json(body):
+                raise HttpError(
+                    400,
+                    "invalid_text",
+                    "the request's body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff"
+                    " not in a pair), which is no character",
+                )
         except HttpError as refusal:
             count_api_error(refusal)
             await respond(send, refusal.status, {"error": refusal.error, "detail": refusal.detail})
@@ -213,6 +221,22 @@ def nul_in_url(scope: Scope) -> str | None:
 def nul_in_json(body: bytes) -> bool:
     """True when a JSON body holds a NUL character in one of its strings."""
     return b"\\u0000" in body and _JSON_NUL.search(body) is not None
+
+
+_JSON_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def lone_surrogate_in_json(body: bytes) -> bool:
+    """True when a JSON body holds a `\\ud800`-style escape that is not half of a pair: the
+    API's parser reads it into a str that orjson cannot write nor PostgreSQL store. Only a
+    body with such an escape is parsed again, by orjson, which refuses exactly these."""
+    if _JSON_SURROGATE.search(body) is None:
+        return False
+    try:
+        orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        return "surrogate" in str(exc)
+    return False
 
 
 def nul_refusal(where: str) -> HttpError:

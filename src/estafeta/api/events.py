@@ -17,6 +17,7 @@ from estafeta.api.views import event_json
 from estafeta.errors import HttpError
 from estafeta.hub import API_SOURCE
 from estafeta.ingress.endpoint import SPOOLED, rate_limit
+from estafeta.routing.router import MAX_ORDERING_KEY
 
 router = APIRouter(prefix="/api/v1", tags=["events"])
 
@@ -28,7 +29,7 @@ class PublishEvent(BaseModel):
     data: JsonObject = Field(default_factory=dict)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
     priority: int | None = Field(default=None, ge=0, le=4)
-    ordering_key: str | None = Field(default=None, max_length=255)
+    ordering_key: str | None = Field(default=None, max_length=MAX_ORDERING_KEY)
 
 
 class Published(BaseModel):

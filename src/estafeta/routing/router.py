@@ -9,6 +9,7 @@ them that gives an ordering key.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -88,7 +89,7 @@ class Router:
             key = ordering_key
             if key is None and route.ordering_key:
                 value = lookup(event, route.ordering_key)
-                key = None if value is None else str(value)
+                key = None if value is None else bounded_key(str(value))
             level = route.priority if priority is None else priority
             for destination_id in route.destinations:
                 target = Target(
@@ -100,6 +101,20 @@ class Router:
                 previous = chosen.get(destination_id)
                 chosen[destination_id] = target if previous is None else _merged(previous, target)
         return list(chosen.values())
+
+
+#: The longest ordering key kept as it is, and the API's limit of `ordering_key`. A longer value
+#: from an event (a route's path) would fail the event on PostgreSQL, whose index on
+#: deliveries.ordering_key takes no row over ~2.7 KB.
+MAX_ORDERING_KEY = 255
+
+
+def bounded_key(value: str) -> str:
+    """`value`, or a digest of it when longer than `MAX_ORDERING_KEY`: equal values still
+    give equal keys, so their order holds."""
+    if len(value) <= MAX_ORDERING_KEY:
+        return value
+    return "sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _merged(earlier: Target, later: Target) -> Target:
