@@ -437,6 +437,30 @@ INVALID_CASES: list[tuple[str, str, list[str]]] = [
         "[worker]\nalert_webhooks_refused_s = 0",
         ["worker.alert_webhooks_refused_s: Input should be greater than 0"],
     ),
+    (  # each of these passed, and then every delivery to the destination failed for good
+        "a header name that is no HTTP token",
+        TENANT + DESTINATION + 'headers = { "X Token" = "t" }',
+        [
+            "destinations[0].headers: header name 'X Token' is not an HTTP token: letters,"
+            " digits and !#$%&'*+-.^_`|~ only"
+        ],
+    ),
+    (  # the value is not echoed: a header is often a credential
+        "a header value that would split the request",
+        TENANT + DESTINATION + 'headers = { Authorization = "Bearer SECRET\\r\\nX-Evil: 1" }',
+        [
+            "destinations[0].headers: header 'Authorization': its value holds a control"
+            " character (CR, LF, NUL …)"
+        ],
+    ),
+    (  # was silently left out
+        "a header estafeta sets itself",
+        TENANT + DESTINATION + 'headers = { "Content-Type" = "text/plain" }',
+        [
+            "destinations[0].headers: header 'Content-Type' is set by estafeta and cannot be"
+            " replaced"
+        ],
+    ),
     (  # each of these passed, then `migrate` and `serve` died with a Python traceback
         "a database URL whose port is no port",
         '[storage]\nurl = "postgresql://u@db:99999/estafeta"',

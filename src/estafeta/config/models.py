@@ -509,6 +509,20 @@ DEFAULT_TIMEOUTS_S: dict[str, float] = {
 }
 
 
+# Headers estafeta sets on every outbound request: a destination's `headers` cannot replace
+# them, so its config can never break the signature or the idempotency key.
+OWN_HEADERS = (
+    "content-type",
+    "user-agent",
+    "accept-encoding",
+    "webhook-id",
+    "webhook-timestamp",
+    "webhook-signature",
+)
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110's token
+_HEADER_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # all but horizontal tab
+
+
 class DestinationConfig(_Model):
     """Where deliveries go, with their retry, rate-limit and circuit-breaker policy."""
 
@@ -534,6 +548,25 @@ class DestinationConfig(_Model):
     def _check_url(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None and info.data.get("kind") == "http":
             _check_http_url(value)
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _check_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        # Found only at send time, each of these made every delivery a permanent failure
+        # (or, for estafeta's own headers, was silently left out).
+        for name, text in value.items():
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(
+                    f"header name {name!r} is not an HTTP token: letters, digits and "
+                    "!#$%&'*+-.^_`|~ only"
+                )
+            if name.lower() in OWN_HEADERS:
+                raise ValueError(f"header {name!r} is set by estafeta and cannot be replaced")
+            if _HEADER_CONTROL.search(text):  # the value is not echoed: often a credential
+                raise ValueError(
+                    f"header {name!r}: its value holds a control character (CR, LF, NUL …)"
+                )
         return value
 
     @field_validator("secret")

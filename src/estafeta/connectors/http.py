@@ -22,6 +22,7 @@ import aiohttp
 from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook
 
 from estafeta import __version__
+from estafeta.config.models import OWN_HEADERS
 from estafeta.connectors.exchange import Answer, exchange
 from estafeta.delivery.decision import classify_status, parse_retry_after
 from estafeta.delivery.model import LeasedDelivery
@@ -32,16 +33,6 @@ from estafeta.urls import outline
 # characters when the body is that long; a character cut at the end is dropped by the slice.
 _EXCERPT_BYTES = EXCERPT_LIMIT * 4
 _USER_AGENT = f"estafeta/{__version__}"
-# Headers estafeta owns: configured extra headers cannot replace them, so a destination's
-# config can never break the signature or the idempotency key.
-_OWN_HEADERS = (
-    "content-type",
-    "user-agent",
-    "accept-encoding",
-    "webhook-id",
-    "webhook-timestamp",
-    "webhook-signature",
-)
 
 
 def sign_webhook(secret: str, msg_id: str, timestamp_s: int, body: bytes) -> str:
@@ -118,7 +109,7 @@ class HttpConnector:
         self._session = session
         self._now_s = now_s
         extra = {name.lower(): value for name, value in (headers or {}).items()}
-        self._base_headers = {k: v for k, v in extra.items() if k not in _OWN_HEADERS} | {
+        self._base_headers = {k: v for k, v in extra.items() if k not in OWN_HEADERS} | {
             "content-type": "application/json",
             "user-agent": _USER_AGENT,
             "accept-encoding": "identity",
