@@ -739,6 +739,28 @@ async def test_text_that_only_looks_like_a_nul_escape_is_accepted(client: Client
     assert event["event"]["data"]["note"] == "type \\u0000 to escape"
 
 
+@pytest.mark.parametrize(
+    ("url", "body", "where"),
+    [
+        ("/api/v1/events", {"type": "lead.new", "priority": True}, "priority"),
+        ("/api/v1/events", {"type": "lead.new", "priority": "1"}, "priority"),
+        ("/api/v1/events", {"type": "lead.new", "priority": 1.0}, "priority"),
+        ("/api/v1/dlq/discard", {"all": "yes"}, "all"),
+        ("/api/v1/dlq/replay", {"all": 1}, "all"),
+    ],
+)
+async def test_a_value_of_another_json_type_is_refused_not_converted(
+    client: Client, url: str, body: dict[str, object], where: str
+) -> None:
+    """`true` is no priority and `"yes"` no `all: true`, as in the configuration: they were
+    read as 1 and True, and a typo in a client meant every dead delivery replayed."""
+    headers = {"authorization": f"Bearer {SOL_KEY}"}
+    r = await client.http.post(url, json=body, headers=headers)
+    assert (r.status_code, r.json()["error"]) == (400, "invalid_request"), r.text
+    assert where in r.json()["detail"]
+    assert await client.stored() == 0
+
+
 async def test_an_empty_idempotency_key_header_is_refused(client: Client) -> None:
     headers = {"authorization": f"Bearer {SOL_KEY}", "idempotency-key": ""}
     r = await client.http.post("/api/v1/events", json={"type": "lead.new"}, headers=headers)

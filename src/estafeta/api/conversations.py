@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import Response
 
 from estafeta.api.auth import Principal
 from estafeta.api.cursors import encode_cursor, not_given, page_of, read_cursor
 from estafeta.api.deps import hub_of, json_body, principal, tenant_principal
+from estafeta.api.fields import RequestBody
 from estafeta.api.responses import json_response
 from estafeta.clock import iso_from_ms
 from estafeta.errors import HttpError
@@ -126,9 +127,7 @@ async def get_conversation(
     )
 
 
-class Escalate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class Escalate(RequestBody):
     reason: str = Field(min_length=1, max_length=500)
     priority: int = Field(default=1, ge=0, le=4)
 

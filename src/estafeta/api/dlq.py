@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import Response
 
 from estafeta.api.auth import Principal
 from estafeta.api.cursors import encode_cursor, page_of, read_cursor
 from estafeta.api.deps import hub_of, json_body, principal
+from estafeta.api.fields import RequestBody
 from estafeta.api.responses import json_response
 from estafeta.api.views import delivery_json
 from estafeta.clock import ms_from_iso
@@ -31,11 +32,9 @@ def _time(value: str | None, name: str) -> int | None:
         raise HttpError(400, "invalid_request", f"{name}: not an ISO 8601 time") from None
 
 
-class DeadLetterSelection(BaseModel):
+class DeadLetterSelection(RequestBody):
     """Which dead deliveries: by `ids`, or by filter (a tenant counts); `all: true` to mean
     every one."""
-
-    model_config = ConfigDict(extra="forbid")
 
     ids: list[str] = Field(default_factory=list, max_length=10_000)
     destination: str | None = None

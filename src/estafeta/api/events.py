@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from starlette.requests import Request
 from starlette.responses import Response
 
 from estafeta.api.auth import Principal
 from estafeta.api.deps import hub_of, json_body, principal, tenant_principal
-from estafeta.api.fields import JsonObject
+from estafeta.api.fields import JsonObject, RequestBody
 from estafeta.api.responses import json_response, key_used_elsewhere
 from estafeta.api.views import event_json
 from estafeta.errors import HttpError
@@ -22,9 +22,7 @@ from estafeta.routing.router import MAX_ORDERING_KEY
 router = APIRouter(prefix="/api/v1", tags=["events"])
 
 
-class PublishEvent(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class PublishEvent(RequestBody):
     type: str = Field(min_length=1, max_length=200, examples=["appointment.booked"])
     data: JsonObject = Field(default_factory=dict)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)

@@ -5,10 +5,18 @@ from __future__ import annotations
 from functools import partial
 from typing import Annotated, Any
 
-from pydantic import AfterValidator
+from pydantic import AfterValidator, BaseModel, ConfigDict
 from pydantic_core import PydanticCustomError
 
 from estafeta.jsonvalues import DATA_LEVELS_ABOVE, unstorable
+
+
+class RequestBody(BaseModel):
+    """A request body as the API reads it: no key it does not name, and each value of the
+    JSON type its field says — `true` is no priority and `"yes"` no boolean, as in the
+    configuration (pydantic would otherwise read them as 1 and True)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 def _storable_json(value: dict[str, Any], *, levels_above: int) -> dict[str, Any]:

@@ -6,13 +6,13 @@ from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from starlette.requests import Request
 from starlette.responses import Response
 
 from estafeta.api.auth import Principal
 from estafeta.api.deps import hub_of, json_body, principal, tenant_principal
-from estafeta.api.fields import TemplateComponent
+from estafeta.api.fields import RequestBody, TemplateComponent
 from estafeta.api.responses import json_response, key_used_elsewhere
 from estafeta.clock import iso_from_ms
 from estafeta.errors import HttpError
@@ -24,27 +24,21 @@ from estafeta.store.records import MessageView, StatusChange
 router = APIRouter(prefix="/api/v1", tags=["messages"])
 
 
-class Template(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class Template(RequestBody):
     name: str = Field(min_length=1, max_length=512)
     language: str = Field(min_length=2, max_length=15, examples=["pt_BR"])
     components: list[TemplateComponent] = Field(default_factory=list)
 
 
-class Media(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class Media(RequestBody):
     kind: Literal["image", "audio", "video", "document"]
     url: str = Field(pattern=r"^https?://", max_length=2048)
     caption: str | None = Field(default=None, max_length=1024)
     filename: str | None = Field(default=None, max_length=240)
 
 
-class SendMessage(BaseModel):
+class SendMessage(RequestBody):
     """One of `text`, `template` or `media`, to one customer, through one provider source."""
-
-    model_config = ConfigDict(extra="forbid")
 
     source: str = Field(min_length=1, max_length=63, examples=["wa-sol"])
     to: str = Field(pattern=r"^\+[1-9][0-9]{6,14}$", examples=["+5511987654321"])
