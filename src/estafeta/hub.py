@@ -318,6 +318,9 @@ class Hub:
             ),
         )
         if result.duplicate:
+            if result.spooled and self.spool is not None:
+                # The original waits in the spool: the store (down) does not know it yet.
+                return self.spool.spooled_message_id(result.event_id), result
             return await self.store.message_id_for_event(result.event_id), result
         return message_id, result
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,7 +20,9 @@ from estafeta.delivery.outcome import Outcome, OutcomeKind
 from estafeta.delivery.state import DeliveryState
 from estafeta.hub import Hub
 from estafeta.ids import new_id
-from estafeta.store import schema
+from estafeta.ingress.providers.base import bounded_key
+from estafeta.ingress.spool import Spool
+from estafeta.store import open_store, schema
 from estafeta.store.records import CompletedAttempt
 from estafeta.store.sqlstore import SqlStore
 from tests.conftest import base_config, lease_any
@@ -1010,3 +1013,169 @@ async def test_pages_of_a_conversation_show_only_the_tenants_own_messages(env: E
         assert {m["text"] for m in outra.json()["messages"]} == {"outra"}
         page_url = f"{url}?limit=2&cursor={page['next']}"
     assert seen == ["sol 0", "sol 1", "sol 2"]
+
+
+# -- what a provider's answer or a lost lease must not break ----------------------------------
+
+LONG_ID = "wamid." + "A" * 300  # a provider id longer than the 255-character columns
+
+
+async def _send(env: Env) -> str:
+    r = await env.http.post(
+        "/api/v1/messages",
+        headers=env.auth(),
+        json={"source": "wa-sol", "to": f"+{MARIA}", "text": "Oi"},
+    )
+    assert r.status_code == 202, r.text
+    return str(r.json()["id"])
+
+
+@pytest.mark.parametrize("provider_id", [LONG_ID, "wamid.with\x00nul"])
+async def test_a_provider_id_the_column_cannot_hold_still_records_the_send_and_its_statuses(
+    env: Env, provider_id: str
+) -> None:
+    """The provider accepted the message and gave an id longer than 255 characters (or with
+    a NUL): the ingress stores the status's `message_ref` `fitted`, so the send must store
+    its provider id the same way. Otherwise PostgreSQL refuses the whole completion (the
+    delivery is rescued as lease_expired and the customer gets the message again and
+    again), and on SQLite the statuses never reach the message."""
+    message_id = await _send(env)
+    await env.finish_send(provider_id=provider_id)
+    # As the provider ingress stores it: the key bounded (providers/base.py bounded_key).
+    await env.hub.accept(
+        tenant_id="clinica-sol",
+        source_id="wa-sol",
+        event_type="message.status",
+        data={"message_id": provider_id, "status": "delivered", "conversation_id": MARIA},
+        idempotency_key=bounded_key(f"{provider_id}:delivered"),
+        occurred_at=1_751_371_290_000,
+    )
+    view = (await env.http.get(f"/api/v1/messages/{message_id}", headers=env.auth())).json()
+    assert view["state"] == "delivered", view
+
+
+# -- a repeated send while the original waits in the spool ------------------------------------
+
+
+UNREACHABLE = "postgresql://postgres@127.0.0.1:1/nowhere"  # nothing listens on port 1
+
+
+async def test_a_send_repeated_during_an_outage_gets_the_original_message(
+    tmp_path: Path,
+) -> None:
+    """The store is down: the first send is spooled and answered 202 with its message id. The
+    client's retry with the same idempotency key (its answer was lost) must get that message
+    back, as a redelivered webhook gets its original event id during an outage; instead the
+    hub asks the unreachable store which message the spooled event is, and fails."""
+    data = base_config(UNREACHABLE)
+    data["sources"].append(
+        {
+            "id": "wa-sol",
+            "tenant": "clinica-sol",
+            "kind": "whatsapp_cloud",
+            "app_secret": "s3cret",
+            "access_token": "token",
+            "phone_number_id": "114950281736452",
+        }
+    )
+    config = load_config_dict(data)
+    store = open_store(UNREACHABLE)
+    hub = Hub(config, store, spool=Spool(tmp_path / "spool", max_bytes=10**6))
+    try:
+        send = {
+            "tenant_id": "clinica-sol",
+            "source_id": "wa-sol",
+            "to": "+5511987654321",
+            "content": {"text": "Sua consulta está confirmada."},
+            "idempotency_key": "reply-1",
+        }
+        first_id, first = await hub.send_message(**send)  # type: ignore[arg-type]
+        assert first.spooled and not first.duplicate and first_id is not None
+        again_id, again = await hub.send_message(**send)  # type: ignore[arg-type]
+        assert again.duplicate and again.event_id == first.event_id
+        assert again_id == first_id
+    finally:
+        await hub.close()
+        await store.close()
+
+
+# -- a late failure from a lost lease ---------------------------------------------------------
+
+
+async def test_a_late_failure_of_a_lost_lease_does_not_fail_a_message_sent_by_its_retry(
+    env: Env,
+) -> None:
+    """Worker A's attempt outlives its lease (a pause, a slow provider); the lease is rescued
+    and worker B sends the message again, and the provider accepts it. A's late answer, a
+    permanent refusal, is not applied to the delivery (the lease is no longer A's), yet it
+    marked the message `failed`; B's success then found the message no longer `queued` and
+    recorded nothing: the message shows `failed`, with no provider id, while the customer
+    has it and its statuses never reach it."""
+    message_id = await _send(env)
+    t0 = env.hub.clock.now_ms()
+    [a] = [
+        d
+        for d in await lease_any(env.store, now_ms=t0, lease_ms=1_000, worker_id="A")
+        if d.destination_id == "send:wa-sol"
+    ]
+    # The lease expires; a rescuer records the lost attempt and schedules the retry now.
+    [claimed] = [
+        d
+        for d in await env.store.claim_expired(now_ms=t0 + 2_000, lease_ms=30_000, worker_id="R")
+        if d.id == a.id
+    ]
+    lost = Outcome(OutcomeKind.RETRYABLE, 0.0, error_class="lease_expired")
+    await env.store.complete(
+        [
+            CompletedAttempt(
+                claimed,
+                lost,
+                Transition(DeliveryState.PENDING, 1, t0 + 2_000, "lease_expired"),
+                t0 + 2_000,
+                new_id("att"),
+            )
+        ],
+        t0 + 2_000,
+    )
+    [b] = [
+        d
+        for d in await lease_any(env.store, now_ms=t0 + 3_000, worker_id="B")
+        if d.destination_id == "send:wa-sol"
+    ]
+    # A's late answer: a permanent refusal (e.g. a 5xx that A's provider turned into 131026).
+    refused = Outcome(
+        OutcomeKind.PERMANENT, 10.0, status_code=400, error_class="whatsapp_cloud_131026"
+    )
+    applied = await env.store.complete(
+        [
+            CompletedAttempt(
+                a,
+                refused,
+                Transition(
+                    DeliveryState.DEAD, 1, None, "whatsapp_cloud_131026: Message undeliverable"
+                ),
+                t0,
+                new_id("att"),
+            )
+        ],
+        t0 + 3_500,
+    )
+    assert applied == 0  # the delivery is B's now: A's transition is not applied
+    accepted = Outcome(OutcomeKind.SUCCESS, 10.0, status_code=200, external_id="wamid.B")
+    assert (
+        await env.store.complete(
+            [
+                CompletedAttempt(
+                    b,
+                    accepted,
+                    Transition(DeliveryState.SUCCEEDED, 2, None, None),
+                    t0 + 3_000,
+                    new_id("att"),
+                )
+            ],
+            t0 + 4_000,
+        )
+        == 1
+    )
+    view = (await env.http.get(f"/api/v1/messages/{message_id}", headers=env.auth())).json()
+    assert (view["state"], view["provider_message_id"]) == ("sent", "wamid.B"), view

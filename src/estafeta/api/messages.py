@@ -108,7 +108,7 @@ async def send_message(
             key, result.event_id, "the event", "send the message (POST /api/v1/messages)"
         )
     state = "queued"
-    if result.duplicate:  # the original may be well past queued by now
+    if result.duplicate and not result.spooled:  # the original may be past queued by now
         original = await hub.store.get_message(caller.tenant_id, message_id)
         if original is not None:
             state = current_status(original.state, [c.status for c in original.provider_statuses])

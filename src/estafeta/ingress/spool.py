@@ -103,6 +103,10 @@ class Spool:
         # the outage gets the original id back instead of a new one that the drain would
         # drop as a duplicate. Bounded: the oldest are forgotten first.
         self._keys: OrderedDict[tuple[str, str, str], str] = OrderedDict()
+        # The message id of each keyed message send journaled (event id → message id), so
+        # that a repeated POST /api/v1/messages during the outage gets the original message
+        # without asking the unreachable store. Bounded with `_keys`.
+        self._messages: dict[str, str] = {}
         # When the drain last got through: a round that ended, or a segment imported. From
         # start-up until the first round, events left by an earlier process are not late.
         self.progress_at = self.clock.now_ms()
@@ -121,6 +125,10 @@ class Spool:
             return None
         return self._keys.get((tenant_id, source_id, key))
 
+    def spooled_message_id(self, event_id: str) -> str | None:
+        """The message id of a message send this process spooled with a key, if any."""
+        return self._messages.get(event_id)
+
     async def append(self, event: NewEvent) -> None:
         """Journal one event durably (fsync'ed) before returning; 503 when the spool is full."""
         if self.stats().bytes >= self.max_bytes:
@@ -133,8 +141,11 @@ class Spool:
         await self._appends.submit(event)
         if event.idempotency_key is not None:
             self._keys[(event.tenant_id, event.source_id, event.idempotency_key)] = event.id
+            if event.message is not None:
+                self._messages[event.id] = event.message.id
             if len(self._keys) > REMEMBERED_KEYS:
-                self._keys.popitem(last=False)
+                _, forgotten = self._keys.popitem(last=False)
+                self._messages.pop(forgotten, None)
 
     async def _append_batch(self, events: Sequence[NewEvent]) -> list[None]:
         data = b"".join(encode(e) for e in events)

@@ -113,21 +113,35 @@ class MessagingOps(StoreBase):
             queued = and_(m.c.delivery_id == item.delivery.id, m.c.state == "queued")
             if item.outcome.succeeded:
                 alt_id = item.outcome.external_alt_id
+                external_id = item.outcome.external_id
                 await conn.execute(
                     update(m)
                     .where(queued)
                     .values(
                         state="sent",
-                        provider_message_id=item.outcome.external_id,
+                        # Stored as the ingress stores a status's `message_ref` (`fitted`):
+                        # an id longer than the column, or with a NUL, must neither fail the
+                        # completion (the message would be sent again at every rescue) nor
+                        # miss its statuses.
+                        provider_message_id=fitted(external_id, MESSAGE_REF_MAX)
+                        if external_id
+                        else None,
                         provider_alt_id=fitted(alt_id, MESSAGE_REF_MAX) if alt_id else None,
                         sent_at=now_ms,
                         updated_at=now_ms,
                     )
                 )
             elif item.transition.to_state is DeliveryState.DEAD:
+                # Only when the delivery did die: a late failure whose lease was rescued is
+                # not applied to the delivery (its retry may be sending it right now), and
+                # must not fail the message either.
+                d = s.deliveries
+                died = select(d.c.id).where(
+                    d.c.id == item.delivery.id, d.c.state == DeliveryState.DEAD.value
+                )
                 await conn.execute(
                     update(m)
-                    .where(queued)
+                    .where(queued, m.c.delivery_id.in_(died))
                     .values(state="failed", error=item.transition.last_error, updated_at=now_ms)
                 )
 
