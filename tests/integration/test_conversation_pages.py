@@ -227,3 +227,31 @@ async def test_the_list_of_every_tenant_keeps_its_statement_from_page_to_page(
         (r["tenant_id"], r["id"]) for r in expected[:21]
     ]
     assert len(ran) == 3 and ran[1] is ran[2]  # the first page's has no `after`
+
+
+async def test_the_admin_list_of_more_than_500_tenants_is_one_page_on_sqlite_too(
+    store: SqlStore,
+) -> None:
+    """The admin key's list is a UNION ALL branch per tenant with a conversation; SQLite
+    refuses a compound SELECT of more than 500 (every admin list was a 500 past that)."""
+    rows = [
+        {
+            "tenant_id": f"clinica-{n:04d}",
+            "id": "5511987654321",
+            "status": "open",
+            "contact_name": None,
+            "first_message_at": T0,
+            "last_message_at": T0 + n,
+            "inbound_count": 1,
+            "outbound_count": 0,
+            "updated_at": T0 + n,
+        }
+        for n in range(501)
+    ]
+    async with store.engine.begin() as conn:
+        await conn.execute(insert(s.conversations), rows)
+    page = await store.list_conversations(None, limit=10)
+    assert [c.tenant_id for c in page] == [f"clinica-{n:04d}" for n in range(500, 490, -1)]
+    after = (page[-1].last_message_at, page[-1].tenant_id, page[-1].id)
+    rest = await store.list_conversations(None, limit=1_000, after=after)
+    assert [c.tenant_id for c in rest] == [f"clinica-{n:04d}" for n in range(490, -1, -1)]

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
+import httpx
 import pytest
 import structlog
+from structlog.testing import capture_logs
 
+from estafeta.api.app import create_app
+from estafeta.config import Config
 from estafeta.errors import StoreRejected
+from estafeta.hub import Hub
 from estafeta.observability.logging import configure_logging
 from estafeta.store.records import NewDelivery, NewEvent, NewMessage
 from estafeta.store.sqlstore import SqlStore
@@ -84,3 +90,29 @@ async def test_an_event_stored_twice_logs_neither_its_key_nor_its_payload(
     printed = logged(refused.value)
     assert "StoreRejected" in printed and "events" in printed
     assert PHONE not in printed and TEXT not in printed
+
+
+async def test_an_unexpected_api_error_is_logged_once_through_the_redacting_log(
+    store: SqlStore, config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It is logged (JSON, redacted) and answered 500; Starlette then raised it on out of the
+    app, and uvicorn printed its traceback a second time as plain text, past the redaction
+    and breaking a one-JSON-object-a-line log pipeline."""
+
+    async def bug(*_: Any, **__: Any) -> None:
+        raise ValueError(f"a bug quoting +{PHONE}")
+
+    monkeypatch.setattr(store, "get_event", bug)
+    hub = Hub(config, store)
+    # raise_app_exceptions: what escapes the app fails the request here, as uvicorn logs it.
+    transport = httpx.ASGITransport(app=create_app(hub), raise_app_exceptions=True)
+    try:
+        with capture_logs() as logs:
+            async with httpx.AsyncClient(transport=transport, base_url="http://hub") as client:
+                r = await client.get(
+                    "/api/v1/events/evt_1", headers={"authorization": "Bearer test-admin-key"}
+                )
+    finally:
+        await hub.close()
+    assert (r.status_code, r.json()["error"]) == (500, "internal_error")
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["unhandled_error"]

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import redis
+from sqlalchemy import update
 from structlog.testing import capture_logs
 
 from estafeta.clock import SystemClock
@@ -17,14 +18,18 @@ from estafeta.config import Config, load_config_dict
 from estafeta.connectors.http import HttpConnector
 from estafeta.delivery.model import LeasedDelivery
 from estafeta.delivery.outcome import Outcome, OutcomeKind
+from estafeta.delivery.rescue import Rescue
 from estafeta.delivery.worker import Worker
 from estafeta.errors import LeaseRaced, StoreError, StoreUnavailable
 from estafeta.hub import Hub
 from estafeta.ids import new_id
+from estafeta.observability.metrics import DEAD_LETTERED
+from estafeta.store import schema
 from estafeta.store.records import DeadLetterFilter, EventView, NewDelivery
 from estafeta.store.sqlstore import SqlStore
 from estafeta.supervise import supervised
 from estafeta.testing.sink import Sink
+from tests.clocks import ManualClock
 from tests.conftest import SINK_SECRET, base_config, lease_any
 from tests.events import new_event
 from tests.integration.redis_support import RedisServer
@@ -898,3 +903,36 @@ async def test_a_stopped_worker_leaves_no_redis_connection_open(
         await running
     # Before: the circuit store's client stayed connected after the worker stopped.
     assert redis_clients(own_redis.url) == 0
+
+
+async def test_a_delivery_the_rescue_dead_letters_is_counted_as_dead_lettered(
+    store: SqlStore, config: Config
+) -> None:
+    """A worker died on the last attempts of two deliveries: the rescue of their leases moves
+    them to the dead-letter queue, and estafeta_deliveries_dead_lettered_total, which graphs
+    and alerts read, never heard of it."""
+    hub = Hub(config, store)
+    try:
+        await publish(hub, "appointment.booked", status="booked")  # to crm and billing
+        async with store.engine.begin() as conn:
+            await conn.execute(update(schema.deliveries).values(attempts=2))  # max_attempts 3
+        now = hub.clock.now_ms()
+        assert len(await lease_any(store, now_ms=now, lease_ms=1)) == 2
+        before = {d: DEAD_LETTERED.labels(d)._value.get() for d in ("crm", "billing")}
+        rescue = Rescue(
+            store,
+            clock=ManualClock(now + 10_000),
+            rand=lambda: 0.5,
+            policies={},
+            lease_ms=30_000,
+            worker_id="rescuer",
+            destinations=["crm", "billing"],
+            interval_s=1,
+            started_ms=now,
+        )
+        assert await rescue.expired() == 2
+        assert (await store.queue_stats()).by_state.get("dead") == 2
+        after = {d: DEAD_LETTERED.labels(d)._value.get() for d in ("crm", "billing")}
+        assert after == {d: n + 1 for d, n in before.items()}
+    finally:
+        await hub.close()

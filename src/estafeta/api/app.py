@@ -202,7 +202,13 @@ class Root:
             replayed = True
             return {"type": "http.request", "body": body, "more_body": False}
 
-        await self.api(scope, replay, send)
+        try:
+            await self.api(scope, replay, send)
+        except Exception:  # already logged and answered
+            # Starlette re-raises an unexpected error once `handle_unexpected` has logged it
+            # and answered 500, for the server to log too: uvicorn would print its traceback
+            # a second time, as plain text, past the log's JSON and redaction processors.
+            return
 
 
 # A JSON escape for U+0000 that is not itself escaped text (`\\u0000` is the six characters).

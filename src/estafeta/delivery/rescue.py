@@ -28,7 +28,9 @@ from estafeta.delivery.decision import decide
 from estafeta.delivery.model import LeasedDelivery
 from estafeta.delivery.outcome import Outcome, OutcomeKind
 from estafeta.delivery.presence import LIVE_WINDOW_S
+from estafeta.delivery.state import DeliveryState
 from estafeta.ids import new_id
+from estafeta.observability.metrics import DEAD_LETTERED
 from estafeta.store.records import CompletedAttempt
 from estafeta.store.sqlstore import SqlStore
 
@@ -144,5 +146,8 @@ class Rescue:
             for d in claimed
         ]
         await self.store.complete(batch, now_ms)
+        for item in batch:  # as attempts.py counts the deaths of the sends it records
+            if item.transition.to_state is DeliveryState.DEAD:
+                DEAD_LETTERED.labels(item.delivery.destination_id).inc()
         log.warning("leases_rescued", count=len(batch), worker=self.worker_id)
         return len(batch)

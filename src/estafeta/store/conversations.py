@@ -9,6 +9,7 @@ the same at the start of a conversation of thousands of messages as at its end.
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
@@ -162,6 +163,9 @@ def _tenant_page(i: int, status: str | None, paged: bool) -> Select[Any]:
     return query
 
 
+# SQLITE_MAX_COMPOUND_SELECT's default: the most UNION ALL branches one statement may hold.
+_SQLITE_MAX_BRANCHES = 500
+
 # Every tenant with a conversation, by the conversations' primary key.
 _TENANTS_WITH_CONVERSATIONS = each_value("conversations", "tenant_id")
 
@@ -185,9 +189,24 @@ class ConversationOps(StoreBase):
                 tenants = [row[0] for row in await conn.execute(_TENANTS_WITH_CONVERSATIONS)]
                 if not tenants:
                     return []
-            statement = conversation_list_statement(len(tenants), status, after is not None)
-            params = conversation_list_params(tenants, limit, after)
-            return [_conversation(r) for r in (await conn.execute(statement, params)).all()]
+            # SQLite refuses a compound SELECT of more than 500 terms: past that many
+            # tenants, a statement per group of them, their pages merged here (each page
+            # comes in the list's order; str order is SQLite's BINARY collation's).
+            size = len(tenants) if self.dialect != "sqlite" else _SQLITE_MAX_BRANCHES
+            pages: list[list[ConversationView]] = []
+            for start in range(0, len(tenants), size):
+                group = tenants[start : start + size]
+                statement = conversation_list_statement(len(group), status, after is not None)
+                params = conversation_list_params(group, limit, after)
+                pages.append(
+                    [_conversation(r) for r in (await conn.execute(statement, params)).all()]
+                )
+        if len(pages) == 1:
+            return pages[0]
+        merged = heapq.merge(
+            *pages, key=lambda c: (c.last_message_at, c.tenant_id, c.id), reverse=True
+        )
+        return list(itertools.islice(merged, limit))
 
     async def get_conversation(
         self, tenant_id: str, conversation_id: str
