@@ -98,6 +98,32 @@ async def test_a_wrong_method_is_told_the_methods_the_source_answers(
     assert (r.status_code, r.headers["allow"]) == (405, "POST")
 
 
+async def test_a_server_that_gives_no_raw_path_is_served(
+    store: SqlStore, database_url: str
+) -> None:
+    """ASGI lets `raw_path` be None; ingest read `scope.get("raw_path", …).decode()` and
+    answered every webhook 500 under such a server (uvicorn always gives it)."""
+    data = base_config(database_url)
+    data["sources"].extend(provider_sources())
+    hub = Hub(load_config_dict(data), store)
+    app = create_app(hub)
+
+    async def no_raw_path(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await app({**scope, "raw_path": None}, receive, send)
+
+    try:
+        transport = httpx.ASGITransport(app=no_raw_path)
+        async with httpx.AsyncClient(transport=transport, base_url="http://hub") as http:
+            r = await http.post(
+                f"/in/zapi-sol?token={ZAPI_TOKEN}",
+                content=(FIXTURES / "zapi/received_text.json").read_bytes(),
+                headers={"content-type": "application/json"},
+            )
+    finally:
+        await hub.close()
+    assert r.status_code == 202, r.text
+
+
 async def test_a_signed_whatsapp_message_is_stored_normalized(http: httpx.AsyncClient) -> None:
     body, headers = wa_post("text.json")
     assert headers["x-hub-signature-256"] == WA_VECTOR["expected_header"]  # the vector

@@ -200,7 +200,8 @@ def inbound_request(scope: Scope, headers: dict[str, str], body: bytes) -> Inbou
     """The request as sources see it; the URL is rebuilt as the client sent it (Twilio
     signs the full URL), the query parsed only when there is one."""
     raw_query = scope.get("query_string", b"").decode("latin-1")
-    path = scope.get("raw_path", scope["path"].encode()).decode("latin-1")
+    # ASGI: `raw_path` is optional and may be None; then the decoded path is all there is.
+    path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
     path_qs = f"{path}?{raw_query}" if raw_query else path
     host = headers.get("host", "localhost")
     query: dict[str, str] = {}

@@ -221,6 +221,28 @@ def test_location_button_and_reply_context() -> None:
     assert button.data["context"] == {"message_id": "SM0", "from": None}
 
 
+@pytest.mark.parametrize(
+    ("field", "key", "value"),
+    [
+        ("FlowData", "flow_data", '{"flow_token":"appt-1","date":"2025-07-03","time":"09:00"}'),
+        (
+            "InteractiveData",
+            "interactive_data",
+            '{"type":"list_reply","list_reply":{"id":"slot-9","title":"9h"}}',
+        ),
+    ],
+)
+def test_what_a_flow_or_an_interactive_reply_says_reaches_the_event(
+    field: str, key: str, value: str
+) -> None:
+    """contracts §2.2: JSON strings. They were dropped: a booking form sent through Twilio
+    reached destinations as an empty `unsupported` message (the Cloud reader keeps a Flow's
+    `response_json`). Kept as the strings Twilio sent."""
+    base = {"MessageSid": "SM4", "From": "whatsapp:+5511987654321", "NumMedia": "0"}
+    (event,) = parse({**base, "Body": "Sent", "MessageType": "interactive", field: value})
+    assert event.data[key] == value
+
+
 def test_sms_and_unknown_message_types() -> None:
     (sms,) = parse({"MessageSid": "SM4", "From": "+14155550100", "Body": "hi", "NumMedia": "0"})
     assert (sms.data["channel"], sms.data["from"]) == ("sms", "+14155550100")

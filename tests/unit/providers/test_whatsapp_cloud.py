@@ -343,6 +343,21 @@ def test_fixture_normalizes(
         assert subset(event.data, data) == data
 
 
+def test_a_question_about_a_catalog_product_names_the_product() -> None:
+    """contracts §1.4: `context.referred_product` ("Message business" on a product); only
+    the context's id and sender were kept, so the question reached the clinic without it."""
+    document = fixture_json("whatsapp_cloud/text.json")
+    message = document["entry"][0]["changes"][0]["value"]["messages"][0]
+    product = {"catalog_id": "367025965434465", "product_retailer_id": "consulta-cardio"}
+    message["context"] = {"from": "551140028922", "id": "wamid.CAT", "referred_product": product}
+    (event,) = parse(document)
+    assert event.data["context"] == {
+        "message_id": "wamid.CAT",
+        "from": "+551140028922",
+        "referred_product": product,
+    }
+
+
 def test_media_block_of_voice_note_and_document() -> None:
     (audio,) = parse(fixture_bytes("whatsapp_cloud/audio.json"))
     assert audio.data["media"]["voice"] is True

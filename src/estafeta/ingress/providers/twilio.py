@@ -217,6 +217,11 @@ def _message_event(fields: Mapping[str, str], sid: str, raw: str) -> ParsedEvent
     }
     if referral:
         data["referral"] = referral
+    # contracts §2.2: what an interactive reply or a WhatsApp Flow says, as Twilio's JSON
+    # strings (kept as strings, as the Cloud reader keeps a Flow's `response_json`).
+    for name, key in (("InteractiveData", "interactive_data"), ("FlowData", "flow_data")):
+        if fields.get(name):
+            data[key] = fields[name]
     return ParsedEvent(
         type="message.received", data=data, idempotency_key=bounded_key(sid), raw=raw
     )

@@ -187,6 +187,8 @@ def _message_event(
     replied_to = nonempty(context.get("id"))
     if replied_to is not None:
         data["context"] = {"message_id": replied_to, "from": e164(context.get("from"))}
+        if isinstance(context.get("referred_product"), dict):  # a question about a product
+            data["context"]["referred_product"] = context["referred_product"]
     for forward in ("forwarded", "frequently_forwarded"):
         if context.get(forward) is True:
             data[forward] = True
