@@ -995,9 +995,11 @@ def test_secrets_never_appear_in_repr(tmp_path: Path) -> None:
         for kind, keys in secret_keys.items()
     ]
     sources[0]["secret"] = WHSEC
+    sources[2]["public_url"] = "https://twilio:PUBLIC-PASSWORD@hub.example"  # basic auth
     data: dict[str, Any] = {
         "storage": {"url": "postgresql://hub:DB-PASSWORD@db/estafeta"},
-        "redis": {"url": "redis://:REDIS-PASSWORD@cache:6379/0"},
+        # redis-py reads the password up to the last `@`
+        "redis": {"url": "redis://:REDIS@PASSWORD@cache:6379/0"},
         "security": {"admin_key": "ADMIN-KEY", "master_key": "MASTER-KEY"},
         "tenants": [{"id": "acme"}],
         "sources": sources,
@@ -1005,7 +1007,8 @@ def test_secrets_never_appear_in_repr(tmp_path: Path) -> None:
             {
                 "id": "d",
                 "tenant": "acme",
-                "url": "https://x",
+                # a hook's credential: its password, its path (Zapier, Make), its query
+                "url": "https://crm:HOOK-PASSWORD@hooks.example/catch/HOOK-TOKEN?key=HOOK-KEY",
                 "secret": WHSEC,
                 "headers": {"Authorization": "Bearer HEADER-TOKEN"},
             }
@@ -1015,7 +1018,9 @@ def test_secrets_never_appear_in_repr(tmp_path: Path) -> None:
     config = load_config_dict(data, {})
     shown = repr(config) + str(config)
 
-    for hidden in ["SECRET-", WHSEC, "DB-PASSWORD", "REDIS-PASSWORD", "ADMIN-KEY", "MASTER-KEY"]:
+    for hidden in ["SECRET-", WHSEC, "DB-PASSWORD", "REDIS", "PASSWORD", "ADMIN-KEY", "MASTER-KEY"]:
+        assert hidden not in shown
+    for hidden in ["HOOK-TOKEN", "HOOK-KEY"]:
         assert hidden not in shown
     assert "HEADER-TOKEN" not in shown
     assert "postgresql://hub:***@db/estafeta" in shown
@@ -1035,6 +1040,13 @@ def test_database_and_redis_urls_with_the_parameters_their_clients_take(
 ) -> None:
     table = "redis" if url.startswith("redis") else "storage"
     assert problems(tmp_path, f'[{table}]\nurl = "{url}"') == []
+
+
+def test_a_redis_password_with_a_slash_is_not_quoted_as_its_port(tmp_path: Path) -> None:
+    assert problems(tmp_path, '[redis]\nurl = "redis://:Pass/Word@cache:6379/0"') == [
+        "redis.url: invalid Redis URL: write a '/', '?', '#' or '@' of its user or password"
+        " percent-encoded (%2F, %3F, %23, %40)"
+    ]
 
 
 def test_an_invalid_secret_is_not_echoed_in_the_error(tmp_path: Path) -> None:

@@ -119,9 +119,14 @@ def _check_whsec(value: str) -> str:
     return value
 
 
+# The password runs to the last `@` before the query: Redis's client reads `:p@ss@host` as
+# the password `p@ss` (urlsplit's rule), and a `/` in it must not end the mask either.
+_URL_PASSWORD = re.compile(r"^([a-z][a-z0-9+.-]*://[^:/@?#]*):[^?#]*@", re.I)
+
+
 def mask_url(url: str) -> str:
     """`scheme://user:secret@host` → `scheme://user:***@host`, for reprs and logs."""
-    return re.sub(r"^([a-z][a-z0-9+.-]*://[^:/@]*):[^@/]*@", r"\1:***@", url, flags=re.I)
+    return _URL_PASSWORD.sub(r"\1:***@", url)
 
 
 Id = Annotated[str, AfterValidator(_check_id)]
@@ -252,6 +257,13 @@ class RedisConfig(_Model):
     def _check_url(cls, value: str | None) -> str | None:
         if value is not None and urlsplit(value).scheme not in ("redis", "rediss", "unix"):
             raise ValueError("invalid Redis URL: must start with redis://, rediss:// or unix://")
+        if value is not None and "@" in _after_netloc(value):
+            # `redis://:pa/ss@host`: urlsplit ends the host at the `/`, and the error below
+            # would quote the password's first part as the port.
+            raise ValueError(
+                "invalid Redis URL: write a '/', '?', '#' or '@' of its user or password"
+                " percent-encoded (%2F, %3F, %23, %40)"
+            )
         if value is not None:
             # What the clients will build from it, built now (no connection is made): a bad
             # port or an unknown parameter would otherwise fail only once running, in every
@@ -266,6 +278,13 @@ class RedisConfig(_Model):
 
     def __repr_args__(self) -> Any:
         yield "url", None if self.url is None else mask_url(self.url)
+
+
+def _after_netloc(url: str) -> str:
+    """What follows a URL's `scheme://netloc`, up to its query or fragment."""
+    parts = urlsplit(url)
+    rest = url.split("://", 1)[-1][len(parts.netloc) :]
+    return re.split(r"[?#]", rest, maxsplit=1)[0]
 
 
 class WorkerConfig(_Model):
@@ -463,6 +482,12 @@ class SourceConfig(_Model):
             raise field_problem(f"required for a {self.kind} source", needed)
         return self
 
+    def __repr_args__(self) -> Any:
+        # Twilio takes `https://user:password@host` webhook URLs (HTTP basic auth).
+        for name, value in super().__repr_args__():
+            masked = name in ("public_url", "api_base") and isinstance(value, str)
+            yield name, mask_url(value) if masked else value
+
     def value_of(self, key: str) -> Any:
         """The value of a key by its TOML name (`from` is the attribute `from_`)."""
         return getattr(self, "from_" if key == "from" else key)
@@ -549,6 +574,12 @@ class DestinationConfig(_Model):
         if value is not None and info.data.get("kind") == "http":
             _check_http_url(value)
         return value
+
+    def __repr_args__(self) -> Any:
+        # A hook URL's credentials can be its user and password, its path (a Make or Zapier
+        # hook's token is the path) or its query: shown as its outline, as in excerpts.
+        for name, value in super().__repr_args__():
+            yield name, outline(value) if name == "url" and isinstance(value, str) else value
 
     @field_validator("headers")
     @classmethod
