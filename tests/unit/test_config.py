@@ -471,7 +471,7 @@ INVALID_CASES: list[tuple[str, str, list[str]]] = [
         '[storage]\nurl = "postgresql://u@db/estafeta?connect_timeout=10"',
         [
             "storage.url: unsupported database URL parameter 'connect_timeout' (supported:"
-            " sslmode, ssl)"
+            " sslmode, ssl, host, port, user, password, database, passfile, target_session_attrs)"
         ],
     ),
     (
@@ -1024,6 +1024,8 @@ def test_secrets_never_appear_in_repr(tmp_path: Path) -> None:
         assert hidden not in shown
     assert "HEADER-TOKEN" not in shown
     assert "postgresql://hub:***@db/estafeta" in shown
+    in_query = load_config_dict({"storage": {"url": "postgresql:///e?user=h&password=QUERY-PW"}})
+    assert "QUERY-PW" not in repr(in_query) and "password=***" in repr(in_query)
 
 
 @pytest.mark.parametrize(
@@ -1031,6 +1033,7 @@ def test_secrets_never_appear_in_repr(tmp_path: Path) -> None:
     [
         "postgresql://u:pw@db.example:5432/estafeta?sslmode=require",  # as hosted services give it
         "postgresql://u@db/estafeta?ssl=verify-full",
+        "postgresql:///estafeta?host=/var/run/postgresql&user=hub",  # a Unix socket
         "redis://cache:6379/0?socket_timeout=5",
         "rediss://cache:6380/0?ssl_cert_reqs=none",
     ],

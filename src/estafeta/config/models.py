@@ -124,9 +124,13 @@ def _check_whsec(value: str) -> str:
 _URL_PASSWORD = re.compile(r"^([a-z][a-z0-9+.-]*://[^:/@?#]*):[^?#]*@", re.I)
 
 
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.I)
+
+
 def mask_url(url: str) -> str:
-    """`scheme://user:secret@host` → `scheme://user:***@host`, for reprs and logs."""
-    return _URL_PASSWORD.sub(r"\1:***@", url)
+    """`scheme://user:secret@host` → `scheme://user:***@host` (and `?password=` → `***`),
+    for reprs and logs."""
+    return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1:***@", url))
 
 
 Id = Annotated[str, AfterValidator(_check_id)]
@@ -230,21 +234,34 @@ class StorageConfig(_Model):
         yield "spool_dir", self.spool_dir
 
 
-#: Query parameters of a PostgreSQL URL, as libpq names them (`sslmode`) or asyncpg does
-#: (`ssl`); the store passes them to asyncpg as `ssl` (store/__init__.py `engine_url`).
-POSTGRES_QUERY_KEYS = ("sslmode", "ssl")
+#: Query parameters of a PostgreSQL URL the driver (asyncpg, through SQLAlchemy) takes as
+#: written, and libpq's `sslmode`, passed on as asyncpg's `ssl` (store/__init__.py). Any other
+#: would reach asyncpg.connect() as an unknown keyword, or a string where it wants a number.
+POSTGRES_QUERY_KEYS = (
+    "sslmode",
+    "ssl",
+    "host",  # e.g. a Unix socket's directory: postgresql:///estafeta?host=/var/run/postgresql
+    "port",
+    "user",
+    "password",
+    "database",
+    "passfile",
+    "target_session_attrs",
+)
 POSTGRES_SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 
 def _check_postgres_query(query: str) -> None:
-    for key, ssl_mode in parse_qsl(query, keep_blank_values=True):
+    for key, value in parse_qsl(query, keep_blank_values=True):
         if key not in POSTGRES_QUERY_KEYS:
             raise ValueError(
                 f"unsupported database URL parameter {key!r} (supported: "
                 f"{', '.join(POSTGRES_QUERY_KEYS)})"
             )
-        if ssl_mode not in POSTGRES_SSL_MODES:
-            raise ValueError(f"invalid {key} {ssl_mode!r}: use {', '.join(POSTGRES_SSL_MODES)}")
+        if key in ("sslmode", "ssl") and value not in POSTGRES_SSL_MODES:
+            raise ValueError(f"invalid {key} {value!r}: use {', '.join(POSTGRES_SSL_MODES)}")
+        if key == "port" and not (value.isascii() and value.isdigit() and int(value) < 65536):
+            raise ValueError("invalid database URL: the port must be a number 0-65535")
 
 
 class RedisConfig(_Model):
