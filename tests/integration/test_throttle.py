@@ -124,9 +124,10 @@ async def test_redis_lost_falls_back_to_memory_and_comes_back(
         assert keys_under(own_redis.url, "estafeta:throttle:")
         own_redis.kill()
 
-        # Redis is gone: the in-memory limiter takes over, with its own full budget.
+        # Redis is gone: the in-memory limiter takes over, the send Redis counted this
+        # minute still in it (one worker never sends more than the limit in a window).
         async with asyncio.timeout(10):
-            assert [await throttle.acquire("billing") for _ in range(3)] == [None] * 3
+            assert [await throttle.acquire("billing") for _ in range(2)] == [None] * 2
             assert await throttle.acquire("billing") is not None
         assert not throttle.using_redis
         down = [e for e in logs if e["event"] == "redis_unavailable"]
@@ -138,7 +139,7 @@ async def test_redis_lost_falls_back_to_memory_and_comes_back(
         assert await throttle.acquire("billing") is not None  # still memory: not yet retried
         assert not keys_under(own_redis.url, "estafeta:throttle:")
         clock[0] += 5.0
-        # Redis again, empty: the three sends counted in memory this minute are added to it
+        # Redis again, empty: the two sends counted in memory this minute are added to it
         # first, so the minute that spans the outage still admits three, not six.
         wait = await throttle.acquire("billing")
         assert wait is not None and 0 < wait <= 60
@@ -183,3 +184,109 @@ async def test_sends_counted_during_an_outage_reach_every_process_after_it(
 async def test_redis_url_forms_are_accepted_without_connecting(url: str) -> None:
     throttle = DestinationThrottle(LIMITS, redis_url=url)
     await throttle.aclose()
+
+
+# -- one worker never gets a second budget from an outage ----------------------------------------
+
+
+async def admitted(throttle: DestinationThrottle, n: int) -> int:
+    return sum([await throttle.acquire("billing") is None for _ in range(n)])
+
+
+@pytest.mark.timeout(60)
+async def test_the_window_spanning_an_outage_start_admits_no_more_than_the_limit(
+    own_redis: RedisServer,
+) -> None:
+    clock = [1_000.0]
+    throttle = DestinationThrottle(
+        {"billing": "3/minute"}, redis_url=own_redis.url, monotonic=lambda: clock[0]
+    )
+    try:
+        assert await admitted(throttle, 3) == 3  # the minute's budget, counted in Redis
+        own_redis.kill()
+        async with asyncio.timeout(10):
+            # Same worker, same minute: its own three sends are still in the window.
+            assert await admitted(throttle, 3) == 0
+    finally:
+        await throttle.aclose()
+
+
+@pytest.mark.timeout(60)
+async def test_a_flapping_redis_does_not_give_a_new_budget_per_outage(
+    own_redis: RedisServer,
+) -> None:
+    clock = [1_000.0]
+    throttle = DestinationThrottle(
+        {"billing": "3/minute"}, redis_url=own_redis.url, monotonic=lambda: clock[0]
+    )
+    total = 0
+    try:
+        async with asyncio.timeout(30):
+            for _ in range(3):  # three short outages within one minute
+                total += await admitted(throttle, 3)
+                own_redis.kill()
+                total += await admitted(throttle, 3)
+                own_redis.start()
+                clock[0] += 5.0
+        assert total <= 3, f"one worker sent {total} in one minute to a 3/minute destination"
+    finally:
+        await throttle.aclose()
+
+
+@pytest.mark.timeout(60)
+async def test_a_redis_restarted_empty_between_two_sends_gives_no_new_budget(
+    own_redis: RedisServer,
+) -> None:
+    """The pooled connection's one retry reconnects at once, so no outage is even noticed:
+    Redis, empty, hands the minute's budget out again to the worker that just spent it."""
+    throttle = DestinationThrottle({"billing": "3/minute"}, redis_url=own_redis.url)
+    try:
+        assert await admitted(throttle, 3) == 3
+        own_redis.kill()
+        own_redis.start()
+        async with asyncio.timeout(10):
+            assert await admitted(throttle, 3) == 0
+    finally:
+        await throttle.aclose()
+
+
+@pytest.mark.timeout(60)
+async def test_outage_sends_are_not_lost_when_another_worker_sends_meanwhile(
+    own_redis: RedisServer,
+) -> None:
+    clock = [1_000.0]
+    a, b = (
+        DestinationThrottle(
+            {"billing": "5/minute"}, redis_url=own_redis.url, monotonic=lambda: clock[0]
+        )
+        for _ in range(2)
+    )
+    try:
+        own_redis.kill()
+        async with asyncio.timeout(10):
+            assert [await a.acquire("billing") for _ in range(3)] == [None] * 3  # in a's memory
+        own_redis.start()
+        clock[0] += 5.0
+
+        # b sends three times right after a read Redis's room for its three (five then) and
+        # before a adds them.
+        assert a._redis is not None
+        read = a._redis.get_window_stats
+
+        async def read_then_b_sends(*args: object) -> object:
+            a._redis.get_window_stats = read  # type: ignore[method-assign,union-attr]
+            stats = await read(*args)  # type: ignore[arg-type]
+            assert [await b.acquire("billing") for _ in range(3)] == [None] * 3
+            return stats
+
+        a._redis.get_window_stats = read_then_b_sends  # type: ignore[method-assign]
+        sent = 3 + 3
+        sent += await a.acquire("billing") is None
+        for throttle in (a, b):
+            sent += sum([await throttle.acquire("billing") is None for _ in range(3)])
+        # b's three already make six with a's outage sends (the outage allows that); the
+        # window must admit nothing more, as Redis holds both.
+        assert sent <= 6, f"{sent} sends in one minute to a 5/minute destination"
+    finally:
+        await a.aclose()
+        await b.aclose()

@@ -20,6 +20,11 @@ that destination's next send, so the window that spans the recovery does not adm
 budget more. limits' storages can only count a send at the time it is counted, so they
 land in Redis as sent at the recovery: the budget they hold back comes free up to one
 period late, never early.
+
+Each process also counts its own sends in memory, those Redis admitted too, and never sends
+more than the limit in a window by that count either: when an outage begins (or Redis
+restarts empty) mid-window, the sends Redis counted before it still take room in the
+window, so one process never gets a second budget out of the outage.
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ from redis.backoff import NoBackoff
 from estafeta.redis_client import REDIS_ERRORS, RedisFailover
 
 MIN_WAIT_S = 0.01  # the shortest wait answered: a caller told "0.0001 s" would just spin
+# Reads of Redis's room for the sends counted during an outage, each refused only because
+# other processes sent meanwhile (so the window is fuller at every try).
+SHARE_TRIES = 5
 
 
 class DestinationThrottle:
@@ -58,8 +66,11 @@ class DestinationThrottle:
         self._items: dict[str, RateLimitItem] = {
             destination: parse(limit) for destination, limit in limits_by_destination.items()
         }
+        # Every send of this process, whether Redis or memory admitted it.
         self._memory = MovingWindowRateLimiter(MemoryStorage())
-        # Destinations with sends counted in memory (during a Redis outage) not yet in Redis.
+        # Those of them admitted during a Redis outage and not yet added to Redis, and the
+        # destinations that have some.
+        self._outage = MovingWindowRateLimiter(MemoryStorage())
         self._unshared: set[str] = set()
         self._failover = RedisFailover("throttle", retry_s=retry_s, monotonic=monotonic)
         self._pool: ConnectionPool | None = None
@@ -97,20 +108,35 @@ class DestinationThrottle:
         item = self._items.get(destination_id)
         if item is None:
             return None
-        if self._redis is not None:
-            token = self._failover.begin()
-            if token is not None:
-                try:
-                    if destination_id in self._unshared:
-                        await self._share_memory_counts(self._redis, item, destination_id)
-                    wait = await _acquire(self._redis, item, destination_id)
-                except REDIS_ERRORS as exc:
-                    self._failover.failed(token, exc)
-                else:
-                    self._failover.succeeded(token)
-                    return wait
-            self._unshared.add(destination_id)
-        return await _acquire(self._memory, item, destination_id)
+        if self._redis is None:
+            return await _acquire(self._memory, item, destination_id)
+        token = self._failover.begin()
+        if token is not None:
+            try:
+                if destination_id in self._unshared:
+                    await self._share_memory_counts(self._redis, item, destination_id)
+                wait = await self._acquire_shared(self._redis, item, destination_id)
+            except REDIS_ERRORS as exc:
+                self._failover.failed(token, exc)
+            else:
+                self._failover.succeeded(token)
+                return wait
+        self._unshared.add(destination_id)
+        wait = await _acquire(self._memory, item, destination_id)
+        if wait is None:
+            await self._outage.hit(item, destination_id)
+        return wait
+
+    async def _acquire_shared(
+        self, redis: MovingWindowRateLimiter, item: RateLimitItem, destination_id: str
+    ) -> float | None:
+        """Redis's answer, unless this process's own sends already fill the window."""
+        if not await self._memory.test(item, destination_id):
+            return await _wait(self._memory, item, destination_id)
+        wait = await _acquire(redis, item, destination_id)
+        if wait is None:
+            await self._memory.hit(item, destination_id)
+        return wait
 
     async def _share_memory_counts(
         self, redis: MovingWindowRateLimiter, item: RateLimitItem, destination_id: str
@@ -119,17 +145,19 @@ class DestinationThrottle:
         there. Raises the Redis error if Redis fails meanwhile (they stay unshared)."""
         self._unshared.discard(destination_id)  # a concurrent send must not add them twice
         try:
-            counted = await self._memory.get_window_stats(item, destination_id)
-            in_memory = item.amount - counted.remaining
-            shared = await redis.get_window_stats(item, destination_id)
-            # Never more than the window holds: Redis refuses a cost beyond its room whole.
-            cost = min(in_memory, shared.remaining)
-            if cost > 0:
-                await redis.hit(item, destination_id, cost=cost)
+            counted = await self._outage.get_window_stats(item, destination_id)
+            cost = item.amount - counted.remaining
+            for _ in range(SHARE_TRIES):
+                shared = await redis.get_window_stats(item, destination_id)
+                # Never more than the window holds: Redis refuses a cost beyond its room
+                # whole, and another process may take room between the read and the hit.
+                cost = min(cost, shared.remaining)
+                if cost <= 0 or await redis.hit(item, destination_id, cost=cost):
+                    break
         except BaseException:
             self._unshared.add(destination_id)
             raise
-        await self._memory.clear(item, destination_id)
+        await self._outage.clear(item, destination_id)  # still counted in `_memory`
 
     async def aclose(self) -> None:
         """Close the Redis connections (a no-op without Redis)."""
@@ -142,6 +170,12 @@ async def _acquire(
 ) -> float | None:
     if await limiter.hit(item, destination_id):
         return None
+    return await _wait(limiter, item, destination_id)
+
+
+async def _wait(
+    limiter: MovingWindowRateLimiter, item: RateLimitItem, destination_id: str
+) -> float:
     stats = await limiter.get_window_stats(item, destination_id)
     # limits reports wall-clock time; the wait never exceeds one window, when all is free.
     return min(float(item.get_expiry()), max(MIN_WAIT_S, stats.reset_time - time.time()))
