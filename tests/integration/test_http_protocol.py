@@ -6,10 +6,16 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
 
+from estafeta.api.app import create_app
+from estafeta.config import Config
 from estafeta.http_protocol import CONTINUE, HeadWithBody
+from estafeta.hub import Hub
 from estafeta.server import uvicorn_server
+from estafeta.store.sqlstore import SqlStore
+from estafeta.testing.sink import Sink
 
 
 class Transport:
@@ -128,3 +134,114 @@ async def test_a_streamed_answer_arrives_whole(port: int) -> None:
     assert received.startswith(b"HTTP/1.1 200 OK")
     assert b"transfer-encoding: chunked" in received
     assert received.endswith(b"4\r\none,\r\n3\r\ntwo\r\n0\r\n\r\n")
+
+
+async def test_a_head_request_is_answered(port: int) -> None:
+    raw = b"HEAD /a HTTP/1.1\r\nhost: t\r\n\r\n"
+    received = await exchange(port, raw, until=b"\r\n\r\n")
+    assert received.startswith(b"HTTP/1.1 202 Accepted")
+    assert b"content-length: 4" in received  # "got " is what a GET would carry
+
+
+async def test_a_head_request_then_a_get_on_one_connection(port: int) -> None:
+    raw = b"HEAD /a HTTP/1.1\r\nhost: t\r\n\r\n" + request("/b", b"x")
+    received = await exchange(port, raw, until=b"got x")
+    assert received.count(b"HTTP/1.1 202") == 2
+
+
+# -- the real application, served as `estafeta serve` serves it -------------------------------
+
+
+@pytest.fixture
+async def hub_port(store: SqlStore, config: Config) -> AsyncIterator[int]:
+    hub = Hub(config, store)
+    server = uvicorn_server(create_app(hub), "127.0.0.1:0")
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    yield int(server.servers[0].sockets[0].getsockname()[1])
+    server.should_exit = True
+    await serving
+
+
+async def test_head_of_the_health_check_is_answered(hub_port: int) -> None:
+    """Load balancers and uptime monitors probe with HEAD: no HEAD got an answer (the head
+    was held for a body uvicorn never writes for HEAD), so they saw the hub as down."""
+    raw = b"HEAD /health HTTP/1.1\r\nhost: t\r\n\r\n" + b"GET /health HTTP/1.1\r\nhost: t\r\n\r\n"
+    received = await exchange(hub_port, raw, until=b'"status":"ok"')
+    head, _, rest = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK")
+    assert rest.startswith(b"HTTP/1.1 200 OK")  # no body after the HEAD's head
+
+
+async def test_an_ingest_answer_carries_its_content_length(hub_port: int) -> None:
+    raw = (
+        b"POST /in/nosuch HTTP/1.1\r\nhost: t\r\n"
+        b"content-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+    )
+    received = await exchange(hub_port, raw, until=b"}")
+    head = received.partition(b"\r\n\r\n")[0]
+    assert received.startswith(b"HTTP/1.1 404")
+    assert b"transfer-encoding" not in head.lower()
+    assert (
+        b"content-length: %d"
+        % len(b'{"error":"unknown_source","detail":"no source named \'nosuch\'"}')
+        in head
+    )
+
+
+async def test_an_http_1_0_client_gets_no_chunked_framing(hub_port: int) -> None:
+    # RFC 9112 §6.1: a server MUST NOT send Transfer-Encoding to an HTTP/1.0 request.
+    raw = (
+        b"POST /in/nosuch HTTP/1.0\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", hub_port)
+    writer.write(raw)
+    received = await asyncio.wait_for(reader.read(), 5)  # HTTP/1.0: closed after the answer
+    writer.close()
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert b"transfer-encoding" not in head.lower()
+    assert body.startswith(b'{"error":"unknown_source"')
+
+
+async def raw_http_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Answers with a body sent in two parts, the second looking like a response head
+    (a body that quotes raw HTTP: a captured request, a log line, a test fixture)."""
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    parts = [b"quoted:", b"HTTP/1.1 200 OK\r\nx: y\r\n\r\n"]
+    headers = [(b"content-length", str(sum(map(len, parts))).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": parts[0], "more_body": True})
+    await send({"type": "http.response.body", "body": parts[1]})
+
+
+async def test_a_body_part_that_looks_like_a_head_is_not_held() -> None:
+    server = uvicorn_server(raw_http_app, "127.0.0.1:0")
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    try:
+        port = int(server.servers[0].sockets[0].getsockname()[1])
+        received = await exchange(port, b"GET / HTTP/1.1\r\nhost: t\r\n\r\n", until=b"x: y\r\n\r\n")
+        assert received.endswith(b"\r\n\r\nquoted:HTTP/1.1 200 OK\r\nx: y\r\n\r\n")
+    finally:
+        server.should_exit = True
+        await serving
+
+
+# -- the test destination (estafeta/testing/sink.py) -------------------------------------------
+
+
+async def test_the_sink_takes_an_event_as_large_as_the_hub_delivers() -> None:
+    # The hub accepts bodies up to server.max_body_bytes (1 MiB by default, no upper bound)
+    # and delivers each event wrapped in its envelope (id, tenant, source, timestamps: ~200
+    # bytes more). aiohttp refuses bodies over 1 MiB unless told otherwise.
+    body = b'{"id":"evt_1","data":{"s":"' + b"x" * 1_048_576 + b'"}}'
+    async with Sink() as sink, httpx.AsyncClient() as client:
+        answer = await client.post(f"{sink.url}/hook", content=body, headers={"webhook-id": "e1"})
+        assert answer.status_code == 200
+        assert sink.delivered_ids == {"e1"} and sink.received[0].body == body

@@ -34,8 +34,10 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/health")
+@router.head("/health", include_in_schema=False)
 async def health() -> Response:
-    """200 while the process serves: the liveness probe."""
+    """200 while the process serves: the liveness probe (HEAD too, as load balancers and
+    uptime monitors often probe)."""
     return json_response({"status": "ok", "version": __version__})
 
 

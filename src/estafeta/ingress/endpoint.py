@@ -103,6 +103,9 @@ async def respond(
     raw_headers = [(k.encode(), v.encode()) for k, v in extra.items()]
     if "content-type" not in extra:
         raw_headers.extend(_JSON_HEADERS)
+    # Without it uvicorn frames the body chunked: bytes and work on the hot path, and a
+    # framing an HTTP/1.0 client cannot read (RFC 9112 §6.1).
+    raw_headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": raw_headers})
     await send({"type": "http.response.body", "body": body})
 

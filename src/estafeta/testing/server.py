@@ -16,6 +16,9 @@ from aiohttp import web
 
 
 class LocalServer(ABC):
+    # The largest request body a handler may read (aiohttp's default: 1 MiB; over it, 413).
+    client_max_size = 1024**2
+
     def __init__(self) -> None:
         self._stopping = asyncio.Event()  # set by `stop`: delayed answers give up at once
         self._runner: web.AppRunner | None = None
@@ -28,7 +31,7 @@ class LocalServer(ABC):
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         """Listen on `host:port`; port 0 picks a free one (read it back from `url`)."""
         self._stopping.clear()
-        app = web.Application()
+        app = web.Application(client_max_size=self.client_max_size)
         self.add_routes(app)
         # A short shutdown: requests still waiting on a delay are woken by `stop` anyway.
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)

@@ -67,6 +67,10 @@ class _Behaviour:
 class Sink(LocalServer):
     """An aiohttp server whose answers a test controls; see the module docstring."""
 
+    # Deliveries are events the hub accepted (up to server.max_body_bytes, which has no upper
+    # bound) in their envelope: a receiver that refused the largest would fail their tests.
+    client_max_size = 1024**3
+
     def __init__(self, *, secret: str | None = None) -> None:
         super().__init__()
         self._verifier = Webhook(secret) if secret else None
