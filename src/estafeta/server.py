@@ -9,7 +9,7 @@ import signal
 import socket
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 import uvicorn
@@ -33,6 +33,7 @@ from estafeta.supervise import Tasks, supervised
 log = structlog.get_logger("estafeta.server")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+T = TypeVar("T")
 
 
 def tune_garbage_collector() -> None:
@@ -70,6 +71,33 @@ async def prepared_store(config: Config, *, migrate: bool = True) -> SqlStore:
         await store.close()  # its connections, and their threads on SQLite
         raise
     return store
+
+
+async def unless_stopped(step: Awaitable[T]) -> T | None:
+    """A start-up step (connecting, migrating: it may wait for another process's migration),
+    abandoned when SIGTERM or SIGINT arrives meanwhile: None then. Before the server or the
+    worker loop takes the signals over, they would kill the process (SIGTERM) or end it
+    with click's `Aborted!` (SIGINT) instead of the graceful stop, exit 0, docs/cli.md
+    promises."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop.set)
+    task = asyncio.ensure_future(step)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()  # prepared_store closes its store when cancelled
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        log.info("stopped_while_starting")
+        return None
+    finally:
+        stopped.cancel()
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
 
 
 async def announced(store: SqlStore, config: Config, *, delivers: bool, tasks: Tasks) -> Presence:
@@ -158,7 +186,9 @@ def uvicorn_server(
 
 
 async def serve(config: Config, *, run_workers: bool = True, migrate: bool = True) -> None:
-    store = await prepared_store(config, migrate=migrate)
+    store = await unless_stopped(prepared_store(config, migrate=migrate))
+    if store is None:
+        return
     try:
         try:
             spool = Spool(config.storage.spool_dir, max_bytes=config.storage.spool_max_bytes)
@@ -189,7 +219,9 @@ async def serve(config: Config, *, run_workers: bool = True, migrate: bool = Tru
 
 async def work(config: Config) -> None:
     """Delivery workers alone, for scale-out; SIGTERM/SIGINT stop them gracefully."""
-    store = await prepared_store(config, migrate=False)
+    store = await unless_stopped(prepared_store(config, migrate=False))
+    if store is None:
+        return
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in STOP_SIGNALS:

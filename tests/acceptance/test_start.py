@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import sqlite3
 from pathlib import Path
 
@@ -14,7 +15,14 @@ from sqlalchemy import text
 
 from estafeta.store import open_store
 from estafeta.store.migrate import current_revision, head_revision, upgrade
-from tests.acceptance.conftest import free_port, hub_config, run_cli, wait_until, write_config
+from tests.acceptance.conftest import (
+    Estafeta,
+    free_port,
+    hub_config,
+    run_cli,
+    wait_until,
+    write_config,
+)
 from tests.conftest import base_config, fresh_database
 
 
@@ -119,3 +127,43 @@ async def test_serve_refuses_a_spool_directory_it_cannot_make_and_leaves_no_runn
     with contextlib.closing(sqlite3.connect(database)) as db:
         running = db.execute("SELECT count(*) FROM processes WHERE stopped_at IS NULL")
         assert running.fetchone() == (0,)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("command", ["serve", "worker"])
+async def test_a_stop_signal_while_starting_stops_gracefully(
+    tmp_path: Path, estafeta: Estafeta, signum: signal.Signals, command: str
+) -> None:
+    """docs/cli.md: SIGTERM or SIGINT stop gracefully, exit 0. While a process was still
+    starting (a database slow to answer, another process's migration) SIGTERM killed it
+    (-15) and SIGINT ended it with click's `Aborted!` and 1. Here the database takes the
+    connection and never answers."""
+    connected = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connected.set()
+        await reader.read()  # until the client goes
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        path = write_config(
+            tmp_path / "estafeta.toml",
+            hub_config(
+                f"postgresql://postgres@127.0.0.1:{port}/estafeta",
+                tmp_path,
+                port=free_port(),
+                destinations=[],
+                routes=[],
+            ),
+        )
+        started = estafeta.start(command, command, "--config", str(path))
+        await asyncio.wait_for(connected.wait(), 30)
+        started.send_signal(signum)
+        code = await started.wait_exit(20)
+    finally:
+        server.close()
+    assert code == 0, f"exit {code} on {signum.name} while starting\n{started.tail()}"
+    assert "Traceback" not in started.stderr()

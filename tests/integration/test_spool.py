@@ -29,7 +29,7 @@ from estafeta.config import Config
 from estafeta.errors import HttpError, StoreError, StoreUnavailable
 from estafeta.hub import Hub
 from estafeta.ingress.journal import encode, read_segment
-from estafeta.ingress.spool import Spool
+from estafeta.ingress.spool import DRAIN_CHUNK, Spool
 from estafeta.observability.metrics import REGISTRY
 from estafeta.store import engine_url, open_store
 from estafeta.store.ingest import fates
@@ -241,6 +241,34 @@ async def test_a_database_that_cannot_write_spools_ingest_and_drains_once_it_can
     assert await store.get_event(event_id, "clinica-sol") is None
     assert await hub.spool.drain(store) == 1
     assert await store.get_event(event_id, "clinica-sol") is not None
+
+
+async def test_a_stopping_process_stops_draining_between_chunks_and_keeps_the_rest(
+    down_hub: Hub, store: SqlStore
+) -> None:
+    """A large spool (a long outage) drained while the process is told to stop: it checked
+    only between whole drain rounds, so SIGTERM waited for every segment to be imported —
+    minutes, past any supervisor's grace. It now stops after the chunk it is importing; the
+    segment stays whole and the next drain imports it, what was imported a duplicate."""
+    ids = await asyncio.gather(*(accept(down_hub, n, key=f"wamid.{n}") for n in range(1_200)))
+    spool = down_hub.spool
+    assert spool is not None
+    stop = asyncio.Event()
+    imports = spool._import
+
+    async def import_then_stop(*args: Any) -> int:
+        imported = await imports(*args)
+        stop.set()  # SIGTERM arrives while the first chunk is imported
+        return imported
+
+    spool._import = import_then_stop  # type: ignore[method-assign]
+    assert await spool.drain(store, stop) == DRAIN_CHUNK
+    assert spool.stats().segments == 1
+    spool._import = imports  # type: ignore[method-assign]
+    assert await spool.drain(store) == 1_200  # the first chunk again, as duplicates
+    assert spool.stats().segments == 0
+    for event_id in (ids[0], ids[DRAIN_CHUNK], ids[-1]):
+        assert await store.get_event(event_id, "clinica-sol") is not None
 
 
 # SQLite commits a batch only once everything about it is known.

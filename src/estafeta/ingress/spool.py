@@ -254,23 +254,31 @@ class Spool:
             oldest_at=int(oldest[:13]) if oldest else None,
         )
 
-    async def drain(self, store: SqlStore) -> int:
+    async def drain(self, store: SqlStore, stop: asyncio.Event | None = None) -> int:
         """Import every segment this process can lock into the store, oldest first, and
         delete each once imported; returns how many events were imported (duplicates of
         what the store already has included, quarantined ones not). Stops, keeping the rest,
-        when the store is unreachable."""
+        when the store is unreachable, or between two chunks once `stop` is set (the process
+        is stopping: a large spool must not hold its shutdown for minutes; the segment cut
+        short stays, and what of it was imported is a duplicate at the next drain)."""
         async with self._lock:
             await asyncio.to_thread(self._close_segment)  # so that our own open one drains too
         await asyncio.to_thread(segments.clear_leftovers, self.directory)
         imported = 0
         for path in sorted(self.directory.glob("*.journal")):
-            imported += await self._drain_segment(store, path)
+            if stop is not None and stop.is_set():
+                return imported
+            imported += await self._drain_segment(store, path, stop)
+        if stop is not None and stop.is_set():
+            return imported
         self.progress_at = self.clock.now_ms()  # got through: StoreUnavailable skips this
         if imported:
             log.info("spool_drained", events=imported)
         return imported
 
-    async def _drain_segment(self, store: SqlStore, path: Path) -> int:
+    async def _drain_segment(
+        self, store: SqlStore, path: Path, stop: asyncio.Event | None = None
+    ) -> int:
         try:
             handle = open(path, "rb")  # noqa: SIM115 - closed in finally
         except FileNotFoundError:
@@ -285,6 +293,8 @@ class Spool:
             events, unimportable = _decoded(path.name, await asyncio.to_thread(path.read_bytes))
             imported = 0
             for start in range(0, len(events), DRAIN_CHUNK):
+                if stop is not None and stop.is_set():
+                    return imported  # the segment stays, whole, for the next drain
                 chunk = events[start : start + DRAIN_CHUNK]
                 imported += await self._import(store, chunk, path)
             # Only now: while the store is down, every round would quarantine them again.
@@ -421,7 +431,7 @@ class SpoolDrainer:
         while not stop.is_set():
             if self.spool.stats().segments:
                 with contextlib.suppress(StoreUnavailable):  # still down: next round
-                    await self.spool.drain(self.store)
+                    await self.spool.drain(self.store, stop)
             try:
                 await asyncio.wait_for(stop.wait(), self.interval_s)
             except TimeoutError:
