@@ -42,6 +42,7 @@ from estafeta.observability.unrouted import Unrouted
 from estafeta.redis_client import connect_redis
 from estafeta.routing.router import Router, Target
 from estafeta.store.group_commit import GroupCommitter
+from estafeta.store.ingest import event_key
 from estafeta.store.records import (
     InsertResult,
     NewDelivery,
@@ -92,6 +93,8 @@ class Hub:
         self.store = store
         self.spool = spool
         self._store_down_until = 0.0
+        # Keys whose first event is being journaled, set once it is (or failed): see _spool_one.
+        self._spooling: dict[tuple[str, str, str], asyncio.Event] = {}
         self.clock: Clock = clock or SystemClock()
         self.router = Router(config)
         # The shared Redis when configured: circuits and the tenants' inbound rate limits
@@ -354,15 +357,52 @@ class Hub:
         )
 
     async def _spool(self, events: Sequence[NewEvent]) -> list[InsertResult]:
-        """Journal the events locally; they reach the store when the drainer imports them."""
-        return list(await asyncio.gather(*(self._spool_one(e) for e in events)))
+        """Journal the events locally; they reach the store when the drainer imports them.
+        A key repeated within the request is one event, as the store answers it."""
+        firsts: dict[tuple[str, str, str], int] = {}
+        candidates: list[int] = []
+        for index, event in enumerate(events):
+            if event.idempotency_key is not None:
+                key = event_key(event)
+                if key in firsts:
+                    continue
+                firsts[key] = index
+            candidates.append(index)
+        spooled = await asyncio.gather(*(self._spool_one(events[i]) for i in candidates))
+        results: list[InsertResult | None] = [None] * len(events)
+        for index, result in zip(candidates, spooled, strict=True):
+            results[index] = result
+        for index, event in enumerate(events):
+            if results[index] is None:
+                first = results[firsts[event_key(event)]]
+                assert first is not None  # noqa: S101 - candidates are all resolved
+                results[index] = InsertResult(first.event_id, duplicate=True, spooled=True)
+        return [r for r in results if r is not None]
 
     async def _spool_one(self, event: NewEvent) -> InsertResult:
         assert self.spool is not None  # noqa: S101 - callers check
-        original = self.spool.spooled_id(event.tenant_id, event.source_id, event.idempotency_key)
-        if original is not None:
-            return InsertResult(original, duplicate=True, spooled=True)
-        await self.spool.append(event)
+        key = None if event.idempotency_key is None else event_key(event)
+        while True:
+            original = self.spool.spooled_id(
+                event.tenant_id, event.source_id, event.idempotency_key
+            )
+            if original is not None:
+                return InsertResult(original, duplicate=True, spooled=True)
+            # A repeat of a key whose first event is being journaled right now waits for it:
+            # answered with its id once it is durable, or journaled itself if it failed.
+            appending = None if key is None else self._spooling.get(key)
+            if appending is None:
+                break
+            await appending.wait()
+        done = asyncio.Event()
+        if key is not None:
+            self._spooling[key] = done
+        try:
+            await self.spool.append(event)
+        finally:
+            if key is not None:
+                del self._spooling[key]
+            done.set()
         self._count(event, "spooled")
         return InsertResult(event.id, duplicate=False, spooled=True)
 

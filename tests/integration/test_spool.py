@@ -356,6 +356,29 @@ async def test_without_a_spool_an_unreachable_store_answers_503(config: Config) 
     await unreachable.close()
 
 
+async def test_repeats_of_a_key_at_once_during_the_outage_get_one_id(down_hub: Hub) -> None:
+    """A client retrying while its first request's fsync is still under way, and a webhook
+    that carries one key twice: each repeat was journaled with an id of its own, answered
+    202 as new, and dropped at the drain, so its id led nowhere (404 for ever)."""
+
+    def keyed(key: str) -> dict[str, Any]:
+        return {
+            "tenant_id": "clinica-sol",
+            "source_id": "crm-events",
+            "event_type": "message.received",
+            "data": {},
+            "idempotency_key": key,
+        }
+
+    at_once = await asyncio.gather(*(down_hub.accept(**keyed("wamid.1")) for _ in range(3)))
+    assert all(r.spooled for r in at_once)
+    assert len({r.event_id for r in at_once}) == 1
+    assert [r.duplicate for r in at_once].count(False) == 1
+    events = [down_hub.new_event(**keyed("wamid.2")), down_hub.new_event(**keyed("wamid.2"))]
+    first, second = await down_hub.accept_all(events)  # as the store answers it
+    assert (first.duplicate, second.event_id, second.duplicate) == (False, first.event_id, True)
+
+
 async def test_a_redelivery_during_the_outage_gets_the_original_id(down_hub: Hub) -> None:
     first = await down_hub.accept(
         tenant_id="clinica-sol",

@@ -66,3 +66,39 @@ def test_a_key_longer_than_the_apis_is_kept_as_its_digest_so_equal_values_stay_i
     assert key_of(long_a) == key_of(long_a)
     assert key_of(long_a) != key_of(long_b)
     assert all(len(key_of(v) or "") <= 255 for v in (long_a, long_b, "x" * 256))
+
+
+@pytest.mark.parametrize(
+    "order",
+    [
+        (
+            {"priority": 0},
+            {"priority": 2, "ordering_key": "data.conversation_id"},
+            {"priority": 1, "ordering_key": "data.n"},
+        ),
+        (
+            {"priority": 2, "ordering_key": "data.conversation_id"},
+            {"priority": 0},
+            {"priority": 1, "ordering_key": "data.n"},
+        ),
+        (
+            {"priority": 2, "ordering_key": "data.conversation_id"},
+            {"priority": 1, "ordering_key": "data.n"},
+            {"priority": 0},
+        ),
+        (
+            {"priority": 1, "ordering_key": "data.n"},
+            {"priority": 2, "ordering_key": "data.conversation_id"},
+            {"priority": 0},
+        ),
+    ],
+    ids=["u-l-m", "l-u-m", "l-m-u", "m-l-u"],
+)
+def test_of_three_routes_the_most_urgent_keyed_ones_key_wins_in_any_file_order(
+    order: tuple[dict[str, Any], ...],
+) -> None:
+    """docs/configuration.md: the most urgent priority, with the ordering key of the most
+    urgent route that has one — here the priority-1 route's `data.n`. Merged two by two,
+    the unkeyed route's 0 made the first merge look more urgent than the priority-1 route,
+    and in two of these orders the priority-2 route's key won."""
+    assert targets(*order) == {"crm": (0, "7")}

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from fnmatch import translate
 from typing import Any
 
-import msgspec
-
 from estafeta.config import Config
 from estafeta.record import Record
 from estafeta.routing.filter import Filter, lookup, parse
@@ -82,7 +80,11 @@ class Router:
     ) -> list[Target]:
         """The deliveries an event (the canonical dict) needs; `priority`/`ordering_key`
         given by a publisher override the routes'."""
-        chosen: dict[str, Target] = {}
+        # Per destination: the most urgent priority, and the key of the most urgent route
+        # that gives one with that route's priority (ties go to the earlier route). The key's
+        # own priority is kept apart: after a merge the target's priority may be another
+        # route's, and comparing a third route's key against it would pick the wrong key.
+        chosen: dict[str, tuple[int, str | None, int | None]] = {}
         for route in self._candidates(tenant_id, str(event["type"])):
             if route.filter is not None and not route.filter.matches(event):
                 continue
@@ -92,15 +94,23 @@ class Router:
                 key = None if value is None else bounded_key(str(value))
             level = route.priority if priority is None else priority
             for destination_id in route.destinations:
-                target = Target(
-                    destination_id=destination_id,
-                    priority=level,
-                    max_attempts=self._max_attempts[destination_id],
-                    ordering_key=key,
-                )
                 previous = chosen.get(destination_id)
-                chosen[destination_id] = target if previous is None else _merged(previous, target)
-        return list(chosen.values())
+                if previous is None:
+                    chosen[destination_id] = (level, key, None if key is None else level)
+                    continue
+                best, best_key, key_level = previous
+                if key is not None and (key_level is None or level < key_level):
+                    best_key, key_level = key, level
+                chosen[destination_id] = (min(best, level), best_key, key_level)
+        return [
+            Target(
+                destination_id=destination_id,
+                priority=level,
+                max_attempts=self._max_attempts[destination_id],
+                ordering_key=key,
+            )
+            for destination_id, (level, key, _) in chosen.items()
+        ]
 
 
 #: The longest ordering key kept as it is, and the API's limit of `ordering_key`. A longer value
@@ -115,12 +125,3 @@ def bounded_key(value: str) -> str:
     if len(value) <= MAX_ORDERING_KEY:
         return value
     return "sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def _merged(earlier: Target, later: Target) -> Target:
-    """One delivery per destination when several routes name it: the most urgent priority,
-    and the most urgent route's ordering key, or the other's when it gives none (a route
-    without a key must not turn another route's ordering off). Ties go to the earlier route."""
-    urgent, other = (later, earlier) if later.priority < earlier.priority else (earlier, later)
-    key = urgent.ordering_key if urgent.ordering_key is not None else other.ordering_key
-    return msgspec.structs.replace(urgent, ordering_key=key)
