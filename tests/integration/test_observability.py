@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -626,7 +627,11 @@ async def test_no_workers_hears_of_a_worker_whose_delivery_task_keeps_crashing(
             assert (listed.seen_at, listed.delivering_at) == (clock.now, steady)
 
             clock.now += 10_000
-            await worker.announce()  # ten seconds without a crash: it delivers again
+            await worker.announce()  # restarted since the last one, down when it was made
+            await monitor.check()
+            assert monitor.firing == {"no_workers"}
+            clock.now += 10_000
+            await worker.announce()  # ten seconds up and without a crash: it delivers again
             await monitor.check()
             assert monitor.firing == set()
     finally:
@@ -902,3 +907,86 @@ async def test_a_full_spool_on_a_full_disk_fires_both_alerts_and_resolves_neithe
     alerts = [(e["event"], e["alert"]) for e in logs if e["event"].startswith("alert_")]
     # Before: ("alert_resolved", "spool_full") while the spool still held its bound.
     assert alerts == [("alert_fired", "spool_full"), ("alert_fired", "spool_unwritable")]
+
+
+async def test_spool_stalled_fires_while_another_process_holds_the_segment_locked(
+    config: Config, store: SqlStore, tmp_path: Path
+) -> None:
+    # operations.md, spool_stalled: "A segment another process holds locked (two `serve`
+    # processes sharing one `spool_dir`, which they must not) is not drained here" -- a
+    # cause of the alert. The drainer comes round every second and skips the segment; the
+    # events wait, and no alert ever says so.
+    clock = ManualClock()
+    spool = Spool(tmp_path / "spool", max_bytes=1 << 20, clock=clock)
+    hub = Hub(config, store, clock, spool=spool)
+    monitor = AlertMonitor(store, threshold=1000, spool=spool, clock=clock)
+    try:
+        await spool_one(hub)
+        spool._close_segment()  # this process writes it no more ...
+        (segment,) = sorted((tmp_path / "spool").glob("*.journal"))
+        with open(segment, "rb") as other:  # ... held by another process
+            fcntl.flock(other.fileno(), fcntl.LOCK_EX)
+            with capture_logs():
+                for _ in range(13):  # the drainer every second, the monitor every 5 s
+                    for _ in range(5):
+                        clock.now += 1_000
+                        assert await spool.drain(store) == 0
+                    await monitor.check()
+            assert spool.stats().segments == 1  # the event still waits
+            assert monitor.firing == {"spool_stalled"}
+    finally:
+        await hub.close()
+
+
+async def test_no_workers_is_not_resolved_by_a_delivery_task_between_two_crashes(
+    config: Config, store: SqlStore
+) -> None:
+    # A delivery task that runs a few seconds and crashes (a poison delivery whose result
+    # cannot be recorded), restarted by `supervised` after its 30 s pause, is up about 5 s
+    # in every 35 and delivers nothing. presence.py: it counts as delivering when its task
+    # "ran the whole time since the one before"; the runbook: "runs while its delivery task
+    # keeps crashing" is what no_workers is for.
+    clock = ManualClock()
+    hub = Hub(config, store, clock)
+    monitor = watching_workers(store, clock)
+    tasks = Tasks()
+    worker = Presence(store, config, process_id="worker-1", clock=clock, tasks=tasks)
+    start = clock.now
+    try:
+        with capture_logs() as logs:
+            await worker.announce()
+            await accept(hub, 1)
+            # Crash at 0 s of each 35 s cycle, restarted at 30 s, crashes again at 35 s.
+            for second in range(1, 601):
+                clock.now = start + second * 1000
+                phase = second % 35
+                if phase == 0:
+                    tasks.crashed("worker", RuntimeError("boom"))
+                elif phase == 30:
+                    tasks.down.clear()  # restarted after its pause
+                if second % 10 == 0:
+                    await worker.announce()
+                if second % 5 == 0:
+                    await monitor.check()
+    finally:
+        await hub.close()
+    alerts = [e["event"] for e in logs if e["event"].startswith("alert_")]
+    # Fired once two minutes after the last steady run, standing while the task crashes.
+    assert alerts == ["alert_fired"], alerts
+
+
+@pytest.mark.postgres
+async def test_the_monitor_comes_round_in_bounded_time_when_the_store_hangs(
+    proxied_hub: tuple[Hub, TcpProxy],
+) -> None:
+    # operations.md: the alerts are "checked by every serve process every 5 s"; a hung
+    # database (its connections open, nothing answered) held each round for the driver's
+    # 30 s command timeout, and with it redis_down, the spool's alerts and no_workers.
+    hub, proxy = proxied_hub
+    monitor = AlertMonitor(hub.store, threshold=1000, spool=hub.spool, watch_workers=True)
+    await monitor.check()
+    proxy.freeze()
+    started = time.monotonic()
+    await monitor.check()
+    elapsed = time.monotonic() - started
+    assert elapsed < READ_TIMEOUT_S + 2, elapsed

@@ -71,6 +71,7 @@ class Presence:
         # The process's supervised tasks, its delivery task among them when it delivers.
         self.tasks = tasks or Tasks()
         self._crashes_seen = 0  # the delivery task's crashes at the last announcement
+        self._down_seen = False  # whether it was down (crashed, not restarted) then
         self.clock = clock
         self.every_s = every_s
         self.destinations = named_destinations(config)
@@ -95,8 +96,12 @@ class Presence:
         if not self.delivers:
             return False
         crashes = self.tasks.crashes.get(DELIVERY_TASK, 0)
-        steady = crashes == self._crashes_seen and DELIVERY_TASK not in self.tasks.down
-        self._crashes_seen = crashes
+        down = DELIVERY_TASK in self.tasks.down
+        # Down at the last announcement and restarted since is not the whole time: a task
+        # restarted after its 30 s pause that crashes again within seconds would otherwise
+        # count as delivering once in every few announcements.
+        steady = crashes == self._crashes_seen and not down and not self._down_seen
+        self._crashes_seen, self._down_seen = crashes, down
         return steady
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -265,20 +265,26 @@ class Spool:
             await asyncio.to_thread(self._close_segment)  # so that our own open one drains too
         await asyncio.to_thread(segments.clear_leftovers, self.directory)
         imported = 0
+        held = False  # a segment another process holds locked was left in place
         for path in sorted(self.directory.glob("*.journal")):
             if stop is not None and stop.is_set():
                 return imported
-            imported += await self._drain_segment(store, path, stop)
+            drained = await self._drain_segment(store, path, stop)
+            if drained is None:
+                held = True
+            else:
+                imported += drained
         if stop is not None and stop.is_set():
             return imported
-        self.progress_at = self.clock.now_ms()  # got through: StoreUnavailable skips this
+        if not held:  # a round that left a segment behind did not get through
+            self.progress_at = self.clock.now_ms()  # StoreUnavailable skips this too
         if imported:
             log.info("spool_drained", events=imported)
         return imported
 
     async def _drain_segment(
         self, store: SqlStore, path: Path, stop: asyncio.Event | None = None
-    ) -> int:
+    ) -> int | None:
         try:
             handle = open(path, "rb")  # noqa: SIM115 - closed in finally
         except FileNotFoundError:
@@ -287,7 +293,7 @@ class Spool:
             try:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                return 0  # another process writes or drains it
+                return None  # another process writes or drains it: not drained here
             if not path.exists():
                 return 0  # drained by another process between glob and lock
             events, unimportable = _decoded(path.name, await asyncio.to_thread(path.read_bytes))

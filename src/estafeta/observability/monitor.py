@@ -200,8 +200,10 @@ class AlertMonitor:
 
     async def check(self) -> None:
         try:
-            depths = await self.store.queue_depths()
-        except StoreUnavailable:  # the spool covers that; the backlog waits for next round
+            # Within the read bound: a hung store would hold every alert's round for the
+            # driver's 30 s command timeout (redis_down, the spool's, no_workers with it).
+            depths = await within(self.store.queue_depths())
+        except (StoreUnavailable, TimeoutError):  # the spool covers that; next round
             store_reachable = False
             self._unreachable_ms = self.clock.now_ms()
         else:
