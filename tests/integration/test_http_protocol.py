@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -81,15 +82,24 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": answer})
 
 
-@pytest.fixture
-async def port() -> AsyncIterator[int]:
-    server = uvicorn_server(app, "127.0.0.1:0")  # any free port: read it back once bound
+@contextlib.asynccontextmanager
+async def served(asgi: Any) -> AsyncIterator[int]:
+    """`asgi` served as `estafeta serve` serves it, on any free port: that port."""
+    server = uvicorn_server(asgi, "127.0.0.1:0")
     serving = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.01)
-    yield int(server.servers[0].sockets[0].getsockname()[1])
-    server.should_exit = True
-    await serving
+    try:
+        yield int(server.servers[0].sockets[0].getsockname()[1])
+    finally:
+        server.should_exit = True
+        await serving
+
+
+@pytest.fixture
+async def port() -> AsyncIterator[int]:
+    async with served(app) as bound:
+        yield bound
 
 
 async def exchange(port: int, raw: bytes, *, until: bytes) -> bytes:
@@ -154,14 +164,8 @@ async def test_a_head_request_then_a_get_on_one_connection(port: int) -> None:
 
 @pytest.fixture
 async def hub_port(store: SqlStore, config: Config) -> AsyncIterator[int]:
-    hub = Hub(config, store)
-    server = uvicorn_server(create_app(hub), "127.0.0.1:0")
-    serving = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
-    yield int(server.servers[0].sockets[0].getsockname()[1])
-    server.should_exit = True
-    await serving
+    async with served(create_app(Hub(config, store))) as bound:
+        yield bound
 
 
 async def test_head_of_the_health_check_is_answered(hub_port: int) -> None:
@@ -220,17 +224,9 @@ async def raw_http_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 async def test_a_body_part_that_looks_like_a_head_is_not_held() -> None:
-    server = uvicorn_server(raw_http_app, "127.0.0.1:0")
-    serving = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
-    try:
-        port = int(server.servers[0].sockets[0].getsockname()[1])
+    async with served(raw_http_app) as port:
         received = await exchange(port, b"GET / HTTP/1.1\r\nhost: t\r\n\r\n", until=b"x: y\r\n\r\n")
-        assert received.endswith(b"\r\n\r\nquoted:HTTP/1.1 200 OK\r\nx: y\r\n\r\n")
-    finally:
-        server.should_exit = True
-        await serving
+    assert received.endswith(b"\r\n\r\nquoted:HTTP/1.1 200 OK\r\nx: y\r\n\r\n")
 
 
 # -- the test destination (estafeta/testing/sink.py) -------------------------------------------

@@ -106,18 +106,22 @@ class Env:
         )
 
 
+# clinica-sol's WhatsApp Cloud number, which sends through the fake Meta.
+WA_SOL: dict[str, Any] = {
+    "id": "wa-sol",
+    "tenant": "clinica-sol",
+    "kind": "whatsapp_cloud",
+    "app_secret": "s3cret",
+    "access_token": "token",
+    "phone_number_id": "114950281736452",
+}
+
+
 @pytest.fixture
 async def env(store: SqlStore, database_url: str) -> AsyncIterator[Env]:
     data = base_config(database_url)
     data["sources"] += [
-        {
-            "id": "wa-sol",
-            "tenant": "clinica-sol",
-            "kind": "whatsapp_cloud",
-            "app_secret": "s3cret",
-            "access_token": "token",
-            "phone_number_id": "114950281736452",
-        },
+        WA_SOL,
         {
             "id": "wa-mute",
             "tenant": "clinica-sol",
@@ -1068,16 +1072,7 @@ async def test_a_send_repeated_during_an_outage_gets_the_original_message(
     back, as a redelivered webhook gets its original event id during an outage; instead the
     hub asks the unreachable store which message the spooled event is, and fails."""
     data = base_config(UNREACHABLE)
-    data["sources"].append(
-        {
-            "id": "wa-sol",
-            "tenant": "clinica-sol",
-            "kind": "whatsapp_cloud",
-            "app_secret": "s3cret",
-            "access_token": "token",
-            "phone_number_id": "114950281736452",
-        }
-    )
+    data["sources"].append(WA_SOL)
     config = load_config_dict(data)
     store = open_store(UNREACHABLE)
     hub = Hub(config, store, spool=Spool(tmp_path / "spool", max_bytes=10**6))
