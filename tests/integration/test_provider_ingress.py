@@ -13,6 +13,7 @@ from urllib.parse import parse_qsl
 import httpx
 import orjson
 import pytest
+from starlette.types import Receive, Scope, Send
 
 from estafeta.api.app import create_app
 from estafeta.config import load_config_dict
@@ -108,7 +109,7 @@ async def test_a_server_that_gives_no_raw_path_is_served(
     hub = Hub(load_config_dict(data), store)
     app = create_app(hub)
 
-    async def no_raw_path(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def no_raw_path(scope: Scope, receive: Receive, send: Send) -> None:
         await app({**scope, "raw_path": None}, receive, send)
 
     try:

@@ -244,7 +244,7 @@ async def test_a_database_that_cannot_write_spools_ingest_and_drains_once_it_can
 
 
 async def test_a_stopping_process_stops_draining_between_chunks_and_keeps_the_rest(
-    down_hub: Hub, store: SqlStore
+    down_hub: Hub, store: SqlStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A large spool (a long outage) drained while the process is told to stop: it checked
     only between whole drain rounds, so SIGTERM waited for every segment to be imported —
@@ -261,10 +261,10 @@ async def test_a_stopping_process_stops_draining_between_chunks_and_keeps_the_re
         stop.set()  # SIGTERM arrives while the first chunk is imported
         return imported
 
-    spool._import = import_then_stop  # type: ignore[method-assign]
+    monkeypatch.setattr(spool, "_import", import_then_stop)
     assert await spool.drain(store, stop) == DRAIN_CHUNK
     assert spool.stats().segments == 1
-    spool._import = imports  # type: ignore[method-assign]
+    monkeypatch.setattr(spool, "_import", imports)
     assert await spool.drain(store) == 1_200  # the first chunk again, as duplicates
     assert spool.stats().segments == 0
     for event_id in (ids[0], ids[DRAIN_CHUNK], ids[-1]):

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis
+from limits import RateLimitItem, WindowStats
 from structlog.testing import capture_logs
 
 from estafeta.delivery.throttle import DestinationThrottle
@@ -252,7 +253,7 @@ async def test_a_redis_restarted_empty_between_two_sends_gives_no_new_budget(
 
 @pytest.mark.timeout(60)
 async def test_outage_sends_are_not_lost_when_another_worker_sends_meanwhile(
-    own_redis: RedisServer,
+    own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = [1_000.0]
     a, b = (
@@ -270,16 +271,17 @@ async def test_outage_sends_are_not_lost_when_another_worker_sends_meanwhile(
 
         # b sends three times right after a read Redis's room for its three (five then) and
         # before a adds them.
-        assert a._redis is not None
-        read = a._redis.get_window_stats
+        shared = a._redis
+        assert shared is not None
+        read = shared.get_window_stats
 
-        async def read_then_b_sends(*args: object) -> object:
-            a._redis.get_window_stats = read  # type: ignore[method-assign,union-attr]
-            stats = await read(*args)  # type: ignore[arg-type]
+        async def read_then_b_sends(item: RateLimitItem, *identifiers: str) -> WindowStats:
+            monkeypatch.setattr(shared, "get_window_stats", read)
+            stats = await read(item, *identifiers)
             assert [await b.acquire("billing") for _ in range(3)] == [None] * 3
             return stats
 
-        a._redis.get_window_stats = read_then_b_sends  # type: ignore[method-assign]
+        monkeypatch.setattr(shared, "get_window_stats", read_then_b_sends)
         sent = 3 + 3
         sent += await a.acquire("billing") is None
         for throttle in (a, b):
