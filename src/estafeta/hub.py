@@ -358,26 +358,9 @@ class Hub:
 
     async def _spool(self, events: Sequence[NewEvent]) -> list[InsertResult]:
         """Journal the events locally; they reach the store when the drainer imports them.
-        A key repeated within the request is one event, as the store answers it."""
-        firsts: dict[tuple[str, str, str], int] = {}
-        candidates: list[int] = []
-        for index, event in enumerate(events):
-            if event.idempotency_key is not None:
-                key = event_key(event)
-                if key in firsts:
-                    continue
-                firsts[key] = index
-            candidates.append(index)
-        spooled = await asyncio.gather(*(self._spool_one(events[i]) for i in candidates))
-        results: list[InsertResult | None] = [None] * len(events)
-        for index, result in zip(candidates, spooled, strict=True):
-            results[index] = result
-        for index, event in enumerate(events):
-            if results[index] is None:
-                first = results[firsts[event_key(event)]]
-                assert first is not None  # noqa: S101 - candidates are all resolved
-                results[index] = InsertResult(first.event_id, duplicate=True, spooled=True)
-        return [r for r in results if r is not None]
+        A key repeated within the request is one event, as the store answers it: its first
+        is started first, and the repeat waits for it (`_spool_one`)."""
+        return list(await asyncio.gather(*(self._spool_one(e) for e in events)))
 
     async def _spool_one(self, event: NewEvent) -> InsertResult:
         assert self.spool is not None  # noqa: S101 - callers check

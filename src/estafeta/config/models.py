@@ -122,9 +122,7 @@ def _check_whsec(value: str) -> str:
 # The password runs to the last `@` before the query: Redis's client reads `:p@ss@host` as
 # the password `p@ss` (urlsplit's rule), and a `/` in it must not end the mask either.
 _URL_PASSWORD = re.compile(r"^([a-z][a-z0-9+.-]*://[^:/@?#]*):[^?#]*@", re.I)
-
-
-_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.I)
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.I)  # postgresql://…?password=
 
 
 def mask_url(url: str) -> str:
@@ -272,25 +270,26 @@ class RedisConfig(_Model):
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str | None) -> str | None:
-        if value is not None and urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+        if value is None:
+            return None
+        if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
             raise ValueError("invalid Redis URL: must start with redis://, rediss:// or unix://")
-        if value is not None and "@" in _after_netloc(value):
+        if "@" in _after_netloc(value):
             # `redis://:pa/ss@host`: urlsplit ends the host at the `/`, and the error below
             # would quote the password's first part as the port.
             raise ValueError(
                 "invalid Redis URL: write a '/', '?', '#' or '@' of its user or password"
                 " percent-encoded (%2F, %3F, %23, %40)"
             )
-        if value is not None:
-            # What the clients will build from it, built now (no connection is made): a bad
-            # port or an unknown parameter would otherwise fail only once running, in every
-            # task that touches Redis.
-            try:
-                ConnectionPool.from_url(value).make_connection()  # type: ignore[no-untyped-call]
-            except TypeError:  # an unknown query parameter, passed on as a keyword
-                raise ValueError("invalid Redis URL: unsupported parameter in its query") from None
-            except ValueError as exc:  # a port that is not a number, a bad db or option
-                raise ValueError(f"invalid Redis URL: {exc}") from None
+        # What the clients will build from it, built now (no connection is made): a bad port
+        # or an unknown parameter would otherwise fail only once running, in every task that
+        # touches Redis.
+        try:
+            ConnectionPool.from_url(value).make_connection()  # type: ignore[no-untyped-call]
+        except TypeError:  # an unknown query parameter, passed on as a keyword
+            raise ValueError("invalid Redis URL: unsupported parameter in its query") from None
+        except ValueError as exc:  # a port that is not a number, a bad db or option
+            raise ValueError(f"invalid Redis URL: {exc}") from None
         return value
 
     def __repr_args__(self) -> Any:
