@@ -9,7 +9,6 @@ them that gives an ordering key.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from fnmatch import translate
 from typing import Any
 
 from estafeta.config import Config
+from estafeta.messaging.facts import fitted
 from estafeta.record import Record
 from estafeta.routing.filter import Filter, lookup, parse
 
@@ -91,7 +91,7 @@ class Router:
             key = ordering_key
             if key is None and route.ordering_key:
                 value = lookup(event, route.ordering_key)
-                key = None if value is None else bounded_key(str(value))
+                key = None if value is None else fitted(str(value), MAX_ORDERING_KEY)
             level = route.priority if priority is None else priority
             for destination_id in route.destinations:
                 previous = chosen.get(destination_id)
@@ -115,13 +115,6 @@ class Router:
 
 #: The longest ordering key kept as it is, and the API's limit of `ordering_key`. A longer value
 #: from an event (a route's path) would fail the event on PostgreSQL, whose index on
-#: deliveries.ordering_key takes no row over ~2.7 KB.
+#: deliveries.ordering_key takes no row over ~2.7 KB: it is kept as its digest instead (equal
+#: values still give equal keys, so their order holds), as a provider's long ids are.
 MAX_ORDERING_KEY = 255
-
-
-def bounded_key(value: str) -> str:
-    """`value`, or a digest of it when longer than `MAX_ORDERING_KEY`: equal values still
-    give equal keys, so their order holds."""
-    if len(value) <= MAX_ORDERING_KEY:
-        return value
-    return "sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
