@@ -19,6 +19,8 @@ from structlog.testing import capture_logs
 from estafeta.api.app import create_app
 from estafeta.clock import SystemClock
 from estafeta.config import Config, load_config_dict
+from estafeta.delivery.breakers import Breakers, circuit_state_store
+from estafeta.delivery.outcome import Outcome, OutcomeKind
 from estafeta.delivery.presence import LIVE_WINDOW_S, Presence
 from estafeta.delivery.worker import Worker, default_worker_id
 from estafeta.errors import StoreError
@@ -397,3 +399,36 @@ async def test_a_process_whose_presence_task_crashed_once_still_names_its_destin
     # Before: the crash retired it for good (its later records kept `stopped_at`).
     assert NEW in live
     assert [p.id for p in listed] == [presence.process_id]
+
+
+async def test_an_open_circuit_of_a_destination_configured_elsewhere_is_not_probed_here(
+    store: SqlStore,
+    database_url: str,
+    sink: Sink,
+    processes: Callable[..., Process],
+) -> None:
+    """Rolling change: the new process names `agenda`, whose circuit (shared through the
+    store) opened a while ago. The old worker does not know `agenda`: its deliveries are
+    left to the processes that do (architecture.md). Yet the old worker sees the open
+    circuit in the shared state, wins its probe, leases one of `agenda`'s deliveries and
+    dead-letters it as `unknown_destination`."""
+    old_config, new_config = configs(database_url, sink, rescue_interval_s=0.2)
+    clock = ShiftedClock()
+    old = processes(store, old_config, clock)
+    new = processes(store, new_config, clock)
+    await new.start(worker=False)  # names `agenda`; its worker is not running yet
+    # `agenda` failed for the new process's worker a minute ago: its circuit is open and
+    # its reset_s has passed (a probe is due).
+    breakers = Breakers(circuit_state_store(new_config, store), new_config)
+    failed = Outcome(OutcomeKind.RETRYABLE, 1.0, status_code=500, error_class="http_500")
+    then = clock.now_ms() - 60_000
+    for _ in range(new_config.destinations[-1].circuit.failures):
+        await breakers.record(NEW, failed, started_at=then, now_ms=then)
+    assert NEW in breakers.not_closed()
+    ids = [await new.publish(n) for n in range(2)]
+    await old.start()
+    assert old.worker is not None
+    await eventually(lambda: old.worker is not None and old.worker.leases >= 1)
+    await leases_after(old.worker, 5)
+    agenda = await deliveries_to(store, ids, NEW)
+    assert still_waiting(agenda), [(d.state, d.attempts, d.last_error) for d in agenda]

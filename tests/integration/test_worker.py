@@ -16,6 +16,7 @@ from structlog.testing import capture_logs
 from estafeta.clock import SystemClock
 from estafeta.config import Config, load_config_dict
 from estafeta.connectors.http import HttpConnector
+from estafeta.delivery.breakers import Breakers, circuit_state_store
 from estafeta.delivery.model import LeasedDelivery
 from estafeta.delivery.outcome import Outcome, OutcomeKind
 from estafeta.delivery.rescue import Rescue
@@ -936,3 +937,72 @@ async def test_a_delivery_the_rescue_dead_letters_is_counted_as_dead_lettered(
         assert after == {d: n + 1 for d, n in before.items()}
     finally:
         await hub.close()
+
+
+async def test_a_batch_leased_before_the_store_failed_is_sent_or_given_back_not_left_to_expire(
+    store: SqlStore, sink: Sink, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delivery to a removed destination waits (an orphan), and one to crm. The worker
+    leases both in one statement; then the read that asks whether a process started since
+    names the orphan fails (the store went away for a moment). The leased batch is dropped:
+    nothing is sent or given back, so crm's delivery sits in flight under a lease nobody
+    holds until it expires and is rescued as a failed `lease_expired` attempt, for a send
+    never made."""
+    config = config_for(database_url, sink)
+    retired = NewDelivery(id=new_id("dlv", 1), destination_id="old-crm", priority=2, max_attempts=5)
+    kept = NewDelivery(id=new_id("dlv", 2), destination_id="crm", priority=2, max_attempts=5)
+    event = new_event(new_id("evt", 1), retired, kept)
+    await store.insert_events([event])
+    worker = Worker(store, config)
+    await worker._connectors.start()  # what `run` does first; its loop is driven by hand
+    live = store.live_destinations
+    calls = 0
+
+    async def flaky_live(**kwargs: Any) -> set[str]:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the rescue's read succeeds; the one after the lease does not
+            raise StoreUnavailable("connection reset")
+        return await live(**kwargs)
+
+    monkeypatch.setattr(store, "live_destinations", flaky_live)
+    try:
+        await worker._step()  # finds the orphan, leases both, then the read fails
+        assert calls == 2
+        for _ in range(3):  # the store is back
+            await worker._step()
+        assert await sink.wait_for(lambda s: event.id in s.delivered_ids, 5)
+    finally:
+        await worker._shutdown()
+    view = await store.get_event(event.id, None)
+    assert view is not None
+    states = {d.destination_id: (d.state, d.attempts) for d in view.deliveries}
+    assert states["crm"] == ("succeeded", 1), states
+
+
+async def test_a_probe_never_takes_a_capped_destination_past_its_max_in_flight(
+    store: SqlStore, sink: Sink, database_url: str
+) -> None:
+    """crm takes one send at a time (`max_in_flight = 1`) and answers slowly. While this
+    worker's one send to it is in flight, other workers' failures open crm's shared circuit
+    (its reset already passed). This worker wins the probe and sends a second delivery to crm
+    at once: two in flight to a destination capped at one."""
+    sink.respond(200, delay_s=3)
+    config = config_for(database_url, sink, max_in_flight=1, timeout_s=10)
+    hub = Running(store, config, handoff=False)
+    try:
+        first = await hub.publish(n=1)  # message.* → crm only
+        assert await sink.wait_for(lambda s: len(s.received) == 1, 5)
+        # Another worker's sends to crm failed a minute ago: the circuit is open, due a probe.
+        others = Breakers(circuit_state_store(config, store), config)
+        failed = Outcome(OutcomeKind.RETRYABLE, 1.0, status_code=500, error_class="http_500")
+        then = hub.hub.clock.now_ms() - 60_000
+        for _ in range(config.destinations[0].circuit.failures):
+            await others.record("crm", failed, started_at=then, now_ms=then)
+        await hub.publish(n=2)
+        await asyncio.sleep(1.5)  # circuits refreshed (0.5 s), several polls (0.2 s)
+        assert hub.worker._attempts.sending.get("crm", 0) <= 1
+        assert len(sink.received) == 1, [r.webhook_id for r in sink.received]
+        assert first == sink.received[0].webhook_id
+    finally:
+        await hub.stop()

@@ -121,6 +121,7 @@ class Worker:
         self._slot_freed = asyncio.Event()
         # Every destination a lease may name: the configured ones and the providers' sends.
         self._destinations = named_destinations(config)
+        self._named = frozenset(self._destinations)
         # A destination with a `max_in_flight` is never given more room than its cap leaves.
         self._caps = {d.id: d.max_in_flight for d in config.destinations if d.max_in_flight}
         self._cap_freed = asyncio.Event()  # a capped destination at its cap freed a slot
@@ -228,9 +229,18 @@ class Worker:
         await self.breakers.refresh()
         taken = 0
         throttled = self._snoozes.throttled(now)
+        sending = self._attempts.sending
         for destination_id in self.breakers.probe_ready(now):
+            if destination_id not in self._named:
+                # A circuit of a destination this configuration lacks (shared state names
+                # every process's): its deliveries are another process's to send, or an
+                # orphan's, leased with the rest; probed here, one would be dead-lettered.
+                continue
             if destination_id in throttled:
                 continue  # no budget for the probe now: claiming it would only block
+            cap = self._caps.get(destination_id)
+            if cap is not None and sending.get(destination_id, 0) >= cap:
+                continue  # at its max_in_flight: the probe waits for a send to end
             if taken < room and await self.breakers.try_probe(destination_id, now):
                 probe = await self._lease(now, {destination_id: 1})
                 if not probe or not await self._start(probe, now, probe=True):
@@ -297,7 +307,13 @@ class Worker:
         """`batch` without the deliveries to orphans that a process started since the last
         rescue names: those go back pending, due now, no attempt counted (snooze.py), for
         it to send, instead of being dead-lettered as `unknown_destination`."""
-        named = await self._rescue.given_back(batch)
+        try:
+            named = await self._rescue.given_back(batch)
+        except StoreUnavailable:
+            # Whether a process names them now is unknown: the orphans' deliveries go back
+            # (no attempt counted), the rest is sent. Raised, the batch would be dropped,
+            # its leases left to expire and be rescued as attempts never made.
+            named = [d for d in batch if d.destination_id in self._rescue.orphans]
         if not named:
             return batch
         self._snoozes.add({now: named})
