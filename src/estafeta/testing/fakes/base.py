@@ -22,9 +22,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import time
 from abc import abstractmethod
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -97,6 +98,49 @@ def hex_id(length: int, *, upper: bool = True) -> str:
     return value.upper() if upper else value
 
 
+class RateWindow:
+    """At most `limit` events in any `period_s` seconds (a sliding window); `limit` None
+    means no limit. `allows` only looks; `take` records an event."""
+
+    def __init__(self, limit: int | None, period_s: float = 1.0) -> None:
+        self.limit = limit
+        self.period_s = period_s
+        self._times: deque[float] = deque()
+
+    def allows(self, now: float) -> bool:
+        if self.limit is None:
+            return True
+        while self._times and self._times[0] <= now - self.period_s:
+            self._times.popleft()
+        return len(self._times) < self.limit
+
+    def take(self, now: float) -> None:
+        if self.limit is not None:
+            self._times.append(now)
+
+
+class PairLimit:
+    """One event per `interval_s` per key, with bursts of up to `burst` events borrowed from
+    the future quota (GCRA: each event pushes the key's theoretical time on by
+    `interval_s`; an event is allowed while that stays within `burst * interval_s` of now).
+    `burst` None means no limit."""
+
+    def __init__(self, interval_s: float, burst: int | None) -> None:
+        self.interval_s = interval_s
+        self.burst = burst
+        self._due: dict[Hashable, float] = {}
+
+    def allows(self, key: Hashable, now: float) -> bool:
+        if self.burst is None:
+            return True
+        due = max(self._due.get(key, now), now)
+        return due + self.interval_s - now <= self.burst * self.interval_s + 1e-9
+
+    def take(self, key: Hashable, now: float) -> None:
+        if self.burst is not None:
+            self._due[key] = max(self._due.get(key, now), now) + self.interval_s
+
+
 class FakeProvider(LocalServer):
     """The shared machinery; a subclass adds its routes and its documented answers."""
 
@@ -107,6 +151,8 @@ class FakeProvider(LocalServer):
         self._planned: deque[Answer] = deque()
         self._delay_s = 0.0
         self._late_s = 0.0
+        # The clock the enforced limits (rates, token lifetimes) read; a test may swap it.
+        self.clock: Callable[[], float] = time.monotonic
 
     # -- misbehaviour ------------------------------------------------------------------------
 

@@ -11,6 +11,13 @@
 * contracts §1.7/§8 item 1: throttling is code 130429 on HTTP 400 by default (§1.7's
   recommendation); codes 4 and 80007 come with HTTP 429. The status is unsettled, so a
   test may ask for either. Meta documents no Retry-After.
+* contracts §1.8, enforced on its own (each limit per instance, documented defaults): at
+  most `throughput_mps` (80) accepted messages in any second for the number → 130429; to
+  one recipient one message per `pair_interval_s` (6 s) with bursts of up to `pair_burst`
+  (45) → 131056 (both HTTP 400, §1.7's recommendation). None turns a limit off. A text
+  body over `max_text` (4096) characters is Graph's code 100 (the limit and code are
+  Meta's and third-party docs', not in contracts.md); sending to the business's own
+  number is 131021 (§1.7).
 * contracts §1.2/§1.5: `send_status` posts the `statuses[]` envelope, signed with
   `X-Hub-Signature-256: sha256=<hex HMAC-SHA256(app_secret, body)>`, echoing the send's
   `biz_opaque_callback_data`; `failed` carries `errors[]` (131026 unless told otherwise).
@@ -31,6 +38,8 @@ from aiohttp import web
 from estafeta.testing.fakes.base import (
     Answer,
     FakeProvider,
+    PairLimit,
+    RateWindow,
     StatusWebhook,
     hex_id,
     json_answer,
@@ -124,6 +133,10 @@ class FakeMeta(FakeProvider):
         display_phone_number: str = "551140028922",
         waba_id: str = "108372914455201",
         templates: Iterable[str] | None = None,  # approved template names; None: any
+        throughput_mps: int | None = 80,  # §1.8 default throughput per number; None: none
+        pair_interval_s: float = 6.0,  # §1.8 pair rate limit: 1 message / 6 s per user …
+        pair_burst: int | None = 45,  # … bursting up to 45 in 6 s; None: no pair limit
+        max_text: int | None = 4096,  # text.body limit (Meta's send-messages page)
     ) -> None:
         super().__init__()
         self.access_token = access_token
@@ -132,6 +145,9 @@ class FakeMeta(FakeProvider):
         self.display_phone_number = display_phone_number
         self.waba_id = waba_id
         self.templates = None if templates is None else frozenset(templates)
+        self.throughput = RateWindow(throughput_mps, 1.0)
+        self.pair_limit = PairLimit(pair_interval_s, pair_burst)
+        self.max_text = max_text
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post(r"/{version:v\d+\.\d+}/{phone_number_id}/messages", self._messages)
@@ -191,6 +207,9 @@ class FakeMeta(FakeProvider):
         if planned is not None:
             return planned
         to = str(body["to"])
+        limited = self._limited(to.lstrip("+"))
+        if limited is not None:
+            return limited
         wamid = new_wamid(to.lstrip("+"))
         self.record(wamid, request, body)
         message: dict[str, Any] = {"id": wamid}
@@ -199,6 +218,25 @@ class FakeMeta(FakeProvider):
         contact = {"input": to, "wa_id": to.lstrip("+")}
         document = {"messaging_product": "whatsapp", "contacts": [contact], "messages": [message]}
         return json_answer(200, document)
+
+    def _limited(self, recipient: str) -> Answer | None:
+        """The §1.8 error when this send goes over a limit; else the send is counted."""
+        now = self.clock()
+        if not self.throughput.allows(now):
+            details = (
+                "Message failed to send because there were too many messages sent from "
+                "this phone number in a short period of time."
+            )
+            return graph_answer(130429, details)
+        if not self.pair_limit.allows(recipient, now):
+            details = (
+                "Message failed to send because there were too many messages sent from "
+                "this phone number to the same phone number in a short period of time."
+            )
+            return graph_answer(131056, details)
+        self.throughput.take(now)
+        self.pair_limit.take(recipient, now)
+        return None
 
     def _invalid(self, body: dict[str, Any]) -> tuple[int, str] | None:
         """(code, details) of the first problem of a send body (§1.6), or None."""
@@ -209,6 +247,8 @@ class FakeMeta(FakeProvider):
             return 131008, "The parameter to is required."
         if not to.lstrip("+").isdigit():
             return 131009, f"The parameter to is not a phone number: {to!r}"
+        if to.lstrip("+") == self.display_phone_number:
+            return 131021, "Recipient phone number cannot be the same as the sender."
         kind = body.get("type", "text")
         if kind not in _TYPES:
             return 131009, f"The parameter type has an unsupported value {kind!r}"
@@ -217,6 +257,8 @@ class FakeMeta(FakeProvider):
             return 131008, f"The parameter {kind} is required."
         if kind == "text" and not (isinstance(part.get("body"), str) and part["body"]):
             return 131008, "The parameter text.body is required."
+        if kind == "text" and self.max_text is not None and len(part["body"]) > self.max_text:
+            return 100, f"Param text['body'] must be at most {self.max_text} characters long."
         if kind == "template":
             language = part.get("language")
             if not part.get("name") or not isinstance(language, dict) or not language.get("code"):

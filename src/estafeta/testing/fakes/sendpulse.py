@@ -14,6 +14,11 @@
 * contracts §9.7 (third-party): errors are `{"message", "error_code"}`; a missing or expired
   token is 401 `{"message": "Unauthorized!", "error_code": 401}`; throttling is 429 with
   `error_code` 2020202020 "More than 10 requests per second" and no Retry-After.
+* contracts §9.7, enforced on its own: at most `requests_per_second` (10, [S4]) API
+  requests (token and sends) in any second, or 429 with `error_code` 2020202020 and no
+  Retry-After; None turns it off. Tokens expire `token_ttl_s` after issue (on `clock`).
+  By phone, `message.type` is one of text/image/document/audio/interactive (§9.5), and a
+  template needs `language.code`.
 * contracts §9.1/§9.10 item 5: SendPulse sends **no status webhooks**. `send_status` can
   only post what SendPulse does send about our message, the `outgoing_message` event (a JSON
   array, §9.3/§9.4), for status `sent`; the URL carries `?token=` (DESIGN §3.2).
@@ -34,6 +39,7 @@ from aiohttp import web
 from estafeta.testing.fakes.base import (
     Answer,
     FakeProvider,
+    RateWindow,
     StatusWebhook,
     hex_id,
     json_answer,
@@ -42,6 +48,7 @@ from estafeta.testing.fakes.base import (
 )
 
 _TYPES = frozenset({"text", "image", "document", "audio", "interactive", "reaction"})
+_BY_PHONE_TYPES = _TYPES - {"reaction"}  # §9.5: sendByPhone takes no reaction
 _PATHS = ("sendByPhone", "sendTemplateByPhone", "send", "sendTemplate")
 
 
@@ -61,6 +68,7 @@ class FakeSendPulse(FakeProvider):
         token_ttl_s: int = 3600,
         webhook_token: str | None = None,
         bot_phone: str = "551140028922",
+        requests_per_second: int | None = 10,  # §9.7 [S4]; None: no limit
     ) -> None:
         super().__init__()
         self.client_id, self.client_secret, self.bot_id = client_id, client_secret, bot_id
@@ -68,8 +76,9 @@ class FakeSendPulse(FakeProvider):
         self.webhook_token = webhook_token
         self.bot_phone = bot_phone
         self.token_requests = 0  # tokens issued
-        self._tokens: dict[str, float] = {}  # token → time.monotonic() it expires at
+        self._tokens: dict[str, float] = {}  # token → the `clock()` time it expires at
         self._contacts: dict[str, str] = {}  # phone → contact id
+        self.rate = RateWindow(requests_per_second, 1.0)
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/oauth/access_token", self._token)
@@ -87,6 +96,14 @@ class FakeSendPulse(FakeProvider):
         answer = sendpulse_error(429, "More than 10 requests per second", 2020202020)
         return Answer(answer.status, answer.body, retry_after(retry_after_s))
 
+    def _over_rate(self) -> Answer | None:
+        """§9.7's answer when this request goes over the per-second limit; else counted."""
+        now = self.clock()
+        if not self.rate.allows(now):
+            return self.throttle_answer(None)
+        self.rate.take(now)
+        return None
+
     def reject_answer(self, code: int | str) -> Answer:
         if isinstance(code, str):
             return sendpulse_error(400, code)
@@ -94,6 +111,9 @@ class FakeSendPulse(FakeProvider):
 
     async def _token(self, request: web.Request) -> web.Response:
         await self.arrive(count=False)
+        over = self._over_rate()
+        if over is not None:
+            return over.response()
         raw = await request.read()
         try:
             loaded = orjson.loads(raw) if request.content_type == "application/json" else None
@@ -110,7 +130,7 @@ class FakeSendPulse(FakeProvider):
             error = {"error": "invalid_client", "error_description": text, "message": text}
             return json_answer(401, error).response()
         token = "eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9." + hex_id(40, upper=False)
-        self._tokens[token] = time.monotonic() + self.token_ttl_s
+        self._tokens[token] = self.clock() + self.token_ttl_s
         self.token_requests += 1
         document = {"access_token": token, "token_type": "Bearer", "expires_in": self.token_ttl_s}
         return json_answer(200, document).response()
@@ -120,9 +140,12 @@ class FakeSendPulse(FakeProvider):
         return await self.answer(await self._answer(request))
 
     async def _answer(self, request: web.Request) -> Answer:
+        over = self._over_rate()
+        if over is not None:
+            return over
         auth = request.headers.get("Authorization", "")
         expires = self._tokens.get(auth.removeprefix("Bearer ").strip())
-        if not auth.startswith("Bearer ") or expires is None or expires < time.monotonic():
+        if not auth.startswith("Bearer ") or expires is None or expires <= self.clock():
             return sendpulse_error(401, "Unauthorized!")
         try:
             body = orjson.loads(await request.read())
@@ -168,12 +191,17 @@ class FakeSendPulse(FakeProvider):
         if path.startswith("sendTemplate"):
             template = body.get("template")
             language = template.get("language") if isinstance(template, dict) else None
-            if not isinstance(language, dict) or not template or not template.get("name"):
+            if (
+                not isinstance(language, dict)
+                or not language.get("code")
+                or not template
+                or not template.get("name")
+            ):
                 return sendpulse_error(400, "The template field must have name and language.")
             return None
         message = body.get("message")
         kind = message.get("type") if isinstance(message, dict) else None
-        if not isinstance(message, dict) or kind not in _TYPES:
+        if not isinstance(message, dict) or kind not in (_BY_PHONE_TYPES if by_phone else _TYPES):
             return sendpulse_error(400, "The message.type field is invalid.")
         part = message.get(kind)
         if not isinstance(part, dict):

@@ -9,6 +9,11 @@
   for a `To` that is not a number, 63007 for a `From` that is not this sender (400); 20429
   with HTTP 429 (+ Retry-After when given) for throttling; 63016 (outside the 24 h window)
   and the other codes of §2.4 on demand.
+* Enforced on its own: a `Body` over `max_body` (1600) characters is 21617 (HTTP 400;
+  Twilio's support article: the 1600-character limit applies to WhatsApp too, contracts
+  §2.2 gives the same figure for inbound bodies). Credentials may also be an API key
+  (`api_keys`: SID → secret, §2.4). The sender's throughput (§2.4: 10 MPS text) is not
+  answered with an error: Twilio queues what goes over it (up to 4 h), so does this fake.
 * contracts §2.1/§2.3: `send_status` posts the status callback form (`MessageSid`,
   `MessageStatus`, `AccountSid`, `From`, `To`, `ChannelPrefix=whatsapp`, `ErrorCode` when
   failed or undelivered) signed with `X-Twilio-Signature` = base64(HMAC-SHA1(auth_token,
@@ -21,6 +26,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+from collections.abc import Mapping
 from email.utils import formatdate
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
@@ -44,6 +50,7 @@ TITLES: dict[int, str] = {
     20500: "Internal Server Error",
     20503: "Service Unavailable",
     21211: "The 'To' number is not a valid phone number.",
+    21617: "The concatenated message body exceeds the 1600 character limit.",
     21602: "Message body is required.",
     21603: "A 'From' phone number is required.",
     21604: "A 'To' phone number is required.",
@@ -86,12 +93,20 @@ class FakeTwilio(FakeProvider):
     """One Twilio account with one WhatsApp sender."""
 
     def __init__(
-        self, *, account_sid: str, auth_token: str, sender: str = "whatsapp:+551140028922"
+        self,
+        *,
+        account_sid: str,
+        auth_token: str,
+        sender: str = "whatsapp:+551140028922",
+        api_keys: Mapping[str, str] | None = None,  # API key SID (SK…) → secret (§2.4)
+        max_body: int | None = 1600,  # Body limit (error 21617); None: no limit
     ) -> None:
         super().__init__()
         self.account_sid = account_sid
         self.auth_token = auth_token
         self.sender = sender
+        self.api_keys = dict(api_keys or {})
+        self.max_body = max_body
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/2010-04-01/Accounts/{account}/Messages.json", self._messages)
@@ -123,7 +138,10 @@ class FakeTwilio(FakeProvider):
         except (binascii.Error, UnicodeDecodeError):
             return False
         expected = f"{self.account_sid}:{self.auth_token}".encode()
-        return hmac.compare_digest(f"{user}:{password}".encode(), expected)
+        if hmac.compare_digest(f"{user}:{password}".encode(), expected):
+            return True
+        secret = self.api_keys.get(user)
+        return secret is not None and hmac.compare_digest(password.encode(), secret.encode())
 
     async def _answer(self, request: web.Request) -> Answer:
         if not self._authenticated(request.headers.get("Authorization", "")):
@@ -147,6 +165,9 @@ class FakeTwilio(FakeProvider):
             return twilio_error(21211, f"The 'To' number {to} is not a valid phone number.")
         if not (fields.get("Body") or fields.get("MediaUrl") or fields.get("ContentSid")):
             return twilio_error(21602)
+        if self.max_body is not None and len(fields.get("Body", "")) > self.max_body:
+            text = f"The concatenated message body exceeds the {self.max_body} character limit."
+            return twilio_error(21617, text)
         planned = self.planned()
         if planned is not None:
             return planned
