@@ -30,6 +30,7 @@ from estafeta.ingress.spool import Spool
 from estafeta.messaging.facts import (
     ESCALATED_TYPE,
     SEND_TYPE,
+    Facts,
     digits,
     facts_of,
     send_destination,
@@ -172,7 +173,10 @@ class Hub:
                 tenant_id, canonical, priority=priority, ordering_key=ordering_key
             ),
         ]
-        facts = facts_of(event_type, data)
+        # Only a message queued here (`send_message`) is a sent message: an event published
+        # with the type `message.send` (POST /api/v1/events, a generic source) sends
+        # nothing, so it must count nothing in the conversation it names.
+        facts = facts_of(event_type, data) if event_type != SEND_TYPE or message else Facts()
         return NewEvent(
             id=event_id,
             tenant_id=tenant_id,

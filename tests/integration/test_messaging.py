@@ -1174,3 +1174,20 @@ async def test_a_late_failure_of_a_lost_lease_does_not_fail_a_message_sent_by_it
     )
     view = (await env.http.get(f"/api/v1/messages/{message_id}", headers=env.auth())).json()
     assert (view["state"], view["provider_message_id"]) == ("sent", "wamid.B"), view
+
+
+async def test_a_published_message_send_event_counts_no_sent_message(env: Env) -> None:
+    """Only messages sent through POST /api/v1/messages count as outbound: an event a tenant
+    publishes with the type `message.send` sends nothing, yet it counted one in the
+    conversation it named (and opened one if there was none)."""
+    await env.inbound("Olá", "wamid.p1")
+    r = await env.http.post(
+        "/api/v1/events",
+        headers=env.auth(),
+        json={"type": "message.send", "data": {"to": f"+{MARIA}", "text": "not sent"}},
+    )
+    assert r.status_code == 202, r.text
+    r = await env.http.get(f"/api/v1/conversations/{MARIA}", headers=env.auth())
+    conversation = r.json()
+    assert [m["direction"] for m in conversation["messages"]] == ["inbound"]
+    assert (conversation["inbound_count"], conversation["outbound_count"]) == (1, 0)
