@@ -13,7 +13,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from msgspec.structs import replace
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, insert, select, text
 
 from estafeta.config import Config
 from estafeta.delivery.model import LeasedDelivery
@@ -21,6 +21,7 @@ from estafeta.delivery.outcome import OutcomeKind
 from estafeta.delivery.state import DeliveryState
 from estafeta.errors import StoreError, StoreRejected, StoreUnavailable
 from estafeta.store import open_store
+from estafeta.store import schema as s
 from estafeta.store.records import (
     DeadLetterFilter,
     InsertResult,
@@ -305,6 +306,29 @@ async def test_release_gives_leases_back_without_counting_an_attempt(store: SqlS
     again = await lease(store)
     assert {d.id for d in again} == {d.id for d in leased}
     assert all(d.attempts == 0 for d in again)
+
+
+@pytest.mark.timeout(120)
+async def test_a_replay_of_more_dead_deliveries_than_a_statement_takes_moves_them_all(
+    store: SqlStore,
+) -> None:
+    """`--limit` goes up to 1,000,000 (docs/cli.md), and each id went to the driver as a
+    parameter of one statement: past asyncpg's 32,767 (SQLite's default build: 32,766) the
+    whole replay failed with `the store failed` and moved nothing."""
+    await store.insert_events([event()])
+    async with store.engine.begin() as conn:
+        template = dict((await conn.execute(select(s.deliveries))).mappings().one())
+        many = 33_000
+        await conn.execute(
+            insert(s.deliveries),
+            [
+                template | {"id": f"dlv_many{n:07d}", "state": "dead", "ordering_key": None}
+                for n in range(many)
+            ],
+        )
+    moved = await store.replay(DeadLetterFilter(limit=many + 1), actor="tester", now_ms=NOW)
+    assert len(moved) == many
+    assert (await store.queue_stats()).by_state.get("dead", 0) == 0
 
 
 async def test_dead_letters_are_listed_replayed_and_audited(store: SqlStore) -> None:

@@ -22,6 +22,8 @@ from estafeta.store.views import delivery_view, delivery_view_query, state_is
 
 # The order of every selection: a limited list shows what a move with its limit would take.
 _OLDEST_DEATH_FIRST = (s.deliveries.c.updated_at, s.deliveries.c.id)
+# Most ids one UPDATE names (well under every driver's limit on a statement's parameters).
+_IDS_PER_STATEMENT = 10_000
 
 
 def dead_conditions(f: DeadLetterFilter) -> list[ColumnElement[bool]]:
@@ -117,19 +119,28 @@ class DeadLetterOps(MessagingOps):
             ids = list((await conn.execute(chosen)).scalars().all())
             if not ids:
                 return []
-            stmt = (
-                update(d)
-                .where(d.c.id.in_(ids), d.c.state == DeliveryState.DEAD.value)
-                .values(**values)
-                .returning(d.c.id, d.c.tenant_id, d.c.destination_id)
-            )
-            moved = (await conn.execute(stmt)).all()
-            if action == "replay":
-                await self._requeue_sends(
-                    conn,
-                    [i for i, _, dest in moved if dest.startswith(SEND_DESTINATION_PREFIX)],
-                    now_ms,
+            # The ids go to the driver as one parameter each: a selection of up to
+            # 1,000,000 would pass SQLite's limit on a statement's variables (32,766 by
+            # default, 250,000 in Debian's build) and asyncpg's (32,767). Moved in chunks,
+            # still in this one transaction.
+            moved: list[Any] = []
+            for start in range(0, len(ids), _IDS_PER_STATEMENT):
+                stmt = (
+                    update(d)
+                    .where(
+                        d.c.id.in_(ids[start : start + _IDS_PER_STATEMENT]),
+                        d.c.state == DeliveryState.DEAD.value,
+                    )
+                    .values(**values)
+                    .returning(d.c.id, d.c.tenant_id, d.c.destination_id)
                 )
+                moved.extend((await conn.execute(stmt)).all())
+            if action == "replay":
+                sends = [i for i, _, dest in moved if dest.startswith(SEND_DESTINATION_PREFIX)]
+                for start in range(0, len(sends), _IDS_PER_STATEMENT):
+                    await self._requeue_sends(
+                        conn, sends[start : start + _IDS_PER_STATEMENT], now_ms
+                    )
             per_tenant: dict[str, list[str]] = {}
             for delivery_id, tenant_id, _ in moved:
                 per_tenant.setdefault(tenant_id, []).append(delivery_id)
