@@ -122,7 +122,7 @@ class DeadLetterOps(MessagingOps):
             # The ids go to the driver as one parameter each: a selection of up to
             # 1,000,000 would pass SQLite's limit on a statement's variables (32,766 by
             # default, 250,000 in Debian's build) and asyncpg's (32,767). Moved in chunks,
-            # still in this one transaction.
+            # still in this one transaction; a replayed send's message requeued with its chunk.
             moved: list[Any] = []
             for start in range(0, len(ids), _IDS_PER_STATEMENT):
                 stmt = (
@@ -134,13 +134,11 @@ class DeadLetterOps(MessagingOps):
                     .values(**values)
                     .returning(d.c.id, d.c.tenant_id, d.c.destination_id)
                 )
-                moved.extend((await conn.execute(stmt)).all())
-            if action == "replay":
-                sends = [i for i, _, dest in moved if dest.startswith(SEND_DESTINATION_PREFIX)]
-                for start in range(0, len(sends), _IDS_PER_STATEMENT):
-                    await self._requeue_sends(
-                        conn, sends[start : start + _IDS_PER_STATEMENT], now_ms
-                    )
+                chunk = (await conn.execute(stmt)).all()
+                if action == "replay":
+                    sends = [i for i, _, dest in chunk if dest.startswith(SEND_DESTINATION_PREFIX)]
+                    await self._requeue_sends(conn, sends, now_ms)
+                moved.extend(chunk)
             per_tenant: dict[str, list[str]] = {}
             for delivery_id, tenant_id, _ in moved:
                 per_tenant.setdefault(tenant_id, []).append(delivery_id)
