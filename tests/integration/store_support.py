@@ -1,9 +1,13 @@
 """What the store tests share (test_store.py, test_store_lifecycle_model.py): events with their
-deliveries as ingest stores them, and attempts as a worker completes them."""
+deliveries as ingest stores them, and attempts as a worker completes them; and the mode of
+the files the store and the spool make (test_spool.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 from estafeta.delivery.decision import Transition
 from estafeta.delivery.model import LeasedDelivery
@@ -13,6 +17,21 @@ from estafeta.ids import new_id
 from estafeta.store.records import CompletedAttempt, NewDelivery, NewEvent
 
 NOW = 1_700_000_000_000
+
+
+@contextmanager
+def umask(mask: int) -> Iterator[None]:
+    """The process's umask set to `mask` for the block: what a file gets when made without
+    a mode of its own."""
+    previous = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
 
 
 def event(

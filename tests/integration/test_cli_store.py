@@ -257,8 +257,20 @@ def test_a_database_url_that_leads_nowhere_is_one_line_saying_where_and_why(
         assert PASSWORD not in result.output
 
 
+def test_a_sqlite_file_in_a_missing_directory_is_a_setting_to_correct(tmp_path: Path) -> None:
+    # Before: exit 3, "the store cannot be reached", the status of an outage to wait out.
+    missing = tmp_path / "no-such-directory"
+    url = f"sqlite:///{missing / 'estafeta.db'}"
+    result = run(config_file(tmp_path, url), "migrate")
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert f"storage.url: the database's directory {missing} does not exist" in result.output
+    assert not missing.exists()
+
+
 def test_a_sqlite_file_that_cannot_be_opened_is_named(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'no-such-directory' / 'estafeta.db'}"
+    blocked = tmp_path / "estafeta.db"
+    blocked.mkdir()  # a directory where the file should be: SQLite cannot open it
+    url = f"sqlite:///{blocked}"
     result = run(config_file(tmp_path, url), "migrate")
     assert result.exit_code == 3, (result.output, result.exception)
     assert result.output.startswith(f"error: {url}: the store cannot be reached"), result.output

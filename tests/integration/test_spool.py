@@ -38,6 +38,7 @@ from estafeta.store.records import InsertResult, NewDelivery, NewEvent, NewMessa
 from estafeta.store.sqlite import SqliteStore
 from estafeta.store.sqlstore import SqlStore
 from tests.events import new_event as event_named
+from tests.integration.store_support import mode, umask
 
 UNREACHABLE = "postgresql://postgres@127.0.0.1:1/nowhere"  # nothing listens on port 1
 
@@ -490,6 +491,33 @@ async def test_an_event_the_store_refuses_is_quarantined_and_the_rest_drains(
     assert line["error"] == "StoreRejected" and poison.payload not in str(line)
     assert REGISTRY.get_sample_value("estafeta_spool_quarantined_total") == quarantined + 1
     await spool.close()
+
+
+async def test_spooled_and_quarantined_events_are_readable_by_their_owner_only(
+    config: Config, store: SqlStore, tmp_path: Path
+) -> None:
+    """Segments and quarantined events hold message text and phone numbers; they were made
+    with the umask's mode, under the usual 022 readable by every user of the machine."""
+    spool_dir = tmp_path / "spool"
+    with umask(0o022):
+        unreachable = open_store(UNREACHABLE)
+        hub = Hub(config, unreachable, spool=Spool(spool_dir, max_bytes=10**6))
+        await accept(hub, 1)
+        await hub.close()
+        await unreachable.close()
+        [segment] = spool_dir.glob("*.journal")
+        assert (mode(spool_dir), mode(segment)) == (0o700, 0o600)
+
+        poison = event_named(
+            "evt_" + "9" * 26,
+            NewDelivery(id="dlv_" + "9" * 26, destination_id="crm", priority=9, max_attempts=3),
+        )
+        (spool_dir / "0000000000002-host-1-000000002.journal").write_bytes(encode(poison))
+        spool = Spool(spool_dir, max_bytes=10**6)
+        assert await spool.drain(store) == 1
+        await spool.close()
+    [kept] = (spool_dir / "quarantine").iterdir()
+    assert (mode(spool_dir / "quarantine"), mode(kept)) == (0o700, 0o600)
 
 
 async def test_a_record_that_no_longer_decodes_is_quarantined_as_written(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
@@ -31,7 +32,7 @@ from estafeta.store.schema import metadata
 from estafeta.store.sqlstore import SqlStore
 from tests.conftest import lease_any
 from tests.integration.plans import explain_sql, rows_read
-from tests.integration.store_support import NOW, attempt, event, keyed
+from tests.integration.store_support import NOW, attempt, event, keyed, mode, umask
 
 T = TypeVar("T")
 
@@ -515,6 +516,21 @@ async def test_awkward_text_is_stored_exactly(store: SqlStore, awkward: str) -> 
     found = await store.get_conversation("clinica-sol", awkward[:64])
     assert found is not None
     assert found.contact_name == awkward
+
+
+async def test_a_new_sqlite_database_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    """The database holds message text and phone numbers; SQLite made it, and its -wal and
+    -shm files, with the umask's mode, under the usual 022 readable by every user."""
+    path = tmp_path / "estafeta.db"
+    with umask(0o022):
+        store = open_store(f"sqlite:///{path}")
+        try:
+            await store.migrate()
+            await store.insert_events([event()])
+            files = [path, path.with_name("estafeta.db-wal"), path.with_name("estafeta.db-shm")]
+            assert [mode(file) for file in files] == [0o600] * 3
+        finally:
+            await store.close()
 
 
 async def test_migrations_build_exactly_the_declared_schema(store: SqlStore) -> None:

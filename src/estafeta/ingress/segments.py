@@ -37,7 +37,7 @@ def create(directory: Path, name: str) -> IO[bytes]:
     path = directory / name
     creating = path.with_name(name + _CREATING)
     with _directory_locked(directory, fcntl.LOCK_SH):
-        handle = open(creating, "ab", buffering=0)  # noqa: SIM115 - the caller's to close
+        handle = open(creating, "ab", buffering=0, opener=private)  # noqa: SIM115 - the caller's to close
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
             creating.rename(path)
@@ -90,6 +90,12 @@ def _directory_locked(directory: Path, operation: int) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # and the lock with it
+
+
+def private(path: str, flags: int) -> int:
+    """`open`'s opener for a file only its owner may read: segments and quarantined events
+    hold message text and phone numbers, whatever the process's umask allows."""
+    return os.open(path, flags, 0o600)
 
 
 def fsync_directory(directory: Path) -> None:

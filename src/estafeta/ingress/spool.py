@@ -88,7 +88,7 @@ class Spool:
         self.directory = Path(directory)
         self.max_bytes = max_bytes
         self.clock: Clock = clock or SystemClock()  # names segments by their creation time
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)  # its owner's only
         # A name no other process shares.
         self._writer = f"{socket.gethostname()}-{os.getpid()}"
         self._seq = 0
@@ -358,10 +358,10 @@ class Spool:
 
     def _write_quarantined(self, record: bytes, name: str) -> Path:
         directory = self.directory / "quarantine"
-        directory.mkdir(exist_ok=True)
+        directory.mkdir(mode=0o700, exist_ok=True)
         target = directory / name
         creating = target.with_name(target.name + ".creating")
-        with open(creating, "wb") as file:
+        with open(creating, "wb", opener=segments.private) as file:
             file.write(record)
             file.flush()
             os.fsync(file.fileno())

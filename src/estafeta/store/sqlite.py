@@ -15,6 +15,8 @@ loss, and we acknowledge only what is committed).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import sqlite3
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +27,7 @@ from sqlalchemy import event, text
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from estafeta.errors import ConfigError, ConfigIssue
 from estafeta.store.base import store_errors
 from estafeta.store.ingest import delivery_rows, event_key, event_row, fates
 from estafeta.store.messaging import conversation_counts
@@ -74,6 +77,22 @@ def _configure(dbapi_connection: Any) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     cursor.close()
+
+
+def _create_private(path: str) -> None:
+    """Create the database file readable by its owner only, before SQLite would create it
+    with the umask's mode: it holds message text and phone numbers. SQLite gives the -wal
+    and -shm files the database file's mode. A file that exists keeps its own."""
+    if path == ":memory:" or path.startswith("file:"):
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        # An operator's setting to correct (exit 2), not a store that is down (3).
+        raise ConfigError(
+            [ConfigIssue("storage.url", f"the database's directory {directory} does not exist")]
+        )
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 def _delivery_params(events: Sequence[NewEvent]) -> list[tuple[Any, ...]]:
@@ -174,6 +193,8 @@ class SqliteStore(SqlStore):
     @classmethod
     def from_url(cls, url: str) -> SqliteStore:
         writer = _engine(url, begin="BEGIN IMMEDIATE")
+        if writer.url.database:
+            _create_private(writer.url.database)
         return cls(writer, _engine(url, begin="BEGIN"), path=writer.url.database)
 
     async def _store_candidates(
