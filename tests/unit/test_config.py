@@ -872,6 +872,62 @@ def test_toml_inf_and_nan_are_not_numbers_a_setting_accepts(tmp_path: Path, valu
     ]
 
 
+@pytest.mark.parametrize("value", ["2_592_001", "1e15", "1e308"])
+def test_a_duration_longer_than_30_days_is_refused(tmp_path: Path, value: str) -> None:
+    # These used to load: the worker then failed on round(inf) (lease_s at start, reset_s once
+    # the circuit opened, max_s at the first retry), a retry due after year 9999 could not be
+    # shown by the API, and one past 2**63 ms could not be stored.
+    text = "[worker]\n" + "".join(
+        f"{key} = {value}\n"
+        for key in (
+            "lease_s",
+            "alert_destination_down_s",
+            "alert_no_workers_s",
+            "alert_webhooks_refused_s",
+            "alert_redis_down_s",
+        )
+    )
+    text += "[[destinations]]\nid = 'd'\ntenant = 'acme'\nurl = 'http://127.0.0.1/'\n"
+    text += f"backoff = {{ base_s = {value}, max_s = {value} }}\n"
+    text += f"circuit = {{ reset_s = {value}, window_s = {value} }}\n" + TENANT
+
+    too_long = "Input should be less than or equal to 2592000"
+    assert problems(tmp_path, text) == [
+        f"worker.{key}: {too_long}"
+        for key in (
+            "lease_s",
+            "alert_destination_down_s",
+            "alert_no_workers_s",
+            "alert_webhooks_refused_s",
+            "alert_redis_down_s",
+        )
+    ] + [
+        f"destinations[0].{key}: {too_long}"
+        for key in ("backoff.base_s", "backoff.max_s", "circuit.reset_s", "circuit.window_s")
+    ]
+
+
+def test_an_integer_beyond_64_bits_is_refused(tmp_path: Path) -> None:
+    # TOML's integers are 64-bit but tomllib reads any length: this one used to load, and
+    # every round of the alert monitor then failed on alert_queue_depth * 0.9 (OverflowError).
+    huge = "1" + "0" * 400
+    text = MINIMAL + f"[worker]\nalert_queue_depth = {huge}\nalert_dead_letters = '{huge}'\n"
+    text += f"[storage]\nspool_max_bytes = {2**63}\n[server]\nmax_body_bytes = {2**63 - 1}\n"
+
+    assert problems(tmp_path, text) == [
+        f"storage.spool_max_bytes: must be at most {2**63 - 1} (a 64-bit integer)",
+        f"worker.alert_queue_depth: must be at most {2**63 - 1} (a 64-bit integer)",
+        f"worker.alert_dead_letters: must be at most {2**63 - 1} (a 64-bit integer)",
+    ]
+
+
+def test_the_longest_durations_are_taken(tmp_path: Path) -> None:
+    text = MINIMAL + "[worker]\nlease_s = 2_592_000\n"
+    text = text.replace('url = "', 'backoff = { base_s = 2_592_000, max_s = 2_592_000 }\nurl = "')
+    config = load(tmp_path, text)
+    assert config.worker.lease_s == config.destinations[0].backoff.max_s == 30 * 86_400
+
+
 def test_absurdly_nested_toml_is_a_located_issue_not_a_crash(tmp_path: Path) -> None:
     # tomllib parses nested arrays recursively and lets a RecursionError escape.
     path = write(tmp_path, "a = " + "[" * 5000 + "]" * 5000 + "\n")

@@ -9,6 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from estafeta.clock import iso_from_ms
+from estafeta.config import BackoffConfig
+from estafeta.config.models import MAX_DURATION_S
 from estafeta.delivery.backoff import BackoffPolicy
 from estafeta.delivery.decision import (
     Transition,
@@ -291,6 +294,25 @@ def test_retry_after_beats_a_short_backoff_cap_but_not_the_hour_ceiling() -> Non
         attempts_before=3, max_attempts=5, outcome=http(503), now_ms=NOW, policy=short, rand=0.5
     )
     assert untold.next_attempt_at == NOW + 200
+
+
+@pytest.mark.parametrize("retry_after", [None, 99_999_999_999.0, INF])
+def test_the_longest_backoff_a_config_takes_gives_a_due_time_the_api_can_show(
+    retry_after: float | None,
+) -> None:
+    # max_s = 1e308 used to load; the first retry then failed on round(inf) in decide().
+    longest = BackoffConfig(base_s=MAX_DURATION_S, factor=1e308, max_s=MAX_DURATION_S)
+    policy = BackoffPolicy(base_s=longest.base_s, factor=longest.factor, max_s=longest.max_s)
+    t = decide(
+        attempts_before=98,
+        max_attempts=100,
+        outcome=http(503, retry_after),
+        now_ms=NOW,
+        policy=policy,
+        rand=0.999,
+    )
+    assert t.next_attempt_at == NOW + MAX_DURATION_S * 1000
+    assert iso_from_ms(t.next_attempt_at) == "2025-07-31T12:00:00.000Z"  # as /deliveries shows it
 
 
 @given(

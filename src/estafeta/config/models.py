@@ -42,6 +42,11 @@ ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 FIELD_ERROR = "estafeta_field"
 # worker.alert_no_workers_s's least: three of a running worker's announcements.
 NO_WORKERS_MIN_S = 30.0
+#: The longest lease, backoff, circuit and alert duration: 30 days, more than any of them
+#: needs. Unbounded, `1e308` failed on round(inf) once turned into milliseconds, a retry due
+#: after year 9999 could not be shown by the API, and one past 2**63 ms could not be stored.
+MAX_DURATION_S = 30 * 86_400
+INT64_MAX = 2**63 - 1
 
 
 def field_problem(message: str, field: str | None = None) -> PydanticCustomError:
@@ -155,6 +160,15 @@ class _Model(BaseModel):
         field = cls.model_fields.get(info.field_name or "")
         if isinstance(value, bool) and field is not None and field.annotation in _NUMBER_TYPES:
             raise ValueError("must be a number, not true or false")
+        return value
+
+    @field_validator("*")
+    @classmethod
+    def _no_integers_beyond_64_bits(cls, value: Any) -> Any:
+        # TOML's integers are 64-bit, but tomllib reads any length: a longer count failed
+        # once it met a float (`alert_queue_depth * 0.9`). Every count has its least already.
+        if type(value) is int and value > INT64_MAX:
+            raise ValueError(f"must be at most {INT64_MAX} (a 64-bit integer)")
         return value
 
 
@@ -310,7 +324,7 @@ class WorkerConfig(_Model):
     # more deliveries/s than 64 at the same CPU (bench/, end to end).
     concurrency: int = Field(default=256, ge=1, le=10_000)
     batch_size: int = Field(default=100, ge=1, le=1000)
-    lease_s: float = Field(default=60, gt=0)
+    lease_s: float = Field(default=60, gt=0, le=MAX_DURATION_S)
     poll_interval_s: float = Field(default=0.2, gt=0)
     shutdown_grace_s: float = Field(default=10, ge=0)
     rescue_interval_s: float = Field(default=5, gt=0)
@@ -321,14 +335,14 @@ class WorkerConfig(_Model):
     # The dead_letters alert fires when this many deliveries are dead.
     alert_dead_letters: int = Field(default=1, ge=1)
     # The destination_down alert fires when a destination's circuit has not closed for this long.
-    alert_destination_down_s: float = Field(default=300, gt=0)
+    alert_destination_down_s: float = Field(default=300, gt=0, le=MAX_DURATION_S)
     # The no_workers alert fires when deliveries wait and no process has delivered for this long.
-    alert_no_workers_s: float = Field(default=120)
+    alert_no_workers_s: float = Field(default=120, le=MAX_DURATION_S)
     # The webhooks_refused alert fires when a source's webhooks have been refused, none
     # accepted meanwhile, for this long.
-    alert_webhooks_refused_s: float = Field(default=300, gt=0)
+    alert_webhooks_refused_s: float = Field(default=300, gt=0, le=MAX_DURATION_S)
     # The redis_down alert fires when the configured Redis has not answered for this long.
-    alert_redis_down_s: float = Field(default=60, gt=0)
+    alert_redis_down_s: float = Field(default=60, gt=0, le=MAX_DURATION_S)
     # Where `estafeta worker` serves its own /metrics and /health (none when unset); `serve`
     # has them on server.listen.
     metrics_listen: str | None = None
@@ -512,9 +526,9 @@ class SourceConfig(_Model):
 class BackoffConfig(_Model):
     """Delay before retry n: min(max_s, base_s * factor**(n-1)), spread by ±jitter."""
 
-    base_s: float = Field(default=1, gt=0)
+    base_s: float = Field(default=1, gt=0, le=MAX_DURATION_S)
     factor: float = Field(default=2, ge=1)
-    max_s: float = Field(default=3600, gt=0)
+    max_s: float = Field(default=3600, gt=0, le=MAX_DURATION_S)
     jitter: float = Field(default=0.2, ge=0, le=1)
 
     @model_validator(mode="after")
@@ -530,9 +544,9 @@ class CircuitConfig(_Model):
     after `reset_s`."""
 
     failures: int = Field(default=5, ge=1)
-    reset_s: float = Field(default=30, gt=0)
+    reset_s: float = Field(default=30, gt=0, le=MAX_DURATION_S)
     failure_ratio: float | None = Field(default=None, gt=0, le=1)
-    window_s: float = Field(default=60, gt=0)
+    window_s: float = Field(default=60, gt=0, le=MAX_DURATION_S)
     min_requests: int = Field(default=10, ge=1)
 
 
