@@ -94,7 +94,7 @@ class Hub:
         self.store = store
         self.spool = spool
         self._store_down_until = 0.0
-        # Keys whose first event is being journaled, set once it is (or failed): see _spool_one.
+        # Keys whose first event is being journaled, set once it is (or failed): see _spool.
         self._spooling: dict[tuple[str, str, str], asyncio.Event] = {}
         self.clock: Clock = clock or SystemClock()
         self.router = Router(config)
@@ -361,37 +361,45 @@ class Hub:
         )
 
     async def _spool(self, events: Sequence[NewEvent]) -> list[InsertResult]:
-        """Journal the events locally; they reach the store when the drainer imports them.
-        A key repeated within the request is one event, as the store answers it: its first
-        is started first, and the repeat waits for it (`_spool_one`)."""
-        return list(await asyncio.gather(*(self._spool_one(e) for e in events)))
-
-    async def _spool_one(self, event: NewEvent) -> InsertResult:
+        """Journal the events locally, in one write: all of them, or none and a 503, as the
+        store commits them; they reach the store when the drainer imports them. A key this
+        process spooled before, or repeated within the request, is one event, as the store
+        answers it; a key another request is journaling right now waits for it first."""
         assert self.spool is not None  # noqa: S101 - callers check
-        key = None if event.idempotency_key is None else event_key(event)
-        while True:
-            original = self.spool.spooled_id(
-                event.tenant_id, event.source_id, event.idempotency_key
-            )
+        keys = {event_key(e) for e in events if e.idempotency_key is not None}
+        # Answered with its id once it is durable, or journaled here if it failed.
+        while appending := [self._spooling[k] for k in keys if k in self._spooling]:
+            await asyncio.gather(*(done.wait() for done in appending))
+        results: list[InsertResult] = []
+        new: list[NewEvent] = []
+        first: dict[tuple[str, str, str], str] = {}  # key → the id of its first event here
+        for event in events:
+            key = None if event.idempotency_key is None else event_key(event)
+            original = None if key is None else first.get(key)
+            if original is None:
+                original = self.spool.spooled_id(
+                    event.tenant_id, event.source_id, event.idempotency_key
+                )
             if original is not None:
-                return InsertResult(original, duplicate=True, spooled=True)
-            # A repeat of a key whose first event is being journaled right now waits for it:
-            # answered with its id once it is durable, or journaled itself if it failed.
-            appending = None if key is None else self._spooling.get(key)
-            if appending is None:
-                break
-            await appending.wait()
+                results.append(InsertResult(original, duplicate=True, spooled=True))
+                continue
+            if key is not None:
+                first[key] = event.id
+            new.append(event)
+            results.append(InsertResult(event.id, duplicate=False, spooled=True))
         done = asyncio.Event()
-        if key is not None:
+        for key in first:
             self._spooling[key] = done
         try:
-            await self.spool.append(event)
+            if new:
+                await self.spool.append_all(new)
         finally:
-            if key is not None:
+            for key in first:
                 del self._spooling[key]
             done.set()
-        self._count(event, "spooled")
-        return InsertResult(event.id, duplicate=False, spooled=True)
+        for event in new:
+            self._count(event, "spooled")
+        return results
 
     async def close(self) -> None:
         await self._ingest.close()

@@ -543,3 +543,21 @@ async def test_a_record_that_no_longer_decodes_is_quarantined_as_written(
     [line] = [entry for entry in logs if entry["event"] == "spool_event_quarantined"]
     assert (line["segment"], line["error"]) == (segment.name, "ValidationError")
     await spool.close()
+
+
+async def test_a_webhook_whose_events_do_not_all_fit_on_disk_is_refused_whole(
+    down_hub: Hub, store: SqlStore, tmp_path: Path
+) -> None:
+    """A webhook's events are accepted together or refused together: a request answered
+    503 is retried by its sender, so an event of it left in the spool is delivered twice."""
+    spool = down_hub.spool
+    assert spool is not None
+    await accept(down_hub, 0)  # the segment exists, and the logs' file is far below the limit
+    big = '"' + "x" * 5000 + '"'
+    one, two = (msgspec.structs.replace(new_event(n), payload=big, deliveries=()) for n in (1, 2))
+    limit = spool.stats().bytes + len(encode(one)) + 100  # room for one of them, not both
+    with disk_full_past(limit), pytest.raises(HttpError) as refused:
+        await down_hub.accept_all([one, two])
+    assert refused.value.status == 503
+    assert await spool.drain(store) == 1  # event 0 alone
+    assert await store.get_event(one.id, None) is None

@@ -5,6 +5,7 @@ back. Nothing acknowledged is dropped: what cannot be imported is kept in quaran
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import os
 import subprocess
@@ -24,6 +25,7 @@ from estafeta.observability.metrics import REGISTRY
 from estafeta.store import open_store
 from estafeta.store.records import NewDelivery, NewEvent
 from estafeta.store.sqlstore import SqlStore
+from tests.clocks import ManualClock
 from tests.events import new_event as event_named
 from tests.integration.test_spool import UNREACHABLE
 
@@ -128,6 +130,43 @@ async def test_unreadable_bytes_at_the_end_of_a_segment_are_kept_not_deleted(
     assert (line["error"], line["offset"]) == ("TornRecord", len(whole))
     assert PERSONAL not in str(logs)
     assert quarantined_total() == before + 1
+    await spool.close()
+
+
+async def test_a_segment_that_cannot_be_read_is_kept_and_the_others_drain(
+    store: SqlStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A segment the drain cannot read (EIO from a bad sector, EACCES for one written by
+    another user) crashed the drainer on every round, before any later segment: every
+    event spooled after it waited for as long as the file could not be read."""
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    bad = spool_dir / SEGMENT
+    bad.write_bytes(encode(new_event(1)))
+    (spool_dir / "0000000000002-host-1-000000002.journal").write_bytes(encode(new_event(2)))
+    read_bytes = Path.read_bytes
+
+    def failing(path: Path) -> bytes:
+        if path.name == bad.name:
+            raise OSError(errno.EIO, "Input/output error")
+        return read_bytes(path)
+
+    clock = ManualClock()
+    spool = Spool(spool_dir, max_bytes=10**6, clock=clock)
+    with monkeypatch.context() as faults, capture_logs() as logs:
+        faults.setattr(Path, "read_bytes", failing)
+        assert await spool.drain(store) == 1
+        drained_at = clock.now
+        clock.now += 60_000
+        assert await spool.drain(store) == 0
+    assert await stored(store, 1, 2) == [2]
+    assert [p.name for p in spool_dir.glob("*.journal")] == [bad.name]  # kept, whole
+    lines = [entry for entry in logs if entry["event"] == "spool_segment_unreadable"]
+    # Once, not every round: a drain runs each second while anything is spooled.
+    assert [(line["segment"], line["error"]) for line in lines] == [(bad.name, "EIO")]
+    assert spool.progress_at == drained_at  # not through: `spool_stalled` tells the operator
+    assert await spool.drain(store) == 1  # once it reads again
+    assert await stored(store, 1, 2) == [1, 2]
     await spool.close()
 
 

@@ -13,7 +13,10 @@ and a crash at any point loses nothing either:
 * The writer holds an exclusive `flock` on its open segment, taken before the segment gets
   its `.journal` name (`segments.py`); a drainer imports only the segments it can lock, in
   order, then deletes each. A crash mid-drain leaves the segment to be imported again: the
-  store treats an event id it already has as a duplicate.
+  store treats an event id it already has as a duplicate. One it cannot read (EACCES, EIO)
+  is kept and logged, and the others drain.
+* A request's events are one write: a failed one refuses them all, so no event of a request
+  answered 503 is imported (its sender sends it again).
 * Concurrent requests share one write and one fsync (group commit), as the store does.
 * A segment is deleted only once every byte of it is in the store or in `quarantine/`: an
   event the store refuses (anything but `StoreUnavailable`), a record that no longer
@@ -96,7 +99,10 @@ class Spool:
         self._size = 0  # bytes of the open segment written and fsync'ed
         self._segment = ""  # the open segment's name
         self._lock = asyncio.Lock()  # one writer or rotator at a time in this process
-        self._appends: GroupCommitter[NewEvent, None] = GroupCommitter(
+        self._unreadable_segments: dict[str, str] = {}  # name → the error last logged
+        # One item per request: a failed write refuses whole requests (the committer retries
+        # a failed batch item by item), so no request is both answered 503 and spooled.
+        self._appends: GroupCommitter[Sequence[NewEvent], None] = GroupCommitter(
             self._append_batch, max_batch=1000
         )
         # Idempotency keys journaled by this process, so that a provider's redelivery during
@@ -131,6 +137,10 @@ class Spool:
 
     async def append(self, event: NewEvent) -> None:
         """Journal one event durably (fsync'ed) before returning; 503 when the spool is full."""
+        await self.append_all((event,))
+
+    async def append_all(self, events: Sequence[NewEvent]) -> None:
+        """Journal the events of one request durably, all of them or, with a 503, none."""
         if self.stats().bytes >= self.max_bytes:
             raise HttpError(
                 503,
@@ -138,8 +148,10 @@ class Spool:
                 "the store is unreachable and the local spool is full; retry later",
                 {"Retry-After": "30"},
             )
-        await self._appends.submit(event)
-        if event.idempotency_key is not None:
+        await self._appends.submit(events)
+        for event in events:
+            if event.idempotency_key is None:
+                continue
             self._keys[(event.tenant_id, event.source_id, event.idempotency_key)] = event.id
             if event.message is not None:
                 self._messages[event.id] = event.message.id
@@ -147,21 +159,22 @@ class Spool:
                 _, forgotten = self._keys.popitem(last=False)
                 self._messages.pop(forgotten, None)
 
-    async def _append_batch(self, events: Sequence[NewEvent]) -> list[None]:
-        data = b"".join(encode(e) for e in events)
+    async def _append_batch(self, requests: Sequence[Sequence[NewEvent]]) -> list[None]:
+        data = b"".join(encode(e) for events in requests for e in events)
+        count = sum(len(events) for events in requests)
         async with self._lock:
             try:
                 await asyncio.to_thread(self._write, data)
             except OSError as exc:
-                log.error("spool_write_failed", count=len(events), error=_error_name(exc))
+                log.error("spool_write_failed", count=count, error=_error_name(exc))
                 raise HttpError(
                     503,
                     "spool_unavailable",
                     "the store is unreachable and the local spool cannot be written; retry later",
                     {"Retry-After": "30"},
                 ) from exc
-        log.warning("events_spooled", count=len(events))
-        return [None] * len(events)
+        log.warning("events_spooled", count=count)
+        return [None] * len(requests)
 
     def _write(self, data: bytes) -> None:
         if self._file is None or self._size >= SEGMENT_BYTES:
@@ -289,6 +302,9 @@ class Spool:
             handle = open(path, "rb")  # noqa: SIM115 - closed in finally
         except FileNotFoundError:
             return 0
+        except OSError as exc:
+            self._unreadable(path, exc)
+            return None
         try:
             try:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -296,7 +312,13 @@ class Spool:
                 return None  # another process writes or drains it: not drained here
             if not path.exists():
                 return 0  # drained by another process between glob and lock
-            events, unimportable = _decoded(path.name, await asyncio.to_thread(path.read_bytes))
+            try:
+                data = await asyncio.to_thread(path.read_bytes)
+            except OSError as exc:
+                self._unreadable(path, exc)
+                return None
+            self._unreadable_segments.pop(path.name, None)
+            events, unimportable = _decoded(path.name, data)
             imported = 0
             for start in range(0, len(events), DRAIN_CHUNK):
                 if stop is not None and stop.is_set():
@@ -312,6 +334,16 @@ class Spool:
             return imported
         finally:
             handle.close()
+
+    def _unreadable(self, segment: Path, exc: OSError) -> None:
+        """A segment that cannot be read now (EACCES, EIO) is kept, whole, and the drain goes
+        on with the others: raising stopped every later segment behind it. Not drained, so
+        the round does not get through and `spool_stalled` fires while it lasts. Logged once
+        for each error, not every round (each second)."""
+        error = _error_name(exc)
+        if self._unreadable_segments.get(segment.name) != error:
+            self._unreadable_segments[segment.name] = error
+            log.error("spool_segment_unreadable", segment=segment.name, error=error)
 
     async def _import(self, store: SqlStore, events: list[NewEvent], segment: Path) -> int:
         """Import a chunk; if the store refuses it, import its events one by one and
