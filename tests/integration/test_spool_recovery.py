@@ -14,15 +14,18 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import msgspec
 import pytest
+from sqlalchemy.ext.asyncio import create_async_engine
 from structlog.testing import capture_logs
 
 from estafeta.errors import StoreUnavailable
 from estafeta.ingress.journal import encode
 from estafeta.ingress.spool import Spool
 from estafeta.observability.metrics import REGISTRY
-from estafeta.store import open_store
+from estafeta.store import engine_url, open_store
+from estafeta.store.postgres import PostgresStore
 from estafeta.store.records import NewDelivery, NewEvent
 from estafeta.store.sqlstore import SqlStore
 from tests.clocks import ManualClock
@@ -168,6 +171,40 @@ async def test_a_segment_that_cannot_be_read_is_kept_and_the_others_drain(
     assert await spool.drain(store) == 1  # once it reads again
     assert await stored(store, 1, 2) == [1, 2]
     await spool.close()
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("limit", ["statement_timeout", "lock_timeout"])
+async def test_a_drain_the_database_cuts_short_keeps_its_events_for_the_next_round(
+    store: SqlStore, database_url: str, tmp_path: Path, limit: str
+) -> None:
+    """A statement cancelled by the database's own time limit (a role's `statement_timeout`,
+    as hosted PostgreSQL sets them; `lock_timeout` behind a migration's lock) failed the
+    chunk and then each event: every acknowledged event went to quarantine/, delivered
+    only once an operator moved it back. A deadlock or serialization failure did the same."""
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    (spool_dir / SEGMENT).write_bytes(encode(new_event(1)) + encode(new_event(2)))
+    limited = PostgresStore(
+        create_async_engine(
+            engine_url(database_url), connect_args={"server_settings": {limit: "200"}}
+        )
+    )
+    blocker = await asyncpg.connect(database_url)
+    spool = Spool(spool_dir, max_bytes=10**6)
+    try:
+        async with blocker.transaction():
+            await blocker.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+            with pytest.raises(StoreUnavailable):
+                await spool.drain(limited)
+        assert not (spool_dir / "quarantine").exists()
+        assert [p.name for p in spool_dir.glob("*.journal")] == [SEGMENT]  # kept, whole
+        assert await spool.drain(limited) == 2  # once the lock is gone
+        assert await stored(store, 1, 2) == [1, 2]
+    finally:
+        await blocker.close()
+        await limited.close()
+        await spool.close()
 
 
 # -- a segment a crash left before it was named ---------------------------------------------

@@ -29,6 +29,12 @@ class DriverError(Exception):
         (OperationalError("q", {}, DriverError("x", "25006")), True),  # read-only: a standby
         (OperationalError("q", {}, DriverError("x", "53100")), True),  # disk full
         (OperationalError("q", {}, DriverError("x", "58030")), True),  # I/O error
+        (OperationalError("q", {}, DriverError("x", "53200")), True),  # out of memory
+        (DBAPIError("q", {}, DriverError("x", "40001")), True),  # serialization failure
+        (DBAPIError("q", {}, DriverError("x", "40P01")), True),  # deadlock
+        (DBAPIError("q", {}, DriverError("x", "57014")), True),  # statement_timeout
+        (DBAPIError("q", {}, DriverError("x", "55P03")), True),  # lock_timeout
+        (DBAPIError("q", {}, DriverError("x", "40002")), False),  # a deferred constraint
         (OperationalError("q", {}, DriverError("database is locked")), True),  # SQLite busy
         (sqlite3.OperationalError("database or disk is full"), True),  # SQLITE_FULL
         (OperationalError("q", {}, DriverError("unable to open database file")), True),

@@ -62,11 +62,26 @@ def each_value(table: str, column: str, where: str = "TRUE") -> TextClause:
 
 # PostgreSQL SQLSTATEs that mean "the server cannot serve us now", not "bad statement":
 # class 08 (connection exception), 57P01-57P03 (shutting down, crash recovery, cannot
-# connect now: starting up or not accepting connections), 53300 (too many connections);
-# and a server that answers but cannot write, which is down for every writer just the same:
-# 25006 (read-only transaction: a standby a failover left the URL on), 53100 (disk full),
-# 58030 (I/O error).
-_UNAVAILABLE_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53300", "25006", "53100", "58030")
+# connect now: starting up or not accepting connections), class 53 (insufficient
+# resources: too many connections, disk full, out of memory); a server that answers but
+# cannot write, which is down for every writer just the same: 25006 (read-only
+# transaction: a standby a failover left the URL on), 58030 (I/O error); and a statement
+# the server gave up on that would pass when tried again: 40001 (serialization failure),
+# 40P01 (deadlock), 57014 (cancelled: a role's statement_timeout), 55P03 (lock_timeout).
+# Taken for refusals, the spool's drain quarantined acknowledged events on them.
+_UNAVAILABLE_SQLSTATES = (
+    "08",
+    "57P01",
+    "57P02",
+    "57P03",
+    "53",
+    "25006",
+    "58030",
+    "40001",
+    "40P01",
+    "57014",
+    "55P03",
+)
 # PostgreSQL refusing the login: class 28 (no such role, wrong password), 3D000 (no such
 # database). Its message names only the role or the database, and is the operator's answer.
 _LOGIN_REFUSED_SQLSTATES = ("28", "3D000")
