@@ -319,6 +319,8 @@ ERRORS: list[tuple[str, str, int]] = [
     ("a == True", "unknown name 'True' (keywords are lowercase: did you mean 'true'?)", 5),
     ("NOT a", "unknown name 'NOT' (keywords are lowercase: did you mean 'not'?)", 0),
     ("a == NULL", "unknown name 'NULL' (keywords are lowercase: did you mean 'null'?)", 5),
+    # Was a path named `None`: check-config then said "did you mean 'data.None'?".
+    ("a != None", "unknown name 'None' (did you mean 'null'?)", 5),
     ("data. kind", "expected a name after '.'", 5),
     ("data..kind", "expected a name after '.'", 5),
     ("data.kind.", "expected a name after '.'", 10),
@@ -455,6 +457,22 @@ def test_equality_of_absurdly_deep_values_is_false_not_an_error() -> None:
     for _ in range(100_000):
         deep = [deep]
     assert parse("data.a == data.b").matches({"data": {"a": deep, "b": deep}}) is False
+
+
+def test_a_glob_from_the_event_longer_than_a_filter_matches_nothing_at_once() -> None:
+    """`matches` with the pattern taken from the event: `fnmatch` translates unclosed `[`s
+    in quadratic time, so one 40 KB `data.pattern` of `[a[a…` held ingest (every request of
+    the process) for about 20 s, and a 100 KB one for minutes; each distinct pattern also
+    stayed compiled in fnmatch's 32,768-entry cache. Such a pattern is as long as a filter
+    may be, at most."""
+    parsed = parse("data.text matches data.pattern")
+    fits = "*" + "a" * (MAX_LENGTH - 1)
+    assert parsed.matches({"data": {"text": "a" * 5000, "pattern": fits}}) is True
+    too_long = fits + "a"
+    assert parsed.matches({"data": {"text": "a" * 5000, "pattern": too_long}}) is False
+    # Each of these took ~20 s before the limit.
+    assert parse("'[a' matches data.pattern").matches({"data": {"pattern": "[a" * 20_000}}) is False
+    assert parsed.matches({"data": {"text": "[a", "pattern": "[a" * 20_000}}) is False
 
 
 # --------------------------------------------------------------------------- properties

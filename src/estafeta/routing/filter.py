@@ -32,7 +32,9 @@ Evaluation never raises on JSON-like data:
 * `a in b`: `a` is an element of list `b`, a substring of string `b` or a key of mapping `b`;
   otherwise false. `not in` is its negation; `b contains a` means `a in b`.
 * `startswith` / `endswith` need two strings. `matches` is a shell glob (`*`, `?`, `[abc]`,
-  `fnmatch.fnmatchcase`), never a regular expression, so a pattern cannot cause ReDoS.
+  `fnmatch.fnmatchcase`), never a regular expression, so a pattern cannot cause ReDoS. A
+  pattern taken from the event (`data.text matches data.pattern`) longer than `MAX_LENGTH`
+  matches nothing.
 * A lone value is true when Python's `bool` says so (non-empty, non-zero, true).
 
 Limits: `MAX_LENGTH` characters and `MAX_DEPTH` levels of `(` / `not`. Every malformed
@@ -114,6 +116,8 @@ _SYMBOLS = frozenset({"==", "!=", "<=", ">=", "<", ">", "(", ")", "[", "]", ","}
 # What people type from other languages, and what they meant here.
 _MISTAKES = {"=>": ">=", "=<": "<=", "<>": "!=", "&&": "and", "||": "or", "=": "=="}
 _MISTAKES |= {"&": "and", "|": "or", "!": "not"}
+# Python's null: as a path it would name no event field and always be null.
+_WORD_MISTAKES = {"None": "null"}
 _NUMBER = re.compile(r"(?P<number>-?[0-9]+(?:\.[0-9]+)?)(?P<junk>[\w.]*)")
 _PATH = re.compile(r"[^\W\d]\w*(?:\.\w+)*")
 _ESCAPES = frozenset("\\'\"")
@@ -181,6 +185,9 @@ def _word(word: str, pos: int) -> _Token:
         return _Token("const", _CONSTANTS[word], pos, word)
     if word in _KEYWORDS:
         return _Token("op", word, pos, word)
+    if word in _WORD_MISTAKES:
+        reason = f"unknown name {word!r} (did you mean {_WORD_MISTAKES[word]!r}?)"
+        raise FilterSyntaxError(reason, pos)
     if word.lower() in _KEYWORDS:  # `AND`, `True` would otherwise be a path, silently null
         reason = f"unknown name {word!r} (keywords are lowercase: did you mean {word.lower()!r}?)"
         raise FilterSyntaxError(reason, pos)
@@ -364,6 +371,20 @@ def _strings(method: Callable[[str, str], bool]) -> _Test:
     return lambda a, b: isinstance(a, str) and isinstance(b, str) and method(a, b)
 
 
+def _glob(text: Any, pattern: Any) -> bool:
+    # The pattern may come from the event: `fnmatch` translates unclosed `[`s in quadratic
+    # time (a 100 KB one took minutes) and caches 32,768 compiled patterns, so one is held
+    # to a filter's own length and compiled into a small cache of ours.
+    if not isinstance(text, str) or not isinstance(pattern, str) or len(pattern) > MAX_LENGTH:
+        return False
+    return _compiled_glob(pattern)(text) is not None
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_glob(pattern: str) -> Callable[[str], re.Match[str] | None]:
+    return re.compile(fnmatch.translate(pattern)).match
+
+
 _TESTS: dict[str, _Test] = {
     "==": _eq,
     "!=": lambda a, b: not _eq(a, b),
@@ -377,7 +398,7 @@ _TESTS: dict[str, _Test] = {
     "startswith": _strings(str.startswith),
     "endswith": _strings(str.endswith),
     # CPython >= 3.9 translates globs to regexes that cannot backtrack catastrophically.
-    "matches": _strings(fnmatch.fnmatchcase),
+    "matches": _glob,
 }
 
 
