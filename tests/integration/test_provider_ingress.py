@@ -52,6 +52,7 @@ async def test_whatsapp_handshake_echoes_the_challenge(http: httpx.AsyncClient) 
     r = await http.get(f"/in/wa-sol?{query}")
     assert (r.status_code, r.text) == (200, "1158201444")
     assert r.headers["content-type"].startswith("text/plain")
+    assert r.headers["x-content-type-options"] == "nosniff"  # an echo is never sniffed as HTML
     wrong = query.replace("estafeta-verify-2f7c1e9a", "guess")
     r = await http.get(f"/in/wa-sol?{wrong}")
     assert (r.status_code, r.json()["error"]) == (403, "invalid_verify_token")

@@ -283,6 +283,32 @@ INVALID_CASES: list[tuple[str, str, list[str]]] = [
         ["sources[0].token: required for a sendpulse source"],
     ),
     (
+        # A token of spaces is as guessable as none: `?token=+` would pass for it.
+        "inbound secrets of whitespace only",
+        TENANT
+        + '[[sources]]\nid = "z"\ntenant = "acme"\nkind = "zapi"\ntoken = " "\n'
+        + '[[sources]]\nid = "wa"\ntenant = "acme"\nkind = "whatsapp_cloud"\napp_secret = "x"\n'
+        + 'verify_token = "  "\n'
+        + SOURCE.replace('"hooks"', '"hooks-2"').replace('"k-123"', '"\\t"'),
+        [
+            f"sources[{i}].{key}: must not be blank: a secret of whitespace is as guessable as none"
+            for i, key in enumerate(("token", "verify_token", "api_key"))
+        ],
+    ),
+    (
+        # A secret file's trailing newline: every genuine webhook would be refused as unsigned.
+        "inbound secrets with whitespace around them",
+        TENANT
+        + '[[sources]]\nid = "wa"\ntenant = "acme"\nkind = "whatsapp_cloud"\n'
+        + 'app_secret = "6f1d3b8e\\n"\n'
+        + '[[sources]]\nid = "tw"\ntenant = "acme"\nkind = "twilio"\nauth_token = " c8a1f4e7"\n',
+        [
+            f"sources[{i}].{key}: must not start or end with whitespace (a secret file's"
+            " newline?): no genuine request would match it"
+            for i, key in enumerate(("app_secret", "auth_token"))
+        ],
+    ),
+    (
         "unknown source kind",
         TENANT + SOURCE.replace('"generic"', '"telegram"'),
         [
@@ -1240,6 +1266,21 @@ def test_a_twilio_source_without_a_public_url_takes_the_servers(tmp_path: Path) 
         "zapi": None,
     }
     assert load(tmp_path, TWILIO_SOURCES).source("tw").public_url is None  # type: ignore[union-attr]
+
+
+def test_a_public_url_naming_the_sources_own_path_is_refused(tmp_path: Path) -> None:
+    # `/in/{id}` is appended: this one made every webhook's signed URL `…/in/tw/in/tw`, each
+    # refused with a hint to set the public_url that was set.
+    text = TWILIO_SOURCES.replace(
+        '"https://own.example.com"', '"https://own.example.com/in/tw-own/"'
+    )
+    assert problems(tmp_path, text) == [
+        "sources[1].public_url: is where the hub is reached, without /in/tw-own (it is appended)"
+    ]
+    behind = TWILIO_SOURCES.replace('.com"', '.com/estafeta/in/"')  # a prefix of a proxy's
+    assert load(tmp_path, behind).source("tw-own").public_url == (  # type: ignore[union-attr]
+        "https://own.example.com/estafeta/in/"
+    )
 
 
 def test_a_bad_server_public_url_is_reported_once_where_it_was_written(tmp_path: Path) -> None:

@@ -434,6 +434,10 @@ SOURCE_KEYS: dict[str, SourceKeys] = {
     ),
 }
 
+#: The keys that prove who sends to `/in/{id}` (`secret`, a generic source's Standard
+#: Webhooks key, is checked as base64, which takes no whitespace).
+INBOUND_SECRETS = ("api_key", "app_secret", "verify_token", "auth_token", "token")
+
 #: Kinds whose inbound signature covers the URL the provider called (`public_url`).
 PUBLIC_URL_KINDS = frozenset(kind for kind, k in SOURCE_KEYS.items() if "public_url" in k.keys)
 
@@ -503,6 +507,23 @@ class SourceConfig(_Model):
             _check_whsec(value)
         return value
 
+    @field_validator(*INBOUND_SECRETS)
+    @classmethod
+    def _check_inbound_secret(cls, value: str | None) -> str | None:
+        # "" is "not set" (an empty `${VAR}`): refused where the kind needs the key. Spaces
+        # are a secret anyone guesses (`?token=+`); spaces around one, a secret file's
+        # newline, make every genuine request fail its check. The value is never shown.
+        if not value:
+            return value
+        if not value.strip():
+            raise ValueError("must not be blank: a secret of whitespace is as guessable as none")
+        if value != value.strip():
+            raise ValueError(
+                "must not start or end with whitespace (a secret file's newline?): "
+                "no genuine request would match it"
+            )
+        return value
+
     @model_validator(mode="after")
     def _check_kind_keys(self) -> SourceConfig:
         if self.kind == "generic" and not (self.secret or self.api_key):
@@ -510,6 +531,12 @@ class SourceConfig(_Model):
         needed = SOURCE_KEYS[self.kind].needs
         if needed and not getattr(self, needed):
             raise field_problem(f"required for a {self.kind} source", needed)
+        own_path = f"/in/{self.id}"
+        if self.public_url and self.public_url.split("?")[0].rstrip("/").endswith(own_path):
+            # The URL is the base: the signed URL would be `…/in/{id}/in/{id}`, never Twilio's.
+            raise field_problem(
+                f"is where the hub is reached, without {own_path} (it is appended)", "public_url"
+            )
         return self
 
     def __repr_args__(self) -> Any:

@@ -98,6 +98,8 @@ async def respond(
     if isinstance(content, str):
         body = content.encode()
         extra.setdefault("content-type", "text/plain; charset=utf-8")
+        # The echo is the caller's own text: no browser may take it for HTML.
+        extra.setdefault("x-content-type-options", "nosniff")
     else:
         body = orjson.dumps(content)
     raw_headers = [(k.encode(), v.encode()) for k, v in extra.items()]
