@@ -153,6 +153,19 @@ async def test_a_throttled_send_is_retried_and_goes_through(loop_: Loop) -> None
     assert loop_.meta.requests >= 2
 
 
+async def test_a_200_that_is_not_metas_answer_is_sent_again_not_left_sent_without_an_id(
+    loop_: Loop,
+) -> None:
+    # A proxy's page on 200 was taken for Meta's acceptance: the message was `sent` for good,
+    # with no provider_message_id for a status to name, and Meta had never seen it.
+    loop_.meta.fail_next(1, 200, body=b"<html><body>Please log in to the proxy</body></html>")
+    queued = await loop_.send(text="Oi")
+    view = await loop_.until(queued["id"], "sent", timeout_s=15)
+    [request] = loop_.meta.sent
+    assert view["provider_message_id"] == request.message_id
+    assert loop_.meta.requests == 2
+
+
 async def test_outside_the_24_hour_window_goes_to_the_dlq_with_the_providers_title(
     loop_: Loop,
 ) -> None:

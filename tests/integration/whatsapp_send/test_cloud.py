@@ -83,6 +83,9 @@ async def test_any_graph_version(meta: FakeMeta, session: aiohttp.ClientSession)
         (130429, 429, None),
         (131056, 429, 2.0),
         (4, 400, None),
+        # Graph's own rate-limit codes (graph-api/overview/rate-limiting), on HTTP 400.
+        (613, 400, None),
+        (17, 400, None),
     ],
 )
 async def test_throttling_is_retryable_whatever_the_status(
@@ -118,6 +121,19 @@ async def test_a_gateway_page_is_retryable(meta: FakeMeta, session: aiohttp.Clie
     meta.fail_next(1, 502, body=b"<html><body>502 Bad Gateway</body></html>")
     outcome = await deliver(wa_source(meta.url), session, text="oi")
     assert (outcome.kind, outcome.error_class) == (OutcomeKind.RETRYABLE, "whatsapp_cloud_http_502")
+
+
+async def test_a_proxys_200_page_is_no_send(meta: FakeMeta, session: aiohttp.ClientSession) -> None:
+    """A 200 without the WAMID (§1.6) did not come from Meta: retried, not taken for sent."""
+    meta.fail_next(1, 200, body=b"<html><body>Please log in to the proxy</body></html>")
+    outcome = await deliver(wa_source(meta.url), session, text="oi")
+    assert (outcome.kind, outcome.error_class) == (
+        OutcomeKind.RETRYABLE,
+        "whatsapp_cloud_no_message_id",
+    )
+    assert outcome.external_id is None
+    assert "Please log in to the proxy" in outcome.response_excerpt
+    assert meta.sent == []
 
 
 @pytest.mark.parametrize(

@@ -60,7 +60,24 @@ CLOUD = [
         SUCCESS,
         external_id=WAMID,
     ),
-    Case("accepted without an id", 200, {"messaging_product": "whatsapp"}, SUCCESS),
+    # A 2xx without the WAMID is not Meta's answer (§1.6): a proxy's page, a wrong api_base.
+    # Taken for a success, the message was `sent` for good, no status ever matched it.
+    Case(
+        "accepted without an id",
+        200,
+        {"messaging_product": "whatsapp"},
+        RETRY,
+        "whatsapp_cloud_no_message_id",
+        "no_message_id 200 without messages[0].id: not the Cloud API's answer",
+    ),
+    Case(
+        "a proxy's page on 200",
+        200,
+        b"<html><body>Welcome</body></html>",
+        RETRY,
+        "whatsapp_cloud_no_message_id",
+    ),
+    Case("an empty 200", 200, b"", RETRY, "whatsapp_cloud_no_message_id"),
     Case(
         "pair rate limit (§1.7 example, HTTP 400)",
         400,
@@ -95,6 +112,16 @@ CLOUD = [
     Case("app rate limit 4 on 429", 429, graph(4, "(#4) Application request limit reached"), RETRY),
     Case("app rate limit 4 on 400", 400, graph(4, "(#4) Application request limit reached"), RETRY),
     Case("WABA rate limit 80007", 400, graph(80007, "(#80007) Rate limit issues"), RETRY),
+    # Graph's rate-limit codes (graph-api/overview/rate-limiting): 17 user, 613 custom level.
+    Case("user rate limit 17", 400, graph(17, "(#17) User request limit reached"), RETRY),
+    Case(
+        "custom rate limit 613",
+        400,
+        graph(613, "(#613) Calls to this api have exceeded the rate limit."),
+        RETRY,
+        "whatsapp_cloud_613",
+        "613 Calls to this api have exceeded the rate limit.",
+    ),
     Case(
         "outside the 24 h window",
         400,
@@ -201,6 +228,8 @@ TWILIO = [
         expect_retry_after=3.0,
     ),
     Case("bare 429", 429, b"", RETRY, "twilio_http_429", "429 Too Many Requests"),
+    Case("created without a sid", 201, {"status": "queued"}, RETRY, "twilio_no_message_id"),
+    Case("a proxy's page on 200", 200, b"<html/>", RETRY, "twilio_no_message_id"),
     Case(
         "outside the window",
         400,
@@ -254,6 +283,8 @@ ZAPI = [
     Case("throttled", 429, {"error": "Too Many Requests"}, RETRY, "zapi_http_429"),
     Case("server error", 500, {"error": "boom"}, RETRY, "zapi_http_500", "500 boom"),
     Case("a 200 that says error", 200, {"error": "Instance not connected"}, PERMANENT),
+    Case("a 200 without an id", 200, {"value": True}, RETRY, "zapi_no_message_id"),
+    Case("an empty 200", 200, b"", RETRY, "zapi_no_message_id"),
 ]
 
 SENDPULSE = [
@@ -303,6 +334,10 @@ SENDPULSE = [
         "sendpulse_http_429",
     ),
     Case("server error", 500, b"", RETRY, "sendpulse_http_500"),
+    Case("a proxy's page on 200", 200, b"<html/>", RETRY, "sendpulse_no_message_id"),
+    Case("a 200 that is no answer of SendPulse's", 200, {}, RETRY, "sendpulse_no_message_id"),
+    # SendPulse sends no status webhooks (§9.10 item 5): its word `success` is enough.
+    Case("success without data", 200, {"success": True}, SUCCESS),
     Case("not found", 404, {"message": "Bot not found", "error_code": 404}, PERMANENT),
 ]
 
@@ -373,6 +408,15 @@ def test_sendpulse_token(status: int, body: dict[str, Any], expected: tuple[str,
             "invalid_client Client authentication failed",
         ),
         (503, b"", RETRY, "sendpulse_http_503", "503 Service Unavailable"),
+        # The 10 requests a second count token requests too (§9.7); the code is a slow-down
+        # on any status, as on a send.
+        (
+            400,
+            {"message": "More than 10 requests per second", "error_code": 2020202020},
+            RETRY,
+            "sendpulse_2020202020",
+            "2020202020 More than 10 requests per second",
+        ),
         (200, {"token_type": "Bearer"}, RETRY, "sendpulse_token", "token no access_token"),
     ],
 )
@@ -383,6 +427,7 @@ def test_sendpulse_token_failures(
     outcome = sendpulse.token_of(Reply(status, raw))
     assert isinstance(outcome, Outcome)
     assert (outcome.kind, outcome.error_class) == (kind, error_class)
+    assert outcome.throttled is (error_class == "sendpulse_2020202020")
     assert outcome.response_excerpt.splitlines()[0] == head
 
 
@@ -452,6 +497,7 @@ THROTTLED = [
     ("cloud throughput on 429", cloud.outcome_of, 429, graph(130429, "(#130429) Rate limit")),
     ("cloud app limit 4", cloud.outcome_of, 400, graph(4, "(#4) Application request limit")),
     ("cloud WABA limit 80007", cloud.outcome_of, 400, graph(80007, "(#80007) Rate limit")),
+    ("cloud custom limit 613", cloud.outcome_of, 400, graph(613, "(#613) Calls to this api")),
     ("twilio channel limit 63018", twilio.outcome_of, 400, {"code": 63018, "message": "Rate"}),
     (
         "sendpulse 10 rps",
@@ -492,3 +538,30 @@ def test_an_ordinary_provider_failure_is_not_a_slow_down() -> None:
     assert not outcome.throttled
     assert counts_against(outcome) is False
     assert cloud.outcome_of(Reply(429, b"")).throttled
+
+
+NOT_THE_PROVIDERS = [
+    ("cloud", cloud.outcome_of, 200, b"<html><body>Welcome to the proxy</body></html>"),
+    ("twilio", twilio.outcome_of, 201, b""),
+    ("zapi", zapi.outcome_of, 200, b"OK"),
+    ("sendpulse", sendpulse.outcome_of, 200, b"<html/>"),
+]
+
+
+@pytest.mark.parametrize(
+    ("outcome_of", "status", "body"),
+    [case[1:] for case in NOT_THE_PROVIDERS],
+    ids=[case[0] for case in NOT_THE_PROVIDERS],
+)
+def test_a_2xx_that_is_not_the_providers_answer_is_retried_not_taken_for_sent(
+    outcome_of: Callable[[Reply], Outcome], status: int, body: bytes
+) -> None:
+    """A proxy, a captive portal or a wrong `api_base` answering 200 did not send the
+    message: taken for a success, the message stayed `sent` with no provider id, no status
+    ever reached it and nobody was told. Retried, and a failure of the destination, so a
+    proxy answering every send so opens the circuit and the messages wait."""
+    outcome = outcome_of(Reply(status, body))
+    assert (outcome.kind, outcome.external_id) == (RETRY, None)
+    assert outcome.error_class is not None and outcome.error_class.endswith("_no_message_id")
+    assert counts_against(outcome) is False
+    assert first_decision(outcome, base_s=1).to_state is DeliveryState.PENDING

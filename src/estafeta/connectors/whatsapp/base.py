@@ -10,6 +10,8 @@ provider *answered* is read by each provider's module, from its documented error
 * `error_class` is `"{provider}_{code}"` with the provider's own error code
   (`whatsapp_cloud_131047`, `twilio_63016`, `sendpulse_2020202020`), or
   `"{provider}_http_{status}"` when the answer carries no code;
+* a 2xx without the provider's message id is `{provider}_no_message_id`, RETRYABLE
+  (`no_message_id`);
 * `response_excerpt` starts with `"{code} {title}"` on its own line (e.g.
   `131047 Re-engagement message`), then the provider's body, bounded by EXCERPT_LIMIT.
 """
@@ -178,6 +180,16 @@ def provider_error(
         response_excerpt=excerpt[:EXCERPT_LIMIT],
         throttled=kind is OutcomeKind.RETRYABLE and (throttled or reply.status == 429),
     )
+
+
+def no_message_id(reply: Reply, provider: str, expected: str, name: str) -> Outcome:
+    """A 2xx without the message id every send answer of the provider carries: not the
+    provider's answer (a proxy's or captive portal's page, a wrong `api_base`), so nothing
+    says the message was taken. Taken for a success, it stayed `sent` for good with no id
+    for its statuses to name; RETRYABLE instead, and a failure of the destination (like a
+    5xx, its circuit opens when every send is answered so, and the messages wait)."""
+    title = f"{reply.status} without {expected}: not {name}'s answer"
+    return provider_error(reply, OutcomeKind.RETRYABLE, provider, "no_message_id", title)
 
 
 def refused(error_class: str, reason: str) -> Outcome:

@@ -8,13 +8,15 @@ Our message id (`msg_…`) goes out as `biz_opaque_callback_data`, which Meta ec
 status webhooks (§1.5).
 
 Answer: 200 with `messages[0].id`, the WAMID: the outcome's `external_id`, which the status
-webhooks name as `statuses[].id` (ingress `whatsapp_cloud.py` → `data.message_id`).
+webhooks name as `statuses[].id` (ingress `whatsapp_cloud.py` → `data.message_id`). A 2xx
+without it is not Meta's answer: RETRYABLE `whatsapp_cloud_no_message_id`.
 
 Errors (§1.7, §1.8, §8 item 1): the Graph error `{"error": {"message": "(#code) title",
 "code", "error_data": {"details"}, …}}` is classified on `error.code` first, as Meta says
 (the HTTP status of the throttling codes is not even settled, §8 item 1):
 
-* 4, 80007, 130429, 131056 (throttling) → RETRYABLE, whatever the status;
+* 4, 80007, 130429, 131056 (throttling), and Graph's rate-limit codes 17 and 613 →
+  RETRYABLE slow-downs, whatever the status;
 * 131048 (spam rate limit: the number is restricted for its quality, §1.7 "no, fix
   quality") → PERMANENT, whatever the status: Meta files it with the throttling errors,
   so it may come with a 429 like them, but no wait lifts it;
@@ -39,6 +41,7 @@ from estafeta.connectors.whatsapp.base import (
     Reply,
     exchange,
     join_url,
+    no_message_id,
     provider_error,
     refused,
     success,
@@ -50,7 +53,9 @@ from estafeta.delivery.outcome import Outcome, OutcomeKind
 PROVIDER = "whatsapp_cloud"
 DEFAULT_API_BASE = "https://graph.facebook.com"
 GRAPH_VERSION = "v25.0"  # contracts §1.6/§8 item 7: the version the docs use at the crawl
-THROTTLING_CODES = frozenset({4, 80007, 130429, 131056})
+# §1.7's four, and Graph's own rate-limit codes (graph-api/overview/rate-limiting): 17
+# user-level and 613 custom-level throttling, answered on HTTP 400 like the others.
+THROTTLING_CODES = frozenset({4, 17, 613, 80007, 130429, 131056})
 TRANSIENT_CODES = frozenset({1, 2, 131000, 131016, 131052, 131053, 131057})
 # Refusals no retry can change, even on a status that would be retried (429, 5xx).
 REFUSAL_CODES = frozenset({131048})
@@ -109,7 +114,9 @@ def outcome_of(reply: Reply) -> Outcome:
         messages = document.get("messages") if isinstance(document, dict) else None
         first = messages[0] if isinstance(messages, list) and messages else None
         wamid = first.get("id") if isinstance(first, dict) else None
-        return success(reply, wamid if isinstance(wamid, str) and wamid else None)
+        if not (isinstance(wamid, str) and wamid):
+            return no_message_id(reply, PROVIDER, "messages[0].id", "the Cloud API")
+        return success(reply, wamid)
     error = document.get("error") if isinstance(document, dict) else None
     if not isinstance(error, dict):
         return provider_error(reply, classify_status(reply.status), PROVIDER, None, None)

@@ -7,7 +7,8 @@ minute, or a tenth of its life when that is shorter) and shared by concurrent se
 fetch at a time). A send answered 401 drops it, fetches a new one and is retried once, as
 SendPulse's own SDK does; a second 401 is PERMANENT `sendpulse_401`. A token request
 answered 401 (`{"error": "invalid_client", …}`: wrong client_id/secret) is PERMANENT
-`sendpulse_invalid_client`.
+`sendpulse_invalid_client`; one answered with the rate-limit code 2020202020 (token requests
+count against the 10 a second too) is a RETRYABLE slow-down on any status, as a send is.
 
 Send (§9.5, §9.8): the hub knows a customer's number, not their SendPulse contact id, so it
 sends by phone: `POST {api_base}/whatsapp/contacts/sendByPhone` `{"bot_id", "phone": digits,
@@ -18,8 +19,10 @@ caption?}`, `audio` `{link}`; SendPulse's message types have no video → PERMAN
 `https://api.sendpulse.com`.
 
 Answer: 200 `{"success": true, "data": <Message>}`; `data.id` (SendPulse's message id) is the
-outcome's `external_id`. SendPulse sends no status webhooks (§9.1, §9.10 item 5), so no
-inbound event names it; statuses can only be polled (`GET /whatsapp/chats/messages`).
+outcome's `external_id`; a 2xx with neither `"success": true` nor `data.id` is not
+SendPulse's answer: RETRYABLE `sendpulse_no_message_id`. SendPulse sends no status webhooks
+(§9.1, §9.10 item 5), so no inbound event names it; statuses can only be polled
+(`GET /whatsapp/chats/messages`).
 
 Errors (§9.7, third-party): `{"message", "error_code"}`. HTTP 429, or `error_code`
 2020202020 ("More than 10 requests per second") on any status — a `{"success": false}` 200
@@ -44,6 +47,7 @@ from estafeta.connectors.whatsapp.base import (
     Reply,
     exchange,
     join_url,
+    no_message_id,
     provider_error,
     refused,
     success,
@@ -107,7 +111,12 @@ def outcome_of(reply: Reply) -> Outcome:
             )
         data = fields.get("data")
         message_id = data.get("id") if isinstance(data, dict) else None
-        return success(reply, message_id if isinstance(message_id, str) and message_id else None)
+        message_id = message_id if isinstance(message_id, str) and message_id else None
+        # No status webhook ever names the id (§9.10 item 5): SendPulse's `success: true`
+        # is enough, but a 2xx with neither is not SendPulse's answer.
+        if fields.get("success") is not True and message_id is None:
+            return no_message_id(reply, PROVIDER, '"success": true', "SendPulse")
+        return success(reply, message_id)
     if reply.status == 429 or throttled:
         kind = OutcomeKind.RETRYABLE
     else:
@@ -125,10 +134,15 @@ def token_of(reply: Reply) -> tuple[str, float] | Outcome:
         if isinstance(expires_in, bool) or not isinstance(expires_in, int | float):
             return token, 3600.0  # §9.6: "valid for 1 hour"
         return token, float(expires_in) if expires_in > 0 else 3600.0
+    description = fields.get("error_description") or fields.get("message")
+    code = fields.get("error_code")
+    if code in RATE_CODES:  # the 10 requests a second count token requests too (§9.7)
+        title = description if isinstance(description, str) else None
+        kind = OutcomeKind.RETRYABLE
+        return provider_error(reply, kind, PROVIDER, code, title, throttled=True)
     if 200 <= reply.status <= 299:
         return provider_error(reply, OutcomeKind.RETRYABLE, PROVIDER, "token", "no access_token")
     error = fields.get("error")
-    description = fields.get("error_description") or fields.get("message")
     return provider_error(
         reply,
         classify_status(reply.status),

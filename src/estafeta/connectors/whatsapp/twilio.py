@@ -15,7 +15,8 @@ Request: `POST {api_base}/2010-04-01/Accounts/{account_sid}/Messages.json`, basi
 status callbacks come back to this source's ingress (§2.3).
 
 Answer: 201 with the Message resource; its `sid` (`SM…`) is the outcome's `external_id`, and
-the status callbacks name it `MessageSid` (ingress `twilio.py` → `data.message_id`).
+the status callbacks name it `MessageSid` (ingress `twilio.py` → `data.message_id`). A 2xx
+without a `sid` is not Twilio's answer: RETRYABLE `twilio_no_message_id`.
 
 Errors (`{"code", "message", "more_info", "status"}`, §2.4): HTTP 429, or codes 20429,
 63017 and 63018 (rate limits) → RETRYABLE with Retry-After, a slow-down; 63038 (the
@@ -44,6 +45,7 @@ from estafeta.connectors.whatsapp.base import (
     basic_auth,
     exchange,
     join_url,
+    no_message_id,
     provider_error,
     refused,
     success,
@@ -127,7 +129,9 @@ def outcome_of(reply: Reply) -> Outcome:
     document = reply.json()
     if 200 <= reply.status <= 299:
         sid = document.get("sid") if isinstance(document, dict) else None
-        return success(reply, sid if isinstance(sid, str) and sid else None)
+        if not (isinstance(sid, str) and sid):
+            return no_message_id(reply, PROVIDER, "sid", "Twilio")
+        return success(reply, sid)
     code = document.get("code") if isinstance(document, dict) else None
     if not isinstance(code, int) or isinstance(code, bool):
         code = None

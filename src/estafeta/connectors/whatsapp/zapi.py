@@ -18,7 +18,8 @@ Answer: 200 `{"zaapId", "messageId", "id"}`. The outcome's `external_id` is `mes
 `ids[]` carry. Its `external_alt_id` is `zaapId`: a `DeliveryCallback` requires only
 `zaapId` (§3.4; `messageId` is optional), and the ingress (`zapi.py`) reads `messageId`,
 else `zaapId`, into `data.message_id`, so a callback without `messageId` — a failed send's,
-with `error` — names the message by its `zaapId` alone.
+with `error` — names the message by its `zaapId` alone. A 2xx with none of the three ids
+is PERMANENT when it has an `error`, else not Z-API's answer: RETRYABLE `zapi_no_message_id`.
 
 Errors: Z-API documents only 405 and 415 for send-text, and `{"error": "null not allowed"}`
 for a missing Client-Token (status not documented). There are no error codes: the HTTP status
@@ -39,6 +40,7 @@ from estafeta.connectors.whatsapp.base import (
     Reply,
     exchange,
     join_url,
+    no_message_id,
     provider_error,
     refused,
     success,
@@ -101,7 +103,7 @@ def outcome_of(reply: Reply) -> Outcome:
                 return success(reply, value, alt_id)
         if title is not None:  # a 2xx that only says what went wrong
             return provider_error(reply, OutcomeKind.PERMANENT, PROVIDER, None, title)
-        return success(reply, None)
+        return no_message_id(reply, PROVIDER, "messageId", "Z-API")
     return provider_error(reply, classify_status(reply.status), PROVIDER, None, title)
 
 

@@ -54,10 +54,12 @@ TITLES: dict[int, str] = {
     3: "Capability or permissions issue",
     4: "Application request limit reached",
     10: "Permission denied",
+    17: "User request limit reached",  # Graph's rate-limiting page, not in contracts.md
     100: "Invalid parameter",
     104: "An access token is required to request this resource.",
     190: "Invalid OAuth access token - Cannot parse access token",
     368: "Temporarily blocked for policies violations",
+    613: "Calls to this api have exceeded the rate limit.",  # Graph's, as 17
     80007: "Rate limit issues",
     130429: "Rate limit hit",
     131000: "Something went wrong",
