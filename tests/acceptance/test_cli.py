@@ -13,6 +13,7 @@ from typing import Any
 import click
 import orjson
 import pytest
+from click.testing import CliRunner
 
 from estafeta.cli import main
 from estafeta.store import open_store
@@ -188,6 +189,24 @@ async def test_serve_on_an_address_in_use_says_so_and_does_not_claim_to_serve(
     assert f"error: cannot serve on 127.0.0.1:{port}" in result.stderr, result.stderr
     assert "address already in use" in result.stderr, result.stderr
     assert '"event":"serving"' not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("host", ["crm..local", "x" * 64, "\udcff"])
+def test_a_host_no_resolver_can_take_is_refused_before_serving(tmp_path: Path, host: str) -> None:
+    # An empty label, one over 63 characters, a byte not UTF-8: before, the IDNA codec's
+    # UnicodeError traceback (exit 1) once the hub had opened its store.
+    config = tmp_path / "estafeta.toml"
+    config.write_text(  # where nothing is kept, should the address get past the check
+        f'[storage]\nurl = "sqlite:///{tmp_path / "estafeta.db"}"\nspool_dir = "{tmp_path}"\n'
+    )
+    for args, env in (
+        (["serve", "--listen", f"{host}:8080"], {}),
+        (["worker", "--metrics-listen", f"{host}:8080"], {}),
+        (["serve"], {"ESTAFETA_LISTEN": f"{host}:8080"}),
+    ):
+        result = CliRunner().invoke(main, [*args, "--config", str(config)], env=env)
+        assert result.exit_code == 2, (args, result.output, result.exception)
+        assert f"invalid address {host + ':8080'!r}: " in result.output, result.output
 
 
 async def test_check_config_points_at_the_line_of_a_toml_syntax_error(tmp_path: Path) -> None:

@@ -5,6 +5,9 @@ and the API refuses it from then on (at the latest when the API's key cache expi
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +154,32 @@ def test_revoking_a_key_that_does_not_exist_is_an_error_and_changes_nothing(
     assert unknown.stderr == "error: no API key 'key_nope\\x1b[2J' in the store\n"
     assert rows(database_url, "SELECT id, revoked_at FROM api_keys") == [(key_id, None)]
     assert rows(database_url, "SELECT action FROM audit_log") == [("keys.create",)]
+
+
+@pytest.mark.parametrize(
+    ("stdout", "why"),
+    [("/dev/full", "No space left on device"), (None, "stdout is closed")],
+)
+def test_a_key_that_cannot_be_printed_is_revoked_not_left_active(
+    config_path: Path, database_url: str, stdout: str | None, why: str
+) -> None:
+    # Before: with stdout closed the key was printed to no one, and on a full disk after a
+    # traceback, while the store kept it active: a key nobody has, never to be shown again.
+    command = [sys.executable, "-m", "estafeta", "keys", "create", "--tenant", TENANT]
+    command += ["--config", str(config_path)]
+    env = {**os.environ, "USER": "ana"}
+    if stdout is None:  # the shell's `>&-`
+        result = subprocess.run(
+            ["sh", "-c", 'exec "$@" >&-', "sh", *command], stderr=subprocess.PIPE, env=env
+        )
+    else:
+        with open(stdout, "w") as out:
+            result = subprocess.run(command, stdout=out, stderr=subprocess.PIPE, env=env)
+    stderr = result.stderr.decode()
+    [(key_id, revoked_at)] = rows(database_url, "SELECT id, revoked_at FROM api_keys")
+    assert result.returncode == 2, stderr
+    assert stderr == f"error: cannot print the key ({why}): key {key_id} revoked\n"
+    assert revoked_at is not None
 
 
 # -- what the API does with a revoked key -------------------------------------------------------

@@ -111,6 +111,35 @@ async def test_a_summary_counts_the_dead_by_destination_and_reason(
     assert as_json.output.splitlines()[-1] == "4 dead deliveries"
 
 
+async def test_what_senders_and_destinations_wrote_cannot_drive_the_terminal_of_whoever_lists(
+    tmp_path: Path, database_url: str, store: SqlStore
+) -> None:
+    # An event's type is the sender's, a connector's last_error the destination's words.
+    # Before: `dlq list` printed them as they came, an ESC rewriting the operator's screen
+    # and a line break making one delivery two lines.
+    event_type = "lead.\x1b[2Jcreated\nfake"
+    reason = "zapi_error: \x1b]8;;http://evil\x07click\u202eevil"
+    await store.insert_events([event(destinations=("crm",), event_type=event_type)])
+    [leased] = await lease_any(store, now_ms=NOW)
+    dead = msgspec.structs.replace(
+        attempt(leased, DeliveryState.DEAD, kind=OutcomeKind.PERMANENT),
+        transition=Transition(DeliveryState.DEAD, 1, None, reason),
+    )
+    await store.complete([dead], NOW)
+    config = config_file(tmp_path, database_url)
+    listed = await asyncio.to_thread(run, config, "dlq", "list")
+    assert listed.exit_code == 0, listed.output
+    [line, _] = listed.output.splitlines()
+    assert "  lead.\\x1b[2Jcreated\\nfake  " in line, line
+    assert line.endswith("zapi_error: \\x1b]8;;http://evil\\x07click\\u202eevil"), line
+    summary = await asyncio.to_thread(run, config, "dlq", "list", "--summary")
+    [line, _] = summary.output.splitlines()
+    assert line.endswith("zapi_error: \\x1b]8;;http://evil\\x07click\\u202eevil"), line
+    as_json = await asyncio.to_thread(run, config, "dlq", "list", "--json")
+    stored = orjson.loads(as_json.output.splitlines()[0])
+    assert (stored["event_type"], stored["last_error"]) == (event_type, reason)
+
+
 @pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
 def test_a_database_without_the_schema_is_named_not_queried(tmp_path: Path, engine: str) -> None:
     # Before: the driver's "no such table" / "relation does not exist" as a traceback.
@@ -276,6 +305,17 @@ def test_a_sqlite_file_that_cannot_be_opened_is_named(tmp_path: Path) -> None:
     assert result.output.startswith(f"error: {url}: the store cannot be reached"), result.output
 
 
+def test_a_sqlite_url_with_a_host_is_a_setting_to_correct(tmp_path: Path) -> None:
+    # Before: SQLAlchemy's "Invalid SQLite URL" traceback (exit 1) for `sqlite://./x.db`, a
+    # slash short of sqlite:///./x.db, after check-config had said the file was ok.
+    config = config_file(tmp_path, "sqlite://./estafeta.db")
+    result = run(config, "migrate")
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "storage.url: a SQLite URL has no host: write sqlite:///PATH" in result.output
+    checked = CliRunner().invoke(main, ["check-config", str(config)])
+    assert checked.exit_code == 1, checked.output
+
+
 # -- selections that cannot mean anything -----------------------------------------------------
 
 
@@ -329,6 +369,60 @@ def test_a_limit_past_what_the_database_can_count_is_refused_as_usage(
     assert huge.exit_code == 2, (huge.output, huge.exception)
     assert "Invalid value for '--limit'" in huge.output
     assert run(config, "dlq", "list", "--limit", "1000000").exit_code == 0
+
+
+def test_more_ids_than_the_api_takes_are_refused_as_usage(
+    tmp_path: Path, database_url: str
+) -> None:
+    # Before: on PostgreSQL, past 32767 ids, "the store cannot be reached: InterfaceError"
+    # (exit 3: an outage to wait out) for a query the driver could never send.
+    config = config_file(tmp_path, database_url)
+    assert run(config, "migrate").exit_code == 0
+    ids = [arg for n in range(40_000) for arg in ("--id", f"dlv_{n:026d}")]
+    for command in ("list", "replay"):
+        result = run(config, "dlq", command, *ids)
+        assert result.exit_code == 2, (command, result.output, result.exception)
+        assert "Invalid value for '--id': at most 10000 ids" in result.output, result.output
+    most = run(config, "dlq", "replay", *ids[: 2 * 10_000])
+    assert (most.exit_code, most.output) == (0, "0 deliveries replayed\n")
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["dlq", "list", "--tenant", "cl\udcednica"],
+        ["dlq", "list", "--destination", "\udcff"],
+        ["dlq", "list", "--event-type", "lead.\udcff"],
+        ["dlq", "replay", "--id", "dlv_\udcff"],
+        ["keys", "create", "--tenant", "clinica-sol", "--label", "recep\udce7\udce3o"],
+        ["keys", "list", "--tenant", "\udcff"],
+        ["keys", "revoke", "key_\udcff"],
+    ],
+)
+def test_an_argument_that_is_not_utf8_is_a_usage_error(
+    tmp_path: Path, database_url: str, command: list[str]
+) -> None:
+    # A byte that is not UTF-8 (a Latin-1 terminal, a script's bad encoding) reaches Python
+    # as a lone surrogate. Before: SQLite's UnicodeEncodeError traceback (exit 1), or
+    # PostgreSQL's "the store failed: DBAPIError (SQLSTATE 22000)".
+    config = config_file(tmp_path, database_url)
+    assert run(config, "migrate").exit_code == 0
+    result = run(config, *command)
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "is not valid UTF-8" in result.output, result.output
+    assert rows_of(database_url, "SELECT id FROM api_keys") == []
+
+
+def rows_of(database_url: str, sql: str) -> list[tuple[Any, ...]]:
+    async def read() -> list[tuple[Any, ...]]:
+        store = open_store(database_url)
+        try:
+            async with store.engine.connect() as conn:
+                return [tuple(r) for r in await conn.execute(text(sql))]
+        finally:
+            await store.close()
+
+    return asyncio.run(read())
 
 
 def test_check_config_reports_a_file_that_is_not_utf8(tmp_path: Path) -> None:

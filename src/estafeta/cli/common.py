@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import unicodedata
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -102,6 +103,37 @@ def checked_address(value: str | None) -> str | None:
         return value if value is None else check_address(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
+
+
+class Utf8Text(click.types.StringParamType):
+    """Text that must be UTF-8: a byte that is not (a Latin-1 terminal, a script's encoding)
+    reaches Python as a lone surrogate, which neither SQLite nor PostgreSQL can store."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = super().convert(value, param, ctx)
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            self.fail(f"'{printable(text)}' is not valid UTF-8", param, ctx)
+        return text
+
+
+TEXT = Utf8Text()
+
+# Characters a terminal acts on instead of showing: controls (ESC starts a sequence that can
+# rewrite the screen), format characters (a right-to-left override reorders what follows),
+# line or paragraph separators, and surrogates (bytes that were not UTF-8).
+_UNPRINTABLE = {"Cc", "Cf", "Zl", "Zp", "Cs"}
+
+
+def printable(text: str) -> str:
+    """`text` with every character a terminal would act on written as its escape (`\\x1b`,
+    `\\u202e`); a label, an event's type or a destination's error is whatever someone else
+    wrote, and is shown on the operator's terminal."""
+    return "".join(
+        ch.encode("unicode_escape").decode() if unicodedata.category(ch) in _UNPRINTABLE else ch
+        for ch in text
+    )
 
 
 def operator() -> str:

@@ -8,7 +8,15 @@ from typing import Any, TypeVar
 import click
 import orjson
 
-from estafeta.cli.common import config_option, counted, in_store, load, operator
+from estafeta.cli.common import (
+    TEXT,
+    config_option,
+    counted,
+    in_store,
+    load,
+    operator,
+    printable,
+)
 from estafeta.clock import SystemClock, iso_from_ms, ms_from_iso
 from estafeta.config import Config
 from estafeta.errors import EstafetaError
@@ -18,6 +26,7 @@ from estafeta.store.sqlstore import SqlStore
 T = TypeVar("T")
 
 MAX_LIMIT = 1_000_000  # dead deliveries one `dlq` command takes at most
+MAX_IDS = 10_000  # as POST /api/v1/dlq/replay: past 32767, more than PostgreSQL's parameters
 
 
 def _dlq_filter(
@@ -43,16 +52,31 @@ def _dlq_filter(
         raise click.BadParameter(f"--since/--until must be ISO 8601 times ({exc})") from None
 
 
+def _at_most_max_ids(
+    _ctx: click.Context, _param: click.Parameter, ids: tuple[str, ...]
+) -> tuple[str, ...]:
+    if len(ids) > MAX_IDS:
+        raise click.BadParameter(f"at most {MAX_IDS} ids, not {len(ids)}: select by a filter")
+    return ids
+
+
 def dlq_options(function: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(
         [
             config_option,
-            click.option("--tenant", default=None, help="only this tenant's deliveries"),
-            click.option("--destination", default=None, help="only to this destination"),
-            click.option("--event-type", default=None, help="only events of this type"),
+            click.option("--tenant", default=None, type=TEXT, help="only this tenant's deliveries"),
+            click.option("--destination", default=None, type=TEXT, help="only to this destination"),
+            click.option("--event-type", default=None, type=TEXT, help="only events of this type"),
             click.option("--since", default=None, help="dead since (ISO 8601)"),
             click.option("--until", default=None, help="dead before (ISO 8601)"),
-            click.option("--id", "ids", multiple=True, help="a delivery id (repeatable)"),
+            click.option(
+                "--id",
+                "ids",
+                multiple=True,
+                type=TEXT,
+                callback=_at_most_max_ids,
+                help=f"a delivery id (repeatable, up to {MAX_IDS:,} times)",
+            ),
             click.option(
                 "--limit",
                 default=None,
@@ -111,9 +135,11 @@ def dlq_list(config_path: str, as_json: bool, summary: bool, **selection: Any) -
 
             click.echo(orjson.dumps(delivery_json(d)).decode())
         else:
+            # The type is the sender's, the error the destination's words: escaped.
             click.echo(
-                f"{d.id}  {d.tenant_id}  {d.destination_id}  {d.event_type}  "
-                f"attempts={d.attempts}  dead_at={iso_from_ms(d.updated_at)}  {d.last_error or ''}"
+                f"{d.id}  {d.tenant_id}  {d.destination_id}  {printable(d.event_type)}  "
+                f"attempts={d.attempts}  dead_at={iso_from_ms(d.updated_at)}  "
+                f"{printable(d.last_error or '')}"
             )
     click.echo(counted(len(found), "dead delivery", "dead deliveries"), err=True)
 
@@ -135,7 +161,7 @@ def _summarize(config: Config, chosen: DeadLetterFilter, *, as_json: bool) -> No
             click.echo(
                 f"{g.count:>8}  {g.tenant_id}  {g.destination_id}  "
                 f"dead {iso_from_ms(g.first_dead_at)} … {iso_from_ms(g.last_dead_at)}  "
-                f"{g.last_error or ''}"
+                f"{printable(g.last_error or '')}"
             )
     total = sum(g.count for g in groups)
     click.echo(counted(total, "dead delivery", "dead deliveries"), err=True)

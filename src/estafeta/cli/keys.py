@@ -6,30 +6,25 @@ the hash is ever printed again. Creating and revoking are written to the audit l
 
 from __future__ import annotations
 
-import unicodedata
+import errno
+import sys
 
 import click
 import orjson
 
-from estafeta.cli.common import config_option, counted, in_store, load, operator
+from estafeta.cli.common import (
+    TEXT,
+    config_option,
+    counted,
+    in_store,
+    load,
+    operator,
+    printable,
+)
 from estafeta.clock import SystemClock, iso_from_ms
 from estafeta.errors import EstafetaError
 from estafeta.store.records import ApiKeyView
 from estafeta.store.sqlstore import SqlStore
-
-# Characters a terminal acts on instead of showing: controls (ESC starts a sequence that can
-# rewrite the screen), format characters (a right-to-left override reorders what follows),
-# and line or paragraph separators.
-_UNPRINTABLE = {"Cc", "Cf", "Zl", "Zp"}
-
-
-def printable(text: str) -> str:
-    """`text` with every character a terminal would act on written as its escape (`\\x1b`,
-    `\\u202e`); a label is whatever an operator typed, and is shown on other terminals."""
-    return "".join(
-        ch.encode("unicode_escape").decode() if unicodedata.category(ch) in _UNPRINTABLE else ch
-        for ch in text
-    )
 
 
 def key_json(key: ApiKeyView) -> dict[str, object]:
@@ -50,8 +45,8 @@ def keys() -> None:
 
 @keys.command("create")
 @config_option
-@click.option("--tenant", required=True, help="the tenant the key belongs to")
-@click.option("--label", default="", help="a note to recognise the key by")
+@click.option("--tenant", required=True, type=TEXT, help="the tenant the key belongs to")
+@click.option("--label", default="", type=TEXT, help="a note to recognise the key by")
 def keys_create(config_path: str, tenant: str, label: str) -> None:
     """Create an API key; it is printed once and only its hash is stored."""
     from estafeta.api.auth import hash_key, new_api_key
@@ -71,13 +66,35 @@ def keys_create(config_path: str, tenant: str, label: str) -> None:
         )
 
     key_id = in_store(config, action)
-    click.echo(key)
+    try:
+        _print_key(key)
+    except OSError as exc:
+        sys.stdout = None  # no second failing flush at exit
+
+        async def revoke(store: SqlStore) -> object:
+            return await store.revoke_api_key(
+                key_id, actor=operator(), now_ms=SystemClock().now_ms()
+            )
+
+        # Shown to no one, the key would stay active with nobody holding it: revoked at once.
+        in_store(config, revoke)
+        click.echo(f"error: cannot print the key ({exc.strerror}): key {key_id} revoked", err=True)
+        sys.exit(2)
     click.echo(f"(key {key_id} for tenant {tenant}; store it now, it is not shown again)", err=True)
+
+
+def _print_key(key: str) -> None:
+    """The key on stdout, flushed; OSError when it did not get there (click.echo drops what
+    it writes to a closed stdout without a word)."""
+    if sys.stdout is None:
+        raise OSError(errno.EBADF, "stdout is closed")
+    sys.stdout.write(f"{key}\n")
+    sys.stdout.flush()
 
 
 @keys.command("list")
 @config_option
-@click.option("--tenant", default=None, help="only this tenant's keys")
+@click.option("--tenant", default=None, type=TEXT, help="only this tenant's keys")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
 def keys_list(config_path: str, tenant: str | None, as_json: bool) -> None:
     """List API keys, revoked ones too (never the keys themselves)."""
@@ -104,7 +121,7 @@ def keys_list(config_path: str, tenant: str | None, as_json: bool) -> None:
 
 @keys.command("revoke")
 @config_option
-@click.argument("key_id")
+@click.argument("key_id", type=TEXT)
 def keys_revoke(config_path: str, key_id: str) -> None:
     """Revoke an API key: refused from then on (within the API's 10 s cache of keys)."""
     config = load(config_path)

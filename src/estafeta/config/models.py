@@ -179,6 +179,10 @@ def check_address(value: str) -> str:
     # isascii: `isdigit` is also true of '²', which int() refuses.
     if not host or not (port.isascii() and port.isdigit()) or not 0 <= int(port) < 65536:
         raise ValueError(f"invalid address {value!r}: write HOST:PORT, e.g. '0.0.0.0:8080'")
+    try:  # as the resolver will: an empty label, one past 63 characters, a lone surrogate
+        host.strip("[]").encode("idna")
+    except UnicodeError:
+        raise ValueError(f"invalid address {value!r}: the host is not a valid name") from None
     return value
 
 
@@ -236,6 +240,8 @@ class StorageConfig(_Model):
             raise ValueError("invalid database URL: the port must be a number 0-65535") from None
         if scheme.startswith("postgres"):
             _check_postgres_query(parts.query)
+        elif parts.netloc:  # `sqlite://./x.db`: a slash short, `.` read as a host
+            raise ValueError("a SQLite URL has no host: write sqlite:///PATH")
         elif parts.path in ("", "/", "/:memory:"):
             # An in-memory database forgets every event at exit: never what "durable" means.
             raise ValueError("a SQLite URL needs a file: write sqlite:///PATH")
