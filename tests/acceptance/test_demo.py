@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +31,27 @@ def test_the_demo_runs_the_whole_story(tmp_path: Path) -> None:
     assert "wait in the dead-letter queue" in out
     assert "0 dead, 0 pending" in out
     assert (tmp_path / "estafeta.toml").exists()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_demo_stopped_midway_says_so_in_one_line(tmp_path: Path, sig: signal.Signals) -> None:
+    # Before: the story went on posting to the stopped hub and ended in aiohttp's traceback.
+    running = subprocess.Popen(
+        [sys.executable, "-u", "-m", "estafeta", "demo", f"--dir={tmp_path}", "--events=1000000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert running.stdout is not None
+    for line in running.stdout:  # the story has begun: webhooks go out from here on
+        if "subscription handshake" in line:
+            break
+    running.send_signal(sig)
+    out, err = running.communicate(timeout=60)
+    assert running.returncode == 1, out + err
+    assert f"demo interrupted: the hub stopped; its database is kept at {tmp_path}" in out
+    assert "Traceback" not in err, err
 
 
 def demo(

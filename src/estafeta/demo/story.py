@@ -308,6 +308,15 @@ async def _served_story(
             f"(the demo ignores {', '.join(ignored)}, set in this shell; unset them before "
             "the commands printed at the end, which would use them)\n"
         )
+    # Ctrl-C or SIGTERM stops the hub (uvicorn takes the signals): the story stops with it,
+    # where it went on talking to a hub that was gone, ending in aiohttp's traceback.
+    story = asyncio.current_task()
+    assert story is not None  # noqa: S101 - a coroutine runs in a task
+
+    def stop_story(_: asyncio.Task[None]) -> None:
+        story.cancel()
+
+    serving.add_done_callback(stop_story)
     try:
         async with aiohttp.ClientSession() as http:
             auth = {"authorization": f"Bearer {api_key}"}
@@ -419,7 +428,16 @@ async def _served_story(
             say(f"  curl -H 'authorization: Bearer {ADMIN_KEY}' {message_url}")
             say(f"  curl -H 'authorization: Bearer {ADMIN_KEY}' {base}/health/detailed")
             return 0 if ok else 1
+    except (asyncio.CancelledError, aiohttp.ClientError):
+        # The hub closes its connections as soon as the signal comes, and ends later.
+        if not server.should_exit or story.cancelling() > 1:
+            raise  # not the hub's stop: someone else's cancellation, or a real failure
+        if story.cancelling():
+            story.uncancel()
+        print(f"\ndemo interrupted: the hub stopped; its database is kept at {workdir}")
+        return 1
     finally:
+        serving.remove_done_callback(stop_story)  # the story's own stop of the hub, next
         server.should_exit = True
         await serving
 
