@@ -615,6 +615,20 @@ async def test_unknown_paths_and_methods_answer_in_the_error_format(client: Clie
     assert (r.status_code, r.json()["error"]) == (404, "not_found")
     r = await client.http.delete("/api/v1/events", headers=ADMIN)
     assert (r.status_code, r.json()["error"]) == (405, "method_not_allowed")
+    # A trailing slash, or an id that is a slash, is no path of the API either: it was a 307
+    # with no body to the path without it (a conversation "/" answered by the list, a POST
+    # sent again by a client that follows redirects).
+    for method, path in [
+        ("GET", "/api/v1/dlq/"),
+        ("GET", "/api/v1/conversations/"),
+        ("GET", "/api/v1/conversations/%2F"),
+        ("POST", "/api/v1/dlq/replay/"),
+    ]:
+        r = await client.http.request(method, path, headers=ADMIN)
+        assert (r.status_code, r.json()) == (
+            404,
+            {"error": "not_found", "detail": "no such path"},
+        ), path
 
 
 def api_errors() -> dict[tuple[str, str], float]:

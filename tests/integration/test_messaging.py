@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import insert, select
 
 from estafeta.api.app import create_app
 from estafeta.api.auth import hash_key
@@ -767,6 +767,49 @@ async def test_every_conversation_can_be_listed_page_by_page_most_recent_first(
     assert (r.status_code, r.json()["error"]) == (400, "invalid_request")
 
 
+async def test_conversations_of_one_millisecond_come_each_once_on_every_key(env: Env) -> None:
+    # Every conversation of two tenants got its last message in the same millisecond: only
+    # the tie-breakers (tenant, then id) order them, across the tenants the admin key merges.
+    # Ids of another length, case and alphabet too, where a text order could differ.
+    ids = ["9", "10", "5511987654321", "551198765432", "A", "a", "b", "Ä", "z" * 64]
+    rows = [
+        {
+            "tenant_id": tenant,
+            "id": conversation,
+            "status": "open",
+            "contact_name": None,
+            "first_message_at": 1_751_371_200_000,
+            "last_message_at": 1_751_371_200_000,
+            "inbound_count": 1,
+            "outbound_count": 0,
+            "updated_at": 1_751_371_200_000,
+        }
+        for tenant in ("clinica-sol", "outra")
+        for conversation in ids
+    ]
+    async with env.store.engine.begin() as conn:
+        await conn.execute(insert(schema.conversations), rows)
+    for key, tenants in (("test-admin-key", {"clinica-sol", "outra"}), (SOL, {"clinica-sol"})):
+        everything = (await env.http.get("/api/v1/conversations", headers=env.auth(key))).json()
+        expected = [(c["tenant"], c["id"]) for c in everything["conversations"]]
+        assert sorted(expected) == sorted(
+            (r["tenant_id"], r["id"]) for r in rows if r["tenant_id"] in tenants
+        )
+        for limit in (1, 2, 4, 7):
+            seen: list[tuple[str, str]] = []
+            params: dict[str, Any] = {"limit": limit}
+            for _ in range(len(rows) + 1):
+                r = await env.http.get(
+                    "/api/v1/conversations", params=params, headers=env.auth(key)
+                )
+                assert r.status_code == 200, r.text
+                seen += [(c["tenant"], c["id"]) for c in r.json()["conversations"]]
+                if r.json()["next"] is None:
+                    break
+                params = {"limit": limit, "cursor": r.json()["next"]}
+            assert seen == expected, (key, limit)
+
+
 async def test_a_message_the_provider_failed_says_why_in_its_error(env: Env) -> None:
     # Its state was `failed` and its `error` null: the reason was only inside the timeline.
     r = await env.http.post(
@@ -1017,6 +1060,38 @@ async def test_pages_of_a_conversation_show_only_the_tenants_own_messages(env: E
         assert {m["text"] for m in outra.json()["messages"]} == {"outra"}
         page_url = f"{url}?limit=2&cursor={page['next']}"
     assert seen == ["sol 0", "sol 1", "sol 2"]
+
+
+async def test_a_messages_own_at_direction_and_id_are_not_replaced_by_its_data(env: Env) -> None:
+    # A generic source's `message.received` may carry keys of those names in its `data`:
+    # they replaced the message's own, so the page showed an outbound message with a made-up
+    # id and a time that was no time.
+    at = 1_751_371_200_000
+    result = await env.hub.accept(
+        tenant_id="clinica-sol",
+        source_id="crm-events",
+        event_type="message.received",
+        data={
+            "conversation_id": MARIA,
+            "id": "chatbot-42",
+            "direction": "outbound",
+            "at": "yesterday",
+            "text": "Olá",
+        },
+        idempotency_key="chatbot-42",
+        occurred_at=at,
+    )
+    page = (await env.http.get(f"/api/v1/conversations/{MARIA}", headers=env.auth())).json()
+    [message] = page["messages"]
+    assert message == {
+        "at": "2025-07-01T12:00:00.000Z",
+        "direction": "inbound",
+        "id": result.event_id,
+        "conversation_id": MARIA,
+        "text": "Olá",
+    }
+    event = await env.http.get(f"/api/v1/events/{message['id']}", headers=env.auth())
+    assert event.json()["event"]["data"]["id"] == "chatbot-42"  # still in the event
 
 
 # -- what a provider's answer or a lost lease must not break ----------------------------------

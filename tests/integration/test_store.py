@@ -525,6 +525,7 @@ async def test_a_new_sqlite_database_is_readable_by_its_owner_only(tmp_path: Pat
     with umask(0o022):
         store = open_store(f"sqlite:///{path}")
         try:
+            assert not path.exists()  # made as it opens: a store never opened writes nothing
             await store.migrate()
             await store.insert_events([event()])
             files = [path, path.with_name("estafeta.db-wal"), path.with_name("estafeta.db-shm")]

@@ -129,6 +129,9 @@ def create_app(
         docs_url="/docs",
         redoc_url=None,
         static_url="/docs/assets",
+        # A path with a trailing slash is no route: 404 in the error format, not a 307 (with
+        # no body, to a URL made from the Host header) that a client may follow elsewhere.
+        redirect_slashes=False,
     )
     app.state.hub = hub
     app.state.delivers = run_workers  # what its health and metrics make of a Redis outage

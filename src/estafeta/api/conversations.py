@@ -62,6 +62,17 @@ def message_position(cursor: str) -> MessagePosition:
     return at, direction, message_id
 
 
+# A message's own fields: an inbound event's `data` (a generic source's) may hold keys of
+# these names, which must not pass for the message's position or its event's id.
+_MESSAGE_FIELDS = ("at", "direction", "id")
+
+
+def message_json(i: Interaction) -> dict[str, Any]:
+    """One message of a conversation's page: its own fields, then its content."""
+    content = {k: v for k, v in i.content.items() if k not in _MESSAGE_FIELDS}
+    return {"at": iso_from_ms(i.at), "direction": i.direction, "id": i.id, **content}
+
+
 def message_cursor(i: Interaction) -> str:
     """The `next` of a page of a conversation's messages that ends with `i`."""
     return encode_cursor("messages", i.at, i.direction, i.id)
@@ -118,10 +129,7 @@ async def get_conversation(
     return json_response(
         {
             **conversation_json(conversation),
-            "messages": [
-                {"at": iso_from_ms(i.at), "direction": i.direction, "id": i.id, **i.content}
-                for i in page
-            ],
+            "messages": [message_json(i) for i in page],
             "next": following,
         }
     )

@@ -79,18 +79,26 @@ def _configure(dbapi_connection: Any) -> None:
     cursor.close()
 
 
-def _create_private(path: str) -> None:
-    """Create the database file readable by its owner only, before SQLite would create it
-    with the umask's mode: it holds message text and phone numbers. SQLite gives the -wal
-    and -shm files the database file's mode. A file that exists keeps its own."""
-    if path == ":memory:" or path.startswith("file:"):
-        return
+def _on_disk(path: str) -> bool:
+    """A path SQLite takes as a file's (not in memory, not a `file:` URI)."""
+    return bool(path) and path != ":memory:" and not path.startswith("file:")
+
+
+def _check_directory(path: str) -> None:
+    """A database in a directory that does not exist is an operator's setting to correct
+    (exit 2), not a store that is down (3), as SQLite's "unable to open" would have it."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
-        # An operator's setting to correct (exit 2), not a store that is down (3).
         raise ConfigError(
             [ConfigIssue("storage.url", f"the database's directory {directory} does not exist")]
         )
+
+
+def _create_private(path: str) -> None:
+    """Create the database file readable by its owner only, before SQLite would create it
+    with the umask's mode: it holds message text and phone numbers. SQLite gives the -wal
+    and -shm files the database file's mode. A file that exists keeps its own. Called as
+    a connection opens, so that a store made but never opened writes nothing."""
     with contextlib.suppress(FileExistsError):
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
@@ -106,6 +114,13 @@ def _engine(url: str, *, begin: str) -> AsyncEngine:
         connect_args={"timeout": BUSY_TIMEOUT_MS / 1000},
         hide_parameters=True,  # parameters hold phone numbers and message text
     )
+
+    path = engine.url.database
+    if path is not None and _on_disk(path):
+
+        @event.listens_for(engine.sync_engine, "do_connect")
+        def _before_connect(*_: Any) -> None:
+            _create_private(path)
 
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -138,6 +153,8 @@ class IngestWriter:
         self, events: Sequence[NewEvent]
     ) -> tuple[set[str], dict[tuple[str, str, str], str]]:
         if self._conn is None:
+            if _on_disk(self.path):
+                _create_private(self.path)
             conn = sqlite3.connect(
                 self.path, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False
             )
@@ -193,8 +210,8 @@ class SqliteStore(SqlStore):
     @classmethod
     def from_url(cls, url: str) -> SqliteStore:
         writer = _engine(url, begin="BEGIN IMMEDIATE")
-        if writer.url.database:
-            _create_private(writer.url.database)
+        if writer.url.database is not None and _on_disk(writer.url.database):
+            _check_directory(writer.url.database)
         return cls(writer, _engine(url, begin="BEGIN"), path=writer.url.database)
 
     async def _store_candidates(
