@@ -4,6 +4,7 @@ shared server under a prefix of the test's own, or a Redis of the test's own to 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import httpx
@@ -65,9 +66,10 @@ async def test_two_processes_draw_from_one_tenant_budget(
         await b.share()
         await a.share()
         assert admitted(a, 10) == 0  # the whole budget is spent, by both together
-        keys = [key async for key in client.scan_iter(match=f"{shared_prefix}ingress:acme:*")]
-        assert len(keys) == 1 and int(await client.get(keys[0]) or 0) == 10
-        assert 0 < await client.ttl(keys[0]) <= 180  # gone three windows later
+        total = f"{shared_prefix}ingress:acme:60:{1_000_020 // 60}"
+        assert int(await client.get(total) or 0) == 10
+        for key in (total, f"{total}:processes"):  # gone three windows later
+            assert 0 < await client.ttl(key) <= 180
     finally:
         await a.aclose()
         await b.aclose()
@@ -152,8 +154,9 @@ async def test_a_redis_outage_limits_each_process_on_its_own_then_catches_up(
         assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["redis_unavailable"]
         own_redis.start()  # empty: this Redis keeps nothing on disk, the first 3 are gone
         await a.share()
-        # What was counted during the outage reached Redis once it was back.
-        assert await client.get(f"estafeta:ingress:acme:60:{1_000_020 // 60}") == b"7"
+        # Once it is back, Redis has the process's whole count of the window again: what it
+        # counted during the outage and the 3 the restart lost.
+        assert await client.get(f"estafeta:ingress:acme:60:{1_000_020 // 60}") == b"10"
     finally:
         await a.aclose()
         await client.aclose()
@@ -223,3 +226,107 @@ async def test_a_process_idle_until_now_does_not_admit_what_another_already_spen
     # The budget is spent until enough of the four requests slide out of the window: at the
     # latest a quarter into the next minute, when they fell in this one's first instant.
     assert all(1 <= int(r.headers["retry-after"]) <= 60 + 15 for r in refused)
+
+
+class SlowReplies:
+    """A TCP proxy to Redis that passes commands on at once and holds each reply for
+    `delay_s`: a Redis that executes what it is sent but answers after the client's
+    timeout (a busy server, a congested network)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.delay_s = 0.0
+        self.port = 0
+        self.sent = bytearray()  # every command passed on to Redis, as sent
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for writer in self._writers:
+            writer.transport.abort()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._writers += (writer, up_writer)
+        for task in (
+            asyncio.create_task(self._pipe(reader, up_writer, 0.0)),
+            asyncio.create_task(self._pipe(up_reader, writer, None)),
+        ):
+            self._tasks.add(task)
+
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay_s: float | None
+    ) -> None:
+        with contextlib.suppress(OSError, ConnectionError):
+            while chunk := await reader.read(65536):
+                await asyncio.sleep(self.delay_s if delay_s is None else delay_s)
+                if delay_s is not None:  # towards Redis
+                    self.sent += chunk
+                writer.write(chunk)
+                await writer.drain()
+        writer.transport.abort()
+
+
+async def test_a_share_redis_answers_too_late_is_not_counted_twice(
+    own_redis: RedisServer,
+) -> None:
+    """Redis executed the share but answered after the client's timeout: the client sends it
+    again (redis-py retries once on a timeout) and the limiter again at its next share. The
+    tenant's requests must count once, or every process refuses it early."""
+    proxy = SlowReplies(own_redis.port)
+    await proxy.start()
+    clock = FakeClock(1_000_020.0)
+    slow = connect_redis(f"redis://127.0.0.1:{proxy.port}/0", timeout_s=0.2)
+    direct = connect_redis(own_redis.url)
+    a = TenantRateLimiter(limited("10/minute"), clock=clock, redis=slow, retry_s=0)
+    b = TenantRateLimiter(limited("10/minute"), clock=clock, redis=direct)
+    try:
+        await a.share()  # connected: what follows is answered late, not refused
+        assert admitted(a, 3) == 3
+        proxy.delay_s = 0.5
+        with capture_logs():
+            await a.share()  # Redis adds the 3, the answer comes too late
+        proxy.delay_s = 0.0
+        await a.share()  # answered: the limiter shares what it counted again
+        await b.share()
+        assert admitted(b, 10) == 7  # the 3 of process a, once
+    finally:
+        await a.aclose()
+        await b.aclose()
+        await slow.aclose()
+        await direct.aclose()
+        await proxy.close()
+
+
+async def test_requests_waiting_for_a_slow_read_are_decided_by_it(own_redis: RedisServer) -> None:
+    """A process that has not read the totals lately reads them before it decides, and the
+    requests that arrive meanwhile wait for that read: one read, however slow, not one after
+    another for each waiting request (each as slow as the FRESH_S it outlasted)."""
+    proxy = SlowReplies(own_redis.port)
+    await proxy.start()
+    # A Redis that answers in 1.2 s, under the client's timeout (`?socket_timeout=5`).
+    slow = connect_redis(f"redis://127.0.0.1:{proxy.port}/0", timeout_s=5)
+    a = TenantRateLimiter(limited("10/minute"), clock=FakeClock(1_000_020.0), redis=slow)
+    try:
+        await slow.ping()  # connected; this process has read no totals yet
+        proxy.delay_s = 1.2
+        answers = await asyncio.gather(*(a.admit("acme") for _ in range(3)))
+        assert answers == [None] * 3
+        assert proxy.sent.count(b"MGET") == 1  # each waiting request read again: 3, 3.6 s
+    finally:
+        proxy.delay_s = 0.0
+        await a.aclose()
+        await slow.aclose()
+        await proxy.close()

@@ -137,7 +137,8 @@ def test_what_other_processes_counted_takes_room_in_the_window() -> None:
     limiter = SlidingWindowCounter(10, 60, clock=clock, shared=True)
     assert all(limiter.hit() is None for _ in range(3))
     window = limiter.window()
-    assert limiter.take_unshared() == {window: 3}
+    assert limiter.to_share() == {window: 3}
+    limiter.shared({window: 3})
     # Redis holds 9 for the window: this process's 3 and 6 from others.
     limiter.learn({window: 9, window - 1: 0})
     assert [limiter.hit() is None for _ in range(2)] == [True, False]
@@ -148,9 +149,11 @@ def test_counts_this_process_shared_are_not_counted_again_as_others() -> None:
     limiter = SlidingWindowCounter(10, 60, clock=clock, shared=True)
     for _ in range(5):
         limiter.hit()
-    shared = limiter.take_unshared()
+    sent = limiter.to_share()
     limiter.hit()  # admitted while the share was on its way: not yet in Redis
-    limiter.learn({limiter.window(): sum(shared.values())})
+    limiter.shared(sent)
+    limiter.learn({limiter.window(): sum(sent.values())})
+    assert limiter.to_share() == {limiter.window(): 6}  # the next share sends the 6th
     assert [limiter.hit() is None for _ in range(5)] == [True] * 4 + [False]
 
 
@@ -170,14 +173,14 @@ def test_counts_that_did_not_reach_redis_wait_for_the_next_share_while_they_coun
     for _ in range(4):
         limiter.hit()
     window = limiter.window()
-    limiter.give_back(limiter.take_unshared())  # the share failed
-    assert limiter.take_unshared() == {window: 4}
-    limiter.give_back({window: 4})
+    assert limiter.to_share() == {window: 4}  # the share fails: nothing said it arrived
+    limiter.hit()
+    assert limiter.to_share() == {window: 5}  # the whole count goes again, once
     clock.now += 120  # two windows on: those counts no longer weigh anything
-    assert limiter.take_unshared() == {}
+    assert limiter.to_share() == {}
 
 
 def test_an_unshared_counter_keeps_nothing_to_share() -> None:
     limiter = SlidingWindowCounter(10, 60, clock=FakeClock(1_000_020.0))
     limiter.hit()
-    assert limiter.take_unshared() == {}
+    assert limiter.to_share() == {}

@@ -11,14 +11,19 @@ through Redis it would add a round trip to every webhook.
 
 Shared without a round trip per request: each process decides from its own counts plus the
 other processes' counts as it last saw them, and every `SHARE_INTERVAL_S` while requests come
-in it adds what it counted to Redis (one counter per tenant and window) and reads the totals
-back, in one pipelined round trip for all tenants: an INCRBY per tenant with new counts and
-one MGET for every tenant's totals (an MGET per tenant, parsed by redis-py in Python, cost
-10.3 ms of CPU per share at 500 tenants, a tenth of a core; one for all, parsed by hiredis,
-2.1 ms, most of it this module's own work per tenant). A process whose last read is older than
-`FRESH_S` (it had no requests for a while, or just started) reads once before it decides, the
-requests that arrive meanwhile waiting for that one read: deciding from what it saw minutes
-ago, it would admit the tenant's whole budget again, spent elsewhere meanwhile. So a tenant's
+in it tells Redis what it counted (one total per tenant and window) and reads the totals
+back, in one pipelined round trip for all tenants: one script call for every tenant with new
+counts and one MGET for every tenant's totals. The script is given each process's count so
+far, not what it added since, and adds to the total only what exceeds the count it last
+recorded for that process: a share that Redis ran but answered too late (the client times
+out, retries it, and the limiter sends the counts again next time) counts once, not two or
+three times, which would refuse the tenant early everywhere. (An MGET per tenant, parsed by
+redis-py in Python, cost 10.3 ms of CPU per share at 500 tenants, a tenth of a core; one for
+all, parsed by hiredis, 2.1 ms, most of it this module's own work per tenant.) A process
+whose last read is older than `FRESH_S` (it had no requests for a while, or just started)
+reads once before it decides, the requests that arrive meanwhile waiting for that one read:
+deciding from what it saw minutes ago, it would admit the tenant's whole budget again, spent
+elsewhere meanwhile. So a tenant's
 limit holds across every `serve` process, give or take what the others admitted since they
 last shared (at most `SHARE_INTERVAL_S` of their traffic). Windows are numbered by wall-clock
 time so that every process numbers them alike. If Redis fails, each process goes on with the
@@ -30,12 +35,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import math
 import time
+import uuid
 from collections.abc import Callable
 
 import redis.asyncio
 from limits import parse
+from redis.exceptions import NoScriptError
 
 from estafeta.config import Config
 from estafeta.redis_client import REDIS_ERRORS, RedisFailover
@@ -45,12 +53,32 @@ SHARE_INTERVAL_S = 0.1  # how often a process with traffic shares its counts thr
 # a process with traffic (sharing every SHARE_INTERVAL_S) never waits for Redis.
 FRESH_S = 1.0
 
+# Records each process's count of a window and adds to the window's total what it grew by
+# since last recorded, so that sending a count again (a retried or late share) adds nothing.
+# KEYS: per window its total, then its hash of the processes' counts; ARGV: the process's
+# id, then per window the process's count and the keys' TTL.
+_ADD_COUNTS = """
+for i = 1, #KEYS, 2 do
+  local count = tonumber(ARGV[i + 1])
+  local before = tonumber(redis.call('HGET', KEYS[i + 1], ARGV[1]) or '0')
+  if count > before then
+    redis.call('HSET', KEYS[i + 1], ARGV[1], count)
+    redis.call('INCRBY', KEYS[i], count - before)
+    redis.call('EXPIRE', KEYS[i], ARGV[i + 2])
+    redis.call('EXPIRE', KEYS[i + 1], ARGV[i + 2])
+  end
+end
+return 0
+"""
+_ADD_COUNTS_SHA = hashlib.sha1(_ADD_COUNTS.encode(), usedforsecurity=False).hexdigest()
+
 
 class SlidingWindowCounter:
     """At most about `limit` requests in any `period_s`-second sliding window.
 
-    `shared` counters also keep what they admitted per window until `take_unshared()`, and
-    count what other processes admitted as `learn()` last told them.
+    `shared` counters also tell what they admitted per window and Redis does not have yet
+    (`to_share()`, then `shared()` once Redis has it), and count what other processes
+    admitted as `learn()` last told them.
     """
 
     def __init__(
@@ -73,7 +101,7 @@ class SlidingWindowCounter:
         self._previous = 0  # requests counted here in the window before it
         self._current = 0  # requests counted here in it so far
         self._others: dict[int, int] = {}  # window → what other processes counted in it
-        self._unshared: dict[int, int] = {}  # window → counted here, not yet in Redis
+        self._in_redis: dict[int, int] = {}  # window → this process's count as Redis has it
 
     def window(self) -> int:
         return int(self._clock() // self.period_s)
@@ -95,8 +123,6 @@ class SlidingWindowCounter:
         left_s = (window + 1) * self.period_s - now  # of the current window, in (0, period]
         if previous * left_s / self.period_s + current + 1 <= self.limit:
             self._current += 1
-            if self._shared:
-                self._unshared[window] = self._unshared.get(window, 0) + 1
             return None
         room = self.limit - current - 1
         if room >= 0:
@@ -109,34 +135,29 @@ class SlidingWindowCounter:
 
     # -- sharing (TenantRateLimiter.share) ---------------------------------------------------
 
-    def take_unshared(self) -> dict[int, int]:
-        """What was admitted here since the last call, by window (only windows that still
-        count: the current and the previous)."""
+    def to_share(self) -> dict[int, int]:
+        """This process's whole count of each window it counted more in than Redis has
+        (only windows that still count: the current and the previous)."""
+        if not self._shared:
+            return {}
         oldest = self.window() - 1
-        taken = {w: n for w, n in self._unshared.items() if w >= oldest}
-        self._unshared = {}
-        return taken
+        counts = {self._window: self._current, self._window - 1: self._previous}
+        return {w: n for w, n in counts.items() if w >= oldest and n > self._in_redis.get(w, 0)}
 
-    def give_back(self, unshared: dict[int, int]) -> None:
-        """Counts `take_unshared` returned that did not reach Redis: share them next time."""
-        for window, count in unshared.items():
-            self._unshared[window] = self._unshared.get(window, 0) + count
+    def shared(self, counts: dict[int, int]) -> None:
+        """Redis has the counts `to_share` returned (a failed share calls nothing: the
+        counts go again, whole, with the next)."""
+        for window, count in counts.items():
+            self._in_redis[window] = max(count, self._in_redis.get(window, 0))
 
     def learn(self, totals: dict[int, int]) -> None:
         """Every process's count per window, as Redis holds it: the others' share is the
-        total less what this process already added to it."""
+        total less this process's count in it."""
         for window, total in totals.items():
-            shared_here = self._own(window) - self._unshared.get(window, 0)
-            self._others[window] = max(0, total - shared_here)
+            self._others[window] = max(0, total - self._in_redis.get(window, 0))
         oldest = min(totals, default=self._window) - 1
         self._others = {w: n for w, n in self._others.items() if w >= oldest}
-
-    def _own(self, window: int) -> int:
-        if window == self._window:
-            return self._current
-        if window == self._window - 1:
-            return self._previous
-        return 0
+        self._in_redis = {w: n for w, n in self._in_redis.items() if w >= oldest}
 
 
 class TenantRateLimiter:
@@ -159,13 +180,15 @@ class TenantRateLimiter:
                 item.amount, float(item.get_expiry()), clock=clock, shared=redis is not None
             )
         self._redis = redis
-        # Each tenant's counters are `<prefix>ingress:<tenant>:<period>:<window>`. The period
+        # Each tenant's counters are `<prefix>ingress:<tenant>:<period>:<window>` (the total)
+        # and that key with `:processes` (each process's count, by `_process`). The period
         # is part of the key: a limit changed from per minute to per second numbers its
         # windows differently.
         self._key_heads = {
             tenant: f"{key_prefix}ingress:{tenant}:{counter.period_s:g}:"
             for tenant, counter in self._counters.items()
         }
+        self._process = uuid.uuid4().hex  # this limiter's field in the counts' hashes
         self._failover = RedisFailover("ingress_rate_limit", retry_s=retry_s)
         self._sharing: asyncio.Task[None] | None = None
         self._active = False  # a request was counted since the last share
@@ -178,8 +201,11 @@ class TenantRateLimiter:
         known to be down (the background share tries it again), so no request waits for an
         outage."""
         if self._redis is not None and self._stale() and tenant_id in self._counters:
+            learned_at = self._learned_at
             async with self._share_lock:
-                if self._stale():  # a share that held the lock may just have read them
+                # A share that held the lock meanwhile read them: that read decides, however
+                # long it took (else each waiting request would read again, one after another).
+                if self._stale() and self._learned_at == learned_at:
                     await self._share()
         return self.retry_after(tenant_id)
 
@@ -214,52 +240,59 @@ class TenantRateLimiter:
         raises a Redis error (the counts wait for the next share)."""
         if self._redis is None:
             return
-        # One at a time: a share that took counts and has not yet read the totals would make
+        # One at a time: a share that sent counts and has not yet read the totals would make
         # another's arithmetic count those counts as this process's own already in Redis.
         async with self._share_lock:
             await self._share()
 
     async def _share(self) -> None:
         assert self._redis is not None  # noqa: S101 - callers check
-        # Taken even when Redis is not tried: what no longer counts is dropped on the way.
-        taken = {tenant: c.take_unshared() for tenant, c in self._counters.items()}
         token = self._failover.begin()
         if token is None:  # Redis is down and not due for another try
-            self._give_back(taken)
             return
+        sending = {tenant: c.to_share() for tenant, c in self._counters.items()}
         windows = {tenant: c.window() for tenant, c in self._counters.items()}
-        pipe = self._redis.pipeline(transaction=False)
-        totals_keys: list[str] = []  # each tenant's current window's key, then its previous's
-        for tenant, counter in self._counters.items():
-            ttl_s = math.ceil(3 * counter.period_s)  # the window, the next, and a margin
-            for window, count in taken[tenant].items():
-                key = self._key(tenant, window)
-                pipe.incrby(key, count)
-                pipe.expire(key, ttl_s)
-            now = windows[tenant]
-            totals_keys += (self._key(tenant, now), self._key(tenant, now - 1))
-        pipe.mget(totals_keys)
         started = time.monotonic()
         try:
-            replies = await pipe.execute()
+            try:
+                replies = await self._pipeline(sending, windows).execute()
+            except NoScriptError:  # a Redis started since the script was loaded: load it
+                await self._redis.script_load(_ADD_COUNTS)
+                replies = await self._pipeline(sending, windows).execute()
         except REDIS_ERRORS as exc:
             self._failover.failed(token, exc)
-            self._give_back(taken)
             return
-        except BaseException:  # cancelled (closing): the counts go with the last share
-            self._give_back(taken)
-            raise
         self._failover.succeeded(token)
         self._learned_at = started
         totals = iter(replies[-1])
         for tenant, counter in self._counters.items():
+            counter.shared(sending[tenant])
             now = windows[tenant]
             current, previous = next(totals), next(totals)
             counter.learn({now: int(current or 0), now - 1: int(previous or 0)})
 
-    def _give_back(self, taken: dict[str, dict[int, int]]) -> None:
+    def _pipeline(
+        self, sending: dict[str, dict[int, int]], windows: dict[str, int]
+    ) -> redis.asyncio.client.Pipeline:
+        """The share's one round trip: the new counts (one script call), then the totals of
+        every tenant's current window and previous one (one MGET)."""
+        assert self._redis is not None  # noqa: S101 - callers check
+        pipe = self._redis.pipeline(transaction=False)
+        keys: list[str] = []
+        args: list[str | int] = [self._process]
+        totals_keys: list[str] = []  # each tenant's current window's key, then its previous's
         for tenant, counter in self._counters.items():
-            counter.give_back(taken[tenant])
+            ttl_s = math.ceil(3 * counter.period_s)  # the window, the next, and a margin
+            for window, count in sending[tenant].items():
+                key = self._key(tenant, window)
+                keys += (key, f"{key}:processes")
+                args += (count, ttl_s)
+            now = windows[tenant]
+            totals_keys += (self._key(tenant, now), self._key(tenant, now - 1))
+        if keys:
+            pipe.evalsha(_ADD_COUNTS_SHA, len(keys), *keys, *args)
+        pipe.mget(totals_keys)
+        return pipe
 
     def _key(self, tenant: str, window: int) -> str:
         return f"{self._key_heads[tenant]}{window}"
