@@ -16,7 +16,7 @@ import pytest
 from yarl import URL
 
 from estafeta import __version__
-from estafeta.connectors.exchange import without_credentials
+from estafeta.connectors.exchange import as_written, without_credentials
 from estafeta.connectors.http import HttpConnector, new_client_session, sign_webhook
 from estafeta.delivery.model import LeasedDelivery
 from estafeta.delivery.outcome import EXCERPT_LIMIT, Outcome, OutcomeKind
@@ -93,6 +93,31 @@ async def test_success(sink: Sink, session: aiohttp.ClientSession) -> None:
     assert request.path == "/hooks/crm"
     assert request.body == PAYLOAD  # the exact bytes, never re-serialised
     assert sink.delivered_ids == {"evt_1"}
+
+
+@pytest.mark.parametrize(
+    "path_qs",
+    [
+        # A signed URL (CloudFront, S3, a SAS token) covers its query as written: `%2F` sent
+        # as `/` or `%7e` as `~` no longer matches, and the receiver refuses the request.
+        "/hooks/in?sig=ab%2Fcd%2B%3D&exp=1700000000&k=%7e%3A%40",
+        "/hooks/a%2Fb/%41?x=1&x=2&flag",
+    ],
+)
+async def test_the_path_and_query_are_sent_as_configured(
+    sink: Sink, session: aiohttp.ClientSession, path_qs: str
+) -> None:
+    assert (await deliver_to(f"{sink.url}{path_qs}", session)).kind is OutcomeKind.SUCCESS
+    assert [r.path for r in sink.received] == [path_qs]
+
+
+async def test_a_url_that_is_not_encoded_is_sent_encoded(
+    sink: Sink, session: aiohttp.ClientSession
+) -> None:
+    # Written by hand with a space or an accent: sent percent-encoded, as HTTP requires.
+    outcome = await deliver_to(f"{sink.url}/my hooks/café?r=é#top", session)
+    assert outcome.kind is OutcomeKind.SUCCESS
+    assert [r.path for r in sink.received] == ["/my%20hooks/caf%C3%A9?r=%C3%A9"]
 
 
 async def test_500_is_retryable_with_its_excerpt(
@@ -299,6 +324,77 @@ def test_a_connect_timeout_names_only_the_origin() -> None:
     assert detail == "Connection timeout to host https://hook.eu1.make.com/…"
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://hub:pa55word@hook.example/9f8e7d?token=t0ken#top",
+        "https://hub:pa55word@hook.example/hooks/../9f8e7d?sig=a%2Fb",  # sent as written
+    ],
+)
+def test_an_error_naming_the_url_it_sent_to_names_only_the_origin(url: str) -> None:
+    # aiohttp names the URL of the request it sent: without user, password and fragment
+    # (`f"Can not write request body for {req.url}"`, a stale pooled connection).
+    sent = URL(as_written(url)).with_user(None).with_fragment(None)
+    detail = without_credentials(f"Can not write request body for {sent}", url)
+    assert detail == "Can not write request body for https://hook.example/…"
+
+
+async def _answer_each_request(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, answer: bool, seen: list[str]
+) -> None:
+    """Take one request, answer 200 (or nothing) and close the connection without having
+    said `Connection: close`, as some servers do once a request is done."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    fields = dict(line.split(": ", 1) for line in head.decode("latin-1").split("\r\n")[1:] if line)
+    fields = {name.lower(): value for name, value in fields.items()}
+    await reader.readexactly(int(fields["content-length"]))
+    seen.append(fields["webhook-id"])
+    if answer:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+    writer.close()
+
+
+async def test_a_pooled_connection_the_destination_closed_is_not_a_failure(
+    session: aiohttp.ClientSession,
+) -> None:
+    # The connection goes back to the pool as the destination closes it; the next send
+    # found it closing and failed without reaching the destination: every other delivery
+    # failed, and the circuit counted each. Sent again on a new connection, it arrives once.
+    seen: list[str] = []
+    server = await asyncio.start_server(
+        lambda r, w: _answer_each_request(r, w, answer=True, seen=seen), "127.0.0.1", 0
+    )
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hooks"
+    try:
+        outcomes = [
+            await deliver_to(url, session, delivery=leased(f"evt_{n}")) for n in range(1, 5)
+        ]
+    finally:
+        server.close()
+    assert [(o.kind, o.error_class) for o in outcomes] == [(OutcomeKind.SUCCESS, None)] * 4
+    assert seen == ["evt_1", "evt_2", "evt_3", "evt_4"]
+
+
+async def test_a_destination_that_drops_every_request_gets_it_once_per_attempt(
+    session: aiohttp.ClientSession,
+) -> None:
+    # A request the destination took and dropped is not sent again at once (only one that
+    # never left is): it may have been processed, and a destination that drops every
+    # request would get each twice.
+    seen: list[str] = []
+    server = await asyncio.start_server(
+        lambda r, w: _answer_each_request(r, w, answer=False, seen=seen), "127.0.0.1", 0
+    )
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hooks"
+    try:
+        outcome = await deliver_to(url, session)
+    finally:
+        server.close()
+    assert (outcome.kind, outcome.error_class) == (OutcomeKind.RETRYABLE, "connection_error")
+    assert seen == ["evt_1"]
+
+
 # -- headers and signatures ------------------------------------------------------------------
 
 
@@ -350,6 +446,29 @@ async def test_signature_verified_by_the_receiver(session: aiohttp.ClientSession
         ("evt_2", "No matching signature found"),
         ("evt_3", "Missing required headers"),
     ]
+
+
+async def test_a_retry_is_the_same_message_signed_afresh(session: aiohttp.ClientSession) -> None:
+    # The receiver dedupes by `webhook-id`, so it must not change; a timestamp kept from the
+    # first attempt would fall outside the receiver's 5-minute window on a late retry.
+    sink = Sink(secret=SECRET)
+    sink.fail_first(1, 503)
+    await sink.start()
+    now = time.time()
+    try:
+        first = await deliver_to(sink.url, session, secret=SECRET, clock=lambda: now - 120)
+        retry = await deliver_to(sink.url, session, secret=SECRET, clock=lambda: now)
+    finally:
+        await sink.stop()
+    assert (first.status_code, retry.kind) == (503, OutcomeKind.SUCCESS)
+    assert sink.bad_signatures == []
+    [one, two] = [r.headers for r in sink.received]
+    assert one["webhook-id"] == two["webhook-id"] == "evt_1"
+    assert (one["webhook-timestamp"], two["webhook-timestamp"]) == (
+        str(int(now - 120)),
+        str(int(now)),
+    )
+    assert one["webhook-signature"] != two["webhook-signature"]
 
 
 async def test_signature_matches_the_fixture_vector(

@@ -479,6 +479,16 @@ INVALID_CASES: list[tuple[str, str, list[str]]] = [
             " character (CR, LF, NUL …)"
         ],
     ),
+    (  # aiohttp refused every delivery: "Cannot combine AUTHORIZATION header with AUTH"
+        "an Authorization header beside a user in the URL",
+        TENANT
+        + DESTINATION.replace("https://", "https://hub:pa55@")
+        + 'headers = { authorization = "Bearer t" }',
+        [
+            "destinations[0].headers: an Authorization header and a user in `url` (sent as"
+            " Basic authorization) cannot go together: keep one"
+        ],
+    ),
     (  # was silently left out
         "a header estafeta sets itself",
         TENANT + DESTINATION + 'headers = { "Content-Type" = "text/plain" }',
@@ -1092,7 +1102,7 @@ def test_secrets_never_appear_in_repr(tmp_path: Path) -> None:
                 # a hook's credential: its password, its path (Zapier, Make), its query
                 "url": "https://crm:HOOK-PASSWORD@hooks.example/catch/HOOK-TOKEN?key=HOOK-KEY",
                 "secret": WHSEC,
-                "headers": {"Authorization": "Bearer HEADER-TOKEN"},
+                "headers": {"X-Api-Key": "HEADER-TOKEN"},
             }
         ],
     }

@@ -674,6 +674,14 @@ class DestinationConfig(_Model):
     def _check_kind_keys(self) -> DestinationConfig:
         if self.kind == "http" and self.url is None:
             raise field_problem("required for an http destination", "url")
+        named = any(name.lower() == "authorization" for name in self.headers)
+        if named and self.url is not None and urlsplit(self.url).username is not None:
+            # aiohttp refuses the two together: every delivery failed for good, at send time.
+            raise field_problem(
+                "an Authorization header and a user in `url` (sent as Basic authorization) "
+                "cannot go together: keep one",
+                "headers",
+            )
         return self
 
     def effective_timeout_s(self, ceiling_s: float) -> float:

@@ -1,15 +1,18 @@
 """One HTTP request to a destination, and every way it can fail, as a value.
 
 Shared by the webhook connector (http.py) and the WhatsApp providers' clients: the request is
-made with redirects off and one total timeout, at most `read_limit` bytes of the answer are
-read, and every foreign exception is translated here into an `Outcome` (never raised), so
-each caller only decides what an answer means.
+made with redirects off and one total timeout (and sent once more if the kept-alive
+connection it took was already closing, see `exchange`), at most `read_limit` bytes of the
+answer are read, and every foreign exception is translated here into an `Outcome` (never
+raised), so each caller only decides what an answer means.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,6 +22,9 @@ from yarl import URL
 
 from estafeta.delivery.outcome import EXCERPT_LIMIT, Outcome, OutcomeKind
 from estafeta.urls import outline
+
+# A URL already fit to send: RFC 3986 characters only, every `%` starting an escape.
+_ENCODED_URL = re.compile(r"(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,25 +48,25 @@ async def exchange(
     timeout: aiohttp.ClientTimeout,
     read_limit: int,
 ) -> Answer | Outcome:
-    """The destination's answer, or an `Outcome` when there was none."""
+    """The destination's answer, or an `Outcome` when there was none.
+
+    A request aiohttp could not write because the kept-alive connection it took from the
+    pool was already closing (the destination closed it after its last answer, without a
+    `Connection: close`) is sent once more on a new one, within the same timeout: it never
+    reached the destination, so this adds no duplicate. aiohttp resends only idempotent
+    methods, not a POST; counted as a failure, it cost an attempt and a mark in the
+    destination's circuit, every other delivery for such a destination.
+    """
     started = time.perf_counter()
+    target = as_written(url)
     try:
-        async with session.request(
-            method,
-            url,
-            data=body,
-            headers=headers,
-            allow_redirects=False,
-            timeout=timeout,
-        ) as response:
-            status = response.status
-            retry_after = response.headers.get("Retry-After")
-            location = response.headers.get("Location") if 300 <= status < 400 else None
-            if location is not None:
-                # aiohttp decodes headers with surrogateescape: a byte that is not UTF-8
-                # would leave a lone surrogate in the excerpt, which no store can write.
-                location = location.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-            content = await _read_bounded(response, read_limit)
+        try:
+            got = await _request(session, method, target, headers, body, timeout, read_limit)
+        except aiohttp.ClientConnectionError as exc:
+            rest = _rest_of(timeout, started)
+            if not _never_sent(exc) or rest is None:
+                raise
+            got = await _request(session, method, target, headers, body, rest, read_limit)
     except TimeoutError as exc:  # = asyncio.TimeoutError since 3.11; aiohttp's timeouts too
         return no_answer(started, url, "timeout", exc)
     # Before ClientError, which both are: a URL we cannot send to will never work.
@@ -79,7 +85,78 @@ async def exchange(
         return no_answer(started, url, "connection_error", exc)
     except ValueError as exc:  # yarl/aiohttp on a URL or header they cannot use
         return no_answer(started, url, "invalid_destination", exc, OutcomeKind.PERMANENT)
+    status, content, retry_after, location = got
     return Answer(status, content, retry_after, elapsed_ms(started), location)
+
+
+def _never_sent(exc: BaseException) -> bool:
+    """aiohttp found the connection closing when it came to write the request."""
+    closing = aiohttp.ClientConnectionResetError
+    return isinstance(exc, closing) or isinstance(exc.__cause__, closing)
+
+
+async def _request(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: URL | str,
+    headers: Mapping[str, str],
+    body: bytes,
+    timeout: aiohttp.ClientTimeout,
+    read_limit: int,
+) -> tuple[int, bytes, str | None, str | None]:
+    """The status, at most `read_limit` bytes of the body, `Retry-After` and a 3xx's
+    `Location`; aiohttp's exceptions go through."""
+    async with session.request(
+        method,
+        url,
+        data=body,
+        headers=headers,
+        allow_redirects=False,
+        timeout=timeout,
+    ) as response:
+        status = response.status
+        retry_after = response.headers.get("Retry-After")
+        location = response.headers.get("Location") if 300 <= status < 400 else None
+        if location is not None:
+            # aiohttp decodes headers with surrogateescape: a byte that is not UTF-8
+            # would leave a lone surrogate in the excerpt, which no store can write.
+            location = location.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        return status, await _read_bounded(response, read_limit), retry_after, location
+
+
+def _rest_of(timeout: aiohttp.ClientTimeout, started: float) -> aiohttp.ClientTimeout | None:
+    """`timeout` less the time spent since `started`; None when none is left."""
+    if timeout.total is None:
+        return timeout
+    left = timeout.total - (time.perf_counter() - started)
+    if left <= 0:
+        return None
+    return aiohttp.ClientTimeout(
+        total=left,
+        connect=timeout.connect,
+        sock_read=timeout.sock_read,
+        sock_connect=timeout.sock_connect,
+        ceil_threshold=timeout.ceil_threshold,
+    )
+
+
+@functools.lru_cache(maxsize=1024)  # a destination's URL is sent again and again
+def as_written(url: str) -> URL | str:
+    """`url` as aiohttp should send it: byte for byte when it is already encoded.
+
+    Given a string, aiohttp lets yarl re-encode it, which decodes `%2F`, `%3A`, `%40`, `%7E`
+    … in the path and query; a signed URL (CloudFront, S3, a SAS token, a hook that signs its
+    query) then no longer matches its signature. A URL that is not encoded (a space, an
+    accent) is still left to yarl to encode, and one yarl refuses to aiohttp to report.
+    """
+    if not _ENCODED_URL.fullmatch(url):
+        return url
+    try:
+        written = URL(url, encoded=True)
+        _ = written.explicit_port  # yarl reads it lazily: a bad port would raise in aiohttp
+    except ValueError:
+        return url
+    return written
 
 
 async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
@@ -132,11 +209,14 @@ def without_credentials(detail: str, url: str) -> str:
     if not shown:
         return detail  # no host: not a URL anything could be sent to, nothing to cut
     written = {url}
-    with contextlib.suppress(ValueError, TypeError):
-        # As yarl normalises it, and without user and password (aiohttp sends those as an
-        # Authorization header and names the URL without them).
-        parsed = URL(url)
-        written |= {str(parsed), str(parsed.with_user(None))}
+    for encoded in (False, True):
+        with contextlib.suppress(ValueError, TypeError):
+            # As yarl normalises it or as it was sent (`as_written`), and as aiohttp names
+            # the request's URL: without user and password (sent as an Authorization
+            # header) and without the fragment (never sent).
+            parsed = URL(url, encoded=encoded)
+            sent = parsed.with_user(None)
+            written |= {str(parsed), str(sent), str(sent.with_fragment(None))}
     for form in sorted(written - {shown}, key=len, reverse=True):
         detail = detail.replace(form, shown)
     return detail
