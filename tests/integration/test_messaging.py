@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import pytest
@@ -21,6 +22,8 @@ from estafeta.delivery.state import DeliveryState
 from estafeta.hub import Hub
 from estafeta.ids import new_id
 from estafeta.ingress.providers.base import bounded_key
+from estafeta.ingress.providers.twilio import FORM
+from estafeta.ingress.providers.twilio import signature as twilio_signature
 from estafeta.ingress.spool import Spool
 from estafeta.store import open_store, schema
 from estafeta.store.records import CompletedAttempt
@@ -877,6 +880,44 @@ async def test_statuses_of_the_same_second_are_in_the_timeline_in_their_natural_
     await env.status("wamid.OUT6", "delivered", at=1_751_371_300_000)
     await env.status("wamid.OUT6", "sent", at=1_751_371_300_000)
     view = (await env.http.get(f"/api/v1/messages/{r.json()['id']}", headers=env.auth())).json()
+    assert [step["state"] for step in view["timeline"]] == [
+        "queued",
+        "sent",
+        "sent",
+        "delivered",
+        "read",
+    ]
+
+
+async def test_twilio_callbacks_that_arrive_out_of_order_are_in_the_timeline_in_their_natural_order(
+    env: Env,
+) -> None:
+    # Twilio's status callbacks carry no time, so each is timed as it arrives, and Twilio
+    # says they may arrive out of order: the timeline went read, delivered, sent, while
+    # `state` said read.
+    r = await env.http.post(
+        "/api/v1/messages",
+        headers=env.auth(),
+        json={"source": "tw-sol", "to": f"+{MARIA}", "text": "Oi"},
+    )
+    sid = "SM" + "7" * 32
+    await env.finish_send(provider_id=sid, source="tw-sol")
+    clock = FixedClock(env.hub.clock.now_ms())
+    env.hub.clock = clock
+    for status in ("read", "delivered", "sent"):
+        clock.now += 150
+        fields = {"MessageSid": sid, "MessageStatus": status, "To": f"whatsapp:+{MARIA}"}
+        signed = twilio_signature(
+            b"tw-token", "http://hub/in/tw-sol", {k: [v] for k, v in fields.items()}
+        )
+        answer = await env.http.post(
+            "/in/tw-sol",
+            content=urlencode(fields),
+            headers={"x-twilio-signature": signed, "content-type": FORM},
+        )
+        assert answer.status_code == 202, answer.text
+    view = (await env.http.get(f"/api/v1/messages/{r.json()['id']}", headers=env.auth())).json()
+    assert view["state"] == "read"
     assert [step["state"] for step in view["timeline"]] == [
         "queued",
         "sent",

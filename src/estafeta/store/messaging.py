@@ -211,9 +211,10 @@ class MessagingOps(StoreBase):
             # subscribed app) is one step of the timeline.
             if change not in changes:
                 changes.append(change)
-        # Within one instant (Meta's timestamps are whole seconds) a webhook's arrival order
-        # says nothing: the furthest status goes last.
-        changes.sort(key=lambda c: (c.at, STATUS_RANK.get(c.status, -1)))
+        # In the order a message goes through them, then by time: statuses arrive out of order,
+        # and a time says nothing of it when it is only the arrival (Twilio's callbacks carry
+        # none) or a whole second (Meta's, where delivered and read often share one).
+        changes.sort(key=lambda c: (STATUS_RANK.get(c.status, -1), c.at))
         return MessageView(
             id=row.id,
             tenant_id=row.tenant_id,
