@@ -382,6 +382,21 @@ async def test_zapi_needs_its_token_in_the_url(http: httpx.AsyncClient) -> None:
     assert (r.status_code, r.json()["error"]) == (401, "missing_token")
 
 
+async def test_zapi_channel_posts_are_not_stored_and_a_malformed_echo_flag_is_refused(
+    http: httpx.AsyncClient, store: SqlStore
+) -> None:
+    headers = {"content-type": "application/json"}
+    url = f"/in/zapi-sol?token={ZAPI_TOKEN}"
+    post = (FIXTURES / "zapi/received_newsletter.json").read_bytes()
+    r = await http.post(url, content=post, headers=headers)
+    assert (r.status_code, r.json()) == (200, {"events": []})
+    echo = orjson.loads((FIXTURES / "zapi/received_text.json").read_bytes())
+    r = await http.post(url, content=orjson.dumps({**echo, "fromMe": "true"}), headers=headers)
+    assert (r.status_code, r.json()["error"]) == (400, "invalid_body")
+    assert r.json()["detail"].startswith("body.fromMe:")
+    assert (await store.queue_stats(history=True)).by_state == {}
+
+
 async def test_sendpulse_customer_messages_in_and_echoes_out(http: httpx.AsyncClient) -> None:
     headers = {"content-type": "application/json"}
     incoming = (FIXTURES / "sendpulse/incoming_message.json").read_bytes()

@@ -80,6 +80,8 @@ CASES: list[tuple[str, list[tuple[str, str, int | None, dict[str, Any]]]]] = [
             )
         ],
     ),
+    # A post of a WhatsApp channel the business follows: not a customer's message.
+    ("received_newsletter.json", []),
     (
         "message_status.json",
         [
@@ -157,6 +159,32 @@ def test_from_me_is_an_echo_and_gives_no_event() -> None:
     assert parse({**fixture_json("zapi/received_text.json"), "fromMe": True}) == []
 
 
+def test_a_channel_post_is_not_a_customer_message() -> None:
+    """contracts §3.3 `isNewsletter`: a post of a channel (newsletter) the business follows
+    reaches the received webhook too; taken as a customer's message, it opened a conversation
+    named `…@newsletter` and reached the routes as if someone had written."""
+    channel_post = {**fixture_json("zapi/received_text.json"), "isNewsletter": True}
+    assert parse(channel_post) == []
+    assert parse({**channel_post, "isNewsletter": False}) != []
+
+
+@pytest.mark.parametrize("flag", ["fromMe", "isGroup", "isNewsletter"])
+@pytest.mark.parametrize("value", ["true", "false", 1, 0, {}, []])
+def test_a_routing_flag_that_is_not_a_boolean_is_refused_naming_it(flag: str, value: Any) -> None:
+    """These flags decide whose message it is (contracts §3.3, documented booleans): read as
+    absent, `"fromMe": "true"` made the business's own echo a customer message (a loop)."""
+    with pytest.raises(HttpError) as caught:
+        parse({**fixture_json("zapi/received_text.json"), flag: value})
+    assert (caught.value.status, caught.value.error) == (400, "invalid_body")
+    assert caught.value.detail.startswith(f"body.{flag}: expected true or false")
+
+
+@pytest.mark.parametrize("flag", ["fromMe", "isGroup", "isNewsletter"])
+def test_a_null_routing_flag_reads_as_false(flag: str) -> None:
+    (event,) = parse({**fixture_json("zapi/received_text.json"), flag: None})
+    assert event.data["from"] == "+5511987654321"
+
+
 @pytest.mark.parametrize(
     ("zapi_status", "ours"),
     [
@@ -187,6 +215,28 @@ def test_failed_delivery() -> None:
     (event,) = parse(callback)
     assert (event.data["status"], event.idempotency_key) == ("failed", f"{OUTBOUND_ID}:FAILED")
     assert event.data["error"]["message"] == "number not on WhatsApp"
+
+
+@pytest.mark.parametrize(
+    ("error", "kept"),
+    [
+        ({"message": "not on WhatsApp"}, '{"message":"not on WhatsApp"}'),
+        (["x"], '["x"]'),
+        (True, "true"),
+    ],
+)
+def test_a_delivery_error_that_is_not_a_string_is_still_a_failure(error: Any, kept: str) -> None:
+    """contracts §3.4: `error` is a string. Read as absent, an error of another shape turned a
+    failed send into `sent`."""
+    (event,) = parse({**fixture_json("zapi/delivery_callback.json"), "error": error})
+    assert (event.data["status"], event.idempotency_key) == ("failed", f"{OUTBOUND_ID}:FAILED")
+    assert event.data["error"]["message"] == kept
+
+
+@pytest.mark.parametrize("error", [None, "", False, {}, []])
+def test_a_delivery_without_an_error_is_sent(error: Any) -> None:
+    (event,) = parse({**fixture_json("zapi/delivery_callback.json"), "error": error})
+    assert (event.data["status"], event.idempotency_key) == ("sent", f"{OUTBOUND_ID}:SENT")
 
 
 def received(**content: Any) -> dict[str, Any]:

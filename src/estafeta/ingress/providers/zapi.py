@@ -10,12 +10,18 @@
   `failed` when it carries `error`, keyed as a status (`{messageId}:SENT` / `:FAILED`).
 
 Decisions: `fromMe: true` is the business's own message echoed back (contracts §3.3 says to
-filter it, or it loops): no event. Statuses map SENT → sent, RECEIVED → delivered,
-READ and PLAYED → read; PENDING and READ_BY_ME (the business read the customer's
-message) give no event. A DeliveryCallback's key is the one a later `SENT` status of the
-same message has, so the two collapse into one `sent` event. Other callback types
-(connected, disconnected, presence …) give no event. The key is `messageId` alone, not
-`instanceId:messageId` (contracts §3.6 says "possibly"): keys are already scoped per source.
+filter it, or it loops): no event; nor for `isNewsletter: true`, a post of a WhatsApp
+channel the business follows, which no customer wrote. These flags and `isGroup` decide
+whose message it is, so one that is neither a boolean nor null (read as false) is refused
+with a 400 naming it rather than guessed. A DeliveryCallback `error` that is not a string is
+a failure all the same (kept as its JSON): read as absent, it made a failed send `sent`. A
+group message is kept, in the group's conversation (`data.group`), from `participantPhone`.
+Statuses map SENT → sent, RECEIVED → delivered, READ and PLAYED → read; PENDING and
+READ_BY_ME (the business read the customer's message) give no event. A DeliveryCallback's
+key is the one a later `SENT` status of the same message has, so the two collapse into one
+`sent` event. Other callback types (connected, disconnected, presence …) give no event. The
+key is `messageId` alone, not `instanceId:messageId` (contracts §3.6 says "possibly"): keys
+are already scoped per source.
 """
 
 from __future__ import annotations
@@ -81,12 +87,28 @@ class ZApiSource(TokenInUrlSource):
         return []
 
 
+def _boolean(callback: Mapping[str, Any], key: str) -> bool:
+    """A documented boolean that decides whose message it is (contracts §3.3): null reads as
+    false; any other type is refused, since guessing could make an echo a customer's message."""
+    value = callback.get(key)
+    if value is None or isinstance(value, bool):
+        return value is True
+    raise HttpError(400, "invalid_body", f"body.{key}: expected true or false, not {_shown(value)}")
+
+
+def _shown(value: object, limit: int = 40) -> str:
+    shown = dumps(value)
+    return shown if len(shown) <= limit else f"{shown[:limit]}…"
+
+
 def _received(callback: Mapping[str, Any], raw: str) -> list[ParsedEvent]:
-    if callback.get("fromMe") is True:
+    is_group = _boolean(callback, "isGroup")
+    if _boolean(callback, "fromMe"):
         return []  # the business's own message, echoed: never customer input
+    if _boolean(callback, "isNewsletter"):
+        return []  # a post of a channel the business follows: no customer wrote it
     message_id = nonempty(callback.get("messageId"))
     chat = callback.get("phone")  # the customer, or the group id (`…-group`) in a group
-    is_group = callback.get("isGroup") is True
     sender_name = nonempty(callback.get("senderName"))
     # In a group, chatName is the group's name: only senderName names the customer.
     contact_name = sender_name if is_group else sender_name or nonempty(callback.get("chatName"))
@@ -247,7 +269,7 @@ def _delivery(callback: Mapping[str, Any], raw: str) -> list[ParsedEvent]:
     message_id = nonempty(callback.get("messageId")) or nonempty(callback.get("zaapId"))
     if message_id is None:
         return []
-    error = nonempty(callback.get("error"))
+    error = _delivery_error(callback.get("error"))
     provider_status = "FAILED" if error else "SENT"
     data = _status_data(callback, message_id, "failed" if error else "sent", provider_status)
     data["zaap_id"] = nonempty(callback.get("zaapId"))
@@ -265,3 +287,13 @@ def _delivery(callback: Mapping[str, Any], raw: str) -> list[ParsedEvent]:
             raw=raw,
         )
     ]
+
+
+def _delivery_error(value: object) -> str | None:
+    """contracts §3.4: a DeliveryCallback's `error` is a string when the send failed. Absent,
+    null, empty or false: no error. One of another shape (an object, a list) is an error all
+    the same, kept as its JSON: read as absent, it turned a failed send into `sent`."""
+    if value is None or value is False or value in ("", {}, []):
+        return None
+    error = text(value)
+    return error if error is not None else _shown(value, 200)
