@@ -168,6 +168,24 @@ async def test_while_the_store_is_down_events_are_spooled_then_drained(
         assert view is not None and [d.destination_id for d in view.deliveries] == ["crm"]
 
 
+async def test_drain_rounds_during_an_outage_add_no_segments(
+    down_hub: Hub, store: SqlStore
+) -> None:
+    """The drainer tries every second while the store is down. Each try used to close the
+    segment being written, so the next webhook opened another: a new file every second of
+    the outage, each of which every spooled webhook then stats (`append_all` sums the
+    spool's size). The writer's segment is left open while the store does not answer."""
+    spool = down_hub.spool
+    assert spool is not None
+    for n in range(20):
+        await accept(down_hub, n)
+        with pytest.raises(StoreUnavailable):
+            await spool.drain(down_hub.store)
+    assert spool.stats().segments == 1
+    assert await spool.drain(store) == 20  # once it answers, the open segment drains too
+    assert spool.stats().segments == 0
+
+
 async def test_a_hung_store_is_unavailable_and_ingest_spools(
     config: Config, hung_store: SqlStore, tmp_path: Path
 ) -> None:

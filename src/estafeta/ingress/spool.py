@@ -274,8 +274,13 @@ class Spool:
         when the store is unreachable, or between two chunks once `stop` is set (the process
         is stopping: a large spool must not hold its shutdown for minutes; the segment cut
         short stays, and what of it was imported is a duplicate at the next drain)."""
-        async with self._lock:
-            await asyncio.to_thread(self._close_segment)  # so that our own open one drains too
+        if self._file is not None:  # our own open segment drains too, closed first
+            # Only once the store answers: closed for a drain that fails, it makes the next
+            # write open another, a file more every round (each second) of an outage, which
+            # `stats()` (on every spooled webhook) then stats one by one.
+            await store.ping()
+            async with self._lock:
+                await asyncio.to_thread(self._close_segment)
         await asyncio.to_thread(segments.clear_leftovers, self.directory)
         imported = 0
         held = False  # a segment another process holds locked was left in place
