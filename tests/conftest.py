@@ -15,14 +15,29 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from sqlalchemy import create_engine, text
 
 from estafeta.config import Config, load_config_dict
 from estafeta.delivery.model import LeasedDelivery
+from estafeta.observability import logging as estafeta_logging
 from estafeta.store import open_store
 from estafeta.store.schema import metadata
 from estafeta.store.sqlstore import SqlStore
 from estafeta.testing.sink import Sink
+
+# A command run in-process (click's CliRunner) configures logging for the whole process:
+# without this, every later test's capture_logs missed the lines of the loggers it cached,
+# and its level filter stayed.
+estafeta_logging.CACHE_LOGGERS = False
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_before() -> Iterator[None]:
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+
 
 PG_ADMIN_URL = os.environ.get(
     "ESTAFETA_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"

@@ -57,6 +57,12 @@ def _redact_exception(
     return event
 
 
+# Each logger's processors are looked up once (a lookup per line saved in production).
+# The test suite turns it off: structlog's capture_logs cannot see into a logger cached by
+# an in-process command before it.
+CACHE_LOGGERS = True
+
+
 def configure_logging(level: str = "info", *, json: bool = True) -> None:
     numeric = logging.getLevelName(level.upper())
     renderer: Any = (
@@ -76,5 +82,5 @@ def configure_logging(level: str = "info", *, json: bool = True) -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=CACHE_LOGGERS,
     )
