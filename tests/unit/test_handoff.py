@@ -119,6 +119,18 @@ def test_a_stopping_worker_refuses_and_a_failed_commit_gives_the_slots_back() ->
     assert taker.cancelled == 1
 
 
+def test_a_failed_commit_names_every_lease_it_may_have_stored_to_be_given_back() -> None:
+    """A commit that failed may have landed (its answer lost): the worker gives back each
+    delivery the batch took under the lease, whatever became of its event."""
+    batch = [event(1, delivery("a"), delivery("k", ordering_key="k")), event(2, delivery("c"))]
+    reservation = Taker().reserve(batch)
+    assert reservation is not None
+    assert [(d.id, d.lease_token) for d in reservation.leased()] == [
+        ("a", "t0k3n"),
+        ("c", "t0k3n"),
+    ]
+
+
 def test_an_event_with_other_deliveries_keeps_every_other_field() -> None:
     # Every field a distinct value (types do not matter to the copy), so none can be lost.
     values: dict[str, Any] = {f.name: f"value-{f.name}" for f in msgspec.structs.fields(NewEvent)}

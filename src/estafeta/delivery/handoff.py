@@ -20,7 +20,10 @@ A circuit that opens while the batch commits is seen when the worker starts the 
 deliveries: those to it go back pending unsent (`Worker._start`), as leased ones do.
 
 A handed-over delivery is an ordinary lease: if the process dies before sending it, the
-lease expires and any worker rescues it, as for a lease taken the usual way.
+lease expires and any worker rescues it, as for a lease taken the usual way. A commit that
+fails may have landed all the same (the connection dropped after the store committed, before
+it answered): the worker gives that batch's leases back as it does a snooze (snooze.py), so
+its deliveries do not wait for the lease to expire and spend an attempt never made.
 """
 
 from __future__ import annotations
@@ -81,11 +84,15 @@ class Reservation:
         """After the commit: the taken deliveries of the events stored (a duplicate's were
         never inserted), handed to the worker; and whether the worker took them. When it did
         not (it is stopping), they are the caller's to release."""
+        stored = [e for e, result in zip(self.events, results, strict=True) if not result.duplicate]
+        leased = self.leased(stored)
+        return leased, self.taker.take(self, leased)
+
+    def leased(self, events: Sequence[NewEvent] | None = None) -> list[LeasedDelivery]:
+        """The deliveries taken under the lease, of `events` (default: the whole batch)."""
         leased: list[LeasedDelivery] = []
         token, expires_at = self.lease.token, self.lease.expires_at
-        for event, result in zip(self.events, results, strict=True):
-            if result.duplicate:
-                continue
+        for event in self.events if events is None else events:
             payload = event.payload.encode()  # once per event, whatever its fan-out
             leased.extend(
                 LeasedDelivery(
@@ -104,10 +111,11 @@ class Reservation:
                 for d in event.deliveries
                 if d.lease is not None
             )
-        return leased, self.taker.take(self, leased)
+        return leased
 
     def cancel(self) -> None:
-        """The commit failed: nothing was stored, the slots are free again."""
+        """The commit failed: the slots are free again. It may have landed all the same
+        (the store's answer lost), so the worker gives the lease's deliveries back."""
         self.taker.cancel(self)
 
 

@@ -3,9 +3,11 @@
 A leased (or handed-over) delivery the worker may not send now goes back pending with no
 attempt counted: due when its destination's rate limit refills (delivery/throttle.py), or
 due now when its circuit opened since the lease (the lease then holds it back until the
-circuit lets a probe through). Such a "snooze" is kept here until the store takes it: left
-to expire, the lease would be rescued as a failed attempt never made, so a snooze the store
-refused (unreachable) is given back at the worker's next step, or when it stops.
+circuit lets a probe through). So do those of an ingest batch reserved for the worker whose
+commit failed, in case it landed all the same (delivery/handoff.py). Such a "snooze" is kept
+here until the store takes it: left to expire, the lease would be rescued as a failed
+attempt never made, so a snooze the store refused (unreachable) is given back at the
+worker's next step, or when it stops.
 
 The refill times let the lease and ingest's hand-over skip a destination whose budget is
 spent, rather than lease its deliveries only to give them back.

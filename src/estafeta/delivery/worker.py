@@ -355,8 +355,14 @@ class Worker:
         return True
 
     def cancel(self, reservation: Reservation) -> None:
+        """The batch's commit failed; it may have landed all the same (the store's answer
+        was lost): its deliveries would then wait in flight under this lease until it
+        expired and be rescued as an attempt never made. Given back at the next step like
+        a snooze, due now (a no-op for rows never stored, or stored again under another)."""
         self._held -= reservation.count
+        self._snoozes.add({self.clock.now_ms(): reservation.leased()})
         self._slot_freed.set()  # a loop waiting for a slot may lease again
+        self._wake.set()  # and one waiting for work gives them back now, not at its poll
 
     def _taking(self) -> bool:
         """Whether ingest may hand deliveries over: from start until shutdown begins."""
