@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Protocol
@@ -19,6 +20,50 @@ class SystemClock:
 
     def now_ms(self) -> int:
         return time.time_ns() // 1_000_000
+
+
+def _ticks_ns() -> int:
+    """A clock no one sets: CLOCK_BOOTTIME (counts a suspended VM's sleep), else monotonic."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    if boottime is None:
+        return time.monotonic_ns()
+    return time.clock_gettime_ns(boottime)
+
+
+class StoreClock:
+    """Wall time as the store's own clock tells it, for the processes that share the store.
+
+    Lease deadlines, due times and presence are written by one process and compared by
+    another, on another machine: each process reading its own wall clock, one 2 minutes ahead
+    took over live leases and sent them again. Every process instead reads the store's clock
+    at `sync` (PostgreSQL's server; SQLite's is the machine's own) and counts on from it with
+    a clock no one sets, so a wall clock stepped by NTP in between moves nothing either. Until
+    the first `sync`, it counts on from `wall`.
+    """
+
+    def __init__(
+        self,
+        read_ms: Callable[[], Awaitable[int]],
+        *,
+        wall: Clock | None = None,
+        ticks_ns: Callable[[], int] = _ticks_ns,
+    ) -> None:
+        self._read_ms = read_ms
+        self._ticks_ns = ticks_ns
+        self._base_ms = (wall or SystemClock()).now_ms()
+        self._base_ticks = ticks_ns()
+
+    def now_ms(self) -> int:
+        return self._base_ms + (self._ticks_ns() - self._base_ticks) // 1_000_000
+
+    async def sync(self) -> None:
+        """Take the store's time again (raises what reading it raises: nothing changes)."""
+        before = self._ticks_ns()
+        store_ms = await self._read_ms()
+        after = self._ticks_ns()
+        # The store read its clock about halfway through the round trip.
+        self._base_ms = store_ms + (after - before) // 2_000_000
+        self._base_ticks = after
 
 
 def iso_from_ms(ms: int) -> str:

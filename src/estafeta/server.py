@@ -15,7 +15,7 @@ import structlog
 import uvicorn
 
 from estafeta.api.app import create_app
-from estafeta.clock import SystemClock
+from estafeta.clock import Clock, StoreClock, SystemClock
 from estafeta.config import Config
 from estafeta.config.models import split_listen
 from estafeta.connectors.registry import unavailable_kinds
@@ -100,7 +100,18 @@ async def unless_stopped(step: Awaitable[T]) -> T | None:
             loop.remove_signal_handler(sig)
 
 
-async def announced(store: SqlStore, config: Config, *, delivers: bool, tasks: Tasks) -> Presence:
+async def store_clock(store: SqlStore) -> StoreClock:
+    """The clock of everything this process shares through the store (lease deadlines, due
+    times, its presence): the store's, so that machines whose clocks disagree agree on it.
+    Taken again at every announcement of the process's presence."""
+    clock = StoreClock(store.clock_ms)
+    await clock.sync()
+    return clock
+
+
+async def announced(
+    store: SqlStore, config: Config, *, delivers: bool, tasks: Tasks, clock: Clock
+) -> Presence:
     """This process's presence, recorded before it serves or delivers anything: a delivery
     it stores for a destination only its configuration has is then never taken by a worker
     on an older file for one nobody configures (delivery/presence.py). `tasks` are the
@@ -109,7 +120,7 @@ async def announced(store: SqlStore, config: Config, *, delivers: bool, tasks: T
         store,
         config,
         process_id=default_worker_id(),
-        clock=SystemClock(),
+        clock=clock,
         delivers=delivers,
         tasks=tasks,
     )
@@ -190,16 +201,19 @@ async def serve(config: Config, *, run_workers: bool = True, migrate: bool = Tru
     if store is None:
         return
     try:
+        clock = await store_clock(store)
         try:
-            spool = Spool(config.storage.spool_dir, max_bytes=config.storage.spool_max_bytes)
+            spool = Spool(
+                config.storage.spool_dir, max_bytes=config.storage.spool_max_bytes, clock=clock
+            )
         except OSError as exc:  # a setting to correct: one line, exit 2
             where = config.storage.spool_dir
             raise ServeError(f"cannot use storage.spool_dir {where!r}: {exc.strerror}") from None
-        hub = Hub(config, store, spool=spool)
+        hub = Hub(config, store, spool=spool, clock=clock)
         # Recorded once nothing is left that could fail before the server's own shutdown,
         # which retires it (delivery/presence.py).
         tasks = Tasks()
-        presence = await announced(store, config, delivers=run_workers, tasks=tasks)
+        presence = await announced(store, config, delivers=run_workers, tasks=tasks, clock=clock)
         server = uvicorn_server(
             create_app(hub, run_workers=run_workers, presence=presence, tasks=tasks),
             config.server.listen,
@@ -231,11 +245,16 @@ async def work(config: Config) -> None:
     try:
         if config.worker.metrics_listen is not None:
             endpoint = await start_worker_endpoint(config.worker.metrics_listen, tasks)
-        presence = await announced(store, config, delivers=True, tasks=tasks)
+        clock = await store_clock(store)
+        presence = await announced(store, config, delivers=True, tasks=tasks, clock=clock)
 
         def worker() -> Awaitable[None]:
             return Worker(
-                store, config, worker_id=presence.process_id, started_ms=presence.started_ms
+                store,
+                config,
+                clock=clock,
+                worker_id=presence.process_id,
+                started_ms=presence.started_ms,
             ).run(stop)
 
         await asyncio.gather(

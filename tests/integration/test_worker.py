@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -13,19 +14,20 @@ import redis
 from sqlalchemy import update
 from structlog.testing import capture_logs
 
-from estafeta.clock import SystemClock
+from estafeta.clock import StoreClock, SystemClock
 from estafeta.config import Config, load_config_dict
 from estafeta.connectors.http import HttpConnector
 from estafeta.delivery.breakers import Breakers, circuit_state_store
 from estafeta.delivery.model import LeasedDelivery
 from estafeta.delivery.outcome import Outcome, OutcomeKind
+from estafeta.delivery.presence import Presence
 from estafeta.delivery.rescue import Rescue
 from estafeta.delivery.worker import Worker
 from estafeta.errors import LeaseRaced, StoreError, StoreUnavailable
 from estafeta.hub import Hub
 from estafeta.ids import new_id
 from estafeta.observability.metrics import DEAD_LETTERED
-from estafeta.store import schema
+from estafeta.store import open_store, schema
 from estafeta.store.records import DeadLetterFilter, EventView, NewDelivery
 from estafeta.store.sqlstore import SqlStore
 from estafeta.supervise import supervised
@@ -314,6 +316,30 @@ async def test_one_keys_deliveries_follow_each_other_without_waiting_for_the_pol
         await hub.stop()
 
 
+async def test_a_worker_whose_machine_is_minutes_ahead_leaves_live_leases_alone(
+    store: SqlStore, sink: Sink, database_url: str
+) -> None:
+    """Two machines whose clocks are 2 minutes apart, each process on the store's clock as
+    `serve` and `worker` run: the worker ahead does not take the other's live lease for
+    expired (which would send the delivery a second time)."""
+    config = config_for(database_url, sink)
+    real = SystemClock().now_ms()
+    behind = StoreClock(store.clock_ms, wall=ManualClock(real - 120_000))
+    ahead = StoreClock(store.clock_ms, wall=ManualClock(real + 120_000))
+    await behind.sync()
+    # The process ahead takes the store's time as it records its presence.
+    await Presence(store, config, process_id="ahead", clock=ahead).announce()
+    hub = Hub(config, store, clock=behind)
+    event_id = await publish(hub)
+    # Leased for 60 s by the machine behind, whose send is still under way.
+    await lease_any(store, now_ms=behind.now_ms(), lease_ms=60_000, worker_id="behind")
+    assert await Worker(store, config, clock=ahead).rescue_expired() == 0
+    view = await store.get_event(event_id, None)
+    assert view is not None
+    assert [(d.state, d.attempts) for d in view.deliveries] == [("in_flight", 0)]
+    await hub.close()
+
+
 async def test_a_dead_workers_lease_is_rescued_and_counted(
     store: SqlStore, sink: Sink, database_url: str
 ) -> None:
@@ -403,6 +429,60 @@ async def test_fresh_deliveries_go_straight_to_the_worker_in_the_process_unlease
         assert sink.duplicates == 0
     finally:
         await hub.stop()
+
+
+async def test_handed_over_and_leased_by_another_process_each_delivery_is_sent_once(
+    store: SqlStore, sink: Sink, database_url: str
+) -> None:
+    """`estafeta serve` (handing fresh deliveries to its worker) and an `estafeta worker` on
+    its own connection to the same database, while events pour in; serve's worker stops
+    half-way (hand-overs then go pending for the other). Each delivery reaches its receiver
+    exactly once: a handed-over one is stored in flight, so no lease can take it too."""
+    # serve's worker has slots to spare, so it takes fresh deliveries as they are stored
+    # (never a backlog behind them); the other polls the store every 50 ms meanwhile.
+    config = worker_config(database_url, sink, concurrency=64, batch_size=64)
+    sink.respond(200, delay_s=0.02)  # sends overlap the hand-overs and the other's leases
+    serve = Running(store, config)
+    elsewhere = open_store(config.storage.url)
+    other = Worker(elsewhere, worker_config(database_url, sink, concurrency=8, batch_size=8))
+    stop_other = asyncio.Event()
+    other_run = asyncio.create_task(other.run(stop_other))
+    ids: list[str] = []
+    half_way = asyncio.Event()
+
+    async def publishing(k: int) -> None:
+        for n in range(25):
+            ids.append(await serve.publish("appointment.booked", status="confirmed", k=k, n=n))
+            if len(ids) >= 100:
+                half_way.set()
+
+    async def stopping_serves_worker() -> None:
+        await half_way.wait()
+        serve._stop.set()
+        assert serve._task is not None
+        await serve._task
+
+    def answered(s: Sink) -> Counter[tuple[str, str | None]]:
+        return Counter((r.path, r.webhook_id) for r in s.received if r.status == 200)
+
+    try:
+        # Once serve's worker has leased and found nothing more waiting, it takes fresh work.
+        ids.append(await serve.publish("appointment.booked", status="confirmed"))
+        await settled(store, ids[0])
+        await asyncio.gather(stopping_serves_worker(), *(publishing(k) for k in range(8)))
+        expected = {(f"/{d}", i) for i in ids for d in ("crm", "billing")}
+        assert await sink.wait_for(lambda s: set(answered(s)) >= expected, 30)
+        assert serve.worker.sent > 0 and other.sent > 0
+        stop_other.set()
+        await other_run  # nothing left in flight: a late second send would be in `received`
+        assert set(answered(sink)) == expected
+        assert max(answered(sink).values()) == 1
+        assert (await store.queue_stats(history=True)).by_state == {"succeeded": len(expected)}
+    finally:
+        stop_other.set()
+        await other_run
+        await serve.stop()
+        await elsewhere.close()
 
 
 async def test_without_the_handoff_the_worker_leases_what_ingest_stored(
@@ -552,6 +632,38 @@ async def test_a_failed_commit_gives_the_reserved_slots_back(
         store.insert_events = insert_events  # type: ignore[method-assign]
         ids = [await hub.publish(n=n) for n in range(3)]
         assert await sink.wait_for(lambda s: s.delivered_ids >= set(ids), 10)
+    finally:
+        store.insert_events = insert_events  # type: ignore[method-assign]
+        await hub.stop()
+
+
+async def test_a_commit_whose_answer_was_lost_gives_its_handed_deliveries_back(
+    store: SqlStore, sink: Sink, database_url: str
+) -> None:
+    """The batch reserved for the worker was committed, but the store's answer was lost (the
+    connection dropped after PostgreSQL's one-statement commit): ingest fails the request
+    (a sender's retry is a duplicate of it). Its delivery, stored in flight under the
+    worker's lease, is given back and sent at once, not left until the lease expires (60 s)
+    and rescued as an attempt never made."""
+    hub = Running(store, worker_config(database_url, sink, poll_interval_s=30))
+    insert_events = store.insert_events
+    committed: list[str] = []
+
+    async def answer_lost(*args: Any, **kwargs: Any) -> Any:
+        await insert_events(*args, **kwargs)
+        committed.extend(e.id for e in args[0])
+        raise StoreUnavailable("the connection dropped after the commit: test")
+
+    try:
+        await settled(store, await hub.publish())
+        store.insert_events = answer_lost  # type: ignore[method-assign]
+        with pytest.raises(StoreUnavailable):
+            await hub.publish()
+        store.insert_events = insert_events  # type: ignore[method-assign]
+        [event_id] = committed
+        assert await sink.wait_for(lambda s: event_id in s.delivered_ids, 10)
+        view = await settled(store, event_id)
+        assert [(d.state, d.attempts) for d in view.deliveries] == [("succeeded", 1)]
     finally:
         store.insert_events = insert_events  # type: ignore[method-assign]
         await hub.stop()

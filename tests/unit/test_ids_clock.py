@@ -5,8 +5,9 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from estafeta.clock import iso_from_ms, ms_from_iso
+from estafeta.clock import StoreClock, iso_from_ms, ms_from_iso
 from estafeta.ids import new_id, ulid
+from tests.clocks import ManualClock
 
 CROCKFORD = set("0123456789ABCDEFGHJKMNPQRSTVWXYZ")
 
@@ -46,3 +47,25 @@ def test_iso_renders_the_canonical_form() -> None:
 def test_ids_made_in_one_millisecond_keep_their_order() -> None:
     made = [new_id("evt", 1_751_371_200_000) for _ in range(1000)]
     assert made == sorted(made) and len(set(made)) == 1000
+
+
+async def test_a_store_clock_keeps_the_stores_time_whatever_the_wall_clock_does() -> None:
+    """A machine 2 minutes ahead reads the store's time once synced, and a step of its wall
+    clock (NTP, minutes back) moves nothing: only the time elapsed counts."""
+    store_ms = 1_700_000_000_000
+    ticks = [0]  # nanoseconds of the clock no one sets
+
+    async def read_store() -> int:
+        ticks[0] += 20_000_000  # a 40 ms round trip, the store answering halfway
+        answer = store_ms + ticks[0] // 1_000_000  # the store counts from store_ms at 0
+        ticks[0] += 20_000_000
+        return answer
+
+    wall = ManualClock(store_ms + 120_000)
+    clock = StoreClock(read_store, wall=wall, ticks_ns=lambda: ticks[0])
+    assert clock.now_ms() == store_ms + 120_000  # not synced yet: the machine's own
+    await clock.sync()
+    assert clock.now_ms() == store_ms + 40
+    wall.now -= 10 * 60_000
+    ticks[0] += 5_000_000_000
+    assert clock.now_ms() == store_ms + 5_040

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from estafeta.clock import Clock
+from estafeta.clock import Clock, StoreClock
 from estafeta.config import Config
 from estafeta.errors import StoreUnavailable
 from estafeta.messaging.facts import send_destination
@@ -79,6 +79,10 @@ class Presence:
 
     async def announce(self) -> None:
         """Record that this process runs, naming its destinations (raises StoreUnavailable)."""
+        if isinstance(self.clock, StoreClock):
+            # The store's time, taken again as often as the process shows it is alive: the
+            # process's clock follows the store's, however its own machine's drifts.
+            await self.clock.sync()
         now = self.clock.now_ms()
         await self.store.announce_process(
             self.process_id,

@@ -9,6 +9,7 @@ store's error names the driver's class, SQLSTATE or constraint instead."""
 from __future__ import annotations
 
 import sqlite3
+import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -216,6 +217,11 @@ class StoreBase(ABC):
         await self.engine.dispose()
         if self.read_engine is not self.engine:
             await self.read_engine.dispose()
+
+    async def clock_ms(self) -> int:
+        """The store's time in Unix ms, which every process sharing it goes by (clock.py's
+        StoreClock): here the machine's own, where every process runs (SQLite)."""
+        return time.time_ns() // 1_000_000
 
     async def ping(self) -> None:
         """Raise StoreUnavailable unless a trivial query succeeds."""

@@ -153,6 +153,8 @@ def _complete_params(batch: Sequence[CompletedAttempt], now_ms: int) -> dict[str
     return {"now": now_ms, "attempts": pg_json(attempts)}
 
 
+_CLOCK_MS = text("SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS bigint)")
+
 CONNECT_TIMEOUT_S = 5  # a new connection, before the store counts as unreachable
 COMMAND_TIMEOUT_S = 30  # any statement: a request must not hang on a stuck database
 
@@ -231,6 +233,11 @@ class PostgresStore(SqlStore):
     async def close(self) -> None:
         await self._held.close()
         await super().close()
+
+    async def clock_ms(self) -> int:
+        """The database server's time: one clock for every process on every machine."""
+        async with self._read() as conn:
+            return int((await conn.execute(_CLOCK_MS)).scalar_one())
 
     async def _fetch(self, statement: Statement, params: Mapping[str, Any]) -> list[Any]:
         """A hot statement's rows, run on a kept connection (held.py) outside any
