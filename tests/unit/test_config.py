@@ -908,36 +908,27 @@ def test_toml_inf_and_nan_are_not_numbers_a_setting_accepts(tmp_path: Path, valu
     ]
 
 
+WORKER_DURATIONS = (
+    "lease_s",
+    "alert_destination_down_s",
+    "alert_no_workers_s",
+    "alert_webhooks_refused_s",
+    "alert_redis_down_s",
+)
+
+
 @pytest.mark.parametrize("value", ["2_592_001", "1e15", "1e308"])
 def test_a_duration_longer_than_30_days_is_refused(tmp_path: Path, value: str) -> None:
     # These used to load: the worker then failed on round(inf) (lease_s at start, reset_s once
     # the circuit opened, max_s at the first retry), a retry due after year 9999 could not be
     # shown by the API, and one past 2**63 ms could not be stored.
-    text = "[worker]\n" + "".join(
-        f"{key} = {value}\n"
-        for key in (
-            "lease_s",
-            "alert_destination_down_s",
-            "alert_no_workers_s",
-            "alert_webhooks_refused_s",
-            "alert_redis_down_s",
-        )
-    )
+    text = "[worker]\n" + "".join(f"{key} = {value}\n" for key in WORKER_DURATIONS)
     text += "[[destinations]]\nid = 'd'\ntenant = 'acme'\nurl = 'http://127.0.0.1/'\n"
     text += f"backoff = {{ base_s = {value}, max_s = {value} }}\n"
     text += f"circuit = {{ reset_s = {value}, window_s = {value} }}\n" + TENANT
 
     too_long = "Input should be less than or equal to 2592000"
-    assert problems(tmp_path, text) == [
-        f"worker.{key}: {too_long}"
-        for key in (
-            "lease_s",
-            "alert_destination_down_s",
-            "alert_no_workers_s",
-            "alert_webhooks_refused_s",
-            "alert_redis_down_s",
-        )
-    ] + [
+    assert problems(tmp_path, text) == [f"worker.{key}: {too_long}" for key in WORKER_DURATIONS] + [
         f"destinations[0].{key}: {too_long}"
         for key in ("backoff.base_s", "backoff.max_s", "circuit.reset_s", "circuit.window_s")
     ]
