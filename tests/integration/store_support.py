@@ -1,19 +1,25 @@
 """What the store tests share (test_store.py, test_store_lifecycle_model.py): events with their
-deliveries as ingest stores them, and attempts as a worker completes them; and the mode of
-the files the store and the spool make (test_spool.py)."""
+deliveries as ingest stores them, and attempts as a worker completes them; the mode of the
+files the store and the spool make (test_spool.py); and the rows a command left (the CLI
+tests)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+from sqlalchemy import text
 
 from estafeta.delivery.decision import Transition
 from estafeta.delivery.model import LeasedDelivery
 from estafeta.delivery.outcome import Outcome, OutcomeKind
 from estafeta.delivery.state import DeliveryState
 from estafeta.ids import new_id
+from estafeta.store import open_store
 from estafeta.store.records import CompletedAttempt, NewDelivery, NewEvent
 
 NOW = 1_700_000_000_000
@@ -32,6 +38,20 @@ def umask(mask: int) -> Iterator[None]:
 
 def mode(path: Path) -> int:
     return path.stat().st_mode & 0o777
+
+
+def rows(database_url: str, sql: str) -> list[tuple[Any, ...]]:
+    """What `sql` reads from the store at `database_url`, from a test that is not async."""
+
+    async def read() -> list[tuple[Any, ...]]:
+        store = open_store(database_url)
+        try:
+            async with store.engine.connect() as conn:
+                return [tuple(r) for r in await conn.execute(text(sql))]
+        finally:
+            await store.close()
+
+    return asyncio.run(read())
 
 
 def event(

@@ -4,24 +4,21 @@ and the API refuses it from then on (at the latest when the API's key cache expi
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import orjson
 import pytest
 from click.testing import CliRunner, Result
-from sqlalchemy import text
 from starlette.requests import Request
 
 from estafeta.api.auth import _CACHE_TTL_S, Authenticator, hash_key, new_api_key
 from estafeta.cli import main
 from estafeta.errors import HttpError
-from estafeta.store import open_store
 from estafeta.store.sqlstore import SqlStore
+from tests.integration.store_support import rows
 
 TENANT, OTHER = "clinica-sol", "outra"
 
@@ -47,18 +44,6 @@ def create(config_path: Path, tenant: str, label: str = "") -> tuple[str, str]:
     key = result.stdout.strip()
     key_id = result.stderr.split("(key ", 1)[1].split()[0]
     return key_id, key
-
-
-def rows(database_url: str, sql: str) -> list[tuple[Any, ...]]:
-    async def read() -> list[tuple[Any, ...]]:
-        store = open_store(database_url)
-        try:
-            async with store.engine.connect() as conn:
-                return [tuple(r) for r in await conn.execute(text(sql))]
-        finally:
-            await store.close()
-
-    return asyncio.run(read())
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from estafeta.store import open_store
 from estafeta.store.migrate import current_revision, head_revision
 from estafeta.store.sqlstore import SqlStore
 from tests.conftest import PG_ADMIN_URL, base_config, empty_database, lease_any
-from tests.integration.store_support import NOW, attempt, event
+from tests.integration.store_support import NOW, attempt, event, rows
 
 
 def run(config: Path, *args: str) -> Result:
@@ -410,19 +410,7 @@ def test_an_argument_that_is_not_utf8_is_a_usage_error(
     result = run(config, *command)
     assert result.exit_code == 2, (result.output, result.exception)
     assert "is not valid UTF-8" in result.output, result.output
-    assert rows_of(database_url, "SELECT id FROM api_keys") == []
-
-
-def rows_of(database_url: str, sql: str) -> list[tuple[Any, ...]]:
-    async def read() -> list[tuple[Any, ...]]:
-        store = open_store(database_url)
-        try:
-            async with store.engine.connect() as conn:
-                return [tuple(r) for r in await conn.execute(text(sql))]
-        finally:
-            await store.close()
-
-    return asyncio.run(read())
+    assert rows(database_url, "SELECT id FROM api_keys") == []
 
 
 def test_check_config_reports_a_file_that_is_not_utf8(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import socket
@@ -355,6 +356,19 @@ async def _answer_each_request(
     writer.close()
 
 
+@contextlib.asynccontextmanager
+async def closing_after_each(*, answer: bool, seen: list[str]) -> AsyncIterator[str]:
+    """The URL of a destination that closes the connection after each request, answered
+    (`answer`) or not, without saying so; `seen` gets each request's webhook-id."""
+    server = await asyncio.start_server(
+        lambda r, w: _answer_each_request(r, w, answer=answer, seen=seen), "127.0.0.1", 0
+    )
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hooks"
+    finally:
+        server.close()
+
+
 async def test_a_pooled_connection_the_destination_closed_is_not_a_failure(
     session: aiohttp.ClientSession,
 ) -> None:
@@ -362,16 +376,10 @@ async def test_a_pooled_connection_the_destination_closed_is_not_a_failure(
     # found it closing and failed without reaching the destination: every other delivery
     # failed, and the circuit counted each. Sent again on a new connection, it arrives once.
     seen: list[str] = []
-    server = await asyncio.start_server(
-        lambda r, w: _answer_each_request(r, w, answer=True, seen=seen), "127.0.0.1", 0
-    )
-    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hooks"
-    try:
+    async with closing_after_each(answer=True, seen=seen) as url:
         outcomes = [
             await deliver_to(url, session, delivery=leased(f"evt_{n}")) for n in range(1, 5)
         ]
-    finally:
-        server.close()
     assert [(o.kind, o.error_class) for o in outcomes] == [(OutcomeKind.SUCCESS, None)] * 4
     assert seen == ["evt_1", "evt_2", "evt_3", "evt_4"]
 
@@ -383,14 +391,8 @@ async def test_a_destination_that_drops_every_request_gets_it_once_per_attempt(
     # never left is): it may have been processed, and a destination that drops every
     # request would get each twice.
     seen: list[str] = []
-    server = await asyncio.start_server(
-        lambda r, w: _answer_each_request(r, w, answer=False, seen=seen), "127.0.0.1", 0
-    )
-    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hooks"
-    try:
+    async with closing_after_each(answer=False, seen=seen) as url:
         outcome = await deliver_to(url, session)
-    finally:
-        server.close()
     assert (outcome.kind, outcome.error_class) == (OutcomeKind.RETRYABLE, "connection_error")
     assert seen == ["evt_1"]
 
