@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -22,12 +23,16 @@ class SystemClock:
         return time.time_ns() // 1_000_000
 
 
-def _ticks_ns() -> int:
-    """A clock no one sets: CLOCK_BOOTTIME (counts a suspended VM's sleep), else monotonic."""
+def _boottime_reader() -> Callable[[], int]:
+    """A clock no one sets: CLOCK_BOOTTIME (counts a suspended VM's sleep), else monotonic.
+    Chosen once, as a C callable: it is read for every timestamp of the hot paths."""
     boottime = getattr(time, "CLOCK_BOOTTIME", None)
     if boottime is None:
-        return time.monotonic_ns()
-    return time.clock_gettime_ns(boottime)
+        return time.monotonic_ns
+    return functools.partial(time.clock_gettime_ns, boottime)
+
+
+_ticks_ns = _boottime_reader()
 
 
 class StoreClock:
