@@ -14,7 +14,7 @@ from click.testing import CliRunner, Result
 from sqlalchemy import text
 
 from estafeta.cli import main
-from estafeta.clock import iso_from_ms
+from estafeta.clock import SystemClock, iso_from_ms
 from estafeta.config import load_config, load_config_dict
 from estafeta.delivery.decision import Transition
 from estafeta.delivery.outcome import OutcomeKind
@@ -65,6 +65,25 @@ async def test_one_dead_delivery_is_counted_in_the_singular(
     assert listed.output.splitlines()[-1] == "1 dead delivery", listed.output
     replayed = await asyncio.to_thread(run, config, "dlq", "replay", "--all")
     assert replayed.output == f"{leased.id}\n1 delivery replayed\n", replayed.output
+
+
+# On SQLite every process runs on the store's machine and goes by its clock.
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_a_replay_from_a_machine_whose_clock_is_ahead_is_due_at_once(
+    tmp_path: Path, database_url: str, store: SqlStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Workers go by the store's clock (PostgreSQL's server). Before: `dlq replay` run on an
+    # operator's machine 10 minutes ahead made the deliveries due 10 minutes later.
+    await store.insert_events([event(destinations=("crm",))])
+    [leased] = await lease_any(store, now_ms=NOW)
+    await store.complete([attempt(leased, DeliveryState.DEAD, kind=OutcomeKind.PERMANENT)], NOW)
+    machine_ms = SystemClock.now_ms
+    monkeypatch.setattr(SystemClock, "now_ms", lambda self: machine_ms(self) + 600_000)
+    config = config_file(tmp_path, database_url)
+    replayed = await asyncio.to_thread(run, config, "dlq", "replay", "--all")
+    assert replayed.output == f"{leased.id}\n1 delivery replayed\n", replayed.output
+    due = await lease_any(store, now_ms=await store.clock_ms())
+    assert [d.id for d in due] == [leased.id]
 
 
 async def test_a_summary_counts_the_dead_by_destination_and_reason(

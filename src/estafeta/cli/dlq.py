@@ -17,7 +17,7 @@ from estafeta.cli.common import (
     operator,
     printable,
 )
-from estafeta.clock import SystemClock, iso_from_ms, ms_from_iso
+from estafeta.clock import iso_from_ms, ms_from_iso
 from estafeta.config import Config
 from estafeta.errors import EstafetaError
 from estafeta.store.records import DeadLetterFilter
@@ -176,9 +176,11 @@ def _move(config_path: str, action_name: str, everything: bool, **selection: Any
         raise click.UsageError("name --id, a filter, or --all")
     actor = operator()
 
-    def action(store: SqlStore) -> Awaitable[list[str]]:
+    async def action(store: SqlStore) -> list[str]:
         operation = store.replay if action_name == "replay" else store.discard
-        return operation(chosen, actor=actor, now_ms=SystemClock().now_ms())
+        # The store's time, as workers go by (clock.py): by a clock ahead of it (this
+        # machine's), replayed deliveries would wait that much before a worker took them.
+        return await operation(chosen, actor=actor, now_ms=await store.clock_ms())
 
     moved = in_selection(config, chosen, action)
     for delivery_id in moved:
