@@ -101,8 +101,8 @@ async def handler_case(n: int, workdir: Path) -> None:
             return pending.pop()
 
         await app(scope, receive, send)  # type: ignore[arg-type]
-    if answers.count(202) != n:
-        raise RuntimeError(f"expected {n} answers 202, got {sorted(set(answers))}")
+    if answers.count(200) != n:
+        raise RuntimeError(f"expected {n} answers 200, got {sorted(set(answers))}")
 
 
 @contextlib.asynccontextmanager
@@ -228,8 +228,8 @@ async def e2e_case(n: int, workdir: Path, fanout: int = 3) -> None:
         stop.set()
         await running_worker
         await hub.close()
-    if answers.count(202) != n:
-        raise RuntimeError(f"expected {n} answers 202, got {sorted(set(answers))}")
+    if answers.count(200) != n:
+        raise RuntimeError(f"expected {n} answers 200, got {sorted(set(answers))}")
 
 
 def signed_requests(n: int) -> Iterator[tuple[dict[str, object], bytes]]:

@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from estafeta.connectors.http import sign_webhook
+from estafeta.ingress.endpoint import EMPTY_TWIML
 from estafeta.ingress.providers.twilio import signature as twilio_signature
 from tests.conftest import SOURCE_SECRET
 from tests.integration.providers_support import (
@@ -148,6 +149,8 @@ def _problem(r: httpx.Response, case: str) -> str | None:
     """What is wrong with an answer, or None: a 5xx, or a body that says nothing."""
     if r.status_code >= 500:
         return f"{case}: {r.status_code} {r.text}"
+    if r.status_code < 400 and r.headers["content-type"].startswith("text/xml"):  # Twilio's
+        return None if r.text == EMPTY_TWIML else f"{case}: TwiML that replies: {r.text}"
     body = r.json()
     if r.status_code >= 400 and not (body.get("error") and body.get("detail")):
         return f"{case}: {r.status_code} without error and detail: {r.text}"

@@ -337,8 +337,10 @@ async def _served_story(
                 for _ in range(2 if n == 0 else 1):  # Meta redelivers the first one
                     async with http.post(webhook, data=body, headers=headers) as r:
                         answer = await r.json()
-                        accepted += r.status == 202
-                        duplicates += r.status == 200 and answer.get("duplicate", False)
+                        # Meta's answer is 200 (it retries anything else): new or repeated.
+                        duplicate = answer.get("duplicate", False)
+                        accepted += r.status == 200 and not duplicate
+                        duplicates += r.status == 200 and duplicate
             say(
                 f"received   {accepted} WhatsApp messages from {len(CUSTOMERS)} customers "
                 f"(signed by Meta); {duplicates} redelivered webhook answered as a duplicate"

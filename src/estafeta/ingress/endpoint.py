@@ -11,7 +11,7 @@ even if its body is then refused: parsing is the work the limit protects.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
@@ -23,6 +23,7 @@ from estafeta.ingress.providers.base import InboundRequest
 
 if TYPE_CHECKING:
     from estafeta.hub import Hub
+    from estafeta.store.records import InsertResult
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -34,6 +35,18 @@ log = structlog.get_logger("estafeta.ingress")
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 # Marks an answer whose events wait in the local spool because the store is unreachable.
 SPOOLED = {"X-Estafeta-Spooled": "1"}
+# "Reply nothing" in TwiML, what Twilio reads the answer to an incoming message as.
+EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response></Response>'
+
+
+def twiml_headers(results: Sequence[InsertResult], marks: dict[str, str] | None) -> dict[str, str]:
+    """A TwiML answer's headers: the ids (and duplicates) its JSON would have given."""
+    headers = {"Content-Type": "text/xml; charset=utf-8", **(marks or {})}
+    if results:
+        headers["X-Estafeta-Event-Id"] = ", ".join(r.event_id for r in results)
+        if all(r.duplicate for r in results):
+            headers["X-Estafeta-Duplicate"] = "1"
+    return headers
 
 
 def media_type(headers: Mapping[str, str]) -> str:
@@ -193,8 +206,10 @@ class IngestApp:
             ]
         )
         duplicate = bool(results) and all(r.duplicate for r in results)
-        status = 202 if results and not duplicate else 200
+        status = handler.accepted_status if results and not duplicate else 200
         marks = SPOOLED if any(r.spooled for r in results) else None
+        if handler.answers_twiml:
+            return status, EMPTY_TWIML, twiml_headers(results, marks)
         if len(results) == 1:
             return status, {"id": results[0].event_id, "duplicate": duplicate}, marks
         listed = [{"id": r.event_id, "duplicate": r.duplicate} for r in results]

@@ -49,6 +49,8 @@ class GenericSource:
 
     kind = "generic"
     methods: tuple[str, ...] = ("POST",)
+    accepted_status = 202
+    answers_twiml = False
 
     def __init__(self, source: SourceConfig) -> None:
         self.source = source

@@ -83,6 +83,13 @@ class ProviderSource(Protocol):
     # The methods its URL answers, for a 405's `Allow`: POST, and GET where `handshake` can
     # answer one.
     methods: tuple[str, ...]
+    # The status a webhook whose events are committed (or spooled) is answered with. The
+    # providers ask for 200: Meta retries any other status for 7 days (contracts §1.3),
+    # Twilio and SendPulse expect 200. Generic sources answer 202, as the API does.
+    accepted_status: int
+    # Twilio reads the answer to an incoming message as TwiML: any other content type is its
+    # error 12300, reported to the business for every message (contracts §2.2).
+    answers_twiml: bool
 
     def handshake(self, request: InboundRequest) -> str:
         """The text to answer a GET with (200); raises HttpError (403, 405 …) otherwise."""
@@ -157,6 +164,8 @@ class TokenInUrlSource:
 
     kind: str
     methods: tuple[str, ...] = ("POST",)
+    accepted_status = 200
+    answers_twiml = False
 
     def __init__(self, config: SourceConfig) -> None:
         self._token = require(config.token, self.kind, "token")

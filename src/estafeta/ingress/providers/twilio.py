@@ -75,6 +75,8 @@ class TwilioSource:
 
     kind: str = PROVIDER
     methods: tuple[str, ...] = ("POST",)
+    accepted_status = 200
+    answers_twiml = True
 
     def __init__(self, config: SourceConfig) -> None:
         self._auth_token = require(config.auth_token, PROVIDER, "auth_token").encode()

@@ -64,6 +64,8 @@ class WhatsAppCloudSource:
 
     kind: str = PROVIDER
     methods: tuple[str, ...] = ("GET", "POST")  # GET: Meta's verification handshake
+    accepted_status = 200  # Meta retries anything else for 7 days
+    answers_twiml = False
 
     def __init__(self, config: SourceConfig) -> None:
         self._app_secret = require(config.app_secret, PROVIDER, "app_secret").encode()
