@@ -104,6 +104,20 @@ async def test_a_body_without_type_becomes_data_of_the_sources_event_type(client
     assert event["type"] == "crm.webhook" and event["event"]["data"] == {"lead": {"name": "Maria"}}
 
 
+async def test_a_nul_in_a_webhooks_type_is_stored_and_delivered_as_one_type_on_both_engines(
+    client: Client,
+) -> None:
+    """Webhooks take NUL, and where it becomes a stored name it is U+FFFD: PostgreSQL stored
+    the type so while delivering U+0000 (and SQLite stored U+0000), so the type an operator
+    saw and filtered on was not the one destinations got, and differed by engine."""
+    body = orjson.dumps({"type": "lead.\u0000new", "data": {"note": "a\u0000b"}})
+    r = await client.http.post("/in/crm-events", content=body, headers=signed(body, "nul-type"))
+    assert r.status_code == 202, r.text
+    event = (await client.http.get(f"/api/v1/events/{r.json()['id']}", headers=ADMIN)).json()
+    assert event["type"] == event["event"]["type"] == "lead.\ufffdnew"
+    assert event["event"]["data"] == {"note": "a\u0000b"}  # data keeps what was sent
+
+
 async def test_long_numbers_within_64_bits_and_long_digit_strings_arrive_exactly(
     client: Client,
 ) -> None:

@@ -19,6 +19,7 @@ from standardwebhooks.webhooks import Webhook
 from estafeta.config import SourceConfig
 from estafeta.errors import HttpError
 from estafeta.jsonvalues import DATA_LEVELS_ABOVE, WIDE_INTEGER, may_nest_too_deep, unstorable
+from estafeta.messaging.facts import storable
 from estafeta.record import Record
 
 if TYPE_CHECKING:
@@ -156,4 +157,6 @@ def _refuse_unstorable(body: bytes, data: dict[str, Any], member: str | None) ->
 def _checked_type(event_type: str) -> str:
     if not event_type or len(event_type) > 200:
         raise HttpError(400, "invalid_type", '"type" must be 1 to 200 characters')
-    return event_type
+    # PostgreSQL cannot store U+0000: the type is made storable before it is routed and put
+    # in the canonical event, so the stored type, the delivered one and both engines agree.
+    return storable(event_type)
