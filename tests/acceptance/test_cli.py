@@ -148,6 +148,50 @@ send_max_attempts = 3
     assert result.stdout == ""
 
 
+KIND_FROM_ENV = """\
+[[tenants]]
+id = "clinica-sol"
+
+[[destinations]]
+id = "crm"
+tenant = "clinica-sol"
+kind = "${CRM_KIND}"
+url = "http://127.0.0.1:9/crm"
+"""
+
+
+def test_check_config_judges_a_destination_kind_from_the_environment_as_serve_does(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "estafeta.toml"
+    path.write_text(KIND_FROM_ENV)
+
+    # `serve` runs this file with CRM_KIND=http: check-config must not refuse it.
+    ok = CliRunner().invoke(main, ["check-config", str(path)], env={"CRM_KIND": "http"})
+    assert (ok.exit_code, ok.output) == (0, f"{path}: ok\n"), ok.output
+    # With CRM_KIND=smtp `serve` refuses to start: check-config says so, naming the kind.
+    smtp = CliRunner().invoke(main, ["check-config", str(path)], env={"CRM_KIND": "smtp"})
+    assert smtp.exit_code == 1, smtp.output
+    assert (
+        f"{path}: destinations[0].kind: destination kind 'smtp' is not available in this "
+        "version (available: http)" in smtp.output.splitlines()
+    ), smtp.output
+
+
+def test_check_config_reports_absurdly_nested_toml_without_a_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "deep.toml"
+    path.write_text("a = " + "[" * 5000 + "]" * 5000 + "\n")
+
+    result = CliRunner().invoke(main, ["check-config", str(path)])
+
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
+    assert result.exit_code == 1, result.output
+    assert result.output.splitlines() == [
+        f"{path}: invalid TOML: arrays or tables nested too deeply",
+        "1 problem found",
+    ]
+
+
 async def test_serve_refuses_a_destination_kind_it_cannot_deliver_to(tmp_path: Path) -> None:
     config = hub_config(
         f"sqlite:///{tmp_path / 'estafeta.db'}",
@@ -165,6 +209,32 @@ async def test_serve_refuses_a_destination_kind_it_cannot_deliver_to(tmp_path: P
     # Refused before anything starts, rather than accepting events it could never deliver.
     assert result.returncode == 2, result
     assert "destinations[1].kind: destination kind 'airtable' is not available" in result.stderr
+    assert not (tmp_path / "estafeta.db").exists()
+
+
+async def test_a_setting_serve_cannot_use_is_refused_by_check_config_first(
+    tmp_path: Path,
+) -> None:
+    """A NUL character (TOML's "\\u0000") in `storage.spool_dir`: check-config said ok, then
+    `serve` migrated the store and crashed with a traceback (exit 1) making the spool."""
+    config = hub_config(
+        f"sqlite:///{tmp_path / 'estafeta.db'}",
+        tmp_path,
+        port=free_port(),
+        destinations=[http_destination("crm", "http://127.0.0.1:9/crm")],
+        routes=[{"tenant": TENANT, "events": ["lead.*"], "destinations": ["crm"]}],
+    )
+    config["storage"]["spool_dir"] = str(tmp_path / "spool\x00")
+    path = write_config(tmp_path / "estafeta.toml", config)
+    problem = "storage.spool_dir: must not contain a NUL character (\\u0000)"
+
+    checked = await run_cli("check-config", str(path), cwd=tmp_path)
+    assert checked.returncode == 1, checked
+    assert checked.stderr.splitlines() == [f"{path}: {problem}", "1 problem found"]
+
+    served = await run_cli("serve", "--config", str(path), cwd=tmp_path, timeout_s=30)
+    assert served.returncode == 2, served
+    assert problem in served.stderr and "Traceback" not in served.stderr, served.stderr
     assert not (tmp_path / "estafeta.db").exists()
 
 

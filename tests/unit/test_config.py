@@ -659,6 +659,57 @@ def test_true_or_false_is_not_a_number(tmp_path: Path) -> None:
     ]
 
 
+def test_a_sources_event_type_is_one_an_event_can_have(tmp_path: Path) -> None:
+    # The stored type is at most 200 characters, as a body's "type" is: a longer one was
+    # accepted here and answered 500 to every webhook without a "type" on PostgreSQL.
+    source = SOURCE + 'event_type = "{}"\n'
+    assert problems(tmp_path, TENANT + source.format("t" * 200)) == []
+    assert problems(tmp_path, TENANT + source.format("t" * 201)) == [
+        "sources[0].event_type: must be at most 200 characters, as an event's type"
+    ]
+
+
+def test_a_nul_character_is_refused_in_every_string(tmp_path: Path) -> None:
+    # TOML writes one as "\u0000"; accepted here, it made `serve` fail at start: PostgreSQL's
+    # text cannot hold it (tenants and routes are copied into the store) and a path holding
+    # it crashed with a traceback. No setting means one.
+    nul = "\\u0000"
+    text = dedent(f"""
+        [storage]
+        spool_dir = "./spool{nul}"
+        [[tenants]]
+        id = "acme"
+        name = "Acme{nul}"
+        [[sources]]
+        id = "hooks"
+        tenant = "acme"
+        kind = "generic"
+        api_key = "k-123"
+        event_type = "lead{nul}"
+        [[destinations]]
+        id = "crm"
+        tenant = "acme"
+        url = "https://crm.example/hooks{nul}"
+        [[routes]]
+        tenant = "acme"
+        events = ["lead.*", "x{nul}"]
+        destinations = ["crm"]
+        filter = "data.kind == 'a{nul}'"
+        ordering_key = "data.a{nul}"
+    """)
+    message = "must not contain a NUL character (\\u0000)"
+
+    assert problems(tmp_path, text) == [
+        f"storage.spool_dir: {message}",
+        f"tenants[0].name: {message}",
+        f"sources[0].event_type: {message}",
+        f"destinations[0].url: {message}",
+        f"routes[0].events: {message}",
+        f"routes[0].filter: {message}",
+        f"routes[0].ordering_key: {message}",
+    ]
+
+
 def test_valid_filter_is_accepted(tmp_path: Path) -> None:
     config = load(tmp_path, MINIMAL + "filter = \"data.kind == 'text'\"")
     assert config.routes[0].filter == "data.kind == 'text'"

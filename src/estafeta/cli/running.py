@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import tomllib
 from pathlib import Path
 
 import click
@@ -19,7 +18,8 @@ from estafeta.cli.common import (
 )
 from estafeta.clock import SystemClock
 from estafeta.config import check_config
-from estafeta.errors import EstafetaError
+from estafeta.config.loader import read_config_file, resolve_env
+from estafeta.errors import ConfigError, EstafetaError
 from estafeta.observability.logging import configure_logging
 from estafeta.store.sqlstore import SqlStore
 
@@ -108,12 +108,11 @@ def check_config_command(file: str) -> None:
 
 
 def _destination_kinds(file: str) -> list[object]:
-    """Each `[[destinations]]` table's `kind` as written ([] when the file does not parse:
-    that is reported already)."""
+    """Each `[[destinations]]` table's `kind` as `serve` will read it, its `${VAR}`
+    substituted ([] when the file cannot be read: that is reported already)."""
     try:
-        with open(file, "rb") as f:
-            data = tomllib.load(f)
-    except (OSError, ValueError):  # unreadable, not UTF-8, not TOML: reported already
+        data = resolve_env(read_config_file(file))
+    except ConfigError:
         return []
     destinations = data.get("destinations")
     if not isinstance(destinations, list):

@@ -28,7 +28,14 @@ from pydantic_core import ErrorDetails
 from estafeta.config.models import FIELD_ERROR, Config, default_route_id
 from estafeta.errors import ConfigError, ConfigIssue
 
-__all__ = ["ENV_OVERRIDES", "check_config", "load_config", "load_config_dict"]
+__all__ = [
+    "ENV_OVERRIDES",
+    "check_config",
+    "load_config",
+    "load_config_dict",
+    "read_config_file",
+    "resolve_env",
+]
 
 #: Environment variable → (table, key) it overrides (DESIGN §3.2).
 ENV_OVERRIDES: dict[str, tuple[str, str]] = {
@@ -49,10 +56,15 @@ Loc = tuple[str | int, ...]
 
 def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
     """Read and check the TOML file at `path`; raise `ConfigError` listing every problem."""
+    return load_config_dict(read_config_file(path), env)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The TOML file at `path` as parsed, unchecked; `ConfigError` when it cannot be read."""
     path = Path(path)
     try:
         with path.open("rb") as file:
-            data = tomllib.load(file)
+            return tomllib.load(file)
     except FileNotFoundError:
         raise ConfigError([ConfigIssue(str(path), "file does not exist")]) from None
     except tomllib.TOMLDecodeError as exc:
@@ -64,7 +76,16 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
         raise ConfigError([issue]) from None
     except OSError as exc:
         raise ConfigError([ConfigIssue(str(path), f"cannot read: {exc.strerror}")]) from None
-    return load_config_dict(data, env)
+
+
+def resolve_env(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """`data` as the configuration will see it: `${NAME}` substituted and the `ESTAFETA_*`
+    overrides applied, unchecked (a missing variable is left as written). For checks that
+    must judge the values `serve` runs with, not the text of the file."""
+    env = os.environ if env is None else env
+    resolved: dict[str, Any] = _substitute(dict(data), (), env, [])
+    _apply_overrides(resolved, env)
+    return resolved
 
 
 def load_config_dict(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:

@@ -47,6 +47,9 @@ NO_WORKERS_MIN_S = 30.0
 #: after year 9999 could not be shown by the API, and one past 2**63 ms could not be stored.
 MAX_DURATION_S = 30 * 86_400
 INT64_MAX = 2**63 - 1
+#: The longest event type, from a body's `type`, the API or a source's `event_type`
+#: (events.type is String(200)).
+EVENT_TYPE_MAX_LENGTH = 200
 
 
 def field_problem(message: str, field: str | None = None) -> PydanticCustomError:
@@ -160,6 +163,17 @@ class _Model(BaseModel):
         field = cls.model_fields.get(info.field_name or "")
         if isinstance(value, bool) and field is not None and field.annotation in _NUMBER_TYPES:
             raise ValueError("must be a number, not true or false")
+        return value
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_nul_characters(cls, value: Any) -> Any:
+        # TOML writes one as "\u0000", but no setting means it: PostgreSQL's text refuses it
+        # (tenants, sources, destinations and routes are copied into the store at start) and
+        # a path holding one crashes. A table's strings are checked by its own model.
+        texts = value if isinstance(value, list) else [value]
+        if any(isinstance(text, str) and "\x00" in text for text in texts):
+            raise ValueError("must not contain a NUL character (\\u0000)")
         return value
 
     @field_validator("*")
@@ -505,6 +519,16 @@ class SourceConfig(_Model):
         if value is None or takes is None or key in SOURCE_COMMON_KEYS or key in takes:
             return value
         raise ValueError(f"not a key of a {kind} source (it takes {', '.join(takes)})")
+
+    @field_validator("event_type")
+    @classmethod
+    def _check_event_type(cls, value: str | None) -> str | None:
+        # Stored as each event's type: a longer one failed every webhook without a "type".
+        if value is not None and len(value) > EVENT_TYPE_MAX_LENGTH:
+            raise ValueError(
+                f"must be at most {EVENT_TYPE_MAX_LENGTH} characters, as an event's type"
+            )
+        return value
 
     @field_validator("secret")
     @classmethod

@@ -17,6 +17,7 @@ import orjson
 from standardwebhooks.webhooks import Webhook
 
 from estafeta.config import SourceConfig
+from estafeta.config.models import EVENT_TYPE_MAX_LENGTH
 from estafeta.errors import HttpError
 from estafeta.jsonvalues import DATA_LEVELS_ABOVE, WIDE_INTEGER, may_nest_too_deep, unstorable
 from estafeta.messaging.facts import storable
@@ -155,8 +156,9 @@ def _refuse_unstorable(body: bytes, data: dict[str, Any], member: str | None) ->
 
 
 def _checked_type(event_type: str) -> str:
-    if not event_type or len(event_type) > 200:
-        raise HttpError(400, "invalid_type", '"type" must be 1 to 200 characters')
+    if not event_type or len(event_type) > EVENT_TYPE_MAX_LENGTH:
+        detail = f'"type" must be 1 to {EVENT_TYPE_MAX_LENGTH} characters'
+        raise HttpError(400, "invalid_type", detail)
     # PostgreSQL cannot store U+0000: the type is made storable before it is routed and put
     # in the canonical event, so the stored type, the delivered one and both engines agree.
     return storable(event_type)
