@@ -103,3 +103,48 @@ async def test_webhooks_are_spooled_within_a_bound_while_sqlite_is_locked(
         holder.close()
         await hub.close()
         await store.close()
+
+
+@pytest.mark.parametrize("how", ["removed", "replaced"])
+async def test_webhooks_are_spooled_once_the_sqlite_file_is_removed_or_replaced(
+    tmp_path: Path, how: str
+) -> None:
+    # SQLite goes on writing to a file that lost its name (deleted, or a restored copy moved
+    # over it while the hub runs): every event acknowledged after that would be gone at the
+    # next start. The store must refuse such writes as unreachable, so that ingest spools.
+    path = tmp_path / "estafeta.db"
+    config = load_config_dict(base_config(f"sqlite:///{path}"))
+    store = open_store(config.storage.url)
+    await store.migrate()
+    await store.sync_config(config, 1_700_000_000_000)
+    spool = Spool(tmp_path / "spool", max_bytes=1 << 20)
+    hub = Hub(config, store, spool=spool)
+    try:
+        assert await timed_accept(hub, 0) >= 0  # stored in the file as it was opened
+        for suffix in ("", "-wal", "-shm"):
+            (tmp_path / f"estafeta.db{suffix}").unlink(missing_ok=True)
+        if how == "replaced":
+            restored = open_store(f"sqlite:///{tmp_path / 'restored.db'}")
+            await restored.migrate()
+            await restored.sync_config(config, 1_700_000_000_000)
+            await restored.close()
+            (tmp_path / "restored.db").rename(path)
+        await timed_accept(hub, 1, spooled=True)
+        with pytest.raises(StoreUnavailable):
+            await store.ping()  # /health/detailed says the store is down
+        with pytest.raises(StoreUnavailable):
+            await store.pending_destinations()
+    finally:
+        await hub.close()
+        await store.close()
+
+    # Started again on the file the path names now, the spool hands it what it accepted.
+    restarted = open_store(config.storage.url)
+    try:
+        await restarted.migrate()
+        await restarted.sync_config(config, 1_700_000_000_000)
+        await spool.drain(restarted)
+        rows = await query(restarted, "SELECT idempotency_key FROM events")
+        assert [str(key) for (key,) in rows] == ["k1"]
+    finally:
+        await restarted.close()

@@ -23,11 +23,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import orjson
-from sqlalchemy import event, text
+from sqlalchemy import event, make_url, text
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from estafeta.errors import ConfigError, ConfigIssue
+from estafeta.errors import ConfigError, ConfigIssue, StoreUnavailable
 from estafeta.store.base import store_errors
 from estafeta.store.ingest import delivery_rows, event_key, event_row, fates
 from estafeta.store.messaging import conversation_counts
@@ -103,31 +103,66 @@ def _create_private(path: str) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
+class DatabaseFile:
+    """The file a store opened, known by its identity on disk. SQLite goes on writing to a
+    file removed, or renamed over (a backup restored in its place), while it is open: what
+    it commits there is gone at the next start, though it was acknowledged. Each transaction
+    first checks that the path still names the file the store first opened, and fails as
+    the store being unreachable if not (ingest spools; the spool drains once restarted)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._opened: tuple[int, int] | None = None
+
+    def opened(self) -> None:
+        """Called as each connection opens: the first one names the store's file."""
+        if self._opened is None:
+            self._opened = self._identity()
+
+    def check(self) -> None:
+        """Raise StoreUnavailable unless the path still names the file first opened."""
+        if self._opened is not None and self._identity() != self._opened:
+            raise StoreUnavailable(
+                f"the database file {self.path} was removed or replaced since this process "
+                "opened it: restart the process"
+            )
+
+    def _identity(self) -> tuple[int, int] | None:
+        try:
+            found = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return found.st_dev, found.st_ino
+
+
 def _delivery_params(events: Sequence[NewEvent]) -> list[tuple[Any, ...]]:
     """`_INSERT_DELIVERY`'s parameters: created and updated when first due."""
     return [(*row, row[7], row[7]) for row in delivery_rows(events)]
 
 
-def _engine(url: str, *, begin: str) -> AsyncEngine:
+def _engine(url: str, *, begin: str, database_file: DatabaseFile | None) -> AsyncEngine:
     engine = create_async_engine(
         url,
         connect_args={"timeout": BUSY_TIMEOUT_MS / 1000},
         hide_parameters=True,  # parameters hold phone numbers and message text
     )
 
-    path = engine.url.database
-    if path is not None and _on_disk(path):
+    if database_file is not None:
 
         @event.listens_for(engine.sync_engine, "do_connect")
         def _before_connect(*_: Any) -> None:
-            _create_private(path)
+            _create_private(database_file.path)
 
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         _configure(dbapi_connection)
+        if database_file is not None:
+            database_file.opened()
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: Any) -> None:
+        if database_file is not None:
+            database_file.check()
         connection.exec_driver_sql(begin)
 
     return engine
@@ -136,8 +171,9 @@ def _engine(url: str, *, begin: str) -> AsyncEngine:
 class IngestWriter:
     """A sqlite3 connection used from one thread of its own, for whole ingest batches."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, database_file: DatabaseFile | None = None) -> None:
         self.path = path
+        self._database_file = database_file
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-ingest")
         self._conn: sqlite3.Connection | None = None
 
@@ -160,7 +196,11 @@ class IngestWriter:
             )
             _configure(conn)
             self._conn = conn
+            if self._database_file is not None:
+                self._database_file.opened()
         conn = self._conn
+        if self._database_file is not None:
+            self._database_file.check()
         conn.execute("BEGIN IMMEDIATE")
         try:
             # The write lock is held since BEGIN IMMEDIATE: no other writer can store a key
@@ -200,19 +240,29 @@ class SqliteStore(SqlStore):
     lease_sql_file = "lease_sqlite.sql"
 
     def __init__(
-        self, engine: AsyncEngine, read_engine: AsyncEngine | None = None, *, path: str | None
+        self,
+        engine: AsyncEngine,
+        read_engine: AsyncEngine | None = None,
+        *,
+        path: str | None,
+        database_file: DatabaseFile | None = None,
     ) -> None:
         super().__init__(engine, read_engine)
         self._lease = text(self.lease_sql)
         # A database in memory is private to its connection: no second connection for it.
-        self._writer = IngestWriter(path) if path and path != ":memory:" else None
+        self._writer = IngestWriter(path, database_file) if path and path != ":memory:" else None
 
     @classmethod
     def from_url(cls, url: str) -> SqliteStore:
-        writer = _engine(url, begin="BEGIN IMMEDIATE")
-        if writer.url.database is not None and _on_disk(writer.url.database):
-            _check_directory(writer.url.database)
-        return cls(writer, _engine(url, begin="BEGIN"), path=writer.url.database)
+        path = make_url(url).database
+        database_file = DatabaseFile(path) if path is not None and _on_disk(path) else None
+        if database_file is not None:
+            _check_directory(database_file.path)
+        # One DatabaseFile for every connection: once the path names another file, they
+        # all refuse it, the ones opened since on that other file too.
+        writer = _engine(url, begin="BEGIN IMMEDIATE", database_file=database_file)
+        reader = _engine(url, begin="BEGIN", database_file=database_file)
+        return cls(writer, reader, path=path, database_file=database_file)
 
     async def _store_candidates(
         self, events: Sequence[NewEvent], *, by_id: bool
