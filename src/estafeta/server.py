@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
+import os
 import signal
 import socket
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import structlog
 import uvicorn
@@ -34,6 +36,46 @@ log = structlog.get_logger("estafeta.server")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 T = TypeVar("T")
+
+
+def force_stop(signum: int) -> NoReturn:
+    """A second SIGTERM or SIGINT during a graceful stop: end the process now, as a crash
+    would (docs/operations.md, Stopping). Nothing is lost: a request is answered only after
+    its commit, and leases not given back expire and are rescued. The process dies of the
+    signal itself, so that its status says it did not stop gracefully.
+
+    Safe in a Python signal handler: the line is written straight to stderr's descriptor,
+    since the handler may interrupt this very thread in the middle of a log line, holding
+    the logger's (non-reentrant) write lock."""
+    name = signal.Signals(signum).name
+    with contextlib.suppress(Exception):  # nothing may keep the process from ending
+        line = _rendered("shutdown_forced", "warning", signal=name)
+        if line is not None:
+            os.write(2, f"{line}\n".encode())
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    os._exit(128 + signum)  # only if the signal did not end the process
+
+
+def _rendered(event: str, level: str, **fields: Any) -> str | None:
+    """`event` as the configured logger would print it; None if its level is filtered out."""
+    config = structlog.get_config()
+    wrapper = config["wrapper_class"]
+    is_enabled_for = getattr(wrapper, "is_enabled_for", None)
+    if is_enabled_for is not None and not is_enabled_for(None, logging.getLevelName(level.upper())):
+        return None
+    event_dict: Any = {"event": event, **fields}
+    try:
+        for processor in config["processors"]:
+            event_dict = processor(None, level, event_dict)
+    except structlog.DropEvent:
+        return None
+    return str(event_dict)
+
+
+def log_stopping(signum: int) -> None:
+    """The first SIGTERM or SIGINT: a graceful stop begins (another one forces it)."""
+    log.info("stopping", signal=signal.Signals(signum).name)
 
 
 def tune_garbage_collector() -> None:
@@ -100,6 +142,24 @@ async def unless_stopped(step: Awaitable[T]) -> T | None:
             loop.remove_signal_handler(sig)
 
 
+@contextlib.contextmanager
+def forced_by_signals() -> Iterator[None]:
+    """The last steps of a stop (closing the store): a SIGTERM or SIGINT now ends the process
+    at once, as a second one does during the graceful stop, instead of killing it silently
+    (SIGTERM) or with click's `Aborted!` (SIGINT)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {
+        sig: signal.signal(sig, lambda signum, _frame: force_stop(signum)) for sig in STOP_SIGNALS
+    }
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 async def store_clock(store: SqlStore) -> StoreClock:
     """The clock of everything this process shares through the store (lease deadlines, due
     times, its presence): the store's, so that machines whose clocks disagree agree on it.
@@ -142,6 +202,7 @@ class GracefulServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, *, on_started: Callable[[str], None] | None) -> None:
         super().__init__(config)
         self._on_started = on_started
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop serving, for signals
         self.address = f"{config.host}:{config.port}"  # as bound, once started
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
@@ -162,12 +223,24 @@ class GracefulServer(uvicorn.Server):
         if threading.current_thread() is not threading.main_thread():
             yield
             return
+        self._loop = asyncio.get_running_loop()
         previous = {sig: signal.signal(sig, self.handle_exit) for sig in STOP_SIGNALS}
         try:
             yield
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        """A Python signal handler (it may run between any two bytecodes of this thread):
+        the first signal asks uvicorn to stop gracefully, a second one during that stop ends
+        the process at once. (uvicorn's own second SIGINT only skips the application's
+        shutdown, and its second SIGTERM does nothing.)"""
+        if self.should_exit:
+            force_stop(sig)
+        super().handle_exit(sig, frame)
+        if self._loop is not None:  # logged from the loop: a log call here could deadlock
+            self._loop.call_soon_threadsafe(log_stopping, sig)
 
 
 def uvicorn_server(
@@ -228,7 +301,8 @@ async def serve(config: Config, *, run_workers: bool = True, migrate: bool = Tru
         await server.serve()  # uvicorn turns SIGTERM/SIGINT into a graceful shutdown
         log.info("server_stopped", listen=server.address)
     finally:
-        await store.close()
+        with forced_by_signals():  # the server's handlers are gone: it is stopping anyway
+            await store.close()
 
 
 async def work(config: Config) -> None:
@@ -237,9 +311,16 @@ async def work(config: Config) -> None:
     if store is None:
         return
     stop = asyncio.Event()
+
+    def stop_signal(signum: int) -> None:
+        if stop.is_set():  # a second one during the graceful stop
+            force_stop(signum)
+        log_stopping(signum)
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in STOP_SIGNALS:
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stop_signal, sig)
     tasks = Tasks()
     endpoint = None
     try:

@@ -1,0 +1,85 @@
+"""Stopping `serve` and `worker`: a second SIGTERM or Ctrl-C during the graceful stop ends the
+process at once, as a crash would, and loses nothing (docs/operations.md, Stopping)."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+
+from estafeta.testing.sink import Sink
+from tests.acceptance.conftest import (
+    Estafeta,
+    HubClient,
+    client_session,
+    free_port,
+    leads_to_crm_config,
+    query,
+)
+
+# Longer than the test waits for the process to exit: a stop that waited for the send (or
+# for the grace period) instead of ending at once fails the test.
+SEND_S = 30.0
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(
+    ("command", "database_url"),
+    [("serve", "sqlite"), ("worker", "postgresql")],
+    indirect=["database_url"],
+)
+async def test_a_second_stop_signal_ends_the_graceful_stop_at_once(
+    database_url: str,
+    tmp_path: Path,
+    estafeta: Estafeta,
+    sink: Sink,
+    command: str,
+    second: signal.Signals,
+) -> None:
+    sink.respond(200, delay_s=SEND_S)
+    port = free_port()
+    config = leads_to_crm_config(
+        database_url,
+        tmp_path,
+        sink.url,
+        port=port,
+        timeout_s=SEND_S + 10,
+        worker={"shutdown_grace_s": 60},
+    )
+    serve = await estafeta.serve(config, port, no_workers=command == "worker")
+    assert serve.base_url is not None
+    stopped = serve if command == "serve" else estafeta.worker(config)
+    async with client_session() as http:
+        hub = HubClient(serve.base_url, http)
+        status, answer = await hub.post_signed({"type": "lead.created", "data": {}}, "msg_1")
+        assert status == 202, answer
+        event_id = answer["id"]
+    assert await sink.wait_for(lambda s: len(s.received) == 1, 20), "the send never started"
+
+    stopped.send_signal(signal.SIGTERM)
+    # Two signals sent at once may arrive as one: the second only once the first is heard.
+    assert (await stopped.wait_log("stopping"))["signal"] == "SIGTERM"
+    stopped.send_signal(second)
+    code = await stopped.wait_exit(15)
+
+    assert code == -second, f"exit {code}\n{stopped.tail()}"
+    forced = [e for e in stopped.log_events() if e.get("event") == "shutdown_forced"]
+    assert [e["signal"] for e in forced] == [second.name], stopped.tail()
+    assert "Traceback" not in stopped.stderr()
+    assert "worker_stopped" not in [e.get("event") for e in stopped.log_events()]
+
+    # As after a crash: the event is stored, its delivery still leased by the stopped
+    # process with no attempt counted, for the rescue once the lease expires.
+    rows = await query(database_url, "SELECT event_id, state, attempts FROM deliveries")
+    assert rows == [(event_id, "in_flight", 0)], rows
+
+    # And the store is whole: a new `serve` starts on it and shows the event.
+    if command == "serve":
+        serve = await estafeta.serve(config, port, name="serve-again")
+    assert serve.base_url is not None
+    async with client_session() as http:
+        hub = HubClient(serve.base_url, http)
+        delivery = await hub.delivery(event_id, "crm")
+        assert delivery["state"] == "in_flight", delivery
