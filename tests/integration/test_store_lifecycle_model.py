@@ -405,7 +405,8 @@ class StoreLifecycle(RuleBasedStateMachine):
         assert applied == len(given)
         for lease in given:
             d = self.deliveries[lease.id]
-            d.state, d.due = PENDING, self.now if due_at is None else due_at
+            # By default due at once in its place: its due time, unless that is later.
+            d.state, d.due = PENDING, min(d.due, self.now) if due_at is None else due_at
             d.token = d.expires = d.holder = None
             self.give_up(lease)
 

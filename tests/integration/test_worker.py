@@ -1118,3 +1118,94 @@ async def test_a_probe_never_takes_a_capped_destination_past_its_max_in_flight(
         assert first == sink.received[0].webhook_id
     finally:
         await hub.stop()
+
+
+class Budget:
+    """A destination throttle whose budget the test hands out: `grant(n)` lets n more sends
+    go; past them every send is told to wait a minute (as a spent `rate_limit` does)."""
+
+    def __init__(self) -> None:
+        self.left = 0
+
+    def grant(self, sends: int) -> None:
+        self.left = sends
+
+    async def acquire(self, destination_id: str) -> float | None:
+        if self.left > 0:
+            self.left -= 1
+            return None
+        return 60.0
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_deliveries_held_back_by_the_rate_limit_keep_their_place_in_the_queue(
+    store: SqlStore, sink: Sink, database_url: str
+) -> None:
+    """A delivery snoozed because its destination's budget was spent is sent before one
+    accepted later (FIFO within a priority): given back due at the refill, it went behind
+    every delivery accepted meanwhile, and under a steady stream at the limit it could wait
+    for ever."""
+    config = config_for(database_url, sink)
+    clock = ManualClock(SystemClock().now_ms())
+    hub = Hub(config, store, clock)
+    budget = Budget()
+    worker = Worker(store, config, clock=clock, throttle=budget)  # type: ignore[arg-type]
+    await worker._connectors.start()  # what `run` does first; its loop is driven by hand
+    try:
+        backlog = []
+        for n in range(3):
+            clock.now += 1
+            backlog.append(await publish(hub, n=n))
+        budget.grant(1)
+        assert await worker._step() == 3  # one sent, two given back until the refill
+        assert await sink.wait_for(lambda s: s.delivered_ids == {backlog[0]}, 5)
+        clock.now += 1
+        later = await publish(hub, n=3)  # accepted while the budget is spent
+
+        clock.now += 61_000  # the budget refills: room for one send
+        budget.grant(1)
+        await worker._step()
+        assert await sink.wait_for(lambda s: len(s.delivered_ids) == 2, 5)
+        assert sink.delivered_ids == {backlog[0], backlog[1]}  # not `later`
+        view = await store.get_event(later, None)
+        assert view is not None and view.deliveries[0].attempts == 0
+    finally:
+        await worker._shutdown()
+        await hub.close()
+
+
+async def test_a_fresh_delivery_is_not_handed_over_ahead_of_its_destinations_held_back_ones(
+    store: SqlStore, sink: Sink, database_url: str
+) -> None:
+    """The last lease left a destination out (its rate limit was spent), so it says nothing
+    of what that destination has waiting: once the budget refills, a fresh delivery to it
+    is stored pending and leased behind the older ones, not handed over ahead of them."""
+    config = config_for(database_url, sink)
+    clock = ManualClock(SystemClock().now_ms())
+    hub = Hub(config, store, clock)
+    budget = Budget()
+    worker = Worker(store, config, clock=clock, throttle=budget, handoff=hub.handoff)  # type: ignore[arg-type]
+    hub.handoff.attach(worker)  # what `run` does first; its loop is driven by hand here
+    await worker._connectors.start()
+    try:
+        first = await publish(hub, n=1)
+        clock.now += 1
+        held_back = await publish(hub, n=2)
+        budget.grant(1)
+        assert await worker._step() == 2  # one sent, one given back: the budget is spent
+        assert await sink.wait_for(lambda s: s.delivered_ids == {first}, 5)
+
+        clock.now += 61_000  # the budget refills: room for one send
+        budget.grant(1)
+        fresh = await publish(hub, n=3)
+        view = await store.get_event(fresh, None)
+        assert view is not None and view.deliveries[0].state == "pending"
+        await worker._start_handed()
+        await worker._step()
+        assert await sink.wait_for(lambda s: len(s.delivered_ids) == 2, 5)
+        assert sink.delivered_ids == {first, held_back}
+    finally:
+        await worker._shutdown()
+        await hub.close()

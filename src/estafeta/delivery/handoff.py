@@ -10,7 +10,9 @@ delivery, and no wait for the worker's next lease.
 
 What is never handed over, so that leasing's rules still hold:
 * a delivery with an ordering key (it may have to wait for an earlier one of its key);
-* a delivery to a destination whose circuit is not closed or whose rate limit is spent;
+* a delivery to a destination whose circuit is not closed or whose rate limit is spent,
+  or that the worker's last lease left out or whose deliveries it gave back unsent since
+  (those wait in the store, and go first);
 * a delivery to a destination with a `max_in_flight` (the worker leases those for the room
   each has left);
 * anything while the worker has a backlog (the last lease filled its batch): fresh

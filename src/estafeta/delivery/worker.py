@@ -160,6 +160,10 @@ class Worker:
         # limiter awaits). Nothing else may take them meanwhile.
         self._held = 0
         self._backlogged = True  # the last lease filled its batch: more may be waiting
+        # Destinations the last lease left out (circuit not closed, rate limit spent) or
+        # whose deliveries were given back unsent since: it says nothing of what they have
+        # waiting, so none is handed fresh deliveries ahead of those until a lease names it.
+        self._left_out: set[str] = set()
         # When to lease (and refresh circuits, and rescue) again even if nothing wakes the
         # loop but hand-overs: retries come due in the store without anyone saying so.
         self._next_poll = 0.0
@@ -250,6 +254,7 @@ class Worker:
                 taken += len(probe)
         blocked = self.breakers.not_closed() | self._snoozes.throttled(now)
         limit = room - taken
+        self._left_out = set(blocked)  # before the lease: what is given back meanwhile stays
         batch = await self._lease(now, self._rooms(limit, blocked), limit)
         self._backlogged = len(batch) >= limit
         if self._rescue.orphans:  # only then may the batch hold deliveries it cannot send
@@ -316,7 +321,7 @@ class Worker:
             named = [d for d in batch if d.destination_id in self._rescue.orphans]
         if not named:
             return batch
-        self._snoozes.add({now: named})
+        self._give_back(named)
         ids = {d.id for d in named}
         return [d for d in batch if d.id not in ids]
 
@@ -338,7 +343,10 @@ class Worker:
             events,
             taker=self,
             free=free,
-            blocked=self.breakers.not_closed() | self._snoozes.throttled(now) | self._caps.keys(),
+            blocked=self.breakers.not_closed()
+            | self._snoozes.throttled(now)
+            | self._left_out
+            | self._caps.keys(),
             lease=DirectLease(secrets.token_hex(8), now + self.lease_ms, self.worker_id),
         )
         if reservation is not None:
@@ -360,7 +368,7 @@ class Worker:
         expired and be rescued as an attempt never made. Given back at the next step like
         a snooze, due now (a no-op for rows never stored, or stored again under another)."""
         self._held -= reservation.count
-        self._snoozes.add({self.clock.now_ms(): reservation.leased()})
+        self._give_back(reservation.leased())
         self._slot_freed.set()  # a loop waiting for a slot may lease again
         self._wake.set()  # and one waiting for work gives them back now, not at its poll
 
@@ -383,31 +391,37 @@ class Worker:
             log.warning("store_unavailable", worker=self.worker_id, error=str(exc))
 
     async def _start(self, batch: list[LeasedDelivery], now: int, *, probe: bool = False) -> int:
-        """Send each leased delivery its destination's rate limit allows now; snooze the
-        others until their budget refills (no attempt counted). Returns how many were sent.
+        """Send each leased delivery its destination's rate limit allows now; give the others
+        back in their place in the queue (no attempt counted), their destination skipped by
+        leases and hand-overs until its budget refills. Returns how many were sent.
 
         A circuit may have opened since the batch was leased or handed over (the commit or
         the lease statement takes milliseconds, and failing sends record meanwhile): its
         deliveries go back pending, due now, and the lease holds them back until the circuit
         lets a probe through. A `probe` is the one delivery its half-open circuit admitted."""
-        snoozed: dict[int, list[LeasedDelivery]] = {}
+        snoozed: list[LeasedDelivery] = []
         held: set[str] = set() if probe else self.breakers.not_closed()
         loop = asyncio.get_running_loop()  # once per batch: each lookup is a getpid() call
         start = self._attempts.start
         for delivery in batch:
             if delivery.destination_id in held:
-                snoozed.setdefault(now, []).append(delivery)
+                snoozed.append(delivery)
                 continue
             wait_s = await self.throttle.acquire(delivery.destination_id)
             if wait_s is not None:
-                due = now + max(1, round(wait_s * 1000))
-                self._snoozes.spent(delivery.destination_id, due)
-                snoozed.setdefault(due, []).append(delivery)
+                self._snoozes.spent(delivery.destination_id, now + max(1, round(wait_s * 1000)))
+                snoozed.append(delivery)
                 continue
             start(loop, delivery)
-        self._snoozes.add(snoozed)
+        self._give_back(snoozed)
         await self._snoozes.release()
-        return len(batch) - sum(len(deliveries) for deliveries in snoozed.values())
+        return len(batch) - len(snoozed)
+
+    def _give_back(self, deliveries: list[LeasedDelivery]) -> None:
+        """Keep these leases to give back unsent at the next release, in their place in the
+        queue; fresh deliveries to their destinations wait for a lease behind them."""
+        self._snoozes.add(deliveries)
+        self._left_out.update(d.destination_id for d in deliveries)
 
     async def _idle(self, stop: asyncio.Event) -> bool:
         """Wait for new work, a free slot (when full), stop, or the poll interval; returns

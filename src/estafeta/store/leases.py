@@ -18,7 +18,7 @@ from abc import abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
-from sqlalchemy import bindparam, select, tuple_, update
+from sqlalchemy import bindparam, case, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from estafeta.delivery.model import LeasedDelivery
@@ -170,13 +170,20 @@ class LeaseOps(MessagingOps):
     async def release(
         self, deliveries: Iterable[LeasedDelivery], now_ms: int, *, due_at: int | None = None
     ) -> int:
-        """Give leases back unused: pending again, due at `due_at` (default now), no attempt
-        counted. Used at graceful shutdown, and to snooze a delivery whose destination is
-        over its rate limit."""
+        """Give leases back unused: pending again, no attempt counted, due at `due_at` or
+        by default at once in its place in the queue (its due time kept, or `now_ms` if that
+        is earlier), so that deliveries accepted meanwhile do not go before it. Used at
+        graceful shutdown and to give back what the worker may not send now (a spent rate
+        limit, a circuit that opened)."""
         held = [(d.id, d.lease_token) for d in deliveries]
         if not held:
             return 0
         d = s.deliveries
+        due = (
+            case((d.c.next_attempt_at > now_ms, now_ms), else_=d.c.next_attempt_at)
+            if due_at is None
+            else due_at
+        )
         stmt = (
             update(d)
             .where(
@@ -185,7 +192,7 @@ class LeaseOps(MessagingOps):
             )
             .values(
                 state=DeliveryState.PENDING.value,
-                next_attempt_at=now_ms if due_at is None else due_at,
+                next_attempt_at=due,
                 lease_token=None,
                 lease_expires_at=None,
                 leased_by=None,
