@@ -1209,3 +1209,46 @@ async def test_a_fresh_delivery_is_not_handed_over_ahead_of_its_destinations_hel
     finally:
         await worker._shutdown()
         await hub.close()
+
+
+@pytest.mark.parametrize("committed", [False, True], ids=["lost", "answer-lost"])
+async def test_a_result_the_store_could_not_take_is_recorded_once_it_is_back(
+    store: SqlStore, sink: Sink, database_url: str, committed: bool
+) -> None:
+    """The destination answered, but the store was unreachable when the result was to be
+    recorded (a failover of a few seconds). The result was dropped: the delivery stayed in
+    flight until its lease expired (60 s), was rescued as a `lease_expired` attempt that
+    never happened (its worker had not stopped) and sent again, and the answer the
+    destination gave was never in the log. The worker now records it once the store is
+    back, while its lease holds; and a record whose commit landed though its answer was
+    lost (`committed`) is not recorded twice."""
+    hub = Running(store, worker_config(database_url, sink, poll_interval_s=30))
+    complete = store.complete
+    refused = 0
+    back = asyncio.Event()  # the store took a record after refusing two
+
+    async def store_down_twice(batch: Any, now_ms: int) -> int:
+        nonlocal refused
+        if refused < 2:
+            refused += 1
+            if committed:
+                await complete(batch, now_ms)
+            raise StoreUnavailable("the store cannot be reached: test")
+        applied = await complete(batch, now_ms)
+        back.set()
+        return applied
+
+    store.complete = store_down_twice  # type: ignore[method-assign]
+    try:
+        with capture_logs() as logs:
+            event_id = await hub.publish()
+            await asyncio.wait_for(back.wait(), 10)
+    finally:
+        store.complete = complete  # type: ignore[method-assign]
+        await hub.stop()
+    view = await settled(store, event_id)
+    [delivery] = view.deliveries
+    assert (delivery.state, delivery.attempts) == ("succeeded", 1)
+    assert [(a.number, a.status_code) for a in delivery.attempt_log] == [(1, 200)]
+    assert [r.webhook_id for r in sink.received] == [event_id]
+    assert not [e for e in logs if e["event"] in ("attempt_not_recorded", "attempt_crashed")]

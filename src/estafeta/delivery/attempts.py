@@ -18,6 +18,7 @@ nothing but attributes of this object; keep it so.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Collection, Sequence
 
@@ -49,6 +50,8 @@ RETRY_AFTER_FLOOR_S = 1.0  # the least wait after a timeout or a 429
 # On stop, how long a send already answered may take to record its result; past it, its
 # lease expires as if the worker had died (at-least-once), but it is never given back unsent.
 RESULT_GRACE_S = 5.0
+# While the store cannot be reached, how often a result is offered to it again.
+RECORD_RETRY_S = 1.0
 
 
 def attempt_ceilings(config: Config, senders: Sequence[SourceConfig]) -> dict[str, float]:
@@ -110,6 +113,8 @@ class Attempts:
         )
         # Attempts sent whose record is being committed: they no longer hold a slot.
         self._recording: set[asyncio.Task[None]] = set()
+        # Set on stop: results still waiting for the store to come back stop waiting.
+        self._stopping = asyncio.Event()
         self.sent = 0  # attempts made, for reports and tests
 
     def start(self, loop: asyncio.AbstractEventLoop, delivery: LeasedDelivery) -> None:
@@ -145,19 +150,43 @@ class Attempts:
         if transition.to_state is DeliveryState.DEAD:
             DEAD_LETTERED.labels(delivery.destination_id).inc()
         self._free_slot()
-        try:
-            await self._completions.submit(
-                CompletedAttempt(
-                    delivery=delivery,
-                    outcome=outcome,
-                    transition=transition,
-                    started_at=started_at,
-                    attempt_id=new_id("att", started_at),
-                )
+        await self._record(
+            CompletedAttempt(
+                delivery=delivery,
+                outcome=outcome,
+                transition=transition,
+                started_at=started_at,
+                attempt_id=new_id("att", started_at),
             )
-        except StoreUnavailable:
-            # The lease expires and the delivery is retried: at-least-once, nothing lost.
-            log.warning("attempt_not_recorded", delivery=delivery.id, worker=self.worker_id)
+        )
+
+    async def _record(self, completed: CompletedAttempt) -> None:
+        """Commit the attempt; while the store cannot be reached, try again every
+        `RECORD_RETRY_S` as long as the lease holds. Dropped, the answer would be lost and
+        the delivery sent again once its lease expired, as a `lease_expired` attempt that
+        never happened. (A record whose commit landed but whose answer was lost is not
+        written twice: the store keeps one row per attempt id, and the lease is no longer
+        held for its transition.)"""
+        delivery = completed.delivery
+        while True:
+            try:
+                await self._completions.submit(completed)
+                return
+            except StoreUnavailable:
+                pass
+            if not await self._may_record_again(delivery):
+                # The lease expires and the delivery is retried: at-least-once.
+                log.warning("attempt_not_recorded", delivery=delivery.id, worker=self.worker_id)
+                return
+
+    async def _may_record_again(self, delivery: LeasedDelivery) -> bool:
+        """Wait `RECORD_RETRY_S`; False if the lease would end first or the worker stops."""
+        retry_at = self.clock.now_ms() + int(RECORD_RETRY_S * 1000)
+        if self._stopping.is_set() or retry_at >= delivery.lease_expires_at:
+            return False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), RECORD_RETRY_S)
+        return not self._stopping.is_set()
 
     async def _record_circuit(self, destination_id: str, outcome: Outcome, started_at: int) -> None:
         try:
@@ -250,6 +279,7 @@ class Attempts:
         if self.in_flight:
             await asyncio.wait(list(self.in_flight), timeout=RESULT_GRACE_S)
             await _cancel(list(self.in_flight))  # not recorded: their leases expire
+        self._stopping.set()
         await self._completions.close()
         if self._recording:
             await asyncio.gather(*self._recording, return_exceptions=True)

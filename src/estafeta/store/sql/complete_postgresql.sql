@@ -23,6 +23,8 @@ WITH done AS MATERIALIZED (
     SELECT id, tenant_id, delivery_id, number, started_at, duration_ms, outcome,
            status_code, error_class, response_excerpt
     FROM done
+    -- A record sent again because its first commit's answer was lost: written once.
+    ON CONFLICT (id) DO NOTHING
     RETURNING 1
 ), applied AS (
     UPDATE deliveries AS d
