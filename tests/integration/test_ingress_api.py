@@ -307,6 +307,14 @@ def _wrong_type() -> dict[str, str]:
         # `keyed` has no event_type: a body that names no type has nowhere to go.
         ("/in/keyed", b'{"lead": {}}', _keyed, 400, "invalid_body", '"type" (a string)'),
         ("/in/keyed", b'{"type": "", "data": {}}', _keyed, 400, "invalid_type", "1 to 200"),
+        (  # taken as no key: a client's retries were stored twice, where the API refuses it
+            "/in/keyed",
+            MESSAGE,
+            lambda: {**_keyed(), "idempotency-key": ""},
+            400,
+            "invalid_idempotency_key",
+            "the Idempotency-Key header is empty",
+        ),
         (
             "/in/keyed",
             orjson.dumps({"type": "x" * 201, "data": {}}),
@@ -333,6 +341,7 @@ def _wrong_type() -> dict[str, str]:
         "too-large",
         "no-type-nor-event-type",
         "empty-type",
+        "empty-idempotency-key",
         "type-too-long",
     ],
 )
@@ -794,6 +803,32 @@ async def test_an_empty_idempotency_key_header_is_refused(client: Client) -> Non
     r = await client.http.post("/api/v1/events", json={"type": "lead.new"}, headers=headers)
     assert (r.status_code, r.json()["error"]) == (400, "invalid_request")
     assert "idempotency-key" in r.json()["detail"]
+    assert await client.stored() == 0
+
+
+async def test_an_idempotency_keys_limit_is_counted_in_the_headers_bytes(client: Client) -> None:
+    # A header is bytes (read as latin-1, one character per byte, and stored so): 200
+    # characters of UTF-8 are 400 bytes, refused as "over 255 characters" it did not have.
+    headers = {k.encode(): v.encode() for k, v in _keyed().items()}
+    headers[b"idempotency-key"] = ("é" * 200).encode()
+    r = await client.http.post("/in/keyed", content=MESSAGE, headers=headers)
+    assert (r.status_code, r.json()["error"]) == (400, "invalid_idempotency_key"), r.text
+    assert r.json()["detail"] == "the idempotency key is over 255 bytes"
+    headers[b"idempotency-key"] = ("é" * 127 + "e").encode()  # 255 bytes: the most it takes
+    first = await client.http.post("/in/keyed", content=MESSAGE, headers=headers)
+    again = await client.http.post("/in/keyed", content=MESSAGE, headers=headers)
+    assert (first.status_code, again.status_code) == (202, 200), first.text
+    assert await client.stored() == 1
+
+
+async def test_an_empty_ordering_key_is_refused(client: Client) -> None:
+    # "" was one real key shared by every such event: all of them sent one at a time to each
+    # destination, overriding the routes' keys, where an empty idempotency key is refused.
+    headers = {"authorization": f"Bearer {SOL_KEY}"}
+    body = {"type": "lead.new", "ordering_key": ""}
+    r = await client.http.post("/api/v1/events", json=body, headers=headers)
+    assert (r.status_code, r.json()["error"]) == (400, "invalid_request"), r.text
+    assert "ordering_key" in r.json()["detail"]
     assert await client.stored() == 0
 
 

@@ -69,6 +69,26 @@ def test_a_key_longer_than_the_apis_is_kept_as_its_digest_so_equal_values_stay_i
     assert all(len(key_of(v) or "") <= 255 for v in (long_a, long_b, "x" * 256))
 
 
+def test_an_empty_value_at_the_routes_path_gives_no_key() -> None:
+    # A business system's "no contact yet" is often "": as one shared key, every such event
+    # waited behind the others (and behind each one's retries), to every destination; the
+    # API refuses "" as a key, and a null or missing value gives none.
+    data = base_config("sqlite:///unused.db")
+    data["routes"] = [
+        {
+            "tenant": "clinica-sol",
+            "events": ["message.*"],
+            "destinations": ["crm"],
+            "ordering_key": "data.conversation_id",
+        }
+    ]
+    router = Router(load_config_dict(data))
+    for value in ("", None):
+        event = {"type": "message.received", "data": {"conversation_id": value}}
+        [target] = router.targets("clinica-sol", event)
+        assert target.ordering_key is None, value
+
+
 @pytest.mark.parametrize(
     "order",
     [

@@ -27,7 +27,9 @@ class PublishEvent(RequestBody):
     data: JsonObject = Field(default_factory=dict)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
     priority: int | None = Field(default=None, ge=0, le=4)
-    ordering_key: str | None = Field(default=None, max_length=MAX_ORDERING_KEY)
+    # "" would be one real key shared by every such event, not "no key": refused, as an
+    # empty idempotency key is.
+    ordering_key: str | None = Field(default=None, min_length=1, max_length=MAX_ORDERING_KEY)
 
 
 class Published(BaseModel):

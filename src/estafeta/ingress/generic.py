@@ -106,11 +106,20 @@ class GenericSource:
             raise HttpError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
         if not isinstance(document, dict):
             raise HttpError(400, "invalid_body", "the body must be a JSON object")
-        key = headers.get("webhook-id") or headers.get("idempotency-key") or None
-        if key is not None and len(key) > 255:
+        key = headers.get("webhook-id")
+        shown = "webhook-id"
+        if key is None:
+            key, shown = headers.get("idempotency-key"), "Idempotency-Key"
+        if key == "":  # taken for "no key", every retry of the request was stored anew
             raise HttpError(
-                400, "invalid_idempotency_key", "the idempotency key is over 255 characters"
+                400,
+                "invalid_idempotency_key",
+                f"the {shown} header is empty: send a key or leave the header out",
             )
+        # Headers are read as latin-1, one character per byte, and the key is stored so: the
+        # limit (the column's 255 characters) is the header's bytes.
+        if key is not None and len(key) > 255:
+            raise HttpError(400, "invalid_idempotency_key", "the idempotency key is over 255 bytes")
         event_type = document.get("type")
         data = document.get("data")
         if isinstance(event_type, str) and isinstance(data, dict):

@@ -91,7 +91,9 @@ class Router:
             key = ordering_key
             if key is None and route.ordering_key:
                 value = lookup(event, route.ordering_key)
-                key = None if value is None else fitted(str(value), MAX_ORDERING_KEY)
+                # "" names nothing to keep in order (the API refuses it as a key): as one
+                # key shared by every such event, they all waited behind each other.
+                key = None if value is None or value == "" else fitted(str(value), MAX_ORDERING_KEY)
             level = route.priority if priority is None else priority
             for destination_id in route.destinations:
                 previous = chosen.get(destination_id)
