@@ -1339,3 +1339,41 @@ def test_a_bad_server_public_url_is_reported_once_where_it_was_written(tmp_path:
     text = '[server]\npublic_url = "hooks.example.com"\n' + TWILIO_SOURCES
     found = problems(tmp_path, text)
     assert len(found) == 1 and found[0].startswith("server.public_url: invalid URL"), found
+
+
+def test_a_header_named_twice_in_other_cases_is_refused(tmp_path: Path) -> None:
+    # Header names are sent lowercased: `X-A` and `x-a` silently became one header, the
+    # other value lost, whichever TOML kept last.
+    text = TENANT + DESTINATION + 'headers = { "X-Api-Key" = "one", "x-api-key" = "two" }'
+    assert problems(tmp_path, text) == [
+        "destinations[0].headers: header 'x-api-key' is also written as 'X-Api-Key': header"
+        " names ignore case, keep one"
+    ]
+    distinct = TENANT + DESTINATION + 'headers = { "X-Api-Key" = "one", "X-Other" = "two" }'
+    assert problems(tmp_path, distinct) == []
+
+
+def test_a_public_url_with_a_query_or_fragment_is_refused(tmp_path: Path) -> None:
+    # `/in/{id}` is appended: `https://own.example.com/?a=b` made every webhook's signed URL
+    # `…/?a=b/in/tw-own`, never the one Twilio called, so every webhook was refused.
+    for url in ("https://own.example.com/?a=b", "https://own.example.com/#top"):
+        text = TWILIO_SOURCES.replace('"https://own.example.com"', f'"{url}"')
+        found = problems(tmp_path, text)
+        assert found == [
+            "sources[1].public_url: must have no query (?…) or fragment (#…): "
+            "/in/{source} is appended to it"
+        ], found
+    server = '[server]\npublic_url = "https://hooks.example.com/?a=b"\n' + TWILIO_SOURCES
+    assert problems(tmp_path, server) == [
+        "server.public_url: must have no query (?…) or fragment (#…): "
+        "/in/{source} is appended to it"
+    ]
+
+
+def test_an_empty_event_type_is_refused(tmp_path: Path) -> None:
+    # Taken as "not set": every body without a "type" was refused at run time, the file
+    # passed check-config.
+    for empty in ("", "  "):
+        assert problems(tmp_path, TENANT + SOURCE + f'event_type = "{empty}"\n') == [
+            "sources[0].event_type: must not be empty"
+        ]

@@ -107,6 +107,15 @@ def _check_http_url(value: str) -> str:
     return value
 
 
+def _check_base_url(value: str) -> str:
+    """An http(s) URL that `/in/{source}` is appended to (`public_url`)."""
+    _check_http_url(value)
+    if "?" in value or "#" in value:
+        # Appended after a query, the path became part of it: no signed URL matched.
+        raise ValueError("must have no query (?…) or fragment (#…): /in/{source} is appended to it")
+    return value
+
+
 def _check_not_blank(value: str) -> str:
     if not value.strip():
         raise ValueError("must not be empty")
@@ -142,6 +151,7 @@ def mask_url(url: str) -> str:
 Id = Annotated[str, AfterValidator(_check_id)]
 RateLimit = Annotated[str, AfterValidator(_check_rate_limit)]
 HttpUrl = Annotated[str, AfterValidator(_check_http_url)]
+BaseUrl = Annotated[str, AfterValidator(_check_base_url)]
 NonBlank = Annotated[str, AfterValidator(_check_not_blank)]
 
 
@@ -211,7 +221,7 @@ class ServerConfig(_Model):
 
     listen: str = "127.0.0.1:8080"
     max_body_bytes: int = Field(default=1_048_576, gt=0)
-    public_url: HttpUrl | None = None
+    public_url: BaseUrl | None = None
     # More requests at once than this are answered 503: memory stays bounded under any load.
     max_concurrent_requests: int = Field(default=4096, ge=16)
 
@@ -491,7 +501,7 @@ class SourceConfig(_Model):
     app_secret: str | None = Field(default=None, repr=False)
     verify_token: str | None = Field(default=None, repr=False)
     auth_token: str | None = Field(default=None, repr=False)
-    public_url: HttpUrl | None = None
+    public_url: BaseUrl | None = None
     token: str | None = Field(default=None, repr=False)
     access_token: str | None = Field(default=None, repr=False)
     phone_number_id: str | None = None
@@ -524,6 +534,9 @@ class SourceConfig(_Model):
     @classmethod
     def _check_event_type(cls, value: str | None) -> str | None:
         # Stored as each event's type: a longer one failed every webhook without a "type".
+        # An empty one is no type an event can have, nor "not set": it was taken as such.
+        if value is not None and not value.strip():
+            raise ValueError("must not be empty")
         if value is not None and len(value) > EVENT_TYPE_MAX_LENGTH:
             raise ValueError(
                 f"must be at most {EVENT_TYPE_MAX_LENGTH} characters, as an event's type"
@@ -673,6 +686,7 @@ class DestinationConfig(_Model):
     def _check_headers(cls, value: dict[str, str]) -> dict[str, str]:
         # Found only at send time, each of these made every delivery a permanent failure
         # (or, for estafeta's own headers, was silently left out).
+        seen: dict[str, str] = {}
         for name, text in value.items():
             if not _HEADER_NAME.fullmatch(name):
                 raise ValueError(
@@ -681,6 +695,14 @@ class DestinationConfig(_Model):
                 )
             if name.lower() in OWN_HEADERS:
                 raise ValueError(f"header {name!r} is set by estafeta and cannot be replaced")
+            # Names are sent lowercased (connectors/http.py): two spellings would silently
+            # become one header, with one of the two values.
+            first = seen.setdefault(name.lower(), name)
+            if first != name:
+                raise ValueError(
+                    f"header {name!r} is also written as {first!r}: header names ignore "
+                    "case, keep one"
+                )
             if _HEADER_CONTROL.search(text):  # the value is not echoed: often a credential
                 raise ValueError(
                     f"header {name!r}: its value holds a control character (CR, LF, NUL …)"
@@ -814,7 +836,7 @@ class Config(_Model):
         if not isinstance(public_url, str):
             return data
         try:
-            _check_http_url(public_url)
+            _check_base_url(public_url)
         except ValueError:
             return data  # reported where it was written: at server.public_url
         sources = [
