@@ -141,6 +141,22 @@ def test_revoking_a_key_that_does_not_exist_is_an_error_and_changes_nothing(
     assert rows(database_url, "SELECT action FROM audit_log") == [("keys.create",)]
 
 
+def test_a_key_is_not_made_for_a_tenant_taken_out_of_the_configuration(
+    config_path: Path, database_url: str
+) -> None:
+    # The store keeps a tenant taken out of the file, and the API refuses its keys: a key
+    # made for it was printed with "store it now" and answered 401 on its every use.
+    text = config_path.read_text()
+    config_path.write_text(text.split(f'\n[[tenants]]\nid = "{OTHER}"', 1)[0])
+    refused = run(config_path, "keys", "create", "--tenant", OTHER)
+    assert (refused.exit_code, refused.stdout) == (2, "")
+    assert refused.stderr == (
+        f"error: no tenant '{OTHER}' in the configuration: the API would refuse its key\n"
+    )
+    assert rows(database_url, "SELECT id FROM api_keys") == []
+    create(config_path, TENANT)
+
+
 @pytest.mark.parametrize(
     ("stdout", "why"),
     [("/dev/full", "No space left on device"), (None, "stdout is closed")],

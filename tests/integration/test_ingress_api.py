@@ -184,6 +184,37 @@ async def test_a_revoked_key_is_answered_exactly_as_an_unknown_key(client: Clien
     assert await client.stored() == 0
 
 
+async def test_every_refusal_of_credentials_names_the_bearer_scheme(client: Client) -> None:
+    """A 401 must say how to authenticate (RFC 9110 §11.6.1, RFC 6750 §3): clients and
+    proxies that follow the standard read `WWW-Authenticate`, not the JSON body."""
+    cases = [
+        ({}, "missing_credentials", 'Bearer realm="estafeta"'),
+        ({"authorization": "Bearer"}, "invalid_credentials", 'Bearer realm="estafeta"'),
+        ({"authorization": "Basic dXNlcjpwYXNz"}, "invalid_credentials", 'Bearer realm="estafeta"'),
+        (
+            {"authorization": "Bearer est_never_issued_000000000000000000000000"},
+            "invalid_api_key",
+            'Bearer realm="estafeta", error="invalid_token"',
+        ),
+    ]
+    for headers, error, challenge in cases:
+        for method, path in [("GET", "/api/v1/dlq"), ("GET", "/health/detailed")]:
+            r = await client.http.request(method, path, headers=headers)
+            assert (r.status_code, r.json()["error"]) == (401, error), (headers, path)
+            assert r.headers.get("www-authenticate") == challenge, (headers, path)
+    # A known key lacking the right is a 403: no challenge, another key would not help it.
+    r = await client.http.get("/health/detailed", headers={"authorization": f"Bearer {SOL_KEY}"})
+    assert r.status_code == 403 and "www-authenticate" not in r.headers
+
+
+async def test_a_key_after_several_spaces_is_the_key(client: Client) -> None:
+    # RFC 9110 §11.4: credentials are `auth-scheme 1*SP token68`; the spaces are no part of
+    # the key, which was refused as unknown.
+    for key in (SOL_KEY, "test-admin-key"):
+        r = await client.http.get("/api/v1/dlq", headers={"authorization": f"Bearer   {key}"})
+        assert r.status_code == 200, key
+
+
 async def test_a_key_of_a_tenant_removed_from_the_configuration_is_refused(
     store: SqlStore, database_url: str
 ) -> None:
@@ -631,6 +662,24 @@ async def test_openapi_documents_the_api(client: Client) -> None:
         "/api/v1/dlq",
         "/api/v1/dlq/replay",
     } <= set(paths)
+
+
+async def test_openapi_says_which_operations_take_a_bearer_key(client: Client) -> None:
+    """Without a security scheme in the document, the /docs page has no "Authorize" and no
+    field for the key: every operation tried there was a 401."""
+    document = (await client.http.get("/openapi.json")).json()
+    schemes = document["components"]["securitySchemes"]
+    [(name, scheme)] = schemes.items()
+    assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
+    keyed = {
+        (method, path): operation.get("security")
+        for path, operations in document["paths"].items()
+        for method, operation in operations.items()
+        if path.startswith("/api/v1/") or path == "/health/detailed"
+    }
+    assert len(keyed) >= 12
+    assert all(security == [{name: []}] for security in keyed.values()), keyed
+    assert "security" not in document["paths"]["/health"]["get"]
 
 
 async def test_unknown_paths_and_methods_answer_in_the_error_format(client: Client) -> None:

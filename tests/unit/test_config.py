@@ -309,6 +309,16 @@ INVALID_CASES: list[tuple[str, str, list[str]]] = [
         ],
     ),
     (
+        # A secret file's newline through `${VAR}`: no request could carry it in a header,
+        # so the admin key answered 401 to its own operator.
+        "an admin key with whitespace around it",
+        TENANT + '[security]\nadmin_key = "a2f9c07e41d3\\n"\n',
+        [
+            "security.admin_key: must not start or end with whitespace (a secret file's"
+            " newline?): no genuine request would match it"
+        ],
+    ),
+    (
         "unknown source kind",
         TENANT + SOURCE.replace('"generic"', '"telegram"'),
         [

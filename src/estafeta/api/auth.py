@@ -21,6 +21,11 @@ from estafeta.store.sqlstore import SqlStore
 KEY_PREFIX = "est_"
 _CACHE_TTL_S = 10.0  # a revoked key stops working within this long
 
+# Every 401 says how to authenticate (RFC 9110 §11.6.1, RFC 6750 §3): no error code when the
+# request carried no bearer key, `invalid_token` when it carried one the hub refuses.
+CHALLENGE = {"WWW-Authenticate": 'Bearer realm="estafeta"'}
+INVALID_KEY_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="estafeta", error="invalid_token"'}
+
 
 def new_api_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
@@ -79,10 +84,15 @@ class Authenticator:
     async def principal(self, request: Request) -> Principal:
         header = request.headers.get("authorization")
         if not header:
-            raise HttpError(401, "missing_credentials", "send Authorization: Bearer <api key>")
-        scheme, _, key = header.partition(" ")
+            raise HttpError(
+                401, "missing_credentials", "send Authorization: Bearer <api key>", CHALLENGE
+            )
+        scheme, _, rest = header.partition(" ")
+        key = rest.lstrip(" ")  # `Bearer 1*SP key` (RFC 9110 §11.4): the spaces are no key
         if scheme.lower() != "bearer" or not key:
-            raise HttpError(401, "invalid_credentials", "use Authorization: Bearer <api key>")
+            raise HttpError(
+                401, "invalid_credentials", "use Authorization: Bearer <api key>", CHALLENGE
+            )
         if self._admin_key is not None and hmac.compare_digest(key.encode(), self._admin_key):
             return Principal(tenant_id=None, admin=True)
         tenant_id = await self._tenant_for(hash_key(key))
@@ -91,6 +101,7 @@ class Authenticator:
                 401,
                 "invalid_api_key",
                 "the API key is unknown or revoked, or its tenant is no longer configured",
+                INVALID_KEY_CHALLENGE,
             )
         return Principal(tenant_id=tenant_id, admin=False)
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
+from fastapi import Depends, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.requests import Request
 
 from estafeta.api.auth import Principal
@@ -19,22 +21,32 @@ def hub_of(request: Request) -> Hub:
     return hub
 
 
-async def principal(request: Request) -> Principal:
+# Only documents the key in the OpenAPI description (so that /docs has "Authorize" and sends
+# it); the Authenticator reads and judges the header itself, answering in the API's format.
+_BEARER_KEY = HTTPBearer(
+    scheme_name="apiKey",
+    description="A tenant's API key (`estafeta keys create`) or the admin key",
+    auto_error=False,
+)
+
+
+async def principal(
+    request: Request,
+    _documented: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER_KEY)],
+) -> Principal:
     """The authenticated caller (401 otherwise)."""
     found: Principal = await request.app.state.auth.principal(request)
     return found
 
 
-async def tenant_principal(request: Request) -> Principal:
+async def tenant_principal(found: Annotated[Principal, Depends(principal)]) -> Principal:
     """A tenant's key (publishing belongs to a tenant, not to the operator)."""
-    found = await principal(request)
     if found.tenant_id is None:
         raise HttpError(403, "tenant_key_required", "publish with a tenant's API key")
     return found
 
 
-async def admin_principal(request: Request) -> Principal:
-    found = await principal(request)
+async def admin_principal(found: Annotated[Principal, Depends(principal)]) -> Principal:
     if not found.admin:
         raise HttpError(403, "admin_key_required", "this needs the admin key")
     return found

@@ -55,6 +55,12 @@ def keys_create(config_path: str, tenant: str, label: str) -> None:
     key = new_api_key()
 
     async def action(store: SqlStore) -> str:
+        # The store keeps a tenant taken out of the file, but the API refuses its keys.
+        if tenant not in {t.id for t in config.tenants}:
+            raise EstafetaError(
+                f"no tenant '{printable(tenant)}' in the configuration: the API would refuse"
+                " its key"
+            )
         if not await store.tenant_exists(tenant):
             raise EstafetaError(f"no tenant {tenant!r} in the store (run `estafeta migrate`)")
         return await store.create_api_key(

@@ -395,11 +395,34 @@ class WorkerConfig(_Model):
         return value if value is None else check_address(value)
 
 
+def checked_secret(value: str | None) -> str | None:
+    """A secret a request must carry, unless it cannot be matched. Spaces are a secret anyone
+    guesses (`?token=+`); spaces around one, a secret file's newline, make every genuine
+    request fail its check (HTTP strips them from a header). The value is never shown."""
+    if not value:
+        return value
+    if not value.strip():
+        raise ValueError("must not be blank: a secret of whitespace is as guessable as none")
+    if value != value.strip():
+        raise ValueError(
+            "must not start or end with whitespace (a secret file's newline?): "
+            "no genuine request would match it"
+        )
+    return value
+
+
 class SecurityConfig(_Model):
     """The admin API key and the key that encrypts stored third-party credentials."""
 
     admin_key: str | None = Field(default=None, repr=False)
     master_key: str | None = Field(default=None, repr=False)
+
+    @field_validator("admin_key")
+    @classmethod
+    def _check_admin_key(cls, value: str | None) -> str | None:
+        # Sent as `Authorization: Bearer <admin_key>`: one with whitespace around it, from a
+        # secret file through `${VAR}`, answered 401 to every request of the operator.
+        return checked_secret(value)
 
 
 class TenantConfig(_Model):
@@ -553,19 +576,8 @@ class SourceConfig(_Model):
     @field_validator(*INBOUND_SECRETS)
     @classmethod
     def _check_inbound_secret(cls, value: str | None) -> str | None:
-        # "" is "not set" (an empty `${VAR}`): refused where the kind needs the key. Spaces
-        # are a secret anyone guesses (`?token=+`); spaces around one, a secret file's
-        # newline, make every genuine request fail its check. The value is never shown.
-        if not value:
-            return value
-        if not value.strip():
-            raise ValueError("must not be blank: a secret of whitespace is as guessable as none")
-        if value != value.strip():
-            raise ValueError(
-                "must not start or end with whitespace (a secret file's newline?): "
-                "no genuine request would match it"
-            )
-        return value
+        # "" is "not set" (an empty `${VAR}`): refused where the kind needs the key.
+        return checked_secret(value)
 
     @model_validator(mode="after")
     def _check_kind_keys(self) -> SourceConfig:
