@@ -166,6 +166,32 @@ async def test_an_api_key_source_accepts_its_key_only(client: Client) -> None:
     assert await client.stored() == 1
 
 
+async def test_an_api_key_sources_refusals_name_the_bearer_scheme(client: Client) -> None:
+    """The ingest endpoint's own 401s for an `api_key` source challenge as the API's do
+    (RFC 9110 §11.6.1, RFC 6750 §3); a refused signature names no scheme: no key would help."""
+    cases = [
+        ({}, "missing_credentials", 'Bearer realm="estafeta"'),
+        ({"authorization": "Basic dXNlcjpwYXNz"}, "invalid_api_key", 'Bearer realm="estafeta"'),
+        (
+            {"authorization": "Bearer nope"},
+            "invalid_api_key",
+            'Bearer realm="estafeta", error="invalid_token"',
+        ),
+    ]
+    for headers, error, challenge in cases:
+        sent = {"content-type": "application/json", **headers}
+        r = await client.http.post("/in/keyed", content=MESSAGE, headers=sent)
+        assert (r.status_code, r.json()["error"]) == (401, error), headers
+        assert r.headers.get("www-authenticate") == challenge, headers
+    # RFC 9110 §11.4: the spaces after the scheme are no part of the key (as in the API).
+    spaced = {"content-type": "application/json", "authorization": "Bearer   source-key-1"}
+    assert (await client.http.post("/in/keyed", content=MESSAGE, headers=spaced)).status_code == 202
+    for headers in (_tampered(), _no_signature()):
+        r = await client.http.post("/in/crm-events", content=MESSAGE, headers=headers)
+        assert r.status_code == 401 and "www-authenticate" not in r.headers
+    assert await client.stored() == 1
+
+
 async def test_a_revoked_key_is_answered_exactly_as_an_unknown_key(client: Client) -> None:
     """`estafeta keys revoke`: the API refuses the key with the body an unknown key gets, so
     whoever holds it learns nothing about it (a fresh API process has no cached keys)."""

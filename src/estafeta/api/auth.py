@@ -15,16 +15,11 @@ from dataclasses import dataclass
 
 from starlette.requests import Request
 
-from estafeta.errors import HttpError
+from estafeta.errors import CHALLENGE, INVALID_KEY_CHALLENGE, HttpError
 from estafeta.store.sqlstore import SqlStore
 
 KEY_PREFIX = "est_"
 _CACHE_TTL_S = 10.0  # a revoked key stops working within this long
-
-# Every 401 says how to authenticate (RFC 9110 §11.6.1, RFC 6750 §3): no error code when the
-# request carried no bearer key, `invalid_token` when it carried one the hub refuses.
-CHALLENGE = {"WWW-Authenticate": 'Bearer realm="estafeta"'}
-INVALID_KEY_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="estafeta", error="invalid_token"'}
 
 
 def new_api_key() -> str:

@@ -18,7 +18,7 @@ from standardwebhooks.webhooks import Webhook
 
 from estafeta.config import SourceConfig
 from estafeta.config.models import EVENT_TYPE_MAX_LENGTH
-from estafeta.errors import HttpError
+from estafeta.errors import CHALLENGE, INVALID_KEY_CHALLENGE, HttpError
 from estafeta.jsonvalues import DATA_LEVELS_ABOVE, WIDE_INTEGER, may_nest_too_deep, unstorable
 from estafeta.messaging.facts import storable
 from estafeta.record import Record
@@ -78,12 +78,18 @@ class GenericSource:
             return
         if self._api_key is not None:
             given = headers.get("authorization", "")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), self._api_key):
+            scheme, _, rest = given.partition(" ")
+            token = rest.lstrip(" ")  # `Bearer 1*SP key` (RFC 9110 §11.4), as the API reads it
+            bearer = scheme.lower() == "bearer" and bool(token)
+            if bearer and hmac.compare_digest(token.encode(), self._api_key):
                 return
+            # As the API's 401s: say how to authenticate, and that a bearer key was refused.
             if given:
-                raise HttpError(401, "invalid_api_key", "the API key does not match this source")
-            raise HttpError(401, "missing_credentials", "send Authorization: Bearer <api key>")
+                challenge = INVALID_KEY_CHALLENGE if bearer else CHALLENGE
+                detail = "the API key does not match this source"
+                raise HttpError(401, "invalid_api_key", detail, challenge)
+            detail = "send Authorization: Bearer <api key>"
+            raise HttpError(401, "missing_credentials", detail, CHALLENGE)
         raise HttpError(
             401,
             "missing_signature",

@@ -6,7 +6,7 @@ its credential checks, request validation and error bodies, planned misbehaviour
 (`send_status`), signed as the provider signs them (contracts §1–§3, §9).
 """
 
-from estafeta.testing.fakes.base import FakeProvider, SentMessage, StatusWebhook
+from estafeta.testing.fakes.base import FakeProvider, SentMessage, StatusWebhook, WebhookFailure
 from estafeta.testing.fakes.meta import FakeMeta
 from estafeta.testing.fakes.sendpulse import FakeSendPulse
 from estafeta.testing.fakes.twilio import FakeTwilio
@@ -20,4 +20,5 @@ __all__ = [
     "FakeZApi",
     "SentMessage",
     "StatusWebhook",
+    "WebhookFailure",
 ]

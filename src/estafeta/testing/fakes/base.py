@@ -15,6 +15,12 @@ credential and validation checks (a bad request is answered as such and uses non
 provider's status webhook for that message to the hub, signed as the provider signs it,
 twice when asked (providers re-deliver); `status_webhook(...)` is the same request as a
 value, for tests that hand it to the ingress parsers directly.
+
+The hub's answer to each webhook is judged as the provider judges it (`webhook_problem`):
+one the provider would not count as delivered is recorded in `webhook_failures`, and a
+provider that retries (Meta, contracts §1.3) posts it again at once, at most
+`webhook_redeliveries` times (counted in `redeliveries`; no waiting). A test asserts
+`fake.webhook_failures == []` to know the hub answered as the provider expects.
 """
 
 from __future__ import annotations
@@ -68,11 +74,24 @@ class Answer:
 
 @dataclass(frozen=True, slots=True)
 class StatusWebhook:
-    """A status webhook exactly as the provider would POST it."""
+    """A webhook (a status, or Twilio's incoming message) exactly as the provider would POST
+    it."""
 
     url: str
     headers: dict[str, str]
     body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookFailure:
+    """A hub answer to a webhook that the provider would not take as delivered."""
+
+    url: str
+    kind: str  # "status", or "incoming" (a message from the customer)
+    status: int
+    content_type: str  # the answer's media type, lower case, "" when none
+    error: str  # the provider's name for it: "http_status", or Twilio's debugger code
+    reason: str
 
 
 def json_answer(status: int, document: object, headers: Mapping[str, str] | None = None) -> Answer:
@@ -144,9 +163,15 @@ class PairLimit:
 class FakeProvider(LocalServer):
     """The shared machinery; a subclass adds its routes and its documented answers."""
 
+    #: How many more times a webhook the hub did not take is posted; none by default:
+    #: Twilio retries no answer (contracts §2.5), Z-API and SendPulse document no retry.
+    webhook_redeliveries = 0
+
     def __init__(self) -> None:
         super().__init__()
         self.sent: list[SentMessage] = []
+        self.webhook_failures: list[WebhookFailure] = []  # answers the provider refuses
+        self.redeliveries = 0  # webhooks posted again after such an answer
         self.requests = 0  # requests that reached a send endpoint, whatever the answer
         self._planned: deque[Answer] = deque()
         self._delay_s = 0.0
@@ -238,16 +263,52 @@ class FakeProvider(LocalServer):
 
     # -- status webhooks -----------------------------------------------------------------------
 
+    def webhook_problem(
+        self, kind: str, status: int, content_type: str, body: bytes
+    ) -> tuple[str, str] | None:
+        """(error, reason) when the provider would not count this answer to a webhook of
+        `kind` as delivered; None when it would. By default any 2xx is delivered (what Z-API
+        and SendPulse are taken to expect: neither documents it, contracts §3.1, §9.3)."""
+        if 200 <= status <= 299:
+            return None
+        return "http_status", f"HTTP {status} is not a 2xx"
+
     async def send_status(
         self, hub_url: str, message_id: str, status: str, *, duplicate: bool = False
     ) -> list[int]:
-        """POST the status webhook to `hub_url` (twice when `duplicate`); the hub's statuses."""
+        """POST the status webhook to `hub_url` (twice when `duplicate`); the hub's statuses,
+        redeliveries included."""
         hook = self.status_webhook(hub_url, message_id, status)
+        return await self.post_webhook(hook, "status", duplicate=duplicate)
+
+    async def post_webhook(
+        self, hook: StatusWebhook, kind: str, *, duplicate: bool = False
+    ) -> list[int]:
+        """POST `hook` (twice when `duplicate`), judging each answer as the provider does and
+        posting again what it would redeliver; the statuses of every answer, in order."""
         answers: list[int] = []
         timeout = aiohttp.ClientTimeout(total=10)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             for _ in range(2 if duplicate else 1):
-                async with session.post(hook.url, data=hook.body, headers=hook.headers) as reply:
-                    await reply.read()
-                    answers.append(reply.status)
+                for attempt in range(1 + self.webhook_redeliveries):
+                    if attempt:
+                        self.redeliveries += 1
+                    async with session.post(
+                        hook.url, data=hook.body, headers=hook.headers
+                    ) as reply:
+                        body = await reply.read()
+                        answers.append(reply.status)
+                        content_type = media_type(reply.headers.get("Content-Type", ""))
+                    problem = self.webhook_problem(kind, reply.status, content_type, body)
+                    if problem is None:
+                        break
+                    error, reason = problem
+                    self.webhook_failures.append(
+                        WebhookFailure(hook.url, kind, reply.status, content_type, error, reason)
+                    )
         return answers
+
+
+def media_type(content_type: str) -> str:
+    """`text/xml` of `text/XML; charset=utf-8`; "" when there is none."""
+    return content_type.split(";", 1)[0].strip().lower()

@@ -21,6 +21,10 @@
 * contracts §1.2/§1.5: `send_status` posts the `statuses[]` envelope, signed with
   `X-Hub-Signature-256: sha256=<hex HMAC-SHA256(app_secret, body)>`, echoing the send's
   `biz_opaque_callback_data`; `failed` carries `errors[]` (131026 unless told otherwise).
+* contracts §1.3: a webhook is delivered only when answered **200**; any other answer is a
+  failure (in `webhook_failures`) and the webhook is posted again at once, up to
+  `webhook_redeliveries` (3) more times (Meta: "retried immediately, then a few more times";
+  the later, days-long retries are not waited for).
 """
 
 from __future__ import annotations
@@ -126,6 +130,8 @@ def new_wamid(recipient_digits: str) -> str:
 class FakeMeta(FakeProvider):
     """The Cloud API of one business phone number."""
 
+    webhook_redeliveries = 3  # §1.3: "retried immediately, then a few more times"
+
     def __init__(
         self,
         *,
@@ -153,6 +159,14 @@ class FakeMeta(FakeProvider):
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post(r"/{version:v\d+\.\d+}/{phone_number_id}/messages", self._messages)
+
+    def webhook_problem(
+        self, kind: str, status: int, content_type: str, body: bytes
+    ) -> tuple[str, str] | None:
+        """contracts §1.3: anything but 200 — a 202 too — is retried for 7 days."""
+        if status == 200:
+            return None
+        return "http_status", f"HTTP {status}: Meta takes only 200 as delivered"
 
     def error_answer(self, status: int) -> Answer:
         usual = {500: 131000, 503: 131016, 429: 4, 401: 190, 403: 10}

@@ -22,6 +22,8 @@
 * contracts §9.1/§9.10 item 5: SendPulse sends **no status webhooks**. `send_status` can
   only post what SendPulse does send about our message, the `outgoing_message` event (a JSON
   array, §9.3/§9.4), for status `sent`; the URL carries `?token=` (DESIGN §3.2).
+* contracts §9.3: the meaning of a non-2xx answer is undocumented (answer 200, it
+  recommends): any 2xx counts as delivered, anything else lands in `webhook_failures`.
 """
 
 from __future__ import annotations

@@ -18,6 +18,11 @@
   `MessageStatus`, `AccountSid`, `From`, `To`, `ChannelPrefix=whatsapp`, `ErrorCode` when
   failed or undelivered) signed with `X-Twilio-Signature` = base64(HMAC-SHA1(auth_token,
   url + the sorted parameters)).
+* contracts §2.2: `send_incoming` posts a customer's message (the inbound form, signed the
+  same way). Twilio expects TwiML (XML) or an empty 200 for it: any other body is its
+  debugger's error 12300 (Invalid Content-Type). contracts §2.5: a non-2xx answer to either
+  webhook is error 11200 and is not retried. Both land in `webhook_failures` (the codes in
+  `debugger_errors`); a status callback may get any 2xx.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ TITLES: dict[int, str] = {
 }
 _HTTP_STATUS = {20003: 401, 20404: 404, 20429: 429, 20500: 500, 20503: 503}
 STATUSES = frozenset({"queued", "sending", "sent", "delivered", "undelivered", "failed", "read"})
+_TWIML_TYPES = frozenset({"text/xml", "application/xml"})
 _FAILED_CODE = "63016"  # the ErrorCode of a failed/undelivered callback (fixture status_failed)
 
 
@@ -110,6 +116,21 @@ class FakeTwilio(FakeProvider):
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/2010-04-01/Accounts/{account}/Messages.json", self._messages)
+
+    @property
+    def debugger_errors(self) -> list[str]:
+        """The codes Twilio's debugger would show for the hub's answers (11200, 12300)."""
+        return [failure.error for failure in self.webhook_failures]
+
+    def webhook_problem(
+        self, kind: str, status: int, content_type: str, body: bytes
+    ) -> tuple[str, str] | None:
+        if not 200 <= status <= 299:
+            return "11200", f"HTTP retrieval failure: HTTP {status}"
+        if kind == "incoming" and body.strip() and content_type not in _TWIML_TYPES:
+            shown = content_type or "no Content-Type"
+            return "12300", f"Invalid Content-Type: {shown} is not TwiML"
+        return None
 
     def error_answer(self, status: int) -> Answer:
         code = {401: 20003, 404: 20404, 429: 20429, 500: 20500, 503: 20503}.get(status)
@@ -200,6 +221,44 @@ class FakeTwilio(FakeProvider):
             "uri": f"/2010-04-01/Accounts/{self.account_sid}/Messages/{sid}.json",
         }
 
+    async def send_incoming(
+        self, hub_url: str, body: str, *, sender: str = "whatsapp:+5511987654321"
+    ) -> list[int]:
+        """POST a message from `sender` to the business (§2.2) to `hub_url`; the hub's
+        statuses."""
+        return await self.post_webhook(self.incoming_webhook(hub_url, body, sender), "incoming")
+
+    def incoming_webhook(self, hub_url: str, body: str, sender: str) -> StatusWebhook:
+        """The §2.2 incoming-message webhook, signed as §2.1 says."""
+        sid = "SM" + hex_id(32, upper=False)
+        pairs = [
+            ("SmsMessageSid", sid),
+            ("NumMedia", "0"),
+            ("ProfileName", "Maria"),
+            ("MessageType", "text"),
+            ("SmsSid", sid),
+            ("WaId", sender.removeprefix("whatsapp:+")),
+            ("SmsStatus", "received"),
+            ("Body", body),
+            ("To", self.sender),
+            ("NumSegments", "1"),
+            ("ReferralNumMedia", "0"),
+            ("MessageSid", sid),
+            ("AccountSid", self.account_sid),
+            ("From", sender),
+            ("ApiVersion", "2010-04-01"),
+        ]
+        return self._signed(hub_url, pairs)
+
+    def _signed(self, hub_url: str, pairs: list[tuple[str, str]]) -> StatusWebhook:
+        params = {name: [value] for name, value in pairs}
+        headers = {
+            "Content-Type": "application/x-www-form-urlencoded",
+            "X-Twilio-Signature": twilio_signature(self.auth_token, hub_url, params),
+            "I-Twilio-Idempotency-Token": hex_id(32, upper=False),
+        }
+        return StatusWebhook(hub_url, headers, urlencode(pairs).encode())
+
     def status_webhook(self, hub_url: str, message_id: str, status: str) -> StatusWebhook:
         """The §2.3 status callback for `message_id`, signed as §2.1 says."""
         if status not in STATUSES:
@@ -221,10 +280,4 @@ class FakeTwilio(FakeProvider):
         ]
         if status in ("failed", "undelivered"):
             pairs.append(("ErrorCode", _FAILED_CODE))
-        params = {name: [value] for name, value in pairs}
-        headers = {
-            "Content-Type": "application/x-www-form-urlencoded",
-            "X-Twilio-Signature": twilio_signature(self.auth_token, hub_url, params),
-            "I-Twilio-Idempotency-Token": hex_id(32, upper=False),
-        }
-        return StatusWebhook(hub_url, headers, urlencode(pairs).encode())
+        return self._signed(hub_url, pairs)

@@ -18,6 +18,8 @@
   leaves `messageId` out, and the callback names the message by its `zaapId` alone (the
   send's answer gave both; `zaap_id_of` says which). Z-API signs nothing: the hub's URL
   carries `?token=` (DESIGN §3.2), appended from `webhook_token` when the URL has none.
+* contracts §3.1: no retry policy and no expected answer documented: any 2xx counts as
+  delivered, anything else lands in `webhook_failures` (not redelivered).
 """
 
 from __future__ import annotations
