@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +158,41 @@ async def test_what_senders_and_destinations_wrote_cannot_drive_the_terminal_of_
     as_json = await asyncio.to_thread(run, config, "dlq", "list", "--json")
     stored = orjson.loads(as_json.output.splitlines()[0])
     assert (stored["event_type"], stored["last_error"]) == (event_type, reason)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_read_only_commands_answer_while_another_process_holds_the_write_lock(
+    tmp_path: Path, database_url: str, store: SqlStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: the schema's version was read under BEGIN IMMEDIATE, so `dlq list` and `keys
+    # list` waited for the write lock like any writer, and exited 3 once it was held past
+    # the busy timeout (30 s; shortened here so that the test fails fast, not slowly).
+    await store.insert_events([event(destinations=("crm",))])
+    [leased] = await lease_any(store, now_ms=NOW)
+    await store.complete([attempt(leased, DeliveryState.DEAD, kind=OutcomeKind.PERMANENT)], NOW)
+    monkeypatch.setattr("estafeta.store.sqlite.BUSY_TIMEOUT_MS", 200)
+    config = config_file(tmp_path, database_url)
+    holder = sqlite3.connect(store_path(database_url), isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # a `sqlite3` shell left in a write transaction
+        for command in (
+            ["dlq", "list"],
+            ["dlq", "list", "--summary", "--tenant", "clinica-sol"],
+            ["keys", "list", "--tenant", "clinica-sol"],
+        ):
+            result = await asyncio.to_thread(run, config, *command)
+            assert result.exit_code == 0, (command, result.output)
+        listed = await asyncio.to_thread(run, config, "dlq", "list", "--destination", "crm")
+        assert listed.output.startswith(leased.id), listed.output
+        # A writer still waits for the lock, and gives up as the store being unreachable.
+        replayed = await asyncio.to_thread(run, config, "dlq", "replay", "--all")
+        assert replayed.exit_code == 3, replayed.output
+    finally:
+        holder.close()
+
+
+def store_path(database_url: str) -> str:
+    return database_url.removeprefix("sqlite:///")
 
 
 @pytest.mark.parametrize("engine", ["sqlite", "postgresql"])

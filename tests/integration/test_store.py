@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,6 +30,7 @@ from estafeta.store.records import (
     NewEvent,
 )
 from estafeta.store.schema import metadata
+from estafeta.store.sqlite import WAL_SIZE_LIMIT
 from estafeta.store.sqlstore import SqlStore
 from tests.conftest import lease_any
 from tests.integration.plans import explain_sql, rows_read
@@ -532,6 +534,33 @@ async def test_a_new_sqlite_database_is_readable_by_its_owner_only(tmp_path: Pat
             assert [mode(file) for file in files] == [0o600] * 3
         finally:
             await store.close()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_the_sqlite_wal_shrinks_back_once_a_long_read_has_ended(
+    database_url: str, store: SqlStore
+) -> None:
+    """A read kept open (a `sqlite3` shell after BEGIN) lets no checkpoint pass it, so the
+    WAL grows with every commit. Before: it kept that size (here some 20 MB, hours of traffic
+    gigabytes) until the last process closed the database; now the first checkpoints after
+    the read ends bring it back to `WAL_SIZE_LIMIT`."""
+    wal = Path(database_url.removeprefix("sqlite:///") + "-wal")
+    webhook = '{"data":"' + "x" * 2000 + '"}'  # a provider's webhook is about 2 KB
+
+    async def ingest(count: int) -> None:
+        for _ in range(count // 500):
+            await store.insert_events([replace(event(), payload=webhook) for _ in range(500)])
+
+    reader = sqlite3.connect(database_url.removeprefix("sqlite:///"), isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM events").fetchone()  # the read's snapshot
+        await ingest(10_000)
+        assert wal.stat().st_size > 2 * WAL_SIZE_LIMIT  # no checkpoint could pass the read
+    finally:
+        reader.close()
+    await ingest(1_000)
+    assert wal.stat().st_size <= WAL_SIZE_LIMIT
 
 
 async def test_migrations_build_exactly_the_declared_schema(store: SqlStore) -> None:

@@ -77,8 +77,10 @@ class SqlStore(
         own errors, far from the cause."""
         from estafeta.store.migrate import current_revision, schema_problem
 
+        # On the read engine: on SQLite, the writer's BEGIN IMMEDIATE would make every
+        # command, read-only ones too, wait for (and fail behind) a write lock held elsewhere.
         with store_errors():
-            current = await current_revision(self.engine)
+            current = await current_revision(self.read_engine)
         problem = schema_problem(current)
         if problem is not None:
             raise StoreError(f"the database {problem}")
