@@ -954,3 +954,60 @@ async def test_a_number_beyond_a_double_is_refused_not_delivered_as_null(
     assert (r.status_code, r.json()["error"]) == (400, "invalid_request"), r.text
     assert "body.data" in r.json()["detail"] and "no JSON form" in r.json()["detail"]
     assert await client.stored() == 0
+
+
+async def test_dlq_times_honour_their_offsets(client: Client) -> None:
+    # A `since`/`until` in another zone selects what its UTC equivalent selects.
+    def dead(n: int) -> NewEvent:
+        delivery = NewDelivery(id=f"dlv_{n}", destination_id="crm", priority=1, max_attempts=3)
+        return new_event(f"evt_{n}", delivery)
+
+    await client.store.insert_events([dead(n) for n in range(3)])
+    # 2026-11-22T02:59:59.999Z, 03:00:00.000Z and 04:00:00.000Z
+    died_at = {0: 1_795_316_399_999, 1: 1_795_316_400_000, 2: 1_795_320_000_000}
+    async with client.store.engine.begin() as conn:
+        for n, at in died_at.items():
+            await conn.execute(
+                text("UPDATE deliveries SET state = 'dead', updated_at = :at WHERE id = :id"),
+                {"at": at, "id": f"dlv_{n}"},
+            )
+    for since, until in [
+        ("2026-11-22T03:00:00Z", "2026-11-22T04:00:00Z"),
+        ("2026-11-22T00:00:00-03:00", "2026-11-22T01:00:00.000-03:00"),
+        ("2026-11-22T05:30:00+02:30", "2026-11-22T04:00:00.000000+00:00"),
+    ]:
+        r = await client.http.get(
+            "/api/v1/dlq", params={"since": since, "until": until}, headers=ADMIN
+        )
+        assert [d["id"] for d in r.json()["deliveries"]] == ["dlv_1"], (since, until)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "yesterday",
+        "",
+        "0000-01-01T00:00:00Z",
+        "10000-01-01T00:00:00Z",
+        "2026-11-22T00:00:00+24:00",
+        "2026-13-01T00:00:00Z",
+        "2026-11-22T23:59:60Z",
+        "２０２６-11-22T00:00:00Z",
+        "2026-11-22T00:00:00ZZ",
+        "2026-11-22T00:00:00 03:00",  # a `+` the query string turned into a space
+    ],
+)
+async def test_a_dlq_time_that_is_no_time_is_a_400_naming_it(client: Client, value: str) -> None:
+    # Out-of-range fields, a leap second, non-ASCII digits: each a 400, never a 500.
+    for name in ("since", "until"):
+        r = await client.http.get("/api/v1/dlq", params={name: value}, headers=ADMIN)
+        assert (r.status_code, r.json()["detail"]) == (400, f"{name}: not an ISO 8601 time")
+        if value:
+            r = await client.http.post("/api/v1/dlq/replay", json={name: value}, headers=ADMIN)
+            assert (r.status_code, r.json()["detail"]) == (400, f"{name}: not an ISO 8601 time")
+
+
+async def test_a_dlq_time_that_is_not_utf8_is_a_400_naming_it(client: Client) -> None:
+    for name in ("since", "until"):
+        r = await client.http.get(f"/api/v1/dlq?{name}=%ff%fe", headers=ADMIN)
+        assert (r.status_code, r.json()["detail"]) == (400, f"{name}: not an ISO 8601 time")
