@@ -372,6 +372,7 @@ class Hub:
             await asyncio.gather(*(done.wait() for done in appending))
         results: list[InsertResult] = []
         new: list[NewEvent] = []
+        duplicates: list[NewEvent] = []  # answered as the spooled original, counted as such
         first: dict[tuple[str, str, str], str] = {}  # key → the id of its first event here
         for event in events:
             key = None if event.idempotency_key is None else event_key(event)
@@ -382,6 +383,7 @@ class Hub:
                 )
             if original is not None:
                 results.append(InsertResult(original, duplicate=True, spooled=True))
+                duplicates.append(event)
                 continue
             if key is not None:
                 first[key] = event.id
@@ -399,6 +401,8 @@ class Hub:
             done.set()
         for event in new:
             self._count(event, "spooled")
+        for event in duplicates:
+            self._count(event, "duplicate")
         return results
 
     async def close(self) -> None:

@@ -24,6 +24,7 @@ from estafeta.delivery.circuit_store import FallbackCircuitStore, RedisCircuitSt
 from estafeta.delivery.outcome import Outcome, OutcomeKind
 from estafeta.delivery.presence import Presence
 from estafeta.delivery.state import DeliveryState
+from estafeta.delivery.worker import Worker
 from estafeta.errors import HttpError, StoreUnavailable
 from estafeta.hub import Hub
 from estafeta.ingress.spool import Spool
@@ -990,3 +991,67 @@ async def test_the_monitor_comes_round_in_bounded_time_when_the_store_hangs(
     await monitor.check()
     elapsed = time.monotonic() - started
     assert elapsed < READ_TIMEOUT_S + 2, elapsed
+
+
+async def test_a_webhook_retried_during_an_outage_is_counted_once_and_then_as_a_duplicate(
+    config: Config, store: SqlStore, tmp_path: Path
+) -> None:
+    """A provider retries a webhook it sent while the store was down: answered as a
+    duplicate of the spooled event, it is counted as one, as a retry answered by the store
+    is; and the drain that imports the event counts nothing again."""
+    outage = Outage(store)
+    hub = Hub(config, cast(SqlStore, outage), spool=Spool(tmp_path / "spool", max_bytes=1 << 20))
+    body = b'{"type": "message.received", "data": {"text": "hola"}}'
+
+    def counted(outcome: str) -> float:
+        labels = {"source": "crm-events", "outcome": outcome}
+        return REGISTRY.get_sample_value("estafeta_events_accepted_total", labels) or 0.0
+
+    async def post(webhook_id: str) -> httpx.Response:
+        stamp = int(time.time())
+        headers = {
+            "content-type": "application/json",
+            "webhook-id": webhook_id,
+            "webhook-timestamp": str(stamp),
+            "webhook-signature": sign_webhook(SOURCE_SECRET, webhook_id, stamp, body),
+        }
+        return await http.post("/in/crm-events", content=body, headers=headers)
+
+    before = {outcome: counted(outcome) for outcome in ("stored", "duplicate", "spooled")}
+    transport = httpx.ASGITransport(app=create_app(hub))
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://hub") as http:
+            outage.down = True
+            first = await post("msg_outage")
+            retried = await post("msg_outage")  # the provider's retry, still in the outage
+            outage.down = False
+            assert hub.spool is not None
+            assert await hub.spool.drain(store) == 1
+    finally:
+        await hub.close()
+    assert (first.status_code, first.headers.get("x-estafeta-spooled")) == (202, "1")
+    assert (retried.status_code, retried.json()["duplicate"]) == (200, True)
+    added = {outcome: counted(outcome) - was for outcome, was in before.items()}
+    # Before: the retry answered from the spool was counted nowhere.
+    assert added == {"stored": 0, "duplicate": 1, "spooled": 1}
+
+
+async def test_the_attempt_of_a_worker_that_died_mid_send_is_counted_when_rescued(
+    hub: Hub, store: SqlStore, config: Config
+) -> None:
+    """A worker killed mid-send never counted its attempt; the worker that rescues the lease
+    records it (`lease_expired`, spending one of `max_attempts`) and so counts it: a
+    delivery that kills its worker every time showed no failed attempt in
+    estafeta_delivery_attempts_total, only, at last, a dead letter."""
+    await accept(hub, 1)  # to crm
+    retryable = {"destination": "crm", "outcome": "retryable"}
+    before = REGISTRY.get_sample_value("estafeta_delivery_attempts_total", retryable) or 0.0
+    # A worker leases it and dies without a word: a lease that has already expired.
+    [lost] = await lease_any(store, now_ms=hub.clock.now_ms(), lease_ms=-1, worker_id="gone")
+    assert await Worker(store, config).rescue_expired() == 1
+    view = await store.get_event(lost.event_id, None)
+    assert view is not None
+    [delivery] = view.deliveries
+    assert [a.error_class for a in delivery.attempt_log] == ["lease_expired"]
+    after = REGISTRY.get_sample_value("estafeta_delivery_attempts_total", retryable) or 0.0
+    assert after - before == 1

@@ -30,7 +30,7 @@ from estafeta.delivery.outcome import Outcome, OutcomeKind
 from estafeta.delivery.presence import LIVE_WINDOW_S
 from estafeta.delivery.state import DeliveryState
 from estafeta.ids import new_id
-from estafeta.observability.metrics import DEAD_LETTERED
+from estafeta.observability.metrics import ATTEMPTS, DEAD_LETTERED, series
 from estafeta.store.records import CompletedAttempt
 from estafeta.store.sqlstore import SqlStore
 
@@ -146,7 +146,9 @@ class Rescue:
             for d in claimed
         ]
         await self.store.complete(batch, now_ms)
-        for item in batch:  # as attempts.py counts the deaths of the sends it records
+        for item in batch:  # as attempts.py counts the sends it records, and their deaths
+            # The dead worker never counted this attempt (it counts once a send returns).
+            series(ATTEMPTS, item.delivery.destination_id, lost.kind.value).inc()
             if item.transition.to_state is DeliveryState.DEAD:
                 DEAD_LETTERED.labels(item.delivery.destination_id).inc()
         log.warning("leases_rescued", count=len(batch), worker=self.worker_id)
