@@ -8,6 +8,7 @@ from pathlib import Path
 
 from prometheus_client.metrics import MetricWrapperBase
 
+from estafeta.config.models import WorkerConfig
 from estafeta.observability import metrics
 
 REFERENCE = Path(__file__).resolve().parents[2] / "docs" / "http-api.md"
@@ -41,3 +42,12 @@ def documented() -> dict[str, tuple[str, list[str]]]:
 def test_every_exported_metric_is_documented_with_its_type_and_labels() -> None:
     assert len(exported()) > 10  # the scan finds the module's metrics at all
     assert documented() == exported()
+
+
+def test_the_longest_attempt_allowed_lands_in_a_bucket_of_its_own() -> None:
+    """Attempts run up to `worker.max_attempt_s` (at most 600 s): with buckets ending at 30 s,
+    every attempt of a slow destination (timeout_s 60 … 300) was one count in +Inf."""
+    [bound] = [m for m in WorkerConfig.model_fields["max_attempt_s"].metadata if hasattr(m, "le")]
+    finite = [b for b in metrics.ATTEMPT_SECONDS._upper_bounds if b != float("inf")]
+    assert max(finite) >= bound.le
+    assert {60, 120, 300} <= set(finite)  # the timeouts slow destinations are given

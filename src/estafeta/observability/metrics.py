@@ -76,7 +76,9 @@ ATTEMPT_SECONDS = Histogram(
     "estafeta_delivery_attempt_seconds",
     "How long one delivery attempt took.",
     ["destination"],
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    # Up to the longest attempt `worker.max_attempt_s` allows (600 s): a slow destination's
+    # attempts are told apart, not all counted in +Inf.
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
     registry=REGISTRY,
 )
 CIRCUIT_TRANSITIONS = Counter(
