@@ -28,6 +28,7 @@ from estafeta.store.records import (
     DeadLetterFilter,
     InsertResult,
     NewEvent,
+    NewMessage,
 )
 from estafeta.store.schema import metadata
 from estafeta.store.sqlite import WAL_SIZE_LIMIT
@@ -921,3 +922,48 @@ async def test_a_migration_may_take_longer_than_any_statement_may(
     finally:
         await other.close()
         await slow.close()
+
+
+@pytest.mark.timeout(120)
+async def test_a_queued_message_among_thousands_of_repeated_keys_is_answered_in_one_batch(
+    store: SqlStore,
+) -> None:
+    """A message queued through the API shares a batch with providers' retries of large
+    webhooks (eleven Meta retries of 1,000 statuses each): the batch goes through the general
+    transaction, whose read of the repeats' originals was one `(tenant, source, key) IN` of
+    every key. PostgreSQL failed it past ~10,000 keys (54001 "stack depth limit exceeded"),
+    and SQLite past its 32,766 variables: the whole batch failed instead of being answered."""
+    many = 11_000
+    originals = [event(f"wamid.{n}", destinations=()) for n in range(many)]
+    for start in range(0, many, 1000):
+        await store.insert_events(originals[start : start + 1000])
+    send = replace(
+        event(None),
+        conversation_id="5511999999999",
+        message=NewMessage(
+            id="msg_many", source_id="crm-events", recipient="+5511999999999", content="{}"
+        ),
+    )
+    repeats = [event(f"wamid.{n}", destinations=()) for n in range(many)]
+    results = await store.insert_events([send, *repeats])
+    assert results[0] == InsertResult(send.id, duplicate=False)
+    assert [r.event_id for r in results[1:]] == [o.id for o in originals]
+    assert all(r.duplicate for r in results[1:])
+
+
+@pytest.mark.timeout(120)
+async def test_a_worker_at_its_largest_concurrency_gives_every_lease_back(
+    store: SqlStore,
+) -> None:
+    """A worker stopping with `concurrency = 10000` sends unfinished gives back up to 10,000
+    leases in one call: as one `(id, lease_token) IN` list PostgreSQL failed it (54001
+    "stack depth limit exceeded"), and every one of them then waited for its lease to
+    expire and was charged an attempt never made."""
+    many = 10_000
+    for _ in range(0, many, 1000):
+        await store.insert_events([event() for _ in range(1000)])
+    leased: list[LeasedDelivery] = []
+    while len(leased) < many:
+        leased += await lease(store, limit=1000)
+    assert await store.release(leased, NOW) == many
+    assert (await store.queue_stats()).by_state == {"pending": many}

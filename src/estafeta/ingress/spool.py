@@ -56,6 +56,7 @@ from estafeta.ingress import segments
 from estafeta.ingress.journal import Unreadable, decode, encode, framed, records
 from estafeta.observability.metrics import SPOOL_QUARANTINED
 from estafeta.observability.reads import within
+from estafeta.store.base import in_chunks
 from estafeta.store.group_commit import GroupCommitter
 from estafeta.store.records import NewEvent
 from estafeta.store.sqlstore import SqlStore
@@ -325,10 +326,9 @@ class Spool:
             self._unreadable_segments.pop(path.name, None)
             events, unimportable = _decoded(path.name, data)
             imported = 0
-            for start in range(0, len(events), DRAIN_CHUNK):
+            for chunk in in_chunks(events, DRAIN_CHUNK):
                 if stop is not None and stop.is_set():
                     return imported  # the segment stays, whole, for the next drain
-                chunk = events[start : start + DRAIN_CHUNK]
                 imported += await self._import(store, chunk, path)
             # Only now: while the store is down, every round would quarantine them again.
             for kept in unimportable:
@@ -350,7 +350,7 @@ class Spool:
             self._unreadable_segments[segment.name] = error
             log.error("spool_segment_unreadable", segment=segment.name, error=error)
 
-    async def _import(self, store: SqlStore, events: list[NewEvent], segment: Path) -> int:
+    async def _import(self, store: SqlStore, events: Sequence[NewEvent], segment: Path) -> int:
         """Import a chunk; if the store refuses it, import its events one by one and
         quarantine those it still refuses. Returns how many were imported."""
         try:
@@ -361,7 +361,7 @@ class Spool:
             return await self._import_each(store, events, segment)
         return len(events)
 
-    async def _import_each(self, store: SqlStore, events: list[NewEvent], segment: Path) -> int:
+    async def _import_each(self, store: SqlStore, events: Sequence[NewEvent], segment: Path) -> int:
         imported = 0
         for event in events:
             try:

@@ -31,7 +31,7 @@ from sqlalchemy import (
 )
 
 from estafeta.store import schema as s
-from estafeta.store.base import StoreBase, each_value, written_in
+from estafeta.store.base import StoreBase, each_value, in_chunks, written_in
 from estafeta.store.messaging import sent_states
 from estafeta.store.records import ConversationView, Interaction
 
@@ -194,8 +194,7 @@ class ConversationOps(StoreBase):
             # comes in the list's order; str order is SQLite's BINARY collation's).
             size = len(tenants) if self.dialect != "sqlite" else _SQLITE_MAX_BRANCHES
             pages: list[list[ConversationView]] = []
-            for start in range(0, len(tenants), size):
-                group = tenants[start : start + size]
+            for group in in_chunks(tenants, size):
                 statement = conversation_list_statement(len(group), status, after is not None)
                 params = conversation_list_params(group, limit, after)
                 pages.append(

@@ -16,6 +16,7 @@ from estafeta.delivery.state import DeliveryState
 from estafeta.messaging.facts import SEND_DESTINATION_PREFIX
 from estafeta.store import schema as s
 from estafeta.store.audit import audit
+from estafeta.store.base import in_chunks
 from estafeta.store.messaging import MessagingOps
 from estafeta.store.records import DeadGroup, DeadLetterFilter, DeliveryView
 from estafeta.store.views import delivery_view, delivery_view_query, state_is
@@ -124,11 +125,11 @@ class DeadLetterOps(MessagingOps):
             # default, 250,000 in Debian's build) and asyncpg's (32,767). Moved in chunks,
             # still in this one transaction; a replayed send's message requeued with its chunk.
             moved: list[Any] = []
-            for start in range(0, len(ids), _IDS_PER_STATEMENT):
+            for chunk in in_chunks(ids, _IDS_PER_STATEMENT):
                 stmt = (
                     update(d)
                     .where(
-                        d.c.id.in_(ids[start : start + _IDS_PER_STATEMENT]),
+                        d.c.id.in_(chunk),
                         d.c.state == DeliveryState.DEAD.value,
                     )
                     .values(**values)

@@ -18,12 +18,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from estafeta.delivery.state import DeliveryState
 from estafeta.errors import StoreError
 from estafeta.store import schema as s
+from estafeta.store.base import in_chunks
 from estafeta.store.messaging import MessagingOps
 from estafeta.store.records import InsertResult, NewEvent
 
 # The state and lease columns of a delivery stored without a lease.
 UNLEASED = (DeliveryState.PENDING.value, None, None, None)
 IN_FLIGHT = DeliveryState.IN_FLIGHT.value
+# Keys looked up by one statement (three parameters each).
+_KEYS_PER_STATEMENT = 1000
 
 
 class IngestOps(MessagingOps):
@@ -95,13 +98,17 @@ class IngestOps(MessagingOps):
             for e in events
             if e.idempotency_key is not None
         ]
-        if not keys:
-            return {}
         e = s.events
-        query = select(e.c.tenant_id, e.c.source_id, e.c.idempotency_key, e.c.id).where(
-            tuple_(e.c.tenant_id, e.c.source_id, e.c.idempotency_key).in_(keys)
-        )
-        return {(t, src, k): i for t, src, k, i in (await conn.execute(query)).all()}
+        found: dict[tuple[str, str, str], str] = {}
+        # A few statements of a bounded size rather than one: a batch of the general path may
+        # hold 500 requests' events, and PostgreSQL fails a row IN list of ~10,000 keys
+        # (54001 "stack depth limit exceeded"), SQLite one past its variable limit.
+        for chunk in in_chunks(keys, _KEYS_PER_STATEMENT):
+            query = select(e.c.tenant_id, e.c.source_id, e.c.idempotency_key, e.c.id).where(
+                tuple_(e.c.tenant_id, e.c.source_id, e.c.idempotency_key).in_(chunk)
+            )
+            found.update({(t, src, k): i for t, src, k, i in (await conn.execute(query)).all()})
+        return found
 
     @abstractmethod
     async def _insert_new_events(

@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from estafeta.delivery.model import LeasedDelivery
 from estafeta.delivery.state import DeliveryState
 from estafeta.store import schema as s
-from estafeta.store.base import SQL_DIR, each_value
+from estafeta.store.base import SQL_DIR, each_value, in_chunks
 from estafeta.store.messaging import MessagingOps
 from estafeta.store.records import CompletedAttempt
 
@@ -56,6 +56,9 @@ def _expanded(sql: str, snippets: Mapping[str, str]) -> str:
     pattern = r"^( *)/\* (" + "|".join(map(re.escape, snippets)) + r") \*/$"
     return re.sub(pattern, expand, sql, flags=re.MULTILINE)
 
+
+# Leases one release statement names (two parameters each).
+_LEASES_PER_STATEMENT = 1000
 
 # The attempts of a completion (SQLite's: PostgreSQL's `complete` is a statement of its own).
 # One recorded again because its first commit's answer was lost is written once.
@@ -189,24 +192,29 @@ class LeaseOps(MessagingOps):
             if due_at is None
             else due_at
         )
-        stmt = (
-            update(d)
-            .where(
-                tuple_(d.c.id, d.c.lease_token).in_(held),
-                d.c.state == DeliveryState.IN_FLIGHT.value,
-            )
-            .values(
-                state=DeliveryState.PENDING.value,
-                next_attempt_at=due,
-                lease_token=None,
-                lease_expires_at=None,
-                leased_by=None,
-                updated_at=now_ms,
-            )
-        )
+        released = 0
         async with self._write() as conn:
-            result = await conn.execute(stmt)
-        return max(result.rowcount, 0)
+            # In chunks: a worker stopping with `concurrency = 10000` gives back as many, and
+            # PostgreSQL fails a row IN list of ~10,000 pairs (54001 "stack depth limit
+            # exceeded").
+            for chunk in in_chunks(held, _LEASES_PER_STATEMENT):
+                stmt = (
+                    update(d)
+                    .where(
+                        tuple_(d.c.id, d.c.lease_token).in_(chunk),
+                        d.c.state == DeliveryState.IN_FLIGHT.value,
+                    )
+                    .values(
+                        state=DeliveryState.PENDING.value,
+                        next_attempt_at=due,
+                        lease_token=None,
+                        lease_expires_at=None,
+                        leased_by=None,
+                        updated_at=now_ms,
+                    )
+                )
+                released += max((await conn.execute(stmt)).rowcount, 0)
+        return released
 
     async def claim_expired(
         self, *, now_ms: int, lease_ms: int, worker_id: str, limit: int = 500
