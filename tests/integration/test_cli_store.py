@@ -217,6 +217,19 @@ def test_a_database_without_the_schema_is_named_not_queried(tmp_path: Path, engi
         attempts(url)
 
 
+def test_a_store_command_creates_no_sqlite_file_where_there_is_none(tmp_path: Path) -> None:
+    # Before: `dlq list` from the wrong directory (or after the file was removed) left an
+    # empty database file there, saying only "has no estafeta schema".
+    missing = tmp_path / "estafeta.db"
+    config = config_file(tmp_path, f"sqlite:///{missing}")
+    for command in (["dlq", "list"], ["keys", "list"]):
+        result = run(config, *command)
+        assert result.exit_code == 2, (command, result.output)
+        assert f"the database {missing} does not exist" in result.output, result.output
+    assert not missing.exists()
+    assert run(config, "migrate").exit_code == 0 and missing.exists()
+
+
 @pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
 async def test_a_worker_or_serve_without_migrating_names_a_database_without_the_schema(
     tmp_path: Path, engine: str

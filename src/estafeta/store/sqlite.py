@@ -27,7 +27,7 @@ from sqlalchemy import event, make_url, text
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from estafeta.errors import ConfigError, ConfigIssue, StoreUnavailable
+from estafeta.errors import ConfigError, ConfigIssue, StoreError, StoreUnavailable
 from estafeta.store.base import store_errors
 from estafeta.store.ingest import delivery_rows, event_key, event_row, fates
 from estafeta.store.messaging import conversation_counts
@@ -256,8 +256,21 @@ class SqliteStore(SqlStore):
     ) -> None:
         super().__init__(engine, read_engine)
         self._lease = text(self.lease_sql)
+        self._database_file = database_file
         # A database in memory is private to its connection: no second connection for it.
         self._writer = IngestWriter(path, database_file) if path and path != ":memory:" else None
+
+    async def require_schema(self) -> None:
+        # Opened, a missing file would be created empty: left behind by a command run from
+        # the wrong directory, or after the file was removed, under a message saying only
+        # that the database has no schema.
+        database = self._database_file
+        if database is not None and not os.path.exists(database.path):
+            raise StoreError(
+                f"the database {database.path} does not exist, so it has no "
+                "estafeta schema: run `estafeta migrate` to create it, or check storage.url"
+            )
+        await super().require_schema()
 
     @classmethod
     def from_url(cls, url: str) -> SqliteStore:
