@@ -9,30 +9,20 @@ points the fakes at an app answering so, to show they would have said."""
 
 from __future__ import annotations
 
-import asyncio
-import socket
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
-import aiohttp
 import orjson
 import pytest
 from aiohttp import web
 
-from estafeta.api.app import create_app
-from estafeta.api.auth import hash_key
-from estafeta.config import load_config_dict
-from estafeta.hub import Hub
-from estafeta.server import uvicorn_server
 from estafeta.store.sqlstore import SqlStore
 from estafeta.testing.fakes import FakeMeta, FakeProvider, FakeSendPulse, FakeTwilio, FakeZApi
 from estafeta.testing.server import LocalServer
 from tests.conftest import base_config
+from tests.integration.hub_loop import MessagesClient, served_hub
 
 KEY = "est_webhook_answers_key_000000000000000000"
-MARIA = "+5511987654321"
 META = {
     "access_token": "meta-token",
     "phone_number_id": "114950281736452",
@@ -57,40 +47,8 @@ WEBHOOK_TOKEN = "tok_9Yq2mX7vK3pL8sR4"
 
 
 @dataclass
-class Loop:
-    base: str
+class Loop(MessagesClient):
     fakes: dict[str, FakeProvider]  # source id → its provider
-    http: aiohttp.ClientSession
-
-    async def send(self, source: str) -> str:
-        async with self.http.post(
-            f"{self.base}/api/v1/messages",
-            json={"source": source, "to": MARIA, "text": "Sua consulta está confirmada."},
-            headers={"authorization": f"Bearer {KEY}"},
-        ) as r:
-            assert r.status == 202, await r.text()
-            message_id: str = (await r.json())["id"]
-            return message_id
-
-    async def until(self, message_id: str, state: str, timeout_s: float = 10) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            async with self.http.get(
-                f"{self.base}/api/v1/messages/{message_id}",
-                headers={"authorization": f"Bearer {KEY}"},
-            ) as r:
-                view: dict[str, Any] = await r.json()
-            if view["state"] == state:
-                return view
-            assert time.monotonic() < deadline, view
-            await asyncio.sleep(0.05)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def new_fakes() -> dict[str, FakeProvider]:
@@ -120,9 +78,7 @@ async def loop_(store: SqlStore, database_url: str) -> AsyncIterator[Loop]:
     fakes = new_fakes()
     for fake in fakes.values():
         await fake.start()
-    port = free_port()
     data = base_config(database_url)
-    data["server"] = {"listen": f"127.0.0.1:{port}"}
     inbound = {
         "wa-sol": ("whatsapp_cloud", {**META, "verify_token": "v"}),
         "tw-sol": ("twilio", TWILIO),
@@ -139,21 +95,8 @@ async def loop_(store: SqlStore, database_url: str) -> AsyncIterator[Loop]:
                 **keys,
             }
         )
-    config = load_config_dict(data)
-    await store.sync_config(config, 1)
-    await store.create_api_key(
-        tenant_id="clinica-sol", key_hash=hash_key(KEY), label="", actor="test", now_ms=1
-    )
-    server = uvicorn_server(create_app(Hub(config, store), run_workers=True), f"127.0.0.1:{port}")
-    serving = asyncio.create_task(server.serve())
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.02)
-    async with aiohttp.ClientSession() as http:
-        yield Loop(f"http://127.0.0.1:{port}", fakes, http)
-    server.should_exit = True
-    await serving
+    async with served_hub(store, data, KEY) as client:
+        yield Loop(client.base, client.key, client.http, fakes)
     for fake in fakes.values():
         await fake.stop()
 
@@ -172,7 +115,7 @@ async def test_no_provider_sees_a_failed_webhook_for_a_message_followed_to_its_e
     loop_: Loop, source: str, statuses: list[str], last: str
 ) -> None:
     fake = loop_.fakes[source]
-    queued = await loop_.send(source)
+    queued = (await loop_.send(source, text="Sua consulta está confirmada."))["id"]
     view = await loop_.until(queued, "sent")
     provider_id = view["provider_message_id"]
     assert provider_id == fake.sent[0].message_id

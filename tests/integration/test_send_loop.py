@@ -4,29 +4,19 @@ on both engines."""
 
 from __future__ import annotations
 
-import asyncio
-import socket
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
-import aiohttp
 import pytest
 
-from estafeta.api.app import create_app
-from estafeta.api.auth import hash_key
-from estafeta.config import load_config_dict
-from estafeta.hub import Hub
-from estafeta.server import uvicorn_server
 from estafeta.store.sqlstore import SqlStore
 from estafeta.testing.fakes.meta import FakeMeta
 from estafeta.testing.fakes.zapi import FakeZApi
 from tests.conftest import base_config
+from tests.integration.hub_loop import MARIA, MessagesClient, served_hub
 
 KEY = "est_send_loop_key_00000000000000000000000"
 APP_SECRET = "fake-meta-app-secret"
-MARIA = "+5511987654321"
 ZAPI = {
     "instance_id": "3D9F1A2B4C6E8F0A1B2C3D4E5F6A7B8C",
     "instance_token": "A1B2C3D4E5F6A7B8C9D0E1F2",
@@ -36,44 +26,9 @@ ZAPI_WEBHOOK_TOKEN = "zapi-webhook-token"
 
 
 @dataclass
-class Loop:
-    base: str
+class Loop(MessagesClient):
     meta: FakeMeta
     zapi: FakeZApi
-    http: aiohttp.ClientSession
-
-    async def send(self, **body: Any) -> dict[str, Any]:
-        async with self.http.post(
-            f"{self.base}/api/v1/messages",
-            json={"source": "wa-sol", "to": MARIA, **body},
-            headers={"authorization": f"Bearer {KEY}"},
-        ) as r:
-            assert r.status == 202, await r.text()
-            answer: dict[str, Any] = await r.json()
-            return answer
-
-    async def message(self, message_id: str) -> dict[str, Any]:
-        async with self.http.get(
-            f"{self.base}/api/v1/messages/{message_id}", headers={"authorization": f"Bearer {KEY}"}
-        ) as r:
-            found: dict[str, Any] = await r.json()
-            return found
-
-    async def until(self, message_id: str, state: str, timeout_s: float = 10) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            view = await self.message(message_id)
-            if view["state"] == state:
-                return view
-            assert time.monotonic() < deadline, view
-            await asyncio.sleep(0.05)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @pytest.fixture
@@ -84,9 +39,7 @@ async def loop_(store: SqlStore, database_url: str) -> AsyncIterator[Loop]:
     await meta.start()
     zapi = FakeZApi(**ZAPI, webhook_token=ZAPI_WEBHOOK_TOKEN)
     await zapi.start()
-    port = free_port()
     data = base_config(database_url)
-    data["server"] = {"listen": f"127.0.0.1:{port}"}
     data["sources"].append(
         {
             "id": "wa-sol",
@@ -110,21 +63,8 @@ async def loop_(store: SqlStore, database_url: str) -> AsyncIterator[Loop]:
             "api_base": zapi.url,
         }
     )
-    config = load_config_dict(data)
-    await store.sync_config(config, 1)
-    await store.create_api_key(
-        tenant_id="clinica-sol", key_hash=hash_key(KEY), label="", actor="test", now_ms=1
-    )
-    server = uvicorn_server(create_app(Hub(config, store), run_workers=True), f"127.0.0.1:{port}")
-    serving = asyncio.create_task(server.serve())
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.02)
-    async with aiohttp.ClientSession() as http:
-        yield Loop(f"http://127.0.0.1:{port}", meta, zapi, http)
-    server.should_exit = True
-    await serving
+    async with served_hub(store, data, KEY) as client:
+        yield Loop(client.base, client.key, client.http, meta, zapi)
     await zapi.stop()
     await meta.stop()
 

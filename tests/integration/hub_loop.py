@@ -1,0 +1,87 @@
+"""A hub served on a real port with its in-process workers, and a client of its messages
+API: for tests that follow a message from the API to a provider's fake and back
+(test_send_loop.py, test_provider_webhook_answers.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from estafeta.api.app import create_app
+from estafeta.api.auth import hash_key
+from estafeta.config import load_config_dict
+from estafeta.hub import Hub
+from estafeta.server import uvicorn_server
+from estafeta.store.sqlstore import SqlStore
+from tests.acceptance.conftest import free_port
+
+MARIA = "+5511987654321"
+
+
+@dataclass
+class MessagesClient:
+    """`POST /api/v1/messages` to Maria and its view, with the tenant's key."""
+
+    base: str
+    key: str
+    http: aiohttp.ClientSession
+
+    async def send(self, source: str = "wa-sol", **body: Any) -> dict[str, Any]:
+        async with self.http.post(
+            f"{self.base}/api/v1/messages",
+            json={"source": source, "to": MARIA, **body},
+            headers={"authorization": f"Bearer {self.key}"},
+        ) as r:
+            assert r.status == 202, await r.text()
+            answer: dict[str, Any] = await r.json()
+            return answer
+
+    async def message(self, message_id: str) -> dict[str, Any]:
+        async with self.http.get(
+            f"{self.base}/api/v1/messages/{message_id}",
+            headers={"authorization": f"Bearer {self.key}"},
+        ) as r:
+            found: dict[str, Any] = await r.json()
+            return found
+
+    async def until(self, message_id: str, state: str, timeout_s: float = 10) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            view = await self.message(message_id)
+            if view["state"] == state:
+                return view
+            assert time.monotonic() < deadline, view
+            await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def served_hub(
+    store: SqlStore, data: dict[str, Any], key: str
+) -> AsyncIterator[MessagesClient]:
+    """The configuration `data` served by `estafeta serve`'s app on a free port, its workers
+    running, with `key` a key of the tenant clinica-sol."""
+    port = free_port()
+    data["server"] = {"listen": f"127.0.0.1:{port}"}
+    config = load_config_dict(data)
+    await store.sync_config(config, 1)
+    await store.create_api_key(
+        tenant_id="clinica-sol", key_hash=hash_key(key), label="", actor="test", now_ms=1
+    )
+    server = uvicorn_server(create_app(Hub(config, store), run_workers=True), f"127.0.0.1:{port}")
+    serving = asyncio.create_task(server.serve())
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        async with aiohttp.ClientSession() as http:
+            yield MessagesClient(f"http://127.0.0.1:{port}", key, http)
+    finally:
+        server.should_exit = True
+        await serving
