@@ -85,13 +85,6 @@ class ServeError(EstafetaError):
     """The HTTP server could not start listening."""
 
 
-# Every 401 of a bearer key says how to authenticate (RFC 9110 §11.6.1, RFC 6750 §3), the
-# API's and ingest's alike: no error code when the request carried no bearer key,
-# `invalid_token` when it carried one the hub refuses.
-CHALLENGE = {"WWW-Authenticate": 'Bearer realm="estafeta"'}
-INVALID_KEY_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="estafeta", error="invalid_token"'}
-
-
 class HttpError(EstafetaError):
     """An error answered to an HTTP client as `{"error": ..., "detail": ...}`."""
 

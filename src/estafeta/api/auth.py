@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from starlette.requests import Request
 
-from estafeta.errors import CHALLENGE, INVALID_KEY_CHALLENGE, HttpError
+from estafeta.bearer import CHALLENGE, INVALID_KEY_CHALLENGE, bearer_key
+from estafeta.errors import HttpError
 from estafeta.store.sqlstore import SqlStore
 
 KEY_PREFIX = "est_"
@@ -82,9 +83,8 @@ class Authenticator:
             raise HttpError(
                 401, "missing_credentials", "send Authorization: Bearer <api key>", CHALLENGE
             )
-        scheme, _, rest = header.partition(" ")
-        key = rest.lstrip(" ")  # `Bearer 1*SP key` (RFC 9110 §11.4): the spaces are no key
-        if scheme.lower() != "bearer" or not key:
+        key = bearer_key(header)
+        if key is None:
             raise HttpError(
                 401, "invalid_credentials", "use Authorization: Bearer <api key>", CHALLENGE
             )

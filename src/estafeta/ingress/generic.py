@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from standardwebhooks.webhooks import Webhook
 
+from estafeta.bearer import CHALLENGE, INVALID_KEY_CHALLENGE, bearer_key
 from estafeta.config import SourceConfig
 from estafeta.config.models import EVENT_TYPE_MAX_LENGTH
-from estafeta.errors import CHALLENGE, INVALID_KEY_CHALLENGE, HttpError
+from estafeta.errors import HttpError
 from estafeta.jsonvalues import DATA_LEVELS_ABOVE, WIDE_INTEGER, may_nest_too_deep, unstorable
 from estafeta.messaging.facts import storable
 from estafeta.record import Record
@@ -78,14 +79,12 @@ class GenericSource:
             return
         if self._api_key is not None:
             given = headers.get("authorization", "")
-            scheme, _, rest = given.partition(" ")
-            token = rest.lstrip(" ")  # `Bearer 1*SP key` (RFC 9110 §11.4), as the API reads it
-            bearer = scheme.lower() == "bearer" and bool(token)
-            if bearer and hmac.compare_digest(token.encode(), self._api_key):
+            token = bearer_key(given)
+            if token is not None and hmac.compare_digest(token.encode(), self._api_key):
                 return
             # As the API's 401s: say how to authenticate, and that a bearer key was refused.
             if given:
-                challenge = INVALID_KEY_CHALLENGE if bearer else CHALLENGE
+                challenge = CHALLENGE if token is None else INVALID_KEY_CHALLENGE
                 detail = "the API key does not match this source"
                 raise HttpError(401, "invalid_api_key", detail, challenge)
             detail = "send Authorization: Bearer <api key>"
