@@ -473,6 +473,31 @@ async def test_a_retry_is_the_same_message_signed_afresh(session: aiohttp.Client
     assert one["webhook-signature"] != two["webhook-signature"]
 
 
+@pytest.mark.parametrize(
+    "framing",
+    [
+        {"Content-Length": "3"},  # the receiver read 3 bytes: every signature refused
+        {"Content-Length": "100000"},  # the receiver waited for the rest: a timeout
+        {"Transfer-Encoding": "chunked"},  # beside aiohttp's Content-Length: a 400
+        {"Content-Encoding": "gzip"},  # the receiver could not inflate a plain body
+    ],
+)
+async def test_headers_describing_the_body_cannot_change_the_body_that_was_signed(
+    session: aiohttp.ClientSession, framing: dict[str, str]
+) -> None:
+    # A header estafeta does not list as its own still framed or labelled the body it signs:
+    # the receiver got other bytes than the signed ones, or none it could read.
+    sink = Sink(secret=SECRET)
+    await sink.start()
+    try:
+        outcome = await deliver_to(sink.url, session, secret=SECRET, headers=framing)
+    finally:
+        await sink.stop()
+    assert outcome.kind is OutcomeKind.SUCCESS
+    assert sink.bad_signatures == []
+    assert [r.body for r in sink.received] == [PAYLOAD]
+
+
 async def test_signature_matches_the_fixture_vector(
     sink: Sink, session: aiohttp.ClientSession
 ) -> None:

@@ -507,6 +507,14 @@ INVALID_CASES: list[tuple[str, str, list[str]]] = [
             " replaced"
         ],
     ),
+    (  # passed, then the receiver got other bytes than the signed body, or none it could read
+        "a header that frames or encodes the body",
+        TENANT + DESTINATION + 'headers = { "Content-Length" = "3", "transfer-encoding" = "x" }',
+        [
+            "destinations[0].headers: header 'Content-Length' describes the body, which"
+            " estafeta sends as it signed it: it cannot be set"
+        ],
+    ),
     (  # each of these passed, then `migrate` and `serve` died with a Python traceback
         "a database URL whose port is no port",
         '[storage]\nurl = "postgresql://u@db:99999/estafeta"',

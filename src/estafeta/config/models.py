@@ -656,6 +656,10 @@ OWN_HEADERS = (
     "webhook-timestamp",
     "webhook-signature",
 )
+# Headers that say how the body is framed or encoded. Named in a destination's `headers`,
+# aiohttp sent them as given over the body it framed itself: the receiver read fewer bytes
+# than were signed, waited for more, or refused the request, on every delivery.
+BODY_HEADERS = ("content-length", "transfer-encoding", "content-encoding")
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110's token
 _HEADER_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # all but horizontal tab
 
@@ -707,6 +711,11 @@ class DestinationConfig(_Model):
                 )
             if name.lower() in OWN_HEADERS:
                 raise ValueError(f"header {name!r} is set by estafeta and cannot be replaced")
+            if name.lower() in BODY_HEADERS:
+                raise ValueError(
+                    f"header {name!r} describes the body, which estafeta sends as it signed "
+                    "it: it cannot be set"
+                )
             # Names are sent lowercased (connectors/http.py): two spellings would silently
             # become one header, with one of the two values.
             first = seen.setdefault(name.lower(), name)

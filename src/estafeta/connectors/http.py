@@ -22,7 +22,7 @@ import aiohttp
 from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook
 
 from estafeta import __version__
-from estafeta.config.models import OWN_HEADERS
+from estafeta.config.models import BODY_HEADERS, OWN_HEADERS
 from estafeta.connectors.exchange import Answer, exchange
 from estafeta.delivery.decision import classify_status, parse_retry_after
 from estafeta.delivery.model import LeasedDelivery
@@ -109,7 +109,10 @@ class HttpConnector:
         self._session = session
         self._now_s = now_s
         extra = {name.lower(): value for name, value in (headers or {}).items()}
-        self._base_headers = {k: v for k, v in extra.items() if k not in OWN_HEADERS} | {
+        # The configuration refuses these names; left out here too, as they would send a
+        # body other than the one signed (or one no receiver can read).
+        ours = (*OWN_HEADERS, *BODY_HEADERS)
+        self._base_headers = {k: v for k, v in extra.items() if k not in ours} | {
             "content-type": "application/json",
             "user-agent": _USER_AGENT,
             "accept-encoding": "identity",
