@@ -17,7 +17,13 @@ from structlog.testing import capture_logs
 from estafeta.clock import StoreClock, SystemClock
 from estafeta.config import Config, load_config_dict
 from estafeta.connectors.http import HttpConnector
-from estafeta.delivery.breakers import Breakers, circuit_state_store
+from estafeta.delivery.breakers import Breakers, StoreCircuitStore, circuit_state_store
+from estafeta.delivery.circuit_store import (
+    CircuitStateStore,
+    FallbackCircuitStore,
+    MemoryCircuitStore,
+    RedisCircuitStore,
+)
 from estafeta.delivery.model import LeasedDelivery
 from estafeta.delivery.outcome import Outcome, OutcomeKind
 from estafeta.delivery.presence import Presence
@@ -27,6 +33,7 @@ from estafeta.errors import LeaseRaced, StoreError, StoreUnavailable
 from estafeta.hub import Hub
 from estafeta.ids import new_id
 from estafeta.observability.metrics import DEAD_LETTERED
+from estafeta.redis_client import connect_redis
 from estafeta.store import open_store, schema
 from estafeta.store.records import DeadLetterFilter, EventView, NewDelivery
 from estafeta.store.sqlstore import SqlStore
@@ -35,7 +42,7 @@ from estafeta.testing.sink import Sink
 from tests.clocks import ManualClock
 from tests.conftest import SINK_SECRET, base_config, lease_any
 from tests.events import new_event
-from tests.integration.redis_support import RedisServer
+from tests.integration.redis_support import SHARED_REDIS_URL, RedisServer
 
 
 def config_for(database_url: str, sink: Sink, **destination: Any) -> Config:
@@ -1252,3 +1259,116 @@ async def test_a_result_the_store_could_not_take_is_recorded_once_it_is_back(
     assert [(a.number, a.status_code) for a in delivery.attempt_log] == [(1, 200)]
     assert [r.webhook_id for r in sink.received] == [event_id]
     assert not [e for e in logs if e["event"] in ("attempt_not_recorded", "attempt_crashed")]
+
+
+@pytest.fixture(params=["store", "memory", "redis"])
+async def circuits(
+    request: pytest.FixtureRequest, store: SqlStore
+) -> AsyncIterator[CircuitStateStore]:
+    """Where the worker's circuits live: the store's table (no Redis configured), process
+    memory (Redis down), or the shared Redis under this test's own prefix."""
+    if request.param == "store":
+        yield StoreCircuitStore(store)
+    elif request.param == "memory":
+        yield MemoryCircuitStore()
+    else:
+        prefix: str = request.getfixturevalue("shared_prefix")
+        client = connect_redis(SHARED_REDIS_URL)
+        yield FallbackCircuitStore(RedisCircuitStore(client, prefix))
+        await client.aclose()
+
+
+async def test_an_open_circuit_with_nothing_waiting_is_not_probed_and_every_change_is_logged(
+    store: SqlStore, sink: Sink, database_url: str, circuits: CircuitStateStore
+) -> None:
+    """crm's only delivery failed into the DLQ and opened its circuit. Once `reset_s` has
+    passed, each poll claimed the probe (`circuit_half_open`, from `open`), found nothing to
+    send and put the circuit back to open without a word or a counted transition: the log
+    said half_open again and again, from open, with no attempt between. After a replay, one
+    probe is sent and closes the circuit, and the log and the counted transitions agree."""
+    sink.respond(500)
+    data = base_config(database_url)
+    data["destinations"][0].update(
+        url=f"{sink.url}/crm", max_attempts=1, circuit={"failures": 1, "reset_s": 30}
+    )
+    config = load_config_dict(data)
+    clock = ManualClock(SystemClock().now_ms())
+    hub = Hub(config, store, clock)
+    breakers = Breakers(circuits, config)
+    worker = Worker(store, config, clock=clock, breakers=breakers)  # no handoff: polls by hand
+    await worker._connectors.start()  # what `run` does first; its loop is driven by hand
+    try:
+        event_id = await publish(hub)  # message.* → crm only
+        with capture_logs() as logs:
+            assert await worker._step() == 1
+            view = await settled(store, event_id)
+            assert (view.deliveries[0].state, view.deliveries[0].attempts) == ("dead", 1)
+            clock.now += 31_000  # reset_s has passed: crm may be probed
+            for _ in range(3):  # three polls with nothing of crm's waiting
+                await worker._step()
+            sink.respond(200)
+            [dead] = await store.list_dead(DeadLetterFilter())
+            await store.replay(
+                DeadLetterFilter(delivery_ids=(dead.id,)), actor="t", now_ms=clock.now
+            )
+            assert await worker._step() == 1  # the probe
+            view = await settled(store, event_id)
+        assert view.deliveries[0].state == "succeeded"
+        assert len(sink.received) == 2  # the failed attempt, then the probe: once each
+        changes = [(e["event"], e["previous"]) for e in logs if e["event"].startswith("circuit_")]
+        assert changes == [
+            ("circuit_open", "closed"),
+            ("circuit_half_open", "open"),
+            ("circuit_closed", "half_open"),
+        ]
+        counted = Counter({("crm", e.removeprefix("circuit_")): 1 for e, _ in changes})
+        assert worker.breakers.transitions == counted
+    finally:
+        await worker._shutdown()
+        await hub.close()
+
+
+async def test_a_probe_the_rate_limit_held_back_reopens_the_circuit_logged_and_counted(
+    store: SqlStore, sink: Sink, database_url: str, circuits: CircuitStateStore
+) -> None:
+    """The probe's delivery is leased, but crm's budget is spent: it goes back unsent and the
+    circuit back to open, for the next poll with budget to probe. That change was silent:
+    the next probe logged `circuit_half_open` from `open` with no `circuit_open` before it,
+    and `estafeta_circuit_transitions_total` never counted the return to open."""
+    data = base_config(database_url)
+    data["destinations"][0].update(url=f"{sink.url}/crm", circuit={"failures": 1, "reset_s": 30})
+    config = load_config_dict(data)
+    clock = ManualClock(SystemClock().now_ms())
+    hub = Hub(config, store, clock)
+    budget = Budget()
+    breakers = Breakers(circuits, config)
+    worker = Worker(store, config, clock=clock, throttle=budget, breakers=breakers)  # type: ignore[arg-type]
+    await worker._connectors.start()  # what `run` does first; its loop is driven by hand
+    try:
+        failed = Outcome(OutcomeKind.RETRYABLE, 1.0, status_code=500, error_class="http_500")
+        with capture_logs() as logs:
+            await worker.breakers.record("crm", failed, started_at=clock.now, now_ms=clock.now)
+            event_id = await publish(hub)  # message.* → crm only; waits for the circuit
+            clock.now += 31_000  # reset_s has passed: crm may be probed, but no budget
+            assert await worker._step() == 1  # leased for the probe, given back unsent
+            assert sink.received == []
+            clock.now += 61_000  # the budget refills
+            budget.grant(1)
+            assert await worker._step() == 1  # the probe
+            view = await settled(store, event_id)
+        assert (view.deliveries[0].state, view.deliveries[0].attempts) == ("succeeded", 1)
+        assert len(sink.received) == 1
+        changes = [(e["event"], e["previous"]) for e in logs if e["event"].startswith("circuit_")]
+        assert changes == [
+            ("circuit_open", "closed"),
+            ("circuit_half_open", "open"),
+            ("circuit_open", "half_open"),
+            ("circuit_half_open", "open"),
+            ("circuit_closed", "half_open"),
+        ]
+        assert worker.breakers.transitions == Counter(
+            {("crm", "open"): 2, ("crm", "half_open"): 2, ("crm", "closed"): 1}
+        )
+    finally:
+        await worker._shutdown()
+        await hub.close()

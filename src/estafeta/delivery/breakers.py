@@ -170,8 +170,8 @@ class Breakers:
 
     async def give_back_probe(self, destination_id: str) -> None:
         """A claimed probe was not sent: reopen as it was so another may probe."""
-        _, after = await self._states.update(destination_id, give_back)
-        self._known[destination_id] = after
+        before, after = await self._states.update(destination_id, give_back)
+        self._remember(destination_id, before, after)  # half_open → open, logged and counted
 
     async def record(
         self, destination_id: str, outcome: Outcome, *, started_at: int, now_ms: int

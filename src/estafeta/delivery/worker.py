@@ -245,13 +245,20 @@ class Worker:
             cap = self._caps.get(destination_id)
             if cap is not None and sending.get(destination_id, 0) >= cap:
                 continue  # at its max_in_flight: the probe waits for a send to end
-            if taken < room and await self.breakers.try_probe(destination_id, now):
-                probe = await self._lease(now, {destination_id: 1})
-                if not probe or not await self._start(probe, now, probe=True):
-                    # Nothing to send, or the rate limit held it back: another worker
-                    # (or this one, later) may probe as soon as it can.
-                    await self.breakers.give_back_probe(destination_id)
-                taken += len(probe)
+            if taken >= room:
+                continue
+            # The delivery first, then the probe: claimed with nothing to send, it was given
+            # back at once, and every poll logged a probe that never went out.
+            probe = await self._lease(now, {destination_id: 1})
+            if not probe:
+                continue
+            taken += len(probe)
+            if not await self.breakers.try_probe(destination_id, now):
+                self._give_back(probe)  # another worker holds the probe: no attempt counted
+            elif not await self._start(probe, now, probe=True):
+                # The rate limit held it back: another worker (or this one, later) may probe
+                # as soon as it can.
+                await self.breakers.give_back_probe(destination_id)
         blocked = self.breakers.not_closed() | self._snoozes.throttled(now)
         limit = room - taken
         self._left_out = set(blocked)  # before the lease: what is given back meanwhile stays
