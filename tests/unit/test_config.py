@@ -319,6 +319,16 @@ INVALID_CASES: list[tuple[str, str, list[str]]] = [
         ],
     ),
     (
+        # Headers reach the server as Latin-1 and the key is compared as UTF-8: a key with an
+        # accent answered 401 to every request of its operator.
+        "an admin key that is not ASCII",
+        TENANT + '[security]\nadmin_key = "chave-de-administração-2f9c07e4"\n',
+        [
+            "security.admin_key: must be ASCII: an HTTP header carries no other characters"
+            " reliably, so no request would match it"
+        ],
+    ),
+    (
         "unknown source kind",
         TENANT + SOURCE.replace('"generic"', '"telegram"'),
         [

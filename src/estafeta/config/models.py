@@ -421,8 +421,15 @@ class SecurityConfig(_Model):
     @classmethod
     def _check_admin_key(cls, value: str | None) -> str | None:
         # Sent as `Authorization: Bearer <admin_key>`: one with whitespace around it, from a
-        # secret file through `${VAR}`, answered 401 to every request of the operator.
-        return checked_secret(value)
+        # secret file through `${VAR}`, answered 401 to every request of the operator; so
+        # did one with a character beyond ASCII (headers arrive as Latin-1).
+        checked = checked_secret(value)
+        if checked and not checked.isascii():
+            raise ValueError(
+                "must be ASCII: an HTTP header carries no other characters reliably, so no "
+                "request would match it"
+            )
+        return checked
 
 
 class TenantConfig(_Model):
