@@ -43,24 +43,26 @@ def test_the_most_urgent_routes_key_wins_and_each_destination_is_delivered_once(
     assert got == {"crm": (1, "7"), "billing": (1, "7")}
 
 
+def key_of(value: object) -> str | None:
+    """The ordering key of a message whose `data.conversation_id` is `value`, under a route
+    keyed by that path."""
+    data = base_config("sqlite:///unused.db")
+    data["routes"] = [
+        {
+            "tenant": "clinica-sol",
+            "events": ["message.*"],
+            "destinations": ["crm"],
+            "ordering_key": "data.conversation_id",
+        }
+    ]
+    event = {"type": "message.received", "data": {"conversation_id": value}}
+    [target] = Router(load_config_dict(data)).targets("clinica-sol", event)
+    return target.ordering_key
+
+
 def test_a_key_longer_than_the_apis_is_kept_as_its_digest_so_equal_values_stay_in_order() -> None:
     """A route's key takes the event's value whole; over ~2.7 KB PostgreSQL's index refused
     the delivery and every webhook with such a value failed with a 500."""
-
-    def key_of(value: str) -> str | None:
-        data = base_config("sqlite:///unused.db")
-        data["routes"] = [
-            {
-                "tenant": "clinica-sol",
-                "events": ["message.*"],
-                "destinations": ["crm"],
-                "ordering_key": "data.conversation_id",
-            }
-        ]
-        event = {"type": "message.received", "data": {"conversation_id": value}}
-        [target] = Router(load_config_dict(data)).targets("clinica-sol", event)
-        return target.ordering_key
-
     long_a, long_b = "a" * 10_000, "a" * 9_999 + "b"
     assert key_of("x" * 255) == "x" * 255  # the API's own limit: kept as it is
     assert key_of("a\x00b") == "a\ufffdb"  # PostgreSQL text holds no NUL: as ids keep one
@@ -73,20 +75,8 @@ def test_an_empty_value_at_the_routes_path_gives_no_key() -> None:
     # A business system's "no contact yet" is often "": as one shared key, every such event
     # waited behind the others (and behind each one's retries), to every destination; the
     # API refuses "" as a key, and a null or missing value gives none.
-    data = base_config("sqlite:///unused.db")
-    data["routes"] = [
-        {
-            "tenant": "clinica-sol",
-            "events": ["message.*"],
-            "destinations": ["crm"],
-            "ordering_key": "data.conversation_id",
-        }
-    ]
-    router = Router(load_config_dict(data))
     for value in ("", None):
-        event = {"type": "message.received", "data": {"conversation_id": value}}
-        [target] = router.targets("clinica-sol", event)
-        assert target.ordering_key is None, value
+        assert key_of(value) is None, value
 
 
 @pytest.mark.parametrize(
