@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +20,7 @@ import structlog
 from sqlalchemy import create_engine, text
 
 from estafeta.config import Config, load_config_dict
+from estafeta.connectors.http import sign_webhook
 from estafeta.delivery.model import LeasedDelivery
 from estafeta.observability import logging as estafeta_logging
 from estafeta.store import open_store
@@ -175,6 +177,20 @@ def base_config(database_url: str, **overrides: Any) -> dict[str, Any]:
 
 
 SOURCE_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+def signed(body: bytes, msg_id: str = "msg_1", *, ts: int | None = None) -> dict[str, str]:
+    """Headers of a Standard Webhooks request to the `crm-events` source (signed with
+    SOURCE_SECRET), stamped now unless `ts` says when."""
+    stamp = int(time.time()) if ts is None else ts
+    return {
+        "content-type": "application/json",
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(stamp),
+        "webhook-signature": sign_webhook(SOURCE_SECRET, msg_id, stamp, body),
+    }
+
+
 SINK_SECRET = "whsec_9sQZGHNKBPLdpN1Cf2pWhMROd+Y32GhePFOfGlgrQy4="
 
 

@@ -17,13 +17,12 @@ from estafeta.api.app import create_app
 from estafeta.api.auth import hash_key
 from estafeta.api.cursors import encode_cursor
 from estafeta.config import Config, load_config_dict
-from estafeta.connectors.http import sign_webhook
 from estafeta.hub import Hub
 from estafeta.observability.metrics import REGISTRY
 from estafeta.routing.filter import EVENT_FIELDS
 from estafeta.store.records import NewDelivery, NewEvent
 from estafeta.store.sqlstore import SqlStore
-from tests.conftest import SOURCE_SECRET, base_config
+from tests.conftest import base_config, signed
 from tests.deep_json import nested, nested_text
 from tests.events import new_event
 
@@ -40,16 +39,6 @@ class Client:
     async def stored(self) -> int:
         """How many deliveries exist: every accepted event here makes at least one."""
         return sum((await self.store.queue_stats(history=True)).by_state.values())
-
-
-def signed(body: bytes, msg_id: str = "msg_1", *, ts: int | None = None) -> dict[str, str]:
-    stamp = int(time.time()) if ts is None else ts
-    return {
-        "content-type": "application/json",
-        "webhook-id": msg_id,
-        "webhook-timestamp": str(stamp),
-        "webhook-signature": sign_webhook(SOURCE_SECRET, msg_id, stamp, body),
-    }
 
 
 MESSAGE = orjson.dumps({"type": "message.received", "data": {"kind": "text", "text": "Olá"}})

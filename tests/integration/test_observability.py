@@ -37,7 +37,7 @@ from estafeta.store.sqlstore import SqlStore
 from estafeta.supervise import Tasks
 from tests.chaos.conftest import TcpProxy
 from tests.clocks import ManualClock
-from tests.conftest import SOURCE_SECRET, base_config, lease_any
+from tests.conftest import SOURCE_SECRET, base_config, lease_any, signed
 from tests.integration.redis_support import RedisServer
 from tests.integration.store_support import attempt
 
@@ -1008,14 +1008,7 @@ async def test_a_webhook_retried_during_an_outage_is_counted_once_and_then_as_a_
         return REGISTRY.get_sample_value("estafeta_events_accepted_total", labels) or 0.0
 
     async def post(webhook_id: str) -> httpx.Response:
-        stamp = int(time.time())
-        headers = {
-            "content-type": "application/json",
-            "webhook-id": webhook_id,
-            "webhook-timestamp": str(stamp),
-            "webhook-signature": sign_webhook(SOURCE_SECRET, webhook_id, stamp, body),
-        }
-        return await http.post("/in/crm-events", content=body, headers=headers)
+        return await http.post("/in/crm-events", content=body, headers=signed(body, webhook_id))
 
     before = {outcome: counted(outcome) for outcome in ("stored", "duplicate", "spooled")}
     transport = httpx.ASGITransport(app=create_app(hub))

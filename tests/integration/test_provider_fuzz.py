@@ -14,7 +14,6 @@ import hashlib
 import hmac
 import json
 import random
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,10 +22,9 @@ from urllib.parse import parse_qsl, urlencode
 import httpx
 import pytest
 
-from estafeta.connectors.http import sign_webhook
 from estafeta.ingress.endpoint import EMPTY_TWIML
 from estafeta.ingress.providers.twilio import signature as twilio_signature
-from tests.conftest import SOURCE_SECRET
+from tests.conftest import signed
 from tests.integration.providers_support import (
     FIXTURES,
     SENDPULSE_TOKEN,
@@ -256,13 +254,6 @@ async def test_generic_source(http: httpx.AsyncClient) -> None:
 
     async def post(rng: random.Random, case: str) -> httpx.Response:
         body = json.dumps(mutated(GENERIC_EVENT, rng)).encode()
-        msg_id, stamp = f"msg_{case}", int(time.time())
-        headers = {
-            "content-type": "application/json",
-            "webhook-id": msg_id,
-            "webhook-timestamp": str(stamp),
-            "webhook-signature": sign_webhook(SOURCE_SECRET, msg_id, stamp, body),
-        }
-        return await http.post("/in/crm-events", content=body, headers=headers)
+        return await http.post("/in/crm-events", content=body, headers=signed(body, f"msg_{case}"))
 
     await _fuzz(post, "generic")

@@ -18,9 +18,9 @@ from estafeta.hub import Hub
 from estafeta.ingress.ratelimit import TenantRateLimiter
 from estafeta.redis_client import connect_redis
 from estafeta.store.sqlstore import SqlStore
-from tests.conftest import base_config
+from tests.conftest import base_config, signed
 from tests.integration.redis_support import SHARED_REDIS_URL, RedisServer
-from tests.integration.test_ingress_api import MESSAGE, signed
+from tests.integration.test_ingress_api import MESSAGE
 
 
 class FakeClock:

@@ -352,7 +352,8 @@ async def test_a_full_spool_refuses_with_503_rather_than_accept(
 
 
 async def test_ingest_answers_202_marked_spooled_while_the_store_is_down(down_hub: Hub) -> None:
-    from tests.integration.test_ingress_api import MESSAGE, signed
+    from tests.conftest import signed
+    from tests.integration.test_ingress_api import MESSAGE
 
     transport = httpx.ASGITransport(app=create_app(down_hub))
     async with httpx.AsyncClient(transport=transport, base_url="http://hub") as http:
@@ -362,7 +363,8 @@ async def test_ingest_answers_202_marked_spooled_while_the_store_is_down(down_hu
 
 
 async def test_without_a_spool_an_unreachable_store_answers_503(config: Config) -> None:
-    from tests.integration.test_ingress_api import MESSAGE, signed
+    from tests.conftest import signed
+    from tests.integration.test_ingress_api import MESSAGE
 
     unreachable = open_store(UNREACHABLE)
     hub = Hub(config, unreachable)
