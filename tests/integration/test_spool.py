@@ -26,6 +26,7 @@ from structlog.testing import capture_logs
 
 from estafeta.api.app import create_app
 from estafeta.config import Config
+from estafeta.delivery.state import DeliveryState
 from estafeta.errors import HttpError, StoreError, StoreUnavailable
 from estafeta.hub import Hub
 from estafeta.ingress.journal import encode, read_segment
@@ -37,8 +38,9 @@ from estafeta.store.postgres import PostgresStore
 from estafeta.store.records import InsertResult, NewDelivery, NewEvent, NewMessage
 from estafeta.store.sqlite import SqliteStore
 from estafeta.store.sqlstore import SqlStore
+from tests.conftest import lease_any
 from tests.events import new_event as event_named
-from tests.integration.store_support import mode, umask
+from tests.integration.store_support import attempt, mode, umask
 
 UNREACHABLE = "postgresql://postgres@127.0.0.1:1/nowhere"  # nothing listens on port 1
 
@@ -416,6 +418,52 @@ async def test_a_redelivery_during_the_outage_gets_the_original_id(down_hub: Hub
         idempotency_key="w1",
     )
     assert (again.event_id, again.duplicate, again.spooled) == (first.event_id, True, True)
+
+
+async def test_a_keys_event_accepted_after_an_outage_may_go_before_its_spooled_ones(
+    config: Config, store: SqlStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The limit docs/guarantees.md states under "Order per `ordering_key`": a spooled
+    event reaches the store only when the spool drains, so maria's next message, accepted
+    once the store answers again and before that drain, is leased ahead of the one the
+    outage spooled. Once imported, the spooled one waits for it in flight, then goes."""
+    real_insert = store.insert_events
+    down = True
+
+    async def insert_events(*args: Any, **kwargs: Any) -> list[InsertResult]:
+        if down:
+            raise StoreUnavailable("the database is down")
+        return await real_insert(*args, **kwargs)
+
+    monkeypatch.setattr(store, "insert_events", insert_events)
+    monkeypatch.setattr("estafeta.hub.STORE_RETRY_S", 0.0)  # try the store at the next one
+    hub = Hub(config, store, spool=Spool(tmp_path / "spool", max_bytes=10**6))
+
+    async def message(n: int) -> InsertResult:
+        return await hub.accept(
+            tenant_id="clinica-sol",
+            source_id="crm-events",
+            event_type="message.received",
+            data={"n": n},
+            idempotency_key=None,
+            ordering_key="maria",
+        )
+
+    try:
+        first = await message(1)
+        down = False
+        second = await message(2)
+        assert (first.spooled, second.spooled) == (True, False)
+        now = hub.clock.now_ms() + 1
+        [sending] = await lease_any(store, now_ms=now)
+        assert sending.event_id == second.event_id  # the first waits in the spool
+        assert hub.spool is not None and await hub.spool.drain(store) == 1
+        assert await lease_any(store, now_ms=now) == []  # one of maria's at a time
+        await store.complete([attempt(sending, DeliveryState.SUCCEEDED, at=now)], now)
+        [last] = await lease_any(store, now_ms=now)
+        assert last.event_id == first.event_id
+    finally:
+        await hub.close()
 
 
 @contextmanager
