@@ -16,6 +16,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from msgspec.structs import replace
 from sqlalchemy import Connection, insert, select, text
+from structlog.testing import capture_logs
 
 from estafeta.config import Config
 from estafeta.delivery.model import LeasedDelivery
@@ -33,7 +34,7 @@ from estafeta.store.records import (
 from estafeta.store.schema import metadata
 from estafeta.store.sqlite import WAL_SIZE_LIMIT
 from estafeta.store.sqlstore import SqlStore
-from tests.conftest import lease_any
+from tests.conftest import empty_database, lease_any
 from tests.integration.plans import explain_sql, rows_read
 from tests.integration.store_support import NOW, attempt, event, keyed, mode, umask
 
@@ -578,6 +579,32 @@ async def test_migrate_twice_is_harmless(store: SqlStore) -> None:
     await store.insert_events([event()])
     await store.migrate()
     assert (await store.queue_stats(history=True)).by_state == {"pending": 1}
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+async def test_a_migration_is_logged_before_it_runs_and_once_committed(
+    engine: str, tmp_path: Path
+) -> None:
+    """`serve` migrates at start, and an index built over millions of deliveries may take
+    minutes: the log says why it is not serving yet, then which revisions it went between.
+    A store already at the newest migration logs nothing."""
+    from estafeta.store.migrate import head_revision, upgrade
+
+    with empty_database(engine, tmp_path, "migration_logged") as url:
+        store = open_store(url)
+        try:
+            await upgrade(store.engine, "0004")
+            with capture_logs() as logs:
+                await store.migrate()
+                await store.migrate()
+        finally:
+            await store.close()
+    schema = [e for e in logs if e["event"].startswith("schema_")]
+    assert [(e["event"], e["from_revision"], e["to_revision"]) for e in schema] == [
+        ("schema_migrating", "0004", head_revision()),
+        ("schema_migrated", "0004", head_revision()),
+    ]
+    assert schema[1]["duration_ms"] >= 0
 
 
 async def test_api_keys_resolve_to_their_tenant_only_by_hash(store: SqlStore) -> None:

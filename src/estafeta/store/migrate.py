@@ -12,8 +12,10 @@ SQLite needs none: the migration's transaction is BEGIN IMMEDIATE, one writer at
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+import structlog
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
@@ -27,6 +29,8 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 # pg_advisory_xact_lock's key for "a migration is running": any constant of our own.
 _MIGRATION_LOCK = int.from_bytes(b"estafeta", "big") >> 1
 
+log = structlog.get_logger("estafeta.store")
+
 
 def alembic_config(connection: Connection | None = None) -> AlembicConfig:
     config = AlembicConfig()
@@ -36,18 +40,32 @@ def alembic_config(connection: Connection | None = None) -> AlembicConfig:
 
 
 async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
-    """Apply every migration up to `revision` in one transaction."""
+    """Apply every migration up to `revision` in one transaction. A migration that changes
+    anything is logged before (it may build indexes for minutes, holding tables' write
+    locks: the log says why the process is not serving yet) and once committed."""
+    began = time.monotonic()
 
-    def run(connection: Connection) -> None:
+    def run(connection: Connection) -> tuple[str | None, str | None]:
         if connection.dialect.name == "postgresql":  # held until the transaction ends
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
         current = MigrationContext.configure(connection).get_current_revision()
         if current is not None and current not in known_revisions():
             raise StoreError(f"the database {schema_problem(current)}")
+        target = head_revision() if revision == "head" else revision
+        if current != target:
+            log.info("schema_migrating", from_revision=current, to_revision=target)
         command.upgrade(alembic_config(connection), revision)
+        return current, MigrationContext.configure(connection).get_current_revision()
 
     async with engine.begin() as conn:
-        await conn.run_sync(run)
+        before, after = await conn.run_sync(run)
+    if before != after:
+        log.info(
+            "schema_migrated",
+            from_revision=before,
+            to_revision=after,
+            duration_ms=round((time.monotonic() - began) * 1000),
+        )
 
 
 def head_revision() -> str:
