@@ -1048,3 +1048,73 @@ async def test_the_attempt_of_a_worker_that_died_mid_send_is_counted_when_rescue
     assert [a.error_class for a in delivery.attempt_log] == ["lease_expired"]
     after = REGISTRY.get_sample_value("estafeta_delivery_attempts_total", retryable) or 0.0
     assert after - before == 1
+
+
+async def test_no_workers_stands_through_a_store_blip_while_no_worker_delivers(
+    config: Config, store: SqlStore
+) -> None:
+    # The runbook: no_workers "resolves at the next check once one delivers". The grace after
+    # a store outage (no process can record itself meanwhile) is for a worker's records to
+    # catch up, not a sign that one delivers: a store that failed one round resolved the
+    # alert, with no worker anywhere, and two minutes later it fired again.
+    clock = ManualClock()
+    hub = Hub(config, store, clock)
+    outage = Outage(store)
+    monitor = watching_workers(cast(SqlStore, outage), clock)
+    worker = Presence(store, config, process_id="worker-1", clock=clock)
+    try:
+        with capture_logs() as logs:
+            await accept(hub, 1)
+            clock.now += 120_000
+            await monitor.check()
+            assert monitor.firing == {"no_workers"}  # none was ever started
+            outage.down = True  # one round the store does not answer
+            clock.now += 5_000
+            await monitor.check()
+            outage.down = False
+            clock.now += 5_000
+            await monitor.check()
+            assert monitor.firing == {"no_workers"}  # still no worker
+            clock.now += 60_000
+            await monitor.check()
+            await worker.announce()  # one starts, and delivers
+            await monitor.check()
+            assert monitor.firing == set()
+    finally:
+        await hub.close()
+    alerts = [e["event"] for e in logs if e["event"].startswith("alert_")]
+    # Before: fired, resolved by the blip, fired again 120 s after it, resolved.
+    assert alerts == ["alert_fired", "alert_resolved"], alerts
+
+
+async def test_spool_stalled_stands_through_a_store_blip_while_the_drain_gets_nowhere(
+    spooling_hub: tuple[Hub, ManualClock], store: SqlStore
+) -> None:
+    # The runbook: spool_stalled "resolves once the drain gets through (spool_drained).
+    # During a store outage it neither fires nor resolves." A store that failed one of the
+    # monitor's rounds resolved it the moment it answered again, the drainer still stuck.
+    hub, clock = spooling_hub
+    spool = hub.spool
+    assert spool is not None
+    outage = Outage(store)
+    monitor = AlertMonitor(cast(SqlStore, outage), threshold=1000, spool=spool, clock=clock)
+    with capture_logs() as logs:
+        await spool_one(hub)
+        clock.now += 61_000
+        await monitor.check()
+        assert monitor.firing == {"spool_stalled"}
+        outage.down = True
+        clock.now += 5_000
+        await monitor.check()
+        outage.down = False
+        clock.now += 5_000
+        await monitor.check()
+        assert monitor.firing == {"spool_stalled"}  # nothing was drained
+        clock.now += 60_000
+        await monitor.check()
+        assert await spool.drain(store) == 1  # a drainer that works again
+        await monitor.check()
+        assert monitor.firing == set()
+    alerts = [(e["event"], e["alert"]) for e in logs if e["event"].startswith("alert_")]
+    # Before: fired, resolved by the blip, fired again a minute later, resolved.
+    assert alerts == [("alert_fired", "spool_stalled"), ("alert_resolved", "spool_stalled")]

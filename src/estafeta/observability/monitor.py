@@ -10,6 +10,8 @@
   circuit: only this says so. It resolves once they are replayed or discarded.
 * `spool_stalled`: the spool holds events, the store answers, and the drain has got nowhere
   for a minute (`spool_watch.STALL_S`): the drainer is stuck, keeps crashing or does not run.
+  It resolves once the drain gets through (or the spool is empty), not when a store outage
+  seen meanwhile gives the drain its minute again.
 * `spool_unwritable`: no segment can be made in the spool's directory: the next store outage
   would be answered `503 spool_unavailable` instead of spooled.
 * `spool_full`: the spool holds `storage.spool_max_bytes`: while the store cannot be reached,
@@ -32,7 +34,8 @@
   crashing was heard of only once the backlog reached `queue_backlog`'s depth, days later
   at a clinic's traffic. The time counts from this process's start, and from the last
   time it found the store unreachable (processes cannot record themselves then), at the
-  earliest. It resolves when one delivers again or nothing waits.
+  earliest: those put firing off, never resolve it. It resolves when one delivers again or
+  nothing waits.
 * `webhooks_refused`: a source's webhooks have been refused (a bad signature, a body it
   cannot read, the tenant's rate limit …) for `worker.alert_webhooks_refused_s`, at least
   `MIN_REFUSED` of them and none of its events accepted since the first, by this process's
@@ -170,6 +173,8 @@ class AlertMonitor:
         # of the two at the earliest.
         self.started_ms = self.clock.now_ms()
         self._unreachable_ms = 0
+        # The drain's last progress when `spool_stalled` was last found stalled.
+        self._stalled_progress_at: int | None = None
         self.refusals = refusals
         self.refused_after_ms = round(refused_after_s * 1000)
         self._refused = KeyedAlert(WEBHOOKS_REFUSED, "source")
@@ -246,7 +251,12 @@ class AlertMonitor:
                 waiting_s=round(state.waiting_s or 0.0, 1),
                 stall_s=STALL_S,
             )
-        elif store_reachable or not state.stats.segments:  # an outage says nothing of it
+            self._stalled_progress_at = self.spool.progress_at
+        elif not state.stats.segments or (
+            # Once the drain got through: an outage seen since it fired starts the drain's
+            # minute again (spool_watch), which says nothing of a drainer that is stuck.
+            store_reachable and self.spool.progress_at != self._stalled_progress_at
+        ):
             self._resolve(SPOOL_STALLED, segments=state.stats.segments)
 
     async def _check_destinations(self, circuits: CircuitStateStore) -> None:
@@ -320,6 +330,12 @@ class AlertMonitor:
             self._unreachable_ms = self.clock.now_ms()
             return
         now = self.clock.now_ms()
+        if last is not None and now - last < self.no_workers_after_ms:
+            self._resolve(NO_WORKERS, pending=pending, in_flight=in_flight)
+            return
+        # This process's start and a store outage only put firing off: they say nothing of a
+        # worker, so an alert firing stands through them (a store that missed one round
+        # resolved it, and it fired again two minutes later, no worker anywhere meanwhile).
         since = max(last or 0, self.started_ms, self._unreachable_ms)
         if now - since >= self.no_workers_after_ms:
             self._fire(
@@ -328,8 +344,6 @@ class AlertMonitor:
                 in_flight=in_flight,
                 last_seen=None if last is None else iso_from_ms(last),
             )
-        else:
-            self._resolve(NO_WORKERS, pending=pending, in_flight=in_flight)
 
     def _fire(self, alert: str, **fields: Any) -> None:
         if alert not in self.firing:
