@@ -89,6 +89,45 @@ async def test_a_right_handshake_ends_the_alert_on_wrong_ones(
         await hub.close()
 
 
+async def test_a_signed_webhook_without_messages_ends_the_alert_on_refused_ones(
+    store: SqlStore, database_url: str
+) -> None:
+    # The app secret was wrong, then corrected: Meta's next webhook may carry no message (an
+    # account update, a template's review), yet its signature shows the source is fixed.
+    data = base_config(database_url)
+    data["sources"].extend(provider_sources())
+    clock = ManualClock()
+    hub = Hub(load_config_dict(data), store, clock)
+    monitor = AlertMonitor(
+        store, threshold=1000, refusals=hub.refusals, refused_after_s=300, clock=clock
+    )
+    update = orjson.dumps(
+        {
+            "object": "whatsapp_business_account",
+            "entry": [{"id": "WABA_ID", "changes": [{"field": "account_update", "value": {}}]}],
+        }
+    )
+    signed = hmac.new(WA_VECTOR["app_secret"].encode(), update, hashlib.sha256).hexdigest()
+    headers = {"content-type": "application/json"}
+    try:
+        transport = httpx.ASGITransport(app=create_app(hub))
+        async with httpx.AsyncClient(transport=transport, base_url="http://hub") as http:
+            for _ in range(3):
+                wrong = {**headers, "x-hub-signature-256": "sha256=" + "0" * 64}
+                assert (
+                    await http.post("/in/wa-sol", content=update, headers=wrong)
+                ).status_code == 401
+            clock.now += 300_000
+            await monitor.check()
+            assert monitor.firing == {"webhooks_refused"}
+            right = {**headers, "x-hub-signature-256": f"sha256={signed}"}
+            assert (await http.post("/in/wa-sol", content=update, headers=right)).status_code == 200
+            await monitor.check()
+            assert monitor.firing == set()
+    finally:
+        await hub.close()
+
+
 async def test_a_wrong_method_is_told_the_methods_the_source_answers(
     http: httpx.AsyncClient,
 ) -> None:

@@ -205,6 +205,8 @@ class IngestApp:
                 for p in handler.parse(request)
             ]
         )
+        if not results:  # verified, but nothing to store (Meta's account updates …)
+            hub.refusals.accepted(source_id)  # the source is reached and answered: they end
         duplicate = bool(results) and all(r.duplicate for r in results)
         status = handler.accepted_status if results and not duplicate else 200
         marks = SPOOLED if any(r.spooled for r in results) else None

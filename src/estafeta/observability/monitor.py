@@ -43,7 +43,7 @@
   retries for a while, or not at all (Twilio), and then its messages are lost: the log's
   `ingest_refused` lines said so once a minute, no alert did. A stray bad request or two
   do not fire it. It resolves when an event of the source is accepted (or its handshake
-  answered).
+  answered, or a verified webhook that carries no event).
 
 Each fires once and resolves once; both are log events (`alert_fired` / `alert_resolved`),
 the `estafeta_alert_firing` gauge, and a line in /health/detailed. `destination_down` does
