@@ -216,7 +216,9 @@ class Hub:
         stores each exactly once. When the store is unreachable they go to the spool."""
         if not events:  # a webhook that says nothing we use
             return []
-        if self.spool is not None and time.monotonic() < self._store_down_until:
+        if self.spool is not None and (
+            time.monotonic() < self._store_down_until or self.spool.holds_order_of(events)
+        ):
             return await self._spool(events)
         try:
             results = await self._ingest.submit(events)

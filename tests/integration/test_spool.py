@@ -420,13 +420,13 @@ async def test_a_redelivery_during_the_outage_gets_the_original_id(down_hub: Hub
     assert (again.event_id, again.duplicate, again.spooled) == (first.event_id, True, True)
 
 
-async def test_a_keys_event_accepted_after_an_outage_may_go_before_its_spooled_ones(
+async def test_a_keys_events_accepted_after_an_outage_wait_behind_its_spooled_ones(
     config: Config, store: SqlStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The limit docs/guarantees.md states under "Order per `ordering_key`": a spooled
-    event reaches the store only when the spool drains, so maria's next message, accepted
-    once the store answers again and before that drain, is leased ahead of the one the
-    outage spooled. Once imported, the spooled one waits for it in flight, then goes."""
+    """maria's message 1 was spooled during an outage; message 2 arrives once the store
+    answers again, before the drain imported message 1. Stored at once, it was sent first.
+    It is spooled behind message 1 instead, and once the drain imported both, they go in
+    order; the key's next events are stored directly again, another key's at once."""
     real_insert = store.insert_events
     down = True
 
@@ -439,29 +439,35 @@ async def test_a_keys_event_accepted_after_an_outage_may_go_before_its_spooled_o
     monkeypatch.setattr("estafeta.hub.STORE_RETRY_S", 0.0)  # try the store at the next one
     hub = Hub(config, store, spool=Spool(tmp_path / "spool", max_bytes=10**6))
 
-    async def message(n: int) -> InsertResult:
+    async def message(n: int, key: str = "maria") -> InsertResult:
         return await hub.accept(
             tenant_id="clinica-sol",
             source_id="crm-events",
             event_type="message.received",
             data={"n": n},
             idempotency_key=None,
-            ordering_key="maria",
+            ordering_key=key,
         )
 
     try:
         first = await message(1)
         down = False
         second = await message(2)
-        assert (first.spooled, second.spooled) == (True, False)
+        other = await message(1, key="joao")
+        assert (first.spooled, second.spooled, other.spooled) == (True, True, False)
         now = hub.clock.now_ms() + 1
-        [sending] = await lease_any(store, now_ms=now)
-        assert sending.event_id == second.event_id  # the first waits in the spool
-        assert hub.spool is not None and await hub.spool.drain(store) == 1
-        assert await lease_any(store, now_ms=now) == []  # one of maria's at a time
-        await store.complete([attempt(sending, DeliveryState.SUCCEEDED, at=now)], now)
-        [last] = await lease_any(store, now_ms=now)
-        assert last.event_id == first.event_id
+        [joao] = await lease_any(store, now_ms=now)
+        assert joao.event_id == other.event_id  # maria's both wait in the spool
+        assert hub.spool is not None and await hub.spool.drain(store) == 2
+        third = await message(3)
+        assert not third.spooled  # drained: the key is stored directly again
+        now = hub.clock.now_ms() + 1
+        sent = []
+        while leased := await lease_any(store, now_ms=now):
+            [sending] = leased  # one of maria's at a time
+            sent.append(sending.event_id)
+            await store.complete([attempt(sending, DeliveryState.SUCCEEDED, at=now)], now)
+        assert sent == [first.event_id, second.event_id, third.event_id]
     finally:
         await hub.close()
 

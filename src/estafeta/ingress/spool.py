@@ -114,6 +114,10 @@ class Spool:
         # that a repeated POST /api/v1/messages during the outage gets the original message
         # without asking the unreachable store. Bounded with `_keys`.
         self._messages: dict[str, str] = {}
+        # The ordering keys (tenant, key) of deliveries journaled by this process and not yet
+        # imported, each with the segment holding its latest: the key's next events are
+        # spooled behind them (Hub.accept_all), or they would be sent before them.
+        self._ordered: dict[tuple[str, str], str] = {}
         # When the drain last got through: a round that ended, or a segment imported. From
         # start-up until the first round, events left by an earlier process are not late.
         self.progress_at = self.clock.now_ms()
@@ -135,6 +139,18 @@ class Spool:
     def spooled_message_id(self, event_id: str) -> str | None:
         """The message id of a message send this process spooled with a key, if any."""
         return self._messages.get(event_id)
+
+    def holds_order_of(self, events: Sequence[NewEvent]) -> bool:
+        """Whether a delivery of `events` has an ordering key of which this process spooled
+        deliveries the drain has not imported yet: they must go after those."""
+        if not self._ordered:  # the store answers and the spool is drained: at once
+            return False
+        return any(
+            (e.tenant_id, d.ordering_key) in self._ordered
+            for e in events
+            for d in e.deliveries
+            if d.ordering_key is not None
+        )
 
     async def append(self, event: NewEvent) -> None:
         """Journal one event durably (fsync'ed) before returning; 503 when the spool is full."""
@@ -174,6 +190,13 @@ class Spool:
                     "the store is unreachable and the local spool cannot be written; retry later",
                     {"Retry-After": "30"},
                 ) from exc
+            # Under the lock: the drain closes this segment only after it takes the lock.
+            for events in requests:
+                for event in events:
+                    for delivery in event.deliveries:
+                        if delivery.ordering_key is not None:
+                            key = (event.tenant_id, delivery.ordering_key)
+                            self._ordered[key] = self._segment
         log.warning("events_spooled", count=count)
         return [None] * len(requests)
 
@@ -295,6 +318,9 @@ class Spool:
                 imported += drained
         if stop is not None and stop.is_set():
             return imported
+        if self._ordered:  # a segment another process drained (one sharing the directory)
+            left = {path.name for path in self.directory.glob("*.journal")}
+            self._ordered = {k: name for k, name in self._ordered.items() if name in left}
         if not held:  # a round that left a segment behind did not get through
             self.progress_at = self.clock.now_ms()  # StoreUnavailable skips this too
         if imported:
@@ -335,6 +361,7 @@ class Spool:
                 await self._quarantine(kept)
             path.unlink()
             segments.fsync_directory(self.directory)
+            self._ordered = {k: name for k, name in self._ordered.items() if name != path.name}
             self.progress_at = self.clock.now_ms()  # a long drain is progress, not a stall
             return imported
         finally:
