@@ -40,6 +40,8 @@ class DriverError(Exception):
         (OperationalError("q", {}, DriverError("unable to open database file")), True),
         (ConnectionRefusedError(111, "refused"), True),
         (PoolTimeout("QueuePool limit of size 10 overflow 10 reached"), True),  # a hung store
+        # asyncpg on a connection the server has just ended (test_ended_connections.py)
+        (asyncpg.InternalClientError("cannot switch to state 15; another operation (2)"), True),
         (IntegrityError("q", {}, DriverError("duplicate key", "23505")), False),
         (ProgrammingError("q", {}, DriverError("syntax error", "42601")), False),
         (ValueError("a bug"), False),

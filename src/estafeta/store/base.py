@@ -122,6 +122,12 @@ def unavailable(exc: BaseException) -> bool:
     # PoolTimeout: every connection is taken and none came back in time (a hung database).
     if isinstance(exc, InterfaceError | OSError | ConnectionError | TimeoutError | PoolTimeout):
         return True
+    # asyncpg out of step with the server, above all on a connection the server has just
+    # ended (pg_terminate_backend, idle_session_timeout): its FATAL read, the end not yet,
+    # the driver refuses the next statement ("cannot switch to state 15; another operation
+    # (2) is in progress"). Taken for a refusal, a 500, or a spooled event quarantined.
+    if isinstance(exc, asyncpg.InternalClientError):
+        return True
     if isinstance(exc, OperationalError | sqlite3.OperationalError):
         message = str(exc.orig if isinstance(exc, OperationalError) else exc).lower()
         return any(

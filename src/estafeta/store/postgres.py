@@ -27,6 +27,7 @@ import asyncpg
 import orjson
 from sqlalchemy import event, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 from sqlalchemy.pool import NullPool
 
@@ -169,6 +170,18 @@ def _without_jit(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.run_async(lambda driver: driver.execute("SET jit = off"))
 
 
+def _ended_by_server(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """Refuse a pooled connection the server has ended while it sat idle (an administrator's
+    pg_terminate_backend, idle_session_timeout, a proxy failing over): the pool then opens a
+    new one in its place. Handed out, its first statement failed, and the request with it
+    (503), once after every such event. asyncpg reads the server's goodbye as it comes, so
+    this costs no round trip, unlike `pool_pre_ping` (three on asyncpg: BEGIN, `;`,
+    ROLLBACK); a connection cut without a word (the network) is the outage's case."""
+    driver = dbapi_connection.driver_connection
+    if driver is None or driver.is_closed():
+        raise DisconnectionError("the server closed this pooled connection")
+
+
 # Each row a lease reads, joined to the first pending or in-flight delivery of its key: one
 # probe of deliveries_ordering per key rather than per row, since PostgreSQL memoizes a
 # lateral join by its parameters (the key) where it runs a subquery in WHERE again for every
@@ -210,6 +223,7 @@ class PostgresStore(SqlStore):
             hide_parameters=True,  # parameters hold phone numbers and message text
         )
         event.listen(engine.sync_engine, "connect", _without_jit)
+        event.listen(engine.sync_engine.pool, "checkout", _ended_by_server)
         return cls(engine)
 
     async def migrate(self) -> None:
