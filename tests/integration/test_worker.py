@@ -1044,6 +1044,7 @@ async def test_a_delivery_the_rescue_dead_letters_is_counted_as_dead_lettered(
             clock=ManualClock(now + 10_000),
             rand=lambda: 0.5,
             policies={},
+            limits={},
             lease_ms=30_000,
             worker_id="rescuer",
             destinations=["crm", "billing"],

@@ -16,6 +16,7 @@ from estafeta.api.fields import RequestBody
 from estafeta.api.responses import json_response
 from estafeta.api.views import delivery_json
 from estafeta.clock import ms_from_iso
+from estafeta.delivery.attempts import attempt_limits
 from estafeta.errors import HttpError
 from estafeta.store.records import DeadLetterFilter, DeliveryView
 from estafeta.store.sqlstore import SqlStore
@@ -122,8 +123,15 @@ async def _move(
     """Replay (`to` "replayed") or discard ("discarded") the selected dead deliveries."""
     hub = hub_of(request)
     chosen = await _known(hub.store, selection.to_filter(caller))
-    operation = hub.store.replay if to == "replayed" else hub.store.discard
-    ids = await operation(chosen, actor=caller.actor, now_ms=hub.clock.now_ms())
+    now_ms = hub.clock.now_ms()
+    if to == "replayed":
+        # They take the configuration's max_attempts: it may have been raised to outlast
+        # what killed them.
+        ids = await hub.store.replay(
+            chosen, actor=caller.actor, now_ms=now_ms, limits=attempt_limits(hub.config)
+        )
+    else:
+        ids = await hub.store.discard(chosen, actor=caller.actor, now_ms=now_ms)
     if ids and to == "replayed":
         hub.deliveries_ready.set()
     return json_response({to: ids, "count": len(ids)})

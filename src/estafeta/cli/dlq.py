@@ -19,6 +19,7 @@ from estafeta.cli.common import (
 )
 from estafeta.clock import iso_from_ms, ms_from_iso
 from estafeta.config import Config
+from estafeta.delivery.attempts import attempt_limits
 from estafeta.errors import EstafetaError
 from estafeta.store.records import DeadLetterFilter
 from estafeta.store.sqlstore import SqlStore
@@ -177,10 +178,14 @@ def _move(config_path: str, action_name: str, everything: bool, **selection: Any
     actor = operator()
 
     async def action(store: SqlStore) -> list[str]:
-        operation = store.replay if action_name == "replay" else store.discard
         # The store's time, as workers go by (clock.py): by a clock ahead of it (this
         # machine's), replayed deliveries would wait that much before a worker took them.
-        return await operation(chosen, actor=actor, now_ms=await store.clock_ms())
+        now_ms = await store.clock_ms()
+        if action_name == "discard":
+            return await store.discard(chosen, actor=actor, now_ms=now_ms)
+        # Replayed, they take this configuration's max_attempts (raised, perhaps, to
+        # outlast what killed them).
+        return await store.replay(chosen, actor=actor, now_ms=now_ms, limits=attempt_limits(config))
 
     moved = in_selection(config, chosen, action)
     for delivery_id in moved:

@@ -20,8 +20,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
+import msgspec
 import structlog
 
 from estafeta.clock import Clock
@@ -38,6 +39,7 @@ from estafeta.delivery.state import DeliveryState
 from estafeta.errors import StoreUnavailable
 from estafeta.ids import new_id
 from estafeta.messaging.facts import send_destination
+from estafeta.messaging.outbound import can_send
 from estafeta.observability.metrics import ATTEMPT_SECONDS, ATTEMPTS, DEAD_LETTERED, series
 from estafeta.store.group_commit import GroupCommitter
 from estafeta.store.records import CompletedAttempt
@@ -66,6 +68,27 @@ def attempt_ceilings(config: Config, senders: Sequence[SourceConfig]) -> dict[st
     return ceilings
 
 
+def attempt_limits(config: Config) -> dict[str, int]:
+    """The attempts each destination a delivery stored under `config` may name allows: its
+    `max_attempts`, and each provider source's sends their `send_max_attempts`."""
+    limits = {d.id: d.max_attempts for d in config.destinations}
+    limits.update(
+        {send_destination(s.id): s.send_max_attempts for s in config.sources if can_send(s)}
+    )
+    return limits
+
+
+def governed(delivery: LeasedDelivery, limits: Mapping[str, int]) -> LeasedDelivery:
+    """`delivery` with the `max_attempts` of the configuration in force, when it names the
+    destination: an operator who raises it to outlast an outage, and restarts, means the
+    deliveries already waiting too. The limit the delivery was stored with (the store keeps
+    the last one decided with) governs only where the configuration lacks the destination."""
+    limit = limits.get(delivery.destination_id, delivery.max_attempts)
+    if limit == delivery.max_attempts:
+        return delivery
+    return msgspec.structs.replace(delivery, max_attempts=limit)
+
+
 class Attempts:
     """One worker's sends in flight and the recording of their results."""
 
@@ -78,6 +101,7 @@ class Attempts:
         clock: Clock,
         rand: Callable[[], float],
         policies: dict[str, BackoffPolicy],
+        limits: dict[str, int],
         ceilings: dict[str, float],
         max_attempt_s: float,
         caps: dict[str, int],
@@ -93,6 +117,7 @@ class Attempts:
         self._connectors = connectors
         self._rand = rand
         self._policies = policies
+        self._limits = limits
         self._ceilings = ceilings
         self._max_attempt_s = max_attempt_s
         self._caps = caps
@@ -138,6 +163,7 @@ class Attempts:
         await self._record_circuit(delivery.destination_id, outcome, started_at)
         series(ATTEMPTS, delivery.destination_id, outcome.kind.value).inc()
         series(ATTEMPT_SECONDS, delivery.destination_id).observe(outcome.duration_ms / 1000)
+        delivery = governed(delivery, self._limits)
         transition = decide(
             attempts_before=delivery.attempts,
             max_attempts=delivery.max_attempts,

@@ -11,7 +11,7 @@ class LeasedDelivery(Record, frozen=True):
     event_id: str  # evt_…: also the outbound `webhook-id`, stable across retries
     destination_id: str
     attempts: int  # attempts made before this one
-    max_attempts: int
+    max_attempts: int  # as stored; the worker's configuration's before it decides (governed)
     priority: int
     ordering_key: str | None
     lease_token: str  # guards every update: a late result never overwrites a re-leased row

@@ -23,6 +23,7 @@ from collections.abc import Callable, Collection
 import structlog
 
 from estafeta.clock import Clock
+from estafeta.delivery.attempts import governed
 from estafeta.delivery.backoff import DEFAULT_BACKOFF, BackoffPolicy
 from estafeta.delivery.decision import decide
 from estafeta.delivery.model import LeasedDelivery
@@ -47,6 +48,7 @@ class Rescue:
         clock: Clock,
         rand: Callable[[], float],
         policies: dict[str, BackoffPolicy],
+        limits: dict[str, int],
         lease_ms: int,
         worker_id: str,
         destinations: Collection[str],
@@ -59,6 +61,7 @@ class Rescue:
         self.worker_id = worker_id
         self._rand = rand
         self._policies = policies
+        self._limits = limits
         self._destinations = destinations  # every destination a lease may name
         self._interval_s = interval_s
         self._started_ms = started_ms  # the process's start (store/processes.py says why)
@@ -143,7 +146,7 @@ class Rescue:
                 started_at=now_ms,
                 attempt_id=new_id("att", now_ms),
             )
-            for d in claimed
+            for d in (governed(c, self._limits) for c in claimed)
         ]
         await self.store.complete(batch, now_ms)
         for item in batch:  # as attempts.py counts the sends it records, and their deaths

@@ -41,7 +41,12 @@ from redis.asyncio import Redis
 from estafeta.clock import Clock, SystemClock
 from estafeta.config import Config
 from estafeta.connectors.registry import Connectors
-from estafeta.delivery.attempts import CEILING_MARGIN_S, Attempts, attempt_ceilings
+from estafeta.delivery.attempts import (
+    CEILING_MARGIN_S,
+    Attempts,
+    attempt_ceilings,
+    attempt_limits,
+)
 from estafeta.delivery.backoff import BackoffPolicy
 from estafeta.delivery.breakers import Breakers, circuit_state_store
 from estafeta.delivery.handoff import Handoff, Reservation, reserve
@@ -114,6 +119,9 @@ class Worker:
             )
             for d in config.destinations
         }
+        # The attempts each destination allows, this configuration's: not those a delivery
+        # was stored with (attempts.py: governed).
+        limits = attempt_limits(config)
         ceilings = attempt_ceilings(config, senders)
         # The lease must outlive the slowest possible send, or a live send would be rescued.
         longest = max(ceilings.values(), default=0.0)
@@ -132,6 +140,7 @@ class Worker:
             clock=self.clock,
             rand=rand,
             policies=policies,
+            limits=limits,
             ceilings=ceilings,
             max_attempt_s=self.settings.max_attempt_s,
             caps=self._caps,
@@ -145,6 +154,7 @@ class Worker:
             clock=self.clock,
             rand=rand,
             policies=policies,
+            limits=limits,
             lease_ms=self.lease_ms,
             worker_id=self.worker_id,
             destinations=self._destinations,

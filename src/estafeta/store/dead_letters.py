@@ -8,9 +8,10 @@ transaction, and a replayed message send's message is queued again with it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, func, select, tuple_, update
+from sqlalchemy import ColumnElement, Select, case, func, select, tuple_, update
 
 from estafeta.delivery.state import DeliveryState
 from estafeta.messaging.facts import SEND_DESTINATION_PREFIX
@@ -52,6 +53,17 @@ def dead_conditions(f: DeadLetterFilter) -> list[ColumnElement[bool]]:
     return conditions
 
 
+def _limits_of(chosen: Sequence[tuple[str, str]], limits: Mapping[str, int]) -> dict[str, Any]:
+    """The `max_attempts` that the `chosen` deliveries (id, destination) take when replayed:
+    their destination's in `limits` (the configuration in force), else the stored one. Only
+    the destinations chosen are named: two parameters each, beside the chunk's ids."""
+    taken = {dest: limits[dest] for _, dest in chosen if dest in limits}
+    if not taken:
+        return {}
+    d = s.deliveries
+    return {"max_attempts": case(taken, value=d.c.destination_id, else_=d.c.max_attempts)}
+
+
 def dead_list_query(f: DeadLetterFilter) -> Select[Any]:
     """What `list_dead` reads: the selected dead deliveries, oldest death first."""
     return (
@@ -91,20 +103,43 @@ class DeadLetterOps(MessagingOps):
             rows = (await conn.execute(query)).all()
         return [DeadGroup(*row) for row in rows]
 
-    async def replay(self, f: DeadLetterFilter, *, actor: str, now_ms: int) -> list[str]:
-        """Dead → pending with fresh attempts; recorded in the audit log. Returns the ids."""
-        return await self._move_dead(f, actor=actor, now_ms=now_ms, action="replay")
+    async def replay(
+        self,
+        f: DeadLetterFilter,
+        *,
+        actor: str,
+        now_ms: int,
+        limits: Mapping[str, int] | None = None,
+    ) -> list[str]:
+        """Dead → pending with fresh attempts; recorded in the audit log. Returns the ids.
+
+        `limits`: the `max_attempts` of each destination in the configuration in force
+        (delivery/attempts.py: attempt_limits), which the replayed deliveries take: the
+        operator may have raised it before replaying. A destination it lacks keeps the
+        stored limit."""
+        return await self._move_dead(
+            f, actor=actor, now_ms=now_ms, action="replay", limits=limits or {}
+        )
 
     async def discard(self, f: DeadLetterFilter, *, actor: str, now_ms: int) -> list[str]:
         """Dead → discarded (final); recorded in the audit log. Returns the ids."""
-        return await self._move_dead(f, actor=actor, now_ms=now_ms, action="discard")
+        return await self._move_dead(f, actor=actor, now_ms=now_ms, action="discard", limits={})
 
     async def _move_dead(
-        self, f: DeadLetterFilter, *, actor: str, now_ms: int, action: str
+        self,
+        f: DeadLetterFilter,
+        *,
+        actor: str,
+        now_ms: int,
+        action: str,
+        limits: Mapping[str, int],
     ) -> list[str]:
         d = s.deliveries
         chosen = (
-            select(d.c.id).where(*dead_conditions(f)).order_by(*_OLDEST_DEATH_FIRST).limit(f.batch)
+            select(d.c.id, d.c.destination_id)
+            .where(*dead_conditions(f))
+            .order_by(*_OLDEST_DEATH_FIRST)
+            .limit(f.batch)
         )
         if action == "replay":
             values: dict[str, Any] = {
@@ -117,22 +152,22 @@ class DeadLetterOps(MessagingOps):
         else:
             values = {"state": DeliveryState.DISCARDED.value, "updated_at": now_ms}
         async with self._write() as conn:
-            ids = list((await conn.execute(chosen)).scalars().all())
-            if not ids:
+            selected = [(i, dest) for i, dest in (await conn.execute(chosen)).all()]
+            if not selected:
                 return []
             # The ids go to the driver as one parameter each: a selection of up to
             # 1,000,000 would pass SQLite's limit on a statement's variables (32,766 by
             # default, 250,000 in Debian's build) and asyncpg's (32,767). Moved in chunks,
             # still in this one transaction; a replayed send's message requeued with its chunk.
             moved: list[Any] = []
-            for chunk in in_chunks(ids, _IDS_PER_STATEMENT):
+            for chosen_chunk in in_chunks(selected, _IDS_PER_STATEMENT):
                 stmt = (
                     update(d)
                     .where(
-                        d.c.id.in_(chunk),
+                        d.c.id.in_([delivery_id for delivery_id, _ in chosen_chunk]),
                         d.c.state == DeliveryState.DEAD.value,
                     )
-                    .values(**values)
+                    .values(**values, **_limits_of(chosen_chunk, limits))
                     .returning(d.c.id, d.c.tenant_id, d.c.destination_id)
                 )
                 chunk = (await conn.execute(stmt)).all()

@@ -148,6 +148,7 @@ class LeaseOps(MessagingOps):
                 "b_token": item.delivery.lease_token,
                 "b_state": item.transition.to_state.value,
                 "b_attempts": item.transition.attempts,
+                "b_max": item.delivery.max_attempts,
                 "b_next": next_attempt(item, now_ms),
                 "b_error": item.transition.last_error,
                 "b_now": now_ms,
@@ -164,6 +165,9 @@ class LeaseOps(MessagingOps):
             .values(
                 state=bindparam("b_state"),
                 attempts=bindparam("b_attempts"),
+                # The limit decided with: the configuration's may have changed since it
+                # was stored (delivery/attempts.py: governed).
+                max_attempts=bindparam("b_max"),
                 next_attempt_at=bindparam("b_next"),
                 last_error=bindparam("b_error"),
                 lease_token=None,

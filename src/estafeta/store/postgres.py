@@ -146,6 +146,7 @@ def _complete_params(batch: Sequence[CompletedAttempt], now_ms: int) -> dict[str
             "lease_token": item.delivery.lease_token,
             "state": item.transition.to_state.value,
             "attempts": item.transition.attempts,
+            "max_attempts": item.delivery.max_attempts,
             "next_attempt_at": next_attempt(item, now_ms),
             "last_error": item.transition.last_error,
         }

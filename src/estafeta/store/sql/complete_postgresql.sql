@@ -13,8 +13,8 @@ WITH done AS MATERIALIZED (
         id varchar, tenant_id varchar, delivery_id varchar, number integer,
         started_at bigint, duration_ms double precision, outcome varchar,
         status_code integer, error_class varchar, response_excerpt text,
-        lease_token varchar, state varchar, attempts integer, next_attempt_at bigint,
-        last_error text
+        lease_token varchar, state varchar, attempts integer, max_attempts integer,
+        next_attempt_at bigint, last_error text
     )
 ), recorded AS (
     INSERT INTO attempts
@@ -30,6 +30,7 @@ WITH done AS MATERIALIZED (
     UPDATE deliveries AS d
     SET state = v.state,
         attempts = v.attempts,
+        max_attempts = v.max_attempts,  -- the limit decided with (the configuration's)
         next_attempt_at = v.next_attempt_at,
         last_error = v.last_error,
         lease_token = NULL,
