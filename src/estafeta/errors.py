@@ -9,6 +9,7 @@
     │   └── LeaseRaced         a concurrent lease put one of the same ordering key in flight
     ├── FilterSyntaxError      a route filter expression does not parse
     ├── ServeError             the HTTP server could not start (its address in use …)
+    ├── RedisKeyPrefixShared   another store's processes use this Redis key prefix
     └── HttpError              the only error that reaches an HTTP client: status, error, detail
 
 Foreign exceptions (aiohttp, asyncpg, sqlite3 ...) are translated at the boundary where they
@@ -83,6 +84,11 @@ class FilterSyntaxError(EstafetaError):
 
 class ServeError(EstafetaError):
     """The HTTP server could not start listening."""
+
+
+class RedisKeyPrefixShared(EstafetaError):
+    """Processes of another estafeta (another store) use this Redis key prefix: give each
+    deployment that shares the Redis its own `[redis] key_prefix`."""
 
 
 class HttpError(EstafetaError):

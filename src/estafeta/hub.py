@@ -101,7 +101,9 @@ class Hub:
         # The shared Redis when configured: circuits and the tenants' inbound rate limits
         # live there, /health/detailed pings it.
         self.redis = connect_redis(config.redis.url) if config.redis.url else None
-        self.rate_limiter = TenantRateLimiter(config, redis=self.redis)
+        self.rate_limiter = TenantRateLimiter(
+            config, redis=self.redis, key_prefix=config.redis.key_prefix
+        )
         # Plain dicts: pydantic's attribute access is measurable on the ingest hot path.
         self.sources = {s.id: s for s in config.sources}
         # How each source verifies and parses what it receives, by source id.

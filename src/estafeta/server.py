@@ -15,6 +15,7 @@ from typing import Any, NoReturn, TypeVar
 
 import structlog
 import uvicorn
+from redis.asyncio import Redis
 
 from estafeta.api.app import create_app
 from estafeta.clock import Clock, StoreClock, SystemClock
@@ -28,6 +29,8 @@ from estafeta.http_protocol import OneWriteHttpToolsProtocol
 from estafeta.hub import Hub
 from estafeta.ingress.spool import Spool
 from estafeta.observability.worker_endpoint import start_worker_endpoint
+from estafeta.redis_client import connect_redis
+from estafeta.redis_prefix import PrefixProcesses
 from estafeta.store import open_store
 from estafeta.store.sqlstore import SqlStore
 from estafeta.supervise import Tasks, supervised
@@ -170,20 +173,33 @@ async def store_clock(store: SqlStore) -> StoreClock:
 
 
 async def announced(
-    store: SqlStore, config: Config, *, delivers: bool, tasks: Tasks, clock: Clock
+    store: SqlStore,
+    config: Config,
+    *,
+    delivers: bool,
+    tasks: Tasks,
+    clock: Clock,
+    redis: Redis | None = None,
 ) -> Presence:
     """This process's presence, recorded before it serves or delivers anything: a delivery
     it stores for a destination only its configuration has is then never taken by a worker
     on an older file for one nobody configures (delivery/presence.py). `tasks` are the
-    process's supervised tasks: whether its delivery task keeps crashing."""
+    process's supervised tasks: whether its delivery task keeps crashing. With `redis` (the
+    client of `[redis] url`), raises RedisKeyPrefixShared when another store's processes use
+    `[redis] key_prefix` (redis_prefix.py)."""
+    process_id = default_worker_id()
     presence = Presence(
         store,
         config,
-        process_id=default_worker_id(),
+        process_id=process_id,
         clock=clock,
         delivers=delivers,
         tasks=tasks,
+        redis=None
+        if redis is None
+        else PrefixProcesses(redis, config.redis.key_prefix, process_id),
     )
+    await presence.refuse_shared_prefix()
     await presence.announce()
     return presence
 
@@ -286,7 +302,13 @@ async def serve(config: Config, *, run_workers: bool = True, migrate: bool = Tru
         # Recorded once nothing is left that could fail before the server's own shutdown,
         # which retires it (delivery/presence.py).
         tasks = Tasks()
-        presence = await announced(store, config, delivers=run_workers, tasks=tasks, clock=clock)
+        try:
+            presence = await announced(
+                store, config, delivers=run_workers, tasks=tasks, clock=clock, redis=hub.redis
+            )
+        except BaseException:
+            await hub.close()  # its Redis client, which the app's shutdown closes otherwise
+            raise
         server = uvicorn_server(
             create_app(hub, run_workers=run_workers, presence=presence, tasks=tasks),
             config.server.listen,
@@ -323,11 +345,16 @@ async def work(config: Config) -> None:
         loop.add_signal_handler(sig, stop_signal, sig)
     tasks = Tasks()
     endpoint = None
+    # The presence's own client: the worker's components each have theirs (a worker is
+    # restarted with new ones after a crash).
+    redis = connect_redis(config.redis.url) if config.redis.url else None
     try:
         if config.worker.metrics_listen is not None:
             endpoint = await start_worker_endpoint(config.worker.metrics_listen, tasks)
         clock = await store_clock(store)
-        presence = await announced(store, config, delivers=True, tasks=tasks, clock=clock)
+        presence = await announced(
+            store, config, delivers=True, tasks=tasks, clock=clock, redis=redis
+        )
 
         def worker() -> Awaitable[None]:
             return Worker(
@@ -345,4 +372,6 @@ async def work(config: Config) -> None:
     finally:
         if endpoint is not None:
             await endpoint.cleanup()
+        if redis is not None:
+            await redis.aclose()
         await store.close()

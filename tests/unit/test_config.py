@@ -18,6 +18,7 @@ from estafeta.config import (
     CircuitConfig,
     Config,
     DestinationConfig,
+    RedisConfig,
     RouteConfig,
     SecurityConfig,
     ServerConfig,
@@ -86,6 +87,7 @@ def test_minimal_file_loads_with_defaults(tmp_path: Path) -> None:
     assert config.server.listen == "127.0.0.1:8080"
     assert config.storage.url == "sqlite:///./estafeta.db"
     assert config.redis.url is None
+    assert config.redis.key_prefix == "estafeta:"  # the keys of a deployment before it existed
     assert config.worker.concurrency == 256
     dest = config.destination("crm")
     assert dest is not None
@@ -560,6 +562,30 @@ INVALID_CASES: list[tuple[str, str, list[str]]] = [
         "a Redis URL parameter the client does not take",
         '[redis]\nurl = "redis://cache:6379/0?timeout=5"',
         ["redis.url: invalid Redis URL: unsupported parameter in its query"],
+    ),
+    (  # it starts every key: `<prefix>circuits`, not `stagingcircuits`
+        "a Redis key prefix that does not end with a colon",
+        '[redis]\nkey_prefix = "staging"',
+        [
+            "redis.key_prefix: invalid key prefix 'staging': use 1 to 64 letters, digits, '_',"
+            " '.', '-' or ':', ending with ':' (e.g. \"estafeta-staging:\")"
+        ],
+    ),
+    (  # a space, a `*` (a SCAN pattern) or a newline would make keys no tool shows plainly
+        "a Redis key prefix with a character keys should not have",
+        '[redis]\nkey_prefix = "clinica sol:"',
+        [
+            "redis.key_prefix: invalid key prefix 'clinica sol:': use 1 to 64 letters, digits,"
+            " '_', '.', '-' or ':', ending with ':' (e.g. \"estafeta-staging:\")"
+        ],
+    ),
+    (
+        "a Redis key prefix longer than 64 characters",
+        f'[redis]\nkey_prefix = "{"a" * 64}:"',
+        [
+            f"redis.key_prefix: invalid key prefix '{'a' * 64}:': use 1 to 64 letters, digits,"
+            " '_', '.', '-' or ':', ending with ':' (e.g. \"estafeta-staging:\")"
+        ],
     ),
     (  # the store keeps 40 characters: PostgreSQL refused it at `migrate`, naming no key
         "a rate limit longer than the store keeps",
@@ -1207,6 +1233,15 @@ def test_database_and_redis_urls_with_the_parameters_their_clients_take(
     assert problems(tmp_path, f'[{table}]\nurl = "{url}"') == []
 
 
+@pytest.mark.parametrize(
+    "prefix", [":", "estafeta-staging:", "acme.prod:estafeta:", "a" * 63 + ":"]
+)
+def test_a_redis_key_prefix_of_its_own_for_each_deployment(tmp_path: Path, prefix: str) -> None:
+    config = load(tmp_path, f'[redis]\nurl = "redis://cache:6379/0"\nkey_prefix = "{prefix}"')
+    assert config.redis.key_prefix == prefix
+    assert f"key_prefix='{prefix}'" in repr(config.redis)
+
+
 def test_a_redis_password_with_a_slash_is_not_quoted_as_its_port(tmp_path: Path) -> None:
     assert problems(tmp_path, '[redis]\nurl = "redis://:Pass/Word@cache:6379/0"') == [
         "redis.url: invalid Redis URL: write a '/', '?', '#' or '@' of its user or password"
@@ -1252,6 +1287,7 @@ def test_example_file_states_the_true_defaults() -> None:
 
     assert config.server == ServerConfig()
     assert config.storage == StorageConfig()
+    assert config.redis == RedisConfig()
     assert config.worker == WorkerConfig()
     assert crm.backoff == BackoffConfig()
     assert crm.circuit == CircuitConfig()
@@ -1268,6 +1304,7 @@ def test_example_file_states_the_true_defaults() -> None:
     [
         ServerConfig,
         StorageConfig,
+        RedisConfig,
         WorkerConfig,
         SecurityConfig,
         TenantConfig,

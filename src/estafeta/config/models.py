@@ -47,6 +47,11 @@ NO_WORKERS_MIN_S = 30.0
 #: after year 9999 could not be shown by the API, and one past 2**63 ms could not be stored.
 MAX_DURATION_S = 30 * 86_400
 INT64_MAX = 2**63 - 1
+#: What every Redis key of a deployment starts with (`[redis] key_prefix`), unless set.
+DEFAULT_REDIS_KEY_PREFIX = "estafeta:"
+# Letters, digits and `_ . - :`, ending with `:` (keys read `<prefix>circuits`); short, as it
+# starts every key of every tenant's rate-limit counters.
+_REDIS_KEY_PREFIX = re.compile(r"[A-Za-z0-9_.:-]{0,63}:")
 #: The longest event type, from a body's `type`, the API or a source's `event_type`
 #: (events.type is String(200)).
 EVENT_TYPE_MAX_LENGTH = 200
@@ -310,6 +315,19 @@ class RedisConfig(_Model):
     """Optional shared cache, rate-limit and circuit state; without it they live in memory."""
 
     url: str | None = None
+    # Deployments that share one Redis database (staging and production, several customers')
+    # each need their own: ids such as `crm` repeat across them (redis_prefix.py).
+    key_prefix: str = DEFAULT_REDIS_KEY_PREFIX
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _check_key_prefix(cls, value: str) -> str:
+        if not _REDIS_KEY_PREFIX.fullmatch(value):
+            raise ValueError(
+                f"invalid key prefix {value!r}: use 1 to 64 letters, digits, '_', '.', '-' or"
+                " ':', ending with ':' (e.g. \"estafeta-staging:\")"
+            )
+        return value
 
     @field_validator("url")
     @classmethod
@@ -338,6 +356,7 @@ class RedisConfig(_Model):
 
     def __repr_args__(self) -> Any:
         yield "url", None if self.url is None else mask_url(self.url)
+        yield "key_prefix", self.key_prefix
 
 
 def _after_netloc(url: str) -> str:

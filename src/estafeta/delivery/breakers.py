@@ -91,7 +91,7 @@ def circuit_state_store(
     `redis` is a client to use rather than a new one."""
     if config.redis.url:
         client = redis if redis is not None else connect_redis(config.redis.url)
-        return FallbackCircuitStore(RedisCircuitStore(client))
+        return FallbackCircuitStore(RedisCircuitStore(client, config.redis.key_prefix))
     return StoreCircuitStore(store)
 
 

@@ -24,6 +24,7 @@ import orjson
 import redis.asyncio
 from redis.exceptions import WatchError
 
+from estafeta.config.models import DEFAULT_REDIS_KEY_PREFIX
 from estafeta.delivery.circuit import Circuit
 from estafeta.redis_client import REDIS_ERRORS, RedisFailover
 
@@ -91,7 +92,7 @@ class RedisCircuitStore:
     destination) to one read.
     """
 
-    def __init__(self, client: redis.asyncio.Redis, prefix: str = "estafeta:") -> None:
+    def __init__(self, client: redis.asyncio.Redis, prefix: str = DEFAULT_REDIS_KEY_PREFIX) -> None:
         self._client = client
         self.key = f"{prefix}circuits"
 

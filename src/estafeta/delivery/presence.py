@@ -20,6 +20,10 @@ A process that delivers also records, at each announcement, whether its delivery
 the whole time since the one before (`delivering_at`): a worker whose task keeps crashing
 (a bug, a database that rejects every lease) still runs and announces, but delivers
 nothing, and `serve`'s `no_workers` alert must hear of it as of a worker gone.
+
+With Redis configured, a process also records itself under its Redis key prefix after each
+announcement, and refuses to start, or logs an error while it runs, when processes of another
+store use that prefix (redis_prefix.py).
 """
 
 from __future__ import annotations
@@ -27,13 +31,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import structlog
+
 from estafeta.clock import Clock, StoreClock
 from estafeta.config import Config
 from estafeta.errors import StoreUnavailable
 from estafeta.messaging.facts import send_destination
 from estafeta.messaging.outbound import can_send
+from estafeta.redis_client import REDIS_ERRORS
+from estafeta.redis_prefix import STORE_SEEN_S, PrefixProcesses, refusal
 from estafeta.store.sqlstore import SqlStore
 from estafeta.supervise import Tasks
+
+log = structlog.get_logger("estafeta.presence")
 
 ANNOUNCE_EVERY_S = 10.0
 LIVE_WINDOW_S = 60.0
@@ -64,8 +74,12 @@ class Presence:
         delivers: bool = True,
         tasks: Tasks | None = None,
         every_s: float = ANNOUNCE_EVERY_S,
+        redis: PrefixProcesses | None = None,
     ) -> None:
         self.store = store
+        # The processes under this process's Redis key prefix, this one recorded among them.
+        self.redis = redis
+        self._foreign_seen: set[str] = set()  # another store's, as the last look found them
         self.process_id = process_id
         self.delivers = delivers  # False for `serve --no-workers`
         # The process's supervised tasks, its delivery task among them when it delivers.
@@ -93,6 +107,45 @@ class Presence:
             now_ms=now,
             forget_before_ms=now - int(FORGET_AFTER_S * 1000),
         )
+        if self.redis is not None:
+            await self._record_in_redis(self.redis)
+
+    async def refuse_shared_prefix(self) -> None:
+        """Before the first announcement: raise RedisKeyPrefixShared when processes of
+        another store use this process's Redis key prefix. An unreachable Redis does not stop
+        the start (what it holds has a fallback in memory): each announcement looks again."""
+        if self.redis is None:
+            return
+        try:
+            others = await self.redis.others(record=False)
+        except REDIS_ERRORS:
+            return
+        foreign = await self._foreign(others)
+        if foreign:
+            raise refusal(self.redis.prefix, foreign)
+
+    async def _record_in_redis(self, redis: PrefixProcesses) -> None:
+        try:
+            others = await redis.others(record=True)
+        except REDIS_ERRORS:
+            return  # logged by the components that use Redis (`redis_unavailable`)
+        foreign = await self._foreign(others)
+        if foreign - self._foreign_seen:
+            log.error(
+                "redis_key_prefix_shared",
+                key_prefix=redis.prefix,
+                processes=sorted(foreign),
+                process=self.process_id,
+            )
+        self._foreign_seen = foreign
+
+    async def _foreign(self, others: set[str]) -> set[str]:
+        """Those of `others` (processes under this Redis key prefix) this store has not seen
+        lately: another store's. Raises StoreUnavailable."""
+        if not others:
+            return set()
+        since = self.clock.now_ms() - round(STORE_SEEN_S * 1000)
+        return others - await self.store.seen_processes(others, seen_since_ms=since)
 
     def _delivering(self) -> bool:
         """Whether the delivery task has run without a crash since the last time asked: a

@@ -40,6 +40,7 @@ from redis.asyncio import ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from estafeta.config.models import DEFAULT_REDIS_KEY_PREFIX
 from estafeta.redis_client import REDIS_ERRORS, RedisFailover
 
 MIN_WAIT_S = 0.01  # the shortest wait answered: a caller told "0.0001 s" would just spin
@@ -54,7 +55,7 @@ class DestinationThrottle:
         limits_by_destination: Mapping[str, str],
         *,
         redis_url: str | None = None,
-        key_prefix: str = "estafeta:",
+        key_prefix: str = DEFAULT_REDIS_KEY_PREFIX,
         retry_s: float = 5.0,
         timeout_s: float = 1.0,
         monotonic: Callable[[], float] = time.monotonic,

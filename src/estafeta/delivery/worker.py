@@ -107,7 +107,9 @@ class Worker:
         rate_limits.update(
             {send_destination(s.id): s.send_rate_limit for s in senders if s.send_rate_limit}
         )
-        self.throttle = throttle or DestinationThrottle(rate_limits, redis_url=config.redis.url)
+        self.throttle = throttle or DestinationThrottle(
+            rate_limits, redis_url=config.redis.url, key_prefix=config.redis.key_prefix
+        )
         self._snoozes = Snoozes(store, self.clock)  # leases given back unsent (snooze.py)
         self._store_down = False  # logged once per outage
         policies = {

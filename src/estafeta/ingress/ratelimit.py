@@ -46,6 +46,7 @@ from limits import parse
 from redis.exceptions import NoScriptError
 
 from estafeta.config import Config
+from estafeta.config.models import DEFAULT_REDIS_KEY_PREFIX
 from estafeta.redis_client import REDIS_ERRORS, RedisFailover
 
 SHARE_INTERVAL_S = 0.1  # how often a process with traffic shares its counts through Redis
@@ -170,7 +171,7 @@ class TenantRateLimiter:
         *,
         clock: Callable[[], float] = time.time,
         redis: redis.asyncio.Redis | None = None,
-        key_prefix: str = "estafeta:",
+        key_prefix: str = DEFAULT_REDIS_KEY_PREFIX,
         retry_s: float = 5.0,
     ) -> None:
         self._counters: dict[str, SlidingWindowCounter] = {}

@@ -103,6 +103,16 @@ class ProcessOps(StoreBase):
             for i, started, seen, names, delivers, delivering in rows
         ]
 
+    async def seen_processes(self, ids: Collection[str], *, seen_since_ms: int) -> set[str]:
+        """Those of `ids` that recorded themselves here since `seen_since_ms`, stopped or not:
+        the processes of this store among those using its Redis key prefix (redis_prefix.py)."""
+        if not ids:
+            return set()
+        p = s.processes
+        query = select(p.c.id).where(p.c.id.in_(sorted(ids)), p.c.seen_at >= seen_since_ms)
+        async with self._read() as conn:
+            return set((await conn.execute(query)).scalars().all())
+
     async def last_delivering_at(self) -> int | None:
         """When a process was last known to deliver (Unix ms): the newest announcement, or
         graceful stop, of one whose delivery task had run steadily since its previous one;
