@@ -9,6 +9,7 @@ with its deliveries before the caller gets an answer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Sequence
 from typing import Any, Required, TypedDict, Unpack
@@ -21,7 +22,7 @@ from estafeta.config import Config
 from estafeta.delivery.breakers import circuit_state_store
 from estafeta.delivery.handoff import Handoff
 from estafeta.delivery.model import LeasedDelivery
-from estafeta.errors import StoreUnavailable
+from estafeta.errors import HttpError, StoreUnavailable
 from estafeta.ids import new_id
 from estafeta.ingress.generic import GenericSource
 from estafeta.ingress.providers.base import ProviderSource, source_for
@@ -218,10 +219,17 @@ class Hub:
         stores each exactly once. When the store is unreachable they go to the spool."""
         if not events:  # a webhook that says nothing we use
             return []
-        if self.spool is not None and (
-            time.monotonic() < self._store_down_until or self.spool.holds_order_of(events)
-        ):
-            return await self._spool(events)
+        if self.spool is not None:
+            if time.monotonic() < self._store_down_until:
+                return await self._spool(events)
+            if self.spool.holds_order_of(events):
+                try:
+                    return await self._spool(events, store_answers=True)
+                except HttpError:
+                    # Full, or its disk failing: the store answers, so the events are stored
+                    # out of their key's order rather than refused (a 503 says the store is
+                    # unreachable, and a sender that does not retry, Twilio, loses them).
+                    pass
         try:
             results = await self._ingest.submit(events)
         except StoreUnavailable:
@@ -364,16 +372,30 @@ class Hub:
             ),
         )
 
-    async def _spool(self, events: Sequence[NewEvent]) -> list[InsertResult]:
+    async def _spool(
+        self, events: Sequence[NewEvent], *, store_answers: bool = False
+    ) -> list[InsertResult]:
         """Journal the events locally, in one write: all of them, or none and a 503, as the
         store commits them; they reach the store when the drainer imports them. A key this
         process spooled before, or repeated within the request, is one event, as the store
-        answers it; a key another request is journaling right now waits for it first."""
+        answers it; a key another request is journaling right now waits for it first. With
+        `store_answers` (events spooled behind their key's, the store up), a key the store
+        already has is answered as its original too."""
         assert self.spool is not None  # noqa: S101 - callers check
         keys = {event_key(e) for e in events if e.idempotency_key is not None}
         # Answered with its id once it is durable, or journaled here if it failed.
         while appending := [self._spooling[k] for k in keys if k in self._spooling]:
             await asyncio.gather(*(done.wait() for done in appending))
+        stored: dict[tuple[str, str, str], str] = {}
+        if store_answers and keys:
+            # Journaled anew, a repeat would be answered with an id the drain then drops as
+            # a duplicate: one that never exists. Unknown if the store fails or hangs now,
+            # as in an outage (http-api.md): bounded as a commit is, the sender waiting.
+            with contextlib.suppress(StoreUnavailable, TimeoutError):
+                async with asyncio.timeout(self.config.storage.spool_after_s):
+                    stored = await self.store.stored_ids_by_key(
+                        [e for e in events if e.idempotency_key is not None]
+                    )
         results: list[InsertResult] = []
         new: list[NewEvent] = []
         duplicates: list[NewEvent] = []  # answered as the spooled original, counted as such
@@ -387,6 +409,10 @@ class Hub:
                 )
             if original is not None:
                 results.append(InsertResult(original, duplicate=True, spooled=True))
+                duplicates.append(event)
+                continue
+            if key is not None and key in stored:
+                results.append(InsertResult(stored[key], duplicate=True))
                 duplicates.append(event)
                 continue
             if key is not None:

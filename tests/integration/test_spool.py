@@ -472,6 +472,88 @@ async def test_a_keys_events_accepted_after_an_outage_wait_behind_its_spooled_on
         await hub.close()
 
 
+async def test_a_keys_event_the_full_spool_cannot_hold_is_stored_once_the_store_answers(
+    config: Config, store: SqlStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long outage filled the spool; the store answers again, and the drain has not yet
+    freed room. An event of a key waiting in the spool was refused `503 spool_full` ("the
+    store is unreachable"), though the store answered, and a sender that does not retry
+    (Twilio) lost it: it is stored at once instead, as any other event then."""
+    real_insert = store.insert_events
+    down = True
+
+    async def insert_events(*args: Any, **kwargs: Any) -> list[InsertResult]:
+        if down:
+            raise StoreUnavailable("the database is down")
+        return await real_insert(*args, **kwargs)
+
+    monkeypatch.setattr(store, "insert_events", insert_events)
+    monkeypatch.setattr("estafeta.hub.STORE_RETRY_S", 0.0)  # try the store at the next one
+    hub = Hub(config, store, spool=Spool(tmp_path / "spool", max_bytes=1))  # full at once
+
+    async def message(n: int) -> InsertResult:
+        return await hub.accept(
+            tenant_id="clinica-sol",
+            source_id="crm-events",
+            event_type="message.received",
+            data={"n": n},
+            idempotency_key=None,
+            ordering_key="maria",
+        )
+
+    try:
+        first = await message(1)
+        down = False
+        second = await message(2)
+        assert (first.spooled, second.spooled) == (True, False)
+        assert hub.spool is not None and await hub.spool.drain(store) == 1
+        for result in (first, second):
+            assert await store.get_event(result.event_id, "clinica-sol") is not None
+    finally:
+        await hub.close()
+
+
+async def test_a_redelivery_of_a_stored_event_behind_a_spooled_one_of_its_key_gets_its_id(
+    config: Config, store: SqlStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """maria's message 1 was stored, message 2 spooled during an outage. The store answers
+    again; before the drain imports message 2, the sender repeats message 1 (same key). The
+    store knows it: the repeat is answered as a duplicate of it, not journaled as a new event
+    whose id the drain then drops (the id answered would never exist)."""
+    real_insert = store.insert_events
+    down = False
+
+    async def insert_events(*args: Any, **kwargs: Any) -> list[InsertResult]:
+        if down:
+            raise StoreUnavailable("the database is down")
+        return await real_insert(*args, **kwargs)
+
+    monkeypatch.setattr(store, "insert_events", insert_events)
+    monkeypatch.setattr("estafeta.hub.STORE_RETRY_S", 0.0)  # try the store at the next one
+    hub = Hub(config, store, spool=Spool(tmp_path / "spool", max_bytes=10**6))
+
+    async def message(n: int) -> InsertResult:
+        return await hub.accept(
+            tenant_id="clinica-sol",
+            source_id="crm-events",
+            event_type="message.received",
+            data={"n": n},
+            idempotency_key=f"wamid.{n}",
+            ordering_key="maria",
+        )
+
+    try:
+        first = await message(1)
+        down = True
+        second = await message(2)
+        down = False
+        again = await message(1)
+        assert (first.spooled, second.spooled) == (False, True)
+        assert (again.event_id, again.duplicate) == (first.event_id, True)
+    finally:
+        await hub.close()
+
+
 @contextmanager
 def disk_full_past(limit: int) -> Iterator[None]:
     """Writes past `limit` bytes of a file fail as on a full disk: part of the bytes are

@@ -83,6 +83,13 @@ class IngestOps(MessagingOps):
             results = fates(events, inserted, already, existing)
         return results
 
+    async def stored_ids_by_key(
+        self, events: Sequence[NewEvent]
+    ) -> dict[tuple[str, str, str], str]:
+        """The stored event id for each (tenant, source, key) of these events that exists."""
+        async with self._read() as conn:
+            return await self._ids_by_key(conn, events)
+
     async def _existing_ids(self, conn: AsyncConnection, ids: Sequence[str]) -> set[str]:
         if not ids:
             return set()
