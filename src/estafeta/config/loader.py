@@ -290,10 +290,11 @@ def _duplicate_issues(data: Mapping[str, Any]) -> Iterator[ConfigIssue]:
 
 def _unknown_tenant_issues(data: Mapping[str, Any], tenants: list[str]) -> Iterator[ConfigIssue]:
     hint_none = " (no [[tenants]] are defined)"
+    known = set(tenants)  # not the list: a file of hundreds of tenants checked in n², slowly
     for section in ("sources", "destinations", "routes"):
         for i, entry in _entries(data, section):
             tenant = _text(entry, "tenant")
-            if tenant is not None and tenant not in tenants:
+            if tenant is not None and tenant not in known:
                 hint = _did_you_mean(tenant, tenants) if tenants else hint_none
                 yield ConfigIssue(f"{section}[{i}].tenant", f"unknown tenant {tenant!r}{hint}")
 
@@ -304,18 +305,24 @@ def _route_destination_issues(data: Mapping[str, Any], tenants: list[str]) -> It
     for _, entry in _entries(data, "destinations"):
         if (dest_id := _text(entry, "id")) is not None:
             owner.setdefault(dest_id, _text(entry, "tenant"))
+    # Each tenant's destinations, listed once: per route, a file of hundreds of tenants was
+    # checked in routes × destinations.
+    owned: dict[str | None, list[str]] = {}
+    for dest_id, dest_tenant in owner.items():
+        owned.setdefault(dest_tenant, []).append(dest_id)
+    known = set(tenants)
     for i, route in _entries(data, "routes"):
         tenant = _text(route, "tenant")
         names = route.get("destinations")
         if not isinstance(names, list):
             continue
-        known_tenant = tenant in tenants  # an unknown tenant is reported on its own
-        own = [d for d, t in owner.items() if t == tenant] if known_tenant else list(owner)
+        known_tenant = tenant in known  # an unknown tenant is reported on its own
         for j, name in enumerate(names):
             if not isinstance(name, str) or not name.strip():
                 continue  # reported by validation
             where = f"routes[{i}].destinations[{j}]"
             if name not in owner:
+                own = owned.get(tenant, []) if known_tenant else list(owner)
                 yield ConfigIssue(where, f"unknown destination {name!r}{_did_you_mean(name, own)}")
             elif known_tenant and owner[name] != tenant:
                 message = f"destination {name!r} belongs to tenant {owner[name]!r}, not {tenant!r}"
