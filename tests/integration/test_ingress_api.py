@@ -815,6 +815,50 @@ async def test_the_api_refuses_a_lone_surrogate_escape_as_it_refuses_nul(
     assert r.status_code == 202, r.text
 
 
+@pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        # UTF-16 and UTF-32 (with a byte order mark, or without, whose ASCII has NUL bytes):
+        # the parser reads them, but the NUL and surrogate checks look for UTF-8 escapes.
+        ('{"type": "lead\\u0000new"}'.encode("utf-16"), "not UTF-8 at byte 0"),
+        ('{"type": "lead\\u0000new"}'.encode("utf-32"), "not UTF-8 at byte 0"),
+        ('{"type": "a", "data": {"n": "\\ud800"}}'.encode("utf-16-le"), "a NUL byte at byte 1"),
+        # Latin-1: was `http_400`, "There was an error parsing the body", naming nothing.
+        (
+            '{"type": "lead.new", "data": {"city": "Paraná"}}'.encode("latin-1"),
+            "not UTF-8 at byte 44",
+        ),
+        # Raw NUL, in a body that is otherwise UTF-8.
+        (b'{"type": "lead.new", "data": {"n": "a\x00"}}', "a NUL byte at byte 37"),
+    ],
+)
+async def test_a_body_that_is_not_utf8_is_refused_naming_the_byte(
+    client: Client, body: bytes, detail: str
+) -> None:
+    """JSON travels as UTF-8 (RFC 8259): any other encoding is refused with where it stops
+    being UTF-8, not read past the NUL and surrogate checks (a NUL stored on SQLite, U+FFFD
+    on PostgreSQL, a lone surrogate a 500) nor answered in a format of the parser's own."""
+    headers = {"authorization": f"Bearer {SOL_KEY}", "content-type": "application/json"}
+    r = await client.http.post("/api/v1/events", content=body, headers=headers)
+    assert (r.status_code, r.json()["error"]) == (400, "invalid_text"), r.text
+    assert detail in r.json()["detail"]
+    assert await client.stored() == 0
+
+
+async def test_a_byte_order_mark_hides_no_lone_surrogate(client: Client) -> None:
+    """A UTF-8 body may start with a byte order mark (RFC 8259 lets a parser ignore it, and
+    the API's does); the surrogate check did not, and the event was a 500."""
+    headers = {"authorization": f"Bearer {SOL_KEY}", "content-type": "application/json"}
+    bom = b"\xef\xbb\xbf"
+    body = bom + b'{"type": "lead.new", "data": {"note": "\\ud800"}}'
+    r = await client.http.post("/api/v1/events", content=body, headers=headers)
+    assert (r.status_code, r.json()["error"]) == (400, "invalid_text"), r.text
+    assert "surrogate" in r.json()["detail"]
+    assert await client.stored() == 0
+    r = await client.http.post("/api/v1/events", content=bom + MESSAGE, headers=headers)
+    assert r.status_code == 202, r.text
+
+
 async def test_an_event_whose_route_key_is_longer_than_an_index_row_is_accepted(
     store: SqlStore, database_url: str
 ) -> None:
@@ -964,6 +1008,7 @@ async def test_dlq_times_honour_their_offsets(client: Client) -> None:
         ("2026-11-22T03:00:00Z", "2026-11-22T04:00:00Z"),
         ("2026-11-22T00:00:00-03:00", "2026-11-22T01:00:00.000-03:00"),
         ("2026-11-22T05:30:00+02:30", "2026-11-22T04:00:00.000000+00:00"),
+        ("2026-11-22T03:00:00", "2026-11-22T04:00"),  # no offset: UTC, as documented
     ]:
         r = await client.http.get(
             "/api/v1/dlq", params={"since": since, "until": until}, headers=ADMIN

@@ -183,6 +183,11 @@ class Root:
             # Read whole before the API sees it (bounded by the limit): a refusal raised
             # while FastAPI reads would reach the client as its own generic 400.
             body = await read_body(receive, limit)
+            not_utf8 = not_utf8_json(body)
+            if not_utf8 is not None:
+                raise HttpError(
+                    400, "invalid_text", f"the request's body is not UTF-8 JSON: {not_utf8}"
+                )
             if nul_in_json(body):
                 raise nul_refusal("body")
             if lone_surrogate_in_json(body):
@@ -227,6 +232,21 @@ def nul_in_url(scope: Scope) -> str | None:
     return None
 
 
+def not_utf8_json(body: bytes) -> str | None:
+    """What makes a body no UTF-8 JSON, and where, if anything does. JSON travels as UTF-8
+    (RFC 8259), and the checks below look for escapes in UTF-8; but the API's parser reads
+    UTF-16 and UTF-32 too (it would take a NUL or a lone surrogate past them) and answers
+    any other encoding in a format of its own. A NUL byte is no UTF-8 JSON either (no
+    JSON text holds one raw): it is how UTF-16 and UTF-32 look without a byte order mark."""
+    nul = body.find(b"\x00")
+    try:
+        body.decode()
+    except UnicodeDecodeError as exc:
+        if nul == -1 or exc.start < nul:
+            return f"a byte that is not UTF-8 at byte {exc.start}"
+    return None if nul == -1 else f"a NUL byte at byte {nul}"
+
+
 def nul_in_json(body: bytes) -> bool:
     """True when a JSON body holds a NUL character in one of its strings."""
     return b"\\u0000" in body and _JSON_NUL.search(body) is not None
@@ -242,7 +262,8 @@ def lone_surrogate_in_json(body: bytes) -> bool:
     if _JSON_SURROGATE.search(body) is None:
         return False
     try:
-        orjson.loads(body)
+        # A UTF-8 byte order mark, which the API's parser skips, is no JSON to orjson.
+        orjson.loads(body.removeprefix(b"\xef\xbb\xbf"))
     except orjson.JSONDecodeError as exc:
         return "surrogate" in str(exc)
     return False
