@@ -229,7 +229,9 @@ class Hub:
                     # Full, or its disk failing: the store answers, so the events are stored
                     # out of their key's order rather than refused (a 503 says the store is
                     # unreachable, and a sender that does not retry, Twilio, loses them).
-                    pass
+                    spooled = self._spooled_originals(events)
+                    if spooled:
+                        return await self._store_beside(events, spooled)
         try:
             results = await self._ingest.submit(events)
         except StoreUnavailable:
@@ -239,6 +241,34 @@ class Hub:
             return await self._spool(events)
         for event, result in zip(events, results, strict=True):
             self._count(event, "duplicate" if result.duplicate else "stored")
+        return results
+
+    def _spooled_originals(self, events: Sequence[NewEvent]) -> dict[int, InsertResult]:
+        """The events (by position) whose idempotency key this process has spooled, each
+        answered as its spooled original."""
+        assert self.spool is not None  # noqa: S101 - callers check
+        found: dict[int, InsertResult] = {}
+        for i, event in enumerate(events):
+            original = self.spool.spooled_id(
+                event.tenant_id, event.source_id, event.idempotency_key
+            )
+            if original is not None:
+                found[i] = InsertResult(original, duplicate=True, spooled=True)
+        return found
+
+    async def _store_beside(
+        self, events: Sequence[NewEvent], spooled: dict[int, InsertResult]
+    ) -> list[InsertResult]:
+        """Store the events but the repeats of `spooled` ones, answered as their originals:
+        the store has not those yet, and would keep a repeat as new, the drain then dropping
+        the original whose id was answered. In the request's order; off the hot path."""
+        rest = [e for i, e in enumerate(events) if i not in spooled]
+        stored = iter(await self._ingest.submit(rest) if rest else [])
+        results: list[InsertResult] = []
+        for i, event in enumerate(events):
+            result = spooled.get(i) or next(stored)
+            self._count(event, "duplicate" if result.duplicate else "stored")
+            results.append(result)
         return results
 
     def _count(self, event: NewEvent, outcome: str) -> None:

@@ -554,6 +554,50 @@ async def test_a_redelivery_of_a_stored_event_behind_a_spooled_one_of_its_key_ge
         await hub.close()
 
 
+async def test_a_spooled_keys_repeat_beside_an_event_the_full_spool_refuses_keeps_its_id(
+    config: Config, store: SqlStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """maria's message 1 was spooled in an outage, and filled the spool. The store answers
+    again; before the drain imports message 1, the sender delivers a batch: message 1 again
+    and message 2. Message 2 cannot be spooled, so the batch goes to the store, but message
+    1's repeat must stay the spooled original's duplicate: stored as a new event, the drain
+    then drops the original, and the id the first request was answered never exists."""
+    real_insert = store.insert_events
+    down = True
+
+    async def insert_events(*args: Any, **kwargs: Any) -> list[InsertResult]:
+        if down:
+            raise StoreUnavailable("the database is down")
+        return await real_insert(*args, **kwargs)
+
+    monkeypatch.setattr(store, "insert_events", insert_events)
+    monkeypatch.setattr("estafeta.hub.STORE_RETRY_S", 0.0)  # try the store at the next one
+    hub = Hub(config, store, spool=Spool(tmp_path / "spool", max_bytes=1))  # full after one
+
+    def message(n: int) -> NewEvent:
+        return hub.new_event(
+            tenant_id="clinica-sol",
+            source_id="crm-events",
+            event_type="message.received",
+            data={"n": n},
+            idempotency_key=f"wamid.{n}",
+            ordering_key="maria",
+        )
+
+    try:
+        (first,) = await hub.accept_all([message(1)])
+        down = False
+        again, second = await hub.accept_all([message(1), message(2)])
+        assert (first.spooled, second.spooled) == (True, False)
+        assert (again.event_id, again.duplicate) == (first.event_id, True)
+        assert hub.spool is not None
+        await hub.spool.drain(store)
+        for result in (first, second):
+            assert await store.get_event(result.event_id, "clinica-sol") is not None
+    finally:
+        await hub.close()
+
+
 @contextmanager
 def disk_full_past(limit: int) -> Iterator[None]:
     """Writes past `limit` bytes of a file fail as on a full disk: part of the bytes are
