@@ -232,6 +232,8 @@ class Hub:
                     spooled = self._spooled_originals(events)
                     if spooled:
                         return await self._store_beside(events, spooled)
+            elif self.spool.holds_keys and (spooled := self._spooled_originals(events)):
+                return await self._store_beside(events, spooled)
         try:
             results = await self._ingest.submit(events)
         except StoreUnavailable:
@@ -244,12 +246,12 @@ class Hub:
         return results
 
     def _spooled_originals(self, events: Sequence[NewEvent]) -> dict[int, InsertResult]:
-        """The events (by position) whose idempotency key this process has spooled, each
-        answered as its spooled original."""
+        """The events (by position) whose idempotency key this process has spooled and the
+        drain not imported yet, each answered as its spooled original."""
         assert self.spool is not None  # noqa: S101 - callers check
         found: dict[int, InsertResult] = {}
         for i, event in enumerate(events):
-            original = self.spool.spooled_id(
+            original = self.spool.undrained_id(
                 event.tenant_id, event.source_id, event.idempotency_key
             )
             if original is not None:

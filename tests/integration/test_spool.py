@@ -420,6 +420,50 @@ async def test_a_redelivery_during_the_outage_gets_the_original_id(down_hub: Hub
     assert (again.event_id, again.duplicate, again.spooled) == (first.event_id, True, True)
 
 
+async def test_a_repeat_accepted_after_an_outage_before_the_drain_gets_the_spooled_id(
+    config: Config, store: SqlStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sender retries an event spooled during the outage (its answer was lost) once the
+    store answers again, before the drain imported the original. Stored anew, the repeat
+    got an id of its own and the drain dropped the original as its duplicate: the id first
+    answered never existed. It is answered as the spooled original instead."""
+    real_insert = store.insert_events
+    down = True
+
+    async def insert_events(*args: Any, **kwargs: Any) -> list[InsertResult]:
+        if down:
+            raise StoreUnavailable("the database is down")
+        return await real_insert(*args, **kwargs)
+
+    monkeypatch.setattr(store, "insert_events", insert_events)
+    monkeypatch.setattr("estafeta.hub.STORE_RETRY_S", 0.0)  # try the store at the next one
+    hub = Hub(config, store, spool=Spool(tmp_path / "spool", max_bytes=10**6))
+
+    async def booked(key: str) -> InsertResult:
+        return await hub.accept(
+            tenant_id="clinica-sol",
+            source_id="crm-events",
+            event_type="appointment.booked",
+            data={"status": "confirmed"},
+            idempotency_key=key,
+        )
+
+    try:
+        first = await booked("booking-7")
+        down = False
+        again = await booked("booking-7")
+        assert (again.event_id, again.duplicate) == (first.event_id, True)
+        other = await booked("booking-8")  # any other key goes to the store at once
+        assert (other.duplicate, other.spooled) == (False, False)
+        assert hub.spool is not None and await hub.spool.drain(store) == 1
+        assert await store.get_event(first.event_id, "clinica-sol") is not None
+        late = await booked("booking-7")  # the store has it now, and answers it
+        assert (late.event_id, late.duplicate, late.spooled) == (first.event_id, True, False)
+        assert (await store.queue_stats(history=True)).by_state == {"pending": 4}
+    finally:
+        await hub.close()
+
+
 async def test_a_keys_events_accepted_after_an_outage_wait_behind_its_spooled_ones(
     config: Config, store: SqlStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

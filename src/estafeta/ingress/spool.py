@@ -118,6 +118,11 @@ class Spool:
         # imported, each with the segment holding its latest: the key's next events are
         # spooled behind them (Hub.accept_all), or they would be sent before them.
         self._ordered: dict[tuple[str, str], str] = {}
+        # The idempotency keys of events journaled by this process and not yet imported:
+        # key → (event id, segment). Stored anew before the drain imports its original, a
+        # repeat would get an id of its own, and the drain would drop the original, whose id
+        # the sender was answered (Hub.accept_all answers the repeat as the original).
+        self._undrained: dict[tuple[str, str, str], tuple[str, str]] = {}
         # When the drain last got through: a round that ended, or a segment imported. From
         # start-up until the first round, events left by an earlier process are not late.
         self.progress_at = self.clock.now_ms()
@@ -139,6 +144,19 @@ class Spool:
     def spooled_message_id(self, event_id: str) -> str | None:
         """The message id of a message send this process spooled with a key, if any."""
         return self._messages.get(event_id)
+
+    def undrained_id(self, tenant_id: str, source_id: str, key: str | None) -> str | None:
+        """The id of an event this process spooled with this idempotency key and the drain
+        has not imported yet, if any."""
+        if key is None or not self._undrained:
+            return None
+        found = self._undrained.get((tenant_id, source_id, key))
+        return None if found is None else found[0]
+
+    @property
+    def holds_keys(self) -> bool:
+        """Whether events this process spooled with idempotency keys wait for the drain."""
+        return bool(self._undrained)
 
     def holds_order_of(self, events: Sequence[NewEvent]) -> bool:
         """Whether a delivery of `events` has an ordering key of which this process spooled
@@ -193,6 +211,9 @@ class Spool:
             # Under the lock: the drain closes this segment only after it takes the lock.
             for events in requests:
                 for event in events:
+                    if event.idempotency_key is not None:
+                        idem = (event.tenant_id, event.source_id, event.idempotency_key)
+                        self._undrained[idem] = (event.id, self._segment)
                     for delivery in event.deliveries:
                         if delivery.ordering_key is not None:
                             key = (event.tenant_id, delivery.ordering_key)
@@ -321,6 +342,9 @@ class Spool:
         if self._ordered:  # a segment another process drained (one sharing the directory)
             left = {path.name for path in self.directory.glob("*.journal")}
             self._ordered = {k: name for k, name in self._ordered.items() if name in left}
+        if self._undrained:
+            left = {path.name for path in self.directory.glob("*.journal")}
+            self._undrained = {k: v for k, v in self._undrained.items() if v[1] in left}
         if not held:  # a round that left a segment behind did not get through
             self.progress_at = self.clock.now_ms()  # StoreUnavailable skips this too
         if imported:
@@ -362,6 +386,7 @@ class Spool:
             path.unlink()
             segments.fsync_directory(self.directory)
             self._ordered = {k: name for k, name in self._ordered.items() if name != path.name}
+            self._undrained = {k: v for k, v in self._undrained.items() if v[1] != path.name}
             self.progress_at = self.clock.now_ms()  # a long drain is progress, not a stall
             return imported
         finally:
