@@ -397,6 +397,186 @@ async def test_a_destination_that_drops_every_request_gets_it_once_per_attempt(
     assert seen == ["evt_1"]
 
 
+async def _read_request(reader: asyncio.StreamReader) -> str:
+    """Read one request whole; its webhook-id."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    fields = dict(line.split(": ", 1) for line in head.decode("latin-1").split("\r\n")[1:] if line)
+    fields = {name.lower(): value for name, value in fields.items()}
+    await reader.readexactly(int(fields["content-length"]))
+    return fields["webhook-id"]
+
+
+class AnsweringTwice:
+    """A destination that answers its first request `first`, then, when told (`unasked`),
+    sends on that kept-alive connection an answer nobody asked for; every later request is
+    answered 503. `seen` holds each request's webhook-id."""
+
+    def __init__(self, first: bytes, unasked: bytes) -> None:
+        self.first, self.unasked = first, unasked
+        self.seen: list[str] = []
+        self._go, self._sent = asyncio.Event(), asyncio.Event()
+
+    async def answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                self.seen.append(await _read_request(reader))
+                if len(self.seen) > 1:
+                    writer.write(b"HTTP/1.1 503 Busy\r\nContent-Length: 4\r\n\r\nbusy")
+                    await writer.drain()
+                    continue
+                writer.write(self.first)
+                await writer.drain()
+                await self._go.wait()
+                writer.write(self.unasked)
+                await writer.drain()
+                self._sent.set()
+        writer.close()
+
+    async def send_unasked(self) -> None:
+        """Have the unasked answer sent, and reach the hub (loopback: it is in the hub's
+        socket once written, and read at the event loop's next turns)."""
+        self._go.set()
+        await asyncio.wait_for(self._sent.wait(), 5)
+        await asyncio.sleep(0.05)
+
+
+FORGED_200 = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"
+
+
+@pytest.mark.parametrize(
+    ("first", "unasked"),
+    [
+        (b"HTTP/1.1 500 Oops\r\nContent-Length: 4\r\n\r\noops", FORGED_200),
+        # What reads as a body after a 204 (which has none) or past the Content-Length
+        # is no part of that answer either: here, a forged second one.
+        (b"HTTP/1.1 204 No Content\r\n\r\n", FORGED_200),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", FORGED_200),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", b"garbage\r\n\r\n"),
+    ],
+    ids=["after-a-500", "after-a-204", "after-a-200", "garbage"],
+)
+async def test_an_answer_nobody_asked_for_is_not_taken_for_the_next_delivery(
+    session: aiohttp.ClientSession, first: bytes, unasked: bytes
+) -> None:
+    # Left in the pooled connection, the unasked answer was read as the next delivery's:
+    # recorded as delivered (200 "forged") while the destination never answered it, or
+    # failed for a 503 it never sent.
+    destination = AnsweringTwice(first, unasked)
+    server = await asyncio.start_server(destination.answer, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hooks"
+    try:
+        await deliver_to(url, session, delivery=leased("evt_1"))
+        await destination.send_unasked()
+        outcome = await deliver_to(url, session, delivery=leased("evt_2"))
+    finally:
+        server.close()
+    assert (outcome.kind, outcome.status_code, outcome.response_excerpt) == (
+        OutcomeKind.RETRYABLE,
+        503,
+        "busy",
+    )
+    assert destination.seen == ["evt_1", "evt_2"]
+
+
+OK_200 = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+CLOSE, SILENCE = "close", "silence"
+
+
+@pytest.mark.parametrize(
+    ("script", "recorded", "reused"),
+    [
+        # A 2xx whose body breaks off: the status says the destination took it.
+        ([b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nok", CLOSE], ("success", 200), False),
+        ([b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nok", SILENCE], ("success", 200), False),
+        ([b"HTTP/1.1 100 Continue\r\n\r\n", OK_200], ("success", 200), True),
+        (
+            [b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n", OK_200],
+            ("success", 200),
+            True,
+        ),
+        ([b"HTTP/1.0 200 OK\r\n\r\nread until", b" the close", CLOSE], ("success", 200), False),
+        (
+            [b"HTTP/1.1 500 Oops\r\nContent-Length: 2\r\n\r\nno" + FORGED_200],
+            ("retryable", 500),
+            False,
+        ),
+        (
+            [b"HTTP/1.1 204 No Content\r\nContent-Length: 6\r\n\r\nforged"],
+            ("retryable", "invalid_response"),
+            False,
+        ),
+        ([b"HTTP/1.1 200 OK\r\nX-Never: ends\r\n", SILENCE], ("retryable", "timeout"), False),
+        (
+            [b"HTTP/1.1 200 OK\r\nX-Long: " + b"y" * 20_000 + b"\r\n\r\n"],
+            ("retryable", "invalid_response"),
+            False,
+        ),
+        (
+            [b"HTTP/1.1 200 OK\r\n" + b"X-Many: y\r\n" * 500 + b"\r\n"],
+            ("retryable", "invalid_response"),
+            False,
+        ),
+    ],
+    ids=[
+        "short-close",
+        "short-silence",
+        "100",
+        "103",
+        "http-1.0",
+        "surplus",
+        "204-body",
+        "endless-head",
+        "long-header",
+        "many-headers",
+    ],
+)
+async def test_a_misframed_answer_is_its_own_deliverys_and_its_connection_is_not_reused(
+    session: aiohttp.ClientSession,
+    script: list[bytes | str],
+    recorded: tuple[str, int | str],
+    reused: bool,
+) -> None:
+    seen: list[str] = []
+    connections = 0
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                seen.append(await _read_request(reader))
+                if len(seen) > 1:
+                    writer.write(b"HTTP/1.1 503 Busy\r\nContent-Length: 4\r\n\r\nbusy")
+                    await writer.drain()
+                    continue
+                for step in script:
+                    if step == CLOSE:
+                        writer.close()
+                        return
+                    if step == SILENCE:
+                        await reader.read()  # until the hub gives up and closes
+                        break
+                    writer.write(step)  # type: ignore[arg-type]
+                    await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hooks"
+    try:
+        first = await deliver_to(url, session, delivery=leased("evt_1"), timeout_s=0.5)
+        second = await deliver_to(url, session, delivery=leased("evt_2"))
+    finally:
+        server.close()
+    assert (first.kind.value, first.status_code or first.error_class) == recorded
+    assert (second.kind, second.status_code, second.response_excerpt) == (
+        OutcomeKind.RETRYABLE,
+        503,
+        "busy",
+    )
+    assert seen == ["evt_1", "evt_2"]
+    assert connections == (1 if reused else 2)
+
+
 # -- headers and signatures ------------------------------------------------------------------
 
 

@@ -19,6 +19,9 @@ from datetime import UTC, datetime
 from urllib.parse import urljoin
 
 import aiohttp
+from aiohttp.client_reqrep import ClientRequest
+from aiohttp.connector import Connection
+from aiohttp.tracing import Trace
 from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook
 
 from estafeta import __version__
@@ -51,6 +54,35 @@ def _sign(signer: Webhook, msg_id: str, timestamp_s: int, body: bytes) -> str:
     return signer.sign(msg_id, moment, body.decode("utf-8"))
 
 
+class _OneAnswerPerRequest(aiohttp.TCPConnector):
+    """A pool that never hands out a kept-alive connection holding an answer nobody asked
+    for yet.
+
+    HTTP/1.1 pairs an answer with its request only by order. A destination that answers
+    twice, or sends more body than its Content-Length (or any after a 204), once the
+    answer was read whole, leaves an answer in the idle pooled connection, and aiohttp
+    gave it to the next request sent on it: that delivery was recorded with an answer
+    written before it was sent (a forged 200 marked it delivered, though the destination
+    never answered it). Such a connection is closed and another one taken instead. (One
+    that arrives only after the next request was written cannot be told from its answer:
+    HTTP/1.1 has nothing to tell them apart.)
+    """
+
+    async def connect(
+        self, req: ClientRequest, traces: list[Trace], timeout: aiohttp.ClientTimeout
+    ) -> Connection:
+        connection = await super().connect(req, traces, timeout)
+        # Bounded by the pool's size, which is all there is to drop before a new
+        # connection is made, in case a destination answers a new one before it is asked.
+        for _ in range(self.limit):
+            protocol = connection.protocol
+            if protocol is None or not protocol.should_close:  # nothing unasked was read
+                break
+            connection.close()
+            connection = await super().connect(req, traces, timeout)
+        return connection
+
+
 def new_client_session(*, connections: int = 256) -> aiohttp.ClientSession:
     """One pooled client session for every HTTP destination; call it inside the running loop.
 
@@ -64,7 +96,7 @@ def new_client_session(*, connections: int = 256) -> aiohttp.ClientSession:
     neither kept nor sent: the session serves every tenant's destinations, and a cookie one
     answer set would otherwise go with the next delivery to that host, whoever's it is.
     """
-    connector = aiohttp.TCPConnector(
+    connector = _OneAnswerPerRequest(
         limit=connections,
         limit_per_host=connections,
         ttl_dns_cache=300,
