@@ -420,6 +420,48 @@ async def test_a_redelivery_during_the_outage_gets_the_original_id(down_hub: Hub
     assert (again.event_id, again.duplicate, again.spooled) == (first.event_id, True, True)
 
 
+class Blink:
+    """A store whose inserts fail as an unreachable database's while `down`."""
+
+    def __init__(self, store: SqlStore, monkeypatch: pytest.MonkeyPatch, *, down: bool) -> None:
+        self.down = down
+        real_insert = store.insert_events
+
+        async def insert_events(*args: Any, **kwargs: Any) -> list[InsertResult]:
+            if self.down:
+                raise StoreUnavailable("the database is down")
+            return await real_insert(*args, **kwargs)
+
+        monkeypatch.setattr(store, "insert_events", insert_events)
+        monkeypatch.setattr("estafeta.hub.STORE_RETRY_S", 0.0)  # try the store at the next one
+
+
+def blinking_hub(
+    config: Config,
+    store: SqlStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    down: bool = True,
+    spool_bytes: int = 10**6,
+) -> tuple[Hub, Blink]:
+    """A hub with a spool in front of a store that goes down and comes back at will."""
+    blink = Blink(store, monkeypatch, down=down)
+    return Hub(config, store, spool=Spool(tmp_path / "spool", max_bytes=spool_bytes)), blink
+
+
+def message(hub: Hub, n: int, *, key: str = "maria", idempotent: bool = False) -> NewEvent:
+    """Message `n` of a conversation (`ordering_key`), its provider's id as idempotency key."""
+    return hub.new_event(
+        tenant_id="clinica-sol",
+        source_id="crm-events",
+        event_type="message.received",
+        data={"n": n},
+        idempotency_key=f"wamid.{n}" if idempotent else None,
+        ordering_key=key,
+    )
+
+
 async def test_a_repeat_accepted_after_an_outage_before_the_drain_gets_the_spooled_id(
     config: Config, store: SqlStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -427,17 +469,7 @@ async def test_a_repeat_accepted_after_an_outage_before_the_drain_gets_the_spool
     store answers again, before the drain imported the original. Stored anew, the repeat
     got an id of its own and the drain dropped the original as its duplicate: the id first
     answered never existed. It is answered as the spooled original instead."""
-    real_insert = store.insert_events
-    down = True
-
-    async def insert_events(*args: Any, **kwargs: Any) -> list[InsertResult]:
-        if down:
-            raise StoreUnavailable("the database is down")
-        return await real_insert(*args, **kwargs)
-
-    monkeypatch.setattr(store, "insert_events", insert_events)
-    monkeypatch.setattr("estafeta.hub.STORE_RETRY_S", 0.0)  # try the store at the next one
-    hub = Hub(config, store, spool=Spool(tmp_path / "spool", max_bytes=10**6))
+    hub, blink = blinking_hub(config, store, tmp_path, monkeypatch)
 
     async def booked(key: str) -> InsertResult:
         return await hub.accept(
@@ -450,7 +482,7 @@ async def test_a_repeat_accepted_after_an_outage_before_the_drain_gets_the_spool
 
     try:
         first = await booked("booking-7")
-        down = False
+        blink.down = False
         again = await booked("booking-7")
         assert (again.event_id, again.duplicate) == (first.event_id, True)
         other = await booked("booking-8")  # any other key goes to the store at once
@@ -471,39 +503,18 @@ async def test_a_keys_events_accepted_after_an_outage_wait_behind_its_spooled_on
     answers again, before the drain imported message 1. Stored at once, it was sent first.
     It is spooled behind message 1 instead, and once the drain imported both, they go in
     order; the key's next events are stored directly again, another key's at once."""
-    real_insert = store.insert_events
-    down = True
-
-    async def insert_events(*args: Any, **kwargs: Any) -> list[InsertResult]:
-        if down:
-            raise StoreUnavailable("the database is down")
-        return await real_insert(*args, **kwargs)
-
-    monkeypatch.setattr(store, "insert_events", insert_events)
-    monkeypatch.setattr("estafeta.hub.STORE_RETRY_S", 0.0)  # try the store at the next one
-    hub = Hub(config, store, spool=Spool(tmp_path / "spool", max_bytes=10**6))
-
-    async def message(n: int, key: str = "maria") -> InsertResult:
-        return await hub.accept(
-            tenant_id="clinica-sol",
-            source_id="crm-events",
-            event_type="message.received",
-            data={"n": n},
-            idempotency_key=None,
-            ordering_key=key,
-        )
-
+    hub, blink = blinking_hub(config, store, tmp_path, monkeypatch)
     try:
-        first = await message(1)
-        down = False
-        second = await message(2)
-        other = await message(1, key="joao")
+        (first,) = await hub.accept_all([message(hub, 1)])
+        blink.down = False
+        (second,) = await hub.accept_all([message(hub, 2)])
+        (other,) = await hub.accept_all([message(hub, 1, key="joao")])
         assert (first.spooled, second.spooled, other.spooled) == (True, True, False)
         now = hub.clock.now_ms() + 1
         [joao] = await lease_any(store, now_ms=now)
         assert joao.event_id == other.event_id  # maria's both wait in the spool
         assert hub.spool is not None and await hub.spool.drain(store) == 2
-        third = await message(3)
+        (third,) = await hub.accept_all([message(hub, 3)])
         assert not third.spooled  # drained: the key is stored directly again
         now = hub.clock.now_ms() + 1
         sent = []
@@ -523,32 +534,11 @@ async def test_a_keys_event_the_full_spool_cannot_hold_is_stored_once_the_store_
     freed room. An event of a key waiting in the spool was refused `503 spool_full` ("the
     store is unreachable"), though the store answered, and a sender that does not retry
     (Twilio) lost it: it is stored at once instead, as any other event then."""
-    real_insert = store.insert_events
-    down = True
-
-    async def insert_events(*args: Any, **kwargs: Any) -> list[InsertResult]:
-        if down:
-            raise StoreUnavailable("the database is down")
-        return await real_insert(*args, **kwargs)
-
-    monkeypatch.setattr(store, "insert_events", insert_events)
-    monkeypatch.setattr("estafeta.hub.STORE_RETRY_S", 0.0)  # try the store at the next one
-    hub = Hub(config, store, spool=Spool(tmp_path / "spool", max_bytes=1))  # full at once
-
-    async def message(n: int) -> InsertResult:
-        return await hub.accept(
-            tenant_id="clinica-sol",
-            source_id="crm-events",
-            event_type="message.received",
-            data={"n": n},
-            idempotency_key=None,
-            ordering_key="maria",
-        )
-
+    hub, blink = blinking_hub(config, store, tmp_path, monkeypatch, spool_bytes=1)  # full at once
     try:
-        first = await message(1)
-        down = False
-        second = await message(2)
+        (first,) = await hub.accept_all([message(hub, 1)])
+        blink.down = False
+        (second,) = await hub.accept_all([message(hub, 2)])
         assert (first.spooled, second.spooled) == (True, False)
         assert hub.spool is not None and await hub.spool.drain(store) == 1
         for result in (first, second):
@@ -564,34 +554,13 @@ async def test_a_redelivery_of_a_stored_event_behind_a_spooled_one_of_its_key_ge
     again; before the drain imports message 2, the sender repeats message 1 (same key). The
     store knows it: the repeat is answered as a duplicate of it, not journaled as a new event
     whose id the drain then drops (the id answered would never exist)."""
-    real_insert = store.insert_events
-    down = False
-
-    async def insert_events(*args: Any, **kwargs: Any) -> list[InsertResult]:
-        if down:
-            raise StoreUnavailable("the database is down")
-        return await real_insert(*args, **kwargs)
-
-    monkeypatch.setattr(store, "insert_events", insert_events)
-    monkeypatch.setattr("estafeta.hub.STORE_RETRY_S", 0.0)  # try the store at the next one
-    hub = Hub(config, store, spool=Spool(tmp_path / "spool", max_bytes=10**6))
-
-    async def message(n: int) -> InsertResult:
-        return await hub.accept(
-            tenant_id="clinica-sol",
-            source_id="crm-events",
-            event_type="message.received",
-            data={"n": n},
-            idempotency_key=f"wamid.{n}",
-            ordering_key="maria",
-        )
-
+    hub, blink = blinking_hub(config, store, tmp_path, monkeypatch, down=False)
     try:
-        first = await message(1)
-        down = True
-        second = await message(2)
-        down = False
-        again = await message(1)
+        (first,) = await hub.accept_all([message(hub, 1, idempotent=True)])
+        blink.down = True
+        (second,) = await hub.accept_all([message(hub, 2, idempotent=True)])
+        blink.down = False
+        (again,) = await hub.accept_all([message(hub, 1, idempotent=True)])
         assert (first.spooled, second.spooled) == (False, True)
         assert (again.event_id, again.duplicate) == (first.event_id, True)
     finally:
@@ -606,32 +575,13 @@ async def test_a_spooled_keys_repeat_beside_an_event_the_full_spool_refuses_keep
     and message 2. Message 2 cannot be spooled, so the batch goes to the store, but message
     1's repeat must stay the spooled original's duplicate: stored as a new event, the drain
     then drops the original, and the id the first request was answered never exists."""
-    real_insert = store.insert_events
-    down = True
-
-    async def insert_events(*args: Any, **kwargs: Any) -> list[InsertResult]:
-        if down:
-            raise StoreUnavailable("the database is down")
-        return await real_insert(*args, **kwargs)
-
-    monkeypatch.setattr(store, "insert_events", insert_events)
-    monkeypatch.setattr("estafeta.hub.STORE_RETRY_S", 0.0)  # try the store at the next one
-    hub = Hub(config, store, spool=Spool(tmp_path / "spool", max_bytes=1))  # full after one
-
-    def message(n: int) -> NewEvent:
-        return hub.new_event(
-            tenant_id="clinica-sol",
-            source_id="crm-events",
-            event_type="message.received",
-            data={"n": n},
-            idempotency_key=f"wamid.{n}",
-            ordering_key="maria",
-        )
-
+    hub, blink = blinking_hub(config, store, tmp_path, monkeypatch, spool_bytes=1)  # full after one
     try:
-        (first,) = await hub.accept_all([message(1)])
-        down = False
-        again, second = await hub.accept_all([message(1), message(2)])
+        (first,) = await hub.accept_all([message(hub, 1, idempotent=True)])
+        blink.down = False
+        again, second = await hub.accept_all(
+            [message(hub, 1, idempotent=True), message(hub, 2, idempotent=True)]
+        )
         assert (first.spooled, second.spooled) == (True, False)
         assert (again.event_id, again.duplicate) == (first.event_id, True)
         assert hub.spool is not None
