@@ -69,6 +69,26 @@ async def only_delivery(store: SqlStore, event_id: str) -> DeliveryView:
     return delivery
 
 
+async def stored_then_sent(
+    store: SqlStore, sink: Sink, database_url: str, *, max_attempts: tuple[int, int]
+) -> DeliveryView:
+    """An event stored under the first `max_attempts` while no worker ran, then sent until
+    settled by a worker started under the second: its one delivery."""
+    stored_under, sent_under = max_attempts
+    before = Running(
+        store, config_for(database_url, sink, max_attempts=stored_under), started=False
+    )
+    event_id = await before.publish()
+    await before.stop()  # stored, not sent yet: the worker was down (or busy) meanwhile
+    after = Running(store, config_for(database_url, sink, max_attempts=sent_under), handoff=False)
+    try:
+        view = await settled(store, event_id)
+    finally:
+        await after.stop()
+    [delivery] = view.deliveries
+    return delivery
+
+
 async def test_a_raised_max_attempts_governs_the_deliveries_stored_before_the_restart(
     store: SqlStore, sink: Sink, database_url: str
 ) -> None:
@@ -76,15 +96,7 @@ async def test_a_raised_max_attempts_governs_the_deliveries_stored_before_the_re
     # under, so the operator who raised it during an outage and restarted saw the waiting
     # deliveries dead-lettered after the old count.
     sink.respond(500)
-    before = Running(store, config_for(database_url, sink, max_attempts=2), started=False)
-    event_id = await before.publish()
-    await before.stop()  # stored, not sent yet: the worker was down (or busy) meanwhile
-    after = Running(store, config_for(database_url, sink, max_attempts=4), handoff=False)
-    try:
-        view = await settled(store, event_id)
-    finally:
-        await after.stop()
-    [delivery] = view.deliveries
+    delivery = await stored_then_sent(store, sink, database_url, max_attempts=(2, 4))
     assert (delivery.state, delivery.attempts, delivery.max_attempts) == ("dead", 4, 4)
     assert len(sink.received) == 4
 
@@ -93,15 +105,7 @@ async def test_a_lowered_max_attempts_governs_the_deliveries_stored_before_the_r
     store: SqlStore, sink: Sink, database_url: str
 ) -> None:
     sink.respond(500)
-    before = Running(store, config_for(database_url, sink, max_attempts=8), started=False)
-    event_id = await before.publish()
-    await before.stop()
-    after = Running(store, config_for(database_url, sink, max_attempts=1), handoff=False)
-    try:
-        view = await settled(store, event_id)
-    finally:
-        await after.stop()
-    [delivery] = view.deliveries
+    delivery = await stored_then_sent(store, sink, database_url, max_attempts=(8, 1))
     assert (delivery.state, delivery.attempts, delivery.max_attempts) == ("dead", 1, 1)
 
 

@@ -1050,6 +1050,16 @@ async def test_the_attempt_of_a_worker_that_died_mid_send_is_counted_when_rescue
     assert after - before == 1
 
 
+async def blip(outage: Outage, clock: ManualClock, monitor: AlertMonitor) -> None:
+    """One round of the monitor the store does not answer, then one it does, 5 s apart."""
+    outage.down = True
+    clock.now += 5_000
+    await monitor.check()
+    outage.down = False
+    clock.now += 5_000
+    await monitor.check()
+
+
 async def test_no_workers_stands_through_a_store_blip_while_no_worker_delivers(
     config: Config, store: SqlStore
 ) -> None:
@@ -1068,12 +1078,7 @@ async def test_no_workers_stands_through_a_store_blip_while_no_worker_delivers(
             clock.now += 120_000
             await monitor.check()
             assert monitor.firing == {"no_workers"}  # none was ever started
-            outage.down = True  # one round the store does not answer
-            clock.now += 5_000
-            await monitor.check()
-            outage.down = False
-            clock.now += 5_000
-            await monitor.check()
+            await blip(outage, clock, monitor)
             assert monitor.firing == {"no_workers"}  # still no worker
             clock.now += 60_000
             await monitor.check()
@@ -1103,12 +1108,7 @@ async def test_spool_stalled_stands_through_a_store_blip_while_the_drain_gets_no
         clock.now += 61_000
         await monitor.check()
         assert monitor.firing == {"spool_stalled"}
-        outage.down = True
-        clock.now += 5_000
-        await monitor.check()
-        outage.down = False
-        clock.now += 5_000
-        await monitor.check()
+        await blip(outage, clock, monitor)
         assert monitor.firing == {"spool_stalled"}  # nothing was drained
         clock.now += 60_000
         await monitor.check()
