@@ -241,3 +241,99 @@ async def test_the_sink_takes_an_event_as_large_as_the_hub_delivers() -> None:
         answer = await client.post(f"{sink.url}/hook", content=body, headers={"webhook-id": "e1"})
         assert answer.status_code == 200
         assert sink.delivered_ids == {"e1"} and sink.received[0].body == body
+
+
+# -- framing on the real application: half-closes and refused `100 Continue`s ------------------
+
+WEBHOOK = b'{"type":"crm.note","data":{"n":1}}'
+
+
+def webhook(body: bytes = WEBHOOK, *extra: bytes) -> bytes:
+    head = [
+        b"POST /in/keyed HTTP/1.1",
+        b"host: t",
+        b"authorization: Bearer source-key-1",
+        b"content-type: application/json",
+        b"content-length: %d" % len(body),
+    ]
+    return b"\r\n".join([*head, *extra, b"", body])
+
+
+@contextlib.asynccontextmanager
+async def connected(port: int) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def read_to_the_end(reader: asyncio.StreamReader) -> bytes:
+    """All the server sends until it closes the connection (bounded: 5 s)."""
+    return await asyncio.wait_for(reader.read(), 5)
+
+
+async def test_a_client_that_half_closes_after_its_request_gets_its_answer(
+    hub_port: int, store: SqlStore
+) -> None:
+    """Closing the writing side after the request is how some clients say "that was all"
+    (`nc -N`, scripts, a few HTTP/1.0 libraries). The event was stored and no answer sent, so
+    the sender, seeing none, sent the event again: stored twice."""
+    async with connected(hub_port) as (reader, writer):
+        writer.write(webhook() + b"GET /health HTTP/1.1\r\nhost: t\r\n\r\n")
+        writer.write_eof()
+        received = await read_to_the_end(reader)  # answered in order, then closed
+    first, second = received.split(b"HTTP/1.1 ")[1:]
+    assert first.startswith(b"202 Accepted")
+    event_id = first.partition(b'"id":"')[2].partition(b'"')[0].decode()
+    assert await store.get_event(event_id, None) is not None
+    assert second.startswith(b"200 OK") and second.endswith(b'"status":"ok","version":"0.1.0"}')
+    assert b"connection: close" in second
+
+
+async def test_a_request_cut_short_by_a_half_close_is_not_answered(
+    hub_port: int, store: SqlStore
+) -> None:
+    async with connected(hub_port) as (reader, writer):
+        writer.write(webhook()[:-5])  # the body misses its last bytes
+        writer.write_eof()
+        assert await read_to_the_end(reader) == b""
+
+
+async def test_a_refused_100_continue_closes_the_connection(hub_port: int) -> None:
+    """Refused before its body was asked for, the client may send the body or not: reusing
+    the connection, its next request was read as the first one's body, and never answered."""
+    head = webhook(b"x" * 2_000_000, b"expect: 100-continue").partition(b"\r\n\r\n")[0]
+    async with connected(hub_port) as (reader, writer):
+        writer.write(head + b"\r\n\r\n")
+        received = await read_to_the_end(reader)
+    assert received.startswith(b"HTTP/1.1 413 ")
+    assert b"100 Continue" not in received
+    assert b"connection: close" in received.partition(b"\r\n\r\n")[0]
+
+
+async def test_an_accepted_100_continue_keeps_the_connection(hub_port: int) -> None:
+    head, _, body = webhook(WEBHOOK, b"expect: 100-continue").partition(b"\r\n\r\n")
+    async with connected(hub_port) as (reader, writer):
+        writer.write(head + b"\r\n\r\n")
+        assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5) == CONTINUE
+        writer.write(body + b"GET /health HTTP/1.1\r\nhost: t\r\n\r\n")
+        received = await asyncio.wait_for(reader.readuntil(b'"version":"0.1.0"}'), 5)
+    assert received.startswith(b"HTTP/1.1 202 Accepted")
+    assert received.count(b"HTTP/1.1 ") == 2 and b"connection: close" not in received
+
+
+async def test_a_body_refused_unread_is_not_taken_for_the_next_request(hub_port: int) -> None:
+    """A 401 and a 404 are answered before their bodies are read; each body, a request in
+    disguise, is skipped by its length, not answered (no request smuggling)."""
+    hidden = b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n"
+    unsigned = webhook(hidden).replace(b"authorization: Bearer source-key-1\r\n", b"")
+    unknown = unsigned.replace(b"/in/keyed", b"/in/nosuch")
+    async with connected(hub_port) as (reader, writer):
+        writer.write(unsigned + unknown + b"GET /nothing HTTP/1.1\r\nhost: t\r\n\r\n")
+        received = await asyncio.wait_for(reader.readuntil(b'"no such path"}'), 5)
+    statuses = [part[:3] for part in received.split(b"HTTP/1.1 ")[1:]]
+    assert statuses == [b"401", b"404", b"404"]
+    assert b'"status":"ok"' not in received
