@@ -38,6 +38,7 @@ from estafeta.messaging.facts import (
     storable,
 )
 from estafeta.messaging.outbound import SEND_PRIORITY
+from estafeta.observability.log_throttle import LogThrottle
 from estafeta.observability.metrics import EVENTS_ACCEPTED, series
 from estafeta.observability.refusals import Refusals
 from estafeta.observability.unrouted import Unrouted
@@ -135,6 +136,9 @@ class Hub:
         # Webhooks refused at /in/, counted and logged (a provider's rotated secret).
         self.refusals = Refusals(clock=self.clock)
         self.unrouted = Unrouted()
+        # `store_unavailable` lines of the API's and ingest's 503s, by (side, error): an
+        # outage refuses every request; the log says so once a minute (log_throttle.py).
+        self.unavailable_lines = LogThrottle()
 
     def new_event(
         self,

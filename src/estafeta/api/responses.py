@@ -66,8 +66,10 @@ async def handle_starlette_error(_request: Request, exc: Exception) -> Response:
     return error_response(HttpError(exc.status_code, error, detail, dict(exc.headers or {})))
 
 
-async def handle_store_unavailable(_request: Request, exc: Exception) -> Response:
-    log.warning("store_unavailable", error=str(exc))
+async def handle_store_unavailable(request: Request, exc: Exception) -> Response:
+    unlogged = request.app.state.hub.unavailable_lines.due(("api", str(exc)))
+    if unlogged is not None:
+        log.warning("store_unavailable", error=str(exc), count=unlogged)
     return error_response(
         HttpError(
             503,

@@ -143,7 +143,9 @@ class IngestApp:
             await respond(send, exc.status, {"error": exc.error, "detail": exc.detail}, exc.headers)
             return
         except StoreUnavailable as exc:
-            log.warning("store_unavailable", error=str(exc))
+            unlogged = self.hub.unavailable_lines.due(("ingest", str(exc)))
+            if unlogged is not None:
+                log.warning("store_unavailable", error=str(exc), count=unlogged)
             await respond(
                 send,
                 503,

@@ -54,6 +54,7 @@ from estafeta.clock import Clock, SystemClock
 from estafeta.errors import HttpError, StoreUnavailable
 from estafeta.ingress import segments
 from estafeta.ingress.journal import Unreadable, decode, encode, framed, records
+from estafeta.observability.log_throttle import LogThrottle
 from estafeta.observability.metrics import SPOOL_QUARANTINED
 from estafeta.observability.reads import within
 from estafeta.store.base import in_chunks
@@ -101,6 +102,9 @@ class Spool:
         self._segment = ""  # the open segment's name
         self._lock = asyncio.Lock()  # one writer or rotator at a time in this process
         self._unreadable_segments: dict[str, str] = {}  # name → the error last logged
+        # `events_spooled` and `spool_write_failed` lines: an outage spools every request,
+        # and a failing disk refuses every one (observability/log_throttle.py).
+        self._logged = LogThrottle()
         # One item per request: a failed write refuses whole requests (the committer retries
         # a failed batch item by item), so no request is both answered 503 and spooled.
         self._appends: GroupCommitter[Sequence[NewEvent], None] = GroupCommitter(
@@ -201,7 +205,10 @@ class Spool:
             try:
                 await asyncio.to_thread(self._write, data)
             except OSError as exc:
-                log.error("spool_write_failed", count=count, error=_error_name(exc))
+                error = _error_name(exc)
+                unlogged = self._logged.due(("spool_write_failed", error), count)
+                if unlogged is not None:
+                    log.error("spool_write_failed", count=unlogged, error=error)
                 raise HttpError(
                     503,
                     "spool_unavailable",
@@ -218,7 +225,9 @@ class Spool:
                         if delivery.ordering_key is not None:
                             key = (event.tenant_id, delivery.ordering_key)
                             self._ordered[key] = self._segment
-        log.warning("events_spooled", count=count)
+        unlogged = self._logged.due("events_spooled", count)
+        if unlogged is not None:
+            log.warning("events_spooled", count=unlogged)
         return [None] * len(requests)
 
     def _write(self, data: bytes) -> None:

@@ -22,11 +22,13 @@ from dataclasses import dataclass
 import structlog
 
 from estafeta.clock import Clock, SystemClock
+from estafeta.observability.log_throttle import LOG_EVERY_S, LogThrottle
 from estafeta.observability.metrics import INGEST_REFUSED, series
 
 log = structlog.get_logger("estafeta.ingress")
 
-LOG_EVERY_S = 60.0
+__all__ = ["LOG_EVERY_S", "Refusals", "Streak"]
+
 _ID_LIMIT = 63  # a source id's longest form; what an unknown source's path says is cut to it
 
 
@@ -45,10 +47,8 @@ class Refusals:
     def __init__(
         self, monotonic: Callable[[], float] = time.monotonic, clock: Clock | None = None
     ) -> None:
-        self._monotonic = monotonic
         self._clock: Clock = clock or SystemClock()
-        # (source, error) → (when its last line was logged, refusals since then)
-        self._since_logged: dict[tuple[str, str], tuple[float, int]] = {}
+        self._logged = LogThrottle(monotonic=monotonic)  # by (source, error)
         # Configured sources refused since their last accepted event.
         self.streaks: dict[str, Streak] = {}
 
@@ -68,14 +68,9 @@ class Refusals:
                 self.streaks[source_id] = Streak(self._clock.now_ms(), 1, error)
             else:
                 streak.count, streak.error = streak.count + 1, error
-        key = (label, error)
-        now = self._monotonic()
-        logged_at, unlogged = self._since_logged.get(key, (None, 0))
-        unlogged += 1
-        if logged_at is not None and now - logged_at < LOG_EVERY_S:
-            self._since_logged[key] = (logged_at, unlogged)
+        unlogged = self._logged.due((label, error))
+        if unlogged is None:
             return
-        self._since_logged[key] = (now, 0)
         log.warning(
             "ingest_refused",
             source=source_id[:_ID_LIMIT] if known else None,
