@@ -11,7 +11,7 @@ import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -211,9 +211,9 @@ def config(database_url: str) -> Config:
     return load_config_dict(base_config(database_url))
 
 
-@pytest.fixture
-async def store(config: Config) -> AsyncIterator[SqlStore]:
-    """A migrated store holding the base configuration."""
+@asynccontextmanager
+async def migrated_store(config: Config) -> AsyncIterator[SqlStore]:
+    """The store of `config`, migrated and holding its configuration; closed after."""
     opened = open_store(config.storage.url)
     await opened.migrate()
     await opened.sync_config(config, 1_700_000_000_000)
@@ -221,6 +221,13 @@ async def store(config: Config) -> AsyncIterator[SqlStore]:
         yield opened
     finally:
         await opened.close()
+
+
+@pytest.fixture
+async def store(config: Config) -> AsyncIterator[SqlStore]:
+    """A migrated store holding the base configuration."""
+    async with migrated_store(config) as opened:
+        yield opened
 
 
 async def lease_any(

@@ -5,7 +5,6 @@ use is refused (redis_prefix.py). On the shared Redis, under prefixes of the tes
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -24,10 +23,9 @@ from estafeta.hub import Hub
 from estafeta.redis_client import connect_redis
 from estafeta.redis_prefix import LIVE_S, PrefixProcesses
 from estafeta.server import announced, store_clock
-from estafeta.store import open_store
 from estafeta.store.sqlstore import SqlStore
 from estafeta.supervise import Tasks
-from tests.conftest import base_config
+from tests.conftest import base_config, migrated_store
 from tests.integration.redis_support import SHARED_REDIS_URL
 
 pytestmark = pytest.mark.timeout(60)
@@ -42,17 +40,6 @@ def deployment(database_url: str, key_prefix: str) -> Config:
     data["tenants"][0]["ingress_rate_limit"] = "3/minute"
     data["destinations"][0]["rate_limit"] = "2/minute"
     return load_config_dict(data)
-
-
-@contextlib.asynccontextmanager
-async def opened(config: Config) -> AsyncIterator[SqlStore]:
-    store = open_store(config.storage.url)
-    await store.migrate()
-    await store.sync_config(config, 1_700_000_000_000)
-    try:
-        yield store
-    finally:
-        await store.close()
 
 
 @pytest.fixture
@@ -72,7 +59,10 @@ async def test_deployments_under_their_own_key_prefixes_share_no_circuit_budget_
         deployment(f"sqlite:///{tmp_path / f'{name}.db'}", f"{shared_prefix}{name}:")
         for name in ("staging", "production")
     )
-    async with opened(staging) as staging_store, opened(production) as production_store:
+    async with (
+        migrated_store(staging) as staging_store,
+        migrated_store(production) as production_store,
+    ):
         hubs = Hub(staging, staging_store), Hub(production, production_store)
         workers = [
             Worker(store, config, breakers=Breakers(hub.circuit_states, config))
@@ -124,7 +114,10 @@ async def test_a_process_of_another_store_is_refused_on_a_prefix_in_use_and_its_
     # Both keep the default-like shared prefix: the operator forgot to set one.
     staging = deployment(database_url, shared_prefix)
     production = deployment(f"sqlite:///{tmp_path / 'production.db'}", shared_prefix)
-    async with opened(staging) as staging_store, opened(production) as production_store:
+    async with (
+        migrated_store(staging) as staging_store,
+        migrated_store(production) as production_store,
+    ):
         first = await start(staging_store, staging, client)
         second = await start(staging_store, staging, client)  # `serve` and a `worker`
         with pytest.raises(RedisKeyPrefixShared) as refused:
@@ -153,7 +146,10 @@ async def test_a_running_process_logs_another_stores_processes_on_its_prefix(
         deployment(f"sqlite:///{tmp_path / f'{name}.db'}", shared_prefix)
         for name in ("staging", "production")
     )
-    async with opened(staging) as staging_store, opened(production) as production_store:
+    async with (
+        migrated_store(staging) as staging_store,
+        migrated_store(production) as production_store,
+    ):
         running = await start(staging_store, staging, client)
         # Production started while Redis was unreachable (a start is not refused then), or at
         # the same moment: it records itself at its next announcement.
