@@ -29,6 +29,7 @@ from estafeta.store.records import DeadLetterFilter, DeliveryView
 from estafeta.store.sqlstore import SqlStore
 from estafeta.testing.fakes.meta import FakeMeta
 from estafeta.testing.sink import Sink
+from tests.clocks import ManualClock
 from tests.conftest import base_config, lease_any
 from tests.integration.test_ingress_api import ADMIN, make_client
 from tests.integration.test_worker import Running, config_for, publish, settled
@@ -118,10 +119,11 @@ async def test_a_rescued_lease_is_judged_by_the_current_max_attempts(
         event_id = await publish(before)
     finally:
         await before.close()
-    [leased] = await lease_any(store, now_ms=int(time.time() * 1000), lease_ms=1)
+    now = int(time.time() * 1000)
+    [leased] = await lease_any(store, now_ms=now, lease_ms=1_000)
     assert leased.max_attempts == 1
-    await asyncio.sleep(0.01)  # its lease expires
-    worker = Worker(store, config_for(database_url, sink, max_attempts=3))
+    later = ManualClock(now + 60_000)  # its lease expired a minute ago
+    worker = Worker(store, config_for(database_url, sink, max_attempts=3), clock=later)
     assert await worker.rescue_expired() == 1
     delivery = await only_delivery(store, event_id)
     # Before: the lost attempt spent the stored single attempt, and the delivery was dead.
