@@ -410,11 +410,12 @@ async def test_a_send_that_outlives_its_timeout_is_ended_by_the_worker_and_retri
         assert 1_100 <= attempt.duration_ms < 3_000  # 0.2 s + the 1 s margin, not forever
 
 
-def worker_config(database_url: str, sink: Sink, **worker: Any) -> Config:
+def worker_config(database_url: str, sink: Sink, *, timeout_s: float = 2, **worker: Any) -> Config:
     data = base_config(database_url)
     data["worker"].update(worker)
     for d in data["destinations"]:
         d["url"] = f"{sink.url}/{d['id']}"
+        d["timeout_s"] = timeout_s
     return load_config_dict(data)
 
 
@@ -446,12 +447,16 @@ async def test_handed_over_and_leased_by_another_process_each_delivery_is_sent_o
     half-way (hand-overs then go pending for the other). Each delivery reaches its receiver
     exactly once: a handed-over one is stored in flight, so no lease can take it too."""
     # serve's worker has slots to spare, so it takes fresh deliveries as they are stored
-    # (never a backlog behind them); the other polls the store every 50 ms meanwhile.
-    config = worker_config(database_url, sink, concurrency=64, batch_size=64)
+    # (never a backlog behind them); the other polls the store every 50 ms meanwhile. A send
+    # that timed out would be resent, by design: on a loaded machine (a full `make test`
+    # beside other work) a 2 s timeout expired, so the sends here have time to spare.
+    config = worker_config(database_url, sink, timeout_s=30, concurrency=64, batch_size=64)
     sink.respond(200, delay_s=0.02)  # sends overlap the hand-overs and the other's leases
     serve = Running(store, config)
     elsewhere = open_store(config.storage.url)
-    other = Worker(elsewhere, worker_config(database_url, sink, concurrency=8, batch_size=8))
+    other = Worker(
+        elsewhere, worker_config(database_url, sink, timeout_s=30, concurrency=8, batch_size=8)
+    )
     stop_other = asyncio.Event()
     other_run = asyncio.create_task(other.run(stop_other))
     ids: list[str] = []
