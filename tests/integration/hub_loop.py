@@ -19,9 +19,34 @@ from estafeta.config import load_config_dict
 from estafeta.hub import Hub
 from estafeta.server import uvicorn_server
 from estafeta.store.sqlstore import SqlStore
+from estafeta.testing.fakes.meta import FakeMeta
 from tests.acceptance.conftest import free_port
 
 MARIA = "+5511987654321"
+META_APP_SECRET = "fake-meta-app-secret"
+META_TOKEN, META_PHONE_NUMBER_ID = "meta-token", "114950281736452"
+
+
+def fake_meta() -> FakeMeta:
+    """Meta's Cloud API for the account `wa_sol` sends from (start and stop it)."""
+    return FakeMeta(
+        access_token=META_TOKEN, phone_number_id=META_PHONE_NUMBER_ID, app_secret=META_APP_SECRET
+    )
+
+
+def wa_sol(api_base: str, *, send_max_attempts: int = 3) -> dict[str, Any]:
+    """clinica-sol's WhatsApp Cloud source, receiving and sending through `api_base`."""
+    return {
+        "id": "wa-sol",
+        "tenant": "clinica-sol",
+        "kind": "whatsapp_cloud",
+        "app_secret": META_APP_SECRET,
+        "verify_token": "v",
+        "access_token": META_TOKEN,
+        "phone_number_id": META_PHONE_NUMBER_ID,
+        "api_base": api_base,
+        "send_max_attempts": send_max_attempts,
+    }
 
 
 @dataclass

@@ -11,7 +11,6 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -31,31 +30,14 @@ from estafeta.testing.fakes.meta import FakeMeta
 from estafeta.testing.sink import Sink
 from tests.clocks import ManualClock
 from tests.conftest import base_config, lease_any
+from tests.integration.hub_loop import fake_meta, wa_sol
 from tests.integration.test_ingress_api import ADMIN, make_client
 from tests.integration.test_worker import Running, config_for, publish, settled
-
-APP_SECRET = "fake-meta-app-secret"
-
-
-def wa_sol(api_base: str, send_max_attempts: int) -> dict[str, Any]:
-    return {
-        "id": "wa-sol",
-        "tenant": "clinica-sol",
-        "kind": "whatsapp_cloud",
-        "app_secret": APP_SECRET,
-        "verify_token": "v",
-        "access_token": "meta-token",
-        "phone_number_id": "114950281736452",
-        "api_base": api_base,
-        "send_max_attempts": send_max_attempts,
-    }
 
 
 @pytest.fixture
 async def meta() -> AsyncIterator[FakeMeta]:
-    fake = FakeMeta(
-        access_token="meta-token", phone_number_id="114950281736452", app_secret=APP_SECRET
-    )
+    fake = fake_meta()
     await fake.start()
     try:
         yield fake
@@ -137,7 +119,7 @@ async def test_a_raised_send_max_attempts_governs_the_messages_already_queued(
 
     def config(send_max_attempts: int) -> Config:
         data = base_config(database_url)
-        data["sources"].append(wa_sol(meta.url, send_max_attempts))
+        data["sources"].append(wa_sol(meta.url, send_max_attempts=send_max_attempts))
         return load_config_dict(data)
 
     before = Hub(config(1), store)
@@ -165,9 +147,9 @@ async def test_a_raised_send_max_attempts_governs_the_messages_already_queued(
 
 def test_the_limits_a_worker_goes_by_are_the_destinations_and_the_senders() -> None:
     data = base_config("sqlite:///./unused.db")
-    data["sources"].append(wa_sol("http://127.0.0.1:9", 5))
+    data["sources"].append(wa_sol("http://127.0.0.1:9", send_max_attempts=5))
     # A provider source that cannot send (no access token) names no send destination.
-    receive_only = {**wa_sol("http://127.0.0.1:9", 6), "id": "wa-in"}
+    receive_only = {**wa_sol("http://127.0.0.1:9", send_max_attempts=6), "id": "wa-in"}
     del receive_only["access_token"]
     data["sources"].append(receive_only)
     limits = attempt_limits(load_config_dict(data))

@@ -13,10 +13,9 @@ from estafeta.store.sqlstore import SqlStore
 from estafeta.testing.fakes.meta import FakeMeta
 from estafeta.testing.fakes.zapi import FakeZApi
 from tests.conftest import base_config
-from tests.integration.hub_loop import MARIA, MessagesClient, served_hub
+from tests.integration.hub_loop import MARIA, MessagesClient, fake_meta, served_hub, wa_sol
 
 KEY = "est_send_loop_key_00000000000000000000000"
-APP_SECRET = "fake-meta-app-secret"
 ZAPI = {
     "instance_id": "3D9F1A2B4C6E8F0A1B2C3D4E5F6A7B8C",
     "instance_token": "A1B2C3D4E5F6A7B8C9D0E1F2",
@@ -33,26 +32,12 @@ class Loop(MessagesClient):
 
 @pytest.fixture
 async def loop_(store: SqlStore, database_url: str) -> AsyncIterator[Loop]:
-    meta = FakeMeta(
-        access_token="meta-token", phone_number_id="114950281736452", app_secret=APP_SECRET
-    )
+    meta = fake_meta()
     await meta.start()
     zapi = FakeZApi(**ZAPI, webhook_token=ZAPI_WEBHOOK_TOKEN)
     await zapi.start()
     data = base_config(database_url)
-    data["sources"].append(
-        {
-            "id": "wa-sol",
-            "tenant": "clinica-sol",
-            "kind": "whatsapp_cloud",
-            "app_secret": APP_SECRET,
-            "verify_token": "v",
-            "access_token": "meta-token",
-            "phone_number_id": "114950281736452",
-            "api_base": meta.url,
-            "send_max_attempts": 3,
-        }
-    )
+    data["sources"].append(wa_sol(meta.url))
     data["sources"].append(
         {
             "id": "za-sol",
