@@ -140,12 +140,17 @@ def http_destination(
     destination_id: str,
     url: str,
     *,
-    timeout_s: float = 2,
+    timeout_s: float = 30,
     max_attempts: int = 5,
     **extra: Any,
 ) -> dict[str, Any]:
     """An http destination of the test tenant, signed with SINK_SECRET, with fast backoff
-    and a fast circuit breaker (`extra` overrides or adds keys)."""
+    and a fast circuit breaker (`extra` overrides or adds keys).
+
+    The timeout is generous: the sinks answer from the test's own event loop, which a
+    loaded machine (a full `make test` on 2 cores) can keep from answering for seconds, and
+    a send that timed out is sent again by design (a duplicate), and counts toward opening
+    the circuit. A test that wants sends to time out, or short leases, sets it."""
     return {
         "id": destination_id,
         "tenant": TENANT,

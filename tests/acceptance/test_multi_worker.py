@@ -40,7 +40,6 @@ async def test_four_workers_deliver_each_event_exactly_once(
         tmp_path,
         sink.url,
         port=port,
-        timeout_s=5,
         worker={"concurrency": 32, "batch_size": 32},
     )
     serve = await estafeta.serve(config, port, no_workers=True)

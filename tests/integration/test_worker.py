@@ -1112,8 +1112,15 @@ async def test_a_probe_never_takes_a_capped_destination_past_its_max_in_flight(
     worker's one send to it is in flight, other workers' failures open crm's shared circuit
     (its reset already passed). This worker wins the probe and sends a second delivery to crm
     at once: two in flight to a destination capped at one."""
-    sink.respond(200, delay_s=3)
-    config = config_for(database_url, sink, max_in_flight=1, timeout_s=10)
+    # The first send stays in flight for the whole check (a 3 s answer left 1.5 s of margin
+    # past the 1.5 s watch: a loaded host, slow at the set-up below, saw it answered and the
+    # second delivery rightly sent); the stop gives it back at once, not after the grace.
+    sink.respond(200, delay_s=60)
+    data = base_config(database_url)
+    data["worker"]["shutdown_grace_s"] = 0
+    for d in data["destinations"]:
+        d.update(url=f"{sink.url}/{d['id']}", max_in_flight=1, timeout_s=120)
+    config = load_config_dict(data)
     hub = Running(store, config, handoff=False)
     try:
         first = await hub.publish(n=1)  # message.* → crm only
