@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import msgspec
 import pytest
 import redis
 from sqlalchemy import update
@@ -928,6 +929,40 @@ async def test_a_delivery_to_a_destination_no_longer_configured_is_dead_lettered
     assert states["crm"] == ("succeeded", None)
     state, error = states["old-crm"]
     assert state == "dead" and "no destination 'old-crm' is configured" in (error or ""), error
+
+
+async def test_a_delivery_of_another_tenant_to_a_reused_destination_id_is_not_sent(
+    store: SqlStore, sink: Sink, database_url: str
+) -> None:
+    """A destination id that now belongs to another tenant (outra's `crm` removed, then
+    clinica-sol's `crm` configured): outra's deliveries that still wait for `crm` must never
+    reach clinica-sol's endpoint, signed with its secret; they are dead-lettered, as to a
+    destination no longer configured, while clinica-sol's own deliveries to it go."""
+    config = config_for(database_url, sink)
+    theirs = msgspec.structs.replace(
+        new_event(
+            new_id("evt", 1),
+            NewDelivery(id=new_id("dlv", 1), destination_id="crm", priority=2, max_attempts=5),
+        ),
+        tenant_id="outra",
+        source_id="outra-in",
+    )
+    mine = new_event(
+        new_id("evt", 2),
+        NewDelivery(id=new_id("dlv", 2), destination_id="crm", priority=2, max_attempts=5),
+    )
+    await store.insert_events([theirs, mine])
+    hub = Running(store, config)
+    try:
+        their_view = await settled(store, theirs.id)
+        my_view = await settled(store, mine.id)
+    finally:
+        await hub.stop()
+    assert [d.state for d in my_view.deliveries] == ["succeeded"]
+    (delivery,) = their_view.deliveries
+    assert delivery.state == "dead", delivery
+    assert "no destination 'crm' is configured for tenant 'outra'" in (delivery.last_error or "")
+    assert sink.delivered_ids == {mine.id}
 
 
 async def test_fresh_deliveries_to_a_capped_destination_are_stored_pending_and_leased(

@@ -78,6 +78,16 @@ def attempt_limits(config: Config) -> dict[str, int]:
     return limits
 
 
+def destination_tenants(config: Config) -> dict[str, str]:
+    """The tenant each destination a delivery may name belongs to (a configured destination,
+    or a provider source's sends). An id is one tenant's at a time, but not for ever: a
+    tenant's destination removed, its id given to another tenant's, and the first tenant's
+    deliveries still waiting (pending, dead, spooled) must not go to the second's endpoint."""
+    owners = {d.id: d.tenant for d in config.destinations}
+    owners.update({send_destination(s.id): s.tenant for s in config.sources if can_send(s)})
+    return owners
+
+
 def governed(delivery: LeasedDelivery, limits: Mapping[str, int]) -> LeasedDelivery:
     """`delivery` with the `max_attempts` of the configuration in force, when it names the
     destination: an operator who raises it to outlast an outage, and restarts, means the
@@ -102,6 +112,7 @@ class Attempts:
         rand: Callable[[], float],
         policies: dict[str, BackoffPolicy],
         limits: dict[str, int],
+        owners: dict[str, str],
         ceilings: dict[str, float],
         max_attempt_s: float,
         caps: dict[str, int],
@@ -118,6 +129,7 @@ class Attempts:
         self._rand = rand
         self._policies = policies
         self._limits = limits
+        self._owners = owners  # destination -> its tenant (destination_tenants)
         self._ceilings = ceilings
         self._max_attempt_s = max_attempt_s
         self._caps = caps
@@ -230,6 +242,15 @@ class Attempts:
                 0.0,
                 error_class="unknown_destination",
                 response_excerpt=f"no destination {delivery.destination_id!r} is configured",
+            )
+        if self._owners.get(delivery.destination_id) != delivery.tenant_id:
+            # Its id now names another tenant's destination: to that tenant's it never goes.
+            return Outcome(
+                OutcomeKind.PERMANENT,
+                0.0,
+                error_class="unknown_destination",
+                response_excerpt=f"no destination {delivery.destination_id!r} is configured"
+                f" for tenant {delivery.tenant_id!r}",
             )
         ceiling = self._ceilings.get(delivery.destination_id, self._max_attempt_s)
         started = time.perf_counter()

@@ -46,6 +46,7 @@ from estafeta.delivery.attempts import (
     Attempts,
     attempt_ceilings,
     attempt_limits,
+    destination_tenants,
 )
 from estafeta.delivery.backoff import BackoffPolicy
 from estafeta.delivery.breakers import Breakers, circuit_state_store
@@ -143,6 +144,7 @@ class Worker:
             rand=rand,
             policies=policies,
             limits=limits,
+            owners=destination_tenants(config),
             ceilings=ceilings,
             max_attempt_s=self.settings.max_attempt_s,
             caps=self._caps,
