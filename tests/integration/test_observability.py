@@ -184,6 +184,30 @@ async def test_events_no_route_sends_anywhere_are_counted_and_each_kind_logged_o
     assert stored.by_state == {"pending": 3}  # 1 confirmed appointment × 2, 1 message
 
 
+async def test_each_tenants_unrouted_api_events_are_logged_for_that_tenant(
+    store: SqlStore, database_url: str
+) -> None:
+    # Every tenant's published events share the source `api`: clinica-sol's unrouted
+    # `lead.created` must not hide outra's, whose route may be the one that is wrong.
+    data = base_config(database_url)
+    data["routes"][-1]["events"] = ["order.*"]  # outra routes no `lead.*`
+    hub = Hub(load_config_dict(data), store)
+    try:
+        with capture_logs() as logs:
+            for tenant in ("clinica-sol", "outra", "outra"):
+                await hub.accept(
+                    tenant_id=tenant,
+                    source_id="api",
+                    event_type="lead.created",
+                    data={},
+                    idempotency_key=None,
+                )
+    finally:
+        await hub.close()
+    lines = [(e["tenant"], e["type"]) for e in logs if e["event"] == "event_unrouted"]
+    assert lines == [("clinica-sol", "lead.created"), ("outra", "lead.created")]
+
+
 async def test_detailed_health_shows_circuits_and_queue(hub: Hub) -> None:
     from estafeta.delivery.circuit import CircuitPolicy, record
 

@@ -48,7 +48,7 @@ EVENTS_ACCEPTED = Counter(
 EVENTS_UNROUTED = Counter(
     "estafeta_events_unrouted_total",
     "Events accepted that match no route (stored, sent to no destination), by source and"
-    ' type; past 200 source and type pairs, under type "other".',
+    ' type; past 200 kinds (tenant, source and type), under type "other".',
     ["source", "type"],
     registry=REGISTRY,
 )

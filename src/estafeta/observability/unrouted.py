@@ -5,9 +5,11 @@ still updates its message) and goes to no destination. That is often on purpose 
 route no `message.status`), and sometimes a mistake nothing else would show: a route's
 glob that matches nothing the provider sends (`messages.*` for `message.received`), a
 filter naming a field the events lack. Each is counted (`estafeta_events_unrouted_total`, by
-source and type), and the first of each source and type is logged once per process
-(`event_unrouted`): a kind of event nobody routes is seen once, not on every event. At
-most `MAX_NAMED` pairs are named; the events of any other are counted under type "other".
+source and type), and the first of each tenant, source and type is logged once per process
+(`event_unrouted`): a kind of event nobody routes is seen once, not on every event. The
+tenant counts because every tenant's published events share the source `api`: one
+tenant's unrouted type must not hide another's, whose route may be the wrong one. At
+most `MAX_NAMED` kinds are named; the events of any other are counted under type "other".
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from estafeta.observability.metrics import EVENTS_UNROUTED, series
 
 log = structlog.get_logger("estafeta.routing")
 
-MAX_NAMED = 200  # (source, type) pairs: a metric's series and a log's lines stay few
+MAX_NAMED = 200  # (tenant, source, type): a metric's series and a log's lines stay few
 OTHER = "other"
 
 
@@ -27,10 +29,10 @@ class Unrouted:
 
     def __init__(self, max_named: int = MAX_NAMED) -> None:
         self._max_named = max_named
-        self._named: set[tuple[str, str]] = set()
+        self._named: set[tuple[str, str, str]] = set()
 
     def note(self, tenant_id: str, source_id: str, event_type: str) -> None:
-        key = (source_id, event_type)
+        key = (tenant_id, source_id, event_type)
         if key not in self._named:
             if len(self._named) >= self._max_named:
                 series(EVENTS_UNROUTED, source_id, OTHER).inc()
