@@ -432,3 +432,52 @@ async def test_an_open_circuit_of_a_destination_configured_elsewhere_is_not_prob
     await leases_after(old.worker, 5)
     agenda = await deliveries_to(store, ids, NEW)
     assert still_waiting(agenda), [(d.state, d.attempts, d.last_error) for d in agenda]
+    # Nor forgotten: a live process names it.
+    await breakers.refresh(force=True)
+    assert NEW in breakers.not_closed()
+
+
+async def test_the_circuit_of_a_destination_no_process_names_any_more_is_forgotten(
+    store: SqlStore,
+    database_url: str,
+    sink: Sink,
+    processes: Callable[..., Process],
+) -> None:
+    """`agenda` was down when the operator removed it and restarted: its open circuit stayed
+    on record for ever, shown open in /health/detailed and as `estafeta_circuit_state` 2 (the
+    recommended alert firing for good), with no command to clear it; added back later, it
+    started with the old open circuit. Once no live process names it, a worker forgets it."""
+    old_config, new_config = configs(database_url, sink)
+    clock = ShiftedClock()
+    before = processes(store, new_config, clock)
+    await before.start(worker=False)
+    breakers = Breakers(circuit_state_store(new_config, store), new_config)
+    failed = Outcome(OutcomeKind.RETRYABLE, 1.0, status_code=500, error_class="http_500")
+    then = clock.now_ms() - 60_000
+    for _ in range(new_config.destinations[-1].circuit.failures):
+        await breakers.record(NEW, failed, started_at=then, now_ms=then)
+    await before.stop()  # restarted on the file without `agenda`
+    after = processes(store, old_config, clock)
+    await after.start()
+    transport = httpx.ASGITransport(app=create_app(after.hub))
+    async with httpx.AsyncClient(transport=transport, base_url="http://hub") as http:
+
+        async def shown() -> bool:
+            health = (await http.get("/health/detailed", headers=ADMIN)).json()
+            metrics = (await http.get("/metrics")).text
+            gauge = f'estafeta_circuit_state{{destination="{NEW}"}}'
+            return NEW in health["checks"]["circuits"] or gauge in metrics
+
+        deadline = asyncio.get_running_loop().time() + 10
+        while await shown():
+            assert asyncio.get_running_loop().time() < deadline, "still shown"
+            await asyncio.sleep(0.05)
+    await after.stop()
+    # Added back: it starts closed, and its first delivery is sent as any other.
+    again = processes(store, new_config, clock)
+    await again.start()
+    await breakers.refresh(force=True)
+    assert NEW not in breakers.not_closed()
+    event_id = await again.publish(1)
+    [delivery] = await settled(store, event_id)
+    assert (delivery.state, delivery.attempts) == ("succeeded", 1)

@@ -66,9 +66,12 @@ class StoreCircuitStore:
         self._store = store
 
     async def get_all(self) -> dict[str, Circuit]:
-        return {
+        circuits = {
             d: Circuit.from_dict(data) for d, data in (await self._store.circuit_states()).items()
         }
+        # A row stays once written: a healthy one is absent, as the Protocol says (and as a
+        # forgotten circuit of a removed destination must be, or /health/detailed lists it).
+        return {d: c for d, c in circuits.items() if c != PRISTINE}
 
     async def update(
         self, destination_id: str, change: Callable[[Circuit], Circuit]
@@ -172,6 +175,27 @@ class Breakers:
         """A claimed probe was not sent: reopen as it was so another may probe."""
         before, after = await self._states.update(destination_id, give_back)
         self._remember(destination_id, before, after)  # half_open → open, logged and counted
+
+    def on_record(self) -> set[str]:
+        """Destinations with a circuit on record (not healthy), as last read."""
+        return set(self._known)
+
+    async def forget(self, destination_id: str) -> None:
+        """Clear the circuit of a destination no running process names any more (removed
+        or renamed): nothing will probe it again, so it would stay open for good in
+        /health/detailed and /metrics, and the destination added back would start from it.
+        Left as it is if it changed since it was read (a process naming it again recorded
+        meanwhile)."""
+        seen = self._known.get(destination_id, PRISTINE)
+        before, after = await self._states.update(
+            destination_id, lambda c: PRISTINE if c == seen else c
+        )
+        if after == PRISTINE:
+            self._known.pop(destination_id, None)
+            if before != PRISTINE:
+                log.info("circuit_forgotten", destination=destination_id, state=before.state.value)
+        else:
+            self._known[destination_id] = after
 
     async def record(
         self, destination_id: str, outcome: Outcome, *, started_at: int, now_ms: int

@@ -9,10 +9,12 @@
   its deliveries) is left to them, and logged once as `destination_configured_elsewhere`.
   One that no live process names is an orphan: its pending deliveries would wait for ever,
   as no lease names them. The worker's loop leases them with the rest, to be dead-lettered
-  with the reason (`unknown_destination`).
+  with the reason (`unknown_destination`). Its circuit, if one is on record, is forgotten:
+  nothing would ever probe it again.
 
-Both reads run every rescue interval, and the second only while some pending delivery names
-a destination this worker does not know: the lease itself reads nothing more.
+Both reads run every rescue interval, and the second only while some pending delivery or
+circuit on record names a destination this worker does not know: the lease itself reads
+nothing more.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import structlog
 from estafeta.clock import Clock
 from estafeta.delivery.attempts import governed
 from estafeta.delivery.backoff import DEFAULT_BACKOFF, BackoffPolicy
+from estafeta.delivery.breakers import Breakers
 from estafeta.delivery.decision import decide
 from estafeta.delivery.model import LeasedDelivery
 from estafeta.delivery.outcome import Outcome, OutcomeKind
@@ -54,8 +57,12 @@ class Rescue:
         destinations: Collection[str],
         interval_s: float,
         started_ms: int,
+        breakers: Breakers | None = None,
     ) -> None:
+        """`breakers`: the worker's, whose circuits of destinations no process names any
+        more are forgotten (none: circuits are left alone)."""
         self.store = store
+        self._breakers = breakers
         self.clock = clock
         self.lease_ms = lease_ms
         self.worker_id = worker_id
@@ -79,13 +86,19 @@ class Rescue:
             return
         self._next_rescue = now + self._interval_s
         await self.expired()
-        unknown = await self.store.pending_destinations() - set(self._destinations)
-        elsewhere = unknown & await self._live() if unknown else set()
+        known = set(self._destinations)
+        unknown = await self.store.pending_destinations() - known
+        circuits = self._breakers.on_record() - known if self._breakers else set()
+        live = await self._live() if unknown or circuits else set()
+        elsewhere = unknown & live
         orphans = unknown - elsewhere
         if orphans - self.orphans:
             log.warning("unknown_destinations", destinations=sorted(orphans))
         self.orphans = orphans
         self._configured_elsewhere(elsewhere)
+        if self._breakers is not None:
+            for destination_id in sorted(circuits - live):
+                await self._breakers.forget(destination_id)
 
     async def given_back(self, batch: list[LeasedDelivery]) -> list[LeasedDelivery]:
         """Of a leased batch, the deliveries to orphans that a live process names now (one

@@ -164,6 +164,7 @@ class Worker:
             destinations=self._destinations,
             interval_s=self.settings.rescue_interval_s,
             started_ms=self.clock.now_ms() if started_ms is None else started_ms,
+            breakers=self.breakers,
         )
         # Fresh deliveries straight from ingest in this process (delivery/handoff.py).
         self._handoff = handoff
