@@ -364,13 +364,51 @@ def test_a_sqlite_file_in_a_missing_directory_is_a_setting_to_correct(tmp_path: 
     assert not missing.exists()
 
 
-def test_a_sqlite_file_that_cannot_be_opened_is_named(tmp_path: Path) -> None:
-    blocked = tmp_path / "estafeta.db"
-    blocked.mkdir()  # a directory where the file should be: SQLite cannot open it
-    url = f"sqlite:///{blocked}"
+def test_a_sqlite_file_under_a_file_is_a_setting_to_correct(tmp_path: Path) -> None:
+    # Before: "the database's directory X does not exist", of a file that does.
+    file = tmp_path / "estafeta.toml"
+    config = config_file(tmp_path, f"sqlite:///{file / 'estafeta.db'}")
+    result = run(config, "migrate")
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert f"storage.url: the database's directory {file} is not a directory" in result.output
+
+
+@pytest.mark.parametrize(
+    ("made", "path", "status", "why"),
+    [
+        # a directory where the file should be: SQLite cannot open it
+        ("directory", "estafeta.db", 3, "SQLITE_CANTOPEN: unable to open database file"),
+        ("directory", "estafeta.db/", 3, "cannot create the database file {file}: Is a directory"),
+        ("text", "estafeta.toml", 2, "SQLITE_NOTADB: file is not a database"),  # the config
+    ],
+)
+def test_a_sqlite_file_that_cannot_be_opened_is_named_with_why(
+    tmp_path: Path, made: str, path: str, status: int, why: str
+) -> None:
+    # Before: only the driver's class (`OperationalError`, `DatabaseError`, `IsADirectoryError`),
+    # which says nothing of what to correct.
+    file = tmp_path / path.split("?")[0].rstrip("/")
+    if made == "directory":
+        file.mkdir()
+    url = f"sqlite:///{tmp_path}/{path}"
     result = run(config_file(tmp_path, url), "migrate")
+    assert result.exit_code == status, (result.output, result.exception)
+    assert result.output.startswith(f"error: {url.split('?')[0]}: "), result.output
+    assert why.format(file=file) in result.output, result.output
+    assert len(result.output.splitlines()) == 1, result.output
+
+
+def test_a_relative_sqlite_path_is_named_with_the_file_it_leads_to(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A relative path is relative to the working directory, which under a service manager
+    # is not where the operator stands: the error names the file it led to.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "estafeta.db").mkdir()
+    result = run(config_file(tmp_path, "sqlite:///./estafeta.db"), "migrate")
     assert result.exit_code == 3, (result.output, result.exception)
-    assert result.output.startswith(f"error: {url}: the store cannot be reached"), result.output
+    where = f"error: sqlite:///./estafeta.db ({tmp_path / 'estafeta.db'}): "
+    assert result.output.startswith(where), result.output
 
 
 def test_a_sqlite_url_with_a_host_is_a_setting_to_correct(tmp_path: Path) -> None:

@@ -74,6 +74,24 @@ def test_a_busy_sqlite_file_from_the_raw_driver_is_unavailable() -> None:
     assert str(translated(bug)) == "the store failed: OperationalError"
 
 
+def test_a_sqlite_error_an_operator_can_act_on_is_named_with_sqlites_reason() -> None:
+    # Before: "the store cannot be reached: OperationalError" for a file this user may read
+    # but not write (a backup restored as root), which says nothing of what to correct.
+    # SQLite opens such a file read-only, as this database is.
+    read_only = sqlite3.connect("file::memory:?mode=ro", uri=True)
+    try:
+        with pytest.raises(sqlite3.OperationalError) as raised:
+            read_only.execute("CREATE TABLE t (x)")
+    finally:
+        read_only.close()
+    store_error = translated(OperationalError("CREATE TABLE t (x)", {}, raised.value))
+    assert isinstance(store_error, StoreUnavailable)
+    assert str(store_error) == (
+        "the store cannot be reached: OperationalError"
+        " (SQLITE_READONLY: attempt to write a readonly database)"
+    )
+
+
 @pytest.mark.parametrize(
     "error",
     [

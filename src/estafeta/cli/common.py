@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from sqlalchemy import make_url
 
 from estafeta.config import Config, load_config, load_config_dict
 from estafeta.config.models import check_address, mask_url
@@ -59,10 +60,22 @@ def exiting_on_errors(config: Config, command: Callable[[], T]) -> T:
         return command()
     except EstafetaError as exc:
         of_store = isinstance(exc, StoreError)
-        where = f"{mask_url(config.storage.url).split('?')[0]}: " if of_store else ""
+        where = f"{database_named(config.storage.url)}: " if of_store else ""
         click.echo(f"error: {where}{exc}", err=True)
         refused = isinstance(exc, StoreLoginRefused)  # a setting to correct, not an outage
         sys.exit(3 if isinstance(exc, StoreUnavailable) and not refused else 2)
+
+
+def database_named(url: str) -> str:
+    """The database as an error names it: its URL, password masked, query left out, and for
+    a SQLite file's relative path the file it leads to (from the working directory, which
+    under a service manager is not where the operator stands)."""
+    where = mask_url(url).split("?")[0]
+    if url.startswith("sqlite"):
+        path = make_url(url).database
+        if path and not os.path.isabs(path):
+            where += f" ({os.path.abspath(path)})"
+    return where
 
 
 def run(config: Config, make: Callable[[], Awaitable[T]]) -> T:

@@ -162,10 +162,41 @@ def rejected(exc: BaseException) -> bool:
 _DRIVER_ERRORS = (StatementError, sqlite3.Error, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
+# SQLite's result codes that a file's place, mode or kind explains, with SQLite's own words
+# for them: the class alone ("OperationalError") left an operator nothing to correct. Fixed
+# words, keyed by code: the driver's text is never shown (see above).
+_SQLITE_REASONS = {
+    sqlite3.SQLITE_BUSY: "database is locked",
+    sqlite3.SQLITE_PERM: "access permission denied",
+    sqlite3.SQLITE_READONLY: "attempt to write a readonly database",
+    sqlite3.SQLITE_IOERR: "disk I/O error",
+    sqlite3.SQLITE_CORRUPT: "database disk image is malformed",
+    sqlite3.SQLITE_FULL: "database or disk is full",
+    sqlite3.SQLITE_CANTOPEN: "unable to open database file",
+    sqlite3.SQLITE_NOTADB: "file is not a database",
+}
+
+
+def _sqlite_code(exc: BaseException) -> str | None:
+    """SQLite's result code of a sqlite3 error, wrapped by SQLAlchemy or not, as
+    `SQLITE_CANTOPEN: unable to open database file` when `_SQLITE_REASONS` has words for it."""
+    found = getattr(exc, "orig", None) or exc
+    code = getattr(found, "sqlite_errorcode", None)
+    name = getattr(found, "sqlite_errorname", None)
+    if not isinstance(code, int) or not isinstance(name, str):
+        return None
+    reason = _SQLITE_REASONS.get(code & 0xFF)  # an extended code's primary one
+    return f"{name}: {reason}" if reason else name
+
+
 def _named(exc: BaseException) -> str:
-    """The error's class and SQLSTATE: enough to diagnose, never data."""
+    """The error's class and SQLSTATE (or SQLite's result code): enough to diagnose, never
+    data."""
     sqlstate = _sqlstate(exc)
-    return f"{type(exc).__name__} (SQLSTATE {sqlstate})" if sqlstate else type(exc).__name__
+    if sqlstate:
+        return f"{type(exc).__name__} (SQLSTATE {sqlstate})"
+    sqlite_code = _sqlite_code(exc)
+    return f"{type(exc).__name__} ({sqlite_code})" if sqlite_code else type(exc).__name__
 
 
 def translated(exc: Exception) -> Exception:

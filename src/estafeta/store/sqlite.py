@@ -15,7 +15,6 @@ loss, and we acknowledge only what is committed).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import sqlite3
 from collections.abc import Sequence
@@ -96,8 +95,9 @@ def _check_directory(path: str) -> None:
     (exit 2), not a store that is down (3), as SQLite's "unable to open" would have it."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
+        why = "is not a directory" if os.path.exists(directory) else "does not exist"
         raise ConfigError(
-            [ConfigIssue("storage.url", f"the database's directory {directory} does not exist")]
+            [ConfigIssue("storage.url", f"the database's directory {directory} {why}")]
         )
 
 
@@ -106,8 +106,15 @@ def _create_private(path: str) -> None:
     with the umask's mode: it holds message text and phone numbers. SQLite gives the -wal
     and -shm files the database file's mode. A file that exists keeps its own. Called as
     a connection opens, so that a store made but never opened writes nothing."""
-    with contextlib.suppress(FileExistsError):
+    try:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as exc:  # a directory this user may not write, a path ending in "/"
+        # Named, with why: the class alone (PermissionError) said neither.
+        raise StoreUnavailable(
+            f"cannot create the database file {os.path.abspath(path)}: {exc.strerror}"
+        ) from None
 
 
 class DatabaseFile:
