@@ -1,4 +1,5 @@
-"""uvicorn's httptools protocol, writing each response's head together with its body.
+"""uvicorn's httptools protocol, writing each response's head together with its body, and
+giving clients deadlines.
 
 uvicorn writes a response's status line and headers as soon as the app starts the response,
 and its body when the app sends it: two `write` system calls per request, each a trip through
@@ -26,16 +27,42 @@ Two framing decisions are this class's too (uvicorn's own differ):
 * An answer given to a request that expects `100 Continue` before the `100` went out (a 413
   on its declared length, a 404, a 401 …) closes the connection: the client has not sent the
   body and may never send it, so neither side can tell where the next request would begin.
+
+And clients get deadlines. Every open connection counts against `limit_concurrency`
+(`server.max_concurrent_requests`), and uvicorn gave none a limit until its first answer: a
+few thousand connections that send nothing, or a head a byte at a time, or a body that stops
+coming, or a client that never reads its answer (uvicorn's close waits for it to be read)
+answered every sender 503 for as long as they stayed.
+
+* A connection that begins no request within uvicorn's keep-alive timeout (5 s) is closed,
+  when new as when kept alive; blank lines begin no request.
+* A request must arrive whole within `client_timeout_s` of its first byte, or is answered
+  `408 request_timeout` and the connection closed. The time the server takes to get to it
+  (a pipelined request behind others) does not count against the client.
+* A head (request line and headers) over `MAX_HEAD_BYTES` is answered `431
+  headers_too_large` and the connection closed: httptools would keep it in memory whole.
+* At most `MAX_PIPELINED` requests wait behind the one being answered: uvicorn queued every
+  request of a read (`_leave_unanswered`).
+* The transport tells whenever the kernel does not take all that is written (its high-water
+  mark is 0); a client that then takes none of it for `client_timeout_s` is disconnected.
+
+One timer per connection at most per deadline: the request's is armed when a request begins
+and none is running, and looks at when the request being read began when it fires, so a
+busy connection arms one every `client_timeout_s`, not one per request.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+import orjson
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+MAX_HEAD_BYTES = 65_536  # a request line and headers larger than this are refused: 431
+MAX_PIPELINED = 16  # requests waiting behind the one being answered, on one connection
 
 Send = Callable[[Any], Awaitable[None]]
 
@@ -75,10 +102,188 @@ class HeadWithBody:
         return getattr(self._transport, name)
 
 
+class _Unanswered:
+    """The cycle of requests read past MAX_PIPELINED, which get no answer: uvicorn keeps no
+    body for an answered request's cycle, and starts no other behind it."""
+
+    __slots__ = ("message_event",)
+    response_complete = True
+    response_started = True
+    more_body = False
+
+    def __init__(self) -> None:
+        self.message_event = asyncio.Event()  # set by uvicorn when the connection is lost
+
+
 class OneWriteHttpToolsProtocol(HttpToolsProtocol):
+    client_timeout_s: float = 30  # see `with_deadline`
+
+    @classmethod
+    def with_deadline(cls, client_timeout_s: float) -> type[OneWriteHttpToolsProtocol]:
+        """This protocol giving clients `client_timeout_s` (`server.client_timeout_s`)."""
+        return type(cls.__name__, (cls,), {"client_timeout_s": client_timeout_s})
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # When the request being read began (loop time), until it is whole.
+        self._request_began: float | None = None
+        self._request_timer: asyncio.TimerHandle | None = None
+        # Bytes of the head being read, counted from the read after the one it began in.
+        self._head_bytes: int | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
+        self._write_left = 0  # bytes waiting for the client when last looked at
+        self._unanswered = False  # past MAX_PIPELINED: the requests read are not answered
+
+    # -- the clients' deadlines (see the module's docstring) --------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        # A new connection waits for its first request as a kept-alive one does.
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.timeout_keep_alive, self.timeout_keep_alive_handler
+        )
+        # Told whenever the kernel takes not all that is written: the client is not reading.
+        transport.set_write_buffer_limits(high=0)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._end_deadlines()
+
+    def handle_websocket_upgrade(self) -> None:
+        self._end_deadlines()  # the WebSocket protocol owns the connection from here
+        super().handle_websocket_upgrade()
+
+    def _end_deadlines(self) -> None:
+        for timer in (self.timeout_keep_alive_task, self._request_timer, self._write_timer):
+            if timer is not None:
+                timer.cancel()
+        self.timeout_keep_alive_task = self._request_timer = self._write_timer = None
+        self._request_began = None
+
+    def data_received(self, data: bytes) -> None:
+        # uvicorn ends the idle wait on any byte; here only a request's beginning ends it
+        # (blank lines, which begin none, would hold the connection forever).
+        idle = self.timeout_keep_alive_task
+        self.timeout_keep_alive_task = None
+        began = self._request_began
+        super().data_received(data)
+        if idle is not None:
+            if self._request_began is None and self.timeout_keep_alive_task is None:
+                self.timeout_keep_alive_task = idle  # still no request being read
+            else:
+                idle.cancel()
+        if began is not None and began is self._request_began and self._head_bytes is not None:
+            # Read while the same head was unfinished before and after: all of it head.
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                detail = f"the request's head is over {MAX_HEAD_BYTES} bytes"
+                self._refuse(431, "headers_too_large", detail)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._request_began = self.loop.time()
+        self._head_bytes = 0
+        if self._request_timer is None:  # else it is running: it looks at the time began
+            self._request_timer = self.loop.call_later(self.client_timeout_s, self._request_late)
+
+    def on_message_complete(self) -> None:
+        self._request_began = None
+        super().on_message_complete()
+
+    def timeout_keep_alive_handler(self) -> None:
+        self.timeout_keep_alive_task = None
+        if self._request_began is None and not self._answering():
+            super().timeout_keep_alive_handler()
+
+    def _leave_unanswered(self) -> None:
+        """A request past MAX_PIPELINED waiting ones: uvicorn queued every request of a read,
+        each with its scope, headers and cycle (250 KB of small requests behind one slow
+        answer held 28 MB). It, and every later one, is read and left unanswered: the last
+        request queued closes the connection with its answer, and the client sends the
+        rest again on a new one, as RFC 9112 §9.3.2 asks of a client that pipelines."""
+        if not self._unanswered:
+            self._unanswered = True
+            self.pipeline[0][0].keep_alive = False  # the one queued last
+            # Read as if answered, so that uvicorn keeps no body and starts nothing.
+            self.cycle = _Unanswered()  # type: ignore[assignment]
+
+    def _answering(self) -> bool:
+        """Whether the server owes an answer to a request it has whole (its turn, not the
+        client's)."""
+        cycle = self.cycle
+        return (
+            bool(self.pipeline)
+            or self._unanswered
+            or (cycle is not None and not cycle.response_complete and not cycle.more_body)
+        )
+
+    def _request_late(self) -> None:
+        self._request_timer = None
+        began = self._request_began
+        if began is None or self.transport.is_closing():
+            return
+        left = began + self.client_timeout_s - self.loop.time()
+        if left > 0:
+            self._request_timer = self.loop.call_later(left, self._request_late)
+        elif self._answering() or self.flow.read_paused:
+            # Not read because the server has not got to it yet: the client's time runs
+            # again once it has.
+            self._request_timer = self.loop.call_later(self.client_timeout_s, self._request_late)
+        else:
+            detail = f"the request did not arrive whole within {self.client_timeout_s:g} s"
+            self._refuse(408, "request_timeout", detail)
+
+    def _refuse(self, status: int, error: str, detail: str) -> None:
+        """Answer the request being read, in estafeta's error format, and close."""
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        if self._answering() or (
+            cycle is not None and cycle.response_started and not cycle.response_complete
+        ):
+            # An earlier request's answer is due, or half written: no other may go first.
+            self.transport.close()
+            return
+        if cycle is not None and not cycle.response_complete:
+            # The app waits for the body: it is told the client went away.
+            cycle.disconnected = True
+            cycle.message_event.set()
+        body = orjson.dumps({"error": error, "detail": detail})
+        self.transport.write(
+            b"%sconnection: close\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (STATUS_LINE[status], len(body), body)
+        )
+        self.transport.close()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._write_timer is None:
+            self._write_left = self.transport.get_write_buffer_size()
+            self._write_timer = self.loop.call_later(self.client_timeout_s, self._write_late)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _write_late(self) -> None:
+        """The client took none of what waits for it for client_timeout_s: let it go."""
+        self._write_timer = None
+        left = self.transport.get_write_buffer_size()
+        if left and left >= self._write_left:
+            self.transport.abort()  # close() would wait for the client to read it all
+        elif left:  # it reads, slowly
+            self._write_left = left
+            self._write_timer = self.loop.call_later(self.client_timeout_s, self._write_late)
+
+    # -- one write per response, half-closes, refused `100 Continue`s --------------------
+
     # asyncio.Protocol lets it return True (keep writing); uvicorn types it `None`.
     def eof_received(self) -> bool | None:  # type: ignore[override]
         cycle = getattr(self, "cycle", None)
+        if self._unanswered:
+            return True  # the requests kept are answered, then the connection closes
         if (
             cycle is None
             or getattr(cycle, "response_complete", True)
@@ -91,6 +296,10 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         return True
 
     def on_headers_complete(self) -> None:
+        self._head_bytes = None
+        if len(self.pipeline) >= MAX_PIPELINED or self._unanswered:
+            self._leave_unanswered()
+            return
         before = getattr(self, "cycle", None)
         super().on_headers_complete()
         cycle = getattr(self, "cycle", None)

@@ -264,16 +264,22 @@ def uvicorn_server(
     listen: str,
     *,
     max_concurrent_requests: int = 4096,
+    client_timeout_s: float = 30,
+    idle_timeout_s: int = 5,
     on_started: Callable[[str], None] | None = None,
 ) -> GracefulServer:
     """The server of `app` on `listen`; `on_started` is called with the address bound once
-    it listens."""
+    it listens. A connection that begins no request for `idle_timeout_s` is closed; a
+    client gets `client_timeout_s` to send a request whole and to take an answer
+    (http_protocol.py)."""
     host, port = split_listen(listen)
     settings = uvicorn.Config(
         app,
         host=host,
         port=port,
-        http=OneWriteHttpToolsProtocol,  # httptools, one write per response
+        # httptools, one write per response, and the clients' deadlines
+        http=OneWriteHttpToolsProtocol.with_deadline(client_timeout_s),
+        timeout_keep_alive=idle_timeout_s,
         loop="none",
         lifespan="on",
         access_log=False,
@@ -313,6 +319,7 @@ async def serve(config: Config, *, run_workers: bool = True, migrate: bool = Tru
             create_app(hub, run_workers=run_workers, presence=presence, tasks=tasks),
             config.server.listen,
             max_concurrent_requests=config.server.max_concurrent_requests,
+            client_timeout_s=config.server.client_timeout_s,
             # Once it listens: the workers start before, and stop if it cannot.
             on_started=lambda address: log.info(
                 "serving", listen=address, workers=run_workers, engine=store.dialect

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -12,9 +13,9 @@ import pytest
 
 from estafeta.api.app import create_app
 from estafeta.config import Config
-from estafeta.http_protocol import CONTINUE, HeadWithBody
+from estafeta.http_protocol import CONTINUE, MAX_PIPELINED, HeadWithBody
 from estafeta.hub import Hub
-from estafeta.server import uvicorn_server
+from estafeta.server import GracefulServer, uvicorn_server
 from estafeta.store.sqlstore import SqlStore
 from estafeta.testing.sink import Sink
 
@@ -57,6 +58,9 @@ def test_a_100_continue_is_not_held_and_a_response_never_finished_is_dropped() -
     assert transport.writes == [CONTINUE] and transport.closed
 
 
+BIG = b"x" * 8_388_608
+
+
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
         while (await receive())["type"] != "lifespan.shutdown":
@@ -71,6 +75,10 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             break
     answer = b"got " + body
     headers = [(b"content-type", b"text/plain")]
+    if scope["path"] == "/slow":  # the server's own time: no client's deadline runs
+        await asyncio.sleep(1.5)
+    if scope["path"] == "/big":  # more than the kernel holds for a client not reading
+        answer = BIG
     if scope["path"] == "/stream":
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         for part in (b"one,", b"two"):
@@ -83,17 +91,29 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 @contextlib.asynccontextmanager
-async def served(asgi: Any) -> AsyncIterator[int]:
-    """`asgi` served as `estafeta serve` serves it, on any free port: that port."""
-    server = uvicorn_server(asgi, "127.0.0.1:0")
-    serving = asyncio.create_task(server.serve())
+async def serving(asgi: Any, **limits: Any) -> AsyncIterator[GracefulServer]:
+    """`asgi` served as `estafeta serve` serves it, on any free port, with `limits` (the
+    keywords of `uvicorn_server`)."""
+    server = uvicorn_server(asgi, "127.0.0.1:0", **limits)
+    running = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.01)
     try:
-        yield int(server.servers[0].sockets[0].getsockname()[1])
+        yield server
     finally:
         server.should_exit = True
-        await serving
+        await running
+
+
+def port_of(server: GracefulServer) -> int:
+    return int(server.servers[0].sockets[0].getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def served(asgi: Any, **limits: Any) -> AsyncIterator[int]:
+    """`asgi` served as `estafeta serve` serves it, on any free port: that port."""
+    async with serving(asgi, **limits) as server:
+        yield port_of(server)
 
 
 @pytest.fixture
@@ -337,3 +357,156 @@ async def test_a_body_refused_unread_is_not_taken_for_the_next_request(hub_port:
     statuses = [part[:3] for part in received.split(b"HTTP/1.1 ")[1:]]
     assert statuses == [b"401", b"404", b"404"]
     assert b'"status":"ok"' not in received
+
+
+# -- clients that would hold the server's connections (each counts against -----------------
+# -- server.max_concurrent_requests from its opening) or its memory ---------------------------
+
+
+async def until(condition: Callable[[], bool], within_s: float) -> None:
+    async with asyncio.timeout(within_s):
+        while not condition():
+            await asyncio.sleep(0.02)
+
+
+async def test_connections_that_begin_no_request_are_closed_and_let_senders_in() -> None:
+    """16 connections that never sent a byte (one only blank lines, which begin no request)
+    made every sender's request a 503, for as long as they stayed open: forever."""
+    async with serving(app, max_concurrent_requests=16, idle_timeout_s=1) as server:
+        port = port_of(server)
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(16)]
+
+        async def blank_lines(writer: asyncio.StreamWriter) -> None:
+            while not writer.is_closing():
+                writer.write(b"\r\n")
+                await asyncio.sleep(0.2)
+
+        blanks = asyncio.create_task(blank_lines(idle[0][1]))
+        try:
+            ends = await asyncio.wait_for(asyncio.gather(*(r.read() for r, _ in idle)), 5)
+            assert ends == [b""] * 16
+            answer = await exchange(port, request("/a", b"x"), until=b"got x")
+            assert answer.startswith(b"HTTP/1.1 202 ")
+        finally:
+            blanks.cancel()
+            for _, writer in idle:
+                writer.close()
+
+
+async def test_a_head_sent_a_byte_at_a_time_is_cut_off_with_408() -> None:
+    async with served(app, client_timeout_s=1) as port, connected(port) as (reader, writer):
+
+        async def trickle() -> None:
+            for byte in b"POST /a HTTP/1.1\r\nhost: t\r\nx-slow: " + b"y" * 200:
+                writer.write(bytes([byte]))
+                await asyncio.sleep(0.05)
+
+        sending = asyncio.create_task(trickle())
+        try:
+            received = await read_to_the_end(reader)
+        finally:
+            sending.cancel()
+    assert received.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert b"connection: close\r\n" in received
+    assert received.endswith(
+        b'"error":"request_timeout","detail":"the request did not arrive whole within 1 s"}'
+    )
+
+
+async def test_a_body_that_stops_coming_is_cut_off_with_408() -> None:
+    async with served(app, client_timeout_s=1) as port, connected(port) as (reader, writer):
+        writer.write(request("/a", b"x" * 100)[:-90])
+        received = await read_to_the_end(reader)
+    assert received.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+
+
+async def test_the_deadline_is_the_clients_alone() -> None:
+    """An answer that takes the server longer than client_timeout_s is not cut off, nor is
+    a request that arrives in pieces in time, nor the next one on the connection."""
+    async with served(app, client_timeout_s=1) as port, connected(port) as (reader, writer):
+        writer.write(request("/slow", b"first"))
+        answer = await asyncio.wait_for(reader.readuntil(b"got first"), 5)
+        assert answer.startswith(b"HTTP/1.1 202 ")
+        raw = request("/a", b"second")
+        for part in (raw[:10], raw[10:30], raw[30:]):
+            writer.write(part)
+            await asyncio.sleep(0.3)
+        answer = await asyncio.wait_for(reader.readuntil(b"got second"), 5)
+        assert answer.startswith(b"HTTP/1.1 202 ")
+
+
+async def test_a_head_over_64_kib_is_refused_with_431() -> None:
+    """The head was read whole however large, and held in memory: a 64 MB header took the
+    server's memory 128 MB up, and its loop 25 s of copying."""
+    loop = asyncio.get_running_loop()
+    async with served(app) as port:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.setblocking(False)
+            received = b""
+            with contextlib.suppress(ConnectionError):
+                await loop.sock_sendall(sock, b"GET /a HTTP/1.1\r\nhost: t\r\nx-big: ")
+                for _ in range(256):  # 4 MiB of one header, if the server reads it all
+                    await asyncio.wait_for(loop.sock_sendall(sock, b"y" * 16384), 5)
+            with contextlib.suppress(ConnectionError):
+                while chunk := await asyncio.wait_for(loop.sock_recv(sock, 65536), 5):
+                    received += chunk
+    assert received.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+    assert received.endswith(
+        b'"error":"headers_too_large","detail":"the request\'s head is over 65536 bytes"}'
+    )
+
+
+async def test_a_client_that_never_reads_its_answer_is_let_go() -> None:
+    """A client that asks and never reads held its connection, and the answer waiting for
+    it, forever: uvicorn's close waits for the answer to be read."""
+    loop = asyncio.get_running_loop()
+    async with serving(app, client_timeout_s=1, idle_timeout_s=1) as server:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", port_of(server)))
+            await loop.sock_sendall(sock, b"GET /big HTTP/1.1\r\nhost: t\r\n\r\n")
+            await until(lambda: server.server_state.total_requests == 1, 5)
+            await until(lambda: not server.server_state.connections, 5)
+
+
+async def test_a_client_that_reads_its_answer_slowly_gets_it_whole() -> None:
+    async with (
+        served(app, client_timeout_s=0.5) as port,
+        connected(port) as (reader, writer),
+    ):
+        writer.write(b"GET /big HTTP/1.1\r\nhost: t\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 202 ")
+        body = b""
+        while len(body) < len(BIG):  # 1 MiB every 0.2 s: 1.6 s in all
+            body += await asyncio.wait_for(
+                reader.readexactly(min(1_048_576, len(BIG) - len(body))), 5
+            )
+            await asyncio.sleep(0.2)
+    assert body == BIG
+
+
+async def test_a_webhook_whose_body_stops_coming_is_answered_408(
+    store: SqlStore, config: Config
+) -> None:
+    async with (
+        served(create_app(Hub(config, store)), client_timeout_s=1) as port,
+        connected(port) as (reader, writer),
+    ):
+        writer.write(webhook()[:-5])
+        received = await read_to_the_end(reader)
+    assert received.startswith(b"HTTP/1.1 408 ")
+    assert b'"error":"request_timeout"' in received
+
+
+async def test_pipelined_requests_past_16_waiting_are_left_unanswered() -> None:
+    """Every request of a read was parsed and queued: 250 KB of small pipelined requests
+    behind one slow answer held 11,000 waiting requests, 28 MB, per connection."""
+    pipelined = request("/slow", b"first") + b"GET /a HTTP/1.1\r\nhost: t\r\n\r\n" * 1000
+    async with served(app) as port, connected(port) as (reader, writer):
+        writer.write(pipelined)
+        received = await asyncio.wait_for(reader.read(), 10)
+    answers = received.split(b"HTTP/1.1 ")[1:]
+    assert len(answers) == 1 + MAX_PIPELINED
+    assert answers[0].endswith(b"got first") and b"connection: close" in answers[-1]

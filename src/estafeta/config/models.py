@@ -229,6 +229,9 @@ class ServerConfig(_Model):
     public_url: BaseUrl | None = None
     # More requests at once than this are answered 503: memory stays bounded under any load.
     max_concurrent_requests: int = Field(default=4096, ge=16)
+    # A client that takes longer to send a request, or to take an answer, is let go: each
+    # connection counts against max_concurrent_requests while it is open.
+    client_timeout_s: float = Field(default=30, gt=0, le=300)
 
     @field_validator("listen")
     @classmethod
