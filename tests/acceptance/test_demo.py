@@ -55,8 +55,9 @@ def test_a_demo_stopped_midway_says_so_in_one_line(tmp_path: Path, sig: signal.S
 
 
 def demo(
-    *args: str, env: dict[str, str] | None = None, timeout_s: float = 110
+    *args: str, env: dict[str, str] | None = None, timeout_s: float = 110, umask: int = -1
 ) -> subprocess.CompletedProcess[str]:
+    """`estafeta demo ARGS`; `umask` the process's (-1: this one's)."""
     return subprocess.run(
         [sys.executable, "-m", "estafeta", "demo", *args],
         capture_output=True,
@@ -64,6 +65,7 @@ def demo(
         timeout=timeout_s,
         check=False,
         env=env,
+        umask=umask,
     )
 
 
@@ -79,6 +81,20 @@ def test_the_demo_never_takes_over_a_directory_holding_an_installation(tmp_path:
     assert "Traceback" not in done.stderr
     assert config.read_text() == '[storage]\nurl = "sqlite:///./estafeta.db"\n'
     assert not (tmp_path / "estafeta.db").exists()
+
+
+@pytest.mark.timeout(120)
+def test_the_demo_directory_and_its_config_are_readable_by_their_owner_only(
+    tmp_path: Path,
+) -> None:
+    # Before: under the usual umask 022, `--dir` was made 0755 and its estafeta.toml 0644,
+    # so every user of the machine could read the admin key that `serve --config` (as the
+    # demo prints it) takes, and list the demo's directory.
+    workdir = tmp_path / "demo"
+    done = demo("--dir", str(workdir), "--events", "2", umask=0o022)
+    assert done.returncode == 0, done.stdout + done.stderr
+    modes = {path.name: oct(path.stat().st_mode & 0o777) for path in (workdir, *workdir.iterdir())}
+    assert modes == {"demo": "0o700", "estafeta.toml": "0o600", "estafeta.db": "0o600"}
 
 
 @pytest.mark.parametrize("where", ["a-file", "a-file/below"])

@@ -162,6 +162,6 @@ def _demo_directory(workdir: Path) -> None:
             param_hint="'--dir'",
         )
     try:
-        workdir.mkdir(parents=True, exist_ok=True)
+        workdir.mkdir(mode=0o700, parents=True, exist_ok=True)  # see run_demo
     except OSError as exc:
         raise click.BadParameter(f"{workdir}: {exc.strerror}", param_hint="'--dir'") from None

@@ -80,6 +80,11 @@ ADMIN_KEY = "demo-" + secrets.token_urlsafe(12)
 CUSTOMERS = [("5511987654321", "Maria Silva"), ("5511912345678", "João Pereira")]
 
 
+def _private(path: str, flags: int) -> int:
+    """`open`'s opener for a file only its owner may read."""
+    return os.open(path, flags, 0o600)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         probe.bind((host, 0))
@@ -251,9 +256,10 @@ async def _story(workdir: Path, event_count: int, listen: str | None) -> int:
         billing.respond(503)  # billing is down when the story starts
         where = chosen_listen(listen)  # once: port 0 picks a different port each time
         config_file = workdir / "estafeta.toml"
-        config_file.write_text(
-            demo_config_toml(workdir / "estafeta.db", where, crm.url, billing.url, meta.url)
-        )
+        toml = demo_config_toml(workdir / "estafeta.db", where, crm.url, billing.url, meta.url)
+        # Its owner's only, whatever the umask: it holds the admin key `serve --config` takes.
+        with open(config_file, "w", encoding="utf-8", opener=_private) as file:
+            file.write(toml)
         # ESTAFETA_LISTEN applies, as to `serve`; the other overrides do not (_ignored()).
         ignored = set(_ignored())
         environment = {k: v for k, v in os.environ.items() if k not in ignored}
@@ -453,7 +459,9 @@ def run_demo(
     from estafeta.server import run
 
     base = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="estafeta-demo-"))
-    base.mkdir(parents=True, exist_ok=True)
+    # Its owner's only when made here (as mkdtemp's): it holds the config with the admin key
+    # and the database with the customers' names, numbers and messages.
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
     result: list[int] = []
 
     async def main() -> None:
