@@ -39,6 +39,7 @@ from estafeta.store.ingest import IngestOps
 from estafeta.store.leases import LeaseOps
 from estafeta.store.processes import ProcessOps
 from estafeta.store.views import ViewOps
+from estafeta.urls import outline
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -96,8 +97,15 @@ class SqlStore(
         sources: list[dict[str, Any]] = [
             {"id": x.id, "tenant_id": x.tenant, "kind": x.kind} for x in config.sources
         ]
+        # Where each points only: its user, password, path or query may be its credentials,
+        # which nothing reads from here and every dump of the database would hold.
         destinations: list[dict[str, Any]] = [
-            {"id": d.id, "tenant_id": d.tenant, "kind": d.kind, "url": d.url}
+            {
+                "id": d.id,
+                "tenant_id": d.tenant,
+                "kind": d.kind,
+                "url": None if d.url is None else outline(d.url),
+            }
             for d in config.destinations
         ]
         routes: list[dict[str, Any]] = [
