@@ -563,6 +563,16 @@ INVALID_CASES: list[tuple[str, str, list[str]]] = [
         '[redis]\nurl = "redis://cache:6379/0?timeout=5"',
         ["redis.url: invalid Redis URL: unsupported parameter in its query"],
     ),
+    (  # Before: redis-py's RedisError escaped validation, a traceback from check-config
+        "a Redis URL parameter with a value the client refuses as it connects",
+        '[redis]\nurl = "rediss://:pw@cache:6379/0?ssl_cert_reqs=sometimes"',
+        ["redis.url: invalid Redis URL: Invalid SSL Certificate Requirements Flag: sometimes"],
+    ),
+    (
+        "a Redis protocol version the client does not speak",
+        '[redis]\nurl = "redis://cache:6379/0?protocol=4"',
+        ["redis.url: invalid Redis URL: protocol must be either 2 or 3"],
+    ),
     (  # it starts every key: `<prefix>circuits`, not `stagingcircuits`
         "a Redis key prefix that does not end with a colon",
         '[redis]\nkey_prefix = "staging"',

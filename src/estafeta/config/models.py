@@ -32,6 +32,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 from redis.asyncio import ConnectionPool
+from redis.exceptions import RedisError
 
 from estafeta.urls import outline
 
@@ -353,7 +354,9 @@ class RedisConfig(_Model):
             ConnectionPool.from_url(value).make_connection()  # type: ignore[no-untyped-call]
         except TypeError:  # an unknown query parameter, passed on as a keyword
             raise ValueError("invalid Redis URL: unsupported parameter in its query") from None
-        except ValueError as exc:  # a port that is not a number, a bad db or option
+        # A port that is not a number, a bad db or option; RedisError: a value the client
+        # refuses as it makes the connection (`ssl_cert_reqs`, `protocol`).
+        except (ValueError, RedisError) as exc:
             raise ValueError(f"invalid Redis URL: {exc}") from None
         return value
 
