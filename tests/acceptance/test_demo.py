@@ -8,8 +8,11 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+import tomllib
 from pathlib import Path
 
+import httpx
 import pytest
 
 
@@ -135,6 +138,11 @@ def test_the_demo_takes_a_port_of_0_from_estafeta_listen_as_from_listen(tmp_path
     assert done.returncode == 0, done.stdout + done.stderr
     assert "hub on http://127.0.0.1:" in done.stdout
     assert "hub on http://127.0.0.1:0," not in done.stdout, done.stdout
+    # Before: its estafeta.toml named another free port, where the printed `serve` listened
+    # (ESTAFETA_LISTEN unset, in a new terminal) while the printed curls went to this one.
+    hub_port = done.stdout.split("hub on http://127.0.0.1:")[1].split(",")[0]
+    written = tomllib.loads((tmp_path / "estafeta.toml").read_text())
+    assert written["server"]["listen"] == f"127.0.0.1:{hub_port}"
 
 
 @pytest.mark.slow
@@ -192,3 +200,64 @@ def test_the_demo_keeps_to_its_own_database_whatever_the_environment_says(
     assert (tmp_path / "demo" / "estafeta.db").exists()
     ignored = "ESTAFETA_ADMIN_KEY, ESTAFETA_DATABASE_URL, ESTAFETA_REDIS_URL"
     assert f"ignores {ignored}" in done.stdout, done.stdout
+
+
+@pytest.mark.timeout(120)
+def test_the_demo_keeps_to_a_directory_whatever_its_name(tmp_path: Path) -> None:
+    # Before: the path went into the SQLite URL and the TOML file as it was: a '?' put the
+    # database in a file outside the directory ('q' beside 'q?m'), a '%20' or a '"' ended
+    # the demo on an invalid configuration, and a space broke the printed commands.
+    workdir = tmp_path / """it's a "demo" #1, 100%20 done? \\ yes"""
+    done = demo("--dir", str(workdir), "--events", "2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert list(tmp_path.iterdir()) == [workdir]
+    assert (workdir / "estafeta.db").exists()
+    listed = [line for line in done.stdout.splitlines() if " dlq list --config " in line]
+    assert len(listed) == 1, done.stdout
+    printed = subprocess.run(
+        shlex.split(listed[0]), capture_output=True, text=True, timeout=60, check=False
+    )
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stderr.strip() == "0 dead deliveries", printed.stderr
+
+
+@pytest.mark.timeout(120)
+def test_the_printed_serve_and_curl_commands_work_as_printed(tmp_path: Path) -> None:
+    # Before: `curl …/api/v1/events/<id>` was a shell syntax error, and the printed `serve`
+    # made ./estafeta-spool in whatever directory the reader ran it from (a clone, or the
+    # directory of an installation, whose spooled events it would then drain).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ESTAFETA_")}
+    done = demo("--dir", str(tmp_path / "demo"), "--events", "2", env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    commands = done.stdout.split("Look further")[1].splitlines()[1:]
+    lines = [shlex.split(line, comments=True) for line in commands]
+    serve = next(words for words in lines if "serve" in words[1:2])
+    curls = [words for words in lines if words[:1] == ["curl"]]
+    assert len(curls) == 4, done.stdout
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    # The reader runs it from another directory: a script named relative to where the demo
+    # ran (`.venv/bin/estafeta` in a clone) is taken from there.
+    serve[0] = str(Path(serve[0]).absolute()) if os.sep in serve[0] else serve[0]
+    serving = subprocess.Popen(
+        serve, cwd=elsewhere, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        health = curls[-1][-1].replace("/health/detailed", "/health")
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(health, timeout=5)
+                break
+            except httpx.TransportError:
+                assert serving.poll() is None and time.monotonic() < deadline, "not serving"
+                time.sleep(0.1)
+        for _curl, _h, header, url in curls:
+            name, value = header.split(": ", 1)
+            answer = httpx.get(url, headers={name: value}, timeout=10)
+            assert answer.status_code == 200, (url, answer.text)
+    finally:
+        serving.send_signal(signal.SIGTERM)
+        _, err = serving.communicate(timeout=60)
+    assert serving.returncode == 0, err
+    assert list(elsewhere.iterdir()) == []

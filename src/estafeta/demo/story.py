@@ -13,6 +13,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import json
 import os
 import secrets
 import shlex
@@ -21,6 +22,7 @@ import socket
 import sys
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -109,14 +111,27 @@ def base_url(listen: str) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
+def _toml_string(text: str) -> str:
+    """`text` as a TOML basic string: JSON's escapes are TOML's, but for DEL, which TOML
+    does not take as it is."""
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
 def demo_config_toml(db: Path, listen: str, crm_url: str, billing_url: str, meta_url: str) -> str:
+    # The directory's name is the reader's (--dir, TMPDIR): quoted for the URL (else a '?'
+    # or '#' in it ends the database's path) and for TOML (a '"' or '\\').
+    url = "sqlite:///" + urllib.parse.quote(db.as_posix())
+    # The spool beside the database: by default it is ./estafeta-spool, in whichever
+    # directory the printed `serve` is run from, an installation's own spool perhaps.
+    spool = db.parent / "estafeta-spool"
     return f"""\
 # Written by `estafeta demo`; use it with the commands it prints.
 [server]
 listen = "{listen}"
 
 [storage]
-url = "sqlite:///{db}"
+url = {_toml_string(url)}
+spool_dir = {_toml_string(spool.as_posix())}
 
 [security]
 admin_key = "{ADMIN_KEY}"
@@ -256,17 +271,25 @@ async def _story(workdir: Path, event_count: int, listen: str | None) -> int:
         billing.respond(503)  # billing is down when the story starts
         where = chosen_listen(listen)  # once: port 0 picks a different port each time
         config_file = workdir / "estafeta.toml"
-        toml = demo_config_toml(workdir / "estafeta.db", where, crm.url, billing.url, meta.url)
-        # Its owner's only, whatever the umask: it holds the admin key `serve --config` takes.
-        with open(config_file, "w", encoding="utf-8", opener=_private) as file:
-            file.write(toml)
+
+        def write_config() -> None:
+            db = workdir / "estafeta.db"
+            toml = demo_config_toml(db, where, crm.url, billing.url, meta.url)
+            # Its owner's only, whatever the umask: it holds the admin key `serve --config`
+            # takes.
+            with open(config_file, "w", encoding="utf-8", opener=_private) as file:
+                file.write(toml)
+
+        write_config()
         # ESTAFETA_LISTEN applies, as to `serve`; the other overrides do not (_ignored()).
         ignored = set(_ignored())
         environment = {k: v for k, v in os.environ.items() if k not in ignored}
         config: Config = load_config(config_file, environment)
         # --listen over it, as for `serve`; a port of 0 from ESTAFETA_LISTEN picks a free
         # one too, once, or the demo would talk to port 0 while its hub listens elsewhere.
-        where = where if listen is not None else chosen_listen(config.server.listen)
+        if listen is None and config.server.listen != where:
+            where = chosen_listen(config.server.listen)
+            write_config()  # the printed `serve` listens where the printed curls go
         server_settings = config.server.model_copy(update={"listen": where})
         config = config.model_copy(update={"server": server_settings})
         store = await prepared_store(config)
@@ -369,6 +392,7 @@ async def _served_story(
             say(f"replied    to Maria through the WhatsApp Cloud API (a local fake): {steps}")
 
             booked = max(1, event_count // 4)
+            appointments: list[str] = []  # their ids
             for n in range(booked):
                 event = {
                     "type": "appointment.booked",
@@ -377,6 +401,7 @@ async def _served_story(
                 }
                 async with http.post(f"{base}/api/v1/events", json=event, headers=auth) as r:
                     accepted += r.status == 202
+                    appointments.append((await r.json()).get("id", ""))
             say(f"received   {booked} appointments from the clinic's systems through the API")
 
             stats = await _settled(store, 30)
@@ -423,12 +448,17 @@ async def _served_story(
             )
             say("\nLook further (the hub is stopped now; these read the demo's database):")
             estafeta = _this_command()
-            say(f"  {estafeta} dlq list --config {config_file}")
+            config_arg = shlex.quote(str(config_file))
+            say(f"  {estafeta} dlq list --config {config_arg}")
             say(
-                f"  {estafeta} serve --config {config_file}     # then, with the admin key "
+                f"  {estafeta} serve --config {config_arg}     # then, with the admin key "
                 f"'{ADMIN_KEY}':"
             )
-            say(f"  curl -H 'authorization: Bearer {ADMIN_KEY}' {base}/api/v1/events/<id>")
+            # An appointment: its deliveries, billing's failed attempts, then the replay.
+            say(
+                f"  curl -H 'authorization: Bearer {ADMIN_KEY}' "
+                f"{base}/api/v1/events/{appointments[0]}"
+            )
             say(
                 f"  curl -H 'authorization: Bearer {ADMIN_KEY}' "
                 f"'{base}/api/v1/conversations?tenant=clinica-sol'"
