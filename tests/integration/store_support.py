@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import insert, text
 
 from estafeta.delivery.decision import Transition
 from estafeta.delivery.model import LeasedDelivery
@@ -20,7 +20,9 @@ from estafeta.delivery.outcome import Outcome, OutcomeKind
 from estafeta.delivery.state import DeliveryState
 from estafeta.ids import new_id
 from estafeta.store import open_store
+from estafeta.store import schema as s
 from estafeta.store.records import CompletedAttempt, NewDelivery, NewEvent
+from estafeta.store.sqlstore import SqlStore
 
 NOW = 1_700_000_000_000
 
@@ -125,3 +127,47 @@ def attempt(
         started_at=at,
         attempt_id=new_id("att", at) if attempt_id is None else attempt_id,
     )
+
+
+async def dead_deliveries(store: SqlStore, count: int) -> None:
+    """`count` dead deliveries to crm, one event each, that died one a millisecond before
+    NOW: written as a batch, as years of a hub's history would take to make."""
+    events = [event(at=NOW - count + n) for n in range(count)]
+    async with store.engine.begin() as conn:
+        for chunk in range(0, count, 10_000):
+            made = events[chunk : chunk + 10_000]
+            await conn.execute(
+                insert(s.events),
+                [
+                    {
+                        "id": e.id,
+                        "tenant_id": e.tenant_id,
+                        "source_id": e.source_id,
+                        "type": e.type,
+                        "occurred_at": e.occurred_at,
+                        "received_at": e.received_at,
+                        "payload": e.payload,
+                    }
+                    for e in made
+                ],
+            )
+            await conn.execute(
+                insert(s.deliveries),
+                [
+                    {
+                        "id": e.deliveries[0].id,
+                        "tenant_id": e.tenant_id,
+                        "event_id": e.id,
+                        "destination_id": "crm",
+                        "state": "dead",
+                        "priority": 2,
+                        "attempts": 3,
+                        "max_attempts": 3,
+                        "next_attempt_at": e.received_at,
+                        "last_error": "http_503: Service Unavailable",
+                        "created_at": e.received_at,
+                        "updated_at": e.received_at,
+                    }
+                    for e in made
+                ],
+            )

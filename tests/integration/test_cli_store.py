@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import sqlite3
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from estafeta.store import open_store
 from estafeta.store.migrate import current_revision, head_revision
 from estafeta.store.sqlstore import SqlStore
 from tests.conftest import PG_ADMIN_URL, base_config, empty_database, lease_any
-from tests.integration.store_support import NOW, attempt, event, rows
+from tests.integration.store_support import NOW, attempt, dead_deliveries, event, rows
 
 
 def run(config: Path, *args: str) -> Result:
@@ -129,6 +130,31 @@ async def test_a_summary_counts_the_dead_by_destination_and_reason(
         "last_dead_at": iso_from_ms(NOW + 30),
     }
     assert as_json.output.splitlines()[-1] == "4 dead deliveries"
+
+
+async def test_a_long_dead_letter_list_is_printed_a_page_at_a_time(
+    tmp_path: Path, database_url: str, store: SqlStore
+) -> None:
+    """`dlq list --limit 1000000` after an outage: read in one query, every dead delivery
+    was held in memory (~1 KB each: 1 GB for a million) and nothing printed until the last
+    was read. Printed a page at a time, memory stays that of a page and of the output."""
+    many = 20_000
+    await dead_deliveries(store, many)
+    config = config_file(tmp_path, database_url)
+    tracemalloc.start()
+    try:
+        listed = await asyncio.to_thread(run, config, "dlq", "list", "--limit", str(many))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert listed.exit_code == 0, listed.output
+    lines = listed.output.splitlines()
+    assert lines[-1] == f"{many} dead deliveries", lines[-1]
+    assert len(lines) == many + 1
+    ids = [line.split()[0] for line in lines[:-1]]
+    assert len(set(ids)) == many  # every one once, across the pages
+    output = len(listed.stdout_bytes) + len(listed.output)
+    assert peak < output + 8_000_000, (peak, output)
 
 
 async def test_what_senders_and_destinations_wrote_cannot_drive_the_terminal_of_whoever_lists(

@@ -6,6 +6,7 @@ made has succeeded."""
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -40,12 +41,20 @@ def _state(n: int) -> str:
 
 @pytest.fixture
 async def history(store: SqlStore) -> list[dict[str, Any]]:
+    return await _stored(store, _state, lambda n: "appointment.booked" if n % 3 == 0 else None)
+
+
+async def _stored(
+    store: SqlStore, state_of: Callable[[int], str], type_of: Callable[[int], str | None]
+) -> list[dict[str, Any]]:
+    """DELIVERIES events of two tenants (`type_of` each, else lead.created), one delivery
+    each, in `state_of`; the engine's statistics then gathered."""
     events = [
         {
             "id": f"evt_{n:06d}",
             "tenant_id": "outra" if n % 4 == 0 else "clinica-sol",
             "source_id": "crm-events",
-            "type": "appointment.booked" if n % 3 == 0 else "lead.created",
+            "type": type_of(n) or "lead.created",
             "idempotency_key": None,
             "occurred_at": T0 + n,
             "received_at": T0 + n,
@@ -60,13 +69,13 @@ async def history(store: SqlStore) -> list[dict[str, Any]]:
             "tenant_id": events[n]["tenant_id"],
             "event_id": events[n]["id"],
             "destination_id": "crm" if n % 2 else "billing",
-            "state": _state(n),
+            "state": state_of(n),
             "priority": 2,
             "attempts": 1,
             "max_attempts": 5,
             "next_attempt_at": T0 + n,
-            "lease_token": "tok" if _state(n) == "in_flight" else None,
-            "lease_expires_at": T0 + n + 30_000 if _state(n) == "in_flight" else None,
+            "lease_token": "tok" if state_of(n) == "in_flight" else None,
+            "lease_expires_at": T0 + n + 30_000 if state_of(n) == "in_flight" else None,
             "created_at": T0 + n,
             "updated_at": T0 + n,
         }
@@ -171,3 +180,24 @@ async def test_a_page_of_dead_deliveries_after_a_cursor_reads_only_that_page(
     assert [(v.updated_at, v.id) for v in listed] == dead[len(dead) // 2 + 1 :][:5]
     plan = await explain(store, dead_list_query(page))
     assert_walks_only(store, plan, "deliveries", {"deliveries_dead"}, 5)
+
+
+async def test_a_page_of_dead_deliveries_of_one_type_never_reads_every_event(
+    store: SqlStore,
+) -> None:
+    """After an outage a tenth of the deliveries are dead, and the operator lists those of
+    one type (`dlq list --event-type`, GET /api/v1/dlq?event_type=): SQLite read the ids of
+    every event of the type, a scan of all the events the store keeps, for each page (and
+    each batch of a replay by type). A page reads the dead ones, each event by its key."""
+    stored = await _stored(
+        store,
+        lambda n: "dead" if n % 10 == 1 else "succeeded",
+        lambda n: "appointment.booked" if n % 7 == 1 else None,
+    )
+    page = DeadLetterFilter(event_type="appointment.booked", limit=20)
+    listed = await store.list_dead(page)
+    booked = [d for d in stored if d["state"] == "dead" and int(d["id"][4:]) % 7 == 1]
+    assert [v.id for v in listed] == [d["id"] for d in booked][:20]
+    plan = await explain(store, dead_list_query(page))
+    assert_walks_only(store, plan, "deliveries", {"deliveries_dead"}, len(booked) * 7)
+    assert_walks_only(store, plan, "events", {"events_pkey", "sqlite_autoindex_events_1"}, 200)

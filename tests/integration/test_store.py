@@ -37,7 +37,15 @@ from estafeta.store.sqlite import WAL_SIZE_LIMIT
 from estafeta.store.sqlstore import SqlStore
 from tests.conftest import base_config, empty_database, lease_any
 from tests.integration.plans import explain_sql, rows_read
-from tests.integration.store_support import NOW, attempt, event, keyed, mode, umask
+from tests.integration.store_support import (
+    NOW,
+    attempt,
+    dead_deliveries,
+    event,
+    keyed,
+    mode,
+    umask,
+)
 
 T = TypeVar("T")
 
@@ -335,6 +343,40 @@ async def test_a_replay_of_more_dead_deliveries_than_a_statement_takes_moves_the
     moved = await store.replay(DeadLetterFilter(limit=many + 1), actor="tester", now_ms=NOW)
     assert len(moved) == many
     assert (await store.queue_stats()).by_state.get("dead", 0) == 0
+
+
+async def test_a_large_replay_lets_ingest_and_workers_through_while_it_goes_on(
+    store: SqlStore,
+) -> None:
+    """After an outage tens of thousands of deliveries are dead, and `dlq replay --all
+    --limit 1000000` replays them. In one transaction it held SQLite's one write lock for
+    all of them (2 s a 100,000): every webhook waited for it, spooled past 5 s, and on both
+    engines no worker could take the first before the last was replayed. A batch at a time,
+    the first replayed are pending while the rest wait, and an event is stored meanwhile."""
+    many = 20_000
+    await dead_deliveries(store, many)
+    replay = asyncio.create_task(
+        store.replay(DeadLetterFilter(limit=1_000_000), actor="tester", now_ms=NOW + 1)
+    )
+    try:
+        async with asyncio.timeout(60):
+            while not (first_seen := (await store.queue_stats()).by_state.get("pending", 0)):
+                await asyncio.sleep(0.002)
+        assert first_seen < many
+        await store.insert_events([event(at=NOW + 2)])
+        # Some of the first replayed die again at once: not replayed a second time.
+        redead = await lease(store, now=NOW + 1, limit=10)
+        await store.complete(
+            [attempt(d, DeliveryState.DEAD, kind=OutcomeKind.PERMANENT) for d in redead], NOW + 3
+        )
+        assert not replay.done()
+    finally:
+        replayed = await replay
+    assert len(replayed) == many
+    assert (await store.queue_stats()).by_state == {"pending": many + 1 - 10, "dead": 10}
+    async with store.engine.connect() as conn:
+        audited = (await conn.execute(text("SELECT detail FROM audit_log"))).scalars().all()
+    assert sum(orjson.loads(detail)["count"] for detail in audited) == many
 
 
 async def test_dead_letters_are_listed_replayed_and_audited(store: SqlStore) -> None:

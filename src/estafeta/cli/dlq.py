@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import click
@@ -28,6 +29,7 @@ T = TypeVar("T")
 
 MAX_LIMIT = 1_000_000  # dead deliveries one `dlq` command takes at most
 MAX_IDS = 10_000  # as POST /api/v1/dlq/replay: past 32767, more than PostgreSQL's parameters
+LIST_PAGE = 1_000  # dead deliveries `dlq list` reads (and holds) at a time
 
 
 def _dlq_filter(
@@ -129,20 +131,36 @@ def dlq_list(config_path: str, as_json: bool, summary: bool, **selection: Any) -
         _summarize(config, chosen, as_json=as_json)
         return
 
-    found = in_selection(config, chosen, lambda store: store.list_dead(chosen))
-    for d in found:
-        if as_json:
-            from estafeta.api.views import delivery_json
+    shown = in_selection(config, chosen, lambda store: _print_pages(store, chosen, as_json))
+    click.echo(counted(shown, "dead delivery", "dead deliveries"), err=True)
 
-            click.echo(orjson.dumps(delivery_json(d)).decode())
-        else:
-            # The type is the sender's, the error the destination's words: escaped.
-            click.echo(
-                f"{d.id}  {d.tenant_id}  {d.destination_id}  {printable(d.event_type)}  "
-                f"attempts={d.attempts}  dead_at={iso_from_ms(d.updated_at)}  "
-                f"{printable(d.last_error or '')}"
-            )
-    click.echo(counted(len(found), "dead delivery", "dead deliveries"), err=True)
+
+async def _print_pages(store: SqlStore, chosen: DeadLetterFilter, as_json: bool) -> int:
+    """Print the selected dead deliveries a page at a time, each page read after the last
+    (as GET /api/v1/dlq's cursor does); returns how many. Read at once, `--limit 1000000`
+    held them all in memory (~1 GB) and printed nothing until the last was read."""
+    shown = 0
+    page = chosen
+    while shown < chosen.batch:
+        wanted = min(chosen.batch - shown, LIST_PAGE)
+        found = await store.list_dead(replace(page, limit=wanted))
+        for d in found:
+            if as_json:
+                from estafeta.api.views import delivery_json
+
+                click.echo(orjson.dumps(delivery_json(d)).decode())
+            else:
+                # The type is the sender's, the error the destination's words: escaped.
+                click.echo(
+                    f"{d.id}  {d.tenant_id}  {d.destination_id}  {printable(d.event_type)}  "
+                    f"attempts={d.attempts}  dead_at={iso_from_ms(d.updated_at)}  "
+                    f"{printable(d.last_error or '')}"
+                )
+        shown += len(found)
+        if len(found) < wanted:
+            break
+        page = replace(page, after=(found[-1].updated_at, found[-1].id))
+    return shown
 
 
 def _summarize(config: Config, chosen: DeadLetterFilter, *, as_json: bool) -> None:

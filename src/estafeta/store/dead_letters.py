@@ -3,29 +3,37 @@
 
 One selection (`DeadLetterFilter`, by ids or by destination, type and time) serves the three.
 A move is a guarded update (`… WHERE state = 'dead'`), written to the audit log in the same
-transaction, and a replayed message send's message is queued again with it.
+transaction, and a replayed message send's message is queued again with it. A large move is
+made `_MOVED_PER_TRANSACTION` at a time, each batch its own transaction.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from sqlalchemy import ColumnElement, Select, case, func, select, tuple_, update
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from estafeta.delivery.state import DeliveryState
 from estafeta.messaging.facts import SEND_DESTINATION_PREFIX
 from estafeta.store import schema as s
 from estafeta.store.audit import audit
-from estafeta.store.base import in_chunks
 from estafeta.store.messaging import MessagingOps
 from estafeta.store.records import DeadGroup, DeadLetterFilter, DeliveryView
 from estafeta.store.views import delivery_view, delivery_view_query, state_is
 
 # The order of every selection: a limited list shows what a move with its limit would take.
 _OLDEST_DEATH_FIRST = (s.deliveries.c.updated_at, s.deliveries.c.id)
-# Most ids one UPDATE names (well under every driver's limit on a statement's parameters).
-_IDS_PER_STATEMENT = 10_000
+# Most dead deliveries one transaction moves. A replay of every one after an outage
+# (`dlq replay --all --limit 1000000`) was one transaction: SQLite's one write lock held
+# 2 s a 100,000, every webhook and worker waiting for it (ingest spooled past 5 s), and on
+# either engine no replayed delivery could be sent before the last was replayed. A batch
+# holds the lock ~20 ms; its ids are as many parameters, well under every driver's limit.
+_MOVED_PER_TRANSACTION = 1_000
 
 
 def dead_conditions(f: DeadLetterFilter) -> list[ColumnElement[bool]]:
@@ -40,8 +48,14 @@ def dead_conditions(f: DeadLetterFilter) -> list[ColumnElement[bool]]:
     if f.destination_id is not None:
         conditions.append(d.c.destination_id == f.destination_id)
     if f.event_type is not None:
+        # Probed by the event's primary key for each dead delivery: SQLite made `event_id IN
+        # (SELECT id FROM events WHERE type = …)` a scan of every event ever stored, each
+        # page of the list (0.1-0.4 s at 300,000 events) and each batch of a move.
+        typed = s.events.alias("typed")
         conditions.append(
-            d.c.event_id.in_(select(s.events.c.id).where(s.events.c.type == f.event_type))
+            select(typed.c.id)
+            .where(typed.c.id == d.c.event_id, typed.c.type == f.event_type)
+            .exists()
         )
     if f.since is not None:
         conditions.append(d.c.updated_at >= f.since)
@@ -134,13 +148,61 @@ class DeadLetterOps(MessagingOps):
         action: str,
         limits: Mapping[str, int],
     ) -> list[str]:
+        """The selected dead deliveries moved, `_MOVED_PER_TRANSACTION` at a time, each batch
+        audited in its own transaction: interrupted, the batches committed stay moved."""
         d = s.deliveries
-        chosen = (
-            select(d.c.id, d.c.destination_id)
+        position = tuple_(*_OLDEST_DEATH_FIRST)
+        # The newest death selected when the move begins: those replayed that die again
+        # meanwhile die after it, and are not replayed twice by one command (nor a death
+        # after it taken, as one transaction would not have seen it).
+        newest = (
+            select(*_OLDEST_DEATH_FIRST)
             .where(*dead_conditions(f))
-            .order_by(*_OLDEST_DEATH_FIRST)
-            .limit(f.batch)
+            .order_by(*(column.desc() for column in _OLDEST_DEATH_FIRST))
+            .limit(1)
         )
+        async with self._read() as conn:
+            last = (await conn.execute(newest)).first()
+        moved: list[str] = []
+        step, left = f, f.batch
+        while last is not None and left > 0:
+            step = replace(step, limit=min(left, _MOVED_PER_TRANSACTION))
+            chosen = (
+                select(d.c.id, d.c.destination_id, d.c.updated_at)
+                .where(*dead_conditions(step), position <= tuple_(*last))
+                .order_by(*_OLDEST_DEATH_FIRST)
+                .limit(step.batch)
+            )
+            async with self._write() as conn:
+                began = time.monotonic()  # the lock is held from here to the commit
+                selected = (await conn.execute(chosen)).all()
+                if not selected:
+                    break
+                pairs = [(row.id, row.destination_id) for row in selected]
+                moved.extend(await self._move_batch(conn, pairs, actor, now_ms, action, limits))
+            left -= len(selected)
+            if self.dialect == "sqlite":
+                # The write lock left free as long as the batch held it: a writer waiting
+                # for it (ingest, a worker) retries at SQLite's busy-handler pauses, up to
+                # 100 ms apart, and the next batch's BEGIN IMMEDIATE at once took it first.
+                await asyncio.sleep(time.monotonic() - began)
+            # The next batch starts after this one (an index range): each batch reads on,
+            # whatever another operator's move of the same rows left dead or not.
+            step = replace(step, after=(selected[-1].updated_at, selected[-1].id))
+        return sorted(moved)
+
+    async def _move_batch(
+        self,
+        conn: AsyncConnection,
+        chosen: Sequence[tuple[str, str]],
+        actor: str,
+        now_ms: int,
+        action: str,
+        limits: Mapping[str, int],
+    ) -> list[str]:
+        """Move those of the `chosen` deliveries (id, destination) still dead, in `conn`'s
+        transaction."""
+        d = s.deliveries
         if action == "replay":
             values: dict[str, Any] = {
                 "state": DeliveryState.PENDING.value,
@@ -151,40 +213,29 @@ class DeadLetterOps(MessagingOps):
             }
         else:
             values = {"state": DeliveryState.DISCARDED.value, "updated_at": now_ms}
-        async with self._write() as conn:
-            selected = [(i, dest) for i, dest in (await conn.execute(chosen)).all()]
-            if not selected:
-                return []
-            # The ids go to the driver as one parameter each: a selection of up to
-            # 1,000,000 would pass SQLite's limit on a statement's variables (32,766 by
-            # default, 250,000 in Debian's build) and asyncpg's (32,767). Moved in chunks,
-            # still in this one transaction; a replayed send's message requeued with its chunk.
-            moved: list[Any] = []
-            for chosen_chunk in in_chunks(selected, _IDS_PER_STATEMENT):
-                stmt = (
-                    update(d)
-                    .where(
-                        d.c.id.in_([delivery_id for delivery_id, _ in chosen_chunk]),
-                        d.c.state == DeliveryState.DEAD.value,
-                    )
-                    .values(**values, **_limits_of(chosen_chunk, limits))
-                    .returning(d.c.id, d.c.tenant_id, d.c.destination_id)
-                )
-                chunk = (await conn.execute(stmt)).all()
-                if action == "replay":
-                    sends = [i for i, _, dest in chunk if dest.startswith(SEND_DESTINATION_PREFIX)]
-                    await self._requeue_sends(conn, sends, now_ms)
-                moved.extend(chunk)
-            per_tenant: dict[str, list[str]] = {}
-            for delivery_id, tenant_id, _ in moved:
-                per_tenant.setdefault(tenant_id, []).append(delivery_id)
-            for tenant_id, delivery_ids in per_tenant.items():
-                await audit(
-                    conn,
-                    tenant_id=tenant_id,
-                    actor=actor,
-                    action=f"dlq.{action}",
-                    detail={"deliveries": sorted(delivery_ids), "count": len(delivery_ids)},
-                    now_ms=now_ms,
-                )
-        return sorted(delivery_id for delivery_id, _, _ in moved)
+        stmt = (
+            update(d)
+            .where(
+                d.c.id.in_([delivery_id for delivery_id, _ in chosen]),
+                d.c.state == DeliveryState.DEAD.value,
+            )
+            .values(**values, **_limits_of(chosen, limits))
+            .returning(d.c.id, d.c.tenant_id, d.c.destination_id)
+        )
+        moved = (await conn.execute(stmt)).all()
+        if action == "replay":
+            sends = [i for i, _, dest in moved if dest.startswith(SEND_DESTINATION_PREFIX)]
+            await self._requeue_sends(conn, sends, now_ms)
+        per_tenant: dict[str, list[str]] = {}
+        for delivery_id, tenant_id, _ in moved:
+            per_tenant.setdefault(tenant_id, []).append(delivery_id)
+        for tenant_id, delivery_ids in per_tenant.items():
+            await audit(
+                conn,
+                tenant_id=tenant_id,
+                actor=actor,
+                action=f"dlq.{action}",
+                detail={"deliveries": sorted(delivery_ids), "count": len(delivery_ids)},
+                now_ms=now_ms,
+            )
+        return [delivery_id for delivery_id, _, _ in moved]
