@@ -351,7 +351,7 @@ class Hub:
         now = self.clock.now_ms()
         message_id = new_id("msg", now)
         source = self.sources[source_id]
-        result = await self.accept(
+        event = self.new_event(
             tenant_id=tenant_id,
             source_id=API_SOURCE,
             event_type=SEND_TYPE,
@@ -372,10 +372,12 @@ class Hub:
                 content=orjson.dumps(content).decode(),
             ),
         )
+        (result,) = await self.accept_all((event,))
         if result.duplicate:
             if result.spooled and self.spool is not None:
                 # The original waits in the spool: the store (down) does not know it yet.
-                return self.spool.spooled_message_id(result.event_id), result
+                key = event.idempotency_key  # as stored (`storable`)
+                return self.spool.spooled_message_id(tenant_id, API_SOURCE, key), result
             return await self.store.message_id_for_event(result.event_id), result
         return message_id, result
 

@@ -26,7 +26,7 @@ from estafeta.ingress.providers.twilio import FORM
 from estafeta.ingress.providers.twilio import signature as twilio_signature
 from estafeta.ingress.spool import Spool
 from estafeta.store import open_store, schema
-from estafeta.store.records import CompletedAttempt
+from estafeta.store.records import CompletedAttempt, InsertResult
 from estafeta.store.sqlstore import SqlStore
 from tests.conftest import base_config, lease_any
 from tests.deep_json import nested
@@ -1205,6 +1205,40 @@ async def test_a_send_repeated_during_an_outage_gets_the_original_message(
         again_id, again = await hub.send_message(**send)  # type: ignore[arg-type]
         assert again.duplicate and again.event_id == first.event_id
         assert again_id == first_id
+    finally:
+        await hub.close()
+        await store.close()
+
+
+async def test_a_send_repeated_past_the_keys_the_spool_remembers_gets_the_original_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An outage spooled more keyed sends than the spool remembers (`REMEMBERED_KEYS`,
+    100,000). The retry of one it forgot, still waiting in the spool, was queued anew: a new
+    message id and event id, which the drain then dropped as the original's duplicate, so
+    the message id answered never existed. It gets the original message back instead."""
+    monkeypatch.setattr("estafeta.ingress.spool.REMEMBERED_KEYS", 3)
+    data = base_config(UNREACHABLE)
+    data["sources"].append(WA_SOL)
+    config = load_config_dict(data)
+    store = open_store(UNREACHABLE)
+    hub = Hub(config, store, spool=Spool(tmp_path / "spool", max_bytes=10**6))
+
+    async def send(n: int) -> tuple[str | None, InsertResult]:
+        return await hub.send_message(
+            tenant_id="clinica-sol",
+            source_id="wa-sol",
+            to="+5511987654321",
+            content={"text": f"Mensagem {n}"},
+            idempotency_key=f"reply-{n}",
+        )
+
+    try:
+        sent = [await send(n) for n in range(5)]
+        again_id, again = await send(0)
+        first_id, first = sent[0]
+        assert (again.event_id, again.duplicate) == (first.event_id, True)
+        assert again_id == first_id is not None
     finally:
         await hub.close()
         await store.close()

@@ -496,6 +496,32 @@ async def test_a_repeat_accepted_after_an_outage_before_the_drain_gets_the_spool
         await hub.close()
 
 
+async def test_a_repeat_of_a_key_the_spool_no_longer_remembers_gets_the_original_id(
+    config: Config, store: SqlStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The spool remembers the keys of its last 100,000 events (`REMEMBERED_KEYS`); a long
+    outage spooled more. A repeat of a key it forgot, whose original still waited in the
+    spool, was journaled anew with an id of its own, and the drain dropped that as the
+    original's duplicate: the id answered never existed. It is answered as the original,
+    during the outage and once the store answers (spooled behind its key's events)."""
+    monkeypatch.setattr("estafeta.ingress.spool.REMEMBERED_KEYS", 3)
+    hub, blink = blinking_hub(config, store, tmp_path, monkeypatch)
+    try:
+        originals = [
+            (await hub.accept_all([message(hub, n, idempotent=True)]))[0] for n in range(5)
+        ]
+        (again,) = await hub.accept_all([message(hub, 0, idempotent=True)])
+        blink.down = False
+        (later,) = await hub.accept_all([message(hub, 1, idempotent=True)])
+        assert (again.event_id, again.duplicate) == (originals[0].event_id, True)
+        assert (later.event_id, later.duplicate) == (originals[1].event_id, True)
+        assert hub.spool is not None and await hub.spool.drain(store) == 5
+        for result in (again, later):
+            assert await store.get_event(result.event_id, "clinica-sol") is not None
+    finally:
+        await hub.close()
+
+
 async def test_a_keys_events_accepted_after_an_outage_wait_behind_its_spooled_ones(
     config: Config, store: SqlStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

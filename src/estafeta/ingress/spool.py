@@ -112,7 +112,9 @@ class Spool:
         )
         # Idempotency keys journaled by this process, so that a provider's redelivery during
         # the outage gets the original id back instead of a new one that the drain would
-        # drop as a duplicate. Bounded: the oldest are forgotten first.
+        # drop as a duplicate. Bounded: the oldest are forgotten first, which only matters
+        # once drained (`_undrained` answers for the others, however many), as when a later
+        # outage repeats a key of an earlier one.
         self._keys: OrderedDict[tuple[str, str, str], str] = OrderedDict()
         # The message id of each keyed message send journaled (event id → message id), so
         # that a repeated POST /api/v1/messages during the outage gets the original message
@@ -123,10 +125,11 @@ class Spool:
         # spooled behind them (Hub.accept_all), or they would be sent before them.
         self._ordered: dict[tuple[str, str], str] = {}
         # The idempotency keys of events journaled by this process and not yet imported:
-        # key → (event id, segment). Stored anew before the drain imports its original, a
-        # repeat would get an id of its own, and the drain would drop the original, whose id
-        # the sender was answered (Hub.accept_all answers the repeat as the original).
-        self._undrained: dict[tuple[str, str, str], tuple[str, str]] = {}
+        # key → (event id, segment, message id of a message send). Stored or spooled anew
+        # before the drain imports its original, a repeat would get an id of its own, and
+        # the drain would drop it, so the id answered would never exist (Hub.accept_all and
+        # `spooled_id` answer the repeat as the original). Not bounded: the drain empties it.
+        self._undrained: dict[tuple[str, str, str], tuple[str, str, str | None]] = {}
         # When the drain last got through: a round that ended, or a segment imported. From
         # start-up until the first round, events left by an earlier process are not late.
         self.progress_at = self.clock.now_ms()
@@ -140,14 +143,25 @@ class Spool:
     # -- writing ----------------------------------------------------------------------------
 
     def spooled_id(self, tenant_id: str, source_id: str, key: str | None) -> str | None:
-        """The id of an event this process spooled with the same idempotency key, if any."""
+        """The id of an event this process spooled with the same idempotency key, if any:
+        always while the drain has not imported it, and among those it has, recent ones."""
         if key is None:
             return None
-        return self._keys.get((tenant_id, source_id, key))
+        idem = (tenant_id, source_id, key)
+        waiting = self._undrained.get(idem)
+        return waiting[0] if waiting is not None else self._keys.get(idem)
 
-    def spooled_message_id(self, event_id: str) -> str | None:
-        """The message id of a message send this process spooled with a key, if any."""
-        return self._messages.get(event_id)
+    def spooled_message_id(self, tenant_id: str, source_id: str, key: str | None) -> str | None:
+        """The message id of the message send this process spooled with this key, if any
+        (as `spooled_id`)."""
+        if key is None:
+            return None
+        idem = (tenant_id, source_id, key)
+        waiting = self._undrained.get(idem)
+        if waiting is not None:
+            return waiting[2]
+        event_id = self._keys.get(idem)
+        return None if event_id is None else self._messages.get(event_id)
 
     def undrained_id(self, tenant_id: str, source_id: str, key: str | None) -> str | None:
         """The id of an event this process spooled with this idempotency key and the drain
@@ -220,7 +234,8 @@ class Spool:
                 for event in events:
                     if event.idempotency_key is not None:
                         idem = (event.tenant_id, event.source_id, event.idempotency_key)
-                        self._undrained[idem] = (event.id, self._segment)
+                        message_id = None if event.message is None else event.message.id
+                        self._undrained[idem] = (event.id, self._segment, message_id)
                     for delivery in event.deliveries:
                         if delivery.ordering_key is not None:
                             key = (event.tenant_id, delivery.ordering_key)
