@@ -487,6 +487,26 @@ async def test_a_client_that_reads_its_answer_slowly_gets_it_whole() -> None:
     assert body == BIG
 
 
+async def test_a_client_that_reads_steadily_slower_than_the_kernel_refills_gets_it_whole() -> None:
+    """The kernel holds megabytes of an answer and takes more from the server only once a
+    third of them is read: a client reading 1.3 MB/s left the server's share unmoved for over
+    a second, and was disconnected after 0.5 s (30 s: a client under 45 KB/s) mid-answer."""
+    async with (
+        served(app, client_timeout_s=0.5) as port,
+        connected(port) as (reader, writer),
+    ):
+        writer.write(b"GET /big HTTP/1.1\r\nhost: t\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 202 ")
+        body = b""
+        while len(body) < len(BIG):  # 128 KiB every 0.1 s: 6.4 s in all
+            body += await asyncio.wait_for(
+                reader.readexactly(min(131_072, len(BIG) - len(body))), 5
+            )
+            await asyncio.sleep(0.1)
+    assert body == BIG
+
+
 async def test_a_webhook_whose_body_stops_coming_is_answered_408(
     store: SqlStore, config: Config
 ) -> None:
@@ -506,6 +526,21 @@ async def test_pipelined_requests_past_16_waiting_are_left_unanswered() -> None:
     pipelined = request("/slow", b"first") + b"GET /a HTTP/1.1\r\nhost: t\r\n\r\n" * 1000
     async with served(app) as port, connected(port) as (reader, writer):
         writer.write(pipelined)
+        received = await asyncio.wait_for(reader.read(), 10)
+    answers = received.split(b"HTTP/1.1 ")[1:]
+    assert len(answers) == 1 + MAX_PIPELINED
+    assert answers[0].endswith(b"got first") and b"connection: close" in answers[-1]
+
+
+async def test_a_graceful_stop_answers_the_requests_kept_of_a_long_pipeline() -> None:
+    """Past 16 waiting requests uvicorn took the connection for one between requests and
+    closed it at once on a stop: no answer, not even the one being made (a webhook stored
+    and not acknowledged, so sent again)."""
+    pipelined = request("/slow", b"first") + b"GET /a HTTP/1.1\r\nhost: t\r\n\r\n" * 100
+    async with serving(app) as server, connected(port_of(server)) as (reader, writer):
+        writer.write(pipelined)
+        await until(lambda: bool(server.server_state.tasks), 5)  # /slow is being answered
+        server.should_exit = True
         received = await asyncio.wait_for(reader.read(), 10)
     answers = received.split(b"HTTP/1.1 ")[1:]
     assert len(answers) == 1 + MAX_PIPELINED
