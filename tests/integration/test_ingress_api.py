@@ -595,6 +595,41 @@ async def test_a_dlq_selection_naming_an_unknown_tenant_or_destination_is_404(
     assert (r.status_code, r.json()["count"]) == (200, 0)
 
 
+async def test_a_tenant_selects_its_dead_deliveries_to_a_destination_id_now_anothers(
+    client: Client,
+) -> None:
+    # outra's `crm` removed, clinica-sol's `crm` configured later: outra's deliveries still
+    # waiting for it are dead-lettered (`no destination 'crm' is configured for tenant
+    # 'outra'`). Before: its own DLQ, listed whole, showed them, but `?destination=crm` was
+    # 404 "no destination 'crm'" for it, so they could be neither found nor discarded by it.
+    await client.store.insert_events(
+        [
+            msgspec.structs.replace(
+                new_event(
+                    "evt_outra",
+                    NewDelivery(id="dlv_outra", destination_id="crm", priority=1, max_attempts=3),
+                ),
+                tenant_id="outra",
+                source_id="outra-in",
+            )
+        ]
+    )
+    async with client.store.engine.begin() as conn:
+        await conn.execute(text("UPDATE deliveries SET state = 'dead'"))
+    outra = {"authorization": f"Bearer {OUTRA_KEY}"}
+    for headers, selection in [
+        (outra, {"destination": "crm"}),
+        (ADMIN, {"tenant": "outra", "destination": "crm"}),
+    ]:
+        listed = await client.http.get("/api/v1/dlq", params=selection, headers=headers)
+        assert (listed.status_code, listed.json().get("count")) == (200, 1), listed.json()
+    r = await client.http.post("/api/v1/dlq/discard", json={"destination": "crm"}, headers=outra)
+    assert (r.status_code, r.json()) == (200, {"discarded": ["dlv_outra"], "count": 1})
+    # A destination id none of the tenant's deliveries names is still unknown to it.
+    r = await client.http.get("/api/v1/dlq", params={"destination": "billing"}, headers=outra)
+    assert (r.status_code, r.json()["detail"]) == (404, "no destination 'billing'")
+
+
 async def test_the_dead_letter_queue_is_listed_page_by_page(client: Client) -> None:
     # Beyond the largest `limit` a DLQ could not be read whole; `next` pages through it in
     # the order of death, ties included, each dead delivery exactly once.

@@ -965,6 +965,38 @@ async def test_a_delivery_of_another_tenant_to_a_reused_destination_id_is_not_se
     assert sink.delivered_ids == {mine.id}
 
 
+async def test_another_tenants_deliveries_to_a_reused_id_spend_none_of_its_rate_limit(
+    store: SqlStore, sink: Sink, database_url: str
+) -> None:
+    """outra's deliveries still waiting for `crm` (now clinica-sol's) are dead-lettered
+    without a send: they must not take clinica-sol's `rate_limit` from its own deliveries
+    (before: each took a send's place in it, and clinica-sol's waited for the refill, here
+    a minute; a backlog of them, hours), nor wait for its circuit."""
+    config = config_for(database_url, sink, rate_limit="1/minute")
+    theirs = msgspec.structs.replace(
+        new_event(
+            new_id("evt", 1),
+            NewDelivery(id=new_id("dlv", 1), destination_id="crm", priority=2, max_attempts=5),
+        ),
+        tenant_id="outra",
+        source_id="outra-in",
+    )
+    mine = new_event(
+        new_id("evt", 2),
+        NewDelivery(id=new_id("dlv", 2), destination_id="crm", priority=2, max_attempts=5),
+    )
+    await store.insert_events([theirs, mine])
+    hub = Running(store, config)
+    try:
+        their_view = await settled(store, theirs.id)
+        my_view = await settled(store, mine.id)
+    finally:
+        await hub.stop()
+    assert [d.state for d in their_view.deliveries] == ["dead"]
+    assert [(d.state, d.attempts) for d in my_view.deliveries] == [("succeeded", 1)]
+    assert sink.delivered_ids == {mine.id}
+
+
 async def test_fresh_deliveries_to_a_capped_destination_are_stored_pending_and_leased(
     store: SqlStore, sink: Sink, database_url: str
 ) -> None:

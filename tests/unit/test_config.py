@@ -573,6 +573,16 @@ INVALID_CASES: list[tuple[str, str, list[str]]] = [
         '[redis]\nurl = "redis://cache:6379/0?protocol=4"',
         ["redis.url: invalid Redis URL: protocol must be either 2 or 3"],
     ),
+    (  # Before: accepted, and `serve` ended in a LookupError traceback at its first command
+        "a Redis text encoding Python does not know",
+        '[redis]\nurl = "redis://cache:6379/0?encoding=utf8mb4"',
+        ["redis.url: invalid Redis URL: unknown encoding: utf8mb4"],
+    ),
+    (
+        "a Redis encoding error handler Python does not know",
+        '[redis]\nurl = "redis://cache:6379/0?encoding_errors=skip"',
+        ["redis.url: invalid Redis URL: unknown error handler name 'skip'"],
+    ),
     (  # it starts every key: `<prefix>circuits`, not `stagingcircuits`
         "a Redis key prefix that does not end with a colon",
         '[redis]\nkey_prefix = "staging"',

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -351,12 +352,16 @@ class RedisConfig(_Model):
         # or an unknown parameter would otherwise fail only once running, in every task that
         # touches Redis.
         try:
-            ConnectionPool.from_url(value).make_connection()  # type: ignore[no-untyped-call]
+            connection = ConnectionPool.from_url(value).make_connection()  # type: ignore[no-untyped-call]
+            # Looked up only as the first command is encoded: a LookupError in every task.
+            codecs.lookup(connection.encoder.encoding)
+            codecs.lookup_error(connection.encoder.encoding_errors)
         except TypeError:  # an unknown query parameter, passed on as a keyword
             raise ValueError("invalid Redis URL: unsupported parameter in its query") from None
         # A port that is not a number, a bad db or option; RedisError: a value the client
-        # refuses as it makes the connection (`ssl_cert_reqs`, `protocol`).
-        except (ValueError, RedisError) as exc:
+        # refuses as it makes the connection (`ssl_cert_reqs`, `protocol`); LookupError: an
+        # `encoding` or `encoding_errors` Python does not know.
+        except (ValueError, RedisError, LookupError) as exc:
             raise ValueError(f"invalid Redis URL: {exc}") from None
         return value
 

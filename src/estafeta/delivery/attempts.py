@@ -112,7 +112,6 @@ class Attempts:
         rand: Callable[[], float],
         policies: dict[str, BackoffPolicy],
         limits: dict[str, int],
-        owners: dict[str, str],
         ceilings: dict[str, float],
         max_attempt_s: float,
         caps: dict[str, int],
@@ -129,7 +128,6 @@ class Attempts:
         self._rand = rand
         self._policies = policies
         self._limits = limits
-        self._owners = owners  # destination -> its tenant (destination_tenants)
         self._ceilings = ceilings
         self._max_attempt_s = max_attempt_s
         self._caps = caps
@@ -154,20 +152,24 @@ class Attempts:
         self._stopping = asyncio.Event()
         self.sent = 0  # attempts made, for reports and tests
 
-    def start(self, loop: asyncio.AbstractEventLoop, delivery: LeasedDelivery) -> None:
+    def start(
+        self, loop: asyncio.AbstractEventLoop, delivery: LeasedDelivery, *, foreign: bool = False
+    ) -> None:
         """Send `delivery` now, in a task of its own (`loop` is the running one: the caller
-        looks it up once per batch, as each lookup is a getpid() call)."""
+        looks it up once per batch, as each lookup is a getpid() call). A `foreign` one
+        (its destination id names another tenant's destination, destination_tenants) is
+        never sent: it is dead-lettered, as to a destination no longer configured."""
         # The attempt starts when the limiter admits it: its `started_at` is then the
         # moment counted in the destination's window, not a later turn of the loop.
-        task = loop.create_task(self._attempt(delivery, self.clock.now_ms()))
+        task = loop.create_task(self._attempt(delivery, self.clock.now_ms(), foreign))
         self.in_flight[task] = delivery
         task.add_done_callback(self._finished)
         self.sending[delivery.destination_id] = self.sending.get(delivery.destination_id, 0) + 1
 
     # -- one attempt ------------------------------------------------------------------------
 
-    async def _attempt(self, delivery: LeasedDelivery, started_at: int) -> None:
-        outcome = await self._send(delivery)
+    async def _attempt(self, delivery: LeasedDelivery, started_at: int, foreign: bool) -> None:
+        outcome = _not_its_tenants(delivery) if foreign else await self._send(delivery)
         task = asyncio.current_task()
         if task is not None:
             self._answered.add(task)
@@ -242,15 +244,6 @@ class Attempts:
                 0.0,
                 error_class="unknown_destination",
                 response_excerpt=f"no destination {delivery.destination_id!r} is configured",
-            )
-        if self._owners.get(delivery.destination_id) != delivery.tenant_id:
-            # Its id now names another tenant's destination: to that tenant's it never goes.
-            return Outcome(
-                OutcomeKind.PERMANENT,
-                0.0,
-                error_class="unknown_destination",
-                response_excerpt=f"no destination {delivery.destination_id!r} is configured"
-                f" for tenant {delivery.tenant_id!r}",
             )
         ceiling = self._ceilings.get(delivery.destination_id, self._max_attempt_s)
         started = time.perf_counter()
@@ -331,6 +324,18 @@ class Attempts:
         if self._recording:
             await asyncio.gather(*self._recording, return_exceptions=True)
         return list(unfinished.values())
+
+
+def _not_its_tenants(delivery: LeasedDelivery) -> Outcome:
+    """The outcome of a delivery whose destination id now names another tenant's
+    destination: to that tenant's endpoint it never goes."""
+    return Outcome(
+        OutcomeKind.PERMANENT,
+        0.0,
+        error_class="unknown_destination",
+        response_excerpt=f"no destination {delivery.destination_id!r} is configured"
+        f" for tenant {delivery.tenant_id!r}",
+    )
 
 
 async def _cancel(tasks: Collection[asyncio.Task[None]]) -> None:

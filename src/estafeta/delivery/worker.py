@@ -135,6 +135,9 @@ class Worker:
         self._named = frozenset(self._destinations)
         # A destination with a `max_in_flight` is never given more room than its cap leaves.
         self._caps = {d.id: d.max_in_flight for d in config.destinations if d.max_in_flight}
+        # The tenant of each destination a lease may name: a delivery of another tenant is
+        # never sent (attempts.py), nor does it spend the destination's rate limit.
+        self._owners = destination_tenants(config)
         self._cap_freed = asyncio.Event()  # a capped destination at its cap freed a slot
         self._attempts = Attempts(  # the sends in flight, and their records (attempts.py)
             store,
@@ -144,7 +147,6 @@ class Worker:
             rand=rand,
             policies=policies,
             limits=limits,
-            owners=destination_tenants(config),
             ceilings=ceilings,
             max_attempt_s=self.settings.max_attempt_s,
             caps=self._caps,
@@ -420,14 +422,24 @@ class Worker:
         A circuit may have opened since the batch was leased or handed over (the commit or
         the lease statement takes milliseconds, and failing sends record meanwhile): its
         deliveries go back pending, due now, and the lease holds them back until the circuit
-        lets a probe through. A `probe` is the one delivery its half-open circuit admitted."""
+        lets a probe through. A `probe` is the one delivery its half-open circuit admitted.
+
+        A delivery whose destination id now names another tenant's destination (or none
+        configured here) is started at once, to be dead-lettered unsent: it takes nothing
+        of the rate limit the destination's own deliveries wait for."""
         snoozed: list[LeasedDelivery] = []
         held: set[str] = set() if probe else self.breakers.not_closed()
         loop = asyncio.get_running_loop()  # once per batch: each lookup is a getpid() call
         start = self._attempts.start
+        owners = self._owners
         for delivery in batch:
             if delivery.destination_id in held:
                 snoozed.append(delivery)
+                continue
+            owner = owners.get(delivery.destination_id)
+            if owner != delivery.tenant_id:
+                # None: no destination of that id here (attempts.py says so, unsent).
+                start(loop, delivery, foreign=owner is not None)
                 continue
             wait_s = await self.throttle.acquire(delivery.destination_id)
             if wait_s is not None:

@@ -25,8 +25,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
-from sqlalchemy import select
+from sqlalchemy import bindparam, select, update
 
+from estafeta.delivery.state import DeliveryState
 from estafeta.errors import StoreError
 from estafeta.messaging.facts import SEND_DESTINATION_PREFIX
 from estafeta.store import schema as s
@@ -38,11 +39,11 @@ from estafeta.store.dead_letters import DeadLetterOps
 from estafeta.store.ingest import IngestOps
 from estafeta.store.leases import LeaseOps
 from estafeta.store.processes import ProcessOps
-from estafeta.store.views import ViewOps
+from estafeta.store.views import ViewOps, state_is
 from estafeta.urls import outline
 
 if TYPE_CHECKING:
-    from sqlalchemy.ext.asyncio import AsyncEngine
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
     from estafeta.config import Config
     from estafeta.store.records import DeadLetterFilter
@@ -139,6 +140,7 @@ class SqlStore(
                     set_={k: getattr(stmt.excluded, k) for k in rows[0] if k != "id"},
                 )
                 await conn.execute(stmt, rows)
+            await _outline_stored_urls(conn)
 
     async def tenant_exists(self, tenant_id: str) -> bool:
         query = select(s.tenants.c.id).where(s.tenants.c.id == tenant_id)
@@ -159,12 +161,44 @@ class SqlStore(
     async def unknown_in(self, chosen: DeadLetterFilter) -> tuple[str, str] | None:
         """The tenant or destination a DLQ selection names that the store does not know, as
         (what, name): such a selection finds nothing, whatever the DLQ holds, and "0 dead
-        deliveries" would hide the typo. A tenant's selection knows only its destinations."""
+        deliveries" would hide the typo. A tenant's selection knows only its destinations,
+        and those its dead deliveries name: a destination id the configuration has since
+        given to another tenant leaves them dead there (`unknown_destination`)."""
         if chosen.tenant_id is not None and not await self.tenant_exists(chosen.tenant_id):
             return "tenant", chosen.tenant_id
         destination = chosen.destination_id
-        if destination is not None and not await self.destination_exists(
-            destination, chosen.tenant_id
+        if (
+            destination is not None
+            and not await self.destination_exists(destination, chosen.tenant_id)
+            and not (
+                chosen.tenant_id is not None and await self._has_dead(chosen.tenant_id, destination)
+            )
         ):
             return "destination", destination
         return None
+
+    async def _has_dead(self, tenant_id: str, destination_id: str) -> bool:
+        """Whether a dead delivery of `tenant_id` names `destination_id` (by the tenant's
+        index by state; asked only when the store does not give the tenant that destination)."""
+        d = s.deliveries
+        query = select(d.c.id).where(
+            d.c.tenant_id == tenant_id,
+            state_is(DeliveryState.DEAD),
+            d.c.destination_id == destination_id,
+        )
+        async with self._read() as conn:
+            return (await conn.execute(query.limit(1))).first() is not None
+
+
+async def _outline_stored_urls(conn: AsyncConnection) -> None:
+    """Rewrite every destination URL stored whole (by a version before the outline) to its
+    outline, those of destinations since removed from the file too: sync never deletes
+    their rows, which would keep a hook's token in every dump for good. One read of a row
+    per destination at start; a write only the first time."""
+    d = s.destinations
+    rows = (await conn.execute(select(d.c.id, d.c.url).where(d.c.url.is_not(None)))).all()
+    whole = [{"b_id": i, "b_url": outline(url)} for i, url in rows if outline(url) != url]
+    if whole:
+        await conn.execute(
+            update(d).where(d.c.id == bindparam("b_id")).values(url=bindparam("b_url")), whole
+        )
