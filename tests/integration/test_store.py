@@ -160,6 +160,84 @@ async def test_the_same_key_at_two_processes_at_once_is_stored_once(
     assert (await store.queue_stats(history=True)).by_state == {"pending": 10}
 
 
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_two_processes_storing_the_same_keys_in_another_order_both_succeed(
+    store: SqlStore, other_store: SqlStore, database_url: str
+) -> None:
+    """A provider resends a burst of webhooks to two `serve` processes at once (a balancer
+    in front): their batches hold the same keys in another order. On PostgreSQL a key being
+    stored waits for whoever is storing it to commit: each batch held a key the other
+    waited for, a deadlock, and the batch PostgreSQL chose to fail was taken for an outage
+    (every request of it spooled, or answered 503 without a spool)."""
+    # A third request is storing "c", not committed yet: the first batch waits for it, the
+    # second then for the first (before: holding "a", which the first would store next).
+    async with store.engine.connect() as holder:
+        await holder.execute(
+            insert(s.events).values(
+                id="evt_held",
+                tenant_id="clinica-sol",
+                source_id="crm-events",
+                type="t",
+                idempotency_key="c",
+                occurred_at=NOW,
+                received_at=NOW,
+                payload="{}",
+            )
+        )
+        first = asyncio.ensure_future(store.insert_events([event("b"), event("c"), event("a")]))
+        await until_waiting_for_locks(database_url, 1)
+        second = asyncio.ensure_future(other_store.insert_events([event("a"), event("b")]))
+        await until_waiting_for_locks(database_url, 2)
+        await holder.rollback()  # the third request failed: "c" is the first batch's
+    results = await asyncio.wait_for(asyncio.gather(first, second), timeout=10)
+    stored = {r.event_id for batch in results for r in batch if not r.duplicate}
+    assert len(stored) == 3
+    assert {r.event_id for batch in results for r in batch} == stored
+    assert (await store.queue_stats(history=True)).by_state == {"pending": 3}
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_two_processes_starting_on_files_listing_tenants_in_another_order_both_start(
+    store: SqlStore, other_store: SqlStore, database_url: str
+) -> None:
+    """A rolling change that reorders the tenants: a process on the old file and one on the
+    new start at once, each recording its configuration in the store. Rows written in the
+    file's order each held a tenant the other waited for, a deadlock, and the process
+    PostgreSQL chose to fail did not start ("the store cannot be reached", exit 3)."""
+    data = base_config(database_url)
+    old = load_config_dict(data)
+    new = load_config_dict({**data, "tenants": list(reversed(data["tenants"]))})
+    await store.sync_config(old, NOW)
+    async with store.engine.connect() as holder:
+        # A third process, its configuration half recorded: "outra" is held.
+        await holder.execute(text("SELECT 1 FROM tenants WHERE id = 'outra' FOR UPDATE"))
+        # The new file's process waits first, then the old one's.
+        starting: list[asyncio.Future[None]] = []
+        for waiting, (process, config) in enumerate(((other_store, new), (store, old)), 1):
+            starting.append(asyncio.ensure_future(process.sync_config(config, NOW + 1)))
+            await until_waiting_for_locks(database_url, waiting)
+        await holder.commit()
+    await asyncio.wait_for(asyncio.gather(*starting), timeout=10)
+
+
+async def until_waiting_for_locks(database_url: str, count: int) -> None:
+    """Until `count` sessions of the database wait for a lock (10 s at most)."""
+    monitor = await asyncpg.connect(database_url)
+    try:
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:
+            waiting = await monitor.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock'"
+            )
+            if waiting >= count:
+                return
+            assert asyncio.get_running_loop().time() < deadline, f"{waiting} waiting"
+            await asyncio.sleep(0.01)
+    finally:
+        await monitor.close()
+
+
 async def test_a_batch_whose_fates_cannot_be_told_commits_nothing(
     store: SqlStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -132,6 +132,10 @@ class SqlStore(
                     continue
                 for row in rows:
                     row["updated_at"] = now_ms
+                # In id order, not the file's: processes starting at once on files that list
+                # them in another order (a rolling change) would each hold a row the other
+                # waits for, a deadlock on PostgreSQL that fails one of them at start.
+                rows.sort(key=lambda row: str(row["id"]))
                 # One executemany per table: a statement per row took seconds at every start
                 # for a configuration of hundreds of tenants.
                 stmt = self._insert(table)

@@ -7,7 +7,10 @@
 -- `incoming` parses the events once (MATERIALIZED: `stored` and `counted` both read it).
 -- `stored`: ON CONFLICT skips an event whose (tenant, source, idempotency key) is already
 -- stored, even when another process stores it at this very moment; RETURNING names the events
--- that were stored.
+-- that were stored. A key another batch is storing waits for that batch to commit, so rows go
+-- in key order: two batches holding the same keys in another order (a provider's burst of
+-- resends spread over two processes) each waited for a key the other held, a deadlock that
+-- failed one of them as an outage.
 -- `delivered`: the deliveries of every event of the batch, of which only those of events
 -- just stored are inserted (a duplicate's deliveries were made with the original); each is
 -- pending, or in flight under the lease the in-process worker took as it was stored.
@@ -39,6 +42,7 @@ WITH incoming AS MATERIALIZED (
     SELECT id, tenant_id, source_id, type, idempotency_key, occurred_at, received_at, payload,
            raw, conversation_id, message_ref
     FROM incoming
+    ORDER BY tenant_id, source_id, idempotency_key
     ON CONFLICT (tenant_id, source_id, idempotency_key) DO NOTHING
     RETURNING id
 ), delivered AS (
