@@ -70,6 +70,9 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 MAX_HEAD_BYTES = 65_536  # a request line and headers larger than this are refused: 431
 MAX_PIPELINED = 16  # requests waiting behind the one being answered, on one connection
+# The scope key of a refusal this protocol answered while the app read the body: the app sees
+# only a disconnect, and counts and logs the refusal as the sender was answered (read_body).
+CUT_OFF = "estafeta.cut_off"
 
 Send = Callable[[Any], Awaitable[None]]
 
@@ -263,7 +266,8 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()
             return
         if cycle is not None and not cycle.response_complete:
-            # The app waits for the body: it is told the client went away.
+            # The app waits for the body: it is told the client went away, and why.
+            cycle.scope[CUT_OFF] = (status, error, detail)  # type: ignore[literal-required]
             cycle.disconnected = True
             cycle.message_event.set()
         body = orjson.dumps({"error": error, "detail": detail})

@@ -15,6 +15,7 @@ from estafeta.api.app import create_app
 from estafeta.config import Config
 from estafeta.http_protocol import CONTINUE, MAX_PIPELINED, HeadWithBody
 from estafeta.hub import Hub
+from estafeta.observability.metrics import REGISTRY
 from estafeta.server import GracefulServer, uvicorn_server
 from estafeta.store.sqlstore import SqlStore
 from estafeta.testing.sink import Sink
@@ -514,10 +515,19 @@ async def test_a_webhook_whose_body_stops_coming_is_answered_408(
         served(create_app(Hub(config, store)), client_timeout_s=1) as port,
         connected(port) as (reader, writer),
     ):
+        counted = {"source": "keyed", "error": "request_timeout"}
+        before = REGISTRY.get_sample_value("estafeta_ingest_refused_total", counted) or 0
         writer.write(webhook()[:-5])
         received = await read_to_the_end(reader)
-    assert received.startswith(b"HTTP/1.1 408 ")
-    assert b'"error":"request_timeout"' in received
+        assert received.startswith(b"HTTP/1.1 408 ")
+        assert b'"error":"request_timeout"' in received
+
+        # Counted and logged as the sender was answered, not as a client gone away (400):
+        # the app learns of it as the connection closes.
+        def refused() -> float | None:
+            return REGISTRY.get_sample_value("estafeta_ingest_refused_total", counted)
+
+        await until(lambda: refused() == before + 1, 5)
 
 
 async def test_pipelined_requests_past_16_waiting_are_left_unanswered() -> None:

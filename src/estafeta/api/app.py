@@ -182,7 +182,7 @@ class Root:
                 raise nul_refusal(where)
             # Read whole before the API sees it (bounded by the limit): a refusal raised
             # while FastAPI reads would reach the client as its own generic 400.
-            body = await read_body(receive, limit)
+            body = await read_body(scope, receive, limit)
             not_utf8 = not_utf8_json(body)
             if not_utf8 is not None:
                 raise HttpError(

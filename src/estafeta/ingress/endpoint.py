@@ -19,6 +19,7 @@ import orjson
 import structlog
 
 from estafeta.errors import HttpError, StoreUnavailable
+from estafeta.http_protocol import CUT_OFF
 from estafeta.ingress.providers.base import InboundRequest
 
 if TYPE_CHECKING:
@@ -74,14 +75,20 @@ def check_declared_length(headers: dict[str, str], limit: int) -> None:
         raise HttpError(413, "body_too_large", f"the body is over the {limit}-byte limit")
 
 
-async def read_body(receive: Receive, limit: int) -> bytes:
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it is known to exceed `limit` bytes."""
     chunks: list[bytes] = []
     total = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise HttpError(400, "invalid_request", "the client disconnected")
+            # The server's own refusal (a body not whole in time: 408), or the client gone.
+            status, error, detail = scope.get(CUT_OFF) or (
+                400,
+                "invalid_request",
+                "the client disconnected",
+            )
+            raise HttpError(status, error, detail)
         chunk: bytes = message.get("body", b"")
         total += len(chunk)
         if total > limit:
@@ -184,7 +191,7 @@ class IngestApp:
         if method == "POST":
             limit = self.max_body_bytes
             check_declared_length(headers, limit)
-            body = await read_body(receive, limit)
+            body = await read_body(scope, receive, limit)
         request = inbound_request(scope, headers, body)
         if method == "GET":
             challenge = handler.handshake(request)
