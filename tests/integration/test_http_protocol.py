@@ -471,7 +471,21 @@ async def test_a_client_that_never_reads_its_answer_is_let_go() -> None:
             await until(lambda: not server.server_state.connections, 5)
 
 
-async def test_a_client_that_reads_its_answer_slowly_gets_it_whole() -> None:
+@pytest.mark.parametrize(
+    ("chunk", "pause_s"),
+    [
+        (1_048_576, 0.2),  # 1 MiB every 0.2 s: 1.6 s in all
+        # 128 KiB every 0.1 s, 6.4 s in all: the kernel holds megabytes of an answer and takes
+        # more from the server only once a third of them is read, so the server's share stayed
+        # unmoved for over a second, and the client was let go after 0.5 s mid-answer (with
+        # 30 s: any client under 45 KB/s).
+        (131_072, 0.1),
+    ],
+    ids=["reading-fast-enough-for-the-kernel", "reading-slower-than-the-kernel-refills"],
+)
+async def test_a_client_that_reads_its_answer_slowly_gets_it_whole(
+    chunk: int, pause_s: float
+) -> None:
     async with (
         served(app, client_timeout_s=0.5) as port,
         connected(port) as (reader, writer),
@@ -480,31 +494,9 @@ async def test_a_client_that_reads_its_answer_slowly_gets_it_whole() -> None:
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         assert head.startswith(b"HTTP/1.1 202 ")
         body = b""
-        while len(body) < len(BIG):  # 1 MiB every 0.2 s: 1.6 s in all
-            body += await asyncio.wait_for(
-                reader.readexactly(min(1_048_576, len(BIG) - len(body))), 5
-            )
-            await asyncio.sleep(0.2)
-    assert body == BIG
-
-
-async def test_a_client_that_reads_steadily_slower_than_the_kernel_refills_gets_it_whole() -> None:
-    """The kernel holds megabytes of an answer and takes more from the server only once a
-    third of them is read: a client reading 1.3 MB/s left the server's share unmoved for over
-    a second, and was disconnected after 0.5 s (30 s: a client under 45 KB/s) mid-answer."""
-    async with (
-        served(app, client_timeout_s=0.5) as port,
-        connected(port) as (reader, writer),
-    ):
-        writer.write(b"GET /big HTTP/1.1\r\nhost: t\r\n\r\n")
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-        assert head.startswith(b"HTTP/1.1 202 ")
-        body = b""
-        while len(body) < len(BIG):  # 128 KiB every 0.1 s: 6.4 s in all
-            body += await asyncio.wait_for(
-                reader.readexactly(min(131_072, len(BIG) - len(body))), 5
-            )
-            await asyncio.sleep(0.1)
+        while len(body) < len(BIG):
+            body += await asyncio.wait_for(reader.readexactly(min(chunk, len(BIG) - len(body))), 5)
+            await asyncio.sleep(pause_s)
     assert body == BIG
 
 
