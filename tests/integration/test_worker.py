@@ -967,6 +967,59 @@ async def test_a_delivery_of_another_tenant_to_a_reused_destination_id_is_not_se
     assert sink.delivered_ids == {mine.id}
 
 
+async def test_another_tenants_deliveries_to_a_reused_id_are_never_its_circuits_probe(
+    store: SqlStore, sink: Sink, database_url: str
+) -> None:
+    """clinica-sol's `crm` failed and its circuit opened; outra's deliveries still waiting
+    for `crm` (the id was outra's) are first in the queue. The poll once `reset_s` is over
+    took one of them as the probe: dead-lettered unsent, it told nothing of crm, the probe
+    was given back, and clinica-sol's own delivery waited a poll more for each of them (a
+    backlog of them, for hours). They are dead-lettered beside the probe, which is a send."""
+    sink.respond(500)
+    data = base_config(database_url)
+    data["destinations"][0].update(
+        url=f"{sink.url}/crm", max_attempts=1, circuit={"failures": 1, "reset_s": 30}
+    )
+    config = load_config_dict(data)
+    clock = ManualClock(SystemClock().now_ms())
+    hub = Hub(config, store, clock)
+    worker = Worker(store, config, clock=clock)  # no handoff: polls by hand
+    await worker._connectors.start()  # what `run` does first; its loop is driven by hand
+    try:
+        failed = await publish(hub)  # message.* → crm only
+        assert await worker._step() == 1
+        await settled(store, failed)  # dead, and crm's circuit open
+        theirs = [
+            msgspec.structs.replace(
+                new_event(
+                    new_id("evt", n),
+                    NewDelivery(
+                        id=new_id("dlv", n), destination_id="crm", priority=1, max_attempts=5
+                    ),
+                    at=n,  # due long ago: first in the queue
+                ),
+                tenant_id="outra",
+                source_id="outra-in",
+            )
+            for n in (1, 2, 3)
+        ]
+        await store.insert_events(theirs)
+        mine = await publish(hub)
+        sink.respond(200)
+        clock.now += 31_000  # reset_s has passed: crm may be probed
+        await worker._step()
+        for event in theirs:
+            view = await settled(store, event.id)
+            assert [d.state for d in view.deliveries] == ["dead"], view
+        view = await settled(store, mine)
+        assert [(d.state, d.attempts) for d in view.deliveries] == [("succeeded", 1)]
+        assert worker.breakers.not_closed() == set()
+        assert [r.webhook_id for r in sink.received] == [failed, mine]
+    finally:
+        await worker._shutdown()
+        await hub.close()
+
+
 async def test_fresh_deliveries_to_a_capped_destination_are_stored_pending_and_leased(
     store: SqlStore, sink: Sink, database_url: str
 ) -> None:

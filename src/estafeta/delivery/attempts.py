@@ -174,7 +174,8 @@ class Attempts:
         if task is not None:
             self._answered.add(task)
         self.sent += 1
-        await self._record_circuit(delivery.destination_id, outcome, started_at)
+        if not foreign:  # unsent, it says nothing of the destination (nor is its probe)
+            await self._record_circuit(delivery.destination_id, outcome, started_at)
         series(ATTEMPTS, delivery.destination_id, outcome.kind.value).inc()
         series(ATTEMPT_SECONDS, delivery.destination_id).observe(outcome.duration_ms / 1000)
         delivery = governed(delivery, self._limits)

@@ -267,6 +267,12 @@ class Worker:
             # The delivery first, then the probe: claimed with nothing to send, it was given
             # back at once, and every poll logged a probe that never went out.
             probe = await self._lease(now, {destination_id: 1})
+            # Another tenant's delivery to a reused id is dead-lettered unsent (`_start`): it
+            # tells nothing of the destination, so it is not the probe. Taken as one, it was
+            # given back, and the destination's own deliveries waited a poll for each.
+            while probe and self._owners.get(destination_id) != probe[0].tenant_id:
+                taken += await self._start(probe, now)
+                probe = await self._lease(now, {destination_id: 1}) if taken < room else []
             if not probe:
                 continue
             taken += len(probe)
@@ -426,20 +432,22 @@ class Worker:
 
         A delivery whose destination id now names another tenant's destination (or none
         configured here) is started at once, to be dead-lettered unsent: it takes nothing
-        of the rate limit the destination's own deliveries wait for."""
+        of the rate limit the destination's own deliveries wait for, nor waits for its
+        circuit."""
         snoozed: list[LeasedDelivery] = []
         held: set[str] = set() if probe else self.breakers.not_closed()
         loop = asyncio.get_running_loop()  # once per batch: each lookup is a getpid() call
         start = self._attempts.start
         owners = self._owners
         for delivery in batch:
-            if delivery.destination_id in held:
-                snoozed.append(delivery)
-                continue
             owner = owners.get(delivery.destination_id)
             if owner != delivery.tenant_id:
-                # None: no destination of that id here (attempts.py says so, unsent).
+                # None: no destination of that id here (attempts.py says so, unsent). Not
+                # sent, it waits for neither the destination's circuit nor its rate limit.
                 start(loop, delivery, foreign=owner is not None)
+                continue
+            if delivery.destination_id in held:
+                snoozed.append(delivery)
                 continue
             wait_s = await self.throttle.acquire(delivery.destination_id)
             if wait_s is not None:
