@@ -285,7 +285,8 @@ def uvicorn_server(
         access_log=False,
         log_level="warning",
         timeout_graceful_shutdown=30,
-        # Bounded memory under any load: past this many requests at once, answer 503.
+        # Bounded memory under any load: past this many connections or requests at once,
+        # answer 503.
         limit_concurrency=max_concurrent_requests,
     )
     return GracefulServer(settings, on_started=on_started)
