@@ -45,6 +45,10 @@ from tests.conftest import SINK_SECRET, base_config, lease_any
 from tests.events import new_event
 from tests.integration.redis_support import SHARED_REDIS_URL, RedisServer
 
+# A circuit that opens at the first failure and stays open 30 s: long enough that only the
+# test's clock, moved by hand, lets a probe through.
+OPENS_AT_ONCE = {"failures": 1, "reset_s": 30}
+
 
 def config_for(database_url: str, sink: Sink, **destination: Any) -> Config:
     data = base_config(database_url)
@@ -976,11 +980,7 @@ async def test_another_tenants_deliveries_to_a_reused_id_are_never_its_circuits_
     was given back, and clinica-sol's own delivery waited a poll more for each of them (a
     backlog of them, for hours). They are dead-lettered beside the probe, which is a send."""
     sink.respond(500)
-    data = base_config(database_url)
-    data["destinations"][0].update(
-        url=f"{sink.url}/crm", max_attempts=1, circuit={"failures": 1, "reset_s": 30}
-    )
-    config = load_config_dict(data)
+    config = config_for(database_url, sink, max_attempts=1, circuit=OPENS_AT_ONCE)
     clock = ManualClock(SystemClock().now_ms())
     hub = Hub(config, store, clock)
     worker = Worker(store, config, clock=clock)  # no handoff: polls by hand
@@ -1390,11 +1390,7 @@ async def test_an_open_circuit_with_nothing_waiting_is_not_probed_and_every_chan
     said half_open again and again, from open, with no attempt between. After a replay, one
     probe is sent and closes the circuit, and the log and the counted transitions agree."""
     sink.respond(500)
-    data = base_config(database_url)
-    data["destinations"][0].update(
-        url=f"{sink.url}/crm", max_attempts=1, circuit={"failures": 1, "reset_s": 30}
-    )
-    config = load_config_dict(data)
+    config = config_for(database_url, sink, max_attempts=1, circuit=OPENS_AT_ONCE)
     clock = ManualClock(SystemClock().now_ms())
     hub = Hub(config, store, clock)
     breakers = Breakers(circuits, config)
@@ -1438,9 +1434,7 @@ async def test_a_probe_the_rate_limit_held_back_reopens_the_circuit_logged_and_c
     circuit back to open, for the next poll with budget to probe. That change was silent:
     the next probe logged `circuit_half_open` from `open` with no `circuit_open` before it,
     and `estafeta_circuit_transitions_total` never counted the return to open."""
-    data = base_config(database_url)
-    data["destinations"][0].update(url=f"{sink.url}/crm", circuit={"failures": 1, "reset_s": 30})
-    config = load_config_dict(data)
+    config = config_for(database_url, sink, circuit=OPENS_AT_ONCE)
     clock = ManualClock(SystemClock().now_ms())
     hub = Hub(config, store, clock)
     budget = Budget()
