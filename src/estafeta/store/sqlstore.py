@@ -201,7 +201,8 @@ async def _outline_stored_urls(conn: AsyncConnection) -> None:
     per destination at start; a write only the first time."""
     d = s.destinations
     rows = (await conn.execute(select(d.c.id, d.c.url).where(d.c.url.is_not(None)))).all()
-    whole = [{"b_id": i, "b_url": outline(url)} for i, url in rows if outline(url) != url]
+    outlines = ((i, url, outline(url)) for i, url in rows)
+    whole = [{"b_id": i, "b_url": short} for i, url, short in outlines if short != url]
     if whole:
         await conn.execute(
             update(d).where(d.c.id == bindparam("b_id")).values(url=bindparam("b_url")), whole
