@@ -19,6 +19,7 @@ from yarl import URL
 from estafeta import __version__
 from estafeta.connectors.exchange import as_written, without_credentials
 from estafeta.connectors.http import HttpConnector, new_client_session, sign_webhook
+from estafeta.delivery.decision import describe_failure
 from estafeta.delivery.model import LeasedDelivery
 from estafeta.delivery.outcome import EXCERPT_LIMIT, Outcome, OutcomeKind
 from estafeta.testing.sink import Sink
@@ -301,6 +302,37 @@ async def test_an_answer_that_is_not_http_is_an_invalid_response(
 
 
 @pytest.mark.parametrize(
+    "head",
+    [b"HTTP/1.1 200 OK\r\n", b"HTTP/1.1 200 OK\r\nContent-Le", b"HTTP/1.1 500 Oops\r\nX-A: b"],
+)
+async def test_a_close_in_the_middle_of_the_answers_head_says_so(
+    session: aiohttp.ClientSession, head: bytes
+) -> None:
+    # aiohttp's text for it was the repr of the head it had begun to parse,
+    # `<RawResponseMessage(version=…, code=200, reason='OK', headers=…`: the delivery's
+    # last error read as if the destination had answered 200.
+    async def cut_short(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(head)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(cut_short, "127.0.0.1", 0)
+    try:
+        outcome = await deliver_to(
+            f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/h", session
+        )
+    finally:
+        server.close()
+    assert (outcome.kind, outcome.error_class) == (OutcomeKind.RETRYABLE, "connection_error")
+    assert outcome.status_code is None
+    assert outcome.response_excerpt == "Server disconnected in the middle of the answer's head"
+    assert describe_failure(outcome) == (
+        "connection_error: Server disconnected in the middle of the answer's head"
+    )
+
+
+@pytest.mark.parametrize(
     ("url", "shown"),
     [
         ("ftp://hub:pa55word@127.0.0.1/drop/9f8e7d?token=t0ken", "ftp://127.0.0.1/…"),
@@ -496,6 +528,8 @@ CLOSE, SILENCE = "close", "silence"
             ("success", 200),
             True,
         ),
+        # A server working on it may say so (102) every few seconds, as long as it takes.
+        ([b"HTTP/1.1 102 Processing\r\n\r\n" * 60, OK_200], ("success", 200), True),
         ([b"HTTP/1.0 200 OK\r\n\r\nread until", b" the close", CLOSE], ("success", 200), False),
         (
             [b"HTTP/1.1 500 Oops\r\nContent-Length: 2\r\n\r\nno" + FORGED_200],
@@ -524,6 +558,7 @@ CLOSE, SILENCE = "close", "silence"
         "short-silence",
         "100",
         "103",
+        "102s",
         "http-1.0",
         "surplus",
         "204-body",
@@ -577,6 +612,34 @@ async def test_a_misframed_answer_is_its_own_deliverys_and_its_connection_is_not
     )
     assert seen == ["evt_1", "evt_2"]
     assert connections == (1 if reused else 2)
+
+
+async def test_endless_interim_answers_end_the_attempt_at_once(
+    session: aiohttp.ClientSession,
+) -> None:
+    # aiohttp skips 1xx answers for as long as they come: a destination sending nothing
+    # else kept the worker parsing them, one CPU at full speed, until the attempt's
+    # timeout; a few such deliveries starved every other send and the store's answers.
+    async def early_hints_for_ever(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        with contextlib.suppress(ConnectionError):
+            await _read_request(reader)
+            hints = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n" * 100
+            while True:
+                writer.write(hints)
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(early_hints_for_ever, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hooks"
+    try:
+        outcome = await deliver_to(url, session, timeout_s=10)
+    finally:
+        server.close()
+    assert (outcome.kind, outcome.error_class) == (OutcomeKind.RETRYABLE, "invalid_response")
+    assert outcome.response_excerpt == "more than 100 interim (1xx) answers to one request"
+    assert outcome.duration_ms < 5_000  # not the 10 s timeout
 
 
 # -- headers and signatures ------------------------------------------------------------------

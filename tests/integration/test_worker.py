@@ -252,6 +252,75 @@ async def test_an_unreachable_destination_is_retried_as_a_connection_error(
     }
 
 
+async def _read_one_request(reader: asyncio.StreamReader) -> None:
+    head = await reader.readuntil(b"\r\n\r\n")
+    fields = [line.split(b":", 1) for line in head.split(b"\r\n")[1:] if b":" in line]
+    length = next(int(v) for k, v in fields if k.strip().lower() == b"content-length")
+    await reader.readexactly(length)
+
+
+async def _cut_in_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await _read_one_request(reader)
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Le")
+
+
+async def _interim_for_ever(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await _read_one_request(reader)
+    while True:
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" * 100)
+        await writer.drain()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize(
+    ("hostile", "last_error"),
+    [
+        (_cut_in_head, "connection_error: Server disconnected in the middle of the answer's head"),
+        (
+            _interim_for_ever,
+            "invalid_response: more than 100 interim (1xx) answers to one request",
+        ),
+    ],
+    ids=["cut-in-head", "endless-1xx"],
+)
+async def test_a_hostile_destination_fails_its_delivery_with_a_reason_and_spares_the_others(
+    store: SqlStore,
+    sink: Sink,
+    database_url: str,
+    hostile: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any],
+    last_error: str,
+) -> None:
+    """crm's server breaks HTTP; billing's deliveries (the same events) go meanwhile, and
+    crm's is dead-lettered at once, its last error saying why (not `code=200`, not a
+    timeout after the worker spent it parsing what crm sent)."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await hostile(reader, writer)
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    data = base_config(database_url)
+    crm, billing = data["destinations"][:2]
+    crm.update(url=f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/crm", max_attempts=1)
+    crm.update(timeout_s=30)  # the test's own deadline (10 s) is well before it
+    billing["url"] = f"{sink.url}/billing"
+    hub = Running(store, load_config_dict(data))
+    try:
+        ids = [await hub.publish("appointment.booked", status="confirmed", n=n) for n in range(5)]
+        assert await sink.wait_for(lambda s: s.delivered_ids >= set(ids), 10)
+        views = [await settled(store, event_id) for event_id in ids]
+    finally:
+        await hub.stop()
+        server.close()
+    for view in views:
+        [to_crm] = [d for d in view.deliveries if d.destination_id == "crm"]
+        assert (to_crm.state, to_crm.last_error) == ("dead", last_error)
+        [attempt] = to_crm.attempt_log
+        assert attempt.status_code is None
+        assert attempt.duration_ms < 5_000
+
+
 async def test_stopping_gives_unfinished_sends_back_without_an_attempt(
     store: SqlStore, sink: Sink, database_url: str
 ) -> None:

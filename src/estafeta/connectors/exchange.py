@@ -23,6 +23,7 @@ from yarl import URL
 from estafeta.delivery.outcome import EXCERPT_LIMIT, Outcome, OutcomeKind
 from estafeta.urls import outline
 
+_CUT_IN_HEAD = "Server disconnected in the middle of the answer's head"
 # A URL already fit to send: RFC 3986 characters only, every `%` starting an escape.
 _ENCODED_URL = re.compile(r"(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})+")
 
@@ -81,6 +82,12 @@ async def exchange(
     # status it made up (400) and the URL; its message alone says what was wrong.
     except aiohttp.ClientResponseError as exc:
         return no_answer(started, url, "invalid_response", exc.message or exc)
+    # Closed after part of the head: aiohttp's message is then the head it had begun to
+    # parse, whose text (`<RawResponseMessage(…, code=200, reason='OK', …`) read as if the
+    # destination had answered 200.
+    except aiohttp.ServerDisconnectedError as exc:
+        detail = exc.message if isinstance(exc.message, str) else _CUT_IN_HEAD
+        return no_answer(started, url, "connection_error", detail)
     except (aiohttp.ClientError, OSError) as exc:
         return no_answer(started, url, "connection_error", exc)
     except ValueError as exc:  # yarl/aiohttp on a URL or header they cannot use

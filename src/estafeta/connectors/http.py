@@ -13,14 +13,19 @@ is what makes thousands of small POSTs per second cheap.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import urljoin
 
 import aiohttp
+from aiohttp.client_proto import ResponseHandler
 from aiohttp.client_reqrep import ClientRequest
 from aiohttp.connector import Connection
+from aiohttp.http import HttpProcessingError, RawResponseMessage
+from aiohttp.streams import StreamReader
 from aiohttp.tracing import Trace
 from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook
 
@@ -54,6 +59,40 @@ def _sign(signer: Webhook, msg_id: str, timestamp_s: int, body: bytes) -> str:
     return signer.sign(msg_id, moment, body.decode("utf-8"))
 
 
+# 1xx answers one request may get before its final one. A server may send 100 Continue, a few
+# 103 Early Hints, or 102 Processing every few seconds while it works; Go's client stops at 5.
+MAX_INTERIM_ANSWERS = 100
+
+
+class _BoundedInterim(ResponseHandler):
+    """aiohttp's connection protocol, failing a request once its destination sent it more
+    than MAX_INTERIM_ANSWERS 1xx answers.
+
+    aiohttp skips 1xx answers for as long as they come, and a destination that sends
+    nothing else kept the worker parsing them, one CPU at full speed, until the attempt's
+    timeout: a few such deliveries starved every other send and the store's answers. The
+    connection is closed (nothing more of it is parsed) and the request fails as an answer
+    that is not valid HTTP (`invalid_response`).
+    """
+
+    _interim = 0  # 1xx answers since the last final one on this connection
+
+    def feed_data(self, data: tuple[RawResponseMessage, StreamReader], size: int = 0) -> None:
+        code = data[0].code
+        if code >= 200 or code == 101:  # a final answer (101 ends HTTP on the connection)
+            self._interim = 0
+        elif self._interim < MAX_INTERIM_ANSWERS:
+            self._interim += 1
+        else:
+            if not self.is_eof():
+                message = f"more than {MAX_INTERIM_ANSWERS} interim (1xx) answers to one request"
+                self.set_exception(HttpProcessingError(message=message))
+                if self.transport is not None:
+                    self.transport.close()
+            return
+        super().feed_data(data, size)
+
+
 class _OneAnswerPerRequest(aiohttp.TCPConnector):
     """A pool that never hands out a kept-alive connection holding an answer nobody asked
     for yet.
@@ -67,6 +106,12 @@ class _OneAnswerPerRequest(aiohttp.TCPConnector):
     that arrives only after the next request was written cannot be told from its answer:
     HTTP/1.1 has nothing to tell them apart.)
     """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # aiohttp's own protocol factory, with 1xx answers bounded (_BoundedInterim).
+        protocol: type[ResponseHandler] = _BoundedInterim
+        self._factory = functools.partial(protocol, loop=self._loop)
 
     async def connect(
         self, req: ClientRequest, traces: list[Trace], timeout: aiohttp.ClientTimeout
