@@ -230,6 +230,25 @@ async def store(config: Config) -> AsyncIterator[SqlStore]:
         yield opened
 
 
+def leased_delivery(
+    payload: bytes, *, event_id: str = "evt_1", destination_id: str = "crm"
+) -> LeasedDelivery:
+    """A first attempt of `payload` to `destination_id`, as a worker has it once leased."""
+    return LeasedDelivery(
+        id="dlv_1",
+        tenant_id="clinica-sol",
+        event_id=event_id,
+        destination_id=destination_id,
+        attempts=0,
+        max_attempts=8,
+        priority=1,
+        ordering_key=None,
+        lease_token="lease",
+        lease_expires_at=0,
+        payload=payload,
+    )
+
+
 async def lease_any(
     store: SqlStore,
     *,

@@ -31,6 +31,7 @@ from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
+    Collection,
     Generator,
     Iterator,
     Mapping,
@@ -46,6 +47,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from estafeta.connectors.http import sign_webhook
+from estafeta.testing.sink import Sink
 from tests.conftest import SINK_SECRET, SOURCE_SECRET, base_config
 
 ADMIN_KEY = "test-admin-key"  # what base_config puts in [security] admin_key
@@ -192,21 +194,23 @@ def leads_to_crm_config(
     *,
     port: int,
     worker: Mapping[str, Any] | None = None,
+    redis_url: str | None = None,
     **destination: Any,
 ) -> Path:
     """The commonest test hub, written to `workdir/estafeta.toml`: `lead.*` events routed to
-    one `crm` destination at the sink (`destination` overrides its keys)."""
-    return write_config(
-        workdir / "estafeta.toml",
-        hub_config(
-            database_url,
-            workdir,
-            port=port,
-            destinations=[http_destination("crm", f"{sink_url}/hooks/crm", **destination)],
-            routes=[{"tenant": TENANT, "events": ["lead.*"], "destinations": ["crm"]}],
-            worker=worker,
-        ),
+    one `crm` destination at the sink (`destination` overrides its keys), and Redis at
+    `redis_url` when given."""
+    data = hub_config(
+        database_url,
+        workdir,
+        port=port,
+        destinations=[http_destination("crm", f"{sink_url}/hooks/crm", **destination)],
+        routes=[{"tenant": TENANT, "events": ["lead.*"], "destinations": ["crm"]}],
+        worker=worker,
     )
+    if redis_url is not None:
+        data["redis"] = {"url": redis_url}
+    return write_config(workdir / "estafeta.toml", data)
 
 
 # -- processes --------------------------------------------------------------------------------
@@ -298,6 +302,11 @@ class Proc:
         """SIGTERM and wait for the exit."""
         self.send_signal(signal.SIGTERM)
         return await self.wait_exit(timeout_s)
+
+    async def sigkill(self) -> None:
+        """SIGKILL (no goodbye) and wait until the process is gone."""
+        self.send_signal(signal.SIGKILL)
+        assert await self.wait_exit(10) == -signal.SIGKILL, self.tail()
 
     def kill(self) -> None:
         if self.running():
@@ -458,6 +467,13 @@ class HubClient:
         async with self.http.post(f"{self.base_url}/in/{source}", data=raw, headers=headers) as r:
             return r.status, await r.json(content_type=None)
 
+    async def send_leads(self, count: int) -> Sent:
+        """`count` `lead.created` webhooks (data `{"n": n}`, webhook-id `msg_0000n`)."""
+        return await self.send_many(
+            [{"type": "lead.created", "data": {"n": n}} for n in range(count)],
+            [f"msg_{n:05d}" for n in range(count)],
+        )
+
     async def send_many(
         self,
         bodies: Sequence[Mapping[str, Any]],
@@ -557,6 +573,15 @@ async def client_session() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
+async def send_one_lead(base_url: str) -> str:
+    """One signed `lead.created` webhook (webhook-id msg_1), accepted (202): its event id."""
+    async with client_session() as http:
+        hub = HubClient(base_url, http)
+        status, answer = await hub.post_signed({"type": "lead.created", "data": {}}, "msg_1")
+    assert status == 202, answer
+    return str(answer["id"])
+
+
 # -- the database, read directly --------------------------------------------------------------
 
 
@@ -610,4 +635,26 @@ def summary(
     print(
         f"{name}: sent={sent} acknowledged={acknowledged} delivered={delivered} "
         f"duplicates={duplicates} lost={lost} duration={time.monotonic() - started:.1f}s"
+    )
+
+
+def report(
+    name: str,
+    sink: Sink,
+    acknowledged: Collection[Any],
+    *,
+    sent: int,
+    lost: int,
+    started: float,
+) -> None:
+    """The scenario's `summary`, with what arrived at `sink` (`acknowledged`: one item a
+    webhook the hub acknowledged)."""
+    summary(
+        name,
+        sent=sent,
+        acknowledged=len(acknowledged),
+        delivered=len(sink.delivered_ids),
+        duplicates=sink.duplicates,
+        lost=lost,
+        started=started,
     )

@@ -29,11 +29,12 @@ from tests.acceptance.conftest import (
     leads_to_crm_config,
     query,
     run_cli,
+    send_one_lead,
     settled,
     wait_until,
     write_config,
 )
-from tests.conftest import SINK_SECRET, fresh_database
+from tests.conftest import fresh_database
 
 # -- check-config -----------------------------------------------------------------------------
 
@@ -431,99 +432,87 @@ async def test_a_worker_says_which_engine_it_runs_on(
 
 
 @pytest.mark.timeout(90)
-async def test_dlq_list_replay_and_discard(tmp_path: Path, estafeta: Estafeta) -> None:
+async def test_dlq_list_replay_and_discard(tmp_path: Path, estafeta: Estafeta, sink: Sink) -> None:
     database_url = f"sqlite:///{tmp_path / 'estafeta.db'}"
-    sink = Sink(secret=SINK_SECRET)
-    await sink.start()
     sink.respond(500)  # both destinations are down: one attempt each, straight to the DLQ
-    try:
-        port = free_port()
-        config = write_config(
-            tmp_path / "estafeta.toml",
-            hub_config(
-                database_url,
-                tmp_path,
-                port=port,
-                destinations=[
-                    http_destination("crm", f"{sink.url}/hooks/crm", max_attempts=1),
-                    http_destination("billing", f"{sink.url}/hooks/billing", max_attempts=1),
-                ],
-                routes=[
-                    {"tenant": TENANT, "events": ["lead.*"], "destinations": ["crm", "billing"]}
-                ],
-            ),
-        )
-        serve = await estafeta.serve(config, port)
-        assert serve.base_url is not None
-        async with client_session() as http:
-            hub = HubClient(serve.base_url, http)
-            msg_ids = [f"msg_{n}" for n in range(5)]
-            sent = await hub.send_many(
-                [{"type": "lead.created", "data": {"n": n}} for n in range(5)], msg_ids
-            )
-            assert sent.statuses == [202] * 5
-            events = sent.acknowledged
+    port = free_port()
+    config = write_config(
+        tmp_path / "estafeta.toml",
+        hub_config(
+            database_url,
+            tmp_path,
+            port=port,
+            destinations=[
+                http_destination("crm", f"{sink.url}/hooks/crm", max_attempts=1),
+                http_destination("billing", f"{sink.url}/hooks/billing", max_attempts=1),
+            ],
+            routes=[{"tenant": TENANT, "events": ["lead.*"], "destinations": ["crm", "billing"]}],
+        ),
+    )
+    serve = await estafeta.serve(config, port)
+    assert serve.base_url is not None
+    async with client_session() as http:
+        hub = HubClient(serve.base_url, http)
+        sent = await hub.send_leads(5)
+        assert sent.statuses == [202] * 5
+        events = sent.acknowledged
 
-            async def all_dead() -> bool:
-                return (await hub.queue()).get("dead", 0) == 10
+        async def all_dead() -> bool:
+            return (await hub.queue()).get("dead", 0) == 10
 
-            await wait_until(all_dead, timeout_s=30, what="10 dead deliveries")
-        await serve.stop()
+        await wait_until(all_dead, timeout_s=30, what="10 dead deliveries")
+    await serve.stop()
 
-        async def dlq(*args: str) -> tuple[int, list[str], str]:
-            result = await run_cli("dlq", *args, "--config", str(config), cwd=tmp_path)
-            return result.returncode, result.stdout.splitlines(), result.stderr
+    async def dlq(*args: str) -> tuple[int, list[str], str]:
+        result = await run_cli("dlq", *args, "--config", str(config), cwd=tmp_path)
+        return result.returncode, result.stdout.splitlines(), result.stderr
 
-        code, lines, err = await dlq("list")
-        assert code == 0, err
-        assert len(lines) == 10 and err.strip() == "10 dead deliveries", (lines, err)
-        assert all("attempts=1" in line and "http_500" in line for line in lines), lines
+    code, lines, err = await dlq("list")
+    assert code == 0, err
+    assert len(lines) == 10 and err.strip() == "10 dead deliveries", (lines, err)
+    assert all("attempts=1" in line and "http_500" in line for line in lines), lines
 
-        code, lines, err = await dlq("list", "--json")
-        dead: list[dict[str, Any]] = [orjson.loads(line) for line in lines]
-        assert {d["state"] for d in dead} == {"dead"}
-        assert {d["event_id"] for d in dead} == events
-        billing_dead = sorted(d["id"] for d in dead if d["destination"] == "billing")
-        crm_dead = sorted(d["id"] for d in dead if d["destination"] == "crm")
-        assert len(billing_dead) == len(crm_dead) == 5
+    code, lines, err = await dlq("list", "--json")
+    dead: list[dict[str, Any]] = [orjson.loads(line) for line in lines]
+    assert {d["state"] for d in dead} == {"dead"}
+    assert {d["event_id"] for d in dead} == events
+    billing_dead = sorted(d["id"] for d in dead if d["destination"] == "billing")
+    crm_dead = sorted(d["id"] for d in dead if d["destination"] == "crm")
+    assert len(billing_dead) == len(crm_dead) == 5
 
-        code, lines, err = await dlq("replay")  # no selector: refused, nothing moves
-        assert code == 2 and "name --id, a filter, or --all" in err, (code, err)
-        assert len((await dlq("list"))[1]) == 10
+    code, lines, err = await dlq("replay")  # no selector: refused, nothing moves
+    assert code == 2 and "name --id, a filter, or --all" in err, (code, err)
+    assert len((await dlq("list"))[1]) == 10
 
-        code, lines, err = await dlq("replay", "--destination", "billing")
-        assert code == 0, err
-        assert (lines, err.strip()) == (billing_dead, "5 deliveries replayed")
-        assert (await dlq("list", "--destination", "billing"))[1] == []
-        assert len((await dlq("list"))[1]) == 5
+    code, lines, err = await dlq("replay", "--destination", "billing")
+    assert code == 0, err
+    assert (lines, err.strip()) == (billing_dead, "5 deliveries replayed")
+    assert (await dlq("list", "--destination", "billing"))[1] == []
+    assert len((await dlq("list"))[1]) == 5
 
-        code, lines, err = await dlq("discard", "--all")
-        assert code == 0, err
-        assert (lines, err.strip()) == (crm_dead, "5 deliveries discarded")
-        code, lines, err = await dlq("list")
-        assert (code, lines, err.strip()) == (0, [], "0 dead deliveries")
+    code, lines, err = await dlq("discard", "--all")
+    assert code == 0, err
+    assert (lines, err.strip()) == (crm_dead, "5 deliveries discarded")
+    code, lines, err = await dlq("list")
+    assert (code, lines, err.strip()) == (0, [], "0 dead deliveries")
 
-        # Billing is back: the replayed deliveries go out, the discarded ones never do.
-        sink.respond(200)
-        serve = await estafeta.serve(config, port, name="serve-again")
-        assert serve.base_url is not None
+    # Billing is back: the replayed deliveries go out, the discarded ones never do.
+    sink.respond(200)
+    serve = await estafeta.serve(config, port, name="serve-again")
+    assert serve.base_url is not None
 
-        def billing_got_all(s: Sink) -> bool:
-            ok = {
-                r.webhook_id for r in s.received if r.status == 200 and r.path == "/hooks/billing"
-            }
-            return events <= ok
+    def billing_got_all(s: Sink) -> bool:
+        ok = {r.webhook_id for r in s.received if r.status == 200 and r.path == "/hooks/billing"}
+        return events <= ok
 
-        assert await sink.wait_for(billing_got_all, 30), "replayed deliveries not delivered"
-        async with client_session() as http:
-            hub = HubClient(serve.base_url, http)
-            assert await settled(hub, database_url, timeout_s=20) == {
-                "succeeded": 5,
-                "discarded": 5,
-            }
-        assert not any(r.status == 200 and r.path == "/hooks/crm" for r in sink.received)
-    finally:
-        await sink.stop()
+    assert await sink.wait_for(billing_got_all, 30), "replayed deliveries not delivered"
+    async with client_session() as http:
+        hub = HubClient(serve.base_url, http)
+        assert await settled(hub, database_url, timeout_s=20) == {
+            "succeeded": 5,
+            "discarded": 5,
+        }
+    assert not any(r.status == 200 and r.path == "/hooks/crm" for r in sink.received)
 
 
 # -- graceful shutdown ------------------------------------------------------------------------
@@ -541,63 +530,55 @@ async def test_sigterm_stops_serve_cleanly_with_a_send_in_flight(
     database_url: str,
     tmp_path: Path,
     estafeta: Estafeta,
+    sink: Sink,
     grace_s: float,
     send_s: float,
     expected: tuple[str, int],
 ) -> None:
     """SIGTERM → exit 0 within the grace period; the delivery is never left in flight."""
-    sink = Sink(secret=SINK_SECRET)
-    await sink.start()
     sink.respond(200, delay_s=send_s)
-    try:
-        port = free_port()
-        config = leads_to_crm_config(
-            database_url,
-            tmp_path,
-            sink.url,
-            port=port,
-            timeout_s=10,
-            worker={"shutdown_grace_s": grace_s},
-        )
-        serve = await estafeta.serve(config, port)
-        assert serve.base_url is not None
-        async with client_session() as http:
-            hub = HubClient(serve.base_url, http)
-            status, answer = await hub.post_signed({"type": "lead.created", "data": {}}, "msg_1")
-            assert status == 202, answer
-            event_id = answer["id"]
-        assert await sink.wait_for(lambda s: len(s.received) == 1, 10), "the send never started"
+    port = free_port()
+    config = leads_to_crm_config(
+        database_url,
+        tmp_path,
+        sink.url,
+        port=port,
+        timeout_s=10,
+        worker={"shutdown_grace_s": grace_s},
+    )
+    serve = await estafeta.serve(config, port)
+    assert serve.base_url is not None
+    event_id = await send_one_lead(serve.base_url)
+    assert await sink.wait_for(lambda s: len(s.received) == 1, 10), "the send never started"
 
-        stopping = time.monotonic()
-        serve.send_signal(signal.SIGTERM)
-        exit_code = await serve.wait_exit(grace_s + 10)
-        took = time.monotonic() - stopping
+    stopping = time.monotonic()
+    serve.send_signal(signal.SIGTERM)
+    exit_code = await serve.wait_exit(grace_s + 10)
+    took = time.monotonic() - stopping
 
-        rows = await query(
-            database_url, "SELECT state, attempts, lease_token, leased_by FROM deliveries"
-        )
-        assert rows == [(*expected, None, None)], rows
-        assert took < grace_s + 5, f"took {took:.1f} s to stop with a {grace_s} s grace"
+    rows = await query(
+        database_url, "SELECT state, attempts, lease_token, leased_by FROM deliveries"
+    )
+    assert rows == [(*expected, None, None)], rows
+    assert took < grace_s + 5, f"took {took:.1f} s to stop with a {grace_s} s grace"
 
-        # Restarted, the hub finishes the job: the delivery succeeds, nothing is lost.
-        sink.respond(200)
-        again = await estafeta.serve(config, port, name="serve-again")
-        assert again.base_url is not None
-        async with client_session() as http:
-            hub = HubClient(again.base_url, http)
-            assert await settled(hub, database_url, timeout_s=20) == {"succeeded": 1}
-            delivery = await hub.delivery(event_id, "crm")
-            assert [a["status_code"] for a in delivery["attempt_log"]] == [200]
-        assert event_id in sink.delivered_ids
+    # Restarted, the hub finishes the job: the delivery succeeds, nothing is lost.
+    sink.respond(200)
+    again = await estafeta.serve(config, port, name="serve-again")
+    assert again.base_url is not None
+    async with client_session() as http:
+        hub = HubClient(again.base_url, http)
+        assert await settled(hub, database_url, timeout_s=20) == {"succeeded": 1}
+        delivery = await hub.delivery(event_id, "crm")
+        assert [a["status_code"] for a in delivery["attempt_log"]] == [200]
+    assert event_id in sink.delivered_ids
 
-        # Last, so that the state checks above run whatever the exit code: a graceful stop
-        # on SIGTERM is a success for process supervisors (systemd, Kubernetes, Docker).
-        assert exit_code == 0, (
-            f"`estafeta serve` exited {exit_code} after a graceful SIGTERM shutdown "
-            f"(-{signal.SIGTERM.value} = killed by SIGTERM)\n{serve.tail()}"
-        )
-    finally:
-        await sink.stop()
+    # Last, so that the state checks above run whatever the exit code: a graceful stop
+    # on SIGTERM is a success for process supervisors (systemd, Kubernetes, Docker).
+    assert exit_code == 0, (
+        f"`estafeta serve` exited {exit_code} after a graceful SIGTERM shutdown "
+        f"(-{signal.SIGTERM.value} = killed by SIGTERM)\n{serve.tail()}"
+    )
 
 
 # -- the reference ----------------------------------------------------------------------------

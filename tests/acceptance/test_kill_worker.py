@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import time
 from collections import Counter
 from pathlib import Path
@@ -22,8 +21,8 @@ from tests.acceptance.conftest import (
     free_port,
     leads_to_crm_config,
     query,
+    report,
     settled,
-    summary,
 )
 
 EVENTS = 400
@@ -54,17 +53,13 @@ async def test_killed_worker_loses_nothing_and_duplicates_only_what_was_in_fligh
 
     async with client_session() as http:
         hub = HubClient(serve.base_url, http)
-        msg_ids = [f"msg_{n:05d}" for n in range(EVENTS)]
-        sent = await hub.send_many(
-            [{"type": "lead.created", "data": {"n": n}} for n in range(EVENTS)], msg_ids
-        )
+        sent = await hub.send_leads(EVENTS)
         assert sent.errors == []
         assert sent.statuses == [202] * EVENTS
         acknowledged = sent.acknowledged
 
         assert await sink.wait_for(lambda s: len(s.received) >= 60, 30), "no sends started"
-        doomed.send_signal(signal.SIGKILL)
-        assert await doomed.wait_exit(10) == -signal.SIGKILL
+        await doomed.sigkill()
         received_at_kill = len(sink.received)
         rows = await query(
             database_url, "SELECT event_id FROM deliveries WHERE state = 'in_flight'"
@@ -93,12 +88,11 @@ async def test_killed_worker_loses_nothing_and_duplicates_only_what_was_in_fligh
     assert resent <= in_flight_at_kill, (
         f"sent twice though not in flight at the kill: {sorted(resent - in_flight_at_kill)}"
     )
-    summary(
+    report(
         "kill_worker[postgresql]",
+        sink,
+        acknowledged,
         sent=EVENTS,
-        acknowledged=len(acknowledged),
-        delivered=len(sink.delivered_ids),
-        duplicates=sink.duplicates,
         lost=len(acknowledged - sink.delivered_ids),
         started=started,
     )
@@ -130,13 +124,9 @@ async def test_serve_without_workers_says_when_no_worker_runs(
         assert listed[started["worker"]] is True
         assert list(listed.values()).count(False) == 1  # serve itself, HTTP only
 
-        worker.send_signal(signal.SIGKILL)
-        assert await worker.wait_exit(10) == -signal.SIGKILL
+        await worker.sigkill()
         killed_at = time.monotonic()
-        sent = await hub.send_many(
-            [{"type": "lead.created", "data": {"n": n}} for n in range(3)],
-            [f"msg_{n}" for n in range(3)],
-        )
+        sent = await hub.send_leads(3)
         assert sent.statuses == [202] * 3  # accepted all the same
 
         fired = await serve.wait_log("alert_fired", timeout_s=60)

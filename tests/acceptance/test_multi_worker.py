@@ -17,8 +17,8 @@ from tests.acceptance.conftest import (
     client_session,
     free_port,
     leads_to_crm_config,
+    report,
     settled,
-    summary,
 )
 
 EVENTS = 2000
@@ -46,10 +46,7 @@ async def test_four_workers_deliver_each_event_exactly_once(
     assert serve.base_url is not None
     async with client_session() as http:
         hub = HubClient(serve.base_url, http)
-        msg_ids = [f"msg_{n:05d}" for n in range(EVENTS)]
-        sent = await hub.send_many(
-            [{"type": "lead.created", "data": {"n": n}} for n in range(EVENTS)], msg_ids
-        )
+        sent = await hub.send_leads(EVENTS)
         assert sent.errors == []
         assert sent.statuses == [202] * EVENTS
         acknowledged = sent.acknowledged
@@ -76,12 +73,11 @@ async def test_four_workers_deliver_each_event_exactly_once(
     assert max(sends.values()) == 1, [i for i, n in sends.items() if n > 1][:10]
     assert sum(attempts) == EVENTS, attempts
     assert sum(1 for n in attempts if n > 0) >= 2, f"one worker did all the work: {attempts}"
-    summary(
+    report(
         "multi_worker[postgresql]",
+        sink,
+        acknowledged,
         sent=EVENTS,
-        acknowledged=len(acknowledged),
-        delivered=len(sink.delivered_ids),
-        duplicates=sink.duplicates,
         lost=len(acknowledged - sink.delivered_ids),
         started=started,
     )

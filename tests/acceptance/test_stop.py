@@ -16,6 +16,7 @@ from tests.acceptance.conftest import (
     free_port,
     leads_to_crm_config,
     query,
+    send_one_lead,
 )
 
 # Longer than the test waits for the process to exit: a stop that waited for the send (or
@@ -51,11 +52,7 @@ async def test_a_second_stop_signal_ends_the_graceful_stop_at_once(
     serve = await estafeta.serve(config, port, no_workers=command == "worker")
     assert serve.base_url is not None
     stopped = serve if command == "serve" else estafeta.worker(config)
-    async with client_session() as http:
-        hub = HubClient(serve.base_url, http)
-        status, answer = await hub.post_signed({"type": "lead.created", "data": {}}, "msg_1")
-        assert status == 202, answer
-        event_id = answer["id"]
+    event_id = await send_one_lead(serve.base_url)
     assert await sink.wait_for(lambda s: len(s.received) == 1, 20), "the send never started"
 
     stopped.send_signal(signal.SIGTERM)

@@ -48,10 +48,7 @@ async def test_a_lone_workers_own_metrics_count_what_it_delivered(
                 200,
                 {"status": "ok", "version": (await health.json())["version"]},
             )
-        sent = await hub.send_many(
-            [{"type": "lead.created", "data": {"n": n}} for n in range(5)],
-            [f"msg_{n}" for n in range(5)],
-        )
+        sent = await hub.send_leads(5)
         assert sent.statuses == [202] * 5
         assert await settled(hub, database_url, timeout_s=20) == {"succeeded": 5}
 

@@ -12,7 +12,9 @@ adds only what a fault needs:
   (the shared Redis on 6379 and the shared PostgreSQL are never stopped);
 * `Load`: a sender of signed webhooks that retries a request that failed with a connection
   error, with the same `webhook-id` (a real provider does), and remembers every answer;
-* small measurements over arrival times at a sink (per-second counts, sliding windows).
+* small measurements over arrival times at a sink (per-second counts, sliding windows);
+* what every scenario checks at its end: all it acknowledged arrived
+  (`acknowledged_and_delivered`), and what a SIGKILL may send twice (`leased_by`).
 
 Under CI=true a missing PostgreSQL or `redis-server` fails the test instead of skipping it.
 """
@@ -358,6 +360,14 @@ class Load:
             await asyncio.gather(*tasks)
         return n
 
+    async def wait_acknowledged(self, n: int, *, timeout_s: float) -> None:
+        """Wait (bounded) until `n` webhooks have been answered 2xx."""
+
+        async def reached() -> bool:
+            return self.ok >= n
+
+        await wait_until(reached, timeout_s=timeout_s, what=f"{n} acknowledged webhooks")
+
     # -- what the sender saw ----------------------------------------------------------------
 
     @property
@@ -404,6 +414,33 @@ async def all_delivered(
     """Wait (bounded) until every acknowledged message reached `sink`; returns the lost ones."""
     await sink.wait_for(lambda s: not lost(acknowledged, s.delivered_ids), timeout_s)
     return lost(acknowledged, sink.delivered_ids)
+
+
+async def acknowledged_and_delivered(
+    load: Load, sink: Sink, *, sent: int, timeout_s: float
+) -> tuple[dict[str, set[str]], set[str]]:
+    """Every one of the `sent` webhooks was acknowledged (none refused) and then reached
+    `sink` within `timeout_s`; returns what was acknowledged, and what was lost (nothing)."""
+    assert load.refused() == {}, list(load.refused().items())[:10]
+    acknowledged = load.acknowledged()
+    assert len(acknowledged) == sent
+    missing = await all_delivered(sink, acknowledged, timeout_s=timeout_s)
+    assert not missing, f"{len(missing)} acknowledged webhooks never delivered"
+    return acknowledged, missing
+
+
+# -- killed processes -------------------------------------------------------------------------
+
+
+async def leased_by(database_url: str, pid: int) -> set[str]:
+    """Event ids of the deliveries in flight under a lease of process `pid` (its worker ids
+    hold its pid): after a SIGKILL, these and only these may be sent again."""
+    rows = await query(
+        database_url,
+        "SELECT event_id FROM deliveries WHERE state = 'in_flight' AND leased_by LIKE :pid",
+        {"pid": f"%:{pid}:%"},
+    )
+    return {event_id for (event_id,) in rows}
 
 
 async def assert_killed_sends_only_were_duplicated(

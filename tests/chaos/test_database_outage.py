@@ -26,16 +26,13 @@ import pytest
 
 from estafeta.testing.sink import Sink
 from tests.acceptance.conftest import (
-    TENANT,
     Estafeta,
     HubClient,
     client_session,
     free_port,
-    http_destination,
-    hub_config,
-    summary,
+    leads_to_crm_config,
+    report,
     wait_until,
-    write_config,
 )
 from tests.chaos.conftest import (
     Load,
@@ -47,7 +44,6 @@ from tests.chaos.conftest import (
     settled_deliveries,
     via_proxy,
 )
-from tests.conftest import SINK_SECRET
 
 RATE_PER_S = 50
 BEFORE_S = 4.0
@@ -60,105 +56,88 @@ TIMEOUT_S = 2  # the destination's; a send lasts at most this + 1 s (the worker'
 @pytest.mark.postgres
 @pytest.mark.timeout(90)
 async def test_database_outage_is_absorbed_by_the_spool_and_drained_after(
-    chaos_database: str, pg_proxy: TcpProxy, tmp_path: Path, estafeta: Estafeta
+    chaos_database: str, pg_proxy: TcpProxy, tmp_path: Path, estafeta: Estafeta, sink: Sink
 ) -> None:
     started = time.monotonic()
-    sink = Sink(secret=SINK_SECRET)
-    await sink.start()
     sink.respond(200, delay_s=0.02)
-    try:
-        port = free_port()
-        config = write_config(
-            tmp_path / "estafeta.toml",
-            hub_config(
-                via_proxy(chaos_database, pg_proxy.port),
-                tmp_path,
-                port=port,
-                destinations=[
-                    http_destination(
-                        "crm", f"{sink.url}/hooks/crm", timeout_s=TIMEOUT_S, max_attempts=20
-                    )
-                ],
-                routes=[{"tenant": TENANT, "events": ["lead.*"], "destinations": ["crm"]}],
-                worker={"lease_s": 1},  # lease = timeout_s + 2 = 4 s
-            ),
-        )
-        serve = await estafeta.serve(config, port)
-        assert serve.base_url is not None
+    port = free_port()
+    config = leads_to_crm_config(
+        via_proxy(chaos_database, pg_proxy.port),
+        tmp_path,
+        sink.url,
+        port=port,
+        timeout_s=TIMEOUT_S,
+        max_attempts=20,
+        worker={"lease_s": 1},  # lease = timeout_s + 2 = 4 s
+    )
+    serve = await estafeta.serve(config, port)
+    assert serve.base_url is not None
 
-        async with client_session() as http:
-            hub = HubClient(serve.base_url, http)
-            load = Load(hub, give_up_after_s=30)
-            health: list[tuple[float, int]] = []
-            stop_load, stop_health = asyncio.Event(), asyncio.Event()
+    async with client_session() as http:
+        hub = HubClient(serve.base_url, http)
+        load = Load(hub, give_up_after_s=30)
+        health: list[tuple[float, int]] = []
+        stop_load, stop_health = asyncio.Event(), asyncio.Event()
 
-            async def watch_health() -> None:
-                timeout = aiohttp.ClientTimeout(total=2)
-                while not stop_health.is_set():
-                    try:
-                        async with http.get(f"{serve.base_url}/health", timeout=timeout) as r:
-                            health.append((time.monotonic(), r.status))
-                    except (aiohttp.ClientError, TimeoutError):
-                        health.append((time.monotonic(), 0))
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop_health.wait(), 0.25)
+        async def watch_health() -> None:
+            timeout = aiohttp.ClientTimeout(total=2)
+            while not stop_health.is_set():
+                try:
+                    async with http.get(f"{serve.base_url}/health", timeout=timeout) as r:
+                        health.append((time.monotonic(), r.status))
+                except (aiohttp.ClientError, TimeoutError):
+                    health.append((time.monotonic(), 0))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop_health.wait(), 0.25)
 
-            sending = asyncio.create_task(load.steady(RATE_PER_S, stop_load, lead))
-            watching = asyncio.create_task(watch_health())
-            await asyncio.sleep(BEFORE_S)  # the scenario's timeline, not a wait for luck
-            assert sink.delivered_ids, "nothing delivered before the outage"
-            cut_at = time.monotonic()
-            await pg_proxy.cut()
-            await asyncio.sleep(OUTAGE_S)
-            await pg_proxy.restore()
-            restored_at = time.monotonic()
-            await asyncio.sleep(AFTER_S)
-            stop_load.set()
-            sent = await asyncio.wait_for(sending, timeout=30)
+        sending = asyncio.create_task(load.steady(RATE_PER_S, stop_load, lead))
+        watching = asyncio.create_task(watch_health())
+        await asyncio.sleep(BEFORE_S)  # the scenario's timeline, not a wait for luck
+        assert sink.delivered_ids, "nothing delivered before the outage"
+        cut_at = time.monotonic()
+        await pg_proxy.cut()
+        await asyncio.sleep(OUTAGE_S)
+        await pg_proxy.restore()
+        restored_at = time.monotonic()
+        await asyncio.sleep(AFTER_S)
+        stop_load.set()
+        sent = await asyncio.wait_for(sending, timeout=30)
 
-            assert load.refused() == {}, list(load.refused().items())[:10]
-            assert load.connection_errors == 0
-            spooled = load.spooled()
-            assert spooled, "nothing was spooled while the database was away"
-            assert min(a.at for a in spooled) >= cut_at
-            acknowledged = load.acknowledged()
-            assert len(acknowledged) == sent
+        assert load.refused() == {}, list(load.refused().items())[:10]
+        assert load.connection_errors == 0
+        spooled = load.spooled()
+        assert spooled, "nothing was spooled while the database was away"
+        assert min(a.at for a in spooled) >= cut_at
+        acknowledged = load.acknowledged()
+        assert len(acknowledged) == sent
 
-            async def spool_empty() -> bool:
-                checks = (await hub.get_json("/health/detailed"))["checks"]
-                return bool(checks["spool"]["segments"] == 0)
+        async def spool_empty() -> bool:
+            checks = (await hub.get_json("/health/detailed"))["checks"]
+            return bool(checks["spool"]["segments"] == 0)
 
-            await wait_until(spool_empty, timeout_s=20, what="the spool drained (0 segments)")
-            missing = await all_delivered(sink, acknowledged, timeout_s=20)
-            assert not missing, f"{len(missing)} acknowledged webhooks never delivered"
+        await wait_until(spool_empty, timeout_s=20, what="the spool drained (0 segments)")
+        missing = await all_delivered(sink, acknowledged, timeout_s=20)
+        assert not missing, f"{len(missing)} acknowledged webhooks never delivered"
 
-            await settled_deliveries(chaos_database, timeout_s=20)
-            stop_health.set()
-            await watching
+        await settled_deliveries(chaos_database, timeout_s=20)
+        stop_health.set()
+        await watching
 
-        outage_health = [status for at, status in health if cut_at <= at <= restored_at]
-        assert len(outage_health) >= OUTAGE_S * 2, "/health was not watched during the outage"
-        assert set(outage_health) == {200}, Counter(outage_health)
-        assert await deliveries_by_state(chaos_database) == {"succeeded": sent}
+    outage_health = [status for at, status in health if cut_at <= at <= restored_at]
+    assert len(outage_health) >= OUTAGE_S * 2, "/health was not watched during the outage"
+    assert set(outage_health) == {200}, Counter(outage_health)
+    assert await deliveries_by_state(chaos_database) == {"succeeded": sent}
 
-        oks = Counter(r.webhook_id or "" for r in sink.received if 200 <= r.status < 300)
-        duplicated = {event_id for event_id, n in oks.items() if n > 1}
-        first_ok: dict[str, float] = {}
-        for r in sink.received:
-            if 200 <= r.status < 300 and r.webhook_id is not None:
-                first_ok.setdefault(r.webhook_id, r.at)
-        late = {i for i in duplicated if first_ok[i] > cut_at + TIMEOUT_S + 1}
-        assert late == set(), f"sent twice though first sent after the cut: {late}"
-        rescued = await events_with_attempt(chaos_database, "lease_expired")
-        assert duplicated <= rescued, f"sent again without a rescue: {duplicated - rescued}"
-        summary(
-            "chaos database_outage",
-            sent=sent,
-            acknowledged=len(acknowledged),
-            delivered=len(sink.delivered_ids),
-            duplicates=sink.duplicates,
-            lost=len(missing),
-            started=started,
-        )
-    finally:
-        await sink.stop()
+    oks = Counter(r.webhook_id or "" for r in sink.received if 200 <= r.status < 300)
+    duplicated = {event_id for event_id, n in oks.items() if n > 1}
+    first_ok: dict[str, float] = {}
+    for r in sink.received:
+        if 200 <= r.status < 300 and r.webhook_id is not None:
+            first_ok.setdefault(r.webhook_id, r.at)
+    late = {i for i in duplicated if first_ok[i] > cut_at + TIMEOUT_S + 1}
+    assert late == set(), f"sent twice though first sent after the cut: {late}"
+    rescued = await events_with_attempt(chaos_database, "lease_expired")
+    assert duplicated <= rescued, f"sent again without a rescue: {duplicated - rescued}"
+    report(
+        "chaos database_outage", sink, acknowledged, sent=sent, lost=len(missing), started=started
+    )

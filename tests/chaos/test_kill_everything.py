@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import signal
 import time
 from pathlib import Path
 
@@ -37,22 +36,19 @@ from estafeta.testing.sink import Sink
 from tests.acceptance.conftest import (
     Estafeta,
     HubClient,
-    Proc,
     client_session,
     free_port,
     leads_to_crm_config,
-    query,
-    summary,
-    wait_until,
+    report,
 )
 from tests.chaos.conftest import (
     Load,
-    all_delivered,
+    acknowledged_and_delivered,
     assert_killed_sends_only_were_duplicated,
     lead,
+    leased_by,
     settled_deliveries,
 )
-from tests.conftest import SINK_SECRET
 
 EVENTS = 5000
 CONCURRENCY = 50
@@ -66,102 +62,79 @@ WORKERS = 2
 @pytest.mark.postgres
 @pytest.mark.timeout(150)
 async def test_random_kills_lose_nothing_and_duplicate_only_sends_in_flight(
-    chaos_database: str, tmp_path: Path, estafeta: Estafeta
+    chaos_database: str, tmp_path: Path, estafeta: Estafeta, sink: Sink
 ) -> None:
     started = time.monotonic()
-    sink = Sink(secret=SINK_SECRET)
-    await sink.start()
     sink.respond(200, delay_s=SINK_DELAY_S)
-    try:
-        port = free_port()
-        # lease = max(lease_s, timeout_s + 2) = 4 s: a dead worker's sends come back soon
-        config = leads_to_crm_config(
-            chaos_database,
-            tmp_path,
-            sink.url,
-            port=port,
-            timeout_s=2,
-            max_attempts=20,
-            worker={"lease_s": 1, "concurrency": 32, "batch_size": 32},
+    port = free_port()
+    # lease = max(lease_s, timeout_s + 2) = 4 s: a dead worker's sends come back soon
+    config = leads_to_crm_config(
+        chaos_database,
+        tmp_path,
+        sink.url,
+        port=port,
+        timeout_s=2,
+        max_attempts=20,
+        worker={"lease_s": 1, "concurrency": 32, "batch_size": 32},
+    )
+    serve = await estafeta.serve(config, port, no_workers=True)
+    workers = [estafeta.worker(config, name=f"worker-{i}") for i in range(WORKERS)]
+    for worker in workers:
+        await worker.wait_log("worker_started")
+
+    # Kill moments as progress: acknowledged webhooks (server), delivered events (workers).
+    rng_serve, rng_workers = random.Random(SEED), random.Random(SEED + 1)
+    serve_marks = sorted(rng_serve.sample(range(EVENTS // 10, EVENTS * 9 // 10), KILLS))
+    worker_marks = sorted(rng_workers.sample(range(EVENTS // 10, EVENTS * 9 // 10), KILLS))
+    in_flight_at_kill: set[str] = set()
+    kills: list[str] = []
+
+    async def kill_serve(load: Load) -> None:
+        nonlocal serve
+        for n, mark in enumerate(serve_marks, 1):
+            await load.wait_acknowledged(mark, timeout_s=90)
+            await serve.sigkill()
+            kills.append(f"serve@{load.ok}")
+            await asyncio.sleep(rng_serve.uniform(0, 0.5))
+            serve = await estafeta.serve(config, port, no_workers=True, name=f"serve-{n}")
+
+    async def kill_workers() -> None:
+        for n, mark in enumerate(worker_marks, 1):
+
+            def reached(s: Sink, mark: int = mark) -> bool:
+                return len(s.delivered_ids) >= mark
+
+            assert await sink.wait_for(reached, 90), f"{mark} deliveries never arrived"
+            victim = rng_workers.randrange(WORKERS)
+            pid = workers[victim].pid
+            await workers[victim].sigkill()
+            kills.append(f"worker-{victim}@{len(sink.delivered_ids)}")
+            in_flight_at_kill.update(await leased_by(chaos_database, pid))
+            await asyncio.sleep(rng_workers.uniform(0, 0.5))
+            workers[victim] = estafeta.worker(config, name=f"worker-{victim}-{n}")
+
+    async with client_session() as http:
+        assert serve.base_url is not None
+        load = Load(HubClient(serve.base_url, http), give_up_after_s=60)
+        messages = [lead(n) for n in range(EVENTS)]
+        chaos = asyncio.gather(kill_serve(load), kill_workers())
+        await load.burst(messages, concurrency=CONCURRENCY)
+        await asyncio.wait_for(chaos, timeout=60)
+        assert len(kills) == 2 * KILLS, kills
+
+        acknowledged, missing = await acknowledged_and_delivered(
+            load, sink, sent=EVENTS, timeout_s=60
         )
-        serve = await estafeta.serve(config, port, no_workers=True)
-        workers = [estafeta.worker(config, name=f"worker-{i}") for i in range(WORKERS)]
-        for worker in workers:
-            await worker.wait_log("worker_started")
+        await settled_deliveries(chaos_database, timeout_s=30)
 
-        # Kill moments as progress: acknowledged webhooks (server), delivered events (workers).
-        rng_serve, rng_workers = random.Random(SEED), random.Random(SEED + 1)
-        serve_marks = sorted(rng_serve.sample(range(EVENTS // 10, EVENTS * 9 // 10), KILLS))
-        worker_marks = sorted(rng_workers.sample(range(EVENTS // 10, EVENTS * 9 // 10), KILLS))
-        in_flight_at_kill: set[str] = set()
-        kills: list[str] = []
-
-        async def kill_serve(load: Load) -> None:
-            nonlocal serve
-            for n, mark in enumerate(serve_marks, 1):
-
-                async def reached(mark: int = mark) -> bool:
-                    return load.ok >= mark
-
-                await wait_until(reached, timeout_s=90, what=f"{mark} acknowledged webhooks")
-                await kill(serve)
-                kills.append(f"serve@{load.ok}")
-                await asyncio.sleep(rng_serve.uniform(0, 0.5))
-                serve = await estafeta.serve(config, port, no_workers=True, name=f"serve-{n}")
-
-        async def kill_workers() -> None:
-            for n, mark in enumerate(worker_marks, 1):
-
-                def reached(s: Sink, mark: int = mark) -> bool:
-                    return len(s.delivered_ids) >= mark
-
-                assert await sink.wait_for(reached, 90), f"{mark} deliveries never arrived"
-                victim = rng_workers.randrange(WORKERS)
-                pid = workers[victim].pid
-                await kill(workers[victim])
-                kills.append(f"worker-{victim}@{len(sink.delivered_ids)}")
-                rows = await query(
-                    chaos_database,
-                    "SELECT event_id FROM deliveries WHERE state = 'in_flight'"
-                    " AND leased_by LIKE :pid",
-                    {"pid": f"%:{pid}:%"},
-                )
-                in_flight_at_kill.update(event_id for (event_id,) in rows)
-                await asyncio.sleep(rng_workers.uniform(0, 0.5))
-                workers[victim] = estafeta.worker(config, name=f"worker-{victim}-{n}")
-
-        async with client_session() as http:
-            assert serve.base_url is not None
-            load = Load(HubClient(serve.base_url, http), give_up_after_s=60)
-            messages = [lead(n) for n in range(EVENTS)]
-            chaos = asyncio.gather(kill_serve(load), kill_workers())
-            await load.burst(messages, concurrency=CONCURRENCY)
-            await asyncio.wait_for(chaos, timeout=60)
-            assert len(kills) == 2 * KILLS, kills
-
-            assert load.refused() == {}, list(load.refused().items())[:10]
-            acknowledged = load.acknowledged()
-            assert len(acknowledged) == EVENTS
-            missing = await all_delivered(sink, acknowledged, timeout_s=60)
-            assert not missing, f"{len(missing)} acknowledged webhooks never delivered"
-            await settled_deliveries(chaos_database, timeout_s=30)
-
-        await assert_killed_sends_only_were_duplicated(
-            sink, acknowledged, chaos_database, in_flight_at_kill, events=EVENTS, kills=KILLS
-        )
-        summary(
-            "chaos kill_everything",
-            sent=load.sent,
-            acknowledged=len(acknowledged),
-            delivered=len(sink.delivered_ids),
-            duplicates=sink.duplicates,
-            lost=len(missing),
-            started=started,
-        )
-    finally:
-        await sink.stop()
-
-
-async def kill(proc: Proc) -> None:
-    proc.send_signal(signal.SIGKILL)
-    assert await proc.wait_exit(10) == -signal.SIGKILL, proc.tail()
+    await assert_killed_sends_only_were_duplicated(
+        sink, acknowledged, chaos_database, in_flight_at_kill, events=EVENTS, kills=KILLS
+    )
+    report(
+        "chaos kill_everything",
+        sink,
+        acknowledged,
+        sent=load.sent,
+        lost=len(missing),
+        started=started,
+    )

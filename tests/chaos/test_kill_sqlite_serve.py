@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import signal
 import time
 from pathlib import Path
 
@@ -26,18 +25,16 @@ from tests.acceptance.conftest import (
     client_session,
     free_port,
     leads_to_crm_config,
-    query,
-    summary,
-    wait_until,
+    report,
 )
 from tests.chaos.conftest import (
     Load,
-    all_delivered,
+    acknowledged_and_delivered,
     assert_killed_sends_only_were_duplicated,
     lead,
+    leased_by,
     settled_deliveries,
 )
-from tests.conftest import SINK_SECRET
 
 EVENTS = 2000
 CONCURRENCY = 50
@@ -49,81 +46,61 @@ SINK_DELAY_S = 0.05  # so that dozens of sends are in flight at any moment
 @pytest.mark.slow
 @pytest.mark.timeout(150)
 async def test_a_killed_sqlite_serve_loses_nothing_and_duplicates_only_sends_in_flight(
-    tmp_path: Path, estafeta: Estafeta
+    tmp_path: Path, estafeta: Estafeta, sink: Sink
 ) -> None:
     started = time.monotonic()
     database_url = f"sqlite:///{tmp_path / 'estafeta.db'}"
-    sink = Sink(secret=SINK_SECRET)
-    await sink.start()
     sink.respond(200, delay_s=SINK_DELAY_S)
-    try:
-        port = free_port()
-        # lease = max(lease_s, timeout_s + 2) = 4 s: a dead process's sends come back soon
-        config = leads_to_crm_config(
-            database_url,
-            tmp_path,
-            sink.url,
-            port=port,
-            timeout_s=2,
-            max_attempts=20,
-            worker={"lease_s": 1, "concurrency": 32, "batch_size": 32},
+    port = free_port()
+    # lease = max(lease_s, timeout_s + 2) = 4 s: a dead process's sends come back soon
+    config = leads_to_crm_config(
+        database_url,
+        tmp_path,
+        sink.url,
+        port=port,
+        timeout_s=2,
+        max_attempts=20,
+        worker={"lease_s": 1, "concurrency": 32, "batch_size": 32},
+    )
+    serve = await estafeta.serve(config, port)
+    rng = random.Random(SEED)
+    marks = sorted(rng.sample(range(EVENTS // 10, EVENTS * 9 // 10), KILLS))
+    in_flight_at_kill: set[str] = set()
+    kills: list[str] = []
+
+    async def kill_serve(load: Load) -> None:
+        nonlocal serve
+        for n, mark in enumerate(marks, 1):
+            await load.wait_acknowledged(mark, timeout_s=90)
+            pid = serve.pid
+            await serve.sigkill()
+            kills.append(f"serve@{load.ok}")
+            # Its leases (stored with its pid in the worker id) outlive it.
+            in_flight_at_kill.update(await leased_by(database_url, pid))
+            await asyncio.sleep(rng.uniform(0, 0.5))
+            serve = await estafeta.serve(config, port, name=f"serve-{n}")
+
+    async with client_session() as http:
+        assert serve.base_url is not None
+        load = Load(HubClient(serve.base_url, http), give_up_after_s=60)
+        chaos = asyncio.create_task(kill_serve(load))
+        await load.burst([lead(n) for n in range(EVENTS)], concurrency=CONCURRENCY)
+        await asyncio.wait_for(chaos, timeout=60)
+        assert len(kills) == KILLS, kills
+
+        acknowledged, missing = await acknowledged_and_delivered(
+            load, sink, sent=EVENTS, timeout_s=60
         )
-        serve = await estafeta.serve(config, port)
-        rng = random.Random(SEED)
-        marks = sorted(rng.sample(range(EVENTS // 10, EVENTS * 9 // 10), KILLS))
-        in_flight_at_kill: set[str] = set()
-        kills: list[str] = []
+        await settled_deliveries(database_url, timeout_s=30)
 
-        async def kill_serve(load: Load) -> None:
-            nonlocal serve
-            for n, mark in enumerate(marks, 1):
-
-                async def reached(mark: int = mark) -> bool:
-                    return load.ok >= mark
-
-                await wait_until(reached, timeout_s=90, what=f"{mark} acknowledged webhooks")
-                pid = serve.pid
-                serve.send_signal(signal.SIGKILL)
-                assert await serve.wait_exit(10) == -signal.SIGKILL, serve.tail()
-                kills.append(f"serve@{load.ok}")
-                # Its leases (stored with its pid in the worker id) outlive it: these, and
-                # only these, may be sent again.
-                rows = await query(
-                    database_url,
-                    "SELECT event_id FROM deliveries WHERE state = 'in_flight'"
-                    " AND leased_by LIKE :pid",
-                    {"pid": f"%:{pid}:%"},
-                )
-                in_flight_at_kill.update(event_id for (event_id,) in rows)
-                await asyncio.sleep(rng.uniform(0, 0.5))
-                serve = await estafeta.serve(config, port, name=f"serve-{n}")
-
-        async with client_session() as http:
-            assert serve.base_url is not None
-            load = Load(HubClient(serve.base_url, http), give_up_after_s=60)
-            chaos = asyncio.create_task(kill_serve(load))
-            await load.burst([lead(n) for n in range(EVENTS)], concurrency=CONCURRENCY)
-            await asyncio.wait_for(chaos, timeout=60)
-            assert len(kills) == KILLS, kills
-
-            assert load.refused() == {}, list(load.refused().items())[:10]
-            acknowledged = load.acknowledged()
-            assert len(acknowledged) == EVENTS
-            missing = await all_delivered(sink, acknowledged, timeout_s=60)
-            assert not missing, f"{len(missing)} acknowledged webhooks never delivered"
-            await settled_deliveries(database_url, timeout_s=30)
-
-        await assert_killed_sends_only_were_duplicated(
-            sink, acknowledged, database_url, in_flight_at_kill, events=EVENTS, kills=KILLS
-        )
-        summary(
-            "chaos kill_sqlite_serve",
-            sent=load.sent,
-            acknowledged=len(acknowledged),
-            delivered=len(sink.delivered_ids),
-            duplicates=sink.duplicates,
-            lost=len(missing),
-            started=started,
-        )
-    finally:
-        await sink.stop()
+    await assert_killed_sends_only_were_duplicated(
+        sink, acknowledged, database_url, in_flight_at_kill, events=EVENTS, kills=KILLS
+    )
+    report(
+        "chaos kill_sqlite_serve",
+        sink,
+        acknowledged,
+        sent=load.sent,
+        lost=len(missing),
+        started=started,
+    )

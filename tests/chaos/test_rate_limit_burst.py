@@ -21,16 +21,13 @@ import pytest
 
 from estafeta.testing.sink import Sink
 from tests.acceptance.conftest import (
-    TENANT,
     Estafeta,
     HubClient,
     client_session,
     free_port,
-    http_destination,
-    hub_config,
+    leads_to_crm_config,
     query,
-    summary,
-    write_config,
+    report,
 )
 from tests.chaos.conftest import (
     Load,
@@ -41,7 +38,6 @@ from tests.chaos.conftest import (
     per_second,
     settled_deliveries,
 )
-from tests.conftest import SINK_SECRET
 
 EVENTS = 150
 LIMIT_PER_S = 50
@@ -52,61 +48,46 @@ SLACK = 2  # ms rounding of started_at at the window's edges
 @pytest.mark.postgres
 @pytest.mark.timeout(60)
 async def test_a_backlog_never_exceeds_the_rate_limit_in_any_second(
-    chaos_database: str, tmp_path: Path, estafeta: Estafeta
+    chaos_database: str, tmp_path: Path, estafeta: Estafeta, sink: Sink
 ) -> None:
     started = time.monotonic()
-    sink = Sink(secret=SINK_SECRET)
-    await sink.start()
-    try:
-        port = free_port()
-        config = write_config(
-            tmp_path / "estafeta.toml",
-            hub_config(
-                chaos_database,
-                tmp_path,
-                port=port,
-                destinations=[
-                    http_destination("crm", f"{sink.url}/crm", rate_limit=f"{LIMIT_PER_S}/second")
-                ],
-                routes=[{"tenant": TENANT, "events": ["lead.*"], "destinations": ["crm"]}],
-            ),
-        )
-        serve = await estafeta.serve(config, port, no_workers=True)
-        assert serve.base_url is not None
-        async with client_session() as http:
-            load = Load(HubClient(serve.base_url, http))
-            await load.burst([lead(n) for n in range(EVENTS)], concurrency=50)
-        acknowledged = load.acknowledged()
-        assert len(acknowledged) == EVENTS
+    port = free_port()
+    config = leads_to_crm_config(
+        chaos_database, tmp_path, sink.url, port=port, rate_limit=f"{LIMIT_PER_S}/second"
+    )
+    serve = await estafeta.serve(config, port, no_workers=True)
+    assert serve.base_url is not None
+    async with client_session() as http:
+        load = Load(HubClient(serve.base_url, http))
+        await load.burst([lead(n) for n in range(EVENTS)], concurrency=50)
+    acknowledged = load.acknowledged()
+    assert len(acknowledged) == EVENTS
 
-        # The backlog waits while the worker starts, then falls due at half past a second.
-        park = "UPDATE deliveries SET next_attempt_at = :due WHERE state = 'pending'"
-        assert await execute(chaos_database, park, {"due": int(time.time() * 1000) + 60_000})
-        worker = estafeta.worker(config)
-        await worker.wait_log("worker_started")
-        due_s = math.floor(time.time()) + 1.5
-        assert await execute(chaos_database, park, {"due": int(due_s * 1000)}) == EVENTS
-        missing = await all_delivered(sink, acknowledged, timeout_s=20)
-        assert not missing
+    # The backlog waits while the worker starts, then falls due at half past a second.
+    park = "UPDATE deliveries SET next_attempt_at = :due WHERE state = 'pending'"
+    assert await execute(chaos_database, park, {"due": int(time.time() * 1000) + 60_000})
+    worker = estafeta.worker(config)
+    await worker.wait_log("worker_started")
+    due_s = math.floor(time.time()) + 1.5
+    assert await execute(chaos_database, park, {"due": int(due_s * 1000)}) == EVENTS
+    missing = await all_delivered(sink, acknowledged, timeout_s=20)
+    assert not missing
 
-        assert await settled_deliveries(chaos_database, timeout_s=20) == {"succeeded": EVENTS}
-        rows = await query(chaos_database, "SELECT started_at FROM attempts ORDER BY started_at")
-        sent_at = [int(ms) / 1000 for (ms,) in rows]
-        assert len(sent_at) == EVENTS, f"{len(sent_at)} attempts for {EVENTS} events"
-        whole = per_second(sent_at, due_s - 0.5, sent_at[-1] + 1)
-        busiest, busiest_at = busiest_second(sent_at)
-        summary(
-            "chaos rate_limit_burst",
-            sent=EVENTS,
-            acknowledged=len(acknowledged),
-            delivered=len(sink.delivered_ids),
-            duplicates=sink.duplicates,
-            lost=len(missing),
-            started=started,
-        )
-        assert busiest <= LIMIT_PER_S + SLACK, (
-            f"{busiest} sends in the second from {busiest_at - due_s:+.2f} s after the "
-            f"backlog fell due; per wall-clock second (the limiter's windows): {whole}"
-        )
-    finally:
-        await sink.stop()
+    assert await settled_deliveries(chaos_database, timeout_s=20) == {"succeeded": EVENTS}
+    rows = await query(chaos_database, "SELECT started_at FROM attempts ORDER BY started_at")
+    sent_at = [int(ms) / 1000 for (ms,) in rows]
+    assert len(sent_at) == EVENTS, f"{len(sent_at)} attempts for {EVENTS} events"
+    whole = per_second(sent_at, due_s - 0.5, sent_at[-1] + 1)
+    busiest, busiest_at = busiest_second(sent_at)
+    report(
+        "chaos rate_limit_burst",
+        sink,
+        acknowledged,
+        sent=EVENTS,
+        lost=len(missing),
+        started=started,
+    )
+    assert busiest <= LIMIT_PER_S + SLACK, (
+        f"{busiest} sends in the second from {busiest_at - due_s:+.2f} s after the "
+        f"backlog fell due; per wall-clock second (the limiter's windows): {whole}"
+    )

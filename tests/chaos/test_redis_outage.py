@@ -19,20 +19,18 @@ import redis.asyncio
 
 from estafeta.testing.sink import Sink
 from tests.acceptance.conftest import (
-    TENANT,
     Estafeta,
     HubClient,
     client_session,
     free_port,
-    http_destination,
-    hub_config,
-    summary,
+    leads_to_crm_config,
+    report,
     wait_until,
-    write_config,
 )
 from tests.chaos.conftest import (
     Load,
     RedisProcess,
+    acknowledged_and_delivered,
     all_delivered,
     arrivals,
     lead,
@@ -41,7 +39,6 @@ from tests.chaos.conftest import (
     per_second,
     settled_deliveries,
 )
-from tests.conftest import SINK_SECRET
 
 RATE_PER_S = 40
 BEFORE_S = 3.0
@@ -54,150 +51,126 @@ COMPONENTS = {"throttle", "circuit_store", "ingress_rate_limit"}
 @pytest.mark.postgres
 @pytest.mark.timeout(60)
 async def test_deliveries_go_on_while_redis_is_down_and_redis_is_used_again_after(
-    chaos_database: str, own_redis: RedisProcess, tmp_path: Path, estafeta: Estafeta
+    chaos_database: str, own_redis: RedisProcess, tmp_path: Path, estafeta: Estafeta, sink: Sink
 ) -> None:
     started = time.monotonic()
-    sink = Sink(secret=SINK_SECRET)
-    await sink.start()
-    try:
-        port = free_port()
-        data = hub_config(
-            chaos_database,
-            tmp_path,
-            port=port,
-            destinations=[
-                http_destination("crm", f"{sink.url}/crm", rate_limit="500/second", max_attempts=10)
-            ],
-            routes=[{"tenant": TENANT, "events": ["lead.*"], "destinations": ["crm"]}],
+    port = free_port()
+    config = leads_to_crm_config(
+        chaos_database,
+        tmp_path,
+        sink.url,
+        port=port,
+        rate_limit="500/second",
+        max_attempts=10,
+        redis_url=own_redis.url,
+    )
+    serve = await estafeta.serve(config, port)
+    assert serve.base_url is not None
+
+    async with client_session() as http:
+        load = Load(HubClient(serve.base_url, http), give_up_after_s=30)
+        stop_load = asyncio.Event()
+        sending = asyncio.create_task(load.steady(RATE_PER_S, stop_load, lead))
+        await asyncio.sleep(BEFORE_S)  # the scenario's timeline
+        assert sink.delivered_ids, "nothing delivered before Redis went away"
+        client = redis.asyncio.Redis.from_url(own_redis.url)
+        try:
+            throttle_keys = [k async for k in client.scan_iter(match="estafeta:throttle*")]
+            ingress_keys = [k async for k in client.scan_iter(match="estafeta:ingress:*")]
+        finally:
+            await client.aclose()
+        assert throttle_keys, "the rate limit does not count in Redis"
+        assert ingress_keys, "the tenant's inbound rate limit does not count in Redis"
+
+        await own_redis.kill()
+        killed_at = time.monotonic()
+        await serve.wait_log("redis_unavailable", timeout_s=10)
+        await asyncio.sleep(max(0.0, killed_at + OUTAGE_S - time.monotonic()))
+        await own_redis.start()
+        restarted_at = time.monotonic()
+
+        async def back() -> bool:
+            available = {e.get("component") for e in logged(serve, "redis_available")}
+            return available >= COMPONENTS
+
+        # Redis is tried again every 5 s (RedisFailover.retry_s) by each component.
+        await wait_until(back, timeout_s=15, what=f"redis_available from {COMPONENTS}")
+        stop_load.set()
+        sent = await asyncio.wait_for(sending, timeout=30)
+
+        acknowledged, missing = await acknowledged_and_delivered(
+            load, sink, sent=sent, timeout_s=20
         )
-        data["redis"] = {"url": own_redis.url}
-        config = write_config(tmp_path / "estafeta.toml", data)
-        serve = await estafeta.serve(config, port)
-        assert serve.base_url is not None
+        assert await settled_deliveries(chaos_database, timeout_s=20) == {"succeeded": sent}
 
-        async with client_session() as http:
-            load = Load(HubClient(serve.base_url, http), give_up_after_s=30)
-            stop_load = asyncio.Event()
-            sending = asyncio.create_task(load.steady(RATE_PER_S, stop_load, lead))
-            await asyncio.sleep(BEFORE_S)  # the scenario's timeline
-            assert sink.delivered_ids, "nothing delivered before Redis went away"
-            client = redis.asyncio.Redis.from_url(own_redis.url)
-            try:
-                throttle_keys = [k async for k in client.scan_iter(match="estafeta:throttle*")]
-                ingress_keys = [k async for k in client.scan_iter(match="estafeta:ingress:*")]
-            finally:
-                await client.aclose()
-            assert throttle_keys, "the rate limit does not count in Redis"
-            assert ingress_keys, "the tenant's inbound rate limit does not count in Redis"
-
-            await own_redis.kill()
-            killed_at = time.monotonic()
-            await serve.wait_log("redis_unavailable", timeout_s=10)
-            await asyncio.sleep(max(0.0, killed_at + OUTAGE_S - time.monotonic()))
-            await own_redis.start()
-            restarted_at = time.monotonic()
-
-            async def back() -> bool:
-                available = {e.get("component") for e in logged(serve, "redis_available")}
-                return available >= COMPONENTS
-
-            # Redis is tried again every 5 s (RedisFailover.retry_s) by each component.
-            await wait_until(back, timeout_s=15, what=f"redis_available from {COMPONENTS}")
-            stop_load.set()
-            sent = await asyncio.wait_for(sending, timeout=30)
-
-            assert load.refused() == {}
-            acknowledged = load.acknowledged()
-            assert len(acknowledged) == sent
-            missing = await all_delivered(sink, acknowledged, timeout_s=20)
-            assert not missing, f"{len(missing)} acknowledged events never delivered"
-            assert await settled_deliveries(chaos_database, timeout_s=20) == {"succeeded": sent}
-
-        ok = arrivals(sink, status=200)
-        before = per_second(ok, started + 1, killed_at)
-        during = per_second(ok, killed_at, restarted_at)
-        assert min(during) > 0, f"a second without deliveries while Redis was down: {during}"
-        assert median(during) >= 0.7 * median([n for n in before if n]), (before, during)
-        unavailable = Counter(e.get("component") for e in logged(serve, "redis_unavailable"))
-        assert unavailable == dict.fromkeys(COMPONENTS, 1), unavailable
-        assert logged(serve, "task_crashed") == []
-        # 7 s is under worker.alert_redis_down_s (60 by default): a blip pages nobody.
-        assert [e for e in logged(serve, "alert_fired") if e.get("alert") == "redis_down"] == []
-        assert sink.duplicates == 0
-        summary(
-            "chaos redis_outage",
-            sent=sent,
-            acknowledged=len(acknowledged),
-            delivered=len(sink.delivered_ids),
-            duplicates=sink.duplicates,
-            lost=len(missing),
-            started=started,
-        )
-    finally:
-        await sink.stop()
+    ok = arrivals(sink, status=200)
+    before = per_second(ok, started + 1, killed_at)
+    during = per_second(ok, killed_at, restarted_at)
+    assert min(during) > 0, f"a second without deliveries while Redis was down: {during}"
+    assert median(during) >= 0.7 * median([n for n in before if n]), (before, during)
+    unavailable = Counter(e.get("component") for e in logged(serve, "redis_unavailable"))
+    assert unavailable == dict.fromkeys(COMPONENTS, 1), unavailable
+    assert logged(serve, "task_crashed") == []
+    # 7 s is under worker.alert_redis_down_s (60 by default): a blip pages nobody.
+    assert [e for e in logged(serve, "alert_fired") if e.get("alert") == "redis_down"] == []
+    assert sink.duplicates == 0
+    report("chaos redis_outage", sink, acknowledged, sent=sent, lost=len(missing), started=started)
 
 
 @pytest.mark.slow
 @pytest.mark.postgres
 @pytest.mark.timeout(60)
 async def test_a_redis_outage_is_alerted_and_reading_health_does_not_log_it_again(
-    chaos_database: str, own_redis: RedisProcess, tmp_path: Path, estafeta: Estafeta
+    chaos_database: str, own_redis: RedisProcess, tmp_path: Path, estafeta: Estafeta, sink: Sink
 ) -> None:
     started = time.monotonic()
-    sink = Sink(secret=SINK_SECRET)
-    await sink.start()
-    try:
-        port = free_port()
-        data = hub_config(
-            chaos_database,
-            tmp_path,
-            port=port,
-            destinations=[http_destination("crm", f"{sink.url}/crm", rate_limit="500/second")],
-            routes=[{"tenant": TENANT, "events": ["lead.*"], "destinations": ["crm"]}],
-            worker={"alert_redis_down_s": 1},
-        )
-        data["redis"] = {"url": own_redis.url}
-        config = write_config(tmp_path / "estafeta.toml", data)
-        serve = await estafeta.serve(config, port)
-        assert serve.base_url is not None
-        async with client_session() as http:
-            hub = HubClient(serve.base_url, http)
-            load = Load(hub)
-            await load.burst([lead(n) for n in range(5)], concurrency=5)
-            await own_redis.kill()
-            await load.burst([lead(n) for n in range(5, 10)], concurrency=5)
+    port = free_port()
+    config = leads_to_crm_config(
+        chaos_database,
+        tmp_path,
+        sink.url,
+        port=port,
+        rate_limit="500/second",
+        worker={"alert_redis_down_s": 1},
+        redis_url=own_redis.url,
+    )
+    serve = await estafeta.serve(config, port)
+    assert serve.base_url is not None
+    async with client_session() as http:
+        hub = HubClient(serve.base_url, http)
+        load = Load(hub)
+        await load.burst([lead(n) for n in range(5)], concurrency=5)
+        await own_redis.kill()
+        await load.burst([lead(n) for n in range(5, 10)], concurrency=5)
 
-            async def all_noticed() -> bool:
-                noticed = {e.get("component") for e in logged(serve, "redis_unavailable")}
-                return noticed >= COMPONENTS
+        async def all_noticed() -> bool:
+            noticed = {e.get("component") for e in logged(serve, "redis_unavailable")}
+            return noticed >= COMPONENTS
 
-            await wait_until(all_noticed, timeout_s=10, what=f"redis_unavailable: {COMPONENTS}")
+        await wait_until(all_noticed, timeout_s=10, what=f"redis_unavailable: {COMPONENTS}")
 
-            async def alerted() -> bool:
-                return any(e.get("alert") == "redis_down" for e in logged(serve, "alert_fired"))
+        async def alerted() -> bool:
+            return any(e.get("alert") == "redis_down" for e in logged(serve, "alert_fired"))
 
-            # The monitor pings every 5 s: a failed ping, then one a second or more after it.
-            await wait_until(alerted, timeout_s=15, what="alert_fired redis_down")
-            # What an operator (or a Prometheus scrape of /metrics) does during the outage.
-            detailed = await hub.get_json("/health/detailed")
-            assert detailed["status"] == "degraded", detailed
-            assert detailed["checks"]["redis"]["status"] == "unavailable", detailed
-            assert "redis_down" in detailed["checks"]["alerts"]["firing"], detailed
-            # This serve delivers: its own circuits are its live view, and shown.
-            assert detailed["checks"]["circuits"]["crm"]["state"] == "closed", detailed
-            acknowledged = load.acknowledged()
-            missing = await all_delivered(sink, acknowledged, timeout_s=10)
-        unavailable = Counter(e.get("component") for e in logged(serve, "redis_unavailable"))
-        summary(
-            "chaos redis_logged_once",
-            sent=load.sent,
-            acknowledged=len(acknowledged),
-            delivered=len(sink.delivered_ids),
-            duplicates=sink.duplicates,
-            lost=len(missing),
-            started=started,
-        )
-        assert not missing
-        assert unavailable == dict.fromkeys(COMPONENTS, 1), unavailable
-    finally:
-        await sink.stop()
+        # The monitor pings every 5 s: a failed ping, then one a second or more after it.
+        await wait_until(alerted, timeout_s=15, what="alert_fired redis_down")
+        # What an operator (or a Prometheus scrape of /metrics) does during the outage.
+        detailed = await hub.get_json("/health/detailed")
+        assert detailed["status"] == "degraded", detailed
+        assert detailed["checks"]["redis"]["status"] == "unavailable", detailed
+        assert "redis_down" in detailed["checks"]["alerts"]["firing"], detailed
+        # This serve delivers: its own circuits are its live view, and shown.
+        assert detailed["checks"]["circuits"]["crm"]["state"] == "closed", detailed
+        acknowledged = load.acknowledged()
+        missing = await all_delivered(sink, acknowledged, timeout_s=10)
+    unavailable = Counter(e.get("component") for e in logged(serve, "redis_unavailable"))
+    report(
+        "chaos redis_logged_once",
+        sink,
+        acknowledged,
+        sent=load.sent,
+        lost=len(missing),
+        started=started,
+    )
+    assert not missing
+    assert unavailable == dict.fromkeys(COMPONENTS, 1), unavailable

@@ -22,19 +22,20 @@ import pytest
 
 from estafeta.testing.sink import Sink
 from tests.acceptance.conftest import (
-    TENANT,
     Estafeta,
     HubClient,
     client_session,
     free_port,
-    http_destination,
-    hub_config,
+    leads_to_crm_config,
     query,
-    summary,
-    write_config,
+    report,
 )
-from tests.chaos.conftest import Load, all_delivered, lead, lost
-from tests.conftest import SINK_SECRET
+from tests.chaos.conftest import (
+    Load,
+    all_delivered,
+    lead,
+    lost,
+)
 
 EVENTS = 10
 FAILURES = 5
@@ -45,59 +46,44 @@ RECOVERY_BOUND_S = 10.0  # 10 events at 5/second need 2 s; a correct hub is done
 @pytest.mark.postgres
 @pytest.mark.timeout(60)
 async def test_a_probe_held_back_by_the_rate_limit_does_not_block_the_destination(
-    chaos_database: str, tmp_path: Path, estafeta: Estafeta
+    chaos_database: str, tmp_path: Path, estafeta: Estafeta, sink: Sink
 ) -> None:
     started = time.monotonic()
-    sink = Sink(secret=SINK_SECRET)
-    await sink.start()
     sink.fail_first(FAILURES, 500)
-    try:
-        port = free_port()
-        config = write_config(
-            tmp_path / "estafeta.toml",
-            hub_config(
-                chaos_database,
-                tmp_path,
-                port=port,
-                destinations=[
-                    http_destination(
-                        "crm",
-                        f"{sink.url}/crm",
-                        max_attempts=20,
-                        rate_limit="5/second",
-                        circuit={"failures": FAILURES, "reset_s": 0.2},
-                    )
-                ],
-                routes=[{"tenant": TENANT, "events": ["lead.*"], "destinations": ["crm"]}],
-            ),
-        )
-        serve = await estafeta.serve(config, port)
-        assert serve.base_url is not None
-        async with client_session() as http:
-            load = Load(HubClient(serve.base_url, http))
-            # The scenario's timeline: start just after a wall-clock second begins.
-            await asyncio.sleep(math.ceil(time.time()) + 0.02 - time.time())
-            sent_at = time.monotonic()
-            await load.burst([lead(n) for n in range(EVENTS)], concurrency=EVENTS)
-        acknowledged = load.acknowledged()
-        assert len(acknowledged) == EVENTS
-        await serve.wait_log("circuit_open", timeout_s=5)
-        missing = await all_delivered(
-            sink, acknowledged, timeout_s=RECOVERY_BOUND_S - (time.monotonic() - sent_at)
-        )
-        circuit = await query(chaos_database, "SELECT data FROM circuits")
-        summary(
-            "chaos throttled_probe",
-            sent=load.sent,
-            acknowledged=len(acknowledged),
-            delivered=len(sink.delivered_ids),
-            duplicates=sink.duplicates,
-            lost=len(lost(acknowledged, sink.delivered_ids)),
-            started=started,
-        )
-        assert not missing, (
-            f"{len(missing)} of {EVENTS} still undelivered {RECOVERY_BOUND_S} s after the "
-            f"destination recovered; its circuit: {circuit}"
-        )
-    finally:
-        await sink.stop()
+    port = free_port()
+    config = leads_to_crm_config(
+        chaos_database,
+        tmp_path,
+        sink.url,
+        port=port,
+        max_attempts=20,
+        rate_limit="5/second",
+        circuit={"failures": FAILURES, "reset_s": 0.2},
+    )
+    serve = await estafeta.serve(config, port)
+    assert serve.base_url is not None
+    async with client_session() as http:
+        load = Load(HubClient(serve.base_url, http))
+        # The scenario's timeline: start just after a wall-clock second begins.
+        await asyncio.sleep(math.ceil(time.time()) + 0.02 - time.time())
+        sent_at = time.monotonic()
+        await load.burst([lead(n) for n in range(EVENTS)], concurrency=EVENTS)
+    acknowledged = load.acknowledged()
+    assert len(acknowledged) == EVENTS
+    await serve.wait_log("circuit_open", timeout_s=5)
+    missing = await all_delivered(
+        sink, acknowledged, timeout_s=RECOVERY_BOUND_S - (time.monotonic() - sent_at)
+    )
+    circuit = await query(chaos_database, "SELECT data FROM circuits")
+    report(
+        "chaos throttled_probe",
+        sink,
+        acknowledged,
+        sent=load.sent,
+        lost=len(lost(acknowledged, sink.delivered_ids)),
+        started=started,
+    )
+    assert not missing, (
+        f"{len(missing)} of {EVENTS} still undelivered {RECOVERY_BOUND_S} s after the "
+        f"destination recovered; its circuit: {circuit}"
+    )

@@ -20,29 +20,13 @@ from estafeta import __version__
 from estafeta.connectors.exchange import as_written, without_credentials
 from estafeta.connectors.http import HttpConnector, new_client_session, sign_webhook
 from estafeta.delivery.decision import describe_failure
-from estafeta.delivery.model import LeasedDelivery
 from estafeta.delivery.outcome import EXCERPT_LIMIT, Outcome, OutcomeKind
 from estafeta.testing.sink import Sink
+from tests.conftest import leased_delivery
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 VECTOR = json.loads(Path("/work/shared/fixtures/standard_webhooks/vector.json").read_text())
 PAYLOAD = b'{"id":"evt_1","type":"message.received","data":{"text":"Ol\xc3\xa1!"}}'
-
-
-def leased(event_id: str = "evt_1", payload: bytes = PAYLOAD) -> LeasedDelivery:
-    return LeasedDelivery(
-        id="dlv_1",
-        tenant_id="clinica-sol",
-        event_id=event_id,
-        destination_id="crm",
-        attempts=0,
-        max_attempts=8,
-        priority=1,
-        ordering_key=None,
-        lease_token="lease",
-        lease_expires_at=0,
-        payload=payload,
-    )
 
 
 @pytest.fixture
@@ -67,14 +51,15 @@ async def deliver_to(
     secret: str | None = None,
     timeout_s: float = 5.0,
     headers: Mapping[str, str] | None = None,
-    delivery: LeasedDelivery | None = None,
+    event_id: str = "evt_1",
+    payload: bytes = PAYLOAD,
     clock: Callable[[], float] = time.time,
 ) -> Outcome:
     connector = HttpConnector(
         url=url, secret=secret, timeout_s=timeout_s, session=session, headers=headers, now_s=clock
     )
     try:
-        return await connector.deliver(delivery or leased())
+        return await connector.deliver(leased_delivery(payload, event_id=event_id))
     finally:
         await connector.close()
 
@@ -411,9 +396,7 @@ async def test_a_pooled_connection_the_destination_closed_is_not_a_failure(
     # failed, and the circuit counted each. Sent again on a new connection, it arrives once.
     seen: list[str] = []
     async with closing_after_each(answer=True, seen=seen) as url:
-        outcomes = [
-            await deliver_to(url, session, delivery=leased(f"evt_{n}")) for n in range(1, 5)
-        ]
+        outcomes = [await deliver_to(url, session, event_id=f"evt_{n}") for n in range(1, 5)]
     assert [(o.kind, o.error_class) for o in outcomes] == [(OutcomeKind.SUCCESS, None)] * 4
     assert seen == ["evt_1", "evt_2", "evt_3", "evt_4"]
 
@@ -499,9 +482,9 @@ async def test_an_answer_nobody_asked_for_is_not_taken_for_the_next_delivery(
     server = await asyncio.start_server(destination.answer, "127.0.0.1", 0)
     url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hooks"
     try:
-        await deliver_to(url, session, delivery=leased("evt_1"))
+        await deliver_to(url, session, event_id="evt_1")
         await destination.send_unasked()
-        outcome = await deliver_to(url, session, delivery=leased("evt_2"))
+        outcome = await deliver_to(url, session, event_id="evt_2")
     finally:
         server.close()
     assert (outcome.kind, outcome.status_code, outcome.response_excerpt) == (
@@ -600,8 +583,8 @@ async def test_a_misframed_answer_is_its_own_deliverys_and_its_connection_is_not
     server = await asyncio.start_server(answer, "127.0.0.1", 0)
     url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hooks"
     try:
-        first = await deliver_to(url, session, delivery=leased("evt_1"), timeout_s=0.5)
-        second = await deliver_to(url, session, delivery=leased("evt_2"))
+        first = await deliver_to(url, session, event_id="evt_1", timeout_s=0.5)
+        second = await deliver_to(url, session, event_id="evt_2")
     finally:
         server.close()
     assert (first.kind.value, first.status_code or first.error_class) == recorded
@@ -669,7 +652,7 @@ async def test_a_cookie_one_destination_sets_is_never_sent_on(
     sink.respond(200, headers={"Set-Cookie": "session=tenant-a-secret; Path=/"})
     assert (await deliver_to(url, session)).kind is OutcomeKind.SUCCESS
     sink.respond(200)
-    assert (await deliver_to(url, session, delivery=leased("evt_2"))).kind is OutcomeKind.SUCCESS
+    assert (await deliver_to(url, session, event_id="evt_2")).kind is OutcomeKind.SUCCESS
     assert [r.webhook_id for r in sink.received] == ["evt_1", "evt_2"]
     assert "cookie" not in sink.received[1].headers
 
@@ -680,9 +663,12 @@ async def test_signature_verified_by_the_receiver(session: aiohttp.ClientSession
     try:
         good = await deliver_to(sink.url, session, secret=SECRET)
         wrong = await deliver_to(
-            sink.url, session, secret="whsec_" + "A" * 43 + "=", delivery=leased("evt_2")
+            sink.url,
+            session,
+            secret="whsec_" + "A" * 43 + "=",
+            event_id="evt_2",
         )
-        unsigned = await deliver_to(sink.url, session, delivery=leased("evt_3"))
+        unsigned = await deliver_to(sink.url, session, event_id="evt_3")
     finally:
         await sink.stop()
     assert good.kind is OutcomeKind.SUCCESS
@@ -746,12 +732,12 @@ async def test_headers_describing_the_body_cannot_change_the_body_that_was_signe
 async def test_signature_matches_the_fixture_vector(
     sink: Sink, session: aiohttp.ClientSession
 ) -> None:
-    delivery = leased(VECTOR["msg_id"], VECTOR["body"].encode())
     await deliver_to(
         sink.url,
         session,
         secret=VECTOR["secret"],
-        delivery=delivery,
+        event_id=VECTOR["msg_id"],
+        payload=VECTOR["body"].encode(),
         clock=lambda: VECTOR["timestamp"],
     )
     request = sink.received[0]
@@ -789,7 +775,7 @@ async def test_fail_first_then_default_and_duplicate_counting(
     assert outcomes[0].retry_after_s == 1.0
     assert sink.duplicates == 0  # failed answers are not deliveries
     await deliver_to(sink.url, session)  # a redelivery of the same event
-    await deliver_to(sink.url, session, delivery=leased("evt_2"))
+    await deliver_to(sink.url, session, event_id="evt_2")
     assert [r.status for r in sink.received] == [503, 503, 200, 200, 200]
     assert sink.duplicates == 1
     assert sink.unique_ids == sink.delivered_ids == {"evt_1", "evt_2"}

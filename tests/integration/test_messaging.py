@@ -65,10 +65,32 @@ class Env:
             occurred_at=at,
         )
 
-    async def status(self, wamid: str, status: str, at: int, **extra: Any) -> None:
+    async def send(self, text: str, source: str = "wa-sol", **extra: Any) -> httpx.Response:
+        """POST /api/v1/messages: `text` to Maria through `source`, as clinica-sol."""
+        body = {"source": source, "to": f"+{MARIA}", "text": text, **extra}
+        return await self.http.post("/api/v1/messages", headers=self.auth(), json=body)
+
+    async def message(self, message_id: str) -> Any:
+        """GET /api/v1/messages/{message_id}, as clinica-sol."""
+        return (await self.http.get(f"/api/v1/messages/{message_id}", headers=self.auth())).json()
+
+    async def conversation(self) -> Any:
+        """GET /api/v1/conversations/{MARIA}, as clinica-sol."""
+        return (await self.http.get(f"/api/v1/conversations/{MARIA}", headers=self.auth())).json()
+
+    async def status(
+        self,
+        wamid: str,
+        status: str,
+        at: int,
+        *,
+        tenant: str = "clinica-sol",
+        source: str = "wa-sol",
+        **extra: Any,
+    ) -> None:
         await self.hub.accept(
-            tenant_id="clinica-sol",
-            source_id="wa-sol",
+            tenant_id=tenant,
+            source_id=source,
             event_type="message.status",
             data={"message_id": wamid, "status": status, "conversation_id": MARIA, **extra},
             idempotency_key=f"{wamid}:{status}",
@@ -210,44 +232,36 @@ async def test_inbound_messages_keep_the_conversation_counters(env: Env) -> None
         "2025-07-01T12:00:00.000Z",
         "2025-07-01T12:01:00.000Z",
     )
-    detail = (await env.http.get(f"/api/v1/conversations/{MARIA}", headers=env.auth())).json()
+    detail = await env.conversation()
     assert [m["text"] for m in detail["messages"]] == ["Olá", "Olá de novo"]
 
 
 async def test_a_sent_message_goes_queued_sent_delivered_read(env: Env) -> None:
     await env.inbound("Quero marcar", "wamid.in")
-    r = await env.http.post(
-        "/api/v1/messages",
-        headers=env.auth(),
-        json={"source": "wa-sol", "to": f"+{MARIA}", "text": "Claro!"},
-    )
+    r = await env.send("Claro!")
     assert r.status_code == 202, r.text
     message_id = r.json()["id"]
     assert message_id.startswith("msg_") and r.json()["state"] == "queued"
-    view = (await env.http.get(f"/api/v1/messages/{message_id}", headers=env.auth())).json()
+    view = await env.message(message_id)
     assert view["state"] == "queued" and view["content"] == {"text": "Claro!"}
 
     await env.finish_send(provider_id="wamid.OUT1")
     await env.status("wamid.OUT1", "read", at=1_751_371_300_000)  # out of order
     await env.status("wamid.OUT1", "delivered", at=1_751_371_290_000)
-    view = (await env.http.get(f"/api/v1/messages/{message_id}", headers=env.auth())).json()
+    view = await env.message(message_id)
     assert view["state"] == "read" and view["provider_message_id"] == "wamid.OUT1"
     assert [step["state"] for step in view["timeline"]] == ["queued", "sent", "delivered", "read"]
 
-    detail = (await env.http.get(f"/api/v1/conversations/{MARIA}", headers=env.auth())).json()
+    detail = await env.conversation()
     assert detail["outbound_count"] == 1
     assert [m["direction"] for m in detail["messages"]] == ["inbound", "outbound"]
     assert detail["messages"][1]["state"] == "read"  # the same as GET /messages/{id}
 
 
 async def test_a_permanent_provider_error_fails_the_message(env: Env) -> None:
-    r = await env.http.post(
-        "/api/v1/messages",
-        headers=env.auth(),
-        json={"source": "wa-sol", "to": f"+{MARIA}", "text": "Oi"},
-    )
+    r = await env.send("Oi")
     await env.finish_send(provider_id=None, dead=True)
-    view = (await env.http.get(f"/api/v1/messages/{r.json()['id']}", headers=env.auth())).json()
+    view = await env.message(r.json()["id"])
     assert view["state"] == "failed"
     assert view["error"] == "whatsapp_cloud_131047: Re-engagement message"
 
@@ -255,22 +269,10 @@ async def test_a_permanent_provider_error_fails_the_message(env: Env) -> None:
 async def test_sends_to_one_customer_keep_their_order_and_a_repeat_is_one_message(
     env: Env,
 ) -> None:
-    first = await env.http.post(
-        "/api/v1/messages",
-        headers=env.auth(),
-        json={"source": "wa-sol", "to": f"+{MARIA}", "text": "1", "idempotency_key": "k1"},
-    )
-    again = await env.http.post(
-        "/api/v1/messages",
-        headers=env.auth(),
-        json={"source": "wa-sol", "to": f"+{MARIA}", "text": "1", "idempotency_key": "k1"},
-    )
+    first = await env.send("1", idempotency_key="k1")
+    again = await env.send("1", idempotency_key="k1")
     assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
-    await env.http.post(
-        "/api/v1/messages",
-        headers=env.auth(),
-        json={"source": "wa-sol", "to": f"+{MARIA}", "text": "2"},
-    )
+    await env.send("2")
     leased = await lease_any(env.store, now_ms=env.hub.clock.now_ms(), limit=10)
     sends = [d for d in leased if d.destination_id == "send:wa-sol"]
     assert len(sends) == 1 and sends[0].ordering_key == MARIA  # the second waits its turn
@@ -286,19 +288,11 @@ async def test_a_key_names_one_request_across_published_events_and_sends(env: En
     published = await env.http.post(
         "/api/v1/events", headers=env.auth(), json={**appointment, "idempotency_key": "k1"}
     )
-    sent = await env.http.post(
-        "/api/v1/messages",
-        headers=env.auth(),
-        json={"source": "wa-sol", "to": f"+{MARIA}", "text": "Oi", "idempotency_key": "k2"},
-    )
+    sent = await env.send("Oi", idempotency_key="k2")
     assert (published.status_code, sent.status_code) == (202, 202)
     stored = (await env.store.queue_stats(history=True)).by_state
 
-    send = await env.http.post(
-        "/api/v1/messages",
-        headers=env.auth(),
-        json={"source": "wa-sol", "to": f"+{MARIA}", "text": "Oi", "idempotency_key": "k1"},
-    )
+    send = await env.send("Oi", idempotency_key="k1")
     assert (send.status_code, send.json()["error"]) == (409, "idempotency_key_reused")
     assert published.json()["id"] in send.json()["detail"]
     event = await env.http.post(
@@ -333,11 +327,7 @@ async def test_a_replayed_send_that_then_succeeds_is_sent(env: Env) -> None:
     # The message had failed with its delivery; replayed from the dead-letter queue and then
     # accepted by the provider, it stayed "failed" without the provider's id, so the
     # status webhooks that name that id could never reach it.
-    r = await env.http.post(
-        "/api/v1/messages",
-        headers=env.auth(),
-        json={"source": "wa-sol", "to": f"+{MARIA}", "text": "Oi"},
-    )
+    r = await env.send("Oi")
     message_url = f"/api/v1/messages/{r.json()['id']}"
     await env.finish_send(provider_id=None, dead=True)
     assert (await env.http.get(message_url, headers=env.auth())).json()["state"] == "failed"
@@ -411,7 +401,7 @@ async def test_escalation_marks_the_conversation_and_routes_an_event(env: Env) -
     assert event["type"] == "conversation.escalated"
     assert event["event"]["data"]["reason"] == "asked for a human"
     assert [d["destination"] for d in event["deliveries"]] == ["billing"]
-    c = (await env.http.get(f"/api/v1/conversations/{MARIA}", headers=env.auth())).json()
+    c = await env.conversation()
     assert c["status"] == "escalated" and c["escalation"]["priority"] == 0
 
     r = await env.http.post(
@@ -425,7 +415,7 @@ async def test_a_closed_conversation_reopens_when_the_customer_writes(env: Env) 
     r = await env.http.post(f"/api/v1/conversations/{MARIA}/close", headers=env.auth())
     assert r.json()["status"] == "closed"
     await env.inbound("Mais uma coisa", "wamid.c2")
-    c = (await env.http.get(f"/api/v1/conversations/{MARIA}", headers=env.auth())).json()
+    c = await env.conversation()
     assert c["status"] == "open"
 
 
@@ -447,11 +437,7 @@ async def test_another_tenants_key_reaches_nothing_of_a_tenant_through_any_api_o
     # messages, conversation and dead deliveries: each answers as if they did not exist (or
     # 403 where the other tenant is named), says nothing of them, and changes none of them.
     await env.inbound("Olá, quero marcar consulta", "wamid.iso")
-    sent = await env.http.post(
-        "/api/v1/messages",
-        headers=env.auth(),
-        json={"source": "wa-sol", "to": f"+{MARIA}", "text": "Claro, Maria"},
-    )
+    sent = await env.send("Claro, Maria")
     await env.finish_send(provider_id=None, dead=True)  # the send dies: a dead delivery
     published = await env.http.post(
         "/api/v1/events",
@@ -537,11 +523,7 @@ async def test_another_tenants_key_reaches_nothing_of_a_tenant_through_any_api_o
 async def test_a_send_through_a_source_with_the_longest_id_is_stored(env: Env) -> None:
     """Its deliveries go to `send:<source>`, five characters longer than any configured id:
     the columns that hold destination ids fit it (PostgreSQL enforces their length)."""
-    r = await env.http.post(
-        "/api/v1/messages",
-        headers=env.auth(),
-        json={"source": LONGEST, "to": f"+{MARIA}", "text": "Oi"},
-    )
+    r = await env.send("Oi", source=LONGEST)
     assert r.status_code == 202, r.text
     now = env.hub.clock.now_ms()
     batch = await lease_any(env.store, now_ms=now, limit=10)
@@ -557,16 +539,12 @@ async def test_a_conversation_shows_the_status_the_provider_gave_whatever_recipi
     # number the message was sent to (a Brazilian mobile registered before the ninth digit:
     # sent to +55 11 98765-4321, `recipient_id` 551187654321). The conversation looked the
     # statuses up by that id, so it showed the message `sent` while GET /messages said `read`.
-    r = await env.http.post(
-        "/api/v1/messages",
-        headers=env.auth(),
-        json={"source": "wa-sol", "to": f"+{MARIA}", "text": "Claro!"},
-    )
+    r = await env.send("Claro!")
     await env.finish_send(provider_id="wamid.OUT7")
     await env.status("wamid.OUT7", "read", at=1_751_371_300_000, conversation_id="551187654321")
-    view = (await env.http.get(f"/api/v1/messages/{r.json()['id']}", headers=env.auth())).json()
+    view = await env.message(r.json()["id"])
     assert view["state"] == "read"
-    detail = (await env.http.get(f"/api/v1/conversations/{MARIA}", headers=env.auth())).json()
+    detail = await env.conversation()
     assert [(m["id"], m["state"]) for m in detail["messages"]] == [(r.json()["id"], "read")]
 
 
@@ -574,23 +552,12 @@ async def test_a_status_in_another_tenants_store_never_moves_a_message(env: Env)
     # Tenants share nothing: a status event stored under another tenant (a source moved from
     # one tenant to another in the configuration keeps its id) never reaches this tenant's
     # message, neither in GET /messages nor in its conversation.
-    r = await env.http.post(
-        "/api/v1/messages",
-        headers=env.auth(),
-        json={"source": "wa-sol", "to": f"+{MARIA}", "text": "Oi"},
-    )
+    r = await env.send("Oi")
     await env.finish_send(provider_id="wamid.OUT8")
-    await env.hub.accept(
-        tenant_id="outra",
-        source_id="wa-sol",
-        event_type="message.status",
-        data={"message_id": "wamid.OUT8", "status": "failed", "conversation_id": MARIA},
-        idempotency_key="wamid.OUT8:failed",
-        occurred_at=1_751_371_300_000,
-    )
-    view = (await env.http.get(f"/api/v1/messages/{r.json()['id']}", headers=env.auth())).json()
+    await env.status("wamid.OUT8", "failed", at=1_751_371_300_000, tenant="outra")
+    view = await env.message(r.json()["id"])
     assert (view["state"], [s["state"] for s in view["timeline"]]) == ("sent", ["queued", "sent"])
-    detail = (await env.http.get(f"/api/v1/conversations/{MARIA}", headers=env.auth())).json()
+    detail = await env.conversation()
     assert detail["messages"][0]["state"] == "sent"
 
 
@@ -693,7 +660,7 @@ async def test_a_component_nested_as_deep_as_it_can_be_stored_is_sent(env: Env) 
         json={"to": f"+{MARIA}", "source": "wa-sol", "template": template},
     )
     assert r.status_code == 202, r.text
-    message = (await env.http.get(f"/api/v1/messages/{r.json()['id']}", headers=env.auth())).json()
+    message = await env.message(r.json()["id"])
     assert message["content"] == {"template": template}
     # Where it is written deepest: its event's answer, and the conversation's page.
     event = await env.http.get(f"/api/v1/events/{r.json()['event_id']}", headers=env.auth())
@@ -815,17 +782,13 @@ async def test_conversations_of_one_millisecond_come_each_once_on_every_key(env:
 
 async def test_a_message_the_provider_failed_says_why_in_its_error(env: Env) -> None:
     # Its state was `failed` and its `error` null: the reason was only inside the timeline.
-    r = await env.http.post(
-        "/api/v1/messages",
-        headers=env.auth(),
-        json={"source": "wa-sol", "to": f"+{MARIA}", "text": "Oi"},
-    )
+    r = await env.send("Oi")
     await env.finish_send(provider_id="wamid.OUT5")
     failure = {"code": 131026, "title": "Message undeliverable", "message": None, "details": None}
     await env.status(
         "wamid.OUT5", "failed", at=1_751_371_300_000, provider="whatsapp_cloud", error=failure
     )
-    view = (await env.http.get(f"/api/v1/messages/{r.json()['id']}", headers=env.auth())).json()
+    view = await env.message(r.json()["id"])
     assert view["state"] == "failed"
     assert view["error"] == "whatsapp_cloud_131026: Message undeliverable"
     assert view["timeline"][-1] == {
@@ -841,26 +804,16 @@ async def test_a_status_posted_to_another_number_of_the_same_app_reaches_the_mes
     # One Meta app with two numbers has one webhook URL: the statuses of what wa-lab sent
     # arrive at wa-sol. They were looked up under the sending source only, so the message
     # stayed `sent` whatever the provider said.
-    r = await env.http.post(
-        "/api/v1/messages",
-        headers=env.auth(),
-        json={"source": "wa-lab", "to": f"+{MARIA}", "text": "Seu exame está pronto."},
-    )
+    r = await env.send("Seu exame está pronto.", source="wa-lab")
     await env.finish_send(provider_id="wamid.LAB1", source="wa-lab")
     await env.status("wamid.LAB1", "delivered", at=1_751_371_290_000)  # at /in/wa-sol
     await env.status("wamid.LAB1", "read", at=1_751_371_300_000)
-    await env.hub.accept(  # the same webhook, also received by wa-lab: one step
-        tenant_id="clinica-sol",
-        source_id="wa-lab",
-        event_type="message.status",
-        data={"message_id": "wamid.LAB1", "status": "read", "conversation_id": MARIA},
-        idempotency_key="wamid.LAB1:read",
-        occurred_at=1_751_371_300_000,
-    )
-    view = (await env.http.get(f"/api/v1/messages/{r.json()['id']}", headers=env.auth())).json()
+    # The same webhook, also received by wa-lab: one step.
+    await env.status("wamid.LAB1", "read", at=1_751_371_300_000, source="wa-lab")
+    view = await env.message(r.json()["id"])
     assert view["state"] == "read"
     assert [step["state"] for step in view["timeline"]] == ["queued", "sent", "delivered", "read"]
-    detail = (await env.http.get(f"/api/v1/conversations/{MARIA}", headers=env.auth())).json()
+    detail = await env.conversation()
     assert [m["state"] for m in detail["messages"]] == ["read"]
 
 
@@ -870,16 +823,12 @@ async def test_statuses_of_the_same_second_are_in_the_timeline_in_their_natural_
     # Meta's timestamps are whole seconds: a message read as it arrived has `delivered` and
     # `read` in the same second, and the webhooks may come in any order. The timeline put
     # them in arrival order, `read` before `delivered`.
-    r = await env.http.post(
-        "/api/v1/messages",
-        headers=env.auth(),
-        json={"source": "wa-sol", "to": f"+{MARIA}", "text": "Oi"},
-    )
+    r = await env.send("Oi")
     await env.finish_send(provider_id="wamid.OUT6")
     await env.status("wamid.OUT6", "read", at=1_751_371_300_000)
     await env.status("wamid.OUT6", "delivered", at=1_751_371_300_000)
     await env.status("wamid.OUT6", "sent", at=1_751_371_300_000)
-    view = (await env.http.get(f"/api/v1/messages/{r.json()['id']}", headers=env.auth())).json()
+    view = await env.message(r.json()["id"])
     assert [step["state"] for step in view["timeline"]] == [
         "queued",
         "sent",
@@ -895,11 +844,7 @@ async def test_twilio_callbacks_that_arrive_out_of_order_are_in_the_timeline_in_
     # Twilio's status callbacks carry no time, so each is timed as it arrives, and Twilio
     # says they may arrive out of order: the timeline went read, delivered, sent, while
     # `state` said read.
-    r = await env.http.post(
-        "/api/v1/messages",
-        headers=env.auth(),
-        json={"source": "tw-sol", "to": f"+{MARIA}", "text": "Oi"},
-    )
+    r = await env.send("Oi", source="tw-sol")
     sid = "SM" + "7" * 32
     await env.finish_send(provider_id=sid, source="tw-sol")
     clock = FixedClock(env.hub.clock.now_ms())
@@ -916,7 +861,7 @@ async def test_twilio_callbacks_that_arrive_out_of_order_are_in_the_timeline_in_
             headers={"x-twilio-signature": signed, "content-type": FORM},
         )
         assert answer.status_code == 200, answer.text
-    view = (await env.http.get(f"/api/v1/messages/{r.json()['id']}", headers=env.auth())).json()
+    view = await env.message(r.json()["id"])
     assert view["state"] == "read"
     assert [step["state"] for step in view["timeline"]] == [
         "queued",
@@ -933,11 +878,7 @@ async def test_a_zapi_callback_naming_only_the_zaap_id_reaches_only_its_tenants_
     # Z-API's DeliveryCallback requires only `zaapId`; without `messageId` the status named
     # an id the message did not have, and a failed send stayed `sent`. The second id matches
     # only statuses of the tenant's own Z-API sources, as the first one does.
-    r = await env.http.post(
-        "/api/v1/messages",
-        headers=env.auth(),
-        json={"source": "zapi-sol", "to": f"+{MARIA}", "text": "Oi"},
-    )
+    r = await env.send("Oi", source="zapi-sol")
     await env.finish_send(provider_id="3EB0AAAA", alt_id="ZAAP9", source="zapi-sol")
     url = f"/api/v1/messages/{r.json()['id']}"
     failure = {"code": None, "title": None, "message": "not on WhatsApp", "details": None}
@@ -961,7 +902,7 @@ async def test_a_zapi_callback_naming_only_the_zaap_id_reaches_only_its_tenants_
     )
     view = (await env.http.get(url, headers=env.auth())).json()
     assert (view["state"], view["error"]) == ("failed", "zapi_failed: not on WhatsApp")
-    detail = (await env.http.get(f"/api/v1/conversations/{MARIA}", headers=env.auth())).json()
+    detail = await env.conversation()
     assert [m["state"] for m in detail["messages"]] == ["failed"]
 
 
@@ -988,24 +929,12 @@ async def test_a_long_conversation_comes_page_by_page_each_message_once_oldest_f
         await env.inbound(f"mesma hora {n}", f"wamid.same{n}", at=at)
     await env.inbound("depois", "wamid.later", at=at + 1)
     for n in range(4):
-        r = await env.http.post(
-            "/api/v1/messages",
-            headers=env.auth(),
-            json={"source": "wa-sol", "to": f"+{MARIA}", "text": f"resposta {n}"},
-        )
+        r = await env.send(f"resposta {n}")
         assert r.status_code == 202, r.text
     clock.now = at - 1_000
-    await env.http.post(
-        "/api/v1/messages",
-        headers=env.auth(),
-        json={"source": "wa-sol", "to": f"+{MARIA}", "text": "antes"},
-    )
+    await env.send("antes")
     clock.now = at + 1
-    await env.http.post(
-        "/api/v1/messages",
-        headers=env.auth(),
-        json={"source": "wa-sol", "to": f"+{MARIA}", "text": "no fim"},
-    )
+    await env.send("no fim")
     url = f"/api/v1/conversations/{MARIA}"
     everything = (await env.http.get(url, headers=env.auth())).json()
     assert everything["next"] is None
@@ -1122,7 +1051,7 @@ async def test_a_messages_own_at_direction_and_id_are_not_replaced_by_its_data(e
         idempotency_key="chatbot-42",
         occurred_at=at,
     )
-    page = (await env.http.get(f"/api/v1/conversations/{MARIA}", headers=env.auth())).json()
+    page = await env.conversation()
     [message] = page["messages"]
     assert message == {
         "at": "2025-07-01T12:00:00.000Z",
@@ -1141,11 +1070,7 @@ LONG_ID = "wamid." + "A" * 300  # a provider id longer than the 255-character co
 
 
 async def _send(env: Env) -> str:
-    r = await env.http.post(
-        "/api/v1/messages",
-        headers=env.auth(),
-        json={"source": "wa-sol", "to": f"+{MARIA}", "text": "Oi"},
-    )
+    r = await env.send("Oi")
     assert r.status_code == 202, r.text
     return str(r.json()["id"])
 
@@ -1170,7 +1095,7 @@ async def test_a_provider_id_the_column_cannot_hold_still_records_the_send_and_i
         idempotency_key=bounded_key(f"{provider_id}:delivered"),
         occurred_at=1_751_371_290_000,
     )
-    view = (await env.http.get(f"/api/v1/messages/{message_id}", headers=env.auth())).json()
+    view = await env.message(message_id)
     assert view["state"] == "delivered", view
 
 
@@ -1180,52 +1105,50 @@ async def test_a_provider_id_the_column_cannot_hold_still_records_the_send_and_i
 UNREACHABLE = "postgresql://postgres@127.0.0.1:1/nowhere"  # nothing listens on port 1
 
 
+@pytest.fixture
+async def outage_hub(tmp_path: Path) -> AsyncIterator[Hub]:
+    """A hub with wa-sol whose store is unreachable: what it accepts waits in its spool."""
+    data = base_config(UNREACHABLE)
+    data["sources"].append(WA_SOL)
+    store = open_store(UNREACHABLE)
+    hub = Hub(load_config_dict(data), store, spool=Spool(tmp_path / "spool", max_bytes=10**6))
+    yield hub
+    await hub.close()
+    await store.close()
+
+
 async def test_a_send_repeated_during_an_outage_gets_the_original_message(
-    tmp_path: Path,
+    outage_hub: Hub,
 ) -> None:
     """The store is down: the first send is spooled and answered 202 with its message id. The
     client's retry with the same idempotency key (its answer was lost) must get that message
     back, as a redelivered webhook gets its original event id during an outage; instead the
     hub asks the unreachable store which message the spooled event is, and fails."""
-    data = base_config(UNREACHABLE)
-    data["sources"].append(WA_SOL)
-    config = load_config_dict(data)
-    store = open_store(UNREACHABLE)
-    hub = Hub(config, store, spool=Spool(tmp_path / "spool", max_bytes=10**6))
-    try:
-        send = {
-            "tenant_id": "clinica-sol",
-            "source_id": "wa-sol",
-            "to": "+5511987654321",
-            "content": {"text": "Sua consulta está confirmada."},
-            "idempotency_key": "reply-1",
-        }
-        first_id, first = await hub.send_message(**send)  # type: ignore[arg-type]
-        assert first.spooled and not first.duplicate and first_id is not None
-        again_id, again = await hub.send_message(**send)  # type: ignore[arg-type]
-        assert again.duplicate and again.event_id == first.event_id
-        assert again_id == first_id
-    finally:
-        await hub.close()
-        await store.close()
+    send = {
+        "tenant_id": "clinica-sol",
+        "source_id": "wa-sol",
+        "to": "+5511987654321",
+        "content": {"text": "Sua consulta está confirmada."},
+        "idempotency_key": "reply-1",
+    }
+    first_id, first = await outage_hub.send_message(**send)  # type: ignore[arg-type]
+    assert first.spooled and not first.duplicate and first_id is not None
+    again_id, again = await outage_hub.send_message(**send)  # type: ignore[arg-type]
+    assert again.duplicate and again.event_id == first.event_id
+    assert again_id == first_id
 
 
 async def test_a_send_repeated_past_the_keys_the_spool_remembers_gets_the_original_message(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    outage_hub: Hub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An outage spooled more keyed sends than the spool remembers (`REMEMBERED_KEYS`,
     100,000). The retry of one it forgot, still waiting in the spool, was queued anew: a new
     message id and event id, which the drain then dropped as the original's duplicate, so
     the message id answered never existed. It gets the original message back instead."""
     monkeypatch.setattr("estafeta.ingress.spool.REMEMBERED_KEYS", 3)
-    data = base_config(UNREACHABLE)
-    data["sources"].append(WA_SOL)
-    config = load_config_dict(data)
-    store = open_store(UNREACHABLE)
-    hub = Hub(config, store, spool=Spool(tmp_path / "spool", max_bytes=10**6))
 
     async def send(n: int) -> tuple[str | None, InsertResult]:
-        return await hub.send_message(
+        return await outage_hub.send_message(
             tenant_id="clinica-sol",
             source_id="wa-sol",
             to="+5511987654321",
@@ -1233,15 +1156,11 @@ async def test_a_send_repeated_past_the_keys_the_spool_remembers_gets_the_origin
             idempotency_key=f"reply-{n}",
         )
 
-    try:
-        sent = [await send(n) for n in range(5)]
-        again_id, again = await send(0)
-        first_id, first = sent[0]
-        assert (again.event_id, again.duplicate) == (first.event_id, True)
-        assert again_id == first_id is not None
-    finally:
-        await hub.close()
-        await store.close()
+    sent = [await send(n) for n in range(5)]
+    again_id, again = await send(0)
+    first_id, first = sent[0]
+    assert (again.event_id, again.duplicate) == (first.event_id, True)
+    assert again_id == first_id is not None
 
 
 # -- a late failure from a lost lease ---------------------------------------------------------
@@ -1322,7 +1241,7 @@ async def test_a_late_failure_of_a_lost_lease_does_not_fail_a_message_sent_by_it
         )
         == 1
     )
-    view = (await env.http.get(f"/api/v1/messages/{message_id}", headers=env.auth())).json()
+    view = await env.message(message_id)
     assert (view["state"], view["provider_message_id"]) == ("sent", "wamid.B"), view
 
 

@@ -318,6 +318,15 @@ async def test_metrics_are_served_while_the_store_is_unreachable(
 
 
 @pytest.fixture
+async def clocked_hub(config: Config, store: SqlStore) -> AsyncIterator[tuple[Hub, ManualClock]]:
+    """A hub on a clock that moves only when the test moves it."""
+    clock = ManualClock()
+    made = Hub(config, store, clock)
+    yield made, clock
+    await made.close()
+
+
+@pytest.fixture
 async def spooling_hub(
     config: Config, store: SqlStore, tmp_path: Path
 ) -> AsyncIterator[tuple[Hub, ManualClock]]:
@@ -397,12 +406,11 @@ async def test_detailed_health_says_when_the_spool_cannot_be_written(
 
 
 async def test_a_destination_down_is_alerted_once_it_stays_down_and_resolved_when_back(
-    config: Config, store: SqlStore
+    config: Config, store: SqlStore, clocked_hub: tuple[Hub, ManualClock]
 ) -> None:
     # Its deliveries wait pending while the circuit is open, spending no attempts: nothing
     # reaches the DLQ, and a clinic's backlog stays far under queue_backlog's depth.
-    clock = ManualClock()
-    hub = Hub(config, store, clock)
+    hub, clock = clocked_hub
     breakers = Breakers(hub.circuit_states, config)
     monitor = AlertMonitor(
         store,
@@ -415,33 +423,30 @@ async def test_a_destination_down_is_alerted_once_it_stays_down_and_resolved_whe
     failed = Outcome(OutcomeKind.RETRYABLE, 1.0, status_code=503, error_class="http_503")
     succeeded = Outcome(OutcomeKind.SUCCESS, 1.0, status_code=200)
     outage_began = clock.now
-    try:
-        with capture_logs() as logs:
-            for _ in range(5):  # the default circuit: five failures in a row open it
-                await breakers.record("crm", failed, started_at=clock.now, now_ms=clock.now)
-                # A destination removed from the configuration left its circuit open on
-                # record: nothing will probe it again, and it is nobody's outage.
-                await breakers.record("removed", failed, started_at=clock.now, now_ms=clock.now)
-            await monitor.check()
-            assert monitor.firing == set()
-            # Every reset_s (30 s) a probe fails and reopens it: the outage goes on.
-            for _ in range(10):
-                clock.now += 31_000
-                assert await breakers.try_probe("crm", clock.now)
-                await breakers.record("crm", failed, started_at=clock.now, now_ms=clock.now)
-                await monitor.check()
-            assert monitor.firing == {"destination_down"}
-            assert monitor.down == {"crm"}
-            gauge = {"alert": "destination_down"}
-            assert REGISTRY.get_sample_value("estafeta_alert_firing", gauge) == 1
+    with capture_logs() as logs:
+        for _ in range(5):  # the default circuit: five failures in a row open it
+            await breakers.record("crm", failed, started_at=clock.now, now_ms=clock.now)
+            # A destination removed from the configuration left its circuit open on
+            # record: nothing will probe it again, and it is nobody's outage.
+            await breakers.record("removed", failed, started_at=clock.now, now_ms=clock.now)
+        await monitor.check()
+        assert monitor.firing == set()
+        # Every reset_s (30 s) a probe fails and reopens it: the outage goes on.
+        for _ in range(10):
             clock.now += 31_000
             assert await breakers.try_probe("crm", clock.now)
-            await breakers.record("crm", succeeded, started_at=clock.now, now_ms=clock.now)
+            await breakers.record("crm", failed, started_at=clock.now, now_ms=clock.now)
             await monitor.check()
-            assert monitor.firing == set()
-            assert REGISTRY.get_sample_value("estafeta_alert_firing", gauge) == 0
-    finally:
-        await hub.close()
+        assert monitor.firing == {"destination_down"}
+        assert monitor.down == {"crm"}
+        gauge = {"alert": "destination_down"}
+        assert REGISTRY.get_sample_value("estafeta_alert_firing", gauge) == 1
+        clock.now += 31_000
+        assert await breakers.try_probe("crm", clock.now)
+        await breakers.record("crm", succeeded, started_at=clock.now, now_ms=clock.now)
+        await monitor.check()
+        assert monitor.firing == set()
+        assert REGISTRY.get_sample_value("estafeta_alert_firing", gauge) == 0
     alerts = [e for e in logs if e["event"].startswith("alert_")]
     assert [(e["event"], e["alert"], e["destination"]) for e in alerts] == [
         ("alert_fired", "destination_down", "crm"),
@@ -556,63 +561,59 @@ def watching_workers(store: SqlStore, clock: ManualClock) -> AlertMonitor:
 
 
 async def test_no_workers_is_alerted_while_deliveries_wait_and_no_process_delivers(
-    config: Config, store: SqlStore
+    config: Config, store: SqlStore, clocked_hub: tuple[Hub, ManualClock]
 ) -> None:
     # `serve --no-workers` accepts every webhook while no `estafeta worker` runs (never
     # started, or crashing): before this alert nothing said so until queue_backlog's 10,000.
-    clock = ManualClock()
-    hub = Hub(config, store, clock)
+    hub, clock = clocked_hub
     monitor = watching_workers(store, clock)
     http_only = Presence(store, config, process_id="http-1", clock=clock, delivers=False)
     worker = Presence(store, config, process_id="worker-1", clock=clock)
     gauge = {"alert": "no_workers"}
-    try:
-        with capture_logs() as logs:
-            await http_only.announce()  # it runs, but delivers nothing
-            await accept(hub, 2)
-            clock.now += 119_000
-            await http_only.announce()
-            await monitor.check()
-            assert monitor.firing == set()  # a worker may be starting beside this process
-            clock.now += 1_000
-            await monitor.check()
-            await monitor.check()  # still none: no second alert
-            assert monitor.firing == {"no_workers"}
-            assert REGISTRY.get_sample_value("estafeta_alert_firing", gauge) == 1
-            await worker.announce()  # a worker starts
-            await monitor.check()
-            assert monitor.firing == set()
-            worker_seen = clock.now
-            clock.now += 119_000  # killed: it announces no more
-            await monitor.check()
-            assert monitor.firing == set()
-            clock.now += 1_000
-            await monitor.check()
-            assert monitor.firing == {"no_workers"}
-            await worker.announce()  # restarted, then stopped for good
-            await monitor.check()
-            clock.now += 10_000
-            await worker.retire()
-            stopped = clock.now
-            clock.now += 119_000
-            await monitor.check()
-            assert monitor.firing == set()  # stopped, but not for long enough yet
-            clock.now += 1_000
-            await monitor.check()
-            assert monitor.firing == {"no_workers"}
-            # Leased (by a worker that then died): in flight, they wait for a live worker.
-            leased = await lease_any(store, now_ms=clock.now, limit=10)
-            assert len(leased) == 2
-            await monitor.check()
-            assert monitor.firing == {"no_workers"}
-            # Delivered (by hand here): nothing waits for a worker.
-            done = [attempt(d, DeliveryState.SUCCEEDED, at=clock.now) for d in leased]
-            await store.complete(done, clock.now)
-            await monitor.check()
-            assert monitor.firing == set()
-            assert REGISTRY.get_sample_value("estafeta_alert_firing", gauge) == 0
-    finally:
-        await hub.close()
+    with capture_logs() as logs:
+        await http_only.announce()  # it runs, but delivers nothing
+        await accept(hub, 2)
+        clock.now += 119_000
+        await http_only.announce()
+        await monitor.check()
+        assert monitor.firing == set()  # a worker may be starting beside this process
+        clock.now += 1_000
+        await monitor.check()
+        await monitor.check()  # still none: no second alert
+        assert monitor.firing == {"no_workers"}
+        assert REGISTRY.get_sample_value("estafeta_alert_firing", gauge) == 1
+        await worker.announce()  # a worker starts
+        await monitor.check()
+        assert monitor.firing == set()
+        worker_seen = clock.now
+        clock.now += 119_000  # killed: it announces no more
+        await monitor.check()
+        assert monitor.firing == set()
+        clock.now += 1_000
+        await monitor.check()
+        assert monitor.firing == {"no_workers"}
+        await worker.announce()  # restarted, then stopped for good
+        await monitor.check()
+        clock.now += 10_000
+        await worker.retire()
+        stopped = clock.now
+        clock.now += 119_000
+        await monitor.check()
+        assert monitor.firing == set()  # stopped, but not for long enough yet
+        clock.now += 1_000
+        await monitor.check()
+        assert monitor.firing == {"no_workers"}
+        # Leased (by a worker that then died): in flight, they wait for a live worker.
+        leased = await lease_any(store, now_ms=clock.now, limit=10)
+        assert len(leased) == 2
+        await monitor.check()
+        assert monitor.firing == {"no_workers"}
+        # Delivered (by hand here): nothing waits for a worker.
+        done = [attempt(d, DeliveryState.SUCCEEDED, at=clock.now) for d in leased]
+        await store.complete(done, clock.now)
+        await monitor.check()
+        assert monitor.firing == set()
+        assert REGISTRY.get_sample_value("estafeta_alert_firing", gauge) == 0
     alerts = [e for e in logs if e["event"].startswith("alert_")]
     waiting = [(e["event"], e["pending"], e["in_flight"], e.get("last_seen")) for e in alerts]
     assert waiting == [
@@ -626,41 +627,37 @@ async def test_no_workers_is_alerted_while_deliveries_wait_and_no_process_delive
 
 
 async def test_no_workers_hears_of_a_worker_whose_delivery_task_keeps_crashing(
-    config: Config, store: SqlStore
+    config: Config, store: SqlStore, clocked_hub: tuple[Hub, ManualClock]
 ) -> None:
     # A worker that runs and announces itself, but whose delivery task crashes and is
     # restarted over and over (a bug, a role that may not update deliveries), delivers
     # nothing: it must count as no worker, from its last steady announcement on.
-    clock = ManualClock()
-    hub = Hub(config, store, clock)
+    hub, clock = clocked_hub
     monitor = watching_workers(store, clock)
     tasks = Tasks()
     worker = Presence(store, config, process_id="worker-1", clock=clock, tasks=tasks)
-    try:
-        with capture_logs() as logs:
-            await worker.announce()  # started: its delivery task has not crashed yet
-            steady = clock.now
-            await accept(hub, 1)
-            for _ in range(12):  # two minutes of announcements, a crash between each two
-                tasks.crashed("worker", RuntimeError("boom"))
-                clock.now += 10_000
-                await worker.announce()
-                tasks.down.clear()  # restarted after its pause
-            await monitor.check()
-            assert monitor.firing == {"no_workers"}
-            (listed,) = await store.live_processes(seen_since_ms=clock.now - 60_000)
-            assert (listed.seen_at, listed.delivering_at) == (clock.now, steady)
+    with capture_logs() as logs:
+        await worker.announce()  # started: its delivery task has not crashed yet
+        steady = clock.now
+        await accept(hub, 1)
+        for _ in range(12):  # two minutes of announcements, a crash between each two
+            tasks.crashed("worker", RuntimeError("boom"))
+            clock.now += 10_000
+            await worker.announce()
+            tasks.down.clear()  # restarted after its pause
+        await monitor.check()
+        assert monitor.firing == {"no_workers"}
+        (listed,) = await store.live_processes(seen_since_ms=clock.now - 60_000)
+        assert (listed.seen_at, listed.delivering_at) == (clock.now, steady)
 
-            clock.now += 10_000
-            await worker.announce()  # restarted since the last one, down when it was made
-            await monitor.check()
-            assert monitor.firing == {"no_workers"}
-            clock.now += 10_000
-            await worker.announce()  # ten seconds up and without a crash: it delivers again
-            await monitor.check()
-            assert monitor.firing == set()
-    finally:
-        await hub.close()
+        clock.now += 10_000
+        await worker.announce()  # restarted since the last one, down when it was made
+        await monitor.check()
+        assert monitor.firing == {"no_workers"}
+        clock.now += 10_000
+        await worker.announce()  # ten seconds up and without a crash: it delivers again
+        await monitor.check()
+        assert monitor.firing == set()
     alerts = [(e["event"], e.get("last_seen")) for e in logs if e["event"].startswith("alert_")]
     assert alerts == [("alert_fired", iso_from_ms(steady)), ("alert_resolved", None)]
 
@@ -964,37 +961,33 @@ async def test_spool_stalled_fires_while_another_process_holds_the_segment_locke
 
 
 async def test_no_workers_is_not_resolved_by_a_delivery_task_between_two_crashes(
-    config: Config, store: SqlStore
+    config: Config, store: SqlStore, clocked_hub: tuple[Hub, ManualClock]
 ) -> None:
     # A delivery task that runs a few seconds and crashes (a poison delivery whose result
     # cannot be recorded), restarted by `supervised` after its 30 s pause, is up about 5 s
     # in every 35 and delivers nothing. presence.py: it counts as delivering when its task
     # "ran the whole time since the one before"; the runbook: "runs while its delivery task
     # keeps crashing" is what no_workers is for.
-    clock = ManualClock()
-    hub = Hub(config, store, clock)
+    hub, clock = clocked_hub
     monitor = watching_workers(store, clock)
     tasks = Tasks()
     worker = Presence(store, config, process_id="worker-1", clock=clock, tasks=tasks)
     start = clock.now
-    try:
-        with capture_logs() as logs:
-            await worker.announce()
-            await accept(hub, 1)
-            # Crash at 0 s of each 35 s cycle, restarted at 30 s, crashes again at 35 s.
-            for second in range(1, 601):
-                clock.now = start + second * 1000
-                phase = second % 35
-                if phase == 0:
-                    tasks.crashed("worker", RuntimeError("boom"))
-                elif phase == 30:
-                    tasks.down.clear()  # restarted after its pause
-                if second % 10 == 0:
-                    await worker.announce()
-                if second % 5 == 0:
-                    await monitor.check()
-    finally:
-        await hub.close()
+    with capture_logs() as logs:
+        await worker.announce()
+        await accept(hub, 1)
+        # Crash at 0 s of each 35 s cycle, restarted at 30 s, crashes again at 35 s.
+        for second in range(1, 601):
+            clock.now = start + second * 1000
+            phase = second % 35
+            if phase == 0:
+                tasks.crashed("worker", RuntimeError("boom"))
+            elif phase == 30:
+                tasks.down.clear()  # restarted after its pause
+            if second % 10 == 0:
+                await worker.announce()
+            if second % 5 == 0:
+                await monitor.check()
     alerts = [e["event"] for e in logs if e["event"].startswith("alert_")]
     # Fired once two minutes after the last steady run, standing while the task crashes.
     assert alerts == ["alert_fired"], alerts
@@ -1085,32 +1078,28 @@ async def blip(outage: Outage, clock: ManualClock, monitor: AlertMonitor) -> Non
 
 
 async def test_no_workers_stands_through_a_store_blip_while_no_worker_delivers(
-    config: Config, store: SqlStore
+    config: Config, store: SqlStore, clocked_hub: tuple[Hub, ManualClock]
 ) -> None:
     # The runbook: no_workers "resolves at the next check once one delivers". The grace after
     # a store outage (no process can record itself meanwhile) is for a worker's records to
     # catch up, not a sign that one delivers: a store that failed one round resolved the
     # alert, with no worker anywhere, and two minutes later it fired again.
-    clock = ManualClock()
-    hub = Hub(config, store, clock)
+    hub, clock = clocked_hub
     outage = Outage(store)
     monitor = watching_workers(cast(SqlStore, outage), clock)
     worker = Presence(store, config, process_id="worker-1", clock=clock)
-    try:
-        with capture_logs() as logs:
-            await accept(hub, 1)
-            clock.now += 120_000
-            await monitor.check()
-            assert monitor.firing == {"no_workers"}  # none was ever started
-            await blip(outage, clock, monitor)
-            assert monitor.firing == {"no_workers"}  # still no worker
-            clock.now += 60_000
-            await monitor.check()
-            await worker.announce()  # one starts, and delivers
-            await monitor.check()
-            assert monitor.firing == set()
-    finally:
-        await hub.close()
+    with capture_logs() as logs:
+        await accept(hub, 1)
+        clock.now += 120_000
+        await monitor.check()
+        assert monitor.firing == {"no_workers"}  # none was ever started
+        await blip(outage, clock, monitor)
+        assert monitor.firing == {"no_workers"}  # still no worker
+        clock.now += 60_000
+        await monitor.check()
+        await worker.announce()  # one starts, and delivers
+        await monitor.check()
+        assert monitor.firing == set()
     alerts = [e["event"] for e in logs if e["event"].startswith("alert_")]
     # Before: fired, resolved by the blip, fired again 120 s after it, resolved.
     assert alerts == ["alert_fired", "alert_resolved"], alerts

@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
 import pytest
 
-from estafeta.config import Config, load_config_dict
+from estafeta.config import load_config_dict
 from estafeta.delivery.circuit import CircuitState
 from estafeta.hub import Hub
 from estafeta.store.records import DeadLetterFilter
@@ -43,6 +44,16 @@ def hub_config(
         d["max_attempts"] = 50
         d.update(overrides.get(d["id"], {}))
     return data
+
+
+@asynccontextmanager
+async def running(store: SqlStore, data: dict[str, Any]) -> AsyncIterator[Running]:
+    """A hub and its worker on the configuration `data`, stopped when the block ends."""
+    hub = Running(store, load_config_dict(data))
+    try:
+        yield hub
+    finally:
+        await hub.stop()
 
 
 async def circuit_becomes(hub: Running, destination_id: str, state: CircuitState) -> None:
@@ -86,8 +97,7 @@ async def test_an_open_circuit_stops_sending_without_spending_attempts(
         worker={"concurrency": 1},
         billing={"circuit": {"failures": 3, "reset_s": 60}},
     )
-    hub = Running(store, load_config_dict(data))
-    try:
+    async with running(store, data) as hub:
         ids = await publish(hub, 10)
         assert await crm.wait_for(lambda s: len(s.delivered_ids) == 10, 15)
         # billing: three failures opened its circuit; the rest wait, attempts untouched.
@@ -103,19 +113,16 @@ async def test_an_open_circuit_stops_sending_without_spending_attempts(
             assert view is not None
             spent += sum(d.attempts for d in view.deliveries if d.destination_id == "billing")
         assert spent == 3  # only the three that opened the circuit were attempts
-    finally:
-        await hub.stop()
     assert len(billing.received) == 3
 
 
-def quick_circuit(database_url: str, crm: Sink, billing: Sink, **overrides: Any) -> Config:
+def quick_circuit(database_url: str, crm: Sink, billing: Sink, **overrides: Any) -> dict[str, Any]:
     """Billing's circuit opens after 2 failures and probes 0.5 s later; retries come fast."""
     billing_settings = {
         "circuit": {"failures": 2, "reset_s": 0.5},
         "backoff": {"base_s": 0.05, "factor": 1, "max_s": 0.05, "jitter": 0},
     }
-    data = hub_config(database_url, crm, billing, billing=billing_settings, **overrides)
-    return load_config_dict(data)
+    return hub_config(database_url, crm, billing, billing=billing_settings, **overrides)
 
 
 async def test_the_probe_closes_the_circuit_and_the_backlog_drains(
@@ -123,8 +130,9 @@ async def test_the_probe_closes_the_circuit_and_the_backlog_drains(
 ) -> None:
     crm, billing = sinks
     billing.respond(503)
-    hub = Running(store, quick_circuit(database_url, crm, billing, worker={"concurrency": 4}))
-    try:
+    async with running(
+        store, quick_circuit(database_url, crm, billing, worker={"concurrency": 4})
+    ) as hub:
         ids = await publish(hub, 8)
         await circuit_becomes(hub, "billing", CircuitState.OPEN)
         billing.respond(200)  # billing recovers
@@ -137,8 +145,6 @@ async def test_the_probe_closes_the_circuit_and_the_backlog_drains(
         statuses = [r.status for r in billing.received]
         first_ok = statuses.index(200)
         assert statuses[first_ok + 1 :].count(503) == 0
-    finally:
-        await hub.stop()
 
 
 async def test_a_probe_answered_429_is_given_back_and_the_next_probe_closes_the_circuit(
@@ -148,8 +154,7 @@ async def test_a_probe_answered_429_is_given_back_and_the_next_probe_closes_the_
     probes at once, rather than every delivery waiting for the 60 s probe timeout."""
     crm, billing = sinks
     billing.respond(503)
-    hub = Running(store, quick_circuit(database_url, crm, billing))
-    try:
+    async with running(store, quick_circuit(database_url, crm, billing)) as hub:
         ids = await publish(hub, 4)
         await circuit_becomes(hub, "billing", CircuitState.OPEN)
         await none_in_flight(store)  # billing's next request is a probe
@@ -159,8 +164,6 @@ async def test_a_probe_answered_429_is_given_back_and_the_next_probe_closes_the_
         statuses = [r.status for r in billing.received]
         assert statuses.index(429) < statuses.index(200)
         assert ("billing", "closed") in hub.worker.breakers.transitions
-    finally:
-        await hub.stop()
 
 
 async def test_a_rate_limited_destination_is_sent_at_its_pace_without_spending_attempts(
@@ -168,8 +171,7 @@ async def test_a_rate_limited_destination_is_sent_at_its_pace_without_spending_a
 ) -> None:
     crm, billing = sinks
     data = hub_config(database_url, crm, billing, billing={"rate_limit": "4/second"})
-    hub = Running(store, load_config_dict(data))
-    try:
+    async with running(store, data) as hub:
         started = time.monotonic()
         ids = await publish(hub, 10)
         assert await billing.wait_for(lambda s: s.delivered_ids == set(ids), 15)
@@ -179,8 +181,6 @@ async def test_a_rate_limited_destination_is_sent_at_its_pace_without_spending_a
         for event_id in ids:
             view = await settled(store, event_id)
             assert {d.attempts for d in view.deliveries} == {1}  # snoozes are not attempts
-    finally:
-        await hub.stop()
 
 
 async def test_one_key_is_delivered_in_event_order_despite_failures(
@@ -197,10 +197,9 @@ async def test_one_key_is_delivered_in_event_order_despite_failures(
         },
     )
     data["routes"][0]["ordering_key"] = "data.conversation_id"
-    hub = Running(store, load_config_dict(data))
     # Bursts of failures: heads of keys are retried while their followers wait.
     answered = 0
-    try:
+    async with running(store, data) as hub:
         keys = [f"55119{k:04d}" for k in range(12)]
         sent: dict[str, list[str]] = {k: [] for k in keys}
         for round_ in range(6):
@@ -220,8 +219,6 @@ async def test_one_key_is_delivered_in_event_order_despite_failures(
         for key in keys:
             assert delivered_order[key] == sent[key], key
         answered = total
-    finally:
-        await hub.stop()
     assert answered == 72
 
 
@@ -237,8 +234,7 @@ async def test_other_destinations_keep_their_pace_while_one_is_down(
         worker={"concurrency": 8},
         billing={"circuit": {"failures": 3, "reset_s": 30}},
     )
-    hub = Running(store, load_config_dict(data))
-    try:
+    async with running(store, data) as hub:
         started = time.monotonic()
         await publish(hub, 100)
         assert await crm.wait_for(lambda s: len(s.delivered_ids) == 100, 20)
@@ -246,8 +242,6 @@ async def test_other_destinations_keep_their_pace_while_one_is_down(
         # Without a breaker, billing's 200 slow failures would hold the 8 slots ~5 s.
         assert took < 5, took
         assert len(billing.received) <= 3 + 8  # the ones in flight when it opened
-    finally:
-        await hub.stop()
 
 
 async def test_hub_and_worker_share_one_event_loop_without_leaks(
@@ -281,11 +275,8 @@ async def test_a_configured_failure_ratio_opens_the_circuit(
             }
         },
     )
-    hub = Running(store, load_config_dict(data))
-    try:
+    async with running(store, data) as hub:
         await publish(hub, 10)
         await circuit_becomes(hub, "billing", CircuitState.OPEN)
         assert await crm.wait_for(lambda s: len(s.delivered_ids) == 10, 15)
-    finally:
-        await hub.stop()
     assert len(billing.received) == 4  # min_requests results, all failed: then it opened

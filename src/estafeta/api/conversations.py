@@ -11,7 +11,7 @@ from starlette.responses import Response
 
 from estafeta.api.auth import Principal
 from estafeta.api.cursors import encode_cursor, not_given, page_of, read_cursor
-from estafeta.api.deps import hub_of, json_body, principal, tenant_principal
+from estafeta.api.deps import Caller, TenantCaller, hub_of, json_body
 from estafeta.api.fields import RequestBody
 from estafeta.api.responses import json_response
 from estafeta.clock import iso_from_ms
@@ -81,7 +81,7 @@ def message_cursor(i: Interaction) -> str:
 @router.get("")
 async def list_conversations(
     request: Request,
-    caller: Annotated[Principal, Depends(principal)],
+    caller: Caller,
     status: Status | None = None,
     tenant: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
@@ -114,7 +114,7 @@ async def _conversation(
 async def get_conversation(
     request: Request,
     conversation_id: str,
-    caller: Annotated[Principal, Depends(principal)],
+    caller: Caller,
     tenant: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: Annotated[str | None, Query(max_length=1024)] = None,
@@ -145,7 +145,7 @@ async def escalate(
     request: Request,
     conversation_id: str,
     body: Escalate,
-    caller: Annotated[Principal, Depends(tenant_principal)],
+    caller: TenantCaller,
 ) -> Response:
     """Hand the conversation to a human: marks it and emits `conversation.escalated`."""
     tenant_id, conversation = await _conversation(request, caller, conversation_id, None)
@@ -164,7 +164,7 @@ async def escalate(
 async def close(
     request: Request,
     conversation_id: str,
-    caller: Annotated[Principal, Depends(tenant_principal)],
+    caller: TenantCaller,
 ) -> Response:
     hub = hub_of(request)
     assert caller.tenant_id is not None  # noqa: S101 - tenant_principal guarantees it

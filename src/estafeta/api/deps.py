@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated
 
-from fastapi import Depends, Security
+from fastapi import Depends, Header, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.requests import Request
 
@@ -39,14 +39,26 @@ async def principal(
     return found
 
 
-async def tenant_principal(found: Annotated[Principal, Depends(principal)]) -> Principal:
+# Any authenticated caller (a tenant's key or the admin key), as a route parameter.
+Caller = Annotated[Principal, Depends(principal)]
+
+
+async def tenant_principal(found: Caller) -> Principal:
     """A tenant's key (publishing belongs to a tenant, not to the operator)."""
     if found.tenant_id is None:
         raise HttpError(403, "tenant_key_required", "publish with a tenant's API key")
     return found
 
 
-async def admin_principal(found: Annotated[Principal, Depends(principal)]) -> Principal:
+# A tenant's key, as a route parameter: what the tenant's own routes (publish, send, a
+# conversation's actions) take.
+TenantCaller = Annotated[Principal, Depends(tenant_principal)]
+
+# The `Idempotency-Key` header, bounded as the body's `idempotency_key` is.
+IdempotencyKeyHeader = Annotated[str | None, Header(min_length=1, max_length=255)]
+
+
+async def admin_principal(found: Caller) -> Principal:
     if not found.admin:
         raise HttpError(403, "admin_key_required", "this needs the admin key")
     return found

@@ -11,7 +11,7 @@ from starlette.responses import Response
 
 from estafeta.api.auth import Principal
 from estafeta.api.cursors import encode_cursor, page_of, read_cursor
-from estafeta.api.deps import hub_of, json_body, principal
+from estafeta.api.deps import Caller, hub_of, json_body
 from estafeta.api.fields import RequestBody
 from estafeta.api.responses import json_response
 from estafeta.api.views import delivery_json
@@ -79,7 +79,7 @@ async def _known(store: SqlStore, chosen: DeadLetterFilter) -> DeadLetterFilter:
 @router.get("")
 async def list_dead(
     request: Request,
-    caller: Annotated[Principal, Depends(principal)],
+    caller: Caller,
     destination: str | None = None,
     event_type: str | None = None,
     since: str | None = None,
@@ -141,7 +141,7 @@ async def _move(
 async def replay(
     request: Request,
     selection: DeadLetterSelection,
-    caller: Annotated[Principal, Depends(principal)],
+    caller: Caller,
 ) -> Response:
     return await _move(request, selection, caller, "replayed")
 
@@ -150,6 +150,6 @@ async def replay(
 async def discard(
     request: Request,
     selection: DeadLetterSelection,
-    caller: Annotated[Principal, Depends(principal)],
+    caller: Caller,
 ) -> Response:
     return await _move(request, selection, caller, "discarded")

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Depends, Header
+from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 from starlette.requests import Request
 from starlette.responses import Response
 
-from estafeta.api.auth import Principal
-from estafeta.api.deps import hub_of, json_body, principal, tenant_principal
+from estafeta.api.deps import (
+    Caller,
+    IdempotencyKeyHeader,
+    TenantCaller,
+    hub_of,
+    json_body,
+)
 from estafeta.api.fields import JsonObject, RequestBody
 from estafeta.api.responses import json_response, key_used_elsewhere
 from estafeta.api.views import event_json
@@ -50,8 +53,8 @@ class Published(BaseModel):
 async def publish_event(
     request: Request,
     body: PublishEvent,
-    caller: Annotated[Principal, Depends(tenant_principal)],
-    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
+    caller: TenantCaller,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     hub = hub_of(request)
     assert caller.tenant_id is not None  # noqa: S101 - tenant_principal guarantees it
@@ -82,9 +85,7 @@ async def publish_event(
 
 
 @router.get("/events/{event_id}")
-async def get_event(
-    request: Request, event_id: str, caller: Annotated[Principal, Depends(principal)]
-) -> Response:
+async def get_event(request: Request, event_id: str, caller: Caller) -> Response:
     view = await hub_of(request).store.get_event(event_id, caller.scope())
     if view is None:  # another tenant's event is as absent as a missing one
         raise HttpError(404, "not_found", f"no event {event_id!r}")

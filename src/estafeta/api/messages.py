@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Header
+from fastapi import APIRouter, Depends
 from pydantic import Field, model_validator
 from starlette.requests import Request
 from starlette.responses import Response
 
-from estafeta.api.auth import Principal
-from estafeta.api.deps import hub_of, json_body, principal, tenant_principal
+from estafeta.api.deps import (
+    Caller,
+    IdempotencyKeyHeader,
+    TenantCaller,
+    hub_of,
+    json_body,
+)
 from estafeta.api.fields import RequestBody, TemplateComponent
 from estafeta.api.responses import json_response, key_used_elsewhere
 from estafeta.clock import iso_from_ms
@@ -76,8 +81,8 @@ class SendMessage(RequestBody):
 async def send_message(
     request: Request,
     body: SendMessage,
-    caller: Annotated[Principal, Depends(tenant_principal)],
-    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
+    caller: TenantCaller,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     hub = hub_of(request)
     assert caller.tenant_id is not None  # noqa: S101 - tenant_principal guarantees it
@@ -125,9 +130,7 @@ async def send_message(
 
 
 @router.get("/messages/{message_id}")
-async def get_message(
-    request: Request, message_id: str, caller: Annotated[Principal, Depends(principal)]
-) -> Response:
+async def get_message(request: Request, message_id: str, caller: Caller) -> Response:
     view = await hub_of(request).store.get_message(caller.scope(), message_id)
     if view is None:
         raise HttpError(404, "not_found", f"no message {message_id!r}")

@@ -13,8 +13,8 @@ import orjson
 
 from estafeta.config import SourceConfig
 from estafeta.connectors.whatsapp import WhatsAppSendConnector, client_for
-from estafeta.delivery.model import LeasedDelivery
 from estafeta.delivery.outcome import Outcome
+from tests.conftest import leased_delivery
 
 CUSTOMER = "+5511987654321"
 WA = {
@@ -38,6 +38,7 @@ SP = {
     "bot_id": "66a1f2c3d4e5f60718293a4b",
 }
 WEBHOOK_TOKEN = "tok_9Yq2mX7vK3pL8sR4"
+EVENT_ID = "evt_01J1ZK6Q4M8R2T5W7Y9B3C6D8G"  # the send event every delivery carries
 
 
 def source(kind: str, source_id: str = "src", **keys: Any) -> SourceConfig:
@@ -68,29 +69,13 @@ def payload(source_id: str = "src", **content: Any) -> bytes:
     """A `message.send` canonical event (DESIGN §3.4) as the worker leases it."""
     data = {"source": source_id, "to": CUSTOMER, "message_id": "msg_01J1ZK6Q4M8R2T5W7Y9B3C6D8F"}
     event = {
-        "id": "evt_01J1ZK6Q4M8R2T5W7Y9B3C6D8G",
+        "id": EVENT_ID,
         "type": "message.send",
         "tenant": "clinica-sol",
         "source": "api",
         "data": data | content,
     }
     return orjson.dumps(event)
-
-
-def leased(body: bytes) -> LeasedDelivery:
-    return LeasedDelivery(
-        id="dlv_1",
-        tenant_id="clinica-sol",
-        event_id="evt_01J1ZK6Q4M8R2T5W7Y9B3C6D8G",
-        destination_id="wa-send",
-        attempts=0,
-        max_attempts=8,
-        priority=1,
-        ordering_key=None,
-        lease_token="lease",
-        lease_expires_at=0,
-        payload=body,
-    )
 
 
 async def deliver(
@@ -105,6 +90,10 @@ async def deliver(
         client_for(config, session, timeout_s=timeout_s), source_id=config.id
     )
     try:
-        return await connector.deliver(leased(payload(config.id, **content)))
+        return await connector.deliver(
+            leased_delivery(
+                payload(config.id, **content), event_id=EVENT_ID, destination_id="wa-send"
+            )
+        )
     finally:
         await connector.close()

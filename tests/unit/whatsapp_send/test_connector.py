@@ -21,8 +21,8 @@ from estafeta.connectors.whatsapp import (
     ZApiClient,
     client_for,
 )
-from estafeta.delivery.model import LeasedDelivery
 from estafeta.delivery.outcome import Outcome, OutcomeKind
+from tests.conftest import leased_delivery
 
 
 class Recorder:
@@ -36,22 +36,6 @@ class Recorder:
         return Outcome(OutcomeKind.SUCCESS, 1.0, 200, external_id="wamid.X")
 
 
-def leased(payload: bytes) -> LeasedDelivery:
-    return LeasedDelivery(
-        id="dlv_1",
-        tenant_id="clinica-sol",
-        event_id="evt_1",
-        destination_id="wa-send",
-        attempts=0,
-        max_attempts=8,
-        priority=1,
-        ordering_key=None,
-        lease_token="lease",
-        lease_expires_at=0,
-        payload=payload,
-    )
-
-
 def event(data: Any, type_: str = "message.send") -> bytes:
     return orjson.dumps({"id": "evt_1", "type": type_, "tenant": "clinica-sol", "data": data})
 
@@ -62,7 +46,7 @@ DATA = {"source": "wa-sol", "to": "+5511987654321", "text": "Olá!", "message_id
 async def test_a_valid_event_is_sent() -> None:
     client = Recorder()
     connector: Connector = WhatsAppSendConnector(client, source_id="wa-sol")
-    outcome = await connector.deliver(leased(event(DATA)))
+    outcome = await connector.deliver(leased_delivery(event(DATA), destination_id="wa-send"))
     assert outcome.external_id == "wamid.X"
     assert client.messages == [
         OutboundMessage("+5511987654321", text="Olá!", reference="msg_1", source="wa-sol")
@@ -84,7 +68,9 @@ async def test_a_valid_event_is_sent() -> None:
 )
 async def test_a_payload_that_cannot_be_sent_is_permanent(payload: bytes, reason: str) -> None:
     client = Recorder()
-    outcome = await WhatsAppSendConnector(client, source_id="wa-sol").deliver(leased(payload))
+    outcome = await WhatsAppSendConnector(client, source_id="wa-sol").deliver(
+        leased_delivery(payload, destination_id="wa-send")
+    )
     assert outcome.kind is OutcomeKind.PERMANENT
     assert outcome.error_class == "invalid_message"
     assert reason in outcome.response_excerpt
