@@ -7,7 +7,9 @@ a PostgreSQL server the PostgreSQL half is skipped locally, and fails under CI=t
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -263,3 +265,22 @@ async def lease_any(
     return await store.lease(
         now_ms=now_ms, rooms=rooms, limit=limit, lease_ms=lease_ms, worker_id=worker_id
     )
+
+
+@contextmanager
+def out_of_descriptors() -> Iterator[None]:
+    """Every file descriptor the process may have is taken, as when clients' connections
+    took them all: opening a file, a directory or a socket fails with EMFILE."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1, hard))
+    taken: list[int] = []
+    try:
+        with contextlib.suppress(OSError):
+            while True:  # the lower descriptors that are free
+                taken.append(os.open(os.devnull, os.O_RDONLY))
+        yield
+    finally:
+        for fd in taken:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

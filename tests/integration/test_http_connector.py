@@ -22,7 +22,7 @@ from estafeta.connectors.http import HttpConnector, new_client_session, sign_web
 from estafeta.delivery.decision import describe_failure
 from estafeta.delivery.outcome import EXCERPT_LIMIT, Outcome, OutcomeKind
 from estafeta.testing.sink import Sink
-from tests.conftest import leased_delivery
+from tests.conftest import leased_delivery, out_of_descriptors
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 VECTOR = json.loads(Path("/work/shared/fixtures/standard_webhooks/vector.json").read_text())
@@ -253,6 +253,21 @@ async def test_connection_refused(session: aiohttp.ClientSession) -> None:
     assert outcome.error_class in {"connection_refused", "connection_error"}
     assert outcome.status_code is None
     assert outcome.response_excerpt  # the reason, for the operator
+
+
+async def test_a_send_with_no_descriptor_to_connect_with_is_named_for_this_process(
+    sink: Sink, session: aiohttp.ClientSession
+) -> None:
+    """Out of descriptors (a flood of client connections took them all), a send cannot even
+    open its connection: retried, and named for what it is. As `connection_error` it sent
+    the operator to a destination that was never reached (the DLQ guide reads that class
+    as "the destination was down")."""
+    with out_of_descriptors():
+        outcome = await deliver_to(f"{sink.url}/hooks", session)
+    assert (outcome.kind, outcome.error_class) == (OutcomeKind.RETRYABLE, "local_resources")
+    assert "Too many open files" in outcome.response_excerpt
+    assert sink.received == []
+    assert (await deliver_to(f"{sink.url}/hooks", session)).succeeded  # once they are free
 
 
 @pytest.mark.parametrize("url", ["not a url", "ftp://127.0.0.1/hooks", "http://"])

@@ -38,7 +38,7 @@ from estafeta.store.postgres import PostgresStore
 from estafeta.store.records import InsertResult, NewDelivery, NewEvent, NewMessage
 from estafeta.store.sqlite import SqliteStore
 from estafeta.store.sqlstore import SqlStore
-from tests.conftest import lease_any
+from tests.conftest import lease_any, out_of_descriptors
 from tests.events import new_event as event_named
 from tests.integration.store_support import attempt, mode, umask
 
@@ -781,3 +781,35 @@ async def test_a_webhook_whose_events_do_not_all_fit_on_disk_is_refused_whole(
     assert refused.value.status == 503
     assert await spool.drain(store) == 1  # event 0 alone
     assert await store.get_event(one.id, None) is None
+
+
+async def test_with_every_descriptor_taken_the_open_segment_takes_webhooks_and_no_500(
+    down_hub: Hub, store: SqlStore
+) -> None:
+    """With every descriptor taken (a flood of client connections) and the store out of
+    reach, a webhook the spool can write to its open segment is spooled (202); one that
+    needs a new segment is refused 503 `spool_unavailable` with a Retry-After its sender
+    honours, never a 500. Both once the spool has been listed, as every webhook lists it."""
+    from tests.conftest import signed
+    from tests.integration.test_ingress_api import MESSAGE
+
+    transport = httpx.ASGITransport(app=create_app(down_hub))
+    async with httpx.AsyncClient(transport=transport, base_url="http://hub") as http:
+
+        async def post(n: int) -> httpx.Response:
+            headers = signed(MESSAGE, f"msg_{n}")
+            return await http.post("/in/crm-events", content=MESSAGE, headers=headers)
+
+        with out_of_descriptors():
+            refused = await post(1)  # no segment is open: a new one needs a descriptor
+        first = await post(2)  # opens a segment
+        with out_of_descriptors():
+            taken = await post(3)
+    assert (refused.status_code, refused.json()["error"]) == (503, "spool_unavailable")
+    assert refused.headers["retry-after"]
+    for accepted in (first, taken):
+        assert accepted.status_code == 202 and accepted.headers["x-estafeta-spooled"] == "1"
+    assert down_hub.spool is not None
+    assert await down_hub.spool.drain(store) == 2
+    for accepted in (first, taken):
+        assert await store.get_event(accepted.json()["id"], None) is not None

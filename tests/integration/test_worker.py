@@ -33,6 +33,7 @@ from estafeta.delivery.worker import Worker
 from estafeta.errors import LeaseRaced, StoreError, StoreUnavailable
 from estafeta.hub import Hub
 from estafeta.ids import new_id
+from estafeta.observability.log_throttle import LogThrottle
 from estafeta.observability.metrics import DEAD_LETTERED
 from estafeta.redis_client import connect_redis
 from estafeta.store import open_store, schema
@@ -858,6 +859,50 @@ async def test_a_lease_that_lost_an_ordering_race_is_logged_and_the_next_one_del
     finally:
         await worker._shutdown()
         await hub.close()
+
+
+async def test_a_store_that_fails_every_other_step_logs_a_line_a_minute(
+    store: SqlStore, sink: Sink, database_url: str
+) -> None:
+    """Out of file descriptors, the store fails the steps that need a new connection and
+    answers those a pooled one serves: logged once per outage, that was a
+    `store_unavailable` and a `store_available` line at every other step, several a second
+    for as long as it lasted. Now one of each, then at most one a minute, with the number
+    of outages since the last."""
+    ticks = [0.0]
+    config = config_for(database_url, sink)
+    worker = Worker(store, config)
+    worker._store_lines = LogThrottle(monotonic=lambda: ticks[0])
+    await worker._connectors.start()  # what `run` does first; its loop is driven by hand
+    lease = store.lease
+    calls = 0
+
+    async def flapping(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls % 2:
+            raise StoreUnavailable("the store cannot be reached: OSError (EMFILE: …)")
+        return await lease(*args, **kwargs)
+
+    store.lease = flapping  # type: ignore[method-assign]
+    try:
+        with capture_logs() as logs:
+            for _ in range(20):  # ten outages within the minute
+                ticks[0] += 1
+                await worker._step()
+            ticks[0] += 60
+            for _ in range(4):  # two more, a minute later
+                await worker._step()
+    finally:
+        store.lease = lease  # type: ignore[method-assign]
+        await worker._shutdown()
+    said = [(e["event"], e.get("outages")) for e in logs if e["event"].startswith("store_")]
+    assert said == [
+        ("store_unavailable", 1),
+        ("store_available", None),
+        ("store_unavailable", 10),
+        ("store_available", None),
+    ]
 
 
 async def test_a_circuit_that_opens_while_a_batch_commits_holds_its_handed_deliveries_back(

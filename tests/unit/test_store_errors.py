@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sqlite3
 
 import asyncpg
@@ -144,3 +145,14 @@ def test_a_refused_login_says_why(error: Exception, reason: str) -> None:
     assert type(store_error) is StoreLoginRefused
     assert isinstance(store_error, StoreUnavailable)
     assert str(store_error).startswith(f"the store refused the connection: {reason}")
+
+
+def test_a_store_out_of_reach_for_want_of_descriptors_says_so() -> None:
+    # Before: "the store cannot be reached: OSError" in /health/detailed, the worker's
+    # `store_unavailable` lines and the CLI, while client connections had taken every file
+    # descriptor: nothing said that the database was fine and the process was not.
+    store_error = translated(OSError(errno.EMFILE, "Too many open files"))
+    assert isinstance(store_error, StoreUnavailable)
+    assert str(store_error) == (
+        "the store cannot be reached: OSError (EMFILE: Too many open files)"
+    )

@@ -20,12 +20,17 @@ from dataclasses import dataclass
 import aiohttp
 from yarl import URL
 
-from estafeta.delivery.outcome import EXCERPT_LIMIT, Outcome, OutcomeKind
+from estafeta.delivery.outcome import EXCERPT_LIMIT, LOCAL_RESOURCES, Outcome, OutcomeKind
 from estafeta.urls import outline
 
 _CUT_IN_HEAD = "Server disconnected in the middle of the answer's head"
 # A URL already fit to send: RFC 3986 characters only, every `%` starting an escape.
 _ENCODED_URL = re.compile(r"(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})+")
+
+
+# What a connection this process cannot open for want of its own resources fails with:
+# out of descriptors (EMFILE, or the host's: ENFILE), of socket buffers or of memory.
+LOCAL_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +79,8 @@ async def exchange(
     except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError) as exc:
         return no_answer(started, url, "invalid_destination", exc, OutcomeKind.PERMANENT)
     except aiohttp.ClientConnectorError as exc:
+        if exc.os_error.errno in LOCAL_RESOURCE_ERRNOS:
+            return no_answer(started, url, LOCAL_RESOURCES, exc)
         refused = isinstance(exc.os_error, ConnectionRefusedError) or (
             exc.os_error.errno == errno.ECONNREFUSED
         )
@@ -89,6 +96,8 @@ async def exchange(
         detail = exc.message if isinstance(exc.message, str) else _CUT_IN_HEAD
         return no_answer(started, url, "connection_error", detail)
     except (aiohttp.ClientError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno in LOCAL_RESOURCE_ERRNOS:
+            return no_answer(started, url, LOCAL_RESOURCES, exc)
         return no_answer(started, url, "connection_error", exc)
     except ValueError as exc:  # yarl/aiohttp on a URL or header they cannot use
         return no_answer(started, url, "invalid_destination", exc, OutcomeKind.PERMANENT)

@@ -8,6 +8,14 @@ from estafeta.record import Record
 
 EXCERPT_LIMIT = 1024  # characters of a response body kept with an attempt
 
+# The error class of a send this process could not even open a connection for, out of its
+# own resources (descriptors: a flood of client connections took them all): the destination
+# was never reached. Named apart from `connection_error`, which says the destination is down
+# or unreachable, so that an operator looks at the right machine. Retried, and counted by
+# the circuit as any failure to connect: an open circuit holds the destination's other
+# deliveries back, sparing their attempts while the shortage lasts.
+LOCAL_RESOURCES = "local_resources"
+
 
 class OutcomeKind(StrEnum):
     SUCCESS = "success"

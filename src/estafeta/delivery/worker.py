@@ -59,6 +59,7 @@ from estafeta.delivery.throttle import DestinationThrottle
 from estafeta.errors import LeaseRaced, StoreUnavailable
 from estafeta.messaging.facts import send_destination
 from estafeta.messaging.outbound import can_send
+from estafeta.observability.log_throttle import LogThrottle
 from estafeta.observability.metrics import LEASE_RACES
 from estafeta.redis_client import connect_redis
 from estafeta.store.records import DirectLease, NewEvent
@@ -112,7 +113,12 @@ class Worker:
             rate_limits, redis_url=config.redis.url, key_prefix=config.redis.key_prefix
         )
         self._snoozes = Snoozes(store, self.clock)  # leases given back unsent (snooze.py)
-        self._store_down = False  # logged once per outage
+        self._store_down = False  # since the last step that failed for it
+        # `store_unavailable` and `store_available`: once per outage, a store that fails
+        # every other step (out of descriptors, pooled connections answer and new ones
+        # fail) logged a pair at each; now at most a pair a minute (log_throttle.py).
+        self._store_lines = LogThrottle()
+        self._down_logged = False  # this outage's `store_unavailable` was logged
         policies = {
             d.id: BackoffPolicy(
                 base_s=d.backoff.base_s,
@@ -239,7 +245,9 @@ class Worker:
             return 0
         if self._store_down:
             self._store_down = False
-            log.info("store_available", worker=self.worker_id)
+            if self._down_logged:
+                self._down_logged = False
+                log.info("store_available", worker=self.worker_id)
         return taken
 
     async def _lease_and_start(self, room: int) -> int:
@@ -416,9 +424,16 @@ class Worker:
                 self._store_unavailable(exc)
 
     def _store_unavailable(self, exc: StoreUnavailable) -> None:
-        if not self._store_down:  # once per outage, not once per poll
-            self._store_down = True
-            log.warning("store_unavailable", worker=self.worker_id, error=str(exc))
+        """Logged once per outage, not once per poll; an outage within a minute of the last
+        line waits for the minute to pass (and is counted in `outages` then)."""
+        began = not self._store_down
+        self._store_down = True
+        if self._down_logged:
+            return
+        outages = self._store_lines.due("store_unavailable", 1 if began else 0)
+        if outages is not None:
+            self._down_logged = True
+            log.warning("store_unavailable", worker=self.worker_id, error=str(exc), outages=outages)
 
     async def _start(self, batch: list[LeasedDelivery], now: int, *, probe: bool = False) -> int:
         """Send each leased delivery its destination's rate limit allows now; give the others

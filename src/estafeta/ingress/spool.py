@@ -137,6 +137,7 @@ class Spool:
         # until then, events waited for the store, not for the drain.
         self.outage_seen_at = 0
         self._write_check: asyncio.Future[str | None] | None = None
+        self._listed = SpoolStats(bytes=0, segments=0, oldest_at=None)  # the last `stats()`
         segments.clear_leftovers(self.directory)
         _clear_write_checks(self.directory)
 
@@ -323,18 +324,26 @@ class Spool:
     # -- reading ----------------------------------------------------------------------------
 
     def stats(self) -> SpoolStats:
+        """What the directory holds; as last listed when it cannot be listed now (EMFILE:
+        client connections took every descriptor; EIO). Raised, that failed the webhook
+        with a 500, though the open segment would take it, /health/detailed and /metrics
+        with a 500, and crashed the drainer; `unwritable()` reports the condition."""
         sizes: list[tuple[str, int]] = []
-        for path in self.directory.glob("*.journal"):
-            try:
-                sizes.append((path.name, path.stat().st_size))
-            except FileNotFoundError:  # drained meanwhile
-                continue
+        try:
+            for path in self.directory.glob("*.journal"):
+                try:
+                    sizes.append((path.name, path.stat().st_size))
+                except FileNotFoundError:  # drained meanwhile
+                    continue
+        except OSError:
+            return self._listed
         oldest = min((name for name, size in sizes if size), default=None)
-        return SpoolStats(
+        self._listed = SpoolStats(
             bytes=sum(size for _, size in sizes),
             segments=sum(1 for _, size in sizes if size),
             oldest_at=int(oldest[:13]) if oldest else None,
         )
+        return self._listed
 
     async def drain(self, store: SqlStore, stop: asyncio.Event | None = None) -> int:
         """Import every segment this process can lock into the store, oldest first, and

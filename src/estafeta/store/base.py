@@ -8,6 +8,8 @@ store's error names the driver's class, SQLSTATE or constraint instead."""
 
 from __future__ import annotations
 
+import errno
+import os
 import sqlite3
 import time
 from abc import ABC, abstractmethod
@@ -196,7 +198,16 @@ def _named(exc: BaseException) -> str:
     if sqlstate:
         return f"{type(exc).__name__} (SQLSTATE {sqlstate})"
     sqlite_code = _sqlite_code(exc)
-    return f"{type(exc).__name__} ({sqlite_code})" if sqlite_code else type(exc).__name__
+    if sqlite_code:
+        return f"{type(exc).__name__} ({sqlite_code})"
+    found = getattr(exc, "orig", None) or exc
+    code = found.errno if type(found) is OSError else None
+    if code is not None and code in errno.errorcode:
+        # A bare OSError says nothing by its class, unlike ConnectionRefusedError: EMFILE
+        # (client connections took every descriptor) or ENETUNREACH is for the operator to
+        # read. Fixed words by the code, never the text (it may name a path).
+        return f"{type(exc).__name__} ({errno.errorcode[code]}: {os.strerror(code)})"
+    return type(exc).__name__
 
 
 def translated(exc: Exception) -> Exception:
