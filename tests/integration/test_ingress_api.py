@@ -22,7 +22,7 @@ from estafeta.observability.metrics import REGISTRY
 from estafeta.routing.filter import EVENT_FIELDS
 from estafeta.store.records import NewDelivery, NewEvent
 from estafeta.store.sqlstore import SqlStore
-from tests.conftest import base_config, signed
+from tests.conftest import base_config, lease_any, signed
 from tests.deep_json import nested, nested_text
 from tests.events import new_event
 
@@ -133,6 +133,28 @@ async def test_data_nested_as_deep_as_it_can_be_stored_arrives_whole(client: Cli
     # Read back where it is written deepest: the event's answer wraps it twice.
     event = (await client.http.get(f"/api/v1/events/{r.json()['id']}", headers=ADMIN)).json()
     assert event["event"]["data"] == nested(252)
+
+
+async def test_data_reaches_destinations_as_the_same_json_as_add_a_destination_says(
+    client: Client,
+) -> None:
+    """docs/how-to/add-a-destination.md §4: read and written again, the same JSON but not
+    the same bytes; on both engines alike, and what the workers send is what GET shows."""
+    body = (
+        b'{"type": "appointment.booked", "data": {"status": "ok", "z": 1, "a": 1, "a": 2,'
+        b' "name": "Jo\\u00e3o \\u0000 \\ud83d\\ude00", "big": 18446744073709551615,'
+        b' "e": 1E5, "long": 0.1000000000000000055, "tiny": 1e-400, "neg": -0.0}}'
+    )
+    r = await client.http.post("/in/crm-events", content=body, headers=signed(body, "m-same"))
+    assert r.status_code == 202, r.text
+    [delivery, _] = await lease_any(client.store, now_ms=int(time.time() * 1000) + 60_000)
+    sent = delivery.payload
+    assert sent.endswith(
+        '"data":{"status":"ok","z":1,"a":2,"name":"João \\u0000 😀",'
+        '"big":18446744073709551615,"e":100000.0,"long":0.1,"tiny":0.0,"neg":-0.0}}'.encode()
+    ), sent
+    event = (await client.http.get(f"/api/v1/events/{r.json()['id']}", headers=ADMIN)).json()
+    assert event["event"] == orjson.loads(sent)
 
 
 async def test_routing_filter_decides_the_fan_out(client: Client) -> None:
@@ -349,6 +371,14 @@ def _wrong_type() -> dict[str, str]:
             "JSON object",
         ),
         ("/in/crm-events", b"\xff\xfe", _signed_empty, 400, "invalid_body", "UTF-8"),
+        (  # with an API key it was `invalid_json`, "surrogates not allowed" (orjson's words)
+            "/in/keyed",
+            '{"type": "lead.new", "data": {"city": "Paraná"}}'.encode("latin-1"),
+            _keyed,
+            400,
+            "invalid_body",
+            "the body is not UTF-8 at byte 44",
+        ),
         ("/in/crm-events", b"x" * 1_048_577, _signed_empty, 413, "body_too_large", "limit"),
         # `keyed` has no event_type: a body that names no type has nowhere to go.
         ("/in/keyed", b'{"lead": {}}', _keyed, 400, "invalid_body", '"type" (a string)'),
@@ -384,6 +414,7 @@ def _wrong_type() -> dict[str, str]:
         "body-nested-too-deep",
         "not-an-object",
         "not-utf8",
+        "not-utf8-with-an-api-key",
         "too-large",
         "no-type-nor-event-type",
         "empty-type",
@@ -1007,6 +1038,28 @@ async def test_data_nested_deeper_than_it_can_be_stored_is_refused(client: Clien
     assert r.status_code == 202, r.text
     event = await client.http.get(f"/api/v1/events/{r.json()['id']}", headers=ADMIN)
     assert event.status_code == 200, event.text
+
+
+@pytest.mark.parametrize(
+    ("value", "detail"),
+    [
+        # Deeper than Python's parser reads (its recursion limit) and an integer of more
+        # digits than it converts (4300): both were `http_400`, "There was an error parsing
+        # the body", a code the API does not document, naming nothing.
+        (b"[" * 5000 + b"]" * 5000, "body: arrays and objects nested more than 252 deep"),
+        (b"9" * 5000, "body: an integer beyond 64 bits"),
+        (b"-" + b"9" * 5000, "body: an integer beyond 64 bits"),
+    ],
+)
+async def test_data_past_what_the_api_can_parse_is_refused_as_invalid_request(
+    client: Client, value: bytes, detail: str
+) -> None:
+    headers = {"authorization": f"Bearer {SOL_KEY}", "content-type": "application/json"}
+    body = b'{"type": "lead.new", "data": {"n": %s}}' % value
+    r = await client.http.post("/api/v1/events", content=body, headers=headers)
+    assert (r.status_code, r.json()["error"]) == (400, "invalid_request"), r.text
+    assert r.json()["detail"].startswith(detail), r.text
+    assert await client.stored() == 0
 
 
 @pytest.mark.parametrize("number", ["1e400", "-1e400", "[2e308]", "NaN", "-Infinity"])

@@ -238,6 +238,38 @@ async def test_a_nul_in_provider_ids_and_names_is_stored_not_refused_with_500(
     assert (again.status_code, again.json()) == (200, {"id": r.json()["id"], "duplicate": True})
 
 
+async def test_a_lone_surrogate_in_a_webhook_is_stored_as_u_fffd_not_refused(
+    http: httpx.AsyncClient,
+) -> None:
+    """Text cut in the middle of an emoji by a sender that counts UTF-16 units is JSON with
+    a lone surrogate escape (Node's JSON.stringify writes `\\ud83d` so), which orjson
+    refuses: the webhook was `400 invalid_json` and its message lost. It is taken, the lone
+    half as U+FFFD (as no store can hold it), on both engines, and a redelivery recognised."""
+    zapi = orjson.loads((FIXTURES / "zapi/received_text.json").read_bytes())
+    zapi["text"]["message"] = "Oi HIGH"
+    zapi["senderName"] = zapi["chatName"] = "Maria HIGHLOWLOW"
+    body = orjson.dumps(zapi).replace(b"HIGH", b"\\ud83d").replace(b"LOW", b"\\ude00")
+    assert b'"Oi \\ud83d"' in body
+    url, json_type = f"/in/zapi-sol?token={ZAPI_TOKEN}", {"content-type": "application/json"}
+    r = await http.post(url, content=body, headers=json_type)
+    assert r.status_code == 200, r.text
+    data = (await event_of(http, r.json()["id"]))["event"]["data"]
+    assert (data["text"], data["contact_name"]) == ("Oi \ufffd", "Maria \U0001f600\ufffd")
+    again = await http.post(url, content=body, headers=json_type)
+    assert (again.status_code, again.json()) == (200, {"id": r.json()["id"], "duplicate": True})
+
+    doc = orjson.loads((FIXTURES / "whatsapp_cloud/text.json").read_bytes())
+    value = doc["entry"][0]["changes"][0]["value"]
+    value["contacts"][0]["profile"]["name"] = "Jo\u00e3o PLACEHOLDER"
+    body = orjson.dumps(doc).replace(b"PLACEHOLDER", b"\\udc00")
+    digest = hmac.new(WA_VECTOR["app_secret"].encode(), body, hashlib.sha256).hexdigest()
+    headers = {"content-type": "application/json", "x-hub-signature-256": f"sha256={digest}"}
+    r = await http.post("/in/wa-sol", content=body, headers=headers)
+    assert r.status_code == 200, r.text
+    data = (await event_of(http, r.json()["id"]))["event"]["data"]
+    assert data["contact_name"] == "Jo\u00e3o \ufffd"
+
+
 async def test_one_whatsapp_webhook_with_two_messages_is_two_events(
     http: httpx.AsyncClient,
 ) -> None:
@@ -500,3 +532,38 @@ async def test_garbage_to_a_provider_is_a_clear_4xx(http: httpx.AsyncClient) -> 
         headers={"content-type": "application/json", "x-hub-signature-256": f"sha256={digest}"},
     )
     assert r.status_code == 400 and r.json()["error"] in ("invalid_json", "invalid_body")
+
+
+async def test_a_webhook_that_is_not_utf8_is_refused_as_such(http: httpx.AsyncClient) -> None:
+    """JSON and Twilio's forms travel as UTF-8: a Latin-1 body was `invalid_json`, "str is not
+    valid UTF-8: surrogates not allowed" (orjson's words for any such byte); a Twilio form
+    signed Twilio's way over its Latin-1 text is refused before it is read (verify answers
+    401 only), but no longer tells the operator to mend a public_url or auth token."""
+    doc = orjson.loads((FIXTURES / "zapi/received_text.json").read_bytes())
+    body = orjson.dumps(doc).decode().encode("latin-1")  # "Vocês", "sábado"
+    at = orjson.dumps(doc).decode().index("ê")
+    json_type = {"content-type": "application/json"}
+    for url in (f"/in/zapi-sol?token={ZAPI_TOKEN}", f"/in/sp-sol?token={SENDPULSE_TOKEN}"):
+        r = await http.post(url, content=body, headers=json_type)
+        assert (r.status_code, r.json()["error"]) == (400, "invalid_body"), r.text
+        assert r.json()["detail"] == f"the body is not UTF-8 at byte {at}"
+
+    form = b"MessageSid=SM1&From=whatsapp%3A%2B5511987654321&Body=Ol%E1&NumMedia=0"
+    fields = parse_qsl(form.decode(), encoding="latin-1")
+    signature = twilio_signature(
+        TWILIO_VECTOR["auth_token"].encode(),
+        "http://hub/in/twilio-sol",
+        {name: [value] for name, value in fields},
+    )
+    r = await http.post(
+        "/in/twilio-sol",
+        content=form,
+        headers={
+            "content-type": "application/x-www-form-urlencoded",
+            "x-twilio-signature": signature,
+        },
+    )
+    assert (r.status_code, r.json()["error"]) == (401, "invalid_signature"), r.text
+    assert r.json()["detail"] == "the form body is not UTF-8: no X-Twilio-Signature can match it"
+    listed = (await http.get("/api/v1/conversations", headers=ADMIN)).json()["conversations"]
+    assert listed == []

@@ -101,6 +101,24 @@ async def test_outside_the_24_hour_window_goes_to_the_dlq_with_the_providers_tit
     assert "Re-engagement" in view["error"]
 
 
+async def test_a_providers_refusal_holding_a_nul_fails_the_message_on_both_engines(
+    loop_: Loop,
+) -> None:
+    """The provider's words become the message's error; a NUL in them (PostgreSQL text
+    holds none) failed the completion on PostgreSQL, so the message stayed `queued` and was
+    sent again when its lease expired. Kept as U+FFFD, as the attempt and the delivery keep
+    it, on both engines alike."""
+    loop_.zapi.reject_next("number\x00invalid")
+    queued = await loop_.send(source="za-sol", text="Oi")
+    view = await loop_.until(queued["id"], "failed")
+    assert view["error"] == "zapi_http_400: 400 number\ufffdinvalid"
+    assert loop_.zapi.requests == 1
+    headers = {"authorization": f"Bearer {loop_.key}"}
+    async with loop_.http.get(f"{loop_.base}/api/v1/dlq", headers=headers) as r:
+        [dead] = (await r.json())["deliveries"]
+    assert dead["last_error"] == view["error"]  # SQLite kept the NUL here, PostgreSQL not
+
+
 async def test_a_zapi_message_that_failed_to_send_is_failed_though_the_callback_has_no_message_id(
     loop_: Loop,
 ) -> None:

@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from estafeta.errors import HttpError
+from estafeta.jsonvalues import DATA_LEVELS_ABOVE, ORJSON_MAX_DEPTH, WIDE_INTEGER
 from estafeta.observability.metrics import API_ERRORS, series
 
 log = structlog.get_logger("estafeta.api")
@@ -58,12 +59,31 @@ async def handle_http_error(_request: Request, exc: Exception) -> Response:
 async def handle_starlette_error(_request: Request, exc: Exception) -> Response:
     """Routing's own refusals (unknown path, wrong method) in our error format."""
     assert isinstance(exc, StarletteHTTPException)  # noqa: S101 - registered for it only
+    unread = _unparsed_body(exc)
+    if unread is not None:
+        return error_response(HttpError(400, "invalid_request", unread))
     names = {404: "not_found", 405: "method_not_allowed"}
     error = names.get(exc.status_code, f"http_{exc.status_code}")
     detail = {404: "no such path", 405: "this path does not take that method"}.get(
         exc.status_code, str(exc.detail)
     )
     return error_response(HttpError(exc.status_code, error, detail, dict(exc.headers or {})))
+
+
+def _unparsed_body(exc: StarletteHTTPException) -> str | None:
+    """Why the API's JSON parser (the standard library's) gave up on a body that FastAPI
+    answers only "There was an error parsing the body" for, naming nothing: nested past
+    Python's recursion limit, or an integer of more digits than Python converts (4300).
+    Both are JSON estafeta could not store either; said as a shallower one is said."""
+    cause = exc.__cause__
+    if exc.status_code != 400 or cause is None:
+        return None
+    if isinstance(cause, RecursionError):
+        depth = ORJSON_MAX_DEPTH - DATA_LEVELS_ABOVE
+        return f"body: arrays and objects nested more than {depth} deep"
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        return f"body: {WIDE_INTEGER}"
+    return None
 
 
 async def handle_store_unavailable(request: Request, exc: Exception) -> Response:

@@ -69,8 +69,8 @@ class GenericSource:
         if self._webhook is not None and "webhook-signature" in headers:
             try:
                 text = body.decode()
-            except UnicodeDecodeError:
-                raise HttpError(400, "invalid_body", "the body is not UTF-8") from None
+            except UnicodeDecodeError as exc:
+                raise not_utf8(exc) from None
             try:
                 self._webhook.verify(text, dict(headers), json_parse=False)
             except Exception as exc:  # the library raises more than its own error: catch all
@@ -108,7 +108,7 @@ class GenericSource:
         try:
             document = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
-            raise HttpError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+            raise not_json(body, exc) from None
         if not isinstance(document, dict):
             raise HttpError(400, "invalid_body", "the body must be a JSON object")
         key = headers.get("webhook-id")
@@ -139,6 +139,22 @@ class GenericSource:
             'the body needs "type" (a string) and "data" (an object), '
             "or the source needs an event_type",
         )
+
+
+def not_utf8(exc: UnicodeDecodeError) -> HttpError:
+    return HttpError(400, "invalid_body", f"the body is not UTF-8 at byte {exc.start}")
+
+
+def not_json(body: bytes, exc: orjson.JSONDecodeError) -> HttpError:
+    """The 400 for a body orjson cannot read. orjson calls any byte that is not UTF-8
+    "surrogates not allowed" at "char 0": a body that is not UTF-8 (Latin-1 …) is told so,
+    where it stops being UTF-8, as a signed one is (`verify`). Only a refused body is
+    decoded again."""
+    try:
+        body.decode()
+    except UnicodeDecodeError as bad:
+        return not_utf8(bad)
+    return HttpError(400, "invalid_json", f"the body is not valid JSON: {exc}")
 
 
 # A body may hold what estafeta cannot store as sent (jsonvalues.py) only if it has a run

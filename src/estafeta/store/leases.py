@@ -24,9 +24,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from estafeta.delivery.model import LeasedDelivery
 from estafeta.delivery.state import DeliveryState
+from estafeta.messaging.facts import storable
 from estafeta.store import schema as s
 from estafeta.store.base import SQL_DIR, each_value, in_chunks
-from estafeta.store.messaging import MessagingOps
+from estafeta.store.messaging import MessagingOps, last_error
 from estafeta.store.records import CompletedAttempt
 
 # When a delivery `d` is due for a lease: one definition for both engines' lease statements.
@@ -150,7 +151,7 @@ class LeaseOps(MessagingOps):
                 "b_attempts": item.transition.attempts,
                 "b_max": item.delivery.max_attempts,
                 "b_next": next_attempt(item, now_ms),
-                "b_error": item.transition.last_error,
+                "b_error": last_error(item),
                 "b_now": now_ms,
             }
             for item in batch
@@ -325,7 +326,9 @@ def attempt_row(item: CompletedAttempt) -> dict[str, Any]:
         "error_class": None
         if item.outcome.error_class is None
         else item.outcome.error_class[:ERROR_CLASS_MAX],
-        "response_excerpt": item.outcome.response_excerpt,
+        # A destination's or provider's words may hold a NUL: kept as U+FFFD on both engines
+        # (PostgreSQL text holds none; `pg_json` does the same to its rows).
+        "response_excerpt": storable(item.outcome.response_excerpt),
     }
 
 

@@ -22,6 +22,7 @@ from estafeta.messaging.facts import (
     STATUS_RANK,
     current_status,
     fitted,
+    storable,
 )
 from estafeta.store import schema as s
 from estafeta.store.base import StoreBase
@@ -139,10 +140,12 @@ class MessagingOps(StoreBase):
                 died = select(d.c.id).where(
                     d.c.id == item.delivery.id, d.c.state == DeliveryState.DEAD.value
                 )
+                # A NUL in the provider's words failed the completion on PostgreSQL: the
+                # message stayed queued, and was sent again once its lease expired.
                 await conn.execute(
                     update(m)
                     .where(queued, m.c.delivery_id.in_(died))
-                    .values(state="failed", error=item.transition.last_error, updated_at=now_ms)
+                    .values(state="failed", error=last_error(item), updated_at=now_ms)
                 )
 
     async def _requeue_sends(
@@ -325,3 +328,10 @@ def _message_row(event: NewEvent) -> dict[str, Any]:
         "created_at": event.received_at,
         "updated_at": event.received_at,
     }
+
+
+def last_error(item: CompletedAttempt) -> str | None:
+    """The delivery's (and a failed message's) `last_error`, a NUL kept as U+FFFD on both
+    engines, as the attempt's excerpt is (`storable`)."""
+    error = item.transition.last_error
+    return None if error is None else storable(error)

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
+import math
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -25,8 +28,14 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import orjson
 
 from estafeta.errors import HttpError
-from estafeta.ingress.generic import ParsedEvent
-from estafeta.jsonvalues import DATA_LEVELS_ABOVE, may_nest_too_deep, unstorable
+from estafeta.ingress.generic import ParsedEvent, not_json
+from estafeta.jsonvalues import (
+    DATA_LEVELS_ABOVE,
+    INT64_MIN,
+    UINT64_END,
+    may_nest_too_deep,
+    unstorable,
+)
 from estafeta.messaging.facts import fitted
 from estafeta.record import Record
 
@@ -203,7 +212,7 @@ def load_json(request: InboundRequest, *, check_type: bool = True) -> object:
     try:
         document = orjson.loads(request.body)
     except orjson.JSONDecodeError as exc:
-        raise HttpError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+        document = _with_lone_surrogates_mended(request.body, exc)
     if may_nest_too_deep(request.body):
         # What a parser keeps (a `referral`, an unsupported message's part) lies deeper in
         # the body than in `data`: a body within `data`'s bound keeps it within too.
@@ -211,6 +220,62 @@ def load_json(request: InboundRequest, *, check_type: bool = True) -> object:
         if problem is not None:
             raise HttpError(400, "invalid_body", problem.at("body"))
     return document
+
+
+# A UTF-16 surrogate code point: in what the standard library reads, one that was half of a
+# pair is one character already, so any left is a lone half.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _with_lone_surrogates_mended(body: bytes, exc: orjson.JSONDecodeError) -> object:
+    """A body orjson refuses only for a lone surrogate escape (`"\\ud83d"`, text cut in the
+    middle of an emoji by a sender counting UTF-16 units, as Node's JSON.stringify writes
+    it), read by the standard library with each lone half as U+FFFD, which a store can hold:
+    refused, the provider's message was lost. Numbers are read as orjson reads them. Any
+    other refusal is the 400 it was. Only a refused body is read again."""
+    if "surrogate" not in str(exc):
+        raise not_json(body, exc) from None
+    try:
+        document = json.loads(
+            body.decode(), parse_int=_orjson_int, parse_float=_finite, parse_constant=_no_constant
+        )
+    except (ValueError, RecursionError):  # not UTF-8 (no surrogate escape), or no JSON
+        raise not_json(body, exc) from None
+    stack: list[object] = [document]
+    while stack:  # without recursion: the body may nest deeper than a walk could recurse
+        item = stack.pop()
+        if isinstance(item, dict):
+            pairs = list(item.items())
+            item.clear()
+            for key, value in pairs:
+                item[_mended(key)] = _mended(value)
+                stack.append(value)
+        elif isinstance(item, list):
+            for index, value in enumerate(item):
+                item[index] = _mended(value)
+                stack.append(value)
+    return _mended(document)
+
+
+def _mended(value: Any) -> Any:
+    return _SURROGATE.sub("\ufffd", value) if isinstance(value, str) else value
+
+
+def _orjson_int(text: str) -> int | float:
+    """An integer as orjson reads it: exact within 64 bits, else the nearest double."""
+    value = int(text)
+    return value if INT64_MIN <= value < UINT64_END else _finite(text)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # orjson refuses it: "number is infinity when parsed as double"
+        raise ValueError(text)
+    return value
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is no JSON")
 
 
 def dumps(value: object) -> str:

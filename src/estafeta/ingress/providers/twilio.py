@@ -151,7 +151,16 @@ def _signed_params(request: InboundRequest) -> Params | None:
         actual = hashlib.sha256(request.body).hexdigest()
         return {} if equal(body_hash.lower(), actual) else None
     if request.content_type == FORM:
-        return form(request.body)
+        params = form(request.body)
+        if params is None:
+            # No signature can match a form that cannot be read: said so, where the usual
+            # detail sent the operator to mend a public_url or an auth token that were right.
+            raise HttpError(
+                401,
+                "invalid_signature",
+                "the form body is not UTF-8: no X-Twilio-Signature can match it",
+            )
+        return params
     return {}  # GET, or a POST without form parameters: the URL alone is signed
 
 
