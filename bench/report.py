@@ -694,7 +694,8 @@ _PARTS = (
     ("attempts", "Attempts._attempt"),
     ("attempts", "Worker._attempt"),  # its name in profiles made before delivery/attempts.py
     ("of which the HTTP client", "HttpConnector.deliver"),
-    ("completions", "PostgresStore.complete"),
+    ("completions", "PostgresStore.complete_batch"),
+    ("completions", "PostgresStore.complete"),  # before it said which it dead-lettered
 )
 
 

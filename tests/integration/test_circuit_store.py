@@ -194,3 +194,29 @@ def test_failover_ignores_calls_that_straddle_an_outage() -> None:
         failover.succeeded(probe)
         assert failover.available
     assert [e["event"] for e in logs] == ["redis_unavailable", "redis_available"]
+
+
+async def test_a_burst_of_failures_in_one_process_is_written_once_each(shared_prefix: str) -> None:
+    """A destination that times out ends every send in flight at once, and a worker (256
+    sends by default) records as many failures together. Each update WATCHed the one hash
+    and all but one lost the race at every round: 100 at once ran the policy some 3,500
+    times (a second of CPU, while the attempts' records waited behind it past their leases:
+    a soak saw them rescued as `lease_expired` and sent again), and past 100 at once the
+    client's pool ran out of connections (`Too many connections`: the circuits fell back to
+    memory as if Redis were down). One process's updates now take their turn."""
+    client = connect_redis(SHARED_REDIS_URL)
+    store = RedisCircuitStore(client, shared_prefix)
+    runs = 0
+
+    def counted(c: Circuit) -> Circuit:
+        nonlocal runs
+        runs += 1
+        return one_more_failure(c)
+
+    try:
+        async with asyncio.timeout(30):
+            await asyncio.gather(*(store.update("crm", counted) for _ in range(300)))
+        assert (await store.get_all())["crm"].consecutive_failures == 300
+        assert runs == 300  # none lost a race to another update of this process
+    finally:
+        await client.aclose()

@@ -1445,11 +1445,11 @@ async def test_a_result_the_store_could_not_take_is_recorded_once_it_is_back(
     back, while its lease holds; and a record whose commit landed though its answer was
     lost (`committed`) is not recorded twice."""
     hub = Running(store, worker_config(database_url, sink, poll_interval_s=30))
-    complete = store.complete
+    complete = store.complete_batch
     refused = 0
     back = asyncio.Event()  # the store took a record after refusing two
 
-    async def store_down_twice(batch: Any, now_ms: int) -> int:
+    async def store_down_twice(batch: Any, now_ms: int) -> Any:
         nonlocal refused
         if refused < 2:
             refused += 1
@@ -1460,13 +1460,13 @@ async def test_a_result_the_store_could_not_take_is_recorded_once_it_is_back(
         back.set()
         return applied
 
-    store.complete = store_down_twice  # type: ignore[method-assign]
+    store.complete_batch = store_down_twice  # type: ignore[method-assign]
     try:
         with capture_logs() as logs:
             event_id = await hub.publish()
             await asyncio.wait_for(back.wait(), 10)
     finally:
-        store.complete = complete  # type: ignore[method-assign]
+        store.complete_batch = complete  # type: ignore[method-assign]
         await hub.stop()
     view = await settled(store, event_id)
     [delivery] = view.deliveries
@@ -1581,3 +1581,77 @@ async def test_a_probe_the_rate_limit_held_back_reopens_the_circuit_logged_and_c
     finally:
         await worker._shutdown()
         await hub.close()
+
+
+@pytest.mark.parametrize(
+    ("answer", "attempts_before", "state", "dead_lettered"),
+    [(400, 0, "pending", 0), (500, 2, "dead", 1)],
+    ids=["permanent-error-after-rescue", "last-attempt-after-rescue"],
+)
+async def test_a_result_recorded_after_its_lease_was_rescued_is_not_counted_as_dead_lettered(
+    store: SqlStore,
+    sink: Sink,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    answer: int,
+    attempts_before: int,
+    state: str,
+    dead_lettered: int,
+) -> None:
+    """A send whose answer comes only after its lease expired and another worker rescued
+    the delivery (a stalled process, a slow commit): the store keeps the rescuer's
+    transition and ignores the late one. estafeta_deliveries_dead_lettered_total counted the
+    late worker's decision all the same: a 400 answered after the rescue made the delivery
+    pending again was counted as dead-lettered though nothing entered the dead-letter queue,
+    and a last attempt that the rescue dead-lettered was counted twice (seen in a soak: the
+    counter summed over the processes ran past the deaths the store holds)."""
+    sink.respond(answer)
+    deliver = HttpConnector.deliver
+    answered, rescued_meanwhile = asyncio.Event(), asyncio.Event()
+
+    async def answered_late(self: HttpConnector, delivery: LeasedDelivery) -> Outcome:
+        outcome = await deliver(self, delivery)
+        answered.set()
+        await rescued_meanwhile.wait()
+        return outcome
+
+    monkeypatch.setattr(HttpConnector, "deliver", answered_late)
+    config = worker_config(database_url, sink, timeout_s=10, poll_interval_s=30)
+    hub = Running(store, config, started=False)
+    event_id = await hub.publish()
+    async with store.engine.begin() as conn:
+        await conn.execute(update(schema.deliveries).values(attempts=attempts_before))
+    before = DEAD_LETTERED.labels("crm")._value.get()
+    try:
+        hub.start()
+        await asyncio.wait_for(answered.wait(), 10)
+        now = hub.worker.clock.now_ms()
+        rescue = Rescue(
+            store,
+            clock=ManualClock(now + 120_000),  # past the worker's 60 s lease
+            rand=lambda: 0.5,
+            policies={},
+            limits={},
+            lease_ms=30_000,
+            worker_id="rescuer",
+            destinations=["crm", "billing"],
+            interval_s=1,
+            started_ms=now,
+        )
+        assert await rescue.expired() == 1
+        rescued_meanwhile.set()
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:  # until the late answer is recorded too
+            view = await store.get_event(event_id, None)
+            assert view is not None
+            if len(view.deliveries[0].attempt_log) == 2:
+                break
+            assert asyncio.get_running_loop().time() < deadline, view
+            await asyncio.sleep(0.05)
+    finally:
+        rescued_meanwhile.set()
+        await hub.stop()
+    [delivery] = view.deliveries
+    errors = sorted(str(a.error_class) for a in delivery.attempt_log)
+    assert (delivery.state, errors) == (state, sorted(["lease_expired", f"http_{answer}"]))
+    assert DEAD_LETTERED.labels("crm")._value.get() - before == dead_lettered

@@ -141,7 +141,7 @@ class Attempts:
         # Sends in flight per destination: the lease gives free slots to the destinations
         # with the fewest first, so a slow destination's backlog cannot take every slot.
         self.sending: dict[str, int] = {}
-        self._completions: GroupCommitter[CompletedAttempt, int] = GroupCommitter(
+        self._completions: GroupCommitter[CompletedAttempt, bool] = GroupCommitter(
             self._flush_completions,
             max_batch=500,
             max_concurrent_flushes=1 if store.dialect == "sqlite" else 2,
@@ -188,10 +188,8 @@ class Attempts:
             rand=self._rand(),
             retry_after_floor_s=RETRY_AFTER_FLOOR_S,
         )
-        if transition.to_state is DeliveryState.DEAD:
-            DEAD_LETTERED.labels(delivery.destination_id).inc()
         self._free_slot()
-        await self._record(
+        dead_lettered = await self._record(
             CompletedAttempt(
                 delivery=delivery,
                 outcome=outcome,
@@ -200,25 +198,29 @@ class Attempts:
                 attempt_id=new_id("att", started_at),
             )
         )
+        # Counted once the store moved it: a death decided after the lease was lost (and
+        # the delivery rescued) is not applied, and was counted though nothing died.
+        if dead_lettered:
+            DEAD_LETTERED.labels(delivery.destination_id).inc()
 
-    async def _record(self, completed: CompletedAttempt) -> None:
+    async def _record(self, completed: CompletedAttempt) -> bool:
         """Commit the attempt; while the store cannot be reached, try again every
         `RECORD_RETRY_S` as long as the lease holds. Dropped, the answer would be lost and
         the delivery sent again once its lease expired, as a `lease_expired` attempt that
         never happened. (A record whose commit landed but whose answer was lost is not
         written twice: the store keeps one row per attempt id, and the lease is no longer
-        held for its transition.)"""
+        held for its transition.) Returns whether the store moved the delivery to the
+        dead-letter queue."""
         delivery = completed.delivery
         while True:
             try:
-                await self._completions.submit(completed)
-                return
+                return await self._completions.submit(completed)
             except StoreUnavailable:
                 pass
             if not await self._may_record_again(delivery):
                 # The lease expires and the delivery is retried: at-least-once.
                 log.warning("attempt_not_recorded", delivery=delivery.id, worker=self.worker_id)
-                return
+                return False
 
     async def _may_record_again(self, delivery: LeasedDelivery) -> bool:
         """Wait `RECORD_RETRY_S`; False if the lease would end first or the worker stops."""
@@ -262,8 +264,9 @@ class Attempts:
         finally:
             expiry.disarm()
 
-    async def _flush_completions(self, batch: Sequence[CompletedAttempt]) -> list[int]:
-        await self.store.complete(batch, self.clock.now_ms())
+    async def _flush_completions(self, batch: Sequence[CompletedAttempt]) -> list[bool]:
+        """Record `batch`; whether each item's delivery was dead-lettered by it."""
+        done = await self.store.complete_batch(batch, self.clock.now_ms())
         # The next delivery of a key may be leased once this one left the queue: lease now,
         # not at the next poll. (A retry stays pending, and its successors wait for it.)
         if any(
@@ -272,7 +275,9 @@ class Attempts:
             for c in batch
         ):
             self._wake.set()
-        return [1] * len(batch)
+        if not done.dead:
+            return [False] * len(batch)
+        return [c.delivery.id in done.dead for c in batch]
 
     # -- slots ------------------------------------------------------------------------------
 

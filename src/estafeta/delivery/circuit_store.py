@@ -16,6 +16,7 @@ shared with the outbound throttle and the inbound rate limit.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
@@ -90,11 +91,16 @@ class RedisCircuitStore:
     retry means another writer succeeded, so the writers as a whole always progress. A change
     that changes nothing writes nothing, which keeps the common case (a success on a healthy
     destination) to one read.
+
+    One process's updates take turns: a burst of failures (every send in flight timing out
+    together) then costs one round each, not rounds that all but one lose to each other
+    (quadratic, and one pooled connection per waiter). Only other processes race.
     """
 
     def __init__(self, client: redis.asyncio.Redis, prefix: str = DEFAULT_REDIS_KEY_PREFIX) -> None:
         self._client = client
         self.key = f"{prefix}circuits"
+        self._turn = asyncio.Lock()
 
     async def get_all(self) -> dict[str, Circuit]:
         raw = await self._client.hgetall(self.key)
@@ -104,7 +110,7 @@ class RedisCircuitStore:
     async def update(
         self, destination_id: str, change: Callable[[Circuit], Circuit]
     ) -> tuple[Circuit, Circuit]:
-        async with self._client.pipeline(transaction=True) as pipe:
+        async with self._turn, self._client.pipeline(transaction=True) as pipe:
             while True:
                 try:
                     await pipe.watch(self.key)

@@ -32,7 +32,6 @@ from estafeta.delivery.decision import decide
 from estafeta.delivery.model import LeasedDelivery
 from estafeta.delivery.outcome import Outcome, OutcomeKind
 from estafeta.delivery.presence import LIVE_WINDOW_S
-from estafeta.delivery.state import DeliveryState
 from estafeta.ids import new_id
 from estafeta.observability.metrics import ATTEMPTS, DEAD_LETTERED, series
 from estafeta.store.records import CompletedAttempt
@@ -161,11 +160,11 @@ class Rescue:
             )
             for d in (governed(c, self._limits) for c in claimed)
         ]
-        await self.store.complete(batch, now_ms)
+        done = await self.store.complete_batch(batch, now_ms)
         for item in batch:  # as attempts.py counts the sends it records, and their deaths
             # The dead worker never counted this attempt (it counts once a send returns).
             series(ATTEMPTS, item.delivery.destination_id, lost.kind.value).inc()
-            if item.transition.to_state is DeliveryState.DEAD:
+            if item.delivery.id in done.dead:
                 DEAD_LETTERED.labels(item.delivery.destination_id).inc()
         log.warning("leases_rescued", count=len(batch), worker=self.worker_id)
         return len(batch)

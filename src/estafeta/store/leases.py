@@ -28,7 +28,7 @@ from estafeta.messaging.facts import storable
 from estafeta.store import schema as s
 from estafeta.store.base import SQL_DIR, each_value, in_chunks
 from estafeta.store.messaging import MessagingOps, last_error
-from estafeta.store.records import CompletedAttempt
+from estafeta.store.records import Completed, CompletedAttempt
 
 # When a delivery `d` is due for a lease: one definition for both engines' lease statements.
 _DUE = "\n".join(
@@ -130,17 +130,22 @@ class LeaseOps(MessagingOps):
         A transition whose lease is no longer held (expired and rescued, or released) is not
         applied; its attempt is still recorded, because it did happen.
         """
+        return (await self.complete_batch(batch, now_ms)).applied
+
+    async def complete_batch(self, batch: Sequence[CompletedAttempt], now_ms: int) -> Completed:
+        """`complete`, saying also which deliveries it dead-lettered: the workers count
+        those, not the deaths they decided (a late one's is not applied)."""
         if not batch:
-            return 0
+            return Completed(0)
         async with self._write() as conn:
             await conn.execute(_RECORD_ATTEMPTS, [attempt_row(item) for item in batch])
-            applied = await self._apply_transitions(conn, batch, now_ms)
+            completed = await self._apply_transitions(conn, batch, now_ms)
             await self._record_sends(conn, batch, now_ms)
-        return applied
+        return completed
 
     async def _apply_transitions(
         self, conn: AsyncConnection, batch: Sequence[CompletedAttempt], now_ms: int
-    ) -> int:
+    ) -> Completed:
         """The guarded update of each delivery, one executemany (PostgreSQL's `complete` does
         this in its own statement and never comes here)."""
         updates = [
@@ -177,8 +182,16 @@ class LeaseOps(MessagingOps):
                 updated_at=bindparam("b_now"),
             )
         )
-        result = await conn.execute(stmt, updates)
-        return max(result.rowcount, 0)
+        dying = [u for u in updates if u["b_state"] == DeliveryState.DEAD.value]
+        rest = [u for u in updates if u["b_state"] != DeliveryState.DEAD.value]
+        applied = max((await conn.execute(stmt, rest)).rowcount, 0) if rest else 0
+        # A death one statement each (they are few): its rowcount says whether it was
+        # applied, which one executemany's total cannot.
+        dead: set[str] = set()
+        for u in dying:
+            if (await conn.execute(stmt, u)).rowcount > 0:
+                dead.add(str(u["b_id"]))
+        return Completed(applied + len(dead), frozenset(dead))
 
     async def release(
         self, deliveries: Iterable[LeasedDelivery], now_ms: int, *, due_at: int | None = None

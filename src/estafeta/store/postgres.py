@@ -37,7 +37,7 @@ from estafeta.store.base import SQL_DIR
 from estafeta.store.held import HeldConnections
 from estafeta.store.ingest import delivery_rows, event_key, event_row, fates
 from estafeta.store.leases import attempt_row, next_attempt
-from estafeta.store.records import CompletedAttempt, InsertResult, NewEvent
+from estafeta.store.records import Completed, CompletedAttempt, InsertResult, NewEvent
 from estafeta.store.schema import ORDERING_IN_FLIGHT
 from estafeta.store.sqlstore import SqlStore
 
@@ -325,16 +325,16 @@ class PostgresStore(SqlStore):
                     raise
                 raise LeaseRaced() from None
 
-    async def complete(self, batch: Sequence[CompletedAttempt], now_ms: int) -> int:
+    async def complete_batch(self, batch: Sequence[CompletedAttempt], now_ms: int) -> Completed:
         """Attempts and transitions in one statement (sql/complete_postgresql.sql); a batch
         holding message sends also records what the provider answered, in one transaction."""
         if not batch:
-            return 0
+            return Completed(0)
         params = _complete_params(batch, now_ms)
         if not any(i.delivery.destination_id.startswith(SEND_DESTINATION_PREFIX) for i in batch):
-            [(applied,)] = await self._fetch(_COMPLETE, params)
-            return int(applied)
-        async with self._write() as conn:
-            applied = int((await conn.execute(_COMPLETE.text, params)).scalar_one())
-            await self._record_sends(conn, batch, now_ms)
-        return applied
+            [(applied, dead)] = await self._fetch(_COMPLETE, params)
+        else:
+            async with self._write() as conn:
+                applied, dead = (await conn.execute(_COMPLETE.text, params)).one()
+                await self._record_sends(conn, batch, now_ms)
+        return Completed(int(applied), frozenset(dead))

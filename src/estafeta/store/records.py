@@ -95,6 +95,16 @@ class CompletedAttempt(Record, frozen=True):
 
 
 @dataclass(frozen=True, slots=True)
+class Completed:
+    """What recording a batch of attempts did: how many transitions the store applied, and
+    the deliveries it moved to the dead-letter queue. A transition whose lease was lost
+    (expired and rescued, or released) is in neither: the rescuer's stands."""
+
+    applied: int
+    dead: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
 class ApiKeyView:
     """A tenant's API key as operators see it: never the key, never its hash."""
 

@@ -6,7 +6,8 @@
 -- `applied`: each attempt's delivery takes its transition only while the worker still holds
 -- that delivery's lease (state in_flight and the same lease token), so a result that arrives
 -- after the lease expired and another worker took over changes nothing. The outer SELECT
--- counts the transitions applied.
+-- counts the transitions applied and names the deliveries they dead-lettered (the workers
+-- count those, not the deaths they decided).
 WITH done AS MATERIALIZED (
     SELECT *
     FROM json_to_recordset(CAST(CAST(:attempts AS text) AS json)) AS a(
@@ -39,6 +40,6 @@ WITH done AS MATERIALIZED (
         updated_at = :now
     FROM done AS v
     WHERE d.id = v.delivery_id AND d.lease_token = v.lease_token AND d.state = 'in_flight'
-    RETURNING d.id
+    RETURNING d.id, d.state
 )
-SELECT count(*) FROM applied
+SELECT count(*), coalesce(array_agg(id) FILTER (WHERE state = 'dead'), '{}') FROM applied
