@@ -57,6 +57,30 @@ def test_a_demo_stopped_midway_says_so_in_one_line(tmp_path: Path, sig: signal.S
     assert "Traceback" not in err, err
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("stdout", "status"), [("gone", 0), ("/dev/full", 2)])
+def test_a_demo_whose_output_cannot_be_written_ends_in_one_line_at_most(
+    tmp_path: Path, stdout: str, status: int
+) -> None:
+    # `estafeta demo | head -1`. Before: print's BrokenPipeError (or a full disk's OSError)
+    # ended the story with the hub still serving, in a cascade of tracebacks.
+    command = [sys.executable, "-m", "estafeta", "demo", f"--dir={tmp_path}", "--events=1"]
+    if stdout == "gone":
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        try:
+            done = subprocess.run(command, stdout=write_end, stderr=subprocess.PIPE, timeout=110)
+        finally:
+            os.close(write_end)
+    else:
+        with open(stdout, "w") as full:
+            done = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, timeout=110)
+    err = done.stderr.decode()
+    assert done.returncode == status, err
+    said = "" if status == 0 else "error: cannot write to stdout (No space left on device)\n"
+    assert err == said
+
+
 def demo(
     *args: str, env: dict[str, str] | None = None, timeout_s: float = 110, umask: int = -1
 ) -> subprocess.CompletedProcess[str]:

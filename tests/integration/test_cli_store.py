@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -21,9 +25,10 @@ from estafeta.config import load_config, load_config_dict
 from estafeta.delivery.decision import Transition
 from estafeta.delivery.outcome import OutcomeKind
 from estafeta.delivery.state import DeliveryState
-from estafeta.errors import StoreError
+from estafeta.errors import StoreError, StoreUnavailable
 from estafeta.server import prepared_store
 from estafeta.store import open_store
+from estafeta.store.dead_letters import DeadLetterOps
 from estafeta.store.migrate import current_revision, head_revision
 from estafeta.store.sqlstore import SqlStore
 from tests.conftest import PG_ADMIN_URL, base_config, empty_database, lease_any
@@ -567,3 +572,169 @@ def test_an_unknown_log_level_is_a_usage_error(
     assert result.exit_code == 2, (result.output, result.exception)
     assert "Invalid value for '--log-level': 'verbose'" in result.output, result.output
     assert not (tmp_path / "estafeta.db").exists()
+
+
+def test_a_demo_directory_that_is_not_utf8_is_a_usage_error(tmp_path: Path) -> None:
+    # The path is written into the demo's estafeta.toml. Before: a UnicodeEncodeError
+    # traceback (exit 1), after the directory had been made.
+    workdir = tmp_path / "demo-\udcff"
+    result = CliRunner().invoke(main, ["demo", "--dir", str(workdir), "--events", "1"])
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "is not valid UTF-8" in result.output, result.output
+    assert not os.path.lexists(workdir)
+
+
+# -- the output going nowhere: a reader gone, a full disk, stdout closed, a signal ---------------
+
+
+def estafeta_process(config: Path | None, *args: str) -> list[str]:
+    """The command as a shell runs it: its own process, the `estafeta` of this checkout."""
+    with_config = [] if config is None else ["--config", str(config)]
+    return [sys.executable, "-m", "estafeta", *args, *with_config]
+
+
+def with_reader_gone(command: list[str]) -> subprocess.CompletedProcess[bytes]:
+    """`command | head -0`: every write to stdout finds its reader gone (EPIPE)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run(command, stdout=write_end, stderr=subprocess.PIPE, timeout=120)
+    finally:
+        os.close(write_end)
+
+
+def with_stdout(command: list[str], stdout: str | None) -> subprocess.CompletedProcess[bytes]:
+    """`command > stdout`, or `command >&-` for None."""
+    if stdout is None:
+        shell = ["sh", "-c", 'exec "$@" >&-', "sh", *command]
+        return subprocess.run(shell, stderr=subprocess.PIPE, timeout=120)
+    with open(stdout, "w") as file:
+        return subprocess.run(command, stdout=file, stderr=subprocess.PIPE, timeout=120)
+
+
+OUTPUTS = [
+    ["dlq", "list"],
+    ["dlq", "list", "--json"],
+    ["dlq", "list", "--summary"],
+    ["migrate"],
+]
+
+
+@pytest.mark.parametrize("command", [*OUTPUTS, ["--help"], ["dlq", "replay", "--help"]])
+async def test_a_reader_that_has_gone_ends_a_command_quietly(
+    tmp_path: Path, database_url: str, store: SqlStore, command: list[str]
+) -> None:
+    # `estafeta dlq list | head -1`. Before: exit 1, said by no one (click's way with a
+    # broken pipe), so that `set -o pipefail` scripts failed on a list read in part.
+    await dead_deliveries(store, 3)
+    config = None if command[-1] == "--help" else config_file(tmp_path, database_url)
+    done = await asyncio.to_thread(with_reader_gone, estafeta_process(config, *command))
+    stderr = done.stderr.decode()
+    assert done.returncode == 0, stderr
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+
+
+@pytest.mark.parametrize(
+    ("stdout", "why"), [("/dev/full", "No space left on device"), (None, "it is closed")]
+)
+@pytest.mark.parametrize("command", [*OUTPUTS, ["--help"], ["dlq", "list", "--help"]])
+async def test_output_that_cannot_be_written_is_an_error_saying_why(
+    tmp_path: Path,
+    database_url: str,
+    store: SqlStore,
+    command: list[str],
+    stdout: str | None,
+    why: str,
+) -> None:
+    # Before: a full disk was an OSError traceback (exit 1); a closed stdout took the list
+    # without a word and exit 0, saying "3 dead deliveries" on stderr.
+    if stdout is None and command[-1] == "--help":
+        pytest.skip("click prints help to a closed stdout as to nowhere")
+    await dead_deliveries(store, 3)
+    config = None if command[-1] == "--help" else config_file(tmp_path, database_url)
+    done = await asyncio.to_thread(with_stdout, estafeta_process(config, *command), stdout)
+    stderr = done.stderr.decode()
+    assert done.returncode == 2, stderr
+    assert stderr.endswith(f"error: cannot write to stdout ({why})\n"), stderr
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+
+
+async def pending_ids(store: SqlStore) -> set[str]:
+    async with store.engine.connect() as conn:
+        found = await conn.execute(text("SELECT id FROM deliveries WHERE state = 'pending'"))
+        return {row[0] for row in found}
+
+
+@pytest.mark.parametrize("stdout", ["gone", "/dev/full"])
+async def test_a_replay_whose_ids_cannot_be_printed_still_says_how_many_it_replayed(
+    tmp_path: Path, database_url: str, store: SqlStore, stdout: str
+) -> None:
+    # The deliveries are replayed before their ids are printed. Before: the count on stderr
+    # was lost with the ids (exit 1, silently, or a traceback).
+    await dead_deliveries(store, 1_500)
+    command = estafeta_process(
+        config_file(tmp_path, database_url), "dlq", "replay", "--all", "--limit", "1500"
+    )
+    if stdout == "gone":
+        done = await asyncio.to_thread(with_reader_gone, command)
+    else:
+        done = await asyncio.to_thread(with_stdout, command, stdout)
+    stderr = done.stderr.decode()
+    assert len(await pending_ids(store)) == 1_500
+    assert stderr.startswith("1500 deliveries replayed\n"), stderr
+    assert done.returncode == (0 if stdout == "gone" else 2), stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+async def test_an_interrupted_replay_says_which_deliveries_it_replayed(
+    tmp_path: Path, database_url: str, store: SqlStore, signum: signal.Signals
+) -> None:
+    # Replayed 1,000 at a time, each batch committed. Before: Ctrl-C ended it with click's
+    # "Aborted!" and SIGTERM without a word, the batches committed unsaid.
+    many = 100_000
+    await dead_deliveries(store, many)
+    command = estafeta_process(
+        config_file(tmp_path, database_url), "dlq", "replay", "--all", "--limit", str(many)
+    )
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        while not await pending_ids(store) and process.poll() is None:
+            await asyncio.sleep(0.01)  # until the first batch is committed
+        process.send_signal(signum)
+        out, err = await asyncio.to_thread(process.communicate, timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    stderr = err.decode()
+    pending = await pending_ids(store)
+    assert 0 < len(pending) < many, (len(pending), stderr)
+    assert set(out.decode().split()) == pending  # what was replayed, and only that
+    assert process.returncode == 1, stderr
+    assert stderr.splitlines()[-1] == (
+        f"{len(pending)} deliveries replayed before {signum.name}: the rest are still dead"
+    ), stderr
+    assert "Traceback" not in stderr, stderr
+
+
+async def test_a_replay_cut_by_the_store_says_which_deliveries_it_replayed(
+    tmp_path: Path, database_url: str, store: SqlStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: "the store cannot be reached" (exit 3), and nothing of the batches committed.
+    await dead_deliveries(store, 2_500)
+    move_batch = DeadLetterOps._move_batch
+    batches: list[int] = []
+
+    async def failing_third(self: DeadLetterOps, *args: Any) -> list[str]:
+        batches.append(1)
+        if len(batches) == 3:
+            raise StoreUnavailable("the store cannot be reached: ConnectionResetError")
+        return await move_batch(self, *args)
+
+    monkeypatch.setattr(DeadLetterOps, "_move_batch", failing_third)
+    config = config_file(tmp_path, database_url)
+    cut = await asyncio.to_thread(run, config, "dlq", "replay", "--all", "--limit", "2500")
+    pending = await pending_ids(store)
+    assert len(pending) == 2_000  # two batches committed
+    assert cut.exit_code == 3, cut.output
+    assert set(cut.stdout.split()) == pending
+    assert cut.stderr.splitlines()[-1] == "2000 deliveries replayed before the error"

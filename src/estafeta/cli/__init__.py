@@ -8,12 +8,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
+import sys
+from collections.abc import Iterator
+from typing import Any
 
 import click
 
 from estafeta import __version__
 from estafeta.cli import dlq, keys, running
+from estafeta.cli.common import OutputFailed, drain_stdout
 from estafeta.observability.logging import configure_logging
 
 
@@ -23,7 +29,50 @@ def _checked_log_level(value: str) -> str:
     return value
 
 
-@click.group()
+@contextlib.contextmanager
+def _reader_gone_is_the_end() -> Iterator[None]:
+    """The reader of stdout gone (`estafeta --help | head -1`): the end, quietly, exit 0,
+    as for the commands' own output (common.out). click ends with exit 1, unexplained."""
+    try:
+        yield
+    except BrokenPipeError:
+        drain_stdout()
+        raise click.exceptions.Exit(0) from None
+
+
+def _in_echo(exc: BaseException) -> bool:
+    """Whether `exc` was raised writing output (click.echo: --help, --version, a message):
+    the innermost frame of its traceback is click's echo."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code is click.utils.echo.__code__
+
+
+class _Estafeta(click.Group):
+    """The `estafeta` group, whose own output (--help, --version) is written as the
+    commands' is: click lets a full stdout's error out as a traceback."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        with _reader_gone_is_the_end():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _reader_gone_is_the_end():
+            return super().invoke(ctx)
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().main(*args, **kwargs)
+        except OSError as exc:
+            if exc.errno == errno.EPIPE or not _in_echo(exc):
+                raise
+            drain_stdout()
+            OutputFailed(exc.strerror or str(exc)).show()
+            sys.exit(OutputFailed.exit_code)
+
+
+@click.group(cls=_Estafeta)
 @click.version_option(__version__, prog_name="estafeta")
 @click.option(
     "--log-level",

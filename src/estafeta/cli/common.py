@@ -5,12 +5,13 @@ correct, 3: the store cannot be reached)."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import sys
 import unicodedata
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import click
 from sqlalchemy import make_url
@@ -76,6 +77,45 @@ def database_named(url: str) -> str:
         if path and not os.path.isabs(path):
             where += f" ({os.path.abspath(path)})"
     return where
+
+
+class OutputFailed(click.ClickException):
+    """stdout cannot take a command's output (closed, a full disk): exit 2 saying why."""
+
+    exit_code = 2
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"error: cannot write to stdout ({self.message})", err=True)
+
+
+def out(line: str) -> None:
+    """A line of a command's result on stdout. A reader that has gone (`| head -1`) ends
+    the command quietly, exit 0, as `cat` would; a stdout closed (`>&-`) or full is an
+    error, exit 2. (click.echo drops lines written to a closed stdout without a word, lets
+    a full disk out as a traceback, and ends at a gone reader with exit 1, unexplained.)"""
+    try:
+        if sys.stdout is None:
+            raise OSError(errno.EBADF, "it is closed")
+        click.echo(line)
+    except OSError as exc:
+        drain_stdout()
+        if exc.errno == errno.EPIPE:
+            raise click.exceptions.Exit(0) from None
+        raise OutputFailed(exc.strerror or str(exc)) from None
+
+
+def drain_stdout() -> None:
+    """stdout's descriptor pointed at /dev/null: what its buffers still hold goes there at
+    exit, not into a second error ("Exception ignored ... BrokenPipeError")."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # closed, or not a file (a test's)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 def run(config: Config, make: Callable[[], Awaitable[T]]) -> T:

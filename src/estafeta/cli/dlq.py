@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import threading
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -16,16 +22,19 @@ from estafeta.cli.common import (
     in_store,
     load,
     operator,
+    out,
     printable,
 )
 from estafeta.clock import iso_from_ms, ms_from_iso
 from estafeta.config import Config
 from estafeta.delivery.attempts import attempt_limits
 from estafeta.errors import EstafetaError
+from estafeta.store.dead_letters import MoveProgress
 from estafeta.store.records import DeadLetterFilter
 from estafeta.store.sqlstore import SqlStore
 
 T = TypeVar("T")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 MAX_LIMIT = 1_000_000  # dead deliveries one `dlq` command takes at most
 MAX_IDS = 10_000  # as POST /api/v1/dlq/replay: past 32767, more than PostgreSQL's parameters
@@ -148,10 +157,10 @@ async def _print_pages(store: SqlStore, chosen: DeadLetterFilter, as_json: bool)
             if as_json:
                 from estafeta.api.views import delivery_json
 
-                click.echo(orjson.dumps(delivery_json(d)).decode())
+                out(orjson.dumps(delivery_json(d)).decode())
             else:
                 # The type is the sender's, the error the destination's words: escaped.
-                click.echo(
+                out(
                     f"{d.id}  {d.tenant_id}  {d.destination_id}  {printable(d.event_type)}  "
                     f"attempts={d.attempts}  dead_at={iso_from_ms(d.updated_at)}  "
                     f"{printable(d.last_error or '')}"
@@ -175,9 +184,9 @@ def _summarize(config: Config, chosen: DeadLetterFilter, *, as_json: bool) -> No
                 "first_dead_at": iso_from_ms(g.first_dead_at),
                 "last_dead_at": iso_from_ms(g.last_dead_at),
             }
-            click.echo(orjson.dumps(line).decode())
+            out(orjson.dumps(line).decode())
         else:
-            click.echo(
+            out(
                 f"{g.count:>8}  {g.tenant_id}  {g.destination_id}  "
                 f"dead {iso_from_ms(g.first_dead_at)} … {iso_from_ms(g.last_dead_at)}  "
                 f"{printable(g.last_error or '')}"
@@ -194,22 +203,85 @@ def _move(config_path: str, action_name: str, everything: bool, **selection: Any
     if not (everything or named):
         raise click.UsageError("name --id, a filter, or --all")
     actor = operator()
+    progress = MoveProgress()
+    signals: list[int] = []
 
     async def action(store: SqlStore) -> list[str]:
         # The store's time, as workers go by (clock.py): by a clock ahead of it (this
         # machine's), replayed deliveries would wait that much before a worker took them.
         now_ms = await store.clock_ms()
-        if action_name == "discard":
-            return await store.discard(chosen, actor=actor, now_ms=now_ms)
-        # Replayed, they take this configuration's max_attempts (raised, perhaps, to
-        # outlast what killed them).
-        return await store.replay(chosen, actor=actor, now_ms=now_ms, limits=attempt_limits(config))
+        with _stopping_between_batches(progress, signals):
+            if action_name == "discard":
+                return await store.discard(chosen, actor=actor, now_ms=now_ms, progress=progress)
+            # Replayed, they take this configuration's max_attempts (raised, perhaps, to
+            # outlast what killed them).
+            return await store.replay(
+                chosen,
+                actor=actor,
+                now_ms=now_ms,
+                limits=attempt_limits(config),
+                progress=progress,
+            )
 
-    moved = in_selection(config, chosen, action)
-    for delivery_id in moved:
-        click.echo(delivery_id)
     past = "replayed" if action_name == "replay" else "discarded"
-    click.echo(f"{counted(len(moved), 'delivery', 'deliveries')} {past}", err=True)
+    try:
+        in_selection(config, chosen, action)
+    except SystemExit:
+        # The store failed between batches (said above): those committed stay moved.
+        if progress.moved:
+            with contextlib.suppress(click.exceptions.Exit, click.ClickException):
+                _report(progress.moved, f"{past} before the error")
+        raise
+    if signals:
+        name = signal.Signals(signals[0]).name
+        _report(progress.moved, f"{past} before {name}: the rest are still dead")
+        sys.exit(1)
+    _report(progress.moved, past)
+
+
+def _report(moved: list[str], what: str) -> None:
+    """The ids moved on stdout, then their count on stderr, even when stdout fails (a
+    reader gone, a full disk): the count says what the command did."""
+    try:
+        for delivery_id in moved:
+            out(delivery_id)
+    finally:
+        with contextlib.suppress(OSError):  # stderr gone too (`2>&1 | head`)
+            click.echo(f"{counted(len(moved), 'delivery', 'deliveries')} {what}", err=True)
+
+
+@contextlib.contextmanager
+def _stopping_between_batches(progress: MoveProgress, signals: list[int]) -> Iterator[None]:
+    """Ctrl-C or SIGTERM stops a move once its batch in progress is committed, so that
+    what it moved can be said (they used to end it at once, saying nothing of the batches
+    committed); a second one ends the process at once, killed by that signal."""
+    loop = asyncio.get_running_loop()
+
+    def stop(signum: int) -> None:
+        if signals:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        signals.append(signum)
+        progress.stop = True
+        click.echo(
+            f"{signal.Signals(signum).name}: stopping once the batch in progress is committed"
+            " (again to stop at once, leaving what was moved unsaid)",
+            err=True,
+        )
+
+    if threading.current_thread() is not threading.main_thread():  # no signals there
+        yield
+        return
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    for signum in STOP_SIGNALS:
+        loop.add_signal_handler(signum, stop, signum)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            loop.remove_signal_handler(signum)
+            signal.signal(signum, handler)
 
 
 @dlq.command("replay")

@@ -19,6 +19,7 @@ from estafeta.cli.common import (
     in_store,
     load,
     operator,
+    out,
     printable,
 )
 from estafeta.clock import SystemClock, iso_from_ms
@@ -114,10 +115,10 @@ def keys_list(config_path: str, tenant: str | None, as_json: bool) -> None:
     found = in_store(config, action)
     for key in found:
         if as_json:
-            click.echo(orjson.dumps(key_json(key)).decode())
+            out(orjson.dumps(key_json(key)).decode())
             continue
         status = "active" if key.revoked_at is None else f"revoked {iso_from_ms(key.revoked_at)}"
-        click.echo(
+        out(
             f"{key.id}  {key.tenant_id}  created {iso_from_ms(key.created_at)}  {status}  "
             f"{printable(key.label)}".rstrip()
         )
@@ -144,6 +145,6 @@ def keys_revoke(config_path: str, key_id: str) -> None:
     assert key.revoked_at is not None  # noqa: S101 - revoke_api_key returns it revoked
     when = iso_from_ms(key.revoked_at)
     if now:
-        click.echo(f"key {key.id} of tenant {key.tenant_id} revoked at {when}")
+        out(f"key {key.id} of tenant {key.tenant_id} revoked at {when}")
     else:
-        click.echo(f"key {key.id} of tenant {key.tenant_id} was already revoked at {when}")
+        out(f"key {key.id} of tenant {key.tenant_id} was already revoked at {when}")

@@ -8,10 +8,12 @@ from pathlib import Path
 import click
 
 from estafeta.cli.common import (
+    TEXT,
     checked_address,
     config_option,
     counted,
     load,
+    out,
     run,
     run_service,
     with_store,
@@ -81,7 +83,7 @@ def migrate(config_path: str) -> None:
 
     run(config, lambda: with_store(config, action, migrating=True))
     engine = "sqlite" if config.storage.url.startswith("sqlite") else "postgresql"
-    click.echo(f"schema is up to date ({engine})")
+    out(f"schema is up to date ({engine})")
 
 
 @click.command("check-config")
@@ -104,7 +106,7 @@ def check_config_command(file: str) -> None:
             click.echo(str(issue) if located else f"{file}: {issue}", err=True)
         click.echo(f"{counted(len(issues), 'problem', 'problems')} found", err=True)
         sys.exit(1)
-    click.echo(f"{file}: ok")
+    out(f"{file}: ok")
 
 
 def _destination_kinds(file: str) -> list[object]:
@@ -126,6 +128,9 @@ def _destination_kinds(file: str) -> list[object]:
     "workdir",
     default=None,
     type=click.Path(file_okay=False),
+    # Written into the demo's estafeta.toml (UTF-8): a path that is not ended the demo
+    # with a traceback, after making the directory.
+    callback=lambda ctx, param, value: value and TEXT.convert(value, param, ctx),
     help="where the demo keeps its database (a new or empty directory)",
 )
 @click.option("--events", "event_count", default=20, show_default=True, type=click.IntRange(1))

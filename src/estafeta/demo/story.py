@@ -330,13 +330,6 @@ async def _served_story(
         await asyncio.sleep(0.02)
     base = base_url(config.server.listen)
     webhook = f"{base}/in/wa-sol"
-    say = print
-    say(f"estafeta demo — hub on {base}, SQLite at {workdir / 'estafeta.db'}\n")
-    if ignored := _ignored():
-        say(
-            f"(the demo ignores {', '.join(ignored)}, set in this shell; unset them before "
-            "the commands printed at the end, which would use them)\n"
-        )
     # Ctrl-C or SIGTERM stops the hub (uvicorn takes the signals): the story stops with it,
     # where it went on talking to a hub that was gone, ending in aiohttp's traceback.
     story = asyncio.current_task()
@@ -346,7 +339,18 @@ async def _served_story(
         story.cancel()
 
     serving.add_done_callback(stop_story)
-    try:
+    # As the commands write (cli/common.py): a reader gone (`estafeta demo | head -1`) ends
+    # the demo quietly, a full stdout with one line saying so. print() let the first
+    # out as a cascade of tracebacks, through the hub's stop.
+    from estafeta.cli.common import out as say
+
+    try:  # the hub stopped whatever ends the story, a stdout that fails too
+        say(f"estafeta demo — hub on {base}, SQLite at {workdir / 'estafeta.db'}\n")
+        if ignored := _ignored():
+            say(
+                f"(the demo ignores {', '.join(ignored)}, set in this shell; unset them before "
+                "the commands printed at the end, which would use them)\n"
+            )
         async with aiohttp.ClientSession() as http:
             auth = {"authorization": f"Bearer {api_key}"}
             challenge = secrets.token_hex(5)

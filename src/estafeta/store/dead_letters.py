@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy import ColumnElement, Select, case, func, select, tuple_, update
@@ -88,6 +88,16 @@ def dead_list_query(f: DeadLetterFilter) -> Select[Any]:
     )
 
 
+@dataclass
+class MoveProgress:
+    """A move of dead deliveries as its batches commit, for a command that may be stopped
+    (`dlq replay` on Ctrl-C) or fail between them: the ids of the batches committed so far,
+    and whether to stop before the next batch."""
+
+    moved: list[str] = field(default_factory=list)
+    stop: bool = False
+
+
 class DeadLetterOps(MessagingOps):
     async def list_dead(self, f: DeadLetterFilter) -> list[DeliveryView]:
         query = dead_list_query(f)
@@ -124,6 +134,7 @@ class DeadLetterOps(MessagingOps):
         actor: str,
         now_ms: int,
         limits: Mapping[str, int] | None = None,
+        progress: MoveProgress | None = None,
     ) -> list[str]:
         """Dead → pending with fresh attempts; recorded in the audit log. Returns the ids.
 
@@ -132,12 +143,16 @@ class DeadLetterOps(MessagingOps):
         operator may have raised it before replaying. A destination it lacks keeps the
         stored limit."""
         return await self._move_dead(
-            f, actor=actor, now_ms=now_ms, action="replay", limits=limits or {}
+            f, actor=actor, now_ms=now_ms, action="replay", limits=limits or {}, progress=progress
         )
 
-    async def discard(self, f: DeadLetterFilter, *, actor: str, now_ms: int) -> list[str]:
+    async def discard(
+        self, f: DeadLetterFilter, *, actor: str, now_ms: int, progress: MoveProgress | None = None
+    ) -> list[str]:
         """Dead → discarded (final); recorded in the audit log. Returns the ids."""
-        return await self._move_dead(f, actor=actor, now_ms=now_ms, action="discard", limits={})
+        return await self._move_dead(
+            f, actor=actor, now_ms=now_ms, action="discard", limits={}, progress=progress
+        )
 
     async def _move_dead(
         self,
@@ -147,9 +162,12 @@ class DeadLetterOps(MessagingOps):
         now_ms: int,
         action: str,
         limits: Mapping[str, int],
+        progress: MoveProgress | None = None,
     ) -> list[str]:
         """The selected dead deliveries moved, `_MOVED_PER_TRANSACTION` at a time, each batch
-        audited in its own transaction: interrupted, the batches committed stay moved."""
+        audited in its own transaction: interrupted, the batches committed stay moved (and
+        are in `progress`, which can stop the move between batches)."""
+        progress = progress or MoveProgress()
         d = s.deliveries
         position = tuple_(*_OLDEST_DEATH_FIRST)
         # The newest death selected when the move begins: those replayed that die again
@@ -163,9 +181,9 @@ class DeadLetterOps(MessagingOps):
         )
         async with self._read() as conn:
             last = (await conn.execute(newest)).first()
-        moved: list[str] = []
+        moved = progress.moved
         step, left = f, f.batch
-        while last is not None and left > 0:
+        while last is not None and left > 0 and not progress.stop:
             step = replace(step, limit=min(left, _MOVED_PER_TRANSACTION))
             chosen = (
                 select(d.c.id, d.c.destination_id, d.c.updated_at)
@@ -179,7 +197,8 @@ class DeadLetterOps(MessagingOps):
                 if not selected:
                     break
                 pairs = [(row.id, row.destination_id) for row in selected]
-                moved.extend(await self._move_batch(conn, pairs, actor, now_ms, action, limits))
+                batch = await self._move_batch(conn, pairs, actor, now_ms, action, limits)
+            moved.extend(batch)  # once committed
             left -= len(selected)
             if self.dialect == "sqlite":
                 # The write lock left free as long as the batch held it: a writer waiting
