@@ -312,6 +312,32 @@ async def test_a_late_result_never_overwrites_a_rescued_delivery(store: SqlStore
     assert len(delivery.attempt_log) == 2
 
 
+async def test_an_event_lists_each_deliverys_latest_attempts_not_every_one(
+    store: SqlStore,
+) -> None:
+    """A dead delivery replayed again and again (a script replaying a long-dead
+    destination's deliveries every hour) gathers attempts without end; its event's read
+    listed every one, so one `GET /api/v1/events/{id}` grew with them without bound (each
+    with up to 1 KiB of the answer), built whole in memory. It lists the latest 100, oldest
+    first, as docs/http-api.md says."""
+    await store.insert_events([event()])
+    lives = 130
+    for n in range(lives):
+        at = NOW + n * 10
+        [leased] = await lease(store, now=at)
+        died = attempt(leased, DeliveryState.DEAD, kind=OutcomeKind.PERMANENT, at=at)
+        assert await store.complete([died], at) == 1
+        replayed = DeadLetterFilter(delivery_ids=(leased.id,))
+        assert await store.replay(replayed, actor="tester", now_ms=at + 1) == [leased.id]
+    view = await store.get_event(leased.event_id, None)
+    assert view is not None
+    [delivery] = view.deliveries
+    assert delivery.replays == lives
+    started = [a.started_at for a in delivery.attempt_log]
+    # The latest ones, in the order they were made: the 30 oldest are left out.
+    assert started == [NOW + n * 10 for n in range(lives - 100, lives)]
+
+
 async def test_a_late_release_or_result_never_revives_what_another_worker_finished(
     store: SqlStore, other_store: SqlStore
 ) -> None:

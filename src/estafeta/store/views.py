@@ -19,6 +19,27 @@ from estafeta.store import schema as s
 from estafeta.store.base import StoreBase, written_in
 from estafeta.store.records import AttemptView, DeliveryView, EventView, QueueDepths, QueueStats
 
+# The attempts an event's read lists per delivery: its latest. A delivery's life holds at
+# most `max_attempts` (≤ 100) of them, but each replay starts another, so a dead delivery
+# replayed again and again (by a script, every hour) had its event's answer grow without end.
+ATTEMPT_LOG_LIMIT = 100
+
+
+def latest_attempts(delivery_ids: Sequence[str]) -> Select[Any]:
+    """The latest `ATTEMPT_LOG_LIMIT` attempts of each delivery, by delivery, oldest first."""
+    a = s.attempts
+    recency = (
+        func.row_number()
+        .over(partition_by=a.c.delivery_id, order_by=(a.c.started_at.desc(), a.c.id.desc()))
+        .label("recency")
+    )
+    ranked = select(a, recency).where(a.c.delivery_id.in_(delivery_ids)).subquery()
+    return (
+        select(*(ranked.c[column.name] for column in a.columns))
+        .where(ranked.c.recency <= ATTEMPT_LOG_LIMIT)
+        .order_by(ranked.c.delivery_id, ranked.c.started_at, ranked.c.id)
+    )
+
 
 class ViewOps(StoreBase):
     async def get_event(self, event_id: str, tenant_id: str | None) -> EventView | None:
@@ -39,17 +60,7 @@ class ViewOps(StoreBase):
                 )
             ).all()
             ids = [r.id for r in delivery_rows]
-            attempt_rows = (
-                (
-                    await conn.execute(
-                        select(s.attempts)
-                        .where(s.attempts.c.delivery_id.in_(ids))
-                        .order_by(s.attempts.c.delivery_id, s.attempts.c.started_at)
-                    )
-                ).all()
-                if ids
-                else []
-            )
+            attempt_rows = (await conn.execute(latest_attempts(ids))).all() if ids else []
         by_delivery: dict[str, list[AttemptView]] = {}
         for a in attempt_rows:
             by_delivery.setdefault(a.delivery_id, []).append(
