@@ -1232,6 +1232,22 @@ async def test_a_stopped_worker_leaves_no_redis_connection_open(
     assert redis_clients(own_redis.url) == 0
 
 
+def rescuer(store: SqlStore, *, started_ms: int, at_ms: int) -> Rescue:
+    """Another worker's rescue of crm's and billing's expired leases, its clock at `at_ms`."""
+    return Rescue(
+        store,
+        clock=ManualClock(at_ms),
+        rand=lambda: 0.5,
+        policies={},
+        limits={},
+        lease_ms=30_000,
+        worker_id="rescuer",
+        destinations=["crm", "billing"],
+        interval_s=1,
+        started_ms=started_ms,
+    )
+
+
 async def test_a_delivery_the_rescue_dead_letters_is_counted_as_dead_lettered(
     store: SqlStore, config: Config
 ) -> None:
@@ -1246,18 +1262,7 @@ async def test_a_delivery_the_rescue_dead_letters_is_counted_as_dead_lettered(
         now = hub.clock.now_ms()
         assert len(await lease_any(store, now_ms=now, lease_ms=1)) == 2
         before = {d: DEAD_LETTERED.labels(d)._value.get() for d in ("crm", "billing")}
-        rescue = Rescue(
-            store,
-            clock=ManualClock(now + 10_000),
-            rand=lambda: 0.5,
-            policies={},
-            limits={},
-            lease_ms=30_000,
-            worker_id="rescuer",
-            destinations=["crm", "billing"],
-            interval_s=1,
-            started_ms=now,
-        )
+        rescue = rescuer(store, started_ms=now, at_ms=now + 10_000)
         assert await rescue.expired() == 2
         assert (await store.queue_stats()).by_state.get("dead") == 2
         after = {d: DEAD_LETTERED.labels(d)._value.get() for d in ("crm", "billing")}
@@ -1626,18 +1631,7 @@ async def test_a_result_recorded_after_its_lease_was_rescued_is_not_counted_as_d
         hub.start()
         await asyncio.wait_for(answered.wait(), 10)
         now = hub.worker.clock.now_ms()
-        rescue = Rescue(
-            store,
-            clock=ManualClock(now + 120_000),  # past the worker's 60 s lease
-            rand=lambda: 0.5,
-            policies={},
-            limits={},
-            lease_ms=30_000,
-            worker_id="rescuer",
-            destinations=["crm", "billing"],
-            interval_s=1,
-            started_ms=now,
-        )
+        rescue = rescuer(store, started_ms=now, at_ms=now + 120_000)  # past the 60 s lease
         assert await rescue.expired() == 1
         rescued_meanwhile.set()
         deadline = asyncio.get_running_loop().time() + 10
