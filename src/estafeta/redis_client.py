@@ -52,6 +52,10 @@ class RedisFailover:
         self._next_try = now + self.retry_s  # this caller probes; concurrent ones do not
         return self._generation
 
+    def current(self, token: int) -> bool:
+        """No outage began since `token` was handed out."""
+        return token == self._generation
+
     def succeeded(self, token: int) -> None:
         if not self.available and token == self._generation:
             self.available = True

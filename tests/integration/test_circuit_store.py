@@ -220,3 +220,34 @@ async def test_a_burst_of_failures_in_one_process_is_written_once_each(shared_pr
         assert runs == 300  # none lost a race to another update of this process
     finally:
         await client.aclose()
+
+
+async def test_a_burst_waits_for_one_silent_redis_call_not_one_each() -> None:
+    """Redis stops answering (a partition, a stuck server) as a destination fails: every
+    send in flight records its failure at once. Taking turns, each update waited for the
+    one before it to time out against Redis, then timed out itself: 20 of them took 20
+    timeouts in a row (and a worker's 256, minutes), holding back every attempt's record
+    past its lease. Once the first fails, those waiting their turn use memory at once."""
+    accepted = 0
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        await reader.read()  # never answers; the client gives up
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = connect_redis(f"redis://127.0.0.1:{port}/0", timeout_s=0.2)
+    fallback = FallbackCircuitStore(RedisCircuitStore(client), monotonic=FakeMonotonic())
+    try:
+        with capture_logs() as logs:
+            async with asyncio.timeout(30):
+                await asyncio.gather(*(fallback.update("crm", one_more_failure) for _ in range(20)))
+        assert (await fallback.get_all())["crm"].consecutive_failures == 20
+        assert [e["event"] for e in logs] == ["redis_unavailable"]
+        # One update tried Redis (a connection and its one retry), not each in turn.
+        assert accepted <= 2
+    finally:
+        await client.aclose()
+        server.close()

@@ -30,7 +30,7 @@ from estafeta.delivery.state import DeliveryState
 from estafeta.errors import HttpError, StoreError, StoreUnavailable
 from estafeta.hub import Hub
 from estafeta.ingress.journal import encode, read_segment
-from estafeta.ingress.spool import DRAIN_CHUNK, Spool
+from estafeta.ingress.spool import DRAIN_CHUNK, Spool, SpoolDrainer
 from estafeta.observability.metrics import REGISTRY
 from estafeta.store import engine_url, open_store
 from estafeta.store.ingest import fates
@@ -813,3 +813,57 @@ async def test_with_every_descriptor_taken_the_open_segment_takes_webhooks_and_n
     assert await down_hub.spool.drain(store) == 2
     for accepted in (first, taken):
         assert await store.get_event(accepted.json()["id"], None) is not None
+
+
+# On SQLite the store's ping fails first out of descriptors (a new connection): the round
+# never reaches the listing, so only PostgreSQL (pooled connections answer) shows these.
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_with_every_descriptor_taken_the_drainer_waits_for_the_next_round(
+    down_hub: Hub, store: SqlStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Events were spooled, the store answers again, and every descriptor is taken (a
+    flood of client connections): `stats()` reports the spool as last listed, so the
+    drainer tries, and listing the directory failed with EMFILE. The drainer crashed
+    (`task_crashed`, restarted only after its pause, the task shown down in
+    /health/detailed); it now tries again at its next round, as when the store is down."""
+    ids = [await accept(down_hub, n) for n in range(3)]
+    spool = down_hub.spool
+    assert spool is not None and spool.stats().segments == 1
+    stop = asyncio.Event()
+    real_drain = spool.drain
+
+    async def one_round(store: SqlStore, until: asyncio.Event | None = None) -> int:
+        try:
+            return await real_drain(store, until)
+        finally:
+            stop.set()
+
+    monkeypatch.setattr(spool, "drain", one_round)
+    with out_of_descriptors():
+        await SpoolDrainer(spool, store, interval_s=0.01).run(stop)  # raised OSError
+    monkeypatch.undo()
+    assert await spool.drain(store) == 3
+    for event_id in ids:
+        assert await store.get_event(event_id, None) is not None
+
+
+# On SQLite the store's ping fails first out of descriptors (a new connection): the round
+# never reaches the listing, so only PostgreSQL (pooled connections answer) shows these.
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_with_every_descriptor_taken_a_drain_round_keeps_the_open_segment(
+    down_hub: Hub, store: SqlStore
+) -> None:
+    """With every descriptor taken, ingest that needs a new database connection spools,
+    while the store answers the drainer's ping on a pooled one. The round closed the
+    open segment, then could not list the directory: every webhook after it needed a new
+    segment, a descriptor, and was refused 503 though the open one would have taken it."""
+    spool = down_hub.spool
+    assert spool is not None
+    first = await accept(down_hub, 1)
+    with out_of_descriptors():
+        with contextlib.suppress(OSError, StoreUnavailable):  # this round cannot drain
+            await spool.drain(store)
+        second = await accept(down_hub, 2)  # raised HttpError 503 spool_unavailable
+    assert await spool.drain(store) == 2
+    for event_id in (first, second):
+        assert await store.get_event(event_id, None) is not None

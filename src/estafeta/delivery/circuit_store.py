@@ -149,6 +149,7 @@ class FallbackCircuitStore:
         self._primary = primary
         self._fallback = fallback or MemoryCircuitStore()
         self._failover = RedisFailover("circuit_store", retry_s=retry_s, monotonic=monotonic)
+        self._turn = asyncio.Lock()
 
     @property
     def using_primary(self) -> bool:
@@ -173,14 +174,20 @@ class FallbackCircuitStore:
     ) -> tuple[Circuit, Circuit]:
         token = self._failover.begin()
         if token is not None:
-            try:
-                before, after = await self._primary.update(destination_id, change)
-            except REDIS_ERRORS as exc:
-                self._failover.failed(token, exc)
-            else:
-                self._failover.succeeded(token)
-                self._fallback.put(destination_id, after)
-                return before, after
+            # Updates take turns (RedisCircuitStore): one that waited for its turn while the
+            # update before it found Redis gone uses memory at once. Each trying Redis in
+            # turn waited out one timeout after another (a burst of 256, minutes), and the
+            # attempts' records waited behind them past their leases.
+            async with self._turn:
+                if self._failover.current(token):
+                    try:
+                        before, after = await self._primary.update(destination_id, change)
+                    except REDIS_ERRORS as exc:
+                        self._failover.failed(token, exc)
+                    else:
+                        self._failover.succeeded(token)
+                        self._fallback.put(destination_id, after)
+                        return before, after
         return await self._fallback.update(destination_id, change)
 
 

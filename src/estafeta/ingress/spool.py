@@ -357,6 +357,9 @@ class Spool:
             # write open another, a file more every round (each second) of an outage, which
             # `stats()` (on every spooled webhook) then stats one by one.
             await store.ping()
+            # Out of descriptors, the directory cannot be listed and the round fails: it
+            # fails before closing the segment, which takes webhooks without a new one.
+            await asyncio.to_thread(_listable, self.directory)
             async with self._lock:
                 await asyncio.to_thread(self._close_segment)
         await asyncio.to_thread(segments.clear_leftovers, self.directory)
@@ -503,6 +506,12 @@ class Spool:
 WRITE_CHECK_LEFTOVER_S = 600
 
 
+def _listable(directory: Path) -> None:
+    """Raises what listing `directory` would (EMFILE: no descriptor is free)."""
+    with os.scandir(directory):
+        pass
+
+
 def _clear_write_checks(directory: Path) -> None:
     """Remove the `.write-check-*` files of processes killed during the check (on a hung
     disk, the check's own case): nothing else would, one more at every such crash."""
@@ -558,8 +567,15 @@ class SpoolDrainer:
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             if self.spool.stats().segments:
-                with contextlib.suppress(StoreUnavailable):  # still down: next round
+                try:
                     await self.spool.drain(self.store, stop)
+                except StoreUnavailable:  # still down: next round
+                    pass
+                except OSError as exc:
+                    # Out of descriptors (stats() reports the spool as last listed, and
+                    # listing it here failed): next round too, not a crashed task.
+                    if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                        raise
             try:
                 await asyncio.wait_for(stop.wait(), self.interval_s)
             except TimeoutError:
