@@ -13,6 +13,7 @@ import tracemalloc
 from pathlib import Path
 from typing import Any
 
+import click
 import msgspec
 import orjson
 import pytest
@@ -31,7 +32,13 @@ from estafeta.store import open_store
 from estafeta.store.dead_letters import DeadLetterOps
 from estafeta.store.migrate import current_revision, head_revision
 from estafeta.store.sqlstore import SqlStore
-from tests.conftest import PG_ADMIN_URL, base_config, empty_database, lease_any
+from tests.conftest import (
+    PG_ADMIN_URL,
+    base_config,
+    empty_database,
+    lease_any,
+    migrated_store,
+)
 from tests.integration.store_support import NOW, attempt, dead_deliveries, event, rows
 
 
@@ -738,3 +745,55 @@ async def test_a_replay_cut_by_the_store_says_which_deliveries_it_replayed(
     assert cut.exit_code == 3, cut.output
     assert set(cut.stdout.split()) == pending
     assert cut.stderr.splitlines()[-1] == "2000 deliveries replayed before the error"
+
+
+def interrupted_in_each_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C while each batch of a move is in progress (the command's own process)."""
+    move_batch = DeadLetterOps._move_batch
+
+    async def with_ctrl_c(self: DeadLetterOps, *args: Any) -> list[str]:
+        os.kill(os.getpid(), signal.SIGINT)
+        return await move_batch(self, *args)
+
+    monkeypatch.setattr(DeadLetterOps, "_move_batch", with_ctrl_c)
+
+
+def made_dead(database_url: str, count: int) -> None:
+    async def make() -> None:
+        async with migrated_store(load_config_dict(base_config(database_url))) as store:
+            await dead_deliveries(store, count)
+
+    asyncio.run(make())
+
+
+def test_a_replay_stopped_in_its_last_batch_says_it_replayed_them_all(
+    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ctrl-C while the only batch is moved: it is committed, and nothing is left. Before:
+    # "5 deliveries replayed before SIGINT: the rest are still dead", exit 1, so that a
+    # script ran it again for a rest there was not.
+    made_dead(database_url, 5)
+    interrupted_in_each_batch(monkeypatch)
+    done = run(config_file(tmp_path, database_url), "dlq", "replay", "--all")
+    assert done.stderr.splitlines()[-1] == "5 deliveries replayed", done.stderr
+    assert done.exit_code == 0, done.output
+    assert len(done.stdout.split()) == 5
+
+
+def test_an_interrupted_replay_whose_reader_has_gone_is_still_an_interrupted_one(
+    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `estafeta dlq replay --all | head -1`, then Ctrl-C: the rest are still dead. Before:
+    # the gone reader's quiet exit 0 took the place of the interruption's 1.
+    made_dead(database_url, 1_500)
+    interrupted_in_each_batch(monkeypatch)
+
+    def reader_gone(line: str) -> None:  # as common.out answers EPIPE
+        raise click.exceptions.Exit(0)
+
+    monkeypatch.setattr("estafeta.cli.dlq.out", reader_gone)
+    done = run(config_file(tmp_path, database_url), "dlq", "replay", "--all", "--limit", "1500")
+    assert done.stderr.splitlines()[-1] == (
+        "1000 deliveries replayed before SIGINT: the rest are still dead"
+    ), done.stderr
+    assert done.exit_code == 1, done.output

@@ -338,6 +338,23 @@ async def test_an_event_lists_each_deliverys_latest_attempts_not_every_one(
     assert started == [NOW + n * 10 for n in range(lives - 100, lives)]
 
 
+async def test_a_providers_code_holding_a_nul_reads_the_same_on_both_engines(
+    store: SqlStore,
+) -> None:
+    """A provider's error code is its own text (SendPulse's `"error"`), and it names the
+    attempt's `error_class`: a NUL in it read U+FFFD on PostgreSQL but stayed a NUL on
+    SQLite, unlike the same attempt's excerpt and the delivery's `last_error`."""
+    await store.insert_events([event()])
+    [leased] = await lease(store)
+    died = attempt(leased, DeliveryState.DEAD, kind=OutcomeKind.PERMANENT)
+    died = replace(died, outcome=replace(died.outcome, error_class="sendpulse_bad\x00code"))
+    assert await store.complete([died], NOW) == 1
+    view = await store.get_event(leased.event_id, None)
+    assert view is not None
+    [delivery] = view.deliveries
+    assert [a.error_class for a in delivery.attempt_log] == ["sendpulse_bad\ufffdcode"]
+
+
 async def test_a_late_release_or_result_never_revives_what_another_worker_finished(
     store: SqlStore, other_store: SqlStore
 ) -> None:

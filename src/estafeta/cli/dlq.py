@@ -232,9 +232,11 @@ def _move(config_path: str, action_name: str, everything: bool, **selection: Any
             with contextlib.suppress(click.exceptions.Exit, click.ClickException):
                 _report(progress.moved, f"{past} before the error")
         raise
-    if signals:
+    if progress.cut:
         name = signal.Signals(signals[0]).name
-        _report(progress.moved, f"{past} before {name}: the rest are still dead")
+        # A reader gone (`| head`) ends the report, not the interruption's exit 1.
+        with contextlib.suppress(click.exceptions.Exit):
+            _report(progress.moved, f"{past} before {name}: the rest are still dead")
         sys.exit(1)
     _report(progress.moved, past)
 

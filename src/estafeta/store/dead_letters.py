@@ -96,6 +96,9 @@ class MoveProgress:
 
     moved: list[str] = field(default_factory=list)
     stop: bool = False
+    # Whether `stop` left deliveries of the selection unmoved: one asked for while the last
+    # batch was moved ends nothing, and the move is whole.
+    cut: bool = False
 
 
 class DeadLetterOps(MessagingOps):
@@ -183,8 +186,12 @@ class DeadLetterOps(MessagingOps):
             last = (await conn.execute(newest)).first()
         moved = progress.moved
         step, left = f, f.batch
-        while last is not None and left > 0 and not progress.stop:
-            step = replace(step, limit=min(left, _MOVED_PER_TRANSACTION))
+        while last is not None and left > 0:
+            if progress.stop:
+                progress.cut = True
+                break
+            size = min(left, _MOVED_PER_TRANSACTION)
+            step = replace(step, limit=size)
             chosen = (
                 select(d.c.id, d.c.destination_id, d.c.updated_at)
                 .where(*dead_conditions(step), position <= tuple_(*last))
@@ -200,6 +207,8 @@ class DeadLetterOps(MessagingOps):
                 batch = await self._move_batch(conn, pairs, actor, now_ms, action, limits)
             moved.extend(batch)  # once committed
             left -= len(selected)
+            if len(selected) < size:
+                break  # the selection ran out: a stop asked for now leaves nothing unmoved
             if self.dialect == "sqlite":
                 # The write lock left free as long as the batch held it: a writer waiting
                 # for it (ingest, a worker) retries at SQLite's busy-handler pauses, up to

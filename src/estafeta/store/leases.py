@@ -336,11 +336,12 @@ def attempt_row(item: CompletedAttempt) -> dict[str, Any]:
         "duration_ms": item.outcome.duration_ms,
         "outcome": item.outcome.kind.value,
         "status_code": item.outcome.status_code,
+        # A destination's or provider's words (a provider's code names the class too) may
+        # hold a NUL: kept as U+FFFD on both engines (PostgreSQL text holds none; `pg_json`
+        # does the same to its rows).
         "error_class": None
         if item.outcome.error_class is None
-        else item.outcome.error_class[:ERROR_CLASS_MAX],
-        # A destination's or provider's words may hold a NUL: kept as U+FFFD on both engines
-        # (PostgreSQL text holds none; `pg_json` does the same to its rows).
+        else storable(item.outcome.error_class[:ERROR_CLASS_MAX]),
         "response_excerpt": storable(item.outcome.response_excerpt),
     }
 
