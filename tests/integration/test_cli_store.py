@@ -268,6 +268,38 @@ def test_a_store_command_creates_no_sqlite_file_where_there_is_none(tmp_path: Pa
     assert run(config, "migrate").exit_code == 0 and missing.exists()
 
 
+def test_estafeta_config_chooses_the_file_and_config_beats_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # README and cli.md: `ESTAFETA_CONFIG` chooses the file of every command that takes
+    # --config; the option, when given, wins. Run where no estafeta.toml is, so that the
+    # default (defaults and env alone: ./estafeta.db) would show as a file made here.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ESTAFETA_DATABASE_URL", raising=False)
+    chosen_db, named_db = tmp_path / "chosen" / "chosen.db", tmp_path / "named" / "named.db"
+    chosen_db.parent.mkdir()
+    named_db.parent.mkdir()
+    chosen = config_file(chosen_db.parent, f"sqlite:///{chosen_db}")
+    named = config_file(named_db.parent, f"sqlite:///{named_db}")
+
+    result = CliRunner().invoke(main, ["migrate"], env={"ESTAFETA_CONFIG": str(chosen)})
+    assert result.exit_code == 0, result.output
+    assert result.output.endswith("schema is up to date (sqlite)\n"), result.output
+    assert chosen_db.exists() and not (tmp_path / "estafeta.db").exists()
+
+    result = CliRunner().invoke(
+        main, ["migrate", "--config", str(named)], env={"ESTAFETA_CONFIG": str(chosen)}
+    )
+    assert result.exit_code == 0, result.output
+    assert named_db.exists()
+
+    # A file named by the variable is a file named explicitly: it must exist.
+    missing = tmp_path / "missing.toml"
+    result = CliRunner().invoke(main, ["dlq", "list"], env={"ESTAFETA_CONFIG": str(missing)})
+    assert result.exit_code == 2 and f"{missing}: file does not exist" in result.output
+    assert not (tmp_path / "estafeta.db").exists()
+
+
 @pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
 async def test_a_worker_or_serve_without_migrating_names_a_database_without_the_schema(
     tmp_path: Path, engine: str
