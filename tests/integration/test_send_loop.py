@@ -70,6 +70,21 @@ async def test_a_message_is_sent_and_followed_to_read(loop_: Loop) -> None:
     assert [step["state"] for step in view["timeline"]] == ["queued", "sent", "delivered", "read"]
 
 
+async def test_statuses_naming_another_wa_id_reach_the_message(loop_: Loop) -> None:
+    """contracts §1.4: the customer's WhatsApp id can differ from the number sent to (a
+    Brazilian mobile registered before the ninth digit); Meta's statuses name that id."""
+    loop_.meta.wa_ids[MARIA[1:]] = "551187654321"
+    queued = await loop_.send(text="Sua consulta está confirmada.")
+    wamid = (await loop_.until(queued["id"], "sent"))["provider_message_id"]
+    webhook = f"{loop_.base}/in/wa-sol"
+    assert (
+        b'"recipient_id":"551187654321"' in loop_.meta.status_webhook(webhook, wamid, "read").body
+    )
+    assert await loop_.meta.send_status(webhook, wamid, "delivered") == [200]
+    view = await loop_.until(queued["id"], "delivered")
+    assert view["to"] == MARIA
+
+
 async def test_a_throttled_send_is_retried_and_goes_through(loop_: Loop) -> None:
     loop_.meta.throttle_next(1, retry_after_s=1)
     queued = await loop_.send(text="Oi")

@@ -161,6 +161,26 @@ async def test_rejected(
     assert outcome.response_excerpt.startswith(head)
 
 
+async def test_only_the_bots_active_contacts_get_a_free_form_message(
+    session: aiohttp.ClientSession,
+) -> None:
+    """contracts §9.5: sendByPhone needs a contact active in the bot's audience; a template
+    (sendTemplateByPhone) is how the business writes first."""
+    async with FakeSendPulse(
+        client_id=SP["client_id"],
+        client_secret=SP["client_secret"],
+        bot_id=SP["bot_id"],
+        audience=["5511912345678"],
+    ) as sendpulse:
+        config = sp_source(sendpulse.url)
+        outcome = await deliver(config, session, text="oi")
+        assert (outcome.kind, outcome.error_class) == (OutcomeKind.PERMANENT, "sendpulse_400")
+        assert outcome.response_excerpt.startswith("400 Contact is not active")
+        template = {"name": "lembrete", "language": "pt_BR"}
+        assert (await deliver(config, session, template=template)).succeeded
+        assert [sent.path for sent in sendpulse.sent] == ["/whatsapp/contacts/sendTemplateByPhone"]
+
+
 async def test_text_over_the_limit(
     sendpulse: FakeSendPulse, session: aiohttp.ClientSession
 ) -> None:

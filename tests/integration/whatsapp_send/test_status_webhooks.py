@@ -10,6 +10,7 @@ carried as `external_id`, with the same idempotency key both times.
 from __future__ import annotations
 
 import aiohttp
+import orjson
 import pytest
 
 from estafeta.config import SourceConfig
@@ -82,6 +83,37 @@ async def test_cloud(
         assert event.data["error"]["code"] == 131026
 
 
+async def test_cloud_statuses_are_those_of_the_message_sent(
+    meta: FakeMeta, hub: Sink, session: aiohttp.ClientSession
+) -> None:
+    """contracts §1.5 (fixtures status_sent.json, status_failed.json): a free-form text is
+    free service, a template is billed; a failure carries the code Meta reports, e.g. 131047
+    for a free-form message outside the 24 h window, with `error_data` holding `details`."""
+    config = wa_source(meta.url)
+    text = await deliver(config, session, text="Olá Maria!")
+    template = await deliver(config, session, template={"name": "lembrete", "language": "pt_BR"})
+    assert text.external_id is not None and template.external_id is not None
+    url = f"{hub.url}/in/wa-sol"
+    await meta.send_status(url, text.external_id, "sent")
+    await meta.send_status(url, template.external_id, "sent")
+    meta.failed_code = 131047
+    await meta.send_status(url, text.external_id, "failed")
+    free, billed, failed = ingest(config, hub)
+    assert free.data["pricing"] == {
+        "billable": False,
+        "pricing_model": "PMP",
+        "category": "service",
+        "type": "free_customer_service",
+    }
+    assert (billed.data["pricing"]["billable"], billed.data["pricing"]["type"]) == (True, "regular")
+    assert failed.data["error"]["code"] == 131047
+    assert failed.data["error"]["title"] == "Re-engagement message"
+    [sent_error] = orjson.loads(hub.received[-1].body)["entry"][0]["changes"][0]["value"][
+        "statuses"
+    ][0]["errors"]
+    assert set(sent_error["error_data"]) == {"details"}
+
+
 async def test_cloud_signature_is_really_checked(meta: FakeMeta, hub: Sink) -> None:
     await meta.send_status(f"{hub.url}/in/wa-sol", "wamid.X", "read")
     [request] = arrived(hub)
@@ -122,6 +154,30 @@ async def test_twilio(
     assert len(tokens) == 1
 
 
+async def test_twilio_calls_back_the_status_callback_the_send_asked_for(
+    twilio: FakeTwilio, hub: Sink, session: aiohttp.ClientSession
+) -> None:
+    """contracts §2.3: Twilio posts (and signs) the send's `StatusCallback`; behind a proxy
+    (`public_url`) the request reaches the hub at another URL, and must still verify."""
+    config = tw_source(twilio.url, public_url="https://hooks.example.com")
+    outcome = await deliver(config, session, text="Olá Maria!")
+    assert outcome.external_id is not None
+    [sent] = twilio.sent
+    assert sent.request["StatusCallback"] == "https://hooks.example.com/in/tw-sol"
+    url = f"{hub.url}/in/tw-sol"  # where the proxy hands the request over
+    assert await twilio.send_status(url, outcome.external_id, "delivered") == [200]
+    [event] = ingest(config, hub)
+    assert (event.data["message_id"], event.data["status"]) == (outcome.external_id, "delivered")
+    # Signed for the callback URL, not for the address the hub happens to be reached at.
+    with pytest.raises(HttpError):
+        source_for(tw_source(twilio.url)).verify(arrived(hub)[0])
+
+
+def test_twilio_sends_no_callback_for_queued(twilio: FakeTwilio) -> None:
+    with pytest.raises(ValueError, match="not 'queued'"):
+        twilio.status_webhook("http://127.0.0.1:1/in/tw-sol", "SM" + "0" * 32, "queued")
+
+
 async def test_twilio_signature_covers_the_url(twilio: FakeTwilio, hub: Sink) -> None:
     await twilio.send_status(f"{hub.url}/in/tw-sol", "SM" + "0" * 32, "delivered")
     [request] = arrived(hub)
@@ -159,6 +215,20 @@ async def test_zapi(
     event = check_pair(ingest(config, hub), outcome.external_id, normalized)
     assert event.data["provider"] == "zapi"
     assert event.data["instance_id"] == zapi.instance_id
+
+
+async def test_zapi_read_by_me_is_no_status_of_ours(
+    zapi: FakeZApi, hub: Sink, session: aiohttp.ClientSession
+) -> None:
+    """contracts §3.4: READ_BY_ME (the business read the customer's message) is taken, and
+    says nothing about the message the hub sent."""
+    config = za_source(zapi.url)
+    outcome = await deliver(config, session, text="Olá Maria!")
+    assert outcome.external_id is not None
+    assert await zapi.send_status(f"{hub.url}/in/za-sol", outcome.external_id, "READ_BY_ME") == [
+        200
+    ]
+    assert ingest(config, hub) == []
 
 
 async def test_zapi_without_the_token_is_refused(zapi: FakeZApi, hub: Sink) -> None:

@@ -4,6 +4,8 @@
   `Authorization: Bearer <access_token>`; 200 `{"messaging_product", "contacts": [{input,
   wa_id}], "messages": [{"id": <WAMID>, "message_status"?}]}` (`message_status` for
   templates only). WAMIDs have the byte layout of Meta's examples (fixtures README).
+  `wa_id` (and a status's `recipient_id`) is the number's digits, or what `wa_ids` says
+  (§1.4: it can differ from the number sent to).
 * contracts §1.7: every error is the Graph error body `{"error": {"message": "(#code) title",
   "type", "code", "error_data": {"messaging_product", "details"}, "fbtrace_id"}}`. A missing
   token is code 104 and a wrong one 190 (HTTP 401); a missing field 131008, a bad value
@@ -20,7 +22,8 @@
   number is 131021 (§1.7).
 * contracts §1.2/§1.5: `send_status` posts the `statuses[]` envelope, signed with
   `X-Hub-Signature-256: sha256=<hex HMAC-SHA256(app_secret, body)>`, echoing the send's
-  `biz_opaque_callback_data`; `failed` carries `errors[]` (131026 unless told otherwise).
+  `biz_opaque_callback_data`; `failed` carries `errors[]` (code `failed_code`: 131026,
+  or e.g. 131047 as Meta reports a free-form message outside the window).
 * contracts §1.3: a webhook is delivered only when answered **200**; any other answer is a
   failure (in `webhook_failures`) and the webhook is posted again at once, up to
   `webhook_redeliveries` (3) more times (Meta: "retried immediately, then a few more times";
@@ -156,6 +159,13 @@ class FakeMeta(FakeProvider):
         self.throughput = RateWindow(throughput_mps, 1.0)
         self.pair_limit = PairLimit(pair_interval_s, pair_burst)
         self.max_text = max_text
+        # The error a `failed` status webhook carries (§1.5): 131026 (undeliverable), or e.g.
+        # 131047, which Meta reports so for a free-form message outside the 24 h window.
+        self.failed_code = 131026
+        # A number's WhatsApp id where it is not the number's digits (§1.4: `wa_id` can
+        # differ from the number sent to, e.g. a Brazilian mobile without its ninth digit):
+        # the send answer's `contacts[].wa_id` and the statuses' `recipient_id` carry it.
+        self.wa_ids: dict[str, str] = {}
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post(r"/{version:v\d+\.\d+}/{phone_number_id}/messages", self._messages)
@@ -231,9 +241,14 @@ class FakeMeta(FakeProvider):
         message: dict[str, Any] = {"id": wamid}
         if body["type"] == "template":
             message["message_status"] = "accepted"
-        contact = {"input": to, "wa_id": to.lstrip("+")}
+        contact = {"input": to, "wa_id": self.wa_id(to)}
         document = {"messaging_product": "whatsapp", "contacts": [contact], "messages": [message]}
         return json_answer(200, document)
+
+    def wa_id(self, number: str) -> str:
+        """The WhatsApp id of `number` (`wa_ids`, else its digits)."""
+        digits = number.lstrip("+")
+        return self.wa_ids.get(digits, digits)
 
     def _limited(self, recipient: str) -> Answer | None:
         """The §1.8 error when this send goes over a limit; else the send is counted."""
@@ -290,7 +305,7 @@ class FakeMeta(FakeProvider):
         if status not in STATUSES:
             raise ValueError(f"Cloud API statuses are {sorted(STATUSES)}, not {status!r}")
         sent = self.find(message_id)
-        recipient = str(sent.request["to"]).lstrip("+") if sent else "5511987654321"
+        recipient = self.wa_id(str(sent.request["to"]) if sent else "5511987654321")
         item: dict[str, Any] = {
             "id": message_id,
             "status": status,
@@ -300,22 +315,26 @@ class FakeMeta(FakeProvider):
         if sent is not None and "biz_opaque_callback_data" in sent.request:
             item["biz_opaque_callback_data"] = sent.request["biz_opaque_callback_data"]
         if status == "failed":
-            error = graph_error(131026, "Message Undeliverable.")["error"]
+            # §1.5 (and fixtures status_failed.json): a webhook's error_data is `details` alone.
+            title = TITLES.get(self.failed_code, "An unknown error occurred")
             item["errors"] = [
                 {
-                    "code": 131026,
-                    "title": TITLES[131026],
-                    "message": TITLES[131026],
-                    "error_data": error["error_data"],
+                    "code": self.failed_code,
+                    "title": title,
+                    "message": title,
+                    "error_data": {"details": f"{title}."},
                     "href": "https://developers.facebook.com/docs/whatsapp/cloud-api/support/error-codes/",
                 }
             ]
         elif status in ("sent", "delivered"):
+            # Per-message pricing (§1.5): a template is billed; a free-form message (only
+            # possible inside the customer service window, §1.6) is free service.
+            template = sent is not None and sent.request.get("type") == "template"
             item["pricing"] = {
-                "billable": True,
+                "billable": template,
                 "pricing_model": "PMP",
-                "category": "utility",
-                "type": "regular",
+                "category": "utility" if template else "service",
+                "type": "regular" if template else "free_customer_service",
             }
         metadata = {
             "display_phone_number": self.display_phone_number,

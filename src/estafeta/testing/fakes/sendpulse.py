@@ -18,7 +18,9 @@
   requests (token and sends) in any second, or 429 with `error_code` 2020202020 and no
   Retry-After; None turns it off. Tokens expire `token_ttl_s` after issue (on `clock`).
   By phone, `message.type` is one of text/image/document/audio/interactive (§9.5), and a
-  template needs `language.code`.
+  template needs `language.code`; with `audience` (the phones of the bot's active
+  contacts), `sendByPhone` to anyone else is refused, 400 `Contact is not active` (§9.5:
+  the contact must be active in the bot's audience; SendPulse's body for it is UNCONFIRMED).
 * contracts §9.1/§9.10 item 5: SendPulse sends **no status webhooks**. `send_status` can
   only post what SendPulse does send about our message, the `outgoing_message` event (a JSON
   array, §9.3/§9.4), for status `sent`; the URL carries `?token=` (DESIGN §3.2).
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import hmac
 import time
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Any
@@ -71,6 +74,7 @@ class FakeSendPulse(FakeProvider):
         webhook_token: str | None = None,
         bot_phone: str = "551140028922",
         requests_per_second: int | None = 10,  # §9.7 [S4]; None: no limit
+        audience: Iterable[str] | None = None,  # the bot's active contacts' phones; None: any
     ) -> None:
         super().__init__()
         self.client_id, self.client_secret, self.bot_id = client_id, client_secret, bot_id
@@ -81,6 +85,7 @@ class FakeSendPulse(FakeProvider):
         self._tokens: dict[str, float] = {}  # token → the `clock()` time it expires at
         self._contacts: dict[str, str] = {}  # phone → contact id
         self.rate = RateWindow(requests_per_second, 1.0)
+        self.audience = None if audience is None else frozenset(audience)
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/oauth/access_token", self._token)
@@ -190,6 +195,11 @@ class FakeSendPulse(FakeProvider):
             return sendpulse_error(404, "Bot not found")
         if by_phone and not body["phone"].isdigit():
             return sendpulse_error(400, "The phone must be digits only, without '+'.")
+        # §9.5: "The contact must be active in that bot's audience" (the body is ours;
+        # templates, sendTemplateByPhone, are how a business writes first).
+        audience = self.audience
+        if path == "sendByPhone" and audience is not None and body["phone"] not in audience:
+            return sendpulse_error(400, "Contact is not active")
         if path.startswith("sendTemplate"):
             template = body.get("template")
             language = template.get("language") if isinstance(template, dict) else None

@@ -17,7 +17,8 @@
 * contracts §2.1/§2.3: `send_status` posts the status callback form (`MessageSid`,
   `MessageStatus`, `AccountSid`, `From`, `To`, `ChannelPrefix=whatsapp`, `ErrorCode` when
   failed or undelivered) signed with `X-Twilio-Signature` = base64(HMAC-SHA1(auth_token,
-  url + the sorted parameters)).
+  url + the sorted parameters)), the url being the send's `StatusCallback` (Twilio calls
+  that one; the console's URL for a send without it). None for `queued`, as Twilio.
 * contracts §2.2: `send_incoming` posts a customer's message (the inbound form, signed the
   same way). Twilio expects TwiML (XML) or an empty 200 for it: any other body is its
   debugger's error 12300 (Invalid Content-Type). contracts §2.5: a non-2xx answer to either
@@ -69,7 +70,8 @@ TITLES: dict[int, str] = {
     63112: "The Meta Business Manager account has been disabled",
 }
 _HTTP_STATUS = {20003: 401, 20404: 404, 20429: 429, 20500: 500, 20503: 503}
-STATUSES = frozenset({"queued", "sending", "sent", "delivered", "undelivered", "failed", "read"})
+# §2.3: no callback is sent for the initial `queued`/`accepted`/`scheduled` state.
+STATUSES = frozenset({"sending", "sent", "delivered", "undelivered", "failed", "read"})
 _TWIML_TYPES = frozenset({"text/xml", "application/xml"})
 _FAILED_CODE = "63016"  # the ErrorCode of a failed/undelivered callback (fixture status_failed)
 
@@ -250,21 +252,32 @@ class FakeTwilio(FakeProvider):
         ]
         return self._signed(hub_url, pairs)
 
-    def _signed(self, hub_url: str, pairs: list[tuple[str, str]]) -> StatusWebhook:
+    def _signed(
+        self, hub_url: str, pairs: list[tuple[str, str]], signed_url: str | None = None
+    ) -> StatusWebhook:
+        """The form posted to `hub_url`, signed for `signed_url` (the URL Twilio called;
+        `hub_url` unless a proxy stands in between)."""
         params = {name: [value] for name, value in pairs}
+        signature = twilio_signature(self.auth_token, signed_url or hub_url, params)
         headers = {
             "Content-Type": "application/x-www-form-urlencoded",
-            "X-Twilio-Signature": twilio_signature(self.auth_token, hub_url, params),
+            "X-Twilio-Signature": signature,
             "I-Twilio-Idempotency-Token": hex_id(32, upper=False),
         }
         return StatusWebhook(hub_url, headers, urlencode(pairs).encode())
 
     def status_webhook(self, hub_url: str, message_id: str, status: str) -> StatusWebhook:
-        """The §2.3 status callback for `message_id`, signed as §2.1 says."""
+        """The §2.3 status callback for `message_id`, signed as §2.1 says.
+
+        Twilio calls, and signs, the `StatusCallback` URL the send gave; `hub_url` is where
+        that request reaches the hub (through a proxy when the two differ). A send without
+        one is called back at the URL set in Twilio's console, which `hub_url` then is.
+        """
         if status not in STATUSES:
             raise ValueError(f"Twilio statuses are {sorted(STATUSES)}, not {status!r}")
         sent = self.find(message_id)
         to = str(sent.request["To"]) if sent else "whatsapp:+5511987654321"
+        callback = sent.request.get("StatusCallback") if sent else None
         pairs = [
             ("ChannelPrefix", "whatsapp"),
             ("ApiVersion", "2010-04-01"),
@@ -280,4 +293,5 @@ class FakeTwilio(FakeProvider):
         ]
         if status in ("failed", "undelivered"):
             pairs.append(("ErrorCode", _FAILED_CODE))
-        return self._signed(hub_url, pairs)
+        signed_url = callback if isinstance(callback, str) and callback else hub_url
+        return self._signed(hub_url, pairs, signed_url)

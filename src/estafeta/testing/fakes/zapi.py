@@ -12,12 +12,13 @@
   `Instance not found` for another instance's URL, 400 for a missing field, 429 `Too Many
   Requests` for throttling (no Retry-After unless given).
 * contracts §3.4: `send_status` posts a `MessageStatusCallback` (`ids: [messageId]`,
-  SENT / RECEIVED / READ / PLAYED; `sent`/`delivered`/`read`/`played` are accepted too),
-  or for `failed` a `DeliveryCallback` with `error`. Z-API requires only `phone`, `zaapId`
-  and `type` in a DeliveryCallback: with `delivery_callback_message_id = False` the fake
-  leaves `messageId` out, and the callback names the message by its `zaapId` alone (the
-  send's answer gave both; `zaap_id_of` says which). Z-API signs nothing: the hub's URL
-  carries `?token=` (DESIGN §3.2), appended from `webhook_token` when the URL has none.
+  SENT / RECEIVED / READ / READ_BY_ME / PLAYED; `sent`/`delivered`/`read`/`played` are
+  accepted too), or for `failed` a `DeliveryCallback` with `error`. Z-API requires only
+  `phone`, `zaapId` and `type` in a DeliveryCallback: with `delivery_callback_message_id =
+  False` the fake leaves `messageId` out, and the callback names the message by its
+  `zaapId` alone (the send's answer gave both; `zaap_id_of` says which). Z-API signs
+  nothing: the hub's URL carries `?token=` (DESIGN §3.2), appended from `webhook_token`
+  when the URL has none.
 * contracts §3.1: no retry policy and no expected answer documented: any 2xx counts as
   delivered, anything else lands in `webhook_failures` (not redelivered).
 """
@@ -45,7 +46,8 @@ from estafeta.testing.fakes.base import (
 _REQUIRED = {"send-text": "message", "send-image": "image", "send-video": "video"}
 _REQUIRED |= {"send-audio": "audio", "send-document": "document"}
 _STATUSES = {"sent": "SENT", "delivered": "RECEIVED", "read": "READ", "played": "PLAYED"}
-STATUSES = frozenset({*_STATUSES, *_STATUSES.values(), "failed"})
+# §3.4 also names READ_BY_ME: the connected phone read the customer's message.
+STATUSES = frozenset({*_STATUSES, *_STATUSES.values(), "READ_BY_ME", "failed"})
 
 
 def zapi_error(status: int, error: str) -> Answer:
