@@ -7,6 +7,7 @@ a PostgreSQL server the PostgreSQL half is skipped locally, and fails under CI=t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import resource
@@ -17,6 +18,7 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 import structlog
 from sqlalchemy import create_engine, text
@@ -284,3 +286,21 @@ def out_of_descriptors() -> Iterator[None]:
         for fd in taken:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def until_waiting_for_locks(database_url: str, count: int) -> None:
+    """Until `count` sessions of the database wait for a lock (10 s at most)."""
+    monitor = await asyncpg.connect(database_url)
+    try:
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:
+            waiting = await monitor.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock'"
+            )
+            if waiting >= count:
+                return
+            assert asyncio.get_running_loop().time() < deadline, f"{waiting} waiting"
+            await asyncio.sleep(0.01)
+    finally:
+        await monitor.close()

@@ -4,7 +4,8 @@
     ├── ConfigError            the configuration file is invalid (carries every issue found)
     ├── StoreError             the store could not do what was asked
     │   ├── StoreUnavailable   the store cannot be reached (connection refused, timeout)
-    │   │   └── StoreLoginRefused  the database refuses estafeta's login (role, password, db)
+    │   │   ├── StoreLoginRefused  the database refuses estafeta's login (role, password, db)
+    │   │   └── StoreDeadlocked    PostgreSQL failed the transaction to break a deadlock
     │   ├── StoreRejected      the data breaks one of the schema's constraints
     │   └── LeaseRaced         a concurrent lease put one of the same ordering key in flight
     ├── FilterSyntaxError      a route filter expression does not parse
@@ -62,6 +63,11 @@ class StoreLoginRefused(StoreUnavailable):
 
     Unavailable to a running service (ingest spools, a worker waits for it to pass), but at
     start an operator's setting to correct (exit 2, not 3)."""
+
+
+class StoreDeadlocked(StoreUnavailable):
+    """PostgreSQL failed the transaction to break a deadlock: none of it was committed, and
+    running it again passes (the other transaction has gone on)."""
 
 
 class StoreRejected(StoreError):

@@ -3,6 +3,7 @@ another tenant's key reaching none of them, nor any other tenant data, through t
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +27,9 @@ from estafeta.ingress.providers.twilio import FORM
 from estafeta.ingress.providers.twilio import signature as twilio_signature
 from estafeta.ingress.spool import Spool
 from estafeta.store import open_store, schema
-from estafeta.store.records import CompletedAttempt, InsertResult
+from estafeta.store.records import CompletedAttempt, InsertResult, NewEscalation, NewEvent
 from estafeta.store.sqlstore import SqlStore
-from tests.conftest import base_config, lease_any
+from tests.conftest import base_config, lease_any, until_waiting_for_locks
 from tests.deep_json import nested
 
 SOL = "est_sol_messaging_key_000000000000000000"
@@ -64,6 +65,10 @@ class Env:
             idempotency_key=wamid,
             occurred_at=at,
         )
+
+    async def inbound_from(self, number: str, wamid: str) -> None:
+        """A message of another customer of clinica-sol."""
+        await self.hub.accept_all([inbound_event(self.hub, number, wamid)])
 
     async def send(self, text: str, source: str = "wa-sol", **extra: Any) -> httpx.Response:
         """POST /api/v1/messages: `text` to Maria through `source`, as clinica-sol."""
@@ -1260,3 +1265,78 @@ async def test_a_published_message_send_event_counts_no_sent_message(env: Env) -
     conversation = r.json()
     assert [m["direction"] for m in conversation["messages"]] == ["inbound"]
     assert (conversation["inbound_count"], conversation["outbound_count"]) == (1, 0)
+
+
+def inbound_event(hub: Hub, number: str, wamid: str) -> NewEvent:
+    """A customer's WhatsApp message to clinica-sol, as its webhook stores it."""
+    return hub.new_event(
+        tenant_id="clinica-sol",
+        source_id="wa-sol",
+        event_type="message.received",
+        data={"message_id": wamid, "conversation_id": number, "from": f"+{number}"},
+        idempotency_key=wamid,
+    )
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_an_escalation_and_a_webhook_of_another_process_that_deadlock_are_both_stored(
+    env: Env, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One process stores a batch that holds a message of one customer and the escalation of
+    another's conversation (the group committer joins the webhook and the API call); another
+    process, at the same time, a webhook with a message of each. The escalation updates its
+    conversation after the batch's messages have counted theirs, out of the key order every
+    batch takes conversations in: each process holds a conversation the other waits for, a
+    deadlock. The process PostgreSQL chose to fail answered the webhook as if the store were
+    unreachable (503, or spooled with every event after it for a while); it stores it again."""
+    first, second = MARIA, "5511999990000"  # `first` comes first in key order
+    await env.inbound("Olá", "wamid.a")
+    await env.inbound_from(second, "wamid.b")
+    other_store = open_store(database_url)
+    other = Hub(env.hub.config, other_store)
+    escalating, go_on = asyncio.Event(), asyncio.Event()
+    escalate = env.store._escalate
+
+    async def escalate_when_told(conn: Any, event: Any) -> None:
+        escalating.set()
+        await go_on.wait()
+        await escalate(conn, event)
+
+    monkeypatch.setattr(env.store, "_escalate", escalate_when_told)
+    try:
+        joined = asyncio.ensure_future(
+            env.hub.accept_all(
+                [
+                    inbound_event(env.hub, second, "wamid.c"),
+                    env.hub.new_event(
+                        tenant_id="clinica-sol",
+                        source_id="api",
+                        event_type="conversation.escalated",
+                        data={"conversation_id": first, "reason": "urgente"},
+                        idempotency_key=None,
+                        escalation=NewEscalation(
+                            id=new_id("esc"), reason="urgente", priority=1, actor="test"
+                        ),
+                    ),
+                ]
+            )
+        )
+        await asyncio.wait_for(escalating.wait(), timeout=10)  # `second` counted, held
+        webhook = asyncio.ensure_future(
+            other.accept_all(
+                [inbound_event(other, first, "wamid.d"), inbound_event(other, second, "wamid.e")]
+            )
+        )
+        await until_waiting_for_locks(database_url, 1)  # `first` taken, waiting for `second`
+        go_on.set()
+        done = await asyncio.wait_for(
+            asyncio.gather(joined, webhook, return_exceptions=True), timeout=30
+        )
+    finally:
+        go_on.set()
+        await other.close()
+        await other_store.close()
+    assert [type(d).__name__ for d in done] == ["list", "list"], done
+    listed = await env.http.get("/api/v1/conversations", headers=env.auth())
+    counts = {c["id"]: (c["status"], c["inbound_count"]) for c in listed.json()["conversations"]}
+    assert counts == {first: ("escalated", 2), second: ("open", 3)}

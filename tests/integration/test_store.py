@@ -35,7 +35,7 @@ from estafeta.store.records import (
 from estafeta.store.schema import metadata
 from estafeta.store.sqlite import WAL_SIZE_LIMIT
 from estafeta.store.sqlstore import SqlStore
-from tests.conftest import base_config, empty_database, lease_any
+from tests.conftest import base_config, empty_database, lease_any, until_waiting_for_locks
 from tests.integration.plans import explain_sql, rows_read
 from tests.integration.store_support import (
     NOW,
@@ -218,24 +218,6 @@ async def test_two_processes_starting_on_files_listing_tenants_in_another_order_
             await until_waiting_for_locks(database_url, waiting)
         await holder.commit()
     await asyncio.wait_for(asyncio.gather(*starting), timeout=10)
-
-
-async def until_waiting_for_locks(database_url: str, count: int) -> None:
-    """Until `count` sessions of the database wait for a lock (10 s at most)."""
-    monitor = await asyncpg.connect(database_url)
-    try:
-        deadline = asyncio.get_running_loop().time() + 10
-        while True:
-            waiting = await monitor.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                " AND wait_event_type = 'Lock'"
-            )
-            if waiting >= count:
-                return
-            assert asyncio.get_running_loop().time() < deadline, f"{waiting} waiting"
-            await asyncio.sleep(0.01)
-    finally:
-        await monitor.close()
 
 
 async def test_a_batch_whose_fates_cannot_be_told_commits_nothing(

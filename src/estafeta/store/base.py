@@ -30,7 +30,13 @@ from sqlalchemy.exc import (
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from estafeta.errors import StoreError, StoreLoginRefused, StoreRejected, StoreUnavailable
+from estafeta.errors import (
+    StoreDeadlocked,
+    StoreError,
+    StoreLoginRefused,
+    StoreRejected,
+    StoreUnavailable,
+)
 
 T = TypeVar("T")
 
@@ -112,6 +118,11 @@ def _sqlstate(exc: BaseException) -> str | None:
 def _first_line(exc: BaseException) -> str:
     """The driver's own first line (SQLAlchemy's wrapper adds its class in parentheses)."""
     return str(getattr(exc, "orig", None) or exc).splitlines()[0][:200]
+
+
+def deadlocked(exc: BaseException) -> bool:
+    """True when PostgreSQL failed this transaction to break a deadlock (40P01)."""
+    return _sqlstate(exc) == "40P01"
 
 
 def unavailable(exc: BaseException) -> bool:
@@ -223,6 +234,8 @@ def translated(exc: Exception) -> Exception:
         return StoreLoginRefused(
             f"the store refused the connection: {reason} (SQLSTATE {sqlstate})"
         )
+    if deadlocked(exc):
+        return StoreDeadlocked(f"the store cannot be reached: {_named(exc)}")
     if unavailable(exc):
         return StoreUnavailable(f"the store cannot be reached: {_named(exc)}")
     if rejected(exc):

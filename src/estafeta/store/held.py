@@ -20,8 +20,8 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from estafeta.errors import StoreUnavailable
-from estafeta.store.base import store_errors, unavailable
+from estafeta.errors import StoreDeadlocked, StoreUnavailable
+from estafeta.store.base import deadlocked, store_errors, unavailable
 
 
 class HeldConnections:
@@ -48,9 +48,8 @@ class HeldConnections:
                     if driver.is_closed() or unavailable(exc):
                         await conn.invalidate()
                         # Not chained: the driver's text may quote the data (store/base.py).
-                        raise StoreUnavailable(
-                            f"the store cannot be reached: {type(exc).__name__}"
-                        ) from None
+                        failed = StoreDeadlocked if deadlocked(exc) else StoreUnavailable
+                        raise failed(f"the store cannot be reached: {type(exc).__name__}") from None
                     reusable = True  # the statement failed for its data; the line is fine
                     raise
                 reusable = True

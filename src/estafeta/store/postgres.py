@@ -20,8 +20,8 @@ message send's bookkeeping) runs the same statement inside a SQLAlchemy transact
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, ClassVar, TypeVar
 
 import asyncpg
 import orjson
@@ -31,7 +31,7 @@ from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from estafeta.errors import LeaseRaced, StoreUnavailable
+from estafeta.errors import LeaseRaced, StoreDeadlocked, StoreUnavailable
 from estafeta.messaging.facts import SEND_DESTINATION_PREFIX, storable
 from estafeta.store.base import SQL_DIR
 from estafeta.store.held import HeldConnections
@@ -40,6 +40,8 @@ from estafeta.store.leases import attempt_row, next_attempt
 from estafeta.store.records import Completed, CompletedAttempt, InsertResult, NewEvent
 from estafeta.store.schema import ORDERING_IN_FLIGHT
 from estafeta.store.sqlstore import SqlStore
+
+T = TypeVar("T")
 
 
 def positional(sql: str) -> tuple[str, tuple[str, ...]]:
@@ -135,6 +137,26 @@ def _batch_params(events: Sequence[NewEvent]) -> dict[str, str]:
         "events": pg_json(event_objects),
         "deliveries": pg_json(delivery_objects),
     }
+
+
+# Tries of a batch PostgreSQL fails to break a deadlock: the other transaction goes on once
+# this one is failed, so the next try passes.
+DEADLOCK_TRIES = 3
+
+
+async def _again_if_deadlocked(store: Callable[[], Awaitable[T]]) -> T:
+    """`store()`, run again when PostgreSQL failed it to break a deadlock (nothing of it was
+    committed). Batches take events and conversations in key order, but an escalation
+    updates its conversation after the batch statement has counted the batch's messages:
+    a batch holding one and a webhook stored at the same time by another process, each
+    holding a conversation the other waits for, deadlock. The failed one was answered as if
+    the store were unreachable (503, or spooled with every event after it for a while)."""
+    for _ in range(DEADLOCK_TRIES - 1):
+        try:
+            return await store()
+        except StoreDeadlocked:
+            continue
+    return await store()
 
 
 def _complete_params(batch: Sequence[CompletedAttempt], now_ms: int) -> dict[str, Any]:
@@ -268,10 +290,12 @@ class PostgresStore(SqlStore):
         """Webhooks (the hot path) in one autocommitted statement; a batch that also holds
         queued messages or escalations, or a spool import, in the general transaction."""
         if by_id or any(e.message is not None or e.escalation is not None for e in events):
-            return await super()._store_candidates(events, by_id=by_id)
+            general = super()._store_candidates
+            return await _again_if_deadlocked(lambda: general(events, by_id=by_id))
         if not events:
             return []
-        rows = await self._fetch(_STORE_BATCH, _batch_params(events))
+        params = _batch_params(events)
+        rows = await _again_if_deadlocked(lambda: self._fetch(_STORE_BATCH, params))
         try:
             return await self._fates_of(events, rows)
         except StoreUnavailable:
