@@ -292,3 +292,29 @@ async def test_outage_sends_are_not_lost_when_another_worker_sends_meanwhile(
     finally:
         await a.aclose()
         await b.aclose()
+
+
+async def test_a_rate_limit_changed_between_runs_keeps_the_sends_of_its_window(
+    shared_prefix: str, throttles: list[DestinationThrottle]
+) -> None:
+    """`rate_limit` applies at once to a changed configuration: ten sent this minute under
+    "10/minute", a process started on "5/minute" sends nothing more this minute, and one on
+    "15/minute" five more. Each limit had a budget of its own in Redis (limits' key names
+    the limit), so the lowered one sent five more at once, and during a rolling change the
+    processes on the old and the new value together sent both limits' worth."""
+
+    def throttle(limit: str) -> DestinationThrottle:
+        made = DestinationThrottle(
+            {"billing": limit}, redis_url=SHARED_REDIS_URL, key_prefix=shared_prefix
+        )
+        throttles.append(made)
+        return made
+
+    before = throttle("10/minute")
+    assert await admitted(before, 10) == 10
+    lowered = throttle("5/minute")
+    assert await admitted(lowered, 5) == 0, "a lowered limit gave a new budget in its window"
+    raised = throttle("15/minute")
+    assert await admitted(raised, 15) == 5
+    # Nor does a process of a rolling change started on the old value: one budget for all.
+    assert await admitted(throttle("10/minute"), 10) == 0

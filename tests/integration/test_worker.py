@@ -1403,6 +1403,54 @@ async def test_deliveries_held_back_by_the_rate_limit_keep_their_place_in_the_qu
         await hub.close()
 
 
+class FreesMidBatch(Budget):
+    """A moving window whose oldest send leaves it while a batch is being started: the
+    answers run out of `grant`ed sends, then one more is granted at the next ask (as a
+    window whose slots free at the pace its sends were made)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = 0
+
+    async def acquire(self, destination_id: str) -> float | None:
+        self.asked += 1
+        wait = await super().acquire(destination_id)
+        if wait is not None:
+            self.grant(1)  # the slot frees right after this answer
+        return wait
+
+
+async def test_a_slot_freed_mid_batch_does_not_send_a_later_delivery_ahead(
+    store: SqlStore, sink: Sink, database_url: str
+) -> None:
+    """Once a delivery of a batch is held back by its destination's rate limit, the rest
+    of the batch's deliveries to it are held back too, in their places behind it: asked
+    again for each, a moving window that freed a slot meanwhile sent a later delivery
+    ahead of the held-back one."""
+    config = config_for(database_url, sink)
+    clock = ManualClock(SystemClock().now_ms())
+    hub = Hub(config, store, clock)
+    budget = FreesMidBatch()
+    worker = Worker(store, config, clock=clock, throttle=budget)  # type: ignore[arg-type]
+    await worker._connectors.start()  # what `run` does first; its loop is driven by hand
+    try:
+        backlog = []
+        for n in range(3):
+            clock.now += 1
+            backlog.append(await publish(hub, n=n))
+        budget.grant(1)
+        assert await worker._step() == 3  # one sent, two given back until the refill
+        for held_back in backlog[1:]:
+            view = await store.get_event(held_back, None)
+            assert view is not None
+            assert [(d.state, d.attempts) for d in view.deliveries] == [("pending", 0)]
+        assert budget.asked == 2  # not asked again for the third once the second waits
+        assert await sink.wait_for(lambda s: s.delivered_ids == {backlog[0]}, 5)
+    finally:
+        await worker._shutdown()
+        await hub.close()
+
+
 async def test_a_fresh_delivery_is_not_handed_over_ahead_of_its_destinations_held_back_ones(
     store: SqlStore, sink: Sink, database_url: str
 ) -> None:

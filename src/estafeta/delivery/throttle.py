@@ -25,16 +25,20 @@ Each process also counts its own sends in memory, those Redis admitted too, and 
 more than the limit in a window by that count either: when an outage begins (or Redis
 restarts empty) mid-window, the sends Redis counted before it still take room in the
 window, so one process never gets a second budget out of the outage.
+
+A destination's sends are kept under a key naming the destination alone (`_DestinationWindow`),
+not limits' own, which names the limit too: a `rate_limit` changed between runs then goes on
+from the sends of the current window instead of a whole new budget.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
-from limits import RateLimitItem, parse
-from limits.aio.storage import MemoryStorage, RedisStorage
+from limits import RateLimitItem, WindowStats, parse
+from limits.aio.storage import MemoryStorage, MovingWindowSupport, RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 from redis.asyncio import ConnectionPool
 from redis.asyncio.retry import Retry
@@ -68,10 +72,10 @@ class DestinationThrottle:
             destination: parse(limit) for destination, limit in limits_by_destination.items()
         }
         # Every send of this process, whether Redis or memory admitted it.
-        self._memory = MovingWindowRateLimiter(MemoryStorage())
+        self._memory = _DestinationWindow(MemoryStorage())
         # Those of them admitted during a Redis outage and not yet added to Redis, and the
         # destinations that have some.
-        self._outage = MovingWindowRateLimiter(MemoryStorage())
+        self._outage = _DestinationWindow(MemoryStorage())
         self._unshared: set[str] = set()
         self._failover = RedisFailover("throttle", retry_s=retry_s, monotonic=monotonic)
         self._pool: ConnectionPool | None = None
@@ -92,7 +96,7 @@ class DestinationThrottle:
                 key_prefix=f"{key_prefix}throttle",
                 **options,
             )
-            self._redis = MovingWindowRateLimiter(storage)
+            self._redis = _DestinationWindow(storage)
 
     @property
     def using_redis(self) -> bool:
@@ -164,6 +168,42 @@ class DestinationThrottle:
         """Close the Redis connections (a no-op without Redis)."""
         if self._pool is not None:
             await self._pool.aclose()
+
+
+class _DestinationWindow(MovingWindowRateLimiter):
+    """limits' moving window, with a destination's sends under a key of its id alone.
+
+    limits' own key names the limit too (`LIMITER/crm/10/1/minute`), so a `rate_limit`
+    changed between runs started from an empty window (ten sent, lowered to five a minute:
+    five more went at once), and during a rolling change the processes on the old and the
+    new value each had a budget of their own. One list of send times serves any limit: it
+    holds the latest sends, newest first, and a check of N reads the N-th; limits' script
+    trims it to the limit of the send just counted, which drops only sends already out of
+    that limit's window (a period changed too may forget some of the longer one's).
+    """
+
+    async def hit(self, item: RateLimitItem, *identifiers: str, cost: int = 1) -> bool:
+        storage = cast(MovingWindowSupport, self.storage)
+        return await storage.acquire_entry(
+            _key(item, identifiers), item.amount, item.get_expiry(), amount=cost
+        )
+
+    async def test(self, item: RateLimitItem, *identifiers: str, cost: int = 1) -> bool:
+        return (await self.get_window_stats(item, *identifiers)).remaining >= cost
+
+    async def get_window_stats(self, item: RateLimitItem, *identifiers: str) -> WindowStats:
+        storage = cast(MovingWindowSupport, self.storage)
+        start, count = await storage.get_moving_window(
+            _key(item, identifiers), item.amount, item.get_expiry()
+        )
+        return WindowStats(start + item.get_expiry(), item.amount - count)
+
+    async def clear(self, item: RateLimitItem, *identifiers: str) -> None:
+        await self.storage.clear(_key(item, identifiers))
+
+
+def _key(item: RateLimitItem, identifiers: tuple[str, ...]) -> str:
+    return "/".join([item.namespace, *identifiers])
 
 
 async def _acquire(

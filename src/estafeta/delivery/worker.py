@@ -438,7 +438,8 @@ class Worker:
     async def _start(self, batch: list[LeasedDelivery], now: int, *, probe: bool = False) -> int:
         """Send each leased delivery its destination's rate limit allows now; give the others
         back in their place in the queue (no attempt counted), their destination skipped by
-        leases and hand-overs until its budget refills. Returns how many were sent.
+        leases and hand-overs until its budget refills. Once one is given back, so are the
+        batch's later deliveries to its destination. Returns how many were sent.
 
         A circuit may have opened since the batch was leased or handed over (the commit or
         the lease statement takes milliseconds, and failing sends record meanwhile): its
@@ -467,6 +468,9 @@ class Worker:
             wait_s = await self.throttle.acquire(delivery.destination_id)
             if wait_s is not None:
                 self._snoozes.spent(delivery.destination_id, now + max(1, round(wait_s * 1000)))
+                # The rest of the batch's deliveries to it wait behind this one: asked again,
+                # a moving window that freed a slot meanwhile sent a later one ahead of it.
+                held.add(delivery.destination_id)
                 snoozed.append(delivery)
                 continue
             start(loop, delivery)
