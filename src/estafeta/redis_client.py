@@ -16,6 +16,7 @@ import redis.asyncio
 import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 REDIS_ERRORS: tuple[type[Exception], ...] = (RedisError, OSError)  # OSError: TimeoutError too
@@ -82,14 +83,27 @@ def connect_redis(url: str, *, timeout_s: float = 1.0) -> redis.asyncio.Redis:
 
     redis-py's defaults wait forever on a silent network and retry ten times with backoff;
     for state that has a local fallback, failing fast is worth more. One retry stays, so the
-    first call after a Redis restart replaces its dead pooled connection instead of failing.
+    first call after a Redis restart replaces its dead pooled connection instead of failing
+    (see `retry_once`).
     """
     return redis.asyncio.Redis.from_url(
         url,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 1),
+        retry=retry_once(),
     )
+
+
+def retry_once() -> Retry:
+    """One more try of a call whose connection failed, none of one that timed out.
+
+    redis-py retries on timeouts too, but a call that timed out waiting for its answer may
+    have run: Redis, stalled (a fork for a snapshot, a slow disk), answers late. Sent again,
+    it ran twice: a destination's send or a circuit's failure counted twice, the claim of a
+    half-open circuit's probe taken for another worker's, so that no worker sent it. A
+    dead pooled connection (Redis restarted) fails as a connection error instead.
+    """
+    return Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
 
 
 def _log() -> structlog.typing.FilteringBoundLogger:

@@ -6,11 +6,14 @@ Without the shared Redis the tests that need it are skipped locally and fail und
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import socket
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import redis
 
@@ -49,3 +52,64 @@ class RedisServer:
         if self._process is not None and self._process.poll() is None:
             self._process.kill()
             self._process.wait(timeout=10)
+
+
+class LateRedis:
+    """A proxy in front of a Redis that, once armed, holds back the server's answer to the
+    next request containing `command` by `delay_s`: Redis runs it at once and answers late,
+    as it does while stalled (a fork for a snapshot, a slow disk under appendfsync)."""
+
+    def __init__(self, upstream_url: str, *, command: bytes, delay_s: float) -> None:
+        self._upstream = urlsplit(upstream_url)
+        self._command = command
+        self._delay_s = delay_s
+        self.armed = False
+        self.url = ""
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> LateRedis:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = f"redis://127.0.0.1:{port}{self._upstream.path or '/0'}"
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        host, port = self._upstream.hostname or "127.0.0.1", self._upstream.port or 6379
+        up_reader, up_writer = await asyncio.open_connection(host, port)
+        late = asyncio.Event()  # the next answer from upstream is to be held back
+
+        async def requests() -> None:
+            while data := await reader.read(65536):
+                if self.armed and self._command in data:
+                    self.armed = False
+                    late.set()
+                up_writer.write(data)
+            up_writer.close()  # the client hung up: so does Redis, which ends `answers`
+
+        async def answers() -> None:
+            while data := await up_reader.read(65536):
+                if late.is_set():
+                    late.clear()
+                    await asyncio.sleep(self._delay_s)
+                writer.write(data)
+
+        try:
+            await asyncio.gather(requests(), answers())
+        except (OSError, asyncio.CancelledError):
+            pass  # a connection ended, or the proxy closed: nothing more to pass on
+        finally:
+            self._tasks.discard(task)
+            for w in (writer, up_writer):
+                with contextlib.suppress(OSError):
+                    w.close()

@@ -17,7 +17,7 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
-from estafeta.delivery.circuit import Circuit, CircuitState
+from estafeta.delivery.circuit import Admission, Circuit, CircuitPolicy, CircuitState, admit
 from estafeta.delivery.circuit_store import (
     CircuitStateStore,
     FallbackCircuitStore,
@@ -25,7 +25,7 @@ from estafeta.delivery.circuit_store import (
     RedisCircuitStore,
 )
 from estafeta.redis_client import RedisFailover, connect_redis
-from tests.integration.redis_support import SHARED_REDIS_URL, RedisServer
+from tests.integration.redis_support import SHARED_REDIS_URL, LateRedis, RedisServer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -246,8 +246,37 @@ async def test_a_burst_waits_for_one_silent_redis_call_not_one_each() -> None:
                 await asyncio.gather(*(fallback.update("crm", one_more_failure) for _ in range(20)))
         assert (await fallback.get_all())["crm"].consecutive_failures == 20
         assert [e["event"] for e in logs] == ["redis_unavailable"]
-        # One update tried Redis (a connection and its one retry), not each in turn.
-        assert accepted <= 2
+        # One update tried Redis, not each in turn, and once: a call that timed out is not
+        # sent again (it may have run).
+        assert accepted == 1
     finally:
         await client.aclose()
         server.close()
+
+
+async def test_a_probe_claimed_in_a_redis_stall_is_sent_by_the_worker_that_claimed_it(
+    shared_prefix: str,
+) -> None:
+    """Redis ran the claim of a half-open circuit's probe and answered after the client's
+    timeout (a stall: a fork for a snapshot, a slow disk). redis-py sent the transaction
+    again on a new connection, found its WATCH gone, and the update read the circuit again:
+    the probe looked claimed by another worker, so no worker sent it, and the destination,
+    back up, waited out the probe's timeout (60 s at least) for its deliveries. A failure
+    recorded in such a stall was counted twice. A call that timed out is not sent again:
+    the update carries on from memory, as in an outage."""
+    policy = CircuitPolicy(failures=5, reset_s=30)
+    now_ms = OPEN.opened_at + 31_000  # type: ignore[operator]  # OPEN has its opened_at
+    async with LateRedis(SHARED_REDIS_URL, command=b"EXEC", delay_s=0.6) as late:
+        client = connect_redis(late.url, timeout_s=0.2)
+        circuits = FallbackCircuitStore(
+            RedisCircuitStore(client, shared_prefix), monotonic=FakeMonotonic()
+        )
+        try:
+            await circuits.update("crm", lambda _: OPEN)
+            late.armed = True
+            async with asyncio.timeout(10):
+                before, after = await circuits.update("crm", lambda c: admit(c, policy, now_ms)[1])
+            assert admit(before, policy, now_ms)[0] is Admission.PROBE  # this worker's probe
+            assert after.state is CircuitState.HALF_OPEN
+        finally:
+            await client.aclose()

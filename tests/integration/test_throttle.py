@@ -18,7 +18,7 @@ from limits import RateLimitItem, WindowStats
 from structlog.testing import capture_logs
 
 from estafeta.delivery.throttle import DestinationThrottle
-from tests.integration.redis_support import SHARED_REDIS_URL, RedisServer
+from tests.integration.redis_support import SHARED_REDIS_URL, LateRedis, RedisServer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -318,3 +318,22 @@ async def test_a_rate_limit_changed_between_runs_keeps_the_sends_of_its_window(
     assert await admitted(raised, 15) == 5
     # Nor does a process of a rolling change started on the old value: one budget for all.
     assert await admitted(throttle("10/minute"), 10) == 0
+
+
+async def test_a_send_redis_counted_late_is_counted_once(
+    shared_prefix: str, throttles: list[DestinationThrottle]
+) -> None:
+    """Redis counted a send and answered after the client's timeout (a stall: a fork for a
+    snapshot, a slow disk). redis-py sent the count again, Redis counted the send twice,
+    and the destination's next send in the window was held back though the destination had
+    had one of its two: a minute here, a day for a "1000/day" destination. A count that
+    timed out is not sent again: the throttle carries on from memory, as in an outage."""
+    async with LateRedis(SHARED_REDIS_URL, command=b"EVALSHA", delay_s=0.6) as late:
+        throttle = DestinationThrottle(
+            {"billing": "2/minute"}, redis_url=late.url, key_prefix=shared_prefix, timeout_s=0.2
+        )
+        throttles.append(throttle)
+        late.armed = True
+        async with asyncio.timeout(10):
+            assert await throttle.acquire("billing") is None
+            assert await throttle.acquire("billing") is None  # the second of two a minute

@@ -41,11 +41,9 @@ from limits import RateLimitItem, WindowStats, parse
 from limits.aio.storage import MemoryStorage, MovingWindowSupport, RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 from redis.asyncio import ConnectionPool
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from estafeta.config.models import DEFAULT_REDIS_KEY_PREFIX
-from estafeta.redis_client import REDIS_ERRORS, RedisFailover
+from estafeta.redis_client import REDIS_ERRORS, RedisFailover, retry_once
 
 MIN_WAIT_S = 0.01  # the shortest wait answered: a caller told "0.0001 s" would just spin
 # Reads of Redis's room for the sends counted during an outage, each refused only because
@@ -87,7 +85,7 @@ class DestinationThrottle:
                 _plain_redis_url(redis_url),
                 socket_timeout=timeout_s,
                 socket_connect_timeout=timeout_s,
-                retry=Retry(NoBackoff(), 1),
+                retry=retry_once(),
             )
             options: dict[str, Any] = {"connection_pool": self._pool}
             storage = RedisStorage(
