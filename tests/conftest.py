@@ -27,6 +27,7 @@ from estafeta.config import Config, load_config_dict
 from estafeta.connectors.http import sign_webhook
 from estafeta.delivery.model import LeasedDelivery
 from estafeta.observability import logging as estafeta_logging
+from estafeta.server import GracefulServer, uvicorn_server
 from estafeta.store import open_store
 from estafeta.store.schema import metadata
 from estafeta.store.sqlstore import SqlStore
@@ -304,3 +305,30 @@ async def until_waiting_for_locks(database_url: str, count: int) -> None:
             await asyncio.sleep(0.01)
     finally:
         await monitor.close()
+
+
+@asynccontextmanager
+async def serving(asgi: Any, **limits: Any) -> AsyncIterator[GracefulServer]:
+    """`asgi` served in this process as `estafeta serve` serves it, on any free port, with
+    `limits` (the keywords of `uvicorn_server`); stopped after."""
+    server = uvicorn_server(asgi, "127.0.0.1:0", **limits)
+    running = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(10):  # start-up, bounded: a server that cannot start never does
+            while not server.started:
+                await asyncio.sleep(0.01)
+        yield server
+    finally:
+        server.should_exit = True
+        await running
+
+
+def port_of(server: GracefulServer) -> int:
+    return int(server.servers[0].sockets[0].getsockname()[1])
+
+
+@asynccontextmanager
+async def served(asgi: Any, **limits: Any) -> AsyncIterator[int]:
+    """`asgi` served as `estafeta serve` serves it, on any free port: that port."""
+    async with serving(asgi, **limits) as server:
+        yield port_of(server)

@@ -5,8 +5,9 @@ points it at a configuration file written for the test, talks to it over loopbac
 watches what arrives at `estafeta.testing.Sink` receivers running in the test's event loop.
 
 * `write_config` turns a config dict (e.g. `tests.conftest.base_config(...)`) into TOML;
-* the `estafeta` fixture starts processes, waits until they answer, and kills whatever is
-  still running at teardown; when a test fails, the tail of each child's stderr is printed;
+* the `estafeta` fixture starts processes (`serve` on the `server.listen` of its file, once
+  it answers /health), and kills whatever is still running at teardown; when a test fails,
+  the tail of each child's stderr is printed;
 * `run_cli` runs one command to completion without blocking the event loop (the sinks live
   in it);
 * `HubClient` sends signed webhooks concurrently and reads the API with the admin key;
@@ -27,6 +28,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -171,15 +173,16 @@ def hub_config(
     database_url: str,
     workdir: Path,
     *,
-    port: int,
+    port: int | None = None,
     destinations: list[dict[str, Any]],
     routes: list[dict[str, Any]],
     worker: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """`base_config` listening on `port`, with these destinations and routes."""
+    """`base_config` listening on `port` (a free one unless given), with these destinations
+    and routes."""
     return base_config(
         database_url,
-        server={"listen": f"127.0.0.1:{port}"},
+        server={"listen": f"127.0.0.1:{free_port() if port is None else port}"},
         storage={"url": database_url, "spool_dir": str(workdir / "spool")},
         worker={"poll_interval_s": 0.05, "rescue_interval_s": 0.5, **(worker or {})},
         destinations=destinations,
@@ -192,14 +195,14 @@ def leads_to_crm_config(
     workdir: Path,
     sink_url: str,
     *,
-    port: int,
+    port: int | None = None,
     worker: Mapping[str, Any] | None = None,
     redis_url: str | None = None,
     **destination: Any,
 ) -> Path:
     """The commonest test hub, written to `workdir/estafeta.toml`: `lead.*` events routed to
     one `crm` destination at the sink (`destination` overrides its keys), and Redis at
-    `redis_url` when given."""
+    `redis_url` when given; listening on `port`, or a free one."""
     data = hub_config(
         database_url,
         workdir,
@@ -225,7 +228,6 @@ class Proc:
     popen: subprocess.Popen[bytes]
     stdout_path: Path
     stderr_path: Path
-    base_url: str | None = None
 
     @property
     def pid(self) -> int:
@@ -256,23 +258,6 @@ class Proc:
             f"{self.name} (pid {self.pid}, exit {self.popen.returncode}): {what}\n"
             f"--- stderr tail ---\n{self.tail()}"
         )
-
-    async def wait_healthy(self, timeout_s: float = 30) -> None:
-        """Until `GET /health` answers 200 (bounded; this is process start-up)."""
-        assert self.base_url is not None, "not an HTTP process"
-        deadline = time.monotonic() + timeout_s
-        probe = aiohttp.ClientTimeout(total=1)
-        async with aiohttp.ClientSession(timeout=probe) as http:
-            while True:
-                if not self.running():
-                    raise self.failure("exited before answering /health")
-                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                    async with http.get(f"{self.base_url}/health") as response:
-                        if response.status == 200:
-                            return
-                if time.monotonic() > deadline:
-                    raise self.failure(f"/health did not answer within {timeout_s} s")
-                await asyncio.sleep(0.05)
 
     async def wait_log(self, event: str, timeout_s: float = 30) -> dict[str, Any]:
         """Until the process logs `{"event": event, ...}` on stderr (bounded)."""
@@ -315,6 +300,39 @@ class Proc:
             self.popen.wait(10)
 
 
+@dataclass
+class Server(Proc):
+    """`estafeta serve`, answering HTTP on `listen` (host:port)."""
+
+    listen: str
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.listen}"
+
+    async def wait_healthy(self, timeout_s: float = 30) -> None:
+        """Until `GET /health` answers 200 (bounded; this is process start-up)."""
+        deadline = time.monotonic() + timeout_s
+        probe = aiohttp.ClientTimeout(total=1)
+        async with aiohttp.ClientSession(timeout=probe) as http:
+            while True:
+                if not self.running():
+                    raise self.failure("exited before answering /health")
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    async with http.get(f"{self.base_url}/health") as response:
+                        if response.status == 200:
+                            return
+                if time.monotonic() > deadline:
+                    raise self.failure(f"/health did not answer within {timeout_s} s")
+                await asyncio.sleep(0.05)
+
+
+def listen_address(config: Path) -> str:
+    """The `server.listen` of a config file: where a `serve` of it answers."""
+    listen: str = tomllib.loads(config.read_text(encoding="utf-8"))["server"]["listen"]
+    return listen
+
+
 class Estafeta:
     """Starts `estafeta` processes for one test and cleans them all up afterwards."""
 
@@ -322,7 +340,10 @@ class Estafeta:
         self.workdir = workdir
         self.started: list[Proc] = []
 
-    def start(self, name: str, *args: str, port: int | None = None) -> Proc:
+    def _spawn(
+        self, name: str, args: Sequence[str]
+    ) -> tuple[list[str], subprocess.Popen[bytes], Path, Path]:
+        """`estafeta ARGS…` started: its command line, process, stdout and stderr files."""
         n = len(self.started)
         stdout_path = self.workdir / f"{n:02d}-{name}.stdout"
         stderr_path = self.workdir / f"{n:02d}-{name}.stderr"
@@ -331,31 +352,31 @@ class Estafeta:
             popen = subprocess.Popen(
                 command, stdout=out, stderr=err, cwd=self.workdir, env=child_env()
             )
-        proc = Proc(
-            name=name,
-            args=command,
-            popen=popen,
-            stdout_path=stdout_path,
-            stderr_path=stderr_path,
-            base_url=f"http://127.0.0.1:{port}" if port is not None else None,
-        )
+        return command, popen, stdout_path, stderr_path
+
+    def start(self, name: str, *args: str) -> Proc:
+        """`estafeta ARGS…`, not waited for (a test that watches a start-up or its failure)."""
+        proc = Proc(name, *self._spawn(name, args))
         self.started.append(proc)
         return proc
 
     async def serve(
-        self, config: Path, port: int, *, no_workers: bool = False, name: str = "serve"
-    ) -> Proc:
-        """`estafeta serve --config F`, once it answers /health."""
-        args = ["serve", "--config", str(config)]
+        self, config: Path, *args: str, no_workers: bool = False, name: str = "serve"
+    ) -> Server:
+        """`estafeta serve --config F ARGS…`, once it answers /health on F's `server.listen`
+        (read from the file, so a restart of the same file answers where the first did)."""
+        command = ["serve", "--config", str(config), *args]
         if no_workers:
-            args.append("--no-workers")
-        proc = self.start(name, *args, port=port)
-        await proc.wait_healthy()
-        return proc
+            command.append("--no-workers")
+        server = Server(name, *self._spawn(name, command), listen=listen_address(config))
+        self.started.append(server)
+        await server.wait_healthy()
+        return server
 
-    def worker(self, config: Path, *, name: str = "worker") -> Proc:
-        """`estafeta worker --config F` (await `wait_log("worker_started")` for readiness)."""
-        return self.start(name, "worker", "--config", str(config))
+    def worker(self, config: Path, *args: str, name: str = "worker") -> Proc:
+        """`estafeta worker --config F ARGS…` (await `wait_log("worker_started")` for
+        readiness)."""
+        return self.start(name, "worker", "--config", str(config), *args)
 
     def kill_all(self) -> None:
         for proc in self.started:
@@ -573,10 +594,16 @@ async def client_session() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-async def send_one_lead(base_url: str) -> str:
-    """One signed `lead.created` webhook (webhook-id msg_1), accepted (202): its event id."""
+@contextlib.asynccontextmanager
+async def hub_client(server: Server) -> AsyncIterator[HubClient]:
+    """`server`'s HTTP surface, on a session of its own (closed after)."""
     async with client_session() as http:
-        hub = HubClient(base_url, http)
+        yield HubClient(server.base_url, http)
+
+
+async def send_one_lead(server: Server) -> str:
+    """One signed `lead.created` webhook (webhook-id msg_1), accepted (202): its event id."""
+    async with hub_client(server) as hub:
         status, answer = await hub.post_signed({"type": "lead.created", "data": {}}, "msg_1")
     assert status == 202, answer
     return str(answer["id"])

@@ -9,9 +9,7 @@ tenant) and with a tenant's key (who alone may publish, send and act on conversa
 
 from __future__ import annotations
 
-import subprocess
-import time
-import urllib.request
+import asyncio
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +27,9 @@ from estafeta.store import open_store
 from tests.acceptance.conftest import (
     ADMIN_KEY,
     TENANT,
-    child_env,
-    estafeta_command,
+    Estafeta,
     free_port,
+    run_cli,
     write_config,
 )
 from tests.conftest import base_config, fresh_database
@@ -55,10 +53,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 
 def _serve(workdir: Path, database_url: str) -> Iterator[Served]:
     """`estafeta serve` on `database_url` until the generator is closed, and a tenant key."""
-    port = free_port()
     settings = base_config(
         database_url,
-        server={"listen": f"127.0.0.1:{port}"},
+        server={"listen": f"127.0.0.1:{free_port()}"},
         storage={"url": database_url, "spool_dir": str(workdir / "spool")},
     )
     # A source that can send, named as the API's example names one, so that generated
@@ -77,47 +74,20 @@ def _serve(workdir: Path, database_url: str) -> Iterator[Served]:
         }
     )
     config = write_config(workdir / "estafeta.toml", settings)
-    with (workdir / "serve.stderr").open("wb") as err:
-        server = subprocess.Popen(
-            [*estafeta_command(), "serve", "--config", str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-            cwd=workdir,
-            env=child_env(),
+    launcher = Estafeta(workdir)
+
+    async def started() -> Served:
+        server = await launcher.serve(config)
+        created = await run_cli(
+            "keys", "create", "--config", str(config), "--tenant", TENANT, cwd=workdir
         )
-    url = f"http://127.0.0.1:{port}"
+        assert created.returncode == 0, created
+        return Served(server.base_url, created.stdout.strip())
+
     try:
-        _wait_healthy(url, server, workdir / "serve.stderr")
-        created = subprocess.run(
-            [*estafeta_command(), "keys", "create", "--config", str(config), "--tenant", TENANT],
-            capture_output=True,
-            check=True,
-            cwd=workdir,
-            env=child_env(),
-            timeout=60,
-        )
-        yield Served(url, created.stdout.decode().strip())
+        yield asyncio.run(started())  # this module's tests are not coroutines
     finally:
-        server.terminate()
-        try:
-            server.wait(20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-
-
-def _wait_healthy(url: str, server: subprocess.Popen[bytes], stderr: Path) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"estafeta serve exited with {server.returncode}: {stderr.read_text()}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=1) as response:  # noqa: S310
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    pytest.fail(f"estafeta serve did not answer /health in 30 s: {stderr.read_text()}")
+        launcher.kill_all()
 
 
 def _openapi() -> dict[str, Any]:

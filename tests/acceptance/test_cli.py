@@ -21,10 +21,10 @@ from estafeta.testing.sink import Sink
 from tests.acceptance.conftest import (
     TENANT,
     Estafeta,
-    HubClient,
     client_session,
     free_port,
     http_destination,
+    hub_client,
     hub_config,
     leads_to_crm_config,
     query,
@@ -197,7 +197,6 @@ async def test_serve_refuses_a_destination_kind_it_cannot_deliver_to(tmp_path: P
     config = hub_config(
         f"sqlite:///{tmp_path / 'estafeta.db'}",
         tmp_path,
-        port=free_port(),
         destinations=[
             http_destination("crm", "http://127.0.0.1:9/crm"),
             {"id": "sheet", "tenant": TENANT, "kind": "airtable"},
@@ -221,7 +220,6 @@ async def test_a_setting_serve_cannot_use_is_refused_by_check_config_first(
     config = hub_config(
         f"sqlite:///{tmp_path / 'estafeta.db'}",
         tmp_path,
-        port=free_port(),
         destinations=[http_destination("crm", "http://127.0.0.1:9/crm")],
         routes=[{"tenant": TENANT, "events": ["lead.*"], "destinations": ["crm"]}],
     )
@@ -297,7 +295,6 @@ async def test_check_config_accepts_a_good_file(tmp_path: Path) -> None:
     config = hub_config(
         f"sqlite:///{tmp_path / 'estafeta.db'}",
         tmp_path,
-        port=free_port(),
         destinations=[http_destination("crm", "http://127.0.0.1:9/crm")],
         routes=[{"tenant": TENANT, "events": ["lead.*"], "destinations": ["crm"]}],
     )
@@ -315,10 +312,9 @@ async def test_migrate_then_keys_create_prints_a_key_that_publishes_events(
     tmp_path: Path, estafeta: Estafeta
 ) -> None:
     database_url = f"sqlite:///{tmp_path / 'estafeta.db'}"
-    port = free_port()
     config = write_config(
         tmp_path / "estafeta.toml",
-        hub_config(database_url, tmp_path, port=port, destinations=[], routes=[]),
+        hub_config(database_url, tmp_path, destinations=[], routes=[]),
     )
     migrated = await run_cli("migrate", "--config", str(config), cwd=tmp_path)
     assert migrated.returncode == 0, migrated
@@ -340,10 +336,8 @@ async def test_migrate_then_keys_create_prints_a_key_that_publishes_events(
     assert unknown.returncode == 2, unknown
     assert "no tenant 'nobody'" in unknown.stderr and unknown.stdout == "", unknown
 
-    serve = await estafeta.serve(config, port)
-    assert serve.base_url is not None
-    async with client_session() as http:
-        hub = HubClient(serve.base_url, http)
+    serve = await estafeta.serve(config)
+    async with hub_client(serve) as hub:
         # Its in-process worker logs the id /health/detailed lists the process under.
         started = await serve.wait_log("worker_started")
         health = await hub.get_json("/health/detailed")
@@ -371,9 +365,7 @@ async def test_migrate_takes_a_postgresql_url_with_libpqs_sslmode(tmp_path: Path
     with fresh_database("estafeta_sslmode") as url:
         config = write_config(
             tmp_path / "estafeta.toml",
-            hub_config(
-                f"{url}?sslmode=disable", tmp_path, port=free_port(), destinations=[], routes=[]
-            ),
+            hub_config(f"{url}?sslmode=disable", tmp_path, destinations=[], routes=[]),
         )
         migrated = await run_cli("migrate", "--config", str(config), cwd=tmp_path)
     assert migrated.returncode == 0, migrated
@@ -409,7 +401,7 @@ async def test_a_worker_says_which_engine_it_runs_on(
     # not, so a worker left on the default SQLite file could not be told from the log.
     config = write_config(
         tmp_path / "estafeta.toml",
-        hub_config(database_url, tmp_path, port=free_port(), destinations=[], routes=[]),
+        hub_config(database_url, tmp_path, destinations=[], routes=[]),
     )
     migrated = await run_cli("migrate", "--config", str(config), cwd=tmp_path)
     assert migrated.returncode == 0, migrated
@@ -435,13 +427,11 @@ async def test_a_worker_says_which_engine_it_runs_on(
 async def test_dlq_list_replay_and_discard(tmp_path: Path, estafeta: Estafeta, sink: Sink) -> None:
     database_url = f"sqlite:///{tmp_path / 'estafeta.db'}"
     sink.respond(500)  # both destinations are down: one attempt each, straight to the DLQ
-    port = free_port()
     config = write_config(
         tmp_path / "estafeta.toml",
         hub_config(
             database_url,
             tmp_path,
-            port=port,
             destinations=[
                 http_destination("crm", f"{sink.url}/hooks/crm", max_attempts=1),
                 http_destination("billing", f"{sink.url}/hooks/billing", max_attempts=1),
@@ -449,10 +439,8 @@ async def test_dlq_list_replay_and_discard(tmp_path: Path, estafeta: Estafeta, s
             routes=[{"tenant": TENANT, "events": ["lead.*"], "destinations": ["crm", "billing"]}],
         ),
     )
-    serve = await estafeta.serve(config, port)
-    assert serve.base_url is not None
-    async with client_session() as http:
-        hub = HubClient(serve.base_url, http)
+    serve = await estafeta.serve(config)
+    async with hub_client(serve) as hub:
         sent = await hub.send_leads(5)
         assert sent.statuses == [202] * 5
         events = sent.acknowledged
@@ -498,16 +486,14 @@ async def test_dlq_list_replay_and_discard(tmp_path: Path, estafeta: Estafeta, s
 
     # Billing is back: the replayed deliveries go out, the discarded ones never do.
     sink.respond(200)
-    serve = await estafeta.serve(config, port, name="serve-again")
-    assert serve.base_url is not None
+    serve = await estafeta.serve(config, name="serve-again")
 
     def billing_got_all(s: Sink) -> bool:
         ok = {r.webhook_id for r in s.received if r.status == 200 and r.path == "/hooks/billing"}
         return events <= ok
 
     assert await sink.wait_for(billing_got_all, 30), "replayed deliveries not delivered"
-    async with client_session() as http:
-        hub = HubClient(serve.base_url, http)
+    async with hub_client(serve) as hub:
         assert await settled(hub, database_url, timeout_s=20) == {
             "succeeded": 5,
             "discarded": 5,
@@ -537,18 +523,15 @@ async def test_sigterm_stops_serve_cleanly_with_a_send_in_flight(
 ) -> None:
     """SIGTERM → exit 0 within the grace period; the delivery is never left in flight."""
     sink.respond(200, delay_s=send_s)
-    port = free_port()
     config = leads_to_crm_config(
         database_url,
         tmp_path,
         sink.url,
-        port=port,
         timeout_s=10,
         worker={"shutdown_grace_s": grace_s},
     )
-    serve = await estafeta.serve(config, port)
-    assert serve.base_url is not None
-    event_id = await send_one_lead(serve.base_url)
+    serve = await estafeta.serve(config)
+    event_id = await send_one_lead(serve)
     assert await sink.wait_for(lambda s: len(s.received) == 1, 10), "the send never started"
 
     stopping = time.monotonic()
@@ -564,10 +547,8 @@ async def test_sigterm_stops_serve_cleanly_with_a_send_in_flight(
 
     # Restarted, the hub finishes the job: the delivery succeeds, nothing is lost.
     sink.respond(200)
-    again = await estafeta.serve(config, port, name="serve-again")
-    assert again.base_url is not None
-    async with client_session() as http:
-        hub = HubClient(again.base_url, http)
+    again = await estafeta.serve(config, name="serve-again")
+    async with hub_client(again) as hub:
         assert await settled(hub, database_url, timeout_s=20) == {"succeeded": 1}
         delivery = await hub.delivery(event_id, "crm")
         assert [a["status_code"] for a in delivery["attempt_log"]] == [200]

@@ -19,10 +19,8 @@ from estafeta.testing.sink import Sink
 from tests.acceptance.conftest import (
     TENANT,
     Estafeta,
-    HubClient,
-    client_session,
-    free_port,
     http_destination,
+    hub_client,
     hub_config,
     settled,
     summary,
@@ -60,11 +58,9 @@ async def test_thousand_signed_webhooks_are_delivered_once_retried_and_dead_lett
     billing.fail_first(FLAKY_FAILURES, 500)
     calendar.respond(500)  # down until the operator has fixed it
     try:
-        port = free_port()
         config = hub_config(
             database_url,
             tmp_path,
-            port=port,
             destinations=[
                 http_destination("crm", f"{crm.url}/hooks/crm"),
                 http_destination(
@@ -98,11 +94,9 @@ async def test_thousand_signed_webhooks_are_delivered_once_retried_and_dead_lett
                 },
             ],
         )
-        serve = await estafeta.serve(write_config(tmp_path / "estafeta.toml", config), port)
-        assert serve.base_url is not None
+        serve = await estafeta.serve(write_config(tmp_path / "estafeta.toml", config))
 
-        async with client_session() as http:
-            hub = HubClient(serve.base_url, http)
+        async with hub_client(serve) as hub:
             bodies = [
                 {"type": "lead.created", "data": {"n": n, "booking": n % BOOKING_EVERY == 0}}
                 for n in range(EVENTS)

@@ -15,10 +15,8 @@ from sqlalchemy import make_url
 from estafeta.testing.sink import Sink
 from tests.acceptance.conftest import (
     Estafeta,
-    HubClient,
-    client_session,
     execute,
-    free_port,
+    hub_client,
     leads_to_crm_config,
     query,
     report,
@@ -36,23 +34,19 @@ async def test_killed_worker_loses_nothing_and_duplicates_only_what_was_in_fligh
 ) -> None:
     started = time.monotonic()
     sink.respond(200, delay_s=SINK_DELAY_S)
-    port = free_port()
     # lease = max(lease_s, timeout_s + 2) = 3 s: a dead worker's sends come back soon
     config = leads_to_crm_config(
         database_url,
         tmp_path,
         sink.url,
-        port=port,
         timeout_s=1,
         worker={"lease_s": 1, "concurrency": 32},
     )
-    serve = await estafeta.serve(config, port, no_workers=True)
-    assert serve.base_url is not None
+    serve = await estafeta.serve(config, no_workers=True)
     doomed = estafeta.worker(config, name="worker-1")
     await doomed.wait_log("worker_started")
 
-    async with client_session() as http:
-        hub = HubClient(serve.base_url, http)
+    async with hub_client(serve) as hub:
         sent = await hub.send_leads(EVENTS)
         assert sent.errors == []
         assert sent.statuses == [202] * EVENTS
@@ -109,16 +103,13 @@ async def test_serve_without_workers_says_when_no_worker_runs(
 ) -> None:
     # `serve --no-workers` accepts every event whether or not a worker runs: a worker that
     # died (or was never started) used to go unheard until the backlog reached 10,000.
-    port = free_port()
     config = leads_to_crm_config(
-        database_url, tmp_path, sink.url, port=port, worker={"alert_no_workers_s": 30}
+        database_url, tmp_path, sink.url, worker={"alert_no_workers_s": 30}
     )
-    serve = await estafeta.serve(config, port, no_workers=True)
-    assert serve.base_url is not None
+    serve = await estafeta.serve(config, no_workers=True)
     worker = estafeta.worker(config, name="worker-1")
     started = await worker.wait_log("worker_started")
-    async with client_session() as http:
-        hub = HubClient(serve.base_url, http)
+    async with hub_client(serve) as hub:
         health = await hub.get_json("/health/detailed")
         listed = {p["id"]: p["delivers"] for p in health["checks"]["processes"]}
         assert listed[started["worker"]] is True
@@ -160,9 +151,8 @@ async def test_serve_hears_of_a_worker_that_runs_but_keeps_crashing(
     role = f"estafeta_reader_{os.getpid()}"
     role_made = False
     try:
-        port = free_port()
         settings = {"alert_no_workers_s": 30}
-        config = leads_to_crm_config(database_url, tmp_path, sink.url, port=port, worker=settings)
+        config = leads_to_crm_config(database_url, tmp_path, sink.url, worker=settings)
         migrated = estafeta.start("migrate", "migrate", "--config", str(config))
         assert await migrated.wait_exit(30) == 0, migrated.tail()
         await execute(database_url, f"CREATE ROLE {role} LOGIN")
@@ -178,21 +168,15 @@ async def test_serve_hears_of_a_worker_that_runs_but_keeps_crashing(
             make_url(database_url).set(username=role).render_as_string(False),
             restricted_dir,
             sink.url,
-            port=port,
             worker=settings,
         )
         if layout == "worker":
-            serve = await estafeta.serve(config, port, no_workers=True)
+            serve = await estafeta.serve(config, no_workers=True)
             crashing = estafeta.worker(restricted)
         else:
-            serve = crashing = estafeta.start(
-                "serve", "serve", "--config", str(restricted), "--no-migrate", port=port
-            )
-            await serve.wait_healthy()
+            serve = crashing = await estafeta.serve(restricted, "--no-migrate")
         started = await crashing.wait_log("worker_started")
-        assert serve.base_url is not None
-        async with client_session() as http:
-            hub = HubClient(serve.base_url, http)
+        async with hub_client(serve) as hub:
             sent = await hub.send_many([{"type": "lead.created", "data": {"n": 1}}], ["msg_1"])
             assert sent.statuses == [202]
             crashed = await crashing.wait_log("task_crashed")
@@ -211,7 +195,7 @@ async def test_serve_hears_of_a_worker_that_runs_but_keeps_crashing(
             assert listed["seen_at"] > listed["delivering_at"]
             assert await query(database_url, "SELECT state FROM deliveries") != [("succeeded",)]
             if layout == "serve":
-                async with http.get(f"{serve.base_url}/metrics") as scraped:
+                async with hub.http.get(f"{serve.base_url}/metrics") as scraped:
                     text = await scraped.text()
                 crashes = re.search(
                     r'^estafeta_task_crashes_total\{task="worker"\} (\S+)$', text, re.M

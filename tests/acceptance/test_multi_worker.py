@@ -13,9 +13,7 @@ import pytest
 from estafeta.testing.sink import Sink
 from tests.acceptance.conftest import (
     Estafeta,
-    HubClient,
-    client_session,
-    free_port,
+    hub_client,
     leads_to_crm_config,
     report,
     settled,
@@ -34,18 +32,14 @@ async def test_four_workers_deliver_each_event_exactly_once(
     # A little latency per send, so one worker alone cannot drain the queue before the others
     # have started: 32 sends at a time x 0.1 s is at most ~320 deliveries a second per worker.
     sink.respond(200, delay_s=0.1)
-    port = free_port()
     config = leads_to_crm_config(
         database_url,
         tmp_path,
         sink.url,
-        port=port,
         worker={"concurrency": 32, "batch_size": 32},
     )
-    serve = await estafeta.serve(config, port, no_workers=True)
-    assert serve.base_url is not None
-    async with client_session() as http:
-        hub = HubClient(serve.base_url, http)
+    serve = await estafeta.serve(config, no_workers=True)
+    async with hub_client(serve) as hub:
         sent = await hub.send_leads(EVENTS)
         assert sent.errors == []
         assert sent.statuses == [202] * EVENTS

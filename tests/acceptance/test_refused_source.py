@@ -10,9 +10,7 @@ import pytest
 from estafeta.testing.sink import Sink
 from tests.acceptance.conftest import (
     Estafeta,
-    HubClient,
-    client_session,
-    free_port,
+    hub_client,
     leads_to_crm_config,
     signed_request,
 )
@@ -26,18 +24,15 @@ ALERT = '\nestafeta_alert_firing{alert="webhooks_refused"} '
 async def test_a_source_refused_again_and_again_is_alerted_until_it_is_accepted(
     database_url: str, tmp_path: Path, estafeta: Estafeta, sink: Sink
 ) -> None:
-    port = free_port()
     config = leads_to_crm_config(
-        database_url, tmp_path, sink.url, port=port, worker={"alert_webhooks_refused_s": 1}
+        database_url, tmp_path, sink.url, worker={"alert_webhooks_refused_s": 1}
     )
-    serve = await estafeta.serve(config, port)
-    assert serve.base_url is not None
-    async with client_session() as http:
-        hub = HubClient(serve.base_url, http)
+    serve = await estafeta.serve(config)
+    async with hub_client(serve) as hub:
         lead = {"type": "lead.created", "data": {"n": 1}}
         for n in range(3):  # signed with another secret than the source's
             raw, headers = signed_request(lead, f"msg_{n}", secret=SINK_SECRET)
-            async with http.post(
+            async with hub.http.post(
                 f"{serve.base_url}/in/crm-events", data=raw, headers=headers
             ) as refused:
                 assert refused.status == 401
@@ -50,7 +45,7 @@ async def test_a_source_refused_again_and_again_is_alerted_until_it_is_accepted(
         assert fired["error"] == "invalid_signature"
         health = await hub.get_json("/health/detailed")
         assert health["checks"]["alerts"]["firing"] == ["webhooks_refused"]
-        async with http.get(f"{serve.base_url}/metrics") as scraped:
+        async with hub.http.get(f"{serve.base_url}/metrics") as scraped:
             assert f"{ALERT}1.0\n" in await scraped.text()
 
         status, _ = await hub.post_signed(lead, "msg_fixed")  # the right secret again

@@ -13,10 +13,9 @@ from estafeta.testing.sink import Sink
 from tests.acceptance.conftest import (
     TENANT,
     Estafeta,
-    HubClient,
-    client_session,
     free_port,
     http_destination,
+    hub_client,
     hub_config,
     run_cli,
     settled,
@@ -54,10 +53,8 @@ async def test_a_new_destinations_deliveries_wait_for_a_worker_on_the_new_file(
     assert migrated.returncode == 0, migrated.stderr
     old_worker = estafeta.worker(old, name="old-worker")
     await old_worker.wait_log("worker_started")
-    serve = await estafeta.serve(new, port, no_workers=True)  # ingest updated first
-    assert serve.base_url is not None
-    async with client_session() as http:
-        hub = HubClient(serve.base_url, http)
+    serve = await estafeta.serve(new, no_workers=True)  # ingest updated first
+    async with hub_client(serve) as hub:
         msg_ids = [f"msg_{n}" for n in range(EVENTS)]
         sent = await hub.send_many(
             [{"type": "appointment.booked", "data": {"n": n}} for n in range(EVENTS)], msg_ids

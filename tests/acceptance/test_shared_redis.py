@@ -12,7 +12,6 @@ import pytest
 from tests.acceptance.conftest import (
     TENANT,
     Estafeta,
-    free_port,
     http_destination,
     hub_config,
     run_cli,
@@ -34,13 +33,12 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         server.kill()
 
 
-def deployment(workdir: Path, redis_url: str, *, port: int, **redis: str) -> Path:
+def deployment(workdir: Path, redis_url: str, **redis: str) -> Path:
     """An estafeta with its own store and spool, configured like any other (`crm`)."""
     workdir.mkdir(exist_ok=True)
     config = hub_config(
         f"sqlite:///{workdir / 'estafeta.db'}",
         workdir,
-        port=port,
         destinations=[http_destination("crm", "http://127.0.0.1:9/crm")],
         routes=[{"tenant": TENANT, "events": ["lead.*"], "destinations": ["crm"]}],
     )
@@ -51,16 +49,14 @@ def deployment(workdir: Path, redis_url: str, *, port: int, **redis: str) -> Pat
 async def test_a_second_deployment_on_one_redis_starts_only_under_its_own_key_prefix(
     tmp_path: Path, estafeta: Estafeta, redis_server: RedisServer
 ) -> None:
-    staging_port = free_port()
-    staging = deployment(tmp_path / "staging", redis_server.url, port=staging_port)
-    await estafeta.serve(staging, staging_port, name="staging")
+    staging = deployment(tmp_path / "staging", redis_server.url)
+    await estafeta.serve(staging, name="staging")
     staging_worker = estafeta.worker(staging, name="staging-worker")  # the same store: fine
     await staging_worker.wait_log("worker_started")
 
     # Before: production started and shared staging's circuits and rate limits (`crm`,
     # `clinica-sol` are both's), the run below ran until its timeout.
-    production_port = free_port()
-    production = deployment(tmp_path / "production", redis_server.url, port=production_port)
+    production = deployment(tmp_path / "production", redis_server.url)
     for command in ("serve", "worker"):
         refused = await run_cli(command, "--config", str(production), cwd=tmp_path, timeout_s=20)
         assert refused.returncode == 2, refused
@@ -68,9 +64,7 @@ async def test_a_second_deployment_on_one_redis_starts_only_under_its_own_key_pr
         assert "`[redis] key_prefix`" in refused.stderr and "Traceback" not in refused.stderr
         assert '"event":"serving"' not in refused.stderr
 
-    production = deployment(
-        tmp_path / "production", redis_server.url, port=production_port, key_prefix="prod:"
-    )
-    served = await estafeta.serve(production, production_port, name="production")
+    production = deployment(tmp_path / "production", redis_server.url, key_prefix="prod:")
+    served = await estafeta.serve(production, name="production")
     assert '"redis_key_prefix_shared"' not in served.stderr()
     assert staging_worker.running()

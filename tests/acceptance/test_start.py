@@ -17,7 +17,6 @@ from estafeta.store import open_store
 from estafeta.store.migrate import current_revision, head_revision, upgrade
 from tests.acceptance.conftest import (
     Estafeta,
-    free_port,
     hub_config,
     run_cli,
     wait_until,
@@ -36,11 +35,7 @@ async def test_an_address_option_is_refused_as_the_file_would_refuse_it(
     # Before: `abc` was a ValueError traceback; `8080` and port 99999, refused in
     # server.listen, were accepted from --listen.
     config = hub_config(
-        f"sqlite:///{tmp_path / 'estafeta.db'}",
-        tmp_path,
-        port=free_port(),
-        destinations=[],
-        routes=[],
+        f"sqlite:///{tmp_path / 'estafeta.db'}", tmp_path, destinations=[], routes=[]
     )
     path = write_config(tmp_path / "estafeta.toml", config)
     result = await run_cli(command, "--config", str(path), option, listen, cwd=tmp_path)
@@ -53,7 +48,7 @@ async def test_serve_and_worker_refuse_a_database_of_a_newer_version(tmp_path: P
     database = tmp_path / "estafeta.db"
     path = write_config(
         tmp_path / "estafeta.toml",
-        hub_config(f"sqlite:///{database}", tmp_path, port=free_port(), destinations=[], routes=[]),
+        hub_config(f"sqlite:///{database}", tmp_path, destinations=[], routes=[]),
     )
     assert (await run_cli("migrate", "--config", str(path), cwd=tmp_path)).returncode == 0
     with contextlib.closing(sqlite3.connect(database)) as db, db:
@@ -113,9 +108,7 @@ async def test_serve_refuses_a_spool_directory_it_cannot_make_and_leaves_no_runn
 ) -> None:
     database = tmp_path / "estafeta.db"
     (tmp_path / "a-file").write_text("")
-    config = hub_config(
-        f"sqlite:///{database}", tmp_path, port=free_port(), destinations=[], routes=[]
-    )
+    config = hub_config(f"sqlite:///{database}", tmp_path, destinations=[], routes=[])
     config["storage"]["spool_dir"] = str(tmp_path / "a-file" / "spool")
     path = write_config(tmp_path / "estafeta.toml", config)
     result = await run_cli("serve", "--config", str(path), cwd=tmp_path, timeout_s=30)
@@ -155,7 +148,6 @@ async def test_a_stop_signal_while_starting_stops_gracefully(
             hub_config(
                 f"postgresql://postgres@127.0.0.1:{port}/estafeta",
                 tmp_path,
-                port=free_port(),
                 destinations=[],
                 routes=[],
             ),

@@ -11,9 +11,7 @@ import pytest
 from estafeta.testing.sink import Sink
 from tests.acceptance.conftest import (
     Estafeta,
-    HubClient,
-    client_session,
-    free_port,
+    hub_client,
     leads_to_crm_config,
     query,
     send_one_lead,
@@ -40,19 +38,16 @@ async def test_a_second_stop_signal_ends_the_graceful_stop_at_once(
     second: signal.Signals,
 ) -> None:
     sink.respond(200, delay_s=SEND_S)
-    port = free_port()
     config = leads_to_crm_config(
         database_url,
         tmp_path,
         sink.url,
-        port=port,
         timeout_s=SEND_S + 10,
         worker={"shutdown_grace_s": 60},
     )
-    serve = await estafeta.serve(config, port, no_workers=command == "worker")
-    assert serve.base_url is not None
+    serve = await estafeta.serve(config, no_workers=command == "worker")
     stopped = serve if command == "serve" else estafeta.worker(config)
-    event_id = await send_one_lead(serve.base_url)
+    event_id = await send_one_lead(serve)
     assert await sink.wait_for(lambda s: len(s.received) == 1, 20), "the send never started"
 
     stopped.send_signal(signal.SIGTERM)
@@ -74,9 +69,7 @@ async def test_a_second_stop_signal_ends_the_graceful_stop_at_once(
 
     # And the store is whole: a new `serve` starts on it and shows the event.
     if command == "serve":
-        serve = await estafeta.serve(config, port, name="serve-again")
-    assert serve.base_url is not None
-    async with client_session() as http:
-        hub = HubClient(serve.base_url, http)
+        serve = await estafeta.serve(config, name="serve-again")
+    async with hub_client(serve) as hub:
         delivery = await hub.delivery(event_id, "crm")
         assert delivery["state"] == "in_flight", delivery

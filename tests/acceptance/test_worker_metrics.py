@@ -14,7 +14,6 @@ from tests.acceptance.conftest import (
     Estafeta,
     HubClient,
     client_session,
-    free_port,
     leads_to_crm_config,
     settled,
 )
@@ -29,13 +28,9 @@ ATTEMPTS = re.compile(
 async def test_a_lone_workers_own_metrics_count_what_it_delivered(
     database_url: str, tmp_path: Path, estafeta: Estafeta, sink: Sink
 ) -> None:
-    port = free_port()
-    config = leads_to_crm_config(database_url, tmp_path, sink.url, port=port)
-    serve = await estafeta.serve(config, port, no_workers=True)
-    assert serve.base_url is not None
-    worker = estafeta.start(
-        "worker", "worker", "--config", str(config), "--metrics-listen", "127.0.0.1:0"
-    )
+    config = leads_to_crm_config(database_url, tmp_path, sink.url)
+    serve = await estafeta.serve(config, no_workers=True)
+    worker = estafeta.worker(config, "--metrics-listen", "127.0.0.1:0")
     listening = await worker.wait_log("metrics_listening")
     host, _, metrics_port = listening["listen"].rpartition(":")
     assert host == "127.0.0.1" and int(metrics_port) > 0  # the port bound, not 0

@@ -27,9 +27,7 @@ import pytest
 from estafeta.testing.sink import Sink
 from tests.acceptance.conftest import (
     Estafeta,
-    HubClient,
-    client_session,
-    free_port,
+    hub_client,
     leads_to_crm_config,
     report,
     wait_until,
@@ -60,21 +58,17 @@ async def test_database_outage_is_absorbed_by_the_spool_and_drained_after(
 ) -> None:
     started = time.monotonic()
     sink.respond(200, delay_s=0.02)
-    port = free_port()
     config = leads_to_crm_config(
         via_proxy(chaos_database, pg_proxy.port),
         tmp_path,
         sink.url,
-        port=port,
         timeout_s=TIMEOUT_S,
         max_attempts=20,
         worker={"lease_s": 1},  # lease = timeout_s + 2 = 4 s
     )
-    serve = await estafeta.serve(config, port)
-    assert serve.base_url is not None
+    serve = await estafeta.serve(config)
 
-    async with client_session() as http:
-        hub = HubClient(serve.base_url, http)
+    async with hub_client(serve) as hub:
         load = Load(hub, give_up_after_s=30)
         health: list[tuple[float, int]] = []
         stop_load, stop_health = asyncio.Event(), asyncio.Event()
@@ -83,7 +77,7 @@ async def test_database_outage_is_absorbed_by_the_spool_and_drained_after(
             timeout = aiohttp.ClientTimeout(total=2)
             while not stop_health.is_set():
                 try:
-                    async with http.get(f"{serve.base_url}/health", timeout=timeout) as r:
+                    async with hub.http.get(f"{serve.base_url}/health", timeout=timeout) as r:
                         health.append((time.monotonic(), r.status))
                 except (aiohttp.ClientError, TimeoutError):
                     health.append((time.monotonic(), 0))

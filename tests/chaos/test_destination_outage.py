@@ -29,10 +29,8 @@ from estafeta.testing.sink import Sink
 from tests.acceptance.conftest import (
     TENANT,
     Estafeta,
-    HubClient,
-    client_session,
-    free_port,
     http_destination,
+    hub_client,
     hub_config,
     query,
     summary,
@@ -74,13 +72,11 @@ async def test_a_sick_destination_opens_its_circuit_and_recovers_without_a_storm
     await healthy.start()
     await sick.start()
     try:
-        port = free_port()
         config = write_config(
             tmp_path / "estafeta.toml",
             hub_config(
                 chaos_database,
                 tmp_path,
-                port=port,
                 destinations=[
                     http_destination("crm", f"{healthy.url}/crm", max_attempts=100),
                     http_destination(
@@ -97,11 +93,10 @@ async def test_a_sick_destination_opens_its_circuit_and_recovers_without_a_storm
                 worker={"alert_destination_down_s": DOWN_ALERT_S},
             ),
         )
-        serve = await estafeta.serve(config, port)
-        assert serve.base_url is not None
+        serve = await estafeta.serve(config)
 
-        async with client_session() as http:
-            load = Load(HubClient(serve.base_url, http), give_up_after_s=30)
+        async with hub_client(serve) as hub:
+            load = Load(hub, give_up_after_s=30)
             stop_load = asyncio.Event()
 
             sending = asyncio.create_task(load.steady(RATE_PER_S, stop_load, lead))

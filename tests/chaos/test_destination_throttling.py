@@ -13,9 +13,7 @@ import pytest
 from estafeta.testing.sink import Received, Sink
 from tests.acceptance.conftest import (
     Estafeta,
-    HubClient,
-    client_session,
-    free_port,
+    hub_client,
     leads_to_crm_config,
     report,
     wait_until,
@@ -41,13 +39,11 @@ async def test_retry_after_is_honoured_per_delivery_and_everything_arrives(
 ) -> None:
     started = time.monotonic()
     sink.fail_first(THROTTLED, 429, headers={"Retry-After": str(RETRY_AFTER_S)})
-    port = free_port()
     # The fast circuit (5 failures) would open at once if a 429 counted.
-    config = leads_to_crm_config(chaos_database, tmp_path, sink.url, port=port, max_attempts=5)
-    serve = await estafeta.serve(config, port)
-    assert serve.base_url is not None
-    async with client_session() as http:
-        load = Load(HubClient(serve.base_url, http))
+    config = leads_to_crm_config(chaos_database, tmp_path, sink.url, max_attempts=5)
+    serve = await estafeta.serve(config)
+    async with hub_client(serve) as hub:
+        load = Load(hub)
         await load.burst([lead(n) for n in range(EVENTS)], concurrency=20)
         acknowledged, missing = await acknowledged_and_delivered(
             load, sink, sent=EVENTS, timeout_s=20

@@ -35,9 +35,7 @@ import pytest
 from estafeta.testing.sink import Sink
 from tests.acceptance.conftest import (
     Estafeta,
-    HubClient,
-    client_session,
-    free_port,
+    hub_client,
     leads_to_crm_config,
     report,
 )
@@ -66,18 +64,16 @@ async def test_random_kills_lose_nothing_and_duplicate_only_sends_in_flight(
 ) -> None:
     started = time.monotonic()
     sink.respond(200, delay_s=SINK_DELAY_S)
-    port = free_port()
     # lease = max(lease_s, timeout_s + 2) = 4 s: a dead worker's sends come back soon
     config = leads_to_crm_config(
         chaos_database,
         tmp_path,
         sink.url,
-        port=port,
         timeout_s=2,
         max_attempts=20,
         worker={"lease_s": 1, "concurrency": 32, "batch_size": 32},
     )
-    serve = await estafeta.serve(config, port, no_workers=True)
+    serve = await estafeta.serve(config, no_workers=True)
     workers = [estafeta.worker(config, name=f"worker-{i}") for i in range(WORKERS)]
     for worker in workers:
         await worker.wait_log("worker_started")
@@ -96,7 +92,7 @@ async def test_random_kills_lose_nothing_and_duplicate_only_sends_in_flight(
             await serve.sigkill()
             kills.append(f"serve@{load.ok}")
             await asyncio.sleep(rng_serve.uniform(0, 0.5))
-            serve = await estafeta.serve(config, port, no_workers=True, name=f"serve-{n}")
+            serve = await estafeta.serve(config, no_workers=True, name=f"serve-{n}")
 
     async def kill_workers() -> None:
         for n, mark in enumerate(worker_marks, 1):
@@ -113,9 +109,8 @@ async def test_random_kills_lose_nothing_and_duplicate_only_sends_in_flight(
             await asyncio.sleep(rng_workers.uniform(0, 0.5))
             workers[victim] = estafeta.worker(config, name=f"worker-{victim}-{n}")
 
-    async with client_session() as http:
-        assert serve.base_url is not None
-        load = Load(HubClient(serve.base_url, http), give_up_after_s=60)
+    async with hub_client(serve) as hub:
+        load = Load(hub, give_up_after_s=60)
         messages = [lead(n) for n in range(EVENTS)]
         chaos = asyncio.gather(kill_serve(load), kill_workers())
         await load.burst(messages, concurrency=CONCURRENCY)

@@ -21,9 +21,7 @@ import pytest
 from estafeta.testing.sink import Sink
 from tests.acceptance.conftest import (
     Estafeta,
-    HubClient,
-    client_session,
-    free_port,
+    hub_client,
     leads_to_crm_config,
     report,
 )
@@ -51,18 +49,16 @@ async def test_a_killed_sqlite_serve_loses_nothing_and_duplicates_only_sends_in_
     started = time.monotonic()
     database_url = f"sqlite:///{tmp_path / 'estafeta.db'}"
     sink.respond(200, delay_s=SINK_DELAY_S)
-    port = free_port()
     # lease = max(lease_s, timeout_s + 2) = 4 s: a dead process's sends come back soon
     config = leads_to_crm_config(
         database_url,
         tmp_path,
         sink.url,
-        port=port,
         timeout_s=2,
         max_attempts=20,
         worker={"lease_s": 1, "concurrency": 32, "batch_size": 32},
     )
-    serve = await estafeta.serve(config, port)
+    serve = await estafeta.serve(config)
     rng = random.Random(SEED)
     marks = sorted(rng.sample(range(EVENTS // 10, EVENTS * 9 // 10), KILLS))
     in_flight_at_kill: set[str] = set()
@@ -78,11 +74,10 @@ async def test_a_killed_sqlite_serve_loses_nothing_and_duplicates_only_sends_in_
             # Its leases (stored with its pid in the worker id) outlive it.
             in_flight_at_kill.update(await leased_by(database_url, pid))
             await asyncio.sleep(rng.uniform(0, 0.5))
-            serve = await estafeta.serve(config, port, name=f"serve-{n}")
+            serve = await estafeta.serve(config, name=f"serve-{n}")
 
-    async with client_session() as http:
-        assert serve.base_url is not None
-        load = Load(HubClient(serve.base_url, http), give_up_after_s=60)
+    async with hub_client(serve) as hub:
+        load = Load(hub, give_up_after_s=60)
         chaos = asyncio.create_task(kill_serve(load))
         await load.burst([lead(n) for n in range(EVENTS)], concurrency=CONCURRENCY)
         await asyncio.wait_for(chaos, timeout=60)

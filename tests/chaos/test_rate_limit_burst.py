@@ -22,9 +22,7 @@ import pytest
 from estafeta.testing.sink import Sink
 from tests.acceptance.conftest import (
     Estafeta,
-    HubClient,
-    client_session,
-    free_port,
+    hub_client,
     leads_to_crm_config,
     query,
     report,
@@ -51,14 +49,12 @@ async def test_a_backlog_never_exceeds_the_rate_limit_in_any_second(
     chaos_database: str, tmp_path: Path, estafeta: Estafeta, sink: Sink
 ) -> None:
     started = time.monotonic()
-    port = free_port()
     config = leads_to_crm_config(
-        chaos_database, tmp_path, sink.url, port=port, rate_limit=f"{LIMIT_PER_S}/second"
+        chaos_database, tmp_path, sink.url, rate_limit=f"{LIMIT_PER_S}/second"
     )
-    serve = await estafeta.serve(config, port, no_workers=True)
-    assert serve.base_url is not None
-    async with client_session() as http:
-        load = Load(HubClient(serve.base_url, http))
+    serve = await estafeta.serve(config, no_workers=True)
+    async with hub_client(serve) as hub:
+        load = Load(hub)
         await load.burst([lead(n) for n in range(EVENTS)], concurrency=50)
     acknowledged = load.acknowledged()
     assert len(acknowledged) == EVENTS

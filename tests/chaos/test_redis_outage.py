@@ -20,9 +20,7 @@ import redis.asyncio
 from estafeta.testing.sink import Sink
 from tests.acceptance.conftest import (
     Estafeta,
-    HubClient,
-    client_session,
-    free_port,
+    hub_client,
     leads_to_crm_config,
     report,
     wait_until,
@@ -54,21 +52,18 @@ async def test_deliveries_go_on_while_redis_is_down_and_redis_is_used_again_afte
     chaos_database: str, own_redis: RedisProcess, tmp_path: Path, estafeta: Estafeta, sink: Sink
 ) -> None:
     started = time.monotonic()
-    port = free_port()
     config = leads_to_crm_config(
         chaos_database,
         tmp_path,
         sink.url,
-        port=port,
         rate_limit="500/second",
         max_attempts=10,
         redis_url=own_redis.url,
     )
-    serve = await estafeta.serve(config, port)
-    assert serve.base_url is not None
+    serve = await estafeta.serve(config)
 
-    async with client_session() as http:
-        load = Load(HubClient(serve.base_url, http), give_up_after_s=30)
+    async with hub_client(serve) as hub:
+        load = Load(hub, give_up_after_s=30)
         stop_load = asyncio.Event()
         sending = asyncio.create_task(load.steady(RATE_PER_S, stop_load, lead))
         await asyncio.sleep(BEFORE_S)  # the scenario's timeline
@@ -124,20 +119,16 @@ async def test_a_redis_outage_is_alerted_and_reading_health_does_not_log_it_agai
     chaos_database: str, own_redis: RedisProcess, tmp_path: Path, estafeta: Estafeta, sink: Sink
 ) -> None:
     started = time.monotonic()
-    port = free_port()
     config = leads_to_crm_config(
         chaos_database,
         tmp_path,
         sink.url,
-        port=port,
         rate_limit="500/second",
         worker={"alert_redis_down_s": 1},
         redis_url=own_redis.url,
     )
-    serve = await estafeta.serve(config, port)
-    assert serve.base_url is not None
-    async with client_session() as http:
-        hub = HubClient(serve.base_url, http)
+    serve = await estafeta.serve(config)
+    async with hub_client(serve) as hub:
         load = Load(hub)
         await load.burst([lead(n) for n in range(5)], concurrency=5)
         await own_redis.kill()

@@ -20,9 +20,8 @@ import pytest
 from estafeta.testing.sink import Sink
 from tests.acceptance.conftest import (
     Estafeta,
-    HubClient,
-    client_session,
-    free_port,
+    Proc,
+    hub_client,
     leads_to_crm_config,
     query,
     report,
@@ -51,28 +50,25 @@ async def drain_with_three_processes(
     # Five sends at a time per process, each answered in 0.2 s: no one process can take a
     # second's budget alone before the others lease (one lease took the whole backlog).
     sink.respond(200, delay_s=0.2)
-    port = free_port()
     config = leads_to_crm_config(
         database,
         tmp_path,
         sink.url,
-        port=port,
         worker={"concurrency": 5, "batch_size": 5},
         redis_url=redis_url,
         rate_limit=f"{LIMIT_PER_S}/second",
     )
     # The backlog is accepted, and waits, before any process delivers: none takes it all.
-    ingest = await estafeta.serve(config, port, no_workers=True, name="ingest")
-    assert ingest.base_url is not None
-    async with client_session() as http:
-        load = Load(HubClient(ingest.base_url, http))
+    ingest = await estafeta.serve(config, no_workers=True, name="ingest")
+    async with hub_client(ingest) as client:
+        load = Load(client)
         await load.burst([lead(n) for n in range(EVENTS)], concurrency=30)
     acknowledged = load.acknowledged()
     assert len(acknowledged) == EVENTS
     assert await ingest.stop() == 0
     park = "UPDATE deliveries SET next_attempt_at = :due WHERE state = 'pending'"
     assert await execute(database, park, {"due": int(time.time() * 1000) + 60_000}) == EVENTS
-    processes = [await estafeta.serve(config, port)]
+    processes: list[Proc] = [await estafeta.serve(config)]
     processes += [estafeta.worker(config, name=f"worker-{n}") for n in range(WORKERS)]
     for process in processes:
         await process.wait_log("worker_started")

@@ -23,9 +23,7 @@ import pytest
 from estafeta.testing.sink import Sink
 from tests.acceptance.conftest import (
     Estafeta,
-    HubClient,
-    client_session,
-    free_port,
+    hub_client,
     leads_to_crm_config,
     query,
     report,
@@ -50,20 +48,17 @@ async def test_a_probe_held_back_by_the_rate_limit_does_not_block_the_destinatio
 ) -> None:
     started = time.monotonic()
     sink.fail_first(FAILURES, 500)
-    port = free_port()
     config = leads_to_crm_config(
         chaos_database,
         tmp_path,
         sink.url,
-        port=port,
         max_attempts=20,
         rate_limit="5/second",
         circuit={"failures": FAILURES, "reset_s": 0.2},
     )
-    serve = await estafeta.serve(config, port)
-    assert serve.base_url is not None
-    async with client_session() as http:
-        load = Load(HubClient(serve.base_url, http))
+    serve = await estafeta.serve(config)
+    async with hub_client(serve) as hub:
+        load = Load(hub)
         # The scenario's timeline: start just after a wall-clock second begins.
         await asyncio.sleep(math.ceil(time.time()) + 0.02 - time.time())
         sent_at = time.monotonic()

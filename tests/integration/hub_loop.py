@@ -17,10 +17,9 @@ from estafeta.api.app import create_app
 from estafeta.api.auth import hash_key
 from estafeta.config import load_config_dict
 from estafeta.hub import Hub
-from estafeta.server import uvicorn_server
 from estafeta.store.sqlstore import SqlStore
 from estafeta.testing.fakes.meta import FakeMeta
-from tests.acceptance.conftest import free_port
+from tests.conftest import served
 
 MARIA = "+5511987654321"
 META_APP_SECRET = "fake-meta-app-secret"
@@ -91,22 +90,11 @@ async def served_hub(
 ) -> AsyncIterator[MessagesClient]:
     """The configuration `data` served by `estafeta serve`'s app on a free port, its workers
     running, with `key` a key of the tenant clinica-sol."""
-    port = free_port()
-    data["server"] = {"listen": f"127.0.0.1:{port}"}
     config = load_config_dict(data)
     await store.sync_config(config, 1)
     await store.create_api_key(
         tenant_id="clinica-sol", key_hash=hash_key(key), label="", actor="test", now_ms=1
     )
-    server = uvicorn_server(create_app(Hub(config, store), run_workers=True), f"127.0.0.1:{port}")
-    serving = asyncio.create_task(server.serve())
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.02)
-        async with aiohttp.ClientSession() as http:
-            yield MessagesClient(f"http://127.0.0.1:{port}", key, http)
-    finally:
-        server.should_exit = True
-        await serving
+    app = create_app(Hub(config, store), run_workers=True)
+    async with served(app) as port, aiohttp.ClientSession() as http:
+        yield MessagesClient(f"http://127.0.0.1:{port}", key, http)

@@ -16,9 +16,9 @@ from estafeta.config import Config
 from estafeta.http_protocol import CONTINUE, MAX_PIPELINED, HeadWithBody
 from estafeta.hub import Hub
 from estafeta.observability.metrics import REGISTRY
-from estafeta.server import GracefulServer, uvicorn_server
 from estafeta.store.sqlstore import SqlStore
 from estafeta.testing.sink import Sink
+from tests.conftest import port_of, served, serving
 
 
 class Transport:
@@ -89,32 +89,6 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     headers.append((b"content-length", str(len(answer)).encode()))
     await send({"type": "http.response.start", "status": 202, "headers": headers})
     await send({"type": "http.response.body", "body": answer})
-
-
-@contextlib.asynccontextmanager
-async def serving(asgi: Any, **limits: Any) -> AsyncIterator[GracefulServer]:
-    """`asgi` served as `estafeta serve` serves it, on any free port, with `limits` (the
-    keywords of `uvicorn_server`)."""
-    server = uvicorn_server(asgi, "127.0.0.1:0", **limits)
-    running = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
-    try:
-        yield server
-    finally:
-        server.should_exit = True
-        await running
-
-
-def port_of(server: GracefulServer) -> int:
-    return int(server.servers[0].sockets[0].getsockname()[1])
-
-
-@contextlib.asynccontextmanager
-async def served(asgi: Any, **limits: Any) -> AsyncIterator[int]:
-    """`asgi` served as `estafeta serve` serves it, on any free port: that port."""
-    async with serving(asgi, **limits) as server:
-        yield port_of(server)
 
 
 @pytest.fixture
