@@ -14,7 +14,10 @@ adds only what a fault needs:
   error, with the same `webhook-id` (a real provider does), and remembers every answer;
 * small measurements over arrival times at a sink (per-second counts, sliding windows);
 * what every scenario checks at its end: all it acknowledged arrived
-  (`acknowledged_and_delivered`), and what a SIGKILL may send twice (`leased_by`).
+  (`acknowledged_and_delivered`), and what a SIGKILL may send twice (`leased_by`);
+* a killed process's database connections gone (`tcp_ports`, `disconnected`: what the store
+  holds of it is then final), and the counters of `/metrics` (`scrape`, `counted`) beside
+  what the store recorded (`attempts_by_outcome`, `dead_lettered`).
 
 Under CI=true a missing PostgreSQL or `redis-server` fails the test instead of skipping it.
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import statistics
 import time
@@ -36,6 +40,7 @@ import aiohttp
 import orjson
 import pytest
 import redis.asyncio
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, text
 
 from estafeta.testing.sink import Sink
@@ -277,6 +282,7 @@ class Load:
     """Sends signed webhooks to a hub and keeps what it answered, by webhook (msg) id."""
 
     hub: HubClient
+    source: str = SIGNED_SOURCE  # a generic source signed with SOURCE_SECRET
     retry_pause_s: float = 0.1
     give_up_after_s: float = 60.0
     answers: dict[str, list[Answer]] = field(default_factory=dict)
@@ -312,7 +318,7 @@ class Load:
 
     async def _post(self, body: Mapping[str, Any], msg_id: str) -> tuple[int, Any, bool]:
         raw, headers = signed_request(body, msg_id)
-        url = f"{self.hub.base_url}/in/{SIGNED_SOURCE}"
+        url = f"{self.hub.base_url}/in/{self.source}"
         async with self.hub.http.post(url, data=raw, headers=headers) as response:
             answer = await response.json(content_type=None)
             return response.status, answer, response.headers.get("X-Estafeta-Spooled") == "1"
@@ -336,13 +342,15 @@ class Load:
         make: Callable[[int], tuple[str, Mapping[str, Any]]],
         *,
         max_in_flight: int = 200,
+        count: int | None = None,
     ) -> int:
-        """Start `rate_per_s` webhooks a second (on a fixed schedule, no drift) until `stop`;
-        waits for the ones started and returns how many were sent."""
+        """Start `rate_per_s` webhooks a second (on a fixed schedule, no drift) until `stop`,
+        or until `count` are started; waits for the ones started and returns how many were
+        sent."""
         tasks: set[asyncio.Task[None]] = set()
         started = time.monotonic()
         n = 0
-        while not stop.is_set():
+        while not stop.is_set() and (count is None or n < count):
             due = started + n / rate_per_s
             delay = due - time.monotonic()
             if delay > 0:
@@ -478,6 +486,75 @@ async def assert_killed_sends_only_were_duplicated(
     assert max(oks.values()) <= 1 + kills
 
 
+def tcp_ports(pid: int) -> set[int]:
+    """The local ports of process `pid`'s TCP sockets (Linux /proc): its connections to the
+    database among them, which `pg_stat_activity.client_port` names."""
+    inodes: set[str] = set()
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[len("socket:[") : -1])
+    ports: set[int] = set()
+    for table in (Path("/proc/net/tcp"), Path("/proc/net/tcp6")):
+        with contextlib.suppress(OSError):
+            for line in table.read_text().splitlines()[1:]:
+                fields = line.split()
+                if len(fields) > 9 and fields[9] in inodes:
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+async def disconnected(
+    database_url: str, ports: Iterable[int], *, before_s: float, timeout_s: float
+) -> None:
+    """Wait (bounded) until no PostgreSQL backend of this database opened before the Unix
+    time `before_s` serves a client on one of `ports`: the connections of a process killed
+    then are gone, so a statement one of them was running has committed or rolled back, and
+    what the store holds of that process is final."""
+    wanted = sorted(ports)
+
+    async def gone() -> bool:
+        rows = await query(
+            database_url,
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND client_port = ANY(:ports) AND backend_start < to_timestamp(:before)",
+            {"ports": wanted, "before": before_s},
+        )
+        return rows == [(0,)]
+
+    await wait_until(gone, timeout_s=timeout_s, what=f"no backend for the ports {wanted}")
+
+
+# -- /metrics ---------------------------------------------------------------------------------
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+async def scrape(http: aiohttp.ClientSession, base_url: str) -> Samples:
+    """The samples of `GET {base_url}/metrics`: (name, sorted labels) → value."""
+    async with http.get(f"{base_url}/metrics") as response:
+        assert response.status == 200, f"{base_url}/metrics: {response.status}"
+        exposition = await response.text()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+    }
+
+
+def counted(samples: Samples, name: str, *labels: str) -> Counter[tuple[str, ...]]:
+    """The sample `name`'s values by the values of `labels` (other labels summed over)."""
+    totals: Counter[tuple[str, ...]] = Counter()
+    for (sample, pairs), value in samples.items():
+        if sample == name:
+            found = dict(pairs)
+            totals[tuple(found.get(label, "") for label in labels)] += int(value)
+    return totals
+
+
 # -- measuring at the sink --------------------------------------------------------------------
 
 
@@ -564,6 +641,29 @@ async def settled_deliveries(database_url: str, *, timeout_s: float) -> dict[str
     except AssertionError as exc:
         raise AssertionError(f"{exc}; last seen: {last}") from None
     return last
+
+
+async def attempts_by_outcome(database_url: str) -> Counter[tuple[str, ...]]:
+    """(destination, outcome) → attempts recorded, as `estafeta_delivery_attempts_total`
+    counts them."""
+    rows = await query(
+        database_url,
+        "SELECT d.destination_id, a.outcome, count(*) FROM attempts AS a"
+        " JOIN deliveries AS d ON d.id = a.delivery_id GROUP BY d.destination_id, a.outcome",
+    )
+    return Counter({(destination, outcome): int(n) for destination, outcome, n in rows})
+
+
+async def dead_lettered(database_url: str) -> Counter[tuple[str, ...]]:
+    """(destination,) → moves to the dead-letter queue so far, as
+    `estafeta_deliveries_dead_lettered_total` counts them: the deliveries dead now and every
+    replay (each took one dead delivery back), when nothing was discarded."""
+    rows = await query(
+        database_url,
+        "SELECT destination_id, count(*) FILTER (WHERE state = 'dead') + sum(replays)"
+        " FROM deliveries GROUP BY destination_id",
+    )
+    return Counter({(destination,): int(n) for destination, n in rows if n})
 
 
 def logged(proc: Proc, event: str) -> list[dict[str, Any]]:

@@ -112,3 +112,33 @@ async def test_a_destination_slower_than_a_minute_closes_its_circuit_after_one_p
     assert len(probes) == 1  # never a second probe while the first was in flight
     circuit = (await states.get_all()).get("d")
     assert circuit is None or circuit.state is CircuitState.CLOSED
+
+
+async def test_a_probe_whose_worker_died_is_forgotten_after_a_lease_not_a_minute() -> None:
+    """Leases of 10 s, a destination answering within 2 s. The worker that took the probe was
+    killed before its answer reached the circuit: its delivery was rescued once its lease
+    ended, but the circuit waited a fixed 60 s for the probe, and nothing reached the
+    destination for a minute though it was back. The probe is waited for as long as a lease,
+    as the delivery is (never less than its attempt may take: the slow destination's test)."""
+    config = load_config_dict(
+        {
+            "tenants": [{"id": "t"}],
+            "worker": {"lease_s": 10},
+            "destinations": [
+                {
+                    "id": "d",
+                    "tenant": "t",
+                    "url": "http://127.0.0.1:9/",
+                    "timeout_s": 2,
+                    "circuit": {"failures": 1, "reset_s": 1},
+                }
+            ],
+        }
+    )
+    states = MemoryCircuitStore()
+    board = Breakers(states, config)
+    await board.record("d", DOWN, started_at=0, now_ms=0)  # the circuit opens
+    await board.refresh(force=True)
+    assert await board.try_probe("d", 1_000)  # taken by the worker that is then killed
+    assert not await board.try_probe("d", 10_999)  # within its lease: it may still answer
+    assert await board.try_probe("d", 11_000)  # its lease is over: the next delivery probes

@@ -55,7 +55,6 @@ log = structlog.get_logger("estafeta.circuit")
 
 REFRESH_S = 0.5  # how stale this worker's view of other workers' circuits may get
 PRISTINE = Circuit()
-PROBE_TIMEOUT_S = 60.0  # the least time a probe that never reports back is waited for
 PROBE_MARGIN_S = 5.0  # over the attempt's own timeout: its result's way to the circuit
 
 
@@ -121,9 +120,11 @@ class Breakers:
                 min_requests=d.circuit.min_requests,
                 # A probe is live as long as its attempt may take: forgotten sooner, a second
                 # probe was admitted and the first one's success ignored as late, so a
-                # destination slower than 60 s never closed its circuit.
+                # destination slower than 60 s never closed its circuit. It is waited for a
+                # lease otherwise, as its delivery is: a killed worker's probe blocked the
+                # destination for a fixed 60 s after its delivery was rescued.
                 probe_timeout_s=max(
-                    PROBE_TIMEOUT_S,
+                    config.worker.lease_s,
                     d.effective_timeout_s(config.worker.max_attempt_s) + PROBE_MARGIN_S,
                 ),
             )
