@@ -337,3 +337,32 @@ async def test_a_send_redis_counted_late_is_counted_once(
         async with asyncio.timeout(10):
             assert await throttle.acquire("billing") is None
             assert await throttle.acquire("billing") is None  # the second of two a minute
+
+
+async def test_a_send_redis_counted_late_is_not_added_again_when_redis_answers(
+    shared_prefix: str, throttles: list[DestinationThrottle]
+) -> None:
+    """Redis counted a send and answered after the client's timeout; the throttle went on
+    from memory and, once Redis answered again, added the sends it had counted meanwhile,
+    that one among them: counted twice, the third send of a "3/minute" window (after two)
+    waited a minute. Redis may have counted a send whose answer timed out: it is counted in
+    this process's memory alone."""
+    clock = [1_000.0]
+    async with LateRedis(SHARED_REDIS_URL, command=b"EVALSHA", delay_s=0.6) as late:
+        throttle = DestinationThrottle(
+            {"billing": "3/minute"},
+            redis_url=late.url,
+            key_prefix=shared_prefix,
+            timeout_s=0.2,
+            monotonic=lambda: clock[0],
+        )
+        throttles.append(throttle)
+        late.armed = True
+        async with asyncio.timeout(10):
+            assert await throttle.acquire("billing") is None  # Redis ran it, answered late
+            assert not throttle.using_redis
+            assert await throttle.acquire("billing") is None  # from memory
+            clock[0] += 10  # Redis is due for another try, and answers
+            assert await throttle.acquire("billing") is None, "a send was counted twice"
+            assert throttle.using_redis
+            assert await throttle.acquire("billing") is not None  # three sent: full

@@ -142,3 +142,32 @@ async def test_a_probe_whose_worker_died_is_forgotten_after_a_lease_not_a_minute
     assert await board.try_probe("d", 1_000)  # taken by the worker that is then killed
     assert not await board.try_probe("d", 10_999)  # within its lease: it may still answer
     assert await board.try_probe("d", 11_000)  # its lease is over: the next delivery probes
+
+
+async def test_a_long_lease_does_not_hold_a_dead_probe_longer_than_a_minute() -> None:
+    """Leases of an hour (a setting `worker.lease_s` allows up to 30 days), a destination
+    answering within 10 s. A probe whose worker was killed cannot answer after its attempt's
+    timeout; the circuit waited a whole lease for it, so nothing reached the recovered
+    destination for an hour where it had waited at most a minute before."""
+    config = load_config_dict(
+        {
+            "tenants": [{"id": "t"}],
+            "worker": {"lease_s": 3600},
+            "destinations": [
+                {
+                    "id": "d",
+                    "tenant": "t",
+                    "url": "http://127.0.0.1:9/",
+                    "timeout_s": 10,
+                    "circuit": {"failures": 1, "reset_s": 1},
+                }
+            ],
+        }
+    )
+    states = MemoryCircuitStore()
+    board = Breakers(states, config)
+    await board.record("d", DOWN, started_at=0, now_ms=0)  # the circuit opens
+    await board.refresh(force=True)
+    assert await board.try_probe("d", 1_000)  # taken by the worker that is then killed
+    assert not await board.try_probe("d", 15_000)  # its attempt may still be answering
+    assert await board.try_probe("d", 61_000)  # a minute on: the next delivery probes

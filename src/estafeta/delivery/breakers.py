@@ -55,6 +55,7 @@ log = structlog.get_logger("estafeta.circuit")
 
 REFRESH_S = 0.5  # how stale this worker's view of other workers' circuits may get
 PRISTINE = Circuit()
+PROBE_TIMEOUT_S = 60.0  # the most a probe is waited for beyond its attempt's own time
 PROBE_MARGIN_S = 5.0  # over the attempt's own timeout: its result's way to the circuit
 
 
@@ -122,9 +123,11 @@ class Breakers:
                 # probe was admitted and the first one's success ignored as late, so a
                 # destination slower than 60 s never closed its circuit. It is waited for a
                 # lease otherwise, as its delivery is: a killed worker's probe blocked the
-                # destination for a fixed 60 s after its delivery was rescued.
+                # destination for a fixed 60 s after its delivery was rescued. Never more than
+                # that 60 s, though: a lease may be hours long, and a probe cannot answer after
+                # its attempt's timeout, while the circuit holds back all of the destination.
                 probe_timeout_s=max(
-                    config.worker.lease_s,
+                    min(config.worker.lease_s, PROBE_TIMEOUT_S),
                     d.effective_timeout_s(config.worker.max_attempt_s) + PROBE_MARGIN_S,
                 ),
             )

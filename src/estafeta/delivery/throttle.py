@@ -41,6 +41,7 @@ from limits import RateLimitItem, WindowStats, parse
 from limits.aio.storage import MemoryStorage, MovingWindowSupport, RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 from redis.asyncio import ConnectionPool
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from estafeta.config.models import DEFAULT_REDIS_KEY_PREFIX
 from estafeta.redis_client import REDIS_ERRORS, RedisFailover, retry_once
@@ -114,11 +115,15 @@ class DestinationThrottle:
         if self._redis is None:
             return await _acquire(self._memory, item, destination_id)
         token = self._failover.begin()
+        counted = False  # Redis may have counted this send already
         if token is not None:
             try:
                 if destination_id in self._unshared:
                     await self._share_memory_counts(self._redis, item, destination_id)
                 wait = await self._acquire_shared(self._redis, item, destination_id)
+            except _MaybeCounted as exc:
+                self._failover.failed(token, exc.__cause__ or exc)
+                counted = True
             except REDIS_ERRORS as exc:
                 self._failover.failed(token, exc)
             else:
@@ -126,7 +131,7 @@ class DestinationThrottle:
                 return wait
         self._unshared.add(destination_id)
         wait = await _acquire(self._memory, item, destination_id)
-        if wait is None:
+        if wait is None and not counted:
             await self._outage.hit(item, destination_id)
         return wait
 
@@ -136,10 +141,16 @@ class DestinationThrottle:
         """Redis's answer, unless this process's own sends already fill the window."""
         if not await self._memory.test(item, destination_id):
             return await _wait(self._memory, item, destination_id)
-        wait = await _acquire(redis, item, destination_id)
-        if wait is None:
-            await self._memory.hit(item, destination_id)
-        return wait
+        try:
+            admitted = await redis.hit(item, destination_id)
+        except REDIS_ERRORS as exc:
+            if _may_have_run(exc):
+                raise _MaybeCounted from exc
+            raise
+        if not admitted:
+            return await _wait(redis, item, destination_id)
+        await self._memory.hit(item, destination_id)
+        return None
 
     async def _share_memory_counts(
         self, redis: MovingWindowRateLimiter, item: RateLimitItem, destination_id: str
@@ -202,6 +213,20 @@ class _DestinationWindow(MovingWindowRateLimiter):
 
 def _key(item: RateLimitItem, identifiers: tuple[str, ...]) -> str:
     return "/".join([item.namespace, *identifiers])
+
+
+class _MaybeCounted(Exception):
+    """Redis did not answer a send's count in time, but may have run it."""
+
+
+def _may_have_run(exc: BaseException) -> bool:
+    """True when a Redis call failed after it was sent: its answer timed out, and a stalled
+    Redis (a fork for a snapshot, a slow disk) runs it and answers late. Added to Redis again
+    with the outage's sends once Redis answers, such a send counted twice; kept in memory
+    alone, it counts one fewer in Redis only if the network lost it. A refused connection or
+    a connect that timed out never sent it. redis-py tells the two timeouts apart by their
+    text alone (an unknown text: shared again, as before)."""
+    return isinstance(exc, RedisTimeoutError) and str(exc).startswith("Timeout reading")
 
 
 async def _acquire(

@@ -19,7 +19,7 @@ from estafeta.redis_client import REDIS_ERRORS
 
 T = TypeVar("T")
 
-READ_TIMEOUT_S = 3.0  # above the Redis client's ~2 s, well under a scraper's usual 10 s
+READ_TIMEOUT_S = 3.0  # above the Redis client's ~1 s, well under a scraper's usual 10 s
 
 
 async def within(read: Awaitable[T], timeout_s: float = READ_TIMEOUT_S) -> T:
@@ -49,7 +49,7 @@ def _retrieve(task: asyncio.Task[Any]) -> None:
 
 async def redis_unanswered(client: Redis) -> str | None:
     """None when Redis answers a PING within `READ_TIMEOUT_S` (its client fails within about
-    2 s), else the error's class name."""
+    1 s: a call that timed out is not tried again), else the error's class name."""
     try:
         await within(client.ping())
     except REDIS_ERRORS as exc:  # TimeoutError is an OSError
