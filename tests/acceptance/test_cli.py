@@ -423,7 +423,8 @@ async def test_a_worker_says_which_engine_it_runs_on(
 # -- the dead-letter queue --------------------------------------------------------------------
 
 
-@pytest.mark.timeout(90)
+# Nine CLI runs and two starts of serve: 46 s seen on a loaded 2-core machine.
+@pytest.mark.timeout(120)
 async def test_dlq_list_replay_and_discard(tmp_path: Path, estafeta: Estafeta, sink: Sink) -> None:
     database_url = f"sqlite:///{tmp_path / 'estafeta.db'}"
     sink.respond(500)  # both destinations are down: one attempt each, straight to the DLQ
