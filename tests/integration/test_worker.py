@@ -1367,17 +1367,15 @@ class Budget:
         pass
 
 
-async def test_deliveries_held_back_by_the_rate_limit_keep_their_place_in_the_queue(
-    store: SqlStore, sink: Sink, database_url: str
-) -> None:
-    """A delivery snoozed because its destination's budget was spent is sent before one
-    accepted later (FIFO within a priority): given back due at the refill, it went behind
-    every delivery accepted meanwhile, and under a steady stream at the limit it could wait
-    for ever."""
+@contextlib.asynccontextmanager
+async def three_leased_one_sent(
+    store: SqlStore, sink: Sink, database_url: str, budget: Budget
+) -> AsyncIterator[tuple[Hub, Worker, ManualClock, list[str]]]:
+    """A worker driven by hand under `budget`, three events published a millisecond apart and
+    leased together with room for one send: the first is sent, the two others given back."""
     config = config_for(database_url, sink)
     clock = ManualClock(SystemClock().now_ms())
     hub = Hub(config, store, clock)
-    budget = Budget()
     worker = Worker(store, config, clock=clock, throttle=budget)  # type: ignore[arg-type]
     await worker._connectors.start()  # what `run` does first; its loop is driven by hand
     try:
@@ -1387,6 +1385,22 @@ async def test_deliveries_held_back_by_the_rate_limit_keep_their_place_in_the_qu
             backlog.append(await publish(hub, n=n))
         budget.grant(1)
         assert await worker._step() == 3  # one sent, two given back until the refill
+        yield hub, worker, clock, backlog
+    finally:
+        await worker._shutdown()
+        await hub.close()
+
+
+async def test_deliveries_held_back_by_the_rate_limit_keep_their_place_in_the_queue(
+    store: SqlStore, sink: Sink, database_url: str
+) -> None:
+    """A delivery snoozed because its destination's budget was spent is sent before one
+    accepted later (FIFO within a priority): given back due at the refill, it went behind
+    every delivery accepted meanwhile, and under a steady stream at the limit it could wait
+    for ever."""
+    budget = Budget()
+    async with three_leased_one_sent(store, sink, database_url, budget) as leased:
+        hub, worker, clock, backlog = leased
         assert await sink.wait_for(lambda s: s.delivered_ids == {backlog[0]}, 5)
         clock.now += 1
         later = await publish(hub, n=3)  # accepted while the budget is spent
@@ -1398,9 +1412,6 @@ async def test_deliveries_held_back_by_the_rate_limit_keep_their_place_in_the_qu
         assert sink.delivered_ids == {backlog[0], backlog[1]}  # not `later`
         view = await store.get_event(later, None)
         assert view is not None and view.deliveries[0].attempts == 0
-    finally:
-        await worker._shutdown()
-        await hub.close()
 
 
 class FreesMidBatch(Budget):
@@ -1427,28 +1438,15 @@ async def test_a_slot_freed_mid_batch_does_not_send_a_later_delivery_ahead(
     of the batch's deliveries to it are held back too, in their places behind it: asked
     again for each, a moving window that freed a slot meanwhile sent a later delivery
     ahead of the held-back one."""
-    config = config_for(database_url, sink)
-    clock = ManualClock(SystemClock().now_ms())
-    hub = Hub(config, store, clock)
     budget = FreesMidBatch()
-    worker = Worker(store, config, clock=clock, throttle=budget)  # type: ignore[arg-type]
-    await worker._connectors.start()  # what `run` does first; its loop is driven by hand
-    try:
-        backlog = []
-        for n in range(3):
-            clock.now += 1
-            backlog.append(await publish(hub, n=n))
-        budget.grant(1)
-        assert await worker._step() == 3  # one sent, two given back until the refill
+    async with three_leased_one_sent(store, sink, database_url, budget) as leased:
+        backlog = leased[3]
         for held_back in backlog[1:]:
             view = await store.get_event(held_back, None)
             assert view is not None
             assert [(d.state, d.attempts) for d in view.deliveries] == [("pending", 0)]
         assert budget.asked == 2  # not asked again for the third once the second waits
         assert await sink.wait_for(lambda s: s.delivered_ids == {backlog[0]}, 5)
-    finally:
-        await worker._shutdown()
-        await hub.close()
 
 
 async def test_a_fresh_delivery_is_not_handed_over_ahead_of_its_destinations_held_back_ones(

@@ -114,32 +114,38 @@ async def test_a_destination_slower_than_a_minute_closes_its_circuit_after_one_p
     assert circuit is None or circuit.state is CircuitState.CLOSED
 
 
+async def probe_taken_by_a_killed_worker(*, lease_s: int, timeout_s: int) -> Breakers:
+    """A circuit opened at 0 whose probe a worker took at 1 s and was then killed (its answer
+    never reaches the circuit), with these `worker.lease_s` and destination `timeout_s`."""
+    config = load_config_dict(
+        {
+            "tenants": [{"id": "t"}],
+            "worker": {"lease_s": lease_s},
+            "destinations": [
+                {
+                    "id": "d",
+                    "tenant": "t",
+                    "url": "http://127.0.0.1:9/",
+                    "timeout_s": timeout_s,
+                    "circuit": {"failures": 1, "reset_s": 1},
+                }
+            ],
+        }
+    )
+    board = Breakers(MemoryCircuitStore(), config)
+    await board.record("d", DOWN, started_at=0, now_ms=0)  # the circuit opens
+    await board.refresh(force=True)
+    assert await board.try_probe("d", 1_000)  # taken by the worker that is then killed
+    return board
+
+
 async def test_a_probe_whose_worker_died_is_forgotten_after_a_lease_not_a_minute() -> None:
     """Leases of 10 s, a destination answering within 2 s. The worker that took the probe was
     killed before its answer reached the circuit: its delivery was rescued once its lease
     ended, but the circuit waited a fixed 60 s for the probe, and nothing reached the
     destination for a minute though it was back. The probe is waited for as long as a lease,
     as the delivery is (never less than its attempt may take: the slow destination's test)."""
-    config = load_config_dict(
-        {
-            "tenants": [{"id": "t"}],
-            "worker": {"lease_s": 10},
-            "destinations": [
-                {
-                    "id": "d",
-                    "tenant": "t",
-                    "url": "http://127.0.0.1:9/",
-                    "timeout_s": 2,
-                    "circuit": {"failures": 1, "reset_s": 1},
-                }
-            ],
-        }
-    )
-    states = MemoryCircuitStore()
-    board = Breakers(states, config)
-    await board.record("d", DOWN, started_at=0, now_ms=0)  # the circuit opens
-    await board.refresh(force=True)
-    assert await board.try_probe("d", 1_000)  # taken by the worker that is then killed
+    board = await probe_taken_by_a_killed_worker(lease_s=10, timeout_s=2)
     assert not await board.try_probe("d", 10_999)  # within its lease: it may still answer
     assert await board.try_probe("d", 11_000)  # its lease is over: the next delivery probes
 
@@ -149,25 +155,6 @@ async def test_a_long_lease_does_not_hold_a_dead_probe_longer_than_a_minute() ->
     answering within 10 s. A probe whose worker was killed cannot answer after its attempt's
     timeout; the circuit waited a whole lease for it, so nothing reached the recovered
     destination for an hour where it had waited at most a minute before."""
-    config = load_config_dict(
-        {
-            "tenants": [{"id": "t"}],
-            "worker": {"lease_s": 3600},
-            "destinations": [
-                {
-                    "id": "d",
-                    "tenant": "t",
-                    "url": "http://127.0.0.1:9/",
-                    "timeout_s": 10,
-                    "circuit": {"failures": 1, "reset_s": 1},
-                }
-            ],
-        }
-    )
-    states = MemoryCircuitStore()
-    board = Breakers(states, config)
-    await board.record("d", DOWN, started_at=0, now_ms=0)  # the circuit opens
-    await board.refresh(force=True)
-    assert await board.try_probe("d", 1_000)  # taken by the worker that is then killed
+    board = await probe_taken_by_a_killed_worker(lease_s=3600, timeout_s=10)
     assert not await board.try_probe("d", 15_000)  # its attempt may still be answering
     assert await board.try_probe("d", 61_000)  # a minute on: the next delivery probes
