@@ -14,7 +14,8 @@ adds only what a fault needs:
   error, with the same `webhook-id` (a real provider does), and remembers every answer;
 * small measurements over arrival times at a sink (per-second counts, sliding windows);
 * what every scenario checks at its end: all it acknowledged arrived
-  (`acknowledged_and_delivered`), and what a SIGKILL may send twice (`leased_by`);
+  (`acknowledged_and_delivered`), and what a SIGKILL may send twice (`leased_by`); the
+  hub and the end the kill scenarios share (`kill_config`, `assert_kills_lost_nothing`);
 * a killed process's database connections gone (`tcp_ports`, `disconnected`: what the store
   holds of it is then final), and the counters of `/metrics` (`scrape`, `counted`) beside
   what the store recorded (`attempts_by_outcome`, `dead_lettered`).
@@ -50,8 +51,10 @@ from tests.acceptance.conftest import (  # estafeta and the hook: re-exported fo
     Proc,
     estafeta,
     free_port,
+    leads_to_crm_config,
     pytest_runtest_makereport,
     query,
+    report,
     signed_request,
     wait_until,
 )
@@ -449,6 +452,43 @@ async def leased_by(database_url: str, pid: int) -> set[str]:
         {"pid": f"%:{pid}:%"},
     )
     return {event_id for (event_id,) in rows}
+
+
+def kill_config(database_url: str, workdir: Path, sink: Sink) -> Path:
+    """The hub the kill scenarios kill: `sink` answers 200 after 50 ms, so that dozens of
+    sends are in flight at any moment, and a lease of max(lease_s, timeout_s + 2) = 4 s
+    brings a dead process's sends back soon."""
+    sink.respond(200, delay_s=0.05)
+    return leads_to_crm_config(
+        database_url,
+        workdir,
+        sink.url,
+        timeout_s=2,
+        max_attempts=20,
+        worker={"lease_s": 1, "concurrency": 32, "batch_size": 32},
+    )
+
+
+async def assert_kills_lost_nothing(
+    name: str,
+    load: Load,
+    sink: Sink,
+    database_url: str,
+    in_flight_at_kill: set[str],
+    *,
+    events: int,
+    kills: int,
+    started: float,
+) -> None:
+    """The end of a kill scenario, once its kills are done: every one of `events` webhooks
+    was acknowledged and delivered, and once the deliveries settled, only sends in flight at
+    a kill were duplicated (`assert_killed_sends_only_were_duplicated`); then its report."""
+    acknowledged, missing = await acknowledged_and_delivered(load, sink, sent=events, timeout_s=60)
+    await settled_deliveries(database_url, timeout_s=30)
+    await assert_killed_sends_only_were_duplicated(
+        sink, acknowledged, database_url, in_flight_at_kill, events=events, kills=kills
+    )
+    report(name, sink, acknowledged, sent=load.sent, lost=len(missing), started=started)
 
 
 async def assert_killed_sends_only_were_duplicated(

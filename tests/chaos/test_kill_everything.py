@@ -33,26 +33,13 @@ from pathlib import Path
 import pytest
 
 from estafeta.testing.sink import Sink
-from tests.acceptance.conftest import (
-    Estafeta,
-    hub_client,
-    leads_to_crm_config,
-    report,
-)
-from tests.chaos.conftest import (
-    Load,
-    acknowledged_and_delivered,
-    assert_killed_sends_only_were_duplicated,
-    lead,
-    leased_by,
-    settled_deliveries,
-)
+from tests.acceptance.conftest import Estafeta, hub_client
+from tests.chaos.conftest import Load, assert_kills_lost_nothing, kill_config, lead, leased_by
 
 EVENTS = 5000
 CONCURRENCY = 50
 KILLS = 3  # of the ingest server, and of the workers
 SEED = 20261122
-SINK_DELAY_S = 0.05  # so that dozens of sends are in flight at any moment
 WORKERS = 2
 
 
@@ -63,16 +50,7 @@ async def test_random_kills_lose_nothing_and_duplicate_only_sends_in_flight(
     chaos_database: str, tmp_path: Path, estafeta: Estafeta, sink: Sink
 ) -> None:
     started = time.monotonic()
-    sink.respond(200, delay_s=SINK_DELAY_S)
-    # lease = max(lease_s, timeout_s + 2) = 4 s: a dead worker's sends come back soon
-    config = leads_to_crm_config(
-        chaos_database,
-        tmp_path,
-        sink.url,
-        timeout_s=2,
-        max_attempts=20,
-        worker={"lease_s": 1, "concurrency": 32, "batch_size": 32},
-    )
+    config = kill_config(chaos_database, tmp_path, sink)
     serve = await estafeta.serve(config, no_workers=True)
     workers = [estafeta.worker(config, name=f"worker-{i}") for i in range(WORKERS)]
     for worker in workers:
@@ -117,19 +95,13 @@ async def test_random_kills_lose_nothing_and_duplicate_only_sends_in_flight(
         await asyncio.wait_for(chaos, timeout=60)
         assert len(kills) == 2 * KILLS, kills
 
-        acknowledged, missing = await acknowledged_and_delivered(
-            load, sink, sent=EVENTS, timeout_s=60
+        await assert_kills_lost_nothing(
+            "chaos kill_everything",
+            load,
+            sink,
+            chaos_database,
+            in_flight_at_kill,
+            events=EVENTS,
+            kills=KILLS,
+            started=started,
         )
-        await settled_deliveries(chaos_database, timeout_s=30)
-
-    await assert_killed_sends_only_were_duplicated(
-        sink, acknowledged, chaos_database, in_flight_at_kill, events=EVENTS, kills=KILLS
-    )
-    report(
-        "chaos kill_everything",
-        sink,
-        acknowledged,
-        sent=load.sent,
-        lost=len(missing),
-        started=started,
-    )

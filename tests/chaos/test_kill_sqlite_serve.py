@@ -19,26 +19,13 @@ from pathlib import Path
 import pytest
 
 from estafeta.testing.sink import Sink
-from tests.acceptance.conftest import (
-    Estafeta,
-    hub_client,
-    leads_to_crm_config,
-    report,
-)
-from tests.chaos.conftest import (
-    Load,
-    acknowledged_and_delivered,
-    assert_killed_sends_only_were_duplicated,
-    lead,
-    leased_by,
-    settled_deliveries,
-)
+from tests.acceptance.conftest import Estafeta, hub_client
+from tests.chaos.conftest import Load, assert_kills_lost_nothing, kill_config, lead, leased_by
 
 EVENTS = 2000
 CONCURRENCY = 50
 KILLS = 3
 SEED = 20261204
-SINK_DELAY_S = 0.05  # so that dozens of sends are in flight at any moment
 
 
 @pytest.mark.slow
@@ -48,16 +35,7 @@ async def test_a_killed_sqlite_serve_loses_nothing_and_duplicates_only_sends_in_
 ) -> None:
     started = time.monotonic()
     database_url = f"sqlite:///{tmp_path / 'estafeta.db'}"
-    sink.respond(200, delay_s=SINK_DELAY_S)
-    # lease = max(lease_s, timeout_s + 2) = 4 s: a dead process's sends come back soon
-    config = leads_to_crm_config(
-        database_url,
-        tmp_path,
-        sink.url,
-        timeout_s=2,
-        max_attempts=20,
-        worker={"lease_s": 1, "concurrency": 32, "batch_size": 32},
-    )
+    config = kill_config(database_url, tmp_path, sink)
     serve = await estafeta.serve(config)
     rng = random.Random(SEED)
     marks = sorted(rng.sample(range(EVENTS // 10, EVENTS * 9 // 10), KILLS))
@@ -83,19 +61,13 @@ async def test_a_killed_sqlite_serve_loses_nothing_and_duplicates_only_sends_in_
         await asyncio.wait_for(chaos, timeout=60)
         assert len(kills) == KILLS, kills
 
-        acknowledged, missing = await acknowledged_and_delivered(
-            load, sink, sent=EVENTS, timeout_s=60
+        await assert_kills_lost_nothing(
+            "chaos kill_sqlite_serve",
+            load,
+            sink,
+            database_url,
+            in_flight_at_kill,
+            events=EVENTS,
+            kills=KILLS,
+            started=started,
         )
-        await settled_deliveries(database_url, timeout_s=30)
-
-    await assert_killed_sends_only_were_duplicated(
-        sink, acknowledged, database_url, in_flight_at_kill, events=EVENTS, kills=KILLS
-    )
-    report(
-        "chaos kill_sqlite_serve",
-        sink,
-        acknowledged,
-        sent=load.sent,
-        lost=len(missing),
-        started=started,
-    )

@@ -13,6 +13,7 @@ import asyncio
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio
@@ -45,6 +46,21 @@ OUTAGE_S = 7.0  # longer than the 5 s between tries: a failed retry must not log
 COMPONENTS = {"throttle", "circuit_store", "ingress_rate_limit"}
 
 
+def redis_outage_config(
+    database_url: str, workdir: Path, sink: Sink, own_redis: RedisProcess, **overrides: Any
+) -> Path:
+    """crm at `sink`, everything that can use Redis on this test's own Redis: crm's rate
+    limit (500/second, never reached) is there to be counted in it."""
+    return leads_to_crm_config(
+        database_url,
+        workdir,
+        sink.url,
+        rate_limit="500/second",
+        redis_url=own_redis.url,
+        **overrides,
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.postgres
 @pytest.mark.timeout(60)
@@ -52,14 +68,7 @@ async def test_deliveries_go_on_while_redis_is_down_and_redis_is_used_again_afte
     chaos_database: str, own_redis: RedisProcess, tmp_path: Path, estafeta: Estafeta, sink: Sink
 ) -> None:
     started = time.monotonic()
-    config = leads_to_crm_config(
-        chaos_database,
-        tmp_path,
-        sink.url,
-        rate_limit="500/second",
-        max_attempts=10,
-        redis_url=own_redis.url,
-    )
+    config = redis_outage_config(chaos_database, tmp_path, sink, own_redis, max_attempts=10)
     serve = await estafeta.serve(config)
 
     async with hub_client(serve) as hub:
@@ -119,13 +128,8 @@ async def test_a_redis_outage_is_alerted_and_reading_health_does_not_log_it_agai
     chaos_database: str, own_redis: RedisProcess, tmp_path: Path, estafeta: Estafeta, sink: Sink
 ) -> None:
     started = time.monotonic()
-    config = leads_to_crm_config(
-        chaos_database,
-        tmp_path,
-        sink.url,
-        rate_limit="500/second",
-        worker={"alert_redis_down_s": 1},
-        redis_url=own_redis.url,
+    config = redis_outage_config(
+        chaos_database, tmp_path, sink, own_redis, worker={"alert_redis_down_s": 1}
     )
     serve = await estafeta.serve(config)
     async with hub_client(serve) as hub:

@@ -75,6 +75,15 @@ class Env:
         body = {"source": source, "to": f"+{MARIA}", "text": text, **extra}
         return await self.http.post("/api/v1/messages", headers=self.auth(), json=body)
 
+    async def sent_message(
+        self, text: str, provider_id: str, *, source: str = "wa-sol", alt_id: str | None = None
+    ) -> str:
+        """`text` sent to Maria through `source`, and taken by its provider as `provider_id`
+        (`finish_send`): the message's id."""
+        r = await self.send(text, source)
+        await self.finish_send(provider_id=provider_id, source=source, alt_id=alt_id)
+        return str(r.json()["id"])
+
     async def message(self, message_id: str) -> Any:
         """GET /api/v1/messages/{message_id}, as clinica-sol."""
         return (await self.http.get(f"/api/v1/messages/{message_id}", headers=self.auth())).json()
@@ -544,23 +553,21 @@ async def test_a_conversation_shows_the_status_the_provider_gave_whatever_recipi
     # number the message was sent to (a Brazilian mobile registered before the ninth digit:
     # sent to +55 11 98765-4321, `recipient_id` 551187654321). The conversation looked the
     # statuses up by that id, so it showed the message `sent` while GET /messages said `read`.
-    r = await env.send("Claro!")
-    await env.finish_send(provider_id="wamid.OUT7")
+    message_id = await env.sent_message("Claro!", "wamid.OUT7")
     await env.status("wamid.OUT7", "read", at=1_751_371_300_000, conversation_id="551187654321")
-    view = await env.message(r.json()["id"])
+    view = await env.message(message_id)
     assert view["state"] == "read"
     detail = await env.conversation()
-    assert [(m["id"], m["state"]) for m in detail["messages"]] == [(r.json()["id"], "read")]
+    assert [(m["id"], m["state"]) for m in detail["messages"]] == [(message_id, "read")]
 
 
 async def test_a_status_in_another_tenants_store_never_moves_a_message(env: Env) -> None:
     # Tenants share nothing: a status event stored under another tenant (a source moved from
     # one tenant to another in the configuration keeps its id) never reaches this tenant's
     # message, neither in GET /messages nor in its conversation.
-    r = await env.send("Oi")
-    await env.finish_send(provider_id="wamid.OUT8")
+    message_id = await env.sent_message("Oi", "wamid.OUT8")
     await env.status("wamid.OUT8", "failed", at=1_751_371_300_000, tenant="outra")
-    view = await env.message(r.json()["id"])
+    view = await env.message(message_id)
     assert (view["state"], [s["state"] for s in view["timeline"]]) == ("sent", ["queued", "sent"])
     detail = await env.conversation()
     assert detail["messages"][0]["state"] == "sent"
@@ -787,13 +794,12 @@ async def test_conversations_of_one_millisecond_come_each_once_on_every_key(env:
 
 async def test_a_message_the_provider_failed_says_why_in_its_error(env: Env) -> None:
     # Its state was `failed` and its `error` null: the reason was only inside the timeline.
-    r = await env.send("Oi")
-    await env.finish_send(provider_id="wamid.OUT5")
+    message_id = await env.sent_message("Oi", "wamid.OUT5")
     failure = {"code": 131026, "title": "Message undeliverable", "message": None, "details": None}
     await env.status(
         "wamid.OUT5", "failed", at=1_751_371_300_000, provider="whatsapp_cloud", error=failure
     )
-    view = await env.message(r.json()["id"])
+    view = await env.message(message_id)
     assert view["state"] == "failed"
     assert view["error"] == "whatsapp_cloud_131026: Message undeliverable"
     assert view["timeline"][-1] == {
@@ -809,13 +815,12 @@ async def test_a_status_posted_to_another_number_of_the_same_app_reaches_the_mes
     # One Meta app with two numbers has one webhook URL: the statuses of what wa-lab sent
     # arrive at wa-sol. They were looked up under the sending source only, so the message
     # stayed `sent` whatever the provider said.
-    r = await env.send("Seu exame está pronto.", source="wa-lab")
-    await env.finish_send(provider_id="wamid.LAB1", source="wa-lab")
+    message_id = await env.sent_message("Seu exame está pronto.", "wamid.LAB1", source="wa-lab")
     await env.status("wamid.LAB1", "delivered", at=1_751_371_290_000)  # at /in/wa-sol
     await env.status("wamid.LAB1", "read", at=1_751_371_300_000)
     # The same webhook, also received by wa-lab: one step.
     await env.status("wamid.LAB1", "read", at=1_751_371_300_000, source="wa-lab")
-    view = await env.message(r.json()["id"])
+    view = await env.message(message_id)
     assert view["state"] == "read"
     assert [step["state"] for step in view["timeline"]] == ["queued", "sent", "delivered", "read"]
     detail = await env.conversation()
@@ -828,12 +833,11 @@ async def test_statuses_of_the_same_second_are_in_the_timeline_in_their_natural_
     # Meta's timestamps are whole seconds: a message read as it arrived has `delivered` and
     # `read` in the same second, and the webhooks may come in any order. The timeline put
     # them in arrival order, `read` before `delivered`.
-    r = await env.send("Oi")
-    await env.finish_send(provider_id="wamid.OUT6")
+    message_id = await env.sent_message("Oi", "wamid.OUT6")
     await env.status("wamid.OUT6", "read", at=1_751_371_300_000)
     await env.status("wamid.OUT6", "delivered", at=1_751_371_300_000)
     await env.status("wamid.OUT6", "sent", at=1_751_371_300_000)
-    view = await env.message(r.json()["id"])
+    view = await env.message(message_id)
     assert [step["state"] for step in view["timeline"]] == [
         "queued",
         "sent",
@@ -849,9 +853,8 @@ async def test_twilio_callbacks_that_arrive_out_of_order_are_in_the_timeline_in_
     # Twilio's status callbacks carry no time, so each is timed as it arrives, and Twilio
     # says they may arrive out of order: the timeline went read, delivered, sent, while
     # `state` said read.
-    r = await env.send("Oi", source="tw-sol")
     sid = "SM" + "7" * 32
-    await env.finish_send(provider_id=sid, source="tw-sol")
+    message_id = await env.sent_message("Oi", sid, source="tw-sol")
     clock = FixedClock(env.hub.clock.now_ms())
     env.hub.clock = clock
     for status in ("read", "delivered", "sent"):
@@ -866,7 +869,7 @@ async def test_twilio_callbacks_that_arrive_out_of_order_are_in_the_timeline_in_
             headers={"x-twilio-signature": signed, "content-type": FORM},
         )
         assert answer.status_code == 200, answer.text
-    view = await env.message(r.json()["id"])
+    view = await env.message(message_id)
     assert view["state"] == "read"
     assert [step["state"] for step in view["timeline"]] == [
         "queued",
@@ -883,11 +886,11 @@ async def test_a_zapi_callback_naming_only_the_zaap_id_reaches_only_its_tenants_
     # Z-API's DeliveryCallback requires only `zaapId`; without `messageId` the status named
     # an id the message did not have, and a failed send stayed `sent`. The second id matches
     # only statuses of the tenant's own Z-API sources, as the first one does.
-    r = await env.send("Oi", source="zapi-sol")
-    await env.finish_send(provider_id="3EB0AAAA", alt_id="ZAAP9", source="zapi-sol")
-    url = f"/api/v1/messages/{r.json()['id']}"
+    message_id = await env.sent_message("Oi", "3EB0AAAA", source="zapi-sol", alt_id="ZAAP9")
+    url = f"/api/v1/messages/{message_id}"
     failure = {"code": None, "title": None, "message": "not on WhatsApp", "details": None}
-    for tenant, source in [("outra", "zapi-sol"), ("clinica-sol", "wa-sol")]:
+
+    async def failed_naming_the_zaap_id(tenant: str, source: str) -> None:
         await env.hub.accept(
             tenant_id=tenant,
             source_id=source,
@@ -896,15 +899,11 @@ async def test_a_zapi_callback_naming_only_the_zaap_id_reaches_only_its_tenants_
             idempotency_key="ZAAP9:FAILED",
             occurred_at=1_751_371_300_000,
         )
+
+    for tenant, source in [("outra", "zapi-sol"), ("clinica-sol", "wa-sol")]:
+        await failed_naming_the_zaap_id(tenant, source)
         assert (await env.http.get(url, headers=env.auth())).json()["state"] == "sent"
-    await env.hub.accept(
-        tenant_id="clinica-sol",
-        source_id="zapi-sol",
-        event_type="message.status",
-        data={"message_id": "ZAAP9", "status": "failed", "provider": "zapi", "error": failure},
-        idempotency_key="ZAAP9:FAILED",
-        occurred_at=1_751_371_300_000,
-    )
+    await failed_naming_the_zaap_id("clinica-sol", "zapi-sol")
     view = (await env.http.get(url, headers=env.auth())).json()
     assert (view["state"], view["error"]) == ("failed", "zapi_failed: not on WhatsApp")
     detail = await env.conversation()

@@ -560,6 +560,15 @@ def watching_workers(store: SqlStore, clock: ManualClock) -> AlertMonitor:
     )
 
 
+def worker_whose_task_crashes(
+    store: SqlStore, config: Config, clock: ManualClock
+) -> tuple[Presence, Tasks]:
+    """worker-1 on `clock`, and its tasks, which the test crashes (`tasks.crashed`) and
+    restarts (`tasks.down.clear()`)."""
+    tasks = Tasks()
+    return Presence(store, config, process_id="worker-1", clock=clock, tasks=tasks), tasks
+
+
 async def test_no_workers_is_alerted_while_deliveries_wait_and_no_process_delivers(
     config: Config, store: SqlStore, clocked_hub: tuple[Hub, ManualClock]
 ) -> None:
@@ -634,8 +643,7 @@ async def test_no_workers_hears_of_a_worker_whose_delivery_task_keeps_crashing(
     # nothing: it must count as no worker, from its last steady announcement on.
     hub, clock = clocked_hub
     monitor = watching_workers(store, clock)
-    tasks = Tasks()
-    worker = Presence(store, config, process_id="worker-1", clock=clock, tasks=tasks)
+    worker, tasks = worker_whose_task_crashes(store, config, clock)
     with capture_logs() as logs:
         await worker.announce()  # started: its delivery task has not crashed yet
         steady = clock.now
@@ -870,6 +878,15 @@ class Outage:
         raise StoreUnavailable("the store cannot be reached: ConnectionRefusedError")
 
 
+def spool_monitor_through(
+    outage: Outage, hub: Hub, clock: ManualClock
+) -> tuple[Spool, AlertMonitor]:
+    """The hub's spool, and a monitor of it that reads the store through `outage`."""
+    spool = hub.spool
+    assert spool is not None
+    return spool, AlertMonitor(cast(SqlStore, outage), threshold=1000, spool=spool, clock=clock)
+
+
 async def test_the_events_of_a_long_outage_are_not_stalled_the_moment_the_store_is_back(
     spooling_hub: tuple[Hub, ManualClock], store: SqlStore
 ) -> None:
@@ -877,10 +894,8 @@ async def test_the_events_of_a_long_outage_are_not_stalled_the_moment_the_store_
     is under way. Not a stuck drainer: no alert, not degraded; a drain that then gets
     nowhere for a minute still is one."""
     hub, clock = spooling_hub
-    spool = hub.spool
-    assert spool is not None
     outage = Outage(store)
-    monitor = AlertMonitor(cast(SqlStore, outage), threshold=1000, spool=spool, clock=clock)
+    spool, monitor = spool_monitor_through(outage, hub, clock)
     transport = httpx.ASGITransport(app=create_app(hub))
     async with httpx.AsyncClient(transport=transport, base_url="http://hub") as http:
         with capture_logs() as logs:
@@ -970,8 +985,7 @@ async def test_no_workers_is_not_resolved_by_a_delivery_task_between_two_crashes
     # keeps crashing" is what no_workers is for.
     hub, clock = clocked_hub
     monitor = watching_workers(store, clock)
-    tasks = Tasks()
-    worker = Presence(store, config, process_id="worker-1", clock=clock, tasks=tasks)
+    worker, tasks = worker_whose_task_crashes(store, config, clock)
     start = clock.now
     with capture_logs() as logs:
         await worker.announce()
@@ -1112,10 +1126,8 @@ async def test_spool_stalled_stands_through_a_store_blip_while_the_drain_gets_no
     # During a store outage it neither fires nor resolves." A store that failed one of the
     # monitor's rounds resolved it the moment it answered again, the drainer still stuck.
     hub, clock = spooling_hub
-    spool = hub.spool
-    assert spool is not None
     outage = Outage(store)
-    monitor = AlertMonitor(cast(SqlStore, outage), threshold=1000, spool=spool, clock=clock)
+    spool, monitor = spool_monitor_through(outage, hub, clock)
     with capture_logs() as logs:
         await spool_one(hub)
         clock.now += 61_000

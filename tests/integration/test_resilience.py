@@ -85,18 +85,32 @@ async def publish(
     return [await hub.publish(event_type, status="confirmed", n=i, **data) for i in range(n)]
 
 
+def billing_down(
+    database_url: str,
+    sinks: tuple[Sink, Sink],
+    circuit: dict[str, Any],
+    *,
+    concurrency: int,
+    delay_s: float = 0.0,
+) -> dict[str, Any]:
+    """Billing answers 503 (after `delay_s`) and its circuit is `circuit`; the worker sends
+    `concurrency` at a time."""
+    crm, billing = sinks
+    billing.respond(503, delay_s=delay_s)
+    return hub_config(
+        database_url,
+        crm,
+        billing,
+        worker={"concurrency": concurrency},
+        billing={"circuit": circuit},
+    )
+
+
 async def test_an_open_circuit_stops_sending_without_spending_attempts(
     store: SqlStore, database_url: str, sinks: tuple[Sink, Sink]
 ) -> None:
     crm, billing = sinks
-    billing.respond(503)
-    data = hub_config(
-        database_url,
-        crm,
-        billing,
-        worker={"concurrency": 1},
-        billing={"circuit": {"failures": 3, "reset_s": 60}},
-    )
+    data = billing_down(database_url, sinks, {"failures": 3, "reset_s": 60}, concurrency=1)
     async with running(store, data) as hub:
         ids = await publish(hub, 10)
         assert await crm.wait_for(lambda s: len(s.delivered_ids) == 10, 15)
@@ -226,14 +240,9 @@ async def test_other_destinations_keep_their_pace_while_one_is_down(
     store: SqlStore, database_url: str, sinks: tuple[Sink, Sink]
 ) -> None:
     crm, billing = sinks
-    billing.respond(503, delay_s=0.2)  # down, and slow about it
-    data = hub_config(
-        database_url,
-        crm,
-        billing,
-        worker={"concurrency": 8},
-        billing={"circuit": {"failures": 3, "reset_s": 30}},
-    )
+    circuit = {"failures": 3, "reset_s": 30}
+    # Down, and slow about it.
+    data = billing_down(database_url, sinks, circuit, concurrency=8, delay_s=0.2)
     async with running(store, data) as hub:
         started = time.monotonic()
         await publish(hub, 100)
@@ -258,23 +267,15 @@ async def test_a_configured_failure_ratio_opens_the_circuit(
     store: SqlStore, database_url: str, sinks: tuple[Sink, Sink]
 ) -> None:
     crm, billing = sinks
-    billing.respond(503)
     # 1,000 consecutive failures would never come: only the ratio can open this circuit.
-    data = hub_config(
-        database_url,
-        crm,
-        billing,
-        worker={"concurrency": 1},
-        billing={
-            "circuit": {
-                "failures": 1000,
-                "failure_ratio": 0.5,
-                "min_requests": 4,
-                "window_s": 60,
-                "reset_s": 60,
-            }
-        },
-    )
+    circuit = {
+        "failures": 1000,
+        "failure_ratio": 0.5,
+        "min_requests": 4,
+        "window_s": 60,
+        "reset_s": 60,
+    }
+    data = billing_down(database_url, sinks, circuit, concurrency=1)
     async with running(store, data) as hub:
         await publish(hub, 10)
         await circuit_becomes(hub, "billing", CircuitState.OPEN)

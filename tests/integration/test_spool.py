@@ -11,7 +11,7 @@ import signal
 import struct
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -403,20 +403,16 @@ async def test_repeats_of_a_key_at_once_during_the_outage_get_one_id(down_hub: H
 
 
 async def test_a_redelivery_during_the_outage_gets_the_original_id(down_hub: Hub) -> None:
-    first = await down_hub.accept(
-        tenant_id="clinica-sol",
-        source_id="crm-events",
-        event_type="message.received",
-        data={},
-        idempotency_key="w1",
-    )
-    again = await down_hub.accept(
-        tenant_id="clinica-sol",
-        source_id="crm-events",
-        event_type="message.received",
-        data={},
-        idempotency_key="w1",
-    )
+    first, again = [  # one webhook, then its redelivery
+        await down_hub.accept(
+            tenant_id="clinica-sol",
+            source_id="crm-events",
+            event_type="message.received",
+            data={},
+            idempotency_key="w1",
+        )
+        for _ in range(2)
+    ]
     assert (again.event_id, again.duplicate, again.spooled) == (first.event_id, True, True)
 
 
@@ -436,7 +432,8 @@ class Blink:
         monkeypatch.setattr("estafeta.hub.STORE_RETRY_S", 0.0)  # try the store at the next one
 
 
-def blinking_hub(
+@asynccontextmanager
+async def blinking_hub(
     config: Config,
     store: SqlStore,
     tmp_path: Path,
@@ -444,10 +441,15 @@ def blinking_hub(
     *,
     down: bool = True,
     spool_bytes: int = 10**6,
-) -> tuple[Hub, Blink]:
-    """A hub with a spool in front of a store that goes down and comes back at will."""
+) -> AsyncIterator[tuple[Hub, Blink]]:
+    """A hub with a spool in front of a store that goes down and comes back at will; closed
+    when the block ends."""
     blink = Blink(store, monkeypatch, down=down)
-    return Hub(config, store, spool=Spool(tmp_path / "spool", max_bytes=spool_bytes)), blink
+    hub = Hub(config, store, spool=Spool(tmp_path / "spool", max_bytes=spool_bytes))
+    try:
+        yield hub, blink
+    finally:
+        await hub.close()
 
 
 def message(hub: Hub, n: int, *, key: str = "maria", idempotent: bool = False) -> NewEvent:
@@ -469,18 +471,17 @@ async def test_a_repeat_accepted_after_an_outage_before_the_drain_gets_the_spool
     store answers again, before the drain imported the original. Stored anew, the repeat
     got an id of its own and the drain dropped the original as its duplicate: the id first
     answered never existed. It is answered as the spooled original instead."""
-    hub, blink = blinking_hub(config, store, tmp_path, monkeypatch)
+    async with blinking_hub(config, store, tmp_path, monkeypatch) as (hub, blink):
 
-    async def booked(key: str) -> InsertResult:
-        return await hub.accept(
-            tenant_id="clinica-sol",
-            source_id="crm-events",
-            event_type="appointment.booked",
-            data={"status": "confirmed"},
-            idempotency_key=key,
-        )
+        async def booked(key: str) -> InsertResult:
+            return await hub.accept(
+                tenant_id="clinica-sol",
+                source_id="crm-events",
+                event_type="appointment.booked",
+                data={"status": "confirmed"},
+                idempotency_key=key,
+            )
 
-    try:
         first = await booked("booking-7")
         blink.down = False
         again = await booked("booking-7")
@@ -492,8 +493,6 @@ async def test_a_repeat_accepted_after_an_outage_before_the_drain_gets_the_spool
         late = await booked("booking-7")  # the store has it now, and answers it
         assert (late.event_id, late.duplicate, late.spooled) == (first.event_id, True, False)
         assert (await store.queue_stats(history=True)).by_state == {"pending": 4}
-    finally:
-        await hub.close()
 
 
 async def test_a_repeat_of_a_key_the_spool_no_longer_remembers_gets_the_original_id(
@@ -505,8 +504,7 @@ async def test_a_repeat_of_a_key_the_spool_no_longer_remembers_gets_the_original
     original's duplicate: the id answered never existed. It is answered as the original,
     during the outage and once the store answers (spooled behind its key's events)."""
     monkeypatch.setattr("estafeta.ingress.spool.REMEMBERED_KEYS", 3)
-    hub, blink = blinking_hub(config, store, tmp_path, monkeypatch)
-    try:
+    async with blinking_hub(config, store, tmp_path, monkeypatch) as (hub, blink):
         originals = [
             (await hub.accept_all([message(hub, n, idempotent=True)]))[0] for n in range(5)
         ]
@@ -518,8 +516,6 @@ async def test_a_repeat_of_a_key_the_spool_no_longer_remembers_gets_the_original
         assert hub.spool is not None and await hub.spool.drain(store) == 5
         for result in (again, later):
             assert await store.get_event(result.event_id, "clinica-sol") is not None
-    finally:
-        await hub.close()
 
 
 async def test_a_keys_events_accepted_after_an_outage_wait_behind_its_spooled_ones(
@@ -529,8 +525,7 @@ async def test_a_keys_events_accepted_after_an_outage_wait_behind_its_spooled_on
     answers again, before the drain imported message 1. Stored at once, it was sent first.
     It is spooled behind message 1 instead, and once the drain imported both, they go in
     order; the key's next events are stored directly again, another key's at once."""
-    hub, blink = blinking_hub(config, store, tmp_path, monkeypatch)
-    try:
+    async with blinking_hub(config, store, tmp_path, monkeypatch) as (hub, blink):
         (first,) = await hub.accept_all([message(hub, 1)])
         blink.down = False
         (second,) = await hub.accept_all([message(hub, 2)])
@@ -549,8 +544,6 @@ async def test_a_keys_events_accepted_after_an_outage_wait_behind_its_spooled_on
             sent.append(sending.event_id)
             await store.complete([attempt(sending, DeliveryState.SUCCEEDED, at=now)], now)
         assert sent == [first.event_id, second.event_id, third.event_id]
-    finally:
-        await hub.close()
 
 
 async def test_a_keys_event_the_full_spool_cannot_hold_is_stored_once_the_store_answers(
@@ -560,8 +553,10 @@ async def test_a_keys_event_the_full_spool_cannot_hold_is_stored_once_the_store_
     freed room. An event of a key waiting in the spool was refused `503 spool_full` ("the
     store is unreachable"), though the store answered, and a sender that does not retry
     (Twilio) lost it: it is stored at once instead, as any other event then."""
-    hub, blink = blinking_hub(config, store, tmp_path, monkeypatch, spool_bytes=1)  # full at once
-    try:
+    async with blinking_hub(config, store, tmp_path, monkeypatch, spool_bytes=1) as (
+        hub,
+        blink,
+    ):  # full at once
         (first,) = await hub.accept_all([message(hub, 1)])
         blink.down = False
         (second,) = await hub.accept_all([message(hub, 2)])
@@ -569,8 +564,6 @@ async def test_a_keys_event_the_full_spool_cannot_hold_is_stored_once_the_store_
         assert hub.spool is not None and await hub.spool.drain(store) == 1
         for result in (first, second):
             assert await store.get_event(result.event_id, "clinica-sol") is not None
-    finally:
-        await hub.close()
 
 
 async def test_a_redelivery_of_a_stored_event_behind_a_spooled_one_of_its_key_gets_its_id(
@@ -580,8 +573,7 @@ async def test_a_redelivery_of_a_stored_event_behind_a_spooled_one_of_its_key_ge
     again; before the drain imports message 2, the sender repeats message 1 (same key). The
     store knows it: the repeat is answered as a duplicate of it, not journaled as a new event
     whose id the drain then drops (the id answered would never exist)."""
-    hub, blink = blinking_hub(config, store, tmp_path, monkeypatch, down=False)
-    try:
+    async with blinking_hub(config, store, tmp_path, monkeypatch, down=False) as (hub, blink):
         (first,) = await hub.accept_all([message(hub, 1, idempotent=True)])
         blink.down = True
         (second,) = await hub.accept_all([message(hub, 2, idempotent=True)])
@@ -589,8 +581,6 @@ async def test_a_redelivery_of_a_stored_event_behind_a_spooled_one_of_its_key_ge
         (again,) = await hub.accept_all([message(hub, 1, idempotent=True)])
         assert (first.spooled, second.spooled) == (False, True)
         assert (again.event_id, again.duplicate) == (first.event_id, True)
-    finally:
-        await hub.close()
 
 
 async def test_a_spooled_keys_repeat_beside_an_event_the_full_spool_refuses_keeps_its_id(
@@ -601,8 +591,10 @@ async def test_a_spooled_keys_repeat_beside_an_event_the_full_spool_refuses_keep
     and message 2. Message 2 cannot be spooled, so the batch goes to the store, but message
     1's repeat must stay the spooled original's duplicate: stored as a new event, the drain
     then drops the original, and the id the first request was answered never exists."""
-    hub, blink = blinking_hub(config, store, tmp_path, monkeypatch, spool_bytes=1)  # full after one
-    try:
+    async with blinking_hub(config, store, tmp_path, monkeypatch, spool_bytes=1) as (
+        hub,
+        blink,
+    ):  # full after one
         (first,) = await hub.accept_all([message(hub, 1, idempotent=True)])
         blink.down = False
         again, second = await hub.accept_all(
@@ -614,8 +606,6 @@ async def test_a_spooled_keys_repeat_beside_an_event_the_full_spool_refuses_keep
         await hub.spool.drain(store)
         for result in (first, second):
             assert await store.get_event(result.event_id, "clinica-sol") is not None
-    finally:
-        await hub.close()
 
 
 @contextmanager

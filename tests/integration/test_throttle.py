@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis
@@ -37,6 +38,22 @@ async def throttles() -> AsyncIterator[list[DestinationThrottle]]:
     yield made
     for throttle in made:
         await throttle.aclose()
+
+
+def on_own_redis(
+    own_redis: RedisServer,
+    throttles: list[DestinationThrottle],
+    limit: str,
+    clock: list[float],
+    **options: Any,
+) -> DestinationThrottle:
+    """A throttle of `limit` for billing, counted in the test's own Redis (which it takes
+    away), on the test's clock (`clock[0]`, seconds); closed at teardown (`throttles`)."""
+    made = DestinationThrottle(
+        {"billing": limit}, redis_url=own_redis.url, monotonic=lambda: clock[0], **options
+    )
+    throttles.append(made)
+    return made
 
 
 async def admitted_then_wait(throttle: DestinationThrottle, destination: str) -> list[bool]:
@@ -116,10 +133,7 @@ async def test_redis_lost_falls_back_to_memory_and_comes_back(
     own_redis: RedisServer, throttles: list[DestinationThrottle]
 ) -> None:
     clock = [1_000.0]
-    throttle = DestinationThrottle(
-        {"billing": "3/minute"}, redis_url=own_redis.url, retry_s=5.0, monotonic=lambda: clock[0]
-    )
-    throttles.append(throttle)
+    throttle = on_own_redis(own_redis, throttles, "3/minute", clock, retry_s=5.0)
     with capture_logs() as logs:
         assert await throttle.acquire("billing") is None
         assert keys_under(own_redis.url, "estafeta:throttle:")
@@ -154,13 +168,7 @@ async def test_sends_counted_during_an_outage_reach_every_process_after_it(
     own_redis: RedisServer, throttles: list[DestinationThrottle]
 ) -> None:
     clock = [1_000.0]
-    a, b = (
-        DestinationThrottle(
-            {"billing": "5/minute"}, redis_url=own_redis.url, monotonic=lambda: clock[0]
-        )
-        for _ in range(2)
-    )
-    throttles.extend([a, b])
+    a, b = (on_own_redis(own_redis, throttles, "5/minute", clock) for _ in range(2))
     own_redis.kill()
     async with asyncio.timeout(10):
         # Only a sends during the outage: two of the minute's five, counted in its memory.
@@ -196,102 +204,80 @@ async def admitted(throttle: DestinationThrottle, n: int) -> int:
 
 @pytest.mark.timeout(60)
 async def test_the_window_spanning_an_outage_start_admits_no_more_than_the_limit(
-    own_redis: RedisServer,
+    own_redis: RedisServer, throttles: list[DestinationThrottle]
 ) -> None:
-    clock = [1_000.0]
-    throttle = DestinationThrottle(
-        {"billing": "3/minute"}, redis_url=own_redis.url, monotonic=lambda: clock[0]
-    )
-    try:
-        assert await admitted(throttle, 3) == 3  # the minute's budget, counted in Redis
-        own_redis.kill()
-        async with asyncio.timeout(10):
-            # Same worker, same minute: its own three sends are still in the window.
-            assert await admitted(throttle, 3) == 0
-    finally:
-        await throttle.aclose()
+    throttle = on_own_redis(own_redis, throttles, "3/minute", [1_000.0])
+    assert await admitted(throttle, 3) == 3  # the minute's budget, counted in Redis
+    own_redis.kill()
+    async with asyncio.timeout(10):
+        # Same worker, same minute: its own three sends are still in the window.
+        assert await admitted(throttle, 3) == 0
 
 
 @pytest.mark.timeout(60)
 async def test_a_flapping_redis_does_not_give_a_new_budget_per_outage(
-    own_redis: RedisServer,
+    own_redis: RedisServer, throttles: list[DestinationThrottle]
 ) -> None:
     clock = [1_000.0]
-    throttle = DestinationThrottle(
-        {"billing": "3/minute"}, redis_url=own_redis.url, monotonic=lambda: clock[0]
-    )
+    throttle = on_own_redis(own_redis, throttles, "3/minute", clock)
     total = 0
-    try:
-        async with asyncio.timeout(30):
-            for _ in range(3):  # three short outages within one minute
-                total += await admitted(throttle, 3)
-                own_redis.kill()
-                total += await admitted(throttle, 3)
-                own_redis.start()
-                clock[0] += 5.0
-        assert total <= 3, f"one worker sent {total} in one minute to a 3/minute destination"
-    finally:
-        await throttle.aclose()
+    async with asyncio.timeout(30):
+        for _ in range(3):  # three short outages within one minute
+            total += await admitted(throttle, 3)
+            own_redis.kill()
+            total += await admitted(throttle, 3)
+            own_redis.start()
+            clock[0] += 5.0
+    assert total <= 3, f"one worker sent {total} in one minute to a 3/minute destination"
 
 
 @pytest.mark.timeout(60)
 async def test_a_redis_restarted_empty_between_two_sends_gives_no_new_budget(
-    own_redis: RedisServer,
+    own_redis: RedisServer, throttles: list[DestinationThrottle]
 ) -> None:
     """The pooled connection's one retry reconnects at once, so no outage is even noticed:
     Redis, empty, hands the minute's budget out again to the worker that just spent it."""
     throttle = DestinationThrottle({"billing": "3/minute"}, redis_url=own_redis.url)
-    try:
-        assert await admitted(throttle, 3) == 3
-        own_redis.kill()
-        own_redis.start()
-        async with asyncio.timeout(10):
-            assert await admitted(throttle, 3) == 0
-    finally:
-        await throttle.aclose()
+    throttles.append(throttle)
+    assert await admitted(throttle, 3) == 3
+    own_redis.kill()
+    own_redis.start()
+    async with asyncio.timeout(10):
+        assert await admitted(throttle, 3) == 0
 
 
 @pytest.mark.timeout(60)
 async def test_outage_sends_are_not_lost_when_another_worker_sends_meanwhile(
-    own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+    own_redis: RedisServer, throttles: list[DestinationThrottle], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = [1_000.0]
-    a, b = (
-        DestinationThrottle(
-            {"billing": "5/minute"}, redis_url=own_redis.url, monotonic=lambda: clock[0]
-        )
-        for _ in range(2)
-    )
-    try:
-        own_redis.kill()
-        async with asyncio.timeout(10):
-            assert [await a.acquire("billing") for _ in range(3)] == [None] * 3  # in a's memory
-        own_redis.start()
-        clock[0] += 5.0
+    a, b = (on_own_redis(own_redis, throttles, "5/minute", clock) for _ in range(2))
+    own_redis.kill()
+    async with asyncio.timeout(10):
+        assert [await a.acquire("billing") for _ in range(3)] == [None] * 3  # in a's memory
+    own_redis.start()
+    clock[0] += 5.0
 
-        # b sends three times right after a read Redis's room for its three (five then) and
-        # before a adds them.
-        shared = a._redis
-        assert shared is not None
-        read = shared.get_window_stats
+    # b sends three times right after a read Redis's room for its three (five then) and
+    # before a adds them.
+    shared = a._redis
+    assert shared is not None
+    read = shared.get_window_stats
 
-        async def read_then_b_sends(item: RateLimitItem, *identifiers: str) -> WindowStats:
-            monkeypatch.setattr(shared, "get_window_stats", read)
-            stats = await read(item, *identifiers)
-            assert [await b.acquire("billing") for _ in range(3)] == [None] * 3
-            return stats
+    async def read_then_b_sends(item: RateLimitItem, *identifiers: str) -> WindowStats:
+        monkeypatch.setattr(shared, "get_window_stats", read)
+        stats = await read(item, *identifiers)
+        assert [await b.acquire("billing") for _ in range(3)] == [None] * 3
+        return stats
 
-        monkeypatch.setattr(shared, "get_window_stats", read_then_b_sends)
-        sent = 3 + 3
-        sent += await a.acquire("billing") is None
-        for throttle in (a, b):
-            sent += sum([await throttle.acquire("billing") is None for _ in range(3)])
-        # b's three already make six with a's outage sends (the outage allows that); the
-        # window must admit nothing more, as Redis holds both.
-        assert sent <= 6, f"{sent} sends in one minute to a 5/minute destination"
-    finally:
-        await a.aclose()
-        await b.aclose()
+    monkeypatch.setattr(shared, "get_window_stats", read_then_b_sends)
+    sent = 3 + 3
+    sent += await a.acquire("billing") is None
+    for throttle in (a, b):
+        sent += sum([await throttle.acquire("billing") is None for _ in range(3)])
+    # b's three already make six with a's outage sends (the outage allows that); the
+    # window must admit nothing more, as Redis holds both.
+    assert sent <= 6, f"{sent} sends in one minute to a 5/minute destination"
 
 
 async def test_a_rate_limit_changed_between_runs_keeps_the_sends_of_its_window(

@@ -16,7 +16,7 @@ import pytest
 from estafeta.config import SourceConfig
 from estafeta.errors import HttpError
 from estafeta.ingress.providers import InboundRequest, ParsedEvent, source_for
-from estafeta.testing.fakes import FakeMeta, FakeSendPulse, FakeTwilio, FakeZApi
+from estafeta.testing.fakes import FakeMeta, FakeProvider, FakeSendPulse, FakeTwilio, FakeZApi
 from estafeta.testing.sink import Sink
 from tests.integration.whatsapp_send.support import (
     WEBHOOK_TOKEN,
@@ -58,6 +58,29 @@ def check_pair(events: list[ParsedEvent], message_id: str | None, status: str) -
     return first
 
 
+async def sent_id(config: SourceConfig, session: aiohttp.ClientSession) -> str:
+    """Send a text to Maria through the fake behind `config`: the id its statuses name."""
+    outcome = await deliver(config, session, text="Olá Maria!")
+    assert outcome.external_id is not None
+    return outcome.external_id
+
+
+async def status_posted_twice(
+    fake: FakeProvider,
+    config: SourceConfig,
+    hub: Sink,
+    session: aiohttp.ClientSession,
+    status: str,
+    normalized: str,
+) -> ParsedEvent:
+    """A message sent through `fake`, whose `status` webhook it posts twice to the hub's
+    /in/<source>: the one status both requests give, `normalized` (`check_pair`)."""
+    message_id = await sent_id(config, session)
+    url = f"{hub.url}/in/{config.id}"
+    assert await fake.send_status(url, message_id, status, duplicate=True) == [200, 200]
+    return check_pair(ingest(config, hub), message_id, normalized)
+
+
 @pytest.mark.parametrize(
     ("status", "normalized"),
     [("sent", "sent"), ("delivered", "delivered"), ("read", "read"), ("failed", "failed")],
@@ -69,12 +92,7 @@ async def test_cloud(
     status: str,
     normalized: str,
 ) -> None:
-    config = wa_source(meta.url)
-    outcome = await deliver(config, session, text="Olá Maria!")
-    assert outcome.external_id is not None
-    url = f"{hub.url}/in/wa-sol"
-    assert await meta.send_status(url, outcome.external_id, status, duplicate=True) == [200, 200]
-    event = check_pair(ingest(config, hub), outcome.external_id, normalized)
+    event = await status_posted_twice(meta, wa_source(meta.url), hub, session, status, normalized)
     assert event.data["provider"] == "whatsapp_cloud"
     assert event.data["phone_number_id"] == meta.phone_number_id
     # Our message id went out as biz_opaque_callback_data and comes back with the status.
@@ -140,11 +158,7 @@ async def test_twilio(
     normalized: str,
 ) -> None:
     config = tw_source(twilio.url)
-    outcome = await deliver(config, session, text="Olá Maria!")
-    assert outcome.external_id is not None
-    url = f"{hub.url}/in/tw-sol"
-    assert await twilio.send_status(url, outcome.external_id, status, duplicate=True) == [200, 200]
-    event = check_pair(ingest(config, hub), outcome.external_id, normalized)
+    event = await status_posted_twice(twilio, config, hub, session, status, normalized)
     assert (event.data["provider"], event.data["channel"]) == ("twilio", "whatsapp")
     assert event.data["provider_status"] == status
     if normalized == "failed":
@@ -160,14 +174,13 @@ async def test_twilio_calls_back_the_status_callback_the_send_asked_for(
     """contracts §2.3: Twilio posts (and signs) the send's `StatusCallback`; behind a proxy
     (`public_url`) the request reaches the hub at another URL, and must still verify."""
     config = tw_source(twilio.url, public_url="https://hooks.example.com")
-    outcome = await deliver(config, session, text="Olá Maria!")
-    assert outcome.external_id is not None
+    message_id = await sent_id(config, session)
     [sent] = twilio.sent
     assert sent.request["StatusCallback"] == "https://hooks.example.com/in/tw-sol"
     url = f"{hub.url}/in/tw-sol"  # where the proxy hands the request over
-    assert await twilio.send_status(url, outcome.external_id, "delivered") == [200]
+    assert await twilio.send_status(url, message_id, "delivered") == [200]
     [event] = ingest(config, hub)
-    assert (event.data["message_id"], event.data["status"]) == (outcome.external_id, "delivered")
+    assert (event.data["message_id"], event.data["status"]) == (message_id, "delivered")
     # Signed for the callback URL, not for the address the hub happens to be reached at.
     with pytest.raises(HttpError):
         source_for(tw_source(twilio.url)).verify(arrived(hub)[0])
@@ -206,13 +219,8 @@ async def test_zapi(
     status: str,
     normalized: str,
 ) -> None:
-    config = za_source(zapi.url)
-    outcome = await deliver(config, session, text="Olá Maria!")
-    assert outcome.external_id is not None
-    url = f"{hub.url}/in/za-sol"
-    assert await zapi.send_status(url, outcome.external_id, status, duplicate=True) == [200, 200]
+    event = await status_posted_twice(zapi, za_source(zapi.url), hub, session, status, normalized)
     assert all(r.path == f"/in/za-sol?token={WEBHOOK_TOKEN}" for r in hub.received)
-    event = check_pair(ingest(config, hub), outcome.external_id, normalized)
     assert event.data["provider"] == "zapi"
     assert event.data["instance_id"] == zapi.instance_id
 
@@ -223,11 +231,8 @@ async def test_zapi_read_by_me_is_no_status_of_ours(
     """contracts §3.4: READ_BY_ME (the business read the customer's message) is taken, and
     says nothing about the message the hub sent."""
     config = za_source(zapi.url)
-    outcome = await deliver(config, session, text="Olá Maria!")
-    assert outcome.external_id is not None
-    assert await zapi.send_status(f"{hub.url}/in/za-sol", outcome.external_id, "READ_BY_ME") == [
-        200
-    ]
+    message_id = await sent_id(config, session)
+    assert await zapi.send_status(f"{hub.url}/in/za-sol", message_id, "READ_BY_ME") == [200]
     assert ingest(config, hub) == []
 
 
@@ -247,13 +252,9 @@ async def test_sendpulse_has_no_status_webhook(
     which the hub verifies (the URL's token) and, rightly, does not take as a status or as
     customer input."""
     config = sp_source(sendpulse.url)
-    outcome = await deliver(config, session, text="Olá Maria!")
-    assert outcome.external_id is not None
+    message_id = await sent_id(config, session)
     url = f"{hub.url}/in/sp-sol"
-    assert await sendpulse.send_status(url, outcome.external_id, "sent", duplicate=True) == [
-        200,
-        200,
-    ]
+    assert await sendpulse.send_status(url, message_id, "sent", duplicate=True) == [200, 200]
     assert ingest(config, hub) == []
     with pytest.raises(ValueError, match="no status webhooks"):
-        sendpulse.status_webhook(url, outcome.external_id, "delivered")
+        sendpulse.status_webhook(url, message_id, "delivered")
