@@ -504,7 +504,9 @@ async def assert_killed_sends_only_were_duplicated(
     webhooks became one event (a retry after a server kill made no second one) whose
     delivery succeeded, everything acknowledged arrived, and every event sent twice was in
     flight, leased by a process when it was killed, and rescued from that lease
-    (`lease_expired`)."""
+    (`lease_expired`) — unless one of its attempts timed out: the sink records its answer
+    when the request arrives, so a send the worker gave up on (a loaded machine can stretch
+    the sink's 50 ms past the 2 s timeout) shows a 2xx there and is rightly sent again."""
     stored = await query(database_url, "SELECT count(*) FROM events")
     assert stored == [(events,)], f"{stored[0][0]} events stored for {events} webhooks"
     by_state = await deliveries_by_state(database_url)
@@ -517,13 +519,14 @@ async def assert_killed_sends_only_were_duplicated(
     assert acknowledged_ids(acknowledged) == sink.delivered_ids
 
     oks = Counter(r.webhook_id or "" for r in sink.received if 200 <= r.status < 300)
-    duplicated = {event_id for event_id, n in oks.items() if n > 1}
+    timed_out = await events_with_attempt(database_url, "timeout")
+    duplicated = {event_id for event_id, n in oks.items() if n > 1} - timed_out
     rescued = await events_with_attempt(database_url, "lease_expired")
     assert duplicated <= rescued, f"sent again without a rescue: {duplicated - rescued}"
     assert duplicated <= in_flight_at_kill, (
         f"sent again though not in flight at a kill: {sorted(duplicated - in_flight_at_kill)}"
     )
-    assert max(oks.values()) <= 1 + kills
+    assert max((oks[event_id] for event_id in duplicated), default=1) <= 1 + kills
 
 
 def tcp_ports(pid: int) -> set[int]:
