@@ -181,6 +181,25 @@ async def test_retry_after_is_honoured(
     assert second.started_at - first.started_at >= 1000
 
 
+@pytest.mark.parametrize("retry_after", ["0", "-1"])
+async def test_a_retry_after_that_asks_no_wait_keeps_the_backoff(
+    running: Callable[..., Running], sink: Sink, store: SqlStore, retry_after: str
+) -> None:
+    """`Retry-After: 0` asks for no wait, and "-1" is not RFC 9110's delay-seconds: the
+    backoff decides. Before: both retried at once, so a destination answering every request
+    so spent all of a delivery's attempts within milliseconds and sent it to the DLQ."""
+    sink.fail_first(2, 503, headers={"Retry-After": retry_after})
+    backoff = {"base_s": 0.2, "factor": 2, "max_s": 1, "jitter": 0}
+    hub = running(max_attempts=3, backoff=backoff)
+    event_id = await hub.publish()
+    view = await settled(store, event_id, timeout_s=15)
+    [delivery] = view.deliveries
+    assert delivery.state == "succeeded" and delivery.attempts == 3
+    first, second, third = delivery.attempt_log
+    assert second.started_at - first.started_at >= 200
+    assert third.started_at - second.started_at >= 400
+
+
 async def test_a_permanent_error_goes_to_the_dlq_at_once(
     running: Callable[..., Running], sink: Sink, store: SqlStore
 ) -> None:

@@ -87,8 +87,12 @@ NAN, INF = float("nan"), float("inf")
         (4, 8, http(503, 0.5), 0.0, pending(5, 500, E503)),
         (0, 8, http(503, 1e9), 0.0, pending(1, CAP_MS, E503)),
         (0, 8, http(503, INF), 0.0, pending(1, CAP_MS, E503)),
-        (0, 8, http(503, -5.0), 0.0, pending(1, 0, E503)),
         (0, 8, http(503, NAN), 0.0, pending(1, 1000, E503)),  # nonsense: the backoff
+        # no wait asked ("0", a past date): the backoff, not at once (before: 0 ms)
+        (0, 8, http(503, 0.0), 0.0, pending(1, 1000, E503)),
+        (5, 8, http(503, 0.0), 0.0, pending(6, 32_000, E503)),
+        (0, 8, http(503, -5.0), 0.0, pending(1, 1000, E503)),
+        (0, 8, http(429, 0.0), 30.0, pending(1, 30_000, E429)),
         # a floor after timeouts and 429s, and only after those
         (0, 8, failure("timeout"), 30.0, pending(1, 30_000, "timeout: detail")),
         (7, 99, failure("timeout"), 30.0, pending(8, 128_000, "timeout: detail")),
@@ -237,8 +241,15 @@ def _http_date(seconds_after_now: int) -> str:
         ("7", 7.0),
         (" 120 ", 120.0),
         ("0", 0.0),
-        ("1.5", 1.5),
-        ("-3", 0.0),  # in the past: now
+        # RFC 9110: delay-seconds = 1*DIGIT, ASCII digits; else the backoff (before: a sign,
+        # a fraction and "٣" were read, "-3" as "now")
+        ("1.5", None),
+        ("-3", None),
+        ("+3", None),
+        ("\u0663", None),  # ٣, Arabic-Indic 3: int() and float() read it as 3
+        ("\uff11\uff12", None),  # １２, fullwidth digits
+        ("1\u0663", None),
+        ("Tue, \u0660\u0661 Jul 2025 12:00:30 GMT", None),  # a date's too (before: 30.0)
         (_http_date(90), 90.0),
         (_http_date(-90), 0.0),
         # the three forms a recipient must accept (RFC 9110 §5.6.7)

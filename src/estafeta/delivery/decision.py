@@ -12,7 +12,6 @@ retrying (`classify_status`) and how to read a `Retry-After` header (`parse_retr
 
 from __future__ import annotations
 
-import math
 import re
 from datetime import UTC
 from email.utils import parsedate_to_datetime
@@ -30,7 +29,9 @@ _RETRYABLE_4XX = frozenset({408, 409, 425, 429})
 
 RETRY_AFTER_CEILING_S = 3600.0  # the longest Retry-After honoured (unless max_s is longer)
 _LAST_ERROR_DETAIL_LIMIT = 200  # characters of detail kept in `last_error`
-_DELTA_SECONDS = re.compile(r"[+-]?\d+(?:\.\d+)?")  # not float(): it takes "nan", "1_0", "1e9"
+# RFC 9110 §10.2.3: delay-seconds = 1*DIGIT. Not int() or float(), nor `\d`: they take "٣"
+# (Arabic-Indic 3), "nan", "1_0", "1e9", "-5".
+_DELTA_SECONDS = re.compile(r"[0-9]+")
 
 
 class Transition(Record, frozen=True):
@@ -57,10 +58,12 @@ def decide(
     * success → SUCCEEDED;
     * permanent failure → DEAD at once (retrying a 404 only repeats it);
     * retryable failure with no attempts left → DEAD (the dead-letter queue);
-    * otherwise → PENDING, due after the destination's `Retry-After` when it sent one
-      (clamped to [0, max(max_s, RETRY_AFTER_CEILING_S)]: the destination's word beats our
+    * otherwise → PENDING, due after the destination's `Retry-After` when it asked for a
+      wait (clamped to max(max_s, RETRY_AFTER_CEILING_S): the destination's word beats our
       own backoff cap, but a hostile or broken header cannot park a delivery for a
-      year), else after the backoff delay. After a timeout or a 429 (or a provider's
+      year), else after the backoff delay: a `Retry-After` of 0 or a past date asks for
+      none, and retrying at once would spend every attempt within milliseconds against a
+      destination that is failing. After a timeout or a 429 (or a provider's
       rate-limit code, `Outcome.throttled`) the delay is at least
       `retry_after_floor_s`: a destination that is slow or throttling needs room to recover,
       not a prompt second hit (svix does the same).
@@ -77,14 +80,13 @@ def decide(
     if outcome.kind is OutcomeKind.PERMANENT or attempts >= max_attempts:
         return Transition(DeliveryState.DEAD, attempts, None, last_error)
 
-    if outcome.retry_after_s is not None and not math.isnan(outcome.retry_after_s):
-        delay_s = outcome.retry_after_s
-    else:
-        delay_s = backoff_delay_s(policy, attempts, rand)
+    told = outcome.retry_after_s
+    # A wait the destination asked for; 0, a past date or NaN (NaN > 0 is False) asks none.
+    delay_s = told if told is not None and told > 0 else backoff_delay_s(policy, attempts, rand)
     if outcome.error_class == "timeout" or outcome.slow_down:
         delay_s = max(delay_s, retry_after_floor_s)
     ceiling = policy.max_s
-    if outcome.retry_after_s is not None:
+    if told is not None:
         ceiling = max(policy.max_s, RETRY_AFTER_CEILING_S)
     delay_s = min(ceiling, max(0.0, delay_s))
     return Transition(DeliveryState.PENDING, attempts, now_ms + round(delay_s * 1000), last_error)
@@ -132,17 +134,18 @@ def classify_status(status: int) -> OutcomeKind:
 def parse_retry_after(value: str | None, now_ms: int) -> float | None:
     """Seconds to wait from a `Retry-After` header: delta-seconds or an HTTP-date.
 
-    A delay in the past (a negative number, a date before `now_ms`) means "now", i.e. 0.
-    A missing or unreadable header gives None, so the caller falls back to its backoff
-    instead of trusting garbage.
+    A date before `now_ms` means "now", i.e. 0. A missing or unreadable header (a sign, a
+    fraction, digits other than ASCII ones: not RFC 9110's `1*DIGIT`) gives None, so the
+    caller falls back to its backoff instead of trusting garbage.
     """
     if value is None:
         return None
     text = value.strip()
-    if not text:
+    # Both forms are ASCII; the date parser's int() would read other digits as well.
+    if not text or not text.isascii():
         return None
     if _DELTA_SECONDS.fullmatch(text):
-        return max(0.0, float(text))
+        return float(text)
     try:
         moment = parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError, OverflowError):
