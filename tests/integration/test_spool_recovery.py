@@ -20,7 +20,7 @@ import pytest
 from sqlalchemy.ext.asyncio import create_async_engine
 from structlog.testing import capture_logs
 
-from estafeta.errors import StoreUnavailable
+from estafeta.errors import HttpError, StoreUnavailable
 from estafeta.ingress.journal import encode
 from estafeta.ingress.spool import Spool
 from estafeta.observability.metrics import REGISTRY
@@ -229,6 +229,44 @@ async def test_an_empty_segment_left_by_a_crash_is_removed_at_start_and_at_drain
     assert await spool.drain(store) == 0
     assert not later.exists()
     assert list(spool_dir.iterdir()) == []
+    await spool.close()
+
+
+async def test_a_segment_whose_first_write_failed_is_not_left_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk full, the first write to a new segment fails and is cut back: the segment
+    holds nothing. Before: closed (or its process stopped), it stayed in the directory for
+    good, one more at every such outage, as the drainer comes only for segments that hold
+    something."""
+    spool_dir = tmp_path / "spool"
+    spool = Spool(spool_dir, max_bytes=10**6)
+
+    def disk_full(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as faults:
+        faults.setattr(os, "write", disk_full)
+        with pytest.raises(HttpError):
+            await spool.append(new_event(1))
+    assert [p.stat().st_size for p in spool_dir.glob("*.journal")] == [0]  # open, held
+    await spool.close()
+    assert list(spool_dir.iterdir()) == []
+
+
+async def test_an_empty_segment_of_a_dead_process_is_removed_at_start(tmp_path: Path) -> None:
+    """As the one above leaves it when its process is killed; one a live writer holds (its
+    open segment, which it may write to yet) stays."""
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    dead = spool_dir / SEGMENT
+    dead.touch()
+    live = spool_dir / "0000000000002-host-2-000000001.journal"
+    live.touch()
+    with open(live, "ab") as writer:
+        fcntl.flock(writer.fileno(), fcntl.LOCK_EX)  # another open file: as another process
+        spool = Spool(spool_dir, max_bytes=10**6)
+        assert sorted(p.name for p in spool_dir.iterdir()) == [live.name]
     await spool.close()
 
 

@@ -59,6 +59,28 @@ def clear_leftovers(directory: Path) -> None:
         return
 
 
+def clear_empty(directory: Path) -> None:
+    """Remove the empty segments no live process holds: a dead process's whose first write
+    to it failed (disk full) and was cut back. The drainer comes only for segments that hold
+    something, so nothing else would, one more at every such crash."""
+    for path in sorted(directory.glob("*.journal")):
+        with contextlib.suppress(OSError):  # gone meanwhile, or the disk refuses: next start
+            if path.stat().st_size == 0:
+                _remove_if_empty(path)
+
+
+def _remove_if_empty(path: Path) -> None:
+    with open(path, "rb") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # its writer lives, and may write there yet
+        # Once locked: its writer may have written and closed it since the size was read.
+        if os.fstat(handle.fileno()).st_size == 0:
+            path.unlink()
+            log.info("spool_leftover_removed", file=path.name)
+
+
 def _clear(path: Path) -> None:
     """Remove an empty leftover no one holds; name one that holds anything, so that it drains.
     No estafeta writes into a segment before naming it, but records there could be

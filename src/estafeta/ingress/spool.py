@@ -24,6 +24,8 @@ and a crash at any point loses nothing either:
   cannot tell which) are moved there and logged, and the records after them drain.
 * A crash between creating a segment and naming it leaves a `.journal.creating` file;
   `segments.py` clears it at start and before each drain, once no live process holds it.
+  A segment that holds nothing (its first write failed) is removed as it is closed, or at
+  start when its process died first: no drain comes for an empty one.
   A crash during the write check leaves a `.write-check-*` file: cleared at start, once old.
 * `unwritable()` tells whether a segment could be made now, `progress_at` when the drain
   last got through, and `outage_seen_at` when this process last found the store
@@ -139,6 +141,7 @@ class Spool:
         self._write_check: asyncio.Future[str | None] | None = None
         self._listed = SpoolStats(bytes=0, segments=0, oldest_at=None)  # the last `stats()`
         segments.clear_leftovers(self.directory)
+        segments.clear_empty(self.directory)
         _clear_write_checks(self.directory)
 
     # -- writing ----------------------------------------------------------------------------
@@ -289,6 +292,11 @@ class Spool:
 
     def _close_segment(self) -> None:
         if self._file is not None:
+            # One that holds nothing (its first write failed and was cut back) is removed
+            # while still locked: no drain comes for an empty segment, so it stayed for good.
+            with contextlib.suppress(OSError):
+                if os.fstat(self._file.fileno()).st_size == 0:
+                    (self.directory / self._segment).unlink()
             fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
             self._file.close()
             self._file = None
