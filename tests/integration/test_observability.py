@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -32,6 +32,7 @@ from estafeta.observability.metrics import REGISTRY, render
 from estafeta.observability.monitor import AlertMonitor
 from estafeta.observability.reads import READ_TIMEOUT_S
 from estafeta.observability.unrouted import Unrouted
+from estafeta.store import sqlite as sqlite_store
 from estafeta.store.records import DeadLetterFilter
 from estafeta.store.sqlstore import SqlStore
 from estafeta.supervise import Tasks
@@ -281,6 +282,74 @@ async def test_detailed_health_answers_in_bounded_time_when_the_store_hangs(
     assert elapsed < READ_TIMEOUT_S + 2, elapsed
     assert (r.status_code, r.json()["status"]) == (503, "degraded")
     assert r.json()["checks"]["store"]["status"] == "unavailable"
+
+
+@contextlib.contextmanager
+def sqlite_disk_full(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """SQLite connections opened meanwhile answer SQLITE_FULL ("database or disk is full")
+    to a write that needs another page of the database, as on a full disk: their
+    `max_page_count` is the file's size (SQLite raises 1 to that)."""
+    configure = sqlite_store._configure
+
+    def full(dbapi_connection: Any) -> None:
+        configure(dbapi_connection)
+        dbapi_connection.execute("PRAGMA max_page_count = 1")
+
+    with monkeypatch.context() as disk:
+        disk.setattr(sqlite_store, "_configure", full)
+        yield
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_detailed_health_says_when_the_sqlite_disk_is_full(
+    hub: Hub, store: SqlStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a full disk SQLite still answers reads, so the store's ping passed and health said
+    `ok` while every write failed: ingest refused or spooled every webhook, and workers
+    could record nothing."""
+
+    async def announce(destinations: list[str]) -> None:  # a process's heartbeat: a write
+        now = int(time.time() * 1000)
+        await store.announce_process(
+            "p-1",
+            destinations,
+            delivers=True,
+            delivering=True,
+            started_ms=now,
+            now_ms=now,
+            forget_before_ms=0,
+        )
+
+    big = ["d" * 200_000]  # many pages more than the file has
+    transport = httpx.ASGITransport(app=create_app(hub))
+    async with httpx.AsyncClient(transport=transport, base_url="http://hub") as http:
+        with sqlite_disk_full(monkeypatch):
+            await store.engine.dispose()  # connections opened from here on see a full disk
+            with pytest.raises(StoreUnavailable):
+                await announce(big)
+            full = await http.get("/health/detailed", headers=ADMIN)
+        await store.engine.dispose()  # space freed: the next write commits
+        await announce(["crm"])
+        freed = await http.get("/health/detailed", headers=ADMIN)
+        with sqlite_disk_full(monkeypatch):  # and a webhook's write, on ingest's own connection
+            with pytest.raises(StoreUnavailable):
+                await hub.accept(
+                    tenant_id="clinica-sol",
+                    source_id="crm-events",
+                    event_type="message.received",
+                    data={"text": "x" * 200_000},
+                    idempotency_key=None,
+                )
+            ingest_full = await http.get("/health/detailed", headers=ADMIN)
+
+    assert (full.status_code, full.json()["status"]) == (503, "degraded"), full.json()
+    store_state = full.json()["checks"]["store"]
+    assert (store_state["status"], store_state["engine"]) == ("full", "sqlite")
+    assert "SQLITE_FULL" in store_state["error"], store_state
+    assert "queue" in full.json()["checks"]  # reads still answer
+    assert (freed.status_code, freed.json()["checks"]["store"]["status"]) == (200, "ok")
+    assert ingest_full.status_code == 503
+    assert ingest_full.json()["checks"]["store"]["status"] == "full"
 
 
 @pytest.mark.postgres

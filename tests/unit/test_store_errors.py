@@ -11,7 +11,7 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalErr
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from estafeta.errors import StoreError, StoreLoginRefused, StoreRejected, StoreUnavailable
-from estafeta.store.base import translated, unavailable
+from estafeta.store.base import disk_full, translated, unavailable
 
 
 class DriverError(Exception):
@@ -91,6 +91,34 @@ def test_a_sqlite_error_an_operator_can_act_on_is_named_with_sqlites_reason() ->
         "the store cannot be reached: OperationalError"
         " (SQLITE_READONLY: attempt to write a readonly database)"
     )
+
+
+def _sqlite_full() -> sqlite3.OperationalError:
+    """A real SQLITE_FULL: a write past the database's `max_page_count`, as on a full disk."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.execute("CREATE TABLE t (x)")
+        conn.execute("PRAGMA max_page_count = 1")
+        with pytest.raises(sqlite3.OperationalError) as raised:
+            conn.execute("INSERT INTO t VALUES (?)", ("x" * 100_000,))
+    finally:
+        conn.close()
+    return raised.value
+
+
+@pytest.mark.parametrize(
+    ("error", "full"),
+    [
+        (_sqlite_full(), True),
+        (OperationalError("INSERT …", {}, _sqlite_full()), True),
+        (OperationalError("q", {}, DriverError("x", "53100")), True),  # PostgreSQL: disk full
+        (OperationalError("q", {}, DriverError("x", "53200")), False),  # out of memory
+        (sqlite3.OperationalError("database is locked"), False),
+    ],
+)
+def test_a_write_that_failed_for_want_of_disk_space_is_known(error: Exception, full: bool) -> None:
+    """What /health/detailed reports a store that reads but cannot write by."""
+    assert disk_full(error) is full
 
 
 @pytest.mark.parametrize(

@@ -75,15 +75,18 @@ async def health_detailed(
     # A crashed background task (its worker, the spool's drainer) is restarted after a pause;
     # meanwhile the process still accepts webhooks, so it degrades the answer, not a 503.
     checks["tasks"] = {"status": "down", "crashed": crashed} if crashed else {"status": "ok"}
-    # Only a store that cannot be reached makes this a 503: without Redis the hub carries on,
-    # and a spool that cannot be written or does not drain is for the operator to hear of.
+    # Only a store that cannot be reached, or cannot write (its disk full), makes this a 503:
+    # without Redis the hub carries on, and a spool that cannot be written or does not drain
+    # is for the operator to hear of.
     healthy = store["status"] == "ok"
     degraded = (
         not healthy or (redis_state is not None and redis_state["status"] != "ok") or bool(crashed)
     )
     if spool is not None:
+        # A store that reads but cannot write answers the drain: as the alerts judge it.
+        reachable = store["status"] != "unavailable"
         state = judged(
-            spool, unwritable=unwritable, store_reachable=healthy, now_ms=hub.clock.now_ms()
+            spool, unwritable=unwritable, store_reachable=reachable, now_ms=hub.clock.now_ms()
         )
         checks["spool"] = spool_json(state, spool.max_bytes)
         degraded = degraded or state.degraded
@@ -108,7 +111,8 @@ def spool_json(state: SpoolHealth, max_bytes: int) -> dict[str, object]:
 
 
 async def store_check(store: SqlStore) -> tuple[dict[str, str], dict[str, object] | None]:
-    """The store's state, and the queue's when the store answers."""
+    """The store's state, and the queue's when the store answers: `full` when it answers
+    reads but this process's last write failed for want of disk space."""
 
     async def read() -> QueueStats:
         await store.ping()
@@ -129,6 +133,8 @@ async def store_check(store: SqlStore) -> tuple[dict[str, str], dict[str, object
         if stats.oldest_pending_at is not None
         else None,
     }
+    if store.disk_full_error is not None:
+        return {"status": "full", "engine": store.dialect, "error": store.disk_full_error}, queue
     return {"status": "ok", "engine": store.dialect}, queue
 
 

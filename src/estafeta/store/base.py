@@ -162,6 +162,16 @@ def unavailable(exc: BaseException) -> bool:
     return False
 
 
+def disk_full(exc: BaseException) -> bool:
+    """True when a statement failed for want of disk space: SQLite's SQLITE_FULL (its disk,
+    or a size limit), PostgreSQL's 53100 (disk full). Reads still answer then."""
+    found = getattr(exc, "orig", None) or exc
+    code = getattr(found, "sqlite_errorcode", None)
+    if isinstance(code, int) and code & 0xFF == sqlite3.SQLITE_FULL:  # an extended code too
+        return True
+    return _sqlstate(exc) == "53100"
+
+
 def rejected(exc: BaseException) -> bool:
     """True when an exception is a constraint violation (SQLSTATE class 23), from any driver."""
     if isinstance(exc, IntegrityError | sqlite3.IntegrityError):
@@ -267,6 +277,10 @@ class StoreBase(ABC):
     def __init__(self, engine: AsyncEngine, read_engine: AsyncEngine | None = None) -> None:
         self.engine = engine
         self.read_engine = read_engine or engine
+        # Why this process's last write failed for want of disk space, until a write commits
+        # again: reads still answer on a full disk, so a ping alone showed the store `ok` in
+        # /health/detailed while every write failed.
+        self.disk_full_error: str | None = None
 
     @abstractmethod
     def _insert(self, table: Any) -> Any:
@@ -275,9 +289,21 @@ class StoreBase(ABC):
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:
         """One transaction on the writer; foreign errors are translated at this boundary."""
-        with store_errors():
+        with store_errors(), self._space_watched():
             async with self.engine.begin() as conn:
                 yield conn
+
+    @contextmanager
+    def _space_watched(self) -> Iterator[None]:
+        """Around a write, inside `store_errors()` (it needs the driver's own error): one that
+        fails for want of disk space sets `disk_full_error`, one that commits clears it."""
+        try:
+            yield
+        except Exception as exc:
+            if disk_full(exc):
+                self.disk_full_error = f"the store cannot write: {_named(exc)}"
+            raise
+        self.disk_full_error = None
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[AsyncConnection]:

@@ -299,7 +299,7 @@ class SqliteStore(SqlStore):
         plain = not any(e.message is not None or e.escalation is not None for e in events)
         if self._writer is None or by_id or not plain:
             return await super()._store_candidates(events, by_id=by_id)
-        with store_errors():
+        with store_errors(), self._space_watched():
             inserted, existing = await self._writer.store(events)
         return fates(events, inserted, (), existing)
 
