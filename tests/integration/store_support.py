@@ -1,7 +1,7 @@
-"""What the store tests share (test_store.py, test_store_lifecycle_model.py): events with their
-deliveries as ingest stores them, and attempts as a worker completes them; the mode of the
-files the store and the spool make (test_spool.py); and the rows a command left (the CLI
-tests)."""
+"""What the store tests share (test_store.py, test_store_lifecycle_model.py, test_upgrades.py):
+events with their deliveries as ingest stores them, customers' messages, and attempts as a
+worker completes them; the mode of the files the store and the spool make (test_spool.py);
+and the rows a command left (the CLI tests)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from msgspec.structs import replace
 from sqlalchemy import insert, text
 
 from estafeta.delivery.decision import Transition
@@ -92,6 +93,14 @@ def event(
             for d in destinations
         ),
     )
+
+
+def message(
+    wamid: str, customer: str, at: int, *, name: str | None, direction: str = "inbound"
+) -> NewEvent:
+    """A customer's message (or, `outbound`, one sent to them) at `at`, keyed `wamid`."""
+    base = event(wamid, at=at)
+    return replace(base, conversation_id=customer, direction=direction, contact_name=name)
 
 
 def keyed(key: str, at: int, destination: str = "crm") -> NewEvent:

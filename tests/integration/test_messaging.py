@@ -47,8 +47,16 @@ class Env:
     def auth(self, key: str = SOL) -> dict[str, str]:
         return {"authorization": f"Bearer {key}"}
 
-    async def inbound(self, text: str, wamid: str, at: int = 1_751_371_200_000) -> None:
-        await self.hub.accept(
+    async def inbound(
+        self, text: str, wamid: str, at: int = 1_751_371_200_000, name: str = "Maria Silva"
+    ) -> None:
+        await self.hub.accept_all([self.message_event(text, wamid, at, name)])
+
+    def message_event(
+        self, text: str, wamid: str, at: int = 1_751_371_200_000, name: str = "Maria Silva"
+    ) -> NewEvent:
+        """Maria's WhatsApp message `text`, sent at `at` under the name `name`."""
+        return self.hub.new_event(
             tenant_id="clinica-sol",
             source_id="wa-sol",
             event_type="message.received",
@@ -58,7 +66,7 @@ class Env:
                 "message_id": wamid,
                 "conversation_id": MARIA,
                 "from": f"+{MARIA}",
-                "contact_name": "Maria Silva",
+                "contact_name": name,
                 "kind": "text",
                 "text": text,
             },
@@ -250,6 +258,40 @@ async def test_inbound_messages_keep_the_conversation_counters(env: Env) -> None
     assert [m["text"] for m in detail["messages"]] == ["Olá", "Olá de novo"]
 
 
+async def test_a_late_redelivery_of_an_older_message_does_not_rename_the_contact(
+    env: Env,
+) -> None:
+    # Maria renamed herself in WhatsApp; the provider then redelivered yesterday's webhook
+    # (a retry, a spool import): the conversation showed her old name again.
+    yesterday, today = 1_751_371_200_000, 1_751_457_600_000
+    await env.inbound("Bom dia", "wamid.today", at=today, name="Maria Souza")
+    await env.inbound("Boa noite", "wamid.yesterday", at=yesterday, name="Maria Silva")
+    assert (await env.conversation())["contact_name"] == "Maria Souza"
+    # Both in one webhook, the older one last; and a message of neither name keeps it.
+    await env.hub.accept_all(
+        [
+            env.message_event("Até amanhã", "wamid.later", at=today + 60_000, name="Maria S."),
+            env.message_event("Oi", "wamid.before", at=today - 60_000, name="Maria Silva"),
+        ]
+    )
+    await env.hub.accept(
+        tenant_id="clinica-sol",
+        source_id="wa-sol",
+        event_type="message.received",
+        data={"message_id": "wamid.nameless", "conversation_id": MARIA, "kind": "text"},
+        idempotency_key="wamid.nameless",
+        occurred_at=today + 120_000,
+    )
+    c = await env.conversation()
+    assert (c["contact_name"], c["inbound_count"]) == ("Maria S.", 5)
+    # A newer name still wins, in the list as in the conversation.
+    await env.inbound("Obrigada", "wamid.newest", at=today + 180_000, name="Maria Souza")
+    [listed] = (await env.http.get("/api/v1/conversations", headers=env.auth())).json()[
+        "conversations"
+    ]
+    assert listed["contact_name"] == "Maria Souza"
+
+
 async def test_a_sent_message_goes_queued_sent_delivered_read(env: Env) -> None:
     await env.inbound("Quero marcar", "wamid.in")
     r = await env.send("Claro!")
@@ -431,6 +473,104 @@ async def test_a_closed_conversation_reopens_when_the_customer_writes(env: Env) 
     await env.inbound("Mais uma coisa", "wamid.c2")
     c = await env.conversation()
     assert c["status"] == "open"
+
+
+async def test_a_reopened_conversation_shows_no_escalation_of_before_it_was_closed(
+    env: Env,
+) -> None:
+    # Escalated, handled, closed: when Maria wrote again weeks later, her open conversation
+    # still showed the old escalation, as if she were waiting for a nurse now.
+    await env.inbound("Preciso falar com a enfermeira", "wamid.e1")
+    r = await env.http.post(
+        f"/api/v1/conversations/{MARIA}/escalate",
+        headers=env.auth(),
+        json={"reason": "asked for a nurse", "priority": 0},
+    )
+    assert r.status_code == 202, r.text
+    await env.http.post(f"/api/v1/conversations/{MARIA}/close", headers=env.auth())
+    closed = await env.conversation()
+    # Closed, it still says why it was escalated.
+    assert (closed["status"], closed["escalation"]["reason"]) == ("closed", "asked for a nurse")
+    await env.inbound("Bom dia, outra dúvida", "wamid.e2", at=1_751_371_260_000)
+    reopened = await env.conversation()
+    assert (reopened["status"], reopened["escalation"]) == ("open", None)
+    [listed] = (await env.http.get("/api/v1/conversations", headers=env.auth())).json()[
+        "conversations"
+    ]
+    assert (listed["status"], listed["escalation"]) == ("open", None)
+    # Its history is kept, and a new escalation shows as current.
+    async with env.store.engine.connect() as conn:
+        history = (await conn.execute(select(schema.escalations.c.reason))).scalars().all()
+    assert history == ["asked for a nurse"]
+    r = await env.http.post(
+        f"/api/v1/conversations/{MARIA}/escalate", headers=env.auth(), json={"reason": "again"}
+    )
+    assert r.status_code == 202, r.text
+    again = await env.conversation()
+    assert (again["status"], again["escalation"]["reason"]) == ("escalated", "again")
+
+
+async def test_reactions_and_edits_are_no_new_messages_of_the_conversation(env: Env) -> None:
+    # A customer's 👍 or corrected typo counted as one more inbound message: the counters
+    # grew, the conversation jumped to the top of the list and a closed one reopened.
+    at = 1_751_371_200_123
+    callback = {
+        "type": "ReceivedCallback",
+        "messageId": "3EB0A7C19F4D2E8B6C30",
+        "phone": MARIA,
+        "fromMe": False,
+        "momment": at,
+        "senderName": "Maria Silva",
+        "text": {"message": "Chego às 10h"},
+    }
+    reaction = {
+        **callback,
+        "messageId": "3EB0A7C19F4D2E8B6C31",
+        "momment": at + 60_000,
+        "text": None,
+        "reaction": {"value": "👍", "referencedMessage": {"messageId": "3EB0OUT"}},
+    }
+    edit = {**callback, "isEdit": True, "momment": at + 120_000, "text": {"message": "11h"}}
+    url = "/in/zapi-sol?token=zapi-webhook-token"
+    r = await env.http.post(url, json=callback)
+    assert r.status_code == 200, r.text
+    await env.http.post(f"/api/v1/conversations/{MARIA}/close", headers=env.auth())
+    for body in (reaction, edit):
+        r = await env.http.post(url, json=body)
+        assert (r.status_code, r.json()["duplicate"]) == (200, False), r.text
+    # WhatsApp Cloud's reactions are the same.
+    await env.hub.accept(
+        tenant_id="clinica-sol",
+        source_id="wa-sol",
+        event_type="message.received",
+        data={
+            "message_id": "wamid.reaction",
+            "conversation_id": MARIA,
+            "contact_name": "Maria Silva",
+            "kind": "reaction",
+            "reaction": {"message_id": "wamid.OUT", "emoji": "❤️"},
+        },
+        idempotency_key="wamid.reaction",
+        occurred_at=at + 180_000,
+    )
+    c = await env.conversation()
+    assert (c["status"], c["inbound_count"], c["last_message_at"]) == (
+        "closed",
+        1,
+        "2025-07-01T12:00:00.123Z",
+    )
+    # Each is still an event routed as any message, and shown with the conversation's
+    # messages for what it is.
+    assert [(m["kind"], m.get("edited")) for m in c["messages"]] == [
+        ("text", None),
+        ("reaction", None),
+        ("text", True),
+        ("reaction", None),
+    ]
+    # A new message counts and reopens it.
+    await env.inbound("Obrigada", "wamid.after", at=at + 240_000)
+    c = await env.conversation()
+    assert (c["status"], c["inbound_count"]) == ("open", 2)
 
 
 async def tenant_rows(store: SqlStore, tenant_id: str) -> dict[str, list[tuple[Any, ...]]]:
@@ -827,6 +967,24 @@ async def test_a_status_posted_to_another_number_of_the_same_app_reaches_the_mes
     assert [m["state"] for m in detail["messages"]] == ["read"]
 
 
+async def test_a_message_is_sent_once_in_its_timeline_when_the_provider_says_sent_too(
+    env: Env,
+) -> None:
+    # Meta, Twilio and Z-API each post their own `sent` status after accepting a send: the
+    # timeline said `sent` twice, once at the acceptance and once at the provider's word.
+    r = await env.send("Sua consulta está confirmada.")
+    await env.finish_send(provider_id="wamid.ONCE")
+    accepted = (await env.message(r.json()["id"]))["timeline"][1]
+    assert accepted["state"] == "sent"
+    await env.status("wamid.ONCE", "sent", at=1_751_371_280_000)
+    await env.status("wamid.ONCE", "delivered", at=1_751_371_290_000)
+    view = await env.message(r.json()["id"])
+    assert view["timeline"][1:] == [
+        accepted,
+        {"state": "delivered", "at": "2025-07-01T12:01:30.000Z"},
+    ]
+
+
 async def test_statuses_of_the_same_second_are_in_the_timeline_in_their_natural_order(
     env: Env,
 ) -> None:
@@ -840,7 +998,6 @@ async def test_statuses_of_the_same_second_are_in_the_timeline_in_their_natural_
     view = await env.message(message_id)
     assert [step["state"] for step in view["timeline"]] == [
         "queued",
-        "sent",
         "sent",
         "delivered",
         "read",
@@ -873,7 +1030,6 @@ async def test_twilio_callbacks_that_arrive_out_of_order_are_in_the_timeline_in_
     assert view["state"] == "read"
     assert [step["state"] for step in view["timeline"]] == [
         "queued",
-        "sent",
         "sent",
         "delivered",
         "read",
@@ -1007,6 +1163,21 @@ async def test_a_bad_page_of_a_conversation_is_a_400_naming_the_parameter(env: E
     assert [m["text"] for m in first["messages"]] == ["Olá"]
     rest = await env.http.get(f"{url}?limit=1000&cursor={first['next']}", headers=env.auth())
     assert ([m["text"] for m in rest.json()["messages"]], rest.json()["next"]) == (["Olá 2"], None)
+
+
+async def test_an_empty_tenant_is_a_400_naming_the_parameter(env: Env) -> None:
+    # The admin's `?tenant=` left empty (a blank field of a script) answered an empty list,
+    # as if the hub held no conversation.
+    await env.inbound("Olá", "wamid.t1")
+    for key in ("test-admin-key", SOL):
+        for url in ("/api/v1/conversations?tenant=", f"/api/v1/conversations/{MARIA}?tenant="):
+            r = await env.http.get(url, headers=env.auth(key))
+            assert (r.status_code, r.json()["error"]) == (400, "invalid_request"), (key, url)
+            assert r.json()["detail"].startswith("query.tenant: "), r.json()
+    r = await env.http.get(
+        "/api/v1/conversations?tenant=clinica-sol", headers=env.auth("test-admin-key")
+    )
+    assert [c["id"] for c in r.json()["conversations"]] == [MARIA]
 
 
 async def test_pages_of_a_conversation_show_only_the_tenants_own_messages(env: Env) -> None:

@@ -29,7 +29,6 @@ from estafeta.store import schema as s
 from estafeta.store.records import (
     DeadLetterFilter,
     InsertResult,
-    NewEvent,
     NewMessage,
 )
 from estafeta.store.schema import metadata
@@ -43,6 +42,7 @@ from tests.integration.store_support import (
     dead_deliveries,
     event,
     keyed,
+    message,
     mode,
     umask,
 )
@@ -603,13 +603,6 @@ async def test_a_refused_batch_stores_none_of_its_events(store: SqlStore) -> Non
     assert (await store.insert_events([event("good")]))[0].duplicate is False
 
 
-def message(
-    wamid: str, customer: str, at: int, *, name: str | None, direction: str = "inbound"
-) -> NewEvent:
-    base = event(wamid, at=at)
-    return replace(base, conversation_id=customer, direction=direction, contact_name=name)
-
-
 async def test_one_batch_of_messages_adds_up_in_each_conversation(store: SqlStore) -> None:
     maria, joao = "5511987654321", "5521912345678"
     await store.insert_events([message("w0", maria, NOW, name="Maria")])
@@ -625,7 +618,8 @@ async def test_one_batch_of_messages_adds_up_in_each_conversation(store: SqlStor
     )
     c = await store.get_conversation("clinica-sol", maria)
     assert c is not None
-    assert (c.inbound_count, c.outbound_count, c.contact_name) == (3, 0, "Maria Silva")
+    # The newest message's name: w3's is older than w0's, and w1 gives none.
+    assert (c.inbound_count, c.outbound_count, c.contact_name) == (3, 0, "Maria")
     assert (c.first_message_at, c.last_message_at) == (NOW - 5_000, NOW + 3_000)
     c = await store.get_conversation("clinica-sol", joao)
     assert c is not None

@@ -24,6 +24,7 @@ from estafeta.store.migrate import current_revision, head_revision, upgrade
 from estafeta.store.records import DeadLetterFilter
 from estafeta.store.sqlstore import SqlStore
 from tests.conftest import empty_database, lease_any
+from tests.integration.store_support import message
 
 EARLIER = ["0001", "0002", "0003", "0004", "0005", "0008", "0013"]
 NOW = 1_800_000_000_000
@@ -336,3 +337,11 @@ async def test_a_database_of_an_earlier_version_upgrades_with_every_row_and_work
                 "dead": 1,
                 "discarded": 1,
             }
+            if "conversations" in rows:  # a name of before 0015 is dated by its last message
+                maria = "5511999990000"
+                await store.insert_events([message("old", maria, T0 + 8, name="Maria Velha")])
+                renamed = await store.get_conversation(TENANT, maria)
+                assert renamed is not None and renamed.contact_name == "Maria"
+                await store.insert_events([message("new", maria, T0 + 10, name="Maria Nova")])
+                renamed = await store.get_conversation(TENANT, maria)
+                assert renamed is not None and renamed.contact_name == "Maria Nova"

@@ -54,3 +54,11 @@ def test_a_nul_is_stored_as_the_replacement_character_everywhere_it_keys() -> No
         "Ma\ufffdria",
     )
     assert storable("plain") == "plain"
+
+
+def test_a_reaction_or_an_edit_is_no_new_inbound_message() -> None:
+    message = {"conversation_id": "5511987654321", "message_id": "w1", "kind": "text"}
+    assert facts_of("message.received", message).direction == "inbound"
+    for data in ({**message, "kind": "reaction"}, {**message, "edited": True}):
+        facts = facts_of("message.received", data)
+        assert (facts.direction, facts.conversation_id) == (None, "5511987654321")

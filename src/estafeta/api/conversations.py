@@ -22,6 +22,9 @@ from estafeta.store.records import ConversationView, Interaction
 router = APIRouter(prefix="/api/v1/conversations", tags=["conversations"])
 
 Status = Literal["open", "escalated", "closed"]
+# The admin key's `?tenant=`: an empty one names no tenant, and answered an empty list (as
+# if the hub held nothing) rather than the 400 that says so.
+TenantParam = Annotated[str | None, Query(min_length=1)]
 
 
 def conversation_json(c: ConversationView) -> dict[str, Any]:
@@ -83,7 +86,7 @@ async def list_conversations(
     request: Request,
     caller: Caller,
     status: Status | None = None,
-    tenant: str | None = None,
+    tenant: TenantParam = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: Annotated[str | None, Query(max_length=1024)] = None,
 ) -> Response:
@@ -115,7 +118,7 @@ async def get_conversation(
     request: Request,
     conversation_id: str,
     caller: Caller,
-    tenant: str | None = None,
+    tenant: TenantParam = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: Annotated[str | None, Query(max_length=1024)] = None,
 ) -> Response:

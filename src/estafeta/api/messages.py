@@ -142,6 +142,8 @@ def message_json(m: MessageView) -> dict[str, Any]:
     if m.sent_at is not None:
         timeline.append({"state": "sent", "at": iso_from_ms(m.sent_at)})
     for change in m.provider_statuses:
+        if change.status == "sent" and m.sent_at is not None:
+            continue  # the provider's own word for the acceptance above: one step, not two
         entry: dict[str, Any] = {"state": change.status, "at": iso_from_ms(change.at)}
         if change.error:
             entry["error"] = change.error

@@ -1,7 +1,9 @@
 """What a WhatsApp event says about conversations and messages: pure, from its type and data.
 
 * `message.received` touches the customer's conversation (one more inbound message) and is
-  itself a provider message (its id: `data.message_id`);
+  itself a provider message (its id: `data.message_id`) — unless it is a reaction
+  (`data.kind` `reaction`) or an edit (`data.edited`) of an earlier message: no new message,
+  so it counts nothing, moves no conversation to the top of the list and reopens none;
 * `message.status` is about one of our sent messages (`data.message_id` names it), and
   touches no counter;
 * `message.send` (queued through POST /api/v1/messages) touches the conversation with one
@@ -73,13 +75,18 @@ def _name(data: Mapping[str, Any]) -> str | None:
     return storable(value) if isinstance(value, str) and value else None
 
 
+def _about_earlier(data: Mapping[str, Any]) -> bool:
+    """A reaction to, or an edit of, a message already received (any provider's)."""
+    return data.get("kind") == "reaction" or data.get("edited") is True
+
+
 def facts_of(event_type: str, data: Mapping[str, Any]) -> Facts:
     """The conversation and message facts of an event (empty for other event types)."""
     if event_type == "message.received":
         return Facts(
             conversation_id=_text(data, "conversation_id", CONVERSATION_ID_MAX),
             message_ref=_text(data, "message_id", MESSAGE_REF_MAX),
-            direction="inbound",
+            direction=None if _about_earlier(data) else "inbound",
             contact_name=_name(data),
         )
     if event_type == "message.status":

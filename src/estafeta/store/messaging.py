@@ -37,16 +37,19 @@ from estafeta.store.records import (
 def conversation_counts(events: Sequence[NewEvent]) -> list[tuple[Any, ...]]:
     """What a batch of stored messages adds to each conversation it touches, once per
     conversation: (tenant, conversation, contact name, first and last message time, inbound
-    and outbound counts, updated_at). The latest contact name given wins."""
+    and outbound counts, updated_at, the time of the message the name came from). The newest
+    message's contact name wins, of two of one time the later in the batch: a provider's late
+    redelivery of an older message must not bring back a name the customer has changed."""
     rows: dict[tuple[str, str], list[Any]] = {}
     for e in events:
         if not (e.conversation_id and e.direction):
             continue
         row = rows.setdefault(
             (e.tenant_id, e.conversation_id),
-            [e.tenant_id, e.conversation_id, None, e.occurred_at, e.occurred_at, 0, 0, 0],
+            [e.tenant_id, e.conversation_id, None, e.occurred_at, e.occurred_at, 0, 0, 0, None],
         )
-        row[2] = e.contact_name or row[2]
+        if e.contact_name and (row[8] is None or e.occurred_at >= row[8]):
+            row[2], row[8] = e.contact_name, e.occurred_at
         row[3] = min(row[3], e.occurred_at)
         row[4] = max(row[4], e.occurred_at)
         row[5 if e.direction == "inbound" else 6] += 1

@@ -302,6 +302,9 @@ conversations = Table(
     Column("escalation_reason", Text, nullable=True),
     Column("escalation_priority", SmallInteger, nullable=True),
     Column("updated_at", BigInteger, nullable=False),
+    # The time of the message `contact_name` came from: an older one (a late redelivery)
+    # never renames the contact (0015).
+    Column("contact_name_at", BigInteger, nullable=True),
     CheckConstraint("status IN ('open', 'escalated', 'closed')", name="conversations_status_valid"),
     CheckConstraint("inbound_count >= 0 AND outbound_count >= 0", name="conversations_counts"),
 )

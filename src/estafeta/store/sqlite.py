@@ -47,17 +47,31 @@ _INSERT_DELIVERY = (
 
 _FIND_BY_KEY = "SELECT id FROM events WHERE tenant_id = ? AND source_id = ? AND idempotency_key = ?"
 # What a batch adds to a conversation (`conversation_counts`); in DO UPDATE, a bare column is
-# the stored row's. A customer who writes again reopens a closed conversation.
+# the stored row's. A customer who writes again reopens a closed conversation, without the
+# escalation it was closed with (that one is over; `escalations` keeps it). A name renames
+# the contact only from a message at least as recent as the one the stored name came from (a
+# late redelivery of an older one must not bring back an old name; no name: NULL, no rename).
 _COUNT_MESSAGES = (
     "INSERT INTO conversations (tenant_id, id, status, contact_name, first_message_at,"
-    " last_message_at, inbound_count, outbound_count, updated_at)"
-    " VALUES (?, ?, 'open', ?, ?, ?, ?, ?, ?)"
+    " last_message_at, inbound_count, outbound_count, updated_at, contact_name_at)"
+    " VALUES (?, ?, 'open', ?, ?, ?, ?, ?, ?, ?)"
     " ON CONFLICT (tenant_id, id) DO UPDATE SET"
     " inbound_count = inbound_count + excluded.inbound_count,"
     " outbound_count = outbound_count + excluded.outbound_count,"
     " first_message_at = min(first_message_at, excluded.first_message_at),"
     " last_message_at = max(last_message_at, excluded.last_message_at),"
-    " contact_name = coalesce(excluded.contact_name, contact_name),"
+    " contact_name = CASE"
+    " WHEN excluded.contact_name_at >= coalesce(contact_name_at, excluded.contact_name_at)"
+    " THEN excluded.contact_name ELSE contact_name END,"
+    " contact_name_at = CASE"
+    " WHEN excluded.contact_name_at >= coalesce(contact_name_at, excluded.contact_name_at)"
+    " THEN excluded.contact_name_at ELSE contact_name_at END,"
+    " escalated_at = CASE WHEN status = 'closed' AND excluded.inbound_count > 0 THEN NULL"
+    " ELSE escalated_at END,"
+    " escalation_reason = CASE WHEN status = 'closed' AND excluded.inbound_count > 0 THEN NULL"
+    " ELSE escalation_reason END,"
+    " escalation_priority = CASE WHEN status = 'closed' AND excluded.inbound_count > 0"
+    " THEN NULL ELSE escalation_priority END,"
     " status = CASE WHEN status = 'closed' AND excluded.inbound_count > 0 THEN 'open'"
     " ELSE status END,"
     " updated_at = excluded.updated_at"

@@ -15,8 +15,12 @@
 -- just stored are inserted (a duplicate's deliveries were made with the original); each is
 -- pending, or in flight under the lease the in-process worker took as it was stored.
 -- `counted`: each conversation touched by a stored message, once, with the batch's counts
--- added to the stored ones (the latest contact name given wins: `n` is the event's place in
--- the batch; a customer who writes again reopens a closed conversation). Rows go in key order
+-- added to the stored ones (the newest message's contact name wins, of one time the later in
+-- the batch, `n` being the event's place in it, and renames the stored contact only when that
+-- message is at least as recent as the one the stored name came from: a late redelivery of an
+-- older message must not bring back an old name; a customer who writes again reopens a closed
+-- conversation, without the escalation it was closed with: that one is over, and the
+-- `escalations` table keeps it). Rows go in key order
 -- so that two batches touching the same conversations lock them in the same order and cannot
 -- deadlock.
 -- Every data-modifying CTE runs whatever the outer query reads (PostgreSQL runs each one
@@ -63,14 +67,15 @@ WITH incoming AS MATERIALIZED (
 ), counted AS (
     INSERT INTO conversations AS c
         (tenant_id, id, status, contact_name, first_message_at, last_message_at,
-         inbound_count, outbound_count, updated_at)
+         inbound_count, outbound_count, updated_at, contact_name_at)
     SELECT m.tenant_id, m.conversation_id, 'open',
-           (array_agg(m.contact_name ORDER BY m.n DESC)
+           (array_agg(m.contact_name ORDER BY m.occurred_at DESC, m.n DESC)
                 FILTER (WHERE m.contact_name IS NOT NULL))[1],
            min(m.occurred_at), max(m.occurred_at),
            count(*) FILTER (WHERE m.direction = 'inbound'),
            count(*) FILTER (WHERE m.direction = 'outbound'),
-           max(m.received_at)
+           max(m.received_at),
+           max(m.occurred_at) FILTER (WHERE m.contact_name IS NOT NULL)
     FROM incoming AS m
     WHERE m.direction IS NOT NULL
       AND m.conversation_id IS NOT NULL
@@ -82,7 +87,18 @@ WITH incoming AS MATERIALIZED (
         outbound_count = c.outbound_count + excluded.outbound_count,
         first_message_at = LEAST(c.first_message_at, excluded.first_message_at),
         last_message_at = GREATEST(c.last_message_at, excluded.last_message_at),
-        contact_name = COALESCE(excluded.contact_name, c.contact_name),
+        contact_name = CASE
+            WHEN excluded.contact_name_at >= COALESCE(c.contact_name_at, excluded.contact_name_at)
+            THEN excluded.contact_name ELSE c.contact_name END,
+        contact_name_at = CASE
+            WHEN excluded.contact_name_at >= COALESCE(c.contact_name_at, excluded.contact_name_at)
+            THEN excluded.contact_name_at ELSE c.contact_name_at END,
+        escalated_at = CASE WHEN c.status = 'closed' AND excluded.inbound_count > 0 THEN NULL
+                            ELSE c.escalated_at END,
+        escalation_reason = CASE WHEN c.status = 'closed' AND excluded.inbound_count > 0
+                                 THEN NULL ELSE c.escalation_reason END,
+        escalation_priority = CASE WHEN c.status = 'closed' AND excluded.inbound_count > 0
+                                   THEN NULL ELSE c.escalation_priority END,
         status = CASE WHEN c.status = 'closed' AND excluded.inbound_count > 0 THEN 'open'
                       ELSE c.status END,
         updated_at = excluded.updated_at
