@@ -94,6 +94,18 @@ async def test_the_wait_answered_is_when_a_send_may_go_again() -> None:
         await asyncio.sleep(again)
 
 
+async def test_the_room_is_the_sends_the_budget_takes_now() -> None:
+    """What a lease may take for a destination without giving any back (worker.py)."""
+    throttle = DestinationThrottle(LIMITS)
+    assert await throttle.room("crm") == 5
+    assert [await throttle.acquire("crm") for _ in range(2)] == [None] * 2
+    assert await throttle.room("crm") == 3
+    await admitted_then_wait(throttle, "crm")
+    assert await throttle.room("crm") == 0
+    assert await throttle.room("billing") == 2  # its own budget
+    assert await throttle.room("sheets") is None  # no limit
+
+
 def test_an_unreadable_limit_is_refused_at_construction() -> None:
     with pytest.raises(ValueError):
         DestinationThrottle({"crm": "five per second"})
@@ -119,8 +131,10 @@ async def test_two_throttles_sharing_redis_share_the_budget(
     )
     throttles.extend([a, b])
     assert [await a.acquire("crm") for _ in range(3)] == [None] * 3
+    assert await b.room("crm") == 2  # what a sent takes b's room too
     assert [await b.acquire("crm") for _ in range(2)] == [None] * 2
     for throttle in (a, b):
+        assert await throttle.room("crm") == 0
         wait = await throttle.acquire("crm")
         assert wait is not None and 0 < wait <= 1.0
     # A third instance under another prefix is another estafeta: its own budget.
@@ -173,9 +187,12 @@ async def test_sends_counted_during_an_outage_reach_every_process_after_it(
     async with asyncio.timeout(10):
         # Only a sends during the outage: two of the minute's five, counted in its memory.
         assert [await a.acquire("billing") for _ in range(2)] == [None] * 2
+        assert await a.room("billing") == 3  # its own count, Redis not tried again yet
     assert not a.using_redis
     own_redis.start()
     clock[0] += 5.0
+    # Redis answers again, empty: a's two sends are not in it yet, but count in a's room.
+    assert await a.room("billing") == 3
 
     # Back: a's two sends go to Redis with a's next one, so b finds two of five left, not
     # five; and a's own memory no longer holds them (they would count twice).

@@ -9,8 +9,11 @@ reserved for the worker whose commit failed, in case it landed all the same
 the lease would be rescued as a failed attempt never made, so a snooze the store refused
 (unreachable) is given back at the worker's next step, or when it stops.
 
-A spent rate limit's refill time lets the lease and ingest's hand-over skip the destination
-until then, rather than lease its deliveries only to give them back. The time is kept here,
+Rate-limit snoozes are rare: a lease takes no more of a destination than its budget sends
+now (worker.py `_budgets`), so one is given back when other processes spent a shared budget
+between the lease and the send, or a fresh delivery handed over found it spent. A spent rate
+limit's refill time lets the lease and ingest's hand-over skip the destination until then,
+rather than lease its deliveries only to give them back. The time is kept here,
 not as the deliveries' due time: due at the refill, they went behind every delivery to the
 destination accepted meanwhile, and under a steady stream at the limit never came first.
 """

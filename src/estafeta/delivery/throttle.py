@@ -135,6 +135,30 @@ class DestinationThrottle:
             await self._outage.hit(item, destination_id)
         return wait
 
+    async def room(self, destination_id: str) -> int | None:
+        """How many sends the destination's budget would take now without waiting (None: it
+        has no limit), so that a lease takes no more than that. An estimate: other processes
+        may spend some of it before this one sends, and `acquire` still decides each send.
+        Never raises a Redis error (Redis unreachable: this process's own count)."""
+        item = self._items.get(destination_id)
+        if item is None:
+            return None
+        room = (await self._memory.get_window_stats(item, destination_id)).remaining
+        token = None if self._redis is None else self._failover.begin()
+        if self._redis is None or token is None:
+            return max(0, room)
+        try:
+            shared = await self._redis.get_window_stats(item, destination_id)
+        except REDIS_ERRORS as exc:
+            self._failover.failed(token, exc)
+            return max(0, room)
+        self._failover.succeeded(token)
+        unshared = 0  # an outage's sends, added to Redis before this destination's next send
+        if destination_id in self._unshared:
+            counted = await self._outage.get_window_stats(item, destination_id)
+            unshared = item.amount - counted.remaining
+        return max(0, min(room, shared.remaining - unshared))
+
     async def _acquire_shared(
         self, redis: MovingWindowRateLimiter, item: RateLimitItem, destination_id: str
     ) -> float | None:

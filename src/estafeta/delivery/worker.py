@@ -33,6 +33,7 @@ import random
 import secrets
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 
 import structlog
@@ -265,7 +266,7 @@ class Worker:
                 # every process's): its deliveries are another process's to send, or an
                 # orphan's, leased with the rest; probed here, one would be dead-lettered.
                 continue
-            if destination_id in throttled:
+            if destination_id in throttled or await self.throttle.room(destination_id) == 0:
                 continue  # no budget for the probe now: claiming it would only block
             cap = self._caps.get(destination_id)
             if cap is not None and sending.get(destination_id, 0) >= cap:
@@ -292,9 +293,18 @@ class Worker:
                 await self.breakers.give_back_probe(destination_id)
         blocked = self.breakers.not_closed() | self._snoozes.throttled(now)
         limit = room - taken
-        self._left_out = set(blocked)  # before the lease: what is given back meanwhile stays
-        batch = await self._lease(now, self._rooms(limit, blocked), limit)
+        rooms = self._rooms(limit, blocked)
+        budgets = await self._budgets(rooms)
+        rooms.update(budgets)
+        # Before the lease: what is given back meanwhile stays. A destination whose budget
+        # takes no send now is left out like a spent one.
+        self._left_out = blocked | {d for d, budget in budgets.items() if budget <= 0}
+        batch = await self._lease(now, rooms, limit)
         self._backlogged = len(batch) >= limit
+        # One whose lease its budget filled may have more waiting: fresh deliveries to it
+        # are not handed over ahead of those (the budget may refill before they start).
+        leased = Counter(d.destination_id for d in batch)
+        self._left_out.update(d for d, budget in budgets.items() if leased[d] >= budget)
         if self._rescue.orphans:  # only then may the batch hold deliveries it cannot send
             batch = await self._give_back_named(batch, now)
         await self._start(batch, now)
@@ -319,6 +329,18 @@ class Worker:
                 rooms[destination_id] = min(limit, cap - sending.get(destination_id, 0))
         rooms.update({d: limit for d in self._rescue.orphans})
         return rooms
+
+    async def _budgets(self, rooms: dict[str, int]) -> dict[str, int]:
+        """The destinations of `rooms` whose rate limit takes fewer sends now than their room,
+        each with how many it takes: a lease beyond it only gave the rest back, a write for
+        each lease and one for each give-back, the whole batch again at every refill."""
+        budgets: dict[str, int] = {}
+        for destination_id, room in rooms.items():
+            if room > 0:
+                budget = await self.throttle.room(destination_id)
+                if budget is not None and budget < room:
+                    budgets[destination_id] = budget
+        return budgets
 
     async def _lease(
         self, now: int, rooms: dict[str, int], limit: int | None = None
