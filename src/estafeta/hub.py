@@ -20,6 +20,7 @@ import structlog
 from estafeta.clock import Clock, SystemClock, iso_from_ms
 from estafeta.config import Config
 from estafeta.delivery.breakers import circuit_state_store
+from estafeta.delivery.circuit_store import close_circuits
 from estafeta.delivery.handoff import Handoff
 from estafeta.delivery.model import LeasedDelivery
 from estafeta.errors import HttpError, StoreUnavailable
@@ -478,5 +479,6 @@ class Hub:
         if self.spool is not None:
             await self.spool.close()
         await self.rate_limiter.aclose()
+        await close_circuits(self.circuit_states)
         if self.redis is not None:
             await self.redis.aclose()

@@ -9,8 +9,10 @@ process memory while Redis is unreachable, and each logs the outage once (`Redis
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import redis.asyncio
 import structlog
@@ -30,16 +32,29 @@ class RedisFailover:
     the call started in, so a slow call that started before an outage cannot end it, and one
     that fails after recovery cannot start a new one: `redis_unavailable` and
     `redis_available` are each logged once per outage, however many calls were in flight.
-    While down, one call every `retry_s` (monotonic seconds) tries Redis; the rest don't
-    wait for it.
+
+    While down, Redis is tried again at most every `retry_s` (monotonic seconds). With a
+    `probe` (a PING), a call due for a try starts it in the background and uses the fallback
+    like the rest: its success ends the outage. A silent Redis (it accepts connections and
+    never answers: stopped, or a proxy that stopped forwarding) is waited for by the probe
+    alone, not by a delivery; only the call that finds the outage waits out its timeout.
+    Without a probe, the call due for a try gets a token and tries Redis itself: for callers
+    already off the hot path (the inbound limit's periodic share, ingress/ratelimit.py).
     """
 
     def __init__(
-        self, component: str, *, retry_s: float, monotonic: Callable[[], float] = time.monotonic
+        self,
+        component: str,
+        *,
+        retry_s: float,
+        monotonic: Callable[[], float] = time.monotonic,
+        probe: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         self.component = component
         self.retry_s = retry_s
         self._monotonic = monotonic
+        self._probe = probe
+        self._probing: asyncio.Task[None] | None = None
         self.available = True
         self._generation = 0
         self._next_try = 0.0
@@ -50,8 +65,37 @@ class RedisFailover:
         now = self._monotonic()
         if now < self._next_try:
             return None
-        self._next_try = now + self.retry_s  # this caller probes; concurrent ones do not
-        return self._generation
+        self._next_try = now + self.retry_s  # one try per retry_s, however many callers
+        if self._probe is None:
+            return self._generation  # this caller tries Redis
+        if self._probing is None:
+            self._probing = asyncio.get_running_loop().create_task(self._try(self._generation))
+        return None
+
+    async def _try(self, token: int) -> None:
+        assert self._probe is not None  # noqa: S101 - begin checks
+        try:
+            await self._probe()
+        except REDIS_ERRORS as exc:
+            self.failed(token, exc)
+        else:
+            self.succeeded(token)
+        finally:
+            self._probing = None
+
+    async def probed(self) -> None:
+        """Until the background try in flight, if any, has ended (for tests)."""
+        if self._probing is not None:
+            await asyncio.shield(self._probing)
+
+    async def aclose(self) -> None:
+        """Stop the background try in flight, if any: before its client is closed, or its
+        connection, given back to a closed pool, stays open."""
+        if self._probing is not None:
+            self._probing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probing
+            self._probing = None  # cancelled before it ran, it did not reset it
 
     def current(self, token: int) -> bool:
         """No outage began since `token` was handed out."""

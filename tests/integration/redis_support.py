@@ -57,13 +57,19 @@ class RedisServer:
 class LateRedis:
     """A proxy in front of a Redis that, once armed, holds back the server's answer to the
     next request containing `command` by `delay_s`: Redis runs it at once and answers late,
-    as it does while stalled (a fork for a snapshot, a slow disk under appendfsync)."""
+    as it does while stalled (a fork for a snapshot, a slow disk under appendfsync).
 
-    def __init__(self, upstream_url: str, *, command: bytes, delay_s: float) -> None:
+    While `refusing`, it closes every new connection at once (Redis is gone: calls fail
+    fast); while `silent`, it drops every request (Redis hangs: calls wait for their
+    timeout)."""
+
+    def __init__(self, upstream_url: str, *, command: bytes = b"", delay_s: float = 0.0) -> None:
         self._upstream = urlsplit(upstream_url)
         self._command = command
         self._delay_s = delay_s
         self.armed = False
+        self.refusing = False
+        self.silent = False
         self.url = ""
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -85,12 +91,18 @@ class LateRedis:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        if self.refusing:
+            self._tasks.discard(task)
+            writer.close()
+            return
         host, port = self._upstream.hostname or "127.0.0.1", self._upstream.port or 6379
         up_reader, up_writer = await asyncio.open_connection(host, port)
         late = asyncio.Event()  # the next answer from upstream is to be held back
 
         async def requests() -> None:
             while data := await reader.read(65536):
+                if self.silent:
+                    continue  # never reaches Redis: never answered
                 if self.armed and self._command in data:
                     self.armed = False
                     late.set()

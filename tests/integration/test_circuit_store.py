@@ -150,7 +150,12 @@ async def test_fallback_carries_on_from_memory_and_returns_to_redis(own_redis: R
             assert await client.hget(key, "crm") is None
             assert (await fallback.get_all())["crm"].consecutive_failures == 5
 
+            # Due: the next call tries Redis in the background and goes on from memory.
             clock.now += 0.2
+            await fallback.update("crm", one_more_failure)
+            assert await client.hget(key, "crm") is None
+            await fallback._failover.probed()
+            assert fallback.using_primary
             before, after = await fallback.update("billing", one_more_failure)
             assert (before, after) == (Circuit(), Circuit(consecutive_failures=1))
             assert await client.hget(key, "billing") is not None  # Redis is the truth again
@@ -193,6 +198,49 @@ def test_failover_ignores_calls_that_straddle_an_outage() -> None:
         failover.failed(slow_ok, ConnectionError("late"))  # stale: no new outage
         failover.succeeded(probe)
         assert failover.available
+    assert [e["event"] for e in logs] == ["redis_unavailable", "redis_available"]
+
+
+async def test_failover_tries_redis_in_the_background_once_per_retry_s() -> None:
+    """While down, no caller waits for Redis: a call due for a try starts a probe (a PING)
+    in the background and uses the fallback; the probe's success ends the outage."""
+    clock = FakeMonotonic()
+    answer = asyncio.Event()  # the probe is silent until the test lets it answer
+    outcomes: list[Exception | None] = [ConnectionError("still down"), None]
+    tries = 0
+
+    async def probe() -> None:
+        nonlocal tries
+        tries += 1
+        await answer.wait()
+        outcome = outcomes.pop(0)
+        if outcome is not None:
+            raise outcome
+
+    failover = RedisFailover("test", retry_s=5.0, monotonic=clock, probe=probe)
+    with capture_logs() as logs:
+        token = failover.begin()
+        assert token is not None
+        failover.failed(token, ConnectionError("refused"))
+        clock.now += 5
+        assert failover.begin() is None  # due: tried in the background, not by this caller
+        await asyncio.sleep(0)  # the probe starts, and waits for its answer
+        clock.now += 5
+        assert [failover.begin(), failover.begin()] == [None, None]  # one probe at a time
+        assert tries == 1
+        answer.set()
+        await failover.probed()
+        assert not failover.available  # the probe failed: still down, no new outage
+
+        clock.now += 4.9
+        assert failover.begin() is None
+        await failover.probed()
+        assert tries == 1  # not due yet
+        clock.now += 0.1
+        assert failover.begin() is None
+        await failover.probed()
+        assert tries == 2 and failover.available
+        assert failover.begin() is not None  # Redis again, for every call
     assert [e["event"] for e in logs] == ["redis_unavailable", "redis_available"]
 
 

@@ -599,6 +599,8 @@ async def test_redis_down_is_alerted_and_destination_down_judges_only_a_live_vie
 
             own_redis.start()  # empty: every circuit closed, as the workers' probes left them
             clock.now += 5_000  # the circuit store tries Redis again every 5 s
+            await monitor.check()  # starts the try, in the background
+            await circuits._failover.probed()
             await monitor.check()
             assert monitor.firing == set()
             assert REGISTRY.get_sample_value("estafeta_alert_firing", gauge) == 0

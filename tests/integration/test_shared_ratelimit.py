@@ -19,7 +19,7 @@ from estafeta.ingress.ratelimit import TenantRateLimiter
 from estafeta.redis_client import connect_redis
 from estafeta.store.sqlstore import SqlStore
 from tests.conftest import base_config, signed
-from tests.integration.redis_support import SHARED_REDIS_URL, RedisServer
+from tests.integration.redis_support import SHARED_REDIS_URL, LateRedis, RedisServer
 from tests.integration.test_ingress_api import MESSAGE
 
 
@@ -160,6 +160,44 @@ async def test_a_redis_outage_limits_each_process_on_its_own_then_catches_up(
     finally:
         await a.aclose()
         await client.aclose()
+
+
+async def test_requests_are_decided_while_a_silent_redis_is_tried_again(
+    shared_prefix: str,
+) -> None:
+    """Redis hangs during an outage: the periodic share (in the background) waits for its
+    try of Redis; requests decide from the counts they have and never wait for it."""
+    async with LateRedis(SHARED_REDIS_URL) as proxy:
+        # A timeout past the test's bound: a request that waits for Redis fails it.
+        slow = connect_redis(proxy.url, timeout_s=30)
+        a = TenantRateLimiter(
+            limited("10/minute"),
+            clock=FakeClock(1_000_020.0),
+            redis=slow,
+            key_prefix=shared_prefix,
+            retry_s=0,  # every share tries Redis again
+        )
+        trying: asyncio.Task[None] | None = None
+        try:
+            proxy.refusing = True  # Redis is gone, and found so at once
+            with capture_logs():
+                async with asyncio.timeout(10):
+                    assert await a.admit("acme") is None
+                proxy.refusing, proxy.silent = False, True
+                trying = asyncio.create_task(a.share())  # waits for the silent Redis
+                await asyncio.sleep(0.1)  # the share has sent its try (not needed to pass)
+                async with asyncio.timeout(5):
+                    assert [await a.admit("acme") for _ in range(3)] == [None] * 3
+                assert not trying.done()
+        finally:
+            if trying is not None:
+                trying.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await trying
+            proxy.silent, proxy.refusing = False, True  # the last share fails at once
+            with capture_logs():
+                await a.aclose()
+            await slow.aclose()
 
 
 async def test_two_serve_processes_with_redis_answer_429_past_the_shared_limit(

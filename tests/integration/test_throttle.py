@@ -56,6 +56,13 @@ def on_own_redis(
     return made
 
 
+async def tried_again(throttle: DestinationThrottle) -> None:
+    """Redis is due for another try: start it in the background, as the next call would
+    (that call goes on from memory), and wait for it to end."""
+    assert throttle._failover.begin() is None
+    await throttle._failover.probed()
+
+
 async def admitted_then_wait(throttle: DestinationThrottle, destination: str) -> list[bool]:
     """Acquire until the first refusal; True per admitted send, and check the wait."""
     admitted: list[bool] = []
@@ -163,11 +170,15 @@ async def test_redis_lost_falls_back_to_memory_and_comes_back(
         assert len(down) == 1 and down[0]["log_level"] == "warning"
         assert down[0]["component"] == "throttle"
 
-        # Back on the same port (empty); Redis is tried again once retry_s has passed.
+        # Back on the same port (empty); Redis is tried again once retry_s has passed, in
+        # the background: the call that starts the try goes on from memory.
         own_redis.start()
         assert await throttle.acquire("billing") is not None  # still memory: not yet retried
         assert not keys_under(own_redis.url, "estafeta:throttle:")
         clock[0] += 5.0
+        assert await throttle.acquire("billing") is not None
+        await throttle._failover.probed()
+        assert not keys_under(own_redis.url, "estafeta:throttle:")
         # Redis again, empty: the two sends counted in memory this minute are added to it
         # first, so the minute that spans the outage still admits three, not six.
         wait = await throttle.acquire("billing")
@@ -191,6 +202,7 @@ async def test_sends_counted_during_an_outage_reach_every_process_after_it(
     assert not a.using_redis
     own_redis.start()
     clock[0] += 5.0
+    await tried_again(a)
     # Redis answers again, empty: a's two sends are not in it yet, but count in a's room.
     assert await a.room("billing") == 3
 
@@ -274,6 +286,7 @@ async def test_outage_sends_are_not_lost_when_another_worker_sends_meanwhile(
         assert [await a.acquire("billing") for _ in range(3)] == [None] * 3  # in a's memory
     own_redis.start()
     clock[0] += 5.0
+    await tried_again(a)
 
     # b sends three times right after a read Redis's room for its three (five then) and
     # before a adds them.
@@ -366,6 +379,7 @@ async def test_a_send_redis_counted_late_is_not_added_again_when_redis_answers(
             assert not throttle.using_redis
             assert await throttle.acquire("billing") is None  # from memory
             clock[0] += 10  # Redis is due for another try, and answers
+            await tried_again(throttle)
             assert await throttle.acquire("billing") is None, "a send was counted twice"
             assert throttle.using_redis
             assert await throttle.acquire("billing") is not None  # three sent: full

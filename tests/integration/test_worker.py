@@ -29,6 +29,7 @@ from estafeta.delivery.model import LeasedDelivery
 from estafeta.delivery.outcome import Outcome, OutcomeKind
 from estafeta.delivery.presence import Presence
 from estafeta.delivery.rescue import Rescue
+from estafeta.delivery.throttle import DestinationThrottle
 from estafeta.delivery.worker import Worker
 from estafeta.errors import LeaseRaced, StoreError, StoreUnavailable
 from estafeta.hub import Hub
@@ -44,7 +45,7 @@ from estafeta.testing.sink import Sink
 from tests.clocks import ManualClock
 from tests.conftest import SINK_SECRET, base_config, lease_any
 from tests.events import new_event
-from tests.integration.redis_support import SHARED_REDIS_URL, RedisServer
+from tests.integration.redis_support import SHARED_REDIS_URL, LateRedis, RedisServer
 
 # A circuit that opens at the first failure and stays open 30 s: long enough that only the
 # test's clock, moved by hand, lets a probe through.
@@ -1252,6 +1253,117 @@ async def test_a_stopped_worker_leaves_no_redis_connection_open(
         await running
     # Before: the circuit store's client stayed connected after the worker stopped.
     assert redis_clients(own_redis.url) == 0
+
+
+class BehindProxy:
+    """A worker driven by hand (`_step`), its circuits and rate limit in Redis behind `proxy`
+    with a client timeout of `timeout_s`, their tries of Redis due on the test's clock `now`
+    (monotonic seconds)."""
+
+    def __init__(
+        self, store: SqlStore, config: Config, proxy: LateRedis, prefix: str, timeout_s: float
+    ) -> None:
+        self.now = 1_000.0
+        self.client = connect_redis(proxy.url, timeout_s=timeout_s)
+        self.circuits = FallbackCircuitStore(
+            RedisCircuitStore(self.client, prefix), monotonic=lambda: self.now
+        )
+        self.throttle = DestinationThrottle(
+            {"crm": "100/second"},
+            redis_url=proxy.url,
+            key_prefix=prefix,
+            timeout_s=timeout_s,
+            monotonic=lambda: self.now,
+        )
+        self.hub = Hub(config, store)
+        self.worker = Worker(
+            store, config, breakers=Breakers(self.circuits, config), throttle=self.throttle
+        )
+
+    async def deliver_one(self, store: SqlStore) -> None:
+        """Publish an event for crm and have it delivered by one step of the worker."""
+        self.worker.breakers._next_refresh = 0.0  # its circuits are due for a refresh too
+        event_id = await publish(self.hub)
+        await self.worker._step()
+        view = await settled(store, event_id)
+        assert view.deliveries[0].state == "succeeded"
+
+    async def close(self) -> None:
+        await self.circuits.aclose()  # the worker's own would be closed by `_shutdown`
+        await self.worker._shutdown()
+        await self.hub.close()
+        await self.client.aclose()
+
+
+async def test_a_silent_redis_is_tried_again_without_holding_back_deliveries(
+    store: SqlStore, sink: Sink, database_url: str, shared_prefix: str
+) -> None:
+    """Redis hangs (stopped, or a proxy stopped forwarding): calls wait for the client's
+    timeout. The first call that finds the outage does, but then every 5 s the circuit store
+    and the throttle each tried Redis again from a delivery's own call, and the worker
+    leased and sent nothing more until it timed out: deliveries stopped for a second (the
+    default timeout) every 5 s. Redis is tried again in the background; no delivery waits."""
+    config = config_for(database_url, sink)
+    async with LateRedis(SHARED_REDIS_URL) as proxy:
+        # A timeout past the test's bound: a delivery that waits for a try of Redis fails it.
+        behind = BehindProxy(store, config, proxy, shared_prefix, timeout_s=30)
+        await behind.worker._connectors.start()  # what `run` does first
+        try:
+            with capture_logs() as logs:
+                proxy.refusing = True  # Redis is gone, and found so at once
+                async with asyncio.timeout(10):
+                    await behind.deliver_one(store)
+                assert not behind.throttle.using_redis and not behind.circuits.using_primary
+                proxy.refusing, proxy.silent = False, True  # now it hangs
+                behind.now += 5.0  # both are due for another try of Redis
+                async with asyncio.timeout(5):
+                    await behind.deliver_one(store)
+                    await behind.deliver_one(store)
+            down = Counter(e["component"] for e in logs if e["event"] == "redis_unavailable")
+            assert down == {"throttle": 1, "circuit_store": 1}
+        finally:
+            await behind.close()
+
+
+async def test_redis_answering_again_is_used_again_after_a_try_in_the_background(
+    store: SqlStore, sink: Sink, database_url: str, shared_prefix: str
+) -> None:
+    """Once Redis answers the try in the background, the next calls use it: the circuits and
+    the rate limit are shared again (with the sends counted meanwhile), each component's
+    `redis_available` logged once."""
+    config = config_for(database_url, sink)
+    async with LateRedis(SHARED_REDIS_URL) as proxy:
+        behind = BehindProxy(store, config, proxy, shared_prefix, timeout_s=2)
+        await behind.worker._connectors.start()
+        try:
+            with capture_logs() as logs:
+                proxy.refusing = True
+                async with asyncio.timeout(20):
+                    await behind.deliver_one(store)  # counted in memory
+                    proxy.refusing = False  # Redis answers again
+                    await behind.deliver_one(store)  # not due for a try yet: memory
+                    assert not behind.throttle.using_redis
+                    behind.now += 5.0
+                    await behind.deliver_one(store)  # starts the tries; sent from memory
+                    await behind.throttle._failover.probed()
+                    await behind.circuits._failover.probed()
+                    assert behind.throttle.using_redis and behind.circuits.using_primary
+                    await behind.deliver_one(store)  # through Redis
+            redis_events = [
+                (e["event"], e["component"]) for e in logs if e["event"].startswith("redis_")
+            ]
+            assert sorted(redis_events) == [
+                ("redis_available", "circuit_store"),
+                ("redis_available", "throttle"),
+                ("redis_unavailable", "circuit_store"),
+                ("redis_unavailable", "throttle"),
+            ]
+            # Back to the shared budget: the three sends of the outage were added to it.
+            with redis.Redis.from_url(SHARED_REDIS_URL, socket_timeout=5) as shared:
+                [key] = shared.keys(f"{shared_prefix}throttle*")
+                assert shared.llen(key) == 4  # crm's sends, newest first
+        finally:
+            await behind.close()
 
 
 def rescuer(store: SqlStore, *, started_ms: int, at_ms: int) -> Rescue:

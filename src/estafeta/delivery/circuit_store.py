@@ -8,7 +8,8 @@ circuits live there (`RedisCircuitStore`); without it, in process memory
 `FallbackCircuitStore` wraps Redis with a memory copy, because Redis holds no data that must
 survive (DESIGN.md §1: cache, rate limits, breakers) and its outage must not stop deliveries:
 on a Redis error it carries on from memory — seeded with the last state it read from Redis,
-so an open circuit does not snap shut — and tries Redis again every `retry_s`.
+so an open circuit does not snap shut — and tries Redis again every `retry_s` with a PING in
+the background, so that no delivery waits for a silent Redis.
 
 The outage bookkeeping (`RedisFailover`) and the fail-fast client are in redis_client.py,
 shared with the outbound throttle and the inbound rate limit.
@@ -102,6 +103,9 @@ class RedisCircuitStore:
         self.key = f"{prefix}circuits"
         self._turn = asyncio.Lock()
 
+    async def ping(self) -> None:
+        await self._client.ping()
+
     async def get_all(self) -> dict[str, Circuit]:
         raw = await self._client.hgetall(self.key)
         circuits = {_text(field): _decode(value) for field, value in raw.items()}
@@ -140,7 +144,7 @@ class FallbackCircuitStore:
 
     def __init__(
         self,
-        primary: CircuitStateStore,
+        primary: RedisCircuitStore,
         fallback: MemoryCircuitStore | None = None,
         *,
         retry_s: float = 5.0,
@@ -148,7 +152,9 @@ class FallbackCircuitStore:
     ) -> None:
         self._primary = primary
         self._fallback = fallback or MemoryCircuitStore()
-        self._failover = RedisFailover("circuit_store", retry_s=retry_s, monotonic=monotonic)
+        self._failover = RedisFailover(
+            "circuit_store", retry_s=retry_s, monotonic=monotonic, probe=primary.ping
+        )
         self._turn = asyncio.Lock()
 
     @property
@@ -189,6 +195,16 @@ class FallbackCircuitStore:
                         self._fallback.put(destination_id, after)
                         return before, after
         return await self._fallback.update(destination_id, change)
+
+    async def aclose(self) -> None:
+        """Stop the background try of Redis, if one runs (the client is the caller's)."""
+        await self._failover.aclose()
+
+
+async def close_circuits(circuits: CircuitStateStore) -> None:
+    """Stop a Redis-backed store's background try of Redis (before its client is closed)."""
+    if isinstance(circuits, FallbackCircuitStore):
+        await circuits.aclose()
 
 
 async def current_circuits(

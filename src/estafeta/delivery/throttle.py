@@ -14,7 +14,8 @@ the window, which for an outbound limit (tens or hundreds a second) is negligibl
 If Redis fails, each process falls back to its own in-memory limiter rather than stopping
 deliveries or ignoring the limit; while it lasts, N worker processes may together send up
 to N times the limit. `redis_unavailable` is logged once and Redis is tried again every
-`retry_s` seconds (see `RedisFailover` in redis_client.py). When Redis answers again, the
+`retry_s` seconds by a PING in the background, so no send waits for a silent Redis (see
+`RedisFailover` in redis_client.py). When Redis answers again, the
 sends a process counted in memory within a destination's window are added to Redis before
 that destination's next send, so the window that spans the recovery does not admit a whole
 budget more. limits' storages can only count a send at the time it is counted, so they
@@ -40,7 +41,7 @@ from typing import Any, cast
 from limits import RateLimitItem, WindowStats, parse
 from limits.aio.storage import MemoryStorage, MovingWindowSupport, RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
-from redis.asyncio import ConnectionPool
+from redis.asyncio import ConnectionPool, Redis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from estafeta.config.models import DEFAULT_REDIS_KEY_PREFIX
@@ -76,7 +77,9 @@ class DestinationThrottle:
         # destinations that have some.
         self._outage = _DestinationWindow(MemoryStorage())
         self._unshared: set[str] = set()
-        self._failover = RedisFailover("throttle", retry_s=retry_s, monotonic=monotonic)
+        self._failover = RedisFailover(
+            "throttle", retry_s=retry_s, monotonic=monotonic, probe=self._ping
+        )
         self._pool: ConnectionPool | None = None
         self._redis: MovingWindowRateLimiter | None = None
         if redis_url is not None:
@@ -197,8 +200,14 @@ class DestinationThrottle:
             raise
         await self._outage.clear(item, destination_id)  # still counted in `_memory`
 
+    async def _ping(self) -> None:
+        """The failover's try of Redis during an outage (in the background)."""
+        assert self._pool is not None  # noqa: S101 - only called with Redis configured
+        await Redis(connection_pool=self._pool).ping()
+
     async def aclose(self) -> None:
         """Close the Redis connections (a no-op without Redis)."""
+        await self._failover.aclose()
         if self._pool is not None:
             await self._pool.aclose()
 

@@ -51,6 +51,7 @@ from estafeta.delivery.attempts import (
 )
 from estafeta.delivery.backoff import BackoffPolicy
 from estafeta.delivery.breakers import Breakers, circuit_state_store
+from estafeta.delivery.circuit_store import CircuitStateStore, close_circuits
 from estafeta.delivery.handoff import Handoff, Reservation, reserve
 from estafeta.delivery.model import LeasedDelivery
 from estafeta.delivery.presence import named_destinations
@@ -100,11 +101,13 @@ class Worker:
         # The Redis client of circuits this worker opens itself (`estafeta worker`), closed
         # at shutdown; given breakers (`serve`: the hub's) are their owner's to close.
         self._own_redis: Redis | None = None
-        if breakers is None and config.redis.url:
-            self._own_redis = connect_redis(config.redis.url)
-        self.breakers = breakers or Breakers(
-            circuit_state_store(config, store, self._own_redis), config
-        )
+        self._own_circuits: CircuitStateStore | None = None
+        if breakers is None:
+            if config.redis.url:
+                self._own_redis = connect_redis(config.redis.url)
+            self._own_circuits = circuit_state_store(config, store, self._own_redis)
+            breakers = Breakers(self._own_circuits, config)
+        self.breakers = breakers
         senders = [s for s in config.sources if can_send(s)]
         rate_limits = {d.id: d.rate_limit for d in config.destinations if d.rate_limit}
         rate_limits.update(
@@ -544,6 +547,8 @@ class Worker:
         finally:  # whatever that met, the connections this worker opened are closed
             await self._connectors.close()
             await self.throttle.aclose()
+            if self._own_circuits is not None:
+                await close_circuits(self._own_circuits)
             if self._own_redis is not None:
                 await self._own_redis.aclose()
         log.info("worker_stopped", worker=self.worker_id, attempts=self.sent)
