@@ -356,7 +356,15 @@ class Hub:
             tenant_id=tenant_id,
             source_id=API_SOURCE,
             event_type=SEND_TYPE,
-            data={"message_id": message_id, "source": source_id, "to": to, **content},
+            # `conversation_id` as the customer's own messages carry it: whoever routes
+            # `message.*` finds the reply in the customer's conversation.
+            data={
+                "message_id": message_id,
+                "source": source_id,
+                "to": to,
+                "conversation_id": digits(to),
+                **content,
+            },
             idempotency_key=idempotency_key,
             extra_targets=[
                 Target(

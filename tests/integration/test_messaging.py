@@ -4,13 +4,16 @@ another tenant's key reaching none of them, nor any other tenant data, through t
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 import httpx
+import orjson
 import pytest
 from sqlalchemy import insert, select
 
@@ -1510,3 +1513,126 @@ async def test_an_escalation_and_a_webhook_of_another_process_that_deadlock_are_
     listed = await env.http.get("/api/v1/conversations", headers=env.auth())
     counts = {c["id"]: (c["status"], c["inbound_count"]) for c in listed.json()["conversations"]}
     assert counts == {first: ("escalated", 2), second: ("open", 3)}
+
+
+async def test_a_number_written_as_staff_type_it_is_sent_in_the_customers_conversation(
+    env: Env,
+) -> None:
+    # Staff paste the number as a clinic writes it, `+55 (11) 98765-4321`: it was refused
+    # (`body.to` must match `^\+…`), though it is the customer whose messages arrive as
+    # 5511987654321. It is that number, and the reply is in her conversation.
+    await env.inbound("Quero marcar", "wamid.in")
+    for written in ("+55 (11) 98765-4321", " +55 11 98765 4321 ", "+55.11.98765.4321"):
+        r = await env.http.post(
+            "/api/v1/messages",
+            headers=env.auth(),
+            json={"source": "wa-sol", "to": written, "text": "Claro!"},
+        )
+        assert r.status_code == 202, r.text
+        view = await env.message(r.json()["id"])
+        assert (view["to"], view["conversation_id"]) == (f"+{MARIA}", MARIA)
+    detail = await env.conversation()
+    assert [m["direction"] for m in detail["messages"]] == ["inbound"] + ["outbound"] * 3
+    [listed] = (await env.http.get("/api/v1/conversations", headers=env.auth())).json()[
+        "conversations"
+    ]
+    assert (listed["id"], listed["inbound_count"], listed["outbound_count"]) == (MARIA, 1, 3)
+    # Without its country code a number is still refused: `(11) 98765-4321` is no number
+    # anywhere, and no country is guessed.
+    r = await env.http.post(
+        "/api/v1/messages",
+        headers=env.auth(),
+        json={"source": "wa-sol", "to": "(11) 98765-4321", "text": "Claro!"},
+    )
+    assert r.status_code == 400 and r.json()["detail"].startswith("body.to: "), r.text
+
+
+async def test_a_sent_messages_event_names_the_customers_conversation(env: Env) -> None:
+    # A CRM routed `message.*` groups what it gets by `data.conversation_id`, as the how-to's
+    # `ordering_key` does: the customer's messages and the statuses carried it, the reply
+    # (`message.send`) did not, so it was in no conversation there.
+    r = await env.send("Claro!")
+    assert r.status_code == 202, r.text
+    sent = await env.http.get(f"/api/v1/events/{r.json()['event_id']}", headers=env.auth())
+    data = sent.json()["event"]["data"]
+    assert (data["to"], data.get("conversation_id")) == (f"+{MARIA}", MARIA)
+
+
+FIXTURES = Path(__file__).parent.parent / "fixtures"
+
+
+async def _webhook(env: Env, source: str, body: bytes) -> None:
+    """POST `body` to `/in/{source}` as its provider signs it (env's sources' secrets)."""
+    if source == "wa-sol":
+        digest = hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()
+        headers = {"x-hub-signature-256": f"sha256={digest}", "content-type": "application/json"}
+        url = "/in/wa-sol"
+    elif source == "tw-sol":
+        fields = {k: [v] for k, v in parse_qsl(body.decode(), keep_blank_values=True)}
+        signed = twilio_signature(b"tw-token", "http://hub/in/tw-sol", fields)
+        headers, url = {"x-twilio-signature": signed, "content-type": FORM}, "/in/tw-sol"
+    else:
+        token = {"zapi-sol": "zapi-webhook-token", "sp-sol": "sp-webhook-token"}[source]
+        headers, url = {"content-type": "application/json"}, f"/in/{source}?token={token}"
+    answer = await env.http.post(url, content=body, headers=headers)
+    assert answer.status_code == 200, answer.text
+
+
+def _status_webhook(source: str, provider_id: str) -> bytes | None:
+    """The provider's `delivered` for `provider_id`, naming Maria as the provider writes her
+    (SendPulse posts no statuses)."""
+    if source == "wa-sol":
+        status = {"id": provider_id, "status": "delivered", "recipient_id": MARIA}
+        value = {"metadata": {"phone_number_id": "114950281736452"}, "statuses": [status]}
+        change = {"field": "messages", "value": value}
+        return orjson.dumps(
+            {"object": "whatsapp_business_account", "entry": [{"changes": [change]}]}
+        )
+    if source == "tw-sol":
+        fields = {
+            "MessageSid": provider_id,
+            "MessageStatus": "delivered",
+            "To": f"whatsapp:+{MARIA}",
+        }
+        return urlencode(fields).encode()
+    if source == "zapi-sol":
+        callback = orjson.loads((FIXTURES / "zapi/message_status.json").read_bytes())
+        return orjson.dumps(callback | {"status": "RECEIVED", "ids": [provider_id]})
+    return None
+
+
+@pytest.mark.parametrize(
+    ("source", "inbound", "provider_id"),
+    [
+        ("wa-sol", "whatsapp_cloud/text.json", "wamid.REPLY1"),
+        ("tw-sol", "twilio/inbound_text.form", "SM" + "5" * 32),
+        ("zapi-sol", "zapi/received_text.json", "3EB0REPLY1"),
+        ("sp-sol", "sendpulse/incoming_message.json", "66b2e41c9f1a2b3c4d5eREPLY"),
+    ],
+)
+async def test_a_customer_the_reply_and_its_statuses_are_one_conversation_on_every_provider(
+    env: Env, source: str, inbound: str, provider_id: str
+) -> None:
+    # Each provider writes Maria its own way (`5511987654321`, `whatsapp:+5511987654321`,
+    # a SendPulse contact with a phone), staff write `+55 (11) 98765-4321`: her message, the
+    # reply and the provider's status of the reply are one conversation.
+    await _webhook(env, source, (FIXTURES / inbound).read_bytes())
+    r = await env.http.post(
+        "/api/v1/messages",
+        headers=env.auth(),
+        json={"source": source, "to": "+55 (11) 98765-4321", "text": "Claro!"},
+    )
+    assert r.status_code == 202, r.text
+    await env.finish_send(provider_id=provider_id, source=source)
+    status = _status_webhook(source, provider_id)
+    if status is not None:
+        await _webhook(env, source, status)
+    [listed] = (await env.http.get("/api/v1/conversations", headers=env.auth())).json()[
+        "conversations"
+    ]
+    assert (listed["id"], listed["inbound_count"], listed["outbound_count"]) == (MARIA, 1, 1)
+    detail = await env.conversation()
+    assert [(m["direction"], m.get("state")) for m in detail["messages"]] == [
+        ("inbound", None),
+        ("outbound", "sent" if status is None else "delivered"),
+    ]

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -27,6 +28,9 @@ from estafeta.messaging.outbound import check_sendable, missing_outbound_keys
 from estafeta.store.records import MessageView, StatusChange
 
 router = APIRouter(prefix="/api/v1", tags=["messages"])
+
+# What people write between a number's digits: `+55 (11) 98765-4321`.
+_NUMBER_SEPARATORS = re.compile(r"[\s().-]")
 
 
 class Template(RequestBody):
@@ -52,6 +56,15 @@ class SendMessage(RequestBody):
     media: Media | None = None
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
     priority: int = Field(default=1, ge=0, le=4)
+
+    @field_validator("to", mode="before")
+    @classmethod
+    def _plain_number(cls, value: object) -> object:
+        """A number as staff copy it from a patient's record (`+55 (11) 98765-4321`) is the
+        E.164 number of its digits: the customer's conversation is keyed by them, whatever
+        the formatting, and providers want E.164. Without its `+` it is still refused: no
+        country is guessed."""
+        return _NUMBER_SEPARATORS.sub("", value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _one_content(self) -> SendMessage:
