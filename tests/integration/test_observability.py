@@ -11,6 +11,7 @@ from typing import Any, cast
 
 import httpx
 import pytest
+from sqlalchemy import text
 from structlog.testing import capture_logs
 
 from estafeta.api.app import create_app
@@ -350,6 +351,92 @@ async def test_detailed_health_says_when_the_sqlite_disk_is_full(
     assert (freed.status_code, freed.json()["checks"]["store"]["status"]) == (200, "ok")
     assert ingest_full.status_code == 503
     assert ingest_full.json()["checks"]["store"]["status"] == "full"
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_an_idle_workers_lease_does_not_say_the_full_disk_has_room_again(
+    hub: Hub, store: SqlStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker leases every poll (a second or less) and rescues every few seconds; one
+    that finds nothing due writes nothing, so it commits on a full disk: it cleared `full`,
+    and health said `ok` a moment after each webhook the disk refused."""
+    transport = httpx.ASGITransport(app=create_app(hub))
+    async with httpx.AsyncClient(transport=transport, base_url="http://hub") as http:
+        with sqlite_disk_full(monkeypatch):
+            await store.engine.dispose()  # connections opened from here on see a full disk
+            with pytest.raises(StoreUnavailable):
+                await hub.accept(
+                    tenant_id="clinica-sol",
+                    source_id="crm-events",
+                    event_type="message.received",
+                    data={"text": "x" * 200_000},
+                    idempotency_key=None,
+                )
+            now = int(time.time() * 1000)
+            leased = await store.lease(
+                now_ms=now, rooms={"crm": 10}, limit=10, lease_ms=30_000, worker_id="w"
+            )
+            assert leased == []
+            after_lease = await http.get("/health/detailed", headers=ADMIN)
+            assert await store.claim_expired(now_ms=now, lease_ms=30_000, worker_id="w") == []
+            after_rescue = await http.get("/health/detailed", headers=ADMIN)
+
+    for answer in (after_lease, after_rescue):
+        assert answer.status_code == 503, answer.json()
+        assert answer.json()["checks"]["store"]["status"] == "full"
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_detailed_health_says_when_postgresql_refuses_a_webhook_for_want_of_disk(
+    hub: Hub, store: SqlStore
+) -> None:
+    """PostgreSQL stores webhooks on connections of their own (store/held.py), not through
+    the general write path: a full disk refused every webhook while health said `ok`."""
+
+    async def webhook() -> None:
+        await hub.accept(
+            tenant_id="clinica-sol",
+            source_id="crm-events",
+            event_type="crm.webhook",
+            data={"n": 1},
+            idempotency_key=None,
+        )
+
+    async with store.engine.begin() as conn:  # inserts fail as on a full disk (53100)
+        await conn.execute(
+            text(
+                "CREATE FUNCTION disk_is_full() RETURNS trigger LANGUAGE plpgsql AS $$"
+                " BEGIN RAISE EXCEPTION 'could not extend file' USING ERRCODE = 'disk_full';"
+                " END $$"
+            )
+        )
+        await conn.execute(
+            text(
+                "CREATE TRIGGER disk_is_full BEFORE INSERT ON events"
+                " FOR EACH ROW EXECUTE FUNCTION disk_is_full()"
+            )
+        )
+    transport = httpx.ASGITransport(app=create_app(hub))
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://hub") as http:
+            with pytest.raises(StoreUnavailable):
+                await webhook()
+            full = await http.get("/health/detailed", headers=ADMIN)
+            async with store.engine.begin() as conn:  # space freed
+                await conn.execute(text("DROP TRIGGER disk_is_full ON events"))
+            await webhook()
+            freed = await http.get("/health/detailed", headers=ADMIN)
+    finally:
+        async with store.engine.begin() as conn:
+            await conn.execute(text("DROP TRIGGER IF EXISTS disk_is_full ON events"))
+            await conn.execute(text("DROP FUNCTION IF EXISTS disk_is_full()"))
+
+    assert full.status_code == 503, full.json()
+    store_state = full.json()["checks"]["store"]
+    assert (store_state["status"], store_state["engine"]) == ("full", "postgresql")
+    assert "53100" in store_state["error"], store_state
+    assert (freed.status_code, freed.json()["checks"]["store"]["status"]) == (200, "ok")
 
 
 @pytest.mark.postgres

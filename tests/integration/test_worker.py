@@ -1700,6 +1700,57 @@ async def test_a_fresh_delivery_is_not_handed_over_ahead_of_a_backlog_its_budget
         await hub.close()
 
 
+async def test_a_fresh_delivery_is_not_handed_over_during_a_lease_its_budget_caps(
+    store: SqlStore, sink: Sink, database_url: str
+) -> None:
+    """The same backlog, one more of it sent at each refill: while the lease statement for
+    the next one runs, a fresh delivery to the destination arrives. It was handed over
+    (only once the lease was back was the destination marked as leaving a backlog), and the
+    budget, refilled meanwhile, sent it ahead of the backlog's last delivery."""
+    config = config_for(database_url, sink)
+    clock = ManualClock(SystemClock().now_ms())
+    hub = Hub(config, store, clock)
+    budget = Told()
+    worker = Worker(store, config, clock=clock, throttle=budget, handoff=hub.handoff)  # type: ignore[arg-type]
+    hub.handoff.attach(worker)  # what `run` does first; its loop is driven by hand here
+    await worker._connectors.start()
+    lease, leasing, proceed = store.lease, asyncio.Event(), asyncio.Event()
+
+    async def held(**kwargs: Any) -> list[LeasedDelivery]:
+        leasing.set()
+        await proceed.wait()
+        return await lease(**kwargs)
+
+    try:
+        backlog = []
+        for n in range(3):
+            clock.now += 1
+            backlog.append(await publish(hub, n=n))
+        budget.grant(1)
+        assert await worker._step() == 1  # the one send the budget takes: none given back
+        assert await sink.wait_for(lambda s: s.delivered_ids == {backlog[0]}, 5)
+
+        budget.grant(1)  # the budget refills: room for one send
+        store.lease = held  # type: ignore[method-assign]
+        stepping = asyncio.create_task(worker._step())
+        await leasing.wait()
+        clock.now += 1
+        fresh = await publish(hub, n=3)  # while the lease statement runs
+        budget.grant(2)  # a moving window frees another slot meanwhile
+        proceed.set()
+        assert await stepping == 1
+        await worker._start_handed()
+        assert await sink.wait_for(lambda s: len(s.delivered_ids) >= 2, 5)
+        await worker._step()  # the backlog's last, with the slot that freed
+        assert await sink.wait_for(lambda s: len(s.delivered_ids) >= 3, 5)
+        assert fresh not in sink.delivered_ids
+        assert sink.delivered_ids == set(backlog)
+    finally:
+        store.lease = lease  # type: ignore[method-assign]
+        await worker._shutdown()
+        await hub.close()
+
+
 @pytest.mark.parametrize("committed", [False, True], ids=["lost", "answer-lost"])
 async def test_a_result_the_store_could_not_take_is_recorded_once_it_is_back(
     store: SqlStore, sink: Sink, database_url: str, committed: bool

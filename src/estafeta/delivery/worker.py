@@ -191,6 +191,9 @@ class Worker:
         # whose deliveries were given back unsent since: it says nothing of what they have
         # waiting, so none is handed fresh deliveries ahead of those until a lease names it.
         self._left_out: set[str] = set()
+        # Destinations whose rate limit capped the last lease (`_budgets`), or caps the one
+        # under way: what they have waiting is not known either.
+        self._capped: set[str] = set()
         # When to lease (and refresh circuits, and rescue) again even if nothing wakes the
         # loop but hand-overs: retries come due in the store without anyone saying so.
         self._next_poll = 0.0
@@ -302,12 +305,14 @@ class Worker:
         # Before the lease: what is given back meanwhile stays. A destination whose budget
         # takes no send now is left out like a spent one.
         self._left_out = blocked | {d for d, budget in budgets.items() if budget <= 0}
+        # One whose budget caps its lease may have more waiting: fresh deliveries to it are
+        # not handed over ahead of those (the budget may refill before they start), from
+        # now, while the lease statement runs, until a lease its budget did not fill.
+        self._capped = set(budgets)
         batch = await self._lease(now, rooms, limit)
         self._backlogged = len(batch) >= limit
-        # One whose lease its budget filled may have more waiting: fresh deliveries to it
-        # are not handed over ahead of those (the budget may refill before they start).
         leased = Counter(d.destination_id for d in batch)
-        self._left_out.update(d for d, budget in budgets.items() if leased[d] >= budget)
+        self._capped = {d for d, budget in budgets.items() if leased[d] >= budget}
         if self._rescue.orphans:  # only then may the batch hold deliveries it cannot send
             batch = await self._give_back_named(batch, now)
         await self._start(batch, now)
@@ -409,6 +414,7 @@ class Worker:
             blocked=self.breakers.not_closed()
             | self._snoozes.throttled(now)
             | self._left_out
+            | self._capped
             | self._caps.keys(),
             lease=DirectLease(secrets.token_hex(8), now + self.lease_ms, self.worker_id),
         )

@@ -287,23 +287,28 @@ class StoreBase(ABC):
         """INSERT with ON CONFLICT support (`sqlalchemy.dialects.<engine>.insert`)."""
 
     @asynccontextmanager
-    async def _write(self) -> AsyncIterator[AsyncConnection]:
-        """One transaction on the writer; foreign errors are translated at this boundary."""
-        with store_errors(), self._space_watched():
+    async def _write(self, *, proves_space: bool = True) -> AsyncIterator[AsyncConnection]:
+        """One transaction on the writer; foreign errors are translated at this boundary.
+        `proves_space=False`: its commit does not clear `disk_full_error` (`_space_watched`)."""
+        with store_errors(), self._space_watched(proves_space=proves_space):
             async with self.engine.begin() as conn:
                 yield conn
 
     @contextmanager
-    def _space_watched(self) -> Iterator[None]:
+    def _space_watched(self, *, proves_space: bool = True) -> Iterator[None]:
         """Around a write, inside `store_errors()` (it needs the driver's own error): one that
-        fails for want of disk space sets `disk_full_error`, one that commits clears it."""
+        fails for want of disk space sets `disk_full_error`, one that commits clears it,
+        unless it may have written nothing (`proves_space=False`: a lease, every poll, or a
+        rescue that finds nothing due commits on a full disk, and said `ok` a moment after
+        each refused webhook)."""
         try:
             yield
         except Exception as exc:
             if disk_full(exc):
                 self.disk_full_error = f"the store cannot write: {_named(exc)}"
             raise
-        self.disk_full_error = None
+        if proves_space:
+            self.disk_full_error = None
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[AsyncConnection]:

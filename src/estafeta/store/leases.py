@@ -278,7 +278,7 @@ class LeaseOps(MessagingOps):
                 d.c.ordering_key,
             )
         )
-        async with self._write() as conn:
+        async with self._write(proves_space=False) as conn:  # every few s, mostly finding none
             rows = (await conn.execute(stmt)).all()
         # Rescued leases are never sent: no due time, no payload.
         return [_leased((*r, None, ""), token, deadline) for r in rows]

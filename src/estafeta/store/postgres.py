@@ -278,9 +278,11 @@ class PostgresStore(SqlStore):
 
     async def _fetch(self, statement: Statement, params: Mapping[str, Any]) -> list[Any]:
         """A hot statement's rows, run on a kept connection (held.py) outside any
-        transaction: one round trip, and its own commit."""
+        transaction: one round trip, and its own commit. Its writes (webhooks, attempts) are
+        watched for a full disk like the general path's: they bypass `_write`."""
         async with self._held.driver() as driver:
-            return list(await driver.fetch(statement.positional, *statement.args(params)))
+            with self._space_watched():  # inside: it needs the driver's own error
+                return list(await driver.fetch(statement.positional, *statement.args(params)))
 
     # -- ingest -----------------------------------------------------------------------------
 
