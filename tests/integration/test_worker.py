@@ -1485,6 +1485,8 @@ class Budget:
     """A destination throttle whose budget the test hands out: `grant(n)` lets n more sends
     go; past them every send is told to wait a minute (as a spent `rate_limit` does)."""
 
+    limited = frozenset({"crm"})  # the destination `publish`'s events are routed to
+
     def __init__(self) -> None:
         self.left = 0
 
@@ -1662,6 +1664,44 @@ class Told(Budget):
 
     async def room(self, destination_id: str) -> int | None:
         return self.left
+
+
+class Asked(Budget):
+    """A budget whose `room` answers late, as a shared limit's Redis does: it notes who asked
+    and how many asks were waiting at once."""
+
+    limited = frozenset({"crm", "billing"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[str] = []
+        self.waiting = self.most_waiting = 0
+
+    async def room(self, destination_id: str) -> int | None:
+        self.asked.append(destination_id)
+        self.waiting += 1
+        self.most_waiting = max(self.most_waiting, self.waiting)
+        await asyncio.sleep(0)  # the round trip: the other asks start meanwhile, if allowed
+        self.waiting -= 1
+        return 0
+
+
+async def test_a_lease_waits_for_one_round_trip_of_rate_limits_not_one_per_destination(
+    store: SqlStore, sink: Sink, database_url: str
+) -> None:
+    """Each rate-limited destination's room is a Redis read when the limit is shared: asked
+    one after another, a worker with many such destinations waited for each in turn before
+    every lease. They are asked together, and destinations without a limit not at all."""
+    config = config_for(database_url, sink)
+    budget = Asked()
+    worker = Worker(store, config, throttle=budget)  # type: ignore[arg-type]
+    await worker._connectors.start()
+    try:
+        await worker._step()
+    finally:
+        await worker._shutdown()
+    assert sorted(budget.asked) == ["billing", "crm"]
+    assert budget.most_waiting == 2
 
 
 async def test_a_fresh_delivery_is_not_handed_over_ahead_of_a_backlog_its_budget_left_waiting(

@@ -101,6 +101,11 @@ class DestinationThrottle:
             self._redis = _DestinationWindow(storage)
 
     @property
+    def limited(self) -> frozenset[str]:
+        """The destinations that have a rate limit."""
+        return frozenset(self._items)
+
+    @property
     def using_redis(self) -> bool:
         """True when Redis is configured and was reachable at the last try."""
         return self._redis is not None and self._failover.available

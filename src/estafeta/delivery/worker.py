@@ -342,13 +342,15 @@ class Worker:
         """The destinations of `rooms` whose rate limit takes fewer sends now than their room,
         each with how many it takes: a lease beyond it only gave the rest back, a write for
         each lease and one for each give-back, the whole batch again at every refill."""
-        budgets: dict[str, int] = {}
-        for destination_id, room in rooms.items():
-            if room > 0:
-                budget = await self.throttle.room(destination_id)
-                if budget is not None and budget < room:
-                    budgets[destination_id] = budget
-        return budgets
+        limited = self.throttle.limited
+        asked = [d for d, room in rooms.items() if room > 0 and d in limited]
+        # All at once: with a shared limit each is a Redis round trip, and the lease waits.
+        answers = await asyncio.gather(*(self.throttle.room(d) for d in asked))
+        return {
+            d: budget
+            for d, budget in zip(asked, answers, strict=True)
+            if budget is not None and budget < rooms[d]
+        }
 
     async def _lease(
         self, now: int, rooms: dict[str, int], limit: int | None = None
