@@ -522,7 +522,10 @@ async def assert_killed_sends_only_were_duplicated(
     timed_out = await events_with_attempt(database_url, "timeout")
     duplicated = {event_id for event_id, n in oks.items() if n > 1} - timed_out
     rescued = await events_with_attempt(database_url, "lease_expired")
-    assert duplicated <= rescued, f"sent again without a rescue: {duplicated - rescued}"
+    unrescued = duplicated - rescued
+    # Their attempts say how each came to be sent again (a timeout, a rescue, or neither).
+    attempts = [] if not unrescued else await attempts_of(database_url, unrescued)
+    assert not unrescued, f"sent again without a rescue: {unrescued}; attempts: {attempts}"
     assert duplicated <= in_flight_at_kill, (
         f"sent again though not in flight at a kill: {sorted(duplicated - in_flight_at_kill)}"
     )
@@ -634,6 +637,18 @@ def busiest_second(times: Sequence[float], width_s: float = 1.0) -> tuple[int, f
 
 
 # -- the store, read directly -----------------------------------------------------------------
+
+
+async def attempts_of(database_url: str, event_ids: set[str]) -> list[tuple[Any, ...]]:
+    """The attempts of these events' deliveries, in order: (event id, number, started_at,
+    duration_ms, outcome, status_code, error_class)."""
+    rows = await query(
+        database_url,
+        "SELECT d.event_id, a.number, a.started_at, a.duration_ms, a.outcome, a.status_code,"
+        " a.error_class FROM attempts a JOIN deliveries d ON d.id = a.delivery_id"
+        " ORDER BY d.event_id, a.started_at",
+    )
+    return [tuple(row) for row in rows if row[0] in event_ids]
 
 
 async def events_with_attempt(database_url: str, error_class: str) -> set[str]:

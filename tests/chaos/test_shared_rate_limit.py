@@ -47,6 +47,7 @@ async def drain_with_three_processes(
 ) -> tuple[list[float], list[int]]:
     """A backlog of EVENTS to the rate-limited `crm`, released once every process runs;
     returns the send times (s), and how many sends each process made."""
+    started = time.monotonic()
     # Five sends at a time per process, each answered in 0.2 s: no one process can take a
     # second's budget alone before the others lease (one lease took the whole backlog).
     sink.respond(200, delay_s=0.2)
@@ -84,7 +85,7 @@ async def drain_with_three_processes(
         stopped = [e for e in process.log_events() if e.get("event") == "worker_stopped"]
         assert len(stopped) == 1, process.tail()
         shares.append(int(stopped[0]["attempts"]))
-    report("chaos shared_rate_limit", sink, acknowledged, sent=EVENTS, lost=0, started=0)
+    report("chaos shared_rate_limit", sink, acknowledged, sent=EVENTS, lost=0, started=started)
     return sent_at, shares
 
 

@@ -17,7 +17,7 @@ from structlog.testing import capture_logs
 
 from estafeta.clock import StoreClock, SystemClock
 from estafeta.config import Config, load_config_dict
-from estafeta.connectors.http import HttpConnector
+from estafeta.connectors.http import MAX_INTERIM_ANSWERS, HttpConnector
 from estafeta.delivery.breakers import Breakers, StoreCircuitStore, circuit_state_store
 from estafeta.delivery.circuit_store import (
     CircuitStateStore,
@@ -283,11 +283,15 @@ async def _cut_in_head(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
     writer.write(b"HTTP/1.1 200 OK\r\nContent-Le")
 
 
-async def _interim_for_ever(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _interim_without_end(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     await _read_one_request(reader)
-    while True:
-        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" * 100)
-        await writer.drain()
+    # One interim answer more than a client takes, then no final one until the client
+    # hangs up (a client that waited for it would time out, past the test's deadline).
+    # Written in a loop until the client hung up, they held this process's event loop, and
+    # billing's sink with it, long enough for billing's 2 s timeout on a loaded machine.
+    writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" * (MAX_INTERIM_ANSWERS + 1))
+    await writer.drain()
+    await reader.read()  # EOF: the client hung up
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -296,7 +300,7 @@ async def _interim_for_ever(reader: asyncio.StreamReader, writer: asyncio.Stream
     [
         (_cut_in_head, "connection_error: Server disconnected in the middle of the answer's head"),
         (
-            _interim_for_ever,
+            _interim_without_end,
             "invalid_response: more than 100 interim (1xx) answers to one request",
         ),
     ],
@@ -1268,8 +1272,10 @@ class BehindProxy:
         self.circuits = FallbackCircuitStore(
             RedisCircuitStore(self.client, prefix), monotonic=lambda: self.now
         )
+        # A minute's window: every send of the test is still in it when the outage's are
+        # added to Redis, however slow a loaded machine makes the steps between them.
         self.throttle = DestinationThrottle(
-            {"crm": "100/second"},
+            {"crm": "100/minute"},
             redis_url=proxy.url,
             key_prefix=prefix,
             timeout_s=timeout_s,
@@ -1553,6 +1559,47 @@ async def test_deliveries_held_back_by_the_rate_limit_keep_their_place_in_the_qu
         assert sink.delivered_ids == {backlog[0], backlog[1]}  # not `later`
         view = await store.get_event(later, None)
         assert view is not None and view.deliveries[0].attempts == 0
+
+
+class SlowToAnswer(Budget):
+    """A shared budget that counts a send when asked and answers `answer_ms` later on
+    `clock`: Redis's round trip on a loaded machine, while the worker's loop runs other
+    tasks."""
+
+    def __init__(self, clock: ManualClock, answer_ms: int) -> None:
+        super().__init__()
+        self.clock, self.answer_ms = clock, answer_ms
+        self.counted_at: list[int] = []
+
+    async def acquire(self, destination_id: str) -> float | None:
+        self.counted_at.append(self.clock.now)
+        self.clock.now += self.answer_ms
+        return await super().acquire(destination_id)
+
+
+async def test_an_attempt_starts_when_its_rate_limit_counted_it_not_when_the_answer_came(
+    store: SqlStore, sink: Sink, database_url: str
+) -> None:
+    """An attempt's `started_at` is the moment its destination's budget counted the send.
+    Stamped when the answer came back, the attempts of a shared budget recorded sends late
+    by a varying round trip (up to 70 ms on a loaded machine), and a second of them showed
+    more sends than the `rate_limit` allows (tests/chaos/test_shared_rate_limit.py)."""
+    config = config_for(database_url, sink)
+    clock = ManualClock(SystemClock().now_ms())
+    hub = Hub(config, store, clock)
+    budget = SlowToAnswer(clock, answer_ms=300)
+    worker = Worker(store, config, clock=clock, throttle=budget)  # type: ignore[arg-type]
+    await worker._connectors.start()  # what `run` does first; its loop is driven by hand
+    try:
+        event_id = await publish(hub)
+        budget.grant(1)
+        assert await worker._step() == 1
+        view = await settled(store, event_id)
+        [attempt] = view.deliveries[0].attempt_log
+        assert attempt.started_at == budget.counted_at[0]
+    finally:
+        await worker._shutdown()
+        await hub.close()
 
 
 class FreesMidBatch(Budget):

@@ -153,15 +153,23 @@ class Attempts:
         self.sent = 0  # attempts made, for reports and tests
 
     def start(
-        self, loop: asyncio.AbstractEventLoop, delivery: LeasedDelivery, *, foreign: bool = False
+        self,
+        loop: asyncio.AbstractEventLoop,
+        delivery: LeasedDelivery,
+        *,
+        foreign: bool = False,
+        started_at: int | None = None,
     ) -> None:
         """Send `delivery` now, in a task of its own (`loop` is the running one: the caller
         looks it up once per batch, as each lookup is a getpid() call). A `foreign` one
         (its destination id names another tenant's destination, destination_tenants) is
-        never sent: it is dead-lettered, as to a destination no longer configured."""
+        never sent: it is dead-lettered, as to a destination no longer configured.
+        `started_at`: when the rate limit counted the send (default: now)."""
         # The attempt starts when the limiter admits it: its `started_at` is then the
         # moment counted in the destination's window, not a later turn of the loop.
-        task = loop.create_task(self._attempt(delivery, self.clock.now_ms(), foreign))
+        if started_at is None:
+            started_at = self.clock.now_ms()
+        task = loop.create_task(self._attempt(delivery, started_at, foreign))
         self.in_flight[task] = delivery
         task.add_done_callback(self._finished)
         self.sending[delivery.destination_id] = self.sending.get(delivery.destination_id, 0) + 1
