@@ -301,6 +301,18 @@ def sqlite_disk_full(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         yield
 
 
+async def refused_for_want_of_space(hub: Hub) -> None:
+    """A webhook the full disk refuses: it needs many pages more than the file has."""
+    with pytest.raises(StoreUnavailable):
+        await hub.accept(
+            tenant_id="clinica-sol",
+            source_id="crm-events",
+            event_type="message.received",
+            data={"text": "x" * 200_000},
+            idempotency_key=None,
+        )
+
+
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_detailed_health_says_when_the_sqlite_disk_is_full(
     hub: Hub, store: SqlStore, monkeypatch: pytest.MonkeyPatch
@@ -333,14 +345,7 @@ async def test_detailed_health_says_when_the_sqlite_disk_is_full(
         await announce(["crm"])
         freed = await http.get("/health/detailed", headers=ADMIN)
         with sqlite_disk_full(monkeypatch):  # and a webhook's write, on ingest's own connection
-            with pytest.raises(StoreUnavailable):
-                await hub.accept(
-                    tenant_id="clinica-sol",
-                    source_id="crm-events",
-                    event_type="message.received",
-                    data={"text": "x" * 200_000},
-                    idempotency_key=None,
-                )
+            await refused_for_want_of_space(hub)
             ingest_full = await http.get("/health/detailed", headers=ADMIN)
 
     assert (full.status_code, full.json()["status"]) == (503, "degraded"), full.json()
@@ -364,14 +369,7 @@ async def test_an_idle_workers_lease_does_not_say_the_full_disk_has_room_again(
     async with httpx.AsyncClient(transport=transport, base_url="http://hub") as http:
         with sqlite_disk_full(monkeypatch):
             await store.engine.dispose()  # connections opened from here on see a full disk
-            with pytest.raises(StoreUnavailable):
-                await hub.accept(
-                    tenant_id="clinica-sol",
-                    source_id="crm-events",
-                    event_type="message.received",
-                    data={"text": "x" * 200_000},
-                    idempotency_key=None,
-                )
+            await refused_for_want_of_space(hub)
             now = int(time.time() * 1000)
             leased = await store.lease(
                 now_ms=now, rooms={"crm": 10}, limit=10, lease_ms=30_000, worker_id="w"

@@ -1751,12 +1751,13 @@ async def test_a_lease_waits_for_one_round_trip_of_rate_limits_not_one_per_desti
     assert budget.most_waiting == 2
 
 
-async def test_a_fresh_delivery_is_not_handed_over_ahead_of_a_backlog_its_budget_left_waiting(
+@contextlib.asynccontextmanager
+async def backlog_of_three_one_sent(
     store: SqlStore, sink: Sink, database_url: str
-) -> None:
-    """A lease takes no more of a destination's backlog than its rate limit sends now, and
-    the rest waits in the store: once the budget refills, a fresh delivery to it is stored
-    pending and leased behind those, not handed over ahead of them."""
+) -> AsyncIterator[tuple[Hub, Worker, ManualClock, Told, list[str]]]:
+    """A worker driven by hand, with ingest's hand-over, under a budget that says ahead what
+    it takes: three events published a millisecond apart, then a budget of one, so that the
+    lease takes only the first, sends it, and leaves the two others waiting in the store."""
     config = config_for(database_url, sink)
     clock = ManualClock(SystemClock().now_ms())
     hub = Hub(config, store, clock)
@@ -1772,7 +1773,25 @@ async def test_a_fresh_delivery_is_not_handed_over_ahead_of_a_backlog_its_budget
         budget.grant(1)
         assert await worker._step() == 1  # the one send the budget takes: none given back
         assert await sink.wait_for(lambda s: s.delivered_ids == {backlog[0]}, 5)
+        yield hub, worker, clock, budget, backlog
+    finally:
+        await worker._shutdown()
+        await hub.close()
 
+
+async def test_a_fresh_delivery_is_not_handed_over_ahead_of_a_backlog_its_budget_left_waiting(
+    store: SqlStore, sink: Sink, database_url: str
+) -> None:
+    """A lease takes no more of a destination's backlog than its rate limit sends now, and
+    the rest waits in the store: once the budget refills, a fresh delivery to it is stored
+    pending and leased behind those, not handed over ahead of them."""
+    async with backlog_of_three_one_sent(store, sink, database_url) as (
+        hub,
+        worker,
+        clock,
+        budget,
+        backlog,
+    ):
         budget.grant(1)  # the budget refills: room for one send
         clock.now += 1
         fresh = await publish(hub, n=3)
@@ -1782,9 +1801,6 @@ async def test_a_fresh_delivery_is_not_handed_over_ahead_of_a_backlog_its_budget
         await worker._step()
         assert await sink.wait_for(lambda s: len(s.delivered_ids) == 2, 5)
         assert sink.delivered_ids == {backlog[0], backlog[1]}  # not `fresh`
-    finally:
-        await worker._shutdown()
-        await hub.close()
 
 
 async def test_a_fresh_delivery_is_not_handed_over_during_a_lease_its_budget_caps(
@@ -1794,13 +1810,6 @@ async def test_a_fresh_delivery_is_not_handed_over_during_a_lease_its_budget_cap
     the next one runs, a fresh delivery to the destination arrives. It was handed over
     (only once the lease was back was the destination marked as leaving a backlog), and the
     budget, refilled meanwhile, sent it ahead of the backlog's last delivery."""
-    config = config_for(database_url, sink)
-    clock = ManualClock(SystemClock().now_ms())
-    hub = Hub(config, store, clock)
-    budget = Told()
-    worker = Worker(store, config, clock=clock, throttle=budget, handoff=hub.handoff)  # type: ignore[arg-type]
-    hub.handoff.attach(worker)  # what `run` does first; its loop is driven by hand here
-    await worker._connectors.start()
     lease, leasing, proceed = store.lease, asyncio.Event(), asyncio.Event()
 
     async def held(**kwargs: Any) -> list[LeasedDelivery]:
@@ -1808,34 +1817,31 @@ async def test_a_fresh_delivery_is_not_handed_over_during_a_lease_its_budget_cap
         await proceed.wait()
         return await lease(**kwargs)
 
-    try:
-        backlog = []
-        for n in range(3):
-            clock.now += 1
-            backlog.append(await publish(hub, n=n))
-        budget.grant(1)
-        assert await worker._step() == 1  # the one send the budget takes: none given back
-        assert await sink.wait_for(lambda s: s.delivered_ids == {backlog[0]}, 5)
-
+    async with backlog_of_three_one_sent(store, sink, database_url) as (
+        hub,
+        worker,
+        clock,
+        budget,
+        backlog,
+    ):
         budget.grant(1)  # the budget refills: room for one send
         store.lease = held  # type: ignore[method-assign]
-        stepping = asyncio.create_task(worker._step())
-        await leasing.wait()
-        clock.now += 1
-        fresh = await publish(hub, n=3)  # while the lease statement runs
-        budget.grant(2)  # a moving window frees another slot meanwhile
-        proceed.set()
-        assert await stepping == 1
-        await worker._start_handed()
-        assert await sink.wait_for(lambda s: len(s.delivered_ids) >= 2, 5)
-        await worker._step()  # the backlog's last, with the slot that freed
-        assert await sink.wait_for(lambda s: len(s.delivered_ids) >= 3, 5)
-        assert fresh not in sink.delivered_ids
-        assert sink.delivered_ids == set(backlog)
-    finally:
-        store.lease = lease  # type: ignore[method-assign]
-        await worker._shutdown()
-        await hub.close()
+        try:
+            stepping = asyncio.create_task(worker._step())
+            await leasing.wait()
+            clock.now += 1
+            fresh = await publish(hub, n=3)  # while the lease statement runs
+            budget.grant(2)  # a moving window frees another slot meanwhile
+            proceed.set()
+            assert await stepping == 1
+            await worker._start_handed()
+            assert await sink.wait_for(lambda s: len(s.delivered_ids) >= 2, 5)
+            await worker._step()  # the backlog's last, with the slot that freed
+            assert await sink.wait_for(lambda s: len(s.delivered_ids) >= 3, 5)
+            assert fresh not in sink.delivered_ids
+            assert sink.delivered_ids == set(backlog)
+        finally:
+            store.lease = lease  # type: ignore[method-assign]
 
 
 @pytest.mark.parametrize("committed", [False, True], ids=["lost", "answer-lost"])
