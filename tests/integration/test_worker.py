@@ -1515,15 +1515,24 @@ class Budget:
 
 
 @contextlib.asynccontextmanager
-async def three_leased_one_sent(
-    store: SqlStore, sink: Sink, database_url: str, budget: Budget
-) -> AsyncIterator[tuple[Hub, Worker, ManualClock, list[str]]]:
-    """A worker driven by hand under `budget`, three events published a millisecond apart and
-    leased together with room for one send: the first is sent, the two others given back."""
+async def three_published_one_granted(
+    store: SqlStore, sink: Sink, database_url: str, budget: Budget, *, handoff: bool = False
+) -> AsyncIterator[tuple[Hub, Worker, ManualClock, list[str], int]]:
+    """A worker driven by hand under `budget` (with ingest's hand-over if `handoff`), three
+    events published a millisecond apart, then one step of the worker with room for one
+    send: yields the hub, the worker, the clock, the events and the deliveries the step took."""
     config = config_for(database_url, sink)
     clock = ManualClock(SystemClock().now_ms())
     hub = Hub(config, store, clock)
-    worker = Worker(store, config, clock=clock, throttle=budget)  # type: ignore[arg-type]
+    worker = Worker(
+        store,
+        config,
+        clock=clock,
+        throttle=budget,  # type: ignore[arg-type]
+        handoff=hub.handoff if handoff else None,
+    )
+    if handoff:
+        hub.handoff.attach(worker)
     await worker._connectors.start()  # what `run` does first; its loop is driven by hand
     try:
         backlog = []
@@ -1531,11 +1540,22 @@ async def three_leased_one_sent(
             clock.now += 1
             backlog.append(await publish(hub, n=n))
         budget.grant(1)
-        assert await worker._step() == 3  # one sent, two given back until the refill
-        yield hub, worker, clock, backlog
+        yield hub, worker, clock, backlog, await worker._step()
     finally:
         await worker._shutdown()
         await hub.close()
+
+
+@contextlib.asynccontextmanager
+async def three_leased_one_sent(
+    store: SqlStore, sink: Sink, database_url: str, budget: Budget
+) -> AsyncIterator[tuple[Hub, Worker, ManualClock, list[str]]]:
+    """Three events leased together with room for one send under `budget`, which does not
+    say ahead what it takes: the first is sent, the two others given back."""
+    async with three_published_one_granted(store, sink, database_url, budget) as set_up:
+        hub, worker, clock, backlog, taken = set_up
+        assert taken == 3  # one sent, two given back until the refill
+        yield hub, worker, clock, backlog
 
 
 async def test_deliveries_held_back_by_the_rate_limit_keep_their_place_in_the_queue(
@@ -1755,28 +1775,16 @@ async def test_a_lease_waits_for_one_round_trip_of_rate_limits_not_one_per_desti
 async def backlog_of_three_one_sent(
     store: SqlStore, sink: Sink, database_url: str
 ) -> AsyncIterator[tuple[Hub, Worker, ManualClock, Told, list[str]]]:
-    """A worker driven by hand, with ingest's hand-over, under a budget that says ahead what
-    it takes: three events published a millisecond apart, then a budget of one, so that the
+    """The same, with ingest's hand-over and a budget that says ahead what it takes: the
     lease takes only the first, sends it, and leaves the two others waiting in the store."""
-    config = config_for(database_url, sink)
-    clock = ManualClock(SystemClock().now_ms())
-    hub = Hub(config, store, clock)
     budget = Told()
-    worker = Worker(store, config, clock=clock, throttle=budget, handoff=hub.handoff)  # type: ignore[arg-type]
-    hub.handoff.attach(worker)  # what `run` does first; its loop is driven by hand here
-    await worker._connectors.start()
-    try:
-        backlog = []
-        for n in range(3):
-            clock.now += 1
-            backlog.append(await publish(hub, n=n))
-        budget.grant(1)
-        assert await worker._step() == 1  # the one send the budget takes: none given back
+    async with three_published_one_granted(
+        store, sink, database_url, budget, handoff=True
+    ) as set_up:
+        hub, worker, clock, backlog, taken = set_up
+        assert taken == 1  # the one send the budget takes: none given back
         assert await sink.wait_for(lambda s: s.delivered_ids == {backlog[0]}, 5)
         yield hub, worker, clock, budget, backlog
-    finally:
-        await worker._shutdown()
-        await hub.close()
 
 
 async def test_a_fresh_delivery_is_not_handed_over_ahead_of_a_backlog_its_budget_left_waiting(
