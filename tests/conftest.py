@@ -197,6 +197,10 @@ def signed(body: bytes, msg_id: str = "msg_1", *, ts: int | None = None) -> dict
 
 
 SINK_SECRET = "whsec_9sQZGHNKBPLdpN1Cf2pWhMROd+Y32GhePFOfGlgrQy4="
+#: Secrets of the rotation tests: the one rotated in (listed first, beside SOURCE_SECRET or
+#: SINK_SECRET as the old one) and one configured nowhere.
+ROTATED_SECRET = "whsec_bmV3IHNlY3JldCwgcm90YXRlZCBpbiB0b2RheSEh"
+UNKNOWN_SECRET = "whsec_YSB0aGlyZCBzZWNyZXQsIG5ldmVyIGNvbmZpZ3VyZWQ="
 
 
 @pytest.fixture

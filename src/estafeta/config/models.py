@@ -16,6 +16,7 @@ import base64
 import binascii
 import codecs
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, urlsplit
@@ -24,6 +25,7 @@ import limits
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -59,8 +61,9 @@ _REDIS_KEY_PREFIX = re.compile(r"[A-Za-z0-9_.:-]{0,63}:")
 EVENT_TYPE_MAX_LENGTH = 200
 
 
-def field_problem(message: str, field: str | None = None) -> PydanticCustomError:
-    """An error whose message is shown as is, located at `field` of the model when given."""
+def field_problem(message: str, field: str | int | None = None) -> PydanticCustomError:
+    """An error whose message is shown as is, located at `field` of the model (or, from a
+    field's validator, at item `field` of its list) when given."""
     ctx: dict[str, Any] = {"message": message}
     if field is not None:
         ctx["field"] = field
@@ -441,6 +444,67 @@ def checked_secret(value: str | None) -> str | None:
     return value
 
 
+#: A secret that may be rotated, as written: one string, or a list of them while the old one
+#: is still in use (the first is the current one). Read through `secrets_of` or `current`.
+Secrets = str | tuple[str, ...]
+
+
+def _secrets_shape(value: Any) -> Any:
+    """A string or a non-empty list of strings; said here, or pydantic's union of the two
+    would report each of its members' complaints."""
+    if value is None or isinstance(value, str):
+        return value
+    if not isinstance(value, list | tuple):
+        raise ValueError("must be a string or a list of strings (old and new, while rotating)")
+    if not value:
+        raise ValueError("must not be empty: write at least one secret")
+    for index, item in enumerate(value):
+        if not isinstance(item, str):
+            raise field_problem("must be a string", index)
+        if not item:  # an empty `${VAR}` would silently leave one secret fewer
+            raise field_problem(
+                "must not be empty (an unset or empty environment variable?)", index
+            )
+    return tuple(value)
+
+
+RotatableSecret = Annotated[Secrets, BeforeValidator(_secrets_shape)]
+
+
+def secrets_of(value: Secrets | None) -> tuple[str, ...]:
+    """Every secret of a rotatable key, current first; () when it is not set."""
+    if not value:
+        return ()
+    return (value,) if isinstance(value, str) else value
+
+
+def current(value: Secrets | None) -> str | None:
+    """The current (first) secret of a rotatable key: the one to send or sign with first."""
+    found = secrets_of(value)
+    return found[0] if found else None
+
+
+def check_each(value: Secrets | None, check: Callable[[str], object]) -> None:
+    """Run `check` on every secret of a rotatable key; one that fails it, or repeats an
+    earlier one, is reported at its place in the list (the value is never shown)."""
+    if value is None or isinstance(value, str):
+        if value is not None:
+            check(value)
+        return
+    seen: dict[str, int] = {}
+    for index, item in enumerate(value):
+        try:
+            check(item)
+        except ValueError as exc:
+            raise field_problem(str(exc), index) from None
+        if item in seen:
+            # Likely `["${NEW}", "${NEW}"]` meant with OLD: the old secret would be refused.
+            raise field_problem(
+                f"the same secret as item {seen[item]}: list each secret once", index
+            )
+        seen[item] = index
+
+
 class SecurityConfig(_Model):
     """The admin API key and the key that encrypts stored third-party credentials."""
 
@@ -555,14 +619,14 @@ class SourceConfig(_Model):
             raise ValueError(f"{value!r} is reserved for events published through the API")
         return value
 
-    secret: str | None = Field(default=None, repr=False)
-    api_key: str | None = Field(default=None, repr=False)
+    secret: RotatableSecret | None = Field(default=None, repr=False)
+    api_key: RotatableSecret | None = Field(default=None, repr=False)
     event_type: str | None = None
-    app_secret: str | None = Field(default=None, repr=False)
-    verify_token: str | None = Field(default=None, repr=False)
-    auth_token: str | None = Field(default=None, repr=False)
+    app_secret: RotatableSecret | None = Field(default=None, repr=False)
+    verify_token: RotatableSecret | None = Field(default=None, repr=False)
+    auth_token: RotatableSecret | None = Field(default=None, repr=False)
     public_url: BaseUrl | None = None
-    token: str | None = Field(default=None, repr=False)
+    token: RotatableSecret | None = Field(default=None, repr=False)
     access_token: str | None = Field(default=None, repr=False)
     phone_number_id: str | None = None
     api_base: HttpUrl | None = None
@@ -605,16 +669,17 @@ class SourceConfig(_Model):
 
     @field_validator("secret")
     @classmethod
-    def _check_secret(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is not None and info.data.get("kind") == "generic":
-            _check_whsec(value)
+    def _check_secret(cls, value: Secrets | None, info: ValidationInfo) -> Secrets | None:
+        if info.data.get("kind") == "generic":
+            check_each(value, _check_whsec)
         return value
 
     @field_validator(*INBOUND_SECRETS)
     @classmethod
-    def _check_inbound_secret(cls, value: str | None) -> str | None:
+    def _check_inbound_secret(cls, value: Secrets | None) -> Secrets | None:
         # "" is "not set" (an empty `${VAR}`): refused where the kind needs the key.
-        return checked_secret(value)
+        check_each(value, checked_secret)
+        return value
 
     @model_validator(mode="after")
     def _check_kind_keys(self) -> SourceConfig:
@@ -638,8 +703,16 @@ class SourceConfig(_Model):
             yield name, mask_url(value) if masked else value
 
     def value_of(self, key: str) -> Any:
-        """The value of a key by its TOML name (`from` is the attribute `from_`)."""
-        return getattr(self, "from_" if key == "from" else key)
+        """The value of a key by its TOML name (`from` is the attribute `from_`); of a
+        rotatable secret, the current one (a Twilio source sends with its first `auth_token`)."""
+        value = getattr(self, "from_" if key == "from" else key)
+        return current(value) if isinstance(value, tuple) else value
+
+    def secrets_of(self, key: str) -> tuple[str, ...]:
+        """Every secret a request to `/in/{id}` may be verified with by `key` (an inbound
+        key of `INBOUND_SECRETS` or `secret`), current first; () when it is not set."""
+        value: Secrets | None = getattr(self, key)
+        return secrets_of(value)
 
 
 class BackoffConfig(_Model):
@@ -708,7 +781,7 @@ class DestinationConfig(_Model):
     tenant: str
     kind: DestinationKind = "http"
     url: str | None = None
-    secret: str | None = Field(default=None, repr=False)
+    secret: RotatableSecret | None = Field(default=None, repr=False)
     # None: the kind's default (DEFAULT_TIMEOUTS_S); see `effective_timeout_s`.
     timeout_s: float | None = Field(default=None, gt=0, le=300)
     max_attempts: int = Field(default=8, ge=1, le=100)
@@ -769,10 +842,15 @@ class DestinationConfig(_Model):
 
     @field_validator("secret")
     @classmethod
-    def _check_secret(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is not None and info.data.get("kind") == "http":
-            _check_whsec(value)
+    def _check_secret(cls, value: Secrets | None, info: ValidationInfo) -> Secrets | None:
+        if info.data.get("kind") == "http":
+            check_each(value, _check_whsec)
         return value
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """The secrets each delivery is signed with, current first (one signature each)."""
+        return secrets_of(self.secret)
 
     @model_validator(mode="after")
     def _check_kind_keys(self) -> DestinationConfig:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urljoin
@@ -43,20 +43,26 @@ _EXCERPT_BYTES = EXCERPT_LIMIT * 4
 _USER_AGENT = f"estafeta/{__version__}"
 
 
-def sign_webhook(secret: str, msg_id: str, timestamp_s: int, body: bytes) -> str:
-    """The `webhook-signature` value (`v1,<base64>`) for one message, by the reference library.
+def sign_webhook(secret: str | Sequence[str], msg_id: str, timestamp_s: int, body: bytes) -> str:
+    """The `webhook-signature` value (`v1,<base64>`) for one message, by the reference library;
+    with several secrets (one being rotated), one signature per secret, space-separated, the
+    current one first, as the specification allows: a receiver verifies with either.
 
     Using `standardwebhooks` itself rather than our own HMAC means a receiver that verifies
     with any Standard Webhooks library agrees with us by construction.
     """
-    return _sign(Webhook(secret), msg_id, timestamp_s, body)
+    secrets = (secret,) if isinstance(secret, str) else secret
+    return _sign(tuple(Webhook(s) for s in secrets), msg_id, timestamp_s, body)
 
 
-def _sign(signer: Webhook, msg_id: str, timestamp_s: int, body: bytes) -> str:
+def _sign(signers: tuple[Webhook, ...], msg_id: str, timestamp_s: int, body: bytes) -> str:
     # The library formats the datetime back to integer seconds; it must be timezone-aware
     # UTC, or it would be read as local time.
     moment = datetime.fromtimestamp(timestamp_s, tz=UTC)
-    return signer.sign(msg_id, moment, body.decode("utf-8"))
+    text = body.decode("utf-8")
+    if len(signers) == 1:  # the common case, without a join
+        return signers[0].sign(msg_id, moment, text)
+    return " ".join(signer.sign(msg_id, moment, text) for signer in signers)
 
 
 # 1xx answers one request may get before its final one. A server may send 100 Continue, a few
@@ -165,7 +171,7 @@ class HttpConnector:
         self,
         *,
         url: str,
-        secret: str | None,
+        secret: str | Sequence[str] | None,
         timeout_s: float,
         session: aiohttp.ClientSession,
         headers: Mapping[str, str] | None = None,
@@ -174,10 +180,11 @@ class HttpConnector:
         if not timeout_s > 0:  # aiohttp reads 0 as "no timeout": a worker could hang forever
             raise ValueError(f"timeout_s must be positive, not {timeout_s}")
         self._url = url
-        # Decoding the secret once here makes a malformed one fail at start-up, not on
-        # every delivery.
+        # Decoding the secrets once here makes a malformed one fail at start-up, not on
+        # every delivery. Several while one is rotated: a signature each, current first.
         try:
-            self._signer = Webhook(secret) if secret else None
+            secrets = (secret,) if isinstance(secret, str) else secret or ()
+            self._signers = tuple(Webhook(each) for each in secrets if each)
         except (ValueError, EmptyWebhookSecretError) as exc:
             raise ValueError(
                 f"the destination secret is not a whsec_<base64> secret: {exc}"
@@ -201,9 +208,9 @@ class HttpConnector:
             "webhook-id": delivery.event_id,
             "webhook-timestamp": str(timestamp_s),
         }
-        if self._signer is not None:
+        if self._signers:
             headers["webhook-signature"] = _sign(
-                self._signer, delivery.event_id, timestamp_s, delivery.payload
+                self._signers, delivery.event_id, timestamp_s, delivery.payload
             )
         return headers
 

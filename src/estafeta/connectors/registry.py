@@ -57,7 +57,7 @@ class Connectors:
             assert d.url is not None  # noqa: S101 - config validation requires it for http
             self._by_destination[d.id] = HttpConnector(
                 url=d.url,
-                secret=d.secret,
+                secret=d.secrets,
                 timeout_s=d.effective_timeout_s(self._config.worker.max_attempt_s),
                 session=self._session,
                 headers=d.headers,

@@ -1,7 +1,8 @@
 """Generic sources: a business's own systems posting JSON.
 
 Who is calling is proven by a Standard Webhooks signature made with the source's `secret`,
-or by an API key (`Authorization: Bearer …`) equal to the source's `api_key`. The body is
+or by an API key (`Authorization: Bearer …`) equal to the source's `api_key`; either may
+be a list while it is rotated, and a request made with any of them is accepted. The body is
 `{"type": …, "data": {…}}`, or any JSON object, which becomes `data` under the source's
 `event_type`.
 """
@@ -27,12 +28,13 @@ from estafeta.record import Record
 if TYPE_CHECKING:
     from estafeta.ingress.providers.base import InboundRequest
 
+_NO_MATCH = "No matching signature found"
 # What the standardwebhooks library says, and what we tell the caller instead.
 _VERIFY_MESSAGES = {
     "Missing required headers": "missing webhook-id, webhook-timestamp or webhook-signature header",
     "Message timestamp too old": "webhook-timestamp is older than the 5-minute tolerance",
     "Message timestamp too new": "webhook-timestamp is more than 5 minutes in the future",
-    "No matching signature found": "webhook-signature does not match the body and the secret",
+    _NO_MATCH: "webhook-signature does not match the body and the secret",
     "Invalid Signature Headers": "webhook-timestamp is not a Unix time in seconds",
 }
 
@@ -57,8 +59,9 @@ class GenericSource:
 
     def __init__(self, source: SourceConfig) -> None:
         self.source = source
-        self._webhook = Webhook(source.secret) if source.secret else None
-        self._api_key = source.api_key.encode() if source.api_key else None
+        # Several while a secret is rotated (docs/operations.md): the current one first.
+        self._webhooks = tuple(Webhook(secret) for secret in source.secrets_of("secret"))
+        self._api_keys = tuple(key.encode() for key in source.secrets_of("api_key"))
 
     def handshake(self, request: InboundRequest) -> str:
         raise HttpError(405, "method_not_allowed", "send events with POST", {"Allow": "POST"})
@@ -66,21 +69,17 @@ class GenericSource:
     def verify(self, request: InboundRequest) -> None:
         """Raise HttpError(401) unless the request is signed or carries the source's key."""
         body, headers = request.body, request.headers
-        if self._webhook is not None and "webhook-signature" in headers:
+        if self._webhooks and "webhook-signature" in headers:
             try:
                 text = body.decode()
             except UnicodeDecodeError as exc:
                 raise not_utf8(exc) from None
-            try:
-                self._webhook.verify(text, dict(headers), json_parse=False)
-            except Exception as exc:  # the library raises more than its own error: catch all
-                reason = _VERIFY_MESSAGES.get(str(exc), "webhook-signature is malformed")
-                raise HttpError(401, "invalid_signature", reason) from None
+            _verify_any(self._webhooks, text, dict(headers))
             return
-        if self._api_key is not None:
+        if self._api_keys:
             given = headers.get("authorization", "")
             token = bearer_key(given)
-            if token is not None and hmac.compare_digest(token.encode(), self._api_key):
+            if token is not None and _any_equal(token.encode(), self._api_keys):
                 return
             # As the API's 401s: say how to authenticate, and that a bearer key was refused.
             if given:
@@ -139,6 +138,28 @@ class GenericSource:
             'the body needs "type" (a string) and "data" (an object), '
             "or the source needs an event_type",
         )
+
+
+def _verify_any(webhooks: tuple[Webhook, ...], text: str, headers: dict[str, str]) -> None:
+    """Return if the request is signed with any of the secrets, else raise the 401 saying
+    why. Only a signature that matches none tries the next secret: a missing header or a
+    stale timestamp is the same for each."""
+    reason = ""
+    for webhook in webhooks:
+        try:
+            webhook.verify(text, headers, json_parse=False)
+        except Exception as exc:  # the library raises more than its own error: catch all
+            reason = _VERIFY_MESSAGES.get(str(exc), "webhook-signature is malformed")
+            if str(exc) != _NO_MATCH:
+                break
+        else:
+            return
+    raise HttpError(401, "invalid_signature", reason)
+
+
+def _any_equal(given: bytes, keys: tuple[bytes, ...]) -> bool:
+    """Whether `given` is one of `keys`, each compared in constant time."""
+    return any(hmac.compare_digest(given, key) for key in keys)
 
 
 def not_utf8(exc: UnicodeDecodeError) -> HttpError:

@@ -11,7 +11,7 @@ import pytest
 
 from estafeta.delivery.outcome import OutcomeKind
 from estafeta.testing.fakes import FakeTwilio
-from tests.integration.whatsapp_send.support import TW, deliver, tw_source
+from tests.integration.whatsapp_send.support import TW, deliver, source, tw_source
 
 PUBLIC_URL = "https://hub.example.com.br"
 
@@ -33,6 +33,19 @@ async def test_text_yields_the_sid(twilio: FakeTwilio, session: aiohttp.ClientSe
         "Body": "Olá Maria!",
         "StatusCallback": f"{PUBLIC_URL}/in/tw-sol",
     }
+
+
+async def test_a_rotated_auth_token_sends_with_the_first(
+    twilio: FakeTwilio, session: aiohttp.ClientSession
+) -> None:
+    """While verifying webhooks with both, sends authenticate with the first token only
+    (docs/operations.md, "Rotating a secret"): the fake refuses any other."""
+    keys = TW | {"auth_token": [TW["auth_token"], "an-old-token-twilio-no-longer-takes"]}
+    config = source("twilio", "tw-sol", api_base=twilio.url, **keys)
+    outcome = await deliver(config, session, text="Olá Maria!")
+    assert (outcome.kind, outcome.status_code) == (OutcomeKind.SUCCESS, 201)
+    credentials = base64.b64encode(f"{TW['account_sid']}:{TW['auth_token']}".encode()).decode()
+    assert twilio.sent[0].headers["authorization"] == f"Basic {credentials}"
 
 
 async def test_from_without_prefix(twilio: FakeTwilio, session: aiohttp.ClientSession) -> None:

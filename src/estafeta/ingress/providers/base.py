@@ -135,11 +135,13 @@ def source_for(config: SourceConfig) -> ProviderSource:
     return factory(config)
 
 
-def require(value: str | None, kind: str, key: str) -> str:
-    """A key the source cannot work without (the configuration checks it; this is a guard)."""
-    if not value:
+def require_all(config: SourceConfig, kind: str, key: str) -> tuple[str, ...]:
+    """Every secret of a key the source cannot verify without, current first (several
+    while it is rotated); the configuration checks it is set, this is a guard."""
+    found = config.secrets_of(key)
+    if not found:
         raise ValueError(f"a {kind} source needs `{key}`")
-    return value
+    return found
 
 
 def no_handshake(kind: str) -> HttpError:
@@ -154,15 +156,17 @@ def equal(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode(), expected.encode())
 
 
-def verify_query_token(request: InboundRequest, token: str) -> None:
-    """The `?token=` of the webhook URL must equal the source's token (DESIGN §3.2: Z-API
-    §3.1 and SendPulse §9.2 document no signature, so the URL carries a secret)."""
+def verify_query_token(request: InboundRequest, tokens: tuple[str, ...]) -> None:
+    """The `?token=` of the webhook URL must equal one of the source's tokens (DESIGN §3.2:
+    Z-API §3.1 and SendPulse §9.2 document no signature, so the URL carries a secret; several
+    while it is rotated)."""
     given = request.query.get("token")
     if not given:
         raise HttpError(401, "missing_token", "the webhook URL needs ?token=<the source's token>")
     # A token pasted into the URL as it is keeps its `+` (base64 tokens have them), which
     # form decoding reads as a space; so the value is also read without that rule.
-    if not (equal(given, token) or equal(_raw_query_value(request.path_qs, "token"), token)):
+    raw = _raw_query_value(request.path_qs, "token")
+    if not any(equal(given, token) or equal(raw, token) for token in tokens):
         raise HttpError(401, "invalid_token", "the token does not match this source")
 
 
@@ -177,13 +181,13 @@ class TokenInUrlSource:
     answers_twiml = False
 
     def __init__(self, config: SourceConfig) -> None:
-        self._token = require(config.token, self.kind, "token")
+        self._tokens = require_all(config, self.kind, "token")
 
     def handshake(self, request: InboundRequest) -> str:
         raise no_handshake(self.kind)
 
     def verify(self, request: InboundRequest) -> None:
-        verify_query_token(request, self._token)
+        verify_query_token(request, self._tokens)
 
 
 def _raw_query_value(path_qs: str, name: str) -> str:

@@ -38,7 +38,7 @@ from estafeta.ingress.providers.base import (
     no_handshake,
     number,
     phone_digits,
-    require,
+    require_all,
     whole,
 )
 
@@ -79,7 +79,10 @@ class TwilioSource:
     answers_twiml = True
 
     def __init__(self, config: SourceConfig) -> None:
-        self._auth_token = require(config.auth_token, PROVIDER, "auth_token").encode()
+        # Several while rotated (docs/operations.md): Twilio signs with its primary token.
+        self._auth_tokens = tuple(
+            token.encode() for token in require_all(config, PROVIDER, "auth_token")
+        )
         self._public_url = config.public_url.rstrip("/") if config.public_url else None
 
     def handshake(self, request: InboundRequest) -> str:
@@ -97,8 +100,9 @@ class TwilioSource:
         params = _signed_params(request)
         if params is not None:
             for url in _url_variants(self.signed_url(request)):
-                if equal(given, signature(self._auth_token, url, params)):
-                    return
+                for token in self._auth_tokens:
+                    if equal(given, signature(token, url, params)):
+                        return
         raise HttpError(
             401,
             "invalid_signature",

@@ -38,7 +38,7 @@ from estafeta.ingress.providers.base import (
     obj,
     objects,
     phone_digits,
-    require,
+    require_all,
     seconds_to_ms,
     text,
     whole,
@@ -68,12 +68,15 @@ class WhatsAppCloudSource:
     answers_twiml = False
 
     def __init__(self, config: SourceConfig) -> None:
-        self._app_secret = require(config.app_secret, PROVIDER, "app_secret").encode()
-        self._verify_token = config.verify_token
+        # Several while rotated (docs/operations.md): a webhook signed with any is Meta's.
+        self._app_secrets = tuple(
+            secret.encode() for secret in require_all(config, PROVIDER, "app_secret")
+        )
+        self._verify_tokens = config.secrets_of("verify_token")
 
     def handshake(self, request: InboundRequest) -> str:
         """contracts §1.1: `hub.challenge`, verbatim, when mode and verify token match."""
-        if not self._verify_token:
+        if not self._verify_tokens:
             raise HttpError(
                 403,
                 "invalid_verify_token",
@@ -82,7 +85,7 @@ class WhatsAppCloudSource:
         if request.query.get("hub.mode") != "subscribe":
             raise HttpError(403, "invalid_verify_token", "hub.mode must be 'subscribe'")
         token = request.query.get("hub.verify_token")
-        if token is None or not equal(token, self._verify_token):
+        if token is None or not any(equal(token, known) for known in self._verify_tokens):
             raise HttpError(
                 403, "invalid_verify_token", "hub.verify_token does not match this source"
             )
@@ -96,8 +99,11 @@ class WhatsAppCloudSource:
         given = request.headers.get("x-hub-signature-256")
         if not given:
             raise HttpError(401, "missing_signature", "missing X-Hub-Signature-256 header")
-        digest = hmac.new(self._app_secret, request.body, hashlib.sha256).hexdigest()
-        if not equal(given.strip().lower(), f"sha256={digest}"):
+        given = given.strip().lower()
+        if not any(
+            equal(given, f"sha256={hmac.new(secret, request.body, hashlib.sha256).hexdigest()}")
+            for secret in self._app_secrets
+        ):
             raise HttpError(
                 401,
                 "invalid_signature",
