@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test check format bench lock clean
+.PHONY: demo test check format bench lock clean pgbouncer
 
 # Pinned by constraints.txt (see its header; `make lock` refreshes it).
 $(STAMP): pyproject.toml constraints.txt
@@ -17,7 +17,13 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/estafeta demo
 
-test: $(STAMP)
+# PgBouncer for the tests of estafeta behind it (tests/acceptance/test_pgbouncer.py): Debian's
+# package, installed under CI=true (where a missing one fails those tests); skipped without.
+pgbouncer:
+	@command -v pgbouncer >/dev/null 2>&1 || test -x /usr/sbin/pgbouncer || [ "$$CI" != true ] \
+		|| apt-get install -y pgbouncer || (apt-get update && apt-get install -y pgbouncer)
+
+test: $(STAMP) pgbouncer
 	$(BIN)/ruff format --check src tests
 	$(BIN)/ruff check src tests
 	$(BIN)/mypy

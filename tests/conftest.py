@@ -12,11 +12,15 @@ import contextlib
 import os
 import resource
 import secrets
+import shutil
+import socket
+import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -76,6 +80,57 @@ def fresh_database(prefix: str) -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+def _pgbouncer_program() -> str:
+    """PgBouncer's program (`make test` installs Debian's `pgbouncer`): skips the test
+    without it, fails it under CI=true."""
+    found = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin:/sbin")
+    if found is None:
+        if IN_CI:
+            pytest.fail("pgbouncer is required under CI=true (`make test` installs it)")
+        pytest.skip("pgbouncer is not installed (apt-get install pgbouncer)")
+    return found
+
+
+@contextmanager
+def pgbouncer(directory: Path, database_url: str, *, pool_mode: str) -> Iterator[str]:
+    """`database_url` through a PgBouncer of its own in `pool_mode` ("transaction", as
+    hosted poolers run): the URL to give estafeta. It trusts every user, as the test server
+    does; it runs as `nobody` when we are root (PgBouncer refuses to run as root)."""
+    program = _pgbouncer_program()
+    server = urlsplit(database_url)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    users = directory / "pgbouncer-users.txt"
+    users.write_text(f'"{server.username}" ""\n')
+    ini = directory / "pgbouncer.ini"
+    ini.write_text(
+        f"[databases]\n* = host={server.hostname} port={server.port or 5432}\n"
+        f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
+        f"auth_type = trust\nauth_file = {users}\npool_mode = {pool_mode}\n"
+        "default_pool_size = 5\nmax_client_conn = 200\n"
+    )
+    as_user = ["-u", "nobody"] if os.geteuid() == 0 else []
+    log = directory / "pgbouncer.log"  # a file: a pipe left unread would fill, and block it
+    with log.open("wb") as log_file:
+        process = subprocess.Popen(
+            [program, *as_user, str(ini)], stdout=subprocess.DEVNULL, stderr=log_file
+        )
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # until it listens (it logs nothing we could wait on otherwise)
+            with socket.socket() as client:
+                if client.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"pgbouncer did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.02)
+        yield server._replace(netloc=f"{server.username}@127.0.0.1:{port}").geturl()
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
 
 
 @contextmanager

@@ -534,11 +534,54 @@ INVALID_CASES: list[tuple[str, str, list[str]]] = [
     ),
     (
         "a database URL parameter the driver does not take",
-        '[storage]\nurl = "postgresql://u@db/estafeta?connect_timeout=10"',
+        '[storage]\nurl = "postgresql://u@db/estafeta?keepalives=1"',
         [
-            "storage.url: unsupported database URL parameter 'connect_timeout' (supported:"
-            " sslmode, ssl, host, port, user, password, database, passfile, target_session_attrs)"
+            "storage.url: unsupported database URL parameter 'keepalives' (supported:"
+            " sslmode, ssl, host, port, user, password, database, passfile, target_session_attrs,"
+            " application_name, options, connect_timeout, statement_cache_size)"
         ],
+    ),
+    (  # read as the host's: a DNS error, exit 3, that said nothing of the password
+        "a database password holding '@' and '/' as written",
+        '[storage]\nurl = "postgresql://hub:p@ss/w0rd@db/estafeta"',
+        [
+            "storage.url: invalid database URL: write a '/', '?', '#' or '@' of its user or"
+            " password percent-encoded (%2F, %3F, %23, %40)"
+        ],
+    ),
+    (  # the rest was read as a query, and its error quoted the password's end as a name
+        "a database password holding '?' as written",
+        '[storage]\nurl = "postgresql://hub:pa?ss@db/estafeta"',
+        [
+            "storage.url: invalid database URL: write a '/', '?', '#' or '@' of its user or"
+            " password percent-encoded (%2F, %3F, %23, %40)"
+        ],
+    ),
+    (  # read as a fragment: the password's first part was taken for the port
+        "a database password holding '#' as written",
+        '[storage]\nurl = "postgresql://hub:pa#ss@db/estafeta"',
+        [
+            "storage.url: invalid database URL: write a '/', '?', '#' or '@' of its user or"
+            " password percent-encoded (%2F, %3F, %23, %40)"
+        ],
+    ),
+    (
+        "a host list with a port that is no port",
+        '[storage]\nurl = "postgresql://u@db1:5432,db2:port/estafeta"',
+        ["storage.url: invalid database URL: the port must be a number 0-65535"],
+    ),
+    (
+        "a statement cache size that is no number",
+        '[storage]\nurl = "postgresql://u@db/estafeta?statement_cache_size=off"',
+        [
+            "storage.url: invalid statement_cache_size 'off': a number of statements, 0 behind"
+            " PgBouncer in transaction mode"
+        ],
+    ),
+    (
+        "a connect timeout of no time",
+        '[storage]\nurl = "postgresql://u@db/estafeta?connect_timeout=0"',
+        ["storage.url: invalid connect_timeout '0': a whole number of seconds > 0"],
     ),
     (
         "an sslmode libpq does not have",
@@ -1242,6 +1285,13 @@ def test_secrets_never_appear_in_repr(tmp_path: Path) -> None:
         "postgresql://u:pw@db.example:5432/estafeta?sslmode=require",  # as hosted services give it
         "postgresql://u@db/estafeta?ssl=verify-full",
         "postgresql:///estafeta?host=/var/run/postgresql&user=hub",  # a Unix socket
+        "postgresql://hub@%2Fvar%2Frun%2Fpostgresql/estafeta",  # libpq's socket as the host
+        "postgres://u:p%40ss%2Fw0rd@db.example/estafeta",  # Heroku's and Render's scheme
+        "postgresql://postgres.abcdefgh:pw@pooler.example:6543/postgres?statement_cache_size=0",
+        "postgresql://u@db1,db2:5433/estafeta?target_session_attrs=read-write",  # libpq's list
+        "postgresql://u@/estafeta?host=db1&host=db2",
+        "postgresql://u@db/estafeta?application_name=estafeta&connect_timeout=10"
+        "&options=-c%20statement_timeout%3D30000",
         "redis://cache:6379/0?socket_timeout=5",
         "rediss://cache:6380/0?ssl_cert_reqs=none",
     ],

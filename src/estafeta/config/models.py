@@ -271,11 +271,8 @@ class StorageConfig(_Model):
                 f"unsupported database URL scheme {scheme!r}: use sqlite:///PATH "
                 "or postgresql://USER@HOST/DB"
             )
-        try:
-            parts.port  # noqa: B018 - raises for a port that is not a number 0-65535
-        except ValueError:
-            raise ValueError("invalid database URL: the port must be a number 0-65535") from None
         if scheme.startswith("postgres"):
+            _check_postgres_netloc(value)
             _check_postgres_query(parts.query)
         elif parts.netloc:  # `sqlite://./x.db`: a slash short, `.` read as a host
             raise ValueError("a SQLite URL has no host: write sqlite:///PATH")
@@ -289,9 +286,9 @@ class StorageConfig(_Model):
         yield "spool_dir", self.spool_dir
 
 
-#: Query parameters of a PostgreSQL URL the driver (asyncpg, through SQLAlchemy) takes as
-#: written, and libpq's `sslmode`, passed on as asyncpg's `ssl` (store/__init__.py). Any other
-#: would reach asyncpg.connect() as an unknown keyword, or a string where it wants a number.
+#: Query parameters of a PostgreSQL URL: those the driver (asyncpg, through SQLAlchemy) takes
+#: as written, and libpq's that store/postgres_connect.py translates for it. Any other would
+#: reach asyncpg.connect() as an unknown keyword, or a string where it wants a number.
 POSTGRES_QUERY_KEYS = (
     "sslmode",
     "ssl",
@@ -302,8 +299,41 @@ POSTGRES_QUERY_KEYS = (
     "database",
     "passfile",
     "target_session_attrs",
+    "application_name",
+    "options",
+    "connect_timeout",
+    "statement_cache_size",
 )
 POSTGRES_SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+_PORT_RULE = "invalid database URL: the port must be a number 0-65535"
+
+
+def _check_port(port: str | None) -> None:
+    """Raises for a port that is not a number 0-65535 (None: none given)."""
+    if port is not None and not (port.isascii() and port.isdigit() and int(port) < 65536):
+        raise ValueError(_PORT_RULE)
+
+
+def _check_postgres_netloc(url: str) -> None:
+    """The user, password and hosts of a PostgreSQL URL: libpq's host list (`h1,h2:5433`)
+    included, and a `@`, `/`, `?` or `#` of a password written as it is refused by name
+    (read as the host's, it failed as a DNS error or, worse, quoted the password's rest as
+    a parameter's name)."""
+    parts = urlsplit(url)
+    after = (_after_netloc(url), parts.query, parts.fragment)
+    if parts.netloc.count("@") > 1 or any("@" in part for part in after) or parts.fragment:
+        raise ValueError(
+            "invalid database URL: write a '/', '?', '#' or '@' of its user or password"
+            " percent-encoded (%2F, %3F, %23, %40)"
+        )
+    hosts = parts.netloc.rpartition("@")[2]
+    if "," in hosts and "[" in hosts:
+        raise ValueError("invalid database URL: a host list cannot hold an IPv6 address")
+    for host in hosts.split(","):
+        if not host.startswith("["):
+            _check_port(host.partition(":")[2] or None)
+        elif "]:" in host:
+            _check_port(host.rpartition("]:")[2])
 
 
 def _check_postgres_query(query: str) -> None:
@@ -315,8 +345,18 @@ def _check_postgres_query(query: str) -> None:
             )
         if key in ("sslmode", "ssl") and value not in POSTGRES_SSL_MODES:
             raise ValueError(f"invalid {key} {value!r}: use {', '.join(POSTGRES_SSL_MODES)}")
-        if key == "port" and not (value.isascii() and value.isdigit() and int(value) < 65536):
-            raise ValueError("invalid database URL: the port must be a number 0-65535")
+        if key == "port":
+            for port in value.split(","):
+                _check_port(port)
+        if key == "statement_cache_size" and not (value.isascii() and value.isdigit()):
+            raise ValueError(
+                f"invalid statement_cache_size {value!r}: a number of statements, 0 behind"
+                " PgBouncer in transaction mode"
+            )
+        if key == "connect_timeout" and not (
+            value.isascii() and value.isdigit() and int(value) > 0
+        ):
+            raise ValueError(f"invalid connect_timeout {value!r}: a whole number of seconds > 0")
 
 
 class RedisConfig(_Model):

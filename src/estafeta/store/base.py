@@ -102,6 +102,13 @@ _UNAVAILABLE_SQLSTATES = (
     "57014",
     "55P03",
 )
+# A prepared statement the server does not have (26000) or already has (42P05): asyncpg's
+# statement cache on a pooler that runs each transaction on any of its server connections.
+_POOLED_SQLSTATES = ("26000", "42P05")
+POOLER_HINT = (
+    "a pooler in transaction mode (PgBouncer) is in front of PostgreSQL: add"
+    " ?statement_cache_size=0 to storage.url"
+)
 # PostgreSQL refusing the login: class 28 (no such role, wrong password), 3D000 (no such
 # database). Its message names only the role or the database, and is the operator's answer.
 _LOGIN_REFUSED_SQLSTATES = ("28", "3D000")
@@ -118,6 +125,12 @@ def _sqlstate(exc: BaseException) -> str | None:
 def _first_line(exc: BaseException) -> str:
     """The driver's own first line (SQLAlchemy's wrapper adds its class in parentheses)."""
     return str(getattr(exc, "orig", None) or exc).splitlines()[0][:200]
+
+
+def statement_cache_lost(exc: BaseException) -> bool:
+    """True when a prepared statement of asyncpg's cache was missing or already there on the
+    server (see `_POOLED_SQLSTATES`)."""
+    return _sqlstate(exc) in _POOLED_SQLSTATES
 
 
 def deadlocked(exc: BaseException) -> bool:
@@ -247,9 +260,16 @@ def translated(exc: Exception) -> Exception:
     if deadlocked(exc):
         return StoreDeadlocked(f"the store cannot be reached: {_named(exc)}")
     if unavailable(exc):
-        return StoreUnavailable(f"the store cannot be reached: {_named(exc)}")
+        # A protocol violation's first line is the server's or the pooler's reason, never
+        # data: `unsupported startup parameter: options` (PgBouncer) says what to change.
+        why = f": {_first_line(exc)}" if sqlstate == "08P01" else ""
+        return StoreUnavailable(f"the store cannot be reached: {_named(exc)}{why}")
     if rejected(exc):
         return StoreRejected(f"the store refused the data: {_named(exc)}: {_first_line(exc)}")
+    if sqlstate == "42501":  # the role may not: its first line names the object, never data
+        return StoreError(f"the store failed: {_first_line(exc)} (SQLSTATE {sqlstate})")
+    if statement_cache_lost(exc):
+        return StoreError(f"the store failed: {_named(exc)}: {POOLER_HINT}")
     if isinstance(exc, _DRIVER_ERRORS):
         return StoreError(f"the store failed: {_named(exc)}")
     return exc

@@ -37,6 +37,7 @@ from estafeta.store.base import SQL_DIR
 from estafeta.store.held import HeldConnections
 from estafeta.store.ingest import delivery_rows, event_key, event_row, fates
 from estafeta.store.leases import attempt_row, next_attempt
+from estafeta.store.postgres_connect import postgres_engine_args, refuse_transaction_pooling
 from estafeta.store.records import Completed, CompletedAttempt, InsertResult, NewEvent
 from estafeta.store.schema import ORDERING_IN_FLIGHT
 from estafeta.store.sqlstore import SqlStore
@@ -229,34 +230,53 @@ class PostgresStore(SqlStore):
     # Events, their deliveries and their conversations' counters go in one statement.
     deliveries_stored_with_events = True
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, connect_args: Mapping[str, Any] | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._lease = Statement(self.lease_sql)
         # As many as run at once: ingest's concurrent flushes, a worker's lease and completes.
         self._held = HeldConnections(self.engine, keep=8)
+        # What the URL gave asyncpg (store/postgres_connect.py), for migrate()'s engine too.
+        self._connect_args = dict(connect_args or {})
 
     @classmethod
     def from_url(cls, url: str, *, pool_size: int = 10) -> PostgresStore:
+        """The store for a configured `postgresql://` URL (any form config/models.py takes)."""
+        engine_url, from_url = postgres_engine_args(url)
         engine = create_async_engine(
-            url,
+            engine_url,
             pool_size=pool_size,
             max_overflow=pool_size,
             pool_pre_ping=False,
-            connect_args={"timeout": CONNECT_TIMEOUT_S, "command_timeout": COMMAND_TIMEOUT_S},
+            connect_args={
+                "timeout": CONNECT_TIMEOUT_S,
+                **from_url,
+                "command_timeout": COMMAND_TIMEOUT_S,
+            },
             hide_parameters=True,  # parameters hold phone numbers and message text
         )
         event.listen(engine.sync_engine, "connect", _without_jit)
         event.listen(engine.sync_engine.pool, "checkout", _ended_by_server)
-        return cls(engine)
+        return cls(engine, connect_args=from_url)
+
+    async def require_schema(self) -> None:
+        await refuse_transaction_pooling(self.engine, self._connect_args)
+        await super().require_schema()
 
     async def migrate(self) -> None:
         """As every store does, but on a connection of its own with no time limit on its
         statements: a migration may rightly take longer than any request (an index built
         over millions of deliveries, a wait for another process's migration to finish)."""
+        await refuse_transaction_pooling(self.engine, self._connect_args)
         engine = create_async_engine(
             self.engine.url,
             poolclass=NullPool,
-            connect_args={"timeout": CONNECT_TIMEOUT_S, "command_timeout": None},
+            connect_args={
+                "timeout": CONNECT_TIMEOUT_S,
+                **self._connect_args,
+                "command_timeout": None,
+            },
             hide_parameters=True,
         )
         try:
