@@ -34,8 +34,9 @@ from estafeta.store.records import (
 from estafeta.store.schema import metadata
 from estafeta.store.sqlite import WAL_SIZE_LIMIT
 from estafeta.store.sqlstore import SqlStore
+from estafeta.store.views import latest_attempts
 from tests.conftest import base_config, empty_database, lease_any, until_waiting_for_locks
-from tests.integration.plans import explain_sql, rows_read
+from tests.integration.plans import assert_walks_only, explain, explain_sql, rows_read
 from tests.integration.store_support import (
     NOW,
     attempt,
@@ -318,6 +319,40 @@ async def test_an_event_lists_each_deliverys_latest_attempts_not_every_one(
     started = [a.started_at for a in delivery.attempt_log]
     # The latest ones, in the order they were made: the 30 oldest are left out.
     assert started == [NOW + n * 10 for n in range(lives - 100, lives)]
+
+
+async def test_an_events_read_takes_a_long_replayed_deliverys_latest_attempts_by_index(
+    store: SqlStore,
+) -> None:
+    """A delivery with 500 attempts (a dead one replayed every hour for weeks): its event's
+    read ranked and sorted all 500 to answer the latest 100, a read that grew with every
+    replay. It reads those 100 by the delivery's index of attempts, latest first."""
+    await store.insert_events([event()])
+    [leased] = await lease(store)
+    rows = [
+        {
+            "id": f"att_{n:05d}",
+            "tenant_id": leased.tenant_id,
+            "delivery_id": leased.id,
+            "number": 1 + n % 5,  # counted again from 1 after each replay
+            "started_at": NOW + n * 1000,
+            "duration_ms": 1.0,
+            "outcome": "retryable",
+            "response_excerpt": "",
+        }
+        for n in range(500)
+    ]
+    async with store.engine.begin() as conn:
+        await conn.execute(insert(s.attempts), rows)
+        await conn.execute(text("ANALYZE"))
+    view = await store.get_event(leased.event_id, None)
+    assert view is not None
+    [delivery] = view.deliveries
+    assert [a.id for a in delivery.attempt_log] == [r["id"] for r in rows[-100:]]
+
+    plan = await explain(store, latest_attempts([leased.id]))
+    # The 100 read are put in order (delivery, then oldest first): nothing more is sorted.
+    assert_walks_only(store, plan, "attempts", {"attempts_delivery"}, 100, sorts=True)
 
 
 async def test_a_providers_code_holding_a_nul_reads_the_same_on_both_engines(

@@ -128,6 +128,8 @@ async def store_check(store: SqlStore) -> tuple[dict[str, str], dict[str, object
         # The queue's states, 0 included: an empty queue is a depth of 0, not a missing one.
         # Not the history (succeeded, discarded): counting it walks every delivery kept.
         "by_state": {s.value: stats.by_state.get(s.value, 0) for s in QUEUE_STATES},
+        # Those counted past the store's bound: an estimate (PostgreSQL) or a floor (SQLite).
+        "estimated": sorted(stats.estimated),
         # the earliest due time among pending deliveries (retries scheduled later included)
         "next_due_at": iso_from_ms(stats.oldest_pending_at)
         if stats.oldest_pending_at is not None

@@ -73,6 +73,7 @@ from estafeta.observability.refusals import Refusals
 from estafeta.observability.spool_watch import STALL_S, SpoolStatus, observe
 from estafeta.store.records import QueueDepths
 from estafeta.store.sqlstore import SqlStore
+from estafeta.store.views import QUEUE_COUNT_LIMIT
 
 log = structlog.get_logger("estafeta.alerts")
 
@@ -152,6 +153,9 @@ class AlertMonitor:
         self.store = store
         self.threshold = threshold
         self.dead_threshold = dead_threshold
+        # The depths the alerts' lines report (`pending=`) are exact up to the queue's own
+        # counting bound, and up to a threshold above it: past those, a floor.
+        self.counted_to = max(QUEUE_COUNT_LIMIT, threshold, dead_threshold)
         self.spool = spool
         self.circuits = circuits
         # Those of this process's configuration: a circuit left open on record by a
@@ -207,7 +211,8 @@ class AlertMonitor:
         try:
             # Within the read bound: a hung store would hold every alert's round for the
             # driver's 30 s command timeout (redis_down, the spool's, no_workers with it).
-            depths = await within(self.store.queue_depths())
+            # Counted as far as the thresholds need, and no further (store/views.py).
+            depths = await within(self.store.queue_depths(self.counted_to))
         except (StoreUnavailable, TimeoutError):  # the spool covers that; next round
             store_reachable = False
             self._unreachable_ms = self.clock.now_ms()

@@ -65,9 +65,16 @@ def each_value(table: str, column: str, where: str = "TRUE") -> TextClause:
     """Every distinct value of `table.column` among rows matching `where`, found by the index
     that leads with the column, the next after the last (a loose index scan): one probe per
     value, however many rows share it."""
-    return text(
-        f"""
-        WITH RECURSIVE found(value) AS (
+    found = found_values(table, column, where)
+    sql = f"WITH RECURSIVE {found} SELECT value FROM found WHERE value IS NOT NULL"  # noqa: S608
+    return text(sql)
+
+
+def found_values(table: str, column: str, where: str = "TRUE") -> str:
+    """`each_value`'s recursive common table expression, `found(value)`, for a statement that
+    does more with each value (NULL ends it: `WHERE value IS NOT NULL` to leave it out)."""
+    return f"""
+        found(value) AS (
             SELECT min({column}) FROM {table} WHERE {where}
             UNION ALL
             SELECT (SELECT min(t.{column}) FROM {table} AS t
@@ -75,9 +82,7 @@ def each_value(table: str, column: str, where: str = "TRUE") -> TextClause:
             FROM found
             WHERE found.value IS NOT NULL
         )
-        SELECT value FROM found WHERE value IS NOT NULL
         """  # noqa: S608 - the store's own names, never input
-    )
 
 
 # PostgreSQL SQLSTATEs that mean "the server cannot serve us now", not "bad statement":

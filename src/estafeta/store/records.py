@@ -201,7 +201,8 @@ class DeadGroup:
 @dataclass(frozen=True, slots=True)
 class QueueDepths:
     """What the alerts watch: deliveries waiting to be sent or being sent (leased to a
-    worker, maybe one that died), and waiting for an operator."""
+    worker, maybe one that died), and waiting for an operator; each counted to the bound
+    asked (store/views.py: queue_depths), no further."""
 
     pending: int
     in_flight: int
@@ -212,6 +213,9 @@ class QueueDepths:
 class QueueStats:
     by_state: dict[str, int] = field(default_factory=dict)
     oldest_pending_at: int | None = None
+    # The states whose count reached the bound they are counted to (store/views.py): an
+    # estimate or a floor, not an exact count.
+    estimated: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

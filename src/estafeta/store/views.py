@@ -12,33 +12,78 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
-from sqlalchemy import ColumnElement, Select, func, select
+from sqlalchemy import (
+    ColumnElement,
+    Executable,
+    ScalarSelect,
+    Select,
+    func,
+    literal_column,
+    select,
+    text,
+    union_all,
+)
 
 from estafeta.delivery.state import QUEUE_STATES, DeliveryState
 from estafeta.store import schema as s
-from estafeta.store.base import StoreBase, written_in
+from estafeta.store.base import SQL_DIR, StoreBase, found_values, in_chunks, written_in
 from estafeta.store.records import AttemptView, DeliveryView, EventView, QueueDepths, QueueStats
 
 # The attempts an event's read lists per delivery: its latest. A delivery's life holds at
 # most `max_attempts` (≤ 100) of them, but each replay starts another, so a dead delivery
 # replayed again and again (by a script, every hour) had its event's answer grow without end.
 ATTEMPT_LOG_LIMIT = 100
+# Deliveries whose attempts one statement reads: a UNION ALL of one query each, well under
+# SQLite's 500 terms of a compound statement.
+ATTEMPT_LOG_CHUNK = 100
+
+# The queue's counts (/metrics, /health/detailed) count each state's deliveries one by one up
+# to this many, ~35 ms on PostgreSQL: a million pending took 0.35 s a scrape, a walk that
+# grows with the backlog (past READ_TIMEOUT_S near ten million, the gauge then missing just
+# when an operator looks). Past it, PostgreSQL's estimate (`QueueStats.estimated`).
+QUEUE_COUNT_LIMIT = 100_000
+# The index that holds each state of the queue alone (schema.py), whose rows PostgreSQL
+# estimates.
+STATE_INDEXES = {
+    DeliveryState.PENDING.value: "deliveries_destination_due",
+    DeliveryState.IN_FLIGHT.value: "deliveries_lease_expiry",
+    DeliveryState.DEAD.value: "deliveries_dead",
+}
+_ESTIMATED_ROWS = text((SQL_DIR / "estimated_rows_postgresql.sql").read_text())
+# Every priority a delivery may have (the schema's deliveries_priority_range).
+PRIORITIES = range(5)
+# The earliest due time among pending deliveries: each destination found by the lease's
+# index (a loose index scan), then the first due of each of its priorities, by that index.
+_EARLIEST_DUE = text(
+    f"""
+    WITH RECURSIVE {found_values("deliveries", "destination_id", "state = 'pending'")}
+    SELECT min((SELECT d.next_attempt_at FROM deliveries AS d
+                WHERE d.state = 'pending' AND d.destination_id = found.value
+                  AND d.priority = p.priority
+                ORDER BY d.next_attempt_at LIMIT 1))
+    FROM found, ({" UNION ALL ".join(f"SELECT {n} AS priority" for n in PRIORITIES)}) AS p
+    WHERE found.value IS NOT NULL
+    """  # noqa: S608 - the store's own names and numbers, never input
+)
 
 
 def latest_attempts(delivery_ids: Sequence[str]) -> Select[Any]:
-    """The latest `ATTEMPT_LOG_LIMIT` attempts of each delivery, by delivery, oldest first."""
+    """The latest `ATTEMPT_LOG_LIMIT` attempts of each delivery, by delivery, oldest first:
+    each delivery's a backward range of attempts_delivery, that many rows at most, where
+    ranking them all walked and sorted every attempt of a delivery replayed again and again."""
     a = s.attempts
-    recency = (
-        func.row_number()
-        .over(partition_by=a.c.delivery_id, order_by=(a.c.started_at.desc(), a.c.id.desc()))
-        .label("recency")
-    )
-    ranked = select(a, recency).where(a.c.delivery_id.in_(delivery_ids)).subquery()
-    return (
-        select(*(ranked.c[column.name] for column in a.columns))
-        .where(ranked.c.recency <= ATTEMPT_LOG_LIMIT)
-        .order_by(ranked.c.delivery_id, ranked.c.started_at, ranked.c.id)
-    )
+    latest = union_all(
+        *(
+            select(a)
+            .where(a.c.delivery_id == delivery_id)
+            .order_by(a.c.started_at.desc(), a.c.id.desc())
+            .limit(ATTEMPT_LOG_LIMIT)
+            .subquery()
+            .select()
+            for delivery_id in delivery_ids
+        )
+    ).subquery()
+    return select(latest).order_by(latest.c.delivery_id, latest.c.started_at, latest.c.id)
 
 
 class ViewOps(StoreBase):
@@ -60,7 +105,11 @@ class ViewOps(StoreBase):
                 )
             ).all()
             ids = [r.id for r in delivery_rows]
-            attempt_rows = (await conn.execute(latest_attempts(ids))).all() if ids else []
+            attempt_rows = [
+                row
+                for chunk in in_chunks(ids, ATTEMPT_LOG_CHUNK)
+                for row in (await conn.execute(latest_attempts(chunk))).all()
+            ]
         by_delivery: dict[str, list[AttemptView]] = {}
         for a in attempt_rows:
             by_delivery.setdefault(a.delivery_id, []).append(
@@ -89,58 +138,100 @@ class ViewOps(StoreBase):
             ),
         )
 
-    async def queue_depths(self) -> QueueDepths:
+    async def queue_depths(self, counted_to: int = QUEUE_COUNT_LIMIT) -> QueueDepths:
         """Pending, in-flight and dead deliveries, each counted on its state's partial index
-        (the alerts' question, asked every few seconds: no scan of the succeeded history)."""
+        (the alerts' question, asked every few seconds: no scan of the succeeded history),
+        and each to `counted_to` at most: the alerts ask whether one reached a threshold."""
         async with self._read() as conn:
-            pending, in_flight, dead = (await conn.execute(queue_depths_query())).one()
+            pending, in_flight, dead = (await conn.execute(queue_depths_query(counted_to))).one()
         return QueueDepths(pending=int(pending), in_flight=int(in_flight), dead=int(dead))
 
     async def queue_stats(
-        self, tenant_id: str | None = None, *, history: bool = False
+        self,
+        tenant_id: str | None = None,
+        *,
+        history: bool = False,
+        counted_to: int = QUEUE_COUNT_LIMIT,
     ) -> QueueStats:
         """How many deliveries are in each state (those with none left out), and the earliest
         due time among pending ones.
 
         By default the queue's states only (pending, in flight, dead), each counted on an
-        index that holds that state alone (or the tenant's): what /metrics and
-        /health/detailed ask on every scrape, at the same cost however much history the
-        store keeps (counting every state took 160 ms at 2,000,000 deliveries). `history`
-        adds succeeded and discarded, a walk of every delivery ever made: for the demo, the
-        tests and other small stores."""
+        index that holds that state alone (or the tenant's), and each to `counted_to`: what
+        /metrics and /health/detailed ask on every scrape, at the same cost however much
+        history the store keeps (counting every state took 160 ms at 2,000,000 deliveries)
+        and however large an outage's backlog. A state counted to `counted_to` is in
+        `estimated`: on PostgreSQL, the whole hub's (no `tenant_id`) takes the engine's
+        estimate of its rows when that is larger; otherwise it stays `counted_to`, "at
+        least". `history` adds succeeded and discarded, exactly, a walk of every delivery
+        ever made: for the demo, the tests and other small stores."""
         states = list(DeliveryState) if history else QUEUE_STATES
+        bound = None if history else counted_to
         async with self._read() as conn:
-            row = (await conn.execute(queue_stats_query(tenant_id, states))).one()
-        by_state = {state.value: int(n) for state, n in zip(states, row[1:], strict=True) if n}
-        return QueueStats(by_state=by_state, oldest_pending_at=row[0])
+            row = (await conn.execute(queue_stats_query(tenant_id, states, bound))).one()
+            oldest = (await conn.execute(earliest_due_query(tenant_id))).scalar()
+            by_state = {state.value: int(n) for state, n in zip(states, row, strict=True) if n}
+            estimated = {s for s, n in by_state.items() if bound is not None and n >= bound}
+            if estimated and tenant_id is None and self.dialect == "postgresql":
+                names = [STATE_INDEXES[s] for s in sorted(estimated)]
+                rows = await conn.execute(_ESTIMATED_ROWS, {"names": names})
+                guesses = {index: int(n) for index, n in rows.all()}
+                for state in estimated:
+                    by_state[state] = max(by_state[state], guesses.get(STATE_INDEXES[state], 0))
+        return QueueStats(
+            by_state=by_state, oldest_pending_at=oldest, estimated=frozenset(estimated)
+        )
 
 
-def queue_depths_query() -> Select[Any]:
+def counted(query: Select[Any], counted_to: int | None) -> ScalarSelect[Any]:
+    """How many rows `query` selects: to `counted_to` at most (a walk of that many index
+    entries at most), or all of them (None)."""
+    if counted_to is None:
+        return query.with_only_columns(func.count()).scalar_subquery()
+    rows = query.with_only_columns(literal_column("1")).limit(counted_to).subquery()
+    return select(func.count()).select_from(rows).scalar_subquery()
+
+
+def queue_depths_query(counted_to: int = QUEUE_COUNT_LIMIT) -> Select[Any]:
     """One row: the pending, in-flight and dead deliveries, each counted on its own partial
-    index."""
+    index, to `counted_to` at most."""
+    d = s.deliveries
     return select(
         *(
-            select(func.count()).where(state_is(state)).scalar_subquery()
+            counted(select(d.c.id).where(state_is(state)), counted_to)
             for state in (DeliveryState.PENDING, DeliveryState.IN_FLIGHT, DeliveryState.DEAD)
         )
     )
 
 
-def queue_stats_query(tenant_id: str | None, states: Sequence[DeliveryState]) -> Select[Any]:
-    """One row: the earliest due time among pending deliveries, then the count of each of
-    `states`, each a subquery of its own so that each reads its own index."""
+def queue_stats_query(
+    tenant_id: str | None, states: Sequence[DeliveryState], counted_to: int | None
+) -> Select[Any]:
+    """One row: the count of each of `states` (to `counted_to` at most, or all), each a
+    subquery of its own so that each reads its own index."""
     d = s.deliveries
 
     def of_tenant(query: Select[Any]) -> Select[Any]:
         return query if tenant_id is None else query.where(d.c.tenant_id == tenant_id)
 
-    counts = [
-        of_tenant(select(func.count()).where(state_is(state))).scalar_subquery() for state in states
-    ]
-    oldest = of_tenant(
-        select(func.min(d.c.next_attempt_at)).where(state_is(DeliveryState.PENDING))
-    ).scalar_subquery()
-    return select(oldest, *counts)
+    return select(
+        *(counted(of_tenant(select(d.c.id).where(state_is(state))), counted_to) for state in states)
+    )
+
+
+def earliest_due_query(tenant_id: str | None) -> Executable:
+    """One value: the earliest due time among pending deliveries (None when there is none).
+
+    The hub's is read as the lease reads (deliveries_destination_due, by destination, then
+    priority, then due time): the first of each destination's priorities, a few probes
+    however large the backlog (a min() over every pending delivery took 0.2 s at a million).
+    A tenant's walks its pending ones (deliveries_tenant_state): no operator read asks it."""
+    if tenant_id is None:
+        return _EARLIEST_DUE
+    d = s.deliveries
+    return select(func.min(d.c.next_attempt_at)).where(
+        state_is(DeliveryState.PENDING), d.c.tenant_id == tenant_id
+    )
 
 
 def state_is(state: DeliveryState) -> ColumnElement[bool]:
