@@ -5,6 +5,12 @@ Redis holds nothing that must survive (DESIGN.md §1: cache, rate limits, breake
 component that keeps state there — circuits (delivery/circuit_store.py), the outbound throttle
 (delivery/throttle.py), the tenants' inbound limit (ingress/ratelimit.py) — carries on from
 process memory while Redis is unreachable, and each logs the outage once (`RedisFailover`).
+
+A Redis that answers but refuses what we send is an outage too, with its reason (`reason`):
+full (`OOM`: `maxmemory` under `noeviction`), a read-only replica after a failover
+(`READONLY`), a failing snapshot (`MISCONF`), a command the ACL user may not run (`NOPERM`),
+a password no longer valid (`WRONGPASS`). Reads still pass then, and a PING too (but under
+`MISCONF`), so a try of Redis writes a key of ours (`write_probe`).
 """
 
 from __future__ import annotations
@@ -18,10 +24,29 @@ import redis.asyncio
 import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import (
+    AuthenticationError,
+    NoPermissionError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 
 REDIS_ERRORS: tuple[type[Exception], ...] = (RedisError, OSError)  # OSError: TimeoutError too
+PROBE_TTL_MS = 60_000  # the probe's key goes with the last process that wrote it
+
+# Redis's error codes (the first word of its answer) that refuse a command of ours, and what
+# the operator reads of each (docs/operations.md, "Redis refuses writes").
+_REFUSALS = {
+    "OOM": "Redis refuses writes: out of memory (maxmemory reached, noeviction policy)",
+    "READONLY": "Redis refuses writes: a read-only replica (after a failover?)",
+    "MISCONF": "Redis refuses writes: it cannot save its snapshot (MISCONF)",
+    "NOPERM": "Redis refuses a command: the ACL user lacks a permission (NOPERM)",
+    "WRONGPASS": "Redis refuses the password or user (WRONGPASS)",
+    "NOAUTH": "Redis requires a password (NOAUTH)",
+}
 
 
 class RedisFailover:
@@ -34,12 +59,18 @@ class RedisFailover:
     `redis_available` are each logged once per outage, however many calls were in flight.
 
     While down, Redis is tried again at most every `retry_s` (monotonic seconds). With a
-    `probe` (a PING), a call due for a try starts it in the background and uses the fallback
-    like the rest: its success ends the outage. A silent Redis (it accepts connections and
+    `probe` (`write_probe`), a call due for a try starts it in the background and uses the
+    fallback like the rest: its success ends the outage. A silent Redis (it accepts connections and
     never answers: stopped, or a proxy that stopped forwarding) is waited for by the probe
     alone, not by a delivery; only the call that finds the outage waits out its timeout.
     Without a probe, the call due for a try gets a token and tries Redis itself: for callers
     already off the hot path (the inbound limit's periodic share, ingress/ratelimit.py).
+
+    An outage of a Redis that answered with a refusal (`refused`) is not ended by the probe
+    alone: a probe that writes a key may pass where the component's own commands still fail
+    (an ACL user allowed SET, not EVALSHA). Its success lets the next call try Redis, and that
+    call's success ends the outage; its failure keeps it, unlogged, for another `retry_s`.
+    Each refusal would otherwise end and start an outage every `retry_s`, two log lines each.
     """
 
     def __init__(
@@ -58,11 +89,18 @@ class RedisFailover:
         self.available = True
         self._generation = 0
         self._next_try = 0.0
+        self._refused = False  # the outage's last failure was Redis refusing a command
+        self._trial = False  # a probe passed: the next call tries Redis (after a refusal)
+        self.reason = ""  # why the current outage began (`describe`)
 
     def begin(self) -> int | None:
         if self.available:
             return self._generation
         now = self._monotonic()
+        if self._trial:
+            self._trial = False
+            self._next_try = now + self.retry_s
+            return self._generation  # this caller tries what the probe could not
         if now < self._next_try:
             return None
         self._next_try = now + self.retry_s  # one try per retry_s, however many callers
@@ -79,7 +117,10 @@ class RedisFailover:
         except REDIS_ERRORS as exc:
             self.failed(token, exc)
         else:
-            self.succeeded(token)
+            if self._refused and token == self._generation:
+                self._trial = True
+            else:
+                self.succeeded(token)
         finally:
             self._probing = None
 
@@ -104,22 +145,63 @@ class RedisFailover:
     def succeeded(self, token: int) -> None:
         if not self.available and token == self._generation:
             self.available = True
+            self._refused = self._trial = False
+            self.reason = ""
             _log().info("redis_available", component=self.component)
 
     def failed(self, token: int, exc: BaseException) -> None:
         if token != self._generation:
             return
         self._next_try = self._monotonic() + self.retry_s
+        self._refused = refused(exc)
+        self._trial = False
         if self.available:
             self.available = False
             self._generation += 1
+            self.reason = describe(exc)
             _log().warning(
                 "redis_unavailable",
                 component=self.component,
+                reason=self.reason,
                 error=type(exc).__name__,
                 detail=str(exc)[:200],
                 retry_s=self.retry_s,
             )
+
+
+def refused(exc: BaseException) -> bool:
+    """Redis answered, refusing the command (or the password): it may take others, a PING."""
+    return isinstance(exc, ResponseError | AuthenticationError)
+
+
+def describe(exc: BaseException) -> str:
+    """What an operator reads of a failed call: Redis's refusal, else that it could not be
+    reached. Redis's own text of a refusal names no secret."""
+    if not refused(exc):
+        return "Redis cannot be reached"
+    for kind, code in _CODES:  # redis-py drops the code from the text of these
+        if isinstance(exc, kind):
+            no_auth = kind is AuthenticationError and "required" in str(exc)
+            return _REFUSALS["NOAUTH" if no_auth else code]
+    # A pipeline's error is "Command # 1 (HSET …) of pipeline caused error: MISCONF …".
+    text = str(exc).rsplit("caused error: ", 1)[-1]
+    if "user executing the script can't run" in text:  # NOPERM within a script: ERR
+        return _REFUSALS["NOPERM"]
+    return _REFUSALS.get(text.split(" ", 1)[0], "Redis refuses a command")
+
+
+_CODES: tuple[tuple[type[Exception], str], ...] = (
+    (OutOfMemoryError, "OOM"),
+    (ReadOnlyError, "READONLY"),
+    (NoPermissionError, "NOPERM"),
+    (AuthenticationError, "WRONGPASS"),
+)
+
+
+async def write_probe(client: redis.asyncio.Redis, key: str) -> None:
+    """Whether Redis takes a write (raises its error if not): what every component needs of
+    it, where a PING passes a full Redis, a replica or a user without write permissions."""
+    await client.set(key, b"1", px=PROBE_TTL_MS)
 
 
 def connect_redis(url: str, *, timeout_s: float = 1.0) -> redis.asyncio.Redis:

@@ -2,7 +2,8 @@
 
 Every key estafeta keeps in Redis starts with `[redis] key_prefix` (`estafeta:` unless set):
 `<prefix>circuits` (delivery/circuit_store.py), `<prefix>throttle…` (delivery/throttle.py),
-`<prefix>ingress:<tenant>:…` (ingress/ratelimit.py) and `<prefix>processes` (here). Two
+`<prefix>ingress:<tenant>:…` (ingress/ratelimit.py), `<prefix>probe` (redis_client.py's
+check that Redis takes writes) and `<prefix>processes` (here). Two
 deployments on one Redis database under one prefix (staging and production, or several
 customers' hubs, whose operators name their destinations and tenants alike: `crm`) would
 share circuits and budgets: one's failing `crm` would stop the other's deliveries, one's

@@ -169,3 +169,70 @@ async def test_a_redis_outage_is_alerted_and_reading_health_does_not_log_it_agai
     )
     assert not missing
     assert unavailable == dict.fromkeys(COMPONENTS, 1), unavailable
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+@pytest.mark.timeout(90)
+async def test_a_full_redis_is_one_outage_with_its_reason_not_one_per_try(
+    chaos_database: str, own_redis: RedisProcess, tmp_path: Path, estafeta: Estafeta, sink: Sink
+) -> None:
+    """Redis full (`maxmemory`, `noeviction`): it still answers PINGs and reads, and refuses
+    every write. Deliveries go on from memory; each component that writes logs the outage
+    once, with its reason, over three tries of Redis (not `redis_available` then
+    `redis_unavailable` every 5 s); health and the alert say why; once memory is freed Redis
+    is used again. crm never fails, so its circuit is only read, which a full Redis answers:
+    the circuits have no outage."""
+    writers = COMPONENTS - {"circuit_store"}
+    started = time.monotonic()
+    config = redis_outage_config(
+        chaos_database, tmp_path, sink, own_redis, worker={"alert_redis_down_s": 1}
+    )
+    serve = await estafeta.serve(config)
+    admin = redis.asyncio.Redis.from_url(own_redis.url)
+    async with hub_client(serve) as hub:
+        load = Load(hub, give_up_after_s=30)
+        stop_load = asyncio.Event()
+        sending = asyncio.create_task(load.steady(RATE_PER_S, stop_load, lead))
+        await asyncio.sleep(1.0)
+        # Full well past `maxmemory`: estafeta's own keys expiring frees too little.
+        await admin.mset({f"filler:{n}": b"x" * 1000 for n in range(2000)})
+        await admin.config_set("maxmemory-policy", "noeviction")
+        await admin.config_set("maxmemory", int((await admin.info("memory"))["used_memory"]) // 2)
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            await admin.set("filler:one-more", b"x")
+
+        async def all_noticed() -> bool:
+            noticed = {e.get("component") for e in logged(serve, "redis_unavailable")}
+            return noticed >= writers
+
+        await wait_until(all_noticed, timeout_s=15, what=f"redis_unavailable: {writers}")
+        await asyncio.sleep(3 * 5.0)  # three tries of Redis per component (retry_s)
+        detailed = await hub.get_json("/health/detailed")
+        refused = logged(serve, "redis_unavailable")
+        flapped = logged(serve, "redis_available")
+        await admin.config_set("maxmemory", 0)
+
+        async def back() -> bool:
+            available = {e.get("component") for e in logged(serve, "redis_available")}
+            return available >= writers
+
+        await wait_until(back, timeout_s=20, what=f"redis_available from {writers}")
+        stop_load.set()
+        sent = await asyncio.wait_for(sending, timeout=30)
+        acknowledged, missing = await acknowledged_and_delivered(
+            load, sink, sent=sent, timeout_s=20
+        )
+        assert await settled_deliveries(chaos_database, timeout_s=20) == {"succeeded": sent}
+    await admin.aclose()
+    report("chaos redis_full", sink, acknowledged, sent=sent, lost=len(missing), started=started)
+    assert flapped == [], flapped
+    assert Counter(e.get("component") for e in refused) == dict.fromkeys(writers, 1), refused
+    assert all("out of memory" in e.get("reason", "") for e in refused), refused
+    assert detailed["checks"]["redis"]["status"] == "unavailable", detailed
+    assert "out of memory" in detailed["checks"]["redis"]["reason"], detailed
+    assert "redis_down" in detailed["checks"]["alerts"]["firing"], detailed
+    fired = [e for e in logged(serve, "alert_fired") if e.get("alert") == "redis_down"]
+    assert len(fired) == 1 and "out of memory" in fired[0]["reason"], fired
+    assert sink.duplicates == 0
+    assert logged(serve, "task_crashed") == []

@@ -105,6 +105,7 @@ def create_app(
             refused_after_s=hub.config.worker.alert_webhooks_refused_s,
             redis=hub.redis,
             redis_down_after_s=hub.config.worker.alert_redis_down_s,
+            redis_key_prefix=hub.config.redis.key_prefix,
             delivers=run_workers,
             clock=hub.clock,
         )

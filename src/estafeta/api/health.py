@@ -21,7 +21,7 @@ from estafeta.delivery.presence import LIVE_WINDOW_S, named_destinations
 from estafeta.delivery.state import QUEUE_STATES
 from estafeta.errors import StoreUnavailable
 from estafeta.observability.metrics import render
-from estafeta.observability.reads import redis_unanswered, within
+from estafeta.observability.reads import redis_unwritable, within
 from estafeta.observability.spool_watch import SpoolHealth, judged
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ async def health_detailed(
             named_destinations(hub.config),
             delivers=this_process_delivers(request),
         ),
-        redis_check(hub.redis) if hub.redis is not None else _absent(),
+        redis_check(hub.redis, hub.config.redis.key_prefix) if hub.redis is not None else _absent(),
         spool.unwritable() if spool is not None else _absent(),
     )
     checks: dict[str, object] = {"store": store}
@@ -184,13 +184,15 @@ async def circuits_check(
     }
 
 
-async def redis_check(client: Redis) -> dict[str, str]:
-    """Whether the shared Redis answers a PING."""
-    error = await redis_unanswered(client)
-    if error is not None:
+async def redis_check(client: Redis, key_prefix: str) -> dict[str, str]:
+    """Whether the shared Redis takes a write (a PING passes a full or read-only Redis)."""
+    trouble = await redis_unwritable(client, key_prefix)
+    if trouble is not None:
+        error, reason = trouble
         return {
             "status": "unavailable",
             "error": error,
+            "reason": reason,
             "effect": "circuits and rate limits are kept per process until it is back",
         }
     return {"status": "ok"}

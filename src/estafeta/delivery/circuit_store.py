@@ -8,8 +8,9 @@ circuits live there (`RedisCircuitStore`); without it, in process memory
 `FallbackCircuitStore` wraps Redis with a memory copy, because Redis holds no data that must
 survive (DESIGN.md §1: cache, rate limits, breakers) and its outage must not stop deliveries:
 on a Redis error it carries on from memory — seeded with the last state it read from Redis,
-so an open circuit does not snap shut — and tries Redis again every `retry_s` with a PING in
-the background, so that no delivery waits for a silent Redis.
+so an open circuit does not snap shut — and tries Redis again every `retry_s` with a write of
+a key of its own in the background (`write_probe`: a full or read-only Redis answers a PING),
+so that no delivery waits for a silent Redis.
 
 The outage bookkeeping (`RedisFailover`) and the fail-fast client are in redis_client.py,
 shared with the outbound throttle and the inbound rate limit.
@@ -28,7 +29,7 @@ from redis.exceptions import WatchError
 
 from estafeta.config.models import DEFAULT_REDIS_KEY_PREFIX
 from estafeta.delivery.circuit import Circuit
-from estafeta.redis_client import REDIS_ERRORS, RedisFailover
+from estafeta.redis_client import REDIS_ERRORS, RedisFailover, write_probe
 
 _HEALTHY = Circuit()
 
@@ -101,10 +102,12 @@ class RedisCircuitStore:
     def __init__(self, client: redis.asyncio.Redis, prefix: str = DEFAULT_REDIS_KEY_PREFIX) -> None:
         self._client = client
         self.key = f"{prefix}circuits"
+        self._probe_key = f"{prefix}probe"
         self._turn = asyncio.Lock()
 
-    async def ping(self) -> None:
-        await self._client.ping()
+    async def probe(self) -> None:
+        """Raises Redis's error unless it takes a write (redis_client.write_probe)."""
+        await write_probe(self._client, self._probe_key)
 
     async def get_all(self) -> dict[str, Circuit]:
         raw = await self._client.hgetall(self.key)
@@ -153,7 +156,7 @@ class FallbackCircuitStore:
         self._primary = primary
         self._fallback = fallback or MemoryCircuitStore()
         self._failover = RedisFailover(
-            "circuit_store", retry_s=retry_s, monotonic=monotonic, probe=primary.ping
+            "circuit_store", retry_s=retry_s, monotonic=monotonic, probe=primary.probe
         )
         self._turn = asyncio.Lock()
 

@@ -14,7 +14,7 @@ the window, which for an outbound limit (tens or hundreds a second) is negligibl
 If Redis fails, each process falls back to its own in-memory limiter rather than stopping
 deliveries or ignoring the limit; while it lasts, N worker processes may together send up
 to N times the limit. `redis_unavailable` is logged once and Redis is tried again every
-`retry_s` seconds by a PING in the background, so no send waits for a silent Redis (see
+`retry_s` seconds by a write in the background, so no send waits for a silent Redis (see
 `RedisFailover` in redis_client.py). When Redis answers again, the
 sends a process counted in memory within a destination's window are added to Redis before
 that destination's next send, so the window that spans the recovery does not admit a whole
@@ -45,7 +45,7 @@ from redis.asyncio import ConnectionPool, Redis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from estafeta.config.models import DEFAULT_REDIS_KEY_PREFIX
-from estafeta.redis_client import REDIS_ERRORS, RedisFailover, retry_once
+from estafeta.redis_client import REDIS_ERRORS, RedisFailover, retry_once, write_probe
 
 MIN_WAIT_S = 0.01  # the shortest wait answered: a caller told "0.0001 s" would just spin
 # Reads of Redis's room for the sends counted during an outage, each refused only because
@@ -78,8 +78,9 @@ class DestinationThrottle:
         self._outage = _DestinationWindow(MemoryStorage())
         self._unshared: set[str] = set()
         self._failover = RedisFailover(
-            "throttle", retry_s=retry_s, monotonic=monotonic, probe=self._ping
+            "throttle", retry_s=retry_s, monotonic=monotonic, probe=self._probe
         )
+        self._probe_key = f"{key_prefix}probe"
         self._pool: ConnectionPool | None = None
         self._redis: MovingWindowRateLimiter | None = None
         if redis_url is not None:
@@ -205,10 +206,11 @@ class DestinationThrottle:
             raise
         await self._outage.clear(item, destination_id)  # still counted in `_memory`
 
-    async def _ping(self) -> None:
-        """The failover's try of Redis during an outage (in the background)."""
+    async def _probe(self) -> None:
+        """The failover's try of Redis during an outage (in the background): a write, as a
+        full or read-only Redis answers a PING."""
         assert self._pool is not None  # noqa: S101 - only called with Redis configured
-        await Redis(connection_pool=self._pool).ping()
+        await write_probe(Redis(connection_pool=self._pool), self._probe_key)
 
     async def aclose(self) -> None:
         """Close the Redis connections (a no-op without Redis)."""

@@ -23,10 +23,11 @@
   is unreachable the circuits are each process's own: a `serve` that delivers judges its
   own; one that does not (`--no-workers`) has only the copy it read before the outage, and
   holds the alert as it stood rather than fire or resolve on that.
-* `redis_down`: the configured Redis has not answered a PING for `worker.alert_redis_down_s`.
+* `redis_down`: the configured Redis has not taken a write (of `<key_prefix>probe`: a full
+  or read-only Redis answers a PING) for `worker.alert_redis_down_s`.
   Nothing is lost or stopped, but circuits and rate limits are kept per process meanwhile
   (N workers may send N times a destination's `rate_limit`): an operator must hear of it
-  even when nothing else goes wrong. It resolves when Redis answers.
+  even when nothing else goes wrong. It resolves when Redis takes a write again.
 * `no_workers`: deliveries wait and no process (`estafeta worker`, or a `serve` with its
   workers, this one included) has delivered for `worker.alert_no_workers_s`, by the store's
   record of processes (delivery/presence.py): none runs, or each one's delivery task keeps
@@ -63,12 +64,13 @@ import structlog
 from redis.asyncio import Redis
 
 from estafeta.clock import Clock, SystemClock, iso_from_ms
+from estafeta.config.models import DEFAULT_REDIS_KEY_PREFIX
 from estafeta.delivery.circuit import CircuitState
 from estafeta.delivery.circuit_store import CircuitStateStore, current_circuits
 from estafeta.errors import StoreUnavailable
 from estafeta.ingress.spool import Spool
 from estafeta.observability.metrics import ALERTS
-from estafeta.observability.reads import redis_unanswered, within
+from estafeta.observability.reads import redis_unwritable, within
 from estafeta.observability.refusals import Refusals
 from estafeta.observability.spool_watch import STALL_S, SpoolStatus, observe
 from estafeta.store.records import QueueDepths
@@ -146,6 +148,7 @@ class AlertMonitor:
         refused_after_s: float = 300.0,
         redis: Redis | None = None,
         redis_down_after_s: float = 60.0,
+        redis_key_prefix: str = DEFAULT_REDIS_KEY_PREFIX,
         delivers: bool = True,
         clock: Clock | None = None,
         interval_s: float = 5.0,
@@ -167,6 +170,7 @@ class AlertMonitor:
         self.delivers = delivers
         self.redis = redis
         self.redis_down_after_ms = round(redis_down_after_s * 1000)
+        self.redis_key_prefix = redis_key_prefix
         self._redis_down_since: int | None = None  # the first PING of an outage that failed
         self.clock: Clock = clock or SystemClock()
         self.interval_s = interval_s
@@ -292,9 +296,9 @@ class AlertMonitor:
         self._down.publish(self.firing)
 
     async def _check_redis(self, client: Redis) -> None:
-        error = await redis_unanswered(client)
+        trouble = await redis_unwritable(client, self.redis_key_prefix)
         now = self.clock.now_ms()
-        if error is None:
+        if trouble is None:
             self._redis_down_since = None
             self._resolve(REDIS_DOWN)
             return
@@ -302,9 +306,11 @@ class AlertMonitor:
             self._redis_down_since = now
         since = self._redis_down_since
         if now - since >= self.redis_down_after_ms:
+            error, reason = trouble
             self._fire(
                 REDIS_DOWN,
                 error=error,
+                reason=reason,
                 since=iso_from_ms(since),
                 down_s=round((now - since) / 1000),
             )

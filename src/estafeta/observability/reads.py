@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 
-from estafeta.redis_client import REDIS_ERRORS
+from estafeta.redis_client import REDIS_ERRORS, describe, write_probe
 
 T = TypeVar("T")
 
@@ -47,11 +47,13 @@ def _retrieve(task: asyncio.Task[Any]) -> None:
         task.exception()
 
 
-async def redis_unanswered(client: Redis) -> str | None:
-    """None when Redis answers a PING within `READ_TIMEOUT_S` (its client fails within about
-    1 s: a call that timed out is not tried again), else the error's class name."""
+async def redis_unwritable(client: Redis, key_prefix: str) -> tuple[str, str] | None:
+    """None when Redis takes a write of `<key_prefix>probe` within `READ_TIMEOUT_S` (its client
+    fails within about 1 s: a call that timed out is not tried again), else the error's class
+    name and what it means (`redis_client.describe`). A write, not a PING: a full Redis, a
+    read-only replica or an ACL user without write permission answer a PING."""
     try:
-        await within(client.ping())
+        await within(write_probe(client, f"{key_prefix}probe"))
     except REDIS_ERRORS as exc:  # TimeoutError is an OSError
-        return type(exc).__name__
+        return type(exc).__name__, describe(exc)
     return None
