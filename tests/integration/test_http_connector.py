@@ -10,10 +10,12 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
 import pytest
+from standardwebhooks.webhooks import Webhook
 from yarl import URL
 
 from estafeta import __version__
@@ -776,6 +778,22 @@ def test_sign_webhook_matches_both_vectors() -> None:
         )
         == VECTOR["expected_signature"]
     )
+
+
+@pytest.mark.parametrize(
+    "secret",
+    ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "whsec_AQ"],
+)
+@pytest.mark.parametrize(
+    "body",
+    [b"", b'{"a":1}', '{"text":"ol\u00e1 \u2603 \U0001f600 \\u0000"}'.encode(), b"x" * 70_000],
+)
+def test_sign_webhook_agrees_with_the_reference_library(secret: str, body: bytes) -> None:
+    # Signed on the body's bytes rather than by the library: a receiver verifying with
+    # `standardwebhooks` must still agree, for any secret it takes and any UTF-8 body.
+    moment = datetime.fromtimestamp(1_700_000_123, tz=UTC)
+    expected = Webhook(secret).sign("evt_01JD3M", moment, body.decode())
+    assert sign_webhook(secret, "evt_01JD3M", 1_700_000_123, body) == expected
 
 
 # -- the sink's own semantics ----------------------------------------------------------------

@@ -316,7 +316,7 @@ def _leased(r: Any, token: str, deadline: int) -> LeasedDelivery:
         ordering_key=r[7],
         lease_token=token,
         lease_expires_at=deadline,
-        payload=r[9].encode(),
+        payload=r[9],  # as bytes: both statements return the text's UTF-8
     )
 
 

@@ -107,20 +107,22 @@ _DELIVERY_FIELDS = (
 )
 
 
-def pg_json(rows: list[dict[str, Any]]) -> str:
-    """Rows as the JSON text the batch statements read. PostgreSQL text cannot hold U+0000:
-    a stray NUL in what a provider or a destination sent becomes U+FFFD here, instead of
-    failing the statement and with it the webhook (retried by its provider forever) or the
-    attempt's record (sent again after every lease)."""
-    encoded = orjson.dumps(rows).decode()
-    if "\\u0000" not in encoded:  # the common case: one scan in C
+def pg_json(rows: list[dict[str, Any]]) -> bytes:
+    """Rows as the UTF-8 JSON the batch statements read. Sent as bytes (`bytea`, read back
+    with `convert_from`): as a str, it was decoded from orjson's UTF-8 here and encoded
+    again by asyncpg, two passes over every payload (1.4 % of a webhook's instructions).
+    PostgreSQL text cannot hold U+0000: a stray NUL in what a provider or a destination sent
+    becomes U+FFFD here, instead of failing the statement and with it the webhook (retried by
+    its provider forever) or the attempt's record (sent again after every lease)."""
+    encoded = orjson.dumps(rows)
+    if b"\\u0000" not in encoded:  # the common case: one scan in C
         return encoded
     return orjson.dumps(
         [{k: storable(v) if isinstance(v, str) else v for k, v in row.items()} for row in rows]
-    ).decode()
+    )
 
 
-def _batch_params(events: Sequence[NewEvent]) -> dict[str, str]:
+def _batch_params(events: Sequence[NewEvent]) -> dict[str, bytes]:
     """The batch statement's two parameters: events and deliveries as JSON rows."""
     event_objects = [
         dict(

@@ -16,7 +16,6 @@ change whose `field` is not `messages`, and account-level `value.errors[]` give 
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -101,7 +100,7 @@ class WhatsAppCloudSource:
             raise HttpError(401, "missing_signature", "missing X-Hub-Signature-256 header")
         given = given.strip().lower()
         if not any(
-            equal(given, f"sha256={hmac.new(secret, request.body, hashlib.sha256).hexdigest()}")
+            equal(given, f"sha256={hmac.digest(secret, request.body, 'sha256').hex()}")
             for secret in self._app_secrets
         ):
             raise HttpError(

@@ -10,7 +10,7 @@
 -- count those, not the deaths they decided).
 WITH done AS MATERIALIZED (
     SELECT *
-    FROM json_to_recordset(CAST(CAST(:attempts AS text) AS json)) AS a(
+    FROM json_to_recordset(CAST(convert_from(CAST(:attempts AS bytea), 'UTF8') AS json)) AS a(
         id varchar, tenant_id varchar, delivery_id varchar, number integer,
         started_at bigint, duration_ms double precision, outcome varchar,
         status_code integer, error_class varchar, response_excerpt text,

@@ -87,5 +87,7 @@ SET state = 'in_flight',
     updated_at = :now
 FROM events AS e
 WHERE d.id = ANY(ARRAY(SELECT id FROM due)) AND e.id = d.event_id
+-- The payload as its UTF-8 bytes, which the worker sends: read as text, the driver
+-- decoded it only for the worker to encode it again.
 RETURNING d.id, d.tenant_id, d.event_id, d.destination_id, d.attempts, d.max_attempts,
-          d.priority, d.ordering_key, d.next_attempt_at, e.payload
+          d.priority, d.ordering_key, d.next_attempt_at, convert_to(e.payload, 'UTF8')

@@ -44,6 +44,8 @@ WHERE id IN (
     ORDER BY picked.priority, picked.level, picked.next_attempt_at, picked.id
     LIMIT :limit
 )
+-- The payload as its UTF-8 bytes, which the worker sends: read as text, the driver
+-- decoded it only for the worker to encode it again.
 RETURNING id, tenant_id, event_id, destination_id, attempts, max_attempts,
           priority, ordering_key, next_attempt_at,
-          (SELECT payload FROM events WHERE events.id = deliveries.event_id) AS payload
+          CAST((SELECT payload FROM events WHERE events.id = deliveries.event_id) AS BLOB)
