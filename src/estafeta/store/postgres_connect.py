@@ -114,6 +114,10 @@ async def refuse_transaction_pooling(engine: AsyncEngine, connect_args: Mapping[
                     driver: Any = (await conn.get_raw_connection()).driver_connection
                     # Outside a transaction, so that the pooler may hand the backend over.
                     backends.append(await driver.fetchval("SELECT pg_backend_pid()"))
+                # Closed, not pooled: two idle sessions kept from start-up would each fail
+                # one request after the server ended them (a restart, a failover).
+                await first.invalidate()
+                await second.invalidate()
         except Exception as exc:
             if statement_cache_lost(exc):
                 raise StoreError(f"the store failed: {POOLER_HINT}") from None
