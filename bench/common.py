@@ -392,11 +392,23 @@ def pg_connect(database: str | None = None) -> Any:
 
 
 def pg_fresh(name: str) -> str:
-    """(Re)create the bench-owned database `estafeta_bench_<name>`; its URL."""
-    database = DB_PREFIX + name
+    """Create the bench-owned database `estafeta_bench_<name>_<pid>`; its URL.
+
+    Named by this process, so that two runs at once (two `bench/instructions.py`) do not drop
+    each other's database mid-run, which left both hanging. Those a killed run left behind
+    (its process gone) are dropped here."""
+    database = f"{DB_PREFIX}{name}_{os.getpid()}"
     conn = pg_connect()
     try:
         with conn.cursor() as cur:
+            cur.execute(
+                "SELECT datname FROM pg_database WHERE datname LIKE %s",
+                (f"{DB_PREFIX}{name}_%",),
+            )
+            for (found,) in cur.fetchall():
+                pid = found.rsplit("_", 1)[-1]
+                if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                    cur.execute(f'DROP DATABASE IF EXISTS "{found}" WITH (FORCE)')
             cur.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
             cur.execute(f'CREATE DATABASE "{database}"')
     finally:
