@@ -71,6 +71,9 @@ class RedisFailover:
     (an ACL user allowed SET, not EVALSHA). Its success lets the next call try Redis, and that
     call's success ends the outage; its failure keeps it, unlogged, for another `retry_s`.
     Each refusal would otherwise end and start an outage every `retry_s`, two log lines each.
+    A read (`writes=False`) does not take that trial after a write was refused: reads pass
+    on a full or read-only Redis, and one passing ended the outage (the circuits' copy read
+    back from Redis's stale one) until the next write began another.
     """
 
     def __init__(
@@ -91,13 +94,15 @@ class RedisFailover:
         self._next_try = 0.0
         self._refused = False  # the outage's last failure was Redis refusing a command
         self._trial = False  # a probe passed: the next call tries Redis (after a refusal)
+        self._refused_write = False  # the refusal was of a write: only a write ends it
         self.reason = ""  # why the current outage began (`describe`)
 
-    def begin(self) -> int | None:
+    def begin(self, *, writes: bool = True) -> int | None:
+        """A token to call Redis with, or None; `writes`: whether the call writes."""
         if self.available:
             return self._generation
         now = self._monotonic()
-        if self._trial:
+        if self._trial and (writes or not self._refused_write):
             self._trial = False
             self._next_try = now + self.retry_s
             return self._generation  # this caller tries what the probe could not
@@ -115,7 +120,10 @@ class RedisFailover:
         try:
             await self._probe()
         except REDIS_ERRORS as exc:
+            refused_write = self._refused_write
             self.failed(token, exc)
+            # The try's write is ours, not the component's: which of its calls failed stands.
+            self._refused_write = refused_write and self._refused
         else:
             if self._refused and token == self._generation:
                 self._trial = True
@@ -142,18 +150,22 @@ class RedisFailover:
         """No outage began since `token` was handed out."""
         return token == self._generation
 
-    def succeeded(self, token: int) -> None:
+    def succeeded(self, token: int, *, writes: bool = True) -> None:
+        """`writes`: whether the call wrote; one that did not ends no refusal of a write."""
+        if not writes and self._refused_write:
+            return  # the next try's trial goes to a call that writes
         if not self.available and token == self._generation:
             self.available = True
-            self._refused = self._trial = False
+            self._refused = self._trial = self._refused_write = False
             self.reason = ""
             _log().info("redis_available", component=self.component)
 
-    def failed(self, token: int, exc: BaseException) -> None:
+    def failed(self, token: int, exc: BaseException, *, writes: bool = True) -> None:
         if token != self._generation:
             return
         self._next_try = self._monotonic() + self.retry_s
         self._refused = refused(exc)
+        self._refused_write = self._refused and writes
         self._trial = False
         if self.available:
             self.available = False

@@ -250,6 +250,37 @@ async def test_a_command_the_acl_user_may_not_run_keeps_the_outage_though_writes
     assert "NOPERM" in logs[0]["reason"], logs[0]
 
 
+async def test_a_read_that_passes_where_our_writes_are_refused_ends_no_outage(
+    server: RedisServer,
+    components: tuple[DestinationThrottle, FallbackCircuitStore, Clock],
+) -> None:
+    """Reads of every key allowed, writes of the try's key only: the try passes and a read
+    (a lease's `room`, /health's circuits, an update that writes nothing) would pass too,
+    but our writes still fail. A read taking the trial ended the outage, read Redis's stale
+    circuits back over the failures counted meanwhile, and the next write began another
+    outage, every 5 s."""
+    throttle, circuits, clock = components
+    admin = redis.Redis(port=server.port)
+    with capture_logs() as logs:
+        admin.acl_setuser(USER, enabled=True, reset_keys=True, keys=["%R~*", "%RW~estafeta:probe"])
+        for _ in range(4):
+            assert await throttle.acquire("billing") is None
+            await circuits.update("crm", one_more_failure)
+            await throttle._failover.probed()
+            await circuits._failover.probed()
+            # Read between the try and the next write, as a lease and /health do, and a
+            # healthy destination's success changes nothing of its circuit: no write.
+            assert await throttle.room("billing") is not None
+            await circuits.get_all()
+            await circuits.update("billing", lambda c: c)
+            clock.now += RETRY_S + 0.1
+        assert not throttle.using_redis and not circuits.using_primary
+        assert (await circuits.get_all())["crm"].consecutive_failures == 4
+    admin.close()
+    events = sorted((e["component"], e["event"]) for e in logs if e["event"].startswith("redis_"))
+    assert events == [("circuit_store", "redis_unavailable"), ("throttle", "redis_unavailable")]
+
+
 async def test_health_and_the_alert_say_redis_refuses_writes_though_it_answers_ping(
     database_url: str, store: SqlStore, server: RedisServer
 ) -> None:

@@ -557,6 +557,14 @@ INVALID_CASES: list[tuple[str, str, list[str]]] = [
             " password percent-encoded (%2F, %3F, %23, %40)"
         ],
     ),
+    (  # an `@` in the query only in a parameter's value: here a password's `=` made one
+        "a database password holding '@', '?' and '=' as written",
+        '[storage]\nurl = "postgresql://hub:p@ss?w=0rd@db/estafeta"',
+        [
+            "storage.url: invalid database URL: write a '/', '?', '#' or '@' of its user or"
+            " password percent-encoded (%2F, %3F, %23, %40)"
+        ],
+    ),
     (  # read as a fragment: the password's first part was taken for the port
         "a database password holding '#' as written",
         '[storage]\nurl = "postgresql://hub:pa#ss@db/estafeta"',
@@ -1292,6 +1300,10 @@ def test_secrets_never_appear_in_repr(tmp_path: Path) -> None:
         "postgresql://u@/estafeta?host=db1&host=db2",
         "postgresql://u@db/estafeta?application_name=estafeta&connect_timeout=10"
         "&options=-c%20statement_timeout%3D30000",
+        # An `@` in a parameter's value, as libpq takes it (the password check refused it).
+        "postgresql://hub@db/estafeta?password=p@ss",
+        "postgresql:///estafeta?host=db&user=admin@server",  # Azure's user@server login
+        "postgresql://hub@db/estafeta?passfile=/home/ops@corp/.pgpass",
         "redis://cache:6379/0?socket_timeout=5",
         "rediss://cache:6380/0?ssl_cert_reqs=none",
     ],

@@ -68,6 +68,16 @@ AS_WRITTEN = "postgresql+asyncpg://hub:p%40ss%2Fw0rd@db.example:5432/estafeta"
             "postgresql+asyncpg:///e?host=h1%3A6000&host=h2%3A6000",
             {},
         ),
+        (  # libpq: the port written after the URL's (empty) host serves `?host=`'s hosts
+            "postgresql://u@:6000/e?host=h1,h2",
+            "postgresql+asyncpg://u@/e?host=h1%3A6000&host=h2%3A6000",
+            {},
+        ),
+        (
+            "postgresql://u@db:6000/e?host=h1&host=h2",
+            "postgresql+asyncpg://u@/e?host=h1%3A6000&host=h2%3A6000",
+            {},
+        ),
     ],
 )
 def test_engine_url_and_connect_args(

@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import limits
 from pydantic import (
@@ -320,8 +320,13 @@ def _check_postgres_netloc(url: str) -> None:
     (read as the host's, it failed as a DNS error or, worse, quoted the password's rest as
     a parameter's name)."""
     parts = urlsplit(url)
-    after = (_after_netloc(url), parts.query, parts.fragment)
-    if parts.netloc.count("@") > 1 or any("@" in part for part in after) or parts.fragment:
+    # An `@` in the query is a password's only outside a known parameter's value: libpq
+    # takes `?password=p@ss` or `?user=admin@server` as written.
+    misplaced = any(
+        "@" in item and unquote(item.partition("=")[0]) not in POSTGRES_QUERY_KEYS
+        for item in parts.query.split("&")
+    )
+    if parts.netloc.count("@") > 1 or "@" in _after_netloc(url) or misplaced or parts.fragment:
         raise ValueError(
             "invalid database URL: write a '/', '?', '#' or '@' of its user or password"
             " percent-encoded (%2F, %3F, %23, %40)"

@@ -166,12 +166,12 @@ class FallbackCircuitStore:
         return self._failover.available
 
     async def get_all(self) -> dict[str, Circuit]:
-        token = self._failover.begin()
+        token = self._failover.begin(writes=False)
         if token is not None:
             try:
                 circuits = await self._primary.get_all()
             except REDIS_ERRORS as exc:
-                self._failover.failed(token, exc)
+                self._failover.failed(token, exc, writes=False)
             else:
                 self._failover.succeeded(token)
                 self._fallback.replace(circuits)
@@ -194,7 +194,8 @@ class FallbackCircuitStore:
                     except REDIS_ERRORS as exc:
                         self._failover.failed(token, exc)
                     else:
-                        self._failover.succeeded(token)
+                        # A change of nothing is a read (RedisCircuitStore.update): no write.
+                        self._failover.succeeded(token, writes=after != before)
                         self._fallback.put(destination_id, after)
                         return before, after
         return await self._fallback.update(destination_id, change)

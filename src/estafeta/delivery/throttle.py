@@ -153,13 +153,13 @@ class DestinationThrottle:
         if item is None:
             return None
         room = (await self._memory.get_window_stats(item, destination_id)).remaining
-        token = None if self._redis is None else self._failover.begin()
+        token = None if self._redis is None else self._failover.begin(writes=False)
         if self._redis is None or token is None:
             return max(0, room)
         try:
             shared = await self._redis.get_window_stats(item, destination_id)
         except REDIS_ERRORS as exc:
-            self._failover.failed(token, exc)
+            self._failover.failed(token, exc, writes=False)
             return max(0, room)
         self._failover.succeeded(token)
         unshared = 0  # an outage's sends, added to Redis before this destination's next send

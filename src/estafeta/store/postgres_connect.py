@@ -58,6 +58,9 @@ def _hosts(netloc_hosts: str, query: list[tuple[str, str]]) -> list[tuple[str, s
             return [("host", directory)] + ([("port", port)] if port else [])
     elif len(listed) == 1:
         return None  # `?host=…` (a socket directory, or a name) with `?port=`: as written
+    elif not ports:  # libpq: the URL's own port (`//u@:6000/db?host=h1,h2`) serves them all
+        _host, colon, port = netloc_hosts.rpartition(":")
+        ports = [port] if colon and port.isdigit() and "," not in netloc_hosts else []
     found = []
     for i, host in enumerate(listed):
         name, colon, port = host.rpartition(":") if not host.startswith("/") else ("", "", "")
