@@ -114,7 +114,7 @@ async def test_a_percent_encoded_password_and_a_user_with_dots(database_url: str
     holding `@` and `/`, percent-encoded as the docs say (the test server trusts every
     login: the password is read back from what the store connects with)."""
     _user, host, port, db = _parts(database_url)
-    role = "estafeta.urls"
+    role = _own_role("estafeta.urls", db)
     await _admin(
         database_url,
         f"CREATE ROLE \"{role}\" LOGIN PASSWORD 'p@ss/w0rd'",
@@ -128,6 +128,12 @@ async def test_a_percent_encoded_password_and_a_user_with_dots(database_url: str
         await store.close()
     finally:
         await _admin(database_url, f'DROP OWNED BY "{role}"', f'DROP ROLE "{role}"')
+
+
+def _own_role(prefix: str, db: str) -> str:
+    """`prefix` named after this test's database: roles belong to the whole server, and
+    another run's test of the same name would find it taken, or drop it while in use."""
+    return f"{prefix}.{db.lstrip('/')}"
 
 
 async def _admin(database_url: str, *statements: str) -> None:
@@ -190,7 +196,7 @@ async def test_a_role_that_may_not_create_the_schema_is_told_what_it_lacks(
     # PostgreSQL 15 took CREATE on schema public from every role: a hosting panel's new user
     # of a database it does not own met `the store failed: ProgrammingError (SQLSTATE 42501)`.
     _user, host, port, db = _parts(database_url)
-    role = "estafeta.readonly"
+    role = _own_role("estafeta.readonly", db)
     await _admin(database_url, f'CREATE ROLE "{role}" LOGIN')
     store = open_store(f"postgresql://{role}@{host}:{port}{db}")
     try:
