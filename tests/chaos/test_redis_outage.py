@@ -21,6 +21,7 @@ import redis.asyncio
 from estafeta.testing.sink import Sink
 from tests.acceptance.conftest import (
     Estafeta,
+    Proc,
     hub_client,
     leads_to_crm_config,
     report,
@@ -38,12 +39,34 @@ from tests.chaos.conftest import (
     per_second,
     settled_deliveries,
 )
+from tests.integration.redis_support import fill_past_maxmemory
 
 RATE_PER_S = 40
 BEFORE_S = 3.0
 OUTAGE_S = 7.0  # longer than the 5 s between tries: a failed retry must not log again
 # What uses Redis in `serve` (RedisFailover names): its worker's two, and ingest's.
 COMPONENTS = {"throttle", "circuit_store", "ingress_rate_limit"}
+
+
+async def logged_by_each(serve: Proc, event: str, components: set[str], timeout_s: float) -> None:
+    """Wait until each of `components` has logged `event` (`redis_unavailable`, …)."""
+
+    async def each() -> bool:
+        return {e.get("component") for e in logged(serve, event)} >= components
+
+    await wait_until(each, timeout_s=timeout_s, what=f"{event} from {sorted(components)}")
+
+
+async def stopped_and_settled(
+    load: Load, stop_load: asyncio.Event, sending: asyncio.Task[int], sink: Sink, database: str
+) -> tuple[int, dict[str, set[str]], set[str]]:
+    """Stop the load; every webhook sent was acknowledged, delivered and its delivery
+    settled as succeeded. Returns how many were sent, what was acknowledged and what lost."""
+    stop_load.set()
+    sent = await asyncio.wait_for(sending, timeout=30)
+    acknowledged, missing = await acknowledged_and_delivered(load, sink, sent=sent, timeout_s=20)
+    assert await settled_deliveries(database, timeout_s=20) == {"succeeded": sent}
+    return sent, acknowledged, missing
 
 
 def redis_outage_config(
@@ -93,19 +116,11 @@ async def test_deliveries_go_on_while_redis_is_down_and_redis_is_used_again_afte
         await own_redis.start()
         restarted_at = time.monotonic()
 
-        async def back() -> bool:
-            available = {e.get("component") for e in logged(serve, "redis_available")}
-            return available >= COMPONENTS
-
         # Redis is tried again every 5 s (RedisFailover.retry_s) by each component.
-        await wait_until(back, timeout_s=15, what=f"redis_available from {COMPONENTS}")
-        stop_load.set()
-        sent = await asyncio.wait_for(sending, timeout=30)
-
-        acknowledged, missing = await acknowledged_and_delivered(
-            load, sink, sent=sent, timeout_s=20
+        await logged_by_each(serve, "redis_available", COMPONENTS, timeout_s=15)
+        sent, acknowledged, missing = await stopped_and_settled(
+            load, stop_load, sending, sink, chaos_database
         )
-        assert await settled_deliveries(chaos_database, timeout_s=20) == {"succeeded": sent}
 
     ok = arrivals(sink, status=200)
     before = per_second(ok, started + 1, killed_at)
@@ -138,11 +153,7 @@ async def test_a_redis_outage_is_alerted_and_reading_health_does_not_log_it_agai
         await own_redis.kill()
         await load.burst([lead(n) for n in range(5, 10)], concurrency=5)
 
-        async def all_noticed() -> bool:
-            noticed = {e.get("component") for e in logged(serve, "redis_unavailable")}
-            return noticed >= COMPONENTS
-
-        await wait_until(all_noticed, timeout_s=10, what=f"redis_unavailable: {COMPONENTS}")
+        await logged_by_each(serve, "redis_unavailable", COMPONENTS, timeout_s=10)
 
         async def alerted() -> bool:
             return any(e.get("alert") == "redis_down" for e in logged(serve, "alert_fired"))
@@ -195,35 +206,20 @@ async def test_a_full_redis_is_one_outage_with_its_reason_not_one_per_try(
         stop_load = asyncio.Event()
         sending = asyncio.create_task(load.steady(RATE_PER_S, stop_load, lead))
         await asyncio.sleep(1.0)
-        # Full well past `maxmemory`: estafeta's own keys expiring frees too little.
-        await admin.mset({f"filler:{n}": b"x" * 1000 for n in range(2000)})
-        await admin.config_set("maxmemory-policy", "noeviction")
-        await admin.config_set("maxmemory", int((await admin.info("memory"))["used_memory"]) // 2)
-        with pytest.raises(redis.exceptions.OutOfMemoryError):
-            await admin.set("filler:one-more", b"x")
+        with redis.Redis.from_url(own_redis.url) as blocking:
+            await asyncio.to_thread(fill_past_maxmemory, blocking)
 
-        async def all_noticed() -> bool:
-            noticed = {e.get("component") for e in logged(serve, "redis_unavailable")}
-            return noticed >= writers
-
-        await wait_until(all_noticed, timeout_s=15, what=f"redis_unavailable: {writers}")
+        await logged_by_each(serve, "redis_unavailable", writers, timeout_s=15)
         await asyncio.sleep(3 * 5.0)  # three tries of Redis per component (retry_s)
         detailed = await hub.get_json("/health/detailed")
         refused = logged(serve, "redis_unavailable")
         flapped = logged(serve, "redis_available")
         await admin.config_set("maxmemory", 0)
 
-        async def back() -> bool:
-            available = {e.get("component") for e in logged(serve, "redis_available")}
-            return available >= writers
-
-        await wait_until(back, timeout_s=20, what=f"redis_available from {writers}")
-        stop_load.set()
-        sent = await asyncio.wait_for(sending, timeout=30)
-        acknowledged, missing = await acknowledged_and_delivered(
-            load, sink, sent=sent, timeout_s=20
+        await logged_by_each(serve, "redis_available", writers, timeout_s=20)
+        sent, acknowledged, missing = await stopped_and_settled(
+            load, stop_load, sending, sink, chaos_database
         )
-        assert await settled_deliveries(chaos_database, timeout_s=20) == {"succeeded": sent}
     await admin.aclose()
     report("chaos redis_full", sink, acknowledged, sent=sent, lost=len(missing), started=started)
     assert flapped == [], flapped

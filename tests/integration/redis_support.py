@@ -125,3 +125,16 @@ class LateRedis:
             for w in (writer, up_writer):
                 with contextlib.suppress(OSError):
                     w.close()
+
+
+def fill_past_maxmemory(admin: redis.Redis) -> None:
+    """Make a Redis full (`maxmemory` under `noeviction`: it refuses every write with OOM)
+    well past its limit, so that estafeta's own keys expiring frees too little."""
+    admin.mset({f"filler:{n}": b"x" * 1000 for n in range(2000)})
+    admin.config_set("maxmemory-policy", "noeviction")
+    admin.config_set("maxmemory", int(admin.info("memory")["used_memory"]) // 2)
+    try:
+        admin.set("filler:one-more", b"x")
+    except redis.exceptions.OutOfMemoryError:
+        return
+    raise AssertionError("Redis took a write past its maxmemory")

@@ -36,7 +36,7 @@ from estafeta.store.sqlstore import SqlStore
 from tests.acceptance.conftest import free_port
 from tests.clocks import ManualClock
 from tests.conftest import base_config
-from tests.integration.redis_support import RedisServer
+from tests.integration.redis_support import RedisServer, fill_past_maxmemory
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -55,12 +55,7 @@ class Refusal:
 
 
 def fill(admin: redis.Redis, _directory: Path) -> None:
-    """Full well past `maxmemory`: estafeta's own keys expiring frees too little."""
-    admin.mset({f"filler:{n}": b"x" * 1000 for n in range(2000)})
-    admin.config_set("maxmemory-policy", "noeviction")
-    admin.config_set("maxmemory", int(admin.info("memory")["used_memory"]) // 2)
-    with pytest.raises(redis.exceptions.OutOfMemoryError):
-        admin.set("filler:one-more", b"x")
+    fill_past_maxmemory(admin)
 
 
 def replica(admin: redis.Redis, _directory: Path) -> None:
