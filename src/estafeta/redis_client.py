@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from typing import Literal
 
 import redis.asyncio
 import structlog
@@ -92,9 +93,10 @@ class RedisFailover:
         self.available = True
         self._generation = 0
         self._next_try = 0.0
-        self._refused = False  # the outage's last failure was Redis refusing a command
+        # The outage's last failure, when Redis refused a command: "read" or "write" (only
+        # a write ends the refusal of one); "" when it could not be reached.
+        self._refused: Literal["", "read", "write"] = ""
         self._trial = False  # a probe passed: the next call tries Redis (after a refusal)
-        self._refused_write = False  # the refusal was of a write: only a write ends it
         self.reason = ""  # why the current outage began (`describe`)
 
     def begin(self, *, writes: bool = True) -> int | None:
@@ -102,7 +104,7 @@ class RedisFailover:
         if self.available:
             return self._generation
         now = self._monotonic()
-        if self._trial and (writes or not self._refused_write):
+        if self._trial and (writes or self._refused != "write"):
             self._trial = False
             self._next_try = now + self.retry_s
             return self._generation  # this caller tries what the probe could not
@@ -120,10 +122,8 @@ class RedisFailover:
         try:
             await self._probe()
         except REDIS_ERRORS as exc:
-            refused_write = self._refused_write
-            self.failed(token, exc)
             # The try's write is ours, not the component's: which of its calls failed stands.
-            self._refused_write = refused_write and self._refused
+            self.failed(token, exc, writes=self._refused == "write")
         else:
             if self._refused and token == self._generation:
                 self._trial = True
@@ -152,11 +152,11 @@ class RedisFailover:
 
     def succeeded(self, token: int, *, writes: bool = True) -> None:
         """`writes`: whether the call wrote; one that did not ends no refusal of a write."""
-        if not writes and self._refused_write:
+        if not writes and self._refused == "write":
             return  # the next try's trial goes to a call that writes
         if not self.available and token == self._generation:
             self.available = True
-            self._refused = self._trial = self._refused_write = False
+            self._refused, self._trial = "", False
             self.reason = ""
             _log().info("redis_available", component=self.component)
 
@@ -164,8 +164,7 @@ class RedisFailover:
         if token != self._generation:
             return
         self._next_try = self._monotonic() + self.retry_s
-        self._refused = refused(exc)
-        self._refused_write = self._refused and writes
+        self._refused = ("write" if writes else "read") if refused(exc) else ""
         self._trial = False
         if self.available:
             self.available = False
