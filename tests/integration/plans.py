@@ -5,10 +5,13 @@ read, SQLite's plan steps."""
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Select, text
+import orjson
+from sqlalchemy import Select, event, text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from estafeta.store.sqlstore import SqlStore
 
@@ -32,6 +35,37 @@ async def explain_sql(store: SqlStore, sql: str, params: Mapping[str, Any] | Non
             return [row.detail for row in steps]
         finally:
             await conn.rollback()
+
+
+@contextmanager
+def statements_ran(engine: AsyncEngine) -> Iterator[list[tuple[str, Any]]]:
+    """The statements run on `engine` meanwhile, as the driver was given them (text and
+    parameters), for `explain_ran`."""
+    ran: list[tuple[str, Any]] = []
+
+    def note(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        ran.append((statement, parameters))
+
+    event.listen(engine.sync_engine, "before_cursor_execute", note)
+    try:
+        yield ran
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", note)
+
+
+async def explain_ran(store: SqlStore, sql: str, parameters: Any) -> Any:
+    """The engine's plan (as `explain_sql` gives it) of a statement as the store ran it
+    (`statements_ran`)."""
+    async with store.engine.connect() as conn:
+        try:
+            if store.engine.dialect.name == "postgresql":
+                explained = f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}"
+                found = (await conn.exec_driver_sql(explained, tuple(parameters))).scalar_one()
+                return (orjson.loads(found) if isinstance(found, str) else found)[0]["Plan"]
+            steps = await conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", tuple(parameters))
+            return [row.detail for row in steps]
+        finally:
+            await conn.rollback()  # whatever it wrote
 
 
 def plan_nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:

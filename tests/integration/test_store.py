@@ -35,7 +35,14 @@ from estafeta.store.sqlite import WAL_SIZE_LIMIT
 from estafeta.store.sqlstore import SqlStore
 from estafeta.store.views import latest_attempts
 from tests.conftest import base_config, empty_database, lease_any, until_waiting_for_locks
-from tests.integration.plans import assert_walks_only, explain, explain_sql, rows_read
+from tests.integration.plans import (
+    assert_walks_only,
+    explain,
+    explain_ran,
+    explain_sql,
+    rows_read,
+    statements_ran,
+)
 from tests.integration.store_support import (
     NOW,
     attempt,
@@ -1198,6 +1205,89 @@ async def test_a_queued_message_among_thousands_of_repeated_keys_is_answered_in_
     assert results[0] == InsertResult(send.id, duplicate=False)
     assert [r.event_id for r in results[1:]] == [o.id for o in originals]
     assert all(r.duplicate for r in results[1:])
+
+
+async def test_a_batch_of_repeats_reads_their_originals_once(store: SqlStore) -> None:
+    """The general path (here for a queued message) answers a provider's resent burst:
+    PostgreSQL's batch statement names each repeat's original, SQLite's insert reads them
+    before inserting. Each then read every one of them again, a second lookup of thousands
+    of keys already answered (seconds a batch on stale statistics)."""
+    many = 2_000
+    originals = [event(f"wamid.{n}", destinations=()) for n in range(many)]
+    for start in range(0, many, 1000):
+        await store.insert_events(originals[start : start + 1000])
+    send = replace(
+        event(None),
+        conversation_id="5511999999999",
+        message=NewMessage(
+            id="msg_repeats", source_id="crm-events", recipient="+5511999999999", content="{}"
+        ),
+    )
+    repeats = [event(f"wamid.{n}", destinations=()) for n in range(many)]
+    with statements_ran(store.engine) as ran:
+        results = await store.insert_events([send, *repeats])
+    assert [r.event_id for r in results[1:]] == [o.id for o in originals]
+    reads = [sql for sql, _ in ran if "idempotency_key" in sql and "INSERT" not in sql]
+    # PostgreSQL: none beside the batch statement; SQLite: one read, 1,000 keys a statement.
+    assert len(reads) == (0 if store.dialect == "postgresql" else 2), reads
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_the_originals_of_thousands_of_keys_are_read_by_their_index_on_stale_statistics(
+    store: SqlStore,
+) -> None:
+    """The originals of keys a batch statement could not name, and of keys the spool holds
+    behind theirs (hub.py), are read by key. On statistics taken while the table was small,
+    a `(tenant, source, key) IN (…)` list of 1,000 keys was planned as a scan of the table
+    (262 ms a list at 11,000 events, against 3 ms once analysed): seconds for a batch of a
+    provider's resent burst."""
+    many = 3_000
+    async with store.engine.begin() as conn:  # no analysis but the test's own
+        await conn.execute(text("ALTER TABLE events SET (autovacuum_enabled = false)"))
+    try:
+        await store.insert_events([event(f"early.{n}", destinations=()) for n in range(20)])
+        async with store.engine.connect() as conn:
+            await conn.execute(text("ANALYZE events"))
+            await conn.commit()
+        originals = [event(f"wamid.{n}", destinations=()) for n in range(many)]
+        for start in range(0, many, 1000):
+            await store.insert_events(originals[start : start + 1000])
+        with statements_ran(store.read_engine) as ran:
+            found = await store.stored_ids_by_key(originals)
+        assert found == {(o.tenant_id, o.source_id, o.idempotency_key): o.id for o in originals}
+        plans = [await explain_ran(store, sql, parameters) for sql, parameters in ran]
+    finally:
+        async with store.engine.begin() as conn:
+            await conn.execute(text("ALTER TABLE events RESET (autovacuum_enabled)"))
+    assert plans
+    for plan in plans:  # each key's row, found by the key's index
+        assert_walks_only(store, plan, "events", {"events_idempotency_key"}, many)
+    assert sum(rows_read(plan)["events"] for plan in plans) == many
+
+
+async def test_a_repeated_send_finds_its_message_by_an_index(store: SqlStore) -> None:
+    """A repeated `POST /api/v1/messages` is answered with its original message, and a
+    repeated keyed `POST /api/v1/events` is checked against a send that used its key: each
+    asks which message an event is the send of, and read every message ever sent to know."""
+    sends = [
+        replace(
+            event(f"send-{n}", destinations=("send:crm-events",)),
+            conversation_id=f"55119{n:08d}",
+            message=NewMessage(
+                id=f"msg_{n}", source_id="crm-events", recipient=f"+55119{n:08d}", content="{}"
+            ),
+        )
+        for n in range(2_000)
+    ]
+    for start in range(0, len(sends), 500):
+        await store.insert_events(sends[start : start + 500])
+    async with store.engine.begin() as conn:
+        await conn.execute(text("ANALYZE messages" if store.dialect == "postgresql" else "ANALYZE"))
+    with statements_ran(store.read_engine) as ran:
+        assert await store.message_id_for_event(sends[1234].id) == "msg_1234"
+    [(sql, parameters)] = [(sql, p) for sql, p in ran if "messages" in sql]
+    plan = await explain_ran(store, sql, parameters)
+    assert_walks_only(store, plan, "messages", {"messages_event"}, 1)
 
 
 @pytest.mark.timeout(120)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from sqlalchemy import select, tuple_
@@ -28,6 +29,23 @@ IN_FLIGHT = DeliveryState.IN_FLIGHT.value
 # Keys looked up by one statement (three parameters each).
 _KEYS_PER_STATEMENT = 1000
 
+Key = tuple[str, str, str]  # (tenant, source, idempotency key): see `event_key`
+
+
+@dataclass(frozen=True, slots=True)
+class Inserted:
+    """What a batch insert knows of its events: the ids it stored, and the original's id of
+    each key it found stored already."""
+
+    ids: set[str]
+    originals: dict[Key, str] = field(default_factory=dict)
+
+    def unanswered(self, events: Sequence[NewEvent]) -> list[NewEvent]:
+        """The events neither stored nor matched to their original: on PostgreSQL, whose
+        statement sees the store as it began, those whose original another process committed
+        while it ran."""
+        return [e for e in events if e.id not in self.ids and event_key(e) not in self.originals]
+
 
 class IngestOps(MessagingOps):
     # True when the engine's `_insert_new_events` stores the events' deliveries too.
@@ -43,7 +61,7 @@ class IngestOps(MessagingOps):
         `by_id` (importing the spool, which may import a segment twice after a crash), an
         event whose id is already stored is a duplicate of itself.
         """
-        first_in_batch: dict[tuple[str, str, str], int] = {}
+        first_in_batch: dict[Key, int] = {}
         candidates: list[int] = []
         for index, event in enumerate(batch):
             if event.idempotency_key is not None:
@@ -73,19 +91,32 @@ class IngestOps(MessagingOps):
             already = await self._existing_ids(conn, [e.id for e in events]) if by_id else set()
             to_insert = [e for e in events if e.id not in already]
             inserted = await self._insert_new_events(conn, to_insert)
-            existing = await self._ids_by_key(conn, [e for e in to_insert if e.id not in inserted])
-            stored = [e for e in to_insert if e.id in inserted]
+            originals = await self._originals(to_insert, inserted, conn)
+            stored = [e for e in to_insert if e.id in inserted.ids]
             if not self.deliveries_stored_with_events and any(e.deliveries for e in stored):
                 await self._insert_deliveries(conn, stored)
             await self._record_messaging(conn, stored)
             # Inside the transaction: should an event's fate be unknown, nothing is committed,
             # and the group committer may safely store the batch again event by event.
-            results = fates(events, inserted, already, existing)
+            results = fates(events, inserted.ids, already, originals)
         return results
 
-    async def stored_ids_by_key(
-        self, events: Sequence[NewEvent]
-    ) -> dict[tuple[str, str, str], str]:
+    async def _originals(
+        self, events: Sequence[NewEvent], inserted: Inserted, conn: AsyncConnection | None
+    ) -> dict[Key, str]:
+        """The original of each key these events were not stored under: as the insert found
+        it, and read (in `conn`'s transaction, else in a read of its own) only for those it
+        did not find. Read again for every duplicate, the originals of a provider's resent
+        burst cost a second lookup of keys the insert had just answered."""
+        unanswered = inserted.unanswered(events)
+        if not unanswered:
+            return inserted.originals
+        if conn is not None:
+            return {**inserted.originals, **await self._ids_by_key(conn, unanswered)}
+        async with self._read() as read:
+            return {**inserted.originals, **await self._ids_by_key(read, unanswered)}
+
+    async def stored_ids_by_key(self, events: Sequence[NewEvent]) -> dict[Key, str]:
         """The stored event id for each (tenant, source, key) of these events that exists."""
         async with self._read() as conn:
             return await self._ids_by_key(conn, events)
@@ -98,18 +129,19 @@ class IngestOps(MessagingOps):
 
     async def _ids_by_key(
         self, conn: AsyncConnection, events: Sequence[NewEvent]
-    ) -> dict[tuple[str, str, str], str]:
-        """The stored event id for each (tenant, source, key) of these events that exists."""
+    ) -> dict[Key, str]:
+        """The stored event id for each (tenant, source, key) of these events that exists.
+        PostgreSQL replaces this with one statement of its own (postgres.py)."""
         keys = [
             (e.tenant_id, e.source_id, e.idempotency_key)
             for e in events
             if e.idempotency_key is not None
         ]
         e = s.events
-        found: dict[tuple[str, str, str], str] = {}
+        found: dict[Key, str] = {}
         # A few statements of a bounded size rather than one: a batch of the general path may
-        # hold 500 requests' events, and PostgreSQL fails a row IN list of ~10,000 keys
-        # (54001 "stack depth limit exceeded"), SQLite one past its variable limit.
+        # hold 500 requests' events, and SQLite fails a statement past its variable limit
+        # (PostgreSQL a row IN list of ~10,000 keys: 54001 "stack depth limit exceeded").
         for chunk in in_chunks(keys, _KEYS_PER_STATEMENT):
             query = select(e.c.tenant_id, e.c.source_id, e.c.idempotency_key, e.c.id).where(
                 tuple_(e.c.tenant_id, e.c.source_id, e.c.idempotency_key).in_(chunk)
@@ -120,15 +152,16 @@ class IngestOps(MessagingOps):
     @abstractmethod
     async def _insert_new_events(
         self, conn: AsyncConnection, events: Sequence[NewEvent]
-    ) -> set[str]:
-        """Insert the events whose key is not stored yet; returns the ids inserted."""
+    ) -> Inserted:
+        """Insert the events whose key is not stored yet; returns the ids inserted and the
+        originals of the keys found stored."""
 
     @abstractmethod
     async def _insert_deliveries(self, conn: AsyncConnection, events: Sequence[NewEvent]) -> None:
         """Insert every delivery of these (just stored) events, state pending, due now."""
 
 
-def event_key(event: NewEvent) -> tuple[str, str, str]:
+def event_key(event: NewEvent) -> Key:
     """(tenant, source, idempotency key): what a duplicate shares with its original."""
     return (event.tenant_id, event.source_id, event.idempotency_key or "")
 
@@ -137,7 +170,7 @@ def fates(
     events: Sequence[NewEvent],
     inserted: Collection[str],
     already: Collection[str],
-    existing: dict[tuple[str, str, str], str],
+    existing: dict[Key, str],
 ) -> list[InsertResult]:
     """What happened to each event: stored, already stored under its own id (`already`), or
     a duplicate of the stored event with its key (`existing`)."""

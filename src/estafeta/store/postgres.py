@@ -35,7 +35,7 @@ from estafeta.errors import LeaseRaced, StoreDeadlocked, StoreUnavailable
 from estafeta.messaging.facts import SEND_DESTINATION_PREFIX, storable
 from estafeta.store.base import SQL_DIR
 from estafeta.store.held import HeldConnections
-from estafeta.store.ingest import delivery_rows, event_key, event_row, fates
+from estafeta.store.ingest import Inserted, Key, delivery_rows, event_key, event_row, fates
 from estafeta.store.leases import attempt_row, next_attempt
 from estafeta.store.postgres_connect import postgres_engine_args, refuse_transaction_pooling
 from estafeta.store.records import Completed, CompletedAttempt, InsertResult, NewEvent
@@ -76,6 +76,7 @@ def _statement(name: str) -> Statement:
 
 
 _STORE_BATCH = _statement("store_batch_postgresql.sql")
+_IDS_BY_KEY = _statement("ids_by_key_postgresql.sql")
 _COMPLETE = _statement("complete_postgresql.sql")
 # Field names of the batch statement's JSON rows, in `event_row` and `delivery_rows` order.
 _EVENT_FIELDS = (
@@ -224,6 +225,15 @@ _HEAD_OF_ITS_KEY = """LEFT JOIN LATERAL (
 ) AS head ON d.ordering_key IS NOT NULL"""
 
 
+def _inserted_of(events: Sequence[NewEvent], rows: Sequence[Any]) -> Inserted:
+    """What the batch statement's rows (id, original) say of its events: those stored
+    (original NULL), and each duplicate's original, but for one whose original another
+    process committed while the statement ran (not listed)."""
+    inserted = {event_id for event_id, original in rows if original is None}
+    originals = {event_id: original for event_id, original in rows if original is not None}
+    return Inserted(inserted, {event_key(e): originals[e.id] for e in events if e.id in originals})
+
+
 class PostgresStore(SqlStore):
     dialect = "postgresql"
     lease_sql_file = "lease_postgresql.sql"
@@ -334,22 +344,31 @@ class PostgresStore(SqlStore):
 
     async def _fates_of(self, events: Sequence[NewEvent], rows: list[Any]) -> list[InsertResult]:
         """Each event's fate from the batch statement's rows."""
-        inserted = {event_id for event_id, original in rows if original is None}
-        originals = {event_id: original for event_id, original in rows if original is not None}
-        existing = {event_key(e): originals[e.id] for e in events if e.id in originals}
-        unlisted = [e for e in events if e.id not in inserted and e.id not in originals]
-        if unlisted:  # their originals were committed while the statement ran: read them now
-            async with self._read() as conn:
-                existing.update(await self._ids_by_key(conn, unlisted))
-        return fates(events, inserted, (), existing)
+        inserted = _inserted_of(events, rows)
+        return fates(events, inserted.ids, (), await self._originals(events, inserted, None))
 
     async def _insert_new_events(
         self, conn: AsyncConnection, events: Sequence[NewEvent]
-    ) -> set[str]:
+    ) -> Inserted:
         if not events:
-            return set()
+            return Inserted(set())
         rows = (await conn.execute(_STORE_BATCH.text, _batch_params(events))).all()
-        return {event_id for event_id, original in rows if original is None}
+        return _inserted_of(events, rows)
+
+    async def _ids_by_key(
+        self, conn: AsyncConnection, events: Sequence[NewEvent]
+    ) -> dict[Key, str]:
+        """One statement, a probe of the key's index per key (sql/ids_by_key_postgresql.sql)."""
+        keyed = [e for e in events if e.idempotency_key is not None]
+        if not keyed:
+            return {}
+        params = {
+            "tenant_ids": [e.tenant_id for e in keyed],
+            "source_ids": [e.source_id for e in keyed],
+            "idempotency_keys": [e.idempotency_key for e in keyed],
+        }
+        rows = (await conn.execute(_IDS_BY_KEY.text, params)).all()
+        return {(t, src, k): i for t, src, k, i in rows}
 
     async def _insert_deliveries(self, conn: AsyncConnection, events: Sequence[NewEvent]) -> None:
         """Nothing left to do: `_insert_new_events` stored them with their events."""

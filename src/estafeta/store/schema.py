@@ -353,6 +353,9 @@ messages = Table(
     CheckConstraint("state IN ('queued', 'sent', 'failed')", name="messages_state_valid"),
 )
 Index("messages_delivery", messages.c.delivery_id)
+# The message an event is the send of: asked for every repeated `POST /api/v1/messages` and
+# every repeated keyed `POST /api/v1/events` (migration 0017), a probe, not a scan of them all.
+Index("messages_event", messages.c.event_id)
 Index(  # as events_conversation, for the outbound side of a conversation's pages
     "messages_conversation",
     messages.c.tenant_id,

@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from estafeta.errors import ConfigError, ConfigIssue, StoreError, StoreUnavailable
 from estafeta.store.base import store_errors
-from estafeta.store.ingest import delivery_rows, event_key, event_row, fates
+from estafeta.store.ingest import Inserted, Key, delivery_rows, event_key, event_row, fates
 from estafeta.store.messaging import conversation_counts
 from estafeta.store.records import InsertResult, NewEvent
 from estafeta.store.sqlstore import SqlStore
@@ -205,17 +205,13 @@ class IngestWriter:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-ingest")
         self._conn: sqlite3.Connection | None = None
 
-    async def store(
-        self, events: Sequence[NewEvent]
-    ) -> tuple[set[str], dict[tuple[str, str, str], str]]:
+    async def store(self, events: Sequence[NewEvent]) -> Inserted:
         """Store the events whose key is new, with their deliveries and counters, in one
         transaction; returns the ids stored and the stored ids of the keys that exist."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._thread, self._store, events)
 
-    def _store(
-        self, events: Sequence[NewEvent]
-    ) -> tuple[set[str], dict[tuple[str, str, str], str]]:
+    def _store(self, events: Sequence[NewEvent]) -> Inserted:
         if self._conn is None:
             if _on_disk(self.path):
                 _create_private(self.path)
@@ -233,7 +229,7 @@ class IngestWriter:
         try:
             # The write lock is held since BEGIN IMMEDIATE: no other writer can store a key
             # between this lookup and the insert.
-            existing: dict[tuple[str, str, str], str] = {}
+            existing: dict[Key, str] = {}
             for e in events:
                 if e.idempotency_key is not None:
                     found = conn.execute(
@@ -250,7 +246,7 @@ class IngestWriter:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        return {e.id for e in fresh}, existing
+        return Inserted({e.id for e in fresh}, existing)
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
@@ -314,8 +310,8 @@ class SqliteStore(SqlStore):
         if self._writer is None or by_id or not plain:
             return await super()._store_candidates(events, by_id=by_id)
         with store_errors(), self._space_watched():
-            inserted, existing = await self._writer.store(events)
-        return fates(events, inserted, (), existing)
+            inserted = await self._writer.store(events)
+        return fates(events, inserted.ids, (), inserted.originals)
 
     async def close(self) -> None:
         if self._writer is not None:
@@ -327,7 +323,7 @@ class SqliteStore(SqlStore):
 
     async def _insert_new_events(
         self, conn: AsyncConnection, events: Sequence[NewEvent]
-    ) -> set[str]:
+    ) -> Inserted:
         # The transaction holds SQLite's write lock since BEGIN IMMEDIATE: no other writer can
         # store a key between this lookup and the insert, so plain executemany is safe (and
         # an order of magnitude cheaper than INSERT … RETURNING row by row).
@@ -335,7 +331,7 @@ class SqliteStore(SqlStore):
         fresh = [e for e in events if (e.tenant_id, e.source_id, e.idempotency_key) not in existing]
         if fresh:
             await conn.exec_driver_sql(_INSERT_EVENT, [event_row(e) for e in fresh])
-        return {e.id for e in fresh}
+        return Inserted({e.id for e in fresh}, existing)
 
     async def _insert_deliveries(self, conn: AsyncConnection, events: Sequence[NewEvent]) -> None:
         await conn.exec_driver_sql(_INSERT_DELIVERY, _delivery_params(events))
