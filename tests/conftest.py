@@ -36,6 +36,7 @@ from estafeta.store import open_store
 from estafeta.store.schema import metadata
 from estafeta.store.sqlstore import SqlStore
 from estafeta.testing.sink import Sink
+from tests.certificates import Certificates, make_certificates
 
 # A command run in-process (click's CliRunner) configures logging for the whole process:
 # without this, every later test's capture_logs missed the lines of the loggers it cached,
@@ -268,6 +269,13 @@ async def sink() -> AsyncIterator[Sink]:
         yield receiver
     finally:
         await receiver.stop()
+
+
+@pytest.fixture(scope="session")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    """A private CA and the server and client certificates of `tests/certificates.py`, made
+    once for the session."""
+    return make_certificates(tmp_path_factory.mktemp("certificates"))
 
 
 @pytest.fixture

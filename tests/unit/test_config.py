@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +32,7 @@ from estafeta.config import (
     load_config_dict,
 )
 from estafeta.errors import ConfigError, FilterSyntaxError
+from tests.certificates import Certificates
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config.example.toml"
 EXAMPLE_ENV = {"WA_APP_SECRET": "wa-app-secret", "WA_VERIFY_TOKEN": "wa-verify"}
@@ -1567,3 +1569,108 @@ def test_checking_a_large_configuration_takes_time_in_proportion_to_its_size() -
     assert len(config.routes) == 2 * tenants
     entries = sum(len(entries) for entries in data.values())
     assert _Compared.comparisons <= 10 * entries
+
+
+# ── TLS files of a destination ─────────────────────────────────────────────────────────────
+
+
+def tls_destination(url: str = "https://crm.clinic.example/hooks", **keys: str) -> str:
+    """MINIMAL with the destination's `url` and TLS keys as given (paths quoted as TOML)."""
+    lines = "".join(f"{key} = {json.dumps(value)}\n" for key, value in keys.items())
+    destination = DESTINATION.replace('"https://crm.example/hooks"', json.dumps(url)) + lines
+    return TENANT + SOURCE + destination + ROUTE
+
+
+def test_a_destination_with_a_private_ca_and_a_client_certificate_loads(
+    tmp_path: Path, certificates: Certificates
+) -> None:
+    config = load(
+        tmp_path,
+        tls_destination(
+            tls_ca_file=str(certificates.ca),
+            tls_client_cert=str(certificates.client.cert),
+            tls_client_key=str(certificates.encrypted_key),
+            tls_client_key_password="s3cret",
+        ),
+    )
+    crm = config.destination("crm")
+    assert crm is not None and crm.tls_context() is not None
+    assert "s3cret" not in repr(config)
+
+
+def test_a_key_in_the_certificates_file_needs_no_tls_client_key(
+    tmp_path: Path, certificates: Certificates
+) -> None:
+    both = tmp_path / "client-and-key.pem"
+    both.write_bytes(certificates.client.cert.read_bytes() + certificates.client.key.read_bytes())
+    assert problems(tmp_path, tls_destination(tls_client_cert=str(both))) == []
+
+
+def test_unusable_tls_files_are_located_errors(tmp_path: Path, certificates: Certificates) -> None:
+    missing = tmp_path / "missing.pem"
+    not_pem = tmp_path / "ca.der"
+    not_pem.write_bytes(b"\x30\x82\x01\x0a not a PEM file")
+    client, server = certificates.client, certificates.server
+    cases = {
+        "tls_ca_file": {"tls_ca_file": str(missing)},
+        "tls_ca_file ": {"tls_ca_file": str(tmp_path)},
+        "tls_ca_file  ": {"tls_ca_file": str(not_pem)},
+        "tls_ca_file   ": {"tls_ca_file": str(client.key)},
+        "tls_client_cert": {"tls_client_cert": str(client.key), "tls_client_key": str(client.key)},
+        "tls_client_cert ": {"tls_client_cert": str(client.cert)},
+        "tls_client_key": {"tls_client_cert": str(client.cert), "tls_client_key": str(server.key)},
+        "tls_client_key ": {
+            "tls_client_cert": str(client.cert),
+            "tls_client_key": str(certificates.encrypted_key),
+        },
+        "tls_client_key_password": {
+            "tls_client_cert": str(client.cert),
+            "tls_client_key": str(certificates.encrypted_key),
+            "tls_client_key_password": "wrong",
+        },
+        "tls_client_key  ": {"tls_client_key": str(client.key)},
+        "tls_client_key_password ": {"tls_client_key_password": "s3cret"},
+    }
+    found = {label: problems(tmp_path, tls_destination(**keys)) for label, keys in cases.items()}
+    here = "destinations[0]."
+    assert found == {
+        "tls_ca_file": [f"{here}tls_ca_file: file {str(missing)!r} does not exist"],
+        "tls_ca_file ": [f"{here}tls_ca_file: {str(tmp_path)!r} is a directory, not a PEM file"],
+        "tls_ca_file  ": [f"{here}tls_ca_file: {str(not_pem)!r} holds no PEM certificate"],
+        "tls_ca_file   ": [f"{here}tls_ca_file: {str(client.key)!r} holds no PEM certificate"],
+        "tls_client_cert": [f"{here}tls_client_cert: {str(client.key)!r} holds no PEM certificate"],
+        "tls_client_cert ": [
+            f"{here}tls_client_cert: {str(client.cert)!r} (and tls_client_key is not set) "
+            "holds no PEM private key"
+        ],
+        "tls_client_key": [
+            f"{here}tls_client_key: the key in {str(server.key)!r} does not belong to the "
+            f"certificate in {str(client.cert)!r}"
+        ],
+        "tls_client_key ": [
+            f"{here}tls_client_key: the key in {str(certificates.encrypted_key)!r} is "
+            "encrypted: set tls_client_key_password"
+        ],
+        "tls_client_key_password": [
+            f"{here}tls_client_key_password: cannot decrypt the key in "
+            f"{str(certificates.encrypted_key)!r}: wrong password?"
+        ],
+        "tls_client_key  ": [
+            f"{here}tls_client_key: needs tls_client_cert, the certificate of this key"
+        ],
+        "tls_client_key_password ": [
+            f"{here}tls_client_key_password: there is no tls_client_cert whose key it opens"
+        ],
+    }
+    # A key's contents never reach a message.
+    key_text = client.key.read_text().splitlines()[1]
+    assert not any(key_text in line for lines in found.values() for line in lines)
+
+
+def test_tls_files_on_a_plain_http_url_are_refused(
+    tmp_path: Path, certificates: Certificates
+) -> None:
+    text = tls_destination("http://crm.clinic.example/hooks", tls_ca_file=str(certificates.ca))
+    assert problems(tmp_path, text) == [
+        "destinations[0].tls_ca_file: the url is not https://: nothing is sent over TLS"
+    ]

@@ -16,6 +16,7 @@ import base64
 import binascii
 import codecs
 import re
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -37,6 +38,7 @@ from pydantic_core import PydanticCustomError
 from redis.asyncio import ConnectionPool
 from redis.exceptions import RedisError
 
+from estafeta.connectors.tls import TlsFileProblem, client_context
 from estafeta.urls import outline
 
 ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
@@ -838,6 +840,13 @@ class DestinationConfig(_Model):
     circuit: CircuitConfig = CircuitConfig()
     # Hidden from repr: headers often carry credentials (`Authorization = "Bearer ..."`).
     headers: dict[str, str] = Field(default_factory=dict, repr=False)
+    # TLS to a system with a private CA or a self-signed certificate (`tls_ca_file`: trust
+    # only these), or one that asks for a client certificate (mutual TLS): PEM files, read
+    # when the configuration is loaded and again once when the connectors start.
+    tls_ca_file: NonBlank | None = None
+    tls_client_cert: NonBlank | None = None
+    tls_client_key: NonBlank | None = None
+    tls_client_key_password: str | None = Field(default=None, repr=False)
 
     @field_validator("url")
     @classmethod
@@ -910,6 +919,45 @@ class DestinationConfig(_Model):
                 "headers",
             )
         return self
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> DestinationConfig:
+        given = [
+            key
+            for key in ("tls_ca_file", "tls_client_cert", "tls_client_key")
+            if getattr(self, key) is not None
+        ]
+        if self.tls_client_key_password is not None and self.tls_client_cert is None:
+            raise field_problem(
+                "there is no tls_client_cert whose key it opens", "tls_client_key_password"
+            )
+        if not given:
+            return self
+        if self.tls_client_key is not None and self.tls_client_cert is None:
+            raise field_problem(
+                "needs tls_client_cert, the certificate of this key", "tls_client_key"
+            )
+        if self.kind == "http" and self.url is not None and urlsplit(self.url).scheme != "https":
+            # Said, not ignored: nothing would be verified or presented.
+            raise field_problem("the url is not https://: nothing is sent over TLS", given[0])
+        try:
+            self.tls_context()
+        except TlsFileProblem as problem:
+            raise field_problem(problem.message, problem.key) from None
+        return self
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The destination's own TLS context, its files read now; None when it sets neither a
+        CA nor a client certificate (aiohttp's default context then verifies). Raises
+        `TlsFileProblem` for a file that cannot be used."""
+        if self.tls_ca_file is None and self.tls_client_cert is None:
+            return None
+        return client_context(
+            ca_file=self.tls_ca_file,
+            client_cert=self.tls_client_cert,
+            client_key=self.tls_client_key,
+            client_key_password=self.tls_client_key_password,
+        )
 
     def effective_timeout_s(self, ceiling_s: float) -> float:
         """The timeout of one attempt: `timeout_s`, else the kind's default, never above

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import functools
 import re
+import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,7 +21,14 @@ from dataclasses import dataclass
 import aiohttp
 from yarl import URL
 
-from estafeta.delivery.outcome import EXCERPT_LIMIT, LOCAL_RESOURCES, Outcome, OutcomeKind
+from estafeta.connectors.tls import tls_failure
+from estafeta.delivery.outcome import (
+    EXCERPT_LIMIT,
+    LOCAL_RESOURCES,
+    TLS_ERROR,
+    Outcome,
+    OutcomeKind,
+)
 from estafeta.urls import outline
 
 _CUT_IN_HEAD = "Server disconnected in the middle of the answer's head"
@@ -53,8 +61,12 @@ async def exchange(
     body: bytes,
     timeout: aiohttp.ClientTimeout,
     read_limit: int,
+    tls: ssl.SSLContext | bool = True,
 ) -> Answer | Outcome:
     """The destination's answer, or an `Outcome` when there was none.
+
+    `tls` is the context an https URL is verified with (`connectors.tls`); True is aiohttp's
+    default, verifying with the system's CA store.
 
     A request aiohttp could not write because the kept-alive connection it took from the
     pool was already closing (the destination closed it after its last answer, without a
@@ -67,17 +79,21 @@ async def exchange(
     target = as_written(url)
     try:
         try:
-            got = await _request(session, method, target, headers, body, timeout, read_limit)
+            got = await _request(session, method, target, headers, body, timeout, read_limit, tls)
         except aiohttp.ClientConnectionError as exc:
             rest = _rest_of(timeout, started)
             if not _never_sent(exc) or rest is None:
                 raise
-            got = await _request(session, method, target, headers, body, rest, read_limit)
+            got = await _request(session, method, target, headers, body, rest, read_limit, tls)
     except TimeoutError as exc:  # = asyncio.TimeoutError since 3.11; aiohttp's timeouts too
         return no_answer(started, url, "timeout", exc)
     # Before ClientError, which both are: a URL we cannot send to will never work.
     except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError) as exc:
         return no_answer(started, url, "invalid_destination", exc, OutcomeKind.PERMANENT)
+    # Before ClientConnectorError, which it is: aiohttp's text names the context object
+    # (`ssl:<ssl.SSLContext object at 0x7f…>`), different in every process, not the reason.
+    except aiohttp.ClientSSLError as exc:
+        return no_answer(started, url, TLS_ERROR, tls_failure(exc) or exc)
     except aiohttp.ClientConnectorError as exc:
         if exc.os_error.errno in LOCAL_RESOURCE_ERRNOS:
             return no_answer(started, url, LOCAL_RESOURCES, exc)
@@ -98,6 +114,10 @@ async def exchange(
     except (aiohttp.ClientError, OSError) as exc:
         if isinstance(exc, OSError) and exc.errno in LOCAL_RESOURCE_ERRNOS:
             return no_answer(started, url, LOCAL_RESOURCES, exc)
+        # With TLS 1.3 a destination judges our client certificate after the handshake: its
+        # alert arrives as the request is written or its answer read.
+        if (failure := tls_failure(exc)) is not None:
+            return no_answer(started, url, TLS_ERROR, failure)
         return no_answer(started, url, "connection_error", exc)
     except ValueError as exc:  # yarl/aiohttp on a URL or header they cannot use
         return no_answer(started, url, "invalid_destination", exc, OutcomeKind.PERMANENT)
@@ -119,6 +139,7 @@ async def _request(
     body: bytes,
     timeout: aiohttp.ClientTimeout,
     read_limit: int,
+    tls: ssl.SSLContext | bool,
 ) -> tuple[int, bytes, str | None, str | None]:
     """The status, at most `read_limit` bytes of the body, `Retry-After` and a 3xx's
     `Location`; aiohttp's exceptions go through."""
@@ -129,6 +150,7 @@ async def _request(
         headers=headers,
         allow_redirects=False,
         timeout=timeout,
+        ssl=tls,
     ) as response:
         status = response.status
         retry_after = response.headers.get("Retry-After")

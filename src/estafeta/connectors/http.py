@@ -16,6 +16,7 @@ import base64
 import contextlib
 import functools
 import hmac
+import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -179,6 +180,7 @@ class HttpConnector:
         timeout_s: float,
         session: aiohttp.ClientSession,
         headers: Mapping[str, str] | None = None,
+        tls: ssl.SSLContext | None = None,
         now_s: Callable[[], float] = time.time,
     ) -> None:
         if not timeout_s > 0:  # aiohttp reads 0 as "no timeout": a worker could hang forever
@@ -194,6 +196,9 @@ class HttpConnector:
                 f"the destination secret is not a whsec_<base64> secret: {exc}"
             ) from exc
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        # The destination's own context (`connectors.tls.client_context`), else aiohttp's
+        # verifying default: never a context that does not verify.
+        self._tls: ssl.SSLContext | bool = tls if tls is not None else True
         self._session = session
         self._now_s = now_s
         extra = {name.lower(): value for name, value in (headers or {}).items()}
@@ -230,6 +235,7 @@ class HttpConnector:
             body=delivery.payload,
             timeout=self._timeout,
             read_limit=_EXCERPT_BYTES,
+            tls=self._tls,
         )
         if isinstance(answer, Outcome):
             return answer

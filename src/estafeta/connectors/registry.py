@@ -14,6 +14,7 @@ from estafeta.config import Config
 from estafeta.config.models import DEFAULT_TIMEOUTS_S
 from estafeta.connectors.base import Connector
 from estafeta.connectors.http import HttpConnector, new_client_session
+from estafeta.connectors.tls import TlsFileProblem
 from estafeta.connectors.whatsapp.connector import WhatsAppSendConnector, client_for
 from estafeta.errors import ConfigError, ConfigIssue
 from estafeta.messaging.facts import send_destination
@@ -53,14 +54,21 @@ class Connectors:
 
     async def start(self) -> None:
         self._session = new_client_session(connections=self._config.worker.concurrency)
-        for d in self._config.destinations:
+        for index, d in enumerate(self._config.destinations):
             assert d.url is not None  # noqa: S101 - config validation requires it for http
+            try:
+                # Once per destination, not per request: its files are read here.
+                tls = d.tls_context()
+            except TlsFileProblem as problem:  # changed since the configuration was loaded
+                where = f"destinations[{index}].{problem.key}"
+                raise ConfigError([ConfigIssue(where, problem.message)]) from None
             self._by_destination[d.id] = HttpConnector(
                 url=d.url,
                 secret=d.secrets,
                 timeout_s=d.effective_timeout_s(self._config.worker.max_attempt_s),
                 session=self._session,
                 headers=d.headers,
+                tls=tls,
             )
 
         # Sending through a provider source (POST /api/v1/messages): "send:<source id>".

@@ -15,11 +15,17 @@ EXCERPT_LIMIT = 1024  # characters of a response body kept with an attempt
 # the circuit as any failure to connect: an open circuit holds the destination's other
 # deliveries back, sparing their attempts while the shortage lasts.
 LOCAL_RESOURCES = "local_resources"
+# The error class of a failed TLS handshake: the destination's certificate expired, is not
+# trusted or names another host, or it refused ours. Named apart from `connection_error` (the
+# excerpt says which, `connectors/tls.py`): the destination is up, and waiting will not help
+# until someone mends a certificate or the destination's TLS settings. Retried all the same,
+# with backoff (a renewed certificate mends it without a restart), and counted by the circuit.
+TLS_ERROR = "tls_error"
 
 
 class OutcomeKind(StrEnum):
     SUCCESS = "success"
-    RETRYABLE = "retryable"  # 408/409/425/429, 5xx, 3xx, timeouts, connection errors
+    RETRYABLE = "retryable"  # 408/409/425/429, 5xx, 3xx, timeouts, connection and TLS errors
     PERMANENT = "permanent"  # other 4xx, invalid destination: straight to the DLQ
 
 

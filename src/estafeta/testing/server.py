@@ -8,6 +8,7 @@ test's teardown.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from abc import ABC, abstractmethod
 from types import TracebackType
 from typing import Self
@@ -28,22 +29,25 @@ class LocalServer(ABC):
     def add_routes(self, app: web.Application) -> None:
         """Register the server's endpoints."""
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        """Listen on `host:port`; port 0 picks a free one (read it back from `url`)."""
+    async def start(
+        self, host: str = "127.0.0.1", port: int = 0, *, tls: ssl.SSLContext | None = None
+    ) -> None:
+        """Listen on `host:port`; port 0 picks a free one (read it back from `url`). With a
+        server `tls` context it serves HTTPS (a system with its own certificate)."""
         self._stopping.clear()
         app = web.Application(client_max_size=self.client_max_size)
         self.add_routes(app)
         # A short shutdown: requests still waiting on a delay are woken by `stop` anyway.
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, ssl_context=tls).start()
         self._runner = runner
         bound_host, bound_port = runner.addresses[0][:2]
-        self._url = f"http://{bound_host}:{bound_port}"
+        self._url = f"{'https' if tls else 'http'}://{bound_host}:{bound_port}"
 
     @property
     def url(self) -> str:
-        """`http://127.0.0.1:PORT`, once started."""
+        """`http://127.0.0.1:PORT` (`https://` with TLS), once started."""
         if self._url is None:
             name = type(self).__name__
             raise RuntimeError(f"the {name} is not started; await its start() first")

@@ -46,6 +46,8 @@ class Received:
     body: bytes
     at: float  # time.monotonic() on arrival
     status: int = 0  # what the sink answered (or will, after a delay)
+    # The common name of the certificate the client presented, over TLS that asks for one.
+    client_certificate: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +136,7 @@ class Sink(LocalServer):
             headers={name.lower(): value for name, value in request.headers.items()},
             body=body,
             at=arrived,
+            client_certificate=_client_certificate(request),
         )
         bad = self._verify(received)
         # A request with a bad signature is refused without using up a planned failure.
@@ -177,6 +180,16 @@ class Sink(LocalServer):
         except ValueError as exc:  # a malformed header or a body that is not UTF-8
             return f"malformed: {exc}"
         return None
+
+
+def _client_certificate(request: web.Request) -> str | None:
+    """The common name of the client's certificate, as the TLS server verified it."""
+    peer = request.transport.get_extra_info("peercert") if request.transport else None
+    for rdn in (peer or {}).get("subject", ()):
+        for name, value in rdn:
+            if name == "commonName":
+                return str(value)
+    return None
 
 
 # -- as a process ------------------------------------------------------------------------------

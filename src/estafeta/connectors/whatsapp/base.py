@@ -2,7 +2,7 @@
 
 This is where aiohttp's exceptions stop for the WhatsApp send path, as in
 `connectors/http.py`: a timeout, a refused connection, a reset or an answer that is not HTTP
-becomes a RETRYABLE `Outcome` (`timeout`, `connection_refused`, `connection_error`,
+becomes a RETRYABLE `Outcome` (`timeout`, `connection_refused`, `connection_error`, `tls_error`,
 `invalid_response`), a URL that cannot work a PERMANENT `invalid_destination`. What a
 provider *answered* is read by each provider's module, from its documented error format
 (contracts §1.7, §2.4, §3.5, §9.7), into `provider_error` outcomes:
