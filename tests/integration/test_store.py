@@ -1375,3 +1375,34 @@ async def test_the_configuration_is_synced_in_a_few_statements_however_large(
     # The base configuration's rows are kept (sync upserts, it never deletes).
     assert counted == {"tenants": 202, "sources": 403, "destinations": 403, "routes": 403}
     assert sum(url == "http://127.0.0.1:8080/…" for url in urls) == 400
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("by_id", [False, True], ids=["webhooks", "general"])
+async def test_a_key_another_process_commits_while_the_batch_waits_is_answered_with_it(
+    store: SqlStore, database_url: str, by_id: bool
+) -> None:
+    """Another process stores a key while this batch waits for it: the batch statement's
+    snapshot predates that commit, so its original is read afterwards (on the general path,
+    inside the same transaction: a statement of its own sees it)."""
+    async with store.engine.connect() as holder:
+        await holder.execute(
+            insert(s.events).values(
+                id="evt_held",
+                tenant_id="clinica-sol",
+                source_id="crm-events",
+                type="t",
+                idempotency_key="c",
+                occurred_at=NOW,
+                received_at=NOW,
+                payload="{}",
+            )
+        )
+        batch = [event("a"), event("c"), event("a"), event("c")]
+        storing = asyncio.ensure_future(store.insert_events(batch, by_id=by_id))
+        await until_waiting_for_locks(database_url, 1)
+        await holder.commit()
+    results = await asyncio.wait_for(storing, timeout=10)
+    assert [r.duplicate for r in results] == [False, True, True, True]
+    assert results[1].event_id == results[3].event_id == "evt_held"
+    assert results[2].event_id == results[0].event_id

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import socket
 import ssl
@@ -24,6 +25,7 @@ from estafeta.connectors.http import HttpConnector, new_client_session
 from estafeta.connectors.registry import Connectors
 from estafeta.connectors.tls import client_context
 from estafeta.delivery.outcome import Outcome, OutcomeKind
+from estafeta.errors import ConfigError
 from estafeta.store.sqlstore import SqlStore
 from estafeta.testing.sink import Sink
 from tests.certificates import Certificates, Pair, server_context
@@ -124,6 +126,25 @@ async def test_https_to_a_plain_http_port_is_named(session: aiohttp.ClientSessio
     finally:
         await sink.stop()
     assert_tls_failure(outcome, "TLS handshake failed: wrong version number")
+
+
+async def test_a_connection_error_to_a_destination_with_its_own_context_reads_the_same(
+    certificates: Certificates, session: aiohttp.ClientSession
+) -> None:
+    # Refused, not resolved, reset before the handshake: aiohttp's text names the context
+    # object (`ssl:<ssl.SSLContext object at 0x7f…>`), different in every process and every
+    # restart, so `dlq list --summary` would split one outage into as many groups.
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    url = f"https://127.0.0.1:{port}/hooks"
+    excerpts = set()
+    for _ in range(2):  # two processes' contexts: two objects
+        outcome = await deliver(url, session, client_context(ca_file=str(certificates.ca)))
+        assert outcome.error_class == "connection_refused", outcome
+        excerpts.add(outcome.response_excerpt)
+    [excerpt] = excerpts
+    assert "0x" not in excerpt and "SSLContext" not in excerpt, excerpt
 
 
 # -- mutual TLS ------------------------------------------------------------------------------
@@ -263,6 +284,36 @@ async def test_the_files_are_read_once_when_the_connectors_start(
         finally:
             await connectors.close()
     assert [r.client_certificate for r in sink.received] == ["hub-client"] * 3
+
+
+async def test_a_file_gone_when_the_connectors_start_leaves_no_session_open(
+    certificates: Certificates, tmp_path: Path
+) -> None:
+    # `serve` restarts a crashed worker with new connectors, which read the files again: a
+    # file removed meanwhile fails each restart, and must not leave a session open each
+    # time (aiohttp's "Unclosed client session" error, once per restart).
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(certificates.ca.read_bytes())
+    config = load_config_dict(
+        tls_config(f"sqlite:///{tmp_path}/x.db", "https://127.0.0.1:1", tls_ca_file=str(ca))
+    )
+    ca.unlink()
+    reported: list[str] = []
+    located: list[str] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: reported.append(context["message"]))
+    try:
+        connectors = Connectors(config)
+        try:
+            await connectors.start()
+        except ConfigError as exc:
+            located = [issue.location for issue in exc.issues]
+        del connectors  # as the crashed worker that held them
+        gc.collect()
+    finally:
+        loop.set_exception_handler(None)
+    assert located == ["destinations[0].tls_ca_file"]
+    assert reported == []
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)

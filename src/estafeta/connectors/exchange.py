@@ -34,6 +34,11 @@ from estafeta.urls import outline
 _CUT_IN_HEAD = "Server disconnected in the middle of the answer's head"
 # A URL already fit to send: RFC 3986 characters only, every `%` starting an escape.
 _ENCODED_URL = re.compile(r"(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})+")
+# How aiohttp names a destination's own TLS context in a failure to connect (`Cannot connect
+# to host crm.lan:443 ssl:<ssl.SSLContext object at 0x7f…>`): an address different in every
+# process and restart, that would split one outage into as many `dlq list --summary` groups.
+_CONTEXT_OBJECT = re.compile(r"<ssl\.SSLContext object at 0x[0-9a-fA-F]+>")
+_CONTEXT_NAMED = "the destination's context"  # as aiohttp's own is named `ssl:default`
 
 
 # What a connection this process cannot open for want of its own resources fails with:
@@ -229,6 +234,7 @@ def no_answer(
     """An outcome for a failure with no usable HTTP answer; the exception's text is the
     excerpt, with the URL cut to its origin."""
     detail = without_credentials(str(exc) or type(exc).__name__, url)
+    detail = _CONTEXT_OBJECT.sub(_CONTEXT_NAMED, detail)
     return Outcome(
         kind=kind,
         duration_ms=elapsed_ms(started),

@@ -6,12 +6,13 @@ created inside the running event loop, hence `start()`.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Sequence
 
 import aiohttp
 
 from estafeta.config import Config
-from estafeta.config.models import DEFAULT_TIMEOUTS_S
+from estafeta.config.models import DEFAULT_TIMEOUTS_S, DestinationConfig
 from estafeta.connectors.base import Connector
 from estafeta.connectors.http import HttpConnector, new_client_session
 from estafeta.connectors.tls import TlsFileProblem
@@ -53,15 +54,15 @@ class Connectors:
         self._by_destination: dict[str, Connector] = {}
 
     async def start(self) -> None:
+        # Once per destination, not per request: its files are read here, before the session
+        # opens, so that a file gone since the configuration was loaded (a worker restarted
+        # after a crash reads them again) leaves no session behind.
+        contexts = [
+            self._tls_context(index, d) for index, d in enumerate(self._config.destinations)
+        ]
         self._session = new_client_session(connections=self._config.worker.concurrency)
-        for index, d in enumerate(self._config.destinations):
+        for d, tls in zip(self._config.destinations, contexts, strict=True):
             assert d.url is not None  # noqa: S101 - config validation requires it for http
-            try:
-                # Once per destination, not per request: its files are read here.
-                tls = d.tls_context()
-            except TlsFileProblem as problem:  # changed since the configuration was loaded
-                where = f"destinations[{index}].{problem.key}"
-                raise ConfigError([ConfigIssue(where, problem.message)]) from None
             self._by_destination[d.id] = HttpConnector(
                 url=d.url,
                 secret=d.secrets,
@@ -79,6 +80,14 @@ class Connectors:
                 self._by_destination[send_destination(source.id)] = WhatsAppSendConnector(
                     client, source_id=source.id
                 )
+
+    @staticmethod
+    def _tls_context(index: int, destination: DestinationConfig) -> ssl.SSLContext | None:
+        try:
+            return destination.tls_context()
+        except TlsFileProblem as problem:  # changed since the configuration was loaded
+            where = f"destinations[{index}].{problem.key}"
+            raise ConfigError([ConfigIssue(where, problem.message)]) from None
 
     def get(self, destination_id: str) -> Connector | None:
         return self._by_destination.get(destination_id)
