@@ -35,17 +35,33 @@ def ulid(now_ms: int | None = None) -> str:
     # 79 fresh bits leave room to count up within the millisecond.
     bits = _last[1] + 1 if same_ms else _random.getrandbits(79)
     _last[0], _last[1] = ms, bits
-    pairs = _PAIRS
-    return _time_part(ms) + "".join([pairs[(bits >> shift) & 1023] for shift in _RANDOM_SHIFTS])
-
-
-_RANDOM_SHIFTS = tuple(range(70, -10, -10))
+    p = _PAIRS
+    # Written out rather than a comprehension and a join over the shifts, which took a
+    # third of each id's instructions (ingest makes two ids per webhook).
+    return (
+        _time_part(ms)
+        + p[(bits >> 70) & 1023]
+        + p[(bits >> 60) & 1023]
+        + p[(bits >> 50) & 1023]
+        + p[(bits >> 40) & 1023]
+        + p[(bits >> 30) & 1023]
+        + p[(bits >> 20) & 1023]
+        + p[(bits >> 10) & 1023]
+        + p[bits & 1023]
+    )
 
 
 @lru_cache(maxsize=16)
 def _time_part(ms: int) -> str:
     """The 10 leading characters; every id made in the same millisecond shares them."""
-    return "".join(_PAIRS[(ms >> shift) & 1023] for shift in (40, 30, 20, 10, 0))
+    p = _PAIRS
+    return (
+        p[(ms >> 40) & 1023]
+        + p[(ms >> 30) & 1023]
+        + p[(ms >> 20) & 1023]
+        + p[(ms >> 10) & 1023]
+        + p[ms & 1023]
+    )
 
 
 def new_id(prefix: str, now_ms: int | None = None) -> str:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import random
+
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from estafeta import ids
 from estafeta.clock import StoreClock, iso_from_ms, ms_from_iso
 from estafeta.ids import new_id, ulid
 from tests.clocks import ManualClock
 
-CROCKFORD = set("0123456789ABCDEFGHJKMNPQRSTVWXYZ")
+CROCKFORD_DIGITS = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+CROCKFORD = set(CROCKFORD_DIGITS)
 
 
 def test_an_id_has_its_prefix_and_26_crockford_characters() -> None:
@@ -21,6 +26,29 @@ def test_an_id_has_its_prefix_and_26_crockford_characters() -> None:
 def test_the_time_part_is_the_ulid_encoding_of_the_milliseconds() -> None:
     # 1_469_918_176_385 ms is "01ARYZ6S41" in the ULID specification's example.
     assert ulid(1_469_918_176_385)[:10] == "01ARYZ6S41"
+
+
+class _Bits(random.Random):
+    """Random bits chosen by the test."""
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        self.bits = bits
+
+    def getrandbits(self, k: int, /) -> int:
+        return self.bits
+
+
+@given(st.integers(0, 2**48 - 1), st.integers(0, 2**79 - 1))
+def test_a_ulid_is_the_crockford_base32_of_its_128_bits(ms: int, bits: int) -> None:
+    # ULID: 48 bits of milliseconds then 80 random bits, as 26 base-32 digits (the top two
+    # of 130 bits zero); the encoding is written out by hand, so every digit is held to it.
+    value = ms << 80 | bits
+    expected = "".join(CROCKFORD_DIGITS[value >> 5 * i & 31] for i in reversed(range(26)))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ids, "_random", _Bits(bits))
+        patch.setattr(ids, "_last", [-1, 0])  # another millisecond: fresh random bits
+        assert ulid(ms) == expected
 
 
 @given(st.integers(0, 2**48 - 2), st.integers(1, 10**6))
