@@ -9,9 +9,10 @@ import pytest
 from estafeta.delivery.expiry import Expiry
 
 
-async def bounded(seconds: float, work: asyncio.Future[str]) -> str:
-    """`work`'s result, or "expired" when the deadline ended the wait."""
-    expiry = Expiry(seconds)
+async def bounded(seconds: float, work: asyncio.Future[str], *, given: bool = False) -> str:
+    """`work`'s result, or "expired" when the deadline ended the wait; `given`: the task is
+    handed to the deadline (as the worker does) rather than looked up."""
+    expiry = Expiry(seconds, asyncio.current_task()) if given else Expiry(seconds)
     try:
         return await work
     except asyncio.CancelledError:
@@ -22,9 +23,12 @@ async def bounded(seconds: float, work: asyncio.Future[str]) -> str:
         expiry.disarm()
 
 
-async def test_a_wait_that_outlives_its_deadline_is_ended_and_the_task_goes_on() -> None:
+@pytest.mark.parametrize("given", [False, True], ids=["looked_up", "given"])
+async def test_a_wait_that_outlives_its_deadline_is_ended_and_the_task_goes_on(
+    given: bool,
+) -> None:
     never: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(bounded(0.01, never))
+    task = asyncio.create_task(bounded(0.01, never, given=given))
     assert await task == "expired"
     assert task.cancelling() == 0  # taken back: later awaits of the task are not cancelled
 

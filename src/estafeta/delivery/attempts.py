@@ -177,14 +177,17 @@ class Attempts:
     # -- one attempt ------------------------------------------------------------------------
 
     async def _attempt(self, delivery: LeasedDelivery, started_at: int, foreign: bool) -> None:
-        outcome = _not_its_tenants(delivery) if foreign else await self._send(delivery)
+        # Looked up once for the send's deadline, `_answered` and the slot: each lookup is a
+        # call in Python and a getpid().
         task = asyncio.current_task()
-        if task is not None:
-            self._answered.add(task)
+        assert task is not None  # noqa: S101 - `start` runs every attempt in a task of its own
+        outcome = _not_its_tenants(delivery) if foreign else await self._send(delivery, task)
+        self._answered.add(task)
         self.sent += 1
         if not foreign:  # unsent, it says nothing of the destination (nor is its probe)
             await self._record_circuit(delivery.destination_id, outcome, started_at)
-        series(ATTEMPTS, delivery.destination_id, outcome.kind.value).inc()
+        # `_value_`, not `.value`: enum's `value` is a property, two calls in Python per read.
+        series(ATTEMPTS, delivery.destination_id, outcome.kind._value_).inc()
         series(ATTEMPT_SECONDS, delivery.destination_id).observe(outcome.duration_ms / 1000)
         delivery = governed(delivery, self._limits)
         transition = decide(
@@ -196,7 +199,7 @@ class Attempts:
             rand=self._rand(),
             retry_after_floor_s=RETRY_AFTER_FLOOR_S,
         )
-        self._free_slot()
+        self._free_slot(task)
         dead_lettered = await self._record(
             CompletedAttempt(
                 delivery=delivery,
@@ -247,7 +250,7 @@ class Attempts:
         except StoreUnavailable:
             log.warning("circuit_not_recorded", destination=destination_id)
 
-    async def _send(self, delivery: LeasedDelivery) -> Outcome:
+    async def _send(self, delivery: LeasedDelivery, task: asyncio.Task[None]) -> Outcome:
         connector = self._connectors.get(delivery.destination_id)
         if connector is None:
             return Outcome(
@@ -258,7 +261,7 @@ class Attempts:
             )
         ceiling = self._ceilings.get(delivery.destination_id, self._max_attempt_s)
         started = time.perf_counter()
-        expiry = Expiry(ceiling)
+        expiry = Expiry(ceiling, task)
         try:
             return await connector.deliver(delivery)
         except asyncio.CancelledError:
@@ -289,12 +292,10 @@ class Attempts:
 
     # -- slots ------------------------------------------------------------------------------
 
-    def _free_slot(self) -> None:
-        """The send is over: its slot may take new work while its record is committed
-        (the lease token guards the record, so nothing waits on it but bookkeeping)."""
-        task = asyncio.current_task()
-        if task is None:
-            return
+    def _free_slot(self, task: asyncio.Task[None]) -> None:
+        """The send of `task` is over: its slot may take new work while its record is
+        committed (the lease token guards the record, so nothing waits on it but
+        bookkeeping)."""
         delivery = self.in_flight.pop(task, None)
         if delivery is not None:
             self._left_flight(delivery)

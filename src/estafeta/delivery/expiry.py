@@ -27,14 +27,17 @@ class Expiry:
 
     __slots__ = ("_cancelling", "_fired", "_handle", "_task")
 
-    def __init__(self, seconds: float) -> None:
-        task = asyncio.current_task()
+    def __init__(self, seconds: float, task: asyncio.Task[object] | None = None) -> None:
+        """`task`: the current task, when the caller has it (looking it up, and the loop,
+        costs a getpid() each)."""
         if task is None:
-            raise RuntimeError("Expiry needs a running task")
+            task = asyncio.current_task()
+            if task is None:
+                raise RuntimeError("Expiry needs a running task")
         self._task = task
         self._cancelling = task.cancelling()  # requests already pending are not ours
         self._fired = False
-        self._handle = asyncio.get_running_loop().call_later(seconds, self._fire)
+        self._handle = task.get_loop().call_later(seconds, self._fire)
 
     def _fire(self) -> None:
         self._fired = True

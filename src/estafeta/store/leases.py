@@ -334,7 +334,7 @@ def attempt_row(item: CompletedAttempt) -> dict[str, Any]:
         "number": item.delivery.attempts + 1,
         "started_at": item.started_at,
         "duration_ms": item.outcome.duration_ms,
-        "outcome": item.outcome.kind.value,
+        "outcome": item.outcome.kind._value_,  # not `.value`: a property, two calls each
         "status_code": item.outcome.status_code,
         # A destination's or provider's words (a provider's code names the class too) may
         # hold a NUL: kept as U+FFFD on both engines (PostgreSQL text holds none; `pg_json`

@@ -166,18 +166,16 @@ async def _again_if_deadlocked(store: Callable[[], Awaitable[T]]) -> T:
 def _complete_params(batch: Sequence[CompletedAttempt], now_ms: int) -> dict[str, Any]:
     """The completion statement's parameters: the time, and per attempt its `attempts` row
     with its delivery's lease token and transition, as JSON rows."""
-    attempts = [
-        {
-            **attempt_row(item),
-            "lease_token": item.delivery.lease_token,
-            "state": item.transition.to_state.value,
-            "attempts": item.transition.attempts,
-            "max_attempts": item.delivery.max_attempts,
-            "next_attempt_at": next_attempt(item, now_ms),
-            "last_error": item.transition.last_error,
-        }
-        for item in batch
-    ]
+    attempts = []
+    for item in batch:
+        row = attempt_row(item)  # added to in place: one dict per attempt, not two
+        row["lease_token"] = item.delivery.lease_token
+        row["state"] = item.transition.to_state._value_  # not `.value`: a property's calls
+        row["attempts"] = item.transition.attempts
+        row["max_attempts"] = item.delivery.max_attempts
+        row["next_attempt_at"] = next_attempt(item, now_ms)
+        row["last_error"] = item.transition.last_error
+        attempts.append(row)
     return {"now": now_ms, "attempts": pg_json(attempts)}
 
 
