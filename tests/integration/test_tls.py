@@ -33,6 +33,7 @@ from tests.conftest import SINK_SECRET, base_config, leased_delivery
 from tests.integration.test_worker import Running, settled
 
 PAYLOAD = b'{"id":"evt_1","type":"message.received","data":{}}'
+REPOSITORY = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -367,8 +368,14 @@ async def test_the_default_context_trusts_what_ssl_cert_file_names(
             url,
             env={**os.environ, **env},
             stdout=asyncio.subprocess.PIPE,
+            cwd=REPOSITORY,  # where `tests` is importable, wherever pytest was started
         )
-        out, _ = await asyncio.wait_for(process.communicate(), 60)
+        try:
+            out, _ = await asyncio.wait_for(process.communicate(), 60)
+        finally:
+            if process.returncode is None:  # timed out: not left running after the test
+                process.kill()
+                await process.wait()
         assert process.returncode == 0
         return out.decode().strip()
 
