@@ -28,6 +28,7 @@ from estafeta.store import schema as s
 from estafeta.store.records import (
     DeadLetterFilter,
     InsertResult,
+    NewEvent,
     NewMessage,
 )
 from estafeta.store.schema import metadata
@@ -1180,6 +1181,24 @@ async def test_a_migration_may_take_longer_than_any_statement_may(
         await slow.close()
 
 
+async def stored_and_repeated_beside_a_send(
+    store: SqlStore, many: int
+) -> tuple[list[NewEvent], NewEvent, list[NewEvent]]:
+    """`many` webhooks stored, a message queued through the API, and a provider's resend of
+    every one of the webhooks: the send puts the repeats' batch on the general path."""
+    originals = [event(f"wamid.{n}", destinations=()) for n in range(many)]
+    for start in range(0, many, 1000):
+        await store.insert_events(originals[start : start + 1000])
+    send = replace(
+        event(None),
+        conversation_id="5511999999999",
+        message=NewMessage(
+            id="msg_repeats", source_id="crm-events", recipient="+5511999999999", content="{}"
+        ),
+    )
+    return originals, send, [event(f"wamid.{n}", destinations=()) for n in range(many)]
+
+
 @pytest.mark.timeout(120)
 async def test_a_queued_message_among_thousands_of_repeated_keys_is_answered_in_one_batch(
     store: SqlStore,
@@ -1189,18 +1208,7 @@ async def test_a_queued_message_among_thousands_of_repeated_keys_is_answered_in_
     transaction, whose read of the repeats' originals was one `(tenant, source, key) IN` of
     every key. PostgreSQL failed it past ~10,000 keys (54001 "stack depth limit exceeded"),
     and SQLite past its 32,766 variables: the whole batch failed instead of being answered."""
-    many = 11_000
-    originals = [event(f"wamid.{n}", destinations=()) for n in range(many)]
-    for start in range(0, many, 1000):
-        await store.insert_events(originals[start : start + 1000])
-    send = replace(
-        event(None),
-        conversation_id="5511999999999",
-        message=NewMessage(
-            id="msg_many", source_id="crm-events", recipient="+5511999999999", content="{}"
-        ),
-    )
-    repeats = [event(f"wamid.{n}", destinations=()) for n in range(many)]
+    originals, send, repeats = await stored_and_repeated_beside_a_send(store, 11_000)
     results = await store.insert_events([send, *repeats])
     assert results[0] == InsertResult(send.id, duplicate=False)
     assert [r.event_id for r in results[1:]] == [o.id for o in originals]
@@ -1212,18 +1220,7 @@ async def test_a_batch_of_repeats_reads_their_originals_once(store: SqlStore) ->
     PostgreSQL's batch statement names each repeat's original, SQLite's insert reads them
     before inserting. Each then read every one of them again, a second lookup of thousands
     of keys already answered (seconds a batch on stale statistics)."""
-    many = 2_000
-    originals = [event(f"wamid.{n}", destinations=()) for n in range(many)]
-    for start in range(0, many, 1000):
-        await store.insert_events(originals[start : start + 1000])
-    send = replace(
-        event(None),
-        conversation_id="5511999999999",
-        message=NewMessage(
-            id="msg_repeats", source_id="crm-events", recipient="+5511999999999", content="{}"
-        ),
-    )
-    repeats = [event(f"wamid.{n}", destinations=()) for n in range(many)]
+    originals, send, repeats = await stored_and_repeated_beside_a_send(store, 2_000)
     with statements_ran(store.engine) as ran:
         results = await store.insert_events([send, *repeats])
     assert [r.event_id for r in results[1:]] == [o.id for o in originals]
