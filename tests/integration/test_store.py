@@ -14,7 +14,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from msgspec.structs import replace
-from sqlalchemy import Connection, func, insert, select, text
+from sqlalchemy import Connection, Insert, func, insert, select, text
 from sqlalchemy import event as sa_event
 from structlog.testing import capture_logs
 
@@ -66,6 +66,20 @@ async def kill_all(store: SqlStore, to: DeliveryState = DeliveryState.DEAD) -> l
     leased = await lease(store)
     await store.complete([attempt(d, to, kind=OutcomeKind.PERMANENT) for d in leased], NOW)
     return [d.id for d in leased]
+
+
+def held_key_insert(key: str) -> Insert:
+    """Another process's insert of an event with `key`, for a test to hold uncommitted."""
+    return insert(s.events).values(
+        id="evt_held",
+        tenant_id="clinica-sol",
+        source_id="crm-events",
+        type="t",
+        idempotency_key=key,
+        occurred_at=NOW,
+        received_at=NOW,
+        payload="{}",
+    )
 
 
 async def test_an_event_is_stored_with_its_deliveries(store: SqlStore) -> None:
@@ -180,18 +194,7 @@ async def test_two_processes_storing_the_same_keys_in_another_order_both_succeed
     # A third request is storing "c", not committed yet: the first batch waits for it, the
     # second then for the first (before: holding "a", which the first would store next).
     async with store.engine.connect() as holder:
-        await holder.execute(
-            insert(s.events).values(
-                id="evt_held",
-                tenant_id="clinica-sol",
-                source_id="crm-events",
-                type="t",
-                idempotency_key="c",
-                occurred_at=NOW,
-                received_at=NOW,
-                payload="{}",
-            )
-        )
+        await holder.execute(held_key_insert("c"))
         first = asyncio.ensure_future(store.insert_events([event("b"), event("c"), event("a")]))
         await until_waiting_for_locks(database_url, 1)
         second = asyncio.ensure_future(other_store.insert_events([event("a"), event("b")]))
@@ -1383,18 +1386,7 @@ async def test_a_key_another_process_commits_while_the_batch_waits_is_answered_w
     snapshot predates that commit, so its original is read afterwards (on the general path,
     inside the same transaction: a statement of its own sees it)."""
     async with store.engine.connect() as holder:
-        await holder.execute(
-            insert(s.events).values(
-                id="evt_held",
-                tenant_id="clinica-sol",
-                source_id="crm-events",
-                type="t",
-                idempotency_key="c",
-                occurred_at=NOW,
-                received_at=NOW,
-                payload="{}",
-            )
-        )
+        await holder.execute(held_key_insert("c"))
         batch = [event("a"), event("c"), event("a"), event("c")]
         storing = asyncio.ensure_future(store.insert_events(batch, by_id=by_id))
         await until_waiting_for_locks(database_url, 1)
