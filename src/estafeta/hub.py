@@ -84,6 +84,17 @@ class EventFields(TypedDict, total=False):
     event_id: str | None
 
 
+def ordering_keys(events: Sequence[NewEvent]) -> list[tuple[str, str]]:
+    """The (destination, ordering key) of each of the events' deliveries that has one: the
+    keys its batch must not commit ahead of (store/group_commit.py)."""
+    keys: list[tuple[str, str]] = []
+    for event in events:
+        for delivery in event.deliveries:
+            if delivery.ordering_key is not None:
+                keys.append((delivery.destination_id, delivery.ordering_key))
+    return keys
+
+
 class Hub:
     def __init__(
         self,
@@ -127,6 +138,9 @@ class Hub:
             # unreachable for it: spooled and answered while the provider still waits,
             # not after the driver's 30 s statement timeout (store/group_commit.py).
             give_up_after_s=config.storage.spool_after_s,
+            # A key's later event must not commit in a batch beside the running one that
+            # holds its earlier event: a worker could lease the later one first.
+            keys_of=ordering_keys,
         )
         # Where circuits are shared, read by /health/detailed and /metrics.
         self.circuit_states = circuit_state_store(config, store, self.redis)

@@ -9,6 +9,10 @@ nothing; these tests hold the first lease's transaction open to make the race ce
 
 On SQLite one writer leases at a time, so the race cannot happen there; the migration that
 creates the index runs on both engines.
+
+Within one `serve` the same race starts earlier, at ingest: PostgreSQL commits several group
+commit batches at once, and a batch holding a key's later event must not commit while the
+one holding its earlier event is still running.
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ from sqlalchemy import column, select, table, text
 from sqlalchemy.exc import IntegrityError
 from structlog.testing import capture_logs
 
+from estafeta.config import load_config_dict
 from estafeta.delivery.model import LeasedDelivery
 from estafeta.delivery.state import DeliveryState
 from estafeta.delivery.worker import Worker
 from estafeta.errors import LeaseRaced
+from estafeta.hub import Hub
 from estafeta.observability.metrics import REGISTRY, render_this_process
 from estafeta.store import open_store
 from estafeta.store.migrate import upgrade
@@ -36,7 +42,7 @@ from estafeta.store.postgres import Statement
 from estafeta.store.records import DeadLetterFilter
 from estafeta.store.sqlstore import SqlStore
 from estafeta.testing.sink import Sink
-from tests.conftest import empty_database
+from tests.conftest import base_config, empty_database
 from tests.integration.store_support import NOW, attempt, keyed
 from tests.integration.test_worker import config_for
 
@@ -310,3 +316,66 @@ async def test_the_migration_puts_all_but_a_keys_first_in_flight_delivery_back(
                     )
         finally:
             await store.close()
+
+
+class HeldFirstInsert:
+    """The store's first insert held open until `release`: a group commit batch that takes
+    long to commit, while later requests' batches go on beside it."""
+
+    def __init__(self, store: SqlStore, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.insert = store.insert_events
+        self.entered, self.gate = asyncio.Event(), asyncio.Event()
+        self.calls = 0
+        monkeypatch.setattr(store, "insert_events", self)
+
+    async def __call__(self, events: Any) -> Any:
+        self.calls += 1
+        if self.calls == 1:
+            self.entered.set()
+            await self.gate.wait()
+        return await self.insert(events)
+
+
+@ON_POSTGRESQL
+async def test_a_keys_later_event_never_commits_before_its_earlier_one_in_a_parallel_batch(
+    store: SqlStore, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """maria's first message is in a batch that takes long to commit; her second arrives
+    with a burst of other conversations' messages, enough for a second batch beside it.
+    The second batch must not carry her second message: committed first, a worker leasing
+    then would find no earlier message of hers and send the second one first."""
+    data = base_config(database_url)
+    data["routes"][0]["ordering_key"] = "data.conversation_id"
+    hub = Hub(load_config_dict(data), store)
+    held = HeldFirstInsert(store, monkeypatch)
+
+    def publish(conversation: str) -> asyncio.Task[Any]:
+        return asyncio.create_task(
+            hub.accept(
+                tenant_id="clinica-sol",
+                source_id="api",
+                event_type="message.received",
+                data={"conversation_id": conversation},
+                idempotency_key=None,
+            )
+        )
+
+    first = publish("maria")
+    await asyncio.wait_for(held.entered.wait(), timeout=10)
+    second = publish("maria")
+    others = [publish(f"other-{n}") for n in range(20)]
+    await asyncio.wait_for(asyncio.gather(*others), timeout=10)  # a batch beside the held one
+
+    now = int(time.time() * 1000) + 1_000
+    leased = await store.lease(now_ms=now, rooms={"crm": 50}, lease_ms=30_000, worker_id="w")
+    assert len(leased) == 20, "the others' messages were committed and leased"
+    assert not second.done(), "maria's second message must wait for her first"
+
+    held.gate.set()
+    first_id, second_id = await asyncio.wait_for(asyncio.gather(first, second), timeout=10)
+    [head] = await store.lease(now_ms=now, rooms={"crm": 50}, lease_ms=30_000, worker_id="w")
+    assert head.event_id == first_id.event_id, "her first message goes first"
+    await store.complete([attempt(head, DeliveryState.SUCCEEDED)], now)
+    [then] = await store.lease(now_ms=now, rooms={"crm": 50}, lease_ms=30_000, worker_id="w")
+    assert then.event_id == second_id.event_id
+    await hub.close()

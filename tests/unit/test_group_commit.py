@@ -6,6 +6,8 @@ import asyncio
 from collections.abc import Sequence
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from estafeta.errors import StoreUnavailable
 from estafeta.store.group_commit import GroupCommitter
@@ -29,7 +31,7 @@ class Store:
         self.running += 1
         self.most_running = max(self.most_running, self.running)
         try:
-            await self.gate.wait()
+            await self.gate_of(len(self.batches) - 1).wait()
         finally:
             self.running -= 1
         if self.down:
@@ -37,6 +39,33 @@ class Store:
         if self.bad & set(items):
             raise ValueError("a bad item")
         return [item * 10 for item in items]
+
+    def gate_of(self, flush: int) -> asyncio.Event:
+        """What the `flush`-th flush (counted from 0) waits for: the one gate of them all."""
+        return self.gate
+
+
+class GatePerFlush(Store):
+    """A held store whose flushes are let through one by one, in the order a test picks;
+    `committed` lists the items in the order their flushes returned."""
+
+    def __init__(self) -> None:
+        super().__init__(held=True)
+        self.gates: list[asyncio.Event] = []
+        self.committed: list[int] = []
+
+    def gate_of(self, flush: int) -> asyncio.Event:
+        self.gates.append(asyncio.Event())
+        return self.gates[flush]
+
+    async def flush(self, items: Sequence[int]) -> list[int]:
+        results = await super().flush(items)
+        self.committed.extend(items)
+        return results
+
+    def running_flushes(self) -> list[int]:
+        """The flushes still held at their gates, by number."""
+        return [n for n, gate in enumerate(self.gates) if not gate.is_set()]
 
 
 async def until(condition: object, *, turns: int = 100) -> None:
@@ -198,3 +227,117 @@ async def test_a_store_that_hangs_fails_its_callers_after_the_bound_flushing_or_
     store.gate.set()
     await committer.close()
     assert store.batches == [[1]]
+
+
+# The keys that order items (as the hub names an event's deliveries' ordering keys).
+KEYS = {1: ["a"], 2: ["a"], 5: ["a", "b"], 6: ["b"]}
+
+
+def keyed_committer(store: Store) -> GroupCommitter[int, int]:
+    return GroupCommitter(
+        store.flush,
+        max_concurrent_flushes=2,
+        min_parallel_batch=2,
+        keys_of=lambda item: KEYS.get(item, []),
+    )
+
+
+async def test_a_parallel_flush_leaves_behind_the_key_a_running_flush_carries() -> None:
+    store = GatePerFlush()
+    committer = keyed_committer(store)
+    first = await first_flush_held(committer, store, 1)  # key a, held
+    second, third, fourth = submitted(committer, 2, 3, 4)  # 2: key a again
+    await until(lambda: len(store.gates) == 2)
+    assert store.batches == [[1], [3, 4]], "2 must wait for the flush that carries 1"
+    store.gates[1].set()  # the parallel flush commits first
+    assert (await third, await fourth) == (30, 40)
+    await settle()
+    assert not second.done() and store.batches == [[1], [3, 4]]
+    store.gates[0].set()
+    assert await first == 10
+    await until(lambda: len(store.gates) == 3)
+    store.gates[2].set()
+    assert await second == 20
+    assert store.committed == [3, 4, 1, 2]
+    await committer.close()
+
+
+async def test_an_item_left_behind_holds_back_the_later_items_of_each_of_its_keys() -> None:
+    store = GatePerFlush()
+    committer = keyed_committer(store)
+    first = await first_flush_held(committer, store, 1)  # key a
+    # 5 carries a and b: it waits for 1, and 6 (key b) must not go ahead of it; 7 may.
+    later = submitted(committer, 5, 6, 7)
+    await until(lambda: len(store.gates) == 2)
+    assert store.batches == [[1], [7]]
+    store.gates[1].set()
+    await settle()
+    store.gates[0].set()
+    await until(lambda: len(store.gates) == 3)
+    assert store.batches[2] == [5, 6]
+    store.gates[2].set()
+    assert [await f for f in (first, *later)] == [10, 50, 60, 70]
+    await committer.close()
+
+
+async def test_items_without_keys_go_in_parallel_flushes_as_before() -> None:
+    store = GatePerFlush()
+    committer = keyed_committer(store)
+    first = await first_flush_held(committer, store, 3)
+    later = submitted(committer, 4, 7, 8)
+    await until(lambda: len(store.gates) == 2)
+    assert store.batches == [[3], [4, 7, 8]]
+    for gate in store.gates:
+        gate.set()
+    assert [await f for f in (first, *later)] == [30, 40, 70, 80]
+    await committer.close()
+
+
+# A scenario: bursts of items (each with a key of a small alphabet, or none), and which of
+# the flushes then running the store lets through at each step.
+bursts = st.lists(
+    st.lists(st.sampled_from(["a", "b", "c", None]), min_size=1, max_size=12),
+    min_size=1,
+    max_size=6,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(bursts=bursts, picks=st.lists(st.integers(0, 3), min_size=40, max_size=40))
+def test_items_of_a_key_commit_in_the_order_submitted_whatever_flush_ends_first(
+    bursts: list[list[str | None]], picks: list[int]
+) -> None:
+    keys: dict[int, list[str]] = {}
+
+    async def scenario() -> tuple[list[int], list[int]]:
+        store = GatePerFlush()
+        committer = GroupCommitter(
+            store.flush,
+            max_batch=5,
+            max_concurrent_flushes=4,
+            min_parallel_batch=2,
+            keys_of=lambda item: keys[item],
+        )
+        futures: list[asyncio.Future[int]] = []
+        choices = iter(picks)
+        for burst in bursts:
+            for key in burst:
+                keys[len(keys)] = [] if key is None else [key]
+                futures.extend(submitted(committer, len(keys) - 1))
+            await settle()
+            if running := store.running_flushes():  # let one of them end
+                store.gates[running[next(choices, 0) % len(running)]].set()
+                await settle()
+        while not all(f.done() for f in futures):  # then let the rest through, in turn
+            if running := store.running_flushes():
+                store.gates[running[-1]].set()
+            await settle()
+        await committer.close()
+        return [f.result() // 10 for f in futures], store.committed
+
+    results, committed = asyncio.run(scenario())
+    assert results == list(keys), "every item committed, each with its own result"
+    assert sorted(committed) == list(keys), "each item committed once"
+    for key in "abc":
+        of_key = [item for item in committed if keys[item] == [key]]
+        assert of_key == sorted(of_key), f"key {key} committed out of order: {of_key}"
