@@ -546,6 +546,43 @@ async def test_a_keys_events_accepted_after_an_outage_wait_behind_its_spooled_on
         assert sent == [first.event_id, second.event_id, third.event_id]
 
 
+async def test_a_keys_event_queued_behind_one_the_store_failed_is_spooled_behind_it(
+    config: Config, store: SqlStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """maria's message 1 is in a batch that the store fails as unreachable after a while (a
+    dropped connection); message 2 waits for it in the group committer's queue, and the
+    store answers again at once. Stored then, message 2 was sent while message 1 still
+    waited in the spool. It follows message 1 to the spool instead, and they go in order."""
+    async with blinking_hub(config, store, tmp_path, monkeypatch, down=False) as (hub, _):
+        entered, gate = asyncio.Event(), asyncio.Event()
+        insert = store.insert_events
+
+        async def first_fails_late(*args: Any, **kwargs: Any) -> list[InsertResult]:
+            if not entered.is_set():
+                entered.set()
+                await gate.wait()
+                raise StoreUnavailable("the connection was lost")
+            return await insert(*args, **kwargs)
+
+        monkeypatch.setattr(store, "insert_events", first_fails_late)
+        first = asyncio.create_task(hub.accept_all([message(hub, 1)]))
+        await asyncio.wait_for(entered.wait(), timeout=10)
+        second = asyncio.create_task(hub.accept_all([message(hub, 2)]))
+        await asyncio.sleep(0)  # its task runs at once: queued behind message 1's batch
+        gate.set()
+        (one,), (two,) = await asyncio.wait_for(asyncio.gather(first, second), timeout=10)
+        assert one.spooled
+        assert two.spooled, "message 2 stored while message 1 waits in the spool"
+        assert hub.spool is not None and await hub.spool.drain(store) == 2
+        now = hub.clock.now_ms() + 1
+        sent = []
+        while leased := await lease_any(store, now_ms=now):
+            [sending] = leased
+            sent.append(sending.event_id)
+            await store.complete([attempt(sending, DeliveryState.SUCCEEDED, at=now)], now)
+        assert sent == [one.event_id, two.event_id]
+
+
 async def test_a_keys_event_the_full_spool_cannot_hold_is_stored_once_the_store_answers(
     config: Config, store: SqlStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

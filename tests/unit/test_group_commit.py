@@ -341,3 +341,182 @@ def test_items_of_a_key_commit_in_the_order_submitted_whatever_flush_ends_first(
     for key in "abc":
         of_key = [item for item in committed if keys[item] == [key]]
         assert of_key == sorted(of_key), f"key {key} committed out of order: {of_key}"
+
+
+async def test_an_unreachable_store_fails_the_items_left_behind_for_its_keys_too() -> None:
+    store = GatePerFlush()
+    committer = keyed_committer(store)
+    first = await first_flush_held(committer, store, 1)  # key a
+    # 2 (key a) waits for 1; 6 (key b) goes beside it, and 5 (a and b) waits for both.
+    second, sixth, fifth = submitted(committer, 2, 6, 5)
+    await until(lambda: len(store.gates) == 2)
+    assert store.batches == [[1], [6]]
+    store.down = True
+    store.gates[0].set()
+    with pytest.raises(StoreUnavailable):
+        await first
+    # The store answers again: 1's caller spools it, so 2 and 5 must not be stored before it
+    # is, but go to the spool behind it (refused as 1 was). 6 never waited for 1.
+    store.down = False
+    for _ in range(100):  # let every flush through as it comes, until all have answered
+        for gate in store.gates:
+            gate.set()
+        await settle()
+        if all(f.done() for f in (second, fifth, sixth)):
+            break
+    assert isinstance(second.exception(), StoreUnavailable)
+    assert isinstance(fifth.exception(), StoreUnavailable)
+    assert sixth.result() == 60
+    await committer.close()
+    assert store.committed == [6], "an item of key a stored while 1 goes to the spool"
+
+
+async def test_a_retried_item_the_store_cannot_take_fails_the_later_ones_of_its_key() -> None:
+    batches: list[list[int]] = []
+    gate = asyncio.Event()
+
+    async def flush(items: Sequence[int]) -> list[int]:
+        # The batch fails for a bad item (3); as its items are retried one by one, the
+        # store is unreachable for 1, then answers again.
+        batches.append(list(items))
+        if len(items) > 1:
+            await gate.wait()
+            raise ValueError("a bad item")
+        if items == [1]:
+            raise StoreUnavailable("the store is down")
+        return [item * 10 for item in items]
+
+    committer = GroupCommitter(flush, keys_of=lambda item: KEYS.get(item, []))
+    failed: list[int] = []
+
+    async def caller(item: int) -> int | None:
+        try:
+            return await committer.submit(item)
+        except StoreUnavailable:
+            failed.append(item)  # as its caller resumes: it spools the item now
+            return None
+
+    in_batch = [asyncio.ensure_future(caller(i)) for i in (1, 3, 2)]
+    await until(lambda: batches == [[1, 3, 2]])
+    queued = asyncio.ensure_future(caller(5))  # keys a and b, behind the batch
+    await settle()
+    gate.set()
+    results = await asyncio.wait_for(asyncio.gather(*in_batch, queued), timeout=5)
+    assert results == [None, 30, None, None]
+    assert failed == [1, 2, 5], "the key's items spooled behind 1, in their order"
+    assert [2] not in batches and [5] not in batches
+    await committer.close()
+
+
+async def test_a_queued_item_given_up_takes_the_later_ones_of_its_key_with_it() -> None:
+    give_up_s = 0.2  # the watchdog looks every 20 ms
+    store = Store(held=True)  # a hung store: one flush at a time, held
+    committer = GroupCommitter(
+        store.flush, give_up_after_s=give_up_s, keys_of=lambda item: KEYS.get(item, [])
+    )
+    hung = await first_flush_held(committer, store, 3)
+    [first] = submitted(committer, 1)  # key a, queued behind the hung flush
+    await asyncio.sleep(give_up_s / 2)
+    [second] = submitted(committer, 2)  # key a again, due 0.1 s after 1
+    with pytest.raises(StoreUnavailable):
+        await asyncio.wait_for(first, timeout=5)
+    # 1's caller spools it; the store answers again before 2 is due: 2 must not be stored
+    # ahead of 1, but be given up with it.
+    assert second.done(), "2 must be given up with 1, not left to be stored before it"
+    assert isinstance(second.exception(), StoreUnavailable)
+    store.gate.set()
+    with pytest.raises(StoreUnavailable):
+        await hung
+    await committer.close()
+    assert store.batches == [[3]]
+
+
+async def test_callers_given_up_together_are_failed_in_the_order_they_submitted() -> None:
+    store = Store(held=True)  # a hung store
+    committer = GroupCommitter(
+        store.flush, give_up_after_s=GIVE_UP_S, keys_of=lambda item: KEYS.get(item, [])
+    )
+    failed: list[int] = []
+
+    async def caller(item: int) -> None:
+        try:
+            await committer.submit(item)
+        except StoreUnavailable:
+            failed.append(item)  # as its caller resumes: it spools the item now
+
+    callers = [asyncio.ensure_future(caller(1))]  # key a, flushing
+    await until(lambda: store.running == 1)
+    callers.append(asyncio.ensure_future(caller(2)))  # key a, queued behind it
+    await asyncio.wait_for(asyncio.gather(*callers), timeout=5)
+    # Given up in one look of the watchdog: 2 spooled ahead of 1 would be drained first.
+    assert failed == [1, 2]
+    store.gate.set()
+    await committer.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    bursts=bursts,
+    picks=st.lists(st.tuples(st.integers(0, 3), st.booleans()), min_size=40, max_size=40),
+)
+def test_an_item_the_store_could_not_take_is_never_overtaken_by_a_later_one_of_its_key(
+    bursts: list[list[str | None]], picks: list[tuple[int, bool]]
+) -> None:
+    """As the one above, some flushes finding the store unreachable: a caller refused so
+    spools its item, and no item of its key submitted before then may be stored after all."""
+    keys: dict[int, list[str]] = {}
+    log: list[tuple[str, int]] = []  # ("submitted" | "refused", item), as it happens
+
+    async def scenario() -> list[int]:
+        store = GatePerFlush()
+        committer = GroupCommitter(
+            store.flush,
+            max_batch=5,
+            max_concurrent_flushes=4,
+            min_parallel_batch=2,
+            keys_of=lambda item: keys[item],
+        )
+
+        async def caller(item: int) -> None:
+            try:
+                await committer.submit(item)
+            except StoreUnavailable:
+                log.append(("refused", item))
+
+        callers: list[asyncio.Future[None]] = []
+        choices = iter(picks)
+        for burst in bursts:
+            for key in burst:
+                item = len(keys)
+                keys[item] = [] if key is None else [key]
+                log.append(("submitted", item))
+                callers.append(asyncio.ensure_future(caller(item)))
+            await settle()
+            if running := store.running_flushes():  # let one of them end, or fail
+                pick, down = next(choices, (0, False))
+                store.down = down
+                store.gates[running[pick % len(running)]].set()
+                await settle()
+                store.down = False
+        while not all(f.done() for f in callers):  # then let the rest through, in turn
+            if running := store.running_flushes():
+                store.gates[running[-1]].set()
+            await settle()
+        await committer.close()
+        return store.committed
+
+    committed = set(asyncio.run(scenario()))
+    for at, (what, item) in enumerate(log):
+        if what != "refused" or not keys[item]:
+            continue
+        submitted_before = {i for w, i in log[:at] if w == "submitted"}
+        overtaking = {
+            later
+            for later in submitted_before & committed
+            if later > item and keys[later] == keys[item]
+        }
+        assert not overtaking, f"{item} refused, then {overtaking} of its key stored"
+    refused = [item for what, item in log if what == "refused"]
+    for key in "abc":
+        of_key = [item for item in refused if keys[item] == [key]]
+        assert of_key == sorted(of_key), f"key {key} spooled out of order: {of_key}"

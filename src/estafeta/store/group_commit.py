@@ -17,7 +17,10 @@ starts while others flush leaves behind every item carrying a key a running batc
 and every item behind it sharing one of its keys, so the later of two items of a key never
 commits before the earlier. (Without it, a burst on PostgreSQL could commit a key's later
 event first and a worker send it ahead of the earlier one.) Until then it waits for a flush
-to end, not for each new item: a queue of held items is scanned once per flush.
+to end, not for each new item: a queue of held items is scanned once per flush. An item
+that fails as unreachable (`StoreUnavailable`: its batch's, or given up while queued) takes
+with it the queued items sharing its keys, and those behind them sharing theirs: its caller
+spools it, and they must follow it there, not reach the store ahead of it.
 
 If a batch fails for a reason other than the store being unreachable, its items are retried
 one by one, so one bad item cannot fail the requests that happened to share its batch.
@@ -106,13 +109,21 @@ class GroupCommitter(Generic[T, R]):
             await asyncio.sleep(give_up_after_s / 10)
             due = loop.time() - give_up_after_s
             gave_up = False
-            for entries in (self._queue, *self._flushing.values()):
-                for _, future, submitted_at, _ in entries:
+            given_up: list[Entry[T, R]] = []  # of the queued ones
+            # Oldest first, the batches flushing then the queue: their callers spool them in
+            # the order they resume, and the spool's order is their key's.
+            for entries in (*self._flushing.values(), self._queue):
+                for entry in entries:
+                    _, future, submitted_at, _ = entry
                     if submitted_at <= due and not future.done():
                         future.set_exception(StoreUnavailable(failure))
                         gave_up = True
+                        if entries is self._queue:
+                            given_up.append(entry)
             if gave_up:  # given up while queued: their callers spool them; not committed too
                 self._queue = [entry for entry in self._queue if not entry[1].done()]
+                # The later items of their keys follow them to the spool.
+                self._fail_behind(given_up, StoreUnavailable(failure))
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -163,6 +174,23 @@ class GroupCommitter(Generic[T, R]):
                 batch.append(entry)
         return batch, rest
 
+    def _fail_behind(self, failed: list[Entry[T, R]], exc: StoreUnavailable) -> None:
+        """Fail with `exc` the queued items sharing a key with the `failed` ones (their
+        callers spool them) and those behind them sharing one of their keys: stored, one
+        would go ahead of an earlier item of its key that waits in the spool."""
+        keys: set[Hashable] = {key for entry in failed for key in entry[3]}
+        if not keys:
+            return
+        rest: list[Entry[T, R]] = []
+        for entry in self._queue:
+            if entry[3] and not keys.isdisjoint(entry[3]):
+                keys.update(entry[3])
+                if not entry[1].done():
+                    entry[1].set_exception(exc)
+            else:
+                rest.append(entry)
+        self._queue = rest
+
     def _carry(self, batch: list[Entry[T, R]], change: int) -> None:
         """Count the keys of a batch as carried (+1, as it starts) or no longer (-1)."""
         carried = self._carried
@@ -177,7 +205,11 @@ class GroupCommitter(Generic[T, R]):
     async def _commit(self, batch: list[Entry[T, R]]) -> None:
         self._flushing[id(batch)] = batch
         try:
-            await self._commit_batch(batch)
+            unreachable = await self._commit_batch(batch)
+            if unreachable is not None:
+                # Before this batch's keys are released: the later items of their keys must
+                # not be stored while these go to the spool.
+                self._fail_behind(unreachable[1], unreachable[0])
         finally:
             del self._flushing[id(batch)]
             self._carry(batch, -1)
@@ -186,7 +218,11 @@ class GroupCommitter(Generic[T, R]):
             self._flush_ended.set()
             self._wakeup.set()
 
-    async def _commit_batch(self, batch: list[Entry[T, R]]) -> None:
+    async def _commit_batch(
+        self, batch: list[Entry[T, R]]
+    ) -> tuple[StoreUnavailable, list[Entry[T, R]]] | None:
+        """Commit the batch, its callers answered; if the store was unreachable for some of
+        its items, the failure and those items (the later items of their keys follow them)."""
         # A caller may be gone (given up, or cancelled): its future is done, left as it is.
         try:
             results = await self._flush([entry[0] for entry in batch])
@@ -194,18 +230,32 @@ class GroupCommitter(Generic[T, R]):
             for _, future, _, _ in batch:
                 if not future.done():
                     future.set_exception(exc)
-            return
+            return exc, batch
         except Exception as exc:
             if len(batch) == 1:
                 if not batch[0][1].done():
                     batch[0][1].set_exception(exc)
-                return
+                return None
+            unreachable: StoreUnavailable | None = None
+            failed: list[Entry[T, R]] = []  # those refused as unreachable, in order
+            failed_keys: set[Hashable] = set()
             for single in batch:  # isolate the item that failed the batch
-                await self._commit_batch([single])
-            return
+                keys = single[3]
+                if unreachable is not None and keys and not failed_keys.isdisjoint(keys):
+                    # An earlier item of its key was refused as unreachable: so is this one.
+                    if not single[1].done():
+                        single[1].set_exception(unreachable)
+                elif (outcome := await self._commit_batch([single])) is not None:
+                    unreachable = outcome[0]
+                else:
+                    continue
+                failed.append(single)
+                failed_keys.update(keys)
+            return None if unreachable is None else (unreachable, failed)
         for (_, future, _, _), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)
+        return None
 
     async def close(self) -> None:
         """Commit what is queued, then stop."""
