@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import pytest
 from hypothesis import given, settings
@@ -520,3 +520,34 @@ def test_an_item_the_store_could_not_take_is_never_overtaken_by_a_later_one_of_i
     for key in "abc":
         of_key = [item for item in refused if keys[item] == [key]]
         assert of_key == sorted(of_key), f"key {key} spooled out of order: {of_key}"
+
+
+class CountedKeys(list[str]):
+    """An item's keys that count how often the committer reads them."""
+
+    reads = 0
+
+    def __iter__(self) -> Iterator[str]:
+        CountedKeys.reads += 1
+        return super().__iter__()
+
+
+async def test_a_flood_of_one_key_costs_the_committer_in_proportion_to_its_size() -> None:
+    """Thousands of one conversation's events wait behind its running batch: each batch
+    started beside it looks at a bounded part of the queue, not all of it again."""
+    store = Store()
+    count = 3000
+    keys = {item: CountedKeys(["a"]) for item in range(count)}
+    committer = GroupCommitter(
+        store.flush,
+        max_batch=10,
+        max_concurrent_flushes=2,
+        min_parallel_batch=2,
+        keys_of=lambda item: keys[item],
+    )
+    CountedKeys.reads = 0
+    results = await asyncio.gather(*(committer.submit(i) for i in range(count)))
+    assert results == [i * 10 for i in range(count)]
+    assert [item for batch in store.batches for item in batch] == list(range(count))
+    assert CountedKeys.reads < 20 * count, CountedKeys.reads  # ~300 * count before the bound
+    await committer.close()

@@ -17,10 +17,11 @@ starts while others flush leaves behind every item carrying a key a running batc
 and every item behind it sharing one of its keys, so the later of two items of a key never
 commits before the earlier. (Without it, a burst on PostgreSQL could commit a key's later
 event first and a worker send it ahead of the earlier one.) Until then it waits for a flush
-to end, not for each new item: a queue of held items is scanned once per flush. An item
-that fails as unreachable (`StoreUnavailable`: its batch's, or given up while queued) takes
-with it the queued items sharing its keys, and those behind them sharing theirs: its caller
-spools it, and they must follow it there, not reach the store ahead of it.
+to end, not for each new item, and looks through a few batches' worth of the queue at most
+once per flush, however long the queue of held items. An item that fails as unreachable
+(`StoreUnavailable`: its batch's, or given up while queued) takes with it the queued items
+sharing its keys, and those behind them sharing theirs: its caller spools it, and they must
+follow it there, not reach the store ahead of it.
 
 If a batch fails for a reason other than the store being unreachable, its items are retried
 one by one, so one bad item cannot fail the requests that happened to share its batch.
@@ -50,6 +51,10 @@ R = TypeVar("R")
 Entry = tuple[T, "asyncio.Future[R]", float, Collection[Hashable]]
 
 NO_KEYS: tuple[Hashable, ...] = ()
+
+# How many batches' worth of the queue a batch started beside a running one looks through
+# for items no running batch holds back.
+SCAN_BATCHES = 4
 
 
 class GroupCommitter(Generic[T, R]):
@@ -162,8 +167,11 @@ class GroupCommitter(Generic[T, R]):
         held: set[Hashable] = set()
         batch: list[Entry[T, R]] = []
         rest: list[Entry[T, R]] = []
+        # Looked at no further than a few batches' worth: a flood of one key queued behind
+        # its running batch would otherwise be read whole at every flush (quadratic).
+        scan_limit = SCAN_BATCHES * self._max_batch
         for i, entry in enumerate(self._queue):
-            if len(batch) == self._max_batch:
+            if len(batch) == self._max_batch or i == scan_limit:
                 rest.extend(self._queue[i:])
                 break
             keys = entry[3]
