@@ -233,11 +233,11 @@ async def test_a_store_that_hangs_fails_its_callers_after_the_bound_flushing_or_
 KEYS = {1: ["a"], 2: ["a"], 5: ["a", "b"], 6: ["b"]}
 
 
-def keyed_committer(store: Store) -> GroupCommitter[int, int]:
+def keyed_committer(store: Store, *, min_parallel_batch: int = 1) -> GroupCommitter[int, int]:
     return GroupCommitter(
         store.flush,
         max_concurrent_flushes=2,
-        min_parallel_batch=2,
+        min_parallel_batch=min_parallel_batch,
         keys_of=lambda item: KEYS.get(item, []),
     )
 
@@ -277,6 +277,23 @@ async def test_an_item_left_behind_holds_back_the_later_items_of_each_of_its_key
     assert store.batches[2] == [5, 6]
     store.gates[2].set()
     assert [await f for f in (first, *later)] == [10, 50, 60, 70]
+    await committer.close()
+
+
+async def test_too_few_items_free_to_go_beside_a_running_flush_wait_for_it_to_end() -> None:
+    """Two waiting items are enough for a second flush, but 2 waits for 1 (key a): 3 alone
+    would pay a whole commit beside the running one, so it waits with 2 for the next."""
+    store = GatePerFlush()
+    committer = keyed_committer(store, min_parallel_batch=2)
+    first = await first_flush_held(committer, store, 1)  # key a
+    later = submitted(committer, 2, 3)
+    await settle()
+    assert store.batches == [[1]]
+    store.gates[0].set()
+    await until(lambda: len(store.gates) == 2)
+    assert store.batches == [[1], [2, 3]]
+    store.gates[1].set()
+    assert [await f for f in (first, *later)] == [10, 20, 30]
     await committer.close()
 
 
