@@ -110,6 +110,9 @@ class Hub:
         self._store_down_until = 0.0
         # Keys whose first event is being journaled, set once it is (or failed): see _spool.
         self._spooling: dict[tuple[str, str, str], asyncio.Event] = {}
+        # Set once the request spooling last has queued its events: see _spool.
+        self._spool_turn = asyncio.Event()
+        self._spool_turn.set()
         self.clock: Clock = clock or SystemClock()
         self.router = Router(config)
         # The shared Redis when configured: circuits and the tenants' inbound rate limits
@@ -443,10 +446,24 @@ class Hub:
         `store_answers` (events spooled behind their key's, the store up), a key the store
         already has is answered as its original too."""
         assert self.spool is not None  # noqa: S101 - callers check
+        # Journaled in the order the requests came, whatever the waits below end first: a
+        # key's events spooled behind it keep their order, which the drain's chunks keep.
+        previous, turn = self._spool_turn, asyncio.Event()
+        self._spool_turn = turn
+        try:
+            return await self._spool_in_turn(events, previous, turn, store_answers)
+        finally:
+            turn.set()
+
+    async def _spool_in_turn(
+        self,
+        events: Sequence[NewEvent],
+        previous: asyncio.Event,
+        turn: asyncio.Event,
+        store_answers: bool,
+    ) -> list[InsertResult]:
+        assert self.spool is not None  # noqa: S101 - callers check
         keys = {event_key(e) for e in events if e.idempotency_key is not None}
-        # Answered with its id once it is durable, or journaled here if it failed.
-        while appending := [self._spooling[k] for k in keys if k in self._spooling]:
-            await asyncio.gather(*(done.wait() for done in appending))
         stored: dict[tuple[str, str, str], str] = {}
         if store_answers and keys:
             # Journaled anew, a repeat would be answered with an id the drain then drops as
@@ -457,6 +474,11 @@ class Hub:
                     stored = await self.store.stored_ids_by_key(
                         [e for e in events if e.idempotency_key is not None]
                     )
+        await previous.wait()
+        # A key an earlier request is journaling: answered with its id once it is durable,
+        # or journaled here if that failed.
+        while appending := [self._spooling[k] for k in keys if k in self._spooling]:
+            await asyncio.gather(*(done.wait() for done in appending))
         results: list[InsertResult] = []
         new: list[NewEvent] = []
         duplicates: list[NewEvent] = []  # answered as the spooled original, counted as such
@@ -483,6 +505,7 @@ class Hub:
         done = asyncio.Event()
         for key in first:
             self._spooling[key] = done
+        turn.set()  # the next request may queue its events: ours are queued at once below
         try:
             if new:
                 await self.spool.append_all(new)

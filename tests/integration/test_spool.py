@@ -10,7 +10,7 @@ import resource
 import signal
 import struct
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -544,6 +544,80 @@ async def test_a_keys_events_accepted_after_an_outage_wait_behind_its_spooled_on
             sent.append(sending.event_id)
             await store.complete([attempt(sending, DeliveryState.SUCCEEDED, at=now)], now)
         assert sent == [first.event_id, second.event_id, third.event_id]
+
+
+class SlowFirstLookup:
+    """The store's answer to the first "is this provider id stored?" held until `gate` is
+    set; `answered` is set once a later one has answered."""
+
+    def __init__(self, store: SqlStore, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.lookup = store.stored_ids_by_key
+        self.entered, self.gate, self.answered = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        monkeypatch.setattr(store, "stored_ids_by_key", self)
+
+    async def __call__(self, events: Any) -> dict[tuple[str, str, str], str]:
+        if not self.entered.is_set():
+            self.entered.set()
+            await self.gate.wait()
+            return await self.lookup(events)
+        found = await self.lookup(events)
+        self.answered.set()
+        return found
+
+    async def later_answered_first(self, first: Awaitable[Any], later: Awaitable[Any]) -> Any:
+        """Runs `first` until its lookup is held, then `later` until its lookup answered;
+        then lets the first answer. What both returned."""
+        one = asyncio.ensure_future(first)
+        await asyncio.wait_for(self.entered.wait(), timeout=10)
+        two = asyncio.ensure_future(later)
+        await asyncio.wait_for(self.answered.wait(), timeout=10)
+        for _ in range(20):  # `later` goes as far as it can
+            await asyncio.sleep(0)
+        self.gate.set()
+        return await asyncio.wait_for(asyncio.gather(one, two), timeout=10)
+
+
+def journaled(spool_dir: Path) -> list[str]:
+    """The ids of the events in the spool's segments, in the order the drain reads them."""
+    return [e.id for path in sorted(spool_dir.glob("*.journal")) for e in read_segment(path)]
+
+
+async def test_a_keys_events_spooled_behind_it_keep_their_order_whatever_answers_first(
+    config: Config, store: SqlStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """maria's message 1 was spooled in an outage; messages 2 and 3 arrive once the store
+    answers, and are spooled behind it. Each first asks the store whether its provider id
+    is stored already, and the answer for message 2 is slow. Journaled as the answers came,
+    3 went before 2, and a drain importing them in two chunks stored 3 first. The spool
+    keeps them in the order they were accepted."""
+    async with blinking_hub(config, store, tmp_path, monkeypatch) as (hub, blink):
+        (first,) = await hub.accept_all([message(hub, 1, idempotent=True)])
+        blink.down = False
+        (two,), (three,) = await SlowFirstLookup(store, monkeypatch).later_answered_first(
+            hub.accept_all([message(hub, 2, idempotent=True)]),
+            hub.accept_all([message(hub, 3, idempotent=True)]),
+        )
+        assert first.spooled and two.spooled and three.spooled
+        assert journaled(tmp_path / "spool") == [first.event_id, two.event_id, three.event_id]
+
+
+async def test_a_repeat_spooled_while_its_original_waits_for_the_store_gets_its_id(
+    config: Config, store: SqlStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """maria's message 2 is spooled behind her message 1 once the store answers, and asks the
+    store first whether its provider id is stored; the answer is slow, and the provider
+    resends message 2 meanwhile. The resend journaled a second copy with an id of its own,
+    which the drain then dropped as a duplicate: an id answered that never exists. It is
+    answered as the original instead, and the spool holds one copy."""
+    async with blinking_hub(config, store, tmp_path, monkeypatch) as (hub, blink):
+        (first,) = await hub.accept_all([message(hub, 1, idempotent=True)])
+        blink.down = False
+        (two,), (again,) = await SlowFirstLookup(store, monkeypatch).later_answered_first(
+            hub.accept_all([message(hub, 2, idempotent=True)]),
+            hub.accept_all([message(hub, 2, idempotent=True)]),
+        )
+        assert (again.event_id, again.duplicate) == (two.event_id, True)
+        assert journaled(tmp_path / "spool") == [first.event_id, two.event_id]
 
 
 async def test_a_keys_event_queued_behind_one_the_store_failed_is_spooled_behind_it(
