@@ -95,6 +95,34 @@ def ordering_keys(events: Sequence[NewEvent]) -> list[tuple[str, str]]:
     return keys
 
 
+class SpoolTurn:
+    """A spooling request's place in line (Hub._spool): `queued` is set once its events are
+    queued for the journal. One that ended before (its lookup failed, or it was cancelled)
+    sets it with `before`, the turn it was waiting for, which the next one waits for
+    instead: the next must not be journaled ahead of the request before it either."""
+
+    __slots__ = ("before", "queued")
+
+    def __init__(self) -> None:
+        self.queued = asyncio.Event()
+        self.before: SpoolTurn | None = None
+
+    def pass_on(self, previous: SpoolTurn) -> None:
+        """Ended before its turn: the next waits for `previous` (or what it waits for)."""
+        before: SpoolTurn | None = previous
+        while before is not None and before.queued.is_set():  # no chain of passed turns
+            before = before.before
+        self.before = before
+        self.queued.set()
+
+    async def wait(self) -> None:
+        """Until this request queued its events, or ended and the one before it did."""
+        turn: SpoolTurn | None = self
+        while turn is not None:
+            await turn.queued.wait()
+            turn = turn.before
+
+
 class Hub:
     def __init__(
         self,
@@ -108,11 +136,13 @@ class Hub:
         self.store = store
         self.spool = spool
         self._store_down_until = 0.0
+        # Set as a request finds the store unreachable (then replaced): see _stored_ids.
+        self._store_found_down = asyncio.Event()
         # Keys whose first event is being journaled, set once it is (or failed): see _spool.
         self._spooling: dict[tuple[str, str, str], asyncio.Event] = {}
-        # Set once the request spooling last has queued its events: see _spool.
-        self._spool_turn = asyncio.Event()
-        self._spool_turn.set()
+        # The turn of the request spooling last: see _spool.
+        self._spool_turn = SpoolTurn()
+        self._spool_turn.queued.set()
         self.clock: Clock = clock or SystemClock()
         self.router = Router(config)
         # The shared Redis when configured: circuits and the tenants' inbound rate limits
@@ -262,6 +292,8 @@ class Hub:
             if self.spool is None:
                 raise
             self._store_down_until = time.monotonic() + STORE_RETRY_S
+            self._store_found_down.set()
+            self._store_found_down = asyncio.Event()
             return await self._spool(events)
         for event, result in zip(events, results, strict=True):
             self._count(event, "duplicate" if result.duplicate else "stored")
@@ -448,18 +480,19 @@ class Hub:
         assert self.spool is not None  # noqa: S101 - callers check
         # Journaled in the order the requests came, whatever the waits below end first: a
         # key's events spooled behind it keep their order, which the drain's chunks keep.
-        previous, turn = self._spool_turn, asyncio.Event()
+        previous, turn = self._spool_turn, SpoolTurn()
         self._spool_turn = turn
         try:
             return await self._spool_in_turn(events, previous, turn, store_answers)
         finally:
-            turn.set()
+            if not turn.queued.is_set():
+                turn.pass_on(previous)  # ended before its turn: failed, or cancelled
 
     async def _spool_in_turn(
         self,
         events: Sequence[NewEvent],
-        previous: asyncio.Event,
-        turn: asyncio.Event,
+        previous: SpoolTurn,
+        turn: SpoolTurn,
         store_answers: bool,
     ) -> list[InsertResult]:
         assert self.spool is not None  # noqa: S101 - callers check
@@ -468,10 +501,11 @@ class Hub:
         if store_answers and keys:
             # Journaled anew, a repeat would be answered with an id the drain then drops as
             # a duplicate: one that never exists. Unknown if the store fails or hangs now,
-            # as in an outage (http-api.md): bounded as a commit is, the sender waiting.
+            # as in an outage (http-api.md): bounded as a commit is, the sender waiting, and
+            # no longer waited for once another request finds the store unreachable.
             with contextlib.suppress(StoreUnavailable, TimeoutError):
                 async with asyncio.timeout(self.config.storage.spool_after_s):
-                    stored = await self.store.stored_ids_by_key(
+                    stored = await self._stored_ids(
                         [e for e in events if e.idempotency_key is not None]
                     )
         await previous.wait()
@@ -505,7 +539,7 @@ class Hub:
         done = asyncio.Event()
         for key in first:
             self._spooling[key] = done
-        turn.set()  # the next request may queue its events: ours are queued at once below
+        turn.queued.set()  # the next may queue its events: ours are queued at once below
         try:
             if new:
                 await self.spool.append_all(new)
@@ -518,6 +552,22 @@ class Hub:
         for event in duplicates:
             self._count(event, "duplicate")
         return results
+
+    async def _stored_ids(self, events: Sequence[NewEvent]) -> dict[tuple[str, str, str], str]:
+        """The store's `stored_ids_by_key`, or StoreUnavailable as soon as another request
+        finds the store unreachable meanwhile: the requests spooled after this one wait for
+        its answer (their turn), and one whose commit the store left unanswered for
+        `spool_after_s` must not wait as long again."""
+        found_down = asyncio.ensure_future(self._store_found_down.wait())
+        lookup = asyncio.ensure_future(self.store.stored_ids_by_key(events))
+        try:
+            await asyncio.wait((lookup, found_down), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            found_down.cancel()
+            lookup.cancel()  # if still waiting: cancelled, as by the bound, or the caller
+        if not lookup.done():
+            raise StoreUnavailable("the store was found unreachable meanwhile")
+        return lookup.result()
 
     async def close(self) -> None:
         await self._ingest.close()

@@ -620,6 +620,90 @@ async def test_a_repeat_spooled_while_its_original_waits_for_the_store_gets_its_
         assert journaled(tmp_path / "spool") == [first.event_id, two.event_id]
 
 
+@pytest.mark.parametrize("ends", ["failing", "cancelled"])
+async def test_a_request_ending_before_its_turn_lets_no_later_one_of_its_key_go_first(
+    config: Config, store: SqlStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ends: str
+) -> None:
+    """maria's messages 2, 3 and 4 are spooled behind her message 1 once the store answers;
+    the store's answer for 2 is slow, and 3 ends before its turn: the store fails its
+    lookup (a 500, sent again later), or its request is cancelled. 4 was then journaled at
+    once, ahead of 2, and sent first after the drain. It waits for 2 as it would have."""
+    async with blinking_hub(config, store, tmp_path, monkeypatch) as (hub, blink):
+        (first,) = await hub.accept_all([message(hub, 1, idempotent=True)])
+        blink.down = False
+        lookup = SlowFirstLookup(store, monkeypatch)
+        two = asyncio.ensure_future(hub.accept_all([message(hub, 2, idempotent=True)]))
+        await asyncio.wait_for(lookup.entered.wait(), timeout=10)
+        three = hub.accept_all([message(hub, 3, idempotent=True)])
+        if ends == "failing":
+            answers, lookup.lookup = lookup.lookup, failing_lookup
+            with pytest.raises(StoreError):
+                await asyncio.wait_for(three, timeout=10)
+            lookup.lookup = answers
+        else:
+            waiting = asyncio.ensure_future(three)
+            await asyncio.wait_for(lookup.answered.wait(), timeout=10)
+            for _ in range(20):  # at its turn
+                await asyncio.sleep(0)
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            lookup.answered.clear()
+        (two_result,), (four,) = await lookup.later_answered_first(
+            two, hub.accept_all([message(hub, 4, idempotent=True)])
+        )
+        journal = journaled(tmp_path / "spool")
+        assert journal == [first.event_id, two_result.event_id, four.event_id]
+
+
+async def test_an_event_given_up_on_by_a_hung_store_is_answered_within_the_bound(
+    config: Config, store: SqlStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store hangs (connections open, nothing answered) with maria's message 1 spooled.
+    joao's message waits `spool_after_s` for its commit, then is spooled; meanwhile
+    maria's message 2 arrived, to be spooled behind her 1, and asks the hung store whether
+    its provider id is stored, for up to `spool_after_s` too. joao's waited for that
+    answer: spooled after twice the bound, not once (10 s by default; 20 s set to 10,
+    when Twilio hangs up at 15). The store found unreachable, the question is left."""
+    bound = 2.0  # wide enough apart, once (2 s) and twice (3.6 s), for a loaded machine
+    storage = config.storage.model_copy(update={"spool_after_s": bound})
+    config = config.model_copy(update={"storage": storage})
+    async with blinking_hub(config, store, tmp_path, monkeypatch) as (hub, blink):
+        await hub.accept_all([message(hub, 1, idempotent=True)])
+        answers = asyncio.Event()  # the store hangs until the test ends
+        insert, lookup = store.insert_events, store.stored_ids_by_key
+
+        async def hung_insert(*args: Any, **kwargs: Any) -> list[InsertResult]:
+            await answers.wait()
+            return await insert(*args, **kwargs)
+
+        async def hung_lookup(events: Any) -> dict[tuple[str, str, str], str]:
+            await answers.wait()
+            return await lookup(events)
+
+        monkeypatch.setattr(store, "insert_events", hung_insert)
+        monkeypatch.setattr(store, "stored_ids_by_key", hung_lookup)
+        blink.down = False
+        loop = asyncio.get_running_loop()
+        try:
+            started = loop.time()
+            joao = asyncio.ensure_future(hub.accept_all([message(hub, 1, key="joao")]))
+            await asyncio.sleep(bound * 0.8)  # maria's 2 comes while joao's waits
+            maria = asyncio.ensure_future(hub.accept_all([message(hub, 2, idempotent=True)]))
+            (spooled,) = await asyncio.wait_for(joao, timeout=10)
+            waited = loop.time() - started
+            assert spooled.spooled
+            assert waited < bound * 1.5, waited  # the watchdog looks every tenth of it
+            (two,) = await asyncio.wait_for(maria, timeout=10)
+            assert two.spooled and not two.duplicate
+        finally:
+            answers.set()
+
+
+async def failing_lookup(events: Any) -> dict[tuple[str, str, str], str]:
+    raise StoreError("the store failed: ProgrammingError")
+
+
 async def test_a_keys_event_queued_behind_one_the_store_failed_is_spooled_behind_it(
     config: Config, store: SqlStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -297,6 +297,29 @@ async def test_too_few_items_free_to_go_beside_a_running_flush_wait_for_it_to_en
     await committer.close()
 
 
+async def test_enough_items_free_to_go_that_queue_later_go_beside_a_slow_flush() -> None:
+    """1 (key a) is being written, slowly (a lock, a commit held up to the watchdog's bound);
+    2 waits for it and 3 alone is too few to go beside it. 10 and 11 arrive, of no running
+    batch's key: enough to go beside it, but they waited for 1's flush to end with the rest
+    (every conversation's ingest held up by one slow commit). They go beside it."""
+    store = GatePerFlush()
+    committer = keyed_committer(store, min_parallel_batch=2)
+    first = await first_flush_held(committer, store, 1)  # key a
+    waiting = submitted(committer, 2, 3)
+    await settle()
+    later = submitted(committer, 10, 11)
+    await until(lambda: len(store.gates) == 2)
+    assert store.batches == [[1], [3, 10, 11]]
+    store.gates[1].set()
+    await until(lambda: store.committed == [3, 10, 11])
+    store.gates[0].set()
+    await until(lambda: len(store.gates) == 3)
+    store.gates[2].set()
+    assert [await f for f in (first, *waiting, *later)] == [10, 20, 30, 100, 110]
+    assert store.batches == [[1], [3, 10, 11], [2]]
+    await committer.close()
+
+
 async def test_items_without_keys_go_in_parallel_flushes_as_before() -> None:
     store = GatePerFlush()
     committer = keyed_committer(store)

@@ -17,12 +17,13 @@ Items that must not be committed out of their order name keys (`keys_of`): a bat
 starts while others flush leaves behind every item carrying a key a running batch carries,
 and every item behind it sharing one of its keys, so the later of two items of a key never
 commits before the earlier. (Without it, a burst on PostgreSQL could commit a key's later
-event first and a worker send it ahead of the earlier one.) Until then it waits for a flush
-to end, not for each new item, and looks through a few batches' worth of the queue at most
-once per flush, however long the queue of held items. An item that fails as unreachable
-(`StoreUnavailable`: its batch's, or given up while queued) takes with it the queued items
-sharing its keys, and those behind them sharing theirs: its caller spools it, and they must
-follow it there, not reach the store ahead of it.
+event first and a worker send it ahead of the earlier one.) Too few free to go beside the
+running batches, the queue waits for a flush to end or for `min_parallel_batch` new items,
+not for each new item, and a few batches' worth of it is looked through at most once then,
+however long the queue of held items. An item that fails as unreachable (`StoreUnavailable`:
+its batch's, or given up while queued) takes with it the queued items sharing its keys, and
+those behind them sharing theirs: its caller spools it, and they must follow it there, not
+reach the store ahead of it.
 
 If a batch fails for a reason other than the store being unreachable, its items are retried
 one by one, so one bad item cannot fail the requests that happened to share its batch.
@@ -147,10 +148,16 @@ class GroupCommitter(Generic[T, R]):
                 batch, rest = self._free_of_carried_keys()
                 if len(batch) < self._min_parallel_batch:
                     # Too few may go beside the running batches (the rest wait for their
-                    # keys): all wait until one ends, as too few queued items would.
+                    # keys): all wait until one ends, as too few queued items would, or
+                    # until enough new ones queued that they may go beside it after all
+                    # (a slow flush holds up no other key's items): looked through again
+                    # once per `min_parallel_batch` new items, not for each.
                     self._slots.release()
+                    enough = len(self._queue) + self._min_parallel_batch
                     self._flush_ended.clear()
-                    await self._flush_ended.wait()
+                    while not self._flush_ended.is_set() and len(self._queue) < enough:
+                        self._wakeup.clear()
+                        await self._wakeup.wait()
                     continue
                 self._queue = rest
             else:
