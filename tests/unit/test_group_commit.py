@@ -591,3 +591,50 @@ async def test_a_flood_of_one_key_costs_the_committer_in_proportion_to_its_size(
     assert [item for batch in store.batches for item in batch] == list(range(count))
     assert CountedKeys.reads < 20 * count, CountedKeys.reads  # ~300 * count before the bound
     await committer.close()
+
+
+async def test_an_item_given_up_while_flushing_takes_the_later_ones_of_its_key_with_it() -> None:
+    """1 (key a) is being written when the store hangs; 2 (key a) waits behind it. Given up,
+    1 is spooled, and the store counts as down for a moment: a new event of key a goes
+    straight to the spool. 2, given up only at its own time, was spooled after that one,
+    out of its key's order. It is given up with 1."""
+    store = Store(held=True)  # the flush hangs until the test ends
+    committer = GroupCommitter(
+        store.flush,
+        max_concurrent_flushes=2,
+        give_up_after_s=GIVE_UP_S,
+        keys_of=lambda item: KEYS.get(item, []),
+    )
+    first = await first_flush_held(committer, store, 1)
+    await asyncio.sleep(GIVE_UP_S / 2)  # 2 comes later: due half a bound after 1
+    [second] = submitted(committer, 2)
+    with pytest.raises(StoreUnavailable):
+        await first
+    assert second.done(), "2 must be given up with 1, not half a bound later"
+    assert isinstance(second.exception(), StoreUnavailable)
+    store.gate.set()
+    await committer.close()
+    assert store.batches == [[1]]
+
+
+async def test_an_item_queued_after_its_key_was_given_up_follows_it_at_the_next_look() -> None:
+    """1 (key a) was given up while its flush hangs; 2 (key a) comes after that. Its own time
+    not come, it still goes to the spool behind 1 at the watchdog's next look."""
+    store = Store(held=True)
+    committer = GroupCommitter(
+        store.flush,
+        max_concurrent_flushes=2,
+        give_up_after_s=0.4,  # looked at every 40 ms
+        keys_of=lambda item: KEYS.get(item, []),
+    )
+    first = await first_flush_held(committer, store, 1)
+    with pytest.raises(StoreUnavailable):
+        await first
+    loop = asyncio.get_running_loop()
+    submitted_at = loop.time()
+    [second] = submitted(committer, 2)
+    with pytest.raises(StoreUnavailable):
+        await second
+    assert loop.time() - submitted_at < 0.2, "given up at the next look, not at its own time"
+    store.gate.set()
+    await committer.close()

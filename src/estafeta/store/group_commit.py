@@ -21,9 +21,10 @@ event first and a worker send it ahead of the earlier one.) Too few free to go b
 running batches, the queue waits for a flush to end or for `min_parallel_batch` new items,
 not for each new item, and a few batches' worth of it is looked through at most once then,
 however long the queue of held items. An item that fails as unreachable (`StoreUnavailable`:
-its batch's, or given up while queued) takes with it the queued items sharing its keys, and
-those behind them sharing theirs: its caller spools it, and they must follow it there, not
-reach the store ahead of it.
+its batch's, or given up, queued or flushing) takes with it the later items sharing its
+keys, queued or flushing (those given up at the watchdog's next look if they come while its
+batch still hangs), and those behind them sharing theirs: its caller spools it, and they
+must follow it there, not reach the store ahead of it.
 
 If a batch fails for a reason other than the store being unreachable, its items are retried
 one by one, so one bad item cannot fail the requests that happened to share its batch.
@@ -116,21 +117,27 @@ class GroupCommitter(Generic[T, R]):
             await asyncio.sleep(give_up_after_s / 10)
             due = loop.time() - give_up_after_s
             gave_up = False
-            given_up: list[Entry[T, R]] = []  # of the queued ones
+            failed_keys: set[Hashable] = set()  # of the items given up so far
             # Oldest first, the batches flushing then the queue: their callers spool them in
-            # the order they resume, and the spool's order is their key's.
+            # the order they resume, and the spool's order is their key's. A later item of a
+            # key given up goes with it, its own time not come: the store now counts as
+            # down, so the key's next events go straight to the spool, and it must not
+            # follow them there.
             for entries in (*self._flushing.values(), self._queue):
                 for entry in entries:
-                    _, future, submitted_at, _ = entry
-                    if submitted_at <= due and not future.done():
+                    _, future, submitted_at, keys = entry
+                    if future.done():  # given up at an earlier look (its batch still hangs)?
+                        if keys and not future.cancelled() and future.exception() is not None:
+                            failed_keys.update(keys)
+                        continue
+                    if submitted_at <= due or (
+                        keys and failed_keys and not failed_keys.isdisjoint(keys)
+                    ):
                         future.set_exception(StoreUnavailable(failure))
                         gave_up = True
-                        if entries is self._queue:
-                            given_up.append(entry)
+                        failed_keys.update(keys)
             if gave_up:  # given up while queued: their callers spool them; not committed too
                 self._queue = [entry for entry in self._queue if not entry[1].done()]
-                # The later items of their keys follow them to the spool.
-                self._fail_behind(given_up, StoreUnavailable(failure))
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
