@@ -233,12 +233,31 @@ async def test_a_store_that_hangs_fails_its_callers_after_the_bound_flushing_or_
 KEYS = {1: ["a"], 2: ["a"], 5: ["a", "b"], 6: ["b"]}
 
 
-def keyed_committer(store: Store, *, min_parallel_batch: int = 1) -> GroupCommitter[int, int]:
+def keyed_committer(
+    store: Store,
+    *,
+    min_parallel_batch: int = 1,
+    max_concurrent_flushes: int = 2,
+    give_up_after_s: float | None = None,
+) -> GroupCommitter[int, int]:
+    """A committer of items ordered by KEYS."""
     return GroupCommitter(
         store.flush,
-        max_concurrent_flushes=2,
+        max_concurrent_flushes=max_concurrent_flushes,
         min_parallel_batch=min_parallel_batch,
+        give_up_after_s=give_up_after_s,
         keys_of=lambda item: KEYS.get(item, []),
+    )
+
+
+def burst_committer(store: Store, keys: dict[int, list[str]]) -> GroupCommitter[int, int]:
+    """A committer of small batches, four at once, for the random bursts below."""
+    return GroupCommitter(
+        store.flush,
+        max_batch=5,
+        max_concurrent_flushes=4,
+        min_parallel_batch=2,
+        keys_of=lambda item: keys[item],
     )
 
 
@@ -351,13 +370,7 @@ def test_items_of_a_key_commit_in_the_order_submitted_whatever_flush_ends_first(
 
     async def scenario() -> tuple[list[int], list[int]]:
         store = GatePerFlush()
-        committer = GroupCommitter(
-            store.flush,
-            max_batch=5,
-            max_concurrent_flushes=4,
-            min_parallel_batch=2,
-            keys_of=lambda item: keys[item],
-        )
+        committer = burst_committer(store, keys)
         futures: list[asyncio.Future[int]] = []
         choices = iter(picks)
         for burst in bursts:
@@ -451,9 +464,7 @@ async def test_a_retried_item_the_store_cannot_take_fails_the_later_ones_of_its_
 async def test_a_queued_item_given_up_takes_the_later_ones_of_its_key_with_it() -> None:
     give_up_s = 0.2  # the watchdog looks every 20 ms
     store = Store(held=True)  # a hung store: one flush at a time, held
-    committer = GroupCommitter(
-        store.flush, give_up_after_s=give_up_s, keys_of=lambda item: KEYS.get(item, [])
-    )
+    committer = keyed_committer(store, max_concurrent_flushes=1, give_up_after_s=give_up_s)
     hung = await first_flush_held(committer, store, 3)
     [first] = submitted(committer, 1)  # key a, queued behind the hung flush
     await asyncio.sleep(give_up_s / 2)
@@ -473,9 +484,7 @@ async def test_a_queued_item_given_up_takes_the_later_ones_of_its_key_with_it() 
 
 async def test_callers_given_up_together_are_failed_in_the_order_they_submitted() -> None:
     store = Store(held=True)  # a hung store
-    committer = GroupCommitter(
-        store.flush, give_up_after_s=GIVE_UP_S, keys_of=lambda item: KEYS.get(item, [])
-    )
+    committer = keyed_committer(store, max_concurrent_flushes=1, give_up_after_s=GIVE_UP_S)
     failed: list[int] = []
 
     async def caller(item: int) -> None:
@@ -509,13 +518,7 @@ def test_an_item_the_store_could_not_take_is_never_overtaken_by_a_later_one_of_i
 
     async def scenario() -> list[int]:
         store = GatePerFlush()
-        committer = GroupCommitter(
-            store.flush,
-            max_batch=5,
-            max_concurrent_flushes=4,
-            min_parallel_batch=2,
-            keys_of=lambda item: keys[item],
-        )
+        committer = burst_committer(store, keys)
 
         async def caller(item: int) -> None:
             try:
@@ -599,12 +602,7 @@ async def test_an_item_given_up_while_flushing_takes_the_later_ones_of_its_key_w
     straight to the spool. 2, given up only at its own time, was spooled after that one,
     out of its key's order. It is given up with 1."""
     store = Store(held=True)  # the flush hangs until the test ends
-    committer = GroupCommitter(
-        store.flush,
-        max_concurrent_flushes=2,
-        give_up_after_s=GIVE_UP_S,
-        keys_of=lambda item: KEYS.get(item, []),
-    )
+    committer = keyed_committer(store, give_up_after_s=GIVE_UP_S)
     first = await first_flush_held(committer, store, 1)
     await asyncio.sleep(GIVE_UP_S / 2)  # 2 comes later: due half a bound after 1
     [second] = submitted(committer, 2)
@@ -621,12 +619,7 @@ async def test_an_item_queued_after_its_key_was_given_up_follows_it_at_the_next_
     """1 (key a) was given up while its flush hangs; 2 (key a) comes after that. Its own time
     not come, it still goes to the spool behind 1 at the watchdog's next look."""
     store = Store(held=True)
-    committer = GroupCommitter(
-        store.flush,
-        max_concurrent_flushes=2,
-        give_up_after_s=0.4,  # looked at every 40 ms
-        keys_of=lambda item: KEYS.get(item, []),
-    )
+    committer = keyed_committer(store, give_up_after_s=0.4)  # looked at every 40 ms
     first = await first_flush_held(committer, store, 1)
     with pytest.raises(StoreUnavailable):
         await first
