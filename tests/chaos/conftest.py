@@ -532,9 +532,11 @@ async def assert_killed_sends_only_were_duplicated(
     assert max((oks[event_id] for event_id in duplicated), default=1) <= 1 + kills
 
 
-def tcp_ports(pid: int) -> set[int]:
-    """The local ports of process `pid`'s TCP sockets (Linux /proc): its connections to the
-    database among them, which `pg_stat_activity.client_port` names."""
+def tcp_ports(pid: int, remote_port: int) -> set[int]:
+    """The local ports of process `pid`'s TCP sockets connected to `remote_port` (Linux
+    /proc): its connections to the database, which `pg_stat_activity.client_port` names.
+    Only those: Linux gives one local port to connections to different servers, so a port
+    of its connections to a sink can be another process's database connection's too."""
     inodes: set[str] = set()
     with contextlib.suppress(OSError):
         for fd in Path(f"/proc/{pid}/fd").iterdir():
@@ -548,7 +550,9 @@ def tcp_ports(pid: int) -> set[int]:
             for line in table.read_text().splitlines()[1:]:
                 fields = line.split()
                 if len(fields) > 9 and fields[9] in inodes:
-                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+                    local, remote = (int(a.rsplit(":", 1)[1], 16) for a in fields[1:3])
+                    if remote == remote_port:
+                        ports.add(local)
     return ports
 
 

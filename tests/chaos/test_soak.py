@@ -35,11 +35,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import socket
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -221,7 +224,7 @@ async def test_a_soak_with_a_killed_worker_and_a_replay_settles_every_delivery_a
                 held = len(crm.received)
                 assert await crm.wait_for(lambda s: len(s.received) > held, 30), "crm idle"
                 before_kill = await scrape(http, first_metrics)
-                ports = tcp_ports(first.pid)
+                ports = tcp_ports(first.pid, urlsplit(chaos_database).port or 5432)
                 await first.sigkill()
                 crm.respond(200, delay_s=0.05)
                 await disconnected(chaos_database, ports, before_s=time.time(), timeout_s=10)
@@ -421,3 +424,20 @@ async def test_a_soak_with_a_killed_worker_and_a_replay_settles_every_delivery_a
         f" in_flight_at_kill={len(in_flight_at_kill)} rescued={len(rescued)}"
         f" replayed={len(replayed)} dead={dict(dead)} by_state={by_state}"
     )
+
+
+def test_a_processs_database_ports_leave_out_its_other_connections() -> None:
+    """The soak waits, after the kill, until no backend serves one of the killed worker's
+    ports. Linux gives one local port to connections to different servers: a port of the
+    worker's connections to a sink may be one of the serve's database connections' too,
+    alive, and the wait timed out ('no backend for the ports …'). Only the worker's
+    connections to the database's port count."""
+    with (
+        socket.create_server(("127.0.0.1", 0)) as database,
+        socket.create_server(("127.0.0.1", 0)) as sink,
+        socket.create_connection(database.getsockname()) as to_database,
+        socket.create_connection(sink.getsockname()) as to_sink,
+    ):
+        ports = tcp_ports(os.getpid(), database.getsockname()[1])
+        assert to_database.getsockname()[1] in ports
+        assert to_sink.getsockname()[1] not in ports
