@@ -60,6 +60,11 @@ NO_KEYS: tuple[Hashable, ...] = ()
 SCAN_BATCHES = 4
 
 
+def failed_as_unreachable(future: asyncio.Future[R]) -> bool:
+    """Whether a done caller's future failed as the store unreachable."""
+    return not future.cancelled() and isinstance(future.exception(), StoreUnavailable)
+
+
 class GroupCommitter(Generic[T, R]):
     def __init__(
         self,
@@ -115,29 +120,7 @@ class GroupCommitter(Generic[T, R]):
         failure = f"the store gave no answer within {give_up_after_s:g} s"
         while not self._closed:
             await asyncio.sleep(give_up_after_s / 10)
-            due = loop.time() - give_up_after_s
-            gave_up = False
-            failed_keys: set[Hashable] = set()  # of the items given up so far
-            # Oldest first, the batches flushing then the queue: their callers spool them in
-            # the order they resume, and the spool's order is their key's. A later item of a
-            # key given up goes with it, its own time not come: the store now counts as
-            # down, so the key's next events go straight to the spool, and it must not
-            # follow them there.
-            for entries in (*self._flushing.values(), self._queue):
-                for entry in entries:
-                    _, future, submitted_at, keys = entry
-                    if future.done():  # given up at an earlier look (its batch still hangs)?
-                        if keys and not future.cancelled() and future.exception() is not None:
-                            failed_keys.update(keys)
-                        continue
-                    if submitted_at <= due or (
-                        keys and failed_keys and not failed_keys.isdisjoint(keys)
-                    ):
-                        future.set_exception(StoreUnavailable(failure))
-                        gave_up = True
-                        failed_keys.update(keys)
-            if gave_up:  # given up while queued: their callers spool them; not committed too
-                self._queue = [entry for entry in self._queue if not entry[1].done()]
+            self._fail_in_order(StoreUnavailable(failure), due=loop.time() - give_up_after_s)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -200,22 +183,26 @@ class GroupCommitter(Generic[T, R]):
                 batch.append(entry)
         return batch, rest
 
-    def _fail_behind(self, failed: list[Entry[T, R]], exc: StoreUnavailable) -> None:
-        """Fail with `exc` the queued items sharing a key with the `failed` ones (their
-        callers spool them) and those behind them sharing one of their keys: stored, one
-        would go ahead of an earlier item of its key that waits in the spool."""
-        keys: set[Hashable] = {key for entry in failed for key in entry[3]}
-        if not keys:
-            return
-        rest: list[Entry[T, R]] = []
-        for entry in self._queue:
-            if entry[3] and not keys.isdisjoint(entry[3]):
-                keys.update(entry[3])
-                if not entry[1].done():
-                    entry[1].set_exception(exc)
-            else:
-                rest.append(entry)
-        self._queue = rest
+    def _fail_in_order(self, exc: StoreUnavailable, due: float = float("-inf")) -> None:
+        """Fail with `exc` the items submitted by `due` and every item after one that failed
+        as unreachable sharing one of its keys (its caller spools it, and they must follow
+        it there, not reach the store ahead of it), oldest first: the batches being flushed,
+        then the queue, from which the failed are dropped. Their callers resume, and spool
+        them, in that order."""
+        failed_keys: set[Hashable] = set()
+        failed = False
+        for entries in (*self._flushing.values(), self._queue):
+            for _, future, submitted_at, keys in entries:
+                if future.done():  # failed as unreachable before, its batch still running?
+                    if keys and failed_as_unreachable(future):
+                        failed_keys.update(keys)
+                    continue
+                if submitted_at <= due or (keys and not failed_keys.isdisjoint(keys)):
+                    future.set_exception(exc)
+                    failed = True
+                    failed_keys.update(keys)
+        if failed:
+            self._queue = [entry for entry in self._queue if not entry[1].done()]
 
     def _carry(self, batch: list[Entry[T, R]], change: int) -> None:
         """Count the keys of a batch as carried (+1, as it starts) or no longer (-1)."""
@@ -235,7 +222,7 @@ class GroupCommitter(Generic[T, R]):
             if unreachable is not None:
                 # Before this batch's keys are released: the later items of their keys must
                 # not be stored while these go to the spool.
-                self._fail_behind(unreachable[1], unreachable[0])
+                self._fail_in_order(unreachable)
         finally:
             del self._flushing[id(batch)]
             self._carry(batch, -1)
@@ -244,11 +231,9 @@ class GroupCommitter(Generic[T, R]):
             self._flush_ended.set()
             self._wakeup.set()
 
-    async def _commit_batch(
-        self, batch: list[Entry[T, R]]
-    ) -> tuple[StoreUnavailable, list[Entry[T, R]]] | None:
-        """Commit the batch, its callers answered; if the store was unreachable for some of
-        its items, the failure and those items (the later items of their keys follow them)."""
+    async def _commit_batch(self, batch: list[Entry[T, R]]) -> StoreUnavailable | None:
+        """Commit the batch, its callers answered; the failure if the store was unreachable
+        for some of its items (the later items of their keys are to follow them)."""
         # A caller may be gone (given up, or cancelled): its future is done, left as it is.
         try:
             results = await self._flush([entry[0] for entry in batch])
@@ -256,15 +241,14 @@ class GroupCommitter(Generic[T, R]):
             for _, future, _, _ in batch:
                 if not future.done():
                     future.set_exception(exc)
-            return exc, batch
+            return exc
         except Exception as exc:
             if len(batch) == 1:
                 if not batch[0][1].done():
                     batch[0][1].set_exception(exc)
                 return None
             unreachable: StoreUnavailable | None = None
-            failed: list[Entry[T, R]] = []  # those refused as unreachable, in order
-            failed_keys: set[Hashable] = set()
+            failed_keys: set[Hashable] = set()  # of the items refused as unreachable
             for single in batch:  # isolate the item that failed the batch
                 keys = single[3]
                 if unreachable is not None and keys and not failed_keys.isdisjoint(keys):
@@ -272,12 +256,11 @@ class GroupCommitter(Generic[T, R]):
                     if not single[1].done():
                         single[1].set_exception(unreachable)
                 elif (outcome := await self._commit_batch([single])) is not None:
-                    unreachable = outcome[0]
+                    unreachable = outcome
                 else:
                     continue
-                failed.append(single)
                 failed_keys.update(keys)
-            return None if unreachable is None else (unreachable, failed)
+            return unreachable
         for (_, future, _, _), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)
