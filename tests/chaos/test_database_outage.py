@@ -10,7 +10,10 @@ The shared PostgreSQL server itself is never touched.
 A duplicate is legitimate when the send was made before the cut (nothing can be leased while
 the database is away, so its first 2xx at the sink arrived by the cut plus one send's time
 limit) and its result could not be recorded, so the lease expired and a `lease_expired`
-attempt took it over after the restore.
+attempt took it over after the restore; or when a send outlived the destination's time limit
+(recorded as a `timeout` attempt) and the sink took it all the same: after the restore the
+spool's backlog is sent at once, and on a loaded machine this test's own sink can answer
+later than 2 s. Any other duplicate is a defect.
 """
 
 from __future__ import annotations
@@ -128,10 +131,12 @@ async def test_database_outage_is_absorbed_by_the_spool_and_drained_after(
     for r in sink.received:
         if 200 <= r.status < 300 and r.webhook_id is not None:
             first_ok.setdefault(r.webhook_id, r.at)
-    late = {i for i in duplicated if first_ok[i] > cut_at + TIMEOUT_S + 1}
+    timed_out = await events_with_attempt(chaos_database, "timeout")
+    late = {i for i in duplicated - timed_out if first_ok[i] > cut_at + TIMEOUT_S + 1}
     assert late == set(), f"sent twice though first sent after the cut: {late}"
     rescued = await events_with_attempt(chaos_database, "lease_expired")
-    assert duplicated <= rescued, f"sent again without a rescue: {duplicated - rescued}"
+    unexplained = duplicated - rescued - timed_out
+    assert not unexplained, f"sent again without a rescue or a timeout: {unexplained}"
     report(
         "chaos database_outage", sink, acknowledged, sent=sent, lost=len(missing), started=started
     )
