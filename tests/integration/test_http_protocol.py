@@ -173,6 +173,23 @@ async def test_head_of_the_health_check_is_answered(hub_port: int) -> None:
     assert rest.startswith(b"HTTP/1.1 200 OK")  # no body after the HEAD's head
 
 
+async def test_head_of_an_api_path_is_its_gets_head_without_a_body(hub_port: int) -> None:
+    # Answered as the GET (here its 401), with the GET's Content-Length and no body: the
+    # next answer on the connection starts right after the head.
+    raw = (
+        b"HEAD /api/v1/dlq HTTP/1.1\r\nhost: t\r\n\r\n" + b"GET /health HTTP/1.1\r\nhost: t\r\n\r\n"
+    )
+    received = await exchange(hub_port, raw, until=b'"status":"ok"')
+    head, _, rest = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401 Unauthorized")
+    assert (
+        b"content-length: %d"
+        % len(b'{"error":"missing_credentials","detail":"send Authorization: Bearer <api key>"}')
+        in head.lower()
+    )
+    assert rest.startswith(b"HTTP/1.1 200 OK")
+
+
 async def test_an_ingest_answer_carries_its_content_length(hub_port: int) -> None:
     raw = (
         b"POST /in/nosuch HTTP/1.1\r\nhost: t\r\n"

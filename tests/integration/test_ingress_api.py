@@ -784,6 +784,82 @@ async def test_unknown_paths_and_methods_answer_in_the_error_format(client: Clie
         ), path
 
 
+async def test_every_path_that_takes_get_answers_head_with_the_same_head(client: Client) -> None:
+    # RFC 9110 §9.1: a server supports HEAD wherever it supports GET. Only /health and
+    # /openapi.json did; HEAD of every other read (an API path, /docs, /metrics) was a 405.
+    published = await client.http.post(
+        "/api/v1/events", json={"type": "lead.new"}, headers={"authorization": f"Bearer {SOL_KEY}"}
+    )
+    for path, headers in [
+        ("/health", {}),
+        ("/health/detailed", ADMIN),
+        ("/metrics", {}),
+        ("/docs", {}),
+        ("/openapi.json", {}),
+        (f"/api/v1/events/{published.json()['id']}", ADMIN),
+        ("/api/v1/events/evt_none", ADMIN),  # a 404 too: the GET's status, no body
+        ("/api/v1/events/evt_none", {}),  # and a 401 with its challenge
+        ("/api/v1/dlq?limit=5", ADMIN),
+        ("/api/v1/dlq?limit=0", ADMIN),
+        ("/api/v1/conversations", ADMIN),
+        ("/api/v1/messages/msg_none", ADMIN),
+    ]:
+        got = await client.http.get(path, headers=headers)
+        head = await client.http.head(path, headers=headers)
+        assert (head.status_code, head.content) == (got.status_code, b""), path
+        assert head.headers["content-type"] == got.headers["content-type"], path
+        assert head.headers.get("www-authenticate") == got.headers.get("www-authenticate")
+        if path != "/metrics":  # its counters move between the two
+            assert head.headers["content-length"] == str(len(got.content)), path
+    # A path that does not take GET does not take HEAD either.
+    r = await client.http.head("/api/v1/events", headers=ADMIN)
+    assert (r.status_code, r.headers["allow"], r.content) == (405, "POST", b"")
+
+
+async def test_a_wrong_method_is_answered_with_every_method_the_path_takes(client: Client) -> None:
+    # `DELETE /health` answered `Allow: HEAD`, as if GET were not taken there.
+    for path in ("/health", "/api/v1/dlq", "/api/v1/events/evt_x", "/metrics", "/docs"):
+        r = await client.http.delete(path, headers=ADMIN)
+        assert (r.status_code, r.headers["allow"]) == (405, "GET, HEAD"), path
+    r = await client.http.get("/api/v1/dlq/replay", headers=ADMIN)
+    assert (r.status_code, r.headers["allow"]) == (405, "POST")
+
+
+async def test_a_request_without_a_usable_key_is_a_401_whatever_else_it_holds(
+    client: Client,
+) -> None:
+    # A client without a usable key learnt about its body, content type or query first
+    # (400, 415): only once they were put right did it hear that its key was the problem.
+    json = {"content-type": "application/json"}
+    requests: list[tuple[str, str, bytes | None, dict[str, str]]] = [
+        ("POST", "/api/v1/events", b'{"type": "lead', json),  # no JSON
+        ("POST", "/api/v1/events", b'{"type": "lead.new"}', {"content-type": "text/plain"}),
+        ("POST", "/api/v1/events", b'{"type": "lead\\u0000"}', json),  # a NUL
+        ("POST", "/api/v1/events", b'{"type": "lead\xff"}', json),  # not UTF-8
+        ("POST", "/api/v1/events", b'{"type": "lead", "data": ' + b"[" * 5000, json),
+        ("POST", "/api/v1/dlq/replay", b"{", json),
+        ("POST", "/api/v1/conversations/5511/escalate", b"reason", {}),
+        ("GET", "/api/v1/dlq?event_type=lead%00", None, {}),
+        ("GET", "/api/v1/dlq?limit=0", None, {}),
+    ]
+    for credentials, error in [
+        ({}, "missing_credentials"),
+        ({"authorization": "Basic c29sOnNvbA=="}, "invalid_credentials"),
+        ({"authorization": "Bearer est_unknown_key_0000000000000000000"}, "invalid_api_key"),
+    ]:
+        for method, url, body, headers in requests:
+            sent = {**headers, **credentials}
+            r = await client.http.request(method, url, content=body, headers=sent)
+            assert (r.status_code, r.json()["error"]) == (401, error), (url, body, r.text)
+            assert r.headers["www-authenticate"].startswith('Bearer realm="estafeta"')
+    # With a key, each is refused for what it is, as before.
+    for method, url, body, headers in requests:
+        sent = {**headers, "authorization": f"Bearer {SOL_KEY}"}
+        r = await client.http.request(method, url, content=body, headers=sent)
+        assert r.status_code in (400, 415), (url, r.text)
+    assert await client.stored() == 0
+
+
 def api_errors() -> dict[tuple[str, str], float]:
     """`estafeta_api_errors_total` as it stands, by (status, error)."""
     return {

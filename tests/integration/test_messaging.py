@@ -1183,6 +1183,30 @@ async def test_an_empty_tenant_is_a_400_naming_the_parameter(env: Env) -> None:
     assert [c["id"] for c in r.json()["conversations"]] == [MARIA]
 
 
+async def test_an_unknown_tenant_is_a_404_naming_it_not_an_empty_list(env: Env) -> None:
+    # The admin's `?tenant=clinica-soll` (a typo) answered `{"conversations": []}`, as if
+    # the tenant had no conversation, where the DLQ's list answers `no tenant 'clinica-soll'`.
+    await env.inbound("Olá", "wamid.t1")
+    admin = env.auth("test-admin-key")
+    for status in (None, "open"):
+        params = {"tenant": "clinica-soll", **({"status": status} if status else {})}
+        r = await env.http.get("/api/v1/conversations", params=params, headers=admin)
+        assert (r.status_code, r.json()) == (
+            404,
+            {"error": "not_found", "detail": "no tenant 'clinica-soll'"},
+        )
+    # A known tenant without conversations is an empty list, as before.
+    r = await env.http.get("/api/v1/conversations", params={"tenant": "outra"}, headers=admin)
+    assert (r.status_code, r.json()) == (200, {"conversations": [], "next": None})
+    # Another tenant's key still gets 403 for any tenant it names, known or not: nothing
+    # says which tenants exist.
+    for tenant in ("clinica-soll", "clinica-sol"):
+        r = await env.http.get(
+            "/api/v1/conversations", params={"tenant": tenant}, headers=env.auth(OUTRA)
+        )
+        assert (r.status_code, r.json()["error"]) == (403, "forbidden")
+
+
 async def test_pages_of_a_conversation_show_only_the_tenants_own_messages(env: Env) -> None:
     at = 1_751_371_200_000
     for n in range(3):

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
 
 from estafeta import __version__
 from estafeta.api import conversations, dlq, events, health, messages
@@ -166,6 +167,10 @@ class Root:
             await self.api(scope, receive, send)
         elif scope["path"].startswith("/in/"):
             await self.ingest(scope, receive, send)
+        elif scope["method"] == "HEAD":
+            # RFC 9110 §9.1: HEAD wherever GET is taken, answered with the GET's head. A copy
+            # of the scope: the server reads the method of its own to write no body.
+            await self._guarded_api(dict(scope, method="GET"), receive, _without_body(send))
         else:
             await self._guarded_api(scope, receive, send)
 
@@ -199,8 +204,16 @@ class Root:
                     " not in a pair), which is no character",
                 )
         except HttpError as refusal:
+            if refusal.status == 400:  # found before FastAPI asks for the key: the key first
+                auth: Authenticator = self.api.state.auth
+                refusal = await auth.refusal(Request(scope)) or refusal
             count_api_error(refusal)
-            await respond(send, refusal.status, {"error": refusal.error, "detail": refusal.detail})
+            await respond(
+                send,
+                refusal.status,
+                {"error": refusal.error, "detail": refusal.detail},
+                refusal.headers,
+            )
             return
         replayed = False
 
@@ -218,6 +231,18 @@ class Root:
             # and answered 500, for the server to log too: uvicorn would print its traceback
             # a second time, as plain text, past the log's JSON and redaction processors.
             return
+
+
+def _without_body(send: Send) -> Send:
+    """`send` for a HEAD answered as its GET: the head as written (its `Content-Length` the
+    GET's), the body left out."""
+
+    async def head_only(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            message = {**message, "body": b""}
+        await send(message)
+
+    return head_only
 
 
 # A JSON escape for U+0000 that is not itself escaped text (`\\u0000` is the six characters).

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from starlette.requests import Request
 
 from estafeta.bearer import CHALLENGE, INVALID_KEY_CHALLENGE, bearer_key
-from estafeta.errors import HttpError
+from estafeta.errors import HttpError, StoreUnavailable
 from estafeta.store.sqlstore import SqlStore
 
 KEY_PREFIX = "est_"
@@ -29,6 +29,11 @@ def new_api_key() -> str:
 
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+def needs_key(path: str) -> bool:
+    """Whether a path's every method takes a key (the API and the detailed health check)."""
+    return path.startswith("/api/") or path == "/health/detailed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +104,21 @@ class Authenticator:
                 INVALID_KEY_CHALLENGE,
             )
         return Principal(tenant_id=tenant_id, admin=False)
+
+    async def refusal(self, request: Request) -> HttpError | None:
+        """Why `request`'s caller is refused (no key, not a Bearer key, an unknown or revoked
+        one), if it is: a request without a usable key is answered 401 whatever else is
+        wrong with it (its body, its content type, its query). None when the key is usable,
+        or cannot be checked now (the store unreachable: the other refusal stands)."""
+        if not needs_key(request.url.path):
+            return None
+        try:
+            await self.principal(request)
+        except HttpError as refused:
+            return refused
+        except StoreUnavailable:
+            return None
+        return None
 
     async def _tenant_for(self, key_hash: str) -> str | None:
         now = self._monotonic()

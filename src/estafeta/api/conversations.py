@@ -91,8 +91,14 @@ async def list_conversations(
     cursor: Annotated[str | None, Query(max_length=1024)] = None,
 ) -> Response:
     after = _conversation_position(cursor) if cursor is not None else None
-    found = await hub_of(request).store.list_conversations(
-        caller.scope(tenant),
+    store = hub_of(request).store
+    scope = caller.scope(tenant)
+    # The admin's tenant, unless the store does not know it: a typo that an empty list
+    # would hide (as the DLQ's list says too). A tenant's key names only its own.
+    if caller.admin and scope is not None and not await store.tenant_exists(scope):
+        raise HttpError(404, "not_found", f"no tenant {scope!r}")
+    found = await store.list_conversations(
+        scope,
         status=status,
         limit=limit + 1,
         after=after,  # page_of

@@ -34,10 +34,9 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/health")
-@router.head("/health", include_in_schema=False)
 async def health() -> Response:
     """200 while the process serves: the liveness probe (HEAD too, as load balancers and
-    uptime monitors often probe)."""
+    uptime monitors often probe: app.py answers HEAD as GET on every path)."""
     return json_response({"status": "ok", "version": __version__})
 
 

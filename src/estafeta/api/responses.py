@@ -56,9 +56,13 @@ async def handle_http_error(_request: Request, exc: Exception) -> Response:
     return error_response(exc)
 
 
-async def handle_starlette_error(_request: Request, exc: Exception) -> Response:
+async def handle_starlette_error(request: Request, exc: Exception) -> Response:
     """Routing's own refusals (unknown path, wrong method) in our error format."""
     assert isinstance(exc, StarletteHTTPException)  # noqa: S101 - registered for it only
+    if exc.status_code == 400:  # a body the parser gave up on: read before the key is
+        refused = await request.app.state.auth.refusal(request)
+        if refused is not None:
+            return error_response(refused)
     unread = _unparsed_body(exc)
     if unread is not None:
         return error_response(HttpError(400, "invalid_request", unread))
@@ -67,7 +71,19 @@ async def handle_starlette_error(_request: Request, exc: Exception) -> Response:
     detail = {404: "no such path", 405: "this path does not take that method"}.get(
         exc.status_code, str(exc.detail)
     )
-    return error_response(HttpError(exc.status_code, error, detail, dict(exc.headers or {})))
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405 and "Allow" in headers:
+        headers["Allow"] = _allowed(headers["Allow"])
+    return error_response(HttpError(exc.status_code, error, detail, headers))
+
+
+def _allowed(allow: str) -> str:
+    """A 405's `Allow` as the API answers: with HEAD wherever GET is (app.py's Root answers
+    HEAD as GET; a route names only GET), in one order whichever route refused."""
+    methods = {method.strip() for method in allow.split(",")}
+    if "GET" in methods:
+        methods.add("HEAD")
+    return ", ".join(sorted(methods))
 
 
 def _unparsed_body(exc: StarletteHTTPException) -> str | None:
@@ -100,8 +116,13 @@ async def handle_store_unavailable(request: Request, exc: Exception) -> Response
     )
 
 
-async def handle_validation_error(_request: Request, exc: Exception) -> Response:
+async def handle_validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)  # noqa: S101 - registered for it only
+    if any(err.get("type") == "json_invalid" for err in exc.errors()):
+        # FastAPI parses the body before any dependency asks for the key.
+        refused = await request.app.state.auth.refusal(request)
+        if refused is not None:
+            return error_response(refused)
     problems = []
     for err in exc.errors():
         location = ".".join(str(part) for part in err.get("loc", ()))
