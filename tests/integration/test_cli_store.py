@@ -169,6 +169,39 @@ async def test_a_long_dead_letter_list_is_printed_a_page_at_a_time(
     assert peak < output + 8_000_000, (peak, output)
 
 
+async def test_a_dead_letter_command_its_limit_cut_short_says_that_more_are_dead(
+    tmp_path: Path, database_url: str, store: SqlStore
+) -> None:
+    """After an outage 1,500 deliveries are dead. Before: `dlq replay --all` (1,000 by
+    default) said "1000 deliveries replayed", exit 0, as it says having replayed every one,
+    and `dlq list` "1000 dead deliveries": the operator, or a script, took the queue for
+    drained while 500 stayed dead."""
+    await dead_deliveries(store, 1_500)
+    config = config_file(tmp_path, database_url)
+    more = "more are dead (raise --limit, or count them with --summary)"
+    listed = await asyncio.to_thread(run, config, "dlq", "list")
+    assert listed.exit_code == 0, listed.output
+    assert listed.stderr.splitlines() == [f"1000 dead deliveries shown: {more}"]
+    assert len(listed.stdout.splitlines()) == 1_000
+
+    replayed = await asyncio.to_thread(run, config, "dlq", "replay", "--all")
+    assert replayed.exit_code == 0, replayed.output
+    assert replayed.stderr.splitlines() == [
+        "1000 deliveries replayed: more are still dead (run it again, or raise --limit)"
+    ]
+    assert set(replayed.stdout.split()) == await pending_ids(store)
+    # A limit that takes exactly what is left leaves nothing to say.
+    exactly = await asyncio.to_thread(run, config, "dlq", "list", "--limit", "500")
+    assert exactly.stderr.splitlines() == ["500 dead deliveries"]
+    discarded = await asyncio.to_thread(run, config, "dlq", "discard", "--all", "--limit", "499")
+    assert discarded.stderr.splitlines() == [
+        "499 deliveries discarded: more are still dead (run it again, or raise --limit)"
+    ]
+    rest = await asyncio.to_thread(run, config, "dlq", "replay", "--all")
+    assert rest.stderr.splitlines() == ["1 delivery replayed"]
+    assert len(await pending_ids(store)) == 1_001
+
+
 async def test_what_senders_and_destinations_wrote_cannot_drive_the_terminal_of_whoever_lists(
     tmp_path: Path, database_url: str, store: SqlStore
 ) -> None:

@@ -585,12 +585,15 @@ async def test_naming_a_tenant_selects_its_dead_deliveries(client: Client) -> No
     # As `estafeta dlq replay --tenant` does: naming the tenant is a selection of its own.
     await _dead_of_each_tenant(client.store)
     r = await client.http.post("/api/v1/dlq/replay", json={"tenant": "outra"}, headers=ADMIN)
-    assert (r.status_code, r.json()) == (200, {"replayed": ["dlv_outra"], "count": 1})
+    assert (r.status_code, r.json()) == (
+        200,
+        {"replayed": ["dlv_outra"], "count": 1, "more": False},
+    )
     assert await _states(client.store) == {"dlv_sol": "dead", "dlv_outra": "pending"}
     # A tenant's key naming its own tenant means all of its own, and no other's.
     sol = {"authorization": f"Bearer {SOL_KEY}"}
     r = await client.http.post("/api/v1/dlq/discard", json={"tenant": "clinica-sol"}, headers=sol)
-    assert (r.status_code, r.json()) == (200, {"discarded": ["dlv_sol"], "count": 1})
+    assert (r.status_code, r.json()) == (200, {"discarded": ["dlv_sol"], "count": 1, "more": False})
     assert await _states(client.store) == {"dlv_sol": "discarded", "dlv_outra": "pending"}
 
 
@@ -655,7 +658,10 @@ async def test_a_tenant_selects_its_dead_deliveries_to_a_destination_id_now_anot
         listed = await client.http.get("/api/v1/dlq", params=selection, headers=headers)
         assert (listed.status_code, listed.json().get("count")) == (200, 1), listed.json()
     r = await client.http.post("/api/v1/dlq/discard", json={"destination": "crm"}, headers=outra)
-    assert (r.status_code, r.json()) == (200, {"discarded": ["dlv_outra"], "count": 1})
+    assert (r.status_code, r.json()) == (
+        200,
+        {"discarded": ["dlv_outra"], "count": 1, "more": False},
+    )
     # A destination id none of the tenant's deliveries names is still unknown to it.
     r = await client.http.get("/api/v1/dlq", params={"destination": "billing"}, headers=outra)
     assert (r.status_code, r.json()["detail"]) == (404, "no destination 'billing'")
@@ -726,6 +732,30 @@ async def test_a_replay_by_ids_takes_every_id_it_names(client: Client) -> None:
     r = await client.http.post("/api/v1/dlq/replay", json={"ids": ids}, headers=ADMIN)
     assert (r.status_code, r.json()["count"]) == (200, 1200)
     assert (await client.store.queue_stats(history=True)).by_state == {"pending": 1200}
+
+
+async def test_a_move_its_limit_cut_short_says_that_more_are_dead(client: Client) -> None:
+    # `all: true` (1,000 by default) answered `count` 1000 alike when it had replayed every
+    # dead delivery and when more were left dead: nothing told a caller to call again.
+    ids = [f"dlv_{n:026d}" for n in range(3)]
+    await client.store.insert_events(
+        [
+            new_event(
+                f"evt_{n:026d}", NewDelivery(id=i, destination_id="crm", priority=1, max_attempts=3)
+            )
+            for n, i in enumerate(ids)
+        ]
+    )
+    async with client.store.engine.begin() as conn:
+        await conn.execute(text("UPDATE deliveries SET state = 'dead'"))
+    r = await client.http.post("/api/v1/dlq/replay", json={"all": True, "limit": 1}, headers=ADMIN)
+    assert (r.status_code, r.json()["count"], r.json()["more"]) == (200, 1, True)
+    r = await client.http.post("/api/v1/dlq/discard", json={"all": True, "limit": 1}, headers=ADMIN)
+    assert (r.status_code, r.json()["count"], r.json()["more"]) == (200, 1, True)
+    # A limit that takes exactly what is left leaves nothing more.
+    r = await client.http.post("/api/v1/dlq/replay", json={"all": True, "limit": 1}, headers=ADMIN)
+    assert (r.status_code, r.json()["count"], r.json()["more"]) == (200, 1, False)
+    assert sorted((await _states(client.store)).values()) == ["discarded", "pending", "pending"]
 
 
 async def test_health_and_detailed_health(client: Client) -> None:

@@ -18,6 +18,7 @@ from estafeta.api.views import delivery_json
 from estafeta.clock import ms_from_iso
 from estafeta.delivery.attempts import attempt_limits
 from estafeta.errors import HttpError
+from estafeta.store.dead_letters import MoveProgress
 from estafeta.store.records import DeadLetterFilter, DeliveryView
 from estafeta.store.sqlstore import SqlStore
 
@@ -124,17 +125,24 @@ async def _move(
     hub = hub_of(request)
     chosen = await _known(hub.store, selection.to_filter(caller))
     now_ms = hub.clock.now_ms()
+    progress = MoveProgress()
     if to == "replayed":
         # They take the configuration's max_attempts: it may have been raised to outlast
         # what killed them.
         ids = await hub.store.replay(
-            chosen, actor=caller.actor, now_ms=now_ms, limits=attempt_limits(hub.config)
+            chosen,
+            actor=caller.actor,
+            now_ms=now_ms,
+            limits=attempt_limits(hub.config),
+            progress=progress,
         )
     else:
-        ids = await hub.store.discard(chosen, actor=caller.actor, now_ms=now_ms)
+        ids = await hub.store.discard(chosen, actor=caller.actor, now_ms=now_ms, progress=progress)
     if ids and to == "replayed":
         hub.deliveries_ready.set()
-    return json_response({to: ids, "count": len(ids)})
+    # `more`: the limit left some of the selection dead (a `count` equal to the limit says
+    # nothing of whether it took them all).
+    return json_response({to: ids, "count": len(ids), "more": progress.more})
 
 
 @router.post("/replay", dependencies=[Depends(json_body)])

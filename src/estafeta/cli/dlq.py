@@ -140,14 +140,20 @@ def dlq_list(config_path: str, as_json: bool, summary: bool, **selection: Any) -
         _summarize(config, chosen, as_json=as_json)
         return
 
-    shown = in_selection(config, chosen, lambda store: _print_pages(store, chosen, as_json))
-    click.echo(counted(shown, "dead delivery", "dead deliveries"), err=True)
+    shown, more = in_selection(config, chosen, lambda store: _print_pages(store, chosen, as_json))
+    total = counted(shown, "dead delivery", "dead deliveries")
+    if more:  # else "1000 dead deliveries" reads as the whole queue
+        total += " shown: more are dead (raise --limit, or count them with --summary)"
+    click.echo(total, err=True)
 
 
-async def _print_pages(store: SqlStore, chosen: DeadLetterFilter, as_json: bool) -> int:
+async def _print_pages(
+    store: SqlStore, chosen: DeadLetterFilter, as_json: bool
+) -> tuple[int, bool]:
     """Print the selected dead deliveries a page at a time, each page read after the last
-    (as GET /api/v1/dlq's cursor does); returns how many. Read at once, `--limit 1000000`
-    held them all in memory (~1 GB) and printed nothing until the last was read."""
+    (as GET /api/v1/dlq's cursor does); returns how many, and whether the limit left some
+    of the selection out. Read at once, `--limit 1000000` held them all in memory (~1 GB)
+    and printed nothing until the last was read."""
     shown = 0
     page = chosen
     while shown < chosen.batch:
@@ -167,9 +173,9 @@ async def _print_pages(store: SqlStore, chosen: DeadLetterFilter, as_json: bool)
                 )
         shown += len(found)
         if len(found) < wanted:
-            break
+            return shown, False
         page = replace(page, after=(found[-1].updated_at, found[-1].id))
-    return shown
+    return shown, bool(await store.list_dead(replace(page, limit=1)))
 
 
 def _summarize(config: Config, chosen: DeadLetterFilter, *, as_json: bool) -> None:
@@ -238,6 +244,8 @@ def _move(config_path: str, action_name: str, everything: bool, **selection: Any
         with contextlib.suppress(click.exceptions.Exit):
             _report(progress.moved, f"{past} before {name}: the rest are still dead")
         sys.exit(1)
+    if progress.more:  # else "1000 deliveries replayed" reads as the whole selection
+        past += ": more are still dead (run it again, or raise --limit)"
     _report(progress.moved, past)
 
 
@@ -288,7 +296,7 @@ def _stopping_between_batches(progress: MoveProgress, signals: list[int]) -> Ite
 
 @dlq.command("replay")
 @dlq_options
-@click.option("--all", "everything", is_flag=True, help="every dead delivery")
+@click.option("--all", "everything", is_flag=True, help="every dead delivery, up to --limit")
 def dlq_replay(config_path: str, everything: bool, **selection: Any) -> None:
     """Put dead deliveries back to pending with fresh attempts (recorded in the audit log)."""
     _move(config_path, "replay", everything, **selection)
@@ -296,7 +304,7 @@ def dlq_replay(config_path: str, everything: bool, **selection: Any) -> None:
 
 @dlq.command("discard")
 @dlq_options
-@click.option("--all", "everything", is_flag=True, help="every dead delivery")
+@click.option("--all", "everything", is_flag=True, help="every dead delivery, up to --limit")
 def dlq_discard(config_path: str, everything: bool, **selection: Any) -> None:
     """Give up on dead deliveries for good (recorded in the audit log)."""
     _move(config_path, "discard", everything, **selection)

@@ -99,6 +99,9 @@ class MoveProgress:
     # Whether `stop` left deliveries of the selection unmoved: one asked for while the last
     # batch was moved ends nothing, and the move is whole.
     cut: bool = False
+    # Whether the limit left deliveries of the selection dead: a command that says only how
+    # many it moved reads the same as one that moved them all.
+    more: bool = False
 
 
 class DeadLetterOps(MessagingOps):
@@ -217,7 +220,21 @@ class DeadLetterOps(MessagingOps):
             # The next batch starts after this one (an index range): each batch reads on,
             # whatever another operator's move of the same rows left dead or not.
             step = replace(step, after=(selected[-1].updated_at, selected[-1].id))
+        if last is not None and left <= 0:
+            progress.more = await self._any_dead(step, last)
         return sorted(moved)
+
+    async def _any_dead(self, f: DeadLetterFilter, last: tuple[int, str]) -> bool:
+        """Whether a dead delivery of `f` (after where it ended) died by `last`: one that the
+        selection as the move began held, and its limit left."""
+        d = s.deliveries
+        query = (
+            select(d.c.id)
+            .where(*dead_conditions(f), tuple_(*_OLDEST_DEATH_FIRST) <= tuple_(*last))
+            .limit(1)
+        )
+        async with self._read() as conn:
+            return (await conn.execute(query)).first() is not None
 
     async def _move_batch(
         self,
