@@ -113,6 +113,32 @@ def test_cloud_message_shapes_pass_through() -> None:
     assert subset(event.data, expected) == expected
 
 
+def test_without_the_passed_through_message_the_text_is_the_contact_s_last_message() -> None:
+    # contracts §9.4: `channel_data.message` is an UNCONFIRMED inference, while receivers
+    # read the customer's words from `contact.last_message`: without the first, the text
+    # of the message must not be lost. Its kind stays unknown, as Twilio's unknown kinds do.
+    document = incoming()
+    del document["info"]["message"]["channel_data"]
+    (event,) = parse([document])
+    expected = {
+        "message_id": "66b2e41c9f1a2b3c4d5e6f70",
+        "kind": "unsupported",
+        "text": "Olá! Gostaria de agendar uma consulta.",
+    }
+    assert subset(event.data, expected) == expected
+
+
+def test_a_passed_through_message_s_own_words_win_over_the_last_message() -> None:
+    document = incoming()
+    document["contact"]["last_message"] = "an older text"
+    document["info"]["message"]["channel_data"]["message"] = {
+        "type": "image",
+        "image": {"id": "1283746501928374", "mime_type": "image/jpeg"},
+    }
+    (event,) = parse([document])
+    assert (event.data["kind"], event.data["text"]) == ("image", None)
+
+
 def test_without_a_message_id_the_key_is_a_stable_hash() -> None:
     document = incoming()
     del document["info"]

@@ -566,3 +566,27 @@ def test_handshake_without_a_configured_verify_token_is_refused() -> None:
     with pytest.raises(HttpError) as caught:
         source_without.handshake(handshake_request(query))
     assert (caught.value.status, caught.value.error) == (403, "invalid_verify_token")
+
+
+def test_each_group_member_s_status_of_one_message_is_its_own_event() -> None:
+    # contracts §1.5: a group message's statuses name the member (`recipient_participant_id`)
+    # beside the group (`recipient_id`); every member reads it, under one WAMID and status.
+    group = {"id": OUTBOUND_WAMID, "status": "read", "timestamp": "1751371295"}
+    group |= {"recipient_type": "group", "recipient_id": "120363401234567890"}
+    statuses = [
+        {**group, "recipient_participant_id": "5511987654321"},
+        {**group, "recipient_participant_id": "5511912345678"},
+    ]
+    events = parse(envelope({"statuses": statuses}))
+    assert [e.idempotency_key for e in events] == [
+        f"{OUTBOUND_WAMID}:read:5511987654321",
+        f"{OUTBOUND_WAMID}:read:5511912345678",
+    ]
+    expected = {
+        "status": "read",
+        "message_id": OUTBOUND_WAMID,
+        "recipient": "+5511912345678",
+        "conversation_id": "120363401234567890",
+        "group": {"id": "120363401234567890", "name": None},
+    }
+    assert subset(events[1].data, expected) == expected

@@ -102,6 +102,35 @@ CASES: list[tuple[str, list[tuple[str, str, int | None, dict[str, Any]]]]] = [
         ],
     ),
     (
+        "received_from_ad.json",
+        [
+            (
+                "message.received",
+                "3EB0C4E7A19B2D5F8C61",
+                1751371500456,
+                {
+                    "from": "+5511912345678",
+                    "contact_name": "João Pereira",
+                    "kind": "text",
+                    "text": "Olá! Vi o anúncio do check-up, como agendo?",
+                    # The ad the customer came from, named as WhatsApp Cloud's `referral`
+                    # and Twilio's `Referral*` are: which campaign brought the lead.
+                    "referral": {
+                        "source_url": "https://fb.me/3kQ8xZb2c",
+                        "source_id": "120211234567890123",
+                        "source_type": "ad",
+                        "body": "Agende seu check-up com 20% de desconto",
+                        "headline": "Check-up completo em julho",
+                        "thumbnail_url": (
+                            "https://scontent.whatsapp.net/v/t61.24694-24/"
+                            "ad-thumb-120211234567890123.jpg"
+                        ),
+                    },
+                },
+            )
+        ],
+    ),
+    (
         "delivery_callback.json",
         [
             (
@@ -321,6 +350,27 @@ def received(**content: Any) -> dict[str, Any]:
             {"kind": "unsupported", "unsupported": {"type": "poll", "part": {"question": "?"}}},
         ),
         ({}, {"kind": "unsupported", "unsupported": {"type": None, "part": None}}),
+        (
+            # Z-API's "ligação perdida" example: a missed call is a ReceivedCallback with no
+            # content block, told only by `notification`; it must not arrive as nothing.
+            {
+                "notification": "CALL_MISSED_VOICE",
+                "notificationParameters": [],
+                "callId": "F44E0E2011E7C784BB9A4AC11749C436",
+            },
+            {
+                "kind": "unsupported",
+                "text": None,
+                "unsupported": {
+                    "type": "notification",
+                    "part": {
+                        "notification": "CALL_MISSED_VOICE",
+                        "notificationParameters": [],
+                        "callId": "F44E0E2011E7C784BB9A4AC11749C436",
+                    },
+                },
+            },
+        ),
     ],
 )
 def test_content_blocks(content: dict[str, Any], expected: dict[str, Any]) -> None:

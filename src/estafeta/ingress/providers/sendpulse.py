@@ -15,7 +15,8 @@ Decisions: `outgoing_message` is the bot's or an operator's own message (§9.1, 
 customer input, or it loops): no event; so are the other titles (`new_subscriber`,
 `open_chat` …, §9.1: ignore unknown titles, never fail on them). The Content-Type is not
 checked, since SendPulse's is UNCONFIRMED (§9.3): the body has to be JSON, whatever it says.
-`date` is Unix ms (§9.4); a value too small to be ms is read as seconds.
+`date` is Unix ms (§9.4); a value too small to be ms is read as seconds. An event without a
+typed `channel_data.message` is kind `unsupported` with `contact.last_message` as its text.
 """
 
 from __future__ import annotations
@@ -90,6 +91,11 @@ def _incoming(item: Mapping[str, Any]) -> ParsedEvent:
         "bot_id": bot_id,
         **message_content(message),
     }
+    if nonempty(message.get("type")) is None:
+        # contracts §9.4: that SendPulse passes Meta's message through is an UNCONFIRMED
+        # inference; receivers read the words from `contact.last_message`. Without a typed
+        # message the kind stays unknown, but the customer's text is not lost.
+        data["text"] = nonempty(contact.get("last_message"))
     wamid = nonempty(message.get("id"))
     if wamid is not None:
         data["wamid"] = wamid

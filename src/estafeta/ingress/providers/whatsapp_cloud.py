@@ -10,8 +10,11 @@
 
 Decisions: a message of a type we do not model is kept as kind `unsupported` with its part
 (never dropped); `played` (a voice note was played) is reported as status `read` with
-`provider_status: "played"`; a status value outside sent/delivered/read/failed/played, a
-change whose `field` is not `messages`, and account-level `value.errors[]` give no event.
+`provider_status: "played"`; a group message's status is about one member
+(`recipient_participant_id`): `recipient` is that member, `data.group` the group, and the
+member is part of the key, `{wamid}:{status}:{member}`; a status value outside
+sent/delivered/read/failed/played, a change whose `field` is not `messages`, and
+account-level `value.errors[]` give no event.
 """
 
 from __future__ import annotations
@@ -222,17 +225,23 @@ def _status_event(status: Mapping[str, Any], business: _Business) -> ParsedEvent
     raw = dumps(status)
     wamid = nonempty(status.get("id"))
     recipient = status.get("recipient_id")
+    # contracts §1.5: in a group, `recipient_id` is the group and the member this status is
+    # about is `recipient_participant_id`; each member reads the same message.
+    member = _wa_key(status.get("recipient_participant_id"))
+    in_group = member is not None or status.get("recipient_type") == "group"
     data: dict[str, Any] = {
         "channel": "whatsapp",
         "provider": PROVIDER,
         "status": normalized,
         "provider_status": provider_status,
         "message_id": wamid,
-        "recipient": e164(recipient),
+        "recipient": e164(member if in_group else recipient),
         "conversation_id": _wa_key(recipient),
         "phone_number_id": business.phone_number_id,
         "waba_id": business.waba_id,
     }
+    if in_group:
+        data["group"] = {"id": nonempty(recipient), "name": None}
     errors = objects(status.get("errors"))
     if errors:
         data["error"] = error_of(errors[0])
@@ -244,7 +253,9 @@ def _status_event(status: Mapping[str, Any], business: _Business) -> ParsedEvent
     callback_data = text(status.get("biz_opaque_callback_data"))
     if callback_data is not None:
         data["biz_opaque_callback_data"] = callback_data
-    key = bounded_key(f"{wamid}:{provider_status}") if wamid else digest_key(PROVIDER, raw)
+    # One member's `read` must not be dropped as a repeat of another's: the member is keyed.
+    keyed = f"{wamid}:{provider_status}" + (f":{member}" if member else "")
+    key = bounded_key(keyed) if wamid else digest_key(PROVIDER, raw)
     return ParsedEvent(
         type="message.status",
         data=data,

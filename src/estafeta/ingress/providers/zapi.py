@@ -16,6 +16,10 @@ whose message it is, so one that is neither a boolean nor null (read as false) i
 with a 400 naming it rather than guessed. A DeliveryCallback `error` that is not a string is
 a failure all the same (kept as its JSON): read as absent, it made a failed send `sent`. A
 group message is kept, in the group's conversation (`data.group`), from `participantPhone`.
+The ad a customer came from (`externalAdReply`) is `data.referral`, keyed as WhatsApp
+Cloud's and Twilio's are. A callback with no content block but a `notification` (a missed
+call, a group's membership change) is kind `unsupported` of type `notification`, its part
+the notification, its parameters and call id.
 Statuses map SENT → sent, RECEIVED → delivered, READ and PLAYED → read; PENDING and
 READ_BY_ME (the business read the customer's message) give no event. A DeliveryCallback's
 key is the one a later `SENT` status of the same message has, so the two collapse into one
@@ -60,6 +64,8 @@ _MEDIA = (
 )
 # Object-valued keys of a ReceivedCallback that are not its content.
 _ENVELOPE_OBJECTS = frozenset({"externalAdReply"})
+# What a ReceivedCallback without content says instead (Z-API's call and group examples).
+_NOTIFICATION = ("notification", "notificationParameters", "callId")
 
 
 class ZApiSource(TokenInUrlSource):
@@ -130,6 +136,9 @@ def _received(callback: Mapping[str, Any], raw: str) -> list[ParsedEvent]:
         data["context"] = {"message_id": replied_to, "from": None}
     if flag(callback.get("forwarded")) is True:
         data["forwarded"] = True
+    referral = _referral(obj(callback.get("externalAdReply")))
+    if referral:
+        data["referral"] = referral
     key = bounded_key(message_id) if message_id else digest_key(PROVIDER, raw)
     if flag(callback.get("isEdit")) is True:
         data["edited"] = True
@@ -146,6 +155,25 @@ def _received(callback: Mapping[str, Any], raw: str) -> list[ParsedEvent]:
             raw=raw,
         )
     ]
+
+
+# contracts §3.3 `externalAdReply` (a click-to-WhatsApp ad) → the `referral` keys WhatsApp
+# Cloud (§1.4) and Twilio (§2.2) give, so one route reads the ad whatever the provider.
+_REFERRAL = (
+    ("sourceUrl", "source_url"),
+    ("sourceId", "source_id"),
+    ("sourceType", "source_type"),
+    ("body", "body"),
+    ("title", "headline"),
+    ("thumbnailUrl", "thumbnail_url"),
+    ("ctwaClid", "ctwa_clid"),
+)
+
+
+def _referral(ad: Mapping[str, Any]) -> dict[str, str]:
+    """The ad a customer came from (which campaign brought the lead): only the keys Z-API
+    gave, so a route tells an ad's lead from any other by `data.referral` alone."""
+    return {key: value for name, key in _REFERRAL if (value := nonempty(ad.get(name)))}
 
 
 def _content(callback: Mapping[str, Any]) -> dict[str, Any]:
@@ -223,6 +251,11 @@ def _content(callback: Mapping[str, Any]) -> dict[str, Any]:
         None,
     )
     unsupported = {"type": part_type, "part": callback.get(part_type) if part_type else None}
+    if part_type is None and nonempty(callback.get("notification")) is not None:
+        # A call, missed or not, or a group's membership change: no content block, only
+        # Z-API's `notification` and its companions say what happened.
+        part = {name: callback.get(name) for name in _NOTIFICATION if name in callback}
+        unsupported = {"type": "notification", "part": part}
     return {"kind": "unsupported", "text": None, "unsupported": unsupported}
 
 
