@@ -204,12 +204,19 @@ async def test_serve_refuses_a_destination_kind_it_cannot_deliver_to(tmp_path: P
         routes=[{"tenant": TENANT, "events": ["lead.*"], "destinations": ["crm", "sheet"]}],
     )
     path = write_config(tmp_path / "estafeta.toml", config)
-    result = await run_cli("serve", "--config", str(path), cwd=tmp_path, timeout_s=30)
+    problem = "destinations[1].kind: destination kind 'airtable' is not available in this version"
+    for command in ("serve", "worker"):
+        result = await run_cli(command, "--config", str(path), cwd=tmp_path, timeout_s=30)
 
-    # Refused before anything starts, rather than accepting events it could never deliver.
-    assert result.returncode == 2, result
-    assert "destinations[1].kind: destination kind 'airtable' is not available" in result.stderr
-    assert not (tmp_path / "estafeta.db").exists()
+        # Refused before anything starts, rather than accepting events it could never deliver;
+        # located in the file as check-config and every other problem of the file are (it was
+        # `error: invalid configuration` with the key alone).
+        assert result.returncode == 2, result
+        assert result.stderr.splitlines()[:2] == [
+            "invalid configuration (1 problem):",
+            f"  {path}: {problem} (available: http)",
+        ], result.stderr
+        assert not (tmp_path / "estafeta.db").exists()
 
 
 async def test_a_setting_serve_cannot_use_is_refused_by_check_config_first(
@@ -289,6 +296,23 @@ async def test_check_config_points_at_the_line_of_a_toml_syntax_error(tmp_path: 
     assert count == "1 problem found"
     # Each problem line names the file once, as for every other kind of problem.
     assert problem.count(str(broken)) == 1, problem
+
+
+async def test_check_config_names_the_file_once_as_it_was_written(tmp_path: Path) -> None:
+    # Before: `./broken.toml: broken.toml:line 1, …`, the file named twice; and a file whose
+    # name begins a key's location (`server`) was not named at all: `server.bogus: …`.
+    (tmp_path / "broken.toml").write_text("port = \n")
+    (tmp_path / "server").write_text("[server]\nbogus = 1\n")
+    broken = await run_cli("check-config", "./broken.toml", cwd=tmp_path)
+    assert broken.stderr.splitlines() == [
+        "./broken.toml:line 1, column 8: invalid TOML: Invalid value",
+        "1 problem found",
+    ], broken
+    named = await run_cli("check-config", "server", cwd=tmp_path)
+    assert named.stderr.splitlines() == [
+        "server: server.bogus: unknown key 'bogus'",
+        "1 problem found",
+    ], named
 
 
 async def test_check_config_accepts_a_good_file(tmp_path: Path) -> None:

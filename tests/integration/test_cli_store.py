@@ -333,6 +333,46 @@ def test_estafeta_config_chooses_the_file_and_config_beats_it(
     assert not (tmp_path / "estafeta.db").exists()
 
 
+@pytest.mark.parametrize(
+    "command", [["migrate"], ["serve"], ["worker"], ["keys", "list"], ["dlq", "list"]]
+)
+def test_an_invalid_configuration_names_the_file_it_is_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    # Before: "invalid configuration", then `server.bogus: unknown key 'bogus'` with no file:
+    # the one ESTAFETA_CONFIG names, or the working directory's estafeta.toml, may not be the
+    # one the operator edited. Each line is now located as check-config locates it.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ESTAFETA_DATABASE_URL", raising=False)
+    written = '[server]\nlisten = "x"\nbogus = 1\n'
+    named = tmp_path / "named.toml"
+    named.write_text(written)
+    (tmp_path / "estafeta.toml").write_text(written)
+    by_option = CliRunner().invoke(main, [*command, "--config", str(named)])
+    by_env = CliRunner().invoke(main, command, env={"ESTAFETA_CONFIG": str(named)})
+    by_default = CliRunner().invoke(main, command, env={"ESTAFETA_CONFIG": None})
+    for result, file in ((by_option, named), (by_env, named), (by_default, "estafeta.toml")):
+        assert result.exit_code == 2, (result.output, result.exception)
+        assert result.output.splitlines() == [
+            "invalid configuration (2 problems):",
+            f"  {file}: server.listen: invalid address 'x': write HOST:PORT, e.g. '0.0.0.0:8080'",
+            f"  {file}: server.bogus: unknown key 'bogus'",
+        ], result.output
+    assert not (tmp_path / "estafeta.db").exists()
+
+
+def test_an_empty_configuration_path_is_said_to_name_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: `--config "$UNSET"` read the working directory: `.: cannot read: Is a directory`.
+    monkeypatch.chdir(tmp_path)
+    for command in (["migrate", "--config", ""], ["check-config", ""]):
+        result = CliRunner().invoke(main, command)
+        assert result.exit_code in (1, 2), (result.output, result.exception)
+        assert "'': an empty path names no file" in result.output, result.output
+    assert not (tmp_path / "estafeta.db").exists()
+
+
 @pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
 async def test_a_worker_or_serve_without_migrating_names_a_database_without_the_schema(
     tmp_path: Path, engine: str
@@ -578,6 +618,45 @@ def test_a_limit_past_what_the_database_can_count_is_refused_as_usage(
     assert huge.exit_code == 2, (huge.output, huge.exception)
     assert "Invalid value for '--limit'" in huge.output
     assert run(config, "dlq", "list", "--limit", "1000000").exit_code == 0
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "why"),
+    [
+        ("--since", "yesterday", "Invalid isoformat string"),
+        ("--until", "2026-13-01", "month must be in 1..12"),
+        ("--until", "2026-01-01T24:30:00Z", "hour must be in 0..23"),
+    ],
+)
+def test_a_time_that_is_not_iso_8601_is_named_by_its_option(
+    tmp_path: Path, option: str, value: str, why: str
+) -> None:
+    # Before: "--since/--until must be ISO 8601 times (month must be in 1..12)": which one,
+    # and what was written, left to guess.
+    config = config_file(tmp_path, f"sqlite:///{tmp_path / 'estafeta.db'}")
+    other = "--until" if option == "--since" else "--since"
+    for command in ("list", "replay", "discard"):
+        result = run(config, "dlq", command, other, "2026-01-01T00:00:00Z", option, value)
+        assert result.exit_code == 2, (result.output, result.exception)
+        error = result.output.splitlines()[-1]
+        assert error.startswith(f"Error: Invalid value for '{option}': {value!r}"), error
+        assert f"is not an ISO 8601 time ({why}" in error, error
+    assert not (tmp_path / "estafeta.db").exists()
+
+
+def test_a_window_that_ends_before_it_begins_is_refused_as_usage(tmp_path: Path) -> None:
+    # Before: `--since 2026-12-02 --until 2026-12-01` (the two swapped) listed, replayed or
+    # discarded nothing, exit 0: "0 deliveries replayed", as if none had died then.
+    config = config_file(tmp_path, f"sqlite:///{tmp_path / 'estafeta.db'}")
+    for since, until in (("2026-12-02", "2026-12-01T23:59:59Z"), ("2026-12-01", "2026-12-01")):
+        for command in ("list", "replay", "discard"):
+            result = run(config, "dlq", command, "--since", since, "--until", until)
+            assert result.exit_code == 2, (result.output, result.exception)
+            assert result.output.splitlines()[-1] == (
+                f"Error: Invalid value for '--until': {until!r} is not after --since {since!r}:"
+                " no delivery died between them"
+            ), result.output
+    assert not (tmp_path / "estafeta.db").exists()
 
 
 def test_more_ids_than_the_api_takes_are_refused_as_usage(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import socket
 import sqlite3
 
 import asyncpg
@@ -183,4 +184,19 @@ def test_a_store_out_of_reach_for_want_of_descriptors_says_so() -> None:
     assert isinstance(store_error, StoreUnavailable)
     assert str(store_error) == (
         "the store cannot be reached: OSError (EMFILE: Too many open files)"
+    )
+
+
+def test_a_database_host_that_does_not_resolve_says_so() -> None:
+    # Before: "the store cannot be reached: gaierror", a name from Python's socket module that
+    # left the operator to guess at a typo in the host. Fixed words by the resolver's code,
+    # as for errno's (never the exception's text).
+    store_error = translated(socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
+    assert isinstance(store_error, StoreUnavailable)
+    assert str(store_error) == (
+        "the store cannot be reached: gaierror (EAI_NONAME: Name or service not known)"
+    )
+    again = translated(socket.gaierror(socket.EAI_AGAIN, "a resolver's text"))
+    assert str(again) == (
+        "the store cannot be reached: gaierror (EAI_AGAIN: Temporary failure in name resolution)"
     )

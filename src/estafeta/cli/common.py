@@ -16,10 +16,12 @@ from typing import IO, Any, TypeVar
 import click
 from sqlalchemy import make_url
 
-from estafeta.config import Config, load_config, load_config_dict
+from estafeta.config import Config, load_config_dict
+from estafeta.config.loader import read_config_file
 from estafeta.config.models import check_address, mask_url
 from estafeta.errors import (
     ConfigError,
+    ConfigIssue,
     EstafetaError,
     StoreError,
     StoreLoginRefused,
@@ -41,15 +43,42 @@ config_option = click.option(
 )
 
 
-def load(config_path: str) -> Config:
-    """The configuration, or exit 2 with every problem printed."""
+def load(config_path: str, *, delivers: bool = False) -> Config:
+    """The configuration, or exit 2 with every problem printed. `delivers`: for a command
+    that sends (serve, worker), a destination kind this version cannot deliver to is one."""
     try:
         if config_path == DEFAULT_CONFIG and not Path(config_path).exists():
-            return load_config_dict({})
-        return load_config(config_path)
+            return load_config_dict({})  # no destinations but the file's
+        config = load_file(config_path)
+        if delivers:
+            from estafeta.connectors.registry import unavailable_kinds
+
+            issues = unavailable_kinds(config)
+            if issues:
+                raise ConfigError(in_file(config_path, issues))
+        return config
     except ConfigError as exc:
         click.echo(str(exc), err=True)
         sys.exit(2)
+
+
+def load_file(file: str) -> Config:
+    """The configuration in `file`; a ConfigError's every problem is located in the file
+    (`FILE: server.listen: …`, as check-config prints it): the file ESTAFETA_CONFIG or the
+    working directory chose may not be the one the operator edited."""
+    data = read_config_file(file)  # a file that cannot be read or parsed is named already
+    try:
+        return load_config_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(in_file(file, exc.issues)) from None
+
+
+def in_file(file: str, issues: list[ConfigIssue]) -> list[ConfigIssue]:
+    """`issues` of the keys of `file`, each located in it."""
+    return [
+        ConfigIssue(f"{file}: {issue.location}" if issue.location else file, issue.message)
+        for issue in issues
+    ]
 
 
 def exiting_on_errors(config: Config, command: Callable[[], T]) -> T:

@@ -50,18 +50,33 @@ def _dlq_filter(
     ids: tuple[str, ...],
     limit: int | None,
 ) -> DeadLetterFilter:
-    try:
-        return DeadLetterFilter(
-            tenant_id=tenant,
-            delivery_ids=ids,
-            destination_id=destination,
-            event_type=event_type,
-            since=ms_from_iso(since) if since else None,
-            until=ms_from_iso(until) if until else None,
-            limit=limit,
+    chosen = DeadLetterFilter(
+        tenant_id=tenant,
+        delivery_ids=ids,
+        destination_id=destination,
+        event_type=event_type,
+        since=ms_from_iso(since) if since else None,  # checked by _iso_time
+        until=ms_from_iso(until) if until else None,
+        limit=limit,
+    )
+    if chosen.since is not None and chosen.until is not None and chosen.until <= chosen.since:
+        # Most likely the two swapped: said, rather than answered "0 deliveries replayed".
+        raise click.BadParameter(
+            f"{until!r} is not after --since {since!r}: no delivery died between them",
+            param_hint="'--until'",
         )
-    except ValueError as exc:
-        raise click.BadParameter(f"--since/--until must be ISO 8601 times ({exc})") from None
+    return chosen
+
+
+def _iso_time(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """--since or --until, checked as given (kept as written: see _move), so that the error
+    names the option and the value that is wrong."""
+    if value is not None:
+        try:
+            ms_from_iso(value)
+        except ValueError as exc:
+            raise click.BadParameter(f"{value!r} is not an ISO 8601 time ({exc})") from None
+    return value
 
 
 def _at_most_max_ids(
@@ -79,8 +94,10 @@ def dlq_options(function: Callable[..., Any]) -> Callable[..., Any]:
             click.option("--tenant", default=None, type=TEXT, help="only this tenant's deliveries"),
             click.option("--destination", default=None, type=TEXT, help="only to this destination"),
             click.option("--event-type", default=None, type=TEXT, help="only events of this type"),
-            click.option("--since", default=None, help="dead since (ISO 8601)"),
-            click.option("--until", default=None, help="dead before (ISO 8601)"),
+            click.option("--since", default=None, callback=_iso_time, help="dead since (ISO 8601)"),
+            click.option(
+                "--until", default=None, callback=_iso_time, help="dead before (ISO 8601)"
+            ),
             click.option(
                 "--id",
                 "ids",

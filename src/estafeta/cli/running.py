@@ -12,16 +12,17 @@ from estafeta.cli.common import (
     checked_address,
     config_option,
     counted,
+    in_file,
     load,
+    load_file,
     out,
     run,
     run_service,
     with_store,
 )
 from estafeta.clock import SystemClock
-from estafeta.config import check_config
 from estafeta.config.loader import read_config_file, resolve_env
-from estafeta.errors import ConfigError, EstafetaError
+from estafeta.errors import ConfigError, ConfigIssue, EstafetaError
 from estafeta.observability.logging import configure_logging
 from estafeta.store.sqlstore import SqlStore
 
@@ -40,7 +41,7 @@ def serve(config_path: str, no_workers: bool, no_migrate: bool, listen: str | No
     """The HTTP server: ingress, API, health; with delivery workers unless --no-workers."""
     from estafeta.server import serve as serve_hub
 
-    config = load(config_path)
+    config = load(config_path, delivers=True)
     if listen:
         config = config.model_copy(
             update={"server": config.server.model_copy(update={"listen": listen})}
@@ -62,7 +63,7 @@ def worker(config_path: str, metrics_listen: str | None) -> None:
     """Delivery workers only (scale-out: run many against one PostgreSQL)."""
     from estafeta.server import work
 
-    config = load(config_path)
+    config = load(config_path, delivers=True)
     if metrics_listen:
         config = config.model_copy(
             update={"worker": config.worker.model_copy(update={"metrics_listen": metrics_listen})}
@@ -92,18 +93,20 @@ def check_config_command(file: str) -> None:
     """Validate a configuration file; print every problem with its location."""
     from estafeta.connectors.registry import unavailable_kinds_of
 
-    issues = check_config(file)
+    try:
+        load_file(file)
+        issues: list[ConfigIssue] = []
+    except ConfigError as exc:
+        issues = exc.issues  # each located in the file
     reported = {issue.location for issue in issues}
     issues += [
         issue
-        for issue in unavailable_kinds_of(_destination_kinds(file))
+        for issue in in_file(file, unavailable_kinds_of(_destination_kinds(file)))
         if issue.location not in reported  # an invalid kind is reported as such already
     ]
     if issues:
         for issue in issues:
-            # Syntax errors and a missing file are located in the file itself already.
-            located = str(issue).startswith(file)
-            click.echo(str(issue) if located else f"{file}: {issue}", err=True)
+            click.echo(str(issue), err=True)
         click.echo(f"{counted(len(issues), 'problem', 'problems')} found", err=True)
         sys.exit(1)
     out(f"{file}: ok")

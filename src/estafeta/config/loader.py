@@ -60,22 +60,25 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The TOML file at `path` as parsed, unchecked; `ConfigError` when it cannot be read."""
-    path = Path(path)
+    """The TOML file at `path` as parsed, unchecked; `ConfigError` when it cannot be read,
+    naming the file as it was written (`./estafeta.toml`, not Path's `estafeta.toml`)."""
+    name = str(path)
+    if not name:  # Path("") is the working directory: "cannot read: Is a directory"
+        raise ConfigError([ConfigIssue("''", "an empty path names no file")])
     try:
-        with path.open("rb") as file:
+        with Path(path).open("rb") as file:
             return tomllib.load(file)
     except FileNotFoundError:
-        raise ConfigError([ConfigIssue(str(path), "file does not exist")]) from None
+        raise ConfigError([ConfigIssue(name, "file does not exist")]) from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([_toml_issue(path, exc)]) from None
+        raise ConfigError([_toml_issue(name, exc)]) from None
     except UnicodeDecodeError:
-        raise ConfigError([ConfigIssue(str(path), "file is not valid UTF-8")]) from None
+        raise ConfigError([ConfigIssue(name, "file is not valid UTF-8")]) from None
     except RecursionError:  # tomllib recurses per `[` / `{` and has no limit of its own
-        issue = ConfigIssue(str(path), "invalid TOML: arrays or tables nested too deeply")
+        issue = ConfigIssue(name, "invalid TOML: arrays or tables nested too deeply")
         raise ConfigError([issue]) from None
     except OSError as exc:
-        raise ConfigError([ConfigIssue(str(path), f"cannot read: {exc.strerror}")]) from None
+        raise ConfigError([ConfigIssue(name, f"cannot read: {exc.strerror}")]) from None
 
 
 def resolve_env(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -124,7 +127,7 @@ def check_config(path: str | Path, env: Mapping[str, str] | None = None) -> list
     return []
 
 
-def _toml_issue(path: Path, exc: tomllib.TOMLDecodeError) -> ConfigIssue:
+def _toml_issue(path: str, exc: tomllib.TOMLDecodeError) -> ConfigIssue:
     """`Expected '=' ... (at line 3, column 5)` → location `FILE:line 3, column 5`."""
     message = str(exc)
     position = _TOML_POSITION.search(message)

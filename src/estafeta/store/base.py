@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import sqlite3
 import time
 from abc import ABC, abstractmethod
@@ -230,6 +231,15 @@ def _sqlite_code(exc: BaseException) -> str | None:
     return f"{name}: {reason}" if reason else name
 
 
+# The resolver's failures (socket.gaierror) in its own words, keyed by code: the class alone
+# ("gaierror") did not say that the database's host name does not resolve.
+_RESOLVER_REASONS = {
+    socket.EAI_NONAME: "EAI_NONAME: Name or service not known",
+    socket.EAI_AGAIN: "EAI_AGAIN: Temporary failure in name resolution",
+    socket.EAI_FAIL: "EAI_FAIL: Non-recoverable failure in name resolution",
+}
+
+
 def _named(exc: BaseException) -> str:
     """The error's class and SQLSTATE (or SQLite's result code): enough to diagnose, never
     data."""
@@ -240,6 +250,8 @@ def _named(exc: BaseException) -> str:
     if sqlite_code:
         return f"{type(exc).__name__} ({sqlite_code})"
     found = getattr(exc, "orig", None) or exc
+    if isinstance(found, socket.gaierror) and found.errno in _RESOLVER_REASONS:
+        return f"{type(exc).__name__} ({_RESOLVER_REASONS[found.errno]})"
     code = found.errno if type(found) is OSError else None
     if code is not None and code in errno.errorcode:
         # A bare OSError says nothing by its class, unlike ConnectionRefusedError: EMFILE
