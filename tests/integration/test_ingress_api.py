@@ -1235,6 +1235,21 @@ async def test_a_dlq_time_that_is_no_time_is_a_400_naming_it(client: Client, val
             assert (r.status_code, r.json()["detail"]) == (400, f"{name}: not an ISO 8601 time")
 
 
+async def test_a_dlq_window_that_ends_before_it_begins_is_a_400(client: Client) -> None:
+    # Most likely the two swapped: an answer of nothing would read as an empty queue (the
+    # CLI refuses the same window as a usage error).
+    window = {"since": "2026-11-22T04:00:00Z", "until": "2026-11-22T03:00:00Z"}
+    expected = (400, "until: 2026-11-22T03:00:00Z is not after since 2026-11-22T04:00:00Z")
+    for same in (window, {**window, "until": window["since"]}):
+        r = await client.http.get("/api/v1/dlq", params=same, headers=ADMIN)
+        assert (r.status_code, r.json()["detail"])[0] == 400, same
+        for action in ("replay", "discard"):
+            r = await client.http.post(f"/api/v1/dlq/{action}", json=same, headers=ADMIN)
+            assert r.status_code == 400, (action, same)
+    r = await client.http.get("/api/v1/dlq", params=window, headers=ADMIN)
+    assert (r.status_code, r.json()["detail"]) == expected
+
+
 async def test_a_dlq_time_that_is_not_utf8_is_a_400_naming_it(client: Client) -> None:
     for name in ("since", "until"):
         r = await client.http.get(f"/api/v1/dlq?{name}=%ff%fe", headers=ADMIN)

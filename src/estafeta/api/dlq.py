@@ -34,6 +34,16 @@ def _time(value: str | None, name: str) -> int | None:
         raise HttpError(400, "invalid_request", f"{name}: not an ISO 8601 time") from None
 
 
+def _window(since: str | None, until: str | None) -> tuple[int | None, int | None]:
+    """`since` and `until` as times; a window that ends before it begins (most likely the two
+    swapped) is a 400, not an answer of nothing that reads as an empty queue."""
+    start, end = _time(since, "since"), _time(until, "until")
+    if start is not None and end is not None and end <= start:
+        detail = f"until: {until} is not after since {since}"
+        raise HttpError(400, "invalid_request", detail)
+    return start, end
+
+
 class DeadLetterSelection(RequestBody):
     """Which dead deliveries: by `ids`, or by filter (a tenant counts); `all: true` to mean
     every one."""
@@ -56,13 +66,14 @@ class DeadLetterSelection(RequestBody):
                 "invalid_request",
                 "name ids, or a tenant/destination/event_type/since/until filter, or all: true",
             )
+        since, until = _window(self.since, self.until)
         return DeadLetterFilter(
             tenant_id=caller.scope(self.tenant),
             delivery_ids=tuple(self.ids),
             destination_id=self.destination,
             event_type=self.event_type,
-            since=_time(self.since, "since"),
-            until=_time(self.until, "until"),
+            since=since,
+            until=until,
             limit=self.limit,
         )
 
@@ -90,14 +101,15 @@ async def list_dead(
     cursor: Annotated[str | None, Query(max_length=1024)] = None,
 ) -> Response:
     store = hub_of(request).store
+    start, end = _window(since, until)
     chosen = await _known(
         store,
         DeadLetterFilter(
             tenant_id=caller.scope(tenant),
             destination_id=destination,
             event_type=event_type,
-            since=_time(since, "since"),
-            until=_time(until, "until"),
+            since=start,
+            until=end,
             limit=limit + 1,  # page_of: whether another page follows
             after=_dead_position(cursor) if cursor is not None else None,
         ),
