@@ -202,6 +202,34 @@ async def test_a_dead_letter_command_its_limit_cut_short_says_that_more_are_dead
     assert len(await pending_ids(store)) == 1_001
 
 
+async def test_a_replay_of_named_ids_says_which_of_them_it_did_not_move(
+    tmp_path: Path, database_url: str, store: SqlStore
+) -> None:
+    """Before: a mistyped id, or one replayed already, answered "0 deliveries replayed"
+    (exit 0) with nothing to say which one or why."""
+    await dead_deliveries(store, 2)
+    config = config_file(tmp_path, database_url)
+    listed = await asyncio.to_thread(run, config, "dlq", "list", "--json")
+    first, second = (orjson.loads(line)["id"] for line in listed.stdout.splitlines())
+    typo = first[:-1] + ("0" if first[-1] != "0" else "1")
+    replayed = await asyncio.to_thread(run, config, "dlq", "replay", "--id", first, "--id", typo)
+    assert replayed.exit_code == 0, replayed.output
+    assert replayed.stdout.split() == [first]
+    assert replayed.stderr.splitlines() == [
+        "1 delivery replayed",
+        f"not moved, not dead or not in the selection: {typo}",
+    ]
+    again = await asyncio.to_thread(run, config, "dlq", "discard", "--id", first, "--id", second)
+    assert again.stdout.split() == [second]
+    assert again.stderr.splitlines() == [
+        "1 delivery discarded",
+        f"not moved, not dead or not in the selection: {first}",
+    ]
+    typos = [arg for n in range(25) for arg in ("--id", f"dlv_{n:026d}")]
+    many = await asyncio.to_thread(run, config, "dlq", "replay", *typos)
+    assert many.stderr.splitlines()[-1].endswith(f"dlv_{19:026d} and 5 more"), many.stderr
+
+
 async def test_what_senders_and_destinations_wrote_cannot_drive_the_terminal_of_whoever_lists(
     tmp_path: Path, database_url: str, store: SqlStore
 ) -> None:

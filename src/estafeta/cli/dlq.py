@@ -264,6 +264,7 @@ def _move(config_path: str, action_name: str, everything: bool, **selection: Any
     if progress.more:  # else "1000 deliveries replayed" reads as the whole selection
         past += ": more are still dead (run it again, or raise --limit)"
     _report(progress.moved, past)
+    _report_unmoved(chosen.delivery_ids, progress.moved)
 
 
 def _report(moved: list[str], what: str) -> None:
@@ -275,6 +276,23 @@ def _report(moved: list[str], what: str) -> None:
     finally:
         with contextlib.suppress(OSError):  # stderr gone too (`2>&1 | head`)
             click.echo(f"{counted(len(moved), 'delivery', 'deliveries')} {what}", err=True)
+
+
+def _report_unmoved(named: tuple[str, ...], moved: list[str]) -> None:
+    """The ids named with --id that were not moved (a typo, one replayed already, one
+    another filter left out), on stderr: a count alone did not say which, or why."""
+    done = set(moved)
+    unmoved = [i for i in dict.fromkeys(named) if i not in done]
+    if not unmoved:
+        return
+    shown = ", ".join(printable(i) for i in unmoved[:_UNMOVED_SHOWN])
+    if len(unmoved) > _UNMOVED_SHOWN:
+        shown += f" and {len(unmoved) - _UNMOVED_SHOWN} more"
+    with contextlib.suppress(OSError):  # stderr gone (`2>&1 | head`)
+        click.echo(f"not moved, not dead or not in the selection: {shown}", err=True)
+
+
+_UNMOVED_SHOWN = 20  # of 10,000 ids mistyped, a line, not a screenful
 
 
 @contextlib.contextmanager
