@@ -8,8 +8,10 @@ import time
 import aiohttp
 import pytest
 
+from estafeta.delivery.breakers import counts_against
 from estafeta.delivery.outcome import OutcomeKind
 from estafeta.testing.fakes import FakeMeta
+from estafeta.testing.fakes.meta import graph_error
 from tests.integration.whatsapp_send.support import CUSTOMER, WA, deliver, wa_source
 
 TEMPLATE = {
@@ -169,6 +171,31 @@ async def test_the_spam_rate_limit_is_permanent_whatever_the_status(
     assert (outcome.throttled, outcome.retry_after_s) == (False, None)
     assert outcome.error_class == "whatsapp_cloud_131048"
     assert outcome.response_excerpt.startswith("131048 Spam rate limit hit\n")
+
+
+@pytest.mark.parametrize(("status", "code"), [(500, 131045), (503, 131026), (502, 190)])
+async def test_a_refusal_on_a_server_error_status_is_permanent(
+    meta: FakeMeta, session: aiohttp.ClientSession, status: int, code: int
+) -> None:
+    """§1.7: branch on `code`, never on the status. Meta's table answers 131045 (number not
+    registered) with HTTP 500; retried as a 5xx, the delivery spent its attempts for hours
+    and each one counted against the number's circuit."""
+    meta.fail_next(1, status, body=graph_error(code, "Refused by the fake"))
+    outcome = await deliver(wa_source(meta.url), session, text="oi")
+    assert (outcome.kind, outcome.status_code) == (OutcomeKind.PERMANENT, status)
+    assert outcome.error_class == f"whatsapp_cloud_{code}"
+    assert counts_against(outcome) is None
+
+
+async def test_a_graph_error_under_200_is_that_error(
+    meta: FakeMeta, session: aiohttp.ClientSession
+) -> None:
+    """A 200 carrying the Graph error body says what went wrong: read by its code, not
+    taken for a page that is not Meta's (retried, a failure of the number)."""
+    meta.fail_next(1, 200, body=graph_error(131047))
+    outcome = await deliver(wa_source(meta.url), session, text="oi")
+    assert (outcome.kind, outcome.error_class) == (OutcomeKind.PERMANENT, "whatsapp_cloud_131047")
+    assert outcome.response_excerpt.startswith("131047 Re-engagement message\n")
 
 
 async def test_unknown_template(session: aiohttp.ClientSession) -> None:

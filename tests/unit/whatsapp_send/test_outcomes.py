@@ -172,6 +172,44 @@ CLOUD = [
         RETRY,
         "whatsapp_cloud_131056",
     ),
+    # §1.7: build on `code`, never on the status. A refusal §1.7 says not to retry stays
+    # permanent on a 5xx (Meta's table answers 131045 with HTTP 500): retried, it spent the
+    # delivery's attempts for hours and counted against the number's circuit, holding back
+    # every other patient's message.
+    Case(
+        "undeliverable 131026 on 500 (no retry)",
+        500,
+        graph(131026, "(#131026) Message undeliverable"),
+        PERMANENT,
+        "whatsapp_cloud_131026",
+        "131026 Message undeliverable",
+    ),
+    Case(
+        "certificate 131045 on 500",
+        500,
+        graph(131045, "(#131045) Incorrect certificate"),
+        PERMANENT,
+    ),
+    Case("token 190 on 503", 503, graph(190, "Error validating access token"), PERMANENT),
+    Case("template 132012 on 500", 500, graph(132012, "(#132012) Parameter format"), PERMANENT),
+    # A Graph error under a 2xx names what went wrong: read as that error, not as a page
+    # that is not Meta's (whatsapp_cloud_no_message_id, retried, a failure of the number).
+    Case(
+        "a refusal under 200",
+        200,
+        graph(131047, "(#131047) Re-engagement message"),
+        PERMANENT,
+        "whatsapp_cloud_131047",
+        "131047 Re-engagement message",
+    ),
+    Case(
+        "a throttling error under 200",
+        200,
+        graph(130429, "(#130429) Rate limit hit"),
+        RETRY,
+        "whatsapp_cloud_130429",
+    ),
+    Case("an unknown error under 200", 200, graph(999, "(#999) ?"), RETRY, "whatsapp_cloud_999"),
     Case("unknown 131000", 500, graph(131000, "(#131000) Something went wrong"), RETRY),
     Case("service unavailable", 503, graph(131016, "(#131016) Service unavailable"), RETRY),
     Case("maintenance on 400", 400, graph(131057, "(#131057) Account in maintenance"), RETRY),
@@ -229,6 +267,18 @@ TWILIO = [
     ),
     Case("bare 429", 429, b"", RETRY, "twilio_http_429", "429 Too Many Requests"),
     Case("created without a sid", 201, {"status": "queued"}, RETRY, "twilio_no_message_id"),
+    # Twilio's error body under a 2xx names the refusal: read as that error, by its code.
+    Case(
+        "an error under 200",
+        200,
+        {"code": 21211, "message": "The 'To' number is not a valid phone number.", "status": 400},
+        PERMANENT,
+        "twilio_21211",
+        "21211 The 'To' number is not a valid phone number.",
+    ),
+    Case(
+        "a rate limit under 200", 200, {"code": 20429, "message": "Too Many"}, RETRY, "twilio_20429"
+    ),
     Case("a proxy's page on 200", 200, b"<html/>", RETRY, "twilio_no_message_id"),
     Case(
         "outside the window",

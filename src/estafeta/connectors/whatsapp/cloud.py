@@ -9,7 +9,8 @@ status webhooks (§1.5).
 
 Answer: 200 with `messages[0].id`, the WAMID: the outcome's `external_id`, which the status
 webhooks name as `statuses[].id` (ingress `whatsapp_cloud.py` → `data.message_id`). A 2xx
-without it is not Meta's answer: RETRYABLE `whatsapp_cloud_no_message_id`.
+without it is read as the Graph error it carries, by its code as below (an unknown code
+RETRYABLE); with neither it is not Meta's answer: RETRYABLE `whatsapp_cloud_no_message_id`.
 
 Errors (§1.7, §1.8, §8 item 1): the Graph error `{"error": {"message": "(#code) title",
 "code", "error_data": {"details"}, …}}` is classified on `error.code` first, as Meta says
@@ -17,15 +18,20 @@ Errors (§1.7, §1.8, §8 item 1): the Graph error `{"error": {"message": "(#cod
 
 * 4, 80007, 130429, 131056 (throttling), and Graph's rate-limit codes 17 and 613 →
   RETRYABLE slow-downs, whatever the status;
-* 131048 (spam rate limit: the number is restricted for its quality, §1.7 "no, fix
-  quality") → PERMANENT, whatever the status: Meta files it with the throttling errors,
-  so it may come with a 429 like them, but no wait lifts it;
+* the codes §1.7 says not to retry (`REFUSAL_CODES`: 0/3/10/190/200–299 token and
+  permissions, 368/131031 blocks, 131005–131051 refusals such as 131026 undeliverable,
+  131045 certificate and 131047 outside the window, 132xxx templates, 135000) → PERMANENT,
+  whatever the status: Meta answers some of them with a 5xx (131045 on HTTP 500), and
+  retried they spent a delivery's attempts for hours and counted against the number's
+  circuit. 131048 (spam rate limit: the number is restricted for its quality, "no, fix
+  quality") is one: Meta files it with the throttling errors, so it may come with a 429
+  like them, but no wait lifts it;
 * 131000 (unknown), 131016 (service unavailable), 131057 (maintenance), 131052/131053
   (media download/upload: "maybe", bounded by max_attempts), and the Graph-wide transient
   codes 1 and 2 → RETRYABLE;
 * any other code, or none: the HTTP status decides (`classify_status`): HTTP 429 (and
-  408/409/425) and 5xx → RETRYABLE; any other 4xx → PERMANENT (131047 outside the window,
-  131026, 132xxx templates, 100/131008/131009 parameters, 190 token, 10/200 permissions …).
+  408/409/425) and 5xx → RETRYABLE; any other 4xx → PERMANENT (100 parameters, codes
+  §1.7 does not list …).
 """
 
 from __future__ import annotations
@@ -57,8 +63,16 @@ GRAPH_VERSION = "v25.0"  # contracts §1.6/§8 item 7: the version the docs use 
 # user-level and 613 custom-level throttling, answered on HTTP 400 like the others.
 THROTTLING_CODES = frozenset({4, 17, 613, 80007, 130429, 131056})
 TRANSIENT_CODES = frozenset({1, 2, 131000, 131016, 131052, 131053, 131057})
-# Refusals no retry can change, even on a status that would be retried (429, 5xx).
-REFUSAL_CODES = frozenset({131048})
+# Refusals no retry can change, even on a status that would be retried (429, 5xx): the
+# codes §1.7 marks "no" (or "fix token", "send a template"), Graph's 200–299 permissions
+# among them. Meta says to build on the code, never on the status, and its own table answers
+# some of them with a 5xx (131045 on HTTP 500).
+REFUSAL_CODES = frozenset(
+    {0, 3, 10, 190, 368, 131005, 131008, 131009, 131021, 131026, 131030, 131031, 131042}
+    | {131045, 131047, 131048, 131049, 131050, 131051, 135000}
+    | {132000, 132001, 132005, 132007, 132008, 132012, 132015, 132016}
+    | set(range(200, 300))
+)
 TEMPLATE_WITHOUT_NAME = "a Cloud API template needs a name (content_sid is Twilio's)"
 _VERSIONED = re.compile(r"/v\d+\.\d+/?$")
 _TITLE_PREFIX = re.compile(r"^\(#\d+\)\s*")
@@ -110,14 +124,15 @@ def build_payload(message: OutboundMessage) -> dict[str, Any] | None:
 def outcome_of(reply: Reply) -> Outcome:
     """What a Cloud API answer means (module docstring); pure, for table-driven tests."""
     document = reply.json()
+    error = document.get("error") if isinstance(document, dict) else None
     if 200 <= reply.status <= 299:
         messages = document.get("messages") if isinstance(document, dict) else None
         first = messages[0] if isinstance(messages, list) and messages else None
         wamid = first.get("id") if isinstance(first, dict) else None
-        if not (isinstance(wamid, str) and wamid):
+        if isinstance(wamid, str) and wamid:
+            return success(reply, wamid)
+        if not isinstance(error, dict):
             return no_message_id(reply, PROVIDER, "messages[0].id", "the Cloud API")
-        return success(reply, wamid)
-    error = document.get("error") if isinstance(document, dict) else None
     if not isinstance(error, dict):
         return provider_error(reply, classify_status(reply.status), PROVIDER, None, None)
     code = error.get("code")
@@ -130,6 +145,8 @@ def outcome_of(reply: Reply) -> Outcome:
         kind = OutcomeKind.RETRYABLE
     else:  # any other code: a 4xx is permanent (429 and 408/409/425 excepted), 5xx retried
         kind = classify_status(reply.status)
+        if kind is OutcomeKind.SUCCESS:  # an unknown error under a 2xx: nothing was sent
+            kind = OutcomeKind.RETRYABLE
     throttled = code in THROTTLING_CODES
     return provider_error(reply, kind, PROVIDER, code, title, throttled=throttled)
 

@@ -16,7 +16,9 @@ status callbacks come back to this source's ingress (§2.3).
 
 Answer: 201 with the Message resource; its `sid` (`SM…`) is the outcome's `external_id`, and
 the status callbacks name it `MessageSid` (ingress `twilio.py` → `data.message_id`). A 2xx
-without a `sid` is not Twilio's answer: RETRYABLE `twilio_no_message_id`.
+without a `sid` that carries Twilio's error body is read as that error, by its code (else
+by the `status` its body names, else PERMANENT); with neither it is not Twilio's answer:
+RETRYABLE `twilio_no_message_id`.
 
 Errors (`{"code", "message", "more_info", "status"}`, §2.4): HTTP 429, or codes 20429,
 63017 and 63018 (rate limits) → RETRYABLE with Retry-After, a slow-down; 63038 (the
@@ -127,20 +129,29 @@ def _content(template: Mapping[str, Any]) -> Form | str:
 def outcome_of(reply: Reply) -> Outcome:
     """What a Twilio answer means (module docstring); pure, for table-driven tests."""
     document = reply.json()
-    if 200 <= reply.status <= 299:
-        sid = document.get("sid") if isinstance(document, dict) else None
-        if not (isinstance(sid, str) and sid):
-            return no_message_id(reply, PROVIDER, "sid", "Twilio")
-        return success(reply, sid)
     code = document.get("code") if isinstance(document, dict) else None
     if not isinstance(code, int) or isinstance(code, bool):
         code = None
+    if 200 <= reply.status <= 299:
+        sid = document.get("sid") if isinstance(document, dict) else None
+        if isinstance(sid, str) and sid:
+            return success(reply, sid)
+        if code is None:
+            return no_message_id(reply, PROVIDER, "sid", "Twilio")
     message = document.get("message") if isinstance(document, dict) else None
     title = message if isinstance(message, str) else None
     if code in LIMIT_CODES:
         kind = OutcomeKind.PERMANENT
     elif reply.status == 429 or code in RATE_CODES:
         kind = OutcomeKind.RETRYABLE
+    elif 200 <= reply.status <= 299:
+        # Twilio's error body under a 2xx: the status its body names (`status`), else a
+        # refusal, as a 4xx would be.
+        named = document.get("status") if isinstance(document, dict) else None
+        if isinstance(named, int) and not isinstance(named, bool) and named >= 300:
+            kind = classify_status(named)
+        else:
+            kind = OutcomeKind.PERMANENT
     else:
         kind = classify_status(reply.status)
     throttled = code in RATE_CODES
