@@ -856,7 +856,8 @@ async def test_no_workers_does_not_blame_workers_for_a_store_outage(
         clock.now += 1_000  # and then it is gone for good
         await monitor.check()
         assert monitor.firing == {"no_workers"}
-    fired = [e for e in logs if e["event"] == "alert_fired"]
+    # The outage itself is store_down's (fired past its minute, resolved once back).
+    fired = [e for e in logs if e["event"] == "alert_fired" and e["alert"] != "store_down"]
     assert [(e["alert"], e["last_seen"]) for e in fired] == [("no_workers", iso_from_ms(back))]
 
 
@@ -1073,7 +1074,11 @@ async def test_the_events_of_a_long_outage_are_not_stalled_the_moment_the_store_
     # Before: `spool_stalled` fired (and health said "degraded", waiting 2 h) at once.
     assert firing_back == set()
     alerts = [(e["event"], e["alert"]) for e in logs if e["event"].startswith("alert_")]
-    assert alerts == [("alert_fired", "spool_stalled")]  # once stuck, a minute later
+    assert alerts == [  # the outage, then once stuck, a minute later
+        ("alert_fired", "store_down"),
+        ("alert_resolved", "store_down"),
+        ("alert_fired", "spool_stalled"),
+    ]
     assert (back["status"], back["checks"]["spool"]["stalled"]) == ("ok", False), back
     assert back["checks"]["spool"]["waiting_s"] < 60
     assert (stuck["status"], stuck["checks"]["spool"]["stalled"]) == ("degraded", True)
@@ -1299,3 +1304,42 @@ async def test_spool_stalled_stands_through_a_store_blip_while_the_drain_gets_no
     alerts = [(e["event"], e["alert"]) for e in logs if e["event"].startswith("alert_")]
     # Before: fired, resolved by the blip, fired again a minute later, resolved.
     assert alerts == [("alert_fired", "spool_stalled"), ("alert_resolved", "spool_stalled")]
+
+
+async def test_a_store_down_for_long_is_alerted_and_resolved_when_it_answers(
+    store: SqlStore,
+) -> None:
+    # The runbook's alerts had none for the store itself: a database down all day fired
+    # nothing (spool_stalled and no_workers wait for the store by design, and the spool
+    # takes the webhooks), so only a probe of /health/detailed could hear of it.
+    clock = ManualClock(1_000_000)
+    outage = Outage(store)
+    monitor = AlertMonitor(
+        cast(SqlStore, outage), threshold=1000, store_down_after_s=60, clock=clock
+    )
+    gauge = {"alert": "store_down"}
+    with capture_logs() as logs:
+        await monitor.check()
+        outage.down = True
+        await monitor.check()
+        clock.now += 59_000
+        await monitor.check()
+        assert monitor.firing == set()  # a short outage fires nothing
+        clock.now += 1_000
+        await monitor.check()
+        assert monitor.firing == {"store_down"}
+        assert REGISTRY.get_sample_value("estafeta_alert_firing", gauge) == 1
+        clock.now += 60_000
+        await monitor.check()  # fired once
+        outage.down = False
+        await monitor.check()
+        assert monitor.firing == set()
+        assert REGISTRY.get_sample_value("estafeta_alert_firing", gauge) == 0
+    alerts = [e for e in logs if e["event"].startswith("alert_")]
+    assert [(e["event"], e["alert"]) for e in alerts] == [
+        ("alert_fired", "store_down"),
+        ("alert_resolved", "store_down"),
+    ]
+    fired = alerts[0]
+    assert fired["down_s"] == 60 and fired["since"] == iso_from_ms(1_000_000)
+    assert "ConnectionRefusedError" in fired["error"]

@@ -1091,6 +1091,7 @@ WORKER_DURATIONS = (
     "alert_destination_down_s",
     "alert_no_workers_s",
     "alert_webhooks_refused_s",
+    "alert_store_down_s",
     "alert_redis_down_s",
 )
 

@@ -104,6 +104,7 @@ def create_app(
             no_workers_after_s=hub.config.worker.alert_no_workers_s,
             refusals=hub.refusals,
             refused_after_s=hub.config.worker.alert_webhooks_refused_s,
+            store_down_after_s=hub.config.worker.alert_store_down_s,
             redis=hub.redis,
             redis_down_after_s=hub.config.worker.alert_redis_down_s,
             redis_key_prefix=hub.config.redis.key_prefix,

@@ -451,6 +451,8 @@ class WorkerConfig(_Model):
     # The webhooks_refused alert fires when a source's webhooks have been refused, none
     # accepted meanwhile, for this long.
     alert_webhooks_refused_s: float = Field(default=300, gt=0, le=MAX_DURATION_S)
+    # The store_down alert fires when the store has not answered `serve`'s reads for this long.
+    alert_store_down_s: float = Field(default=60, gt=0, le=MAX_DURATION_S)
     # The redis_down alert fires when the configured Redis has not answered for this long.
     alert_redis_down_s: float = Field(default=60, gt=0, le=MAX_DURATION_S)
     # Where `estafeta worker` serves its own /metrics and /health (none when unset); `serve`

@@ -23,6 +23,10 @@
   is unreachable the circuits are each process's own: a `serve` that delivers judges its
   own; one that does not (`--no-workers`) has only the copy it read before the outage, and
   holds the alert as it stood rather than fire or resolve on that.
+* `store_down`: the store has not answered the monitor's read for `worker.alert_store_down_s`.
+  The spool takes the webhooks meanwhile and the other alerts that read the store wait for
+  it (`spool_stalled`, `no_workers`), so without this a database down all day was heard of
+  only by a probe of /health/detailed. It resolves at the first read answered.
 * `redis_down`: the configured Redis has not taken a write (of `<key_prefix>probe`: a full
   or read-only Redis answers a PING) for `worker.alert_redis_down_s`.
   Nothing is lost or stopped, but circuits and rate limits are kept per process meanwhile
@@ -89,6 +93,7 @@ DESTINATION_DOWN = "destination_down"
 NO_WORKERS = "no_workers"
 WEBHOOKS_REFUSED = "webhooks_refused"
 REDIS_DOWN = "redis_down"
+STORE_DOWN = "store_down"
 # Every alert, in the runbook's order (docs/operations.md has a section for each).
 EVERY_ALERT = (
     BACKLOG,
@@ -96,6 +101,7 @@ EVERY_ALERT = (
     DESTINATION_DOWN,
     NO_WORKERS,
     WEBHOOKS_REFUSED,
+    STORE_DOWN,
     REDIS_DOWN,
     *SPOOL_ALERTS,
 )
@@ -150,6 +156,7 @@ class AlertMonitor:
         redis_down_after_s: float = 60.0,
         redis_key_prefix: str = DEFAULT_REDIS_KEY_PREFIX,
         delivers: bool = True,
+        store_down_after_s: float = 60.0,
         clock: Clock | None = None,
         interval_s: float = 5.0,
     ) -> None:
@@ -172,6 +179,8 @@ class AlertMonitor:
         self.redis_down_after_ms = round(redis_down_after_s * 1000)
         self.redis_key_prefix = redis_key_prefix
         self._redis_down_since: int | None = None  # the first PING of an outage that failed
+        self.store_down_after_ms = round(store_down_after_s * 1000)
+        self._store_down_since: int | None = None  # the first read of an outage that failed
         self.clock: Clock = clock or SystemClock()
         self.interval_s = interval_s
         self.watch_workers = watch_workers
@@ -192,7 +201,7 @@ class AlertMonitor:
         # alerted on.
         self._down_since: dict[str, int] = {}
         self._down = KeyedAlert(DESTINATION_DOWN, "destination")
-        alerts = [BACKLOG, DEAD_LETTERS]
+        alerts = [BACKLOG, DEAD_LETTERS, STORE_DOWN]
         if spool is not None:
             alerts.extend(SPOOL_ALERTS)
         if circuits is not None:
@@ -217,11 +226,14 @@ class AlertMonitor:
             # driver's 30 s command timeout (redis_down, the spool's, no_workers with it).
             # Counted as far as the thresholds need, and no further (store/views.py).
             depths = await within(self.store.queue_depths(self.counted_to))
-        except (StoreUnavailable, TimeoutError):  # the spool covers that; next round
+        except (StoreUnavailable, TimeoutError) as exc:  # the spool covers that meanwhile
             store_reachable = False
             self._unreachable_ms = self.clock.now_ms()
+            self._check_store_down(exc)
         else:
             store_reachable = True
+            self._store_down_since = None
+            self._resolve(STORE_DOWN)
             pending = depths.pending
             if pending >= self.threshold:
                 self._fire(BACKLOG, pending=pending, threshold=self.threshold)
@@ -294,6 +306,20 @@ class AlertMonitor:
                     down_s=round((now - since) / 1000),
                 )
         self._down.publish(self.firing)
+
+    def _check_store_down(self, exc: Exception) -> None:
+        now = self.clock.now_ms()
+        if self._store_down_since is None:
+            self._store_down_since = now
+        since = self._store_down_since
+        if now - since >= self.store_down_after_ms:
+            # The error's text, not the URL: StoreUnavailable's messages name the cause only.
+            self._fire(
+                STORE_DOWN,
+                error=str(exc) or type(exc).__name__,
+                since=iso_from_ms(since),
+                down_s=round((now - since) / 1000),
+            )
 
     async def _check_redis(self, client: Redis) -> None:
         trouble = await redis_unwritable(client, self.redis_key_prefix)
