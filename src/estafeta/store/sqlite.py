@@ -131,6 +131,16 @@ def _create_private(path: str) -> None:
         ) from None
 
 
+def _check_openable(path: str) -> None:
+    """Open the file once with the standard library, so that one SQLite cannot open fails
+    here, as the same error: aiosqlite (0.22.1) stops the thread of a failed connect by
+    queueing a callback to the caller's loop without waiting for it, and once a command's
+    loop has closed that thread dies with "Event loop is closed", a traceback after the
+    command's own error. Opening reads nothing; a file that is no database fails later,
+    at its first statement, on a connection that closes as any does."""
+    sqlite3.connect(path).close()
+
+
 class DatabaseFile:
     """The file a store opened, known by its identity on disk. SQLite goes on writing to a
     file removed, or renamed over (a backup restored in its place), while it is open: what
@@ -180,6 +190,7 @@ def _engine(url: str, *, begin: str, database_file: DatabaseFile | None) -> Asyn
         @event.listens_for(engine.sync_engine, "do_connect")
         def _before_connect(*_: Any) -> None:
             _create_private(database_file.path)
+            _check_openable(database_file.path)
 
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
