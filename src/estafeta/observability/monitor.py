@@ -178,9 +178,9 @@ class AlertMonitor:
         self.redis = redis
         self.redis_down_after_ms = round(redis_down_after_s * 1000)
         self.redis_key_prefix = redis_key_prefix
-        self._redis_down_since: int | None = None  # the first PING of an outage that failed
         self.store_down_after_ms = round(store_down_after_s * 1000)
-        self._store_down_since: int | None = None  # the first read of an outage that failed
+        # store_down and redis_down: the first look of each one's outage that failed.
+        self._outage_since: dict[str, int] = {}
         self.clock: Clock = clock or SystemClock()
         self.interval_s = interval_s
         self.watch_workers = watch_workers
@@ -229,11 +229,12 @@ class AlertMonitor:
         except (StoreUnavailable, TimeoutError) as exc:  # the spool covers that meanwhile
             store_reachable = False
             self._unreachable_ms = self.clock.now_ms()
-            self._check_store_down(exc)
+            # The error's text, not the URL: StoreUnavailable's messages name the cause only.
+            error = str(exc) or type(exc).__name__
+            self._outage(STORE_DOWN, self.store_down_after_ms, error=error)
         else:
             store_reachable = True
-            self._store_down_since = None
-            self._resolve(STORE_DOWN)
+            self._outage(STORE_DOWN, self.store_down_after_ms, answered=True)
             pending = depths.pending
             if pending >= self.threshold:
                 self._fire(BACKLOG, pending=pending, threshold=self.threshold)
@@ -307,39 +308,29 @@ class AlertMonitor:
                 )
         self._down.publish(self.firing)
 
-    def _check_store_down(self, exc: Exception) -> None:
+    def _outage(
+        self, alert: str, after_ms: int, *, answered: bool = False, **fields: object
+    ) -> None:
+        """An alert on something that stopped answering (the store, Redis): fired, with
+        `fields`, once it has not answered for `after_ms`; resolved at its first answer."""
+        if answered:
+            self._outage_since.pop(alert, None)
+            self._resolve(alert)
+            return
         now = self.clock.now_ms()
-        if self._store_down_since is None:
-            self._store_down_since = now
-        since = self._store_down_since
-        if now - since >= self.store_down_after_ms:
-            # The error's text, not the URL: StoreUnavailable's messages name the cause only.
+        since = self._outage_since.setdefault(alert, now)
+        if now - since >= after_ms:
             self._fire(
-                STORE_DOWN,
-                error=str(exc) or type(exc).__name__,
-                since=iso_from_ms(since),
-                down_s=round((now - since) / 1000),
+                alert, **fields, since=iso_from_ms(since), down_s=round((now - since) / 1000)
             )
 
     async def _check_redis(self, client: Redis) -> None:
         trouble = await redis_unwritable(client, self.redis_key_prefix)
-        now = self.clock.now_ms()
         if trouble is None:
-            self._redis_down_since = None
-            self._resolve(REDIS_DOWN)
+            self._outage(REDIS_DOWN, self.redis_down_after_ms, answered=True)
             return
-        if self._redis_down_since is None:
-            self._redis_down_since = now
-        since = self._redis_down_since
-        if now - since >= self.redis_down_after_ms:
-            error, reason = trouble
-            self._fire(
-                REDIS_DOWN,
-                error=error,
-                reason=reason,
-                since=iso_from_ms(since),
-                down_s=round((now - since) / 1000),
-            )
+        error, reason = trouble
+        self._outage(REDIS_DOWN, self.redis_down_after_ms, error=error, reason=reason)
 
     def _check_refusals(self, refusals: Refusals) -> None:
         now = self.clock.now_ms()
