@@ -34,14 +34,12 @@ def _time(value: str | None, name: str) -> int | None:
         raise HttpError(400, "invalid_request", f"{name}: not an ISO 8601 time") from None
 
 
-def _window(since: str | None, until: str | None) -> tuple[int | None, int | None]:
-    """`since` and `until` as times; a window that ends before it begins (most likely the two
-    swapped) is a 400, not an answer of nothing that reads as an empty queue."""
-    start, end = _time(since, "since"), _time(until, "until")
-    if start is not None and end is not None and end <= start:
-        detail = f"until: {until} is not after since {since}"
-        raise HttpError(400, "invalid_request", detail)
-    return start, end
+def _in_window(chosen: DeadLetterFilter, since: str | None, until: str | None) -> DeadLetterFilter:
+    """`chosen`, unless its window ends before it begins: a 400 naming both as given, not
+    an answer of nothing that reads as an empty queue."""
+    if chosen.ends_before_it_begins:
+        raise HttpError(400, "invalid_request", f"until: {until} is not after since {since}")
+    return chosen
 
 
 class DeadLetterSelection(RequestBody):
@@ -66,16 +64,16 @@ class DeadLetterSelection(RequestBody):
                 "invalid_request",
                 "name ids, or a tenant/destination/event_type/since/until filter, or all: true",
             )
-        since, until = _window(self.since, self.until)
-        return DeadLetterFilter(
+        chosen = DeadLetterFilter(
             tenant_id=caller.scope(self.tenant),
             delivery_ids=tuple(self.ids),
             destination_id=self.destination,
             event_type=self.event_type,
-            since=since,
-            until=until,
+            since=_time(self.since, "since"),
+            until=_time(self.until, "until"),
             limit=self.limit,
         )
+        return _in_window(chosen, self.since, self.until)
 
 
 async def _known(store: SqlStore, chosen: DeadLetterFilter) -> DeadLetterFilter:
@@ -101,17 +99,20 @@ async def list_dead(
     cursor: Annotated[str | None, Query(max_length=1024)] = None,
 ) -> Response:
     store = hub_of(request).store
-    start, end = _window(since, until)
     chosen = await _known(
         store,
-        DeadLetterFilter(
-            tenant_id=caller.scope(tenant),
-            destination_id=destination,
-            event_type=event_type,
-            since=start,
-            until=end,
-            limit=limit + 1,  # page_of: whether another page follows
-            after=_dead_position(cursor) if cursor is not None else None,
+        _in_window(
+            DeadLetterFilter(
+                tenant_id=caller.scope(tenant),
+                destination_id=destination,
+                event_type=event_type,
+                since=_time(since, "since"),
+                until=_time(until, "until"),
+                limit=limit + 1,  # page_of: whether another page follows
+                after=_dead_position(cursor) if cursor is not None else None,
+            ),
+            since,
+            until,
         ),
     )
     found = await store.list_dead(chosen)

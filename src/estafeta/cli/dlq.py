@@ -59,8 +59,7 @@ def _dlq_filter(
         until=ms_from_iso(until) if until else None,
         limit=limit,
     )
-    if chosen.since is not None and chosen.until is not None and chosen.until <= chosen.since:
-        # Most likely the two swapped: said, rather than answered "0 deliveries replayed".
+    if chosen.ends_before_it_begins:  # said, rather than answered "0 deliveries replayed"
         raise click.BadParameter(
             f"{until!r} is not after --since {since!r}: no delivery died between them",
             param_hint="'--until'",

@@ -185,6 +185,12 @@ class DeadLetterFilter:
         """At most how many a statement takes: a list of ids is meant whole."""
         return self.limit or len(self.delivery_ids) or DEAD_LIMIT
 
+    @property
+    def ends_before_it_begins(self) -> bool:
+        """A time window no death falls in, `until` not after `since`: most likely the two
+        swapped, so the CLI and the API refuse it rather than answer with nothing."""
+        return self.since is not None and self.until is not None and self.until <= self.since
+
 
 @dataclass(frozen=True, slots=True)
 class DeadGroup:
