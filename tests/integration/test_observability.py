@@ -8,10 +8,11 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from sqlalchemy import text
+from sqlalchemy import make_url, text
 from structlog.testing import capture_logs
 
 from estafeta.api.app import create_app
@@ -33,10 +34,12 @@ from estafeta.observability.metrics import REGISTRY, render
 from estafeta.observability.monitor import AlertMonitor
 from estafeta.observability.reads import READ_TIMEOUT_S
 from estafeta.observability.unrouted import Unrouted
+from estafeta.store import open_store
 from estafeta.store import sqlite as sqlite_store
 from estafeta.store.records import DeadLetterFilter
 from estafeta.store.sqlstore import SqlStore
 from estafeta.supervise import Tasks
+from tests.acceptance.conftest import execute
 from tests.chaos.conftest import TcpProxy
 from tests.clocks import ManualClock
 from tests.conftest import SOURCE_SECRET, base_config, lease_any, signed
@@ -1343,3 +1346,37 @@ async def test_a_store_down_for_long_is_alerted_and_resolved_when_it_answers(
     fired = alerts[0]
     assert fired["down_s"] == 60 and fired["since"] == iso_from_ms(1_000_000)
     assert "ConnectionRefusedError" in fired["error"]
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_a_store_that_refuses_the_monitors_read_is_alerted_not_crashed_on(
+    store: SqlStore, database_url: str
+) -> None:
+    # A role that may not read the deliveries (a grant missed when the database was set up,
+    # or revoked since): the read failed with `the store failed: permission denied …`,
+    # which the monitor did not expect, so every round crashed (`task_crashed`) before it
+    # reached the other alerts, and nothing fired for the store that answered nothing.
+    role = f"estafeta_noread_{urlsplit(database_url).path.lstrip('/')}"
+    await execute(database_url, f'CREATE ROLE "{role}" LOGIN')
+    restricted = open_store(make_url(database_url).set(username=role).render_as_string(False))
+    try:
+        clock = ManualClock(1_000_000)
+        monitor = AlertMonitor(restricted, threshold=1000, store_down_after_s=60, clock=clock)
+        with capture_logs() as logs:
+            await monitor.check()
+            clock.now += 60_000
+            await monitor.check()
+            assert monitor.firing == {"store_down"}
+            await execute(database_url, f'GRANT SELECT ON ALL TABLES IN SCHEMA public TO "{role}"')
+            await monitor.check()
+            assert monitor.firing == set()
+        alerts = [e for e in logs if e["event"].startswith("alert_")]
+        assert [(e["event"], e["alert"]) for e in alerts] == [
+            ("alert_fired", "store_down"),
+            ("alert_resolved", "store_down"),
+        ]
+        assert "permission denied" in alerts[0]["error"], alerts[0]
+        assert "SQLSTATE 42501" in alerts[0]["error"], alerts[0]
+    finally:
+        await restricted.close()
+        await execute(database_url, f'DROP OWNED BY "{role}"', f'DROP ROLE "{role}"')

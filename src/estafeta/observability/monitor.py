@@ -23,7 +23,8 @@
   is unreachable the circuits are each process's own: a `serve` that delivers judges its
   own; one that does not (`--no-workers`) has only the copy it read before the outage, and
   holds the alert as it stood rather than fire or resolve on that.
-* `store_down`: the store has not answered the monitor's read for `worker.alert_store_down_s`.
+* `store_down`: the store has not answered the monitor's read for `worker.alert_store_down_s`
+  (unreachable, or refusing the read: a role without SELECT).
   The spool takes the webhooks meanwhile and the other alerts that read the store wait for
   it (`spool_stalled`, `no_workers`), so without this a database down all day was heard of
   only by a probe of /health/detailed. It resolves at the first read answered.
@@ -71,7 +72,7 @@ from estafeta.clock import Clock, SystemClock, iso_from_ms
 from estafeta.config.models import DEFAULT_REDIS_KEY_PREFIX
 from estafeta.delivery.circuit import CircuitState
 from estafeta.delivery.circuit_store import CircuitStateStore, current_circuits
-from estafeta.errors import StoreUnavailable
+from estafeta.errors import StoreError
 from estafeta.ingress.spool import Spool
 from estafeta.observability.metrics import ALERTS
 from estafeta.observability.reads import redis_unwritable, within
@@ -226,10 +227,12 @@ class AlertMonitor:
             # driver's 30 s command timeout (redis_down, the spool's, no_workers with it).
             # Counted as far as the thresholds need, and no further (store/views.py).
             depths = await within(self.store.queue_depths(self.counted_to))
-        except (StoreUnavailable, TimeoutError) as exc:  # the spool covers that meanwhile
+        except (StoreError, TimeoutError) as exc:  # the spool covers an outage meanwhile
+            # A read refused (a role without SELECT, 42501) is the store not answering too:
+            # it crashed the round before, every round, and no alert said so.
             store_reachable = False
             self._unreachable_ms = self.clock.now_ms()
-            # The error's text, not the URL: StoreUnavailable's messages name the cause only.
+            # The error's text, not the URL: the store's errors name the cause, never data.
             error = str(exc) or type(exc).__name__
             self._outage(STORE_DOWN, self.store_down_after_ms, error=error)
         else:
@@ -284,7 +287,7 @@ class AlertMonitor:
     async def _check_destinations(self, circuits: CircuitStateStore) -> None:
         try:
             known = await within(current_circuits(circuits, delivers=self.delivers))
-        except (StoreUnavailable, TimeoutError):  # unknown this round: nothing changes
+        except (StoreError, TimeoutError):  # unknown this round: nothing changes
             return
         if known is None:  # a copy frozen by a Redis outage says nothing of now
             return
@@ -354,7 +357,7 @@ class AlertMonitor:
             return
         try:
             last = await within(self.store.last_delivering_at())
-        except (StoreUnavailable, TimeoutError):  # unknown this round: nothing changes
+        except (StoreError, TimeoutError):  # unknown this round: nothing changes
             self._unreachable_ms = self.clock.now_ms()
             return
         now = self.clock.now_ms()
