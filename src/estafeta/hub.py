@@ -23,7 +23,7 @@ from estafeta.delivery.breakers import circuit_state_store
 from estafeta.delivery.circuit_store import close_circuits
 from estafeta.delivery.handoff import Handoff
 from estafeta.delivery.model import LeasedDelivery
-from estafeta.errors import HttpError, StoreUnavailable
+from estafeta.errors import HttpError, StoreError, StoreUnavailable
 from estafeta.ids import new_id
 from estafeta.ingress.generic import GenericSource
 from estafeta.ingress.providers.base import ProviderSource, source_for
@@ -184,9 +184,22 @@ class Hub:
         # Webhooks refused at /in/, counted and logged (a provider's rotated secret).
         self.refusals = Refusals(clock=self.clock)
         self.unrouted = Unrouted()
-        # `store_unavailable` lines of the API's and ingest's 503s, by (side, error): an
-        # outage refuses every request; the log says so once a minute (log_throttle.py).
+        # `store_unavailable`/`store_failed` lines of the API's and ingest's 503s and 500s,
+        # by (side, error): an outage, or a role that may not write, refuses every request;
+        # the log says so once a minute (log_throttle.py).
         self.unavailable_lines = LogThrottle()
+
+    def log_store_error(self, side: str, exc: StoreError) -> None:
+        """A request of `side` (`ingest`, `api`) met `exc`: a line a minute of each kind.
+        Unreachable is the spool's to cover; anything else (a write refused to the role,
+        42501) is the operator's to fix, and was logged as a bug, a traceback a request."""
+        unlogged = self.unavailable_lines.due((side, str(exc)))
+        if unlogged is None:
+            return
+        if isinstance(exc, StoreUnavailable):
+            log.warning("store_unavailable", error=str(exc), count=unlogged)
+        else:
+            log.error("store_failed", error=str(exc), count=unlogged)
 
     def new_event(
         self,

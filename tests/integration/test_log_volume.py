@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import make_url
 from structlog.testing import capture_logs
 
 from estafeta.api.app import create_app
@@ -22,6 +23,8 @@ from estafeta.hub import Hub
 from estafeta.ingress.spool import Spool
 from estafeta.observability.log_throttle import LOG_EVERY_S, LogThrottle
 from estafeta.store import open_store
+from estafeta.store.sqlstore import SqlStore
+from tests.acceptance.conftest import execute
 from tests.conftest import signed
 from tests.integration.test_ingress_api import MESSAGE
 from tests.integration.test_spool import UNREACHABLE, new_event
@@ -112,6 +115,48 @@ async def test_webhooks_refused_without_a_spool_log_a_line_a_minute(config: Conf
     await unreachable.close()
     unavailable = lines(logs, "store_unavailable")
     assert len(unavailable) == 1 and unavailable[0]["count"] == 1
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_a_store_refusing_every_write_logs_a_line_a_minute_and_counts_refusals(
+    config: Config, store: SqlStore, database_url: str
+) -> None:
+    # A role that may read the tables but not write them (a grant missed when the database
+    # was set up): every webhook was answered `500 internal_error` and logged as a bug, a
+    # traceback each, and the source's refusals went uncounted, so `webhooks_refused` never
+    # fired while every message was lost (Twilio does not retry).
+    role = f"estafeta_nowrite_{make_url(database_url).database}"
+    await execute(
+        database_url,
+        f'CREATE ROLE "{role}" LOGIN',
+        f'GRANT SELECT ON ALL TABLES IN SCHEMA public TO "{role}"',
+    )
+    reader = open_store(make_url(database_url).set(username=role).render_as_string(False))
+    hub = Hub(config, reader)
+    try:
+        transport = httpx.ASGITransport(app=create_app(hub))
+        with capture_logs() as logs:
+            async with httpx.AsyncClient(transport=transport, base_url="http://hub") as http:
+                for i in range(REQUESTS):
+                    r = await http.post(
+                        "/in/crm-events", content=MESSAGE, headers=signed(MESSAGE, f"m{i}")
+                    )
+                    assert (r.status_code, r.json()["error"]) == (500, "store_failed"), r.text
+                await execute(database_url, f'REVOKE ALL ON events FROM "{role}"')
+                for _ in range(REQUESTS):
+                    r = await http.get("/api/v1/events/evt_none", headers=ADMIN)
+                    assert (r.status_code, r.json()["error"]) == (500, "store_failed"), r.text
+    finally:
+        await hub.close()
+        await reader.close()
+        await execute(database_url, f'DROP OWNED BY "{role}"', f'DROP ROLE "{role}"')
+    assert lines(logs, "unhandled_error") == []
+    failed = lines(logs, "store_failed")
+    assert [(e["count"], e["error"]) for e in failed] == [
+        (1, "the store failed: permission denied for table events (SQLSTATE 42501)"),
+    ] * 2, failed
+    streak = hub.refusals.streaks["crm-events"]
+    assert (streak.count, streak.error) == (REQUESTS, "store_failed")
 
 
 async def test_a_failing_spool_disk_logs_a_line_a_minute(

@@ -25,14 +25,14 @@ from estafeta.api.responses import (
     count_api_error,
     handle_http_error,
     handle_starlette_error,
-    handle_store_unavailable,
+    handle_store_error,
     handle_unexpected,
     handle_validation_error,
 )
 from estafeta.delivery.breakers import Breakers
 from estafeta.delivery.presence import DELIVERY_TASK, Presence, named_destinations
 from estafeta.delivery.worker import Worker
-from estafeta.errors import HttpError, StoreUnavailable
+from estafeta.errors import HttpError, StoreError
 from estafeta.hub import Hub
 from estafeta.ingress.endpoint import (
     IngestApp,
@@ -143,7 +143,7 @@ def create_app(
         hub.store, hub.config.security.admin_key, tenants=[t.id for t in hub.config.tenants]
     )
     app.add_exception_handler(HttpError, handle_http_error)
-    app.add_exception_handler(StoreUnavailable, handle_store_unavailable)
+    app.add_exception_handler(StoreError, handle_store_error)
     app.add_exception_handler(RequestValidationError, handle_validation_error)
     app.add_exception_handler(StarletteHTTPException, handle_starlette_error)
     app.add_exception_handler(Exception, handle_unexpected)

@@ -11,7 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from estafeta.errors import HttpError
+from estafeta.errors import HttpError, StoreError, StoreUnavailable
 from estafeta.jsonvalues import DATA_LEVELS_ABOVE, ORJSON_MAX_DEPTH, WIDE_INTEGER
 from estafeta.observability.metrics import API_ERRORS, series
 
@@ -102,10 +102,11 @@ def _unparsed_body(exc: StarletteHTTPException) -> str | None:
     return None
 
 
-async def handle_store_unavailable(request: Request, exc: Exception) -> Response:
-    unlogged = request.app.state.hub.unavailable_lines.due(("api", str(exc)))
-    if unlogged is not None:
-        log.warning("store_unavailable", error=str(exc), count=unlogged)
+async def handle_store_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StoreError)  # noqa: S101 - registered for it only
+    request.app.state.hub.log_store_error("api", exc)
+    if not isinstance(exc, StoreUnavailable):  # it answers but refuses (a role without SELECT)
+        return error_response(HttpError(500, "store_failed", "the store failed; retry later"))
     return error_response(
         HttpError(
             503,

@@ -18,7 +18,7 @@ from urllib.parse import parse_qsl
 import orjson
 import structlog
 
-from estafeta.errors import HttpError, StoreUnavailable
+from estafeta.errors import HttpError, StoreError, StoreUnavailable
 from estafeta.http_protocol import CUT_OFF
 from estafeta.ingress.providers.base import InboundRequest
 
@@ -150,9 +150,7 @@ class IngestApp:
             await respond(send, exc.status, {"error": exc.error, "detail": exc.detail}, exc.headers)
             return
         except StoreUnavailable as exc:
-            unlogged = self.hub.unavailable_lines.due(("ingest", str(exc)))
-            if unlogged is not None:
-                log.warning("store_unavailable", error=str(exc), count=unlogged)
+            self.hub.log_store_error("ingest", exc)
             await respond(
                 send,
                 503,
@@ -162,6 +160,14 @@ class IngestApp:
                 },
                 {"Retry-After": "5"},
             )
+            return
+        except StoreError as exc:  # the store answers but refuses (a role without INSERT)
+            self.hub.log_store_error("ingest", exc)
+            # Counted as the source's refusal: `webhooks_refused` fires if it lasts.
+            source_id = scope["path"][len("/in/") :]
+            self.hub.refusals.note(source_id, known=True, status=500, error="store_failed")
+            detail = "the store failed to store the event; retry later"
+            await respond(send, 500, {"error": "store_failed", "detail": detail})
             return
         except Exception as exc:  # a bug: logged in full, answered opaquely
             log.error("unhandled_error", error_class=type(exc).__name__, exc_info=exc)
