@@ -325,6 +325,25 @@ async def test_a_permanent_provider_error_fails_the_message(env: Env) -> None:
     assert view["error"] == "whatsapp_cloud_131047: Re-engagement message"
 
 
+async def test_a_send_that_gave_up_says_when_in_its_timeline(env: Env) -> None:
+    # Every step of the timeline says when, but the `failed` of a send that gave up had no
+    # `at`: a client sorting or showing the steps by time met a step without one.
+    clock = FixedClock(1_751_371_200_000)
+    env.hub.clock = clock
+    r = await env.send("Oi")
+    clock.now += 90_000  # the provider refused the message a minute and a half later
+    await env.finish_send(provider_id=None, dead=True)
+    view = await env.message(r.json()["id"])
+    assert view["timeline"] == [
+        {"state": "queued", "at": "2025-07-01T12:00:00.000Z"},
+        {
+            "state": "failed",
+            "at": "2025-07-01T12:01:30.000Z",
+            "error": "whatsapp_cloud_131047: Re-engagement message",
+        },
+    ]
+
+
 async def test_sends_to_one_customer_keep_their_order_and_a_repeat_is_one_message(
     env: Env,
 ) -> None:
@@ -467,6 +486,27 @@ async def test_escalation_marks_the_conversation_and_routes_an_event(env: Env) -
         "/api/v1/conversations/5500000000000/escalate", headers=env.auth(), json={"reason": "x"}
     )
     assert (r.status_code, r.json()["error"]) == (404, "not_found")
+
+
+async def test_an_escalation_without_a_reason_is_refused_and_changes_nothing(env: Env) -> None:
+    # A reason of blanks (an empty form field padded by a script) was taken: the nurse got
+    # an escalation that said nothing, and the conversation showed it as current.
+    await env.inbound("Preciso falar com alguém", "wamid.blank")
+    before = await tenant_rows(env.store, "clinica-sol")
+    for reason in ("   ", "\n\t", "\u00a0"):
+        r = await env.http.post(
+            f"/api/v1/conversations/{MARIA}/escalate", headers=env.auth(), json={"reason": reason}
+        )
+        assert (r.status_code, r.json()) == (
+            400,
+            {"error": "invalid_request", "detail": "body.reason: must not be only blanks"},
+        ), reason
+    assert await tenant_rows(env.store, "clinica-sol") == before
+    r = await env.http.post(
+        f"/api/v1/conversations/{MARIA}/escalate", headers=env.auth(), json={"reason": " nurse "}
+    )
+    assert r.status_code == 202, r.text
+    assert (await env.conversation())["escalation"]["reason"] == " nurse "
 
 
 async def test_a_closed_conversation_reopens_when_the_customer_writes(env: Env) -> None:
@@ -1205,6 +1245,32 @@ async def test_an_unknown_tenant_is_a_404_naming_it_not_an_empty_list(env: Env) 
             "/api/v1/conversations", params={"tenant": tenant}, headers=env.auth(OUTRA)
         )
         assert (r.status_code, r.json()["error"]) == (403, "forbidden")
+
+
+async def test_the_admin_reading_a_conversation_of_an_unknown_tenant_is_told_the_tenant(
+    env: Env,
+) -> None:
+    # The admin's `?tenant=clinica-soll` (a typo) on one conversation answered `no
+    # conversation '5511987654321'`: the operator went looking for a lost conversation.
+    await env.inbound("Olá", "wamid.t1")
+    admin = env.auth("test-admin-key")
+    url = f"/api/v1/conversations/{MARIA}"
+    r = await env.http.get(url, params={"tenant": "clinica-soll"}, headers=admin)
+    assert (r.status_code, r.json()) == (
+        404,
+        {"error": "not_found", "detail": "no tenant 'clinica-soll'"},
+    )
+    # A known tenant without that conversation names the conversation, as before.
+    r = await env.http.get(url, params={"tenant": "outra"}, headers=admin)
+    assert (r.status_code, r.json()) == (
+        404,
+        {"error": "not_found", "detail": f"no conversation '{MARIA}'"},
+    )
+    r = await env.http.get(url, params={"tenant": "clinica-sol"}, headers=admin)
+    assert (r.status_code, r.json()["inbound_count"]) == (200, 1)
+    # A tenant's key is told nothing of other tenants: its own conversations only.
+    r = await env.http.get(url, headers=env.auth(OUTRA))
+    assert (r.status_code, r.json()["detail"]) == (404, f"no conversation '{MARIA}'")
 
 
 async def test_pages_of_a_conversation_show_only_the_tenants_own_messages(env: Env) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query
-from pydantic import Field
+from pydantic import Field, field_validator
+from pydantic_core import PydanticCustomError
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -113,8 +114,13 @@ async def _conversation(
     tenant_id = caller.scope(tenant)
     if tenant_id is None:
         raise HttpError(400, "invalid_request", "the admin key must name the tenant (?tenant=)")
-    found = await hub_of(request).store.get_conversation(tenant_id, conversation_id)
+    store = hub_of(request).store
+    found = await store.get_conversation(tenant_id, conversation_id)
     if found is None:
+        # The admin's `?tenant=` the store does not know is a typo, which "no conversation"
+        # would hide (as the list says). Asked only once nothing is found.
+        if caller.admin and not await store.tenant_exists(tenant_id):
+            raise HttpError(404, "not_found", f"no tenant {tenant_id!r}")
         raise HttpError(404, "not_found", f"no conversation {conversation_id!r}")
     return tenant_id, found
 
@@ -147,6 +153,16 @@ async def get_conversation(
 class Escalate(RequestBody):
     reason: str = Field(min_length=1, max_length=500)
     priority: int = Field(default=1, ge=0, le=4)
+
+    @field_validator("reason")
+    @classmethod
+    def _says_something(cls, value: str) -> str:
+        """A reason of blanks tells whoever takes over nothing (as a sent `text` of blanks
+        is refused too)."""
+        if not value.strip():
+            # Not a ValueError, which pydantic would show as "Value error, must …".
+            raise PydanticCustomError("blank", "must not be only blanks")
+        return value
 
 
 @router.post("/{conversation_id}/escalate", status_code=202, dependencies=[Depends(json_body)])

@@ -162,7 +162,9 @@ def message_json(m: MessageView) -> dict[str, Any]:
             entry["error"] = change.error
         timeline.append(entry)
     if m.state == "failed":
-        timeline.append({"state": "failed", "error": m.error})
+        # Timed as every other step, so that a client can order or show them all by `at`.
+        at = None if m.failed_at is None else iso_from_ms(m.failed_at)
+        timeline.append({"state": "failed", "at": at, "error": m.error})
     state = current_status(m.state, [c.status for c in m.provider_statuses])
     return {
         "id": m.id,

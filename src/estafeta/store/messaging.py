@@ -236,6 +236,9 @@ class MessagingOps(StoreBase):
             created_at=row.created_at,
             sent_at=row.sent_at,
             provider_statuses=tuple(changes),
+            # A failed message is written only when sending gives up (and again only by a
+            # replay, which queues it): its `updated_at` is that moment.
+            failed_at=row.updated_at if row.state == "failed" else None,
         )
 
 

@@ -285,3 +285,4 @@ class MessageView:
     created_at: int
     sent_at: int | None
     provider_statuses: tuple[StatusChange, ...] = ()
+    failed_at: int | None = None  # when sending gave up (state `failed`)
