@@ -18,7 +18,7 @@ body for it, so a held head would never go out. Only the first write of a cycle 
 future uvicorn no longer keep its request cycle where this looks for it, responses go out as
 uvicorn writes them.
 
-Two framing decisions are this class's too (uvicorn's own differ):
+Three framing decisions are this class's too (uvicorn's own differ):
 
 * A client that shuts its writing side after its request (a half-close) still gets its
   answer: uvicorn closed the connection on the end of input, so an event was stored while
@@ -27,6 +27,10 @@ Two framing decisions are this class's too (uvicorn's own differ):
 * An answer given to a request that expects `100 Continue` before the `100` went out (a 413
   on its declared length, a 404, a 401 …) closes the connection: the client has not sent the
   body and may never send it, so neither side can tell where the next request would begin.
+* A request that offers an upgrade to anything but a WebSocket (`Upgrade: h2c`, which Java's
+  HttpClient sends with every request to an http:// URL) is answered as the HTTP/1.1 request
+  it also is, body included (RFC 9110 §7.8): httptools skips such a request's body, so the
+  app read an empty one and the bytes after the head were lost (`_ignore_upgrade`).
 
 And clients get deadlines. Every open connection counts against `limit_concurrency`
 (`server.max_concurrent_requests`), and uvicorn gave none a limit until its first answer: a
@@ -64,6 +68,7 @@ import termios
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
@@ -143,6 +148,8 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         self._write_timer: asyncio.TimerHandle | None = None
         self._write_left = 0  # bytes waiting for the client when last looked at
         self._unanswered = False  # past MAX_PIPELINED: the requests read are not answered
+        # The head of a request whose upgrade offer is ignored, until it is read again.
+        self._upgrade_ignored: tuple[bytes, str, bytes, list[tuple[bytes, bytes]]] | None = None
 
     # -- the clients' deadlines (see the module's docstring) --------------------------------
 
@@ -180,19 +187,59 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         began = self._request_began
         if idle is not None:
             self.timeout_keep_alive_task = None
-            HttpToolsProtocol.data_received(self, data)
+            self._parse(data)
             if self._request_began is None and self.timeout_keep_alive_task is None:
                 self.timeout_keep_alive_task = idle  # no request being read: still idle
             else:
                 idle.cancel()
         else:
-            HttpToolsProtocol.data_received(self, data)
+            self._parse(data)
         if began is not None and began is self._request_began and self._head_bytes is not None:
             # Read while the same head was unfinished before and after: all of it head.
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 detail = f"the request's head is over {MAX_HEAD_BYTES} bytes"
                 self._refuse(431, "headers_too_large", detail)
+
+    def _parse(self, data: bytes) -> None:
+        """uvicorn's `data_received`, but for an upgrade it does not take (see
+        `_ignore_upgrade`)."""
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            msg = "Invalid HTTP request received."
+            self.logger.warning(msg)
+            self.send_400_response(msg)
+        except httptools.HttpParserUpgrade as exc:
+            if self._upgrade_ignored is not None:
+                self._ignore_upgrade(data[exc.args[0] :])
+            elif self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+
+    def _ignore_upgrade(self, rest: bytes) -> None:
+        """Read a request that offered an upgrade to anything but a WebSocket (`Upgrade:
+        h2c`: Java's HttpClient on every request to an http:// URL, `curl --http2`) as the
+        HTTP/1.1 request it also is (RFC 9110 §7.8: a server may ignore the offer). httptools
+        skips the body of any request that offers one, so the app read an empty body (a
+        webhook refused as `invalid_json`) and the bytes after the head were lost. Its head,
+        `Connection` without `upgrade` (the app sees the other headers as sent), is parsed
+        again by a new parser, followed by what came after it."""
+        method, version, url, headers = self._upgrade_ignored or (b"", "", b"", [])
+        self._upgrade_ignored = None
+        lines = [method + b" " + url + b" HTTP/" + version.encode("ascii")]
+        for name, value in headers:
+            if name == b"connection":  # without its `upgrade` token, no parser upgrades
+                tokens = [t.strip() for t in value.split(b",")]
+                value = b", ".join(t for t in tokens if t.lower() != b"upgrade")
+                if not value:
+                    continue
+            lines.append(name + b": " + value)
+        self.parser = httptools.HttpRequestParser(self)
+        self.parser.set_dangerous_leniencies(lenient_data_after_close=True)  # as uvicorn's
+        self._parse(b"\r\n".join(lines) + b"\r\n\r\n" + rest)
 
     def on_message_begin(self) -> None:
         HttpToolsProtocol.on_message_begin(self)
@@ -202,6 +249,8 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
             self._request_timer = self.loop.call_later(self.client_timeout_s, self._request_late)
 
     def on_message_complete(self) -> None:
+        if self._upgrade_ignored is not None:
+            return  # its body was skipped: the request is read again (`_ignore_upgrade`)
         self._request_began = None
         HttpToolsProtocol.on_message_complete(self)
 
@@ -335,6 +384,13 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         if len(self.pipeline) >= MAX_PIPELINED or self._unanswered:
             self._leave_unanswered()
             return
+        parser = self.parser
+        if parser.should_upgrade() and not self._should_upgrade():
+            method = parser.get_method()
+            if method != b"CONNECT":  # CONNECT's "upgrade" is its tunnel: not ignored
+                # Nothing starts for it now: it is read again without the offer.
+                self._upgrade_ignored = (method, parser.get_http_version(), self.url, self.headers)
+                return
         before = getattr(self, "cycle", None)
         HttpToolsProtocol.on_headers_complete(self)
         cycle = getattr(self, "cycle", None)

@@ -28,6 +28,7 @@ from estafeta.errors import ConfigError, ServeError
 from estafeta.http_protocol import OneWriteHttpToolsProtocol
 from estafeta.hub import Hub
 from estafeta.ingress.spool import Spool
+from estafeta.observability.log_throttle import throttle_server_lines
 from estafeta.observability.worker_endpoint import start_worker_endpoint
 from estafeta.redis_client import connect_redis
 from estafeta.redis_prefix import PrefixProcesses
@@ -289,6 +290,8 @@ def uvicorn_server(
         # answer 503.
         limit_concurrency=max_concurrent_requests,
     )
+    # After uvicorn.Config, which (re)configures uvicorn's loggers.
+    throttle_server_lines(logging.getLogger("uvicorn.error"))
     return GracefulServer(settings, on_started=on_started)
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import httpx
@@ -538,3 +539,82 @@ async def test_a_graceful_stop_answers_the_requests_kept_of_a_long_pipeline() ->
     answers = received.split(b"HTTP/1.1 ")[1:]
     assert len(answers) == 1 + MAX_PIPELINED
     assert answers[0].endswith(b"got first") and b"connection: close" in answers[-1]
+
+
+class Lines(logging.Handler):
+    """The lines uvicorn's own logger lets through, as they would be printed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.printed: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.printed.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def uvicorn_lines() -> Iterator[list[str]]:
+    lines = Lines()
+    logger = logging.getLogger("uvicorn.error")
+    logger.addHandler(lines)
+    try:
+        yield lines.printed
+    finally:
+        logger.removeHandler(lines)
+
+
+async def test_requests_refused_before_the_app_log_a_line_a_minute_not_one_each() -> None:
+    """uvicorn logs a line for every request it refuses itself: each past
+    max_concurrent_requests (503), each that is no HTTP (400: a TLS handshake on the plain
+    port, a scanner). A flood of them, exactly when the process is overwhelmed, wrote as many
+    plain-text lines, as `store_unavailable` once did before it was throttled."""
+    refused = 30
+    async with serving(app, max_concurrent_requests=16) as server:
+        with uvicorn_lines() as printed:  # once the server has configured uvicorn's logging
+            port = port_of(server)
+            for _ in range(refused):
+                answer = await exchange(port, b"\x16\x03\x01\x00\xa5\x01\r\n\r\n", until=b"\r\n")
+                assert answer.startswith(b"HTTP/1.1 400 ")
+            held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(16)]
+            try:
+                for _ in range(refused):
+                    answer = await exchange(port, request("/a", b"x"), until=b"\r\n")
+                    assert answer.startswith(b"HTTP/1.1 503 ")
+            finally:
+                for _, writer in held:
+                    writer.close()
+    assert printed.count("Invalid HTTP request received.") == 1
+    assert printed.count("Exceeded concurrency limit.") == 1
+
+
+# -- a request that offers to upgrade the connection (Upgrade: h2c) --------------------------
+
+H2C = (b"connection: Upgrade, HTTP2-Settings", b"upgrade: h2c", b"http2-settings: AAMAAABkAAQAAP__")
+
+
+async def test_a_body_offered_an_h2c_upgrade_reaches_the_app() -> None:
+    """Java's HttpClient (HTTP/2 by default) offers `Upgrade: h2c` on every request to an
+    http:// URL, as `curl --http2` does. httptools then skipped the body: the app read an
+    empty one (a webhook refused as `invalid_json`), and the bytes after it were lost. A
+    server that does not upgrade answers as HTTP/1.1 (RFC 9110 §7.8)."""
+    chunked = (
+        b"POST /chunked HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n"
+        + b"\r\n".join(H2C)
+        + b"\r\n\r\n4\r\nabcd\r\n0\r\n\r\n"
+    )
+    async with served(app) as port, connected(port) as (reader, writer):
+        writer.write(request("/a", b"first", *H2C) + request("/a", b"second", *H2C))
+        answers = await asyncio.wait_for(reader.readuntil(b"got second"), 5)
+        assert answers.count(b"HTTP/1.1 202 ") == 2 and b"got first" in answers
+        assert b"101" not in answers.split(b"\r\n", 1)[0]
+        writer.write(chunked)
+        answer = await asyncio.wait_for(reader.readuntil(b"got abcd"), 5)
+        assert answer.startswith(b"HTTP/1.1 202 ")
+
+
+async def test_a_webhook_offered_an_h2c_upgrade_is_stored(hub_port: int) -> None:
+    async with connected(hub_port) as (reader, writer):
+        writer.write(webhook(WEBHOOK, *H2C))
+        answer = await asyncio.wait_for(reader.readuntil(b"}"), 5)
+    assert answer.startswith(b"HTTP/1.1 202 "), answer
+    assert b'"duplicate":false' in answer

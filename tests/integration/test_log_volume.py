@@ -6,6 +6,7 @@ since the last (observability/log_throttle.py), as `ingest_refused` does."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 from collections.abc import AsyncIterator, MutableMapping
 from pathlib import Path
@@ -21,7 +22,7 @@ from estafeta.config import Config
 from estafeta.errors import HttpError
 from estafeta.hub import Hub
 from estafeta.ingress.spool import Spool
-from estafeta.observability.log_throttle import LOG_EVERY_S, LogThrottle
+from estafeta.observability.log_throttle import LOG_EVERY_S, LogThrottle, ServerLines
 from estafeta.store import open_store
 from estafeta.store.sqlstore import SqlStore
 from tests.acceptance.conftest import execute
@@ -189,3 +190,20 @@ def test_a_throttled_line_carries_the_count_since_the_last() -> None:
     now[0] += LOG_EVERY_S
     assert throttle.due("a") == 2 * 4 + 1  # those since the last line, this one included
     assert throttle.due("a") is None
+
+
+def test_uvicorns_per_request_lines_come_a_minute_apart_with_their_count() -> None:
+    now = [0.0]
+    lines = ServerLines(LogThrottle(monotonic=lambda: now[0]))
+
+    def printed(message: str) -> str | None:
+        record = logging.LogRecord("uvicorn.error", logging.WARNING, "", 0, message, (), None)
+        return record.getMessage() if lines.filter(record) else None
+
+    busy = "Exceeded concurrency limit."
+    assert printed(busy) == busy  # the first at once
+    assert [printed(busy) for _ in range(499)] == [None] * 499
+    assert printed("Invalid HTTP request received.") is not None  # each kind on its own
+    assert printed("Application startup failed. Exiting.") is not None  # others untouched
+    now[0] += LOG_EVERY_S
+    assert printed(busy) == f"{busy} (500 since the last such line)"
