@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -29,7 +31,8 @@ from estafeta.delivery.state import DeliveryState
 from estafeta.delivery.worker import Worker
 from estafeta.errors import HttpError, StoreUnavailable
 from estafeta.hub import Hub
-from estafeta.ingress.spool import Spool
+from estafeta.ingress.journal import encode
+from estafeta.ingress.spool import Spool, SpoolDrainer
 from estafeta.observability.metrics import REGISTRY, render
 from estafeta.observability.monitor import AlertMonitor
 from estafeta.observability.reads import READ_TIMEOUT_S
@@ -954,6 +957,72 @@ async def test_a_source_whose_webhooks_keep_being_refused_is_alerted_until_one_i
     assert alerts[0]["error"] == "invalid_signature"
 
 
+@contextlib.contextmanager
+def hung_disk(spool: Spool) -> Iterator[None]:
+    """Listing or writing the spool's directory hangs, as on an NFS mount whose server is
+    gone, until the block ends (10 s at most)."""
+    released = threading.Event()
+    scandir = Path._scandir  # type: ignore[attr-defined]  # what Path.glob lists with
+    probe = spool._probe_write
+
+    def hung_scandir(path: Path) -> Any:
+        if path == spool.directory:
+            released.wait(10)
+        return scandir(path)
+
+    def hung_probe() -> str | None:
+        released.wait(10)
+        return probe()
+
+    with pytest.MonkeyPatch.context() as disk:
+        disk.setattr(Path, "_scandir", hung_scandir)
+        disk.setattr(spool, "_probe_write", hung_probe)
+        try:
+            yield
+        finally:
+            released.set()
+
+
+async def test_a_hung_spool_disk_holds_neither_webhooks_nor_health_nor_metrics(
+    spooling_hub: tuple[Hub, ManualClock], store: SqlStore
+) -> None:
+    """The spool's directory was listed on the event loop (the drainer's every second, the
+    health check's, the scrape's): a disk that hung held every request of the process,
+    webhooks the store would commit included, and /health/detailed past its 3 s."""
+    hub, _ = spooling_hub
+    assert hub.spool is not None
+    stop = asyncio.Event()
+    transport = httpx.ASGITransport(app=create_app(hub))
+    async with httpx.AsyncClient(transport=transport, base_url="http://hub") as http:
+        with hung_disk(hub.spool):
+            started = time.monotonic()
+            # Its first round lists the spool, as the webhook waits for the store.
+            drainer = asyncio.create_task(SpoolDrainer(hub.spool, store).run(stop))
+            accepted = await hub.accept(
+                tenant_id="clinica-sol",
+                source_id="crm-events",
+                event_type="message.received",
+                data={"i": 1},
+                idempotency_key=None,
+            )
+            accepted_s = time.monotonic() - started
+            started = time.monotonic()
+            health = await http.get("/health/detailed", headers=ADMIN)
+            health_s = time.monotonic() - started
+            started = time.monotonic()
+            metrics = await http.get("/metrics")
+            metrics_s = time.monotonic() - started
+            stop.set()
+        await drainer
+    assert accepted_s < READ_TIMEOUT_S and not accepted.spooled, accepted_s  # stored at once
+    assert health_s < READ_TIMEOUT_S + 2, health_s
+    assert (health.status_code, health.json()["status"]) == (200, "degraded")
+    spool = health.json()["checks"]["spool"]
+    assert (spool["status"], spool["error"]) == ("unwritable", "the disk gave no answer within 3 s")
+    assert metrics_s < READ_TIMEOUT_S + 2, metrics_s
+    assert metrics.status_code == 200 and "estafeta_spool_segments 0.0" in metrics.text
+
+
 async def test_the_spool_alerts_fire_and_resolve_once(
     spooling_hub: tuple[Hub, ManualClock], store: SqlStore, tmp_path: Path
 ) -> None:
@@ -989,6 +1058,37 @@ async def test_the_spool_alerts_fire_and_resolve_once(
     ]
     unwritable = next(e for e in logs if e.get("alert") == "spool_unwritable")
     assert unwritable["error"] == "ENOENT"
+
+
+async def test_an_event_moved_back_from_quarantine_is_not_reported_stalled_at_once(
+    spooling_hub: tuple[Hub, ManualClock], store: SqlStore, tmp_path: Path
+) -> None:
+    """operations.md, quarantined events: "move the file back into `spool_dir` (keep its
+    name: it starts with the segment's creation time)". The drain's progress was counted
+    from its last round with anything to drain, hours before on a quiet hub, and the file's
+    name is as old: the spool read `stalled` (`spool_stalled` fired) the moment the file
+    was back, before the drainer's next round could even look at it."""
+    hub, clock = spooling_hub
+    assert hub.spool is not None
+    monitor = AlertMonitor(store, threshold=1000, spool=hub.spool, clock=clock)
+    segment_ms = clock.now
+    with capture_logs() as logs:
+        await monitor.check()
+        clock.now += 3 * 3_600_000  # hours with nothing spooled; the monitor looks every 5 s
+        await monitor.check()
+        event = hub.new_event(
+            tenant_id="clinica-sol",
+            source_id="crm-events",
+            event_type="message.received",
+            data={"i": 0},
+            idempotency_key=None,
+        )
+        moved_back = f"{segment_ms:013d}-host-1-000000001-{event.id}.journal"
+        (tmp_path / "spool" / moved_back).write_bytes(encode(event))
+        clock.now += 1_000
+        await monitor.check()
+    assert monitor.firing == set()
+    assert not [e for e in logs if e["event"] == "alert_fired"]
 
 
 async def test_a_full_spool_degrades_health_and_fires_its_alert_once(

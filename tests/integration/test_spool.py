@@ -364,6 +364,62 @@ async def test_ingest_answers_202_marked_spooled_while_the_store_is_down(down_hu
     assert orjson.loads(r.content)["id"].startswith("evt_")
 
 
+async def test_a_journal_file_not_named_as_a_segment_fails_no_webhook_and_drains(
+    down_hub: Hub, store: SqlStore
+) -> None:
+    """A `.journal` whose name does not start with a creation time (a record an operator
+    repaired and saved as `repaired.journal`) made the spool's listing raise: every webhook
+    spooled meanwhile was answered 500, and the drainer crashed on every round."""
+    from tests.conftest import signed
+    from tests.integration.test_ingress_api import MESSAGE
+
+    spool = down_hub.spool
+    assert spool is not None
+    stray = spool.directory / "repaired.journal"
+    stray.write_bytes(encode(new_event(1)))
+    os.utime(stray, ns=(0, 1_700_000_000_000 * 1_000_000))
+    transport = httpx.ASGITransport(app=create_app(down_hub))
+    async with httpx.AsyncClient(transport=transport, base_url="http://hub") as http:
+        r = await http.post("/in/crm-events", content=MESSAGE, headers=signed(MESSAGE))
+        metrics = await http.get("/metrics")
+    assert r.status_code == 202 and r.headers["x-estafeta-spooled"] == "1"
+    assert metrics.status_code == 200 and "estafeta_spool_segments 2.0" in metrics.text
+    assert spool.stats().oldest_at == 1_700_000_000_000  # when it was written
+    assert await spool.drain(store) == 2
+    for event_id in (new_event(1).id, r.json()["id"]):
+        assert await store.get_event(event_id, None) is not None
+
+
+async def test_a_spool_directory_removed_and_made_again_takes_events_where_they_drain(
+    down_hub: Hub, store: SqlStore
+) -> None:
+    """The directory removed under an open segment (`spool_unwritable` with `ENOENT`), the
+    segment had no name any more, yet took the events of the outage: each answered 202 from
+    a file no drain could ever find, and still after the directory was made again, as the
+    runbook says to. Now a webhook is refused 503 while the directory is gone, and spooled
+    where the drain finds it once it is back."""
+    spool = down_hub.spool
+    assert spool is not None
+    await accept(down_hub, 1, key="wamid.1")
+    for path in spool.directory.iterdir():
+        path.unlink()
+    spool.directory.rmdir()
+    with capture_logs() as logs, pytest.raises(HttpError) as refused:
+        await accept(down_hub, 2)
+    assert (refused.value.status, refused.value.error) == (503, "spool_unavailable")
+    assert [line["event"] for line in logs if line["log_level"] == "error"] == [
+        "spool_segment_gone",
+        "spool_write_failed",
+    ]
+    spool.directory.mkdir(mode=0o700)
+    later = await accept(down_hub, 3)
+    again = await accept(down_hub, 1, key="wamid.1")  # the provider's redelivery of the lost one
+    assert again != later and spool.stats().segments == 1
+    assert await spool.drain(store) == 2
+    for event_id in (later, again):
+        assert await store.get_event(event_id, None) is not None
+
+
 async def test_without_a_spool_an_unreachable_store_answers_503(config: Config) -> None:
     from tests.conftest import signed
     from tests.integration.test_ingress_api import MESSAGE

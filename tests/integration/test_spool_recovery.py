@@ -11,8 +11,9 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
 import asyncpg
 import msgspec
@@ -170,6 +171,68 @@ async def test_a_segment_that_cannot_be_read_is_kept_and_the_others_drain(
     assert spool.progress_at == drained_at  # not through: `spool_stalled` tells the operator
     assert await spool.drain(store) == 1  # once it reads again
     assert await stored(store, 1, 2) == [1, 2]
+    await spool.close()
+
+
+@pytest.mark.parametrize("fault", ["quarantine/ refused", "deletion refused"])
+async def test_a_segment_the_disk_will_not_let_go_is_kept_and_the_others_drain(
+    store: SqlStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
+    """A full disk refusing the quarantine of a segment's torn tail (or one remounted
+    read-only refusing its deletion) crashed the drainer on every round, before any later
+    segment: the events spooled after it waited, and on a full disk the segments whose
+    deletion would free it stayed too. Now the segment is kept, its events imported once,
+    and the others drain."""
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    first = spool_dir / SEGMENT
+    first.write_bytes(encode(new_event(1)) + encode(new_event(2))[:-7])  # a crash's torn tail
+    (spool_dir / "0000000000002-host-1-000000002.journal").write_bytes(encode(new_event(3)))
+    clock = ManualClock()
+    spool = Spool(spool_dir, max_bytes=10**6, clock=clock)
+    error = errno.ENOSPC if fault == "quarantine/ refused" else errno.EROFS
+    unlink = Path.unlink
+
+    def refused(*_: object) -> NoReturn:
+        raise OSError(error, os.strerror(error))
+
+    def refused_for_first(path: Path, missing_ok: bool = False) -> None:
+        if path == first:
+            refused()
+        unlink(path, missing_ok)
+
+    with monkeypatch.context() as disk, capture_logs() as logs:
+        if fault == "quarantine/ refused":
+            disk.setattr(Spool, "_write_quarantined", refused)
+        else:
+            disk.setattr(Path, "unlink", refused_for_first)
+        assert await spool.drain(store) == 1  # the next segment's; the kept one's is stored
+        drained_at = clock.now
+        clock.now += 60_000
+        imports: list[int] = []
+        insert = store.insert_events
+
+        async def counted(events: Sequence[NewEvent], *, by_id: bool = False) -> Any:
+            imports.append(len(events))
+            return await insert(events, by_id=by_id)
+
+        disk.setattr(store, "insert_events", counted)
+        assert await spool.drain(store) == 0
+        assert imports == []  # kept, and not imported again on every round
+    assert await stored(store, 1, 2, 3) == [1, 3]
+    assert [path.name for path in spool_dir.glob("*.journal")] == [first.name]
+    assert spool.progress_at == drained_at  # not through: `spool_stalled` tells the operator
+    lines = [entry for entry in logs if entry["event"] == "spool_segment_not_deleted"]
+    # Once, not every round: a drain runs each second while anything is spooled.
+    assert [(line["segment"], line["error"]) for line in lines] == [
+        (first.name, errno.errorcode[error])
+    ]
+    with capture_logs() as logs:
+        assert await spool.drain(store) == 0  # once the disk lets it go
+    assert spool.stats().segments == 0
+    assert len(list((spool_dir / "quarantine").iterdir())) == 1
+    quarantined = [entry for entry in logs if entry["event"] == "spool_event_quarantined"]
+    assert len(quarantined) == (1 if fault == "quarantine/ refused" else 0)  # not twice
     await spool.close()
 
 

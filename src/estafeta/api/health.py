@@ -47,7 +47,7 @@ async def health_detailed(
     hub = hub_of(request)
     spool = hub.spool
     # At once, each within READ_TIMEOUT_S: a hung store, Redis or disk must not hold the answer.
-    (store, queue), processes, circuits, redis_state, unwritable = await asyncio.gather(
+    (store, queue), processes, circuits, redis_state, unwritable, listed = await asyncio.gather(
         store_check(hub.store),
         processes_check(hub.store, hub.clock.now_ms()),
         circuits_check(
@@ -57,6 +57,7 @@ async def health_detailed(
         ),
         redis_check(hub.redis, hub.config.redis.key_prefix) if hub.redis is not None else _absent(),
         spool.unwritable() if spool is not None else _absent(),
+        spool.listed() if spool is not None else _absent(),
     )
     checks: dict[str, object] = {"store": store}
     if queue is not None:
@@ -82,10 +83,15 @@ async def health_detailed(
         not healthy or (redis_state is not None and redis_state["status"] != "ok") or bool(crashed)
     )
     if spool is not None:
+        assert listed is not None  # noqa: S101 - listed when there is a spool
         # A store that reads but cannot write answers the drain: as the alerts judge it.
         reachable = store["status"] != "unavailable"
         state = judged(
-            spool, unwritable=unwritable, store_reachable=reachable, now_ms=hub.clock.now_ms()
+            spool,
+            listed,
+            unwritable=unwritable,
+            store_reachable=reachable,
+            now_ms=hub.clock.now_ms(),
         )
         checks["spool"] = spool_json(state, spool.max_bytes)
         degraded = degraded or state.degraded

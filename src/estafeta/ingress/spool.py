@@ -14,7 +14,8 @@ and a crash at any point loses nothing either:
   its `.journal` name (`segments.py`); a drainer imports only the segments it can lock, in
   order, then deletes each. A crash mid-drain leaves the segment to be imported again: the
   store treats an event id it already has as a duplicate. One it cannot read (EACCES, EIO)
-  is kept and logged, and the others drain.
+  is kept and logged, and the others drain; so is one it cannot finish (quarantine/ or the
+  directory cannot be written: ENOSPC, EROFS), its events not imported again meanwhile.
 * A request's events are one write: a failed one refuses them all, so no event of a request
   answered 503 is imported (its sender sends it again).
 * Concurrent requests share one write and one fsync (group commit), as the store does.
@@ -27,10 +28,13 @@ and a crash at any point loses nothing either:
   A segment that holds nothing (its first write failed) is removed as it is closed, or at
   start when its process died first: no drain comes for an empty one.
   A crash during the write check leaves a `.write-check-*` file: cleared at start, once old.
-* `unwritable()` tells whether a segment could be made now, `progress_at` when the drain
-  last got through, and `outage_seen_at` when this process last found the store
-  unreachable: what `/health/detailed` and the alerts judge the spool by
-  (observability/spool_watch.py).
+* `unwritable()` tells whether a segment could be made now, `listed()` what the directory
+  holds (both in a thread, within the read bound: a hung disk must not hold the event loop),
+  `progress_at` when the drain last got through, and `outage_seen_at` when this process
+  last found the store unreachable: what `/health/detailed` and the alerts judge the spool
+  by (observability/spool_watch.py).
+* The open segment is written to only while it is still the file at its name: one removed
+  with its directory would take acknowledged events that no drain can find.
 """
 
 from __future__ import annotations
@@ -102,8 +106,14 @@ class Spool:
         self._file: IO[bytes] | None = None  # unbuffered: no failed write waits in a buffer
         self._size = 0  # bytes of the open segment written and fsync'ed
         self._segment = ""  # the open segment's name
+        self._gone: list[str] = []  # segments found gone by a write (its thread), to forget
         self._lock = asyncio.Lock()  # one writer or rotator at a time in this process
         self._unreadable_segments: dict[str, str] = {}  # name → the error last logged
+        self._not_deleted_segments: dict[str, str] = {}  # name → the error last logged
+        # Segments kept after every event of them was imported (`_not_deleted`): name → the
+        # bytes imported; and the quarantine/ files written for segments not yet deleted.
+        self._imported: dict[str, int] = {}
+        self._kept_files: set[tuple[str, str]] = set()  # (segment, file)
         # `events_spooled` and `spool_write_failed` lines: an outage spools every request,
         # and a failing disk refuses every one (observability/log_throttle.py).
         self._logged = LogThrottle()
@@ -139,6 +149,7 @@ class Spool:
         # until then, events waited for the store, not for the drain.
         self.outage_seen_at = 0
         self._write_check: asyncio.Future[str | None] | None = None
+        self._listing: asyncio.Future[SpoolStats] | None = None  # see `listed()`
         self._listed = SpoolStats(bytes=0, segments=0, oldest_at=None)  # the last `stats()`
         segments.clear_leftovers(self.directory)
         segments.clear_empty(self.directory)
@@ -223,6 +234,7 @@ class Spool:
             try:
                 await asyncio.to_thread(self._write, data)
             except OSError as exc:
+                self._forget_gone()
                 error = _error_name(exc)
                 unlogged = self._logged.due(("spool_write_failed", error), count)
                 if unlogged is not None:
@@ -233,6 +245,7 @@ class Spool:
                     "the store is unreachable and the local spool cannot be written; retry later",
                     {"Retry-After": "30"},
                 ) from exc
+            self._forget_gone()
             # Under the lock: the drain closes this segment only after it takes the lock.
             for events in requests:
                 for event in events:
@@ -250,6 +263,13 @@ class Spool:
         return [None] * len(requests)
 
     def _write(self, data: bytes) -> None:
+        if self._file is not None and not self._still_named():
+            # Removed (or moved) out of the directory: written there, events would be
+            # answered 2xx from a file no drain can ever find (a directory removed and made
+            # again, as the `spool_unwritable` alert says to, kept taking them for good).
+            log.error("spool_segment_gone", segment=self._segment)
+            self._gone.append(self._segment)  # forgotten by the event loop, which reads them
+            self._close_segment()
         if self._file is None or self._size >= SEGMENT_BYTES:
             self._close_segment()
             self._open_segment()
@@ -264,6 +284,35 @@ class Spool:
             self._cut_back()
             raise
         self._size += len(data)
+
+    def _still_named(self) -> bool:
+        """Whether the open segment is still the file at its name in the directory: one
+        `stat`, no descriptor (none may be free). Another error than its absence (EACCES,
+        EIO) says nothing of that: written, it stays the drain's to find, as before."""
+        assert self._file is not None  # noqa: S101 - callers check
+        try:
+            named = os.stat(self.directory / self._segment)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        except OSError:
+            return True
+        held = os.fstat(self._file.fileno())
+        return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+    def _forget_gone(self) -> None:
+        """Forget the keys of the events of segments gone without being drained: their
+        repeats are new events again (answered as a lost original, a redelivery would be
+        lost too), and their ordering keys wait behind nothing."""
+        while self._gone:
+            segment = self._gone.pop()
+            for idem, (event_id, name, _) in list(self._undrained.items()):
+                if name != segment:
+                    continue
+                del self._undrained[idem]
+                if self._keys.get(idem) == event_id:
+                    del self._keys[idem]
+                    self._messages.pop(event_id, None)
+            self._ordered = {k: name for k, name in self._ordered.items() if name != segment}
 
     def _cut_back(self) -> None:
         """Truncate the open segment to its last acknowledged record: a torn record would
@@ -336,22 +385,35 @@ class Spool:
         client connections took every descriptor; EIO). Raised, that failed the webhook
         with a 500, though the open segment would take it, /health/detailed and /metrics
         with a 500, and crashed the drainer; `unwritable()` reports the condition."""
-        sizes: list[tuple[str, int]] = []
+        sizes: list[tuple[int, int]] = []  # (created ms, size) of each
         try:
             for path in self.directory.glob("*.journal"):
                 try:
-                    sizes.append((path.name, path.stat().st_size))
+                    found = path.stat()
                 except FileNotFoundError:  # drained meanwhile
                     continue
+                sizes.append((_created_ms(path.name, found), found.st_size))
         except OSError:
             return self._listed
-        oldest = min((name for name, size in sizes if size), default=None)
         self._listed = SpoolStats(
             bytes=sum(size for _, size in sizes),
             segments=sum(1 for _, size in sizes if size),
-            oldest_at=int(oldest[:13]) if oldest else None,
+            oldest_at=min((created for created, size in sizes if size), default=None),
         )
         return self._listed
+
+    async def listed(self) -> SpoolStats:
+        """`stats()` listed in a thread, within the read bound, or as last listed past it.
+        A hung disk (an NFS server gone) holds a listing as it holds the write check: on the
+        event loop, the drainer's (each second) stopped every request of the process, the
+        webhooks the store takes too, and /health/detailed with them. Concurrent callers
+        share one listing, so a hung disk holds one thread."""
+        if self._listing is None or self._listing.done():
+            self._listing = asyncio.ensure_future(asyncio.to_thread(self.stats))
+        try:
+            return await within(asyncio.shield(self._listing))
+        except TimeoutError:
+            return self._listed
 
     async def drain(self, store: SqlStore, stop: asyncio.Event | None = None) -> int:
         """Import every segment this process can lock into the store, oldest first, and
@@ -389,6 +451,9 @@ class Spool:
         if self._undrained:
             left = {path.name for path in self.directory.glob("*.journal")}
             self._undrained = {k: v for k, v in self._undrained.items() if v[1] in left}
+        if self._imported or self._not_deleted_segments:  # one deleted by someone else
+            left = {path.name for path in self.directory.glob("*.journal")}
+            self._forget_kept((set(self._imported) | set(self._not_deleted_segments)) - left)
         if not held:  # a round that left a segment behind did not get through
             self.progress_at = self.clock.now_ms()  # StoreUnavailable skips this too
         if imported:
@@ -420,21 +485,51 @@ class Spool:
             self._unreadable_segments.pop(path.name, None)
             events, unimportable = _decoded(path.name, data)
             imported = 0
-            for chunk in in_chunks(events, DRAIN_CHUNK):
-                if stop is not None and stop.is_set():
-                    return imported  # the segment stays, whole, for the next drain
-                imported += await self._import(store, chunk, path)
-            # Only now: while the store is down, every round would quarantine them again.
-            for kept in unimportable:
-                await self._quarantine(kept)
-            path.unlink()
-            segments.fsync_directory(self.directory)
+            try:
+                # Once: a segment kept after its import (below) is not imported every round.
+                if self._imported.get(path.name) != len(data):
+                    for chunk in in_chunks(events, DRAIN_CHUNK):
+                        if stop is not None and stop.is_set():
+                            return imported  # the segment stays, whole, for the next drain
+                        imported += await self._import(store, chunk, path)
+                    self._imported[path.name] = len(data)
+                # Only now: while the store is down, every round would quarantine them again.
+                for kept in unimportable:
+                    if (path.name, kept.name) not in self._kept_files:  # by an earlier round
+                        await self._quarantine(kept)
+                        self._kept_files.add((path.name, kept.name))
+                path.unlink()
+                segments.fsync_directory(self.directory)
+            except OSError as exc:
+                # quarantine/ or the directory cannot be written (ENOSPC, EROFS): raised, it
+                # crashed the drainer on every round, and the segments after this one never
+                # drained, though deleting them is what frees a full disk.
+                self._not_deleted(path, exc)
+                return None
+            self._forget_kept({path.name})
             self._ordered = {k: name for k, name in self._ordered.items() if name != path.name}
             self._undrained = {k: v for k, v in self._undrained.items() if v[1] != path.name}
             self.progress_at = self.clock.now_ms()  # a long drain is progress, not a stall
             return imported
         finally:
             handle.close()
+
+    def _forget_kept(self, names: set[str]) -> None:
+        """Forget what `_not_deleted` kept of these segments, deleted now."""
+        for name in names:
+            self._imported.pop(name, None)
+            self._not_deleted_segments.pop(name, None)
+        self._kept_files = {kept for kept in self._kept_files if kept[0] not in names}
+
+    def _not_deleted(self, segment: Path, exc: OSError) -> None:
+        """A segment whose unreadable bytes or refused events cannot be moved to quarantine/,
+        or that cannot be deleted, is kept and tried again every round, its imported events
+        not imported again; not drained, so `spool_stalled` fires while it lasts. Logged once
+        for each error."""
+        error = _error_name(exc)
+        if self._not_deleted_segments.get(segment.name) != error:
+            self._not_deleted_segments[segment.name] = error
+            log.error("spool_segment_not_deleted", segment=segment.name, error=error)
 
     def _unreadable(self, segment: Path, exc: OSError) -> None:
         """A segment that cannot be read now (EACCES, EIO) is kept, whole, and the drain goes
@@ -530,6 +625,17 @@ def _clear_write_checks(directory: Path) -> None:
                 path.unlink()
 
 
+def _created_ms(name: str, found: os.stat_result) -> int:
+    """When a segment was created: its name's first 13 digits, or for a `.journal` not named
+    so (one an operator saved, as a repaired record), when it was last written. Read from
+    any name, such a file failed every spooled webhook with a 500, /health/detailed and
+    /metrics too, and crashed the drainer on every round."""
+    prefix = name[:13]
+    if len(prefix) == 13 and prefix.isdigit() and prefix.isascii():
+        return int(prefix)
+    return found.st_mtime_ns // 1_000_000
+
+
 def _error_name(exc: OSError) -> str:
     """`ENOSPC`, `EIO` …: what went wrong, without the path."""
     return errno.errorcode.get(exc.errno or 0, type(exc).__name__)
@@ -574,7 +680,7 @@ class SpoolDrainer:
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            if self.spool.stats().segments:
+            if (await self.spool.listed()).segments:
                 try:
                     await self.spool.drain(self.store, stop)
                 except StoreUnavailable:  # still down: next round

@@ -170,11 +170,12 @@ async def render(
     stale or failing the scrape: during a store outage the counters and the spool gauges are
     what the operator needs to see. So are the circuits of a process that does not deliver
     during a Redis outage (`current_circuits`): its copy of them is frozen."""
-    stats, known = await asyncio.gather(
+    stats, known, spooled = await asyncio.gather(
         _told(store.queue_stats()),
         _told(current_circuits(circuits, delivers=delivers))
         if circuits is not None
         else _told(_nothing()),
+        spool.listed() if spool is not None else _no_spool(),
     )
     # No await from here on: a concurrent scrape cannot see the gauges half set.
     QUEUE_DEPTH.clear()
@@ -186,8 +187,7 @@ async def render(
         known = every_circuit(known, destinations)
     for destination_id, circuit in (known or {}).items():
         CIRCUIT_STATE.labels(destination_id).set(_CIRCUIT_VALUES[circuit.state])
-    if spool is not None:
-        spooled = spool.stats()
+    if spooled is not None:
         SPOOL_BYTES.set(spooled.bytes)
         SPOOL_SEGMENTS.set(spooled.segments)
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
@@ -218,6 +218,10 @@ async def _told(read: Awaitable[T]) -> T | None:
         return await within(read)
     except (StoreUnavailable, TimeoutError):
         return None
+
+
+async def _no_spool() -> None:
+    return None
 
 
 async def _nothing() -> dict[str, Circuit]:

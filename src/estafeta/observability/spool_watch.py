@@ -5,10 +5,10 @@
 * `draining`: it holds events and the store answers: the drainer imports them. `stalled`
   once the drain has got nowhere for `STALL_S`: counted from the latest of the oldest
   waiting event's arrival, the drain's last progress (a round that got through, a segment
-  imported), the last time this process found the store unreachable (the alerts look every
-  5 s) and the process's start. So the events of a long outage are not "late" the moment
-  the store is back, and a drainer that is stuck, keeps crashing or does not run is found
-  within a minute;
+  imported, or the spool found empty), the last time this process found the store
+  unreachable (the alerts look every 5 s) and the process's start. So the events of a long
+  outage are not "late" the moment the store is back, and a drainer that is stuck, keeps
+  crashing or does not run is found within a minute;
 * `unwritable`: no segment can be made in the directory (gone, not writable, disk full):
   ingest works while the store does, and would answer `503 spool_unavailable` once it did not;
 * `full`: it holds `storage.spool_max_bytes` or more: while the store cannot be reached,
@@ -20,6 +20,7 @@ an unreachable store does that.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -78,14 +79,25 @@ def judge(
 
 
 def judged(
-    spool: Spool, *, unwritable: str | None, store_reachable: bool, now_ms: int
+    spool: Spool,
+    stats: SpoolStats,
+    *,
+    unwritable: str | None,
+    store_reachable: bool,
+    now_ms: int,
 ) -> SpoolHealth:
-    """The spool's state now, given whether it can be written; an unreachable store is
-    remembered, so that the drain's minute starts once the store is back."""
+    """The spool's state now, given what it holds (`Spool.listed()`) and whether it can be
+    written; an unreachable store is remembered, so that the drain's minute starts once the
+    store is back."""
     if not store_reachable:
         spool.outage_seen_at = max(spool.outage_seen_at, now_ms)
+    if not stats.segments:
+        # Nothing waits, so the drain is up to date: counted from its last round with
+        # something to drain instead (hours ago on a quiet hub), a file moved back from
+        # quarantine/, named as old as its segment, read `stalled` the moment it was back.
+        spool.progress_at = max(spool.progress_at, now_ms)
     return judge(
-        spool.stats(),
+        stats,
         unwritable=unwritable,
         store_reachable=store_reachable,
         progress_at=max(spool.progress_at, spool.outage_seen_at),
@@ -95,6 +107,8 @@ def judged(
 
 
 async def observe(spool: Spool, *, store_reachable: bool, now_ms: int) -> SpoolHealth:
-    """The spool's state now: its files, and a bounded check that it can be written."""
-    unwritable = await spool.unwritable()
-    return judged(spool, unwritable=unwritable, store_reachable=store_reachable, now_ms=now_ms)
+    """The spool's state now: its files and a check that it can be written, both bounded."""
+    stats, unwritable = await asyncio.gather(spool.listed(), spool.unwritable())
+    return judged(
+        spool, stats, unwritable=unwritable, store_reachable=store_reachable, now_ms=now_ms
+    )
