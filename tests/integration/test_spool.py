@@ -38,6 +38,7 @@ from estafeta.store.postgres import PostgresStore
 from estafeta.store.records import InsertResult, NewDelivery, NewEvent, NewMessage
 from estafeta.store.sqlite import SqliteStore
 from estafeta.store.sqlstore import SqlStore
+from tests.acceptance.conftest import execute
 from tests.conftest import lease_any, out_of_descriptors
 from tests.events import new_event as event_named
 from tests.integration.store_support import attempt, mode, umask
@@ -954,6 +955,28 @@ async def test_an_event_the_store_refuses_is_quarantined_and_the_rest_drains(
     await spool.close()
 
 
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_an_event_holding_a_value_its_column_cannot_hold_is_quarantined(
+    store: SqlStore, tmp_path: Path
+) -> None:
+    """A data exception (SQLSTATE class 22, here a number past PostgreSQL's integer) is the
+    event's own refusal, as a constraint's is: quarantined, the rest drained; only a refusal
+    of the store's own state (unreachable, a role without INSERT) keeps them all waiting."""
+    spool = Spool(tmp_path / "spool", max_bytes=10**6)
+    poison = event_named(
+        "evt_" + "9" * 26,
+        NewDelivery(id="dlv_" + "9" * 26, destination_id="crm", priority=1, max_attempts=2**40),
+    )
+    for event in (new_event(1), poison, new_event(2)):
+        await spool.append(event)
+    with capture_logs() as logs:
+        assert await spool.drain(store) == 2
+    [line] = [entry for entry in logs if entry["event"] == "spool_event_quarantined"]
+    assert (line["event_id"], line["error"]) == (poison.id, "StoreRejected")
+    assert spool.stats().segments == 0
+    await spool.close()
+
+
 async def test_spooled_and_quarantined_events_are_readable_by_their_owner_only(
     config: Config, store: SqlStore, tmp_path: Path
 ) -> None:
@@ -1054,6 +1077,59 @@ async def test_with_every_descriptor_taken_the_open_segment_takes_webhooks_and_n
     assert await down_hub.spool.drain(store) == 2
     for accepted in (first, taken):
         assert await store.get_event(accepted.json()["id"], None) is not None
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_a_store_that_refuses_the_drains_writes_keeps_the_spool_and_says_why(
+    store: SqlStore, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store answers again after an outage, but its role may not write (a replica
+    promoted without the grants, a role recreated): the drain took the refusal for the
+    events' own and quarantined every spooled event, a file and an error line each, for an
+    operator to move back by hand. They stay spooled until the store takes them, and the
+    drainer says why, once, instead of crashing."""
+    spool = Spool(tmp_path / "spool", max_bytes=10**6)
+    for n in range(3):
+        await spool.append(new_event(n))
+    role = f"estafeta_nowrite_{make_url(database_url).database}"
+    await execute(
+        database_url,
+        f'CREATE ROLE "{role}" LOGIN',
+        f'GRANT SELECT ON ALL TABLES IN SCHEMA public TO "{role}"',
+    )
+    reader = open_store(make_url(database_url).set(username=role).render_as_string(False))
+    try:
+        rounds = 0
+        stop = asyncio.Event()
+        real_drain = spool.drain
+
+        async def three_rounds(store: SqlStore, until: asyncio.Event | None = None) -> int:
+            nonlocal rounds
+            try:
+                return await real_drain(store, until)
+            finally:
+                rounds += 1
+                if rounds == 3 or not spool.stats().segments:  # nothing more to try
+                    stop.set()
+
+        monkeypatch.setattr(spool, "drain", three_rounds)
+        with capture_logs() as logs:
+            await SpoolDrainer(spool, reader, interval_s=0.01).run(stop)
+        monkeypatch.undo()
+        assert not (tmp_path / "spool" / "quarantine").exists()
+        assert spool.stats().segments == 1
+        failed = [e for e in logs if e["event"] == "spool_drain_failed"]
+        assert [e["error"] for e in failed] == [
+            "the store failed: permission denied for table events (SQLSTATE 42501)"
+        ], logs
+        await execute(database_url, f'GRANT ALL ON ALL TABLES IN SCHEMA public TO "{role}"')
+        assert await spool.drain(reader) == 3
+    finally:
+        await reader.close()
+        await execute(database_url, f'DROP OWNED BY "{role}"', f'DROP ROLE "{role}"')
+    for n in range(3):
+        assert await store.get_event(f"evt_{n:026d}", None) is not None
+    await spool.close()
 
 
 # On SQLite the store's ping fails first out of descriptors (a new connection): the round

@@ -137,11 +137,25 @@ def test_a_write_that_failed_for_want_of_disk_space_is_known(error: Exception, f
         sqlite3.DataError("+5511987654321"),
     ],
 )
-def test_any_other_driver_error_is_named_without_its_text(error: Exception) -> None:
+def test_a_value_the_store_cannot_hold_is_refused_data_named_without_its_text(
+    error: Exception,
+) -> None:
+    """A data exception (class 22) is the data's refusal, as a constraint's is (the spool's
+    drain quarantines the event for it, and keeps every event for any other store error);
+    its first line quotes the value, so the class and SQLSTATE are all it says."""
+    store_error = translated(error)
+    assert type(store_error) is StoreRejected
+    assert type(error).__name__ in str(store_error) and "5511987654321" not in str(store_error)
+
+
+def test_any_other_driver_error_is_named_without_its_text() -> None:
     """Its first line may quote a value too; the class and SQLSTATE are enough to start from."""
+    error = ProgrammingError(
+        "SELECT …", (), DriverError('syntax error at or near "+5511987654321"', "42601")
+    )
     store_error = translated(error)
     assert type(store_error) is StoreError
-    assert type(error).__name__ in str(store_error) and "5511987654321" not in str(store_error)
+    assert str(store_error) == "the store failed: ProgrammingError (SQLSTATE 42601)"
 
 
 def test_a_foreign_error_not_from_a_driver_passes_through() -> None:

@@ -20,7 +20,8 @@ and a crash at any point loses nothing either:
   answered 503 is imported (its sender sends it again).
 * Concurrent requests share one write and one fsync (group commit), as the store does.
 * A segment is deleted only once every byte of it is in the store or in `quarantine/`: an
-  event the store refuses (anything but `StoreUnavailable`), a record that no longer
+  event the store refuses for its data (not its own state: unreachable, or refusing the
+  role's writes, when every event waits in the spool), a record that no longer
   decodes, and bytes that are no whole record (damaged on disk, or a torn tail: the drain
   cannot tell which) are moved there and logged, and the records after them drain.
 * A crash between creating a segment and naming it leaves a `.journal.creating` file;
@@ -57,7 +58,7 @@ import msgspec
 import structlog
 
 from estafeta.clock import Clock, SystemClock
-from estafeta.errors import HttpError, StoreUnavailable
+from estafeta.errors import HttpError, StoreError, StoreRejected, StoreUnavailable
 from estafeta.ingress import segments
 from estafeta.ingress.journal import Unreadable, decode, encode, framed, records
 from estafeta.observability.log_throttle import LogThrottle
@@ -546,10 +547,10 @@ class Spool:
         quarantine those it still refuses. Returns how many were imported."""
         try:
             await store.insert_events(events, by_id=True)
-        except StoreUnavailable:
-            raise  # keep everything for the next round
-        except Exception:  # refused: find out which events, one at a time
-            return await self._import_each(store, events, segment)
+        except Exception as exc:
+            if not _the_events_fault(exc):
+                raise  # keep everything for the next round
+            return await self._import_each(store, events, segment)  # find out which
         return len(events)
 
     async def _import_each(self, store: SqlStore, events: Sequence[NewEvent], segment: Path) -> int:
@@ -558,9 +559,9 @@ class Spool:
             try:
                 await store.insert_events([event], by_id=True)
                 imported += 1
-            except StoreUnavailable:
-                raise
             except Exception as exc:  # refused: it would block the spool on every round
+                if not _the_events_fault(exc):
+                    raise
                 identity = {
                     "event_id": event.id,
                     "tenant_id": event.tenant_id,
@@ -625,6 +626,14 @@ def _clear_write_checks(directory: Path) -> None:
                 path.unlink()
 
 
+def _the_events_fault(exc: Exception) -> bool:
+    """Whether the store refused an import for what it carried (quarantined, or it would
+    block the spool every round), not for its own state: unreachable, or refusing whatever
+    it is sent (a role without INSERT, 42501: every event was quarantined, a file and an
+    error line each, for an operator to move back by hand)."""
+    return isinstance(exc, StoreRejected) or not isinstance(exc, StoreError)
+
+
 def _created_ms(name: str, found: os.stat_result) -> int:
     """When a segment was created: its name's first 13 digits, or for a `.journal` not named
     so (one an operator saved, as a repaired record), when it was last written. Read from
@@ -677,6 +686,7 @@ class SpoolDrainer:
         self.spool = spool
         self.store = store
         self.interval_s = interval_s
+        self._failures = LogThrottle()
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -685,6 +695,12 @@ class SpoolDrainer:
                     await self.spool.drain(self.store, stop)
                 except StoreUnavailable:  # still down: next round
                     pass
+                except StoreError as exc:  # it answers but refuses (a role without INSERT)
+                    # Kept for the next round, as in an outage; said once a minute (the
+                    # drain is stuck: `spool_stalled` fires), not a crashed task each round.
+                    unlogged = self._failures.due(str(exc))
+                    if unlogged is not None:
+                        log.error("spool_drain_failed", error=str(exc), count=unlogged)
                 except OSError as exc:
                     # Out of descriptors (stats() reports the spool as last listed, and
                     # listing it here failed): next round too, not a crashed task.

@@ -22,6 +22,7 @@ from typing import Any, ClassVar, TypeVar
 import asyncpg
 from sqlalchemy import BindParameter, TextClause, bindparam, text
 from sqlalchemy.exc import (
+    DataError,
     DBAPIError,
     IntegrityError,
     InterfaceError,
@@ -192,11 +193,14 @@ def disk_full(exc: BaseException) -> bool:
 
 
 def rejected(exc: BaseException) -> bool:
-    """True when an exception is a constraint violation (SQLSTATE class 23), from any driver."""
-    if isinstance(exc, IntegrityError | sqlite3.IntegrityError):
+    """True when the store refused the data itself, from any driver: a constraint violation
+    (SQLSTATE class 23) or a value its column cannot hold (class 22: a number out of range,
+    a character the encoding lacks). Not a refusal of the role or the statement (42501):
+    what the spool's drain quarantines an event for, the store's state not being its."""
+    if isinstance(exc, IntegrityError | sqlite3.IntegrityError | DataError | sqlite3.DataError):
         return True
-    sqlstate = getattr(exc, "sqlstate", None)
-    return isinstance(sqlstate, str) and sqlstate.startswith("23")
+    sqlstate = _sqlstate(exc)
+    return sqlstate is not None and sqlstate.startswith(("22", "23"))
 
 
 # Errors whose text may quote what a statement carried. SQLAlchemy's StatementError also
@@ -282,6 +286,9 @@ def translated(exc: Exception) -> Exception:
         why = f": {_first_line(exc)}" if sqlstate == "08P01" else ""
         return StoreUnavailable(f"the store cannot be reached: {_named(exc)}{why}")
     if rejected(exc):
+        if (sqlstate or "").startswith("22") or isinstance(exc, DataError | sqlite3.DataError):
+            # A data exception's first line quotes the value (`invalid input syntax …`).
+            return StoreRejected(f"the store refused the data: {_named(exc)}")
         return StoreRejected(f"the store refused the data: {_named(exc)}: {_first_line(exc)}")
     if sqlstate == "42501":  # the role may not: its first line names the object, never data
         return StoreError(f"the store failed: {_first_line(exc)} (SQLSTATE {sqlstate})")
