@@ -313,6 +313,30 @@ INVALID_CASES: list[tuple[str, str, list[str]]] = [
         ],
     ),
     (
+        # The same newline after a token that sends: every message sent through the source
+        # failed for good, at send time, as `invalid_destination` (aiohttp refuses a header
+        # holding one), and one around an id or a number was refused by the provider.
+        "outbound keys with whitespace around them",
+        TENANT
+        + '[[sources]]\nid = "wa"\ntenant = "acme"\nkind = "whatsapp_cloud"\napp_secret = "x"\n'
+        + 'access_token = "EAAGm0PX4ZCps\\n"\nphone_number_id = " 1149"\n'
+        + '[[sources]]\nid = "z"\ntenant = "acme"\nkind = "zapi"\ntoken = "x"\n'
+        + 'instance_id = "3C4D"\ninstance_token = "a1b2\\n"\nclient_token = "\\tF00"\n'
+        + '[[sources]]\nid = "tw"\ntenant = "acme"\nkind = "twilio"\nauth_token = "x"\n'
+        + 'from = "whatsapp:+15550001111 "\n',
+        [
+            f"sources[{i}].{key}: must not start or end with whitespace (a secret file's"
+            " newline?): the provider would refuse every send through this source"
+            for i, key in (
+                (0, "access_token"),
+                (0, "phone_number_id"),
+                (1, "instance_token"),
+                (1, "client_token"),
+                (2, "from"),
+            )
+        ],
+    ),
+    (
         # A secret file's newline through `${VAR}`: no request could carry it in a header,
         # so the admin key answered 401 to its own operator.
         "an admin key with whitespace around it",
@@ -453,6 +477,17 @@ INVALID_CASES: list[tuple[str, str, list[str]]] = [
             "server: must be a table",
             "worker.concurrency: Input should be a valid integer, unable to parse string as an "
             "integer",
+        ],
+    ),
+    (
+        # One bracket where two are needed, or the reverse: "must be an array" left the
+        # operator to find out which TOML syntax makes one.
+        "[tenants] and [sources] written with one bracket, [[worker]] with two",
+        '[tenants]\nid = "acme"\n[sources]\nid = "hooks"\n[[worker]]\nconcurrency = 8',
+        [
+            "worker: must be a table: write [worker], not [[worker]]",
+            "tenants: must be an array of tables: write [[tenants]], not [tenants]",
+            "sources: must be an array of tables: write [[sources]], not [sources]",
         ],
     ),
     (
@@ -610,6 +645,11 @@ INVALID_CASES: list[tuple[str, str, list[str]]] = [
         "a Redis URL whose port is no number",
         '[redis]\nurl = "redis://cache:abc/0"',
         ["redis.url: invalid Redis URL: Port could not be cast to integer value as 'abc'"],
+    ),
+    (  # redis-py reads a path that is no number as database 0: another deployment's, maybe
+        "a Redis database number that is no number",
+        '[redis]\nurl = "redis://cache:6379/one"',
+        ["redis.url: invalid Redis URL: its path must be a database number (/0, /1 …)"],
     ),
     (
         "a Redis URL parameter the client does not take",
@@ -876,6 +916,49 @@ def test_every_problem_in_one_file_is_reported_in_file_order(tmp_path: Path) -> 
         "destinations[0].timeout_s: Input should be greater than 0",
         "routes[0].destinations[0]: unknown destination 'crmm' (did you mean 'crm'?)",
         "routes[0].destinations[1]: unknown destination 'erp'",
+    ]
+
+
+def test_a_missing_required_key_is_reported_beside_its_entrys_other_problems(
+    tmp_path: Path,
+) -> None:
+    # Checked only once the rest of the entry was valid, the missing key came up at the
+    # next check-config, after the operator had fixed everything it said.
+    text = TENANT + dedent("""
+        [[sources]]
+        id = "wa"
+        tenant = "acme"
+        kind = "whatsapp_cloud"
+        send_max_attempts = 0
+
+        [[sources]]
+        id = "hooks"
+        tenant = "acme"
+        kind = "generic"
+        event_type = ""
+
+        [[sources]]
+        id = "tw"
+        tenant = "acme"
+        kind = "twilio"
+        token = "x"
+
+        [[destinations]]
+        id = "crm"
+        tenant = "acme"
+        max_attempts = 0
+    """)
+
+    assert problems(tmp_path, text) == [
+        "sources[0].send_max_attempts: Input should be greater than or equal to 1",
+        "sources[0].app_secret: required for a whatsapp_cloud source",
+        "sources[1].event_type: must not be empty",
+        "sources[1]: a generic source needs `secret` (Standard Webhooks) or `api_key`",
+        "sources[2].token: not a key of a twilio source (it takes auth_token, public_url, "
+        "account_sid, from, api_base, send_rate_limit, send_max_attempts)",
+        "sources[2].auth_token: required for a twilio source",
+        "destinations[0].max_attempts: Input should be greater than or equal to 1",
+        "destinations[0].url: required for an http destination",
     ]
 
 
@@ -1199,6 +1282,49 @@ def test_missing_env_variables_are_each_reported_at_their_key(tmp_path: Path) ->
         "sources[1].verify_token: unterminated '${' (write '$${' for a literal '${')",
         "sources[1].api_base: invalid environment variable name '1BAD' in '${1BAD}'",
         "destinations[0].headers.Authorization: environment variable CRM_TOKEN is not set",
+    ]
+
+
+def test_a_problem_made_by_an_empty_variable_names_it(tmp_path: Path) -> None:
+    # An empty variable is substituted as it is (docker compose passes `${X}` of a shell
+    # where X is unset as ""): the error named only what the empty value broke.
+    text = (
+        TENANT
+        + ROUTE
+        + dedent("""
+        [worker]
+        concurrency = "${WORKERS}"
+
+        [[sources]]
+        id = "wa"
+        tenant = "acme"
+        kind = "whatsapp_cloud"
+        app_secret = "${WA_APP_SECRET}"
+
+        [[destinations]]
+        id = "crm"
+        tenant = "acme"
+        url = "https://${CRM_HOST}/hooks"
+        secret = ["${NEW_SECRET}", "${OLD_SECRET}"]
+    """)
+    )
+    env = {
+        "WORKERS": "",
+        "WA_APP_SECRET": "",
+        "CRM_HOST": "",
+        "NEW_SECRET": WHSEC,
+        "OLD_SECRET": "",
+    }
+
+    assert problems(tmp_path, text, env) == [
+        "worker.concurrency: Input should be a valid integer, unable to parse string as an "
+        "integer (environment variable WORKERS is empty)",
+        "sources[0].app_secret: required for a whatsapp_cloud source "
+        "(environment variable WA_APP_SECRET is empty)",
+        "destinations[0].url: invalid URL: must start with http:// or https:// "
+        "(environment variable CRM_HOST is empty)",
+        "destinations[0].secret[1]: must not be empty (an unset or empty environment "
+        "variable?) (environment variable OLD_SECRET is empty)",
     ]
 
 

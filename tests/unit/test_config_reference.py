@@ -105,3 +105,24 @@ def test_the_reference_names_every_key_a_source_may_have() -> None:
     text = section("[[sources]]")
     missing = [key for key in keys_of(SourceConfig) if f"`{key}`" not in text]
     assert missing == []
+
+
+def test_the_graph_api_base_is_stated_as_the_one_sends_use() -> None:
+    # The example's commented `api_base` said "default" of a base pinned to an older Graph
+    # version than the one sends use: uncommented, it moved every send back to it.
+    from estafeta.connectors.whatsapp.cloud import DEFAULT_API_BASE, GRAPH_VERSION
+
+    example = (REFERENCE.parents[1] / "config.example.toml").read_text(encoding="utf-8")
+    line = next(line for line in example.splitlines() if "api_base = " in line)
+    assert f'api_base = "{DEFAULT_API_BASE}"' in line
+    assert GRAPH_VERSION in example
+    assert f"`{DEFAULT_API_BASE}`" in section("[[sources]]")
+    assert f"`{GRAPH_VERSION}`" in section("[[sources]]")
+
+
+def test_the_example_does_not_promise_what_master_key_does_not_do() -> None:
+    # Accepted and unused (the reference says so); the example said it encrypted credentials.
+    example = (REFERENCE.parents[1] / "config.example.toml").read_text(encoding="utf-8")
+    start = example.index("# master_key")
+    said = example[start : example.index("\n\n", start)]
+    assert "not used yet" in said

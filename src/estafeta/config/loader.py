@@ -25,7 +25,15 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
-from estafeta.config.models import FIELD_ERROR, Config, default_route_id
+from estafeta.config.models import (
+    FIELD_ERROR,
+    SOURCE_KEYS,
+    Config,
+    DestinationKind,
+    default_route_id,
+    destination_key_missing,
+    source_key_missing,
+)
 from estafeta.errors import ConfigError, ConfigIssue
 
 __all__ = [
@@ -86,7 +94,7 @@ def resolve_env(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -
     overrides applied, unchecked (a missing variable is left as written). For checks that
     must judge the values `serve` runs with, not the text of the file."""
     env = os.environ if env is None else env
-    resolved: dict[str, Any] = _substitute(dict(data), (), env, [])
+    resolved: dict[str, Any] = _substitute(dict(data), (), env, [], {})
     _apply_overrides(resolved, env)
     return resolved
 
@@ -95,7 +103,8 @@ def load_config_dict(data: Mapping[str, Any], env: Mapping[str, str] | None = No
     """Check an already-parsed configuration (e.g. one built in code); `data` is not changed."""
     env = os.environ if env is None else env
     env_issues: list[ConfigIssue] = []
-    resolved = _substitute(dict(data), (), env, env_issues)
+    empties: dict[str, list[str]] = {}  # location → the empty variables substituted there
+    resolved = _substitute(dict(data), (), env, env_issues, empties)
     overridden = _apply_overrides(resolved, env)
     # A `${VAR}` the environment overrides anyway is not worth failing for.
     env_issues = [issue for issue in env_issues if issue.location not in overridden]
@@ -110,6 +119,8 @@ def load_config_dict(data: Mapping[str, Any], env: Mapping[str, str] | None = No
     issues = [
         ConfigIssue(i.location, f"{i.message} (the value of {overridden[i.location]})")
         if i.location in overridden
+        else ConfigIssue(i.location, f"{i.message} ({_empty(empties[i.location])})")
+        if i.location in empties
         else i
         for i in issues
     ]
@@ -146,12 +157,22 @@ def _location(loc: Loc) -> str:
     return text
 
 
-def _substitute(value: Any, loc: Loc, env: Mapping[str, str], issues: list[ConfigIssue]) -> Any:
-    """A copy of `value` with `${NAME}` replaced in every string, recording missing names."""
+def _substitute(
+    value: Any,
+    loc: Loc,
+    env: Mapping[str, str],
+    issues: list[ConfigIssue],
+    empties: dict[str, list[str]],
+) -> Any:
+    """A copy of `value` with `${NAME}` replaced in every string, recording missing names,
+    and in `empties` the variables set but empty, by location: substituted as they are (as
+    a shell would), they are named beside what they break."""
     if isinstance(value, dict):
-        return {key: _substitute(item, (*loc, key), env, issues) for key, item in value.items()}
+        return {
+            key: _substitute(item, (*loc, key), env, issues, empties) for key, item in value.items()
+        }
     if isinstance(value, list):
-        return [_substitute(item, (*loc, i), env, issues) for i, item in enumerate(value)]
+        return [_substitute(item, (*loc, i), env, issues, empties) for i, item in enumerate(value)]
     if not isinstance(value, str) or "${" not in value:
         return value
 
@@ -164,6 +185,8 @@ def _substitute(value: Any, loc: Loc, env: Mapping[str, str], issues: list[Confi
         elif not _ENV_NAME.fullmatch(name):
             problem = f"invalid environment variable name {name!r} in '${{{name}}}'"
         elif name in env:
+            if not env[name]:  # e.g. docker compose's `X: ${X}` where X is unset
+                empties.setdefault(_location(loc), []).append(name)
             return env[name]
         else:
             problem = f"environment variable {name} is not set"
@@ -171,6 +194,14 @@ def _substitute(value: Any, loc: Loc, env: Mapping[str, str], issues: list[Confi
         return match.group(0)
 
     return _REFERENCE.sub(replace, value)
+
+
+def _empty(names: list[str]) -> str:
+    """`environment variable A is empty`, or `environment variables A, B are empty`."""
+    unique = list(dict.fromkeys(names))
+    if len(unique) == 1:
+        return f"environment variable {unique[0]} is empty"
+    return f"environment variables {', '.join(unique)} are empty"
 
 
 def _apply_overrides(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, str]:
@@ -208,8 +239,12 @@ def _pydantic_issue(error: ErrorDetails) -> ConfigIssue:
         message = "must not be empty"
     elif kind in ("model_type", "model_attributes_type", "dict_type"):
         message = "must be a table"
+        if len(loc) == 1 and isinstance(error["input"], list):  # `[[worker]]`
+            message += f": write [{loc[0]}], not [[{loc[0]}]]"
     elif kind == "list_type":
         message = "must be an array"
+        if len(loc) == 1 and isinstance(error["input"], dict):  # `[tenants]`
+            message += f" of tables: write [[{loc[0]}]], not [{loc[0]}]"
     return ConfigIssue(_location(loc), message)
 
 
@@ -271,7 +306,38 @@ def _reference_issues(data: Mapping[str, Any]) -> list[ConfigIssue]:
         *_duplicate_issues(data),
         *_unknown_tenant_issues(data, tenants),
         *_route_destination_issues(data, tenants),
+        *_missing_key_issues(data),
     ]
+
+
+def _missing_key_issues(data: Mapping[str, Any]) -> Iterator[ConfigIssue]:
+    """The key an entry's kind cannot do without, looked for in the raw table: pydantic
+    checks it only once every other key of the entry is valid. On a valid entry the model
+    says the same, and `_tidy` keeps one."""
+    for i, entry in _entries(data, "sources"):
+        kind = entry.get("kind")
+        if not isinstance(kind, str) or kind not in SOURCE_KEYS:
+            continue
+        if (missing := source_key_missing(kind, entry)) is not None:
+            key, message = missing
+            wanted = [key] if key else ["secret", "api_key"]
+            if not _misspelt(entry, ("sources", i), wanted):
+                yield ConfigIssue(f"sources[{i}]" + (f".{key}" if key else ""), message)
+    kinds = typing.get_args(DestinationKind)
+    for i, entry in _entries(data, "destinations"):
+        kind = entry.get("kind", "http")
+        if not isinstance(kind, str) or kind not in kinds:
+            continue
+        found = destination_key_missing(kind, entry)
+        if found is not None and not _misspelt(entry, ("destinations", i), [found[0]]):
+            yield ConfigIssue(f"destinations[{i}].{found[0]}", found[1])
+
+
+def _misspelt(entry: Mapping[str, Any], loc: Loc, wanted: list[str]) -> bool:
+    """Whether an unknown key of the entry is one of `wanted` misspelt (`urll`): reported
+    as that, with its "did you mean", not a second time as missing."""
+    unknown = set(entry) - set(_keys_at(loc))
+    return any(difflib.get_close_matches(key, wanted, n=3) for key in unknown)
 
 
 def _duplicate_issues(data: Mapping[str, Any]) -> Iterator[ConfigIssue]:

@@ -17,7 +17,7 @@ import binascii
 import codecs
 import re
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -398,6 +398,13 @@ class RedisConfig(_Model):
                 "invalid Redis URL: write a '/', '?', '#' or '@' of its user or password"
                 " percent-encoded (%2F, %3F, %23, %40)"
             )
+        parts = urlsplit(value)
+        database = unquote(parts.path).replace("/", "")  # as redis-py reads it
+        named_db = any(key == "db" for key, _ in parse_qsl(parts.query))
+        if parts.scheme != "unix" and not named_db and database and not database.isdecimal():
+            # redis-py silently reads such a path as database 0, which another deployment
+            # may be using (`/l` for `/1`). Not quoted: a password's part may end up there.
+            raise ValueError("invalid Redis URL: its path must be a database number (/0, /1 …)")
         # What the clients will build from it, built now (no connection is made): a bad port
         # or an unknown parameter would otherwise fail only once running, in every task that
         # touches Redis.
@@ -641,12 +648,39 @@ SOURCE_KEYS: dict[str, SourceKeys] = {
 #: Webhooks key, is checked as base64, which takes no whitespace).
 INBOUND_SECRETS = ("api_key", "app_secret", "verify_token", "auth_token", "token")
 
+#: The other keys a send takes, by field name (`from` is `from_`): ids, numbers and
+#: credentials that go into the provider's URL, headers or form as they are written.
+OUTBOUND_VALUES = tuple(
+    dict.fromkeys(
+        "from_" if key == "from" else key
+        for keys in SOURCE_KEYS.values()
+        for key in keys.sends_with
+        if key not in INBOUND_SECRETS
+    )
+)
+
 #: Kinds whose inbound signature covers the URL the provider called (`public_url`).
 PUBLIC_URL_KINDS = frozenset(kind for kind, k in SOURCE_KEYS.items() if "public_url" in k.keys)
 
 # The source id of events published through POST /api/v1/events: a configured source with
 # this id would share their idempotency keys.
 RESERVED_SOURCE_IDS = frozenset({"api"})
+
+
+def source_key_missing(kind: str, values: Mapping[str, Any]) -> tuple[str | None, str] | None:
+    """The key a source of `kind` cannot do without, if `values` (its keys by name, a raw
+    table's or a model's) lack it: (the key, or None when either of two would do; why).
+    "" is not set (an empty `${VAR}`). The loader asks it of the raw table too: the model
+    checks it only once every other key of the source is valid, so a missing key was
+    reported only at the check after the others had been fixed."""
+    if kind == "generic":
+        if values.get("secret") in (None, "") and values.get("api_key") in (None, ""):
+            return None, "a generic source needs `secret` (Standard Webhooks) or `api_key`"
+        return None
+    needed = SOURCE_KEYS[kind].needs
+    if needed and values.get(needed) in (None, ""):
+        return needed, f"required for a {kind} source"
+    return None
 
 
 class SourceConfig(_Model):
@@ -730,13 +764,24 @@ class SourceConfig(_Model):
         check_each(value, checked_secret)
         return value
 
+    @field_validator(*OUTBOUND_VALUES)
+    @classmethod
+    def _check_outbound_value(cls, value: str | None) -> str | None:
+        # A secret file's newline after `access_token` failed every send for good, at send
+        # time (aiohttp refuses a header holding one: `invalid_destination`); a space around
+        # an id or a number had the provider refuse it. The value is never shown.
+        if value and value != value.strip():
+            raise ValueError(
+                "must not start or end with whitespace (a secret file's newline?): the "
+                "provider would refuse every send through this source"
+            )
+        return value
+
     @model_validator(mode="after")
     def _check_kind_keys(self) -> SourceConfig:
-        if self.kind == "generic" and not (self.secret or self.api_key):
-            raise field_problem("a generic source needs `secret` (Standard Webhooks) or `api_key`")
-        needed = SOURCE_KEYS[self.kind].needs
-        if needed and not getattr(self, needed):
-            raise field_problem(f"required for a {self.kind} source", needed)
+        missing = source_key_missing(self.kind, vars(self))
+        if missing is not None:
+            raise field_problem(missing[1], missing[0])
         own_path = f"/in/{self.id}"
         if self.public_url and self.public_url.split("?")[0].rstrip("/").endswith(own_path):
             # The URL is the base: the signed URL would be `…/in/{id}/in/{id}`, never Twilio's.
@@ -821,6 +866,14 @@ OWN_HEADERS = (
 BODY_HEADERS = ("content-length", "transfer-encoding", "content-encoding")
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110's token
 _HEADER_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # all but horizontal tab
+
+
+def destination_key_missing(kind: str, values: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The key a destination of `kind` cannot do without, if `values` lack it: (the key,
+    why); asked of the raw table by the loader too, as `source_key_missing` is."""
+    if kind == "http" and values.get("url") is None:
+        return "url", "required for an http destination"
+    return None
 
 
 class DestinationConfig(_Model):
@@ -910,8 +963,9 @@ class DestinationConfig(_Model):
 
     @model_validator(mode="after")
     def _check_kind_keys(self) -> DestinationConfig:
-        if self.kind == "http" and self.url is None:
-            raise field_problem("required for an http destination", "url")
+        missing = destination_key_missing(self.kind, vars(self))
+        if missing is not None:
+            raise field_problem(missing[1], missing[0])
         named = any(name.lower() == "authorization" for name in self.headers)
         if named and self.url is not None and urlsplit(self.url).username is not None:
             # aiohttp refuses the two together: every delivery failed for good, at send time.
