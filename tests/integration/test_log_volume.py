@@ -32,6 +32,7 @@ from tests.integration.test_spool import UNREACHABLE, new_event
 
 REQUESTS = 200
 ADMIN = {"authorization": "Bearer test-admin-key"}
+JSON = {"content-type": "application/json"}
 
 
 @pytest.fixture
@@ -148,6 +149,15 @@ async def test_a_store_refusing_every_write_logs_a_line_a_minute_and_counts_refu
                 for _ in range(REQUESTS):
                     r = await http.get("/api/v1/events/evt_none", headers=ADMIN)
                     assert (r.status_code, r.json()["error"]) == (500, "store_failed"), r.text
+                # A body refused before the key is checked: the key cannot be checked now,
+                # so the body's refusal stands (the error escaped, a plain-text 500).
+                await execute(database_url, f'REVOKE ALL ON api_keys FROM "{role}"')
+                r = await http.post(
+                    "/api/v1/events",
+                    content=b'{"type": "lead',
+                    headers={"authorization": "Bearer est_a_key", **JSON},
+                )
+                assert (r.status_code, r.json()["error"]) == (400, "invalid_request"), r.text
     finally:
         await hub.close()
         await reader.close()

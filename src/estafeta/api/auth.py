@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from starlette.requests import Request
 
 from estafeta.bearer import CHALLENGE, INVALID_KEY_CHALLENGE, bearer_key
-from estafeta.errors import HttpError, StoreUnavailable
+from estafeta.errors import HttpError, StoreError
 from estafeta.store.sqlstore import SqlStore
 
 KEY_PREFIX = "est_"
@@ -109,14 +109,15 @@ class Authenticator:
         """Why `request`'s caller is refused (no key, not a Bearer key, an unknown or revoked
         one), if it is: a request without a usable key is answered 401 whatever else is
         wrong with it (its body, its content type, its query). None when the key is usable,
-        or cannot be checked now (the store unreachable: the other refusal stands)."""
+        or cannot be checked now (the store unreachable, or refusing the read: the other
+        refusal stands)."""
         if not needs_key(request.url.path):
             return None
         try:
             await self.principal(request)
         except HttpError as refused:
             return refused
-        except StoreUnavailable:
+        except StoreError:
             return None
         return None
 
