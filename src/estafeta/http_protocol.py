@@ -18,7 +18,7 @@ body for it, so a held head would never go out. Only the first write of a cycle 
 future uvicorn no longer keep its request cycle where this looks for it, responses go out as
 uvicorn writes them.
 
-Three framing decisions are this class's too (uvicorn's own differ):
+Four framing decisions are this class's too (uvicorn's own differ):
 
 * A client that shuts its writing side after its request (a half-close) still gets its
   answer: uvicorn closed the connection on the end of input, so an event was stored while
@@ -31,6 +31,11 @@ Three framing decisions are this class's too (uvicorn's own differ):
   HttpClient sends with every request to an http:// URL) is answered as the HTTP/1.1 request
   it also is, body included (RFC 9110 §7.8): httptools skips such a request's body, so the
   app read an empty one and the bytes after the head were lost (`_ignore_upgrade`).
+* A request that is not valid HTTP is answered `400 invalid_request` in estafeta's format,
+  with the parser's reason (uvicorn answered a plain `Invalid HTTP request received.`). It,
+  and any refusal of this class (408, 431), waits for the answers due to the requests read
+  before it, then closes the connection: uvicorn wrote its 400 at once and closed, so a
+  webhook pipelined before it was stored and never answered.
 
 And clients get deadlines. Every open connection counts against `limit_concurrency`
 (`server.max_concurrent_requests`), and uvicorn gave none a limit until its first answer: a
@@ -42,9 +47,14 @@ answered every sender 503 for as long as they stayed.
   when new as when kept alive; blank lines begin no request.
 * A request must arrive whole within `client_timeout_s` of its first byte, or is answered
   `408 request_timeout` and the connection closed. The time the server takes to get to it
-  (a pipelined request behind others) does not count against the client.
+  (a pipelined request behind others) does not count against the client. One answered
+  before its body came (a 404, a 413 on its declared length) gets no second answer: the
+  connection is closed.
 * A head (request line and headers) over `MAX_HEAD_BYTES` is answered `431
   headers_too_large` and the connection closed: httptools would keep it in memory whole.
+  It is measured when it ends, and counted while it goes on in reads after the one it began
+  in (that first read, at most 250 KB, is all an unfinished head can hold uncounted). The
+  trailer fields after a chunked body are counted the same: httptools keeps them too.
 * At most `MAX_PIPELINED` requests wait behind the one being answered: uvicorn queued every
   request of a read (`_leave_unanswered`).
 * The transport tells whenever the kernel does not take all that is written (its high-water
@@ -117,6 +127,10 @@ class HeadWithBody:
         return getattr(self._transport, name)
 
 
+class _HeadTooLarge(Exception):
+    """Raised from the parser's callback to stop reading a head found over MAX_HEAD_BYTES."""
+
+
 class _Unanswered:
     """The cycle of requests read past MAX_PIPELINED, which get no answer: uvicorn keeps no
     body for an answered request's cycle, and starts no other behind it."""
@@ -148,6 +162,9 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         self._write_timer: asyncio.TimerHandle | None = None
         self._write_left = 0  # bytes waiting for the client when last looked at
         self._unanswered = False  # past MAX_PIPELINED: the requests read are not answered
+        self._read_bytes = 0  # the size of the read being parsed
+        # A refusal owed once the answers due to earlier requests are out; nothing more is read.
+        self._last_answer: bytes | None = None
         # The head of a request whose upgrade offer is ignored, until it is read again.
         self._upgrade_ignored: tuple[bytes, str, bytes, list[tuple[bytes, bytes]]] | None = None
 
@@ -177,56 +194,110 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         self.timeout_keep_alive_task = self._request_timer = self._write_timer = None
         self._request_began = None
 
-    # The four methods below run for every request: the base class's are called by name, not
-    # through super(), which costs a frame's worth of work each (measured under callgrind).
+    # data_received, the parser's callbacks below (on_message_begin, on_message_complete,
+    # on_headers_complete, on_body) and on_response_complete run for every request (on_body
+    # for every one with a body): the base class's are called by name, not through super(),
+    # which costs a frame's worth of work each (measured under callgrind). data_received
+    # parses itself, without uvicorn's two frames (its own and `_unset_keepalive_…`).
 
     def data_received(self, data: bytes) -> None:
+        if self._last_answer is not None:
+            return  # the connection ends with a refusal: nothing after it is read
         # uvicorn ends the idle wait on any byte; here only a request's beginning ends it
         # (blank lines, which begin none, would hold the connection forever).
         idle = self.timeout_keep_alive_task
         began = self._request_began
+        self._read_bytes = size = len(data)
+        head_bytes = self._head_bytes
+        if head_bytes is not None:  # a head unfinished: this read is its, up to its end
+            self._head_bytes = head_bytes + size
         if idle is not None:
             self.timeout_keep_alive_task = None
-            self._parse(data)
+        # uvicorn's parse, its errors answered here: in estafeta's format, saying why, and
+        # after the answers due to the requests before (uvicorn wrote its 400 at once and
+        # closed: a webhook already stored was never answered).
+        while True:
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserUpgrade as exc:
+                if self._upgrade_ignored is not None:
+                    # Read again, without the offer, by a new parser: its head and what came
+                    # after it (`_ignore_upgrade`), through this same loop and its errors.
+                    data = self._ignore_upgrade(data[exc.args[0] :])
+                    continue
+                if self._should_upgrade():
+                    self.handle_websocket_upgrade()
+                else:
+                    self._unsupported_upgrade_warning()
+            except httptools.HttpParserError as exc:
+                if idle is not None:
+                    idle.cancel()
+                self._not_http(exc)
+                return
+            break
+        if idle is not None:
             if self._request_began is None and self.timeout_keep_alive_task is None:
                 self.timeout_keep_alive_task = idle  # no request being read: still idle
             else:
                 idle.cancel()
+        if (
+            head_bytes is not None
+            and began is self._request_began
+            and self._head_bytes is not None
+            and self._head_bytes > MAX_HEAD_BYTES
+        ):
+            # Unfinished before and after this read, the same head (or trailer section):
+            # held in memory whole.
+            # A trailer section when this request's head is done: its cycle is made.
+            # (Past MAX_PIPELINED the cycle is `_Unanswered`, which has no scope.)
+            self._refuse_head(trailers=getattr(self.cycle, "scope", None) is self.scope)
+
+    def _not_http(self, exc: httptools.HttpParserError) -> None:
+        """The parser refused what was sent (or a callback stopped it)."""
+        cause = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else exc
+        if isinstance(cause, _HeadTooLarge):
+            self._refuse_head()
+            return
+        # llhttp's reason (`Invalid method encountered`, `Duplicate Content-Length` …). Not
+        # the URL parser's, which quotes the URL (a `?token=` in the log); a callback's own
+        # error other than the parser's is a bug, not the client's to read.
+        if cause is not exc and isinstance(cause, httptools.HttpParserInvalidURLError):
+            reason = "the URL cannot be parsed"
+        elif isinstance(cause, httptools.HttpParserError):
+            reason = str(cause)
         else:
-            self._parse(data)
-        if began is not None and began is self._request_began and self._head_bytes is not None:
-            # Read while the same head was unfinished before and after: all of it head.
-            self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEAD_BYTES:
-                detail = f"the request's head is over {MAX_HEAD_BYTES} bytes"
-                self._refuse(431, "headers_too_large", detail)
+            reason = "unreadable"
+        self.logger.warning("Invalid HTTP request received: %s", reason)  # uvicorn's line
+        self._refuse(400, "invalid_request", f"the request is not valid HTTP: {reason}")
 
-    def _parse(self, data: bytes) -> None:
-        """uvicorn's `data_received`, but for an upgrade it does not take (see
-        `_ignore_upgrade`)."""
-        self._unset_keepalive_if_required()
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            msg = "Invalid HTTP request received."
-            self.logger.warning(msg)
-            self.send_400_response(msg)
-        except httptools.HttpParserUpgrade as exc:
-            if self._upgrade_ignored is not None:
-                self._ignore_upgrade(data[exc.args[0] :])
-            elif self._should_upgrade():
-                self.handle_websocket_upgrade()
-            else:
-                self._unsupported_upgrade_warning()
+    def _refuse_head(self, *, trailers: bool = False) -> None:
+        what = "trailer fields are" if trailers else "head is"
+        detail = f"the request's {what} over {MAX_HEAD_BYTES} bytes"
+        self._refuse(431, "headers_too_large", detail)
 
-    def _ignore_upgrade(self, rest: bytes) -> None:
+    # A chunked body's chunk header opens what may be its trailer section (after the last,
+    # empty chunk): counted as a head until data comes (on_body) or it ends. httptools keeps
+    # trailer fields as it keeps a head's, and uvicorn appends them to the request's headers.
+    # Called for chunked bodies only.
+
+    def on_chunk_header(self) -> None:
+        self._head_bytes = 0
+
+    def on_chunk_complete(self) -> None:
+        self._head_bytes = None
+
+    def on_body(self, body: bytes) -> None:
+        self._head_bytes = None  # a chunk's data: no trailer section
+        HttpToolsProtocol.on_body(self, body)
+
+    def _ignore_upgrade(self, rest: bytes) -> bytes:
         """Read a request that offered an upgrade to anything but a WebSocket (`Upgrade:
         h2c`: Java's HttpClient on every request to an http:// URL, `curl --http2`) as the
         HTTP/1.1 request it also is (RFC 9110 §7.8: a server may ignore the offer). httptools
         skips the body of any request that offers one, so the app read an empty body (a
-        webhook refused as `invalid_json`) and the bytes after the head were lost. Its head,
-        `Connection` without `upgrade` (the app sees the other headers as sent), is parsed
-        again by a new parser, followed by what came after it."""
+        webhook refused as `invalid_json`) and the bytes after the head were lost. Returns its
+        head, `Connection` without `upgrade` (the app sees the other headers as sent), and
+        what came after it, for a new parser to read."""
         method, version, url, headers = self._upgrade_ignored or (b"", "", b"", [])
         self._upgrade_ignored = None
         lines = [method + b" " + url + b" HTTP/" + version.encode("ascii")]
@@ -239,7 +310,10 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
             lines.append(name + b": " + value)
         self.parser = httptools.HttpRequestParser(self)
         self.parser.set_dangerous_leniencies(lenient_data_after_close=True)  # as uvicorn's
-        self._parse(b"\r\n".join(lines) + b"\r\n\r\n" + rest)
+        # Its head was measured (or found small) as it came: only the heads after it in
+        # `rest` are left for the "one big read" measure (`on_headers_complete`).
+        self._read_bytes = len(rest)
+        return b"\r\n".join(lines) + b"\r\n\r\n" + rest
 
     def on_message_begin(self) -> None:
         HttpToolsProtocol.on_message_begin(self)
@@ -253,6 +327,17 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
             return  # its body was skipped: the request is read again (`_ignore_upgrade`)
         self._request_began = None
         HttpToolsProtocol.on_message_complete(self)
+
+    def on_response_complete(self) -> None:
+        last = self._last_answer
+        if last is None or self.pipeline:
+            HttpToolsProtocol.on_response_complete(self)
+            return
+        # The answers due are out: the refusal owed after them ends the connection.
+        self.server_state.total_requests += 1
+        if not self.transport.is_closing():
+            self.transport.write(last)
+            self.transport.close()
 
     def timeout_keep_alive_handler(self) -> None:
         self.timeout_keep_alive_task = None
@@ -304,14 +389,28 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
             self._refuse(408, "request_timeout", detail)
 
     def _refuse(self, status: int, error: str, detail: str) -> None:
-        """Answer the request being read, in estafeta's error format, and close."""
-        if self.transport.is_closing():
+        """Answer the request being read, in estafeta's error format, and close: after the
+        answers due to the requests before it, if any."""
+        if self.transport.is_closing() or self._last_answer is not None:
             return
+        body = orjson.dumps({"error": error, "detail": detail})
+        answer = (
+            b"%sconnection: close\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (STATUS_LINE[status], len(body), body)
+        )
         cycle = self.cycle
-        if self._answering() or (
-            cycle is not None and cycle.response_started and not cycle.response_complete
-        ):
-            # An earlier request's answer is due, or half written: no other may go first.
+        if self._answering():
+            # Earlier requests are owed their answers (a webhook among them may be stored
+            # already): they go out first, in order, then this one (on_response_complete).
+            pipeline = self.pipeline
+            if cycle is not None and cycle.more_body and pipeline and pipeline[0][0] is cycle:
+                pipeline.popleft()  # the request refused, queued with its body unread
+            self._last_answer = answer
+            self.flow.pause_reading()
+            return
+        if cycle is not None and cycle.response_started and cycle.more_body:
+            # An answer half written, or given before the body came whole (a 404, a 413 …):
+            # one answer per request, the connection closes without another.
             self.transport.close()
             return
         if cycle is not None and not cycle.response_complete:
@@ -319,11 +418,7 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
             cycle.scope[CUT_OFF] = (status, error, detail)  # type: ignore[literal-required]
             cycle.disconnected = True
             cycle.message_event.set()
-        body = orjson.dumps({"error": error, "detail": detail})
-        self.transport.write(
-            b"%sconnection: close\r\ncontent-type: application/json\r\n"
-            b"content-length: %d\r\n\r\n%s" % (STATUS_LINE[status], len(body), body)
-        )
+        self.transport.write(answer)
         self.transport.close()
 
     def pause_writing(self) -> None:
@@ -366,7 +461,7 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
     # asyncio.Protocol lets it return True (keep writing); uvicorn types it `None`.
     def eof_received(self) -> bool | None:  # type: ignore[override]
         cycle = getattr(self, "cycle", None)
-        if self._unanswered:
+        if self._unanswered or self._last_answer is not None:
             return True  # the requests kept are answered, then the connection closes
         if (
             cycle is None
@@ -380,7 +475,12 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         return True
 
     def on_headers_complete(self) -> None:
+        head_bytes = self._head_bytes
         self._head_bytes = None
+        # A head that came in reads of their own, or in one read larger than the limit, is
+        # measured (only those: the hot path): one read or two of it were never counted.
+        if (head_bytes or self._read_bytes > MAX_HEAD_BYTES) and self._head_size() > MAX_HEAD_BYTES:
+            raise _HeadTooLarge  # stops the parser: answered 431 (`_not_http`)
         if len(self.pipeline) >= MAX_PIPELINED or self._unanswered:
             self._leave_unanswered()
             return
@@ -409,6 +509,13 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
             and hasattr(cycle, "send")
         ):
             cycle.send = _closing_unsent_body(cycle, cycle.send)
+
+    def _head_size(self) -> int:
+        """The head just read, in bytes: its request line and headers as sent, but for the
+        spaces around header values."""
+        method = self.parser.get_method()
+        line = len(method) + len(self.url) + len(b"  HTTP/1.1\r\n")
+        return line + sum(len(name) + len(value) + 4 for name, value in self.headers) + 2
 
 
 def _closing_unsent_body(cycle: Any, send: Send) -> Send:

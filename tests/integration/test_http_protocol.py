@@ -449,6 +449,152 @@ async def test_a_head_over_64_kib_is_refused_with_431() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    "parts",
+    [
+        [b"GET /a HTTP/1.1\r\nhost: t\r\nx-big: " + b"y" * 70_000 + b"\r\n\r\n"],
+        [b"GET /a?" + b"q" * 70_000 + b" HTTP/1.1\r\nhost: t\r\n\r\n"],
+        [b"GET /a HTTP/1.1\r\nhost: t\r\nx-big: " + b"y" * 60_000, b"y" * 40_000 + b"\r\n\r\n"],
+    ],
+    ids=["a-header-in-one-read", "a-url-in-one-read", "a-header-in-two-reads"],
+)
+async def test_a_head_over_64_kib_sent_whole_is_refused_with_431(parts: list[bytes]) -> None:
+    """Only a head still unfinished past 64 KiB of later reads was refused: one that came whole
+    in a read or two (the same request on a faster link) was answered, a URL over 65,535 bytes
+    with uvicorn's plain `Invalid HTTP request received.`"""
+    async with served(app) as port, connected(port) as (reader, writer):
+        for part in parts:
+            writer.write(part)
+            await writer.drain()
+            await asyncio.sleep(0.1)  # a read each
+        received = await read_to_the_end(reader)
+    assert received.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+    assert received.endswith(
+        b'"error":"headers_too_large","detail":"the request\'s head is over 65536 bytes"}'
+    )
+
+
+async def test_trailer_fields_over_64_kib_are_refused_with_431(port: int) -> None:
+    """Fields after a chunked body (trailers) were kept, however many, until the request
+    ended: a client could grow the server's memory by megabytes a second for as long as
+    client_timeout_s, past the limit its head has."""
+    chunked = request("/a", b"").replace(b"content-length: 0", b"transfer-encoding: chunked")
+    async with connected(port) as (reader, writer):
+        writer.write(chunked + b"2\r\nok\r\n0\r\n")
+        await asyncio.sleep(0.1)  # a read of its own
+        writer.write((b"x-t: " + b"y" * 1_000 + b"\r\n") * 100)  # 100 KB, unfinished
+        received = await read_to_the_end(reader)
+    assert received.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"), received
+    assert received.endswith(
+        b'"error":"headers_too_large","detail":"the request\'s trailer fields are over 65536'
+        b' bytes"}'
+    )
+
+
+async def test_a_chunk_over_64_kib_is_not_taken_for_trailer_fields(port: int) -> None:
+    chunked = request("/a", b"").replace(b"content-length: 0", b"transfer-encoding: chunked")
+    data = b"z" * 1_048_576
+    async with connected(port) as (reader, writer):
+        writer.write(chunked + b"100000\r\n")  # one chunk of 1 MiB, its header read alone
+        for part in range(0, len(data), 262_144):
+            await asyncio.sleep(0.05)
+            writer.write(data[part : part + 262_144])
+        writer.write(b"\r\n0\r\nx-t: 1\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        body = await asyncio.wait_for(reader.readexactly(4 + len(data)), 5)
+    assert head.startswith(b"HTTP/1.1 202 ") and body == b"got " + data
+
+
+async def test_a_request_that_is_not_http_is_told_why(port: int) -> None:
+    async with connected(port) as (reader, writer):
+        writer.write(request("/a", b"x", b"content-length: 2"))  # two lengths: which one?
+        received = await read_to_the_end(reader)
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert b"connection: close" in head and b"content-type: application/json" in head
+    assert body == (
+        b'{"error":"invalid_request",'
+        b'"detail":"the request is not valid HTTP: Duplicate Content-Length"}'
+    )
+
+
+async def test_a_url_that_cannot_be_parsed_is_not_quoted_in_the_log(
+    port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with connected(port) as (reader, writer):
+        writer.write(b"CONNECT secret-token:443 HTTP/1.1\r\nhost: t\r\n\r\n")
+        received = await read_to_the_end(reader)
+    assert received.endswith(b'"the request is not valid HTTP: the URL cannot be parsed"}')
+    assert "secret-token" not in caplog.text
+    assert "Invalid HTTP request received: the URL cannot be parsed" in caplog.text
+
+
+NOT_HTTP = b"GET /a HTTP/1.1\r\nhost: t\r\nx-a: b\x01c\r\n\r\n"  # a control character
+# A chunked body whose chunk size is no number.
+BAD_CHUNK = b"POST /a HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\nzz\r\n"
+# A head that goes on past 64 KiB, in reads of its own.
+HEAD_TOO_LARGE = [b"GET /a HTTP/1.1\r\nhost: t\r\nx-big: ", b"y" * 100_000]
+
+
+@pytest.mark.parametrize(
+    ("after", "refusal"),
+    [([NOT_HTTP], b"400 "), ([BAD_CHUNK], b"400 "), (HEAD_TOO_LARGE, b"431 ")],
+    ids=["not-http", "a-body-not-http", "a-head-too-large"],
+)
+async def test_a_request_refused_behind_one_being_answered_waits_for_its_answer(
+    port: int, after: list[bytes], refusal: bytes
+) -> None:
+    """The refusal was written at once and the connection closed: the answer to the request
+    before it, already in hand (a webhook stored), never went out."""
+    async with connected(port) as (reader, writer):
+        writer.write(request("/slow", b"first"))
+        for part in after:
+            await asyncio.sleep(0.2)  # the first being answered; a read each
+            writer.write(part)
+        received = await read_to_the_end(reader)
+    answers = received.split(b"HTTP/1.1 ")[1:]
+    assert len(answers) == 2, received
+    assert answers[0].startswith(b"202 ") and answers[0].endswith(b"got first")
+    assert answers[1].startswith(refusal) and b"connection: close" in answers[1]
+
+
+async def test_an_api_body_that_is_not_http_is_counted_as_answered(hub_port: int) -> None:
+    """The sender is answered by the server (400, the parser's reason); the API counted a 401
+    instead, having looked for the key of a request it never answered."""
+    counted = {"status": "400", "error": "invalid_request"}
+    before = REGISTRY.get_sample_value("estafeta_api_errors_total", counted) or 0
+    raw = (
+        b"POST /api/v1/events HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
+        b"transfer-encoding: chunked\r\n\r\n2\r\n{}\r\n"
+    )
+    async with connected(hub_port) as (reader, writer):
+        writer.write(raw)
+        await asyncio.sleep(0.2)  # the API waits for the rest of the body
+        writer.write(b"zz\r\n")
+        received = await read_to_the_end(reader)
+    assert received.startswith(b"HTTP/1.1 400 ")
+    assert received.endswith(b'"the request is not valid HTTP: Invalid character in chunk size"}')
+    await until(
+        lambda: REGISTRY.get_sample_value("estafeta_api_errors_total", counted) == before + 1, 5
+    )
+
+
+async def test_a_webhook_pipelined_before_a_request_that_is_not_http_is_answered(
+    hub_port: int, store: SqlStore
+) -> None:
+    """Stored, and answered only with the next request's `400 Invalid HTTP request
+    received.`: its sender took the 400 for its own and sent it again, or gave it up."""
+    async with connected(hub_port) as (reader, writer):
+        writer.write(webhook() + b"GARBAGE\r\n\r\n")
+        received = await read_to_the_end(reader)
+    first, second = received.split(b"HTTP/1.1 ")[1:]
+    assert first.startswith(b"202 Accepted")
+    event_id = first.partition(b'"id":"')[2].partition(b'"')[0].decode()
+    assert await store.get_event(event_id, None) is not None
+    assert second.startswith(b"400 Bad Request")
+    assert second.endswith(b'"the request is not valid HTTP: Invalid method encountered"}')
+
+
 async def test_a_client_that_never_reads_its_answer_is_let_go() -> None:
     """A client that asks and never reads held its connection, and the answer waiting for
     it, forever: uvicorn's close waits for the answer to be read."""
@@ -512,6 +658,23 @@ async def test_a_webhook_whose_body_stops_coming_is_answered_408(
             return REGISTRY.get_sample_value("estafeta_ingest_refused_total", counted)
 
         await until(lambda: refused() == before + 1, 5)
+
+
+async def test_a_request_answered_before_its_body_came_gets_no_second_answer(
+    store: SqlStore, config: Config
+) -> None:
+    """Answered at once (an unknown source, a declared length over the limit …), its body
+    kept being read, and when it did not come whole in time a 408 followed: two answers to
+    one request, the second read by the client as the next one's."""
+    async with (
+        served(create_app(Hub(config, store)), client_timeout_s=1) as port,
+        connected(port) as (reader, writer),
+    ):
+        unknown = webhook(b"x" * 500).replace(b"/in/keyed", b"/in/nosuch")
+        writer.write(unknown[:-490])  # the body stops coming
+        received = await read_to_the_end(reader)
+    assert received.count(b"HTTP/1.1 ") == 1, received
+    assert received.startswith(b"HTTP/1.1 404 ")
 
 
 async def test_pipelined_requests_past_16_waiting_are_left_unanswered() -> None:
@@ -583,7 +746,8 @@ async def test_requests_refused_before_the_app_log_a_line_a_minute_not_one_each(
             finally:
                 for _, writer in held:
                     writer.close()
-    assert printed.count("Invalid HTTP request received.") == 1
+    not_http = [line for line in printed if line.startswith("Invalid HTTP request received: ")]
+    assert not_http == ["Invalid HTTP request received: Invalid method encountered"]
     assert printed.count("Exceeded concurrency limit.") == 1
 
 
@@ -618,3 +782,37 @@ async def test_a_webhook_offered_an_h2c_upgrade_is_stored(hub_port: int) -> None
         answer = await asyncio.wait_for(reader.readuntil(b"}"), 5)
     assert answer.startswith(b"HTTP/1.1 202 "), answer
     assert b'"duplicate":false' in answer
+
+
+async def test_an_h2c_offer_between_a_request_and_one_not_http_is_answered_in_order() -> None:
+    """A request read again without its h2c offer goes through the same parse as any: the
+    request after it that is not HTTP is refused after the answers due, not at once (which
+    lost the two 202s, the webhooks stored)."""
+    async with served(app) as port, connected(port) as (reader, writer):
+        # One write: the refusal is found while the h2c request's body is read again.
+        writer.write(request("/slow", b"first") + request("/a", b"second", *H2C) + NOT_HTTP)
+        received = await read_to_the_end(reader)
+    answers = received.split(b"HTTP/1.1 ")[1:]
+    assert len(answers) == 3, received
+    assert answers[0].startswith(b"202 ") and answers[0].endswith(b"got first")
+    assert answers[1].startswith(b"202 ") and answers[1].endswith(b"got second")
+    assert answers[2].startswith(b"400 ") and answers[2].endswith(
+        b'"the request is not valid HTTP: Invalid header value char"}'
+    )
+
+
+async def test_an_h2c_head_near_64_kib_in_two_reads_is_read_again_and_answered(
+    port: int,
+) -> None:
+    """The head read again is not counted a second time (nor refused 431) when it came in
+    two reads and its body is over 64 KiB."""
+    body = b"b" * 100_000
+    whole = request("/a", body, *H2C, b"x-big: " + b"y" * 60_000)
+    head_end = whole.index(b"\r\n\r\n") + 4
+    async with connected(port) as (reader, writer):
+        writer.write(whole[:30_000])
+        await writer.drain()
+        await asyncio.sleep(0.1)  # a read of its own
+        writer.write(whole[30_000:])  # the rest of the head and the whole body
+        answer = await asyncio.wait_for(reader.readuntil(b"got " + body), 5)
+    assert head_end > 60_000 and answer.startswith(b"HTTP/1.1 202 "), answer[:200]

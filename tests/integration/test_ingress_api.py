@@ -3,6 +3,7 @@ documented status with `{error, detail}` and stores nothing."""
 
 from __future__ import annotations
 
+import gzip
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -399,6 +400,14 @@ def _wrong_type() -> dict[str, str]:
             "invalid_type",
             "1 to 200",
         ),
+        (  # read as it came, it was refused as "the body is not UTF-8 at byte 1"
+            "/in/keyed",
+            gzip.compress(MESSAGE),
+            lambda: {**_keyed(), "content-encoding": "gzip"},
+            415,
+            "unsupported_media_type",
+            "Content-Encoding 'gzip' is not accepted: send the body uncompressed",
+        ),
     ],
     ids=[
         "unknown-source",
@@ -420,6 +429,7 @@ def _wrong_type() -> dict[str, str]:
         "empty-type",
         "empty-idempotency-key",
         "type-too-long",
+        "compressed",
     ],
 )
 async def test_bad_ingest_is_refused_with_a_clear_error_and_stores_nothing(
@@ -524,6 +534,40 @@ async def test_publishing_needs_json(client: Client) -> None:
         headers={"authorization": f"Bearer {SOL_KEY}", "content-type": "text/plain"},
     )
     assert (r.status_code, r.json()["error"]) == (415, "unsupported_media_type")
+
+
+@pytest.mark.parametrize("coding", ["gzip", "utf-8"])
+async def test_a_content_encoding_over_a_body_as_it_came_changes_nothing(
+    client: Client, coding: str
+) -> None:
+    """Only a body refused as unreadable is answered for its Content-Encoding: a sender
+    whose header is wrong (its body is not compressed, or it names a charset) is read as it
+    always was."""
+    headers = {**_keyed(), "content-encoding": coding}
+    r = await client.http.post("/in/keyed", content=MESSAGE, headers=headers)
+    assert r.status_code == 202, r.text
+    auth = {"authorization": f"Bearer {SOL_KEY}", "content-type": "application/json"}
+    r = await client.http.post(
+        "/api/v1/events", content=MESSAGE, headers={**auth, "content-encoding": coding}
+    )
+    assert r.status_code == 202, r.text
+    assert await client.stored() == 2
+
+
+async def test_publishing_a_compressed_body_is_refused_saying_so(client: Client) -> None:
+    body = gzip.compress(orjson.dumps({"type": "message.received", "data": {}}))
+    compressed = {"content-type": "application/json", "content-encoding": "gzip"}
+    r = await client.http.post("/api/v1/events", content=body, headers=compressed)
+    assert (r.status_code, r.json()["error"]) == (401, "missing_credentials")  # the key first
+    auth = {"authorization": f"Bearer {SOL_KEY}", **compressed}
+    r = await client.http.post("/api/v1/events", content=body, headers=auth)
+    # Read as it came, it was refused as "the request's body is not UTF-8 JSON".
+    assert (r.status_code, r.json()["error"]) == (415, "unsupported_media_type")
+    assert r.json()["detail"] == (
+        "Content-Encoding 'gzip' is not accepted: send the body uncompressed"
+    )
+    assert r.headers["accept-encoding"] == "identity"
+    assert await client.stored() == 0
 
 
 async def test_a_tenant_cannot_see_or_replay_another_tenants_events(client: Client) -> None:

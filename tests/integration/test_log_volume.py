@@ -206,14 +206,20 @@ def test_uvicorns_per_request_lines_come_a_minute_apart_with_their_count() -> No
     now = [0.0]
     lines = ServerLines(LogThrottle(monotonic=lambda: now[0]))
 
-    def printed(message: str) -> str | None:
-        record = logging.LogRecord("uvicorn.error", logging.WARNING, "", 0, message, (), None)
+    def printed(message: str, *args: str) -> str | None:
+        record = logging.LogRecord("uvicorn.error", logging.WARNING, "", 0, message, args, None)
         return record.getMessage() if lines.filter(record) else None
 
     busy = "Exceeded concurrency limit."
     assert printed(busy) == busy  # the first at once
     assert [printed(busy) for _ in range(499)] == [None] * 499
-    assert printed("Invalid HTTP request received.") is not None  # each kind on its own
+    not_http = "Invalid HTTP request received: %s"  # each kind on its own, whatever its reason
+    assert printed(not_http, "Invalid method encountered") is not None
+    assert printed(not_http, "Duplicate Content-Length") is None
     assert printed("Application startup failed. Exiting.") is not None  # others untouched
     now[0] += LOG_EVERY_S
     assert printed(busy) == f"{busy} (500 since the last such line)"
+    reason = "Invalid method encountered"
+    assert printed(not_http, reason) == (
+        f"Invalid HTTP request received: {reason} (2 since the last such line)"
+    )

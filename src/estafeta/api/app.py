@@ -33,6 +33,7 @@ from estafeta.delivery.breakers import Breakers
 from estafeta.delivery.presence import DELIVERY_TASK, Presence, named_destinations
 from estafeta.delivery.worker import Worker
 from estafeta.errors import HttpError, StoreError
+from estafeta.http_protocol import CUT_OFF
 from estafeta.hub import Hub
 from estafeta.ingress.endpoint import (
     IngestApp,
@@ -41,6 +42,7 @@ from estafeta.ingress.endpoint import (
     Scope,
     Send,
     check_declared_length,
+    compressed_refusal,
     read_body,
     respond,
 )
@@ -176,12 +178,13 @@ class Root:
             await self._guarded_api(scope, receive, send)
 
     async def _guarded_api(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The API behind two checks of its own: the body limit ingest has (refused before it
-        is read when the length is declared, as soon as it goes over when it is not), and no
-        NUL characters (see `nul_refusal`)."""
+        """The API behind checks of its own: the body limit ingest has (refused before it is
+        read when the length is declared, as soon as it goes over when it is not), no
+        compressed body (`compressed_refusal`), and no NUL characters (`nul_refusal`)."""
         limit = self.max_body_bytes
         try:
-            declared = dict(scope["headers"]).get(b"content-length")
+            headers = dict(scope["headers"])
+            declared = headers.get(b"content-length")
             if declared is not None:
                 check_declared_length({"content-length": declared.decode("latin-1")}, limit)
             where = nul_in_url(scope)
@@ -192,7 +195,10 @@ class Root:
             body = await read_body(scope, receive, limit)
             not_utf8 = not_utf8_json(body)
             if not_utf8 is not None:
-                raise HttpError(
+                coding = headers.get(b"content-encoding")
+                raise compressed_refusal(
+                    None if coding is None else coding.decode("latin-1")
+                ) or HttpError(
                     400, "invalid_text", f"the request's body is not UTF-8 JSON: {not_utf8}"
                 )
             if nul_in_json(body):
@@ -205,7 +211,9 @@ class Root:
                     " not in a pair), which is no character",
                 )
         except HttpError as refusal:
-            if refusal.status == 400:  # found before FastAPI asks for the key: the key first
+            # Found before FastAPI asks for the key: the key first. Not for a request the
+            # server has answered already (a body not valid HTTP): counted as it answered.
+            if refusal.status in (400, 415) and CUT_OFF not in scope:
                 auth: Authenticator = self.api.state.auth
                 refusal = await auth.refusal(Request(scope)) or refusal
             count_api_error(refusal)

@@ -63,6 +63,30 @@ def require_json_type(content_type: str) -> None:
         )
 
 
+# The content codings that compress (RFC 9110 §8.4.1, IANA's registry, and their aliases).
+COMPRESSIONS = frozenset({"gzip", "x-gzip", "deflate", "br", "compress", "x-compress", "zstd"})
+
+
+def compressed_refusal(coding: str | None) -> HttpError | None:
+    """The answer to a body refused as unreadable that says it is compressed: bodies are read
+    as they come (none is unpacked: a gzip body may grow a thousandfold past
+    `max_body_bytes`), and a gzip body was refused for what the compression made of it (`not
+    UTF-8 at byte 1`). Asked only once the body is refused: a sender whose header says gzip
+    over a body that is not (or names no compression: `Content-Encoding: utf-8`) is read as
+    it always was."""
+    if coding is None:
+        return None
+    named = [token.strip().lower() for token in coding.split(",")]
+    if not COMPRESSIONS.intersection(named):
+        return None
+    return HttpError(
+        415,
+        "unsupported_media_type",
+        f"Content-Encoding {coding.strip()!r} is not accepted: send the body uncompressed",
+        {"Accept-Encoding": "identity"},  # RFC 9110 §15.5.16: the codings taken
+    )
+
+
 def check_declared_length(headers: dict[str, str], limit: int) -> None:
     declared = headers.get("content-length")
     if declared is None:
@@ -205,6 +229,12 @@ class IngestApp:
             return 200, challenge, None
         handler.verify(request)
         await rate_limit(hub, source.tenant)
+        try:
+            parsed = handler.parse(request)
+        except HttpError as refusal:
+            if refusal.status != 400:
+                raise
+            raise compressed_refusal(headers.get("content-encoding")) or refusal from None
         # A webhook's events are committed together, in one transaction (see accept_all).
         results = await hub.accept_all(
             [
@@ -217,7 +247,7 @@ class IngestApp:
                     occurred_at=p.occurred_at,
                     raw=p.raw,
                 )
-                for p in handler.parse(request)
+                for p in parsed
             ]
         )
         if not results:  # verified, but nothing to store (Meta's account updates …)

@@ -49,7 +49,8 @@ class LogThrottle:
 PER_REQUEST_SERVER_LINES = frozenset(
     {
         "Exceeded concurrency limit.",
-        "Invalid HTTP request received.",
+        # http_protocol.py's, the parser's reason its argument: one key whatever the reason.
+        "Invalid HTTP request received: %s",
         "Unsupported upgrade request.",  # a CONNECT (an ignored h2c offer logs nothing)
     }
 )
@@ -65,7 +66,8 @@ class ServerLines(logging.Filter):
         self._throttle = throttle or LogThrottle()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.msg not in PER_REQUEST_SERVER_LINES or record.args:
+        # Keyed by the message's format, not its text: reasons vary, the kind does not.
+        if record.msg not in PER_REQUEST_SERVER_LINES:
             return True
         count = self._throttle.due(record.msg)
         if count is None:
