@@ -18,7 +18,7 @@ import orjson
 import structlog
 
 from estafeta.clock import Clock, SystemClock, iso_from_ms
-from estafeta.config import Config
+from estafeta.config import Config, SourceConfig
 from estafeta.delivery.breakers import circuit_state_store
 from estafeta.delivery.circuit_store import close_circuits
 from estafeta.delivery.handoff import Handoff
@@ -157,6 +157,13 @@ class Hub:
         self.source_handlers: dict[str, ProviderSource] = {
             s.id: GenericSource(s) if s.kind == "generic" else source_for(s) for s in config.sources
         }
+        # The WhatsApp Cloud sources of each number (`phone_number_id`): a Meta app posts every
+        # number's webhooks to its one URL, which may be another tenant's source
+        # (ingress/endpoint.py: `owned`).
+        self.cloud_numbers: dict[str, list[SourceConfig]] = {}
+        for s in config.sources:
+            if s.kind == "whatsapp_cloud" and s.phone_number_id:
+                self.cloud_numbers.setdefault(s.phone_number_id, []).append(s)
         # SQLite has one writer: a second concurrent flush would only wait for the lock.
         # PostgreSQL commits up to 4 batches at once, a second only once 16 events wait.
         flushes = 1 if store.dialect == "sqlite" else 4
@@ -188,6 +195,8 @@ class Hub:
         # by (side, error): an outage, or a role that may not write, refuses every request;
         # the log says so once a minute (log_throttle.py).
         self.unavailable_lines = LogThrottle()
+        # `webhook_of_another_tenants_number` (ingress/endpoint.py: `owned`), as few.
+        self.foreign_number_lines = LogThrottle()
 
     def log_store_error(self, side: str, exc: StoreError) -> None:
         """A request of `side` (`ingest`, `api`) met `exc`: a line a minute of each kind.

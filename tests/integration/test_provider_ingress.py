@@ -15,6 +15,7 @@ import httpx
 import orjson
 import pytest
 from starlette.types import Receive, Scope, Send
+from structlog.testing import capture_logs
 
 from estafeta.api.app import create_app
 from estafeta.config import load_config_dict
@@ -382,6 +383,113 @@ async def test_a_whatsapp_webhook_without_a_valid_signature_stores_nothing(
     r = await http.post("/in/wa-sol", content=tampered.replace(b"Maria", b"Mario"), headers=good)
     assert r.status_code == 401
     assert (await store.queue_stats(history=True)).by_state == {}
+
+
+# The number of the fixtures' webhooks (their `metadata.phone_number_id`).
+FIXTURE_NUMBER = "114950281736452"
+
+
+@contextlib.asynccontextmanager
+async def two_tenants_of_one_app(
+    store: SqlStore, database_url: str, outra_app_secret: str
+) -> AsyncIterator[httpx.AsyncClient]:
+    """wa-sol (clinica-sol, another number) and wa-outra (outra, the fixtures' number, its
+    app secret `outra_app_secret`): a BSP's Meta app serving two businesses posts every
+    number's webhooks to the one URL it has, here wa-sol's."""
+    data = base_config(database_url)
+    data["sources"].extend(provider_sources())
+    wa_sol = next(s for s in data["sources"] if s["id"] == "wa-sol")
+    wa_sol.update(access_token="sol-token", phone_number_id="114950281736999")
+    data["sources"].append(
+        {
+            "id": "wa-outra",
+            "tenant": "outra",
+            "kind": "whatsapp_cloud",
+            "app_secret": outra_app_secret,
+            "access_token": "outra-token",
+            "phone_number_id": FIXTURE_NUMBER,
+        }
+    )
+    config = load_config_dict(data)
+    await store.sync_config(config, 1)
+    hub = Hub(config, store)
+    try:
+        transport = httpx.ASGITransport(app=create_app(hub))
+        async with httpx.AsyncClient(transport=transport, base_url="http://hub") as http:
+            yield http
+    finally:
+        await hub.close()
+
+
+async def test_a_message_to_another_tenants_number_of_the_same_app_is_that_tenants(
+    store: SqlStore, database_url: str
+) -> None:
+    """The app's one URL is wa-sol's, so outra's patients' messages and statuses arrive
+    there: they were stored as clinica-sol's (its routes sent them to its CRM, its key read
+    them), and outra never had them."""
+    async with two_tenants_of_one_app(store, database_url, WA_VECTOR["app_secret"]) as http:
+        for name in ("text.json", "status_delivered.json"):
+            body, headers = wa_post(name)
+            r = await http.post("/in/wa-sol", content=body, headers=headers)
+            assert r.status_code == 200, r.text
+            stored = await event_of(http, r.json()["id"])
+            assert (stored["event"]["tenant"], stored["event"]["source"]) == ("outra", "wa-outra")
+            assert [d["destination"] for d in stored["deliveries"]] == ["outra-sink"]
+            # Meta redelivers: the same event, whichever URL it comes to.
+            again = await http.post("/in/wa-sol", content=body, headers=headers)
+            assert again.json() == {"id": r.json()["id"], "duplicate": True}
+        r = await http.get("/api/v1/conversations", params={"tenant": "clinica-sol"}, headers=ADMIN)
+        assert r.json()["conversations"] == []
+        r = await http.get("/api/v1/conversations", params={"tenant": "outra"}, headers=ADMIN)
+        assert [c["id"] for c in r.json()["conversations"]] == ["5511987654321"]
+        # One webhook with a message to each number: each tenant gets its own.
+        doc = orjson.loads((FIXTURES / "whatsapp_cloud/text.json").read_bytes())
+        mine = orjson.loads(orjson.dumps(doc["entry"][0]))
+        value = mine["changes"][0]["value"]
+        value["metadata"]["phone_number_id"] = "114950281736999"
+        value["messages"][0]["id"] = "wamid.to-sol"
+        doc["entry"][0]["changes"][0]["value"]["messages"][0]["id"] = "wamid.to-outra"
+        doc["entry"].append(mine)
+        body = orjson.dumps(doc)
+        digest = hmac.new(WA_VECTOR["app_secret"].encode(), body, hashlib.sha256).hexdigest()
+        r = await http.post(
+            "/in/wa-sol",
+            content=body,
+            headers={"content-type": "application/json", "x-hub-signature-256": f"sha256={digest}"},
+        )
+        owners = [(await event_of(http, e["id"]))["event"] for e in r.json()["events"]]
+        assert [(e["tenant"], e["source"], e["data"]["message_id"]) for e in owners] == [
+            ("outra", "wa-outra", "wamid.to-outra"),
+            ("clinica-sol", "wa-sol", "wamid.to-sol"),
+        ]
+
+
+async def test_a_webhook_naming_another_tenants_number_of_another_app_is_not_stored(
+    store: SqlStore, database_url: str
+) -> None:
+    """Signed with clinica-sol's app secret, a webhook naming outra's number (of outra's
+    own app) is no proof for outra: a business that knows its app secret could write into
+    another's conversations. Stored as clinica-sol's, it gave clinica-sol outra's number's
+    traffic. Neither: it is left out."""
+    async with two_tenants_of_one_app(store, database_url, "outra-own-app-secret") as http:
+        body, headers = wa_post("text.json")
+        with capture_logs() as logs:
+            r = await http.post("/in/wa-sol", content=body, headers=headers)
+        assert (r.status_code, r.json()) == (200, {"events": []})
+        assert (await store.queue_stats(history=True)).by_state == {}
+        [line] = [x for x in logs if x["event"] == "webhook_of_another_tenants_number"]
+        assert (line["source"], line["phone_number_id"], line["sources"], line["count"]) == (
+            "wa-sol",
+            FIXTURE_NUMBER,
+            ["wa-outra"],
+            1,
+        )
+        # Its own app's webhook, to its own URL, is outra's as ever.
+        body, headers = wa_post("text.json", secret="outra-own-app-secret")
+        r = await http.post("/in/wa-outra", content=body, headers=headers)
+        assert r.status_code == 200, r.text
+        stored = await event_of(http, r.json()["id"])
+        assert (stored["event"]["tenant"], stored["event"]["source"]) == ("outra", "wa-outra")
 
 
 async def test_twilio_signed_over_the_url_as_received_and_behind_a_proxy(

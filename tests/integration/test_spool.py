@@ -459,6 +459,40 @@ async def test_repeats_of_a_key_at_once_during_the_outage_get_one_id(down_hub: H
     assert (first.duplicate, second.event_id, second.duplicate) == (False, first.event_id, True)
 
 
+async def test_one_key_of_two_tenants_spooled_is_two_events_each_drained_as_its_own(
+    down_hub: Hub, store: SqlStore
+) -> None:
+    """Each tenant's idempotency keys are its own, in the spool as in the store: the same
+    key published by two tenants during an outage is two events, each drained under its
+    tenant to its own destinations, and each tenant's repeat gets its own original."""
+
+    def published(tenant_id: str) -> dict[str, Any]:
+        return {
+            "tenant_id": tenant_id,
+            "source_id": "api",
+            "event_type": "appointment.booked",
+            "data": {"status": "confirmed"},
+            "idempotency_key": "apt-1",
+        }
+
+    sol, outra = [await down_hub.accept(**published(t)) for t in ("clinica-sol", "outra")]
+    assert sol.spooled and outra.spooled and not (sol.duplicate or outra.duplicate)
+    assert sol.event_id != outra.event_id
+    again = await down_hub.accept(**published("outra"))
+    assert (again.event_id, again.duplicate) == (outra.event_id, True)
+    assert down_hub.spool is not None
+    assert await down_hub.spool.drain(store) == 2
+    expected = [
+        (sol.event_id, "clinica-sol", ["billing", "crm"]),
+        (outra.event_id, "outra", ["outra-sink"]),
+    ]
+    for event_id, tenant, destinations in expected:
+        view = await store.get_event(event_id, tenant)
+        assert view is not None
+        assert sorted(d.destination_id for d in view.deliveries) == destinations
+    assert await store.get_event(sol.event_id, "outra") is None
+
+
 async def test_a_redelivery_during_the_outage_gets_the_original_id(down_hub: Hub) -> None:
     first, again = [  # one webhook, then its redelivery
         await down_hub.accept(

@@ -23,7 +23,9 @@ from estafeta.http_protocol import CUT_OFF
 from estafeta.ingress.providers.base import InboundRequest
 
 if TYPE_CHECKING:
+    from estafeta.config import SourceConfig
     from estafeta.hub import Hub
+    from estafeta.ingress.generic import ParsedEvent
     from estafeta.store.records import InsertResult
 
 Scope = MutableMapping[str, Any]
@@ -239,15 +241,15 @@ class IngestApp:
         results = await hub.accept_all(
             [
                 hub.new_event(
-                    tenant_id=source.tenant,
-                    source_id=source.id,
+                    tenant_id=its.tenant,
+                    source_id=its.id,
                     event_type=p.type,
                     data=p.data,
                     idempotency_key=p.idempotency_key,
                     occurred_at=p.occurred_at,
                     raw=p.raw,
                 )
-                for p in parsed
+                for its, p in owned(hub, source, parsed, request)
             ]
         )
         if not results:  # verified, but nothing to store (Meta's account updates …)
@@ -261,6 +263,61 @@ class IngestApp:
             return status, {"id": results[0].event_id, "duplicate": duplicate}, marks
         listed = [{"id": r.event_id, "duplicate": r.duplicate} for r in results]
         return status, {"events": listed}, marks
+
+
+def owned(
+    hub: Hub, source: SourceConfig, parsed: Sequence[ParsedEvent], request: InboundRequest
+) -> list[tuple[SourceConfig, ParsedEvent]]:
+    """The events `source` received, each with the source it belongs to: `source`, unless
+    it is a WhatsApp Cloud event of a number that only other tenants' sources have. A Meta
+    app serving several businesses posts every number's webhooks to the one URL it has:
+    stored as the receiving tenant's, one business got another's patients' messages. Such
+    an event is that source's when the webhook is signed with its app secret too (the same
+    app); else it is left out, and logged: a business that knows its own app secret must not
+    write into another's conversations. Each number is judged once a webhook (a signature
+    is a pass over the body, up to 3 MB)."""
+    if source.kind != "whatsapp_cloud":
+        return [(source, p) for p in parsed]
+    owners: dict[object, SourceConfig | None] = {}
+    left_out: dict[str, int] = {}
+    kept: list[tuple[SourceConfig, ParsedEvent]] = []
+    for p in parsed:
+        number = p.data.get("phone_number_id")
+        if number not in owners:
+            owners[number] = _owner(hub, source, number, request)
+        found = owners[number]
+        if found is not None:
+            kept.append((found, p))
+        else:
+            assert isinstance(number, str)  # noqa: S101 - only a configured number is left out
+            left_out[number] = left_out.get(number, 0) + 1
+    for number, events in left_out.items():
+        count = hub.foreign_number_lines.due((source.id, number), events)
+        if count is not None:
+            log.warning(
+                "webhook_of_another_tenants_number",
+                source=source.id,
+                phone_number_id=number,
+                sources=sorted(other.id for other in hub.cloud_numbers[number]),
+                count=count,
+            )
+    return kept
+
+
+def _owner(
+    hub: Hub, source: SourceConfig, number: object, request: InboundRequest
+) -> SourceConfig | None:
+    """The source the events of `number` that `source` received belong to (see `owned`)."""
+    theirs = hub.cloud_numbers.get(number) if isinstance(number, str) else None
+    if not theirs or any(other.tenant == source.tenant for other in theirs):
+        return source  # a number of this tenant's (or of no source): as it always was
+    for other in theirs:
+        try:
+            hub.source_handlers[other.id].verify(request)
+        except HttpError:
+            continue
+        return other
+    return None
 
 
 def inbound_request(scope: Scope, headers: dict[str, str], body: bytes) -> InboundRequest:
