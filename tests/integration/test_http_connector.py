@@ -244,6 +244,8 @@ async def test_slow_destination_times_out(sink: Sink, session: aiohttp.ClientSes
     assert outcome.error_class == "timeout"
     assert outcome.status_code is None
     assert 150 <= outcome.duration_ms < 10_000  # bounded by our timeout, not by the sink
+    # Which limit ran out, not aiohttp's bare `TimeoutError` (last_error `timeout: TimeoutError`).
+    assert outcome.response_excerpt == "no answer within 0.2 s"
 
 
 async def test_connection_refused(session: aiohttp.ClientSession) -> None:

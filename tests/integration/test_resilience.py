@@ -14,6 +14,7 @@ import pytest
 
 from estafeta.config import load_config_dict
 from estafeta.delivery.circuit import CircuitState
+from estafeta.errors import StoreUnavailable
 from estafeta.hub import Hub
 from estafeta.store.records import DeadLetterFilter
 from estafeta.store.sqlstore import SqlStore
@@ -281,3 +282,60 @@ async def test_a_configured_failure_ratio_opens_the_circuit(
         await circuit_becomes(hub, "billing", CircuitState.OPEN)
         assert await crm.wait_for(lambda s: len(s.delivered_ids) == 10, 15)
     assert len(billing.received) == 4  # min_requests results, all failed: then it opened
+
+
+async def test_a_probe_cut_short_by_a_graceful_stop_is_given_back(
+    store: SqlStore, database_url: str, sinks: tuple[Sink, Sink]
+) -> None:
+    """A worker stopped (a deploy, a restart) while its probe waits for an answer gives the
+    probe back with its delivery: the next worker probes at once, instead of every process
+    holding the destination back until the probe timeout (its timeout + 5 s, up to 60 s)."""
+    crm, billing = sinks
+    billing.respond(503)
+    data = quick_circuit(database_url, crm, billing, worker={"shutdown_grace_s": 0})
+    async with running(store, data) as hub:
+        ids = await publish(hub, 3)
+        await circuit_becomes(hub, "billing", CircuitState.OPEN)
+        billing.respond(200, delay_s=20)  # the probe hangs: no answer before the stop
+        await circuit_becomes(hub, "billing", CircuitState.HALF_OPEN)
+    circuit = (await hub.worker.breakers._states.get_all())["billing"]
+    assert circuit.state is CircuitState.OPEN  # its reset_s long passed: the next one probes
+    billing.respond(200)
+    async with running(store, data) as again:
+        assert await billing.wait_for(lambda s: s.delivered_ids == set(ids), 5)
+        assert ("billing", "closed") in again.worker.breakers.transitions
+
+
+async def test_a_probe_whose_claim_meets_a_store_outage_is_given_back_unsent(
+    store: SqlStore,
+    database_url: str,
+    sinks: tuple[Sink, Sink],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Circuits in the store (no Redis): the store answers the probe's lease, then fails the
+    claim of the probe itself. The delivery leased for it was neither sent nor given back:
+    it waited in flight until its lease expired (a minute), then spent an attempt as
+    `lease_expired`, "the worker sending it stopped", though nothing had been sent."""
+    crm, billing = sinks
+    billing.respond(503)
+    async with running(store, quick_circuit(database_url, crm, billing)) as hub:
+        ids = await publish(hub, 3)
+        await circuit_becomes(hub, "billing", CircuitState.OPEN)
+        await none_in_flight(store)  # billing's next request is a probe
+        update_circuit = store.update_circuit
+        failed: list[str] = []
+
+        async def blip(destination_id: str, *args: Any) -> Any:
+            if not failed:  # the claim of the probe
+                failed.append(destination_id)
+                raise StoreUnavailable("the store cannot be reached: test")
+            return await update_circuit(destination_id, *args)
+
+        monkeypatch.setattr(store, "update_circuit", blip)
+        billing.respond(200)
+        assert await billing.wait_for(lambda s: s.delivered_ids == set(ids), 10)
+        assert failed == ["billing"]
+        for event_id in ids:
+            view = await settled(store, event_id)
+            for d in view.deliveries:
+                assert "lease_expired" not in [a.error_class for a in d.attempt_log]

@@ -505,6 +505,7 @@ async def test_a_send_that_outlives_its_timeout_is_ended_by_the_worker_and_retri
     for attempt in delivery.attempt_log:
         assert (attempt.outcome, attempt.error_class) == ("retryable", "timeout")
         assert 1_100 <= attempt.duration_ms < 3_000  # 0.2 s + the 1 s margin, not forever
+        assert attempt.response_excerpt == "no answer within 1.2 s"
 
 
 def worker_config(database_url: str, sink: Sink, *, timeout_s: float = 2, **worker: Any) -> Config:

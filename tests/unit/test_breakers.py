@@ -158,3 +158,34 @@ async def test_a_long_lease_does_not_hold_a_dead_probe_longer_than_a_minute() ->
     board = await probe_taken_by_a_killed_worker(lease_s=3600, timeout_s=10)
     assert not await board.try_probe("d", 15_000)  # its attempt may still be answering
     assert await board.try_probe("d", 61_000)  # a minute on: the next delivery probes
+
+
+async def test_a_dead_workers_send_probe_is_forgotten_after_a_lease_too() -> None:
+    """Messages sent through a provider source (`send:<source>`) have a circuit of the
+    defaults, and their attempts a 10 s timeout. With leases of 20 s, a killed worker's probe
+    of one was waited for a fixed minute, not the lease configuration.md promises: nothing
+    was sent through the number for 40 s after its delivery was rescued."""
+    config = load_config_dict(
+        {
+            "tenants": [{"id": "t"}],
+            "worker": {"lease_s": 20},
+            "sources": [
+                {
+                    "id": "wa",
+                    "tenant": "t",
+                    "kind": "whatsapp_cloud",
+                    "app_secret": "s",
+                    "verify_token": "v",
+                    "access_token": "a",
+                    "phone_number_id": "1",
+                }
+            ],
+        }
+    )
+    board = Breakers(MemoryCircuitStore(), config)
+    for _ in range(5):  # the default circuit: five failures open it
+        await board.record("send:wa", DOWN, started_at=0, now_ms=0)
+    await board.refresh(force=True)
+    assert await board.try_probe("send:wa", 30_000)  # taken by the worker that is then killed
+    assert not await board.try_probe("send:wa", 49_999)  # within its lease: it may answer
+    assert await board.try_probe("send:wa", 50_000)  # its lease is over: the next one probes

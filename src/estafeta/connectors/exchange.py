@@ -91,7 +91,9 @@ async def exchange(
                 raise
             got = await _request(session, method, target, headers, body, rest, read_limit, tls)
     except TimeoutError as exc:  # = asyncio.TimeoutError since 3.11; aiohttp's timeouts too
-        return no_answer(started, url, "timeout", exc)
+        # aiohttp's total timeout raises a bare TimeoutError: its excerpt and `last_error`
+        # read `TimeoutError`, which says neither that nothing came back nor after how long.
+        return no_answer(started, url, "timeout", str(exc) or no_answer_within(timeout.total))
     # Before ClientError, which both are: a URL we cannot send to will never work.
     except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError) as exc:
         return no_answer(started, url, "invalid_destination", exc, OutcomeKind.PERMANENT)
@@ -222,6 +224,11 @@ async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
     except (aiohttp.ClientError, OSError, TimeoutError):
         pass
     return b"".join(chunks)
+
+
+def no_answer_within(timeout_s: float | None) -> str:
+    """The excerpt of an attempt that timed out: `no answer within 10 s`."""
+    return "no answer" if timeout_s is None else f"no answer within {timeout_s:g} s"
 
 
 def no_answer(

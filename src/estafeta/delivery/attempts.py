@@ -28,6 +28,7 @@ import structlog
 from estafeta.clock import Clock
 from estafeta.config import Config
 from estafeta.config.models import DEFAULT_TIMEOUTS_S, SourceConfig
+from estafeta.connectors.exchange import no_answer_within
 from estafeta.connectors.registry import Connectors
 from estafeta.delivery.backoff import DEFAULT_BACKOFF, BackoffPolicy
 from estafeta.delivery.breakers import Breakers
@@ -150,6 +151,10 @@ class Attempts:
         self._recording: set[asyncio.Task[None]] = set()
         # Set on stop: results still waiting for the store to come back stop waiting.
         self._stopping = asyncio.Event()
+        # Probes in flight: their destination and when each was admitted. One cut short on
+        # stop is given back, or every process held its destination back until the probe
+        # timeout (up to 60 s after a deploy).
+        self._probes: dict[asyncio.Task[None], tuple[str, int]] = {}
         self.sent = 0  # attempts made, for reports and tests
 
     def start(
@@ -159,12 +164,14 @@ class Attempts:
         *,
         foreign: bool = False,
         started_at: int | None = None,
+        probe: bool = False,
     ) -> None:
         """Send `delivery` now, in a task of its own (`loop` is the running one: the caller
         looks it up once per batch, as each lookup is a getpid() call). A `foreign` one
         (its destination id names another tenant's destination, destination_tenants) is
         never sent: it is dead-lettered, as to a destination no longer configured.
-        `started_at`: when the rate limit counted the send (default: now)."""
+        `started_at`: when the rate limit counted the send (default: now). A `probe` is the
+        one send its half-open circuit admitted."""
         # The attempt starts when the limiter admits it: its `started_at` is then the
         # moment counted in the destination's window, not a later turn of the loop.
         if started_at is None:
@@ -172,6 +179,8 @@ class Attempts:
         task = loop.create_task(self._attempt(delivery, started_at, foreign))
         self.in_flight[task] = delivery
         task.add_done_callback(self._finished)
+        if probe:
+            self._probes[task] = (delivery.destination_id, started_at)
         self.sending[delivery.destination_id] = self.sending.get(delivery.destination_id, 0) + 1
 
     # -- one attempt ------------------------------------------------------------------------
@@ -250,6 +259,13 @@ class Attempts:
         except StoreUnavailable:
             log.warning("circuit_not_recorded", destination=destination_id)
 
+    async def _give_back_probe(self, destination_id: str, started_at: int) -> None:
+        """A probe cut short unanswered told nothing: the next process may probe at once."""
+        try:
+            await self.breakers.give_back_probe(destination_id, started_at=started_at)
+        except StoreUnavailable:  # forgotten after the probe timeout, as a dead worker's
+            log.warning("circuit_not_recorded", destination=destination_id)
+
     async def _send(self, delivery: LeasedDelivery, task: asyncio.Task[None]) -> Outcome:
         connector = self._connectors.get(delivery.destination_id)
         if connector is None:
@@ -271,6 +287,7 @@ class Attempts:
                 OutcomeKind.RETRYABLE,
                 (time.perf_counter() - started) * 1000,
                 error_class="timeout",
+                response_excerpt=no_answer_within(ceiling),  # as the connector's own says
             )
         finally:
             expiry.disarm()
@@ -308,6 +325,8 @@ class Attempts:
             self._left_flight(delivery)
         self._answered.discard(task)
         self._recording.discard(task)
+        if self._probes:
+            self._probes.pop(task, None)
         self._slot_freed.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("attempt_crashed", exc_info=task.exception())
@@ -330,7 +349,10 @@ class Attempts:
         # Sends still waiting for an answer are cut short and given back unsent. One already
         # answered must keep its outcome (given back, it would be sent again): it records it.
         unfinished = {t: d for t, d in self.in_flight.items() if t not in self._answered}
+        cut_probes = [self._probes[t] for t in unfinished if t in self._probes]
         await _cancel(unfinished)
+        for destination_id, started_at in cut_probes:
+            await self._give_back_probe(destination_id, started_at)
         if self.in_flight:
             await asyncio.wait(list(self.in_flight), timeout=RESULT_GRACE_S)
             await _cancel(list(self.in_flight))  # not recorded: their leases expire

@@ -31,6 +31,7 @@ import structlog
 from redis.asyncio import Redis
 
 from estafeta.config import Config
+from estafeta.config.models import DEFAULT_TIMEOUTS_S
 from estafeta.delivery.circuit import (
     Admission,
     Circuit,
@@ -47,6 +48,8 @@ from estafeta.delivery.circuit_store import (
     RedisCircuitStore,
 )
 from estafeta.delivery.outcome import Outcome, OutcomeKind
+from estafeta.messaging.facts import send_destination
+from estafeta.messaging.outbound import can_send
 from estafeta.observability.metrics import CIRCUIT_TRANSITIONS
 from estafeta.redis_client import connect_redis
 from estafeta.store.sqlstore import SqlStore
@@ -109,9 +112,20 @@ def counts_against(outcome: Outcome) -> bool | None:
     return False
 
 
+def _probe_timeout_s(lease_s: float, timeout_s: float) -> float:
+    """How long a probe is waited for: as long as its attempt may take (forgotten sooner, a
+    second probe was admitted and the first one's success ignored as late, so a destination
+    slower than 60 s never closed its circuit), else a lease, as its delivery is (a killed
+    worker's probe blocked the destination for a fixed 60 s after its delivery was rescued).
+    Never more than that 60 s, though: a lease may be hours long, and a probe cannot answer
+    after its attempt's timeout, while the circuit holds back all of the destination."""
+    return max(min(lease_s, PROBE_TIMEOUT_S), timeout_s + PROBE_MARGIN_S)
+
+
 class Breakers:
     def __init__(self, states: CircuitStateStore, config: Config) -> None:
         self._states = states
+        lease_s, max_attempt_s = config.worker.lease_s, config.worker.max_attempt_s
         self._policies = {
             d.id: CircuitPolicy(
                 failures=d.circuit.failures,
@@ -119,20 +133,23 @@ class Breakers:
                 failure_ratio=d.circuit.failure_ratio,
                 window_s=d.circuit.window_s,
                 min_requests=d.circuit.min_requests,
-                # A probe is live as long as its attempt may take: forgotten sooner, a second
-                # probe was admitted and the first one's success ignored as late, so a
-                # destination slower than 60 s never closed its circuit. It is waited for a
-                # lease otherwise, as its delivery is: a killed worker's probe blocked the
-                # destination for a fixed 60 s after its delivery was rescued. Never more than
-                # that 60 s, though: a lease may be hours long, and a probe cannot answer after
-                # its attempt's timeout, while the circuit holds back all of the destination.
-                probe_timeout_s=max(
-                    min(config.worker.lease_s, PROBE_TIMEOUT_S),
-                    d.effective_timeout_s(config.worker.max_attempt_s) + PROBE_MARGIN_S,
-                ),
+                probe_timeout_s=_probe_timeout_s(lease_s, d.effective_timeout_s(max_attempt_s)),
             )
             for d in config.destinations
         }
+        # A provider source's sends have a circuit of the defaults; their probe is waited for
+        # by the same rule (a fixed minute held the number back past the rescue of a killed
+        # worker's probe).
+        send_timeout_s = min(DEFAULT_TIMEOUTS_S["whatsapp_send"], max_attempt_s)
+        self._policies.update(
+            {
+                send_destination(s.id): CircuitPolicy(
+                    probe_timeout_s=_probe_timeout_s(lease_s, send_timeout_s)
+                )
+                for s in config.sources
+                if can_send(s)
+            }
+        )
         self._known: dict[str, Circuit] = {}
         self._next_refresh = 0.0
         self.transitions: Counter[tuple[str, str]] = Counter()  # (destination, new state)
@@ -175,9 +192,12 @@ class Breakers:
         self._remember(destination_id, before, after)
         return admit(before, policy, now_ms)[0] is Admission.PROBE
 
-    async def give_back_probe(self, destination_id: str) -> None:
-        """A claimed probe was not sent: reopen as it was so another may probe."""
-        before, after = await self._states.update(destination_id, give_back)
+    async def give_back_probe(self, destination_id: str, *, started_at: int | None = None) -> None:
+        """A claimed probe was not sent, or was cut short unanswered (admitted at
+        `started_at`): reopen as it was so another may probe."""
+        before, after = await self._states.update(
+            destination_id, lambda c: give_back(c, started_at_ms=started_at)
+        )
         self._remember(destination_id, before, after)  # half_open → open, logged and counted
 
     def on_record(self) -> set[str]:

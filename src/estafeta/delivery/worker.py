@@ -291,7 +291,14 @@ class Worker:
             if not probe:
                 continue
             taken += len(probe)
-            if not await self.breakers.try_probe(destination_id, now):
+            try:
+                claimed = await self.breakers.try_probe(destination_id, now)
+            except StoreUnavailable:
+                # Leased, unsent: given back once the store answers. Dropped, it waited in
+                # flight for its lease to expire and was rescued as an attempt never made.
+                self._give_back(probe)
+                raise
+            if not claimed:
                 self._give_back(probe)  # another worker holds the probe: no attempt counted
             elif not await self._start(probe, now, probe=True):
                 # The rate limit held it back: another worker (or this one, later) may probe
@@ -510,7 +517,7 @@ class Worker:
                 held.add(delivery.destination_id)
                 snoozed.append(delivery)
                 continue
-            start(loop, delivery, started_at=asked_at)
+            start(loop, delivery, started_at=asked_at, probe=probe)
         self._give_back(snoozed)
         await self._snoozes.release()
         return len(batch) - len(snoozed)
