@@ -464,6 +464,32 @@ def test_a_database_of_a_newer_version_is_named_and_left_as_it_is(
 
 
 @pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_a_database_of_another_alembic_application_is_named_as_such(
+    tmp_path: Path, engine: str
+) -> None:
+    # Before: another application's revision (Alembic's are hex by default; both use the
+    # table alembic_version) was "migration ae1027a6acf, newer than this version of
+    # estafeta …: run the estafeta that migrated it", an estafeta that never was.
+    def attempts(database_url: str) -> None:
+        config = config_file(tmp_path, database_url)
+        assert run(config, "migrate").exit_code == 0
+        asyncio.run(set_revision(database_url, "ae1027a6acf"))
+        for command in (["migrate"], ["dlq", "list"]):
+            result = run(config, *command)
+            assert result.exit_code == 2, (command, result.output, result.exception)
+            assert (
+                "the database holds another application's Alembic revision 'ae1027a6acf' (its"
+                " alembic_version table), not an estafeta schema: give estafeta a database of"
+                " its own"
+            ) in result.output, result.output
+            assert "newer than this version" not in result.output
+        assert asyncio.run(revision_of(database_url)) == "ae1027a6acf"
+
+    with empty_database(engine, tmp_path, "foreign") as url:
+        attempts(url)
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
 async def test_serve_and_worker_refuse_a_database_of_a_newer_version(
     tmp_path: Path, engine: str
 ) -> None:

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from estafeta.config import load_config_dict
 from estafeta.errors import StoreError, StoreUnavailable
 from estafeta.store import engine_url, open_store
+from estafeta.store.migrate import head_revision
 from tests.conftest import IN_CI, fresh_database, pgbouncer
 
 
@@ -203,7 +204,9 @@ async def test_a_role_that_may_not_create_the_schema_is_told_what_it_lacks(
         with pytest.raises(StoreError) as refused:
             await store.migrate()
         assert str(refused.value) == (
-            "the store failed: permission denied for schema public (SQLSTATE 42501)"
+            "the store failed: permission denied for schema public (SQLSTATE 42501), while"
+            f" creating the schema ({head_revision()}): none of it was kept (the database"
+            " still has no estafeta schema)"
         )
     finally:
         await store.close()

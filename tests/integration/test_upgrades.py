@@ -9,24 +9,35 @@ version, and work: a lease, a rescue, a DLQ replay, a key check.
 
 from __future__ import annotations
 
+import asyncio
+import re
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, column, inspect, select, table
+from sqlalchemy import Connection, column, inspect, select, table, text
 from sqlalchemy.sql.expression import TableClause
+from structlog.testing import capture_logs
 
 from estafeta.api.auth import hash_key
+from estafeta.errors import StoreError
 from estafeta.store import open_store
-from estafeta.store.migrate import current_revision, head_revision, upgrade
+from estafeta.store.migrate import (
+    _MIGRATION_LOCK,
+    current_revision,
+    head_revision,
+    known_revisions,
+    upgrade,
+)
 from estafeta.store.records import DeadLetterFilter
+from estafeta.store.schema import metadata
 from estafeta.store.sqlstore import SqlStore
 from tests.conftest import empty_database, lease_any
 from tests.integration.store_support import message
 
-EARLIER = ["0001", "0002", "0003", "0004", "0005", "0008", "0013"]
+EARLIER = sorted(known_revisions() - {head_revision()})
 NOW = 1_800_000_000_000
 T0 = NOW - 3_600_000
 TENANT = "clinica-sol"
@@ -195,6 +206,10 @@ def rows_at(revision: str) -> dict[str, list[dict[str, Any]]]:
             | {"error": None, "event_id": "evt_4", "delivery_id": "dlv_d", "sent_at": T0 + 8}
             | {"created_at": T0 + 6, "updated_at": T0 + 8}
         ]
+        if revision >= "0009":  # Z-API's second id of a sent message
+            rows["messages"][0]["provider_alt_id"] = "zaap-2"
+        if revision >= "0015":  # the name came with the conversation's last message
+            rows["conversations"][0]["contact_name_at"] = T0 + 9
     if revision >= "0008":
         # A worker seen 5 s ago; from 0013, a newer `serve --no-workers` beside it.
         rows["processes"] = [
@@ -207,6 +222,9 @@ def rows_at(revision: str) -> dict[str, list[dict[str, Any]]]:
                 {"id": "host:2:http", "destinations": '["crm"]', "started_at": T0}
                 | {"seen_at": NOW - 1_000, "stopped_at": None, "delivers": False}
             )
+        if revision >= "0014":  # its delivery task ran steadily until it was last seen
+            rows["processes"][0]["delivering_at"] = NOW - 5_000
+            rows["processes"][1]["delivering_at"] = None
     return rows
 
 
@@ -345,3 +363,122 @@ async def test_a_database_of_an_earlier_version_upgrades_with_every_row_and_work
                 await store.insert_events([message("new", maria, T0 + 10, name="Maria Nova")])
                 renamed = await store.get_conversation(TENANT, maria)
                 assert renamed is not None and renamed.contact_name == "Maria Nova"
+
+
+# -- waiting for another migration on PostgreSQL ------------------------------------------------
+
+
+async def test_a_migration_waits_for_another_as_long_as_it_takes_and_says_whose(
+    tmp_path: Path,
+) -> None:
+    """The docs: several `migrate` or `serve` starting at once migrate one after another, and
+    a migration takes the time it needs. Before, a statement_timeout or lock_timeout (of the
+    role, or the URL's documented `options`) cancelled the wait for another process's
+    migration, or a long index build, as `the store cannot be reached` (exit 3); and the wait
+    was silent, however long (a `migrate` killed during an index build leaves its server
+    process building it, holding the lock)."""
+    with empty_database("postgresql", tmp_path, "waiting") as url:
+        async with opened(url) as store:
+            await upgrade(store.engine, "0011")
+            async with store.engine.connect() as holder:  # another process's migration
+                await holder.execute(
+                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK}
+                )
+                holder_pid = (await holder.execute(text("SELECT pg_backend_pid()"))).scalar()
+                timeouts = "options=-c%20statement_timeout%3D100%20-c%20lock_timeout%3D100"
+                async with opened(f"{url}{'&' if '?' in url else '?'}{timeouts}") as second:
+                    with capture_logs() as logs:
+                        migrating = asyncio.ensure_future(second.migrate())
+                        for _ in range(200):  # up to 10 s for it to say it waits
+                            if migrating.done() or any(
+                                e["event"] == "schema_migration_waiting" for e in logs
+                            ):
+                                break
+                            await asyncio.sleep(0.05)
+                        assert not migrating.done(), migrating.exception()
+                        assert [e for e in logs if e["event"].startswith("schema_")] == [
+                            {
+                                "event": "schema_migration_waiting",
+                                "holder_pid": holder_pid,
+                                "log_level": "info",
+                            }
+                        ]
+                        await asyncio.sleep(0.5)  # five times the URL's timeouts
+                        assert not migrating.done(), migrating.exception()
+                        await holder.rollback()  # the other migration ends
+                        await migrating
+            assert await current_revision(store.engine) == head_revision()
+
+
+async def test_a_migration_that_fails_says_so_and_keeps_nothing_of_it(
+    engine: str, tmp_path: Path
+) -> None:
+    """Before, a failed migration said only the driver's class (`error: DATABASE: the store
+    failed: ProgrammingError (SQLSTATE 42P07)`): neither that a migration failed nor in what
+    state it left the database. Here 0012's index name is taken by an index of the operator's;
+    0010 (a pair of one key in flight given back) and 0011 ran before it in the same
+    transaction."""
+    rows = rows_at("0009")
+    rows["deliveries"] += [  # a race of before 0010 left two of key k2 in flight
+        delivery(f"dlv_k{n}", "evt_3", "in_flight", ordering_key="k2", lease_token=f"t{n}")
+        | {"lease_expires_at": NOW}
+        for n in (1, 2)
+    ]
+    with empty_database(engine, tmp_path, "failing") as url:
+        async with opened(url) as store:
+            await upgrade(store.engine, "0009")
+            await insert(store, rows)
+            async with store.engine.begin() as conn:
+                await conn.execute(text("CREATE INDEX deliveries_dead ON audit_log (at)"))
+            before = await read_back(store, rows)
+            before_schema = await schema(store)
+
+            with pytest.raises(StoreError) as failed:
+                await store.migrate()
+            assert str(failed.value).endswith(
+                f", while migrating the schema from 0009 to {head_revision()}: none of it was"
+                " kept (the database is still at 0009)"
+            ), failed.value
+            assert await current_revision(store.engine) == "0009"
+            assert await read_back(store, rows) == before
+            assert await schema(store) == before_schema
+
+            async with store.engine.begin() as conn:  # the operator drops theirs
+                await conn.execute(text("DROP INDEX deliveries_dead"))
+            await store.migrate()
+            assert await current_revision(store.engine) == head_revision()
+            stats = await store.queue_stats()
+            assert stats.by_state["in_flight"] == 2  # dlv_c and dlv_k1; dlv_k2 given back
+
+
+# -- the migrations build schema.py's tables --------------------------------------------------
+
+
+def normalized(described: dict[str, Any]) -> dict[str, Any]:
+    """PostgreSQL's text of a partial index's predicate without its casts and parentheses: an
+    index built before a column was widened (0002, then 0006) keeps casts of the old type."""
+    for table_described in described.values():
+        table_described["indexes"] = [
+            (name, columns, unique, [(k, re.sub(r"::[a-z ]+(\[\])?|[()]", "", v)) for k, v in opts])
+            for name, columns, unique, opts in table_described["indexes"]
+        ]
+    return described
+
+
+async def test_the_migrations_build_the_declared_tables_with_their_checks_and_defaults(
+    engine: str, tmp_path: Path
+) -> None:
+    """test_store.py's comparison (Alembic's) leaves out CHECK constraints, server defaults
+    and partial indexes' predicates: the code reads schema.py, the database has what the
+    migrations made."""
+    with (
+        empty_database(engine, tmp_path, "migrated") as url,
+        empty_database(engine, tmp_path, "declared") as declared_url,
+    ):
+        async with opened(url) as migrated, opened(declared_url) as declared:
+            await migrated.migrate()
+            async with declared.engine.begin() as conn:
+                await conn.run_sync(metadata.create_all)
+            made = await schema(migrated)
+            del made["alembic_version"]
+            assert normalized(made) == normalized(await schema(declared))

@@ -12,6 +12,7 @@ SQLite needs none: the migration's transaction is BEGIN IMMEDIATE, one writer at
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from sqlalchemy import Connection, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from estafeta.errors import StoreError
+from estafeta.store.base import translated
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 # pg_advisory_xact_lock's key for "a migration is running": any constant of our own.
@@ -44,21 +46,47 @@ async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
     anything is logged before (it may build indexes for minutes, holding tables' write
     locks: the log says why the process is not serving yet) and once committed."""
     began = time.monotonic()
+    target = head_revision() if revision == "head" else revision
+    found: list[str | None] = []  # the revision read, while the migrations run
 
     def run(connection: Connection) -> tuple[str | None, str | None]:
-        if connection.dialect.name == "postgresql":  # held until the transaction ends
-            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+        if connection.dialect.name == "postgresql":
+            # The time it needs, as documented: a statement_timeout or lock_timeout of the
+            # role or of the URL's `options` cancelled an index build over a large table, or
+            # the wait for another process's migration, as "the store cannot be reached".
+            connection.execute(text("SET LOCAL statement_timeout = 0"))
+            connection.execute(text("SET LOCAL lock_timeout = 0"))
+            _lock_migrations(connection)
         current = MigrationContext.configure(connection).get_current_revision()
         if current is not None and current not in known_revisions():
             raise StoreError(f"the database {schema_problem(current)}")
-        target = head_revision() if revision == "head" else revision
         if current != target:
             log.info("schema_migrating", from_revision=current, to_revision=target)
+        found.append(current)
         command.upgrade(alembic_config(connection), revision)
-        return current, MigrationContext.configure(connection).get_current_revision()
+        migrated = MigrationContext.configure(connection).get_current_revision()
+        found.clear()  # a failure from here on is the commit's: it may have been kept
+        return current, migrated
 
-    async with engine.begin() as conn:
-        before, after = await conn.run_sync(run)
+    try:
+        async with engine.begin() as conn:
+            before, after = await conn.run_sync(run)
+    except Exception as exc:
+        if not found:
+            raise
+        # The driver's error alone ("the store failed: ProgrammingError (SQLSTATE 42P07)")
+        # did not say that a migration failed, nor in what state it left the database.
+        error = translated(exc)
+        if error is exc:
+            raise
+        doing, still = (
+            (f"migrating the schema from {found[0]} to {target}", f"is still at {found[0]}")
+            if found[0]
+            else (f"creating the schema ({target})", "still has no estafeta schema")
+        )
+        # Not chained: a driver's text may quote data (store/base.py).
+        message = f"{error}, while {doing}: none of it was kept (the database {still})"
+        raise type(error)(message) from None
     if before != after:
         log.info(
             "schema_migrated",
@@ -66,6 +94,33 @@ async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
             to_revision=after,
             duration_ms=round((time.monotonic() - began) * 1000),
         )
+
+
+def _lock_migrations(connection: Connection) -> None:
+    """Take PostgreSQL's migration lock until the transaction ends, first saying whose
+    migration this one waits for: the wait has no end of its own, and a `migrate` killed
+    during a long index build leaves its server process building it, holding the lock
+    until the statement ends (then it rolls back)."""
+    key = {"key": _MIGRATION_LOCK}
+    if connection.execute(text("SELECT pg_try_advisory_xact_lock(:key)"), key).scalar():
+        return
+    holder = connection.execute(_MIGRATION_LOCK_HOLDER, key).scalar()
+    log.info("schema_migration_waiting", holder_pid=holder)
+    connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), key)
+
+
+# The server process holding the migration lock: a bigint key is split in pg_locks.
+_MIGRATION_LOCK_HOLDER = text(
+    """
+    SELECT pid FROM pg_locks
+    WHERE locktype = 'advisory' AND granted
+      AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND classid::bigint = CAST(:key AS bigint) >> 32
+      AND objid::bigint = CAST(:key AS bigint) & 4294967295
+      AND objsubid = 1
+    LIMIT 1
+    """
+)
 
 
 def head_revision() -> str:
@@ -88,6 +143,14 @@ def schema_problem(current: str | None) -> str | None:
     head = head_revision()
     if current == head:
         return None
+    if current is not None and not re.fullmatch(r"\d{4}", current):
+        # Another application's Alembic table (estafeta's revisions are numbered): "newer than
+        # this version, run the estafeta that migrated it" would send the operator looking
+        # for an estafeta that never was.
+        return (
+            f"holds another application's Alembic revision {current!r} (its alembic_version "
+            "table), not an estafeta schema: give estafeta a database of its own"
+        )
     if current is not None and current not in known_revisions():
         return (
             f"has the schema of migration {current}, newer than this version of estafeta "
