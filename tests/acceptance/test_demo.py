@@ -152,6 +152,28 @@ def test_the_demo_on_an_address_in_use_says_so_in_one_line(tmp_path: Path, chose
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("named", [True, False], ids=["--dir", "a-temporary-directory"])
+def test_a_demo_that_cannot_listen_leaves_nothing_behind(tmp_path: Path, named: bool) -> None:
+    # Before: it had written estafeta.toml and a migrated estafeta.db first, so the same
+    # `--dir` with a free port was then refused ("already holds estafeta.toml and
+    # estafeta.db"), and without --dir a directory nobody was told of stayed in $TMPDIR.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ESTAFETA_")}
+    env["TMPDIR"] = str(tmp_path)
+    workdir = tmp_path / "demo"
+    where = ["--dir", str(workdir)] if named else []
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        done = demo(*where, "--listen", listen, env=env, timeout_s=50)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"error: cannot serve on {listen}" in done.stderr, done.stderr
+    left = sorted(path.relative_to(tmp_path).as_posix() for path in tmp_path.rglob("*"))
+    assert left == (["demo"] if named else [])
+    if named:  # the reader's next try, on a free port, runs
+        again = demo(*where, "--events", "2", env=env)
+        assert again.returncode == 0, again.stdout + again.stderr
+
+
+@pytest.mark.timeout(120)
 def test_the_demo_takes_a_port_of_0_from_estafeta_listen_as_from_listen(tmp_path: Path) -> None:
     # Before: `ESTAFETA_LISTEN=127.0.0.1:0` served on a free port, but the demo talked to
     # port 0 ("hub on http://127.0.0.1:0") and ended in a ConnectionRefusedError traceback.

@@ -874,6 +874,32 @@ async def test_sink_runs_as_a_process(session: aiohttp.ClientSession) -> None:
     }
 
 
+async def test_sink_process_says_why_it_cannot_start() -> None:
+    # add-a-destination.md has the reader start it on port 9000, where an earlier receiver
+    # may still listen; a typed secret may not be base64. One line each, exit 2.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cases = [
+            (["--port", str(port)], f"error: cannot listen on 127.0.0.1:{port}: "),
+            (["--secret", "whsec_a"], "error: --secret: not a Standard Webhooks secret "),
+        ]
+        for arguments, expected in cases:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "estafeta.testing.sink",
+                *arguments,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            stdout, stderr = await asyncio.wait_for(process.communicate(), 10.0)
+            assert (process.returncode, stdout) == (2, b"")
+            assert stderr.decode().startswith(expected)
+            assert "Traceback" not in stderr.decode()
+
+
 @pytest.mark.parametrize(
     ("secret", "timeout_s"), [("whsec_", 5.0), ("whsec_a", 5.0), (SECRET, 0.0)]
 )

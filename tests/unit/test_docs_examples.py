@@ -22,9 +22,9 @@ DOCUMENTS = [README, ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").rglob("*.
 
 
 def blocks(document: Path, language: str) -> list[str]:
-    return re.findall(
-        rf"^```{language}\n(.*?)^```", document.read_text(encoding="utf-8"), re.M | re.S
-    )
+    # A block inside a quote (`> ```toml`, a how-to's warning) counts too: a reader copies it.
+    text = re.sub(r"^> ?", "", document.read_text(encoding="utf-8"), flags=re.M)
+    return re.findall(rf"^```{language}\n(.*?)^```", text, re.M | re.S)
 
 
 def documented_environment() -> dict[str, str | None]:
@@ -60,9 +60,11 @@ def test_the_readme_configuration_passes_check_config(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("snippet", SNIPPETS)
 def test_each_how_to_configuration_passes_check_config(tmp_path: Path, snippet: str) -> None:
-    # A snippet that declares its own tenant is a whole file; the others are added to the
-    # README's file, whose tenant, source and `crm` destination they name.
-    whole = snippet if "[[tenants]]" in snippet else f"{README_CONFIG}\n{snippet}"
+    # A snippet that declares its own tenant, or a table such as `[server]` (which the README's
+    # file has already), is a whole file; the others are added to the README's file, whose
+    # tenant, source and `crm` destination they name.
+    alone = "[[tenants]]" in snippet or re.search(r"^\[\w+\]", snippet, re.M)
+    whole = snippet if alone else f"{README_CONFIG}\n{snippet}"
     assert check_config(tmp_path, whole) == (0, f"{tmp_path / 'estafeta.toml'}: ok\n")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -501,5 +502,24 @@ def run_demo(
     async def main() -> None:
         result.append(await _story(base.resolve(), event_count, listen))
 
-    run(main)
+    try:
+        run(main)
+    except ServeError:
+        # The hub never listened, so the story never began: take back what it wrote, or the
+        # same --dir is refused next time (it "already holds" them) and a temporary
+        # directory the reader was never told of stays behind.
+        _take_back(base, made_here=workdir is None)
+        raise
     return result[0]
+
+
+def _take_back(base: Path, *, made_here: bool) -> None:
+    """Remove what the demo wrote in `base` (all of it when the demo made `base`): only its
+    own files, since a `--dir` may hold others."""
+    if made_here:
+        shutil.rmtree(base, ignore_errors=True)
+        return
+    for name in ("estafeta.toml", "estafeta.db", "estafeta.db-wal", "estafeta.db-shm"):
+        (base / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # the spool it names, if made and still empty
+        (base / "estafeta-spool").rmdir()

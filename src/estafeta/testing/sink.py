@@ -14,7 +14,9 @@ what arrived, and lets a test wait for a condition without polling (`wait_for`).
 
 It also runs as a process for subprocess tests:
 `python -m estafeta.testing.sink --port 0 [--fail-first N] [--status S] [--secret whsec_…]`
-prints `{"url": …}` once listening and a summary line when stopped (SIGTERM or SIGINT).
+prints `{"url": …}` once listening and a summary line when stopped (SIGTERM or SIGINT); one
+that cannot start (its port in use, a `--secret` that is not base64) prints one `error:` line
+on stderr and exits 2.
 """
 
 from __future__ import annotations
@@ -195,13 +197,19 @@ def _client_certificate(request: web.Request) -> str | None:
 # -- as a process ------------------------------------------------------------------------------
 
 
-async def _serve(args: argparse.Namespace) -> None:
-    sink = Sink(secret=args.secret)
+async def _serve(args: argparse.Namespace, sink: Sink) -> int:
     if args.fail_first:
         sink.fail_first(args.fail_first, args.status)
     else:
         sink.respond(args.status)
-    await sink.start(args.host, args.port)
+    try:
+        await sink.start(args.host, args.port)
+    except OSError as error:
+        # The how-to starts it on port 9000, where an earlier receiver may still listen:
+        # one line saying so, not asyncio's traceback.
+        reason = error.strerror or str(error)
+        print(f"error: cannot listen on {args.host}:{args.port}: {reason}", file=sys.stderr)
+        return 2
     print(json.dumps({"url": sink.url}), flush=True)
 
     stop = asyncio.Event()
@@ -217,6 +225,7 @@ async def _serve(args: argparse.Namespace) -> None:
         "bad_signatures": len(sink.bad_signatures),
     }
     print(json.dumps(summary), flush=True)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,8 +246,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.status is None:
         args.status = 500 if args.fail_first else 200
-    asyncio.run(_serve(args))
-    return 0
+    try:
+        sink = Sink(secret=args.secret)
+    except ValueError as error:  # binascii.Error too: a secret that is not base64
+        print(
+            # Not the value: a secret, even a mistyped one, is not echoed.
+            "error: --secret: not a Standard Webhooks secret "
+            f"('whsec_' followed by base64): {error}",
+            file=sys.stderr,
+        )
+        return 2
+    return asyncio.run(_serve(args, sink))
 
 
 if __name__ == "__main__":
