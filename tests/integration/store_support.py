@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 from msgspec.structs import replace
-from sqlalchemy import insert, text
+from sqlalchemy import insert, make_url, text
 
 from estafeta.delivery.decision import Transition
 from estafeta.delivery.model import LeasedDelivery
@@ -24,6 +24,7 @@ from estafeta.store import open_store
 from estafeta.store import schema as s
 from estafeta.store.records import CompletedAttempt, NewDelivery, NewEvent
 from estafeta.store.sqlstore import SqlStore
+from tests.acceptance.conftest import execute
 
 NOW = 1_700_000_000_000
 
@@ -180,3 +181,25 @@ async def dead_deliveries(store: SqlStore, count: int) -> None:
                     for e in made
                 ],
             )
+
+
+@asynccontextmanager
+async def store_as_role(
+    database_url: str, name: str, *grants: str
+) -> AsyncIterator[tuple[SqlStore, str]]:
+    """The PostgreSQL store `database_url` (migrated) opened as a role of its own, named
+    `estafeta_<name>_<database>` (roles belong to the server: another run's must not clash),
+    granted only `grants` on its tables (`"SELECT"`: a grant missed when the database was set
+    up); the store and the role's name, for the test to grant or revoke more. Dropped after."""
+    role = f"estafeta_{name}_{make_url(database_url).database}"
+    await execute(
+        database_url,
+        f'CREATE ROLE "{role}" LOGIN',
+        *(f'GRANT {grant} ON ALL TABLES IN SCHEMA public TO "{role}"' for grant in grants),
+    )
+    opened = open_store(make_url(database_url).set(username=role).render_as_string(False))
+    try:
+        yield opened, role
+    finally:
+        await opened.close()
+        await execute(database_url, f'DROP OWNED BY "{role}"', f'DROP ROLE "{role}"')

@@ -14,7 +14,6 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import make_url
 from structlog.testing import capture_logs
 
 from estafeta.api.app import create_app
@@ -27,6 +26,7 @@ from estafeta.store import open_store
 from estafeta.store.sqlstore import SqlStore
 from tests.acceptance.conftest import execute
 from tests.conftest import signed
+from tests.integration.store_support import store_as_role
 from tests.integration.test_ingress_api import MESSAGE
 from tests.integration.test_spool import UNREACHABLE, new_event
 
@@ -132,36 +132,28 @@ async def test_a_store_refusing_every_write_logs_a_line_a_minute_and_counts_refu
     # was set up): every webhook was answered `500 internal_error` and logged as a bug, a
     # traceback each, and the source's refusals went uncounted, so `webhooks_refused` never
     # fired while every message was lost (Twilio does not retry).
-    role = f"estafeta_nowrite_{make_url(database_url).database}"
-    await execute(
-        database_url,
-        f'CREATE ROLE "{role}" LOGIN',
-        f'GRANT SELECT ON ALL TABLES IN SCHEMA public TO "{role}"',
-    )
-    reader = open_store(make_url(database_url).set(username=role).render_as_string(False))
-    hub = Hub(config, reader)
-    try:
-        transport = httpx.ASGITransport(app=create_app(hub))
-        with capture_logs() as logs:
-            async with httpx.AsyncClient(transport=transport, base_url="http://hub") as http:
-                assert await answers_to_webhooks(http, REQUESTS) == {(500, "store_failed")}
-                await execute(database_url, f'REVOKE ALL ON events FROM "{role}"')
-                for _ in range(REQUESTS):
-                    r = await http.get("/api/v1/events/evt_none", headers=ADMIN)
-                    assert (r.status_code, r.json()["error"]) == (500, "store_failed"), r.text
-                # A body refused before the key is checked: the key cannot be checked now,
-                # so the body's refusal stands (the error escaped, a plain-text 500).
-                await execute(database_url, f'REVOKE ALL ON api_keys FROM "{role}"')
-                r = await http.post(
-                    "/api/v1/events",
-                    content=b'{"type": "lead',
-                    headers={"authorization": "Bearer est_a_key", **JSON},
-                )
-                assert (r.status_code, r.json()["error"]) == (400, "invalid_request"), r.text
-    finally:
-        await hub.close()
-        await reader.close()
-        await execute(database_url, f'DROP OWNED BY "{role}"', f'DROP ROLE "{role}"')
+    async with store_as_role(database_url, "nowrite", "SELECT") as (reader, role):
+        hub = Hub(config, reader)
+        try:
+            transport = httpx.ASGITransport(app=create_app(hub))
+            with capture_logs() as logs:
+                async with httpx.AsyncClient(transport=transport, base_url="http://hub") as http:
+                    assert await answers_to_webhooks(http, REQUESTS) == {(500, "store_failed")}
+                    await execute(database_url, f'REVOKE ALL ON events FROM "{role}"')
+                    for _ in range(REQUESTS):
+                        r = await http.get("/api/v1/events/evt_none", headers=ADMIN)
+                        assert (r.status_code, r.json()["error"]) == (500, "store_failed"), r.text
+                    # A body refused before the key is checked: the key cannot be checked now,
+                    # so the body's refusal stands (the error escaped, a plain-text 500).
+                    await execute(database_url, f'REVOKE ALL ON api_keys FROM "{role}"')
+                    r = await http.post(
+                        "/api/v1/events",
+                        content=b'{"type": "lead',
+                        headers={"authorization": "Bearer est_a_key", **JSON},
+                    )
+                    assert (r.status_code, r.json()["error"]) == (400, "invalid_request"), r.text
+        finally:
+            await hub.close()
     assert lines(logs, "unhandled_error") == []
     failed = lines(logs, "store_failed")
     assert [(e["count"], e["error"]) for e in failed] == [

@@ -10,11 +10,10 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, cast
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from sqlalchemy import make_url, text
+from sqlalchemy import text
 from structlog.testing import capture_logs
 
 from estafeta.api.app import create_app
@@ -37,7 +36,6 @@ from estafeta.observability.metrics import REGISTRY, render
 from estafeta.observability.monitor import AlertMonitor
 from estafeta.observability.reads import READ_TIMEOUT_S
 from estafeta.observability.unrouted import Unrouted
-from estafeta.store import open_store
 from estafeta.store import sqlite as sqlite_store
 from estafeta.store.records import DeadLetterFilter
 from estafeta.store.sqlstore import SqlStore
@@ -47,7 +45,7 @@ from tests.chaos.conftest import TcpProxy
 from tests.clocks import ManualClock
 from tests.conftest import SOURCE_SECRET, base_config, lease_any, signed
 from tests.integration.redis_support import RedisServer
-from tests.integration.store_support import attempt
+from tests.integration.store_support import attempt, store_as_role
 
 PERMANENT = OutcomeKind.PERMANENT
 
@@ -1456,10 +1454,7 @@ async def test_a_store_that_refuses_the_monitors_read_is_alerted_not_crashed_on(
     # or revoked since): the read failed with `the store failed: permission denied …`,
     # which the monitor did not expect, so every round crashed (`task_crashed`) before it
     # reached the other alerts, and nothing fired for the store that answered nothing.
-    role = f"estafeta_noread_{urlsplit(database_url).path.lstrip('/')}"
-    await execute(database_url, f'CREATE ROLE "{role}" LOGIN')
-    restricted = open_store(make_url(database_url).set(username=role).render_as_string(False))
-    try:
+    async with store_as_role(database_url, "noread") as (restricted, role):
         clock = ManualClock(1_000_000)
         monitor = AlertMonitor(restricted, threshold=1000, store_down_after_s=60, clock=clock)
         with capture_logs() as logs:
@@ -1477,6 +1472,3 @@ async def test_a_store_that_refuses_the_monitors_read_is_alerted_not_crashed_on(
         ]
         assert "permission denied" in alerts[0]["error"], alerts[0]
         assert "SQLSTATE 42501" in alerts[0]["error"], alerts[0]
-    finally:
-        await restricted.close()
-        await execute(database_url, f'DROP OWNED BY "{role}"', f'DROP ROLE "{role}"')

@@ -41,7 +41,7 @@ from estafeta.store.sqlstore import SqlStore
 from tests.acceptance.conftest import execute
 from tests.conftest import lease_any, out_of_descriptors
 from tests.events import new_event as event_named
-from tests.integration.store_support import attempt, mode, umask
+from tests.integration.store_support import attempt, mode, store_as_role, umask
 
 UNREACHABLE = "postgresql://postgres@127.0.0.1:1/nowhere"  # nothing listens on port 1
 
@@ -1125,14 +1125,7 @@ async def test_a_store_that_refuses_the_drains_writes_keeps_the_spool_and_says_w
     spool = Spool(tmp_path / "spool", max_bytes=10**6)
     for n in range(3):
         await spool.append(new_event(n))
-    role = f"estafeta_nowrite_{make_url(database_url).database}"
-    await execute(
-        database_url,
-        f'CREATE ROLE "{role}" LOGIN',
-        f'GRANT SELECT ON ALL TABLES IN SCHEMA public TO "{role}"',
-    )
-    reader = open_store(make_url(database_url).set(username=role).render_as_string(False))
-    try:
+    async with store_as_role(database_url, "nowrite", "SELECT") as (reader, role):
         rounds = 0
         stop = asyncio.Event()
         real_drain = spool.drain
@@ -1158,9 +1151,6 @@ async def test_a_store_that_refuses_the_drains_writes_keeps_the_spool_and_says_w
         ], logs
         await execute(database_url, f'GRANT ALL ON ALL TABLES IN SCHEMA public TO "{role}"')
         assert await spool.drain(reader) == 3
-    finally:
-        await reader.close()
-        await execute(database_url, f'DROP OWNED BY "{role}"', f'DROP ROLE "{role}"')
     for n in range(3):
         assert await store.get_event(f"evt_{n:026d}", None) is not None
     await spool.close()
