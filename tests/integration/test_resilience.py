@@ -237,6 +237,39 @@ async def test_one_key_is_delivered_in_event_order_despite_failures(
     assert answered == 72
 
 
+async def test_a_key_waiting_out_retry_after_holds_only_its_own_key(
+    store: SqlStore, database_url: str, sinks: tuple[Sink, Sink]
+) -> None:
+    """Maria's first message is answered 429 `Retry-After: 2`: her next ones wait the two
+    seconds behind it, while Joao's, to the same rate-limited destination, go at once."""
+    crm, billing = sinks
+    data = hub_config(database_url, crm, billing, crm={"rate_limit": "50/second"})
+    data["routes"][0]["ordering_key"] = "data.conversation_id"
+    async with running(store, data) as hub:
+        crm.fail_first(1, 429, headers={"Retry-After": "2"})
+        started = time.monotonic()
+        await hub.publish("message.received", conversation_id="maria", n=0)
+        assert await crm.wait_for(lambda s: len(s.received) == 1, 5)
+        for n in range(1, 4):
+            await hub.publish("message.received", conversation_id="maria", n=n)
+            await hub.publish("message.received", conversation_id="joao", n=n)
+        assert await crm.wait_for(lambda s: len(s.delivered_ids) == 7, 10)
+
+    def sent(key: str) -> list[tuple[int, float]]:
+        return [
+            (body["data"]["n"], request.at)
+            for request in crm.received
+            if request.status == 200
+            and (body := orjson.loads(request.body))["data"]["conversation_id"] == key
+        ]
+
+    maria, joao = sent("maria"), sent("joao")
+    assert [n for n, _ in maria] == [0, 1, 2, 3]
+    assert maria[0][1] - started >= 2  # the Retry-After was waited out
+    assert [n for n, _ in joao] == [1, 2, 3]
+    assert joao[-1][1] < maria[0][1]  # and held nobody else
+
+
 async def test_other_destinations_keep_their_pace_while_one_is_down(
     store: SqlStore, database_url: str, sinks: tuple[Sink, Sink]
 ) -> None:

@@ -1008,6 +1008,24 @@ async def test_the_same_key_to_another_destination_is_independent(store: SqlStor
     assert sorted(d.destination_id for d in await lease(store)) == ["billing", "crm"]
 
 
+async def test_a_keys_urgent_delivery_waits_for_its_earlier_less_urgent_one(
+    store: SqlStore,
+) -> None:
+    """Priority never reorders a key: Maria's urgent message waits for her earlier routine
+    one, which takes its own priority's turn behind the destination's more urgent work."""
+    routine = event(at=NOW - 30, ordering_key="maria", priority=4)
+    urgent = event(at=NOW - 20, ordering_key="maria", priority=0)
+    other = event(at=NOW - 10, priority=1)
+    await store.insert_events([routine, urgent, other])
+    [first] = await lease_rooms(store, crm=1)
+    assert first.event_id == other.id
+    [second] = await lease_rooms(store, crm=1)
+    assert second.event_id == routine.id
+    assert await lease_rooms(store, crm=1) == []  # the urgent one waits for it
+    await store.complete([attempt(second, DeliveryState.SUCCEEDED)], NOW)
+    assert [d.event_id for d in await lease_rooms(store, crm=1)] == [urgent.id]
+
+
 async def test_a_replayed_head_waits_for_the_later_delivery_of_its_key_in_flight(
     store: SqlStore,
 ) -> None:
