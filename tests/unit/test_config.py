@@ -357,6 +357,20 @@ INVALID_CASES: list[tuple[str, str, list[str]]] = [
         ],
     ),
     (
+        # The same for a generic source's `api_key`, which also travels in `Authorization`:
+        # every request carrying the right key was refused as `invalid_api_key`.
+        "a source api_key that is not ASCII, alone or in a rotation list",
+        TENANT
+        + SOURCE.replace('"k-123"', '"chave-da-integração-7d1e"')
+        + SOURCE.replace('"hooks"', '"crm"').replace('"k-123"', '["k-new", "senha-antigüa"]'),
+        [
+            "sources[0].api_key: must be ASCII: an HTTP header carries no other characters"
+            " reliably, so no request would match it",
+            "sources[1].api_key[1]: must be ASCII: an HTTP header carries no other characters"
+            " reliably, so no request would match it",
+        ],
+    ),
+    (
         "unknown source kind",
         TENANT + SOURCE.replace('"generic"', '"telegram"'),
         [

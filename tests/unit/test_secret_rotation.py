@@ -170,6 +170,30 @@ def test_generic_signature_with_either_secret() -> None:
     assert stale.value.detail == "webhook-timestamp is older than the 5-minute tolerance"
 
 
+def test_a_signed_webhook_is_accepted_only_within_five_minutes_of_its_timestamp() -> None:
+    """The replay window docs/configuration.md promises (±5 minutes), on both sides: a
+    request captured and sent again later, or stamped ahead, is refused however well signed."""
+    generic = GenericSource(rotated("generic", secret=NEW_WHSEC))
+    body = b'{"type": "lead.created", "data": {}}'
+
+    def verify_stamped(offset_s: int) -> str | None:
+        ts = int(time.time()) + offset_s
+        headers = {
+            "webhook-id": "msg_1",
+            "webhook-timestamp": str(ts),
+            "webhook-signature": sign_webhook(NEW_WHSEC, "msg_1", ts, body),
+        }
+        try:
+            generic.verify(post("https://hub/in/src", body, JSON, headers))
+        except HttpError as refused:
+            return refused.detail
+        return None
+
+    assert verify_stamped(-240) is None and verify_stamped(240) is None
+    assert verify_stamped(-360) == "webhook-timestamp is older than the 5-minute tolerance"
+    assert verify_stamped(360) == "webhook-timestamp is more than 5 minutes in the future"
+
+
 def test_generic_api_key_either_key() -> None:
     generic = GenericSource(rotated("generic", api_key=["key-new", "key-old"]))
     for key in ("key-new", "key-old"):

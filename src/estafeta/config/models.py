@@ -500,6 +500,20 @@ def checked_secret(value: str | None) -> str | None:
     return value
 
 
+def header_secret(value: str | None) -> str | None:
+    """A secret a request carries in its `Authorization` header (the admin key, a generic
+    source's `api_key`): a `checked_secret` of ASCII only. Headers reach the server as
+    Latin-1 and the key is compared as UTF-8, so one with an accent answered 401 to every
+    request that carried it."""
+    checked = checked_secret(value)
+    if checked and not checked.isascii():
+        raise ValueError(
+            "must be ASCII: an HTTP header carries no other characters reliably, so no "
+            "request would match it"
+        )
+    return checked
+
+
 #: A secret that may be rotated, as written: one string, or a list of them while the old one
 #: is still in use (the first is the current one). Read through `secrets_of` or `current`.
 Secrets = str | tuple[str, ...]
@@ -573,13 +587,7 @@ class SecurityConfig(_Model):
         # Sent as `Authorization: Bearer <admin_key>`: one with whitespace around it, from a
         # secret file through `${VAR}`, answered 401 to every request of the operator; so
         # did one with a character beyond ASCII (headers arrive as Latin-1).
-        checked = checked_secret(value)
-        if checked and not checked.isascii():
-            raise ValueError(
-                "must be ASCII: an HTTP header carries no other characters reliably, so no "
-                "request would match it"
-            )
-        return checked
+        return header_secret(value)
 
 
 class TenantConfig(_Model):
@@ -759,9 +767,11 @@ class SourceConfig(_Model):
 
     @field_validator(*INBOUND_SECRETS)
     @classmethod
-    def _check_inbound_secret(cls, value: Secrets | None) -> Secrets | None:
-        # "" is "not set" (an empty `${VAR}`): refused where the kind needs the key.
-        check_each(value, checked_secret)
+    def _check_inbound_secret(cls, value: Secrets | None, info: ValidationInfo) -> Secrets | None:
+        # "" is "not set" (an empty `${VAR}`): refused where the kind needs the key. Only
+        # `api_key` travels in a header; the others are HMAC keys or percent-decoded query
+        # values, which carry any character.
+        check_each(value, header_secret if info.field_name == "api_key" else checked_secret)
         return value
 
     @field_validator(*OUTBOUND_VALUES)
