@@ -355,16 +355,17 @@ async def test_a_probe_whose_claim_meets_a_store_outage_is_given_back_unsent(
         ids = await publish(hub, 3)
         await circuit_becomes(hub, "billing", CircuitState.OPEN)
         await none_in_flight(store)  # billing's next request is a probe
-        update_circuit = store.update_circuit
+        breakers = hub.worker.breakers
+        try_probe = breakers.try_probe
         failed: list[str] = []
 
-        async def blip(destination_id: str, *args: Any) -> Any:
-            if not failed:  # the claim of the probe
+        async def blip(destination_id: str, *args: Any) -> bool:
+            if not failed:  # the claim of the probe: its write meets the outage
                 failed.append(destination_id)
                 raise StoreUnavailable("the store cannot be reached: test")
-            return await update_circuit(destination_id, *args)
+            return await try_probe(destination_id, *args)
 
-        monkeypatch.setattr(store, "update_circuit", blip)
+        monkeypatch.setattr(breakers, "try_probe", blip)
         billing.respond(200)
         assert await billing.wait_for(lambda s: s.delivered_ids == set(ids), 10)
         assert failed == ["billing"]
