@@ -471,6 +471,51 @@ async def test_over_the_tenants_rate_limit_answers_429_with_retry_after(
         assert await client.stored() == 2
 
 
+async def test_webhooks_publishes_and_sends_draw_from_one_tenant_budget(
+    store: SqlStore, database_url: str
+) -> None:
+    # configuration.md: `ingress_rate_limit` counts a tenant's webhooks on /in/, its
+    # POST /api/v1/events and its POST /api/v1/messages together; each had been tested
+    # alone, the shared budget only in a lab of two processes.
+    data = base_config(database_url)
+    data["tenants"][0]["ingress_rate_limit"] = "3/minute"
+    data["sources"].append(
+        {
+            "id": "wa-sol",
+            "tenant": "clinica-sol",
+            "kind": "whatsapp_cloud",
+            "app_secret": "s3cret",
+            "access_token": "token",
+            "phone_number_id": "114950281736452",
+        }
+    )
+    sol = {"authorization": f"Bearer {SOL_KEY}"}
+    message = {"source": "wa-sol", "to": "+5511987654321", "text": "Olá"}
+    async for client in make_client(store, load_config_dict(data)):
+
+        async def each_way(http: httpx.AsyncClient, n: int) -> list[httpx.Response]:
+            """A webhook, a publish and a send of clinica-sol's, in that order."""
+            return [
+                await http.post(
+                    "/in/crm-events", content=MESSAGE, headers=signed(MESSAGE, f"m{n}")
+                ),
+                await http.post("/api/v1/events", json={"type": "lead.new"}, headers=sol),
+                await http.post(
+                    "/api/v1/messages", json={**message, "text": f"Olá {n}"}, headers=sol
+                ),
+            ]
+
+        assert [r.status_code for r in await each_way(client.http, 1)] == [202, 202, 202]
+        over = await each_way(client.http, 2)
+        assert [(r.status_code, r.json()["error"]) for r in over] == [(429, "rate_limited")] * 3
+        assert all(int(r.headers["retry-after"]) >= 1 for r in over)
+        assert await client.stored() == 3  # one event each (a send is stored as one too)
+        # Another tenant's budget is its own.
+        outra = {"authorization": f"Bearer {OUTRA_KEY}"}
+        r = await client.http.post("/api/v1/events", json={"type": "lead.new"}, headers=outra)
+        assert r.status_code == 202
+
+
 async def test_publishing_with_a_tenant_key_and_idempotency(client: Client) -> None:
     auth = {"authorization": f"Bearer {SOL_KEY}"}
     event = {
