@@ -26,6 +26,7 @@ from estafeta.store.sqlstore import SqlStore
 from tests.conftest import base_config, lease_any, signed
 from tests.deep_json import nested, nested_text
 from tests.events import new_event
+from tests.integration.test_messaging import WA_SOL
 
 ADMIN = {"authorization": "Bearer test-admin-key"}
 SOL_KEY = "est_sol_key_for_tests_0000000000000000000"
@@ -479,16 +480,7 @@ async def test_webhooks_publishes_and_sends_draw_from_one_tenant_budget(
     # alone, the shared budget only in a lab of two processes.
     data = base_config(database_url)
     data["tenants"][0]["ingress_rate_limit"] = "3/minute"
-    data["sources"].append(
-        {
-            "id": "wa-sol",
-            "tenant": "clinica-sol",
-            "kind": "whatsapp_cloud",
-            "app_secret": "s3cret",
-            "access_token": "token",
-            "phone_number_id": "114950281736452",
-        }
-    )
+    data["sources"].append(WA_SOL)  # a number that sends through the fake Meta
     sol = {"authorization": f"Bearer {SOL_KEY}"}
     message = {"source": "wa-sol", "to": "+5511987654321", "text": "Olá"}
     async for client in make_client(store, load_config_dict(data)):

@@ -169,11 +169,7 @@ class IngestApp:
         try:
             status, content, headers = await self._handle(scope, receive)
         except HttpError as exc:
-            source_id = scope["path"][len("/in/") :]
-            self.hub.refusals.note(
-                source_id, known=source_id in self.hub.sources, status=exc.status, error=exc.error
-            )
-            await respond(send, exc.status, {"error": exc.error, "detail": exc.detail}, exc.headers)
+            await self._refuse(scope, send, exc)
             return
         except StoreUnavailable as exc:
             self.hub.log_store_error("ingest", exc)
@@ -189,11 +185,9 @@ class IngestApp:
             return
         except StoreError as exc:  # the store answers but refuses (a role without INSERT)
             self.hub.log_store_error("ingest", exc)
-            # Counted as the source's refusal: `webhooks_refused` fires if it lasts.
-            source_id = scope["path"][len("/in/") :]
-            self.hub.refusals.note(source_id, known=True, status=500, error="store_failed")
+            # Refused like any other: counted, so `webhooks_refused` fires if it lasts.
             detail = "the store failed to store the event; retry later"
-            await respond(send, 500, {"error": "store_failed", "detail": detail})
+            await self._refuse(scope, send, HttpError(500, "store_failed", detail))
             return
         except Exception as exc:  # a bug: logged in full, answered opaquely
             log.error("unhandled_error", error_class=type(exc).__name__, exc_info=exc)
@@ -202,6 +196,14 @@ class IngestApp:
             )
             return
         await respond(send, status, content, headers)
+
+    async def _refuse(self, scope: Scope, send: Send, exc: HttpError) -> None:
+        """Answer `exc`, counted as a refusal of the source the path names."""
+        source_id = scope["path"][len("/in/") :]
+        self.hub.refusals.note(
+            source_id, known=source_id in self.hub.sources, status=exc.status, error=exc.error
+        )
+        await respond(send, exc.status, {"error": exc.error, "detail": exc.detail}, exc.headers)
 
     async def _handle(
         self, scope: Scope, receive: Receive
