@@ -470,8 +470,12 @@ class Hub:
         reason: str,
         priority: int,
         actor: str,
+        idempotency_key: str | None = None,
     ) -> InsertResult:
-        """Hand a conversation to a human: `conversation.escalated`, routed like any event."""
+        """Hand a conversation to a human: `conversation.escalated`, routed like any event.
+        `priority` is the human's urgency, in the event and the conversation; its deliveries
+        take their routes' priority. A repeated `idempotency_key` (one of the tenant's `api`
+        keys) answers the original event, storing nothing."""
         now = self.clock.now_ms()
         return await self.accept(
             tenant_id=tenant_id,
@@ -484,7 +488,7 @@ class Hub:
                 "priority": priority,
                 "escalated_by": actor,
             },
-            idempotency_key=None,
+            idempotency_key=idempotency_key,
             escalation=NewEscalation(
                 id=new_id("esc", now), reason=reason, priority=priority, actor=actor
             ),

@@ -34,6 +34,7 @@ from estafeta.store.records import CompletedAttempt, InsertResult, NewEscalation
 from estafeta.store.sqlstore import SqlStore
 from tests.conftest import base_config, lease_any, until_waiting_for_locks
 from tests.deep_json import nested
+from tests.integration.test_spool import Blink
 
 SOL = "est_sol_messaging_key_000000000000000000"
 OUTRA = "est_outra_messaging_key_0000000000000000"
@@ -479,6 +480,9 @@ async def test_escalation_marks_the_conversation_and_routes_an_event(env: Env) -
     assert event["type"] == "conversation.escalated"
     assert event["event"]["data"]["reason"] == "asked for a human"
     assert [d["destination"] for d in event["deliveries"]] == ["billing"]
+    # The escalation's priority is the human's urgency, not the delivery's: the event is
+    # sent at its route's priority (the default 2), as any event is (http-api.md).
+    assert [d["priority"] for d in event["deliveries"]] == [2]
     c = await env.conversation()
     assert c["status"] == "escalated" and c["escalation"]["priority"] == 0
 
@@ -486,6 +490,142 @@ async def test_escalation_marks_the_conversation_and_routes_an_event(env: Env) -
         "/api/v1/conversations/5500000000000/escalate", headers=env.auth(), json={"reason": "x"}
     )
     assert (r.status_code, r.json()["error"]) == (404, "not_found")
+
+
+async def test_a_retried_escalation_with_its_idempotency_key_escalates_once(env: Env) -> None:
+    # A client that timed out and escalated again sent whoever takes over two events (two
+    # calls to the nurse) and stored two escalations: the endpoint took no key.
+    await env.inbound("Preciso falar com alguém", "wamid.k")
+    before = await tenant_rows(env.store, "clinica-sol")
+    queued = (await env.store.queue_stats(history=True)).by_state["pending"]
+    url = f"/api/v1/conversations/{MARIA}/escalate"
+    escalation = {"reason": "asked for a nurse", "priority": 0}
+    keyed = {**env.auth(), "idempotency-key": "esc-1"}
+    first = await env.http.post(url, headers=keyed, json=escalation)
+    again = await env.http.post(url, headers=keyed, json=escalation)
+    assert (first.status_code, first.json()["duplicate"]) == (202, False), first.text
+    assert again.status_code == 200, again.text
+    assert again.json() == {**first.json(), "duplicate": True}
+    in_body = await env.http.post(
+        url, headers=env.auth(), json={**escalation, "idempotency_key": "esc-1"}
+    )
+    assert (in_body.status_code, in_body.json()["event_id"]) == (200, first.json()["event_id"])
+    async with env.store.engine.connect() as conn:
+        escalations = (await conn.execute(select(schema.escalations.c.event_id))).scalars().all()
+    assert escalations == [first.json()["event_id"]]
+    assert (await env.store.queue_stats(history=True)).by_state == {"pending": queued + 1}
+
+    # Validated as POST /api/v1/events validates it.
+    for bad in ("", "k" * 256):
+        r = await env.http.post(
+            url, headers={**env.auth(), "idempotency-key": bad}, json=escalation
+        )
+        assert (r.status_code, r.json()["error"]) == (400, "invalid_request"), bad
+        assert "idempotency-key" in r.json()["detail"]
+    assert len((await tenant_rows(env.store, "clinica-sol"))["escalations"]) == 1
+    assert len(before["escalations"]) == 0
+
+
+async def test_an_escalations_key_is_one_of_the_tenants_api_keys(env: Env) -> None:
+    # Published events, sends and escalations store `api` events under the tenant's keys: a
+    # key used by one answered the others as its "duplicate", an escalation never made.
+    await env.inbound("Preciso falar com alguém", "wamid.k2")
+    await env.inbound_from("5511900000000", "wamid.k3")
+    published = await env.http.post(
+        "/api/v1/events",
+        headers=env.auth(),
+        json={"type": "appointment.booked", "idempotency_key": "k1"},
+    )
+    sent = await env.send("Oi", idempotency_key="k2")
+    escalated = await env.http.post(
+        f"/api/v1/conversations/{MARIA}/escalate",
+        headers={**env.auth(), "idempotency-key": "k3"},
+        json={"reason": "asked for a nurse"},
+    )
+    assert (published.status_code, sent.status_code, escalated.status_code) == (202, 202, 202)
+    stored = await tenant_rows(env.store, "clinica-sol")
+
+    for key, first in (
+        ("k1", published.json()["id"]),
+        ("k2", sent.json()["event_id"]),
+        ("k3", escalated.json()["event_id"]),  # another conversation's escalation
+    ):
+        r = await env.http.post(
+            "/api/v1/conversations/5511900000000/escalate",
+            headers={**env.auth(), "idempotency-key": key},
+            json={"reason": "asked for a nurse"},
+        )
+        assert (r.status_code, r.json()["error"]) == (409, "idempotency_key_reused"), key
+        assert first in r.json()["detail"]
+    event = await env.http.post(
+        "/api/v1/events",
+        headers=env.auth(),
+        json={"type": "appointment.booked", "idempotency_key": "k3"},
+    )
+    assert (event.status_code, event.json()["error"]) == (409, "idempotency_key_reused")
+    assert escalated.json()["event_id"] in event.json()["detail"]
+    send = await env.send("Oi", idempotency_key="k3")
+    assert (send.status_code, send.json()["error"]) == (409, "idempotency_key_reused")
+    assert await tenant_rows(env.store, "clinica-sol") == stored  # no refusal stored a thing
+
+    # Another tenant's keys are its own: the same key escalates its conversation.
+    await env.hub.accept_all(
+        [
+            env.hub.new_event(
+                tenant_id="outra",
+                source_id="api",
+                event_type="message.received",
+                data={"conversation_id": MARIA, "kind": "text", "text": "Oi"},
+                idempotency_key=None,
+            )
+        ]
+    )
+    await env.hub.accept_all(
+        [
+            env.hub.new_event(
+                tenant_id="outra",
+                source_id="outra-in",
+                event_type="message.received",
+                data={"message_id": "m.o", "conversation_id": MARIA, "from": f"+{MARIA}"},
+                idempotency_key="m.o",
+            )
+        ]
+    )
+    r = await env.http.post(
+        f"/api/v1/conversations/{MARIA}/escalate",
+        headers={**env.auth(OUTRA), "idempotency-key": "k3"},
+        json={"reason": "asked for a nurse"},
+    )
+    assert (r.status_code, r.json()["duplicate"]) == (202, False), r.text
+    assert r.json()["event_id"] != escalated.json()["event_id"]
+
+
+async def test_a_spooled_escalation_is_marked_spooled_and_its_retry_gets_its_id(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The store went down between reading the conversation and storing its escalation: the
+    # event was spooled and answered 202 like a stored one, without the
+    # `X-Estafeta-Spooled: 1` that POST /api/v1/events sends in that case.
+    await env.inbound("Preciso falar com alguém", "wamid.s")
+    blink = Blink(env.store, monkeypatch, down=True)
+    hub = Hub(env.hub.config, env.store, spool=Spool(tmp_path / "spool", max_bytes=10**6))
+    try:
+        transport = httpx.ASGITransport(app=create_app(hub))
+        async with httpx.AsyncClient(transport=transport, base_url="http://hub") as http:
+            url = f"/api/v1/conversations/{MARIA}/escalate"
+            keyed = {**env.auth(), "idempotency-key": "esc-s"}
+            first = await http.post(url, headers=keyed, json={"reason": "asked for a nurse"})
+            again = await http.post(url, headers=keyed, json={"reason": "asked for a nurse"})
+        assert first.status_code == 202, first.text
+        assert first.headers.get("x-estafeta-spooled") == "1"
+        assert (again.status_code, again.headers.get("x-estafeta-spooled")) == (200, "1")
+        assert again.json() == {**first.json(), "duplicate": True}
+        blink.down = False
+        assert hub.spool is not None and await hub.spool.drain(env.store) == 1
+    finally:
+        await hub.close()
+    c = await env.conversation()
+    assert (c["status"], c["escalation"]["reason"]) == ("escalated", "asked for a nurse")
 
 
 async def test_an_escalation_without_a_reason_is_refused_and_changes_nothing(env: Env) -> None:

@@ -12,11 +12,12 @@ from starlette.responses import Response
 
 from estafeta.api.auth import Principal
 from estafeta.api.cursors import encode_cursor, not_given, page_of, read_cursor
-from estafeta.api.deps import Caller, TenantCaller, hub_of, json_body
+from estafeta.api.deps import Caller, IdempotencyKeyHeader, TenantCaller, hub_of, json_body
 from estafeta.api.fields import RequestBody
-from estafeta.api.responses import json_response
+from estafeta.api.responses import json_response, key_used_elsewhere
 from estafeta.clock import iso_from_ms
 from estafeta.errors import HttpError
+from estafeta.ingress.endpoint import SPOOLED
 from estafeta.store.conversations import MessagePosition
 from estafeta.store.records import ConversationView, Interaction
 
@@ -152,7 +153,10 @@ async def get_conversation(
 
 class Escalate(RequestBody):
     reason: str = Field(min_length=1, max_length=500)
+    # The human's urgency (in the event's `data` and the conversation), not its deliveries'
+    # priority, which their routes give as for any event (http-api.md).
     priority: int = Field(default=1, ge=0, le=4)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
 
     @field_validator("reason")
     @classmethod
@@ -165,24 +169,52 @@ class Escalate(RequestBody):
         return value
 
 
-@router.post("/{conversation_id}/escalate", status_code=202, dependencies=[Depends(json_body)])
+@router.post(
+    "/{conversation_id}/escalate",
+    status_code=202,
+    responses={
+        200: {"description": "a duplicate: the original escalation's event id"},
+        409: {"description": "idempotency_key_reused: the key was used by another request"},
+    },
+    dependencies=[Depends(json_body)],
+)
 async def escalate(
     request: Request,
     conversation_id: str,
     body: Escalate,
     caller: TenantCaller,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     """Hand the conversation to a human: marks it and emits `conversation.escalated`."""
     tenant_id, conversation = await _conversation(request, caller, conversation_id, None)
-    result = await hub_of(request).escalate(
+    hub = hub_of(request)
+    key = body.idempotency_key or idempotency_key
+    result = await hub.escalate(
         tenant_id=tenant_id,
         conversation_id=conversation_id,
         contact_name=conversation.contact_name,
         reason=body.reason,
         priority=body.priority,
         actor=caller.actor,
+        idempotency_key=key,
     )
-    return json_response({"event_id": result.event_id, "status": "escalated"}, 202)
+    # The key is one of the tenant's `api` keys (published events and sends use them too):
+    # a repeat is this conversation's escalation, or nothing was escalated. A spooled
+    # duplicate (the store unreachable) cannot be looked up; it stays a duplicate.
+    if result.duplicate and not result.spooled and key is not None:
+        escalated = await hub.store.escalated_conversation(tenant_id, result.event_id)
+        if escalated != conversation_id:
+            first_use = (
+                "the event"
+                if escalated is None
+                else f"the escalation of conversation {escalated!r}, event"
+            )
+            raise key_used_elsewhere(key, result.event_id, first_use, "escalate the conversation")
+    return json_response(
+        {"event_id": result.event_id, "status": "escalated", "duplicate": result.duplicate},
+        200 if result.duplicate else 202,
+        SPOOLED if result.spooled else None,
+    )
 
 
 @router.post("/{conversation_id}/close")

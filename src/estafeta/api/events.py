@@ -70,13 +70,11 @@ async def publish_event(
         ordering_key=body.ordering_key,
     )
     # A spooled duplicate (the store unreachable) cannot be looked up; it stays a duplicate.
-    if (
-        result.duplicate
-        and not result.spooled
-        and key is not None
-        and await hub.store.message_id_for_event(result.event_id) is not None
-    ):
-        raise key_used_elsewhere(key, result.event_id, "the message send", "publish the event")
+    if result.duplicate and not result.spooled and key is not None:
+        if await hub.store.message_id_for_event(result.event_id) is not None:
+            raise key_used_elsewhere(key, result.event_id, "the message send", "publish the event")
+        if await hub.store.escalated_conversation(caller.tenant_id, result.event_id):
+            raise key_used_elsewhere(key, result.event_id, "the escalation", "publish the event")
     return json_response(
         {"id": result.event_id, "duplicate": result.duplicate},
         200 if result.duplicate else 202,

@@ -40,9 +40,10 @@ def count_api_error(error: HttpError) -> None:
 
 
 def key_used_elsewhere(key: str, event_id: str, first_use: str, retry: str) -> HttpError:
-    """409: a tenant's idempotency keys are shared by `POST /events` and `POST /messages`
-    (both store `api` events), and a key names one request; answering the other request's
-    event as a duplicate would report something that was never stored."""
+    """409: a tenant's idempotency keys are shared by `POST /events`, `POST /messages` and
+    conversation escalations (all store `api` events), and a key names one request;
+    answering the other request's event as a duplicate would report something that was
+    never stored."""
     return HttpError(
         409,
         "idempotency_key_reused",

@@ -176,6 +176,19 @@ class MessagingOps(StoreBase):
             ).scalar()
         return found
 
+    async def escalated_conversation(self, tenant_id: str, event_id: str) -> str | None:
+        """The conversation whose escalation `event_id` is, or None (another event)."""
+        e = s.escalations
+        async with self._read() as conn:
+            found: str | None = (
+                await conn.execute(
+                    select(e.c.conversation_id).where(
+                        e.c.tenant_id == tenant_id, e.c.event_id == event_id
+                    )
+                )
+            ).scalar()
+        return found
+
     async def get_message(self, tenant_id: str | None, message_id: str) -> MessageView | None:
         """A sent message with the provider's status webhooks that name it, in order."""
         m, e = s.messages, s.events
