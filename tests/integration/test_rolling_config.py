@@ -26,7 +26,7 @@ from estafeta.delivery.worker import Worker, default_worker_id
 from estafeta.errors import StoreError
 from estafeta.hub import Hub
 from estafeta.ids import new_id
-from estafeta.store.records import DeliveryView, NewDelivery
+from estafeta.store.records import DeliveryView, NewDelivery, NewEvent
 from estafeta.store.sqlstore import SqlStore
 from estafeta.supervise import supervised
 from estafeta.testing.sink import Sink
@@ -165,6 +165,15 @@ async def settled(store: SqlStore, event_id: str) -> list[DeliveryView]:
         await asyncio.sleep(0.05)
 
 
+def agenda_event(due_ms: int) -> NewEvent:
+    """An event with one delivery to `agenda`, due at `due_ms`."""
+    return new_event(
+        new_id("evt", due_ms),
+        NewDelivery(id=new_id("dlv", due_ms), destination_id=NEW, priority=2, max_attempts=5),
+        at=due_ms,
+    )
+
+
 def still_waiting(deliveries: list[Any]) -> bool:
     return bool(deliveries) and all(d.state == "pending" and d.attempts == 0 for d in deliveries)
 
@@ -259,29 +268,48 @@ async def test_a_process_started_after_the_last_one_naming_it_stopped_dead_lette
     assert f"no destination '{NEW}' is configured" in (delivery.last_error or "")
 
 
+async def test_a_delivery_waiting_for_its_retry_is_dead_lettered_at_once_too(
+    store: SqlStore, database_url: str, sink: Sink, processes: Callable[..., Process]
+) -> None:
+    """`agenda` was down and is removed: a delivery to it waits for a retry an hour away
+    (`backoff.max_s`). Leased only once due, it went to the dead-letter queue an hour after
+    the restart, after the operator had discarded the others (the `dead_letters` alert
+    firing again); it goes at the first rescue with them."""
+    old_config, new_config = configs(database_url, sink)
+    clock = ShiftedClock()
+    before = processes(store, new_config, clock)
+    await before.start(worker=False)
+    await before.stop()
+    event = agenda_event(clock.now_ms() + 3_600_000)
+    await store.insert_events([event])
+    after = processes(store, old_config, clock)
+    await after.start()
+    [delivery] = await settled(store, event.id)
+    assert delivery.state == "dead" and delivery.attempts == 1
+    assert f"no destination '{NEW}' is configured" in (delivery.last_error or "")
+
+
 async def test_a_delivery_leased_as_an_orphan_just_before_a_process_naming_it_started_is_given_back(
     store: SqlStore, database_url: str, sink: Sink, processes: Callable[..., Process]
 ) -> None:
     """The race: the old worker found `agenda` unnamed at its last rescue (an hour apart
-    here), and a process naming it starts before the next one. The old worker leases its
-    delivery with the orphans, learns from the store that `agenda` is named, and gives it
-    back pending with no attempt counted; the new process sends it."""
+    here), and a process naming it starts before the next one. The old worker leases a
+    delivery to it stored since with the orphans, learns from the store that `agenda` is
+    named, and gives it back pending with no attempt counted; the new process sends it."""
     old_config, new_config = configs(database_url, sink, rescue_interval_s=3600)
     clock = ShiftedClock()
-    due = clock.now_ms() + 5_000
-    event = new_event(
-        new_id("evt", due),
-        NewDelivery(id=new_id("dlv", due), destination_id=NEW, priority=2, max_attempts=5),
-        at=due,
-    )
-    await store.insert_events([event])
+    orphaned = agenda_event(clock.now_ms())
+    await store.insert_events([orphaned])
     old = processes(store, old_config, clock)
     with capture_logs() as logs:
         await old.start()
         await eventually(logged(logs, "unknown_destinations"))  # its rescue, at its start
+        [dead] = await settled(store, orphaned.id)
+        assert dead.state == "dead"
         new = processes(store, new_config, clock)
         await new.start(worker=False)
-        clock.offset_ms += 10_000  # the delivery is due
+        event = agenda_event(clock.now_ms())
+        await store.insert_events([event])
         await eventually(logged(logs, "destination_configured_elsewhere"))
         assert old.worker is not None
         await leases_after(old.worker, 3)

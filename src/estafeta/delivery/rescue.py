@@ -8,13 +8,15 @@
   a rolling change of the configuration is under way, and processes on the newer file send
   its deliveries) is left to them, and logged once as `destination_configured_elsewhere`.
   One that no live process names is an orphan: its pending deliveries would wait for ever,
-  as no lease names them. The worker's loop leases them with the rest, to be dead-lettered
-  with the reason (`unknown_destination`). Its circuit, if one is on record, is forgotten:
+  as no lease names them. They are made due (those waiting for a retry too), and the
+  worker's loop leases them with the rest, to be dead-lettered with the reason
+  (`unknown_destination`). Its circuit, if one is on record, is forgotten:
   nothing would ever probe it again.
 
 Both reads run every rescue interval, and the second only while some pending delivery or
-circuit on record names a destination this worker does not know: the lease itself reads
-nothing more.
+circuit on record names a destination this worker does not know (the write that makes
+orphans' deliveries due, only while there are orphans): the lease itself reads nothing
+more.
 """
 
 from __future__ import annotations
@@ -94,6 +96,11 @@ class Rescue:
         if orphans - self.orphans:
             log.warning("unknown_destinations", destinations=sorted(orphans))
         self.orphans = orphans
+        if orphans:
+            # Those waiting for a retry (up to backoff.max_s, an hour by default) would be
+            # dead-lettered only then, long after the rest were discarded: due now, they go
+            # with them.
+            await self.store.due_now(orphans, self.clock.now_ms())
         self._configured_elsewhere(elsewhere)
         if self._breakers is not None:
             for destination_id in sorted(circuits - live):

@@ -15,7 +15,7 @@ import re
 import secrets
 import textwrap
 from abc import abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from sqlalchemy import bindparam, case, select, tuple_, update
@@ -123,6 +123,24 @@ class LeaseOps(MessagingOps):
         backlog."""
         async with self._read() as conn:
             return {row[0] for row in await conn.execute(_PENDING_DESTINATIONS)}
+
+    async def due_now(self, destinations: Collection[str], now_ms: int) -> int:
+        """Make the pending deliveries of `destinations` that wait for a later retry due at
+        `now_ms` (by deliveries_destination_due); returns how many."""
+        if not destinations:
+            return 0
+        d = s.deliveries
+        stmt = (
+            update(d)
+            .where(
+                d.c.destination_id.in_(sorted(destinations)),
+                d.c.state == DeliveryState.PENDING.value,
+                d.c.next_attempt_at > now_ms,
+            )
+            .values(next_attempt_at=now_ms)
+        )
+        async with self._write() as conn:
+            return (await conn.execute(stmt)).rowcount
 
     async def complete(self, batch: Sequence[CompletedAttempt], now_ms: int) -> int:
         """Record attempts and apply their transitions; returns how many were applied.
