@@ -38,15 +38,24 @@ from estafeta.supervise import Tasks, supervised
 
 log = structlog.get_logger("estafeta.server")
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+def _stop_signals() -> tuple[signal.Signals, ...]:
+    """The signals that stop `serve` and `worker` gracefully: SIGTERM, SIGINT, and SIGHUP (a
+    terminal or SSH session closed; killed by it, a worker left its sends leased for a whole
+    lease) unless the process was started ignoring it (`nohup`), which is then kept."""
+    hangup = () if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else (signal.SIGHUP,)
+    return (signal.SIGTERM, signal.SIGINT, *hangup)
+
+
+STOP_SIGNALS = _stop_signals()  # at import: the disposition the process was started with
 T = TypeVar("T")
 
 
 def force_stop(signum: int) -> NoReturn:
-    """A second SIGTERM or SIGINT during a graceful stop: end the process now, as a crash
-    would (docs/operations.md, Stopping). Nothing is lost: a request is answered only after
-    its commit, and leases not given back expire and are rescued. The process dies of the
-    signal itself, so that its status says it did not stop gracefully.
+    """A second stop signal (SIGTERM, SIGINT, SIGHUP) during a graceful stop: end the process
+    now, as a crash would (docs/operations.md, Stopping). Nothing is lost: a request is
+    answered only after its commit, and leases not given back expire and are rescued. The
+    process dies of the signal itself, so that its status says it did not stop gracefully.
 
     Safe in a Python signal handler: the line is written straight to stderr's descriptor,
     since the handler may interrupt this very thread in the middle of a log line, holding
@@ -78,7 +87,7 @@ def _rendered(event: str, level: str, **fields: Any) -> str | None:
 
 
 def log_stopping(signum: int) -> None:
-    """The first SIGTERM or SIGINT: a graceful stop begins (another one forces it)."""
+    """The first stop signal: a graceful stop begins (another one forces it)."""
     log.info("stopping", signal=signal.Signals(signum).name)
 
 
@@ -121,7 +130,7 @@ async def prepared_store(config: Config, *, migrate: bool = True) -> SqlStore:
 
 async def unless_stopped(step: Awaitable[T]) -> T | None:
     """A start-up step (connecting, migrating: it may wait for another process's migration),
-    abandoned when SIGTERM or SIGINT arrives meanwhile: None then. Before the server or the
+    abandoned when a stop signal arrives meanwhile: None then. Before the server or the
     worker loop takes the signals over, they would kill the process (SIGTERM) or end it
     with click's `Aborted!` (SIGINT) instead of the graceful stop, exit 0, docs/cli.md
     promises."""
@@ -148,7 +157,7 @@ async def unless_stopped(step: Awaitable[T]) -> T | None:
 
 @contextlib.contextmanager
 def forced_by_signals() -> Iterator[None]:
-    """The last steps of a stop (closing the store): a SIGTERM or SIGINT now ends the process
+    """The last steps of a stop (closing the store): a stop signal now ends the process
     at once, as a second one does during the graceful stop, instead of killing it silently
     (SIGTERM) or with click's `Aborted!` (SIGINT)."""
     if threading.current_thread() is not threading.main_thread():
@@ -339,7 +348,7 @@ async def serve(config: Config, *, run_workers: bool = True, migrate: bool = Tru
 
 
 async def work(config: Config) -> None:
-    """Delivery workers alone, for scale-out; SIGTERM/SIGINT stop them gracefully."""
+    """Delivery workers alone, for scale-out; the STOP_SIGNALS stop them gracefully."""
     store = await unless_stopped(prepared_store(config, migrate=False))
     if store is None:
         return
