@@ -157,13 +157,13 @@ class Hub:
         self.source_handlers: dict[str, ProviderSource] = {
             s.id: GenericSource(s) if s.kind == "generic" else source_for(s) for s in config.sources
         }
-        # The WhatsApp Cloud sources of each number (`phone_number_id`): a Meta app posts every
-        # number's webhooks to its one URL, which may be another tenant's source
-        # (ingress/endpoint.py: `owned`).
-        self.cloud_numbers: dict[str, list[SourceConfig]] = {}
+        # The source of each (kind, number): a Meta app or a Twilio account posts every
+        # number's webhooks to one URL, which may be another tenant's source
+        # (ingress/endpoint.py: `owned`). The loader refuses a number in two sources.
+        self.numbers: dict[tuple[str, str], SourceConfig] = {}
         for s in config.sources:
-            if s.kind == "whatsapp_cloud" and s.phone_number_id:
-                self.cloud_numbers.setdefault(s.phone_number_id, []).append(s)
+            if (number := s.own_number()) is not None:
+                self.numbers.setdefault((s.kind, number), s)
         # SQLite has one writer: a second concurrent flush would only wait for the lock.
         # PostgreSQL commits up to 4 batches at once, a second only once 16 events wait.
         flushes = 1 if store.dialect == "sqlite" else 4

@@ -221,7 +221,7 @@ async def env(store: SqlStore, database_url: str) -> AsyncIterator[Env]:
             "kind": "whatsapp_cloud",
             "app_secret": "s3cret",
             "access_token": "token",
-            "phone_number_id": "114950281736452",
+            "phone_number_id": "114950281736777",
         },
     ]
     data["routes"].append(

@@ -8,7 +8,7 @@ import hashlib
 import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 from xml.etree import ElementTree
 
 import httpx
@@ -410,6 +410,13 @@ async def two_tenants_of_one_app(
             "phone_number_id": FIXTURE_NUMBER,
         }
     )
+    async with serving(store, data) as http:
+        yield http
+
+
+@contextlib.asynccontextmanager
+async def serving(store: SqlStore, data: dict[str, Any]) -> AsyncIterator[httpx.AsyncClient]:
+    """The hub of configuration `data`, its tenants and sources synced to `store`."""
     config = load_config_dict(data)
     await store.sync_config(config, 1)
     hub = Hub(config, store)
@@ -490,6 +497,103 @@ async def test_a_webhook_naming_another_tenants_number_of_another_app_is_not_sto
         assert r.status_code == 200, r.text
         stored = await event_of(http, r.json()["id"])
         assert (stored["event"]["tenant"], stored["event"]["source"]) == ("outra", "wa-outra")
+
+
+# The number of the Twilio fixtures: an inbound message's `To`, a status callback's `From`.
+TWILIO_FIXTURE_NUMBER = "whatsapp:+551140028922"
+
+
+@contextlib.asynccontextmanager
+async def two_tenants_of_one_twilio_account(
+    store: SqlStore, database_url: str, outra_auth_token: str
+) -> AsyncIterator[httpx.AsyncClient]:
+    """twilio-sol (clinica-sol, another number) and tw-outra (outra, the fixtures' number,
+    its auth token `outra_auth_token`, no public_url): a Messaging Service's one webhook URL,
+    or one account's numbers all pointed at one URL, here clinica-sol's sources'."""
+    data = base_config(database_url)
+    data["sources"].extend(provider_sources())
+    twilio_sol = next(s for s in data["sources"] if s["id"] == "twilio-sol")
+    twilio_sol["from"] = "whatsapp:+551140029999"
+    data["sources"].append(
+        {
+            "id": "tw-outra",
+            "tenant": "outra",
+            "kind": "twilio",
+            "auth_token": outra_auth_token,
+            "from": TWILIO_FIXTURE_NUMBER.removeprefix("whatsapp:"),
+        }
+    )
+    async with serving(store, data) as http:
+        yield http
+
+
+def twilio_post(name: str, url: str, **fields: str) -> tuple[bytes, dict[str, str]]:
+    """A Twilio fixture's form, `fields` changed, signed over `url` with the account's token."""
+    params = dict(parse_qsl((FIXTURES / "twilio" / name).read_bytes().decode()))
+    params.update(fields)
+    body = urlencode(params).encode()
+    token = TWILIO_VECTOR["auth_token"].encode()
+    signed = twilio_signature(token, url, {k: [v] for k, v in params.items()})
+    return body, {"content-type": "application/x-www-form-urlencoded", "x-twilio-signature": signed}
+
+
+async def test_a_twilio_message_to_another_tenants_number_of_the_same_account_is_that_tenants(
+    store: SqlStore, database_url: str
+) -> None:
+    """Twilio posts to one URL per Messaging Service (or per number, all pointed at one),
+    here clinica-sol's: outra's patients' messages and statuses were stored as
+    clinica-sol's. Signed with the account's token over the URL Twilio called, the
+    receiving source's, they are outra's, behind a proxy too (the receiving source's
+    public_url is that URL, whatever outra's)."""
+    token = TWILIO_VECTOR["auth_token"]
+    async with two_tenants_of_one_twilio_account(store, database_url, token) as http:
+        for name, path, url in (
+            ("inbound_text.form", "/in/twilio-sol", "http://hub/in/twilio-sol"),
+            ("status_delivered.form", "/in/twilio-sol", "http://hub/in/twilio-sol"),
+            ("inbound_media.form", "/in/twilio-proxied", f"{PUBLIC_URL}/in/twilio-proxied"),
+        ):
+            body, headers = twilio_post(name, url)
+            r = await http.post(path, content=body, headers=headers)
+            assert r.status_code == 200, r.text
+            stored = await event_of(http, r.headers["x-estafeta-event-id"])
+            owner = (stored["event"]["tenant"], stored["event"]["source"])
+            assert owner == ("outra", "tw-outra"), name
+            assert [d["destination"] for d in stored["deliveries"]] == ["outra-sink"]
+        r = await http.get("/api/v1/conversations", params={"tenant": "clinica-sol"}, headers=ADMIN)
+        assert r.json()["conversations"] == []
+        # A message to clinica-sol's own number (or to one no source has) is its own.
+        for number in ("whatsapp:+551140029999", "whatsapp:+551140020000"):
+            body, headers = twilio_post(
+                "inbound_text.form", "http://hub/in/twilio-sol", To=number, MessageSid=number
+            )
+            r = await http.post("/in/twilio-sol", content=body, headers=headers)
+            stored = await event_of(http, r.headers["x-estafeta-event-id"])
+            assert (stored["event"]["tenant"], stored["event"]["source"]) == (
+                "clinica-sol",
+                "twilio-sol",
+            )
+
+
+async def test_a_twilio_message_to_another_tenants_number_of_another_account_is_not_stored(
+    store: SqlStore, database_url: str
+) -> None:
+    """Signed with clinica-sol's account's token, a message to outra's number (of outra's
+    own account) is no proof for outra; stored as clinica-sol's, it gave clinica-sol outra's
+    number's traffic. Neither: it is left out, and logged."""
+    async with two_tenants_of_one_twilio_account(store, database_url, "outra-own-token") as http:
+        body, headers = twilio_post("inbound_text.form", "http://hub/in/twilio-sol")
+        with capture_logs() as logs:
+            r = await http.post("/in/twilio-sol", content=body, headers=headers)
+        assert r.status_code == 200, r.text
+        assert "x-estafeta-event-id" not in r.headers
+        assert (await store.queue_stats(history=True)).by_state == {}
+        [line] = [x for x in logs if x["event"] == "webhook_of_another_tenants_number"]
+        assert (line["source"], line["number"], line["sources"], line["count"]) == (
+            "twilio-sol",
+            "+551140028922",
+            ["tw-outra"],
+            1,
+        )
 
 
 async def test_twilio_signed_over_the_url_as_received_and_behind_a_proxy(

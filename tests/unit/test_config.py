@@ -409,6 +409,38 @@ INVALID_CASES: list[tuple[str, str, list[str]]] = [
         ],
     ),
     (
+        # One number in two sources: which of them (and which tenant) got its webhooks was
+        # arbitrary. A Twilio number is one however its `from` is written; Z-API instances
+        # and SendPulse bots route nothing, and two ids that differ are two numbers.
+        "one number in two sources, of one tenant or of two",
+        TENANT
+        + '[[tenants]]\nid = "outra"\n'
+        + '[[sources]]\nid = "wa"\ntenant = "acme"\nkind = "whatsapp_cloud"\napp_secret = "x"\n'
+        + 'phone_number_id = "1149"\n'
+        + '[[sources]]\nid = "tw"\ntenant = "acme"\nkind = "twilio"\nauth_token = "x"\n'
+        + 'from = "whatsapp:+551140028922"\n'
+        + '[[sources]]\nid = "wa-2"\ntenant = "acme"\nkind = "whatsapp_cloud"\napp_secret = "x"\n'
+        + 'phone_number_id = "1149"\n'
+        + '[[sources]]\nid = "wa-3"\ntenant = "outra"\nkind = "whatsapp_cloud"\napp_secret = "y"\n'
+        + 'phone_number_id = "1149"\n'
+        + '[[sources]]\nid = "tw-2"\ntenant = "outra"\nkind = "twilio"\nauth_token = "y"\n'
+        + 'from = "+55 11 4002-8922"\n'
+        + '[[sources]]\nid = "wa-4"\ntenant = "outra"\nkind = "whatsapp_cloud"\napp_secret = "y"\n'
+        + 'phone_number_id = "11490"\n'
+        + '[[sources]]\nid = "z"\ntenant = "acme"\nkind = "zapi"\ntoken = "x"\n'
+        + 'instance_id = "3C4D"\n'
+        + '[[sources]]\nid = "z-2"\ntenant = "outra"\nkind = "zapi"\ntoken = "y"\n'
+        + 'instance_id = "3C4D"\n',
+        [
+            "sources[2].phone_number_id: '1149' is also at sources[0].phone_number_id: one"
+            " number is one source (its webhooks go to the source that has it)",
+            "sources[3].phone_number_id: '1149' is also at sources[0].phone_number_id: one"
+            " number is one source (its webhooks go to the source that has it)",
+            "sources[4].from: '+55 11 4002-8922' is also at sources[1].from: one number is"
+            " one source (its webhooks go to the source that has it)",
+        ],
+    ),
+    (
         "unknown tenant everywhere",
         TENANT
         + SOURCE.replace('tenant = "acme"', 'tenant = "acne"')

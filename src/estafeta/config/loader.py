@@ -27,11 +27,13 @@ from pydantic_core import ErrorDetails
 
 from estafeta.config.models import (
     FIELD_ERROR,
+    ROUTING_NUMBER_KEYS,
     SOURCE_KEYS,
     Config,
     DestinationKind,
     default_route_id,
     destination_key_missing,
+    routing_number,
     source_key_missing,
 )
 from estafeta.errors import ConfigError, ConfigIssue
@@ -307,6 +309,7 @@ def _reference_issues(data: Mapping[str, Any]) -> list[ConfigIssue]:
         *_unknown_tenant_issues(data, tenants),
         *_route_destination_issues(data, tenants),
         *_missing_key_issues(data),
+        *_shared_number_issues(data),
     ]
 
 
@@ -355,6 +358,27 @@ def _duplicate_issues(data: Mapping[str, Any]) -> Iterator[ConfigIssue]:
                 yield ConfigIssue(where, f"duplicate id {entry_id!r} (first at {first[entry_id]})")
             else:
                 first[entry_id] = here
+
+
+def _shared_number_issues(data: Mapping[str, Any]) -> Iterator[ConfigIssue]:
+    """A number in two sources: which of them got its events (and its tenant) was arbitrary."""
+    first: dict[tuple[str, str], str] = {}
+    for i, entry in _entries(data, "sources"):
+        kind = entry.get("kind")
+        key = ROUTING_NUMBER_KEYS.get(kind) if isinstance(kind, str) else None
+        value = _text(entry, key) if key else None
+        if not isinstance(kind, str) or key is None or not value:
+            continue
+        number = (kind, routing_number(kind, value))
+        here = f"sources[{i}].{key}"
+        if number in first:
+            yield ConfigIssue(
+                here,
+                f"{value!r} is also at {first[number]}: one number is one source (its "
+                "webhooks go to the source that has it)",
+            )
+        else:
+            first.setdefault(number, here)
 
 
 def _unknown_tenant_issues(data: Mapping[str, Any], tenants: list[str]) -> Iterator[ConfigIssue]:

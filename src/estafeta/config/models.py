@@ -670,6 +670,24 @@ OUTBOUND_VALUES = tuple(
 #: Kinds whose inbound signature covers the URL the provider called (`public_url`).
 PUBLIC_URL_KINDS = frozenset(kind for kind, k in SOURCE_KEYS.items() if "public_url" in k.keys)
 
+#: The key naming a source's own number, of the kinds whose webhooks are routed by it
+#: (ingress/endpoint.py: `owned`): a Meta app's or a Twilio account's one webhook URL may
+#: carry the events of every number it has, another tenant's too.
+ROUTING_NUMBER_KEYS = {"whatsapp_cloud": "phone_number_id", "twilio": "from"}
+
+
+def routing_number(kind: str, value: str) -> str:
+    """`value`, the kind's `ROUTING_NUMBER_KEYS` key, as the webhooks name the number: a
+    Twilio `from` as `+<digits>` (`whatsapp:+55 11 4002-8922` → `+551140028922`), as the
+    ingress writes a message's `To`."""
+    if kind != "twilio":
+        return value
+    digits = value.removeprefix("whatsapp:").strip().removeprefix("+")
+    for separator in " -().":
+        digits = digits.replace(separator, "")
+    return f"+{digits}" if digits.isascii() and digits.isdigit() else value
+
+
 # The source id of events published through POST /api/v1/events: a configured source with
 # this id would share their idempotency keys.
 RESERVED_SOURCE_IDS = frozenset({"api"})
@@ -811,6 +829,12 @@ class SourceConfig(_Model):
         rotatable secret, the current one (a Twilio source sends with its first `auth_token`)."""
         value = getattr(self, "from_" if key == "from" else key)
         return current(value) if isinstance(value, tuple) else value
+
+    def own_number(self) -> str | None:
+        """The number whose webhooks are this source's (`routing_number`), if it routes by one."""
+        key = ROUTING_NUMBER_KEYS.get(self.kind)
+        value = self.value_of(key) if key else None
+        return routing_number(self.kind, value) if value else None
 
     def secrets_of(self, key: str) -> tuple[str, ...]:
         """Every secret a request to `/in/{id}` may be verified with by `key` (an inbound

@@ -18,8 +18,10 @@ from urllib.parse import parse_qsl
 import orjson
 import structlog
 
+from estafeta.config.models import ROUTING_NUMBER_KEYS
 from estafeta.errors import HttpError, StoreError, StoreUnavailable
 from estafeta.http_protocol import CUT_OFF
+from estafeta.ingress.providers import twilio
 from estafeta.ingress.providers.base import InboundRequest
 
 if TYPE_CHECKING:
@@ -271,55 +273,71 @@ def owned(
     hub: Hub, source: SourceConfig, parsed: Sequence[ParsedEvent], request: InboundRequest
 ) -> list[tuple[SourceConfig, ParsedEvent]]:
     """The events `source` received, each with the source it belongs to: `source`, unless
-    it is a WhatsApp Cloud event of a number that only other tenants' sources have. A Meta
-    app serving several businesses posts every number's webhooks to the one URL it has:
-    stored as the receiving tenant's, one business got another's patients' messages. Such
-    an event is that source's when the webhook is signed with its app secret too (the same
-    app); else it is left out, and logged: a business that knows its own app secret must not
-    write into another's conversations. Each number is judged once a webhook (a signature
-    is a pass over the body, up to 3 MB)."""
-    if source.kind != "whatsapp_cloud":
+    it is an event of a number (a WhatsApp Cloud `phone_number_id`, a Twilio `from`) that
+    another tenant's source has. A Meta app or a Twilio account (a Messaging Service's pool)
+    serving several businesses posts every number's webhooks to one URL: stored as the
+    receiving tenant's, one business got another's patients' messages. Such an event is that
+    source's when the request is signed with its secret too (the same app or account); else
+    it is left out, and logged: a business that knows its own secret must not write into
+    another's conversations. Each number is judged once a webhook (a signature is a pass
+    over the body, up to 3 MB)."""
+    if source.kind not in ROUTING_NUMBER_KEYS:
         return [(source, p) for p in parsed]
-    owners: dict[object, SourceConfig | None] = {}
+    owners: dict[str | None, SourceConfig | None] = {}
     left_out: dict[str, int] = {}
     kept: list[tuple[SourceConfig, ParsedEvent]] = []
     for p in parsed:
-        number = p.data.get("phone_number_id")
+        number = _number_of(source, p, request)
         if number not in owners:
             owners[number] = _owner(hub, source, number, request)
         found = owners[number]
         if found is not None:
             kept.append((found, p))
         else:
-            assert isinstance(number, str)  # noqa: S101 - only a configured number is left out
+            assert number is not None  # noqa: S101 - only a configured number is left out
             left_out[number] = left_out.get(number, 0) + 1
     for number, events in left_out.items():
         count = hub.foreign_number_lines.due((source.id, number), events)
         if count is not None:
+            key = "phone_number_id" if source.kind == "whatsapp_cloud" else "number"
             log.warning(
                 "webhook_of_another_tenants_number",
                 source=source.id,
-                phone_number_id=number,
-                sources=sorted(other.id for other in hub.cloud_numbers[number]),
+                sources=[hub.numbers[source.kind, number].id],
                 count=count,
+                **{key: number},
             )
     return kept
 
 
+def _number_of(source: SourceConfig, event: ParsedEvent, request: InboundRequest) -> str | None:
+    """The number (as `SourceConfig.own_number` writes it) `event` is for."""
+    if source.kind == "twilio":
+        return twilio.own_number(request, event)
+    number = event.data.get("phone_number_id")
+    return number if isinstance(number, str) else None
+
+
 def _owner(
-    hub: Hub, source: SourceConfig, number: object, request: InboundRequest
+    hub: Hub, source: SourceConfig, number: str | None, request: InboundRequest
 ) -> SourceConfig | None:
     """The source the events of `number` that `source` received belong to (see `owned`)."""
-    theirs = hub.cloud_numbers.get(number) if isinstance(number, str) else None
-    if not theirs or any(other.tenant == source.tenant for other in theirs):
+    theirs = hub.numbers.get((source.kind, number)) if number is not None else None
+    if theirs is None or theirs.tenant == source.tenant:
         return source  # a number of this tenant's (or of no source): as it always was
-    for other in theirs:
-        try:
-            hub.source_handlers[other.id].verify(request)
-        except HttpError:
-            continue
-        return other
-    return None
+    handler = hub.source_handlers[theirs.id]
+    try:
+        if isinstance(handler, twilio.TwilioSource):
+            # Twilio signed the URL it called, the receiving source's, with the account's
+            # auth token: the same account's token is the other source's too.
+            receiving = hub.source_handlers[source.id]
+            assert isinstance(receiving, twilio.TwilioSource)  # noqa: S101 - same kind
+            handler.verify(request, receiving.signed_url(request))
+        else:
+            handler.verify(request)
+    except HttpError:
+        return None
+    return theirs
 
 
 def inbound_request(scope: Scope, headers: dict[str, str], body: bytes) -> InboundRequest:

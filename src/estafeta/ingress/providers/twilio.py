@@ -92,14 +92,16 @@ class TwilioSource:
         """The URL Twilio signed: `public_url` + path and query, or the request's URL."""
         return self._public_url + request.path_qs if self._public_url else request.url
 
-    def verify(self, request: InboundRequest) -> None:
-        """contracts §2.1, constant time, over every URL variant Twilio's validator accepts."""
+    def verify(self, request: InboundRequest, signed_url: str | None = None) -> None:
+        """contracts §2.1, constant time, over every URL variant Twilio's validator accepts;
+        `signed_url`: the URL signed, when the request came to another source's
+        (ingress/endpoint.py: `owned`), else this source's `signed_url`."""
         given = request.headers.get("x-twilio-signature")
         if not given:
             raise HttpError(401, "missing_signature", "missing X-Twilio-Signature header")
         params = _signed_params(request)
         if params is not None:
-            for url in _url_variants(self.signed_url(request)):
+            for url in _url_variants(signed_url or self.signed_url(request)):
                 for token in self._auth_tokens:
                     if equal(given, signature(token, url, params)):
                         return
@@ -132,6 +134,16 @@ class TwilioSource:
         if status is not None and "Body" not in fields and "NumMedia" not in fields:
             return _status_events(fields, sid, status, raw)
         return [_message_event(fields, sid, raw)]
+
+
+def own_number(request: InboundRequest, event: ParsedEvent) -> str | None:
+    """The number of the source `event` is for, `+<digits>` (`SourceConfig.own_number`): an
+    incoming message's `To`, a status callback's `From` (the number that sent it)."""
+    if event.type == "message.received":
+        to = event.data.get("to")
+        return to if isinstance(to, str) else None
+    sender = (form(request.body) or {}).get("From")
+    return e164(sender[0]) if sender else None
 
 
 def form(body: bytes) -> Params | None:
