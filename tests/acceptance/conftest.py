@@ -422,15 +422,18 @@ class CliResult:
     stderr: str
 
 
-async def run_cli(*args: str, cwd: Path, timeout_s: float = 60) -> CliResult:
-    """Run `estafeta ARGS…` to completion without blocking the event loop."""
+async def run_cli(
+    *args: str, cwd: Path, timeout_s: float = 60, env: Mapping[str, str] | None = None
+) -> CliResult:
+    """Run `estafeta ARGS…` to completion without blocking the event loop; `env` is added
+    to the environment."""
     process = await asyncio.create_subprocess_exec(
         *estafeta_command(),
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         cwd=cwd,
-        env=child_env(),
+        env={**child_env(), **(env or {})},
     )
     try:
         async with asyncio.timeout(timeout_s):

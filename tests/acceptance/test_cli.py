@@ -267,6 +267,41 @@ async def test_serve_on_an_address_in_use_says_so_and_does_not_claim_to_serve(
     assert '"event":"serving"' not in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize(
+    ("command", "option", "key"),
+    [
+        ("serve", "--listen", "listen"),
+        ("serve", "ESTAFETA_LISTEN", "listen"),
+        ("worker", "--metrics-listen", "metrics_listen"),
+    ],
+)
+async def test_an_address_given_on_the_command_line_replaces_an_invalid_one_of_the_file(
+    tmp_path: Path, command: str, option: str, key: str
+) -> None:
+    # Before: exit 2 on the file's `server.listen` (`worker.metrics_listen`), the very value
+    # the option replaces. Here the option's address is held by another program, so the
+    # command gets as far as using it, and says so.
+    port = free_port()
+    table = "server" if key == "listen" else "worker"
+    config = hub_config(
+        f"sqlite:///{tmp_path / 'estafeta.db'}", tmp_path, destinations=[], routes=[]
+    )
+    path = write_config(tmp_path / "estafeta.toml", config)
+    assert (await run_cli("migrate", "--config", str(path), cwd=tmp_path)).returncode == 0
+    config[table] = {**config[table], key: "8080"}  # a port alone: not an address
+    write_config(path, config)
+    given = f"127.0.0.1:{port}"
+    args, env = ([option, given], {}) if option.startswith("--") else ([], {option: given})
+    with socket.create_server(("127.0.0.1", port)):  # another program holds the port
+        result = await run_cli(
+            command, "--config", str(path), *args, cwd=tmp_path, env=env, timeout_s=30
+        )
+
+    assert result.returncode == 2, result
+    assert f"127.0.0.1:{port}" in result.stderr and "in use" in result.stderr, result.stderr
+    assert "invalid address '8080'" not in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize("host", ["crm..local", "x" * 64, "\udcff"])
 def test_a_host_no_resolver_can_take_is_refused_before_serving(tmp_path: Path, host: str) -> None:
     # An empty label, one over 63 characters, a byte not UTF-8: before, the IDNA codec's

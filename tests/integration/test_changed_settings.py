@@ -148,9 +148,9 @@ async def test_a_raised_send_max_attempts_governs_the_messages_already_queued(
 def test_the_limits_a_worker_goes_by_are_the_destinations_and_the_senders() -> None:
     data = base_config("sqlite:///./unused.db")
     data["sources"].append(wa_sol("http://127.0.0.1:9", send_max_attempts=5))
-    # A provider source that cannot send (no access token) names no send destination.
+    # A provider source that cannot send (no outbound keys) names no send destination.
     receive_only = {**wa_sol("http://127.0.0.1:9", send_max_attempts=6), "id": "wa-in"}
-    del receive_only["access_token"]
+    del receive_only["access_token"], receive_only["phone_number_id"]
     data["sources"].append(receive_only)
     limits = attempt_limits(load_config_dict(data))
     assert limits == {"crm": 3, "billing": 3, "outra-sink": 8, send_destination("wa-sol"): 5}

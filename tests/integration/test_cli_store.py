@@ -789,19 +789,29 @@ def test_check_config_reports_a_file_that_is_not_utf8(tmp_path: Path) -> None:
     assert result.output == f"{latin1}: file is not valid UTF-8\n1 problem found\n"
 
 
-@pytest.mark.parametrize(
-    ("args", "env"),
-    [(["--log-level", "verbose"], {}), ([], {"ESTAFETA_LOG_LEVEL": "verbose"})],
-)
-def test_an_unknown_log_level_is_a_usage_error(
-    tmp_path: Path, args: list[str], env: dict[str, str]
+@pytest.mark.parametrize("level", ["verbose", "critical", "warn", "fatal", "notset"])
+@pytest.mark.parametrize("given_by", ["--log-level", "ESTAFETA_LOG_LEVEL"])
+def test_a_log_level_not_documented_is_a_usage_error(
+    tmp_path: Path, level: str, given_by: str
 ) -> None:
-    # Before: structlog's KeyError traceback, whatever the command.
+    # Before: `verbose` was structlog's KeyError traceback, whatever the command; `critical`,
+    # `warn`, `fatal` and `notset`, which Python's logging knows, were taken undocumented.
+    args, env = ([given_by, level], {}) if given_by == "--log-level" else ([], {given_by: level})
     config = config_file(tmp_path, f"sqlite:///{tmp_path / 'estafeta.db'}")
     result = CliRunner().invoke(main, [*args, "migrate", "--config", str(config)], env=env)
     assert result.exit_code == 2, (result.output, result.exception)
-    assert "Invalid value for '--log-level': 'verbose'" in result.output, result.output
+    assert (
+        f"Invalid value for '--log-level': '{level}' is not one of 'debug', 'info', 'warning',"
+        " 'error'." in result.output
+    ), result.output
     assert not (tmp_path / "estafeta.db").exists()
+
+
+@pytest.mark.parametrize("level", ["debug", "INFO", "Warning", "error"])
+def test_each_documented_log_level_is_taken_in_any_case(tmp_path: Path, level: str) -> None:
+    config = config_file(tmp_path, f"sqlite:///{tmp_path / 'estafeta.db'}")
+    result = CliRunner().invoke(main, ["--log-level", level, "migrate", "--config", str(config)])
+    assert result.exit_code == 0, (result.output, result.exception)
 
 
 def test_a_demo_directory_that_is_not_utf8_is_a_usage_error(tmp_path: Path) -> None:

@@ -129,6 +129,7 @@ def test_every_source_kind_with_its_required_key(tmp_path: Path) -> None:
         tenant = "acme"
         kind = "twilio"
         auth_token = "x"
+        account_sid = "AC1"
         from = "whatsapp:+15550001111"
         [[sources]]
         id = "z"
@@ -323,7 +324,7 @@ INVALID_CASES: list[tuple[str, str, list[str]]] = [
         + '[[sources]]\nid = "z"\ntenant = "acme"\nkind = "zapi"\ntoken = "x"\n'
         + 'instance_id = "3C4D"\ninstance_token = "a1b2\\n"\nclient_token = "\\tF00"\n'
         + '[[sources]]\nid = "tw"\ntenant = "acme"\nkind = "twilio"\nauth_token = "x"\n'
-        + 'from = "whatsapp:+15550001111 "\n',
+        + 'account_sid = "AC1"\nfrom = "whatsapp:+15550001111 "\n',
         [
             f"sources[{i}].{key}: must not start or end with whitespace (a secret file's"
             " newline?): the provider would refuse every send through this source"
@@ -602,12 +603,28 @@ INVALID_CASES: list[tuple[str, str, list[str]]] = [
             " replaced"
         ],
     ),
+    (  # only the first was reported: the file needed one check per header to fix
+        "every header estafeta sets or that describes the body",
+        TENANT
+        + DESTINATION
+        + 'headers = { "Content-Type" = "t", "X-Ok" = "1", "User-Agent" = "u",'
+        + ' "Content-Length" = "3" }',
+        [
+            "destinations[0].headers: header 'Content-Type' is set by estafeta and cannot be"
+            " replaced",
+            "destinations[0].headers: header 'User-Agent' is set by estafeta and cannot be"
+            " replaced",
+            "destinations[0].headers: header 'Content-Length' describes the body, which"
+            " estafeta sends as it signed it: it cannot be set",
+        ],
+    ),
     (  # passed, then the receiver got other bytes than the signed body, or none it could read
         "a header that frames or encodes the body",
         TENANT + DESTINATION + 'headers = { "Content-Length" = "3", "transfer-encoding" = "x" }',
         [
-            "destinations[0].headers: header 'Content-Length' describes the body, which"
+            f"destinations[0].headers: header {name!r} describes the body, which"
             " estafeta sends as it signed it: it cannot be set"
+            for name in ("Content-Length", "transfer-encoding")
         ],
     ),
     (  # each of these passed, then `migrate` and `serve` died with a Python traceback
@@ -1154,6 +1171,81 @@ def test_every_key_of_another_kind_in_a_file_is_reported_at_once(tmp_path: Path)
     ]
 
 
+def test_a_source_with_part_of_its_outbound_keys_is_refused_naming_what_it_lacks(
+    tmp_path: Path,
+) -> None:
+    # These loaded, and every send through them was answered `400 source_cannot_send`.
+    text = TENANT + dedent("""
+        [[sources]]
+        id = "wa"
+        tenant = "acme"
+        kind = "whatsapp_cloud"
+        app_secret = "x"
+        access_token = "t"
+
+        [[sources]]
+        id = "tw"
+        tenant = "acme"
+        kind = "twilio"
+        auth_token = "x"
+        from = "whatsapp:+15550001111"
+
+        [[sources]]
+        id = "tw-in"
+        tenant = "acme"
+        kind = "twilio"
+        auth_token = "x"
+
+        [[sources]]
+        id = "tw-out"
+        tenant = "acme"
+        kind = "twilio"
+        account_sid = "AC1"
+        from = "whatsapp:+15550001111"
+
+        [[sources]]
+        id = "z"
+        tenant = "acme"
+        kind = "zapi"
+        token = "x"
+        instance_id = "i"
+
+        [[sources]]
+        id = "sp"
+        tenant = "acme"
+        kind = "sendpulse"
+        token = "x"
+        client_id = "c"
+        client_secret = "${SP_SECRET}"
+        bot_id = "b"
+    """)
+
+    # All at once, each at the key that is missing; a receive-only source (tw-in) is fine.
+    assert problems(tmp_path, text, {"SP_SECRET": ""}) == [
+        "sources[0].phone_number_id: required to send through source 'wa', which sets"
+        " access_token: a whatsapp_cloud source sends with access_token, phone_number_id",
+        "sources[1].account_sid: required to send through source 'tw', which sets from:"
+        " a twilio source sends with account_sid, auth_token, from",
+        # The key the kind needs anyway is said once, as that.
+        "sources[3].auth_token: required for a twilio source",
+        "sources[4].instance_token: required to send through source 'z', which sets"
+        " instance_id: a zapi source sends with instance_id, instance_token, client_token",
+        "sources[4].client_token: required to send through source 'z', which sets"
+        " instance_id: a zapi source sends with instance_id, instance_token, client_token",
+        "sources[5].client_secret: required to send through source 'sp', which sets"
+        " client_id, bot_id: a sendpulse source sends with client_id, client_secret, bot_id"
+        " (environment variable SP_SECRET is empty)",
+    ]
+
+
+def test_a_source_built_in_code_with_part_of_its_outbound_keys_is_refused() -> None:
+    with pytest.raises(ValidationError, match="required to send through source 'wa'"):
+        SourceConfig.model_validate(
+            {"id": "wa", "tenant": "acme", "kind": "whatsapp_cloud", "app_secret": "x"}
+            | {"phone_number_id": "1"}
+        )
+
+
 def test_a_source_built_in_code_with_a_key_of_another_kind_is_refused() -> None:
     with pytest.raises(ValidationError) as refused:
         SourceConfig(id="wa", tenant="acme", kind="whatsapp_cloud", app_secret="x", api_key="k")
@@ -1423,9 +1515,13 @@ def test_secrets_never_appear_in_repr(tmp_path: Path) -> None:
         "zapi": ["token", "instance_token", "client_token"],
         "sendpulse": ["token", "client_secret"],
     }
+    # The ids beside them, which a source that sends needs too.
+    ids = {"whatsapp_cloud": {"phone_number_id": "1"}, "zapi": {"instance_id": "i"}}
+    ids["sendpulse"] = {"client_id": "c", "bot_id": "b"}
     sources = [
         {"id": kind.replace("_", "-"), "tenant": "acme", "kind": kind}
         | {key: f"SECRET-{key}" for key in keys}
+        | ids.get(kind, {})
         for kind, keys in secret_keys.items()
     ]
     sources[0]["secret"] = WHSEC

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -21,12 +20,6 @@ from estafeta import __version__
 from estafeta.cli import dlq, keys, running
 from estafeta.cli.common import OutputFailed, drain_stdout
 from estafeta.observability.logging import configure_logging
-
-
-def _checked_log_level(value: str) -> str:
-    if not isinstance(logging.getLevelName(value.upper()), int):  # else the level's name
-        raise click.BadParameter(f"{value!r}: use debug, info, warning or error")
-    return value
 
 
 @contextlib.contextmanager
@@ -79,8 +72,9 @@ class _Estafeta(click.Group):
     default="info",
     show_default=True,
     envvar="ESTAFETA_LOG_LEVEL",
-    callback=lambda _ctx, _param, value: _checked_log_level(value),
-    help="debug, info, warning or error",
+    # The documented levels only: Python's logging also knows critical, warn, fatal, notset.
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    help="the least severe level logged",
 )
 def main(log_level: str) -> None:
     """estafeta: receive webhooks, route them, deliver them, never lose one."""

@@ -9,7 +9,7 @@ import errno
 import os
 import sys
 import unicodedata
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -43,13 +43,19 @@ config_option = click.option(
 )
 
 
-def load(config_path: str, *, delivers: bool = False) -> Config:
+def load(
+    config_path: str,
+    *,
+    delivers: bool = False,
+    options: Mapping[str, tuple[str, str]] | None = None,
+) -> Config:
     """The configuration, or exit 2 with every problem printed. `delivers`: for a command
-    that sends (serve, worker), a destination kind this version cannot deliver to is one."""
+    that sends (serve, worker), a destination kind this version cannot deliver to is one.
+    `options`: the command's options that replace a key (see `load_config_dict`)."""
     try:
         if config_path == DEFAULT_CONFIG and not Path(config_path).exists():
-            return load_config_dict({})  # no destinations but the file's
-        config = load_file(config_path)
+            return load_config_dict({}, options=options)  # no destinations but the file's
+        config = load_file(config_path, options)
         if delivers:
             from estafeta.connectors.registry import unavailable_kinds
 
@@ -62,13 +68,13 @@ def load(config_path: str, *, delivers: bool = False) -> Config:
         sys.exit(2)
 
 
-def load_file(file: str) -> Config:
+def load_file(file: str, options: Mapping[str, tuple[str, str]] | None = None) -> Config:
     """The configuration in `file`; a ConfigError's every problem is located in the file
     (`FILE: server.listen: …`, as check-config prints it): the file ESTAFETA_CONFIG or the
     working directory chose may not be the one the operator edited."""
     data = read_config_file(file)  # a file that cannot be read or parsed is named already
     try:
-        return load_config_dict(data)
+        return load_config_dict(data, options=options)
     except ConfigError as exc:
         raise ConfigError(in_file(file, exc.issues)) from None
 
@@ -179,8 +185,8 @@ def in_store(config: Config, action: Callable[[SqlStore], Awaitable[T]]) -> T:
 
 
 def checked_address(value: str | None) -> str | None:
-    """--listen or --metrics-listen, checked as the configuration's addresses are (the copy
-    of the configuration an option makes is not)."""
+    """--listen or --metrics-listen, checked as the configuration's addresses are, and
+    refused as a usage error of the option (before the configuration is read)."""
     try:
         return value if value is None else check_address(value)
     except ValueError as exc:

@@ -41,11 +41,8 @@ def serve(config_path: str, no_workers: bool, no_migrate: bool, listen: str | No
     """The HTTP server: ingress, API, health; with delivery workers unless --no-workers."""
     from estafeta.server import serve as serve_hub
 
-    config = load(config_path, delivers=True)
-    if listen:
-        config = config.model_copy(
-            update={"server": config.server.model_copy(update={"listen": listen})}
-        )
+    options = {"--listen": ("server.listen", listen)} if listen else None
+    config = load(config_path, delivers=True, options=options)
     run_service(
         config, lambda: serve_hub(config, run_workers=not no_workers, migrate=not no_migrate)
     )
@@ -63,11 +60,10 @@ def worker(config_path: str, metrics_listen: str | None) -> None:
     """Delivery workers only (scale-out: run many against one PostgreSQL)."""
     from estafeta.server import work
 
-    config = load(config_path, delivers=True)
-    if metrics_listen:
-        config = config.model_copy(
-            update={"worker": config.worker.model_copy(update={"metrics_listen": metrics_listen})}
-        )
+    options = (
+        {"--metrics-listen": ("worker.metrics_listen", metrics_listen)} if metrics_listen else None
+    )
+    config = load(config_path, delivers=True, options=options)
     run_service(config, lambda: work(config))
 
 

@@ -7,7 +7,7 @@ fixes the whole file in one pass instead of one error per restart.
 `${NAME}` anywhere in a string value is replaced by the environment variable NAME; `$${`
 writes a literal `${`. Substitution happens before validation, so `concurrency = "${N}"`
 works for numbers too. The `ESTAFETA_*` variables in `ENV_OVERRIDES` then replace their key
-(an empty variable is treated as unset).
+(an empty variable is treated as unset), and a command's options theirs (`serve --listen`).
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from estafeta.config.models import (
     DestinationKind,
     default_route_id,
     destination_key_missing,
+    header_problems,
+    outbound_keys_missing,
     routing_number,
     source_key_missing,
 )
@@ -101,13 +103,27 @@ def resolve_env(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -
     return resolved
 
 
-def load_config_dict(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:
-    """Check an already-parsed configuration (e.g. one built in code); `data` is not changed."""
+def load_config_dict(
+    data: Mapping[str, Any],
+    env: Mapping[str, str] | None = None,
+    *,
+    options: Mapping[str, tuple[str, str]] | None = None,
+) -> Config:
+    """Check an already-parsed configuration (e.g. one built in code); `data` is not changed.
+
+    `options`: a command's options that replace a key, over the file and the environment,
+    as `{"--listen": ("server.listen", value)}`. Replaced before validation, as the
+    `ESTAFETA_*` variables are: the value an option replaces need not be valid.
+    """
     env = os.environ if env is None else env
     env_issues: list[ConfigIssue] = []
     empties: dict[str, list[str]] = {}  # location → the empty variables substituted there
     resolved = _substitute(dict(data), (), env, env_issues, empties)
     overridden = _apply_overrides(resolved, env)
+    for option, (location, value) in (options or {}).items():
+        table, key = location.split(".")
+        if _replace(resolved, table, key, value):
+            overridden[location] = option
     # A `${VAR}` the environment overrides anyway is not worth failing for.
     env_issues = [issue for issue in env_issues if issue.location not in overridden]
     issues: list[ConfigIssue] = []
@@ -212,13 +228,19 @@ def _apply_overrides(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, 
     replaced: dict[str, str] = {}
     for variable, (table, key) in ENV_OVERRIDES.items():
         value = env.get(variable)
-        if not value:
-            continue
-        section = data.setdefault(table, {})
-        if isinstance(section, dict):  # otherwise validation reports the table's type
-            section[key] = value
+        if value and _replace(data, table, key, value):
             replaced[f"{table}.{key}"] = variable
     return replaced
+
+
+def _replace(data: dict[str, Any], table: str, key: str, value: str) -> bool:
+    """Set `data[table][key]` in place; False when `table` is not a table (validation
+    reports its type)."""
+    section = data.setdefault(table, {})
+    if not isinstance(section, dict):
+        return False
+    section[key] = value
+    return True
 
 
 def _pydantic_issue(error: ErrorDetails) -> ConfigIssue:
@@ -314,9 +336,10 @@ def _reference_issues(data: Mapping[str, Any]) -> list[ConfigIssue]:
 
 
 def _missing_key_issues(data: Mapping[str, Any]) -> Iterator[ConfigIssue]:
-    """The key an entry's kind cannot do without, looked for in the raw table: pydantic
-    checks it only once every other key of the entry is valid. On a valid entry the model
-    says the same, and `_tidy` keeps one."""
+    """The keys an entry's kind cannot do without, and each of a destination's headers at
+    fault, looked for in the raw table: pydantic checks them only once every other key of
+    the entry is valid, and a validator reports one problem only. On a valid entry the model
+    says the first of them too, and `_tidy` keeps one."""
     for i, entry in _entries(data, "sources"):
         kind = entry.get("kind")
         if not isinstance(kind, str) or kind not in SOURCE_KEYS:
@@ -326,6 +349,9 @@ def _missing_key_issues(data: Mapping[str, Any]) -> Iterator[ConfigIssue]:
             wanted = [key] if key else ["secret", "api_key"]
             if not _misspelt(entry, ("sources", i), wanted):
                 yield ConfigIssue(f"sources[{i}]" + (f".{key}" if key else ""), message)
+        for key, message in outbound_keys_missing(kind, entry.get("id"), entry):
+            if not _misspelt(entry, ("sources", i), [key]):
+                yield ConfigIssue(f"sources[{i}].{key}", message)
     kinds = typing.get_args(DestinationKind)
     for i, entry in _entries(data, "destinations"):
         kind = entry.get("kind", "http")
@@ -334,6 +360,9 @@ def _missing_key_issues(data: Mapping[str, Any]) -> Iterator[ConfigIssue]:
         found = destination_key_missing(kind, entry)
         if found is not None and not _misspelt(entry, ("destinations", i), [found[0]]):
             yield ConfigIssue(f"destinations[{i}].{found[0]}", found[1])
+        headers = entry.get("headers")
+        for problem in header_problems(headers) if isinstance(headers, dict) else []:
+            yield ConfigIssue(f"destinations[{i}].headers", problem)
 
 
 def _misspelt(entry: Mapping[str, Any], loc: Loc, wanted: list[str]) -> bool:

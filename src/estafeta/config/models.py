@@ -709,6 +709,28 @@ def source_key_missing(kind: str, values: Mapping[str, Any]) -> tuple[str | None
     return None
 
 
+def outbound_keys_missing(
+    kind: str, source_id: object, values: Mapping[str, Any]
+) -> list[tuple[str, str]]:
+    """The outbound keys a source of `kind` lacks when it has part of them: (the key, why)
+    for each. One with none of the keys only sending uses (a Twilio source's `auth_token`
+    also verifies) only receives, which is fine. `values` by TOML name, a raw table's or
+    the model's; "" is not set (an empty `${VAR}`). Asked of the raw table by the loader too,
+    as `source_key_missing` is, so that every missing key is reported at once."""
+    keys = SOURCE_KEYS[kind]
+    given = [key for key in keys.sends_with if values.get(key) not in (None, "")]
+    only_sending = [key for key in given if key not in keys.inbound]
+    if not only_sending:
+        return []
+    who = f"source {source_id!r}" if isinstance(source_id, str) else "this source"
+    why = (
+        f"required to send through {who}, which sets {', '.join(only_sending)}: a {kind}"
+        f" source sends with {', '.join(keys.sends_with)}"
+    )
+    # The key the kind needs anyway (Twilio's `auth_token`) is reported as that.
+    return [(key, why) for key in keys.sends_with if key not in given and key != keys.needs]
+
+
 class SourceConfig(_Model):
     """Where events come in (`/in/{id}`) and how their sender is verified (DESIGN §3.2)."""
 
@@ -810,6 +832,10 @@ class SourceConfig(_Model):
         missing = source_key_missing(self.kind, vars(self))
         if missing is not None:
             raise field_problem(missing[1], missing[0])
+        # Loaded, such a source answered every send `400 source_cannot_send`.
+        sends_with = {key: self.value_of(key) for key in SOURCE_KEYS[self.kind].sends_with}
+        for key, why in outbound_keys_missing(self.kind, self.id, sends_with)[:1]:
+            raise field_problem(why, key)
         own_path = f"/in/{self.id}"
         if self.public_url and self.public_url.split("?")[0].rstrip("/").endswith(own_path):
             # The URL is the base: the signed URL would be `…/in/{id}/in/{id}`, never Twilio's.
@@ -910,6 +936,41 @@ def destination_key_missing(kind: str, values: Mapping[str, Any]) -> tuple[str, 
     return None
 
 
+def header_problems(headers: Mapping[Any, Any]) -> list[str]:
+    """What is wrong with each of a destination's `headers`, in order; asked of the raw
+    table by the loader too (names and values that are not strings are reported by
+    validation), so that every header at fault is reported at once."""
+    # Found only at send time, each of these made every delivery a permanent failure
+    # (or, for estafeta's own headers, was silently left out).
+    problems: list[str] = []
+    seen: dict[str, str] = {}
+    for name, text in headers.items():
+        if not isinstance(name, str):
+            continue
+        if not _HEADER_NAME.fullmatch(name):
+            problems.append(
+                f"header name {name!r} is not an HTTP token: letters, digits and "
+                "!#$%&'*+-.^_`|~ only"
+            )
+        elif name.lower() in OWN_HEADERS:
+            problems.append(f"header {name!r} is set by estafeta and cannot be replaced")
+        elif name.lower() in BODY_HEADERS:
+            problems.append(
+                f"header {name!r} describes the body, which estafeta sends as it signed "
+                "it: it cannot be set"
+            )
+        # Names are sent lowercased (connectors/http.py): two spellings would silently
+        # become one header, with one of the two values.
+        elif (first := seen.setdefault(name.lower(), name)) != name:
+            problems.append(
+                f"header {name!r} is also written as {first!r}: header names ignore case, keep one"
+            )
+        elif isinstance(text, str) and _HEADER_CONTROL.search(text):
+            # The value is not echoed: often a credential.
+            problems.append(f"header {name!r}: its value holds a control character (CR, LF, NUL …)")
+    return problems
+
+
 class DestinationConfig(_Model):
     """Where deliveries go, with their retry, rate-limit and circuit-breaker policy."""
 
@@ -953,34 +1014,9 @@ class DestinationConfig(_Model):
     @field_validator("headers")
     @classmethod
     def _check_headers(cls, value: dict[str, str]) -> dict[str, str]:
-        # Found only at send time, each of these made every delivery a permanent failure
-        # (or, for estafeta's own headers, was silently left out).
-        seen: dict[str, str] = {}
-        for name, text in value.items():
-            if not _HEADER_NAME.fullmatch(name):
-                raise ValueError(
-                    f"header name {name!r} is not an HTTP token: letters, digits and "
-                    "!#$%&'*+-.^_`|~ only"
-                )
-            if name.lower() in OWN_HEADERS:
-                raise ValueError(f"header {name!r} is set by estafeta and cannot be replaced")
-            if name.lower() in BODY_HEADERS:
-                raise ValueError(
-                    f"header {name!r} describes the body, which estafeta sends as it signed "
-                    "it: it cannot be set"
-                )
-            # Names are sent lowercased (connectors/http.py): two spellings would silently
-            # become one header, with one of the two values.
-            first = seen.setdefault(name.lower(), name)
-            if first != name:
-                raise ValueError(
-                    f"header {name!r} is also written as {first!r}: header names ignore "
-                    "case, keep one"
-                )
-            if _HEADER_CONTROL.search(text):  # the value is not echoed: often a credential
-                raise ValueError(
-                    f"header {name!r}: its value holds a control character (CR, LF, NUL …)"
-                )
+        # The first problem only: a validator raises one; the loader reports them all.
+        for problem in header_problems(value)[:1]:
+            raise ValueError(problem)
         return value
 
     @field_validator("secret")
