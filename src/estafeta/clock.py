@@ -34,6 +34,12 @@ def _boottime_reader() -> Callable[[], int]:
 
 _ticks_ns = _boottime_reader()
 
+# A read of the store's time slower than this is not taken once the clock has one: taken as
+# read halfway through, it may be off by half its round trip, and a busy process's read
+# waits for a pooled connection (seconds) before the store answers at once. Two processes
+# may then disagree by up to this much, within a slow destination's lease margin (1 s).
+MAX_SYNC_ROUND_TRIP_MS = 500
+
 
 class StoreClock:
     """Wall time as the store's own clock tells it, for the processes that share the store.
@@ -57,18 +63,24 @@ class StoreClock:
         self._ticks_ns = ticks_ns
         self._base_ms = (wall or SystemClock()).now_ms()
         self._base_ticks = ticks_ns()
+        self._synced = False
 
     def now_ms(self) -> int:
         return self._base_ms + (self._ticks_ns() - self._base_ticks) // 1_000_000
 
     async def sync(self) -> None:
-        """Take the store's time again (raises what reading it raises: nothing changes)."""
+        """Take the store's time again (raises what reading it raises: nothing changes; a
+        read slower than MAX_SYNC_ROUND_TRIP_MS changes nothing either, but the first)."""
         before = self._ticks_ns()
         store_ms = await self._read_ms()
         after = self._ticks_ns()
+        round_trip_ms = (after - before) // 1_000_000
+        if self._synced and round_trip_ms > MAX_SYNC_ROUND_TRIP_MS:
+            return  # counting on is closer than this guess (the wall clock is not: the first)
         # The store read its clock about halfway through the round trip.
-        self._base_ms = store_ms + (after - before) // 2_000_000
+        self._base_ms = store_ms + round_trip_ms // 2
         self._base_ticks = after
+        self._synced = True
 
 
 def iso_from_ms(ms: int) -> str:

@@ -27,10 +27,13 @@ def ulid(now_ms: int | None = None) -> str:
     Monotonic within a process (the ULID specification's monotonic mode): an id made in the
     same millisecond as the previous one takes the previous random bits plus one, so ids of
     one process sort in the order they were made; per-key delivery ordering relies on it.
+    So does an id made after the clock stepped back (a store clock's sync can move it back a
+    millisecond or two, a step of the store's own clock by more): it takes the previous
+    id's millisecond, which sorted a key's later delivery before its earlier one.
     The random bits come from `random.getrandbits`, which costs no system call (unlike
     `os.urandom`); ids are not credentials.
     """
-    ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+    ms = max(time.time_ns() // 1_000_000 if now_ms is None else now_ms, _last[0])
     same_ms = ms == _last[0] and _last[1] < _RANDOM_MAX
     # 79 fresh bits leave room to count up within the millisecond.
     bits = _last[1] + 1 if same_ms else _random.getrandbits(79)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -442,6 +443,77 @@ async def test_a_worker_whose_machine_is_minutes_ahead_leaves_live_leases_alone(
     assert view is not None
     assert [(d.state, d.attempts) for d in view.deliveries] == [("in_flight", 0)]
     await hub.close()
+
+
+async def test_a_worker_whose_store_time_came_late_leaves_live_leases_alone(
+    store: SqlStore, sink: Sink, database_url: str
+) -> None:
+    """A process takes the store's time again at each record of its presence, taking it as
+    read halfway through the round trip. A busy process's read first waits its turn for a
+    pooled connection (seconds), the store answering at the end of the wait, not halfway:
+    its clock went ahead by half the wait, and its worker took another's live lease for
+    expired and sent the delivery again (a slow destination's lease outlives its longest
+    send by a second). Such a slow read changes nothing."""
+    config = config_for(database_url, sink)
+    began_ns = [0]  # how long ago the next read of the store began, without sleeping
+
+    def ticks() -> int:
+        now, began_ns[0] = time.monotonic_ns() - began_ns[0], 0
+        return now
+
+    ahead = StoreClock(store.clock_ms, ticks_ns=ticks)
+    await ahead.sync()
+    busy = Presence(store, config, process_id="busy", clock=ahead)
+    began_ns[0] = 6_000_000_000  # 6 s waiting for a connection, then a quick read
+    await busy.announce()
+    other = StoreClock(store.clock_ms)
+    await other.sync()
+    hub = Hub(config, store, clock=other)
+    event_id = await publish(hub)
+    # Leased by the other process, whose send has 1.5 s left.
+    await lease_any(store, now_ms=other.now_ms(), lease_ms=1_500, worker_id="other")
+    assert await Worker(store, config, clock=ahead).rescue_expired() == 0
+    view = await store.get_event(event_id, None)
+    assert view is not None
+    assert [(d.state, d.attempts) for d in view.deliveries] == [("in_flight", 0)]
+    await hub.close()
+
+
+async def test_a_keys_events_go_in_the_order_accepted_when_the_clock_steps_back(
+    store: SqlStore, sink: Sink, database_url: str
+) -> None:
+    """A process's clock may step back: its store clock's every sync can move it back a
+    millisecond or two (rounding, a round trip taken for symmetric), a step of the store's
+    own clock by the step. A key's event accepted just after still goes after the one
+    accepted just before: its delivery's id (the key's order) sorted before it, and the
+    second event was sent first."""
+    config = config_for(database_url, sink)
+    clock = ManualClock(SystemClock().now_ms())
+    hub = Hub(config, store, clock)
+    worker = Worker(store, config, clock=clock)  # no handoff: polls by hand
+    await worker._connectors.start()  # what `run` does first; its loop is driven by hand
+    try:
+        accepted = []
+        for n in range(2):
+            result = await hub.accept(
+                tenant_id="clinica-sol",
+                source_id="api",
+                event_type="message.received",
+                data={"n": n},
+                idempotency_key=None,
+                ordering_key="5511999990000",
+            )
+            accepted.append(result.event_id)
+            clock.now -= 2  # a sync took the store's time, 2 ms behind this process's count
+        clock.now += 10
+        deadline = asyncio.get_running_loop().time() + 10
+        while len(sink.received) < 2:
+            assert asyncio.get_running_loop().time() < deadline, sink.received
+            await worker._step()
+        assert [r.webhook_id for r in sink.received] == accepted
+    finally:
+        await worker._shutdown()
+        await hub.close()
 
 
 async def test_a_dead_workers_lease_is_rescued_and_counted(

@@ -23,7 +23,10 @@ def test_an_id_has_its_prefix_and_26_crockford_characters() -> None:
     assert set(made[4:]) <= CROCKFORD
 
 
-def test_the_time_part_is_the_ulid_encoding_of_the_milliseconds() -> None:
+def test_the_time_part_is_the_ulid_encoding_of_the_milliseconds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(ids, "_last", [0, 0])  # the process's first id
     # 1_469_918_176_385 ms is "01ARYZ6S41" in the ULID specification's example.
     assert ulid(1_469_918_176_385)[:10] == "01ARYZ6S41"
 
@@ -54,7 +57,21 @@ def test_a_ulid_is_the_crockford_base32_of_its_128_bits(ms: int, bits: int) -> N
 @given(st.integers(0, 2**48 - 2), st.integers(1, 10**6))
 def test_ids_sort_by_creation_time(earlier: int, later_by: int) -> None:
     later = min(earlier + later_by, 2**48 - 1)
-    assert ulid(earlier) < ulid(later)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ids, "_last", [0, 0])  # the process's first id
+        first, second = ulid(earlier), ulid(later)
+    assert first[:10] < second[:10]  # by the time part, not by counting on
+
+
+@given(st.integers(1, 2**48 - 1), st.integers(1, 10**6))
+def test_an_id_made_after_the_clock_stepped_back_still_sorts_after(
+    first_ms: int, back_by: int
+) -> None:
+    """A store clock's sync may move the time back a millisecond or two (a step of the
+    store's own clock, by the step): the next id of the process still sorts after the last,
+    as the order of a key's deliveries needs."""
+    made = ulid(first_ms)
+    assert ulid(max(0, first_ms - back_by)) > made
 
 
 def test_ids_are_unique() -> None:
@@ -97,3 +114,25 @@ async def test_a_store_clock_keeps_the_stores_time_whatever_the_wall_clock_does(
     wall.now -= 10 * 60_000
     ticks[0] += 5_000_000_000
     assert clock.now_ms() == store_ms + 5_040
+
+
+async def test_a_slow_read_of_the_store_time_is_taken_first_and_never_after() -> None:
+    """A read that waited 3 s for a connection, the store answering at the end: taken as
+    read halfway, it is 1.5 s off. The first is still closer than the machine's own clock
+    (minutes off, maybe); once synced, counting on is closer."""
+    store_ms = 1_700_000_000_000
+    ticks = [0]  # nanoseconds of the clock no one sets; the store counts from store_ms at 0
+    waits_ns = [3_000_000_000, 20_000_000, 3_000_000_000]  # before each read's answer
+
+    async def read_store() -> int:
+        ticks[0] += waits_ns.pop(0)
+        return store_ms + ticks[0] // 1_000_000
+
+    wall = ManualClock(store_ms + 120_000)
+    clock = StoreClock(read_store, wall=wall, ticks_ns=lambda: ticks[0])
+    await clock.sync()
+    assert clock.now_ms() == store_ms + 3_000 + 1_500  # off by half the wait, not minutes
+    await clock.sync()
+    assert clock.now_ms() == store_ms + 3_020 + 10  # a quick read: taken
+    await clock.sync()
+    assert clock.now_ms() == store_ms + 6_020 + 10  # a slow one: counted on instead
