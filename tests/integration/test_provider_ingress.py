@@ -503,6 +503,9 @@ async def test_a_webhook_naming_another_tenants_number_of_another_app_is_not_sto
 TWILIO_FIXTURE_NUMBER = "whatsapp:+551140028922"
 
 
+SOL_ACCOUNT_SID = "AC8f3e2d1c0b9a87654321fedcba098765"
+
+
 @contextlib.asynccontextmanager
 async def two_tenants_of_one_twilio_account(
     store: SqlStore, database_url: str, outra_auth_token: str
@@ -513,12 +516,14 @@ async def two_tenants_of_one_twilio_account(
     data = base_config(database_url)
     data["sources"].extend(provider_sources())
     twilio_sol = next(s for s in data["sources"] if s["id"] == "twilio-sol")
-    twilio_sol["from"] = "whatsapp:+551140029999"
+    twilio_sol.update(account_sid=SOL_ACCOUNT_SID, **{"from": "whatsapp:+551140029999"})
+    same_account = outra_auth_token == TWILIO_VECTOR["auth_token"]
     data["sources"].append(
         {
             "id": "tw-outra",
             "tenant": "outra",
             "kind": "twilio",
+            "account_sid": SOL_ACCOUNT_SID if same_account else "AC" + "0" * 32,
             "auth_token": outra_auth_token,
             "from": TWILIO_FIXTURE_NUMBER.removeprefix("whatsapp:"),
         }

@@ -417,20 +417,28 @@ INVALID_CASES: list[tuple[str, str, list[str]]] = [
         TENANT
         + '[[tenants]]\nid = "outra"\n'
         + '[[sources]]\nid = "wa"\ntenant = "acme"\nkind = "whatsapp_cloud"\napp_secret = "x"\n'
+        + 'access_token = "t"\n'
         + 'phone_number_id = "1149"\n'
         + '[[sources]]\nid = "tw"\ntenant = "acme"\nkind = "twilio"\nauth_token = "x"\n'
+        + 'account_sid = "AC1"\n'
         + 'from = "whatsapp:+551140028922"\n'
         + '[[sources]]\nid = "wa-2"\ntenant = "acme"\nkind = "whatsapp_cloud"\napp_secret = "x"\n'
+        + 'access_token = "t"\n'
         + 'phone_number_id = "1149"\n'
         + '[[sources]]\nid = "wa-3"\ntenant = "outra"\nkind = "whatsapp_cloud"\napp_secret = "y"\n'
+        + 'access_token = "t"\n'
         + 'phone_number_id = "1149"\n'
         + '[[sources]]\nid = "tw-2"\ntenant = "outra"\nkind = "twilio"\nauth_token = "y"\n'
+        + 'account_sid = "AC2"\n'
         + 'from = "+55 11 4002-8922"\n'
         + '[[sources]]\nid = "wa-4"\ntenant = "outra"\nkind = "whatsapp_cloud"\napp_secret = "y"\n'
+        + 'access_token = "t"\n'
         + 'phone_number_id = "11490"\n'
         + '[[sources]]\nid = "z"\ntenant = "acme"\nkind = "zapi"\ntoken = "x"\n'
+        + 'instance_token = "i"\nclient_token = "c"\n'
         + 'instance_id = "3C4D"\n'
         + '[[sources]]\nid = "z-2"\ntenant = "outra"\nkind = "zapi"\ntoken = "y"\n'
+        + 'instance_token = "i"\nclient_token = "c"\n'
         + 'instance_id = "3C4D"\n',
         [
             "sources[2].phone_number_id: '1149' is also at sources[0].phone_number_id: one"
@@ -1201,7 +1209,7 @@ def test_a_source_with_part_of_its_outbound_keys_is_refused_naming_what_it_lacks
         tenant = "acme"
         kind = "twilio"
         account_sid = "AC1"
-        from = "whatsapp:+15550001111"
+        from = "whatsapp:+15550002222"
 
         [[sources]]
         id = "z"
