@@ -38,7 +38,8 @@ _MOVED_PER_TRANSACTION = 1_000
 
 def dead_conditions(f: DeadLetterFilter) -> list[ColumnElement[bool]]:
     """The dead deliveries `f` selects: read by an index of dead ones alone (deliveries_dead,
-    or the tenant's by state), never by a walk of the history."""
+    a destination's deliveries_dead_destination, or the tenant's by state), never by a walk
+    of the history."""
     d = s.deliveries
     conditions: list[ColumnElement[bool]] = [state_is(DeliveryState.DEAD)]
     if f.tenant_id is not None:

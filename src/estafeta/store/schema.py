@@ -207,6 +207,15 @@ Index(
     deliveries.c.id,
     **rows_where("state = 'dead'"),
 )
+# One destination's dead ones, in the same order: its queue after an outage is read (and
+# replayed) by a range, not a walk of every destination's dead ones (0018).
+Index(
+    "deliveries_dead_destination",
+    deliveries.c.destination_id,
+    deliveries.c.updated_at,
+    deliveries.c.id,
+    **rows_where("state = 'dead'"),
+)
 Index("deliveries_event", deliveries.c.event_id)
 Index(
     "deliveries_tenant_state", deliveries.c.tenant_id, deliveries.c.state, deliveries.c.updated_at
