@@ -61,7 +61,8 @@ class LateRedis:
 
     While `refusing`, it closes every new connection at once (Redis is gone: calls fail
     fast); while `silent`, it drops every request (Redis hangs: calls wait for their
-    timeout)."""
+    timeout); with `slow_s`, every answer is held back that long (a Redis far away or
+    overloaded, answering within the client's timeout)."""
 
     def __init__(self, upstream_url: str, *, command: bytes = b"", delay_s: float = 0.0) -> None:
         self._upstream = urlsplit(upstream_url)
@@ -70,6 +71,7 @@ class LateRedis:
         self.armed = False
         self.refusing = False
         self.silent = False
+        self.slow_s = 0.0
         self.url = ""
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -114,6 +116,8 @@ class LateRedis:
                 if late.is_set():
                     late.clear()
                     await asyncio.sleep(self._delay_s)
+                if self.slow_s:
+                    await asyncio.sleep(self.slow_s)
                 writer.write(data)
 
         try:

@@ -1445,6 +1445,77 @@ async def test_redis_answering_again_is_used_again_after_a_try_in_the_background
             await behind.close()
 
 
+async def test_a_slow_redis_holds_back_no_destination_behind_a_rate_limited_one(
+    store: SqlStore, sink: Sink, database_url: str, shared_prefix: str
+) -> None:
+    """Redis answers, but each answer takes 0.3 s (far away, overloaded: within the client's
+    timeout, so no outage). crm has a rate limit (never reached), counted in Redis; billing
+    has none. Each crm send asks Redis in turn, but billing's deliveries waited behind
+    them: a backlog of 20 events to both reached billing at crm's pace, 0.3 s a delivery."""
+    n = 20
+    async with LateRedis(SHARED_REDIS_URL) as proxy:
+        data = base_config(database_url, redis={"url": proxy.url, "key_prefix": shared_prefix})
+        for d in data["destinations"]:
+            d["url"] = f"{sink.url}/{d['id']}"
+        data["destinations"][0]["rate_limit"] = "1000/second"  # crm's
+        config = load_config_dict(data)
+        running = Running(store, config, handoff=False, started=False)
+        try:
+            for i in range(n):
+                await running.publish("appointment.booked", n=i)
+            proxy.slow_s = 0.3
+            running.start()
+
+            def delivered(s: Sink, destination_id: str) -> int:
+                return sum(
+                    1 for r in s.received if r.path == f"/{destination_id}" and r.status == 200
+                )
+
+            assert await sink.wait_for(lambda s: delivered(s, "billing") == n, timeout_s=30)
+            # crm's go one round trip after another; billing's did not wait for them.
+            assert delivered(sink, "crm") < n // 2
+            assert await sink.wait_for(lambda s: delivered(s, "crm") == n, timeout_s=30)
+        finally:
+            await running.stop()
+    sent = Counter((r.path, r.webhook_id) for r in sink.received if r.status == 200)
+    assert set(sent.values()) == {1}  # the event id is each of its deliveries' webhook-id
+
+
+async def test_a_slow_redis_does_not_start_a_send_its_lease_no_longer_covers(
+    store: SqlStore, sink: Sink, database_url: str, shared_prefix: str
+) -> None:
+    """A batch's sends to a rate-limited destination ask Redis one after another; Redis
+    answering in 0.3 s, the last of 30 started 10 s after the lease, past its 6 s. Another
+    worker's rescue (here the worker's own) took those in flight and sent them again:
+    duplicates. A delivery whose lease cannot cover its send any more is given back unsent,
+    to be leased again."""
+    n = 30
+    async with LateRedis(SHARED_REDIS_URL) as proxy:
+        data = base_config(database_url, redis={"url": proxy.url, "key_prefix": shared_prefix})
+        data["worker"]["lease_s"] = 6
+        for d in data["destinations"]:
+            d.update(url=f"{sink.url}/{d['id']}", timeout_s=1)
+        data["destinations"][0]["rate_limit"] = "1000/second"  # crm's: never reached
+        config = load_config_dict(data)
+        sink.respond(delay_s=0.5)  # sends in flight when the rescue looks
+        running = Running(store, config, handoff=False, started=False)
+        assert running.worker.lease_ms == 6_000
+        try:
+            ids = [await running.publish(n=i) for i in range(n)]  # message.*: to crm only
+            proxy.slow_s = 0.3
+            with capture_logs() as logs:
+                running.start()
+                assert await sink.wait_for(lambda s: s.delivered_ids >= set(ids), timeout_s=40)
+                for event_id in ids:
+                    view = await settled(store, event_id, timeout_s=30)
+                    assert [d.state for d in view.deliveries] == ["succeeded"]
+        finally:
+            await running.stop()
+    assert sink.duplicates == 0
+    assert len(sink.received) == n
+    assert [e for e in logs if e["event"] == "leases_rescued"] == []
+
+
 def rescuer(store: SqlStore, *, started_ms: int, at_ms: int) -> Rescue:
     """Another worker's rescue of crm's and billing's expired leases, its clock at `at_ms`."""
     return Rescue(
