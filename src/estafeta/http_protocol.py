@@ -35,7 +35,9 @@ Four framing decisions are this class's too (uvicorn's own differ):
   with the parser's reason (uvicorn answered a plain `Invalid HTTP request received.`). It,
   and any refusal of this class (408, 431), waits for the answers due to the requests read
   before it, then closes the connection: uvicorn wrote its 400 at once and closed, so a
-  webhook pipelined before it was stored and never answered.
+  webhook pipelined before it was stored and never answered. A body in a transfer coding
+  other than chunked (`gzip, chunked`: httptools takes off the chunked framing only, and the
+  app read the gzip bytes) is answered `501 unsupported_transfer_coding` the same way.
 
 And clients get deadlines. Every open connection counts against `limit_concurrency`
 (`server.max_concurrent_requests`), and uvicorn gave none a limit until its first answer: a
@@ -131,6 +133,11 @@ class _HeadTooLarge(Exception):
     """Raised from the parser's callback to stop reading a head found over MAX_HEAD_BYTES."""
 
 
+class _UnknownCoding(Exception):
+    """Raised from the parser's callback to stop reading a body sent in a transfer coding
+    other than chunked (`gzip, chunked`): httptools takes off the chunked framing only."""
+
+
 class _Unanswered:
     """The cycle of requests read past MAX_PIPELINED, which get no answer: uvicorn keeps no
     body for an answered request's cycle, and starts no other behind it."""
@@ -167,6 +174,8 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         self._last_answer: bytes | None = None
         # The head of a request whose upgrade offer is ignored, until it is read again.
         self._upgrade_ignored: tuple[bytes, str, bytes, list[tuple[bytes, bytes]]] | None = None
+        # When that request began, kept for its second reading (`on_message_begin`).
+        self._reread_began: float | None = None
 
     # -- the clients' deadlines (see the module's docstring) --------------------------------
 
@@ -258,6 +267,10 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         if isinstance(cause, _HeadTooLarge):
             self._refuse_head()
             return
+        if isinstance(cause, _UnknownCoding):  # RFC 9112 §6.1: a coding not understood
+            detail = f"the request's transfer coding {cause} is not supported: only chunked is"
+            self._refuse(501, "unsupported_transfer_coding", detail)
+            return
         # llhttp's reason (`Invalid method encountered`, `Duplicate Content-Length` …). Not
         # the URL parser's, which quotes the URL (a `?token=` in the log); a callback's own
         # error other than the parser's is a bug, not the client's to read.
@@ -282,6 +295,14 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
 
     def on_chunk_header(self) -> None:
         self._head_bytes = 0
+        # Only a chunked body has chunks: its codings are looked at here, not on every head.
+        # llhttp refuses (400) a request whose last coding is not chunked.
+        for name, value in self.headers:
+            if name == b"transfer-encoding":
+                for coding in value.split(b","):
+                    coding = coding.strip().lower()
+                    if coding and coding != b"chunked":  # a list may hold empty elements
+                        raise _UnknownCoding(coding.decode("latin-1"))
 
     def on_chunk_complete(self) -> None:
         self._head_bytes = None
@@ -313,11 +334,18 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         # Its head was measured (or found small) as it came: only the heads after it in
         # `rest` are left for the "one big read" measure (`on_headers_complete`).
         self._read_bytes = len(rest)
+        # Its deadline runs from its first byte, not from this second reading.
+        self._reread_began = self._request_began
         return b"\r\n".join(lines) + b"\r\n\r\n" + rest
 
     def on_message_begin(self) -> None:
         HttpToolsProtocol.on_message_begin(self)
-        self._request_began = self.loop.time()
+        began = self._reread_began
+        if began is None:
+            self._request_began = self.loop.time()
+        else:  # a request read again without its upgrade offer (`_ignore_upgrade`)
+            self._request_began = began
+            self._reread_began = None
         self._head_bytes = 0
         if self._request_timer is None:  # else it is running: it looks at the time began
             self._request_timer = self.loop.call_later(self.client_timeout_s, self._request_late)

@@ -816,3 +816,72 @@ async def test_an_h2c_head_near_64_kib_in_two_reads_is_read_again_and_answered(
         writer.write(whole[30_000:])  # the rest of the head and the whole body
         answer = await asyncio.wait_for(reader.readuntil(b"got " + body), 5)
     assert head_end > 60_000 and answer.startswith(b"HTTP/1.1 202 "), answer[:200]
+
+
+async def test_an_h2c_request_has_its_deadline_from_its_first_byte() -> None:
+    """The request read again without its offer keeps the time it began: its deadline does
+    not start over at its head's end (which gave it up to twice `client_timeout_s`)."""
+    whole = request("/a", b"x" * 100, *H2C)
+    head_end = whole.index(b"\r\n\r\n") + 4
+    async with served(app, client_timeout_s=1) as port, connected(port) as (reader, writer):
+        writer.write(whole[:20])
+        await asyncio.sleep(0.7)
+        writer.write(whole[20 : head_end + 10])  # the head whole at 0.7 s, its body begun
+        await asyncio.sleep(0.7)
+        if not writer.is_closing():
+            writer.write(whole[head_end + 10 :])  # whole at 1.4 s: late
+        received = await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)
+    assert received.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), received
+
+
+# -- transfer codings --------------------------------------------------------------------
+
+
+async def test_a_transfer_coding_other_than_chunked_is_answered_501(port: int) -> None:
+    """httptools takes off the chunked framing only: the app read the gzip bytes as the body
+    (a webhook refused `400` "not UTF-8"). RFC 9112 §6.1: 501 for a coding not understood."""
+    codings = (b"gzip, chunked", b"gzip\r\ntransfer-encoding: chunked")
+    for coding in codings:
+        raw = (
+            b"POST /a HTTP/1.1\r\nhost: t\r\ntransfer-encoding: "
+            + coding
+            + b"\r\n\r\n4\r\nabcd\r\n0\r\n\r\n"
+        )
+        async with connected(port) as (reader, writer):
+            writer.write(raw)
+            received = await read_to_the_end(reader)
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 501 Not Implemented\r\n"), received
+        assert b"connection: close" in head and b"content-type: application/json" in head
+        assert body == (
+            b'{"error":"unsupported_transfer_coding",'
+            b'"detail":"the request\'s transfer coding gzip is not supported: only chunked is"}'
+        )
+
+
+async def test_a_chunked_body_named_in_any_case_is_read(port: int) -> None:
+    raw = b"POST /a HTTP/1.1\r\nhost: t\r\ntransfer-encoding: Chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n"
+    answer = await exchange(port, raw, until=b"got abcd")
+    assert answer.startswith(b"HTTP/1.1 202 ")
+
+
+async def test_a_webhook_in_a_transfer_coding_other_than_chunked_is_counted_as_answered(
+    hub_port: int,
+) -> None:
+    """A compressing client's webhook was refused `400 invalid_text`, "not UTF-8 JSON": its
+    sender looked for a fault in its JSON. It is answered 501 and counted as such."""
+    counted = {"source": "keyed", "error": "unsupported_transfer_coding"}
+    before = REGISTRY.get_sample_value("estafeta_ingest_refused_total", counted) or 0
+    raw = (
+        b"POST /in/keyed HTTP/1.1\r\nhost: t\r\nauthorization: Bearer source-key-1\r\n"
+        b"content-type: application/json\r\ntransfer-encoding: gzip, chunked\r\n\r\n"
+        b"4\r\n\x1f\x8b\x08\x00\r\n0\r\n\r\n"
+    )
+    async with connected(hub_port) as (reader, writer):
+        writer.write(raw)
+        received = await read_to_the_end(reader)
+    assert received.startswith(b"HTTP/1.1 501 Not Implemented\r\n"), received
+    await until(
+        lambda: REGISTRY.get_sample_value("estafeta_ingest_refused_total", counted) == before + 1,
+        5,
+    )

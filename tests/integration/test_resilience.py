@@ -373,3 +373,46 @@ async def test_a_probe_whose_claim_meets_a_store_outage_is_given_back_unsent(
             view = await settled(store, event_id)
             for d in view.deliveries:
                 assert "lease_expired" not in [a.error_class for a in d.attempt_log]
+
+
+async def test_a_probe_give_back_that_meets_a_store_outage_is_made_once_the_store_answers(
+    store: SqlStore,
+    database_url: str,
+    sinks: tuple[Sink, Sink],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Circuits in the store (no Redis): a probe claimed, then held back by the rate limit,
+    is given back; that write meeting an outage left the circuit half-open, every worker
+    holding the destination back until the probe timeout (its timeout + 5 s, up to 60 s).
+    It is made again at the next poll that reaches the store."""
+    crm, billing = sinks
+    billing.respond(503)
+    async with running(store, quick_circuit(database_url, crm, billing)) as hub:
+        ids = await publish(hub, 3)
+        await circuit_becomes(hub, "billing", CircuitState.OPEN)
+        await none_in_flight(store)  # billing's next request is a probe
+        worker, breakers = hub.worker, hub.worker.breakers
+        acquire, give_back_probe = worker.throttle.acquire, breakers.give_back_probe
+        held: list[str] = []
+        failed: list[str] = []
+
+        async def held_once(destination_id: str) -> float | None:
+            if destination_id == "billing" and not held:  # the probe's send: held back
+                held.append(destination_id)
+                return 0.05
+            return await acquire(destination_id)
+
+        async def blip(destination_id: str, **kwargs: Any) -> None:
+            if not failed:  # the give-back's write meets the outage
+                failed.append(destination_id)
+                raise StoreUnavailable("the store cannot be reached: test")
+            await give_back_probe(destination_id, **kwargs)
+
+        monkeypatch.setattr(worker.throttle, "acquire", held_once)
+        monkeypatch.setattr(breakers, "give_back_probe", blip)
+        billing.respond(200)
+        started = time.monotonic()
+        assert await billing.wait_for(lambda s: s.delivered_ids == set(ids), 10)
+        assert (held, failed) == (["billing"], ["billing"])
+        # Not after the probe timeout (billing's timeout + 5 s): at once.
+        assert time.monotonic() - started < 3

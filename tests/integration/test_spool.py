@@ -989,6 +989,47 @@ async def test_an_event_the_store_refuses_is_quarantined_and_the_rest_drains(
     await spool.close()
 
 
+async def test_an_event_quarantined_in_a_round_cut_short_is_not_quarantined_again(
+    store: SqlStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A drain stopped between chunks (the process told to stop) keeps its segment whole for
+    the next round: an event of it refused and quarantined before the stop was quarantined
+    again there, a second error line and count for the operator to chase."""
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    poison = event_named(
+        "evt_" + "9" * 26,
+        NewDelivery(id="dlv_" + "9" * 26, destination_id="crm", priority=9, max_attempts=3),
+    )
+    records = [encode(new_event(n)) for n in range(DRAIN_CHUNK + 10)]
+    records.insert(3, encode(poison))  # in the first chunk
+    (spool_dir / "0000000000001-host-1-000000001.journal").write_bytes(b"".join(records))
+    spool = Spool(spool_dir, max_bytes=10**6)
+    stop = asyncio.Event()
+    imports = spool._import
+
+    async def import_then_stop(*args: Any) -> int:
+        imported = await imports(*args)
+        stop.set()  # SIGTERM arrives while the first chunk is imported
+        return imported
+
+    before = REGISTRY.get_sample_value("estafeta_spool_quarantined_total") or 0
+    with capture_logs() as logs:
+        monkeypatch.setattr(spool, "_import", import_then_stop)
+        assert await spool.drain(store, stop) == DRAIN_CHUNK - 1
+        assert spool.stats().segments == 1
+        monkeypatch.setattr(spool, "_import", imports)
+        assert await spool.drain(store) == DRAIN_CHUNK + 10  # the first chunk again
+    assert spool.stats().segments == 0
+    assert [path.name for path in (spool_dir / "quarantine").iterdir()] == [
+        f"0000000000001-host-1-000000001-{poison.id}.journal"
+    ]
+    quarantined = [entry for entry in logs if entry["event"] == "spool_event_quarantined"]
+    assert len(quarantined) == 1
+    assert REGISTRY.get_sample_value("estafeta_spool_quarantined_total") == before + 1
+    await spool.close()
+
+
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 async def test_an_event_holding_a_value_its_column_cannot_hold_is_quarantined(
     store: SqlStore, tmp_path: Path

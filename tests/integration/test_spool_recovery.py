@@ -206,7 +206,10 @@ async def test_a_segment_the_disk_will_not_let_go_is_kept_and_the_others_drain(
             disk.setattr(Spool, "_write_quarantined", refused)
         else:
             disk.setattr(Path, "unlink", refused_for_first)
-        assert await spool.drain(store) == 1  # the next segment's; the kept one's is stored
+        # Both segments' events are stored, the kept one's too, and said so.
+        assert await spool.drain(store) == 2
+        [drained] = [entry for entry in logs if entry["event"] == "spool_drained"]
+        assert drained["events"] == 2
         drained_at = clock.now
         clock.now += 60_000
         imports: list[int] = []

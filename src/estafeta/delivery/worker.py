@@ -196,6 +196,10 @@ class Worker:
         # Destinations whose rate limit capped the last lease (`_budgets`), or caps the one
         # under way: what they have waiting is not known either.
         self._capped: set[str] = set()
+        # Probes claimed, not sent, whose give-back met a store outage: destination → when
+        # claimed. Made at the next poll the store answers, or the circuit stayed half-open,
+        # every worker holding the destination back, until the probe timeout (up to 60 s).
+        self._probes_owed: dict[str, int] = {}
         # When to lease (and refresh circuits, and rescue) again even if nothing wakes the
         # loop but hand-overs: retries come due in the store without anyone saying so.
         self._next_poll = 0.0
@@ -243,6 +247,9 @@ class Worker:
         self._cap_freed.clear()
         try:
             await self._snoozes.release()
+            while self._probes_owed:
+                destination_id, claimed_at = next(iter(self._probes_owed.items()))
+                await self._give_back_probe(destination_id, claimed_at)
             await self._rescue.if_due()
             room = min(self.settings.batch_size, self._free_slots())
             if room <= 0:
@@ -258,6 +265,13 @@ class Worker:
                 self._down_logged = False
                 log.info("store_available", worker=self.worker_id)
         return taken
+
+    async def _give_back_probe(self, destination_id: str, claimed_at: int) -> None:
+        """Give back the probe claimed at `claimed_at`, unsent; owed until the store takes it
+        (a later probe, claimed once this one timed out, is not given back by it)."""
+        self._probes_owed[destination_id] = claimed_at
+        await self.breakers.give_back_probe(destination_id, started_at=claimed_at)
+        del self._probes_owed[destination_id]
 
     async def _lease_and_start(self, room: int) -> int:
         """Probe the circuits ready for it, then lease up to `room` in all and start what
@@ -305,7 +319,7 @@ class Worker:
             elif not await self._start(probe, now, probe=True):
                 # The rate limit held it back: another worker (or this one, later) may probe
                 # as soon as it can.
-                await self.breakers.give_back_probe(destination_id)
+                await self._give_back_probe(destination_id, now)
         blocked = self.breakers.not_closed() | self._snoozes.throttled(now)
         limit = room - taken
         rooms = self._rooms(limit, blocked)

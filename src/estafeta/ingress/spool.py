@@ -112,7 +112,8 @@ class Spool:
         self._unreadable_segments: dict[str, str] = {}  # name → the error last logged
         self._not_deleted_segments: dict[str, str] = {}  # name → the error last logged
         # Segments kept after every event of them was imported (`_not_deleted`): name → the
-        # bytes imported; and the quarantine/ files written for segments not yet deleted.
+        # bytes imported; and the quarantine/ files written for segments not yet deleted
+        # (kept, or cut short by a stop: not written again when the segment is read again).
         self._imported: dict[str, int] = {}
         self._kept_files: set[tuple[str, str]] = set()  # (segment, file)
         # `events_spooled` and `spool_write_failed` lines: an outage spools every request,
@@ -435,15 +436,18 @@ class Spool:
                 await asyncio.to_thread(self._close_segment)
         await asyncio.to_thread(segments.clear_leftovers, self.directory)
         imported = 0
-        held = False  # a segment another process holds locked was left in place
-        for path in sorted(self.directory.glob("*.journal")):
-            if stop is not None and stop.is_set():
-                return imported
-            drained = await self._drain_segment(store, path, stop)
-            if drained is None:
-                held = True
-            else:
+        held = False  # a segment was left in place (locked, unreadable, kept)
+        try:
+            for path in sorted(self.directory.glob("*.journal")):
+                if stop is not None and stop.is_set():
+                    return imported
+                # A segment kept after its import still counts what it imported.
+                drained, went = await self._drain_segment(store, path, stop)
                 imported += drained
+                held = held or not went
+        finally:
+            if imported:  # a round cut short too, by a stop or an outage: they are stored
+                log.info("spool_drained", events=imported)
         if stop is not None and stop.is_set():
             return imported
         if self._ordered:  # a segment another process drained (one sharing the directory)
@@ -457,32 +461,32 @@ class Spool:
             self._forget_kept((set(self._imported) | set(self._not_deleted_segments)) - left)
         if not held:  # a round that left a segment behind did not get through
             self.progress_at = self.clock.now_ms()  # StoreUnavailable skips this too
-        if imported:
-            log.info("spool_drained", events=imported)
         return imported
 
     async def _drain_segment(
         self, store: SqlStore, path: Path, stop: asyncio.Event | None = None
-    ) -> int | None:
+    ) -> tuple[int, bool]:
+        """How many of its events were imported, and whether it is gone from the spool (a
+        segment locked by another process, unreadable, or kept, is not)."""
         try:
             handle = open(path, "rb")  # noqa: SIM115 - closed in finally
         except FileNotFoundError:
-            return 0
+            return 0, True
         except OSError as exc:
             self._unreadable(path, exc)
-            return None
+            return 0, False
         try:
             try:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                return None  # another process writes or drains it: not drained here
+                return 0, False  # another process writes or drains it: not drained here
             if not path.exists():
-                return 0  # drained by another process between glob and lock
+                return 0, True  # drained by another process between glob and lock
             try:
                 data = await asyncio.to_thread(path.read_bytes)
             except OSError as exc:
                 self._unreadable(path, exc)
-                return None
+                return 0, False
             self._unreadable_segments.pop(path.name, None)
             events, unimportable = _decoded(path.name, data)
             imported = 0
@@ -491,7 +495,8 @@ class Spool:
                 if self._imported.get(path.name) != len(data):
                     for chunk in in_chunks(events, DRAIN_CHUNK):
                         if stop is not None and stop.is_set():
-                            return imported  # the segment stays, whole, for the next drain
+                            # The segment stays, whole, for the next drain.
+                            return imported, False
                         imported += await self._import(store, chunk, path)
                     self._imported[path.name] = len(data)
                 # Only now: while the store is down, every round would quarantine them again.
@@ -506,12 +511,12 @@ class Spool:
                 # crashed the drainer on every round, and the segments after this one never
                 # drained, though deleting them is what frees a full disk.
                 self._not_deleted(path, exc)
-                return None
+                return imported, False
             self._forget_kept({path.name})
             self._ordered = {k: name for k, name in self._ordered.items() if name != path.name}
             self._undrained = {k: v for k, v in self._undrained.items() if v[1] != path.name}
             self.progress_at = self.clock.now_ms()  # a long drain is progress, not a stall
-            return imported
+            return imported, True
         finally:
             handle.close()
 
@@ -568,7 +573,10 @@ class Spool:
                     "source_id": event.source_id,
                 }
                 name = f"{segment.stem}-{event.id}.journal"
+                if (segment.name, name) in self._kept_files:
+                    continue  # by an earlier round cut short: its segment was kept whole
                 await self._quarantine(_Kept(encode(event), name, type(exc).__name__, identity))
+                self._kept_files.add((segment.name, name))
         return imported
 
     async def _quarantine(self, kept: _Kept) -> None:
