@@ -1112,6 +1112,30 @@ async def test_a_byte_order_mark_hides_no_lone_surrogate(client: Client) -> None
     assert r.status_code == 202, r.text
 
 
+async def test_a_webhook_after_a_byte_order_mark_is_taken_as_the_api_takes_it(
+    client: Client,
+) -> None:
+    """A UTF-8 byte order mark before a webhook's JSON (as .NET and PowerShell clients may
+    write) was `400 invalid_json`, "BOM is not supported", where the API skips it: the
+    webhook is taken, verified over the bytes as sent, and its data delivered unchanged."""
+    body = b"\xef\xbb\xbf" + b'{"type": "appointment.booked", "data": {"status": "ok"}}'
+    r = await client.http.post("/in/crm-events", content=body, headers=signed(body, "m-bom"))
+    assert r.status_code == 202, r.text
+    keyed = {"authorization": "Bearer source-key-1", "content-type": "application/json"}
+    r2 = await client.http.post("/in/keyed", content=body, headers=keyed)
+    assert r2.status_code == 202, r2.text
+    for accepted in (r, r2):
+        event_id = accepted.json()["id"]
+        event = (await client.http.get(f"/api/v1/events/{event_id}", headers=ADMIN)).json()
+        assert event["type"] == "appointment.booked"
+        assert event["event"]["data"] == {"status": "ok"}
+    leased = await lease_any(client.store, now_ms=int(time.time() * 1000) + 60_000)
+    assert len(leased) == 4  # crm and billing, for each
+    for delivery in leased:
+        assert not delivery.payload.startswith(b"\xef\xbb\xbf")
+        assert orjson.loads(delivery.payload)["data"] == {"status": "ok"}
+
+
 async def test_an_event_whose_route_key_is_longer_than_an_index_row_is_accepted(
     store: SqlStore, database_url: str
 ) -> None:

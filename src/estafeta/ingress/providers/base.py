@@ -28,7 +28,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import orjson
 
 from estafeta.errors import HttpError
-from estafeta.ingress.generic import ParsedEvent, not_json
+from estafeta.ingress.generic import UTF8_BOM, ParsedEvent, not_json
 from estafeta.jsonvalues import (
     DATA_LEVELS_ABOVE,
     INT64_MIN,
@@ -213,11 +213,12 @@ def load_json(request: InboundRequest, *, check_type: bool = True) -> object:
             "unsupported_media_type",
             f"expected Content-Type application/json, got {request.content_type or 'none'!r}",
         )
+    body = request.body.removeprefix(UTF8_BOM)  # verified as sent; read without it
     try:
-        document = orjson.loads(request.body)
+        document = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        document = _with_lone_surrogates_mended(request.body, exc)
-    if may_nest_too_deep(request.body):
+        document = _with_lone_surrogates_mended(body, exc)
+    if may_nest_too_deep(body):
         # What a parser keeps (a `referral`, an unsupported message's part) lies deeper in
         # the body than in `data`: a body within `data`'s bound keeps it within too.
         problem = unstorable(document, levels_above=DATA_LEVELS_ABOVE)
