@@ -248,6 +248,38 @@ async def test_slow_destination_times_out(sink: Sink, session: aiohttp.ClientSes
     assert outcome.response_excerpt == "no answer within 0.2 s"
 
 
+async def test_idle_connections_to_many_destinations_stay_within_the_pool_size() -> None:
+    """A burst to one destination, then one to another: the first's idle kept-alive sockets
+    were kept (and, reused in turn by steady traffic, never timed out), so a process held up
+    to `worker.concurrency` sockets per destination, past the open-files limit it was sized
+    for. Open sockets, idle or not, stay within the pool's size."""
+    pool = 4
+    session = new_client_session(connections=pool)
+    sinks = [Sink(), Sink()]
+    try:
+        for sink in sinks:
+            await sink.start()
+            sink.respond(delay_s=0.2)  # the burst's sends overlap: one connection each
+        for sink in sinks:
+            outcomes = await asyncio.gather(
+                *(deliver_to(sink.url, session, event_id=f"evt_{n}") for n in range(pool))
+            )
+            assert all(o.kind is OutcomeKind.SUCCESS for o in outcomes)
+            assert sink.open_connections == pool  # the burst's own, kept alive
+
+        def open_sockets() -> int:
+            return sum(sink.open_connections for sink in sinks)
+
+        deadline = time.monotonic() + 2
+        while open_sockets() > pool and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert open_sockets() <= pool
+    finally:
+        await session.close()
+        for sink in sinks:
+            await sink.stop()
+
+
 async def test_connection_refused(session: aiohttp.ClientSession) -> None:
     with socket.socket() as probe:  # a port that was free a moment ago and now has no listener
         probe.bind(("127.0.0.1", 0))

@@ -24,7 +24,7 @@ from urllib.parse import urljoin
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
-from aiohttp.client_reqrep import ClientRequest
+from aiohttp.client_reqrep import ClientRequest, ConnectionKey
 from aiohttp.connector import Connection
 from aiohttp.http import HttpProcessingError, RawResponseMessage
 from aiohttp.streams import StreamReader
@@ -137,6 +137,23 @@ class _OneAnswerPerRequest(aiohttp.TCPConnector):
             connection.close()
             connection = await super().connect(req, traces, timeout)
         return connection
+
+    def _release(
+        self, key: ConnectionKey, protocol: ResponseHandler, *, should_close: bool = False
+    ) -> None:
+        super()._release(key, protocol, should_close=should_close)
+        # aiohttp's `limit` counts only the connections in use: each destination's burst
+        # left as many idle ones, which steady traffic reuses in turn so that none times
+        # out, and a process held up to `limit` sockets per destination, past the open files
+        # it was sized for. Past `limit` open ones, in use or idle, the longest idle are closed
+        # (a private aiohttp method, as `_factory` above: constraints.txt pins the version).
+        idle = sum(len(kept) for kept in self._conns.values())
+        for _ in range(len(self._acquired) + idle - self.limit if self.limit else 0):
+            oldest = min(self._conns, key=lambda k: self._conns[k][0][1])
+            kept = self._conns[oldest]
+            kept.popleft()[0].close()
+            if not kept:
+                del self._conns[oldest]
 
 
 def new_client_session(*, connections: int = 256) -> aiohttp.ClientSession:

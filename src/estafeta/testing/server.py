@@ -53,6 +53,12 @@ class LocalServer(ABC):
             raise RuntimeError(f"the {name} is not started; await its start() first")
         return self._url
 
+    @property
+    def open_connections(self) -> int:
+        """The client connections open to it now, idle kept-alive ones included."""
+        server = self._runner.server if self._runner is not None else None
+        return len(server.connections) if server is not None else 0
+
     async def stop(self) -> None:
         """Stop listening; answers still waiting on a delay are cut short."""
         self._stopping.set()
