@@ -140,6 +140,21 @@ def quick_circuit(database_url: str, crm: Sink, billing: Sink, **overrides: Any)
     return hub_config(database_url, crm, billing, billing=billing_settings, **overrides)
 
 
+@asynccontextmanager
+async def probe_next(
+    store: SqlStore, database_url: str, sinks: tuple[Sink, Sink], count: int
+) -> AsyncIterator[tuple[Running, list[str]]]:
+    """A hub whose billing (answering 503) failed until its circuit opened, `count` events
+    published, none in flight: billing's next request is a probe."""
+    crm, billing = sinks
+    billing.respond(503)
+    async with running(store, quick_circuit(database_url, crm, billing)) as hub:
+        ids = await publish(hub, count)
+        await circuit_becomes(hub, "billing", CircuitState.OPEN)
+        await none_in_flight(store)
+        yield hub, ids
+
+
 async def test_the_probe_closes_the_circuit_and_the_backlog_drains(
     store: SqlStore, database_url: str, sinks: tuple[Sink, Sink]
 ) -> None:
@@ -167,12 +182,8 @@ async def test_a_probe_answered_429_is_given_back_and_the_next_probe_closes_the_
 ) -> None:
     """A 429 says nothing of the destination's health, but it did answer: the next delivery
     probes at once, rather than every delivery waiting for the 60 s probe timeout."""
-    crm, billing = sinks
-    billing.respond(503)
-    async with running(store, quick_circuit(database_url, crm, billing)) as hub:
-        ids = await publish(hub, 4)
-        await circuit_becomes(hub, "billing", CircuitState.OPEN)
-        await none_in_flight(store)  # billing's next request is a probe
+    billing = sinks[1]
+    async with probe_next(store, database_url, sinks, 4) as (hub, ids):
         billing.respond(200)
         billing.fail_first(1, 429)
         assert await billing.wait_for(lambda s: s.delivered_ids == set(ids), 15)
@@ -349,12 +360,8 @@ async def test_a_probe_whose_claim_meets_a_store_outage_is_given_back_unsent(
     claim of the probe itself. The delivery leased for it was neither sent nor given back:
     it waited in flight until its lease expired (a minute), then spent an attempt as
     `lease_expired`, "the worker sending it stopped", though nothing had been sent."""
-    crm, billing = sinks
-    billing.respond(503)
-    async with running(store, quick_circuit(database_url, crm, billing)) as hub:
-        ids = await publish(hub, 3)
-        await circuit_becomes(hub, "billing", CircuitState.OPEN)
-        await none_in_flight(store)  # billing's next request is a probe
+    billing = sinks[1]
+    async with probe_next(store, database_url, sinks, 3) as (hub, ids):
         breakers = hub.worker.breakers
         try_probe = breakers.try_probe
         failed: list[str] = []
@@ -385,12 +392,8 @@ async def test_a_probe_give_back_that_meets_a_store_outage_is_made_once_the_stor
     is given back; that write meeting an outage left the circuit half-open, every worker
     holding the destination back until the probe timeout (its timeout + 5 s, up to 60 s).
     It is made again at the next poll that reaches the store."""
-    crm, billing = sinks
-    billing.respond(503)
-    async with running(store, quick_circuit(database_url, crm, billing)) as hub:
-        ids = await publish(hub, 3)
-        await circuit_becomes(hub, "billing", CircuitState.OPEN)
-        await none_in_flight(store)  # billing's next request is a probe
+    billing = sinks[1]
+    async with probe_next(store, database_url, sinks, 3) as (hub, ids):
         worker, breakers = hub.worker, hub.worker.breakers
         acquire, give_back_probe = worker.throttle.acquire, breakers.give_back_probe
         held: list[str] = []

@@ -16,7 +16,7 @@ import redis
 from sqlalchemy import update
 from structlog.testing import capture_logs
 
-from estafeta.clock import StoreClock, SystemClock
+from estafeta.clock import Clock, StoreClock, SystemClock
 from estafeta.config import Config, load_config_dict
 from estafeta.connectors.http import MAX_INTERIM_ANSWERS, HttpConnector
 from estafeta.delivery.breakers import Breakers, StoreCircuitStore, circuit_state_store
@@ -421,6 +421,24 @@ async def test_one_keys_deliveries_follow_each_other_without_waiting_for_the_pol
         await hub.stop()
 
 
+async def rescued_while_leased(
+    store: SqlStore, config: Config, leasing: Clock, lease_ms: int, rescuing: Clock
+) -> tuple[int, list[tuple[str, int]]]:
+    """One event published and its delivery leased for `lease_ms` by a worker on `leasing`'s
+    clock, then a rescue by a worker on `rescuing`'s: how many it rescued, and the event's
+    deliveries as (state, attempts)."""
+    hub = Hub(config, store, clock=leasing)
+    try:
+        event_id = await publish(hub)
+        await lease_any(store, now_ms=leasing.now_ms(), lease_ms=lease_ms, worker_id="leasing")
+        rescued = await Worker(store, config, clock=rescuing).rescue_expired()
+        view = await store.get_event(event_id, None)
+        assert view is not None
+        return rescued, [(d.state, d.attempts) for d in view.deliveries]
+    finally:
+        await hub.close()
+
+
 async def test_a_worker_whose_machine_is_minutes_ahead_leaves_live_leases_alone(
     store: SqlStore, sink: Sink, database_url: str
 ) -> None:
@@ -434,15 +452,11 @@ async def test_a_worker_whose_machine_is_minutes_ahead_leaves_live_leases_alone(
     await behind.sync()
     # The process ahead takes the store's time as it records its presence.
     await Presence(store, config, process_id="ahead", clock=ahead).announce()
-    hub = Hub(config, store, clock=behind)
-    event_id = await publish(hub)
     # Leased for 60 s by the machine behind, whose send is still under way.
-    await lease_any(store, now_ms=behind.now_ms(), lease_ms=60_000, worker_id="behind")
-    assert await Worker(store, config, clock=ahead).rescue_expired() == 0
-    view = await store.get_event(event_id, None)
-    assert view is not None
-    assert [(d.state, d.attempts) for d in view.deliveries] == [("in_flight", 0)]
-    await hub.close()
+    assert await rescued_while_leased(store, config, behind, 60_000, ahead) == (
+        0,
+        [("in_flight", 0)],
+    )
 
 
 async def test_a_worker_whose_store_time_came_late_leaves_live_leases_alone(
@@ -468,15 +482,11 @@ async def test_a_worker_whose_store_time_came_late_leaves_live_leases_alone(
     await busy.announce()
     other = StoreClock(store.clock_ms)
     await other.sync()
-    hub = Hub(config, store, clock=other)
-    event_id = await publish(hub)
     # Leased by the other process, whose send has 1.5 s left.
-    await lease_any(store, now_ms=other.now_ms(), lease_ms=1_500, worker_id="other")
-    assert await Worker(store, config, clock=ahead).rescue_expired() == 0
-    view = await store.get_event(event_id, None)
-    assert view is not None
-    assert [(d.state, d.attempts) for d in view.deliveries] == [("in_flight", 0)]
-    await hub.close()
+    assert await rescued_while_leased(store, config, other, 1_500, ahead) == (
+        0,
+        [("in_flight", 0)],
+    )
 
 
 async def test_a_keys_events_go_in_the_order_accepted_when_the_clock_steps_back(
