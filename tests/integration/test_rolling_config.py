@@ -178,6 +178,30 @@ def still_waiting(deliveries: list[Any]) -> bool:
     return bool(deliveries) and all(d.state == "pending" and d.attempts == 0 for d in deliveries)
 
 
+async def settled_after_a_restart(
+    store: SqlStore,
+    database_url: str,
+    sink: Sink,
+    processes: Callable[..., Process],
+    *,
+    due_in_ms: int,
+) -> DeliveryView:
+    """A process on the file naming `agenda` started and stopped; a delivery to `agenda`, due
+    `due_in_ms` later, stored; a process on the file without it started: the delivery once
+    settled."""
+    old_config, new_config = configs(database_url, sink)
+    clock = ShiftedClock()
+    before = processes(store, new_config, clock)
+    await before.start(worker=False)
+    await before.stop()
+    event = agenda_event(clock.now_ms() + due_in_ms)
+    await store.insert_events([event])
+    after = processes(store, old_config, clock)
+    await after.start()
+    [delivery] = await settled(store, event.id)
+    return delivery
+
+
 async def test_a_destination_only_the_new_file_has_is_sent_by_the_new_process(
     store: SqlStore, database_url: str, sink: Sink, processes: Callable[..., Process]
 ) -> None:
@@ -248,22 +272,7 @@ async def test_a_process_started_after_the_last_one_naming_it_stopped_dead_lette
     """One process restarted on a file without `agenda` (the single-process case): the one
     before it stopped, so the new one dead-letters `agenda`'s deliveries at its first rescue,
     with no window to wait."""
-    old_config, new_config = configs(database_url, sink)
-    clock = ShiftedClock()
-    before = processes(store, new_config, clock)
-    await before.start(worker=False)
-    await before.stop()
-    event = new_event(
-        new_id("evt", clock.now_ms()),
-        NewDelivery(
-            id=new_id("dlv", clock.now_ms()), destination_id=NEW, priority=2, max_attempts=5
-        ),
-        at=clock.now_ms(),
-    )
-    await store.insert_events([event])
-    after = processes(store, old_config, clock)
-    await after.start()
-    [delivery] = await settled(store, event.id)
+    delivery = await settled_after_a_restart(store, database_url, sink, processes, due_in_ms=0)
     assert delivery.state == "dead" and delivery.attempts == 1
     assert f"no destination '{NEW}' is configured" in (delivery.last_error or "")
 
@@ -275,16 +284,9 @@ async def test_a_delivery_waiting_for_its_retry_is_dead_lettered_at_once_too(
     (`backoff.max_s`). Leased only once due, it went to the dead-letter queue an hour after
     the restart, after the operator had discarded the others (the `dead_letters` alert
     firing again); it goes at the first rescue with them."""
-    old_config, new_config = configs(database_url, sink)
-    clock = ShiftedClock()
-    before = processes(store, new_config, clock)
-    await before.start(worker=False)
-    await before.stop()
-    event = agenda_event(clock.now_ms() + 3_600_000)
-    await store.insert_events([event])
-    after = processes(store, old_config, clock)
-    await after.start()
-    [delivery] = await settled(store, event.id)
+    delivery = await settled_after_a_restart(
+        store, database_url, sink, processes, due_in_ms=3_600_000
+    )
     assert delivery.state == "dead" and delivery.attempts == 1
     assert f"no destination '{NEW}' is configured" in (delivery.last_error or "")
 
