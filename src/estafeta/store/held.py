@@ -7,9 +7,10 @@ itself costs the server for a small batch. The hot statements run alone outside 
 transaction and leave no session state behind, so a connection can go from one to the next
 without a reset: these stay checked out, idle ones on a free list.
 
-A connection found closed (the server restarted, the network was cut) is replaced before
-use. One whose statement failed because the database cannot be reached is invalidated and
-never reused, and the caller gets `StoreUnavailable`, as from any other store path.
+A connection found closed (the server restarted, the network was cut), or idle long enough
+for the server to end it (store/idle_limit.py), is replaced before use. One whose statement
+failed because the database cannot be reached is invalidated and never reused, and the
+caller gets `StoreUnavailable`, as from any other store path.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from estafeta.errors import StoreDeadlocked, StoreUnavailable
 from estafeta.store.base import deadlocked, store_errors, unavailable
+from estafeta.store.idle_limit import nearly_ended, went_idle
 
 
 class HeldConnections:
@@ -38,10 +40,12 @@ class HeldConnections:
             conn = self._idle.pop() if self._idle else await self._engine.connect()
             reusable = False
             try:
-                driver: Any = (await conn.get_raw_connection()).driver_connection
-                if driver is None or driver.is_closed():
+                raw = await conn.get_raw_connection()
+                driver: Any = raw.driver_connection
+                if driver is None or driver.is_closed() or nearly_ended(raw.info):
                     await conn.invalidate()
-                    driver = (await conn.get_raw_connection()).driver_connection
+                    raw = await conn.get_raw_connection()
+                    driver = raw.driver_connection
                 try:
                     yield driver
                 except Exception as exc:
@@ -51,8 +55,10 @@ class HeldConnections:
                         failed = StoreDeadlocked if deadlocked(exc) else StoreUnavailable
                         raise failed(f"the store cannot be reached: {type(exc).__name__}") from None
                     reusable = True  # the statement failed for its data; the line is fine
+                    went_idle(raw.info)
                     raise
                 reusable = True
+                went_idle(raw.info)
             finally:
                 # Not reusable when cancelled mid-statement (or failed before the statement).
                 await self._release(conn, reusable=reusable)

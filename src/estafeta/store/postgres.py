@@ -35,6 +35,7 @@ from estafeta.errors import LeaseRaced, StoreDeadlocked, StoreUnavailable
 from estafeta.messaging.facts import SEND_DESTINATION_PREFIX, storable
 from estafeta.store.base import SQL_DIR
 from estafeta.store.held import HeldConnections
+from estafeta.store.idle_limit import SESSION_SETUP_SQL, learn_limit, nearly_ended, went_idle
 from estafeta.store.ingest import Inserted, Key, delivery_rows, event_key, event_row, fates
 from estafeta.store.leases import attempt_row, next_attempt
 from estafeta.store.postgres_connect import postgres_engine_args, refuse_transaction_pooling
@@ -185,26 +186,35 @@ CONNECT_TIMEOUT_S = 5  # a new connection, before the store counts as unreachabl
 COMMAND_TIMEOUT_S = 30  # any statement: a request must not hang on a stuck database
 
 
-def _without_jit(dbapi_connection: Any, _record: Any) -> None:
+def _set_up_session(dbapi_connection: Any, record: Any) -> None:
     """Every statement here takes a millisecond or two, and the lease's per-destination
     LIMIT is a guess to the planner (a tenth of the backlog): costed that high, it was
     JIT-compiled on every run, 0.4 s a lease at 1,000,000 waiting. Set on each new session
-    rather than as a startup parameter, which PgBouncer refuses."""
+    rather than as a startup parameter, which PgBouncer refuses. The same round trip reads
+    the session's `idle_session_timeout` (store/idle_limit.py)."""
     # On asyncpg itself: a DB-API cursor would open a transaction the kept connections
     # (held.py) then ran every statement inside, never committed.
-    dbapi_connection.run_async(lambda driver: driver.execute("SET jit = off"))
+    row = dbapi_connection.run_async(lambda driver: driver.fetchrow(SESSION_SETUP_SQL))
+    learn_limit(record.info, row[1])
 
 
-def _ended_by_server(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+def _ended_by_server(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
     """Refuse a pooled connection the server has ended while it sat idle (an administrator's
-    pg_terminate_backend, idle_session_timeout, a proxy failing over): the pool then opens a
-    new one in its place. Handed out, its first statement failed, and the request with it
-    (503), once after every such event. asyncpg reads the server's goodbye as it comes, so
-    this costs no round trip, unlike `pool_pre_ping` (three on asyncpg: BEGIN, `;`,
-    ROLLBACK); a connection cut without a word (the network) is the outage's case."""
+    pg_terminate_backend, idle_session_timeout, a proxy failing over), or is about to end
+    for idleness (store/idle_limit.py): the pool then opens a new one in its place. Handed
+    out, its first statement failed, and the request with it (503), once after every such
+    event. asyncpg reads the server's goodbye as it comes, so this costs no round trip,
+    unlike `pool_pre_ping` (three on asyncpg: BEGIN, `;`, ROLLBACK); a connection cut
+    without a word (the network) is the outage's case."""
     driver = dbapi_connection.driver_connection
     if driver is None or driver.is_closed():
         raise DisconnectionError("the server closed this pooled connection")
+    if nearly_ended(record.info):
+        raise DisconnectionError("the server ends this pooled connection for idleness")
+
+
+def _returned(_dbapi_connection: Any, record: Any) -> None:
+    went_idle(record.info)
 
 
 # Each row a lease reads, joined to the first pending or in-flight delivery of its key: one
@@ -266,8 +276,9 @@ class PostgresStore(SqlStore):
             },
             hide_parameters=True,  # parameters hold phone numbers and message text
         )
-        event.listen(engine.sync_engine, "connect", _without_jit)
+        event.listen(engine.sync_engine, "connect", _set_up_session)
         event.listen(engine.sync_engine.pool, "checkout", _ended_by_server)
+        event.listen(engine.sync_engine.pool, "checkin", _returned)
         return cls(engine, connect_args=from_url)
 
     async def require_schema(self) -> None:
