@@ -19,6 +19,7 @@ from estafeta.api.auth import hash_key
 from estafeta.api.cursors import encode_cursor
 from estafeta.config import Config, load_config_dict
 from estafeta.hub import Hub
+from estafeta.ingress.ratelimit import TenantRateLimiter
 from estafeta.observability.metrics import REGISTRY
 from estafeta.routing.filter import EVENT_FIELDS
 from estafeta.store.records import NewDelivery, NewEvent
@@ -26,7 +27,8 @@ from estafeta.store.sqlstore import SqlStore
 from tests.conftest import base_config, lease_any, signed
 from tests.deep_json import nested, nested_text
 from tests.events import new_event
-from tests.integration.test_messaging import WA_SOL
+from tests.integration.redis_support import SHARED_REDIS_URL
+from tests.integration.test_messaging import WA_SOL, tenant_rows
 
 ADMIN = {"authorization": "Bearer test-admin-key"}
 SOL_KEY = "est_sol_key_for_tests_0000000000000000000"
@@ -37,6 +39,7 @@ OUTRA_KEY = "est_outra_key_for_tests_00000000000000000"
 class Client:
     http: httpx.AsyncClient
     store: SqlStore
+    hub: Hub
 
     async def stored(self) -> int:
         """How many deliveries exist: every accepted event here makes at least one."""
@@ -57,7 +60,7 @@ async def make_client(store: SqlStore, config: Config) -> AsyncIterator[Client]:
     app = create_app(hub)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://hub") as http:
-        yield Client(http, store)
+        yield Client(http, store, hub)
     await hub.close()
 
 
@@ -472,40 +475,98 @@ async def test_over_the_tenants_rate_limit_answers_429_with_retry_after(
         assert await client.stored() == 2
 
 
-async def test_webhooks_publishes_and_sends_draw_from_one_tenant_budget(
-    store: SqlStore, database_url: str
+class FakeClock:
+    """Wall time in seconds, as the rate limiter reads it, moved by the test."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("limiter", ["memory", "redis"])
+async def test_every_write_door_draws_from_one_tenant_budget_and_a_429_changes_nothing(
+    store: SqlStore, database_url: str, limiter: str, request: pytest.FixtureRequest
 ) -> None:
-    # configuration.md: `ingress_rate_limit` counts a tenant's webhooks on /in/, its
-    # POST /api/v1/events and its POST /api/v1/messages together; each had been tested
-    # alone, the shared budget only in a lab of two processes.
+    # configuration.md: `ingress_rate_limit` counts every request that makes a tenant's
+    # events: its webhooks on /in/, POST /api/v1/events, POST /api/v1/messages and
+    # conversation escalations together. Escalations were not counted: a tenant's key
+    # could send whoever takes over escalation after escalation, each one deliveries,
+    # without limit.
     data = base_config(database_url)
-    data["tenants"][0]["ingress_rate_limit"] = "3/minute"
+    data["tenants"][0]["ingress_rate_limit"] = "4/minute"
     data["sources"].append(WA_SOL)  # a number that sends through the fake Meta
+    data["routes"].append(
+        {
+            "id": "escalations",
+            "tenant": "clinica-sol",
+            "events": ["conversation.escalated"],
+            "destinations": ["billing"],
+        }
+    )
+    if limiter == "redis":
+        prefix: str = request.getfixturevalue("shared_prefix")
+        data["redis"] = {"url": SHARED_REDIS_URL, "key_prefix": prefix}
+    config = load_config_dict(data)
     sol = {"authorization": f"Bearer {SOL_KEY}"}
-    message = {"source": "wa-sol", "to": "+5511987654321", "text": "Olá"}
-    async for client in make_client(store, load_config_dict(data)):
+    async for client in make_client(store, config):
+        hub = client.hub
+        clock = FakeClock(1_000_020.0)  # the start of a minute: no earlier window weighs
+        await hub.rate_limiter.aclose()
+        hub.rate_limiter = TenantRateLimiter(
+            config, clock=clock, redis=hub.redis, key_prefix=config.redis.key_prefix
+        )
+        for n in (1, 2):  # a conversation to escalate in each round
+            await hub.accept(
+                tenant_id="clinica-sol",
+                source_id="wa-sol",
+                event_type="message.received",
+                data={"conversation_id": f"551190000000{n}", "kind": "text", "text": "Oi"},
+                idempotency_key=f"wamid.{n}",
+            )
 
         async def each_way(http: httpx.AsyncClient, n: int) -> list[httpx.Response]:
-            """A webhook, a publish and a send of clinica-sol's, in that order."""
+            """A webhook, a publish, a send and an escalation of clinica-sol's, each with
+            an idempotency key of round `n`."""
             return [
                 await http.post(
                     "/in/crm-events", content=MESSAGE, headers=signed(MESSAGE, f"m{n}")
                 ),
-                await http.post("/api/v1/events", json={"type": "lead.new"}, headers=sol),
                 await http.post(
-                    "/api/v1/messages", json={**message, "text": f"Olá {n}"}, headers=sol
+                    "/api/v1/events", json={"type": "lead.new", "idempotency_key": f"e{n}"},
+                    headers=sol,
                 ),
-            ]
+                await http.post(
+                    "/api/v1/messages",
+                    json={"source": "wa-sol", "to": "+5511987654321", "text": f"Olá {n}"},
+                    headers={**sol, "idempotency-key": f"s{n}"},
+                ),
+                await http.post(
+                    f"/api/v1/conversations/551190000000{n}/escalate",
+                    json={"reason": "asked for a nurse"},
+                    headers={**sol, "idempotency-key": f"x{n}"},
+                ),
+            ]  # fmt: skip
 
-        assert [r.status_code for r in await each_way(client.http, 1)] == [202, 202, 202]
+        assert [r.status_code for r in await each_way(client.http, 1)] == [202] * 4
+        before = await tenant_rows(store, "clinica-sol")
         over = await each_way(client.http, 2)
-        assert [(r.status_code, r.json()["error"]) for r in over] == [(429, "rate_limited")] * 3
+        assert [(r.status_code, r.json().get("error")) for r in over] == [(429, "rate_limited")] * 4
         assert all(int(r.headers["retry-after"]) >= 1 for r in over)
-        assert await client.stored() == 3  # one event each (a send is stored as one too)
+        # Refused: no event, no delivery, no message, no escalation, no key taken.
+        assert await tenant_rows(store, "clinica-sol") == before
+        conversation = await client.http.get("/api/v1/conversations/5511900000002", headers=sol)
+        assert conversation.json()["status"] == "open"
         # Another tenant's budget is its own.
         outra = {"authorization": f"Bearer {OUTRA_KEY}"}
         r = await client.http.post("/api/v1/events", json={"type": "lead.new"}, headers=outra)
         assert r.status_code == 202
+        # Once the budget refills, the refused requests' keys are still free: each is done
+        # now, as a first time.
+        clock.now += 120
+        again = await each_way(client.http, 2)
+        assert [(r.status_code, r.json()["duplicate"]) for r in again] == [(202, False)] * 4
 
 
 async def test_publishing_with_a_tenant_key_and_idempotency(client: Client) -> None:

@@ -17,7 +17,7 @@ from estafeta.api.fields import RequestBody
 from estafeta.api.responses import json_response, key_used_elsewhere
 from estafeta.clock import iso_from_ms
 from estafeta.errors import HttpError
-from estafeta.ingress.endpoint import SPOOLED
+from estafeta.ingress.endpoint import SPOOLED, rate_limit
 from estafeta.store.conversations import MessagePosition
 from estafeta.store.records import ConversationView, Interaction
 
@@ -188,6 +188,9 @@ async def escalate(
     """Hand the conversation to a human: marks it and emits `conversation.escalated`."""
     tenant_id, conversation = await _conversation(request, caller, conversation_id, None)
     hub = hub_of(request)
+    # An escalation is an event and its deliveries, as a publish is: it draws from the
+    # tenant's ingress rate limit (before anything is stored or its key taken).
+    await rate_limit(hub, tenant_id)
     key = body.idempotency_key or idempotency_key
     result = await hub.escalate(
         tenant_id=tenant_id,
