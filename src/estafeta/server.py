@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from estafeta.api.app import create_app
 from estafeta.clock import Clock, StoreClock, SystemClock
 from estafeta.config import Config
-from estafeta.config.models import split_listen
+from estafeta.config.models import joined_listen, split_listen
 from estafeta.connectors.registry import unavailable_kinds
 from estafeta.delivery.presence import DELIVERY_TASK, Presence
 from estafeta.delivery.worker import Worker, default_worker_id
@@ -32,6 +32,7 @@ from estafeta.observability.log_throttle import throttle_server_lines
 from estafeta.observability.worker_endpoint import start_worker_endpoint
 from estafeta.redis_client import connect_redis
 from estafeta.redis_prefix import PrefixProcesses
+from estafeta.stopping import stop_signals
 from estafeta.store import open_store
 from estafeta.store.sqlstore import SqlStore
 from estafeta.supervise import Tasks, supervised
@@ -39,15 +40,7 @@ from estafeta.supervise import Tasks, supervised
 log = structlog.get_logger("estafeta.server")
 
 
-def _stop_signals() -> tuple[signal.Signals, ...]:
-    """The signals that stop `serve` and `worker` gracefully: SIGTERM, SIGINT, and SIGHUP (a
-    terminal or SSH session closed; killed by it, a worker left its sends leased for a whole
-    lease) unless the process was started ignoring it (`nohup`), which is then kept."""
-    hangup = () if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else (signal.SIGHUP,)
-    return (signal.SIGTERM, signal.SIGINT, *hangup)
-
-
-STOP_SIGNALS = _stop_signals()  # at import: the disposition the process was started with
+STOP_SIGNALS = stop_signals()  # at import: the disposition the process was started with
 T = TypeVar("T")
 
 
@@ -225,11 +218,14 @@ class GracefulServer(uvicorn.Server):
     raised as a ServeError instead (status 2), naming the address.
     """
 
-    def __init__(self, config: uvicorn.Config, *, on_started: Callable[[str], None] | None) -> None:
+    def __init__(
+        self, config: uvicorn.Config, *, on_started: Callable[[list[str]], None] | None
+    ) -> None:
         super().__init__(config)
         self._on_started = on_started
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop serving, for signals
-        self.address = f"{config.host}:{config.port}"  # as bound, once started
+        self.address = f"{config.host}:{config.port}"  # as bound (the first), once started
+        self.addresses = [self.address]  # every one bound, once started
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         try:
@@ -238,11 +234,16 @@ class GracefulServer(uvicorn.Server):
             where = f"{self.config.host}:{self.config.port}"
             raise ServeError(f"cannot serve on {where}: see the error above") from None
         if self.started:
-            # As bound: the port the system chose when 0 was asked.
-            host, port = self.servers[0].sockets[0].getsockname()[:2]
-            self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            # As bound: the port the system chose when 0 was asked, for each address a name
+            # resolved to (localhost: 127.0.0.1 and ::1, each on a port of its own).
+            self.addresses = [
+                joined_listen(*sock.getsockname()[:2])
+                for server in self.servers
+                for sock in server.sockets
+            ]
+            self.address = self.addresses[0]
             if self._on_started is not None:
-                self._on_started(self.address)
+                self._on_started(self.addresses)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -276,9 +277,9 @@ def uvicorn_server(
     max_concurrent_requests: int = 4096,
     client_timeout_s: float = 30,
     idle_timeout_s: int = 5,
-    on_started: Callable[[str], None] | None = None,
+    on_started: Callable[[list[str]], None] | None = None,
 ) -> GracefulServer:
-    """The server of `app` on `listen`; `on_started` is called with the address bound once
+    """The server of `app` on `listen`; `on_started` is called with the addresses bound once
     it listens. A connection that begins no request for `idle_timeout_s` is closed; a
     client gets `client_timeout_s` to send a request whole and to take an answer
     (http_protocol.py)."""
@@ -334,8 +335,12 @@ async def serve(config: Config, *, run_workers: bool = True, migrate: bool = Tru
             max_concurrent_requests=config.server.max_concurrent_requests,
             client_timeout_s=config.server.client_timeout_s,
             # Once it listens: the workers start before, and stop if it cannot.
-            on_started=lambda address: log.info(
-                "serving", listen=address, workers=run_workers, engine=store.dialect
+            on_started=lambda addresses: log.info(
+                "serving",
+                listen=addresses[0],
+                addresses=addresses,
+                workers=run_workers,
+                engine=store.dialect,
             ),
         )
         gc.collect()

@@ -925,35 +925,75 @@ async def test_a_replay_whose_ids_cannot_be_printed_still_says_how_many_it_repla
     assert done.returncode == (0 if stdout == "gone" else 2), stderr
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-async def test_an_interrupted_replay_says_which_deliveries_it_replayed(
-    tmp_path: Path, database_url: str, store: SqlStore, signum: signal.Signals
-) -> None:
-    # Replayed 1,000 at a time, each batch committed. Before: Ctrl-C ended it with click's
-    # "Aborted!" and SIGTERM without a word, the batches committed unsaid.
-    many = 100_000
-    await dead_deliveries(store, many)
+async def interrupted_replay(
+    tmp_path: Path,
+    database_url: str,
+    store: SqlStore,
+    signums: list[signal.Signals],
+    *,
+    nohup: bool = False,
+) -> tuple[subprocess.Popen[bytes], str, str]:
+    """`dlq replay` of many dead deliveries in its own process (under `nohup` if asked),
+    sent `signums` once its first batch is committed: the process, its stdout, its stderr."""
     command = estafeta_process(
-        config_file(tmp_path, database_url), "dlq", "replay", "--all", "--limit", str(many)
+        config_file(tmp_path, database_url), "dlq", "replay", "--all", "--limit", str(MANY)
     )
+    if nohup:
+        command = ["nohup", *command]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         while not await pending_ids(store) and process.poll() is None:
             await asyncio.sleep(0.01)  # until the first batch is committed
-        process.send_signal(signum)
+        for signum in signums:
+            process.send_signal(signum)
         out, err = await asyncio.to_thread(process.communicate, timeout=120)
     finally:
         if process.poll() is None:
             process.kill()
-    stderr = err.decode()
+    return process, out.decode(), err.decode()
+
+
+MANY = 100_000  # dead deliveries: a replay of them takes long enough to be interrupted
+
+
+@pytest.mark.parametrize(
+    "signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"]
+)
+async def test_an_interrupted_replay_says_which_deliveries_it_replayed(
+    tmp_path: Path, database_url: str, store: SqlStore, signum: signal.Signals
+) -> None:
+    # Replayed 1,000 at a time, each batch committed. Before: Ctrl-C ended it with click's
+    # "Aborted!" and SIGTERM without a word, the batches committed unsaid; SIGHUP (an SSH
+    # session closed) killed it, the batch in progress rolled back.
+    await dead_deliveries(store, MANY)
+    process, out, stderr = await interrupted_replay(tmp_path, database_url, store, [signum])
     pending = await pending_ids(store)
-    assert 0 < len(pending) < many, (len(pending), stderr)
-    assert set(out.decode().split()) == pending  # what was replayed, and only that
+    assert 0 < len(pending) < MANY, (len(pending), stderr)
+    assert set(out.split()) == pending  # what was replayed, and only that
     assert process.returncode == 1, stderr
     assert stderr.splitlines()[-1] == (
         f"{len(pending)} deliveries replayed before {signum.name}: the rest are still dead"
+        " (run it again for them)"
     ), stderr
     assert "Traceback" not in stderr, stderr
+
+
+async def test_a_replay_started_with_nohup_keeps_going_through_a_hangup(
+    tmp_path: Path, database_url: str, store: SqlStore
+) -> None:
+    """`nohup estafeta dlq replay …` asks for the hangup to be ignored: it is; the SIGTERM
+    sent after it is the one that stops the replay."""
+    await dead_deliveries(store, MANY)
+    process, out, stderr = await interrupted_replay(
+        tmp_path, database_url, store, [signal.SIGHUP, signal.SIGTERM], nohup=True
+    )
+    pending = await pending_ids(store)
+    assert set(out.split()) == pending
+    assert process.returncode == 1, stderr
+    assert stderr.splitlines()[-1] == (
+        f"{len(pending)} deliveries replayed before SIGTERM: the rest are still dead"
+        " (run it again for them)"
+    ), stderr
 
 
 async def test_a_replay_cut_by_the_store_says_which_deliveries_it_replayed(
@@ -1027,6 +1067,6 @@ def test_an_interrupted_replay_whose_reader_has_gone_is_still_an_interrupted_one
     monkeypatch.setattr("estafeta.cli.dlq.out", reader_gone)
     done = run(config_file(tmp_path, database_url), "dlq", "replay", "--all", "--limit", "1500")
     assert done.stderr.splitlines()[-1] == (
-        "1000 deliveries replayed before SIGINT: the rest are still dead"
+        "1000 deliveries replayed before SIGINT: the rest are still dead (run it again for them)"
     ), done.stderr
     assert done.exit_code == 1, done.output

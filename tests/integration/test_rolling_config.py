@@ -294,11 +294,12 @@ async def test_a_delivery_waiting_for_its_retry_is_dead_lettered_at_once_too(
 async def test_a_delivery_leased_as_an_orphan_just_before_a_process_naming_it_started_is_given_back(
     store: SqlStore, database_url: str, sink: Sink, processes: Callable[..., Process]
 ) -> None:
-    """The race: the old worker found `agenda` unnamed at its last rescue (an hour apart
-    here), and a process naming it starts before the next one. The old worker leases a
-    delivery to it stored since with the orphans, learns from the store that `agenda` is
-    named, and gives it back pending with no attempt counted; the new process sends it."""
-    old_config, new_config = configs(database_url, sink, rescue_interval_s=3600)
+    """The race: the old worker found `agenda` unnamed at its last rescue (five minutes
+    apart here, the longest `rescue_interval_s`), and a process naming it starts before the
+    next one. The old worker leases a delivery to it stored since with the orphans, learns
+    from the store that `agenda` is named, and gives it back pending with no attempt
+    counted; the new process sends it."""
+    old_config, new_config = configs(database_url, sink, rescue_interval_s=300)
     clock = ShiftedClock()
     orphaned = agenda_event(clock.now_ms())
     await store.insert_events([orphaned])

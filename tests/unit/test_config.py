@@ -521,6 +521,17 @@ INVALID_CASES: list[tuple[str, str, list[str]]] = [
         ["storage.spool_after_s: Input should be less than or equal to 30"],
     ),
     (
+        # A typo (3600 for 3.6) went unnoticed: an idle worker looked for due deliveries once
+        # an hour, rescued expired leases an hour late, or outwaited any supervisor's stop.
+        "a worker's intervals past their bounds",
+        "[worker]\npoll_interval_s = 3600\nshutdown_grace_s = 3600\nrescue_interval_s = 3600",
+        [
+            "worker.poll_interval_s: Input should be less than or equal to 60",
+            "worker.shutdown_grace_s: Input should be less than or equal to 600",
+            "worker.rescue_interval_s: Input should be less than or equal to 300",
+        ],
+    ),
+    (
         "backoff ceiling below its base",
         TENANT + DESTINATION + "backoff = { base_s = 10, max_s = 5 }",
         ["destinations[0].backoff.max_s: must be at least base_s (10)"],

@@ -3,8 +3,10 @@ of its supervised tasks, and clear refusals of anything else."""
 
 from __future__ import annotations
 
+import re
 import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -49,6 +51,30 @@ async def test_metrics_are_this_processes_counters_without_the_hub_wide_gauges(
     )
     assert "# TYPE estafeta_deliveries gauge" not in text and "estafeta_deliveries{" not in text
     assert "estafeta_circuit_state" not in text and "estafeta_spool_bytes" not in text
+
+
+def worker_metrics_documented() -> set[str]:
+    """The metrics docs/operations.md says a worker's /metrics holds."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text("utf-8")
+    [listed] = re.findall(
+        r"A worker's `/metrics` holds only what that process\s+counted \(([^)]*)\)", text
+    )
+    return set(re.findall(r"`(estafeta_\w+)`", listed))
+
+
+async def test_metrics_are_only_the_families_a_worker_counts(
+    endpoint: tuple[str, Tasks],
+) -> None:
+    # Before: the ingest and API families (events accepted, webhooks refused, API errors,
+    # spool quarantined) were there too, empty, or at 0 for a spool a worker does not have:
+    # a worker listed among the targets of `estafeta_spool_quarantined_total`.
+    url, _ = endpoint
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as response:
+        text = await response.text()
+    families = set(re.findall(r"^# TYPE (\S+) ", text, re.M))
+    shown = {name for name in families if not name.endswith("_created")}
+    assert shown == worker_metrics_documented(), text
+    assert len(shown) == 6
 
 
 async def test_health_names_a_crashed_task_until_it_runs_again(

@@ -29,12 +29,12 @@ from estafeta.clock import iso_from_ms, ms_from_iso
 from estafeta.config import Config
 from estafeta.delivery.attempts import attempt_limits
 from estafeta.errors import EstafetaError
+from estafeta.stopping import stop_signals
 from estafeta.store.dead_letters import MoveProgress
 from estafeta.store.records import DeadLetterFilter
 from estafeta.store.sqlstore import SqlStore
 
 T = TypeVar("T")
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 MAX_LIMIT = 1_000_000  # dead deliveries one `dlq` command takes at most
 MAX_IDS = 10_000  # as POST /api/v1/dlq/replay: past 32767, more than PostgreSQL's parameters
@@ -258,7 +258,10 @@ def _move(config_path: str, action_name: str, everything: bool, **selection: Any
         name = signal.Signals(signals[0]).name
         # A reader gone (`| head`) ends the report, not the interruption's exit 1.
         with contextlib.suppress(click.exceptions.Exit):
-            _report(progress.moved, f"{past} before {name}: the rest are still dead")
+            _report(
+                progress.moved,
+                f"{past} before {name}: the rest are still dead (run it again for them)",
+            )
         sys.exit(1)
     if progress.more:  # else "1000 deliveries replayed" reads as the whole selection
         past += ": more are still dead (run it again, or raise --limit)"
@@ -296,9 +299,10 @@ _UNMOVED_SHOWN = 20  # of 10,000 ids mistyped, a line, not a screenful
 
 @contextlib.contextmanager
 def _stopping_between_batches(progress: MoveProgress, signals: list[int]) -> Iterator[None]:
-    """Ctrl-C or SIGTERM stops a move once its batch in progress is committed, so that
-    what it moved can be said (they used to end it at once, saying nothing of the batches
-    committed); a second one ends the process at once, killed by that signal."""
+    """Ctrl-C, SIGTERM or SIGHUP (an SSH session closed; not under `nohup`) stop a move once
+    its batch in progress is committed, so that what it moved can be said (they used to end
+    it at once, saying nothing of the batches committed, and SIGHUP rolled back the batch in
+    progress); a second one ends the process at once, killed by that signal."""
     loop = asyncio.get_running_loop()
 
     def stop(signum: int) -> None:
@@ -308,17 +312,19 @@ def _stopping_between_batches(progress: MoveProgress, signals: list[int]) -> Ite
             return
         signals.append(signum)
         progress.stop = True
-        click.echo(
-            f"{signal.Signals(signum).name}: stopping once the batch in progress is committed"
-            " (again to stop at once, leaving what was moved unsaid)",
-            err=True,
-        )
+        with contextlib.suppress(OSError):  # stderr a terminal that hung up: stop all the same
+            click.echo(
+                f"{signal.Signals(signum).name}: stopping once the batch in progress is"
+                " committed (again to stop at once, leaving what was moved unsaid)",
+                err=True,
+            )
 
     if threading.current_thread() is not threading.main_thread():  # no signals there
         yield
         return
-    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
-    for signum in STOP_SIGNALS:
+    stopping = stop_signals()
+    previous = {signum: signal.getsignal(signum) for signum in stopping}
+    for signum in stopping:
         loop.add_signal_handler(signum, stop, signum)
     try:
         yield

@@ -228,6 +228,12 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def joined_listen(host: str, port: int) -> str:
+    """HOST:PORT as an address is written (an IPv6 host in brackets): split_listen's inverse,
+    for the addresses a server bound."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class ServerConfig(_Model):
     """The HTTP server: where it listens and how much it reads."""
 
@@ -442,9 +448,12 @@ class WorkerConfig(_Model):
     concurrency: int = Field(default=256, ge=1, le=10_000)
     batch_size: int = Field(default=100, ge=1, le=1000)
     lease_s: float = Field(default=60, gt=0, le=MAX_DURATION_S)
-    poll_interval_s: float = Field(default=0.2, gt=0)
-    shutdown_grace_s: float = Field(default=10, ge=0)
-    rescue_interval_s: float = Field(default=5, gt=0)
+    # Bounded, so that a typo (3600 for 3.6) is refused: an idle worker looks for due retries
+    # and CLI replays at least once a minute, rescues expired leases at least every 5 minutes,
+    # and waits on a stop no longer than the longest attempt (max_attempt_s's bound).
+    poll_interval_s: float = Field(default=0.2, gt=0, le=60)
+    shutdown_grace_s: float = Field(default=10, ge=0, le=600)
+    rescue_interval_s: float = Field(default=5, gt=0, le=300)
     # No attempt of any destination may take longer than this, whatever its timeout_s.
     max_attempt_s: float = Field(default=120, gt=0, le=600)
     # The queue_backlog alert fires when this many deliveries are pending.

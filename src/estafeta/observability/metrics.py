@@ -193,22 +193,32 @@ async def render(
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 
 
-# What the store or this process's spool tell `serve` when scraped: the same for every
-# process, or meaningless in one without a spool.
-_HUB_WIDE = {
-    metric._name for metric in (QUEUE_DEPTH, CIRCUIT_STATE, SPOOL_BYTES, SPOOL_SEGMENTS, ALERTS)
+# What a worker counts, all that its own /metrics shows (docs/operations.md): the hub-wide
+# gauges `serve` reads from the store when scraped would be counted once per process, and the
+# ingest and API families (and the spool's) are never counted by a worker; shown empty, or at
+# 0 for a spool it does not have, they listed the worker among their targets.
+_WORKERS_OWN = {
+    metric._name
+    for metric in (
+        ATTEMPTS,
+        ATTEMPT_SECONDS,
+        CIRCUIT_TRANSITIONS,
+        DEAD_LETTERED,
+        LEASE_RACES,
+        TASK_CRASHES,
+    )
 }
 
 
 class _ThisProcess:
-    """The registry without the hub-wide gauges: what only this process counted."""
+    """The registry's metrics that a worker counts, and only those."""
 
     def collect(self) -> Iterator[Metric]:
-        return (family for family in REGISTRY.collect() if family.name not in _HUB_WIDE)
+        return (family for family in REGISTRY.collect() if family.name in _WORKERS_OWN)
 
 
 def render_this_process() -> tuple[bytes, str]:
-    """The exposition text of this process's own metrics (a worker's endpoint)."""
+    """The exposition text of what this worker process counted (a worker's endpoint)."""
     return generate_latest(_ThisProcess()), CONTENT_TYPE_LATEST
 
 

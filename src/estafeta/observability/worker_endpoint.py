@@ -2,9 +2,10 @@
 GET /health, so a worker running alone can be scraped and probed.
 
 /metrics is this process's counters and histograms (attempts, their durations, circuit
-transitions, dead-lettered deliveries). The hub-wide gauges (deliveries by state, circuit
-states, the spool) are left out: `serve` reads them from the store when scraped, and a worker
-scraped as well would report the same shared numbers once more. /health is 200 while every
+transitions, dead-lettered deliveries, lease races, task crashes). The hub-wide gauges
+(deliveries by state, circuit states, the spool) are left out: `serve` reads them from the
+store when scraped, and a worker scraped as well would report the same shared numbers once
+more; so are the ingest and API counters, which a worker never counts. /health is 200 while every
 supervised task runs, 503 naming the ones that crashed and wait to be started again.
 
 aiohttp's server runs in the worker's own event loop, beside its tasks, without taking over
@@ -19,7 +20,7 @@ import structlog
 from aiohttp import web
 
 from estafeta import __version__
-from estafeta.config.models import split_listen
+from estafeta.config.models import joined_listen, split_listen
 from estafeta.errors import ServeError
 from estafeta.observability.metrics import render_this_process
 from estafeta.supervise import Tasks
@@ -66,8 +67,8 @@ async def _errors_as_json(
 
 
 async def start_worker_endpoint(listen: str, tasks: Tasks) -> web.AppRunner:
-    """Serve /metrics and /health on `listen` (HOST:PORT; port 0: any free one) and log where;
-    the caller ends it with `cleanup()`."""
+    """Serve /metrics and /health on `listen` (HOST:PORT; port 0: any free one) and log where
+    (every address bound); the caller ends it with `cleanup()`."""
     host, port = split_listen(listen)
     runner = web.AppRunner(endpoint_app(tasks), access_log=None, handle_signals=False)
     await runner.setup()
@@ -78,6 +79,8 @@ async def start_worker_endpoint(listen: str, tasks: Tasks) -> web.AppRunner:
         raise ServeError(
             f"cannot serve worker.metrics_listen {listen!r}: {exc.strerror or exc}"
         ) from None
-    shown_host = f"[{host}]" if ":" in host else host  # an IPv6 address
-    log.info("metrics_listening", listen=f"{shown_host}:{runner.addresses[0][1]}")
+    # Each address bound: a name may resolve to two (localhost: 127.0.0.1 and ::1), each on
+    # a port of its own when 0 was asked.
+    addresses = [joined_listen(*address[:2]) for address in runner.addresses]
+    log.info("metrics_listening", listen=addresses[0], addresses=addresses)
     return runner
