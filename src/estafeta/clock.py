@@ -11,6 +11,13 @@ from typing import Protocol
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
+# A timer that fires this much later than it was due shows the process was busy (its event
+# loop blocked: a large body parsed, a GC pause, a machine short of CPU; uvloop's timers
+# otherwise keep to a millisecond). An answer may then wait unread, to be read in the same
+# turn as the timer runs, before the task waiting for it: a deadline found this late looks
+# again instead of taking the answer for missing (delivery/expiry.py, store/group_commit.py).
+LATE_S = 0.05
+
 
 class Clock(Protocol):
     def now_ms(self) -> int: ...

@@ -8,8 +8,9 @@ import json
 import signal
 import socket
 import sys
+import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -230,6 +231,63 @@ async def test_undecodable_body_is_replaced_not_raised(
     sink.respond(500, body=b"\xff\xfe ok")
     outcome = await deliver_to(sink.url, session)
     assert outcome.response_excerpt == "\ufffd\ufffd ok"
+
+
+# -- a busy process ----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def answering_at_once() -> Iterator[tuple[str, threading.Event]]:
+    """A destination on its own thread (it answers while this process's loop is blocked):
+    `200 ok` to each request as soon as it is whole; the event is set at each answer."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    answered = threading.Event()
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):  # the listener closed: the test is over
+            while True:
+                conn, _ = listener.accept()
+                with conn:
+                    got = b""
+                    while b"\r\n\r\n" not in got or len(got.partition(b"\r\n\r\n")[2]) < 2:
+                        got += conn.recv(65536) or b"?" * 2  # `{}`: the test's body
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    answered.set()
+                    conn.recv(1)  # until the client closes (or the listener does)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/hooks/crm", answered
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        thread.join(timeout=5)
+
+
+async def test_an_answer_read_late_by_a_busy_process_is_not_a_timeout() -> None:
+    """The destination answered at once, but the process was busy past the timeout before
+    it read the answer (a large body parsed, a GC pause, a machine short of CPU): the
+    timeout fired in the turn the answer was read, and the delivery counted as timed out
+    (`no answer within 0.5 s`): retried, so the destination got it twice, and a mark in its
+    circuit, for every send in flight at such a moment."""
+    with answering_at_once() as (url, answered):
+
+        def busy() -> None:
+            # In a timer of its own, run once the request is written: the loop blocks
+            # until the destination answered and well past the timeout, and reads the
+            # answer in the turn the timeout falls due.
+            assert answered.wait(5), "the destination did not answer"
+            time.sleep(0.5 + 0.3)
+
+        async def written_soon(*_: object) -> None:
+            asyncio.get_running_loop().call_later(0, busy)
+
+        tracing = aiohttp.TraceConfig()
+        tracing.on_request_headers_sent.append(written_soon)
+        async with aiohttp.ClientSession(trace_configs=[tracing]) as busy_session:
+            outcome = await deliver_to(url, busy_session, payload=b"{}", timeout_s=0.5)
+    assert (outcome.kind, outcome.status_code) == (OutcomeKind.SUCCESS, 200), outcome
 
 
 # -- failures without an answer --------------------------------------------------------------

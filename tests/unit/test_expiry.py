@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
-from estafeta.delivery.expiry import Expiry
+from estafeta.delivery.expiry import LATE_GRACE_S, Expiry
 
 
 async def bounded(seconds: float, work: asyncio.Future[str], *, given: bool = False) -> str:
@@ -62,3 +63,37 @@ async def test_a_shutdown_arriving_with_the_deadline_still_stops_the_task() -> N
     task.cancel()  # and a shutdown asks in the same turn: whichever runs first, it stops
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def test_an_answer_that_came_while_the_process_was_busy_is_in_time() -> None:
+    """The answer came before the deadline, but the event loop was blocked (a large body
+    parsed, a GC pause, a machine short of CPU) until past it: the deadline fired in the
+    same turn as the answer was read, before the waiting task could run, and the send
+    counted as a timeout (retried: the destination got it twice; a mark in its circuit)."""
+    loop = asyncio.get_running_loop()
+    answer: asyncio.Future[str] = loop.create_future()
+    task = asyncio.create_task(bounded(0.1, answer))
+    await asyncio.sleep(0)  # the task armed its deadline and waits
+    loop.call_later(0.02, answer.set_result, "answered")  # the destination answers in time
+    time.sleep(0.1 + LATE_GRACE_S + 0.2)  # busy past the deadline, by more than its grace
+    assert await task == "answered"
+
+
+async def test_a_process_busy_for_ever_still_ends_the_wait() -> None:
+    """The grace a late deadline gives is bounded: a destination that never answers, in a
+    process whose loop is late at every turn, is still ended (by the deadline plus
+    `LATE_GRACE_S` after it was first found late)."""
+    loop = asyncio.get_running_loop()
+    never: asyncio.Future[str] = loop.create_future()
+
+    def busy() -> None:
+        time.sleep(0.06)  # every turn of the loop late
+        busy_turns.append(loop.call_soon(busy))
+
+    busy_turns = [loop.call_soon(busy)]
+    started = time.monotonic()
+    try:
+        assert await asyncio.create_task(bounded(0.05, never)) == "expired"
+    finally:
+        busy_turns[-1].cancel()
+    assert time.monotonic() - started < 0.05 + LATE_GRACE_S + 0.5

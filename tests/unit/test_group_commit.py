@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator, Sequence
 
 import pytest
@@ -227,6 +228,26 @@ async def test_a_store_that_hangs_fails_its_callers_after_the_bound_flushing_or_
     store.gate.set()
     await committer.close()
     assert store.batches == [[1]]
+
+
+async def test_a_store_that_answered_while_the_process_was_busy_is_not_given_up() -> None:
+    """The store answered within the bound, but the event loop was blocked past it (a large
+    body parsed, a GC pause, a machine short of CPU): the watchdog's look, due meanwhile,
+    ran before the flush could read its answer, and failed its callers as if the store
+    were unreachable: their webhooks spooled, and every request for a second after them."""
+    store = Store(held=True)
+
+    async def statement_then_commit(items: Sequence[int]) -> list[int]:
+        committed = await store.flush(items)
+        await asyncio.sleep(0.001)  # a second round trip: its COMMIT
+        return committed
+
+    committer = GroupCommitter(statement_then_commit, give_up_after_s=0.2)  # a look per 20 ms
+    flushing = await first_flush_held(committer, store, 1)
+    asyncio.get_running_loop().call_later(0.01, store.gate.set)  # the store answers in time
+    time.sleep(0.5)  # busy past the bound
+    assert await asyncio.wait_for(flushing, timeout=5) == 10
+    await committer.close()
 
 
 # The keys that order items (as the hub names an event's deliveries' ordering keys).

@@ -9,6 +9,7 @@ raised), so each caller only decides what an answer means.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import functools
@@ -22,6 +23,7 @@ import aiohttp
 from yarl import URL
 
 from estafeta.connectors.tls import tls_failure
+from estafeta.delivery.expiry import Expiry
 from estafeta.delivery.outcome import (
     EXCERPT_LIMIT,
     LOCAL_RESOURCES,
@@ -82,14 +84,31 @@ async def exchange(
     """
     started = time.perf_counter()
     target = as_written(url)
+    # The total timeout is ours, not aiohttp's: aiohttp's fired in the turn a busy process
+    # read an answer that came in time (delivery/expiry.py). The other limits stay its own.
+    total = timeout.total
+    expiry = None if total is None else Expiry(total)
+    timeout = aiohttp.ClientTimeout(
+        connect=timeout.connect,
+        sock_read=timeout.sock_read,
+        sock_connect=timeout.sock_connect,
+        ceil_threshold=timeout.ceil_threshold,
+    )
     try:
         try:
-            got = await _request(session, method, target, headers, body, timeout, read_limit, tls)
+            got = await _request(
+                session, method, target, headers, body, timeout, tls, read_limit, expiry
+            )
         except aiohttp.ClientConnectionError as exc:
-            rest = _rest_of(timeout, started)
-            if not _never_sent(exc) or rest is None:
+            if not _never_sent(exc) or (total is not None and _elapsed_s(started) >= total):
                 raise
-            got = await _request(session, method, target, headers, body, rest, read_limit, tls)
+            got = await _request(
+                session, method, target, headers, body, timeout, tls, read_limit, expiry
+            )
+    except asyncio.CancelledError:
+        if expiry is None or not expiry.ended_it():
+            raise  # a shutdown, or the worker's ceiling: not this exchange's timeout
+        return no_answer(started, url, "timeout", no_answer_within(total))
     except TimeoutError as exc:  # = asyncio.TimeoutError since 3.11; aiohttp's timeouts too
         # aiohttp's total timeout raises a bare TimeoutError: its excerpt and `last_error`
         # read `TimeoutError`, which says neither that nothing came back nor after how long.
@@ -128,6 +147,9 @@ async def exchange(
         return no_answer(started, url, "connection_error", exc)
     except ValueError as exc:  # yarl/aiohttp on a URL or header they cannot use
         return no_answer(started, url, "invalid_destination", exc, OutcomeKind.PERMANENT)
+    finally:
+        if expiry is not None:
+            expiry.disarm()
     status, content, retry_after, location = got
     return Answer(status, content, retry_after, elapsed_ms(started), location)
 
@@ -145,11 +167,12 @@ async def _request(
     headers: Mapping[str, str],
     body: bytes,
     timeout: aiohttp.ClientTimeout,
-    read_limit: int,
     tls: ssl.SSLContext | bool,
+    read_limit: int,
+    expiry: Expiry | None,
 ) -> tuple[int, bytes, str | None, str | None]:
     """The status, at most `read_limit` bytes of the body, `Retry-After` and a 3xx's
-    `Location`; aiohttp's exceptions go through."""
+    `Location`; aiohttp's exceptions go through, and the `expiry`'s before the status."""
     async with session.request(
         method,
         url,
@@ -166,23 +189,7 @@ async def _request(
             # aiohttp decodes headers with surrogateescape: a byte that is not UTF-8
             # would leave a lone surrogate in the excerpt, which no store can write.
             location = location.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-        return status, await _read_bounded(response, read_limit), retry_after, location
-
-
-def _rest_of(timeout: aiohttp.ClientTimeout, started: float) -> aiohttp.ClientTimeout | None:
-    """`timeout` less the time spent since `started`; None when none is left."""
-    if timeout.total is None:
-        return timeout
-    left = timeout.total - (time.perf_counter() - started)
-    if left <= 0:
-        return None
-    return aiohttp.ClientTimeout(
-        total=left,
-        connect=timeout.connect,
-        sock_read=timeout.sock_read,
-        sock_connect=timeout.sock_connect,
-        ceil_threshold=timeout.ceil_threshold,
-    )
+        return status, await _read_bounded(response, read_limit, expiry), retry_after, location
 
 
 @functools.lru_cache(maxsize=1024)  # a destination's URL is sent again and again
@@ -204,13 +211,15 @@ def as_written(url: str) -> URL | str:
     return written
 
 
-async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    """At most `limit` bytes of the body, reading no more than needed.
+async def _read_bounded(
+    response: aiohttp.ClientResponse, limit: int, expiry: Expiry | None
+) -> bytes:
+    """At most `limit` bytes of the body, reading no more than needed, until `expiry`.
 
-    The status is already known, so a body that breaks off half-way does not change the
-    outcome: what was read is kept (a 200 cut short still means the destination took it). A
-    body left unread makes aiohttp close the connection instead of pooling it, which is right
-    for a response we stopped reading.
+    The status is already known, so a body that breaks off half-way (or outlasts the
+    timeout) does not change the outcome: what was read is kept (a 200 cut short still
+    means the destination took it). A body left unread makes aiohttp close the connection
+    instead of pooling it, which is right for a response we stopped reading.
     """
     chunks: list[bytes] = []
     remaining = limit
@@ -223,6 +232,9 @@ async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
             remaining -= len(chunk)
     except (aiohttp.ClientError, OSError, TimeoutError):
         pass
+    except asyncio.CancelledError:
+        if expiry is None or not expiry.ended_it():
+            raise
     return b"".join(chunks)
 
 
@@ -274,4 +286,8 @@ def without_credentials(detail: str, url: str) -> str:
 
 
 def elapsed_ms(started: float) -> float:
-    return (time.perf_counter() - started) * 1000
+    return _elapsed_s(started) * 1000
+
+
+def _elapsed_s(started: float) -> float:
+    return time.perf_counter() - started

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 
+from estafeta.delivery.expiry import Expiry
 from estafeta.redis_client import REDIS_ERRORS, describe, write_probe
 
 T = TypeVar("T")
@@ -26,19 +27,25 @@ async def within(read: Awaitable[T], timeout_s: float = READ_TIMEOUT_S) -> T:
     """The result of `read`, or TimeoutError once `timeout_s` has passed.
 
     The read is cancelled but not waited for: cancelling a query on a hung connection waits
-    for the server again (asyncio.wait_for took 3 s to give up on a 1 s bound).
+    for the server again (asyncio.wait_for took 3 s to give up on a 1 s bound). A bound that
+    runs out late (the process was busy) gives the read a little more (an `Expiry`,
+    delivery/expiry.py): the answers that came meanwhile are read in the very turn it runs
+    out, and the read's next statement (the detailed health's count after its ping) had no
+    turn to go out, so that the store was reported `unavailable`.
     """
     task = asyncio.ensure_future(read)
+    expiry = Expiry(timeout_s)
     try:
-        done, _ = await asyncio.wait({task}, timeout=timeout_s)
-    except asyncio.CancelledError:  # the caller went away
+        await asyncio.wait({task})  # cancelled by the expiry, the read is not
+    except asyncio.CancelledError:
         task.cancel()
-        raise
-    if task in done:
-        return task.result()
-    task.cancel()
-    task.add_done_callback(_retrieve)
-    raise TimeoutError(f"no answer within {timeout_s:g} s")
+        if not expiry.ended_it():
+            raise  # the caller went away
+        task.add_done_callback(_retrieve)
+        raise TimeoutError(f"no answer within {timeout_s:g} s") from None
+    finally:
+        expiry.disarm()
+    return task.result()
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:

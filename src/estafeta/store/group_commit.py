@@ -34,7 +34,9 @@ hangs (connections open, nothing answered) fails it with `StoreUnavailable` well
 driver's own timeout, so ingest spools it and answers while the provider still waits. Its
 item is dropped if still queued; a flush already running goes on, and if it commits after
 all, the spooled copy is a duplicate by event id when the spool drains. One watchdog scans
-the waiting callers a few times per period: no timer per call on the hot path.
+the waiting callers a few times per period: no timer per call on the hot path. A look that
+comes late (the process was busy) is put off to the next one, so that a store that answered
+in time is not given up before its answer is read.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import contextlib
 from collections.abc import Awaitable, Callable, Collection, Hashable, Sequence
 from typing import Generic, TypeVar
 
+from estafeta.clock import LATE_S
 from estafeta.errors import StoreUnavailable
 
 T = TypeVar("T")
@@ -118,8 +121,20 @@ class GroupCommitter(Generic[T, R]):
         """Fail the callers that have waited `give_up_after_s`, checked ten times as often."""
         loop = asyncio.get_running_loop()
         failure = f"the store gave no answer within {give_up_after_s:g} s"
+        period = give_up_after_s / 10
+        skipped = False
         while not self._closed:
-            await asyncio.sleep(give_up_after_s / 10)
+            looks_at = loop.time() + period
+            await asyncio.sleep(period)
+            if loop.time() - looks_at > LATE_S and not skipped:
+                # Late: the process was busy, and the store's answers that came meanwhile
+                # are read in this very turn, before the flushes waiting for them run (a
+                # flush's COMMIT is one more round trip). Failed now, the callers of a
+                # store that answered in time were spooled. The next look fails them,
+                # late or not: a process behind at every turn still gives up.
+                skipped = True
+                continue
+            skipped = False
             self._fail_in_order(StoreUnavailable(failure), due=loop.time() - give_up_after_s)
 
     async def _run(self) -> None:
