@@ -119,7 +119,8 @@ class Env:
             source_id=source,
             event_type="message.status",
             data={"message_id": wamid, "status": status, "conversation_id": MARIA, **extra},
-            idempotency_key=f"{wamid}:{status}",
+            # keyed by the provider's own word, as the ingress keys them
+            idempotency_key=f"{wamid}:{extra.get('provider_status', status)}",
             occurred_at=at,
         )
 
@@ -1155,6 +1156,7 @@ async def test_a_message_is_sent_once_in_its_timeline_when_the_provider_says_sen
 ) -> None:
     # Meta, Twilio and Z-API each post their own `sent` status after accepting a send: the
     # timeline said `sent` twice, once at the acceptance and once at the provider's word.
+    env.hub.clock = FixedClock(1_751_371_200_000)  # sent before the provider's statuses
     r = await env.send("Sua consulta está confirmada.")
     await env.finish_send(provider_id="wamid.ONCE")
     accepted = (await env.message(r.json()["id"]))["timeline"][1]
@@ -1217,6 +1219,11 @@ async def test_twilio_callbacks_that_arrive_out_of_order_are_in_the_timeline_in_
         "delivered",
         "read",
     ]
+    # Each step at the latest when the next one was: `delivered`, which arrived after
+    # `read`, said a moment after it.
+    times = [step["at"] for step in view["timeline"]]
+    assert times == sorted(times)
+    assert times[2] == times[3]
 
 
 async def test_a_zapi_callback_naming_only_the_zaap_id_reaches_only_its_tenants_message(
@@ -1866,3 +1873,87 @@ async def test_a_customer_the_reply_and_its_statuses_are_one_conversation_on_eve
         ("inbound", None),
         ("outbound", "sent" if status is None else "delivered"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("source", "read", "played"), [("wa-sol", "read", "played"), ("zapi-sol", "READ", "PLAYED")]
+)
+async def test_a_voice_note_played_after_it_was_read_is_a_step_of_its_own(
+    env: Env, source: str, read: str, played: str
+) -> None:
+    # WhatsApp Cloud posts `played` once a voice note is listened to (contracts §1.5), Z-API
+    # `PLAYED` (§3.4); routes get it as `read` with `provider_status` saying so, and the
+    # timeline showed it as a second `read` step.
+    env.hub.clock = FixedClock(1_751_371_200_000)  # sent before the statuses
+    message_id = await env.sent_message("Ouça o áudio", "VOICE1", source=source)
+    await env.status("VOICE1", "read", at=1_751_371_300_000, source=source, provider_status=read)
+    await env.status("VOICE1", "read", at=1_751_371_310_000, source=source, provider_status=played)
+    view = await env.message(message_id)
+    assert [step["state"] for step in view["timeline"]] == [
+        "queued",
+        "sent",
+        "read",
+        "played",
+    ]
+    assert view["timeline"][-1]["at"] == "2025-07-01T12:01:50.000Z"
+    assert view["state"] == "played"
+    [listed] = (await env.conversation())["messages"]
+    assert listed["state"] == "played"  # the same as GET /messages/{id}
+
+
+async def test_a_status_stored_before_the_sends_answer_keeps_the_timeline_in_time_order(
+    env: Env,
+) -> None:
+    # The provider answered the send and posted `delivered` at once; the worker recorded its
+    # answer later: the timeline said sent at that later moment, after delivered.
+    clock = FixedClock(1_751_371_200_000)
+    env.hub.clock = clock
+    r = await env.send("Oi")
+    await env.status("wamid.EARLY", "delivered", at=1_751_371_200_400)
+    clock.now += 900
+    await env.finish_send(provider_id="wamid.EARLY")
+    view = await env.message(r.json()["id"])
+    assert view["timeline"] == [
+        {"state": "queued", "at": "2025-07-01T12:00:00.000Z"},
+        {"state": "sent", "at": "2025-07-01T12:00:00.400Z"},  # at the latest when delivered
+        {"state": "delivered", "at": "2025-07-01T12:00:00.400Z"},
+    ]
+
+
+async def test_a_twilio_status_called_back_at_the_sends_url_is_stored_naming_the_message(
+    env: Env,
+) -> None:
+    # A consumer could tie a WhatsApp Cloud status to the message it sent (`msg_…`), not a
+    # Twilio one: Twilio's callbacks name only its SID. The send's StatusCallback carries the
+    # id in its query, and Twilio signs the URL it calls with it.
+    sid = "SM" + "8" * 32
+    message_id = await env.sent_message("Oi", sid, source="tw-sol")
+    for path, status in [
+        (f"/in/tw-sol?sent_message_id={message_id}", "delivered"),
+        ("/in/tw-sol", "read"),
+    ]:  # a callback at the console's URL
+        fields = {"MessageSid": sid, "MessageStatus": status, "To": f"whatsapp:+{MARIA}"}
+        signed = twilio_signature(
+            b"tw-token", f"http://hub{path}", {k: [v] for k, v in fields.items()}
+        )
+        answer = await env.http.post(
+            path,
+            content=urlencode(fields),
+            headers={"x-twilio-signature": signed, "content-type": FORM},
+        )
+        assert answer.status_code == 200, answer.text
+    e = schema.events
+    async with env.store.engine.connect() as conn:
+        rows = (
+            (
+                await conn.execute(
+                    select(e.c.payload).where(e.c.type == "message.status").order_by(e.c.id)
+                )
+            )
+            .scalars()
+            .all()
+        )
+    delivered, read = (orjson.loads(row)["data"] for row in rows)
+    assert (delivered["status"], delivered["sent_message_id"]) == ("delivered", message_id)
+    assert read["status"] == "read" and "sent_message_id" not in read
+    assert (await env.message(message_id))["state"] == "read"

@@ -151,20 +151,22 @@ async def get_message(request: Request, message_id: str, caller: Caller) -> Resp
 
 
 def message_json(m: MessageView) -> dict[str, Any]:
-    timeline: list[dict[str, Any]] = [{"state": "queued", "at": iso_from_ms(m.created_at)}]
+    timeline: list[dict[str, Any]] = [{"state": "queued", "at": m.created_at}]
     if m.sent_at is not None:
-        timeline.append({"state": "sent", "at": iso_from_ms(m.sent_at)})
+        timeline.append({"state": "sent", "at": m.sent_at})
     for change in m.provider_statuses:
         if change.status == "sent" and m.sent_at is not None:
             continue  # the provider's own word for the acceptance above: one step, not two
-        entry: dict[str, Any] = {"state": change.status, "at": iso_from_ms(change.at)}
+        entry: dict[str, Any] = {"state": change.status, "at": change.at}
         if change.error:
             entry["error"] = change.error
         timeline.append(entry)
     if m.state == "failed":
         # Timed as every other step, so that a client can order or show them all by `at`.
-        at = None if m.failed_at is None else iso_from_ms(m.failed_at)
-        timeline.append({"state": "failed", "at": at, "error": m.error})
+        timeline.append({"state": "failed", "at": m.failed_at, "error": m.error})
+    in_time_order(timeline)
+    for step in timeline:
+        step["at"] = None if step["at"] is None else iso_from_ms(step["at"])
     state = current_status(m.state, [c.status for c in m.provider_statuses])
     return {
         "id": m.id,
@@ -179,6 +181,21 @@ def message_json(m: MessageView) -> dict[str, Any]:
         "event_id": m.event_id,
         "delivery_id": m.delivery_id,
     }
+
+
+def in_time_order(timeline: list[dict[str, Any]]) -> None:
+    """Each step's `at` (ms) made at the latest the next step's, in place. The steps are in
+    the order the message went through them, but a step can be known late: the send's
+    answer recorded after the provider's `delivered` was stored, or a Twilio callback (timed
+    as it arrives) after the later step's. The step did happen before the next one, so its
+    time is then the next one's: a bound that is true, where the late one went back in time."""
+    bound: int | None = None
+    for step in reversed(timeline):
+        if step["at"] is None:
+            continue
+        if bound is not None and step["at"] > bound:
+            step["at"] = bound
+        bound = step["at"]
 
 
 def provider_failure(changes: Sequence[StatusChange]) -> str | None:

@@ -22,9 +22,11 @@ from estafeta.record import Record
 SEND_TYPE = "message.send"
 ESCALATED_TYPE = "conversation.escalated"
 SEND_DESTINATION_PREFIX = "send:"  # deliveries of sends go to "send:<source id>"
+# The query parameter of a Twilio StatusCallback naming the message sent (`msg_…`).
+SENT_MESSAGE_PARAM = "sent_message_id"
 
 # Status ranks: a later webhook never moves a message back (they can arrive out of order).
-STATUS_RANK = {"queued": 0, "sent": 1, "delivered": 2, "read": 3, "failed": 4}
+STATUS_RANK = {"queued": 0, "sent": 1, "delivered": 2, "read": 3, "played": 4, "failed": 5}
 
 
 def send_destination(source_id: str) -> str:
@@ -104,6 +106,17 @@ def facts_of(event_type: str, data: Mapping[str, Any]) -> Facts:
             direction="outbound",
         )
     return Facts()
+
+
+def status_step(data: Mapping[str, Any]) -> str:
+    """The step of a sent message a `message.status` event's `data` is: its `status`, except
+    that a voice note played (WhatsApp Cloud's `played`, Z-API's `PLAYED`), which routes get
+    as `read` (DESIGN §3.4) with `provider_status` saying so, is `played`, a step after it."""
+    status = str(data.get("status"))
+    said = data.get("provider_status")
+    if status == "read" and isinstance(said, str) and said.lower() == "played":
+        return "played"
+    return status
 
 
 def current_status(queued_state: str, provider_statuses: list[str]) -> str:

@@ -22,6 +22,7 @@ from estafeta.messaging.facts import (
     STATUS_RANK,
     current_status,
     fitted,
+    status_step,
     storable,
 )
 from estafeta.store import schema as s
@@ -221,7 +222,7 @@ class MessagingOps(StoreBase):
             data = orjson.loads(status.payload)["data"]
             provider = data.get("provider")
             change = StatusChange(
-                str(data.get("status")),
+                status_step(data),
                 status.occurred_at,
                 data.get("error"),
                 provider if isinstance(provider, str) else None,
@@ -286,9 +287,9 @@ async def sent_states(conn: AsyncConnection, tenant_id: str, sent: Sequence[Any]
                 )
             )
         ).all():
-            status = orjson.loads(change.payload)["data"].get("status")
+            status = status_step(orjson.loads(change.payload)["data"])
             key = (_group(kinds, change.source_id), change.message_ref)
-            statuses.setdefault(key, []).append(str(status))
+            statuses.setdefault(key, []).append(status)
     return {
         r.id: current_status(
             r.state,

@@ -176,7 +176,9 @@ async def test_twilio_calls_back_the_status_callback_the_send_asked_for(
     config = tw_source(twilio.url, public_url="https://hooks.example.com")
     message_id = await sent_id(config, session)
     [sent] = twilio.sent
-    assert sent.request["StatusCallback"] == "https://hooks.example.com/in/tw-sol"
+    assert sent.request["StatusCallback"] == (
+        "https://hooks.example.com/in/tw-sol?sent_message_id=msg_01J1ZK6Q4M8R2T5W7Y9B3C6D8F"
+    )
     url = f"{hub.url}/in/tw-sol"  # where the proxy hands the request over
     assert await twilio.send_status(url, message_id, "delivered") == [200]
     [event] = ingest(config, hub)
@@ -184,6 +186,26 @@ async def test_twilio_calls_back_the_status_callback_the_send_asked_for(
     # Signed for the callback URL, not for the address the hub happens to be reached at.
     with pytest.raises(HttpError):
         source_for(tw_source(twilio.url)).verify(arrived(hub)[0])
+
+
+async def test_a_twilio_status_names_the_message_the_hub_sent(
+    twilio: FakeTwilio, hub: Sink, session: aiohttp.ClientSession
+) -> None:
+    """A WhatsApp Cloud status carries the sent message's `msg_…` id (Meta echoes it); a
+    Twilio status carried only Twilio's SID, so a consumer could not tie it to the message it
+    had sent. Twilio calls back, and signs, the StatusCallback the send gave, query and all."""
+    config = tw_source(twilio.url, public_url="https://hooks.example.com")
+    sid = await sent_id(config, session)
+    url = f"{hub.url}/in/tw-sol"
+    assert await twilio.send_status(url, sid, "delivered") == [200]
+    [ours] = ingest(config, hub)
+    assert ours.data["message_id"] == sid
+    assert ours.data["sent_message_id"] == "msg_01J1ZK6Q4M8R2T5W7Y9B3C6D8F"
+    # A message sent from elsewhere (Twilio's console): called back at the console's URL.
+    hub.received.clear()
+    assert await twilio.send_status(url, "SM" + "0" * 32, "read") == [200]
+    [other] = ingest(tw_source(twilio.url), hub)
+    assert "sent_message_id" not in other.data
 
 
 def test_twilio_sends_no_callback_for_queued(twilio: FakeTwilio) -> None:

@@ -31,7 +31,8 @@ async def test_text_yields_the_sid(twilio: FakeTwilio, session: aiohttp.ClientSe
         "To": "whatsapp:+5511987654321",
         "From": "whatsapp:+551140028922",
         "Body": "Olá Maria!",
-        "StatusCallback": f"{PUBLIC_URL}/in/tw-sol",
+        # The message's own id rides in the callback, for its statuses to name it.
+        "StatusCallback": f"{PUBLIC_URL}/in/tw-sol?sent_message_id=msg_01J1ZK6Q4M8R2T5W7Y9B3C6D8F",
     }
 
 

@@ -178,6 +178,28 @@ def test_status_mapping(twilio_status: str, ours: str | None) -> None:
         assert events[0].data["provider_status"] == twilio_status
 
 
+def test_a_status_of_a_message_the_hub_sent_carries_its_id_from_the_callback_url() -> None:
+    """The hub's send asks Twilio to call back `/in/{source}?sent_message_id=msg_…`, and
+    Twilio signs the URL it calls: the status says which sent message it is about, as a
+    WhatsApp Cloud status does. A callback to the plain URL (a message sent from elsewhere,
+    Twilio's console callback) or with a value that is no message id of ours says nothing."""
+    ours = "msg_01J1ZK6Q4M8R2T5W7Y9B3C6D8F"
+    body = urlencode({**STATUS_BASE, "MessageStatus": "delivered"}).encode()
+    (event,) = twilio().parse(post(f"{URL}?sent_message_id={ours}", body, FORM))
+    assert event.data["sent_message_id"] == ours
+    for url in (URL, f"{URL}?sent_message_id=outbox:42", f"{URL}?other={ours}"):
+        (event,) = twilio().parse(post(url, body, FORM))
+        assert "sent_message_id" not in event.data
+    (inbound,) = twilio().parse(
+        post(
+            f"{URL}?sent_message_id={ours}",
+            urlencode({"MessageSid": "SM2", "Body": "oi"}).encode(),
+            FORM,
+        )
+    )
+    assert "sent_message_id" not in inbound.data  # a customer's message is no status of ours
+
+
 def test_undelivered_carries_code_and_message() -> None:
     fields = {**STATUS_BASE, "MessageStatus": "undelivered", "ErrorCode": "30008"}
     (event,) = parse({**fields, "ErrorMessage": "Unknown error"})

@@ -444,6 +444,22 @@ def test_played_is_read_and_unknown_statuses_give_no_event() -> None:
     assert event.idempotency_key == "w1:played"
 
 
+def test_a_status_echoing_one_of_our_message_ids_names_the_sent_message() -> None:
+    """Our `msg_…` id goes out as `biz_opaque_callback_data` and comes back with each
+    status: `sent_message_id`, the one field every provider's status names it by. Another
+    sender's callback data (the fixtures' `outbox:…`) is passed through and names nothing."""
+    ours = "msg_01J1ZK6Q4M8R2T5W7Y9B3C6D8F"
+    statuses = [
+        {"id": "w1", "status": "read", "biz_opaque_callback_data": ours},
+        {"id": "w2", "status": "read", "biz_opaque_callback_data": "outbox:01J1ZK6Q4M8R2T5W"},
+        {"id": "w3", "status": "read"},
+    ]
+    echoed, other, plain = parse(envelope({"statuses": statuses}))
+    assert echoed.data["sent_message_id"] == ours
+    assert other.data["biz_opaque_callback_data"] == "outbox:01J1ZK6Q4M8R2T5W"
+    assert "sent_message_id" not in other.data and "sent_message_id" not in plain.data
+
+
 def test_failed_without_errors_still_has_an_error() -> None:
     (event,) = parse(envelope({"statuses": [{"id": "w1", "status": "failed"}]}))
     assert event.data["error"] == {"code": None, "title": None, "message": None, "details": None}

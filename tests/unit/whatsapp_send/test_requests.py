@@ -98,6 +98,19 @@ def test_twilio_text_with_status_callback() -> None:
     assert "To=whatsapp%3A%2B5511987654321" in urlencode(fields)
 
 
+def test_twilio_asks_for_its_status_callbacks_with_the_messages_own_id() -> None:
+    """Twilio echoes nothing of a send in its callbacks but the URL it calls: the message's
+    `msg_…` id rides in the StatusCallback's query, so the statuses can name it."""
+    sent = OutboundMessage.from_data(
+        {"to": TO, "text": "Olá!", "message_id": "msg_01J1ZK6Q4M8R2T5W7Y9B3C6D8F"}
+    )
+    fields = twilio.build_form(sent, "+551140028922", "https://hub/in/tw")
+    assert isinstance(fields, list)
+    assert dict(fields)["StatusCallback"] == (
+        "https://hub/in/tw?sent_message_id=msg_01J1ZK6Q4M8R2T5W7Y9B3C6D8F"
+    )
+
+
 def test_twilio_media() -> None:
     media = {"kind": "image", "url": "https://x.example/a.jpg", "caption": "Olha"}
     assert twilio.build_form(message(media=media), "whatsapp:+551140028922") == [

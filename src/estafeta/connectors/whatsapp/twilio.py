@@ -11,8 +11,9 @@ Request: `POST {api_base}/2010-04-01/Accounts/{account_sid}/Messages.json`, basi
   template's `variables`, else the text parameters of its `body` components numbered from
   "1". A Cloud-style template name is not something Twilio can send.
 
-`StatusCallback` is `{public_url}/in/{source}` when the source has a `public_url`, so the
-status callbacks come back to this source's ingress (§2.3).
+`StatusCallback` is `{public_url}/in/{source}?sent_message_id={msg_…}` when the source has a
+`public_url`, so the status callbacks come back to this source's ingress (§2.3) and say
+which of our messages they are about (ingress `twilio.py` → `data.sent_message_id`).
 
 Answer: 201 with the Message resource; its `sid` (`SM…`) is the outcome's `external_id`, and
 the status callbacks name it `MessageSid` (ingress `twilio.py` → `data.message_id`). A 2xx
@@ -55,6 +56,7 @@ from estafeta.connectors.whatsapp.base import (
 from estafeta.connectors.whatsapp.message import OutboundMessage
 from estafeta.delivery.decision import classify_status
 from estafeta.delivery.outcome import Outcome, OutcomeKind
+from estafeta.messaging.facts import SENT_MESSAGE_PARAM
 
 PROVIDER = "twilio"
 DEFAULT_API_BASE = "https://api.twilio.com"
@@ -94,6 +96,12 @@ def build_form(
             return content
         fields.extend(content)
     if status_callback:
+        if message.reference is not None:
+            # Twilio echoes nothing of a send in its callbacks but the URL it calls (and
+            # signs): the message's own id rides there, for its statuses to name it.
+            joiner = "&" if "?" in status_callback else "?"
+            query = urlencode({SENT_MESSAGE_PARAM: message.reference})
+            status_callback = f"{status_callback}{joiner}{query}"
         fields.append(("StatusCallback", status_callback))
     return fields
 

@@ -388,6 +388,16 @@ def milliseconds(value: object) -> int | None:
     return ms if ms is not None and ms < _MAX_SECONDS * 1000 else None
 
 
+# A message sent through POST /api/v1/messages: `msg_` + a ULID (ids.py).
+_SENT_MESSAGE_ID = re.compile(r"msg_[0-9A-HJKMNP-TV-Z]{26}")
+
+
+def sent_message_id(value: object) -> str | None:
+    """`value` when it is the id of a message the hub sent (`msg_…`), as a provider echoes it
+    back in a status; None for anything else (another sender's callback data)."""
+    return value if isinstance(value, str) and _SENT_MESSAGE_ID.fullmatch(value) else None
+
+
 def bounded_key(key: str) -> str:
     """An idempotency key that fits its column: longer keys become their SHA-256, by the
     same rule as the conversation and message ids (`messaging.facts.fitted`)."""

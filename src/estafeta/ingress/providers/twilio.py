@@ -15,6 +15,9 @@ Status decisions (DESIGN §3.4 knows sent, delivered, read, failed): `sent`, `de
 will never arrive); `queued`, `sending`, `accepted`, `scheduled`, `receiving`, `received`
 and `partially_delivered` are steps before an outcome (or not about WhatsApp) and give no
 event. `provider_status` keeps Twilio's word, so undelivered is still told from failed.
+A status called back at the URL the hub's send gave (`connectors/whatsapp/twilio.py`)
+carries the sent message's `msg_…` id from its `sent_message_id` query parameter, which
+Twilio signs with the rest of the URL, as `data.sent_message_id`.
 """
 
 from __future__ import annotations
@@ -39,8 +42,10 @@ from estafeta.ingress.providers.base import (
     number,
     phone_digits,
     require_all,
+    sent_message_id,
     whole,
 )
+from estafeta.messaging.facts import SENT_MESSAGE_PARAM
 
 if TYPE_CHECKING:
     from estafeta.config import SourceConfig
@@ -132,7 +137,9 @@ class TwilioSource:
             )
         status = fields.get("MessageStatus")
         if status is not None and "Body" not in fields and "NumMedia" not in fields:
-            return _status_events(fields, sid, status, raw)
+            # The send's StatusCallback names the message it was (Twilio signs the URL).
+            ours = sent_message_id(request.query.get(SENT_MESSAGE_PARAM))
+            return _status_events(fields, sid, status, raw, ours)
         return [_message_event(fields, sid, raw)]
 
 
@@ -316,7 +323,7 @@ def _media_kind(media: Mapping[str, Any]) -> str:
 
 
 def _status_events(
-    fields: Mapping[str, str], sid: str, provider_status: str, raw: str
+    fields: Mapping[str, str], sid: str, provider_status: str, raw: str, ours: str | None
 ) -> list[ParsedEvent]:
     normalized = _STATUSES.get(provider_status)
     if normalized is None:
@@ -332,6 +339,8 @@ def _status_events(
         "conversation_id": phone_digits(recipient),
         "account_sid": fields.get("AccountSid"),
     }
+    if ours is not None:
+        data["sent_message_id"] = ours
     if normalized == "failed" or fields.get("ErrorCode"):
         data["error"] = {
             "code": whole(fields.get("ErrorCode")),

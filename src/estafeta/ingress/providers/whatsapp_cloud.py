@@ -10,9 +10,10 @@
 
 Decisions: a message of a type we do not model is kept as kind `unsupported` with its part
 (never dropped); `played` (a voice note was played) is reported as status `read` with
-`provider_status: "played"`; a group message's status is about one member
-(`recipient_participant_id`): `recipient` is that member, `data.group` the group, and the
-member is part of the key, `{wamid}:{status}:{member}`; a status value outside
+`provider_status: "played"`; a status echoing one of our message ids (`msg_…`, sent as
+`biz_opaque_callback_data`) names it as `sent_message_id`; a group message's status is
+about one member (`recipient_participant_id`): `recipient` is that member, `data.group` the
+group, and the member is part of the key, `{wamid}:{status}:{member}`; a status value outside
 sent/delivered/read/failed/played, a change whose `field` is not `messages`, and
 account-level `value.errors[]` give no event.
 """
@@ -42,6 +43,7 @@ from estafeta.ingress.providers.base import (
     phone_digits,
     require_all,
     seconds_to_ms,
+    sent_message_id,
     text,
     whole,
 )
@@ -253,6 +255,9 @@ def _status_event(status: Mapping[str, Any], business: _Business) -> ParsedEvent
     callback_data = text(status.get("biz_opaque_callback_data"))
     if callback_data is not None:
         data["biz_opaque_callback_data"] = callback_data
+        ours = sent_message_id(callback_data)
+        if ours is not None:  # our `msg_…` id, echoed (connectors/whatsapp/cloud.py)
+            data["sent_message_id"] = ours
     # One member's `read` must not be dropped as a repeat of another's: the member is keyed.
     keyed = f"{wamid}:{provider_status}" + (f":{member}" if member else "")
     key = bounded_key(keyed) if wamid else digest_key(PROVIDER, raw)

@@ -35,7 +35,7 @@ import hmac
 from collections.abc import Mapping
 from email.utils import formatdate
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from aiohttp import web
 
@@ -294,4 +294,7 @@ class FakeTwilio(FakeProvider):
         if status in ("failed", "undelivered"):
             pairs.append(("ErrorCode", _FAILED_CODE))
         signed_url = callback if isinstance(callback, str) and callback else hub_url
+        query = urlsplit(signed_url).query
+        if query and "?" not in hub_url:
+            hub_url = f"{hub_url}?{query}"  # the proxy hands over the path and the query
         return self._signed(hub_url, pairs, signed_url)
