@@ -207,6 +207,14 @@ async def announced(
     return presence
 
 
+async def announced_on_store_time(
+    store: SqlStore, config: Config, *, tasks: Tasks, redis: Redis | None
+) -> Presence:
+    """A worker process's presence, recorded, on the store's time (`store_clock`)."""
+    clock = await store_clock(store)
+    return await announced(store, config, delivers=True, tasks=tasks, clock=clock, redis=redis)
+
+
 class GracefulServer(uvicorn.Server):
     """uvicorn, minus re-raising SIGTERM/SIGINT after its graceful shutdown, and with a
     start that failed raised as a ServeError.
@@ -305,30 +313,43 @@ def uvicorn_server(
     return GracefulServer(settings, on_started=on_started)
 
 
+async def started_hub(
+    config: Config, store: SqlStore, *, run_workers: bool
+) -> tuple[Hub, Presence, Tasks]:
+    """`serve`'s hub on the store's time, and its process's presence recorded: reads and
+    writes of the store that may wait (the store slow, a lock held), hence run under
+    `unless_stopped` as connecting is."""
+    clock = await store_clock(store)
+    try:
+        spool = Spool(
+            config.storage.spool_dir, max_bytes=config.storage.spool_max_bytes, clock=clock
+        )
+    except OSError as exc:  # a setting to correct: one line, exit 2
+        where = config.storage.spool_dir
+        raise ServeError(f"cannot use storage.spool_dir {where!r}: {exc.strerror}") from None
+    hub = Hub(config, store, spool=spool, clock=clock)
+    # Recorded once nothing is left that could fail before the server's own shutdown,
+    # which retires it (delivery/presence.py).
+    tasks = Tasks()
+    try:
+        presence = await announced(
+            store, config, delivers=run_workers, tasks=tasks, clock=clock, redis=hub.redis
+        )
+    except BaseException:  # a stop signal's cancellation too
+        await hub.close()  # its Redis client, which the app's shutdown closes otherwise
+        raise
+    return hub, presence, tasks
+
+
 async def serve(config: Config, *, run_workers: bool = True, migrate: bool = True) -> None:
     store = await unless_stopped(prepared_store(config, migrate=migrate))
     if store is None:
         return
     try:
-        clock = await store_clock(store)
-        try:
-            spool = Spool(
-                config.storage.spool_dir, max_bytes=config.storage.spool_max_bytes, clock=clock
-            )
-        except OSError as exc:  # a setting to correct: one line, exit 2
-            where = config.storage.spool_dir
-            raise ServeError(f"cannot use storage.spool_dir {where!r}: {exc.strerror}") from None
-        hub = Hub(config, store, spool=spool, clock=clock)
-        # Recorded once nothing is left that could fail before the server's own shutdown,
-        # which retires it (delivery/presence.py).
-        tasks = Tasks()
-        try:
-            presence = await announced(
-                store, config, delivers=run_workers, tasks=tasks, clock=clock, redis=hub.redis
-            )
-        except BaseException:
-            await hub.close()  # its Redis client, which the app's shutdown closes otherwise
-            raise
+        started = await unless_stopped(started_hub(config, store, run_workers=run_workers))
+        if started is None:
+            return
+        hub, presence, tasks = started
         server = uvicorn_server(
             create_app(hub, run_workers=run_workers, presence=presence, tasks=tasks),
             config.server.listen,
@@ -365,9 +386,6 @@ async def work(config: Config) -> None:
         log_stopping(signum)
         stop.set()
 
-    loop = asyncio.get_running_loop()
-    for sig in STOP_SIGNALS:
-        loop.add_signal_handler(sig, stop_signal, sig)
     tasks = Tasks()
     endpoint = None
     # The presence's own client: the worker's components each have theirs (a worker is
@@ -376,10 +394,17 @@ async def work(config: Config) -> None:
     try:
         if config.worker.metrics_listen is not None:
             endpoint = await start_worker_endpoint(config.worker.metrics_listen, tasks)
-        clock = await store_clock(store)
-        presence = await announced(
-            store, config, delivers=True, tasks=tasks, clock=clock, redis=redis
+        # Still starting: the store's time and the first record of the presence may wait
+        # for the store (slow, a lock held), and a stop signal ends the start there.
+        presence = await unless_stopped(
+            announced_on_store_time(store, config, tasks=tasks, redis=redis)
         )
+        if presence is None:
+            return
+        clock = presence.clock
+        loop = asyncio.get_running_loop()
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, stop_signal, sig)
 
         def worker() -> Awaitable[None]:
             return Worker(

@@ -10,6 +10,7 @@ import signal
 import sqlite3
 from pathlib import Path
 
+import asyncpg
 import pytest
 from sqlalchemy import text
 
@@ -22,7 +23,7 @@ from tests.acceptance.conftest import (
     wait_until,
     write_config,
 )
-from tests.conftest import base_config, fresh_database
+from tests.conftest import base_config, fresh_database, until_waiting_for_locks
 
 
 @pytest.mark.parametrize("listen", ["abc", "8080", "127.0.0.1:99999"])
@@ -160,3 +161,33 @@ async def test_a_stop_signal_while_starting_stops_gracefully(
         server.close()
     assert code == 0, f"exit {code} on {signum.name} while starting\n{started.tail()}"
     assert "Traceback" not in started.stderr()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("command", ["serve", "worker"])
+async def test_a_stop_signal_while_recording_the_process_stops_gracefully(
+    database_url: str, tmp_path: Path, estafeta: Estafeta, command: str
+) -> None:
+    """The store migrated and reached, a process still takes the store's time and records
+    its presence (writes that may wait: the store slow, a lock held) before it serves or
+    delivers. SIGTERM then killed `serve` (-15); `worker` logged `stopping` and went on
+    waiting. They stop there, exit 0, as while connecting. Here another session holds the
+    processes table."""
+    path = write_config(
+        tmp_path / "estafeta.toml", hub_config(database_url, tmp_path, destinations=[], routes=[])
+    )
+    assert (await run_cli("migrate", "--config", str(path), cwd=tmp_path)).returncode == 0
+    holder = await asyncpg.connect(database_url)
+    try:
+        async with holder.transaction():
+            await holder.execute("LOCK TABLE processes IN ACCESS EXCLUSIVE MODE")
+            started = estafeta.start(command, command, "--config", str(path))
+            await until_waiting_for_locks(database_url, 1)  # its presence, recorded
+            started.send_signal(signal.SIGTERM)
+            code = await started.wait_exit(20)
+    finally:
+        await holder.close()
+    assert code == 0, f"exit {code} on SIGTERM while recording its presence\n{started.tail()}"
+    assert "Traceback" not in started.stderr()
+    await started.wait_log("stopped_while_starting")
