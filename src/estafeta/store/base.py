@@ -116,6 +116,13 @@ POOLER_HINT = (
     "a pooler in transaction mode (PgBouncer) is in front of PostgreSQL: add"
     " ?statement_cache_size=0 to storage.url"
 )
+# SQLSTATEs whose first line is the server's reason in its own fixed words, never data: a
+# protocol violation (08P01: `unsupported startup parameter: options`, from PgBouncer), a
+# read-only transaction (25006: `cannot execute CREATE TABLE in a read-only transaction`),
+# no schema to create in (3F000: a search_path naming none), a serialization failure
+# (40001), a lock or statement timeout (55P03, 57014: `canceling statement due to lock
+# timeout`). The SQLSTATE alone left the operator to look up a setting to correct.
+_SERVER_REASON_SQLSTATES = ("08P01", "25006", "3F000", "40001", "55P03", "57014")
 # PostgreSQL refusing the login: class 28 (no such role, wrong password), 3D000 (no such
 # database). Its message names only the role or the database, and is the operator's answer.
 _LOGIN_REFUSED_SQLSTATES = ("28", "3D000")
@@ -271,7 +278,9 @@ def translated(exc: Exception) -> Exception:
     A constraint violation keeps only the driver's first line, which names the constraint
     (never the DETAIL, which may quote the data); any other driver error only its class and
     SQLSTATE (a first line may quote a value: `invalid input syntax for type json: "..."`),
-    but a refused login its first line too, which names the role or database and says why."""
+    but a refused login its first line too, which names the role or database and says why,
+    and so does an error whose first line is the server's fixed words
+    (`_SERVER_REASON_SQLSTATES`: a read-only transaction, a statement timeout…)."""
     sqlstate = _sqlstate(exc)
     if sqlstate is not None and sqlstate.startswith(_LOGIN_REFUSED_SQLSTATES):
         reason = _first_line(exc)
@@ -280,10 +289,8 @@ def translated(exc: Exception) -> Exception:
         )
     if deadlocked(exc):
         return StoreDeadlocked(f"the store cannot be reached: {_named(exc)}")
+    why = f": {_first_line(exc)}" if sqlstate in _SERVER_REASON_SQLSTATES else ""
     if unavailable(exc):
-        # A protocol violation's first line is the server's or the pooler's reason, never
-        # data: `unsupported startup parameter: options` (PgBouncer) says what to change.
-        why = f": {_first_line(exc)}" if sqlstate == "08P01" else ""
         return StoreUnavailable(f"the store cannot be reached: {_named(exc)}{why}")
     if rejected(exc):
         if (sqlstate or "").startswith("22") or isinstance(exc, DataError | sqlite3.DataError):
@@ -295,7 +302,7 @@ def translated(exc: Exception) -> Exception:
     if statement_cache_lost(exc):
         return StoreError(f"the store failed: {_named(exc)}: {POOLER_HINT}")
     if isinstance(exc, _DRIVER_ERRORS):
-        return StoreError(f"the store failed: {_named(exc)}")
+        return StoreError(f"the store failed: {_named(exc)}{why}")
     return exc
 
 

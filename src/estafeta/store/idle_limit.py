@@ -17,13 +17,6 @@ import time
 from collections.abc import MutableMapping
 from typing import Any
 
-# A new session's settings in one round trip: jit off (postgres.py says why), and the limit
-# in milliseconds (0: none; NULL before PostgreSQL 14, which has no such setting).
-SESSION_SETUP_SQL = (
-    "SELECT set_config('jit', 'off', false),"
-    " (SELECT setting FROM pg_settings WHERE name = 'idle_session_timeout')"
-)
-
 # Keys in the pool entry's `info`, which SQLAlchemy clears whenever it replaces the connection.
 _LIMIT_S = "estafeta_idle_limit_s"
 _IDLE_SINCE = "estafeta_idle_since"

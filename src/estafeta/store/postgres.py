@@ -35,7 +35,7 @@ from estafeta.errors import LeaseRaced, StoreDeadlocked, StoreUnavailable
 from estafeta.messaging.facts import SEND_DESTINATION_PREFIX, storable
 from estafeta.store.base import SQL_DIR
 from estafeta.store.held import HeldConnections
-from estafeta.store.idle_limit import SESSION_SETUP_SQL, learn_limit, nearly_ended, went_idle
+from estafeta.store.idle_limit import learn_limit, nearly_ended, went_idle
 from estafeta.store.ingest import Inserted, Key, delivery_rows, event_key, event_row, fates
 from estafeta.store.leases import attempt_row, next_attempt
 from estafeta.store.postgres_connect import postgres_engine_args, refuse_transaction_pooling
@@ -186,16 +186,29 @@ CONNECT_TIMEOUT_S = 5  # a new connection, before the store counts as unreachabl
 COMMAND_TIMEOUT_S = 30  # any statement: a request must not hang on a stuck database
 
 
+# A new session's settings in one round trip: jit off, READ COMMITTED, and the session's
+# `idle_session_timeout` in milliseconds (0: none; NULL before PostgreSQL 14).
+_SESSION_SET_UP = (
+    "SELECT set_config('jit', 'off', false),"
+    " set_config('default_transaction_isolation', 'read committed', false),"
+    " (SELECT setting FROM pg_settings WHERE name = 'idle_session_timeout')"
+)
+
+
 def _set_up_session(dbapi_connection: Any, record: Any) -> None:
     """Every statement here takes a millisecond or two, and the lease's per-destination
     LIMIT is a guess to the planner (a tenth of the backlog): costed that high, it was
     JIT-compiled on every run, 0.4 s a lease at 1,000,000 waiting. Set on each new session
-    rather than as a startup parameter, which PgBouncer refuses. The same round trip reads
-    the session's `idle_session_timeout` (store/idle_limit.py)."""
+    rather than as a startup parameter, which PgBouncer refuses. Transactions are READ
+    COMMITTED whatever `default_transaction_isolation` the database or the role sets: the
+    lease and the completion are written for it, and under SERIALIZABLE workers competing
+    for one backlog failed each other's statements (40001) as though the store were
+    unreachable, an attempt sent but not recorded. The same round trip reads the
+    session's `idle_session_timeout` (store/idle_limit.py)."""
     # On asyncpg itself: a DB-API cursor would open a transaction the kept connections
     # (held.py) then ran every statement inside, never committed.
-    row = dbapi_connection.run_async(lambda driver: driver.fetchrow(SESSION_SETUP_SQL))
-    learn_limit(record.info, row[1])
+    row = dbapi_connection.run_async(lambda driver: driver.fetchrow(_SESSION_SET_UP))
+    learn_limit(record.info, row[2])
 
 
 def _ended_by_server(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
