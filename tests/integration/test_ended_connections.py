@@ -136,6 +136,11 @@ async def until_all_closed(store: PostgresStore, timeout_s: float = 10) -> int:
         await asyncio.sleep(0.01)
 
 
+# Long enough that a machine short of CPU serves a round of requests within half of it
+# (store/idle_limit.py replaces connections idle for half), stalls and all.
+IDLE_SESSION_TIMEOUT_MS = 1000
+
+
 async def set_idle_session_timeout(url: str, ms: int) -> None:
     """Set the test database's `idle_session_timeout`, for sessions opened from now on."""
     admin = await asyncpg.connect(url)
@@ -162,25 +167,25 @@ async def test_requests_after_idle_session_timeout_ended_the_connections_are_ans
     """With `idle_session_timeout` on the database, every quiet spell longer than it ends
     the idle connections: each such spell cost the first requests after it a 503."""
     with fresh_database("estafeta_ended") as url:
-        await set_idle_session_timeout(url, 300)
+        await set_idle_session_timeout(url, IDLE_SESSION_TIMEOUT_MS)
         async with served(url) as hub:
             for spell in range(2):
                 assert answered(await requests(hub, 4, f"spell{spell}")) == []
-                assert await until_all_closed(hub.store) >= 4  # idle for 300 ms: ended
+                assert await until_all_closed(hub.store) >= 4  # idle for the timeout: ended
             assert answered(await requests(hub, 4, "last")) == []
 
 
-async def test_requests_after_the_process_was_busy_past_idle_session_timeout_are_answered() -> None:
+async def test_requests_after_a_busy_spell_past_idle_session_timeout_are_answered() -> None:
     """A process busy when `idle_session_timeout` ends its idle connections (a second's work
     on the event loop, a machine short of CPU) reads the server's goodbye only after it has
     handed the connections out again: each request that took one was answered 503 (13 of 16
     here), where nothing in the connection showed it ended. Those idle for half the limit
     are now replaced before use."""
     with fresh_database("estafeta_ended") as url:
-        await set_idle_session_timeout(url, 300)
+        await set_idle_session_timeout(url, IDLE_SESSION_TIMEOUT_MS)
         async with served(url) as hub:
             assert answered(await requests(hub, 4, "before")) == []
-            time.sleep(0.5)  # busy: the server ends the idle connections meanwhile
+            time.sleep(IDLE_SESSION_TIMEOUT_MS / 1000 + 0.2)  # busy while the server ends them
             assert answered(await requests(hub, 4, "after")) == []
 
 
