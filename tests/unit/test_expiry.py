@@ -8,6 +8,7 @@ import time
 import pytest
 
 from estafeta.delivery.expiry import LATE_GRACE_S, Expiry
+from tests.unit.late_loop import late_at_every_turn
 
 
 async def bounded(seconds: float, work: asyncio.Future[str], *, given: bool = False) -> str:
@@ -85,15 +86,7 @@ async def test_a_process_busy_for_ever_still_ends_the_wait() -> None:
     `LATE_GRACE_S` after it was first found late)."""
     loop = asyncio.get_running_loop()
     never: asyncio.Future[str] = loop.create_future()
-
-    def busy() -> None:
-        time.sleep(0.06)  # every turn of the loop late
-        busy_turns.append(loop.call_soon(busy))
-
-    busy_turns = [loop.call_soon(busy)]
     started = time.monotonic()
-    try:
+    with late_at_every_turn():
         assert await asyncio.create_task(bounded(0.05, never)) == "expired"
-    finally:
-        busy_turns[-1].cancel()
     assert time.monotonic() - started < 0.05 + LATE_GRACE_S + 0.5

@@ -9,6 +9,7 @@ import pytest
 
 from estafeta.delivery.expiry import LATE_GRACE_S
 from estafeta.observability.reads import within
+from tests.unit.late_loop import late_at_every_turn
 
 
 async def test_a_read_answered_while_the_process_was_busy_is_not_given_up() -> None:
@@ -35,16 +36,7 @@ async def test_a_read_answered_while_the_process_was_busy_is_not_given_up() -> N
 async def test_a_read_never_answered_is_given_up_in_a_process_behind_at_every_turn() -> None:
     loop = asyncio.get_running_loop()
     never: asyncio.Future[str] = loop.create_future()
-
-    def busy() -> None:
-        time.sleep(0.06)  # every turn of the loop late
-        turns.append(loop.call_soon(busy))
-
-    turns = [loop.call_soon(busy)]
     started = time.monotonic()
-    try:
-        with pytest.raises(TimeoutError, match=r"no answer within 0\.05 s"):
-            await within(never, timeout_s=0.05)
-    finally:
-        turns[-1].cancel()
+    with late_at_every_turn(), pytest.raises(TimeoutError, match=r"no answer within 0\.05 s"):
+        await within(never, timeout_s=0.05)
     assert time.monotonic() - started < 0.05 + LATE_GRACE_S + 0.5
