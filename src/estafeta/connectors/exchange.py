@@ -33,6 +33,9 @@ from estafeta.delivery.outcome import (
 )
 from estafeta.urls import outline
 
+# None of aiohttp's limits: each exchange's timeout is its Expiry (the session's default
+# would add aiohttp's 300 s total).
+_BOUNDED_BY_EXPIRY = aiohttp.ClientTimeout()
 _CUT_IN_HEAD = "Server disconnected in the middle of the answer's head"
 # A URL already fit to send: RFC 3986 characters only, every `%` starting an escape.
 _ENCODED_URL = re.compile(r"(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})+")
@@ -66,7 +69,7 @@ async def exchange(
     *,
     headers: Mapping[str, str],
     body: bytes,
-    timeout: aiohttp.ClientTimeout,
+    timeout_s: float | None,
     read_limit: int,
     tls: ssl.SSLContext | bool = True,
 ) -> Answer | Outcome:
@@ -84,35 +87,24 @@ async def exchange(
     """
     started = time.perf_counter()
     target = as_written(url)
-    # The total timeout is ours, not aiohttp's: aiohttp's fired in the turn a busy process
-    # read an answer that came in time (delivery/expiry.py). The other limits stay its own.
-    total = timeout.total
-    expiry = None if total is None else Expiry(total)
-    timeout = aiohttp.ClientTimeout(
-        connect=timeout.connect,
-        sock_read=timeout.sock_read,
-        sock_connect=timeout.sock_connect,
-        ceil_threshold=timeout.ceil_threshold,
-    )
+    # The timeout is ours, not aiohttp's: aiohttp's fired in the turn a busy process read an
+    # answer that came in time (delivery/expiry.py).
+    expiry = None if timeout_s is None else Expiry(timeout_s)
     try:
         try:
-            got = await _request(
-                session, method, target, headers, body, timeout, tls, read_limit, expiry
-            )
+            got = await _request(session, method, target, headers, body, tls, read_limit, expiry)
         except aiohttp.ClientConnectionError as exc:
-            if not _never_sent(exc) or (total is not None and _elapsed_s(started) >= total):
+            if not _never_sent(exc) or (timeout_s is not None and _elapsed_s(started) >= timeout_s):
                 raise
-            got = await _request(
-                session, method, target, headers, body, timeout, tls, read_limit, expiry
-            )
+            got = await _request(session, method, target, headers, body, tls, read_limit, expiry)
     except asyncio.CancelledError:
         if expiry is None or not expiry.ended_it():
             raise  # a shutdown, or the worker's ceiling: not this exchange's timeout
-        return no_answer(started, url, "timeout", no_answer_within(total))
-    except TimeoutError as exc:  # = asyncio.TimeoutError since 3.11; aiohttp's timeouts too
-        # aiohttp's total timeout raises a bare TimeoutError: its excerpt and `last_error`
-        # read `TimeoutError`, which says neither that nothing came back nor after how long.
-        return no_answer(started, url, "timeout", str(exc) or no_answer_within(timeout.total))
+        return no_answer(started, url, "timeout", no_answer_within(timeout_s))
+    except TimeoutError as exc:  # = asyncio.TimeoutError since 3.11: the system's (ETIMEDOUT)
+        # A bare TimeoutError's excerpt and `last_error` would read `TimeoutError`, which
+        # says neither that nothing came back nor after how long.
+        return no_answer(started, url, "timeout", str(exc) or no_answer_within(timeout_s))
     # Before ClientError, which both are: a URL we cannot send to will never work.
     except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError) as exc:
         return no_answer(started, url, "invalid_destination", exc, OutcomeKind.PERMANENT)
@@ -166,7 +158,6 @@ async def _request(
     url: URL | str,
     headers: Mapping[str, str],
     body: bytes,
-    timeout: aiohttp.ClientTimeout,
     tls: ssl.SSLContext | bool,
     read_limit: int,
     expiry: Expiry | None,
@@ -179,7 +170,7 @@ async def _request(
         data=body,
         headers=headers,
         allow_redirects=False,
-        timeout=timeout,
+        timeout=_BOUNDED_BY_EXPIRY,
         ssl=tls,
     ) as response:
         status = response.status

@@ -212,7 +212,7 @@ class HttpConnector:
             raise ValueError(
                 f"the destination secret is not a whsec_<base64> secret: {exc}"
             ) from exc
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._timeout_s = timeout_s
         # The destination's own context (`connectors.tls.client_context`), else aiohttp's
         # verifying default: never a context that does not verify.
         self._tls: ssl.SSLContext | bool = tls if tls is not None else True
@@ -250,7 +250,7 @@ class HttpConnector:
             self._url,
             headers=headers,
             body=delivery.payload,
-            timeout=self._timeout,
+            timeout_s=self._timeout_s,
             read_limit=_EXCERPT_BYTES,
             tls=self._tls,
         )

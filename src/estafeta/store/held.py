@@ -55,12 +55,12 @@ class HeldConnections:
                         failed = StoreDeadlocked if deadlocked(exc) else StoreUnavailable
                         raise failed(f"the store cannot be reached: {type(exc).__name__}") from None
                     reusable = True  # the statement failed for its data; the line is fine
-                    went_idle(raw.info)
                     raise
                 reusable = True
-                went_idle(raw.info)
             finally:
                 # Not reusable when cancelled mid-statement (or failed before the statement).
+                if reusable:
+                    went_idle(raw.info)
                 await self._release(conn, reusable=reusable)
 
     async def _release(self, conn: AsyncConnection, *, reusable: bool) -> None:

@@ -120,7 +120,7 @@ async def _exchange(
         url,
         headers=headers,
         body=body,
-        timeout=aiohttp.ClientTimeout(total=timeout_s),
+        timeout_s=timeout_s,
         read_limit=_BODY_LIMIT,
     )
     if isinstance(answer, Outcome):
