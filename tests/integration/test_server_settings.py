@@ -66,7 +66,10 @@ async def test_a_stricter_default_isolation_leases_and_records_as_read_committed
                 for worker in workers:
                     worker.start()
                 ids += await asyncio.gather(*[ingest.publish(n=n) for n in range(400)])
-                assert await sink.wait_for(lambda s: len(s.delivered_ids) == len(ids), 30)
+                delivered = await sink.wait_for(lambda s: len(s.delivered_ids) == len(ids), 30)
+                # What the workers said, should they stall: captured, it is not printed.
+                said = [(e["event"], e.get("error")) for e in logs if e["log_level"] != "debug"]
+                assert delivered, (len(sink.delivered_ids), len(ids), said[-20:])
         finally:
             for running in [*workers, ingest]:
                 await running.stop()
