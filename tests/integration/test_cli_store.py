@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -487,6 +488,34 @@ def test_a_database_of_another_alembic_application_is_named_as_such(
 
     with empty_database(engine, tmp_path, "foreign") as url:
         attempts(url)
+
+
+def test_a_sqlite_file_of_another_program_is_named_as_such_and_left_as_it_is(
+    tmp_path: Path,
+) -> None:
+    # Before: `migrate` (and `serve`, which migrates at start) wrote estafeta's twenty
+    # tables into another program's database, a storage.url pointing at the wrong file,
+    # and said `schema is up to date`.
+    file = tmp_path / "crm.db"
+
+    def schema() -> list[Any]:
+        with contextlib.closing(sqlite3.connect(file)) as crm:
+            return crm.execute("SELECT type, name, sql FROM sqlite_master").fetchall()
+
+    with contextlib.closing(sqlite3.connect(file)) as crm:
+        crm.execute("CREATE TABLE patients (id INTEGER PRIMARY KEY, name TEXT)")
+    before = schema()
+    url = f"sqlite:///{file}"
+    config = config_file(tmp_path, url)
+    for command in (["migrate"], ["dlq", "list"]):
+        result = run(config, *command)
+        assert result.exit_code == 2, (command, result.output, result.exception)
+        assert result.output.startswith(f"error: {url}: the database "), result.output
+        assert (
+            "holds another program's tables (patients), not an estafeta schema: give estafeta"
+            " a database of its own"
+        ) in result.output, result.output
+    assert schema() == before
 
 
 @pytest.mark.parametrize("engine", ["sqlite", "postgresql"])

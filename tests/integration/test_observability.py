@@ -363,6 +363,39 @@ async def test_detailed_health_says_when_the_sqlite_disk_is_full(
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_the_log_says_when_the_sqlite_disk_fills_and_when_it_has_room_again(
+    hub: Hub, store: SqlStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a full disk webhooks were spooled (`events_spooled`, no reason), a worker's
+    records were retried in silence for its whole lease, and reads went on answering (no
+    `store_down`): nothing in the log said the disk was full until a minute later, if at
+    all. One line as writes begin to fail for want of space, not one per write, and one
+    once a write commits again."""
+    with capture_logs() as logs:
+        with sqlite_disk_full(monkeypatch):
+            for _ in range(3):  # the same full disk, webhook after webhook
+                await refused_for_want_of_space(hub)
+        await store.engine.dispose()  # space freed: connections opened from here on have room
+        now = int(time.time() * 1000)
+        await store.announce_process(  # a process's heartbeat: a write that commits
+            "p-1",
+            ["crm"],
+            delivers=True,
+            delivering=True,
+            started_ms=now,
+            now_ms=now,
+            forget_before_ms=0,
+        )
+    said = [
+        (line["event"], line["log_level"], line.get("error"))
+        for line in logs
+        if line["event"].startswith("store_")
+    ]
+    full = "the store cannot write: OperationalError (SQLITE_FULL: database or disk is full)"
+    assert said == [("store_full", "warning", full), ("store_writable", "info", None)], logs
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_an_idle_workers_lease_does_not_say_the_full_disk_has_room_again(
     hub: Hub, store: SqlStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -2049,6 +2049,35 @@ async def test_a_result_the_store_could_not_take_is_recorded_once_it_is_back(
     assert not [e for e in logs if e["event"] in ("attempt_not_recorded", "attempt_crashed")]
 
 
+async def test_a_result_the_store_never_took_is_logged_with_why(
+    store: SqlStore, sink: Sink, database_url: str
+) -> None:
+    """The destination answered, and the store refused every record of it (a full disk)
+    until the worker gave up: `attempt_not_recorded` named the delivery but not why, the
+    one line an operator had for an answer that was lost."""
+    hub = Running(store, worker_config(database_url, sink, poll_interval_s=30))
+    complete = store.complete_batch
+    tried = asyncio.Event()
+    full = "the store cannot be reached: OperationalError (SQLITE_FULL: database or disk is full)"
+
+    async def disk_full(batch: Any, now_ms: int) -> Any:
+        tried.set()
+        raise StoreUnavailable(full)
+
+    store.complete_batch = disk_full  # type: ignore[method-assign]
+    try:
+        with capture_logs() as logs:
+            try:
+                await hub.publish()
+                await asyncio.wait_for(tried.wait(), 10)
+            finally:
+                await hub.stop()  # the record offered again meanwhile: given up now
+    finally:
+        store.complete_batch = complete  # type: ignore[method-assign]
+    [line] = [e for e in logs if e["event"] == "attempt_not_recorded"]
+    assert line["error"] == full, line
+
+
 @pytest.fixture(params=["store", "memory", "redis"])
 async def circuits(
     request: pytest.FixtureRequest, store: SqlStore

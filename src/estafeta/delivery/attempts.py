@@ -235,11 +235,14 @@ class Attempts:
         while True:
             try:
                 return await self._completions.submit(completed)
-            except StoreUnavailable:
-                pass
+            except StoreUnavailable as exc:
+                error = str(exc)  # the store's own words, never data (store/base.py)
             if not await self._may_record_again(delivery):
-                # The lease expires and the delivery is retried: at-least-once.
-                log.warning("attempt_not_recorded", delivery=delivery.id, worker=self.worker_id)
+                # The lease expires and the delivery is retried: at-least-once. Why it was
+                # not recorded (a full disk, an outage) is the operator's to fix.
+                log.warning(
+                    "attempt_not_recorded", delivery=delivery.id, worker=self.worker_id, error=error
+                )
                 return False
 
     async def _may_record_again(self, delivery: LeasedDelivery) -> bool:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import asyncpg
+import structlog
 from sqlalchemy import BindParameter, TextClause, bindparam, text
 from sqlalchemy.exc import (
     DataError,
@@ -39,8 +40,11 @@ from estafeta.errors import (
     StoreRejected,
     StoreUnavailable,
 )
+from estafeta.observability.log_throttle import LogThrottle
 
 T = TypeVar("T")
+
+log = structlog.get_logger("estafeta.store")
 
 
 def in_chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
@@ -332,6 +336,11 @@ class StoreBase(ABC):
         # again: reads still answer on a full disk, so a ping alone showed the store `ok` in
         # /health/detailed while every write failed.
         self.disk_full_error: str | None = None
+        # `store_full` as writes begin to fail so, `store_writable` once one commits again:
+        # a pair a minute at most (a nearly full disk may take a small write, a heartbeat,
+        # between two webhooks it refuses).
+        self._full_lines = LogThrottle()
+        self._full_logged = False
 
     @abstractmethod
     def _insert(self, table: Any) -> Any:
@@ -356,10 +365,19 @@ class StoreBase(ABC):
             yield
         except Exception as exc:
             if disk_full(exc):
-                self.disk_full_error = f"the store cannot write: {_named(exc)}"
+                error = f"the store cannot write: {_named(exc)}"
+                # Said nowhere else in the log: webhooks are spooled, a worker retries its
+                # records, and reads (the worker's polls, `store_down`'s) still answer.
+                if self.disk_full_error is None and self._full_lines.due() is not None:
+                    self._full_logged = True
+                    log.warning("store_full", error=error)
+                self.disk_full_error = error
             raise
         if proves_space:
             self.disk_full_error = None
+            if self._full_logged:
+                self._full_logged = False
+                log.info("store_writable")
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[AsyncConnection]:

@@ -21,7 +21,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, inspect, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from estafeta.errors import StoreError
@@ -60,6 +60,7 @@ async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
         current = MigrationContext.configure(connection).get_current_revision()
         if current is not None and current not in known_revisions():
             raise StoreError(f"the database {schema_problem(current)}")
+        refuse_other_programs(connection, current)
         if current != target:
             log.info("schema_migrating", from_revision=current, to_revision=target)
         found.append(current)
@@ -168,11 +169,30 @@ def schema_problem(current: str | None) -> str | None:
     )
 
 
+def refuse_other_programs(connection: Connection, current: str | None) -> None:
+    """Raise StoreError when a SQLite database with no estafeta revision holds tables: it is
+    another program's file (storage.url naming the wrong one), which a migration would have
+    filled with estafeta's tables. On PostgreSQL a database may hold other schemas' tables,
+    and the role's own schema is the operator's choice (how-to/deploy-postgresql.md)."""
+    if current is not None or connection.dialect.name != "sqlite":
+        return
+    tables = sorted(set(inspect(connection).get_table_names()) - {"alembic_version"})
+    if tables:
+        shown = ", ".join(tables[:5]) + (", …" if len(tables) > 5 else "")
+        raise StoreError(
+            f"the database holds another program's tables ({shown}), not an estafeta schema:"
+            " give estafeta a database of its own"
+        )
+
+
 async def current_revision(engine: AsyncEngine) -> str | None:
-    """The migration the database is at; None when it has no estafeta schema."""
+    """The migration the database is at; None when it has no estafeta schema (StoreError
+    when it holds another program's tables instead: `refuse_other_programs`)."""
 
     def read(connection: Connection) -> str | None:
-        return MigrationContext.configure(connection).get_current_revision()
+        current = MigrationContext.configure(connection).get_current_revision()
+        refuse_other_programs(connection, current)
+        return current
 
     async with engine.connect() as conn:
         return await conn.run_sync(read)
