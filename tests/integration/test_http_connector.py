@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import selectors
 import signal
 import socket
 import sys
@@ -20,6 +21,7 @@ from standardwebhooks.webhooks import Webhook
 from yarl import URL
 
 from estafeta import __version__
+from estafeta.config.models import WorkerConfig
 from estafeta.connectors.exchange import as_written, without_credentials
 from estafeta.connectors.http import HttpConnector, new_client_session, sign_webhook
 from estafeta.delivery.decision import describe_failure
@@ -919,6 +921,49 @@ async def test_wait_for_returns_false_on_timeout(sink: Sink) -> None:
     started = time.monotonic()
     assert not await sink.wait_for(lambda s: len(s.received) > 0, 0.1)
     assert time.monotonic() - started >= 0.1
+
+
+def _connected(clients: list[socket.socket], within_s: float) -> int:
+    """How many of `clients` (connecting, non-blocking) are connected within `within_s`,
+    waited for without giving the event loop a turn."""
+    connected = 0
+    with selectors.DefaultSelector() as selector:
+        for client in clients:
+            selector.register(client, selectors.EVENT_WRITE, client)
+        deadline = time.monotonic() + within_s
+        while connected < len(clients) and (left := deadline - time.monotonic()) > 0:
+            for key, _ in selector.select(left):
+                selector.unregister(key.fileobj)
+                if key.data.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                    connected += 1
+    return connected
+
+
+async def test_the_sink_keeps_a_burst_of_connections_while_its_loop_is_busy(sink: Sink) -> None:
+    """Two workers at the default concurrency open up to 512 connections at once, while the
+    sink's loop (the test's own) is busy sending them. Past the listen backlog (aiohttp's
+    default is 128) the kernel dropped a connection's SYN and the client tried again only
+    1 s later, then 3 s: sends of milliseconds timed out at a test destination's 2 s, and
+    five in a row opened its circuit for 30 s, the whole of a test's wait."""
+    burst = 2 * WorkerConfig().concurrency
+    somaxconn = Path("/proc/sys/net/core/somaxconn")
+    if not somaxconn.exists() or int(somaxconn.read_text()) < burst:
+        pytest.skip(f"the kernel caps every listen backlog below {burst} (net.core.somaxconn)")
+    address = (URL(sink.url).host, URL(sink.url).port)
+    clients: list[socket.socket] = []
+    try:
+        for _ in range(burst):
+            client = socket.socket()
+            clients.append(client)
+            client.setblocking(False)
+            client.connect_ex(address)
+        # No await until all are in: the sink accepts none meanwhile, as when its loop is
+        # busy. A SYN dropped is tried again at 1 s, 3 s, 7 s: never within the wait.
+        connected = _connected(clients, within_s=5.0)
+        assert connected == burst, f"{burst - connected} of {burst} connections dropped"
+    finally:
+        for client in clients:
+            client.close()
 
 
 async def test_stop_answers_a_delayed_request_at_once(session: aiohttp.ClientSession) -> None:

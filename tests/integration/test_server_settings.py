@@ -54,7 +54,10 @@ async def test_a_stricter_default_isolation_leases_and_records_as_read_committed
     deliver each event once, with no serialization failure taken for an outage
     (`store_unavailable`, an attempt sent but `attempt_not_recorded`)."""
     with database_with(f"default_transaction_isolation = '{level}'") as url:
-        config = config_for(url, sink)
+        # The default timeout, not the 2 s of base_config: on a busy machine the sink (in this
+        # loop) answered the last of the workers' first ~450 sends in up to 1.9 s, and five
+        # timeouts in a row opened the circuit for 30 s, this test's whole wait.
+        config = config_for(url, sink, timeout_s=30)
         stores = [open_store(config.storage.url) for _ in range(3)]
         await stores[0].migrate()
         await stores[0].sync_config(config, int(time.time() * 1000))

@@ -15,6 +15,13 @@ from typing import Self
 
 from aiohttp import web
 
+# Connections the kernel completes and keeps for the server until its loop accepts them (it
+# caps this at net.core.somaxconn, 4096 by default since Linux 5.4). aiohttp's default, 128,
+# is less than one worker opens at once (`concurrency`, 256): past it the kernel drops a
+# connection's SYN and the client tries again only 1 s later, then 3 s, so while the loop
+# was busy (a test's, sending to it) sends of milliseconds timed out and opened circuits.
+BACKLOG = 4096
+
 
 class LocalServer(ABC):
     # The largest request body a handler may read (aiohttp's default: 1 MiB; over it, 413).
@@ -40,7 +47,7 @@ class LocalServer(ABC):
         # A short shutdown: requests still waiting on a delay are woken by `stop` anyway.
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
-        await web.TCPSite(runner, host, port, ssl_context=tls).start()
+        await web.TCPSite(runner, host, port, ssl_context=tls, backlog=BACKLOG).start()
         self._runner = runner
         bound_host, bound_port = runner.addresses[0][:2]
         self._url = f"{'https' if tls else 'http'}://{bound_host}:{bound_port}"
