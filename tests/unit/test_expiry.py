@@ -90,3 +90,35 @@ async def test_a_process_busy_for_ever_still_ends_the_wait() -> None:
     with late_at_every_turn():
         assert await asyncio.create_task(bounded(0.05, never)) == "expired"
     assert time.monotonic() - started < 0.05 + LATE_GRACE_S + 0.5
+
+
+async def test_a_shutdown_with_the_deadline_is_not_taken_back_by_a_second_look() -> None:
+    """The exchange looks at its deadline twice when it cuts a body's read short (the
+    read's handler re-raises, then the exchange's own looks again): with a shutdown in the
+    same turn as the deadline, the second look took the shutdown's cancellation back too,
+    and a stopping worker recorded a send cut short as a timeout and went on."""
+    loop = asyncio.get_running_loop()
+    never: asyncio.Future[str] = loop.create_future()
+
+    async def read_then_answer() -> str:
+        expiry = Expiry(0)
+        try:
+            try:
+                return await never
+            except asyncio.CancelledError:
+                if not expiry.ended_it():
+                    raise  # as the body's read does (connectors/exchange.py)
+                return "read cut short"
+        except asyncio.CancelledError:
+            if not expiry.ended_it():
+                raise
+            return "expired"
+        finally:
+            expiry.disarm()
+
+    task = asyncio.create_task(read_then_answer())
+    await asyncio.sleep(0)  # the task armed its deadline (due now) and waits
+    loop.call_later(0, task.cancel)  # a shutdown, due just after the deadline
+    time.sleep(0.01)  # both are due when the loop next looks: the deadline fires first
+    with pytest.raises(asyncio.CancelledError):
+        await task

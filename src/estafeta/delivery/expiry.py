@@ -40,7 +40,7 @@ class Expiry:
         expiry.disarm()
     """
 
-    __slots__ = ("_cancelling", "_due", "_fired", "_handle", "_latest", "_task")
+    __slots__ = ("_cancelling", "_due", "_ended_it", "_fired", "_handle", "_latest", "_task")
 
     def __init__(self, seconds: float, task: asyncio.Task[object] | None = None) -> None:
         """`task`: the current task, when the caller has it (looking it up, and the loop,
@@ -52,6 +52,7 @@ class Expiry:
         self._task = task
         self._cancelling = task.cancelling()  # requests already pending are not ours
         self._fired = False
+        self._ended_it: bool | None = None  # once asked: whether the cancellation was ours alone
         self._latest: float | None = None  # once found late: the most it waits for
         loop = task.get_loop()
         self._due = loop.time() + seconds  # when the timer is due; `_fire` moves it
@@ -78,5 +79,11 @@ class Expiry:
 
     def ended_it(self) -> bool:
         """Whether the CancelledError being handled is this expiry's, and only its: it is
-        then taken back (so the task goes on), else it must propagate."""
-        return self._fired and self._task.uncancel() <= self._cancelling
+        then taken back (so the task goes on), else it must propagate. Taken back once: a
+        caller may look again as the error propagates (a body's read, then its exchange),
+        and a second `uncancel` took back another's request (a shutdown) in its place."""
+        if not self._fired:
+            return False
+        if self._ended_it is None:
+            self._ended_it = self._task.uncancel() <= self._cancelling
+        return self._ended_it
