@@ -121,12 +121,15 @@ async def prepared_store(config: Config, *, migrate: bool = True) -> SqlStore:
     return store
 
 
-async def unless_stopped(step: Awaitable[T]) -> T | None:
+async def unless_stopped(
+    step: Awaitable[T], undo: Callable[[T], Awaitable[object]] | None = None
+) -> T | None:
     """A start-up step (connecting, migrating: it may wait for another process's migration),
     abandoned when a stop signal arrives meanwhile: None then. Before the server or the
     worker loop takes the signals over, they would kill the process (SIGTERM) or end it
     with click's `Aborted!` (SIGINT) instead of the graceful stop, exit 0, docs/cli.md
-    promises."""
+    promises. `undo` is given the result of a step that ended as the signal came (what
+    it opened or recorded: the step itself cleans up only when cancelled)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in STOP_SIGNALS:
@@ -135,11 +138,18 @@ async def unless_stopped(step: Awaitable[T]) -> T | None:
     stopped = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
+        # The stop first, even if the step ended too (in the same turn as the signal): its
+        # result taken, the process went on to serve, deaf to the signal it had consumed.
+        if not stop.is_set():
             return task.result()
         task.cancel()  # prepared_store closes its store when cancelled
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        # Waited for, not awaited: a step's CancelledError is not ours to raise (nor is
+        # ours, if this is cancelled, to suppress).
+        await asyncio.wait({task})
+        if not task.cancelled():
+            result = task.result()  # a start that failed meanwhile says why
+            if undo is not None:
+                await undo(result)
         log.info("stopped_while_starting")
         return None
     finally:
@@ -341,12 +351,31 @@ async def started_hub(
     return hub, presence, tasks
 
 
+async def _closed(store: SqlStore) -> None:
+    """Undo `prepared_store` (a stop signal came as it ended)."""
+    await store.close()
+
+
+async def _retired(presence: Presence) -> None:
+    """Undo `announced_on_store_time` (a stop signal came as it ended)."""
+    await presence.retire()
+
+
+async def _hub_closed(started: tuple[Hub, Presence, Tasks]) -> None:
+    """Undo `started_hub` (a stop signal came as it ended): as the app's shutdown would."""
+    hub, presence, _ = started
+    await presence.retire()
+    await hub.close()
+
+
 async def serve(config: Config, *, run_workers: bool = True, migrate: bool = True) -> None:
-    store = await unless_stopped(prepared_store(config, migrate=migrate))
+    store = await unless_stopped(prepared_store(config, migrate=migrate), undo=_closed)
     if store is None:
         return
     try:
-        started = await unless_stopped(started_hub(config, store, run_workers=run_workers))
+        started = await unless_stopped(
+            started_hub(config, store, run_workers=run_workers), undo=_hub_closed
+        )
         if started is None:
             return
         hub, presence, tasks = started
@@ -375,7 +404,7 @@ async def serve(config: Config, *, run_workers: bool = True, migrate: bool = Tru
 
 async def work(config: Config) -> None:
     """Delivery workers alone, for scale-out; the STOP_SIGNALS stop them gracefully."""
-    store = await unless_stopped(prepared_store(config, migrate=False))
+    store = await unless_stopped(prepared_store(config, migrate=False), undo=_closed)
     if store is None:
         return
     stop = asyncio.Event()
@@ -397,7 +426,7 @@ async def work(config: Config) -> None:
         # Still starting: the store's time and the first record of the presence may wait
         # for the store (slow, a lock held), and a stop signal ends the start there.
         presence = await unless_stopped(
-            announced_on_store_time(store, config, tasks=tasks, redis=redis)
+            announced_on_store_time(store, config, tasks=tasks, redis=redis), undo=_retired
         )
         if presence is None:
             return
