@@ -1735,6 +1735,48 @@ async def test_deliveries_held_back_by_the_rate_limit_keep_their_place_in_the_qu
         assert view is not None and view.deliveries[0].attempts == 0
 
 
+class StopsWhileAsked(Budget):
+    """A budget with room for every send, whose `stop_at`-th ask is answered only after a
+    stop signal came (a shared budget's Redis round trip, the SIGTERM meanwhile)."""
+
+    def __init__(self, stop: asyncio.Event, stop_at: int) -> None:
+        super().__init__()
+        self.stop, self.stop_at = stop, stop_at
+        self.asked = 0
+
+    async def acquire(self, destination_id: str) -> float | None:
+        self.asked += 1
+        if self.asked == self.stop_at:
+            self.stop.set()
+        return None
+
+
+async def test_a_stop_while_a_batch_starts_starts_no_more_of_it(
+    store: SqlStore, sink: Sink, database_url: str
+) -> None:
+    """A stop signal that comes while a leased batch is being started (each send asks its
+    destination's rate limit first: a Redis round trip for a shared one) ends the start:
+    the batch's later deliveries are given back unsent. The worker went on asking, one
+    round trip each, and sending the rest of the batch (a slow Redis: 0.3 s per ask, tens
+    of seconds for a batch) before its graceful stop began, well past `shutdown_grace_s`."""
+    config = config_for(database_url, sink)
+    hub = Hub(config, store)
+    stop = asyncio.Event()
+    budget = StopsWhileAsked(stop, stop_at=2)
+    worker = Worker(store, config, throttle=budget)  # type: ignore[arg-type]
+    try:
+        backlog = [await publish(hub, n=n) for n in range(3)]
+        await asyncio.wait_for(worker.run(stop), 30)
+    finally:
+        await hub.close()
+    assert budget.asked == 2  # none asked once stopping
+    assert sink.delivered_ids == {backlog[0]}  # the send started before the signal ended
+    for unsent in backlog[1:]:
+        view = await store.get_event(unsent, None)
+        assert view is not None
+        assert [(d.state, d.attempts) for d in view.deliveries] == [("pending", 0)]
+
+
 class SlowToAnswer(Budget):
     """A shared budget that counts a send when asked and answers `answer_ms` later on
     `clock`: Redis's round trip on a loaded machine, while the worker's loop runs other

@@ -9,8 +9,9 @@ One worker runs one loop and at most `worker.concurrency` sends at a time:
 Leases carry a deadline longer than any send may take; a worker that dies loses its leases
 and any other worker rescues them once the deadline passes (counted as a failed attempt, so
 a delivery that kills its worker cannot loop forever). On stop, the worker leases nothing
-more, lets in-flight sends finish for `shutdown_grace_s`, and gives back those still waiting
-for an answer (a send already answered records its result instead).
+more (and starts no more of a batch being started: given back unsent), lets in-flight sends
+finish for `shutdown_grace_s`, and gives back those still waiting for an answer (a send
+already answered records its result instead).
 
 This module is the loop and its slot accounting: what to lease, for which destinations and
 how many, and when. The rest is composed from the modules beside it:
@@ -203,6 +204,8 @@ class Worker:
         # When to lease (and refresh circuits, and rescue) again even if nothing wakes the
         # loop but hand-overs: retries come due in the store without anyone saying so.
         self._next_poll = 0.0
+        # `run`'s: set on stop, when a batch being started starts no more of its sends.
+        self._stop: asyncio.Event | None = None
         self.leases = 0  # lease statements run, for tests
 
     @property
@@ -218,6 +221,7 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver until `stop` is set, then shut down gracefully."""
+        self._stop = stop
         await self._connectors.start()
         log.info(
             "worker_started",
@@ -547,6 +551,7 @@ class Worker:
         if held:
             return deliveries
         ceiling_ms = self._ceilings_ms.get(deliveries[0].destination_id, 0)
+        stop = self._stop
         for n, delivery in enumerate(deliveries):
             # Taken before asking: a shared budget counts the send when asked, and its answer
             # (a Redis round trip, other tasks running meanwhile) comes back a varying while
@@ -564,6 +569,10 @@ class Worker:
                 # it again. Given back unsent with the rest, to be leased afresh (its count
                 # in the budget stays: a send fewer in the window, never one more). The
                 # first of a turn always goes: one ask late at most, which the lease allows.
+                return deliveries[n:]
+            if stop is not None and stop.is_set():
+                # Stopping since the batch was leased: its later sends are given back, not
+                # asked for one round trip each and started, the stop waiting for them all.
                 return deliveries[n:]
             self._attempts.start(loop, delivery, started_at=asked_at, probe=probe)
         return []
