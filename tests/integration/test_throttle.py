@@ -150,6 +150,28 @@ async def test_two_throttles_sharing_redis_share_the_budget(
     assert await other.acquire("crm") is None
 
 
+async def test_a_lease_asking_hundreds_of_budgets_at_once_keeps_them_shared(
+    shared_prefix: str, throttles: list[DestinationThrottle]
+) -> None:
+    """A hub of many tenants, each destination rate-limited: every lease asks the room of
+    each at once (worker.py, `_budgets`). Past redis-py's 100 pooled connections the asks
+    beyond were refused (`MaxConnectionsError`) as if Redis were down: `redis_unavailable`
+    was logged at every poll and each process sent on a budget of its own."""
+    limits = {f"clinic-{n}": "1/minute" for n in range(300)}
+    a, b = (
+        DestinationThrottle(limits, redis_url=SHARED_REDIS_URL, key_prefix=shared_prefix)
+        for _ in range(2)
+    )
+    throttles.extend([a, b])
+    for destination in limits:  # process a spends every budget
+        assert await a.acquire(destination) is None
+    with capture_logs() as logs:
+        rooms = await asyncio.gather(*(b.room(d) for d in limits))
+    assert rooms == [0] * len(limits)  # process b sees what a sent, for each of them
+    assert b.using_redis
+    assert not [e for e in logs if e["event"] == "redis_unavailable"]
+
+
 async def test_redis_lost_falls_back_to_memory_and_comes_back(
     own_redis: RedisServer, throttles: list[DestinationThrottle]
 ) -> None:

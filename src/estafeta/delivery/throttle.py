@@ -41,7 +41,7 @@ from typing import Any, cast
 from limits import RateLimitItem, WindowStats, parse
 from limits.aio.storage import MemoryStorage, MovingWindowSupport, RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
-from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from estafeta.config.models import DEFAULT_REDIS_KEY_PREFIX
@@ -51,6 +51,7 @@ MIN_WAIT_S = 0.01  # the shortest wait answered: a caller told "0.0001 s" would 
 # Reads of Redis's room for the sends counted during an outage, each refused only because
 # other processes sent meanwhile (so the window is fuller at every try).
 SHARE_TRIES = 5
+POOL_CONNECTIONS = 100  # Redis connections per throttle at most (redis-py's default)
 
 
 class DestinationThrottle:
@@ -86,8 +87,14 @@ class DestinationThrottle:
         if redis_url is not None:
             # Our own pool, so that calls fail fast (see connect_redis) and `aclose` can
             # close it: limits' storage has no way to close the client it builds.
-            self._pool = ConnectionPool.from_url(
+            # Blocking: a lease asks the room of every rate-limited destination at once
+            # (worker.py, `_budgets`), and redis-py's default pool refused the asks past its
+            # 100 connections as if Redis were down; here they wait for a connection, no
+            # longer than a call may take.
+            self._pool = BlockingConnectionPool.from_url(
                 _plain_redis_url(redis_url),
+                max_connections=POOL_CONNECTIONS,
+                timeout=timeout_s,
                 socket_timeout=timeout_s,
                 socket_connect_timeout=timeout_s,
                 retry=retry_once(),
