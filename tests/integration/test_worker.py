@@ -1135,6 +1135,41 @@ async def test_a_slow_destinations_backlog_does_not_hold_another_destinations_de
         await hub.stop()
 
 
+async def test_a_slow_destinations_backlog_leaves_a_slot_for_another_tenants_fresh_event(
+    store: SqlStore, database_url: str, slow_and_fast: tuple[Sink, Sink]
+) -> None:
+    """One clinic's destination answers in 10 s (a hanging one in its `timeout_s`) with a
+    backlog; another's fresh event came while every slot of the worker waited on the slow
+    one, and waited for a whole round of its answers: 4.7 s behind a 5 s destination at
+    `concurrency` 256, every time, until the backlog was sent. A tenth of the slots is
+    kept for destinations with nothing in flight, so it goes at once."""
+    slow, fast = slow_and_fast
+    slow.respond(200, delay_s=10)
+    data = crm_and_billing(database_url, slow, fast, timeout_s=30)
+    data["worker"].update(concurrency=10, poll_interval_s=0.05, shutdown_grace_s=0)
+    data["routes"][1]["priority"] = data["routes"][0]["priority"]  # not a priority's doing
+    data["destinations"][1]["tenant"] = data["routes"][1]["tenant"] = "outra"
+    data["routes"][1]["destinations"] = ["billing"]
+    hub = Running(store, load_config_dict(data), handoff=True, started=False)
+    try:
+        for n in range(30):  # message.* → crm only
+            await hub.publish(n=n)
+        hub.start()
+        assert await slow.wait_for(lambda s: len(s.received) >= 9, 10)
+        result = await hub.hub.accept(
+            tenant_id="outra",
+            source_id="api",
+            event_type="appointment.booked",
+            data={"status": "confirmed"},
+            idempotency_key=None,
+        )
+        # Not after the crm's answers (10 s): well before, whatever the machine's load.
+        assert await fast.wait_for(lambda s: result.event_id in s.delivered_ids, 5)
+        assert len(slow.received) == 9  # the tenth slot was kept
+    finally:
+        await hub.stop()
+
+
 async def test_a_delivery_to_a_destination_no_longer_configured_is_dead_lettered(
     store: SqlStore, sink: Sink, database_url: str
 ) -> None:
@@ -1646,6 +1681,7 @@ class Budget:
     go; past them every send is told to wait a minute (as a spent `rate_limit` does)."""
 
     limited = frozenset({"crm"})  # the destination `publish`'s events are routed to
+    using_redis = False  # every destination with room is asked, waiting deliveries or not
 
     def __init__(self) -> None:
         self.left = 0
@@ -1965,6 +2001,45 @@ async def test_a_lease_waits_for_one_round_trip_of_rate_limits_not_one_per_desti
         await worker._shutdown()
     assert sorted(budget.asked) == ["billing", "crm"]
     assert budget.most_waiting == 2
+
+
+async def test_a_lease_asks_no_shared_rate_limit_of_destinations_with_nothing_waiting(
+    store: SqlStore, sink: Sink, database_url: str, shared_prefix: str
+) -> None:
+    """A hub of many tenants, each destination with a rate limit shared through Redis: every
+    lease asked each one's room, a Redis round trip each whether anything waited for it or
+    not. 300 such destinations cost an idle worker 300 round trips and about 20 ms of its
+    event loop at every poll (0.2 s). Only those with deliveries waiting are asked now."""
+    data = base_config(database_url, redis={"url": SHARED_REDIS_URL, "key_prefix": shared_prefix})
+    for d in data["destinations"]:
+        d.update(url=f"{sink.url}/{d['id']}", rate_limit="100/second")
+    data["destinations"] += [
+        {"id": f"clinic-{n}", "tenant": "outra", "url": sink.url, "rate_limit": "5/second"}
+        for n in range(300)
+    ]
+    config = load_config_dict(data)
+    hub = Hub(config, store)
+    worker = Worker(store, config)
+    asked: list[str] = []
+    room = worker.throttle.room
+
+    async def counted(destination_id: str) -> int | None:
+        asked.append(destination_id)
+        return await room(destination_id)
+
+    worker.throttle.room = counted  # type: ignore[method-assign]
+    await worker._connectors.start()
+    try:
+        assert await worker._step() == 0
+        assert asked == []  # nothing waits: no round trip at all
+        event_id = await publish(hub)  # one for crm
+        assert await worker._step() == 1
+        assert asked == ["crm"]
+        assert worker.throttle.using_redis
+        await settled(store, event_id)
+    finally:
+        await worker._shutdown()
+        await hub.close()
 
 
 @contextlib.asynccontextmanager

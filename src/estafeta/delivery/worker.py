@@ -143,6 +143,10 @@ class Worker:
         # What of its lease a send needs left when it starts (`_start_in_turn`).
         self._ceilings_ms = {d: int(ceiling * 1000) for d, ceiling in ceilings.items()}
         self._slot_freed = asyncio.Event()
+        # Slots kept for destinations with nothing in flight: without them a slow
+        # destination's backlog held every slot, and another tenant's fresh delivery waited
+        # for its answers (up to its timeout_s), round after round, until the backlog was sent.
+        self._spare = self.settings.concurrency // 10
         # Every destination a lease may name: the configured ones and the providers' sends.
         self._destinations = named_destinations(config)
         self._named = frozenset(self._destinations)
@@ -255,11 +259,12 @@ class Worker:
                 destination_id, claimed_at = next(iter(self._probes_owed.items()))
                 await self._give_back_probe(destination_id, claimed_at)
             await self._rescue.if_due()
-            room = min(self.settings.batch_size, self._free_slots())
+            free = self._free_slots()
+            room = min(self.settings.batch_size, free)
             if room <= 0:
                 return 0
             with self._claim(room):  # given back once what was leased is in flight
-                taken = await self._lease_and_start(room)
+                taken = await self._lease_and_start(room, unreserved=free - self._spare)
         except StoreUnavailable as exc:
             self._store_unavailable(exc)
             return 0
@@ -277,9 +282,10 @@ class Worker:
         await self.breakers.give_back_probe(destination_id, started_at=claimed_at)
         del self._probes_owed[destination_id]
 
-    async def _lease_and_start(self, room: int) -> int:
+    async def _lease_and_start(self, room: int, *, unreserved: int) -> int:
         """Probe the circuits ready for it, then lease up to `room` in all and start what
-        the rate limits allow; returns how many deliveries were taken (sent or snoozed)."""
+        the rate limits allow; returns how many deliveries were taken (sent or snoozed).
+        `unreserved`: how many of the free slots are not the spare ones (`_spare`)."""
         self._wake.clear()
         now = self.clock.now_ms()
         await self.breakers.refresh()
@@ -326,7 +332,16 @@ class Worker:
                 await self._give_back_probe(destination_id, now)
         blocked = self.breakers.not_closed() | self._snoozes.throttled(now)
         limit = room - taken
-        rooms = self._rooms(limit, blocked)
+        unreserved -= taken
+        if unreserved > 0:
+            limit = min(limit, unreserved)  # the spare slots stay free for now
+            rooms = self._rooms(limit, blocked)
+        else:
+            # Only the spare slots are free: one each for destinations with nothing in
+            # flight. Those sending are left out, so their fresh deliveries are not handed
+            # over ahead of what they have waiting.
+            blocked |= {d for d, n in self._attempts.sending.items() if n > 0}
+            rooms = {d: min(1, r) for d, r in self._rooms(limit, blocked).items()}
         budgets = await self._budgets(rooms)
         rooms.update(budgets)
         # Before the lease: what is given back meanwhile stays. A destination whose budget
@@ -371,6 +386,12 @@ class Worker:
         each lease and one for each give-back, the whole batch again at every refill."""
         limited = self.throttle.limited
         asked = [d for d, room in rooms.items() if room > 0 and d in limited]
+        if len(asked) > 1 and self.throttle.using_redis:
+            # One store read instead of a Redis round trip for each: a destination with
+            # nothing waiting takes nothing of its room. Hundreds of rate-limited tenants'
+            # destinations, all asked, cost an idle worker about 20 ms at every poll.
+            waiting = await self.store.pending_destinations()
+            asked = [d for d in asked if d in waiting]
         # All at once: with a shared limit each is a Redis round trip, and the lease waits.
         answers = await asyncio.gather(*(self.throttle.room(d) for d in asked))
         return {
@@ -432,7 +453,9 @@ class Worker:
         """Keep free slots for the batch ingest is about to commit, if nothing older waits."""
         if self._backlogged or not self._taking():
             return None
-        free = self._free_slots()
+        # Never the spare slots: a steady stream to a slow destination took them too. A
+        # lease gives them out, one to each destination with nothing in flight.
+        free = self._free_slots() - self._spare
         if free <= 0:
             return None
         now = self.clock.now_ms()
@@ -595,11 +618,12 @@ class Worker:
             return False
         stopped = asyncio.ensure_future(stop.wait())
         handed = asyncio.ensure_future(self._handed_ready.wait())
-        if self._free_slots() <= 0:
-            other = asyncio.ensure_future(self._slot_freed.wait())
-        else:
-            other = asyncio.ensure_future(self._wake.wait())
-        waiters = [stopped, handed, other]
+        free = self._free_slots()
+        waiters = [stopped, handed]
+        if free <= self._spare:  # a freed slot lets the destinations already sending lease
+            waiters.append(asyncio.ensure_future(self._slot_freed.wait()))
+        if free > 0:
+            waiters.append(asyncio.ensure_future(self._wake.wait()))
         if self._caps:
             waiters.append(asyncio.ensure_future(self._cap_freed.wait()))
         try:
