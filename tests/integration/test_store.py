@@ -35,7 +35,13 @@ from estafeta.store.schema import metadata
 from estafeta.store.sqlite import WAL_SIZE_LIMIT
 from estafeta.store.sqlstore import SqlStore
 from estafeta.store.views import latest_attempts
-from tests.conftest import base_config, empty_database, lease_any, until_waiting_for_locks
+from tests.conftest import (
+    base_config,
+    empty_database,
+    lease_any,
+    out_of_descriptors,
+    until_waiting_for_locks,
+)
 from tests.integration.plans import (
     assert_walks_only,
     explain,
@@ -721,6 +727,28 @@ async def test_a_new_sqlite_database_is_readable_by_its_owner_only(tmp_path: Pat
             assert [mode(file) for file in files] == [0o600] * 3
         finally:
             await store.close()
+
+
+async def test_a_sqlite_store_out_of_descriptors_says_so_not_that_it_cannot_create_its_file(
+    tmp_path: Path,
+) -> None:
+    """A connection opened while client connections took every descriptor failed "cannot
+    create the database file PATH": the file is there, and the operator went to its
+    directory's permissions. It is the same outage (ingest spools), named for its cause."""
+    path = tmp_path / "estafeta.db"
+    made = open_store(f"sqlite:///{path}")
+    try:
+        await made.migrate()
+    finally:
+        await made.close()
+    store = open_store(f"sqlite:///{path}")  # no connection open yet
+    try:
+        with out_of_descriptors(), pytest.raises(StoreUnavailable) as raised:
+            await store.insert_events([event()])
+        assert str(raised.value) == f"cannot open the database file {path}: Too many open files"
+        await store.insert_events([event()])  # once descriptors are free
+    finally:
+        await store.close()
 
 
 async def test_a_destination_url_is_stored_without_its_credentials(

@@ -15,6 +15,7 @@ loss, and we acknowledge only what is committed).
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import sqlite3
 from collections.abc import Sequence
@@ -125,9 +126,11 @@ def _create_private(path: str) -> None:
     except FileExistsError:
         pass
     except OSError as exc:  # a directory this user may not write, a path ending in "/"
-        # Named, with why: the class alone (PermissionError) said neither.
+        # Named, with why: the class alone (PermissionError) said neither. Out of
+        # descriptors, open(2) fails before it looks at the path, whose file may well exist.
+        verb = "open" if exc.errno in (errno.EMFILE, errno.ENFILE) else "create"
         raise StoreUnavailable(
-            f"cannot create the database file {os.path.abspath(path)}: {exc.strerror}"
+            f"cannot {verb} the database file {os.path.abspath(path)}: {exc.strerror}"
         ) from None
 
 
