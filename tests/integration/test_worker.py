@@ -27,7 +27,7 @@ from estafeta.delivery.circuit_store import (
     RedisCircuitStore,
 )
 from estafeta.delivery.model import LeasedDelivery
-from estafeta.delivery.outcome import Outcome, OutcomeKind
+from estafeta.delivery.outcome import LOCAL_RESOURCES, Outcome, OutcomeKind
 from estafeta.delivery.presence import Presence
 from estafeta.delivery.rescue import Rescue
 from estafeta.delivery.throttle import DestinationThrottle
@@ -270,6 +270,65 @@ async def test_an_unreachable_destination_is_retried_as_a_connection_error(
         "connection_refused",
         "connection_error",
     }
+
+
+async def test_a_send_this_process_had_no_descriptor_for_spends_no_attempt_nor_circuit(
+    running: Callable[..., Running],
+    sink: Sink,
+    store: SqlStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Out of descriptors (a flood of client connections on this host), sends fail before
+    reaching the destination (test_http_connector.py shows the connector's outcome). That
+    is no failure of the destination: its circuit, shared by every process, opened and
+    fired `destination_down` for a sound destination, and the delivery was dead-lettered
+    at its last attempt. It is retried instead, and delivered once descriptors are free."""
+    real_deliver = HttpConnector.deliver
+    short = 3  # sends made while descriptors are short
+
+    async def out_of_descriptors_first(self: HttpConnector, delivery: LeasedDelivery) -> Outcome:
+        nonlocal short
+        if short > 0:
+            short -= 1
+            excerpt = "OSError: [Errno 24] Too many open files"
+            return Outcome(
+                OutcomeKind.RETRYABLE, 0.1, error_class=LOCAL_RESOURCES, response_excerpt=excerpt
+            )
+        return await real_deliver(self, delivery)
+
+    monkeypatch.setattr(HttpConnector, "deliver", out_of_descriptors_first)
+    with capture_logs() as logs:
+        hub = running(max_attempts=2, circuit=OPENS_AT_ONCE)
+        event_id = await hub.publish()
+        view = await settled(store, event_id)
+    [delivery] = view.deliveries
+    assert delivery.state == "succeeded" and sink.delivered_ids == {event_id}
+    assert [a.error_class for a in delivery.attempt_log] == [LOCAL_RESOURCES] * 3 + [None]
+    assert [e for e in logs if e["event"].startswith("circuit_")] == []
+
+
+async def test_results_the_circuit_store_cannot_take_log_a_line_a_minute_not_one_each(
+    running: Callable[..., Running],
+    sink: Sink,
+    store: SqlStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Out of descriptors, pooled store connections answer (sends and their records go on)
+    and new ones fail, as the circuits' updates did: `circuit_not_recorded` was logged for
+    every failed attempt, hundreds a second. Now the first at once, then a minute apart
+    with the count since the last line, as `store_unavailable` is."""
+
+    async def unreachable(*_: Any, **__: Any) -> None:
+        raise StoreUnavailable("the store cannot be reached: OSError (EMFILE: Too many open files)")
+
+    monkeypatch.setattr(Breakers, "record", unreachable)
+    sink.respond(503)
+    with capture_logs() as logs:
+        hub = running(max_attempts=1)
+        for event_id in [await hub.publish(n=n) for n in range(5)]:
+            assert (await settled(store, event_id)).deliveries[0].state == "dead"
+    lines = [e for e in logs if e["event"] == "circuit_not_recorded"]
+    assert [(e["destination"], e.get("count")) for e in lines] == [("crm", 1)]
 
 
 async def _read_one_request(reader: asyncio.StreamReader) -> None:

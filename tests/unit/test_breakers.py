@@ -53,6 +53,8 @@ def test_what_counts_against_a_destination() -> None:
     assert counts_against(Outcome(OutcomeKind.RETRYABLE, 1, status_code=429)) is None
     assert counts_against(Outcome(OutcomeKind.PERMANENT, 1, status_code=404)) is None
     assert counts_against(Outcome(OutcomeKind.RETRYABLE, 0, error_class="lease_expired")) is None
+    # this process could not open a connection: the destination was never reached
+    assert counts_against(Outcome(OutcomeKind.RETRYABLE, 0, error_class="local_resources")) is None
 
 
 @pytest.mark.parametrize(
@@ -60,6 +62,7 @@ def test_what_counts_against_a_destination() -> None:
     [
         Outcome(OutcomeKind.PERMANENT, 1.0, status_code=400, error_class="http_400"),
         Outcome(OutcomeKind.RETRYABLE, 1.0, status_code=429, error_class="http_429"),
+        Outcome(OutcomeKind.RETRYABLE, 1.0, error_class="local_resources"),
     ],
 )
 async def test_a_probe_answered_with_what_counts_for_nothing_is_given_back(

@@ -104,6 +104,10 @@ NAN, INF = float("nan"), float("inf")
         (0, 8, failure("timeout"), 1e6, pending(1, CAP_MS, "timeout: detail")),  # max_s wins
         # a 429 with no attempts left is still dead
         (7, 8, http(429, 7.0), 30.0, dead(8, E429)),
+        # this process had no descriptor to connect with: never the last attempt
+        (7, 8, failure("local_resources"), 0.0, pending(8, 128_000, "local_resources: detail")),
+        (0, 1, failure("local_resources"), 0.0, pending(1, 1000, "local_resources: detail")),
+        (20, 8, failure("local_resources"), 0.0, pending(21, CAP_MS, "local_resources: detail")),
     ],
 )
 def test_decide_table(

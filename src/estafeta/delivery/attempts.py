@@ -41,6 +41,7 @@ from estafeta.errors import StoreUnavailable
 from estafeta.ids import new_id
 from estafeta.messaging.facts import send_destination
 from estafeta.messaging.outbound import can_send
+from estafeta.observability.log_throttle import LogThrottle
 from estafeta.observability.metrics import ATTEMPT_SECONDS, ATTEMPTS, DEAD_LETTERED, series
 from estafeta.store.group_commit import GroupCommitter
 from estafeta.store.records import CompletedAttempt
@@ -155,6 +156,10 @@ class Attempts:
         # stop is given back, or every process held its destination back until the probe
         # timeout (up to 60 s after a deploy).
         self._probes: dict[asyncio.Task[None], tuple[str, int]] = {}
+        # A line a minute per destination whose circuit the store could not take: one per
+        # result filled the log while the store failed (out of descriptors, pooled
+        # connections answer and new ones fail, so sends and results go on).
+        self._circuit_lines = LogThrottle()
         self.sent = 0  # attempts made, for reports and tests
 
     def start(
@@ -260,14 +265,19 @@ class Attempts:
                 destination_id, outcome, started_at=started_at, now_ms=self.clock.now_ms()
             )
         except StoreUnavailable:
-            log.warning("circuit_not_recorded", destination=destination_id)
+            self._circuit_not_recorded(destination_id)
 
     async def _give_back_probe(self, destination_id: str, started_at: int) -> None:
         """A probe cut short unanswered told nothing: the next process may probe at once."""
         try:
             await self.breakers.give_back_probe(destination_id, started_at=started_at)
         except StoreUnavailable:  # forgotten after the probe timeout, as a dead worker's
-            log.warning("circuit_not_recorded", destination=destination_id)
+            self._circuit_not_recorded(destination_id)
+
+    def _circuit_not_recorded(self, destination_id: str) -> None:
+        count = self._circuit_lines.due(destination_id)
+        if count is not None:
+            log.warning("circuit_not_recorded", destination=destination_id, count=count)
 
     async def _send(self, delivery: LeasedDelivery, task: asyncio.Task[None]) -> Outcome:
         connector = self._connectors.get(delivery.destination_id)

@@ -47,7 +47,7 @@ from estafeta.delivery.circuit_store import (
     FallbackCircuitStore,
     RedisCircuitStore,
 )
-from estafeta.delivery.outcome import Outcome, OutcomeKind
+from estafeta.delivery.outcome import LOCAL_RESOURCES, Outcome, OutcomeKind
 from estafeta.messaging.facts import send_destination
 from estafeta.messaging.outbound import can_send
 from estafeta.observability.metrics import CIRCUIT_TRANSITIONS
@@ -107,7 +107,9 @@ def counts_against(outcome: Outcome) -> bool | None:
         return True
     if outcome.kind is OutcomeKind.PERMANENT:
         return None
-    if outcome.slow_down or outcome.error_class == "lease_expired":
+    # Nor does a send this process had no descriptor for: circuits are shared by every
+    # process, and one host's shortage held a sound destination back for all of them.
+    if outcome.slow_down or outcome.error_class in ("lease_expired", LOCAL_RESOURCES):
         return None
     return False
 

@@ -18,7 +18,7 @@ from email.utils import parsedate_to_datetime
 from http import HTTPStatus
 
 from estafeta.delivery.backoff import BackoffPolicy, backoff_delay_s
-from estafeta.delivery.outcome import Outcome, OutcomeKind
+from estafeta.delivery.outcome import LOCAL_RESOURCES, Outcome, OutcomeKind
 from estafeta.delivery.state import DeliveryState
 from estafeta.record import Record
 
@@ -57,7 +57,10 @@ def decide(
 
     * success → SUCCEEDED;
     * permanent failure → DEAD at once (retrying a 404 only repeats it);
-    * retryable failure with no attempts left → DEAD (the dead-letter queue);
+    * retryable failure with no attempts left → DEAD (the dead-letter queue), unless this
+      process could not even open a connection (`LOCAL_RESOURCES`): the destination was
+      never reached, so it is retried with backoff however many attempts it took (a flood
+      of client connections on the sending host dead-lettered deliveries to a sound one);
     * otherwise → PENDING, due after the destination's `Retry-After` when it asked for a
       wait (clamped to max(max_s, RETRY_AFTER_CEILING_S): the destination's word beats our
       own backoff cap, but a hostile or broken header cannot park a delivery for a
@@ -77,7 +80,8 @@ def decide(
         return Transition(DeliveryState.SUCCEEDED, attempts, None, None)
 
     last_error = describe_failure(outcome)
-    if outcome.kind is OutcomeKind.PERMANENT or attempts >= max_attempts:
+    spent = attempts >= max_attempts and outcome.error_class != LOCAL_RESOURCES
+    if outcome.kind is OutcomeKind.PERMANENT or spent:
         return Transition(DeliveryState.DEAD, attempts, None, last_error)
 
     told = outcome.retry_after_s

@@ -11,9 +11,9 @@ EXCERPT_LIMIT = 1024  # characters of a response body kept with an attempt
 # The error class of a send this process could not even open a connection for, out of its
 # own resources (descriptors: a flood of client connections took them all): the destination
 # was never reached. Named apart from `connection_error`, which says the destination is down
-# or unreachable, so that an operator looks at the right machine. Retried, and counted by
-# the circuit as any failure to connect: an open circuit holds the destination's other
-# deliveries back, sparing their attempts while the shortage lasts.
+# or unreachable, so that an operator looks at the right machine. Retried with backoff, but
+# neither counted by the destination's circuit (breakers.py) nor dead-lettered when it takes
+# the last of `max_attempts` (decision.py): it is not the destination's failure.
 LOCAL_RESOURCES = "local_resources"
 # The error class of a failed TLS handshake: the destination's certificate expired, is not
 # trusted or names another host, or it refused ours. Named apart from `connection_error` (the
