@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 
 import pytest
 
@@ -11,16 +12,22 @@ from estafeta.delivery.expiry import LATE_GRACE_S, Expiry
 from tests.unit.late_loop import late_at_every_turn
 
 
-async def bounded(seconds: float, work: asyncio.Future[str], *, given: bool = False) -> str:
-    """`work`'s result, or "expired" when the deadline ended the wait; `given`: the task is
-    handed to the deadline (as the worker does) rather than looked up."""
-    expiry = Expiry(seconds, asyncio.current_task()) if given else Expiry(seconds)
+async def unless_ended(expiry: Expiry, work: Awaitable[str], ended: str = "expired") -> str:
+    """`work`'s result, or `ended` when `expiry` ended the wait (as the exchange asks)."""
     try:
         return await work
     except asyncio.CancelledError:
         if not expiry.ended_it():
             raise
-        return "expired"
+        return ended
+
+
+async def bounded(seconds: float, work: asyncio.Future[str], *, given: bool = False) -> str:
+    """`work`'s result, or "expired" when the deadline ended the wait; `given`: the task is
+    handed to the deadline (as the worker does) rather than looked up."""
+    expiry = Expiry(seconds, asyncio.current_task()) if given else Expiry(seconds)
+    try:
+        return await unless_ended(expiry, work)
     finally:
         expiry.disarm()
 
@@ -102,17 +109,8 @@ async def test_a_shutdown_with_the_deadline_is_not_taken_back_by_a_second_look()
 
     async def read_then_answer() -> str:
         expiry = Expiry(0)
-        try:
-            try:
-                return await never
-            except asyncio.CancelledError:
-                if not expiry.ended_it():
-                    raise  # as the body's read does (connectors/exchange.py)
-                return "read cut short"
-        except asyncio.CancelledError:
-            if not expiry.ended_it():
-                raise
-            return "expired"
+        try:  # the body's read asks first, then the exchange (connectors/exchange.py)
+            return await unless_ended(expiry, unless_ended(expiry, never, "read cut short"))
         finally:
             expiry.disarm()
 
