@@ -46,6 +46,7 @@ from tests.clocks import ManualClock
 from tests.conftest import SOURCE_SECRET, base_config, lease_any, signed
 from tests.integration.redis_support import RedisServer
 from tests.integration.store_support import attempt, store_as_role
+from tests.slow_render import render_waiting_for_the_loop
 
 PERMANENT = OutcomeKind.PERMANENT
 
@@ -90,6 +91,18 @@ async def test_metrics_report_accepted_events_and_the_queue(hub: Hub) -> None:
     # as /health/detailed lists it: an alert on the gauge sees the destination from the start.
     for destination in ("billing", "crm", "outra-sink"):
         assert f'estafeta_circuit_state{{destination="{destination}"}} 0.0' in text
+
+
+async def test_a_scrape_renders_while_the_event_loop_keeps_turning(hub: Hub) -> None:
+    # Before: a hub of ~900 destinations rendered for 180-400 ms on serve's event loop, and
+    # ingest and in-process delivery stalled that long at every scrape.
+    transport = httpx.ASGITransport(app=create_app(hub))
+    async with (
+        render_waiting_for_the_loop() as slow,
+        httpx.AsyncClient(transport=transport, base_url="http://hub") as http,
+    ):
+        assert 'estafeta_circuit_state{destination="crm"} 0.0' in await metrics(http)
+    assert slow.saw_the_loop_turn == [True]
 
 
 async def test_the_backlog_alert_fires_and_resolves_once(hub: Hub, store: SqlStore) -> None:

@@ -202,7 +202,7 @@ async def test_a_worker_whose_lease_lost_the_race_goes_on_and_sends_the_key_in_t
         assert "lease_raced" in [entry["event"] for entry in logs]
         # Counted, so that an operator sees workers contending for keys (its /metrics).
         assert REGISTRY.get_sample_value("estafeta_lease_races_total") == raced + 1
-        assert b"estafeta_lease_races_total" in render_this_process()[0]
+        assert b"estafeta_lease_races_total" in (await render_this_process())[0]
         assert await in_flight_by_key(store) == {"maria": [later.deliveries[0].id]}
 
         # A's delivery is done (A died; a rescue records its attempt as a success).

@@ -16,6 +16,7 @@ from estafeta.errors import ServeError
 from estafeta.observability.metrics import ATTEMPTS, QUEUE_DEPTH, series
 from estafeta.observability.worker_endpoint import start_worker_endpoint
 from estafeta.supervise import Tasks
+from tests.slow_render import render_waiting_for_the_loop
 
 
 @pytest.fixture
@@ -51,6 +52,21 @@ async def test_metrics_are_this_processes_counters_without_the_hub_wide_gauges(
     )
     assert "# TYPE estafeta_deliveries gauge" not in text and "estafeta_deliveries{" not in text
     assert "estafeta_circuit_state" not in text and "estafeta_spool_bytes" not in text
+
+
+async def test_a_scrape_renders_while_the_event_loop_keeps_turning(
+    endpoint: tuple[str, Tasks],
+) -> None:
+    # Before: the text was rendered on the event loop, which stalled the worker's deliveries
+    # for as long as a large registry took to render, at every scrape.
+    url, _ = endpoint
+    async with (
+        render_waiting_for_the_loop() as slow,
+        aiohttp.ClientSession() as http,
+        http.get(f"{url}/metrics") as response,
+    ):
+        assert response.status == 200
+    assert slow.saw_the_loop_turn == [True]
 
 
 def worker_metrics_documented() -> set[str]:

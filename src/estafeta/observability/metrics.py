@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from prometheus_client import (
@@ -32,7 +33,8 @@ from estafeta.observability.reads import within
 
 if TYPE_CHECKING:
     from estafeta.delivery.circuit_store import CircuitStateStore
-    from estafeta.ingress.spool import Spool
+    from estafeta.ingress.spool import Spool, SpoolStats
+    from estafeta.store.records import QueueStats
     from estafeta.store.sqlstore import SqlStore
 
 T = TypeVar("T")
@@ -177,14 +179,30 @@ async def render(
         else _told(_nothing()),
         spool.listed() if spool is not None else _no_spool(),
     )
-    # No await from here on: a concurrent scrape cannot see the gauges half set.
+    if known is not None:
+        known = every_circuit(known, destinations)
+    return await asyncio.get_running_loop().run_in_executor(
+        _RENDERER, _set_and_render, stats, known, spooled
+    )
+
+
+# Rendering a hub of many destinations takes a few hundred ms (mostly the attempt-duration
+# histogram); in a thread, the event loop keeps accepting webhooks and delivering meanwhile.
+# A thread of its own: the default executor's can all be held by a hung spool disk, which
+# must not hold the scrape that shows it. One render at a time: two would not share the CPU
+# better, and each scrape's gauges stay as it set them until its text is written.
+_RENDERER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metrics-render")
+
+
+def _set_and_render(
+    stats: QueueStats | None, known: dict[str, Circuit] | None, spooled: SpoolStats | None
+) -> tuple[bytes, str]:
+    """The shared-state gauges set to what was read, and the exposition text (in _RENDERER)."""
     QUEUE_DEPTH.clear()
     if stats is not None:
         for state in QUEUE_STATES:
             QUEUE_DEPTH.labels(state.value).set(stats.by_state.get(state.value, 0))
     CIRCUIT_STATE.clear()
-    if known is not None:
-        known = every_circuit(known, destinations)
     for destination_id, circuit in (known or {}).items():
         CIRCUIT_STATE.labels(destination_id).set(_CIRCUIT_VALUES[circuit.state])
     if spooled is not None:
@@ -217,9 +235,13 @@ class _ThisProcess:
         return (family for family in REGISTRY.collect() if family.name in _WORKERS_OWN)
 
 
-def render_this_process() -> tuple[bytes, str]:
-    """The exposition text of what this worker process counted (a worker's endpoint)."""
-    return generate_latest(_ThisProcess()), CONTENT_TYPE_LATEST
+async def render_this_process() -> tuple[bytes, str]:
+    """The exposition text of what this worker process counted (a worker's endpoint),
+    rendered off the event loop as `render` is."""
+    body = await asyncio.get_running_loop().run_in_executor(
+        _RENDERER, generate_latest, _ThisProcess()
+    )
+    return body, CONTENT_TYPE_LATEST
 
 
 async def _told(read: Awaitable[T]) -> T | None:

@@ -35,7 +35,7 @@ _REFUSALS = {
 
 def endpoint_app(tasks: Tasks) -> web.Application:
     async def metrics(_request: web.Request) -> web.Response:
-        body, content_type = render_this_process()
+        body, content_type = await render_this_process()
         return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def health(_request: web.Request) -> web.Response:
