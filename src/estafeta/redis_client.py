@@ -16,7 +16,6 @@ a password no longer valid (`WRONGPASS`). Reads still pass then, and a PING too 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Literal
@@ -34,6 +33,8 @@ from redis.exceptions import (
     ResponseError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
+
+from estafeta.cancelling import cancel_and_wait
 
 REDIS_ERRORS: tuple[type[Exception], ...] = (RedisError, OSError)  # OSError: TimeoutError too
 PROBE_TTL_MS = 60_000  # the probe's key goes with the last process that wrote it
@@ -141,9 +142,7 @@ class RedisFailover:
         """Stop the background try in flight, if any: before its client is closed, or its
         connection, given back to a closed pool, stays open."""
         if self._probing is not None:
-            self._probing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._probing
+            await cancel_and_wait(self._probing)
             self._probing = None  # cancelled before it ran, it did not reset it
 
     def current(self, token: int) -> bool:

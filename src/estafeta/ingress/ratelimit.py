@@ -34,7 +34,6 @@ counts it has, its own and the last seen, logs `redis_unavailable` once and trie
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import math
 import time
@@ -45,6 +44,7 @@ import redis.asyncio
 from limits import parse
 from redis.exceptions import NoScriptError
 
+from estafeta.cancelling import cancel_and_wait
 from estafeta.config import Config
 from estafeta.config.models import DEFAULT_REDIS_KEY_PREFIX
 from estafeta.redis_client import REDIS_ERRORS, RedisFailover
@@ -301,7 +301,5 @@ class TenantRateLimiter:
     async def aclose(self) -> None:
         """Share what is left (best effort) and stop sharing."""
         if self._sharing is not None:
-            self._sharing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sharing
+            await cancel_and_wait(self._sharing)
         await self.share()

@@ -42,10 +42,10 @@ in time is not given up before its answer is read.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable, Collection, Hashable, Sequence
 from typing import Generic, TypeVar
 
+from estafeta.cancelling import cancel_and_wait
 from estafeta.clock import LATE_S
 from estafeta.errors import StoreUnavailable
 
@@ -288,6 +288,4 @@ class GroupCommitter(Generic[T, R]):
         if self._task is not None:
             await self._task
         if self._watchdog is not None:
-            self._watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watchdog
+            await cancel_and_wait(self._watchdog)
