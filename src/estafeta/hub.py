@@ -64,6 +64,8 @@ API_SOURCE = "api"  # the source id of events that come through the API, not a w
 # After the store failed, ingress spools straight away for this long before it tries the
 # store again: a request must not wait for a connection timeout while the store is down.
 STORE_RETRY_S = 1.0
+# `events_spooled`'s `error` for events spooled while the store answers (Hub.accept_all).
+SPOOLED_BEHIND = "earlier events of their ordering_key wait in the spool"
 
 
 class EventFields(TypedDict, total=False):
@@ -136,6 +138,7 @@ class Hub:
         self.store = store
         self.spool = spool
         self._store_down_until = 0.0
+        self._store_down_error = ""  # why the store was last found down: see _spool
         # Set as a request finds the store unreachable (then replaced): see _stored_ids.
         self._store_found_down = asyncio.Event()
         # Keys whose first event is being journaled, set once it is (or failed): see _spool.
@@ -295,10 +298,10 @@ class Hub:
             return []
         if self.spool is not None:
             if time.monotonic() < self._store_down_until:
-                return await self._spool(events)
+                return await self._spool(events, self._store_down_error)
             if self.spool.holds_order_of(events):
                 try:
-                    return await self._spool(events, store_answers=True)
+                    return await self._spool(events, SPOOLED_BEHIND, store_answers=True)
                 except HttpError:
                     # Full, or its disk failing: the store answers, so the events are stored
                     # out of their key's order rather than refused (a 503 says the store is
@@ -310,13 +313,14 @@ class Hub:
                 return await self._store_beside(events, spooled)
         try:
             results = await self._ingest.submit(events)
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
             if self.spool is None:
                 raise
             self._store_down_until = time.monotonic() + STORE_RETRY_S
+            self._store_down_error = str(exc)
             self._store_found_down.set()
             self._store_found_down = asyncio.Event()
-            return await self._spool(events)
+            return await self._spool(events, self._store_down_error)
         for event, result in zip(events, results, strict=True):
             self._count(event, "duplicate" if result.duplicate else "stored")
         return results
@@ -495,21 +499,21 @@ class Hub:
         )
 
     async def _spool(
-        self, events: Sequence[NewEvent], *, store_answers: bool = False
+        self, events: Sequence[NewEvent], reason: str, *, store_answers: bool = False
     ) -> list[InsertResult]:
         """Journal the events locally, in one write: all of them, or none and a 503, as the
         store commits them; they reach the store when the drainer imports them. A key this
         process spooled before, or repeated within the request, is one event, as the store
         answers it; a key another request is journaling right now waits for it first. With
         `store_answers` (events spooled behind their key's, the store up), a key the store
-        already has is answered as its original too."""
+        already has is answered as its original too. `reason`: why, for `events_spooled`."""
         assert self.spool is not None  # noqa: S101 - callers check
         # Journaled in the order the requests came, whatever the waits below end first: a
         # key's events spooled behind it keep their order, which the drain's chunks keep.
         previous, turn = self._spool_turn, SpoolTurn()
         self._spool_turn = turn
         try:
-            return await self._spool_in_turn(events, previous, turn, store_answers)
+            return await self._spool_in_turn(events, reason, previous, turn, store_answers)
         finally:
             if not turn.queued.is_set():
                 turn.pass_on(previous)  # ended before its turn: failed, or cancelled
@@ -517,6 +521,7 @@ class Hub:
     async def _spool_in_turn(
         self,
         events: Sequence[NewEvent],
+        reason: str,
         previous: SpoolTurn,
         turn: SpoolTurn,
         store_answers: bool,
@@ -568,7 +573,7 @@ class Hub:
         turn.queued.set()  # the next may queue its events: ours are queued at once below
         try:
             if new:
-                await self.spool.append_all(new)
+                await self.spool.append_all(new, reason=reason)
         finally:
             for key in first:
                 del self._spooling[key]

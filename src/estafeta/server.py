@@ -396,7 +396,7 @@ async def serve(config: Config, *, run_workers: bool = True, migrate: bool = Tru
         gc.collect()
         gc.freeze()  # the app, the store and the configuration live as long as the process
         await server.serve()  # uvicorn turns SIGTERM/SIGINT into a graceful shutdown
-        log.info("server_stopped", listen=server.address)
+        log.info("server_stopped", listen=server.address, addresses=server.addresses)
     finally:
         with forced_by_signals():  # the server's handlers are gone: it is stopping anyway
             await store.close()

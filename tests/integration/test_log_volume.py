@@ -88,6 +88,10 @@ async def test_webhooks_spooled_through_an_outage_log_a_line_a_minute(
     spooled = lines(logs, "events_spooled")
     # The first at once, the next a minute later with those since; every event counted.
     assert [e["count"] for e in spooled] == [1, REQUESTS]
+    # Each says why, the store's error (spooled at once for a while after it was found down).
+    assert [e["error"] for e in spooled] == [
+        "the store cannot be reached: ConnectionRefusedError"
+    ] * 2
 
 
 async def test_api_calls_refused_through_an_outage_log_a_line_a_minute(

@@ -31,6 +31,7 @@ from estafeta.errors import HttpError, StoreError, StoreUnavailable
 from estafeta.hub import Hub
 from estafeta.ingress.journal import encode, read_segment
 from estafeta.ingress.spool import DRAIN_CHUNK, Spool, SpoolDrainer
+from estafeta.observability.log_throttle import LOG_EVERY_S, LogThrottle
 from estafeta.observability.metrics import REGISTRY
 from estafeta.store import engine_url, open_store
 from estafeta.store.ingest import fates
@@ -635,6 +636,26 @@ async def test_a_keys_events_accepted_after_an_outage_wait_behind_its_spooled_on
             sent.append(sending.event_id)
             await store.complete([attempt(sending, DeliveryState.SUCCEEDED, at=now)], now)
         assert sent == [first.event_id, second.event_id, third.event_id]
+
+
+async def test_events_spooled_says_why_they_were_spooled(
+    config: Config, store: SqlStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`events_spooled` said nothing of why: under `serve --no-workers`, with a spool in
+    front, no line said why the store was not used until `store_down` fired. It says the
+    store's error, or that the events wait behind their key's spooled ones."""
+    async with blinking_hub(config, store, tmp_path, monkeypatch) as (hub, blink):
+        assert hub.spool is not None
+        now = [0.0]
+        hub.spool._logged = LogThrottle(monotonic=lambda: now[0])
+        with capture_logs() as logs:
+            await hub.accept_all([message(hub, 1)])
+            blink.down = False
+            now[0] += LOG_EVERY_S  # the next line is due
+            await hub.accept_all([message(hub, 2)])  # behind message 1
+    said = [(e["count"], e.get("error")) for e in logs if e["event"] == "events_spooled"]
+    behind = "earlier events of their ordering_key wait in the spool"
+    assert said == [(1, "the database is down"), (1, behind)]
 
 
 class SlowFirstLookup:

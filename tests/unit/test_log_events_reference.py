@@ -1,10 +1,12 @@
 """docs/operations.md's table of log events, the runbook an operator reads a log line
-against, holds every event the code logs, at the level the code logs it."""
+against, holds every event the code logs, at the level the code logs it, and names the
+fields each carries."""
 
 from __future__ import annotations
 
 import ast
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -13,11 +15,23 @@ LEVELS = {"debug", "info", "warning", "error", "exception", "critical"}
 
 
 def logged_events() -> dict[str, set[str]]:
-    """Each `log.<level>("event", ...)` in the package: the event and its levels."""
+    """Each event the package logs, and its levels."""
     found: dict[str, set[str]] = {}
+    for event, level, _ in logged_calls():
+        found.setdefault(event, set()).add(level)
+    return found
+
+
+# Named once above the table, not in each row; and `exc_info`, structlog's traceback.
+COMMON_FIELDS = {"worker", "exc_info"}
+
+
+def logged_calls() -> Iterator[tuple[str, str, list[str]]]:
+    """Each `log.<level>("event", ...)` in the package: the event, its level, the fields
+    it names (not those spread from a dict)."""
     for path in (ROOT / "src" / "estafeta").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if not (
+            if (
                 isinstance(node, ast.Call)
                 and isinstance(node.func, ast.Attribute)
                 and node.func.attr in LEVELS
@@ -26,10 +40,9 @@ def logged_events() -> dict[str, set[str]]:
                 and isinstance(node.args[0].value, str)
                 and re.fullmatch(r"[a-z][a-z_]+", node.args[0].value)
             ):
-                continue
-            level = "error" if node.func.attr == "exception" else node.func.attr
-            found.setdefault(node.args[0].value, set()).add(level)
-    return found
+                level = "error" if node.func.attr == "exception" else node.func.attr
+                fields = [k.arg for k in node.keywords if k.arg is not None]
+                yield node.args[0].value, level, fields
 
 
 def documented_levels() -> dict[str, str]:
@@ -46,6 +59,19 @@ def test_every_logged_event_is_in_the_runbook_at_its_level() -> None:
     wrong_level = {e: (documented[e], sorted(levels)) for e, levels in logged.items()}
     wrong_level = {e: v for e, v in wrong_level.items() if v[1] != [v[0]]}
     assert wrong_level == {}
+
+
+def test_every_field_a_line_carries_is_named_in_its_row() -> None:
+    # Before: `events_spooled` gained `error` and `server_stopped` `addresses`: nothing
+    # held the runbook to say so.
+    rows = dict(re.findall(r"^\| `([a-z_]+)` \|(.*)$", RUNBOOK.read_text(encoding="utf-8"), re.M))
+    unnamed = {
+        (event, field)
+        for event, _, fields in logged_calls()
+        for field in fields
+        if field not in COMMON_FIELDS and f"`{field}`" not in rows.get(event, "")
+    }
+    assert sorted(unnamed) == []
 
 
 def test_the_circuit_events_logged_by_state_are_in_the_runbook() -> None:

@@ -119,6 +119,9 @@ class Spool:
         # `events_spooled` and `spool_write_failed` lines: an outage spools every request,
         # and a failing disk refuses every one (observability/log_throttle.py).
         self._logged = LogThrottle()
+        # Why the latest events were spooled (`append_all`): their `events_spooled` line
+        # says it, or nothing in the log would until `store_down` fires.
+        self._reason: str | None = None
         # One item per request: a failed write refuses whole requests (the committer retries
         # a failed batch item by item), so no request is both answered 503 and spooled.
         self._appends: GroupCommitter[Sequence[NewEvent], None] = GroupCommitter(
@@ -205,12 +208,13 @@ class Spool:
             if d.ordering_key is not None
         )
 
-    async def append(self, event: NewEvent) -> None:
+    async def append(self, event: NewEvent, *, reason: str | None = None) -> None:
         """Journal one event durably (fsync'ed) before returning; 503 when the spool is full."""
-        await self.append_all((event,))
+        await self.append_all((event,), reason=reason)
 
-    async def append_all(self, events: Sequence[NewEvent]) -> None:
-        """Journal the events of one request durably, all of them or, with a 503, none."""
+    async def append_all(self, events: Sequence[NewEvent], *, reason: str | None = None) -> None:
+        """Journal the events of one request durably, all of them or, with a 503, none.
+        `reason`: why they are not stored (the store's error), for `events_spooled`."""
         if self.stats().bytes >= self.max_bytes:
             raise HttpError(
                 503,
@@ -218,6 +222,7 @@ class Spool:
                 "the store is unreachable and the local spool is full; retry later",
                 {"Retry-After": "30"},
             )
+        self._reason = reason
         await self._appends.submit(events)
         for event in events:
             if event.idempotency_key is None:
@@ -261,7 +266,7 @@ class Spool:
                             self._ordered[key] = self._segment
         unlogged = self._logged.due("events_spooled", count)
         if unlogged is not None:
-            log.warning("events_spooled", count=unlogged)
+            log.warning("events_spooled", count=unlogged, error=self._reason)
         return [None] * len(requests)
 
     def _write(self, data: bytes) -> None:
