@@ -18,6 +18,7 @@ import uvicorn
 from redis.asyncio import Redis
 
 from estafeta.api.app import create_app
+from estafeta.cancelling import cancel_and_wait
 from estafeta.clock import Clock, StoreClock, SystemClock
 from estafeta.config import Config
 from estafeta.config.models import joined_listen, split_listen
@@ -142,14 +143,11 @@ async def unless_stopped(
         # result taken, the process went on to serve, deaf to the signal it had consumed.
         if not stop.is_set():
             return task.result()
-        task.cancel()  # prepared_store closes its store when cancelled
-        # Waited for, not awaited: a step's CancelledError is not ours to raise (nor is
-        # ours, if this is cancelled, to suppress).
-        await asyncio.wait({task})
-        if not task.cancelled():
-            result = task.result()  # a start that failed meanwhile says why
-            if undo is not None:
-                await undo(result)
+        # prepared_store closes its store when cancelled; a step that ended first is undone,
+        # one that failed meanwhile says why.
+        result = await cancel_and_wait(task)
+        if result is not None and undo is not None:
+            await undo(result)
         log.info("stopped_while_starting")
         return None
     finally:
