@@ -114,3 +114,27 @@ async def test_only_as_many_as_it_keeps_stay_out_of_the_pool(engine: AsyncEngine
     assert checked_out(engine) == 2
     await held.close()
     assert checked_out(engine) == 0
+
+
+async def test_a_sets_planner_settings_stay_with_its_statements(engine: AsyncEngine) -> None:
+    """The lease's connections plan without whole-table reads (store/postgres.py); a session
+    one of them gave back to the pool, taken by another set, plans as the server says."""
+    leases = HeldConnections(engine, keep=1, planner=(("enable_seqscan", "off"),))
+    others = HeldConnections(engine, keep=1)
+
+    async def setting(held: HeldConnections) -> tuple[int, str]:
+        async with held.driver() as driver:
+            await asyncio.sleep(0)  # held at once by the gather below: two sessions
+            return int(await driver.fetchval("SELECT pg_backend_pid()")), str(
+                await driver.fetchval("SHOW enable_seqscan")
+            )
+
+    taken = await asyncio.gather(setting(leases), setting(leases))
+    assert [value for _, value in taken] == ["off", "off"]
+    # One of the two went back to the pool (it keeps one); the others' set takes it.
+    pid, value = await setting(others)
+    assert pid in {p for p, _ in taken}
+    assert value == "on"
+    assert (await setting(leases))[1] == "off"
+    await leases.close()
+    await others.close()

@@ -10,6 +10,7 @@ statement, run and explained by PostgreSQL (then rolled back: tests/integration/
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -77,3 +78,53 @@ def _summary(nodes: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
         (n["Node Type"], n.get("Index Name"), n.get("Actual Rows"), n.get("Actual Loops"))
         for n in nodes
     ]
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_a_lease_first_run_on_a_small_table_still_reads_indexes_once_it_is_large(
+    store: SqlStore,
+) -> None:
+    """A prepared statement's plan is made for the table as it was. After five runs
+    PostgreSQL keeps a generic plan once it costs less than the average of the plans it made
+    per run: one made while the table was nearly empty costs little, and once the runs on a
+    large backlog had raised that average it was kept for good (until an ANALYZE): each lease
+    then read every delivery and hashed every event, 80–230 ms instead of ~3. A fresh
+    database meeting its first burst drained at a third of its speed (bench/, fan-out 3)."""
+    names = ("crm", "billing", "sheets")
+    rooms = dict.fromkeys(names, 100)
+    await store.insert_events([event(at=NOW + n, destinations=names) for n in range(10)])
+    for n in range(8):
+        await store.lease(now_ms=NOW + n, rooms=rooms, limit=100, lease_ms=30_000, worker_id="w")
+    for chunk in range(20):
+        first = NOW + 1_000 + chunk * 1_000
+        await store.insert_events([event(at=first + n, destinations=names) for n in range(1_000)])
+    for _ in range(50):  # enough for the per-run plans' average to pass the generic one's cost
+        assert await store.lease(
+            now_ms=NOW + 10**7, rooms=rooms, limit=100, lease_ms=30_000, worker_id="w"
+        )
+    scans = await _table_scans(store)
+
+    for _ in range(10):
+        assert await store.lease(
+            now_ms=NOW + 10**7, rooms=rooms, limit=100, lease_ms=30_000, worker_id="w"
+        )
+
+    # The server counts a session's scans when it goes idle, at most once a second, else
+    # ~10 s later: wait until the ten leases' index scans are counted, then compare.
+    after = await _table_scans(store)
+    deadline = asyncio.get_running_loop().time() + 15
+    while after["deliveries"][1] < scans["deliveries"][1] + 10:
+        assert asyncio.get_running_loop().time() < deadline, (scans, after)
+        await asyncio.sleep(0.2)
+        after = await _table_scans(store)
+    assert after["deliveries"][0] == scans["deliveries"][0], (scans, after)  # no whole-table read
+    assert after["events"][0] == scans["events"][0], (scans, after)
+
+
+async def _table_scans(store: SqlStore) -> dict[str, tuple[int, int]]:
+    """Each table's (sequential scans, index scans) as the server has counted them."""
+    async with store.engine.connect() as conn:
+        rows = await conn.execute(
+            text("SELECT relname, seq_scan, idx_scan FROM pg_stat_user_tables")
+        )
+        return {r.relname: (int(r.seq_scan), int(r.idx_scan or 0)) for r in rows}

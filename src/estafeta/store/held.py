@@ -11,6 +11,9 @@ A connection found closed (the server restarted, the network was cut), or idle l
 for the server to end it (store/idle_limit.py), is replaced before use. One whose statement
 failed because the database cannot be reached is invalidated and never reused, and the
 caller gets `StoreUnavailable`, as from any other store path.
+
+A set may give its sessions planner settings of their own (`planner`), applied when a session
+joins the set and undone when another set or the pool's other users take it back.
 """
 
 from __future__ import annotations
@@ -25,11 +28,17 @@ from estafeta.errors import StoreDeadlocked, StoreUnavailable
 from estafeta.store.base import deadlocked, store_errors, unavailable
 from estafeta.store.idle_limit import nearly_ended, went_idle
 
+# The planner settings a session was given by a set (the connection's `info`).
+_PLANNER = "estafeta.planner"
+
+Settings = tuple[tuple[str, str], ...]
+
 
 class HeldConnections:
-    def __init__(self, engine: AsyncEngine, *, keep: int) -> None:
+    def __init__(self, engine: AsyncEngine, *, keep: int, planner: Settings = ()) -> None:
         self._engine = engine
         self._keep = keep  # idle connections kept; more are made when needed, then returned
+        self._planner = planner
         self._idle: list[AsyncConnection] = []
         self._closed = False
 
@@ -46,6 +55,10 @@ class HeldConnections:
                     await conn.invalidate()
                     raw = await conn.get_raw_connection()
                     driver = raw.driver_connection
+                given: Settings = raw.info.get(_PLANNER, ())
+                if given != self._planner:  # a session changing hands: seldom
+                    await driver.execute(_planner_change(given, self._planner))
+                    raw.info[_PLANNER] = self._planner
                 try:
                     yield driver
                 except Exception as exc:
@@ -77,3 +90,11 @@ class HeldConnections:
         idle, self._idle = self._idle, []
         for conn in idle:
             await conn.close()
+
+
+def _planner_change(given: Settings, wanted: Settings) -> str:
+    """The statements that take a session from the settings `given` to those `wanted`."""
+    wanted_names = {name for name, _ in wanted}
+    resets = [f"RESET {name}" for name, _ in given if name not in wanted_names]
+    sets = [f"SET {name} = {value}" for name, value in wanted]
+    return "; ".join(resets + sets)

@@ -230,6 +230,21 @@ def _returned(_dbapi_connection: Any, record: Any) -> None:
     went_idle(record.info)
 
 
+# The lease (sql/lease_postgresql.sql) is written to run as index probes joined by nested
+# loops, and is told so: a prepared statement's generic plan is made for the tables as they
+# were, and PostgreSQL keeps one made while the deliveries were few once the runs on a large
+# backlog cost more on average. Made on a nearly empty table, that plan read every delivery
+# and hashed every event at each lease (80–230 ms instead of ~3; a fresh database's first
+# burst drained at a third of its speed) until an ANALYZE replaced it. Planning every run
+# instead (`plan_cache_mode`) cost the server ~1.2 ms a lease at 30,000 waiting, and more
+# once the index ends are dead rows. The ingest and completion statements are left alone.
+_LEASE_PLANNER = (
+    ("enable_seqscan", "off"),
+    ("enable_hashjoin", "off"),
+    ("enable_mergejoin", "off"),
+)
+
+
 # Each row a lease reads, joined to the first pending or in-flight delivery of its key: one
 # probe of deliveries_ordering per key rather than per row, since PostgreSQL memoizes a
 # lateral join by its parameters (the key) where it runs a subquery in WHERE again for every
@@ -270,6 +285,7 @@ class PostgresStore(SqlStore):
         self._lease = Statement(self.lease_sql)
         # As many as run at once: ingest's concurrent flushes, a worker's lease and completes.
         self._held = HeldConnections(self.engine, keep=8)
+        self._held_for_leases = HeldConnections(self.engine, keep=1, planner=_LEASE_PLANNER)
         # What the URL gave asyncpg (store/postgres_connect.py), for migrate()'s engine too.
         self._connect_args = dict(connect_args or {})
 
@@ -323,6 +339,7 @@ class PostgresStore(SqlStore):
 
     async def close(self) -> None:
         await self._held.close()
+        await self._held_for_leases.close()
         await super().close()
 
     async def clock_ms(self) -> int:
@@ -406,7 +423,7 @@ class PostgresStore(SqlStore):
         committed, is putting a later one of the key in flight. The unique index on a key's
         in-flight deliveries makes this lease wait for that one and then fail; nothing of it
         was applied, and the next lease sees the store as it is."""
-        async with self._held.driver() as driver:
+        async with self._held_for_leases.driver() as driver:
             try:
                 return list(await driver.fetch(self._lease.positional, *self._lease.args(params)))
             except asyncpg.UniqueViolationError as exc:

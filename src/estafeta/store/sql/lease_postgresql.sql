@@ -34,7 +34,9 @@
 -- keeps the generic plan instead of planning each lease anew (a lease at 1,000,000 waiting
 -- took 5.2 ms instead of 3.1 when the candidates' LIMIT was `:limit`). On that guess a join in the
 -- UPDATE was planned as a sequential scan (hence the primary-key array) and the statement
--- JIT-compiled on every run (hence `jit = off`, postgres.py).
+-- JIT-compiled on every run (hence `jit = off`, postgres.py). A generic plan made while the
+-- tables were nearly empty read both whole once they were not; the lease's connections
+-- plan with sequential scans, hash and merge joins off (`_LEASE_PLANNER`, postgres.py).
 WITH cap AS (
     SELECT *
     FROM unnest(
