@@ -885,6 +885,17 @@ async def test_a_conversation_shows_the_status_the_provider_gave_whatever_recipi
     assert [(m["id"], m["state"]) for m in detail["messages"]] == [(message_id, "read")]
 
 
+async def test_one_customer_written_with_and_without_the_ninth_digit_has_two_conversations(
+    env: Env,
+) -> None:
+    # No provider contract gives a rule for Brazil's ninth digit, so estafeta adds or removes
+    # none (docs/http-api.md, Conversations): the provider's two ids are two conversations.
+    await env.inbound_from(MARIA, "wamid.nine")
+    await env.inbound_from("551187654321", "wamid.eight")
+    listed = (await env.http.get("/api/v1/conversations", headers=env.auth())).json()
+    assert sorted(c["id"] for c in listed["conversations"]) == ["551187654321", MARIA]
+
+
 async def test_a_status_in_another_tenants_store_never_moves_a_message(env: Env) -> None:
     # Tenants share nothing: a status event stored under another tenant (a source moved from
     # one tenant to another in the configuration keeps its id) never reaches this tenant's

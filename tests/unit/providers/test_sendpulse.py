@@ -55,6 +55,34 @@ CASES: list[tuple[str, list[tuple[str, str, int, dict[str, Any]]]]] = [
             )
         ],
     ),
+    (
+        # An image with an empty caption: `text` and `caption` null, as for every provider.
+        # The bot names its number in `channel_data.phone` (the Bot schema's, an integer)
+        # and gives no `external_id`: that number is `to` (it was null).
+        "incoming_image_no_caption.json",
+        [
+            (
+                "message.received",
+                f"{BOT_ID}:66b2e4a79f1a2b3c4d5e6f81",
+                1751371561234,
+                {
+                    "to": "+551140028922",
+                    "bot_id": BOT_ID,
+                    "kind": "image",
+                    "text": None,
+                    "media": {
+                        "id": "1283746501928411",
+                        "mime_type": "image/jpeg",
+                        "sha256": None,
+                        "caption": None,
+                        "filename": None,
+                        "url": None,
+                        "voice": None,
+                    },
+                },
+            )
+        ],
+    ),
     ("outgoing_message.json", []),
 ]
 

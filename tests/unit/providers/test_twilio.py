@@ -8,6 +8,7 @@ import hmac
 from typing import Any
 from urllib.parse import urlencode
 
+import orjson
 import pytest
 
 from estafeta.errors import HttpError
@@ -54,6 +55,19 @@ def parse(body: bytes | dict[str, str]) -> list[Any]:
     return twilio().parse(post(URL, raw, FORM))
 
 
+MEDIA_NO_CAPTION = {
+    "id": "ME5d1a7c3e9f2b6d8a0c4e7b1f9d3a6c52",
+    "mime_type": "image/jpeg",
+    "sha256": None,
+    "caption": None,
+    "filename": None,
+    "url": (
+        "https://api.twilio.com/2010-04-01/Accounts/AC8f3e2d1c0b9a87654321fedcba098765/"
+        "Messages/MM3c8f1e6a9d2b7c4e0a5f8b1d6e3a9c27/Media/ME5d1a7c3e9f2b6d8a0c4e7b1f9d3a6c52"
+    ),
+    "voice": None,
+}
+
 CASES: list[tuple[str, list[tuple[str, str, dict[str, Any]]]]] = [
     (
         "inbound_text.form",
@@ -98,6 +112,17 @@ CASES: list[tuple[str, list[tuple[str, str, dict[str, Any]]]]] = [
                         "voice": None,
                     },
                 },
+            )
+        ],
+    ),
+    (
+        # Twilio sends `Body` empty for media without a caption: null, as every provider.
+        "inbound_media_no_caption.form",
+        [
+            (
+                "message.received",
+                "MM3c8f1e6a9d2b7c4e0a5f8b1d6e3a9c27",
+                {"kind": "image", "text": None, "media": {**MEDIA_NO_CAPTION}},
             )
         ],
     ),
@@ -263,6 +288,15 @@ def test_what_a_flow_or_an_interactive_reply_says_reaches_the_event(
     base = {"MessageSid": "SM4", "From": "whatsapp:+5511987654321", "NumMedia": "0"}
     (event,) = parse({**base, "Body": "Sent", "MessageType": "interactive", field: value})
     assert event.data[key] == value
+
+
+def test_a_form_key_given_twice_reads_its_first_value_and_keeps_both_in_raw() -> None:
+    """Twilio sends each of its parameters once; a repeated one (signed, so Twilio's) reads
+    its first value, as a repeated query parameter does, and the stored raw keeps both."""
+    body = b"MessageSid=SM6&From=whatsapp%3A%2B5511987654321&NumMedia=0&Body=Sim&Body=N%C3%A3o"
+    (event,) = twilio().parse(post(URL, body, FORM))
+    assert (event.data["kind"], event.data["text"]) == ("text", "Sim")
+    assert orjson.loads(event.raw or "")["Body"] == ["Sim", "Não"]
 
 
 def test_sms_and_unknown_message_types() -> None:

@@ -77,6 +77,19 @@ def envelope(*values: dict[str, Any]) -> dict[str, Any]:
 
 
 # One row per fixture: (file, [(type, idempotency key, occurred_at, data that matters)]).
+EMPTY_CAPTION_MEDIA = {
+    "id": "1283746501928399",
+    "mime_type": "image/jpeg",
+    "sha256": "hN2cXq4mTz8vB1kR6yLpW3sD9fG0aJ7eU5oI2nK8rQs=",
+    "caption": None,
+    "filename": None,
+    "url": (
+        "https://lookaside.fbsbx.com/whatsapp_business/attachments/?mid=1283746501928399"
+        "&ext=1751371680&hash=ATu7Qe2Lm9XvZcTq4bNs1pWfHn2oE8uJx4aDgKi7Rm5TzB"
+    ),
+    "voice": None,
+}
+
 CASES: list[tuple[str, list[tuple[str, str, int, dict[str, Any]]]]] = [
     (
         "text.json",
@@ -119,6 +132,19 @@ CASES: list[tuple[str, list[tuple[str, str, int, dict[str, Any]]]]] = [
                         "voice": None,
                     },
                 },
+            )
+        ],
+    ),
+    (
+        # An image sent with an empty caption: no words, so `text` and `caption` are null,
+        # as Twilio's empty `Body` reads (they were "", and Twilio's null).
+        "image_empty_caption.json",
+        [
+            (
+                "message.received",
+                "wamid.HBgNNTUxMTk4NzY1NDMyMRUCABIYFDNBMEI5QzFENEU3RjJBNkI4QzUxAA==",
+                1751371380000,
+                {"kind": "image", "text": None, "media": {**EMPTY_CAPTION_MEDIA}},
             )
         ],
     ),

@@ -50,6 +50,7 @@ CASES: list[tuple[str, list[tuple[str, str, int | None, dict[str, Any]]]]] = [
                     "to": "+551140028922",
                     "contact_name": "Maria Silva",
                     "instance_id": INSTANCE,
+                    "sender_lid": "81896604192873@lid",
                     "kind": "text",
                     "text": "Oi, boa tarde! Vocês abrem no sábado?",
                 },
@@ -76,6 +77,71 @@ CASES: list[tuple[str, list[tuple[str, str, int | None, dict[str, Any]]]]] = [
                         "url": f"{MEDIA_BASE}3EB05D2F8A1C9E7B4D62.jpeg",
                         "voice": None,
                     },
+                },
+            )
+        ],
+    ),
+    (
+        # A video sent with an empty caption: no words, `text` and `caption` null (they were
+        # "", where Twilio's empty `Body` read as null).
+        "received_video_empty_caption.json",
+        [
+            (
+                "message.received",
+                "3EB07B3E5C9A1D2F8E40",
+                1751371384567,
+                {
+                    "kind": "video",
+                    "text": None,
+                    "media": {
+                        "id": None,
+                        "mime_type": "video/mp4",
+                        "sha256": None,
+                        "caption": None,
+                        "filename": None,
+                        "url": f"{MEDIA_BASE}3EB07B3E5C9A1D2F8E40.mp4",
+                        "voice": None,
+                    },
+                },
+            )
+        ],
+    ),
+    (
+        # A customer WhatsApp names by linked id only (`@lid`), no number: the id keys the
+        # conversation and is `sender_lid`; `from` is null, never digits made up of the id.
+        "received_lid.json",
+        [
+            (
+                "message.received",
+                "3EB0D9A41C7E2B5F6A83",
+                1751371444789,
+                {
+                    "conversation_id": "81896604192873@lid",
+                    "from": None,
+                    "sender_lid": "81896604192873@lid",
+                    "to": "+551140028922",
+                    "contact_name": "Maria Silva",
+                    "kind": "text",
+                    "text": "Oi, queria remarcar minha consulta",
+                },
+            )
+        ],
+    ),
+    (
+        # A group member known by linked id only: who wrote was nowhere in `data`.
+        "received_group_lid.json",
+        [
+            (
+                "message.received",
+                "3EB04F8E2A6C1D9B7E52",
+                1751371505123,
+                {
+                    "conversation_id": "120363019502650977-group",
+                    "from": None,
+                    "sender_lid": "27418349012345@lid",
+                    "contact_name": "João Pereira",
+                    "group": {"id": "120363019502650977-group", "name": "Família"},
+                    "text": "Alguém sabe o horário de sábado?",
                 },
             )
         ],
@@ -376,6 +442,15 @@ def received(**content: Any) -> dict[str, Any]:
 def test_content_blocks(content: dict[str, Any], expected: dict[str, Any]) -> None:
     (event,) = parse(received(**content))
     assert subset(event.data, expected) == expected
+
+
+def test_a_group_member_whose_participant_phone_is_a_linked_id_keeps_it() -> None:
+    """`participantPhone` itself a `…@lid`, no `participantLid`/`senderLid`: the only word
+    of who wrote is that id, so it is `sender_lid`, and `from` is no number made of it."""
+    document = fixture_json("zapi/received_group_lid.json")
+    document.update(participantPhone="27418349012345@lid", participantLid=None, senderLid=None)
+    (event,) = parse(document)
+    assert (event.data["from"], event.data["sender_lid"]) == (None, "27418349012345@lid")
 
 
 def test_audio_voice_and_document_filename() -> None:

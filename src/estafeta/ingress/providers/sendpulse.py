@@ -7,7 +7,8 @@
 * contracts §9.4: `incoming_message` → `message.received`. Its content is
   `info.message.channel_data.message`, Meta's Cloud API message passed through, so it is
   read with the WhatsApp Cloud reader; `contact.id` (what SendPulse sends replies to, §9.5)
-  and `bot.id` are kept in `data`.
+  and `bot.id` are kept in `data`. `to`, the business's number, is the bot's
+  `channel_data.phone` (§9.8, the Bot schema), else its `external_id` (§9.4).
 * contracts §9.9: the key is `{bot.id}:{info.message.id}`; without a message id, a hash of
   (bot.id, contact.id, title, date).
 
@@ -85,7 +86,7 @@ def _incoming(item: Mapping[str, Any]) -> ParsedEvent:
         "message_id": message_id,
         "conversation_id": phone_digits(phone) or contact_id,
         "from": e164(phone),
-        "to": e164(bot.get("external_id")),
+        "to": _business_number(bot),
         "contact_name": nonempty(contact.get("name")),
         "contact_id": contact_id,
         "bot_id": bot_id,
@@ -113,6 +114,13 @@ def _incoming(item: Mapping[str, Any]) -> ParsedEvent:
         occurred_at=_occurred_at(item.get("date")),
         raw=raw,
     )
+
+
+def _business_number(bot: Mapping[str, Any]) -> str | None:
+    """Which of the business's numbers got the message: the bot's WhatsApp number,
+    `channel_data.phone` (contracts §9.8, an integer in the Bot schema), else its
+    `external_id` (§9.4, the bot's id on the channel side: the number in the examples)."""
+    return e164(obj(bot.get("channel_data")).get("phone")) or e164(bot.get("external_id"))
 
 
 def _occurred_at(value: object) -> int | None:

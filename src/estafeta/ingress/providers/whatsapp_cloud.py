@@ -292,7 +292,8 @@ def message_content(message: Mapping[str, Any]) -> dict[str, Any]:
     if kind == "text":
         return {"kind": "text", "text": text(block.get("body"))}
     if kind in MEDIA_KINDS:
-        caption = text(block.get("caption"))
+        # An empty caption says nothing: null, as Twilio's empty `Body` reads.
+        caption = nonempty(block.get("caption"))
         media = {
             "id": nonempty(block.get("id")),
             "mime_type": text(block.get("mime_type")),

@@ -16,6 +16,9 @@ whose message it is, so one that is neither a boolean nor null (read as false) i
 with a 400 naming it rather than guessed. A DeliveryCallback `error` that is not a string is
 a failure all the same (kept as its JSON): read as absent, it made a failed send `sent`. A
 group message is kept, in the group's conversation (`data.group`), from `participantPhone`.
+A sender WhatsApp names by linked id (`…@lid`: `phone`, or `participantPhone` in a group, is
+then that id or null) has no `from`; the id is `data.sender_lid`, from `senderLid` or a
+group's `participantLid`. An empty `caption` is no caption: null, as Twilio's empty `Body`.
 The ad a customer came from (`externalAdReply`) is `data.referral`, keyed as WhatsApp
 Cloud's and Twilio's are. A callback with no content block but a `notification` (a missed
 call, a group's membership change) is kind `unsupported` of type `notification`, its part
@@ -129,6 +132,9 @@ def _received(callback: Mapping[str, Any], raw: str) -> list[ParsedEvent]:
         "contact_name": contact_name,
         **_content(callback),
     }
+    lid = _sender_lid(callback, chat, is_group)
+    if lid is not None:
+        data["sender_lid"] = lid
     if is_group:
         data["group"] = {"id": nonempty(chat), "name": nonempty(callback.get("chatName"))}
     replied_to = nonempty(callback.get("referenceMessageId"))
@@ -157,6 +163,20 @@ def _received(callback: Mapping[str, Any], raw: str) -> list[ParsedEvent]:
     ]
 
 
+def _sender_lid(callback: Mapping[str, Any], chat: object, is_group: bool) -> str | None:
+    """The sender's WhatsApp linked id (`…@lid`, contracts §3.3 `senderLid`/`participantLid`):
+    who wrote when WhatsApp hides their number (`phone`, or a group's `participantPhone`, is
+    then that id or null), so `from` is null and only this says who it was."""
+    member = [callback.get("participantLid"), callback.get("participantPhone")]
+    candidates = [*(member if is_group else [chat]), callback.get("senderLid")]
+    return next((lid for value in candidates if (lid := _lid(value)) is not None), None)
+
+
+def _lid(value: object) -> str | None:
+    found = nonempty(value)
+    return found if found is not None and found.endswith("@lid") else None
+
+
 # contracts §3.3 `externalAdReply` (a click-to-WhatsApp ad) → the `referral` keys WhatsApp
 # Cloud (§1.4) and Twilio (§2.2) give, so one route reads the ad whatever the provider.
 _REFERRAL = (
@@ -183,7 +203,7 @@ def _content(callback: Mapping[str, Any]) -> dict[str, Any]:
     for kind, url_key in _MEDIA:
         block = callback.get(kind)
         if isinstance(block, dict):
-            caption = text(block.get("caption"))
+            caption = nonempty(block.get("caption"))  # "" says nothing: null, as elsewhere
             media = {
                 "id": None,
                 "mime_type": text(block.get("mimeType")),
