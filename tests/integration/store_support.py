@@ -1,7 +1,8 @@
 """What the store tests share (test_store.py, test_store_lifecycle_model.py, test_upgrades.py):
 events with their deliveries as ingest stores them, customers' messages, and attempts as a
-worker completes them; the mode of the files the store and the spool make (test_spool.py);
-and the rows a command left (the CLI tests)."""
+worker completes them; an event's one delivery as the API shows it (the store and worker
+tests); the mode of the files the store and the spool make (test_spool.py); and the rows a
+command left (the CLI tests)."""
 
 from __future__ import annotations
 
@@ -22,11 +23,21 @@ from estafeta.delivery.state import DeliveryState
 from estafeta.ids import new_id
 from estafeta.store import open_store
 from estafeta.store import schema as s
-from estafeta.store.records import CompletedAttempt, NewDelivery, NewEvent
+from estafeta.store.records import CompletedAttempt, DeliveryView, NewDelivery, NewEvent
 from estafeta.store.sqlstore import SqlStore
 from tests.acceptance.conftest import execute
 
 NOW = 1_700_000_000_000
+
+
+async def only_delivery(
+    store: SqlStore, event_id: str, tenant_id: str | None = None
+) -> DeliveryView:
+    """The one delivery of the event, as the API shows it (to `tenant_id` when given)."""
+    view = await store.get_event(event_id, tenant_id)
+    assert view is not None
+    [delivery] = view.deliveries
+    return delivery
 
 
 @contextmanager

@@ -31,6 +31,7 @@ from estafeta.testing.sink import Sink
 from tests.clocks import ManualClock
 from tests.conftest import base_config, lease_any
 from tests.integration.hub_loop import fake_meta, wa_sol
+from tests.integration.store_support import only_delivery
 from tests.integration.test_ingress_api import ADMIN, make_client
 from tests.integration.test_worker import Running, config_for, publish, settled
 
@@ -43,13 +44,6 @@ async def meta() -> AsyncIterator[FakeMeta]:
         yield fake
     finally:
         await fake.stop()
-
-
-async def only_delivery(store: SqlStore, event_id: str) -> DeliveryView:
-    view = await store.get_event(event_id, None)
-    assert view is not None
-    [delivery] = view.deliveries
-    return delivery
 
 
 async def stored_then_sent(

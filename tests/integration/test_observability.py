@@ -45,7 +45,7 @@ from tests.chaos.conftest import TcpProxy
 from tests.clocks import ManualClock
 from tests.conftest import SOURCE_SECRET, base_config, lease_any, signed
 from tests.integration.redis_support import RedisServer
-from tests.integration.store_support import attempt, store_as_role
+from tests.integration.store_support import attempt, only_delivery, store_as_role
 from tests.slow_render import render_waiting_for_the_loop
 
 PERMANENT = OutcomeKind.PERMANENT
@@ -1381,9 +1381,7 @@ async def test_the_attempt_of_a_worker_that_died_mid_send_is_counted_when_rescue
     # A worker leases it and dies without a word: a lease that has already expired.
     [lost] = await lease_any(store, now_ms=hub.clock.now_ms(), lease_ms=-1, worker_id="gone")
     assert await Worker(store, config).rescue_expired() == 1
-    view = await store.get_event(lost.event_id, None)
-    assert view is not None
-    [delivery] = view.deliveries
+    delivery = await only_delivery(store, lost.event_id)
     assert [a.error_class for a in delivery.attempt_log] == ["lease_expired"]
     after = REGISTRY.get_sample_value("estafeta_delivery_attempts_total", retryable) or 0.0
     assert after - before == 1

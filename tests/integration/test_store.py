@@ -58,6 +58,7 @@ from tests.integration.store_support import (
     keyed,
     message,
     mode,
+    only_delivery,
     umask,
 )
 
@@ -303,9 +304,7 @@ async def test_a_late_result_never_overwrites_a_rescued_delivery(store: SqlStore
         )
         == 1
     )
-    view = await store.get_event(first.event_id, None)
-    assert view is not None
-    [delivery] = view.deliveries
+    delivery = await only_delivery(store, first.event_id)
     assert delivery.state == "pending" and delivery.attempts == 1
     # Both attempts happened, so both are in the log.
     assert len(delivery.attempt_log) == 2
@@ -328,9 +327,7 @@ async def test_an_event_lists_each_deliverys_latest_attempts_not_every_one(
         assert await store.complete([died], at) == 1
         replayed = DeadLetterFilter(delivery_ids=(leased.id,))
         assert await store.replay(replayed, actor="tester", now_ms=at + 1) == [leased.id]
-    view = await store.get_event(leased.event_id, None)
-    assert view is not None
-    [delivery] = view.deliveries
+    delivery = await only_delivery(store, leased.event_id)
     assert delivery.replays == lives
     started = [a.started_at for a in delivery.attempt_log]
     # The latest ones, in the order they were made: the 30 oldest are left out.
@@ -361,9 +358,7 @@ async def test_an_events_read_takes_a_long_replayed_deliverys_latest_attempts_by
     async with store.engine.begin() as conn:
         await conn.execute(insert(s.attempts), rows)
         await conn.execute(text("ANALYZE"))
-    view = await store.get_event(leased.event_id, None)
-    assert view is not None
-    [delivery] = view.deliveries
+    delivery = await only_delivery(store, leased.event_id)
     assert [a.id for a in delivery.attempt_log] == [r["id"] for r in rows[-100:]]
 
     plan = await explain(store, latest_attempts([leased.id]))
@@ -382,9 +377,7 @@ async def test_a_providers_code_holding_a_nul_reads_the_same_on_both_engines(
     died = attempt(leased, DeliveryState.DEAD, kind=OutcomeKind.PERMANENT)
     died = replace(died, outcome=replace(died.outcome, error_class="sendpulse_bad\x00code"))
     assert await store.complete([died], NOW) == 1
-    view = await store.get_event(leased.event_id, None)
-    assert view is not None
-    [delivery] = view.deliveries
+    delivery = await only_delivery(store, leased.event_id)
     assert [a.error_class for a in delivery.attempt_log] == ["sendpulse_bad\ufffdcode"]
 
 
@@ -404,9 +397,7 @@ async def test_a_late_release_or_result_never_revives_what_another_worker_finish
     assert await store.release([late], NOW) == 0
     failed = attempt(late, DeliveryState.PENDING, kind=OutcomeKind.RETRYABLE)
     assert await store.complete([failed], NOW) == 0
-    view = await store.get_event(late.event_id, None)
-    assert view is not None
-    [delivery] = view.deliveries
+    delivery = await only_delivery(store, late.event_id)
     assert (delivery.state, delivery.attempts, delivery.last_error) == ("succeeded", 1, None)
     assert await lease(store, now=NOW + 60_000) == []
 
@@ -439,9 +430,7 @@ async def test_complete_records_the_attempt_and_moves_the_state(store: SqlStore)
     await store.insert_events([event()])
     [leased] = await lease(store)
     assert await store.complete([attempt(leased, DeliveryState.SUCCEEDED)], NOW) == 1
-    view = await store.get_event(leased.event_id, "clinica-sol")
-    assert view is not None
-    [delivery] = view.deliveries
+    delivery = await only_delivery(store, leased.event_id, "clinica-sol")
     assert delivery.state == "succeeded" and delivery.attempts == 1
     [logged] = delivery.attempt_log
     assert logged.status_code == 200 and logged.number == 1 and logged.duration_ms == 3.5
@@ -459,9 +448,7 @@ async def test_a_failure_named_by_a_long_provider_code_is_recorded_cut_to_its_co
     long_class = "sendpulse_" + "the_phone_number_is_not_registered_on_whatsapp" * 3
     done = replace(done, outcome=replace(done.outcome, error_class=long_class))
     assert await store.complete([done], NOW) == 1
-    view = await store.get_event(leased.event_id, "clinica-sol")
-    assert view is not None
-    [delivery] = view.deliveries
+    delivery = await only_delivery(store, leased.event_id, "clinica-sol")
     assert delivery.state == "dead"
     [logged] = delivery.attempt_log
     assert logged.error_class == long_class[:64]

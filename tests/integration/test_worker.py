@@ -47,6 +47,7 @@ from tests.clocks import ManualClock
 from tests.conftest import SINK_SECRET, base_config, lease_any
 from tests.events import new_event
 from tests.integration.redis_support import SHARED_REDIS_URL, LateRedis, RedisServer
+from tests.integration.store_support import only_delivery
 
 # A circuit that opens at the first failure and stays open 30 s: long enough that only the
 # test's clock, moved by hand, lets a probe through.
@@ -417,9 +418,7 @@ async def test_stopping_gives_unfinished_sends_back_without_an_attempt(
     event_id = await hub.publish()
     assert await sink.wait_for(lambda s: len(s.received) == 1, 5)
     await hub.stop()
-    view = await store.get_event(event_id, None)
-    assert view is not None
-    [delivery] = view.deliveries
+    delivery = await only_delivery(store, event_id)
     assert (delivery.state, delivery.attempts) == ("pending", 0)
 
 
@@ -445,9 +444,7 @@ async def test_a_send_answered_when_the_grace_ends_keeps_its_result_and_is_not_s
     event_id = await hub.publish()
     await asyncio.wait_for(recording.wait(), 5)
     await hub.stop()
-    view = await store.get_event(event_id, None)
-    assert view is not None
-    [delivery] = view.deliveries
+    delivery = await only_delivery(store, event_id)
     assert (delivery.state, delivery.attempts) == ("succeeded", 1)
     assert len(sink.received) == 1
 
@@ -595,9 +592,7 @@ async def test_a_dead_workers_lease_is_rescued_and_counted(
     [lost] = await lease_any(store, now_ms=hub.clock.now_ms(), lease_ms=-1, worker_id="gone")
     worker = Worker(store, config)
     assert await worker.rescue_expired() == 1
-    view = await store.get_event(event_id, None)
-    assert view is not None
-    [delivery] = view.deliveries
+    delivery = await only_delivery(store, event_id)
     assert (delivery.state, delivery.attempts) == ("pending", 1)
     assert delivery.attempt_log[0].error_class == "lease_expired"
     assert lost.id == delivery.id
@@ -834,9 +829,7 @@ async def test_deliveries_handed_to_a_worker_that_is_stopping_are_given_back_pen
     under that worker's lease, are made pending again at once for any worker to lease
     (not left to expire, which would cost them an attempt)."""
     event_id = await stopped_while_committing(store, worker_config(database_url, sink))
-    view = await store.get_event(event_id, None)
-    assert view is not None
-    [delivery] = view.deliveries
+    delivery = await only_delivery(store, event_id)
     assert (delivery.state, delivery.attempts) == ("pending", 0)
     [leased] = await lease_any(store, now_ms=SystemClock().now_ms(), worker_id="another")
     assert leased.id == delivery.id
@@ -988,9 +981,7 @@ async def test_a_snooze_the_store_refused_is_given_back_at_the_next_step_not_lef
         await worker._step()
         assert await sink.wait_for(lambda s: len(s.delivered_ids) == 1, 5)
         [snoozed] = {first, second} - sink.delivered_ids
-        view = await store.get_event(snoozed, None)
-        assert view is not None
-        [delivery] = view.deliveries
+        delivery = await only_delivery(store, snoozed)
         assert (delivery.state, delivery.attempts) == ("pending", 0)  # due at the refill
     finally:
         await worker._shutdown()

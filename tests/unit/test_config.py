@@ -174,8 +174,7 @@ def test_lookups_and_route_ids(tmp_path: Path) -> None:
     assert config.destination("crm") is config.destinations[0]
     assert config.destination("nope") is None
     assert config.route_ids() == ["route-0", "named"]
-    assert [r.id for r in config.routes_for("acme")] == ["route-0", "named"]
-    assert config.routes_for("other") == []
+    assert config.tenant("other") == TenantConfig(id="other")
 
 
 def test_route_built_in_code_gets_its_default_id() -> None:

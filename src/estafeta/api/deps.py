@@ -10,7 +10,8 @@ from starlette.requests import Request
 
 from estafeta.api.auth import Principal
 from estafeta.errors import HttpError
-from estafeta.ingress.endpoint import media_type, require_json_type
+from estafeta.ingress.endpoint import require_json_type
+from estafeta.ingress.providers.base import media_type
 
 if TYPE_CHECKING:
     from estafeta.hub import Hub

@@ -1234,10 +1234,6 @@ class Config(_Model):
         """The destination with this id, or None."""
         return self._destinations.get(destination_id)
 
-    def routes_for(self, tenant_id: str) -> list[RouteConfig]:
-        """The tenant's routes in file order (the order routing evaluates them in)."""
-        return [route for route in self.routes if route.tenant == tenant_id]
-
     def route_ids(self) -> list[str]:
         """Every route's id, in file order; a route without one is `route-{index}`."""
         return [route.id or default_route_id(i) for i, route in enumerate(self.routes)]

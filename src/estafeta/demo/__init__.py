@@ -1,1 +1,1 @@
-
+"""`estafeta demo`: the whole pipeline against real local sinks, for a first look."""

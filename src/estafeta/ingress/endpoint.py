@@ -11,9 +11,8 @@ even if its body is then refused: parsing is the work the limit protects.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl
 
 import orjson
 import structlog
@@ -22,7 +21,7 @@ from estafeta.config.models import ROUTING_NUMBER_KEYS
 from estafeta.errors import HttpError, StoreError, StoreUnavailable
 from estafeta.http_protocol import CUT_OFF
 from estafeta.ingress.providers import twilio
-from estafeta.ingress.providers.base import InboundRequest
+from estafeta.ingress.providers.base import InboundRequest, first_values, media_type
 
 if TYPE_CHECKING:
     from estafeta.config import SourceConfig
@@ -52,10 +51,6 @@ def twiml_headers(results: Sequence[InsertResult], marks: dict[str, str] | None)
         if all(r.duplicate for r in results):
             headers["X-Estafeta-Duplicate"] = "1"
     return headers
-
-
-def media_type(headers: Mapping[str, str]) -> str:
-    return headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
 def require_json_type(content_type: str) -> None:
@@ -342,23 +337,18 @@ def _owner(
 
 def inbound_request(scope: Scope, headers: dict[str, str], body: bytes) -> InboundRequest:
     """The request as sources see it; the URL is rebuilt as the client sent it (Twilio
-    signs the full URL), the query parsed only when there is one."""
+    signs the full URL)."""
     raw_query = scope.get("query_string", b"").decode("latin-1")
     # ASGI: `raw_path` is optional and may be None; then the decoded path is all there is.
     path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
     path_qs = f"{path}?{raw_query}" if raw_query else path
     host = headers.get("host", "localhost")
-    query: dict[str, str] = {}
-    if raw_query:
-        for name, value in parse_qsl(raw_query, keep_blank_values=True):
-            query.setdefault(name, value)
-    content_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
     return InboundRequest(
         method=scope["method"],
         url=f"{scope.get('scheme', 'http')}://{host}{path_qs}",
         path_qs=path_qs,
-        query=query,
+        query=first_values(raw_query),
         headers=headers,
         body=body,
-        content_type=content_type,
+        content_type=media_type(headers),
     )

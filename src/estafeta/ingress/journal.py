@@ -19,7 +19,6 @@ import struct
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import msgspec
 
@@ -48,13 +47,6 @@ def framed(payload: bytes) -> bytes:
 def decode(payload: bytes) -> NewEvent:
     """An event as `encode` wrote it, its deliveries (and message, escalation) typed too."""
     return msgspec.json.decode(payload, type=NewEvent)
-
-
-def read_segment(path: Path) -> Iterator[NewEvent]:
-    """The events of a segment's whole records; unreadable bytes are skipped."""
-    for item in records(path.read_bytes()):
-        if not isinstance(item, Unreadable):
-            yield decode(item)
 
 
 def records(data: bytes) -> Iterator[bytes | Unreadable]:

@@ -293,9 +293,6 @@ processes = Table(
     Column("delivering_at", BigInteger, nullable=True),
 )
 
-CONVERSATION_STATES = ("open", "escalated", "closed")
-MESSAGE_STATES = ("queued", "sent", "failed")  # what sending knows; the provider says the rest
-
 # One row per tenant and customer: counters kept up to date in the same transaction as the
 # events that touch them (what the seed product backs up to Airtable as "Conversations").
 conversations = Table(
@@ -303,7 +300,7 @@ conversations = Table(
     metadata,
     Column("tenant_id", NAME, primary_key=True),
     Column("id", String(64), primary_key=True),  # the customer's number, digits only
-    Column("status", String(16), nullable=False),
+    Column("status", String(16), nullable=False),  # open, escalated or closed
     Column("contact_name", Text, nullable=True),
     Column("first_message_at", BigInteger, nullable=False),
     Column("last_message_at", BigInteger, nullable=False),
@@ -348,6 +345,7 @@ messages = Table(
     Column("conversation_id", String(64), nullable=False),
     Column("recipient", String(32), nullable=False),
     Column("content", Text, nullable=False),  # JSON: text, template or media
+    # queued, sent or failed: what sending knows; the provider's statuses say the rest.
     Column("state", String(16), nullable=False),
     Column("provider_message_id", String(255), nullable=True),
     Column("error", Text, nullable=True),

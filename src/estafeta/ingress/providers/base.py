@@ -77,12 +77,32 @@ class InboundRequest(Record, frozen=True):
         """Derive `path_qs`, `query` and `content_type` from a URL and headers (any case)."""
         parts = urlsplit(url)
         path_qs = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        query: dict[str, str] = {}
-        for name, value in parse_qsl(parts.query, keep_blank_values=True):
-            query.setdefault(name, value)
         lowered = {name.lower(): value for name, value in (headers or {}).items()}
-        content_type = lowered.get("content-type", "").split(";", 1)[0].strip().lower()
-        return cls(method.upper(), url, path_qs, query, lowered, body, content_type)
+        return cls(
+            method.upper(),
+            url,
+            path_qs,
+            first_values(parts.query),
+            lowered,
+            body,
+            media_type(lowered),
+        )
+
+
+def first_values(raw_query: str) -> dict[str, str]:
+    """The first value of each query parameter (blank values kept)."""
+    query: dict[str, str] = {}
+    if not raw_query:  # most webhooks: parse_qsl costs the hot path even for nothing
+        return query
+    for name, value in parse_qsl(raw_query, keep_blank_values=True):
+        query.setdefault(name, value)
+    return query
+
+
+def media_type(headers: Mapping[str, str]) -> str:
+    """`application/json` of a lower-case `content-type` of `Application/JSON; charset=…`;
+    "" when there is none."""
+    return headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
 class ProviderSource(Protocol):
