@@ -4,6 +4,7 @@ and the API refuses it from then on (at the latest when the API's key cache expi
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from starlette.requests import Request
 from estafeta.api.auth import _CACHE_TTL_S, Authenticator, hash_key, new_api_key
 from estafeta.cli import main
 from estafeta.errors import HttpError
+from estafeta.store import open_store
 from estafeta.store.sqlstore import SqlStore
 from tests.integration.store_support import rows
 
@@ -82,10 +84,26 @@ def test_keys_list_shows_every_key_but_never_the_key_or_its_hash(
     assert typo.stderr == "error: --tenant 'clinica-so1': no such tenant in the store\n"
 
 
-def test_a_label_cannot_drive_the_terminal_of_whoever_lists_the_keys(config_path: Path) -> None:
+def test_a_label_cannot_drive_the_terminal_of_whoever_lists_the_keys(
+    config_path: Path, database_url: str
+) -> None:
     # An operator's label is shown on others' terminals: ESC [2J would clear the screen and
-    # a right-to-left override would reorder the line.
-    create(config_path, TENANT, "recepção\x1b[2J\u202eevil\nsecond line")
+    # a right-to-left override would reorder the line. `keys create` refuses control
+    # characters now; a label stored by an earlier version may hold them.
+    async def stored_earlier() -> None:
+        store = open_store(database_url)
+        try:
+            await store.create_api_key(
+                tenant_id=TENANT,
+                key_hash=hash_key(new_api_key()),
+                label="recepção\x1b[2J\u202eevil\nsecond line",
+                actor="cli:ana",
+                now_ms=1,
+            )
+        finally:
+            await store.close()
+
+    asyncio.run(stored_earlier())
     listed = run(config_path, "keys", "list")
     assert listed.exit_code == 0, listed.output
     [line] = listed.stdout.splitlines()

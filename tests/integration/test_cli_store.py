@@ -934,7 +934,17 @@ async def pending_ids(store: SqlStore) -> set[str]:
         return {row[0] for row in found}
 
 
-@pytest.mark.parametrize("stdout", ["gone", "/dev/full"])
+def with_terminal_hung_up(command: list[str]) -> subprocess.CompletedProcess[bytes]:
+    """`command` on a terminal that hung up (an SSH session gone): every write is EIO."""
+    controller, terminal = os.openpty()
+    os.close(controller)
+    try:
+        return subprocess.run(command, stdout=terminal, stderr=subprocess.PIPE, timeout=120)
+    finally:
+        os.close(terminal)
+
+
+@pytest.mark.parametrize("stdout", ["gone", "/dev/full", "hung up"])
 async def test_a_replay_whose_ids_cannot_be_printed_still_says_how_many_it_replayed(
     tmp_path: Path, database_url: str, store: SqlStore, stdout: str
 ) -> None:
@@ -946,12 +956,20 @@ async def test_a_replay_whose_ids_cannot_be_printed_still_says_how_many_it_repla
     )
     if stdout == "gone":
         done = await asyncio.to_thread(with_reader_gone, command)
+    elif stdout == "hung up":
+        done = await asyncio.to_thread(with_terminal_hung_up, command)
     else:
         done = await asyncio.to_thread(with_stdout, command, stdout)
     stderr = done.stderr.decode()
     assert len(await pending_ids(store)) == 1_500
     assert stderr.startswith("1500 deliveries replayed\n"), stderr
     assert done.returncode == (0 if stdout == "gone" else 2), stderr
+    if stdout != "gone":  # exit 2, but what was replayed stays replayed: said, not guessed
+        why = "No space left on device" if stdout == "/dev/full" else "Input/output error"
+        assert stderr.endswith(
+            f"error: cannot write to stdout ({why}): not every id was printed, but the"
+            " deliveries counted above stay replayed\n"
+        ), stderr
 
 
 async def interrupted_replay(
@@ -1099,3 +1117,172 @@ def test_an_interrupted_replay_whose_reader_has_gone_is_still_an_interrupted_one
         "1000 deliveries replayed before SIGINT: the rest are still dead (run it again for them)"
     ), done.stderr
     assert done.exit_code == 1, done.output
+
+
+# -- inputs that cannot mean anything, or could not be read whole --------------------------------
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "directory", "huge"])
+def test_a_configuration_path_that_is_no_file_to_read_is_refused_at_once(
+    tmp_path: Path, kind: str
+) -> None:
+    # Before: /dev/zero ate memory to a MemoryError traceback, a FIFO without a writer hung.
+    path = tmp_path / "estafeta.toml"
+    if kind == "device":
+        path = Path("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        path.write_text("# padding\n" * 500_000)  # 5 MB, past the limit
+    done = subprocess.run(
+        estafeta_process(path, "migrate"), capture_output=True, timeout=20, text=True
+    )
+    assert done.returncode == 2, done.stderr
+    why = {
+        "device": "not a file (a device or a socket)",
+        "fifo": "a pipe that gave nothing (no writer?)",
+        "directory": "cannot read: Is a directory",
+        "huge": "larger than 4 MiB",
+    }[kind]
+    assert f"{path}: {why}" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_configuration_given_through_a_pipe_is_read(tmp_path: Path, database_url: str) -> None:
+    """`--config <(envsubst < estafeta.toml.in)`: the shell names a pipe, which is read."""
+    text = config_file(tmp_path, database_url).read_bytes()
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, text)
+        os.close(write_end)
+        done = subprocess.run(
+            [sys.executable, "-m", "estafeta", "check-config", f"/dev/fd/{read_end}"],
+            capture_output=True,
+            timeout=20,
+            text=True,
+            pass_fds=(read_end,),
+        )
+    finally:
+        os.close(read_end)
+    assert done.returncode == 0, done.stderr
+
+
+def accepting_nothing() -> socket.socket:
+    """A listening socket that never answers: a store that hangs while connecting."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    return listener
+
+
+@pytest.mark.parametrize(
+    "command", [["migrate"], ["dlq", "list"], ["keys", "create", "--tenant", "clinica-sol"]]
+)
+def test_ctrl_c_during_a_store_command_says_it_was_interrupted_with_status_130(
+    tmp_path: Path, command: list[str]
+) -> None:
+    # Before: click's bare "Aborted!", exit 1, the status of an unexpected failure.
+    listener = accepting_nothing()
+    port = listener.getsockname()[1]
+    config = config_file(tmp_path, f"postgresql://postgres@127.0.0.1:{port}/estafeta")
+    process = subprocess.Popen(
+        estafeta_process(config, *command),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        listener.settimeout(60)
+        connection, _ = listener.accept()  # the command is waiting for the store
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+        connection.close()
+    finally:
+        listener.close()
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, err
+    assert err.splitlines()[-1] == "error: interrupted (Ctrl-C): stopped", err
+    assert "Aborted!" not in err and "Traceback" not in err, err
+    assert out == ""
+
+
+def test_a_store_error_says_the_url_came_from_estafeta_database_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: the URL alone, so the operator searched the configuration file for it.
+    monkeypatch.setenv(
+        "ESTAFETA_DATABASE_URL", f"postgresql://u:{PASSWORD}@127.0.0.1:{closed_port()}/db"
+    )
+    result = run(config_file(tmp_path, "sqlite:///x.db"), "dlq", "list")
+    assert result.exit_code == 3, result.output
+    assert result.output.startswith("error: postgresql://u:***@127.0.0.1:"), result.output
+    assert "/db (from ESTAFETA_DATABASE_URL): the store cannot be reached" in result.output
+    assert PASSWORD not in result.output
+    missing = tmp_path / "missing"
+    monkeypatch.setenv("ESTAFETA_DATABASE_URL", f"sqlite:///{missing}/x.db")
+    result = run(config_file(tmp_path, "sqlite:///x.db"), "migrate")
+    assert result.exit_code == 2, result.output
+    assert (
+        f"storage.url: the database's directory {missing} does not exist"
+        " (the value of ESTAFETA_DATABASE_URL)" in result.output
+    ), result.output
+
+
+def test_a_postgresql_socket_directory_is_named_where_the_store_cannot_be_reached(
+    tmp_path: Path,
+) -> None:
+    # The socket directory of `?host=` is used; an error left it out, naming no place.
+    missing = tmp_path / "no-socket-here"
+    url = f"postgresql://postgres@/estafeta?host={missing}&sslmode=disable"
+    result = run(config_file(tmp_path, url), "migrate")
+    assert result.exit_code == 3, result.output
+    assert result.output.startswith(
+        f"error: postgresql://postgres@/estafeta?host={missing}: the store cannot be reached"
+    ), result.output
+
+
+def test_a_sqlite_url_with_a_query_is_a_setting_to_correct(tmp_path: Path) -> None:
+    # Before: `?mode=ro` was dropped with a warning of SQLAlchemy's, and the file written.
+    config = config_file(tmp_path, f"sqlite:///{tmp_path / 'x.db'}?mode=ro")
+    result = run(config, "migrate")
+    assert result.exit_code == 2, result.output
+    assert "storage.url: a SQLite URL takes no query ('?mode=ro')" in result.output
+    assert not (tmp_path / "x.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("label", "why"),
+    [
+        ("x" * 201, "at most 200 characters, not 201"),
+        ("two\nlines", "must not contain control characters ('\\n')"),
+        ("\x1b[2J", "must not contain control characters ('\\x1b')"),
+    ],
+)
+def test_a_key_label_too_long_or_with_control_characters_is_refused(
+    tmp_path: Path, label: str, why: str
+) -> None:
+    # Before: any length (10 MB) or characters (a newline, ESC) went into the store.
+    config = config_file(tmp_path, f"sqlite:///{tmp_path / 'x.db'}")
+    assert run(config, "migrate").exit_code == 0
+    result = run(config, "keys", "create", "--tenant", "clinica-sol", "--label", label)
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '--label': {why}" in result.output, result.output
+    assert "key created" not in result.output
+    listed = run(config, "keys", "list")
+    assert listed.output == "0 keys (0 active)\n", listed.output
+
+
+@pytest.mark.parametrize("option", ["--event-type", "--id", "--tenant", "--destination"])
+@pytest.mark.parametrize("command", ["list", "replay"])
+def test_an_empty_dead_letter_filter_is_refused_naming_its_option(
+    tmp_path: Path, option: str, command: str
+) -> None:
+    # Before: `--event-type ""` matched nothing, silently: "0 dead deliveries".
+    config = config_file(tmp_path, f"sqlite:///{tmp_path / 'x.db'}")
+    assert run(config, "migrate").exit_code == 0
+    result = run(config, "dlq", command, option, "")
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{option}': must not be empty" in result.output, result.output

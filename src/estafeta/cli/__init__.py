@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -33,6 +34,23 @@ def _reader_gone_is_the_end() -> Iterator[None]:
         raise click.exceptions.Exit(0) from None
 
 
+@contextlib.contextmanager
+def _interrupted_is_130() -> Iterator[None]:
+    """Ctrl-C where a command has no handler of its own (serve, worker, demo and a `dlq`
+    move have theirs): one line and the shell's status for SIGINT, 130, where click said
+    "Aborted!" with exit 1, the status of an unexpected failure. What the command had not
+    committed is rolled back with its transaction."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        # What the interrupted work left behind (a connection attempt's future) would be
+        # logged at exit as "Future exception was never retrieved": it was abandoned.
+        logging.getLogger("asyncio").disabled = True
+        with contextlib.suppress(OSError):  # stderr a terminal that hung up
+            click.echo("error: interrupted (Ctrl-C): stopped", err=True)
+        raise click.exceptions.Exit(130) from None
+
+
 def _in_echo(exc: BaseException) -> bool:
     """Whether `exc` was raised writing output (click.echo: --help, --version, a message):
     the innermost frame of its traceback is click's echo."""
@@ -51,7 +69,7 @@ class _Estafeta(click.Group):
             return super().make_context(*args, **kwargs)
 
     def invoke(self, ctx: click.Context) -> Any:
-        with _reader_gone_is_the_end():
+        with _reader_gone_is_the_end(), _interrupted_is_130():
             return super().invoke(ctx)
 
     def main(self, *args: Any, **kwargs: Any) -> Any:

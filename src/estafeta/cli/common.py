@@ -12,6 +12,7 @@ import unicodedata
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import IO, Any, TypeVar
+from urllib.parse import parse_qsl
 
 import click
 from sqlalchemy import make_url
@@ -94,6 +95,18 @@ def exiting_on_errors(config: Config, command: Callable[[], T]) -> T:
     ESTAFETA_DATABASE_URL may not lead where the operator meant."""
     try:
         return command()
+    except ConfigError as exc:  # the store's setting, found wrong as the store opened
+        if _url_from_env():
+            exc = ConfigError(
+                [
+                    ConfigIssue(i.location, f"{i.message} (the value of {DATABASE_URL_ENV})")
+                    if i.location == "storage.url"
+                    else i
+                    for i in exc.issues
+                ]
+            )
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
     except EstafetaError as exc:
         of_store = isinstance(exc, StoreError)
         where = f"{database_named(config.storage.url)}: " if of_store else ""
@@ -103,24 +116,42 @@ def exiting_on_errors(config: Config, command: Callable[[], T]) -> T:
 
 
 def database_named(url: str) -> str:
-    """The database as an error names it: its URL, password masked, query left out, and for
-    a SQLite file's relative path the file it leads to (from the working directory, which
-    under a service manager is not where the operator stands)."""
-    where = mask_url(url).split("?")[0]
+    """The database as an error names it: its URL, password masked, query left out but for
+    its host and port, and for a SQLite file's relative path the file it leads to (from the
+    working directory, which under a service manager is not where the operator stands),
+    and whether ESTAFETA_DATABASE_URL set it."""
+    where, _, query = mask_url(url).partition("?")
+    # But where the server is: a socket directory (`?host=/var/run/postgresql`) or a port.
+    place = [(key, value) for key, value in parse_qsl(query) if key in ("host", "port")]
+    if place:
+        where += "?" + "&".join(f"{key}={value}" for key, value in place)
+    notes = []
     if url.startswith("sqlite"):
         path = make_url(url).database
         if path and not os.path.isabs(path):
-            where += f" ({os.path.abspath(path)})"
-    return where
+            notes.append(os.path.abspath(path))
+    if _url_from_env():  # not the file's: the operator would search the file for it
+        notes.append(f"from {DATABASE_URL_ENV}")
+    return f"{where} ({', '.join(notes)})" if notes else where
+
+
+DATABASE_URL_ENV = "ESTAFETA_DATABASE_URL"
+
+
+def _url_from_env() -> bool:
+    """Whether storage.url is ESTAFETA_DATABASE_URL's (an empty one is unset: loader.py)."""
+    return bool(os.environ.get(DATABASE_URL_ENV))
 
 
 class OutputFailed(click.ClickException):
     """stdout cannot take a command's output (closed, a full disk): exit 2 saying why."""
 
     exit_code = 2
+    done = ""  # what the command did all the same, said after why
 
     def show(self, file: IO[Any] | None = None) -> None:
-        click.echo(f"error: cannot write to stdout ({self.message})", err=True)
+        done = f": {self.done}" if self.done else ""
+        click.echo(f"error: cannot write to stdout ({self.message}){done}", err=True)
 
 
 def out(line: str) -> None:
@@ -197,16 +228,44 @@ class Utf8Text(click.types.StringParamType):
     """Text that must be UTF-8: a byte that is not (a Latin-1 terminal, a script's encoding)
     reaches Python as a lone surrogate, which neither SQLite nor PostgreSQL can store."""
 
+    def __init__(self, *, empty: bool = True) -> None:
+        self.empty = empty
+
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
         text = super().convert(value, param, ctx)
         try:
             text.encode()
         except UnicodeEncodeError:
             self.fail(f"'{printable(text)}' is not valid UTF-8", param, ctx)
+        if not text and not self.empty:
+            # An id or a type is never empty: it would select nothing, said by no one.
+            self.fail("must not be empty", param, ctx)
         return text
 
 
 TEXT = Utf8Text()
+NAME = Utf8Text(empty=False)  # what names something of the store: a tenant, an id, a type
+
+
+class Label(Utf8Text):
+    """A note to recognise something by: shown on one line, so bounded, with no control
+    characters (a newline, ESC)."""
+
+    MAX = 200
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = super().convert(value, param, ctx)
+        if len(text) > self.MAX:
+            self.fail(f"at most {self.MAX} characters, not {len(text)}", param, ctx)
+        controls = [ch for ch in text if unicodedata.category(ch) in ("Cc", "Zl", "Zp")]
+        if controls:
+            self.fail(
+                f"must not contain control characters ('{printable(controls[0])}')", param, ctx
+            )
+        return text
+
+
+LABEL = Label()
 
 # Characters a terminal acts on instead of showing: controls (ESC starts a sequence that can
 # rewrite the screen), format characters (a right-to-left override reorders what follows),

@@ -16,7 +16,8 @@ import click
 import orjson
 
 from estafeta.cli.common import (
-    TEXT,
+    NAME,
+    OutputFailed,
     config_option,
     counted,
     in_store,
@@ -90,9 +91,9 @@ def dlq_options(function: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(
         [
             config_option,
-            click.option("--tenant", default=None, type=TEXT, help="only this tenant's deliveries"),
-            click.option("--destination", default=None, type=TEXT, help="only to this destination"),
-            click.option("--event-type", default=None, type=TEXT, help="only events of this type"),
+            click.option("--tenant", default=None, type=NAME, help="only this tenant's deliveries"),
+            click.option("--destination", default=None, type=NAME, help="only to this destination"),
+            click.option("--event-type", default=None, type=NAME, help="only events of this type"),
             click.option("--since", default=None, callback=_iso_time, help="dead since (ISO 8601)"),
             click.option(
                 "--until", default=None, callback=_iso_time, help="dead before (ISO 8601)"
@@ -101,7 +102,7 @@ def dlq_options(function: Callable[..., Any]) -> Callable[..., Any]:
                 "--id",
                 "ids",
                 multiple=True,
-                type=TEXT,
+                type=NAME,
                 callback=_at_most_max_ids,
                 help=f"a delivery id (repeatable, up to {MAX_IDS:,} times)",
             ),
@@ -252,7 +253,7 @@ def _move(config_path: str, action_name: str, everything: bool, **selection: Any
         # The store failed between batches (said above): those committed stay moved.
         if progress.moved:
             with contextlib.suppress(click.exceptions.Exit, click.ClickException):
-                _report(progress.moved, f"{past} before the error")
+                _report(progress.moved, past, " before the error")
         raise
     if progress.cut:
         name = signal.Signals(signals[0]).name
@@ -260,24 +261,29 @@ def _move(config_path: str, action_name: str, everything: bool, **selection: Any
         with contextlib.suppress(click.exceptions.Exit):
             _report(
                 progress.moved,
-                f"{past} before {name}: the rest are still dead (run it again for them)",
+                past,
+                f" before {name}: the rest are still dead (run it again for them)",
             )
         sys.exit(1)
-    if progress.more:  # else "1000 deliveries replayed" reads as the whole selection
-        past += ": more are still dead (run it again, or raise --limit)"
-    _report(progress.moved, past)
+    # Else "1000 deliveries replayed" reads as the whole selection.
+    more = ": more are still dead (run it again, or raise --limit)" if progress.more else ""
+    _report(progress.moved, past, more)
     _report_unmoved(chosen.delivery_ids, progress.moved)
 
 
-def _report(moved: list[str], what: str) -> None:
+def _report(moved: list[str], past: str, then: str = "") -> None:
     """The ids moved on stdout, then their count on stderr, even when stdout fails (a
-    reader gone, a full disk): the count says what the command did."""
+    reader gone, a full disk, a terminal hung up): the count says what the command did,
+    and the error (exit 2) that it stays done."""
     try:
         for delivery_id in moved:
             out(delivery_id)
+    except OutputFailed as exc:
+        exc.done = f"not every id was printed, but the deliveries counted above stay {past}"
+        raise
     finally:
         with contextlib.suppress(OSError):  # stderr gone too (`2>&1 | head`)
-            click.echo(f"{counted(len(moved), 'delivery', 'deliveries')} {what}", err=True)
+            click.echo(f"{counted(len(moved), 'delivery', 'deliveries')} {past}{then}", err=True)
 
 
 def _report_unmoved(named: tuple[str, ...], moved: list[str]) -> None:

@@ -13,7 +13,8 @@ import click
 import orjson
 
 from estafeta.cli.common import (
-    TEXT,
+    LABEL,
+    NAME,
     config_option,
     counted,
     in_store,
@@ -46,8 +47,13 @@ def keys() -> None:
 
 @keys.command("create")
 @config_option
-@click.option("--tenant", required=True, type=TEXT, help="the tenant the key belongs to")
-@click.option("--label", default="", type=TEXT, help="a note to recognise the key by")
+@click.option("--tenant", required=True, type=NAME, help="the tenant the key belongs to")
+@click.option(
+    "--label",
+    default="",
+    type=LABEL,
+    help=f"a note to recognise the key by (up to {LABEL.MAX} characters)",
+)
 def keys_create(config_path: str, tenant: str, label: str) -> None:
     """Create an API key; it is printed once and only its hash is stored."""
     from estafeta.api.auth import hash_key, new_api_key
@@ -101,7 +107,7 @@ def _print_key(key: str) -> None:
 
 @keys.command("list")
 @config_option
-@click.option("--tenant", default=None, type=TEXT, help="only this tenant's keys")
+@click.option("--tenant", default=None, type=NAME, help="only this tenant's keys")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
 def keys_list(config_path: str, tenant: str | None, as_json: bool) -> None:
     """List API keys, revoked ones too (never the keys themselves)."""
@@ -128,7 +134,7 @@ def keys_list(config_path: str, tenant: str | None, as_json: bool) -> None:
 
 @keys.command("revoke")
 @config_option
-@click.argument("key_id", type=TEXT)
+@click.argument("key_id", type=NAME)
 def keys_revoke(config_path: str, key_id: str) -> None:
     """Revoke an API key: refused from then on (within the API's 10 s cache of keys)."""
     config = load(config_path)

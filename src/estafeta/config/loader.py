@@ -13,8 +13,10 @@ works for numbers too. The `ESTAFETA_*` variables in `ENV_OVERRIDES` then replac
 from __future__ import annotations
 
 import difflib
+import errno
 import os
 import re
+import stat
 import tomllib
 import types
 import typing
@@ -78,8 +80,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not name:  # Path("") is the working directory: "cannot read: Is a directory"
         raise ConfigError([ConfigIssue("''", "an empty path names no file")])
     try:
-        with Path(path).open("rb") as file:
-            return tomllib.load(file)
+        return tomllib.loads(_read_file(name).decode())
     except FileNotFoundError:
         raise ConfigError([ConfigIssue(name, "file does not exist")]) from None
     except tomllib.TOMLDecodeError as exc:
@@ -91,6 +92,31 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError([issue]) from None
     except OSError as exc:
         raise ConfigError([ConfigIssue(name, f"cannot read: {exc.strerror}")]) from None
+
+
+MAX_CONFIG_BYTES = 4 * 1024 * 1024  # far past any real configuration
+
+
+def _read_file(name: str) -> bytes:
+    """The bytes of the file `name`, at most MAX_CONFIG_BYTES: a device (/dev/zero) or a
+    file past the limit would fill memory. A pipe is read (`--config <(envsubst < t)`),
+    but opened non-blocking: a FIFO with no writer hung open(2)."""
+    fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as file:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+        if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+            raise ConfigError([ConfigIssue(name, "not a file (a device or a socket)")])
+        os.set_blocking(fd, True)  # a pipe's writer may not have written yet
+        data = file.read(MAX_CONFIG_BYTES + 1)
+        if not data and stat.S_ISFIFO(mode):
+            # Not an empty file's defaults: most likely nothing writes to it.
+            raise ConfigError([ConfigIssue(name, "a pipe that gave nothing (no writer?)")])
+    if len(data) > MAX_CONFIG_BYTES:
+        too_big = f"larger than {MAX_CONFIG_BYTES // 2**20} MiB: not a configuration file"
+        raise ConfigError([ConfigIssue(name, too_big)])
+    return data
 
 
 def resolve_env(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> dict[str, Any]:

@@ -287,6 +287,12 @@ class StorageConfig(_Model):
         elif parts.path in ("", "/", "/:memory:"):
             # An in-memory database forgets every event at exit: never what "durable" means.
             raise ValueError("a SQLite URL needs a file: write sqlite:///PATH")
+        elif parts.query:
+            # The driver drops it (`?mode=ro` then wrote), or with `?uri=true` opens the file
+            # past the checks and the private mode of store/sqlite.py.
+            raise ValueError(
+                f"a SQLite URL takes no query ('?{parts.query}'): write sqlite:///PATH"
+            )
         return value
 
     def __repr_args__(self) -> Any:
