@@ -75,6 +75,25 @@ async def test_two_processes_draw_from_one_tenant_budget(
         await b.aclose()
 
 
+async def test_another_processes_previous_window_slides_out_as_its_own_would(
+    client: redis.asyncio.Redis, shared_prefix: str
+) -> None:
+    clock = FakeClock(1_000_020.0)  # the start of a minute
+    a, b = (
+        TenantRateLimiter(limited("10/minute"), clock=clock, redis=client, key_prefix=shared_prefix)
+        for _ in range(2)
+    )
+    try:
+        assert admitted(a, 10) == 10
+        await a.share()
+        clock.now += 90  # half-way into the next minute: a's 10 still weigh 5
+        await b.share()
+        assert admitted(b, 10) == 5
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
 async def test_each_tenant_learns_its_own_total_from_one_share(
     client: redis.asyncio.Redis, shared_prefix: str
 ) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from estafeta.config import load_config_dict
@@ -14,7 +16,10 @@ OK = Outcome(OutcomeKind.SUCCESS, 1.0, status_code=200)
 DOWN = Outcome(OutcomeKind.RETRYABLE, 1.0, status_code=503, error_class="http_503")
 
 
-def breakers(circuit: dict[str, object]) -> tuple[Breakers, MemoryCircuitStore]:
+def breakers(
+    circuit: dict[str, object], states: MemoryCircuitStore | None = None
+) -> tuple[Breakers, MemoryCircuitStore]:
+    """A worker's breakers for destination `d`; `states` shared with another worker's."""
     config = load_config_dict(
         {
             "tenants": [{"id": "t"}],
@@ -23,7 +28,7 @@ def breakers(circuit: dict[str, object]) -> tuple[Breakers, MemoryCircuitStore]:
             ],
         }
     )
-    states = MemoryCircuitStore()
+    states = states if states is not None else MemoryCircuitStore()
     return Breakers(states, config), states
 
 
@@ -163,28 +168,37 @@ async def test_a_long_lease_does_not_hold_a_dead_probe_longer_than_a_minute() ->
     assert await board.try_probe("d", 61_000)  # a minute on: the next delivery probes
 
 
+async def test_a_slow_destinations_dead_probe_is_forgotten_five_seconds_after_its_timeout() -> None:
+    """configuration.md: a dead worker's probe is forgotten after the destination's timeout
+    + 5 s when that is longer than the minute: its answer may still be on its way until then."""
+    board = await probe_taken_by_a_killed_worker(lease_s=60, timeout_s=90)
+    assert not await board.try_probe("d", 95_999)  # 90 s + 5 s after the probe at 1 s
+    assert await board.try_probe("d", 96_000)
+
+
+# A tenant with a WhatsApp Cloud source: its sends have the circuit `send:wa`.
+SEND_SOURCE: dict[str, Any] = {
+    "tenants": [{"id": "t"}],
+    "sources": [
+        {
+            "id": "wa",
+            "tenant": "t",
+            "kind": "whatsapp_cloud",
+            "app_secret": "s",
+            "verify_token": "v",
+            "access_token": "a",
+            "phone_number_id": "1",
+        }
+    ],
+}
+
+
 async def test_a_dead_workers_send_probe_is_forgotten_after_a_lease_too() -> None:
     """Messages sent through a provider source (`send:<source>`) have a circuit of the
     defaults, and their attempts a 10 s timeout. With leases of 20 s, a killed worker's probe
     of one was waited for a fixed minute, not the lease configuration.md promises: nothing
     was sent through the number for 40 s after its delivery was rescued."""
-    config = load_config_dict(
-        {
-            "tenants": [{"id": "t"}],
-            "worker": {"lease_s": 20},
-            "sources": [
-                {
-                    "id": "wa",
-                    "tenant": "t",
-                    "kind": "whatsapp_cloud",
-                    "app_secret": "s",
-                    "verify_token": "v",
-                    "access_token": "a",
-                    "phone_number_id": "1",
-                }
-            ],
-        }
-    )
+    config = load_config_dict({**SEND_SOURCE, "worker": {"lease_s": 20}})
     board = Breakers(MemoryCircuitStore(), config)
     for _ in range(5):  # the default circuit: five failures open it
         await board.record("send:wa", DOWN, started_at=0, now_ms=0)
@@ -192,3 +206,66 @@ async def test_a_dead_workers_send_probe_is_forgotten_after_a_lease_too() -> Non
     assert await board.try_probe("send:wa", 30_000)  # taken by the worker that is then killed
     assert not await board.try_probe("send:wa", 49_999)  # within its lease: it may answer
     assert await board.try_probe("send:wa", 50_000)  # its lease is over: the next one probes
+
+
+async def test_a_provider_sends_circuit_opens_after_five_failures_and_probes_after_30_s() -> None:
+    """operations.md: provider sends have circuits with the defaults (5 failures, 30 s)."""
+    board = Breakers(MemoryCircuitStore(), load_config_dict(SEND_SOURCE))
+    for _ in range(4):
+        await board.record("send:wa", DOWN, started_at=0, now_ms=0)
+    await board.refresh(force=True)
+    assert board.not_closed() == set()  # four failures: still closed
+    await board.record("send:wa", DOWN, started_at=0, now_ms=0)
+    await board.refresh(force=True)
+    assert board.not_closed() == {"send:wa"}
+    assert not await board.try_probe("send:wa", 29_999)
+    assert await board.try_probe("send:wa", 30_000)
+
+
+async def test_an_open_circuit_blocks_its_destination_until_reset_s_after_it_opened() -> None:
+    board, _ = breakers({"failures": 1, "reset_s": 30})
+    await board.record("d", DOWN, started_at=0, now_ms=1_000)
+    await board.refresh(force=True)
+    assert board.blocked_until("d", 2_000) == 31_000
+    assert board.blocked_until("d", 31_000) is None  # its probe may go
+    assert board.blocked_until("healthy", 2_000) is None
+
+
+async def test_only_a_circuit_that_is_not_closed_is_ready_for_a_probe() -> None:
+    board, _ = breakers({"failures": 2, "reset_s": 30})
+    await board.record("d", DOWN, started_at=0, now_ms=0)  # a failure on record, still closed
+    await board.refresh(force=True)
+    assert (board.on_record(), board.probe_ready(60_000)) == ({"d"}, [])
+    await board.record("d", DOWN, started_at=0, now_ms=0)  # open
+    await board.refresh(force=True)
+    assert (board.probe_ready(29_999), board.probe_ready(30_000)) == ([], ["d"])
+
+
+async def test_a_forced_refresh_sees_what_another_worker_did_at_once() -> None:
+    board, states = breakers({"failures": 1})
+    await board.refresh(force=True)  # just read: an unforced refresh would wait REFRESH_S
+    other, _ = breakers({"failures": 1}, states)
+    await other.record("d", DOWN, started_at=0, now_ms=0)  # another worker opens it
+    await board.refresh(force=True)
+    assert board.not_closed() == {"d"}
+
+
+async def test_each_change_of_state_is_counted_once() -> None:
+    board, _ = breakers({"failures": 2})
+    await board.record("d", DOWN, started_at=0, now_ms=0)  # a failure on record: still closed
+    await board.record("d", DOWN, started_at=0, now_ms=0)
+    await board.record("d", DOWN, started_at=0, now_ms=0)  # open already: no change of state
+    assert board.transitions == {("d", "open"): 1}
+
+
+async def test_forgetting_a_removed_destination_clears_its_circuit_unless_it_changed() -> None:
+    board, states = breakers({"failures": 1})
+    await board.record("d", DOWN, started_at=0, now_ms=0)
+    await board.forget("d")
+    assert (await states.get_all(), board.on_record()) == ({}, set())
+    await board.record("d", DOWN, started_at=0, now_ms=0)
+    other, _ = breakers({"failures": 1}, states)  # a process naming it again records meanwhile
+    await other.record("d", DOWN, started_at=0, now_ms=5)
+    await board.forget("d")  # what this worker read is not what is there any more: kept
+    assert set(await states.get_all()) == {"d"}
+    assert board.on_record() == {"d"}

@@ -212,6 +212,15 @@ def test_policy_rejects_values_that_break_the_breaker(kwargs: dict[str, Any]) ->
         CircuitPolicy(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"failures": 1}, {"reset_s": 0.0}, {"failure_ratio": 1.0}, {"min_requests": 1}],
+)
+def test_policy_takes_the_edges_of_each_range(kwargs: dict[str, Any]) -> None:
+    # What the configuration accepts must build: the edge values included.
+    CircuitPolicy(**kwargs)
+
+
 def test_serialisation_round_trips_and_tolerates_missing_keys() -> None:
     for circuit in (Circuit(), OPENED, PROBING, Circuit(CLOSED, 1, 5, 6, 2)):
         assert Circuit.from_dict(circuit.to_dict()) == circuit

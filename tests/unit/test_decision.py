@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
@@ -192,6 +193,14 @@ def test_describe_failure_without_detail() -> None:
     assert describe_failure(Outcome(OutcomeKind.RETRYABLE, 1.0)) == "retryable_failure"
 
 
+def test_describe_failure_keeps_at_most_200_characters_of_detail() -> None:
+    # docs/state_machine.md: `last_error` holds at most 200 characters of detail.
+    long = Outcome(
+        OutcomeKind.RETRYABLE, 1.0, error_class="connection_error", response_excerpt="x" * 500
+    )
+    assert describe_failure(long) == "connection_error: " + "x" * 200
+
+
 @pytest.mark.parametrize(
     ("status", "kind"),
     [
@@ -200,6 +209,7 @@ def test_describe_failure_without_detail() -> None:
         (202, OutcomeKind.SUCCESS),
         (204, OutcomeKind.SUCCESS),
         (299, OutcomeKind.SUCCESS),
+        (300, OutcomeKind.RETRYABLE),  # the first status past the 2xx range
         (301, OutcomeKind.RETRYABLE),  # redirects are not followed: a failure, retried
         (302, OutcomeKind.RETRYABLE),
         (307, OutcomeKind.RETRYABLE),
@@ -277,6 +287,19 @@ def test_parse_retry_after(value: str | None, expected: float | None) -> None:
         assert got is None
     else:
         assert got == pytest.approx(expected)
+
+
+def test_a_retry_after_date_with_no_known_zone_is_utc_whatever_the_hosts_zone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # "-0000" gives a naive datetime: read in the host's zone, it would be hours off.
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        assert parse_retry_after("Tue, 01 Jul 2025 12:00:30 -0000", NOW) == pytest.approx(30.0)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
 
 
 @given(st.text(max_size=40))

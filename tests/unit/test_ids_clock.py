@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 from hypothesis import given
@@ -72,6 +73,29 @@ def test_an_id_made_after_the_clock_stepped_back_still_sorts_after(
     as the order of a key's deliveries needs."""
     made = ulid(first_ms)
     assert ulid(max(0, first_ms - back_by)) > made
+
+
+def test_ids_of_different_milliseconds_have_fresh_random_parts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Other processes make ids in the same milliseconds: only the random part keeps theirs
+    # from colliding with ours.
+    monkeypatch.setattr(ids, "_last", [0, 0])  # the process's first id
+    randoms = {ulid(1_751_371_200_000 + ms)[10:] for ms in range(100)}
+    assert len(randoms) == 100
+
+
+def test_an_id_made_without_a_time_carries_the_current_millisecond(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(ids, "_last", [0, 0])  # the process's first id
+    before = time.time_ns() // 1_000_000
+    made = ulid()
+    after = time.time_ns() // 1_000_000
+    ms = 0
+    for c in made[:10]:
+        ms = ms * 32 + CROCKFORD_DIGITS.index(c)
+    assert before <= ms <= after
 
 
 def test_ids_are_unique() -> None:

@@ -129,6 +129,18 @@ def test_tenants_get_their_own_limit_and_whole_second_retry_after() -> None:
     assert limiter.retry_after("nobody") is None
 
 
+def test_a_wait_under_a_second_is_answered_as_one_second() -> None:
+    config = load_config_dict(
+        {"tenants": [{"id": "acme", "name": "Acme", "ingress_rate_limit": "2/second"}]}
+    )
+    clock = FakeClock(1_000_000.9)  # 0.1 s before the next second
+    limiter = TenantRateLimiter(config, clock=clock)
+    assert [limiter.retry_after("acme") for _ in range(2)] == [None, None]
+    # 0.1 s left, then half of this second must slide out: 0.6 s, said as 1 (Retry-After
+    # is in whole seconds, and 0 would ask for an immediate retry).
+    assert limiter.retry_after("acme") == 1
+
+
 # -- shared between processes (the Redis round trips are in tests/integration) ----------------
 
 
@@ -180,7 +192,26 @@ def test_counts_that_did_not_reach_redis_wait_for_the_next_share_while_they_coun
     assert limiter.to_share() == {}
 
 
+def test_counts_not_shared_before_their_window_ended_are_shared_under_it_after() -> None:
+    clock = FakeClock(1_000_079.0)  # a second before the minute ends
+    limiter = SlidingWindowCounter(10, 60, clock=clock, shared=True)
+    for _ in range(3):
+        limiter.hit()
+    window = limiter.window()
+    clock.now += 2  # the minute turned before those 3 reached Redis
+    limiter.hit()
+    # They still weigh in the sliding window, so the other processes must learn of them.
+    assert limiter.to_share() == {window + 1: 1, window: 3}
+
+
 def test_an_unshared_counter_keeps_nothing_to_share() -> None:
     limiter = SlidingWindowCounter(10, 60, clock=FakeClock(1_000_020.0))
     limiter.hit()
     assert limiter.to_share() == {}
+
+
+async def test_a_limiter_without_redis_closes_quietly() -> None:
+    # `serve` closes its limiter at shutdown, Redis configured or not.
+    limiter = TenantRateLimiter(load_config_dict({"tenants": [{"id": "acme", "name": "Acme"}]}))
+    assert limiter.retry_after("acme") is None
+    await limiter.aclose()

@@ -113,3 +113,20 @@ def test_of_three_routes_the_most_urgent_keyed_ones_key_wins_in_any_file_order(
     the unkeyed route's 0 made the first merge look more urgent than the priority-1 route,
     and in two of these orders the priority-2 route's key won."""
     assert targets(*order) == {"crm": (0, "7")}
+
+
+def test_a_route_whose_filter_does_not_match_the_event_gives_no_delivery() -> None:
+    # EVENT's data.n is 7: only the route whose filter holds for it sends anything.
+    got = targets(
+        {"filter": "data.n >= 7", "destinations": ["crm"]},
+        {"filter": "data.n > 7", "destinations": ["billing"]},
+    )
+    assert got == {"crm": (2, None)}
+
+
+def test_of_two_equally_urgent_keyed_routes_the_earlier_routes_key_wins() -> None:
+    got = targets(
+        {"priority": 1, "ordering_key": "data.conversation_id"},
+        {"priority": 1, "ordering_key": "data.n"},
+    )
+    assert got == {"crm": (1, "5511987654321")}
