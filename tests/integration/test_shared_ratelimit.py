@@ -44,6 +44,22 @@ async def client() -> AsyncIterator[redis.asyncio.Redis]:
     await client.aclose()
 
 
+@contextlib.asynccontextmanager
+async def two_processes(
+    client: redis.asyncio.Redis, prefix: str, clock: FakeClock
+) -> AsyncIterator[tuple[TenantRateLimiter, TenantRateLimiter]]:
+    """Two processes' limiters of one tenant at "10/minute", sharing through `client`."""
+    a, b = (
+        TenantRateLimiter(limited("10/minute"), clock=clock, redis=client, key_prefix=prefix)
+        for _ in range(2)
+    )
+    try:
+        yield a, b
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
 def admitted(limiter: TenantRateLimiter, n: int) -> int:
     """How many of `n` requests the limiter lets through."""
     return sum(limiter.retry_after("acme") is None for _ in range(n))
@@ -53,11 +69,7 @@ async def test_two_processes_draw_from_one_tenant_budget(
     client: redis.asyncio.Redis, shared_prefix: str
 ) -> None:
     clock = FakeClock(1_000_020.0)  # the start of a minute
-    a, b = (
-        TenantRateLimiter(limited("10/minute"), clock=clock, redis=client, key_prefix=shared_prefix)
-        for _ in range(2)
-    )
-    try:
+    async with two_processes(client, shared_prefix, clock) as (a, b):
         assert admitted(a, 6) == 6
         await a.share()
         await b.share()  # b learns a's 6 before its next requests
@@ -70,28 +82,18 @@ async def test_two_processes_draw_from_one_tenant_budget(
         assert int(await client.get(total) or 0) == 10
         for key in (total, f"{total}:processes"):  # gone three windows later
             assert 0 < await client.ttl(key) <= 180
-    finally:
-        await a.aclose()
-        await b.aclose()
 
 
 async def test_another_processes_previous_window_slides_out_as_its_own_would(
     client: redis.asyncio.Redis, shared_prefix: str
 ) -> None:
     clock = FakeClock(1_000_020.0)  # the start of a minute
-    a, b = (
-        TenantRateLimiter(limited("10/minute"), clock=clock, redis=client, key_prefix=shared_prefix)
-        for _ in range(2)
-    )
-    try:
+    async with two_processes(client, shared_prefix, clock) as (a, b):
         assert admitted(a, 10) == 10
         await a.share()
         clock.now += 90  # half-way into the next minute: a's 10 still weigh 5
         await b.share()
         assert admitted(b, 10) == 5
-    finally:
-        await a.aclose()
-        await b.aclose()
 
 
 async def test_each_tenant_learns_its_own_total_from_one_share(
@@ -130,9 +132,7 @@ async def test_counts_are_shared_in_the_background_while_requests_come(
     client: redis.asyncio.Redis, shared_prefix: str
 ) -> None:
     clock = FakeClock(1_000_020.0)
-    a = TenantRateLimiter(limited("10/minute"), clock=clock, redis=client, key_prefix=shared_prefix)
-    b = TenantRateLimiter(limited("10/minute"), clock=clock, redis=client, key_prefix=shared_prefix)
-    try:
+    async with two_processes(client, shared_prefix, clock) as (a, b):
         assert admitted(a, 7) == 7  # no share called: the limiter shares by itself
         key = f"{shared_prefix}ingress:acme:60:{1_000_020 // 60}"
         async with asyncio.timeout(5):
@@ -140,9 +140,6 @@ async def test_counts_are_shared_in_the_background_while_requests_come(
                 await asyncio.sleep(0.02)
         await b.share()
         assert admitted(b, 10) == 3
-    finally:
-        await a.aclose()
-        await b.aclose()
 
 
 async def test_closing_shares_what_was_counted_since_the_last_share(
