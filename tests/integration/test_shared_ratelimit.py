@@ -152,6 +152,67 @@ async def test_closing_shares_what_was_counted_since_the_last_share(
     assert await client.get(f"{shared_prefix}ingress:acme:60:{1_000_020 // 60}") == b"5"
 
 
+@pytest.mark.parametrize(("limit", "period_s"), [("10/minute", 60), ("10/hour", 3600)])
+async def test_a_shared_window_outlives_the_next_one(
+    client: redis.asyncio.Redis, shared_prefix: str, limit: str, period_s: int
+) -> None:
+    """A window's totals are read as the previous window's all through the next one: shared
+    at any instant of their window, they must live two periods on (else the other processes
+    forget the previous window's requests before they slide out, and admit them again)."""
+    clock = FakeClock(1_000_800.0)  # the start of an hour, and of a minute
+    a = TenantRateLimiter(limited(limit), clock=clock, redis=client, key_prefix=shared_prefix)
+    try:
+        assert admitted(a, 4) == 4
+        await a.share()
+        total = f"{shared_prefix}ingress:acme:{period_s}:{1_000_800 // period_s}"
+        for key in (total, f"{total}:processes"):
+            assert 2 * period_s <= await client.ttl(key) <= 3 * period_s
+    finally:
+        await a.aclose()
+
+
+async def test_closing_leaves_no_share_running(
+    client: redis.asyncio.Redis, shared_prefix: str
+) -> None:
+    """`serve` closes its Redis client after the limiter: a background share still running
+    after `aclose` would go on calling Redis once the limiter is closed."""
+    before = asyncio.all_tasks()
+    clock = FakeClock(1_000_020.0)
+    a = TenantRateLimiter(limited("10/minute"), clock=clock, redis=client, key_prefix=shared_prefix)
+    assert admitted(a, 3) == 3  # starts the background share
+    await a.aclose()
+    assert asyncio.all_tasks() <= before
+
+
+async def test_a_redis_found_down_is_not_called_again_before_retry_s(shared_prefix: str) -> None:
+    """The module docstring: a process whose Redis fails goes on with the counts it has and
+    tries Redis again every `retry_s`, not at every share (ten a second while requests come)."""
+    async with LateRedis(SHARED_REDIS_URL) as proxy:
+        flaky = connect_redis(proxy.url, timeout_s=0.5)
+        a = TenantRateLimiter(
+            limited("10/minute"),
+            clock=FakeClock(1_000_020.0),
+            redis=flaky,
+            key_prefix=shared_prefix,
+            retry_s=600,
+        )
+        try:
+            proxy.refusing = True
+            assert admitted(a, 2) == 2
+            with capture_logs() as logs:
+                await a.share()  # fails: Redis is down, next tried in 10 minutes
+            assert [e["event"] for e in logs] == ["redis_unavailable"]
+            proxy.refusing = False  # back, but not due for a try
+            assert admitted(a, 3) == 3
+            await a.share()
+            assert await a.admit("acme") is None
+            key = f"{shared_prefix}ingress:acme:60:{1_000_020 // 60}"
+            assert await flaky.get(key) is None  # read past the limiter: nothing was sent
+        finally:
+            await a.aclose()  # shares nothing either: Redis is not due for a try
+            await flaky.aclose()
+
+
 async def test_a_redis_outage_limits_each_process_on_its_own_then_catches_up(
     own_redis: RedisServer,
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from estafeta.config import load_config_dict
 from estafeta.delivery.breakers import Breakers, counts_against
@@ -269,3 +270,17 @@ async def test_forgetting_a_removed_destination_clears_its_circuit_unless_it_cha
     await board.forget("d")  # what this worker read is not what is there any more: kept
     assert set(await states.get_all()) == {"d"}
     assert board.on_record() == {"d"}
+
+
+async def test_forgetting_a_removed_destinations_circuit_logs_what_it_left() -> None:
+    """operations.md: `circuit_forgotten` (info) names the `destination` and the `state` its
+    circuit was left in; a healthy circuit, with nothing to clear, logs nothing."""
+    board, _ = breakers({"failures": 1})
+    await board.record("d", DOWN, started_at=0, now_ms=0)  # open
+    with capture_logs() as logs:
+        await board.forget("d")
+        await board.forget("d")  # cleared already: nothing more to say
+    forgotten = [e for e in logs if e["event"] == "circuit_forgotten"]
+    assert forgotten == [
+        {"event": "circuit_forgotten", "log_level": "info", "destination": "d", "state": "open"}
+    ]
