@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -864,12 +865,24 @@ def estafeta_process(config: Path | None, *args: str) -> list[str]:
 
 def with_reader_gone(command: list[str]) -> subprocess.CompletedProcess[bytes]:
     """`command | head -0`: every write to stdout finds its reader gone (EPIPE)."""
-    read_end, write_end = os.pipe()
-    os.close(read_end)
+    return _with_other_end_closed(command, os.pipe)
+
+
+def with_terminal_hung_up(command: list[str]) -> subprocess.CompletedProcess[bytes]:
+    """`command` on a terminal that hung up (an SSH session gone): every write is EIO."""
+    return _with_other_end_closed(command, os.openpty)
+
+
+def _with_other_end_closed(
+    command: list[str], open_pair: Callable[[], tuple[int, int]]
+) -> subprocess.CompletedProcess[bytes]:
+    """`command` writing its stdout to the second end of `open_pair()`, the first closed."""
+    gone, kept = open_pair()
+    os.close(gone)
     try:
-        return subprocess.run(command, stdout=write_end, stderr=subprocess.PIPE, timeout=120)
+        return subprocess.run(command, stdout=kept, stderr=subprocess.PIPE, timeout=120)
     finally:
-        os.close(write_end)
+        os.close(kept)
 
 
 def with_stdout(command: list[str], stdout: str | None) -> subprocess.CompletedProcess[bytes]:
@@ -932,16 +945,6 @@ async def pending_ids(store: SqlStore) -> set[str]:
     async with store.engine.connect() as conn:
         found = await conn.execute(text("SELECT id FROM deliveries WHERE state = 'pending'"))
         return {row[0] for row in found}
-
-
-def with_terminal_hung_up(command: list[str]) -> subprocess.CompletedProcess[bytes]:
-    """`command` on a terminal that hung up (an SSH session gone): every write is EIO."""
-    controller, terminal = os.openpty()
-    os.close(controller)
-    try:
-        return subprocess.run(command, stdout=terminal, stderr=subprocess.PIPE, timeout=120)
-    finally:
-        os.close(terminal)
 
 
 @pytest.mark.parametrize("stdout", ["gone", "/dev/full", "hung up"])
@@ -1136,8 +1139,9 @@ def test_a_configuration_path_that_is_no_file_to_read_is_refused_at_once(
         path.mkdir()
     else:
         path.write_text("# padding\n" * 500_000)  # 5 MB, past the limit
+    # In tmp_path: a file read as an empty configuration would migrate ./estafeta.db.
     done = subprocess.run(
-        estafeta_process(path, "migrate"), capture_output=True, timeout=20, text=True
+        estafeta_process(path, "migrate"), capture_output=True, timeout=20, text=True, cwd=tmp_path
     )
     assert done.returncode == 2, done.stderr
     why = {
