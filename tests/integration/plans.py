@@ -120,3 +120,32 @@ def assert_walks_only(
         for step in steps:
             found = re.search(r"USING (?:COVERING )?INDEX (\w+)", step)
             assert found and found[1] in indexes, plan
+
+
+async def kept_plan(store: SqlStore, start: str) -> Any:
+    """The generic plan PostgreSQL keeps for the store's prepared statement whose text
+    starts with `start`, run (EXPLAIN ANALYZE, every parameter NULL; whatever it wrote is
+    rolled back): the plan of each run once PostgreSQL has chosen it, as it has when the
+    statement has no parameters, or after five runs when it costs less than the plans made
+    per run. Asked on the pool's connection that ran the statement: the tests call the
+    store one call at a time, so the pool holds one idle connection."""
+    async with store.engine.connect() as conn:
+        try:
+            found = (
+                await conn.execute(
+                    text(
+                        "SELECT name, cardinality(parameter_types), generic_plans"
+                        " FROM pg_prepared_statements WHERE starts_with(statement, :start)"
+                    ),
+                    {"start": start},
+                )
+            ).all()
+            assert len(found) == 1, found
+            [(name, parameters, generic_plans)] = found
+            assert generic_plans > 0, "PostgreSQL plans each run: no plan is kept"
+            await conn.execute(text("SET LOCAL plan_cache_mode = force_generic_plan"))
+            nulls = f"({', '.join(['NULL'] * parameters)})" if parameters else ""
+            explained = text(f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE {name}{nulls}")
+            return (await conn.execute(explained)).scalar_one()[0]["Plan"]
+        finally:
+            await conn.rollback()

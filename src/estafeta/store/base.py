@@ -79,12 +79,19 @@ def each_value(table: str, column: str, where: str = "TRUE") -> TextClause:
 def found_values(table: str, column: str, where: str = "TRUE") -> str:
     """`each_value`'s recursive common table expression, `found(value)`, for a statement that
     does more with each value (NULL ends it: `WHERE value IS NOT NULL` to leave it out)."""
+    # Each step the first value by the index's order (ORDER BY … LIMIT 1) rather than min():
+    # PostgreSQL may plan a min() as a walk of the whole index, and keeps the plan of a
+    # statement without parameters as first made: made while the table was nearly empty, the
+    # first step read every pending delivery at each call once a backlog built up.
     return f"""
         found(value) AS (
-            SELECT min({column}) FROM {table} WHERE {where}
+            SELECT (SELECT {column} FROM {table}
+                    WHERE {where} AND {column} IS NOT NULL
+                    ORDER BY {column} LIMIT 1)
             UNION ALL
-            SELECT (SELECT min(t.{column}) FROM {table} AS t
-                    WHERE {where} AND t.{column} > found.value)
+            SELECT (SELECT t.{column} FROM {table} AS t
+                    WHERE {where} AND t.{column} > found.value
+                    ORDER BY t.{column} LIMIT 1)
             FROM found
             WHERE found.value IS NOT NULL
         )

@@ -26,7 +26,7 @@ from estafeta.delivery.model import LeasedDelivery
 from estafeta.delivery.state import DeliveryState
 from estafeta.messaging.facts import storable
 from estafeta.store import schema as s
-from estafeta.store.base import SQL_DIR, each_value, in_chunks
+from estafeta.store.base import SQL_DIR, each_value, in_chunks, written_in
 from estafeta.store.messaging import MessagingOps, last_error
 from estafeta.store.records import Completed, CompletedAttempt
 
@@ -134,7 +134,9 @@ class LeaseOps(MessagingOps):
             update(d)
             .where(
                 d.c.destination_id.in_(sorted(destinations)),
-                d.c.state == DeliveryState.PENDING.value,
+                # Written in, for the partial index (deliveries_destination_due) in a
+                # prepared statement's generic plan too, as in `claim_expired`.
+                d.c.state == written_in(DeliveryState.PENDING.value),
                 d.c.next_attempt_at > now_ms,
             )
             .values(next_attempt_at=now_ms)
@@ -265,9 +267,14 @@ class LeaseOps(MessagingOps):
         d = s.deliveries
         token = secrets.token_hex(8)
         deadline = now_ms + lease_ms
+        # The state written into the statement: only then may its plan read the partial
+        # index of in-flight rows (deliveries_lease_expiry). PostgreSQL keeps a prepared
+        # statement's generic plan, made for any state; one made on a nearly empty table read
+        # every delivery ever made at each rescue once the table grew.
+        in_flight = d.c.state == written_in(DeliveryState.IN_FLIGHT.value)
         expired = (
             select(d.c.id)
-            .where(d.c.state == DeliveryState.IN_FLIGHT.value, d.c.lease_expires_at <= now_ms)
+            .where(in_flight, d.c.lease_expires_at <= now_ms)
             .order_by(d.c.lease_expires_at)
             .limit(limit)
             .with_for_update(skip_locked=True)
@@ -281,7 +288,7 @@ class LeaseOps(MessagingOps):
             update(d)
             .where(
                 d.c.id.in_(select(expired.c.id)),
-                d.c.state == DeliveryState.IN_FLIGHT.value,
+                in_flight,
                 d.c.lease_expires_at <= now_ms,
             )
             .values(lease_token=token, lease_expires_at=deadline, leased_by=worker_id)
