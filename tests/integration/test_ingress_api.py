@@ -1197,6 +1197,18 @@ async def test_a_webhook_after_a_byte_order_mark_is_taken_as_the_api_takes_it(
         assert orjson.loads(delivery.payload)["data"] == {"status": "ok"}
 
 
+async def test_a_byte_that_is_not_utf8_after_a_byte_order_mark_is_counted_from_the_first_sent(
+    client: Client,
+) -> None:
+    """Signed or sent with the source's key, a webhook's byte that is not UTF-8 is named
+    by its offset in the body as sent, the byte order mark counted, as the providers' are."""
+    body = b"\xef\xbb\xbf" + '{"type": "lead.new", "data": {"city": "Paraná"}}'.encode("latin-1")
+    for url, headers in (("/in/crm-events", signed(body, "m-bom-latin1")), ("/in/keyed", _keyed())):
+        r = await client.http.post(url, content=body, headers=headers)
+        assert (r.status_code, r.json()["error"]) == (400, "invalid_body"), r.text
+        assert r.json()["detail"] == "the body is not UTF-8 at byte 47", url
+
+
 async def test_an_event_whose_route_key_is_longer_than_an_index_row_is_accepted(
     store: SqlStore, database_url: str
 ) -> None:

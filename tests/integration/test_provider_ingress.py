@@ -786,6 +786,28 @@ async def test_a_webhook_that_is_not_utf8_is_refused_as_such(http: httpx.AsyncCl
     assert listed == []
 
 
+async def test_a_byte_that_is_not_utf8_after_a_byte_order_mark_is_named_where_it_was_sent(
+    http: httpx.AsyncClient,
+) -> None:
+    """The offset of a byte that is not UTF-8 counts from the body's first byte as sent,
+    byte order mark included: it was 3 short, counted after the mark was taken off, and the
+    sender's hexdump showed a byte that was fine there."""
+    bom = b"\xef\xbb\xbf"
+    doc = orjson.loads((FIXTURES / "zapi/received_text.json").read_bytes())
+    body = bom + orjson.dumps(doc).decode().encode("latin-1")  # "Vocês", "sábado"
+    at = body.index("ê".encode("latin-1"))
+    json_type = {"content-type": "application/json"}
+    digest = hmac.new(WA_VECTOR["app_secret"].encode(), body, hashlib.sha256).hexdigest()
+    for url, headers in (
+        (f"/in/zapi-sol?token={ZAPI_TOKEN}", json_type),
+        (f"/in/sp-sol?token={SENDPULSE_TOKEN}", json_type),
+        ("/in/wa-sol", {**json_type, "x-hub-signature-256": f"sha256={digest}"}),
+    ):
+        r = await http.post(url, content=body, headers=headers)
+        assert (r.status_code, r.json()["error"]) == (400, "invalid_body"), (url, r.text)
+        assert r.json()["detail"] == f"the body is not UTF-8 at byte {at}", url
+
+
 async def test_a_webhook_after_a_byte_order_mark_is_taken(http: httpx.AsyncClient) -> None:
     """A UTF-8 byte order mark before the JSON was `400 invalid_json` ("BOM is not
     supported"), the provider's message lost; the API skips one, and so does ingest."""

@@ -174,8 +174,9 @@ def not_utf8(exc: UnicodeDecodeError) -> HttpError:
 def not_json(body: bytes, exc: orjson.JSONDecodeError) -> HttpError:
     """The 400 for a body orjson cannot read. orjson calls any byte that is not UTF-8
     "surrogates not allowed" at "char 0": a body that is not UTF-8 (Latin-1 …) is told so,
-    where it stops being UTF-8, as a signed one is (`verify`). Only a refused body is
-    decoded again."""
+    where it stops being UTF-8, as a signed one is (`verify`). `body` is the body as sent,
+    byte order mark included, so that the byte is counted from the first one sent. Only a
+    refused body is decoded again."""
     try:
         body.decode()
     except UnicodeDecodeError as bad:

@@ -237,7 +237,7 @@ def load_json(request: InboundRequest, *, check_type: bool = True) -> object:
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        document = _with_lone_surrogates_mended(body, exc)
+        document = _with_lone_surrogates_mended(body, exc, sent=request.body)
     if may_nest_too_deep(body):
         # What a parser keeps (a `referral`, an unsupported message's part) lies deeper in
         # the body than in `data`: a body within `data`'s bound keeps it within too.
@@ -252,20 +252,24 @@ def load_json(request: InboundRequest, *, check_type: bool = True) -> object:
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _with_lone_surrogates_mended(body: bytes, exc: orjson.JSONDecodeError) -> object:
+def _with_lone_surrogates_mended(
+    body: bytes, exc: orjson.JSONDecodeError, *, sent: bytes
+) -> object:
     """A body orjson refuses only for a lone surrogate escape (`"\\ud83d"`, text cut in the
     middle of an emoji by a sender counting UTF-16 units, as Node's JSON.stringify writes
     it), read by the standard library with each lone half as U+FFFD, which a store can hold:
     refused, the provider's message was lost. Numbers are read as orjson reads them. Any
-    other refusal is the 400 it was. Only a refused body is read again."""
+    other refusal is the 400 it was, told of the body as `sent` (its byte order mark too: a
+    byte that is not UTF-8 is counted from the first byte sent). Only a refused body is
+    read again."""
     if "surrogate" not in str(exc):
-        raise not_json(body, exc) from None
+        raise not_json(sent, exc) from None
     try:
         document = json.loads(
             body.decode(), parse_int=_orjson_int, parse_float=_finite, parse_constant=_no_constant
         )
     except (ValueError, RecursionError):  # not UTF-8 (no surrogate escape), or no JSON
-        raise not_json(body, exc) from None
+        raise not_json(sent, exc) from None
     stack: list[object] = [document]
     while stack:  # without recursion: the body may nest deeper than a walk could recurse
         item = stack.pop()
