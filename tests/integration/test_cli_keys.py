@@ -5,10 +5,9 @@ and the API refuses it from then on (at the latest when the API's key cache expi
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -17,10 +16,17 @@ from starlette.requests import Request
 
 from estafeta.api.auth import _CACHE_TTL_S, Authenticator, hash_key, new_api_key
 from estafeta.cli import main
-from estafeta.errors import HttpError
+from estafeta.errors import HttpError, StoreUnavailable
 from estafeta.store import open_store
+from estafeta.store.api_keys import ApiKeyOps
 from estafeta.store.sqlstore import SqlStore
 from tests.integration.store_support import rows
+from tests.integration.test_cli_store import (
+    estafeta_process,
+    with_reader_gone,
+    with_stdout,
+    with_terminal_hung_up,
+)
 
 TENANT, OTHER = "clinica-sol", "outra"
 
@@ -177,28 +183,121 @@ def test_a_key_is_not_made_for_a_tenant_taken_out_of_the_configuration(
 
 @pytest.mark.parametrize(
     ("stdout", "why"),
-    [("/dev/full", "No space left on device"), (None, "stdout is closed")],
+    [
+        ("/dev/full", "No space left on device"),
+        (None, "stdout is closed"),
+        ("gone", "Broken pipe"),
+        ("hung up", "Input/output error"),
+    ],
 )
 def test_a_key_that_cannot_be_printed_is_revoked_not_left_active(
     config_path: Path, database_url: str, stdout: str | None, why: str
 ) -> None:
     # Before: with stdout closed the key was printed to no one, and on a full disk after a
     # traceback, while the store kept it active: a key nobody has, never to be shown again.
-    command = [sys.executable, "-m", "estafeta", "keys", "create", "--tenant", TENANT]
-    command += ["--config", str(config_path)]
-    env = {**os.environ, "USER": "ana"}
-    if stdout is None:  # the shell's `>&-`
-        result = subprocess.run(
-            ["sh", "-c", 'exec "$@" >&-', "sh", *command], stderr=subprocess.PIPE, env=env
-        )
+    command = estafeta_process(config_path, "keys", "create", "--tenant", TENANT)
+    if stdout == "gone":  # `estafeta keys create … | head -0`
+        result = with_reader_gone(command)
+    elif stdout == "hung up":  # a terminal whose SSH session closed
+        result = with_terminal_hung_up(command)
     else:
-        with open(stdout, "w") as out:
-            result = subprocess.run(command, stdout=out, stderr=subprocess.PIPE, env=env)
+        result = with_stdout(command, stdout)
     stderr = result.stderr.decode()
     [(key_id, revoked_at)] = rows(database_url, "SELECT id, revoked_at FROM api_keys")
     assert result.returncode == 2, stderr
     assert stderr == f"error: cannot print the key ({why}): key {key_id} revoked\n"
     assert revoked_at is not None
+
+
+def ctrl_c_after_the_commit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C once the new key is committed, before the store has said its id."""
+    create_api_key = ApiKeyOps.create_api_key
+
+    async def then_ctrl_c(self: ApiKeyOps, **fields: Any) -> str:
+        await create_api_key(self, **fields)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ApiKeyOps, "create_api_key", then_ctrl_c)
+
+
+def ctrl_c_while_printing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C as the key, committed, was about to be printed."""
+
+    def interrupted(key: str) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("estafeta.cli.keys._print_key", interrupted)
+
+
+@pytest.mark.parametrize("interrupt", [ctrl_c_after_the_commit, ctrl_c_while_printing])
+def test_a_key_interrupted_before_it_was_shown_is_revoked_not_left_active(
+    config_path: Path,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    interrupt: Callable[[pytest.MonkeyPatch], None],
+) -> None:
+    # Before: "error: interrupted (Ctrl-C): stopped", exit 130, and the key committed stayed
+    # active, shown to no one: a key nobody has, never to be shown again.
+    interrupt(monkeypatch)
+    done = run(config_path, "keys", "create", "--tenant", TENANT)
+    [(key_id, revoked_at)] = rows(database_url, "SELECT id, revoked_at FROM api_keys")
+    assert (done.exit_code, done.stdout) == (130, ""), done.output
+    assert done.stderr.splitlines()[-1] == f"error: interrupted (Ctrl-C): key {key_id} revoked"
+    assert revoked_at is not None
+    audited = rows(database_url, "SELECT action, detail FROM audit_log ORDER BY id")
+    assert [(action, orjson.loads(str(detail))) for action, detail in audited] == [
+        ("keys.create", {"key": key_id}),
+        ("keys.revoke", {"key": key_id}),
+    ]
+
+
+def test_a_key_interrupted_before_its_commit_is_not_made(
+    config_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def ctrl_c_first(self: ApiKeyOps, **fields: Any) -> str:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ApiKeyOps, "create_api_key", ctrl_c_first)
+    done = run(config_path, "keys", "create", "--tenant", TENANT)
+    assert (done.exit_code, done.stdout) == (130, ""), done.output
+    assert done.stderr.splitlines()[-1] == "error: interrupted (Ctrl-C): stopped, no key was made"
+    assert rows(database_url, "SELECT id FROM api_keys") == []
+    assert rows(database_url, "SELECT action FROM audit_log") == []
+
+
+@pytest.mark.parametrize(
+    ("failure", "why"),
+    [
+        (KeyboardInterrupt(), ""),
+        (
+            StoreUnavailable("the store cannot be reached: ConnectionResetError"),
+            "cannot be reached",
+        ),
+    ],
+    ids=["second ctrl-c", "store gone"],
+)
+def test_a_key_whose_revocation_fails_is_named_to_be_revoked(
+    config_path: Path,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    failure: BaseException,
+    why: str,
+) -> None:
+    # A second Ctrl-C while the unseen key is revoked stops that too, and a store that has
+    # gone cannot revoke it: the key is left active, and the operator told which it is.
+    ctrl_c_while_printing(monkeypatch)
+
+    async def failing(self: ApiKeyOps, key_id: str, **fields: Any) -> None:
+        raise failure
+
+    monkeypatch.setattr(ApiKeyOps, "revoke_api_key", failing)
+    done = run(config_path, "keys", "create", "--tenant", TENANT)
+    [(key_id, revoked_at)] = rows(database_url, "SELECT id, revoked_at FROM api_keys")
+    assert (done.exit_code, done.stdout, revoked_at) == (130, "", None), done.output
+    said = done.stderr.splitlines()[-1]
+    assert said.startswith(f"error: interrupted (Ctrl-C): key {key_id} may be active"), said
+    assert said.endswith(f": revoke it (estafeta keys revoke {key_id})"), said
+    assert why in said
 
 
 # -- what the API does with a revoked key -------------------------------------------------------

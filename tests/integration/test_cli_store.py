@@ -24,6 +24,7 @@ from click.testing import CliRunner, Result
 from sqlalchemy import text
 
 from estafeta.cli import main
+from estafeta.cli.common import OutputFailed
 from estafeta.clock import SystemClock, iso_from_ms
 from estafeta.config import load_config, load_config_dict
 from estafeta.delivery.decision import Transition
@@ -1070,6 +1071,36 @@ async def test_a_replay_cut_by_the_store_says_which_deliveries_it_replayed(
     assert cut.stderr.splitlines()[-1] == "2000 deliveries replayed before the error"
 
 
+async def test_a_replay_cut_by_the_store_whose_stdout_fails_says_both(
+    tmp_path: Path, database_url: str, store: SqlStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The store's error keeps its exit 3, and the stdout that could not take the ids is
+    # said after the count. Before: the ids went missing without a word.
+    await dead_deliveries(store, 1_500)
+    move_batch = DeadLetterOps._move_batch
+    batches: list[int] = []
+
+    async def failing_second(self: DeadLetterOps, *args: Any) -> list[str]:
+        batches.append(1)
+        if len(batches) == 2:
+            raise StoreUnavailable("the store cannot be reached: ConnectionResetError")
+        return await move_batch(self, *args)
+
+    def disk_full(line: str) -> None:  # as common.out answers ENOSPC
+        raise OutputFailed("No space left on device")
+
+    monkeypatch.setattr(DeadLetterOps, "_move_batch", failing_second)
+    monkeypatch.setattr("estafeta.cli.dlq.out", disk_full)
+    config = config_file(tmp_path, database_url)
+    cut = await asyncio.to_thread(run, config, "dlq", "replay", "--all", "--limit", "1500")
+    assert cut.exit_code == 3, cut.output
+    assert cut.stderr.splitlines()[-2:] == [
+        "1000 deliveries replayed before the error",
+        "error: cannot write to stdout (No space left on device): not every id was printed, but"
+        " the deliveries counted above stay replayed",
+    ], cut.stderr
+
+
 def interrupted_in_each_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C while each batch of a move is in progress (the command's own process)."""
     move_batch = DeadLetterOps._move_batch
@@ -1119,6 +1150,28 @@ def test_an_interrupted_replay_whose_reader_has_gone_is_still_an_interrupted_one
     assert done.stderr.splitlines()[-1] == (
         "1000 deliveries replayed before SIGINT: the rest are still dead (run it again for them)"
     ), done.stderr
+    assert done.exit_code == 1, done.output
+
+
+def test_an_interrupted_replay_whose_stdout_fails_is_still_an_interrupted_one(
+    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ctrl-C, then the ids cannot be written (a full disk, a terminal hung up): the rest are
+    # still dead, and a script must run it again. Before: exit 2, the status of a setting
+    # to correct, in place of the interruption's documented 1.
+    made_dead(database_url, 1_500)
+    interrupted_in_each_batch(monkeypatch)
+
+    def disk_full(line: str) -> None:  # as common.out answers ENOSPC
+        raise OutputFailed("No space left on device")
+
+    monkeypatch.setattr("estafeta.cli.dlq.out", disk_full)
+    done = run(config_file(tmp_path, database_url), "dlq", "replay", "--all", "--limit", "1500")
+    assert done.stderr.splitlines()[-2:] == [
+        "1000 deliveries replayed before SIGINT: the rest are still dead (run it again for them)",
+        "error: cannot write to stdout (No space left on device): not every id was printed, but"
+        " the deliveries counted above stay replayed",
+    ], done.stderr
     assert done.exit_code == 1, done.output
 
 

@@ -39,15 +39,17 @@ def _interrupted_is_130() -> Iterator[None]:
     """Ctrl-C where a command has no handler of its own (serve, worker, demo and a `dlq`
     move have theirs): one line and the shell's status for SIGINT, 130, where click said
     "Aborted!" with exit 1, the status of an unexpected failure. What the command had not
-    committed is rolled back with its transaction."""
+    committed is rolled back with its transaction; a command that undid more says so in the
+    interrupt's text (`keys create`: the key it had made, revoked), in place of "stopped"."""
     try:
         yield
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         # What the interrupted work left behind (a connection attempt's future) would be
         # logged at exit as "Future exception was never retrieved": it was abandoned.
         logging.getLogger("asyncio").disabled = True
         with contextlib.suppress(OSError):  # stderr a terminal that hung up
-            click.echo("error: interrupted (Ctrl-C): stopped", err=True)
+            done = str(exc.args[0]) if exc.args else "stopped"
+            click.echo(f"error: interrupted (Ctrl-C): {done}", err=True)
         raise click.exceptions.Exit(130) from None
 
 

@@ -108,11 +108,15 @@ def exiting_on_errors(config: Config, command: Callable[[], T]) -> T:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except EstafetaError as exc:
-        of_store = isinstance(exc, StoreError)
-        where = f"{database_named(config.storage.url)}: " if of_store else ""
-        click.echo(f"error: {where}{exc}", err=True)
+        click.echo(f"error: {error_text(config, exc)}", err=True)
         refused = isinstance(exc, StoreLoginRefused)  # a setting to correct, not an outage
         sys.exit(3 if isinstance(exc, StoreUnavailable) and not refused else 2)
+
+
+def error_text(config: Config, exc: EstafetaError) -> str:
+    """`exc` as the commands say it: a store's error names the database first."""
+    where = f"{database_named(config.storage.url)}: " if isinstance(exc, StoreError) else ""
+    return f"{where}{exc}"
 
 
 def database_named(url: str) -> str:

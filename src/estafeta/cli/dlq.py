@@ -252,18 +252,13 @@ def _move(config_path: str, action_name: str, everything: bool, **selection: Any
     except SystemExit:
         # The store failed between batches (said above): those committed stay moved.
         if progress.moved:
-            with contextlib.suppress(click.exceptions.Exit, click.ClickException):
-                _report(progress.moved, past, " before the error")
+            _report_stopped(progress.moved, past, " before the error")
         raise
     if progress.cut:
         name = signal.Signals(signals[0]).name
-        # A reader gone (`| head`) ends the report, not the interruption's exit 1.
-        with contextlib.suppress(click.exceptions.Exit):
-            _report(
-                progress.moved,
-                past,
-                f" before {name}: the rest are still dead (run it again for them)",
-            )
+        _report_stopped(
+            progress.moved, past, f" before {name}: the rest are still dead (run it again for them)"
+        )
         sys.exit(1)
     # Else "1000 deliveries replayed" reads as the whole selection.
     more = ": more are still dead (run it again, or raise --limit)" if progress.more else ""
@@ -284,6 +279,20 @@ def _report(moved: list[str], past: str, then: str = "") -> None:
     finally:
         with contextlib.suppress(OSError):  # stderr gone too (`2>&1 | head`)
             click.echo(f"{counted(len(moved), 'delivery', 'deliveries')} {past}{then}", err=True)
+
+
+def _report_stopped(moved: list[str], past: str, then: str) -> None:
+    """`_report` of a move stopped short (a signal, the store's error), whose status stays
+    the one of what stopped it: a reader gone (`| head`) ends the ids quietly, and a stdout
+    that fails is said after the count, but neither takes that status's place (the rest are
+    still dead: a script must know to run it again)."""
+    try:
+        _report(moved, past, then)
+    except click.exceptions.Exit:
+        pass
+    except OutputFailed as exc:
+        with contextlib.suppress(OSError):  # stderr gone too (`2>&1 | head`)
+            exc.show()
 
 
 def _report_unmoved(named: tuple[str, ...], moved: list[str]) -> None:

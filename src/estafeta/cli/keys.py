@@ -6,6 +6,7 @@ the hash is ever printed again. Creating and revoking are written to the audit l
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import sys
 
@@ -17,14 +18,18 @@ from estafeta.cli.common import (
     NAME,
     config_option,
     counted,
+    error_text,
     in_store,
     load,
     operator,
     out,
     printable,
+    with_store,
 )
 from estafeta.clock import SystemClock, iso_from_ms
+from estafeta.config import Config
 from estafeta.errors import EstafetaError
+from estafeta.ids import new_id
 from estafeta.store.records import ApiKeyView
 from estafeta.store.sqlstore import SqlStore
 
@@ -60,8 +65,13 @@ def keys_create(config_path: str, tenant: str, label: str) -> None:
 
     config = load(config_path)
     key = new_api_key()
+    # Chosen here, not by the store: a Ctrl-C after the commit, before the store has said
+    # the id, must still find the key to revoke it.
+    key_id = new_id("key")
+    creating = False  # from then on the key may be committed
 
     async def action(store: SqlStore) -> str:
+        nonlocal creating
         # The store keeps a tenant taken out of the file, but the API refuses its keys.
         if tenant not in {t.id for t in config.tenants}:
             raise EstafetaError(
@@ -70,30 +80,51 @@ def keys_create(config_path: str, tenant: str, label: str) -> None:
             )
         if not await store.tenant_exists(tenant):
             raise EstafetaError(f"no tenant {tenant!r} in the store (run `estafeta migrate`)")
+        creating = True
         return await store.create_api_key(
             tenant_id=tenant,
             key_hash=hash_key(key),
             label=label,
             actor=operator(),
             now_ms=SystemClock().now_ms(),
+            key_id=key_id,
         )
 
-    key_id = in_store(config, action)
     try:
-        _print_key(key)
-    except OSError as exc:
-        sys.stdout = None  # no second failing flush at exit
-
-        async def revoke(store: SqlStore) -> object:
-            return await store.revoke_api_key(
-                key_id, actor=operator(), now_ms=SystemClock().now_ms()
-            )
-
-        # Shown to no one, the key would stay active with nobody holding it: revoked at once.
-        in_store(config, revoke)
-        click.echo(f"error: cannot print the key ({exc.strerror}): key {key_id} revoked", err=True)
-        sys.exit(2)
+        in_store(config, action)
+        try:
+            _print_key(key)
+        except OSError as exc:
+            sys.stdout = None  # no second failing flush at exit
+            unseen = _revoke_unseen(config, key_id)
+            click.echo(f"error: cannot print the key ({exc.strerror}): {unseen}", err=True)
+            sys.exit(2)
+    except KeyboardInterrupt:
+        # Ctrl-C before the key was shown: it would stay active with no one holding it.
+        # Said after "interrupted (Ctrl-C): " by the `estafeta` group, exit 130.
+        if not creating:
+            raise
+        raise KeyboardInterrupt(_revoke_unseen(config, key_id)) from None
     click.echo(f"(key {key_id} for tenant {tenant}; store it now, it is not shown again)", err=True)
+
+
+def _revoke_unseen(config: Config, key_id: str) -> str:
+    """Revoke the key just made that no one was shown; what became of it, as the error
+    says it (the key may never have been committed). A store that fails, or a second
+    Ctrl-C, may leave it active: the operator is told which key to revoke."""
+
+    async def revoke(store: SqlStore) -> object:
+        return await store.revoke_api_key(key_id, actor=operator(), now_ms=SystemClock().now_ms())
+
+    try:
+        revoked = asyncio.run(with_store(config, revoke))
+    except (EstafetaError, KeyboardInterrupt) as exc:
+        why = "" if isinstance(exc, KeyboardInterrupt) else f" ({error_text(config, exc)})"
+        return (
+            f"key {key_id} may be active, never shown{why}: revoke it"
+            f" (estafeta keys revoke {key_id})"
+        )
+    return "stopped, no key was made" if revoked is None else f"key {key_id} revoked"
 
 
 def _print_key(key: str) -> None:

@@ -26,10 +26,19 @@ _VIEW_COLUMNS = (
 
 class ApiKeyOps(StoreBase):
     async def create_api_key(
-        self, *, tenant_id: str, key_hash: str, label: str, actor: str, now_ms: int
+        self,
+        *,
+        tenant_id: str,
+        key_hash: str,
+        label: str,
+        actor: str,
+        now_ms: int,
+        key_id: str | None = None,
     ) -> str:
-        """A new key of `tenant_id` (its hash is what is stored); its id."""
-        key_id = new_id("key", now_ms)
+        """A new key of `tenant_id` (its hash is what is stored); its id, `key_id` when
+        given (a caller that must find the key even when this call is interrupted after
+        its commit, as `keys create` does, chooses the id first)."""
+        key_id = key_id or new_id("key", now_ms)
         async with self._write() as conn:
             await conn.execute(
                 s.api_keys.insert().values(
