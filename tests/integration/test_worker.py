@@ -988,6 +988,38 @@ async def test_a_snooze_the_store_refused_is_given_back_at_the_next_step_not_lef
         await hub.close()
 
 
+async def test_a_snooze_the_store_refuses_at_shutdown_is_logged_and_the_stop_completes(
+    store: SqlStore, sink: Sink, database_url: str
+) -> None:
+    """A snoozed lease the store cannot take back when the worker stops is logged as
+    `leases_not_released` with its count (operations.md): the stop completes, and the lease
+    expires and is rescued later."""
+    config = config_for(database_url, sink)
+    hub = Hub(config, store)
+    budget = Budget()
+    budget.grant(1)
+    worker = Worker(store, config, throttle=budget)  # type: ignore[arg-type]
+    await worker._connectors.start()  # what `run` does first; its loop is driven by hand
+    await publish(hub, n=1)
+    await publish(hub, n=2)
+    release = store.release
+
+    async def unreachable(*args: Any, **kwargs: Any) -> Any:
+        raise StoreUnavailable("the store cannot be reached: test")
+
+    store.release = unreachable  # type: ignore[method-assign]
+    try:
+        assert await worker._step() == 0  # one sent, one snoozed: the snooze failed
+        assert await sink.wait_for(lambda s: len(s.delivered_ids) == 1, 5)
+        with capture_logs() as logs:
+            await worker._shutdown()
+        not_released = [entry for entry in logs if entry["event"] == "leases_not_released"]
+        assert [entry["count"] for entry in not_released] == [1]
+    finally:
+        store.release = release  # type: ignore[method-assign]
+        await hub.close()
+
+
 async def test_a_lease_that_lost_an_ordering_race_is_logged_and_the_next_one_delivers(
     store: SqlStore, sink: Sink, database_url: str
 ) -> None:
@@ -1819,6 +1851,37 @@ async def test_deliveries_held_back_by_the_rate_limit_keep_their_place_in_the_qu
         assert sink.delivered_ids == {backlog[0], backlog[1]}  # not `later`
         view = await store.get_event(later, None)
         assert view is not None and view.deliveries[0].attempts == 0
+
+
+async def test_a_destination_whose_budget_is_spent_is_not_leased_again_until_it_refills(
+    store: SqlStore, sink: Sink, database_url: str
+) -> None:
+    """Once a send was told to wait (its budget spent by another process since the lease),
+    the worker stops leasing that destination until the budget refills (architecture.md,
+    snooze.py): leased again at each step, its deliveries were only given back each time.
+    And what was given back is not given back again at the next step."""
+    budget = Budget()
+    async with three_leased_one_sent(store, sink, database_url, budget) as leased:
+        _hub, worker, clock, backlog = leased
+        assert await sink.wait_for(lambda s: s.delivered_ids == {backlog[0]}, 5)
+        clock.now += 59_000  # the send was told to wait a minute: still spent
+        release, released = store.release, []
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            released.append(len(args[0]))
+            return await release(*args, **kwargs)
+
+        store.release = counted  # type: ignore[method-assign]
+        try:
+            assert await worker._step() == 0  # nothing leased
+        finally:
+            store.release = release  # type: ignore[method-assign]
+        assert released == []  # nor given back again: those two were, once
+        clock.now += 2_000  # the budget refills: room for one send
+        budget.grant(1)
+        assert await worker._step() == 2  # leased again: one sent, one given back
+        assert await sink.wait_for(lambda s: len(s.delivered_ids) == 2, 5)
+        assert sink.delivered_ids == {backlog[0], backlog[1]}
 
 
 class StopsWhileAsked(Budget):

@@ -374,6 +374,14 @@ def test_depth_limit(opening: str, closing: str) -> None:
     assert caught.value.position == len(opening) * levels
 
 
+def test_the_depth_limit_counts_the_levels_open_at_once() -> None:
+    nested = "(" * MAX_DEPTH + "true" + ")" * MAX_DEPTH
+    assert parse(" and ".join([nested] * 3)).matches({}) is True  # siblings do not add up
+    with pytest.raises(FilterSyntaxError) as caught:
+        parse("(true) and not true or (" + nested + ")")  # closed levels give none back
+    assert caught.value.reason == f"expression is nested too deeply (at most {MAX_DEPTH} levels)"
+
+
 @pytest.mark.parametrize(
     "expression", ["(" * 900 + "a" + ")" * 900, "not " * 450 + "a", "[" * 1999]
 )
@@ -513,12 +521,35 @@ def test_a_glob_from_the_event_matches_as_fnmatch_would() -> None:
         ("x[ab]y[", "xay[", True),
         ("x[ab]y[", "xcy[", False),
         ("[ab][", "a[", True),
+        # `[!]` does not close (a `]` first in a class, after `!`, is one of its characters):
+        # so nor does the `[` after it, and the whole pattern is literal
+        ("[!]x[", "[!]x[", True),
+        ("[]x[", "[]x[", True),
+        ("[[]x[", "[x[", True),  # a class of `[`, then literals
         # a long text with short pieces between `*`s: matched, as fnmatch does
         ("*invoice*", "x" * 1_000_000 + "invoice", True),
     ]
     for pattern, text, expected in cases:
         assert fnmatch.fnmatchcase(text, pattern) is expected, pattern
         assert parsed.matches({"data": {"text": text, "pattern": pattern}}) is expected, pattern
+
+
+def test_a_glob_from_the_event_is_matched_up_to_max_glob_steps_not_past() -> None:
+    """Documented: a pattern from the event matches nothing when the text's length times its
+    longest piece after a `*` *exceeds* 10,000,000; at the limit itself it matches."""
+    limit = 10_000_000  # docs/configuration.md, "The filter language"
+    parsed = parse("data.text matches data.pattern")
+    # pattern: (a text it matches ending, its longest piece after a `*`; a class is one)
+    pieces = {"*b": ("b", 1), "*ab": ("ab", 2), "*[xb]": ("b", 1), "*a*[xy]b": ("yb", 2)}
+    for pattern, (end, piece) in pieces.items():
+        at_limit = "a" * (limit // piece - len(end)) + end
+        assert len(at_limit) * piece == limit
+        assert parsed.matches({"data": {"text": at_limit, "pattern": pattern}}) is True
+        past = "a" + at_limit
+        assert parsed.matches({"data": {"text": past, "pattern": pattern}}) is False, pattern
+    # The piece before the first `*` is tried at the start only: it does not count.
+    long_text = "invoice" + "x" * (limit // 4)
+    assert parsed.matches({"data": {"text": long_text, "pattern": "invoice*"}}) is True
 
 
 # --------------------------------------------------------------------------- properties
