@@ -935,6 +935,36 @@ IMAGE = "https://clinica.example/mapa.png"
             "invalid_request",
             "body.template.name: ",
         ),
+        (
+            {"source": "tw-sol", "template": {"content_sid": ""}},
+            "invalid_request",
+            "body.template.content_sid: ",
+        ),
+        (
+            {"source": "tw-sol", "template": {"content_sid": "HX1", "variables": ["Maria"]}},
+            "invalid_request",
+            "body.template.variables: ",
+        ),
+        (
+            {"source": "wa-sol", "media": "https://clinica.example/mapa.png"},
+            "invalid_request",
+            "body.media: ",
+        ),
+        (
+            {"source": "wa-sol", "media": {"kind": "image", "url": IMAGE, "caption": "a" * 1025}},
+            "invalid_request",
+            "body.media.caption: ",
+        ),
+        (
+            {"source": "wa-sol", "media": {"kind": "image", "url": IMAGE, "caption": 7}},
+            "invalid_request",
+            "body.media.caption: ",
+        ),
+        (
+            {"source": "wa-sol", "media": {"kind": "document", "url": IMAGE, "filename": " "}},
+            "invalid_request",
+            "body.media.filename: must be a non-empty string",
+        ),
         (  # its send's event holds it four levels down: it failed with a 500 once queued
             {
                 "source": "wa-sol",
@@ -970,6 +1000,21 @@ IMAGE = "https://clinica.example/mapa.png"
             "unsupported_message",
             "content_sid",
         ),
+        (
+            {"source": "wa-sol", "template": {"content_sid": "HXb5b62575e6e4ff6129ad7c8efe1f983e"}},
+            "unsupported_message",
+            "a Cloud API template needs a name (content_sid is Twilio's)",
+        ),
+        (
+            {"source": "sp-sol", "template": {"content_sid": "HXb5b62575e6e4ff6129ad7c8efe1f983e"}},
+            "unsupported_message",
+            "a SendPulse template needs a name (content_sid is Twilio's)",
+        ),
+        (
+            {"source": "wa-sol", "template": {"name": "lembrete"}},
+            "invalid_request",
+            "body.template: give name and language, or (on Twilio) content_sid",
+        ),
     ],
     ids=[
         "blank-text",
@@ -977,6 +1022,12 @@ IMAGE = "https://clinica.example/mapa.png"
         "image-filename",
         "url-without-host",
         "blank-template-name",
+        "empty-content-sid",
+        "template-variables-not-an-object",
+        "media-not-an-object",
+        "caption-too-long",
+        "caption-not-a-string",
+        "blank-document-filename",
         "component-nested-too-deep",
         "zapi-template",
         "zapi-document-without-extension",
@@ -984,6 +1035,9 @@ IMAGE = "https://clinica.example/mapa.png"
         "sendpulse-text-over-1024",
         "sendpulse-http-media",
         "twilio-cloud-template-name",
+        "cloud-content-sid-template",
+        "sendpulse-content-sid-template",
+        "cloud-template-without-language",
     ],
 )
 async def test_a_message_the_source_can_never_send_is_refused_at_the_door(
@@ -1047,6 +1101,22 @@ async def test_a_message_the_source_can_send_is_queued(env: Env, body: dict[str,
         "/api/v1/messages", headers=env.auth(), json={"to": f"+{MARIA}", **body}
     )
     assert r.status_code == 202, r.text
+
+
+async def test_a_twilio_content_template_given_as_documented_is_queued_with_its_variables(
+    env: Env,
+) -> None:
+    # docs/http-api.md: on Twilio `{content_sid, variables?}`. The API's body took only
+    # `{name, language}`, so the documented form was refused `400 invalid_request`.
+    template = {"content_sid": "HXb5b62575e6e4ff6129ad7c8efe1f983e", "variables": {"1": "Maria"}}
+    r = await env.http.post(
+        "/api/v1/messages",
+        headers=env.auth(),
+        json={"to": f"+{MARIA}", "source": "tw-sol", "template": template},
+    )
+    assert r.status_code == 202, r.text
+    sent = (await env.message(r.json()["id"]))["content"]["template"]
+    assert (sent["content_sid"], sent["variables"]) == (template["content_sid"], {"1": "Maria"})
 
 
 async def test_every_conversation_can_be_listed_page_by_page_most_recent_first(
@@ -1426,6 +1496,12 @@ async def test_the_admin_reading_a_conversation_of_an_unknown_tenant_is_told_the
     )
     r = await env.http.get(url, params={"tenant": "clinica-sol"}, headers=admin)
     assert (r.status_code, r.json()["inbound_count"]) == (200, 1)
+    # Without ?tenant= the admin names no tenant: a conversation id is only a tenant's.
+    r = await env.http.get(url, headers=admin)
+    assert (r.status_code, r.json()) == (
+        400,
+        {"error": "invalid_request", "detail": "the admin key must name the tenant (?tenant=)"},
+    )
     # A tenant's key is told nothing of other tenants: its own conversations only.
     r = await env.http.get(url, headers=env.auth(OUTRA))
     assert (r.status_code, r.json()["detail"]) == (404, f"no conversation '{MARIA}'")

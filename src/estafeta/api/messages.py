@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Depends
 from pydantic import Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -34,9 +35,26 @@ _NUMBER_SEPARATORS = re.compile(r"[\s().-]")
 
 
 class Template(RequestBody):
-    name: str = Field(min_length=1, max_length=512)
-    language: str = Field(min_length=2, max_length=15, examples=["pt_BR"])
+    """`{name, language, components?}`, or on Twilio a Content template `{content_sid,
+    variables?}` (docs/http-api.md); which one a source's provider takes is checked by
+    `check_sendable`."""
+
+    name: str | None = Field(default=None, min_length=1, max_length=512)
+    language: str | None = Field(default=None, min_length=2, max_length=15, examples=["pt_BR"])
     components: list[TemplateComponent] = Field(default_factory=list)
+    content_sid: str | None = Field(
+        default=None, min_length=1, max_length=64, examples=["HXb5b62575e6e4ff6129ad7c8efe1f983e"]
+    )
+    variables: dict[str, str] | None = Field(default=None, examples=[{"1": "Maria"}])
+
+    @model_validator(mode="after")
+    def _named(self) -> Template:
+        if self.content_sid is None and (self.name is None or self.language is None):
+            # Not a ValueError, which pydantic would show as "Value error, give …".
+            raise PydanticCustomError(
+                "template_unnamed", "give name and language, or (on Twilio) content_sid"
+            )
+        return self
 
 
 class Media(RequestBody):
@@ -77,7 +95,7 @@ class SendMessage(RequestBody):
         if self.text is not None:
             return {"text": self.text}
         if self.template is not None:
-            return {"template": self.template.model_dump()}
+            return {"template": self.template.model_dump(exclude_none=True)}
         assert self.media is not None  # noqa: S101 - _one_content guarantees it
         return {"media": self.media.model_dump(exclude_none=True)}
 
