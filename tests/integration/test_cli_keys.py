@@ -181,6 +181,21 @@ def test_a_key_is_not_made_for_a_tenant_taken_out_of_the_configuration(
     create(config_path, TENANT)
 
 
+def test_a_key_is_not_made_for_a_tenant_the_store_does_not_have_yet(
+    config_path: Path, database_url: str
+) -> None:
+    # A tenant added to the file after the last `migrate` (or `serve`) is not in the store:
+    # the key's row would name no tenant. The command says what to run.
+    with config_path.open("a") as file:
+        file.write('\n[[tenants]]\nid = "nova"\nname = "Nova"\n')
+    refused = run(config_path, "keys", "create", "--tenant", "nova")
+    assert (refused.exit_code, refused.stdout) == (2, "")
+    assert refused.stderr == "error: no tenant 'nova' in the store (run `estafeta migrate`)\n"
+    assert rows(database_url, "SELECT id FROM api_keys") == []
+    assert run(config_path, "migrate").exit_code == 0
+    create(config_path, "nova")
+
+
 @pytest.mark.parametrize(
     ("stdout", "why"),
     [

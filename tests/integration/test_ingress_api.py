@@ -652,6 +652,49 @@ async def test_a_content_encoding_over_a_body_as_it_came_changes_nothing(
     assert await client.stored() == 2
 
 
+async def test_a_content_encoding_naming_no_compression_leaves_a_bad_bodys_refusal_as_it_was(
+    client: Client,
+) -> None:
+    # Only a compression explains a body that cannot be read: `Content-Encoding: utf-8`
+    # over a body that is no JSON is the sender's bad JSON, not a 415.
+    body = b"{not json"
+    headers = {**signed(body), "content-encoding": "utf-8"}
+    r = await client.http.post("/in/crm-events", content=body, headers=headers)
+    assert (r.status_code, r.json()["error"]) == (400, "invalid_json"), r.text
+    assert "accept-encoding" not in r.headers
+    assert await client.stored() == 0
+
+
+async def test_a_chunked_body_over_the_limit_is_refused_without_a_content_length(
+    client: Client,
+) -> None:
+    # With no Content-Length to refuse at once, the limit is counted as the body arrives.
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(20):
+            yield b" " * 65_536  # 20 x 64 KiB: past the 1 MiB limit at the 17th
+
+    headers = signed(MESSAGE)
+    r = await client.http.post("/in/crm-events", content=chunks(), headers=headers)
+    assert "content-length" not in r.request.headers
+    assert (r.status_code, r.json()["error"]) == (413, "body_too_large"), r.text
+    assert await client.stored() == 0
+
+
+async def test_a_content_length_that_is_no_number_is_a_400_under_any_asgi_server(
+    client: Client,
+) -> None:
+    # estafeta's own server refuses it as HTTP that is not valid; under another ASGI server
+    # it reaches the application, which must not read it as "no body".
+    r = await client.http.post(
+        "/in/crm-events", content=MESSAGE, headers={**signed(MESSAGE), "content-length": "x1"}
+    )
+    assert (r.status_code, r.json()) == (
+        400,
+        {"error": "invalid_request", "detail": "Content-Length is not a number"},
+    )
+    assert await client.stored() == 0
+
+
 async def test_publishing_a_compressed_body_is_refused_saying_so(client: Client) -> None:
     body = gzip.compress(orjson.dumps({"type": "message.received", "data": {}}))
     compressed = {"content-type": "application/json", "content-encoding": "gzip"}

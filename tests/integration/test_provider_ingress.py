@@ -141,6 +141,11 @@ async def test_a_wrong_method_is_told_the_methods_the_source_answers(
     assert r.json()["error"] == "method_not_allowed"
     r = await http.delete("/in/twilio-sol")
     assert (r.status_code, r.headers["allow"]) == (405, "POST")
+    # GET is a handshake only a Cloud source answers: elsewhere a 405 too, not a 200.
+    for path in ("/in/twilio-sol", "/in/crm-events"):
+        r = await http.get(path)
+        assert (r.status_code, r.headers["allow"]) == (405, "POST"), path
+        assert r.json()["error"] == "method_not_allowed"
 
 
 async def test_a_server_that_gives_no_raw_path_is_served(

@@ -696,6 +696,16 @@ INVALID_CASES: list[tuple[str, str, list[str]]] = [
         '[storage]\nurl = "postgresql://u@db1:5432,db2:port/estafeta"',
         ["storage.url: invalid database URL: the port must be a number 0-65535"],
     ),
+    (  # asyncpg reads `[::1]:5433,db2` as ::1 on port 5432: the port would be lost
+        "a host list holding an IPv6 address",
+        '[storage]\nurl = "postgresql://u@[::1]:5433,db2/estafeta"',
+        ["storage.url: invalid database URL: a host list cannot hold an IPv6 address"],
+    ),
+    (
+        "an IPv6 host with a port that is no port",
+        '[storage]\nurl = "postgresql://u@[::1]:65536/estafeta"',
+        ["storage.url: invalid database URL: the port must be a number 0-65535"],
+    ),
     (
         "a statement cache size that is no number",
         '[storage]\nurl = "postgresql://u@db/estafeta?statement_cache_size=off"',
@@ -1460,7 +1470,7 @@ def test_a_problem_made_by_an_empty_variable_names_it(tmp_path: Path) -> None:
         [[destinations]]
         id = "crm"
         tenant = "acme"
-        url = "https://${CRM_HOST}/hooks"
+        url = "https://${CRM_HOST}${CRM_PATH}/hooks"
         secret = ["${NEW_SECRET}", "${OLD_SECRET}"]
     """)
     )
@@ -1468,6 +1478,7 @@ def test_a_problem_made_by_an_empty_variable_names_it(tmp_path: Path) -> None:
         "WORKERS": "",
         "WA_APP_SECRET": "",
         "CRM_HOST": "",
+        "CRM_PATH": "",
         "NEW_SECRET": WHSEC,
         "OLD_SECRET": "",
     }
@@ -1478,7 +1489,7 @@ def test_a_problem_made_by_an_empty_variable_names_it(tmp_path: Path) -> None:
         "sources[0].app_secret: required for a whatsapp_cloud source "
         "(environment variable WA_APP_SECRET is empty)",
         "destinations[0].url: invalid URL: must start with http:// or https:// "
-        "(environment variable CRM_HOST is empty)",
+        "(environment variables CRM_HOST, CRM_PATH are empty)",
         "destinations[0].secret[1]: must not be empty (an unset or empty environment "
         "variable?) (environment variable OLD_SECRET is empty)",
     ]
@@ -1587,6 +1598,7 @@ def test_secrets_never_appear_in_repr(tmp_path: Path) -> None:
         "postgresql://postgres.abcdefgh:pw@pooler.example:6543/postgres?statement_cache_size=0",
         "postgresql://u@db1,db2:5433/estafeta?target_session_attrs=read-write",  # libpq's list
         "postgresql://u@/estafeta?host=db1&host=db2",
+        "postgresql://u@[::1]:5433/estafeta",  # one IPv6 host, with its port
         "postgresql://u@db/estafeta?application_name=estafeta&connect_timeout=10"
         "&options=-c%20statement_timeout%3D30000",
         # An `@` in a parameter's value, as libpq takes it (the password check refused it).

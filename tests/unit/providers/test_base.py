@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from estafeta.errors import HttpError
 from estafeta.ingress.providers import (
     InboundRequest,
     SendPulseSource,
@@ -18,13 +19,14 @@ from estafeta.ingress.providers.base import (
     MAX_KEY_LENGTH,
     bounded_key,
     e164,
+    load_json,
     milliseconds,
     number,
     phone_digits,
     seconds_to_ms,
 )
 from tests.unit.providers import test_sendpulse, test_twilio, test_whatsapp_cloud, test_zapi
-from tests.unit.providers.support import FIXTURES, PROVIDER_DIRS, source
+from tests.unit.providers.support import FIXTURES, PROVIDER_DIRS, post, source
 
 
 def test_build_derives_path_query_headers_and_media_type() -> None:
@@ -146,3 +148,36 @@ def test_every_provider_fixture_has_a_table_row() -> None:
         if path.is_file()
     }
     assert on_disk == covered
+
+
+# A lone surrogate escape sends the body through a second reading (the standard library's):
+# its numbers must come out as orjson reads any other body's, and what orjson refuses
+# (which destinations would get as null) must be refused here too.
+LONE = b'"Oi \\ud83d"'
+
+
+@pytest.mark.parametrize(
+    ("number_text", "read"),
+    [
+        (b"-23.5618", -23.5618),
+        (b"9007199254740993", 9007199254740993),  # exact within 64 bits
+        (b"123456789012345678901", 1.2345678901234568e20),  # beyond: the nearest double
+    ],
+)
+def test_a_body_read_again_for_a_lone_surrogate_reads_numbers_as_orjson(
+    number_text: bytes, read: float
+) -> None:
+    body = b'{"text": %s, "n": %s}' % (LONE, number_text)
+    document = load_json(post("https://hub.example/in/x", body))
+    assert document == {"text": "Oi \ufffd", "n": read}
+    assert isinstance(document, dict) and type(document["n"]) is type(read)
+
+
+@pytest.mark.parametrize("number_text", [b"1e400", b"-1e400", b"NaN", b"Infinity", b"-Infinity"])
+def test_a_body_read_again_for_a_lone_surrogate_refuses_what_orjson_refuses(
+    number_text: bytes,
+) -> None:
+    body = b'{"text": %s, "n": %s}' % (LONE, number_text)
+    with pytest.raises(HttpError) as refused:
+        load_json(post("https://hub.example/in/x", body))
+    assert (refused.value.status, refused.value.error) == (400, "invalid_json")

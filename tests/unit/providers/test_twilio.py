@@ -268,6 +268,33 @@ def test_location_button_and_reply_context() -> None:
     assert button.data["context"] == {"message_id": "SM0", "from": None}
 
 
+def test_every_media_of_a_message_is_kept_not_only_the_first() -> None:
+    """Twilio posts a message with several pictures as one webhook (`NumMedia` 2,
+    `MediaUrl0`, `MediaUrl1`): `media` is the first, as for one, and `media_items` all."""
+    account = "https://api.twilio.com/2010-04-01/Accounts/AC1/Messages/MM1/Media"
+    (event,) = parse(
+        {
+            "MessageSid": "MM1",
+            "From": "whatsapp:+5511987654321",
+            "Body": "",
+            "NumMedia": "2",
+            "MediaUrl0": f"{account}/ME1",
+            "MediaContentType0": "image/jpeg",
+            "MediaUrl1": f"{account}/ME2",
+            "MediaContentType1": "application/pdf",
+        }
+    )
+    assert (event.data["kind"], event.data["text"]) == ("image", None)
+    assert event.data["media"]["id"] == "ME1"
+    items = event.data["media_items"]
+    assert [(m["id"], m["mime_type"]) for m in items] == [
+        ("ME1", "image/jpeg"),
+        ("ME2", "application/pdf"),
+    ]
+    (single,) = parse({"MessageSid": "MM2", "NumMedia": "1", "MediaUrl0": f"{account}/ME3"})
+    assert "media_items" not in single.data
+
+
 @pytest.mark.parametrize(
     ("field", "key", "value"),
     [

@@ -384,6 +384,64 @@ def test_a_question_about_a_catalog_product_names_the_product() -> None:
     }
 
 
+def _text_message_as(**fields: Any) -> dict[str, Any]:
+    """The text fixture with its message's `type` block (and context) replaced."""
+    document: dict[str, Any] = fixture_json("whatsapp_cloud/text.json")
+    message = document["entry"][0]["changes"][0]["value"]["messages"][0]
+    del message["text"]
+    message.update(fields)
+    return document
+
+
+def test_a_template_quick_reply_button_is_a_button_with_its_text_and_payload() -> None:
+    """contracts §1.4: a tap on a template's quick-reply button is `type: button`, not an
+    interactive reply; its payload is what an integration branches on."""
+    document = _text_message_as(
+        type="button", button={"text": "Confirmar", "payload": "confirmar-consulta-1234"}
+    )
+    (event,) = parse(document)
+    expected = {
+        "kind": "button",
+        "text": "Confirmar",
+        "button": {"text": "Confirmar", "payload": "confirmar-consulta-1234"},
+    }
+    assert subset(event.data, expected) == expected
+
+
+def test_a_flow_answer_carries_its_response_json() -> None:
+    """A WhatsApp Flow's answer (`interactive.nfm_reply`): its `body` is the title and its
+    `response_json` (the form's answers) is kept."""
+    answers = '{"flow_token": "tk-1", "data_consulta": "2026-12-10"}'
+    document = _text_message_as(
+        type="interactive",
+        interactive={
+            "type": "nfm_reply",
+            "nfm_reply": {"name": "flow", "body": "Sent", "response_json": answers},
+        },
+    )
+    (event,) = parse(document)
+    assert event.data["kind"] == "interactive" and event.data["text"] == "Sent"
+    assert event.data["interactive"] == {
+        "type": "nfm_reply",
+        "id": None,
+        "title": "Sent",
+        "description": None,
+        "response_json": answers,
+    }
+
+
+@pytest.mark.parametrize("flag", ["forwarded", "frequently_forwarded"])
+def test_a_forwarded_message_says_so(flag: str) -> None:
+    document = fixture_json("whatsapp_cloud/text.json")
+    message = document["entry"][0]["changes"][0]["value"]["messages"][0]
+    message["context"] = {flag: True}
+    (event,) = parse(document)
+    assert event.data[flag] is True
+    assert "context" not in event.data  # no message it replies to
+    (plain,) = parse(fixture_json("whatsapp_cloud/text.json"))
+    assert flag not in plain.data
+
+
 def test_media_block_of_voice_note_and_document() -> None:
     (audio,) = parse(fixture_bytes("whatsapp_cloud/audio.json"))
     assert audio.data["media"]["voice"] is True

@@ -305,6 +305,15 @@ def test_status_mapping_one_event_per_id(zapi_status: str, ours: str | None) -> 
         assert [e.idempotency_key for e in events] == [f"a:{zapi_status}", f"b:{zapi_status}"]
 
 
+def test_a_delivery_of_a_send_given_a_custom_id_names_it() -> None:
+    """Z-API echoes a send's `customId` in its delivery callback: kept as `custom_id`, the
+    sender's own reference; absent when the send had none."""
+    (event,) = parse({**fixture_json("zapi/delivery_callback.json"), "customId": "pedido-77"})
+    assert event.data["custom_id"] == "pedido-77"
+    (plain,) = parse({**fixture_json("zapi/delivery_callback.json"), "customId": ""})
+    assert "custom_id" not in plain.data
+
+
 def test_failed_delivery() -> None:
     callback = {**fixture_json("zapi/delivery_callback.json"), "error": "number not on WhatsApp"}
     (event,) = parse(callback)

@@ -224,6 +224,49 @@ CLOUD = [
         "502 Bad Gateway",
     ),
     Case("not JSON 404", 404, b"nope", PERMANENT, "whatsapp_cloud_http_404", "404 Not Found"),
+    # The error's words come from `message`, else `title`, else `error_user_title`: the
+    # operator reads them in the DLQ's `last_error`.
+    Case(
+        "an error titled only for users",
+        400,
+        {"error": {"code": 131026, "error_user_title": "Message Undeliverable"}},
+        PERMANENT,
+        "whatsapp_cloud_131026",
+        "131026 Message Undeliverable",
+    ),
+    Case(
+        "an error with a blank message and a title",
+        400,
+        {"error": {"code": 131026, "message": " ", "title": "Message undeliverable"}},
+        PERMANENT,
+        "whatsapp_cloud_131026",
+        "131026 Message undeliverable",
+    ),
+    Case(
+        "an error with a code alone",
+        400,
+        {"error": {"code": 131026}},
+        PERMANENT,
+        "whatsapp_cloud_131026",
+        "131026",
+    ),
+    # A code that is no number names no Graph error: the HTTP status decides.
+    Case(
+        "a code that is a string",
+        400,
+        {"error": {"code": "131026", "message": "(#131026) Message undeliverable"}},
+        PERMANENT,
+        "whatsapp_cloud_http_400",
+        "400 Message undeliverable",
+    ),
+    Case(
+        "a code that is a boolean, on 503",
+        503,
+        {"error": {"code": True, "message": "oops"}},
+        RETRY,
+        "whatsapp_cloud_http_503",
+        "503 oops",
+    ),
 ]
 
 TWILIO = [
