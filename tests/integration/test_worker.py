@@ -960,27 +960,13 @@ async def test_a_snooze_the_store_refused_is_given_back_at_the_next_step_not_lef
     budget was spent since the lease (by another process). If the store cannot take that at
     the moment, the worker tries again at its next step: left in flight, its lease would
     expire and be rescued as a failed attempt never made."""
-    config = config_for(database_url, sink)
-    hub = Hub(config, store)
-    budget = Budget()
-    budget.grant(1)
-    worker = Worker(store, config, throttle=budget)  # type: ignore[arg-type]
-    await worker._connectors.start()  # what `run` does first; its loop is driven by hand
-    first, second = await publish(hub, n=1), await publish(hub, n=2)
-    release = store.release
-
-    async def unreachable(*args: Any, **kwargs: Any) -> Any:
-        raise StoreUnavailable("the store cannot be reached: test")
-
-    store.release = unreachable  # type: ignore[method-assign]
-    try:
+    hub, worker, published = await a_worker_with_budget_for_one_of_two(store, sink, database_url)
+    with release_unreachable(store):
         assert await worker._step() == 0  # one sent, one snoozed: the snooze failed
-    finally:
-        store.release = release  # type: ignore[method-assign]
     try:
         await worker._step()
         assert await sink.wait_for(lambda s: len(s.delivered_ids) == 1, 5)
-        [snoozed] = {first, second} - sink.delivered_ids
+        [snoozed] = published - sink.delivered_ids
         delivery = await only_delivery(store, snoozed)
         assert (delivery.state, delivery.attempts) == ("pending", 0)  # due at the refill
     finally:
@@ -994,14 +980,36 @@ async def test_a_snooze_the_store_refuses_at_shutdown_is_logged_and_the_stop_com
     """A snoozed lease the store cannot take back when the worker stops is logged as
     `leases_not_released` with its count (operations.md): the stop completes, and the lease
     expires and is rescued later."""
+    hub, worker, _ = await a_worker_with_budget_for_one_of_two(store, sink, database_url)
+    try:
+        with release_unreachable(store):
+            assert await worker._step() == 0  # one sent, one snoozed: the snooze failed
+            assert await sink.wait_for(lambda s: len(s.delivered_ids) == 1, 5)
+            with capture_logs() as logs:
+                await worker._shutdown()
+        not_released = [entry for entry in logs if entry["event"] == "leases_not_released"]
+        assert [entry["count"] for entry in not_released] == [1]
+    finally:
+        await hub.close()
+
+
+async def a_worker_with_budget_for_one_of_two(
+    store: SqlStore, sink: Sink, database_url: str
+) -> tuple[Hub, Worker, set[str]]:
+    """A worker whose rate-limit budget sends one delivery, and two events published: the
+    worker's next step sends one and snoozes the other."""
     config = config_for(database_url, sink)
     hub = Hub(config, store)
     budget = Budget()
     budget.grant(1)
     worker = Worker(store, config, throttle=budget)  # type: ignore[arg-type]
     await worker._connectors.start()  # what `run` does first; its loop is driven by hand
-    await publish(hub, n=1)
-    await publish(hub, n=2)
+    return hub, worker, {await publish(hub, n=1), await publish(hub, n=2)}
+
+
+@contextlib.contextmanager
+def release_unreachable(store: SqlStore) -> Iterator[None]:
+    """Meanwhile the store cannot take a lease given back."""
     release = store.release
 
     async def unreachable(*args: Any, **kwargs: Any) -> Any:
@@ -1009,15 +1017,9 @@ async def test_a_snooze_the_store_refuses_at_shutdown_is_logged_and_the_stop_com
 
     store.release = unreachable  # type: ignore[method-assign]
     try:
-        assert await worker._step() == 0  # one sent, one snoozed: the snooze failed
-        assert await sink.wait_for(lambda s: len(s.delivered_ids) == 1, 5)
-        with capture_logs() as logs:
-            await worker._shutdown()
-        not_released = [entry for entry in logs if entry["event"] == "leases_not_released"]
-        assert [entry["count"] for entry in not_released] == [1]
+        yield
     finally:
         store.release = release  # type: ignore[method-assign]
-        await hub.close()
 
 
 async def test_a_lease_that_lost_an_ordering_race_is_logged_and_the_next_one_delivers(
