@@ -425,7 +425,7 @@ FORMS = [
         QUEUED,
     ),
     Form(
-        "its SID (`HX…`) as `content_sid` (or as `name`)",
+        "its SID (`HX…`, at most 64 characters) as `content_sid` (or as `name`)",
         "POST",
         "/api/v1/messages",
         TENANT_KEY,

@@ -1475,3 +1475,140 @@ async def test_a_dlq_time_that_is_not_utf8_is_a_400_naming_it(client: Client) ->
     for name in ("since", "until"):
         r = await client.http.get(f"/api/v1/dlq?{name}=%ff%fe", headers=ADMIN)
         assert (r.status_code, r.json()["detail"]) == (400, f"{name}: not an ISO 8601 time")
+
+
+def _publish_edge(**change: object) -> dict[str, object]:
+    """A valid publish with `change` applied (`...` takes the field out)."""
+    body: dict[str, object] = {
+        "type": "appointment.booked",
+        "data": {"status": "confirmed"},
+        **change,
+    }
+    return {k: v for k, v in body.items() if v is not ...}
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "detail"),
+    [
+        (_publish_edge(type=...), 400, "body.type: Field required"),
+        (_publish_edge(type=None), 400, "body.type: "),
+        (_publish_edge(type=1), 400, "body.type: "),
+        (_publish_edge(type=""), 400, "body.type: "),
+        (_publish_edge(type="a"), 202, None),
+        (_publish_edge(type="appointment." + "a" * 188), 202, None),  # 200
+        (_publish_edge(type="appointment." + "a" * 189), 400, "body.type: "),  # 201
+        (_publish_edge(data=...), 202, None),  # `{}`
+        (_publish_edge(data=None), 400, "body.data: "),
+        (_publish_edge(data=[]), 400, "body.data: "),
+        (_publish_edge(idempotency_key=""), 400, "body.idempotency_key: "),
+        (_publish_edge(idempotency_key="k"), 202, None),
+        (_publish_edge(idempotency_key="k" * 255), 202, None),
+        (_publish_edge(idempotency_key="k" * 256), 400, "body.idempotency_key: "),
+        (_publish_edge(idempotency_key=7), 400, "body.idempotency_key: "),
+        (_publish_edge(priority=-1), 400, "body.priority: "),
+        (_publish_edge(priority=0), 202, None),
+        (_publish_edge(priority=4), 202, None),
+        (_publish_edge(priority=5), 400, "body.priority: "),
+        (_publish_edge(priority=None), 202, None),  # the routes'
+        (_publish_edge(ordering_key=""), 400, "body.ordering_key: "),
+        (_publish_edge(ordering_key="o"), 202, None),
+        (_publish_edge(ordering_key="o" * 255), 202, None),
+        (_publish_edge(ordering_key="o" * 256), 400, "body.ordering_key: "),
+        (_publish_edge(ordering_key=3), 400, "body.ordering_key: "),
+        (_publish_edge(surprise=1), 400, "body.surprise: "),
+    ],
+)
+async def test_each_field_of_a_publish_is_taken_to_its_documented_edge_and_no_further(
+    client: Client, body: dict[str, object], status: int, detail: str | None
+) -> None:
+    """docs/http-api.md's table of `POST /api/v1/events`, each bound from both sides: a
+    refusal names the field (`body.<field>: …`) and stores nothing; an event taken has the
+    defaults the table gives (`data` `{}`, the routes' priority)."""
+    auth = {"authorization": f"Bearer {SOL_KEY}"}
+    r = await client.http.post("/api/v1/events", json=body, headers=auth)
+    assert r.status_code == status, r.text
+    if detail is not None:
+        assert r.json()["error"] == "invalid_request"
+        assert r.json()["detail"].startswith(detail), r.json()
+        assert await client.stored() == 0
+        return
+    event = (await client.http.get(f"/api/v1/events/{r.json()['id']}", headers=auth)).json()
+    assert event["event"]["data"] == body.get("data", {})
+    if body["type"] == "appointment.booked" and body.get("data"):
+        priorities = {d["priority"] for d in event["deliveries"]}
+        assert priorities == {2 if body.get("priority") is None else body["priority"]}
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "body", "status", "detail"),
+    [
+        ("GET", "/api/v1/dlq?limit=0", None, 400, "query.limit: "),
+        ("GET", "/api/v1/dlq?limit=1", None, 200, None),
+        ("GET", "/api/v1/dlq?limit=10000", None, 200, None),
+        ("GET", "/api/v1/dlq?limit=10001", None, 400, "query.limit: "),
+        ("GET", "/api/v1/dlq?limit=ten", None, 400, "query.limit: "),
+        ("GET", "/api/v1/dlq?cursor=", None, 400, "query.cursor: "),
+        ("GET", "/api/v1/dlq?since=", None, 400, "since: "),
+        ("GET", "/api/v1/dlq?until=2026-13-01", None, 400, "until: "),
+        ("GET", "/api/v1/dlq?destination=crm&event_type=x&since=2026-11-22", None, 200, None),
+        ("GET", "/api/v1/dlq?destnation=crm", None, 200, None),  # not taken: ignored
+        ("POST", "/api/v1/dlq/replay", {"ids": ["dlv_x"] * 10_000}, 200, None),
+        ("POST", "/api/v1/dlq/replay", {"ids": ["dlv_x"] * 10_001}, 400, "body.ids: "),
+        ("POST", "/api/v1/dlq/replay", {"ids": None}, 400, "body.ids: "),
+        ("POST", "/api/v1/dlq/replay", {"ids": [1]}, 400, "body.ids.0: "),
+        ("POST", "/api/v1/dlq/replay", {"destination": 1}, 400, "body.destination: "),
+        ("POST", "/api/v1/dlq/replay", {"all": None}, 400, "body.all: "),
+        ("POST", "/api/v1/dlq/replay", {"all": False}, 400, "name ids"),
+        ("POST", "/api/v1/dlq/replay", {"all": True, "limit": 0}, 400, "body.limit: "),
+        ("POST", "/api/v1/dlq/replay", {"all": True, "limit": 1}, 200, None),
+        ("POST", "/api/v1/dlq/discard", {"all": True, "limit": 10_000}, 200, None),
+        ("POST", "/api/v1/dlq/discard", {"all": True, "limit": 10_001}, 400, "body.limit: "),
+        ("POST", "/api/v1/dlq/discard", {"all": True, "limit": "5"}, 400, "body.limit: "),
+        ("POST", "/api/v1/dlq/discard", {"all": True, "limit": None}, 200, None),
+        ("POST", "/api/v1/dlq/discard", {"since": ""}, 400, "name ids"),
+        ("POST", "/api/v1/dlq/discard", {"all": True, "since": ""}, 400, "since: "),
+        ("POST", "/api/v1/dlq/discard", {"all": True, "surprise": 1}, 400, "body.surprise: "),
+    ],
+)
+async def test_each_dlq_parameter_is_taken_to_its_documented_edge_and_no_further(
+    client: Client,
+    method: str,
+    url: str,
+    body: dict[str, object] | None,
+    status: int,
+    detail: str | None,
+) -> None:
+    """docs/http-api.md's parameters of the DLQ's list and its moves, each bound from both
+    sides, with a tenant's key: a refusal is `400 invalid_request` naming the parameter, and
+    moves nothing."""
+    await _dead_of_each_tenant(client.store)
+    before = await _states(client.store)
+    auth = {"authorization": f"Bearer {SOL_KEY}"}
+    r = await client.http.request(method, url, json=body, headers=auth)
+    assert r.status_code == status, r.text
+    if detail is not None:
+        assert (r.json()["error"], r.json()["detail"][: len(detail)]) == (
+            "invalid_request",
+            detail,
+        ), r.json()
+        assert await _states(client.store) == before
+
+
+async def test_the_dlqs_defaults_are_a_page_of_100_and_a_move_of_1000(client: Client) -> None:
+    # docs/http-api.md: `limit` defaults to 100 for the list and, for a move that names no
+    # ids, to 1000 (`more` then says that others are left).
+    ids = [f"dlv_{n:026d}" for n in range(1001)]
+    await client.store.insert_events(
+        [
+            new_event(
+                f"evt_{n:026d}", NewDelivery(id=i, destination_id="crm", priority=1, max_attempts=3)
+            )
+            for n, i in enumerate(ids)
+        ]
+    )
+    async with client.store.engine.begin() as conn:
+        await conn.execute(text("UPDATE deliveries SET state = 'dead'"))
+    page = (await client.http.get("/api/v1/dlq", headers=ADMIN)).json()
+    assert (page["count"], page["next"] is not None) == (100, True)
+    r = await client.http.post("/api/v1/dlq/replay", json={"all": True}, headers=ADMIN)
+    assert (r.status_code, r.json()["count"], r.json()["more"]) == (200, 1000, True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -2044,3 +2045,207 @@ async def test_a_twilio_status_called_back_at_the_sends_url_is_stored_naming_the
     assert (delivered["status"], delivered["sent_message_id"]) == ("delivered", message_id)
     assert read["status"] == "read" and "sent_message_id" not in read
     assert (await env.message(message_id))["state"] == "read"
+
+
+def _send_edge(**change: Any) -> dict[str, Any]:
+    """A valid send with `change` applied (`...` takes the field out)."""
+    body: dict[str, Any] = {"source": "wa-sol", "to": f"+{MARIA}", "text": "Olá", **change}
+    return {k: v for k, v in body.items() if v is not ...}
+
+
+_IMAGE = {"kind": "image", "url": "https://x.example/y.png"}
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "detail"),
+    [
+        (_send_edge(source=...), 400, "body.source: Field required"),
+        (_send_edge(source=""), 400, "body.source: "),
+        (_send_edge(source=None), 400, "body.source: "),
+        (_send_edge(to=...), 400, "body.to: Field required"),
+        (_send_edge(to=None), 400, "body.to: "),
+        (_send_edge(to=5511987654321), 400, "body.to: "),
+        (_send_edge(to="+123456"), 400, "body.to: "),  # 6 digits
+        (_send_edge(to="+1234567"), 202, None),  # 7
+        (_send_edge(to="+123456789012345"), 202, None),  # 15
+        (_send_edge(to="+1234567890123456"), 400, "body.to: "),  # 16
+        (_send_edge(to="+55 (11) 98765-4321"), 202, None),
+        (_send_edge(to="+55.11.98765.4321"), 202, None),
+        (_send_edge(to="5511987654321"), 400, "body.to: "),  # no country is guessed
+        (_send_edge(text=""), 400, "body.text: "),
+        (_send_edge(text=" \t\n"), 400, "body.text: "),  # not only blanks
+        (_send_edge(text="a"), 202, None),
+        (_send_edge(text="a" * 4096), 202, None),
+        (_send_edge(text="a" * 4097), 400, "body.text: "),
+        (_send_edge(text=5), 400, "body.text: "),
+        (_send_edge(text=None), 400, "body: "),  # then no content at all
+        (_send_edge(text=..., template={"name": "t"}), 400, "body.template: give name"),
+        (
+            _send_edge(text=..., template={"name": "t", "language": "pt_BR", "x": 1}),
+            400,
+            "body.template.x: ",
+        ),
+        (_send_edge(text=..., media={**_IMAGE, "caption": "c" * 1024}), 202, None),
+        (
+            _send_edge(text=..., media={**_IMAGE, "caption": "c" * 1025}),
+            400,
+            "body.media.caption: ",
+        ),
+        (_send_edge(text=..., media={**_IMAGE, "caption": ""}), 202, None),  # none given
+        (
+            _send_edge(
+                text=..., media={"kind": "audio", "url": "https://x.example/a.ogg", "caption": ""}
+            ),
+            202,
+            None,
+        ),
+        (
+            _send_edge(
+                text=..., media={"kind": "audio", "url": "https://x.example/a.ogg", "caption": "c"}
+            ),
+            400,
+            "body.media.caption: ",
+        ),
+        (_send_edge(text=..., media={**_IMAGE, "filename": "y.png"}), 400, "body.media.filename: "),
+        (_send_edge(text=..., media={**_IMAGE, "url": "https:///y.png"}), 400, "body.media.url: "),
+        (
+            _send_edge(text=..., media={**_IMAGE, "url": "ftp://x.example/y.png"}),
+            400,
+            "body.media.url: ",
+        ),
+        (_send_edge(text=..., media={**_IMAGE, "x": 1}), 400, "body.media.x: "),
+        (_send_edge(idempotency_key=""), 400, "body.idempotency_key: "),
+        (_send_edge(idempotency_key="k" * 255), 202, None),
+        (_send_edge(idempotency_key="k" * 256), 400, "body.idempotency_key: "),
+        (_send_edge(idempotency_key=None), 202, None),
+        (_send_edge(priority=-1), 400, "body.priority: "),
+        (_send_edge(priority=0), 202, None),
+        (_send_edge(priority=4), 202, None),
+        (_send_edge(priority=5), 400, "body.priority: "),
+        (_send_edge(priority=True), 400, "body.priority: "),
+        (_send_edge(priority="1"), 400, "body.priority: "),
+        (_send_edge(surprise=1), 400, "body.surprise: "),
+    ],
+)
+async def test_each_field_of_a_send_is_taken_to_its_documented_edge_and_no_further(
+    env: Env, body: dict[str, Any], status: int, detail: str | None
+) -> None:
+    """docs/http-api.md's table of `POST /api/v1/messages`, each bound from both sides:
+    a refusal names the field (`body.<field>: …`) and queues nothing; a send taken has the
+    documented default priority (1) unless it gave one."""
+    r = await env.http.post("/api/v1/messages", headers=env.auth(), json=body)
+    assert r.status_code == status, r.text
+    if detail is not None:
+        assert r.json()["error"] == "invalid_request"
+        assert r.json()["detail"].startswith(detail), r.json()
+        assert (await env.store.queue_stats(history=True)).by_state == {}
+        return
+    event = await env.http.get(f"/api/v1/events/{r.json()['event_id']}", headers=env.auth())
+    [send] = [d for d in event.json()["deliveries"] if d["destination"] == "send:wa-sol"]
+    assert send["priority"] == body.get("priority", 1)
+
+
+async def test_a_send_with_an_empty_caption_has_no_caption(env: Env) -> None:
+    # An empty caption is null everywhere: a received one is, but a sent one went to the
+    # provider and into the `message.send` event as `""` (a route testing
+    # `data.media.caption != null` took it), and an audio with `"caption": ""` was refused
+    # as a caption on an audio.
+    for media in (
+        {**_IMAGE, "caption": ""},
+        {"kind": "audio", "url": "https://x.example/a.ogg", "caption": ""},
+    ):
+        body = _send_edge(text=..., media=media)
+        r = await env.http.post("/api/v1/messages", headers=env.auth(), json=body)
+        assert r.status_code == 202, r.text
+        expected = {k: v for k, v in media.items() if k != "caption"}
+        assert (await env.message(r.json()["id"]))["content"] == {"media": expected}
+        event = await env.http.get(f"/api/v1/events/{r.json()['event_id']}", headers=env.auth())
+        assert event.json()["event"]["data"]["media"] == expected
+
+
+async def test_the_openapi_document_takes_a_number_as_the_docs_let_it_be_written(
+    env: Env,
+) -> None:
+    # `to`'s pattern in /openapi.json was the stored form's, `^\+[1-9][0-9]{6,14}$`: a
+    # client that checks a body against the document refused `+55 (11) 98765-4321`, which
+    # the API takes (docs/http-api.md), and so did the /docs page.
+    document = (await env.http.get("/openapi.json")).json()
+    pattern = document["components"]["schemas"]["SendMessage"]["properties"]["to"]["pattern"]
+    for number in ("+5511987654321", "+55 (11) 98765-4321", "+55.11.98765.4321", "+1234567"):
+        assert re.search(pattern, number), number
+        r = await env.send("Olá", to=number)
+        assert r.status_code == 202, (number, r.text)
+    for number in ("5511987654321", "+123456", "+1234567890123456", "+0211987654321", "+55/11"):
+        assert not re.search(pattern, number), number
+        assert (await env.send("Olá", to=number)).status_code == 400, number
+
+
+async def test_the_openapi_document_says_a_text_or_reason_of_blanks_is_refused(env: Env) -> None:
+    # docs/http-api.md: `text` and an escalation's `reason` are "not only blanks"; the
+    # document said only their lengths, so a client checking against it sent `"   "`.
+    schemas = (await env.http.get("/openapi.json")).json()["components"]["schemas"]
+    for field in (
+        schemas["SendMessage"]["properties"]["text"],
+        schemas["Escalate"]["properties"]["reason"],
+    ):
+        assert re.search(field["pattern"], " nurse "), field
+        for blank in ("   ", "\n\t", "\u00a0"):
+            assert not re.search(field["pattern"], blank), (field, blank)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "detail"),
+    [
+        ({}, 400, "body.reason: Field required"),
+        ({"reason": None}, 400, "body.reason: "),
+        ({"reason": ""}, 400, "body.reason: "),
+        ({"reason": " \t"}, 400, "body.reason: must not be only blanks"),
+        ({"reason": "r"}, 202, None),
+        ({"reason": "r" * 500}, 202, None),
+        ({"reason": "r" * 501}, 400, "body.reason: "),
+        ({"reason": "r", "priority": -1}, 400, "body.priority: "),
+        ({"reason": "r", "priority": 0}, 202, None),
+        ({"reason": "r", "priority": 4}, 202, None),
+        ({"reason": "r", "priority": 5}, 400, "body.priority: "),
+        ({"reason": "r", "priority": None}, 400, "body.priority: "),
+        ({"reason": "r", "priority": True}, 400, "body.priority: "),
+        ({"reason": "r", "idempotency_key": ""}, 400, "body.idempotency_key: "),
+        ({"reason": "r", "idempotency_key": "k" * 255}, 202, None),
+        ({"reason": "r", "idempotency_key": "k" * 256}, 400, "body.idempotency_key: "),
+        ({"reason": "r", "surprise": 1}, 400, "body.surprise: "),
+    ],
+)
+async def test_each_field_of_an_escalation_is_taken_to_its_documented_edge_and_no_further(
+    env: Env, body: dict[str, Any], status: int, detail: str | None
+) -> None:
+    """docs/http-api.md's body of an escalation, each bound from both sides: a refusal
+    names the field and escalates nothing; one taken shows its priority (1 by default)."""
+    await env.inbound("Preciso de ajuda", "wamid.edge")
+    before = await tenant_rows(env.store, "clinica-sol")
+    r = await env.http.post(
+        f"/api/v1/conversations/{MARIA}/escalate", headers=env.auth(), json=body
+    )
+    assert r.status_code == status, r.text
+    if detail is not None:
+        assert r.json()["error"] == "invalid_request"
+        assert r.json()["detail"].startswith(detail), r.json()
+        assert await tenant_rows(env.store, "clinica-sol") == before
+        return
+    escalation = (await env.conversation())["escalation"]
+    assert (escalation["reason"], escalation["priority"]) == (
+        body["reason"],
+        body.get("priority", 1),
+    )
+
+
+async def test_a_conversations_pages_are_of_100_by_default(env: Env) -> None:
+    # docs/http-api.md: `?limit=` defaults to 100, for the list and a conversation's messages.
+    at = 1_751_371_200_000
+    await env.hub.accept_all(
+        [env.message_event(f"m{n}", f"wamid.d{n}", at + n) for n in range(101)]
+        + [inbound_event(env.hub, f"55219000{n:05d}", f"wamid.o{n}") for n in range(100)]
+    )
+    page = (await env.http.get("/api/v1/conversations", headers=env.auth())).json()
+    assert (len(page["conversations"]), page["next"] is not None) == (100, True)
+    conversation = await env.conversation()
+    assert (len(conversation["messages"]), conversation["next"] is not None) == (100, True)

@@ -13,7 +13,7 @@ from starlette.responses import Response
 from estafeta.api.auth import Principal
 from estafeta.api.cursors import encode_cursor, not_given, page_of, read_cursor
 from estafeta.api.deps import Caller, IdempotencyKeyHeader, TenantCaller, hub_of, json_body
-from estafeta.api.fields import RequestBody
+from estafeta.api.fields import NOT_ONLY_BLANKS, RequestBody
 from estafeta.api.responses import json_response, key_used_elsewhere
 from estafeta.clock import iso_from_ms
 from estafeta.errors import HttpError
@@ -152,7 +152,7 @@ async def get_conversation(
 
 
 class Escalate(RequestBody):
-    reason: str = Field(min_length=1, max_length=500)
+    reason: str = Field(min_length=1, max_length=500, json_schema_extra=NOT_ONLY_BLANKS)
     # The human's urgency (in the event's `data` and the conversation), not its deliveries'
     # priority, which their routes give as for any event (http-api.md).
     priority: int = Field(default=1, ge=0, le=4)

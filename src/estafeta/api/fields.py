@@ -10,6 +10,10 @@ from pydantic_core import PydanticCustomError
 
 from estafeta.jsonvalues import DATA_LEVELS_ABOVE, unstorable
 
+# For /openapi.json, on a string the API refuses when it is only blanks (a sent `text`, an
+# escalation's `reason`): it must hold something else. The check itself is the model's.
+NOT_ONLY_BLANKS: dict[str, Any] = {"pattern": r"\S"}
+
 
 class RequestBody(BaseModel):
     """A request body as the API reads it: no key it does not name, and each value of the

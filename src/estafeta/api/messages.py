@@ -19,7 +19,7 @@ from estafeta.api.deps import (
     hub_of,
     json_body,
 )
-from estafeta.api.fields import RequestBody, TemplateComponent
+from estafeta.api.fields import NOT_ONLY_BLANKS, RequestBody, TemplateComponent
 from estafeta.api.responses import json_response, key_used_elsewhere
 from estafeta.clock import iso_from_ms
 from estafeta.errors import HttpError
@@ -32,6 +32,10 @@ router = APIRouter(prefix="/api/v1", tags=["messages"])
 
 # What people write between a number's digits: `+55 (11) 98765-4321`.
 _NUMBER_SEPARATORS = re.compile(r"[\s().-]")
+# `to` as a client may write it (what `_plain_number` makes E.164), for /openapi.json: the
+# stored form's pattern there refused, in a client checking bodies against the document,
+# the formatted numbers the API takes.
+_NUMBER_AS_WRITTEN = r"^[\s().-]*\+[\s().-]*[1-9](?:[\s().-]*[0-9]){6,14}[\s().-]*$"
 
 
 class Template(RequestBody):
@@ -63,13 +67,26 @@ class Media(RequestBody):
     caption: str | None = Field(default=None, max_length=1024)
     filename: str | None = Field(default=None, max_length=240)
 
+    @field_validator("caption")
+    @classmethod
+    def _empty_caption_is_none(cls, value: str | None) -> str | None:
+        """An empty caption is no caption, as a received one is (`null` everywhere): not
+        sent to the provider as `""`, nor refused on an audio."""
+        return value or None
+
 
 class SendMessage(RequestBody):
     """One of `text`, `template` or `media`, to one customer, through one provider source."""
 
     source: str = Field(min_length=1, max_length=63, examples=["wa-sol"])
-    to: str = Field(pattern=r"^\+[1-9][0-9]{6,14}$", examples=["+5511987654321"])
-    text: str | None = Field(default=None, min_length=1, max_length=4096)
+    to: str = Field(
+        pattern=r"^\+[1-9][0-9]{6,14}$",
+        examples=["+5511987654321", "+55 (11) 98765-4321"],
+        json_schema_extra={"pattern": _NUMBER_AS_WRITTEN},
+    )
+    text: str | None = Field(
+        default=None, min_length=1, max_length=4096, json_schema_extra=NOT_ONLY_BLANKS
+    )
     template: Template | None = None
     media: Media | None = None
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
