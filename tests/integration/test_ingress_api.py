@@ -761,6 +761,22 @@ async def _dead_of_each_tenant(store: SqlStore) -> None:
         await conn.execute(text("UPDATE deliveries SET state = 'dead'"))
 
 
+async def _dead_to_crm(store: SqlStore, count: int) -> list[str]:
+    """`count` events of clinica-sol, each with a dead delivery to crm; their ids."""
+    ids = [f"dlv_{n:026d}" for n in range(count)]
+    await store.insert_events(
+        [
+            new_event(
+                f"evt_{n:026d}", NewDelivery(id=i, destination_id="crm", priority=1, max_attempts=3)
+            )
+            for n, i in enumerate(ids)
+        ]
+    )
+    async with store.engine.begin() as conn:
+        await conn.execute(text("UPDATE deliveries SET state = 'dead'"))
+    return ids
+
+
 async def _states(store: SqlStore) -> dict[str, str]:
     async with store.engine.connect() as conn:
         return dict((await conn.execute(text("SELECT id, state FROM deliveries"))).all())
@@ -904,16 +920,7 @@ async def test_the_fields_route_paths_may_start_with_are_the_events_own(client: 
 
 async def test_a_replay_by_ids_takes_every_id_it_names(client: Client) -> None:
     # `limit`'s default (1000) cut a replay of 1,200 named ids to 1,000 without a word.
-    ids = [f"dlv_{n:026d}" for n in range(1200)]
-    events = [
-        new_event(
-            f"evt_{n:026d}", NewDelivery(id=i, destination_id="crm", priority=1, max_attempts=3)
-        )
-        for n, i in enumerate(ids)
-    ]
-    await client.store.insert_events(events)
-    async with client.store.engine.begin() as conn:
-        await conn.execute(text("UPDATE deliveries SET state = 'dead'"))
+    ids = await _dead_to_crm(client.store, 1200)
     r = await client.http.post("/api/v1/dlq/replay", json={"ids": ids}, headers=ADMIN)
     assert (r.status_code, r.json()["count"]) == (200, 1200)
     assert (await client.store.queue_stats(history=True)).by_state == {"pending": 1200}
@@ -922,17 +929,7 @@ async def test_a_replay_by_ids_takes_every_id_it_names(client: Client) -> None:
 async def test_a_move_its_limit_cut_short_says_that_more_are_dead(client: Client) -> None:
     # `all: true` (1,000 by default) answered `count` 1000 alike when it had replayed every
     # dead delivery and when more were left dead: nothing told a caller to call again.
-    ids = [f"dlv_{n:026d}" for n in range(3)]
-    await client.store.insert_events(
-        [
-            new_event(
-                f"evt_{n:026d}", NewDelivery(id=i, destination_id="crm", priority=1, max_attempts=3)
-            )
-            for n, i in enumerate(ids)
-        ]
-    )
-    async with client.store.engine.begin() as conn:
-        await conn.execute(text("UPDATE deliveries SET state = 'dead'"))
+    await _dead_to_crm(client.store, 3)
     r = await client.http.post("/api/v1/dlq/replay", json={"all": True, "limit": 1}, headers=ADMIN)
     assert (r.status_code, r.json()["count"], r.json()["more"]) == (200, 1, True)
     r = await client.http.post("/api/v1/dlq/discard", json={"all": True, "limit": 1}, headers=ADMIN)
@@ -1597,17 +1594,7 @@ async def test_each_dlq_parameter_is_taken_to_its_documented_edge_and_no_further
 async def test_the_dlqs_defaults_are_a_page_of_100_and_a_move_of_1000(client: Client) -> None:
     # docs/http-api.md: `limit` defaults to 100 for the list and, for a move that names no
     # ids, to 1000 (`more` then says that others are left).
-    ids = [f"dlv_{n:026d}" for n in range(1001)]
-    await client.store.insert_events(
-        [
-            new_event(
-                f"evt_{n:026d}", NewDelivery(id=i, destination_id="crm", priority=1, max_attempts=3)
-            )
-            for n, i in enumerate(ids)
-        ]
-    )
-    async with client.store.engine.begin() as conn:
-        await conn.execute(text("UPDATE deliveries SET state = 'dead'"))
+    await _dead_to_crm(client.store, 1001)
     page = (await client.http.get("/api/v1/dlq", headers=ADMIN)).json()
     assert (page["count"], page["next"] is not None) == (100, True)
     r = await client.http.post("/api/v1/dlq/replay", json={"all": True}, headers=ADMIN)
