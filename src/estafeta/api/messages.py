@@ -31,11 +31,14 @@ from estafeta.store.records import MessageView, StatusChange
 router = APIRouter(prefix="/api/v1", tags=["messages"])
 
 # What people write between a number's digits: `+55 (11) 98765-4321`.
-_NUMBER_SEPARATORS = re.compile(r"[\s().-]")
+_SEPARATOR = r"[\s().-]"
+_NUMBER_SEPARATORS = re.compile(_SEPARATOR)
 # `to` as a client may write it (what `_plain_number` makes E.164), for /openapi.json: the
 # stored form's pattern there refused, in a client checking bodies against the document,
 # the formatted numbers the API takes.
-_NUMBER_AS_WRITTEN = r"^[\s().-]*\+[\s().-]*[1-9](?:[\s().-]*[0-9]){6,14}[\s().-]*$"
+_NUMBER_AS_WRITTEN = (
+    f"^{_SEPARATOR}*\\+{_SEPARATOR}*[1-9](?:{_SEPARATOR}*[0-9]){{6,14}}{_SEPARATOR}*$"
+)
 
 
 class Template(RequestBody):
